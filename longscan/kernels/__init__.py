@@ -1,0 +1,1 @@
+"""Single-device compute. Nothing here imports torch.distributed."""

@@ -1,0 +1,135 @@
+"""Linear attention on one device, behind one contract (DESIGN.md, "Local compute contract").
+
+Every backend module provides:
+  forward(q, k, v, g, g_gamma, scale, initial_state, output_final_state) -> (o, final_state | None)
+  backward(q, k, v, g, g_gamma, scale, initial_state, do, dht) -> (dq, dk, dv, dg, dh0)
+  segment_state(k, v, g, g_gamma) -> (S_loc [B,H,K,V] f32, log_decay [B,H,K] f32)
+  add_prefix(o, q, g, g_gamma, scale, P) -> o + scale·(q⊙exp(A))ᵀP
+  prefix_grad(q, g, g_gamma, scale, do) -> scale·Σ_t (q_t⊙exp(A_t)) do_tᵀ   [B,H,K,V] f32
+Backends: "naive" (recurrent reference), "torch" (chunked, CPU default), "triton" (GPU default),
+"fla" (flash-linear-attention, when installed, for side-by-side checks).
+"""
+from __future__ import annotations
+
+import importlib
+import types
+
+import torch
+
+from longscan.kernels.linear_attention import naive, torch_chunk
+from longscan.kernels.linear_attention.naive import naive_recurrent_linear_attention
+
+BACKENDS = ("auto", "naive", "torch", "triton", "fla")
+_MODULES = {"torch": "longscan.kernels.linear_attention.torch_chunk",
+            "triton": "longscan.kernels.linear_attention.triton_chunk",
+            "fla": "longscan.kernels.linear_attention.fla_backend"}
+
+
+def _naive_forward(q, k, v, g, g_gamma, scale, h0):
+    return naive_recurrent_linear_attention(q, k, v, g, g_gamma, scale, h0, output_final_state=True)
+
+
+def _naive_backend() -> types.SimpleNamespace:
+    """The recurrent reference behind the contract; gradients by autograd, SP pieces from torch_chunk."""
+    def forward(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None, output_final_state=False):
+        o, S = _naive_forward(q, k, v, g, g_gamma, scale, initial_state)
+        return o, (S.to(torch_chunk.compute_dtype(q)) if output_final_state else None)
+
+    def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht):
+        return torch_chunk.autograd_backward(_naive_forward, q, k, v, g, g_gamma, scale, initial_state, do, dht)
+
+    return types.SimpleNamespace(forward=forward, backward=backward, segment_state=torch_chunk.segment_state,
+                                 add_prefix=torch_chunk.add_prefix, prefix_grad=torch_chunk.prefix_grad)
+
+
+def get_backend(name: str, device: torch.device):
+    """The backend module for ``name`` ("auto": triton on CUDA when importable, else torch)."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    if name == "auto":
+        name = "torch"
+        if device.type == "cuda":
+            try:
+                return importlib.import_module(_MODULES["triton"])
+            except ImportError:
+                pass
+    if name == "naive":
+        return _naive_backend()
+    try:
+        return importlib.import_module(_MODULES[name])
+    except ImportError as e:
+        raise ValueError(f"backend={name!r} is not available here: {e}") from e
+
+
+def check_inputs(q, k, v, g=None, g_gamma=None, initial_state=None) -> None:
+    """Raise ValueError/TypeError naming the parameter when shapes, dtypes or devices disagree."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [B, T, H, {'V' if name == 'v' else 'K'}], got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    if k.shape != q.shape:
+        raise ValueError(f"k must have the shape of q {tuple(q.shape)}, got {tuple(k.shape)}")
+    if v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"v must be [B, T, H, V] with B, T, H of q {tuple(q.shape[:3])}, got {tuple(v.shape)}")
+    for name, x in (("k", k), ("v", v)):
+        if x.dtype != q.dtype:
+            raise TypeError(f"{name}.dtype must equal q.dtype ({q.dtype}), got {x.dtype}")
+        if x.device != q.device:
+            raise ValueError(f"{name} must be on q's device ({q.device}), got {x.device}")
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    if g is not None and g_gamma is not None:
+        raise ValueError("pass at most one of g and g_gamma (got both)")
+    if g is not None:
+        if g.shape not in ((B, T, H), (B, T, H, K)):
+            raise ValueError(f"g must be [B, T, H] = {(B, T, H)} or [B, T, H, K] = {(B, T, H, K)}, got {tuple(g.shape)}")
+        if not g.is_floating_point() or g.device != q.device:
+            raise TypeError(f"g must be a floating-point tensor on {q.device}, got {g.dtype} on {g.device}")
+    if g_gamma is not None:
+        if tuple(g_gamma.shape) != (H,):
+            raise ValueError(f"g_gamma must be [H] = ({H},), got {tuple(g_gamma.shape)}")
+        if g_gamma.device != q.device:
+            raise ValueError(f"g_gamma must be on q's device ({q.device}), got {g_gamma.device}")
+    if initial_state is not None:
+        if tuple(initial_state.shape) != (B, H, K, V):
+            raise ValueError(f"initial_state must be [B, H, K, V] = {(B, H, K, V)}, got {tuple(initial_state.shape)}")
+        if initial_state.device != q.device:
+            raise ValueError(f"initial_state must be on q's device ({q.device}), got {initial_state.device}")
+
+
+class _ChunkLinearAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, g, g_gamma, initial_state, scale, output_final_state, impl):
+        o, ht = impl.forward(q, k, v, g, g_gamma, scale, initial_state, output_final_state)
+        ctx.save_for_backward(q, k, v, g, g_gamma, initial_state)
+        ctx.scale, ctx.impl = scale, impl
+        return o, ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        q, k, v, g, g_gamma, h0 = ctx.saved_tensors
+        dq, dk, dv, dgate, dh0 = ctx.impl.backward(q, k, v, g, g_gamma, ctx.scale, h0, do, dht)
+        dg = dgate if g is not None else None
+        dgg = dgate if g_gamma is not None else None
+        return dq, dk, dv, dg, dgg, (dh0.to(h0.dtype) if h0 is not None else None), None, None, None
+
+
+def chunk_linear_attention(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None,
+                           output_final_state=False, backend="auto"):
+    """Linear attention with optional diagonal decay on one device, with autograd.
+
+    q, k `[B, T, H, K]`; v `[B, T, H, V]`; g `[B, T, H]` or `[B, T, H, K]` or g_gamma `[H]` (log decays);
+    initial_state `[B, H, K, V]`. Returns (o `[B, T, H, V]`, final state `[B, H, K, V]` float32 or None).
+    Same conventions as flash-linear-attention's chunk_simple_gla / chunk_gla.
+    """
+    check_inputs(q, k, v, g, g_gamma, initial_state)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    impl = get_backend(backend, q.device)
+    return _ChunkLinearAttention.apply(q, k, v, g, g_gamma, initial_state, scale, output_final_state, impl)
+
+
+__all__ = ["chunk_linear_attention", "naive_recurrent_linear_attention", "get_backend", "check_inputs",
+           "BACKENDS"]

@@ -1,0 +1,25 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="longscan",
+    version="0.1.0",
+    description="Sequence-parallel training of linear-attention and hybrid language models "
+                "(LASP-2, ZeCO All-Scan, ring attention) on Triton kernels and megatron-core",
+    packages=find_packages(include=["longscan", "longscan.*"]),
+    package_data={"longscan": ["configs/*.yaml"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "numpy",
+        "pyyaml",
+        "triton; platform_system == 'Linux'",
+        "megatron-core>=0.16",
+    ],
+    extras_require={
+        "dev": ["pytest", "pytest-timeout"],
+        "deepspeed": ["deepspeed"],
+        "fla": ["fla-core"],
+        "tensorboard": ["tensorboard"],
+    },
+    entry_points={"console_scripts": ["longscan=longscan.cli:main"]},
+)
