@@ -1,0 +1,100 @@
+"""ZeCO's All-Scan: a chain scan of diagonal-decay states along the global segment order.
+
+Every global segment j has a state S_j `[B, H, K, V]` and a log decay a_j `[B, H, K]`. The carry entering
+segment j is
+    C_0 = initial,    C_{j+1} = exp(a_j) ⊙ C_j + S_j        (decay broadcast over V)
+and ``reverse=True`` runs the same recurrence from the last segment to the first (the backward pass).
+
+Because the decay is diagonal over K, every row block of the state is its own scan. The state is cut
+along K into ``n_blocks`` blocks and each block is sent to the next rank as soon as it is combined, so
+the hops of consecutive blocks overlap (latency ≈ (hops + n_blocks - 1) block transfers, not
+hops × whole-state transfers).
+
+With the zigzag layout each rank holds two segments and the chain visits ranks 0 → W-1 and back W-1 → 0.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from longscan.distributed.layouts import group_rank_size, num_segments, segment_owner
+
+
+def serial_scan(states: torch.Tensor, log_decays: torch.Tensor, initial: torch.Tensor | None = None,
+                reverse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scan on one process. states `[n, B, H, K, V]`, log_decays `[n, B, H, K]`.
+
+    -> (carries `[n, B, H, K, V]` entering each segment in scan order, the carry leaving the last one).
+    """
+    n = states.shape[0]
+    carry = torch.zeros_like(states[0]) if initial is None else initial.to(states.dtype)
+    carries = torch.empty_like(states)
+    for j in (reversed(range(n)) if reverse else range(n)):
+        carries[j] = carry
+        carry = log_decays[j].exp().unsqueeze(-1) * carry + states[j]
+    return carries, carry
+
+
+def _global(group, r: int) -> int:
+    return r if group is None else dist.get_global_rank(group, r)
+
+
+def all_scan(states: torch.Tensor, log_decays: torch.Tensor, group=None, layout: str = "contiguous",
+             n_blocks: int = 4, initial: torch.Tensor | None = None, reverse: bool = False):
+    """The All-Scan over an SP group.
+
+    states `[n_local, B, H, K, V]` and log_decays `[n_local, B, H, K]` of this rank's segments in local
+    order (1 for contiguous, 2 for zigzag: see ``layouts.segment_ids``); ``initial`` `[B, H, K, V]` enters
+    the first segment of the scan (global segment 0, or the last one when ``reverse``), zeros when None.
+
+    -> (carries `[n_local, B, H, K, V]` entering each local segment, last) where ``last`` is the carry
+    leaving the scan's final segment on the rank that owns it and None on every other rank.
+    """
+    rank, world = group_rank_size(group)
+    n = num_segments(world, layout)
+    n_local = n // world
+    if states.dim() != 5 or states.shape[0] != n_local:
+        raise ValueError(f"states must be [n_local={n_local}, B, H, K, V], got {tuple(states.shape)}")
+    if tuple(log_decays.shape) != tuple(states.shape[:-1]):
+        raise ValueError(f"log_decays must be {tuple(states.shape[:-1])}, got {tuple(log_decays.shape)}")
+    K = states.shape[-2]
+    if not 1 <= n_blocks <= K:
+        raise ValueError(f"n_blocks must be in [1, K={K}], got {n_blocks}")
+    order = list(range(n))[::-1] if reverse else list(range(n))
+    blocks = [(int(b[0]), int(b[-1]) + 1) for b in torch.arange(K).tensor_split(n_blocks)]
+    decays = log_decays.exp().unsqueeze(-1)
+    carries = torch.empty_like(states)
+    sends, last, local_out = [], None, None
+    for pos, seg in enumerate(order):
+        owner, slot = segment_owner(seg, world, layout)
+        if owner != rank:
+            continue
+        src = segment_owner(order[pos - 1], world, layout)[0] if pos > 0 else None
+        dst = segment_owner(order[pos + 1], world, layout)[0] if pos + 1 < n else None
+        # Post every block's receive first, so blocks arrive while earlier ones are being combined.
+        recvs = []
+        if src is not None and src != rank:
+            for b, (k0, k1) in enumerate(blocks):
+                buf = states.new_empty(states.shape[1:-2] + (k1 - k0, states.shape[-1]))
+                recvs.append((buf, dist.irecv(buf, _global(group, src), group=group, tag=order[pos - 1] * n_blocks + b)))
+        out = torch.empty_like(states[slot])
+        for b, (k0, k1) in enumerate(blocks):
+            if src is None:
+                c_in = states.new_zeros(out[..., k0:k1, :].shape) if initial is None else initial[..., k0:k1, :]
+            elif src == rank:
+                c_in = local_out[..., k0:k1, :]
+            else:
+                buf, work = recvs[b]
+                work.wait()
+                c_in = buf
+            carries[slot, ..., k0:k1, :] = c_in
+            out[..., k0:k1, :] = decays[slot, ..., k0:k1, :] * c_in + states[slot, ..., k0:k1, :]
+            if dst is not None and dst != rank:
+                block = out[..., k0:k1, :].contiguous()
+                sends.append((block, dist.isend(block, _global(group, dst), group=group, tag=seg * n_blocks + b)))
+        if dst is None:
+            last = out
+        local_out = out
+    for _, work in sends:
+        work.wait()
+    return carries, last

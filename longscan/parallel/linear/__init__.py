@@ -1,0 +1,35 @@
+"""Sequence-parallel linear attention: one public function, one file per method."""
+from __future__ import annotations
+
+from longscan.parallel.linear.common import METHODS
+from longscan.parallel.linear.lasp1 import lasp1_linear_attention
+from longscan.parallel.linear.lasp2 import lasp2_linear_attention
+from longscan.parallel.linear.zeco import zeco_linear_attention
+
+
+def linear_attention(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None, output_final_state=False,
+                     method="zeco", group=None, layout="contiguous", backend="auto", n_blocks=4):
+    """Linear attention over the ranks of a sequence-parallel group, exactly as on one device.
+
+    Each rank passes its shard of the global sequence (see ``longscan.parallel.shard``):
+      q, k `[B, T, H, K]`, v `[B, T, H, V]`, g `[B, T, H]` or `[B, T, H, K]` (log decays) or g_gamma `[H]`.
+    initial_state `[B, H, K, V]` is the state before the global first token (same on every rank).
+    Returns (o `[B, T, H, V]`, final state `[B, H, K, V]` after the global last token on every rank, or None).
+    method: "zeco" (All-Scan, K split into ``n_blocks``), "lasp2" (one all-gather), "lasp1" (serial ring).
+    group: a torch.distributed process group (None = the default group; no group needs no communication).
+    layout: "contiguous" or "zigzag". backend: "auto" | "torch" | "triton" | "naive" | "fla".
+    """
+    if method == "zeco":
+        return zeco_linear_attention(q, k, v, g, g_gamma, scale, initial_state, output_final_state, group,
+                                     layout, backend, n_blocks)
+    if method == "lasp2":
+        return lasp2_linear_attention(q, k, v, g, g_gamma, scale, initial_state, output_final_state, group,
+                                      layout, backend)
+    if method == "lasp1":
+        return lasp1_linear_attention(q, k, v, g, g_gamma, scale, initial_state, output_final_state, group,
+                                      layout, backend)
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+
+
+__all__ = ["linear_attention", "zeco_linear_attention", "lasp2_linear_attention", "lasp1_linear_attention",
+           "METHODS"]

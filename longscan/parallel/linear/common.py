@@ -1,0 +1,207 @@
+"""Pieces shared by the linear SP methods: segment views of the local tensors, the comm stream, checks.
+
+A rank holds ``n_local`` segments of the global sequence (1 for contiguous, 2 for zigzag). Segments of
+equal length are stacked along the batch dimension, so one kernel call serves them all:
+`[B, T, H, D]` -> `[n_local·B, T/n_local, H, D]`; a state `[n_local·B, H, K, V]` views as `[n_local, B, H, K, V]`.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from longscan.distributed.layouts import group_rank_size, num_segments, segment_owner
+from longscan.kernels.linear_attention import check_inputs, get_backend
+
+METHODS = ("zeco", "lasp2", "lasp1")
+
+
+@dataclass
+class SPContext:
+    """What every SP method needs to know about the group and the local compute."""
+    group: object
+    layout: str
+    rank: int
+    world: int
+    n_local: int
+    scale: float
+    impl: object
+    n_blocks: int = 4
+
+    @property
+    def first_owner(self) -> int:
+        """Rank holding global segment 0 (where initial_state enters); its slot there is 0."""
+        return segment_owner(0, self.world, self.layout)[0]
+
+    @property
+    def last_owner(self) -> int:
+        """Rank holding the last global segment (where the final state leaves)."""
+        return segment_owner(num_segments(self.world, self.layout) - 1, self.world, self.layout)[0]
+
+
+def split(x: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    """`[B, T, ...]` -> `[n·B, T/n, ...]`: the n equal segments of the local sequence stacked on batch."""
+    if x is None or n == 1:
+        return x
+    return torch.cat(x.chunk(n, dim=1), dim=0)
+
+
+def merge(x: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    """Inverse of :func:`split`."""
+    if x is None or n == 1:
+        return x
+    return torch.cat(x.chunk(n, dim=0), dim=1)
+
+
+def log_decay(g_seg, g_gamma, T_seg: int, shape_bhk, dtype, device) -> torch.Tensor:
+    """Total log decay A_T `[n·B, H, K]` of each segment, from split gates (zeros without decay)."""
+    if g_gamma is not None:
+        return (T_seg * g_gamma.to(dtype)).view(1, -1, 1).expand(shape_bhk).contiguous()
+    if g_seg is None:
+        return torch.zeros(shape_bhk, dtype=dtype, device=device)
+    total = g_seg.to(dtype).sum(1)
+    return (total.unsqueeze(-1) if g_seg.dim() == 3 else total).expand(shape_bhk).contiguous()
+
+
+_comm_streams: dict = {}
+
+
+@contextmanager
+def comm_stream(device: torch.device):
+    """On CUDA, run the enclosed communication on a side stream so it overlaps the local kernels launched
+    after it on the main stream; elsewhere a no-op (gloo ops block the host anyway)."""
+    if device.type != "cuda":
+        yield None
+        return
+    stream = _comm_streams.setdefault(device, torch.cuda.Stream(device))
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        yield stream
+
+
+def join_stream(stream, *tensors) -> None:
+    """Make the main stream wait for ``stream`` and keep its tensors alive for the main stream's use."""
+    if stream is None:
+        return
+    main = torch.cuda.current_stream(stream.device)
+    main.wait_stream(stream)
+    for t in tensors:
+        if t is not None:
+            t.record_stream(main)
+
+
+def broadcast_from(x: torch.Tensor | None, src: int, like: torch.Tensor, sp: SPContext) -> torch.Tensor:
+    """``x`` from group rank ``src`` on every rank (``like`` gives shape/dtype where x is None)."""
+    if sp.world == 1:
+        return x
+    buf = x.contiguous() if sp.rank == src else torch.empty_like(like)
+    dist.broadcast(buf, dist.get_global_rank(sp.group, src) if sp.group is not None else src, group=sp.group)
+    return buf
+
+
+def all_reduce_sum(x: torch.Tensor, sp: SPContext) -> torch.Tensor:
+    if sp.world > 1:
+        x = x.contiguous()
+        dist.all_reduce(x, group=sp.group)
+    return x
+
+
+_checked_lengths: set = set()
+
+
+def check_same_local_length(T: int, sp: SPContext, device) -> None:
+    """Every rank must hold the same local length. One tiny all-reduce per (group, T) seen."""
+    key = (id(sp.group), T)
+    if sp.world == 1 or key in _checked_lengths:
+        return
+    t = torch.tensor([T, -T], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=sp.group)
+    hi, lo = int(t[0]), -int(t[1])
+    if hi != lo:
+        raise ValueError(f"q.shape[1] (the local length) must be equal on every rank of the SP group; "
+                         f"got lengths from {lo} to {hi}")
+    _checked_lengths.add(key)
+
+
+def make_context(q, k, v, g, g_gamma, scale, initial_state, method, group, layout, backend,
+                 n_blocks) -> SPContext:
+    """Validate everything and build the SPContext (ValueError/TypeError naming the parameter)."""
+    from longscan.distributed.layouts import check_layout
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    check_layout(layout)
+    check_inputs(q, k, v, g, g_gamma, initial_state)
+    if not isinstance(n_blocks, int) or not 1 <= n_blocks <= q.shape[-1]:
+        raise ValueError(f"n_blocks must be an int in [1, K={q.shape[-1]}], got {n_blocks!r}")
+    rank, world = group_rank_size(group)
+    n_local = num_segments(world, layout) // world
+    T = q.shape[1]
+    if layout == "zigzag" and T % 2:
+        raise ValueError(f"layout='zigzag' needs an even local length q.shape[1], got {T}")
+    if T == 0:
+        raise ValueError("q.shape[1] (the local length) must be positive")
+    impl = get_backend(backend, q.device)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    sp = SPContext(group, layout, rank, world, n_local, scale, impl, n_blocks)
+    check_same_local_length(T, sp, q.device)
+    return sp
+
+
+class SPLinearAttentionFunction(torch.autograd.Function):
+    """Autograd for every linear SP method; the method supplies its forward and backward.
+
+    ``method_forward(sp, q, k, v, g, g_gamma, h0, output_final_state) -> (o, final | None, P)`` where P
+    `[n_local, B, H, K, V]` holds the states entering the local segments (kept for backward);
+    ``method_backward(sp, q, k, v, g, g_gamma, P, do, dfinal) -> (dq, dk, dv, dgate, dh0)``.
+    """
+
+    @staticmethod
+    def forward(ctx, method_forward, method_backward, sp, q, k, v, g, g_gamma, initial_state,
+                output_final_state):
+        o, final, P = method_forward(sp, q, k, v, g, g_gamma, initial_state, output_final_state)
+        ctx.save_for_backward(q, k, v, g, g_gamma, P, initial_state)
+        ctx.method_backward, ctx.sp, ctx.output_final_state = method_backward, sp, output_final_state
+        return o, final
+
+    @staticmethod
+    def backward(ctx, do, dfinal):
+        q, k, v, g, g_gamma, P, h0 = ctx.saved_tensors
+        if not ctx.output_final_state:
+            dfinal = None
+        dq, dk, dv, dgate, dh0 = ctx.method_backward(ctx.sp, q, k, v, g, g_gamma, P, do, dfinal)
+        return (None, None, None, dq, dk, dv,
+                dgate if g is not None else None, dgate if g_gamma is not None else None,
+                dh0.to(h0.dtype) if h0 is not None else None, None)
+
+
+def segment_inputs(sp: SPContext, q, k, v, g, do=None):
+    """The local tensors as stacked segments (see :func:`split`)."""
+    n = sp.n_local
+    return split(q, n), split(k, n), split(v, n), split(g, n), split(do, n)
+
+
+def local_backward(sp: SPContext, q, k, v, g, g_gamma, P, do, R):
+    """The local backward once the SP scan has given every segment its entering state P and the
+    gradient R of its leaving state: -> (dq, dk, dv, dgate, dh0) with dgate shaped like g (or g_gamma)
+    and dh0 the gradient of initial_state (non-zero only on the rank holding global segment 0, so the
+    sum over ranks is the single-device gradient)."""
+    n = sp.n_local
+    qs, ks, vs, gs, dos = segment_inputs(sp, q, k, v, g, do)
+    dq, dk, dv, dgate, dh0 = sp.impl.backward(qs, ks, vs, gs, g_gamma, sp.scale, P.flatten(0, 1), dos,
+                                              R.flatten(0, 1))
+    dh0 = dh0.view(P.shape)[0] if sp.rank == sp.first_owner else torch.zeros_like(P[0])
+    return merge(dq, n), merge(dk, n), merge(dv, n), (merge(dgate, n) if g is not None else dgate), dh0
+
+
+def prefix_grads(sp: SPContext, q, g, g_gamma, do):
+    """Per segment: the gradient of its outputs w.r.t. its entering state `[n_local, B, H, K, V]`, and its
+    total log decay `[n_local, B, H, K]` (the inputs of the reverse scan)."""
+    n = sp.n_local
+    qs, gs, dos = split(q, n), split(g, n), split(do, n)
+    dP = sp.impl.prefix_grad(qs, gs, g_gamma, sp.scale, dos)
+    B, _, H, K = qs.shape
+    dP = dP.view((n, -1) + tuple(dP.shape[1:]))
+    logd = log_decay(gs, g_gamma, qs.shape[1], (B, H, K), dP.dtype, q.device).view(dP.shape[:-1])
+    return dP, logd

@@ -1,0 +1,43 @@
+"""LASP-1: linear attention over an SP group by serial ring passing of the prefix state (the baseline).
+
+forward:  the whole local pass from a zero state (output and local state together) -> wait for the
+          prefix from the previous segment's rank, pass the updated prefix on (whole state, one message
+          a hop, nothing overlapped) -> o += prefix term.
+backward: the reverse ring of state gradients, then the local backward.
+"""
+from __future__ import annotations
+
+from longscan.distributed.all_scan import all_scan
+from longscan.parallel.linear.common import (SPLinearAttentionFunction, all_reduce_sum, broadcast_from,
+                                             local_backward, log_decay, make_context, merge, prefix_grads,
+                                             segment_inputs)
+
+
+def lasp1_forward(sp, q, k, v, g, g_gamma, initial_state, output_final_state):
+    """-> (o `[B, T, H, V]`, final state `[B, H, K, V]` or None, P `[n_local, B, H, K, V]`)."""
+    n = sp.n_local
+    qs, ks, vs, gs, _ = segment_inputs(sp, q, k, v, g)
+    o, S = sp.impl.forward(qs, ks, vs, gs, g_gamma, sp.scale, None, True)
+    B, _, H, K = qs.shape
+    logd = log_decay(gs, g_gamma, qs.shape[1], (B, H, K), S.dtype, q.device)
+    S, logd = S.view((n, -1) + tuple(S.shape[1:])), logd.view((n, -1) + tuple(logd.shape[1:]))
+    P, last = all_scan(S, logd, sp.group, sp.layout, 1, initial_state)     # serial ring, whole states
+    o = sp.impl.add_prefix(o, qs, gs, g_gamma, sp.scale, P.flatten(0, 1))
+    final = broadcast_from(last, sp.last_owner, P[0], sp) if output_final_state else None
+    return merge(o, n), final, P
+
+
+def lasp1_backward(sp, q, k, v, g, g_gamma, P, do, dfinal):
+    """-> (dq, dk, dv, dgate, dh0)."""
+    dP, logd = prefix_grads(sp, q, g, g_gamma, do)
+    dN = all_reduce_sum(dfinal.to(dP.dtype), sp) if dfinal is not None else None
+    R, _ = all_scan(dP, logd, sp.group, sp.layout, 1, dN, reverse=True)
+    return local_backward(sp, q, k, v, g, g_gamma, P, do, R)
+
+
+def lasp1_linear_attention(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None,
+                           output_final_state=False, group=None, layout="contiguous", backend="auto"):
+    """Linear attention on this rank's shard with LASP-1 ring passing. See ``longscan.parallel.linear_attention``."""
+    sp = make_context(q, k, v, g, g_gamma, scale, initial_state, "lasp1", group, layout, backend, 1)
+    return SPLinearAttentionFunction.apply(lasp1_forward, lasp1_backward, sp, q, k, v, g, g_gamma,
+                                           initial_state, output_final_state)

@@ -1,0 +1,75 @@
+"""LASP-2: linear attention over an SP group with one all-gather of fixed-size memory states.
+
+forward:  local state S_loc and log decay of each segment -> one asynchronous all-gather of both (one
+          buffer, size independent of T) while the zero-prefix local output pass runs -> every rank scans
+          the gathered states for its own prefixes (and the final state) -> o += prefix term.
+backward: gradient of each segment's entering state, with the final-state gradient, in one all-gather ->
+          every rank scans them in reverse -> the local backward.
+"""
+from __future__ import annotations
+
+import torch
+
+from longscan.distributed.all_scan import serial_scan
+from longscan.distributed.layouts import num_segments, segment_owner
+from longscan.distributed.state_allgather import all_gather_states
+from longscan.parallel.linear.common import (SPLinearAttentionFunction, join_stream, local_backward,
+                                             make_context, merge, prefix_grads, segment_inputs)
+
+
+def _global_order(gathered: torch.Tensor, sp) -> torch.Tensor:
+    """Gathered `[W·(n_local + extra), ...]` in rank order -> the n global segments in sequence order."""
+    per_rank = gathered.shape[0] // sp.world
+    n = num_segments(sp.world, sp.layout)
+    idx = [r * per_rank + slot for r, slot in (segment_owner(j, sp.world, sp.layout) for j in range(n))]
+    return gathered[idx]
+
+
+def _mine(carries: torch.Tensor, sp) -> torch.Tensor:
+    """The entries of ``carries`` `[n, ...]` (global order) for this rank's segments, in local order."""
+    from longscan.distributed.layouts import segment_ids
+    return carries[segment_ids(sp.rank, sp.world, sp.layout)]
+
+
+def lasp2_forward(sp, q, k, v, g, g_gamma, initial_state, output_final_state):
+    """-> (o `[B, T, H, V]`, final state `[B, H, K, V]` or None, P `[n_local, B, H, K, V]`)."""
+    n = sp.n_local
+    qs, ks, vs, gs, _ = segment_inputs(sp, q, k, v, g)
+    S, logd = sp.impl.segment_state(ks, vs, gs, g_gamma)
+    # One buffer `[n_local, B, H, K, V + 1]`: the state with its log decay as an extra column.
+    buf = torch.cat([S, logd.unsqueeze(-1)], dim=-1)
+    buf = buf.view((n, -1) + tuple(buf.shape[1:]))
+    gathered, work = all_gather_states(buf, sp.group, async_op=True)
+    o, _ = sp.impl.forward(qs, ks, vs, gs, g_gamma, sp.scale, None, False)   # overlaps the all-gather
+    if work is not None:
+        work.wait()
+    gathered = _global_order(gathered, sp)
+    carries, final = serial_scan(gathered[..., :-1], gathered[..., -1], initial_state)
+    P = _mine(carries, sp)
+    o = sp.impl.add_prefix(o, qs, gs, g_gamma, sp.scale, P.flatten(0, 1))
+    return merge(o, n), (final if output_final_state else None), P
+
+
+def lasp2_backward(sp, q, k, v, g, g_gamma, P, do, dfinal):
+    """-> (dq, dk, dv, dgate, dh0)."""
+    dP, logd = prefix_grads(sp, q, g, g_gamma, do)
+    # Rows: this rank's segments, then its final-state gradient (the global one is the sum over ranks).
+    extra = dfinal.to(dP.dtype) if dfinal is not None else torch.zeros_like(dP[0])
+    rows = torch.cat([dP, extra.unsqueeze(0)], dim=0)
+    decays = torch.cat([logd, torch.zeros_like(logd[:1])], dim=0)
+    buf = torch.cat([rows, decays.unsqueeze(-1)], dim=-1)
+    gathered, work = all_gather_states(buf, sp.group)
+    per_rank = sp.n_local + 1
+    dN = gathered[per_rank - 1::per_rank, ..., :-1].sum(0)
+    segs = gathered.view((sp.world, per_rank) + tuple(gathered.shape[1:]))[:, :-1].flatten(0, 1)
+    segs = _global_order(segs, sp)
+    R, _ = serial_scan(segs[..., :-1], segs[..., -1], dN, reverse=True)
+    return local_backward(sp, q, k, v, g, g_gamma, P, do, _mine(R, sp))
+
+
+def lasp2_linear_attention(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None,
+                           output_final_state=False, group=None, layout="contiguous", backend="auto"):
+    """Linear attention on this rank's shard with LASP-2. See ``longscan.parallel.linear_attention``."""
+    sp = make_context(q, k, v, g, g_gamma, scale, initial_state, "lasp2", group, layout, backend, 1)
+    return SPLinearAttentionFunction.apply(lasp2_forward, lasp2_backward, sp, q, k, v, g, g_gamma,
+                                           initial_state, output_final_state)

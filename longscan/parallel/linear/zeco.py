@@ -1,0 +1,48 @@
+"""ZeCO: linear attention over an SP group with the All-Scan collective.
+
+forward:  local state S_loc of each segment (state-only pass) -> All-Scan of (S_loc, decay) on a side
+          stream, pipelined in K blocks, while the zero-prefix local output pass runs -> o += prefix term.
+backward: gradient of each segment's entering state from its outputs -> reverse All-Scan -> the local
+          backward with (entering state P, gradient R of the leaving state).
+"""
+from __future__ import annotations
+
+import torch
+
+from longscan.distributed.all_scan import all_scan
+from longscan.parallel.linear.common import (SPLinearAttentionFunction, all_reduce_sum, broadcast_from,
+                                             comm_stream, join_stream, local_backward, make_context, merge,
+                                             prefix_grads, segment_inputs)
+
+
+def zeco_forward(sp, q, k, v, g, g_gamma, initial_state, output_final_state):
+    """-> (o `[B, T, H, V]`, final state `[B, H, K, V]` or None, P `[n_local, B, H, K, V]`)."""
+    n = sp.n_local
+    qs, ks, vs, gs, _ = segment_inputs(sp, q, k, v, g)
+    S, logd = sp.impl.segment_state(ks, vs, gs, g_gamma)
+    S, logd = S.view((n, -1) + tuple(S.shape[1:])), logd.view((n, -1) + tuple(logd.shape[1:]))
+    with comm_stream(q.device) as stream:
+        P, last = all_scan(S, logd, sp.group, sp.layout, sp.n_blocks, initial_state)
+    o, _ = sp.impl.forward(qs, ks, vs, gs, g_gamma, sp.scale, None, False)   # overlaps the scan on GPU
+    join_stream(stream, P, last)
+    o = sp.impl.add_prefix(o, qs, gs, g_gamma, sp.scale, P.flatten(0, 1))
+    final = broadcast_from(last, sp.last_owner, P[0], sp) if output_final_state else None
+    return merge(o, n), final, P
+
+
+def zeco_backward(sp, q, k, v, g, g_gamma, P, do, dfinal):
+    """-> (dq, dk, dv, dgate, dh0)."""
+    dP, logd = prefix_grads(sp, q, g, g_gamma, do)
+    # Every rank returned the final state, so its gradient is the sum of every rank's copy's gradient.
+    dN = all_reduce_sum(dfinal.to(dP.dtype), sp) if dfinal is not None else None
+    R, _ = all_scan(dP, logd, sp.group, sp.layout, sp.n_blocks, dN, reverse=True)
+    return local_backward(sp, q, k, v, g, g_gamma, P, do, R)
+
+
+def zeco_linear_attention(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None,
+                          output_final_state=False, group=None, layout="contiguous", backend="auto",
+                          n_blocks=4):
+    """Linear attention on this rank's shard with ZeCO's All-Scan. See ``longscan.parallel.linear_attention``."""
+    sp = make_context(q, k, v, g, g_gamma, scale, initial_state, "zeco", group, layout, backend, n_blocks)
+    return SPLinearAttentionFunction.apply(zeco_forward, zeco_backward, sp, q, k, v, g, g_gamma,
+                                           initial_state, output_final_state)
