@@ -1,0 +1,63 @@
+"""The All-Scan against the serial scan on one process: W up to 8, n_blocks 1..4, both layouts and directions."""
+import pytest
+import torch
+
+from harness import rel_err, run_distributed
+from longscan.distributed import all_scan, num_segments, segment_ids, serial_scan
+
+N_BLOCKS = (1, 2, 3, 4)
+LAYOUTS = ("contiguous", "zigzag")
+WORLDS = (1, 2, 3, 5, 8)
+
+
+def global_inputs(world, layout):
+    gen = torch.Generator().manual_seed(100 + world)
+    n = num_segments(world, layout)
+    states = torch.randn(n, 2, 3, 4, 5, generator=gen, dtype=torch.float64)
+    log_decays = -0.05 - torch.rand(n, 2, 3, 4, generator=gen, dtype=torch.float64)
+    initial = torch.randn(2, 3, 4, 5, generator=gen, dtype=torch.float64)
+    return states, log_decays, initial
+
+
+def scan_worker(rank, world):
+    """Every case on this rank -> {case: (relative error of the carries, error of `last` or None)}."""
+    out = {}
+    for layout in LAYOUTS:
+        states, log_decays, initial = global_inputs(world, layout)
+        mine = segment_ids(rank, world, layout)
+        for reverse in (False, True):
+            for with_initial in (False, True):
+                init = initial if with_initial else None
+                ref, ref_last = serial_scan(states, log_decays, init, reverse)
+                for n_blocks in N_BLOCKS:
+                    carries, last = all_scan(states[mine], log_decays[mine], None, layout, n_blocks, init, reverse)
+                    out[(layout, reverse, with_initial, n_blocks)] = (
+                        rel_err(carries, ref[mine]), None if last is None else rel_err(last, ref_last))
+    return out
+
+
+@pytest.fixture(scope="module", params=WORLDS, ids=lambda w: f"W{w}")
+def scan_results(request):
+    return request.param, run_distributed(scan_worker, request.param)
+
+
+def test_all_scan_equals_serial_scan(scan_results):
+    world, results = scan_results
+    for layout in LAYOUTS:
+        # exactly one rank ends each scan: the owner of the last segment in scan order
+        for key in [k for k in results[0] if k[0] == layout]:
+            lasts = [r[key][1] for r in results if r[key][1] is not None]
+            assert len(lasts) == 1, key
+            assert lasts[0] <= 1e-12, key
+            for rank, res in enumerate(results):
+                assert res[key][0] <= 1e-12, (rank, key)
+
+
+def test_all_scan_rejects_bad_shapes():
+    states = torch.zeros(1, 2, 3, 4, 5)
+    with pytest.raises(ValueError, match="log_decays must be"):
+        all_scan(states, torch.zeros(1, 2, 3, 5))
+    with pytest.raises(ValueError, match="states must be"):
+        all_scan(states, torch.zeros(1, 2, 3, 4), layout="zigzag")
+    with pytest.raises(ValueError, match="n_blocks must be"):
+        all_scan(states, torch.zeros(1, 2, 3, 4), n_blocks=5)

@@ -1,0 +1,134 @@
+"""Every linear SP method × decay kind × layout × dtype, W = 1..4, against the float64 recurrent reference
+on the whole sequence: output, final state and the gradients of q, k, v, g / g_gamma and initial_state."""
+import pytest
+import torch
+import torch.distributed as dist
+
+from harness import rel_err, run_distributed
+from linear_cases import DECAYS, make_inputs
+from longscan.kernels.linear_attention import naive_recurrent_linear_attention
+from longscan.parallel import linear_attention, shard
+
+METHODS = ("zeco", "lasp2", "lasp1")
+LAYOUTS = ("contiguous", "zigzag")
+DTYPES = {"float64": (torch.float64, 1e-5), "float32": (torch.float32, 1e-4)}
+T_LOCAL = 8
+
+
+def reference(x, dos, dhts):
+    """Single-device float64 result and gradients; the final-state gradient is the sum of every rank's
+    (no final-state gradient when ``dhts`` is empty)."""
+    leaves = {n: (t.double().clone().requires_grad_() if t is not None else None) for n, t in x.items()}
+    o, s = naive_recurrent_linear_attention(leaves["q"], leaves["k"], leaves["v"], leaves["g"], leaves["g_gamma"],
+                                            None, leaves["initial_state"], True)
+    names = [n for n, t in leaves.items() if t is not None]
+    dht = sum(dhts).double() if dhts else torch.zeros_like(s)
+    grads = torch.autograd.grad((o, s), [leaves[n] for n in names], (dos.double(), dht))
+    return o, s, dict(zip(names, grads))
+
+
+def case(rank, world, method, layout, decay, dtype, use_state):
+    """Relative errors of this rank's results for one case."""
+    B, H, K, V = 2, 2, 4, 3
+    x = make_inputs(decay, B, T_LOCAL * world, H, K, V, dtype, seed=world * 1000 + DECAYS.index(decay))
+    if not use_state:
+        x["initial_state"] = None
+    gen = torch.Generator().manual_seed(7)
+    do = torch.randn(B, T_LOCAL * world, H, V, generator=gen, dtype=torch.float64).to(dtype)
+    # a different final-state gradient on every rank: the single-device one is their sum
+    dhts = [torch.randn(B, H, K, V, generator=gen, dtype=torch.float64).to(dtype) for _ in range(world)]
+    o_ref, s_ref, g_ref = reference(x, do, dhts if use_state else [])
+
+    def sh(t):
+        return shard(t, 1, None, layout)
+
+    local = {n: (t if n in ("g_gamma", "initial_state") else sh(t)) if t is not None else None for n, t in x.items()}
+    local = {n: (t.clone().requires_grad_() if t is not None else None) for n, t in local.items()}
+    o, s = linear_attention(local["q"], local["k"], local["v"], local["g"], local["g_gamma"],
+                            initial_state=local["initial_state"], output_final_state=use_state,
+                            method=method, layout=layout, n_blocks=3)
+    names = [n for n, t in local.items() if t is not None]
+    outs, grads_out = [o], [sh(do)]
+    if use_state:
+        outs.append(s)
+        grads_out.append(dhts[rank])
+    else:
+        assert s is None
+    grads = torch.autograd.grad(outs, [local[n] for n in names], grads_out)
+    errs = {"o": rel_err(o, sh(o_ref))}
+    if use_state:
+        errs["final_state"] = rel_err(s, s_ref)
+    for n, got in zip(names, grads):
+        assert got.dtype == local[n].dtype and got.shape == local[n].shape, n
+        if n in ("g_gamma", "initial_state"):  # replicated inputs: the gradients summed over ranks
+            got = got.clone()
+            dist.all_reduce(got)
+            errs["d" + n] = rel_err(got, g_ref[n])
+        else:
+            errs["d" + n] = rel_err(got, sh(g_ref[n]))
+    return errs
+
+
+def sp_worker(rank, world):
+    results = {}
+    for method in METHODS:
+        for layout in LAYOUTS:
+            for decay in DECAYS:
+                for dname, (dtype, _) in DTYPES.items():
+                    # float64 cases carry an initial and final state, float32 ones do not
+                    results[(method, layout, decay, dname)] = case(rank, world, method, layout, decay, dtype,
+                                                                   use_state=dname == "float64")
+    return results
+
+
+@pytest.fixture(scope="module", params=[1, 2, 3, 4], ids=lambda w: f"W{w}")
+def sp_results(request):
+    return run_distributed(sp_worker, request.param)
+
+
+@pytest.mark.parametrize("dname", list(DTYPES))
+@pytest.mark.parametrize("decay", DECAYS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("method", METHODS)
+def test_linear_sp_matches_single_device(sp_results, method, layout, decay, dname):
+    tol = DTYPES[dname][1]
+    expected = {"o", "dq", "dk", "dv"} | ({"final_state", "dinitial_state"} if dname == "float64" else set())
+    expected |= {"dg"} if decay in ("g_scalar", "g_per_key") else {"dg_gamma"} if decay == "g_gamma" else set()
+    for rank, res in enumerate(sp_results):
+        errs = res[(method, layout, decay, dname)]
+        assert set(errs) == expected
+        bad = {k: v for k, v in errs.items() if not v <= tol}
+        assert not bad, f"rank {rank}: {bad}"
+
+
+def bad_input_worker(rank, world):
+    """Errors raised on every rank (so none hangs in a collective) -> {case: message}."""
+    x = make_inputs("g_scalar", 1, 8, 2, 4, 4, torch.float32, seed=0)
+    q, k, v = x["q"], x["k"], x["v"]
+    T = 8 if rank == 0 else 6
+    cases = {
+        "lengths differ": lambda: linear_attention(q[:, :T], k[:, :T], v[:, :T]),
+        "zigzag odd": lambda: linear_attention(q[:, :7], k[:, :7], v[:, :7], layout="zigzag"),
+        "method": lambda: linear_attention(q, k, v, method="lasp3"),
+        "layout": lambda: linear_attention(q, k, v, layout="striped"),
+        "n_blocks": lambda: linear_attention(q, k, v, n_blocks=0),
+        "both gates": lambda: linear_attention(q, k, v, g=x["g"], g_gamma=torch.zeros(2)),
+    }
+    out = {}
+    for name, fn in cases.items():
+        try:
+            fn()
+            out[name] = None
+        except (ValueError, TypeError) as e:
+            out[name] = f"{type(e).__name__}: {e}"
+    return out
+
+
+def test_bad_inputs_raise_on_every_rank():
+    expected = {"lengths differ": "local length.*equal on every rank", "zigzag odd": "needs an even local length",
+                "method": "method must be one of", "layout": "layout must be one of",
+                "n_blocks": "n_blocks must be", "both gates": "at most one of g and g_gamma"}
+    import re
+    for rank, res in enumerate(run_distributed(bad_input_worker, 2)):
+        for name, pattern in expected.items():
+            assert res[name] is not None and re.search(pattern, res[name]), (rank, name, res[name])
