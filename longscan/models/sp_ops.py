@@ -1,0 +1,37 @@
+"""The model's one entry to attention: the SP operators of ``longscan.parallel`` when the SP group has
+more than one rank, the single-device kernels otherwise (same maths, no communication)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from longscan.distributed.layouts import group_rank_size
+from longscan.kernels.linear_attention import chunk_linear_attention
+
+
+def _sp_size(group) -> int:
+    return group_rank_size(group)[1] if group is not None else 1
+
+
+def linear_attention(q, k, v, g=None, g_gamma=None, *, method="zeco", group=None, layout="contiguous",
+                     backend="auto"):
+    """q, k `[B, T, H, K]`, v `[B, T, H, V]` (T local) -> o `[B, T, H, V]`."""
+    if _sp_size(group) == 1:
+        return chunk_linear_attention(q, k, v, g=g, g_gamma=g_gamma, backend=backend)[0]
+    from longscan.parallel import linear_attention as sp_linear
+    return sp_linear(q, k, v, g=g, g_gamma=g_gamma, method=method, group=group, layout=layout,
+                     backend=backend)[0]
+
+
+def softmax_attention(q, k, v, *, method="ring", group=None, layout="zigzag", backend="auto"):
+    """Causal softmax attention; q `[B, T, Hq, D]`, k/v `[B, T, Hkv, D]` (T local) -> `[B, T, Hq, D]`."""
+    if _sp_size(group) == 1:
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           is_causal=True, enable_gqa=q.shape[2] != k.shape[2])
+        return o.transpose(1, 2)
+    try:
+        from longscan.parallel.softmax import softmax_attention as sp_softmax
+    except ImportError as e:
+        raise RuntimeError("softmax SP needs longscan.parallel.softmax, which is not importable here: "
+                           f"{e}") from e
+    return sp_softmax(q, k, v, causal=True, method=method, group=group, layout=layout, backend=backend)
