@@ -1,0 +1,140 @@
+"""All-gather K/V attention (the softmax half of LASP-2H).
+
+Every rank all-gathers K and V of the whole sequence, attends with its local queries against them, and
+in backward reduce-scatters dK/dV back to the ranks owning those tokens. With ``chunk_heads`` the kv
+heads are processed in groups of that size (their query heads with them, for GQA), so only one group's
+full-sequence K/V is alive at a time.
+
+The gathered blocks arrive rank by rank; they are re-ordered into global sequence order (one copy per
+head group) so that the causal mask at global positions becomes, for each local query piece a, one
+"full" call on the keys of pieces < a and one "causal" call on piece a.
+
+Backward gathers K/V again rather than keeping them from forward: memory over communication.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+
+from longscan.distributed.layouts import group_rank_size, num_segments, segment_ids, segment_owner
+from longscan.distributed.ring import COMM_STATS, nbytes
+from longscan.parallel.softmax.common import backward_blocks, block_plan, forward_blocks, new_accumulators, zeros_acc
+
+
+def _head_chunks(hkv: int, chunk_heads):
+    step = hkv if chunk_heads is None else chunk_heads
+    return [(h, min(h + step, hkv)) for h in range(0, hkv, step)]
+
+
+def _to_global(parts: torch.Tensor, world: int, layout: str) -> torch.Tensor:
+    """Rank-major `[W, B, T, H, D]` -> `[B, W·T, H, D]` in global sequence order."""
+    n = num_segments(world, layout)
+    seg_len = parts.shape[2] * world // n
+    pieces = []
+    for s in range(n):
+        owner, slot = segment_owner(s, world, layout)
+        pieces.append(parts[owner][:, slot * seg_len:(slot + 1) * seg_len])
+    return torch.cat(pieces, dim=1)
+
+
+def _to_rank_major(x: torch.Tensor, world: int, layout: str) -> torch.Tensor:
+    """Inverse of :func:`_to_global`: `[B, W·T, H, D]` -> contiguous `[W, B, T, H, D]`."""
+    n = num_segments(world, layout)
+    pieces = x.chunk(n, dim=1)
+    return torch.stack([torch.cat([pieces[s] for s in segment_ids(r, world, layout)], dim=1)
+                        for r in range(world)])
+
+
+def _all_gather(x, group, world, layout):
+    """Local `[B, T, H, D]` -> global-order `[B, W·T, H, D]`."""
+    if world == 1:
+        return x
+    x = x.contiguous()
+    # Rank-major, concatenated along dim 0 as the collective expects; viewed as [W, B, ...] below.
+    buf = x.new_empty((world * x.shape[0],) + tuple(x.shape[1:]))
+    t0 = time.perf_counter()
+    dist.all_gather_into_tensor(buf, x, group=group)
+    buf = buf.view((world,) + tuple(x.shape))
+    COMM_STATS.add(sent=nbytes(x) * (world - 1), recv=nbytes(x) * (world - 1), wait_s=time.perf_counter() - t0)
+    return _to_global(buf, world, layout)
+
+
+def _reduce_scatter(x, group, world, layout):
+    """Global-order partial sums `[B, W·T, H, D]` -> this rank's summed `[B, T, H, D]`."""
+    if world == 1:
+        return x
+    parts = _to_rank_major(x, world, layout)
+    out = parts.new_empty(parts.shape[1:])
+    t0 = time.perf_counter()
+    dist.reduce_scatter_tensor(out, parts.flatten(0, 1), group=group)
+    COMM_STATS.add(sent=nbytes(out) * (world - 1), recv=nbytes(out) * (world - 1), wait_s=time.perf_counter() - t0)
+    return out
+
+
+def _plan(group, layout, causal, t_local):
+    rank, world = group_rank_size(group)
+    q_segs = segment_ids(rank, world, layout)
+    seg_len = t_local // len(q_segs)
+    return block_plan(q_segs, list(range(num_segments(world, layout))), causal), seg_len, world
+
+
+def allgather_forward(q, k, v, scale, causal, group, layout, backend, chunk_heads):
+    """-> (out `[B, T, Hq, D]`, lse `[B, Hq, T]`) in the compute dtype."""
+    plan, seg_len, world = _plan(group, layout, causal, q.shape[1])
+    g = q.shape[2] // k.shape[2]
+    out, lse = new_accumulators(q, v.shape[-1])
+    for h0, h1 in _head_chunks(k.shape[2], chunk_heads):
+        kg = _all_gather(k[:, :, h0:h1], group, world, layout)
+        vg = _all_gather(v[:, :, h0:h1], group, world, layout)
+        qh = slice(h0 * g, h1 * g)               # the query heads reading kv heads [h0, h1)
+        # out/lse head slices are views: forward_blocks merges into them in place.
+        forward_blocks(out[:, :, qh], lse[:, qh], q[:, :, qh], kg, vg, plan, seg_len, seg_len, scale, backend)
+        del kg, vg
+    return out, lse
+
+
+def allgather_backward(do, q, k, v, o, lse, scale, causal, group, layout, backend, chunk_heads):
+    """-> (dq, dk, dv) in the compute dtype."""
+    plan, seg_len, world = _plan(group, layout, causal, q.shape[1])
+    g = q.shape[2] // k.shape[2]
+    dq, dk, dv = zeros_acc(q), zeros_acc(k), zeros_acc(v)
+    for h0, h1 in _head_chunks(k.shape[2], chunk_heads):
+        kg = _all_gather(k[:, :, h0:h1], group, world, layout)
+        vg = _all_gather(v[:, :, h0:h1], group, world, layout)
+        qh = slice(h0 * g, h1 * g)
+        dkg, dvg = zeros_acc(kg), zeros_acc(vg)
+        backward_blocks(dq[:, :, qh], dkg, dvg, do[:, :, qh], q[:, :, qh], kg, vg, o[:, :, qh], lse[:, qh],
+                        plan, seg_len, seg_len, scale, backend)
+        dk[:, :, h0:h1] = _reduce_scatter(dkg, group, world, layout)
+        dv[:, :, h0:h1] = _reduce_scatter(dvg, group, world, layout)
+        del kg, vg, dkg, dvg
+    return dq, dk, dv
+
+
+class AllGatherAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, scale, causal, group, layout, backend, chunk_heads):
+        out, lse = allgather_forward(q, k, v, scale, causal, group, layout, backend, chunk_heads)
+        o = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.args = (scale, causal, group, layout, backend, chunk_heads)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = allgather_backward(do, q, k, v, o, lse, *ctx.args)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
+
+
+def allgather_attention(q, k, v, causal=True, scale=None, group=None, layout="zigzag", backend="auto",
+                        chunk_heads=None):
+    """All-gather K/V attention; q `[B, T, Hq, D]`, k/v `[B, T, Hkv, D]` local shards -> o.
+
+    ``chunk_heads``: kv heads per all-gather (None = all at once). Inputs are assumed validated (use
+    ``longscan.parallel.softmax.softmax_attention``).
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return AllGatherAttention.apply(q, k, v, scale, causal, group, layout, backend, chunk_heads)

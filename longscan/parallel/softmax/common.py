@@ -1,0 +1,80 @@
+"""Pieces shared by the softmax SP methods: which (query piece, key piece) blocks to compute, and running them.
+
+Layouts cut the global sequence into segments ("pieces": W of length T for contiguous, 2W of T/2 for
+zigzag, ``longscan.distributed.layouts``). Causal attention between a query piece a and a key piece b is
+decided at the level of pieces: b < a every key is visible ("full"), b == a it is the diagonal block
+("causal", diagonal-aligned), b > a nothing is visible and the pair is skipped.
+"""
+from __future__ import annotations
+
+import torch
+
+from longscan.kernels.softmax_attention import block_backward, block_forward, compute_dtype, merge_into
+
+
+def block_plan(q_segs, k_segs, causal: bool) -> list[tuple[slice, slice, str]]:
+    """Kernel calls covering local query pieces ``q_segs`` against key pieces ``k_segs`` (global ids).
+
+    Returns (query slot slice, key slot slice, mask) in units of pieces, adjacent pieces coalesced so a
+    rank makes few, large calls: e.g. zigzag ring steps become one `T × T/2` or `T/2 × T` call.
+    """
+    nq, nk = len(q_segs), len(k_segs)
+    if not causal:
+        return [(slice(0, nq), slice(0, nk), "full")]
+    if list(q_segs) == list(k_segs) and list(q_segs) == sorted(q_segs):
+        # Own pieces in increasing global order: causal over the local concatenation is exactly the
+        # piece-level pattern (earlier own pieces full, same piece diagonal, later ones skipped).
+        return [(slice(0, nq), slice(0, nk), "causal")]
+    calls = []
+    for a, qs in enumerate(q_segs):
+        full = [b for b, ks in enumerate(k_segs) if ks < qs]
+        start = None
+        for i, b in enumerate(full):                       # contiguous runs of visible key slots
+            start = b if start is None else start
+            if i + 1 == len(full) or full[i + 1] != b + 1:
+                calls.append((slice(a, a + 1), slice(start, b + 1), "full"))
+                start = None
+        calls += [(slice(a, a + 1), slice(b, b + 1), "causal") for b, ks in enumerate(k_segs) if ks == qs]
+    # Neighbouring query slots with the same full key range become one call.
+    merged = []
+    for qsl, ksl, mask in calls:
+        if merged and mask == "full" and merged[-1][2] == "full" and merged[-1][1] == ksl \
+                and merged[-1][0].stop == qsl.start:
+            merged[-1] = (slice(merged[-1][0].start, qsl.stop), ksl, mask)
+        else:
+            merged.append((qsl, ksl, mask))
+    return merged
+
+
+def token_slice(s: slice, seg_len: int) -> slice:
+    return slice(s.start * seg_len, s.stop * seg_len)
+
+
+def new_accumulators(q, dv_dim: int):
+    """Running output `[B, T, Hq, Dv]` (zeros) and lse `[B, Hq, T]` (-inf) in the compute dtype."""
+    dt = compute_dtype(q.dtype)
+    b, t, h, _ = q.shape
+    return q.new_zeros(b, t, h, dv_dim, dtype=dt), q.new_full((b, h, t), float("-inf"), dtype=dt)
+
+
+def forward_blocks(out, lse, q, k, v, plan, q_seg_len, k_seg_len, scale, backend) -> None:
+    """Run ``plan`` (from :func:`block_plan`) and merge each block into (out, lse) in place."""
+    for qs, ks, mask in plan:
+        qs, ks = token_slice(qs, q_seg_len), token_slice(ks, k_seg_len)
+        o_b, lse_b = block_forward(q[:, qs], k[:, ks], v[:, ks], scale, mask, backend)
+        merge_into(out, lse, o_b, lse_b, qs)
+
+
+def backward_blocks(dq, dk, dv, do, q, k, v, o, lse, plan, q_seg_len, k_seg_len, scale, backend) -> None:
+    """Accumulate the block gradients of ``plan`` into dq, dk, dv (compute dtype) in place."""
+    for qs, ks, mask in plan:
+        qs, ks = token_slice(qs, q_seg_len), token_slice(ks, k_seg_len)
+        dq_b, dk_b, dv_b = block_backward(do[:, qs], q[:, qs], k[:, ks], v[:, ks], o[:, qs], lse[:, :, qs],
+                                          scale, mask, backend)
+        dq[:, qs] += dq_b
+        dk[:, ks] += dk_b
+        dv[:, ks] += dv_b
+
+
+def zeros_acc(x: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(x.shape, dtype=compute_dtype(x.dtype), device=x.device)

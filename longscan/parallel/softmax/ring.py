@@ -1,0 +1,104 @@
+"""Ring attention: K/V blocks travel the ring while each rank attends to the block it holds.
+
+Step s, rank r holds the K/V of rank (r - s) mod W. The send of that block to rank r+1 (and the receive
+of the next one) is launched before the local block's attention and waited for after it, so the
+transfer overlaps the compute. Partial outputs are merged with their logsumexp in float32 (float64 for
+float64 inputs) and cast once at the end (DESIGN.md pitfalls: per-block bf16 merges drift with W).
+
+Causal masking is decided per piece (``common.block_plan``). With zigzag (rank r holds pieces r and
+2W-1-r) every step costs the same: step 0 is one causal call on the local sequence; a block from rank
+j < r is seen fully by both local pieces but only its first half is visible (`T × T/2`); from j > r
+only the second local piece sees it, all of it (`T/2 × T`); the fully masked pairs are skipped.
+With contiguous, blocks from later ranks are skipped entirely (correct, but unbalanced).
+
+Backward recomputes the ring: K/V travel again, and each block's dK/dV accumulator travels with it,
+gathering every rank's contribution, and arrives home after W hops.
+"""
+from __future__ import annotations
+
+import torch
+
+from longscan.distributed.layouts import group_rank_size, segment_ids
+from longscan.distributed.ring import RingComm
+from longscan.parallel.softmax.common import backward_blocks, block_plan, forward_blocks, new_accumulators, zeros_acc
+
+
+def ring_forward(q, k, v, scale, causal, group, layout, backend):
+    """-> (out `[B, T, Hq, D]`, lse `[B, Hq, T]`), both in the compute dtype."""
+    rank, world = group_rank_size(group)
+    q_segs = segment_ids(rank, world, layout)
+    seg_len = q.shape[1] // len(q_segs)
+    out, lse = new_accumulators(q, v.shape[-1])
+    comm = RingComm(group) if world > 1 else None
+    kv = [k, v]
+    for step in range(world):
+        if step + 1 < world:
+            nxt = comm.send_recv(kv)
+            comm.commit()
+        src = (rank - step) % world
+        plan = block_plan(q_segs, segment_ids(src, world, layout), causal)
+        forward_blocks(out, lse, q, kv[0], kv[1], plan, seg_len, seg_len, scale, backend)
+        if step + 1 < world:
+            comm.wait()
+            kv = nxt
+    return out, lse
+
+
+def ring_backward(do, q, k, v, o, lse, scale, causal, group, layout, backend):
+    """-> (dq, dk, dv) in the compute dtype (dk/dv with the Hkv heads of k/v)."""
+    rank, world = group_rank_size(group)
+    q_segs = segment_ids(rank, world, layout)
+    seg_len = q.shape[1] // len(q_segs)
+    dq = zeros_acc(q)
+    kv_comm = RingComm(group) if world > 1 else None
+    d_comm = RingComm(group) if world > 1 else None
+    kv, d_in = [k, v], None
+    for step in range(world):
+        if step + 1 < world:
+            kv_nxt = kv_comm.send_recv(kv)
+            kv_comm.commit()
+        src = (rank - step) % world
+        dk_b, dv_b = zeros_acc(k), zeros_acc(v)
+        plan = block_plan(q_segs, segment_ids(src, world, layout), causal)
+        backward_blocks(dq, dk_b, dv_b, do, q, kv[0], kv[1], o, lse, plan, seg_len, seg_len, scale, backend)
+        if world > 1:
+            if step > 0:
+                # The accumulator of block `src` arrives from rank r-1 (sent at the end of its step s-1);
+                # its transfer overlapped the compute above.
+                d_comm.wait()
+                dk_b += d_in[0]
+                dv_b += d_in[1]
+            d_in = d_comm.send_recv([dk_b, dv_b])   # after step W-1 this lands on the block's owner
+            d_comm.commit()
+        if step + 1 < world:
+            kv_comm.wait()
+            kv = kv_nxt
+    if world == 1:
+        return dq, dk_b, dv_b
+    d_comm.wait()
+    return dq, d_in[0], d_in[1]
+
+
+class RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, scale, causal, group, layout, backend):
+        out, lse = ring_forward(q, k, v, scale, causal, group, layout, backend)
+        o = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.args = (scale, causal, group, layout, backend)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = ring_backward(do, q, k, v, o, lse, *ctx.args)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
+
+
+def ring_attention(q, k, v, causal=True, scale=None, group=None, layout="zigzag", backend="auto"):
+    """Ring attention over the SP group; q `[B, T, Hq, D]`, k/v `[B, T, Hkv, D]` local shards -> o.
+
+    Inputs are assumed validated (use ``longscan.parallel.softmax.softmax_attention``).
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return RingAttention.apply(q, k, v, scale, causal, group, layout, backend)
