@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from longscan.distributed.layouts import group_rank_size, num_segments, segment_owner
+from longscan.distributed.stats import count, nbytes, waiting
 
 
 def serial_scan(states: torch.Tensor, log_decays: torch.Tensor, initial: torch.Tensor | None = None,
@@ -77,6 +78,7 @@ def all_scan(states: torch.Tensor, log_decays: torch.Tensor, group=None, layout:
             for b, (k0, k1) in enumerate(blocks):
                 buf = states.new_empty(states.shape[1:-2] + (k1 - k0, states.shape[-1]))
                 recvs.append((buf, dist.irecv(buf, _global(group, src), group=group, tag=order[pos - 1] * n_blocks + b)))
+                count(recv=nbytes(buf))
         out = torch.empty_like(states[slot])
         for b, (k0, k1) in enumerate(blocks):
             if src is None:
@@ -85,16 +87,19 @@ def all_scan(states: torch.Tensor, log_decays: torch.Tensor, group=None, layout:
                 c_in = local_out[..., k0:k1, :]
             else:
                 buf, work = recvs[b]
-                work.wait()
+                with waiting():
+                    work.wait()
                 c_in = buf
             carries[slot, ..., k0:k1, :] = c_in
             out[..., k0:k1, :] = decays[slot, ..., k0:k1, :] * c_in + states[slot, ..., k0:k1, :]
             if dst is not None and dst != rank:
                 block = out[..., k0:k1, :].contiguous()
                 sends.append((block, dist.isend(block, _global(group, dst), group=group, tag=seg * n_blocks + b)))
+                count(sent=nbytes(block))
         if dst is None:
             last = out
         local_out = out
-    for _, work in sends:
-        work.wait()
+    with waiting():
+        for _, work in sends:
+            work.wait()
     return carries, last

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from longscan.distributed.layouts import group_rank_size, num_segments, segment_owner
+from longscan.distributed.stats import count, nbytes, waiting
 from longscan.kernels.linear_attention import check_inputs, get_backend
 
 METHODS = ("zeco", "lasp2", "lasp1")
@@ -97,14 +98,19 @@ def broadcast_from(x: torch.Tensor | None, src: int, like: torch.Tensor, sp: SPC
     if sp.world == 1:
         return x
     buf = x.contiguous() if sp.rank == src else torch.empty_like(like)
-    dist.broadcast(buf, dist.get_global_rank(sp.group, src) if sp.group is not None else src, group=sp.group)
+    count(sent=nbytes(buf) if sp.rank == src else 0, recv=0 if sp.rank == src else nbytes(buf))
+    with waiting():
+        dist.broadcast(buf, dist.get_global_rank(sp.group, src) if sp.group is not None else src, group=sp.group)
     return buf
 
 
 def all_reduce_sum(x: torch.Tensor, sp: SPContext) -> torch.Tensor:
     if sp.world > 1:
         x = x.contiguous()
-        dist.all_reduce(x, group=sp.group)
+        ring = 2 * (sp.world - 1) * nbytes(x) // sp.world
+        count(sent=ring, recv=ring)
+        with waiting():
+            dist.all_reduce(x, group=sp.group)
     return x
 
 

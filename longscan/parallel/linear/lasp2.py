@@ -12,7 +12,7 @@ import torch
 
 from longscan.distributed.all_scan import serial_scan
 from longscan.distributed.layouts import num_segments, segment_owner
-from longscan.distributed.state_allgather import all_gather_states
+from longscan.distributed.state_allgather import all_gather_states, wait
 from longscan.parallel.linear.common import (SPLinearAttentionFunction, join_stream, local_backward,
                                              make_context, merge, prefix_grads, segment_inputs)
 
@@ -41,8 +41,7 @@ def lasp2_forward(sp, q, k, v, g, g_gamma, initial_state, output_final_state):
     buf = buf.view((n, -1) + tuple(buf.shape[1:]))
     gathered, work = all_gather_states(buf, sp.group, async_op=True)
     o, _ = sp.impl.forward(qs, ks, vs, gs, g_gamma, sp.scale, None, False)   # overlaps the all-gather
-    if work is not None:
-        work.wait()
+    wait(work)
     gathered = _global_order(gathered, sp)
     carries, final = serial_scan(gathered[..., :-1], gathered[..., -1], initial_state)
     P = _mine(carries, sp)
