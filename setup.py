@@ -16,7 +16,7 @@ setup(
         "megatron-core>=0.16",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-timeout"],
+        "dev": ["pytest", "pytest-timeout", "deepspeed"],
         "deepspeed": ["deepspeed"],
         "fla": ["fla-core"],
         "tensorboard": ["tensorboard"],

@@ -1,0 +1,20 @@
+"""The README's API example runs and is exact on every rank."""
+import os
+import sys
+
+import pytest
+
+from harness import run_distributed
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+
+
+def example_worker(rank, world, method, layout):
+    import linear_sp
+    return linear_sp.main(method, layout)
+
+
+@pytest.mark.parametrize("method,layout", [("zeco", "zigzag"), ("lasp2", "contiguous")])
+def test_linear_sp_example(method, layout):
+    errs = run_distributed(example_worker, 2, method, layout)
+    assert max(errs) < 1e-10
