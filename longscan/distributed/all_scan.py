@@ -63,8 +63,12 @@ def all_scan(states: torch.Tensor, log_decays: torch.Tensor, group=None, layout:
         raise ValueError(f"n_blocks must be in [1, K={K}], got {n_blocks}")
     order = list(range(n))[::-1] if reverse else list(range(n))
     blocks = [(int(b[0]), int(b[-1]) + 1) for b in torch.arange(K).tensor_split(n_blocks)]
-    decays = log_decays.exp().unsqueeze(-1)
-    carries = torch.empty_like(states)
+    # Work K-major, `[n_local, K, B, H, V]`, so that a K block is one contiguous buffer: received in place,
+    # combined by one kernel and sent without a copy.
+    S = states.movedim(-2, 1).contiguous()
+    decays = log_decays.exp().movedim(-1, 1).unsqueeze(-1).contiguous()      # [n_local, K, B, H, 1]
+    init = None if initial is None else initial.to(S.dtype).movedim(-2, 0)
+    carries = torch.empty_like(S)
     sends, last, local_out = [], None, None
     for pos, seg in enumerate(order):
         owner, slot = segment_owner(seg, world, layout)
@@ -76,30 +80,28 @@ def all_scan(states: torch.Tensor, log_decays: torch.Tensor, group=None, layout:
         recvs = []
         if src is not None and src != rank:
             for b, (k0, k1) in enumerate(blocks):
-                buf = states.new_empty(states.shape[1:-2] + (k1 - k0, states.shape[-1]))
-                recvs.append((buf, dist.irecv(buf, _global(group, src), group=group, tag=order[pos - 1] * n_blocks + b)))
+                buf = carries[slot, k0:k1]
+                recvs.append(dist.irecv(buf, _global(group, src), group=group, tag=order[pos - 1] * n_blocks + b))
                 count(recv=nbytes(buf))
-        out = torch.empty_like(states[slot])
+        elif src == rank:
+            carries[slot] = local_out
+        elif init is None:
+            carries[slot] = 0
+        else:
+            carries[slot] = init
+        out = torch.empty_like(S[slot])
         for b, (k0, k1) in enumerate(blocks):
-            if src is None:
-                c_in = states.new_zeros(out[..., k0:k1, :].shape) if initial is None else initial[..., k0:k1, :]
-            elif src == rank:
-                c_in = local_out[..., k0:k1, :]
-            else:
-                buf, work = recvs[b]
+            if recvs:
                 with waiting():
-                    work.wait()
-                c_in = buf
-            carries[slot, ..., k0:k1, :] = c_in
-            out[..., k0:k1, :] = decays[slot, ..., k0:k1, :] * c_in + states[slot, ..., k0:k1, :]
+                    recvs[b].wait()
+            torch.addcmul(S[slot, k0:k1], decays[slot, k0:k1], carries[slot, k0:k1], out=out[k0:k1])
             if dst is not None and dst != rank:
-                block = out[..., k0:k1, :].contiguous()
-                sends.append((block, dist.isend(block, _global(group, dst), group=group, tag=seg * n_blocks + b)))
-                count(sent=nbytes(block))
+                sends.append(dist.isend(out[k0:k1], _global(group, dst), group=group, tag=seg * n_blocks + b))
+                count(sent=nbytes(out[k0:k1]))
         if dst is None:
-            last = out
+            last = out.movedim(0, -2)
         local_out = out
     with waiting():
-        for _, work in sends:
+        for work in sends:
             work.wait()
-    return carries, last
+    return carries.movedim(1, -2).contiguous(), last
