@@ -4,6 +4,7 @@ reference on the whole sequence: output and dq, dk, dv of every rank's shard.
 Processes are spawned once per world size (module-scoped fixture); every case runs inside the workers and
 the parametrised tests assert on the cached errors.
 """
+import sys
 
 import pytest
 import torch
@@ -53,7 +54,7 @@ def run_case(world, method, layout, causal, kind, dtype, seed, big_logits=False)
     hq, hkv = heads(world, kind)
     q, k, v, do = make_inputs(world, hq, hkv, dtype, seed, big_logits)
     scale = 1.0 if big_logits else None
-    ref = [x.double().requires_grad_() for x in (q, k, v)]
+    ref = [x.detach().double().clone().requires_grad_() for x in (q, k, v)]
     o_ref, _ = naive_attention(*ref, scale, causal)
     g_ref = torch.autograd.grad(o_ref, ref, do.double())
     sh = lambda x: shard(x, 1, None, layout)  # noqa: E731
@@ -220,3 +221,50 @@ def test_zigzag_ring_is_balanced_and_skips_masked_pairs(world):
                                for b in range(ks.start, ks.stop))
             assert len(plan) == 1, plan
             assert work == pytest.approx(2 * half * 2 * half / 2), (rank, step, plan)
+
+
+# ---------------------------------------------------------------- bad input, in this process (W = 1)
+
+def _qkv(hq=4, hkv=2, t=8, dtype=torch.float32):
+    return torch.randn(1, t, hq, D, dtype=dtype), torch.randn(1, t, hkv, D, dtype=dtype), \
+        torch.randn(1, t, hkv, D, dtype=dtype)
+
+
+@pytest.mark.parametrize("bad, exc, match", [
+    (lambda q, k, v: dict(q=q.numpy()), TypeError, "q must be a torch.Tensor"),
+    (lambda q, k, v: dict(q=q.long()), TypeError, "q must be a floating-point"),
+    (lambda q, k, v: dict(k=k[0]), ValueError, "k must be 4-D"),
+    (lambda q, k, v: dict(v=v.double()), TypeError, "v.dtype"),
+    (lambda q, k, v: dict(k=k[:, :4], v=v[:, :4]), ValueError, "k and v"),
+    (lambda q, k, v: dict(k=k[..., :4]), ValueError, "head dim"),
+    (lambda q, k, v: dict(k=torch.randn(1, 8, 3, D), v=torch.randn(1, 8, 3, D)), ValueError, "kv heads"),
+    (lambda q, k, v: dict(method="star"), ValueError, "method"),
+    (lambda q, k, v: dict(layout="striped"), ValueError, "layout"),
+    (lambda q, k, v: dict(backend="cuda_magic"), ValueError, "backend"),
+    (lambda q, k, v: dict(causal="yes"), TypeError, "causal"),
+    (lambda q, k, v: dict(scale=-1.0), ValueError, "scale"),
+    (lambda q, k, v: dict(q=q[:, :7], k=k[:, :7], v=v[:, :7]), ValueError, "layout='zigzag' needs an even"),
+    (lambda q, k, v: dict(chunk_heads=1), ValueError, "chunk_heads only applies"),
+    (lambda q, k, v: dict(method="allgather", chunk_heads=0), ValueError, "chunk_heads must be"),
+    (lambda q, k, v: dict(group=object()), ValueError, "group"),
+])
+def test_bad_input_names_the_parameter(bad, exc, match):
+    q, k, v = _qkv()
+    kw = dict(q=q, k=k, v=v)
+    kw.update(bad(q, k, v))
+    with pytest.raises(exc, match=match):
+        softmax_attention(**kw)
+
+
+def test_odd_local_length_is_fine_for_contiguous():
+    q, k, v = _qkv(t=7)
+    o = softmax_attention(q, k, v, layout="contiguous")
+    assert torch.allclose(o.double(), naive_attention(q, k, v)[0], atol=1e-5)
+
+
+def test_ulysses_without_deepspeed_says_how_to_install(monkeypatch):
+    for name in ("deepspeed", "deepspeed.sequence", "deepspeed.sequence.layer"):
+        monkeypatch.setitem(sys.modules, name, None)   # makes `import deepspeed...` raise ImportError
+    q, k, v = _qkv()
+    with pytest.raises(ImportError, match="pip install deepspeed"):
+        softmax_attention(q, k, v, method="ulysses")
