@@ -10,39 +10,15 @@ the next block travels:
     ...compute on k, v...
     comm.wait()                    # nxt now holds rank-1's k, v
 
-``COMM_STATS`` counts bytes sent/received by this process and the seconds spent blocked in ``wait``
-(host clock), for the benchmarks; the SP collectives of the other softmax methods add to it too.
+Bytes sent/received and the host time blocked in ``wait`` go to ``longscan.distributed.stats.STATS``,
+the counters every SP collective reports to (read by the benchmarks).
 """
 from __future__ import annotations
-
-import time
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-
-@dataclass
-class CommStats:
-    """Per-process communication counters (reset by the benchmark between measurements)."""
-    bytes_sent: int = 0
-    bytes_recv: int = 0
-    wait_s: float = 0.0
-
-    def reset(self) -> None:
-        self.bytes_sent, self.bytes_recv, self.wait_s = 0, 0, 0.0
-
-    def add(self, sent: int = 0, recv: int = 0, wait_s: float = 0.0) -> None:
-        self.bytes_sent += sent
-        self.bytes_recv += recv
-        self.wait_s += wait_s
-
-
-COMM_STATS = CommStats()
-
-
-def nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
+from longscan.distributed.stats import count, nbytes, waiting
 
 
 class RingComm:
@@ -71,7 +47,7 @@ class RingComm:
             t = t.contiguous()
             self._ops.append(dist.P2POp(dist.isend, t, self.send_rank, self.group))
             self._ops.append(dist.P2POp(dist.irecv, r, self.recv_rank, self.group))
-            COMM_STATS.add(sent=nbytes(t), recv=nbytes(r))
+            count(sent=nbytes(t), recv=nbytes(r))
         return recv
 
     def commit(self) -> None:
@@ -82,11 +58,10 @@ class RingComm:
         self._ops = []
 
     def wait(self) -> None:
-        """Block until the launched exchange has completed (time spent here goes to COMM_STATS.wait_s)."""
+        """Block until the launched exchange has completed (time spent here goes to STATS.wait_s)."""
         if self._reqs is None:
             raise RuntimeError("RingComm: wait() without commit()")
-        t0 = time.perf_counter()
-        for req in self._reqs:
-            req.wait()
-        COMM_STATS.add(wait_s=time.perf_counter() - t0)
+        with waiting():
+            for req in self._reqs:
+                req.wait()
         self._reqs = None

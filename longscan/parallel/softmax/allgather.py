@@ -13,13 +13,11 @@ Backward gathers K/V again rather than keeping them from forward: memory over co
 """
 from __future__ import annotations
 
-import time
-
 import torch
 import torch.distributed as dist
 
 from longscan.distributed.layouts import group_rank_size, num_segments, segment_ids, segment_owner
-from longscan.distributed.ring import COMM_STATS, nbytes
+from longscan.distributed.stats import count, nbytes, waiting
 from longscan.parallel.softmax.common import backward_blocks, block_plan, forward_blocks, new_accumulators, zeros_acc
 
 
@@ -54,10 +52,10 @@ def _all_gather(x, group, world, layout):
     x = x.contiguous()
     # Rank-major, concatenated along dim 0 as the collective expects; viewed as [W, B, ...] below.
     buf = x.new_empty((world * x.shape[0],) + tuple(x.shape[1:]))
-    t0 = time.perf_counter()
-    dist.all_gather_into_tensor(buf, x, group=group)
+    with waiting():
+        dist.all_gather_into_tensor(buf, x, group=group)
+    count(sent=nbytes(x) * (world - 1), recv=nbytes(x) * (world - 1))
     buf = buf.view((world,) + tuple(x.shape))
-    COMM_STATS.add(sent=nbytes(x) * (world - 1), recv=nbytes(x) * (world - 1), wait_s=time.perf_counter() - t0)
     return _to_global(buf, world, layout)
 
 
@@ -67,9 +65,9 @@ def _reduce_scatter(x, group, world, layout):
         return x
     parts = _to_rank_major(x, world, layout)
     out = parts.new_empty(parts.shape[1:])
-    t0 = time.perf_counter()
-    dist.reduce_scatter_tensor(out, parts.flatten(0, 1), group=group)
-    COMM_STATS.add(sent=nbytes(out) * (world - 1), recv=nbytes(out) * (world - 1), wait_s=time.perf_counter() - t0)
+    with waiting():
+        dist.reduce_scatter_tensor(out, parts.flatten(0, 1), group=group)
+    count(sent=nbytes(out) * (world - 1), recv=nbytes(out) * (world - 1))
     return out
 
 

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from longscan.distributed.layouts import group_rank_size, num_segments, segment_ids
-from longscan.distributed.ring import COMM_STATS, nbytes
+from longscan.distributed.stats import count, nbytes
 from longscan.kernels.softmax_attention import block_backward, block_forward
 
 # Seconds spent inside the local attention (forward + backward), for the benchmark: DeepSpeed's
@@ -75,7 +75,7 @@ def _count_all_to_all(tensors, world):
     # Each all-to-all keeps 1/W of a tensor and exchanges the rest.
     for t in tensors:
         b = nbytes(t) * (world - 1) // world
-        COMM_STATS.add(sent=b, recv=b)
+        count(sent=b, recv=b)
 
 
 class UlyssesLocalAttention(torch.autograd.Function):
