@@ -1,0 +1,150 @@
+"""Benchmark the softmax SP methods: forward+backward time, communication wait and bytes per rank.
+
+    torchrun --nproc-per-node 4 benchmarks/sp_softmax.py                  # CPU: gloo, small defaults
+    torchrun --nproc-per-node 8 benchmarks/sp_softmax.py --heads 32 --kv-heads 8 --head-dim 128 --lengths 8192 32768
+
+For every local length T: the local kernel on the whole sequence W·T run on one rank, divided by W — the
+ideal time of a W-way split of the same work (the ring-flash-attention anchor: zigzag reaches ~90% of it
+on 8 GPUs) — and each method; "x local" is a method's time over that ideal. Times are medians over --iters,
+the maximum over ranks; wait and bytes are per step, from ``longscan.distributed.stats``. Ulysses' all-to-alls
+run inside DeepSpeed and block, so its wait is its time minus the time spent in its local attention.
+A table goes to stdout (rank 0) and every row to --json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+
+from longscan.distributed.stats import STATS
+from longscan.kernels.softmax_attention import attention
+from longscan.parallel.softmax import softmax_attention
+from longscan.parallel.softmax import ulysses as ulysses_mod
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--methods", nargs="+", default=["ring", "allgather", "ulysses"])
+    p.add_argument("--lengths", nargs="+", type=int, default=None, help="local lengths (tokens per rank)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=None)
+    p.add_argument("--kv-heads", type=int, default=None, help="GQA kv heads (default: --heads)")
+    p.add_argument("--head-dim", type=int, default=None)
+    p.add_argument("--layout", choices=["contiguous", "zigzag"], default="zigzag")
+    p.add_argument("--no-causal", dest="causal", action="store_false")
+    p.add_argument("--chunk-heads", type=int, default=None, help="kv heads per all-gather (allgather)")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None)
+    p.add_argument("--backend", default="auto")
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--json", default="sp_softmax.json")
+    return p.parse_args(argv)
+
+
+def setup():
+    """Initialise torch.distributed from torchrun's variables (a single process without them)."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29532")
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return torch.device("cuda") if cuda else torch.device("cpu")
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    dist.barrier()
+
+
+def make_inputs(args, T, device, dtype):
+    B, H, Hkv, D = args.batch, args.heads, args.kv_heads, args.head_dim
+    x = [torch.randn(B, T, h, D, device=device, dtype=dtype, requires_grad=True) for h in (H, Hkv, Hkv)]
+    return x, torch.randn(B, T, H, D, device=device, dtype=dtype)
+
+
+def time_step(fn, do, device, args):
+    """Median seconds of forward+backward, and per step: mean seconds, comm wait, bytes sent/received,
+    seconds inside Ulysses' local attention."""
+    for _ in range(args.warmup):
+        fn().backward(do)
+    times = []
+    STATS.reset()
+    ulysses_mod.LOCAL_TIME["s"] = 0.0
+    for _ in range(args.iters):
+        sync(device)
+        t0 = time.perf_counter()
+        fn().backward(do)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    n = args.iters
+    return (statistics.median(times), sum(times) / n, STATS.wait_s / n, STATS.bytes_sent // n,
+            STATS.bytes_recv // n, ulysses_mod.LOCAL_TIME["s"] / n)
+
+
+def max_over_ranks(values, device):
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = setup()
+    cuda = device.type == "cuda"
+    args.heads = args.heads or (32 if cuda else 4)
+    args.kv_heads = args.kv_heads or args.heads
+    args.head_dim = args.head_dim or (128 if cuda else 32)
+    args.lengths = args.lengths or ([8192, 32768] if cuda else [256, 512])
+    dtype = DTYPES[args.dtype or ("bfloat16" if cuda else "float32")]
+    rank, world = dist.get_rank(), dist.get_world_size()
+    rows = []
+    for T in args.lengths:
+        # The same work on one rank: the whole sequence, every rank at once (so they contend for the
+        # machine as the SP ranks do), divided by W.
+        (q, k, v), do = make_inputs(args, T * world, device, dtype)
+        full = lambda: attention(q, k, v, causal=args.causal, backend=args.backend)  # noqa: E731
+        ideal = max_over_ranks(time_step(full, do, device, args), device)[0] / world
+        del q, k, v, do
+        rows.append(dict(method="local kernel", T_local=T, ms=ideal * 1e3, wait_ms=0.0, sent=0, recv=0,
+                         ratio_to_local=1.0))
+        (q, k, v), do = make_inputs(args, T, device, dtype)
+        for method in args.methods:
+            kw = dict(chunk_heads=args.chunk_heads) if method == "allgather" else {}
+            fn = lambda: softmax_attention(q, k, v, causal=args.causal, method=method, layout=args.layout,  # noqa: E731
+                                           backend=args.backend, **kw)
+            med, mean, wait, sent, recv, local_s = max_over_ranks(time_step(fn, do, device, args), device)
+            if method == "ulysses":      # blocking all-to-alls inside DeepSpeed: everything but local attention
+                wait = max(mean - local_s, 0.0)
+            rows.append(dict(method=method, T_local=T, ms=med * 1e3, wait_ms=wait * 1e3, sent=int(sent),
+                             recv=int(recv), ratio_to_local=med / ideal))
+    meta = dict(world_size=world, device=torch.cuda.get_device_name() if cuda else "cpu", dtype=str(dtype),
+                batch=args.batch, heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim,
+                causal=args.causal, layout=args.layout, backend=args.backend, chunk_heads=args.chunk_heads,
+                iters=args.iters, torch=torch.__version__,
+                local_kernel="single-rank kernel on the whole W·T sequence, divided by W (ideal split)")
+    if rank == 0:
+        print(f"# sp_softmax  W={world}  {meta['device']}  {meta['dtype']}  B={args.batch} H={args.heads} "
+              f"Hkv={args.kv_heads} D={args.head_dim}  causal={args.causal}  layout={args.layout}")
+        print(f"{'method':<13}{'T_local':>9}{'fwd+bwd ms':>12}{'x local':>9}{'wait ms':>10}"
+              f"{'sent/rank':>12}{'recv/rank':>12}")
+        for r in rows:
+            print(f"{r['method']:<13}{r['T_local']:>9}{r['ms']:>12.2f}{r['ratio_to_local']:>9.2f}"
+                  f"{r['wait_ms']:>10.2f}{r['sent'] / 2**10:>10.1f}KB{r['recv'] / 2**10:>10.1f}KB")
+        with open(args.json, "w") as f:
+            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    dist.barrier()   # no rank tears the group down while rank 0 is still writing
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
