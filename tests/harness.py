@@ -6,7 +6,9 @@ processes, and parametrised tests then assert on the cached results.
 from __future__ import annotations
 
 import os
+import queue as queue_mod
 import socket
+import time
 import traceback
 
 import torch
@@ -46,13 +48,24 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 600.0) -> list:
     for p in procs:
         p.start()
     results, errors = [None] * world_size, []
+    deadline = time.monotonic() + timeout
     try:
-        for _ in range(world_size):
-            rank, status, out = queue.get(timeout=timeout)
+        received = 0
+        while received < world_size and not errors:
+            try:
+                rank, status, out = queue.get(timeout=1.0)
+            except queue_mod.Empty:
+                dead = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
+                if dead:  # a worker died without reporting (crash, import error): do not wait for it
+                    errors.append(f"worker exited without a result: {dead}")
+                elif time.monotonic() > deadline:
+                    errors.append(f"timed out after {timeout} s")
+                continue
+            received += 1
             if status == "error":
                 errors.append(f"rank {rank}:\n{out}")
-                break
-            results[rank] = out
+            else:
+                results[rank] = out
     finally:
         for p in procs:
             p.join(timeout=5 if errors else timeout)

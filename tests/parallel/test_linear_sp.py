@@ -132,3 +132,27 @@ def test_bad_inputs_raise_on_every_rank():
     for rank, res in enumerate(run_distributed(bad_input_worker, 2)):
         for name, pattern in expected.items():
             assert res[name] is not None and re.search(pattern, res[name]), (rank, name, res[name])
+
+
+def mixed_precision_worker(rank, world):
+    """bf16 q, k, v with float32 gates and states, as a bf16 model calls it."""
+    x = make_inputs("g_per_key", 2, 16 * world, 2, 8, 8, torch.float64, seed=3)
+    o_ref, s_ref = naive_recurrent_linear_attention(x["q"], x["k"], x["v"], x["g"], None, None,
+                                                    x["initial_state"], True)
+
+    def sh(t):
+        return shard(t, 1, None, "zigzag")
+
+    q, k, v = (sh(x[n]).bfloat16().requires_grad_() for n in "qkv")
+    g = sh(x["g"]).float().requires_grad_()
+    o, s = linear_attention(q, k, v, g, initial_state=x["initial_state"].float(), output_final_state=True,
+                            layout="zigzag")
+    (o.float().sum() + s.sum()).backward()
+    return dict(dtypes=(o.dtype, s.dtype, q.grad.dtype, g.grad.dtype), o=rel_err(o, sh(o_ref)),
+                s=rel_err(s, s_ref))
+
+
+def test_bf16_inputs_with_float32_gates_and_states():
+    for res in run_distributed(mixed_precision_worker, 2):
+        assert res["dtypes"] == (torch.bfloat16, torch.float32, torch.bfloat16, torch.float32)
+        assert res["o"] <= 1e-2 and res["s"] <= 1e-2
