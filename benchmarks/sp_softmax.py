@@ -21,6 +21,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from longscan.distributed.layouts import shard
 from longscan.distributed.stats import STATS
 from longscan.kernels.softmax_attention import attention
 from longscan.parallel.softmax import softmax_attention
@@ -44,6 +45,9 @@ def parse_args(argv=None):
     p.add_argument("--backend", default="auto")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--check", action="store_true",
+                   help="also report each method's max relative error (o, dq, dk, dv, worst rank) against the "
+                        "whole sequence on one rank")
     p.add_argument("--json", default="sp_softmax.json")
     return p.parse_args(argv)
 
@@ -65,10 +69,31 @@ def sync(device):
     dist.barrier()
 
 
-def make_inputs(args, T, device, dtype):
+def make_inputs(args, T, device, dtype, seed=0):
+    """q, k, v (leaves) and do of length T, the same on every rank (same seed)."""
     B, H, Hkv, D = args.batch, args.heads, args.kv_heads, args.head_dim
-    x = [torch.randn(B, T, h, D, device=device, dtype=dtype, requires_grad=True) for h in (H, Hkv, Hkv)]
-    return x, torch.randn(B, T, H, D, device=device, dtype=dtype)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    x = [torch.randn(B, T, h, D, device=device, dtype=dtype, generator=gen).requires_grad_() for h in (H, Hkv, Hkv)]
+    return x, torch.randn(B, T, H, D, device=device, dtype=dtype, generator=gen)
+
+
+def check_error(fn, q, k, v, do, qg, kg, vg, dog, args):
+    """Max relative L2 error of this rank's o, dq, dk, dv against the whole sequence computed on one rank
+    by the torch backend in float64 (CPU) / float32 (GPU); the inputs are this rank's shards of qg, kg, vg."""
+    ref_dtype = torch.float64 if qg.device.type == "cpu" else torch.float32
+    leaves = [x.detach().to(ref_dtype).requires_grad_() for x in (qg, kg, vg)]
+    o_ref = attention(*leaves, causal=args.causal, backend="torch")
+    g_ref = torch.autograd.grad(o_ref, leaves, dog.to(ref_dtype))
+    sh = lambda t: shard(t, 1, None, args.layout)  # noqa: E731
+    o = fn()
+    grads = torch.autograd.grad(o, (q, k, v), do)
+    errs = [rel_err(o, sh(o_ref))] + [rel_err(a, sh(b)) for a, b in zip(grads, g_ref)]
+    return max(errs)
+
+
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def time_step(fn, do, device, args):
@@ -111,13 +136,13 @@ def main(argv=None):
     for T in args.lengths:
         # The same work on one rank: the whole sequence, every rank at once (so they contend for the
         # machine as the SP ranks do), divided by W.
-        (q, k, v), do = make_inputs(args, T * world, device, dtype)
-        full = lambda: attention(q, k, v, causal=args.causal, backend=args.backend)  # noqa: E731
-        ideal = max_over_ranks(time_step(full, do, device, args), device)[0] / world
-        del q, k, v, do
+        (qg, kg, vg), dog = make_inputs(args, T * world, device, dtype)
+        full = lambda: attention(qg, kg, vg, causal=args.causal, backend=args.backend)  # noqa: E731
+        ideal = max_over_ranks(time_step(full, dog, device, args), device)[0] / world
         rows.append(dict(method="local kernel", T_local=T, ms=ideal * 1e3, wait_ms=0.0, sent=0, recv=0,
                          ratio_to_local=1.0))
-        (q, k, v), do = make_inputs(args, T, device, dtype)
+        q, k, v = (shard(x.detach(), 1, None, args.layout).requires_grad_() for x in (qg, kg, vg))
+        do = shard(dog, 1, None, args.layout)
         for method in args.methods:
             kw = dict(chunk_heads=args.chunk_heads) if method == "allgather" else {}
             fn = lambda: softmax_attention(q, k, v, causal=args.causal, method=method, layout=args.layout,  # noqa: E731
@@ -125,8 +150,12 @@ def main(argv=None):
             med, mean, wait, sent, recv, local_s = max_over_ranks(time_step(fn, do, device, args), device)
             if method == "ulysses":      # blocking all-to-alls inside DeepSpeed: everything but local attention
                 wait = max(mean - local_s, 0.0)
-            rows.append(dict(method=method, T_local=T, ms=med * 1e3, wait_ms=wait * 1e3, sent=int(sent),
-                             recv=int(recv), ratio_to_local=med / ideal))
+            row = dict(method=method, T_local=T, ms=med * 1e3, wait_ms=wait * 1e3, sent=int(sent),
+                       recv=int(recv), ratio_to_local=med / ideal)
+            if args.check:
+                row["rel_err"] = max_over_ranks([check_error(fn, q, k, v, do, qg, kg, vg, dog, args)], device)[0]
+            rows.append(row)
+        del qg, kg, vg, dog
     meta = dict(world_size=world, device=torch.cuda.get_device_name() if cuda else "cpu", dtype=str(dtype),
                 batch=args.batch, heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim,
                 causal=args.causal, layout=args.layout, backend=args.backend, chunk_heads=args.chunk_heads,
@@ -136,10 +165,11 @@ def main(argv=None):
         print(f"# sp_softmax  W={world}  {meta['device']}  {meta['dtype']}  B={args.batch} H={args.heads} "
               f"Hkv={args.kv_heads} D={args.head_dim}  causal={args.causal}  layout={args.layout}")
         print(f"{'method':<13}{'T_local':>9}{'fwd+bwd ms':>12}{'x local':>9}{'wait ms':>10}"
-              f"{'sent/rank':>12}{'recv/rank':>12}")
+              f"{'sent/rank':>12}{'recv/rank':>12}" + (f"{'rel err':>10}" if args.check else ""))
         for r in rows:
+            err = (f"{r['rel_err']:>10.1e}" if "rel_err" in r else f"{'':>10}") if args.check else ""
             print(f"{r['method']:<13}{r['T_local']:>9}{r['ms']:>12.2f}{r['ratio_to_local']:>9.2f}"
-                  f"{r['wait_ms']:>10.2f}{r['sent'] / 2**10:>10.1f}KB{r['recv'] / 2**10:>10.1f}KB")
+                  f"{r['wait_ms']:>10.2f}{r['sent'] / 2**10:>10.1f}KB{r['recv'] / 2**10:>10.1f}KB" + err)
         with open(args.json, "w") as f:
             json.dump(dict(meta=meta, rows=rows), f, indent=1)
     dist.barrier()   # no rank tears the group down while rank 0 is still writing
