@@ -1,0 +1,133 @@
+"""`longscan` command line.
+
+  longscan train [--config FILE] [--nproc N] [section.key=value ...]
+  longscan prepare-data --output FILE [--tokenizer tokenizer.json] [--suffix .py,.txt] INPUT [INPUT ...]
+  longscan config [--config FILE] [section.key=value ...]      (print the resolved config)
+
+Under torchrun (RANK/WORLD_SIZE set) `train` runs as the launched rank. Started plainly it launches
+itself with torch.distributed.run over every local GPU (NCCL), or over 4 CPU processes (gloo) when there
+is no GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+
+# megatron-core warns at import time on machines without Transformer Engine / Apex; it then uses torch.
+warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\..*")
+
+CPU_PROCESSES = 4
+
+
+def _train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="longscan train", description="Train the hybrid LM (see configs/).")
+    p.add_argument("--config", default=None, help="YAML config (default: the embedded tiny CPU config)")
+    p.add_argument("--nproc", type=int, default=0,
+                   help="processes to start when not under torchrun (default: GPUs, else 4 CPU processes)")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. parallel.sp=2 model.n_layers=8")
+    return p
+
+
+def _under_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def _local_world() -> int:
+    import torch
+    return torch.cuda.device_count() if torch.cuda.is_available() else CPU_PROCESSES
+
+
+def cmd_train(argv: list[str]) -> int:
+    from longscan.training.config import ConfigError, load_config, validate
+    args = _train_parser().parse_args(argv)
+    if not _under_torchrun():
+        nproc = args.nproc or _local_world()
+        from longscan.training.data import DataError, open_token_file
+        try:  # fail here, once, before starting processes
+            cfg = validate(load_config(args.config, args.overrides), nproc)
+            if cfg.data.source == "tokens":
+                open_token_file(cfg.data.path)
+        except (ConfigError, DataError) as e:
+            print(f"longscan train: {'config' if isinstance(e, ConfigError) else 'data'} error: {e}",
+                  file=sys.stderr)
+            return 2
+        from torch.distributed.run import get_args_parser, run
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        launch = ["--standalone", f"--nproc-per-node={nproc}", "--module", "longscan.cli", "train"]
+        if args.config:
+            launch += ["--config", args.config]
+        try:
+            run(get_args_parser().parse_args(launch + list(args.overrides)))
+        except Exception as e:  # torchrun already printed the failing rank's traceback
+            print(f"longscan train: {type(e).__name__}: {str(e)[:2000]}", file=sys.stderr)
+            return 1
+        return 0
+    from longscan.training.data import DataError
+    from longscan.training.trainer import Trainer
+    try:
+        trainer = Trainer(load_config(args.config, args.overrides))
+    except (ConfigError, DataError) as e:
+        if int(os.environ["RANK"]) == 0:
+            print(f"longscan train: {'config' if isinstance(e, ConfigError) else 'data'} error: {e}",
+                  file=sys.stderr)
+        return 2
+    history = trainer.train()
+    if trainer.ranks.is_log_rank and history["train"]:
+        first, last = history["train"][0][1], history["train"][-1][1]
+        val = " -> ".join(f"{v:.4f}" for _, v in history["val"])
+        print(f"done: train loss {first:.4f} -> {last:.4f}; val loss {val}", flush=True)
+    import torch.distributed as dist
+    dist.destroy_process_group()
+    return 0
+
+
+def cmd_prepare_data(argv: list[str]) -> int:
+    from longscan.training.data import DataError, prepare_data
+    p = argparse.ArgumentParser(prog="longscan prepare-data",
+                                description="Tokenise text files into a memory-mapped token file.")
+    p.add_argument("inputs", nargs="+", help="text files or directories (searched recursively, sorted)")
+    p.add_argument("--output", required=True, help="token file to write (metadata goes to OUTPUT.json)")
+    p.add_argument("--tokenizer", default=None, help="a `tokenizers` tokenizer.json (default: byte-level)")
+    p.add_argument("--suffix", default="", help="comma-separated file suffixes to keep in directories")
+    a = p.parse_args(argv)
+    try:
+        meta = prepare_data(a.inputs, a.output, a.tokenizer, tuple(s for s in a.suffix.split(",") if s))
+    except DataError as e:
+        print(f"longscan prepare-data: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {a.output}: {meta['num_tokens']:,} tokens from {meta['files']} files "
+          f"({meta['dtype']}, vocab {meta['vocab_size']}, eos {meta['eos']}); train with "
+          f"data.source=tokens data.path={a.output} model.vocab_size={meta['vocab_size']}")
+    return 0
+
+
+def cmd_config(argv: list[str]) -> int:
+    import yaml
+    from longscan.training.config import ConfigError, load_config
+    p = argparse.ArgumentParser(prog="longscan config", description="Print the resolved config as YAML.")
+    p.add_argument("--config", default=None)
+    p.add_argument("overrides", nargs="*")
+    a = p.parse_args(argv)
+    try:
+        print(yaml.safe_dump(load_config(a.config, a.overrides).to_dict(), sort_keys=False), end="")
+    except ConfigError as e:
+        print(f"longscan config: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "prepare-data": cmd_prepare_data, "config": cmd_config}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(__doc__.strip(), file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    return COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

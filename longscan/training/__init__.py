@@ -1,0 +1,1 @@
+"""Training: config, data, optimizer, checkpoints, metrics and the loop (one process per rank)."""
