@@ -90,11 +90,11 @@ class OptimizerConfig:
 @dataclass
 class ScheduleConfig:
     """Step counts, warmup + cosine, validation cadence, precision, seeds."""
-    steps: int = 60
+    steps: int = 120
     """Optimizer steps."""
-    warmup_steps: int = 6
+    warmup_steps: int = 10
     """Linear warmup steps, then cosine to min_lr_ratio · lr at `steps`."""
-    val_every: int = 20
+    val_every: int = 40
     """Validate every this many steps (and at the end); 0 = only at the end."""
     val_batches: int = 2
     """Global batches per validation."""
