@@ -57,12 +57,20 @@ def new_accumulators(q, dv_dim: int):
     return q.new_zeros(b, t, h, dv_dim, dtype=dt), q.new_full((b, h, t), float("-inf"), dtype=dt)
 
 
-def forward_blocks(out, lse, q, k, v, plan, q_seg_len, k_seg_len, scale, backend) -> None:
-    """Run ``plan`` (from :func:`block_plan`) and merge each block into (out, lse) in place."""
-    for qs, ks, mask in plan:
+def forward_blocks(out, lse, q, k, v, plan, q_seg_len, k_seg_len, scale, backend, fresh=False) -> None:
+    """Run ``plan`` (from :func:`block_plan`) and merge each block into (out, lse) in place.
+
+    ``fresh``: (out, lse) hold nothing yet, so a first call covering every row is copied, not merged.
+    """
+    for i, (qs, ks, mask) in enumerate(plan):
+        covers_all = qs.start == 0 and qs.stop * q_seg_len == q.shape[1]
         qs, ks = token_slice(qs, q_seg_len), token_slice(ks, k_seg_len)
         o_b, lse_b = block_forward(q[:, qs], k[:, ks], v[:, ks], scale, mask, backend)
-        merge_into(out, lse, o_b, lse_b, qs)
+        if fresh and i == 0 and covers_all:
+            out.copy_(o_b)
+            lse.copy_(lse_b)
+        else:
+            merge_into(out, lse, o_b, lse_b, qs)
 
 
 def backward_blocks(dq, dk, dv, do, q, k, v, o, lse, plan, q_seg_len, k_seg_len, scale, backend) -> None:

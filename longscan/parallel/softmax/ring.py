@@ -37,7 +37,7 @@ def ring_forward(q, k, v, scale, causal, group, layout, backend):
             comm.commit()
         src = (rank - step) % world
         plan = block_plan(q_segs, segment_ids(src, world, layout), causal)
-        forward_blocks(out, lse, q, kv[0], kv[1], plan, seg_len, seg_len, scale, backend)
+        forward_blocks(out, lse, q, kv[0], kv[1], plan, seg_len, seg_len, scale, backend, fresh=step == 0)
         if step + 1 < world:
             comm.wait()
             kv = nxt
