@@ -40,7 +40,9 @@ def _one_step(cfg_dict):
 
 
 def _refs(rank, world):
-    return {v: _one_step(tiny(model={"linear_variant": v})) for v in VARIANTS}
+    out = {v: _one_step(tiny(model={"linear_variant": v})) for v in VARIANTS}
+    out["checkpointed"] = _one_step(tiny(schedule={"activation_checkpointing": True}))
+    return out
 
 
 def _cases(rank, world, names):
@@ -83,3 +85,14 @@ def test_step_changes_parameters(results):
     params, grads = assemble([ref])
     assert all(g.abs().sum() > 0 for n, g in grads.items() if "embed" not in n)
     assert ref["loss"] > 1.0
+
+
+def test_activation_checkpointing_changes_nothing(results):
+    refs, _ = results
+    ref, ck = refs["lightning"], refs["checkpointed"]
+    assert abs(ck["loss"] - ref["loss"]) <= TOL * ref["loss"]
+    params, grads = assemble([ck])
+    ref_params, ref_grads = assemble([ref])
+    for name in ref_params:
+        assert rel_err(grads[name], ref_grads[name]) <= TOL, name
+        assert rel_err(params[name], ref_params[name]) <= TOL, name
