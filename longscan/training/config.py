@@ -84,7 +84,7 @@ class OptimizerConfig:
     engine: str = "torch"
     """torch (AdamW on every rank) | deepspeed (DeepSpeed ZeRO optimizer over the DP group)."""
     zero_stage: int = 1
-    """ZeRO stage 1 or 2 when engine=deepspeed."""
+    """ZeRO stage when engine=deepspeed; only 1 (optimizer states partitioned) works under megatron's schedules."""
 
 
 @dataclass
@@ -248,8 +248,13 @@ def validate(cfg: TrainConfig, world_size: int) -> TrainConfig:
     _choice("data.source", d.source, ("stdlib", "tokens"))
     _choice("optimizer.engine", cfg.optimizer.engine, ("torch", "deepspeed"))
     _choice("schedule.precision", s.precision, ("auto", "bf16", "fp32"))
-    if cfg.optimizer.engine == "deepspeed" and cfg.optimizer.zero_stage not in (1, 2):
-        raise ConfigError(f"optimizer.zero_stage = {cfg.optimizer.zero_stage} is not allowed; choose 1 or 2")
+    if cfg.optimizer.engine == "deepspeed":
+        if cfg.optimizer.zero_stage != 1:
+            raise ConfigError(f"optimizer.zero_stage = {cfg.optimizer.zero_stage} is not allowed; choose 1 (ZeRO-2 "
+                              "reduces from DeepSpeed's own backward, which megatron's schedules bypass)")
+        if cfg.checkpoint.dir:
+            raise ConfigError("checkpoint.dir is not supported with optimizer.engine = deepspeed yet (its partitioned "
+                              "optimizer state is not in the DCP checkpoint); use engine=torch to checkpoint")
     if not m.pattern or set(m.pattern) - {"L", "N"}:
         raise ConfigError(f"model.pattern = {m.pattern!r} must be a non-empty string of L (linear) and N (softmax)")
     for name in ("tp", "pp", "sp"):

@@ -42,6 +42,13 @@ class Trainer:
                               seed=s.seed, activation_checkpointing=s.activation_checkpointing).to(self.device)
         self.params = [q for q in self.model.parameters() if q.requires_grad]
         self.optimizer = build_adamw(self.model, cfg.optimizer)
+        self.zero = None
+        self.loss_multiplier = 1.0
+        if cfg.optimizer.engine == "deepspeed":
+            from longscan.training.zero import ZeroEngine
+            self.zero = ZeroEngine(self.model, self.optimizer, r, cfg.optimizer, d.micro_batch_size)
+            self.optimizer = self.zero.optimizer
+            self.loss_multiplier = self.zero.loss_multiplier
         if d.source == "stdlib":  # one rank tokenises the corpus into the cache, the others wait
             if r.rank == 0:
                 stdlib_token_file(d.cache_dir)
@@ -77,7 +84,7 @@ class Trainer:
     def _loss_func(self, per_token: torch.Tensor):
         local_sum = per_token.sum()
         n = torch.tensor(per_token.numel(), dtype=torch.int)
-        return local_sum / self.tokens_per_step, n, {"loss_sum": local_sum.detach()}
+        return local_sum * (self.loss_multiplier / self.tokens_per_step), n, {"loss_sum": local_sum.detach()}
 
     def _run(self, microbatches, forward_only: bool) -> float:
         """Forward (and backward) over this rank's microbatches; returns the global loss sum."""
@@ -97,16 +104,22 @@ class Trainer:
         c, r = self.cfg, self.ranks
         t0 = time.time()
         self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.zero:
+            self.zero.zero_grad()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
         mbs = self.data.train_microbatches(self.step, c.data.global_batch_size, c.data.micro_batch_size,
                                            r.dp_rank, r.dp)
         loss = self._run(mbs, forward_only=False) / self.tokens_per_step
-        allreduce_grads(self.params, r.dp_sp_group)
-        norm = clip_grads(self.params, c.optimizer.grad_clip, r.mp_group)
         lr = lr_at(self.step, c.optimizer, c.schedule)
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
-        self.optimizer.step()
+        if self.zero:
+            norm = self.zero.step(lr)
+        else:
+            allreduce_grads(self.params, r.dp_sp_group)
+            norm = clip_grads(self.params, c.optimizer.grad_clip, r.mp_group)
+            for g in self.optimizer.param_groups:
+                g["lr"] = lr
+            self.optimizer.step()
         self.step += 1
         dt = time.time() - t0
         return {"loss": loss, "lr": lr, "grad_norm": norm, "step_time": dt,

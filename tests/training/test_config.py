@@ -44,6 +44,8 @@ def test_overrides_are_typed_and_dotted():
     (["data.global_batch_size=6"], 8, "data.global_batch_size = 6 is not divisible by data.micro_batch_size · dp"),
     (["parallel.tp=2", "parallel.sp=1", "model.n_kv_heads=1"], 2, "model.n_kv_heads = 1 is not divisible by parallel.tp = 2"),
     (["data.source=tokens"], 4, "data.source = tokens needs data.path"),
+    (["optimizer.engine=deepspeed", "optimizer.zero_stage=2"], 4, "optimizer.zero_stage = 2 is not allowed; choose 1"),
+    (["optimizer.engine=zero"], 4, "optimizer.engine = 'zero' is not allowed; choose one of torch, deepspeed"),
 ])
 def test_bad_configs_raise_clear_errors(overrides, world, message):
     with pytest.raises(ConfigError) as e:
