@@ -42,9 +42,9 @@ class RingComm:
         """
         if self._reqs is not None:
             raise RuntimeError("RingComm: wait() for the previous exchange before queuing another")
+        tensors = [t.contiguous() for t in tensors]   # P2P needs dense buffers, on both ends
         recv = [torch.empty_like(t) for t in tensors] if recv is None else recv
         for t, r in zip(tensors, recv):
-            t = t.contiguous()
             self._ops.append(dist.P2POp(dist.isend, t, self.send_rank, self.group))
             self._ops.append(dist.P2POp(dist.irecv, r, self.recv_rank, self.group))
             count(sent=nbytes(t), recv=nbytes(r))

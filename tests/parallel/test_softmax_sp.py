@@ -70,6 +70,27 @@ def run_case(world, method, layout, causal, kind, dtype, seed, big_logits=False)
     return errs
 
 
+def strided_case(world, method):
+    """Inputs that are non-contiguous views ([B, H, T, D] storage seen as [B, T, H, D]), as projections
+    often produce: the ring's send/receive buffers and the collectives must cope."""
+    hq, hkv = heads(world, "gqa")
+    q, k, v, do = make_inputs(world, hq, hkv, torch.float64, seed=11)
+    ref = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    o_ref, _ = naive_attention(*ref, None, True)
+    g_ref = torch.autograd.grad(o_ref, ref, do)
+    sh = lambda x: shard(x, 1, None, "zigzag")  # noqa: E731
+    leaves = [sh(x).transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v)]   # [B, H, T, D]
+    views = [x.transpose(1, 2) for x in leaves]
+    assert not any(x.is_contiguous() for x in views)
+    kw = dict(method="allgather", chunk_heads=1) if method == "allgather_chunked" else dict(method=method)
+    o = softmax_attention(*views, layout="zigzag", **kw)
+    grads = torch.autograd.grad(o, leaves, sh(do))
+    errs = {"o": rel_err(o, sh(o_ref))}
+    for name, got, want in zip(("dq", "dk", "dv"), grads, g_ref):
+        errs[name] = rel_err(got.transpose(1, 2), sh(want))
+    return errs
+
+
 def cases(world):
     for method in METHODS:
         if method == "ulysses" and not HAVE_DEEPSPEED:
@@ -96,6 +117,10 @@ def sp_worker(rank, world):
                 for dname, (dtype, _) in DTYPES.items():
                     results[(method, layout, causal, "big_logits", dname)] = run_case(
                         world, method, layout, causal, "mha", dtype, seed=7, big_logits=True)
+    for method in METHODS:
+        if method == "ulysses" and not HAVE_DEEPSPEED:
+            continue
+        results[(method, "strided")] = strided_case(world, method)
     if world > 1:
         # ulysses with heads that do not divide by W: a clear error on every rank, before any collective
         q = torch.randn(1, 4, 2 * world + 1, D)
@@ -154,6 +179,14 @@ def test_blocks_with_logits_90_apart_merge_exactly(sp_results, world, method, la
     if method == "ulysses" and not HAVE_DEEPSPEED:
         pytest.skip("deepspeed not installed (optional extra)")
     _assert_all_ranks(sp_results(world), (method, layout, causal, "big_logits", dname), DTYPES[dname][1])
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("method", METHODS)
+def test_non_contiguous_inputs(sp_results, world, method):
+    if method == "ulysses" and not HAVE_DEEPSPEED:
+        pytest.skip("deepspeed not installed (optional extra)")
+    _assert_all_ranks(sp_results(world), (method, "strided"), 1e-5)
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])

@@ -23,7 +23,7 @@ import importlib
 import torch
 
 from longscan.kernels.softmax_attention import naive, sdpa
-from longscan.kernels.softmax_attention.naive import naive_attention, naive_backward, naive_mask
+from longscan.kernels.softmax_attention.naive import naive_attention, naive_backward
 from longscan.kernels.softmax_attention.sdpa import compute_dtype
 
 BACKENDS = ("auto", "torch", "naive", "sdpa_flash", "sdpa_cudnn", "triton")
