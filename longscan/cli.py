@@ -44,6 +44,18 @@ def cmd_train(argv: list[str]) -> int:
     args = _train_parser().parse_args(argv)
     if not _under_torchrun():
         nproc = args.nproc or _local_world()
+        overrides = list(args.overrides)
+        if args.config is None and not any(o.startswith("parallel.") for o in overrides):
+            # The embedded default asks for SP 2; on one GPU it runs unsplit rather than not at all.
+            try:
+                p = load_config(None, overrides).parallel
+            except ConfigError:
+                p = None  # reported below
+            if p is not None and nproc % (p.tp * p.pp * p.sp):
+                print(f"longscan train: {nproc} process(es) cannot hold tp·pp·sp = {p.tp * p.pp * p.sp} of the "
+                      "default config; running it with parallel.tp=1 parallel.pp=1 parallel.sp=1", flush=True)
+                overrides += ["parallel.tp=1", "parallel.pp=1", "parallel.sp=1"]
+        args.overrides = overrides
         from longscan.training.data import DataError, open_token_file
         try:  # fail here, once, before starting processes
             cfg = validate(load_config(args.config, args.overrides), nproc)

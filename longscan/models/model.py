@@ -101,7 +101,7 @@ class HybridLM(nn.Module):
                 x = checkpoint(layer, x, cos, sin, use_reentrant=False)
             else:
                 x = layer(x, cos, sin)
-        if not self.last:
-            return x.transpose(0, 1).contiguous()
+        if not self.last:  # the receiving stage allocates its buffer in pipeline_dtype
+            return x.transpose(0, 1).contiguous().to(self.config.pipeline_dtype or x.dtype)
         logits = self.output(self.norm(x))[0]
         return vocab_parallel_cross_entropy(logits.float(), labels)
