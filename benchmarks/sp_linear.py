@@ -135,6 +135,7 @@ def main(argv=None):
                   f"{r['wait_ms']:>10.2f}{r['sent'] / 2**10:>10.1f}KB{r['recv'] / 2**10:>10.1f}KB")
         with open(args.json, "w") as f:
             json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    dist.barrier()   # no rank tears the group down while rank 0 is still writing
     dist.destroy_process_group()
 
 
