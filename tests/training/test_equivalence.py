@@ -36,7 +36,8 @@ def _one_step(cfg_dict):
     from longscan.training.trainer import Trainer
     t = Trainer(load_config(None, cfg_dict))
     m = t.train_step()
-    return {"loss": m["loss"], "grad_norm": m["grad_norm"], **local_tensors(t)}
+    tensors = local_tensors(t)  # before evaluate(): it must not touch weights or gradients
+    return {"loss": m["loss"], "grad_norm": m["grad_norm"], "val": t.evaluate(), **tensors}
 
 
 def _refs(rank, world):
@@ -69,6 +70,7 @@ def test_one_step_matches_single_device(results, case):
     for r in ranks:  # every rank reports the same global loss
         assert abs(r["loss"] - ref["loss"]) <= TOL * abs(ref["loss"]), (case, r["loss"], ref["loss"])
         assert abs(r["grad_norm"] - ref["grad_norm"]) <= TOL * ref["grad_norm"]
+        assert abs(r["val"] - ref["val"]) <= TOL * ref["val"]  # forward-only schedule after the step
     params, grads = assemble(ranks)
     ref_params, ref_grads = assemble([ref])
     assert params.keys() == ref_params.keys()
