@@ -104,7 +104,12 @@ def stdlib_token_file(cache_dir: str) -> str:
     for f in files:
         h.update(f.encode())
         h.update(str(os.path.getsize(f)).encode())
-    path = os.path.join(os.path.expanduser(cache_dir), f"stdlib-bytes-{h.hexdigest()[:12]}.u16")
+    cache = os.path.expanduser(cache_dir)
+    try:
+        os.makedirs(cache, exist_ok=True)
+    except OSError:  # read-only home (some CI/containers): fall back to the temp directory
+        cache = os.path.join(tempfile.gettempdir(), "longscan")
+    path = os.path.join(cache, f"stdlib-bytes-{h.hexdigest()[:12]}.u16")
     if not (os.path.isfile(path) and os.path.isfile(_meta_path(path))):
         write_token_file(path, byte_docs(files), BYTE_VOCAB, BYTE_EOS)
     return path
