@@ -1,0 +1,180 @@
+"""Triton chunked linear attention against the float64 recurrent reference.
+
+CPU: the Triton interpreter in float32 (tiny shapes, chunks of 16 so odd lengths span several chunks and
+the segment-parallel path is exercised with SEGMENTS forced). GPU (skipped without CUDA): bf16 and float32.
+"""
+import pytest
+import torch
+
+from harness import rel_err
+from linear_cases import DECAYS, make_inputs
+
+triton = pytest.importorskip("triton")
+
+from longscan.kernels.linear_attention import (chunk_linear_attention, naive_recurrent_linear_attention,  # noqa: E402
+                                               torch_chunk)
+from longscan.kernels.linear_attention import triton_chunk as tc  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Chunks of 16 tokens (the interpreter is slow; shapes stay tiny but cross chunk boundaries)."""
+    monkeypatch.setattr(tc, "CHUNK", 16)
+    monkeypatch.setattr(tc, "CHUNK_PER_KEY", 16)
+
+
+def reference(x, with_state, do, dht):
+    """o, final state and every gradient in float64 through the recurrent reference (dh0 also without h0)."""
+    leaves = {n: (t.double().clone().requires_grad_() if t is not None else None) for n, t in x.items()}
+    if not with_state:
+        leaves["initial_state"] = torch.zeros_like(leaves["initial_state"]).requires_grad_()
+    o, s = naive_recurrent_linear_attention(leaves["q"], leaves["k"], leaves["v"], leaves["g"],
+                                            leaves["g_gamma"], None, leaves["initial_state"], True)
+    outs, grads = [o], [do.double()]
+    if dht is not None:
+        outs.append(s)
+        grads.append(dht.double())
+    gate = leaves["g"] if leaves["g"] is not None else leaves["g_gamma"]
+    names = [leaves[n] for n in ("q", "k", "v", "initial_state")] + ([gate] if gate is not None else [])
+    res = torch.autograd.grad(outs, names, grads)
+    dq, dk, dv, dh0 = res[:4]
+    return o, s, (dq, dk, dv, res[4] if gate is not None else None, dh0)
+
+
+def _to(x, device, dtype):
+    return {n: (t.to(device=device, dtype=dtype if n != "initial_state" else torch.float32)
+                if t is not None else None) for n, t in x.items()}
+
+
+def check_forward_backward(decay, B, T, H, K, V, dtype, tol, with_state, with_dht, seed):
+    x = make_inputs(decay, B, T, H, K, V, torch.float64, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    do = torch.randn(B, T, H, V, generator=gen, dtype=torch.float64)
+    dht = torch.randn(B, H, K, V, generator=gen, dtype=torch.float64) if with_dht else None
+    o_ref, s_ref, g_ref = reference(x, with_state, do, dht)
+
+    y = _to(x, DEV, dtype)
+    h0 = y["initial_state"] if with_state else None
+    o, ht = tc.forward(y["q"], y["k"], y["v"], y["g"], y["g_gamma"], None, h0, True)
+    assert o.dtype == dtype and o.shape == (B, T, H, V)
+    assert ht.dtype == torch.float32 and ht.shape == (B, H, K, V)
+    assert rel_err(o.cpu(), o_ref) <= tol
+    assert rel_err(ht.cpu(), s_ref) <= tol
+
+    grads = tc.backward(y["q"], y["k"], y["v"], y["g"], y["g_gamma"], None, h0, do.to(DEV, dtype),
+                        dht.to(DEV, torch.float32) if dht is not None else None)
+    for name, got, want in zip(("dq", "dk", "dv", "dg", "dh0"), grads, g_ref):
+        if want is None:
+            assert got is None, name
+            continue
+        assert got.shape == want.shape, name
+        if name == "dh0":
+            assert got.dtype == torch.float32
+        err = rel_err(got.cpu(), want)
+        assert err <= tol, f"{name}: rel err {err:.2e}"
+
+
+@pytest.mark.parametrize("segments", [None, 3])
+@pytest.mark.parametrize("with_state", [True, False])
+@pytest.mark.parametrize("T", [37, 64])            # 37: not a multiple of the chunk
+@pytest.mark.parametrize("decay", DECAYS)
+def test_forward_backward_interpreter(small_chunks, monkeypatch, decay, T, with_state, segments):
+    monkeypatch.setattr(tc, "SEGMENTS", segments)
+    check_forward_backward(decay, 2, T, 2, 16, 32, torch.float32, 1e-4, with_state, with_dht=True,
+                           seed=T + 7 * len(decay))
+
+
+@pytest.mark.parametrize("decay", DECAYS)
+def test_without_dht_and_single_token(small_chunks, decay):
+    check_forward_backward(decay, 1, 1, 2, 16, 16, torch.float32, 1e-4, True, with_dht=False, seed=3)
+    check_forward_backward(decay, 1, 21, 1, 32, 16, torch.float32, 1e-4, False, with_dht=False, seed=4)
+
+
+@pytest.mark.parametrize("segments", [1, 3])
+@pytest.mark.parametrize("decay", DECAYS)
+def test_sp_pieces_match_torch(small_chunks, monkeypatch, decay, segments):
+    """segment_state, add_prefix and prefix_grad against torch_chunk's (float64) on an odd length."""
+    monkeypatch.setattr(tc, "SEGMENTS", segments)
+    B, T, H, K, V = 1, 53, 2, 16, 32
+    x = make_inputs(decay, B, T, H, K, V, torch.float64, seed=11)
+    gen = torch.Generator().manual_seed(12)
+    o = torch.randn(B, T, H, V, generator=gen, dtype=torch.float64)
+    do = torch.randn(B, T, H, V, generator=gen, dtype=torch.float64)
+    P = torch.randn(B, H, K, V, generator=gen, dtype=torch.float64)
+    y = _to(x, DEV, torch.float32)
+    S, a = tc.segment_state(y["k"], y["v"], y["g"], y["g_gamma"])
+    S_ref, a_ref = torch_chunk.segment_state(x["k"], x["v"], x["g"], x["g_gamma"])
+    assert S.dtype == torch.float32 and a.shape == (B, H, K)
+    assert rel_err(S.cpu(), S_ref) <= 1e-4
+    assert (a.cpu().double() - a_ref).abs().max() <= 1e-4 * (1 + a_ref.abs().max())
+    out = tc.add_prefix(o.to(DEV, torch.float32), y["q"], y["g"], y["g_gamma"], 0.3, P.to(DEV, torch.float32))
+    assert rel_err(out.cpu(), torch_chunk.add_prefix(o, x["q"], x["g"], x["g_gamma"], 0.3, P)) <= 1e-4
+    pg = tc.prefix_grad(y["q"], y["g"], y["g_gamma"], 0.3, do.to(DEV, torch.float32))
+    assert rel_err(pg.cpu(), torch_chunk.prefix_grad(x["q"], x["g"], x["g_gamma"], 0.3, do)) <= 1e-4
+
+
+def test_sp_decomposition_equals_whole(small_chunks):
+    """Two segments through the SP pieces give the whole-sequence forward (the identity SP relies on)."""
+    B, T, H, K, V = 1, 50, 2, 16, 16
+    x = _to(make_inputs("g_scalar", B, T, H, K, V, torch.float64, seed=5), DEV, torch.float32)
+    q, k, v, g, h0 = x["q"], x["k"], x["v"], x["g"], x["initial_state"]
+    o_all, _ = tc.forward(q, k, v, g, None, None, h0, False)
+    c = 29
+    o1, _ = tc.forward(q[:, :c], k[:, :c], v[:, :c], g[:, :c], None, None, h0, False)
+    S1, a1 = tc.segment_state(k[:, :c], v[:, :c], g[:, :c])
+    P = a1.exp().unsqueeze(-1) * h0 + S1
+    o2, _ = tc.forward(q[:, c:], k[:, c:], v[:, c:], g[:, c:], None, None, None, False)
+    o2 = tc.add_prefix(o2, q[:, c:], g[:, c:], None, K ** -0.5, P)
+    assert rel_err(torch.cat([o1, o2], 1).cpu(), o_all.cpu()) <= 1e-5
+
+
+def test_public_op_autograd(small_chunks):
+    """chunk_linear_attention(backend="triton") with autograd against the torch backend."""
+    x = make_inputs("g_per_key", 1, 40, 2, 16, 16, torch.float32, seed=9)
+    outs = {}
+    for backend in ("triton", "torch"):
+        leaves = {n: (t.to(DEV).clone().requires_grad_() if t is not None else None) for n, t in x.items()}
+        o, s = chunk_linear_attention(leaves["q"], leaves["k"], leaves["v"], leaves["g"], None,
+                                      initial_state=leaves["initial_state"], output_final_state=True,
+                                      backend=backend)
+        (o.square().sum() + s.sum()).backward()
+        outs[backend] = [o, s] + [leaves[n].grad for n in ("q", "k", "v", "g", "initial_state")]
+    for a, b in zip(outs["triton"], outs["torch"]):
+        assert rel_err(a.detach().cpu(), b.detach().cpu()) <= 1e-4
+
+
+def test_clear_errors():
+    q = torch.randn(1, 8, 1, 16, device=DEV)
+    with pytest.raises(TypeError, match="supports"):
+        tc.forward(q.double(), q.double(), q.double())
+    with pytest.raises(ValueError, match="head dims"):
+        w = torch.randn(1, 8, 1, 24, device=DEV)
+        tc.forward(w, w, w)
+    if not CUDA and not tc._interpreting():
+        with pytest.raises(ValueError, match="CUDA"):
+            tc.forward(q, q, q)
+
+
+# ---------------------------------------------------------------- GPU ----------------------------------
+
+@requires_cuda
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1e-2), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("decay", DECAYS)
+def test_gpu_forward_backward(decay, dtype, tol):
+    for T, segments in ((1000, None), (777, 4)):
+        tc.SEGMENTS = segments
+        try:
+            check_forward_backward(decay, 2, T, 3, 64, 64, dtype, tol, True, True, seed=T)
+        finally:
+            tc.SEGMENTS = None
+
+
+@requires_cuda
+@pytest.mark.parametrize("decay", DECAYS)
+def test_gpu_head_dim_128_long(decay):
+    """The benchmark head size, a long single sequence (segment-parallel path chosen automatically)."""
+    check_forward_backward(decay, 1, 4100, 2, 128, 128, torch.bfloat16, 1e-2, True, True, seed=1)
