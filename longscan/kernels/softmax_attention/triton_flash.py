@@ -1,0 +1,268 @@
+"""Flash attention in Triton: forward and backward, causal or full, GQA, with float32 logsumexp.
+
+q `[B, T, Hq, D]`, k/v `[B, Tk, Hkv, D]` with Hq a multiple of Hkv. The two block-pair masks ring attention
+needs: "full" (causal=False, every key visible) and "causal diagonal" (causal=True, q and k of equal length,
+query i sees keys ≤ i). Softmax in base 2 (exp2 is one instruction); lse is returned in natural log.
+
+Forward: one program per (q block, batch·q-head), online softmax over key blocks; the causal loop runs the
+off-diagonal blocks without a mask and only the diagonal blocks with one.
+Backward (FlashAttention-2): delta = rowsum(o⊙do); one kernel per kv block accumulates dk, dv over the q
+blocks of every q-head of its group (no atomics), another per q block accumulates dq.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_DIMS = (16, 32, 64, 128)
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, bq, k, v, kv_row0, HKV_D, offs_m, lo, hi, Tk, qk_scale,
+               D: tl.constexpr, BN: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr):
+    rd = tl.arange(0, D)
+    for n0 in range(lo, hi, BN):
+        offs_n = n0 + tl.arange(0, BN)
+        kmask = offs_n < Tk
+        ptr = (kv_row0 + offs_n.to(tl.int64))[:, None] * HKV_D + rd[None, :]
+        bk = tl.load(k + ptr, mask=kmask[:, None], other=0.0)
+        bv = tl.load(v + ptr, mask=kmask[:, None], other=0.0)
+        s = tl.dot(bq, tl.trans(bk), input_precision=PREC) * qk_scale   # base-2 logits
+        if MASK:
+            s = tl.where((offs_m[:, None] >= offs_n[None, :]) & kmask[None, :], s, float("-inf"))
+        else:
+            s = tl.where(kmask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(bv.dtype), bv, input_precision=PREC)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _fwd_kernel(q, k, v, o, lse, T, Tk, HQ, HKV, G, qk_scale,
+                D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr):
+    im = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // HQ
+    hq = bh % HQ
+    hkv = hq // G
+    offs_m = im * BM + tl.arange(0, BM)
+    rd = tl.arange(0, D)
+    mmask = offs_m < T
+    qrow = (b * T + offs_m).to(tl.int64) * HQ + hq
+    bq = tl.load(q + qrow[:, None] * D + rd[None, :], mask=mmask[:, None], other=0.0)
+    kv_row0 = (b * Tk).to(tl.int64)
+    k_h = k + hkv * D
+    v_h = v + hkv * D
+    HKV_D = HKV * D
+    acc = tl.zeros([BM, D], dtype=tl.float32)
+    l_i = tl.zeros([BM], dtype=tl.float32)
+    m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
+    if CAUSAL:
+        # keys strictly below this q block need no mask; the diagonal blocks do
+        full_hi = (im * BM) // BN * BN
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, bq, k_h, v_h, kv_row0, HKV_D, offs_m, 0, full_hi, Tk, qk_scale,
+                                   D, BN, False, PREC)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, bq, k_h, v_h, kv_row0, HKV_D, offs_m, full_hi,
+                                   tl.minimum((im + 1) * BM, Tk), Tk, qk_scale, D, BN, True, PREC)
+    else:
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, bq, k_h, v_h, kv_row0, HKV_D, offs_m, 0, Tk, Tk, qk_scale,
+                                   D, BN, False, PREC)
+    acc = acc / l_i[:, None]
+    tl.store(o + qrow[:, None] * D + rd[None, :], acc.to(o.dtype.element_ty), mask=mmask[:, None])
+    tl.store(lse + (bh.to(tl.int64) * T + offs_m), (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=mmask)
+
+
+@triton.jit
+def _delta_kernel(o, do, delta, T, HQ, D: tl.constexpr, BM: tl.constexpr):
+    im = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // HQ
+    hq = bh % HQ
+    offs_m = im * BM + tl.arange(0, BM)
+    rd = tl.arange(0, D)
+    mmask = offs_m < T
+    row = (b * T + offs_m).to(tl.int64) * HQ + hq
+    bo = tl.load(o + row[:, None] * D + rd[None, :], mask=mmask[:, None], other=0.0).to(tl.float32)
+    bdo = tl.load(do + row[:, None] * D + rd[None, :], mask=mmask[:, None], other=0.0).to(tl.float32)
+    tl.store(delta + bh.to(tl.int64) * T + offs_m, tl.sum(bo * bdo, 1), mask=mmask)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(q, k, v, do, lse, delta, dk, dv, T, Tk, HQ, HKV, G, sm_scale, qk_scale,
+                     D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr,
+                     PREC: tl.constexpr):
+    """One kv block of one kv head: dk, dv summed over all q rows of the G q-heads that share it."""
+    jn = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // HKV
+    hkv = bh % HKV
+    offs_n = jn * BN + tl.arange(0, BN)
+    rd = tl.arange(0, D)
+    nmask = offs_n < Tk
+    krow = (b * Tk + offs_n).to(tl.int64) * HKV + hkv
+    bk = tl.load(k + krow[:, None] * D + rd[None, :], mask=nmask[:, None], other=0.0)
+    bv = tl.load(v + krow[:, None] * D + rd[None, :], mask=nmask[:, None], other=0.0)
+    dk_acc = tl.zeros([BN, D], dtype=tl.float32)
+    dv_acc = tl.zeros([BN, D], dtype=tl.float32)
+    lo = 0
+    if CAUSAL:
+        lo = (jn * BN) // BM * BM
+    for gi in range(0, G):
+        hq = hkv * G + gi
+        for m0 in range(lo, T, BM):
+            offs_m = m0 + tl.arange(0, BM)
+            mmask = offs_m < T
+            qrow = (b * T + offs_m).to(tl.int64) * HQ + hq
+            bq = tl.load(q + qrow[:, None] * D + rd[None, :], mask=mmask[:, None], other=0.0)
+            bdo = tl.load(do + qrow[:, None] * D + rd[None, :], mask=mmask[:, None], other=0.0)
+            stat = (b * HQ + hq).to(tl.int64) * T + offs_m
+            l2 = tl.load(lse + stat, mask=mmask, other=0.0) * 1.4426950408889634
+            dl = tl.load(delta + stat, mask=mmask, other=0.0)
+            sT = tl.dot(bk, tl.trans(bq), input_precision=PREC) * qk_scale     # [BN, BM]
+            valid = nmask[:, None] & mmask[None, :]
+            if CAUSAL:
+                valid = valid & (offs_n[:, None] <= offs_m[None, :])
+            pT = tl.where(valid, tl.exp2(sT - l2[None, :]), 0.0)
+            dv_acc += tl.dot(pT.to(bdo.dtype), bdo, input_precision=PREC)
+            dpT = tl.dot(bv, tl.trans(bdo), input_precision=PREC)
+            dsT = pT * (dpT - dl[None, :])
+            dk_acc += tl.dot(dsT.to(bq.dtype), bq, input_precision=PREC)
+    tl.store(dk + krow[:, None] * D + rd[None, :], (dk_acc * sm_scale).to(dk.dtype.element_ty), mask=nmask[:, None])
+    tl.store(dv + krow[:, None] * D + rd[None, :], dv_acc.to(dv.dtype.element_ty), mask=nmask[:, None])
+
+
+@triton.jit
+def _bwd_dq_kernel(q, k, v, do, lse, delta, dq, T, Tk, HQ, HKV, G, sm_scale, qk_scale,
+                   D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr,
+                   PREC: tl.constexpr):
+    im = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // HQ
+    hq = bh % HQ
+    hkv = hq // G
+    offs_m = im * BM + tl.arange(0, BM)
+    rd = tl.arange(0, D)
+    mmask = offs_m < T
+    qrow = (b * T + offs_m).to(tl.int64) * HQ + hq
+    bq = tl.load(q + qrow[:, None] * D + rd[None, :], mask=mmask[:, None], other=0.0)
+    bdo = tl.load(do + qrow[:, None] * D + rd[None, :], mask=mmask[:, None], other=0.0)
+    stat = bh.to(tl.int64) * T + offs_m
+    l2 = tl.load(lse + stat, mask=mmask, other=0.0) * 1.4426950408889634
+    dl = tl.load(delta + stat, mask=mmask, other=0.0)
+    acc = tl.zeros([BM, D], dtype=tl.float32)
+    hi = Tk
+    if CAUSAL:
+        hi = tl.minimum((im + 1) * BM, Tk)
+    for n0 in range(0, hi, BN):
+        offs_n = n0 + tl.arange(0, BN)
+        nmask = offs_n < Tk
+        krow = (b * Tk + offs_n).to(tl.int64) * HKV + hkv
+        bk = tl.load(k + krow[:, None] * D + rd[None, :], mask=nmask[:, None], other=0.0)
+        bv = tl.load(v + krow[:, None] * D + rd[None, :], mask=nmask[:, None], other=0.0)
+        s = tl.dot(bq, tl.trans(bk), input_precision=PREC) * qk_scale
+        valid = mmask[:, None] & nmask[None, :]
+        if CAUSAL:
+            valid = valid & (offs_m[:, None] >= offs_n[None, :])
+        p = tl.where(valid, tl.exp2(s - l2[:, None]), 0.0)
+        dp = tl.dot(bdo, tl.trans(bv), input_precision=PREC)
+        ds = p * (dp - dl[:, None])
+        acc += tl.dot(ds.to(bk.dtype), bk, input_precision=PREC)
+    tl.store(dq + qrow[:, None] * D + rd[None, :], (acc * sm_scale).to(dq.dtype.element_ty), mask=mmask[:, None])
+
+
+def _check(q, k, v, causal):
+    if q.dtype not in _DTYPES:
+        raise TypeError(f"triton flash attention supports {_DTYPES}, got {q.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    for x in (q, k, v):
+        if x.device.type != "cuda" and not _interpreting():
+            raise ValueError(f"triton flash attention needs CUDA tensors (or TRITON_INTERPRET=1), got {x.device}")
+    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
+        raise ValueError(f"q [B,T,Hq,D], k/v [B,Tk,Hkv,D] expected, got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    B, T, HQ, D = q.shape
+    if k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"k/v must be [B={B}, Tk, Hkv, D={D}], got {tuple(k.shape)}")
+    if D not in _DIMS:
+        raise ValueError(f"triton flash attention supports head dims {_DIMS}, got D={D}")
+    if HQ % k.shape[2]:
+        raise ValueError(f"Hq={HQ} must be a multiple of Hkv={k.shape[2]}")
+    if causal and k.shape[1] != T:
+        raise ValueError(f"causal (diagonal) mask needs Tq == Tk, got {T} and {k.shape[1]}")
+
+
+def _cfg(D, dtype):
+    """Block sizes: large on a GPU, small in the CPU interpreter."""
+    if _interpreting():
+        return dict(BM=32, BN=32, num_warps=4, num_stages=1), dict(BM=32, BN=32, num_warps=4, num_stages=1)
+    fwd = dict(BM=128, BN=64 if D <= 64 or dtype != torch.float32 else 32, num_warps=8, num_stages=3)
+    bwd = dict(BM=64, BN=64, num_warps=4 if D <= 64 else 8, num_stages=2)
+    if dtype == torch.float32:
+        fwd.update(BM=64, BN=32, num_stages=2)
+        bwd.update(BM=32, BN=32)
+    return fwd, bwd
+
+
+def _prec(x) -> str:
+    return "ieee" if x.dtype == torch.float32 else "tf32"
+
+
+def flash_attn_forward(q, k, v, scale=None, causal=True):
+    """-> (o `[B, T, Hq, D]` in q's dtype, lse `[B, Hq, T]` float32, natural log)."""
+    _check(q, k, v, causal)
+    B, T, HQ, D = q.shape
+    Tk, HKV = k.shape[1], k.shape[2]
+    scale = D ** -0.5 if scale is None else scale
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    o = torch.empty_like(q)
+    lse = torch.empty(B, HQ, T, device=q.device, dtype=torch.float32)
+    if T == 0:
+        return o, lse
+    cfg, _ = _cfg(D, q.dtype)
+    BM, BN = cfg.pop("BM"), cfg.pop("BN")
+    _fwd_kernel[(triton.cdiv(T, BM), B * HQ)](q, k, v, o, lse, T, Tk, HQ, HKV, HQ // HKV, scale * _LOG2E,
+                                              D=D, BM=BM, BN=BN, CAUSAL=causal, PREC=_prec(q), **cfg)
+    return o, lse
+
+
+def flash_attn_backward(do, q, k, v, o, lse, scale=None, causal=True):
+    """-> (dq `[B, T, Hq, D]`, dk, dv `[B, Tk, Hkv, D]`) in the inputs' dtype. o and lse are the rows'
+    final values (for ring attention: after merging every block), so gradients of blocks add up."""
+    _check(q, k, v, causal)
+    B, T, HQ, D = q.shape
+    Tk, HKV = k.shape[1], k.shape[2]
+    scale = D ** -0.5 if scale is None else scale
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    do, o = do.contiguous().to(q.dtype), o.contiguous()
+    lse = lse.contiguous().float()
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if T == 0 or Tk == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    delta = torch.empty(B, HQ, T, device=q.device, dtype=torch.float32)
+    _delta_kernel[(triton.cdiv(T, 64), B * HQ)](o, do, delta, T, HQ, D=D, BM=64)
+    _, cfg = _cfg(D, q.dtype)
+    BM, BN = cfg.pop("BM"), cfg.pop("BN")
+    args = (T, Tk, HQ, HKV, HQ // HKV, scale, scale * _LOG2E)
+    _bwd_dkdv_kernel[(triton.cdiv(Tk, BN), B * HKV)](q, k, v, do, lse, delta, dk, dv, *args, D=D, BM=BM, BN=BN,
+                                                      CAUSAL=causal, PREC=_prec(q), **cfg)
+    _bwd_dq_kernel[(triton.cdiv(T, BM), B * HQ)](q, k, v, do, lse, delta, dq, *args, D=D, BM=BM, BN=BN,
+                                                 CAUSAL=causal, PREC=_prec(q), **cfg)
+    return dq, dk, dv
+
+
+__all__ = ["flash_attn_forward", "flash_attn_backward"]

@@ -1,0 +1,85 @@
+"""Triton flash attention against plain float64 softmax math (CPU interpreter in float32; GPU in bf16/fp32)."""
+import math
+
+import pytest
+import torch
+
+from harness import rel_err
+
+triton = pytest.importorskip("triton")
+
+from longscan.kernels.softmax_attention import triton_flash as tf  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+
+def reference(q, k, v, scale, causal, do):
+    """o, lse and (dq, dk, dv) in float64 by autograd over softmax(q kᵀ·scale) v with kv heads repeated."""
+    q, k, v = (x.double().cpu().requires_grad_() for x in (q, k, v))
+    G = q.shape[2] // k.shape[2]
+    kr, vr = k.repeat_interleave(G, 2), v.repeat_interleave(G, 2)
+    s = torch.einsum("bthd,bshd->bhts", q, kr) * scale
+    if causal:
+        T = q.shape[1]
+        s = s.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    o = torch.einsum("bhts,bshd->bthd", torch.softmax(s, -1), vr)
+    grads = torch.autograd.grad(o, (q, k, v), do.double().cpu())
+    return o.detach(), lse.detach(), grads
+
+
+def check(B, T, Tk, HQ, HKV, D, causal, dtype, tol, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, T, HQ, D, generator=gen)
+    k = torch.randn(B, Tk, HKV, D, generator=gen)
+    v = torch.randn(B, Tk, HKV, D, generator=gen)
+    do = torch.randn(B, T, HQ, D, generator=gen)
+    scale = 1 / math.sqrt(D)
+    o_ref, lse_ref, g_ref = reference(q, k, v, scale, causal, do)
+    q, k, v, do = (x.to(DEV, dtype) for x in (q, k, v, do))
+    o, lse = tf.flash_attn_forward(q, k, v, scale, causal)
+    assert o.dtype == dtype and lse.dtype == torch.float32 and lse.shape == (B, HQ, T)
+    assert rel_err(o.cpu(), o_ref) <= tol
+    assert rel_err(lse.cpu(), lse_ref) <= tol
+    grads = tf.flash_attn_backward(do, q, k, v, o, lse, scale, causal)
+    for name, got, want in zip(("dq", "dk", "dv"), grads, g_ref):
+        assert got.shape == want.shape and got.dtype == dtype
+        err = rel_err(got.cpu(), want)
+        assert err <= tol, f"{name}: {err:.2e}"
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("HQ,HKV", [(2, 2), (4, 2)])     # MHA and GQA
+@pytest.mark.parametrize("T", [45, 64])                 # 45: not a multiple of the block
+def test_interpreter_fp32(T, HQ, HKV, causal):
+    check(1, T, T, HQ, HKV, 16, causal, torch.float32, 1e-4, seed=T + HQ)
+
+
+def test_full_mask_unequal_lengths():
+    """The ring's off-diagonal block pairs: full mask, Tq != Tk."""
+    check(2, 33, 50, 2, 1, 32, False, torch.float32, 1e-4, seed=1)
+
+
+def test_clear_errors():
+    q = torch.randn(1, 8, 2, 16, device=DEV)
+    with pytest.raises(TypeError, match="supports"):
+        tf.flash_attn_forward(q.double(), q.double(), q.double())
+    with pytest.raises(ValueError, match="head dims"):
+        w = torch.randn(1, 8, 2, 24, device=DEV)
+        tf.flash_attn_forward(w, w, w)
+    with pytest.raises(ValueError, match="Tq == Tk"):
+        tf.flash_attn_forward(q, q[:, :4], q[:, :4], causal=True)
+    with pytest.raises(ValueError, match="multiple"):
+        tf.flash_attn_forward(torch.randn(1, 8, 3, 16, device=DEV), q, q)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1e-2), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("D", [64, 128])
+def test_gpu(D, causal, dtype, tol):
+    check(2, 1000, 1000, 8, 2, D, causal, dtype, tol, seed=D)
+    if not causal:
+        check(1, 300, 700, 4, 4, D, False, dtype, tol, seed=D + 1)
