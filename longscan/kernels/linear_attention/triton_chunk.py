@@ -47,11 +47,12 @@ def _interpreting() -> bool:
 
 @triton.jit
 def _gate_chunk(g, gamma, b, h, t, m, T, H, K: tl.constexpr, GATE: tl.constexpr):
-    """Per-token log gates of one chunk as `[C, 1]` (scalar kinds) or `[C, K]` (per-key); 0 past the end."""
+    """Per-token log gates of one chunk as `[C]` (scalar kinds) or `[C, K]` (per-key); 0 past the end.
+    (Scalar kinds stay 1-D: size-1 dimensions broke Triton 3.6's LLVM lowering on Hopper.)"""
     if GATE == 1:
-        gc = tl.where(m, gamma, 0.0)[:, None]
+        gc = tl.where(m, gamma, 0.0)
     elif GATE == 2:
-        gc = tl.load(g + (b * T + t).to(tl.int64) * H + h, mask=m, other=0.0).to(tl.float32)[:, None]
+        gc = tl.load(g + (b * T + t).to(tl.int64) * H + h, mask=m, other=0.0).to(tl.float32)
     else:
         rk = tl.arange(0, K)
         gc = tl.load(g + ((b * T + t).to(tl.int64) * H + h)[:, None] * K + rk[None, :],
@@ -97,8 +98,8 @@ def _fwd_kernel(q, k, v, g, gg, o, h0, ht, T, H, SEG, scale,
             S += tl.dot(tl.trans(bk), bv, input_precision=PREC)
         else:
             gc = _gate_chunk(g, gamma, b, h, t, m, T, H, K, GATE)
-            bc = tl.cumsum(gc, 0)          # chunk-local cumulative log gate [C, KG]
-            bl = tl.sum(gc, 0)             # the chunk's total [KG]
+            bc = tl.cumsum(gc, 0)          # chunk-local cumulative log gate [C] or [C, K]
+            bl = tl.sum(gc, 0)             # the chunk's total: scalar or [K]
             if GATE == 3:
                 qd = (bq * tl.exp(bc)).to(dt)
                 kn = (bk * tl.exp(-bc)).to(dt)
@@ -108,8 +109,8 @@ def _fwd_kernel(q, k, v, g, gg, o, h0, ht, T, H, SEG, scale,
                 kd = (bk * tl.exp(bl[None, :] - bc)).to(dt)
                 S = S * tl.exp(bl)[:, None] + tl.dot(tl.trans(kd), bv, input_precision=PREC)
             else:
-                bt = tl.sum(bc, 1)         # [C]
-                blt = tl.sum(bl, 0)        # scalar
+                bt = bc                    # [C]
+                blt = bl                   # scalar
                 A = tl.dot(bq, tl.trans(bk), input_precision=PREC)
                 A = tl.where(causal, A * tl.exp(bt[:, None] - bt[None, :]), 0.0)
                 acc = tl.dot(bq, S.to(dt), input_precision=PREC) * tl.exp(bt)[:, None]
@@ -158,12 +159,20 @@ def _state_kernel(x, y, g, gg, out_s, out_a, T, H, SEG, scale,
             gc = _gate_chunk(g, gamma, b, h, t, m, T, H, K, GATE)
             bc = tl.cumsum(gc, 0)
             bl = tl.sum(gc, 0)
-            if FROM_START:
-                xd = (bx * tl.exp(aoff[None, :] + bc)).to(dt)
-                S += tl.dot(tl.trans(xd), by, input_precision=PREC)
+            if GATE == 3:
+                if FROM_START:
+                    xd = (bx * tl.exp(aoff[None, :] + bc)).to(dt)
+                    S += tl.dot(tl.trans(xd), by, input_precision=PREC)
+                else:
+                    xd = (bx * tl.exp(bl[None, :] - bc)).to(dt)
+                    S = S * tl.exp(bl)[:, None] + tl.dot(tl.trans(xd), by, input_precision=PREC)
             else:
-                xd = (bx * tl.exp(bl[None, :] - bc)).to(dt)
-                S = S * tl.exp(bl)[:, None] + tl.dot(tl.trans(xd), by, input_precision=PREC)
+                if FROM_START:
+                    xd = (bx * tl.exp(aoff[None, :] + bc[:, None])).to(dt)
+                    S += tl.dot(tl.trans(xd), by, input_precision=PREC)
+                else:
+                    xd = (bx * tl.exp(bl - bc)[:, None]).to(dt)
+                    S = S * tl.exp(bl) + tl.dot(tl.trans(xd), by, input_precision=PREC)
             aoff += bl
     if FROM_START:
         S = S * scale
@@ -230,7 +239,10 @@ def _prefix_kernel(o, q, g, gg, goff, P, out, T, H, NC, scale,
             bc += tl.load(goff + ((b * NC + n) * H + h).to(tl.int64))
         else:
             bc += tl.load(goff + ((b * NC + n) * H + h).to(tl.int64) * K + rk)[None, :]
-        bq = bq * tl.exp(bc)
+        if GATE == 3:
+            bq = bq * tl.exp(bc)
+        else:
+            bq = bq * tl.exp(bc)[:, None]
     acc = tl.dot(bq.to(dt), bP.to(dt), input_precision=PREC)
     bo = tl.load(o + row[:, None] * V + rv[None, :], mask=m[:, None], other=0.0).to(tl.float32)
     tl.store(out + row[:, None] * V + rv[None, :], (bo + scale * acc).to(out.dtype.element_ty), mask=m[:, None])
@@ -286,8 +298,8 @@ def _bwd_dq_kernel(q, k, v, g, gg, do, h0, dht, dq, gq, term, T, H, SEG, scale,
                 kd = (bk * tl.exp(bl[None, :] - bc)).to(dt)
                 S = S * tl.exp(bl)[:, None] + tl.dot(tl.trans(kd), bv, input_precision=PREC)
             else:
-                bt = tl.sum(bc, 1)
-                blt = tl.sum(bl, 0)
+                bt = bc
+                blt = bl
                 dA = tl.where(causal, dA * tl.exp(bt[:, None] - bt[None, :]), 0.0)
                 acc = tl.dot(bdo, tl.trans(S).to(dt), input_precision=PREC) * tl.exp(bt)[:, None]
                 acc += tl.dot(dA.to(dt), bk, input_precision=PREC)
@@ -365,8 +377,8 @@ def _bwd_dkdv_kernel(q, k, v, g, gg, do, dhe, dk, dv, gk, dh0, T, H, SEG, scale,
                 adk += tl.dot(bv, tl.trans(dH).to(dt), input_precision=PREC) * kd
                 dH = dH * tl.exp(bl)[:, None] + scale * tl.dot(tl.trans(qd), bdo, input_precision=PREC)
             else:
-                bt = tl.sum(bc, 1)
-                blt = tl.sum(bl, 0)
+                bt = bc
+                blt = bl
                 dec = tl.where(causal_t, tl.exp(bt[None, :] - bt[:, None]), 0.0)   # [s, t] exp(b_t - b_s)
                 At = tl.dot(bk, tl.trans(bq), input_precision=PREC) * dec
                 dAt = dAt * dec

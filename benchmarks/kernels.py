@@ -1,0 +1,217 @@
+"""Kernel benchmarks: longscan's Triton kernels next to their peers, in one run, on one GPU.
+
+Measures the device's two ceilings first (device-to-device copy, bf16 matmul), then
+  linear attention (constant decay g_gamma, scalar gate g, per-key gate g), forward and forward+backward,
+    ours vs fla-core's chunk_simple_gla / chunk_gla, at B=16×T=4096 and B=1×T=65536, 16 heads × 128;
+  the SP local work of a 4-way split (segment_state + zero-prefix forward + add_prefix) vs the plain forward
+    at the same local length;
+  flash attention causal forward and forward+backward, ours vs torch SDPA flash and cuDNN.
+Prints a markdown table and writes it (with device, date, commit) to --out.
+
+    PYTHONPATH=. python benchmarks/kernels.py --out benchmarks/kernels_rows.md
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import subprocess
+
+import torch
+import triton
+
+from longscan.kernels.linear_attention import triton_chunk as tc
+from longscan.kernels.softmax_attention import triton_flash as tf
+
+ROWS = []
+_DIV = {"GB/s": 1e6, "TFLOP/s": 1e9, "": 1}   # bytes or FLOPs per ms -> unit
+
+
+def bench(fn, ms_warm=100, ms_rep=400):
+    return triton.testing.do_bench(fn, warmup=ms_warm, rep=ms_rep, return_mode="median")
+
+
+def row(name, shape, ms, work, unit, floor_ms, note=""):
+    ROWS.append((name, shape, ms, work, unit, floor_ms, note))
+    rate = f"{work / ms / _DIV[unit]:.0f} {unit}" if work else ""
+    frac = f"{floor_ms / ms:.2f}" if floor_ms else ""
+    print(f"{name:58s} {shape:22s} {ms:8.3f} ms  {rate:>14s}  floor-frac {frac:>5s} {note}", flush=True)
+
+
+def anchors():
+    n = 1 << 28
+    x = torch.randn(n // 2, device="cuda", dtype=torch.float32)
+    y = torch.empty_like(x)
+    ms = bench(lambda: y.copy_(x))
+    bw = 2 * x.numel() * 4 / ms / 1e9  # TB/s
+    row("copy (device to device)", f"{x.numel() * 4 >> 20} MiB", ms, 2 * x.numel() * 4 , "GB/s", 0)
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn_like(a)
+    ms = bench(lambda: a @ b)
+    tflops = 2 * 8192 ** 3 / ms / 1e9
+    row("matmul bf16", "8192^3", ms, 2 * 8192 ** 3 , "TFLOP/s", 0)
+    return bw, tflops   # TB/s, TFLOP/s
+
+
+def lin_inputs(B, T, H, D, kind, grad=False):
+    q, k, v = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    q, k = q * D ** -0.25, k * D ** -0.25
+    g = gg = None
+    if kind == "g_gamma":
+        gg = -torch.rand(H, device="cuda") * 0.1 - 0.01
+    elif kind == "g":
+        g = torch.nn.functional.logsigmoid(torch.randn(B, T, H, device="cuda") + 4)
+    elif kind == "gk":
+        g = torch.nn.functional.logsigmoid(torch.randn(B, T, H, D, device="cuda") + 4) / 4
+    return q, k, v, g, gg
+
+
+def linear(bw, tflops):
+    H, D = 16, 128
+    try:
+        from fla.ops.gla import chunk_gla
+        from fla.ops.simple_gla import chunk_simple_gla
+    except ImportError as e:
+        print("fla not importable:", e)
+        chunk_gla = chunk_simple_gla = None
+    for B, T in ((16, 4096), (1, 65536)):
+        tok = B * T * H * D * 2                         # bytes of one [B,T,H,D] bf16 tensor
+        floor_f = 4 * tok / bw / 1e9                    # read q,k,v write o
+        floor_fb = 11 * tok / bw / 1e9                  # + read q,k,v,do, write dq,dk,dv
+        shape = f"B={B} T={T} H={H} D={D}"
+        for kind in ("g_gamma", "g", "gk"):
+            q, k, v, g, gg = lin_inputs(B, T, H, D, kind)
+            do = torch.randn_like(v)
+            gb = 0 if g is None else g.numel() * 4 * (1 if kind != "gk" else 3)  # gate read (+ dg written)
+            ms = bench(lambda: tc.forward(q, k, v, g, gg))
+            row(f"ours linear {kind} fwd", shape, ms, (4 * tok + gb) , "GB/s", floor_f)
+            ms = bench(lambda: (tc.forward(q, k, v, g, gg), tc.backward(q, k, v, g, gg, None, None, do, None)))
+            row(f"ours linear {kind} fwd+bwd", shape, ms, (11 * tok + gb) , "GB/s", floor_fb)
+            if chunk_simple_gla is None:
+                continue
+            f = (lambda: chunk_gla(q, k, v, g)) if kind == "gk" else (lambda: chunk_simple_gla(q, k, v, g=g, g_gamma=gg))
+            try:
+                with torch.no_grad():
+                    ms = bench(f)
+                row(f"fla 0.6.0 {kind} fwd", shape, ms, (4 * tok + gb) , "GB/s", floor_f)
+            except Exception as e:  # noqa: BLE001
+                print(f"fla {kind} fwd failed: {type(e).__name__}: {str(e)[:120]}")
+            try:
+                qr, kr, vr = (x.detach().requires_grad_() for x in (q, k, v))
+                gr = g.detach().requires_grad_() if g is not None else None
+                fb = (lambda: chunk_gla(qr, kr, vr, gr)[0].backward(do)) if kind == "gk" else \
+                    (lambda: chunk_simple_gla(qr, kr, vr, g=gr, g_gamma=gg)[0].backward(do))
+                ms = bench(fb)
+                row(f"fla 0.6.0 {kind} fwd+bwd", shape, ms, (11 * tok + gb) , "GB/s", floor_fb)
+            except Exception as e:  # noqa: BLE001
+                print(f"fla {kind} fwd+bwd failed: {type(e).__name__}: {str(e)[:160]}")
+            del q, k, v, g, gg, do
+            torch.cuda.empty_cache()
+
+
+def sp_overhead(bw):
+    """One rank of a 4-way split of 65,536 tokens (B=1): its local work against the plain kernel."""
+    H, D = 16, 128
+    for B, T in ((1, 16384), (4, 4096)):
+        shape = f"B={B} T={T} H={H} D={D}"
+        for kind in ("g_gamma", "g"):
+            q, k, v, g, gg = lin_inputs(B, T, H, D, kind)
+            P = torch.randn(B, H, D, D, device="cuda")
+            plain = bench(lambda: tc.forward(q, k, v, g, gg, None, P))
+
+            def sp():
+                tc.segment_state(k, v, g, gg)
+                o, _ = tc.forward(q, k, v, g, gg)
+                return tc.add_prefix(o, q, g, gg, D ** -0.5, P)
+            ms = bench(sp)
+            row(f"ours SP local work {kind} (state+fwd+prefix)", shape, ms, 0, "", 0, f"= {ms / plain:.2f}x plain fwd")
+            row(f"ours plain fwd with h0 {kind}", shape, plain, 0, "", 0)
+
+
+def flash(tflops):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    B, H, D = 4, 16, 128
+    for T in (8192, 16384):
+        shape = f"B={B} T={T} H={H} D={D}"
+        q, k, v = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        do = torch.randn_like(q)
+        for causal in (True, False):
+            fl = 4 * B * H * T * T * D * (0.5 if causal else 1.0)
+            tag = "causal" if causal else "full"
+            ms = bench(lambda: tf.flash_attn_forward(q, k, v, None, causal))
+            row(f"ours flash {tag} fwd", shape, ms, fl , "TFLOP/s", fl / tflops / 1e9)
+            o, lse = tf.flash_attn_forward(q, k, v, None, causal)
+            ms = bench(lambda: (tf.flash_attn_forward(q, k, v, None, causal),
+                                tf.flash_attn_backward(do, q, k, v, o, lse, None, causal)))
+            row(f"ours flash {tag} fwd+bwd", shape, ms, 3.5 * fl , "TFLOP/s", 3.5 * fl / tflops / 1e9)
+            qt, kt, vt = (x.transpose(1, 2).detach().requires_grad_() for x in (q, k, v))
+            for name, be in (("SDPA flash", SDPBackend.FLASH_ATTENTION), ("SDPA cuDNN", SDPBackend.CUDNN_ATTENTION)):
+                try:
+                    with sdpa_kernel([be]):
+                        with torch.no_grad():
+                            ms = bench(lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal))
+                        row(f"torch {name} {tag} fwd", shape, ms, fl , "TFLOP/s", fl / tflops / 1e9)
+                        dot_ = do.transpose(1, 2)
+                        ms = bench(lambda: torch.nn.functional.scaled_dot_product_attention(
+                            qt, kt, vt, is_causal=causal).backward(dot_))
+                        row(f"torch {name} {tag} fwd+bwd", shape, ms, 3.5 * fl , "TFLOP/s", 3.5 * fl / tflops / 1e9)
+                except Exception as e:  # noqa: BLE001
+                    print(f"{name} failed: {type(e).__name__}: {str(e)[:120]}")
+
+
+def check():
+    """Quick GPU correctness gate before timing: every decay kind, bf16, against torch_chunk in float64."""
+    from longscan.kernels.linear_attention import torch_chunk
+    for D, (B, T, H) in ((128, (2, 777, 3)), (64, (1, 2100, 2))):
+        for kind in ("none", "g_gamma", "g", "gk"):
+            try:
+                q, k, v, g, gg = lin_inputs(B, T, H, D, kind if kind != "none" else "x")
+                h0 = torch.randn(B, H, D, D, device="cuda")
+                do, dht = torch.randn_like(v), torch.randn_like(h0)
+                o, ht = tc.forward(q, k, v, g, gg, None, h0, True)
+                gr = tc.backward(q, k, v, g, gg, None, h0, do, dht)
+                dd = lambda x: None if x is None else x.double()  # noqa: E731
+                ro, rh = torch_chunk.forward(dd(q), dd(k), dd(v), dd(g), dd(gg), None, dd(h0), True)
+                rg = torch_chunk.backward(dd(q), dd(k), dd(v), dd(g), dd(gg), None, dd(h0), dd(do), dd(dht))
+                errs = [((a.double() - b).norm() / b.norm()).item() for a, b in zip((o, ht) + gr, (ro, rh) + rg)
+                        if b is not None]
+                print(f"check linear D={D} {kind:8s} rel errs o,ht,dq,dk,dv,(dg),dh0:",
+                      " ".join(f"{e:.1e}" for e in errs), "OK" if max(errs) < 1e-2 else "FAIL", flush=True)
+            except Exception as e:  # noqa: BLE001
+                print(f"check linear D={D} {kind} ERROR {type(e).__name__}: {str(e).splitlines()[-1][:200]}", flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="benchmarks/kernels_rows.md")
+    ap.add_argument("--only", default="check,anchors,linear,sp,flash")
+    args = ap.parse_args()
+    parts = args.only.split(",")
+    if "check" in parts:
+        check()
+    bw, tflops = anchors()
+    if "linear" in parts:
+        linear(bw, tflops)
+    if "sp" in parts:
+        sp_overhead(bw)
+    if "flash" in parts:
+        flash(tflops)
+    dev = torch.cuda.get_device_name()
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    try:
+        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
+    except Exception:  # noqa: BLE001
+        commit = "?"
+    lines = [f"Device: {dev}; torch {torch.__version__}, triton {triton.__version__}; {date}; commit {commit}. "
+             f"Measured ceilings: copy {bw:.2f} TB/s, bf16 matmul {tflops:.0f} TFLOP/s. Median of do_bench.",
+             "", "| kernel | shape | ms | rate | fraction of floor | note |", "|---|---|---|---|---|---|"]
+    for name, shape, ms, work, unit, floor_ms, note in ROWS:
+        rate = f"{work / ms / _DIV[unit]:.0f} {unit}" if work else ""
+        frac = f"{floor_ms / ms:.2f}" if floor_ms else ""
+        lines.append(f"| {name} | {shape} | {ms:.3f} | {rate} | {frac} | {note} |")
+    with open(args.out, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
