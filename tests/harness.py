@@ -6,6 +6,7 @@ processes, and parametrised tests then assert on the cached results.
 from __future__ import annotations
 
 import os
+import pickle
 import queue as queue_mod
 import socket
 import time
@@ -28,7 +29,9 @@ def _worker(rank, world_size, port, fn, args, queue):
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         out = fn(rank, world_size, *args)
-        queue.put((rank, "ok", out))
+        # Pickle by value: tensors put on a torch queue travel as shared memory owned by this process,
+        # which is gone by the time the parent reads them.
+        queue.put((rank, "ok", pickle.dumps(out)))
     except BaseException:  # report the traceback to the parent instead of hanging it
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -39,7 +42,8 @@ def _worker(rank, world_size, port, fn, args, queue):
 def run_distributed(fn, world_size: int, *args, timeout: float = 600.0) -> list:
     """fn(rank, world_size, *args) in ``world_size`` gloo processes -> list of results by rank.
 
-    ``fn`` must be a module-level function (it is pickled); its results must be picklable.
+    ``fn`` must be a module-level function (it is pickled); its results must be picklable (tensors are
+    fine: they are pickled by value).
     """
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
@@ -65,7 +69,7 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 600.0) -> list:
             if status == "error":
                 errors.append(f"rank {rank}:\n{out}")
             else:
-                results[rank] = out
+                results[rank] = pickle.loads(out)
     finally:
         for p in procs:
             p.join(timeout=5 if errors else timeout)

@@ -59,8 +59,7 @@ class LinearAttention(nn.Module):
             g = F.logsigmoid(self.g_proj(x)[0].float()) / self.normalizer
         elif self.variant == "gla":
             g = F.logsigmoid(self.g_proj(x)[0].float().view(B, T, self.h, self.d)) / self.normalizer
-        if g is not None:
-            g = g.to(q.dtype)
+        # g stays float32 under bf16 autocast: log decays summed over thousands of tokens need the precision
         o = sp_ops.linear_attention(q, k, v, g=g, g_gamma=g_gamma, method=self.sp.linear_method,
                                     group=self.sp.group, layout=self.sp.layout, backend=self.sp.linear_backend)
         o = self.out_norm(o.to(x.dtype))
