@@ -20,6 +20,7 @@ setup(
         "deepspeed": ["deepspeed"],
         "fla": ["fla-core"],
         "tensorboard": ["tensorboard"],
+        "tokenizers": ["tokenizers"],
     },
     entry_points={"console_scripts": ["longscan=longscan.cli:main"]},
 )
