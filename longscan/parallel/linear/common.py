@@ -188,6 +188,34 @@ def segment_inputs(sp: SPContext, q, k, v, g, do=None):
     return split(q, n), split(k, n), split(v, n), split(g, n), split(do, n)
 
 
+def local_pass(sp: SPContext, qs, ks, vs, gs, g_gamma, collective, overlap: bool = True):
+    """The zero-prefix local pass of every segment, and ``collective(S_loc, log_decay)`` on its states.
+
+    qs, ks, vs, gs are stacked segments (:func:`segment_inputs`); ``collective`` gets `[n_local, B, H, K, V]`
+    states and `[n_local, B, H, K]` log decays and returns a tuple of tensors (or None).
+    On CUDA with ``overlap``, a state-only pass comes first and the collective is issued on a side stream,
+    where it runs beside the output pass. Elsewhere (gloo blocks the host, so nothing would overlap) one
+    pass computes the output and the state together and the collective follows.
+    -> (o `[n_local·B, T/n_local, H, V]` from a zero prefix, the collective's result).
+    """
+    n = sp.n_local
+
+    def seg_view(x):
+        return x.view((n, -1) + tuple(x.shape[1:]))
+
+    if overlap and qs.device.type == "cuda":
+        S, logd = sp.impl.segment_state(ks, vs, gs, g_gamma)
+        with comm_stream(qs.device) as stream:
+            result = collective(seg_view(S), seg_view(logd))
+        o, _ = sp.impl.forward(qs, ks, vs, gs, g_gamma, sp.scale, None, False)
+        join_stream(stream, *[t for t in result if t is not None])
+        return o, result
+    o, S = sp.impl.forward(qs, ks, vs, gs, g_gamma, sp.scale, None, True)
+    B, T_seg, H, K = qs.shape
+    logd = log_decay(gs, g_gamma, T_seg, (B, H, K), S.dtype, qs.device)
+    return o, collective(seg_view(S), seg_view(logd))
+
+
 def local_backward(sp: SPContext, q, k, v, g, g_gamma, P, do, R):
     """The local backward once the SP scan has given every segment its entering state P and the
     gradient R of its leaving state: -> (dq, dk, dv, dgate, dh0) with dgate shaped like g (or g_gamma)

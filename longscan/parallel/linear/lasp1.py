@@ -9,22 +9,19 @@ from __future__ import annotations
 
 from longscan.distributed.all_scan import all_scan
 from longscan.parallel.linear.common import (SPLinearAttentionFunction, all_reduce_sum, broadcast_from,
-                                             local_backward, log_decay, make_context, merge, prefix_grads,
+                                             local_backward, local_pass, make_context, merge, prefix_grads,
                                              segment_inputs)
 
 
 def lasp1_forward(sp, q, k, v, g, g_gamma, initial_state, output_final_state):
     """-> (o `[B, T, H, V]`, final state `[B, H, K, V]` or None, P `[n_local, B, H, K, V]`)."""
-    n = sp.n_local
     qs, ks, vs, gs, _ = segment_inputs(sp, q, k, v, g)
-    o, S = sp.impl.forward(qs, ks, vs, gs, g_gamma, sp.scale, None, True)
-    B, _, H, K = qs.shape
-    logd = log_decay(gs, g_gamma, qs.shape[1], (B, H, K), S.dtype, q.device)
-    S, logd = S.view((n, -1) + tuple(S.shape[1:])), logd.view((n, -1) + tuple(logd.shape[1:]))
-    P, last = all_scan(S, logd, sp.group, sp.layout, 1, initial_state)     # serial ring, whole states
+    # serial ring of whole states (one block), after the local pass: nothing overlaps
+    o, (P, last) = local_pass(sp, qs, ks, vs, gs, g_gamma,
+                              lambda S, a: all_scan(S, a, sp.group, sp.layout, 1, initial_state), overlap=False)
     o = sp.impl.add_prefix(o, qs, gs, g_gamma, sp.scale, P.flatten(0, 1))
     final = broadcast_from(last, sp.last_owner, P[0], sp) if output_final_state else None
-    return merge(o, n), final, P
+    return merge(o, sp.n_local), final, P
 
 
 def lasp1_backward(sp, q, k, v, g, g_gamma, P, do, dfinal):

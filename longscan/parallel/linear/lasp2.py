@@ -1,8 +1,8 @@
 """LASP-2: linear attention over an SP group with one all-gather of fixed-size memory states.
 
-forward:  local state S_loc and log decay of each segment -> one asynchronous all-gather of both (one
-          buffer, size independent of T) while the zero-prefix local output pass runs -> every rank scans
-          the gathered states for its own prefixes (and the final state) -> o += prefix term.
+forward:  local state S_loc and log decay of each segment -> one all-gather of both (one buffer, size
+          independent of T), on a side stream beside the zero-prefix local output pass on CUDA -> every
+          rank scans the gathered states for its own prefixes (and the final state) -> o += prefix term.
 backward: gradient of each segment's entering state, with the final-state gradient, in one all-gather ->
           every rank scans them in reverse -> the local backward.
 """
@@ -12,9 +12,9 @@ import torch
 
 from longscan.distributed.all_scan import serial_scan
 from longscan.distributed.layouts import num_segments, segment_owner
-from longscan.distributed.state_allgather import all_gather_states, wait
-from longscan.parallel.linear.common import (SPLinearAttentionFunction, join_stream, local_backward,
-                                             make_context, merge, prefix_grads, segment_inputs)
+from longscan.distributed.state_allgather import all_gather_states
+from longscan.parallel.linear.common import (SPLinearAttentionFunction, local_backward, local_pass, make_context,
+                                             merge, prefix_grads, segment_inputs)
 
 
 def _global_order(gathered: torch.Tensor, sp) -> torch.Tensor:
@@ -33,20 +33,18 @@ def _mine(carries: torch.Tensor, sp) -> torch.Tensor:
 
 def lasp2_forward(sp, q, k, v, g, g_gamma, initial_state, output_final_state):
     """-> (o `[B, T, H, V]`, final state `[B, H, K, V]` or None, P `[n_local, B, H, K, V]`)."""
-    n = sp.n_local
     qs, ks, vs, gs, _ = segment_inputs(sp, q, k, v, g)
-    S, logd = sp.impl.segment_state(ks, vs, gs, g_gamma)
-    # One buffer `[n_local, B, H, K, V + 1]`: the state with its log decay as an extra column.
-    buf = torch.cat([S, logd.unsqueeze(-1)], dim=-1)
-    buf = buf.view((n, -1) + tuple(buf.shape[1:]))
-    gathered, work = all_gather_states(buf, sp.group, async_op=True)
-    o, _ = sp.impl.forward(qs, ks, vs, gs, g_gamma, sp.scale, None, False)   # overlaps the all-gather
-    wait(work)
-    gathered = _global_order(gathered, sp)
-    carries, final = serial_scan(gathered[..., :-1], gathered[..., -1], initial_state)
-    P = _mine(carries, sp)
+
+    def gather_and_scan(S, logd):
+        # One buffer `[n_local, B, H, K, V + 1]`: the state with its log decay as an extra column.
+        gathered = all_gather_states(torch.cat([S, logd.unsqueeze(-1)], dim=-1), sp.group)
+        gathered = _global_order(gathered, sp)
+        carries, final = serial_scan(gathered[..., :-1], gathered[..., -1], initial_state)
+        return _mine(carries, sp), final
+
+    o, (P, final) = local_pass(sp, qs, ks, vs, gs, g_gamma, gather_and_scan)
     o = sp.impl.add_prefix(o, qs, gs, g_gamma, sp.scale, P.flatten(0, 1))
-    return merge(o, n), (final if output_final_state else None), P
+    return merge(o, sp.n_local), (final if output_final_state else None), P
 
 
 def lasp2_backward(sp, q, k, v, g, g_gamma, P, do, dfinal):
@@ -57,7 +55,7 @@ def lasp2_backward(sp, q, k, v, g, g_gamma, P, do, dfinal):
     rows = torch.cat([dP, extra.unsqueeze(0)], dim=0)
     decays = torch.cat([logd, torch.zeros_like(logd[:1])], dim=0)
     buf = torch.cat([rows, decays.unsqueeze(-1)], dim=-1)
-    gathered, work = all_gather_states(buf, sp.group)
+    gathered = all_gather_states(buf, sp.group)
     per_rank = sp.n_local + 1
     dN = gathered[per_rank - 1::per_rank, ..., :-1].sum(0)
     segs = gathered.view((sp.world, per_rank) + tuple(gathered.shape[1:]))[:, :-1].flatten(0, 1)

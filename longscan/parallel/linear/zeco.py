@@ -2,32 +2,26 @@
 
 forward:  local state S_loc of each segment (state-only pass) -> All-Scan of (S_loc, decay) on a side
           stream, pipelined in K blocks, while the zero-prefix local output pass runs -> o += prefix term.
+          (Off CUDA nothing can overlap, so one local pass gives output and state, then the scan runs.)
 backward: gradient of each segment's entering state from its outputs -> reverse All-Scan -> the local
           backward with (entering state P, gradient R of the leaving state).
 """
 from __future__ import annotations
 
-import torch
-
 from longscan.distributed.all_scan import all_scan
 from longscan.parallel.linear.common import (SPLinearAttentionFunction, all_reduce_sum, broadcast_from,
-                                             comm_stream, join_stream, local_backward, make_context, merge,
-                                             prefix_grads, segment_inputs)
+                                             local_backward, local_pass, make_context, merge, prefix_grads,
+                                             segment_inputs)
 
 
 def zeco_forward(sp, q, k, v, g, g_gamma, initial_state, output_final_state):
     """-> (o `[B, T, H, V]`, final state `[B, H, K, V]` or None, P `[n_local, B, H, K, V]`)."""
-    n = sp.n_local
     qs, ks, vs, gs, _ = segment_inputs(sp, q, k, v, g)
-    S, logd = sp.impl.segment_state(ks, vs, gs, g_gamma)
-    S, logd = S.view((n, -1) + tuple(S.shape[1:])), logd.view((n, -1) + tuple(logd.shape[1:]))
-    with comm_stream(q.device) as stream:
-        P, last = all_scan(S, logd, sp.group, sp.layout, sp.n_blocks, initial_state)
-    o, _ = sp.impl.forward(qs, ks, vs, gs, g_gamma, sp.scale, None, False)   # overlaps the scan on GPU
-    join_stream(stream, P, last)
+    o, (P, last) = local_pass(sp, qs, ks, vs, gs, g_gamma,
+                              lambda S, a: all_scan(S, a, sp.group, sp.layout, sp.n_blocks, initial_state))
     o = sp.impl.add_prefix(o, qs, gs, g_gamma, sp.scale, P.flatten(0, 1))
     final = broadcast_from(last, sp.last_owner, P[0], sp) if output_final_state else None
-    return merge(o, n), final, P
+    return merge(o, sp.n_local), final, P
 
 
 def zeco_backward(sp, q, k, v, g, g_gamma, P, do, dfinal):
