@@ -13,60 +13,26 @@ A table goes to stdout (rank 0) and every row to --json.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import statistics
-import time
 
 import torch
 import torch.distributed as dist
 
+from bench_common import DTYPES, add_common_args, max_over_ranks, rel_err, report, setup, time_step
 from longscan.distributed.layouts import shard
-from longscan.distributed.stats import STATS
 from longscan.kernels.softmax_attention import attention
 from longscan.parallel.softmax import softmax_attention
 from longscan.parallel.softmax import ulysses as ulysses_mod
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--methods", nargs="+", default=["ring", "allgather", "ulysses"])
-    p.add_argument("--lengths", nargs="+", type=int, default=None, help="local lengths (tokens per rank)")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--heads", type=int, default=None)
+    add_common_args(p, ["ring", "allgather", "ulysses"], "zigzag", "sp_softmax.json")
     p.add_argument("--kv-heads", type=int, default=None, help="GQA kv heads (default: --heads)")
-    p.add_argument("--head-dim", type=int, default=None)
-    p.add_argument("--layout", choices=["contiguous", "zigzag"], default="zigzag")
     p.add_argument("--no-causal", dest="causal", action="store_false")
     p.add_argument("--chunk-heads", type=int, default=None, help="kv heads per all-gather (allgather)")
-    p.add_argument("--dtype", choices=list(DTYPES), default=None)
-    p.add_argument("--backend", default="auto")
-    p.add_argument("--iters", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--check", action="store_true",
                    help="also report each method's max relative error (o, dq, dk, dv, worst rank) against the "
                         "whole sequence on one rank")
-    p.add_argument("--json", default="sp_softmax.json")
     return p.parse_args(argv)
-
-
-def setup():
-    """Initialise torch.distributed from torchrun's variables (a single process without them)."""
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29532")
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group("nccl" if cuda else "gloo")
-    return torch.device("cuda") if cuda else torch.device("cpu")
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    dist.barrier()
 
 
 def make_inputs(args, T, device, dtype, seed=0):
@@ -98,47 +64,23 @@ def check_error(fn, q, k, v, do, qg, kg, vg, dog, args):
     return max(errs)
 
 
-def rel_err(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
-def time_step(fn, do, device, args):
-    """Median seconds of forward+backward, and per step: mean seconds, comm wait, bytes sent/received,
-    seconds inside Ulysses' local attention."""
-    for _ in range(args.warmup):
-        fn().backward(do)
-    times = []
-    STATS.reset()
+def time_with_local(fn, do, device, args):
+    """``bench_common.time_step`` plus the seconds per step inside Ulysses' local attention."""
     ulysses_mod.LOCAL_TIME["s"] = 0.0
-    for _ in range(args.iters):
-        sync(device)
-        t0 = time.perf_counter()
-        fn().backward(do)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    n = args.iters
-    return (statistics.median(times), sum(times) / n, STATS.wait_s / n, STATS.bytes_sent // n,
-            STATS.bytes_recv // n, ulysses_mod.LOCAL_TIME["s"] / n)
-
-
-def max_over_ranks(values, device):
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.tolist()
+    res = time_step(fn, do, device, args)
+    return res + (ulysses_mod.LOCAL_TIME["s"] / args.iters,)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    device = setup()
+    device = setup(29532)
     cuda = device.type == "cuda"
     args.heads = args.heads or (32 if cuda else 4)
     args.kv_heads = args.kv_heads or args.heads
     args.head_dim = args.head_dim or (128 if cuda else 32)
     args.lengths = args.lengths or ([8192, 32768] if cuda else [256, 512])
     dtype = DTYPES[args.dtype or ("bfloat16" if cuda else "float32")]
-    rank, world = dist.get_rank(), dist.get_world_size()
+    world = dist.get_world_size()
     rows = []
     for T in args.lengths:
         # The same work on one rank: the whole sequence, every rank at once (so they contend for the
@@ -154,7 +96,7 @@ def main(argv=None):
             kw = dict(chunk_heads=args.chunk_heads) if method == "allgather" else {}
             fn = lambda: softmax_attention(q, k, v, causal=args.causal, method=method, layout=args.layout,  # noqa: E731
                                            backend=args.backend, **kw)
-            med, mean, wait, sent, recv, local_s = max_over_ranks(time_step(fn, do, device, args), device)
+            med, mean, wait, sent, recv, local_s = max_over_ranks(time_with_local(fn, do, device, args), device)
             if method == "ulysses":      # blocking all-to-alls inside DeepSpeed: everything but local attention
                 wait = max(mean - local_s, 0.0)
             row = dict(method=method, T_local=T, ms=med * 1e3, wait_ms=wait * 1e3, sent=int(sent),
@@ -168,18 +110,9 @@ def main(argv=None):
                 causal=args.causal, layout=args.layout, backend=args.backend, chunk_heads=args.chunk_heads,
                 iters=args.iters, torch=torch.__version__,
                 local_kernel="single-rank kernel on the whole W·T sequence, divided by W (ideal split)")
-    if rank == 0:
-        print(f"# sp_softmax  W={world}  {meta['device']}  {meta['dtype']}  B={args.batch} H={args.heads} "
-              f"Hkv={args.kv_heads} D={args.head_dim}  causal={args.causal}  layout={args.layout}")
-        print(f"{'method':<13}{'T_local':>9}{'fwd+bwd ms':>12}{'x local':>9}{'wait ms':>10}"
-              f"{'sent/rank':>12}{'recv/rank':>12}" + (f"{'rel err':>10}" if args.check else ""))
-        for r in rows:
-            err = (f"{r['rel_err']:>10.1e}" if "rel_err" in r else f"{'':>10}") if args.check else ""
-            print(f"{r['method']:<13}{r['T_local']:>9}{r['ms']:>12.2f}{r['ratio_to_local']:>9.2f}"
-                  f"{r['wait_ms']:>10.2f}{r['sent'] / 2**10:>10.1f}KB{r['recv'] / 2**10:>10.1f}KB" + err)
-        with open(args.json, "w") as f:
-            json.dump(dict(meta=meta, rows=rows), f, indent=1)
-    dist.barrier()   # no rank tears the group down while rank 0 is still writing
+    report(f"# sp_softmax  W={world}  {meta['device']}  {meta['dtype']}  B={args.batch} H={args.heads} "
+           f"Hkv={args.kv_heads} D={args.head_dim}  causal={args.causal}  layout={args.layout}", rows, meta,
+           args.json)
     dist.destroy_process_group()
 
 

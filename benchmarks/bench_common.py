@@ -1,0 +1,95 @@
+"""What the SP benchmarks share: arguments, process-group setup, timing, the table printout.
+
+Scripts in this folder import it by name (`python benchmarks/x.py` and torchrun put the folder on the path).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+
+from longscan.distributed.stats import STATS
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def add_common_args(p: argparse.ArgumentParser, methods: list[str], layout: str, json_name: str) -> None:
+    p.add_argument("--methods", nargs="+", default=methods)
+    p.add_argument("--lengths", nargs="+", type=int, default=None, help="local lengths (tokens per rank)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=None)
+    p.add_argument("--head-dim", type=int, default=None)
+    p.add_argument("--layout", choices=["contiguous", "zigzag"], default=layout)
+    p.add_argument("--dtype", choices=list(DTYPES), default=None)
+    p.add_argument("--backend", default="auto")
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--json", default=json_name)
+
+
+def setup(port: int) -> torch.device:
+    """Initialise torch.distributed from torchrun's variables (a single process without them)."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return torch.device("cuda") if cuda else torch.device("cpu")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    dist.barrier()
+
+
+def time_step(fn, do, device, args) -> tuple:
+    """Time ``fn().backward(do)``: (median s, mean s, comm wait s, bytes sent, bytes received), the last
+    three per step from ``longscan.distributed.stats``."""
+    for _ in range(args.warmup):
+        fn().backward(do)
+    times = []
+    STATS.reset()
+    for _ in range(args.iters):
+        sync(device)
+        t0 = time.perf_counter()
+        fn().backward(do)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    n = args.iters
+    return statistics.median(times), sum(times) / n, STATS.wait_s / n, STATS.bytes_sent // n, STATS.bytes_recv // n
+
+
+def max_over_ranks(values, device) -> list:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def report(title: str, rows: list[dict], meta: dict, path: str) -> None:
+    """On rank 0: the table on stdout, meta and rows as JSON to ``path``; then every rank waits, so none
+    tears the group down while rank 0 is still writing."""
+    if dist.get_rank() == 0:
+        check = any("rel_err" in r for r in rows)
+        print(title)
+        print(f"{'method':<13}{'T_local':>9}{'fwd+bwd ms':>12}{'x local':>9}{'wait ms':>10}"
+              f"{'sent/rank':>12}{'recv/rank':>12}" + (f"{'rel err':>10}" if check else ""))
+        for r in rows:
+            err = (f"{r['rel_err']:>10.1e}" if "rel_err" in r else f"{'':>10}") if check else ""
+            print(f"{r['method']:<13}{r['T_local']:>9}{r['ms']:>12.2f}{r['ratio_to_local']:>9.2f}"
+                  f"{r['wait_ms']:>10.2f}{r['sent'] / 2**10:>10.1f}KB{r['recv'] / 2**10:>10.1f}KB" + err)
+        with open(path, "w") as f:
+            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    dist.barrier()
