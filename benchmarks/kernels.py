@@ -65,7 +65,7 @@ def lin_inputs(B, T, H, D, kind, grad=False):
     return q, k, v, g, gg
 
 
-def linear(bw, tflops):
+def linear(bw, tflops, shapes=((16, 4096), (1, 65536))):
     H, D = 16, 128
     try:
         from fla.ops.gla import chunk_gla
@@ -73,7 +73,7 @@ def linear(bw, tflops):
     except ImportError as e:
         print("fla not importable:", e)
         chunk_gla = chunk_simple_gla = None
-    for B, T in ((16, 4096), (1, 65536)):
+    for B, T in shapes:
         tok = B * T * H * D * 2                         # bytes of one [B,T,H,D] bf16 tensor
         floor_f = 4 * tok / bw / 1e9                    # read q,k,v write o
         floor_fb = 11 * tok / bw / 1e9                  # + read q,k,v,do, write dq,dk,dv
@@ -200,6 +200,8 @@ def main():
     bw, tflops = anchors()
     if "linear" in parts:
         linear(bw, tflops)
+    elif "linear_long" in parts:
+        linear(bw, tflops, shapes=((1, 65536),))
     if "sp" in parts:
         sp_overhead(bw)
     if "flash" in parts:
