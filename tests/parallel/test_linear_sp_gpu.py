@@ -32,6 +32,9 @@ def nccl_group():
 def test_sp_on_gpu(nccl_group, method, layout, decay, dtype, tol):
     x = make_inputs(decay, 2, 300, 4, 64, 64, torch.float64, seed=5)
     x["q"] = x["q"] * 0.5
+    # The reference sees exactly the values the GPU gets (q, k, v in `dtype`, gates and states in float32),
+    # so the tolerance measures the kernels, not the rounding of the inputs.
+    x = {n: (t.to(dtype if n in ("q", "k", "v") else torch.float32).double() if t is not None else None) for n, t in x.items()}
     leaves = {n: (t.clone().requires_grad_() if t is not None else None) for n, t in x.items()}
     o_ref, s_ref = naive_recurrent_linear_attention(leaves["q"], leaves["k"], leaves["v"], leaves["g"],
                                                     leaves["g_gamma"], None, leaves["initial_state"], True)
