@@ -1,10 +1,13 @@
 """Single-device linear attention: every backend against the float64 recurrent reference."""
+import types
+
 import pytest
 import torch
 
 from harness import rel_err
 from linear_cases import DECAYS, make_inputs
-from longscan.kernels.linear_attention import chunk_linear_attention, get_backend, naive_recurrent_linear_attention
+from longscan.kernels.linear_attention import (check_backend_supports, chunk_linear_attention, get_backend,
+                                               naive_recurrent_linear_attention)
 from longscan.kernels.linear_attention import torch_chunk
 
 GRAD_NAMES = ("q", "k", "v", "g", "g_gamma", "initial_state")
@@ -93,3 +96,11 @@ def test_chunk_padding_leaves_state_exact():
     _, s_ref, _ = reference(x)
     _, s = torch_chunk.forward(x["q"], x["k"], x["v"], x["g"], None, None, x["initial_state"], True)
     assert rel_err(s, s_ref) <= 1e-12
+
+
+def test_backend_without_g_gamma_grad_refuses_a_learnable_g_gamma():
+    x = make_inputs("g_gamma", 1, 8, 2, 4, 4, torch.float32, seed=0)
+    impl = types.SimpleNamespace(__name__="x.fake_backend", SUPPORTS_G_GAMMA_GRAD=False)
+    with pytest.raises(ValueError, match="g_gamma requires grad.*fake_backend"):
+        check_backend_supports(impl, x["g_gamma"].requires_grad_())
+    check_backend_supports(impl, x["g_gamma"].detach())     # a fixed g_gamma is fine

@@ -61,6 +61,13 @@ def get_backend(name: str, device: torch.device):
         raise ValueError(f"backend={name!r} is not available here: {e}") from e
 
 
+def check_backend_supports(impl, g_gamma) -> None:
+    """Refuse what a backend would compute wrongly rather than return it."""
+    if g_gamma is not None and g_gamma.requires_grad and not getattr(impl, "SUPPORTS_G_GAMMA_GRAD", True):
+        raise ValueError(f"g_gamma requires grad, but backend {impl.__name__.rsplit('.', 1)[-1]!r} does not give "
+                         "an accurate g_gamma gradient; keep g_gamma fixed (detach it) or use backend='torch'")
+
+
 def check_inputs(q, k, v, g=None, g_gamma=None, initial_state=None) -> None:
     """Raise ValueError/TypeError naming the parameter when shapes, dtypes or devices disagree."""
     for name, x in (("q", q), ("k", k), ("v", v)):
@@ -128,8 +135,10 @@ def chunk_linear_attention(q, k, v, g=None, g_gamma=None, scale=None, initial_st
     check_inputs(q, k, v, g, g_gamma, initial_state)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     impl = get_backend(backend, q.device)
+    check_backend_supports(impl, g_gamma)
     return _ChunkLinearAttention.apply(q, k, v, g, g_gamma, initial_state, scale, output_final_state, impl)
 
 
 __all__ = ["chunk_linear_attention", "naive_recurrent_linear_attention", "get_backend", "check_inputs",
+           "check_backend_supports",
            "BACKENDS"]

@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from longscan.distributed.layouts import group_rank_size, num_segments, segment_owner
 from longscan.distributed.stats import count, nbytes, waiting
-from longscan.kernels.linear_attention import check_inputs, get_backend
+from longscan.kernels.linear_attention import check_backend_supports, check_inputs, get_backend
 
 METHODS = ("zeco", "lasp2", "lasp1")
 
@@ -149,6 +149,7 @@ def make_context(q, k, v, g, g_gamma, scale, initial_state, method, group, layou
     if T == 0:
         raise ValueError("q.shape[1] (the local length) must be positive")
     impl = get_backend(backend, q.device)
+    check_backend_supports(impl, g_gamma)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     sp = SPContext(group, layout, rank, world, n_local, scale, impl, n_blocks)
     check_same_local_length(T, sp, q.device)
