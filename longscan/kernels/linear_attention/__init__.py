@@ -16,6 +16,7 @@ import types
 
 import torch
 
+from longscan.kernels.checks import check_4d_float, check_like_q
 from longscan.kernels.linear_attention import naive, torch_chunk
 from longscan.kernels.linear_attention.naive import naive_recurrent_linear_attention
 
@@ -70,22 +71,12 @@ def check_backend_supports(impl, g_gamma) -> None:
 
 def check_inputs(q, k, v, g=None, g_gamma=None, initial_state=None) -> None:
     """Raise ValueError/TypeError naming the parameter when shapes, dtypes or devices disagree."""
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 4:
-            raise ValueError(f"{name} must be 4-D [B, T, H, {'V' if name == 'v' else 'K'}], got shape {tuple(x.shape)}")
-        if not x.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    check_4d_float(dict(q=q, k=k, v=v), dict(q="[B, T, H, K]", k="[B, T, H, K]", v="[B, T, H, V]"))
     if k.shape != q.shape:
         raise ValueError(f"k must have the shape of q {tuple(q.shape)}, got {tuple(k.shape)}")
     if v.shape[:3] != q.shape[:3]:
         raise ValueError(f"v must be [B, T, H, V] with B, T, H of q {tuple(q.shape[:3])}, got {tuple(v.shape)}")
-    for name, x in (("k", k), ("v", v)):
-        if x.dtype != q.dtype:
-            raise TypeError(f"{name}.dtype must equal q.dtype ({q.dtype}), got {x.dtype}")
-        if x.device != q.device:
-            raise ValueError(f"{name} must be on q's device ({q.device}), got {x.device}")
+    check_like_q(q, dict(k=k, v=v))
     B, T, H, K = q.shape
     V = v.shape[-1]
     if g is not None and g_gamma is not None:

@@ -22,6 +22,8 @@ import importlib
 
 import torch
 
+from longscan.kernels.checks import check_4d_float, check_like_q
+
 from longscan.kernels.softmax_attention import naive, sdpa
 from longscan.kernels.softmax_attention.naive import naive_attention, naive_backward
 from longscan.kernels.softmax_attention.sdpa import compute_dtype
@@ -134,18 +136,8 @@ def merge_into(out, lse, block_out, block_lse, rows=slice(None)):
 
 def check_qkv(q, k, v) -> None:
     """Raise TypeError/ValueError naming the parameter when q, k, v do not fit together."""
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
-        if x.dim() != 4:
-            raise ValueError(f"{name} must be 4-D [B, T, H, D], got shape {tuple(x.shape)}")
-    for name, x in (("k", k), ("v", v)):
-        if x.dtype != q.dtype:
-            raise TypeError(f"{name}.dtype must equal q.dtype ({q.dtype}), got {x.dtype}")
-        if x.device != q.device:
-            raise ValueError(f"{name} must be on q's device {q.device}, got {x.device}")
+    check_4d_float(dict(q=q, k=k, v=v), dict(q="[B, T, Hq, D]", k="[B, T, Hkv, D]", v="[B, T, Hkv, D]"))
+    check_like_q(q, dict(k=k, v=v))
     if k.shape[:2] != q.shape[:2] or v.shape[:3] != k.shape[:3]:
         raise ValueError(f"k and v must be [B, T, Hkv, D] with B, T of q {tuple(q.shape[:2])} and equal heads, "
                          f"got k {tuple(k.shape)}, v {tuple(v.shape)}")
