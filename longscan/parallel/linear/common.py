@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from longscan.distributed.layouts import group_rank_size, num_segments, segment_owner
+from longscan.distributed.layouts import check_layout, group_rank_size, num_segments, segment_owner
 from longscan.distributed.stats import count, nbytes, waiting
 from longscan.kernels.linear_attention import check_backend_supports, check_inputs, get_backend
 
@@ -134,7 +134,6 @@ def check_same_local_length(T: int, sp: SPContext, device) -> None:
 def make_context(q, k, v, g, g_gamma, scale, initial_state, method, group, layout, backend,
                  n_blocks) -> SPContext:
     """Validate everything and build the SPContext (ValueError/TypeError naming the parameter)."""
-    from longscan.distributed.layouts import check_layout
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     check_layout(layout)

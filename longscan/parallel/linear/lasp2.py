@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from longscan.distributed.all_scan import serial_scan
-from longscan.distributed.layouts import num_segments, segment_owner
+from longscan.distributed.layouts import num_segments, segment_ids, segment_owner
 from longscan.distributed.state_allgather import all_gather_states
 from longscan.parallel.linear.common import (SPLinearAttentionFunction, local_backward, local_pass, make_context,
                                              merge, prefix_grads, segment_inputs)
@@ -27,7 +27,6 @@ def _global_order(gathered: torch.Tensor, sp) -> torch.Tensor:
 
 def _mine(carries: torch.Tensor, sp) -> torch.Tensor:
     """The entries of ``carries`` `[n, ...]` (global order) for this rank's segments, in local order."""
-    from longscan.distributed.layouts import segment_ids
     return carries[segment_ids(sp.rank, sp.world, sp.layout)]
 
 
