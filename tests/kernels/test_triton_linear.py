@@ -89,6 +89,14 @@ def test_forward_backward_interpreter(small_chunks, monkeypatch, decay, T, with_
 
 
 @pytest.mark.parametrize("decay", DECAYS)
+def test_several_tiles_per_head(small_chunks, monkeypatch, decay):
+    """Tiles of 16 keys / values, so every kernel splits K=V=32 over two programs (the GPU's tiling)."""
+    monkeypatch.setattr(tc, "SEGMENTS", 2)
+    monkeypatch.setattr(tc, "CONFIG", {n: dict(block=16, num_warps=4, num_stages=2) for n in tc.CONFIG})
+    check_forward_backward(decay, 1, 45, 2, 32, 32, torch.float32, 1e-4, True, with_dht=True, seed=21)
+
+
+@pytest.mark.parametrize("decay", DECAYS)
 def test_without_dht_and_single_token(small_chunks, decay):
     check_forward_backward(decay, 1, 1, 2, 16, 16, torch.float32, 1e-4, True, with_dht=False, seed=3)
     check_forward_backward(decay, 1, 21, 1, 32, 16, torch.float32, 1e-4, False, with_dht=False, seed=4)
@@ -117,6 +125,40 @@ def test_sp_pieces_match_torch(small_chunks, monkeypatch, decay, segments):
     assert rel_err(pg.cpu(), torch_chunk.prefix_grad(x["q"], x["g"], x["g_gamma"], 0.3, do)) <= 1e-4
 
 
+@pytest.mark.parametrize("decay", DECAYS[1:])
+def test_backward_without_gate_gradient(small_chunks, decay):
+    """need_dg=False: dg is None and every other gradient is unchanged."""
+    x = _to(make_inputs(decay, 1, 37, 2, 16, 16, torch.float64, seed=8), DEV, torch.float32)
+    gen = torch.Generator().manual_seed(9)
+    do = torch.randn(1, 37, 2, 16, generator=gen).to(DEV)
+    args = (x["q"], x["k"], x["v"], x["g"], x["g_gamma"], None, x["initial_state"], do, None)
+    full = tc.backward(*args)
+    part = tc.backward(*args, need_dg=False)
+    assert full[3] is not None and part[3] is None
+    for a, b in zip(full[:3] + full[4:], part[:3] + part[4:]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("decay", DECAYS)
+def test_backward_reuses_forward_segment_states(small_chunks, monkeypatch, decay):
+    """forward(return_saved=True) hands the backward its segment prefixes: the same gradients as a
+    backward that recomputes them, and through autograd the float64 reference's."""
+    monkeypatch.setattr(tc, "SEGMENTS", 3)
+    x = _to(make_inputs(decay, 1, 70, 2, 16, 16, torch.float64, seed=13), DEV, torch.float32)
+    gen = torch.Generator().manual_seed(14)
+    do = torch.randn(1, 70, 2, 16, generator=gen).to(DEV)
+    args = (x["q"], x["k"], x["v"], x["g"], x["g_gamma"], None, x["initial_state"])
+    o, _, saved = tc.forward(*args, False, return_saved=True)
+    assert saved is not None and saved.states.shape[2] == 3
+    with_saved = tc.backward(*args, do, None, saved=saved)
+    recomputed = tc.backward(*args, do, None)
+    for a, b in zip(with_saved, recomputed):
+        assert (a is None and b is None) or rel_err(a.cpu(), b.cpu()) <= 1e-6
+    # and the backward really reads them: other prefixes give another dq
+    other = tc.SegmentPrefixes(saved.seg, saved.states + 1.0)
+    assert rel_err(tc.backward(*args, do, None, saved=other)[0].cpu(), recomputed[0].cpu()) > 1e-3
+
+
 def test_sp_decomposition_equals_whole(small_chunks):
     """Two segments through the SP pieces give the whole-sequence forward (the identity SP relies on)."""
     B, T, H, K, V = 1, 50, 2, 16, 16
@@ -132,8 +174,11 @@ def test_sp_decomposition_equals_whole(small_chunks):
     assert rel_err(torch.cat([o1, o2], 1).cpu(), o_all.cpu()) <= 1e-5
 
 
-def test_public_op_autograd(small_chunks):
-    """chunk_linear_attention(backend="triton") with autograd against the torch backend."""
+@pytest.mark.parametrize("segments", [None, 3])
+def test_public_op_autograd(small_chunks, monkeypatch, segments):
+    """chunk_linear_attention(backend="triton") with autograd against the torch backend (with 3 segments
+    the backward reuses the forward's segment states)."""
+    monkeypatch.setattr(tc, "SEGMENTS", segments)
     x = make_inputs("g_per_key", 1, 40, 2, 16, 16, torch.float32, seed=9)
     outs = {}
     for backend in ("triton", "torch"):

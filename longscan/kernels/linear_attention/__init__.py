@@ -2,7 +2,10 @@
 
 Every backend module provides:
   forward(q, k, v, g, g_gamma, scale, initial_state, output_final_state) -> (o, final_state | None)
-  backward(q, k, v, g, g_gamma, scale, initial_state, do, dht) -> (dq, dk, dv, dg, dh0)
+  backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True) -> (dq, dk, dv, dg, dh0)
+      (need_dg=False: the gate needs no gradient; dg is None and its cost is skipped)
+  optionally, with REUSES_FORWARD_STATES = True: forward(..., return_saved=True) -> (o, final, saved) and
+      backward(..., saved=saved) (saved may be None), so the backward can skip recomputing states
   segment_state(k, v, g, g_gamma) -> (S_loc [B,H,K,V] f32, log_decay [B,H,K] f32)
   add_prefix(o, q, g, g_gamma, scale, P) -> o + scale·(q⊙exp(A))ᵀP
   prefix_grad(q, g, g_gamma, scale, do) -> scale·Σ_t (q_t⊙exp(A_t)) do_tᵀ   [B,H,K,V] f32
@@ -36,8 +39,9 @@ def _naive_backend() -> types.SimpleNamespace:
         o, S = _naive_forward(q, k, v, g, g_gamma, scale, initial_state)
         return o, (S.to(torch_chunk.compute_dtype(q)) if output_final_state else None)
 
-    def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht):
-        return torch_chunk.autograd_backward(_naive_forward, q, k, v, g, g_gamma, scale, initial_state, do, dht)
+    def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True):
+        return torch_chunk.autograd_backward(_naive_forward, q, k, v, g, g_gamma, scale, initial_state, do, dht,
+                                             need_dg)
 
     return types.SimpleNamespace(forward=forward, backward=backward, segment_state=torch_chunk.segment_state,
                                  add_prefix=torch_chunk.add_prefix, prefix_grad=torch_chunk.prefix_grad)
@@ -101,7 +105,12 @@ def check_inputs(q, k, v, g=None, g_gamma=None, initial_state=None) -> None:
 class _ChunkLinearAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, g_gamma, initial_state, scale, output_final_state, impl):
-        o, ht = impl.forward(q, k, v, g, g_gamma, scale, initial_state, output_final_state)
+        ctx.reuse = None   # what a backend's forward hands its backward (the Triton segment prefixes)
+        if getattr(impl, "REUSES_FORWARD_STATES", False):
+            o, ht, ctx.reuse = impl.forward(q, k, v, g, g_gamma, scale, initial_state, output_final_state,
+                                            return_saved=True)
+        else:
+            o, ht = impl.forward(q, k, v, g, g_gamma, scale, initial_state, output_final_state)
         ctx.save_for_backward(q, k, v, g, g_gamma, initial_state)
         ctx.scale, ctx.impl = scale, impl
         return o, ht
@@ -109,7 +118,10 @@ class _ChunkLinearAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dht):
         q, k, v, g, g_gamma, h0 = ctx.saved_tensors
-        dq, dk, dv, dgate, dh0 = ctx.impl.backward(q, k, v, g, g_gamma, ctx.scale, h0, do, dht)
+        need_dg = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
+        extra = {"saved": ctx.reuse} if ctx.reuse is not None else {}
+        dq, dk, dv, dgate, dh0 = ctx.impl.backward(q, k, v, g, g_gamma, ctx.scale, h0, do, dht, need_dg, **extra)
+        ctx.reuse = None
         dg = dgate if g is not None else None
         dgg = dgate if g_gamma is not None else None
         return dq, dk, dv, dg, dgg, (dh0.to(h0.dtype) if h0 is not None else None), None, None, None

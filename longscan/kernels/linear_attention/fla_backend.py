@@ -35,7 +35,7 @@ def forward(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None, outpu
     return o, (ht.float() if output_final_state else None)
 
 
-def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht):
+def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True):
     """-> (dq, dk, dv, dg, dh0); dh0 float32 `[B, H, K, V]` also without initial_state."""
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -45,10 +45,10 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht):
     leaves = [x.detach().requires_grad_() for x in (q, k, v)]
     gate = None
     if g is not None:
-        gate = g.detach().requires_grad_()
+        gate = g.detach().requires_grad_(need_dg)
         gl = gate
     elif g_gamma is not None:
-        gate = g_gamma.detach().requires_grad_()
+        gate = g_gamma.detach().requires_grad_(need_dg)
         gl = gate.float().view(1, 1, H).expand(B, T, H).contiguous()
     else:
         gl = None
@@ -58,11 +58,11 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht):
         if dht is not None:
             outs.append(ht)
             grads.append(dht.to(ht.dtype))
-        inputs = leaves + [h0] + ([gate] if gate is not None else [])
+        inputs = leaves + [h0] + ([gate] if gate is not None and need_dg else [])
         res = torch.autograd.grad(outs, inputs, grads, allow_unused=True)
     dq, dk, dv, dh0 = (torch.zeros_like(x) if r is None else r for r, x in zip(res[:4], leaves + [h0]))
     dg = None
-    if gate is not None:
+    if gate is not None and need_dg:
         dg = (res[4] if res[4] is not None else torch.zeros_like(gate)).to(gate.dtype)
     return dq, dk, dv, dg, dh0.float()
 

@@ -90,10 +90,11 @@ def forward(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None, outpu
     return o.to(q.dtype), (S if output_final_state else None)
 
 
-def autograd_backward(fwd, q, k, v, g, g_gamma, scale, initial_state, do, dht):
+def autograd_backward(fwd, q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True):
     """Gradients of any forward ``fwd(q, k, v, g, g_gamma, scale, h0) -> (o, S)`` by autograd.
 
-    -> (dq, dk, dv, dg, dh0). dg has the shape of g (or of g_gamma; None without decay); dh0 is
+    -> (dq, dk, dv, dg, dh0). dg has the shape of g (or of g_gamma; None without decay or when not
+    need_dg, which also spares its computation); dh0 is
     `[B, H, K, V]` in the compute dtype even when initial_state is None (the gradient of a zero state).
     """
     B, T, H, K = q.shape
@@ -103,7 +104,7 @@ def autograd_backward(fwd, q, k, v, g, g_gamma, scale, initial_state, do, dht):
     gate = g_gamma if g_gamma is not None else g
     h0 = initial_state.to(dt) if initial_state is not None else q.new_zeros(B, H, K, V, dtype=dt)
     leaves = [x.detach().requires_grad_(True) for x in (q, k, v, h0)]
-    gate_leaf = gate.detach().requires_grad_(True) if gate is not None else None
+    gate_leaf = gate.detach().requires_grad_(need_dg) if gate is not None else None
     with torch.enable_grad():
         o, S = fwd(*leaves[:3], gate_leaf if g_gamma is None else None,
                    gate_leaf if g_gamma is not None else None, scale, leaves[3])
@@ -111,18 +112,18 @@ def autograd_backward(fwd, q, k, v, g, g_gamma, scale, initial_state, do, dht):
         if dht is not None:
             outs.append(S)
             grads.append(dht.to(S.dtype))
-        inputs = leaves + ([gate_leaf] if gate_leaf is not None else [])
+        inputs = leaves + ([gate_leaf] if gate_leaf is not None and need_dg else [])
         res = torch.autograd.grad(outs, inputs, grads, allow_unused=True)
     dq, dk, dv, dh0 = (torch.zeros_like(x) if r is None else r for r, x in zip(res[:4], leaves))
     dg = None
-    if gate_leaf is not None:
+    if gate_leaf is not None and need_dg:
         dg = (res[4] if res[4] is not None else torch.zeros_like(gate_leaf)).to(gate.dtype)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg, dh0
 
 
-def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht):
+def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True):
     """-> (dq, dk, dv, dg, dh0), see :func:`autograd_backward`."""
-    return autograd_backward(_forward, q, k, v, g, g_gamma, scale, initial_state, do, dht)
+    return autograd_backward(_forward, q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg)
 
 
 def segment_state(k, v, g=None, g_gamma=None):

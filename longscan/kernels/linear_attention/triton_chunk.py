@@ -24,6 +24,7 @@ Shapes: q, k `[B, T, H, K]`, v `[B, T, H, V]`; states `[B, H, K, V]` float32. K,
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -33,12 +34,25 @@ import triton.language as tl
 CHUNK = 64          # chunk for no / scalar decay
 CHUNK_PER_KEY = 32  # per-key gates: exp(-b) over a chunk must stay finite (see module docstring)
 SEGMENTS = None     # force the number of sequence segments (tests); None picks from the SM count
+SPLIT_BELOW = 2      # sequences are cut into segments only when there are fewer programs per SM than this
+PROGRAMS_PER_SM = 8  # ... and then until there are this many programs per SM
+MIN_SEGMENT_CHUNKS = 8  # ... but no segment shorter than this many chunks
+# Launch settings per kernel: tile (values for fwd/state/dv, keys for dq/dk), warps, pipeline stages.
+# benchmarks/tune_linear.py sweeps them on a GPU. (num_stages=1 miscompiled the dv kernel at tile 32 on
+# an H100 with Triton 3.6 — wrong dv — so the sweep and these settings keep num_stages ≥ 2.)
+CONFIG = {"fwd": dict(block=64, num_warps=4, num_stages=2),
+          "state": dict(block=128, num_warps=4, num_stages=3),
+          "dq": dict(block=64, num_warps=4, num_stages=2),
+          "dk": dict(block=128, num_warps=8, num_stages=3),
+          "dv": dict(block=64, num_warps=4, num_stages=3)}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _DIMS = (16, 32, 64, 128)
-# The gradient of g_gamma is a token-weighted sum of nearly cancelling terms; on the GPU it misses the bf16
-# tolerance (measured on an H100), so the dispatch refuses a g_gamma that requires grad here (models keep
-# g_gamma a fixed buffer; a learnable one needs backend="torch").
+# The gradient of g_gamma is a token-weighted sum over the whole sequence of nearly cancelling terms: in bf16
+# it missed the 1e-2 tolerance on an H100 (2.2e-2 at head dim 64) even with float32 state products, so the
+# dispatch refuses a g_gamma that requires grad here (the models keep g_gamma a fixed buffer).
 SUPPORTS_G_GAMMA_GRAD = False
+REUSES_FORWARD_STATES = True  # forward(return_saved=True) hands the backward its segment prefixes
+GATE_GRAD_F32_STATE = True  # state products of the gate-gradient backward in tf32 (bf16 states miss 1e-2)
 
 
 def _interpreting() -> bool:
@@ -50,15 +64,14 @@ def _interpreting() -> bool:
 # --------------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _gate_chunk(g, gamma, b, h, t, m, T, H, K: tl.constexpr, GATE: tl.constexpr):
-    """Per-token log gates of one chunk as `[C]` (scalar kinds) or `[C, K]` (per-key); 0 past the end.
-    (Scalar kinds stay 1-D: size-1 dimensions broke Triton 3.6's LLVM lowering on Hopper.)"""
+def _gate_chunk(g, gamma, b, h, t, m, T, H, rk, K: tl.constexpr, GATE: tl.constexpr):
+    """Per-token log gates of one chunk as `[C]` (scalar kinds) or `[C, len(rk)]` (per-key, the keys rk);
+    0 past the end. (Scalar kinds stay 1-D: size-1 dimensions broke Triton 3.6's LLVM lowering on Hopper.)"""
     if GATE == 1:
         gc = tl.where(m, gamma, 0.0)
     elif GATE == 2:
         gc = tl.load(g + (b * T + t).to(tl.int64) * H + h, mask=m, other=0.0).to(tl.float32)
     else:
-        rk = tl.arange(0, K)
         gc = tl.load(g + ((b * T + t).to(tl.int64) * H + h)[:, None] * K + rk[None, :],
                      mask=m[:, None], other=0.0).to(tl.float32)
     return gc
@@ -101,7 +114,7 @@ def _fwd_kernel(q, k, v, g, gg, o, h0, ht, T, H, SEG, scale,
             acc += tl.dot(A.to(dt), bv, input_precision=PREC)
             S += tl.dot(tl.trans(bk), bv, input_precision=PREC)
         else:
-            gc = _gate_chunk(g, gamma, b, h, t, m, T, H, K, GATE)
+            gc = _gate_chunk(g, gamma, b, h, t, m, T, H, rk, K, GATE)
             bc = tl.cumsum(gc, 0)          # chunk-local cumulative log gate [C] or [C, K]
             bl = tl.sum(gc, 0)             # the chunk's total: scalar or [K]
             if GATE == 3:
@@ -160,7 +173,7 @@ def _state_kernel(x, y, g, gg, out_s, out_a, T, H, SEG, scale,
         if GATE == 0:
             S += tl.dot(tl.trans(bx), by, input_precision=PREC)
         else:
-            gc = _gate_chunk(g, gamma, b, h, t, m, T, H, K, GATE)
+            gc = _gate_chunk(g, gamma, b, h, t, m, T, H, rk, K, GATE)
             bc = tl.cumsum(gc, 0)
             bl = tl.sum(gc, 0)
             if GATE == 3:
@@ -188,14 +201,15 @@ def _state_kernel(x, y, g, gg, out_s, out_a, T, H, SEG, scale,
 
 @triton.jit
 def _scan_kernel(s, a, init, out, final, NS, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
-                 HAS_INIT: tl.constexpr, REVERSE: tl.constexpr, STORE_OUT: tl.constexpr):
-    """Segment-prefix scan: P ← exp(a_j) ⊙ P + s_j over segments j (in reverse if REVERSE).
-    out[j] = P before segment j (the state entering it, or for REVERSE the gradient leaving it)."""
+                 BV: tl.constexpr, HAS_INIT: tl.constexpr, REVERSE: tl.constexpr, STORE_OUT: tl.constexpr):
+    """Segment-prefix scan of one (batch·head, K-tile, V-tile): P ← exp(a_j) ⊙ P + s_j over segments j (in
+    reverse if REVERSE). out[j] = P before segment j (the state entering it, or for REVERSE the gradient
+    leaving it). A chain of NS dependent steps: small tiles give many programs to hide its latency."""
     bh = tl.program_id(0)
     ik = tl.program_id(1)
     rk = ik * BK + tl.arange(0, BK)
-    rv = tl.arange(0, V)
-    P = tl.zeros([BK, V], dtype=tl.float32)
+    rv = tl.program_id(2) * BV + tl.arange(0, BV)
+    P = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_INIT:
         P += tl.load(init + bh.to(tl.int64) * K * V + rk[:, None] * V + rv[None, :]).to(tl.float32)
     for i in range(0, NS):
@@ -235,7 +249,7 @@ def _prefix_kernel(o, q, g, gg, goff, P, out, T, H, NC, scale,
         gamma = 0.0
         if GATE == 1:
             gamma = tl.load(gg + h).to(tl.float32)
-        gc = _gate_chunk(g, gamma, b, h, t, m, T, H, K, GATE)
+        gc = _gate_chunk(g, gamma, b, h, t, m, T, H, rk, K, GATE)
         bc = tl.cumsum(gc, 0)
         if GATE == 1:
             bc += (n * C).to(tl.float32) * gamma
@@ -253,24 +267,41 @@ def _prefix_kernel(o, q, g, gg, goff, P, out, T, H, NC, scale,
 
 
 @triton.jit
+def _state_dot(x, S, dt: tl.constexpr, SF32: tl.constexpr, PREC: tl.constexpr):
+    """x `[C, N]` @ Sᵀ for a float32 state S `[M, N]`: in float32 (tf32) when SF32, else in x's dtype.
+    The gate gradient needs SF32: a bf16-rounded state breaks the cancellation in q⊙dq − k⊙dk."""
+    if SF32:
+        return tl.dot(x.to(tl.float32), tl.trans(S), input_precision=PREC)
+    return tl.dot(x, tl.trans(S).to(dt), input_precision=PREC)
+
+
+@triton.jit
 def _bwd_dq_kernel(q, k, v, g, gg, do, h0, dht, dq, gq, term, T, H, SEG, scale,
-                   K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, GATE: tl.constexpr,
-                   HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, PREC: tl.constexpr):
-    """Forward walk over a segment from its entering state: dq = scale·(exp(b)⊙(do Sᵀ) + intra), and
-    q⊙dq for the gate gradient; the last segment also emits Σ_v S_T ⊙ dht (the final-state gate term)."""
-    bh = tl.program_id(0)
-    js = tl.program_id(1)
-    ns = tl.num_programs(1)
+                   K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, C: tl.constexpr, GATE: tl.constexpr,
+                   HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, NEED_DG: tl.constexpr, SF32: tl.constexpr,
+                   PREC: tl.constexpr, SPREC: tl.constexpr):
+    """One (K-tile, batch·head, segment), walking forward from the state entering the segment (rows rk):
+    dq = scale·(exp(b)⊙(do Sᵀ) + intra-chunk), and the q-side gate partial. Per key (GATE 3) the partial is
+    written per key into gq; for scalar gates its sum over the tile goes to gq[..., ik]. The last segment
+    also writes Σ_v S_T⊙dht (the final-state gate term).
+
+    The gate partials multiply by the same bf16-rounded decayed operands (qd, kn, kd) that built the other
+    side's terms, so that q⊙dq − k⊙dk cancels as it does in exact arithmetic."""
+    ik = tl.program_id(0)
+    bh = tl.program_id(1)
+    js = tl.program_id(2)
+    ns = tl.num_programs(2)
+    nk = tl.num_programs(0)
     b = bh // H
     h = bh % H
     dt = q.dtype.element_ty
-    rk = tl.arange(0, K)
+    rk = ik * BK + tl.arange(0, BK)
     rv = tl.arange(0, V)
     rc = tl.arange(0, C)
     causal = rc[:, None] >= rc[None, :]
     t_start = js * SEG
     t_end = tl.minimum(t_start + SEG, T)
-    S = tl.zeros([K, V], dtype=tl.float32)
+    S = tl.zeros([BK, V], dtype=tl.float32)
     if HAS_H0:
         S += tl.load(h0 + (bh * ns + js).to(tl.int64) * K * V + rk[:, None] * V + rv[None, :]).to(tl.float32)
     gamma = 0.0
@@ -284,65 +315,147 @@ def _bwd_dq_kernel(q, k, v, g, gg, do, h0, dht, dq, gq, term, T, H, SEG, scale,
         bv = tl.load(v + row[:, None] * V + rv[None, :], mask=m[:, None], other=0.0)
         bdo = tl.load(do + row[:, None] * V + rv[None, :], mask=m[:, None], other=0.0)
         dA = tl.dot(bdo, tl.trans(bv), input_precision=PREC)        # [C(t), C(s)] = do_t·v_s
+        inter = _state_dot(bdo, S, dt, SF32, SPREC)                  # [C, BK] = do_t Sᵀ
         if GATE == 0:
-            dA = tl.where(causal, dA, 0.0)
-            acc = tl.dot(bdo, tl.trans(S).to(dt), input_precision=PREC)
-            acc += tl.dot(dA.to(dt), bk, input_precision=PREC)
+            acc = inter + tl.dot(tl.where(causal, dA, 0.0).to(dt), bk, input_precision=PREC)
             S += tl.dot(tl.trans(bk), bv, input_precision=PREC)
         else:
-            gc = _gate_chunk(g, gamma, b, h, t, m, T, H, K, GATE)
+            bq = tl.load(q + row[:, None] * K + rk[None, :], mask=m[:, None], other=0.0)
+            gc = _gate_chunk(g, gamma, b, h, t, m, T, H, rk, K, GATE)
             bc = tl.cumsum(gc, 0)
             bl = tl.sum(gc, 0)
             if GATE == 3:
-                dA = tl.where(causal, dA, 0.0)
                 kn = (bk * tl.exp(-bc)).to(dt)
-                acc = tl.dot(bdo, tl.trans(S).to(dt), input_precision=PREC)
-                acc += tl.dot(dA.to(dt), kn, input_precision=PREC)
-                acc = acc * tl.exp(bc)
+                intra = tl.dot(tl.where(causal, dA, 0.0).to(dt), kn, input_precision=PREC)
+                acc = (inter + intra) * tl.exp(bc)
+                if NEED_DG:
+                    qd = (bq * tl.exp(bc)).to(dt)
+                    tl.store(gq + row[:, None] * K + rk[None, :], scale * qd.to(tl.float32) * (inter + intra),
+                             mask=m[:, None])
                 kd = (bk * tl.exp(bl[None, :] - bc)).to(dt)
                 S = S * tl.exp(bl)[:, None] + tl.dot(tl.trans(kd), bv, input_precision=PREC)
             else:
-                bt = bc
-                blt = bl
-                dA = tl.where(causal, dA * tl.exp(bt[:, None] - bt[None, :]), 0.0)
-                acc = tl.dot(bdo, tl.trans(S).to(dt), input_precision=PREC) * tl.exp(bt)[:, None]
-                acc += tl.dot(dA.to(dt), bk, input_precision=PREC)
-                kd = (bk * tl.exp(blt - bt)[:, None]).to(dt)
-                S = S * tl.exp(blt) + tl.dot(tl.trans(kd), bv, input_precision=PREC)
-        acc = acc * scale
-        tl.store(dq + row[:, None] * K + rk[None, :], acc.to(dq.dtype.element_ty), mask=m[:, None])
-        if GATE > 0:
-            bq = tl.load(q + row[:, None] * K + rk[None, :], mask=m[:, None], other=0.0).to(tl.float32)
-            if GATE == 3:
-                tl.store(gq + row[:, None] * K + rk[None, :], bq * acc, mask=m[:, None])
-            else:
-                tl.store(gq + row, tl.sum(bq * acc, 1), mask=m)
-    if GATE > 0 and HAS_DHT:
+                dA = tl.where(causal, dA * tl.exp(bc[:, None] - bc[None, :]), 0.0)
+                intra = tl.dot(dA.to(dt), bk, input_precision=PREC)
+                acc = inter * tl.exp(bc)[:, None] + intra
+                if NEED_DG:
+                    qd = (bq * tl.exp(bc)[:, None]).to(dt)
+                    part = tl.sum(qd.to(tl.float32) * inter + bq.to(tl.float32) * intra, 1)
+                    tl.store(gq + row * nk + ik, scale * part, mask=m)
+                kd = (bk * tl.exp(bl - bc)[:, None]).to(dt)
+                S = S * tl.exp(bl) + tl.dot(tl.trans(kd), bv, input_precision=PREC)
+        tl.store(dq + row[:, None] * K + rk[None, :], (acc * scale).to(dq.dtype.element_ty), mask=m[:, None])
+    if NEED_DG and HAS_DHT:
         if js == ns - 1:
             bd = tl.load(dht + bh.to(tl.int64) * K * V + rk[:, None] * V + rv[None, :]).to(tl.float32)
             tl.store(term + bh.to(tl.int64) * K + rk, tl.sum(S * bd, 1))
 
 
 @triton.jit
-def _bwd_dkdv_kernel(q, k, v, g, gg, do, dhe, dk, dv, gk, dh0, T, H, SEG, scale,
-                     K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, GATE: tl.constexpr,
-                     HAS_DHE: tl.constexpr, PREC: tl.constexpr):
-    """Backward walk over a segment from the gradient of the state leaving it (dhe[bh, seg]):
-    dk, dv, k⊙dk for the gate gradient; segment 0 writes dh0."""
-    bh = tl.program_id(0)
-    js = tl.program_id(1)
-    ns = tl.num_programs(1)
+def _bwd_dk_kernel(q, k, v, g, gg, do, dhe, dk, gk, dg, term, segtot, dh0, T, H, SEG, scale,
+                   K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, C: tl.constexpr, GATE: tl.constexpr,
+                   HAS_DHE: tl.constexpr, HAS_TERM: tl.constexpr, NEED_DG: tl.constexpr, SF32: tl.constexpr,
+                   PREC: tl.constexpr, SPREC: tl.constexpr):
+    """One (K-tile, batch·head, segment), walking backward from the gradient of the state leaving the
+    segment (rows rk): dk, the k-side gate partial, and segment 0's dh0 rows.
+
+    Per key (GATE 3) it finishes the gate gradient in place: dg holds the q-side partial from the dq kernel;
+    this kernel subtracts k⊙dk and takes the reverse cumulative sum with a carry across chunks (starting
+    from the final-state term in the last segment); segtot[bh, seg] gets the segment's total, which the
+    host adds to the earlier segments. Scalar gates write their tile's k-side partial to gk[..., ik]."""
+    ik = tl.program_id(0)
+    bh = tl.program_id(1)
+    js = tl.program_id(2)
+    ns = tl.num_programs(2)
+    nk = tl.num_programs(0)
     b = bh // H
     h = bh % H
     dt = q.dtype.element_ty
-    rk = tl.arange(0, K)
+    rk = ik * BK + tl.arange(0, BK)
     rv = tl.arange(0, V)
     rc = tl.arange(0, C)
     causal_t = rc[:, None] <= rc[None, :]        # [C(s), C(t)]: t ≥ s
     t_start = js * SEG
     t_end = tl.minimum(t_start + SEG, T)
     nch = tl.cdiv(t_end - t_start, C)
-    dH = tl.zeros([K, V], dtype=tl.float32)
+    dH = tl.zeros([BK, V], dtype=tl.float32)
+    if HAS_DHE:
+        dH += tl.load(dhe + (bh * ns + js).to(tl.int64) * K * V + rk[:, None] * V + rv[None, :]).to(tl.float32)
+    carry = tl.zeros([BK], dtype=tl.float32)     # Σ of the per-key gate partials after this chunk
+    if GATE == 3 and NEED_DG and HAS_TERM:
+        if js == ns - 1:
+            carry += tl.load(term + bh.to(tl.int64) * K + rk)
+    gamma = 0.0
+    if GATE == 1:
+        gamma = tl.load(gg + h).to(tl.float32)
+    for i in range(0, nch):
+        t = t_start + (nch - 1 - i) * C + rc
+        m = t < t_end
+        row = (b * T + t).to(tl.int64) * H + h
+        bq = tl.load(q + row[:, None] * K + rk[None, :], mask=m[:, None], other=0.0)
+        bv = tl.load(v + row[:, None] * V + rv[None, :], mask=m[:, None], other=0.0)
+        bdo = tl.load(do + row[:, None] * V + rv[None, :], mask=m[:, None], other=0.0)
+        dAt = tl.dot(bv, tl.trans(bdo), input_precision=PREC)       # [C(s), C(t)] = v_s·do_t
+        inter = _state_dot(bv, dH, dt, SF32, SPREC)                  # [C, BK] = v_s dHᵀ
+        if GATE == 0:
+            acc = scale * tl.dot(tl.where(causal_t, dAt, 0.0).to(dt), bq, input_precision=PREC) + inter
+            dH += scale * tl.dot(tl.trans(bq), bdo, input_precision=PREC)
+        else:
+            bk = tl.load(k + row[:, None] * K + rk[None, :], mask=m[:, None], other=0.0)
+            gc = _gate_chunk(g, gamma, b, h, t, m, T, H, rk, K, GATE)
+            bc = tl.cumsum(gc, 0)
+            bl = tl.sum(gc, 0)
+            if GATE == 3:
+                qd = (bq * tl.exp(bc)).to(dt)
+                intra = tl.dot(tl.where(causal_t, dAt, 0.0).to(dt), qd, input_precision=PREC)
+                acc = scale * intra * tl.exp(-bc) + inter * tl.exp(bl[None, :] - bc)
+                if NEED_DG:
+                    kn = (bk * tl.exp(-bc)).to(dt).to(tl.float32)
+                    kd = (bk * tl.exp(bl[None, :] - bc)).to(dt).to(tl.float32)
+                    gptr = dg + row[:, None] * K + rk[None, :]
+                    d = tl.load(gptr, mask=m[:, None], other=0.0) - (scale * kn * intra + kd * inter)
+                    rev = tl.sum(d, 0)[None, :] - tl.cumsum(d, 0) + d       # Σ_{t' ≥ t} within the chunk
+                    tl.store(gptr, rev + carry[None, :], mask=m[:, None])
+                    carry += tl.sum(d, 0)
+                dH = dH * tl.exp(bl)[:, None] + scale * tl.dot(tl.trans(qd), bdo, input_precision=PREC)
+            else:
+                dec = tl.exp(bc[None, :] - bc[:, None])                   # [s, t]: exp(b_t − b_s)
+                intra = tl.dot(tl.where(causal_t, dAt * dec, 0.0).to(dt), bq, input_precision=PREC)
+                acc = scale * intra + inter * tl.exp(bl - bc)[:, None]
+                if NEED_DG:
+                    kd = (bk * tl.exp(bl - bc)[:, None]).to(dt).to(tl.float32)
+                    part = tl.sum(scale * bk.to(tl.float32) * intra + kd * inter, 1)
+                    tl.store(gk + row * nk + ik, part, mask=m)
+                qd = (bq * tl.exp(bc)[:, None]).to(dt)
+                dH = dH * tl.exp(bl) + scale * tl.dot(tl.trans(qd), bdo, input_precision=PREC)
+        tl.store(dk + row[:, None] * K + rk[None, :], acc.to(dk.dtype.element_ty), mask=m[:, None])
+    if GATE == 3 and NEED_DG:
+        tl.store(segtot + (bh * ns + js).to(tl.int64) * K + rk, carry)
+    if js == 0:
+        tl.store(dh0 + bh.to(tl.int64) * K * V + rk[:, None] * V + rv[None, :], dH)
+
+
+@triton.jit
+def _bwd_dv_kernel(q, k, g, gg, do, dhe, dv, T, H, SEG, scale,
+                   K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, GATE: tl.constexpr,
+                   HAS_DHE: tl.constexpr, PREC: tl.constexpr):
+    """One (V-tile, batch·head, segment), walking backward from the gradient of the state leaving the
+    segment (columns rv): dv = (k⊙exp(b_C − b)) dH + scale·Aᵀ do, A the decayed causal q·k scores."""
+    iv = tl.program_id(0)
+    bh = tl.program_id(1)
+    js = tl.program_id(2)
+    ns = tl.num_programs(2)
+    b = bh // H
+    h = bh % H
+    dt = q.dtype.element_ty
+    rk = tl.arange(0, K)
+    rv = iv * BV + tl.arange(0, BV)
+    rc = tl.arange(0, C)
+    causal_t = rc[:, None] <= rc[None, :]        # [C(s), C(t)]: t ≥ s
+    t_start = js * SEG
+    t_end = tl.minimum(t_start + SEG, T)
+    nch = tl.cdiv(t_end - t_start, C)
+    dH = tl.zeros([K, BV], dtype=tl.float32)
     if HAS_DHE:
         dH += tl.load(dhe + (bh * ns + js).to(tl.int64) * K * V + rk[:, None] * V + rv[None, :]).to(tl.float32)
     gamma = 0.0
@@ -354,54 +467,32 @@ def _bwd_dkdv_kernel(q, k, v, g, gg, do, dhe, dk, dv, gk, dh0, T, H, SEG, scale,
         row = (b * T + t).to(tl.int64) * H + h
         bq = tl.load(q + row[:, None] * K + rk[None, :], mask=m[:, None], other=0.0)
         bk = tl.load(k + row[:, None] * K + rk[None, :], mask=m[:, None], other=0.0)
-        bv = tl.load(v + row[:, None] * V + rv[None, :], mask=m[:, None], other=0.0)
         bdo = tl.load(do + row[:, None] * V + rv[None, :], mask=m[:, None], other=0.0)
-        dAt = tl.dot(bv, tl.trans(bdo), input_precision=PREC)        # [s, t] = v_s·do_t
         if GATE == 0:
             At = tl.where(causal_t, tl.dot(bk, tl.trans(bq), input_precision=PREC), 0.0)
-            dAt = tl.where(causal_t, dAt, 0.0)
-            adv = scale * tl.dot(At.to(dt), bdo, input_precision=PREC)
-            adv += tl.dot(bk, dH.to(dt), input_precision=PREC)
-            adk = scale * tl.dot(dAt.to(dt), bq, input_precision=PREC)
-            adk += tl.dot(bv, tl.trans(dH).to(dt), input_precision=PREC)
-            dH += scale * tl.dot(tl.trans(bq), bdo, input_precision=PREC)
+            acc = tl.dot(bk, dH.to(dt), input_precision=PREC)
+            qd = bq
         else:
-            gc = _gate_chunk(g, gamma, b, h, t, m, T, H, K, GATE)
+            gc = _gate_chunk(g, gamma, b, h, t, m, T, H, rk, K, GATE)
             bc = tl.cumsum(gc, 0)
             bl = tl.sum(gc, 0)
             if GATE == 3:
                 qd = (bq * tl.exp(bc)).to(dt)
                 kn = (bk * tl.exp(-bc)).to(dt)
-                kd = tl.exp(bl[None, :] - bc)
                 At = tl.where(causal_t, tl.dot(kn, tl.trans(qd), input_precision=PREC), 0.0)
-                dAt = tl.where(causal_t, dAt, 0.0)
-                adv = scale * tl.dot(At.to(dt), bdo, input_precision=PREC)
-                adv += tl.dot((bk * kd).to(dt), dH.to(dt), input_precision=PREC)
-                adk = scale * tl.dot(dAt.to(dt), qd, input_precision=PREC) * tl.exp(-bc)
-                adk += tl.dot(bv, tl.trans(dH).to(dt), input_precision=PREC) * kd
-                dH = dH * tl.exp(bl)[:, None] + scale * tl.dot(tl.trans(qd), bdo, input_precision=PREC)
+                kd = (bk * tl.exp(bl[None, :] - bc)).to(dt)
+                acc = tl.dot(kd, dH.to(dt), input_precision=PREC)
+                bl = bl[:, None]
             else:
-                bt = bc
-                blt = bl
-                dec = tl.where(causal_t, tl.exp(bt[None, :] - bt[:, None]), 0.0)   # [s, t] exp(b_t - b_s)
-                At = tl.dot(bk, tl.trans(bq), input_precision=PREC) * dec
-                dAt = dAt * dec
-                kd = tl.exp(blt - bt)[:, None]
-                adv = scale * tl.dot(At.to(dt), bdo, input_precision=PREC)
-                adv += tl.dot((bk * kd).to(dt), dH.to(dt), input_precision=PREC)
-                adk = scale * tl.dot(dAt.to(dt), bq, input_precision=PREC)
-                adk += tl.dot(bv, tl.trans(dH).to(dt), input_precision=PREC) * kd
-                qd = (bq * tl.exp(bt)[:, None]).to(dt)
-                dH = dH * tl.exp(blt) + scale * tl.dot(tl.trans(qd), bdo, input_precision=PREC)
-        tl.store(dk + row[:, None] * K + rk[None, :], adk.to(dk.dtype.element_ty), mask=m[:, None])
-        tl.store(dv + row[:, None] * V + rv[None, :], adv.to(dv.dtype.element_ty), mask=m[:, None])
-        if GATE == 3:
-            tl.store(gk + row[:, None] * K + rk[None, :], bk.to(tl.float32) * adk, mask=m[:, None])
-        elif GATE > 0:
-            tl.store(gk + row, tl.sum(bk.to(tl.float32) * adk, 1), mask=m)
-    if js == 0:
-        tl.store(dh0 + bh.to(tl.int64) * K * V + rk[:, None] * V + rv[None, :], dH)
-
+                At = tl.where(causal_t, tl.dot(bk, tl.trans(bq), input_precision=PREC)
+                              * tl.exp(bc[None, :] - bc[:, None]), 0.0)
+                kd = (bk * tl.exp(bl - bc)[:, None]).to(dt)
+                acc = tl.dot(kd, dH.to(dt), input_precision=PREC)
+                qd = (bq * tl.exp(bc)[:, None]).to(dt)
+            dH = dH * tl.exp(bl)
+        acc += scale * tl.dot(At.to(dt), bdo, input_precision=PREC)
+        dH += scale * tl.dot(tl.trans(qd), bdo, input_precision=PREC)
+        tl.store(dv + row[:, None] * V + rv[None, :], acc.to(dv.dtype.element_ty), mask=m[:, None])
 
 # --------------------------------------------------------------------------------------------------------
 # Host side
@@ -438,6 +529,12 @@ def _prec(x) -> str:
     return "ieee" if x.dtype == torch.float32 else "tf32"
 
 
+def _launch(name: str, dim: int):
+    """-> (tile along a dimension of size dim, the remaining launch settings) of CONFIG[name]."""
+    cfg = dict(CONFIG[name])
+    return min(dim, cfg.pop("block")), cfg
+
+
 def _num_sms(device) -> int:
     if device.type != "cuda":
         return 1
@@ -445,11 +542,15 @@ def _num_sms(device) -> int:
 
 
 def _segments(programs: int, n_chunks: int, device) -> int:
-    """Segments per sequence: enough programs for ~2 per SM, each segment at least 8 chunks long."""
+    """Segments per sequence: none while there are SPLIT_BELOW programs per SM (a split adds state passes),
+    else PROGRAMS_PER_SM programs per SM, no segment under MIN_SEGMENT_CHUNKS chunks."""
     if SEGMENTS is not None:
         return max(1, min(SEGMENTS, n_chunks))
-    want = triton.cdiv(2 * _num_sms(device), programs)
-    return max(1, min(want, n_chunks // 8))
+    sms = _num_sms(device)
+    if programs >= SPLIT_BELOW * sms:
+        return 1
+    want = triton.cdiv(PROGRAMS_PER_SM * sms, programs)
+    return max(1, min(want, n_chunks // MIN_SEGMENT_CHUNKS))
 
 
 def _layout(T: int, C: int, ns: int):
@@ -465,9 +566,9 @@ def _states(x, y, g, gg, GATE, C, seg, ns, scale, from_start):
     V = y.shape[-1]
     s = torch.empty(B, H, ns, K, V, device=x.device, dtype=torch.float32)
     a = torch.empty(B, H, ns, K, device=x.device, dtype=torch.float32)
-    BV = min(V, 64)
+    BV, cfg = _launch("state", V)
     _state_kernel[(V // BV, B * H, ns)](x, y, g, gg, s, a, T, H, seg, scale, K=K, V=V, BV=BV, C=C, GATE=GATE,
-                                       FROM_START=from_start, PREC=_prec(x), num_warps=4)
+                                       FROM_START=from_start, PREC=_prec(x), **cfg)
     return s, a
 
 
@@ -476,15 +577,28 @@ def _scan(s, a, init, reverse, store_out=True):
     B, H, ns, K, V = s.shape
     out = torch.empty_like(s) if store_out else s
     final = torch.empty(B, H, K, V, device=s.device, dtype=torch.float32)
-    BK = min(K, 32)
+    BK, BV = min(K, 16), min(V, 64)
     init_ = init.contiguous() if init is not None else s
-    _scan_kernel[(B * H, K // BK)](s, a, init_, out, final, ns, K=K, V=V, BK=BK, HAS_INIT=init is not None,
-                                   REVERSE=reverse, STORE_OUT=store_out, num_warps=4)
+    _scan_kernel[(B * H, K // BK, V // BV)](s, a, init_, out, final, ns, K=K, V=V, BK=BK, BV=BV,
+                                            HAS_INIT=init is not None, REVERSE=reverse, STORE_OUT=store_out,
+                                            num_warps=4, num_stages=3)
     return (out if store_out else None), final
 
 
-def forward(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None, output_final_state=False):
-    """-> (o `[B, T, H, V]` in q's dtype, final state `[B, H, K, V]` float32 or None)."""
+@dataclasses.dataclass
+class SegmentPrefixes:
+    """The forward's states entering each segment `[B, H, ns, K, V]` float32, segments of ``seg`` tokens."""
+    seg: int
+    states: torch.Tensor
+
+
+def forward(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None, output_final_state=False,
+            return_saved=False):
+    """-> (o `[B, T, H, V]` in q's dtype, final state `[B, H, K, V]` float32 or None).
+
+    return_saved: also return what the backward can reuse (pass it as ``backward(..., saved=...)``): the
+    states entering each segment of a long sequence, so the backward skips recomputing them (None when the
+    sequence ran as one segment)."""
     _check(q, v, k, initial_state)
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -496,8 +610,8 @@ def forward(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None, outpu
     if T == 0:
         if ht is not None:
             ht.copy_(initial_state if initial_state is not None else torch.zeros_like(ht))
-        return o, ht
-    BV = min(V, 64)
+        return (o, ht, None) if return_saved else (o, ht)
+    BV, cfg = _launch("fwd", V)
     seg, ns = _layout(T, C, _segments(B * H * (V // BV), triton.cdiv(T, C), q.device))
     h0 = initial_state.contiguous() if initial_state is not None else None
     if ns > 1:
@@ -508,67 +622,100 @@ def forward(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None, outpu
             ht.copy_(final)
     _fwd_kernel[(V // BV, B * H, ns)](q, k, v, gt, gg, o, h0 if h0 is not None else q, ht if ht is not None else o,
                                       T, H, seg, scale, K=K, V=V, BV=BV, C=C, GATE=GATE, HAS_H0=h0 is not None,
-                                      STORE_HT=(ht is not None and ns == 1), PREC=_prec(q), num_warps=4,
-                                      num_stages=2)
+                                      STORE_HT=(ht is not None and ns == 1), PREC=_prec(q), **cfg)
+    if return_saved:
+        return o, ht, (SegmentPrefixes(seg, h0) if ns > 1 else None)
     return o, ht
 
 
 def _reverse_cumsum(x, dim):
-    return x.flip(dim).cumsum(dim).flip(dim)
+    """Σ_{j ≥ i} x_j along dim. The scan runs over the last dimension of a contiguous copy: torch's scan
+    along an outer dimension with few columns (T of [B, T, H]) took 11 ms at T=65536 on an H100."""
+    y = x.movedim(dim, -1).contiguous()
+    return y.flip(-1).cumsum(-1).flip(-1).movedim(-1, dim)
 
 
-def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht):
-    """-> (dq, dk, dv, dg, dh0): dg in the shape of g (or of g_gamma `[H]`; None without decay), dh0
-    `[B, H, K, V]` float32 even when initial_state is None."""
+def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True, saved=None):
+    """-> (dq, dk, dv, dg, dh0): dg in the shape of g (or of g_gamma `[H]`; None without decay or when
+    not need_dg), dh0 `[B, H, K, V]` float32 even when initial_state is None. ``saved``: the forward's
+    :class:`SegmentPrefixes` of these same inputs (``forward(..., return_saved=True)``), or None.
+
+    Three kernels, each walking one (tile, batch·head, segment): dq forward over K-tiles, dk backward over
+    K-tiles, dv backward over V-tiles, so no program holds a whole `[K, V]` state (see the module docstring
+    for the gate gradient)."""
     _check(q, v, k, do, initial_state, dht)
     B, T, H, K = q.shape
     V = v.shape[-1]
     scale = K ** -0.5 if scale is None else scale
     q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous().to(q.dtype)
     GATE, gt, gg, C = _gate(g, g_gamma, q)
+    need_dg = bool(need_dg and GATE)
     dev = q.device
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dh0 = torch.empty(B, H, K, V, device=dev, dtype=torch.float32)
     if T == 0:
         dh0.copy_(dht if dht is not None else torch.zeros_like(dh0))
-        dg = None if GATE == 0 else torch.zeros_like(g_gamma if GATE == 1 else g)
+        dg = torch.zeros_like(g_gamma if GATE == 1 else g) if need_dg else None
         return dq, dk, dv, dg, dh0
-    seg, ns = _layout(T, C, _segments(B * H, triton.cdiv(T, C), dev))
+    (BK, cq), (BKk, ck), (BV, cv) = _launch("dq", K), _launch("dk", K), _launch("dv", V)
+    if saved is not None:
+        seg, ns = saved.seg, saved.states.shape[2]
+    else:
+        seg, ns = _layout(T, C, _segments(B * H * (K // BK), triton.cdiv(T, C), dev))
     h0 = initial_state.contiguous() if initial_state is not None else None
     dhe = dht.contiguous() if dht is not None else None
     if ns > 1:
-        s, a = _states(k, v, gt, gg, GATE, C, seg, ns, 1.0, False)
-        h0, _ = _scan(s, a, h0, reverse=False)
+        if saved is not None:
+            h0 = saved.states
+        else:
+            s, a = _states(k, v, gt, gg, GATE, C, seg, ns, 1.0, False)
+            h0, _ = _scan(s, a, h0, reverse=False)
         s, a = _states(q, do, gt, gg, GATE, C, seg, ns, scale, True)
         dhe, _ = _scan(s, a, dhe, reverse=True)
-    KG = K if GATE == 3 else 1
-    gq = torch.empty(B, T, H, KG, device=dev, dtype=torch.float32) if GATE else None
-    gk = torch.empty_like(gq) if GATE else None
-    term = torch.zeros(B, H, K, device=dev, dtype=torch.float32) if GATE and dht is not None else None
-    prec, nw = _prec(q), (8 if K * V >= 128 * 64 else 4)
-    _bwd_dq_kernel[(B * H, ns)](q, k, v, gt, gg, do, h0 if h0 is not None else q,
-                                dht.contiguous() if dht is not None else q, dq,
-                                gq if gq is not None else q, term if term is not None else q, T, H, seg, scale,
-                                K=K, V=V, C=C, GATE=GATE, HAS_H0=h0 is not None, HAS_DHT=dht is not None,
-                                PREC=prec, num_warps=nw, num_stages=2)
-    _bwd_dkdv_kernel[(B * H, ns)](q, k, v, gt, gg, do, dhe if dhe is not None else q, dk, dv,
-                                  gk if gk is not None else q, dh0, T, H, seg, scale,
-                                  K=K, V=V, C=C, GATE=GATE, HAS_DHE=dhe is not None, PREC=prec,
-                                  num_warps=nw, num_stages=2)
-    dg = None
-    if GATE:
-        # dL/dA_t = q⊙dq − k⊙dk (+ Σ_v S_T⊙dht at t = T); dg_s = Σ_{t≥s} dL/dA_t.
-        dA = (gq - gk)
-        if GATE != 3:
-            dA = dA.squeeze(-1)                                          # [B, T, H]
-        dgl = _reverse_cumsum(dA, 1)
-        if term is not None:
-            tt = term if GATE == 3 else term.sum(-1)                     # [B, H, K] or [B, H]
-            dgl = dgl + tt.unsqueeze(1)
-        if GATE == 1:
-            dg = dgl.sum((0, 1)).to(g_gamma.dtype)
-        else:
-            dg = dgl.to(g.dtype)
+    prec = _prec(q)
+    # The gate gradient needs the state products in float32 (tf32): bf16 states miss its tolerance.
+    sf32 = need_dg and q.dtype != torch.float32 and GATE_GRAD_F32_STATE
+    sprec = "tf32" if sf32 else prec
+    nk = K // BK
+    f32 = dict(device=dev, dtype=torch.float32)
+    term = torch.zeros(B, H, K, **f32) if need_dg and dht is not None else None
+    if GATE == 3 and need_dg:
+        gq = torch.empty(B, T, H, K, **f32)      # the q-side partial, finished in place by the dk kernel
+        gk = None
+        segtot = torch.empty(B, H, ns, K, **f32)
+    else:
+        gq = torch.empty(B, T, H, nk, **f32) if need_dg else None           # one partial per K-tile
+        gk = torch.empty(B, T, H, K // BKk, **f32) if need_dg else None
+        segtot = None
+    dummy = q
+    common = dict(K=K, V=V, C=C, GATE=GATE, PREC=prec)
+    _bwd_dq_kernel[(nk, B * H, ns)](q, k, v, gt, gg, do, h0 if h0 is not None else dummy,
+                                    dht.contiguous() if dht is not None else dummy, dq,
+                                    gq if gq is not None else dummy, term if term is not None else dummy,
+                                    T, H, seg, scale, BK=BK, HAS_H0=h0 is not None, HAS_DHT=dht is not None,
+                                    NEED_DG=need_dg, SF32=sf32, SPREC=sprec, **common, **cq)
+    _bwd_dk_kernel[(K // BKk, B * H, ns)](q, k, v, gt, gg, do, dhe if dhe is not None else dummy, dk,
+                                    gk if gk is not None else dummy, gq if GATE == 3 and need_dg else dummy,
+                                    term if term is not None else dummy, segtot if segtot is not None else dummy,
+                                    dh0, T, H, seg, scale, BK=BKk, HAS_DHE=dhe is not None,
+                                    HAS_TERM=term is not None, NEED_DG=need_dg, SF32=sf32, SPREC=sprec, **common, **ck)
+    _bwd_dv_kernel[(V // BV, B * H, ns)](q, k, gt, gg, do, dhe if dhe is not None else dummy, dv, T, H, seg,
+                                         scale, BV=BV, HAS_DHE=dhe is not None, **common, **cv)
+    if not need_dg:
+        return dq, dk, dv, None, dh0
+    if GATE == 3:
+        dg = gq
+        if ns > 1:
+            # every segment's gate gradient also carries the totals of the segments after it (all segments
+            # but the last are full, and the last has nothing after it)
+            later = _reverse_cumsum(segtot, 2) - segtot                        # [B, H, ns, K]
+            dg[:, :(ns - 1) * seg].view(B, ns - 1, seg, H, K).add_(later[:, :, :ns - 1].transpose(1, 2).unsqueeze(2))
+        return dq, dk, dv, dg.to(g.dtype), dh0
+    # scalar gates: dL/dA_t = Σ_tiles (q-side − k-side); dg_s = Σ_{t≥s} dL/dA_t (+ the final-state term)
+    dgl = _reverse_cumsum(gq.sum(-1) - gk.sum(-1), 1)                                # [B, T, H]
+    if term is not None:
+        dgl = dgl + term.sum(-1).unsqueeze(1)
+    dg = dgl.sum((0, 1)).to(g_gamma.dtype) if GATE == 1 else dgl.to(g.dtype)
     return dq, dk, dv, dg, dh0
 
 
@@ -586,7 +733,7 @@ def segment_state(k, v, g=None, g_gamma=None):
     if T == 0:
         return (torch.zeros(B, H, K, V, device=k.device, dtype=torch.float32),
                 torch.zeros(B, H, K, device=k.device, dtype=torch.float32))
-    seg, ns = _layout(T, C, _segments(B * H * (V // min(V, 64)), triton.cdiv(T, C), k.device))
+    seg, ns = _layout(T, C, _segments(B * H * (V // _launch("state", V)[0]), triton.cdiv(T, C), k.device))
     s, a = _states(k, v, gt, gg, GATE, C, seg, ns, 1.0, False)
     total = a.sum(2)
     if ns == 1:
@@ -605,7 +752,7 @@ def prefix_grad(q, g, g_gamma, scale, do):
     GATE, gt, gg, C = _gate(g, g_gamma, q)
     if T == 0:
         return torch.zeros(B, H, K, V, device=q.device, dtype=torch.float32)
-    seg, ns = _layout(T, C, _segments(B * H * (V // min(V, 64)), triton.cdiv(T, C), q.device))
+    seg, ns = _layout(T, C, _segments(B * H * (V // _launch("state", V)[0]), triton.cdiv(T, C), q.device))
     s, a = _states(q, do, gt, gg, GATE, C, seg, ns, scale, True)
     if ns == 1:
         return s[:, :, 0]
@@ -639,4 +786,5 @@ def add_prefix(o, q, g, g_gamma, scale, P):
     return out
 
 
-__all__ = ["forward", "backward", "segment_state", "add_prefix", "prefix_grad", "CHUNK", "CHUNK_PER_KEY"]
+__all__ = ["forward", "backward", "segment_state", "add_prefix", "prefix_grad", "SegmentPrefixes", "CHUNK",
+           "CHUNK_PER_KEY"]

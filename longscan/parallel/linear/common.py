@@ -222,11 +222,13 @@ def local_backward(sp: SPContext, q, k, v, g, g_gamma, P, do, R):
     and dh0 the gradient of initial_state (non-zero only on the rank holding global segment 0, so the
     sum over ranks is the single-device gradient)."""
     n = sp.n_local
+    need_dg = any(x is not None and x.requires_grad for x in (g, g_gamma))
     qs, ks, vs, gs, dos = segment_inputs(sp, q, k, v, g, do)
     dq, dk, dv, dgate, dh0 = sp.impl.backward(qs, ks, vs, gs, g_gamma, sp.scale, P.flatten(0, 1), dos,
-                                              R.flatten(0, 1))
+                                              R.flatten(0, 1), need_dg)
     dh0 = dh0.view(P.shape)[0] if sp.rank == sp.first_owner else torch.zeros_like(P[0])
-    return merge(dq, n), merge(dk, n), merge(dv, n), (merge(dgate, n) if g is not None else dgate), dh0
+    return (merge(dq, n), merge(dk, n), merge(dv, n),
+            (merge(dgate, n) if g is not None and dgate is not None else dgate), dh0)
 
 
 def prefix_grads(sp: SPContext, q, g, g_gamma, do):
