@@ -68,7 +68,7 @@ def lin_inputs(B, T, H, D, kind, grad=False):
 def fwd_bwd(q, k, v, g, gg, do, need_dg):
     """Forward then backward as the autograd op runs them (the backward reuses the forward's states)."""
     o, _, saved = tc.forward(q, k, v, g, gg, return_saved=True)
-    return tc.backward(q, k, v, g, gg, None, None, do, None, need_dg, saved=saved)
+    return tc.backward(q, k, v, g, gg, None, None, do, None, need_dg, kv_states=saved)
 
 
 def linear(bw, tflops, shapes=((16, 4096), (1, 65536))):

@@ -48,9 +48,9 @@ def main():
             q, k, v, g, gg, do = inputs(B, T, kind)
             _, _, saved = tc.forward(q, k, v, g, gg, return_saved=True)
             runs = {"fwd": lambda: tc.forward(q, k, v, g, gg),
-                    "bwd no dg": lambda: tc.backward(q, k, v, g, gg, None, None, do, None, False, saved=saved)}
+                    "bwd no dg": lambda: tc.backward(q, k, v, g, gg, None, None, do, None, False, kv_states=saved)}
             if kind != "g_gamma":
-                runs["bwd with dg"] = lambda: tc.backward(q, k, v, g, gg, None, None, do, None, True, saved=saved)
+                runs["bwd with dg"] = lambda: tc.backward(q, k, v, g, gg, None, None, do, None, True, kv_states=saved)
             for name, fn in runs.items():
                 total, items = kernel_times(fn)
                 print(f"{B}x{T} {kind} {name}: {total:.3f} ms of kernels | "

@@ -50,7 +50,7 @@ def time_backward(x, kind):
     """The backward as the autograd op runs it: given the forward's segment states."""
     q, k, v, g, gg, do = x
     _, _, saved = tc.forward(q, k, v, g, gg, return_saved=True)
-    return bench(lambda: tc.backward(q, k, v, g, gg, None, None, do, None, kind != "g_gamma", saved=saved))
+    return bench(lambda: tc.backward(q, k, v, g, gg, None, None, do, None, kind != "g_gamma", kv_states=saved))
 
 
 def main():

@@ -149,14 +149,14 @@ def test_backward_reuses_forward_segment_states(small_chunks, monkeypatch, decay
     do = torch.randn(1, 70, 2, 16, generator=gen).to(DEV)
     args = (x["q"], x["k"], x["v"], x["g"], x["g_gamma"], None, x["initial_state"])
     o, _, saved = tc.forward(*args, False, return_saved=True)
-    assert saved is not None and saved.states.shape[2] == 3
-    with_saved = tc.backward(*args, do, None, saved=saved)
+    assert saved is not None and saved.n == 3
+    with_saved = tc.backward(*args, do, None, kv_states=saved)
     recomputed = tc.backward(*args, do, None)
     for a, b in zip(with_saved, recomputed):
         assert (a is None and b is None) or rel_err(a.cpu(), b.cpu()) <= 1e-6
     # and the backward really reads them: other prefixes give another dq
-    other = tc.SegmentPrefixes(saved.seg, saved.states + 1.0)
-    assert rel_err(tc.backward(*args, do, None, saved=other)[0].cpu(), recomputed[0].cpu()) > 1e-3
+    other = tc.SegmentStates(saved.seg, saved.states + 1.0, saved.log_decays)
+    assert rel_err(tc.backward(*args, do, None, kv_states=other)[0].cpu(), recomputed[0].cpu()) > 1e-3
 
 
 def test_sp_decomposition_equals_whole(small_chunks):

@@ -27,14 +27,15 @@ def reference(x, dos, dhts):
     return o, s, dict(zip(names, grads))
 
 
-def case(rank, world, method, layout, decay, dtype, use_state):
-    """Relative errors of this rank's results for one case."""
-    B, H, K, V = 2, 2, 4, 3
-    x = make_inputs(decay, B, T_LOCAL * world, H, K, V, dtype, seed=world * 1000 + DECAYS.index(decay))
+def case(rank, world, method, layout, decay, dtype, use_state, backend="auto", dims=(2, 2, 4, 3), t_local=T_LOCAL,
+         learn_g_gamma=True):
+    """Relative errors of this rank's results for one case (dims: B, H, K, V)."""
+    B, H, K, V = dims
+    x = make_inputs(decay, B, t_local * world, H, K, V, dtype, seed=world * 1000 + DECAYS.index(decay))
     if not use_state:
         x["initial_state"] = None
     gen = torch.Generator().manual_seed(7)
-    do = torch.randn(B, T_LOCAL * world, H, V, generator=gen, dtype=torch.float64).to(dtype)
+    do = torch.randn(B, t_local * world, H, V, generator=gen, dtype=torch.float64).to(dtype)
     # a different final-state gradient on every rank: the single-device one is their sum
     dhts = [torch.randn(B, H, K, V, generator=gen, dtype=torch.float64).to(dtype) for _ in range(world)]
     o_ref, s_ref, g_ref = reference(x, do, dhts if use_state else [])
@@ -43,11 +44,12 @@ def case(rank, world, method, layout, decay, dtype, use_state):
         return shard(t, 1, None, layout)
 
     local = {n: (t if n in ("g_gamma", "initial_state") else sh(t)) if t is not None else None for n, t in x.items()}
-    local = {n: (t.clone().requires_grad_() if t is not None else None) for n, t in local.items()}
+    local = {n: (t.clone().requires_grad_(n != "g_gamma" or learn_g_gamma) if t is not None else None)
+             for n, t in local.items()}
     o, s = linear_attention(local["q"], local["k"], local["v"], local["g"], local["g_gamma"],
                             initial_state=local["initial_state"], output_final_state=use_state,
-                            method=method, layout=layout, n_blocks=3)
-    names = [n for n, t in local.items() if t is not None]
+                            method=method, layout=layout, n_blocks=3, backend=backend)
+    names = [n for n, t in local.items() if t is not None and t.requires_grad]
     outs, grads_out = [o], [sh(do)]
     if use_state:
         outs.append(s)
@@ -99,6 +101,33 @@ def test_linear_sp_matches_single_device(sp_results, method, layout, decay, dnam
         assert set(errs) == expected
         bad = {k: v for k, v in errs.items() if not v <= tol}
         assert not bad, f"rank {rank}: {bad}"
+
+
+def triton_sp_worker(rank, world):
+    """The Triton backend under the CPU interpreter, with sequences long enough for several segments per
+    rank, so the SP passes hand each other their segment states as they do on a GPU."""
+    import importlib
+    import os
+    os.environ["TRITON_INTERPRET"] = "1"   # read when the kernel module is first imported (here)
+    tc = importlib.import_module("longscan.kernels.linear_attention.triton_chunk")
+    tc.CHUNK = tc.CHUNK_PER_KEY = 16
+    tc.SEGMENTS = 2
+    results = {}
+    for method in METHODS:
+        for layout in LAYOUTS:
+            for decay in DECAYS:
+                results[(method, layout, decay)] = case(rank, world, method, layout, decay, torch.float32, True,
+                                                        backend="triton", dims=(1, 2, 16, 16), t_local=64,
+                                                        learn_g_gamma=False)   # Triton refuses a learnable one
+    return results
+
+
+def test_linear_sp_on_triton_kernels_with_segments():
+    for rank, res in enumerate(run_distributed(triton_sp_worker, 2)):
+        for key, errs in res.items():
+            assert len(errs) >= 6, key
+            bad = {k: v for k, v in errs.items() if not v <= 1e-4}
+            assert not bad, f"rank {rank} {key}: {bad}"
 
 
 def bad_input_worker(rank, world):

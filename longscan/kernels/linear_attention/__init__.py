@@ -4,8 +4,9 @@ Every backend module provides:
   forward(q, k, v, g, g_gamma, scale, initial_state, output_final_state) -> (o, final_state | None)
   backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True) -> (dq, dk, dv, dg, dh0)
       (need_dg=False: the gate needs no gradient; dg is None and its cost is skipped)
-  optionally, with REUSES_FORWARD_STATES = True: forward(..., return_saved=True) -> (o, final, saved) and
-      backward(..., saved=saved) (saved may be None), so the backward can skip recomputing states
+  optionally, with REUSES_SEGMENT_STATES = True (Triton), what one pass computed is handed to the next:
+      segment_state/prefix_grad/forward(..., return_saved=True) add their per-segment states (or None) to
+      what they return; forward(..., kv_states=) and backward(..., kv_states=, qdo_states=) take them
   segment_state(k, v, g, g_gamma) -> (S_loc [B,H,K,V] f32, log_decay [B,H,K] f32)
   add_prefix(o, q, g, g_gamma, scale, P) -> o + scale·(q⊙exp(A))ᵀP
   prefix_grad(q, g, g_gamma, scale, do) -> scale·Σ_t (q_t⊙exp(A_t)) do_tᵀ   [B,H,K,V] f32
@@ -105,8 +106,8 @@ def check_inputs(q, k, v, g=None, g_gamma=None, initial_state=None) -> None:
 class _ChunkLinearAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, g_gamma, initial_state, scale, output_final_state, impl):
-        ctx.reuse = None   # what a backend's forward hands its backward (the Triton segment prefixes)
-        if getattr(impl, "REUSES_FORWARD_STATES", False):
+        ctx.reuse = None   # what a backend's forward hands its backward (the Triton segment states)
+        if getattr(impl, "REUSES_SEGMENT_STATES", False):
             o, ht, ctx.reuse = impl.forward(q, k, v, g, g_gamma, scale, initial_state, output_final_state,
                                             return_saved=True)
         else:
@@ -119,7 +120,7 @@ class _ChunkLinearAttention(torch.autograd.Function):
     def backward(ctx, do, dht):
         q, k, v, g, g_gamma, h0 = ctx.saved_tensors
         need_dg = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
-        extra = {"saved": ctx.reuse} if ctx.reuse is not None else {}
+        extra = {"kv_states": ctx.reuse} if ctx.reuse is not None else {}
         dq, dk, dv, dgate, dh0 = ctx.impl.backward(q, k, v, g, g_gamma, ctx.scale, h0, do, dht, need_dg, **extra)
         ctx.reuse = None
         dg = dgate if g is not None else None

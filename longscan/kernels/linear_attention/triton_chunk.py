@@ -51,7 +51,7 @@ _DIMS = (16, 32, 64, 128)
 # it missed the 1e-2 tolerance on an H100 (2.2e-2 at head dim 64) even with float32 state products, so the
 # dispatch refuses a g_gamma that requires grad here (the models keep g_gamma a fixed buffer).
 SUPPORTS_G_GAMMA_GRAD = False
-REUSES_FORWARD_STATES = True  # forward(return_saved=True) hands the backward its segment prefixes
+REUSES_SEGMENT_STATES = True  # entry points hand each other their per-segment states (SegmentStates)
 GATE_GRAD_F32_STATE = True  # state products of the gate-gradient backward in tf32 (bf16 states miss 1e-2)
 
 
@@ -586,19 +586,38 @@ def _scan(s, a, init, reverse, store_out=True):
 
 
 @dataclasses.dataclass
-class SegmentPrefixes:
-    """The forward's states entering each segment `[B, H, ns, K, V]` float32, segments of ``seg`` tokens."""
+class SegmentStates:
+    """A long sequence's per-segment states, kept so a later call skips recomputing them.
+
+    Segments of ``seg`` tokens; ``states`` `[B, H, ns, K, V]` float32: from zero over (k, v) (the forward's,
+    see :func:`segment_state`) or scaled from the segment start over (q, do) (the backward's, see
+    :func:`prefix_grad`); ``log_decays`` `[B, H, ns, K]` float32, each segment's total log gate."""
     seg: int
     states: torch.Tensor
+    log_decays: torch.Tensor
+
+    @property
+    def n(self) -> int:
+        return self.states.shape[2]
+
+
+def _split(B, H, T, V, C, device):
+    """-> (segment length, number of segments) of a sequence; one plan for every entry point, so the
+    segment states one call computes fit the next."""
+    return _layout(T, C, _segments(B * H * (V // _launch("fwd", V)[0]), triton.cdiv(T, C), device))
+
+
+def _kv_states(k, v, gt, gg, GATE, C, seg, ns) -> SegmentStates:
+    return SegmentStates(seg, *_states(k, v, gt, gg, GATE, C, seg, ns, 1.0, False))
 
 
 def forward(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None, output_final_state=False,
-            return_saved=False):
+            return_saved=False, kv_states=None):
     """-> (o `[B, T, H, V]` in q's dtype, final state `[B, H, K, V]` float32 or None).
 
-    return_saved: also return what the backward can reuse (pass it as ``backward(..., saved=...)``): the
-    states entering each segment of a long sequence, so the backward skips recomputing them (None when the
-    sequence ran as one segment)."""
+    kv_states: this sequence's :class:`SegmentStates` from :func:`segment_state` (SP computes them first),
+    so the forward skips its own state pass. return_saved: also return the segment states it used (None
+    when the sequence ran as one segment), for ``backward(..., kv_states=...)``."""
     _check(q, v, k, initial_state)
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -612,20 +631,21 @@ def forward(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None, outpu
             ht.copy_(initial_state if initial_state is not None else torch.zeros_like(ht))
         return (o, ht, None) if return_saved else (o, ht)
     BV, cfg = _launch("fwd", V)
-    seg, ns = _layout(T, C, _segments(B * H * (V // BV), triton.cdiv(T, C), q.device))
+    seg, ns = (kv_states.seg, kv_states.n) if kv_states is not None else _split(B, H, T, V, C, q.device)
     h0 = initial_state.contiguous() if initial_state is not None else None
     if ns > 1:
         # Long sequences: every segment's state in parallel, a scan for the prefixes, then all segments.
-        s, a = _states(k, v, gt, gg, GATE, C, seg, ns, 1.0, False)
-        h0, final = _scan(s, a, h0, reverse=False)
+        if kv_states is None:
+            kv_states = _kv_states(k, v, gt, gg, GATE, C, seg, ns)
+        h0, final = _scan(kv_states.states, kv_states.log_decays, h0, reverse=False)
         if ht is not None:
             ht.copy_(final)
+    else:
+        kv_states = None
     _fwd_kernel[(V // BV, B * H, ns)](q, k, v, gt, gg, o, h0 if h0 is not None else q, ht if ht is not None else o,
                                       T, H, seg, scale, K=K, V=V, BV=BV, C=C, GATE=GATE, HAS_H0=h0 is not None,
                                       STORE_HT=(ht is not None and ns == 1), PREC=_prec(q), **cfg)
-    if return_saved:
-        return o, ht, (SegmentPrefixes(seg, h0) if ns > 1 else None)
-    return o, ht
+    return (o, ht, kv_states) if return_saved else (o, ht)
 
 
 def _reverse_cumsum(x, dim):
@@ -635,10 +655,12 @@ def _reverse_cumsum(x, dim):
     return y.flip(-1).cumsum(-1).flip(-1).movedim(-1, dim)
 
 
-def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True, saved=None):
+def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True, kv_states=None,
+             qdo_states=None):
     """-> (dq, dk, dv, dg, dh0): dg in the shape of g (or of g_gamma `[H]`; None without decay or when
-    not need_dg), dh0 `[B, H, K, V]` float32 even when initial_state is None. ``saved``: the forward's
-    :class:`SegmentPrefixes` of these same inputs (``forward(..., return_saved=True)``), or None.
+    not need_dg), dh0 `[B, H, K, V]` float32 even when initial_state is None. kv_states / qdo_states: the
+    :class:`SegmentStates` of these inputs from ``forward(..., return_saved=True)`` / ``prefix_grad(...,
+    return_saved=True)`` (same scale), or None: the backward then computes them.
 
     Three kernels, each walking one (tile, batch·head, segment): dq forward over K-tiles, dk backward over
     K-tiles, dv backward over V-tiles, so no program holds a whole `[K, V]` state (see the module docstring
@@ -658,20 +680,18 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True, s
         dg = torch.zeros_like(g_gamma if GATE == 1 else g) if need_dg else None
         return dq, dk, dv, dg, dh0
     (BK, cq), (BKk, ck), (BV, cv) = _launch("dq", K), _launch("dk", K), _launch("dv", V)
-    if saved is not None:
-        seg, ns = saved.seg, saved.states.shape[2]
-    else:
-        seg, ns = _layout(T, C, _segments(B * H * (K // BK), triton.cdiv(T, C), dev))
+    given = [x for x in (kv_states, qdo_states) if x is not None]
+    seg, ns = (given[0].seg, given[0].n) if given else _split(B, H, T, V, C, dev)
+    if any((x.seg, x.n) != (seg, ns) for x in given):
+        raise ValueError("kv_states and qdo_states must come from the same segment plan")
     h0 = initial_state.contiguous() if initial_state is not None else None
     dhe = dht.contiguous() if dht is not None else None
     if ns > 1:
-        if saved is not None:
-            h0 = saved.states
-        else:
-            s, a = _states(k, v, gt, gg, GATE, C, seg, ns, 1.0, False)
-            h0, _ = _scan(s, a, h0, reverse=False)
-        s, a = _states(q, do, gt, gg, GATE, C, seg, ns, scale, True)
-        dhe, _ = _scan(s, a, dhe, reverse=True)
+        kv = kv_states if kv_states is not None else _kv_states(k, v, gt, gg, GATE, C, seg, ns)
+        h0, _ = _scan(kv.states, kv.log_decays, h0, reverse=False)
+        if qdo_states is None:
+            qdo_states = SegmentStates(seg, *_states(q, do, gt, gg, GATE, C, seg, ns, scale, True))
+        dhe, _ = _scan(qdo_states.states, qdo_states.log_decays, dhe, reverse=True)
     prec = _prec(q)
     # The gate gradient needs the state products in float32 (tf32): bf16 states miss its tolerance.
     sf32 = need_dg and q.dtype != torch.float32 and GATE_GRAD_F32_STATE
@@ -719,10 +739,11 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True, s
     return dq, dk, dv, dg, dh0
 
 
-def segment_state(k, v, g=None, g_gamma=None):
+def segment_state(k, v, g=None, g_gamma=None, return_saved=False):
     """A segment's state from zero and its total log decay.
 
-    -> (S `[B, H, K, V]` float32, log_decay `[B, H, K]` float32), S = Σ_t exp(A_T - A_t) ⊙ k_t v_tᵀ.
+    -> (S `[B, H, K, V]` float32, log_decay `[B, H, K]` float32), S = Σ_t exp(A_T - A_t) ⊙ k_t v_tᵀ, and with
+    return_saved the per-segment :class:`SegmentStates` (or None) for ``forward(..., kv_states=...)``.
     A state-only pass (no q, no output); long segments are split across SMs and combined by a scan.
     """
     _check(k, v)
@@ -731,19 +752,23 @@ def segment_state(k, v, g=None, g_gamma=None):
     k, v = k.contiguous(), v.contiguous()
     GATE, gt, gg, C = _gate(g, g_gamma, k)
     if T == 0:
-        return (torch.zeros(B, H, K, V, device=k.device, dtype=torch.float32),
-                torch.zeros(B, H, K, device=k.device, dtype=torch.float32))
-    seg, ns = _layout(T, C, _segments(B * H * (V // _launch("state", V)[0]), triton.cdiv(T, C), k.device))
-    s, a = _states(k, v, gt, gg, GATE, C, seg, ns, 1.0, False)
-    total = a.sum(2)
+        out = (torch.zeros(B, H, K, V, device=k.device, dtype=torch.float32),
+               torch.zeros(B, H, K, device=k.device, dtype=torch.float32))
+        return out + (None,) if return_saved else out
+    seg, ns = _split(B, H, T, V, C, k.device)
+    kv = _kv_states(k, v, gt, gg, GATE, C, seg, ns)
+    total = kv.log_decays.sum(2)
     if ns == 1:
-        return s[:, :, 0], total
-    _, final = _scan(s, a, None, reverse=False, store_out=False)
-    return final, total
+        out = (kv.states[:, :, 0], total)
+        return out + (None,) if return_saved else out
+    _, final = _scan(kv.states, kv.log_decays, None, reverse=False, store_out=False)
+    return (final, total, kv) if return_saved else (final, total)
 
 
-def prefix_grad(q, g, g_gamma, scale, do):
-    """Gradient of the segment's outputs w.r.t. its entering state: scale·Σ_t (q_t⊙exp(A_t)) do_tᵀ, float32."""
+def prefix_grad(q, g, g_gamma, scale, do, return_saved=False):
+    """Gradient of the segment's outputs w.r.t. its entering state: scale·Σ_t (q_t⊙exp(A_t)) do_tᵀ, float32
+    `[B, H, K, V]`; with return_saved also the per-segment :class:`SegmentStates` (or None) for
+    ``backward(..., qdo_states=...)``."""
     _check(q, do)
     B, T, H, K = q.shape
     V = do.shape[-1]
@@ -751,13 +776,14 @@ def prefix_grad(q, g, g_gamma, scale, do):
     q, do = q.contiguous(), do.contiguous().to(q.dtype)
     GATE, gt, gg, C = _gate(g, g_gamma, q)
     if T == 0:
-        return torch.zeros(B, H, K, V, device=q.device, dtype=torch.float32)
-    seg, ns = _layout(T, C, _segments(B * H * (V // _launch("state", V)[0]), triton.cdiv(T, C), q.device))
-    s, a = _states(q, do, gt, gg, GATE, C, seg, ns, scale, True)
+        out = torch.zeros(B, H, K, V, device=q.device, dtype=torch.float32)
+        return (out, None) if return_saved else out
+    seg, ns = _split(B, H, T, V, C, q.device)
+    qdo = SegmentStates(seg, *_states(q, do, gt, gg, GATE, C, seg, ns, scale, True))
     if ns == 1:
-        return s[:, :, 0]
-    _, final = _scan(s, a, None, reverse=True, store_out=False)
-    return final
+        return (qdo.states[:, :, 0], None) if return_saved else qdo.states[:, :, 0]
+    _, final = _scan(qdo.states, qdo.log_decays, None, reverse=True, store_out=False)
+    return (final, qdo) if return_saved else final
 
 
 def add_prefix(o, q, g, g_gamma, scale, P):
@@ -786,5 +812,5 @@ def add_prefix(o, q, g, g_gamma, scale, P):
     return out
 
 
-__all__ = ["forward", "backward", "segment_state", "add_prefix", "prefix_grad", "SegmentPrefixes", "CHUNK",
+__all__ = ["forward", "backward", "segment_state", "add_prefix", "prefix_grad", "SegmentStates", "CHUNK",
            "CHUNK_PER_KEY"]

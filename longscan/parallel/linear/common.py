@@ -204,10 +204,15 @@ def local_pass(sp: SPContext, qs, ks, vs, gs, g_gamma, collective, overlap: bool
         return x.view((n, -1) + tuple(x.shape[1:]))
 
     if overlap and qs.device.type == "cuda":
-        S, logd = sp.impl.segment_state(ks, vs, gs, g_gamma)
+        if reuses_states(sp):
+            # the output pass reuses the state pass's per-segment states instead of computing them again
+            S, logd, kv = sp.impl.segment_state(ks, vs, gs, g_gamma, return_saved=True)
+        else:
+            (S, logd), kv = sp.impl.segment_state(ks, vs, gs, g_gamma), None
         with comm_stream(qs.device) as stream:
             result = collective(seg_view(S), seg_view(logd))
-        o, _ = sp.impl.forward(qs, ks, vs, gs, g_gamma, sp.scale, None, False)
+        o, _ = sp.impl.forward(qs, ks, vs, gs, g_gamma, sp.scale, None, False,
+                               **({"kv_states": kv} if kv is not None else {}))
         join_stream(stream, *[t for t in result if t is not None])
         return o, result
     o, S = sp.impl.forward(qs, ks, vs, gs, g_gamma, sp.scale, None, True)
@@ -216,28 +221,38 @@ def local_pass(sp: SPContext, qs, ks, vs, gs, g_gamma, collective, overlap: bool
     return o, collective(seg_view(S), seg_view(logd))
 
 
-def local_backward(sp: SPContext, q, k, v, g, g_gamma, P, do, R):
+def reuses_states(sp: SPContext) -> bool:
+    """Whether the backend's passes hand each other their per-segment states (the Triton kernels)."""
+    return getattr(sp.impl, "REUSES_SEGMENT_STATES", False)
+
+
+def local_backward(sp: SPContext, q, k, v, g, g_gamma, P, do, R, qdo_states=None):
     """The local backward once the SP scan has given every segment its entering state P and the
     gradient R of its leaving state: -> (dq, dk, dv, dgate, dh0) with dgate shaped like g (or g_gamma)
     and dh0 the gradient of initial_state (non-zero only on the rank holding global segment 0, so the
-    sum over ranks is the single-device gradient)."""
+    sum over ranks is the single-device gradient). qdo_states: what :func:`prefix_grads` computed."""
     n = sp.n_local
     need_dg = any(x is not None and x.requires_grad for x in (g, g_gamma))
     qs, ks, vs, gs, dos = segment_inputs(sp, q, k, v, g, do)
+    extra = {"qdo_states": qdo_states} if qdo_states is not None else {}
     dq, dk, dv, dgate, dh0 = sp.impl.backward(qs, ks, vs, gs, g_gamma, sp.scale, P.flatten(0, 1), dos,
-                                              R.flatten(0, 1), need_dg)
+                                              R.flatten(0, 1), need_dg, **extra)
     dh0 = dh0.view(P.shape)[0] if sp.rank == sp.first_owner else torch.zeros_like(P[0])
     return (merge(dq, n), merge(dk, n), merge(dv, n),
             (merge(dgate, n) if g is not None and dgate is not None else dgate), dh0)
 
 
 def prefix_grads(sp: SPContext, q, g, g_gamma, do):
-    """Per segment: the gradient of its outputs w.r.t. its entering state `[n_local, B, H, K, V]`, and its
-    total log decay `[n_local, B, H, K]` (the inputs of the reverse scan)."""
+    """Per segment: the gradient of its outputs w.r.t. its entering state `[n_local, B, H, K, V]`, its
+    total log decay `[n_local, B, H, K]` (the inputs of the reverse scan), and the backend's per-segment
+    states of this pass for :func:`local_backward` (None where the backend does not reuse them)."""
     n = sp.n_local
     qs, gs, dos = split(q, n), split(g, n), split(do, n)
-    dP = sp.impl.prefix_grad(qs, gs, g_gamma, sp.scale, dos)
+    if reuses_states(sp):
+        dP, qdo = sp.impl.prefix_grad(qs, gs, g_gamma, sp.scale, dos, return_saved=True)
+    else:
+        dP, qdo = sp.impl.prefix_grad(qs, gs, g_gamma, sp.scale, dos), None
     B, _, H, K = qs.shape
     dP = dP.view((n, -1) + tuple(dP.shape[1:]))
     logd = log_decay(gs, g_gamma, qs.shape[1], (B, H, K), dP.dtype, q.device).view(dP.shape[:-1])
-    return dP, logd
+    return dP, logd, qdo

@@ -26,10 +26,10 @@ def lasp1_forward(sp, q, k, v, g, g_gamma, initial_state, output_final_state):
 
 def lasp1_backward(sp, q, k, v, g, g_gamma, P, do, dfinal):
     """-> (dq, dk, dv, dgate, dh0)."""
-    dP, logd = prefix_grads(sp, q, g, g_gamma, do)
+    dP, logd, qdo = prefix_grads(sp, q, g, g_gamma, do)
     dN = all_reduce_sum(dfinal.to(dP.dtype), sp) if dfinal is not None else None
     R, _ = all_scan(dP, logd, sp.group, sp.layout, 1, dN, reverse=True)
-    return local_backward(sp, q, k, v, g, g_gamma, P, do, R)
+    return local_backward(sp, q, k, v, g, g_gamma, P, do, R, qdo)
 
 
 def lasp1_linear_attention(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None,

@@ -48,7 +48,7 @@ def lasp2_forward(sp, q, k, v, g, g_gamma, initial_state, output_final_state):
 
 def lasp2_backward(sp, q, k, v, g, g_gamma, P, do, dfinal):
     """-> (dq, dk, dv, dgate, dh0)."""
-    dP, logd = prefix_grads(sp, q, g, g_gamma, do)
+    dP, logd, qdo = prefix_grads(sp, q, g, g_gamma, do)
     # Rows: this rank's segments, then its final-state gradient (the global one is the sum over ranks).
     extra = dfinal.to(dP.dtype) if dfinal is not None else torch.zeros_like(dP[0])
     rows = torch.cat([dP, extra.unsqueeze(0)], dim=0)
@@ -60,7 +60,7 @@ def lasp2_backward(sp, q, k, v, g, g_gamma, P, do, dfinal):
     segs = gathered.view((sp.world, per_rank) + tuple(gathered.shape[1:]))[:, :-1].flatten(0, 1)
     segs = _global_order(segs, sp)
     R, _ = serial_scan(segs[..., :-1], segs[..., -1], dN, reverse=True)
-    return local_backward(sp, q, k, v, g, g_gamma, P, do, _mine(R, sp))
+    return local_backward(sp, q, k, v, g, g_gamma, P, do, _mine(R, sp), qdo)
 
 
 def lasp2_linear_attention(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None,

@@ -26,11 +26,11 @@ def zeco_forward(sp, q, k, v, g, g_gamma, initial_state, output_final_state):
 
 def zeco_backward(sp, q, k, v, g, g_gamma, P, do, dfinal):
     """-> (dq, dk, dv, dgate, dh0)."""
-    dP, logd = prefix_grads(sp, q, g, g_gamma, do)
+    dP, logd, qdo = prefix_grads(sp, q, g, g_gamma, do)
     # Every rank returned the final state, so its gradient is the sum of every rank's copy's gradient.
     dN = all_reduce_sum(dfinal.to(dP.dtype), sp) if dfinal is not None else None
     R, _ = all_scan(dP, logd, sp.group, sp.layout, sp.n_blocks, dN, reverse=True)
-    return local_backward(sp, q, k, v, g, g_gamma, P, do, R)
+    return local_backward(sp, q, k, v, g, g_gamma, P, do, R, qdo)
 
 
 def zeco_linear_attention(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None,
