@@ -119,23 +119,36 @@ def linear(bw, tflops, shapes=((16, 4096), (1, 65536))):
 
 
 def sp_overhead(bw):
-    """One rank of a 4-way split of 65,536 tokens (B=1): its local work against the plain kernel."""
+    """One rank of a 4-way split of 65,536 tokens (B=1, or 4 sequences of 16,384): its local work against
+    the plain kernel on the same local tokens, as the SP operators run it on CUDA (parallel/linear/common.py):
+    forward  = segment_state -> (collective) -> zero-prefix forward reusing those states -> add_prefix,
+    backward = prefix_grad -> (reverse collective) -> backward from (P, R) reusing prefix_grad's states."""
     H, D = 16, 128
     for B, T in ((1, 16384), (4, 4096)):
       try:
         shape = f"B={B} T={T} H={H} D={D}"
         for kind in ("g_gamma", "g"):
             q, k, v, g, gg = lin_inputs(B, T, H, D, kind)
-            P = torch.randn(B, H, D, D, device="cuda")
+            do = torch.randn_like(v)
+            P, R = torch.randn(B, H, D, D, device="cuda"), torch.randn(B, H, D, D, device="cuda")
             plain = bench(lambda: tc.forward(q, k, v, g, gg, None, P))
 
             def sp():
-                tc.segment_state(k, v, g, gg)
-                o, _ = tc.forward(q, k, v, g, gg)
+                _, _, kv = tc.segment_state(k, v, g, gg, return_saved=True)
+                o, _ = tc.forward(q, k, v, g, gg, kv_states=kv)
                 return tc.add_prefix(o, q, g, gg, D ** -0.5, P)
             ms = bench(sp)
-            row(f"ours SP local work {kind} (state+fwd+prefix)", shape, ms, 0, "", 0, f"= {ms / plain:.2f}x plain fwd")
+            row(f"ours SP local fwd {kind} (state+fwd+prefix)", shape, ms, 0, "", 0, f"= {ms / plain:.2f}x plain fwd")
             row(f"ours plain fwd with h0 {kind}", shape, plain, 0, "", 0)
+            need_dg = kind != "g_gamma"
+            plain_b = bench(lambda: tc.backward(q, k, v, g, gg, None, P, do, R, need_dg))
+
+            def sp_b():
+                _, qdo = tc.prefix_grad(q, g, gg, None, do, return_saved=True)
+                return tc.backward(q, k, v, g, gg, None, P, do, R, need_dg, qdo_states=qdo)
+            ms = bench(sp_b)
+            row(f"ours SP local bwd {kind} (prefix_grad+bwd)", shape, ms, 0, "", 0, f"= {ms / plain_b:.2f}x plain bwd")
+            row(f"ours plain bwd with h0, dht {kind}", shape, plain_b, 0, "", 0)
       except Exception as e:  # noqa: BLE001
         print(f"sp overhead failed: {type(e).__name__}: {str(e).splitlines()[-1][:160]}")
 

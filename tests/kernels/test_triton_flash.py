@@ -62,6 +62,54 @@ def test_full_mask_unequal_lengths():
     check(2, 33, 50, 2, 1, 32, False, torch.float32, 1e-4, seed=1)
 
 
+# (dk/dv kernel, dq kernel) block shapes for the interpreter: BM < BN, BM > BN, and a 4:1 ratio each way
+BLOCKS = [((16, 32), (32, 16)), ((32, 16), (16, 32)), ((16, 64), (64, 16))]
+
+
+def use_blocks(monkeypatch, kv, qb):
+    """Point the interpreter's backward settings at these blocks (restored after the test)."""
+    monkeypatch.setitem(tf.BWD_CONFIG_INTERPRET, "dkdv", dict(BM=kv[0], BN=kv[1], num_warps=4, num_stages=1))
+    monkeypatch.setitem(tf.BWD_CONFIG_INTERPRET, "dq", dict(BM=qb[0], BN=qb[1], num_warps=4, num_stages=1))
+    got = tf._bwd_cfg(16, torch.float32)
+    assert (got[0]["BM"], got[0]["BN"], got[1]["BM"], got[1]["BN"]) == (*kv, *qb)
+
+
+@pytest.mark.parametrize("kv,qb", BLOCKS)
+@pytest.mark.parametrize("causal", [True, False])
+def test_bwd_block_configs(monkeypatch, kv, qb, causal):
+    """Non-default backward blocks, GQA, T=100 (no multiple of any block; diagonal and mask-free blocks)."""
+    use_blocks(monkeypatch, kv, qb)
+    check(1, 100, 100, 4, 2, 16, causal, torch.float32, 1e-4, seed=kv[0] + qb[0] + causal)
+
+
+@pytest.mark.parametrize("kv,qb", BLOCKS)
+def test_bwd_block_configs_full_unequal(monkeypatch, kv, qb):
+    """Full mask with Tq != Tk (neither a multiple of the blocks), GQA."""
+    use_blocks(monkeypatch, kv, qb)
+    check(1, 37, 75, 4, 1, 16, False, torch.float32, 1e-4, seed=kv[1])
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")   # masked-out p, rows never stored
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("causal", [True, False])
+def test_bwd_very_negative_lse(monkeypatch, causal):
+    """Every logit near -150: exp2(-lse·log2 e) overflows float32, so the zero-padded keys of a partial last
+    block must be masked out of p, or dq turns nan."""
+    use_blocks(monkeypatch, (16, 32), (32, 16))
+    gen = torch.Generator().manual_seed(3)
+    B, T, H, D = 1, 40, 2, 16
+    q = 3 + 0.3 * torch.randn(B, T, H, D, generator=gen)
+    k = -3 + 0.3 * torch.randn(B, T, H, D, generator=gen)
+    v, do = torch.randn(B, T, H, D, generator=gen), torch.randn(B, T, H, D, generator=gen)
+    _, lse_ref, g_ref = reference(q, k, v, 1.0, causal, do)
+    assert lse_ref.max() < -100
+    o, lse = tf.flash_attn_forward(q, k, v, 1.0, causal)
+    assert rel_err(lse, lse_ref) <= 1e-5
+    for name, got, want in zip(("dq", "dk", "dv"), tf.flash_attn_backward(do, q, k, v, o, lse, 1.0, causal), g_ref):
+        err = rel_err(got, want)
+        assert err <= 1e-4, f"{name}: {err:.2e}"
+
+
 def test_clear_errors():
     q = torch.randn(1, 8, 2, 16, device=DEV)
     with pytest.raises(TypeError, match="supports"):

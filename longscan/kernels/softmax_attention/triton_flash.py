@@ -7,7 +7,8 @@ query i sees keys ≤ i). Softmax in base 2 (exp2 is one instruction); lse is re
 Forward: one program per (q block, batch·q-head), online softmax over key blocks; the causal loop runs the
 off-diagonal blocks without a mask and only the diagonal blocks with one.
 Backward (FlashAttention-2): delta = rowsum(o⊙do); one kernel per kv block accumulates dk, dv over the q
-blocks of every q-head of its group (no atomics), another per q block accumulates dq.
+blocks of every q-head of its group (no atomics), another per q block accumulates dq. Each has its own launch
+settings (BWD_CONFIG), and with the causal mask each masks only the blocks that straddle the diagonal.
 """
 from __future__ import annotations
 
@@ -102,6 +103,33 @@ def _delta_kernel(o, do, delta, T, HQ, D: tl.constexpr, BM: tl.constexpr):
 
 
 @triton.jit
+def _bwd_dkdv_inner(dk_acc, dv_acc, bk, bv, q_h, do_h, lse_h, delta_h, q_row0, HQ_D, offs_n, lo, hi, T, qk_scale,
+                    D: tl.constexpr, BM: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr):
+    """Add the q blocks [lo, hi) of one q-head to dk_acc, dv_acc `[BN, D]`. MASK: apply the causal mask.
+
+    q rows past T need no mask: their q, do, lse, delta load as 0, so p = 1 but every term they add is
+    p·do = 0 and ds·q = 0. Key rows past Tk only fill accumulator rows that are never stored."""
+    rd = tl.arange(0, D)
+    for m0 in range(lo, hi, BM):
+        offs_m = m0 + tl.arange(0, BM)
+        mmask = offs_m < T
+        ptr = (q_row0 + offs_m.to(tl.int64))[:, None] * HQ_D + rd[None, :]
+        bq = tl.load(q_h + ptr, mask=mmask[:, None], other=0.0)
+        bdo = tl.load(do_h + ptr, mask=mmask[:, None], other=0.0)
+        l2 = tl.load(lse_h + offs_m, mask=mmask, other=0.0) * 1.4426950408889634
+        dl = tl.load(delta_h + offs_m, mask=mmask, other=0.0)
+        sT = tl.dot(bk, tl.trans(bq), input_precision=PREC)                  # [BN, BM]
+        pT = tl.exp2(sT * qk_scale - l2[None, :])
+        if MASK:
+            pT = tl.where(offs_n[:, None] <= offs_m[None, :], pT, 0.0)
+        dv_acc += tl.dot(pT.to(bdo.dtype), bdo, input_precision=PREC)
+        dpT = tl.dot(bv, tl.trans(bdo), input_precision=PREC)
+        dsT = pT * (dpT - dl[None, :])
+        dk_acc += tl.dot(dsT.to(bq.dtype), bq, input_precision=PREC)
+    return dk_acc, dv_acc
+
+
+@triton.jit
 def _bwd_dkdv_kernel(q, k, v, do, lse, delta, dk, dv, T, Tk, HQ, HKV, G, sm_scale, qk_scale,
                      D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr,
                      PREC: tl.constexpr):
@@ -118,38 +146,65 @@ def _bwd_dkdv_kernel(q, k, v, do, lse, delta, dk, dv, T, Tk, HQ, HKV, G, sm_scal
     bv = tl.load(v + krow[:, None] * D + rd[None, :], mask=nmask[:, None], other=0.0)
     dk_acc = tl.zeros([BN, D], dtype=tl.float32)
     dv_acc = tl.zeros([BN, D], dtype=tl.float32)
-    lo = 0
-    if CAUSAL:
-        lo = (jn * BN) // BM * BM
+    q_row0 = (b * T).to(tl.int64)
+    HQ_D = HQ * D
     for gi in range(0, G):
         hq = hkv * G + gi
-        for m0 in range(lo, T, BM):
-            offs_m = m0 + tl.arange(0, BM)
-            mmask = offs_m < T
-            qrow = (b * T + offs_m).to(tl.int64) * HQ + hq
-            bq = tl.load(q + qrow[:, None] * D + rd[None, :], mask=mmask[:, None], other=0.0)
-            bdo = tl.load(do + qrow[:, None] * D + rd[None, :], mask=mmask[:, None], other=0.0)
-            stat = (b * HQ + hq).to(tl.int64) * T + offs_m
-            l2 = tl.load(lse + stat, mask=mmask, other=0.0) * 1.4426950408889634
-            dl = tl.load(delta + stat, mask=mmask, other=0.0)
-            sT = tl.dot(bk, tl.trans(bq), input_precision=PREC) * qk_scale     # [BN, BM]
-            valid = nmask[:, None] & mmask[None, :]
-            if CAUSAL:
-                valid = valid & (offs_n[:, None] <= offs_m[None, :])
-            pT = tl.where(valid, tl.exp2(sT - l2[None, :]), 0.0)
-            dv_acc += tl.dot(pT.to(bdo.dtype), bdo, input_precision=PREC)
-            dpT = tl.dot(bv, tl.trans(bdo), input_precision=PREC)
-            dsT = pT * (dpT - dl[None, :])
-            dk_acc += tl.dot(dsT.to(bq.dtype), bq, input_precision=PREC)
+        q_h = q + hq * D
+        do_h = do + hq * D
+        lse_h = lse + (b * HQ + hq).to(tl.int64) * T
+        delta_h = delta + (b * HQ + hq).to(tl.int64) * T
+        if CAUSAL:
+            # q blocks that hold a row < the block's last key straddle the diagonal and need the mask;
+            # every q block from diag_hi on sees all BN keys (q rows before lo see none)
+            lo = (jn * BN) // BM * BM
+            diag_hi = tl.cdiv((jn + 1) * BN, BM) * BM
+            dk_acc, dv_acc = _bwd_dkdv_inner(dk_acc, dv_acc, bk, bv, q_h, do_h, lse_h, delta_h, q_row0, HQ_D,
+                                             offs_n, lo, tl.minimum(diag_hi, T), T, qk_scale, D, BM, True, PREC)
+            dk_acc, dv_acc = _bwd_dkdv_inner(dk_acc, dv_acc, bk, bv, q_h, do_h, lse_h, delta_h, q_row0, HQ_D,
+                                             offs_n, diag_hi, T, T, qk_scale, D, BM, False, PREC)
+        else:
+            dk_acc, dv_acc = _bwd_dkdv_inner(dk_acc, dv_acc, bk, bv, q_h, do_h, lse_h, delta_h, q_row0, HQ_D,
+                                             offs_n, 0, T, T, qk_scale, D, BM, False, PREC)
     tl.store(dk + krow[:, None] * D + rd[None, :], (dk_acc * sm_scale).to(dk.dtype.element_ty), mask=nmask[:, None])
     tl.store(dv + krow[:, None] * D + rd[None, :], dv_acc.to(dv.dtype.element_ty), mask=nmask[:, None])
+
+
+@triton.jit
+def _bwd_dq_inner(acc, bq, bdo, l2, dl, k_h, v_h, kv_row0, HKV_D, offs_m, lo, hi, Tk, qk_scale,
+                  D: tl.constexpr, BN: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr):
+    """Add the key blocks [lo, hi) to acc `[BM, D]`. MASK: 0 none, 1 causal, 2 keys < Tk.
+
+    Keys past Tk load as 0 and add ds·k = 0, but their p = exp2(-l2) may overflow (then inf·0 = nan),
+    so the full mask's partial last block masks them. The causal mask already drops them for every
+    stored row (key > query); rows past T are never stored."""
+    rd = tl.arange(0, D)
+    for n0 in range(lo, hi, BN):
+        offs_n = n0 + tl.arange(0, BN)
+        nmask = offs_n < Tk
+        ptr = (kv_row0 + offs_n.to(tl.int64))[:, None] * HKV_D + rd[None, :]
+        bk = tl.load(k_h + ptr, mask=nmask[:, None], other=0.0)
+        bv = tl.load(v_h + ptr, mask=nmask[:, None], other=0.0)
+        s = tl.dot(bq, tl.trans(bk), input_precision=PREC)
+        p = tl.exp2(s * qk_scale - l2[:, None])
+        if MASK == 1:
+            p = tl.where(offs_m[:, None] >= offs_n[None, :], p, 0.0)
+        elif MASK == 2:
+            p = tl.where(nmask[None, :], p, 0.0)
+        dp = tl.dot(bdo, tl.trans(bv), input_precision=PREC)
+        ds = p * (dp - dl[:, None])
+        acc += tl.dot(ds.to(bk.dtype), bk, input_precision=PREC)
+    return acc
 
 
 @triton.jit
 def _bwd_dq_kernel(q, k, v, do, lse, delta, dq, T, Tk, HQ, HKV, G, sm_scale, qk_scale,
                    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr,
                    PREC: tl.constexpr):
+    """One q block of one q-head: dq over all keys it sees."""
     im = tl.program_id(0)
+    if CAUSAL:
+        im = tl.num_programs(0) - 1 - im      # the longest (last) q blocks start first: a shorter tail
     bh = tl.program_id(1)
     b = bh // HQ
     hq = bh % HQ
@@ -163,24 +218,24 @@ def _bwd_dq_kernel(q, k, v, do, lse, delta, dq, T, Tk, HQ, HKV, G, sm_scale, qk_
     stat = bh.to(tl.int64) * T + offs_m
     l2 = tl.load(lse + stat, mask=mmask, other=0.0) * 1.4426950408889634
     dl = tl.load(delta + stat, mask=mmask, other=0.0)
+    kv_row0 = (b * Tk).to(tl.int64)
+    k_h = k + hkv * D
+    v_h = v + hkv * D
+    HKV_D = HKV * D
     acc = tl.zeros([BM, D], dtype=tl.float32)
-    hi = Tk
     if CAUSAL:
-        hi = tl.minimum((im + 1) * BM, Tk)
-    for n0 in range(0, hi, BN):
-        offs_n = n0 + tl.arange(0, BN)
-        nmask = offs_n < Tk
-        krow = (b * Tk + offs_n).to(tl.int64) * HKV + hkv
-        bk = tl.load(k + krow[:, None] * D + rd[None, :], mask=nmask[:, None], other=0.0)
-        bv = tl.load(v + krow[:, None] * D + rd[None, :], mask=nmask[:, None], other=0.0)
-        s = tl.dot(bq, tl.trans(bk), input_precision=PREC) * qk_scale
-        valid = mmask[:, None] & nmask[None, :]
-        if CAUSAL:
-            valid = valid & (offs_m[:, None] >= offs_n[None, :])
-        p = tl.where(valid, tl.exp2(s - l2[:, None]), 0.0)
-        dp = tl.dot(bdo, tl.trans(bv), input_precision=PREC)
-        ds = p * (dp - dl[:, None])
-        acc += tl.dot(ds.to(bk.dtype), bk, input_precision=PREC)
+        # key blocks wholly at or below the block's first query need no mask; the rest straddle the diagonal
+        full_hi = (im * BM) // BN * BN
+        acc = _bwd_dq_inner(acc, bq, bdo, l2, dl, k_h, v_h, kv_row0, HKV_D, offs_m, 0, full_hi, Tk, qk_scale,
+                            D, BN, 0, PREC)
+        acc = _bwd_dq_inner(acc, bq, bdo, l2, dl, k_h, v_h, kv_row0, HKV_D, offs_m, full_hi,
+                            tl.minimum((im + 1) * BM, Tk), Tk, qk_scale, D, BN, 1, PREC)
+    else:
+        n_full = Tk // BN * BN
+        acc = _bwd_dq_inner(acc, bq, bdo, l2, dl, k_h, v_h, kv_row0, HKV_D, offs_m, 0, n_full, Tk, qk_scale,
+                            D, BN, 0, PREC)
+        acc = _bwd_dq_inner(acc, bq, bdo, l2, dl, k_h, v_h, kv_row0, HKV_D, offs_m, n_full, Tk, Tk, qk_scale,
+                            D, BN, 2, PREC)
     tl.store(dq + qrow[:, None] * D + rd[None, :], (acc * sm_scale).to(dq.dtype.element_ty), mask=mmask[:, None])
 
 
@@ -206,16 +261,41 @@ def _check(q, k, v, causal):
         raise ValueError(f"causal (diagonal) mask needs Tq == Tk, got {T} and {k.shape[1]}")
 
 
+# Backward launch settings per kernel, 16-bit inputs on a GPU; picked by benchmarks/tune_flash.py on an H100
+# (bf16, B=4, H=16, D=128, T=8192 and 16384, triton 3.6: backward 390-410 TFLOP/s; settings within ~5% of
+# each other are noise there). Rerun it after a Triton upgrade. BM and BN: powers of two ≥ 16.
+BWD_CONFIG = {
+    "dkdv": dict(BM=64, BN=64, num_warps=4, num_stages=2),
+    "dq": dict(BM=128, BN=64, num_warps=8, num_stages=3),
+}
+# float32 on a GPU (operands twice as large: small blocks) and the CPU interpreter (small blocks run faster)
+BWD_CONFIG_FP32 = {
+    "dkdv": dict(BM=32, BN=32, num_warps=8, num_stages=2),
+    "dq": dict(BM=32, BN=32, num_warps=8, num_stages=2),
+}
+BWD_CONFIG_INTERPRET = {
+    "dkdv": dict(BM=32, BN=32, num_warps=4, num_stages=1),
+    "dq": dict(BM=32, BN=32, num_warps=4, num_stages=1),
+}
+
+
 def _cfg(D, dtype):
-    """Block sizes: large on a GPU, small in the CPU interpreter."""
+    """Forward block sizes: large on a GPU, small in the CPU interpreter."""
     if _interpreting():
-        return dict(BM=32, BN=32, num_warps=4, num_stages=1), dict(BM=32, BN=32, num_warps=4, num_stages=1)
+        return dict(BM=32, BN=32, num_warps=4, num_stages=1)
     fwd = dict(BM=128, BN=64 if D <= 64 or dtype != torch.float32 else 32, num_warps=8, num_stages=3)
-    bwd = dict(BM=64, BN=64, num_warps=4 if D <= 64 else 8, num_stages=2)
     if dtype == torch.float32:
         fwd.update(BM=64, BN=32, num_stages=2)
-        bwd.update(BM=32, BN=32)
-    return fwd, bwd
+    return fwd
+
+
+def _bwd_cfg(D, dtype):
+    """-> (dk/dv settings, dq settings), fresh dicts read from the module's tables at each call."""
+    table = BWD_CONFIG_INTERPRET if _interpreting() else BWD_CONFIG_FP32 if dtype == torch.float32 else BWD_CONFIG
+    dkdv, dq = dict(table["dkdv"]), dict(table["dq"])
+    if dtype == torch.float32 and D <= 64 and not _interpreting():
+        dkdv["num_warps"] = dq["num_warps"] = 4
+    return dkdv, dq
 
 
 def _prec(x) -> str:
@@ -233,7 +313,7 @@ def flash_attn_forward(q, k, v, scale=None, causal=True):
     lse = torch.empty(B, HQ, T, device=q.device, dtype=torch.float32)
     if T == 0:
         return o, lse
-    cfg, _ = _cfg(D, q.dtype)
+    cfg = _cfg(D, q.dtype)
     BM, BN = cfg.pop("BM"), cfg.pop("BN")
     _fwd_kernel[(triton.cdiv(T, BM), B * HQ)](q, k, v, o, lse, T, Tk, HQ, HKV, HQ // HKV, scale * _LOG2E,
                                               D=D, BM=BM, BN=BN, CAUSAL=causal, PREC=_prec(q), **cfg)
@@ -255,13 +335,14 @@ def flash_attn_backward(do, q, k, v, o, lse, scale=None, causal=True):
         return dq.zero_(), dk.zero_(), dv.zero_()
     delta = torch.empty(B, HQ, T, device=q.device, dtype=torch.float32)
     _delta_kernel[(triton.cdiv(T, 64), B * HQ)](o, do, delta, T, HQ, D=D, BM=64)
-    _, cfg = _cfg(D, q.dtype)
-    BM, BN = cfg.pop("BM"), cfg.pop("BN")
+    cfg_kv, cfg_q = _bwd_cfg(D, q.dtype)
     args = (T, Tk, HQ, HKV, HQ // HKV, scale, scale * _LOG2E)
+    BM, BN = cfg_kv.pop("BM"), cfg_kv.pop("BN")
     _bwd_dkdv_kernel[(triton.cdiv(Tk, BN), B * HKV)](q, k, v, do, lse, delta, dk, dv, *args, D=D, BM=BM, BN=BN,
-                                                      CAUSAL=causal, PREC=_prec(q), **cfg)
+                                                      CAUSAL=causal, PREC=_prec(q), **cfg_kv)
+    BM, BN = cfg_q.pop("BM"), cfg_q.pop("BN")
     _bwd_dq_kernel[(triton.cdiv(T, BM), B * HQ)](q, k, v, do, lse, delta, dq, *args, D=D, BM=BM, BN=BN,
-                                                 CAUSAL=causal, PREC=_prec(q), **cfg)
+                                                 CAUSAL=causal, PREC=_prec(q), **cfg_q)
     return dq, dk, dv
 
 
