@@ -122,6 +122,7 @@ def sp_overhead(bw):
     """One rank of a 4-way split of 65,536 tokens (B=1, or 4 sequences of 16,384): its local work against
     the plain kernel on the same local tokens, as the SP operators run it on CUDA (parallel/linear/common.py):
     forward  = segment_state -> (collective) -> zero-prefix forward reusing those states -> add_prefix,
+               or with overlap=False segment_state -> (collective) -> forward from P reusing the states,
     backward = prefix_grad -> (reverse collective) -> backward from (P, R) reusing prefix_grad's states."""
     H, D = 16, 128
     for B, T in ((1, 16384), (4, 4096)):
@@ -139,6 +140,13 @@ def sp_overhead(bw):
                 return tc.add_prefix(o, q, g, gg, D ** -0.5, P)
             ms = bench(sp)
             row(f"ours SP local fwd {kind} (state+fwd+prefix)", shape, ms, 0, "", 0, f"= {ms / plain:.2f}x plain fwd")
+
+            def sp_serial():   # overlap=False: the output pass starts from P (the collective sits between)
+                _, _, kv = tc.segment_state(k, v, g, gg, return_saved=True)
+                return tc.forward(q, k, v, g, gg, None, P, kv_states=kv)
+            ms = bench(sp_serial)
+            row(f"ours SP local fwd {kind}, overlap=False (state+fwd from P)", shape, ms, 0, "", 0,
+                f"= {ms / plain:.2f}x plain fwd")
             row(f"ours plain fwd with h0 {kind}", shape, plain, 0, "", 0)
             need_dg = kind != "g_gamma"
             plain_b = bench(lambda: tc.backward(q, k, v, g, gg, None, P, do, R, need_dg))

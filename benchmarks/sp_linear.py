@@ -24,6 +24,8 @@ def parse_args(argv=None):
     add_common_args(p, ["zeco", "lasp2", "lasp1"], "contiguous", "sp_linear.json")
     p.add_argument("--decay", choices=["none", "g_gamma", "g_scalar", "g_per_key"], default="g_gamma")
     p.add_argument("--n-blocks", type=int, default=4)
+    p.add_argument("--no-overlap", action="store_true",
+                   help="overlap=False: the output pass waits for the collective (no correction pass)")
     return p.parse_args(argv)
 
 
@@ -59,16 +61,19 @@ def main(argv=None):
                          ratio_to_local=1.0))
         for method in args.methods:
             fn = lambda: linear_attention(q, k, v, g, g_gamma, method=method, layout=args.layout,  # noqa: E731
-                                          backend=args.backend, n_blocks=args.n_blocks)[0]
+                                          backend=args.backend, n_blocks=args.n_blocks,
+                                          overlap=not args.no_overlap)[0]
             med, _, wait, sent, recv = max_over_ranks(time_step(fn, do, device, args), device)
             rows.append(dict(method=method, T_local=T, ms=med * 1e3, wait_ms=wait * 1e3, sent=int(sent),
                              recv=int(recv), ratio_to_local=med / base))
     meta = dict(world_size=world, device=torch.cuda.get_device_name() if cuda else "cpu", dtype=str(dtype),
                 batch=args.batch, heads=args.heads, head_dim=args.head_dim, decay=args.decay,
-                layout=args.layout, backend=args.backend, n_blocks=args.n_blocks, iters=args.iters,
+                layout=args.layout, backend=args.backend, n_blocks=args.n_blocks, overlap=not args.no_overlap,
+                iters=args.iters,
                 torch=torch.__version__)
     report(f"# sp_linear  W={world}  {meta['device']}  {meta['dtype']}  B={args.batch} H={args.heads} "
-           f"D={args.head_dim}  decay={args.decay}  layout={args.layout}", rows, meta, args.json)
+           f"D={args.head_dim}  decay={args.decay}  layout={args.layout}  overlap={not args.no_overlap}", rows, meta,
+           args.json)
     dist.destroy_process_group()
 
 

@@ -12,6 +12,8 @@ from longscan.parallel import linear_attention, shard
 METHODS = ("zeco", "lasp2", "lasp1")
 LAYOUTS = ("contiguous", "zigzag")
 DTYPES = {"float64": (torch.float64, 1e-5), "float32": (torch.float32, 1e-4)}
+# the float64 cases run once more with overlap=False (the output pass waits for the collective)
+RUNS = {"float64": True, "float32": True, "float64-serial": False}
 T_LOCAL = 8
 
 
@@ -28,7 +30,7 @@ def reference(x, dos, dhts):
 
 
 def case(rank, world, method, layout, decay, dtype, use_state, backend="auto", dims=(2, 2, 4, 3), t_local=T_LOCAL,
-         learn_g_gamma=True):
+         learn_g_gamma=True, overlap=True):
     """Relative errors of this rank's results for one case (dims: B, H, K, V)."""
     B, H, K, V = dims
     x = make_inputs(decay, B, t_local * world, H, K, V, dtype, seed=world * 1000 + DECAYS.index(decay))
@@ -48,7 +50,7 @@ def case(rank, world, method, layout, decay, dtype, use_state, backend="auto", d
              for n, t in local.items()}
     o, s = linear_attention(local["q"], local["k"], local["v"], local["g"], local["g_gamma"],
                             initial_state=local["initial_state"], output_final_state=use_state,
-                            method=method, layout=layout, n_blocks=3, backend=backend)
+                            method=method, layout=layout, n_blocks=3, backend=backend, overlap=overlap)
     names = [n for n, t in local.items() if t is not None and t.requires_grad]
     outs, grads_out = [o], [sh(do)]
     if use_state:
@@ -76,10 +78,12 @@ def sp_worker(rank, world):
     for method in METHODS:
         for layout in LAYOUTS:
             for decay in DECAYS:
-                for dname, (dtype, _) in DTYPES.items():
+                for run, overlap in RUNS.items():
+                    dname = run.split("-")[0]
                     # float64 cases carry an initial and final state, float32 ones do not
-                    results[(method, layout, decay, dname)] = case(rank, world, method, layout, decay, dtype,
-                                                                   use_state=dname == "float64")
+                    results[(method, layout, decay, run)] = case(rank, world, method, layout, decay,
+                                                                 DTYPES[dname][0], use_state=dname == "float64",
+                                                                 overlap=overlap)
     return results
 
 
@@ -88,16 +92,17 @@ def sp_results(request):
     return run_distributed(sp_worker, request.param)
 
 
-@pytest.mark.parametrize("dname", list(DTYPES))
+@pytest.mark.parametrize("run", list(RUNS))
 @pytest.mark.parametrize("decay", DECAYS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("method", METHODS)
-def test_linear_sp_matches_single_device(sp_results, method, layout, decay, dname):
+def test_linear_sp_matches_single_device(sp_results, method, layout, decay, run):
+    dname = run.split("-")[0]
     tol = DTYPES[dname][1]
     expected = {"o", "dq", "dk", "dv"} | ({"final_state", "dinitial_state"} if dname == "float64" else set())
     expected |= {"dg"} if decay in ("g_scalar", "g_per_key") else {"dg_gamma"} if decay == "g_gamma" else set()
     for rank, res in enumerate(sp_results):
-        errs = res[(method, layout, decay, dname)]
+        errs = res[(method, layout, decay, run)]
         assert set(errs) == expected
         bad = {k: v for k, v in errs.items() if not v <= tol}
         assert not bad, f"rank {rank}: {bad}"
@@ -116,9 +121,11 @@ def triton_sp_worker(rank, world):
     for method in METHODS:
         for layout in LAYOUTS:
             for decay in DECAYS:
-                results[(method, layout, decay)] = case(rank, world, method, layout, decay, torch.float32, True,
-                                                        backend="triton", dims=(1, 2, 16, 16), t_local=64,
-                                                        learn_g_gamma=False)   # Triton refuses a learnable one
+                for overlap in (True, False):
+                    results[(method, layout, decay, overlap)] = case(
+                        rank, world, method, layout, decay, torch.float32, True, backend="triton",
+                        dims=(1, 2, 16, 16), t_local=64, learn_g_gamma=False,   # Triton refuses a learnable one
+                        overlap=overlap)
     return results
 
 
@@ -142,6 +149,7 @@ def bad_input_worker(rank, world):
         "layout": lambda: linear_attention(q, k, v, layout="striped"),
         "n_blocks": lambda: linear_attention(q, k, v, n_blocks=0),
         "both gates": lambda: linear_attention(q, k, v, g=x["g"], g_gamma=torch.zeros(2)),
+        "overlap": lambda: linear_attention(q, k, v, overlap="yes"),
     }
     out = {}
     for name, fn in cases.items():
@@ -156,7 +164,8 @@ def bad_input_worker(rank, world):
 def test_bad_inputs_raise_on_every_rank():
     expected = {"lengths differ": "local length.*equal on every rank", "zigzag odd": "needs an even local length",
                 "method": "method must be one of", "layout": "layout must be one of",
-                "n_blocks": "n_blocks must be", "both gates": "at most one of g and g_gamma"}
+                "n_blocks": "n_blocks must be", "both gates": "at most one of g and g_gamma",
+                "overlap": "overlap must be True or False"}
     import re
     for rank, res in enumerate(run_distributed(bad_input_worker, 2)):
         for name, pattern in expected.items():

@@ -30,6 +30,7 @@ class SPContext:
     scale: float
     impl: object
     n_blocks: int = 4
+    overlap: bool = True
 
     @property
     def first_owner(self) -> int:
@@ -132,12 +133,14 @@ def check_same_local_length(T: int, sp: SPContext, device) -> None:
 
 
 def make_context(q, k, v, g, g_gamma, scale, initial_state, method, group, layout, backend,
-                 n_blocks) -> SPContext:
+                 n_blocks, overlap=True) -> SPContext:
     """Validate everything and build the SPContext (ValueError/TypeError naming the parameter)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     check_layout(layout)
     check_inputs(q, k, v, g, g_gamma, initial_state)
+    if not isinstance(overlap, bool):
+        raise TypeError(f"overlap must be True or False, got {overlap!r}")
     if not isinstance(n_blocks, int) or not 1 <= n_blocks <= q.shape[-1]:
         raise ValueError(f"n_blocks must be an int in [1, K={q.shape[-1]}], got {n_blocks!r}")
     rank, world = group_rank_size(group)
@@ -150,7 +153,7 @@ def make_context(q, k, v, g, g_gamma, scale, initial_state, method, group, layou
     impl = get_backend(backend, q.device)
     check_backend_supports(impl, g_gamma)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    sp = SPContext(group, layout, rank, world, n_local, scale, impl, n_blocks)
+    sp = SPContext(group, layout, rank, world, n_local, scale, impl, n_blocks, overlap)
     check_same_local_length(T, sp, q.device)
     return sp
 
@@ -188,37 +191,51 @@ def segment_inputs(sp: SPContext, q, k, v, g, do=None):
     return split(q, n), split(k, n), split(v, n), split(g, n), split(do, n)
 
 
-def local_pass(sp: SPContext, qs, ks, vs, gs, g_gamma, collective, overlap: bool = True):
-    """The zero-prefix local pass of every segment, and ``collective(S_loc, log_decay)`` on its states.
+def local_pass(sp: SPContext, qs, ks, vs, gs, g_gamma, collective):
+    """Every local segment's output, and ``collective(S_loc, log_decay)`` on their states.
 
     qs, ks, vs, gs are stacked segments (:func:`segment_inputs`); ``collective`` gets `[n_local, B, H, K, V]`
-    states and `[n_local, B, H, K]` log decays and returns a tuple of tensors (or None).
-    On CUDA with ``overlap``, a state-only pass comes first and the collective is issued on a side stream,
-    where it runs beside the output pass. Elsewhere (gloo blocks the host, so nothing would overlap) one
-    pass computes the output and the state together and the collective follows.
-    -> (o `[n_local·B, T/n_local, H, V]` from a zero prefix, the collective's result).
+    states and `[n_local, B, H, K]` log decays and returns a tuple whose first entry is P `[n_local, B, H, K,
+    V]`, the states entering the local segments. Three schedules:
+      - ``sp.overlap`` on CUDA: a state-only pass, the collective on a side stream beside the zero-prefix
+        output pass, then the output correction o += scale·(q⊙exp(A)) P (one more pass over q and o);
+      - ``sp.overlap`` elsewhere (gloo blocks the host, nothing would overlap): one pass gives the zero-prefix
+        output and the state together, then the collective, then the correction;
+      - not ``sp.overlap``: the state-only pass, the collective, then the output pass from the entering
+        state P: no correction pass, but nothing hides the collective.
+    With the Triton backend the output pass reuses the state pass's per-segment states.
+    -> (o `[n_local·B, T/n_local, H, V]`, the collective's result).
     """
     n = sp.n_local
 
     def seg_view(x):
         return x.view((n, -1) + tuple(x.shape[1:]))
 
-    if overlap and qs.device.type == "cuda":
+    def state_pass():
         if reuses_states(sp):
-            # the output pass reuses the state pass's per-segment states instead of computing them again
-            S, logd, kv = sp.impl.segment_state(ks, vs, gs, g_gamma, return_saved=True)
-        else:
-            (S, logd), kv = sp.impl.segment_state(ks, vs, gs, g_gamma), None
+            return sp.impl.segment_state(ks, vs, gs, g_gamma, return_saved=True)
+        return sp.impl.segment_state(ks, vs, gs, g_gamma) + (None,)
+
+    def output_pass(h0, kv):
+        return sp.impl.forward(qs, ks, vs, gs, g_gamma, sp.scale, h0, False,
+                               **({"kv_states": kv} if kv is not None else {}))[0]
+
+    if not sp.overlap:
+        S, logd, kv = state_pass()
+        result = collective(seg_view(S), seg_view(logd))
+        return output_pass(result[0].flatten(0, 1), kv), result
+    if qs.device.type == "cuda":
+        S, logd, kv = state_pass()
         with comm_stream(qs.device) as stream:
             result = collective(seg_view(S), seg_view(logd))
-        o, _ = sp.impl.forward(qs, ks, vs, gs, g_gamma, sp.scale, None, False,
-                               **({"kv_states": kv} if kv is not None else {}))
+        o = output_pass(None, kv)
         join_stream(stream, *[t for t in result if t is not None])
-        return o, result
-    o, S = sp.impl.forward(qs, ks, vs, gs, g_gamma, sp.scale, None, True)
-    B, T_seg, H, K = qs.shape
-    logd = log_decay(gs, g_gamma, T_seg, (B, H, K), S.dtype, qs.device)
-    return o, collective(seg_view(S), seg_view(logd))
+    else:
+        o, S = sp.impl.forward(qs, ks, vs, gs, g_gamma, sp.scale, None, True)
+        B, T_seg, H, K = qs.shape
+        logd = log_decay(gs, g_gamma, T_seg, (B, H, K), S.dtype, qs.device)
+        result = collective(seg_view(S), seg_view(logd))
+    return sp.impl.add_prefix(o, qs, gs, g_gamma, sp.scale, result[0].flatten(0, 1)), result
 
 
 def reuses_states(sp: SPContext) -> bool:

@@ -1,8 +1,7 @@
 """LASP-1: linear attention over an SP group by serial ring passing of the prefix state (the baseline).
 
-forward:  the whole local pass from a zero state (output and local state together) -> wait for the
-          prefix from the previous segment's rank, pass the updated prefix on (whole state, one message
-          a hop, nothing overlapped) -> o += prefix term.
+forward:  the local states -> wait for the prefix from the previous segment's rank, pass the updated
+          prefix on (whole state, one message a hop) -> the outputs (see ``local_pass`` for the schedules).
 backward: the reverse ring of state gradients, then the local backward.
 """
 from __future__ import annotations
@@ -16,10 +15,9 @@ from longscan.parallel.linear.common import (SPLinearAttentionFunction, all_redu
 def lasp1_forward(sp, q, k, v, g, g_gamma, initial_state, output_final_state):
     """-> (o `[B, T, H, V]`, final state `[B, H, K, V]` or None, P `[n_local, B, H, K, V]`)."""
     qs, ks, vs, gs, _ = segment_inputs(sp, q, k, v, g)
-    # serial ring of whole states (one block), after the local pass: nothing overlaps
+    # serial ring of whole states (one block): no hop starts before the previous one has arrived
     o, (P, last) = local_pass(sp, qs, ks, vs, gs, g_gamma,
-                              lambda S, a: all_scan(S, a, sp.group, sp.layout, 1, initial_state), overlap=False)
-    o = sp.impl.add_prefix(o, qs, gs, g_gamma, sp.scale, P.flatten(0, 1))
+                              lambda S, a: all_scan(S, a, sp.group, sp.layout, 1, initial_state))
     final = broadcast_from(last, sp.last_owner, P[0], sp) if output_final_state else None
     return merge(o, sp.n_local), final, P
 
@@ -33,8 +31,9 @@ def lasp1_backward(sp, q, k, v, g, g_gamma, P, do, dfinal):
 
 
 def lasp1_linear_attention(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None,
-                           output_final_state=False, group=None, layout="contiguous", backend="auto"):
+                           output_final_state=False, group=None, layout="contiguous", backend="auto",
+                           overlap=True):
     """Linear attention on this rank's shard with LASP-1 ring passing. See ``longscan.parallel.linear_attention``."""
-    sp = make_context(q, k, v, g, g_gamma, scale, initial_state, "lasp1", group, layout, backend, 1)
+    sp = make_context(q, k, v, g, g_gamma, scale, initial_state, "lasp1", group, layout, backend, 1, overlap)
     return SPLinearAttentionFunction.apply(lasp1_forward, lasp1_backward, sp, q, k, v, g, g_gamma,
                                            initial_state, output_final_state)

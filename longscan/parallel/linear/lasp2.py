@@ -2,7 +2,8 @@
 
 forward:  local state S_loc and log decay of each segment -> one all-gather of both (one buffer, size
           independent of T), on a side stream beside the zero-prefix local output pass on CUDA -> every
-          rank scans the gathered states for its own prefixes (and the final state) -> o += prefix term.
+          rank scans the gathered states for its own prefixes (and the final state) -> o += prefix term
+          (with overlap=False: the all-gather, then the output pass from the prefix; see ``local_pass``).
 backward: gradient of each segment's entering state, with the final-state gradient, in one all-gather ->
           every rank scans them in reverse -> the local backward.
 """
@@ -42,7 +43,6 @@ def lasp2_forward(sp, q, k, v, g, g_gamma, initial_state, output_final_state):
         return _mine(carries, sp), final
 
     o, (P, final) = local_pass(sp, qs, ks, vs, gs, g_gamma, gather_and_scan)
-    o = sp.impl.add_prefix(o, qs, gs, g_gamma, sp.scale, P.flatten(0, 1))
     return merge(o, sp.n_local), (final if output_final_state else None), P
 
 
@@ -64,8 +64,9 @@ def lasp2_backward(sp, q, k, v, g, g_gamma, P, do, dfinal):
 
 
 def lasp2_linear_attention(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None,
-                           output_final_state=False, group=None, layout="contiguous", backend="auto"):
+                           output_final_state=False, group=None, layout="contiguous", backend="auto",
+                           overlap=True):
     """Linear attention on this rank's shard with LASP-2. See ``longscan.parallel.linear_attention``."""
-    sp = make_context(q, k, v, g, g_gamma, scale, initial_state, "lasp2", group, layout, backend, 1)
+    sp = make_context(q, k, v, g, g_gamma, scale, initial_state, "lasp2", group, layout, backend, 1, overlap)
     return SPLinearAttentionFunction.apply(lasp2_forward, lasp2_backward, sp, q, k, v, g, g_gamma,
                                            initial_state, output_final_state)

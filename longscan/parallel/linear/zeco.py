@@ -2,7 +2,8 @@
 
 forward:  local state S_loc of each segment (state-only pass) -> All-Scan of (S_loc, decay) on a side
           stream, pipelined in K blocks, while the zero-prefix local output pass runs -> o += prefix term.
-          (Off CUDA nothing can overlap, so one local pass gives output and state, then the scan runs.)
+          (Off CUDA nothing can overlap, so one local pass gives output and state, then the scan runs;
+          with overlap=False the scan runs first and the output pass starts from the prefix: ``local_pass``.)
 backward: gradient of each segment's entering state from its outputs -> reverse All-Scan -> the local
           backward with (entering state P, gradient R of the leaving state).
 """
@@ -19,7 +20,6 @@ def zeco_forward(sp, q, k, v, g, g_gamma, initial_state, output_final_state):
     qs, ks, vs, gs, _ = segment_inputs(sp, q, k, v, g)
     o, (P, last) = local_pass(sp, qs, ks, vs, gs, g_gamma,
                               lambda S, a: all_scan(S, a, sp.group, sp.layout, sp.n_blocks, initial_state))
-    o = sp.impl.add_prefix(o, qs, gs, g_gamma, sp.scale, P.flatten(0, 1))
     final = broadcast_from(last, sp.last_owner, P[0], sp) if output_final_state else None
     return merge(o, sp.n_local), final, P
 
@@ -35,8 +35,9 @@ def zeco_backward(sp, q, k, v, g, g_gamma, P, do, dfinal):
 
 def zeco_linear_attention(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None,
                           output_final_state=False, group=None, layout="contiguous", backend="auto",
-                          n_blocks=4):
+                          n_blocks=4, overlap=True):
     """Linear attention on this rank's shard with ZeCO's All-Scan. See ``longscan.parallel.linear_attention``."""
-    sp = make_context(q, k, v, g, g_gamma, scale, initial_state, "zeco", group, layout, backend, n_blocks)
+    sp = make_context(q, k, v, g, g_gamma, scale, initial_state, "zeco", group, layout, backend, n_blocks,
+                      overlap)
     return SPLinearAttentionFunction.apply(zeco_forward, zeco_backward, sp, q, k, v, g, g_gamma,
                                            initial_state, output_final_state)
