@@ -237,7 +237,8 @@ def main():
     dev = torch.cuda.get_device_name()
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     try:
-        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
+        # "-dirty": the files differ from that commit (a copied working tree, say): name the commit by hand
+        commit = subprocess.check_output(["git", "describe", "--always", "--dirty"], text=True).strip()
     except Exception:  # noqa: BLE001
         commit = "?"
     lines = [f"Device: {dev}; torch {torch.__version__}, triton {triton.__version__}; {date}; commit {commit}. "

@@ -61,6 +61,7 @@ class LinearAttention(nn.Module):
             g = F.logsigmoid(self.g_proj(x)[0].float().view(B, T, self.h, self.d)) / self.normalizer
         # g stays float32 under bf16 autocast: log decays summed over thousands of tokens need the precision
         o = sp_ops.linear_attention(q, k, v, g=g, g_gamma=g_gamma, method=self.sp.linear_method,
-                                    group=self.sp.group, layout=self.sp.layout, backend=self.sp.linear_backend)
+                                    group=self.sp.group, layout=self.sp.layout, backend=self.sp.linear_backend,
+                                    overlap=self.sp.linear_overlap)
         o = self.out_norm(o.to(x.dtype))
         return self.o_proj(o.reshape(B, T, self.h * self.d))[0]

@@ -34,6 +34,7 @@ class SPSpec:
     softmax_method: str = "ring"
     linear_backend: str = "auto"
     softmax_backend: str = "auto"
+    linear_overlap: bool = True
 
 
 class Block(nn.Module):

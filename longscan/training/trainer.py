@@ -37,7 +37,7 @@ class Trainer:
         mp = stage_config(p.tp, p.pp, p.sp, cfg.model.dim, torch.bfloat16 if bf16 else torch.float32)
         sp = SPSpec(group=r.sp_group, layout=p.layout, linear_method=p.linear_method,
                     softmax_method=p.softmax_method, linear_backend=p.linear_backend,
-                    softmax_backend=p.softmax_backend)
+                    softmax_backend=p.softmax_backend, linear_overlap=p.linear_overlap)
         self.model = HybridLM(cfg.model, mp, sp, tp_rank=r.tp_rank, tp_size=p.tp, pp_rank=r.pp_rank, pp_size=p.pp,
                               seed=s.seed, activation_checkpointing=s.activation_checkpointing).to(self.device)
         self.params = [q for q in self.model.parameters() if q.requires_grad]

@@ -24,6 +24,8 @@ def test_overrides_are_typed_and_dotted():
     assert cfg.model.n_layers == 8 and cfg.parallel.sp == 4 and cfg.optimizer.lr == 1e-4
     assert cfg.schedule.activation_checkpointing is True and cfg.parallel.layout == "contiguous"
     assert parse_overrides(["a.b=[1, 2]"]) == {"a": {"b": [1, 2]}}
+    assert load_config().parallel.linear_overlap is True
+    assert load_config(None, ["parallel.linear_overlap=false"]).parallel.linear_overlap is False
 
 
 @pytest.mark.parametrize("overrides, world, message", [
@@ -46,6 +48,7 @@ def test_overrides_are_typed_and_dotted():
     (["data.source=tokens"], 4, "data.source = tokens needs data.path"),
     (["optimizer.engine=deepspeed", "optimizer.zero_stage=2"], 4, "optimizer.zero_stage = 2 is not allowed; choose 1"),
     (["optimizer.engine=zero"], 4, "optimizer.engine = 'zero' is not allowed; choose one of torch, deepspeed"),
+    (["parallel.linear_overlap=3"], 4, "parallel.linear_overlap"),
 ])
 def test_bad_configs_raise_clear_errors(overrides, world, message):
     with pytest.raises(ConfigError) as e:
