@@ -18,6 +18,7 @@ import itertools
 import torch
 import triton
 
+from benchmarks.kernels import lin_inputs
 from longscan.kernels.linear_attention import triton_chunk as tc
 
 SHAPES = ((16, 4096), (1, 65536))
@@ -25,16 +26,9 @@ H, D = 16, 128
 
 
 def inputs(B, T, kind):
-    q, k, v, do = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
-    q, k = q * D ** -0.25, k * D ** -0.25
-    g = gg = None
-    if kind == "g_gamma":
-        gg = -torch.rand(H, device="cuda") * 0.1 - 0.01
-    elif kind == "g":
-        g = torch.nn.functional.logsigmoid(torch.randn(B, T, H, device="cuda") + 4)
-    else:
-        g = torch.nn.functional.logsigmoid(torch.randn(B, T, H, D, device="cuda") + 4) / 4
-    return q, k, v, g, gg, do
+    """The benchmark's inputs (benchmarks/kernels.py) and an output gradient."""
+    q, k, v, g, gg = lin_inputs(B, T, H, D, kind)
+    return q, k, v, g, gg, torch.randn_like(v)
 
 
 def bench(fn):

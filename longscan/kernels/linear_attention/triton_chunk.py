@@ -81,6 +81,13 @@ def _gate_chunk(g, gamma, b, h, t, m, T, H, rk, K: tl.constexpr, GATE: tl.conste
 
 
 @triton.jit
+def _segment_state_tile(ptr, bh, js, ns, rk, rv, K: tl.constexpr, V: tl.constexpr):
+    """Rows rk, columns rv of state [bh, js] of a `[B·H, NS, K, V]` float32 tensor (a segment's entering
+    state, or the gradient of its leaving state)."""
+    return tl.load(ptr + (bh * ns + js).to(tl.int64) * K * V + rk[:, None] * V + rv[None, :]).to(tl.float32)
+
+
+@triton.jit
 def _fwd_kernel(q, k, v, g, gg, o, h0, ht, T, H, SEG, scale,
                 K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, GATE: tl.constexpr,
                 HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr):
@@ -100,7 +107,7 @@ def _fwd_kernel(q, k, v, g, gg, o, h0, ht, T, H, SEG, scale,
     t_end = tl.minimum(t_start + SEG, T)
     S = tl.zeros([K, BV], dtype=tl.float32)
     if HAS_H0:
-        S += tl.load(h0 + (bh * ns + js).to(tl.int64) * K * V + rk[:, None] * V + rv[None, :]).to(tl.float32)
+        S += _segment_state_tile(h0, bh, js, ns, rk, rv, K, V)
     gamma = 0.0
     if GATE == 1:
         gamma = tl.load(gg + h).to(tl.float32)
@@ -306,7 +313,7 @@ def _bwd_dq_kernel(q, k, v, g, gg, do, h0, dht, dq, gq, term, T, H, SEG, scale,
     t_end = tl.minimum(t_start + SEG, T)
     S = tl.zeros([BK, V], dtype=tl.float32)
     if HAS_H0:
-        S += tl.load(h0 + (bh * ns + js).to(tl.int64) * K * V + rk[:, None] * V + rv[None, :]).to(tl.float32)
+        S += _segment_state_tile(h0, bh, js, ns, rk, rv, K, V)
     gamma = 0.0
     if GATE == 1:
         gamma = tl.load(gg + h).to(tl.float32)
@@ -383,7 +390,7 @@ def _bwd_dk_kernel(q, k, v, g, gg, do, dhe, dk, gk, dg, term, segtot, dh0, T, H,
     nch = tl.cdiv(t_end - t_start, C)
     dH = tl.zeros([BK, V], dtype=tl.float32)
     if HAS_DHE:
-        dH += tl.load(dhe + (bh * ns + js).to(tl.int64) * K * V + rk[:, None] * V + rv[None, :]).to(tl.float32)
+        dH += _segment_state_tile(dhe, bh, js, ns, rk, rv, K, V)
     carry = tl.zeros([BK], dtype=tl.float32)     # Σ of the per-key gate partials after this chunk
     if GATE == 3 and NEED_DG and HAS_TERM:
         if js == ns - 1:
@@ -460,7 +467,7 @@ def _bwd_dv_kernel(q, k, g, gg, do, dhe, dv, T, H, SEG, scale,
     nch = tl.cdiv(t_end - t_start, C)
     dH = tl.zeros([K, BV], dtype=tl.float32)
     if HAS_DHE:
-        dH += tl.load(dhe + (bh * ns + js).to(tl.int64) * K * V + rk[:, None] * V + rv[None, :]).to(tl.float32)
+        dH += _segment_state_tile(dhe, bh, js, ns, rk, rv, K, V)
     gamma = 0.0
     if GATE == 1:
         gamma = tl.load(gg + h).to(tl.float32)
