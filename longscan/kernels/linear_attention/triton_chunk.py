@@ -9,8 +9,12 @@ NS segments and run in parallel with the same segment-prefix scan that SP uses a
   1. `_state_kernel`: every segment's state from zero and its total log decay       (the SP "S_loc, Γ")
   2. `_scan_kernel`:  the prefix entering each segment, P_{j+1} = exp(Γ_j) ⊙ P_j + S_j  (the SP scan)
   3. the main kernel runs every segment from its prefix.
-Backward mirrors it: the dq kernel walks forward from the prefixes, the dk/dv kernel walks backward from
-the reverse prefixes of the state gradient (built from `prefix_grad` pieces).
+Backward mirrors it with three kernels, each tiled so no program holds a whole `[K, V]` state: dq walks
+forward from the prefixes over K-tiles; dk (K-tiles) and dv (V-tiles) walk backward from the reverse prefixes
+of the state gradient (built from `prefix_grad` pieces). The per-segment states are a `SegmentStates`
+value that one entry point hands the next (SP's state pass → its output pass, `prefix_grad` → the backward,
+the forward → the backward), so those state passes are not repeated. (SP's backward recomputes the forward's
+(k, v) states rather than hold them through the step: they would add a state per segment to its memory.)
 
 Decay kinds (log space, ≤ 0), as a constexpr GATE: 0 none, 1 g_gamma `[H]`, 2 g `[B, T, H]`,
 3 g `[B, T, H, K]`. Per-key gates use the factorisation exp(b_t - b_s) = exp(b_t)·exp(-b_s) inside a chunk
