@@ -6,9 +6,10 @@ At the benchmark shapes (bf16, 16 heads × 128, 65,536 tokens a step: B=16×T=40
   2. programs per SM for long single sequences (how many segments the sequence is cut into);
   3. per kernel (fwd, state, dq, dk, dv): tile × warps × pipeline stages, the others at their settings.
 Prints one line per setting and the best of each sweep; copy the winners into ``triton_chunk`` by hand
-(the sweep decides nothing by itself).
+(the sweep decides nothing by itself). Every setting is first checked against the current one on a small
+problem (FAIL: a miscompile, as Triton 3.6 gave for dv at tile 32 with one stage).
 
-    PYTHONPATH=. python benchmarks/tune_linear.py [--skip-kernels]
+    PYTHONPATH=. python benchmarks/tune_linear.py [--skip-kernels] [--kinds gk]
 """
 from __future__ import annotations
 
@@ -50,17 +51,20 @@ def time_backward(x, kind):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--skip-kernels", action="store_true", help="only phases 1 and 2")
+    ap.add_argument("--kinds", default="g_gamma,g", help="decay kinds of the phase-3 sweep (gk alone: per-key)")
+    ap.add_argument("--stages", default="2,3", help="pipeline stages tried in phase 3")
+    ap.add_argument("--sweep-only", action="store_true", help="only phase 3")
     args = ap.parse_args()
     print(f"# {torch.cuda.get_device_name()}  triton {triton.__version__}  torch {torch.__version__}")
     cases = [(B, T, kind) for B, T in SHAPES for kind in ("g_gamma", "g", "gk")]
     data = {c: inputs(*c) for c in cases}
-    for c in cases:
+    for c in ([] if args.sweep_only else cases):
         f, b = time_forward(data[c]), time_backward(data[c], c[2])
         print(f"now {c}: fwd {f:.3f} ms  bwd {b:.3f} ms  fwd+bwd {f + b:.3f} ms", flush=True)
 
     long_cases = [c for c in cases if c[0] == 1]
     base_pps = tc.PROGRAMS_PER_SM
-    for pps in (4, 8, 16):
+    for pps in (() if args.sweep_only else (4, 8, 16)):
         tc.PROGRAMS_PER_SM = pps
         ms = [(time_forward(data[c]), time_backward(data[c], c[2])) for c in long_cases]
         print(f"programs/SM={pps}: B=1 fwd/bwd " + "  ".join(f"{c[2]} {f:.3f}/{b:.3f}" for c, (f, b)
@@ -69,28 +73,53 @@ def main():
     if args.skip_kernels:
         return
 
-    # constant decay without its gradient and the scalar gate with it, at both shapes
-    sweep_cases = [c for c in cases if c[2] in ("g_gamma", "g")]
-    base = {n: dict(c) for n, c in tc.CONFIG.items()}
+    # the swept kinds at both shapes; per-key gates have their own table (CONFIG_PER_KEY)
+    kinds = args.kinds.split(",")
+    if "gk" in kinds and len(kinds) > 1:
+        raise SystemExit("--kinds: sweep gk alone (its settings live in CONFIG_PER_KEY)")
+    table = tc.CONFIG_PER_KEY if kinds == ["gk"] else tc.CONFIG
+    sweep_cases = [c for c in cases if c[2] in kinds]
+    probe = inputs(1, 1000, kinds[0])
     for name in ("fwd", "state", "dq", "dk", "dv"):
+        had, base = name in table, table.get(name)
+        want = run_probe(probe, kinds[0])   # the current setting's result on a small problem
         timer = time_forward if name == "fwd" else None
         results = []
-        for block, warps, stages in itertools.product((64, 128), (4, 8), (2, 3)):
-            tc.CONFIG[name] = dict(block=block, num_warps=warps, num_stages=stages)
+        stage_list = [int(x) for x in args.stages.split(",")]
+        for block, warps, stages in itertools.product((32, 64, 128), (4, 8), stage_list):
+            table[name] = dict(block=block, num_warps=warps, num_stages=stages)
+            tag = f"{name} block={block} warps={warps} stages={stages}"
             try:
+                err = max(rel(a, b) for a, b in zip(run_probe(probe, kinds[0]), want) if b is not None)
+                if not err <= 1e-2:
+                    print(f"{tag}: FAIL (differs from the current setting by {err:.1e})", flush=True)
+                    continue
                 ms = [timer(data[c]) if timer else time_backward(data[c], c[2]) for c in sweep_cases]
                 if name == "state":   # the state pass runs in the forward too
                     ms = [m + time_forward(data[c]) for m, c in zip(ms, sweep_cases)]
             except Exception as e:  # noqa: BLE001 - a setting that does not compile (shared memory) is skipped
-                print(f"{name} block={block} warps={warps} stages={stages}: {type(e).__name__}", flush=True)
+                print(f"{tag}: {type(e).__name__}", flush=True)
                 continue
             results.append((sum(ms), block, warps, stages))
-            print(f"{name} block={block} warps={warps} stages={stages}: " + " ".join(f"{m:.3f}" for m in ms),
-                  flush=True)
+            print(f"{tag}: " + " ".join(f"{m:.3f}" for m in ms), flush=True)
+        if had:
+            table[name] = base
+        else:
+            table.pop(name)
         best = min(results)
         print(f"BEST {name}: block={best[1]} warps={best[2]} stages={best[3]} total {best[0]:.3f} ms", flush=True)
-        tc.CONFIG[name] = base[name]
     print("cases:", sweep_cases)
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def run_probe(x, kind):
+    """Forward output, final state and every gradient of a small problem."""
+    q, k, v, g, gg, do = x
+    o, ht = tc.forward(q, k, v, g, gg, None, None, True)
+    return (o, ht) + tc.backward(q, k, v, g, gg, None, None, do, None, kind != "g_gamma")
 
 
 if __name__ == "__main__":

@@ -580,7 +580,7 @@ def _states(x, y, g, gg, GATE, C, seg, ns, scale, from_start):
     V = y.shape[-1]
     s = torch.empty(B, H, ns, K, V, device=x.device, dtype=torch.float32)
     a = torch.empty(B, H, ns, K, device=x.device, dtype=torch.float32)
-    BV, cfg = _launch("state", V)
+    BV, cfg = _launch("state", V, GATE)
     _state_kernel[(V // BV, B * H, ns)](x, y, g, gg, s, a, T, H, seg, scale, K=K, V=V, BV=BV, C=C, GATE=GATE,
                                        FROM_START=from_start, PREC=_prec(x), **cfg)
     return s, a
@@ -615,10 +615,10 @@ class SegmentStates:
         return self.states.shape[2]
 
 
-def _split(B, H, T, V, C, device):
+def _split(B, H, T, V, C, GATE, device):
     """-> (segment length, number of segments) of a sequence; one plan for every entry point, so the
     segment states one call computes fit the next."""
-    return _layout(T, C, _segments(B * H * (V // _launch("fwd", V)[0]), triton.cdiv(T, C), device))
+    return _layout(T, C, _segments(B * H * (V // _launch("fwd", V, GATE)[0]), triton.cdiv(T, C), device))
 
 
 def _kv_states(k, v, gt, gg, GATE, C, seg, ns) -> SegmentStates:
@@ -644,8 +644,8 @@ def forward(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None, outpu
         if ht is not None:
             ht.copy_(initial_state if initial_state is not None else torch.zeros_like(ht))
         return (o, ht, None) if return_saved else (o, ht)
-    BV, cfg = _launch("fwd", V)
-    seg, ns = (kv_states.seg, kv_states.n) if kv_states is not None else _split(B, H, T, V, C, q.device)
+    BV, cfg = _launch("fwd", V, GATE)
+    seg, ns = (kv_states.seg, kv_states.n) if kv_states is not None else _split(B, H, T, V, C, GATE, q.device)
     h0 = initial_state.contiguous() if initial_state is not None else None
     if ns > 1:
         # Long sequences: every segment's state in parallel, a scan for the prefixes, then all segments.
@@ -695,7 +695,7 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True, k
         return dq, dk, dv, dg, dh0
     (BK, cq), (BKk, ck), (BV, cv) = _launch("dq", K, GATE), _launch("dk", K, GATE), _launch("dv", V, GATE)
     given = [x for x in (kv_states, qdo_states) if x is not None]
-    seg, ns = (given[0].seg, given[0].n) if given else _split(B, H, T, V, C, dev)
+    seg, ns = (given[0].seg, given[0].n) if given else _split(B, H, T, V, C, GATE, dev)
     if any((x.seg, x.n) != (seg, ns) for x in given):
         raise ValueError("kv_states and qdo_states must come from the same segment plan")
     h0 = initial_state.contiguous() if initial_state is not None else None
@@ -769,7 +769,7 @@ def segment_state(k, v, g=None, g_gamma=None, return_saved=False):
         out = (torch.zeros(B, H, K, V, device=k.device, dtype=torch.float32),
                torch.zeros(B, H, K, device=k.device, dtype=torch.float32))
         return out + (None,) if return_saved else out
-    seg, ns = _split(B, H, T, V, C, k.device)
+    seg, ns = _split(B, H, T, V, C, GATE, k.device)
     kv = _kv_states(k, v, gt, gg, GATE, C, seg, ns)
     total = kv.log_decays.sum(2)
     if ns == 1:
@@ -792,7 +792,7 @@ def prefix_grad(q, g, g_gamma, scale, do, return_saved=False):
     if T == 0:
         out = torch.zeros(B, H, K, V, device=q.device, dtype=torch.float32)
         return (out, None) if return_saved else out
-    seg, ns = _split(B, H, T, V, C, q.device)
+    seg, ns = _split(B, H, T, V, C, GATE, q.device)
     qdo = SegmentStates(seg, *_states(q, do, gt, gg, GATE, C, seg, ns, scale, True))
     if ns == 1:
         return (qdo.states[:, :, 0], None) if return_saved else qdo.states[:, :, 0]
