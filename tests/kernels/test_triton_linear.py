@@ -50,8 +50,11 @@ def _to(x, device, dtype):
                 if t is not None else None) for n, t in x.items()}
 
 
-def check_forward_backward(decay, B, T, H, K, V, dtype, tol, with_state, with_dht, seed, need_dg=True):
+def check_forward_backward(decay, B, T, H, K, V, dtype, tol, with_state, with_dht, seed, need_dg=True,
+                           edit=None):
     x = make_inputs(decay, B, T, H, K, V, torch.float64, seed=seed)
+    if edit is not None:
+        edit(x)
     gen = torch.Generator().manual_seed(seed + 1)
     do = torch.randn(B, T, H, V, generator=gen, dtype=torch.float64)
     dht = torch.randn(B, H, K, V, generator=gen, dtype=torch.float64) if with_dht else None
@@ -158,6 +161,28 @@ def test_backward_reuses_forward_segment_states(small_chunks, monkeypatch, decay
     # and the backward really reads them: other prefixes give another dq
     other = tc.SegmentStates(saved.seg, saved.states + 1.0, saved.log_decays)
     assert rel_err(tc.backward(*args, do, None, kv_states=other)[0].cpu(), recomputed[0].cpu()) > 1e-3
+
+
+def steep_gates(x):
+    """Per-key log gates that fall far past float32's exp range inside one chunk: -7 a token on key 0 (level
+    boundaries mid-chunk), -100 on key 1 (every token its own level), -30 on key 2, and a -300 step at t = 5
+    on key 3; the other keys keep their mild gates."""
+    g = x["g"]
+    g[..., 0], g[..., 1], g[..., 2] = -7.0, -100.0, -30.0
+    g[:, 5, :, 3] = -300.0
+
+
+@pytest.mark.parametrize("tiles", [False, True])
+@pytest.mark.parametrize("segments", [None, 2])
+def test_per_key_gates_that_fall_steeply(small_chunks, monkeypatch, segments, tiles):
+    """Gates whose chunk sums reach -1600: every kernel stays finite and matches float64 (the levels of the
+    per-key factorisation; a single exp(b)·exp(-b) factorisation gives NaN here)."""
+    monkeypatch.setattr(tc, "SEGMENTS", segments)
+    if tiles:   # K-tiles of 16 keys: the levels are found per tile
+        monkeypatch.setattr(tc, "CONFIG", {n: dict(block=16, num_warps=4, num_stages=2) for n in tc.CONFIG})
+        monkeypatch.setattr(tc, "CONFIG_PER_KEY", {})
+    check_forward_backward("g_per_key", 1, 45, 2, 32, 16, torch.float32, 1e-4, True, with_dht=True, seed=31,
+                           edit=steep_gates)
 
 
 def test_sp_decomposition_equals_whole(small_chunks):

@@ -17,9 +17,12 @@ the forward → the backward), so those state passes are not repeated. (SP's bac
 (k, v) states rather than hold them through the step: they would add a state per segment to its memory.)
 
 Decay kinds (log space, ≤ 0), as a constexpr GATE: 0 none, 1 g_gamma `[H]`, 2 g `[B, T, H]`,
-3 g `[B, T, H, K]`. Per-key gates use the factorisation exp(b_t - b_s) = exp(b_t)·exp(-b_s) inside a chunk
-(b the chunk-local cumulative gate), so they use smaller chunks (CHUNK_PER_KEY) to keep exp(-b) finite:
-this needs the per-key log decay summed over one chunk to stay above about -80 (float32 range).
+3 g `[B, T, H, K]`. Per-key gates factor the decay inside a chunk, exp(b_t − b_s) = exp(b_t − c)·exp(c − b_s)
+(b the chunk-local cumulative gate, c a reference per key), so the scores are matmuls. Level 0 (c = 0) takes
+the tokens whose b is above −LEVEL_SPAN; where a key's gate falls further inside a chunk, each further level
+(c = the largest b not yet taken) adds one matmul over the tokens in (c − LEVEL_SPAN, c]. Every factor stays in
+[0, exp(LEVEL_SPAN)], so no gate overflows: a steep fall costs matmuls, not correctness (one factorisation,
+exp(b_t)·exp(−b_s), gave inf/NaN once a chunk's gates summed below about −88).
 
 Gradient of the gate (A_t the cumulative log gate): dL/dA_t = q_t⊙dq_t − k_t⊙dk_t, plus Σ_v S_T⊙dS_T at the
 last step; dg_s = Σ_{t≥s} dL/dA_t. The kernels emit q⊙dq and k⊙dk reduced to the gate's shape.
@@ -36,7 +39,11 @@ import triton
 import triton.language as tl
 
 CHUNK = 64          # chunk for no / scalar decay
-CHUNK_PER_KEY = 32  # per-key gates: exp(-b) over a chunk must stay finite (see module docstring)
+CHUNK_PER_KEY = 32  # chunk for per-key gates
+# Per-key gates: one level of the intra-chunk factorisation spans this much log decay (module docstring).
+# exp(60) is far inside float32/bf16 range, and a query factor that underflows (exp(b − c) < exp(−87)) drops
+# terms below exp(60 − 87) ≈ 2e-12 of the others.
+LEVEL_SPAN = tl.constexpr(60.0)
 SEGMENTS = None     # force the number of sequence segments (tests); None picks from the SM count
 SPLIT_BELOW = 2      # sequences are cut into segments only when there are fewer programs per SM than this
 PROGRAMS_PER_SM = 8  # ... and then until there are this many programs per SM
@@ -85,6 +92,40 @@ def _gate_chunk(g, gamma, b, h, t, m, T, H, rk, K: tl.constexpr, GATE: tl.conste
 
 
 @triton.jit
+def _key_factor(bc, c, FIRST: tl.constexpr):
+    """Key side of one level of the per-key intra-chunk factorisation: exp(c − b) `[C, BK]` where b lies in
+    (c − LEVEL_SPAN, c] (level 0, c = 0: every b above −LEVEL_SPAN), else 0, so it stays below exp(LEVEL_SPAN)."""
+    if FIRST:
+        inside = bc > -LEVEL_SPAN
+    else:
+        inside = (bc <= c[None, :]) & (bc > c[None, :] - LEVEL_SPAN)
+    return tl.where(inside, tl.exp(tl.minimum(c[None, :] - bc, LEVEL_SPAN)), 0.0)   # (min: no inf outside)
+
+
+@triton.jit
+def _query_factor(bc, c):
+    """Query side of the level with reference c `[BK]`: exp(b − c) ≤ 1 where b ≤ c, else 0 (such rows pair only
+    with earlier keys of an earlier level: their products are masked)."""
+    return tl.where(bc <= c[None, :], tl.exp(tl.minimum(bc - c[None, :], 0.0)), 0.0)
+
+
+@triton.jit
+def _next_level(bc, c):
+    """-> (the next level's reference per key: the largest b not covered yet (or c − LEVEL_SPAN, an empty level,
+    where all are), whether any key of the tile has one). Costs one reduction when none does."""
+    nxt = tl.max(tl.where(bc <= c[None, :] - LEVEL_SPAN, bc, -1e30), 0)
+    return tl.where(nxt > -1e29, nxt, c - LEVEL_SPAN), tl.max(nxt, 0) > -1e29
+
+
+@triton.jit
+def _mark_steep(bc, steep, bh, t0, C: tl.constexpr, NC):
+    """Mark the chunk starting at token t0 in steep `[B·H, NC]` when a key's cumulative gate falls to
+    −LEVEL_SPAN inside it (its further levels are added afterwards by _levels_kernel)."""
+    if tl.min(bc) <= -LEVEL_SPAN:
+        tl.store(steep + bh.to(tl.int64) * NC + t0 // C, 1)
+
+
+@triton.jit
 def _segment_state_tile(ptr, bh, js, ns, rk, rv, K: tl.constexpr, V: tl.constexpr):
     """Rows rk, columns rv of state [bh, js] of a `[B·H, NS, K, V]` float32 tensor (a segment's entering
     state, or the gradient of its leaving state)."""
@@ -92,7 +133,7 @@ def _segment_state_tile(ptr, bh, js, ns, rk, rv, K: tl.constexpr, V: tl.constexp
 
 
 @triton.jit
-def _fwd_kernel(q, k, v, g, gg, o, h0, ht, T, H, SEG, scale,
+def _fwd_kernel(q, k, v, g, gg, o, h0, ht, steep, T, H, SEG, NC, scale,
                 K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, GATE: tl.constexpr,
                 HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr):
     """One (V-tile, batch·head, segment): o for the segment's tokens, starting from state h0[bh, seg]."""
@@ -132,9 +173,10 @@ def _fwd_kernel(q, k, v, g, gg, o, h0, ht, T, H, SEG, scale,
             bc = tl.cumsum(gc, 0)          # chunk-local cumulative log gate [C] or [C, K]
             bl = tl.sum(gc, 0)             # the chunk's total: scalar or [K]
             if GATE == 3:
-                qd = (bq * tl.exp(bc)).to(dt)
-                kn = (bk * tl.exp(-bc)).to(dt)
+                qd = (bq * tl.exp(bc)).to(dt)      # level 0's query side (c = 0), also the state term's
+                kn = (bk * _key_factor(bc, tl.zeros_like(bl), True)).to(dt)
                 A = tl.where(causal, tl.dot(qd, tl.trans(kn), input_precision=PREC), 0.0)
+                _mark_steep(bc, steep, bh, t0, C, NC)
                 acc = tl.dot(qd, S.to(dt), input_precision=PREC)
                 acc += tl.dot(A.to(dt), bv, input_precision=PREC)
                 kd = (bk * tl.exp(bl[None, :] - bc)).to(dt)
@@ -290,7 +332,7 @@ def _state_dot(x, S, dt: tl.constexpr, SF32: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
-def _bwd_dq_kernel(q, k, v, g, gg, do, h0, dht, dq, gq, term, T, H, SEG, scale,
+def _bwd_dq_kernel(q, k, v, g, gg, do, h0, dht, dq, gq, term, steep, T, H, SEG, NC, scale,
                    K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, C: tl.constexpr, GATE: tl.constexpr,
                    HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, NEED_DG: tl.constexpr, SF32: tl.constexpr,
                    PREC: tl.constexpr, SPREC: tl.constexpr):
@@ -339,13 +381,14 @@ def _bwd_dq_kernel(q, k, v, g, gg, do, h0, dht, dq, gq, term, T, H, SEG, scale,
             bc = tl.cumsum(gc, 0)
             bl = tl.sum(gc, 0)
             if GATE == 3:
-                kn = (bk * tl.exp(-bc)).to(dt)
+                qf = tl.exp(bc)                    # level 0's query factor (c = 0)
+                kn = (bk * _key_factor(bc, tl.zeros_like(bl), True)).to(dt)
                 intra = tl.dot(tl.where(causal, dA, 0.0).to(dt), kn, input_precision=PREC)
-                acc = (inter + intra) * tl.exp(bc)
+                acc = (inter + intra) * qf
+                _mark_steep(bc, steep, bh, t0, C, NC)
                 if NEED_DG:
-                    qd = (bq * tl.exp(bc)).to(dt)
-                    tl.store(gq + row[:, None] * K + rk[None, :], scale * qd.to(tl.float32) * (inter + intra),
-                             mask=m[:, None])
+                    part = (bq * qf).to(dt).to(tl.float32) * (inter + intra)
+                    tl.store(gq + row[:, None] * K + rk[None, :], scale * part, mask=m[:, None])
                 kd = (bk * tl.exp(bl[None, :] - bc)).to(dt)
                 S = S * tl.exp(bl)[:, None] + tl.dot(tl.trans(kd), bv, input_precision=PREC)
             else:
@@ -420,14 +463,16 @@ def _bwd_dk_kernel(q, k, v, g, gg, do, dhe, dk, gk, dg, term, segtot, dh0, T, H,
             bc = tl.cumsum(gc, 0)
             bl = tl.sum(gc, 0)
             if GATE == 3:
-                qd = (bq * tl.exp(bc)).to(dt)
+                qd = (bq * tl.exp(bc)).to(dt)      # level 0's query side, also the state gradient's
+                kf = _key_factor(bc, tl.zeros_like(bl), True)
                 intra = tl.dot(tl.where(causal_t, dAt, 0.0).to(dt), qd, input_precision=PREC)
-                acc = scale * intra * tl.exp(-bc) + inter * tl.exp(bl[None, :] - bc)
+                kdf = tl.exp(bl[None, :] - bc)
+                acc = scale * intra * kf + inter * kdf
                 if NEED_DG:
-                    kn = (bk * tl.exp(-bc)).to(dt).to(tl.float32)
-                    kd = (bk * tl.exp(bl[None, :] - bc)).to(dt).to(tl.float32)
+                    part = (scale * (bk * kf).to(dt).to(tl.float32) * intra
+                            + (bk * kdf).to(dt).to(tl.float32) * inter)
                     gptr = dg + row[:, None] * K + rk[None, :]
-                    d = tl.load(gptr, mask=m[:, None], other=0.0) - (scale * kn * intra + kd * inter)
+                    d = tl.load(gptr, mask=m[:, None], other=0.0) - part
                     rev = tl.sum(d, 0)[None, :] - tl.cumsum(d, 0) + d       # Σ_{t' ≥ t} within the chunk
                     tl.store(gptr, rev + carry[None, :], mask=m[:, None])
                     carry += tl.sum(d, 0)
@@ -492,7 +537,7 @@ def _bwd_dv_kernel(q, k, g, gg, do, dhe, dv, T, H, SEG, scale,
             bl = tl.sum(gc, 0)
             if GATE == 3:
                 qd = (bq * tl.exp(bc)).to(dt)
-                kn = (bk * tl.exp(-bc)).to(dt)
+                kn = (bk * _key_factor(bc, tl.zeros_like(bl), True)).to(dt)
                 At = tl.where(causal_t, tl.dot(kn, tl.trans(qd), input_precision=PREC), 0.0)
                 kd = (bk * tl.exp(bl[None, :] - bc)).to(dt)
                 acc = tl.dot(kd, dH.to(dt), input_precision=PREC)
@@ -507,6 +552,86 @@ def _bwd_dv_kernel(q, k, g, gg, do, dhe, dv, T, H, SEG, scale,
         acc += scale * tl.dot(At.to(dt), bdo, input_precision=PREC)
         dH += scale * tl.dot(tl.trans(qd), bdo, input_precision=PREC)
         tl.store(dv + row[:, None] * V + rv[None, :], acc.to(dv.dtype.element_ty), mask=m[:, None])
+
+@triton.jit
+def _levels_kernel(q, k, v, g, do, o, dq, dk, dv, gq, steep, T, H, NC, scale,
+                   K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BN: tl.constexpr, MODE: tl.constexpr,
+                   NEED_DG: tl.constexpr, PREC: tl.constexpr):
+    """Per-key gates: the levels after level 0 of the chunks marked in steep `[B·H, NC]`, added to what the
+    main kernels wrote (they compute level 0 only: a loop nested in their chunk loop would stop Triton from
+    pipelining its loads). One program: BN chunks of one batch·head, whole K and V; unmarked chunks cost one
+    load of their marks. MODE 0, after the forward: o. MODE 1, after the dq kernel and before the dk kernel
+    (which finishes the gate gradient): dq and, when NEED_DG, both sides' gate partials into gq. MODE 2,
+    after the dk and dv kernels: dk and dv."""
+    bh = tl.program_id(0)
+    n0 = tl.program_id(1) * BN
+    b = bh // H
+    h = bh % H
+    rn = n0 + tl.arange(0, BN)
+    marks = tl.load(steep + bh.to(tl.int64) * NC + rn, mask=rn < NC, other=0)
+    if tl.max(marks, 0) > 0:
+        dt = q.dtype.element_ty
+        rk = tl.arange(0, K)
+        rv = tl.arange(0, V)
+        rc = tl.arange(0, C)
+        causal = rc[:, None] >= rc[None, :]
+        for i in range(0, BN):
+            n = n0 + i
+            if tl.load(steep + bh.to(tl.int64) * NC + n, mask=n < NC, other=0) > 0:
+                t = n * C + rc
+                m = t < T
+                row = (b * T + t).to(tl.int64) * H + h
+                bq = tl.load(q + row[:, None] * K + rk[None, :], mask=m[:, None], other=0.0)
+                bk = tl.load(k + row[:, None] * K + rk[None, :], mask=m[:, None], other=0.0)
+                bv = tl.load(v + row[:, None] * V + rv[None, :], mask=m[:, None], other=0.0)
+                bc = tl.cumsum(_gate_chunk(g, 0.0, b, h, t, m, T, H, rk, K, 3), 0)
+                c, more = _next_level(bc, tl.zeros([K], dtype=tl.float32))
+                if MODE == 0:
+                    A = tl.zeros([C, C], dtype=tl.float32)
+                    while more:
+                        A += tl.dot((bq * _query_factor(bc, c)).to(dt),
+                                    tl.trans((bk * _key_factor(bc, c, False)).to(dt)), input_precision=PREC)
+                        c, more = _next_level(bc, c)
+                    ptr = o + row[:, None] * V + rv[None, :]
+                    add = tl.dot(tl.where(causal, A, 0.0).to(dt), bv, input_precision=PREC)
+                    tl.store(ptr, tl.load(ptr, mask=m[:, None]).to(tl.float32) + scale * add, mask=m[:, None])
+                else:
+                    bdo = tl.load(do + row[:, None] * V + rv[None, :], mask=m[:, None], other=0.0)
+                    dAm = tl.where(causal, tl.dot(bdo, tl.trans(bv), input_precision=PREC), 0.0).to(dt)
+                    ptr = row[:, None] * K + rk[None, :]
+                    if MODE == 1:
+                        addq = tl.zeros([C, K], dtype=tl.float32)
+                        part = tl.zeros([C, K], dtype=tl.float32)
+                        while more:
+                            qf = _query_factor(bc, c)
+                            qd = (bq * qf).to(dt)
+                            kn = (bk * _key_factor(bc, c, False)).to(dt)
+                            intra = tl.dot(dAm, kn, input_precision=PREC)
+                            addq += intra * qf
+                            if NEED_DG:   # q⊙dq − k⊙dk with the operands the dots used (see the dq kernel)
+                                part += (qd.to(tl.float32) * intra
+                                         - kn.to(tl.float32) * tl.dot(tl.trans(dAm), qd, input_precision=PREC))
+                            c, more = _next_level(bc, c)
+                        tl.store(dq + ptr, tl.load(dq + ptr, mask=m[:, None]).to(tl.float32) + scale * addq,
+                                 mask=m[:, None])
+                        if NEED_DG:
+                            tl.store(gq + ptr, tl.load(gq + ptr, mask=m[:, None]) + scale * part, mask=m[:, None])
+                    else:
+                        addk = tl.zeros([C, K], dtype=tl.float32)
+                        At = tl.zeros([C, C], dtype=tl.float32)
+                        while more:
+                            qd = (bq * _query_factor(bc, c)).to(dt)
+                            kf = _key_factor(bc, c, False)
+                            addk += tl.dot(tl.trans(dAm), qd, input_precision=PREC) * kf
+                            At += tl.dot((bk * kf).to(dt), tl.trans(qd), input_precision=PREC)
+                            c, more = _next_level(bc, c)
+                        tl.store(dk + ptr, tl.load(dk + ptr, mask=m[:, None]).to(tl.float32) + scale * addk,
+                                 mask=m[:, None])
+                        causal_t = rc[:, None] <= rc[None, :]        # [C(s), C(t)]: t ≥ s
+                        addv = tl.dot(tl.where(causal_t, At, 0.0).to(dt), bdo, input_precision=PREC)
+                        vptr = dv + row[:, None] * V + rv[None, :]
+                        tl.store(vptr, tl.load(vptr, mask=m[:, None]).to(tl.float32) + scale * addv, mask=m[:, None])
+
 
 # --------------------------------------------------------------------------------------------------------
 # Host side
@@ -547,6 +672,25 @@ def _launch(name: str, dim: int, GATE: int = 0):
     """-> (tile along a dimension of size dim, the remaining launch settings) of kernel ``name``."""
     cfg = dict(CONFIG_PER_KEY.get(name, CONFIG[name]) if GATE == 3 else CONFIG[name])
     return min(dim, cfg.pop("block")), cfg
+
+
+LEVELS_BLOCK = 64  # chunks per program of _levels_kernel
+
+
+def _steep_marks(B, H, T, C, GATE, device):
+    """Zeroed per-chunk marks `[B·H, NC]` int32 for per-key gates (the main kernels mark steep chunks), else None."""
+    return torch.zeros(B * H, triton.cdiv(T, C), device=device, dtype=torch.int32) if GATE == 3 else None
+
+
+def _add_levels(mode, steep, q, k, v, g, scale, do=None, o=None, dq=None, gq=None, dk=None, dv=None,
+                need_dg=False):
+    """Launch _levels_kernel (MODE mode) over the chunks marked in steep; it adds into the given outputs."""
+    B, T, H, K = q.shape
+    NC = steep.shape[1]
+    a = [x if x is not None else q for x in (do, o, dq, dk, dv, gq)]
+    _levels_kernel[(B * H, triton.cdiv(NC, LEVELS_BLOCK))](
+        q, k, v, g, *a, steep, T, H, NC, scale, K=K, V=v.shape[-1], C=CHUNK_PER_KEY, BN=LEVELS_BLOCK,
+        MODE=mode, NEED_DG=need_dg, PREC=_prec(q), num_warps=8)
 
 
 def _num_sms(device) -> int:
@@ -656,9 +800,13 @@ def forward(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None, outpu
             ht.copy_(final)
     else:
         kv_states = None
+    steep = _steep_marks(B, H, T, C, GATE, q.device)
     _fwd_kernel[(V // BV, B * H, ns)](q, k, v, gt, gg, o, h0 if h0 is not None else q, ht if ht is not None else o,
-                                      T, H, seg, scale, K=K, V=V, BV=BV, C=C, GATE=GATE, HAS_H0=h0 is not None,
+                                      steep if steep is not None else q, T, H, seg, triton.cdiv(T, C), scale,
+                                      K=K, V=V, BV=BV, C=C, GATE=GATE, HAS_H0=h0 is not None,
                                       STORE_HT=(ht is not None and ns == 1), PREC=_prec(q), **cfg)
+    if steep is not None:
+        _add_levels(0, steep, q, k, v, gt, scale, o=o)
     return (o, ht, kv_states) if return_saved else (o, ht)
 
 
@@ -723,11 +871,15 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True, k
         segtot = None
     dummy = q
     common = dict(K=K, V=V, C=C, GATE=GATE, PREC=prec)
+    steep = _steep_marks(B, H, T, C, GATE, dev)
     _bwd_dq_kernel[(nk, B * H, ns)](q, k, v, gt, gg, do, h0 if h0 is not None else dummy,
                                     dht.contiguous() if dht is not None else dummy, dq,
                                     gq if gq is not None else dummy, term if term is not None else dummy,
-                                    T, H, seg, scale, BK=BK, HAS_H0=h0 is not None, HAS_DHT=dht is not None,
+                                    steep if steep is not None else dummy, T, H, seg, triton.cdiv(T, C), scale,
+                                    BK=BK, HAS_H0=h0 is not None, HAS_DHT=dht is not None,
                                     NEED_DG=need_dg, SF32=sf32, SPREC=sprec, **common, **cq)
+    if steep is not None:   # before the dk kernel, which finishes the gate gradient from gq
+        _add_levels(1, steep, q, k, v, gt, scale, do=do, dq=dq, gq=gq, need_dg=need_dg)
     _bwd_dk_kernel[(K // BKk, B * H, ns)](q, k, v, gt, gg, do, dhe if dhe is not None else dummy, dk,
                                     gk if gk is not None else dummy, gq if GATE == 3 and need_dg else dummy,
                                     term if term is not None else dummy, segtot if segtot is not None else dummy,
@@ -735,6 +887,8 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True, k
                                     HAS_TERM=term is not None, NEED_DG=need_dg, SF32=sf32, SPREC=sprec, **common, **ck)
     _bwd_dv_kernel[(V // BV, B * H, ns)](q, k, gt, gg, do, dhe if dhe is not None else dummy, dv, T, H, seg,
                                          scale, BV=BV, HAS_DHE=dhe is not None, **common, **cv)
+    if steep is not None:
+        _add_levels(2, steep, q, k, v, gt, scale, do=do, dk=dk, dv=dv)
     if not need_dg:
         return dq, dk, dv, None, dh0
     if GATE == 3:
