@@ -3,6 +3,8 @@
 CPU: the Triton interpreter in float32 (tiny shapes, chunks of 16 so odd lengths span several chunks and
 the segment-parallel path is exercised with SEGMENTS forced). GPU (skipped without CUDA): bf16 and float32.
 """
+import inspect
+
 import pytest
 import torch
 
@@ -43,6 +45,18 @@ def reference(x, with_state, do, dht):
     res = torch.autograd.grad(outs, names, grads)
     dq, dk, dv, dh0 = res[:4]
     return o, s, (dq, dk, dv, res[4] if gate is not None else None, dh0)
+
+
+def record_calls(monkeypatch, name):
+    """Wrap ``tc.<name>`` for this test: -> the list of its calls' arguments by name, filled as it runs."""
+    fn = getattr(tc, name)
+    calls = []
+
+    def wrapped(*args, **kwargs):
+        calls.append(inspect.signature(fn).bind(*args, **kwargs).arguments)
+        return fn(*args, **kwargs)
+    monkeypatch.setattr(tc, name, wrapped)
+    return calls
 
 
 def _to(x, device, dtype):
@@ -95,6 +109,21 @@ def test_several_tiles_per_head(small_chunks, monkeypatch, decay):
     monkeypatch.setattr(tc, "CONFIG", {n: dict(block=16, num_warps=4, num_stages=2) for n in tc.CONFIG})
     monkeypatch.setattr(tc, "CONFIG_PER_KEY", {})
     check_forward_backward(decay, 1, 45, 2, 32, 32, torch.float32, 1e-4, True, with_dht=True, seed=21)
+
+
+@pytest.mark.parametrize("qdo_in_dq", [True, False])
+@pytest.mark.parametrize("decay", DECAYS)
+def test_qdo_states_in_dq_kernel(small_chunks, monkeypatch, decay, qdo_in_dq):
+    """Three segments (the last ends inside a chunk), the (q, do) segment states summed by the dq kernel
+    (QDO_IN_DQ) or by their own pass: the reference's gradients either way, and the switch decides which
+    runs. Two K-tiles in the dq kernel, so each of its programs writes its own rows of those states."""
+    monkeypatch.setattr(tc, "SEGMENTS", 3)
+    monkeypatch.setattr(tc, "QDO_IN_DQ", qdo_in_dq)
+    monkeypatch.setattr(tc, "CONFIG", {**tc.CONFIG, "dq": dict(block=16, num_warps=4, num_stages=2)})
+    calls = record_calls(monkeypatch, "_states")
+    check_forward_backward(decay, 1, 90, 2, 32, 16, torch.float32, 1e-4, True, with_dht=True,
+                           seed=40 + len(decay))
+    assert sum(c["from_start"] for c in calls) == (0 if qdo_in_dq else 1)     # the (q, do) state passes
 
 
 @pytest.mark.parametrize("decay", DECAYS)
