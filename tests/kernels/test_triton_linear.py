@@ -64,7 +64,10 @@ def _to(x, device, dtype):
                 if t is not None else None) for n, t in x.items()}
 
 
-def check_forward_backward(decay, B, T, H, K, V, dtype, tol, with_state, with_dht, seed, need_dg=True):
+def check_forward_backward(decay, B, T, H, K, V, dtype, tol, with_state, with_dht, seed, need_dg=True,
+                           reuse=False):
+    """Forward and backward against the reference; reuse: the backward gets the forward's SegmentStates
+    (as the autograd op runs them), which are returned."""
     x = make_inputs(decay, B, T, H, K, V, torch.float64, seed=seed)
     gen = torch.Generator().manual_seed(seed + 1)
     do = torch.randn(B, T, H, V, generator=gen, dtype=torch.float64)
@@ -73,14 +76,15 @@ def check_forward_backward(decay, B, T, H, K, V, dtype, tol, with_state, with_dh
 
     y = _to(x, DEV, dtype)
     h0 = y["initial_state"] if with_state else None
-    o, ht = tc.forward(y["q"], y["k"], y["v"], y["g"], y["g_gamma"], None, h0, True)
+    o, ht, *saved = tc.forward(y["q"], y["k"], y["v"], y["g"], y["g_gamma"], None, h0, True, return_saved=reuse)
     assert o.dtype == dtype and o.shape == (B, T, H, V)
     assert ht.dtype == torch.float32 and ht.shape == (B, H, K, V)
     assert rel_err(o.cpu(), o_ref) <= tol
     assert rel_err(ht.cpu(), s_ref) <= tol
 
     grads = tc.backward(y["q"], y["k"], y["v"], y["g"], y["g_gamma"], None, h0, do.to(DEV, dtype),
-                        dht.to(DEV, torch.float32) if dht is not None else None, need_dg)
+                        dht.to(DEV, torch.float32) if dht is not None else None, need_dg,
+                        kv_states=saved[0] if reuse else None)
     for name, got, want in zip(("dq", "dk", "dv", "dg", "dh0"), grads, g_ref):
         if want is None or (name == "dg" and not need_dg):
             assert got is None, name
@@ -90,6 +94,7 @@ def check_forward_backward(decay, B, T, H, K, V, dtype, tol, with_state, with_dh
             assert got.dtype == torch.float32
         err = rel_err(got.cpu(), want)
         assert err <= tol, f"{name}: rel err {err:.2e}"
+    return saved[0] if reuse else None
 
 
 @pytest.mark.parametrize("segments", [None, 3])
@@ -185,8 +190,23 @@ def test_backward_reuses_forward_segment_states(small_chunks, monkeypatch, decay
     for a, b in zip(with_saved, recomputed):
         assert (a is None and b is None) or rel_err(a.cpu(), b.cpu()) <= 1e-6
     # and the backward really reads them: other prefixes give another dq
-    other = tc.SegmentStates(saved.seg, saved.states + 1.0, saved.log_decays)
+    other = tc.SegmentStates(saved.seg, None, saved.log_decays, saved.prefixes + 1.0)
     assert rel_err(tc.backward(*args, do, None, kv_states=other)[0].cpu(), recomputed[0].cpu()) > 1e-3
+
+
+@pytest.mark.parametrize("decay", DECAYS)
+def test_backward_from_forward_prefixes(small_chunks, monkeypatch, decay):
+    """The forward hands the backward the prefixes it scanned (initial state included) in place of the
+    raw segment states: the reference's gradients, and the backward runs only the reverse scan."""
+    monkeypatch.setattr(tc, "SEGMENTS", 3)
+    scans = record_calls(monkeypatch, "_scan")
+    saved = check_forward_backward(decay, 2, 75, 2, 16, 32, torch.float32, 1e-4, True, with_dht=True,
+                                   seed=50 + len(decay), reuse=True)
+    assert saved.states is None and saved.prefixes.shape == (2, 2, 3, 16, 32)
+    assert [c["reverse"] for c in scans] == [False, True]     # the forward's scan, the backward's reverse one
+    x = _to(make_inputs(decay, 2, 75, 2, 16, 32, torch.float32, seed=0), DEV, torch.float32)
+    with pytest.raises(ValueError, match="no per-segment states"):
+        tc.forward(x["q"], x["k"], x["v"], x["g"], x["g_gamma"], kv_states=saved)
 
 
 def test_sp_decomposition_equals_whole(small_chunks):

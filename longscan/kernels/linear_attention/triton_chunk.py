@@ -14,8 +14,9 @@ forward from the prefixes over K-tiles and, unless given them, also sums every s
 `prefix_grad` computes per segment; QDO_IN_DQ); their reverse scan gives the prefixes of the state gradient,
 from which dk (K-tiles) and dv (V-tiles) walk backward. The per-segment states are a `SegmentStates`
 value that one entry point hands the next (SP's state pass → its output pass, `prefix_grad` → the backward,
-the forward → the backward), so those state passes are not repeated. (SP's backward recomputes the forward's
-(k, v) states rather than hold them through the step: they would add a state per segment to its memory.)
+the forward → the backward: the prefixes it scanned), so those state passes and scans are not repeated.
+(SP's backward recomputes the forward's (k, v) states rather than hold them through the step: they would
+add a state per segment to its memory.)
 
 Decay kinds (log space, ≤ 0), as a constexpr GATE: 0 none, 1 g_gamma `[H]`, 2 g `[B, T, H]`,
 3 g `[B, T, H, K]`. Per-key gates use the factorisation exp(b_t - b_s) = exp(b_t)·exp(-b_s) inside a chunk
@@ -631,16 +632,21 @@ def _scan(s, a, init, reverse, store_out=True):
 class SegmentStates:
     """A long sequence's per-segment states, kept so a later call skips recomputing them.
 
-    Segments of ``seg`` tokens; ``states`` `[B, H, ns, K, V]` float32: from zero over (k, v) (the forward's,
-    see :func:`segment_state`) or scaled from the segment start over (q, do) (the backward's, see
-    :func:`prefix_grad`); ``log_decays`` `[B, H, ns, K]` float32, each segment's total log gate."""
+    Segments of ``seg`` tokens; ``states`` `[B, H, ns, K, V]` float32: from zero over (k, v) (see
+    :func:`segment_state`) or scaled from the segment start over (q, do) (the backward's, see
+    :func:`prefix_grad`); ``log_decays`` `[B, H, ns, K]` float32, each segment's total log gate.
+    ``prefixes`` `[B, H, ns, K, V]` float32, set by ``forward(..., return_saved=True)``: the states entering
+    each segment, initial state included, so valid only for the same initial_state. The forward returns them
+    in place of ``states`` (then None): the backward needs only the prefixes, and both would hold two states
+    per segment until the backward."""
     seg: int
-    states: torch.Tensor
+    states: torch.Tensor | None
     log_decays: torch.Tensor
+    prefixes: torch.Tensor | None = None
 
     @property
     def n(self) -> int:
-        return self.states.shape[2]
+        return self.log_decays.shape[2]
 
 
 def _split(B, H, T, V, C, GATE, device):
@@ -658,8 +664,9 @@ def forward(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None, outpu
     """-> (o `[B, T, H, V]` in q's dtype, final state `[B, H, K, V]` float32 or None).
 
     kv_states: this sequence's :class:`SegmentStates` from :func:`segment_state` (SP computes them first),
-    so the forward skips its own state pass. return_saved: also return the segment states it used (None
-    when the sequence ran as one segment), for ``backward(..., kv_states=...)``."""
+    so the forward skips its own state pass. return_saved: also return a :class:`SegmentStates` with the
+    prefixes it entered its segments with (this initial_state included; None when the sequence ran as one
+    segment), for ``backward(..., kv_states=...)`` with the same initial_state."""
     _check(q, v, k, initial_state)
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -679,9 +686,12 @@ def forward(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None, outpu
         # Long sequences: every segment's state in parallel, a scan for the prefixes, then all segments.
         if kv_states is None:
             kv_states = _kv_states(k, v, gt, gg, GATE, C, seg, ns)
+        elif kv_states.states is None:
+            raise ValueError("kv_states holds no per-segment states (a forward's saved prefixes are for backward)")
         h0, final = _scan(kv_states.states, kv_states.log_decays, h0, reverse=False)
         if ht is not None:
             ht.copy_(final)
+        kv_states = SegmentStates(seg, None, kv_states.log_decays, h0)
     else:
         kv_states = None
     _fwd_kernel[(V // BV, B * H, ns)](q, k, v, gt, gg, o, h0 if h0 is not None else q, ht if ht is not None else o,
@@ -701,9 +711,9 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True, k
              qdo_states=None):
     """-> (dq, dk, dv, dg, dh0): dg in the shape of g (or of g_gamma `[H]`; None without decay or when
     not need_dg), dh0 `[B, H, K, V]` float32 even when initial_state is None. kv_states / qdo_states: the
-    :class:`SegmentStates` of these inputs from ``forward(..., return_saved=True)`` / ``prefix_grad(...,
-    return_saved=True)`` (same scale), or None: the backward then computes them (the (q, do) states in the
-    dq kernel if QDO_IN_DQ).
+    :class:`SegmentStates` of these inputs from ``forward(..., return_saved=True)`` (same initial_state: its
+    prefixes are used as they are) or :func:`segment_state` / ``prefix_grad(..., return_saved=True)`` (same
+    scale), or None: the backward then computes them (the (q, do) states in the dq kernel if QDO_IN_DQ).
 
     Three kernels, each walking one (tile, batch·head, segment): dq forward over K-tiles, dk backward over
     K-tiles, dv backward over V-tiles, so no program holds a whole `[K, V]` state (see the module docstring
@@ -730,8 +740,11 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True, k
     h0 = initial_state.contiguous() if initial_state is not None else None
     dhe = dht.contiguous() if dht is not None else None
     if ns > 1:
-        kv = kv_states if kv_states is not None else _kv_states(k, v, gt, gg, GATE, C, seg, ns)
-        h0, _ = _scan(kv.states, kv.log_decays, h0, reverse=False)
+        if kv_states is not None and kv_states.prefixes is not None:
+            h0 = kv_states.prefixes
+        else:
+            kv = kv_states if kv_states is not None else _kv_states(k, v, gt, gg, GATE, C, seg, ns)
+            h0, _ = _scan(kv.states, kv.log_decays, h0, reverse=False)
         if qdo_states is None and not QDO_IN_DQ:
             qdo_states = SegmentStates(seg, *_states(q, do, gt, gg, GATE, C, seg, ns, scale, True))
     store_qdo = ns > 1 and qdo_states is None     # the dq kernel computes them (dk and dv need them after)
