@@ -3,6 +3,8 @@
 CPU: the Triton interpreter in float32 (tiny shapes, chunks of 16 so odd lengths span several chunks and
 the segment-parallel path is exercised with SEGMENTS forced). GPU (skipped without CUDA): bf16 and float32.
 """
+import inspect
+
 import pytest
 import torch
 
@@ -45,13 +47,27 @@ def reference(x, with_state, do, dht):
     return o, s, (dq, dk, dv, res[4] if gate is not None else None, dh0)
 
 
+def record_calls(monkeypatch, name):
+    """Wrap ``tc.<name>`` for this test: -> the list of its calls' arguments by name, filled as it runs."""
+    fn = getattr(tc, name)
+    calls = []
+
+    def wrapped(*args, **kwargs):
+        calls.append(inspect.signature(fn).bind(*args, **kwargs).arguments)
+        return fn(*args, **kwargs)
+    monkeypatch.setattr(tc, name, wrapped)
+    return calls
+
+
 def _to(x, device, dtype):
     return {n: (t.to(device=device, dtype=dtype if n != "initial_state" else torch.float32)
                 if t is not None else None) for n, t in x.items()}
 
 
 def check_forward_backward(decay, B, T, H, K, V, dtype, tol, with_state, with_dht, seed, need_dg=True,
-                           edit=None):
+                           reuse=False, edit=None):
+    """Forward and backward against the reference; reuse: the backward gets the forward's SegmentStates
+    (as the autograd op runs them), which are returned; edit: changes the float64 inputs in place first."""
     x = make_inputs(decay, B, T, H, K, V, torch.float64, seed=seed)
     if edit is not None:
         edit(x)
@@ -62,14 +78,15 @@ def check_forward_backward(decay, B, T, H, K, V, dtype, tol, with_state, with_dh
 
     y = _to(x, DEV, dtype)
     h0 = y["initial_state"] if with_state else None
-    o, ht = tc.forward(y["q"], y["k"], y["v"], y["g"], y["g_gamma"], None, h0, True)
+    o, ht, *saved = tc.forward(y["q"], y["k"], y["v"], y["g"], y["g_gamma"], None, h0, True, return_saved=reuse)
     assert o.dtype == dtype and o.shape == (B, T, H, V)
     assert ht.dtype == torch.float32 and ht.shape == (B, H, K, V)
     assert rel_err(o.cpu(), o_ref) <= tol
     assert rel_err(ht.cpu(), s_ref) <= tol
 
     grads = tc.backward(y["q"], y["k"], y["v"], y["g"], y["g_gamma"], None, h0, do.to(DEV, dtype),
-                        dht.to(DEV, torch.float32) if dht is not None else None, need_dg)
+                        dht.to(DEV, torch.float32) if dht is not None else None, need_dg,
+                        kv_states=saved[0] if reuse else None)
     for name, got, want in zip(("dq", "dk", "dv", "dg", "dh0"), grads, g_ref):
         if want is None or (name == "dg" and not need_dg):
             assert got is None, name
@@ -79,6 +96,7 @@ def check_forward_backward(decay, B, T, H, K, V, dtype, tol, with_state, with_dh
             assert got.dtype == torch.float32
         err = rel_err(got.cpu(), want)
         assert err <= tol, f"{name}: rel err {err:.2e}"
+    return saved[0] if reuse else None
 
 
 @pytest.mark.parametrize("segments", [None, 3])
@@ -98,6 +116,21 @@ def test_several_tiles_per_head(small_chunks, monkeypatch, decay):
     monkeypatch.setattr(tc, "CONFIG", {n: dict(block=16, num_warps=4, num_stages=2) for n in tc.CONFIG})
     monkeypatch.setattr(tc, "CONFIG_PER_KEY", {})
     check_forward_backward(decay, 1, 45, 2, 32, 32, torch.float32, 1e-4, True, with_dht=True, seed=21)
+
+
+@pytest.mark.parametrize("qdo_in_dq", [True, False])
+@pytest.mark.parametrize("decay", DECAYS)
+def test_qdo_states_in_dq_kernel(small_chunks, monkeypatch, decay, qdo_in_dq):
+    """Three segments (the last ends inside a chunk), the (q, do) segment states summed by the dq kernel
+    (QDO_IN_DQ) or by their own pass: the reference's gradients either way, and the switch decides which
+    runs. Two K-tiles in the dq kernel, so each of its programs writes its own rows of those states."""
+    monkeypatch.setattr(tc, "SEGMENTS", 3)
+    monkeypatch.setattr(tc, "QDO_IN_DQ", qdo_in_dq)
+    monkeypatch.setattr(tc, "CONFIG", {**tc.CONFIG, "dq": dict(block=16, num_warps=4, num_stages=2)})
+    calls = record_calls(monkeypatch, "_states")
+    check_forward_backward(decay, 1, 90, 2, 32, 16, torch.float32, 1e-4, True, with_dht=True,
+                           seed=40 + len(decay))
+    assert sum(c["from_start"] for c in calls) == (0 if qdo_in_dq else 1)     # the (q, do) state passes
 
 
 @pytest.mark.parametrize("decay", DECAYS)
@@ -159,7 +192,7 @@ def test_backward_reuses_forward_segment_states(small_chunks, monkeypatch, decay
     for a, b in zip(with_saved, recomputed):
         assert (a is None and b is None) or rel_err(a.cpu(), b.cpu()) <= 1e-6
     # and the backward really reads them: other prefixes give another dq
-    other = tc.SegmentStates(saved.seg, saved.states + 1.0, saved.log_decays)
+    other = tc.SegmentStates(saved.seg, None, saved.log_decays, saved.prefixes + 1.0)
     assert rel_err(tc.backward(*args, do, None, kv_states=other)[0].cpu(), recomputed[0].cpu()) > 1e-3
 
 
@@ -183,6 +216,21 @@ def test_per_key_gates_that_fall_steeply(small_chunks, monkeypatch, segments, ti
         monkeypatch.setattr(tc, "CONFIG_PER_KEY", {})
     check_forward_backward("g_per_key", 1, 45, 2, 32, 16, torch.float32, 1e-4, True, with_dht=True, seed=31,
                            edit=steep_gates)
+
+
+@pytest.mark.parametrize("decay", DECAYS)
+def test_backward_from_forward_prefixes(small_chunks, monkeypatch, decay):
+    """The forward hands the backward the prefixes it scanned (initial state included) in place of the
+    raw segment states: the reference's gradients, and the backward runs only the reverse scan."""
+    monkeypatch.setattr(tc, "SEGMENTS", 3)
+    scans = record_calls(monkeypatch, "_scan")
+    saved = check_forward_backward(decay, 2, 75, 2, 16, 32, torch.float32, 1e-4, True, with_dht=True,
+                                   seed=50 + len(decay), reuse=True)
+    assert saved.states is None and saved.prefixes.shape == (2, 2, 3, 16, 32)
+    assert [c["reverse"] for c in scans] == [False, True]     # the forward's scan, the backward's reverse one
+    x = _to(make_inputs(decay, 2, 75, 2, 16, 32, torch.float32, seed=0), DEV, torch.float32)
+    with pytest.raises(ValueError, match="no per-segment states"):
+        tc.forward(x["q"], x["k"], x["v"], x["g"], x["g_gamma"], kv_states=saved)
 
 
 def test_sp_decomposition_equals_whole(small_chunks):

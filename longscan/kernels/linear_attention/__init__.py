@@ -6,7 +6,9 @@ Every backend module provides:
       (need_dg=False: the gate needs no gradient; dg is None and its cost is skipped)
   optionally, with REUSES_SEGMENT_STATES = True (Triton), what one pass computed is handed to the next:
       segment_state/prefix_grad/forward(..., return_saved=True) add their per-segment states (or None) to
-      what they return; forward(..., kv_states=) and backward(..., kv_states=, qdo_states=) take them
+      what they return; forward(..., kv_states=) and backward(..., kv_states=, qdo_states=) take them. The
+      forward's hold the states entering its segments, its initial_state included: they are for a backward
+      with the same initial_state only (not for another forward)
   segment_state(k, v, g, g_gamma) -> (S_loc [B,H,K,V] f32, log_decay [B,H,K] f32)
   add_prefix(o, q, g, g_gamma, scale, P) -> o + scale·(q⊙exp(A))ᵀP
   prefix_grad(q, g, g_gamma, scale, do) -> scale·Σ_t (q_t⊙exp(A_t)) do_tᵀ   [B,H,K,V] f32
@@ -106,7 +108,7 @@ def check_inputs(q, k, v, g=None, g_gamma=None, initial_state=None) -> None:
 class _ChunkLinearAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, g_gamma, initial_state, scale, output_final_state, impl):
-        ctx.reuse = None   # what a backend's forward hands its backward (the Triton segment states)
+        ctx.reuse = None   # what a backend's forward hands its backward (the Triton segment prefixes, h0 included)
         if getattr(impl, "REUSES_SEGMENT_STATES", False):
             o, ht, ctx.reuse = impl.forward(q, k, v, g, g_gamma, scale, initial_state, output_final_state,
                                             return_saved=True)

@@ -10,11 +10,13 @@ NS segments and run in parallel with the same segment-prefix scan that SP uses a
   2. `_scan_kernel`:  the prefix entering each segment, P_{j+1} = exp(Γ_j) ⊙ P_j + S_j  (the SP scan)
   3. the main kernel runs every segment from its prefix.
 Backward mirrors it with three kernels, each tiled so no program holds a whole `[K, V]` state: dq walks
-forward from the prefixes over K-tiles; dk (K-tiles) and dv (V-tiles) walk backward from the reverse prefixes
-of the state gradient (built from `prefix_grad` pieces). The per-segment states are a `SegmentStates`
+forward from the prefixes over K-tiles and, unless given them, also sums every segment's (q, do) state (what
+`prefix_grad` computes per segment; QDO_IN_DQ); their reverse scan gives the prefixes of the state gradient,
+from which dk (K-tiles) and dv (V-tiles) walk backward. The per-segment states are a `SegmentStates`
 value that one entry point hands the next (SP's state pass → its output pass, `prefix_grad` → the backward,
-the forward → the backward), so those state passes are not repeated. (SP's backward recomputes the forward's
-(k, v) states rather than hold them through the step: they would add a state per segment to its memory.)
+the forward → the backward: the prefixes it scanned), so those state passes and scans are not repeated.
+(SP's backward recomputes the forward's (k, v) states rather than hold them through the step: they would
+add a state per segment to its memory.)
 
 Decay kinds (log space, ≤ 0), as a constexpr GATE: 0 none, 1 g_gamma `[H]`, 2 g `[B, T, H]`,
 3 g `[B, T, H, K]`. Per-key gates factor the decay inside a chunk, exp(b_t − b_s) = exp(b_t − c)·exp(c − b_s)
@@ -48,6 +50,9 @@ SEGMENTS = None     # force the number of sequence segments (tests); None picks 
 SPLIT_BELOW = 2      # sequences are cut into segments only when there are fewer programs per SM than this
 PROGRAMS_PER_SM = 8  # ... and then until there are this many programs per SM
 MIN_SEGMENT_CHUNKS = 8  # ... but no segment shorter than this many chunks
+# Segmented backward without given (q, do) states: the dq kernel accumulates them (a second [BK, V] float32
+# state in its registers) instead of a separate state pass over (q, do). A switch so a benchmark can compare.
+QDO_IN_DQ = True
 # Launch settings per kernel: tile (values for fwd/state/dv, keys for dq/dk), warps, pipeline stages.
 # benchmarks/tune_linear.py sweeps them on a GPU. (num_stages=1 miscompiled the dv kernel at tile 32 on
 # an H100 with Triton 3.6 — wrong dv — so the sweep and these settings keep num_stages ≥ 2.)
@@ -332,14 +337,17 @@ def _state_dot(x, S, dt: tl.constexpr, SF32: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
-def _bwd_dq_kernel(q, k, v, g, gg, do, h0, dht, dq, gq, term, steep, T, H, SEG, NC, scale,
+def _bwd_dq_kernel(q, k, v, g, gg, do, h0, dht, dq, gq, term, qs, qa, steep, T, H, SEG, NC, scale,
                    K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, C: tl.constexpr, GATE: tl.constexpr,
-                   HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, NEED_DG: tl.constexpr, SF32: tl.constexpr,
-                   PREC: tl.constexpr, SPREC: tl.constexpr):
+                   HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, NEED_DG: tl.constexpr, STORE_QDO: tl.constexpr,
+                   SF32: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr):
     """One (K-tile, batch·head, segment), walking forward from the state entering the segment (rows rk):
     dq = scale·(exp(b)⊙(do Sᵀ) + intra-chunk), and the q-side gate partial. Per key (GATE 3) the partial is
     written per key into gq; for scalar gates its sum over the tile goes to gq[..., ik]. The last segment
     also writes Σ_v S_T⊙dht (the final-state gate term).
+
+    STORE_QDO: also rows rk of what `_state_kernel` computes with FROM_START over (q, do), so the backward
+    needs no separate pass over them: qs `[B·H, NS, K, V]` float32 and the total log gate qa `[B·H, NS, K]`.
 
     The gate partials multiply by the same bf16-rounded decayed operands (qd, kn, kd) that built the other
     side's terms, so that q⊙dq − k⊙dk cancels as it does in exact arithmetic."""
@@ -360,6 +368,12 @@ def _bwd_dq_kernel(q, k, v, g, gg, do, h0, dht, dq, gq, term, steep, T, H, SEG, 
     S = tl.zeros([BK, V], dtype=tl.float32)
     if HAS_H0:
         S += _segment_state_tile(h0, bh, js, ns, rk, rv, K, V)
+    if STORE_QDO:
+        SQ = tl.zeros([BK, V], dtype=tl.float32)      # Σ_t (q_t ⊙ exp(A_t)) do_tᵀ, rows rk
+        if GATE == 3:
+            aoff = tl.zeros([BK], dtype=tl.float32)   # the log gate summed over the chunks before, per key
+        else:
+            aoff = 0.0                                # ... one for every key (scalar kinds)
     gamma = 0.0
     if GATE == 1:
         gamma = tl.load(gg + h).to(tl.float32)
@@ -402,10 +416,25 @@ def _bwd_dq_kernel(q, k, v, g, gg, do, h0, dht, dq, gq, term, steep, T, H, SEG, 
                 kd = (bk * tl.exp(bl - bc)[:, None]).to(dt)
                 S = S * tl.exp(bl) + tl.dot(tl.trans(kd), bv, input_precision=PREC)
         tl.store(dq + row[:, None] * K + rk[None, :], (acc * scale).to(dq.dtype.element_ty), mask=m[:, None])
+        if STORE_QDO:
+            # _state_kernel's FROM_START products: q decayed from the segment start, rounded to q's dtype
+            if GATE == 0:
+                qs_in = tl.load(q + row[:, None] * K + rk[None, :], mask=m[:, None], other=0.0)
+            elif GATE == 3:
+                qs_in = (bq * tl.exp(aoff[None, :] + bc)).to(dt)
+            else:
+                qs_in = (bq * tl.exp(aoff + bc)[:, None]).to(dt)
+            SQ += tl.dot(tl.trans(qs_in), bdo, input_precision=PREC)
+            if GATE > 0:
+                aoff += bl
     if NEED_DG and HAS_DHT:
         if js == ns - 1:
             bd = tl.load(dht + bh.to(tl.int64) * K * V + rk[:, None] * V + rv[None, :]).to(tl.float32)
             tl.store(term + bh.to(tl.int64) * K + rk, tl.sum(S * bd, 1))
+    if STORE_QDO:
+        base = (bh * ns + js).to(tl.int64)
+        tl.store(qs + base * K * V + rk[:, None] * V + rv[None, :], SQ * scale)
+        tl.store(qa + base * K + rk, tl.zeros([BK], dtype=tl.float32) + aoff)   # scalar kinds: in every row
 
 
 @triton.jit
@@ -747,16 +776,21 @@ def _scan(s, a, init, reverse, store_out=True):
 class SegmentStates:
     """A long sequence's per-segment states, kept so a later call skips recomputing them.
 
-    Segments of ``seg`` tokens; ``states`` `[B, H, ns, K, V]` float32: from zero over (k, v) (the forward's,
-    see :func:`segment_state`) or scaled from the segment start over (q, do) (the backward's, see
-    :func:`prefix_grad`); ``log_decays`` `[B, H, ns, K]` float32, each segment's total log gate."""
+    Segments of ``seg`` tokens; ``states`` `[B, H, ns, K, V]` float32: from zero over (k, v) (see
+    :func:`segment_state`) or scaled from the segment start over (q, do) (the backward's, see
+    :func:`prefix_grad`); ``log_decays`` `[B, H, ns, K]` float32, each segment's total log gate.
+    ``prefixes`` `[B, H, ns, K, V]` float32, set by ``forward(..., return_saved=True)``: the states entering
+    each segment, initial state included, so valid only for the same initial_state. The forward returns them
+    in place of ``states`` (then None): the backward needs only the prefixes, and both would hold two states
+    per segment until the backward."""
     seg: int
-    states: torch.Tensor
+    states: torch.Tensor | None
     log_decays: torch.Tensor
+    prefixes: torch.Tensor | None = None
 
     @property
     def n(self) -> int:
-        return self.states.shape[2]
+        return self.log_decays.shape[2]
 
 
 def _split(B, H, T, V, C, GATE, device):
@@ -774,8 +808,9 @@ def forward(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None, outpu
     """-> (o `[B, T, H, V]` in q's dtype, final state `[B, H, K, V]` float32 or None).
 
     kv_states: this sequence's :class:`SegmentStates` from :func:`segment_state` (SP computes them first),
-    so the forward skips its own state pass. return_saved: also return the segment states it used (None
-    when the sequence ran as one segment), for ``backward(..., kv_states=...)``."""
+    so the forward skips its own state pass. return_saved: also return a :class:`SegmentStates` with the
+    prefixes it entered its segments with (this initial_state included; None when the sequence ran as one
+    segment), for ``backward(..., kv_states=...)`` with the same initial_state."""
     _check(q, v, k, initial_state)
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -795,9 +830,12 @@ def forward(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None, outpu
         # Long sequences: every segment's state in parallel, a scan for the prefixes, then all segments.
         if kv_states is None:
             kv_states = _kv_states(k, v, gt, gg, GATE, C, seg, ns)
+        elif kv_states.states is None:
+            raise ValueError("kv_states holds no per-segment states (a forward's saved prefixes are for backward)")
         h0, final = _scan(kv_states.states, kv_states.log_decays, h0, reverse=False)
         if ht is not None:
             ht.copy_(final)
+        kv_states = SegmentStates(seg, None, kv_states.log_decays, h0)
     else:
         kv_states = None
     steep = _steep_marks(B, H, T, C, GATE, q.device)
@@ -821,8 +859,9 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True, k
              qdo_states=None):
     """-> (dq, dk, dv, dg, dh0): dg in the shape of g (or of g_gamma `[H]`; None without decay or when
     not need_dg), dh0 `[B, H, K, V]` float32 even when initial_state is None. kv_states / qdo_states: the
-    :class:`SegmentStates` of these inputs from ``forward(..., return_saved=True)`` / ``prefix_grad(...,
-    return_saved=True)`` (same scale), or None: the backward then computes them.
+    :class:`SegmentStates` of these inputs from ``forward(..., return_saved=True)`` (same initial_state: its
+    prefixes are used as they are) or :func:`segment_state` / ``prefix_grad(..., return_saved=True)`` (same
+    scale), or None: the backward then computes them (the (q, do) states in the dq kernel if QDO_IN_DQ).
 
     Three kernels, each walking one (tile, batch·head, segment): dq forward over K-tiles, dk backward over
     K-tiles, dv backward over V-tiles, so no program holds a whole `[K, V]` state (see the module docstring
@@ -849,11 +888,14 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True, k
     h0 = initial_state.contiguous() if initial_state is not None else None
     dhe = dht.contiguous() if dht is not None else None
     if ns > 1:
-        kv = kv_states if kv_states is not None else _kv_states(k, v, gt, gg, GATE, C, seg, ns)
-        h0, _ = _scan(kv.states, kv.log_decays, h0, reverse=False)
-        if qdo_states is None:
+        if kv_states is not None and kv_states.prefixes is not None:
+            h0 = kv_states.prefixes
+        else:
+            kv = kv_states if kv_states is not None else _kv_states(k, v, gt, gg, GATE, C, seg, ns)
+            h0, _ = _scan(kv.states, kv.log_decays, h0, reverse=False)
+        if qdo_states is None and not QDO_IN_DQ:
             qdo_states = SegmentStates(seg, *_states(q, do, gt, gg, GATE, C, seg, ns, scale, True))
-        dhe, _ = _scan(qdo_states.states, qdo_states.log_decays, dhe, reverse=True)
+    store_qdo = ns > 1 and qdo_states is None     # the dq kernel computes them (dk and dv need them after)
     prec = _prec(q)
     # The gate gradient needs the state products in float32 (tf32): bf16 states miss its tolerance.
     sf32 = need_dg and q.dtype != torch.float32 and GATE_GRAD_F32_STATE
@@ -869,17 +911,24 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True, k
         gq = torch.empty(B, T, H, nk, **f32) if need_dg else None           # one partial per K-tile
         gk = torch.empty(B, T, H, K // BKk, **f32) if need_dg else None
         segtot = None
+    if store_qdo:
+        qdo_states = SegmentStates(seg, torch.empty(B, H, ns, K, V, **f32), torch.empty(B, H, ns, K, **f32))
     dummy = q
     common = dict(K=K, V=V, C=C, GATE=GATE, PREC=prec)
     steep = _steep_marks(B, H, T, C, GATE, dev)
     _bwd_dq_kernel[(nk, B * H, ns)](q, k, v, gt, gg, do, h0 if h0 is not None else dummy,
                                     dht.contiguous() if dht is not None else dummy, dq,
                                     gq if gq is not None else dummy, term if term is not None else dummy,
+                                    qdo_states.states if store_qdo else dummy,
+                                    qdo_states.log_decays if store_qdo else dummy,
                                     steep if steep is not None else dummy, T, H, seg, triton.cdiv(T, C), scale,
-                                    BK=BK, HAS_H0=h0 is not None, HAS_DHT=dht is not None,
-                                    NEED_DG=need_dg, SF32=sf32, SPREC=sprec, **common, **cq)
+                                    BK=BK, HAS_H0=h0 is not None, HAS_DHT=dht is not None, NEED_DG=need_dg,
+                                    STORE_QDO=store_qdo, SF32=sf32, SPREC=sprec, **common, **cq)
     if steep is not None:   # before the dk kernel, which finishes the gate gradient from gq
         _add_levels(1, steep, q, k, v, gt, scale, do=do, dq=dq, gq=gq, need_dg=need_dg)
+    if ns > 1:
+        # the gradient of the state leaving each segment (dht past the last): a reverse scan of the (q, do) states
+        dhe, _ = _scan(qdo_states.states, qdo_states.log_decays, dhe, reverse=True)
     _bwd_dk_kernel[(K // BKk, B * H, ns)](q, k, v, gt, gg, do, dhe if dhe is not None else dummy, dk,
                                     gk if gk is not None else dummy, gq if GATE == 3 and need_dg else dummy,
                                     term if term is not None else dummy, segtot if segtot is not None else dummy,
