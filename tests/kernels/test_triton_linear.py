@@ -118,21 +118,6 @@ def test_several_tiles_per_head(small_chunks, monkeypatch, decay):
     check_forward_backward(decay, 1, 45, 2, 32, 32, torch.float32, 1e-4, True, with_dht=True, seed=21)
 
 
-@pytest.mark.parametrize("qdo_in_dq", [True, False])
-@pytest.mark.parametrize("decay", DECAYS)
-def test_qdo_states_in_dq_kernel(small_chunks, monkeypatch, decay, qdo_in_dq):
-    """Three segments (the last ends inside a chunk), the (q, do) segment states summed by the dq kernel
-    (QDO_IN_DQ) or by their own pass: the reference's gradients either way, and the switch decides which
-    runs. Two K-tiles in the dq kernel, so each of its programs writes its own rows of those states."""
-    monkeypatch.setattr(tc, "SEGMENTS", 3)
-    monkeypatch.setattr(tc, "QDO_IN_DQ", qdo_in_dq)
-    monkeypatch.setattr(tc, "CONFIG", {**tc.CONFIG, "dq": dict(block=16, num_warps=4, num_stages=2)})
-    calls = record_calls(monkeypatch, "_states")
-    check_forward_backward(decay, 1, 90, 2, 32, 16, torch.float32, 1e-4, True, with_dht=True,
-                           seed=40 + len(decay))
-    assert sum(c["from_start"] for c in calls) == (0 if qdo_in_dq else 1)     # the (q, do) state passes
-
-
 @pytest.mark.parametrize("decay", DECAYS)
 def test_without_dht_and_single_token(small_chunks, decay):
     check_forward_backward(decay, 1, 1, 2, 16, 16, torch.float32, 1e-4, True, with_dht=False, seed=3)
@@ -196,41 +181,28 @@ def test_backward_reuses_forward_segment_states(small_chunks, monkeypatch, decay
     assert rel_err(tc.backward(*args, do, None, kv_states=other)[0].cpu(), recomputed[0].cpu()) > 1e-3
 
 
-def steep_gates(x):
-    """Per-key log gates that fall far past float32's exp range inside one chunk: -7 a token on key 0 (level
-    boundaries mid-chunk), -100 on key 1 (every token its own level), -30 on key 2, and a -300 step at t = 5
-    on key 3; the other keys keep their mild gates."""
-    g = x["g"]
+def steep_gates(x, start=0):
+    """Per-key log gates that fall far past float32's exp range inside one chunk, from token start on: -7 a
+    token on key 0 (level boundaries mid-chunk), -100 on key 1 (every token its own level), -30 on key 2, and
+    a -300 step at token start + 5 on key 3; the other keys (and every key before start) keep mild gates."""
+    g = x["g"][:, start:]
     g[..., 0], g[..., 1], g[..., 2] = -7.0, -100.0, -30.0
     g[:, 5, :, 3] = -300.0
 
 
+@pytest.mark.parametrize("start", [0, 32])
 @pytest.mark.parametrize("tiles", [False, True])
 @pytest.mark.parametrize("segments", [None, 2])
-def test_per_key_gates_that_fall_steeply(small_chunks, monkeypatch, segments, tiles):
+def test_per_key_gates_that_fall_steeply(small_chunks, monkeypatch, segments, tiles, start):
     """Gates whose chunk sums reach -1600: every kernel stays finite and matches float64 (the levels of the
-    per-key factorisation; a single exp(b)·exp(-b) factorisation gives NaN here)."""
+    per-key factorisation; a single exp(b)·exp(-b) factorisation gives NaN here). start=32: only the second
+    of two segments (tokens 32..44) is steep, so the first is left alone."""
     monkeypatch.setattr(tc, "SEGMENTS", segments)
     if tiles:   # K-tiles of 16 keys: the levels are found per tile
         monkeypatch.setattr(tc, "CONFIG", {n: dict(block=16, num_warps=4, num_stages=2) for n in tc.CONFIG})
         monkeypatch.setattr(tc, "CONFIG_PER_KEY", {})
     check_forward_backward("g_per_key", 1, 45, 2, 32, 16, torch.float32, 1e-4, True, with_dht=True, seed=31,
-                           edit=steep_gates)
-
-
-@pytest.mark.parametrize("decay", DECAYS)
-def test_backward_from_forward_prefixes(small_chunks, monkeypatch, decay):
-    """The forward hands the backward the prefixes it scanned (initial state included) in place of the
-    raw segment states: the reference's gradients, and the backward runs only the reverse scan."""
-    monkeypatch.setattr(tc, "SEGMENTS", 3)
-    scans = record_calls(monkeypatch, "_scan")
-    saved = check_forward_backward(decay, 2, 75, 2, 16, 32, torch.float32, 1e-4, True, with_dht=True,
-                                   seed=50 + len(decay), reuse=True)
-    assert saved.states is None and saved.prefixes.shape == (2, 2, 3, 16, 32)
-    assert [c["reverse"] for c in scans] == [False, True]     # the forward's scan, the backward's reverse one
-    x = _to(make_inputs(decay, 2, 75, 2, 16, 32, torch.float32, seed=0), DEV, torch.float32)
-    with pytest.raises(ValueError, match="no per-segment states"):
-        tc.forward(x["q"], x["k"], x["v"], x["g"], x["g_gamma"], kv_states=saved)
+                           edit=lambda x: steep_gates(x, start))
 
 
 def test_sp_decomposition_equals_whole(small_chunks):

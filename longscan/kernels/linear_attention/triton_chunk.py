@@ -10,9 +10,8 @@ NS segments and run in parallel with the same segment-prefix scan that SP uses a
   2. `_scan_kernel`:  the prefix entering each segment, P_{j+1} = exp(Γ_j) ⊙ P_j + S_j  (the SP scan)
   3. the main kernel runs every segment from its prefix.
 Backward mirrors it with three kernels, each tiled so no program holds a whole `[K, V]` state: dq walks
-forward from the prefixes over K-tiles and, unless given them, also sums every segment's (q, do) state (what
-`prefix_grad` computes per segment; QDO_IN_DQ); their reverse scan gives the prefixes of the state gradient,
-from which dk (K-tiles) and dv (V-tiles) walk backward. The per-segment states are a `SegmentStates`
+forward from the prefixes over K-tiles; dk (K-tiles) and dv (V-tiles) walk backward from the reverse prefixes
+of the state gradient (built from `prefix_grad` pieces). The per-segment states are a `SegmentStates`
 value that one entry point hands the next (SP's state pass → its output pass, `prefix_grad` → the backward,
 the forward → the backward: the prefixes it scanned), so those state passes and scans are not repeated.
 (SP's backward recomputes the forward's (k, v) states rather than hold them through the step: they would
@@ -20,11 +19,14 @@ add a state per segment to its memory.)
 
 Decay kinds (log space, ≤ 0), as a constexpr GATE: 0 none, 1 g_gamma `[H]`, 2 g `[B, T, H]`,
 3 g `[B, T, H, K]`. Per-key gates factor the decay inside a chunk, exp(b_t − b_s) = exp(b_t − c)·exp(c − b_s)
-(b the chunk-local cumulative gate, c a reference per key), so the scores are matmuls. Level 0 (c = 0) takes
-the tokens whose b is above −LEVEL_SPAN; where a key's gate falls further inside a chunk, each further level
-(c = the largest b not yet taken) adds one matmul over the tokens in (c − LEVEL_SPAN, c]. Every factor stays in
-[0, exp(LEVEL_SPAN)], so no gate overflows: a steep fall costs matmuls, not correctness (one factorisation,
-exp(b_t)·exp(−b_s), gave inf/NaN once a chunk's gates summed below about −88).
+(b the chunk-local cumulative gate, c a reference per key), so the scores are matmuls. The main kernels use
+c = 0 with the key factor held at exp(LEVEL_SPAN): exact while b stays above −LEVEL_SPAN, which is every chunk
+of ordinary gates. They mark the segments where a key's gate falls further inside a chunk, and
+`_levels_kernel` then adds, for those chunks, the exact terms of the tokens below: levels with reference c =
+the largest b not yet taken, each a matmul over the tokens in (c − LEVEL_SPAN, c], minus what the held factor
+gave them. Every factor stays within [−exp(LEVEL_SPAN), exp(LEVEL_SPAN)], so no gate overflows: a steep fall
+costs matmuls, not correctness (a single factorisation, exp(b_t)·exp(−b_s), gave NaN once a chunk's gates
+summed below about −88). Log gates must be ≤ 0 (DESIGN's decays).
 
 Gradient of the gate (A_t the cumulative log gate): dL/dA_t = q_t⊙dq_t − k_t⊙dk_t, plus Σ_v S_T⊙dS_T at the
 last step; dg_s = Σ_{t≥s} dL/dA_t. The kernels emit q⊙dq and k⊙dk reduced to the gate's shape.
@@ -50,9 +52,6 @@ SEGMENTS = None     # force the number of sequence segments (tests); None picks 
 SPLIT_BELOW = 2      # sequences are cut into segments only when there are fewer programs per SM than this
 PROGRAMS_PER_SM = 8  # ... and then until there are this many programs per SM
 MIN_SEGMENT_CHUNKS = 8  # ... but no segment shorter than this many chunks
-# Segmented backward without given (q, do) states: the dq kernel accumulates them (a second [BK, V] float32
-# state in its registers) instead of a separate state pass over (q, do). A switch so a benchmark can compare.
-QDO_IN_DQ = True
 # Launch settings per kernel: tile (values for fwd/state/dv, keys for dq/dk), warps, pipeline stages.
 # benchmarks/tune_linear.py sweeps them on a GPU. (num_stages=1 miscompiled the dv kernel at tile 32 on
 # an H100 with Triton 3.6 — wrong dv — so the sweep and these settings keep num_stages ≥ 2.)
@@ -97,37 +96,42 @@ def _gate_chunk(g, gamma, b, h, t, m, T, H, rk, K: tl.constexpr, GATE: tl.conste
 
 
 @triton.jit
-def _key_factor(bc, c, FIRST: tl.constexpr):
-    """Key side of one level of the per-key intra-chunk factorisation: exp(c − b) `[C, BK]` where b lies in
-    (c − LEVEL_SPAN, c] (level 0, c = 0: every b above −LEVEL_SPAN), else 0, so it stays below exp(LEVEL_SPAN)."""
-    if FIRST:
-        inside = bc > -LEVEL_SPAN
-    else:
-        inside = (bc <= c[None, :]) & (bc > c[None, :] - LEVEL_SPAN)
-    return tl.where(inside, tl.exp(tl.minimum(c[None, :] - bc, LEVEL_SPAN)), 0.0)   # (min: no inf outside)
-
-
-@triton.jit
-def _query_factor(bc, c):
-    """Query side of the level with reference c `[BK]`: exp(b − c) ≤ 1 where b ≤ c, else 0 (such rows pair only
-    with earlier keys of an earlier level: their products are masked)."""
-    return tl.where(bc <= c[None, :], tl.exp(tl.minimum(bc - c[None, :], 0.0)), 0.0)
+def _key_factor0(bc):
+    """Level 0's key factor exp(min(−b, LEVEL_SPAN)) `[C, BK]`: exact for b above −LEVEL_SPAN, held at
+    exp(LEVEL_SPAN) below, where _levels_kernel adds the exact further levels and takes the held part back.
+    (The held value is continuous in b, so kernels whose b differ in rounding still agree to rounding.)"""
+    return tl.exp(tl.minimum(-bc, LEVEL_SPAN))
 
 
 @triton.jit
 def _next_level(bc, c):
-    """-> (the next level's reference per key: the largest b not covered yet (or c − LEVEL_SPAN, an empty level,
-    where all are), whether any key of the tile has one). Costs one reduction when none does."""
-    nxt = tl.max(tl.where(bc <= c[None, :] - LEVEL_SPAN, bc, -1e30), 0)
-    return tl.where(nxt > -1e29, nxt, c - LEVEL_SPAN), tl.max(nxt, 0) > -1e29
+    """The next level's reference per key `[K]`: the largest b at or below c − LEVEL_SPAN, −1e30 (an empty
+    level) where there is none."""
+    return tl.max(tl.where(bc <= c[None, :] - LEVEL_SPAN, bc, -1e30), 0)
 
 
 @triton.jit
-def _mark_steep(bc, steep, bh, t0, C: tl.constexpr, NC):
-    """Mark the chunk starting at token t0 in steep `[B·H, NC]` when a key's cumulative gate falls to
-    −LEVEL_SPAN inside it (its further levels are added afterwards by _levels_kernel)."""
-    if tl.min(bc) <= -LEVEL_SPAN:
-        tl.store(steep + bh.to(tl.int64) * NC + t0 // C, 1)
+def _level_factors(bc, c, first):
+    """(query factor, key factor) `[C, K]` of one step of _levels_kernel. first: level 0's held part taken back,
+    (exp(b), −exp(LEVEL_SPAN) where b ≤ −LEVEL_SPAN). Else the level with reference c: exp(b − c) (≤ 1 where it
+    pairs) and exp(c − b) < exp(LEVEL_SPAN) on the level's tokens (b in (c − LEVEL_SPAN, c]), 0 elsewhere."""
+    if first:
+        qf = tl.exp(bc)
+        kf = tl.where(bc <= -LEVEL_SPAN, -_key_factor0(bc), 0.0)
+    else:
+        qf = tl.exp(tl.minimum(bc - c[None, :], 0.0))
+        inside = (bc <= c[None, :]) & (bc > c[None, :] - LEVEL_SPAN)
+        kf = tl.where(inside, tl.exp(tl.minimum(c[None, :] - bc, LEVEL_SPAN)), 0.0)
+    return qf, kf
+
+
+@triton.jit
+def _mark_steep(low, steep, bh, js, ns):
+    """Mark segment js in steep `[B·H, NS]` when a key's gate falls to −LEVEL_SPAN inside one of its chunks
+    (low: the lowest chunk total per key; with log gates ≤ 0 a chunk's total is its lowest cumulative gate);
+    _levels_kernel then visits it."""
+    if tl.min(low) <= -LEVEL_SPAN:
+        tl.store(steep + (bh * ns + js).to(tl.int64), 1)
 
 
 @triton.jit
@@ -138,7 +142,7 @@ def _segment_state_tile(ptr, bh, js, ns, rk, rv, K: tl.constexpr, V: tl.constexp
 
 
 @triton.jit
-def _fwd_kernel(q, k, v, g, gg, o, h0, ht, steep, T, H, SEG, NC, scale,
+def _fwd_kernel(q, k, v, g, gg, o, h0, ht, steep, T, H, SEG, scale,
                 K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, GATE: tl.constexpr,
                 HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr):
     """One (V-tile, batch·head, segment): o for the segment's tokens, starting from state h0[bh, seg]."""
@@ -158,6 +162,7 @@ def _fwd_kernel(q, k, v, g, gg, o, h0, ht, steep, T, H, SEG, NC, scale,
     S = tl.zeros([K, BV], dtype=tl.float32)
     if HAS_H0:
         S += _segment_state_tile(h0, bh, js, ns, rk, rv, K, V)
+    low = tl.zeros([K], dtype=tl.float32)    # per-key gates: the lowest chunk total so far
     gamma = 0.0
     if GATE == 1:
         gamma = tl.load(gg + h).to(tl.float32)
@@ -179,9 +184,9 @@ def _fwd_kernel(q, k, v, g, gg, o, h0, ht, steep, T, H, SEG, NC, scale,
             bl = tl.sum(gc, 0)             # the chunk's total: scalar or [K]
             if GATE == 3:
                 qd = (bq * tl.exp(bc)).to(dt)      # level 0's query side (c = 0), also the state term's
-                kn = (bk * _key_factor(bc, tl.zeros_like(bl), True)).to(dt)
+                kn = (bk * _key_factor0(bc)).to(dt)
                 A = tl.where(causal, tl.dot(qd, tl.trans(kn), input_precision=PREC), 0.0)
-                _mark_steep(bc, steep, bh, t0, C, NC)
+                low = tl.minimum(low, bl)
                 acc = tl.dot(qd, S.to(dt), input_precision=PREC)
                 acc += tl.dot(A.to(dt), bv, input_precision=PREC)
                 kd = (bk * tl.exp(bl[None, :] - bc)).to(dt)
@@ -199,6 +204,8 @@ def _fwd_kernel(q, k, v, g, gg, o, h0, ht, steep, T, H, SEG, NC, scale,
     if STORE_HT:
         if js == ns - 1:
             tl.store(ht + bh.to(tl.int64) * K * V + rk[:, None] * V + rv[None, :], S)
+    if GATE == 3:
+        _mark_steep(low, steep, bh, js, ns)
 
 
 @triton.jit
@@ -337,17 +344,14 @@ def _state_dot(x, S, dt: tl.constexpr, SF32: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
-def _bwd_dq_kernel(q, k, v, g, gg, do, h0, dht, dq, gq, term, qs, qa, steep, T, H, SEG, NC, scale,
+def _bwd_dq_kernel(q, k, v, g, gg, do, h0, dht, dq, gq, term, steep, T, H, SEG, scale,
                    K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, C: tl.constexpr, GATE: tl.constexpr,
-                   HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, NEED_DG: tl.constexpr, STORE_QDO: tl.constexpr,
-                   SF32: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr):
+                   HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, NEED_DG: tl.constexpr, SF32: tl.constexpr,
+                   PREC: tl.constexpr, SPREC: tl.constexpr):
     """One (K-tile, batch·head, segment), walking forward from the state entering the segment (rows rk):
     dq = scale·(exp(b)⊙(do Sᵀ) + intra-chunk), and the q-side gate partial. Per key (GATE 3) the partial is
     written per key into gq; for scalar gates its sum over the tile goes to gq[..., ik]. The last segment
     also writes Σ_v S_T⊙dht (the final-state gate term).
-
-    STORE_QDO: also rows rk of what `_state_kernel` computes with FROM_START over (q, do), so the backward
-    needs no separate pass over them: qs `[B·H, NS, K, V]` float32 and the total log gate qa `[B·H, NS, K]`.
 
     The gate partials multiply by the same bf16-rounded decayed operands (qd, kn, kd) that built the other
     side's terms, so that q⊙dq − k⊙dk cancels as it does in exact arithmetic."""
@@ -368,12 +372,7 @@ def _bwd_dq_kernel(q, k, v, g, gg, do, h0, dht, dq, gq, term, qs, qa, steep, T, 
     S = tl.zeros([BK, V], dtype=tl.float32)
     if HAS_H0:
         S += _segment_state_tile(h0, bh, js, ns, rk, rv, K, V)
-    if STORE_QDO:
-        SQ = tl.zeros([BK, V], dtype=tl.float32)      # Σ_t (q_t ⊙ exp(A_t)) do_tᵀ, rows rk
-        if GATE == 3:
-            aoff = tl.zeros([BK], dtype=tl.float32)   # the log gate summed over the chunks before, per key
-        else:
-            aoff = 0.0                                # ... one for every key (scalar kinds)
+    low = tl.zeros([BK], dtype=tl.float32)   # per-key gates: the lowest chunk total so far
     gamma = 0.0
     if GATE == 1:
         gamma = tl.load(gg + h).to(tl.float32)
@@ -396,10 +395,10 @@ def _bwd_dq_kernel(q, k, v, g, gg, do, h0, dht, dq, gq, term, qs, qa, steep, T, 
             bl = tl.sum(gc, 0)
             if GATE == 3:
                 qf = tl.exp(bc)                    # level 0's query factor (c = 0)
-                kn = (bk * _key_factor(bc, tl.zeros_like(bl), True)).to(dt)
+                kn = (bk * _key_factor0(bc)).to(dt)
                 intra = tl.dot(tl.where(causal, dA, 0.0).to(dt), kn, input_precision=PREC)
                 acc = (inter + intra) * qf
-                _mark_steep(bc, steep, bh, t0, C, NC)
+                low = tl.minimum(low, bl)
                 if NEED_DG:
                     part = (bq * qf).to(dt).to(tl.float32) * (inter + intra)
                     tl.store(gq + row[:, None] * K + rk[None, :], scale * part, mask=m[:, None])
@@ -416,25 +415,12 @@ def _bwd_dq_kernel(q, k, v, g, gg, do, h0, dht, dq, gq, term, qs, qa, steep, T, 
                 kd = (bk * tl.exp(bl - bc)[:, None]).to(dt)
                 S = S * tl.exp(bl) + tl.dot(tl.trans(kd), bv, input_precision=PREC)
         tl.store(dq + row[:, None] * K + rk[None, :], (acc * scale).to(dq.dtype.element_ty), mask=m[:, None])
-        if STORE_QDO:
-            # _state_kernel's FROM_START products: q decayed from the segment start, rounded to q's dtype
-            if GATE == 0:
-                qs_in = tl.load(q + row[:, None] * K + rk[None, :], mask=m[:, None], other=0.0)
-            elif GATE == 3:
-                qs_in = (bq * tl.exp(aoff[None, :] + bc)).to(dt)
-            else:
-                qs_in = (bq * tl.exp(aoff + bc)[:, None]).to(dt)
-            SQ += tl.dot(tl.trans(qs_in), bdo, input_precision=PREC)
-            if GATE > 0:
-                aoff += bl
     if NEED_DG and HAS_DHT:
         if js == ns - 1:
             bd = tl.load(dht + bh.to(tl.int64) * K * V + rk[:, None] * V + rv[None, :]).to(tl.float32)
             tl.store(term + bh.to(tl.int64) * K + rk, tl.sum(S * bd, 1))
-    if STORE_QDO:
-        base = (bh * ns + js).to(tl.int64)
-        tl.store(qs + base * K * V + rk[:, None] * V + rv[None, :], SQ * scale)
-        tl.store(qa + base * K + rk, tl.zeros([BK], dtype=tl.float32) + aoff)   # scalar kinds: in every row
+    if GATE == 3:
+        _mark_steep(low, steep, bh, js, ns)
 
 
 @triton.jit
@@ -493,7 +479,7 @@ def _bwd_dk_kernel(q, k, v, g, gg, do, dhe, dk, gk, dg, term, segtot, dh0, T, H,
             bl = tl.sum(gc, 0)
             if GATE == 3:
                 qd = (bq * tl.exp(bc)).to(dt)      # level 0's query side, also the state gradient's
-                kf = _key_factor(bc, tl.zeros_like(bl), True)
+                kf = _key_factor0(bc)
                 intra = tl.dot(tl.where(causal_t, dAt, 0.0).to(dt), qd, input_precision=PREC)
                 kdf = tl.exp(bl[None, :] - bc)
                 acc = scale * intra * kf + inter * kdf
@@ -566,7 +552,7 @@ def _bwd_dv_kernel(q, k, g, gg, do, dhe, dv, T, H, SEG, scale,
             bl = tl.sum(gc, 0)
             if GATE == 3:
                 qd = (bq * tl.exp(bc)).to(dt)
-                kn = (bk * _key_factor(bc, tl.zeros_like(bl), True)).to(dt)
+                kn = (bk * _key_factor0(bc)).to(dt)
                 At = tl.where(causal_t, tl.dot(kn, tl.trans(qd), input_precision=PREC), 0.0)
                 kd = (bk * tl.exp(bl[None, :] - bc)).to(dt)
                 acc = tl.dot(kd, dH.to(dt), input_precision=PREC)
@@ -583,44 +569,50 @@ def _bwd_dv_kernel(q, k, g, gg, do, dhe, dv, T, H, SEG, scale,
         tl.store(dv + row[:, None] * V + rv[None, :], acc.to(dv.dtype.element_ty), mask=m[:, None])
 
 @triton.jit
-def _levels_kernel(q, k, v, g, do, o, dq, dk, dv, gq, steep, T, H, NC, scale,
-                   K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BN: tl.constexpr, MODE: tl.constexpr,
-                   NEED_DG: tl.constexpr, PREC: tl.constexpr):
-    """Per-key gates: the levels after level 0 of the chunks marked in steep `[B·H, NC]`, added to what the
-    main kernels wrote (they compute level 0 only: a loop nested in their chunk loop would stop Triton from
-    pipelining its loads). One program: BN chunks of one batch·head, whole K and V; unmarked chunks cost one
-    load of their marks. MODE 0, after the forward: o. MODE 1, after the dq kernel and before the dk kernel
-    (which finishes the gate gradient): dq and, when NEED_DG, both sides' gate partials into gq. MODE 2,
-    after the dk and dv kernels: dk and dv."""
+def _levels_kernel(q, k, v, g, do, o, dq, dk, dv, gq, steep, T, H, SEG, scale,
+                   K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, MODE: tl.constexpr, NEED_DG: tl.constexpr,
+                   PREC: tl.constexpr):
+    """Per-key gates: for every chunk where a key's gate falls to −LEVEL_SPAN, the exact terms of its tokens
+    below that, less what the main kernels' held key factor gave them (see the module docstring), added to
+    what the main kernels wrote. (They do not loop over levels themselves: a loop nested in their chunk loop
+    stops Triton from pipelining its loads.) One program: one (batch·head, segment), whole K and V; a segment
+    the main kernel did not mark in steep `[B·H, NS]` costs one load. MODE 0, after the forward: o. MODE 1,
+    after the dq kernel and before the dk kernel (which finishes the gate gradient): dq and, when NEED_DG, both
+    sides' gate partials into gq. MODE 2, after the dk and dv kernels: dk and dv."""
     bh = tl.program_id(0)
-    n0 = tl.program_id(1) * BN
+    js = tl.program_id(1)
+    ns = tl.num_programs(1)
     b = bh // H
     h = bh % H
-    rn = n0 + tl.arange(0, BN)
-    marks = tl.load(steep + bh.to(tl.int64) * NC + rn, mask=rn < NC, other=0)
-    if tl.max(marks, 0) > 0:
+    if tl.load(steep + (bh * ns + js).to(tl.int64)) > 0:
         dt = q.dtype.element_ty
         rk = tl.arange(0, K)
         rv = tl.arange(0, V)
         rc = tl.arange(0, C)
         causal = rc[:, None] >= rc[None, :]
-        for i in range(0, BN):
-            n = n0 + i
-            if tl.load(steep + bh.to(tl.int64) * NC + n, mask=n < NC, other=0) > 0:
-                t = n * C + rc
-                m = t < T
-                row = (b * T + t).to(tl.int64) * H + h
+        t_start = js * SEG
+        t_end = tl.minimum(t_start + SEG, T)
+        for t0 in range(t_start, t_end, C):
+            t = t0 + rc
+            m = t < t_end
+            row = (b * T + t).to(tl.int64) * H + h
+            bc = tl.cumsum(_gate_chunk(g, 0.0, b, h, t, m, T, H, rk, K, 3), 0)
+            if tl.min(bc) <= -LEVEL_SPAN:
                 bq = tl.load(q + row[:, None] * K + rk[None, :], mask=m[:, None], other=0.0)
                 bk = tl.load(k + row[:, None] * K + rk[None, :], mask=m[:, None], other=0.0)
                 bv = tl.load(v + row[:, None] * V + rv[None, :], mask=m[:, None], other=0.0)
-                bc = tl.cumsum(_gate_chunk(g, 0.0, b, h, t, m, T, H, rk, K, 3), 0)
-                c, more = _next_level(bc, tl.zeros([K], dtype=tl.float32))
+                # step 0 takes level 0's held part back; level l ≥ 1 has its reference at or below −l·LEVEL_SPAN,
+                # a bound on their number (a for loop, not a while: Triton 3.6 failed to compile a dot
+                # accumulated in a while loop here)
+                steps = tl.minimum(-tl.min(bc) / LEVEL_SPAN, C).to(tl.int32) + 1
+                c = tl.zeros([K], dtype=tl.float32)
                 if MODE == 0:
                     A = tl.zeros([C, C], dtype=tl.float32)
-                    while more:
-                        A += tl.dot((bq * _query_factor(bc, c)).to(dt),
-                                    tl.trans((bk * _key_factor(bc, c, False)).to(dt)), input_precision=PREC)
-                        c, more = _next_level(bc, c)
+                    for it in range(0, steps):
+                        if it > 0:
+                            c = _next_level(bc, c)
+                        qf, kf = _level_factors(bc, c, it == 0)
+                        A += tl.dot((bq * qf).to(dt), tl.trans((bk * kf).to(dt)), input_precision=PREC)
                     ptr = o + row[:, None] * V + rv[None, :]
                     add = tl.dot(tl.where(causal, A, 0.0).to(dt), bv, input_precision=PREC)
                     tl.store(ptr, tl.load(ptr, mask=m[:, None]).to(tl.float32) + scale * add, mask=m[:, None])
@@ -631,16 +623,17 @@ def _levels_kernel(q, k, v, g, do, o, dq, dk, dv, gq, steep, T, H, NC, scale,
                     if MODE == 1:
                         addq = tl.zeros([C, K], dtype=tl.float32)
                         part = tl.zeros([C, K], dtype=tl.float32)
-                        while more:
-                            qf = _query_factor(bc, c)
+                        for it in range(0, steps):
+                            if it > 0:
+                                c = _next_level(bc, c)
+                            qf, kf = _level_factors(bc, c, it == 0)
                             qd = (bq * qf).to(dt)
-                            kn = (bk * _key_factor(bc, c, False)).to(dt)
+                            kn = (bk * kf).to(dt)
                             intra = tl.dot(dAm, kn, input_precision=PREC)
                             addq += intra * qf
                             if NEED_DG:   # q⊙dq − k⊙dk with the operands the dots used (see the dq kernel)
                                 part += (qd.to(tl.float32) * intra
                                          - kn.to(tl.float32) * tl.dot(tl.trans(dAm), qd, input_precision=PREC))
-                            c, more = _next_level(bc, c)
                         tl.store(dq + ptr, tl.load(dq + ptr, mask=m[:, None]).to(tl.float32) + scale * addq,
                                  mask=m[:, None])
                         if NEED_DG:
@@ -648,12 +641,13 @@ def _levels_kernel(q, k, v, g, do, o, dq, dk, dv, gq, steep, T, H, NC, scale,
                     else:
                         addk = tl.zeros([C, K], dtype=tl.float32)
                         At = tl.zeros([C, C], dtype=tl.float32)
-                        while more:
-                            qd = (bq * _query_factor(bc, c)).to(dt)
-                            kf = _key_factor(bc, c, False)
+                        for it in range(0, steps):
+                            if it > 0:
+                                c = _next_level(bc, c)
+                            qf, kf = _level_factors(bc, c, it == 0)
+                            qd = (bq * qf).to(dt)
                             addk += tl.dot(tl.trans(dAm), qd, input_precision=PREC) * kf
                             At += tl.dot((bk * kf).to(dt), tl.trans(qd), input_precision=PREC)
-                            c, more = _next_level(bc, c)
                         tl.store(dk + ptr, tl.load(dk + ptr, mask=m[:, None]).to(tl.float32) + scale * addk,
                                  mask=m[:, None])
                         causal_t = rc[:, None] <= rc[None, :]        # [C(s), C(t)]: t ≥ s
@@ -703,23 +697,20 @@ def _launch(name: str, dim: int, GATE: int = 0):
     return min(dim, cfg.pop("block")), cfg
 
 
-LEVELS_BLOCK = 64  # chunks per program of _levels_kernel
+def _steep_marks(B, H, ns, GATE, device):
+    """Zeroed per-segment marks `[B·H, ns]` int32 for per-key gates (the main kernels mark steep segments),
+    else None."""
+    return torch.zeros(B * H, ns, device=device, dtype=torch.int32) if GATE == 3 else None
 
 
-def _steep_marks(B, H, T, C, GATE, device):
-    """Zeroed per-chunk marks `[B·H, NC]` int32 for per-key gates (the main kernels mark steep chunks), else None."""
-    return torch.zeros(B * H, triton.cdiv(T, C), device=device, dtype=torch.int32) if GATE == 3 else None
-
-
-def _add_levels(mode, steep, q, k, v, g, scale, do=None, o=None, dq=None, gq=None, dk=None, dv=None,
+def _add_levels(mode, steep, seg, q, k, v, g, scale, do=None, o=None, dq=None, gq=None, dk=None, dv=None,
                 need_dg=False):
-    """Launch _levels_kernel (MODE mode) over the chunks marked in steep; it adds into the given outputs."""
+    """Launch _levels_kernel (MODE mode) over the segments marked in steep; it adds into the given outputs."""
     B, T, H, K = q.shape
-    NC = steep.shape[1]
     a = [x if x is not None else q for x in (do, o, dq, dk, dv, gq)]
-    _levels_kernel[(B * H, triton.cdiv(NC, LEVELS_BLOCK))](
-        q, k, v, g, *a, steep, T, H, NC, scale, K=K, V=v.shape[-1], C=CHUNK_PER_KEY, BN=LEVELS_BLOCK,
-        MODE=mode, NEED_DG=need_dg, PREC=_prec(q), num_warps=8)
+    _levels_kernel[(B * H, steep.shape[1])](q, k, v, g, *a, steep, T, H, seg, scale, K=K,
+                                            V=v.shape[-1], C=CHUNK_PER_KEY, MODE=mode, NEED_DG=need_dg,
+                                            PREC=_prec(q), num_warps=8)
 
 
 def _num_sms(device) -> int:
@@ -838,13 +829,13 @@ def forward(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None, outpu
         kv_states = SegmentStates(seg, None, kv_states.log_decays, h0)
     else:
         kv_states = None
-    steep = _steep_marks(B, H, T, C, GATE, q.device)
+    steep = _steep_marks(B, H, ns, GATE, q.device)
     _fwd_kernel[(V // BV, B * H, ns)](q, k, v, gt, gg, o, h0 if h0 is not None else q, ht if ht is not None else o,
-                                      steep if steep is not None else q, T, H, seg, triton.cdiv(T, C), scale,
+                                      steep if steep is not None else q, T, H, seg, scale,
                                       K=K, V=V, BV=BV, C=C, GATE=GATE, HAS_H0=h0 is not None,
                                       STORE_HT=(ht is not None and ns == 1), PREC=_prec(q), **cfg)
     if steep is not None:
-        _add_levels(0, steep, q, k, v, gt, scale, o=o)
+        _add_levels(0, steep, seg, q, k, v, gt, scale, o=o)
     return (o, ht, kv_states) if return_saved else (o, ht)
 
 
@@ -861,7 +852,7 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True, k
     not need_dg), dh0 `[B, H, K, V]` float32 even when initial_state is None. kv_states / qdo_states: the
     :class:`SegmentStates` of these inputs from ``forward(..., return_saved=True)`` (same initial_state: its
     prefixes are used as they are) or :func:`segment_state` / ``prefix_grad(..., return_saved=True)`` (same
-    scale), or None: the backward then computes them (the (q, do) states in the dq kernel if QDO_IN_DQ).
+    scale), or None: the backward then computes them.
 
     Three kernels, each walking one (tile, batch·head, segment): dq forward over K-tiles, dk backward over
     K-tiles, dv backward over V-tiles, so no program holds a whole `[K, V]` state (see the module docstring
@@ -893,9 +884,10 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True, k
         else:
             kv = kv_states if kv_states is not None else _kv_states(k, v, gt, gg, GATE, C, seg, ns)
             h0, _ = _scan(kv.states, kv.log_decays, h0, reverse=False)
-        if qdo_states is None and not QDO_IN_DQ:
+        if qdo_states is None:
             qdo_states = SegmentStates(seg, *_states(q, do, gt, gg, GATE, C, seg, ns, scale, True))
-    store_qdo = ns > 1 and qdo_states is None     # the dq kernel computes them (dk and dv need them after)
+        # the gradient of the state leaving each segment (dht past the last): a reverse scan of the (q, do) states
+        dhe, _ = _scan(qdo_states.states, qdo_states.log_decays, dhe, reverse=True)
     prec = _prec(q)
     # The gate gradient needs the state products in float32 (tf32): bf16 states miss its tolerance.
     sf32 = need_dg and q.dtype != torch.float32 and GATE_GRAD_F32_STATE
@@ -911,24 +903,17 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True, k
         gq = torch.empty(B, T, H, nk, **f32) if need_dg else None           # one partial per K-tile
         gk = torch.empty(B, T, H, K // BKk, **f32) if need_dg else None
         segtot = None
-    if store_qdo:
-        qdo_states = SegmentStates(seg, torch.empty(B, H, ns, K, V, **f32), torch.empty(B, H, ns, K, **f32))
     dummy = q
     common = dict(K=K, V=V, C=C, GATE=GATE, PREC=prec)
-    steep = _steep_marks(B, H, T, C, GATE, dev)
+    steep = _steep_marks(B, H, ns, GATE, dev)
     _bwd_dq_kernel[(nk, B * H, ns)](q, k, v, gt, gg, do, h0 if h0 is not None else dummy,
                                     dht.contiguous() if dht is not None else dummy, dq,
                                     gq if gq is not None else dummy, term if term is not None else dummy,
-                                    qdo_states.states if store_qdo else dummy,
-                                    qdo_states.log_decays if store_qdo else dummy,
-                                    steep if steep is not None else dummy, T, H, seg, triton.cdiv(T, C), scale,
+                                    steep if steep is not None else dummy, T, H, seg, scale,
                                     BK=BK, HAS_H0=h0 is not None, HAS_DHT=dht is not None, NEED_DG=need_dg,
-                                    STORE_QDO=store_qdo, SF32=sf32, SPREC=sprec, **common, **cq)
+                                    SF32=sf32, SPREC=sprec, **common, **cq)
     if steep is not None:   # before the dk kernel, which finishes the gate gradient from gq
-        _add_levels(1, steep, q, k, v, gt, scale, do=do, dq=dq, gq=gq, need_dg=need_dg)
-    if ns > 1:
-        # the gradient of the state leaving each segment (dht past the last): a reverse scan of the (q, do) states
-        dhe, _ = _scan(qdo_states.states, qdo_states.log_decays, dhe, reverse=True)
+        _add_levels(1, steep, seg, q, k, v, gt, scale, do=do, dq=dq, gq=gq, need_dg=need_dg)
     _bwd_dk_kernel[(K // BKk, B * H, ns)](q, k, v, gt, gg, do, dhe if dhe is not None else dummy, dk,
                                     gk if gk is not None else dummy, gq if GATE == 3 and need_dg else dummy,
                                     term if term is not None else dummy, segtot if segtot is not None else dummy,
@@ -937,7 +922,7 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True, k
     _bwd_dv_kernel[(V // BV, B * H, ns)](q, k, gt, gg, do, dhe if dhe is not None else dummy, dv, T, H, seg,
                                          scale, BV=BV, HAS_DHE=dhe is not None, **common, **cv)
     if steep is not None:
-        _add_levels(2, steep, q, k, v, gt, scale, do=do, dk=dk, dv=dv)
+        _add_levels(2, steep, seg, q, k, v, gt, scale, do=do, dk=dk, dv=dv)
     if not need_dg:
         return dq, dk, dv, None, dh0
     if GATE == 3:
