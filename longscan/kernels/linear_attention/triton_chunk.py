@@ -126,6 +126,15 @@ def _level_factors(bc, c, first):
 
 
 @triton.jit
+def _level_step(bc, c, it):
+    """Step it of _levels_kernel: -> (its reference c, query factor, key factor); step 0 is the held part."""
+    if it > 0:
+        c = _next_level(bc, c)
+    qf, kf = _level_factors(bc, c, it == 0)
+    return c, qf, kf
+
+
+@triton.jit
 def _mark_steep(low, steep, bh, js, ns):
     """Mark segment js in steep `[B·H, NS]` when a key's gate falls to −LEVEL_SPAN inside one of its chunks
     (low: the lowest chunk total per key; with log gates ≤ 0 a chunk's total is its lowest cumulative gate);
@@ -609,9 +618,7 @@ def _levels_kernel(q, k, v, g, do, o, dq, dk, dv, gq, steep, T, H, SEG, scale,
                 if MODE == 0:
                     A = tl.zeros([C, C], dtype=tl.float32)
                     for it in range(0, steps):
-                        if it > 0:
-                            c = _next_level(bc, c)
-                        qf, kf = _level_factors(bc, c, it == 0)
+                        c, qf, kf = _level_step(bc, c, it)
                         A += tl.dot((bq * qf).to(dt), tl.trans((bk * kf).to(dt)), input_precision=PREC)
                     ptr = o + row[:, None] * V + rv[None, :]
                     add = tl.dot(tl.where(causal, A, 0.0).to(dt), bv, input_precision=PREC)
@@ -624,9 +631,7 @@ def _levels_kernel(q, k, v, g, do, o, dq, dk, dv, gq, steep, T, H, SEG, scale,
                         addq = tl.zeros([C, K], dtype=tl.float32)
                         part = tl.zeros([C, K], dtype=tl.float32)
                         for it in range(0, steps):
-                            if it > 0:
-                                c = _next_level(bc, c)
-                            qf, kf = _level_factors(bc, c, it == 0)
+                            c, qf, kf = _level_step(bc, c, it)
                             qd = (bq * qf).to(dt)
                             kn = (bk * kf).to(dt)
                             intra = tl.dot(dAm, kn, input_precision=PREC)
@@ -642,9 +647,7 @@ def _levels_kernel(q, k, v, g, do, o, dq, dk, dv, gq, steep, T, H, SEG, scale,
                         addk = tl.zeros([C, K], dtype=tl.float32)
                         At = tl.zeros([C, C], dtype=tl.float32)
                         for it in range(0, steps):
-                            if it > 0:
-                                c = _next_level(bc, c)
-                            qf, kf = _level_factors(bc, c, it == 0)
+                            c, qf, kf = _level_step(bc, c, it)
                             qd = (bq * qf).to(dt)
                             addk += tl.dot(tl.trans(dAm), qd, input_precision=PREC) * kf
                             At += tl.dot((bk * kf).to(dt), tl.trans(qd), input_precision=PREC)
