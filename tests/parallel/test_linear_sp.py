@@ -30,10 +30,12 @@ def reference(x, dos, dhts):
 
 
 def case(rank, world, method, layout, decay, dtype, use_state, backend="auto", dims=(2, 2, 4, 3), t_local=T_LOCAL,
-         learn_g_gamma=True, overlap=True):
-    """Relative errors of this rank's results for one case (dims: B, H, K, V)."""
+         learn_g_gamma=True, overlap=True, edit=None):
+    """Relative errors of this rank's results for one case (dims: B, H, K, V; edit changes the inputs first)."""
     B, H, K, V = dims
     x = make_inputs(decay, B, t_local * world, H, K, V, dtype, seed=world * 1000 + DECAYS.index(decay))
+    if edit is not None:
+        edit(x)
     if not use_state:
         x["initial_state"] = None
     gen = torch.Generator().manual_seed(7)
@@ -126,7 +128,19 @@ def triton_sp_worker(rank, world):
                         rank, world, method, layout, decay, torch.float32, True, backend="triton",
                         dims=(1, 2, 16, 16), t_local=64, learn_g_gamma=False,   # Triton refuses a learnable one
                         overlap=overlap)
+    for overlap in (True, False):   # per-key gates that fall steeply inside chunks on both ranks (the levels)
+        results[("zeco", "zigzag", "steep", overlap)] = case(
+            rank, world, "zeco", "zigzag", "g_per_key", torch.float32, True, backend="triton", dims=(1, 2, 16, 16),
+            t_local=64, overlap=overlap, edit=steep_gates)
     return results
+
+
+def steep_gates(x):
+    """Log gates of -7 and -100 a token on two keys and a -300 step on a third (every rank's part of the
+    sequence under zigzag has some): chunk sums far below float32's exp range."""
+    g = x["g"]
+    g[..., 0], g[..., 1] = -7.0, -100.0
+    g[:, 5::40, :, 2] = -300.0
 
 
 def test_linear_sp_on_triton_kernels_with_segments():
