@@ -199,9 +199,12 @@ def check():
     """Quick GPU correctness gate before timing: every decay kind, bf16, against torch_chunk in float64."""
     from longscan.kernels.linear_attention import torch_chunk
     for D, (B, T, H) in ((128, (2, 777, 3)), (64, (1, 2100, 2))):
-        for kind in ("none", "g_gamma", "g", "gk"):
+        for kind in ("none", "g_gamma", "g", "gk", "gk_steep"):
             try:
-                q, k, v, g, gg = lin_inputs(B, T, H, D, kind if kind != "none" else "x")
+                q, k, v, g, gg = lin_inputs(B, T, H, D, {"none": "x", "gk_steep": "gk"}.get(kind, kind))
+                if kind == "gk_steep":   # gates that fall far past exp's range inside a chunk (the levels)
+                    g = g.clone()
+                    g[..., 0], g[..., 1] = -7.0, -100.0
                 h0 = torch.randn(B, H, D, D, device="cuda")
                 do, dht = torch.randn_like(v), torch.randn_like(h0)
                 o, ht = tc.forward(q, k, v, g, gg, None, h0, True)
