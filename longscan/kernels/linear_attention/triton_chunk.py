@@ -26,7 +26,7 @@ of ordinary gates. They mark the segments where a key's gate falls further insid
 the largest b not yet taken, each a matmul over the tokens in (c − LEVEL_SPAN, c], minus what the held factor
 gave them. Every factor stays within [−exp(LEVEL_SPAN), exp(LEVEL_SPAN)], so no gate overflows: a steep fall
 costs matmuls, not correctness (a single factorisation, exp(b_t)·exp(−b_s), gave NaN once a chunk's gates
-summed below about −88). Log gates must be ≤ 0 (DESIGN's decays).
+summed below about −88). Log gates must be finite and ≤ 0 (DESIGN's decays).
 
 Gradient of the gate (A_t the cumulative log gate): dL/dA_t = q_t⊙dq_t − k_t⊙dk_t, plus Σ_v S_T⊙dS_T at the
 last step; dg_s = Σ_{t≥s} dL/dA_t. The kernels emit q⊙dq and k⊙dk reduced to the gate's shape.
