@@ -183,10 +183,12 @@ def test_backward_reuses_forward_segment_states(small_chunks, monkeypatch, decay
 
 def steep_gates(x, start=0):
     """Per-key log gates that fall far past float32's exp range inside one chunk, from token start on: -7 a
-    token on key 0 (level boundaries mid-chunk), -100 on key 1 (every token its own level), -30 on key 2, and
-    a -300 step at token start + 5 on key 3; the other keys (and every key before start) keep mild gates."""
+    token on key 0 (level boundaries mid-chunk), -100 on key 1 (every token its own level), -30 on key 2, a
+    -300 step at token start + 5 on key 3, and -4.5 on key 4 (a chunk of 16 falls to -72: past the held factor's
+    -60 but above the -80 where the main kernels' factor is taken back whole); the other keys (and every key
+    before start) keep mild gates."""
     g = x["g"][:, start:]
-    g[..., 0], g[..., 1], g[..., 2] = -7.0, -100.0, -30.0
+    g[..., 0], g[..., 1], g[..., 2], g[..., 4] = -7.0, -100.0, -30.0, -4.5
     g[:, 5, :, 3] = -300.0
 
 

@@ -23,19 +23,24 @@ Decay kinds (log space, ≤ 0), as a constexpr GATE: 0 none, 1 g_gamma `[H]`, 2 
 c = 0 with the key factor held at exp(LEVEL_SPAN): exact while b stays above −LEVEL_SPAN, which is every chunk
 of ordinary gates. They mark the segments where a key's gate falls further inside a chunk, and
 `_levels_kernel` then adds, for those chunks, the exact terms of the tokens below: levels with reference c =
-the largest b not yet taken, each a matmul over the tokens in (c − LEVEL_SPAN, c], minus what the held factor
-gave them. Every factor stays within [−exp(LEVEL_SPAN), exp(LEVEL_SPAN)], so no gate overflows: a steep fall
+the largest b not yet taken, each a matmul over the tokens in (c − LEVEL_SPAN, c], minus what the main
+kernels' factor gave them (`_key_factors`: the held part, or on a key whose chunk total is below −80 its whole
+level-0 term). Every factor stays within [−exp(LEVEL_SPAN), exp(LEVEL_SPAN)], so no gate overflows: a steep fall
 costs matmuls, not correctness (a single factorisation, exp(b_t)·exp(−b_s), gave NaN once a chunk's gates
 summed below about −88). Log gates must be finite and ≤ 0 (DESIGN's decays).
 
 Gradient of the gate (A_t the cumulative log gate): dL/dA_t = q_t⊙dq_t − k_t⊙dk_t, plus Σ_v S_T⊙dS_T at the
-last step; dg_s = Σ_{t≥s} dL/dA_t. The kernels emit q⊙dq and k⊙dk reduced to the gate's shape.
+last step; dg_s = Σ_{t≥s} dL/dA_t. The dq and dk kernels emit the q and k sides. Scalar gates: the host sums
+them. Per-key gates: the dk kernel, walking backward, finishes dg; across segments it needs no other
+segment's sums, since dg at a segment's first token is also Σ_v exp(g_s)S_{s−1}⊙dS_s, a product of the prefix
+state and the state gradient that the backward already holds.
 
 Shapes: q, k `[B, T, H, K]`, v `[B, T, H, V]`; states `[B, H, K, V]` float32. K, V ∈ {16, 32, 64, 128}.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 
 import torch
@@ -48,6 +53,7 @@ CHUNK_PER_KEY = 32  # chunk for per-key gates
 # exp(60) is far inside float32/bf16 range, and a query factor that underflows (exp(b − c) < exp(−87)) drops
 # terms below exp(60 − 87) ≈ 2e-12 of the others.
 LEVEL_SPAN = tl.constexpr(60.0)
+HELD = tl.constexpr(math.exp(60.0))   # exp(LEVEL_SPAN): where level 0's key factor is held
 SEGMENTS = None     # force the number of sequence segments (tests); None picks from the SM count
 SPLIT_BELOW = 2      # sequences are cut into segments only when there are fewer programs per SM than this
 PROGRAMS_PER_SM = 8  # ... and then until there are this many programs per SM
@@ -96,11 +102,15 @@ def _gate_chunk(g, gamma, b, h, t, m, T, H, rk, K: tl.constexpr, GATE: tl.conste
 
 
 @triton.jit
-def _key_factor0(bc):
-    """Level 0's key factor exp(min(−b, LEVEL_SPAN)) `[C, BK]`: exact for b above −LEVEL_SPAN, held at
-    exp(LEVEL_SPAN) below, where _levels_kernel adds the exact further levels and takes the held part back.
-    (The held value is continuous in b, so kernels whose b differ in rounding still agree to rounding.)"""
-    return tl.exp(tl.minimum(-bc, LEVEL_SPAN))
+def _key_factors(bc, bl):
+    """The main kernels' key factors `[C, BK]` from one exp: (kf, kd), kd = exp(b_C − b) ≤ 1 (the state's;
+    b_C = bl the chunk's total) and level 0's kf = min(kd·exp(min(−b_C, 80)), exp(LEVEL_SPAN)). While the
+    key's chunk total stays above −80 (kd ≥ exp(−80): no underflow), kf = exp(min(−b, LEVEL_SPAN)): exact for
+    b above −LEVEL_SPAN, held at exp(LEVEL_SPAN) below, where _levels_kernel adds the exact further levels
+    and takes the held part back. On a steeper key kf is still bounded and continuous in (b, b_C), and
+    _levels_kernel takes it back whole. (Continuous: kernels whose b differ in rounding agree to rounding.)"""
+    kd = tl.exp(bl[None, :] - bc)
+    return tl.minimum(kd * tl.exp(tl.minimum(-bl, 80.0))[None, :], HELD), kd
 
 
 @triton.jit
@@ -111,13 +121,14 @@ def _next_level(bc, c):
 
 
 @triton.jit
-def _level_factors(bc, c, first):
-    """(query factor, key factor) `[C, K]` of one step of _levels_kernel. first: level 0's held part taken back,
-    (exp(b), −exp(LEVEL_SPAN) where b ≤ −LEVEL_SPAN). Else the level with reference c: exp(b − c) (≤ 1 where it
-    pairs) and exp(c − b) < exp(LEVEL_SPAN) on the level's tokens (b in (c − LEVEL_SPAN, c]), 0 elsewhere."""
+def _level_factors(bc, bl, c, first):
+    """(query factor, key factor) `[C, K]` of one step of _levels_kernel. first: level 0 made exact, (exp(b),
+    exp(−b) on b > −LEVEL_SPAN, 0 below, less the main kernels' kf): their held part taken back. Else the level
+    with reference c: exp(b − c) (≤ 1 where it pairs) and exp(c − b) < exp(LEVEL_SPAN) on the level's tokens
+    (b in (c − LEVEL_SPAN, c]), 0 elsewhere."""
     if first:
         qf = tl.exp(bc)
-        kf = tl.where(bc <= -LEVEL_SPAN, -_key_factor0(bc), 0.0)
+        kf = tl.where(bc <= -LEVEL_SPAN, 0.0, tl.exp(tl.minimum(-bc, LEVEL_SPAN))) - _key_factors(bc, bl)[0]
     else:
         qf = tl.exp(tl.minimum(bc - c[None, :], 0.0))
         inside = (bc <= c[None, :]) & (bc > c[None, :] - LEVEL_SPAN)
@@ -126,11 +137,11 @@ def _level_factors(bc, c, first):
 
 
 @triton.jit
-def _level_step(bc, c, it):
+def _level_step(bc, bl, c, it):
     """Step it of _levels_kernel: -> (its reference c, query factor, key factor); step 0 is the held part."""
     if it > 0:
         c = _next_level(bc, c)
-    qf, kf = _level_factors(bc, c, it == 0)
+    qf, kf = _level_factors(bc, bl, c, it == 0)
     return c, qf, kf
 
 
@@ -193,12 +204,13 @@ def _fwd_kernel(q, k, v, g, gg, o, h0, ht, steep, T, H, SEG, scale,
             bl = tl.sum(gc, 0)             # the chunk's total: scalar or [K]
             if GATE == 3:
                 qd = (bq * tl.exp(bc)).to(dt)      # level 0's query side (c = 0), also the state term's
-                kn = (bk * _key_factor0(bc)).to(dt)
+                kf, kdf = _key_factors(bc, bl)
+                kn = (bk * kf).to(dt)
                 A = tl.where(causal, tl.dot(qd, tl.trans(kn), input_precision=PREC), 0.0)
                 low = tl.minimum(low, bl)
                 acc = tl.dot(qd, S.to(dt), input_precision=PREC)
                 acc += tl.dot(A.to(dt), bv, input_precision=PREC)
-                kd = (bk * tl.exp(bl[None, :] - bc)).to(dt)
+                kd = (bk * kdf).to(dt)
                 S = S * tl.exp(bl)[:, None] + tl.dot(tl.trans(kd), bv, input_precision=PREC)
             else:
                 bt = bc                    # [C]
@@ -404,14 +416,15 @@ def _bwd_dq_kernel(q, k, v, g, gg, do, h0, dht, dq, gq, term, steep, T, H, SEG, 
             bl = tl.sum(gc, 0)
             if GATE == 3:
                 qf = tl.exp(bc)                    # level 0's query factor (c = 0)
-                kn = (bk * _key_factor0(bc)).to(dt)
+                kf, kdf = _key_factors(bc, bl)
+                kn = (bk * kf).to(dt)
                 intra = tl.dot(tl.where(causal, dA, 0.0).to(dt), kn, input_precision=PREC)
                 acc = (inter + intra) * qf
                 low = tl.minimum(low, bl)
                 if NEED_DG:
                     part = (bq * qf).to(dt).to(tl.float32) * (inter + intra)
                     tl.store(gq + row[:, None] * K + rk[None, :], scale * part, mask=m[:, None])
-                kd = (bk * tl.exp(bl[None, :] - bc)).to(dt)
+                kd = (bk * kdf).to(dt)
                 S = S * tl.exp(bl)[:, None] + tl.dot(tl.trans(kd), bv, input_precision=PREC)
             else:
                 dA = tl.where(causal, dA * tl.exp(bc[:, None] - bc[None, :]), 0.0)
@@ -433,7 +446,7 @@ def _bwd_dq_kernel(q, k, v, g, gg, do, h0, dht, dq, gq, term, steep, T, H, SEG, 
 
 
 @triton.jit
-def _bwd_dk_kernel(q, k, v, g, gg, do, dhe, dk, gk, dg, term, segtot, dh0, T, H, SEG, scale,
+def _bwd_dk_kernel(q, k, v, g, gg, do, dhe, hin, dk, gk, dg, term, dh0, T, H, SEG, scale,
                    K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, C: tl.constexpr, GATE: tl.constexpr,
                    HAS_DHE: tl.constexpr, HAS_TERM: tl.constexpr, NEED_DG: tl.constexpr, SF32: tl.constexpr,
                    PREC: tl.constexpr, SPREC: tl.constexpr):
@@ -441,9 +454,12 @@ def _bwd_dk_kernel(q, k, v, g, gg, do, dhe, dk, gk, dg, term, segtot, dh0, T, H,
     segment (rows rk): dk, the k-side gate partial, and segment 0's dh0 rows.
 
     Per key (GATE 3) it finishes the gate gradient in place: dg holds the q-side partial from the dq kernel;
-    this kernel subtracts k⊙dk and takes the reverse cumulative sum with a carry across chunks (starting
-    from the final-state term in the last segment); segtot[bh, seg] gets the segment's total, which the
-    host adds to the earlier segments. Scalar gates write their tile's k-side partial to gk[..., ik]."""
+    this kernel subtracts k⊙dk and takes the reverse cumulative sum, in the chunk and with a carry across
+    chunks. The carry enters the segment as dg at the first token after it: Σ_v P ⊙ dhe (P the state entering
+    the next segment, hin `[B·H, NS, K, V]`; dhe the gradient of the one leaving this segment, = exp(g_s)⊙dS_s;
+    dL/dg_s = Σ_v exp(g_s)S_{s−1}⊙dS_s), so no segment waits for the sums of the later ones; the last segment
+    starts from the final-state term. Scalar gates write their tile's k-side partial to gk[..., ik] (the host
+    sums: a 1-D reverse cumulative sum in this kernel made the scalar-gate backward 6% slower on an H100)."""
     ik = tl.program_id(0)
     bh = tl.program_id(1)
     js = tl.program_id(2)
@@ -462,9 +478,11 @@ def _bwd_dk_kernel(q, k, v, g, gg, do, dhe, dk, gk, dg, term, segtot, dh0, T, H,
     dH = tl.zeros([BK, V], dtype=tl.float32)
     if HAS_DHE:
         dH += _segment_state_tile(dhe, bh, js, ns, rk, rv, K, V)
-    carry = tl.zeros([BK], dtype=tl.float32)     # Σ of the per-key gate partials after this chunk
-    if GATE == 3 and NEED_DG and HAS_TERM:
-        if js == ns - 1:
+    carry = tl.zeros([BK], dtype=tl.float32)     # per key: Σ_{t' after this chunk} dL/dA_t' (see above)
+    if GATE == 3 and NEED_DG:
+        if js < ns - 1:
+            carry += tl.sum(_segment_state_tile(hin, bh, js + 1, ns, rk, rv, K, V) * dH, 1)
+        elif HAS_TERM:
             carry += tl.load(term + bh.to(tl.int64) * K + rk)
     gamma = 0.0
     if GATE == 1:
@@ -488,9 +506,8 @@ def _bwd_dk_kernel(q, k, v, g, gg, do, dhe, dk, gk, dg, term, segtot, dh0, T, H,
             bl = tl.sum(gc, 0)
             if GATE == 3:
                 qd = (bq * tl.exp(bc)).to(dt)      # level 0's query side, also the state gradient's
-                kf = _key_factor0(bc)
+                kf, kdf = _key_factors(bc, bl)
                 intra = tl.dot(tl.where(causal_t, dAt, 0.0).to(dt), qd, input_precision=PREC)
-                kdf = tl.exp(bl[None, :] - bc)
                 acc = scale * intra * kf + inter * kdf
                 if NEED_DG:
                     part = (scale * (bk * kf).to(dt).to(tl.float32) * intra
@@ -512,8 +529,6 @@ def _bwd_dk_kernel(q, k, v, g, gg, do, dhe, dk, gk, dg, term, segtot, dh0, T, H,
                 qd = (bq * tl.exp(bc)[:, None]).to(dt)
                 dH = dH * tl.exp(bl) + scale * tl.dot(tl.trans(qd), bdo, input_precision=PREC)
         tl.store(dk + row[:, None] * K + rk[None, :], acc.to(dk.dtype.element_ty), mask=m[:, None])
-    if GATE == 3 and NEED_DG:
-        tl.store(segtot + (bh * ns + js).to(tl.int64) * K + rk, carry)
     if js == 0:
         tl.store(dh0 + bh.to(tl.int64) * K * V + rk[:, None] * V + rv[None, :], dH)
 
@@ -561,9 +576,10 @@ def _bwd_dv_kernel(q, k, g, gg, do, dhe, dv, T, H, SEG, scale,
             bl = tl.sum(gc, 0)
             if GATE == 3:
                 qd = (bq * tl.exp(bc)).to(dt)
-                kn = (bk * _key_factor0(bc)).to(dt)
+                kf, kdf = _key_factors(bc, bl)
+                kn = (bk * kf).to(dt)
                 At = tl.where(causal_t, tl.dot(kn, tl.trans(qd), input_precision=PREC), 0.0)
-                kd = (bk * tl.exp(bl[None, :] - bc)).to(dt)
+                kd = (bk * kdf).to(dt)
                 acc = tl.dot(kd, dH.to(dt), input_precision=PREC)
                 bl = bl[:, None]
             else:
@@ -605,7 +621,9 @@ def _levels_kernel(q, k, v, g, do, o, dq, dk, dv, gq, steep, T, H, SEG, scale,
             t = t0 + rc
             m = t < t_end
             row = (b * T + t).to(tl.int64) * H + h
-            bc = tl.cumsum(_gate_chunk(g, 0.0, b, h, t, m, T, H, rk, K, 3), 0)
+            gc = _gate_chunk(g, 0.0, b, h, t, m, T, H, rk, K, 3)
+            bc = tl.cumsum(gc, 0)
+            bl = tl.sum(gc, 0)
             if tl.min(bc) <= -LEVEL_SPAN:
                 bq = tl.load(q + row[:, None] * K + rk[None, :], mask=m[:, None], other=0.0)
                 bk = tl.load(k + row[:, None] * K + rk[None, :], mask=m[:, None], other=0.0)
@@ -618,7 +636,7 @@ def _levels_kernel(q, k, v, g, do, o, dq, dk, dv, gq, steep, T, H, SEG, scale,
                 if MODE == 0:
                     A = tl.zeros([C, C], dtype=tl.float32)
                     for it in range(0, steps):
-                        c, qf, kf = _level_step(bc, c, it)
+                        c, qf, kf = _level_step(bc, bl, c, it)
                         A += tl.dot((bq * qf).to(dt), tl.trans((bk * kf).to(dt)), input_precision=PREC)
                     ptr = o + row[:, None] * V + rv[None, :]
                     add = tl.dot(tl.where(causal, A, 0.0).to(dt), bv, input_precision=PREC)
@@ -631,7 +649,7 @@ def _levels_kernel(q, k, v, g, do, o, dq, dk, dv, gq, steep, T, H, SEG, scale,
                         addq = tl.zeros([C, K], dtype=tl.float32)
                         part = tl.zeros([C, K], dtype=tl.float32)
                         for it in range(0, steps):
-                            c, qf, kf = _level_step(bc, c, it)
+                            c, qf, kf = _level_step(bc, bl, c, it)
                             qd = (bq * qf).to(dt)
                             kn = (bk * kf).to(dt)
                             intra = tl.dot(dAm, kn, input_precision=PREC)
@@ -647,7 +665,7 @@ def _levels_kernel(q, k, v, g, do, o, dq, dk, dv, gq, steep, T, H, SEG, scale,
                         addk = tl.zeros([C, K], dtype=tl.float32)
                         At = tl.zeros([C, C], dtype=tl.float32)
                         for it in range(0, steps):
-                            c, qf, kf = _level_step(bc, c, it)
+                            c, qf, kf = _level_step(bc, bl, c, it)
                             qd = (bq * qf).to(dt)
                             addk += tl.dot(tl.trans(dAm), qd, input_precision=PREC) * kf
                             At += tl.dot((bk * kf).to(dt), tl.trans(qd), input_precision=PREC)
@@ -898,14 +916,12 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True, k
     nk = K // BK
     f32 = dict(device=dev, dtype=torch.float32)
     term = torch.zeros(B, H, K, **f32) if need_dg and dht is not None else None
+    gq = gk = None
     if GATE == 3 and need_dg:
-        gq = torch.empty(B, T, H, K, **f32)      # the q-side partial, finished in place by the dk kernel
-        gk = None
-        segtot = torch.empty(B, H, ns, K, **f32)
-    else:
-        gq = torch.empty(B, T, H, nk, **f32) if need_dg else None           # one partial per K-tile
-        gk = torch.empty(B, T, H, K // BKk, **f32) if need_dg else None
-        segtot = None
+        gq = torch.empty(B, T, H, K, **f32)          # the q-side partial, finished in place by the dk kernel
+    elif need_dg:
+        gq = torch.empty(B, T, H, nk, **f32)         # the q-side partial of each dq K-tile
+        gk = torch.empty(B, T, H, K // BKk, **f32)   # ... and the k-side one of each dk K-tile
     dummy = q
     common = dict(K=K, V=V, C=C, GATE=GATE, PREC=prec)
     steep = _steep_marks(B, H, ns, GATE, dev)
@@ -917,9 +933,9 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True, k
                                     SF32=sf32, SPREC=sprec, **common, **cq)
     if steep is not None:   # before the dk kernel, which finishes the gate gradient from gq
         _add_levels(1, steep, seg, q, k, v, gt, scale, do=do, dq=dq, gq=gq, need_dg=need_dg)
-    _bwd_dk_kernel[(K // BKk, B * H, ns)](q, k, v, gt, gg, do, dhe if dhe is not None else dummy, dk,
-                                    gk if gk is not None else dummy, gq if GATE == 3 and need_dg else dummy,
-                                    term if term is not None else dummy, segtot if segtot is not None else dummy,
+    _bwd_dk_kernel[(K // BKk, B * H, ns)](q, k, v, gt, gg, do, dhe if dhe is not None else dummy,
+                                    h0 if ns > 1 else dummy, dk, gk if gk is not None else dummy,
+                                    gq if GATE == 3 and need_dg else dummy, term if term is not None else dummy,
                                     dh0, T, H, seg, scale, BK=BKk, HAS_DHE=dhe is not None,
                                     HAS_TERM=term is not None, NEED_DG=need_dg, SF32=sf32, SPREC=sprec, **common, **ck)
     _bwd_dv_kernel[(V // BV, B * H, ns)](q, k, gt, gg, do, dhe if dhe is not None else dummy, dv, T, H, seg,
@@ -929,13 +945,7 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True, k
     if not need_dg:
         return dq, dk, dv, None, dh0
     if GATE == 3:
-        dg = gq
-        if ns > 1:
-            # every segment's gate gradient also carries the totals of the segments after it (all segments
-            # but the last are full, and the last has nothing after it)
-            later = _reverse_cumsum(segtot, 2) - segtot                        # [B, H, ns, K]
-            dg[:, :(ns - 1) * seg].view(B, ns - 1, seg, H, K).add_(later[:, :, :ns - 1].transpose(1, 2).unsqueeze(2))
-        return dq, dk, dv, dg.to(g.dtype), dh0
+        return dq, dk, dv, gq.to(g.dtype), dh0      # finished by the dk kernel
     # scalar gates: dL/dA_t = Σ_tiles (q-side − k-side); dg_s = Σ_{t≥s} dL/dA_t (+ the final-state term)
     dgl = _reverse_cumsum(gq.sum(-1) - gk.sum(-1), 1)                                # [B, T, H]
     if term is not None:
