@@ -9,6 +9,7 @@ Measures the device's two ceilings first (device-to-device copy, bf16 matmul), t
 Prints a markdown table and writes it (with device, date, commit) to --out.
 
     PYTHONPATH=. python benchmarks/kernels.py --out benchmarks/kernels_rows.md
+    PYTHONPATH=. python benchmarks/kernels.py --only anchors,linear --kinds gk   # the per-key rows alone
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from longscan.kernels.linear_attention import triton_chunk as tc
 from longscan.kernels.softmax_attention import triton_flash as tf
 
 ROWS = []
+LINEAR_KINDS = ("g_gamma", "g", "gk")   # constant decay, scalar gate, per-key gate
 _DIV = {"GB/s": 1e6, "TFLOP/s": 1e9, "": 1}   # bytes or FLOPs per ms -> unit
 
 
@@ -71,7 +73,7 @@ def fwd_bwd(q, k, v, g, gg, do, need_dg):
     return tc.backward(q, k, v, g, gg, None, None, do, None, need_dg, kv_states=saved)
 
 
-def linear(bw, tflops, shapes=((16, 4096), (1, 65536))):
+def linear(bw, tflops, shapes=((16, 4096), (1, 65536)), kinds=LINEAR_KINDS):
     H, D = 16, 128
     try:
         from fla.ops.gla import chunk_gla
@@ -84,7 +86,7 @@ def linear(bw, tflops, shapes=((16, 4096), (1, 65536))):
         floor_f = 4 * tok / bw / 1e9                    # read q,k,v write o
         floor_fb = 11 * tok / bw / 1e9                  # + read q,k,v,do, write dq,dk,dv
         shape = f"B={B} T={T} H={H} D={D}"
-        for kind in ("g_gamma", "g", "gk"):
+        for kind in kinds:
             q, k, v, g, gg = lin_inputs(B, T, H, D, kind)
             do = torch.randn_like(v)
             gb = 0 if g is None else g.numel() * 4 * (1 if kind != "gk" else 3)  # gate read (+ dg written)
@@ -225,15 +227,20 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/kernels_rows.md")
     ap.add_argument("--only", default="check,anchors,linear,sp,flash")
+    ap.add_argument("--kinds", default=",".join(LINEAR_KINDS),
+                    help="decay kinds of the linear rows (gk alone: the per-key rows, whose fla peer compiles slowly)")
     args = ap.parse_args()
     parts = args.only.split(",")
+    kinds = tuple(args.kinds.split(","))
+    if not set(kinds) <= set(LINEAR_KINDS):
+        ap.error(f"--kinds: expected a comma-separated subset of {','.join(LINEAR_KINDS)}, got {args.kinds!r}")
     if "check" in parts:
         check()
     bw, tflops = anchors()
     if "linear" in parts:
-        linear(bw, tflops)
+        linear(bw, tflops, kinds=kinds)
     elif "linear_long" in parts:
-        linear(bw, tflops, shapes=((1, 65536),))
+        linear(bw, tflops, shapes=((1, 65536),), kinds=kinds)
     if "sp" in parts:
         sp_overhead(bw)
     if "flash" in parts:
