@@ -53,7 +53,7 @@ CHUNK_PER_KEY = 32  # chunk for per-key gates
 # exp(60) is far inside float32/bf16 range, and a query factor that underflows (exp(b − c) < exp(−87)) drops
 # terms below exp(60 − 87) ≈ 2e-12 of the others.
 LEVEL_SPAN = tl.constexpr(60.0)
-HELD = tl.constexpr(math.exp(60.0))   # exp(LEVEL_SPAN): where level 0's key factor is held
+HELD = tl.constexpr(math.exp(LEVEL_SPAN.value))   # where level 0's key factor is held
 SEGMENTS = None     # force the number of sequence segments (tests); None picks from the SM count
 SPLIT_BELOW = 2      # sequences are cut into segments only when there are fewer programs per SM than this
 PROGRAMS_PER_SM = 8  # ... and then until there are this many programs per SM
