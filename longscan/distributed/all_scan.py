@@ -26,14 +26,29 @@ def serial_scan(states: torch.Tensor, log_decays: torch.Tensor, initial: torch.T
     """The scan on one process. states `[n, B, H, K, V]`, log_decays `[n, B, H, K]`.
 
     -> (carries `[n, B, H, K, V]` entering each segment in scan order, the carry leaving the last one).
+    Two kernels a segment (one exp, one fused multiply-add): on a GPU the host's launches, not the
+    arithmetic, are what this costs.
     """
     n = states.shape[0]
-    carry = torch.zeros_like(states[0]) if initial is None else initial.to(states.dtype)
     carries = torch.empty_like(states)
+    carry = None if initial is None else initial.to(states.dtype)
     for j in (reversed(range(n)) if reverse else range(n)):
-        carries[j] = carry
-        carry = log_decays[j].exp().unsqueeze(-1) * carry + states[j]
+        if carry is None:               # a zero carry: the next one is the segment's own state
+            carries[j].zero_()
+            carry = states[j]
+        else:
+            carries[j].copy_(carry)
+            carry = torch.addcmul(states[j], log_decays[j].exp().unsqueeze(-1), carry)
+    if n == 1 and initial is None:   # a fresh tensor, not a view of the caller's states (it may be handed out)
+        carry = carry.clone()
     return carries, carry
+
+
+def _blocks(K: int, n_blocks: int) -> list[tuple[int, int]]:
+    """K rows cut into n_blocks contiguous (start, end) blocks, the first K % n_blocks one row longer."""
+    size, extra = divmod(K, n_blocks)
+    ends = [(b + 1) * size + min(b + 1, extra) for b in range(n_blocks)]
+    return list(zip([0] + ends[:-1], ends))
 
 
 def _global(group, r: int) -> int:
@@ -62,7 +77,9 @@ def all_scan(states: torch.Tensor, log_decays: torch.Tensor, group=None, layout:
     if not 1 <= n_blocks <= K:
         raise ValueError(f"n_blocks must be in [1, K={K}], got {n_blocks}")
     order = list(range(n))[::-1] if reverse else list(range(n))
-    blocks = [(int(b[0]), int(b[-1]) + 1) for b in torch.arange(K).tensor_split(n_blocks)]
+    if world == 1:   # every segment is here: nothing to send, so nothing to pipeline
+        return serial_scan(states, log_decays, initial, reverse)
+    blocks = _blocks(K, n_blocks)
     # Work K-major, `[n_local, K, B, H, V]`, so that a K block is one contiguous buffer: received in place,
     # combined by one kernel and sent without a copy.
     S = states.movedim(-2, 1).contiguous()
@@ -90,12 +107,17 @@ def all_scan(states: torch.Tensor, log_decays: torch.Tensor, group=None, layout:
         else:
             carries[slot] = init
         out = torch.empty_like(S[slot])
-        for b, (k0, k1) in enumerate(blocks):
-            if recvs:
-                with waiting():
-                    recvs[b].wait()
-            torch.addcmul(S[slot, k0:k1], decays[slot, k0:k1], carries[slot, k0:k1], out=out[k0:k1])
-            if dst is not None and dst != rank:
+        if dst is None or dst == rank:   # nothing to pass on: one kernel once every block is in
+            with waiting():
+                for work in recvs:
+                    work.wait()
+            torch.addcmul(S[slot], decays[slot], carries[slot], out=out)
+        else:
+            for b, (k0, k1) in enumerate(blocks):
+                if recvs:
+                    with waiting():
+                        recvs[b].wait()
+                torch.addcmul(S[slot, k0:k1], decays[slot, k0:k1], carries[slot, k0:k1], out=out[k0:k1])
                 sends.append(dist.isend(out[k0:k1], _global(group, dst), group=group, tag=seg * n_blocks + b))
                 count(sent=nbytes(out[k0:k1]))
         if dst is None:

@@ -53,6 +53,27 @@ def test_all_scan_equals_serial_scan(scan_results):
                 assert res[key][0] <= 1e-12, (rank, key)
 
 
+@pytest.mark.parametrize("n", [1, 2, 5])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("with_initial", [False, True])
+def test_serial_scan_closed_form(n, reverse, with_initial):
+    """serial_scan (the reference above, and the whole All-Scan of one rank) against the unrolled sum: the
+    carry entering position p of the scan order is Σ_{i<p} exp(a_{i+1} + … + a_{p-1}) ⊙ S_i, plus the
+    initial state decayed by every segment before p."""
+    states, log_decays, initial = global_inputs(n, "contiguous")
+    init = initial if with_initial else None
+    carries, last = serial_scan(states, log_decays, init, reverse)
+    order = list(range(n))[::-1] if reverse else list(range(n))
+    for p in range(n + 1):
+        want = torch.zeros_like(states[0]) if init is None else init * log_decays[order[:p]].sum(0).exp().unsqueeze(-1)
+        for i in range(p):
+            want = want + log_decays[order[i + 1:p]].sum(0).exp().unsqueeze(-1) * states[order[i]]
+        got = carries[order[p]] if p < n else last
+        assert rel_err(got, want) <= 1e-12, (p, got.abs().max())
+    # the final carry is a tensor of its own, never a view of the caller's states
+    assert last.data_ptr() not in {s.data_ptr() for s in states}
+
+
 def test_all_scan_rejects_bad_shapes():
     states = torch.zeros(1, 2, 3, 4, 5)
     with pytest.raises(ValueError, match="log_decays must be"):

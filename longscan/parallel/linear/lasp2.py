@@ -23,12 +23,20 @@ def _global_order(gathered: torch.Tensor, sp) -> torch.Tensor:
     per_rank = gathered.shape[0] // sp.world
     n = num_segments(sp.world, sp.layout)
     idx = [r * per_rank + slot for r, slot in (segment_owner(j, sp.world, sp.layout) for j in range(n))]
-    return gathered[idx]
+    return _take(gathered, idx)
 
 
 def _mine(carries: torch.Tensor, sp) -> torch.Tensor:
     """The entries of ``carries`` `[n, ...]` (global order) for this rank's segments, in local order."""
-    return carries[segment_ids(sp.rank, sp.world, sp.layout)]
+    return _take(carries, segment_ids(sp.rank, sp.world, sp.layout))
+
+
+def _take(x: torch.Tensor, idx: list[int]) -> torch.Tensor:
+    """x[idx] for a short list of ints, without the host-to-device copy of an index tensor: indexing a CUDA
+    tensor with a list copies the list from pageable memory, which waits for the stream to drain."""
+    if idx == list(range(x.shape[0])):
+        return x
+    return torch.stack([x[i] for i in idx])
 
 
 def lasp2_forward(sp, q, k, v, g, g_gamma, initial_state, output_final_state):
