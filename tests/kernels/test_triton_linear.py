@@ -3,6 +3,7 @@
 CPU: the Triton interpreter in float32 (tiny shapes, chunks of 16 so odd lengths span several chunks and
 the segment-parallel path is exercised with SEGMENTS forced). GPU (skipped without CUDA): bf16 and float32.
 """
+import dataclasses
 import inspect
 
 import pytest
@@ -179,6 +180,30 @@ def test_backward_reuses_forward_segment_states(small_chunks, monkeypatch, decay
     # and the backward really reads them: other prefixes give another dq
     other = tc.SegmentStates(saved.seg, None, saved.log_decays, saved.prefixes + 1.0)
     assert rel_err(tc.backward(*args, do, None, kv_states=other)[0].cpu(), recomputed[0].cpu()) > 1e-3
+
+
+def test_forward_takes_segment_states_zero_prefixes(small_chunks, monkeypatch):
+    """segment_state(return_saved=True) keeps its scan's prefixes from zero: a forward without an initial
+    state starts its segments from them (no scan of its own, as SP's zero-prefix pass runs); given an initial
+    state, the forward and the backward scan from it instead."""
+    monkeypatch.setattr(tc, "SEGMENTS", 3)
+    x = _to(make_inputs("g_per_key", 1, 70, 2, 16, 16, torch.float64, seed=21), DEV, torch.float32)
+    q, k, v, g, h0 = x["q"], x["k"], x["v"], x["g"], x["initial_state"]
+    do = torch.randn(1, 70, 2, 16, generator=torch.Generator().manual_seed(22)).to(DEV)
+    S, _, kv = tc.segment_state(k, v, g, return_saved=True)
+    assert kv.zero_prefixes is not None and kv.n == 3
+    o_plain, _ = tc.forward(q, k, v, g)
+    assert rel_err(tc.forward(q, k, v, g, kv_states=kv)[0].cpu(), o_plain.cpu()) <= 1e-6
+    # the zero-prefix forward really reads them
+    moved = dataclasses.replace(kv, zero_prefixes=kv.zero_prefixes + 1.0)
+    assert rel_err(tc.forward(q, k, v, g, kv_states=moved)[0].cpu(), o_plain.cpu()) > 1e-3
+    # with an initial state they are not this sequence's prefixes: forward and backward scan from h0
+    o_h0, ht = tc.forward(q, k, v, g, None, None, h0, True)
+    o_kv, ht_kv = tc.forward(q, k, v, g, None, None, h0, True, kv_states=moved)
+    assert rel_err(o_kv.cpu(), o_h0.cpu()) <= 1e-6 and rel_err(ht_kv.cpu(), ht.cpu()) <= 1e-6
+    grads = tc.backward(q, k, v, g, None, None, h0, do, None)
+    for a, b in zip(tc.backward(q, k, v, g, None, None, h0, do, None, kv_states=moved), grads):
+        assert rel_err(a.cpu(), b.cpu()) <= 1e-6
 
 
 def steep_gates(x, start=0):

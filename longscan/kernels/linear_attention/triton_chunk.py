@@ -794,11 +794,14 @@ class SegmentStates:
     ``prefixes`` `[B, H, ns, K, V]` float32, set by ``forward(..., return_saved=True)``: the states entering
     each segment, initial state included, so valid only for the same initial_state. The forward returns them
     in place of ``states`` (then None): the backward needs only the prefixes, and both would hold two states
-    per segment until the backward."""
+    per segment until the backward. ``zero_prefixes`` (same shape), set beside ``states`` by
+    ``segment_state(..., return_saved=True)``: the states entering each segment from a zero initial state,
+    which a forward without initial_state uses in place of its own scan."""
     seg: int
     states: torch.Tensor | None
     log_decays: torch.Tensor
     prefixes: torch.Tensor | None = None
+    zero_prefixes: torch.Tensor | None = None
 
     @property
     def n(self) -> int:
@@ -844,9 +847,12 @@ def forward(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None, outpu
             kv_states = _kv_states(k, v, gt, gg, GATE, C, seg, ns)
         elif kv_states.states is None:
             raise ValueError("kv_states holds no per-segment states (a forward's saved prefixes are for backward)")
-        h0, final = _scan(kv_states.states, kv_states.log_decays, h0, reverse=False)
-        if ht is not None:
-            ht.copy_(final)
+        if h0 is None and ht is None and kv_states.zero_prefixes is not None:
+            h0 = kv_states.zero_prefixes
+        else:
+            h0, final = _scan(kv_states.states, kv_states.log_decays, h0, reverse=False)
+            if ht is not None:
+                ht.copy_(final)
         kv_states = SegmentStates(seg, None, kv_states.log_decays, h0)
     else:
         kv_states = None
@@ -902,6 +908,8 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True, k
     if ns > 1:
         if kv_states is not None and kv_states.prefixes is not None:
             h0 = kv_states.prefixes
+        elif kv_states is not None and kv_states.zero_prefixes is not None and h0 is None:
+            h0 = kv_states.zero_prefixes
         else:
             kv = kv_states if kv_states is not None else _kv_states(k, v, gt, gg, GATE, C, seg, ns)
             h0, _ = _scan(kv.states, kv.log_decays, h0, reverse=False)
@@ -976,8 +984,13 @@ def segment_state(k, v, g=None, g_gamma=None, return_saved=False):
     if ns == 1:
         out = (kv.states[:, :, 0], total)
         return out + (None,) if return_saved else out
-    _, final = _scan(kv.states, kv.log_decays, None, reverse=False, store_out=False)
-    return (final, total, kv) if return_saved else (final, total)
+    # With return_saved the scan also keeps the prefixes from zero, so that a forward without an initial
+    # state (SP's zero-prefix output pass) skips its own scan.
+    prefixes, final = _scan(kv.states, kv.log_decays, None, reverse=False, store_out=return_saved)
+    if not return_saved:
+        return final, total
+    kv.zero_prefixes = prefixes
+    return final, total, kv
 
 
 def prefix_grad(q, g, g_gamma, scale, do, return_saved=False):
