@@ -123,7 +123,8 @@ def linear(bw, tflops, shapes=((16, 4096), (1, 65536)), kinds=LINEAR_KINDS):
 def sp_overhead(bw):
     """One rank of a 4-way split of 65,536 tokens (B=1, or 4 sequences of 16,384): its local work against
     the plain kernel on the same local tokens, as the SP operators run it on CUDA (parallel/linear/common.py):
-    forward  = segment_state -> (collective) -> zero-prefix forward reusing those states -> add_prefix,
+    forward  = segment_state -> (collective) -> zero-prefix forward reusing those states and their prefixes
+               from zero -> add_prefix,
                or with overlap=False segment_state -> (collective) -> forward from P reusing the states,
     backward = prefix_grad -> (reverse collective) -> backward from (P, R) reusing prefix_grad's states."""
     H, D = 16, 128
@@ -137,7 +138,7 @@ def sp_overhead(bw):
             plain = bench(lambda: tc.forward(q, k, v, g, gg, None, P))
 
             def sp():
-                _, _, kv = tc.segment_state(k, v, g, gg, return_saved=True)
+                _, _, kv = tc.segment_state(k, v, g, gg, return_saved=True, keep_prefixes=True)
                 o, _ = tc.forward(q, k, v, g, gg, kv_states=kv)
                 return tc.add_prefix(o, q, g, gg, D ** -0.5, P)
             ms = bench(sp)

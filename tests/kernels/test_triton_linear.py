@@ -183,15 +183,16 @@ def test_backward_reuses_forward_segment_states(small_chunks, monkeypatch, decay
 
 
 def test_forward_takes_segment_states_zero_prefixes(small_chunks, monkeypatch):
-    """segment_state(return_saved=True) keeps its scan's prefixes from zero: a forward without an initial
+    """segment_state(return_saved=True, keep_prefixes=True) keeps its scan's prefixes from zero: a forward without an initial
     state starts its segments from them (no scan of its own, as SP's zero-prefix pass runs); given an initial
     state, the forward and the backward scan from it instead."""
     monkeypatch.setattr(tc, "SEGMENTS", 3)
     x = _to(make_inputs("g_per_key", 1, 70, 2, 16, 16, torch.float64, seed=21), DEV, torch.float32)
     q, k, v, g, h0 = x["q"], x["k"], x["v"], x["g"], x["initial_state"]
     do = torch.randn(1, 70, 2, 16, generator=torch.Generator().manual_seed(22)).to(DEV)
-    S, _, kv = tc.segment_state(k, v, g, return_saved=True)
+    S, _, kv = tc.segment_state(k, v, g, return_saved=True, keep_prefixes=True)
     assert kv.zero_prefixes is not None and kv.n == 3
+    assert tc.segment_state(k, v, g, return_saved=True)[2].zero_prefixes is None   # kept only when asked
     o_plain, _ = tc.forward(q, k, v, g)
     assert rel_err(tc.forward(q, k, v, g, kv_states=kv)[0].cpu(), o_plain.cpu()) <= 1e-6
     # the zero-prefix forward really reads them

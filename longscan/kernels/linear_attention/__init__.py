@@ -8,7 +8,8 @@ Every backend module provides:
       segment_state/prefix_grad/forward(..., return_saved=True) add their per-segment states (or None) to
       what they return; forward(..., kv_states=) and backward(..., kv_states=, qdo_states=) take them. The
       forward's hold the states entering its segments, its initial_state included: they are for a backward
-      with the same initial_state only (not for another forward)
+      with the same initial_state only (not for another forward); segment_state(..., return_saved=True,
+      keep_prefixes=True) also keeps the segment prefixes from zero, for a forward without initial_state
   segment_state(k, v, g, g_gamma) -> (S_loc [B,H,K,V] f32, log_decay [B,H,K] f32)
   add_prefix(o, q, g, g_gamma, scale, P) -> o + scale·(q⊙exp(A))ᵀP
   prefix_grad(q, g, g_gamma, scale, do) -> scale·Σ_t (q_t⊙exp(A_t)) do_tᵀ   [B,H,K,V] f32

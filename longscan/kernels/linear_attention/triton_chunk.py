@@ -795,7 +795,7 @@ class SegmentStates:
     each segment, initial state included, so valid only for the same initial_state. The forward returns them
     in place of ``states`` (then None): the backward needs only the prefixes, and both would hold two states
     per segment until the backward. ``zero_prefixes`` (same shape), set beside ``states`` by
-    ``segment_state(..., return_saved=True)``: the states entering each segment from a zero initial state,
+    ``segment_state(..., return_saved=True, keep_prefixes=True)``: the states entering each segment from a zero initial state,
     which a forward without initial_state uses in place of its own scan."""
     seg: int
     states: torch.Tensor | None
@@ -962,11 +962,14 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True, k
     return dq, dk, dv, dg, dh0
 
 
-def segment_state(k, v, g=None, g_gamma=None, return_saved=False):
+def segment_state(k, v, g=None, g_gamma=None, return_saved=False, keep_prefixes=False):
     """A segment's state from zero and its total log decay.
 
     -> (S `[B, H, K, V]` float32, log_decay `[B, H, K]` float32), S = Σ_t exp(A_T - A_t) ⊙ k_t v_tᵀ, and with
-    return_saved the per-segment :class:`SegmentStates` (or None) for ``forward(..., kv_states=...)``.
+    return_saved the per-segment :class:`SegmentStates` (or None) for ``forward(..., kv_states=...)``; with
+    keep_prefixes as well, they hold the scan's prefixes from zero (``zero_prefixes``), so a forward without
+    an initial state skips its own scan (one with an initial state scans anyway: storing them would only
+    cost it).
     A state-only pass (no q, no output); long segments are split across SMs and combined by a scan.
     """
     _check(k, v)
@@ -984,12 +987,11 @@ def segment_state(k, v, g=None, g_gamma=None, return_saved=False):
     if ns == 1:
         out = (kv.states[:, :, 0], total)
         return out + (None,) if return_saved else out
-    # With return_saved the scan also keeps the prefixes from zero, so that a forward without an initial
-    # state (SP's zero-prefix output pass) skips its own scan.
-    prefixes, final = _scan(kv.states, kv.log_decays, None, reverse=False, store_out=return_saved)
+    keep = return_saved and keep_prefixes
+    prefixes, final = _scan(kv.states, kv.log_decays, None, reverse=False, store_out=keep)
     if not return_saved:
         return final, total
-    kv.zero_prefixes = prefixes
+    kv.zero_prefixes = prefixes if keep else None
     return final, total, kv
 
 

@@ -225,9 +225,9 @@ def local_pass(sp: SPContext, qs, ks, vs, gs, g_gamma, collective):
     def seg_view(x):
         return by_segment(x, n)
 
-    def state_pass():
-        if reuses_states(sp):
-            return sp.impl.segment_state(ks, vs, gs, g_gamma, return_saved=True)
+    def state_pass(zero_prefix_next):
+        if reuses_states(sp):   # zero_prefix_next: the output pass starts from zero (the correction adds P)
+            return sp.impl.segment_state(ks, vs, gs, g_gamma, return_saved=True, keep_prefixes=zero_prefix_next)
         return sp.impl.segment_state(ks, vs, gs, g_gamma) + (None,)
 
     def output_pass(h0, kv):
@@ -235,11 +235,11 @@ def local_pass(sp: SPContext, qs, ks, vs, gs, g_gamma, collective):
                                **({"kv_states": kv} if kv is not None else {}))[0]
 
     if not sp.overlap:
-        S, logd, kv = state_pass()
+        S, logd, kv = state_pass(False)
         result = collective(seg_view(S), seg_view(logd))
         return output_pass(by_batch(result[0]), kv), result
     if qs.device.type == "cuda":
-        S, logd, kv = state_pass()
+        S, logd, kv = state_pass(True)
         with comm_stream(qs.device) as stream:
             result = collective(seg_view(S), seg_view(logd))
         o = output_pass(None, kv)
