@@ -27,7 +27,9 @@ the largest b not yet taken, each a matmul over the tokens in (c − LEVEL_SPAN,
 kernels' factor gave them (`_key_factors`: the held part, or on a key whose chunk total is below −80 its whole
 level-0 term). Every factor stays within [−exp(LEVEL_SPAN), exp(LEVEL_SPAN)], so no gate overflows: a steep fall
 costs matmuls, not correctness (a single factorisation, exp(b_t)·exp(−b_s), gave NaN once a chunk's gates
-summed below about −88). Log gates must be finite and ≤ 0 (DESIGN's decays).
+summed below about −88). Log gates must be finite and ≤ 0 (DESIGN's decays). The per-key forward reads b
+from a pre-pass (`_gate_cumsum_kernel`) instead of cumulating its `[C, K]` gate tile itself (13% faster on an
+H100); in the backward that trade did not pay (see benchmarks/RESULTS.md).
 
 Gradient of the gate (A_t the cumulative log gate): dL/dA_t = q_t⊙dq_t − k_t⊙dk_t, plus Σ_v S_T⊙dS_T at the
 last step; dg_s = Σ_{t≥s} dL/dA_t. The dq and dk kernels emit the q and k sides. Scalar gates: the host sums
@@ -77,6 +79,7 @@ _DIMS = (16, 32, 64, 128)
 SUPPORTS_G_GAMMA_GRAD = False
 REUSES_SEGMENT_STATES = True  # entry points hand each other their per-segment states (SegmentStates)
 GATE_GRAD_F32_STATE = True  # state products of the gate-gradient backward in tf32 (bf16 states miss 1e-2)
+GATE_CUMSUM_PASS = True  # per-key forward: cumulative gates from a pre-pass (_gate_cumsum_kernel)
 
 
 def _interpreting() -> bool:
@@ -164,8 +167,9 @@ def _segment_state_tile(ptr, bh, js, ns, rk, rv, K: tl.constexpr, V: tl.constexp
 @triton.jit
 def _fwd_kernel(q, k, v, g, gg, o, h0, ht, steep, T, H, SEG, scale,
                 K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, GATE: tl.constexpr,
-                HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr):
-    """One (V-tile, batch·head, segment): o for the segment's tokens, starting from state h0[bh, seg]."""
+                HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, CUM: tl.constexpr, PREC: tl.constexpr):
+    """One (V-tile, batch·head, segment): o for the segment's tokens, starting from state h0[bh, seg].
+    CUM (per-key gates): g holds the chunk-local cumulative gates of _gate_cumsum_kernel, not the gates."""
     iv = tl.program_id(0)
     bh = tl.program_id(1)
     js = tl.program_id(2)
@@ -199,9 +203,14 @@ def _fwd_kernel(q, k, v, g, gg, o, h0, ht, steep, T, H, SEG, scale,
             acc += tl.dot(A.to(dt), bv, input_precision=PREC)
             S += tl.dot(tl.trans(bk), bv, input_precision=PREC)
         else:
-            gc = _gate_chunk(g, gamma, b, h, t, m, T, H, rk, K, GATE)
-            bc = tl.cumsum(gc, 0)          # chunk-local cumulative log gate [C] or [C, K]
-            bl = tl.sum(gc, 0)             # the chunk's total: scalar or [K]
+            if CUM:
+                bc = _gate_chunk(g, gamma, b, h, t, m, T, H, rk, K, GATE)   # 0 past the end (q, k, v are too)
+                last = tl.minimum(t0 + C, t_end) - 1
+                bl = tl.load(g + ((b * T + last).to(tl.int64) * H + h) * K + rk)
+            else:
+                gc = _gate_chunk(g, gamma, b, h, t, m, T, H, rk, K, GATE)
+                bc = tl.cumsum(gc, 0)          # chunk-local cumulative log gate [C] or [C, K]
+                bl = tl.sum(gc, 0)             # the chunk's total: scalar or [K]
             if GATE == 3:
                 qd = (bq * tl.exp(bc)).to(dt)      # level 0's query side (c = 0), also the state term's
                 kf, kdf = _key_factors(bc, bl)
@@ -227,6 +236,24 @@ def _fwd_kernel(q, k, v, g, gg, o, h0, ht, steep, T, H, SEG, scale,
             tl.store(ht + bh.to(tl.int64) * K * V + rk[:, None] * V + rv[None, :], S)
     if GATE == 3:
         _mark_steep(low, steep, bh, js, ns)
+
+
+@triton.jit
+def _gate_cumsum_kernel(g, out, T, H, K: tl.constexpr, C: tl.constexpr):
+    """Per-key gates: each chunk's inclusive cumulative sum of g over its C tokens, float32, in g's layout
+    `[B, T, H, K]`. One (chunk, batch·head) a program. The per-key forward reads these in place of g: its
+    own load, cumsum and sum of the `[C, K]` gate tile took a third of its time on an H100, more than this
+    pass (a read of g and a write of its size)."""
+    n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    rk = tl.arange(0, K)
+    t = n * C + tl.arange(0, C)
+    m = t < T
+    gc = _gate_chunk(g, 0.0, b, h, t, m, T, H, rk, K, 3)
+    tl.store(out + ((b * T + t).to(tl.int64) * H + h)[:, None] * K + rk[None, :], tl.cumsum(gc, 0),
+             mask=m[:, None])
 
 
 @triton.jit
@@ -771,6 +798,14 @@ def _states(x, y, g, gg, GATE, C, seg, ns, scale, from_start):
     return s, a
 
 
+def _gate_cumsum(g, C):
+    """Per-key gates `[B, T, H, K]` -> their chunk-local cumulative sums, float32, same shape."""
+    B, T, H, K = g.shape
+    out = torch.empty(B, T, H, K, device=g.device, dtype=torch.float32)
+    _gate_cumsum_kernel[(triton.cdiv(T, C), B * H)](g, out, T, H, K=K, C=C, num_warps=4)
+    return out
+
+
 def _scan(s, a, init, reverse, store_out=True):
     """Scan of segment states: -> (per-segment prefixes `[B, H, ns, K, V]` or None, final `[B, H, K, V]`)."""
     B, H, ns, K, V = s.shape
@@ -857,10 +892,12 @@ def forward(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None, outpu
     else:
         kv_states = None
     steep = _steep_marks(B, H, ns, GATE, q.device)
-    _fwd_kernel[(V // BV, B * H, ns)](q, k, v, gt, gg, o, h0 if h0 is not None else q, ht if ht is not None else o,
+    cum = GATE == 3 and GATE_CUMSUM_PASS
+    _fwd_kernel[(V // BV, B * H, ns)](q, k, v, _gate_cumsum(gt, C) if cum else gt, gg, o,
+                                      h0 if h0 is not None else q, ht if ht is not None else o,
                                       steep if steep is not None else q, T, H, seg, scale,
                                       K=K, V=V, BV=BV, C=C, GATE=GATE, HAS_H0=h0 is not None,
-                                      STORE_HT=(ht is not None and ns == 1), PREC=_prec(q), **cfg)
+                                      STORE_HT=(ht is not None and ns == 1), CUM=cum, PREC=_prec(q), **cfg)
     if steep is not None:
         _add_levels(0, steep, seg, q, k, v, gt, scale, o=o)
     return (o, ht, kv_states) if return_saved else (o, ht)
