@@ -183,9 +183,9 @@ def test_backward_reuses_forward_segment_states(small_chunks, monkeypatch, decay
 
 
 def test_forward_takes_segment_states_zero_prefixes(small_chunks, monkeypatch):
-    """segment_state(return_saved=True, keep_prefixes=True) keeps its scan's prefixes from zero: a forward without an initial
-    state starts its segments from them (no scan of its own, as SP's zero-prefix pass runs); given an initial
-    state, the forward and the backward scan from it instead."""
+    """segment_state(return_saved=True, keep_prefixes=True) keeps its scan's prefixes from zero: a forward
+    without an initial state starts its segments from them (no scan of its own, as SP's zero-prefix pass
+    runs); given an initial state, the forward and the backward scan from it instead."""
     monkeypatch.setattr(tc, "SEGMENTS", 3)
     x = _to(make_inputs("g_per_key", 1, 70, 2, 16, 16, torch.float64, seed=21), DEV, torch.float32)
     q, k, v, g, h0 = x["q"], x["k"], x["v"], x["g"], x["initial_state"]

@@ -79,7 +79,6 @@ _DIMS = (16, 32, 64, 128)
 SUPPORTS_G_GAMMA_GRAD = False
 REUSES_SEGMENT_STATES = True  # entry points hand each other their per-segment states (SegmentStates)
 GATE_GRAD_F32_STATE = True  # state products of the gate-gradient backward in tf32 (bf16 states miss 1e-2)
-GATE_CUMSUM_PASS = True  # per-key forward: cumulative gates from a pre-pass (_gate_cumsum_kernel)
 
 
 def _interpreting() -> bool:
@@ -830,8 +829,8 @@ class SegmentStates:
     each segment, initial state included, so valid only for the same initial_state. The forward returns them
     in place of ``states`` (then None): the backward needs only the prefixes, and both would hold two states
     per segment until the backward. ``zero_prefixes`` (same shape), set beside ``states`` by
-    ``segment_state(..., return_saved=True, keep_prefixes=True)``: the states entering each segment from a zero initial state,
-    which a forward without initial_state uses in place of its own scan."""
+    ``segment_state(..., return_saved=True, keep_prefixes=True)``: the states entering each segment from a
+    zero initial state, which a forward without initial_state uses in place of its own scan."""
     seg: int
     states: torch.Tensor | None
     log_decays: torch.Tensor
@@ -892,7 +891,7 @@ def forward(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None, outpu
     else:
         kv_states = None
     steep = _steep_marks(B, H, ns, GATE, q.device)
-    cum = GATE == 3 and GATE_CUMSUM_PASS
+    cum = GATE == 3     # per-key gates: the forward reads their cumulative sums from a pre-pass
     _fwd_kernel[(V // BV, B * H, ns)](q, k, v, _gate_cumsum(gt, C) if cum else gt, gg, o,
                                       h0 if h0 is not None else q, ht if ht is not None else o,
                                       steep if steep is not None else q, T, H, seg, scale,

@@ -222,9 +222,6 @@ def local_pass(sp: SPContext, qs, ks, vs, gs, g_gamma, collective):
     """
     n = sp.n_local
 
-    def seg_view(x):
-        return by_segment(x, n)
-
     def state_pass(zero_prefix_next):
         if reuses_states(sp):   # zero_prefix_next: the output pass starts from zero (the correction adds P)
             return sp.impl.segment_state(ks, vs, gs, g_gamma, return_saved=True, keep_prefixes=zero_prefix_next)
@@ -236,19 +233,19 @@ def local_pass(sp: SPContext, qs, ks, vs, gs, g_gamma, collective):
 
     if not sp.overlap:
         S, logd, kv = state_pass(False)
-        result = collective(seg_view(S), seg_view(logd))
+        result = collective(by_segment(S, n), by_segment(logd, n))
         return output_pass(by_batch(result[0]), kv), result
     if qs.device.type == "cuda":
         S, logd, kv = state_pass(True)
         with comm_stream(qs.device) as stream:
-            result = collective(seg_view(S), seg_view(logd))
+            result = collective(by_segment(S, n), by_segment(logd, n))
         o = output_pass(None, kv)
         join_stream(stream, *[t for t in result if t is not None])
     else:
         o, S = sp.impl.forward(qs, ks, vs, gs, g_gamma, sp.scale, None, True)
         B, T_seg, H, K = qs.shape
         logd = log_decay(gs, g_gamma, T_seg, (B, H, K), S.dtype, qs.device)
-        result = collective(seg_view(S), seg_view(logd))
+        result = collective(by_segment(S, n), by_segment(logd, n))
     return sp.impl.add_prefix(o, qs, gs, g_gamma, sp.scale, by_batch(result[0])), result
 
 
