@@ -266,6 +266,77 @@ def test_public_op_autograd(small_chunks, monkeypatch, segments):
         assert rel_err(a.detach().cpu(), b.detach().cpu()) <= 1e-4
 
 
+@pytest.mark.parametrize("segments", [None, 2])
+@pytest.mark.parametrize("decay", DECAYS + ("steep",))
+def test_head_slices_without_copies(small_chunks, monkeypatch, decay, segments):
+    """Heads 1..2 of 4 passed as slices of the wider tensors, outputs written into slices of wider buffers
+    (SP's head groups): the same values as the call on contiguous copies, bit for bit, and the buffers' other
+    heads untouched. steep: per-key gates that fall steeply from token 16 on (the levels kernel)."""
+    monkeypatch.setattr(tc, "SEGMENTS", segments)
+    B, T, H, K, V = 2, 37, 4, 16, 16
+    x = make_inputs("g_per_key" if decay == "steep" else decay, B, T, H, K, V, torch.float64, seed=41)
+    if decay == "steep":
+        steep_gates(x, 16)
+    x = _to(x, DEV, torch.float32)
+    gen = torch.Generator().manual_seed(42)
+    do = torch.randn(B, T, H, V, generator=gen).to(DEV)
+    dht = torch.randn(B, 2, K, V, generator=gen).to(DEV)
+    hs = slice(1, 3)
+    sl = {n: (t[:, :, hs] if n in ("q", "k", "v", "g") and t is not None else t) for n, t in x.items()}
+    sl["g_gamma"] = x["g_gamma"][hs] if x["g_gamma"] is not None else None
+    sl["initial_state"] = x["initial_state"][:, hs]
+    cont = {n: (t.contiguous() if t is not None else None) for n, t in sl.items()}
+    assert not sl["q"].is_contiguous()
+
+    def args(y):
+        return y["q"], y["k"], y["v"], y["g"], y["g_gamma"], None, y["initial_state"]
+
+    o_ref, ht_ref, saved_ref = tc.forward(*args(cont), True, return_saved=True)
+    o_buf = torch.full((B, T, H, V), float("nan"), device=DEV)
+    o, ht, saved = tc.forward(*args(sl), True, return_saved=True, out=o_buf[:, :, hs])
+    assert o.data_ptr() == o_buf[:, :, hs].data_ptr()
+    assert torch.equal(o, o_ref) and torch.equal(ht, ht_ref)
+    assert o_buf[:, :, [0, 3]].isnan().all()
+
+    bufs = [torch.full_like(t, float("nan")) for t in (x["q"], x["k"], x["v"])]
+    gate = x["g"] if x["g"] is not None else None
+    dg_buf = torch.full_like(gate, float("nan")) if gate is not None else None
+    outs = [b[:, :, hs] for b in bufs] + [dg_buf[:, :, hs] if dg_buf is not None else None]
+    ref = tc.backward(*args(cont), do[:, :, hs].contiguous(), dht, kv_states=saved_ref)
+    got = tc.backward(*args(sl), do[:, :, hs], dht, kv_states=saved, out=outs)
+    for name, a, b, buf in zip(("dq", "dk", "dv", "dg", "dh0"), got, ref, outs + [None]):
+        if b is None:
+            assert a is None, name
+            continue
+        assert torch.equal(a, b), name
+        if buf is not None:
+            assert a.data_ptr() == buf.data_ptr(), name
+    for b in bufs + ([dg_buf] if dg_buf is not None else []):
+        assert b[:, :, [0, 3]].isnan().all()
+
+    S, a = tc.segment_state(sl["k"], sl["v"], sl["g"], sl["g_gamma"])
+    S_ref, a_ref = tc.segment_state(cont["k"], cont["v"], cont["g"], cont["g_gamma"])
+    assert torch.equal(S, S_ref) and torch.equal(a, a_ref)
+    pg = tc.prefix_grad(sl["q"], sl["g"], sl["g_gamma"], 0.3, do[:, :, hs])
+    assert torch.equal(pg, tc.prefix_grad(cont["q"], cont["g"], cont["g_gamma"], 0.3, do[:, :, hs].contiguous()))
+
+
+def test_out_buffers_are_checked(small_chunks):
+    q = torch.randn(1, 20, 4, 16, device=DEV)
+    with pytest.raises(ValueError, match="out must be a torch.float32 tensor of shape"):
+        tc.forward(q, q, q, out=torch.empty(1, 20, 4, 8, device=DEV))
+    # contiguous inputs, a head slice out: the kernels index both with one layout
+    q2 = q[:, :, :2].contiguous()
+    with pytest.raises(ValueError, match="out must be contiguous, or a head slice"):
+        tc.forward(q2, q2, q2, out=torch.empty(1, 20, 4, 16, device=DEV)[:, :, :2])
+    # head slices in, a contiguous buffer out: the inputs are copied, the result is the same
+    o = torch.empty(1, 20, 2, 16, device=DEV)
+    tc.forward(q[:, :, :2], q[:, :, :2], q[:, :, :2], out=o)
+    assert torch.equal(o, tc.forward(q2, q2, q2)[0])
+    with pytest.raises(ValueError, match="dg must be None without a gate"):
+        tc.backward(q, q, q, None, None, None, None, q, None, out=(None, None, None, q))
+
+
 def test_clear_errors():
     q = torch.randn(1, 8, 1, 16, device=DEV)
     with pytest.raises(TypeError, match="supports"):
