@@ -3,8 +3,8 @@
 Measures the device's two ceilings first (device-to-device copy, bf16 matmul), then
   linear attention (constant decay g_gamma, scalar gate g, per-key gate g), forward and forward+backward,
     ours vs fla-core's chunk_simple_gla / chunk_gla, at B=16×T=4096 and B=1×T=65536, 16 heads × 128;
-  the SP local work of a 4-way split, as the SP operators schedule it (head groups, overlap=False, the
-    correction schedule), vs the plain kernel at the same local length;
+  the SP local work of a 4-way split (segment_state + zero-prefix forward + add_prefix) vs the plain forward
+    at the same local length;
   flash attention causal forward and forward+backward, ours vs torch SDPA flash and cuDNN.
 Prints a markdown table and writes it (with device, date, commit) to --out.
 
@@ -122,40 +122,43 @@ def linear(bw, tflops, shapes=((16, 4096), (1, 65536)), kinds=LINEAR_KINDS):
 
 def sp_overhead(bw):
     """One rank of a 4-way split of 65,536 tokens (B=1, or 4 sequences of 16,384): its local work against
-    the plain kernel on the same local tokens, run by the SP operators' own schedules
-    (parallel/linear/common.py) with a collective that returns at once (one GPU: no communication):
-      overlap=True, head groups: per group of heads state pass -> (collective on a side stream) -> the next
-        group's state pass -> this group's output pass from P; backward likewise (prefix_grad, backward);
-      overlap=False: state pass -> (collective) -> output pass from P; prefix_grad -> backward;
-      correction (overlap=True on backends without head slices): state pass -> zero-prefix output pass ->
-        add_prefix."""
-    from longscan.parallel.linear.common import SPContext, correction_pass, local_pass, sp_backward
+    the plain kernel on the same local tokens, as the SP operators run it on CUDA (parallel/linear/common.py):
+    forward  = segment_state -> (collective) -> zero-prefix forward reusing those states and their prefixes
+               from zero -> add_prefix,
+               or with overlap=False segment_state -> (collective) -> forward from P reusing the states,
+    backward = prefix_grad -> (reverse collective) -> backward from (P, R) reusing prefix_grad's states."""
     H, D = 16, 128
     for B, T in ((1, 16384), (4, 4096)):
       try:
         shape = f"B={B} T={T} H={H} D={D}"
         for kind in ("g_gamma", "g"):
             q, k, v, g, gg = lin_inputs(B, T, H, D, kind)
-            if g is not None:
-                g.requires_grad_()   # the gate's gradient is asked for, as in training
             do = torch.randn_like(v)
-            P, R = torch.randn(1, B, H, D, D, device="cuda"), torch.randn(1, B, H, D, D, device="cuda")
-            sps = {ov: SPContext(None, "contiguous", 0, 1, 1, D ** -0.5, tc, 4, ov) for ov in (True, False)}
+            P, R = torch.randn(B, H, D, D, device="cuda"), torch.randn(B, H, D, D, device="cuda")
+            plain = bench(lambda: tc.forward(q, k, v, g, gg, None, P))
 
-            def fwd_collective(S, a, h):
-                return P[:, :, h], None
-            plain = bench(lambda: tc.forward(q, k, v, g, gg, None, P[0]))
-            for name, fn in (("overlap, head groups", lambda: local_pass(sps[True], q, k, v, g, gg, fwd_collective)),
-                             ("overlap=False", lambda: local_pass(sps[False], q, k, v, g, gg, fwd_collective)),
-                             ("correction", lambda: correction_pass(sps[True], q, k, v, g, gg, fwd_collective))):
-                ms = bench(fn)
-                row(f"ours SP local fwd {kind}, {name}", shape, ms, 0, "", 0, f"= {ms / plain:.2f}x plain fwd")
+            def sp():
+                _, _, kv = tc.segment_state(k, v, g, gg, return_saved=True, keep_prefixes=True)
+                o, _ = tc.forward(q, k, v, g, gg, kv_states=kv)
+                return tc.add_prefix(o, q, g, gg, D ** -0.5, P)
+            ms = bench(sp)
+            row(f"ours SP local fwd {kind} (state+fwd+prefix)", shape, ms, 0, "", 0, f"= {ms / plain:.2f}x plain fwd")
+
+            def sp_serial():   # overlap=False: the output pass starts from P (the collective sits between)
+                _, _, kv = tc.segment_state(k, v, g, gg, return_saved=True)
+                return tc.forward(q, k, v, g, gg, None, P, kv_states=kv)
+            ms = bench(sp_serial)
+            row(f"ours SP local fwd {kind}, overlap=False (state+fwd from P)", shape, ms, 0, "", 0,
+                f"= {ms / plain:.2f}x plain fwd")
             row(f"ours plain fwd with h0 {kind}", shape, plain, 0, "", 0)
             need_dg = kind != "g_gamma"
-            plain_b = bench(lambda: tc.backward(q, k, v, g, gg, None, P[0], do, R[0], need_dg))
-            for name, ov in (("overlap, head groups", True), ("overlap=False", False)):
-                ms = bench(lambda: sp_backward(sps[ov], q, k, v, g, gg, P, do, lambda dP, a, h: R[:, :, h]))
-                row(f"ours SP local bwd {kind}, {name}", shape, ms, 0, "", 0, f"= {ms / plain_b:.2f}x plain bwd")
+            plain_b = bench(lambda: tc.backward(q, k, v, g, gg, None, P, do, R, need_dg))
+
+            def sp_b():
+                _, qdo = tc.prefix_grad(q, g, gg, None, do, return_saved=True)
+                return tc.backward(q, k, v, g, gg, None, P, do, R, need_dg, qdo_states=qdo)
+            ms = bench(sp_b)
+            row(f"ours SP local bwd {kind} (prefix_grad+bwd)", shape, ms, 0, "", 0, f"= {ms / plain_b:.2f}x plain bwd")
             row(f"ours plain bwd with h0, dht {kind}", shape, plain_b, 0, "", 0)
       except Exception as e:  # noqa: BLE001
         print(f"sp overhead failed: {type(e).__name__}: {str(e).splitlines()[-1][:160]}")

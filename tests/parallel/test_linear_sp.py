@@ -60,10 +60,7 @@ def case(rank, world, method, layout, decay, dtype, use_state, backend="auto", d
         grads_out.append(dhts[rank])
     else:
         assert s is None
-    given = [t.clone() for t in grads_out]
     grads = torch.autograd.grad(outs, [local[n] for n in names], grads_out)
-    # the caller's output gradients are left as they were (the final-state one is summed over ranks in a copy)
-    assert all(torch.equal(a, b) for a, b in zip(grads_out, given))
     errs = {"o": rel_err(o, sh(o_ref))}
     if use_state:
         errs["final_state"] = rel_err(s, s_ref)
@@ -152,57 +149,6 @@ def test_linear_sp_on_triton_kernels_with_segments():
             assert len(errs) >= 6, key
             bad = {k: v for k, v in errs.items() if not v <= 1e-4}
             assert not bad, f"rank {rank} {key}: {bad}"
-
-
-def schedule_worker(rank, world):
-    """The order of one rank's passes and collectives with H=3 heads (groups of 1 and 2 under overlap=True),
-    and their results, on the Triton backend under the interpreter: -> {(method, overlap): (calls, errs)}."""
-    import importlib
-    import os
-    os.environ["TRITON_INTERPRET"] = "1"
-    tc = importlib.import_module("longscan.kernels.linear_attention.triton_chunk")
-    tc.CHUNK = tc.CHUNK_PER_KEY = 16
-    from longscan.parallel.linear import lasp2 as lasp2_mod, zeco as zeco_mod
-    calls = []
-
-    def recording(module, name, heads_of_args):
-        fn = getattr(module, name)
-
-        def wrapped(*args, **kwargs):
-            calls.append((name, heads_of_args(args)))
-            return fn(*args, **kwargs)
-        setattr(module, name, wrapped)
-
-    for name in ("segment_state", "forward", "add_prefix", "prefix_grad", "backward"):
-        recording(tc, name, lambda a: a[1].shape[2] if a[0].dim() == 4 else None)
-    recording(zeco_mod, "all_scan", lambda a: a[0].shape[2])
-    recording(lasp2_mod, "all_gather_states", lambda a: a[0].shape[2])
-    out = {}
-    for method in ("zeco", "lasp2"):
-        for overlap in (True, False):
-            calls.clear()
-            errs = case(rank, world, method, "zigzag", "g_scalar", torch.float32, True, backend="triton",
-                        dims=(1, 3, 16, 16), t_local=32, overlap=overlap)
-            out[(method, overlap)] = (list(calls), errs)
-    return out
-
-
-def test_overlap_pipelines_groups_of_heads():
-    """overlap=True on Triton: group 1's state pass runs before group 0's output pass, behind group 0's
-    collective (and so in the backward), with no correction pass; overlap=False: one group, in order."""
-    coll = {"zeco": "all_scan", "lasp2": "all_gather_states"}
-    for rank, res in enumerate(run_distributed(schedule_worker, 2)):
-        for (method, overlap), (calls, errs) in res.items():
-            bad = {k: v for k, v in errs.items() if not v <= 1e-4}
-            assert not bad and len(errs) == 7, (rank, method, overlap, errs)
-            c = coll[method]
-            if overlap:
-                want = [("segment_state", 1), (c, 1), ("segment_state", 2), (c, 2), ("forward", 1), ("forward", 2),
-                        ("prefix_grad", 1), (c, 1), ("prefix_grad", 2), (c, 2), ("backward", 1), ("backward", 2)]
-            else:
-                want = [("segment_state", 3), (c, 3), ("forward", 3), ("prefix_grad", 3), (c, 3), ("backward", 3)]
-            # the final state's broadcast (zeco) and the final-state gradient's all-reduce are not recorded
-            assert calls == want, (rank, method, overlap, calls)
 
 
 def bad_input_worker(rank, world):

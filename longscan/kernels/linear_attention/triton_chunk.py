@@ -78,7 +78,6 @@ _DIMS = (16, 32, 64, 128)
 # dispatch refuses a g_gamma that requires grad here (the models keep g_gamma a fixed buffer).
 SUPPORTS_G_GAMMA_GRAD = False
 REUSES_SEGMENT_STATES = True  # entry points hand each other their per-segment states (SegmentStates)
-HEAD_SLICES = True  # entry points take head slices of wider tensors and write into slices (out=): no copies
 GATE_GRAD_F32_STATE = True  # state products of the gate-gradient backward in tf32 (bf16 states miss 1e-2)
 
 

@@ -8,7 +8,7 @@ collectives take) through :func:`by_segment`.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -205,118 +205,47 @@ def segment_inputs(sp: SPContext, q, k, v, g, do=None):
     return split(q, n), split(k, n), split(v, n), split(g, n), split(do, n)
 
 
-# The overlapped schedule pipelines this many groups of heads: while one group's collective is in flight,
-# the next group's state pass (forward) or prefix-gradient pass (backward), then the previous group's
-# output pass or backward, run beside it.
-HEAD_GROUPS = 2
-
-
-def head_groups(sp: SPContext, H: int) -> list[slice] | None:
-    """The groups of heads an SP step runs its passes and collectives in: one (all heads) for
-    ``overlap=False``; HEAD_GROUPS for ``overlap=True`` on a backend that takes head slices without copies
-    (Triton, ``HEAD_SLICES``) and H ≥ 2; None for the correction schedule (``overlap=True`` elsewhere)."""
-    if not sp.overlap:
-        return [slice(None)]
-    if not getattr(sp.impl, "HEAD_SLICES", False) or H < 2:
-        return None
-    n = min(HEAD_GROUPS, H)
-    bounds = [H * i // n for i in range(n + 1)]
-    return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
-
-
-def heads_of(x: torch.Tensor | None, heads: slice, dim: int = 2) -> torch.Tensor | None:
-    """x's heads ``heads`` along ``dim`` (a view; None stays None)."""
-    if x is None or heads == slice(None):
-        return x
-    return x[(slice(None),) * dim + (heads,)]
-
-
-def cat_heads(parts: list, dim: int = -3):
-    """Per-group tensors (or tuples of them) joined along the head dimension; None entries stay None."""
-    if len(parts) == 1:
-        return parts[0]
-    if isinstance(parts[0], tuple):
-        return tuple(cat_heads([p[i] for p in parts], dim) for i in range(len(parts[0])))
-    return None if parts[0] is None else torch.cat(parts, dim)
-
-
-def _side_stream(device, grouped: bool):
-    """The comm stream while groups pipeline; with one group the collective stays on the main stream."""
-    return comm_stream(device) if grouped else nullcontext()
-
-
 def local_pass(sp: SPContext, qs, ks, vs, gs, g_gamma, collective):
-    """Every local segment's output, and ``collective(S_loc, log_decay, heads)`` on their states.
+    """Every local segment's output, and ``collective(S_loc, log_decay)`` on their states.
 
-    qs, ks, vs, gs are stacked segments (:func:`segment_inputs`); ``collective`` gets `[n_local, B, Hg, K, V]`
-    states and `[n_local, B, Hg, K]` log decays of the heads ``heads`` (a slice) and returns a tuple whose first
-    entry is P `[n_local, B, Hg, K, V]`, the states entering the local segments (tuples of the groups are
-    joined along the heads). The schedules (:func:`head_groups`):
-      - head groups (``overlap=True`` on Triton): group i's state pass, its collective on a side stream, and
-        meanwhile group i+1's state pass and group i's output pass from its entering state P. The output
-        pass of a group waits only for its own collective; no correction pass;
-      - one group (``overlap=False``): the state pass, the collective, the output pass from P: nothing hides
-        the collective;
-      - correction (``overlap=True`` on other backends): see :func:`correction_pass`.
+    qs, ks, vs, gs are stacked segments (:func:`segment_inputs`); ``collective`` gets `[n_local, B, H, K, V]`
+    states and `[n_local, B, H, K]` log decays and returns a tuple whose first entry is P `[n_local, B, H, K,
+    V]`, the states entering the local segments. Three schedules:
+      - ``sp.overlap`` on CUDA: a state-only pass, the collective on a side stream beside the zero-prefix
+        output pass, then the output correction o += scale·(q⊙exp(A)) P (one more pass over q and o);
+      - ``sp.overlap`` elsewhere (gloo blocks the host, nothing would overlap): one pass gives the zero-prefix
+        output and the state together, then the collective, then the correction;
+      - not ``sp.overlap``: the state-only pass, the collective, then the output pass from the entering
+        state P: no correction pass, but nothing hides the collective.
     With the Triton backend the output pass reuses the state pass's per-segment states.
     -> (o `[B·n_local, T/n_local, H, V]`, the collective's result).
     """
-    groups = head_groups(sp, qs.shape[2])
-    if groups is None:
-        return correction_pass(sp, qs, ks, vs, gs, g_gamma, collective)
-    n, grouped = sp.n_local, len(groups) > 1
-    # the groups' output passes write their heads of one output (the Triton kernels take head slices)
-    o = qs.new_empty(qs.shape[:3] + vs.shape[3:]) if grouped else None
+    n = sp.n_local
 
-    def state_pass(h):
-        k, v, g, gg = heads_of(ks, h), heads_of(vs, h), heads_of(gs, h), heads_of(g_gamma, h, 0)
-        if reuses_states(sp):
-            return sp.impl.segment_state(k, v, g, gg, return_saved=True)
-        return sp.impl.segment_state(k, v, g, gg) + (None,)
+    def state_pass(zero_prefix_next):
+        if reuses_states(sp):   # zero_prefix_next: the output pass starts from zero (the correction adds P)
+            return sp.impl.segment_state(ks, vs, gs, g_gamma, return_saved=True, keep_prefixes=zero_prefix_next)
+        return sp.impl.segment_state(ks, vs, gs, g_gamma) + (None,)
 
-    def output_pass(h, kv, result, stream):
-        join_stream(stream, *result)
-        extra = {"kv_states": kv} if kv is not None else {}
-        if grouped:
-            extra["out"] = heads_of(o, h)
-        return sp.impl.forward(heads_of(qs, h), heads_of(ks, h), heads_of(vs, h), heads_of(gs, h),
-                               heads_of(g_gamma, h, 0), sp.scale, by_batch(result[0]), False, **extra)[0]
+    def output_pass(h0, kv):
+        return sp.impl.forward(qs, ks, vs, gs, g_gamma, sp.scale, h0, False,
+                               **({"kv_states": kv} if kv is not None else {}))[0]
 
-    results, pending = [], None
-    for h in groups:
-        S, logd, kv = state_pass(h)
-        with _side_stream(qs.device, grouped) as stream:
-            result = collective(by_segment(S, n), by_segment(logd, n), h)
-        if pending is not None:
-            output_pass(*pending)
-        pending = (h, kv, result, stream)
-        results.append(result)
-    o_last = output_pass(*pending)
-    return (o if grouped else o_last), cat_heads(results)
-
-
-def correction_pass(sp: SPContext, qs, ks, vs, gs, g_gamma, collective):
-    """The overlapped schedule of backends that need contiguous inputs (ZeCO's own: output, then a
-    correction): on CUDA a state-only pass, the collective on a side stream beside the zero-prefix output
-    pass, then o += scale·(q⊙exp(A)) P (one more pass over q and o); elsewhere (gloo blocks the host, nothing
-    would overlap) one pass gives the zero-prefix output and the state together, then the collective, then
-    the correction. Arguments and result as :func:`local_pass`'s."""
-    n, every = sp.n_local, slice(None)
+    if not sp.overlap:
+        S, logd, kv = state_pass(False)
+        result = collective(by_segment(S, n), by_segment(logd, n))
+        return output_pass(by_batch(result[0]), kv), result
     if qs.device.type == "cuda":
-        if reuses_states(sp):   # the zero-prefix output pass starts from the state pass's prefixes from zero
-            S, logd, kv = sp.impl.segment_state(ks, vs, gs, g_gamma, return_saved=True, keep_prefixes=True)
-        else:
-            (S, logd), kv = sp.impl.segment_state(ks, vs, gs, g_gamma), None
+        S, logd, kv = state_pass(True)
         with comm_stream(qs.device) as stream:
-            result = collective(by_segment(S, n), by_segment(logd, n), every)
-        o = sp.impl.forward(qs, ks, vs, gs, g_gamma, sp.scale, None, False,
-                            **({"kv_states": kv} if kv is not None else {}))[0]
+            result = collective(by_segment(S, n), by_segment(logd, n))
+        o = output_pass(None, kv)
         join_stream(stream, *[t for t in result if t is not None])
     else:
         o, S = sp.impl.forward(qs, ks, vs, gs, g_gamma, sp.scale, None, True)
         B, T_seg, H, K = qs.shape
         logd = log_decay(gs, g_gamma, T_seg, (B, H, K), S.dtype, qs.device)
-        result = collective(by_segment(S, n), by_segment(logd, n), every)
+        result = collective(by_segment(S, n), by_segment(logd, n))
     return sp.impl.add_prefix(o, qs, gs, g_gamma, sp.scale, by_batch(result[0])), result
 
 
@@ -325,61 +254,33 @@ def reuses_states(sp: SPContext) -> bool:
     return getattr(sp.impl, "REUSES_SEGMENT_STATES", False)
 
 
-def sp_backward(sp: SPContext, q, k, v, g, g_gamma, P, do, reverse_collective):
-    """The SP backward: per group of heads (:func:`head_groups`), the gradient of each segment's outputs
-    w.r.t. its entering state -> ``reverse_collective(dP, log_decay, heads)`` -> R `[n_local, B, Hg, K, V]`,
-    the gradient of each local segment's leaving state -> the local backward from (P, R). With several
-    groups, group i's collective runs on a side stream beside group i+1's prefix-gradient pass and group i's
-    local backward, which write their heads of the gradients.
-
-    dP, log_decay: `[n_local, B, Hg, K, V]`, `[n_local, B, Hg, K]`. -> (dq, dk, dv, dgate, dh0) with dgate
-    shaped like g (or g_gamma) and dh0 the gradient of initial_state (non-zero only on the rank holding global
-    segment 0, so the sum over ranks is the single-device gradient)."""
+def local_backward(sp: SPContext, q, k, v, g, g_gamma, P, do, R, qdo_states=None):
+    """The local backward once the SP scan has given every segment its entering state P and the
+    gradient R of its leaving state: -> (dq, dk, dv, dgate, dh0) with dgate shaped like g (or g_gamma)
+    and dh0 the gradient of initial_state (non-zero only on the rank holding global segment 0, so the
+    sum over ranks is the single-device gradient). qdo_states: what :func:`prefix_grads` computed."""
     n = sp.n_local
-    groups = head_groups(sp, q.shape[2]) or [slice(None)]
-    grouped = len(groups) > 1
     need_dg = any(x is not None and x.requires_grad for x in (g, g_gamma))
-    if grouped:
-        do = do.contiguous()   # the kernels read its head slices in place
     qs, ks, vs, gs, dos = segment_inputs(sp, q, k, v, g, do)
-    if grouped:
-        grads = [torch.empty_like(x) for x in (q, k, v)] + [torch.empty_like(g) if need_dg and g is not None
-                                                            else None]
-        split_grads = [split(x, n) for x in grads]
-    B, T_seg, _, K = qs.shape
-
-    def prefix_pass(h):
-        q_h, g_h, gg_h, do_h = heads_of(qs, h), heads_of(gs, h), heads_of(g_gamma, h, 0), heads_of(dos, h)
-        if reuses_states(sp):
-            dP, qdo = sp.impl.prefix_grad(q_h, g_h, gg_h, sp.scale, do_h, return_saved=True)
-        else:
-            dP, qdo = sp.impl.prefix_grad(q_h, g_h, gg_h, sp.scale, do_h), None
-        logd = log_decay(g_h, gg_h, T_seg, (B, dP.shape[1], K), dP.dtype, q.device)
-        return by_segment(dP, n), by_segment(logd, n), qdo
-
-    def local_backward(h, qdo, R, stream):
-        join_stream(stream, R)
-        extra = {"qdo_states": qdo} if qdo is not None else {}
-        if grouped:
-            extra["out"] = tuple(heads_of(x, h) for x in split_grads)
-        return sp.impl.backward(heads_of(qs, h), heads_of(ks, h), heads_of(vs, h), heads_of(gs, h),
-                                heads_of(g_gamma, h, 0), sp.scale, by_batch(heads_of(P, h)), heads_of(dos, h),
-                                by_batch(R), need_dg, **extra)
-
-    results, pending = [], None
-    for h in groups:
-        dP, logd, qdo = prefix_pass(h)
-        with _side_stream(q.device, grouped) as stream:
-            R = reverse_collective(dP, logd, h)
-        if pending is not None:
-            results.append(local_backward(*pending))
-        pending = (h, qdo, R, stream)
-    results.append(local_backward(*pending))
-    dh0 = cat_heads([r[4] for r in results])
+    extra = {"qdo_states": qdo_states} if qdo_states is not None else {}
+    dq, dk, dv, dgate, dh0 = sp.impl.backward(qs, ks, vs, gs, g_gamma, sp.scale, by_batch(P), dos,
+                                              by_batch(R), need_dg, **extra)
     dh0 = by_segment(dh0, n)[0].contiguous() if sp.rank == sp.first_owner else torch.zeros_like(P[0])
-    if grouped:
-        dgate = grads[3] if g is not None else cat_heads([r[3] for r in results], 0)
-        return grads[0], grads[1], grads[2], dgate, dh0
-    dq, dk, dv, dgate, _ = results[0]
     return (merge(dq, n), merge(dk, n), merge(dv, n),
             (merge(dgate, n) if g is not None and dgate is not None else dgate), dh0)
+
+
+def prefix_grads(sp: SPContext, q, g, g_gamma, do):
+    """Per segment: the gradient of its outputs w.r.t. its entering state `[n_local, B, H, K, V]`, its
+    total log decay `[n_local, B, H, K]` (the inputs of the reverse scan), and the backend's per-segment
+    states of this pass for :func:`local_backward` (None where the backend does not reuse them)."""
+    n = sp.n_local
+    qs, gs, dos = split(q, n), split(g, n), split(do, n)
+    if reuses_states(sp):
+        dP, qdo = sp.impl.prefix_grad(qs, gs, g_gamma, sp.scale, dos, return_saved=True)
+    else:
+        dP, qdo = sp.impl.prefix_grad(qs, gs, g_gamma, sp.scale, dos), None
+    B, _, H, K = qs.shape
+    dP = by_segment(dP, n)
+    logd = by_segment(log_decay(gs, g_gamma, qs.shape[1], (B, H, K), dP.dtype, q.device), n)
+    return dP, logd, qdo

@@ -7,25 +7,27 @@ backward: the reverse ring of state gradients, then the local backward.
 from __future__ import annotations
 
 from longscan.distributed.all_scan import all_scan
-from longscan.parallel.linear.common import (SPLinearAttentionFunction, all_reduce_sum, broadcast_from, heads_of,
-                                             local_pass, make_context, merge, segment_inputs, sp_backward)
+from longscan.parallel.linear.common import (SPLinearAttentionFunction, all_reduce_sum, broadcast_from,
+                                             local_backward, local_pass, make_context, merge, prefix_grads,
+                                             segment_inputs)
 
 
 def lasp1_forward(sp, q, k, v, g, g_gamma, initial_state, output_final_state):
     """-> (o `[B, T, H, V]`, final state `[B, H, K, V]` or None, P `[n_local, B, H, K, V]`)."""
     qs, ks, vs, gs, _ = segment_inputs(sp, q, k, v, g)
     # serial ring of whole states (one block): no hop starts before the previous one has arrived
-    o, (P, last) = local_pass(sp, qs, ks, vs, gs, g_gamma, lambda S, a, h: all_scan(
-        S, a, sp.group, sp.layout, 1, heads_of(initial_state, h, 1)))
+    o, (P, last) = local_pass(sp, qs, ks, vs, gs, g_gamma,
+                              lambda S, a: all_scan(S, a, sp.group, sp.layout, 1, initial_state))
     final = broadcast_from(last, sp.last_owner, P[0], sp) if output_final_state else None
     return merge(o, sp.n_local), final, P
 
 
 def lasp1_backward(sp, q, k, v, g, g_gamma, P, do, dfinal):
     """-> (dq, dk, dv, dgate, dh0)."""
-    dN = all_reduce_sum(dfinal.clone(), sp) if dfinal is not None else None
-    return sp_backward(sp, q, k, v, g, g_gamma, P, do, lambda dP, a, h: all_scan(
-        dP, a, sp.group, sp.layout, 1, heads_of(dN, h, 1), reverse=True)[0])
+    dP, logd, qdo = prefix_grads(sp, q, g, g_gamma, do)
+    dN = all_reduce_sum(dfinal.to(dP.dtype), sp) if dfinal is not None else None
+    R, _ = all_scan(dP, logd, sp.group, sp.layout, 1, dN, reverse=True)
+    return local_backward(sp, q, k, v, g, g_gamma, P, do, R, qdo)
 
 
 def lasp1_linear_attention(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None,

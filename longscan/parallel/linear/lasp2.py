@@ -1,11 +1,11 @@
 """LASP-2: linear attention over an SP group with one all-gather of fixed-size memory states.
 
 forward:  local state S_loc and log decay of each segment -> one all-gather of both (one buffer, size
-          independent of T) -> every rank scans the gathered states for its own prefixes (and the final
-          state) -> the local output pass from the prefix. Overlapped in groups of heads as ZeCO's
-          (``local_pass`` has the schedules).
+          independent of T), on a side stream beside the zero-prefix local output pass on CUDA -> every
+          rank scans the gathered states for its own prefixes (and the final state) -> o += prefix term
+          (with overlap=False: the all-gather, then the output pass from the prefix; see ``local_pass``).
 backward: gradient of each segment's entering state, with the final-state gradient, in one all-gather ->
-          every rank scans them in reverse -> the local backward (``sp_backward``).
+          every rank scans them in reverse -> the local backward.
 """
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import torch
 from longscan.distributed.all_scan import serial_scan
 from longscan.distributed.layouts import num_segments, segment_ids, segment_owner
 from longscan.distributed.state_allgather import all_gather_states
-from longscan.parallel.linear.common import (SPLinearAttentionFunction, heads_of, local_pass, make_context, merge,
-                                             segment_inputs, sp_backward)
+from longscan.parallel.linear.common import (SPLinearAttentionFunction, local_backward, local_pass, make_context,
+                                             merge, prefix_grads, segment_inputs)
 
 
 def _global_order(gathered: torch.Tensor, sp) -> torch.Tensor:
@@ -43,11 +43,11 @@ def lasp2_forward(sp, q, k, v, g, g_gamma, initial_state, output_final_state):
     """-> (o `[B, T, H, V]`, final state `[B, H, K, V]` or None, P `[n_local, B, H, K, V]`)."""
     qs, ks, vs, gs, _ = segment_inputs(sp, q, k, v, g)
 
-    def gather_and_scan(S, logd, heads):
+    def gather_and_scan(S, logd):
         # One buffer `[n_local, B, H, K, V + 1]`: the state with its log decay as an extra column.
         gathered = all_gather_states(torch.cat([S, logd.unsqueeze(-1)], dim=-1), sp.group)
         gathered = _global_order(gathered, sp)
-        carries, final = serial_scan(gathered[..., :-1], gathered[..., -1], heads_of(initial_state, heads, 1))
+        carries, final = serial_scan(gathered[..., :-1], gathered[..., -1], initial_state)
         return _mine(carries, sp), final
 
     o, (P, final) = local_pass(sp, qs, ks, vs, gs, g_gamma, gather_and_scan)
@@ -56,21 +56,19 @@ def lasp2_forward(sp, q, k, v, g, g_gamma, initial_state, output_final_state):
 
 def lasp2_backward(sp, q, k, v, g, g_gamma, P, do, dfinal):
     """-> (dq, dk, dv, dgate, dh0)."""
-    def gather_and_scan_back(dP, logd, heads):
-        # Rows: this rank's segments, then its final-state gradient (the global one is the sum over ranks).
-        extra = heads_of(dfinal, heads, 1).to(dP.dtype) if dfinal is not None else torch.zeros_like(dP[0])
-        rows = torch.cat([dP, extra.unsqueeze(0)], dim=0)
-        decays = torch.cat([logd, torch.zeros_like(logd[:1])], dim=0)
-        buf = torch.cat([rows, decays.unsqueeze(-1)], dim=-1)
-        gathered = all_gather_states(buf, sp.group)
-        per_rank = sp.n_local + 1
-        dN = gathered[per_rank - 1::per_rank, ..., :-1].sum(0)
-        segs = gathered.view((sp.world, per_rank) + tuple(gathered.shape[1:]))[:, :-1].flatten(0, 1)
-        segs = _global_order(segs, sp)
-        R, _ = serial_scan(segs[..., :-1], segs[..., -1], dN, reverse=True)
-        return _mine(R, sp)
-
-    return sp_backward(sp, q, k, v, g, g_gamma, P, do, gather_and_scan_back)
+    dP, logd, qdo = prefix_grads(sp, q, g, g_gamma, do)
+    # Rows: this rank's segments, then its final-state gradient (the global one is the sum over ranks).
+    extra = dfinal.to(dP.dtype) if dfinal is not None else torch.zeros_like(dP[0])
+    rows = torch.cat([dP, extra.unsqueeze(0)], dim=0)
+    decays = torch.cat([logd, torch.zeros_like(logd[:1])], dim=0)
+    buf = torch.cat([rows, decays.unsqueeze(-1)], dim=-1)
+    gathered = all_gather_states(buf, sp.group)
+    per_rank = sp.n_local + 1
+    dN = gathered[per_rank - 1::per_rank, ..., :-1].sum(0)
+    segs = gathered.view((sp.world, per_rank) + tuple(gathered.shape[1:]))[:, :-1].flatten(0, 1)
+    segs = _global_order(segs, sp)
+    R, _ = serial_scan(segs[..., :-1], segs[..., -1], dN, reverse=True)
+    return local_backward(sp, q, k, v, g, g_gamma, P, do, _mine(R, sp), qdo)
 
 
 def lasp2_linear_attention(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None,
