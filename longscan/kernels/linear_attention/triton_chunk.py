@@ -90,16 +90,15 @@ def _interpreting() -> bool:
 # --------------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _gate_chunk(g, gamma, b, h, t, m, T, HG, rk, K: tl.constexpr, GATE: tl.constexpr):
+def _gate_chunk(g, gamma, b, h, t, m, T, H, rk, K: tl.constexpr, GATE: tl.constexpr):
     """Per-token log gates of one chunk as `[C]` (scalar kinds) or `[C, len(rk)]` (per-key, the keys rk);
-    0 past the end; HG: g's row stride in heads. (Scalar kinds stay 1-D: size-1 dimensions broke Triton 3.6's
-    LLVM lowering on Hopper.)"""
+    0 past the end. (Scalar kinds stay 1-D: size-1 dimensions broke Triton 3.6's LLVM lowering on Hopper.)"""
     if GATE == 1:
         gc = tl.where(m, gamma, 0.0)
     elif GATE == 2:
-        gc = tl.load(g + (b * T + t).to(tl.int64) * HG + h, mask=m, other=0.0).to(tl.float32)
+        gc = tl.load(g + (b * T + t).to(tl.int64) * H + h, mask=m, other=0.0).to(tl.float32)
     else:
-        gc = tl.load(g + ((b * T + t).to(tl.int64) * HG + h)[:, None] * K + rk[None, :],
+        gc = tl.load(g + ((b * T + t).to(tl.int64) * H + h)[:, None] * K + rk[None, :],
                      mask=m[:, None], other=0.0).to(tl.float32)
     return gc
 
@@ -165,7 +164,7 @@ def _segment_state_tile(ptr, bh, js, ns, rk, rv, K: tl.constexpr, V: tl.constexp
 
 
 @triton.jit
-def _fwd_kernel(q, k, v, g, gg, o, h0, ht, steep, T, H, HS, SEG, scale,
+def _fwd_kernel(q, k, v, g, gg, o, h0, ht, steep, T, H, SEG, scale,
                 K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, GATE: tl.constexpr,
                 HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, CUM: tl.constexpr, PREC: tl.constexpr):
     """One (V-tile, batch·head, segment): o for the segment's tokens, starting from state h0[bh, seg].
@@ -193,7 +192,7 @@ def _fwd_kernel(q, k, v, g, gg, o, h0, ht, steep, T, H, HS, SEG, scale,
     for t0 in range(t_start, t_end, C):
         t = t0 + rc
         m = t < t_end
-        row = (b * T + t).to(tl.int64) * HS + h
+        row = (b * T + t).to(tl.int64) * H + h
         bq = tl.load(q + row[:, None] * K + rk[None, :], mask=m[:, None], other=0.0)
         bk = tl.load(k + row[:, None] * K + rk[None, :], mask=m[:, None], other=0.0)
         bv = tl.load(v + row[:, None] * V + rv[None, :], mask=m[:, None], other=0.0)
@@ -204,11 +203,11 @@ def _fwd_kernel(q, k, v, g, gg, o, h0, ht, steep, T, H, HS, SEG, scale,
             S += tl.dot(tl.trans(bk), bv, input_precision=PREC)
         else:
             if CUM:
-                bc = _gate_chunk(g, gamma, b, h, t, m, T, H, rk, K, GATE)    # 0 past the end (q, k, v are too)
+                bc = _gate_chunk(g, gamma, b, h, t, m, T, H, rk, K, GATE)   # 0 past the end (q, k, v are too)
                 last = tl.minimum(t0 + C, t_end) - 1
                 bl = tl.load(g + ((b * T + last).to(tl.int64) * H + h) * K + rk)
             else:
-                gc = _gate_chunk(g, gamma, b, h, t, m, T, HS, rk, K, GATE)
+                gc = _gate_chunk(g, gamma, b, h, t, m, T, H, rk, K, GATE)
                 bc = tl.cumsum(gc, 0)          # chunk-local cumulative log gate [C] or [C, K]
                 bl = tl.sum(gc, 0)             # the chunk's total: scalar or [K]
             if GATE == 3:
@@ -239,7 +238,7 @@ def _fwd_kernel(q, k, v, g, gg, o, h0, ht, steep, T, H, HS, SEG, scale,
 
 
 @triton.jit
-def _gate_cumsum_kernel(g, out, T, H, HS, K: tl.constexpr, C: tl.constexpr):
+def _gate_cumsum_kernel(g, out, T, H, K: tl.constexpr, C: tl.constexpr):
     """Per-key gates: each chunk's inclusive cumulative sum of g over its C tokens, float32, in g's layout
     `[B, T, H, K]`. One (chunk, batch·head) a program. The per-key forward reads these in place of g: its
     own load, cumsum and sum of the `[C, K]` gate tile took a third of its time on an H100, more than this
@@ -251,13 +250,13 @@ def _gate_cumsum_kernel(g, out, T, H, HS, K: tl.constexpr, C: tl.constexpr):
     rk = tl.arange(0, K)
     t = n * C + tl.arange(0, C)
     m = t < T
-    gc = _gate_chunk(g, 0.0, b, h, t, m, T, HS, rk, K, 3)
+    gc = _gate_chunk(g, 0.0, b, h, t, m, T, H, rk, K, 3)
     tl.store(out + ((b * T + t).to(tl.int64) * H + h)[:, None] * K + rk[None, :], tl.cumsum(gc, 0),
              mask=m[:, None])
 
 
 @triton.jit
-def _state_kernel(x, y, g, gg, out_s, out_a, T, H, HS, SEG, scale,
+def _state_kernel(x, y, g, gg, out_s, out_a, T, H, SEG, scale,
                   K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, GATE: tl.constexpr,
                   FROM_START: tl.constexpr, PREC: tl.constexpr):
     """Per segment: FROM_START=False: Σ_t exp(A_end - A_t) ⊙ x_t y_tᵀ (k, v: the segment's state from zero);
@@ -283,13 +282,13 @@ def _state_kernel(x, y, g, gg, out_s, out_a, T, H, HS, SEG, scale,
     for t0 in range(t_start, t_end, C):
         t = t0 + rc
         m = t < t_end
-        row = (b * T + t).to(tl.int64) * HS + h
+        row = (b * T + t).to(tl.int64) * H + h
         bx = tl.load(x + row[:, None] * K + rk[None, :], mask=m[:, None], other=0.0)
         by = tl.load(y + row[:, None] * V + rv[None, :], mask=m[:, None], other=0.0)
         if GATE == 0:
             S += tl.dot(tl.trans(bx), by, input_precision=PREC)
         else:
-            gc = _gate_chunk(g, gamma, b, h, t, m, T, HS, rk, K, GATE)
+            gc = _gate_chunk(g, gamma, b, h, t, m, T, H, rk, K, GATE)
             bc = tl.cumsum(gc, 0)
             bl = tl.sum(gc, 0)
             if GATE == 3:
@@ -342,7 +341,7 @@ def _scan_kernel(s, a, init, out, final, NS, K: tl.constexpr, V: tl.constexpr, B
 
 
 @triton.jit
-def _prefix_kernel(o, q, g, gg, goff, P, out, T, H, HS, NC, scale,
+def _prefix_kernel(o, q, g, gg, goff, P, out, T, H, NC, scale,
                    K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, GATE: tl.constexpr,
                    PREC: tl.constexpr):
     """One chunk: out = o + scale·(q ⊙ exp(A))ᵀ P, A the segment-inclusive cumulative log gate
@@ -358,14 +357,14 @@ def _prefix_kernel(o, q, g, gg, goff, P, out, T, H, HS, NC, scale,
     rc = tl.arange(0, C)
     t = n * C + rc
     m = t < T
-    row = (b * T + t).to(tl.int64) * HS + h
+    row = (b * T + t).to(tl.int64) * H + h
     bq = tl.load(q + row[:, None] * K + rk[None, :], mask=m[:, None], other=0.0).to(tl.float32)
     bP = tl.load(P + bh.to(tl.int64) * K * V + rk[:, None] * V + rv[None, :]).to(tl.float32)
     if GATE > 0:
         gamma = 0.0
         if GATE == 1:
             gamma = tl.load(gg + h).to(tl.float32)
-        gc = _gate_chunk(g, gamma, b, h, t, m, T, HS, rk, K, GATE)
+        gc = _gate_chunk(g, gamma, b, h, t, m, T, H, rk, K, GATE)
         bc = tl.cumsum(gc, 0)
         if GATE == 1:
             bc += (n * C).to(tl.float32) * gamma
@@ -392,7 +391,7 @@ def _state_dot(x, S, dt: tl.constexpr, SF32: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
-def _bwd_dq_kernel(q, k, v, g, gg, do, h0, dht, dq, gq, term, steep, T, H, HS, HP, SEG, scale,
+def _bwd_dq_kernel(q, k, v, g, gg, do, h0, dht, dq, gq, term, steep, T, H, SEG, scale,
                    K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, C: tl.constexpr, GATE: tl.constexpr,
                    HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, NEED_DG: tl.constexpr, SF32: tl.constexpr,
                    PREC: tl.constexpr, SPREC: tl.constexpr):
@@ -427,8 +426,7 @@ def _bwd_dq_kernel(q, k, v, g, gg, do, h0, dht, dq, gq, term, steep, T, H, HS, H
     for t0 in range(t_start, t_end, C):
         t = t0 + rc
         m = t < t_end
-        row = (b * T + t).to(tl.int64) * HS + h
-        rowc = (b * T + t).to(tl.int64) * HP + h    # the gate partials' rows (their own head stride)
+        row = (b * T + t).to(tl.int64) * H + h
         bk = tl.load(k + row[:, None] * K + rk[None, :], mask=m[:, None], other=0.0)
         bv = tl.load(v + row[:, None] * V + rv[None, :], mask=m[:, None], other=0.0)
         bdo = tl.load(do + row[:, None] * V + rv[None, :], mask=m[:, None], other=0.0)
@@ -439,7 +437,7 @@ def _bwd_dq_kernel(q, k, v, g, gg, do, h0, dht, dq, gq, term, steep, T, H, HS, H
             S += tl.dot(tl.trans(bk), bv, input_precision=PREC)
         else:
             bq = tl.load(q + row[:, None] * K + rk[None, :], mask=m[:, None], other=0.0)
-            gc = _gate_chunk(g, gamma, b, h, t, m, T, HS, rk, K, GATE)
+            gc = _gate_chunk(g, gamma, b, h, t, m, T, H, rk, K, GATE)
             bc = tl.cumsum(gc, 0)
             bl = tl.sum(gc, 0)
             if GATE == 3:
@@ -451,7 +449,7 @@ def _bwd_dq_kernel(q, k, v, g, gg, do, h0, dht, dq, gq, term, steep, T, H, HS, H
                 low = tl.minimum(low, bl)
                 if NEED_DG:
                     part = (bq * qf).to(dt).to(tl.float32) * (inter + intra)
-                    tl.store(gq + rowc[:, None] * K + rk[None, :], scale * part, mask=m[:, None])
+                    tl.store(gq + row[:, None] * K + rk[None, :], scale * part, mask=m[:, None])
                 kd = (bk * kdf).to(dt)
                 S = S * tl.exp(bl)[:, None] + tl.dot(tl.trans(kd), bv, input_precision=PREC)
             else:
@@ -461,7 +459,7 @@ def _bwd_dq_kernel(q, k, v, g, gg, do, h0, dht, dq, gq, term, steep, T, H, HS, H
                 if NEED_DG:
                     qd = (bq * tl.exp(bc)[:, None]).to(dt)
                     part = tl.sum(qd.to(tl.float32) * inter + bq.to(tl.float32) * intra, 1)
-                    tl.store(gq + rowc * nk + ik, scale * part, mask=m)
+                    tl.store(gq + row * nk + ik, scale * part, mask=m)
                 kd = (bk * tl.exp(bl - bc)[:, None]).to(dt)
                 S = S * tl.exp(bl) + tl.dot(tl.trans(kd), bv, input_precision=PREC)
         tl.store(dq + row[:, None] * K + rk[None, :], (acc * scale).to(dq.dtype.element_ty), mask=m[:, None])
@@ -474,7 +472,7 @@ def _bwd_dq_kernel(q, k, v, g, gg, do, h0, dht, dq, gq, term, steep, T, H, HS, H
 
 
 @triton.jit
-def _bwd_dk_kernel(q, k, v, g, gg, do, dhe, hin, dk, gk, dg, term, dh0, T, H, HS, HP, SEG, scale,
+def _bwd_dk_kernel(q, k, v, g, gg, do, dhe, hin, dk, gk, dg, term, dh0, T, H, SEG, scale,
                    K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, C: tl.constexpr, GATE: tl.constexpr,
                    HAS_DHE: tl.constexpr, HAS_TERM: tl.constexpr, NEED_DG: tl.constexpr, SF32: tl.constexpr,
                    PREC: tl.constexpr, SPREC: tl.constexpr):
@@ -518,8 +516,7 @@ def _bwd_dk_kernel(q, k, v, g, gg, do, dhe, hin, dk, gk, dg, term, dh0, T, H, HS
     for i in range(0, nch):
         t = t_start + (nch - 1 - i) * C + rc
         m = t < t_end
-        row = (b * T + t).to(tl.int64) * HS + h
-        rowc = (b * T + t).to(tl.int64) * HP + h    # the gate partials' rows (their own head stride)
+        row = (b * T + t).to(tl.int64) * H + h
         bq = tl.load(q + row[:, None] * K + rk[None, :], mask=m[:, None], other=0.0)
         bv = tl.load(v + row[:, None] * V + rv[None, :], mask=m[:, None], other=0.0)
         bdo = tl.load(do + row[:, None] * V + rv[None, :], mask=m[:, None], other=0.0)
@@ -530,7 +527,7 @@ def _bwd_dk_kernel(q, k, v, g, gg, do, dhe, hin, dk, gk, dg, term, dh0, T, H, HS
             dH += scale * tl.dot(tl.trans(bq), bdo, input_precision=PREC)
         else:
             bk = tl.load(k + row[:, None] * K + rk[None, :], mask=m[:, None], other=0.0)
-            gc = _gate_chunk(g, gamma, b, h, t, m, T, HS, rk, K, GATE)
+            gc = _gate_chunk(g, gamma, b, h, t, m, T, H, rk, K, GATE)
             bc = tl.cumsum(gc, 0)
             bl = tl.sum(gc, 0)
             if GATE == 3:
@@ -541,7 +538,7 @@ def _bwd_dk_kernel(q, k, v, g, gg, do, dhe, hin, dk, gk, dg, term, dh0, T, H, HS
                 if NEED_DG:
                     part = (scale * (bk * kf).to(dt).to(tl.float32) * intra
                             + (bk * kdf).to(dt).to(tl.float32) * inter)
-                    gptr = dg + rowc[:, None] * K + rk[None, :]
+                    gptr = dg + row[:, None] * K + rk[None, :]
                     d = tl.load(gptr, mask=m[:, None], other=0.0) - part
                     rev = tl.sum(d, 0)[None, :] - tl.cumsum(d, 0) + d       # Σ_{t' ≥ t} within the chunk
                     tl.store(gptr, rev + carry[None, :], mask=m[:, None])
@@ -554,7 +551,7 @@ def _bwd_dk_kernel(q, k, v, g, gg, do, dhe, hin, dk, gk, dg, term, dh0, T, H, HS
                 if NEED_DG:
                     kd = (bk * tl.exp(bl - bc)[:, None]).to(dt).to(tl.float32)
                     part = tl.sum(scale * bk.to(tl.float32) * intra + kd * inter, 1)
-                    tl.store(gk + rowc * nk + ik, part, mask=m)
+                    tl.store(gk + row * nk + ik, part, mask=m)
                 qd = (bq * tl.exp(bc)[:, None]).to(dt)
                 dH = dH * tl.exp(bl) + scale * tl.dot(tl.trans(qd), bdo, input_precision=PREC)
         tl.store(dk + row[:, None] * K + rk[None, :], acc.to(dk.dtype.element_ty), mask=m[:, None])
@@ -563,7 +560,7 @@ def _bwd_dk_kernel(q, k, v, g, gg, do, dhe, hin, dk, gk, dg, term, dh0, T, H, HS
 
 
 @triton.jit
-def _bwd_dv_kernel(q, k, g, gg, do, dhe, dv, T, H, HS, SEG, scale,
+def _bwd_dv_kernel(q, k, g, gg, do, dhe, dv, T, H, SEG, scale,
                    K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, GATE: tl.constexpr,
                    HAS_DHE: tl.constexpr, PREC: tl.constexpr):
     """One (V-tile, batch·head, segment), walking backward from the gradient of the state leaving the
@@ -591,7 +588,7 @@ def _bwd_dv_kernel(q, k, g, gg, do, dhe, dv, T, H, HS, SEG, scale,
     for i in range(0, nch):
         t = t_start + (nch - 1 - i) * C + rc
         m = t < t_end
-        row = (b * T + t).to(tl.int64) * HS + h
+        row = (b * T + t).to(tl.int64) * H + h
         bq = tl.load(q + row[:, None] * K + rk[None, :], mask=m[:, None], other=0.0)
         bk = tl.load(k + row[:, None] * K + rk[None, :], mask=m[:, None], other=0.0)
         bdo = tl.load(do + row[:, None] * V + rv[None, :], mask=m[:, None], other=0.0)
@@ -600,7 +597,7 @@ def _bwd_dv_kernel(q, k, g, gg, do, dhe, dv, T, H, HS, SEG, scale,
             acc = tl.dot(bk, dH.to(dt), input_precision=PREC)
             qd = bq
         else:
-            gc = _gate_chunk(g, gamma, b, h, t, m, T, HS, rk, K, GATE)
+            gc = _gate_chunk(g, gamma, b, h, t, m, T, H, rk, K, GATE)
             bc = tl.cumsum(gc, 0)
             bl = tl.sum(gc, 0)
             if GATE == 3:
@@ -623,7 +620,7 @@ def _bwd_dv_kernel(q, k, g, gg, do, dhe, dv, T, H, HS, SEG, scale,
         tl.store(dv + row[:, None] * V + rv[None, :], acc.to(dv.dtype.element_ty), mask=m[:, None])
 
 @triton.jit
-def _levels_kernel(q, k, v, g, do, o, dq, dk, dv, gq, steep, T, H, HS, HP, SEG, scale,
+def _levels_kernel(q, k, v, g, do, o, dq, dk, dv, gq, steep, T, H, SEG, scale,
                    K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, MODE: tl.constexpr, NEED_DG: tl.constexpr,
                    PREC: tl.constexpr):
     """Per-key gates: for every chunk where a key's gate falls to −LEVEL_SPAN, the exact terms of its tokens
@@ -649,9 +646,8 @@ def _levels_kernel(q, k, v, g, do, o, dq, dk, dv, gq, steep, T, H, HS, HP, SEG, 
         for t0 in range(t_start, t_end, C):
             t = t0 + rc
             m = t < t_end
-            row = (b * T + t).to(tl.int64) * HS + h
-            rowc = (b * T + t).to(tl.int64) * HP + h    # gq's rows (its own head stride)
-            gc = _gate_chunk(g, 0.0, b, h, t, m, T, HS, rk, K, 3)
+            row = (b * T + t).to(tl.int64) * H + h
+            gc = _gate_chunk(g, 0.0, b, h, t, m, T, H, rk, K, 3)
             bc = tl.cumsum(gc, 0)
             bl = tl.sum(gc, 0)
             if tl.min(bc) <= -LEVEL_SPAN:
@@ -690,9 +686,7 @@ def _levels_kernel(q, k, v, g, do, o, dq, dk, dv, gq, steep, T, H, HS, HP, SEG, 
                         tl.store(dq + ptr, tl.load(dq + ptr, mask=m[:, None]).to(tl.float32) + scale * addq,
                                  mask=m[:, None])
                         if NEED_DG:
-                            ptrc = rowc[:, None] * K + rk[None, :]
-                            tl.store(gq + ptrc, tl.load(gq + ptrc, mask=m[:, None]) + scale * part,
-                                     mask=m[:, None])
+                            tl.store(gq + ptr, tl.load(gq + ptr, mask=m[:, None]) + scale * part, mask=m[:, None])
                     else:
                         addk = tl.zeros([C, K], dtype=tl.float32)
                         At = tl.zeros([C, C], dtype=tl.float32)
@@ -728,62 +722,15 @@ def _check(*xs) -> None:
             raise ValueError(f"triton linear attention supports head dims {_DIMS}, got {name}={d}")
 
 
-def _check_out(name, out, shape, like, dtype=None):
-    """An output buffer must have the output's shape, dtype and device."""
-    if out is None:
-        return
-    dtype = like.dtype if dtype is None else dtype
-    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != like.device:
-        raise ValueError(f"{name} must be a {dtype} tensor of shape {tuple(shape)} on {like.device}, got "
-                         f"{out.dtype} {tuple(out.shape)} on {out.device}")
-
-
 def _gate(g, g_gamma, q):
-    """-> (GATE kind, g tensor or dummy, g_gamma tensor or dummy, chunk size). g comes through
-    :func:`_shared_rows` (laid out as q's rows)."""
+    """-> (GATE kind, g tensor or dummy, g_gamma tensor or dummy, chunk size)."""
     if g_gamma is not None:
         return 1, q, g_gamma.contiguous(), CHUNK
     if g is None:
         return 0, q, q, CHUNK
     if g.dim() == 3:
-        return 2, g, q, CHUNK
-    return 3, g, q, CHUNK_PER_KEY
-
-
-def _row_heads(x: torch.Tensor) -> int | None:
-    """HS when x `[B, T, H, D]` (or `[B, T, H]`) is laid out as heads of a contiguous `[B, T, HS, D]` tensor
-    (element (b, t, h, d) at ((b·T + t)·HS + h)·D + d: HS = H when x is contiguous, more for a head slice
-    x_full[:, :, h0:h0 + H]); None for any other layout."""
-    if x.dim() == 3:
-        x = x.unsqueeze(-1)
-    B, T, H, D = x.shape
-    st = x.stride()
-    row = st[1] if T > 1 else st[0] // T if B > 1 else H * D
-    if row % D or row // D < H:
-        return None
-    hs = row // D
-    want = (T * hs * D, hs * D, D, 1)
-    return hs if all(n == 1 or a == w for n, a, w in zip(x.shape, st, want)) else None
-
-
-def _shared_rows(inputs: dict, outputs: dict | None = None):
-    """The token tensors of one call, laid out with one row stride in heads HS, as the kernels index them.
-
-    inputs / outputs: name -> `[B, T, H, *]` tensor or None. When every tensor is a head slice of tensors
-    with the same HS heads (SP's head groups), they pass as they are: no copy. Otherwise the inputs are made
-    contiguous (HS = H) and the given outputs must be contiguous. -> (inputs, HS)."""
-    outputs = {n: x for n, x in (outputs or {}).items() if x is not None}
-    present = [x for x in list(inputs.values()) + list(outputs.values()) if x is not None]
-    heads = {_row_heads(x) for x in present}
-    if len(heads) == 1 and None not in heads:
-        return inputs, heads.pop()
-    inputs = {n: (x.contiguous() if x is not None else None) for n, x in inputs.items()}
-    H = present[0].shape[2]
-    for name, x in outputs.items():
-        if _row_heads(x) != H:
-            raise ValueError(f"{name} must be contiguous, or a head slice laid out as the inputs are "
-                             f"(got shape {tuple(x.shape)} with strides {x.stride()})")
-    return inputs, H
+        return 2, g.contiguous(), q, CHUNK
+    return 3, g.contiguous(), q, CHUNK_PER_KEY
 
 
 def _prec(x) -> str:
@@ -803,13 +750,12 @@ def _steep_marks(B, H, ns, GATE, device):
     return torch.zeros(B * H, ns, device=device, dtype=torch.int32) if GATE == 3 else None
 
 
-def _add_levels(mode, steep, seg, q, k, v, g, scale, HS, do=None, o=None, dq=None, gq=None, dk=None, dv=None,
-                need_dg=False, HP=None):
-    """Launch _levels_kernel (MODE mode) over the segments marked in steep; it adds into the given outputs
-    (token tensors with rows of HS heads; gq's of HP)."""
+def _add_levels(mode, steep, seg, q, k, v, g, scale, do=None, o=None, dq=None, gq=None, dk=None, dv=None,
+                need_dg=False):
+    """Launch _levels_kernel (MODE mode) over the segments marked in steep; it adds into the given outputs."""
     B, T, H, K = q.shape
     a = [x if x is not None else q for x in (do, o, dq, dk, dv, gq)]
-    _levels_kernel[(B * H, steep.shape[1])](q, k, v, g, *a, steep, T, H, HS, HP or H, seg, scale, K=K,
+    _levels_kernel[(B * H, steep.shape[1])](q, k, v, g, *a, steep, T, H, seg, scale, K=K,
                                             V=v.shape[-1], C=CHUNK_PER_KEY, MODE=mode, NEED_DG=need_dg,
                                             PREC=_prec(q), num_warps=8)
 
@@ -839,25 +785,23 @@ def _layout(T: int, C: int, ns: int):
     return seg, triton.cdiv(T, seg)
 
 
-def _states(x, y, g, gg, GATE, C, seg, ns, scale, from_start, HS):
-    """Per-segment states `[B, H, ns, K, V]` and total log gates `[B, H, ns, K]` (float32); x, y, g with rows
-    of HS heads."""
+def _states(x, y, g, gg, GATE, C, seg, ns, scale, from_start):
+    """Per-segment states `[B, H, ns, K, V]` and total log gates `[B, H, ns, K]` (float32)."""
     B, T, H, K = x.shape
     V = y.shape[-1]
     s = torch.empty(B, H, ns, K, V, device=x.device, dtype=torch.float32)
     a = torch.empty(B, H, ns, K, device=x.device, dtype=torch.float32)
     BV, cfg = _launch("state", V, GATE)
-    _state_kernel[(V // BV, B * H, ns)](x, y, g, gg, s, a, T, H, HS, seg, scale, K=K, V=V, BV=BV, C=C, GATE=GATE,
+    _state_kernel[(V // BV, B * H, ns)](x, y, g, gg, s, a, T, H, seg, scale, K=K, V=V, BV=BV, C=C, GATE=GATE,
                                        FROM_START=from_start, PREC=_prec(x), **cfg)
     return s, a
 
 
-def _gate_cumsum(g, C, HS):
-    """Per-key gates `[B, T, H, K]` (rows of HS heads) -> their chunk-local cumulative sums, float32,
-    contiguous `[B, T, H, K]`."""
+def _gate_cumsum(g, C):
+    """Per-key gates `[B, T, H, K]` -> their chunk-local cumulative sums, float32, same shape."""
     B, T, H, K = g.shape
     out = torch.empty(B, T, H, K, device=g.device, dtype=torch.float32)
-    _gate_cumsum_kernel[(triton.cdiv(T, C), B * H)](g, out, T, H, HS, K=K, C=C, num_warps=4)
+    _gate_cumsum_kernel[(triton.cdiv(T, C), B * H)](g, out, T, H, K=K, C=C, num_warps=4)
     return out
 
 
@@ -904,29 +848,25 @@ def _split(B, H, T, V, C, GATE, device):
     return _layout(T, C, _segments(B * H * (V // _launch("fwd", V, GATE)[0]), triton.cdiv(T, C), device))
 
 
-def _kv_states(k, v, gt, gg, GATE, C, seg, ns, HS) -> SegmentStates:
-    return SegmentStates(seg, *_states(k, v, gt, gg, GATE, C, seg, ns, 1.0, False, HS))
+def _kv_states(k, v, gt, gg, GATE, C, seg, ns) -> SegmentStates:
+    return SegmentStates(seg, *_states(k, v, gt, gg, GATE, C, seg, ns, 1.0, False))
 
 
 def forward(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None, output_final_state=False,
-            return_saved=False, kv_states=None, out=None):
+            return_saved=False, kv_states=None):
     """-> (o `[B, T, H, V]` in q's dtype, final state `[B, H, K, V]` float32 or None).
 
     kv_states: this sequence's :class:`SegmentStates` from :func:`segment_state` (SP computes them first),
     so the forward skips its own state pass. return_saved: also return a :class:`SegmentStates` with the
     prefixes it entered its segments with (this initial_state included; None when the sequence ran as one
-    segment), for ``backward(..., kv_states=...)`` with the same initial_state. out: write o there (the
-    returned o): with q, k, v, g head slices of wider tensors, a slice of a wider output laid out the same
-    way (:func:`_shared_rows`), so SP runs groups of heads without copies."""
+    segment), for ``backward(..., kv_states=...)`` with the same initial_state."""
     _check(q, v, k, initial_state)
     B, T, H, K = q.shape
     V = v.shape[-1]
     scale = K ** -0.5 if scale is None else scale
-    _check_out("out", out, (B, T, H, V), q)
-    x, HS = _shared_rows(dict(q=q, k=k, v=v, g=g), dict(out=out))
-    q, k, v, g = x["q"], x["k"], x["v"], x["g"]
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     GATE, gt, gg, C = _gate(g, g_gamma, q)
-    o = out if out is not None else torch.empty(B, T, H, V, device=q.device, dtype=q.dtype)
+    o = torch.empty(B, T, H, V, device=q.device, dtype=q.dtype)
     ht = torch.empty(B, H, K, V, device=q.device, dtype=torch.float32) if output_final_state else None
     if T == 0:
         if ht is not None:
@@ -938,7 +878,7 @@ def forward(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None, outpu
     if ns > 1:
         # Long sequences: every segment's state in parallel, a scan for the prefixes, then all segments.
         if kv_states is None:
-            kv_states = _kv_states(k, v, gt, gg, GATE, C, seg, ns, HS)
+            kv_states = _kv_states(k, v, gt, gg, GATE, C, seg, ns)
         elif kv_states.states is None:
             raise ValueError("kv_states holds no per-segment states (a forward's saved prefixes are for backward)")
         if h0 is None and ht is None and kv_states.zero_prefixes is not None:
@@ -952,13 +892,13 @@ def forward(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None, outpu
         kv_states = None
     steep = _steep_marks(B, H, ns, GATE, q.device)
     cum = GATE == 3     # per-key gates: the forward reads their cumulative sums from a pre-pass
-    _fwd_kernel[(V // BV, B * H, ns)](q, k, v, _gate_cumsum(gt, C, HS) if cum else gt, gg, o,
+    _fwd_kernel[(V // BV, B * H, ns)](q, k, v, _gate_cumsum(gt, C) if cum else gt, gg, o,
                                       h0 if h0 is not None else q, ht if ht is not None else o,
-                                      steep if steep is not None else q, T, H, HS, seg, scale,
+                                      steep if steep is not None else q, T, H, seg, scale,
                                       K=K, V=V, BV=BV, C=C, GATE=GATE, HAS_H0=h0 is not None,
                                       STORE_HT=(ht is not None and ns == 1), CUM=cum, PREC=_prec(q), **cfg)
     if steep is not None:
-        _add_levels(0, steep, seg, q, k, v, gt, scale, HS, o=o)
+        _add_levels(0, steep, seg, q, k, v, gt, scale, o=o)
     return (o, ht, kv_states) if return_saved else (o, ht)
 
 
@@ -970,15 +910,12 @@ def _reverse_cumsum(x, dim):
 
 
 def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True, kv_states=None,
-             qdo_states=None, out=None):
+             qdo_states=None):
     """-> (dq, dk, dv, dg, dh0): dg in the shape of g (or of g_gamma `[H]`; None without decay or when
     not need_dg), dh0 `[B, H, K, V]` float32 even when initial_state is None. kv_states / qdo_states: the
     :class:`SegmentStates` of these inputs from ``forward(..., return_saved=True)`` (same initial_state: its
     prefixes are used as they are) or :func:`segment_state` / ``prefix_grad(..., return_saved=True)`` (same
-    scale), or None: the backward then computes them. out: (dq, dk, dv, dg) buffers to write (and return)
-    in place of new tensors, any of them None; as for ``forward(..., out=...)``, head slices of wider
-    tensors laid out as the inputs are (a per-key float32 dg is written in place too; other gate gradients
-    are copied in).
+    scale), or None: the backward then computes them.
 
     Three kernels, each walking one (tile, batch·head, segment): dq forward over K-tiles, dk backward over
     K-tiles, dv backward over V-tiles, so no program holds a whole `[K, V]` state (see the module docstring
@@ -987,27 +924,16 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True, k
     B, T, H, K = q.shape
     V = v.shape[-1]
     scale = K ** -0.5 if scale is None else scale
-    dq, dk, dv, dg_out = out if out is not None else (None,) * 4
-    for name, buf, like in (("dq", dq, q), ("dk", dk, k), ("dv", dv, v)):
-        _check_out(name, buf, like.shape, like)
-    gate = g_gamma if g_gamma is not None else g
-    if dg_out is not None:
-        if gate is None:
-            raise ValueError("out's dg must be None without a gate")
-        _check_out("dg", dg_out, gate.shape, gate)
-    # a per-key float32 dg buffer is the dk kernel's own accumulator (written in place: no copy)
-    dg_rows = dg_out if g is not None and g.dim() == 4 and g.dtype == torch.float32 else None
-    x, HS = _shared_rows(dict(q=q, k=k, v=v, g=g, do=do.to(q.dtype)), dict(dq=dq, dk=dk, dv=dv, dg=dg_rows))
-    q, k, v, g, do = x["q"], x["k"], x["v"], x["g"], x["do"]
+    q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous().to(q.dtype)
     GATE, gt, gg, C = _gate(g, g_gamma, q)
     need_dg = bool(need_dg and GATE)
     dev = q.device
-    dq, dk, dv = (buf if buf is not None else torch.empty_like(t) for buf, t in ((dq, q), (dk, k), (dv, v)))
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dh0 = torch.empty(B, H, K, V, device=dev, dtype=torch.float32)
     if T == 0:
         dh0.copy_(dht if dht is not None else torch.zeros_like(dh0))
-        dg = torch.zeros_like(gate) if need_dg else None
-        return dq, dk, dv, (dg_out.copy_(dg) if dg_out is not None and dg is not None else dg), dh0
+        dg = torch.zeros_like(g_gamma if GATE == 1 else g) if need_dg else None
+        return dq, dk, dv, dg, dh0
     (BK, cq), (BKk, ck), (BV, cv) = _launch("dq", K, GATE), _launch("dk", K, GATE), _launch("dv", V, GATE)
     given = [x for x in (kv_states, qdo_states) if x is not None]
     seg, ns = (given[0].seg, given[0].n) if given else _split(B, H, T, V, C, GATE, dev)
@@ -1021,10 +947,10 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True, k
         elif kv_states is not None and kv_states.zero_prefixes is not None and h0 is None:
             h0 = kv_states.zero_prefixes
         else:
-            kv = kv_states if kv_states is not None else _kv_states(k, v, gt, gg, GATE, C, seg, ns, HS)
+            kv = kv_states if kv_states is not None else _kv_states(k, v, gt, gg, GATE, C, seg, ns)
             h0, _ = _scan(kv.states, kv.log_decays, h0, reverse=False)
         if qdo_states is None:
-            qdo_states = SegmentStates(seg, *_states(q, do, gt, gg, GATE, C, seg, ns, scale, True, HS))
+            qdo_states = SegmentStates(seg, *_states(q, do, gt, gg, GATE, C, seg, ns, scale, True))
         # the gradient of the state leaving each segment (dht past the last): a reverse scan of the (q, do) states
         dhe, _ = _scan(qdo_states.states, qdo_states.log_decays, dhe, reverse=True)
     prec = _prec(q)
@@ -1035,10 +961,8 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True, k
     f32 = dict(device=dev, dtype=torch.float32)
     term = torch.zeros(B, H, K, **f32) if need_dg and dht is not None else None
     gq = gk = None
-    HP = H              # the gate partials' rows: compact, unless the caller's dg buffer is written in place
     if GATE == 3 and need_dg:
-        gq = dg_rows if dg_rows is not None else torch.empty(B, T, H, K, **f32)   # the q-side partial, finished
-        HP = HS if dg_rows is not None else H                                     # in place by the dk kernel
+        gq = torch.empty(B, T, H, K, **f32)          # the q-side partial, finished in place by the dk kernel
     elif need_dg:
         gq = torch.empty(B, T, H, nk, **f32)         # the q-side partial of each dq K-tile
         gk = torch.empty(B, T, H, K // BKk, **f32)   # ... and the k-side one of each dk K-tile
@@ -1048,32 +972,30 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True, k
     _bwd_dq_kernel[(nk, B * H, ns)](q, k, v, gt, gg, do, h0 if h0 is not None else dummy,
                                     dht.contiguous() if dht is not None else dummy, dq,
                                     gq if gq is not None else dummy, term if term is not None else dummy,
-                                    steep if steep is not None else dummy, T, H, HS, HP, seg, scale,
+                                    steep if steep is not None else dummy, T, H, seg, scale,
                                     BK=BK, HAS_H0=h0 is not None, HAS_DHT=dht is not None, NEED_DG=need_dg,
                                     SF32=sf32, SPREC=sprec, **common, **cq)
     if steep is not None:   # before the dk kernel, which finishes the gate gradient from gq
-        _add_levels(1, steep, seg, q, k, v, gt, scale, HS, do=do, dq=dq, gq=gq, need_dg=need_dg, HP=HP)
+        _add_levels(1, steep, seg, q, k, v, gt, scale, do=do, dq=dq, gq=gq, need_dg=need_dg)
     _bwd_dk_kernel[(K // BKk, B * H, ns)](q, k, v, gt, gg, do, dhe if dhe is not None else dummy,
                                     h0 if ns > 1 else dummy, dk, gk if gk is not None else dummy,
                                     gq if GATE == 3 and need_dg else dummy, term if term is not None else dummy,
-                                    dh0, T, H, HS, HP, seg, scale, BK=BKk, HAS_DHE=dhe is not None,
+                                    dh0, T, H, seg, scale, BK=BKk, HAS_DHE=dhe is not None,
                                     HAS_TERM=term is not None, NEED_DG=need_dg, SF32=sf32, SPREC=sprec, **common, **ck)
-    _bwd_dv_kernel[(V // BV, B * H, ns)](q, k, gt, gg, do, dhe if dhe is not None else dummy, dv, T, H, HS,
-                                         seg, scale, BV=BV, HAS_DHE=dhe is not None, **common, **cv)
+    _bwd_dv_kernel[(V // BV, B * H, ns)](q, k, gt, gg, do, dhe if dhe is not None else dummy, dv, T, H, seg,
+                                         scale, BV=BV, HAS_DHE=dhe is not None, **common, **cv)
     if steep is not None:
-        _add_levels(2, steep, seg, q, k, v, gt, scale, HS, do=do, dk=dk, dv=dv)
+        _add_levels(2, steep, seg, q, k, v, gt, scale, do=do, dk=dk, dv=dv)
     if not need_dg:
         return dq, dk, dv, None, dh0
-    if GATE == 3:                                   # finished by the dk kernel
-        if gq is dg_rows:
-            return dq, dk, dv, dg_rows, dh0
-        return dq, dk, dv, (dg_out.copy_(gq) if dg_out is not None else gq.to(g.dtype)), dh0
+    if GATE == 3:
+        return dq, dk, dv, gq.to(g.dtype), dh0      # finished by the dk kernel
     # scalar gates: dL/dA_t = Σ_tiles (q-side − k-side); dg_s = Σ_{t≥s} dL/dA_t (+ the final-state term)
     dgl = _reverse_cumsum(gq.sum(-1) - gk.sum(-1), 1)                                # [B, T, H]
     if term is not None:
         dgl = dgl + term.sum(-1).unsqueeze(1)
     dg = dgl.sum((0, 1)).to(g_gamma.dtype) if GATE == 1 else dgl.to(g.dtype)
-    return dq, dk, dv, (dg_out.copy_(dg) if dg_out is not None else dg), dh0
+    return dq, dk, dv, dg, dh0
 
 
 def segment_state(k, v, g=None, g_gamma=None, return_saved=False, keep_prefixes=False):
@@ -1089,15 +1011,14 @@ def segment_state(k, v, g=None, g_gamma=None, return_saved=False, keep_prefixes=
     _check(k, v)
     B, T, H, K = k.shape
     V = v.shape[-1]
-    x, HS = _shared_rows(dict(k=k, v=v, g=g))
-    k, v, g = x["k"], x["v"], x["g"]
+    k, v = k.contiguous(), v.contiguous()
     GATE, gt, gg, C = _gate(g, g_gamma, k)
     if T == 0:
         out = (torch.zeros(B, H, K, V, device=k.device, dtype=torch.float32),
                torch.zeros(B, H, K, device=k.device, dtype=torch.float32))
         return out + (None,) if return_saved else out
     seg, ns = _split(B, H, T, V, C, GATE, k.device)
-    kv = _kv_states(k, v, gt, gg, GATE, C, seg, ns, HS)
+    kv = _kv_states(k, v, gt, gg, GATE, C, seg, ns)
     total = kv.log_decays.sum(2)
     if ns == 1:
         out = (kv.states[:, :, 0], total)
@@ -1118,14 +1039,13 @@ def prefix_grad(q, g, g_gamma, scale, do, return_saved=False):
     B, T, H, K = q.shape
     V = do.shape[-1]
     scale = K ** -0.5 if scale is None else scale
-    x, HS = _shared_rows(dict(q=q, do=do.to(q.dtype), g=g))
-    q, do, g = x["q"], x["do"], x["g"]
+    q, do = q.contiguous(), do.contiguous().to(q.dtype)
     GATE, gt, gg, C = _gate(g, g_gamma, q)
     if T == 0:
         out = torch.zeros(B, H, K, V, device=q.device, dtype=torch.float32)
         return (out, None) if return_saved else out
     seg, ns = _split(B, H, T, V, C, GATE, q.device)
-    qdo = SegmentStates(seg, *_states(q, do, gt, gg, GATE, C, seg, ns, scale, True, HS))
+    qdo = SegmentStates(seg, *_states(q, do, gt, gg, GATE, C, seg, ns, scale, True))
     if ns == 1:
         return (qdo.states[:, :, 0], None) if return_saved else qdo.states[:, :, 0]
     _, final = _scan(qdo.states, qdo.log_decays, None, reverse=True, store_out=False)
@@ -1140,7 +1060,6 @@ def add_prefix(o, q, g, g_gamma, scale, P):
     V = o.shape[-1]
     scale = K ** -0.5 if scale is None else scale
     q, o, P = q.contiguous(), o.contiguous(), P.contiguous()
-    g = g.contiguous() if g is not None else None
     GATE, gt, gg, C = _gate(g, g_gamma, q)
     out = torch.empty_like(o)
     if T == 0:
@@ -1154,7 +1073,7 @@ def add_prefix(o, q, g, g_gamma, scale, P):
         sums = gf.view(B, N, C, H, -1).sum(2)
         goff = (sums.cumsum(1) - sums).contiguous()
     BV = min(V, 64)
-    _prefix_kernel[(V // BV, B * H, N)](o, q, gt, gg, goff, P, out, T, H, H, N, scale, K=K, V=V, BV=BV, C=C,
+    _prefix_kernel[(V // BV, B * H, N)](o, q, gt, gg, goff, P, out, T, H, N, scale, K=K, V=V, BV=BV, C=C,
                                         GATE=GATE, PREC=_prec(q), num_warps=4)
     return out
 
