@@ -3,8 +3,8 @@
 Measures the device's two ceilings first (device-to-device copy, bf16 matmul), then
   linear attention (constant decay g_gamma, scalar gate g, per-key gate g), forward and forward+backward,
     ours vs fla-core's chunk_simple_gla / chunk_gla, at B=16×T=4096 and B=1×T=65536, 16 heads × 128;
-  the SP local work of a 4-way split (segment_state + zero-prefix forward + add_prefix) vs the plain forward
-    at the same local length;
+  one SP rank's local work as the SP operators run it (both forward schedules; the backward with its
+    reverse collective beside the dq kernel or before it), with a stand-in collective, vs the plain kernel;
   flash attention causal forward and forward+backward, ours vs torch SDPA flash and cuDNN.
 Prints a markdown table and writes it (with device, date, commit) to --out.
 
@@ -30,6 +30,12 @@ _DIV = {"GB/s": 1e6, "TFLOP/s": 1e9, "": 1}   # bytes or FLOPs per ms -> unit
 
 def bench(fn, ms_warm=100, ms_rep=400):
     return triton.testing.do_bench(fn, warmup=ms_warm, rep=ms_rep, return_mode="median")
+
+
+def bench_graph(fn, ms_rep=400):
+    """fn captured once in a CUDA graph, its replays timed: the GPU's time without the host's launches."""
+    fn()   # compile outside the capture
+    return triton.testing.do_bench_cudagraph(fn, rep=ms_rep, return_mode="median")
 
 
 def row(name, shape, ms, work, unit, floor_ms, note=""):
@@ -120,48 +126,78 @@ def linear(bw, tflops, shapes=((16, 4096), (1, 65536)), kinds=LINEAR_KINDS):
             torch.cuda.empty_cache()
 
 
+SP_SHAPES = ((1, 16384), (1, 65536), (4, 4096))   # one rank's local tokens
+SP_DELAY_US = 100   # a stand-in collective's length: about a ZeCO scan of 1 MB states over 8 NVLink GPUs (estimate)
+
+
 def sp_overhead(bw):
-    """One rank of a 4-way split of 65,536 tokens (B=1, or 4 sequences of 16,384): its local work against
-    the plain kernel on the same local tokens, as the SP operators run it on CUDA (parallel/linear/common.py):
-    forward  = segment_state -> (collective) -> zero-prefix forward reusing those states and their prefixes
-               from zero -> add_prefix,
-               or with overlap=False segment_state -> (collective) -> forward from P reusing the states,
-    backward = prefix_grad -> (reverse collective) -> backward from (P, R) reusing prefix_grad's states."""
+    """One rank's local work (a 4-way split of 65,536 tokens: B=1, or 4 sequences of 16,384; and 1×65,536)
+    against the plain kernel on the same local tokens, run by the SP operators' own code
+    (parallel/linear/common.py) on one GPU, with a stand-in collective that returns P or R at once, or
+    after SP_DELAY_US of GPU time on the comm stream (torch.cuda._sleep):
+      forward, overlap=True: state pass -> [collective beside] zero-prefix output pass -> correction pass;
+      forward, overlap=False: state pass -> [collective] -> output pass from P;
+      backward: prefix_grad -> [reverse collective beside the dq kernel] -> the rest of the backward, or
+        "serial": the backward waits for the collective before it starts.
+    Timed eagerly and as CUDA-graph replays (the GPU's time alone: eager SP steps of this size are
+    host-bound on the device's CPU)."""
+    from longscan.parallel.linear.common import (SPContext, local_backward, local_pass, prefix_grads,
+                                                 reverse_beside_dq)
     H, D = 16, 128
-    for B, T in ((1, 16384), (4, 4096)):
+    cycles = _sleep_cycles(SP_DELAY_US)
+    for B, T in SP_SHAPES:
       try:
         shape = f"B={B} T={T} H={H} D={D}"
         for kind in ("g_gamma", "g"):
             q, k, v, g, gg = lin_inputs(B, T, H, D, kind)
+            if g is not None:
+                g.requires_grad_()   # the gate's gradient is asked for, as in training
             do = torch.randn_like(v)
-            P, R = torch.randn(B, H, D, D, device="cuda"), torch.randn(B, H, D, D, device="cuda")
-            plain = bench(lambda: tc.forward(q, k, v, g, gg, None, P))
+            P, R = torch.randn(1, B, H, D, D, device="cuda"), torch.randn(1, B, H, D, D, device="cuda")
+            sps = {ov: SPContext(None, "contiguous", 0, 1, 1, D ** -0.5, tc, 4, ov) for ov in (True, False)}
 
-            def sp():
-                _, _, kv = tc.segment_state(k, v, g, gg, return_saved=True, keep_prefixes=True)
-                o, _ = tc.forward(q, k, v, g, gg, kv_states=kv)
-                return tc.add_prefix(o, q, g, gg, D ** -0.5, P)
-            ms = bench(sp)
-            row(f"ours SP local fwd {kind} (state+fwd+prefix)", shape, ms, 0, "", 0, f"= {ms / plain:.2f}x plain fwd")
+            def stand_in(result, delay):
+                if delay:
+                    torch.cuda._sleep(cycles)
+                return result
 
-            def sp_serial():   # overlap=False: the output pass starts from P (the collective sits between)
-                _, _, kv = tc.segment_state(k, v, g, gg, return_saved=True)
-                return tc.forward(q, k, v, g, gg, None, P, kv_states=kv)
-            ms = bench(sp_serial)
-            row(f"ours SP local fwd {kind}, overlap=False (state+fwd from P)", shape, ms, 0, "", 0,
-                f"= {ms / plain:.2f}x plain fwd")
-            row(f"ours plain fwd with h0 {kind}", shape, plain, 0, "", 0)
-            need_dg = kind != "g_gamma"
-            plain_b = bench(lambda: tc.backward(q, k, v, g, gg, None, P, do, R, need_dg))
+            def timed(name, fn, plain, plain_gr, what):
+                ms, gr = bench(fn), bench_graph(fn)
+                row(f"ours SP local {what} {kind}, {name}", shape, ms, 0, "", 0,
+                    f"= {ms / plain:.2f}x plain; graph {gr:.3f} ms = {gr / plain_gr:.2f}x")
 
-            def sp_b():
-                _, qdo = tc.prefix_grad(q, g, gg, None, do, return_saved=True)
-                return tc.backward(q, k, v, g, gg, None, P, do, R, need_dg, qdo_states=qdo)
-            ms = bench(sp_b)
-            row(f"ours SP local bwd {kind} (prefix_grad+bwd)", shape, ms, 0, "", 0, f"= {ms / plain_b:.2f}x plain bwd")
-            row(f"ours plain bwd with h0, dht {kind}", shape, plain_b, 0, "", 0)
+            plain_fn = lambda: tc.forward(q, k, v, g, gg, None, P[0])  # noqa: E731
+            plain, plain_gr = bench(plain_fn), bench_graph(plain_fn)
+            row(f"ours plain fwd with h0 {kind}", shape, plain, 0, "", 0, f"graph {plain_gr:.3f} ms")
+            for delay in (0, SP_DELAY_US):
+                for ov in (True, False):
+                    timed(f"overlap={ov}, collective {delay} us",
+                          lambda: local_pass(sps[ov], q, k, v, g, gg, lambda S, a: stand_in((P, None), delay)),
+                          plain, plain_gr, "fwd")
+            plain_fn = lambda: tc.backward(q, k, v, g, gg, None, P[0], do, R[0], kind != "g_gamma")  # noqa: E731
+            plain, plain_gr = bench(plain_fn), bench_graph(plain_fn)
+            row(f"ours plain bwd with h0, dht {kind}", shape, plain, 0, "", 0, f"graph {plain_gr:.3f} ms")
+
+            def sp_bwd(delay, beside):
+                dP, logd, qdo = prefix_grads(sps[True], q, g, gg, do)
+                late = reverse_beside_dq(q.device, lambda: stand_in(R, delay))
+                return local_backward(sps[True], q, k, v, g, gg, P, do, late if beside else late(), qdo)
+            for delay in (0, SP_DELAY_US):
+                for beside in (True, False):
+                    timed(f"{'beside dq' if beside else 'serial'}, collective {delay} us",
+                          lambda: sp_bwd(delay, beside), plain, plain_gr, "bwd")
       except Exception as e:  # noqa: BLE001
         print(f"sp overhead failed: {type(e).__name__}: {str(e).splitlines()[-1][:160]}")
+
+
+def _sleep_cycles(us: float) -> int:
+    """GPU clock cycles of torch.cuda._sleep that take about ``us`` microseconds here (measured)."""
+    n = 1 << 20
+    ms = bench(lambda: torch.cuda._sleep(n), 20, 100)
+    cycles = int(n * us / (ms * 1e3))
+    row("torch.cuda._sleep stand-in collective", f"{cycles} cycles", bench(lambda: torch.cuda._sleep(cycles), 20, 100),
+        0, "", 0)
+    return cycles
 
 
 def flash(tflops):

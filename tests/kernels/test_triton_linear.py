@@ -182,6 +182,37 @@ def test_backward_reuses_forward_segment_states(small_chunks, monkeypatch, decay
     assert rel_err(tc.backward(*args, do, None, kv_states=other)[0].cpu(), recomputed[0].cpu()) > 1e-3
 
 
+@pytest.mark.parametrize("segments", [None, 3])
+@pytest.mark.parametrize("decay", DECAYS)
+def test_backward_takes_dht_late(small_chunks, monkeypatch, decay, segments):
+    """dht as a function: called once the dq kernel has been launched (SP's reverse collective runs beside
+    that kernel), and the same gradients as with dht given up front."""
+    monkeypatch.setattr(tc, "SEGMENTS", segments)
+    x = _to(make_inputs(decay, 1, 45, 2, 16, 16, torch.float64, seed=17), DEV, torch.float32)
+    gen = torch.Generator().manual_seed(18)
+    do = torch.randn(1, 45, 2, 16, generator=gen).to(DEV)
+    dht = torch.randn(1, 2, 16, 16, generator=gen).to(DEV)
+    args = (x["q"], x["k"], x["v"], x["g"], x["g_gamma"], None, x["initial_state"], do)
+    events = []
+    dq_kernel = tc._bwd_dq_kernel
+
+    class Recorded:
+        def __getitem__(self, grid):
+            events.append("dq kernel")
+            return dq_kernel[grid]
+    monkeypatch.setattr(tc, "_bwd_dq_kernel", Recorded())
+
+    def late():
+        events.append("dht")
+        return dht
+    eager = tc.backward(*args, dht)
+    got = tc.backward(*args, late)
+    assert events == ["dq kernel", "dq kernel", "dht"]
+    for a, b in zip(got, eager):
+        assert (a is None and b is None) or torch.equal(a, b)
+    assert tc.backward(*args, lambda: None)[4].abs().sum() > 0   # a late None: no final-state gradient
+
+
 def test_forward_takes_segment_states_zero_prefixes(small_chunks, monkeypatch):
     """segment_state(return_saved=True, keep_prefixes=True) keeps its scan's prefixes from zero: a forward
     without an initial state starts its segments from them (no scan of its own, as SP's zero-prefix pass

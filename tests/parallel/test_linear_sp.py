@@ -60,7 +60,10 @@ def case(rank, world, method, layout, decay, dtype, use_state, backend="auto", d
         grads_out.append(dhts[rank])
     else:
         assert s is None
+    given = [t.clone() for t in grads_out]
     grads = torch.autograd.grad(outs, [local[n] for n in names], grads_out)
+    # the caller's output gradients are left as they were (the final-state one is summed over ranks in a copy)
+    assert all(torch.equal(a, b) for a, b in zip(grads_out, given))
     errs = {"o": rel_err(o, sh(o_ref))}
     if use_state:
         errs["final_state"] = rel_err(s, s_ref)

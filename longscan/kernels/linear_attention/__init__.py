@@ -10,6 +10,8 @@ Every backend module provides:
       forward's hold the states entering its segments, its initial_state included: they are for a backward
       with the same initial_state only (not for another forward); segment_state(..., return_saved=True,
       keep_prefixes=True) also keeps the segment prefixes from zero, for a forward without initial_state
+  optionally, with LATE_DHT = True (Triton), backward(..., dht=function) calls the function for dht only after
+      launching the work that needs no dht (the dq kernel), so SP's reverse collective runs beside it
   segment_state(k, v, g, g_gamma) -> (S_loc [B,H,K,V] f32, log_decay [B,H,K] f32)
   add_prefix(o, q, g, g_gamma, scale, P) -> o + scale·(q⊙exp(A))ᵀP
   prefix_grad(q, g, g_gamma, scale, do) -> scale·Σ_t (q_t⊙exp(A_t)) do_tᵀ   [B,H,K,V] f32

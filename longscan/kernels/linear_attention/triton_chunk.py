@@ -78,6 +78,7 @@ _DIMS = (16, 32, 64, 128)
 # dispatch refuses a g_gamma that requires grad here (the models keep g_gamma a fixed buffer).
 SUPPORTS_G_GAMMA_GRAD = False
 REUSES_SEGMENT_STATES = True  # entry points hand each other their per-segment states (SegmentStates)
+LATE_DHT = True  # backward(dht=function) launches its dq kernel before it asks for dht (SP's reverse collective)
 GATE_GRAD_F32_STATE = True  # state products of the gate-gradient backward in tf32 (bf16 states miss 1e-2)
 
 
@@ -391,14 +392,15 @@ def _state_dot(x, S, dt: tl.constexpr, SF32: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
-def _bwd_dq_kernel(q, k, v, g, gg, do, h0, dht, dq, gq, term, steep, T, H, SEG, scale,
+def _bwd_dq_kernel(q, k, v, g, gg, do, h0, dq, gq, st, steep, T, H, SEG, scale,
                    K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, C: tl.constexpr, GATE: tl.constexpr,
-                   HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, NEED_DG: tl.constexpr, SF32: tl.constexpr,
+                   HAS_H0: tl.constexpr, STORE_ST: tl.constexpr, NEED_DG: tl.constexpr, SF32: tl.constexpr,
                    PREC: tl.constexpr, SPREC: tl.constexpr):
     """One (K-tile, batch·head, segment), walking forward from the state entering the segment (rows rk):
     dq = scale·(exp(b)⊙(do Sᵀ) + intra-chunk), and the q-side gate partial. Per key (GATE 3) the partial is
-    written per key into gq; for scalar gates its sum over the tile goes to gq[..., ik]. The last segment
-    also writes Σ_v S_T⊙dht (the final-state gate term).
+    written per key into gq; for scalar gates its sum over the tile goes to gq[..., ik]. With STORE_ST the
+    last segment also writes the state after the last token, S_T (rows rk), to st: the host forms the
+    final-state gate term Σ_v S_T⊙dht from it once dht is there (so dht is not needed before this kernel).
 
     The gate partials multiply by the same bf16-rounded decayed operands (qd, kn, kd) that built the other
     side's terms, so that q⊙dq − k⊙dk cancels as it does in exact arithmetic."""
@@ -463,10 +465,9 @@ def _bwd_dq_kernel(q, k, v, g, gg, do, h0, dht, dq, gq, term, steep, T, H, SEG, 
                 kd = (bk * tl.exp(bl - bc)[:, None]).to(dt)
                 S = S * tl.exp(bl) + tl.dot(tl.trans(kd), bv, input_precision=PREC)
         tl.store(dq + row[:, None] * K + rk[None, :], (acc * scale).to(dq.dtype.element_ty), mask=m[:, None])
-    if NEED_DG and HAS_DHT:
+    if STORE_ST:
         if js == ns - 1:
-            bd = tl.load(dht + bh.to(tl.int64) * K * V + rk[:, None] * V + rv[None, :]).to(tl.float32)
-            tl.store(term + bh.to(tl.int64) * K + rk, tl.sum(S * bd, 1))
+            tl.store(st + bh.to(tl.int64) * K * V + rk[:, None] * V + rv[None, :], S)
     if GATE == 3:
         _mark_steep(low, steep, bh, js, ns)
 
@@ -902,6 +903,14 @@ def forward(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None, outpu
     return (o, ht, kv_states) if return_saved else (o, ht)
 
 
+def _arrived(dht, q):
+    """The deferred dht: the function's result, checked as an eager dht is."""
+    dht = dht()
+    if dht is not None:
+        _check(q, dht)
+    return dht
+
+
 def _reverse_cumsum(x, dim):
     """Σ_{j ≥ i} x_j along dim. The scan runs over the last dimension of a contiguous copy: torch's scan
     along an outer dimension with few columns (T of [B, T, H]) took 11 ms at T=65536 on an H100."""
@@ -915,12 +924,15 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True, k
     not need_dg), dh0 `[B, H, K, V]` float32 even when initial_state is None. kv_states / qdo_states: the
     :class:`SegmentStates` of these inputs from ``forward(..., return_saved=True)`` (same initial_state: its
     prefixes are used as they are) or :func:`segment_state` / ``prefix_grad(..., return_saved=True)`` (same
-    scale), or None: the backward then computes them.
+    scale), or None: the backward then computes them. dht `[B, H, K, V]` or None, or a function that returns
+    it: called once the dq kernel (which needs no dht) has been launched, so SP's reverse collective runs
+    beside that kernel.
 
     Three kernels, each walking one (tile, batch·head, segment): dq forward over K-tiles, dk backward over
     K-tiles, dv backward over V-tiles, so no program holds a whole `[K, V]` state (see the module docstring
     for the gate gradient)."""
-    _check(q, v, k, do, initial_state, dht)
+    deferred = callable(dht)
+    _check(q, v, k, do, initial_state, None if deferred else dht)
     B, T, H, K = q.shape
     V = v.shape[-1]
     scale = K ** -0.5 if scale is None else scale
@@ -930,6 +942,8 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True, k
     dev = q.device
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dh0 = torch.empty(B, H, K, V, device=dev, dtype=torch.float32)
+    if T == 0 and deferred:
+        dht = _arrived(dht, q)
     if T == 0:
         dh0.copy_(dht if dht is not None else torch.zeros_like(dh0))
         dg = torch.zeros_like(g_gamma if GATE == 1 else g) if need_dg else None
@@ -940,7 +954,6 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True, k
     if any((x.seg, x.n) != (seg, ns) for x in given):
         raise ValueError("kv_states and qdo_states must come from the same segment plan")
     h0 = initial_state.contiguous() if initial_state is not None else None
-    dhe = dht.contiguous() if dht is not None else None
     if ns > 1:
         if kv_states is not None and kv_states.prefixes is not None:
             h0 = kv_states.prefixes
@@ -951,15 +964,14 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True, k
             h0, _ = _scan(kv.states, kv.log_decays, h0, reverse=False)
         if qdo_states is None:
             qdo_states = SegmentStates(seg, *_states(q, do, gt, gg, GATE, C, seg, ns, scale, True))
-        # the gradient of the state leaving each segment (dht past the last): a reverse scan of the (q, do) states
-        dhe, _ = _scan(qdo_states.states, qdo_states.log_decays, dhe, reverse=True)
     prec = _prec(q)
     # The gate gradient needs the state products in float32 (tf32): bf16 states miss its tolerance.
     sf32 = need_dg and q.dtype != torch.float32 and GATE_GRAD_F32_STATE
     sprec = "tf32" if sf32 else prec
     nk = K // BK
     f32 = dict(device=dev, dtype=torch.float32)
-    term = torch.zeros(B, H, K, **f32) if need_dg and dht is not None else None
+    # the state after the last token, for the final-state gate term (when a dht may come)
+    st = torch.empty(B, H, K, V, **f32) if need_dg and (deferred or dht is not None) else None
     gq = gk = None
     if GATE == 3 and need_dg:
         gq = torch.empty(B, T, H, K, **f32)          # the q-side partial, finished in place by the dk kernel
@@ -969,12 +981,18 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True, k
     dummy = q
     common = dict(K=K, V=V, C=C, GATE=GATE, PREC=prec)
     steep = _steep_marks(B, H, ns, GATE, dev)
-    _bwd_dq_kernel[(nk, B * H, ns)](q, k, v, gt, gg, do, h0 if h0 is not None else dummy,
-                                    dht.contiguous() if dht is not None else dummy, dq,
-                                    gq if gq is not None else dummy, term if term is not None else dummy,
+    _bwd_dq_kernel[(nk, B * H, ns)](q, k, v, gt, gg, do, h0 if h0 is not None else dummy, dq,
+                                    gq if gq is not None else dummy, st if st is not None else dummy,
                                     steep if steep is not None else dummy, T, H, seg, scale,
-                                    BK=BK, HAS_H0=h0 is not None, HAS_DHT=dht is not None, NEED_DG=need_dg,
+                                    BK=BK, HAS_H0=h0 is not None, STORE_ST=st is not None, NEED_DG=need_dg,
                                     SF32=sf32, SPREC=sprec, **common, **cq)
+    if deferred:
+        dht = _arrived(dht, q)
+    term = (st * dht).sum(-1) if st is not None and dht is not None else None   # [B, H, K]
+    dhe = dht.contiguous() if dht is not None else None
+    if ns > 1:
+        # the gradient of the state leaving each segment (dht past the last): a reverse scan of the (q, do) states
+        dhe, _ = _scan(qdo_states.states, qdo_states.log_decays, dhe, reverse=True)
     if steep is not None:   # before the dk kernel, which finishes the gate gradient from gq
         _add_levels(1, steep, seg, q, k, v, gt, scale, do=do, dq=dq, gq=gq, need_dg=need_dg)
     _bwd_dk_kernel[(K // BKk, B * H, ns)](q, k, v, gt, gg, do, dhe if dhe is not None else dummy,

@@ -254,17 +254,39 @@ def reuses_states(sp: SPContext) -> bool:
     return getattr(sp.impl, "REUSES_SEGMENT_STATES", False)
 
 
+def reverse_beside_dq(device, run):
+    """Launch ``run()``, the reverse collective, on the comm stream (CUDA) and return a function that makes
+    the main stream wait for it and gives its result, R `[n_local, B, H, K, V]`. :func:`local_backward`
+    hands that function to a backend with ``LATE_DHT`` (Triton), which launches its dq kernel (it needs P,
+    not R) before calling it: the collective runs beside the dq kernel, at no extra work. Off CUDA ``run``
+    completes here (gloo blocks the host)."""
+    with comm_stream(device) as stream:
+        R = run()
+
+    def arrived():
+        join_stream(stream, R)
+        return R
+    return arrived
+
+
 def local_backward(sp: SPContext, q, k, v, g, g_gamma, P, do, R, qdo_states=None):
     """The local backward once the SP scan has given every segment its entering state P and the
-    gradient R of its leaving state: -> (dq, dk, dv, dgate, dh0) with dgate shaped like g (or g_gamma)
-    and dh0 the gradient of initial_state (non-zero only on the rank holding global segment 0, so the
-    sum over ranks is the single-device gradient). qdo_states: what :func:`prefix_grads` computed."""
+    gradient R of its leaving state (or a function that returns R: :func:`reverse_beside_dq`):
+    -> (dq, dk, dv, dgate, dh0) with dgate shaped like g (or g_gamma) and dh0 the gradient of
+    initial_state (non-zero only on the rank holding global segment 0, so the sum over ranks is the
+    single-device gradient). qdo_states: what :func:`prefix_grads` computed."""
     n = sp.n_local
     need_dg = any(x is not None and x.requires_grad for x in (g, g_gamma))
     qs, ks, vs, gs, dos = segment_inputs(sp, q, k, v, g, do)
     extra = {"qdo_states": qdo_states} if qdo_states is not None else {}
+    if not callable(R):
+        dht = by_batch(R)
+    elif getattr(sp.impl, "LATE_DHT", False):
+        dht = lambda: by_batch(R())  # noqa: E731  (asked for after the dq kernel's launch)
+    else:
+        dht = by_batch(R())
     dq, dk, dv, dgate, dh0 = sp.impl.backward(qs, ks, vs, gs, g_gamma, sp.scale, by_batch(P), dos,
-                                              by_batch(R), need_dg, **extra)
+                                              dht, need_dg, **extra)
     dh0 = by_segment(dh0, n)[0].contiguous() if sp.rank == sp.first_owner else torch.zeros_like(P[0])
     return (merge(dq, n), merge(dk, n), merge(dv, n),
             (merge(dgate, n) if g is not None and dgate is not None else dgate), dh0)

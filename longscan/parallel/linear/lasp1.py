@@ -2,14 +2,15 @@
 
 forward:  the local states -> wait for the prefix from the previous segment's rank, pass the updated
           prefix on (whole state, one message a hop) -> the outputs (see ``local_pass`` for the schedules).
-backward: the reverse ring of state gradients, then the local backward.
+backward: the reverse ring of state gradients (beside the local backward's dq kernel), then the rest of
+          the local backward.
 """
 from __future__ import annotations
 
 from longscan.distributed.all_scan import all_scan
 from longscan.parallel.linear.common import (SPLinearAttentionFunction, all_reduce_sum, broadcast_from,
                                              local_backward, local_pass, make_context, merge, prefix_grads,
-                                             segment_inputs)
+                                             reverse_beside_dq, segment_inputs)
 
 
 def lasp1_forward(sp, q, k, v, g, g_gamma, initial_state, output_final_state):
@@ -25,8 +26,8 @@ def lasp1_forward(sp, q, k, v, g, g_gamma, initial_state, output_final_state):
 def lasp1_backward(sp, q, k, v, g, g_gamma, P, do, dfinal):
     """-> (dq, dk, dv, dgate, dh0)."""
     dP, logd, qdo = prefix_grads(sp, q, g, g_gamma, do)
-    dN = all_reduce_sum(dfinal.to(dP.dtype), sp) if dfinal is not None else None
-    R, _ = all_scan(dP, logd, sp.group, sp.layout, 1, dN, reverse=True)
+    dN = all_reduce_sum(dfinal.to(dP.dtype, copy=True), sp) if dfinal is not None else None
+    R = reverse_beside_dq(q.device, lambda: all_scan(dP, logd, sp.group, sp.layout, 1, dN, reverse=True)[0])
     return local_backward(sp, q, k, v, g, g_gamma, P, do, R, qdo)
 
 

@@ -5,7 +5,8 @@ forward:  local state S_loc and log decay of each segment -> one all-gather of b
           rank scans the gathered states for its own prefixes (and the final state) -> o += prefix term
           (with overlap=False: the all-gather, then the output pass from the prefix; see ``local_pass``).
 backward: gradient of each segment's entering state, with the final-state gradient, in one all-gather ->
-          every rank scans them in reverse -> the local backward.
+          every rank scans them in reverse (on a side stream beside the local backward's dq kernel) -> the
+          rest of the local backward.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from longscan.distributed.all_scan import serial_scan
 from longscan.distributed.layouts import num_segments, segment_ids, segment_owner
 from longscan.distributed.state_allgather import all_gather_states
 from longscan.parallel.linear.common import (SPLinearAttentionFunction, local_backward, local_pass, make_context,
-                                             merge, prefix_grads, segment_inputs)
+                                             merge, prefix_grads, reverse_beside_dq, segment_inputs)
 
 
 def _global_order(gathered: torch.Tensor, sp) -> torch.Tensor:
@@ -57,18 +58,22 @@ def lasp2_forward(sp, q, k, v, g, g_gamma, initial_state, output_final_state):
 def lasp2_backward(sp, q, k, v, g, g_gamma, P, do, dfinal):
     """-> (dq, dk, dv, dgate, dh0)."""
     dP, logd, qdo = prefix_grads(sp, q, g, g_gamma, do)
-    # Rows: this rank's segments, then its final-state gradient (the global one is the sum over ranks).
-    extra = dfinal.to(dP.dtype) if dfinal is not None else torch.zeros_like(dP[0])
-    rows = torch.cat([dP, extra.unsqueeze(0)], dim=0)
-    decays = torch.cat([logd, torch.zeros_like(logd[:1])], dim=0)
-    buf = torch.cat([rows, decays.unsqueeze(-1)], dim=-1)
-    gathered = all_gather_states(buf, sp.group)
-    per_rank = sp.n_local + 1
-    dN = gathered[per_rank - 1::per_rank, ..., :-1].sum(0)
-    segs = gathered.view((sp.world, per_rank) + tuple(gathered.shape[1:]))[:, :-1].flatten(0, 1)
-    segs = _global_order(segs, sp)
-    R, _ = serial_scan(segs[..., :-1], segs[..., -1], dN, reverse=True)
-    return local_backward(sp, q, k, v, g, g_gamma, P, do, _mine(R, sp), qdo)
+
+    def gather_and_scan_back():
+        # Rows: this rank's segments, then its final-state gradient (the global one is the sum over ranks).
+        extra = dfinal.to(dP.dtype) if dfinal is not None else torch.zeros_like(dP[0])
+        rows = torch.cat([dP, extra.unsqueeze(0)], dim=0)
+        decays = torch.cat([logd, torch.zeros_like(logd[:1])], dim=0)
+        buf = torch.cat([rows, decays.unsqueeze(-1)], dim=-1)
+        gathered = all_gather_states(buf, sp.group)
+        per_rank = sp.n_local + 1
+        dN = gathered[per_rank - 1::per_rank, ..., :-1].sum(0)
+        segs = gathered.view((sp.world, per_rank) + tuple(gathered.shape[1:]))[:, :-1].flatten(0, 1)
+        segs = _global_order(segs, sp)
+        R, _ = serial_scan(segs[..., :-1], segs[..., -1], dN, reverse=True)
+        return _mine(R, sp)
+
+    return local_backward(sp, q, k, v, g, g_gamma, P, do, reverse_beside_dq(q.device, gather_and_scan_back), qdo)
 
 
 def lasp2_linear_attention(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None,

@@ -4,7 +4,8 @@ forward:  local state S_loc of each segment (state-only pass) -> All-Scan of (S_
           stream, pipelined in K blocks, while the zero-prefix local output pass runs -> o += prefix term.
           (Off CUDA nothing can overlap, so one local pass gives output and state, then the scan runs;
           with overlap=False the scan runs first and the output pass starts from the prefix: ``local_pass``.)
-backward: gradient of each segment's entering state from its outputs -> reverse All-Scan -> the local
+backward: gradient of each segment's entering state from its outputs -> reverse All-Scan, on a side
+          stream beside the local backward's dq kernel (which needs P, not R) -> the rest of the local
           backward with (entering state P, gradient R of the leaving state).
 """
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 from longscan.distributed.all_scan import all_scan
 from longscan.parallel.linear.common import (SPLinearAttentionFunction, all_reduce_sum, broadcast_from,
                                              local_backward, local_pass, make_context, merge, prefix_grads,
-                                             segment_inputs)
+                                             reverse_beside_dq, segment_inputs)
 
 
 def zeco_forward(sp, q, k, v, g, g_gamma, initial_state, output_final_state):
@@ -28,8 +29,10 @@ def zeco_backward(sp, q, k, v, g, g_gamma, P, do, dfinal):
     """-> (dq, dk, dv, dgate, dh0)."""
     dP, logd, qdo = prefix_grads(sp, q, g, g_gamma, do)
     # Every rank returned the final state, so its gradient is the sum of every rank's copy's gradient.
-    dN = all_reduce_sum(dfinal.to(dP.dtype), sp) if dfinal is not None else None
-    R, _ = all_scan(dP, logd, sp.group, sp.layout, sp.n_blocks, dN, reverse=True)
+    # (A copy: the caller's dfinal is left as it was.)
+    dN = all_reduce_sum(dfinal.to(dP.dtype, copy=True), sp) if dfinal is not None else None
+    R = reverse_beside_dq(q.device, lambda: all_scan(dP, logd, sp.group, sp.layout, sp.n_blocks, dN,
+                                                     reverse=True)[0])
     return local_backward(sp, q, k, v, g, g_gamma, P, do, R, qdo)
 
 
