@@ -34,7 +34,7 @@ class SPSpec:
     softmax_method: str = "ring"
     linear_backend: str = "auto"
     softmax_backend: str = "auto"
-    linear_overlap: bool = True
+    linear_overlap: bool = False
 
 
 class Block(nn.Module):

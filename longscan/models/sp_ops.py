@@ -14,7 +14,7 @@ def _sp_size(group) -> int:
 
 
 def linear_attention(q, k, v, g=None, g_gamma=None, *, method="zeco", group=None, layout="contiguous",
-                     backend="auto", overlap=True):
+                     backend="auto", overlap=False):
     """q, k `[B, T, H, K]`, v `[B, T, H, V]` (T local) -> o `[B, T, H, V]`."""
     if _sp_size(group) == 1:
         return chunk_linear_attention(q, k, v, g=g, g_gamma=g_gamma, backend=backend)[0]

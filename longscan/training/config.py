@@ -42,9 +42,10 @@ class ParallelConfig:
     """SP method of softmax-attention layers: ring | allgather | ulysses."""
     linear_backend: str = "auto"
     """Local linear-attention kernel: auto | torch | triton | naive."""
-    linear_overlap: bool = True
-    """Linear SP on CUDA: run the collective beside the local output pass (then a correction pass over q and
-    o); false: the output pass waits for the collective and starts from the prefix (no correction pass)."""
+    linear_overlap: bool = False
+    """Linear SP forward on CUDA: false: the output pass waits for the collective and starts from the prefix;
+    true: the collective runs beside the local output pass, then a correction pass over q and o (it cost more
+    GPU time than a 100 µs collective hides: benchmarks/RESULTS.md)."""
     softmax_backend: str = "auto"
     """Local softmax-attention kernel (passed to the SP operator)."""
 

@@ -24,8 +24,8 @@ def test_overrides_are_typed_and_dotted():
     assert cfg.model.n_layers == 8 and cfg.parallel.sp == 4 and cfg.optimizer.lr == 1e-4
     assert cfg.schedule.activation_checkpointing is True and cfg.parallel.layout == "contiguous"
     assert parse_overrides(["a.b=[1, 2]"]) == {"a": {"b": [1, 2]}}
-    assert load_config().parallel.linear_overlap is True
-    assert load_config(None, ["parallel.linear_overlap=false"]).parallel.linear_overlap is False
+    assert load_config().parallel.linear_overlap is False
+    assert load_config(None, ["parallel.linear_overlap=true"]).parallel.linear_overlap is True
 
 
 @pytest.mark.parametrize("overrides, world, message", [

@@ -8,7 +8,7 @@ from longscan.parallel.linear.zeco import zeco_linear_attention
 
 
 def linear_attention(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None, output_final_state=False,
-                     method="zeco", group=None, layout="contiguous", backend="auto", n_blocks=4, overlap=True):
+                     method="zeco", group=None, layout="contiguous", backend="auto", n_blocks=4, overlap=False):
     """Linear attention over the ranks of a sequence-parallel group, exactly as on one device.
 
     Each rank passes its shard of the global sequence (see ``longscan.parallel.shard``):
@@ -18,9 +18,11 @@ def linear_attention(q, k, v, g=None, g_gamma=None, scale=None, initial_state=No
     method: "zeco" (All-Scan, K split into ``n_blocks``), "lasp2" (one all-gather), "lasp1" (serial ring).
     group: a torch.distributed process group (None = the default group; no group needs no communication).
     layout: "contiguous" or "zigzag". backend: "auto" | "torch" | "triton" | "naive" | "fla".
-    overlap: True (default): on CUDA the collective runs beside the zero-prefix output pass, then one more
-    pass over q and o adds the prefix term; False: the output pass waits for the collective and starts
-    from the prefix (no extra pass; the collective's latency is not hidden). Same result either way.
+    overlap: the forward's schedule. False (default): the output pass waits for the collective and starts
+    from the prefix (no extra pass; the collective's latency is not hidden). True: on CUDA the collective
+    runs beside the zero-prefix output pass, then one more pass over q and o adds the prefix term (on an
+    H200 that pass cost more GPU time than a 100 µs collective: benchmarks/RESULTS.md). The backward's
+    reverse collective always runs beside the local backward's dq kernel (Triton). Same result either way.
     """
     if method == "zeco":
         return zeco_linear_attention(q, k, v, g, g_gamma, scale, initial_state, output_final_state, group,

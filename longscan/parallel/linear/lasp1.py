@@ -33,7 +33,7 @@ def lasp1_backward(sp, q, k, v, g, g_gamma, P, do, dfinal):
 
 def lasp1_linear_attention(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None,
                            output_final_state=False, group=None, layout="contiguous", backend="auto",
-                           overlap=True):
+                           overlap=False):
     """Linear attention on this rank's shard with LASP-1 ring passing. See ``longscan.parallel.linear_attention``."""
     sp = make_context(q, k, v, g, g_gamma, scale, initial_state, "lasp1", group, layout, backend, 1, overlap)
     return SPLinearAttentionFunction.apply(lasp1_forward, lasp1_backward, sp, q, k, v, g, g_gamma,

@@ -1,9 +1,9 @@
 """LASP-2: linear attention over an SP group with one all-gather of fixed-size memory states.
 
 forward:  local state S_loc and log decay of each segment -> one all-gather of both (one buffer, size
-          independent of T), on a side stream beside the zero-prefix local output pass on CUDA -> every
-          rank scans the gathered states for its own prefixes (and the final state) -> o += prefix term
-          (with overlap=False: the all-gather, then the output pass from the prefix; see ``local_pass``).
+          independent of T) -> every rank scans the gathered states for its own prefixes (and the final
+          state) -> the output pass from the prefix (default); with overlap=True the all-gather runs on a
+          side stream beside the zero-prefix output pass on CUDA, then o += prefix term (``local_pass``).
 backward: gradient of each segment's entering state, with the final-state gradient, in one all-gather ->
           every rank scans them in reverse (on a side stream beside the local backward's dq kernel) -> the
           rest of the local backward.
@@ -78,7 +78,7 @@ def lasp2_backward(sp, q, k, v, g, g_gamma, P, do, dfinal):
 
 def lasp2_linear_attention(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None,
                            output_final_state=False, group=None, layout="contiguous", backend="auto",
-                           overlap=True):
+                           overlap=False):
     """Linear attention on this rank's shard with LASP-2. See ``longscan.parallel.linear_attention``."""
     sp = make_context(q, k, v, g, g_gamma, scale, initial_state, "lasp2", group, layout, backend, 1, overlap)
     return SPLinearAttentionFunction.apply(lasp2_forward, lasp2_backward, sp, q, k, v, g, g_gamma,

@@ -1,9 +1,9 @@
 """ZeCO: linear attention over an SP group with the All-Scan collective.
 
-forward:  local state S_loc of each segment (state-only pass) -> All-Scan of (S_loc, decay) on a side
-          stream, pipelined in K blocks, while the zero-prefix local output pass runs -> o += prefix term.
-          (Off CUDA nothing can overlap, so one local pass gives output and state, then the scan runs;
-          with overlap=False the scan runs first and the output pass starts from the prefix: ``local_pass``.)
+forward:  local state S_loc of each segment (state-only pass) -> All-Scan of (S_loc, decay), pipelined in K
+          blocks -> the output pass from the prefix (default, overlap=False); with overlap=True the scan
+          runs on a side stream beside the zero-prefix output pass, then o += prefix term (off CUDA
+          nothing can overlap: one local pass gives output and state, then the scan; ``local_pass``).
 backward: gradient of each segment's entering state from its outputs -> reverse All-Scan, on a side
           stream beside the local backward's dq kernel (which needs P, not R) -> the rest of the local
           backward with (entering state P, gradient R of the leaving state).
@@ -38,7 +38,7 @@ def zeco_backward(sp, q, k, v, g, g_gamma, P, do, dfinal):
 
 def zeco_linear_attention(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None,
                           output_final_state=False, group=None, layout="contiguous", backend="auto",
-                          n_blocks=4, overlap=True):
+                          n_blocks=4, overlap=False):
     """Linear attention on this rank's shard with ZeCO's All-Scan. See ``longscan.parallel.linear_attention``."""
     sp = make_context(q, k, v, g, g_gamma, scale, initial_state, "zeco", group, layout, backend, n_blocks,
                       overlap)
