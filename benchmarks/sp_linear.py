@@ -24,8 +24,9 @@ def parse_args(argv=None):
     add_common_args(p, ["zeco", "lasp2", "lasp1"], "contiguous", "sp_linear.json")
     p.add_argument("--decay", choices=["none", "g_gamma", "g_scalar", "g_per_key"], default="g_gamma")
     p.add_argument("--n-blocks", type=int, default=4)
-    p.add_argument("--no-overlap", action="store_true",
-                   help="overlap=False: the output pass waits for the collective (no correction pass)")
+    p.add_argument("--overlap", action="store_true",
+                   help="overlap=True: the collective beside the zero-prefix output pass, then a correction pass "
+                        "(default overlap=False: the output pass waits for the collective)")
     return p.parse_args(argv)
 
 
@@ -62,17 +63,17 @@ def main(argv=None):
         for method in args.methods:
             fn = lambda: linear_attention(q, k, v, g, g_gamma, method=method, layout=args.layout,  # noqa: E731
                                           backend=args.backend, n_blocks=args.n_blocks,
-                                          overlap=not args.no_overlap)[0]
+                                          overlap=args.overlap)[0]
             med, _, wait, sent, recv = max_over_ranks(time_step(fn, do, device, args), device)
             rows.append(dict(method=method, T_local=T, ms=med * 1e3, wait_ms=wait * 1e3, sent=int(sent),
                              recv=int(recv), ratio_to_local=med / base))
     meta = dict(world_size=world, device=torch.cuda.get_device_name() if cuda else "cpu", dtype=str(dtype),
                 batch=args.batch, heads=args.heads, head_dim=args.head_dim, decay=args.decay,
-                layout=args.layout, backend=args.backend, n_blocks=args.n_blocks, overlap=not args.no_overlap,
+                layout=args.layout, backend=args.backend, n_blocks=args.n_blocks, overlap=args.overlap,
                 iters=args.iters,
                 torch=torch.__version__)
     report(f"# sp_linear  W={world}  {meta['device']}  {meta['dtype']}  B={args.batch} H={args.heads} "
-           f"D={args.head_dim}  decay={args.decay}  layout={args.layout}  overlap={not args.no_overlap}", rows, meta,
+           f"D={args.head_dim}  decay={args.decay}  layout={args.layout}  overlap={args.overlap}", rows, meta,
            args.json)
     dist.destroy_process_group()
 

@@ -32,7 +32,7 @@ class SPContext:
     scale: float
     impl: object
     n_blocks: int = 4
-    overlap: bool = True
+    overlap: bool = False
 
     @property
     def first_owner(self) -> int:
