@@ -942,9 +942,9 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True, k
     dev = q.device
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dh0 = torch.empty(B, H, K, V, device=dev, dtype=torch.float32)
-    if T == 0 and deferred:
-        dht = _arrived(dht, q)
     if T == 0:
+        if deferred:
+            dht = _arrived(dht, q)
         dh0.copy_(dht if dht is not None else torch.zeros_like(dh0))
         dg = torch.zeros_like(g_gamma if GATE == 1 else g) if need_dg else None
         return dq, dk, dv, dg, dh0

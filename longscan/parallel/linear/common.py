@@ -120,8 +120,10 @@ def broadcast_from(x: torch.Tensor | None, src: int, like: torch.Tensor, sp: SPC
 
 
 def all_reduce_sum(x: torch.Tensor, sp: SPContext) -> torch.Tensor:
+    """The sum of x over the group's ranks, in a new tensor: x itself is left as it is (it may be a gradient
+    the caller still holds)."""
     if sp.world > 1:
-        x = x.contiguous()
+        x = x.clone(memory_format=torch.contiguous_format)
         ring = 2 * (sp.world - 1) * nbytes(x) // sp.world
         count(sent=ring, recv=ring)
         with waiting():

@@ -26,7 +26,7 @@ def lasp1_forward(sp, q, k, v, g, g_gamma, initial_state, output_final_state):
 def lasp1_backward(sp, q, k, v, g, g_gamma, P, do, dfinal):
     """-> (dq, dk, dv, dgate, dh0)."""
     dP, logd, qdo = prefix_grads(sp, q, g, g_gamma, do)
-    dN = all_reduce_sum(dfinal.to(dP.dtype, copy=True), sp) if dfinal is not None else None
+    dN = all_reduce_sum(dfinal.to(dP.dtype), sp) if dfinal is not None else None
     R = reverse_beside_dq(q.device, lambda: all_scan(dP, logd, sp.group, sp.layout, 1, dN, reverse=True)[0])
     return local_backward(sp, q, k, v, g, g_gamma, P, do, R, qdo)
 

@@ -29,8 +29,7 @@ def zeco_backward(sp, q, k, v, g, g_gamma, P, do, dfinal):
     """-> (dq, dk, dv, dgate, dh0)."""
     dP, logd, qdo = prefix_grads(sp, q, g, g_gamma, do)
     # Every rank returned the final state, so its gradient is the sum of every rank's copy's gradient.
-    # (A copy: the caller's dfinal is left as it was.)
-    dN = all_reduce_sum(dfinal.to(dP.dtype, copy=True), sp) if dfinal is not None else None
+    dN = all_reduce_sum(dfinal.to(dP.dtype), sp) if dfinal is not None else None
     R = reverse_beside_dq(q.device, lambda: all_scan(dP, logd, sp.group, sp.layout, sp.n_blocks, dN,
                                                      reverse=True)[0])
     return local_backward(sp, q, k, v, g, g_gamma, P, do, R, qdo)
