@@ -19,17 +19,20 @@ add a state per segment to its memory.)
 
 Decay kinds (log space, ≤ 0), as a constexpr GATE: 0 none, 1 g_gamma `[H]`, 2 g `[B, T, H]`,
 3 g `[B, T, H, K]`. Per-key gates factor the decay inside a chunk, exp(b_t − b_s) = exp(b_t − c)·exp(c − b_s)
-(b the chunk-local cumulative gate, c a reference per key), so the scores are matmuls. The main kernels use
-c = 0 with the key factor held at exp(LEVEL_SPAN): exact while b stays above −LEVEL_SPAN, which is every chunk
-of ordinary gates. They mark the segments where a key's gate falls further inside a chunk, and
-`_levels_kernel` then adds, for those chunks, the exact terms of the tokens below: levels with reference c =
-the largest b not yet taken, each a matmul over the tokens in (c − LEVEL_SPAN, c], minus what the main
-kernels' factor gave them (`_key_factors`: the held part, or on a key whose chunk total is below −80 its whole
-level-0 term). Every factor stays within [−exp(LEVEL_SPAN), exp(LEVEL_SPAN)], so no gate overflows: a steep fall
-costs matmuls, not correctness (a single factorisation, exp(b_t)·exp(−b_s), gave NaN once a chunk's gates
-summed below about −88). Log gates must be finite and ≤ 0 (DESIGN's decays). The per-key forward reads b
-from a pre-pass (`_gate_cumsum_kernel`) instead of cumulating its `[C, K]` gate tile itself (13% faster on an
-H100); in the backward that trade did not pay (see benchmarks/RESULTS.md).
+(b the chunk-local cumulative gate, c a reference per key), so the scores are matmuls. A pre-pass,
+`_gate_operands_kernel`, writes the decayed operands once per call: qd = q⊙exp(b), kn = k⊙exp(−b) and
+kd = k⊙exp(b_C − b) (b_C the chunk total), the chunk totals, and for the backward b itself. The main kernels
+then read them as the no-decay kernels read q and k, with no `[C, K]` gate tile, cumulative sum or exps of
+their own: that kept their chunks at 32 tokens, where Triton's dots compile to mma.sync instead of Hopper's
+wgmma (benchmarks/RESULTS.md). The pre-pass uses c = 0 with the key factor held at exp(LEVEL_SPAN): exact while
+b stays above −LEVEL_SPAN, which is every chunk of ordinary gates. It marks the segments where a key's gate
+falls further inside a chunk, and `_levels_kernel` then adds, for those chunks, the exact terms of the tokens
+below: levels with reference c = the largest b not yet taken, each a matmul over the tokens in
+(c − LEVEL_SPAN, c], minus what the main kernels' factor gave them (`_key_factors`: the held part, or on a key
+whose chunk total is below −80 its whole level-0 term). Every factor stays within [−exp(LEVEL_SPAN),
+exp(LEVEL_SPAN)], so no gate overflows: a steep fall costs matmuls, not correctness (a single factorisation,
+exp(b_t)·exp(−b_s), gave NaN once a chunk's gates summed below about −88). Log gates must be finite and ≤ 0
+(DESIGN's decays).
 
 Gradient of the gate (A_t the cumulative log gate): dL/dA_t = q_t⊙dq_t − k_t⊙dk_t, plus Σ_v S_T⊙dS_T at the
 last step; dg_s = Σ_{t≥s} dL/dA_t. The dq and dk kernels emit the q and k sides. Scalar gates: the host sums
@@ -50,7 +53,7 @@ import triton
 import triton.language as tl
 
 CHUNK = 64          # chunk for no / scalar decay
-CHUNK_PER_KEY = 32  # chunk for per-key gates
+CHUNK_PER_KEY = 64  # chunk for per-key gates
 # Per-key gates: one level of the intra-chunk factorisation spans this much log decay (module docstring).
 # exp(60) is far inside float32/bf16 range, and a query factor that underflows (exp(b − c) < exp(−87)) drops
 # terms below exp(60 − 87) ≈ 2e-12 of the others.
@@ -149,15 +152,6 @@ def _level_step(bc, bl, c, it):
 
 
 @triton.jit
-def _mark_steep(low, steep, bh, js, ns):
-    """Mark segment js in steep `[B·H, NS]` when a key's gate falls to −LEVEL_SPAN inside one of its chunks
-    (low: the lowest chunk total per key; with log gates ≤ 0 a chunk's total is its lowest cumulative gate);
-    _levels_kernel then visits it."""
-    if tl.min(low) <= -LEVEL_SPAN:
-        tl.store(steep + (bh * ns + js).to(tl.int64), 1)
-
-
-@triton.jit
 def _segment_state_tile(ptr, bh, js, ns, rk, rv, K: tl.constexpr, V: tl.constexpr):
     """Rows rk, columns rv of state [bh, js] of a `[B·H, NS, K, V]` float32 tensor (a segment's entering
     state, or the gradient of its leaving state)."""
@@ -165,11 +159,11 @@ def _segment_state_tile(ptr, bh, js, ns, rk, rv, K: tl.constexpr, V: tl.constexp
 
 
 @triton.jit
-def _fwd_kernel(q, k, v, g, gg, o, h0, ht, steep, T, H, SEG, scale,
+def _fwd_kernel(q, k, kd, v, g, gg, o, h0, ht, T, H, SEG, NC, scale,
                 K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, GATE: tl.constexpr,
-                HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, CUM: tl.constexpr, PREC: tl.constexpr):
+                HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr):
     """One (V-tile, batch·head, segment): o for the segment's tokens, starting from state h0[bh, seg].
-    CUM (per-key gates): g holds the chunk-local cumulative gates of _gate_cumsum_kernel, not the gates."""
+    Per-key gates (GATE 3) read _gate_operands_kernel's outputs: q, k, kd are qd, kn, kd and g the chunk totals."""
     iv = tl.program_id(0)
     bh = tl.program_id(1)
     js = tl.program_id(2)
@@ -186,7 +180,6 @@ def _fwd_kernel(q, k, v, g, gg, o, h0, ht, steep, T, H, SEG, scale,
     S = tl.zeros([K, BV], dtype=tl.float32)
     if HAS_H0:
         S += _segment_state_tile(h0, bh, js, ns, rk, rv, K, V)
-    low = tl.zeros([K], dtype=tl.float32)    # per-key gates: the lowest chunk total so far
     gamma = 0.0
     if GATE == 1:
         gamma = tl.load(gg + h).to(tl.float32)
@@ -197,53 +190,44 @@ def _fwd_kernel(q, k, v, g, gg, o, h0, ht, steep, T, H, SEG, scale,
         bq = tl.load(q + row[:, None] * K + rk[None, :], mask=m[:, None], other=0.0)
         bk = tl.load(k + row[:, None] * K + rk[None, :], mask=m[:, None], other=0.0)
         bv = tl.load(v + row[:, None] * V + rv[None, :], mask=m[:, None], other=0.0)
-        if GATE == 0:
+        if GATE == 0 or GATE == 3:
             A = tl.where(causal, tl.dot(bq, tl.trans(bk), input_precision=PREC), 0.0)
             acc = tl.dot(bq, S.to(dt), input_precision=PREC)
             acc += tl.dot(A.to(dt), bv, input_precision=PREC)
-            S += tl.dot(tl.trans(bk), bv, input_precision=PREC)
+            if GATE == 0:
+                S += tl.dot(tl.trans(bk), bv, input_precision=PREC)
+            else:
+                bkd = tl.load(kd + row[:, None] * K + rk[None, :], mask=m[:, None], other=0.0)
+                bl = _chunk_totals(g, bh, t0, NC, rk, K, C)
+                S = S * tl.exp(bl)[:, None] + tl.dot(tl.trans(bkd), bv, input_precision=PREC)
         else:
-            if CUM:
-                bc = _gate_chunk(g, gamma, b, h, t, m, T, H, rk, K, GATE)   # 0 past the end (q, k, v are too)
-                last = tl.minimum(t0 + C, t_end) - 1
-                bl = tl.load(g + ((b * T + last).to(tl.int64) * H + h) * K + rk)
-            else:
-                gc = _gate_chunk(g, gamma, b, h, t, m, T, H, rk, K, GATE)
-                bc = tl.cumsum(gc, 0)          # chunk-local cumulative log gate [C] or [C, K]
-                bl = tl.sum(gc, 0)             # the chunk's total: scalar or [K]
-            if GATE == 3:
-                qd = (bq * tl.exp(bc)).to(dt)      # level 0's query side (c = 0), also the state term's
-                kf, kdf = _key_factors(bc, bl)
-                kn = (bk * kf).to(dt)
-                A = tl.where(causal, tl.dot(qd, tl.trans(kn), input_precision=PREC), 0.0)
-                low = tl.minimum(low, bl)
-                acc = tl.dot(qd, S.to(dt), input_precision=PREC)
-                acc += tl.dot(A.to(dt), bv, input_precision=PREC)
-                kd = (bk * kdf).to(dt)
-                S = S * tl.exp(bl)[:, None] + tl.dot(tl.trans(kd), bv, input_precision=PREC)
-            else:
-                bt = bc                    # [C]
-                blt = bl                   # scalar
-                A = tl.dot(bq, tl.trans(bk), input_precision=PREC)
-                A = tl.where(causal, A * tl.exp(bt[:, None] - bt[None, :]), 0.0)
-                acc = tl.dot(bq, S.to(dt), input_precision=PREC) * tl.exp(bt)[:, None]
-                acc += tl.dot(A.to(dt), bv, input_precision=PREC)
-                kd = (bk * tl.exp(blt - bt)[:, None]).to(dt)
-                S = S * tl.exp(blt) + tl.dot(tl.trans(kd), bv, input_precision=PREC)
+            gc = _gate_chunk(g, gamma, b, h, t, m, T, H, rk, K, GATE)
+            bt = tl.cumsum(gc, 0)          # chunk-local cumulative log gate [C]
+            blt = tl.sum(gc, 0)            # the chunk's total
+            A = tl.dot(bq, tl.trans(bk), input_precision=PREC)
+            A = tl.where(causal, A * tl.exp(bt[:, None] - bt[None, :]), 0.0)
+            acc = tl.dot(bq, S.to(dt), input_precision=PREC) * tl.exp(bt)[:, None]
+            acc += tl.dot(A.to(dt), bv, input_precision=PREC)
+            kd_ = (bk * tl.exp(blt - bt)[:, None]).to(dt)
+            S = S * tl.exp(blt) + tl.dot(tl.trans(kd_), bv, input_precision=PREC)
         tl.store(o + row[:, None] * V + rv[None, :], (acc * scale).to(o.dtype.element_ty), mask=m[:, None])
     if STORE_HT:
         if js == ns - 1:
             tl.store(ht + bh.to(tl.int64) * K * V + rk[:, None] * V + rv[None, :], S)
-    if GATE == 3:
-        _mark_steep(low, steep, bh, js, ns)
 
 
 @triton.jit
-def _gate_cumsum_kernel(g, out, T, H, K: tl.constexpr, C: tl.constexpr):
-    """Per-key gates: each chunk's inclusive cumulative sum of g over its C tokens, float32, in g's layout
-    `[B, T, H, K]`. One (chunk, batch·head) a program. The per-key forward reads these in place of g: its
-    own load, cumsum and sum of the `[C, K]` gate tile took a third of its time on an H100, more than this
-    pass (a read of g and a write of its size)."""
+def _gate_operands_kernel(q, k, g, qd, kn, kd, gb, gl, steep, T, H, NC, SEG,
+                          K: tl.constexpr, C: tl.constexpr, HAS_Q: tl.constexpr, HAS_K: tl.constexpr,
+                          STORE_KN: tl.constexpr, STORE_B: tl.constexpr):
+    """Per-key gates, one (chunk, batch·head): the decayed operands every per-key kernel reads in place of g,
+    so none of them holds a `[C, K]` gate tile, its cumulative sum or its exps (those cost half the per-key
+    forward and kept its chunks at 32, where Triton's dots cannot use Hopper's wgmma).
+    Writes, in q's layout and dtype: qd = q⊙exp(b), kn = k⊙kf (with STORE_KN) and kd = k⊙kd_f (level 0's
+    factors, _key_factors),
+    b the chunk-local inclusive cumulative gate; with STORE_B, b itself (float32, the backward's output factors);
+    gl `[B·H, NC, K]` float32, the chunk totals b_C; and marks the chunk's segment in steep `[B·H, NS]` when a
+    key falls to −LEVEL_SPAN inside it (_levels_kernel then visits it)."""
     n = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -251,18 +235,42 @@ def _gate_cumsum_kernel(g, out, T, H, K: tl.constexpr, C: tl.constexpr):
     rk = tl.arange(0, K)
     t = n * C + tl.arange(0, C)
     m = t < T
-    gc = _gate_chunk(g, 0.0, b, h, t, m, T, H, rk, K, 3)
-    tl.store(out + ((b * T + t).to(tl.int64) * H + h)[:, None] * K + rk[None, :], tl.cumsum(gc, 0),
-             mask=m[:, None])
+    gc = _gate_chunk(g, 0.0, b, h, t, m, T, H, rk, K, 3)   # 0 past the end
+    bc = tl.cumsum(gc, 0)
+    bl = tl.sum(gc, 0)
+    ptr = ((b * T + t).to(tl.int64) * H + h)[:, None] * K + rk[None, :]
+    if HAS_Q:
+        bq = tl.load(q + ptr, mask=m[:, None], other=0.0)
+        tl.store(qd + ptr, (bq * tl.exp(bc)).to(qd.dtype.element_ty), mask=m[:, None])
+    if HAS_K:
+        bk = tl.load(k + ptr, mask=m[:, None], other=0.0)
+        kf, kdf = _key_factors(bc, bl)
+        if STORE_KN:
+            tl.store(kn + ptr, (bk * kf).to(kn.dtype.element_ty), mask=m[:, None])
+        tl.store(kd + ptr, (bk * kdf).to(kd.dtype.element_ty), mask=m[:, None])
+    if STORE_B:
+        tl.store(gb + ptr, bc, mask=m[:, None])
+    tl.store(gl + (bh * NC + n).to(tl.int64) * K + rk, bl)
+    if tl.min(bl) <= -LEVEL_SPAN:   # with log gates ≤ 0 a chunk's total is its lowest cumulative gate
+        ns = tl.cdiv(T, SEG)
+        tl.store(steep + (bh * ns + (n * C) // SEG).to(tl.int64), 1)
 
 
 @triton.jit
-def _state_kernel(x, y, g, gg, out_s, out_a, T, H, SEG, scale,
+def _chunk_totals(gl, bh, t0, NC, rk, K: tl.constexpr, C: tl.constexpr):
+    """Per-key gates: the total log gate `[K]` of the chunk starting at token t0 (gl of _gate_operands_kernel)."""
+    return tl.load(gl + (bh * NC + t0 // C).to(tl.int64) * K + rk)
+
+
+@triton.jit
+def _state_kernel(x, y, g, gg, out_s, out_a, T, H, SEG, NC, scale,
                   K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, GATE: tl.constexpr,
                   FROM_START: tl.constexpr, PREC: tl.constexpr):
     """Per segment: FROM_START=False: Σ_t exp(A_end - A_t) ⊙ x_t y_tᵀ (k, v: the segment's state from zero);
     FROM_START=True: scale·Σ_t exp(A_t) ⊙ x_t y_tᵀ (q, do: the gradient of the state entering it).
-    A is the inclusive cumulative log gate from the segment start. Also writes the total A_end `[K]`."""
+    A is the inclusive cumulative log gate from the segment start. Also writes the total A_end `[K]`.
+    Per-key gates (GATE 3): x is _gate_operands_kernel's kd (k⊙exp(b_C − b)) or qd (q⊙exp(b)), g its chunk
+    totals."""
     iv = tl.program_id(0)
     bh = tl.program_id(1)
     js = tl.program_id(2)
@@ -288,24 +296,24 @@ def _state_kernel(x, y, g, gg, out_s, out_a, T, H, SEG, scale,
         by = tl.load(y + row[:, None] * V + rv[None, :], mask=m[:, None], other=0.0)
         if GATE == 0:
             S += tl.dot(tl.trans(bx), by, input_precision=PREC)
+        elif GATE == 3:
+            bl = _chunk_totals(g, bh, t0, NC, rk, K, C)
+            if FROM_START:
+                xd = (bx * tl.exp(aoff)[None, :]).to(dt)
+                S += tl.dot(tl.trans(xd), by, input_precision=PREC)
+            else:
+                S = S * tl.exp(bl)[:, None] + tl.dot(tl.trans(bx), by, input_precision=PREC)
+            aoff += bl
         else:
             gc = _gate_chunk(g, gamma, b, h, t, m, T, H, rk, K, GATE)
             bc = tl.cumsum(gc, 0)
             bl = tl.sum(gc, 0)
-            if GATE == 3:
-                if FROM_START:
-                    xd = (bx * tl.exp(aoff[None, :] + bc)).to(dt)
-                    S += tl.dot(tl.trans(xd), by, input_precision=PREC)
-                else:
-                    xd = (bx * tl.exp(bl[None, :] - bc)).to(dt)
-                    S = S * tl.exp(bl)[:, None] + tl.dot(tl.trans(xd), by, input_precision=PREC)
+            if FROM_START:
+                xd = (bx * tl.exp(aoff[None, :] + bc[:, None])).to(dt)
+                S += tl.dot(tl.trans(xd), by, input_precision=PREC)
             else:
-                if FROM_START:
-                    xd = (bx * tl.exp(aoff[None, :] + bc[:, None])).to(dt)
-                    S += tl.dot(tl.trans(xd), by, input_precision=PREC)
-                else:
-                    xd = (bx * tl.exp(bl - bc)[:, None]).to(dt)
-                    S = S * tl.exp(bl) + tl.dot(tl.trans(xd), by, input_precision=PREC)
+                xd = (bx * tl.exp(bl - bc)[:, None]).to(dt)
+                S = S * tl.exp(bl) + tl.dot(tl.trans(xd), by, input_precision=PREC)
             aoff += bl
     if FROM_START:
         S = S * scale
@@ -392,7 +400,7 @@ def _state_dot(x, S, dt: tl.constexpr, SF32: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
-def _bwd_dq_kernel(q, k, v, g, gg, do, h0, dq, gq, st, steep, T, H, SEG, scale,
+def _bwd_dq_kernel(q, k, kd, gb, v, g, gg, do, h0, dq, gq, st, T, H, SEG, NC, scale,
                    K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, C: tl.constexpr, GATE: tl.constexpr,
                    HAS_H0: tl.constexpr, STORE_ST: tl.constexpr, NEED_DG: tl.constexpr, SF32: tl.constexpr,
                    PREC: tl.constexpr, SPREC: tl.constexpr):
@@ -402,8 +410,9 @@ def _bwd_dq_kernel(q, k, v, g, gg, do, h0, dq, gq, st, steep, T, H, SEG, scale,
     last segment also writes the state after the last token, S_T (rows rk), to st: the host forms the
     final-state gate term Σ_v S_T⊙dht from it once dht is there (so dht is not needed before this kernel).
 
-    The gate partials multiply by the same bf16-rounded decayed operands (qd, kn, kd) that built the other
-    side's terms, so that q⊙dq − k⊙dk cancels as it does in exact arithmetic."""
+    Per key, q, k, kd, gb and g are _gate_operands_kernel's qd, kn, kd, b and chunk totals. The gate partials
+    multiply by the same bf16-rounded decayed operands (qd, kn, kd) that built the other side's terms, so that
+    q⊙dq − k⊙dk cancels as it does in exact arithmetic."""
     ik = tl.program_id(0)
     bh = tl.program_id(1)
     js = tl.program_id(2)
@@ -421,7 +430,6 @@ def _bwd_dq_kernel(q, k, v, g, gg, do, h0, dq, gq, st, steep, T, H, SEG, scale,
     S = tl.zeros([BK, V], dtype=tl.float32)
     if HAS_H0:
         S += _segment_state_tile(h0, bh, js, ns, rk, rv, K, V)
-    low = tl.zeros([BK], dtype=tl.float32)   # per-key gates: the lowest chunk total so far
     gamma = 0.0
     if GATE == 1:
         gamma = tl.load(gg + h).to(tl.float32)
@@ -437,43 +445,38 @@ def _bwd_dq_kernel(q, k, v, g, gg, do, h0, dq, gq, st, steep, T, H, SEG, scale,
         if GATE == 0:
             acc = inter + tl.dot(tl.where(causal, dA, 0.0).to(dt), bk, input_precision=PREC)
             S += tl.dot(tl.trans(bk), bv, input_precision=PREC)
+        elif GATE == 3:
+            x = inter + tl.dot(tl.where(causal, dA, 0.0).to(dt), bk, input_precision=PREC)   # bk: kn
+            ptr = row[:, None] * K + rk[None, :]
+            acc = x * tl.exp(tl.load(gb + ptr, mask=m[:, None], other=0.0))   # level 0's query factor exp(b)
+            if NEED_DG:
+                tl.store(gq + ptr, scale * tl.load(q + ptr, mask=m[:, None], other=0.0).to(tl.float32) * x,
+                         mask=m[:, None])
+            bkd = tl.load(kd + ptr, mask=m[:, None], other=0.0)
+            S = S * tl.exp(_chunk_totals(g, bh, t0, NC, rk, K, C))[:, None] + tl.dot(tl.trans(bkd), bv,
+                                                                                       input_precision=PREC)
         else:
             bq = tl.load(q + row[:, None] * K + rk[None, :], mask=m[:, None], other=0.0)
             gc = _gate_chunk(g, gamma, b, h, t, m, T, H, rk, K, GATE)
             bc = tl.cumsum(gc, 0)
             bl = tl.sum(gc, 0)
-            if GATE == 3:
-                qf = tl.exp(bc)                    # level 0's query factor (c = 0)
-                kf, kdf = _key_factors(bc, bl)
-                kn = (bk * kf).to(dt)
-                intra = tl.dot(tl.where(causal, dA, 0.0).to(dt), kn, input_precision=PREC)
-                acc = (inter + intra) * qf
-                low = tl.minimum(low, bl)
-                if NEED_DG:
-                    part = (bq * qf).to(dt).to(tl.float32) * (inter + intra)
-                    tl.store(gq + row[:, None] * K + rk[None, :], scale * part, mask=m[:, None])
-                kd = (bk * kdf).to(dt)
-                S = S * tl.exp(bl)[:, None] + tl.dot(tl.trans(kd), bv, input_precision=PREC)
-            else:
-                dA = tl.where(causal, dA * tl.exp(bc[:, None] - bc[None, :]), 0.0)
-                intra = tl.dot(dA.to(dt), bk, input_precision=PREC)
-                acc = inter * tl.exp(bc)[:, None] + intra
-                if NEED_DG:
-                    qd = (bq * tl.exp(bc)[:, None]).to(dt)
-                    part = tl.sum(qd.to(tl.float32) * inter + bq.to(tl.float32) * intra, 1)
-                    tl.store(gq + row * nk + ik, scale * part, mask=m)
-                kd = (bk * tl.exp(bl - bc)[:, None]).to(dt)
-                S = S * tl.exp(bl) + tl.dot(tl.trans(kd), bv, input_precision=PREC)
+            dA = tl.where(causal, dA * tl.exp(bc[:, None] - bc[None, :]), 0.0)
+            intra = tl.dot(dA.to(dt), bk, input_precision=PREC)
+            acc = inter * tl.exp(bc)[:, None] + intra
+            if NEED_DG:
+                qd = (bq * tl.exp(bc)[:, None]).to(dt)
+                part = tl.sum(qd.to(tl.float32) * inter + bq.to(tl.float32) * intra, 1)
+                tl.store(gq + row * nk + ik, scale * part, mask=m)
+            kd_ = (bk * tl.exp(bl - bc)[:, None]).to(dt)
+            S = S * tl.exp(bl) + tl.dot(tl.trans(kd_), bv, input_precision=PREC)
         tl.store(dq + row[:, None] * K + rk[None, :], (acc * scale).to(dq.dtype.element_ty), mask=m[:, None])
     if STORE_ST:
         if js == ns - 1:
             tl.store(st + bh.to(tl.int64) * K * V + rk[:, None] * V + rv[None, :], S)
-    if GATE == 3:
-        _mark_steep(low, steep, bh, js, ns)
 
 
 @triton.jit
-def _bwd_dk_kernel(q, k, v, g, gg, do, dhe, hin, dk, gk, dg, term, dh0, T, H, SEG, scale,
+def _bwd_dk_kernel(q, k, kd, gb, v, g, gg, do, dhe, hin, dk, gk, dg, term, dh0, T, H, SEG, NC, scale,
                    K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, C: tl.constexpr, GATE: tl.constexpr,
                    HAS_DHE: tl.constexpr, HAS_TERM: tl.constexpr, NEED_DG: tl.constexpr, SF32: tl.constexpr,
                    PREC: tl.constexpr, SPREC: tl.constexpr):
@@ -486,7 +489,8 @@ def _bwd_dk_kernel(q, k, v, g, gg, do, dhe, hin, dk, gk, dg, term, dh0, T, H, SE
     the next segment, hin `[B·H, NS, K, V]`; dhe the gradient of the one leaving this segment, = exp(g_s)⊙dS_s;
     dL/dg_s = Σ_v exp(g_s)S_{s−1}⊙dS_s), so no segment waits for the sums of the later ones; the last segment
     starts from the final-state term. Scalar gates write their tile's k-side partial to gk[..., ik] (the host
-    sums: a 1-D reverse cumulative sum in this kernel made the scalar-gate backward 6% slower on an H100)."""
+    sums: a 1-D reverse cumulative sum in this kernel made the scalar-gate backward 6% slower on an H100).
+    Per key, q, k, kd, gb and g are _gate_operands_kernel's qd, kn, kd, b and chunk totals."""
     ik = tl.program_id(0)
     bh = tl.program_id(1)
     js = tl.program_id(2)
@@ -515,7 +519,8 @@ def _bwd_dk_kernel(q, k, v, g, gg, do, dhe, hin, dk, gk, dg, term, dh0, T, H, SE
     if GATE == 1:
         gamma = tl.load(gg + h).to(tl.float32)
     for i in range(0, nch):
-        t = t_start + (nch - 1 - i) * C + rc
+        t0 = t_start + (nch - 1 - i) * C
+        t = t0 + rc
         m = t < t_end
         row = (b * T + t).to(tl.int64) * H + h
         bq = tl.load(q + row[:, None] * K + rk[None, :], mask=m[:, None], other=0.0)
@@ -526,46 +531,47 @@ def _bwd_dk_kernel(q, k, v, g, gg, do, dhe, hin, dk, gk, dg, term, dh0, T, H, SE
         if GATE == 0:
             acc = scale * tl.dot(tl.where(causal_t, dAt, 0.0).to(dt), bq, input_precision=PREC) + inter
             dH += scale * tl.dot(tl.trans(bq), bdo, input_precision=PREC)
+        elif GATE == 3:
+            # bq: qd, level 0's query side and the state gradient's
+            intra = tl.dot(tl.where(causal_t, dAt, 0.0).to(dt), bq, input_precision=PREC)
+            ptr = row[:, None] * K + rk[None, :]
+            bl = _chunk_totals(g, bh, t0, NC, rk, K, C)
+            kf, kdf = _key_factors(tl.load(gb + ptr, mask=m[:, None], other=0.0), bl)
+            acc = scale * intra * kf + inter * kdf
+            if NEED_DG:
+                part = (scale * tl.load(k + ptr, mask=m[:, None], other=0.0).to(tl.float32) * intra
+                        + tl.load(kd + ptr, mask=m[:, None], other=0.0).to(tl.float32) * inter)
+                d = tl.load(dg + ptr, mask=m[:, None], other=0.0) - part
+                rev = tl.sum(d, 0)[None, :] - tl.cumsum(d, 0) + d       # Σ_{t' ≥ t} within the chunk
+                tl.store(dg + ptr, rev + carry[None, :], mask=m[:, None])
+                carry += tl.sum(d, 0)
+            dH = dH * tl.exp(bl)[:, None] + scale * tl.dot(tl.trans(bq), bdo, input_precision=PREC)
         else:
             bk = tl.load(k + row[:, None] * K + rk[None, :], mask=m[:, None], other=0.0)
             gc = _gate_chunk(g, gamma, b, h, t, m, T, H, rk, K, GATE)
             bc = tl.cumsum(gc, 0)
             bl = tl.sum(gc, 0)
-            if GATE == 3:
-                qd = (bq * tl.exp(bc)).to(dt)      # level 0's query side, also the state gradient's
-                kf, kdf = _key_factors(bc, bl)
-                intra = tl.dot(tl.where(causal_t, dAt, 0.0).to(dt), qd, input_precision=PREC)
-                acc = scale * intra * kf + inter * kdf
-                if NEED_DG:
-                    part = (scale * (bk * kf).to(dt).to(tl.float32) * intra
-                            + (bk * kdf).to(dt).to(tl.float32) * inter)
-                    gptr = dg + row[:, None] * K + rk[None, :]
-                    d = tl.load(gptr, mask=m[:, None], other=0.0) - part
-                    rev = tl.sum(d, 0)[None, :] - tl.cumsum(d, 0) + d       # Σ_{t' ≥ t} within the chunk
-                    tl.store(gptr, rev + carry[None, :], mask=m[:, None])
-                    carry += tl.sum(d, 0)
-                dH = dH * tl.exp(bl)[:, None] + scale * tl.dot(tl.trans(qd), bdo, input_precision=PREC)
-            else:
-                dec = tl.exp(bc[None, :] - bc[:, None])                   # [s, t]: exp(b_t − b_s)
-                intra = tl.dot(tl.where(causal_t, dAt * dec, 0.0).to(dt), bq, input_precision=PREC)
-                acc = scale * intra + inter * tl.exp(bl - bc)[:, None]
-                if NEED_DG:
-                    kd = (bk * tl.exp(bl - bc)[:, None]).to(dt).to(tl.float32)
-                    part = tl.sum(scale * bk.to(tl.float32) * intra + kd * inter, 1)
-                    tl.store(gk + row * nk + ik, part, mask=m)
-                qd = (bq * tl.exp(bc)[:, None]).to(dt)
-                dH = dH * tl.exp(bl) + scale * tl.dot(tl.trans(qd), bdo, input_precision=PREC)
+            dec = tl.exp(bc[None, :] - bc[:, None])                   # [s, t]: exp(b_t − b_s)
+            intra = tl.dot(tl.where(causal_t, dAt * dec, 0.0).to(dt), bq, input_precision=PREC)
+            acc = scale * intra + inter * tl.exp(bl - bc)[:, None]
+            if NEED_DG:
+                kd_ = (bk * tl.exp(bl - bc)[:, None]).to(dt).to(tl.float32)
+                part = tl.sum(scale * bk.to(tl.float32) * intra + kd_ * inter, 1)
+                tl.store(gk + row * nk + ik, part, mask=m)
+            qd = (bq * tl.exp(bc)[:, None]).to(dt)
+            dH = dH * tl.exp(bl) + scale * tl.dot(tl.trans(qd), bdo, input_precision=PREC)
         tl.store(dk + row[:, None] * K + rk[None, :], acc.to(dk.dtype.element_ty), mask=m[:, None])
     if js == 0:
         tl.store(dh0 + bh.to(tl.int64) * K * V + rk[:, None] * V + rv[None, :], dH)
 
 
 @triton.jit
-def _bwd_dv_kernel(q, k, g, gg, do, dhe, dv, T, H, SEG, scale,
+def _bwd_dv_kernel(q, k, kd, g, gg, do, dhe, dv, T, H, SEG, NC, scale,
                    K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, GATE: tl.constexpr,
                    HAS_DHE: tl.constexpr, PREC: tl.constexpr):
     """One (V-tile, batch·head, segment), walking backward from the gradient of the state leaving the
-    segment (columns rv): dv = (k⊙exp(b_C − b)) dH + scale·Aᵀ do, A the decayed causal q·k scores."""
+    segment (columns rv): dv = (k⊙exp(b_C − b)) dH + scale·Aᵀ do, A the decayed causal q·k scores.
+    Per key, q, k, kd and g are _gate_operands_kernel's qd, kn, kd and chunk totals."""
     iv = tl.program_id(0)
     bh = tl.program_id(1)
     js = tl.program_id(2)
@@ -587,7 +593,8 @@ def _bwd_dv_kernel(q, k, g, gg, do, dhe, dv, T, H, SEG, scale,
     if GATE == 1:
         gamma = tl.load(gg + h).to(tl.float32)
     for i in range(0, nch):
-        t = t_start + (nch - 1 - i) * C + rc
+        t0 = t_start + (nch - 1 - i) * C
+        t = t0 + rc
         m = t < t_end
         row = (b * T + t).to(tl.int64) * H + h
         bq = tl.load(q + row[:, None] * K + rk[None, :], mask=m[:, None], other=0.0)
@@ -597,24 +604,21 @@ def _bwd_dv_kernel(q, k, g, gg, do, dhe, dv, T, H, SEG, scale,
             At = tl.where(causal_t, tl.dot(bk, tl.trans(bq), input_precision=PREC), 0.0)
             acc = tl.dot(bk, dH.to(dt), input_precision=PREC)
             qd = bq
+        elif GATE == 3:
+            At = tl.where(causal_t, tl.dot(bk, tl.trans(bq), input_precision=PREC), 0.0)   # kn·qdᵀ
+            bkd = tl.load(kd + row[:, None] * K + rk[None, :], mask=m[:, None], other=0.0)
+            acc = tl.dot(bkd, dH.to(dt), input_precision=PREC)
+            qd = bq
+            dH = dH * tl.exp(_chunk_totals(g, bh, t0, NC, rk, K, C))[:, None]
         else:
             gc = _gate_chunk(g, gamma, b, h, t, m, T, H, rk, K, GATE)
             bc = tl.cumsum(gc, 0)
             bl = tl.sum(gc, 0)
-            if GATE == 3:
-                qd = (bq * tl.exp(bc)).to(dt)
-                kf, kdf = _key_factors(bc, bl)
-                kn = (bk * kf).to(dt)
-                At = tl.where(causal_t, tl.dot(kn, tl.trans(qd), input_precision=PREC), 0.0)
-                kd = (bk * kdf).to(dt)
-                acc = tl.dot(kd, dH.to(dt), input_precision=PREC)
-                bl = bl[:, None]
-            else:
-                At = tl.where(causal_t, tl.dot(bk, tl.trans(bq), input_precision=PREC)
-                              * tl.exp(bc[None, :] - bc[:, None]), 0.0)
-                kd = (bk * tl.exp(bl - bc)[:, None]).to(dt)
-                acc = tl.dot(kd, dH.to(dt), input_precision=PREC)
-                qd = (bq * tl.exp(bc)[:, None]).to(dt)
+            At = tl.where(causal_t, tl.dot(bk, tl.trans(bq), input_precision=PREC)
+                          * tl.exp(bc[None, :] - bc[:, None]), 0.0)
+            kd_ = (bk * tl.exp(bl - bc)[:, None]).to(dt)
+            acc = tl.dot(kd_, dH.to(dt), input_precision=PREC)
+            qd = (bq * tl.exp(bc)[:, None]).to(dt)
             dH = dH * tl.exp(bl)
         acc += scale * tl.dot(At.to(dt), bdo, input_precision=PREC)
         dH += scale * tl.dot(tl.trans(qd), bdo, input_precision=PREC)
@@ -745,10 +749,36 @@ def _launch(name: str, dim: int, GATE: int = 0):
     return min(dim, cfg.pop("block")), cfg
 
 
-def _steep_marks(B, H, ns, GATE, device):
-    """Zeroed per-segment marks `[B·H, ns]` int32 for per-key gates (the main kernels mark steep segments),
-    else None."""
-    return torch.zeros(B * H, ns, device=device, dtype=torch.int32) if GATE == 3 else None
+@dataclasses.dataclass
+class _GateOperands:
+    """Per-key gates: what _gate_operands_kernel wrote for one call. qd, kn, kd like q / k (None where not
+    asked for); b float32 like g or None; totals `[B·H, NC, K]` float32; steep `[B·H, ns]` int32 marks."""
+    qd: torch.Tensor | None
+    kn: torch.Tensor | None
+    kd: torch.Tensor | None
+    b: torch.Tensor | None
+    totals: torch.Tensor
+    steep: torch.Tensor
+
+
+def _gate_operands(q, k, g, C, seg, ns, kn=True, store_b=False) -> _GateOperands:
+    """Run _gate_operands_kernel over q and/or k (either may be None; kn=False skips writing kn)."""
+    x = q if q is not None else k
+    B, T, H, K = x.shape
+    NC = triton.cdiv(T, C)
+    f32 = dict(device=x.device, dtype=torch.float32)
+    ops = _GateOperands(torch.empty_like(q) if q is not None else None,
+                        torch.empty_like(k) if k is not None and kn else None,
+                        torch.empty_like(k) if k is not None else None,
+                        torch.empty(B, T, H, K, **f32) if store_b else None,
+                        torch.empty(B * H, NC, K, **f32),
+                        torch.zeros(B * H, ns, device=x.device, dtype=torch.int32))
+    _gate_operands_kernel[(NC, B * H)](*(t if t is not None else x for t in (q, k)), g,
+                                       *(t if t is not None else x for t in (ops.qd, ops.kn, ops.kd, ops.b)),
+                                       ops.totals, ops.steep, T, H, NC, seg, K=K, C=C, HAS_Q=q is not None,
+                                       HAS_K=k is not None, STORE_KN=ops.kn is not None, STORE_B=store_b,
+                                       num_warps=4)
+    return ops
 
 
 def _add_levels(mode, steep, seg, q, k, v, g, scale, do=None, o=None, dq=None, gq=None, dk=None, dv=None,
@@ -787,23 +817,17 @@ def _layout(T: int, C: int, ns: int):
 
 
 def _states(x, y, g, gg, GATE, C, seg, ns, scale, from_start):
-    """Per-segment states `[B, H, ns, K, V]` and total log gates `[B, H, ns, K]` (float32)."""
+    """Per-segment states `[B, H, ns, K, V]` and total log gates `[B, H, ns, K]` (float32). Per-key gates: x
+    and g are _gate_operands' kd (from_start=False) or qd (from_start=True) and chunk totals."""
     B, T, H, K = x.shape
     V = y.shape[-1]
     s = torch.empty(B, H, ns, K, V, device=x.device, dtype=torch.float32)
     a = torch.empty(B, H, ns, K, device=x.device, dtype=torch.float32)
     BV, cfg = _launch("state", V, GATE)
-    _state_kernel[(V // BV, B * H, ns)](x, y, g, gg, s, a, T, H, seg, scale, K=K, V=V, BV=BV, C=C, GATE=GATE,
+    _state_kernel[(V // BV, B * H, ns)](x, y, g, gg, s, a, T, H, seg, triton.cdiv(T, C), scale, K=K, V=V, BV=BV,
+                                       C=C, GATE=GATE,
                                        FROM_START=from_start, PREC=_prec(x), **cfg)
     return s, a
-
-
-def _gate_cumsum(g, C):
-    """Per-key gates `[B, T, H, K]` -> their chunk-local cumulative sums, float32, same shape."""
-    B, T, H, K = g.shape
-    out = torch.empty(B, T, H, K, device=g.device, dtype=torch.float32)
-    _gate_cumsum_kernel[(triton.cdiv(T, C), B * H)](g, out, T, H, K=K, C=C, num_warps=4)
-    return out
 
 
 def _scan(s, a, init, reverse, store_out=True):
@@ -850,7 +874,16 @@ def _split(B, H, T, V, C, GATE, device):
 
 
 def _kv_states(k, v, gt, gg, GATE, C, seg, ns) -> SegmentStates:
+    """(k, v)'s per-segment states (per-key gates: k and gt are _gate_operands' kd and chunk totals)."""
     return SegmentStates(seg, *_states(k, v, gt, gg, GATE, C, seg, ns, 1.0, False))
+
+
+def _kernel_operands(q, k, gt, ops):
+    """-> (q, k, kd, b, g) as the main kernels take them: per-key gates (ops) their decayed operands and chunk
+    totals, else the inputs (q stands in for what a kind does not read)."""
+    if ops is None:
+        return q, k, q, q, gt
+    return ops.qd, ops.kn, ops.kd, ops.b if ops.b is not None else q, ops.totals
 
 
 def forward(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None, output_final_state=False,
@@ -876,10 +909,12 @@ def forward(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None, outpu
     BV, cfg = _launch("fwd", V, GATE)
     seg, ns = (kv_states.seg, kv_states.n) if kv_states is not None else _split(B, H, T, V, C, GATE, q.device)
     h0 = initial_state.contiguous() if initial_state is not None else None
+    ops = _gate_operands(q, k, gt, C, seg, ns) if GATE == 3 else None
+    qx, kx, kdx, _, gx = _kernel_operands(q, k, gt, ops)
     if ns > 1:
         # Long sequences: every segment's state in parallel, a scan for the prefixes, then all segments.
         if kv_states is None:
-            kv_states = _kv_states(k, v, gt, gg, GATE, C, seg, ns)
+            kv_states = _kv_states(kdx if ops else k, v, gx, gg, GATE, C, seg, ns)
         elif kv_states.states is None:
             raise ValueError("kv_states holds no per-segment states (a forward's saved prefixes are for backward)")
         if h0 is None and ht is None and kv_states.zero_prefixes is not None:
@@ -891,15 +926,12 @@ def forward(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None, outpu
         kv_states = SegmentStates(seg, None, kv_states.log_decays, h0)
     else:
         kv_states = None
-    steep = _steep_marks(B, H, ns, GATE, q.device)
-    cum = GATE == 3     # per-key gates: the forward reads their cumulative sums from a pre-pass
-    _fwd_kernel[(V // BV, B * H, ns)](q, k, v, _gate_cumsum(gt, C) if cum else gt, gg, o,
-                                      h0 if h0 is not None else q, ht if ht is not None else o,
-                                      steep if steep is not None else q, T, H, seg, scale,
+    _fwd_kernel[(V // BV, B * H, ns)](qx, kx, kdx, v, gx, gg, o, h0 if h0 is not None else q,
+                                      ht if ht is not None else o, T, H, seg, triton.cdiv(T, C), scale,
                                       K=K, V=V, BV=BV, C=C, GATE=GATE, HAS_H0=h0 is not None,
-                                      STORE_HT=(ht is not None and ns == 1), CUM=cum, PREC=_prec(q), **cfg)
-    if steep is not None:
-        _add_levels(0, steep, seg, q, k, v, gt, scale, o=o)
+                                      STORE_HT=(ht is not None and ns == 1), PREC=_prec(q), **cfg)
+    if ops is not None:
+        _add_levels(0, ops.steep, seg, q, k, v, gt, scale, o=o)
     return (o, ht, kv_states) if return_saved else (o, ht)
 
 
@@ -954,16 +986,20 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True, k
     if any((x.seg, x.n) != (seg, ns) for x in given):
         raise ValueError("kv_states and qdo_states must come from the same segment plan")
     h0 = initial_state.contiguous() if initial_state is not None else None
+    # per-key gates: the decayed operands, and b for the gradients' own factors
+    ops = _gate_operands(q, k, gt, C, seg, ns, store_b=True) if GATE == 3 else None
+    qx, kx, kdx, gbx, gx = _kernel_operands(q, k, gt, ops)
     if ns > 1:
         if kv_states is not None and kv_states.prefixes is not None:
             h0 = kv_states.prefixes
         elif kv_states is not None and kv_states.zero_prefixes is not None and h0 is None:
             h0 = kv_states.zero_prefixes
         else:
-            kv = kv_states if kv_states is not None else _kv_states(k, v, gt, gg, GATE, C, seg, ns)
+            kv = kv_states if kv_states is not None else _kv_states(kdx if ops else k, v, gx, gg, GATE, C,
+                                                                     seg, ns)
             h0, _ = _scan(kv.states, kv.log_decays, h0, reverse=False)
         if qdo_states is None:
-            qdo_states = SegmentStates(seg, *_states(q, do, gt, gg, GATE, C, seg, ns, scale, True))
+            qdo_states = SegmentStates(seg, *_states(qx, do, gx, gg, GATE, C, seg, ns, scale, True))
     prec = _prec(q)
     # The gate gradient needs the state products in float32 (tf32): bf16 states miss its tolerance.
     sf32 = need_dg and q.dtype != torch.float32 and GATE_GRAD_F32_STATE
@@ -980,10 +1016,10 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True, k
         gk = torch.empty(B, T, H, K // BKk, **f32)   # ... and the k-side one of each dk K-tile
     dummy = q
     common = dict(K=K, V=V, C=C, GATE=GATE, PREC=prec)
-    steep = _steep_marks(B, H, ns, GATE, dev)
-    _bwd_dq_kernel[(nk, B * H, ns)](q, k, v, gt, gg, do, h0 if h0 is not None else dummy, dq,
+    NC = triton.cdiv(T, C)
+    _bwd_dq_kernel[(nk, B * H, ns)](qx, kx, kdx, gbx, v, gx, gg, do, h0 if h0 is not None else dummy, dq,
                                     gq if gq is not None else dummy, st if st is not None else dummy,
-                                    steep if steep is not None else dummy, T, H, seg, scale,
+                                    T, H, seg, NC, scale,
                                     BK=BK, HAS_H0=h0 is not None, STORE_ST=st is not None, NEED_DG=need_dg,
                                     SF32=sf32, SPREC=sprec, **common, **cq)
     if deferred:
@@ -993,17 +1029,17 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True, k
     if ns > 1:
         # the gradient of the state leaving each segment (dht past the last): a reverse scan of the (q, do) states
         dhe, _ = _scan(qdo_states.states, qdo_states.log_decays, dhe, reverse=True)
-    if steep is not None:   # before the dk kernel, which finishes the gate gradient from gq
-        _add_levels(1, steep, seg, q, k, v, gt, scale, do=do, dq=dq, gq=gq, need_dg=need_dg)
-    _bwd_dk_kernel[(K // BKk, B * H, ns)](q, k, v, gt, gg, do, dhe if dhe is not None else dummy,
+    if ops is not None:   # before the dk kernel, which finishes the gate gradient from gq
+        _add_levels(1, ops.steep, seg, q, k, v, gt, scale, do=do, dq=dq, gq=gq, need_dg=need_dg)
+    _bwd_dk_kernel[(K // BKk, B * H, ns)](qx, kx, kdx, gbx, v, gx, gg, do, dhe if dhe is not None else dummy,
                                     h0 if ns > 1 else dummy, dk, gk if gk is not None else dummy,
                                     gq if GATE == 3 and need_dg else dummy, term if term is not None else dummy,
-                                    dh0, T, H, seg, scale, BK=BKk, HAS_DHE=dhe is not None,
+                                    dh0, T, H, seg, NC, scale, BK=BKk, HAS_DHE=dhe is not None,
                                     HAS_TERM=term is not None, NEED_DG=need_dg, SF32=sf32, SPREC=sprec, **common, **ck)
-    _bwd_dv_kernel[(V // BV, B * H, ns)](q, k, gt, gg, do, dhe if dhe is not None else dummy, dv, T, H, seg,
-                                         scale, BV=BV, HAS_DHE=dhe is not None, **common, **cv)
-    if steep is not None:
-        _add_levels(2, steep, seg, q, k, v, gt, scale, do=do, dk=dk, dv=dv)
+    _bwd_dv_kernel[(V // BV, B * H, ns)](qx, kx, kdx, gx, gg, do, dhe if dhe is not None else dummy, dv, T, H,
+                                         seg, NC, scale, BV=BV, HAS_DHE=dhe is not None, **common, **cv)
+    if ops is not None:
+        _add_levels(2, ops.steep, seg, q, k, v, gt, scale, do=do, dk=dk, dv=dv)
     if not need_dg:
         return dq, dk, dv, None, dh0
     if GATE == 3:
@@ -1036,6 +1072,9 @@ def segment_state(k, v, g=None, g_gamma=None, return_saved=False, keep_prefixes=
                torch.zeros(B, H, K, device=k.device, dtype=torch.float32))
         return out + (None,) if return_saved else out
     seg, ns = _split(B, H, T, V, C, GATE, k.device)
+    if GATE == 3:   # the state reads the decayed keys
+        ops = _gate_operands(None, k, gt, C, seg, ns, kn=False)
+        k, gt = ops.kd, ops.totals
     kv = _kv_states(k, v, gt, gg, GATE, C, seg, ns)
     total = kv.log_decays.sum(2)
     if ns == 1:
@@ -1063,6 +1102,9 @@ def prefix_grad(q, g, g_gamma, scale, do, return_saved=False):
         out = torch.zeros(B, H, K, V, device=q.device, dtype=torch.float32)
         return (out, None) if return_saved else out
     seg, ns = _split(B, H, T, V, C, GATE, q.device)
+    if GATE == 3:   # the state reads the decayed queries
+        ops = _gate_operands(q, None, gt, C, seg, ns)
+        q, gt = ops.qd, ops.totals
     qdo = SegmentStates(seg, *_states(q, do, gt, gg, GATE, C, seg, ns, scale, True))
     if ns == 1:
         return (qdo.states[:, :, 0], None) if return_saved else qdo.states[:, :, 0]
