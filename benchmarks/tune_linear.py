@@ -4,7 +4,8 @@ At the benchmark shapes (bf16, 16 heads × 128, 65,536 tokens a step: B=16×T=40
   1. forward and backward alone with the current settings (constant decay without its gradient, as the
      models use it; scalar and per-key gates with theirs);
   2. programs per SM for long single sequences (how many segments the sequence is cut into);
-  3. per kernel (fwd, state, dq, dk, dv): tile × warps × pipeline stages, the others at their settings.
+  3. per kernel (fwd, state, dq, dk, dv; per-key gates also their pre-pass, ops / ops_b): tile × warps ×
+     pipeline stages, the others at their settings.
 Prints one line per setting and the best of each sweep; copy the winners into ``triton_chunk`` by hand
 (the sweep decides nothing by itself). Every setting is first checked against the current one on a small
 problem (FAIL: a miscompile, as Triton 3.6 gave for dv at tile 32 with one stage).
@@ -80,10 +81,12 @@ def main():
     table = tc.CONFIG_PER_KEY if kinds == ["gk"] else tc.CONFIG
     sweep_cases = [c for c in cases if c[2] in kinds]
     probe = inputs(1, 1000, kinds[0])
-    for name in ("fwd", "state", "dq", "dk", "dv"):
+    # per-key gates also sweep their pre-pass: "ops" in the forward (and state passes), "ops_b" in the backward
+    names = ("fwd", "state", "dq", "dk", "dv") + (("ops", "ops_b") if kinds == ["gk"] else ())
+    for name in names:
         had, base = name in table, table.get(name)
         want = run_probe(probe, kinds[0])   # the current setting's result on a small problem
-        timer = time_forward if name == "fwd" else None
+        timer = time_forward if name in ("fwd", "ops") else None
         results = []
         stage_list = [int(x) for x in args.stages.split(",")]
         for block, warps, stages in itertools.product((32, 64, 128), (4, 8), stage_list):

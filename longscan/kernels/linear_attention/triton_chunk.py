@@ -36,8 +36,8 @@ exp(b_t)·exp(−b_s), gave NaN once a chunk's gates summed below about −88). 
 
 Gradient of the gate (A_t the cumulative log gate): dL/dA_t = q_t⊙dq_t − k_t⊙dk_t, plus Σ_v S_T⊙dS_T at the
 last step; dg_s = Σ_{t≥s} dL/dA_t. The dq and dk kernels emit the q and k sides. Scalar gates: the host sums
-them. Per-key gates: the dk kernel, walking backward, finishes dg; across segments it needs no other
-segment's sums, since dg at a segment's first token is also Σ_v exp(g_s)S_{s−1}⊙dS_s, a product of the prefix
+them. Per-key gates: the dk kernel, walking backward, carries the sums across chunks and `_dg_finish_kernel`
+takes them inside each chunk; across segments the dk kernel needs no other segment's sums, since dg at a segment's first token is also Σ_v exp(g_s)S_{s−1}⊙dS_s, a product of the prefix
 state and the state gradient that the backward already holds.
 
 Shapes: q, k `[B, T, H, K]`, v `[B, T, H, V]`; states `[B, H, K, V]` float32. K, V ∈ {16, 32, 64, 128}.
@@ -70,9 +70,12 @@ CONFIG = {"fwd": dict(block=64, num_warps=4, num_stages=2),
           "state": dict(block=128, num_warps=4, num_stages=3),
           "dq": dict(block=64, num_warps=4, num_stages=2),
           "dk": dict(block=128, num_warps=8, num_stages=3),
-          "dv": dict(block=64, num_warps=4, num_stages=3)}
-# Per-key gates (chunks of CHUNK_PER_KEY, [C, K] gate tiles) differ from these settings where measured:
-# the dk kernel at 128 keys / 8 warps was 1.1 ms slower than at 64 / 4 at B=16×T=4096 on an H100.
+          "dv": dict(block=64, num_warps=4, num_stages=3),
+          # per-key gates' pre-pass (keys a program): without b (forward, state passes) and with it (backward)
+          "ops": dict(block=64, num_warps=4, num_stages=1),
+          "ops_b": dict(block=128, num_warps=4, num_stages=1)}
+# Per-key gates differ from these settings where measured: their dk kernel (which also takes dg on) at 128 keys /
+# 8 warps was 2.84 ms against 2.28 at 64 / 4 at B=16×T=4096 on an H200 (chunks of 64).
 CONFIG_PER_KEY = {"dk": dict(block=64, num_warps=4, num_stages=2)}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _DIMS = (16, 32, 64, 128)
@@ -82,7 +85,10 @@ _DIMS = (16, 32, 64, 128)
 SUPPORTS_G_GAMMA_GRAD = False
 REUSES_SEGMENT_STATES = True  # entry points hand each other their per-segment states (SegmentStates)
 LATE_DHT = True  # backward(dht=function) launches its dq kernel before it asks for dht (SP's reverse collective)
-GATE_GRAD_F32_STATE = True  # state products of the gate-gradient backward in tf32 (bf16 states miss 1e-2)
+GATE_GRAD_F32_STATE = True  # state products of the gate-gradient backward in float32 precision (bf16 states miss 1e-2)
+# ... how, for bf16 inputs, per (gate kind, kernel): 1 tf32, 2 two bf16 halves of the state (_state_dot).
+# Measured on an H200 (benchmarks/RESULTS.md): each kernel's faster one; they differ by 0.15-0.45 ms.
+STATE_PRODUCTS_BF16 = {(2, "dq"): 2, (2, "dk"): 1, (3, "dq"): 1, (3, "dk"): 2}
 
 
 def _interpreting() -> bool:
@@ -218,9 +224,9 @@ def _fwd_kernel(q, k, kd, v, g, gg, o, h0, ht, T, H, SEG, NC, scale,
 
 @triton.jit
 def _gate_operands_kernel(q, k, g, qd, kn, kd, gb, gl, steep, T, H, NC, SEG,
-                          K: tl.constexpr, C: tl.constexpr, HAS_Q: tl.constexpr, HAS_K: tl.constexpr,
+                          K: tl.constexpr, BK: tl.constexpr, C: tl.constexpr, HAS_Q: tl.constexpr, HAS_K: tl.constexpr,
                           STORE_KN: tl.constexpr, STORE_B: tl.constexpr):
-    """Per-key gates, one (chunk, batch·head): the decayed operands every per-key kernel reads in place of g,
+    """Per-key gates, one (chunk, batch·head, K-tile): the decayed operands every per-key kernel reads in place of g,
     so none of them holds a `[C, K]` gate tile, its cumulative sum or its exps (those cost half the per-key
     forward and kept its chunks at 32, where Triton's dots cannot use Hopper's wgmma).
     Writes, in q's layout and dtype: qd = q⊙exp(b), kn = k⊙kf (with STORE_KN) and kd = k⊙kd_f (level 0's
@@ -232,7 +238,7 @@ def _gate_operands_kernel(q, k, g, qd, kn, kd, gb, gl, steep, T, H, NC, SEG,
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    rk = tl.arange(0, K)
+    rk = tl.program_id(2) * BK + tl.arange(0, BK)
     t = n * C + tl.arange(0, C)
     m = t < T
     gc = _gate_chunk(g, 0.0, b, h, t, m, T, H, rk, K, 3)   # 0 past the end
@@ -392,9 +398,14 @@ def _prefix_kernel(o, q, g, gg, goff, P, out, T, H, NC, scale,
 
 @triton.jit
 def _state_dot(x, S, dt: tl.constexpr, SF32: tl.constexpr, PREC: tl.constexpr):
-    """x `[C, N]` @ Sᵀ for a float32 state S `[M, N]`: in float32 (tf32) when SF32, else in x's dtype.
-    The gate gradient needs SF32: a bf16-rounded state breaks the cancellation in q⊙dq − k⊙dk."""
-    if SF32:
+    """x `[C, N]` @ Sᵀ for a float32 state S `[M, N]`. SF32 0: in x's dtype; 1: in float32 (tf32); 2: S split
+    into two halves in x's dtype (S = hi + lo: ~2^-16 relative for bf16), two dots that keep x as it is.
+    The gate gradient needs SF32 > 0: a bf16-rounded state breaks the cancellation in q⊙dq − k⊙dk."""
+    if SF32 == 2:
+        hi = S.to(dt)
+        lo = (S - hi.to(tl.float32)).to(dt)
+        return tl.dot(x, tl.trans(hi), input_precision=PREC) + tl.dot(x, tl.trans(lo), input_precision=PREC)
+    if SF32 == 1:
         return tl.dot(x.to(tl.float32), tl.trans(S), input_precision=PREC)
     return tl.dot(x, tl.trans(S).to(dt), input_precision=PREC)
 
@@ -476,16 +487,17 @@ def _bwd_dq_kernel(q, k, kd, gb, v, g, gg, do, h0, dq, gq, st, T, H, SEG, NC, sc
 
 
 @triton.jit
-def _bwd_dk_kernel(q, k, kd, gb, v, g, gg, do, dhe, hin, dk, gk, dg, term, dh0, T, H, SEG, NC, scale,
+def _bwd_dk_kernel(q, k, kd, gb, v, g, gg, do, dhe, hin, dk, gk, dg, dgc, term, dh0, T, H, SEG, NC, scale,
                    K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, C: tl.constexpr, GATE: tl.constexpr,
                    HAS_DHE: tl.constexpr, HAS_TERM: tl.constexpr, NEED_DG: tl.constexpr, SF32: tl.constexpr,
                    PREC: tl.constexpr, SPREC: tl.constexpr):
     """One (K-tile, batch·head, segment), walking backward from the gradient of the state leaving the
     segment (rows rk): dk, the k-side gate partial, and segment 0's dh0 rows.
 
-    Per key (GATE 3) it finishes the gate gradient in place: dg holds the q-side partial from the dq kernel;
-    this kernel subtracts k⊙dk and takes the reverse cumulative sum, in the chunk and with a carry across
-    chunks. The carry enters the segment as dg at the first token after it: Σ_v P ⊙ dhe (P the state entering
+    Per key (GATE 3) it takes the gate gradient on in place: dg holds the q-side partial from the dq kernel;
+    this kernel subtracts k⊙dk, leaving dL/dA, and writes each chunk's carry (Σ of dL/dA after the chunk) to
+    dgc `[B·H, NC, K]`; _dg_finish_kernel then takes the reverse sums inside the chunks. The carry enters the
+    segment as dg at the first token after it: Σ_v P ⊙ dhe (P the state entering
     the next segment, hin `[B·H, NS, K, V]`; dhe the gradient of the one leaving this segment, = exp(g_s)⊙dS_s;
     dL/dg_s = Σ_v exp(g_s)S_{s−1}⊙dS_s), so no segment waits for the sums of the later ones; the last segment
     starts from the final-state term. Scalar gates write their tile's k-side partial to gk[..., ik] (the host
@@ -541,9 +553,11 @@ def _bwd_dk_kernel(q, k, kd, gb, v, g, gg, do, dhe, hin, dk, gk, dg, term, dh0, 
             if NEED_DG:
                 part = (scale * tl.load(k + ptr, mask=m[:, None], other=0.0).to(tl.float32) * intra
                         + tl.load(kd + ptr, mask=m[:, None], other=0.0).to(tl.float32) * inter)
+                # dL/dA in place of the q-side partial, and the chunk's carry: _dg_finish_kernel takes the
+                # reverse sums (in this kernel they cost more than that pass, on an H200)
                 d = tl.load(dg + ptr, mask=m[:, None], other=0.0) - part
-                rev = tl.sum(d, 0)[None, :] - tl.cumsum(d, 0) + d       # Σ_{t' ≥ t} within the chunk
-                tl.store(dg + ptr, rev + carry[None, :], mask=m[:, None])
+                tl.store(dg + ptr, d, mask=m[:, None])
+                tl.store(dgc + (bh * NC + t0 // C).to(tl.int64) * K + rk, carry)
                 carry += tl.sum(d, 0)
             dH = dH * tl.exp(bl)[:, None] + scale * tl.dot(tl.trans(bq), bdo, input_precision=PREC)
         else:
@@ -563,6 +577,23 @@ def _bwd_dk_kernel(q, k, kd, gb, v, g, gg, do, dhe, hin, dk, gk, dg, term, dh0, 
         tl.store(dk + row[:, None] * K + rk[None, :], acc.to(dk.dtype.element_ty), mask=m[:, None])
     if js == 0:
         tl.store(dh0 + bh.to(tl.int64) * K * V + rk[:, None] * V + rv[None, :], dH)
+
+
+@triton.jit
+def _dg_finish_kernel(dg, dgc, T, H, NC, K: tl.constexpr, BK: tl.constexpr, C: tl.constexpr):
+    """Per-key dg, one (chunk, batch·head, K-tile): dg_t = Σ_{t' ≥ t in the chunk} d_t' + the chunk's carry
+    (the dk kernel's d in place, and its carry `[B·H, NC, K]`)."""
+    n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    rk = tl.program_id(2) * BK + tl.arange(0, BK)
+    t = n * C + tl.arange(0, C)
+    m = t < T
+    ptr = ((b * T + t).to(tl.int64) * H + h)[:, None] * K + rk[None, :]
+    d = tl.load(dg + ptr, mask=m[:, None], other=0.0)
+    carry = tl.load(dgc + (bh * NC + n).to(tl.int64) * K + rk)
+    tl.store(dg + ptr, tl.sum(d, 0)[None, :] - tl.cumsum(d, 0) + d + carry[None, :], mask=m[:, None])
 
 
 @triton.jit
@@ -738,6 +769,15 @@ def _gate(g, g_gamma, q):
     return 3, g.contiguous(), q, CHUNK_PER_KEY
 
 
+def _state_products(name, GATE, dtype, need_dg) -> int:
+    """_state_dot's mode for kernel ``name``: 0 (in the inputs' dtype) unless the gate gradient needs float32
+    precision; then two bf16 halves or tf32 for bf16 inputs (STATE_PRODUCTS_BF16), tf32 for float16 (whose
+    range might not hold a state's halves)."""
+    if not (need_dg and dtype != torch.float32 and GATE_GRAD_F32_STATE):
+        return 0
+    return STATE_PRODUCTS_BF16.get((GATE, name), 1) if dtype == torch.bfloat16 else 1
+
+
 def _prec(x) -> str:
     # float32 inputs get true float32 products (tf32 would cost ~3e-4 relative error).
     return "ieee" if x.dtype == torch.float32 else "tf32"
@@ -773,11 +813,12 @@ def _gate_operands(q, k, g, C, seg, ns, kn=True, store_b=False) -> _GateOperands
                         torch.empty(B, T, H, K, **f32) if store_b else None,
                         torch.empty(B * H, NC, K, **f32),
                         torch.zeros(B * H, ns, device=x.device, dtype=torch.int32))
-    _gate_operands_kernel[(NC, B * H)](*(t if t is not None else x for t in (q, k)), g,
+    BK, cfg = _launch("ops_b" if store_b else "ops", K, 3)
+    _gate_operands_kernel[(NC, B * H, K // BK)](*(t if t is not None else x for t in (q, k)), g,
                                        *(t if t is not None else x for t in (ops.qd, ops.kn, ops.kd, ops.b)),
-                                       ops.totals, ops.steep, T, H, NC, seg, K=K, C=C, HAS_Q=q is not None,
-                                       HAS_K=k is not None, STORE_KN=ops.kn is not None, STORE_B=store_b,
-                                       num_warps=4)
+                                       ops.totals, ops.steep, T, H, NC, seg, K=K, BK=BK, C=C,
+                                       HAS_Q=q is not None, HAS_K=k is not None, STORE_KN=ops.kn is not None,
+                                       STORE_B=store_b, **cfg)
     return ops
 
 
@@ -1002,8 +1043,8 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True, k
             qdo_states = SegmentStates(seg, *_states(qx, do, gx, gg, GATE, C, seg, ns, scale, True))
     prec = _prec(q)
     # The gate gradient needs the state products in float32 (tf32): bf16 states miss its tolerance.
-    sf32 = need_dg and q.dtype != torch.float32 and GATE_GRAD_F32_STATE
-    sprec = "tf32" if sf32 else prec
+    sf32 = {name: _state_products(name, GATE, q.dtype, need_dg) for name in ("dq", "dk")}
+    sprec = {name: "tf32" if mode == 1 else prec for name, mode in sf32.items()}
     nk = K // BK
     f32 = dict(device=dev, dtype=torch.float32)
     # the state after the last token, for the final-state gate term (when a dht may come)
@@ -1021,7 +1062,7 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True, k
                                     gq if gq is not None else dummy, st if st is not None else dummy,
                                     T, H, seg, NC, scale,
                                     BK=BK, HAS_H0=h0 is not None, STORE_ST=st is not None, NEED_DG=need_dg,
-                                    SF32=sf32, SPREC=sprec, **common, **cq)
+                                    SF32=sf32["dq"], SPREC=sprec["dq"], **common, **cq)
     if deferred:
         dht = _arrived(dht, q)
     term = (st * dht).sum(-1) if st is not None and dht is not None else None   # [B, H, K]
@@ -1029,13 +1070,17 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True, k
     if ns > 1:
         # the gradient of the state leaving each segment (dht past the last): a reverse scan of the (q, do) states
         dhe, _ = _scan(qdo_states.states, qdo_states.log_decays, dhe, reverse=True)
+    # per-key dg: the carry entering each chunk from the later ones (the dk kernel's, for _dg_finish_kernel)
+    dgc = torch.empty(B * H, NC, K, **f32) if GATE == 3 and need_dg else None
     if ops is not None:   # before the dk kernel, which finishes the gate gradient from gq
         _add_levels(1, ops.steep, seg, q, k, v, gt, scale, do=do, dq=dq, gq=gq, need_dg=need_dg)
     _bwd_dk_kernel[(K // BKk, B * H, ns)](qx, kx, kdx, gbx, v, gx, gg, do, dhe if dhe is not None else dummy,
                                     h0 if ns > 1 else dummy, dk, gk if gk is not None else dummy,
-                                    gq if GATE == 3 and need_dg else dummy, term if term is not None else dummy,
+                                    gq if GATE == 3 and need_dg else dummy, dgc if dgc is not None else dummy,
+                                    term if term is not None else dummy,
                                     dh0, T, H, seg, NC, scale, BK=BKk, HAS_DHE=dhe is not None,
-                                    HAS_TERM=term is not None, NEED_DG=need_dg, SF32=sf32, SPREC=sprec, **common, **ck)
+                                    HAS_TERM=term is not None, NEED_DG=need_dg, SF32=sf32["dk"],
+                                    SPREC=sprec["dk"], **common, **ck)
     _bwd_dv_kernel[(V // BV, B * H, ns)](qx, kx, kdx, gx, gg, do, dhe if dhe is not None else dummy, dv, T, H,
                                          seg, NC, scale, BV=BV, HAS_DHE=dhe is not None, **common, **cv)
     if ops is not None:
@@ -1043,7 +1088,9 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True, k
     if not need_dg:
         return dq, dk, dv, None, dh0
     if GATE == 3:
-        return dq, dk, dv, gq.to(g.dtype), dh0      # finished by the dk kernel
+        BKf = min(K, 64)
+        _dg_finish_kernel[(NC, B * H, K // BKf)](gq, dgc, T, H, NC, K=K, BK=BKf, C=C, num_warps=4)
+        return dq, dk, dv, gq.to(g.dtype), dh0
     # scalar gates: dL/dA_t = Σ_tiles (q-side − k-side); dg_s = Σ_{t≥s} dL/dA_t (+ the final-state term)
     dgl = _reverse_cumsum(gq.sum(-1) - gk.sum(-1), 1)                                # [B, T, H]
     if term is not None:
