@@ -299,6 +299,30 @@ def test_public_op_autograd(small_chunks, monkeypatch, segments):
         assert rel_err(a.detach().cpu(), b.detach().cpu()) <= 1e-4
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")   # the interpreter's bf16 (see the module docstring)
+def test_float16_per_key_gates_run_in_bf16(small_chunks, monkeypatch):
+    """float16 with per-key gates overflowed (kn = k⊙exp(−b) leaves float16's range once a gate falls below
+    about −11 inside a chunk: NaN); every entry point now runs them in bf16 and returns float16. The interpreter
+    miscomputes bf16, so this checks the routing; test_gpu_per_key_float16 checks the numbers."""
+    x = _to(make_inputs("g_per_key", 1, 20, 1, 16, 16, torch.float64, seed=4), DEV, torch.float16)
+    q, k, v, g = x["q"], x["k"], x["v"], x["g"].float()
+    for name, call, outs in (
+            ("forward", lambda: tc.forward(q, k, v, g), (0,)),
+            ("backward", lambda: tc.backward(q, k, v, g, None, None, None, torch.ones_like(v), None), (0, 1, 2)),
+            ("segment_state", lambda: tc.segment_state(k, v, g), ()),
+            ("prefix_grad", lambda: tc.prefix_grad(q, g, None, None, torch.ones_like(v)), ())):
+        calls = record_calls(monkeypatch, name)
+        res = call()
+        inner = calls[1]
+        assert [t.dtype for n, t in inner.items() if n in ("q", "k", "v", "do")] == \
+            [torch.bfloat16] * sum(n in inner for n in ("q", "k", "v", "do")), name
+        assert all(res[i].dtype == torch.float16 for i in outs), name
+    # scalar gates keep float16 (their factors stay ≤ 1)
+    calls = record_calls(monkeypatch, "forward")
+    tc.forward(q, k, v, g[..., 0])
+    assert len(calls) == 1
+
+
 def test_clear_errors():
     q = torch.randn(1, 8, 1, 16, device=DEV)
     with pytest.raises(TypeError, match="supports"):
@@ -326,6 +350,13 @@ def test_gpu_forward_backward(decay, dtype, tol):
             check_forward_backward(decay, 2, T, 3, 64, 64, dtype, tol, True, True, seed=T, need_dg=need_dg)
         finally:
             tc.SEGMENTS = None
+
+
+@requires_cuda
+def test_gpu_per_key_float16():
+    """float16 inputs with per-key gates (run in bf16): make_inputs' gates fall to about −20 inside a chunk of 64,
+    past float16's range for exp(−b)."""
+    check_forward_backward("g_per_key", 2, 1000, 3, 64, 64, torch.float16, 1e-2, True, True, seed=5)
 
 
 @requires_cuda

@@ -927,6 +927,16 @@ def _kernel_operands(q, k, gt, ops):
     return ops.qd, ops.kn, ops.kd, ops.b if ops.b is not None else q, ops.totals
 
 
+def _in_bf16(x, g) -> bool:
+    """Per-key gates on float16 inputs run in bf16: kn = k⊙exp(−b) may reach exp(LEVEL_SPAN), far past float16's
+    range (a gate falling below about −11 inside a chunk gave NaN), while bf16 has float32's exponents."""
+    return x.dtype == torch.float16 and g is not None and g.dim() == 4
+
+
+def _bf16(*xs):
+    return tuple(x.to(torch.bfloat16) if x is not None else None for x in xs)
+
+
 def forward(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None, output_final_state=False,
             return_saved=False, kv_states=None):
     """-> (o `[B, T, H, V]` in q's dtype, final state `[B, H, K, V]` float32 or None).
@@ -936,6 +946,9 @@ def forward(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None, outpu
     prefixes it entered its segments with (this initial_state included; None when the sequence ran as one
     segment), for ``backward(..., kv_states=...)`` with the same initial_state."""
     _check(q, v, k, initial_state)
+    if _in_bf16(q, g):
+        out = forward(*_bf16(q, k, v), g, g_gamma, scale, initial_state, output_final_state, return_saved, kv_states)
+        return (out[0].to(q.dtype),) + tuple(out[1:])
     B, T, H, K = q.shape
     V = v.shape[-1]
     scale = K ** -0.5 if scale is None else scale
@@ -1006,6 +1019,10 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True, k
     for the gate gradient)."""
     deferred = callable(dht)
     _check(q, v, k, do, initial_state, None if deferred else dht)
+    if _in_bf16(q, g):
+        dq, dk, dv, dg, dh0 = backward(*_bf16(q, k, v), g, g_gamma, scale, initial_state, *_bf16(do), dht, need_dg,
+                                       kv_states, qdo_states)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg, dh0
     B, T, H, K = q.shape
     V = v.shape[-1]
     scale = K ** -0.5 if scale is None else scale
@@ -1110,6 +1127,8 @@ def segment_state(k, v, g=None, g_gamma=None, return_saved=False, keep_prefixes=
     A state-only pass (no q, no output); long segments are split across SMs and combined by a scan.
     """
     _check(k, v)
+    if _in_bf16(k, g):
+        return segment_state(*_bf16(k, v), g, g_gamma, return_saved, keep_prefixes)
     B, T, H, K = k.shape
     V = v.shape[-1]
     k, v = k.contiguous(), v.contiguous()
@@ -1140,6 +1159,8 @@ def prefix_grad(q, g, g_gamma, scale, do, return_saved=False):
     `[B, H, K, V]`; with return_saved also the per-segment :class:`SegmentStates` (or None) for
     ``backward(..., qdo_states=...)``."""
     _check(q, do)
+    if _in_bf16(q, g):
+        return prefix_grad(*_bf16(q), g, g_gamma, scale, *_bf16(do), return_saved)
     B, T, H, K = q.shape
     V = do.shape[-1]
     scale = K ** -0.5 if scale is None else scale
