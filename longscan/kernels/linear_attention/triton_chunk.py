@@ -228,12 +228,11 @@ def _gate_operands_kernel(q, k, g, qd, kn, kd, gb, gl, steep, T, H, NC, SEG,
                           STORE_KN: tl.constexpr, STORE_B: tl.constexpr):
     """Per-key gates, one (chunk, batch·head, K-tile): the decayed operands every per-key kernel reads in place of g,
     so none of them holds a `[C, K]` gate tile, its cumulative sum or its exps (those cost half the per-key
-    forward and kept its chunks at 32, where Triton's dots cannot use Hopper's wgmma).
-    Writes, in q's layout and dtype: qd = q⊙exp(b), kn = k⊙kf (with STORE_KN) and kd = k⊙kd_f (level 0's
-    factors, _key_factors),
-    b the chunk-local inclusive cumulative gate; with STORE_B, b itself (float32, the backward's output factors);
-    gl `[B·H, NC, K]` float32, the chunk totals b_C; and marks the chunk's segment in steep `[B·H, NS]` when a
-    key falls to −LEVEL_SPAN inside it (_levels_kernel then visits it)."""
+    forward and kept its chunks at 32 tokens, where Triton compiles the dots to mma.sync rather than wgmma).
+    Writes, in q's layout and dtype, with b the chunk-local inclusive cumulative gate and level 0's factors
+    (_key_factors): qd = q⊙exp(b), kn = k⊙kf (with STORE_KN) and kd = k⊙kd_f; with STORE_B, b itself (float32,
+    the backward's output factors); gl `[B·H, NC, K]` float32, the chunk totals b_C; and marks the chunk's
+    segment in steep `[B·H, NS]` when a key falls to −LEVEL_SPAN inside it (_levels_kernel then visits it)."""
     n = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
