@@ -866,8 +866,7 @@ def _states(x, y, g, gg, GATE, C, seg, ns, scale, from_start):
     a = torch.empty(B, H, ns, K, device=x.device, dtype=torch.float32)
     BV, cfg = _launch("state", V, GATE)
     _state_kernel[(V // BV, B * H, ns)](x, y, g, gg, s, a, T, H, seg, triton.cdiv(T, C), scale, K=K, V=V, BV=BV,
-                                       C=C, GATE=GATE,
-                                       FROM_START=from_start, PREC=_prec(x), **cfg)
+                                       C=C, GATE=GATE, FROM_START=from_start, PREC=_prec(x), **cfg)
     return s, a
 
 
@@ -1059,7 +1058,8 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True, k
         if qdo_states is None:
             qdo_states = SegmentStates(seg, *_states(qx, do, gx, gg, GATE, C, seg, ns, scale, True))
     prec = _prec(q)
-    # The gate gradient needs the state products in float32 (tf32): bf16 states miss its tolerance.
+    # The gate gradient needs the state products in float32 precision (bf16 states miss its tolerance):
+    # tf32 or two bf16 halves of the state, per kernel (_state_products).
     sf32 = {name: _state_products(name, GATE, q.dtype, need_dg) for name in ("dq", "dk")}
     sprec = {name: "tf32" if mode == 1 else prec for name, mode in sf32.items()}
     nk = K // BK
@@ -1068,7 +1068,7 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True, k
     st = torch.empty(B, H, K, V, **f32) if need_dg and (deferred or dht is not None) else None
     gq = gk = None
     if GATE == 3 and need_dg:
-        gq = torch.empty(B, T, H, K, **f32)          # the q-side partial, finished in place by the dk kernel
+        gq = torch.empty(B, T, H, K, **f32)          # the q-side partial; dg in place after dk and _dg_finish_kernel
     elif need_dg:
         gq = torch.empty(B, T, H, nk, **f32)         # the q-side partial of each dq K-tile
         gk = torch.empty(B, T, H, K // BKk, **f32)   # ... and the k-side one of each dk K-tile
@@ -1089,7 +1089,7 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True, k
         dhe, _ = _scan(qdo_states.states, qdo_states.log_decays, dhe, reverse=True)
     # per-key dg: the carry entering each chunk from the later ones (the dk kernel's, for _dg_finish_kernel)
     dgc = torch.empty(B * H, NC, K, **f32) if GATE == 3 and need_dg else None
-    if ops is not None:   # before the dk kernel, which finishes the gate gradient from gq
+    if ops is not None:   # before the dk kernel, which takes the gate gradient on from gq
         _add_levels(1, ops.steep, seg, q, k, v, gt, scale, do=do, dq=dq, gq=gq, need_dg=need_dg)
     _bwd_dk_kernel[(K // BKk, B * H, ns)](qx, kx, kdx, gbx, v, gx, gg, do, dhe if dhe is not None else dummy,
                                     h0 if ns > 1 else dummy, dk, gk if gk is not None else dummy,
