@@ -183,6 +183,43 @@ def test_backward_reuses_forward_segment_states(small_chunks, monkeypatch, decay
 
 
 @pytest.mark.parametrize("segments", [None, 3])
+def test_backward_reuses_forward_gate_operands(small_chunks, monkeypatch, segments):
+    """Per-key gates: forward(return_saved=True) keeps its decayed operands and the backward's factors, and the
+    backward reads them in place of its own pre-pass (same gradients; changed factors change dq and dk);
+    with KEEP_GATE_OPERANDS off it keeps none."""
+    monkeypatch.setattr(tc, "SEGMENTS", segments)
+    x = _to(make_inputs("g_per_key", 1, 40, 2, 16, 16, torch.float64, seed=15), DEV, torch.float32)
+    do = torch.randn(1, 40, 2, 16, generator=torch.Generator().manual_seed(16)).to(DEV)
+    args = (x["q"], x["k"], x["v"], x["g"], None, None, x["initial_state"])
+    _, _, saved = tc.forward(*args, False, return_saved=True)
+    assert saved is not None and saved.operands is not None and saved.operands.complete
+    assert saved.n == (segments or 1)
+    pre_passes = record_calls(monkeypatch, "_gate_operands")
+    with_saved = tc.backward(*args, do, None, kv_states=saved)
+    assert pre_passes == []
+    recomputed = tc.backward(*args, do, None)
+    assert len(pre_passes) == 1
+    for a, b in zip(with_saved, recomputed):
+        assert rel_err(a.cpu(), b.cpu()) <= 1e-6
+    ops = dataclasses.replace(saved.operands, eq=saved.operands.eq * 2, ek=saved.operands.ek * 2)
+    dq, dk = tc.backward(*args, do, None, kv_states=dataclasses.replace(saved, operands=ops))[:2]
+    assert rel_err(dq.cpu(), recomputed[0].cpu()) > 0.1 and rel_err(dk.cpu(), recomputed[1].cpu()) > 1e-2
+    monkeypatch.setattr(tc, "KEEP_GATE_OPERANDS", False)
+    saved = tc.forward(*args, False, return_saved=True)[2]
+    assert (saved is None) if segments is None else (saved.operands is None)
+
+
+def test_autograd_op_keeps_nothing_without_gradients(small_chunks, monkeypatch):
+    """The autograd op asks the forward for what its backward reuses only when a backward will come."""
+    x = make_inputs("g_per_key", 1, 20, 1, 16, 16, torch.float32, seed=3)
+    calls = record_calls(monkeypatch, "forward")
+    q, k, v, g = (x[n].to(DEV) for n in ("q", "k", "v", "g"))
+    chunk_linear_attention(q, k, v, g, backend="triton")
+    chunk_linear_attention(q, k, v, g.requires_grad_(), backend="triton")
+    assert [c.get("return_saved", False) for c in calls] == [False, True]
+
+
+@pytest.mark.parametrize("segments", [None, 3])
 @pytest.mark.parametrize("decay", DECAYS)
 def test_backward_takes_dht_late(small_chunks, monkeypatch, decay, segments):
     """dht as a function: called once the dq kernel has been launched (SP's reverse collective runs beside
@@ -251,19 +288,22 @@ def steep_gates(x, start=0):
     g[:, 5, :, 3] = -300.0
 
 
+@pytest.mark.parametrize("reuse", [False, True])
 @pytest.mark.parametrize("start", [0, 32])
 @pytest.mark.parametrize("tiles", [False, True])
 @pytest.mark.parametrize("segments", [None, 2])
-def test_per_key_gates_that_fall_steeply(small_chunks, monkeypatch, segments, tiles, start):
+def test_per_key_gates_that_fall_steeply(small_chunks, monkeypatch, segments, tiles, start, reuse):
     """Gates whose chunk sums reach -1600: every kernel stays finite and matches float64 (the levels of the
     per-key factorisation; a single exp(b)·exp(-b) factorisation gives NaN here). start=32: only the second
-    of two segments (tokens 32..44) is steep, so the first is left alone."""
+    of two segments (tokens 32..44) is steep, so the first is left alone. reuse: the backward reads the
+    forward's gate operands and steep marks (as the autograd op runs it)."""
     monkeypatch.setattr(tc, "SEGMENTS", segments)
     if tiles:   # K-tiles of 16 keys: the levels are found per tile
         monkeypatch.setattr(tc, "CONFIG", {n: dict(block=16, num_warps=4, num_stages=2) for n in tc.CONFIG})
         monkeypatch.setattr(tc, "CONFIG_PER_KEY", {})
-    check_forward_backward("g_per_key", 1, 45, 2, 32, 16, torch.float32, 1e-4, True, with_dht=True, seed=31,
-                           edit=lambda x: steep_gates(x, start))
+    saved = check_forward_backward("g_per_key", 1, 45, 2, 32, 16, torch.float32, 1e-4, True, with_dht=True,
+                                   seed=31, reuse=reuse, edit=lambda x: steep_gates(x, start))
+    assert not reuse or saved.operands.complete
 
 
 def test_sp_decomposition_equals_whole(small_chunks):
@@ -344,10 +384,11 @@ def test_gpu_forward_backward(decay, dtype, tol):
     # The g_gamma gradient misses the tolerance on a GPU (bf16 9.9e-2, float32 1.7e-4 on an H100): the
     # dispatch refuses a learnable g_gamma on Triton, so it is not asked for here
     need_dg = decay != "g_gamma"
-    for T, segments in ((1000, None), (777, 4)):
+    for T, segments, reuse in ((1000, None, False), (777, 4, True)):   # reuse: as the autograd op runs it
         tc.SEGMENTS = segments
         try:
-            check_forward_backward(decay, 2, T, 3, 64, 64, dtype, tol, True, True, seed=T, need_dg=need_dg)
+            check_forward_backward(decay, 2, T, 3, 64, 64, dtype, tol, True, True, seed=T, need_dg=need_dg,
+                                   reuse=reuse)
         finally:
             tc.SEGMENTS = None
 
@@ -364,4 +405,4 @@ def test_gpu_per_key_float16():
 def test_gpu_head_dim_128_long(decay):
     """The benchmark head size, a long single sequence (segment-parallel path chosen automatically)."""
     check_forward_backward(decay, 1, 4100, 2, 128, 128, torch.bfloat16, 1e-2, True, True, seed=1,
-                           need_dg=decay != "g_gamma")
+                           need_dg=decay != "g_gamma", reuse=True)

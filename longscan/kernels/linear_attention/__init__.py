@@ -9,7 +9,8 @@ Every backend module provides:
       what they return; forward(..., kv_states=) and backward(..., kv_states=, qdo_states=) take them. The
       forward's hold the states entering its segments, its initial_state included: they are for a backward
       with the same initial_state only (not for another forward); segment_state(..., return_saved=True,
-      keep_prefixes=True) also keeps the segment prefixes from zero, for a forward without initial_state
+      keep_prefixes=True) also keeps the segment prefixes from zero, for a forward without initial_state;
+      the forward's may also hold per-key gates' decayed operands (KEEP_GATE_OPERANDS), for its backward
   optionally, with LATE_DHT = True (Triton), backward(..., dht=function) calls the function for dht only after
       launching the work that needs no dht (the dq kernel), so SP's reverse collective runs beside it
   segment_state(k, v, g, g_gamma) -> (S_loc [B,H,K,V] f32, log_decay [B,H,K] f32)
@@ -111,8 +112,10 @@ def check_inputs(q, k, v, g=None, g_gamma=None, initial_state=None) -> None:
 class _ChunkLinearAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, g_gamma, initial_state, scale, output_final_state, impl):
-        ctx.reuse = None   # what a backend's forward hands its backward (the Triton segment prefixes, h0 included)
-        if getattr(impl, "REUSES_SEGMENT_STATES", False):
+        # what a backend's forward hands its backward (Triton: the segment prefixes, h0 included, and the
+        # per-key gate operands), only when a backward will come
+        ctx.reuse = None
+        if getattr(impl, "REUSES_SEGMENT_STATES", False) and any(ctx.needs_input_grad):
             o, ht, ctx.reuse = impl.forward(q, k, v, g, g_gamma, scale, initial_state, output_final_state,
                                             return_saved=True)
         else:

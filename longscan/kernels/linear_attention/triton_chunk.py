@@ -85,6 +85,10 @@ _DIMS = (16, 32, 64, 128)
 # dispatch refuses a g_gamma that requires grad here (the models keep g_gamma a fixed buffer).
 SUPPORTS_G_GAMMA_GRAD = False
 REUSES_SEGMENT_STATES = True  # entry points hand each other their per-segment states (SegmentStates)
+# Per-key gates: forward(..., return_saved=True) keeps its decayed operands and the backward's factors (five
+# tensors the size of q, held until the backward) so the backward skips its own pre-pass; False: the backward
+# recomputes them (H200, 16x4096: that pre-pass took 0.85 ms of a 5.46 ms forward+backward).
+KEEP_GATE_OPERANDS = True
 LATE_DHT = True  # backward(dht=function) launches its dq kernel before it asks for dht (SP's reverse collective)
 GATE_GRAD_F32_STATE = True  # state products of the gate-gradient backward in float32 precision (bf16 states miss 1e-2)
 # ... how, for bf16 inputs, per (gate kind, kernel): 1 tf32, 2 two bf16 halves of the state (_state_dot).
@@ -123,7 +127,13 @@ def _key_factors(bc, bl):
     and takes the held part back. On a steeper key kf is still bounded and continuous in (b, b_C), and
     _levels_kernel takes it back whole. (Continuous: kernels whose b differ in rounding agree to rounding.)"""
     kd = tl.exp(bl[None, :] - bc)
-    return tl.minimum(kd * tl.exp(tl.minimum(-bl, 80.0))[None, :], HELD), kd
+    return _held_factor(kd, bl), kd
+
+
+@triton.jit
+def _held_factor(kd, bl):
+    """Level 0's key factor kf `[C, BK]` from the state's kd = exp(b_C − b) and the chunk totals bl (_key_factors)."""
+    return tl.minimum(kd * tl.exp(tl.minimum(-bl, 80.0))[None, :], HELD)
 
 
 @triton.jit
@@ -224,15 +234,15 @@ def _fwd_kernel(q, k, kd, v, g, gg, o, h0, ht, T, H, SEG, NC, scale,
 
 
 @triton.jit
-def _gate_operands_kernel(q, k, g, qd, kn, kd, gb, gl, steep, T, H, NC, SEG,
+def _gate_operands_kernel(q, k, g, qd, kn, kd, eq, ek, gl, steep, T, H, NC, SEG,
                           K: tl.constexpr, BK: tl.constexpr, C: tl.constexpr, HAS_Q: tl.constexpr, HAS_K: tl.constexpr,
-                          STORE_KN: tl.constexpr, STORE_B: tl.constexpr):
+                          STORE_KN: tl.constexpr, STORE_F: tl.constexpr):
     """Per-key gates, one (chunk, batch·head, K-tile): the decayed operands every per-key kernel reads in place of g,
     so none of them holds a `[C, K]` gate tile, its cumulative sum or its exps (those cost half the per-key
     forward and kept its chunks at 32 tokens, where Triton compiles the dots to mma.sync rather than wgmma).
     Writes, in q's layout and dtype, with b the chunk-local inclusive cumulative gate and level 0's factors
-    (_key_factors): qd = q⊙exp(b), kn = k⊙kf (with STORE_KN) and kd = k⊙kd_f; with STORE_B, b itself (float32,
-    the backward's output factors); gl `[B·H, NC, K]` float32, the chunk totals b_C; and marks the chunk's
+    (_key_factors): qd = q⊙exp(b), kn = k⊙kf (with STORE_KN) and kd = k⊙kd_f; with STORE_F, the factors
+    eq = exp(b) and ek = kd_f themselves (the backward's output factors: dq's and dk's); gl `[B·H, NC, K]` float32, the chunk totals b_C; and marks the chunk's
     segment in steep `[B·H, NS]` when a key falls to −LEVEL_SPAN inside it (_levels_kernel then visits it)."""
     n = tl.program_id(0)
     bh = tl.program_id(1)
@@ -254,8 +264,9 @@ def _gate_operands_kernel(q, k, g, qd, kn, kd, gb, gl, steep, T, H, NC, SEG,
         if STORE_KN:
             tl.store(kn + ptr, (bk * kf).to(kn.dtype.element_ty), mask=m[:, None])
         tl.store(kd + ptr, (bk * kdf).to(kd.dtype.element_ty), mask=m[:, None])
-    if STORE_B:
-        tl.store(gb + ptr, bc, mask=m[:, None])
+    if STORE_F:
+        tl.store(eq + ptr, tl.exp(bc).to(eq.dtype.element_ty), mask=m[:, None])
+        tl.store(ek + ptr, _key_factors(bc, bl)[1].to(ek.dtype.element_ty), mask=m[:, None])
     tl.store(gl + (bh * NC + n).to(tl.int64) * K + rk, bl)
     if tl.min(bl) <= -LEVEL_SPAN:   # with log gates ≤ 0 a chunk's total is its lowest cumulative gate
         ns = tl.cdiv(T, SEG)
@@ -411,7 +422,7 @@ def _state_dot(x, S, dt: tl.constexpr, SF32: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
-def _bwd_dq_kernel(q, k, kd, gb, v, g, gg, do, h0, dq, gq, st, T, H, SEG, NC, scale,
+def _bwd_dq_kernel(q, k, kd, eq, v, g, gg, do, h0, dq, gq, st, T, H, SEG, NC, scale,
                    K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, C: tl.constexpr, GATE: tl.constexpr,
                    HAS_H0: tl.constexpr, STORE_ST: tl.constexpr, NEED_DG: tl.constexpr, SF32: tl.constexpr,
                    PREC: tl.constexpr, SPREC: tl.constexpr):
@@ -421,7 +432,7 @@ def _bwd_dq_kernel(q, k, kd, gb, v, g, gg, do, h0, dq, gq, st, T, H, SEG, NC, sc
     last segment also writes the state after the last token, S_T (rows rk), to st: the host forms the
     final-state gate term Σ_v S_T⊙dht from it once dht is there (so dht is not needed before this kernel).
 
-    Per key, q, k, kd, gb and g are _gate_operands_kernel's qd, kn, kd, b and chunk totals. The gate partials
+    Per key, q, k, kd, eq and g are _gate_operands_kernel's qd, kn, kd, eq and chunk totals. The gate partials
     multiply by the same bf16-rounded decayed operands (qd, kn, kd) that built the other side's terms, so that
     q⊙dq − k⊙dk cancels as it does in exact arithmetic."""
     ik = tl.program_id(0)
@@ -459,7 +470,7 @@ def _bwd_dq_kernel(q, k, kd, gb, v, g, gg, do, h0, dq, gq, st, T, H, SEG, NC, sc
         elif GATE == 3:
             x = inter + tl.dot(tl.where(causal, dA, 0.0).to(dt), bk, input_precision=PREC)   # bk: kn
             ptr = row[:, None] * K + rk[None, :]
-            acc = x * tl.exp(tl.load(gb + ptr, mask=m[:, None], other=0.0))   # level 0's query factor exp(b)
+            acc = x * tl.load(eq + ptr, mask=m[:, None], other=0.0).to(tl.float32)   # level 0's query factor exp(b)
             if NEED_DG:
                 tl.store(gq + ptr, scale * tl.load(q + ptr, mask=m[:, None], other=0.0).to(tl.float32) * x,
                          mask=m[:, None])
@@ -487,7 +498,7 @@ def _bwd_dq_kernel(q, k, kd, gb, v, g, gg, do, h0, dq, gq, st, T, H, SEG, NC, sc
 
 
 @triton.jit
-def _bwd_dk_kernel(q, k, kd, gb, v, g, gg, do, dhe, hin, dk, gk, dg, dgc, term, dh0, T, H, SEG, NC, scale,
+def _bwd_dk_kernel(q, k, kd, ek, v, g, gg, do, dhe, hin, dk, gk, dg, dgc, term, dh0, T, H, SEG, NC, scale,
                    K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, C: tl.constexpr, GATE: tl.constexpr,
                    HAS_DHE: tl.constexpr, HAS_TERM: tl.constexpr, NEED_DG: tl.constexpr, SF32: tl.constexpr,
                    PREC: tl.constexpr, SPREC: tl.constexpr):
@@ -502,7 +513,7 @@ def _bwd_dk_kernel(q, k, kd, gb, v, g, gg, do, dhe, hin, dk, gk, dg, dgc, term, 
     dL/dg_s = Σ_v exp(g_s)S_{s−1}⊙dS_s), so no segment waits for the sums of the later ones; the last segment
     starts from the final-state term. Scalar gates write their tile's k-side partial to gk[..., ik] (the host
     sums: a 1-D reverse cumulative sum in this kernel made the scalar-gate backward 6% slower on an H100).
-    Per key, q, k, kd, gb and g are _gate_operands_kernel's qd, kn, kd, b and chunk totals."""
+    Per key, q, k, kd, ek and g are _gate_operands_kernel's qd, kn, kd, ek and chunk totals."""
     ik = tl.program_id(0)
     bh = tl.program_id(1)
     js = tl.program_id(2)
@@ -548,7 +559,8 @@ def _bwd_dk_kernel(q, k, kd, gb, v, g, gg, do, dhe, hin, dk, gk, dg, dgc, term, 
             intra = tl.dot(tl.where(causal_t, dAt, 0.0).to(dt), bq, input_precision=PREC)
             ptr = row[:, None] * K + rk[None, :]
             bl = _chunk_totals(g, bh, t0, NC, rk, K, C)
-            kf, kdf = _key_factors(tl.load(gb + ptr, mask=m[:, None], other=0.0), bl)
+            kdf = tl.load(ek + ptr, mask=m[:, None], other=0.0).to(tl.float32)
+            kf = _held_factor(kdf, bl)
             acc = scale * intra * kf + inter * kdf
             if NEED_DG:
                 part = (scale * tl.load(k + ptr, mask=m[:, None], other=0.0).to(tl.float32) * intra
@@ -792,17 +804,25 @@ def _launch(name: str, dim: int, GATE: int = 0):
 @dataclasses.dataclass
 class _GateOperands:
     """Per-key gates: what _gate_operands_kernel wrote for one call. qd, kn, kd like q / k (None where not
-    asked for); b float32 like g or None; totals `[B·H, NC, K]` float32; steep `[B·H, ns]` int32 marks."""
+    asked for); the backward's factors eq = exp(b), ek = exp(b_C − b) like q, or None; totals `[B·H, NC, K]`
+    float32; steep `[B·H, ns]` int32 marks."""
     qd: torch.Tensor | None
     kn: torch.Tensor | None
     kd: torch.Tensor | None
-    b: torch.Tensor | None
+    eq: torch.Tensor | None
+    ek: torch.Tensor | None
     totals: torch.Tensor
     steep: torch.Tensor
 
+    @property
+    def complete(self) -> bool:
+        """Everything the backward reads."""
+        return all(x is not None for x in (self.qd, self.kn, self.kd, self.eq, self.ek))
 
-def _gate_operands(q, k, g, C, seg, ns, kn=True, store_b=False) -> _GateOperands:
-    """Run _gate_operands_kernel over q and/or k (either may be None; kn=False skips writing kn)."""
+
+def _gate_operands(q, k, g, C, seg, ns, kn=True, factors=False) -> _GateOperands:
+    """Run _gate_operands_kernel over q and/or k (either may be None; kn=False skips writing kn; factors: also
+    eq and ek, for the backward, which needs both q and k)."""
     x = q if q is not None else k
     B, T, H, K = x.shape
     NC = triton.cdiv(T, C)
@@ -810,15 +830,16 @@ def _gate_operands(q, k, g, C, seg, ns, kn=True, store_b=False) -> _GateOperands
     ops = _GateOperands(torch.empty_like(q) if q is not None else None,
                         torch.empty_like(k) if k is not None and kn else None,
                         torch.empty_like(k) if k is not None else None,
-                        torch.empty(B, T, H, K, **f32) if store_b else None,
+                        torch.empty_like(q) if factors else None,
+                        torch.empty_like(q) if factors else None,
                         torch.empty(B * H, NC, K, **f32),
                         torch.zeros(B * H, ns, device=x.device, dtype=torch.int32))
-    BK, cfg = _launch("ops_b" if store_b else "ops", K, 3)
+    BK, cfg = _launch("ops_b" if factors else "ops", K, 3)
     _gate_operands_kernel[(NC, B * H, K // BK)](*(t if t is not None else x for t in (q, k)), g,
-                                       *(t if t is not None else x for t in (ops.qd, ops.kn, ops.kd, ops.b)),
+                                       *(t if t is not None else x for t in (ops.qd, ops.kn, ops.kd, ops.eq, ops.ek)),
                                        ops.totals, ops.steep, T, H, NC, seg, K=K, BK=BK, C=C,
                                        HAS_Q=q is not None, HAS_K=k is not None, STORE_KN=ops.kn is not None,
-                                       STORE_B=store_b, **cfg)
+                                       STORE_F=factors, **cfg)
     return ops
 
 
@@ -895,16 +916,20 @@ class SegmentStates:
     in place of ``states`` (then None): the backward needs only the prefixes, and both would hold two states
     per segment until the backward. ``zero_prefixes`` (same shape), set beside ``states`` by
     ``segment_state(..., return_saved=True, keep_prefixes=True)``: the states entering each segment from a
-    zero initial state, which a forward without initial_state uses in place of its own scan."""
+    zero initial state, which a forward without initial_state uses in place of its own scan. ``operands``, set
+    by ``forward(..., return_saved=True)`` on per-key gates while KEEP_GATE_OPERANDS: its decayed operands and
+    the backward's factors, so the backward skips its own pre-pass (then the value is returned even for a
+    sequence run as one segment, with ``log_decays`` None)."""
     seg: int
     states: torch.Tensor | None
-    log_decays: torch.Tensor
+    log_decays: torch.Tensor | None
     prefixes: torch.Tensor | None = None
     zero_prefixes: torch.Tensor | None = None
+    operands: _GateOperands | None = None
 
     @property
     def n(self) -> int:
-        return self.log_decays.shape[2]
+        return self.log_decays.shape[2] if self.log_decays is not None else 1
 
 
 def _split(B, H, T, V, C, GATE, device):
@@ -919,11 +944,11 @@ def _kv_states(k, v, gt, gg, GATE, C, seg, ns) -> SegmentStates:
 
 
 def _kernel_operands(q, k, gt, ops):
-    """-> (q, k, kd, b, g) as the main kernels take them: per-key gates (ops) their decayed operands and chunk
-    totals, else the inputs (q stands in for what a kind does not read)."""
+    """-> (q, k, kd, eq, ek, g) as the main kernels take them: per-key gates (ops) their decayed operands,
+    factors and chunk totals, else the inputs (q stands in for what a kind does not read)."""
     if ops is None:
-        return q, k, q, q, gt
-    return ops.qd, ops.kn, ops.kd, ops.b if ops.b is not None else q, ops.totals
+        return q, k, q, q, q, gt
+    return ops.qd, ops.kn, ops.kd, *(x if x is not None else q for x in (ops.eq, ops.ek)), ops.totals
 
 
 def _in_bf16(x, g) -> bool:
@@ -942,8 +967,9 @@ def forward(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None, outpu
 
     kv_states: this sequence's :class:`SegmentStates` from :func:`segment_state` (SP computes them first),
     so the forward skips its own state pass. return_saved: also return a :class:`SegmentStates` with the
-    prefixes it entered its segments with (this initial_state included; None when the sequence ran as one
-    segment), for ``backward(..., kv_states=...)`` with the same initial_state."""
+    prefixes it entered its segments with (this initial_state included) and, for per-key gates while
+    KEEP_GATE_OPERANDS, its gate operands (None when neither: one segment, no per-key gates), for
+    ``backward(..., kv_states=...)`` of the same inputs and initial_state."""
     _check(q, v, k, initial_state)
     if _in_bf16(q, g):
         out = forward(*_bf16(q, k, v), g, g_gamma, scale, initial_state, output_final_state, return_saved, kv_states)
@@ -962,8 +988,9 @@ def forward(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None, outpu
     BV, cfg = _launch("fwd", V, GATE)
     seg, ns = (kv_states.seg, kv_states.n) if kv_states is not None else _split(B, H, T, V, C, GATE, q.device)
     h0 = initial_state.contiguous() if initial_state is not None else None
-    ops = _gate_operands(q, k, gt, C, seg, ns) if GATE == 3 else None
-    qx, kx, kdx, _, gx = _kernel_operands(q, k, gt, ops)
+    keep = return_saved and KEEP_GATE_OPERANDS   # for the backward: its factors too
+    ops = _gate_operands(q, k, gt, C, seg, ns, factors=keep) if GATE == 3 else None
+    qx, kx, kdx, _, _, gx = _kernel_operands(q, k, gt, ops)
     if ns > 1:
         # Long sequences: every segment's state in parallel, a scan for the prefixes, then all segments.
         if kv_states is None:
@@ -976,16 +1003,19 @@ def forward(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None, outpu
             h0, final = _scan(kv_states.states, kv_states.log_decays, h0, reverse=False)
             if ht is not None:
                 ht.copy_(final)
-        kv_states = SegmentStates(seg, None, kv_states.log_decays, h0)
+        saved = SegmentStates(seg, None, kv_states.log_decays, h0)
     else:
-        kv_states = None
+        saved = None
+    if keep and ops is not None:
+        saved = saved if saved is not None else SegmentStates(seg, None, None)
+        saved.operands = ops
     _fwd_kernel[(V // BV, B * H, ns)](qx, kx, kdx, v, gx, gg, o, h0 if h0 is not None else q,
                                       ht if ht is not None else o, T, H, seg, triton.cdiv(T, C), scale,
                                       K=K, V=V, BV=BV, C=C, GATE=GATE, HAS_H0=h0 is not None,
                                       STORE_HT=(ht is not None and ns == 1), PREC=_prec(q), **cfg)
     if ops is not None:
         _add_levels(0, ops.steep, seg, q, k, v, gt, scale, o=o)
-    return (o, ht, kv_states) if return_saved else (o, ht)
+    return (o, ht, saved) if return_saved else (o, ht)
 
 
 def _arrived(dht, q):
@@ -1043,9 +1073,13 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True, k
     if any((x.seg, x.n) != (seg, ns) for x in given):
         raise ValueError("kv_states and qdo_states must come from the same segment plan")
     h0 = initial_state.contiguous() if initial_state is not None else None
-    # per-key gates: the decayed operands, and b for the gradients' own factors
-    ops = _gate_operands(q, k, gt, C, seg, ns, store_b=True) if GATE == 3 else None
-    qx, kx, kdx, gbx, gx = _kernel_operands(q, k, gt, ops)
+    # per-key gates: the decayed operands and the gradients' own factors (the forward's, when it kept them)
+    ops = None
+    if GATE == 3:
+        ops = kv_states.operands if kv_states is not None else None
+        if ops is None or not ops.complete:
+            ops = _gate_operands(q, k, gt, C, seg, ns, factors=True)
+    qx, kx, kdx, eqx, ekx, gx = _kernel_operands(q, k, gt, ops)
     if ns > 1:
         if kv_states is not None and kv_states.prefixes is not None:
             h0 = kv_states.prefixes
@@ -1075,7 +1109,7 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True, k
     dummy = q
     common = dict(K=K, V=V, C=C, GATE=GATE, PREC=prec)
     NC = triton.cdiv(T, C)
-    _bwd_dq_kernel[(nk, B * H, ns)](qx, kx, kdx, gbx, v, gx, gg, do, h0 if h0 is not None else dummy, dq,
+    _bwd_dq_kernel[(nk, B * H, ns)](qx, kx, kdx, eqx, v, gx, gg, do, h0 if h0 is not None else dummy, dq,
                                     gq if gq is not None else dummy, st if st is not None else dummy,
                                     T, H, seg, NC, scale,
                                     BK=BK, HAS_H0=h0 is not None, STORE_ST=st is not None, NEED_DG=need_dg,
@@ -1091,7 +1125,7 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True, k
     dgc = torch.empty(B * H, NC, K, **f32) if GATE == 3 and need_dg else None
     if ops is not None:   # before the dk kernel, which takes the gate gradient on from gq
         _add_levels(1, ops.steep, seg, q, k, v, gt, scale, do=do, dq=dq, gq=gq, need_dg=need_dg)
-    _bwd_dk_kernel[(K // BKk, B * H, ns)](qx, kx, kdx, gbx, v, gx, gg, do, dhe if dhe is not None else dummy,
+    _bwd_dk_kernel[(K // BKk, B * H, ns)](qx, kx, kdx, ekx, v, gx, gg, do, dhe if dhe is not None else dummy,
                                     h0 if ns > 1 else dummy, dk, gk if gk is not None else dummy,
                                     gq if GATE == 3 and need_dg else dummy, dgc if dgc is not None else dummy,
                                     term if term is not None else dummy,
