@@ -10,6 +10,7 @@ Prints a markdown table and writes it (with device, date, commit) to --out.
 
     PYTHONPATH=. python benchmarks/kernels.py --out benchmarks/kernels_rows.md
     PYTHONPATH=. python benchmarks/kernels.py --only anchors,linear --kinds gk   # the per-key rows alone
+(--kinds picks the decay kinds of the linear and the SP rows.)
 """
 from __future__ import annotations
 
@@ -130,7 +131,7 @@ SP_SHAPES = ((1, 16384), (1, 65536), (4, 4096))   # one rank's local tokens
 SP_DELAY_US = 100   # a stand-in collective's length: about a ZeCO scan of 1 MB states over 8 NVLink GPUs (estimate)
 
 
-def sp_overhead(bw):
+def sp_overhead(bw, kinds=("g_gamma", "g")):
     """One rank's local work (a 4-way split of 65,536 tokens: B=1, or 4 sequences of 16,384; and 1×65,536)
     against the plain kernel on the same local tokens, run by the SP operators' own code
     (parallel/linear/common.py) on one GPU, with a stand-in collective that returns P or R at once, or
@@ -140,7 +141,8 @@ def sp_overhead(bw):
       backward: prefix_grad -> [reverse collective beside the dq kernel] -> the rest of the backward, or
         "serial": the backward waits for the collective before it starts.
     Timed eagerly and as CUDA-graph replays (the GPU's time alone: eager SP steps of this size are
-    host-bound on the device's CPU)."""
+    host-bound on the device's CPU). As in training, a backward follows each forward: per-key gates (gk)
+    keep the forward's gate operands for it, in the plain kernel (as the autograd op runs it) and in SP."""
     from longscan.parallel.linear.common import (SPContext, local_backward, local_pass, prefix_grads,
                                                  reverse_beside_dq)
     H, D = 16, 128
@@ -148,13 +150,16 @@ def sp_overhead(bw):
     for B, T in SP_SHAPES:
       try:
         shape = f"B={B} T={T} H={H} D={D}"
-        for kind in ("g_gamma", "g"):
+        for kind in kinds:
             q, k, v, g, gg = lin_inputs(B, T, H, D, kind)
             if g is not None:
                 g.requires_grad_()   # the gate's gradient is asked for, as in training
             do = torch.randn_like(v)
             P, R = torch.randn(1, B, H, D, D, device="cuda"), torch.randn(1, B, H, D, D, device="cuda")
-            sps = {ov: SPContext(None, "contiguous", 0, 1, 1, D ** -0.5, tc, 4, ov) for ov in (True, False)}
+            sps = {ov: SPContext(None, "contiguous", 0, 1, 1, D ** -0.5, tc, 4, ov, backward_follows=True)
+                   for ov in (True, False)}
+            keep = kind == "gk"   # the plain kernel as the autograd op runs it: the forward keeps its gate operands
+            saved = tc.forward(q, k, v, g, gg, None, P[0], return_saved=True)[2] if keep else None
 
             def stand_in(result, delay):
                 if delay:
@@ -166,7 +171,7 @@ def sp_overhead(bw):
                 row(f"ours SP local {what} {kind}, {name}", shape, ms, 0, "", 0,
                     f"= {ms / plain:.2f}x plain; graph {gr:.3f} ms = {gr / plain_gr:.2f}x")
 
-            plain_fn = lambda: tc.forward(q, k, v, g, gg, None, P[0])  # noqa: E731
+            plain_fn = lambda: tc.forward(q, k, v, g, gg, None, P[0], return_saved=keep)  # noqa: E731
             plain, plain_gr = bench(plain_fn), bench_graph(plain_fn)
             row(f"ours plain fwd with h0 {kind}", shape, plain, 0, "", 0, f"graph {plain_gr:.3f} ms")
             for delay in (0, SP_DELAY_US):
@@ -174,7 +179,9 @@ def sp_overhead(bw):
                     timed(f"overlap={ov}, collective {delay} us",
                           lambda: local_pass(sps[ov], q, k, v, g, gg, lambda S, a: stand_in((P, None), delay)),
                           plain, plain_gr, "fwd")
-            plain_fn = lambda: tc.backward(q, k, v, g, gg, None, P[0], do, R[0], kind != "g_gamma")  # noqa: E731
+            plain_fn = lambda: tc.backward(q, k, v, g, gg, None, P[0], do, R[0], kind != "g_gamma",  # noqa: E731
+                                           kv_states=saved)
+            local_pass(sps[True], q, k, v, g, gg, lambda S, a: (P, None))   # the forward whose operands it reuses
             plain, plain_gr = bench(plain_fn), bench_graph(plain_fn)
             row(f"ours plain bwd with h0, dht {kind}", shape, plain, 0, "", 0, f"graph {plain_gr:.3f} ms")
 
@@ -279,7 +286,7 @@ def main():
     elif "linear_long" in parts:
         linear(bw, tflops, shapes=((1, 65536),), kinds=kinds)
     if "sp" in parts:
-        sp_overhead(bw)
+        sp_overhead(bw, kinds=kinds)
     if "flash" in parts:
         flash(tflops)
     dev = torch.cuda.get_device_name()

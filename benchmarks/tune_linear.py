@@ -81,7 +81,8 @@ def main():
     table = tc.CONFIG_PER_KEY if kinds == ["gk"] else tc.CONFIG
     sweep_cases = [c for c in cases if c[2] in kinds]
     probe = inputs(1, 1000, kinds[0])
-    # per-key gates also sweep their pre-pass: "ops" in the forward (and state passes), "ops_b" in the backward
+    # per-key gates also sweep their pre-pass: "ops" without the backward's factors (an inference forward, the
+    # state passes), "ops_b" with them (the forward that keeps its operands for the backward, or the backward)
     names = ("fwd", "state", "dq", "dk", "dv") + (("ops", "ops_b") if kinds == ["gk"] else ())
     for name in names:
         had, base = name in table, table.get(name)

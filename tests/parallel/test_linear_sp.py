@@ -135,7 +135,27 @@ def triton_sp_worker(rank, world):
         results[("zeco", "zigzag", "steep", overlap)] = case(
             rank, world, "zeco", "zigzag", "g_per_key", torch.float32, True, backend="triton", dims=(1, 2, 16, 16),
             t_local=64, overlap=overlap, edit=steep_gates)
-    return results
+    return results, pre_passes(tc, rank, world)
+
+
+def pre_passes(tc, rank, world):
+    """Per-key gates: the pre-passes of one SP step, as (reads q, reads k, takes an earlier kd, writes the
+    backward's factors), for each overlap setting."""
+    real = tc._gate_operands
+    seen = {}
+    for overlap in (True, False):
+        calls = seen[overlap] = []
+
+        def counted(q, k, *args, kd=None, factors=False, **kwargs):
+            calls.append((q is not None, k is not None, kd is not None, factors))
+            return real(q, k, *args, kd=kd, factors=factors, **kwargs)
+        tc._gate_operands = counted
+        try:
+            case(rank, world, "lasp2", "contiguous", "g_per_key", torch.float32, True, backend="triton",
+                 dims=(1, 2, 16, 16), t_local=64, overlap=overlap)
+        finally:
+            tc._gate_operands = real
+    return seen
 
 
 def steep_gates(x):
@@ -147,11 +167,16 @@ def steep_gates(x):
 
 
 def test_linear_sp_on_triton_kernels_with_segments():
-    for rank, res in enumerate(run_distributed(triton_sp_worker, 2)):
+    for rank, (res, passes) in enumerate(run_distributed(triton_sp_worker, 2)):
         for key, errs in res.items():
             assert len(errs) >= 6, key
             bad = {k: v for k, v in errs.items() if not v <= 1e-4}
             assert not bad, f"rank {rank} {key}: {bad}"
+        # Per-key gates: the state pass writes kd, the output pass takes it and writes the rest with the
+        # backward's factors, and the backward (prefix_grad and the kernels) writes none (it had one each).
+        assert passes[False] == [(False, True, False, False), (True, True, True, True)], passes
+        # overlap off CUDA: one pass gives output and state (no state pass)
+        assert passes[True] == [(True, True, False, True)], passes
 
 
 def bad_input_worker(rank, world):

@@ -72,9 +72,11 @@ CONFIG = {"fwd": dict(block=64, num_warps=4, num_stages=2),
           "dq": dict(block=64, num_warps=4, num_stages=2),
           "dk": dict(block=128, num_warps=8, num_stages=3),
           "dv": dict(block=64, num_warps=4, num_stages=3),
-          # per-key gates' pre-pass (keys a program): without b (forward, state passes) and with it (backward)
+          # per-key gates' pre-pass (keys a program): without the backward's factors eq, ek and with them
+          # ("ops_b": a forward that keeps its operands, or the backward); 64 keys 4.37 ms fwd+bwd against 4.43
+          # at 128 (H200, 16x4096)
           "ops": dict(block=64, num_warps=4, num_stages=1),
-          "ops_b": dict(block=128, num_warps=4, num_stages=1)}
+          "ops_b": dict(block=64, num_warps=4, num_stages=1)}
 # Per-key gates differ from these settings where measured: their dk kernel (which also takes dg on) at 128 keys /
 # 8 warps was 2.84 ms against 2.28 at 64 / 4 at B=16×T=4096 on an H200 (chunks of 64).
 CONFIG_PER_KEY = {"dk": dict(block=64, num_warps=4, num_stages=2)}
@@ -236,12 +238,12 @@ def _fwd_kernel(q, k, kd, v, g, gg, o, h0, ht, T, H, SEG, NC, scale,
 @triton.jit
 def _gate_operands_kernel(q, k, g, qd, kn, kd, eq, ek, gl, steep, T, H, NC, SEG,
                           K: tl.constexpr, BK: tl.constexpr, C: tl.constexpr, HAS_Q: tl.constexpr, HAS_K: tl.constexpr,
-                          STORE_KN: tl.constexpr, STORE_F: tl.constexpr):
+                          STORE_KN: tl.constexpr, STORE_KD: tl.constexpr, STORE_F: tl.constexpr):
     """Per-key gates, one (chunk, batch·head, K-tile): the decayed operands every per-key kernel reads in place of g,
     so none of them holds a `[C, K]` gate tile, its cumulative sum or its exps (those cost half the per-key
     forward and kept its chunks at 32 tokens, where Triton compiles the dots to mma.sync rather than wgmma).
     Writes, in q's layout and dtype, with b the chunk-local inclusive cumulative gate and level 0's factors
-    (_key_factors): qd = q⊙exp(b), kn = k⊙kf (with STORE_KN) and kd = k⊙kd_f; with STORE_F, the factors
+    (_key_factors): qd = q⊙exp(b), kn = k⊙kf (with STORE_KN) and kd = k⊙kd_f (with STORE_KD); with STORE_F, the factors
     eq = exp(b) and ek = kd_f themselves (the backward's output factors: dq's and dk's); gl `[B·H, NC, K]` float32, the chunk totals b_C; and marks the chunk's
     segment in steep `[B·H, NS]` when a key falls to −LEVEL_SPAN inside it (_levels_kernel then visits it)."""
     n = tl.program_id(0)
@@ -263,7 +265,8 @@ def _gate_operands_kernel(q, k, g, qd, kn, kd, eq, ek, gl, steep, T, H, NC, SEG,
         kf, kdf = _key_factors(bc, bl)
         if STORE_KN:
             tl.store(kn + ptr, (bk * kf).to(kn.dtype.element_ty), mask=m[:, None])
-        tl.store(kd + ptr, (bk * kdf).to(kd.dtype.element_ty), mask=m[:, None])
+        if STORE_KD:
+            tl.store(kd + ptr, (bk * kdf).to(kd.dtype.element_ty), mask=m[:, None])
     if STORE_F:
         tl.store(eq + ptr, tl.exp(bc).to(eq.dtype.element_ty), mask=m[:, None])
         tl.store(ek + ptr, _key_factors(bc, bl)[1].to(ek.dtype.element_ty), mask=m[:, None])
@@ -820,16 +823,17 @@ class _GateOperands:
         return all(x is not None for x in (self.qd, self.kn, self.kd, self.eq, self.ek))
 
 
-def _gate_operands(q, k, g, C, seg, ns, kn=True, factors=False) -> _GateOperands:
+def _gate_operands(q, k, g, C, seg, ns, kn=True, kd=None, factors=False) -> _GateOperands:
     """Run _gate_operands_kernel over q and/or k (either may be None; kn=False skips writing kn; factors: also
-    eq and ek, for the backward, which needs both q and k)."""
+    eq and ek, for the backward). kd: the keys' kd when an earlier pass wrote it (SP's state pass), taken
+    as it is rather than written again."""
     x = q if q is not None else k
     B, T, H, K = x.shape
     NC = triton.cdiv(T, C)
     f32 = dict(device=x.device, dtype=torch.float32)
     ops = _GateOperands(torch.empty_like(q) if q is not None else None,
                         torch.empty_like(k) if k is not None and kn else None,
-                        torch.empty_like(k) if k is not None else None,
+                        kd if kd is not None else (torch.empty_like(k) if k is not None else None),
                         torch.empty_like(q) if factors else None,
                         torch.empty_like(q) if factors else None,
                         torch.empty(B * H, NC, K, **f32),
@@ -839,7 +843,7 @@ def _gate_operands(q, k, g, C, seg, ns, kn=True, factors=False) -> _GateOperands
                                        *(t if t is not None else x for t in (ops.qd, ops.kn, ops.kd, ops.eq, ops.ek)),
                                        ops.totals, ops.steep, T, H, NC, seg, K=K, BK=BK, C=C,
                                        HAS_Q=q is not None, HAS_K=k is not None, STORE_KN=ops.kn is not None,
-                                       STORE_F=factors, **cfg)
+                                       STORE_KD=k is not None and kd is None, STORE_F=factors, **cfg)
     return ops
 
 
@@ -916,10 +920,12 @@ class SegmentStates:
     in place of ``states`` (then None): the backward needs only the prefixes, and both would hold two states
     per segment until the backward. ``zero_prefixes`` (same shape), set beside ``states`` by
     ``segment_state(..., return_saved=True, keep_prefixes=True)``: the states entering each segment from a
-    zero initial state, which a forward without initial_state uses in place of its own scan. ``operands``, set
-    by ``forward(..., return_saved=True)`` on per-key gates while KEEP_GATE_OPERANDS: its decayed operands and
-    the backward's factors, so the backward skips its own pre-pass (then the value is returned even for a
-    sequence run as one segment, with ``log_decays`` None)."""
+    zero initial state, which a forward without initial_state uses in place of its own scan. ``operands``
+    (per-key gates): what a pre-pass wrote, for the next call on the same inputs. Set by
+    ``segment_state(..., return_saved=True)``: the decayed keys kd, which the forward then takes; by
+    ``forward(..., return_saved=True)`` while KEEP_GATE_OPERANDS: all the decayed operands and the backward's
+    factors, so the backward (and ``prefix_grad``) skip their own pre-pass. With operands the value is
+    returned even for a sequence run as one segment."""
     seg: int
     states: torch.Tensor | None
     log_decays: torch.Tensor | None
@@ -929,7 +935,16 @@ class SegmentStates:
 
     @property
     def n(self) -> int:
-        return self.log_decays.shape[2] if self.log_decays is not None else 1
+        """The number of segments."""
+        if self.log_decays is not None:
+            return self.log_decays.shape[2]
+        return self.operands.steep.shape[1] if self.operands is not None else 1
+
+    def operands_only(self) -> SegmentStates | None:
+        """Only the gate operands (None without them): for a backward from another initial state than the
+        forward's (SP's backward, whose forward may have run from zero prefixes), where the prefixes do not hold
+        but the operands do."""
+        return SegmentStates(self.seg, None, None, operands=self.operands) if self.operands is not None else None
 
 
 def _split(B, H, T, V, C, GATE, device):
@@ -989,7 +1004,10 @@ def forward(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None, outpu
     seg, ns = (kv_states.seg, kv_states.n) if kv_states is not None else _split(B, H, T, V, C, GATE, q.device)
     h0 = initial_state.contiguous() if initial_state is not None else None
     keep = return_saved and KEEP_GATE_OPERANDS   # for the backward: its factors too
-    ops = _gate_operands(q, k, gt, C, seg, ns, factors=keep) if GATE == 3 else None
+    ops = None
+    if GATE == 3:
+        have = kv_states.operands if kv_states is not None else None
+        ops = _gate_operands(q, k, gt, C, seg, ns, kd=have.kd if have is not None else None, factors=keep)
     qx, kx, kdx, _, _, gx = _kernel_operands(q, k, gt, ops)
     if ns > 1:
         # Long sequences: every segment's state in parallel, a scan for the prefixes, then all segments.
@@ -1086,8 +1104,8 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True, k
         elif kv_states is not None and kv_states.zero_prefixes is not None and h0 is None:
             h0 = kv_states.zero_prefixes
         else:
-            kv = kv_states if kv_states is not None else _kv_states(kdx if ops else k, v, gx, gg, GATE, C,
-                                                                     seg, ns)
+            kv = kv_states if kv_states is not None and kv_states.states is not None else \
+                _kv_states(kdx if ops else k, v, gx, gg, GATE, C, seg, ns)
             h0, _ = _scan(kv.states, kv.log_decays, h0, reverse=False)
         if qdo_states is None:
             qdo_states = SegmentStates(seg, *_states(qx, do, gx, gg, GATE, C, seg, ns, scale, True))
@@ -1154,7 +1172,8 @@ def segment_state(k, v, g=None, g_gamma=None, return_saved=False, keep_prefixes=
     """A segment's state from zero and its total log decay.
 
     -> (S `[B, H, K, V]` float32, log_decay `[B, H, K]` float32), S = Σ_t exp(A_T - A_t) ⊙ k_t v_tᵀ, and with
-    return_saved the per-segment :class:`SegmentStates` (or None) for ``forward(..., kv_states=...)``; with
+    return_saved the per-segment :class:`SegmentStates` (or None) for ``forward(..., kv_states=...)`` (per-key
+    gates: with the decayed keys, which that forward takes rather than writing them again); with
     keep_prefixes as well, they hold the scan's prefixes from zero (``zero_prefixes``), so a forward without
     an initial state skips its own scan (one with an initial state scans anyway: storing them would only
     cost it).
@@ -1172,14 +1191,16 @@ def segment_state(k, v, g=None, g_gamma=None, return_saved=False, keep_prefixes=
                torch.zeros(B, H, K, device=k.device, dtype=torch.float32))
         return out + (None,) if return_saved else out
     seg, ns = _split(B, H, T, V, C, GATE, k.device)
+    ops = None
     if GATE == 3:   # the state reads the decayed keys
         ops = _gate_operands(None, k, gt, C, seg, ns, kn=False)
         k, gt = ops.kd, ops.totals
     kv = _kv_states(k, v, gt, gg, GATE, C, seg, ns)
+    kv.operands = ops if return_saved else None
     total = kv.log_decays.sum(2)
     if ns == 1:
         out = (kv.states[:, :, 0], total)
-        return out + (None,) if return_saved else out
+        return out + (kv if ops is not None else None,) if return_saved else out
     keep = return_saved and keep_prefixes
     prefixes, final = _scan(kv.states, kv.log_decays, None, reverse=False, store_out=keep)
     if not return_saved:
@@ -1188,13 +1209,14 @@ def segment_state(k, v, g=None, g_gamma=None, return_saved=False, keep_prefixes=
     return final, total, kv
 
 
-def prefix_grad(q, g, g_gamma, scale, do, return_saved=False):
+def prefix_grad(q, g, g_gamma, scale, do, return_saved=False, kv_states=None):
     """Gradient of the segment's outputs w.r.t. its entering state: scale·Σ_t (q_t⊙exp(A_t)) do_tᵀ, float32
     `[B, H, K, V]`; with return_saved also the per-segment :class:`SegmentStates` (or None) for
-    ``backward(..., qdo_states=...)``."""
+    ``backward(..., qdo_states=...)``. kv_states: the forward's :class:`SegmentStates` of these inputs, whose
+    gate operands (per-key gates) give the decayed queries, or None."""
     _check(q, do)
     if _in_bf16(q, g):
-        return prefix_grad(*_bf16(q), g, g_gamma, scale, *_bf16(do), return_saved)
+        return prefix_grad(*_bf16(q), g, g_gamma, scale, *_bf16(do), return_saved, kv_states)
     B, T, H, K = q.shape
     V = do.shape[-1]
     scale = K ** -0.5 if scale is None else scale
@@ -1203,9 +1225,11 @@ def prefix_grad(q, g, g_gamma, scale, do, return_saved=False):
     if T == 0:
         out = torch.zeros(B, H, K, V, device=q.device, dtype=torch.float32)
         return (out, None) if return_saved else out
-    seg, ns = _split(B, H, T, V, C, GATE, q.device)
+    seg, ns = (kv_states.seg, kv_states.n) if kv_states is not None else _split(B, H, T, V, C, GATE, q.device)
     if GATE == 3:   # the state reads the decayed queries
-        ops = _gate_operands(q, None, gt, C, seg, ns)
+        ops = kv_states.operands if kv_states is not None else None
+        if ops is None or ops.qd is None:
+            ops = _gate_operands(q, None, gt, C, seg, ns)
         q, gt = ops.qd, ops.totals
     qdo = SegmentStates(seg, *_states(q, do, gt, gg, GATE, C, seg, ns, scale, True))
     if ns == 1:

@@ -33,6 +33,11 @@ class SPContext:
     impl: object
     n_blocks: int = 4
     overlap: bool = False
+    # set by the autograd op: whether a backward will come (the local forward then keeps what it can reuse)
+    backward_follows: bool = False
+    # what the local forward hands the local backward: the Triton kernels' per-key gate operands
+    # (SegmentStates.operands_only), or None
+    reuse: object = None
 
     @property
     def first_owner(self) -> int:
@@ -185,6 +190,7 @@ class SPLinearAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, method_forward, method_backward, sp, q, k, v, g, g_gamma, initial_state,
                 output_final_state):
+        sp.backward_follows = any(ctx.needs_input_grad)
         o, final, P = method_forward(sp, q, k, v, g, g_gamma, initial_state, output_final_state)
         ctx.save_for_backward(q, k, v, g, g_gamma, P, initial_state)
         ctx.method_backward, ctx.sp, ctx.output_final_state = method_backward, sp, output_final_state
@@ -196,6 +202,7 @@ class SPLinearAttentionFunction(torch.autograd.Function):
         if not ctx.output_final_state:
             dfinal = None
         dq, dk, dv, dgate, dh0 = ctx.method_backward(ctx.sp, q, k, v, g, g_gamma, P, do, dfinal)
+        ctx.sp.reuse = None
         return (None, None, None, dq, dk, dv,
                 dgate if g is not None else None, dgate if g_gamma is not None else None,
                 dh0.to(h0.dtype) if h0 is not None else None, None)
@@ -219,10 +226,19 @@ def local_pass(sp: SPContext, qs, ks, vs, gs, g_gamma, collective):
         output and the state together, then the collective, then the correction;
       - not ``sp.overlap``: the state-only pass, the collective, then the output pass from the entering
         state P: no correction pass, but nothing hides the collective.
-    With the Triton backend the output pass reuses the state pass's per-segment states.
+    With the Triton backend the output pass reuses the state pass's per-segment states (per-key gates: its
+    decayed keys), and when a backward follows, the output pass's gate operands go to ``sp.reuse``.
     -> (o `[B·n_local, T/n_local, H, V]`, the collective's result).
     """
     n = sp.n_local
+    keep = reuses_states(sp) and sp.backward_follows
+
+    def local_forward(h0, final_state, kv):
+        extra = ({"kv_states": kv} if kv is not None else {}) | ({"return_saved": True} if keep else {})
+        out = sp.impl.forward(qs, ks, vs, gs, g_gamma, sp.scale, h0, final_state, **extra)
+        if keep:
+            sp.reuse = out[2].operands_only() if out[2] is not None else None
+        return out[:2]
 
     def state_pass(zero_prefix_next):
         if reuses_states(sp):   # zero_prefix_next: the output pass starts from zero (the correction adds P)
@@ -230,8 +246,7 @@ def local_pass(sp: SPContext, qs, ks, vs, gs, g_gamma, collective):
         return sp.impl.segment_state(ks, vs, gs, g_gamma) + (None,)
 
     def output_pass(h0, kv):
-        return sp.impl.forward(qs, ks, vs, gs, g_gamma, sp.scale, h0, False,
-                               **({"kv_states": kv} if kv is not None else {}))[0]
+        return local_forward(h0, False, kv)[0]
 
     if not sp.overlap:
         S, logd, kv = state_pass(False)
@@ -244,7 +259,7 @@ def local_pass(sp: SPContext, qs, ks, vs, gs, g_gamma, collective):
         o = output_pass(None, kv)
         join_stream(stream, *[t for t in result if t is not None])
     else:
-        o, S = sp.impl.forward(qs, ks, vs, gs, g_gamma, sp.scale, None, True)
+        o, S = local_forward(None, True, None)
         B, T_seg, H, K = qs.shape
         logd = log_decay(gs, g_gamma, T_seg, (B, H, K), S.dtype, qs.device)
         result = collective(by_segment(S, n), by_segment(logd, n))
@@ -287,6 +302,8 @@ def local_backward(sp: SPContext, q, k, v, g, g_gamma, P, do, R, qdo_states=None
         dht = lambda: by_batch(R())  # noqa: E731  (asked for after the dq kernel's launch)
     else:
         dht = by_batch(R())
+    if sp.reuse is not None:   # the local forward's gate operands (their prefixes would be another h0's)
+        extra["kv_states"] = sp.reuse
     dq, dk, dv, dgate, dh0 = sp.impl.backward(qs, ks, vs, gs, g_gamma, sp.scale, by_batch(P), dos,
                                               dht, need_dg, **extra)
     dh0 = by_segment(dh0, n)[0].contiguous() if sp.rank == sp.first_owner else torch.zeros_like(P[0])
@@ -301,7 +318,8 @@ def prefix_grads(sp: SPContext, q, g, g_gamma, do):
     n = sp.n_local
     qs, gs, dos = split(q, n), split(g, n), split(do, n)
     if reuses_states(sp):
-        dP, qdo = sp.impl.prefix_grad(qs, gs, g_gamma, sp.scale, dos, return_saved=True)
+        dP, qdo = sp.impl.prefix_grad(qs, gs, g_gamma, sp.scale, dos, return_saved=True,
+                                      **({"kv_states": sp.reuse} if sp.reuse is not None else {}))
     else:
         dP, qdo = sp.impl.prefix_grad(qs, gs, g_gamma, sp.scale, dos), None
     B, _, H, K = qs.shape
