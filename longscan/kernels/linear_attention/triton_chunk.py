@@ -21,7 +21,9 @@ Decay kinds (log space, ≤ 0), as a constexpr GATE: 0 none, 1 g_gamma `[H]`, 2 
 3 g `[B, T, H, K]`. Per-key gates factor the decay inside a chunk, exp(b_t − b_s) = exp(b_t − c)·exp(c − b_s)
 (b the chunk-local cumulative gate, c a reference per key), so the scores are matmuls. A pre-pass,
 `_gate_operands_kernel`, writes the decayed operands once per call: qd = q⊙exp(b), kn = k⊙exp(−b) and
-kd = k⊙exp(b_C − b) (b_C the chunk total), the chunk totals, and for the backward b itself. The main kernels
+kd = k⊙exp(b_C − b) (b_C the chunk total), the chunk totals, and for the backward the factors exp(b) (dq's)
+and exp(b_C − b) (dk's) in q's dtype. A forward that a backward follows keeps them all (KEEP_GATE_OPERANDS),
+so the backward runs no pre-pass of its own; in SP the state pass's kd goes on to the output pass. The main kernels
 then read them as the no-decay kernels read q and k, with no `[C, K]` gate tile, cumulative sum or exps of
 their own: that kept their chunks at 32 tokens, where Triton's dots compile to mma.sync instead of Hopper's
 wgmma (benchmarks/RESULTS.md). The pre-pass uses c = 0 with the key factor held at exp(LEVEL_SPAN): exact while
