@@ -241,13 +241,14 @@ def _fwd_kernel(q, k, kd, v, g, gg, o, h0, ht, T, H, SEG, NC, scale,
 def _gate_operands_kernel(q, k, g, qd, kn, kd, eq, ek, gl, steep, T, H, NC, SEG,
                           K: tl.constexpr, BK: tl.constexpr, C: tl.constexpr, HAS_Q: tl.constexpr, HAS_K: tl.constexpr,
                           STORE_KN: tl.constexpr, STORE_KD: tl.constexpr, STORE_F: tl.constexpr):
-    """Per-key gates, one (chunk, batch·head, K-tile): the decayed operands every per-key kernel reads in place of g,
-    so none of them holds a `[C, K]` gate tile, its cumulative sum or its exps (those cost half the per-key
+    """Per-key gates, one (chunk, batch·head, K-tile): the decayed operands every per-key kernel reads in place
+    of g, so none of them holds a `[C, K]` gate tile, its cumulative sum or its exps (those cost half the per-key
     forward and kept its chunks at 32 tokens, where Triton compiles the dots to mma.sync rather than wgmma).
     Writes, in q's layout and dtype, with b the chunk-local inclusive cumulative gate and level 0's factors
-    (_key_factors): qd = q⊙exp(b), kn = k⊙kf (with STORE_KN) and kd = k⊙kd_f (with STORE_KD); with STORE_F, the factors
-    eq = exp(b) and ek = kd_f themselves (the backward's output factors: dq's and dk's); gl `[B·H, NC, K]` float32, the chunk totals b_C; and marks the chunk's
-    segment in steep `[B·H, NS]` when a key falls to −LEVEL_SPAN inside it (_levels_kernel then visits it)."""
+    (_key_factors): qd = q⊙exp(b), kn = k⊙kf (with STORE_KN) and kd = k⊙kd_f (with STORE_KD); with STORE_F
+    (q and k both given) the factors themselves, eq = exp(b) and ek = kd_f (the backward's output factors, dq's
+    and dk's); gl `[B·H, NC, K]` float32, the chunk totals b_C; and marks the chunk's segment in steep
+    `[B·H, NS]` when a key falls to −LEVEL_SPAN inside it (_levels_kernel then visits it)."""
     n = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -261,7 +262,10 @@ def _gate_operands_kernel(q, k, g, qd, kn, kd, eq, ek, gl, steep, T, H, NC, SEG,
     ptr = ((b * T + t).to(tl.int64) * H + h)[:, None] * K + rk[None, :]
     if HAS_Q:
         bq = tl.load(q + ptr, mask=m[:, None], other=0.0)
-        tl.store(qd + ptr, (bq * tl.exp(bc)).to(qd.dtype.element_ty), mask=m[:, None])
+        qf = tl.exp(bc)
+        tl.store(qd + ptr, (bq * qf).to(qd.dtype.element_ty), mask=m[:, None])
+        if STORE_F:
+            tl.store(eq + ptr, qf.to(eq.dtype.element_ty), mask=m[:, None])
     if HAS_K:
         bk = tl.load(k + ptr, mask=m[:, None], other=0.0)
         kf, kdf = _key_factors(bc, bl)
@@ -269,9 +273,8 @@ def _gate_operands_kernel(q, k, g, qd, kn, kd, eq, ek, gl, steep, T, H, NC, SEG,
             tl.store(kn + ptr, (bk * kf).to(kn.dtype.element_ty), mask=m[:, None])
         if STORE_KD:
             tl.store(kd + ptr, (bk * kdf).to(kd.dtype.element_ty), mask=m[:, None])
-    if STORE_F:
-        tl.store(eq + ptr, tl.exp(bc).to(eq.dtype.element_ty), mask=m[:, None])
-        tl.store(ek + ptr, _key_factors(bc, bl)[1].to(ek.dtype.element_ty), mask=m[:, None])
+        if STORE_F:
+            tl.store(ek + ptr, kdf.to(ek.dtype.element_ty), mask=m[:, None])
     tl.store(gl + (bh * NC + n).to(tl.int64) * K + rk, bl)
     if tl.min(bl) <= -LEVEL_SPAN:   # with log gates ≤ 0 a chunk's total is its lowest cumulative gate
         ns = tl.cdiv(T, SEG)
