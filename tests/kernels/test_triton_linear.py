@@ -209,6 +209,39 @@ def test_backward_reuses_forward_gate_operands(small_chunks, monkeypatch, segmen
     assert (saved is None) if segments is None else (saved.operands is None)
 
 
+def test_kept_operands_are_freed_by_activation_checkpointing(small_chunks, monkeypatch):
+    """The autograd op keeps the forward's gate operands as saved tensors: under torch.utils.checkpoint they
+    are gone after the forward (the recomputed forward makes them again) and the gradients are unchanged."""
+    import gc
+    import weakref
+    monkeypatch.setattr(tc, "SEGMENTS", 2)
+    x = make_inputs("g_per_key", 1, 40, 2, 16, 16, torch.float32, seed=19)
+    refs = []
+    forward = tc.forward
+
+    def watched(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        if kwargs.get("return_saved") and len(refs) == 0:   # the first forward, not the recomputed one
+            ops = out[2].operands
+            refs.extend(weakref.ref(t) for t in (ops.qd, ops.kn, ops.kd, ops.eq, ops.ek, out[2].prefixes))
+        return out
+    monkeypatch.setattr(tc, "forward", watched)
+
+    def loss(leaves):
+        return chunk_linear_attention(leaves["q"], leaves["k"], leaves["v"], leaves["g"], backend="triton")[0].square().sum()
+    grads = {}
+    for ckpt in (False, True):
+        refs.clear()
+        leaves = {n: x[n].to(DEV).clone().requires_grad_() for n in ("q", "k", "v", "g")}
+        out = torch.utils.checkpoint.checkpoint(loss, leaves, use_reentrant=False) if ckpt else loss(leaves)
+        gc.collect()
+        assert len(refs) == 6 and all((r() is None) == ckpt for r in refs), ckpt
+        out.backward()
+        grads[ckpt] = [leaves[n].grad for n in ("q", "k", "v", "g")]
+    for a, b in zip(grads[True], grads[False]):
+        assert rel_err(a.cpu(), b.cpu()) <= 1e-6
+
+
 def test_autograd_op_keeps_nothing_without_gradients(small_chunks, monkeypatch):
     """The autograd op asks the forward for what its backward reuses only when a backward will come."""
     x = make_inputs("g_per_key", 1, 20, 1, 16, 16, torch.float32, seed=3)

@@ -135,7 +135,7 @@ def triton_sp_worker(rank, world):
         results[("zeco", "zigzag", "steep", overlap)] = case(
             rank, world, "zeco", "zigzag", "g_per_key", torch.float32, True, backend="triton", dims=(1, 2, 16, 16),
             t_local=64, overlap=overlap, edit=steep_gates)
-    return results, pre_passes(tc, rank, world)
+    return results, pre_passes(tc, rank, world), checkpointed(tc, rank, world)
 
 
 def pre_passes(tc, rank, world):
@@ -158,6 +158,42 @@ def pre_passes(tc, rank, world):
     return seen
 
 
+def checkpointed(tc, rank, world):
+    """Per-key gates through torch.utils.checkpoint: -> (whether the gate operands the first forward kept were
+    freed after it, without and with checkpointing; the gradients' largest relative difference between the two).
+    The operands go through autograd's saved tensors, which checkpointing drops and recomputes."""
+    import gc
+    import weakref
+    x = make_inputs("g_per_key", 1, 64 * world, 2, 16, 16, torch.float32, seed=23)
+    refs = []
+    forward = tc.forward
+
+    def watched(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        if kwargs.get("return_saved") and not refs:   # the first forward, not the recomputed one
+            refs.append(weakref.ref(out[2].operands.qd))
+        return out
+    tc.forward = watched
+    local = {n: shard(x[n], 1, None, "zigzag") for n in ("q", "k", "v", "g")}
+
+    def loss(t):
+        o, _ = linear_attention(t["q"], t["k"], t["v"], t["g"], method="zeco", layout="zigzag", backend="triton")
+        return o.square().sum()
+    grads, freed = [], []
+    try:
+        for ckpt in (False, True):
+            refs.clear()
+            leaves = {n: t.clone().requires_grad_() for n, t in local.items()}
+            out = torch.utils.checkpoint.checkpoint(loss, leaves, use_reentrant=False) if ckpt else loss(leaves)
+            gc.collect()
+            freed.append(refs[0]() is None)
+            out.backward()
+            grads.append([leaves[n].grad for n in local])
+    finally:
+        tc.forward = forward
+    return freed, max(rel_err(a, b) for a, b in zip(*grads))
+
+
 def steep_gates(x):
     """Log gates of -7 and -100 a token on two keys and a -300 step on a third (every rank's part of the
     sequence under zigzag has some): chunk sums far below float32's exp range."""
@@ -167,7 +203,7 @@ def steep_gates(x):
 
 
 def test_linear_sp_on_triton_kernels_with_segments():
-    for rank, (res, passes) in enumerate(run_distributed(triton_sp_worker, 2)):
+    for rank, (res, passes, ckpt) in enumerate(run_distributed(triton_sp_worker, 2)):
         for key, errs in res.items():
             assert len(errs) >= 6, key
             bad = {k: v for k, v in errs.items() if not v <= 1e-4}
@@ -177,6 +213,8 @@ def test_linear_sp_on_triton_kernels_with_segments():
         assert passes[False] == [(False, True, False, False), (True, True, True, True)], passes
         # overlap off CUDA: one pass gives output and state (no state pass)
         assert passes[True] == [(True, True, False, True)], passes
+        freed, err = ckpt
+        assert freed == [False, True] and err <= 1e-6, ckpt
 
 
 def bad_input_worker(rank, world):

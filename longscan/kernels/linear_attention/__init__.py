@@ -26,6 +26,7 @@ import types
 
 import torch
 
+from longscan.kernels import saved
 from longscan.kernels.checks import check_4d_float, check_like_q
 from longscan.kernels.linear_attention import naive, torch_chunk
 from longscan.kernels.linear_attention.naive import naive_recurrent_linear_attention
@@ -113,24 +114,26 @@ class _ChunkLinearAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, g_gamma, initial_state, scale, output_final_state, impl):
         # what a backend's forward hands its backward (Triton: the segment prefixes, h0 included, and the
-        # per-key gate operands), only when a backward will come
-        ctx.reuse = None
+        # per-key gate operands), only when a backward will come; as saved tensors, so that activation
+        # checkpointing frees them too (longscan.kernels.saved)
+        reuse = None
         if getattr(impl, "REUSES_SEGMENT_STATES", False) and any(ctx.needs_input_grad):
-            o, ht, ctx.reuse = impl.forward(q, k, v, g, g_gamma, scale, initial_state, output_final_state,
-                                            return_saved=True)
+            o, ht, reuse = impl.forward(q, k, v, g, g_gamma, scale, initial_state, output_final_state,
+                                        return_saved=True)
         else:
             o, ht = impl.forward(q, k, v, g, g_gamma, scale, initial_state, output_final_state)
-        ctx.save_for_backward(q, k, v, g, g_gamma, initial_state)
+        kept, ctx.reuse = saved.pack(reuse)
+        ctx.save_for_backward(q, k, v, g, g_gamma, initial_state, *kept)
         ctx.scale, ctx.impl = scale, impl
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, g, g_gamma, h0 = ctx.saved_tensors
+        q, k, v, g, g_gamma, h0, *kept = ctx.saved_tensors
         need_dg = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
-        extra = {"kv_states": ctx.reuse} if ctx.reuse is not None else {}
+        reuse = saved.unpack(kept, ctx.reuse)
+        extra = {"kv_states": reuse} if reuse is not None else {}
         dq, dk, dv, dgate, dh0 = ctx.impl.backward(q, k, v, g, g_gamma, ctx.scale, h0, do, dht, need_dg, **extra)
-        ctx.reuse = None
         dg = dgate if g is not None else None
         dgg = dgate if g_gamma is not None else None
         return dq, dk, dv, dg, dgg, (dh0.to(h0.dtype) if h0 is not None else None), None, None, None

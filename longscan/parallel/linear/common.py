@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from longscan.distributed.layouts import check_layout, group_rank_size, num_segments, segment_owner
 from longscan.distributed.stats import count, nbytes, waiting
+from longscan.kernels import saved
 from longscan.kernels.linear_attention import check_backend_supports, check_inputs, get_backend
 
 METHODS = ("zeco", "lasp2", "lasp1")
@@ -36,7 +37,8 @@ class SPContext:
     # set by the autograd op: whether a backward will come (the local forward then keeps what it can reuse)
     backward_follows: bool = False
     # what the local forward hands the local backward: the Triton kernels' per-key gate operands
-    # (SegmentStates.operands_only), or None
+    # (SegmentStates.operands_only), or None; set from local_pass until the autograd op takes it, and again
+    # during the backward
     reuse: object = None
 
     @property
@@ -192,17 +194,24 @@ class SPLinearAttentionFunction(torch.autograd.Function):
                 output_final_state):
         sp.backward_follows = any(ctx.needs_input_grad)
         o, final, P = method_forward(sp, q, k, v, g, g_gamma, initial_state, output_final_state)
-        ctx.save_for_backward(q, k, v, g, g_gamma, P, initial_state)
+        # sp.reuse kept as saved tensors until the backward, so that activation checkpointing frees them too
+        # (longscan.kernels.saved)
+        kept, ctx.reuse = saved.pack(sp.reuse)
+        sp.reuse = None
+        ctx.save_for_backward(q, k, v, g, g_gamma, P, initial_state, *kept)
         ctx.method_backward, ctx.sp, ctx.output_final_state = method_backward, sp, output_final_state
         return o, final
 
     @staticmethod
     def backward(ctx, do, dfinal):
-        q, k, v, g, g_gamma, P, h0 = ctx.saved_tensors
+        q, k, v, g, g_gamma, P, h0, *kept = ctx.saved_tensors
         if not ctx.output_final_state:
             dfinal = None
-        dq, dk, dv, dgate, dh0 = ctx.method_backward(ctx.sp, q, k, v, g, g_gamma, P, do, dfinal)
-        ctx.sp.reuse = None
+        ctx.sp.reuse = saved.unpack(kept, ctx.reuse)
+        try:
+            dq, dk, dv, dgate, dh0 = ctx.method_backward(ctx.sp, q, k, v, g, g_gamma, P, do, dfinal)
+        finally:
+            ctx.sp.reuse = None
         return (None, None, None, dq, dk, dv,
                 dgate if g is not None else None, dgate if g_gamma is not None else None,
                 dh0.to(h0.dtype) if h0 is not None else None, None)
