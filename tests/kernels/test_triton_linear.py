@@ -209,6 +209,32 @@ def test_backward_reuses_forward_gate_operands(small_chunks, monkeypatch, segmen
     assert (saved is None) if segments is None else (saved.operands is None)
 
 
+@pytest.mark.parametrize("factors", [False, True])
+@pytest.mark.parametrize("segments", [None, 3])
+def test_forward_takes_segment_state_query_operands(small_chunks, monkeypatch, segments, factors):
+    """Per-key gates: segment_state(..., q=q) has its pre-pass write the queries' operands too (and with
+    factors the backward's): the forward given them runs no pre-pass and gives the plain forward's output,
+    and a backward from its saved operands the plain gradients. Without factors the forward that keeps its
+    operands writes them all again (the backward needs the factors)."""
+    monkeypatch.setattr(tc, "SEGMENTS", segments)
+    x = _to(make_inputs("g_per_key", 1, 40, 2, 16, 16, torch.float64, seed=17), DEV, torch.float32)
+    q, k, v, g = x["q"], x["k"], x["v"], x["g"]
+    do = torch.randn(1, 40, 2, 16, generator=torch.Generator().manual_seed(18)).to(DEV)
+    o_plain, _ = tc.forward(q, k, v, g)
+    _, _, kv = tc.segment_state(k, v, g, return_saved=True, q=q, factors=factors)
+    assert kv.operands.qd is not None and kv.operands.kn is not None and kv.operands.complete == factors
+    pre_passes = record_calls(monkeypatch, "_gate_operands")
+    o, _, saved = tc.forward(q, k, v, g, kv_states=kv, return_saved=True)
+    assert len(pre_passes) == (0 if factors else 1)
+    assert rel_err(o.cpu(), o_plain.cpu()) <= 1e-6
+    grads = tc.backward(q, k, v, g, None, None, None, do, None, kv_states=saved)
+    assert len(pre_passes) == (0 if factors else 1)
+    for a, b in zip(grads, tc.backward(q, k, v, g, None, None, None, do, None)):
+        assert rel_err(a.cpu(), b.cpu()) <= 1e-6
+    with pytest.raises(ValueError, match="q must have k's shape"):
+        tc.segment_state(k, v, g, return_saved=True, q=q[:, :5])
+
+
 def test_kept_operands_are_freed_by_activation_checkpointing(small_chunks, monkeypatch):
     """The autograd op keeps the forward's gate operands as saved tensors: under torch.utils.checkpoint they
     are gone after the forward (the recomputed forward makes them again) and the gradients are unchanged."""
@@ -386,7 +412,7 @@ def test_float16_per_key_gates_run_in_bf16(small_chunks, monkeypatch):
             ("prefix_grad", lambda: tc.prefix_grad(q, g, None, None, torch.ones_like(v)), ())):
         calls = record_calls(monkeypatch, name)
         res = call()
-        inner = calls[1]
+        inner = {n: t for n, t in calls[1].items() if t is not None}   # segment_state's q is optional
         assert [t.dtype for n, t in inner.items() if n in ("q", "k", "v", "do")] == \
             [torch.bfloat16] * sum(n in inner for n in ("q", "k", "v", "do")), name
         assert all(res[i].dtype == torch.float16 for i in outs), name

@@ -1012,7 +1012,10 @@ def forward(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None, outpu
     ops = None
     if GATE == 3:
         have = kv_states.operands if kv_states is not None else None
-        ops = _gate_operands(q, k, gt, C, seg, ns, kd=have.kd if have is not None else None, factors=keep)
+        if have is not None and have.qd is not None and have.kn is not None and (have.complete or not keep):
+            ops = have   # segment_state(..., q=q) wrote them all
+        else:
+            ops = _gate_operands(q, k, gt, C, seg, ns, kd=have.kd if have is not None else None, factors=keep)
     qx, kx, kdx, _, _, gx = _kernel_operands(q, k, gt, ops)
     if ns > 1:
         # Long sequences: every segment's state in parallel, a scan for the prefixes, then all segments.
@@ -1173,7 +1176,7 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True, k
     return dq, dk, dv, dg, dh0
 
 
-def segment_state(k, v, g=None, g_gamma=None, return_saved=False, keep_prefixes=False):
+def segment_state(k, v, g=None, g_gamma=None, return_saved=False, keep_prefixes=False, q=None, factors=False):
     """A segment's state from zero and its total log decay.
 
     -> (S `[B, H, K, V]` float32, log_decay `[B, H, K]` float32), S = Σ_t exp(A_T - A_t) ⊙ k_t v_tᵀ, and with
@@ -1181,12 +1184,16 @@ def segment_state(k, v, g=None, g_gamma=None, return_saved=False, keep_prefixes=
     gates: with the decayed keys, which that forward takes rather than writing them again); with
     keep_prefixes as well, they hold the scan's prefixes from zero (``zero_prefixes``), so a forward without
     an initial state skips its own scan (one with an initial state scans anyway: storing them would only
-    cost it).
-    A state-only pass (no q, no output); long segments are split across SMs and combined by a scan.
+    cost it). Per-key gates with return_saved: q, the queries of that forward, makes the pre-pass write
+    their operands too (and with factors the backward's, as ``forward(..., return_saved=True)`` keeps them),
+    so the forward runs no pre-pass (SP's state pass and output pass: one pre-pass, not two).
+    A state-only pass (no output); long segments are split across SMs and combined by a scan.
     """
-    _check(k, v)
+    _check(k, v, q)
+    if q is not None and q.shape != k.shape:
+        raise ValueError(f"q must have k's shape {tuple(k.shape)}, got {tuple(q.shape)}")
     if _in_bf16(k, g):
-        return segment_state(*_bf16(k, v), g, g_gamma, return_saved, keep_prefixes)
+        return segment_state(*_bf16(k, v), g, g_gamma, return_saved, keep_prefixes, *_bf16(q), factors)
     B, T, H, K = k.shape
     V = v.shape[-1]
     k, v = k.contiguous(), v.contiguous()
@@ -1198,7 +1205,9 @@ def segment_state(k, v, g=None, g_gamma=None, return_saved=False, keep_prefixes=
     seg, ns = _split(B, H, T, V, C, GATE, k.device)
     ops = None
     if GATE == 3:   # the state reads the decayed keys
-        ops = _gate_operands(None, k, gt, C, seg, ns, kn=False)
+        with_q = return_saved and q is not None
+        ops = _gate_operands(q.contiguous() if with_q else None, k, gt, C, seg, ns, kn=with_q,
+                             factors=with_q and factors)
         k, gt = ops.kd, ops.totals
     kv = _kv_states(k, v, gt, gg, GATE, C, seg, ns)
     kv.operands = ops if return_saved else None
