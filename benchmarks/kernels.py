@@ -181,14 +181,15 @@ def sp_overhead(bw, kinds=("g_gamma", "g")):
                           plain, plain_gr, "fwd")
             plain_fn = lambda: tc.backward(q, k, v, g, gg, None, P[0], do, R[0], kind != "g_gamma",  # noqa: E731
                                            kv_states=saved)
-            local_pass(sps[True], q, k, v, g, gg, lambda S, a: (P, None))   # the forward whose operands it reuses
+            # the forward (the default schedule, from P) whose segment prefixes and gate operands it reuses
+            local_pass(sps[False], q, k, v, g, gg, lambda S, a: (P, None))
             plain, plain_gr = bench(plain_fn), bench_graph(plain_fn)
             row(f"ours plain bwd with h0, dht {kind}", shape, plain, 0, "", 0, f"graph {plain_gr:.3f} ms")
 
             def sp_bwd(delay, beside):
-                dP, logd, qdo = prefix_grads(sps[True], q, g, gg, do)
+                dP, logd, qdo = prefix_grads(sps[False], q, g, gg, do)
                 late = reverse_beside_dq(q.device, lambda: stand_in(R, delay))
-                return local_backward(sps[True], q, k, v, g, gg, P, do, late if beside else late(), qdo)
+                return local_backward(sps[False], q, k, v, g, gg, P, do, late if beside else late(), qdo)
             for delay in (0, SP_DELAY_US):
                 for beside in (True, False):
                     timed(f"{'beside dq' if beside else 'serial'}, collective {delay} us",

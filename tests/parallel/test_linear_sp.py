@@ -140,21 +140,27 @@ def triton_sp_worker(rank, world):
 
 def pre_passes(tc, rank, world):
     """Per-key gates: the pre-passes of one SP step, as (reads q, reads k, takes an earlier kd, writes the
-    backward's factors), for each overlap setting."""
-    real = tc._gate_operands
+    backward's factors), and its state passes (from the segment start: over (q, do)), for each overlap
+    setting."""
+    real, real_states = tc._gate_operands, tc._states
     seen = {}
     for overlap in (True, False):
-        calls = seen[overlap] = []
+        calls, states = [], []
+        seen[overlap] = calls, states
 
         def counted(q, k, *args, kd=None, factors=False, **kwargs):
             calls.append((q is not None, k is not None, kd is not None, factors))
             return real(q, k, *args, kd=kd, factors=factors, **kwargs)
-        tc._gate_operands = counted
+
+        def counted_states(*args):
+            states.append("q, do" if args[-1] else "k, v")
+            return real_states(*args)
+        tc._gate_operands, tc._states = counted, counted_states
         try:
             case(rank, world, "lasp2", "contiguous", "g_per_key", torch.float32, True, backend="triton",
                  dims=(1, 2, 16, 16), t_local=64, overlap=overlap)
         finally:
-            tc._gate_operands = real
+            tc._gate_operands, tc._states = real, real_states
     return seen
 
 
@@ -208,11 +214,13 @@ def test_linear_sp_on_triton_kernels_with_segments():
             assert len(errs) >= 6, key
             bad = {k: v for k, v in errs.items() if not v <= 1e-4}
             assert not bad, f"rank {rank} {key}: {bad}"
-        # Per-key gates: the state pass writes kd, the output pass takes it and writes the rest with the
-        # backward's factors, and the backward (prefix_grad and the kernels) writes none (it had one each).
-        assert passes[False] == [(False, True, False, False), (True, True, True, True)], passes
-        # overlap off CUDA: one pass gives output and state (no state pass)
-        assert passes[True] == [(True, True, False, True)], passes
+        # Per-key gates: the state pass writes every operand with the backward's factors, and neither the
+        # output pass nor the backward (prefix_grad and the kernels) runs one (each had one before). The
+        # output pass from P hands the backward its segment prefixes: no (k, v) state pass in the backward.
+        assert passes[False] == ([(True, True, False, True)], ["k, v", "q, do"]), passes
+        # overlap off CUDA: one pass gives output and state from zero (no state pass before it), so the
+        # backward computes the prefixes from P again
+        assert passes[True] == ([(True, True, False, True)], ["k, v", "q, do", "k, v"]), passes
         freed, err = ckpt
         assert freed == [False, True] and err <= 1e-6, ckpt
 

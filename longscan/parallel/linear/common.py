@@ -36,9 +36,9 @@ class SPContext:
     overlap: bool = False
     # set by the autograd op: whether a backward will come (the local forward then keeps what it can reuse)
     backward_follows: bool = False
-    # what the local forward hands the local backward: the Triton kernels' per-key gate operands
-    # (SegmentStates.operands_only), or None; set from local_pass until the autograd op takes it, and again
-    # during the backward
+    # what the local forward hands the local backward: the Triton kernels' SegmentStates (per-key gate
+    # operands; segment prefixes when the forward ran from P), or None; set from local_pass until the
+    # autograd op takes it, and again during the backward
     reuse: object = None
 
     @property
@@ -235,8 +235,9 @@ def local_pass(sp: SPContext, qs, ks, vs, gs, g_gamma, collective):
         output and the state together, then the collective, then the correction;
       - not ``sp.overlap``: the state-only pass, the collective, then the output pass from the entering
         state P: no correction pass, but nothing hides the collective.
-    With the Triton backend the output pass reuses the state pass's per-segment states (per-key gates: its
-    decayed keys), and when a backward follows, the output pass's gate operands go to ``sp.reuse``.
+    With the Triton backend the output pass reuses the state pass's per-segment states (per-key gates: the
+    gate operands its pre-pass wrote), and when a backward follows, what the backward can reuse goes to
+    ``sp.reuse``: the gate operands, and after an output pass from P its segment prefixes.
     -> (o `[B·n_local, T/n_local, H, V]`, the collective's result).
     """
     n = sp.n_local
@@ -246,12 +247,18 @@ def local_pass(sp: SPContext, qs, ks, vs, gs, g_gamma, collective):
         extra = ({"kv_states": kv} if kv is not None else {}) | ({"return_saved": True} if keep else {})
         out = sp.impl.forward(qs, ks, vs, gs, g_gamma, sp.scale, h0, final_state, **extra)
         if keep:
-            sp.reuse = out[2].operands_only() if out[2] is not None else None
+            # from P (h0 given: the states entering the segments, which the backward takes as its h0) the
+            # forward's segment prefixes hold for the backward too, and spare it a state pass and a scan;
+            # from zero (the correction adds P) only the gate operands do
+            kept = out[2]
+            sp.reuse = kept if h0 is not None or kept is None else kept.operands_only()
         return out[:2]
 
     def state_pass(zero_prefix_next):
         if reuses_states(sp):   # zero_prefix_next: the output pass starts from zero (the correction adds P)
-            return sp.impl.segment_state(ks, vs, gs, g_gamma, return_saved=True, keep_prefixes=zero_prefix_next)
+            # with qs: per-key gates' pre-pass writes the output pass's operands too (and the backward's with keep)
+            return sp.impl.segment_state(ks, vs, gs, g_gamma, return_saved=True, keep_prefixes=zero_prefix_next,
+                                         q=qs, factors=keep)
         return sp.impl.segment_state(ks, vs, gs, g_gamma) + (None,)
 
     def output_pass(h0, kv):
@@ -311,7 +318,7 @@ def local_backward(sp: SPContext, q, k, v, g, g_gamma, P, do, R, qdo_states=None
         dht = lambda: by_batch(R())  # noqa: E731  (asked for after the dq kernel's launch)
     else:
         dht = by_batch(R())
-    if sp.reuse is not None:   # the local forward's gate operands (their prefixes would be another h0's)
+    if sp.reuse is not None:   # the local forward's, from this P (local_pass)
         extra["kv_states"] = sp.reuse
     dq, dk, dv, dgate, dh0 = sp.impl.backward(qs, ks, vs, gs, g_gamma, sp.scale, by_batch(P), dos,
                                               dht, need_dg, **extra)
