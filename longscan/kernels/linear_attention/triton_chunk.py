@@ -1225,8 +1225,9 @@ def segment_state(k, v, g=None, g_gamma=None, return_saved=False, keep_prefixes=
 
 def prefix_grad(q, g, g_gamma, scale, do, return_saved=False, kv_states=None):
     """Gradient of the segment's outputs w.r.t. its entering state: scale·Σ_t (q_t⊙exp(A_t)) do_tᵀ, float32
-    `[B, H, K, V]`; with return_saved also the per-segment :class:`SegmentStates` (or None) for
-    ``backward(..., qdo_states=...)``. kv_states: the forward's :class:`SegmentStates` of these inputs, whose
+    `[B, H, K, V]`; with return_saved also the per-segment :class:`SegmentStates` for
+    ``backward(..., qdo_states=...)`` (one segment too: its ``log_decays`` sum to the sequence's total log gate,
+    which SP needs beside this gradient). kv_states: the forward's :class:`SegmentStates` of these inputs, whose
     gate operands (per-key gates) give the decayed queries, or None."""
     _check(q, do)
     if _in_bf16(q, g):
@@ -1238,7 +1239,8 @@ def prefix_grad(q, g, g_gamma, scale, do, return_saved=False, kv_states=None):
     GATE, gt, gg, C = _gate(g, g_gamma, q)
     if T == 0:
         out = torch.zeros(B, H, K, V, device=q.device, dtype=torch.float32)
-        return (out, None) if return_saved else out
+        empty = SegmentStates(0, out.unsqueeze(2), torch.zeros(B, H, 1, K, device=q.device, dtype=torch.float32))
+        return (out, empty) if return_saved else out
     seg, ns = (kv_states.seg, kv_states.n) if kv_states is not None else _split(B, H, T, V, C, GATE, q.device)
     if GATE == 3:   # the state reads the decayed queries
         ops = kv_states.operands if kv_states is not None else None
@@ -1247,7 +1249,7 @@ def prefix_grad(q, g, g_gamma, scale, do, return_saved=False, kv_states=None):
         q, gt = ops.qd, ops.totals
     qdo = SegmentStates(seg, *_states(q, do, gt, gg, GATE, C, seg, ns, scale, True))
     if ns == 1:
-        return (qdo.states[:, :, 0], None) if return_saved else qdo.states[:, :, 0]
+        return (qdo.states[:, :, 0], qdo) if return_saved else qdo.states[:, :, 0]
     _, final = _scan(qdo.states, qdo.log_decays, None, reverse=True, store_out=False)
     return (final, qdo) if return_saved else final
 
