@@ -146,6 +146,11 @@ def test_sp_pieces_match_torch(small_chunks, monkeypatch, decay, segments):
     assert rel_err(out.cpu(), torch_chunk.add_prefix(o, x["q"], x["g"], x["g_gamma"], 0.3, P)) <= 1e-4
     pg = tc.prefix_grad(y["q"], y["g"], y["g_gamma"], 0.3, do.to(DEV, torch.float32))
     assert rel_err(pg.cpu(), torch_chunk.prefix_grad(x["q"], x["g"], x["g_gamma"], 0.3, do)) <= 1e-4
+    # with return_saved, its states' totals (one segment too) are the segment's total log gate (SP sums them)
+    pg2, qdo = tc.prefix_grad(y["q"], y["g"], y["g_gamma"], 0.3, do.to(DEV, torch.float32), return_saved=True)
+    assert torch.equal(pg2, pg) and (qdo.n > 1) == (segments > 1)
+    total = qdo.log_decays.sum(2).cpu().double()
+    assert (total - a_ref).abs().max() <= 1e-4 * (1 + a_ref.abs().max())
 
 
 @pytest.mark.parametrize("decay", DECAYS[1:])
