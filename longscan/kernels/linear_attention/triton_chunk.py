@@ -823,9 +823,14 @@ class _GateOperands:
     steep: torch.Tensor
 
     @property
+    def for_forward(self) -> bool:
+        """Everything the forward reads."""
+        return all(x is not None for x in (self.qd, self.kn, self.kd))
+
+    @property
     def complete(self) -> bool:
         """Everything the backward reads."""
-        return all(x is not None for x in (self.qd, self.kn, self.kd, self.eq, self.ek))
+        return self.for_forward and self.eq is not None and self.ek is not None
 
 
 def _gate_operands(q, k, g, C, seg, ns, kn=True, kd=None, factors=False) -> _GateOperands:
@@ -1012,7 +1017,7 @@ def forward(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None, outpu
     ops = None
     if GATE == 3:
         have = kv_states.operands if kv_states is not None else None
-        if have is not None and have.qd is not None and have.kn is not None and (have.complete or not keep):
+        if have is not None and (have.complete if keep else have.for_forward):
             ops = have   # segment_state(..., q=q) wrote them all
         else:
             ops = _gate_operands(q, k, gt, C, seg, ns, kd=have.kd if have is not None else None, factors=keep)
