@@ -38,8 +38,8 @@ exp(b_t)·exp(−b_s), gave NaN once a chunk's gates summed below about −88). 
 
 Gradient of the gate (A_t the cumulative log gate): dL/dA_t = q_t⊙dq_t − k_t⊙dk_t, plus Σ_v S_T⊙dS_T at the
 last step; dg_s = Σ_{t≥s} dL/dA_t. The dq and dk kernels emit the q and k sides. Scalar gates: the host sums
-them. Per-key gates: the dk kernel, walking backward, carries the sums across chunks and `_dg_finish_kernel`
-takes them inside each chunk; across segments the dk kernel needs no other segment's sums, since dg at a
+them. Per-key gates: the dk kernel, walking backward, carries the sums across chunks and takes them inside
+each chunk (a reverse cumulative sum of the chunk's tile); across segments the dk kernel needs no other segment's sums, since dg at a
 segment's first token is also Σ_v exp(g_s)S_{s−1}⊙dS_s, a product of the prefix state and the state gradient
 that the backward already holds.
 
@@ -416,6 +416,18 @@ def _prefix_kernel(o, q, g, gg, goff, P, out, T, H, NC, scale,
 
 
 @triton.jit
+def _state_unit(scale, GATE: tl.constexpr):
+    """What the backward's dk and dv kernels keep their state gradient dH in units of: per key (GATE 3) dH / scale,
+    so each chunk's update is one dot accumulating in place (scale·dot(...) held a second float32 state tile:
+    255 registers and spills); the scalar kinds keep dH itself (the same change there spilled more, and made
+    g_gamma's forward+backward 2.09 → 2.54 ms on an H200)."""
+    if GATE == 3:
+        return scale
+    else:
+        return 1.0
+
+
+@triton.jit
 def _state_dot(x, S, dt: tl.constexpr, SF32: tl.constexpr, PREC: tl.constexpr):
     """x `[C, N]` @ Sᵀ for a float32 state S `[M, N]`. SF32 0: in x's dtype; 1: in float32 (tf32); 2: S split
     into two halves in x's dtype (S = hi + lo: ~2^-16 relative for bf16), two dots that keep x as it is.
@@ -506,17 +518,16 @@ def _bwd_dq_kernel(q, k, kd, eq, v, g, gg, do, h0, dq, gq, st, T, H, SEG, NC, sc
 
 
 @triton.jit
-def _bwd_dk_kernel(q, k, kd, ek, v, g, gg, do, dhe, hin, dk, gk, dg, dgc, term, dh0, T, H, SEG, NC, scale,
+def _bwd_dk_kernel(q, k, kd, ek, v, g, gg, do, dhe, hin, dk, gk, dg, term, dh0, T, H, SEG, NC, scale,
                    K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, C: tl.constexpr, GATE: tl.constexpr,
                    HAS_DHE: tl.constexpr, HAS_TERM: tl.constexpr, NEED_DG: tl.constexpr, SF32: tl.constexpr,
                    PREC: tl.constexpr, SPREC: tl.constexpr):
     """One (K-tile, batch·head, segment), walking backward from the gradient of the state leaving the
     segment (rows rk): dk, the k-side gate partial, and segment 0's dh0 rows.
 
-    Per key (GATE 3) it takes the gate gradient on in place: dg holds the q-side partial from the dq kernel;
-    this kernel subtracts k⊙dk, leaving dL/dA, and writes each chunk's carry (Σ of dL/dA after the chunk) to
-    dgc `[B·H, NC, K]`; _dg_finish_kernel then takes the reverse sums inside the chunks. The carry enters the
-    segment as dg at the first token after it: Σ_v P ⊙ dhe (P the state entering
+    Per key (GATE 3) it finishes the gate gradient in place: dg holds the q-side partial from the dq kernel;
+    this kernel subtracts k⊙dk, leaving dL/dA, and writes dg = the reverse sum of dL/dA inside the chunk plus
+    the carry (Σ of dL/dA after the chunk). The carry enters the segment as dg at the first token after it: Σ_v P ⊙ dhe (P the state entering
     the next segment, hin `[B·H, NS, K, V]`; dhe the gradient of the one leaving this segment, = exp(g_s)⊙dS_s;
     dL/dg_s = Σ_v exp(g_s)S_{s−1}⊙dS_s), so no segment waits for the sums of the later ones; the last segment
     starts from the final-state term. Scalar gates write their tile's k-side partial to gk[..., ik] (the host
@@ -537,13 +548,14 @@ def _bwd_dk_kernel(q, k, kd, ek, v, g, gg, do, dhe, hin, dk, gk, dg, dgc, term, 
     t_start = js * SEG
     t_end = tl.minimum(t_start + SEG, T)
     nch = tl.cdiv(t_end - t_start, C)
+    unit = _state_unit(scale, GATE)
     dH = tl.zeros([BK, V], dtype=tl.float32)
     if HAS_DHE:
-        dH += _segment_state_tile(dhe, bh, js, ns, rk, rv, K, V)
+        dH += _segment_state_tile(dhe, bh, js, ns, rk, rv, K, V) / unit
     carry = tl.zeros([BK], dtype=tl.float32)     # per key: Σ_{t' after this chunk} dL/dA_t' (see above)
     if GATE == 3 and NEED_DG:
         if js < ns - 1:
-            carry += tl.sum(_segment_state_tile(hin, bh, js + 1, ns, rk, rv, K, V) * dH, 1)
+            carry += unit * tl.sum(_segment_state_tile(hin, bh, js + 1, ns, rk, rv, K, V) * dH, 1)
         elif HAS_TERM:
             carry += tl.load(term + bh.to(tl.int64) * K + rk)
     gamma = 0.0
@@ -558,7 +570,7 @@ def _bwd_dk_kernel(q, k, kd, ek, v, g, gg, do, dhe, hin, dk, gk, dg, dgc, term, 
         bv = tl.load(v + row[:, None] * V + rv[None, :], mask=m[:, None], other=0.0)
         bdo = tl.load(do + row[:, None] * V + rv[None, :], mask=m[:, None], other=0.0)
         dAt = tl.dot(bv, tl.trans(bdo), input_precision=PREC)       # [C(s), C(t)] = v_s·do_t
-        inter = _state_dot(bv, dH, dt, SF32, SPREC)                  # [C, BK] = v_s dHᵀ
+        inter = _state_dot(bv, dH, dt, SF32, SPREC)                  # [C, BK] = v_s dHᵀ (/ scale per key)
         if GATE == 0:
             acc = scale * tl.dot(tl.where(causal_t, dAt, 0.0).to(dt), bq, input_precision=PREC) + inter
             dH += scale * tl.dot(tl.trans(bq), bdo, input_precision=PREC)
@@ -569,17 +581,17 @@ def _bwd_dk_kernel(q, k, kd, ek, v, g, gg, do, dhe, hin, dk, gk, dg, dgc, term, 
             bl = _chunk_totals(g, bh, t0, NC, rk, K, C)
             kdf = tl.load(ek + ptr, mask=m[:, None], other=0.0).to(tl.float32)
             kf = _held_factor(kdf, bl)
-            acc = scale * intra * kf + inter * kdf
+            # dk is stored before the gate terms and dL/dA taken off the loaded partial one term at a time:
+            # the order that kept this kernel under the register limit (ptxas spilled 308 bytes, now 4; the
+            # reverse sum here in place of a finishing pass costs no more, on an H200, and drops that pass)
+            tl.store(dk + ptr, (scale * (intra * kf + inter * kdf)).to(dk.dtype.element_ty), mask=m[:, None])
             if NEED_DG:
-                part = (scale * tl.load(k + ptr, mask=m[:, None], other=0.0).to(tl.float32) * intra
-                        + tl.load(kd + ptr, mask=m[:, None], other=0.0).to(tl.float32) * inter)
-                # dL/dA in place of the q-side partial, and the chunk's carry: _dg_finish_kernel takes the
-                # reverse sums (in this kernel they cost more than that pass, on an H200)
-                d = tl.load(dg + ptr, mask=m[:, None], other=0.0) - part
-                tl.store(dg + ptr, d, mask=m[:, None])
-                tl.store(dgc + (bh * NC + t0 // C).to(tl.int64) * K + rk, carry)
+                d = tl.load(dg + ptr, mask=m[:, None], other=0.0)   # the q-side partial, then dL/dA
+                d -= scale * tl.load(k + ptr, mask=m[:, None], other=0.0).to(tl.float32) * intra
+                d -= scale * tl.load(kd + ptr, mask=m[:, None], other=0.0).to(tl.float32) * inter
+                tl.store(dg + ptr, carry[None, :] + tl.cumsum(d, 0, reverse=True), mask=m[:, None])
                 carry += tl.sum(d, 0)
-            dH = dH * tl.exp(bl)[:, None] + scale * tl.dot(tl.trans(bq), bdo, input_precision=PREC)
+            dH = dH * tl.exp(bl)[:, None] + tl.dot(tl.trans(bq), bdo, input_precision=PREC)
         else:
             bk = tl.load(k + row[:, None] * K + rk[None, :], mask=m[:, None], other=0.0)
             gc = _gate_chunk(g, gamma, b, h, t, m, T, H, rk, K, GATE)
@@ -594,26 +606,10 @@ def _bwd_dk_kernel(q, k, kd, ek, v, g, gg, do, dhe, hin, dk, gk, dg, dgc, term, 
                 tl.store(gk + row * nk + ik, part, mask=m)
             qd = (bq * tl.exp(bc)[:, None]).to(dt)
             dH = dH * tl.exp(bl) + scale * tl.dot(tl.trans(qd), bdo, input_precision=PREC)
-        tl.store(dk + row[:, None] * K + rk[None, :], acc.to(dk.dtype.element_ty), mask=m[:, None])
+        if GATE != 3:   # (per key: stored above)
+            tl.store(dk + row[:, None] * K + rk[None, :], acc.to(dk.dtype.element_ty), mask=m[:, None])
     if js == 0:
-        tl.store(dh0 + bh.to(tl.int64) * K * V + rk[:, None] * V + rv[None, :], dH)
-
-
-@triton.jit
-def _dg_finish_kernel(dg, dgc, T, H, NC, K: tl.constexpr, BK: tl.constexpr, C: tl.constexpr):
-    """Per-key dg, one (chunk, batch·head, K-tile): dg_t = Σ_{t' ≥ t in the chunk} d_t' + the chunk's carry
-    (the dk kernel's d in place, and its carry `[B·H, NC, K]`)."""
-    n = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    rk = tl.program_id(2) * BK + tl.arange(0, BK)
-    t = n * C + tl.arange(0, C)
-    m = t < T
-    ptr = ((b * T + t).to(tl.int64) * H + h)[:, None] * K + rk[None, :]
-    d = tl.load(dg + ptr, mask=m[:, None], other=0.0)
-    carry = tl.load(dgc + (bh * NC + n).to(tl.int64) * K + rk)
-    tl.store(dg + ptr, tl.sum(d, 0)[None, :] - tl.cumsum(d, 0) + d + carry[None, :], mask=m[:, None])
+        tl.store(dh0 + bh.to(tl.int64) * K * V + rk[:, None] * V + rv[None, :], dH * unit)
 
 
 @triton.jit
@@ -637,9 +633,10 @@ def _bwd_dv_kernel(q, k, kd, g, gg, do, dhe, dv, T, H, SEG, NC, scale,
     t_start = js * SEG
     t_end = tl.minimum(t_start + SEG, T)
     nch = tl.cdiv(t_end - t_start, C)
+    unit = _state_unit(scale, GATE)
     dH = tl.zeros([K, BV], dtype=tl.float32)
     if HAS_DHE:
-        dH += _segment_state_tile(dhe, bh, js, ns, rk, rv, K, V)
+        dH += _segment_state_tile(dhe, bh, js, ns, rk, rv, K, V) / unit
     gamma = 0.0
     if GATE == 1:
         gamma = tl.load(gg + h).to(tl.float32)
@@ -651,29 +648,33 @@ def _bwd_dv_kernel(q, k, kd, g, gg, do, dhe, dv, T, H, SEG, NC, scale,
         bq = tl.load(q + row[:, None] * K + rk[None, :], mask=m[:, None], other=0.0)
         bk = tl.load(k + row[:, None] * K + rk[None, :], mask=m[:, None], other=0.0)
         bdo = tl.load(do + row[:, None] * V + rv[None, :], mask=m[:, None], other=0.0)
-        if GATE == 0:
+        if GATE == 3:
+            # dH / scale: both updates are dots accumulating in place; dv = scale·(kd dH' + Aᵀ do), A = kn·qdᵀ
             At = tl.where(causal_t, tl.dot(bk, tl.trans(bq), input_precision=PREC), 0.0)
-            acc = tl.dot(bk, dH.to(dt), input_precision=PREC)
-            qd = bq
-        elif GATE == 3:
-            At = tl.where(causal_t, tl.dot(bk, tl.trans(bq), input_precision=PREC), 0.0)   # kn·qdᵀ
             bkd = tl.load(kd + row[:, None] * K + rk[None, :], mask=m[:, None], other=0.0)
             acc = tl.dot(bkd, dH.to(dt), input_precision=PREC)
-            qd = bq
-            dH = dH * tl.exp(_chunk_totals(g, bh, t0, NC, rk, K, C))[:, None]
+            acc = scale * tl.dot(At.to(dt), bdo, acc, input_precision=PREC)
+            dH = dH * tl.exp(_chunk_totals(g, bh, t0, NC, rk, K, C))[:, None] + \
+                tl.dot(tl.trans(bq), bdo, input_precision=PREC)
         else:
-            gc = _gate_chunk(g, gamma, b, h, t, m, T, H, rk, K, GATE)
-            bc = tl.cumsum(gc, 0)
-            bl = tl.sum(gc, 0)
-            At = tl.where(causal_t, tl.dot(bk, tl.trans(bq), input_precision=PREC)
-                          * tl.exp(bc[None, :] - bc[:, None]), 0.0)
-            kd_ = (bk * tl.exp(bl - bc)[:, None]).to(dt)
-            acc = tl.dot(kd_, dH.to(dt), input_precision=PREC)
-            qd = (bq * tl.exp(bc)[:, None]).to(dt)
-            dH = dH * tl.exp(bl)
-        acc += scale * tl.dot(At.to(dt), bdo, input_precision=PREC)
-        dH += scale * tl.dot(tl.trans(qd), bdo, input_precision=PREC)
+            if GATE == 0:
+                At = tl.where(causal_t, tl.dot(bk, tl.trans(bq), input_precision=PREC), 0.0)
+                acc = tl.dot(bk, dH.to(dt), input_precision=PREC)
+                qd = bq
+            else:
+                gc = _gate_chunk(g, gamma, b, h, t, m, T, H, rk, K, GATE)
+                bc = tl.cumsum(gc, 0)
+                bl = tl.sum(gc, 0)
+                At = tl.where(causal_t, tl.dot(bk, tl.trans(bq), input_precision=PREC)
+                              * tl.exp(bc[None, :] - bc[:, None]), 0.0)
+                kd_ = (bk * tl.exp(bl - bc)[:, None]).to(dt)
+                acc = tl.dot(kd_, dH.to(dt), input_precision=PREC)
+                qd = (bq * tl.exp(bc)[:, None]).to(dt)
+                dH = dH * tl.exp(bl)
+            acc += scale * tl.dot(At.to(dt), bdo, input_precision=PREC)
+            dH += scale * tl.dot(tl.trans(qd), bdo, input_precision=PREC)
         tl.store(dv + row[:, None] * V + rv[None, :], acc.to(dv.dtype.element_ty), mask=m[:, None])
+
 
 @triton.jit
 def _levels_kernel(q, k, v, g, do, o, dq, dk, dv, gq, steep, T, H, SEG, scale,
@@ -1133,7 +1134,7 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True, k
     st = torch.empty(B, H, K, V, **f32) if need_dg and (deferred or dht is not None) else None
     gq = gk = None
     if GATE == 3 and need_dg:
-        gq = torch.empty(B, T, H, K, **f32)          # the q-side partial; dg in place after dk and _dg_finish_kernel
+        gq = torch.empty(B, T, H, K, **f32)          # the q-side partial; the dk kernel leaves dg in its place
     elif need_dg:
         gq = torch.empty(B, T, H, nk, **f32)         # the q-side partial of each dq K-tile
         gk = torch.empty(B, T, H, K // BKk, **f32)   # ... and the k-side one of each dk K-tile
@@ -1152,13 +1153,11 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True, k
     if ns > 1:
         # the gradient of the state leaving each segment (dht past the last): a reverse scan of the (q, do) states
         dhe, _ = _scan(qdo_states.states, qdo_states.log_decays, dhe, reverse=True)
-    # per-key dg: the carry entering each chunk from the later ones (the dk kernel's, for _dg_finish_kernel)
-    dgc = torch.empty(B * H, NC, K, **f32) if GATE == 3 and need_dg else None
     if ops is not None:   # before the dk kernel, which takes the gate gradient on from gq
         _add_levels(1, ops.steep, seg, q, k, v, gt, scale, do=do, dq=dq, gq=gq, need_dg=need_dg)
     _bwd_dk_kernel[(K // BKk, B * H, ns)](qx, kx, kdx, ekx, v, gx, gg, do, dhe if dhe is not None else dummy,
                                     h0 if ns > 1 else dummy, dk, gk if gk is not None else dummy,
-                                    gq if GATE == 3 and need_dg else dummy, dgc if dgc is not None else dummy,
+                                    gq if GATE == 3 and need_dg else dummy,
                                     term if term is not None else dummy,
                                     dh0, T, H, seg, NC, scale, BK=BKk, HAS_DHE=dhe is not None,
                                     HAS_TERM=term is not None, NEED_DG=need_dg, SF32=sf32["dk"],
@@ -1170,8 +1169,6 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True, k
     if not need_dg:
         return dq, dk, dv, None, dh0
     if GATE == 3:
-        BKf = min(K, 64)
-        _dg_finish_kernel[(NC, B * H, K // BKf)](gq, dgc, T, H, NC, K=K, BK=BKf, C=C, num_warps=4)
         return dq, dk, dv, gq.to(g.dtype), dh0
     # scalar gates: dL/dA_t = Σ_tiles (q-side − k-side); dg_s = Σ_{t≥s} dL/dA_t (+ the final-state term)
     dgl = _reverse_cumsum(gq.sum(-1) - gk.sum(-1), 1)                                # [B, T, H]

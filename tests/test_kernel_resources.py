@@ -1,0 +1,29 @@
+"""benchmarks/kernel_resources.py compiles a kernel for sm_90a on a machine without a GPU and reads ptxas."""
+import os
+import re
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_reports_per_key_dk_resources():
+    # a subprocess: the kernel tests run Triton's interpreter in this one, and interpreted kernels do not compile
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT
+    out = subprocess.run([sys.executable, "benchmarks/kernel_resources.py", "--kinds", "gk", "--kernels", "dk"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    row = re.search(r"gk\s+dk\s+registers\s+(\d+)\s+spills\s+(\d+) /\s+(\d+) bytes.*shared\s+(\d+) bytes", out.stdout)
+    assert row, out.stdout
+    regs, _, _, shared = map(int, row.groups())
+    assert 32 <= regs <= 255          # ptxas's limit per thread
+    assert shared > 0                 # the kernel stages its tiles in shared memory
+
+
+def test_rejects_unknown_kernel():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT
+    out = subprocess.run([sys.executable, "benchmarks/kernel_resources.py", "--kernels", "dz"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode != 0 and "--kernels: unknown kernel 'dz'" in out.stderr
