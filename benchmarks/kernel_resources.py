@@ -42,7 +42,7 @@ KERNELS = {"fwd": tc._fwd_kernel, "dq": tc._bwd_dq_kernel, "dk": tc._bwd_dk_kern
 def constants(name: str, gate: int) -> tuple[dict, dict]:
     """-> (constexpr arguments, launch options) of kernel ``name`` as the dispatch sets them."""
     block, cfg = tc._launch(name, D, gate)
-    need_dg = gate != 1 and gate != 0
+    need_dg = gate >= 2   # gates with their gradient; the constant decay without (as the models use it)
     c = dict(K=D, V=D, C=tc.CHUNK_PER_KEY if gate == 3 else tc.CHUNK, GATE=gate, PREC="tf32")
     if name == "fwd":
         c.update(BV=block, HAS_H0=False, STORE_HT=False)
@@ -71,7 +71,7 @@ def resources(name: str, gate: int, arch: int) -> dict:
         else:
             sig[a] = "*fp32" if a in f32 else "*bf16"
     # what the launcher's specialisation gives at the benchmark shapes: pointers and sizes divisible by 16
-    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if sig[a] in ("i32",) or
+    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if sig[a] == "i32" or
              sig[a].startswith("*")}
     src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()}, attrs=attrs)
     kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=cfg)
@@ -99,13 +99,14 @@ def main():
     args = ap.parse_args()
     if tc._interpreting():
         raise SystemExit("kernel_resources.py compiles the kernels: unset TRITON_INTERPRET")
+    kinds, names = args.kinds.split(","), args.kernels.split(",")
+    for flag, values, known in (("--kinds", kinds, KINDS), ("--kernels", names, KERNELS)):
+        for x in values:
+            if x not in known:   # before any compiling
+                raise SystemExit(f"{flag}: unknown {flag[2:-1]} {x!r}, expected one of {sorted(known)}")
     print(f"# triton {triton.__version__}, sm_{args.arch}, bf16, head dims {D}")
-    for kind in args.kinds.split(","):
-        if kind not in KINDS:
-            raise SystemExit(f"--kinds: unknown kind {kind!r}, expected one of {sorted(KINDS)}")
-        for name in args.kernels.split(","):
-            if name not in KERNELS:
-                raise SystemExit(f"--kernels: unknown kernel {name!r}, expected one of {sorted(KERNELS)}")
+    for kind in kinds:
+        for name in names:
             r = resources(name, KINDS[kind], args.arch)
             print(f"{kind:8s} {name:4s} registers {r['registers']:3d}  spills {r['spill_stores']:4d} / "
                   f"{r['spill_loads']:4d} bytes (stores / loads)  shared {r['shared']:6d} bytes", flush=True)

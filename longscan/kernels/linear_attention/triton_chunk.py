@@ -39,8 +39,8 @@ exp(b_t)·exp(−b_s), gave NaN once a chunk's gates summed below about −88). 
 Gradient of the gate (A_t the cumulative log gate): dL/dA_t = q_t⊙dq_t − k_t⊙dk_t, plus Σ_v S_T⊙dS_T at the
 last step; dg_s = Σ_{t≥s} dL/dA_t. The dq and dk kernels emit the q and k sides. Scalar gates: the host sums
 them. Per-key gates: the dk kernel, walking backward, carries the sums across chunks and takes them inside
-each chunk (a reverse cumulative sum of the chunk's tile); across segments the dk kernel needs no other segment's sums, since dg at a
-segment's first token is also Σ_v exp(g_s)S_{s−1}⊙dS_s, a product of the prefix state and the state gradient
+each chunk (a reverse cumulative sum of the chunk's tile); across segments the dk kernel needs no other
+segment's sums, since dg at a segment's first token is also Σ_v exp(g_s)S_{s−1}⊙dS_s, a product of the prefix state and the state gradient
 that the backward already holds.
 
 Shapes: q, k `[B, T, H, K]`, v `[B, T, H, V]`; states `[B, H, K, V]` float32. K, V ∈ {16, 32, 64, 128}.
@@ -531,8 +531,8 @@ def _bwd_dk_kernel(q, k, kd, ek, v, g, gg, do, dhe, hin, dk, gk, dg, term, dh0, 
 
     Per key (GATE 3) it finishes the gate gradient in place: dg holds the q-side partial from the dq kernel;
     this kernel subtracts k⊙dk, leaving dL/dA, and writes dg = the reverse sum of dL/dA inside the chunk plus
-    the carry (Σ of dL/dA after the chunk). The carry enters the segment as dg at the first token after it: Σ_v P ⊙ dhe (P the state entering
-    the next segment, hin `[B·H, NS, K, V]`; dhe the gradient of the one leaving this segment, = exp(g_s)⊙dS_s;
+    the carry (Σ of dL/dA after the chunk). The carry enters the segment as dg at the first token after it:
+    Σ_v P ⊙ dhe (P the state entering the next segment, hin `[B·H, NS, K, V]`; dhe the gradient of the one leaving this segment, = exp(g_s)⊙dS_s;
     dL/dg_s = Σ_v exp(g_s)S_{s−1}⊙dS_s), so no segment waits for the sums of the later ones; the last segment
     starts from the final-state term. Scalar gates write their tile's k-side partial to gk[..., ik] (the host
     sums: a 1-D reverse cumulative sum in this kernel made the scalar-gate backward 6% slower on an H100).
