@@ -5,7 +5,7 @@ more between cudaProfilerStart and cudaProfilerStop, so ncu sees only that one:
 
     ncu --clock-control none --profile-from-start off --section SpeedOfLight --section Occupancy \
         --section WarpStateStats --metrics dram__bytes_read.sum,dram__bytes_write.sum,gpu__time_duration.sum \
-        --csv python3 benchmarks/ncu_linear.py run --shape 16x4096 --kind gk > ncu.csv
+        --csv env PYTHONPATH=. python3 benchmarks/ncu_linear.py run --shape 16x4096 --kind gk > ncu.csv
 
 Then, anywhere, `summary` reads that CSV and prints one row a kernel: µs, DRAM GB read / written, DRAM TB/s,
 achieved occupancy, warp cycles per issued instruction:
