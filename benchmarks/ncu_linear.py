@@ -47,40 +47,39 @@ def summarise(text: str) -> list[dict]:
     return [kernels[i] for i in sorted(kernels)]
 
 
+def _line(name: str, k: dict) -> str:
+    rate = (k["read"] + k["write"]) / k["time"] / 1e3   # bytes / ns = GB/s; / 1e3: TB/s
+    return (f"{name[:32]:32s} {k['time'] / 1e3:8.1f} {k['read'] / 1e9:8.3f} {k['write'] / 1e9:8.3f} {rate:6.2f} "
+            f"{k.get('occupancy', float('nan')):6.1f} {k.get('cycles_per_issue', float('nan')):9.2f}")
+
+
 def table(kernels: list[dict]) -> str:
-    """The summary rows as text: kernels with the time and DRAM counters, and their total."""
+    """The summary rows as text: kernels with the time and DRAM counters, and their total (its occupancy and
+    cycles per issue: nan)."""
     out = [f"{'kernel':32s} {'us':>8s} {'read GB':>8s} {'write GB':>8s} {'TB/s':>6s} {'occ %':>6s} {'cyc/issue':>9s}"]
-    total = dict(time=0.0, read=0.0, write=0.0)
-    for k in kernels:
-        if not all(c in k for c in ("time", "read", "write")):
-            continue
-        for c in total:
-            total[c] += k[c]
-        rate = (k["read"] + k["write"]) / k["time"] / 1e3   # bytes / ns = GB/s
-        out.append(f"{k['name'][:32]:32s} {k['time'] / 1e3:8.1f} {k['read'] / 1e9:8.3f} {k['write'] / 1e9:8.3f} "
-                   f"{rate:6.2f} {k.get('occupancy', float('nan')):6.1f} {k.get('cycles_per_issue', float('nan')):9.2f}")
+    counted = [k for k in kernels if all(c in k for c in ("time", "read", "write"))]
+    out += [_line(k["name"], k) for k in counted]
+    total = {c: sum(k[c] for k in counted) for c in ("time", "read", "write")}
     if total["time"]:
-        rate = (total["read"] + total["write"]) / total["time"] / 1e3
-        out.append(f"{'total':32s} {total['time'] / 1e3:8.1f} {total['read'] / 1e9:8.3f} {total['write'] / 1e9:8.3f} "
-                   f"{rate:6.2f}")
+        out.append(_line("total", total))
     return "\n".join(out)
 
 
 def run(shape: str, kind: str) -> None:
-    """One forward+backward as the autograd op runs it (the forward keeps its operands), profiled alone."""
+    """One forward+backward as the autograd op runs it (the forward keeps its operands; gates with their
+    gradient, the constant decay without, as the other benchmarks), profiled alone."""
     import torch
 
-    from benchmarks.kernels import lin_inputs
+    from benchmarks.tune_linear import inputs
     from longscan.kernels.linear_attention import triton_chunk as tc
 
     B, T = (int(x) for x in shape.split("x"))
     torch.manual_seed(0)
-    q, k, v, g, gg = lin_inputs(B, T, 16, 128, kind)
-    do = torch.randn_like(v)
+    q, k, v, g, gg, do = inputs(B, T, kind)
 
     def step():
         _, _, saved = tc.forward(q, k, v, g, gg, return_saved=True)
-        tc.backward(q, k, v, g, gg, None, None, do, None, True, kv_states=saved)
+        tc.backward(q, k, v, g, gg, None, None, do, None, kind != "g_gamma", kv_states=saved)
 
     step()
     torch.cuda.synchronize()
