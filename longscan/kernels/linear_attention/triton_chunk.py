@@ -62,6 +62,9 @@ CHUNK_PER_KEY = 64  # chunk for per-key gates
 # terms below exp(60 − 87) ≈ 2e-12 of the others.
 LEVEL_SPAN = tl.constexpr(60.0)
 HELD = tl.constexpr(math.exp(LEVEL_SPAN.value))   # where level 0's key factor is held
+# Per-key dk kernel: the gate gradient's in-chunk reverse sum runs over [RUN, C / RUN, BK] views of its tiles, RUN
+# consecutive tokens along the first axis, which Triton 3.6 keeps inside one thread (_dg_suffix_sums).
+DG_RUN = tl.constexpr(4)
 SEGMENTS = None     # force the number of sequence segments (tests); None picks from the SM count
 SPLIT_BELOW = 2      # sequences are cut into segments only when there are fewer programs per SM than this
 PROGRAMS_PER_SM = 8  # ... and then until there are this many programs per SM
@@ -135,13 +138,14 @@ def _key_factors(bc, bl):
     and takes the held part back. On a steeper key kf is still bounded and continuous in (b, b_C), and
     _levels_kernel takes it back whole. (Continuous: kernels whose b differ in rounding agree to rounding.)"""
     kd = tl.exp(bl[None, :] - bc)
-    return _held_factor(kd, bl), kd
+    return _held_factor(kd, bl[None, :]), kd
 
 
 @triton.jit
 def _held_factor(kd, bl):
-    """Level 0's key factor kf `[C, BK]` from the state's kd = exp(b_C − b) and the chunk totals bl (_key_factors)."""
-    return tl.minimum(kd * tl.exp(tl.minimum(-bl, 80.0))[None, :], HELD)
+    """Level 0's key factor kf (a tile like kd) from the state's kd = exp(b_C − b) and the chunk totals bl (_key_factors),
+    bl shaped to broadcast against kd (its keys on the last axis)."""
+    return tl.minimum(kd * tl.exp(tl.minimum(-bl, 80.0)), HELD)
 
 
 @triton.jit
@@ -522,6 +526,17 @@ def _bwd_dq_kernel(q, k, kd, eq, v, g, gg, do, h0, dq, gq, st, T, H, SEG, NC, sc
 
 
 @triton.jit
+def _dg_suffix_sums(d, carry):
+    """Per-key gate gradient, one chunk: d `[RUN, NR, BK]` (dL/dA of token RUN·r + a at [a, r]), carry `[BK]` the sum
+    of dL/dA after the chunk -> (dg = carry + Σ_{t' ≥ t} dL/dA_t' per token, like d; each run's sum `[NR, BK]`).
+    The run axis is in-thread, so only the run sums are summed across threads (tl.cumsum on the chunk's
+    [C, BK] tile took 870 of the dk loop's 2,925 instructions, 380 of them shuffles)."""
+    tot = tl.sum(d, 0)
+    after = tl.cumsum(tot, 0, reverse=True) - tot + carry[None, :]        # the sum after each run
+    return tl.cumsum(d, 0, reverse=True) + after[None, :, :], tot
+
+
+@triton.jit
 def _bwd_dk_kernel(q, k, kd, ek, v, g, gg, do, dhe, hin, dk, gk, dg, term, dh0, T, H, SEG, NC, scale,
                    K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, C: tl.constexpr, GATE: tl.constexpr,
                    HAS_DHE: tl.constexpr, HAS_TERM: tl.constexpr, NEED_DG: tl.constexpr, SF32: tl.constexpr,
@@ -565,6 +580,15 @@ def _bwd_dk_kernel(q, k, kd, ek, v, g, gg, do, dhe, hin, dk, gk, dg, term, dh0, 
     gamma = 0.0
     if GATE == 1:
         gamma = tl.load(gg + h).to(tl.float32)
+    NR: tl.constexpr = C // DG_RUN
+    ra = tl.arange(0, DG_RUN)
+    rr = tl.arange(0, NR)
+    if GATE == 3:
+        # The tile rows in run order: row i holds token RUN·(i mod NR) + i div NR, the order of the [RUN, NR, BK]
+        # views below, so that the dots' [C, BK] results reshape into them (the dots do not mind the rows' order;
+        # without dg too, so that dk is the same to the bit either way)
+        rc = DG_RUN * (rc % NR) + rc // NR
+        causal_t = rc[:, None] <= rc[None, :]
     for i in range(0, nch):
         t0 = t_start + (nch - 1 - i) * C
         t = t0 + rc
@@ -581,26 +605,34 @@ def _bwd_dk_kernel(q, k, kd, ek, v, g, gg, do, dhe, hin, dk, gk, dg, term, dh0, 
         elif GATE == 3:
             # bq: qd, level 0's query side and the state gradient's
             intra = tl.dot(tl.where(causal_t, dAt, 0.0).to(dt), bq, input_precision=PREC)
-            ptr = row[:, None] * K + rk[None, :]
             bl = _chunk_totals(g, bh, t0, NC, rk, K, C)
-            kdf = tl.load(ek + ptr, mask=m[:, None], other=0.0).to(tl.float32)
             if NEED_DG:
-                # kn and kd are loaded beside ek, so their waits overlap, and not after the dk store below
-                # (a load is not moved above a store that may alias it): backward 3.13 -> 3.03 ms at 1x65536
-                # on an H200, 80 bytes of spills; the partial loaded here too spilled 108 and was slower
-                bkn = tl.load(k + ptr, mask=m[:, None], other=0.0)
-                bkd = tl.load(kd + ptr, mask=m[:, None], other=0.0)
-            kf = _held_factor(kdf, bl)
-            # dk is stored before the gate terms and dL/dA taken off the loaded partial one term at a time:
-            # the order that kept this kernel under the register limit (ptxas spilled 308 bytes, then 4; the
-            # reverse sum here in place of a finishing pass costs no more, on an H200, and drops that pass)
-            tl.store(dk + ptr, (scale * (intra * kf + inter * kdf)).to(dk.dtype.element_ty), mask=m[:, None])
-            if NEED_DG:
-                d = tl.load(dg + ptr, mask=m[:, None], other=0.0)   # the q-side partial, then dL/dA
+                # The elementwise work on [RUN, NR, BK] views (token RUN·r + a at [a, r]; 3-D loads and stores), so
+                # that dL/dA arrives in the in-thread layout _dg_suffix_sums needs. kn and kd are loaded beside ek
+                # (a load is not moved above a store that may alias it), and dk is stored before the gate terms,
+                # with dL/dA taken off the loaded partial one term at a time: the orders that kept this kernel
+                # under the register limit (ptxas: 255 registers, 92 bytes of spill stores)
+                t3 = t0 + DG_RUN * rr[None, :] + ra[:, None]
+                m3 = (t3 < t_end)[:, :, None]
+                p3 = ((b * T + t3).to(tl.int64) * H + h)[:, :, None] * K + rk[None, None, :]
+                intra = tl.reshape(intra, [DG_RUN, NR, BK])
+                inter = tl.reshape(inter, [DG_RUN, NR, BK])
+                kdf = tl.load(ek + p3, mask=m3, other=0.0).to(tl.float32)
+                bkn = tl.load(k + p3, mask=m3, other=0.0)
+                bkd = tl.load(kd + p3, mask=m3, other=0.0)
+                kf = _held_factor(kdf, bl[None, None, :])
+                tl.store(dk + p3, (scale * (intra * kf + inter * kdf)).to(dk.dtype.element_ty), mask=m3)
+                d = tl.load(dg + p3, mask=m3, other=0.0)   # the q-side partial, then dL/dA
                 d -= scale * bkn.to(tl.float32) * intra
                 d -= scale * bkd.to(tl.float32) * inter
-                tl.store(dg + ptr, carry[None, :] + tl.cumsum(d, 0, reverse=True), mask=m[:, None])
-                carry += tl.sum(d, 0)
+                sums, runs = _dg_suffix_sums(d, carry)
+                tl.store(dg + p3, sums, mask=m3)
+                carry += tl.sum(runs, 0)   # (after the store: 8 bytes of spills fewer than before it)
+            else:
+                ptr = row[:, None] * K + rk[None, :]
+                kdf = tl.load(ek + ptr, mask=m[:, None], other=0.0).to(tl.float32)
+                kf = _held_factor(kdf, bl[None, :])
+                tl.store(dk + ptr, (scale * (intra * kf + inter * kdf)).to(dk.dtype.element_ty), mask=m[:, None])
             dH = dH * tl.exp(bl)[:, None] + tl.dot(tl.trans(bq), bdo, input_precision=PREC)
         else:
             bk = tl.load(k + row[:, None] * K + rk[None, :], mask=m[:, None], other=0.0)
