@@ -39,7 +39,8 @@ exp(b_t)·exp(−b_s), gave NaN once a chunk's gates summed below about −88). 
 Gradient of the gate (A_t the cumulative log gate): dL/dA_t = q_t⊙dq_t − k_t⊙dk_t, plus Σ_v S_T⊙dS_T at the
 last step; dg_s = Σ_{t≥s} dL/dA_t. The dq and dk kernels emit the q and k sides. Scalar gates: the host sums
 them. Per-key gates: the dk kernel, walking backward, carries the sums across chunks and takes them inside
-each chunk (a reverse cumulative sum of the chunk's tile); across segments the dk kernel needs no other
+each chunk (a reverse sum over the chunk's tile, its rows held in runs of DG_RUN consecutive tokens a thread so
+that the sum is mostly adds in registers: _dg_suffix_sums); across segments the dk kernel needs no other
 segment's sums, since dg at a segment's first token is also Σ_v exp(g_s)S_{s−1}⊙dS_s, a product of the prefix state and the state gradient
 that the backward already holds.
 
