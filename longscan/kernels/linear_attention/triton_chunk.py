@@ -581,13 +581,13 @@ def _bwd_dk_kernel(q, k, kd, ek, v, g, gg, do, dhe, hin, dk, gk, dg, term, dh0, 
     gamma = 0.0
     if GATE == 1:
         gamma = tl.load(gg + h).to(tl.float32)
-    NR: tl.constexpr = C // DG_RUN
-    ra = tl.arange(0, DG_RUN)
-    rr = tl.arange(0, NR)
     if GATE == 3:
         # The tile rows in run order: row i holds token RUN·(i mod NR) + i div NR, the order of the [RUN, NR, BK]
         # views below, so that the dots' [C, BK] results reshape into them (the dots do not mind the rows' order;
         # without dg too, so that dk is the same to the bit either way)
+        NR: tl.constexpr = C // DG_RUN
+        ra = tl.arange(0, DG_RUN)
+        rr = tl.arange(0, NR)
         rc = DG_RUN * (rc % NR) + rc // NR
         causal_t = rc[:, None] <= rc[None, :]
     for i in range(0, nch):
