@@ -227,7 +227,7 @@ def test_forward_takes_segment_state_query_operands(small_chunks, monkeypatch, s
     do = torch.randn(1, 40, 2, 16, generator=torch.Generator().manual_seed(18)).to(DEV)
     o_plain, _ = tc.forward(q, k, v, g)
     _, _, kv = tc.segment_state(k, v, g, return_saved=True, q=q, factors=factors)
-    assert kv.operands.qd is not None and kv.operands.kn is not None and kv.operands.complete == factors
+    assert kv.operands.qd is not None and kv.operands.kd is not None and kv.operands.complete == factors
     pre_passes = record_calls(monkeypatch, "_gate_operands")
     o, _, saved = tc.forward(q, k, v, g, kv_states=kv, return_saved=True)
     assert len(pre_passes) == (0 if factors else 1)
@@ -254,7 +254,7 @@ def test_kept_operands_are_freed_by_activation_checkpointing(small_chunks, monke
         out = forward(*args, **kwargs)
         if kwargs.get("return_saved") and len(refs) == 0:   # the first forward, not the recomputed one
             ops = out[2].operands
-            refs.extend(weakref.ref(t) for t in (ops.qd, ops.kn, ops.kd, ops.eq, ops.ek, out[2].prefixes))
+            refs.extend(weakref.ref(t) for t in (ops.qd, ops.kd, ops.eq, ops.ek, out[2].prefixes))
         return out
     monkeypatch.setattr(tc, "forward", watched)
 
@@ -266,7 +266,7 @@ def test_kept_operands_are_freed_by_activation_checkpointing(small_chunks, monke
         leaves = {n: x[n].to(DEV).clone().requires_grad_() for n in ("q", "k", "v", "g")}
         out = torch.utils.checkpoint.checkpoint(loss, leaves, use_reentrant=False) if ckpt else loss(leaves)
         gc.collect()
-        assert len(refs) == 6 and all((r() is None) == ckpt for r in refs), ckpt
+        assert len(refs) == 5 and all((r() is None) == ckpt for r in refs), ckpt
         out.backward()
         grads[ckpt] = [leaves[n].grad for n in ("q", "k", "v", "g")]
     for a, b in zip(grads[True], grads[False]):
@@ -344,9 +344,9 @@ def test_forward_takes_segment_states_zero_prefixes(small_chunks, monkeypatch):
 def steep_gates(x, start=0):
     """Per-key log gates that fall far past float32's exp range inside one chunk, from token start on: -7 a
     token on key 0 (level boundaries mid-chunk), -100 on key 1 (every token its own level), -30 on key 2, a
-    -300 step at token start + 5 on key 3, and -4.5 on key 4 (a chunk of 16 falls to -72: past the held factor's
-    -60 but above the -80 where the main kernels' factor is taken back whole); the other keys (and every key
-    before start) keep mild gates."""
+    -300 step at token start + 5 on key 3, and -4.5 on key 4 (a chunk of 16 falls to -72, just past the -60 below
+    which the levels take the main kernels' level-0 factor back); the other keys (and every key before start) keep
+    mild gates."""
     g = x["g"][:, start:]
     g[..., 0], g[..., 1], g[..., 2], g[..., 4] = -7.0, -100.0, -30.0, -4.5
     g[:, 5, :, 3] = -300.0

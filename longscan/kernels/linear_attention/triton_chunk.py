@@ -20,18 +20,20 @@ add a state per segment to its memory.)
 Decay kinds (log space, ≤ 0), as a constexpr GATE: 0 none, 1 g_gamma `[H]`, 2 g `[B, T, H]`,
 3 g `[B, T, H, K]`. Per-key gates factor the decay inside a chunk, exp(b_t − b_s) = exp(b_t − c)·exp(c − b_s)
 (b the chunk-local cumulative gate, c a reference per key), so the scores are matmuls. A pre-pass,
-`_gate_operands_kernel`, writes the decayed operands once per call: qd = q⊙exp(b), kn = k⊙exp(−b) and
-kd = k⊙exp(b_C − b) (b_C the chunk total), the chunk totals, and for the backward the factors exp(b) (dq's)
-and exp(b_C − b) (dk's) in q's dtype. A forward that a backward follows keeps them all (KEEP_GATE_OPERANDS),
+`_gate_operands_kernel`, writes the decayed operands once per call: qd = q⊙exp(b) and kd = k⊙exp(b_C − b)
+(b_C the chunk total), the chunk totals, and for the backward the factors exp(b) (dq's) and exp(b_C − b) (dk's),
+in q's dtype. The key side of the scores, kn = k⊙exp(−b), is kd times a per-key scale exp(−b_C), so the main
+kernels build it from kd as they load it (_level0_keys) and it is neither written nor read (a pass over q's size
+fewer in the pre-pass and in each main kernel). A forward that a backward follows keeps them all (KEEP_GATE_OPERANDS),
 so the backward runs no pre-pass of its own; in SP the state pass's kd goes on to the output pass. The main kernels
 then read them as the no-decay kernels read q and k, with no `[C, K]` gate tile, cumulative sum or exps of
 their own: that kept their chunks at 32 tokens, where Triton's dots compile to mma.sync instead of Hopper's
-wgmma (benchmarks/RESULTS.md). The pre-pass uses c = 0 with the key factor held at exp(LEVEL_SPAN): exact while
-b stays above −LEVEL_SPAN, which is every chunk of ordinary gates. It marks the segments where a key's gate
-falls further inside a chunk, and `_levels_kernel` then adds, for those chunks, the exact terms of the tokens
-below: levels with reference c = the largest b not yet taken, each a matmul over the tokens in
-(c − LEVEL_SPAN, c], minus what the main kernels' factor gave them (`_key_factors`: the held part, or on a key
-whose chunk total is below −80 its whole level-0 term). Every factor stays within [−exp(LEVEL_SPAN),
+wgmma (benchmarks/RESULTS.md). The scale is exp(min(−b_C, LEVEL_SPAN)) (c = 0, level 0): exact while the chunk
+total stays above −LEVEL_SPAN, which is every chunk of ordinary gates. The pre-pass marks the segments where a
+key's gate falls further inside a chunk, and `_levels_kernel` then adds, for those chunks, the exact terms:
+level 0 on the tokens above −LEVEL_SPAN and levels with reference c = the largest b not yet taken, each a matmul
+over the tokens in (c − LEVEL_SPAN, c], minus what the main kernels' factor gave that key (`_key_factors`: on a
+key that steep, exp(LEVEL_SPAN − (b − b_C)), taken back whole). Every factor stays within [−exp(LEVEL_SPAN),
 exp(LEVEL_SPAN)], so no gate overflows: a steep fall costs matmuls, not correctness (a single factorisation,
 exp(b_t)·exp(−b_s), gave NaN once a chunk's gates summed below about −88). Log gates must be finite and ≤ 0
 (DESIGN's decays).
@@ -62,7 +64,6 @@ CHUNK_PER_KEY = 64  # chunk for per-key gates
 # exp(60) is far inside float32/bf16 range, and a query factor that underflows (exp(b − c) < exp(−87)) drops
 # terms below exp(60 − 87) ≈ 2e-12 of the others.
 LEVEL_SPAN = tl.constexpr(60.0)
-HELD = tl.constexpr(math.exp(LEVEL_SPAN.value))   # where level 0's key factor is held
 # Per-key dk kernel: the gate gradient's in-chunk reverse sum runs over [RUN, C / RUN, BK] views of its tiles, RUN
 # consecutive tokens along the first axis, which Triton 3.6 keeps inside one thread (_dg_suffix_sums).
 DG_RUN = tl.constexpr(4)
@@ -72,8 +73,7 @@ PROGRAMS_PER_SM = 8  # ... and then until there are this many programs per SM
 MIN_SEGMENT_CHUNKS = 8  # ... but no segment shorter than this many chunks
 # Launch settings per kernel: tile (values for fwd/state/dv, keys for dq/dk), warps, pipeline stages.
 # benchmarks/tune_linear.py sweeps them on a GPU. (num_stages=1 miscompiled the dv kernel at tile 32 on
-# an H100 with Triton 3.6 — wrong dv — so the sweep and these settings keep num_stages ≥ 2, but for the per-key
-# forward below, timed and tested at one stage.)
+# an H100 with Triton 3.6 — wrong dv — so the sweep and these settings keep num_stages ≥ 2.)
 CONFIG = {"fwd": dict(block=64, num_warps=4, num_stages=2),
           "state": dict(block=128, num_warps=4, num_stages=3),
           "dq": dict(block=64, num_warps=4, num_stages=2),
@@ -85,11 +85,14 @@ CONFIG = {"fwd": dict(block=64, num_warps=4, num_stages=2),
           "ops": dict(block=64, num_warps=4, num_stages=1),
           "ops_b": dict(block=64, num_warps=4, num_stages=1)}
 # Per-key gates differ from these settings where measured: their dk kernel (which also takes dg on) at 128 keys /
-# 8 warps was 2.84 ms against 2.28 at 64 / 4 at B=16×T=4096 on an H200 (chunks of 64).
-# Their forward at one stage: 40 KB of shared memory (131 KB at two), so two programs share an SM; 1.009 ms against
-# 1.145 at 16×4096, 1.223 against 1.368 at 1×65536 (H200; its GPU tests pass at this setting).
+# 8 warps was 2.84 ms against 2.28 at 64 / 4 at B=16×T=4096 on an H200 (chunks of 64). Their forward and dv kernels
+# at two stages: since they build level 0's keys from kd (no kn tile), each needs 82 KB of shared memory there, so
+# two programs share an SM (the forward took 131 KB at two stages with kn, and ran at one; dv 188 KB at three).
+# H200, fwd+bwd at 16×4096 / 1×65536: 3.43–3.44 / 3.96–4.01 ms, against 3.72 / 4.14 with the forward at one stage and
+# dv at three (ncu at 16×4096: forward 513 -> 430 µs, dv 582 -> 373).
 CONFIG_PER_KEY = {"dk": dict(block=64, num_warps=4, num_stages=2),
-                  "fwd": dict(block=64, num_warps=4, num_stages=1)}
+                  "fwd": dict(block=64, num_warps=4, num_stages=2),
+                  "dv": dict(block=64, num_warps=4, num_stages=2)}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _DIMS = (16, 32, 64, 128)
 # The gradient of g_gamma is a token-weighted sum over the whole sequence of nearly cancelling terms: in bf16
@@ -97,7 +100,7 @@ _DIMS = (16, 32, 64, 128)
 # dispatch refuses a g_gamma that requires grad here (the models keep g_gamma a fixed buffer).
 SUPPORTS_G_GAMMA_GRAD = False
 REUSES_SEGMENT_STATES = True  # entry points hand each other their per-segment states (SegmentStates)
-# Per-key gates: forward(..., return_saved=True) keeps its decayed operands and the backward's factors (five
+# Per-key gates: forward(..., return_saved=True) keeps its decayed operands and the backward's factors (four
 # tensors the size of q, held until the backward) so the backward skips its own pre-pass; False: the backward
 # recomputes them (H200, 16x4096: that pre-pass took 0.85 ms of a 5.46 ms forward+backward).
 KEEP_GATE_OPERANDS = True
@@ -131,22 +134,32 @@ def _gate_chunk(g, gamma, b, h, t, m, T, H, rk, K: tl.constexpr, GATE: tl.conste
 
 
 @triton.jit
-def _key_factors(bc, bl):
-    """The main kernels' key factors `[C, BK]` from one exp: (kf, kd), kd = exp(b_C − b) ≤ 1 (the state's;
-    b_C = bl the chunk's total) and level 0's kf = min(kd·exp(min(−b_C, 80)), exp(LEVEL_SPAN)). While the
-    key's chunk total stays above −80 (kd ≥ exp(−80): no underflow), kf = exp(min(−b, LEVEL_SPAN)): exact for
-    b above −LEVEL_SPAN, held at exp(LEVEL_SPAN) below, where _levels_kernel adds the exact further levels
-    and takes the held part back. On a steeper key kf is still bounded and continuous in (b, b_C), and
-    _levels_kernel takes it back whole. (Continuous: kernels whose b differ in rounding agree to rounding.)"""
-    kd = tl.exp(bl[None, :] - bc)
-    return _held_factor(kd, bl[None, :]), kd
+def _level0_scale(bl):
+    """Per key `[BK]` from the chunk totals b_C = bl: exp(min(−b_C, LEVEL_SPAN)), which takes the state's key factor
+    kd = exp(b_C − b) to level 0's kf (_key_factors)."""
+    return tl.exp(tl.minimum(-bl, LEVEL_SPAN))
 
 
 @triton.jit
-def _held_factor(kd, bl):
-    """Level 0's key factor kf (a tile like kd) from the state's kd = exp(b_C − b) and the chunk totals bl (_key_factors),
-    bl shaped to broadcast against kd (its keys on the last axis)."""
-    return tl.minimum(kd * tl.exp(tl.minimum(-bl, 80.0)), HELD)
+def _key_factors(bc, bl):
+    """The key factors `[C, BK]` from one exp: (kf, kd), kd = exp(b_C − b) ≤ 1 (the state's; b_C = bl the chunk's
+    total) and level 0's kf = kd·exp(min(−b_C, LEVEL_SPAN)). On a key whose chunk total stays above −LEVEL_SPAN
+    (every chunk of ordinary gates) kf = exp(−b), exact. On a steeper key kf = exp(LEVEL_SPAN − (b − b_C)) ≤
+    exp(LEVEL_SPAN): bounded and continuous in (b, b_C), and _levels_kernel takes it back whole and adds the exact
+    levels. (Continuous: kernels whose b differ in rounding agree to rounding.) kf is kd times a per-key scale, so
+    the main kernels build their level-0 keys from the pre-pass's kd (_level0_keys) and no kn = k⊙kf is stored."""
+    kd = tl.exp(bl[None, :] - bc)
+    return kd * _level0_scale(bl)[None, :], kd
+
+
+@triton.jit
+def _level0_keys(bkd, e0, dt: tl.constexpr):
+    """Level 0's keys kn = k⊙kf `[C, BK]` in dtype dt from the pre-pass's kd = k⊙exp(b_C − b) (bkd, in dt) and the
+    chunk's level-0 scales e0 `[BK]` (_chunk_scales), multiplied in dt (bf16: packed pairs, no conversions; the
+    scale rounded to dt costs 2^-9 relative per key, as rounding kn did). Every main kernel rounds them the same
+    way, so the gate partials of the dq and dk kernels multiply by the very keys that built the other side's
+    terms (the dq kernel's docstring)."""
+    return bkd * e0.to(dt)[None, :]
 
 
 @triton.jit
@@ -159,7 +172,7 @@ def _next_level(bc, c):
 @triton.jit
 def _level_factors(bc, bl, c, first):
     """(query factor, key factor) `[C, K]` of one step of _levels_kernel. first: level 0 made exact, (exp(b),
-    exp(−b) on b > −LEVEL_SPAN, 0 below, less the main kernels' kf): their held part taken back. Else the level
+    exp(−b) on b > −LEVEL_SPAN, 0 below, less the main kernels' kf): what they gave a steep key taken back. Else the level
     with reference c: exp(b − c) (≤ 1 where it pairs) and exp(c − b) < exp(LEVEL_SPAN) on the level's tokens
     (b in (c − LEVEL_SPAN, c]), 0 elsewhere."""
     if first:
@@ -193,7 +206,8 @@ def _fwd_kernel(q, k, kd, v, g, gg, o, h0, ht, T, H, SEG, NC, scale,
                 K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, GATE: tl.constexpr,
                 HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr):
     """One (V-tile, batch·head, segment): o for the segment's tokens, starting from state h0[bh, seg].
-    Per-key gates (GATE 3) read _gate_operands_kernel's outputs: q, k, kd are qd, kn, kd and g the chunk totals."""
+    Per-key gates (GATE 3) read _gate_operands_kernel's outputs: q and kd are qd and kd, g the chunk totals (k is
+    not read: level 0's keys come from kd)."""
     iv = tl.program_id(0)
     bh = tl.program_id(1)
     js = tl.program_id(2)
@@ -218,7 +232,12 @@ def _fwd_kernel(q, k, kd, v, g, gg, o, h0, ht, T, H, SEG, NC, scale,
         m = t < t_end
         row = (b * T + t).to(tl.int64) * H + h
         bq = tl.load(q + row[:, None] * K + rk[None, :], mask=m[:, None], other=0.0)
-        bk = tl.load(k + row[:, None] * K + rk[None, :], mask=m[:, None], other=0.0)
+        if GATE == 3:
+            bl = _chunk_totals(g, bh, t0, NC, rk, K, C)
+            bkd = tl.load(kd + row[:, None] * K + rk[None, :], mask=m[:, None], other=0.0)
+            bk = _level0_keys(bkd, _chunk_scales(g, bh, t0, NC, rk, K, C), dt)
+        else:
+            bk = tl.load(k + row[:, None] * K + rk[None, :], mask=m[:, None], other=0.0)
         bv = tl.load(v + row[:, None] * V + rv[None, :], mask=m[:, None], other=0.0)
         if GATE == 0 or GATE == 3:
             A = tl.where(causal, tl.dot(bq, tl.trans(bk), input_precision=PREC), 0.0)
@@ -227,8 +246,6 @@ def _fwd_kernel(q, k, kd, v, g, gg, o, h0, ht, T, H, SEG, NC, scale,
             if GATE == 0:
                 S += tl.dot(tl.trans(bk), bv, input_precision=PREC)
             else:
-                bkd = tl.load(kd + row[:, None] * K + rk[None, :], mask=m[:, None], other=0.0)
-                bl = _chunk_totals(g, bh, t0, NC, rk, K, C)
                 S = S * tl.exp(bl)[:, None] + tl.dot(tl.trans(bkd), bv, input_precision=PREC)
         else:
             gc = _gate_chunk(g, gamma, b, h, t, m, T, H, rk, K, GATE)
@@ -247,17 +264,18 @@ def _fwd_kernel(q, k, kd, v, g, gg, o, h0, ht, T, H, SEG, NC, scale,
 
 
 @triton.jit
-def _gate_operands_kernel(q, k, g, qd, kn, kd, eq, ek, gl, steep, T, H, NC, SEG,
-                          K: tl.constexpr, BK: tl.constexpr, C: tl.constexpr, HAS_Q: tl.constexpr, HAS_K: tl.constexpr,
-                          STORE_KN: tl.constexpr, STORE_KD: tl.constexpr, STORE_F: tl.constexpr):
+def _gate_operands_kernel(q, k, g, qd, kd, eq, ek, gl, steep, T, H, NC, SEG,
+                          K: tl.constexpr, BK: tl.constexpr, C: tl.constexpr, HAS_Q: tl.constexpr,
+                          STORE_KD: tl.constexpr, STORE_F: tl.constexpr):
     """Per-key gates, one (chunk, batch·head, K-tile): the decayed operands every per-key kernel reads in place
     of g, so none of them holds a `[C, K]` gate tile, its cumulative sum or its exps (those cost half the per-key
     forward and kept its chunks at 32 tokens, where Triton compiles the dots to mma.sync rather than wgmma).
-    Writes, in q's layout and dtype, with b the chunk-local inclusive cumulative gate and level 0's factors
-    (_key_factors): qd = q⊙exp(b), kn = k⊙kf (with STORE_KN) and kd = k⊙kd_f (with STORE_KD); with STORE_F
-    (q and k both given) the factors themselves, eq = exp(b) and ek = kd_f (the backward's output factors, dq's
-    and dk's); gl `[B·H, NC, K]` float32, the chunk totals b_C; and marks the chunk's segment in steep
-    `[B·H, NS]` when a key falls to −LEVEL_SPAN inside it (_levels_kernel then visits it)."""
+    Writes, in q's layout and dtype, with b the chunk-local inclusive cumulative gate: qd = q⊙exp(b) (with HAS_Q)
+    and kd = k⊙exp(b_C − b) (with STORE_KD; the main kernels build level 0's keys from it, _level0_keys); with
+    STORE_F the factors themselves, eq = exp(b) and ek = exp(b_C − b) (the backward's output factors, dq's and
+    dk's); gl `[B·H, NC, 2, K]` float32, the chunk totals b_C and level 0's key scales exp(min(−b_C, LEVEL_SPAN))
+    (_level0_keys); and marks the chunk's segment in steep `[B·H, NS]`
+    when a key falls to −LEVEL_SPAN inside it (_levels_kernel then visits it)."""
     n = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -275,16 +293,15 @@ def _gate_operands_kernel(q, k, g, qd, kn, kd, eq, ek, gl, steep, T, H, NC, SEG,
         tl.store(qd + ptr, (bq * qf).to(qd.dtype.element_ty), mask=m[:, None])
         if STORE_F:
             tl.store(eq + ptr, qf.to(eq.dtype.element_ty), mask=m[:, None])
-    if HAS_K:
+    kdf = tl.exp(bl[None, :] - bc)
+    if STORE_KD:
         bk = tl.load(k + ptr, mask=m[:, None], other=0.0)
-        kf, kdf = _key_factors(bc, bl)
-        if STORE_KN:
-            tl.store(kn + ptr, (bk * kf).to(kn.dtype.element_ty), mask=m[:, None])
-        if STORE_KD:
-            tl.store(kd + ptr, (bk * kdf).to(kd.dtype.element_ty), mask=m[:, None])
-        if STORE_F:
-            tl.store(ek + ptr, kdf.to(ek.dtype.element_ty), mask=m[:, None])
-    tl.store(gl + (bh * NC + n).to(tl.int64) * K + rk, bl)
+        tl.store(kd + ptr, (bk * kdf).to(kd.dtype.element_ty), mask=m[:, None])
+    if STORE_F:
+        tl.store(ek + ptr, kdf.to(ek.dtype.element_ty), mask=m[:, None])
+    base = (bh * NC + n).to(tl.int64) * (2 * K)
+    tl.store(gl + base + rk, bl)
+    tl.store(gl + base + K + rk, _level0_scale(bl))
     if tl.min(bl) <= -LEVEL_SPAN:   # with log gates ≤ 0 a chunk's total is its lowest cumulative gate
         ns = tl.cdiv(T, SEG)
         tl.store(steep + (bh * ns + (n * C) // SEG).to(tl.int64), 1)
@@ -292,8 +309,16 @@ def _gate_operands_kernel(q, k, g, qd, kn, kd, eq, ek, gl, steep, T, H, NC, SEG,
 
 @triton.jit
 def _chunk_totals(gl, bh, t0, NC, rk, K: tl.constexpr, C: tl.constexpr):
-    """Per-key gates: the total log gate `[K]` of the chunk starting at token t0 (gl of _gate_operands_kernel)."""
-    return tl.load(gl + (bh * NC + t0 // C).to(tl.int64) * K + rk)
+    """Per-key gates: the total log gate b_C `[K]` of the chunk starting at token t0 (gl of _gate_operands_kernel)."""
+    return tl.load(gl + (bh * NC + t0 // C).to(tl.int64) * (2 * K) + rk)
+
+
+@triton.jit
+def _chunk_scales(gl, bh, t0, NC, rk, K: tl.constexpr, C: tl.constexpr):
+    """Per-key gates: the level-0 scales exp(min(−b_C, LEVEL_SPAN)) `[K]` of the chunk starting at token t0 (gl of
+    _gate_operands_kernel; loaded rather than computed: each thread of a main kernel holds many keys of a tile,
+    and the exp, for each of them, cost the dv kernel about 170 instructions a chunk)."""
+    return tl.load(gl + (bh * NC + t0 // C).to(tl.int64) * (2 * K) + K + rk)
 
 
 @triton.jit
@@ -461,9 +486,9 @@ def _bwd_dq_kernel(q, k, kd, eq, v, g, gg, do, h0, dq, gq, st, T, H, SEG, NC, sc
     last segment also writes the state after the last token, S_T (rows rk), to st: the host forms the
     final-state gate term Σ_v S_T⊙dht from it once dht is there (so dht is not needed before this kernel).
 
-    Per key, q, k, kd, eq and g are _gate_operands_kernel's qd, kn, kd, eq and chunk totals. The gate partials
-    multiply by the same bf16-rounded decayed operands (qd, kn, kd) that built the other side's terms, so that
-    q⊙dq − k⊙dk cancels as it does in exact arithmetic."""
+    Per key, q, kd, eq and g are _gate_operands_kernel's qd, kd, eq and chunk totals (k is not read: level 0's keys
+    kn come from kd, _level0_keys). The gate partials multiply by the same bf16-rounded decayed operands (qd, kn,
+    kd) that built the other side's terms, so that q⊙dq − k⊙dk cancels as it does in exact arithmetic."""
     ik = tl.program_id(0)
     bh = tl.program_id(1)
     js = tl.program_id(2)
@@ -488,7 +513,12 @@ def _bwd_dq_kernel(q, k, kd, eq, v, g, gg, do, h0, dq, gq, st, T, H, SEG, NC, sc
         t = t0 + rc
         m = t < t_end
         row = (b * T + t).to(tl.int64) * H + h
-        bk = tl.load(k + row[:, None] * K + rk[None, :], mask=m[:, None], other=0.0)
+        if GATE == 3:
+            bl = _chunk_totals(g, bh, t0, NC, rk, K, C)
+            bkd = tl.load(kd + row[:, None] * K + rk[None, :], mask=m[:, None], other=0.0)
+            bk = _level0_keys(bkd, _chunk_scales(g, bh, t0, NC, rk, K, C), dt)
+        else:
+            bk = tl.load(k + row[:, None] * K + rk[None, :], mask=m[:, None], other=0.0)
         bv = tl.load(v + row[:, None] * V + rv[None, :], mask=m[:, None], other=0.0)
         bdo = tl.load(do + row[:, None] * V + rv[None, :], mask=m[:, None], other=0.0)
         dA = tl.dot(bdo, tl.trans(bv), input_precision=PREC)        # [C(t), C(s)] = do_t·v_s
@@ -503,9 +533,7 @@ def _bwd_dq_kernel(q, k, kd, eq, v, g, gg, do, h0, dq, gq, st, T, H, SEG, NC, sc
             if NEED_DG:
                 tl.store(gq + ptr, scale * tl.load(q + ptr, mask=m[:, None], other=0.0).to(tl.float32) * x,
                          mask=m[:, None])
-            bkd = tl.load(kd + ptr, mask=m[:, None], other=0.0)
-            S = S * tl.exp(_chunk_totals(g, bh, t0, NC, rk, K, C))[:, None] + tl.dot(tl.trans(bkd), bv,
-                                                                                       input_precision=PREC)
+            S = S * tl.exp(bl)[:, None] + tl.dot(tl.trans(bkd), bv, input_precision=PREC)
         else:
             bq = tl.load(q + row[:, None] * K + rk[None, :], mask=m[:, None], other=0.0)
             gc = _gate_chunk(g, gamma, b, h, t, m, T, H, rk, K, GATE)
@@ -552,7 +580,7 @@ def _bwd_dk_kernel(q, k, kd, ek, v, g, gg, do, dhe, hin, dk, gk, dg, term, dh0, 
     dL/dg_s = Σ_v exp(g_s)S_{s−1}⊙dS_s), so no segment waits for the sums of the later ones; the last segment
     starts from the final-state term. Scalar gates write their tile's k-side partial to gk[..., ik] (the host
     sums: a 1-D reverse cumulative sum in this kernel made the scalar-gate backward 6% slower on an H100).
-    Per key, q, k, kd, ek and g are _gate_operands_kernel's qd, kn, kd, ek and chunk totals."""
+    Per key, q, kd, ek and g are _gate_operands_kernel's qd, kd, ek and chunk totals (k is not read)."""
     ik = tl.program_id(0)
     bh = tl.program_id(1)
     js = tl.program_id(2)
@@ -609,22 +637,22 @@ def _bwd_dk_kernel(q, k, kd, ek, v, g, gg, do, dhe, hin, dk, gk, dg, term, dh0, 
             bl = _chunk_totals(g, bh, t0, NC, rk, K, C)
             if NEED_DG:
                 # The elementwise work on [RUN, NR, BK] views (token RUN·r + a at [a, r]; 3-D loads and stores), so
-                # that dL/dA arrives in the in-thread layout _dg_suffix_sums needs. kn and kd are loaded beside ek
-                # (a load is not moved above a store that may alias it), and dk is stored before the gate terms,
-                # with dL/dA taken off the loaded partial one term at a time: the orders that kept this kernel
-                # under the register limit (ptxas: 255 registers, 92 bytes of spill stores)
+                # that dL/dA arrives in the in-thread layout _dg_suffix_sums needs. kd is loaded beside ek (a load
+                # is not moved above a store that may alias it), and dk is stored before the gate terms, with dL/dA
+                # taken off the loaded partial one term at a time: the orders that kept this kernel under the
+                # register limit. kn as the other kernels round it (_level0_keys).
                 t3 = t0 + DG_RUN * rr[None, :] + ra[:, None]
                 m3 = (t3 < t_end)[:, :, None]
                 p3 = ((b * T + t3).to(tl.int64) * H + h)[:, :, None] * K + rk[None, None, :]
                 intra = tl.reshape(intra, [DG_RUN, NR, BK])
                 inter = tl.reshape(inter, [DG_RUN, NR, BK])
                 kdf = tl.load(ek + p3, mask=m3, other=0.0).to(tl.float32)
-                bkn = tl.load(k + p3, mask=m3, other=0.0)
                 bkd = tl.load(kd + p3, mask=m3, other=0.0)
-                kf = _held_factor(kdf, bl[None, None, :])
-                tl.store(dk + p3, (scale * (intra * kf + inter * kdf)).to(dk.dtype.element_ty), mask=m3)
+                e0 = _chunk_scales(g, bh, t0, NC, rk, K, C)
+                tl.store(dk + p3, (scale * (intra * (kdf * e0[None, None, :]) + inter * kdf)).to(dk.dtype.element_ty),
+                         mask=m3)
                 d = tl.load(dg + p3, mask=m3, other=0.0)   # the q-side partial, then dL/dA
-                d -= scale * bkn.to(tl.float32) * intra
+                d -= scale * (bkd * e0.to(dt)[None, None, :]).to(tl.float32) * intra
                 d -= scale * bkd.to(tl.float32) * inter
                 sums, runs = _dg_suffix_sums(d, carry)
                 tl.store(dg + p3, sums, mask=m3)
@@ -632,7 +660,7 @@ def _bwd_dk_kernel(q, k, kd, ek, v, g, gg, do, dhe, hin, dk, gk, dg, term, dh0, 
             else:
                 ptr = row[:, None] * K + rk[None, :]
                 kdf = tl.load(ek + ptr, mask=m[:, None], other=0.0).to(tl.float32)
-                kf = _held_factor(kdf, bl[None, :])
+                kf = kdf * _chunk_scales(g, bh, t0, NC, rk, K, C)[None, :]
                 tl.store(dk + ptr, (scale * (intra * kf + inter * kdf)).to(dk.dtype.element_ty), mask=m[:, None])
             dH = dH * tl.exp(bl)[:, None] + tl.dot(tl.trans(bq), bdo, input_precision=PREC)
         else:
@@ -661,7 +689,8 @@ def _bwd_dv_kernel(q, k, kd, g, gg, do, dhe, dv, T, H, SEG, NC, scale,
                    HAS_DHE: tl.constexpr, PREC: tl.constexpr):
     """One (V-tile, batch·head, segment), walking backward from the gradient of the state leaving the
     segment (columns rv): dv = (k⊙exp(b_C − b)) dH + scale·Aᵀ do, A the decayed causal q·k scores.
-    Per key, q, k, kd and g are _gate_operands_kernel's qd, kn, kd and chunk totals."""
+    Per key, q, kd and g are _gate_operands_kernel's qd, kd and chunk totals (k is not read: level 0's keys come
+    from kd)."""
     iv = tl.program_id(0)
     bh = tl.program_id(1)
     js = tl.program_id(2)
@@ -689,16 +718,19 @@ def _bwd_dv_kernel(q, k, kd, g, gg, do, dhe, dv, T, H, SEG, NC, scale,
         m = t < t_end
         row = (b * T + t).to(tl.int64) * H + h
         bq = tl.load(q + row[:, None] * K + rk[None, :], mask=m[:, None], other=0.0)
-        bk = tl.load(k + row[:, None] * K + rk[None, :], mask=m[:, None], other=0.0)
+        if GATE == 3:
+            bl = _chunk_totals(g, bh, t0, NC, rk, K, C)
+            bkd = tl.load(kd + row[:, None] * K + rk[None, :], mask=m[:, None], other=0.0)
+            bk = _level0_keys(bkd, _chunk_scales(g, bh, t0, NC, rk, K, C), dt)
+        else:
+            bk = tl.load(k + row[:, None] * K + rk[None, :], mask=m[:, None], other=0.0)
         bdo = tl.load(do + row[:, None] * V + rv[None, :], mask=m[:, None], other=0.0)
         if GATE == 3:
             # dH / scale: both updates are dots accumulating in place; dv = scale·(kd dH' + Aᵀ do), A = kn·qdᵀ
             At = tl.where(causal_t, tl.dot(bk, tl.trans(bq), input_precision=PREC), 0.0)
-            bkd = tl.load(kd + row[:, None] * K + rk[None, :], mask=m[:, None], other=0.0)
             acc = tl.dot(bkd, dH.to(dt), input_precision=PREC)
             acc = scale * tl.dot(At.to(dt), bdo, acc, input_precision=PREC)
-            dH = dH * tl.exp(_chunk_totals(g, bh, t0, NC, rk, K, C))[:, None] + \
-                tl.dot(tl.trans(bq), bdo, input_precision=PREC)
+            dH = dH * tl.exp(bl)[:, None] + tl.dot(tl.trans(bq), bdo, input_precision=PREC)
         else:
             if GATE == 0:
                 At = tl.where(causal_t, tl.dot(bk, tl.trans(bq), input_precision=PREC), 0.0)
@@ -855,11 +887,10 @@ def _launch(name: str, dim: int, GATE: int = 0):
 
 @dataclasses.dataclass
 class _GateOperands:
-    """Per-key gates: what _gate_operands_kernel wrote for one call. qd, kn, kd like q / k (None where not
-    asked for); the backward's factors eq = exp(b), ek = exp(b_C − b) like q, or None; totals `[B·H, NC, K]`
-    float32; steep `[B·H, ns]` int32 marks."""
+    """Per-key gates: what _gate_operands_kernel wrote for one call. qd, kd like q / k (None where not asked
+    for); the backward's factors eq = exp(b), ek = exp(b_C − b) like q, or None; totals `[B·H, NC, 2, K]` float32
+    (the chunk totals and level 0's key scales, _chunk_totals and _chunk_scales); steep `[B·H, ns]` int32 marks."""
     qd: torch.Tensor | None
-    kn: torch.Tensor | None
     kd: torch.Tensor | None
     eq: torch.Tensor | None
     ek: torch.Tensor | None
@@ -869,7 +900,7 @@ class _GateOperands:
     @property
     def for_forward(self) -> bool:
         """Everything the forward reads."""
-        return all(x is not None for x in (self.qd, self.kn, self.kd))
+        return self.qd is not None and self.kd is not None
 
     @property
     def complete(self) -> bool:
@@ -877,27 +908,26 @@ class _GateOperands:
         return self.for_forward and self.eq is not None and self.ek is not None
 
 
-def _gate_operands(q, k, g, C, seg, ns, kn=True, kd=None, factors=False) -> _GateOperands:
-    """Run _gate_operands_kernel over q and/or k (either may be None; kn=False skips writing kn; factors: also
-    eq and ek, for the backward). kd: the keys' kd when an earlier pass wrote it (SP's state pass), taken
-    as it is rather than written again."""
+def _gate_operands(q, k, g, C, seg, ns, kd=None, factors=False) -> _GateOperands:
+    """Run _gate_operands_kernel over q and/or k (either may be None; factors: also eq and ek, for the backward,
+    which needs q). kd: the keys' kd when an earlier pass wrote it (SP's state pass), taken as it is rather than
+    written again."""
     x = q if q is not None else k
     B, T, H, K = x.shape
     NC = triton.cdiv(T, C)
     f32 = dict(device=x.device, dtype=torch.float32)
     ops = _GateOperands(torch.empty_like(q) if q is not None else None,
-                        torch.empty_like(k) if k is not None and kn else None,
                         kd if kd is not None else (torch.empty_like(k) if k is not None else None),
                         torch.empty_like(q) if factors else None,
                         torch.empty_like(q) if factors else None,
-                        torch.empty(B * H, NC, K, **f32),
+                        torch.empty(B * H, NC, 2, K, **f32),
                         torch.zeros(B * H, ns, device=x.device, dtype=torch.int32))
     BK, cfg = _launch("ops_b" if factors else "ops", K, 3)
     _gate_operands_kernel[(NC, B * H, K // BK)](*(t if t is not None else x for t in (q, k)), g,
-                                       *(t if t is not None else x for t in (ops.qd, ops.kn, ops.kd, ops.eq, ops.ek)),
-                                       ops.totals, ops.steep, T, H, NC, seg, K=K, BK=BK, C=C,
-                                       HAS_Q=q is not None, HAS_K=k is not None, STORE_KN=ops.kn is not None,
-                                       STORE_KD=k is not None and kd is None, STORE_F=factors, **cfg)
+                                                *(t if t is not None else x for t in (ops.qd, ops.kd, ops.eq, ops.ek)),
+                                                ops.totals, ops.steep, T, H, NC, seg, K=K, BK=BK, C=C,
+                                                HAS_Q=q is not None, STORE_KD=k is not None and kd is None,
+                                                STORE_F=factors, **cfg)
     return ops
 
 
@@ -1014,10 +1044,11 @@ def _kv_states(k, v, gt, gg, GATE, C, seg, ns) -> SegmentStates:
 
 def _kernel_operands(q, k, gt, ops):
     """-> (q, k, kd, eq, ek, g) as the main kernels take them: per-key gates (ops) their decayed operands,
-    factors and chunk totals, else the inputs (q stands in for what a kind does not read)."""
+    factors and chunk totals (k: the inputs', which no per-key main kernel reads), else the inputs (q stands in
+    for what a kind does not read)."""
     if ops is None:
         return q, k, q, q, q, gt
-    return ops.qd, ops.kn, ops.kd, *(x if x is not None else q for x in (ops.eq, ops.ek)), ops.totals
+    return ops.qd, k, ops.kd, *(x if x is not None else q for x in (ops.eq, ops.ek)), ops.totals
 
 
 def _in_bf16(x, g) -> bool:
@@ -1251,8 +1282,7 @@ def segment_state(k, v, g=None, g_gamma=None, return_saved=False, keep_prefixes=
     ops = None
     if GATE == 3:   # the state reads the decayed keys
         with_q = return_saved and q is not None
-        ops = _gate_operands(q.contiguous() if with_q else None, k, gt, C, seg, ns, kn=with_q,
-                             factors=with_q and factors)
+        ops = _gate_operands(q.contiguous() if with_q else None, k, gt, C, seg, ns, factors=with_q and factors)
         k, gt = ops.kd, ops.totals
     kv = _kv_states(k, v, gt, gg, GATE, C, seg, ns)
     kv.operands = ops if return_saved else None
