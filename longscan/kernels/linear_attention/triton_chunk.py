@@ -163,6 +163,21 @@ def _level0_keys(bkd, e0, dt: tl.constexpr):
 
 
 @triton.jit
+def _chunk_keys(k, kd, g, row, m, bh, t0, NC, rk, K: tl.constexpr, C: tl.constexpr, GATE: tl.constexpr):
+    """The keys `[C, len(rk)]` a main kernel's scores take for one chunk (token rows row, mask m) -> (keys, kd): per
+    key (GATE 3) level 0's keys built from the pre-pass's kd (g: its chunk totals and scales), and that kd; else k,
+    twice. (The addresses as pointer + row offsets + key offsets: a 64-bit `[C, K]` offset tile first cost the dq
+    kernel 8 instructions a chunk and 8 bytes of spills.)"""
+    if GATE == 3:
+        bkd = tl.load(kd + row[:, None] * K + rk[None, :], mask=m[:, None], other=0.0)
+        bk = _level0_keys(bkd, _chunk_scales(g, bh, t0, NC, rk, K, C), kd.dtype.element_ty)
+    else:
+        bk = tl.load(k + row[:, None] * K + rk[None, :], mask=m[:, None], other=0.0)
+        bkd = bk
+    return bk, bkd
+
+
+@triton.jit
 def _next_level(bc, c):
     """The next level's reference per key `[K]`: the largest b at or below c − LEVEL_SPAN, −1e30 (an empty
     level) where there is none."""
@@ -234,10 +249,7 @@ def _fwd_kernel(q, k, kd, v, g, gg, o, h0, ht, T, H, SEG, NC, scale,
         bq = tl.load(q + row[:, None] * K + rk[None, :], mask=m[:, None], other=0.0)
         if GATE == 3:
             bl = _chunk_totals(g, bh, t0, NC, rk, K, C)
-            bkd = tl.load(kd + row[:, None] * K + rk[None, :], mask=m[:, None], other=0.0)
-            bk = _level0_keys(bkd, _chunk_scales(g, bh, t0, NC, rk, K, C), dt)
-        else:
-            bk = tl.load(k + row[:, None] * K + rk[None, :], mask=m[:, None], other=0.0)
+        bk, bkd = _chunk_keys(k, kd, g, row, m, bh, t0, NC, rk, K, C, GATE)
         bv = tl.load(v + row[:, None] * V + rv[None, :], mask=m[:, None], other=0.0)
         if GATE == 0 or GATE == 3:
             A = tl.where(causal, tl.dot(bq, tl.trans(bk), input_precision=PREC), 0.0)
@@ -515,10 +527,7 @@ def _bwd_dq_kernel(q, k, kd, eq, v, g, gg, do, h0, dq, gq, st, T, H, SEG, NC, sc
         row = (b * T + t).to(tl.int64) * H + h
         if GATE == 3:
             bl = _chunk_totals(g, bh, t0, NC, rk, K, C)
-            bkd = tl.load(kd + row[:, None] * K + rk[None, :], mask=m[:, None], other=0.0)
-            bk = _level0_keys(bkd, _chunk_scales(g, bh, t0, NC, rk, K, C), dt)
-        else:
-            bk = tl.load(k + row[:, None] * K + rk[None, :], mask=m[:, None], other=0.0)
+        bk, bkd = _chunk_keys(k, kd, g, row, m, bh, t0, NC, rk, K, C, GATE)
         bv = tl.load(v + row[:, None] * V + rv[None, :], mask=m[:, None], other=0.0)
         bdo = tl.load(do + row[:, None] * V + rv[None, :], mask=m[:, None], other=0.0)
         dA = tl.dot(bdo, tl.trans(bv), input_precision=PREC)        # [C(t), C(s)] = do_t·v_s
@@ -720,10 +729,7 @@ def _bwd_dv_kernel(q, k, kd, g, gg, do, dhe, dv, T, H, SEG, NC, scale,
         bq = tl.load(q + row[:, None] * K + rk[None, :], mask=m[:, None], other=0.0)
         if GATE == 3:
             bl = _chunk_totals(g, bh, t0, NC, rk, K, C)
-            bkd = tl.load(kd + row[:, None] * K + rk[None, :], mask=m[:, None], other=0.0)
-            bk = _level0_keys(bkd, _chunk_scales(g, bh, t0, NC, rk, K, C), dt)
-        else:
-            bk = tl.load(k + row[:, None] * K + rk[None, :], mask=m[:, None], other=0.0)
+        bk, bkd = _chunk_keys(k, kd, g, row, m, bh, t0, NC, rk, K, C, GATE)
         bdo = tl.load(do + row[:, None] * V + rv[None, :], mask=m[:, None], other=0.0)
         if GATE == 3:
             # dH / scale: both updates are dots accumulating in place; dv = scale·(kd dH' + Aᵀ do), A = kn·qdᵀ
