@@ -155,7 +155,10 @@ def test_sp_pieces_match_torch(small_chunks, monkeypatch, decay, segments):
 
 @pytest.mark.parametrize("decay", DECAYS[1:])
 def test_backward_without_gate_gradient(small_chunks, decay):
-    """need_dg=False: dg is None and every other gradient is unchanged."""
+    """need_dg=False: dg is None and every other gradient is unchanged: to the bit under the interpreter, which runs
+    the same float operations either way; to 1e-5 on a GPU, where the two are different compiled kernels (the scalar
+    gates' dq and dk kernels with and without the gate partials), whose contractions into fused multiply-adds may
+    round differently."""
     x = _to(make_inputs(decay, 1, 37, 2, 16, 16, torch.float64, seed=8), DEV, torch.float32)
     gen = torch.Generator().manual_seed(9)
     do = torch.randn(1, 37, 2, 16, generator=gen).to(DEV)
@@ -164,7 +167,7 @@ def test_backward_without_gate_gradient(small_chunks, decay):
     part = tc.backward(*args, need_dg=False)
     assert full[3] is not None and part[3] is None
     for a, b in zip(full[:3] + full[4:], part[:3] + part[4:]):
-        assert torch.equal(a, b)
+        assert rel_err(a.cpu(), b.cpu()) <= 1e-5 if CUDA else torch.equal(a, b)
 
 
 @pytest.mark.parametrize("decay", DECAYS)
