@@ -32,7 +32,7 @@ wgmma (benchmarks/RESULTS.md). The scale is exp(min(−b_C, LEVEL_SPAN)) (c = 0,
 total stays above −LEVEL_SPAN, which is every chunk of ordinary gates. The pre-pass marks the segments where a
 key's gate falls further inside a chunk, and `_levels_kernel` then adds, for those chunks, the exact terms:
 level 0 on the tokens above −LEVEL_SPAN and levels with reference c = the largest b not yet taken, each a matmul
-over the tokens in (c − LEVEL_SPAN, c], minus what the main kernels' factor gave that key (`_key_factors`: on a
+over the tokens in (c − LEVEL_SPAN, c], minus what the main kernels' factor gave that key (`_level0_factor`: on a
 key that steep, exp(LEVEL_SPAN − (b − b_C)), taken back whole). Every factor stays within [−exp(LEVEL_SPAN),
 exp(LEVEL_SPAN)], so no gate overflows: a steep fall costs matmuls, not correctness (a single factorisation,
 exp(b_t)·exp(−b_s), gave NaN once a chunk's gates summed below about −88). Log gates must be finite and ≤ 0
@@ -136,20 +136,19 @@ def _gate_chunk(g, gamma, b, h, t, m, T, H, rk, K: tl.constexpr, GATE: tl.conste
 @triton.jit
 def _level0_scale(bl):
     """Per key `[BK]` from the chunk totals b_C = bl: exp(min(−b_C, LEVEL_SPAN)), which takes the state's key factor
-    kd = exp(b_C − b) to level 0's kf (_key_factors)."""
+    kd = exp(b_C − b) to level 0's kf (_level0_factor)."""
     return tl.exp(tl.minimum(-bl, LEVEL_SPAN))
 
 
 @triton.jit
-def _key_factors(bc, bl):
-    """The key factors `[C, BK]` from one exp: (kf, kd), kd = exp(b_C − b) ≤ 1 (the state's; b_C = bl the chunk's
-    total) and level 0's kf = kd·exp(min(−b_C, LEVEL_SPAN)). On a key whose chunk total stays above −LEVEL_SPAN
-    (every chunk of ordinary gates) kf = exp(−b), exact. On a steeper key kf = exp(LEVEL_SPAN − (b − b_C)) ≤
-    exp(LEVEL_SPAN): bounded and continuous in (b, b_C), and _levels_kernel takes it back whole and adds the exact
-    levels. (Continuous: kernels whose b differ in rounding agree to rounding.) kf is kd times a per-key scale, so
-    the main kernels build their level-0 keys from the pre-pass's kd (_level0_keys) and no kn = k⊙kf is stored."""
-    kd = tl.exp(bl[None, :] - bc)
-    return kd * _level0_scale(bl)[None, :], kd
+def _level0_factor(bc, bl):
+    """Level 0's key factor kf `[C, BK]` = exp(b_C − b)·exp(min(−b_C, LEVEL_SPAN)) (b_C = bl the chunk's total). On a
+    key whose chunk total stays above −LEVEL_SPAN (every chunk of ordinary gates) kf = exp(−b), exact. On a steeper
+    key kf = exp(LEVEL_SPAN − (b − b_C)) ≤ exp(LEVEL_SPAN): bounded and continuous in (b, b_C), and _levels_kernel
+    takes it back whole and adds the exact levels. (Continuous: kernels whose b differ in rounding agree to
+    rounding.) kf is the state's factor kd = exp(b_C − b) times a per-key scale, so the main kernels build their
+    level-0 keys from the pre-pass's kd (_level0_keys) and no kn = k⊙kf is stored."""
+    return tl.exp(bl[None, :] - bc) * _level0_scale(bl)[None, :]
 
 
 @triton.jit
@@ -192,7 +191,7 @@ def _level_factors(bc, bl, c, first):
     (b in (c − LEVEL_SPAN, c]), 0 elsewhere."""
     if first:
         qf = tl.exp(bc)
-        kf = tl.where(bc <= -LEVEL_SPAN, 0.0, tl.exp(tl.minimum(-bc, LEVEL_SPAN))) - _key_factors(bc, bl)[0]
+        kf = tl.where(bc <= -LEVEL_SPAN, 0.0, tl.exp(tl.minimum(-bc, LEVEL_SPAN))) - _level0_factor(bc, bl)
     else:
         qf = tl.exp(tl.minimum(bc - c[None, :], 0.0))
         inside = (bc <= c[None, :]) & (bc > c[None, :] - LEVEL_SPAN)
@@ -286,8 +285,8 @@ def _gate_operands_kernel(q, k, g, qd, kd, eq, ek, gl, steep, T, H, NC, SEG,
     and kd = k⊙exp(b_C − b) (with STORE_KD; the main kernels build level 0's keys from it, _level0_keys); with
     STORE_F the factors themselves, eq = exp(b) and ek = exp(b_C − b) (the backward's output factors, dq's and
     dk's); gl `[B·H, NC, 2, K]` float32, the chunk totals b_C and level 0's key scales exp(min(−b_C, LEVEL_SPAN))
-    (_level0_keys); and marks the chunk's segment in steep `[B·H, NS]`
-    when a key falls to −LEVEL_SPAN inside it (_levels_kernel then visits it)."""
+    (_level0_keys); and marks the chunk's segment in steep `[B·H, NS]` when a key falls to −LEVEL_SPAN inside it
+    (_levels_kernel then visits it)."""
     n = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
