@@ -430,6 +430,20 @@ def test_float16_per_key_gates_run_in_bf16(small_chunks, monkeypatch):
     assert len(calls) == 1
 
 
+def test_segment_plan_keeps_whole_waves(monkeypatch):
+    """A long sequence is cut into as many segments as keep at most PROGRAMS_PER_SM programs per SM, never one
+    more (a last wave of few programs): 132 SMs, 32 programs a segment -> 16 segments (512 programs), not 17."""
+    monkeypatch.setattr(tc, "_num_sms", lambda device: 132)
+    dev = torch.device("cpu")
+    assert tc._segments(32, 1024, dev) == 16
+    assert tc._segments(64, 1024, dev) == 8 and tc._segments(256, 1024, dev) == 2
+    for programs in (1, 3, 7, 32, 100, 263):
+        ns = tc._segments(programs, 1 << 20, dev)
+        assert programs * ns <= tc.PROGRAMS_PER_SM * 132 < programs * (ns + 1)
+    assert tc._segments(264, 1024, dev) == 1             # SPLIT_BELOW programs per SM: no split
+    assert tc._segments(32, 40, dev) == 40 // tc.MIN_SEGMENT_CHUNKS   # no segment under MIN_SEGMENT_CHUNKS chunks
+
+
 def test_clear_errors():
     q = torch.randn(1, 8, 1, 16, device=DEV)
     with pytest.raises(TypeError, match="supports"):
