@@ -934,12 +934,12 @@ def _gate_operands(q, k, g, C, seg, ns, kd=None, factors=False) -> _GateOperands
                         torch.empty(B * H, NC, 2, K, **f32),
                         torch.zeros(B * H, ns, device=x.device, dtype=torch.int32))
     BK, cfg = _launch("ops_b" if factors else "ops", K, 3)
-    _gate_operands_kernel[(NC * B * H * (K // BK),)](*(t if t is not None else x for t in (q, k)), g,
-                                                     *(t if t is not None else x for t in (ops.qd, ops.kd, ops.eq,
-                                                                                           ops.ek)),
-                                                     ops.totals, ops.steep, T, H, NC, seg, K=K, BK=BK, C=C,
-                                                     HAS_Q=q is not None, STORE_KD=k is not None and kd is None,
-                                                     STORE_F=factors, **cfg)
+    grid = (NC * B * H * (K // BK),)   # one flat axis (the kernel's comment says why)
+    _gate_operands_kernel[grid](*(t if t is not None else x for t in (q, k)), g,
+                                *(t if t is not None else x for t in (ops.qd, ops.kd, ops.eq, ops.ek)),
+                                ops.totals, ops.steep, T, H, NC, seg, K=K, BK=BK, C=C,
+                                HAS_Q=q is not None, STORE_KD=k is not None and kd is None,
+                                STORE_F=factors, **cfg)
     return ops
 
 
