@@ -9,10 +9,12 @@ import json
 import os
 import statistics
 import time
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 
+from longscan.distributed.layouts import LAYOUTS
 from longscan.distributed.stats import STATS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -24,7 +26,7 @@ def add_common_args(p: argparse.ArgumentParser, methods: list[str], layout: str,
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=None)
     p.add_argument("--head-dim", type=int, default=None)
-    p.add_argument("--layout", choices=["contiguous", "zigzag"], default=layout)
+    p.add_argument("--layout", choices=list(LAYOUTS), default=layout)
     p.add_argument("--dtype", choices=list(DTYPES), default=None)
     p.add_argument("--backend", default="auto")
     p.add_argument("--iters", type=int, default=5)
@@ -49,13 +51,16 @@ def sync(device: torch.device) -> None:
     dist.barrier()
 
 
-def time_step(fn, do, device, args) -> tuple:
+def time_step(fn, do, device, args, on_start: Optional[Callable[[], None]] = None) -> tuple:
     """Time ``fn().backward(do)``: (median s, mean s, comm wait s, bytes sent, bytes received), the last
-    three per step from ``longscan.distributed.stats``."""
+    three per step from ``longscan.distributed.stats``. ``on_start`` runs after the warmup, before the timed
+    steps (where a caller resets its own counters)."""
     for _ in range(args.warmup):
         fn().backward(do)
     times = []
     STATS.reset()
+    if on_start is not None:
+        on_start()
     for _ in range(args.iters):
         sync(device)
         t0 = time.perf_counter()

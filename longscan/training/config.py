@@ -12,11 +12,10 @@ from importlib import resources
 
 import yaml
 
+from longscan.distributed.layouts import LAYOUTS
 from longscan.models.args import LINEAR_VARIANTS, ModelConfig
-
-LINEAR_METHODS = ("zeco", "lasp2", "lasp1")
-SOFTMAX_METHODS = ("ring", "allgather", "ulysses")
-LAYOUTS = ("contiguous", "zigzag")
+from longscan.parallel.linear import METHODS as LINEAR_METHODS
+from longscan.parallel.softmax import METHODS as SOFTMAX_METHODS
 
 
 class ConfigError(ValueError):
