@@ -12,7 +12,7 @@ The numbers are those of the installed Triton: install the GPU's version (3.6 on
 that match it (they did at 7a27ade's settings: per-key forward 210 registers and 131,072 bytes of shared memory,
 dk 255 and 114,688, as the GPU reported).
 
-    PYTHONPATH=. python benchmarks/kernel_resources.py [--kinds g_gamma,g,gk] [--kernels fwd,dq,dk,dv] [--arch 90]
+    PYTHONPATH=. python benchmarks/tuning/kernel_resources.py [--kinds g_gamma,g,gk] [--kernels fwd,dq,dk,dv] [--arch 90]
 """
 from __future__ import annotations
 
