@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass
-from typing import Any, Optional, Protocol
+from typing import Optional, Protocol
 
 import torch
+import torch.distributed as dist
 
 from longscan.distributed.layouts import check_layout
 
@@ -23,7 +24,7 @@ class SoftmaxSPOptions:
     """What every method needs besides q, k, v; checks itself on construction."""
     scale: float
     causal: bool
-    group: Any = None                 # torch.distributed ProcessGroup; None = the world
+    group: Optional[dist.ProcessGroup] = None   # None = the default group (or one device)
     layout: str = "zigzag"
     backend: str = "auto"             # a ``longscan.kernels.softmax_attention.BACKENDS`` name
     chunk_heads: Optional[int] = None  # kv heads per all-gather (allgather only); None = all at once
