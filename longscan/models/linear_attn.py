@@ -1,4 +1,4 @@
-"""Linear-attention token mixer with the four decay kinds (DESIGN.md, "Tensor conventions").
+"""Linear-attention token mixer with the four decay kinds (docs/design.md, "Tensor conventions").
 
 - ``linear``: no decay; q, k through SiLU; output RMS-normalised per head (TransNormer's NormAttention).
 - ``lightning``: constant per-head decay, a fixed buffer g_gamma `[H]` = log(1 - 2^(-5-h)) (RetNet's

@@ -12,11 +12,10 @@ from importlib import resources
 
 import yaml
 
+from longscan.distributed.layouts import LAYOUTS
 from longscan.models.args import LINEAR_VARIANTS, ModelConfig
-
-LINEAR_METHODS = ("zeco", "lasp2", "lasp1")
-SOFTMAX_METHODS = ("ring", "allgather", "ulysses")
-LAYOUTS = ("contiguous", "zigzag")
+from longscan.parallel.linear import METHODS as LINEAR_METHODS
+from longscan.parallel.softmax import METHODS as SOFTMAX_METHODS
 
 
 class ConfigError(ValueError):
@@ -45,7 +44,7 @@ class ParallelConfig:
     linear_overlap: bool = False
     """Linear SP forward on CUDA: false: the output pass waits for the collective and starts from the prefix;
     true: the collective runs beside the local output pass, then a correction pass over q and o (it cost more
-    GPU time than a 100 µs collective hides: benchmarks/RESULTS.md)."""
+    GPU time than a 100 µs collective hides: docs/benchmarks.md)."""
     softmax_backend: str = "auto"
     """Local softmax-attention kernel (passed to the SP operator)."""
 

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from longscan.models import HybridLM, SPSpec
-from longscan.parallel import megatron_compat
+from longscan.training import megatron_compat
 from longscan.training import checkpoint as ckpt
 from longscan.training.config import ConfigError, TrainConfig, validate
 from longscan.training.data import build_data, stdlib_token_file

@@ -11,7 +11,7 @@ from longscan.training.data import (BYTE_EOS, DataError, PackedData, open_token_
 
 
 def _positions(seq_len, rank, world, layout):
-    """Global positions of a rank's tokens, written out from the layout definition (DESIGN.md)."""
+    """Global positions of a rank's tokens, written out from the layout definition (docs/design.md)."""
     segs = segment_ids(rank, world, layout)
     n = world * len(segs)
     piece = seq_len // n

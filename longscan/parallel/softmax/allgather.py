@@ -19,6 +19,7 @@ import torch.distributed as dist
 from longscan.distributed.layouts import group_rank_size, num_segments, segment_ids, segment_owner
 from longscan.distributed.stats import count, nbytes, waiting
 from longscan.parallel.softmax.common import backward_blocks, block_plan, forward_blocks, new_accumulators, zeros_acc
+from longscan.parallel.softmax.function import SoftmaxSPFunction, SoftmaxSPOptions
 
 
 def _head_chunks(hkv: int, chunk_heads):
@@ -111,28 +112,20 @@ def allgather_backward(do, q, k, v, o, lse, scale, causal, group, layout, backen
     return dq, dk, dv
 
 
-class AllGatherAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, scale, causal, group, layout, backend, chunk_heads):
-        out, lse = allgather_forward(q, k, v, scale, causal, group, layout, backend, chunk_heads)
-        o = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.args = (scale, causal, group, layout, backend, chunk_heads)
-        return o
+class AllGather:
+    """method="allgather": the hooks of :class:`~longscan.parallel.softmax.function.SoftmaxSPFunction`."""
+    name = "allgather"
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = allgather_backward(do, q, k, v, o, lse, *ctx.args)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
+    def check(self, q, k, world, opts: SoftmaxSPOptions) -> None:
+        pass                                          # any heads, any group size; chunk_heads checks itself
 
+    def forward(self, q, k, v, opts: SoftmaxSPOptions):
+        return allgather_forward(q, k, v, opts.scale, opts.causal, opts.group, opts.layout, opts.backend,
+                                 opts.chunk_heads)
 
-def allgather_attention(q, k, v, causal=True, scale=None, group=None, layout="zigzag", backend="auto",
-                        chunk_heads=None):
-    """All-gather K/V attention; q `[B, T, Hq, D]`, k/v `[B, T, Hkv, D]` local shards -> o.
+    def backward(self, do, q, k, v, o, lse, opts: SoftmaxSPOptions):
+        return allgather_backward(do, q, k, v, o, lse, opts.scale, opts.causal, opts.group, opts.layout,
+                                  opts.backend, opts.chunk_heads)
 
-    ``chunk_heads``: kv heads per all-gather (None = all at once). Inputs are assumed validated (use
-    ``longscan.parallel.softmax.softmax_attention``).
-    """
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return AllGatherAttention.apply(q, k, v, scale, causal, group, layout, backend, chunk_heads)
+    def attend(self, q, k, v, opts: SoftmaxSPOptions) -> torch.Tensor:
+        return SoftmaxSPFunction.apply(q, k, v, self, opts)

@@ -5,7 +5,7 @@ current one and alternates the two (twice each) at the benchmark shapes: bf16, 1
 a step (B=1×T=65536 and B=16×T=4096). Forward, and forward+backward as the autograd op runs them (the backward
 given the forward's saved segment states; gates with their gradient, the constant decay without).
 
-    PYTHONPATH=. python benchmarks/compare_linear.py --base e3b00e5 [--kinds gk,g,g_gamma]
+    PYTHONPATH=. python benchmarks/tuning/compare_linear.py --base e3b00e5 [--kinds gk,g,g_gamma]
 """
 from __future__ import annotations
 
