@@ -82,3 +82,28 @@ def test_sp_softmax_on_one_process_checks_every_method(tmp_path):
     for r in rows[1:]:
         assert r["rel_err"] < 1e-10, r
     assert "| ring | 16 |" in proc.stdout
+
+
+def test_accuracy_script_measures_every_tensor(tmp_path):
+    """accuracy_linear.py on CPU (torch backend against the naive recurrence, float32): every tensor is
+    measured, the errors are float32 round-off, and the summary names each (decay, tensor) pair."""
+    from benchmarks import accuracy_linear as acc
+    out = tmp_path / "acc.jsonl"
+    acc.main(["--grid", "quick", "--device", "cpu", "--backend", "torch", "--peer", "naive", "--dtypes", "float32",
+              "--decays", "g", "gk", "--lengths", "65", "--json", str(out)])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 2 * 2 * 2 * 2   # decays x (B, H) x (K, V) x states
+    for r in rows:
+        measured = {n for n, e in r["ours"].items() if e is not None}
+        assert measured == ({"o", "dq", "dk", "dv", "dg"} | ({"ht", "dh0"} if r["case"]["states"] else set()))
+        assert max(r["ours"][n] for n in measured) < 1e-5
+    table = acc.summary(rows)
+    assert "| float32 | gk | dg |" in table and "| float32 | g | dh0 |" in table
+
+
+def test_accuracy_error_of_a_non_finite_result_is_infinite():
+    from benchmarks import accuracy_linear as acc
+    ref = torch.ones(4, dtype=torch.float64)
+    assert acc.rel(torch.tensor([1.0, float("nan"), 1.0, 1.0], dtype=torch.float64), ref) == float("inf")
+    assert acc.rel(ref * 1.5, ref) == pytest.approx(0.5)
+    assert acc.rel(None, ref) is None
