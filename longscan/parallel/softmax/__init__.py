@@ -18,6 +18,7 @@ import numbers
 
 import torch
 
+from longscan.distributed.checks import check_softmax_call
 from longscan.distributed.layouts import check_layout, group_rank_size
 from longscan.kernels.softmax_attention import check_qkv, resolve_backend
 from longscan.parallel.softmax.allgather import allgather_attention
@@ -58,7 +59,9 @@ def _check_args(q, k, v, causal, scale, method, group, layout, backend, chunk_he
 def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, scale=None,
                       method: str = "ring", group=None, layout: str = "zigzag", backend: str = "auto",
                       chunk_heads=None) -> torch.Tensor:
-    """SP softmax attention over ``group`` (default: the world); see the module docstring."""
+    """SP softmax attention over ``group`` (default: the world); see the module docstring. Every rank of the
+    group must make the same call: checked on every call, with an error naming what differs on which ranks."""
+    check_softmax_call(group, q, k, v, causal, scale, method, layout, chunk_heads)
     _check_args(q, k, v, causal, scale, method, group, layout, backend, chunk_heads)
     if method == "ring":
         return ring_attention(q, k, v, causal, scale, group, layout, backend)
