@@ -113,7 +113,7 @@ def check_replicated(group, op: str = "call", **tensors) -> None:
     gives the element-wise spread over the ranks; where it is not zero, one broadcast of rank 0's copy
     and one all-gather of the differences name the ranks.
     """
-    rank, world = group_rank_size(group)
+    _, world = group_rank_size(group)
     given = {n: t for n, t in tensors.items() if t is not None}
     if world == 1 or not given:
         return

@@ -115,6 +115,7 @@ class DataConfig:
         """This section's own checks (ConfigError naming the key); cross-section ones are in :func:`validate`."""
         _choice("data.source", self.source, ("stdlib", "tokens"))
         _at_least("data", self, 1, "seq_len", "global_batch_size", "micro_batch_size")
+        _at_least("data", self, 0, "seed")   # numpy's generators take no negative seed
         _finite("data", self, "val_fraction", 0, 1, low_open=True)
         if self.source == "tokens" and not self.path:
             raise ConfigError("data.source = tokens needs data.path (a file written by `longscan prepare-data`)")

@@ -89,6 +89,7 @@ def test_example_configs_validate(path):
     (["data.seq_len=0"], "data.seq_len must be >= 1, got 0"),
     (["data.global_batch_size=0"], "data.global_batch_size must be >= 1, got 0"),
     (["data.micro_batch_size=-1"], "data.micro_batch_size must be >= 1, got -1"),
+    (["data.seed=-1"], "data.seed must be >= 0, got -1"),
     (["data.val_fraction=.nan"], "data.val_fraction must be a finite number in (0, 1), got nan"),
     (["optimizer.lr=.nan"], "optimizer.lr must be a finite number in (0, inf), got nan"),
     (["optimizer.lr=.inf"], "optimizer.lr must be a finite number in (0, inf), got inf"),
