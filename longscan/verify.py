@@ -1,7 +1,7 @@
 """`longscan verify`: every SP operator on this machine's devices and backend against one device.
 
     longscan verify [--nproc N] [--methods M ...] [--layouts L ...] [--kinds K ...] [--dtype D]
-                    [--backend B] [--tokens-per-rank T] [--rtol X]
+                    [--linear-backend B] [--softmax-backend B] [--tokens-per-rank T] [--rtol X] [--timeout S]
 
 Each rank builds the same random global inputs, computes the single-device result on the whole sequence
 (float64), runs the SP operator on its shard (forward and backward) and compares the output, the final
@@ -23,7 +23,9 @@ import torch
 import torch.distributed as dist
 
 from longscan.distributed.layouts import LAYOUTS, shard
+from longscan.kernels.linear_attention import BACKENDS as LINEAR_BACKENDS
 from longscan.kernels.linear_attention import naive_recurrent_linear_attention
+from longscan.kernels.softmax_attention import BACKENDS as SOFTMAX_BACKENDS
 from longscan.kernels.softmax_attention import naive_attention
 from longscan.parallel.linear import METHODS as LINEAR_METHODS
 from longscan.parallel.linear import linear_attention
@@ -44,12 +46,21 @@ class VerifyOptions:
     layouts: tuple[str, ...] = LAYOUTS
     kinds: tuple[str, ...] = KINDS
     dtype: str = "float32"
-    backend: str = "auto"
+    linear_backend: str = "auto"
+    softmax_backend: str = "auto"
     tokens_per_rank: int = 64
     rtol: float | None = None
     timeout_s: int = 300
 
     def __post_init__(self):
+        for name, values, allowed in (("--methods", self.methods, LINEAR_METHODS + SOFTMAX_METHODS),
+                                      ("--layouts", self.layouts, LAYOUTS), ("--kinds", self.kinds, KINDS),
+                                      ("--dtype", (self.dtype,), tuple(DTYPES)),
+                                      ("--linear-backend", (self.linear_backend,), LINEAR_BACKENDS),
+                                      ("--softmax-backend", (self.softmax_backend,), SOFTMAX_BACKENDS)):
+            unknown = [v for v in values if v not in allowed]
+            if unknown or not values:
+                raise ValueError(f"{name} must be one or more of {', '.join(allowed)}, got {', '.join(values)}")
         if self.tokens_per_rank < 2 or self.tokens_per_rank % 2:
             raise ValueError(f"--tokens-per-rank must be an even number >= 2 (zigzag: two pieces per rank), "
                              f"got {self.tokens_per_rank}")
@@ -108,7 +119,7 @@ def _sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
 
 def _linear_case(case: Case, opts: VerifyOptions, rank: int, world: int, device) -> dict[str, float]:
     """Relative errors of this rank's output, final state and input gradients for one linear case."""
-    B, H, K, V, T = 2, 2, 16, 16, opts.tokens_per_rank * world
+    B, H, K, V, T = 2, 2, 32, 32, opts.tokens_per_rank * world
     dtype = DTYPES[opts.dtype]
     gen = torch.Generator().manual_seed(1000 + KINDS.index(case.kind))   # the same inputs on every rank
     x = {"q": _randn(gen, B, T, H, K) * 0.5, "k": _randn(gen, B, T, H, K), "v": _randn(gen, B, T, H, V),
@@ -129,7 +140,7 @@ def _linear_case(case: Case, opts: VerifyOptions, rank: int, world: int, device)
                                                     (do, sum(dfinal)))))
 
     # the Triton kernels take g_gamma as a fixed buffer only
-    triton = opts.backend == "triton" or (opts.backend == "auto" and device.type == "cuda")
+    triton = opts.linear_backend == "triton" or (opts.linear_backend == "auto" and device.type == "cuda")
     learn = [n for n in names if not (n == "g_gamma" and triton)]
     local = {}
     for n, t in x.items():
@@ -139,7 +150,7 @@ def _linear_case(case: Case, opts: VerifyOptions, rank: int, world: int, device)
         local[n] = t.to(device, dtype if n in "qkv" else wide).requires_grad_(n in learn)
     o, s = linear_attention(local["q"], local["k"], local["v"], local.get("g"), local.get("g_gamma"),
                             initial_state=local["initial_state"], output_final_state=True, method=case.method,
-                            layout=case.layout, backend=opts.backend)
+                            layout=case.layout, backend=opts.linear_backend)
     grads = torch.autograd.grad((o, s), [local[n] for n in learn],
                                 (shard(do, 1, None, case.layout).to(device, o.dtype), dfinal[rank].to(device, s.dtype)))
     errs = {"o": rel_err(o, shard(o_ref, 1, None, case.layout)), "final_state": rel_err(s, s_ref)}
@@ -153,7 +164,7 @@ def _linear_case(case: Case, opts: VerifyOptions, rank: int, world: int, device)
 
 def _softmax_case(case: Case, opts: VerifyOptions, rank: int, world: int, device) -> dict[str, float]:
     """Relative errors of this rank's output and q, k, v gradients for one causal softmax case (GQA)."""
-    B, Hkv, D, T = 2, world, 16, opts.tokens_per_rank * world
+    B, Hkv, D, T = 2, world, 32, opts.tokens_per_rank * world
     Hq = 2 * Hkv   # heads that divide by the group, so that Ulysses can shard them
     dtype = DTYPES[opts.dtype]
     gen = torch.Generator().manual_seed(2000)
@@ -165,7 +176,7 @@ def _softmax_case(case: Case, opts: VerifyOptions, rank: int, world: int, device
     grads_ref = dict(zip(ref, torch.autograd.grad(o_ref, list(ref.values()), do)))
     local = {n: shard(t, 1, None, case.layout).to(device, dtype).requires_grad_() for n, t in x.items()}
     o = softmax_attention(local["q"], local["k"], local["v"], causal=True, method=case.method, layout=case.layout,
-                          backend=opts.backend)
+                          backend=opts.softmax_backend)
     grads = torch.autograd.grad(o, list(local.values()), shard(do, 1, None, case.layout).to(device, o.dtype))
     errs = {"o": rel_err(o, shard(o_ref, 1, None, case.layout))}
     for n, got in zip(local, grads):
@@ -218,7 +229,8 @@ def run_rank(opts: VerifyOptions) -> int:
     outcomes = [o for per_rank in everyone for o in per_rank]
     if rank == 0:
         print(f"longscan verify: {world} ranks over {dist.get_backend()} on {device.type}, {opts.dtype}, "
-              f"backend {opts.backend}, {opts.tokens_per_rank} tokens per rank", flush=True)
+              f"backends {opts.linear_backend} (linear) / {opts.softmax_backend} (softmax), "
+              f"{opts.tokens_per_rank} tokens per rank", flush=True)
         print(table(outcomes, opts.tolerance), flush=True)
     dist.barrier()   # no rank leaves (and has the launcher stop the others) before the table is out
     dist.destroy_process_group()
@@ -238,7 +250,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS),
                    help="decay kinds of the linear methods")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="of q, k, v (gates, states: float32)")
-    p.add_argument("--backend", default="auto", help="local kernels, passed to both operators")
+    p.add_argument("--linear-backend", choices=LINEAR_BACKENDS, default="auto", help="local linear kernels")
+    p.add_argument("--softmax-backend", choices=SOFTMAX_BACKENDS, default="auto", help="local softmax kernels")
     p.add_argument("--tokens-per-rank", type=int, default=64)
     p.add_argument("--rtol", type=float, default=None,
                    help="tolerance on the relative error (default: " +
@@ -249,7 +262,8 @@ def parser() -> argparse.ArgumentParser:
 
 def options(args: argparse.Namespace) -> VerifyOptions:
     return VerifyOptions(methods=tuple(args.methods), layouts=tuple(args.layouts), kinds=tuple(args.kinds),
-                         dtype=args.dtype, backend=args.backend, tokens_per_rank=args.tokens_per_rank,
+                         dtype=args.dtype, linear_backend=args.linear_backend,
+                         softmax_backend=args.softmax_backend, tokens_per_rank=args.tokens_per_rank,
                          rtol=args.rtol, timeout_s=args.timeout)
 
 
