@@ -130,8 +130,8 @@ def cmd_config(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "prepare-data": cmd_prepare_data, "config": cmd_config,
-            "verify": lambda argv: __import__("longscan.verify", fromlist=["main"]).main(argv)}
+COMMANDS = {"train": cmd_train, "prepare-data": cmd_prepare_data, "config": cmd_config}
+COMMANDS["verify"] = lambda argv: __import__("longscan.verify", fromlist=["main"]).main(argv)  # docs/verify.md
 
 
 def main(argv: list[str] | None = None) -> int:
