@@ -41,7 +41,7 @@ def _local_world() -> int:
 
 def cmd_train(argv: list[str]) -> int:
     from longscan.training.config import ConfigError, load_config, validate
-    args = _train_parser().parse_args(argv)
+    args = _train_parser().parse_intermixed_args(argv)  # overrides before or after options
     if not _under_torchrun():
         nproc = args.nproc or _local_world()
         overrides = list(args.overrides)
@@ -121,7 +121,7 @@ def cmd_config(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="longscan config", description="Print the resolved config as YAML.")
     p.add_argument("--config", default=None)
     p.add_argument("overrides", nargs="*")
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)  # overrides before or after --config
     try:
         print(yaml.safe_dump(load_config(a.config, a.overrides).to_dict(), sort_keys=False), end="")
     except ConfigError as e:
@@ -131,6 +131,7 @@ def cmd_config(argv: list[str]) -> int:
 
 
 COMMANDS = {"train": cmd_train, "prepare-data": cmd_prepare_data, "config": cmd_config}
+COMMANDS["verify"] = lambda argv: __import__("longscan.verify", fromlist=["main"]).main(argv)  # docs/verify.md
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,9 +35,7 @@ class Trainer:
         bf16 = s.precision == "bf16" or (s.precision == "auto" and self.device.type == "cuda")
         self.autocast_dtype = torch.bfloat16 if bf16 else None
         mp = stage_config(p.tp, p.pp, p.sp, cfg.model.dim, torch.bfloat16 if bf16 else torch.float32)
-        sp = SPSpec(group=r.sp_group, layout=p.layout, linear_method=p.linear_method,
-                    softmax_method=p.softmax_method, linear_backend=p.linear_backend,
-                    softmax_backend=p.softmax_backend, linear_overlap=p.linear_overlap)
+        sp = SPSpec.from_config(p, r.sp_group)
         self.model = HybridLM(cfg.model, mp, sp, tp_rank=r.tp_rank, tp_size=p.tp, pp_rank=r.pp_rank, pp_size=p.pp,
                               seed=s.seed, activation_checkpointing=s.activation_checkpointing).to(self.device)
         self.params = [q for q in self.model.parameters() if q.requires_grad]

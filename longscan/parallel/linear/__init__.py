@@ -1,6 +1,7 @@
 """Sequence-parallel linear attention: one public function, one file per method."""
 from __future__ import annotations
 
+from longscan.distributed import checks
 from longscan.parallel.linear.common import METHODS
 from longscan.parallel.linear.lasp1 import lasp1_linear_attention
 from longscan.parallel.linear.lasp2 import lasp2_linear_attention
@@ -8,7 +9,8 @@ from longscan.parallel.linear.zeco import zeco_linear_attention
 
 
 def linear_attention(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None, output_final_state=False,
-                     method="zeco", group=None, layout="contiguous", backend="auto", n_blocks=4, overlap=False):
+                     method="zeco", group=None, layout="contiguous", backend="auto", n_blocks=4, overlap=False,
+                     check_replicated=False):
     """Linear attention over the ranks of a sequence-parallel group, exactly as on one device.
 
     Each rank passes its shard of the global sequence (see ``longscan.parallel.shard``):
@@ -23,7 +25,15 @@ def linear_attention(q, k, v, g=None, g_gamma=None, scale=None, initial_state=No
     runs beside the zero-prefix output pass, then one more pass over q and o adds the prefix term (on an
     H200 that pass cost more GPU time than a 100 µs collective: benchmarks/RESULTS.md). The backward's
     reverse collective always runs beside the local backward's dq kernel (Triton). Same result either way.
+    Every rank of the group must make the same call (shapes, dtypes, method, layout, decay kind, optional
+    inputs): checked on every call, with an error naming what differs on which ranks. initial_state and
+    g_gamma are replicated: the same tensor on every rank is the caller's contract; check_replicated=True
+    (or LONGSCAN_CHECKS=1 in the environment) verifies it, at one all-reduce of their size.
     """
+    checks.check_linear_call(group, q, k, v, g, g_gamma, scale, initial_state, output_final_state, method, layout,
+                             n_blocks)
+    if checks.checks_enabled(check_replicated):
+        checks.check_replicated(group, "linear_attention", initial_state=initial_state, g_gamma=g_gamma)
     if method == "zeco":
         return zeco_linear_attention(q, k, v, g, g_gamma, scale, initial_state, output_final_state, group,
                                      layout, backend, n_blocks, overlap)

@@ -138,23 +138,6 @@ def all_reduce_sum(x: torch.Tensor, sp: SPContext) -> torch.Tensor:
     return x
 
 
-_checked_lengths: set = set()
-
-
-def check_same_local_length(T: int, sp: SPContext, device) -> None:
-    """Every rank must hold the same local length. One tiny all-reduce per (group, T) seen."""
-    key = (id(sp.group), T)
-    if sp.world == 1 or key in _checked_lengths:
-        return
-    t = torch.tensor([T, -T], dtype=torch.int64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=sp.group)
-    hi, lo = int(t[0]), -int(t[1])
-    if hi != lo:
-        raise ValueError(f"q.shape[1] (the local length) must be equal on every rank of the SP group; "
-                         f"got lengths from {lo} to {hi}")
-    _checked_lengths.add(key)
-
-
 def make_context(q, k, v, g, g_gamma, scale, initial_state, method, group, layout, backend,
                  n_blocks, overlap=True) -> SPContext:
     """Validate everything and build the SPContext (ValueError/TypeError naming the parameter)."""
@@ -176,9 +159,7 @@ def make_context(q, k, v, g, g_gamma, scale, initial_state, method, group, layou
     impl = get_backend(backend, q.device)
     check_backend_supports(impl, g_gamma)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    sp = SPContext(group, layout, rank, world, n_local, scale, impl, n_blocks, overlap)
-    check_same_local_length(T, sp, q.device)
-    return sp
+    return SPContext(group, layout, rank, world, n_local, scale, impl, n_blocks, overlap)
 
 
 class SPLinearAttentionFunction(torch.autograd.Function):

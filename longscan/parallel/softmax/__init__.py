@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from longscan.distributed.checks import check_softmax_call
 from longscan.distributed.layouts import group_rank_size
 from longscan.kernels.softmax_attention import check_qkv, resolve_backend
 from longscan.parallel.softmax.allgather import AllGather
@@ -40,7 +41,9 @@ def _method(name) -> SoftmaxSPMethod:
 def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, scale=None,
                       method: str = "ring", group=None, layout: str = "zigzag", backend: str = "auto",
                       chunk_heads=None) -> torch.Tensor:
-    """SP softmax attention over ``group`` (default: the world); see the module docstring."""
+    """SP softmax attention over ``group`` (default: the world); see the module docstring. Every rank of the
+    group must make the same call: checked on every call, with an error naming what differs on which ranks."""
+    check_softmax_call(group, q, k, v, causal, scale, method, layout, chunk_heads)
     check_qkv(q, k, v)
     opts = SoftmaxSPOptions(scale=q.shape[-1] ** -0.5 if scale is None else scale, causal=causal, group=group,
                             layout=layout, backend=backend, chunk_heads=chunk_heads)
