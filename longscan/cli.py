@@ -3,6 +3,7 @@
   longscan train [--config FILE] [--nproc N] [section.key=value ...]
   longscan prepare-data --output FILE [--tokenizer tokenizer.json] [--suffix .py,.txt] INPUT [INPUT ...]
   longscan config [--config FILE] [section.key=value ...]      (print the resolved config)
+  longscan export --checkpoint DIR/step_N --output model.safetensors [--config FILE] [overrides]
 
 Under torchrun (RANK/WORLD_SIZE set) `train` runs as the launched rank. Started plainly it launches
 itself with torch.distributed.run over every local GPU (NCCL), or over 4 CPU processes (gloo) when there
@@ -130,7 +131,12 @@ def cmd_config(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "prepare-data": cmd_prepare_data, "config": cmd_config}
+def cmd_export(argv: list[str]) -> int:
+    from longscan.training.export import cmd_export as run
+    return run(argv)
+
+
+COMMANDS = {"train": cmd_train, "prepare-data": cmd_prepare_data, "config": cmd_config, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:
