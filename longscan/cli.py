@@ -1,7 +1,8 @@
 """`longscan` command line.
 
   longscan train [--config FILE] [--nproc N] [section.key=value ...]
-  longscan prepare-data --output FILE [--tokenizer tokenizer.json] [--suffix .py,.txt] INPUT [INPUT ...]
+  longscan prepare-data --output FILE [--tokenizer tokenizer.json] [--suffix .py,.txt] [--jsonl-field text]
+                        [--shard-tokens N] INPUT [INPUT ...]   (text, .jsonl, .parquet, saved HF datasets)
   longscan config [--config FILE] [section.key=value ...]      (print the resolved config)
   longscan export --checkpoint DIR/step_N --output model.safetensors [--config FILE] [overrides]
 
@@ -97,23 +98,8 @@ def cmd_train(argv: list[str]) -> int:
 
 
 def cmd_prepare_data(argv: list[str]) -> int:
-    from longscan.training.data import DataError, prepare_data
-    p = argparse.ArgumentParser(prog="longscan prepare-data",
-                                description="Tokenise text files into a memory-mapped token file.")
-    p.add_argument("inputs", nargs="+", help="text files or directories (searched recursively, sorted)")
-    p.add_argument("--output", required=True, help="token file to write (metadata goes to OUTPUT.json)")
-    p.add_argument("--tokenizer", default=None, help="a `tokenizers` tokenizer.json (default: byte-level)")
-    p.add_argument("--suffix", default="", help="comma-separated file suffixes to keep in directories")
-    a = p.parse_args(argv)
-    try:
-        meta = prepare_data(a.inputs, a.output, a.tokenizer, tuple(s for s in a.suffix.split(",") if s))
-    except DataError as e:
-        print(f"longscan prepare-data: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {a.output}: {meta['num_tokens']:,} tokens from {meta['files']} files "
-          f"({meta['dtype']}, vocab {meta['vocab_size']}, eos {meta['eos']}); train with "
-          f"data.source=tokens data.path={a.output} model.vocab_size={meta['vocab_size']}")
-    return 0
+    from longscan.training.prepare import cmd_prepare_data as run
+    return run(argv)
 
 
 def cmd_config(argv: list[str]) -> int:
