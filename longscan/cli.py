@@ -59,8 +59,10 @@ def cmd_train(argv: list[str]) -> int:
                 overrides += ["parallel.tp=1", "parallel.pp=1", "parallel.sp=1"]
         args.overrides = overrides
         from longscan.training.data import DataError, open_token_file
+        from longscan.training.preflight import check_before_launch
         try:  # fail here, once, before starting processes
             cfg = validate(load_config(args.config, args.overrides), nproc)
+            check_before_launch(cfg)
             if cfg.data.source == "tokens":
                 open_token_file(cfg.data.path)
         except (ConfigError, DataError) as e:
