@@ -13,6 +13,7 @@ from training_common import tiny
 pytest.importorskip("safetensors")
 
 CFG = tiny(parallel={"tp": 2}, schedule={"steps": 2, "warmup_steps": 0})
+CFG_PP = tiny(parallel={"tp": 2, "pp": 2}, schedule={"steps": 2, "warmup_steps": 0})
 B, T = 2, 32
 
 
@@ -40,6 +41,18 @@ def _train_then_forward(rank, world, ckpt_dir):
         dist.all_gather(parts, local, group=parallel_state.get_tensor_model_parallel_group())
         loss = t.model(tokens, labels)
     return {"logits": torch.cat(parts, dim=-1).numpy(), "loss": loss.numpy(), "step": t.step}
+
+
+def _train_pp_then_validate(rank, world, ckpt_dir):
+    """TP 2 x PP 2: the validation loss (the model's own forward over the pipeline) and its sequences."""
+    from longscan.training.config import load_config
+    from longscan.training.trainer import Trainer
+    t = Trainer(load_config(None, dict(CFG_PP, checkpoint={"dir": ckpt_dir})))
+    t.train()
+    c, r = t.cfg, t.ranks
+    seqs = [(mb.tokens.numpy(), mb.labels.numpy()) for b in range(c.schedule.val_batches)
+            for mb in t.data.val_microbatches(b, c.data.global_batch_size, c.data.micro_batch_size, r.dp_rank, r.dp)]
+    return {"val_loss": t.evaluate(), "seqs": seqs, "log_rank": r.is_log_rank}
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +96,24 @@ def test_exported_model_matches_the_tp2_model(trained, one_process):
     with torch.no_grad():
         fresh = logits(unsplit_model(model.cfg), tokens)
     assert rel_err(fresh, want) > 1e-3
+
+
+def test_pipeline_stages_and_tp_shards_gathered(tmp_path, one_process):
+    from longscan.training.config import load_config
+    from longscan.training.export import ExportOptions, export, load_exported, logits
+    results = run_distributed(_train_pp_then_validate, 4, str(tmp_path / "ckpt"))
+    want = [r["val_loss"] for r in results if r["log_rank"]][0]
+    out = str(tmp_path / "model.safetensors")
+    export(ExportOptions(checkpoint=str(tmp_path / "ckpt"), output=out), load_config(None, CFG_PP).model)
+    model = load_exported(out)
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for tokens, labels in results[0]["seqs"]:
+            lg = logits(model, torch.from_numpy(tokens))
+            total += torch.nn.functional.cross_entropy(lg.flatten(0, 1).double(), torch.from_numpy(labels).flatten(),
+                                                       reduction="sum").item()
+            n += labels.size
+    assert abs(total / n - want) < 1e-5 * want
 
 
 def test_newest_checkpoint_is_found_from_the_directory(trained):
