@@ -1,5 +1,5 @@
 """launch/: both scripts parse; the Slurm script's preemption path runs against fake `srun`/`scontrol` on
-PATH: SIGUSR1 reaches the trainer, exit code 75 requeues the job, other codes end it, the rendezvous port
+PATH: SIGUSR1 reaches the trainer (through scancel), exit code 75 requeues the job, other codes end it, the rendezvous port
 comes from the job id, and a config without checkpoint.dir is refused before training starts."""
 from __future__ import annotations
 
@@ -20,6 +20,11 @@ while [[ $# -gt 0 && $1 == --* ]]; do shift; done
 export SLURM_PROCID=0 SLURM_LOCALID=0 SLURM_NTASKS=2 SLURM_NTASKS_PER_NODE=2
 exec "$@"
 """
+# scancel --signal=USR1 JOB: signal the (one) running task, whose pid the fake trainer wrote down.
+FAKE_SCANCEL = """#!/usr/bin/env bash
+echo "scancel $*" >> "$FAKE_LOG"
+if [[ $1 == --signal=USR1 ]]; then kill -USR1 "$(cat "$FAKE_LOG.started")"; fi
+"""
 FAKE_SCONTROL = """#!/usr/bin/env bash
 echo "scontrol $*" >> "$FAKE_LOG"
 if [[ $1 == show && $2 == hostnames ]]; then printf 'node7\\nnode8\\n'; fi
@@ -39,7 +44,7 @@ fi
 echo "train rank=$RANK local=$LOCAL_RANK world=$WORLD_SIZE addr=$MASTER_ADDR port=$MASTER_PORT args=${*: -1}" >> "$FAKE_LOG"
 if [[ $FAKE_EXIT == usr1 ]]; then
   trap 'echo "train got USR1" >> "$FAKE_LOG"; exit 75' USR1
-  echo started > "$FAKE_LOG.started"
+  echo $$ > "$FAKE_LOG.pid" && mv "$FAKE_LOG.pid" "$FAKE_LOG.started"
   for _ in $(seq 600); do sleep 0.1; done
   exit 3
 fi
@@ -51,7 +56,8 @@ exit "$FAKE_EXIT"
 def fakes(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL), ("fake-trainer", FAKE_TRAINER)):
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL), ("scancel", FAKE_SCANCEL),
+                       ("fake-trainer", FAKE_TRAINER)):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
     return tmp_path
@@ -93,7 +99,7 @@ def test_usr1_checkpoint_exit_75_requeues(fakes):
     p.send_signal(signal.SIGUSR1)
     rc, out, calls = _finish(p, log)
     assert rc == 0, out
-    assert "train got USR1" in calls and "scontrol requeue 123456" in calls
+    assert "scancel --signal=USR1 123456" in calls and "train got USR1" in calls and "scontrol requeue 123456" in calls
     assert "train rank=0 local=0 world=2 addr=node7 port=23456 args=checkpoint.dir=ck" in calls
 
 
