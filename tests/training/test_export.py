@@ -137,3 +137,13 @@ def test_mismatched_config_and_bad_paths_are_named(trained, tmp_path):
     assert os.listdir(tmp_path) == []
     with pytest.raises(ExportError, match="does not exist"):
         load_exported(str(tmp_path / "none.safetensors"))
+
+
+def test_command_line(trained, tmp_path, capsys):
+    from longscan.training.export import cmd_export
+    _, ckpt_dir, _ = trained
+    out = str(tmp_path / "m.safetensors")
+    assert cmd_export(["--checkpoint", ckpt_dir, "--output", out]) == 2  # the embedded config: dim 128, not 64
+    assert "longscan export: checkpoint" in capsys.readouterr().err and not os.path.exists(out)
+    assert cmd_export(["--checkpoint", ckpt_dir, "--output", out, "model.dim=64"]) == 0
+    assert "(step 2)" in capsys.readouterr().out and os.path.isfile(out)
