@@ -1,6 +1,7 @@
-"""launch/: both scripts parse; the Slurm script's preemption path runs against fake `srun`/`scontrol` on
-PATH: SIGUSR1 reaches the trainer (through scancel), exit code 75 requeues the job, other codes end it, the rendezvous port
-comes from the job id, and a config without checkpoint.dir is refused before training starts."""
+"""launch/: both scripts parse; the Slurm script's preemption path runs against fake `srun`/`scontrol`/
+`scancel` on PATH: SIGUSR1 reaches the trainer (through scancel), exit code 75 requeues the job, other codes
+end it, the rendezvous port comes from the job id, and a config without checkpoint.dir is refused before
+training starts."""
 from __future__ import annotations
 
 import os
@@ -41,7 +42,8 @@ if [[ " $* " == *" config "* ]]; then
   printf "model:\n  dim: 64\ncheckpoint:\n  dir: %s\n  every: 0\nlogging:\n  dir: runs\n" "$dir"
   exit 0
 fi
-echo "train rank=$RANK local=$LOCAL_RANK world=$WORLD_SIZE addr=$MASTER_ADDR port=$MASTER_PORT args=${*: -1}" >> "$FAKE_LOG"
+echo "train rank=$RANK local=$LOCAL_RANK world=$WORLD_SIZE addr=$MASTER_ADDR port=$MASTER_PORT" \
+     "args=${*: -1}" >> "$FAKE_LOG"
 if [[ $FAKE_EXIT == usr1 ]]; then
   trap 'echo "train got USR1" >> "$FAKE_LOG"; exit 75' USR1
   echo $$ > "$FAKE_LOG.pid" && mv "$FAKE_LOG.pid" "$FAKE_LOG.started"
@@ -66,7 +68,8 @@ def fakes(tmp_path):
 def _start(tmp_path, fake_exit, *args, fake_config="", **env):
     log = tmp_path / "calls.log"
     e = dict(os.environ, PATH=f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}", FAKE_LOG=str(log),
-             FAKE_EXIT=fake_exit, FAKE_CONFIG=fake_config, PYTHONPATH=ROOT, SLURM_JOB_ID="123456", SLURM_JOB_NODELIST="node[7-8]",
+             FAKE_EXIT=fake_exit, FAKE_CONFIG=fake_config, PYTHONPATH=ROOT, SLURM_JOB_ID="123456",
+             SLURM_JOB_NODELIST="node[7-8]",
              SLURM_JOB_NUM_NODES="1", SLURM_GPUS_ON_NODE="2", SLURM_NTASKS_PER_NODE="2",
              TASK_PREFIX=str(tmp_path / "bin" / "fake-trainer"), **env)
     e.pop("MASTER_PORT", None)

@@ -62,7 +62,8 @@ def test_out_of_range_ids_are_found_at_load(tmp_path):
     ids = np.random.default_rng(1).integers(0, 200, 400_000)
     ids[0] = 300  # in the first sampled block
     path = _token_file(tmp_path, ids, vocab=257)
-    with pytest.raises(DataError, match=r"t\.bin'.*token id 300 \(near position 0\) is not below the vocabulary size 257"):
+    with pytest.raises(DataError, match=r"t\.bin'.*token id 300 \(near position 0\) is not below the vocabulary "
+                                        r"size 257"):
         open_token_file(path)
     ids[0], ids[100_001] = 5, 999  # between sampled blocks: only the full check reads it
     path = _token_file(tmp_path, ids, vocab=257)
