@@ -40,7 +40,8 @@ TOKEN_DTYPES = ("uint16", "uint32")
 SAMPLE_BLOCKS, SAMPLE_BLOCK = 64, 4096  # ids checked at load: this many evenly spaced blocks of this many
 
 
-def _meta_path(path: str) -> str:
+def meta_path(path: str) -> str:
+    """Where a token file's metadata lives."""
     return path + ".json"
 
 
@@ -60,6 +61,7 @@ def write_token_file(path: str, docs, vocab_size: int, eos: int) -> dict:
     os.makedirs(d, exist_ok=True)
     n = 0
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tokens-")
+    tmp_meta = ""
     try:
         with os.fdopen(fd, "wb") as f:
             for doc in docs:
@@ -73,10 +75,12 @@ def write_token_file(path: str, docs, vocab_size: int, eos: int) -> dict:
         with os.fdopen(fd, "w") as f:
             json.dump(meta, f)
     except BaseException:
-        os.unlink(tmp)
+        for t in (tmp, tmp_meta):
+            if t and os.path.exists(t):
+                os.unlink(t)
         raise
     os.replace(tmp, path)  # data first: the metadata file appearing means both are complete
-    os.replace(tmp_meta, _meta_path(path))
+    os.replace(tmp_meta, meta_path(path))
     return meta
 
 
@@ -107,7 +111,7 @@ class ShardedTokens:
 
 
 def _read_meta(path: str) -> dict:
-    mp = _meta_path(path)
+    mp = meta_path(path)
     try:
         with open(mp) as f:
             meta = json.load(f)
@@ -133,7 +137,7 @@ def token_files(path: str, meta: dict) -> list[tuple[str, int]]:
     d = os.path.dirname(os.path.abspath(path))
     files = [(os.path.join(d, s["file"]), s["num_tokens"]) for s in meta["shards"]]
     if sum(n for _, n in files) != meta["num_tokens"]:
-        raise DataError(f"{_meta_path(path)!r}: its shards hold {sum(n for _, n in files)} tokens, its num_tokens "
+        raise DataError(f"{meta_path(path)!r}: its shards hold {sum(n for _, n in files)} tokens, its num_tokens "
                         f"says {meta['num_tokens']}")
     return files
 
@@ -162,21 +166,21 @@ def open_token_file(path: str, full_check: bool = False):
     the vocabulary (sampled blocks; every id with ``full_check``). Errors name the file.
     """
     path = os.path.expanduser(path)
-    if not os.path.isfile(_meta_path(path)):
+    if not os.path.isfile(meta_path(path)):
         if not os.path.isfile(path):
             raise DataError(f"data.path {path!r} does not exist; build it with "
                             f"`longscan prepare-data --output {path} FILES_OR_DIRS...`")
-        raise DataError(f"{_meta_path(path)!r} (dtype, vocab) is missing next to the token file {path!r}; "
+        raise DataError(f"{meta_path(path)!r} (dtype, vocab) is missing next to the token file {path!r}; "
                         "rebuild it with `longscan prepare-data`")
     meta = _read_meta(path)
     dtype = np.dtype(meta["dtype"])
     arrays = []
     for f, n in token_files(path, meta):
         if not os.path.isfile(f):
-            raise DataError(f"token file {f!r} listed in {_meta_path(path)!r} does not exist")
+            raise DataError(f"token file {f!r} listed in {meta_path(path)!r} does not exist")
         size = os.path.getsize(f)
         if size != n * dtype.itemsize:
-            raise DataError(f"token file {f!r} has {size:,} bytes, but {_meta_path(path)!r} describes {n:,} tokens of "
+            raise DataError(f"token file {f!r} has {size:,} bytes, but {meta_path(path)!r} describes {n:,} tokens of "
                             f"{dtype.name} = {n * dtype.itemsize:,} bytes: the file is truncated or the metadata is "
                             "not its own; rebuild it with `longscan prepare-data`")
         arr = np.memmap(f, dtype=dtype, mode="r") if n else np.zeros(0, dtype=dtype)
@@ -221,7 +225,7 @@ def stdlib_token_file(cache_dir: str) -> str:
     except OSError:  # read-only home (some CI/containers): fall back to the temp directory
         cache = os.path.join(tempfile.gettempdir(), "longscan")
     path = os.path.join(cache, f"stdlib-bytes-{h.hexdigest()[:12]}.u16")
-    if not (os.path.isfile(path) and os.path.isfile(_meta_path(path))):
+    if not (os.path.isfile(path) and os.path.isfile(meta_path(path))):
         write_token_file(path, byte_docs(files), BYTE_VOCAB, BYTE_EOS)
     return path
 

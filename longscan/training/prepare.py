@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from longscan.training.data import BYTE_EOS, BYTE_VOCAB, DataError, _meta_path, token_dtype
+from longscan.training.data import BYTE_EOS, BYTE_VOCAB, DataError, meta_path, token_dtype
 
 FORMATS = ("auto", "text", "jsonl", "parquet", "hf")
 EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>")
@@ -275,9 +275,19 @@ class ShardWriter:
         self.shards.append((tmp_meta, 0))  # cleaned up with the rest should a rename fail
         for (tmp, _), name in zip(self.shards, names):
             os.replace(tmp, name)
-        os.replace(tmp_meta, _meta_path(self.output))  # last: its appearance means the data is complete
+        os.replace(tmp_meta, meta_path(self.output))  # last: its appearance means the data is complete
         self.shards = []
+        self._remove_stale({os.path.abspath(n) for n in names})
         return meta
+
+    def _remove_stale(self, written: set[str]) -> None:
+        """Files of an earlier prepare-data run to the same output that the new metadata does not list."""
+        base = os.path.basename(self.output)
+        for name in os.listdir(self.dir):
+            path = os.path.join(self.dir, name)
+            stale_shard = name.startswith(base + ".") and name[len(base) + 1:].isdigit()
+            if (stale_shard or name == base) and path not in written:
+                os.unlink(path)
 
     def abort(self) -> None:
         if self.file is not None:

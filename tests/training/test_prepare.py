@@ -132,6 +132,9 @@ def test_shards_hold_the_same_stream(tmp_path):
     assert got == whole and m["num_tokens"] == len(whole)
     first = np.fromfile(tmp_path / shards[0]["file"], dtype=np.uint16)
     assert first[-1] == BYTE_EOS  # shards end at document boundaries
+    _prep(tmp_path, tmp_path / "docs")  # one file again: the shards of the earlier run are removed
+    assert sorted(n for n in os.listdir(tmp_path) if n.startswith("out.bin")) == ["out.bin", "out.bin.json"]
+    assert _stream(tmp_path)[0] == whole
 
 
 def test_bad_paths_are_named_before_reading(tmp_path):
