@@ -54,10 +54,11 @@ def _safetensors():
     return st
 
 
-def unsplit_model(model_cfg: ModelConfig, linear_backend: str = "auto") -> HybridLM:
-    """The whole model as one stage on one process (no process group needed)."""
+def unsplit_model(model_cfg: ModelConfig, linear_backend: str = "auto", sp_group=None) -> HybridLM:
+    """The whole model as one stage on one process. Building it needs no process group; running it needs
+    :func:`one_process_groups` and its one-rank ``sp_group``."""
     mp = stage_config(1, 1, 1, model_cfg.dim, torch.float32)
-    sp = SPSpec(group=None, layout="contiguous", linear_method="zeco", softmax_method="ring",
+    sp = SPSpec(group=sp_group, layout="contiguous", linear_method="zeco", softmax_method="ring",
                 linear_backend=linear_backend, softmax_backend="auto", linear_overlap=False)
     return HybridLM(model_cfg, mp, sp)
 
@@ -131,9 +132,10 @@ def one_process_groups() -> None:
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(create_gloo_process_groups=False)
-    elif parallel_state.get_tensor_model_parallel_world_size() != 1:
+    elif max(parallel_state.get_tensor_model_parallel_world_size(),
+             parallel_state.get_context_parallel_world_size()) > 1:
         raise ExportError("load_exported builds the whole model on one process, but this process already belongs "
-                          f"to a TP group of {parallel_state.get_tensor_model_parallel_world_size()} ranks")
+                          "to TP / SP (context-parallel) groups of more than one rank")
 
 
 def load_exported(path: str, device: str | torch.device = "cpu", linear_backend: str = "auto") -> HybridLM:
@@ -148,7 +150,8 @@ def load_exported(path: str, device: str | torch.device = "cpu", linear_backend:
         raise ExportError(f"{path!r} has no {CONFIG_KEY!r} metadata: it was not written by `longscan export`")
     model_cfg = ModelConfig(**json.loads(meta[CONFIG_KEY]))
     one_process_groups()
-    model = unsplit_model(model_cfg, linear_backend)
+    # an explicit one-rank SP group: None would mean the default group, all ranks of a launched job
+    model = unsplit_model(model_cfg, linear_backend, sp_group=parallel_state.get_context_parallel_group())
     model.load_state_dict(st.load_file(path), strict=True)
     return model.to(device).eval()
 
