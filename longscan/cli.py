@@ -1,8 +1,11 @@
 """`longscan` command line.
 
   longscan train [--config FILE] [--nproc N] [section.key=value ...]
-  longscan prepare-data --output FILE [--tokenizer tokenizer.json] [--suffix .py,.txt] INPUT [INPUT ...]
+  longscan prepare-data --output FILE [--tokenizer tokenizer.json] [--suffix .py,.txt] [--jsonl-field text]
+                        [--shard-tokens N] INPUT [INPUT ...]   (text, .jsonl, .parquet, saved HF datasets)
   longscan config [--config FILE] [section.key=value ...]      (print the resolved config)
+  longscan export --checkpoint DIR/step_N --output model.safetensors [--config FILE] [overrides]
+  longscan verify [--nproc N] [--methods ...] [--layouts ...] [--kinds ...]  (every SP operator against one device)
 
 Under torchrun (RANK/WORLD_SIZE set) `train` runs as the launched rank. Started plainly it launches
 itself with torch.distributed.run over every local GPU (NCCL), or over 4 CPU processes (gloo) when there
@@ -57,8 +60,10 @@ def cmd_train(argv: list[str]) -> int:
                 overrides += ["parallel.tp=1", "parallel.pp=1", "parallel.sp=1"]
         args.overrides = overrides
         from longscan.training.data import DataError, open_token_file
+        from longscan.training.preflight import check_before_launch
         try:  # fail here, once, before starting processes
             cfg = validate(load_config(args.config, args.overrides), nproc)
+            check_before_launch(cfg)
             if cfg.data.source == "tokens":
                 open_token_file(cfg.data.path)
         except (ConfigError, DataError) as e:
@@ -96,23 +101,8 @@ def cmd_train(argv: list[str]) -> int:
 
 
 def cmd_prepare_data(argv: list[str]) -> int:
-    from longscan.training.data import DataError, prepare_data
-    p = argparse.ArgumentParser(prog="longscan prepare-data",
-                                description="Tokenise text files into a memory-mapped token file.")
-    p.add_argument("inputs", nargs="+", help="text files or directories (searched recursively, sorted)")
-    p.add_argument("--output", required=True, help="token file to write (metadata goes to OUTPUT.json)")
-    p.add_argument("--tokenizer", default=None, help="a `tokenizers` tokenizer.json (default: byte-level)")
-    p.add_argument("--suffix", default="", help="comma-separated file suffixes to keep in directories")
-    a = p.parse_args(argv)
-    try:
-        meta = prepare_data(a.inputs, a.output, a.tokenizer, tuple(s for s in a.suffix.split(",") if s))
-    except DataError as e:
-        print(f"longscan prepare-data: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {a.output}: {meta['num_tokens']:,} tokens from {meta['files']} files "
-          f"({meta['dtype']}, vocab {meta['vocab_size']}, eos {meta['eos']}); train with "
-          f"data.source=tokens data.path={a.output} model.vocab_size={meta['vocab_size']}")
-    return 0
+    from longscan.training.prepare import cmd_prepare_data as run
+    return run(argv)
 
 
 def cmd_config(argv: list[str]) -> int:
@@ -130,8 +120,18 @@ def cmd_config(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "prepare-data": cmd_prepare_data, "config": cmd_config}
-COMMANDS["verify"] = lambda argv: __import__("longscan.verify", fromlist=["main"]).main(argv)  # docs/verify.md
+def cmd_export(argv: list[str]) -> int:
+    from longscan.training.export import cmd_export as run
+    return run(argv)
+
+
+def cmd_verify(argv: list[str]) -> int:
+    from longscan.verify import main as run   # docs/verify.md
+    return run(argv)
+
+
+COMMANDS = {"train": cmd_train, "prepare-data": cmd_prepare_data, "config": cmd_config, "export": cmd_export,
+            "verify": cmd_verify}
 
 
 def main(argv: list[str] | None = None) -> int:

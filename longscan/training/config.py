@@ -218,6 +218,8 @@ class LoggingConfig:
     """Write TensorBoard events when tensorboard is installed and dir is set."""
     stop_after: int = 0
     """Stop (as if killed) after this step; 0 = run to `schedule.steps`. For resume tests/debugging."""
+    wandb_project: str = ""
+    """Also log to this Weights & Biases project ('' = off; needs `pip install 'longscan[wandb]'`)."""
 
     def __post_init__(self):
         self.validate()

@@ -155,7 +155,8 @@ class Trainer:
         log_rank = self.ranks.is_log_rank
         # The loss lives on the last stage; rank 0 of the world prints only when it holds it.
         printer = log_rank
-        metrics = MetricsLogger(c.logging.dir, c.logging.tensorboard, log_rank)
+        metrics = MetricsLogger(c.logging.dir, c.logging.tensorboard, log_rank, c.logging.wandb_project, self.step,
+                                c.to_dict())
         progress = Progress(c.schedule.steps, c.logging.log_every, printer)
         if printer:
             print(self.describe(), flush=True)

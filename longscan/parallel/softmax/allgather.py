@@ -22,6 +22,11 @@ from longscan.parallel.softmax.common import backward_blocks, block_plan, forwar
 from longscan.parallel.softmax.function import SoftmaxSPFunction, SoftmaxSPOptions
 
 
+# torch 2.13 renamed the single-tensor collectives *_single; the old names warn on every call.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 def _head_chunks(hkv: int, chunk_heads):
     step = hkv if chunk_heads is None else chunk_heads
     return [(h, min(h + step, hkv)) for h in range(0, hkv, step)]
@@ -54,7 +59,7 @@ def _all_gather(x, group, world, layout):
     # Rank-major, concatenated along dim 0 as the collective expects; viewed as [W, B, ...] below.
     buf = x.new_empty((world * x.shape[0],) + tuple(x.shape[1:]))
     with waiting():
-        dist.all_gather_into_tensor(buf, x, group=group)
+        _all_gather_single(buf, x, group=group)
     count(sent=nbytes(x) * (world - 1), recv=nbytes(x) * (world - 1))
     buf = buf.view((world,) + tuple(x.shape))
     return _to_global(buf, world, layout)
@@ -67,7 +72,7 @@ def _reduce_scatter(x, group, world, layout):
     parts = _to_rank_major(x, world, layout)
     out = parts.new_empty(parts.shape[1:])
     with waiting():
-        dist.reduce_scatter_tensor(out, parts.flatten(0, 1), group=group)
+        _reduce_scatter_single(out, parts.flatten(0, 1), group=group)
     count(sent=nbytes(out) * (world - 1), recv=nbytes(out) * (world - 1))
     return out
 
