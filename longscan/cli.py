@@ -3,6 +3,7 @@
   longscan train [--config FILE] [--nproc N] [section.key=value ...]
   longscan prepare-data --output FILE [--tokenizer tokenizer.json] [--suffix .py,.txt] INPUT [INPUT ...]
   longscan config [--config FILE] [section.key=value ...]      (print the resolved config)
+  longscan profile|sweep|plan ...   (communication per layer, sequence-length scaling, a cost model: --help)
 
 Under torchrun (RANK/WORLD_SIZE set) `train` runs as the launched rank. Started plainly it launches
 itself with torch.distributed.run over every local GPU (NCCL), or over 4 CPU processes (gloo) when there
@@ -130,7 +131,17 @@ def cmd_config(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "prepare-data": cmd_prepare_data, "config": cmd_config}
+def _observe(name: str):
+    def command(argv: list[str]) -> int:
+        from importlib import import_module
+        return getattr(import_module(f"longscan.observe.{name}"), f"cmd_{name}")(argv)
+    return command
+
+
+COMMANDS = {"train": cmd_train, "prepare-data": cmd_prepare_data, "config": cmd_config,
+            "profile": _observe("profile"),    # communication and compute per layer: longscan/observe/profile.py
+            "sweep": _observe("sweep"),        # sequence length scaling: longscan/observe/sweep.py
+            "plan": _observe("plan")}          # cost model: longscan/observe/plan.py
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -291,6 +291,10 @@ class DistWrappers:
         for name, (orig, wrapper) in wrappers.items():
             self._saved[name] = orig
             setattr(dist, name, wrapper)
+        # P2POp accepts only the real isend/irecv: hand it those (batched P2P is the SP ring's, counted already)
+        real = {wrappers[n][1]: wrappers[n][0] for n in ("isend", "irecv")}
+        p2pop = self._saved["P2POp"] = dist.P2POp
+        setattr(dist, "P2POp", lambda op, *a, **kw: p2pop(real.get(op, op), *a, **kw))
 
     def remove(self) -> None:
         for name, orig in self._saved.items():
