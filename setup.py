@@ -6,7 +6,7 @@ setup(
     description="Sequence-parallel training of linear-attention and hybrid language models "
                 "(LASP-2, ZeCO All-Scan, ring attention) on Triton kernels and megatron-core",
     packages=find_packages(include=["longscan", "longscan.*"]),
-    package_data={"longscan": ["configs/*.yaml"]},
+    package_data={"longscan": ["configs/*.yaml", "observe/costs/*.json"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
@@ -16,9 +16,10 @@ setup(
         "megatron-core>=0.16",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-timeout", "deepspeed"],
+        "dev": ["pytest", "pytest-timeout", "deepspeed", "matplotlib"],
         "deepspeed": ["deepspeed"],
         "fla": ["fla-core"],
+        "plots": ["matplotlib"],
         "tensorboard": ["tensorboard"],
         "tokenizers": ["tokenizers"],
     },

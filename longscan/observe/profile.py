@@ -18,7 +18,7 @@ import torch.distributed as dist
 from longscan.observe.launch import checked_overrides, launch, local_world, under_torchrun
 
 PROG = "longscan profile"
-MATPLOTLIB_HINT = "pip install matplotlib   (or pip install longscan[plots])"
+MATPLOTLIB_HINT = "pip install matplotlib, or pip install longscan[plots]"
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,7 @@ class ProfileOptions:
     steps: int = 3
     warmup: int = 1
     out: str = "profile"
+    compare_off: bool = False   # also time the steps with profiling off first (the profiler's overhead)
 
     def __post_init__(self):
         if self.steps < 1:
@@ -42,6 +43,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=3, help="profiled steps (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="unprofiled steps first (default 1)")
     p.add_argument("--out", default="profile", help="output directory (default ./profile)")
+    p.add_argument("--compare-off", action="store_true",
+                   help="first time --steps steps with profiling off, to report the profiler's overhead")
     p.add_argument("--nproc", type=int, default=0, help="processes when not under torchrun (default: GPUs, else 4)")
     p.add_argument("overrides", nargs="*", help="section.key=value, as for `longscan train`")
     return p
@@ -50,7 +53,7 @@ def parser() -> argparse.ArgumentParser:
 def cmd_profile(argv: list[str]) -> int:
     a = parser().parse_args(argv)
     try:
-        opts = ProfileOptions(a.steps, a.warmup, a.out)
+        opts = ProfileOptions(a.steps, a.warmup, a.out, a.compare_off)
     except ValueError as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 2
@@ -60,6 +63,7 @@ def cmd_profile(argv: list[str]) -> int:
         if overrides is None:
             return 2
         argv = ["profile", "--steps", str(opts.steps), "--warmup", str(opts.warmup), "--out", opts.out]
+        argv += ["--compare-off"] if opts.compare_off else []
         return launch(PROG, argv + (["--config", a.config] if a.config else []) + overrides, nproc)
     from longscan.training.config import load_config
     summary = run_profile(load_config(a.config, a.overrides), opts)
@@ -83,6 +87,13 @@ def profile_rank(trainer, opts: ProfileOptions) -> tuple[dict, str]:
     from longscan.training.metrics import memory_mb
     for _ in range(opts.warmup):
         trainer.train_step()
+    off = []
+    for _ in range(opts.steps if opts.compare_off else 0):   # nothing installed: what training pays
+        _sync(trainer.device)
+        t0 = time.perf_counter()
+        trainer.train_step()
+        _sync(trainer.device)
+        off.append(time.perf_counter() - t0)
     if trainer.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(trainer.device)
     acts = [torch.profiler.ProfilerActivity.CPU]
@@ -110,6 +121,7 @@ def profile_rank(trainer, opts: ProfileOptions) -> tuple[dict, str]:
     report = {
         "rank": trainer.ranks.rank,
         "step_time_s": times,
+        "unprofiled_step_time_s": off,
         "peak_mem_mb": memory_mb(trainer.device),
         "comm": [{"kind": k, "layer": layer, "calls": e.calls, "bytes_sent": e.bytes_sent,
                   "bytes_received": e.bytes_received, "time_s": e.time_s, "exposed_s": e.exposed_s}
@@ -163,6 +175,8 @@ def aggregate(reports: list[dict], trainer, opts: ProfileOptions) -> dict:
         for c in r["compute"]:
             by_kind[c["kind"]] = by_kind.get(c["kind"], 0.0) + c["time_s"] / len(reports)
     step = sum(max(r["step_time_s"][i] for r in reports) for i in range(opts.steps)) / opts.steps
+    off = (sum(max(r["unprofiled_step_time_s"][i] for r in reports) for i in range(opts.steps)) / opts.steps
+           if opts.compare_off else None)
     c = trainer.cfg
     return {
         "world": len(reports), "steps": opts.steps, "warmup": opts.warmup,
@@ -172,6 +186,8 @@ def aggregate(reports: list[dict], trainer, opts: ProfileOptions) -> dict:
         "microbatches_per_rank": trainer.num_microbatches,
         "device": trainer.device.type if trainer.device.type != "cuda" else torch.cuda.get_device_name(),
         "step_time_s": step,
+        "unprofiled_step_time_s": off,
+        "profiler_overhead": None if off is None else step / off - 1,
         "tokens_per_s": trainer.tokens_per_step / step,
         "mfu": mfu(trainer.flops_per_step, step, len(reports), trainer.peak_flops),
         "exposed_comm_fraction": sum(r["exposed_comm_fraction"] for r in reports) / len(reports),
@@ -256,4 +272,7 @@ def format_table(s: dict) -> str:
     mfu = "n/a" if s["mfu"] is None else f"{100 * s['mfu']:.1f}%"
     lines.append(f"step {1e3 * s['step_time_s']:.1f} ms | {s['tokens_per_s']:,.0f} tok/s | MFU {mfu} | exposed comm "
                  f"{100 * s['exposed_comm_fraction']:.1f}% of the step | peak mem {s['peak_mem_mb']:,.0f} MiB")
+    if s["unprofiled_step_time_s"] is not None:
+        lines.append(f"profiling off: step {1e3 * s['unprofiled_step_time_s']:.1f} ms; on: "
+                     f"{1e3 * s['step_time_s']:.1f} ms (overhead {100 * s['profiler_overhead']:+.1f}%)")
     return "\n".join(lines)
