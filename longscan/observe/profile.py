@@ -261,10 +261,10 @@ def write_png(summary: dict, path: str) -> bool:
 def format_table(s: dict) -> str:
     n, w = s["steps"], s["world"]
     lines = [f"longscan profile | world {w} | {s['parallel']} | seq {s['seq_len']} | {s['device']} | {n} steps",
-             f"{'collective':<24} {'layer':<18} {'calls/step':>10} {'MB sent/rank/step':>18} "
+             f"{'collective':<24} {'layer':<18} {'calls/rank/step':>15} {'MB sent/rank/step':>18} "
              f"{'MB recv/rank/step':>18} {'time ms':>9} {'exposed ms':>10}"]
     for e in s["comm"]:
-        lines.append(f"{e['kind']:<24} {e['layer']:<18} {e['calls'] / n:>10.1f} "
+        lines.append(f"{e['kind']:<24} {e['layer']:<18} {e['calls'] / w / n:>15.1f} "
                      f"{e['bytes_sent'] / w / n / 2**20:>18.3f} {e['bytes_received'] / w / n / 2**20:>18.3f} "
                      f"{1e3 * e['time_s'] / n:>9.2f} {1e3 * e['exposed_s'] / n:>10.2f}")
     lines.append("compute (ms/step, mean over ranks): " + ", ".join(
