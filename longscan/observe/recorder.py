@@ -247,7 +247,14 @@ class DistWrappers:
         for name, g in self.groups.items():
             if g is group:
                 return name
-        return "world" if group is None else "other"
+        if group is None:
+            return "world"
+        # megatron may hand its P2P another group object over the same ranks as a named one
+        ranks = dist.get_process_group_ranks(group)
+        for name, g in self.groups.items():
+            if g is not None and dist.get_process_group_ranks(g) == ranks:
+                return name
+        return "other"
 
     def _wrap_blocking(self, fname, bytes_fn):
         orig = getattr(dist, fname)
