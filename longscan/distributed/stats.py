@@ -35,10 +35,11 @@ STATS = CommStats()
 class Recorder(Protocol):
     """What receives each collective while profiling (longscan.observe.recorder.CommRecorder)."""
 
-    def on_count(self, kind: str, sent: int, recv: int) -> None: ...
+    def on_count(self, kind: str, sent: int, recv: int) -> None:
+        """One call of a collective of ``kind`` that sends ``sent`` and receives ``recv`` bytes on this rank."""
 
-    def wait_scope(self, kind: str): ...
-    """A context manager around a blocking wait of ``kind`` (times it, names it in the trace)."""
+    def wait_scope(self, kind: str):
+        """A context manager around a blocking wait of ``kind`` (times it, names it in the trace)."""
 
 
 _RECORDER: Recorder | None = None

@@ -12,6 +12,7 @@ import argparse
 import csv
 import gc
 import os
+import resource
 import sys
 import threading
 import time
@@ -166,8 +167,11 @@ class PeakRSS:
         self._page = os.sysconf("SC_PAGE_SIZE")
 
     def _rss(self) -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * self._page
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * self._page
+        except OSError:   # no /proc (not Linux): the process's peak so far
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
     def _run(self):
         while not self._stop.is_set():

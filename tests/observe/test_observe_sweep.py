@@ -68,6 +68,11 @@ def test_outputs(results):
     assert [r["status"] for r in rows] == ["oom", "ok", "ok"]
     md = open(os.path.join(out, "sweep.md")).read()
     assert "| Sequence length | GPUs |" in md and "OOM" in md
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    assert os.path.getsize(os.path.join(out, "sweep.png")) > 0
 
 
 def test_bad_input_refused_before_launch(capsys, monkeypatch):
