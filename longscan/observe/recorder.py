@@ -287,6 +287,25 @@ class DistWrappers:
             return _TimedWork(work, self.rec, kind) if work is not None else work
         return orig, wrapper
 
+    def _wrap_all_to_all(self):
+        """all_to_all_single: on the SP group (Ulysses, bytes counted by longscan) timed only; elsewhere counted."""
+        orig = dist.all_to_all_single
+
+        def wrapper(output, input, *args, **kwargs):
+            group = kwargs.get("group", args[2] if len(args) > 2 else None)
+            if group is self.skip and self.skip is not None:
+                kind = "ulysses_all_to_all"
+            else:
+                kind = f"{self._name(group)}_all_to_all"
+                w = dist.get_world_size(group)
+                b = stats.nbytes(input) * (w - 1) // w
+                self.rec.on_count(kind, b, b)
+            if kwargs.get("async_op"):
+                return _TimedWork(orig(output, input, *args, **kwargs), self.rec, kind)
+            with self.rec.wait_scope(kind):
+                return orig(output, input, *args, **kwargs)
+        return orig, wrapper
+
     def install(self) -> None:
         ring = lambda a, kw, w: (2 * (w - 1) * stats.nbytes(a[0]) // w,) * 2   # noqa: E731
         gathered = lambda a, kw, w: ((w - 1) * stats.nbytes(a[1]),) * 2        # noqa: E731
@@ -294,6 +313,7 @@ class DistWrappers:
         wrappers = {"all_reduce": self._wrap_blocking("all_reduce", ring),
                     "all_gather_into_tensor": self._wrap_blocking("all_gather_into_tensor", gathered),
                     "reduce_scatter_tensor": self._wrap_blocking("reduce_scatter_tensor", scattered),
+                    "all_to_all_single": self._wrap_all_to_all(),
                     "isend": self._wrap_p2p("isend", True), "irecv": self._wrap_p2p("irecv", False)}
         for name, (orig, wrapper) in wrappers.items():
             self._saved[name] = orig

@@ -119,3 +119,12 @@ def test_nothing_left_installed(results):
     res, _ = results
     for r in res:
         assert r["restored"] and r["recorder_off"]
+
+
+def test_ulysses_all_to_all_timed(results):
+    if ULYSSES != "ulysses":
+        pytest.skip("ulysses needs deepspeed")
+    res, _ = results
+    s = res[0][CASES[2]]
+    e = [c for c in s["comm"] if c["kind"] == "ulysses_all_to_all"]
+    assert e and all(c["time_s"] > 0 and c["bytes_sent"] > 0 for c in e)
