@@ -329,19 +329,24 @@ class DistWrappers:
         self._saved.clear()
 
 
+def dist_wrappers(rec: CommRecorder, trainer) -> DistWrappers:
+    """The wrappers for a trainer's groups (not installed yet)."""
+    from megatron.core import parallel_state as ps
+    r = trainer.ranks
+    groups = {"tp": ps.get_tensor_model_parallel_group(), "pp": ps.get_pipeline_model_parallel_group(),
+              "dp_sp": r.dp_sp_group, "mp": r.mp_group}
+    return DistWrappers(rec, groups, r.sp_group)
+
+
 class StepObserver:
     """Everything profiling installs on a trainer: the recorder, model hooks, dist wrappers; ``close`` removes
     them all (training without it runs none of this code)."""
 
     def __init__(self, trainer):
-        from megatron.core import parallel_state as ps
         self.trainer = trainer
         self.rec = CommRecorder(trainer.device)
         self.handles = install_model_hooks(self.rec, trainer.model)
-        r = trainer.ranks
-        groups = {"tp": ps.get_tensor_model_parallel_group(), "pp": ps.get_pipeline_model_parallel_group(),
-                  "dp_sp": r.dp_sp_group, "mp": r.mp_group}
-        self.wrappers = DistWrappers(self.rec, groups, r.sp_group)
+        self.wrappers = dist_wrappers(self.rec, trainer)
         self.wrappers.install()
         self.previous = stats.set_recorder(self.rec)
         trainer.observer = self

@@ -200,7 +200,7 @@ def attempt(cfg_path, overrides, sp: int | None, seq_len: int, opts: SweepOption
     """Train warmup + steps at one (SP size, length); every rank returns the same status."""
     from longscan.distributed import stats
     from longscan.observe.flops import mfu
-    from longscan.observe.recorder import CommRecorder
+    from longscan.observe.recorder import CommRecorder, dist_wrappers
     from longscan.training.config import load_config
     from longscan.training.trainer import Trainer
     extra = ([f"parallel.sp={sp}", "parallel.dp=0"] if sp else []) + [f"data.seq_len={seq_len}"]
@@ -218,7 +218,9 @@ def attempt(cfg_path, overrides, sp: int | None, seq_len: int, opts: SweepOption
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        rec = CommRecorder(device)
+        rec = CommRecorder(device)   # every collective's exposed time; no layer hooks, no profiler
+        wrappers = dist_wrappers(rec, trainer)
+        wrappers.install()
         stats.set_recorder(rec)
         try:
             with (PeakRSS() if not cuda else _Nothing()) as rss:
@@ -232,6 +234,7 @@ def attempt(cfg_path, overrides, sp: int | None, seq_len: int, opts: SweepOption
                     times.append(time.perf_counter() - t0)
         finally:
             stats.set_recorder(None)
+            wrappers.remove()
         dt = sum(times) / len(times)
         row.step_time_s = dt
         row.tokens_per_s = trainer.tokens_per_step / dt

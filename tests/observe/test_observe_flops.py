@@ -41,3 +41,12 @@ def test_peak_and_mfu():
     assert flops.peak_flops("cpu") is None and flops.peak_flops(None) is None
     assert flops.mfu(1e12, 2.0, 4, 989e12) == pytest.approx(1e12 / (8 * 989e12))
     assert flops.mfu(1e12, 2.0, 4, None) is None
+
+
+def test_progress_line_shows_mfu(capsys):
+    from longscan.training.metrics import Progress
+    p = Progress(total=10, every=1, enabled=True)
+    p.update(1, 2.5, 1000.0, 10.0, 1e-3, mfu=0.4213)
+    p.update(2, 2.4, 1000.0, 10.0, 1e-3)
+    first, second = capsys.readouterr().out.splitlines()
+    assert "| MFU 42.1% |" in first and "MFU" not in second
