@@ -6,6 +6,7 @@
   longscan config [--config FILE] [section.key=value ...]      (print the resolved config)
   longscan export --checkpoint DIR/step_N --output model.safetensors [--config FILE] [overrides]
   longscan verify [--nproc N] [--methods ...] [--layouts ...] [--kinds ...]  (every SP operator against one device)
+  longscan profile|sweep|plan ...   (communication per layer, sequence-length scaling, a cost model: --help)
 
 Under torchrun (RANK/WORLD_SIZE set) `train` runs as the launched rank. Started plainly it launches
 itself with torch.distributed.run over every local GPU (NCCL), or over 4 CPU processes (gloo) when there
@@ -130,8 +131,23 @@ def cmd_verify(argv: list[str]) -> int:
     return run(argv)
 
 
+def cmd_profile(argv: list[str]) -> int:
+    from longscan.observe.profile import cmd_profile as run   # communication and compute per layer
+    return run(argv)
+
+
+def cmd_sweep(argv: list[str]) -> int:
+    from longscan.observe.sweep import cmd_sweep as run   # sequence-length scaling
+    return run(argv)
+
+
+def cmd_plan(argv: list[str]) -> int:
+    from longscan.observe.plan import cmd_plan as run   # the cost model
+    return run(argv)
+
+
 COMMANDS = {"train": cmd_train, "prepare-data": cmd_prepare_data, "config": cmd_config, "export": cmd_export,
-            "verify": cmd_verify}
+            "verify": cmd_verify, "profile": cmd_profile, "sweep": cmd_sweep, "plan": cmd_plan}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -115,11 +115,13 @@ class Progress:
         self.total, self.every, self.enabled, self.width = total, max(1, every), enabled, width
         self.t0 = time.time()
 
-    def update(self, step: int, loss: float, tokens_per_s: float, mem_mb: float, lr: float, force=False) -> None:
+    def update(self, step: int, loss: float, tokens_per_s: float, mem_mb: float, lr: float, force=False,
+               mfu: float | None = None) -> None:
         if not self.enabled or not (force or step % self.every == 0 or step == self.total):
             return
         done = int(self.width * step / self.total)
         bar = "#" * done + "-" * (self.width - done)
         print(f"[{bar}] step {step:>5}/{self.total} | loss {loss:.4f} | lr {lr:.2e} | "
-              f"{tokens_per_s:,.0f} tok/s | mem {mem_mb:,.0f} MiB | {time.time() - self.t0:.0f}s",
+              f"{tokens_per_s:,.0f} tok/s{'' if mfu is None else f' | MFU {100 * mfu:.1f}%'} | "
+              f"mem {mem_mb:,.0f} MiB | {time.time() - self.t0:.0f}s",
               file=sys.stdout, flush=True)

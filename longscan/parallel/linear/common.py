@@ -120,8 +120,9 @@ def broadcast_from(x: torch.Tensor | None, src: int, like: torch.Tensor, sp: SPC
     if sp.world == 1:
         return x
     buf = x.contiguous() if sp.rank == src else torch.empty_like(like)
-    count(sent=nbytes(buf) if sp.rank == src else 0, recv=0 if sp.rank == src else nbytes(buf))
-    with waiting():
+    count(sent=nbytes(buf) if sp.rank == src else 0, recv=0 if sp.rank == src else nbytes(buf),
+          kind="state_broadcast")
+    with waiting("state_broadcast"):
         dist.broadcast(buf, dist.get_global_rank(sp.group, src) if sp.group is not None else src, group=sp.group)
     return buf
 
@@ -132,8 +133,8 @@ def all_reduce_sum(x: torch.Tensor, sp: SPContext) -> torch.Tensor:
     if sp.world > 1:
         x = x.clone(memory_format=torch.contiguous_format)
         ring = 2 * (sp.world - 1) * nbytes(x) // sp.world
-        count(sent=ring, recv=ring)
-        with waiting():
+        count(sent=ring, recv=ring, kind="state_all_reduce")
+        with waiting("state_all_reduce"):
             dist.all_reduce(x, group=sp.group)
     return x
 

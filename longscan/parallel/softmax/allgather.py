@@ -58,9 +58,9 @@ def _all_gather(x, group, world, layout):
     x = x.contiguous()
     # Rank-major, concatenated along dim 0 as the collective expects; viewed as [W, B, ...] below.
     buf = x.new_empty((world * x.shape[0],) + tuple(x.shape[1:]))
-    with waiting():
+    with waiting("kv_allgather"):
         _all_gather_single(buf, x, group=group)
-    count(sent=nbytes(x) * (world - 1), recv=nbytes(x) * (world - 1))
+    count(sent=nbytes(x) * (world - 1), recv=nbytes(x) * (world - 1), kind="kv_allgather")
     buf = buf.view((world,) + tuple(x.shape))
     return _to_global(buf, world, layout)
 
@@ -71,9 +71,9 @@ def _reduce_scatter(x, group, world, layout):
         return x
     parts = _to_rank_major(x, world, layout)
     out = parts.new_empty(parts.shape[1:])
-    with waiting():
+    with waiting("dkv_reduce_scatter"):
         _reduce_scatter_single(out, parts.flatten(0, 1), group=group)
-    count(sent=nbytes(out) * (world - 1), recv=nbytes(out) * (world - 1))
+    count(sent=nbytes(out) * (world - 1), recv=nbytes(out) * (world - 1), kind="dkv_reduce_scatter")
     return out
 
 

@@ -70,7 +70,7 @@ def _count_all_to_all(tensors, world):
     # Each all-to-all keeps 1/W of a tensor and exchanges the rest.
     for t in tensors:
         b = nbytes(t) * (world - 1) // world
-        count(sent=b, recv=b)
+        count(sent=b, recv=b, kind="ulysses_all_to_all")
 
 
 def _distributed_attention_cls():
