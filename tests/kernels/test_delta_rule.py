@@ -120,3 +120,21 @@ def _bad(name, value):
 def test_bad_inputs_are_named(name, value, message):
     with pytest.raises((ValueError, TypeError), match=message):
         chunk_delta_rule(**_bad(name, value))
+
+
+def test_torch_backend_keeps_no_per_key_decay_tensor():
+    """What autograd keeps for KDA grows like T·(K + V + C) and a state a chunk, not like the per-key
+    decays T·C·K of the chunks (those are recomputed in the backward)."""
+    T, K, V, C = 64, 8, 8, 16
+    x = make_inputs("kda", 1, T, 1, K, V, torch.float64, seed=4)
+    leaves = {n: t.clone().requires_grad_() for n, t in x.items()}
+    kept = []
+
+    def pack(t):
+        kept.append(t.numel())
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        o, s = torch_chunk.forward(**leaves, output_final_state=True, chunk=C)
+    assert kept and max(kept) <= T * max(K, V, C) < T * C * K
+    (o.sum() + s.sum()).backward()
+    assert all(leaves[n].grad is not None for n in leaves)

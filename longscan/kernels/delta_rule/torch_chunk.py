@@ -9,7 +9,9 @@ so U = U_0 - W S_0 with U_0 = (I + A)⁻¹ Diag(β) V and W = (I + A)⁻¹ Diag(
     S_C = Γ_C S_0 + K̄ᵀ U,                          K̄_s = exp(b_C - b_s) ⊙ k_s.
 Every decay factor is a difference b_t - b_s with s ≤ t (never a growing exp(-b)), so long chunks with
 steep gates stay finite. Gradients come from autograd through this forward (exact: a triangular solve and
-matmuls); the recurrence across chunks is serial in Python.
+matmuls); the chunks' own quantities are recomputed in the backward rather than kept (activation
+checkpointing), so what is kept grows like the inputs plus one state a chunk. The recurrence across
+chunks is serial in Python.
 
 A segment is an affine map of its entering state, S_out = M S_in + S_loc: :func:`segment_transition` runs
 the same recurrence on [v | 0] from [0 | I] and reads (S_loc, M) off the two column blocks of the result.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 CHUNK = 32          # tokens a chunk (the triangular solve and the [C, C, K] per-key decays grow with C)
 
@@ -37,27 +40,18 @@ def _chunks(x: torch.Tensor, C: int) -> torch.Tensor:
     return x.reshape(x.shape[:2] + (-1, C) + tuple(x.shape[3:]))
 
 
-def _scan(q, k, v, beta, g, scale, h0, chunk):
-    """-> (o `[B, T, H, V]` compute dtype or None when q is None, final state `[B, H, K, V]`)."""
-    B, T, H, K = k.shape
-    V = v.shape[-1]
-    dt = compute_dtype(k)
-    C = min(chunk, T)
-    kc = _chunks(k.to(dt), C)                                    # [B,H,N,C,K]
-    vc = _chunks(v.to(dt), C)
-    bc = _chunks(beta.to(dt).unsqueeze(-1), C)                   # [B,H,N,C,1]
-    qc = _chunks(q.to(dt), C) if q is not None else None
-    N = kc.shape[2]
-    causal = torch.ones(C, C, dtype=torch.bool, device=k.device).tril()
-    strict = causal.tril(-1)
-    if g is None:
+def _intra(qc, kc, vc, bc, gc):
+    """Every chunk's own quantities at once, chunked inputs `[B, H, N, C, ...]` (qc, gc may be None) ->
+    (W, U_0, tril(Q̃ K̂ᵀ) or None, Q̃ or None, K̄, the chunk's total log gate `[B, H, N, Kg]` or None)."""
+    C = kc.shape[3]
+    causal = torch.ones(C, C, dtype=torch.bool, device=kc.device).tril()
+    if gc is None:
         b = None
         kk = kc @ kc.transpose(-1, -2)                           # [B,H,N,C(t),C(s)]
         qk = qc @ kc.transpose(-1, -2) if qc is not None else None
-        k_tilde, k_bar = kc, kc
-        q_tilde = qc
+        k_tilde, k_bar, q_tilde = kc, kc, qc
     else:
-        b = _chunks((g.unsqueeze(-1) if g.dim() == 3 else g).to(dt), C).cumsum(3)   # [B,H,N,C,Kg]
+        b = gc.cumsum(3)                                         # [B,H,N,C,Kg]
         diff = b.unsqueeze(4) - b.unsqueeze(3)                   # b_t - b_s [B,H,N,C(t),C(s),Kg]
         decay = diff.masked_fill(~causal[..., None], float("-inf")).exp()
         if b.shape[-1] > 1:
@@ -69,21 +63,41 @@ def _scan(q, k, v, beta, g, scale, h0, chunk):
         k_tilde = kc * b.exp()
         k_bar = kc * (b[:, :, :, -1:] - b).exp()
         q_tilde = qc * b.exp() if qc is not None else None
-    eye = torch.eye(C, dtype=dt, device=k.device)
-    lhs = eye + (bc * kk).masked_fill(~strict, 0)                # I + A, unit lower triangular
+    eye = torch.eye(C, dtype=kc.dtype, device=kc.device)
+    lhs = eye + (bc * kk).masked_fill(~causal.tril(-1), 0)       # I + A, unit lower triangular
     rhs = bc * torch.cat([k_tilde, vc], dim=-1)                  # Diag(β) [K̃ | V]
     sol = torch.linalg.solve_triangular(lhs, rhs, upper=False, unitriangular=True)
-    W, U0 = sol[..., :K], sol[..., K:]
+    K = kc.shape[-1]
     if qk is not None:
         qk = qk.masked_fill(~causal, 0)
+    return sol[..., :K], sol[..., K:], qk, q_tilde, k_bar, (b[:, :, :, -1] if b is not None else None)
+
+
+def _scan(q, k, v, beta, g, scale, h0, chunk):
+    """-> (o `[B, T, H, V]` compute dtype or None when q is None, final state `[B, H, K, V]`)."""
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    dt = compute_dtype(k)
+    C = min(chunk, T)
+    kc = _chunks(k.to(dt), C)                                    # [B,H,N,C,K]
+    vc = _chunks(v.to(dt), C)
+    bc = _chunks(beta.to(dt).unsqueeze(-1), C)                   # [B,H,N,C,1]
+    qc = _chunks(q.to(dt), C) if q is not None else None
+    gc = _chunks((g.unsqueeze(-1) if g.dim() == 3 else g).to(dt), C) if g is not None else None
+    N = kc.shape[2]
+    args = (qc, kc, vc, bc, gc)
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in args):
+        # recomputed in the backward: the per-key decays `[C, C, K]` a chunk are never kept
+        W, U0, qk, q_tilde, k_bar, last = checkpoint(_intra, *args, use_reentrant=False)
+    else:
+        W, U0, qk, q_tilde, k_bar, last = _intra(*args)
     S = h0.to(dt) if h0 is not None else k.new_zeros(B, H, K, V, dtype=dt)
     outs = []
     for n in range(N):
         U = U0[:, :, n] - W[:, :, n] @ S                          # [B,H,C,V]
         if qc is not None:
             outs.append(scale * (q_tilde[:, :, n] @ S + qk[:, :, n] @ U))
-        last = S if b is None else b[:, :, n, -1].exp().unsqueeze(-1) * S
-        S = last + k_bar[:, :, n].transpose(-1, -2) @ U
+        S = (S if last is None else last[:, :, n].exp().unsqueeze(-1) * S) + k_bar[:, :, n].transpose(-1, -2) @ U
     o = None
     if qc is not None:
         o = torch.stack(outs, dim=2).reshape(B, H, N * C, V)[:, :, :T].transpose(1, 2)
