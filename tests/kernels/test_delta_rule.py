@@ -138,3 +138,18 @@ def test_torch_backend_keeps_no_per_key_decay_tensor():
     assert kept and max(kept) <= T * max(K, V, C) < T * C * K
     (o.sum() + s.sum()).backward()
     assert all(leaves[n].grad is not None for n in leaves)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_bfloat16_inputs_compute_in_float32(kind):
+    """bf16 q, k, v (as under autocast) with float32 β and g: bf16 output and gradients, float32 state,
+    within bf16 round-off of the float64 recurrence."""
+    x = make_inputs(kind, 1, 24, 2, 8, 8, torch.float64, seed=9)
+    ref, ref_s = naive_recurrent_delta_rule(**x, output_final_state=True)
+    low = {n: (t.to(torch.bfloat16) if n in ("q", "k", "v") else t.float()).requires_grad_()
+           for n, t in x.items() if t is not None}
+    o, s = chunk_delta_rule(**low, output_final_state=True)
+    assert o.dtype == torch.bfloat16 and s.dtype == torch.float32
+    assert rel_err(o, ref) < 2e-2 and rel_err(s, ref_s) < 2e-2
+    (o.float().square().sum() + s.sum()).backward()
+    assert all(low[n].grad.dtype == low[n].dtype and low[n].grad.isfinite().all() for n in low)

@@ -15,18 +15,22 @@ from training_common import assemble, local_tensors, tiny  # noqa: E402
 
 TOL = 1e-5
 VARIANTS = ("deltanet", "gated_deltanet", "kda")
-CASES = {   # name -> (variant, parallel overrides), all on 2 ranks
+CASES = {   # name -> (variant, parallel overrides[, schedule overrides]), all on 2 ranks
     "deltanet_sp2_zeco_zigzag": ("deltanet", {"sp": 2, "linear_method": "zeco", "layout": "zigzag"}),
     "gated_deltanet_sp2_lasp2_contiguous": ("gated_deltanet", {"sp": 2, "linear_method": "lasp2",
                                                                "layout": "contiguous"}),
     "kda_sp2_lasp1_zigzag": ("kda", {"sp": 2, "linear_method": "lasp1", "layout": "zigzag"}),
     "gated_deltanet_tp2": ("gated_deltanet", {"tp": 2}),
+    # activation checkpointing recomputes the halo exchange in the backward (on every rank alike)
+    "kda_sp2_zeco_zigzag_checkpointed": ("kda", {"sp": 2, "linear_method": "zeco", "layout": "zigzag"},
+                                         {"activation_checkpointing": True}),
 }
 
 
-def config(variant, parallel=None):
+def config(variant, parallel=None, schedule=None):
     # two delta-rule layers (no softmax layer needed to test them)
-    return tiny(model={"linear_variant": variant, "pattern": "L", "n_layers": 2}, parallel=parallel or {})
+    return tiny(model={"linear_variant": variant, "pattern": "L", "n_layers": 2}, parallel=parallel or {},
+                schedule=schedule or {})
 
 
 def _one_step(cfg):
@@ -42,7 +46,7 @@ def _refs(rank, world):
 
 
 def _cases(rank, world):
-    return {n: _one_step(config(v, p)) for n, (v, p) in CASES.items()}
+    return {n: _one_step(config(*c)) for n, c in CASES.items()}
 
 
 @pytest.fixture(scope="module")
