@@ -97,7 +97,7 @@ def test_backends_agree_and_names():
     b = chunk_delta_rule(**x, output_final_state=True, backend="torch")
     assert rel_err(b[0], a[0]) < 1e-10 and rel_err(b[1], a[1]) < 1e-10
     with pytest.raises(ValueError, match="backend must be one of"):
-        chunk_delta_rule(**x, backend="triton")
+        chunk_delta_rule(**x, backend="fla")
 
 
 def _bad(name, value):

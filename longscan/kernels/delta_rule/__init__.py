@@ -7,10 +7,12 @@ Every backend provides
   forward(q, k, v, beta, g, scale, initial_state, output_final_state) -> (o, final_state | None)
   segment_transition(k, v, beta, g) -> (S_loc `[B, H, K, V]`, M `[B, H, K, K]`): S_out = M S_in + S_loc
 both differentiable by autograd. Backends: "naive" (the recurrence), "torch" (chunked, WY representation;
-the default everywhere: there are no delta-rule Triton kernels yet).
+the CPU default), "triton" (the same chunks, the recurrence across chunks in Triton kernels; the CUDA
+default; float32 compute).
 """
 from __future__ import annotations
 
+import importlib
 import types
 
 import torch
@@ -19,7 +21,8 @@ from longscan.kernels.checks import check_4d_float, check_like_q
 from longscan.kernels.delta_rule import torch_chunk
 from longscan.kernels.delta_rule.naive import naive_recurrent_delta_rule
 
-BACKENDS = ("auto", "naive", "torch")
+BACKENDS = ("auto", "naive", "torch", "triton")
+_TRITON = "longscan.kernels.delta_rule.triton_chunk"
 
 
 def _naive_segment_transition(k, v, beta, g=None):
@@ -41,9 +44,21 @@ NAIVE = types.SimpleNamespace(__name__="naive", forward=_naive_forward, segment_
 
 
 def get_backend(name: str, device: torch.device):
-    """The backend for ``name`` ("auto": the torch chunked backend)."""
+    """The backend for ``name`` ("auto": triton on CUDA when importable, else torch)."""
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} for the delta rule, got {name!r}")
+    if name == "auto":
+        if device.type != "cuda":
+            return torch_chunk
+        try:
+            return importlib.import_module(_TRITON)
+        except ImportError:
+            return torch_chunk
+    if name == "triton":
+        try:
+            return importlib.import_module(_TRITON)
+        except ImportError as e:
+            raise ValueError(f"backend='triton' is not available here: {e}") from e
     return NAIVE if name == "naive" else torch_chunk
 
 
@@ -94,8 +109,8 @@ def chunk_delta_rule(q, k, v, beta, g=None, scale=None, initial_state=None, outp
 
     q, k `[B, T, H, K]`, v `[B, T, H, V]`, beta `[B, T, H]` in (0, 1], g None, `[B, T, H]` or `[B, T, H, K]`
     (log decays ≤ 0), initial_state `[B, H, K, V]`. scale: K^-0.5 when None. backend: "auto" | "torch" |
-    "naive". -> (o `[B, T, H, V]` in q's dtype, final state `[B, H, K, V]` (float32; float64 for float64
-    inputs) or None). Same conventions as flash-linear-attention's chunk_delta_rule (β given, q and k not
+    "naive" | "triton". -> (o `[B, T, H, V]` in q's dtype, final state `[B, H, K, V]` (float32; float64 for float64
+    inputs) or None). backend "triton" computes in float32 (it refuses float64 inputs). Same conventions as flash-linear-attention's chunk_delta_rule (β given, q and k not
     normalised here), chunk_gated_delta_rule and chunk_kda.
     """
     check_inputs(q, k, v, beta, g, initial_state)

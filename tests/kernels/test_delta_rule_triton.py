@@ -1,0 +1,81 @@
+"""The delta rule's Triton backend (the recurrence across chunks in Triton kernels) against the float64
+recurrence, forward and backward with states, every kind, chunks of 16 so short sequences cross several
+(and a padded last one); the SP stages on it. CPU: the Triton interpreter in float32. GPU: also bf16."""
+import pytest
+import torch
+
+from delta_cases import KINDS, make_inputs
+from harness import rel_err
+
+triton = pytest.importorskip("triton")
+
+from longscan.kernels.delta_rule import chunk_delta_rule, naive_recurrent_delta_rule  # noqa: E402
+from longscan.kernels.delta_rule import triton_chunk as tc  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+NAMES = ("q", "k", "v", "beta", "g", "initial_state")
+
+
+def run(fn, x, do, dht):
+    leaves = {n: (t.clone().requires_grad_() if t is not None else None) for n, t in x.items()}
+    o, s = fn(**leaves)
+    wanted = [n for n in NAMES if leaves[n] is not None]
+    outs, gos = [o], [do]
+    if s is not None:
+        outs.append(s)
+        gos.append(dht)
+    return o, s, dict(zip(wanted, torch.autograd.grad(outs, [leaves[n] for n in wanted], gos)))
+
+
+@pytest.mark.parametrize("with_state", [True, False])
+@pytest.mark.parametrize("kind", KINDS)
+def test_triton_matches_recurrence(kind, with_state):
+    B, T, H, K, V = 1, 37, 2, 16, 20       # V over 16: two blocks of V columns with BLOCK_V = 16
+    x = make_inputs(kind, B, T, H, K, V, torch.float64, seed=KINDS.index(kind))
+    if not with_state:
+        x["initial_state"] = None
+    gen = torch.Generator().manual_seed(1)
+    do = torch.randn(B, T, H, V, generator=gen, dtype=torch.float64)
+    dht = torch.randn(B, H, K, V, generator=gen, dtype=torch.float64)
+    ref = run(lambda **a: naive_recurrent_delta_rule(**a, output_final_state=True), x, do, dht)
+    x32 = {n: (t.float().to(DEV) if t is not None else None) for n, t in x.items()}
+    mp = pytest.MonkeyPatch()
+    mp.setattr(tc, "BLOCK_V", 16)
+    try:
+        got = run(lambda **a: tc.forward(**a, output_final_state=True, chunk=16), x32, do.float().to(DEV),
+                  dht.float().to(DEV))
+    finally:
+        mp.undo()
+    assert rel_err(got[0].cpu(), ref[0]) < 1e-5 and rel_err(got[1].cpu(), ref[1]) < 1e-5
+    assert set(got[2]) == set(ref[2])
+    for n in ref[2]:
+        assert rel_err(got[2][n].cpu(), ref[2][n]) < 1e-5, n
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_triton_segment_transition(kind):
+    x = make_inputs(kind, 1, 20, 1, 16, 16, torch.float64, seed=3)
+    ref_S, ref_M = None, None
+    from longscan.kernels.delta_rule import torch_chunk
+    ref_S, ref_M = torch_chunk.segment_transition(x["k"], x["v"], x["beta"], x["g"], chunk=16)
+    x32 = {n: (t.float().to(DEV) if t is not None else None) for n, t in x.items()}
+    S, M = tc.segment_transition(x32["k"], x32["v"], x32["beta"], x32["g"], chunk=16)
+    assert rel_err(S.cpu(), ref_S) < 1e-5 and rel_err(M.cpu(), ref_M) < 1e-5
+
+
+def test_triton_refuses_float64():
+    x = make_inputs("deltanet", 1, 4, 1, 16, 16, torch.float64, seed=0)
+    with pytest.raises(TypeError, match="computes in float32"):
+        chunk_delta_rule(**x, backend="triton")
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kind", KINDS)
+def test_triton_bf16_on_gpu(kind):
+    x = make_inputs(kind, 2, 1000, 4, 64, 64, torch.float64, seed=5)
+    ref, ref_s = naive_recurrent_delta_rule(**x, output_final_state=True)
+    low = {n: (t.to(DEV, torch.bfloat16) if n in ("q", "k", "v") else t.to(DEV, torch.float32))
+           for n, t in x.items() if t is not None}
+    o, s = chunk_delta_rule(**low, output_final_state=True)
+    assert o.dtype == torch.bfloat16 and rel_err(o.cpu(), ref) < 2e-2 and rel_err(s.cpu(), ref_s) < 2e-2
