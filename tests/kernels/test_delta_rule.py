@@ -153,3 +153,14 @@ def test_bfloat16_inputs_compute_in_float32(kind):
     assert rel_err(o, ref) < 2e-2 and rel_err(s, ref_s) < 2e-2
     (o.float().square().sum() + s.sum()).backward()
     assert all(low[n].grad.dtype == low[n].dtype and low[n].grad.isfinite().all() for n in low)
+
+
+def test_per_key_decays_in_slices(monkeypatch):
+    """The per-key decays built a few chunks at a time give the same result as all at once."""
+    x = make_inputs("kda", 2, 29, 3, 4, 3, torch.float64, seed=8)
+    whole = torch_chunk.forward(**x, output_final_state=True, chunk=4)
+    monkeypatch.setattr(torch_chunk, "DECAY_ELEMENTS", 4 * 4 * 4 * 5)   # 5 of the 2·3·8 chunks a slice
+    sliced = torch_chunk.forward(**x, output_final_state=True, chunk=4)
+    ref = naive_recurrent_delta_rule(**x, output_final_state=True)
+    for a, b, r in zip(whole, sliced, ref):
+        assert rel_err(b, r) < 1e-12 and rel_err(a, r) < 1e-12

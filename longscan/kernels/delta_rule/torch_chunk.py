@@ -40,6 +40,23 @@ def _chunks(x: torch.Tensor, C: int) -> torch.Tensor:
     return x.reshape(x.shape[:2] + (-1, C) + tuple(x.shape[3:]))
 
 
+DECAY_ELEMENTS = 1 << 26   # per-key decays `[C, C, K]` of at most this many elements exist at once
+
+
+def _per_key_dot(a, k, b, causal):
+    """Σ_k a_tk k_sk exp(b_tk - b_sk) for s ≤ t (zero above), `[B, H, N, C, C]`, over slices of the batch,
+    head and chunk axes so that the `[.., C, C, K]` decays stay within DECAY_ELEMENTS."""
+    B, H, N, C, K = a.shape
+    flat = [x.reshape(B * H * N, C, K) for x in (a, k, b)]
+    step = max(1, DECAY_ELEMENTS // (C * C * K))
+    out = []
+    for i in range(0, B * H * N, step):
+        ai, ki, bi = (x[i:i + step] for x in flat)
+        decay = (bi.unsqueeze(2) - bi.unsqueeze(1)).masked_fill(~causal[..., None], float("-inf")).exp()
+        out.append(torch.einsum("ntk,nsk,ntsk->nts", ai, ki, decay))
+    return torch.cat(out).view(B, H, N, C, C)
+
+
 def _intra(qc, kc, vc, bc, gc):
     """Every chunk's own quantities at once, chunked inputs `[B, H, N, C, ...]` (qc, gc may be None) ->
     (W, U_0, tril(Q̃ K̂ᵀ) or None, Q̃ or None, K̄, the chunk's total log gate `[B, H, N, Kg]` or None)."""
@@ -52,14 +69,13 @@ def _intra(qc, kc, vc, bc, gc):
         k_tilde, k_bar, q_tilde = kc, kc, qc
     else:
         b = gc.cumsum(3)                                         # [B,H,N,C,Kg]
-        diff = b.unsqueeze(4) - b.unsqueeze(3)                   # b_t - b_s [B,H,N,C(t),C(s),Kg]
-        decay = diff.masked_fill(~causal[..., None], float("-inf")).exp()
         if b.shape[-1] > 1:
-            kk = torch.einsum("bhntk,bhnsk,bhntsk->bhnts", kc, kc, decay)
-            qk = torch.einsum("bhntk,bhnsk,bhntsk->bhnts", qc, kc, decay) if qc is not None else None
+            kk = _per_key_dot(kc, kc, b, causal)
+            qk = _per_key_dot(qc, kc, b, causal) if qc is not None else None
         else:
-            kk = (kc @ kc.transpose(-1, -2)) * decay[..., 0]
-            qk = (qc @ kc.transpose(-1, -2)) * decay[..., 0] if qc is not None else None
+            decay = (b - b.transpose(-1, -2)).masked_fill(~causal, float("-inf")).exp()   # exp(b_t - b_s)
+            kk = (kc @ kc.transpose(-1, -2)) * decay
+            qk = (qc @ kc.transpose(-1, -2)) * decay if qc is not None else None
         k_tilde = kc * b.exp()
         k_bar = kc * (b[:, :, :, -1:] - b).exp()
         q_tilde = qc * b.exp() if qc is not None else None
