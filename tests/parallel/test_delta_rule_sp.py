@@ -83,13 +83,14 @@ def sp_worker(rank, world):
     # the recurrence as the local backend (no chunking at all) through the same SP stages
     results[("zeco", "zigzag", "kda", "naive")] = case(rank, world, "zeco", "zigzag", "kda", torch.float64, True,
                                                        "naive")
-    for method, layout, kind in TRITON_CASES:
+    for method, layout, kind in (TRITON_CASES if world == TRITON_WORLD else ()):   # the interpreter is slow
         results[(method, layout, kind, "triton")] = case(rank, world, method, layout, kind, torch.float32, True,
                                                          "triton")
     return results
 
 
 TRITON_CASES = (("zeco", "zigzag", "kda"), ("lasp2", "contiguous", "gated"), ("lasp1", "zigzag", "deltanet"))
+TRITON_WORLD = 2
 
 
 @pytest.fixture(scope="module", params=[1, 2, 3, 4], ids=lambda w: f"W{w}")
@@ -114,6 +115,8 @@ def test_delta_rule_sp_matches_single_device(sp_results, method, layout, kind, r
 @pytest.mark.parametrize("method, layout, kind", TRITON_CASES)
 def test_delta_rule_sp_on_the_triton_backend(sp_results, method, layout, kind):
     pytest.importorskip("triton")
+    if len(sp_results) != TRITON_WORLD:
+        pytest.skip(f"run with W = {TRITON_WORLD} only")
     for rank, res in enumerate(sp_results):
         errs = res[(method, layout, kind, "triton")]
         assert len(errs) == 7 + (kind != "deltanet") and max(errs.values()) <= 1e-4, f"rank {rank}: {errs}"
