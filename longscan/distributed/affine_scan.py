@@ -33,7 +33,8 @@ def serial_affine_scan(transitions: torch.Tensor, states: torch.Tensor, initial:
     carry = None if initial is None else initial.to(states.dtype)
     for j in (reversed(range(n)) if reverse else range(n)):
         carries.append(torch.zeros_like(states[j]) if carry is None else carry)
-        carry = states[j] if carry is None else transitions[j] @ carry + states[j]
+        # a zero carry: the next one is the segment's own state (a copy: it may be handed out)
+        carry = states[j].clone() if carry is None else transitions[j] @ carry + states[j]
     if reverse:
         carries.reverse()
     return torch.stack(carries), carry

@@ -79,3 +79,22 @@ def test_triton_bf16_on_gpu(kind):
            for n, t in x.items() if t is not None}
     o, s = chunk_delta_rule(**low, output_final_state=True)
     assert o.dtype == torch.bfloat16 and rel_err(o.cpu(), ref) < 2e-2 and rel_err(s.cpu(), ref_s) < 2e-2
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kind", KINDS)
+def test_sp_stages_on_gpu_one_rank(kind):
+    """The SP operator's stages (segment maps, the scan of zigzag's two pieces, the output pass from the
+    carries) on the GPU kernels, float32, forward and backward, against the float64 recurrence."""
+    from longscan.parallel import delta_rule_attention
+    x = make_inputs(kind, 2, 256, 4, 64, 64, torch.float64, seed=6)
+    gen = torch.Generator().manual_seed(2)
+    do = torch.randn(2, 256, 4, 64, generator=gen, dtype=torch.float64)
+    dht = torch.randn(2, 4, 64, 64, generator=gen, dtype=torch.float64)
+    ref = run(lambda **a: naive_recurrent_delta_rule(**a, output_final_state=True), x, do, dht)
+    x32 = {n: (t.float().to(DEV) if t is not None else None) for n, t in x.items()}
+    got = run(lambda **a: delta_rule_attention(**a, output_final_state=True, layout="zigzag"), x32,
+              do.float().to(DEV), dht.float().to(DEV))
+    assert rel_err(got[0].cpu(), ref[0]) < 1e-4 and rel_err(got[1].cpu(), ref[1]) < 1e-4
+    for n in ref[2]:
+        assert rel_err(got[2][n].cpu(), ref[2][n]) < 1e-4, n

@@ -140,3 +140,16 @@ def test_bad_arguments_are_named(kwargs, message):
         delta_rule_attention(**x, **kwargs)
     with pytest.raises(ValueError, match="needs an even local length"):
         delta_rule_attention(**make_inputs("gated", 1, 5, 1, 4, 4, torch.float32, seed=0), layout="zigzag")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_one_device_final_state_without_initial_state(method):
+    """No group, no initial_state, the final state asked for: forward and backward against the recurrence."""
+    x = make_inputs("kda", 1, 8, 2, 4, 3, torch.float64, seed=3)
+    x["initial_state"] = None
+    ref = reference(x, torch.ones(1, 8, 2, 3, dtype=torch.float64), torch.ones(1, 2, 4, 3, dtype=torch.float64))
+    leaves = {n: t.clone().requires_grad_() for n, t in x.items() if t is not None}
+    o, s = delta_rule_attention(**leaves, output_final_state=True, method=method, layout="zigzag")
+    (o.sum() + s.sum()).backward()
+    assert rel_err(o, ref[0]) < 1e-12 and rel_err(s, ref[1]) < 1e-12
+    assert all(rel_err(leaves[n].grad, ref[2][n]) < 1e-10 for n in leaves)
