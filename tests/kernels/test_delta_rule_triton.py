@@ -98,3 +98,35 @@ def test_sp_stages_on_gpu_one_rank(kind):
     assert rel_err(got[0].cpu(), ref[0]) < 1e-4 and rel_err(got[1].cpu(), ref[1]) < 1e-4
     for n in ref[2]:
         assert rel_err(got[2][n].cpu(), ref[2][n]) < 1e-4, n
+
+
+COMPILE = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from longscan.kernels.delta_rule import triton_chunk as tc
+for fn, flags in ((tc._inter_fwd, dict(HAS_Q=True, HAS_H0=True)), (tc._inter_bwd, dict(HAS_Q=True, HAS_DHT=True))):
+    consts = dict(flags, GATE=2, BC=tc._pow2(tc.CHUNK), BK=128, BV=tc.BLOCK_V)
+    sig = {a: "constexpr" if a in consts else "i32" if a in ("N", "C", "K", "V") else "fp32" if a == "scale"
+           else "*fp32" for a in fn.arg_names}
+    src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=tc.NUM_WARPS))
+    print(fn.__name__, k.metadata.shared)
+"""
+
+
+def test_kernels_compile_for_h100_within_shared_memory():
+    """Both kernels compile for sm_90 at K = 128 (no GPU needed) and their shared memory fits an H100's
+    227 KiB a block, or the launch would fail there."""
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}   # interpreted kernels do not compile
+    env["PYTHONPATH"] = root
+    out = subprocess.run([sys.executable, "-c", COMPILE], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    shared = {line.split()[0]: int(line.split()[1]) for line in out.stdout.splitlines()}
+    assert set(shared) == {"_inter_fwd", "_inter_bwd"}
+    assert all(0 < s <= 227 * 1024 for s in shared.values()), shared

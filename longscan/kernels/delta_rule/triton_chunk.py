@@ -4,7 +4,7 @@ The chunked algorithm of ``torch_chunk`` has two stages. The chunks' own quantit
 representation: W, U_0 from one triangular solve a chunk, tril(Q̃ K̂ᵀ), Q̃, K̄ and the chunk's total log
 gate) are independent across chunks and stay batched torch (``torch_chunk._intra``, recomputed in the
 backward). The recurrence across chunks is serial in the chunks, and is what these kernels run, one program
-per (sequence, head, block of V columns) — columns of the state never mix:
+per (sequence, head, block of BLOCK_V columns) — columns of the state never mix:
     U_n = U_0n - W_n S_n,   o_n = scale (Q̃_n S_n + tril(Q̃K̂ᵀ)_n U_n),   S_{n+1} = exp(l_n) ⊙ S_n + K̄_nᵀ U_n
 The forward keeps S_n (one state a chunk); the backward runs the chunks in reverse:
     dU = scale (Q̃K̂ᵀ)ᵀ do + K̄ dS_{n+1},     dS_n = exp(l_n) ⊙ dS_{n+1} + scale Q̃ᵀ do - Wᵀ dU,
@@ -22,7 +22,8 @@ from longscan.kernels.delta_rule.torch_chunk import _chunks, _intra
 from torch.utils.checkpoint import checkpoint
 
 CHUNK = 32   # tokens a chunk
-BLOCK_V = 64
+BLOCK_V = 32   # V columns a program: at K = 128 the backward's float32 tiles then fit an H100's shared memory
+NUM_WARPS = 8
 
 
 def _pow2(n: int) -> int:
@@ -141,7 +142,7 @@ class InterChunk(torch.autograd.Function):
         SN = U0.new_empty(B, H, N, K, V)
         h0c = _flat(h0.to(U0.dtype)) if h0 is not None else None
         _inter_fwd[grid](W, U0, QK, QT, KB, last, h0c, O, HT, SN, N, C, K, V, scale, HAS_Q=has_q,
-                         HAS_H0=h0 is not None, GATE=gate, BC=_pow2(C), BK=_pow2(K), BV=BV)
+                         HAS_H0=h0 is not None, GATE=gate, BC=_pow2(C), BK=_pow2(K), BV=BV, num_warps=NUM_WARPS)
         ctx.save_for_backward(W, U0, QK, QT, KB, last, SN)
         ctx.scale, ctx.gate, ctx.has_h0, ctx.h0_dtype = scale, gate, h0 is not None, getattr(h0, "dtype", None)
         return O, HT
@@ -165,7 +166,7 @@ class InterChunk(torch.autograd.Function):
         _inter_bwd[(B * H, NV)](W, U0, QK, QT, KB, last, SN, _flat(dO) if has_q else None,
                                 _flat(dHT) if dHT is not None else None, dU0, dW, dQK, dQT, dKB, dL, dH0,
                                 N, C, K, V, ctx.scale, HAS_Q=has_q, HAS_DHT=dHT is not None, GATE=ctx.gate,
-                                BC=_pow2(C), BK=_pow2(K), BV=BV)
+                                BC=_pow2(C), BK=_pow2(K), BV=BV, num_warps=NUM_WARPS)
         total = lambda x: x.sum(0) if x is not None else None  # noqa: E731  (the V blocks' shares)
         dh0 = dH0.to(ctx.h0_dtype) if ctx.has_h0 else None
         return total(dW), dU0, total(dQK), total(dQT), total(dKB), total(dL), dh0, None
