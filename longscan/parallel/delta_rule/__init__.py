@@ -19,7 +19,7 @@ def delta_rule_attention(q, k, v, beta, g=None, scale=None, initial_state=None, 
     copy of the final state in the loss, give the single-device gradients.
     method: "zeco" (affine All-Scan of carries, V cut into ``n_blocks`` pipelined blocks), "lasp2" (one
     all-gather of the segments' maps), "lasp1" (serial ring). layout: "contiguous" or "zigzag".
-    backend: "auto" | "torch" | "naive" (see ``longscan.kernels.delta_rule``).
+    backend: "auto" | "torch" | "triton" | "naive" (see ``longscan.kernels.delta_rule``).
     """
     if method == "zeco":
         return zeco_delta_rule(q, k, v, beta, g, scale, initial_state, output_final_state, group, layout, backend,
