@@ -67,7 +67,8 @@ def main():
     a = p.parse_args()
     dev = torch.device("cuda")
     print(f"{torch.cuda.get_device_name()} | torch {torch.__version__}")
-    print(f"{'kind':16} {'B x T':>10} {'implementation':22} {'fwd ms':>9} {'fwd+bwd ms':>11} {'rel diff o / state':>20}")
+    print(f"{'kind':16} {'B x T':>10} {'implementation':22} {'fwd ms':>9} {'fwd+bwd ms':>11} "
+          f"{'rel diff o / state':>20}")
     for kind in a.kinds:
         for shape in a.shapes:
             B, T = (int(x) for x in shape.split("x"))

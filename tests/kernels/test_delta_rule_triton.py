@@ -9,7 +9,7 @@ from harness import rel_err
 
 triton = pytest.importorskip("triton")
 
-from longscan.kernels.delta_rule import chunk_delta_rule, naive_recurrent_delta_rule  # noqa: E402
+from longscan.kernels.delta_rule import chunk_delta_rule, naive_recurrent_delta_rule, torch_chunk  # noqa: E402
 from longscan.kernels.delta_rule import triton_chunk as tc  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -56,8 +56,6 @@ def test_triton_matches_recurrence(kind, with_state):
 @pytest.mark.parametrize("kind", KINDS)
 def test_triton_segment_transition(kind):
     x = make_inputs(kind, 1, 20, 1, 16, 16, torch.float64, seed=3)
-    ref_S, ref_M = None, None
-    from longscan.kernels.delta_rule import torch_chunk
     ref_S, ref_M = torch_chunk.segment_transition(x["k"], x["v"], x["beta"], x["g"], chunk=16)
     x32 = {n: (t.float().to(DEV) if t is not None else None) for n, t in x.items()}
     S, M = tc.segment_transition(x32["k"], x32["v"], x32["beta"], x32["g"], chunk=16)

@@ -17,9 +17,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.utils.checkpoint import checkpoint
 
 from longscan.kernels.delta_rule.torch_chunk import _chunks, _intra
-from torch.utils.checkpoint import checkpoint
 
 CHUNK = 32   # tokens a chunk
 BLOCK_V = 32   # V columns a program: at K = 128 the backward's float32 tiles then fit an H100's shared memory
