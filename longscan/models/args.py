@@ -6,7 +6,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-LINEAR_VARIANTS = ("linear", "lightning", "simple_gla", "gla")
+# the last three are the delta rule (longscan.kernels.delta_rule): DeltaNet, Gated DeltaNet, KDA
+LINEAR_VARIANTS = ("linear", "lightning", "simple_gla", "gla", "deltanet", "gated_deltanet", "kda")
 LAYER_KINDS = {"L": "linear attention", "N": "softmax attention"}
 
 
@@ -36,7 +37,7 @@ class ModelConfig:
     ffn_dim: int = 0
     """SwiGLU hidden width; 0 means 8/3·dim rounded up to a multiple of 64."""
     linear_variant: str = "lightning"
-    """linear | lightning | simple_gla | gla (decay kind of the L layers)."""
+    """linear | lightning | simple_gla | gla | deltanet | gated_deltanet | kda (the L layers' recurrence)."""
     gate_logit_normalizer: float = 16.0
     """Temperature of the data-dependent gates: g = logsigmoid(x W_g) / normalizer (as in GLA)."""
     rope_theta: float = 10000.0
