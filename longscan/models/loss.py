@@ -34,7 +34,6 @@ class _ChunkedCE(torch.autograd.Function):
         n, vl = hidden.shape[0], weight.shape[0]
         w = weight.to(dtype)
         loss = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
         dh = torch.empty_like(hidden) if need_grad else None
         dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_grad else None
         for s in range(0, n, chunk):
@@ -42,26 +41,25 @@ class _ChunkedCE(torch.autograd.Function):
             z = (h @ w.t()).float()
             z_lse, picked, local = _chunk_stats(z, labels[s:s + chunk], group, vocab_start, vl)
             loss[s:s + chunk] = z_lse - picked
-            lse[s:s + chunk] = z_lse
             if need_grad:
                 dz = _softmax_minus_onehot(z, z_lse, local).to(dtype)
                 dh[s:s + chunk] = (dz @ w).to(hidden.dtype)
                 dw += (dz.t() @ h).float()
             del z
         ctx.group, ctx.vocab_start, ctx.chunk, ctx.dtype = group, vocab_start, chunk, dtype
-        ctx.save_for_backward(hidden, weight, labels, lse, dh, dw)
+        ctx.save_for_backward(hidden, weight, labels, dh, dw)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        hidden, weight, labels, lse, dh, dw = ctx.saved_tensors
+        hidden, weight, labels, dh, dw = ctx.saved_tensors
         grad_loss = grad_loss.float()
         if dh is not None and bool(grad_loss.min() == grad_loss.max()):
             g = grad_loss[0]
             d_hidden = dh * g.to(dh.dtype)
             d_weight = (dw * g).to(weight.dtype)
         else:  # per-token weights differ: recompute each chunk's logits, weighted by its tokens' gradients
-            d_hidden, d_weight = _recomputed_grads(hidden, weight, labels, lse, grad_loss, ctx)
+            d_hidden, d_weight = _recomputed_grads(hidden, weight, labels, grad_loss, ctx)
         _all_reduce(d_hidden, dist.ReduceOp.SUM, ctx.group)  # each TP rank holds its vocabulary slice's part
         return d_hidden, d_weight, None, None, None, None, None, None
 
@@ -93,7 +91,7 @@ def _softmax_minus_onehot(z, lse, local):
     return p
 
 
-def _recomputed_grads(hidden, weight, labels, lse_shifted, grad_loss, ctx):
+def _recomputed_grads(hidden, weight, labels, grad_loss, ctx):
     n, vl = hidden.shape[0], weight.shape[0]
     w = weight.to(ctx.dtype)
     d_hidden = torch.empty_like(hidden)
