@@ -1,6 +1,6 @@
 """Training configuration: YAML sections mapped onto dataclasses, ``key=value`` overrides, validation.
 
-A config file has the sections model, parallel, data, optimizer, schedule, checkpoint, logging; any
+A config file has the sections model, parallel, data, optimizer, schedule, checkpoint, logging, memory; any
 missing section or key keeps its default. Unknown sections/keys are errors that name the allowed ones.
 """
 from __future__ import annotations
@@ -136,6 +136,46 @@ class LoggingConfig:
     """Stop (as if killed) after this step; 0 = run to `schedule.steps`. For resume tests/debugging."""
 
 
+MEMORY_MODES = ("none", "checkpoint", "offload")
+
+
+@dataclass
+class MemoryConfig:
+    """What the model keeps for its backward and how long sequences are cut; every choice computes the same
+    result (see docs/memory.md)."""
+    linear_layers: str = "none"
+    """Linear-attention blocks' mixer stage (norm + attention): none (keep activations) | checkpoint (keep
+    its input, recompute in the backward) | offload (checkpoint, the input waiting in pinned host memory)."""
+    softmax_layers: str = "none"
+    """Softmax-attention blocks' mixer stage: none | checkpoint | offload."""
+    mlp: str = "none"
+    """Every block's MLP stage (norm + SwiGLU): none | checkpoint | offload."""
+    mlp_tile: int = 0
+    """Tokens per tile of the sequence-tiled MLP (the `[T, ffn]` intermediates live for one tile, recomputed
+    in the backward); 0 = untiled."""
+    loss_chunk: int = 0
+    """Tokens per chunk of the cross entropy computed from the hidden states (the `[T, vocab]` float32 logits
+    are never held at once); 0 = the whole logits."""
+    check_capacity: bool = True
+    """On CUDA, refuse to start when the predicted peak memory per GPU (longscan.training.memory) exceeds the
+    device's memory; false: try anyway."""
+
+    def __post_init__(self):
+        for name in ("linear_layers", "softmax_layers", "mlp"):
+            if getattr(self, name) not in MEMORY_MODES:
+                raise ConfigError(f"memory.{name} = {getattr(self, name)!r} is not allowed; choose one of "
+                                  f"{', '.join(MEMORY_MODES)}")
+        for name in ("mlp_tile", "loss_chunk"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"memory.{name} must be >= 0 tokens (0 = off), got {getattr(self, name)}")
+
+    def options(self):
+        """The frozen options object the model reads."""
+        from longscan.models.model import MemoryOptions
+        return MemoryOptions(linear_layers=self.linear_layers, softmax_layers=self.softmax_layers, mlp=self.mlp,
+                             mlp_tile=self.mlp_tile, loss_chunk=self.loss_chunk)
+
+
 @dataclass
 class TrainConfig:
     """Everything `longscan train` needs."""
@@ -146,6 +186,7 @@ class TrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -303,6 +344,10 @@ def validate(cfg: TrainConfig, world_size: int) -> TrainConfig:
         raise ConfigError("data.source = tokens needs data.path (a file written by `longscan prepare-data`)")
     if not 0 < d.val_fraction < 1:
         raise ConfigError(f"data.val_fraction = {d.val_fraction} must be in (0, 1)")
+    if s.activation_checkpointing and (cfg.memory.linear_layers, cfg.memory.softmax_layers, cfg.memory.mlp) != \
+            ("none",) * 3:
+        raise ConfigError("schedule.activation_checkpointing checkpoints whole blocks; set it to false to use "
+                          "memory.linear_layers / memory.softmax_layers / memory.mlp")
     if s.steps < 1 or s.warmup_steps < 0:
         raise ConfigError("schedule.steps must be >= 1 and schedule.warmup_steps >= 0")
     return cfg

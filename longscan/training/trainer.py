@@ -39,7 +39,8 @@ class Trainer:
                     softmax_method=p.softmax_method, linear_backend=p.linear_backend,
                     softmax_backend=p.softmax_backend, linear_overlap=p.linear_overlap)
         self.model = HybridLM(cfg.model, mp, sp, tp_rank=r.tp_rank, tp_size=p.tp, pp_rank=r.pp_rank, pp_size=p.pp,
-                              seed=s.seed, activation_checkpointing=s.activation_checkpointing).to(self.device)
+                              seed=s.seed, activation_checkpointing=s.activation_checkpointing,
+                              memory=cfg.memory.options()).to(self.device)
         self.params = [q for q in self.model.parameters() if q.requires_grad]
         self.optimizer = build_adamw(self.model, cfg.optimizer)
         self.zero = None
