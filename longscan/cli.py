@@ -61,6 +61,8 @@ def cmd_train(argv: list[str]) -> int:
             cfg = validate(load_config(args.config, args.overrides), nproc)
             if cfg.data.source == "tokens":
                 open_token_file(cfg.data.path)
+            from longscan.training.memory import check_capacity
+            check_capacity(cfg, nproc)  # CUDA only: the predicted peak must fit the GPU
         except (ConfigError, DataError) as e:
             print(f"longscan train: {'config' if isinstance(e, ConfigError) else 'data'} error: {e}",
                   file=sys.stderr)

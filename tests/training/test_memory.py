@@ -6,6 +6,8 @@ and the parameters each rank holds; the estimator must give the same numbers.
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -16,6 +18,8 @@ from longscan.training.config import ConfigError, load_config
 from longscan.training.memory import (GiB, Layout, check_capacity, estimate, estimate_config, layer_params,
                                       loss_bytes, saved_per_token, stage_params)
 
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIG_1B = os.path.join(REPO, "configs", "hybrid_1b_gpu.yaml")
 VARIANTS = ("linear", "lightning", "simple_gla", "gla")
 T = 64
 
@@ -118,7 +122,7 @@ def test_hand_counted_loss():
 
 
 def test_memory_options_lower_the_peak():
-    cfg = load_config("configs/hybrid_1b_gpu.yaml", ["parallel.sp=1", "data.seq_len=131072"])
+    cfg = load_config(CONFIG_1B, ["parallel.sp=1", "data.seq_len=131072"])
     m, lay = cfg.model, Layout(seq_len=131072)
     whole = estimate(m, lay, MemoryOptions(), whole_block_checkpointing=True)
     assert whole.peak == estimate_config(cfg, 1, reserve=0).peak  # the config path is the same estimate
@@ -137,14 +141,14 @@ def test_memory_options_lower_the_peak():
 
 
 def test_capacity_check_names_the_options_and_the_prediction():
-    cfg = load_config("configs/hybrid_1b_gpu.yaml", ["parallel.sp=1", "data.seq_len=1048576"])
+    cfg = load_config(CONFIG_1B, ["parallel.sp=1", "data.seq_len=1048576"])
     with pytest.raises(ConfigError) as e:
         check_capacity(cfg, 1, capacity_bytes=80 * GiB)
     msg = str(e.value)
     assert "predicted peak memory" in msg and "exceeds the device's 80.0 GiB" in msg
     assert "memory.check_capacity=false" in msg and "memory.loss_chunk" in msg
-    assert check_capacity(load_config("configs/hybrid_1b_gpu.yaml"), 8, capacity_bytes=80 * GiB) is not None
-    off = load_config("configs/hybrid_1b_gpu.yaml", ["parallel.sp=1", "data.seq_len=1048576",
+    assert check_capacity(load_config(CONFIG_1B), 8, capacity_bytes=80 * GiB) is not None
+    off = load_config(CONFIG_1B, ["parallel.sp=1", "data.seq_len=1048576",
                                                       "memory.check_capacity=false"])
     assert check_capacity(off, 1, capacity_bytes=80 * GiB) is None
     if not torch.cuda.is_available():  # no known capacity: no check
@@ -160,3 +164,42 @@ def test_bad_memory_config(overrides, message):
     from longscan.training.config import validate
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         validate(load_config(None, overrides), 4)
+
+
+def _bench():
+    import importlib.util
+    path = os.path.join(REPO, "benchmarks", "train_memory.py")
+    spec = importlib.util.spec_from_file_location("train_memory", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod, path
+
+
+def test_benchmark_search_doubles_then_bisects():
+    bench, _ = _bench()
+
+    class Fits:  # fits up to 1000 tokens
+        def __init__(self):
+            self.tried = []
+
+        def run(self, T, steps, warmup):
+            self.tried.append(T)
+            return {"seq_len": T, "status": "ok" if T <= 1000 else "OOM"}
+    r = Fits()
+    longest, rows = bench.search_max(r, 64, bench.parse(["--tiny", "--max", "--granularity", "64"]))
+    assert longest == 960 and r.tried[:5] == [64, 128, 256, 512, 1024] and len(rows) == len(r.tried)
+    assert "| lightning | 1,024 | — |" in bench.table([dict(rows[4], variant="lightning", predicted=1.0)])
+
+
+def test_benchmark_cpu_path_prints_its_table():
+    import subprocess
+    import sys
+    _, path = _bench()
+    out = subprocess.run([sys.executable, path, "--tiny", "--variants", "lightning", "--seq-lens", "64",
+                          "--steps", "1", "--warmup", "0", "memory.loss_chunk=16", "memory.mlp_tile=16"],
+                         capture_output=True, text=True, timeout=600, cwd=REPO,
+                         env={**os.environ, "PYTHONPATH": REPO})
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| lightning | 64 |")]
+    assert rows and rows[-1].endswith("| ok |")
+    assert float(rows[-1].split("|")[3].replace(",", "")) > 0  # tokens/s
