@@ -80,8 +80,11 @@ def cmd_train(argv: list[str]) -> int:
         return 0
     from longscan.training.data import DataError
     from longscan.training.trainer import Trainer
+    from longscan.training.memory import check_capacity
     try:
-        trainer = Trainer(load_config(args.config, args.overrides))
+        cfg = validate(load_config(args.config, args.overrides), int(os.environ["WORLD_SIZE"]))
+        check_capacity(cfg, int(os.environ["WORLD_SIZE"]))  # under a plain torchrun too, before any GPU work
+        trainer = Trainer(cfg)
     except (ConfigError, DataError) as e:
         if int(os.environ["RANK"]) == 0:
             print(f"longscan train: {'config' if isinstance(e, ConfigError) else 'data'} error: {e}",
