@@ -121,3 +121,17 @@ def test_vocab_parallel(ranks, kind, tp, uniform, chunk):
         assert rel_err(loss, rloss) < tol
         assert rel_err(dh, rdh) < tol
         assert rel_err(dw, rdw) < tol
+
+
+def test_keeps_no_logits_for_the_backward():
+    """What the loss keeps is the size of the hidden states and the weight, never `[tokens, vocab]`."""
+    h, w, labels, _ = _inputs(torch.float32)
+    h.requires_grad_(), w.requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        chunked_cross_entropy(h, w, labels, 8)
+    assert saved and max(saved) <= max(h.numel(), w.numel()) < B * T * V
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        torch.log_softmax(h @ w.t(), -1).gather(-1, labels.unsqueeze(-1))  # the whole-logits loss does keep them
+    assert max(saved) == B * T * V
