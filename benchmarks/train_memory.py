@@ -25,7 +25,6 @@ import torch
 import torch.distributed as dist
 
 from longscan.models.model import HybridLM, SPSpec
-from longscan.parallel import megatron_compat
 from longscan.training.config import load_config
 from longscan.training.memory import GiB, Layout, estimate
 from longscan.training.optim import build_adamw
@@ -62,7 +61,6 @@ def setup() -> torch.device:
     os.environ.setdefault("MASTER_PORT", "29561")
     cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if cuda else "gloo")
-    megatron_compat.apply()
     init_groups(1, 1, 1)
     return torch.device("cuda") if cuda else torch.device("cpu")
 
@@ -120,7 +118,8 @@ class Runner:
             del tokens
             gc.collect()
         if cuda:
-            row.update(allocated=torch.cuda.max_memory_allocated() / GiB, reserved=torch.cuda.max_memory_reserved() / GiB)
+            row.update(allocated=torch.cuda.max_memory_allocated() / GiB,
+                       reserved=torch.cuda.max_memory_reserved() / GiB)
             torch.cuda.empty_cache()
         return row
 

@@ -93,8 +93,9 @@ def _ranks(rank, world):
                 out[("f64", tp, uniform, chunk)] = (_chunked(h, w, labels, weights, uniform, chunk, group, tp_rank,
                                                              tp), _reference(h, w, labels, weights, uniform))
                 h, w, labels, weights = _inputs(torch.float32, seed=2)
-                out[("f32", tp, uniform, chunk)] = (_chunked(h, w, labels, weights, uniform, chunk, group, tp_rank,
-                                                             tp), _megatron(h, w, labels, weights, uniform, tp_rank, tp))
+                out[("f32", tp, uniform, chunk)] = (
+                    _chunked(h, w, labels, weights, uniform, chunk, group, tp_rank, tp),
+                    _megatron(h, w, labels, weights, uniform, tp_rank, tp))
         out[("tp_rank", tp)] = tp_rank
         ps.destroy_model_parallel()
     return out
