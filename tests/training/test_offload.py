@@ -3,7 +3,7 @@
 Unit: ``offloaded_checkpoint`` against the plain function (float64, forward and backward), what it keeps in
 the autograd graph (its input only on the host: no saved activations), and the prefetch of the stage before.
 Model: one optimizer step with memory options (per-kind checkpoint/offload, tiled MLP, chunked loss) against
-the same step without them: one process, TP 2 and SP 2 (float32, relative L2 ≤ 1e-5).
+the same step without them: one process, TP 2, SP 2 and PP 2 (float32, relative L2 ≤ 1e-5).
 """
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ OPTIONS = {
     "checkpoint_all": {"linear_layers": "checkpoint", "softmax_layers": "checkpoint", "mlp": "checkpoint"},
     "mixed": {"linear_layers": "offload", "softmax_layers": "checkpoint", "mlp_tile": 16, "loss_chunk": 7},
 }
-SPLITS = {"tp2": {"tp": 2}, "sp2": {"sp": 2}}
+SPLITS = {"tp2": {"tp": 2}, "sp2": {"sp": 2}, "pp2": {"pp": 2}}  # pp2: 1F1B holds two microbatches
 
 
 def _one_step(cfg_dict):
