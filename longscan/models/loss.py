@@ -34,7 +34,8 @@ class _ChunkedCE(torch.autograd.Function):
         n, vl = hidden.shape[0], weight.shape[0]
         w = weight.to(dtype)
         loss = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        dh = torch.empty_like(hidden) if need_grad else None
+        # the matmul's output dtype, as the output layer's backward gives it (bf16 under autocast)
+        dh = torch.empty(hidden.shape, dtype=dtype, device=hidden.device) if need_grad else None
         dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_grad else None
         for s in range(0, n, chunk):
             h = hidden[s:s + chunk].to(dtype)
@@ -43,7 +44,7 @@ class _ChunkedCE(torch.autograd.Function):
             loss[s:s + chunk] = z_lse - picked
             if need_grad:
                 dz = _softmax_minus_onehot(z, z_lse, local).to(dtype)
-                dh[s:s + chunk] = (dz @ w).to(hidden.dtype)
+                dh[s:s + chunk] = dz @ w
                 dw += (dz.t() @ h).float()
             del z
         ctx.group, ctx.vocab_start, ctx.chunk, ctx.dtype = group, vocab_start, chunk, dtype
@@ -56,7 +57,7 @@ class _ChunkedCE(torch.autograd.Function):
         grad_loss = grad_loss.float()
         if dh is not None and bool(grad_loss.min() == grad_loss.max()):
             g = grad_loss[0]
-            d_hidden = dh * g.to(dh.dtype)
+            d_hidden = dh.to(hidden.dtype) * g.to(hidden.dtype)
             d_weight = (dw * g).to(weight.dtype)
         else:  # per-token weights differ: recompute each chunk's logits, weighted by its tokens' gradients
             d_hidden, d_weight = _recomputed_grads(hidden, weight, labels, grad_loss, ctx)

@@ -127,7 +127,7 @@ def loss_bytes(m: ModelConfig, tp: int, act: int, tokens: int, chunk: int) -> tu
         extra = act if act != 4 else 0
         return 4 * vl * tokens + 4 * m.dim * tokens, extra * vl * tokens
     c = min(chunk, tokens)
-    held = 4 * m.dim * tokens * 2 + 4 * vl * m.dim  # hidden states, their gradient, the weight's gradient
+    held = (4 + act) * m.dim * tokens + 4 * vl * m.dim  # hidden states, their gradient, the weight's gradient
     return held, (12 + act) * c * vl  # one chunk: float32 logits, exp, softmax - onehot, its cast
 
 
