@@ -96,3 +96,24 @@ def test_tiled_swiglu_with_norm(swiglu, tp):
         for res in swiglu:
             for a, b in zip(res[(2, "tiled")][:3], res[(1, "whole")][:3]):
                 assert rel_err(a, b) < 1e-6
+
+
+def test_tiled_under_bf16_autocast_recomputes_in_bf16():
+    """The backward recomputes each tile under the forward's autocast: the output and the input gradient are
+    the untiled ones to the bit (a float32 recomputation would differ at bf16 round-off); the weights'
+    gradients, a bf16 matmul over all tokens there and a float32 sum of per-tile ones here, to bf16 round-off."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(B, 64, D, generator=g)
+    params = [1 + 0.1 * torch.randn(D, generator=g)] + \
+             [torch.randn(*s, generator=g) / s[1] ** 0.5 for s in ((F, D), (F, D), (D, F))]
+    gy = torch.randn(B, 64, D, generator=g)
+
+    def run(f):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return _grads(lambda x, p: f(x, p).float(), x, params, gy)
+    ref = run(lambda x, p: _fn(x, *p))
+    out = run(lambda x, p: tiled(_fn, x, p, 16))
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+    assert rel_err(out[2], ref[2]) < 1e-6
+    for a, b in zip(out[3:], ref[3:]):
+        assert rel_err(a, b) < 1e-2

@@ -132,3 +132,20 @@ def test_memory_options_change_nothing(steps, options):
 def test_memory_options_under_tp_and_sp(steps, split):
     single, split_steps = steps
     _same(split_steps[split], single["ref"])
+
+
+def test_offload_under_bf16_autocast_is_bitwise():
+    """The recomputation runs under the forward's autocast, so it gives the plain bf16 step's gradients."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 16, generator=g)
+    w1, w2 = (torch.randn(16, 16, generator=g) / 4 for _ in range(2))
+
+    def run(offload):
+        xs, a, b = (t.clone().requires_grad_() for t in (x, w1, w2))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            f = _net(a, b)
+            y = offloaded_checkpoint(f, xs, [a, b], HostStash(x.device)) if offload else f(xs)
+        y.float().sum().backward()
+        return [y, xs.grad, a.grad, b.grad]
+    for p, q in zip(run(True), run(False)):
+        assert p.dtype == q.dtype and torch.equal(p, q)
