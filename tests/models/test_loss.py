@@ -136,3 +136,24 @@ def test_keeps_no_logits_for_the_backward():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
         torch.log_softmax(h @ w.t(), -1).gather(-1, labels.unsqueeze(-1))  # the whole-logits loss does keep them
     assert max(saved) == B * T * V
+
+
+def test_bf16_autocast_matmul_like_the_output_layer():
+    """Under autocast the logits come from a bf16 matmul, as the output layer's do: the loss is the one of
+    the autocast logits (a float32 matmul would differ at bf16 round-off), the gradients agree to it."""
+    h, w, labels, weights = _inputs(torch.float32, seed=3)
+
+    def run(chunked):
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if chunked:
+                loss = chunked_cross_entropy(hh, ww, labels, 16)
+            else:
+                logits = (hh @ ww.t()).float()
+                loss = -torch.log_softmax(logits, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        (loss * weights.float()).sum().backward()
+        return loss.detach(), hh.grad, ww.grad
+    out, ref = run(True), run(False)
+    assert rel_err(out[0], ref[0]) < 1e-6
+    for a, b in zip(out[1:], ref[1:]):
+        assert rel_err(a, b) < 2e-2
