@@ -97,14 +97,14 @@ def saved_per_token(m: ModelConfig, stage: str, tp: int, act: int) -> int:
     and the norms are float32 in both."""
     D, hd = m.dim, m.hd
     I, H = m.n_heads * hd // tp, m.n_heads // tp
-    norm = 12 * D + 4  # its float32 input, normalised input, output, and 1/rms
+    norm = 8 * D + 4  # its float32 input and output (the projections' input), 1/rms
     if stage == "mlp":
         return norm + 4 * act * (m.ffn // tp)  # w1 x, silu(w1 x), w3 x, their product
     if stage == "L":
         v = m.linear_variant
         qkv = (5 if v in ("linear", "lightning") else 3) * act * I  # q, k (and before their SiLU), v
         gate = {"gla": 12 * I, "simple_gla": 12 * H}.get(v, 0)  # float32 logits, logsigmoid's buffer, g
-        out = 12 * I + 4 * H  # output (float32), its per-head norm's normalised value and 1/rms, o_proj's input
+        out = 8 * I + 4 * H  # the output (float32), its per-head norm's 1/rms, o_proj's input
         return norm + qkv + gate + out
     Ikv = m.n_kv_heads * hd // tp
     return norm + 8 * hd + act * (2 * I + 2 * Ikv) + 4 * H  # cos/sin, q, k, v, output, log-sum-exp

@@ -117,3 +117,22 @@ def test_tiled_under_bf16_autocast_recomputes_in_bf16():
     assert rel_err(out[2], ref[2]) < 1e-6
     for a, b in zip(out[3:], ref[3:]):
         assert rel_err(a, b) < 1e-2
+
+
+@pytest.mark.parametrize("shape, wshape", [((2, 5, 8), (8,)), ((2, 5, 3, 8), (3, 8))])
+def test_rms_norm_backward_matches_autograd(shape, wshape):
+    """The norm's own backward (it keeps x and 1/rms only) against autograd through the same float32 maths,
+    for the model width and per head (HeadRMSNorm's `[H, V]` weight)."""
+    from longscan.models.norms import rms_norm
+
+    def autograd_norm(x, w, eps):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * w.float()).to(x.dtype)
+    g = torch.Generator().manual_seed(6)
+    x, gy = torch.randn(*shape, generator=g, dtype=torch.float64), torch.randn(*shape, generator=g, dtype=torch.float64)
+    w = 1 + 0.1 * torch.randn(*wshape, generator=g)
+    out = _grads(lambda x, p: rms_norm(x, p[0], 1e-5), x, [w], gy)
+    ref = _grads(lambda x, p: autograd_norm(x, p[0], 1e-5), x, [w], gy)
+    assert out[1].dtype == torch.float64 and out[2].shape == wshape
+    for a, b in zip(out, ref):
+        assert rel_err(a, b) < 1e-6
