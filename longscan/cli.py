@@ -67,6 +67,8 @@ def cmd_train(argv: list[str]) -> int:
             check_before_launch(cfg)
             if cfg.data.source == "tokens":
                 open_token_file(cfg.data.path)
+            from longscan.training.memory import check_capacity
+            check_capacity(cfg, nproc)  # CUDA only: the predicted peak must fit the GPU
         except (ConfigError, DataError) as e:
             print(f"longscan train: {'config' if isinstance(e, ConfigError) else 'data'} error: {e}",
                   file=sys.stderr)
@@ -84,8 +86,11 @@ def cmd_train(argv: list[str]) -> int:
         return 0
     from longscan.training.data import DataError
     from longscan.training.trainer import Trainer
+    from longscan.training.memory import check_capacity
     try:
-        trainer = Trainer(load_config(args.config, args.overrides))
+        cfg = validate(load_config(args.config, args.overrides), int(os.environ["WORLD_SIZE"]))
+        check_capacity(cfg, int(os.environ["WORLD_SIZE"]))  # under a plain torchrun too, before any GPU work
+        trainer = Trainer(cfg)
     except (ConfigError, DataError) as e:
         if int(os.environ["RANK"]) == 0:
             print(f"longscan train: {'config' if isinstance(e, ConfigError) else 'data'} error: {e}",

@@ -120,3 +120,39 @@ class SPSpec:
         return cls(group=group, layout=parallel.layout, linear_method=parallel.linear_method,
                    softmax_method=parallel.softmax_method, linear_backend=parallel.linear_backend,
                    softmax_backend=parallel.softmax_backend, linear_overlap=parallel.linear_overlap)
+
+
+STAGE_MODES = ("none", "checkpoint", "offload")
+
+
+@dataclass(frozen=True)
+class MemoryOptions:
+    """What a block keeps for its backward, and how the MLP and the loss are cut along the sequence.
+
+    Each of a block's two stages (the mixer: norm + attention + residual; the MLP: norm + SwiGLU + residual)
+    is run in one of STAGE_MODES: ``none`` keeps its activations, ``checkpoint`` keeps its input and
+    recomputes it in the backward, ``offload`` does the same with the input waiting in host memory.
+    """
+    linear_layers: str = "none"
+    """Mode of the mixer stage of linear-attention blocks."""
+    softmax_layers: str = "none"
+    """Mode of the mixer stage of softmax-attention blocks."""
+    mlp: str = "none"
+    """Mode of the MLP stage of every block."""
+    mlp_tile: int = 0
+    """Tokens per tile of the sequence-tiled MLP (its norm included); 0: the MLP runs on the whole sequence."""
+    loss_chunk: int = 0
+    """Tokens per chunk of the cross entropy computed from the hidden states; 0: the whole `[T, vocab]` logits."""
+
+    def __post_init__(self):
+        for name in ("linear_layers", "softmax_layers", "mlp"):
+            if getattr(self, name) not in STAGE_MODES:
+                raise ValueError(f"memory.{name} = {getattr(self, name)!r} is not allowed; choose one of "
+                                 f"{', '.join(STAGE_MODES)}")
+        for name in ("mlp_tile", "loss_chunk"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"memory.{name} must be >= 0 tokens (0 = off), got {getattr(self, name)}")
+
+    @property
+    def offloads(self) -> bool:
+        return "offload" in (self.linear_layers, self.softmax_layers, self.mlp)

@@ -6,6 +6,8 @@ layers have in the unsplit model.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from megatron.core.enums import ModelType
 from megatron.core.tensor_parallel import VocabParallelEmbedding, vocab_parallel_cross_entropy
@@ -13,21 +15,37 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from longscan.distributed.layouts import positions
-from longscan.models.args import ModelConfig, SPSpec
+from longscan.models.args import MemoryOptions, ModelConfig, SPSpec
 from longscan.models.linear_attn import LinearAttention
+from longscan.models.loss import chunked_cross_entropy
 from longscan.models.mlp import SwiGLU
 from longscan.models.norms import RMSNorm
 from longscan.models.rope import rope_cos_sin
 from longscan.models.softmax_attn import SoftmaxAttention
 from longscan.models.tp import column, normal_init
+from longscan.training.offload import HostStash, offloaded_checkpoint
+
+
+def _run_stage(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, mode: str, training: bool,
+               modules: tuple[nn.Module, ...], stash: HostStash | None) -> torch.Tensor:
+    """fn(x) kept, checkpointed, or checkpointed with its input offloaded (training only); ``modules`` hold
+    the parameters fn uses."""
+    if mode == "none" or not (training and torch.is_grad_enabled()):
+        return fn(x)
+    if mode == "checkpoint":
+        return checkpoint(fn, x, use_reentrant=False)
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    return offloaded_checkpoint(fn, x, params, stash)
 
 
 class Block(nn.Module):
     """Pre-norm block: x + mixer(norm(x)), then + SwiGLU(norm(x))."""
 
-    def __init__(self, cfg: ModelConfig, mp, index: int, tp_rank: int, tp_size: int, sp: SPSpec):
+    def __init__(self, cfg: ModelConfig, mp, index: int, tp_rank: int, tp_size: int, sp: SPSpec,
+                 memory: MemoryOptions = MemoryOptions()):
         super().__init__()
         self.kind = cfg.layer_kind(index)
+        self.memory = memory
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         if self.kind == "L":
             self.attn = LinearAttention(cfg, mp, tp_rank, tp_size, sp)
@@ -36,10 +54,21 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = SwiGLU(cfg, mp)
 
-    def forward(self, x, cos, sin):
+    def _mixer(self, x, cos, sin):
         h = self.attn_norm(x)
-        x = x + (self.attn(h) if self.kind == "L" else self.attn(h, cos, sin))
+        return x + (self.attn(h) if self.kind == "L" else self.attn(h, cos, sin))
+
+    def _ffn(self, x):
+        if self.memory.mlp_tile:
+            return x + self.mlp.tiled_with_norm(x, self.mlp_norm, self.memory.mlp_tile)
         return x + self.mlp(self.mlp_norm(x))
+
+    def forward(self, x, cos, sin, stash: HostStash | None = None):
+        m = self.memory
+        mixer_mode = m.linear_layers if self.kind == "L" else m.softmax_layers
+        x = _run_stage(lambda t: self._mixer(t, cos, sin), x, mixer_mode, self.training,
+                       (self.attn_norm, self.attn), stash)
+        return _run_stage(self._ffn, x, m.mlp, self.training, (self.mlp_norm, self.mlp), stash)
 
 
 class HybridLM(nn.Module):
@@ -51,8 +80,12 @@ class HybridLM(nn.Module):
     model_type = ModelType.encoder_or_decoder  # read by megatron-core's schedules
 
     def __init__(self, cfg: ModelConfig, mp, sp: SPSpec, *, tp_rank=0, tp_size=1, pp_rank=0, pp_size=1,
-                 seed=0, activation_checkpointing=False):
+                 seed=0, activation_checkpointing=False, memory: MemoryOptions = MemoryOptions()):
         super().__init__()
+        if activation_checkpointing and (memory.linear_layers, memory.softmax_layers, memory.mlp) != ("none",) * 3:
+            raise ValueError("activation_checkpointing checkpoints whole blocks; it cannot be combined with "
+                             "per-stage memory modes (set those to 'none' or turn it off)")
+        self.memory, self.tp_rank = memory, tp_rank
         self.cfg, self.config, self.sp = cfg, mp, sp  # megatron's schedules read `.config`
         self.first, self.last = pp_rank == 0, pp_rank == pp_size - 1
         self.activation_checkpointing = activation_checkpointing
@@ -65,7 +98,7 @@ class HybridLM(nn.Module):
         self.layers = nn.ModuleDict()
         for i in range(pp_rank * per, (pp_rank + 1) * per):
             torch.manual_seed(seed + 1 + i)
-            self.layers[str(i)] = Block(cfg, mp, i, tp_rank, tp_size, sp)
+            self.layers[str(i)] = Block(cfg, mp, i, tp_rank, tp_size, sp, memory)
         if self.last:
             torch.manual_seed(seed + 1 + cfg.n_layers)
             self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -82,12 +115,16 @@ class HybridLM(nn.Module):
         T = x.shape[1]
         pos = positions(T, self.sp.group, self.sp.layout, device=x.device)
         cos, sin = rope_cos_sin(pos, self.cfg.hd, self.cfg.rope_theta)
+        stash = HostStash(x.device) if self.memory.offloads and self.training else None  # this pass's inputs
         for layer in self.layers.values():
             if self.activation_checkpointing and self.training:
                 x = checkpoint(layer, x, cos, sin, use_reentrant=False)
             else:
-                x = layer(x, cos, sin)
+                x = layer(x, cos, sin, stash)
         if not self.last:  # the receiving stage allocates its buffer in pipeline_dtype
             return x.transpose(0, 1).contiguous().to(self.config.pipeline_dtype or x.dtype)
+        if self.memory.loss_chunk:
+            return chunked_cross_entropy(self.norm(x), self.output.weight, labels, self.memory.loss_chunk,
+                                         self.output.tp_group, self.tp_rank)
         logits = self.output(self.norm(x))[0]
         return vocab_parallel_cross_entropy(logits.float(), labels)

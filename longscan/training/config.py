@@ -1,6 +1,6 @@
 """Training configuration: YAML sections mapped onto dataclasses, ``key=value`` overrides, validation.
 
-A config file has the sections model, parallel, data, optimizer, schedule, checkpoint, logging; any
+A config file has the sections model, parallel, data, optimizer, schedule, checkpoint, logging, memory; any
 missing section or key keeps its default. Unknown sections/keys are errors that name the allowed ones.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import yaml
 from longscan.distributed.layouts import LAYOUTS
 from longscan.kernels.linear_attention import BACKENDS as LINEAR_BACKENDS
 from longscan.kernels.softmax_attention import BACKENDS as SOFTMAX_BACKENDS
-from longscan.models.args import ModelConfig
+from longscan.models.args import STAGE_MODES, MemoryOptions, ModelConfig
 from longscan.parallel.linear.common import METHODS as LINEAR_METHODS
 from longscan.parallel.softmax import METHODS as SOFTMAX_METHODS
 from longscan.training.data import BYTE_VOCAB
@@ -231,6 +231,42 @@ class LoggingConfig:
 
 
 @dataclass
+class MemoryConfig:
+    """What the model keeps for its backward and how long sequences are cut; every choice computes the same
+    result (see docs/memory.md)."""
+    linear_layers: str = "none"
+    """Linear-attention blocks' mixer stage (norm + attention): none (keep activations) | checkpoint (keep
+    its input, recompute in the backward) | offload (checkpoint, the input waiting in pinned host memory)."""
+    softmax_layers: str = "none"
+    """Softmax-attention blocks' mixer stage: none | checkpoint | offload."""
+    mlp: str = "none"
+    """Every block's MLP stage (norm + SwiGLU): none | checkpoint | offload."""
+    mlp_tile: int = 0
+    """Tokens per tile of the sequence-tiled MLP (the `[T, ffn]` intermediates live for one tile, recomputed
+    in the backward); 0 = untiled."""
+    loss_chunk: int = 0
+    """Tokens per chunk of the cross entropy computed from the hidden states (the `[T, vocab]` float32 logits
+    are never held at once); 0 = the whole logits."""
+    check_capacity: bool = True
+    """On CUDA, refuse to start when the predicted peak memory per GPU (longscan.training.memory) exceeds the
+    device's memory; false: try anyway."""
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """This section's own checks (ConfigError naming the key)."""
+        for name in ("linear_layers", "softmax_layers", "mlp"):
+            _choice(f"memory.{name}", getattr(self, name), STAGE_MODES)
+        _at_least("memory", self, 0, "mlp_tile", "loss_chunk")
+
+    def options(self) -> MemoryOptions:
+        """The frozen options object the model reads."""
+        return MemoryOptions(linear_layers=self.linear_layers, softmax_layers=self.softmax_layers, mlp=self.mlp,
+                             mlp_tile=self.mlp_tile, loss_chunk=self.loss_chunk)
+
+
+@dataclass
 class TrainConfig:
     """Everything `longscan train` needs."""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -240,6 +276,7 @@ class TrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -422,4 +459,8 @@ def validate(cfg: TrainConfig, world_size: int) -> TrainConfig:
     if vocab is not None and vocab > m.vocab_size:
         raise ConfigError(f"model.vocab_size = {m.vocab_size} is smaller than the data's vocabulary ({vocab}); "
                           f"set model.vocab_size={vocab}")
+    mem = cfg.memory
+    if cfg.schedule.activation_checkpointing and (mem.linear_layers, mem.softmax_layers, mem.mlp) != ("none",) * 3:
+        raise ConfigError("schedule.activation_checkpointing checkpoints whole blocks; set it to false to use "
+                          "memory.linear_layers / memory.softmax_layers / memory.mlp")
     return cfg

@@ -38,7 +38,8 @@ class Trainer:
         mp = stage_config(p.tp, p.pp, p.sp, cfg.model.dim, torch.bfloat16 if bf16 else torch.float32)
         sp = SPSpec.from_config(p, r.sp_group)
         self.model = HybridLM(cfg.model, mp, sp, tp_rank=r.tp_rank, tp_size=p.tp, pp_rank=r.pp_rank, pp_size=p.pp,
-                              seed=s.seed, activation_checkpointing=s.activation_checkpointing).to(self.device)
+                              seed=s.seed, activation_checkpointing=s.activation_checkpointing,
+                              memory=cfg.memory.options()).to(self.device)
         self.params = [q for q in self.model.parameters() if q.requires_grad]
         self.optimizer = build_adamw(self.model, cfg.optimizer)
         self.zero = None

@@ -33,7 +33,7 @@ def test_overrides_are_typed_and_dotted():
 
 @pytest.mark.parametrize("overrides, world, message", [
     (["model.nlayers=3"], 1, "unknown config key 'model.nlayers'; allowed: "),
-    (["modle.dim=3"], 1, "unknown config key 'modle'; allowed: checkpoint, data, logging, model"),
+    (["modle.dim=3"], 1, "unknown config key 'modle'; allowed: checkpoint, data, logging, memory, model"),
     (["model.dim=big"], 1, "model.dim must be an integer"),
     (["parallel.sp"], 1, "must look like section.key=value"),
     (["parallel.tp=3", "parallel.sp=1"], 3, "model.n_heads = 4 is not divisible by parallel.tp = 3"),
@@ -167,4 +167,4 @@ def test_sp_spec_from_the_parallel_config():
     group = object()
     spec = SPSpec.from_config(p, group)
     assert spec == SPSpec(group=group, layout="contiguous", linear_method="lasp2", softmax_method="allgather",
-                          linear_backend="torch", softmax_backend="auto", linear_overlap=True)
+                          linear_backend="auto", softmax_backend="auto", linear_overlap=True)

@@ -18,9 +18,10 @@ from typing import Protocol
 
 import torch
 
+from longscan.distributed.checks import check_delta_call
 from longscan.distributed.layouts import check_layout, group_rank_size, num_segments, segment_owner
 from longscan.kernels.delta_rule import check_inputs, get_backend
-from longscan.parallel.linear.common import by_batch, by_segment, check_same_local_length, merge, split
+from longscan.parallel.linear.common import by_batch, by_segment, merge, split
 
 METHODS = ("zeco", "lasp2", "lasp1")
 
@@ -91,9 +92,11 @@ class AffineScan(torch.autograd.Function):
         return None, None, dM, R, d_init, None
 
 
-def make_context(q, k, v, beta, g, scale, initial_state, method, group, layout, backend,
+def make_context(q, k, v, beta, g, scale, initial_state, output_final_state, method, group, layout, backend,
                  n_blocks) -> DeltaSPContext:
-    """Validate everything (ValueError/TypeError naming the parameter) and build the context."""
+    """Validate everything (ValueError/TypeError naming the parameter) and build the context. The call's
+    signature is compared across the group first, so every rank raises the same error or none does."""
+    check_delta_call(group, q, k, v, beta, g, scale, initial_state, output_final_state, method, layout, n_blocks)
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     check_layout(layout)
@@ -110,7 +113,6 @@ def make_context(q, k, v, beta, g, scale, initial_state, method, group, layout, 
     impl = get_backend(backend, q.device)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     sp = DeltaSPContext(group, layout, rank, world, num_segments(world, layout) // world, scale, impl, n_blocks)
-    check_same_local_length(T, sp, q.device)
     return sp
 
 

@@ -1,0 +1,118 @@
+"""Activation checkpointing whose kept inputs wait in host memory.
+
+``offloaded_checkpoint(run, x, params, stash)`` is ``run(x)`` with the memory of a checkpoint: the forward
+runs without keeping activations, and the one tensor a checkpoint keeps, the input x, is copied to pinned
+host memory on a side stream (CUDA) and dropped from the device. The backward brings it back, recomputes
+``run`` and takes the gradients of x and ``params``. One :class:`HostStash` per forward pass holds the inputs
+of every offloaded stage in forward order, so that the backward of one stage starts copying back the
+input of the stage before it (the next to run backward) while it computes: the copy is hidden behind one
+stage's backward. Without CUDA the host copy is a plain copy and nothing runs on a side stream.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+
+class _Entry:
+    """One stage's input: on the host after the forward, back on the device once fetched."""
+    __slots__ = ("host", "device", "stored", "fetched", "value")
+
+    def __init__(self, host: torch.Tensor, device: torch.device, stored):
+        self.host, self.device, self.stored, self.fetched, self.value = host, device, stored, None, None
+
+
+class HostStash:
+    """The offloaded inputs of one forward pass, in order; CUDA copies run on one side stream."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.entries: list[_Entry] = []
+
+    def put(self, x: torch.Tensor) -> int:
+        """Start copying x to the host; -> its index for :meth:`take`."""
+        x = x.detach()
+        if self.stream is None:
+            self.entries.append(_Entry(x.clone(), self.device, None))
+            return len(self.entries) - 1
+        host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            host.copy_(x, non_blocking=True)
+            stored = torch.cuda.Event()
+            stored.record(self.stream)
+        x.record_stream(self.stream)  # x's memory is not reused before the copy has read it
+        self.entries.append(_Entry(host, self.device, stored))
+        return len(self.entries) - 1
+
+    def prefetch(self, i: int) -> None:
+        """Start bringing entry i back to the device (no-op when it is gone or already on its way)."""
+        if i < 0 or i >= len(self.entries):
+            return
+        e = self.entries[i]
+        if e is None or e.value is not None:
+            return
+        if self.stream is None:
+            e.value = e.host.clone()
+            return
+        with torch.cuda.stream(self.stream):
+            self.stream.wait_event(e.stored)
+            e.value = e.host.to(self.device, non_blocking=True)
+            e.fetched = torch.cuda.Event()
+            e.fetched.record(self.stream)
+
+    def take(self, i: int) -> torch.Tensor:
+        """Entry i on the device (waiting for its copy), and release its host memory."""
+        self.prefetch(i)
+        e = self.entries[i]
+        self.entries[i] = None
+        if e.fetched is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(e.fetched)
+            e.value.record_stream(current)  # allocated on the side stream, used and freed on this one
+        return e.value
+
+
+def _autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
+    return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+
+
+class _OffloadedCheckpoint(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, run, stash: HostStash, autocast, x, *params):
+        enabled, dtype = autocast
+        with torch.no_grad(), torch.autocast(x.device.type, dtype=dtype, enabled=enabled):
+            out = run(x)
+        ctx.run, ctx.stash, ctx.autocast = run, stash, autocast
+        ctx.index = stash.put(x)
+        ctx.x_requires_grad = x.requires_grad
+        ctx.n_params = len(params)
+        ctx.save_for_backward(*params)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        params = ctx.saved_tensors
+        x = ctx.stash.take(ctx.index)
+        ctx.stash.prefetch(ctx.index - 1)  # the stage before runs its backward next
+        enabled, dtype = ctx.autocast
+        xt = x.detach().requires_grad_(ctx.x_requires_grad)
+        with torch.enable_grad(), torch.autocast(x.device.type, dtype=dtype, enabled=enabled):
+            out = ctx.run(xt)
+        wanted = ([xt] if ctx.x_requires_grad else []) + [p for p in params if p.requires_grad]
+        grads = list(torch.autograd.grad(out, wanted, grad_out, allow_unused=True))
+        dx = grads.pop(0) if ctx.x_requires_grad else None
+        dparams = [grads.pop(0) if p.requires_grad else None for p in params]
+        return (None, None, None, dx, *dparams)
+
+
+def offloaded_checkpoint(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                         params: Sequence[torch.Tensor], stash: HostStash) -> torch.Tensor:
+    """run(x), recomputed in the backward from x kept in host memory.
+
+    ``params`` must list every tensor that needs a gradient which ``run`` uses besides x (a module's
+    parameters): their gradients are taken in the recomputation and returned through this function.
+    """
+    return _OffloadedCheckpoint.apply(run, stash, _autocast_state(x.device.type), x, *params)

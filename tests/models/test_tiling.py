@@ -1,0 +1,138 @@
+"""The sequence-tiled MLP (its norm included) equals the MLP on the whole sequence, forward and backward.
+
+Float64: ``tiled`` against the plain function on random inputs (tiles that do not divide T, one tile, one
+token a tile), and SwiGLU.tiled_with_norm against SwiGLU(RMSNorm(x)) at TP = 1 and TP = 2 (two gloo
+processes, megatron-core's column/row layers): output, input gradient and every weight's gradient.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from harness import rel_err, run_distributed
+from longscan.models.mlp import norm_swiglu
+from longscan.models.tiling import tiled
+
+B, T, D, F = 2, 23, 8, 24
+# rms_norm computes in float32 (by design), so the norm weight's gradient, a sum over tokens taken per tile
+# here and at once there, agrees to float32 round-off; everything else is the same per-token arithmetic
+TOLS = [1e-12, 1e-12, 1e-6, 1e-12, 1e-12, 1e-12]
+
+
+def _fn(x, nw, w1, w3, w2):
+    return norm_swiglu(x, nw, w1, w3, w2, 1e-5)
+
+
+def _grads(f, x, params, gy):
+    x = x.detach().clone().requires_grad_()
+    params = [p.detach().clone().requires_grad_() for p in params]
+    y = f(x, params)
+    y.backward(gy)
+    return [y.detach(), x.grad] + [p.grad for p in params]
+
+
+@pytest.mark.parametrize("tile", [1, 5, 23, 64])
+def test_tiled_equals_whole_sequence(tile):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, T, D, generator=g, dtype=torch.float64)
+    params = [1 + 0.1 * torch.randn(D, generator=g, dtype=torch.float64)] + \
+             [torch.randn(*s, generator=g, dtype=torch.float64) / s[1] ** 0.5 for s in ((F, D), (F, D), (D, F))]
+    gy = torch.randn(B, T, D, generator=g, dtype=torch.float64)
+    ref = _grads(lambda x, p: _fn(x, *p), x, params, gy)
+    out = _grads(lambda x, p: tiled(_fn, x, p, tile), x, params, gy)
+    for a, b, tol in zip(out, ref, TOLS):
+        assert rel_err(a, b) < tol
+
+
+def test_tile_must_be_positive():
+    x = torch.randn(1, 4, D)
+    with pytest.raises(ValueError, match="tile must be a positive number of tokens"):
+        tiled(lambda t: t, x, [], 0)
+
+
+def _swiglu(rank, world):
+    from megatron.core import parallel_state as ps
+
+    from longscan.models.args import ModelConfig
+    from longscan.models.mlp import SwiGLU
+    from longscan.models.norms import RMSNorm
+    from longscan.training.parallel import stage_config
+    out = {}
+    for tp in (2, 1):
+        ps.initialize_model_parallel(tensor_model_parallel_size=tp, create_gloo_process_groups=False)
+        cfg = ModelConfig(dim=D, ffn_dim=F, n_layers=2)
+        torch.manual_seed(3)
+        mlp = SwiGLU(cfg, stage_config(tp, 1, 1, D, torch.float32)).double()
+        norm = RMSNorm(D).double()
+        with torch.no_grad():
+            norm.weight.add_(0.1 * torch.randn(D, dtype=torch.float64))
+        g = torch.Generator().manual_seed(4)
+        x = torch.randn(B, T, D, generator=g, dtype=torch.float64)
+        gy = torch.randn(B, T, D, generator=g, dtype=torch.float64)
+        for name, f in (("whole", lambda t: mlp(norm(t))), ("tiled", lambda t: mlp.tiled_with_norm(t, norm, 6))):
+            for p in (*mlp.parameters(), norm.weight):
+                p.grad = None
+            xt = x.clone().requires_grad_()
+            y = f(xt)
+            y.backward(gy)
+            out[(tp, name)] = [y.detach(), xt.grad, norm.weight.grad] + \
+                              [p.grad.clone() for p in (mlp.w1.weight, mlp.w3.weight, mlp.w2.weight)]
+        ps.destroy_model_parallel()
+    return out
+
+
+@pytest.fixture(scope="module")
+def swiglu():
+    return run_distributed(_swiglu, 2)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_tiled_swiglu_with_norm(swiglu, tp):
+    for res in swiglu:
+        # at TP 2 the input gradient's two column-layer parts meet in another order before the float32 norm
+        for a, b, tol in zip(res[(tp, "tiled")], res[(tp, "whole")], [1e-12, 1e-6] + TOLS[2:]):
+            assert rel_err(a, b) < tol
+    if tp == 2:  # the TP-split whole MLP is the TP=1 one: output, input and norm gradients
+        for res in swiglu:
+            for a, b in zip(res[(2, "tiled")][:3], res[(1, "whole")][:3]):
+                assert rel_err(a, b) < 1e-6
+
+
+def test_tiled_under_bf16_autocast_recomputes_in_bf16():
+    """The backward recomputes each tile under the forward's autocast: the output and the input gradient are
+    the untiled ones to the bit (a float32 recomputation would differ at bf16 round-off); the weights'
+    gradients, a bf16 matmul over all tokens there and a float32 sum of per-tile ones here, to bf16 round-off."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(B, 64, D, generator=g)
+    params = [1 + 0.1 * torch.randn(D, generator=g)] + \
+             [torch.randn(*s, generator=g) / s[1] ** 0.5 for s in ((F, D), (F, D), (D, F))]
+    gy = torch.randn(B, 64, D, generator=g)
+
+    def run(f):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return _grads(lambda x, p: f(x, p).float(), x, params, gy)
+    ref = run(lambda x, p: _fn(x, *p))
+    out = run(lambda x, p: tiled(_fn, x, p, 16))
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+    assert rel_err(out[2], ref[2]) < 1e-6
+    for a, b in zip(out[3:], ref[3:]):
+        assert rel_err(a, b) < 1e-2
+
+
+@pytest.mark.parametrize("shape, wshape", [((2, 5, 8), (8,)), ((2, 5, 3, 8), (3, 8))])
+def test_rms_norm_backward_matches_autograd(shape, wshape):
+    """The norm's own backward (it keeps x and 1/rms only) against autograd through the same float32 maths,
+    for the model width and per head (HeadRMSNorm's `[H, V]` weight)."""
+    from longscan.models.norms import rms_norm
+
+    def autograd_norm(x, w, eps):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * w.float()).to(x.dtype)
+    g = torch.Generator().manual_seed(6)
+    x, gy = torch.randn(*shape, generator=g, dtype=torch.float64), torch.randn(*shape, generator=g, dtype=torch.float64)
+    w = 1 + 0.1 * torch.randn(*wshape, generator=g)
+    out = _grads(lambda x, p: rms_norm(x, p[0], 1e-5), x, [w], gy)
+    ref = _grads(lambda x, p: autograd_norm(x, p[0], 1e-5), x, [w], gy)
+    assert out[1].dtype == torch.float64 and out[2].shape == wshape
+    for a, b in zip(out, ref):
+        assert rel_err(a, b) < 1e-6

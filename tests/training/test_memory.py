@@ -1,0 +1,206 @@
+"""The memory estimator: hand-counted cases, and its per-token counts against what autograd saves on CPU.
+
+One spawn of two gloo processes builds the model at TP = 2 and TP = 1 (every linear variant) and measures
+the bytes of the tensors each block stage saves for its backward (float32, and under CPU bf16 autocast),
+and the parameters each rank holds; the estimator must give the same numbers.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from harness import run_distributed
+from longscan.models.args import ModelConfig
+from longscan.models.args import MemoryOptions
+from longscan.training.config import ConfigError, load_config
+from longscan.training.memory import (GiB, Layout, check_capacity, estimate, estimate_config, layer_params,
+                                      loss_bytes, saved_per_token, stage_params)
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIG_1B = os.path.join(REPO, "configs", "hybrid_1b_gpu.yaml")
+VARIANTS = ("linear", "lightning", "simple_gla", "gla")
+T = 64
+
+
+def _cfg(variant):
+    return ModelConfig(dim=32, n_layers=4, pattern="LLLN", n_heads=4, n_kv_heads=2, linear_variant=variant,
+                       vocab_size=100)
+
+
+def _measure(rank, world):
+    from megatron.core import parallel_state as ps
+
+    from longscan.models.model import HybridLM, SPSpec
+    from longscan.training.parallel import stage_config
+    out = {}
+    for tp in (2, 1):
+        ps.initialize_model_parallel(tensor_model_parallel_size=tp, create_gloo_process_groups=False)
+        for variant in VARIANTS:
+            cfg = _cfg(variant)
+            model = HybridLM(cfg, stage_config(tp, 1, 1, cfg.dim, torch.float32), SPSpec(linear_backend="torch"),
+                             tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=tp)
+            out[("params", tp, variant)] = sum(p.numel() for p in model.parameters())
+            for bf16 in (False, True):
+                out[("saved", tp, variant, bf16)] = _saved_by_stage(model, cfg, bf16)
+        ps.destroy_model_parallel()
+    return out
+
+
+def _saved_by_stage(model, cfg, bf16):
+    """Bytes of the distinct storages each stage of blocks 0 (linear) and 3 (softmax) saves, per token."""
+    # per-sequence constants (weights, the decay buffer) are not per-token activations
+    params = {id(p.untyped_storage()) for p in (*model.parameters(), *model.buffers())}
+    seen: dict = {}
+    current = [None]
+
+    def pack(t):
+        sid = id(t.untyped_storage())
+        if current[0] is not None and sid not in params:
+            seen.setdefault(current[0], {})[sid] = t.untyped_storage().nbytes()
+        return t
+
+    def tag(name, fn):
+        def run(*a):
+            current[0] = name
+            try:
+                return fn(*a)
+            finally:
+                current[0] = None
+        return run
+    lin, soft = model.layers["0"], model.layers["3"]
+    lin._mixer, lin._ffn, soft._mixer = tag("L", lin._mixer), tag("mlp", lin._ffn), tag("N", soft._mixer)
+    tokens = torch.randint(0, cfg.vocab_size, (1, T))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        model(tokens, tokens)
+    return {k: sum(v.values()) / T for k, v in seen.items()}
+
+
+@pytest.fixture(scope="module")
+def measured():
+    return run_distributed(_measure, 2)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_parameter_count_matches_the_model(measured, tp, variant):
+    for res in measured:
+        assert stage_params(_cfg(variant), Layout(tp=tp)) == res[("params", tp, variant)]
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_saved_bytes_per_token_match_autograd(measured, tp, variant, bf16):
+    cfg = _cfg(variant)
+    saved = measured[0][("saved", tp, variant, bf16)]
+    for stage in ("L", "N", "mlp"):
+        assert saved_per_token(cfg, stage, tp, 2 if bf16 else 4) == saved[stage], stage
+
+
+def test_hand_counted_parameters():
+    m = ModelConfig(dim=8, n_layers=2, pattern="LN", n_heads=2, n_kv_heads=1, ffn_dim=16, vocab_size=64,
+                    pad_vocab_to=64)
+    # L: norms 2·8, MLP 3·8·16, q/k/v 3·8·8, out norm 8, o 8·8;  N: norms, MLP, q 8·8, k/v 2·8·4, o 8·8
+    assert layer_params(m, "L", 1) == 16 + 384 + 192 + 8 + 64
+    assert layer_params(m, "N", 1) == 16 + 384 + 64 + 64 + 64
+    assert stage_params(m, Layout()) == 664 + 592 + 64 * 8 + 8 + 64 * 8
+    assert stage_params(m, Layout(pp=2)) == 664 + 512  # first stage: embedding, no head
+    assert layer_params(m, "L", 2) == 16 + 192 + 96 + 4 + 32
+
+
+def test_hand_counted_loss():
+    m = ModelConfig(dim=16, vocab_size=1000, pad_vocab_to=8)
+    N = 4096
+    held, peak = loss_bytes(m, 1, 2, N, 0)
+    assert held == 4 * 1000 * N + 4 * 16 * N and peak == 2 * 1000 * N  # float32 softmax; bf16 logits beside it
+    held, peak = loss_bytes(m, 2, 2, N, 256)
+    # float32 hidden states, their bf16 gradient, the float32 weight gradient; one chunk of half the vocabulary
+    assert held == (4 + 2) * 16 * N + 4 * 500 * 16 and peak == 14 * 256 * 500
+    assert loss_bytes(m, 1, 4, N, 0)[1] == 0  # float32 logits are the softmax's buffer
+
+
+def test_memory_options_lower_the_peak():
+    cfg = load_config(CONFIG_1B, ["parallel.sp=1", "data.seq_len=131072", "memory.loss_chunk=0"])
+    m, lay = cfg.model, Layout(seq_len=131072)
+    whole = estimate(m, lay, MemoryOptions(), whole_block_checkpointing=True)
+    assert whole.peak == estimate_config(cfg, 1, reserve=0).peak  # the config path is the same estimate
+    chunked = estimate(m, lay, MemoryOptions(loss_chunk=4096), whole_block_checkpointing=True)
+    assert whole.moment == "loss backward" and "loss (transient)" in whole.parts  # the float32 logits set it
+    assert chunked.peak < whole.peak and chunked.moment.startswith("block")  # now a block's recompute does
+    none = estimate(m, lay, MemoryOptions(loss_chunk=4096))
+    ck = estimate(m, lay, MemoryOptions("checkpoint", "checkpoint", "checkpoint", loss_chunk=4096))
+    off = estimate(m, lay, MemoryOptions("offload", "offload", "offload", loss_chunk=4096))
+    tiled = estimate(m, lay, MemoryOptions("offload", "offload", "offload", mlp_tile=8192, loss_chunk=4096))
+    assert none.peak > ck.peak > off.peak > tiled.peak
+    # offload at 131072 tokens: 20 blocks hold nothing; the peak is one block's recompute plus model states
+    assert off.parts["saved activations"] < ck.parts["saved activations"] / 10
+    lay8 = Layout(seq_len=131072, pp=4, microbatches=8)
+    assert estimate(m, lay8, MemoryOptions()).parts["saved activations"] > 0
+
+
+def test_capacity_check_names_the_options_and_the_prediction():
+    cfg = load_config(CONFIG_1B, ["parallel.sp=1", "data.seq_len=1048576"])
+    with pytest.raises(ConfigError) as e:
+        check_capacity(cfg, 1, capacity_bytes=80 * GiB)
+    msg = str(e.value)
+    assert "predicted peak memory" in msg and "exceeds the device's 80.0 GiB" in msg
+    assert "memory.check_capacity=false" in msg and "memory.loss_chunk" in msg
+    assert check_capacity(load_config(CONFIG_1B), 8, capacity_bytes=80 * GiB) is not None
+    off = load_config(CONFIG_1B, ["parallel.sp=1", "data.seq_len=1048576",
+                                                      "memory.check_capacity=false"])
+    assert check_capacity(off, 1, capacity_bytes=80 * GiB) is None
+    if not torch.cuda.is_available():  # no known capacity: no check
+        assert check_capacity(cfg, 1) is None
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["memory.mlp=recompute"], "memory.mlp = 'recompute' is not allowed; choose one of none, checkpoint, offload"),
+    (["memory.loss_chunk=-1"], "memory.loss_chunk must be >= 0"),
+    (["memory.linear_layers=offload", "schedule.activation_checkpointing=true"], "schedule.activation_checkpointing"),
+])
+def test_bad_memory_config(overrides, message):
+    from longscan.training.config import validate
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        validate(load_config(None, overrides), 4)
+
+
+def _bench():
+    import importlib.util
+    path = os.path.join(REPO, "benchmarks", "train_memory.py")
+    spec = importlib.util.spec_from_file_location("train_memory", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod, path
+
+
+def test_benchmark_search_doubles_then_bisects():
+    bench, _ = _bench()
+
+    class Fits:  # fits up to 1000 tokens
+        def __init__(self):
+            self.tried = []
+
+        def run(self, T, steps, warmup):
+            self.tried.append(T)
+            return {"seq_len": T, "status": "ok" if T <= 1000 else "OOM"}
+    r = Fits()
+    longest, rows = bench.search_max(r, 64, bench.parse(["--tiny", "--max", "--granularity", "64"]))
+    assert longest == 960 and r.tried[:5] == [64, 128, 256, 512, 1024] and len(rows) == len(r.tried)
+    assert "| lightning | 1,024 | — |" in bench.table([dict(rows[4], variant="lightning", predicted=1.0)])
+
+
+def test_benchmark_cpu_path_prints_its_table():
+    import subprocess
+    import sys
+    _, path = _bench()
+    out = subprocess.run([sys.executable, path, "--tiny", "--variants", "lightning", "--seq-lens", "64",
+                          "--steps", "1", "--warmup", "0", "memory.loss_chunk=16", "memory.mlp_tile=16"],
+                         capture_output=True, text=True, timeout=600, cwd=REPO,
+                         env={**os.environ, "PYTHONPATH": REPO})
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| lightning | 64 |")]
+    assert rows and rows[-1].endswith("| ok |")
+    assert float(rows[-1].split("|")[3].replace(",", "")) > 0  # tokens/s
