@@ -51,9 +51,11 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = SwiGLU(cfg, mp)
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, cu_seqlens=None):
         h = self.attn_norm(x)
-        x = x + (self.attn(h) if self.kind == "L" else self.attn(h, cos, sin))
+        if self.kind == "L" and cu_seqlens is not None:
+            raise ValueError("cu_seqlens (packed documents) is not supported by linear-attention layers yet")
+        x = x + (self.attn(h) if self.kind == "L" else self.attn(h, cos, sin, cu_seqlens))
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -92,17 +94,21 @@ class HybridLM(nn.Module):
         """Called by megatron's schedules with the activation received from the previous stage."""
         self.input_tensor = t[0] if isinstance(t, (list, tuple)) else t
 
-    def forward(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor, cu_seqlens=None, doc_positions=None,
+                loss_mask=None) -> torch.Tensor:
+        """Packed documents (``longscan.training.packing``): ``cu_seqlens`` one global offsets tensor per row,
+        ``doc_positions`` `[B, T]` in-document RoPE positions, ``loss_mask`` `[B, T]` multiplies the loss."""
         x = self.embed(tokens) if self.first else self.input_tensor.transpose(0, 1)
         T = x.shape[1]
-        pos = positions(T, self.sp.group, self.sp.layout, device=x.device)
+        pos = positions(T, self.sp.group, self.sp.layout, device=x.device) if doc_positions is None else doc_positions
         cos, sin = rope_cos_sin(pos, self.cfg.hd, self.cfg.rope_theta)
         for layer in self.layers.values():
             if self.activation_checkpointing and self.training:
-                x = checkpoint(layer, x, cos, sin, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, cu_seqlens, use_reentrant=False)
             else:
-                x = layer(x, cos, sin)
+                x = layer(x, cos, sin, cu_seqlens)
         if not self.last:  # the receiving stage allocates its buffer in pipeline_dtype
             return x.transpose(0, 1).contiguous().to(self.config.pipeline_dtype or x.dtype)
         logits = self.output(self.norm(x))[0]
-        return vocab_parallel_cross_entropy(logits.float(), labels)
+        loss = vocab_parallel_cross_entropy(logits.float(), labels)
+        return loss if loss_mask is None else loss * loss_mask

@@ -68,6 +68,9 @@ class DataConfig:
     """Where the stdlib corpus is tokenised once."""
     seed: int = 1234
     """Seed of the training-order shuffle."""
+    pack_documents: bool = False
+    """Attend within documents only: split sequences after each EOS, restart RoPE positions per document and
+    drop the EOS token's target (softmax layers only: model.pattern of N)."""
 
 
 @dataclass
@@ -298,6 +301,9 @@ def validate(cfg: TrainConfig, world_size: int) -> TrainConfig:
     if d.global_batch_size % (d.micro_batch_size * p.dp):
         raise ConfigError(f"data.global_batch_size = {d.global_batch_size} is not divisible by "
                           f"data.micro_batch_size · dp = {d.micro_batch_size}·{p.dp}")
+    if d.pack_documents and "L" in m.pattern:
+        raise ConfigError(f"data.pack_documents = true needs a model.pattern of softmax layers only (N); "
+                          f"{m.pattern!r} has linear layers (L), whose kernels do not take documents yet")
     if d.source == "tokens" and not d.path:
         raise ConfigError("data.source = tokens needs data.path (a file written by `longscan prepare-data`)")
     if not 0 < d.val_fraction < 1:

@@ -83,9 +83,9 @@ def worker(rank, world):
                 out[(method, layout, True, name)] = run_case(world, method, layout, True, lengths, seed=world)
             out[(method, layout, False, "random")] = run_case(world, method, layout, False,
                                                               doc_sets(world)["random"], seed=world + 1)
-    for method in ("ring", "allgather"):
-        out[(method, "zigzag", True, "random", "triton")] = run_case(
-            world, method, "zigzag", True, doc_sets(world)["random"], seed=3, dtype=torch.float32,
+    if world <= 2:                                  # the interpreter is slow: two ring sizes are enough
+        out[("ring", "zigzag", True, "random", "triton")] = run_case(
+            world, "ring", "zigzag", True, doc_sets(world)["random"], seed=3, dtype=torch.float32,
             backend="triton", d=16)
     if world > 1:
         q = torch.randn(1, T_LOCAL, 2, D)
@@ -134,11 +134,10 @@ def test_full_mask_matches_per_document_reference(results, world, method, layout
     _check(results(world), (method, layout, False, "random"), 1e-10)
 
 
-@pytest.mark.parametrize("world", WORLDS)
-@pytest.mark.parametrize("method", ["ring", "allgather"])
-def test_triton_kernel_in_the_ring(results, world, method):
+@pytest.mark.parametrize("world", [1, 2])
+def test_triton_kernel_in_the_ring(results, world):
     pytest.importorskip("triton")
-    _check(results(world), (method, "zigzag", True, "random", "triton"), 1e-4)
+    _check(results(world), ("ring", "zigzag", True, "random", "triton"), 1e-4)
 
 
 @pytest.mark.parametrize("world", [2, 3])
