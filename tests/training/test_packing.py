@@ -1,5 +1,5 @@
 """Packed documents in training: the maps of packing.py, the model against each document alone, and one
-training step with SP = 2 (ring, zigzag) against one device."""
+training step with SP = 2 (ring, zigzag) against DP = 2 (the one-device gradient), in one 2-process spawn."""
 from __future__ import annotations
 
 import numpy as np
@@ -57,10 +57,10 @@ def _cfg(path, **parallel):
                 data={"source": "tokens", "path": path, "pack_documents": True, "seq_len": 64})
 
 
-def _single(rank, world, path):
+def _dp2(path):
     from longscan.training.trainer import Trainer
     t = Trainer(load_config(None, _cfg(path)))
-    mb = t.data.train_microbatches(0, 4, 1, 0, 1)[0]
+    mb = t.data.train_microbatches(0, 4, 1, t.ranks.dp_rank, 2)[0]
     t.model.eval()
     with torch.no_grad():
         packed = t.model(mb.tokens, mb.labels, mb.cu_seqlens, mb.positions, mb.loss_mask)
@@ -73,30 +73,35 @@ def _single(rank, world, path):
             "n_docs": len(mb.cu_seqlens[0]) - 1, "loss": m["loss"], **local_tensors(t)}
 
 
-def _sp2(rank, world, path):
+def _sp2(path):
     from longscan.training.trainer import Trainer
     t = Trainer(load_config(None, _cfg(path, sp=2, layout="zigzag", softmax_method="ring")))
     return {"loss": t.train_step()["loss"], **local_tensors(t)}
+
+
+def _worker(rank, world, path):
+    return _dp2(path), _sp2(path)
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("packed") / "docs.u16")
     write_token_file(path, stream(seed=1, n_docs=400), 257, EOS)
-    return run_distributed(_single, 1, path)[0], run_distributed(_sp2, 2, path)
+    per_rank = run_distributed(_worker, 2, path)
+    return [r[0] for r in per_rank], [r[1] for r in per_rank]
 
 
 def test_model_attends_within_documents(results):
-    one, _ = results
-    assert one["n_docs"] > 3
-    assert rel_err(one["packed"], one["alone"]) <= 1e-5
-    assert rel_err(one["unpacked"], one["alone"]) > 1e-3      # without documents the losses differ
+    for one in results[0]:
+        assert one["n_docs"] > 3
+        assert rel_err(one["packed"], one["alone"]) <= 1e-5
+        assert rel_err(one["unpacked"], one["alone"]) > 1e-3      # without documents the losses differ
 
 
 def test_sp2_ring_step_matches_one_device(results):
-    one, sp2 = results
-    assert abs(sp2[0]["loss"] - one["loss"]) <= 1e-5 * abs(one["loss"])
-    _, g_one = assemble([one])
+    dp2, sp2 = results
+    assert abs(sp2[0]["loss"] - dp2[0]["loss"]) <= 1e-5 * abs(dp2[0]["loss"])
+    _, g_one = assemble(dp2)
     _, g_sp = assemble(sp2)
     for name in g_one:
         assert rel_err(g_sp[name], g_one[name]) <= 1e-5, name
