@@ -116,7 +116,9 @@ def block_forward(q, k, v, scale: float, mask: str = "causal", backend: str = "t
     if backend == "sdpa_cudnn":
         return sdpa.cudnn_forward(q, k, v, scale, causal)
     ke, ve = _expand_kv(q, k, v)
-    o, lse = _triton().flash_attn_forward(q, ke, ve, scale, causal, docs)
+    # the documents argument only when there are documents: the plain call is the stable contract
+    extra = () if docs is None else (docs,)
+    o, lse = _triton().flash_attn_forward(q, ke, ve, scale, causal, *extra)
     return o, lse.float()
 
 
@@ -136,7 +138,8 @@ def block_backward(do, q, k, v, o, lse, scale: float, mask: str = "causal", back
     if backend == "sdpa_cudnn":
         return sdpa.cudnn_backward(do, q, k, v, o, lse, scale, causal)
     ke, ve = _expand_kv(q, k, v)
-    dq, dk, dv = _triton().flash_attn_backward(do, q, ke, ve, o.to(q.dtype), lse.float(), scale, causal, docs)
+    extra = () if docs is None else (docs,)
+    dq, dk, dv = _triton().flash_attn_backward(do, q, ke, ve, o.to(q.dtype), lse.float(), scale, causal, *extra)
     dk, dv = _sum_kv_groups(dk, dv, k.shape[2])
     return dq, dk, dv
 
