@@ -36,6 +36,15 @@ def check_cu_seqlens(cu_seqlens, total: int) -> torch.Tensor:
     return cu
 
 
+def to_device(x: torch.Tensor, device) -> torch.Tensor:
+    """A CPU map onto ``device`` without a host-device sync: pinned and non-blocking on CUDA (a pageable copy
+    would wait for the stream at every attention call)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
+
+
 def document_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     """Document index `[total]` (int64) of every global token."""
     cu = check_cu_seqlens(cu_seqlens, total)

@@ -200,10 +200,10 @@ def attention(q, k, v, causal: bool = True, scale=None, backend: str = "auto", c
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     docs = None
     if cu_seqlens is not None:
-        from longscan.distributed.documents import document_ids
+        from longscan.distributed.documents import document_ids, to_device
         if q.shape[0] != 1:
             raise ValueError(f"cu_seqlens packs documents into one sequence: q must be [1, T, H, D], got batch "
                              f"{q.shape[0]}")
-        ids = document_ids(cu_seqlens, q.shape[1]).to(q.device)
+        ids = to_device(document_ids(cu_seqlens, q.shape[1]), q.device)
         docs = BlockDocs(ids, ids)
     return _LocalAttention.apply(q, k, v, scale, causal, backend, docs)

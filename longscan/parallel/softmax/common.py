@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from longscan.distributed.documents import document_ids, global_positions, visible_pieces
+from longscan.distributed.documents import document_ids, global_positions, to_device, visible_pieces
 from longscan.distributed.layouts import num_segments
 from longscan.kernels.softmax_attention import (BlockDocs, block_backward, block_forward, compute_dtype,
                                                 merge_into)
@@ -25,14 +25,20 @@ from longscan.kernels.softmax_attention import (BlockDocs, block_backward, block
 @dataclass(frozen=True)
 class SPDocuments:
     """Packed documents as the SP methods use them: ids of every global token, and the visible piece pairs."""
-    ids: torch.Tensor               # [T_global] int64 on the inputs' device, non-decreasing
+    ids_cpu: torch.Tensor           # [T_global] int64, non-decreasing
     visible: frozenset              # global (query piece, key piece) pairs with a visible key
     world: int
     layout: str
+    device: torch.device
+
+    @property
+    def ids(self) -> torch.Tensor:
+        """Document ids of the whole sequence in global order, on the inputs' device."""
+        return to_device(self.ids_cpu, self.device)
 
     def of_rank(self, rank: int, local_len: int) -> torch.Tensor:
-        """Document ids of rank ``rank``'s local tokens, in local order."""
-        return self.ids[global_positions(local_len, self.world, rank, self.layout).to(self.ids.device)]
+        """Document ids of rank ``rank``'s local tokens, in local order, on the inputs' device."""
+        return to_device(self.ids_cpu[global_positions(local_len, self.world, rank, self.layout)], self.device)
 
 
 def sp_documents(cu_seqlens: Optional[torch.Tensor], local_len: int, world: int, layout: str, causal: bool,
@@ -41,8 +47,8 @@ def sp_documents(cu_seqlens: Optional[torch.Tensor], local_len: int, world: int,
         return None
     n = num_segments(world, layout)
     total = local_len * world
-    return SPDocuments(document_ids(cu_seqlens, total).to(device),
-                       visible_pieces(cu_seqlens, n, total // n, causal), world, layout)
+    return SPDocuments(document_ids(cu_seqlens, total), visible_pieces(cu_seqlens, n, total // n, causal), world,
+                       layout, torch.device(device))
 
 
 def block_plan(q_segs, k_segs, causal: bool, visible: Optional[frozenset] = None) -> list[tuple[slice, slice, str]]:
