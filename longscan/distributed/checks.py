@@ -190,12 +190,13 @@ def check_linear_call(group, q, k, v, g, g_gamma, scale, initial_state, output_f
                     method=method, layout=layout, n_blocks=n_blocks if method == "zeco" else None)
 
 
-def check_softmax_call(group, q, k, v, causal, scale, method, layout, chunk_heads) -> None:
+def check_softmax_call(group, q, k, v, causal, scale, method, layout, chunk_heads, cu_seqlens=None) -> None:
     """:func:`check_same_call` for ``longscan.parallel.softmax.softmax_attention``: B, T, H, D (from q), q's
-    dtype, the shapes and dtypes of k and v, causal, scale, method, layout and chunk_heads."""
+    dtype, the shapes and dtypes of k and v, causal, scale, method, layout, chunk_heads and the number of
+    packed documents."""
     check_same_call(group, "softmax_attention", _device(q), **shape_fields(q, "BTHD"), dtype=_dtype(q),
                     k=_spec(k), v=_spec(v), causal=causal, scale=scale, method=method, layout=layout,
-                    chunk_heads=chunk_heads)
+                    chunk_heads=chunk_heads, cu_seqlens=_spec(cu_seqlens))
 
 
 def check_delta_call(group, q, k, v, beta, g, scale, initial_state, output_final_state, method, layout,

@@ -54,19 +54,21 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = SwiGLU(cfg, mp)
 
-    def _mixer(self, x, cos, sin):
+    def _mixer(self, x, cos, sin, cu_seqlens):
         h = self.attn_norm(x)
-        return x + (self.attn(h) if self.kind == "L" else self.attn(h, cos, sin))
+        if self.kind == "L" and cu_seqlens is not None:
+            raise ValueError("cu_seqlens (packed documents) is not supported by linear-attention layers yet")
+        return x + (self.attn(h) if self.kind == "L" else self.attn(h, cos, sin, cu_seqlens))
 
     def _ffn(self, x):
         if self.memory.mlp_tile:
             return x + self.mlp.tiled_with_norm(x, self.mlp_norm, self.memory.mlp_tile)
         return x + self.mlp(self.mlp_norm(x))
 
-    def forward(self, x, cos, sin, stash: HostStash | None = None):
+    def forward(self, x, cos, sin, cu_seqlens=None, stash: HostStash | None = None):
         m = self.memory
         mixer_mode = m.linear_layers if self.kind == "L" else m.softmax_layers
-        x = _run_stage(lambda t: self._mixer(t, cos, sin), x, mixer_mode, self.training,
+        x = _run_stage(lambda t: self._mixer(t, cos, sin, cu_seqlens), x, mixer_mode, self.training,
                        (self.attn_norm, self.attn), stash)
         return _run_stage(self._ffn, x, m.mlp, self.training, (self.mlp_norm, self.mlp), stash)
 
@@ -110,21 +112,25 @@ class HybridLM(nn.Module):
         """Called by megatron's schedules with the activation received from the previous stage."""
         self.input_tensor = t[0] if isinstance(t, (list, tuple)) else t
 
-    def forward(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor, cu_seqlens=None, doc_positions=None,
+                loss_mask=None) -> torch.Tensor:
+        """Packed documents (``longscan.training.packing``): ``cu_seqlens`` one global offsets tensor per row,
+        ``doc_positions`` `[B, T]` in-document RoPE positions, ``loss_mask`` `[B, T]` multiplies the loss."""
         x = self.embed(tokens) if self.first else self.input_tensor.transpose(0, 1)
         T = x.shape[1]
-        pos = positions(T, self.sp.group, self.sp.layout, device=x.device)
+        pos = positions(T, self.sp.group, self.sp.layout, device=x.device) if doc_positions is None else doc_positions
         cos, sin = rope_cos_sin(pos, self.cfg.hd, self.cfg.rope_theta)
         stash = HostStash(x.device) if self.memory.offloads and self.training else None  # this pass's inputs
         for layer in self.layers.values():
             if self.activation_checkpointing and self.training:
-                x = checkpoint(layer, x, cos, sin, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, cu_seqlens, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, stash)
+                x = layer(x, cos, sin, cu_seqlens, stash)
         if not self.last:  # the receiving stage allocates its buffer in pipeline_dtype
             return x.transpose(0, 1).contiguous().to(self.config.pipeline_dtype or x.dtype)
         if self.memory.loss_chunk:
-            return chunked_cross_entropy(self.norm(x), self.output.weight, labels, self.memory.loss_chunk,
+            loss = chunked_cross_entropy(self.norm(x), self.output.weight, labels, self.memory.loss_chunk,
                                          self.output.tp_group, self.tp_rank)
-        logits = self.output(self.norm(x))[0]
-        return vocab_parallel_cross_entropy(logits.float(), labels)
+        else:
+            loss = vocab_parallel_cross_entropy(self.output(self.norm(x))[0].float(), labels)
+        return loss if loss_mask is None else loss * loss_mask

@@ -5,9 +5,9 @@ import torch
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float):
-    """positions `[T]` int -> cos, sin `[T, head_dim]` float32."""
+    """positions `[T]` (or `[B, T]`, e.g. per document) int -> cos, sin `[T, head_dim]` (`[B, T, head_dim]`)."""
     inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
-    ang = positions.float()[:, None] * inv[None, :]
+    ang = positions.float()[..., None] * inv
     ang = torch.cat([ang, ang], dim=-1)
     return ang.cos(), ang.sin()
 
@@ -17,5 +17,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     xf = x.float()
     x1, x2 = xf.chunk(2, dim=-1)
     rot = torch.cat([-x2, x1], dim=-1)
-    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    # [T, D] tables are shared by the batch; [B, T, D] ones are per row
+    c, s = (cos[None, :, None, :], sin[None, :, None, :]) if cos.dim() == 2 else (cos[:, :, None], sin[:, :, None])
     return (xf * c + rot * s).to(x.dtype)

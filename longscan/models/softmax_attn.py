@@ -20,11 +20,11 @@ class SoftmaxAttention(nn.Module):
         self.v_proj = column(cfg.dim, cfg.n_kv_heads * cfg.hd, mp, cfg.init_std)
         self.o_proj = row(cfg.n_heads * cfg.hd, cfg.dim, mp, cfg.init_std, cfg.n_layers)
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, cu_seqlens=None):
         B, T, _ = x.shape
         q = apply_rope(self.q_proj(x)[0].view(B, T, self.hq, self.d), cos, sin)
         k = apply_rope(self.k_proj(x)[0].view(B, T, self.hkv, self.d), cos, sin)
         v = self.v_proj(x)[0].view(B, T, self.hkv, self.d)
         o = sp_ops.softmax_attention(q, k, v, method=self.sp.softmax_method, group=self.sp.group,
-                                     layout=self.sp.layout, backend=self.sp.softmax_backend)
+                                     layout=self.sp.layout, backend=self.sp.softmax_backend, cu_seqlens=cu_seqlens)
         return self.o_proj(o.reshape(B, T, self.hq * self.d))[0]

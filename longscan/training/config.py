@@ -107,6 +107,9 @@ class DataConfig:
     """Where the stdlib corpus is tokenised once."""
     seed: int = 1234
     """Seed of the training-order shuffle."""
+    pack_documents: bool = False
+    """Attend within documents only: split sequences after each EOS, restart RoPE positions per document and
+    drop the EOS token's target (softmax layers only: model.pattern of N)."""
 
     def __post_init__(self):
         self.validate()
@@ -463,4 +466,7 @@ def validate(cfg: TrainConfig, world_size: int) -> TrainConfig:
     if cfg.schedule.activation_checkpointing and (mem.linear_layers, mem.softmax_layers, mem.mlp) != ("none",) * 3:
         raise ConfigError("schedule.activation_checkpointing checkpoints whole blocks; set it to false to use "
                           "memory.linear_layers / memory.softmax_layers / memory.mlp")
+    if d.pack_documents and "L" in m.pattern:
+        raise ConfigError(f"data.pack_documents = true needs a model.pattern of softmax layers only (N); "
+                          f"{m.pattern!r} has linear layers (L), whose kernels do not take documents yet")
     return cfg

@@ -21,6 +21,7 @@ from longscan.training.config import ConfigError, TrainConfig, validate
 from longscan.training.data import build_data, stdlib_token_file
 from longscan.training.metrics import MetricsLogger, Progress, memory_mb
 from longscan.training.optim import allreduce_grads, build_adamw, clip_grads, lr_at
+from longscan.training.packing import DocumentMicrobatch, DocumentPackedData
 from longscan.training.parallel import init_groups, init_process_group, stage_config
 
 
@@ -54,6 +55,8 @@ class Trainer:
                 stdlib_token_file(d.cache_dir)
             dist.barrier()
         self.data, meta = build_data(d, r.sp_group, p.layout, p.sp)
+        if d.pack_documents:
+            self.data = DocumentPackedData(self.data, meta["eos"])
         if meta["vocab_size"] > cfg.model.vocab_size:
             raise ConfigError(f"model.vocab_size = {cfg.model.vocab_size} is smaller than the data's vocabulary "
                               f"({meta['vocab_size']}); set model.vocab_size={meta['vocab_size']}")
@@ -81,8 +84,12 @@ class Trainer:
 
     def _forward_step(self, data_iterator, model):
         mb = next(data_iterator)
+        docs = {}
+        if isinstance(mb, DocumentMicrobatch):
+            docs = dict(cu_seqlens=mb.cu_seqlens, doc_positions=mb.positions.to(self.device),
+                        loss_mask=mb.loss_mask.to(self.device))
         with self._autocast():
-            out = model(mb.tokens.to(self.device), mb.labels.to(self.device))
+            out = model(mb.tokens.to(self.device), mb.labels.to(self.device), **docs)
         return out, self._loss_func
 
     def _loss_func(self, per_token: torch.Tensor):

@@ -5,7 +5,9 @@ Contract (what ``longscan.parallel.softmax`` asks of a backend), q `[B, Tq, Hq, 
   block_forward(q, k, v, scale, mask, backend)  -> (o `[B, Tq, Hq, D]`, lse `[B, Hq, Tq]`)
   block_backward(do, q, k, v, o, lse, scale, mask, backend) -> (dq, dk, dv)   (dk/dv with Hkv heads)
 
-``mask`` is "full" (every key visible) or "causal" (diagonal-aligned, needs Tq == Tk). o may come back
+``mask`` is "full" (every key visible) or "causal" (diagonal-aligned, needs Tq == Tk). ``docs`` (optional,
+:class:`BlockDocs`) restricts it further to keys of the query's own document (packed documents); document ids
+must not decrease along q nor along k. A row that sees no key of the block gives o = 0, lse = -inf. o may come back
 in q.dtype or wider; lse is float32 (float64 for float64 inputs). In backward, o and lse are the rows'
 *final* values after merging every block; the block's probabilities exp(s - lse) are then the true
 global ones, so the gradients of all blocks of a row add up to that row's full gradient.
@@ -15,24 +17,33 @@ Partial results of blocks are combined with :func:`merge_into` in float32 (float
 Backends: "torch" (plain torch, any device, CPU default), "naive" (float64 reference), "sdpa_flash" and
 "sdpa_cudnn" (torch's fused CUDA ops that return logsumexp), "triton" (``triton_flash.py``, imported
 lazily), "auto" (sdpa_cudnn for fp16/bf16 on CUDA when available, else sdpa_flash; torch otherwise).
+With documents the sdpa ops have no mask to take them: "auto" picks "triton" on CUDA, and naming an sdpa
+backend is an error.
 """
 from __future__ import annotations
 
 import importlib
+from typing import NamedTuple, Optional
 
 import torch
 
 from longscan.kernels.checks import check_4d_float, check_like_q
 
 from longscan.kernels.softmax_attention import naive, sdpa
-from longscan.kernels.softmax_attention.naive import naive_attention, naive_backward
+from longscan.kernels.softmax_attention.naive import document_mask, naive_attention, naive_backward
 from longscan.kernels.softmax_attention.sdpa import compute_dtype
 
 BACKENDS = ("auto", "torch", "naive", "sdpa_flash", "sdpa_cudnn", "triton")
 MASKS = ("full", "causal")
 
-__all__ = ["BACKENDS", "MASKS", "block_forward", "block_backward", "merge_into", "resolve_backend",
+__all__ = ["BACKENDS", "MASKS", "BlockDocs", "block_forward", "block_backward", "merge_into", "resolve_backend",
            "check_qkv", "compute_dtype", "naive_attention", "naive_backward", "attention"]
+
+
+class BlockDocs(NamedTuple):
+    """Document ids of a block's queries `[Tq]` and keys `[Tk]` (int, non-decreasing): packed documents."""
+    q: torch.Tensor
+    k: torch.Tensor
 
 
 def _triton():
@@ -55,10 +66,17 @@ def _sum_kv_groups(dk, dv, hkv):
     return dk.view(b, t, hkv, hq // hkv, d).sum(3), dv.view(b, t, hkv, hq // hkv, dv.shape[-1]).sum(3)
 
 
-def resolve_backend(backend: str, q: torch.Tensor) -> str:
-    """The concrete backend "auto" stands for on this tensor; validates the name."""
+def resolve_backend(backend: str, q: torch.Tensor, documents: bool = False) -> str:
+    """The concrete backend "auto" stands for on this tensor (with packed documents if ``documents``);
+    validates the name."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if documents:
+        if backend in ("sdpa_flash", "sdpa_cudnn"):
+            raise ValueError(f"backend={backend!r} cannot mask packed documents (cu_seqlens); use 'triton', "
+                             f"'torch' or 'auto'")
+        if backend == "auto":
+            return "triton" if q.device.type == "cuda" else "torch"
     if backend != "auto":
         if backend in ("sdpa_flash", "sdpa_cudnn") and (q.device.type != "cuda"
                                                         or q.dtype not in (torch.float16, torch.bfloat16)):
@@ -80,15 +98,17 @@ def _check_mask(mask, q, k):
                          f"and k {k.shape[1]}")
 
 
-def block_forward(q, k, v, scale: float, mask: str = "causal", backend: str = "torch"):
+def block_forward(q, k, v, scale: float, mask: str = "causal", backend: str = "torch",
+                  docs: Optional[BlockDocs] = None):
     """Attention of a q block against one k/v block -> (o, lse `[B, Hq, Tq]`)."""
     _check_mask(mask, q, k)
     causal = mask == "causal"
-    backend = resolve_backend(backend, q)
+    backend = resolve_backend(backend, q, docs is not None)
     if backend == "torch":
-        return sdpa.torch_forward(q, k, v, scale, causal)
+        return sdpa.torch_forward(q, k, v, scale, causal, docs)
     if backend == "naive":
-        o, lse = naive_attention(q, k, v, scale, causal)
+        dmask = None if docs is None else document_mask(docs.q.to(q.device), docs.k.to(q.device), causal)
+        o, lse = naive_attention(q, k, v, scale, causal, dmask)
         dt = compute_dtype(q.dtype)
         return o.to(dt), lse.to(dt)
     if backend == "sdpa_flash":
@@ -96,25 +116,30 @@ def block_forward(q, k, v, scale: float, mask: str = "causal", backend: str = "t
     if backend == "sdpa_cudnn":
         return sdpa.cudnn_forward(q, k, v, scale, causal)
     ke, ve = _expand_kv(q, k, v)
-    o, lse = _triton().flash_attn_forward(q, ke, ve, scale, causal)
+    # the documents argument only when there are documents: the plain call is the stable contract
+    extra = () if docs is None else (docs,)
+    o, lse = _triton().flash_attn_forward(q, ke, ve, scale, causal, *extra)
     return o, lse.float()
 
 
-def block_backward(do, q, k, v, o, lse, scale: float, mask: str = "causal", backend: str = "torch"):
+def block_backward(do, q, k, v, o, lse, scale: float, mask: str = "causal", backend: str = "torch",
+                   docs: Optional[BlockDocs] = None):
     """Gradients of one block given the rows' final (o, lse) -> (dq, dk, dv), dk/dv with Hkv heads."""
     _check_mask(mask, q, k)
     causal = mask == "causal"
-    backend = resolve_backend(backend, q)
+    backend = resolve_backend(backend, q, docs is not None)
     if backend == "torch":
-        return sdpa.torch_backward(do, q, k, v, o, lse, scale, causal)
+        return sdpa.torch_backward(do, q, k, v, o, lse, scale, causal, docs)
     if backend == "naive":
-        return naive_backward(do, q, k, v, o, lse, scale, causal)
+        dmask = None if docs is None else document_mask(docs.q.to(q.device), docs.k.to(q.device), causal)
+        return naive_backward(do, q, k, v, o, lse, scale, causal, dmask)
     if backend == "sdpa_flash":
         return sdpa.flash_backward(do, q, k, v, o, lse, scale, causal)
     if backend == "sdpa_cudnn":
         return sdpa.cudnn_backward(do, q, k, v, o, lse, scale, causal)
     ke, ve = _expand_kv(q, k, v)
-    dq, dk, dv = _triton().flash_attn_backward(do, q, ke, ve, o.to(q.dtype), lse.float(), scale, causal)
+    extra = () if docs is None else (docs,)
+    dq, dk, dv = _triton().flash_attn_backward(do, q, ke, ve, o.to(q.dtype), lse.float(), scale, causal, *extra)
     dk, dv = _sum_kv_groups(dk, dv, k.shape[2])
     return dq, dk, dv
 
@@ -128,8 +153,11 @@ def merge_into(out, lse, block_out, block_lse, rows=slice(None)):
     """
     old = lse[:, :, rows]
     new = torch.logaddexp(old, block_lse.to(lse.dtype))
-    w_old = torch.exp(old - new).transpose(1, 2).unsqueeze(-1)       # [B, T, H, 1]; exp(-inf) = 0 at start
-    w_new = torch.exp(block_lse.to(lse.dtype) - new).transpose(1, 2).unsqueeze(-1)
+    # A row that has seen no key yet and sees none here (packed documents) stays at -inf with o = 0:
+    # weigh against 0 there, or exp(-inf - -inf) would be nan.
+    ref = new.masked_fill(torch.isinf(new), 0.0)
+    w_old = torch.exp(old - ref).transpose(1, 2).unsqueeze(-1)       # [B, T, H, 1]; exp(-inf) = 0 at start
+    w_new = torch.exp(block_lse.to(lse.dtype) - ref).transpose(1, 2).unsqueeze(-1)
     out[:, rows] = out[:, rows] * w_old + block_out.to(out.dtype) * w_new
     lse[:, :, rows] = new
 
@@ -149,22 +177,33 @@ def check_qkv(q, k, v) -> None:
 
 class _LocalAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, scale, causal, backend):
-        o, lse = block_forward(q, k, v, scale, "causal" if causal else "full", backend)
+    def forward(ctx, q, k, v, scale, causal, backend, docs):
+        o, lse = block_forward(q, k, v, scale, "causal" if causal else "full", backend, docs)
         o = o.to(q.dtype)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.args = (scale, "causal" if causal else "full", backend)
+        ctx.args = (scale, "causal" if causal else "full", backend, docs)
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
         dq, dk, dv = block_backward(do, q, k, v, o, lse, *ctx.args)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 
-def attention(q, k, v, causal: bool = True, scale=None, backend: str = "auto"):
-    """Single-device softmax attention with autograd; q `[B, T, Hq, D]`, k/v `[B, T, Hkv, D]` -> o."""
+def attention(q, k, v, causal: bool = True, scale=None, backend: str = "auto", cu_seqlens=None):
+    """Single-device softmax attention with autograd; q `[B, T, Hq, D]`, k/v `[B, T, Hkv, D]` -> o.
+
+    ``cu_seqlens`` `[N + 1]` (offsets 0 .. T): packed documents; needs B = 1. No token attends across a
+    document boundary."""
     check_qkv(q, k, v)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return _LocalAttention.apply(q, k, v, scale, causal, backend)
+    docs = None
+    if cu_seqlens is not None:
+        from longscan.distributed.documents import document_ids, to_device
+        if q.shape[0] != 1:
+            raise ValueError(f"cu_seqlens packs documents into one sequence: q must be [1, T, H, D], got batch "
+                             f"{q.shape[0]}")
+        ids = to_device(document_ids(cu_seqlens, q.shape[1]), q.device)
+        docs = BlockDocs(ids, ids)
+    return _LocalAttention.apply(q, k, v, scale, causal, backend, docs)

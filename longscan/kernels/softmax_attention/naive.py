@@ -24,6 +24,15 @@ def naive_mask(t_q: int, t_k: int, causal: bool, device=None) -> torch.Tensor:
     return j <= i
 
 
+def document_mask(q_doc: torch.Tensor, k_doc: torch.Tensor, causal: bool) -> torch.Tensor:
+    """Boolean `[Tq, Tk]`: query i may attend key j when both lie in one document (and j <= i if causal).
+
+    q_doc `[Tq]`, k_doc `[Tk]` are per-token document ids; causal is diagonal-aligned (Tq == Tk).
+    """
+    same = q_doc[:, None] == k_doc[None, :]
+    return same & naive_mask(q_doc.shape[0], k_doc.shape[0], causal, q_doc.device)
+
+
 def naive_attention(q, k, v, scale=None, causal=True, mask=None):
     """Softmax attention in float64.
 

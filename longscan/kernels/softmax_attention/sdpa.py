@@ -33,32 +33,43 @@ def _fold(q, k, v):
     return qf, k.to(dt).transpose(1, 2), v.to(dt).transpose(1, 2)
 
 
-def _scores(qf, kf, scale, causal, tq):
+def _scores(qf, kf, scale, causal, tq, docs=None):
     s = torch.matmul(qf, kf.transpose(-1, -2)) * scale             # [B, Hkv, G·Tq, Tk]
+    row = torch.arange(qf.shape[-2], device=qf.device) % tq         # query position inside its head
     if causal:
         tk = kf.shape[-2]
-        row = torch.arange(qf.shape[-2], device=qf.device) % tq     # query position inside its head
         s = s.masked_fill(torch.arange(tk, device=qf.device)[None, :] > row[:, None], float("-inf"))
+    if docs is not None:
+        q_doc, k_doc = docs
+        s = s.masked_fill(q_doc.to(qf.device)[row][:, None] != k_doc.to(qf.device)[None, :], float("-inf"))
     return s
 
 
-def torch_forward(q, k, v, scale, causal):
-    """-> (o `[B, Tq, Hq, D]`, lse `[B, Hq, Tq]`), both in the compute dtype (float32/float64)."""
+def torch_forward(q, k, v, scale, causal, docs=None):
+    """-> (o `[B, Tq, Hq, D]`, lse `[B, Hq, Tq]`), both in the compute dtype (float32/float64).
+
+    ``docs``: (q_doc `[Tq]`, k_doc `[Tk]`) document ids; a key is visible only in the query's document.
+    A row that sees no key gives o = 0 and lse = -inf."""
     b, tq, hq, _ = q.shape
     qf, kf, vf = _fold(q, k, v)
-    s = _scores(qf, kf, scale, causal, tq)
+    s = _scores(qf, kf, scale, causal, tq, docs)
     lse = torch.logsumexp(s, dim=-1)                                 # [B, Hkv, G·Tq]
-    o = torch.matmul(torch.exp(s - lse[..., None]), vf)              # [B, Hkv, G·Tq, Dv]
+    # rows with no visible key: subtract 0 instead of -inf so their probabilities are 0, not nan
+    safe = lse.masked_fill(torch.isinf(lse), 0.0) if docs is not None else lse
+    o = torch.matmul(torch.exp(s - safe[..., None]), vf)             # [B, Hkv, G·Tq, Dv]
     return o.reshape(b, hq, tq, -1).transpose(1, 2), lse.reshape(b, hq, tq)
 
 
-def torch_backward(do, q, k, v, o, lse, scale, causal):
+def torch_backward(do, q, k, v, o, lse, scale, causal, docs=None):
     """-> (dq, dk, dv) in the compute dtype; dk/dv already summed over each GQA group."""
     b, tq, hq, d = q.shape
     hkv = k.shape[2]
     qf, kf, vf = _fold(q, k, v)
     dof, of = (x.to(qf.dtype).permute(0, 2, 1, 3).reshape(b, hkv, -1, x.shape[-1]) for x in (do, o))
-    p = torch.exp(_scores(qf, kf, scale, causal, tq) - lse.to(qf.dtype).reshape(b, hkv, -1)[..., None])
+    lse_f = lse.to(qf.dtype).reshape(b, hkv, -1)
+    if docs is not None:
+        lse_f = lse_f.masked_fill(torch.isinf(lse_f), 0.0)          # rows that see no key: p = 0
+    p = torch.exp(_scores(qf, kf, scale, causal, tq, docs) - lse_f[..., None])
     dv = torch.matmul(p.transpose(-1, -2), dof)                      # [B, Hkv, Tk, Dv]
     dp = torch.matmul(dof, vf.transpose(-1, -2))
     delta = (dof * of).sum(-1, keepdim=True)                         # rowsum(do ⊙ o) of the final o

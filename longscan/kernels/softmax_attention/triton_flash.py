@@ -9,6 +9,10 @@ off-diagonal blocks without a mask and only the diagonal blocks with one.
 Backward (FlashAttention-2): delta = rowsum(o⊙do); one kernel per kv block accumulates dk, dv over the q
 blocks of every q-head of its group (no atomics), another per q block accumulates dq. Each has its own launch
 settings (BWD_CONFIG), and with the causal mask each masks only the blocks that straddle the diagonal.
+
+Packed documents (DOCS): per-token document ids of q and k (non-decreasing) add "same document" to the mask
+of every block, and each tile visits only the blocks of the other side that hold one of its documents (the
+bounds come from a searchsorted on the host). A row that sees no key gives o = 0 and lse = -inf.
 """
 from __future__ import annotations
 
@@ -30,7 +34,8 @@ def _interpreting() -> bool:
 
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, bq, k, v, kv_row0, HKV_D, offs_m, lo, hi, Tk, qk_scale,
-               D: tl.constexpr, BN: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr):
+               D: tl.constexpr, BN: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr,
+               qd=None, kdoc=None, DOCS: tl.constexpr = False):
     rd = tl.arange(0, D)
     for n0 in range(lo, hi, BN):
         offs_n = n0 + tl.arange(0, BN)
@@ -39,13 +44,24 @@ def _fwd_inner(acc, l_i, m_i, bq, k, v, kv_row0, HKV_D, offs_m, lo, hi, Tk, qk_s
         bk = tl.load(k + ptr, mask=kmask[:, None], other=0.0)
         bv = tl.load(v + ptr, mask=kmask[:, None], other=0.0)
         s = tl.dot(bq, tl.trans(bk), input_precision=PREC) * qk_scale   # base-2 logits
-        if MASK:
+        if DOCS:
+            kd = tl.load(kdoc + offs_n, mask=kmask, other=-2)
+            vis = kmask[None, :] & (qd[:, None] == kd[None, :])
+            if MASK:
+                vis = vis & (offs_m[:, None] >= offs_n[None, :])
+            s = tl.where(vis, s, float("-inf"))
+        elif MASK:
             s = tl.where((offs_m[:, None] >= offs_n[None, :]) & kmask[None, :], s, float("-inf"))
         else:
             s = tl.where(kmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
+        if DOCS:
+            # a row with no visible key so far: subtract 0, not -inf (exp2(-inf - -inf) is nan)
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_use = m_new
+        p = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(bv.dtype), bv, input_precision=PREC)
         m_i = m_new
@@ -53,8 +69,9 @@ def _fwd_inner(acc, l_i, m_i, bq, k, v, kv_row0, HKV_D, offs_m, lo, hi, Tk, qk_s
 
 
 @triton.jit
-def _fwd_kernel(q, k, v, o, lse, T, Tk, HQ, HKV, G, qk_scale,
-                D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr):
+def _fwd_kernel(q, k, v, o, lse, T, Tk, HQ, HKV, G, qk_scale, qdoc, kdoc, klo, khi,
+                D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
+                DOCS: tl.constexpr):
     im = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // HQ
@@ -72,7 +89,21 @@ def _fwd_kernel(q, k, v, o, lse, T, Tk, HQ, HKV, G, qk_scale,
     acc = tl.zeros([BM, D], dtype=tl.float32)
     l_i = tl.zeros([BM], dtype=tl.float32)
     m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
-    if CAUSAL:
+    if DOCS:
+        # only the keys of this tile's documents: [klo, khi) from the host; every block masked
+        qd = tl.load(qdoc + offs_m, mask=mmask, other=-1)
+        lo = tl.load(klo + im) // BN * BN
+        hi = tl.load(khi + im)
+        if CAUSAL:
+            hi = tl.minimum(hi, (im + 1) * BM)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, bq, k_h, v_h, kv_row0, HKV_D, offs_m, lo, hi, Tk, qk_scale,
+                                   D, BN, CAUSAL, PREC, qd, kdoc, True)
+        seen = l_i > 0
+        acc = acc / tl.where(seen, l_i, 1.0)[:, None]
+        lse_row = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+        tl.store(o + qrow[:, None] * D + rd[None, :], acc.to(o.dtype.element_ty), mask=mmask[:, None])
+        tl.store(lse + (bh.to(tl.int64) * T + offs_m), lse_row, mask=mmask)
+    elif CAUSAL:
         # keys strictly below this q block need no mask; the diagonal blocks do
         full_hi = (im * BM) // BN * BN
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, bq, k_h, v_h, kv_row0, HKV_D, offs_m, 0, full_hi, Tk, qk_scale,
@@ -82,9 +113,10 @@ def _fwd_kernel(q, k, v, o, lse, T, Tk, HQ, HKV, G, qk_scale,
     else:
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, bq, k_h, v_h, kv_row0, HKV_D, offs_m, 0, Tk, Tk, qk_scale,
                                    D, BN, False, PREC)
-    acc = acc / l_i[:, None]
-    tl.store(o + qrow[:, None] * D + rd[None, :], acc.to(o.dtype.element_ty), mask=mmask[:, None])
-    tl.store(lse + (bh.to(tl.int64) * T + offs_m), (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=mmask)
+    if not DOCS:
+        acc = acc / l_i[:, None]
+        tl.store(o + qrow[:, None] * D + rd[None, :], acc.to(o.dtype.element_ty), mask=mmask[:, None])
+        tl.store(lse + (bh.to(tl.int64) * T + offs_m), (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=mmask)
 
 
 @triton.jit
@@ -104,7 +136,8 @@ def _delta_kernel(o, do, delta, T, HQ, D: tl.constexpr, BM: tl.constexpr):
 
 @triton.jit
 def _bwd_dkdv_inner(dk_acc, dv_acc, bk, bv, q_h, do_h, lse_h, delta_h, q_row0, HQ_D, offs_n, lo, hi, T, qk_scale,
-                    D: tl.constexpr, BM: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr):
+                    D: tl.constexpr, BM: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr,
+                    qdoc=None, kd=None, DOCS: tl.constexpr = False):
     """Add the q blocks [lo, hi) of one q-head to dk_acc, dv_acc `[BN, D]`. MASK: apply the causal mask.
 
     q rows past T need no mask: their q, do, lse, delta load as 0, so p = 1 but every term they add is
@@ -120,7 +153,13 @@ def _bwd_dkdv_inner(dk_acc, dv_acc, bk, bv, q_h, do_h, lse_h, delta_h, q_row0, H
         dl = tl.load(delta_h + offs_m, mask=mmask, other=0.0)
         sT = tl.dot(bk, tl.trans(bq), input_precision=PREC)                  # [BN, BM]
         pT = tl.exp2(sT * qk_scale - l2[None, :])
-        if MASK:
+        if DOCS:
+            qd = tl.load(qdoc + offs_m, mask=mmask, other=-1)
+            vis = kd[:, None] == qd[None, :]
+            if MASK:
+                vis = vis & (offs_n[:, None] <= offs_m[None, :])
+            pT = tl.where(vis, pT, 0.0)
+        elif MASK:
             pT = tl.where(offs_n[:, None] <= offs_m[None, :], pT, 0.0)
         dv_acc += tl.dot(pT.to(bdo.dtype), bdo, input_precision=PREC)
         dpT = tl.dot(bv, tl.trans(bdo), input_precision=PREC)
@@ -130,9 +169,9 @@ def _bwd_dkdv_inner(dk_acc, dv_acc, bk, bv, q_h, do_h, lse_h, delta_h, q_row0, H
 
 
 @triton.jit
-def _bwd_dkdv_kernel(q, k, v, do, lse, delta, dk, dv, T, Tk, HQ, HKV, G, sm_scale, qk_scale,
+def _bwd_dkdv_kernel(q, k, v, do, lse, delta, dk, dv, T, Tk, HQ, HKV, G, sm_scale, qk_scale, qdoc, kdoc, qlo, qhi,
                      D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr,
-                     PREC: tl.constexpr):
+                     PREC: tl.constexpr, DOCS: tl.constexpr):
     """One kv block of one kv head: dk, dv summed over all q rows of the G q-heads that share it."""
     jn = tl.program_id(0)
     bh = tl.program_id(1)
@@ -148,13 +187,23 @@ def _bwd_dkdv_kernel(q, k, v, do, lse, delta, dk, dv, T, Tk, HQ, HKV, G, sm_scal
     dv_acc = tl.zeros([BN, D], dtype=tl.float32)
     q_row0 = (b * T).to(tl.int64)
     HQ_D = HQ * D
+    if DOCS:
+        # only the queries of this key block's documents: [qlo, qhi) from the host
+        kd = tl.load(kdoc + offs_n, mask=nmask, other=-2)
+        d_lo = tl.load(qlo + jn) // BM * BM
+        d_hi = tl.load(qhi + jn)
+        if CAUSAL:
+            d_lo = tl.maximum(d_lo, (jn * BN) // BM * BM)
     for gi in range(0, G):
         hq = hkv * G + gi
         q_h = q + hq * D
         do_h = do + hq * D
         lse_h = lse + (b * HQ + hq).to(tl.int64) * T
         delta_h = delta + (b * HQ + hq).to(tl.int64) * T
-        if CAUSAL:
+        if DOCS:
+            dk_acc, dv_acc = _bwd_dkdv_inner(dk_acc, dv_acc, bk, bv, q_h, do_h, lse_h, delta_h, q_row0, HQ_D,
+                                             offs_n, d_lo, d_hi, T, qk_scale, D, BM, CAUSAL, PREC, qdoc, kd, True)
+        elif CAUSAL:
             # q blocks that hold a row < the block's last key straddle the diagonal and need the mask;
             # every q block from diag_hi on sees all BN keys (q rows before lo see none)
             lo = (jn * BN) // BM * BM
@@ -172,7 +221,8 @@ def _bwd_dkdv_kernel(q, k, v, do, lse, delta, dk, dv, T, Tk, HQ, HKV, G, sm_scal
 
 @triton.jit
 def _bwd_dq_inner(acc, bq, bdo, l2, dl, k_h, v_h, kv_row0, HKV_D, offs_m, lo, hi, Tk, qk_scale,
-                  D: tl.constexpr, BN: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr):
+                  D: tl.constexpr, BN: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr,
+                  qd=None, kdoc=None, DOCS: tl.constexpr = False):
     """Add the key blocks [lo, hi) to acc `[BM, D]`. MASK: 0 none, 1 causal, 2 keys < Tk.
 
     Keys past Tk load as 0 and add ds·k = 0, but their p = exp2(-l2) may overflow (then inf·0 = nan),
@@ -187,7 +237,13 @@ def _bwd_dq_inner(acc, bq, bdo, l2, dl, k_h, v_h, kv_row0, HKV_D, offs_m, lo, hi
         bv = tl.load(v_h + ptr, mask=nmask[:, None], other=0.0)
         s = tl.dot(bq, tl.trans(bk), input_precision=PREC)
         p = tl.exp2(s * qk_scale - l2[:, None])
-        if MASK == 1:
+        if DOCS:
+            kd = tl.load(kdoc + offs_n, mask=nmask, other=-2)
+            vis = nmask[None, :] & (qd[:, None] == kd[None, :])
+            if MASK == 1:
+                vis = vis & (offs_m[:, None] >= offs_n[None, :])
+            p = tl.where(vis, p, 0.0)
+        elif MASK == 1:
             p = tl.where(offs_m[:, None] >= offs_n[None, :], p, 0.0)
         elif MASK == 2:
             p = tl.where(nmask[None, :], p, 0.0)
@@ -198,9 +254,9 @@ def _bwd_dq_inner(acc, bq, bdo, l2, dl, k_h, v_h, kv_row0, HKV_D, offs_m, lo, hi
 
 
 @triton.jit
-def _bwd_dq_kernel(q, k, v, do, lse, delta, dq, T, Tk, HQ, HKV, G, sm_scale, qk_scale,
+def _bwd_dq_kernel(q, k, v, do, lse, delta, dq, T, Tk, HQ, HKV, G, sm_scale, qk_scale, qdoc, kdoc, klo, khi,
                    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr,
-                   PREC: tl.constexpr):
+                   PREC: tl.constexpr, DOCS: tl.constexpr):
     """One q block of one q-head: dq over all keys it sees."""
     im = tl.program_id(0)
     if CAUSAL:
@@ -223,7 +279,15 @@ def _bwd_dq_kernel(q, k, v, do, lse, delta, dq, T, Tk, HQ, HKV, G, sm_scale, qk_
     v_h = v + hkv * D
     HKV_D = HKV * D
     acc = tl.zeros([BM, D], dtype=tl.float32)
-    if CAUSAL:
+    if DOCS:
+        qd = tl.load(qdoc + offs_m, mask=mmask, other=-1)
+        lo = tl.load(klo + im) // BN * BN
+        hi = tl.load(khi + im)
+        if CAUSAL:
+            hi = tl.minimum(hi, (im + 1) * BM)
+        acc = _bwd_dq_inner(acc, bq, bdo, l2, dl, k_h, v_h, kv_row0, HKV_D, offs_m, lo, hi, Tk, qk_scale,
+                            D, BN, 1 if CAUSAL else 0, PREC, qd, kdoc, True)
+    elif CAUSAL:
         # key blocks wholly at or below the block's first query need no mask; the rest straddle the diagonal
         full_hi = (im * BM) // BN * BN
         acc = _bwd_dq_inner(acc, bq, bdo, l2, dl, k_h, v_h, kv_row0, HKV_D, offs_m, 0, full_hi, Tk, qk_scale,
@@ -237,6 +301,34 @@ def _bwd_dq_kernel(q, k, v, do, lse, delta, dq, T, Tk, HQ, HKV, G, sm_scale, qk_
         acc = _bwd_dq_inner(acc, bq, bdo, l2, dl, k_h, v_h, kv_row0, HKV_D, offs_m, n_full, Tk, Tk, qk_scale,
                             D, BN, 2, PREC)
     tl.store(dq + qrow[:, None] * D + rd[None, :], (acc * sm_scale).to(dq.dtype.element_ty), mask=mmask[:, None])
+
+
+def _check_docs(docs, T, Tk, device):
+    if docs is None:
+        return
+    if docs.q.shape != (T,) or docs.k.shape != (Tk,):
+        raise ValueError(f"document ids must be q [{T}] and k [{Tk}], got {tuple(docs.q.shape)} and "
+                         f"{tuple(docs.k.shape)}")
+
+
+def _doc_args(docs, T, Tk, device, BM):
+    """-> (q ids, k ids, lo, hi) kernel arguments: int32 ids and, for each BM-row tile of q, the range
+    [lo, hi) of keys whose document is one of the tile's. Dummies when there are no documents."""
+    if docs is None:
+        z = torch.zeros(1, dtype=torch.int32, device=device)
+        return z, z, z, z
+    qd, kd = docs.q.to(device, torch.int32).contiguous(), docs.k.to(device, torch.int32).contiguous()
+    lo, hi = _tile_bounds(qd, kd, BM)
+    return qd, kd, lo, hi
+
+
+def _tile_bounds(a_doc, b_doc, tile):
+    """For each `tile`-row tile of ``a_doc``: [lo, hi) of the ``b_doc`` indices in the tile's documents."""
+    n = a_doc.numel()
+    last = torch.arange(tile - 1, triton.cdiv(n, tile) * tile, tile, device=a_doc.device).clamp_max(n - 1)
+    lo = torch.searchsorted(b_doc, a_doc[0::tile].contiguous())
+    hi = torch.searchsorted(b_doc, a_doc[last].contiguous(), right=True)
+    return lo.to(torch.int32), hi.to(torch.int32)
 
 
 def _check(q, k, v, causal):
@@ -302,11 +394,14 @@ def _prec(x) -> str:
     return "ieee" if x.dtype == torch.float32 else "tf32"
 
 
-def flash_attn_forward(q, k, v, scale=None, causal=True):
-    """-> (o `[B, T, Hq, D]` in q's dtype, lse `[B, Hq, T]` float32, natural log)."""
+def flash_attn_forward(q, k, v, scale=None, causal=True, docs=None):
+    """-> (o `[B, T, Hq, D]` in q's dtype, lse `[B, Hq, T]` float32, natural log).
+
+    ``docs``: (q ids `[T]`, k ids `[Tk]`) non-decreasing document ids shared by the batch, or None."""
     _check(q, k, v, causal)
     B, T, HQ, D = q.shape
     Tk, HKV = k.shape[1], k.shape[2]
+    _check_docs(docs, T, Tk, q.device)
     scale = D ** -0.5 if scale is None else scale
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     o = torch.empty_like(q)
@@ -315,17 +410,22 @@ def flash_attn_forward(q, k, v, scale=None, causal=True):
         return o, lse
     cfg = _cfg(D, q.dtype)
     BM, BN = cfg.pop("BM"), cfg.pop("BN")
+    if docs is not None and Tk == 0:
+        return o.zero_(), lse.fill_(float("-inf"))
     _fwd_kernel[(triton.cdiv(T, BM), B * HQ)](q, k, v, o, lse, T, Tk, HQ, HKV, HQ // HKV, scale * _LOG2E,
-                                              D=D, BM=BM, BN=BN, CAUSAL=causal, PREC=_prec(q), **cfg)
+                                              *_doc_args(docs, T, Tk, q.device, BM),
+                                              D=D, BM=BM, BN=BN, CAUSAL=causal, PREC=_prec(q),
+                                              DOCS=docs is not None, **cfg)
     return o, lse
 
 
-def flash_attn_backward(do, q, k, v, o, lse, scale=None, causal=True):
+def flash_attn_backward(do, q, k, v, o, lse, scale=None, causal=True, docs=None):
     """-> (dq `[B, T, Hq, D]`, dk, dv `[B, Tk, Hkv, D]`) in the inputs' dtype. o and lse are the rows'
     final values (for ring attention: after merging every block), so gradients of blocks add up."""
     _check(q, k, v, causal)
     B, T, HQ, D = q.shape
     Tk, HKV = k.shape[1], k.shape[2]
+    _check_docs(docs, T, Tk, q.device)
     scale = D ** -0.5 if scale is None else scale
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     do, o = do.contiguous().to(q.dtype), o.contiguous()
@@ -338,11 +438,15 @@ def flash_attn_backward(do, q, k, v, o, lse, scale=None, causal=True):
     cfg_kv, cfg_q = _bwd_cfg(D, q.dtype)
     args = (T, Tk, HQ, HKV, HQ // HKV, scale, scale * _LOG2E)
     BM, BN = cfg_kv.pop("BM"), cfg_kv.pop("BN")
-    _bwd_dkdv_kernel[(triton.cdiv(Tk, BN), B * HKV)](q, k, v, do, lse, delta, dk, dv, *args, D=D, BM=BM, BN=BN,
-                                                      CAUSAL=causal, PREC=_prec(q), **cfg_kv)
+    dkv_docs = None if docs is None else type(docs)(docs.k, docs.q)   # tiles of k, bounds in q
+    kd, qd, qlo, qhi = _doc_args(dkv_docs, Tk, T, q.device, BN)
+    _bwd_dkdv_kernel[(triton.cdiv(Tk, BN), B * HKV)](q, k, v, do, lse, delta, dk, dv, *args, qd, kd, qlo, qhi,
+                                                      D=D, BM=BM, BN=BN, CAUSAL=causal, PREC=_prec(q),
+                                                      DOCS=docs is not None, **cfg_kv)
     BM, BN = cfg_q.pop("BM"), cfg_q.pop("BN")
-    _bwd_dq_kernel[(triton.cdiv(T, BM), B * HQ)](q, k, v, do, lse, delta, dq, *args, D=D, BM=BM, BN=BN,
-                                                 CAUSAL=causal, PREC=_prec(q), **cfg_q)
+    _bwd_dq_kernel[(triton.cdiv(T, BM), B * HQ)](q, k, v, do, lse, delta, dq, *args,
+                                                 *_doc_args(docs, T, Tk, q.device, BM), D=D, BM=BM, BN=BN,
+                                                 CAUSAL=causal, PREC=_prec(q), DOCS=docs is not None, **cfg_q)
     return dq, dk, dv
 
 

@@ -1,7 +1,7 @@
 """Sequence-parallel softmax attention: one entry point over three methods, one file per method.
 
     softmax_attention(q, k, v, causal=True, scale=None, method="ring", group=None, layout="zigzag",
-                      backend="auto", chunk_heads=None) -> o
+                      backend="auto", chunk_heads=None, cu_seqlens=None) -> o
 
 q `[B, T, Hq, D]`, k/v `[B, T, Hkv, D]` are this rank's shard (T = local length) in ``layout``
 (``longscan.distributed.layouts``); o `[B, T, Hq, D]` is this rank's shard of the output. GQA when Hkv
@@ -12,12 +12,16 @@ divides Hq. Methods (each an object with forward/backward hooks of the one autog
   reduce-scatter dK/dV.
 - "ulysses" (ulysses.py): DeepSpeed all-to-all to head sharding and back (optional extra).
 ``backend`` picks the local kernel (``longscan.kernels.softmax_attention``).
+``cu_seqlens`` (packed documents, fla's convention): int32/int64 `[N + 1]` offsets into the *global*
+sequence (0 .. W·T), the same on every rank; needs B = 1. No query attends across a document boundary;
+documents of any length, anywhere (``longscan.distributed.documents``).
 """
 from __future__ import annotations
 
 import torch
 
 from longscan.distributed.checks import check_softmax_call
+from longscan.distributed.documents import check_cu_seqlens
 from longscan.distributed.layouts import group_rank_size
 from longscan.kernels.softmax_attention import check_qkv, resolve_backend
 from longscan.parallel.softmax.allgather import AllGather
@@ -40,16 +44,21 @@ def _method(name) -> SoftmaxSPMethod:
 
 def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, scale=None,
                       method: str = "ring", group=None, layout: str = "zigzag", backend: str = "auto",
-                      chunk_heads=None) -> torch.Tensor:
+                      chunk_heads=None, cu_seqlens=None) -> torch.Tensor:
     """SP softmax attention over ``group`` (default: the world); see the module docstring. Every rank of the
     group must make the same call: checked on every call, with an error naming what differs on which ranks."""
-    check_softmax_call(group, q, k, v, causal, scale, method, layout, chunk_heads)
+    check_softmax_call(group, q, k, v, causal, scale, method, layout, chunk_heads, cu_seqlens)
     check_qkv(q, k, v)
-    opts = SoftmaxSPOptions(scale=q.shape[-1] ** -0.5 if scale is None else scale, causal=causal, group=group,
-                            layout=layout, backend=backend, chunk_heads=chunk_heads)
-    impl = _method(method)
-    resolve_backend(backend, q)
     _, world = group_rank_size(group)
+    if cu_seqlens is not None:
+        if q.shape[0] != 1:
+            raise ValueError(f"cu_seqlens packs documents into one sequence: q must be [1, T, H, D], got batch "
+                             f"{q.shape[0]}")
+        cu_seqlens = check_cu_seqlens(cu_seqlens, q.shape[1] * world)
+    opts = SoftmaxSPOptions(scale=q.shape[-1] ** -0.5 if scale is None else scale, causal=causal, group=group,
+                            layout=layout, backend=backend, chunk_heads=chunk_heads, cu_seqlens=cu_seqlens)
+    impl = _method(method)
+    resolve_backend(backend, q, cu_seqlens is not None)
     if q.shape[1] == 0:
         raise ValueError("q must hold at least one token (q.shape[1] == 0)")
     if layout == "zigzag" and q.shape[1] % 2:

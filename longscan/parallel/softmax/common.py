@@ -4,37 +4,79 @@ Layouts cut the global sequence into segments ("pieces": W of length T for conti
 zigzag, ``longscan.distributed.layouts``). Causal attention between a query piece a and a key piece b is
 decided at the level of pieces: b < a every key is visible ("full"), b == a it is the diagonal block
 ("causal", diagonal-aligned), b > a nothing is visible and the pair is skipped.
+
+With packed documents (``cu_seqlens``) pairs in which no query shares a document with any key are skipped
+too (``longscan.distributed.documents.visible_pieces``), and every kernel call gets the document ids of its
+queries and keys (:class:`SPDocuments`).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 
-from longscan.kernels.softmax_attention import block_backward, block_forward, compute_dtype, merge_into
+from longscan.distributed.documents import document_ids, global_positions, to_device, visible_pieces
+from longscan.distributed.layouts import num_segments
+from longscan.kernels.softmax_attention import (BlockDocs, block_backward, block_forward, compute_dtype,
+                                                merge_into)
 
 
-def block_plan(q_segs, k_segs, causal: bool) -> list[tuple[slice, slice, str]]:
+@dataclass(frozen=True)
+class SPDocuments:
+    """Packed documents as the SP methods use them: ids of every global token, and the visible piece pairs."""
+    ids_cpu: torch.Tensor           # [T_global] int64, non-decreasing
+    visible: frozenset              # global (query piece, key piece) pairs with a visible key
+    world: int
+    layout: str
+    device: torch.device
+
+    @property
+    def ids(self) -> torch.Tensor:
+        """Document ids of the whole sequence in global order, on the inputs' device."""
+        return to_device(self.ids_cpu, self.device)
+
+    def of_rank(self, rank: int, local_len: int) -> torch.Tensor:
+        """Document ids of rank ``rank``'s local tokens, in local order, on the inputs' device."""
+        return to_device(self.ids_cpu[global_positions(local_len, self.world, rank, self.layout)], self.device)
+
+
+def sp_documents(cu_seqlens: Optional[torch.Tensor], local_len: int, world: int, layout: str, causal: bool,
+                 device) -> Optional[SPDocuments]:
+    if cu_seqlens is None:
+        return None
+    n = num_segments(world, layout)
+    total = local_len * world
+    return SPDocuments(document_ids(cu_seqlens, total), visible_pieces(cu_seqlens, n, total // n, causal), world,
+                       layout, torch.device(device))
+
+
+def block_plan(q_segs, k_segs, causal: bool, visible: Optional[frozenset] = None) -> list[tuple[slice, slice, str]]:
     """Kernel calls covering local query pieces ``q_segs`` against key pieces ``k_segs`` (global ids).
 
     Returns (query slot slice, key slot slice, mask) in units of pieces, adjacent pieces coalesced so a
     rank makes few, large calls: e.g. zigzag ring steps become one `T × T/2` or `T/2 × T` call.
+    ``visible`` (packed documents): only these (query piece, key piece) pairs hold a visible key.
     """
     nq, nk = len(q_segs), len(k_segs)
-    if not causal:
+    keep = (lambda a, b: True) if visible is None else (lambda a, b: (a, b) in visible)
+    if not causal and visible is None:
         return [(slice(0, nq), slice(0, nk), "full")]
-    if list(q_segs) == list(k_segs) and list(q_segs) == sorted(q_segs):
+    if causal and list(q_segs) == list(k_segs) and list(q_segs) == sorted(q_segs):
         # Own pieces in increasing global order: causal over the local concatenation is exactly the
         # piece-level pattern (earlier own pieces full, same piece diagonal, later ones skipped).
         return [(slice(0, nq), slice(0, nk), "causal")]
     calls = []
     for a, qs in enumerate(q_segs):
-        full = [b for b, ks in enumerate(k_segs) if ks < qs]
+        full = [b for b, ks in enumerate(k_segs) if (ks < qs or not causal) and keep(qs, ks)]
         start = None
         for i, b in enumerate(full):                       # contiguous runs of visible key slots
             start = b if start is None else start
             if i + 1 == len(full) or full[i + 1] != b + 1:
                 calls.append((slice(a, a + 1), slice(start, b + 1), "full"))
                 start = None
-        calls += [(slice(a, a + 1), slice(b, b + 1), "causal") for b, ks in enumerate(k_segs) if ks == qs]
+        if causal:
+            calls += [(slice(a, a + 1), slice(b, b + 1), "causal") for b, ks in enumerate(k_segs) if ks == qs]
     # Neighbouring query slots with the same full key range become one call.
     merged = []
     for qsl, ksl, mask in calls:
@@ -57,15 +99,22 @@ def new_accumulators(q, dv_dim: int):
     return q.new_zeros(b, t, h, dv_dim, dtype=dt), q.new_full((b, h, t), float("-inf"), dtype=dt)
 
 
-def forward_blocks(out, lse, q, k, v, plan, q_seg_len, k_seg_len, scale, backend, fresh=False) -> None:
+def _docs(q_docs, k_docs, qs, ks) -> Optional[BlockDocs]:
+    return None if q_docs is None else BlockDocs(q_docs[qs], k_docs[ks])
+
+
+def forward_blocks(out, lse, q, k, v, plan, q_seg_len, k_seg_len, scale, backend, fresh=False,
+                   q_docs=None, k_docs=None) -> None:
     """Run ``plan`` (from :func:`block_plan`) and merge each block into (out, lse) in place.
 
     ``fresh``: (out, lse) hold nothing yet, so a first call covering every row is copied, not merged.
+    ``q_docs``/``k_docs``: document ids `[Tq]`/`[Tk]` of q and k (packed documents) or None.
     """
     for i, (qs, ks, mask) in enumerate(plan):
         covers_all = qs.start == 0 and qs.stop * q_seg_len == q.shape[1]
         qs, ks = token_slice(qs, q_seg_len), token_slice(ks, k_seg_len)
-        o_b, lse_b = block_forward(q[:, qs], k[:, ks], v[:, ks], scale, mask, backend)
+        o_b, lse_b = block_forward(q[:, qs], k[:, ks], v[:, ks], scale, mask, backend,
+                                   _docs(q_docs, k_docs, qs, ks))
         if fresh and i == 0 and covers_all:
             out.copy_(o_b)
             lse.copy_(lse_b)
@@ -73,12 +122,13 @@ def forward_blocks(out, lse, q, k, v, plan, q_seg_len, k_seg_len, scale, backend
             merge_into(out, lse, o_b, lse_b, qs)
 
 
-def backward_blocks(dq, dk, dv, do, q, k, v, o, lse, plan, q_seg_len, k_seg_len, scale, backend) -> None:
+def backward_blocks(dq, dk, dv, do, q, k, v, o, lse, plan, q_seg_len, k_seg_len, scale, backend,
+                    q_docs=None, k_docs=None) -> None:
     """Accumulate the block gradients of ``plan`` into dq, dk, dv (compute dtype) in place."""
     for qs, ks, mask in plan:
         qs, ks = token_slice(qs, q_seg_len), token_slice(ks, k_seg_len)
         dq_b, dk_b, dv_b = block_backward(do[:, qs], q[:, qs], k[:, ks], v[:, ks], o[:, qs], lse[:, :, qs],
-                                          scale, mask, backend)
+                                          scale, mask, backend, _docs(q_docs, k_docs, qs, ks))
         dq[:, qs] += dq_b
         dk[:, ks] += dk_b
         dv[:, ks] += dv_b

@@ -28,6 +28,7 @@ class SoftmaxSPOptions:
     layout: str = "zigzag"
     backend: str = "auto"             # a ``longscan.kernels.softmax_attention.BACKENDS`` name
     chunk_heads: Optional[int] = None  # kv heads per all-gather (allgather only); None = all at once
+    cu_seqlens: Optional[torch.Tensor] = None  # packed documents: int64 CPU offsets into the global sequence
 
     def __post_init__(self):
         if not isinstance(self.causal, bool):

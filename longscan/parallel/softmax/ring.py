@@ -10,6 +10,8 @@ Causal masking is decided per piece (``common.block_plan``). With zigzag (rank r
 j < r is seen fully by both local pieces but only its first half is visible (`T × T/2`); from j > r
 only the second local piece sees it, all of it (`T/2 × T`); the fully masked pairs are skipped.
 With contiguous, blocks from later ranks are skipped entirely (correct, but unbalanced).
+With packed documents a step computes only the piece pairs that share a document (none: no compute that
+step, but the block still travels on).
 
 Backward recomputes the ring: K/V travel again, and each block's dK/dV accumulator travels with it,
 gathering every rank's contribution, and arrives home after W hops.
@@ -20,15 +22,24 @@ import torch
 
 from longscan.distributed.layouts import group_rank_size, segment_ids
 from longscan.distributed.ring import RingComm
-from longscan.parallel.softmax.common import backward_blocks, block_plan, forward_blocks, new_accumulators, zeros_acc
+from longscan.parallel.softmax.common import (backward_blocks, block_plan, forward_blocks, new_accumulators,
+                                              sp_documents, zeros_acc)
 from longscan.parallel.softmax.function import SoftmaxSPFunction, SoftmaxSPOptions
 
 
-def ring_forward(q, k, v, scale, causal, group, layout, backend):
+def _step_docs(docs, rank, src, t_local):
+    """(q ids, visiting block's k ids, visible pairs) of a ring step, or Nones without documents."""
+    if docs is None:
+        return None, None, None
+    return docs.of_rank(rank, t_local), docs.of_rank(src, t_local), docs.visible
+
+
+def ring_forward(q, k, v, scale, causal, group, layout, backend, cu_seqlens=None):
     """-> (out `[B, T, Hq, D]`, lse `[B, Hq, T]`), both in the compute dtype."""
     rank, world = group_rank_size(group)
     q_segs = segment_ids(rank, world, layout)
     seg_len = q.shape[1] // len(q_segs)
+    docs = sp_documents(cu_seqlens, q.shape[1], world, layout, causal, q.device)
     out, lse = new_accumulators(q, v.shape[-1])
     comm = RingComm(group) if world > 1 else None
     kv = [k, v]
@@ -37,19 +48,22 @@ def ring_forward(q, k, v, scale, causal, group, layout, backend):
             nxt = comm.send_recv(kv)
             comm.commit()
         src = (rank - step) % world
-        plan = block_plan(q_segs, segment_ids(src, world, layout), causal)
-        forward_blocks(out, lse, q, kv[0], kv[1], plan, seg_len, seg_len, scale, backend, fresh=step == 0)
+        q_docs, k_docs, visible = _step_docs(docs, rank, src, q.shape[1])
+        plan = block_plan(q_segs, segment_ids(src, world, layout), causal, visible)
+        forward_blocks(out, lse, q, kv[0], kv[1], plan, seg_len, seg_len, scale, backend, fresh=step == 0,
+                       q_docs=q_docs, k_docs=k_docs)
         if step + 1 < world:
             comm.wait()
             kv = nxt
     return out, lse
 
 
-def ring_backward(do, q, k, v, o, lse, scale, causal, group, layout, backend):
+def ring_backward(do, q, k, v, o, lse, scale, causal, group, layout, backend, cu_seqlens=None):
     """-> (dq, dk, dv) in the compute dtype (dk/dv with the Hkv heads of k/v)."""
     rank, world = group_rank_size(group)
     q_segs = segment_ids(rank, world, layout)
     seg_len = q.shape[1] // len(q_segs)
+    docs = sp_documents(cu_seqlens, q.shape[1], world, layout, causal, q.device)
     dq = zeros_acc(q)
     kv_comm = RingComm(group) if world > 1 else None
     d_comm = RingComm(group) if world > 1 else None
@@ -60,8 +74,10 @@ def ring_backward(do, q, k, v, o, lse, scale, causal, group, layout, backend):
             kv_comm.commit()
         src = (rank - step) % world
         dk_b, dv_b = zeros_acc(k), zeros_acc(v)
-        plan = block_plan(q_segs, segment_ids(src, world, layout), causal)
-        backward_blocks(dq, dk_b, dv_b, do, q, kv[0], kv[1], o, lse, plan, seg_len, seg_len, scale, backend)
+        q_docs, k_docs, visible = _step_docs(docs, rank, src, q.shape[1])
+        plan = block_plan(q_segs, segment_ids(src, world, layout), causal, visible)
+        backward_blocks(dq, dk_b, dv_b, do, q, kv[0], kv[1], o, lse, plan, seg_len, seg_len, scale, backend,
+                        q_docs, k_docs)
         if world > 1:
             if step > 0:
                 # The accumulator of block `src` arrives from rank r-1 (sent at the end of its step s-1);
@@ -88,10 +104,12 @@ class Ring:
         pass                                          # any heads, any group size
 
     def forward(self, q, k, v, opts: SoftmaxSPOptions):
-        return ring_forward(q, k, v, opts.scale, opts.causal, opts.group, opts.layout, opts.backend)
+        return ring_forward(q, k, v, opts.scale, opts.causal, opts.group, opts.layout, opts.backend,
+                            opts.cu_seqlens)
 
     def backward(self, do, q, k, v, o, lse, opts: SoftmaxSPOptions):
-        return ring_backward(do, q, k, v, o, lse, opts.scale, opts.causal, opts.group, opts.layout, opts.backend)
+        return ring_backward(do, q, k, v, o, lse, opts.scale, opts.causal, opts.group, opts.layout, opts.backend,
+                             opts.cu_seqlens)
 
     def attend(self, q, k, v, opts: SoftmaxSPOptions) -> torch.Tensor:
         return SoftmaxSPFunction.apply(q, k, v, self, opts)

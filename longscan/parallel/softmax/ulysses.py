@@ -7,6 +7,9 @@ order 0, 2W-1, 1, 2W-2, ...; so for causal attention the local attention re-orde
 global order, runs one causal call, and restores the order of its output (the mask must follow global
 positions, not the order the all-to-all delivered).
 
+With packed documents the sequence is always re-ordered into global order (document ids must not decrease
+along it) and the single-device document mask applies: every rank holds whole sequences for its heads.
+
 Heads are split evenly, so Hq and Hkv must both divide by W (query head h then lands on the rank of its
 kv head h // (Hq/Hkv)).
 """
@@ -17,7 +20,8 @@ import torch.distributed as dist
 
 from longscan.distributed.layouts import group_rank_size, num_segments, segment_ids
 from longscan.distributed.stats import count, nbytes
-from longscan.kernels.softmax_attention import block_backward, block_forward
+from longscan.distributed.documents import document_ids, to_device
+from longscan.kernels.softmax_attention import BlockDocs, block_backward, block_forward
 from longscan.parallel.softmax.function import SoftmaxSPFunction, SoftmaxSPOptions
 
 
@@ -32,37 +36,47 @@ def _permute(x, order, n):
     return torch.cat([pieces[i] for i in order], dim=1)
 
 
-def _reorder(world, layout, causal):
+def _reorder(world, layout, needs_order):
     """(to_global, to_delivered) piece index lists, or None when the delivered order already works."""
     order = _global_order(world, layout)
-    if not causal or order == sorted(order):
+    if not needs_order or order == sorted(order):
         return None
     to_global = sorted(range(len(order)), key=lambda i: order[i])   # delivered index of global piece s
     return to_global, order
 
 
-def ulysses_forward(q, k, v, scale, causal, world, layout, backend):
+def _docs(cu_seqlens, q):
+    """Document ids of the whole sequence in global order, for q and k alike (None without documents)."""
+    if cu_seqlens is None:
+        return None
+    ids = to_device(document_ids(cu_seqlens, q.shape[1]), q.device)
+    return BlockDocs(ids, ids)
+
+
+def ulysses_forward(q, k, v, scale, causal, world, layout, backend, cu_seqlens=None):
     """Local attention of head-sharded q `[B, W·T, Hq/W, D]`, k/v `[B, W·T, Hkv/W, D]` -> (o, lse)."""
     mask = "causal" if causal else "full"
-    perm = _reorder(world, layout, causal)
+    docs = _docs(cu_seqlens, q)
+    perm = _reorder(world, layout, causal or docs is not None)
     if perm is None:
-        return block_forward(q, k, v, scale, mask, backend)
+        return block_forward(q, k, v, scale, mask, backend, docs)
     n = num_segments(world, layout)
     to_global, to_delivered = perm
-    o, lse = block_forward(*(_permute(x, to_global, n) for x in (q, k, v)), scale, mask, backend)
+    o, lse = block_forward(*(_permute(x, to_global, n) for x in (q, k, v)), scale, mask, backend, docs)
     return _permute(o, to_delivered, n), _permute(lse.transpose(1, 2), to_delivered, n).transpose(1, 2)
 
 
-def ulysses_backward(do, q, k, v, o, lse, scale, causal, world, layout, backend):
+def ulysses_backward(do, q, k, v, o, lse, scale, causal, world, layout, backend, cu_seqlens=None):
     mask = "causal" if causal else "full"
-    perm = _reorder(world, layout, causal)
+    docs = _docs(cu_seqlens, q)
+    perm = _reorder(world, layout, causal or docs is not None)
     if perm is None:
-        return block_backward(do, q, k, v, o, lse, scale, mask, backend)
+        return block_backward(do, q, k, v, o, lse, scale, mask, backend, docs)
     n = num_segments(world, layout)
     to_global, to_delivered = perm
     do_g, q_g, k_g, v_g, o_g = (_permute(x, to_global, n) for x in (do, q, k, v, o))
     lse_g = _permute(lse.transpose(1, 2), to_global, n).transpose(1, 2)
-    grads = block_backward(do_g, q_g, k_g, v_g, o_g, lse_g, scale, mask, backend)
+    grads = block_backward(do_g, q_g, k_g, v_g, o_g, lse_g, scale, mask, backend, docs)
     return tuple(_permute(g, to_delivered, n) for g in grads)
 
 
@@ -107,7 +121,7 @@ class Ulysses:
 
     def forward(self, q, k, v, opts: SoftmaxSPOptions):
         _, world = group_rank_size(opts.group)
-        o, lse = ulysses_forward(q, k, v, opts.scale, opts.causal, world, opts.layout, opts.backend)
+        o, lse = ulysses_forward(q, k, v, opts.scale, opts.causal, world, opts.layout, opts.backend, opts.cu_seqlens)
         o = o.to(q.dtype)                            # what the second all-to-all carries
         _count_all_to_all((q, k, v, o), world)
         return o, lse
@@ -115,7 +129,7 @@ class Ulysses:
     def backward(self, do, q, k, v, o, lse, opts: SoftmaxSPOptions):
         _, world = group_rank_size(opts.group)
         dq, dk, dv = ulysses_backward(do, q, k, v, o, lse, opts.scale, opts.causal, world, opts.layout,
-                                      opts.backend)
+                                      opts.backend, opts.cu_seqlens)
         dq, dk, dv = dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
         _count_all_to_all((do, dq, dk, dv), world)
         return dq, dk, dv

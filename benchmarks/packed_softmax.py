@@ -1,0 +1,137 @@
+"""Packed documents vs one unpacked sequence: softmax SP (ring, zigzag) forward+backward on one process.
+
+    python benchmarks/packed_softmax.py                                    # CPU: torch backend, small sizes
+    python benchmarks/packed_softmax.py --total 65536 --doc-len 2048 --heads 32 --kv-heads 8 --head-dim 128
+
+Rows, all over the same ``--total`` tokens (one rank, so the ring is one step and the time is the kernel's):
+- "unpacked": causal attention over the whole sequence (no documents);
+- "packed": the same tokens with ``cu_seqlens`` (documents of about ``--doc-len`` tokens, lengths drawn in
+  [doc_len/2, 3·doc_len/2]): the document mask and the block skipping;
+- "per-document": each document attended on its own, one call each, summed — the work packing must reach.
+"x per-doc" is a row's time over the per-document time; "work" is the fraction of the causal score matrix
+a row needs. ``--check`` adds the packed output's and gradients' error against the per-document float64
+(CPU) / float32 (GPU) reference. A table goes to stdout and every row to --json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from longscan.distributed.layouts import shard
+from longscan.kernels.softmax_attention import attention
+from longscan.parallel.softmax import softmax_attention
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--total", type=int, default=None, help="tokens in the sequence (default 65536 GPU, 2048 CPU)")
+    p.add_argument("--doc-len", type=int, default=None, help="mean document length (default 2048 GPU, 128 CPU)")
+    p.add_argument("--heads", type=int, default=None)
+    p.add_argument("--kv-heads", type=int, default=None)
+    p.add_argument("--head-dim", type=int, default=None)
+    p.add_argument("--dtype", choices=list(DTYPES), default=None)
+    p.add_argument("--backend", default="auto", help="auto: triton on CUDA with documents, torch on CPU")
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--check", action="store_true")
+    p.add_argument("--json", default="packed_softmax.json")
+    return p.parse_args(argv)
+
+
+def doc_lengths(total: int, mean: int, seed: int) -> list[int]:
+    gen = torch.Generator().manual_seed(seed)
+    out, left = [], total
+    while left:
+        n = int(torch.randint(max(1, mean // 2), mean + mean // 2 + 1, (1,), generator=gen))
+        out.append(min(n, left))
+        left -= out[-1]
+    return out
+
+
+def time_fb(fn, do, device, iters, warmup) -> float:
+    """Median seconds of fn().backward(do)."""
+    for _ in range(warmup):
+        fn().backward(do)
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn().backward(do)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    total = args.total or (65536 if cuda else 2048)
+    mean = args.doc_len or (2048 if cuda else 128)
+    H = args.heads or (32 if cuda else 4)
+    Hkv = args.kv_heads or H
+    D = args.head_dim or (128 if cuda else 32)
+    dtype = DTYPES[args.dtype or ("bfloat16" if cuda else "float32")]
+    lengths = doc_lengths(total, mean, args.seed)
+    cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    q, k, v = (torch.randn(1, total, h, D, device=device, dtype=dtype, generator=gen).requires_grad_()
+               for h in (H, Hkv, Hkv))
+    do = torch.randn(1, total, H, D, device=device, dtype=dtype, generator=gen)
+    backend = args.backend
+    if backend == "auto" and cuda:
+        backend = "triton"           # the one CUDA kernel that takes documents; the unpacked row uses it too
+    loc = [shard(x.detach(), 1, None, "zigzag").requires_grad_() for x in (q, k, v)]
+    do_loc = shard(do, 1, None, "zigzag")
+
+    def ring(cu_seqlens):
+        return lambda: softmax_attention(*loc, causal=True, method="ring", layout="zigzag", backend=backend,
+                                         cu_seqlens=cu_seqlens)
+
+    def per_doc():
+        outs = [attention(q[:, a:b], k[:, a:b], v[:, a:b], causal=True, backend=backend)
+                for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())]
+        return torch.cat(outs, 1)
+
+    causal_work = total * (total + 1) / 2
+    doc_work = sum(n * (n + 1) / 2 for n in lengths)
+    t_doc = time_fb(per_doc, do, device, args.iters, args.warmup)
+    rows = []
+    for name, fn, work in (("unpacked", ring(None), 1.0), ("packed", ring(cu), doc_work / causal_work)):
+        t = time_fb(fn, do_loc, device, args.iters, args.warmup)
+        rows.append(dict(row=name, ms=t * 1e3, x_per_doc=t / t_doc, work=work))
+    rows.append(dict(row="per-document", ms=t_doc * 1e3, x_per_doc=1.0, work=doc_work / causal_work))
+    if args.check:
+        ref_dtype = torch.float64 if not cuda else torch.float32
+        leaves = [x.detach().to(ref_dtype).requires_grad_() for x in (q, k, v)]
+        o_ref = torch.cat([attention(*(x[:, a:b] for x in leaves), causal=True, backend="torch")
+                           for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())], 1)
+        g_ref = torch.autograd.grad(o_ref, leaves, do.to(ref_dtype))
+        o = ring(cu)()
+        grads = torch.autograd.grad(o, loc, do_loc)
+        sh = lambda t: shard(t, 1, None, "zigzag").double()  # noqa: E731
+        err = lambda a, b: ((a.double() - sh(b)).norm() / sh(b).norm()).item()  # noqa: E731
+        rows[1]["rel_err"] = max([err(o, o_ref)] + [err(a, b) for a, b in zip(grads, g_ref)])
+    title = (f"# packed_softmax  {torch.cuda.get_device_name() if cuda else 'cpu'}  {dtype}  T={total} "
+             f"docs={len(lengths)} (mean {mean})  H={H} Hkv={Hkv} D={D}  ring/zigzag, 1 process, backend={backend}")
+    print(title)
+    print("| row | ms | x per-doc | work | rel err |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        err = f"{r['rel_err']:.1e}" if "rel_err" in r else ""
+        print(f"| {r['row']} | {r['ms']:.2f} | {r['x_per_doc']:.2f} | {r['work']:.3f} | {err} |")
+    with open(args.json, "w") as f:
+        json.dump(dict(title=title, rows=rows, lengths=lengths, torch=torch.__version__), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""Packed documents over a sequence layout: which document each local token belongs to.
+
+Documents are given fla's way: ``cu_seqlens`` `[N + 1]` (int32/int64) holds offsets into the *global*
+sequence, 0 = cu[0] < cu[1] < ... < cu[N] = T_global, the same on every rank. Attention never crosses a
+document boundary, and positions (RoPE) restart at 0 in every document.
+
+The maps here follow ``layouts.py``: a rank's local tokens are its pieces (segments) in local order. For a
+pair (query piece a, key piece b) the question "can any query of a see any key of b" is answered from the
+documents at the pieces' ends alone, because document ids never decrease along the sequence:
+- causal, b < a: only the document that ends piece b and starts piece a can be shared;
+- causal, b == a: always (every token sees itself);
+- not causal: the two pieces' document ranges overlap.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from longscan.distributed.layouts import check_layout, num_segments, segment_ids
+
+
+def check_cu_seqlens(cu_seqlens, total: int) -> torch.Tensor:
+    """Validate ``cu_seqlens`` against a global length ``total`` -> int64 CPU copy."""
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be a torch.Tensor of offsets, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must be a 1-D int32/int64 tensor [N + 1] with N >= 1, got "
+                         f"{cu_seqlens.dtype} of shape {tuple(cu_seqlens.shape)}")
+    cu = cu_seqlens.detach().to("cpu", torch.int64)
+    if cu[0] != 0 or cu[-1] != total:
+        raise ValueError(f"cu_seqlens must start at 0 and end at the global length {total}, got "
+                         f"{int(cu[0])} ... {int(cu[-1])}")
+    if bool((cu[1:] <= cu[:-1]).any()):
+        raise ValueError("cu_seqlens must be strictly increasing (every document holds at least one token)")
+    return cu
+
+
+def to_device(x: torch.Tensor, device) -> torch.Tensor:
+    """A CPU map onto ``device`` without a host-device sync: pinned and non-blocking on CUDA (a pageable copy
+    would wait for the stream at every attention call)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
+
+
+def document_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """Document index `[total]` (int64) of every global token."""
+    cu = check_cu_seqlens(cu_seqlens, total)
+    return torch.searchsorted(cu[1:], torch.arange(total), right=True)
+
+
+def document_positions(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """Position of every global token inside its document `[total]` (int64), for RoPE."""
+    cu = check_cu_seqlens(cu_seqlens, total)
+    return torch.arange(total) - cu[document_ids(cu, total)]
+
+
+def global_positions(local_len: int, world: int, rank: int, layout: str) -> torch.Tensor:
+    """Global index `[local_len]` of each local token (``layouts.positions`` without a process group)."""
+    check_layout(layout)
+    segs = segment_ids(rank, world, layout)
+    if local_len % len(segs):
+        raise ValueError(f"layout={layout!r} needs a local length divisible by {len(segs)}, got {local_len}")
+    n = local_len // len(segs)
+    return torch.cat([torch.arange(s * n, (s + 1) * n) for s in segs])
+
+
+def piece_documents(cu_seqlens: torch.Tensor, n_pieces: int, seg_len: int) -> list[tuple[int, int]]:
+    """(first, last) document id of each of the ``n_pieces`` global pieces of ``seg_len`` tokens."""
+    doc = document_ids(cu_seqlens, n_pieces * seg_len)
+    return [(int(doc[p * seg_len]), int(doc[(p + 1) * seg_len - 1])) for p in range(n_pieces)]
+
+
+def visible_pieces(cu_seqlens: torch.Tensor, n_pieces: int, seg_len: int, causal: bool = True
+                   ) -> frozenset[tuple[int, int]]:
+    """The (query piece, key piece) pairs, global ids, in which some query may attend some key."""
+    docs = piece_documents(cu_seqlens, n_pieces, seg_len)
+    pairs = set()
+    for a, (qa, qz) in enumerate(docs):
+        for b, (ka, kz) in enumerate(docs):
+            if causal:
+                ok = b == a or (b < a and kz == qa)
+            else:
+                ok = ka <= qz and qa <= kz
+            if ok:
+                pairs.add((a, b))
+    return frozenset(pairs)
+
+
+@dataclass(frozen=True)
+class LocalDocuments:
+    """What one rank needs to know about the documents of its local tokens."""
+    doc_ids: torch.Tensor        # [T_local] int64: document of each local token
+    positions: torch.Tensor      # [T_local] int64: position inside its document (RoPE)
+    spans: tuple                 # per local piece: ((doc, local start, local stop), ...) in local token offsets
+    visible: frozenset           # global (query piece, key piece) pairs with at least one visible key
+
+
+def local_documents(cu_seqlens: torch.Tensor, local_len: int, world: int, rank: int, layout: str,
+                    causal: bool = True) -> LocalDocuments:
+    """The document maps of rank ``rank``'s ``local_len`` tokens in ``layout`` over ``world`` ranks."""
+    check_layout(layout)
+    if not 0 <= rank < world:
+        raise ValueError(f"rank must be in [0, {world}), got {rank}")
+    total = local_len * world
+    cu = check_cu_seqlens(cu_seqlens, total)
+    gpos = global_positions(local_len, world, rank, layout)
+    doc = document_ids(cu, total)[gpos]
+    pos = gpos - cu[doc]
+    n = num_segments(world, layout)
+    seg_len = total // n
+    spans = []
+    for slot in range(len(segment_ids(rank, world, layout))):
+        lo = slot * seg_len
+        d = doc[lo:lo + seg_len]
+        starts = [0] + [i for i in range(1, seg_len) if d[i] != d[i - 1]] + [seg_len]
+        spans.append(tuple((int(d[s]), lo + s, lo + e) for s, e in zip(starts[:-1], starts[1:])))
+    return LocalDocuments(doc, pos, tuple(spans), visible_pieces(cu, n, seg_len, causal))

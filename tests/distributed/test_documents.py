@@ -1,0 +1,65 @@
+"""Document maps of a layout against brute force over random document lengths (no processes needed)."""
+import pytest
+import torch
+
+from longscan.distributed.documents import check_cu_seqlens, document_positions, local_documents
+from longscan.distributed.layouts import num_segments, segment_ids
+
+
+def random_cu(total, gen, max_len):
+    lens, left = [], total
+    while left:
+        n = int(torch.randint(1, max_len + 1, (1,), generator=gen))
+        lens.append(min(n, left))
+        left -= lens[-1]
+    return torch.tensor([0] + lens).cumsum(0).to(torch.int32)
+
+
+CASES = [(w, layout, t, max_len, seed) for w in (1, 2, 3, 4) for layout in ("contiguous", "zigzag")
+         for t, max_len in ((8, 1), (8, 3), (12, 40)) for seed in (0, 1)]
+
+
+@pytest.mark.parametrize("world,layout,t_local,max_len,seed", CASES)
+def test_local_documents_brute_force(world, layout, t_local, max_len, seed):
+    gen = torch.Generator().manual_seed(seed + 7 * world + t_local)
+    total = world * t_local
+    cu = random_cu(total, gen, max_len)
+    starts = cu.tolist()
+    doc_of = [max(i for i, s in enumerate(starts[:-1]) if s <= t) for t in range(total)]
+    n = num_segments(world, layout)
+    seg = total // n
+    for causal in (True, False):
+        for rank in range(world):
+            m = local_documents(cu, t_local, world, rank, layout, causal)
+            gpos = [s * seg + i for s in segment_ids(rank, world, layout) for i in range(seg)]
+            assert m.doc_ids.tolist() == [doc_of[g] for g in gpos]
+            assert m.positions.tolist() == [g - starts[doc_of[g]] for g in gpos]
+            # spans cover each local piece, one run per document, in order
+            for slot, spans in enumerate(m.spans):
+                covered = []
+                for d, lo, hi in spans:
+                    assert all(doc_of[gpos[i]] == d for i in range(lo, hi))
+                    covered += range(lo, hi)
+                assert covered == list(range(slot * seg, (slot + 1) * seg))
+                assert len({d for d, _, _ in spans}) == len(spans)
+            # visible pairs: some query i of piece a sees some key j of piece b
+            want = {(a, b) for a in range(n) for b in range(n)
+                    if any(doc_of[i] == doc_of[j] and (j <= i or not causal)
+                           for i in range(a * seg, (a + 1) * seg) for j in range(b * seg, (b + 1) * seg))}
+            assert m.visible == want
+
+
+def test_positions_restart_per_document():
+    cu = torch.tensor([0, 3, 4, 9])
+    assert document_positions(cu, 9).tolist() == [0, 1, 2, 0, 0, 1, 2, 3, 4]
+
+
+def test_bad_cu_seqlens():
+    with pytest.raises(ValueError, match="end at the global length 8"):
+        check_cu_seqlens(torch.tensor([0, 3, 7]), 8)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        check_cu_seqlens(torch.tensor([0, 3, 3, 8]), 8)
+    with pytest.raises(ValueError, match="int32/int64"):
+        check_cu_seqlens(torch.tensor([0.0, 8.0]), 8)
+    with pytest.raises(TypeError, match="cu_seqlens must be a torch.Tensor"):
+        check_cu_seqlens([0, 8], 8)
