@@ -45,10 +45,12 @@ def run_rank(config: str | None, overrides: list[str]) -> int:
     try:
         cfg = load_config(config, overrides)
         if launcher:  # our launcher leaves the rendezvous to the ranks, so that they can report on it
+            timeout = float(os.environ[RDZV_TIMEOUT_ENV])
             store = rendezvous(RendezvousOptions(
                 master_addr=os.environ["MASTER_ADDR"], master_port=int(os.environ["MASTER_PORT"]), rank=rank,
                 world_size=int(os.environ["WORLD_SIZE"]), local_rank=int(os.environ["LOCAL_RANK"]),
-                nproc_per_node=int(os.environ["LOCAL_WORLD_SIZE"]), timeout_s=float(os.environ[RDZV_TIMEOUT_ENV])))
+                nproc_per_node=int(os.environ["LOCAL_WORLD_SIZE"]), timeout_s=timeout,
+                report_every_s=min(10.0, timeout / 4)))
             init_process_group(cfg.parallel.timeout_s, store)
         trainer = Trainer(cfg, stop)
         history = trainer.train()

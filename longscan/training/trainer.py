@@ -154,7 +154,15 @@ class Trainer:
         self.run_id = run_id
         if not c.resume:
             return
-        path, marker, notes = ckpt.select(c.dir, self.layout())
+        try:
+            self._resume(c.dir)
+        except BaseException:
+            self.close()
+            raise
+
+    def _resume(self, ckpt_dir: str) -> None:
+        r = self.ranks
+        path, marker, notes = ckpt.select(ckpt_dir, self.layout())
         if r.rank == 0:
             for n in notes:
                 print(f"longscan train: {n}", flush=True)
