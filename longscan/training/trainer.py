@@ -335,7 +335,7 @@ class Trainer:
         if self.step == 0 and c.schedule.val_every:
             v = self.evaluate()
             history["val"].append((0, v))
-            metrics.log(0, val_loss=v)
+            metrics.log(0, **_json_safe({"val_loss": v}))
             if printer:
                 print(f"step {0:>5} | val loss {v:.4f}", flush=True)
         try:
