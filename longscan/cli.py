@@ -29,7 +29,7 @@ def _train_parser() -> argparse.ArgumentParser:
                    help="processes to start on this node (default: its GPUs, else 4 CPU processes)")
     p.add_argument("--nnodes", type=int, default=1, help="nodes of the run (start `longscan train` on each)")
     p.add_argument("--node-rank", type=int, default=0, help="this node's index in [0, nnodes)")
-    p.add_argument("--master-addr", default="127.0.0.1", help="host of node 0 (multi-node)")
+    p.add_argument("--master-addr", default="", help="host of node 0 (multi-node; default: this host)")
     p.add_argument("--master-port", type=int, default=0, help="free port on node 0 (multi-node; default: any)")
     p.add_argument("--rdzv-timeout", type=float, default=900.0,
                    help="seconds to wait for every node before failing (default 900)")
@@ -53,37 +53,14 @@ def cmd_train(argv: list[str]) -> int:
     if _under_torchrun():  # a rank: started by the launcher below or by torchrun
         from longscan.training.entry import run_rank
         return run_rank(args.config, args.overrides)
-    from longscan.training.launcher import LaunchOptions, launch, precheck, usage_error
-    from longscan.training.config import ConfigError, load_config, validate
+    from longscan.training.launcher import LaunchOptions, run_launcher, usage_error
     try:
         opts = LaunchOptions(nproc=args.nproc or _local_world(), nnodes=args.nnodes, node_rank=args.node_rank,
                              master_addr=args.master_addr, master_port=args.master_port,
                              rdzv_timeout_s=args.rdzv_timeout, stop_timeout_s=args.stop_timeout)
     except ValueError as e:
         return usage_error(str(e))
-    overrides = list(args.overrides)
-    if args.config is None and not any(o.startswith("parallel.") for o in overrides):
-        # The embedded default asks for SP 2; on one GPU it runs unsplit rather than not at all.
-        try:
-            p = load_config(None, overrides).parallel
-        except ConfigError:
-            p = None  # reported below
-        if p is not None and opts.world_size % (p.tp * p.pp * p.sp):
-            print(f"longscan train: {opts.world_size} process(es) cannot hold tp·pp·sp = {p.tp * p.pp * p.sp} of the "
-                  "default config; running it with parallel.tp=1 parallel.pp=1 parallel.sp=1", flush=True)
-            overrides += ["parallel.tp=1", "parallel.pp=1", "parallel.sp=1"]
-    from longscan.training.data import DataError, open_token_file
-    try:  # fail here, once, before starting processes
-        cfg = validate(load_config(args.config, overrides), opts.world_size)
-        if cfg.data.source == "tokens":
-            open_token_file(cfg.data.path)
-    except (ConfigError, DataError) as e:
-        return usage_error(f"{'config' if isinstance(e, ConfigError) else 'data'} error: {e}")
-    refusal = precheck(cfg)
-    if refusal:
-        return usage_error(refusal)
-    rank_args = (["--config", args.config] if args.config else []) + overrides
-    return launch(opts, rank_args)
+    return run_launcher(opts, args.config, list(args.overrides))
 
 
 def cmd_prepare_data(argv: list[str]) -> int:

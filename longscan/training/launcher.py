@@ -30,8 +30,8 @@ class LaunchOptions:
     """Rank processes on this node."""
     nnodes: int = 1
     node_rank: int = 0
-    master_addr: str = "127.0.0.1"
-    """Host of node 0, where global rank 0 serves the rendezvous."""
+    master_addr: str = ""
+    """Host of node 0, where global rank 0 serves the rendezvous ('' = this host, single node only)."""
     master_port: int = 0
     """Its port; 0 = a free port (single node only)."""
     rdzv_timeout_s: float = 900.0
@@ -87,6 +87,32 @@ def precheck(cfg) -> str | None:
     return None
 
 
+def run_launcher(o: LaunchOptions, config: str | None, overrides: list[str]) -> int:
+    """Check the run once (config, data, checkpoint directory), then :func:`launch` it."""
+    from longscan.training.config import ConfigError, load_config, validate
+    from longscan.training.data import DataError, open_token_file
+    if config is None and not any(x.startswith("parallel.") for x in overrides):
+        # The embedded default asks for SP 2; on one GPU it runs unsplit rather than not at all.
+        try:
+            p = load_config(None, overrides).parallel
+        except ConfigError:
+            p = None  # reported below
+        if p is not None and o.world_size % (p.tp * p.pp * p.sp):
+            print(f"longscan train: {o.world_size} process(es) cannot hold tp·pp·sp = {p.tp * p.pp * p.sp} of the "
+                  "default config; running it with parallel.tp=1 parallel.pp=1 parallel.sp=1", flush=True)
+            overrides = overrides + ["parallel.tp=1", "parallel.pp=1", "parallel.sp=1"]
+    try:  # fail here, once, before starting processes
+        cfg = validate(load_config(config, overrides), o.world_size)
+        if cfg.data.source == "tokens":
+            open_token_file(cfg.data.path)
+    except (ConfigError, DataError) as e:
+        return usage_error(f"{'config' if isinstance(e, ConfigError) else 'data'} error: {e}")
+    refusal = precheck(cfg)
+    if refusal:
+        return usage_error(refusal)
+    return launch(o, (["--config", config] if config else []) + overrides)
+
+
 def _describe(code: int) -> str:
     return f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
 
@@ -94,7 +120,7 @@ def _describe(code: int) -> str:
 def launch(o: LaunchOptions, rank_args: list[str]) -> int:
     """Start this node's ranks running `longscan train rank_args`; returns the run's exit code."""
     port = o.master_port or _free_port()
-    base = dict(os.environ, MASTER_ADDR=o.master_addr, MASTER_PORT=str(port), WORLD_SIZE=str(o.world_size),
+    base = dict(os.environ, MASTER_ADDR=o.master_addr or "127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(o.world_size),
                 LOCAL_WORLD_SIZE=str(o.nproc), GROUP_RANK=str(o.node_rank), **{
                     LAUNCHER_PID_ENV: str(os.getpid()), RDZV_TIMEOUT_ENV: str(o.rdzv_timeout_s)})
     base.setdefault("OMP_NUM_THREADS", "1")

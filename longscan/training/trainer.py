@@ -175,7 +175,7 @@ class Trainer:
                 print(f"resumed from {path} at step {self.step}", flush=True)
 
     def close(self) -> None:
-        """Release the checkpoint directory (rank 0's lock)."""
+        """Release the checkpoint directory (rank 0's lock); ``train()`` does when it returns or raises."""
         if self.lock is not None:
             self.lock.release()
             self.lock = None
@@ -372,6 +372,7 @@ class Trainer:
                     break
         finally:
             metrics.close()
+            self.close()  # the run is over: the checkpoint directory is free for the next one
         return history
 
     def _save_on_stop(self) -> bool:
