@@ -21,6 +21,17 @@ def _is_timeout(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and ("timed out" in text or "timeout" in text)
 
 
+def _suspects(heartbeat) -> str:
+    if heartbeat is None:
+        return "a peer rank is stopped, dead or far slower"
+    silent = heartbeat.silent_ranks()
+    if silent is None:
+        return "rank 0, which serves the rendezvous store, does not answer: it is stopped or dead"
+    if silent:
+        return f"not responding (stopped or dead): rank {', '.join(map(str, silent))}"
+    return "every rank is alive: a peer is far slower or waits in another collective"
+
+
 def run_rank(config: str | None, overrides: list[str]) -> int:
     """Train as rank RANK of WORLD_SIZE (environment); returns the process exit code."""
     from longscan.training.checkpoint import CheckpointError
@@ -37,6 +48,7 @@ def run_rank(config: str | None, overrides: list[str]) -> int:
     watch_parent(int(launcher) if launcher else os.getppid(), rank)
     stop = StopRequest().install()
     trainer = None
+    heartbeat = None
 
     def say(msg: str, all_ranks: bool = False) -> None:
         if all_ranks or rank == 0:
@@ -52,6 +64,9 @@ def run_rank(config: str | None, overrides: list[str]) -> int:
                 nproc_per_node=int(os.environ["LOCAL_WORLD_SIZE"]), timeout_s=timeout,
                 report_every_s=min(10.0, timeout / 4)))
             init_process_group(cfg.parallel.timeout_s, store)
+            from longscan.training.heartbeat import Heartbeat
+            heartbeat = Heartbeat(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), rank,
+                                  int(os.environ["WORLD_SIZE"]))
         trainer = Trainer(cfg, stop)
         history = trainer.train()
     except (ConfigError, DataError, LockError, CheckpointError) as e:  # every rank raises the same one
@@ -71,7 +86,7 @@ def run_rank(config: str | None, overrides: list[str]) -> int:
             timeout = collective_timeout_s(cfg.parallel.timeout_s, device)
             activity = trainer.activity if trainer is not None else "startup (process groups, data, resume)"
             say(f"rank {rank}: a collective timed out after {timeout:g} s (parallel.timeout_s) during {activity}; "
-                f"a peer rank is stopped, dead or far slower. ({type(e).__name__}: {str(e)[:300]})", all_ranks=True)
+                f"{_suspects(heartbeat)}. ({type(e).__name__}: {str(e)[:300]})", all_ranks=True)
             return EXIT_COLLECTIVE_TIMEOUT
         say(f"rank {rank} failed:\n{traceback.format_exc()}", all_ranks=True)
         return EXIT_FAILED

@@ -142,6 +142,7 @@ def test_stopped_rank_gives_a_named_collective_timeout(tmp_path):
                 os.kill(pid, signal.SIGKILL)
     assert rc == 4, out + err
     assert "rank 0: a collective timed out after 3 s (parallel.timeout_s) during " in err, err
+    assert "not responding (stopped or dead): rank 1." in err, err
     assert "killing rank 1" in err and not _alive(ranks[1])
 
 
