@@ -84,17 +84,21 @@ def rendezvous(o: RendezvousOptions) -> dist.TCPStore:
                                   f"{o.timeout_s:.0f} s ({type(e).__name__}: {str(e)[:300]}); is node 0 started, "
                                   "and are --master-addr/--master-port right and reachable?") from e
         store.set(f"{_PREFIX}rank{o.rank}", socket.gethostname())
-        keys = [f"{_PREFIX}rank{r}" for r in range(o.world_size)]
-        while True:
-            missing = [r for r, k in enumerate(keys) if not store.check([k])]
-            if not missing:
-                return store
-            state["what"] = f"{len(missing)} of {o.world_size} ranks to join at {where}: " \
-                            f"{_missing_nodes(missing, o.nproc_per_node)}"
-            if time.monotonic() - t0 > o.timeout_s:
-                raise RendezvousError(f"rendezvous at {where} timed out after {o.timeout_s:.0f} s: "
-                                      f"{_missing_nodes(missing, o.nproc_per_node)} never joined; start every node "
-                                      "with the same --nnodes, --master-addr and --master-port")
+        store.add(f"{_PREFIX}joined", 1)
+        next_look = 0.0
+        while store.add(f"{_PREFIX}joined", 0) < o.world_size:  # one counter read per poll, whatever the world
+            now = time.monotonic()
+            late = now - t0 > o.timeout_s
+            if late or (o.local_rank == 0 and now >= next_look):  # who is missing: one key per rank, so rarely
+                missing = [r for r in range(o.world_size) if not store.check([f"{_PREFIX}rank{r}"])]
+                state["what"] = (f"{len(missing)} of {o.world_size} ranks to join at {where}: "
+                                 f"{_missing_nodes(missing, o.nproc_per_node)}")
+                next_look = now + o.report_every_s / 2
+                if late:
+                    raise RendezvousError(f"rendezvous at {where} timed out after {o.timeout_s:.0f} s: "
+                                          f"{_missing_nodes(missing, o.nproc_per_node)} never joined; start every "
+                                          "node with the same --nnodes, --master-addr and --master-port")
             time.sleep(0.2)
+        return store
     finally:
         done.set()

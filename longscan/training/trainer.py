@@ -368,7 +368,10 @@ class Trainer:
                         print(f"checkpoint {path}", flush=True)
                 if self.stop_signal:
                     if printer:
-                        print(f"longscan train: stopped by {self.stop_signal.name} after step {self.step}", flush=True)
+                        nothing = self._save_on_stop() and not c.checkpoint.dir
+                        unsaved = " (no checkpoint.dir: nothing saved)" if nothing else ""
+                        print(f"longscan train: stopped by {self.stop_signal.name} after step {self.step}{unsaved}",
+                              flush=True)
                     break
         finally:
             metrics.close()
