@@ -18,7 +18,8 @@ class Heartbeat:
     """Started by each rank after the rendezvous; :meth:`silent_ranks` asks the store who stopped."""
 
     def __init__(self, master_addr: str, master_port: int, rank: int, world_size: int, interval_s: float = 1.0):
-        self.addr, self.port, self.rank, self.world, self.interval_s = master_addr, master_port, rank, world_size, interval_s
+        self.addr, self.port, self.rank, self.world = master_addr, master_port, rank, world_size
+        self.interval_s = interval_s
         self._store = self._client(timeout_s=30.0)
         threading.Thread(target=self._beat, name="longscan-heartbeat", daemon=True).start()
 

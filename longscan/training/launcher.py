@@ -120,8 +120,8 @@ def _describe(code: int) -> str:
 def launch(o: LaunchOptions, rank_args: list[str]) -> int:
     """Start this node's ranks running `longscan train rank_args`; returns the run's exit code."""
     port = o.master_port or _free_port()
-    base = dict(os.environ, MASTER_ADDR=o.master_addr or "127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(o.world_size),
-                LOCAL_WORLD_SIZE=str(o.nproc), GROUP_RANK=str(o.node_rank), **{
+    base = dict(os.environ, MASTER_ADDR=o.master_addr or "127.0.0.1", MASTER_PORT=str(port),
+                WORLD_SIZE=str(o.world_size), LOCAL_WORLD_SIZE=str(o.nproc), GROUP_RANK=str(o.node_rank), **{
                     LAUNCHER_PID_ENV: str(os.getpid()), RDZV_TIMEOUT_ENV: str(o.rdzv_timeout_s)})
     base.setdefault("OMP_NUM_THREADS", "1")
     procs: list[subprocess.Popen] = []
@@ -167,8 +167,7 @@ def _wait(o: LaunchOptions, procs: list[subprocess.Popen], received: list[int]) 
                     print(f"longscan train: rank {o.node_rank * o.nproc + i} (pid {procs[i].pid}) {_describe(c)}; "
                           f"stopping the other ranks", file=sys.stderr, flush=True)
                     break
-        late = (fail_deadline is not None and now > fail_deadline) or (stop_deadline is not None and now > stop_deadline)
-        if late:
+        if any(d is not None and now > d for d in (fail_deadline, stop_deadline)):
             for i, p in enumerate(procs):
                 if p.poll() is None:
                     print(f"longscan train: killing rank {o.node_rank * o.nproc + i} (pid {p.pid}), which did not "
