@@ -290,6 +290,7 @@ def verify_files(path: str, sha256: dict[str, str], names: list[str]) -> list[st
 
 def layout_differences(saved: dict, current: dict) -> list[str]:
     """What differs between a checkpoint's layout and this run's in what a resume depends on."""
+    current = json.loads(json.dumps(current))  # as the marker holds it (tuples become lists)
     diffs = [f"parallel.{k}: checkpoint {saved.get(k)}, this run {current[k]}"
              for k in RESUME_LAYOUT_KEYS if saved.get(k) != current[k]]
     sm, cm = saved.get("model") or {}, current["model"]
