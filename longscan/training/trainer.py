@@ -132,10 +132,10 @@ class Trainer:
         return {"tp": p.tp, "pp": p.pp, "sp": p.sp, "dp": p.dp, "model": dataclasses.asdict(self.cfg.model)}
 
     def _open_checkpoint_dir(self) -> None:
-        c, r = self.cfg.checkpoint, self.ranks
+        c = self.cfg.checkpoint
 
-        def lock_and_prepare():
-            lock = DirectoryLock(c.dir).acquire()
+        def lock_and_prepare() -> str:
+            self.lock = DirectoryLock(c.dir).acquire()
             try:
                 existing = [os.path.basename(p) for _, p in ckpt.complete(c.dir)]
                 if existing and not c.resume:
@@ -145,13 +145,11 @@ class Trainer:
                                           "and start over, or use another checkpoint.dir")
                     print(f"checkpoint.overwrite: deleted {', '.join(ckpt.clear(c.dir))} from {c.dir}", flush=True)
             except BaseException:
-                lock.release()
+                self.close()
                 raise
-            return lock, uuid.uuid4().hex
+            return uuid.uuid4().hex
 
-        lock, run_id = _agree(lock_and_prepare)
-        self.lock = lock if r.rank == 0 else None
-        self.run_id = run_id
+        self.run_id = _agree(lock_and_prepare)  # rank 0 holds the lock; every rank gets its refusal
         if not c.resume:
             return
         try:
