@@ -8,8 +8,6 @@ import os
 import pickle
 import shutil
 import socket
-import subprocess
-import sys
 
 import pytest
 
@@ -149,7 +147,6 @@ def _all(rank, world, root):
     }
 
     # 5. A damaged newest checkpoint is skipped, naming its bad file; the previous one is chosen.
-    layout = None
     out["corrupt"] = {}
     for how in ("truncated shard", "flipped tensor byte", "garbage metadata", "garbage marker"):
         newest = os.path.join(good, "step_00000009")
