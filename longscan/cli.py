@@ -8,9 +8,10 @@
   longscan verify [--nproc N] [--methods ...] [--layouts ...] [--kinds ...]  (every SP operator against one device)
   longscan profile|sweep|plan ...   (communication per layer, sequence-length scaling, a cost model: --help)
 
-Under torchrun (RANK/WORLD_SIZE set) `train` runs as the launched rank. Started plainly it launches
-itself with torch.distributed.run over every local GPU (NCCL), or over 4 CPU processes (gloo) when there
-is no GPU.
+Under torchrun (RANK/WORLD_SIZE set) `train` runs as a rank (longscan.training.entry). Started plainly it
+is the launcher (longscan.training.launcher): one rank process per local GPU (NCCL), or 4 CPU processes
+(gloo) when there is no GPU; `--nnodes/--node-rank/--master-addr/--master-port` on every node of a
+multi-node run.
 """
 from __future__ import annotations
 
@@ -29,7 +30,15 @@ def _train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="longscan train", description="Train the hybrid LM (see configs/).")
     p.add_argument("--config", default=None, help="YAML config (default: the embedded tiny CPU config)")
     p.add_argument("--nproc", type=int, default=0,
-                   help="processes to start when not under torchrun (default: GPUs, else 4 CPU processes)")
+                   help="processes to start on this node (default: its GPUs, else 4 CPU processes)")
+    p.add_argument("--nnodes", type=int, default=1, help="nodes of the run (start `longscan train` on each)")
+    p.add_argument("--node-rank", type=int, default=0, help="this node's index in [0, nnodes)")
+    p.add_argument("--master-addr", default="", help="host of node 0 (multi-node; default: this host)")
+    p.add_argument("--master-port", type=int, default=0, help="free port on node 0 (multi-node; default: any)")
+    p.add_argument("--rdzv-timeout", type=float, default=900.0,
+                   help="seconds to wait for every node before failing (default 900)")
+    p.add_argument("--stop-timeout", type=float, default=600.0,
+                   help="seconds ranks get to stop (and save) after SIGTERM/SIGINT/SIGUSR1 before being killed")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. parallel.sp=2 model.n_layers=8")
     return p
 
@@ -44,66 +53,18 @@ def _local_world() -> int:
 
 
 def cmd_train(argv: list[str]) -> int:
-    from longscan.training.config import ConfigError, load_config, validate
     args = _train_parser().parse_intermixed_args(argv)  # overrides before or after options
-    if not _under_torchrun():
-        nproc = args.nproc or _local_world()
-        overrides = list(args.overrides)
-        if args.config is None and not any(o.startswith("parallel.") for o in overrides):
-            # The embedded default asks for SP 2; on one GPU it runs unsplit rather than not at all.
-            try:
-                p = load_config(None, overrides).parallel
-            except ConfigError:
-                p = None  # reported below
-            if p is not None and nproc % (p.tp * p.pp * p.sp):
-                print(f"longscan train: {nproc} process(es) cannot hold tp·pp·sp = {p.tp * p.pp * p.sp} of the "
-                      "default config; running it with parallel.tp=1 parallel.pp=1 parallel.sp=1", flush=True)
-                overrides += ["parallel.tp=1", "parallel.pp=1", "parallel.sp=1"]
-        args.overrides = overrides
-        from longscan.training.data import DataError, open_token_file
-        from longscan.training.preflight import check_before_launch
-        try:  # fail here, once, before starting processes
-            cfg = validate(load_config(args.config, args.overrides), nproc)
-            check_before_launch(cfg)
-            if cfg.data.source == "tokens":
-                open_token_file(cfg.data.path)
-            from longscan.training.memory import check_capacity
-            check_capacity(cfg, nproc)  # CUDA only: the predicted peak must fit the GPU
-        except (ConfigError, DataError) as e:
-            print(f"longscan train: {'config' if isinstance(e, ConfigError) else 'data'} error: {e}",
-                  file=sys.stderr)
-            return 2
-        from torch.distributed.run import get_args_parser, run
-        os.environ.setdefault("OMP_NUM_THREADS", "1")
-        launch = ["--standalone", f"--nproc-per-node={nproc}", "--module", "longscan.cli", "train"]
-        if args.config:
-            launch += ["--config", args.config]
-        try:
-            run(get_args_parser().parse_args(launch + list(args.overrides)))
-        except Exception as e:  # torchrun already printed the failing rank's traceback
-            print(f"longscan train: {type(e).__name__}: {str(e)[:2000]}", file=sys.stderr)
-            return 1
-        return 0
-    from longscan.training.data import DataError
-    from longscan.training.trainer import Trainer
-    from longscan.training.memory import check_capacity
+    if _under_torchrun():  # a rank: started by the launcher below or by torchrun
+        from longscan.training.entry import run_rank
+        return run_rank(args.config, args.overrides)
+    from longscan.training.launcher import LaunchOptions, run_launcher, usage_error
     try:
-        cfg = validate(load_config(args.config, args.overrides), int(os.environ["WORLD_SIZE"]))
-        check_capacity(cfg, int(os.environ["WORLD_SIZE"]))  # under a plain torchrun too, before any GPU work
-        trainer = Trainer(cfg)
-    except (ConfigError, DataError) as e:
-        if int(os.environ["RANK"]) == 0:
-            print(f"longscan train: {'config' if isinstance(e, ConfigError) else 'data'} error: {e}",
-                  file=sys.stderr)
-        return 2
-    history = trainer.train()
-    if trainer.ranks.is_log_rank and history["train"]:
-        first, last = history["train"][0][1], history["train"][-1][1]
-        val = " -> ".join(f"{v:.4f}" for _, v in history["val"])
-        print(f"done: train loss {first:.4f} -> {last:.4f}; val loss {val}", flush=True)
-    import torch.distributed as dist
-    dist.destroy_process_group()
-    return 0
+        opts = LaunchOptions(nproc=args.nproc or _local_world(), nnodes=args.nnodes, node_rank=args.node_rank,
+                             master_addr=args.master_addr, master_port=args.master_port,
+                             rdzv_timeout_s=args.rdzv_timeout, stop_timeout_s=args.stop_timeout)
+    except ValueError as e:
+        return usage_error(str(e))
+    return run_launcher(opts, args.config, list(args.overrides))
 
 
 def cmd_prepare_data(argv: list[str]) -> int:

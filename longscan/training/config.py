@@ -73,6 +73,9 @@ class ParallelConfig:
     GPU time than a 100 µs collective hides: docs/benchmarks.md)."""
     softmax_backend: str = "auto"
     """Local softmax-attention kernel (passed to the SP operator)."""
+    timeout_s: float = 0.0
+    """Collective timeout in seconds: a rank waiting longer on a stopped or dead peer fails with an error naming
+    itself and the collective (exit code 4). 0 = 300 on CPU (gloo), 1800 on GPU (NCCL)."""
 
     def __post_init__(self):
         self.validate()
@@ -178,6 +181,9 @@ class ScheduleConfig:
     """auto (bf16 autocast on GPU, float32 on CPU) | bf16 | fp32."""
     activation_checkpointing: bool = False
     """Recompute each block in backward instead of keeping its activations."""
+    max_skipped_steps: int = 10
+    """A step with a non-finite loss or gradient norm is skipped (no update); after this many consecutive
+    skipped steps the run stops with exit code 3."""
 
     def __post_init__(self):
         self.validate()
@@ -199,7 +205,11 @@ class CheckpointConfig:
     resume: bool = True
     """Resume from the newest complete checkpoint in dir, if any."""
     keep: int = 2
-    """Complete checkpoints kept (older ones deleted)."""
+    """Complete checkpoints of this run kept (its older ones deleted; 0 = keep all)."""
+    overwrite: bool = False
+    """With resume=false, delete the checkpoints already in dir instead of refusing to start."""
+    on_signal: bool = False
+    """On SIGTERM/SIGINT save a checkpoint before stopping (SIGUSR1 always saves when dir is set)."""
 
     def __post_init__(self):
         self.validate()

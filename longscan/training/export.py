@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from megatron.core import parallel_state
 
 from longscan.distributed.layouts import positions
@@ -77,12 +76,19 @@ def resolve_checkpoint(path: str) -> str:
 def gather_state(path: str, model_cfg: ModelConfig) -> tuple[dict[str, torch.Tensor], int]:
     """Full (unsharded) parameters of checkpoint ``path`` for ``model_cfg`` -> (state dict, step)."""
     reference = unsplit_model(model_cfg)
-    stored = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    try:  # every file against the marker's checksums before anything is unpickled (docs/reliability.md)
+        marker = ckpt.read_marker(path)
+        problems = ckpt.verify_files(path, marker["files"], sorted(marker["files"]))
+    except ckpt.CheckpointError as e:
+        raise ExportError(str(e)) from e
+    if problems:
+        raise ExportError(f"checkpoint {path!r} failed verification: {'; '.join(problems)}")
+    stored = ckpt.VerifiedReader(path, marker["files"]).read_metadata().state_dict_metadata
     state: dict[str, torch.Tensor] = {"step": torch.zeros((), dtype=torch.int64)}
     for key, md in stored.items():
         if key.startswith("model/"):
             state[key] = torch.empty(tuple(md.size), dtype=md.properties.dtype)
-    step = ckpt.load(path, state)
+    step = ckpt.load(path, state, marker)
     out = {}
     for name, p in reference.named_parameters():
         if f"model/{name}" in state:

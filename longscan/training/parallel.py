@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -45,12 +46,22 @@ class Ranks:
         return self.pp_rank == self.pp - 1 and self.tp_rank == 0 and self.sp_rank == 0 and self.dp_rank == 0
 
 
-def init_groups(tp: int, pp: int, sp: int) -> Ranks:
-    """Build TP/PP/CP/DP groups over the initialised default process group."""
+def collective_timeout_s(configured: float, device: torch.device) -> float:
+    """parallel.timeout_s, or its default when 0: a few minutes on CPU; on GPU long enough for NCCL's first
+    collectives and a large checkpoint save."""
+    if configured > 0:
+        return configured
+    return 1800.0 if device.type == "cuda" else 300.0
+
+
+def init_groups(tp: int, pp: int, sp: int, timeout_s: float = 1800.0) -> Ranks:
+    """Build TP/PP/CP/DP groups over the initialised default process group; their collectives fail after
+    ``timeout_s`` seconds instead of waiting for a dead peer."""
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                             context_parallel_size=sp, create_gloo_process_groups=False)
+                                             context_parallel_size=sp, create_gloo_process_groups=False,
+                                             distributed_timeout_minutes=timeout_s / 60)
     ps = parallel_state
     return Ranks(rank=dist.get_rank(), world=dist.get_world_size(),
                  tp=tp, tp_rank=ps.get_tensor_model_parallel_rank(),
@@ -70,8 +81,10 @@ def stage_config(tp: int, pp: int, sp: int, hidden_size: int, pipeline_dtype: to
                        gradient_accumulation_fusion=False)
 
 
-def init_process_group() -> torch.device:
-    """Initialise torch.distributed from torchrun's environment (NCCL on GPU, gloo on CPU) -> device."""
+def init_process_group(timeout_s: float = 0.0, store=None) -> torch.device:
+    """Initialise torch.distributed (NCCL on GPU, gloo on CPU) -> device: from ``store`` (a finished
+    rendezvous, RANK/WORLD_SIZE from the environment) or torchrun's environment. ``timeout_s``: see
+    :func:`collective_timeout_s`. Does nothing but return the device when already initialised."""
     if torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
@@ -79,8 +92,11 @@ def init_process_group() -> torch.device:
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
+        kw = dict(timeout=timedelta(seconds=collective_timeout_s(timeout_s, device)))
+        if store is not None:
+            kw.update(store=store, rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
         if device.type == "cuda":
-            dist.init_process_group("nccl", device_id=device)
+            dist.init_process_group("nccl", device_id=device, **kw)
         else:
-            dist.init_process_group("gloo")
+            dist.init_process_group("gloo", **kw)
     return device
