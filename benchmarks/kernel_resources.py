@@ -28,6 +28,7 @@ from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 
+from longscan.kernels.linear_attention import LinearKernelOptions
 from longscan.kernels.linear_attention import triton_chunk as tc
 
 KINDS = {"none": 0, "g_gamma": 1, "g": 2, "gk": 3}
@@ -39,17 +40,18 @@ F32_ARGS = {"fwd": ("h0", "ht"), "dq": ("h0", "gq", "st"), "dk": ("dhe", "hin", 
 KERNELS = {"fwd": tc._fwd_kernel, "dq": tc._bwd_dq_kernel, "dk": tc._bwd_dk_kernel, "dv": tc._bwd_dv_kernel}
 
 
-def constants(name: str, gate: int) -> tuple[dict, dict]:
-    """-> (constexpr arguments, launch options) of kernel ``name`` as the dispatch sets them."""
-    block, cfg = tc._launch(name, D, gate)
+def constants(name: str, gate: int, opts: LinearKernelOptions = LinearKernelOptions()) -> tuple[dict, dict]:
+    """-> (constexpr arguments, launch options) of kernel ``name`` as the dispatch sets them (opts: the
+    kernels' options, the defaults unless given)."""
+    block, cfg = tc._launch(name, D, gate, opts)
     need_dg = gate >= 2   # gates with their gradient; the constant decay without (as the models use it)
-    c = dict(K=D, V=D, C=tc.CHUNK_PER_KEY if gate == 3 else tc.CHUNK, GATE=gate, PREC="tf32")
+    c = dict(K=D, V=D, C=opts.chunk_for(gate == 3), GATE=gate, PREC="tf32")
     if name == "fwd":
         c.update(BV=block, HAS_H0=False, STORE_HT=False)
     elif name == "dv":
         c.update(BV=block, HAS_DHE=False)
     else:
-        mode = tc._state_products(name, gate, torch.bfloat16, need_dg)
+        mode = tc._state_products(name, gate, torch.bfloat16, need_dg, opts)
         c.update(BK=block, NEED_DG=need_dg, SF32=mode, SPREC="tf32")
         c.update(dict(HAS_H0=False, STORE_ST=False) if name == "dq" else dict(HAS_DHE=False, HAS_TERM=False))
     return c, cfg

@@ -24,7 +24,7 @@ Decay kinds (log space, ≤ 0), as a constexpr GATE: 0 none, 1 g_gamma `[H]`, 2 
 (b_C the chunk total), the chunk totals, and for the backward the factors exp(b) (dq's) and exp(b_C − b) (dk's),
 in q's dtype. The key side of the scores, kn = k⊙exp(−b), is kd times a per-key scale exp(−b_C), so the main
 kernels build it from kd as they load it (_level0_keys) and it is neither written nor read (a pass over q's size
-fewer in the pre-pass and in each main kernel). A forward that a backward follows keeps them all (KEEP_GATE_OPERANDS),
+fewer in the pre-pass and in each main kernel). A forward that a backward follows keeps them all (options.keep_gate_operands),
 so the backward runs no pre-pass of its own; in SP the state pass's kd goes on to the output pass. The main kernels
 then read them as the no-decay kernels read q and k, with no `[C, K]` gate tile, cumulative sum or exps of
 their own: that kept their chunks at 32 tokens, where Triton's dots compile to mma.sync instead of Hopper's
@@ -58,8 +58,9 @@ import torch
 import triton
 import triton.language as tl
 
-CHUNK = 64          # chunk for no / scalar decay
-CHUNK_PER_KEY = 64  # chunk for per-key gates
+from longscan.kernels import trace
+from longscan.kernels.linear_attention.options import LinearKernelOptions, resolve
+
 # Per-key gates: one level of the intra-chunk factorisation spans this much log decay (module docstring).
 # exp(60) is far inside float32/bf16 range, and a query factor that underflows (exp(b − c) < exp(−87)) drops
 # terms below exp(60 − 87) ≈ 2e-12 of the others.
@@ -67,50 +68,8 @@ LEVEL_SPAN = tl.constexpr(60.0)
 # Per-key dk kernel: the gate gradient's in-chunk reverse sum runs over [RUN, C / RUN, BK] views of its tiles, RUN
 # consecutive tokens along the first axis, which Triton 3.6 keeps inside one thread (_dg_suffix_sums).
 DG_RUN = tl.constexpr(4)
-SEGMENTS = None     # force the number of sequence segments (tests); None picks from the SM count
-SPLIT_BELOW = 2      # sequences are cut into segments only when there are fewer programs per SM than this
-PROGRAMS_PER_SM = 4  # ... and then into as many as keep them at most this many programs per SM
-MIN_SEGMENT_CHUNKS = 8  # ... but no segment shorter than this many chunks
-# Launch settings per kernel: tile (values for fwd/state/dv, keys for dq/dk), warps, pipeline stages.
-# benchmarks/tune_linear.py sweeps them on a GPU. (num_stages=1 miscompiled the dv kernel at tile 32 on
-# an H100 with Triton 3.6 — wrong dv — so the sweep and these settings keep num_stages ≥ 2.)
-CONFIG = {"fwd": dict(block=64, num_warps=4, num_stages=2),
-          "state": dict(block=128, num_warps=4, num_stages=3),
-          "dq": dict(block=64, num_warps=4, num_stages=2),
-          "dk": dict(block=128, num_warps=8, num_stages=3),
-          "dv": dict(block=64, num_warps=4, num_stages=3),
-          # per-key gates' pre-pass (keys a program): without the backward's factors eq, ek and with them
-          # ("ops_b": a forward that keeps its operands, or the backward); 64 keys 4.37 ms fwd+bwd against 4.43
-          # at 128 (H200, 16x4096)
-          "ops": dict(block=64, num_warps=4, num_stages=1),
-          "ops_b": dict(block=64, num_warps=4, num_stages=1)}
-# Per-key gates differ from these settings where measured: their dk kernel (which also takes dg on) at 128 keys /
-# 8 warps was 2.84 ms against 2.28 at 64 / 4 at B=16×T=4096 on an H200 (chunks of 64). Their forward and dv kernels
-# at two stages: since they build level 0's keys from kd (no kn tile), each needs 82 KB of shared memory there, so
-# two programs share an SM (the forward took 131 KB at two stages with kn, and ran at one; dv 188 KB at three).
-# H200, fwd+bwd at 16×4096 / 1×65536: 3.43–3.44 / 3.96–4.01 ms, against 3.72 / 4.14 with the forward at one stage and
-# dv at three (ncu at 16×4096: forward 513 -> 430 µs, dv 582 -> 373).
-CONFIG_PER_KEY = {"dk": dict(block=64, num_warps=4, num_stages=2),
-                  "fwd": dict(block=64, num_warps=4, num_stages=2),
-                  "dv": dict(block=64, num_warps=4, num_stages=2)}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _DIMS = (16, 32, 64, 128)
-# The gradient of g_gamma is a token-weighted sum over the whole sequence of nearly cancelling terms: in bf16
-# it missed the 1e-2 tolerance on an H100 (2.2e-2 at head dim 64) even with float32 state products, so the
-# dispatch refuses a g_gamma that requires grad here (the models keep g_gamma a fixed buffer).
-SUPPORTS_G_GAMMA_GRAD = False
-REUSES_SEGMENT_STATES = True  # entry points hand each other their per-segment states (SegmentStates)
-# Per-key gates: forward(..., return_saved=True) keeps its decayed operands and the backward's factors (four
-# tensors the size of q, held until the backward) so the backward skips its own pre-pass; False: the backward
-# recomputes them (H200, 16x4096: that pre-pass took 0.85 ms of a 5.46 ms forward+backward).
-KEEP_GATE_OPERANDS = True
-LATE_DHT = True  # backward(dht=function) launches its dq kernel before it asks for dht (SP's reverse collective)
-GATE_GRAD_F32_STATE = True  # state products of the gate-gradient backward in float32 precision (bf16 states miss 1e-2)
-# ... how, for bf16 inputs, per (gate kind, kernel): 1 tf32, 2 two bf16 halves of the state (_state_dot).
-# Measured on an H200 (benchmarks/RESULTS.md): each kernel's faster one; they differ by 0.15-0.45 ms.
-STATE_PRODUCTS_BF16 = {(2, "dq"): 2, (2, "dk"): 1, (3, "dq"): 1, (3, "dk"): 2}
-
-
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -865,24 +824,24 @@ def _check(*xs) -> None:
             raise ValueError(f"triton linear attention supports head dims {_DIMS}, got {name}={d}")
 
 
-def _gate(g, g_gamma, q):
+def _gate(g, g_gamma, q, opts: LinearKernelOptions):
     """-> (GATE kind, g tensor or dummy, g_gamma tensor or dummy, chunk size)."""
     if g_gamma is not None:
-        return 1, q, g_gamma.contiguous(), CHUNK
+        return 1, q, g_gamma.contiguous(), opts.chunk
     if g is None:
-        return 0, q, q, CHUNK
+        return 0, q, q, opts.chunk
     if g.dim() == 3:
-        return 2, g.contiguous(), q, CHUNK
-    return 3, g.contiguous(), q, CHUNK_PER_KEY
+        return 2, g.contiguous(), q, opts.chunk
+    return 3, g.contiguous(), q, opts.chunk_per_key
 
 
-def _state_products(name, GATE, dtype, need_dg) -> int:
+def _state_products(name, GATE, dtype, need_dg, opts: LinearKernelOptions) -> int:
     """_state_dot's mode for kernel ``name``: 0 (in the inputs' dtype) unless the gate gradient needs float32
-    precision; then two bf16 halves or tf32 for bf16 inputs (STATE_PRODUCTS_BF16), tf32 for float16 (whose
+    precision; then two bf16 halves or tf32 for bf16 inputs (opts.state_products_bf16), tf32 for float16 (whose
     range might not hold a state's halves)."""
-    if not (need_dg and dtype != torch.float32 and GATE_GRAD_F32_STATE):
+    if not (need_dg and dtype != torch.float32 and opts.gate_grad_f32_state):
         return 0
-    return STATE_PRODUCTS_BF16.get((GATE, name), 1) if dtype == torch.bfloat16 else 1
+    return opts.state_products_bf16.get((GATE, name), 1) if dtype == torch.bfloat16 else 1
 
 
 def _prec(x) -> str:
@@ -890,10 +849,10 @@ def _prec(x) -> str:
     return "ieee" if x.dtype == torch.float32 else "tf32"
 
 
-def _launch(name: str, dim: int, GATE: int = 0):
+def _launch(name: str, dim: int, GATE: int, opts: LinearKernelOptions):
     """-> (tile along a dimension of size dim, the remaining launch settings) of kernel ``name``."""
-    cfg = dict(CONFIG_PER_KEY.get(name, CONFIG[name]) if GATE == 3 else CONFIG[name])
-    return min(dim, cfg.pop("block")), cfg
+    cfg = opts.launch_config(name, GATE == 3)
+    return min(dim, cfg.block), cfg.launch()
 
 
 @dataclasses.dataclass
@@ -919,7 +878,7 @@ class _GateOperands:
         return self.for_forward and self.eq is not None and self.ek is not None
 
 
-def _gate_operands(q, k, g, C, seg, ns, kd=None, factors=False) -> _GateOperands:
+def _gate_operands(q, k, g, C, seg, ns, opts: LinearKernelOptions, kd=None, factors=False) -> _GateOperands:
     """Run _gate_operands_kernel over q and/or k (either may be None; factors: also eq and ek, for the backward,
     which needs q). kd: the keys' kd when an earlier pass wrote it (SP's state pass), taken as it is rather than
     written again."""
@@ -933,7 +892,8 @@ def _gate_operands(q, k, g, C, seg, ns, kd=None, factors=False) -> _GateOperands
                         torch.empty_like(q) if factors else None,
                         torch.empty(B * H, NC, 2, K, **f32),
                         torch.zeros(B * H, ns, device=x.device, dtype=torch.int32))
-    BK, cfg = _launch("ops_b" if factors else "ops", K, 3)
+    trace.emit("gate_operands", q=q is not None, k=k is not None, kd=kd is not None, factors=factors)
+    BK, cfg = _launch("ops_b" if factors else "ops", K, 3, opts)
     grid = (NC * B * H * (K // BK),)   # one flat axis (the kernel's comment says why)
     _gate_operands_kernel[grid](*(t if t is not None else x for t in (q, k)), g,
                                 *(t if t is not None else x for t in (ops.qd, ops.kd, ops.eq, ops.ek)),
@@ -943,35 +903,35 @@ def _gate_operands(q, k, g, C, seg, ns, kd=None, factors=False) -> _GateOperands
     return ops
 
 
-def _add_levels(mode, steep, seg, q, k, v, g, scale, do=None, o=None, dq=None, gq=None, dk=None, dv=None,
+def _add_levels(mode, steep, seg, C, q, k, v, g, scale, do=None, o=None, dq=None, gq=None, dk=None, dv=None,
                 need_dg=False):
     """Launch _levels_kernel (MODE mode) over the segments marked in steep; it adds into the given outputs."""
     B, T, H, K = q.shape
     a = [x if x is not None else q for x in (do, o, dq, dk, dv, gq)]
     _levels_kernel[(B * H, steep.shape[1])](q, k, v, g, *a, steep, T, H, seg, scale, K=K,
-                                            V=v.shape[-1], C=CHUNK_PER_KEY, MODE=mode, NEED_DG=need_dg,
+                                            V=v.shape[-1], C=C, MODE=mode, NEED_DG=need_dg,
                                             PREC=_prec(q), num_warps=8)
 
 
-def _num_sms(device) -> int:
+def _num_sms(device, opts: LinearKernelOptions) -> int:
+    if opts.num_sms is not None:
+        return opts.num_sms
     if device.type != "cuda":
         return 1
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _segments(programs: int, n_chunks: int, device) -> int:
-    """Segments per sequence: none while there are SPLIT_BELOW programs per SM (a split adds state passes),
-    else as many as give at most PROGRAMS_PER_SM programs per SM, no segment under MIN_SEGMENT_CHUNKS chunks.
-    At most, not at least: a few programs past a whole number of waves leave a last wave almost empty (H200, B=1,
-    T=65536, per-key gates, 32 programs a segment, fwd+bwd: 3.81 ms at 16 segments, 4.46 at 12, 4.29 at 20, 3.90 at
-    24, 3.87 at 32)."""
-    if SEGMENTS is not None:
-        return max(1, min(SEGMENTS, n_chunks))
-    sms = _num_sms(device)
-    if programs >= SPLIT_BELOW * sms:
+def _segments(programs: int, n_chunks: int, device, opts: LinearKernelOptions) -> int:
+    """Segments per sequence: none while there are opts.split_below programs per SM (a split adds state passes),
+    else as many as give at most opts.programs_per_sm programs per SM, no segment under opts.min_segment_chunks
+    chunks. At most, not at least: a few programs past a whole number of waves leave a last wave almost empty."""
+    if opts.segments is not None:
+        return max(1, min(opts.segments, n_chunks))
+    sms = _num_sms(device, opts)
+    if programs >= opts.split_below * sms:
         return 1
-    want = PROGRAMS_PER_SM * sms // programs
-    return max(1, min(want, n_chunks // MIN_SEGMENT_CHUNKS))
+    want = opts.programs_per_sm * sms // programs
+    return max(1, min(want, n_chunks // opts.min_segment_chunks))
 
 
 def _layout(T: int, C: int, ns: int):
@@ -981,14 +941,15 @@ def _layout(T: int, C: int, ns: int):
     return seg, triton.cdiv(T, seg)
 
 
-def _states(x, y, g, gg, GATE, C, seg, ns, scale, from_start):
+def _states(x, y, g, gg, GATE, C, seg, ns, scale, from_start, opts: LinearKernelOptions):
     """Per-segment states `[B, H, ns, K, V]` and total log gates `[B, H, ns, K]` (float32). Per-key gates: x
     and g are _gate_operands' kd (from_start=False) or qd (from_start=True) and chunk totals."""
     B, T, H, K = x.shape
     V = y.shape[-1]
     s = torch.empty(B, H, ns, K, V, device=x.device, dtype=torch.float32)
     a = torch.empty(B, H, ns, K, device=x.device, dtype=torch.float32)
-    BV, cfg = _launch("state", V, GATE)
+    trace.emit("states", from_start=from_start)
+    BV, cfg = _launch("state", V, GATE, opts)
     _state_kernel[(V // BV, B * H, ns)](x, y, g, gg, s, a, T, H, seg, triton.cdiv(T, C), scale, K=K, V=V, BV=BV,
                                        C=C, GATE=GATE, FROM_START=from_start, PREC=_prec(x), **cfg)
     return s, a
@@ -1022,7 +983,7 @@ class SegmentStates:
     zero initial state, which a forward without initial_state uses in place of its own scan. ``operands``
     (per-key gates): what a pre-pass wrote, for the next call on the same inputs. Set by
     ``segment_state(..., return_saved=True)``: the decayed keys kd, which the forward then takes; by
-    ``forward(..., return_saved=True)`` while KEEP_GATE_OPERANDS: all the decayed operands and the backward's
+    ``forward(..., return_saved=True)`` while options.keep_gate_operands: all the decayed operands and the backward's
     factors, so the backward (and ``prefix_grad``) skip their own pre-pass. With operands the value is
     returned even for a sequence run as one segment."""
     seg: int
@@ -1046,15 +1007,16 @@ class SegmentStates:
         return SegmentStates(self.seg, None, None, operands=self.operands) if self.operands is not None else None
 
 
-def _split(B, H, T, V, C, GATE, device):
+def _split(B, H, T, V, C, GATE, device, opts: LinearKernelOptions):
     """-> (segment length, number of segments) of a sequence; one plan for every entry point, so the
     segment states one call computes fit the next."""
-    return _layout(T, C, _segments(B * H * (V // _launch("fwd", V, GATE)[0]), triton.cdiv(T, C), device))
+    programs = B * H * (V // _launch("fwd", V, GATE, opts)[0])
+    return _layout(T, C, _segments(programs, triton.cdiv(T, C), device, opts))
 
 
-def _kv_states(k, v, gt, gg, GATE, C, seg, ns) -> SegmentStates:
+def _kv_states(k, v, gt, gg, GATE, C, seg, ns, opts: LinearKernelOptions) -> SegmentStates:
     """(k, v)'s per-segment states (per-key gates: k and gt are _gate_operands' kd and chunk totals)."""
-    return SegmentStates(seg, *_states(k, v, gt, gg, GATE, C, seg, ns, 1.0, False))
+    return SegmentStates(seg, *_states(k, v, gt, gg, GATE, C, seg, ns, 1.0, False, opts))
 
 
 def _kernel_operands(q, k, gt, ops):
@@ -1077,45 +1039,48 @@ def _bf16(*xs):
 
 
 def forward(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None, output_final_state=False,
-            return_saved=False, kv_states=None):
+            return_saved=False, kv_states=None, options: LinearKernelOptions | None = None):
     """-> (o `[B, T, H, V]` in q's dtype, final state `[B, H, K, V]` float32 or None).
 
     kv_states: this sequence's :class:`SegmentStates` from :func:`segment_state` (SP computes them first),
     so the forward skips its own state pass. return_saved: also return a :class:`SegmentStates` with the
     prefixes it entered its segments with (this initial_state included) and, for per-key gates while
-    KEEP_GATE_OPERANDS, its gate operands (None when neither: one segment, no per-key gates), for
-    ``backward(..., kv_states=...)`` of the same inputs and initial_state."""
+    options.keep_gate_operands, its gate operands (None when neither: one segment, no per-key gates), for
+    ``backward(..., kv_states=...)`` of the same inputs and initial_state. options: None for the defaults."""
+    opts = resolve(options)
     _check(q, v, k, initial_state)
     if _in_bf16(q, g):
-        out = forward(*_bf16(q, k, v), g, g_gamma, scale, initial_state, output_final_state, return_saved, kv_states)
+        out = forward(*_bf16(q, k, v), g, g_gamma, scale, initial_state, output_final_state, return_saved, kv_states,
+                      options=opts)
         return (out[0].to(q.dtype),) + tuple(out[1:])
     B, T, H, K = q.shape
     V = v.shape[-1]
     scale = K ** -0.5 if scale is None else scale
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    GATE, gt, gg, C = _gate(g, g_gamma, q)
+    trace.emit("forward", dtype=q.dtype, return_saved=return_saved)
+    GATE, gt, gg, C = _gate(g, g_gamma, q, opts)
     o = torch.empty(B, T, H, V, device=q.device, dtype=q.dtype)
     ht = torch.empty(B, H, K, V, device=q.device, dtype=torch.float32) if output_final_state else None
     if T == 0:
         if ht is not None:
             ht.copy_(initial_state if initial_state is not None else torch.zeros_like(ht))
         return (o, ht, None) if return_saved else (o, ht)
-    BV, cfg = _launch("fwd", V, GATE)
-    seg, ns = (kv_states.seg, kv_states.n) if kv_states is not None else _split(B, H, T, V, C, GATE, q.device)
+    BV, cfg = _launch("fwd", V, GATE, opts)
+    seg, ns = (kv_states.seg, kv_states.n) if kv_states is not None else _split(B, H, T, V, C, GATE, q.device, opts)
     h0 = initial_state.contiguous() if initial_state is not None else None
-    keep = return_saved and KEEP_GATE_OPERANDS   # for the backward: its factors too
+    keep = return_saved and opts.keep_gate_operands   # for the backward: its factors too
     ops = None
     if GATE == 3:
         have = kv_states.operands if kv_states is not None else None
         if have is not None and (have.complete if keep else have.for_forward):
             ops = have   # segment_state(..., q=q) wrote them all
         else:
-            ops = _gate_operands(q, k, gt, C, seg, ns, kd=have.kd if have is not None else None, factors=keep)
+            ops = _gate_operands(q, k, gt, C, seg, ns, opts, kd=have.kd if have is not None else None, factors=keep)
     qx, kx, kdx, _, _, gx = _kernel_operands(q, k, gt, ops)
     if ns > 1:
         # Long sequences: every segment's state in parallel, a scan for the prefixes, then all segments.
         if kv_states is None:
-            kv_states = _kv_states(kdx if ops else k, v, gx, gg, GATE, C, seg, ns)
+            kv_states = _kv_states(kdx if ops else k, v, gx, gg, GATE, C, seg, ns, opts)
         elif kv_states.states is None:
             raise ValueError("kv_states holds no per-segment states (a forward's saved prefixes are for backward)")
         if h0 is None and ht is None and kv_states.zero_prefixes is not None:
@@ -1135,7 +1100,7 @@ def forward(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None, outpu
                                       K=K, V=V, BV=BV, C=C, GATE=GATE, HAS_H0=h0 is not None,
                                       STORE_HT=(ht is not None and ns == 1), PREC=_prec(q), **cfg)
     if ops is not None:
-        _add_levels(0, ops.steep, seg, q, k, v, gt, scale, o=o)
+        _add_levels(0, ops.steep, seg, C, q, k, v, gt, scale, o=o)
     return (o, ht, saved) if return_saved else (o, ht)
 
 
@@ -1155,7 +1120,7 @@ def _reverse_cumsum(x, dim):
 
 
 def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True, kv_states=None,
-             qdo_states=None):
+             qdo_states=None, options: LinearKernelOptions | None = None):
     """-> (dq, dk, dv, dg, dh0): dg in the shape of g (or of g_gamma `[H]`; None without decay or when
     not need_dg), dh0 `[B, H, K, V]` float32 even when initial_state is None. kv_states / qdo_states: the
     :class:`SegmentStates` of these inputs from ``forward(..., return_saved=True)`` (same initial_state: its
@@ -1167,17 +1132,19 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True, k
     Three kernels, each walking one (tile, batch·head, segment): dq forward over K-tiles, dk backward over
     K-tiles, dv backward over V-tiles, so no program holds a whole `[K, V]` state (see the module docstring
     for the gate gradient)."""
+    opts = resolve(options)
     deferred = callable(dht)
     _check(q, v, k, do, initial_state, None if deferred else dht)
     if _in_bf16(q, g):
         dq, dk, dv, dg, dh0 = backward(*_bf16(q, k, v), g, g_gamma, scale, initial_state, *_bf16(do), dht, need_dg,
-                                       kv_states, qdo_states)
+                                       kv_states, qdo_states, options=opts)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg, dh0
     B, T, H, K = q.shape
     V = v.shape[-1]
     scale = K ** -0.5 if scale is None else scale
     q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous().to(q.dtype)
-    GATE, gt, gg, C = _gate(g, g_gamma, q)
+    trace.emit("backward", dtype=q.dtype)
+    GATE, gt, gg, C = _gate(g, g_gamma, q, opts)
     need_dg = bool(need_dg and GATE)
     dev = q.device
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -1188,9 +1155,10 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True, k
         dh0.copy_(dht if dht is not None else torch.zeros_like(dh0))
         dg = torch.zeros_like(g_gamma if GATE == 1 else g) if need_dg else None
         return dq, dk, dv, dg, dh0
-    (BK, cq), (BKk, ck), (BV, cv) = _launch("dq", K, GATE), _launch("dk", K, GATE), _launch("dv", V, GATE)
+    (BK, cq), (BKk, ck), (BV, cv) = (_launch("dq", K, GATE, opts), _launch("dk", K, GATE, opts),
+                                     _launch("dv", V, GATE, opts))
     given = [x for x in (kv_states, qdo_states) if x is not None]
-    seg, ns = (given[0].seg, given[0].n) if given else _split(B, H, T, V, C, GATE, dev)
+    seg, ns = (given[0].seg, given[0].n) if given else _split(B, H, T, V, C, GATE, dev, opts)
     if any((x.seg, x.n) != (seg, ns) for x in given):
         raise ValueError("kv_states and qdo_states must come from the same segment plan")
     h0 = initial_state.contiguous() if initial_state is not None else None
@@ -1199,7 +1167,7 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True, k
     if GATE == 3:
         ops = kv_states.operands if kv_states is not None else None
         if ops is None or not ops.complete:
-            ops = _gate_operands(q, k, gt, C, seg, ns, factors=True)
+            ops = _gate_operands(q, k, gt, C, seg, ns, opts, factors=True)
     qx, kx, kdx, eqx, ekx, gx = _kernel_operands(q, k, gt, ops)
     if ns > 1:
         if kv_states is not None and kv_states.prefixes is not None:
@@ -1208,14 +1176,14 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True, k
             h0 = kv_states.zero_prefixes
         else:
             kv = kv_states if kv_states is not None and kv_states.states is not None else \
-                _kv_states(kdx if ops else k, v, gx, gg, GATE, C, seg, ns)
+                _kv_states(kdx if ops else k, v, gx, gg, GATE, C, seg, ns, opts)
             h0, _ = _scan(kv.states, kv.log_decays, h0, reverse=False)
         if qdo_states is None:
-            qdo_states = SegmentStates(seg, *_states(qx, do, gx, gg, GATE, C, seg, ns, scale, True))
+            qdo_states = SegmentStates(seg, *_states(qx, do, gx, gg, GATE, C, seg, ns, scale, True, opts))
     prec = _prec(q)
     # The gate gradient needs the state products in float32 precision (bf16 states miss its tolerance):
     # tf32 or two bf16 halves of the state, per kernel (_state_products).
-    sf32 = {name: _state_products(name, GATE, q.dtype, need_dg) for name in ("dq", "dk")}
+    sf32 = {name: _state_products(name, GATE, q.dtype, need_dg, opts) for name in ("dq", "dk")}
     sprec = {name: "tf32" if mode == 1 else prec for name, mode in sf32.items()}
     nk = K // BK
     f32 = dict(device=dev, dtype=torch.float32)
@@ -1235,6 +1203,7 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True, k
                                     T, H, seg, NC, scale,
                                     BK=BK, HAS_H0=h0 is not None, STORE_ST=st is not None, NEED_DG=need_dg,
                                     SF32=sf32["dq"], SPREC=sprec["dq"], **common, **cq)
+    trace.emit("bwd_dq")
     if deferred:
         dht = _arrived(dht, q)
     term = (st * dht).sum(-1) if st is not None and dht is not None else None   # [B, H, K]
@@ -1243,7 +1212,7 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True, k
         # the gradient of the state leaving each segment (dht past the last): a reverse scan of the (q, do) states
         dhe, _ = _scan(qdo_states.states, qdo_states.log_decays, dhe, reverse=True)
     if ops is not None:   # before the dk kernel, which takes the gate gradient on from gq
-        _add_levels(1, ops.steep, seg, q, k, v, gt, scale, do=do, dq=dq, gq=gq, need_dg=need_dg)
+        _add_levels(1, ops.steep, seg, C, q, k, v, gt, scale, do=do, dq=dq, gq=gq, need_dg=need_dg)
     _bwd_dk_kernel[(K // BKk, B * H, ns)](qx, kx, kdx, ekx, v, gx, gg, do, dhe if dhe is not None else dummy,
                                     h0 if ns > 1 else dummy, dk, gk if gk is not None else dummy,
                                     gq if GATE == 3 and need_dg else dummy,
@@ -1254,7 +1223,7 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True, k
     _bwd_dv_kernel[(V // BV, B * H, ns)](qx, kx, kdx, gx, gg, do, dhe if dhe is not None else dummy, dv, T, H,
                                          seg, NC, scale, BV=BV, HAS_DHE=dhe is not None, **common, **cv)
     if ops is not None:
-        _add_levels(2, ops.steep, seg, q, k, v, gt, scale, do=do, dk=dk, dv=dv)
+        _add_levels(2, ops.steep, seg, C, q, k, v, gt, scale, do=do, dk=dk, dv=dv)
     if not need_dg:
         return dq, dk, dv, None, dh0
     if GATE == 3:
@@ -1267,7 +1236,8 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True, k
     return dq, dk, dv, dg, dh0
 
 
-def segment_state(k, v, g=None, g_gamma=None, return_saved=False, keep_prefixes=False, q=None, factors=False):
+def segment_state(k, v, g=None, g_gamma=None, return_saved=False, keep_prefixes=False, q=None, factors=False,
+                  options: LinearKernelOptions | None = None):
     """A segment's state from zero and its total log decay.
 
     -> (S `[B, H, K, V]` float32, log_decay `[B, H, K]` float32), S = Σ_t exp(A_T - A_t) ⊙ k_t v_tᵀ, and with
@@ -1280,26 +1250,29 @@ def segment_state(k, v, g=None, g_gamma=None, return_saved=False, keep_prefixes=
     so the forward runs no pre-pass (SP's state pass and output pass: one pre-pass, not two).
     A state-only pass (no output); long segments are split across SMs and combined by a scan.
     """
+    opts = resolve(options)
     _check(k, v, q)
     if q is not None and q.shape != k.shape:
         raise ValueError(f"q must have k's shape {tuple(k.shape)}, got {tuple(q.shape)}")
     if _in_bf16(k, g):
-        return segment_state(*_bf16(k, v), g, g_gamma, return_saved, keep_prefixes, *_bf16(q), factors)
+        return segment_state(*_bf16(k, v), g, g_gamma, return_saved, keep_prefixes, *_bf16(q), factors,
+                             options=opts)
     B, T, H, K = k.shape
     V = v.shape[-1]
     k, v = k.contiguous(), v.contiguous()
-    GATE, gt, gg, C = _gate(g, g_gamma, k)
+    trace.emit("segment_state", dtype=k.dtype)
+    GATE, gt, gg, C = _gate(g, g_gamma, k, opts)
     if T == 0:
         out = (torch.zeros(B, H, K, V, device=k.device, dtype=torch.float32),
                torch.zeros(B, H, K, device=k.device, dtype=torch.float32))
         return out + (None,) if return_saved else out
-    seg, ns = _split(B, H, T, V, C, GATE, k.device)
+    seg, ns = _split(B, H, T, V, C, GATE, k.device, opts)
     ops = None
     if GATE == 3:   # the state reads the decayed keys
         with_q = return_saved and q is not None
-        ops = _gate_operands(q.contiguous() if with_q else None, k, gt, C, seg, ns, factors=with_q and factors)
+        ops = _gate_operands(q.contiguous() if with_q else None, k, gt, C, seg, ns, opts, factors=with_q and factors)
         k, gt = ops.kd, ops.totals
-    kv = _kv_states(k, v, gt, gg, GATE, C, seg, ns)
+    kv = _kv_states(k, v, gt, gg, GATE, C, seg, ns, opts)
     kv.operands = ops if return_saved else None
     total = kv.log_decays.sum(2)
     if ns == 1:
@@ -1313,46 +1286,50 @@ def segment_state(k, v, g=None, g_gamma=None, return_saved=False, keep_prefixes=
     return final, total, kv
 
 
-def prefix_grad(q, g, g_gamma, scale, do, return_saved=False, kv_states=None):
+def prefix_grad(q, g, g_gamma, scale, do, return_saved=False, kv_states=None,
+                options: LinearKernelOptions | None = None):
     """Gradient of the segment's outputs w.r.t. its entering state: scale·Σ_t (q_t⊙exp(A_t)) do_tᵀ, float32
     `[B, H, K, V]`; with return_saved also the per-segment :class:`SegmentStates` for
     ``backward(..., qdo_states=...)`` (one segment too: its ``log_decays`` sum to the sequence's total log gate,
     which SP needs beside this gradient). kv_states: the forward's :class:`SegmentStates` of these inputs, whose
     gate operands (per-key gates) give the decayed queries, or None."""
+    opts = resolve(options)
     _check(q, do)
     if _in_bf16(q, g):
-        return prefix_grad(*_bf16(q), g, g_gamma, scale, *_bf16(do), return_saved, kv_states)
+        return prefix_grad(*_bf16(q), g, g_gamma, scale, *_bf16(do), return_saved, kv_states, options=opts)
     B, T, H, K = q.shape
     V = do.shape[-1]
     scale = K ** -0.5 if scale is None else scale
     q, do = q.contiguous(), do.contiguous().to(q.dtype)
-    GATE, gt, gg, C = _gate(g, g_gamma, q)
+    trace.emit("prefix_grad", dtype=q.dtype)
+    GATE, gt, gg, C = _gate(g, g_gamma, q, opts)
     if T == 0:
         out = torch.zeros(B, H, K, V, device=q.device, dtype=torch.float32)
         empty = SegmentStates(0, out.unsqueeze(2), torch.zeros(B, H, 1, K, device=q.device, dtype=torch.float32))
         return (out, empty) if return_saved else out
-    seg, ns = (kv_states.seg, kv_states.n) if kv_states is not None else _split(B, H, T, V, C, GATE, q.device)
+    seg, ns = (kv_states.seg, kv_states.n) if kv_states is not None else _split(B, H, T, V, C, GATE, q.device, opts)
     if GATE == 3:   # the state reads the decayed queries
         ops = kv_states.operands if kv_states is not None else None
         if ops is None or ops.qd is None:
-            ops = _gate_operands(q, None, gt, C, seg, ns)
+            ops = _gate_operands(q, None, gt, C, seg, ns, opts)
         q, gt = ops.qd, ops.totals
-    qdo = SegmentStates(seg, *_states(q, do, gt, gg, GATE, C, seg, ns, scale, True))
+    qdo = SegmentStates(seg, *_states(q, do, gt, gg, GATE, C, seg, ns, scale, True, opts))
     if ns == 1:
         return (qdo.states[:, :, 0], qdo) if return_saved else qdo.states[:, :, 0]
     _, final = _scan(qdo.states, qdo.log_decays, None, reverse=True, store_out=False)
     return (final, qdo) if return_saved else final
 
 
-def add_prefix(o, q, g, g_gamma, scale, P):
+def add_prefix(o, q, g, g_gamma, scale, P, options: LinearKernelOptions | None = None):
     """o + scale·(q ⊙ exp(A))ᵀ P in one pass over (o, q): the output correction for a segment entered with
     state P `[B, H, K, V]` (A the segment-inclusive cumulative log gate). Returns a new tensor like o."""
     _check(q, o, P)
     B, T, H, K = q.shape
     V = o.shape[-1]
     scale = K ** -0.5 if scale is None else scale
+    opts = resolve(options)
     q, o, P = q.contiguous(), o.contiguous(), P.contiguous()
-    GATE, gt, gg, C = _gate(g, g_gamma, q)
+    GATE, gt, gg, C = _gate(g, g_gamma, q, opts)
     out = torch.empty_like(o)
     if T == 0:
         return out
@@ -1370,5 +1347,39 @@ def add_prefix(o, q, g, g_gamma, scale, P):
     return out
 
 
-__all__ = ["forward", "backward", "segment_state", "add_prefix", "prefix_grad", "SegmentStates", "CHUNK",
-           "CHUNK_PER_KEY"]
+class TritonBackend:
+    """The Triton kernels behind the local-compute contract (longscan.kernels.linear_attention.backend), with
+    their options. Its saved records are :class:`SegmentStates`."""
+    name = "triton"
+    # The gradient of g_gamma is a token-weighted sum over the whole sequence of nearly cancelling terms: in bf16
+    # it missed the 1e-2 tolerance on an H100 even with float32 state products, so the dispatch refuses a g_gamma
+    # that requires grad here (the models keep g_gamma a fixed buffer).
+    supports_g_gamma_grad = False
+
+    def __init__(self, options: LinearKernelOptions | None = None):
+        self.options = resolve(options)
+
+    def forward(self, q, k, v, g, g_gamma, scale, initial_state, output_final_state, *, keep=False, saved=None):
+        o, ht, *kept = forward(q, k, v, g, g_gamma, scale, initial_state, output_final_state, return_saved=keep,
+                               kv_states=saved, options=self.options)
+        return o, ht, (kept[0] if keep else None)
+
+    def backward(self, q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True, *, saved=None, qdo=None):
+        return backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg, kv_states=saved,
+                        qdo_states=qdo, options=self.options)
+
+    def segment_state(self, k, v, g, g_gamma, *, q=None, keep=False, zero_prefixes=False):
+        return segment_state(k, v, g, g_gamma, return_saved=True, keep_prefixes=zero_prefixes, q=q, factors=keep,
+                             options=self.options)
+
+    def add_prefix(self, o, q, g, g_gamma, scale, P):
+        return add_prefix(o, q, g, g_gamma, scale, P, options=self.options)
+
+    def prefix_grad(self, q, g, g_gamma, scale, do, *, saved=None):
+        dP, qdo = prefix_grad(q, g, g_gamma, scale, do, return_saved=True, kv_states=saved, options=self.options)
+        # the state pass's own totals: a second reduction over g would read all of it again
+        return dP, qdo.log_decays.sum(2), qdo
+
+
+__all__ = ["forward", "backward", "segment_state", "add_prefix", "prefix_grad", "SegmentStates",
+           "LinearKernelOptions", "TritonBackend"]

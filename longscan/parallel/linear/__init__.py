@@ -1,14 +1,19 @@
-"""Sequence-parallel linear attention: one public function, one file per method."""
+"""Sequence-parallel linear attention: one public function, one file per method, a registry of methods."""
 from __future__ import annotations
 
-from longscan.parallel.linear.common import METHODS
-from longscan.parallel.linear.lasp1 import lasp1_linear_attention
-from longscan.parallel.linear.lasp2 import lasp2_linear_attention
-from longscan.parallel.linear.zeco import zeco_linear_attention
+from longscan.kernels.linear_attention import LinearKernelOptions
+from longscan.parallel.linear.common import LinearSPMethod, run_method
+from longscan.parallel.linear.lasp1 import LASP1, lasp1_linear_attention
+from longscan.parallel.linear.lasp2 import LASP2, lasp2_linear_attention
+from longscan.parallel.linear.zeco import ZECO, zeco_linear_attention
+
+REGISTRY: dict[str, LinearSPMethod] = {m.name: m for m in (ZECO, LASP2, LASP1)}
+METHODS = tuple(REGISTRY)
 
 
 def linear_attention(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None, output_final_state=False,
-                     method="zeco", group=None, layout="contiguous", backend="auto", n_blocks=4, overlap=False):
+                     method="zeco", group=None, layout="contiguous", backend="auto", n_blocks=4, overlap=False,
+                     options: LinearKernelOptions | None = None):
     """Linear attention over the ranks of a sequence-parallel group, exactly as on one device.
 
     Each rank passes its shard of the global sequence (see ``longscan.parallel.shard``):
@@ -20,21 +25,16 @@ def linear_attention(q, k, v, g=None, g_gamma=None, scale=None, initial_state=No
     layout: "contiguous" or "zigzag". backend: "auto" | "torch" | "triton" | "naive" | "fla".
     overlap: the forward's schedule. False (default): the output pass waits for the collective and starts
     from the prefix (no extra pass; the collective's latency is not hidden). True: on CUDA the collective
-    runs beside the zero-prefix output pass, then one more pass over q and o adds the prefix term (on an
-    H200 that pass cost more GPU time than a 100 µs collective: benchmarks/RESULTS.md). The backward's
-    reverse collective always runs beside the local backward's dq kernel (Triton). Same result either way.
+    runs beside the zero-prefix output pass, then one more pass over q and o adds the prefix term
+    (docs/benchmarks.md compares the two). The backward's reverse collective always runs beside the local
+    backward's dq kernel (Triton). Same result either way.
+    options: the Triton kernels' :class:`LinearKernelOptions` (None: the defaults).
     """
-    if method == "zeco":
-        return zeco_linear_attention(q, k, v, g, g_gamma, scale, initial_state, output_final_state, group,
-                                     layout, backend, n_blocks, overlap)
-    if method == "lasp2":
-        return lasp2_linear_attention(q, k, v, g, g_gamma, scale, initial_state, output_final_state, group,
-                                      layout, backend, overlap)
-    if method == "lasp1":
-        return lasp1_linear_attention(q, k, v, g, g_gamma, scale, initial_state, output_final_state, group,
-                                      layout, backend, overlap)
-    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method not in REGISTRY:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    return run_method(REGISTRY[method], q, k, v, g, g_gamma, scale, initial_state, output_final_state, group,
+                      layout, backend, n_blocks, overlap, options)
 
 
 __all__ = ["linear_attention", "zeco_linear_attention", "lasp2_linear_attention", "lasp1_linear_attention",
-           "METHODS"]
+           "METHODS", "REGISTRY", "LinearSPMethod"]
