@@ -21,7 +21,7 @@ import subprocess
 import torch
 import triton
 
-from longscan.kernels.linear_attention import triton_chunk as tc
+from longscan.kernels.linear_attention import triton as tc
 from longscan.kernels.softmax_attention import triton_flash as tf
 
 ROWS = []

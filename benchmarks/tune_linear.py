@@ -25,7 +25,7 @@ import triton
 
 from benchmarks.kernels import lin_inputs
 from longscan.kernels.linear_attention import LaunchConfig, LinearKernelOptions
-from longscan.kernels.linear_attention import triton_chunk as tc
+from longscan.kernels.linear_attention import triton as tc
 
 SHAPES = ((16, 4096), (1, 65536))
 H, D = 16, 128

@@ -17,7 +17,8 @@ from longscan.kernels.linear_attention import (chunk_linear_attention, naive_rec
                                                torch_chunk)
 from longscan.kernels import trace  # noqa: E402
 from longscan.kernels.linear_attention import LinearKernelOptions  # noqa: E402
-from longscan.kernels.linear_attention import triton_chunk as tc  # noqa: E402
+from longscan.kernels.linear_attention import triton as tc  # noqa: E402
+from longscan.kernels.linear_attention.triton import plan  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -417,13 +418,13 @@ def test_segment_plan_keeps_whole_waves():
     more (a last wave of few programs): 132 SMs, 32 programs a segment -> 16 segments (512 programs), not 17."""
     opts = LinearKernelOptions(num_sms=132)
     dev = torch.device("cpu")
-    assert tc._segments(32, 1024, dev, opts) == 16
-    assert tc._segments(64, 1024, dev, opts) == 8 and tc._segments(256, 1024, dev, opts) == 2
+    assert plan._segments(32, 1024, dev, opts) == 16
+    assert plan._segments(64, 1024, dev, opts) == 8 and plan._segments(256, 1024, dev, opts) == 2
     for programs in (1, 3, 7, 32, 100, 263):
-        ns = tc._segments(programs, 1 << 20, dev, opts)
+        ns = plan._segments(programs, 1 << 20, dev, opts)
         assert programs * ns <= opts.programs_per_sm * 132 < programs * (ns + 1)
-    assert tc._segments(264, 1024, dev, opts) == 1             # split_below programs per SM: no split
-    assert tc._segments(32, 40, dev, opts) == 40 // opts.min_segment_chunks   # no segment under min_segment_chunks
+    assert plan._segments(264, 1024, dev, opts) == 1             # split_below programs per SM: no split
+    assert plan._segments(32, 40, dev, opts) == 40 // opts.min_segment_chunks   # no segment under min_segment_chunks
 
 
 def test_clear_errors():
@@ -433,7 +434,7 @@ def test_clear_errors():
     with pytest.raises(ValueError, match="head dims"):
         w = torch.randn(1, 8, 1, 24, device=DEV)
         tc.forward(w, w, w)
-    if not CUDA and not tc._interpreting():
+    if not CUDA and not plan._interpreting():
         with pytest.raises(ValueError, match="CUDA"):
             tc.forward(q, q, q)
 

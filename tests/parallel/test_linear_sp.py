@@ -120,7 +120,7 @@ def triton_sp_worker(rank, world):
     import importlib
     import os
     os.environ["TRITON_INTERPRET"] = "1"   # read when the kernel module is first imported (here)
-    importlib.import_module("longscan.kernels.linear_attention.triton_chunk")
+    importlib.import_module("longscan.kernels.linear_attention.triton")
     from longscan.kernels.linear_attention import LinearKernelOptions
     opts = LinearKernelOptions(chunk=16, chunk_per_key=16, segments=2)
     results = {}
@@ -163,7 +163,7 @@ def checkpointed(rank, world, opts):
     import gc
     import weakref
     x = make_inputs("g_per_key", 1, 64 * world, 2, 16, 16, torch.float32, seed=23)
-    from longscan.kernels.linear_attention.triton_chunk import TritonBackend
+    from longscan.kernels.linear_attention.triton import TritonBackend
     refs = []
     forward = TritonBackend.forward
 

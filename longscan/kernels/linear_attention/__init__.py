@@ -17,7 +17,7 @@ from longscan.kernels.linear_attention.options import LaunchConfig, LinearKernel
 
 BACKENDS = ("auto", "naive", "torch", "triton", "fla")
 # (module, class) of the backends that import optional packages (triton, fla) only when asked for
-_LAZY = {"triton": ("longscan.kernels.linear_attention.triton_chunk", "TritonBackend"),
+_LAZY = {"triton": ("longscan.kernels.linear_attention.triton", "TritonBackend"),
          "fla": ("longscan.kernels.linear_attention.fla_backend", "FlaBackend")}
 
 

@@ -50,7 +50,7 @@ class SPContext:
 def split(x: torch.Tensor | None, n: int) -> torch.Tensor | None:
     """`[B, T, ...]` -> `[B·n, T/n, ...]`: the n equal segments of each local sequence as sequences of their
     own, batch-major. A view of a contiguous x (stacking segment-major took a copy of every input and
-    output: at 65,536 local tokens that was a third of the zigzag step on an H100)."""
+    output: a large part of the zigzag step at long local lengths)."""
     if x is None or n == 1:
         return x
     return x.reshape((x.shape[0] * n, x.shape[1] // n) + tuple(x.shape[2:]))
