@@ -60,7 +60,7 @@ def _to(x, device, dtype):
 
 def check_forward_backward(decay, B, T, H, K, V, dtype, tol, with_state, with_dht, seed, need_dg=True,
                            reuse=False, edit=None, options=None):
-    """Forward and backward against the reference; reuse: the backward gets the forward's SegmentStates
+    """Forward and backward against the reference; reuse: the backward gets the forward's ForwardRecord
     (as the autograd op runs them), which are returned; edit: changes the float64 inputs in place first."""
     x = make_inputs(decay, B, T, H, K, V, torch.float64, seed=seed)
     if edit is not None:
@@ -166,7 +166,7 @@ def test_backward_without_gate_gradient(decay):
 
 @pytest.mark.parametrize("decay", DECAYS)
 def test_backward_reuses_forward_segment_states(decay):
-    """forward(return_saved=True) hands the backward its segment prefixes: the same gradients as a
+    """forward(return_saved=True) hands the backward its segment prefixes (a ForwardRecord): the same gradients as a
     backward that recomputes them, and through autograd the float64 reference's."""
     opts = small(3)
     x = _to(make_inputs(decay, 1, 70, 2, 16, 16, torch.float64, seed=13), DEV, torch.float32)
@@ -180,7 +180,7 @@ def test_backward_reuses_forward_segment_states(decay):
     for a, b in zip(with_saved, recomputed):
         assert (a is None and b is None) or rel_err(a.cpu(), b.cpu()) <= 1e-6
     # and the backward really reads them: other prefixes give another dq
-    other = tc.SegmentStates(saved.seg, None, saved.log_decays, saved.prefixes + 1.0)
+    other = dataclasses.replace(saved, prefixes=saved.prefixes + 1.0)
     assert rel_err(tc.backward(*args, do, None, kv_states=other, options=opts)[0].cpu(), recomputed[0].cpu()) > 1e-3
 
 

@@ -11,8 +11,9 @@ NS segments and run in parallel with the same segment-prefix scan that SP uses a
   3. the main kernel runs every segment from its prefix.
 Backward mirrors it with three kernels, each tiled so no program holds a whole `[K, V]` state: dq walks
 forward from the prefixes over K-tiles; dk (K-tiles) and dv (V-tiles) walk backward from the reverse prefixes
-of the state gradient (built from `prefix_grad` pieces). The per-segment states are a `SegmentStates`
-value that one entry point hands the next (SP's state pass → its output pass, `prefix_grad` → the backward,
+of the state gradient (built from `prefix_grad` pieces). The per-segment states are a
+record (records.py: a StatePass of a state pass, a ForwardRecord of a forward) that one entry point hands the
+next (SP's state pass → its output pass, `prefix_grad` → the backward,
 the forward → the backward: the prefixes it scanned), so those state passes and scans are not repeated.
 (SP's backward recomputes the forward's (k, v) states rather than hold them through the step: they would
 add a state per segment to its memory.)
@@ -50,6 +51,8 @@ Shapes: q, k `[B, T, H, K]`, v `[B, T, H, V]`; states `[B, H, K, V]` float32. K,
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import triton
 
@@ -61,7 +64,7 @@ from longscan.kernels.linear_attention.triton.gates import _gate_operands
 from longscan.kernels.linear_attention.triton.levels import _add_levels
 from longscan.kernels.linear_attention.triton.plan import (_bf16, _check, _gate, _in_bf16, _launch, _prec, _split,
                                                            _state_products)
-from longscan.kernels.linear_attention.triton.records import SegmentStates
+from longscan.kernels.linear_attention.triton.records import ForwardRecord, StatePass
 from longscan.kernels.linear_attention.triton.state import _kv_states, _scan, _states
 
 
@@ -90,11 +93,11 @@ def _reverse_cumsum(x, dim):
 
 
 def forward(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None, output_final_state=False,
-            return_saved=False, kv_states=None, options: LinearKernelOptions | None = None):
+            return_saved=False, kv_states: StatePass | None = None, options: LinearKernelOptions | None = None):
     """-> (o `[B, T, H, V]` in q's dtype, final state `[B, H, K, V]` float32 or None).
 
-    kv_states: this sequence's :class:`SegmentStates` from :func:`segment_state` (SP computes them first),
-    so the forward skips its own state pass. return_saved: also return a :class:`SegmentStates` with the
+    kv_states: this sequence's :class:`StatePass` from :func:`segment_state` (SP computes them first),
+    so the forward skips its own state pass. return_saved: also return a :class:`ForwardRecord` with the
     prefixes it entered its segments with (this initial_state included) and, for per-key gates while
     options.keep_gate_operands, its gate operands (None when neither: one segment, no per-key gates), for
     ``backward(..., kv_states=...)`` of the same inputs and initial_state. options: None for the defaults."""
@@ -132,7 +135,7 @@ def forward(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None, outpu
         # Long sequences: every segment's state in parallel, a scan for the prefixes, then all segments.
         if kv_states is None:
             kv_states = _kv_states(kdx if ops else k, v, gx, gg, GATE, C, seg, ns, opts)
-        elif kv_states.states is None:
+        elif not isinstance(kv_states, StatePass):
             raise ValueError("kv_states holds no per-segment states (a forward's saved prefixes are for backward)")
         if h0 is None and ht is None and kv_states.zero_prefixes is not None:
             h0 = kv_states.zero_prefixes
@@ -140,12 +143,11 @@ def forward(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None, outpu
             h0, final = _scan(kv_states.states, kv_states.log_decays, h0, reverse=False)
             if ht is not None:
                 ht.copy_(final)
-        saved = SegmentStates(seg, None, kv_states.log_decays, h0)
+        saved = ForwardRecord(seg, ns, prefixes=h0)
     else:
         saved = None
     if keep and ops is not None:
-        saved = saved if saved is not None else SegmentStates(seg, None, None)
-        saved.operands = ops
+        saved = dataclasses.replace(saved if saved is not None else ForwardRecord(seg, ns), operands=ops)
     run_forward(qx=qx, kx=kx, kdx=kdx, v=v, gx=gx, gg=gg, o=o, h0=h0, ht=ht, T=T, H=H, seg=seg, ns=ns, C=C,
                 scale=scale, GATE=GATE, BV=BV, store_ht=(ht is not None and ns == 1), prec=_prec(q), dummy=q,
                 cfg=cfg)
@@ -154,11 +156,12 @@ def forward(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None, outpu
     return (o, ht, saved) if return_saved else (o, ht)
 
 
-def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True, kv_states=None,
-             qdo_states=None, options: LinearKernelOptions | None = None):
+def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True,
+             kv_states: ForwardRecord | StatePass | None = None, qdo_states: StatePass | None = None,
+             options: LinearKernelOptions | None = None):
     """-> (dq, dk, dv, dg, dh0): dg in the shape of g (or of g_gamma `[H]`; None without decay or when
     not need_dg), dh0 `[B, H, K, V]` float32 even when initial_state is None. kv_states / qdo_states: the
-    :class:`SegmentStates` of these inputs from ``forward(..., return_saved=True)`` (same initial_state: its
+    records of these inputs: a :class:`ForwardRecord` from ``forward(..., return_saved=True)`` (same initial_state: its
     prefixes are used as they are) or :func:`segment_state` / ``prefix_grad(..., return_saved=True)`` (same
     scale), or None: the backward then computes them. dht `[B, H, K, V]` or None, or a function that returns
     it: called once the dq kernel (which needs no dht) has been launched, so SP's reverse collective runs
@@ -205,16 +208,16 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True, k
             ops = _gate_operands(q, k, gt, C, seg, ns, opts, factors=True)
     qx, kx, kdx, eqx, ekx, gx = _kernel_operands(q, k, gt, ops)
     if ns > 1:
-        if kv_states is not None and kv_states.prefixes is not None:
+        if isinstance(kv_states, ForwardRecord) and kv_states.prefixes is not None:
             h0 = kv_states.prefixes
-        elif kv_states is not None and kv_states.zero_prefixes is not None and h0 is None:
+        elif isinstance(kv_states, StatePass) and kv_states.zero_prefixes is not None and h0 is None:
             h0 = kv_states.zero_prefixes
         else:
-            kv = kv_states if kv_states is not None and kv_states.states is not None else \
+            kv = kv_states if isinstance(kv_states, StatePass) else \
                 _kv_states(kdx if ops else k, v, gx, gg, GATE, C, seg, ns, opts)
             h0, _ = _scan(kv.states, kv.log_decays, h0, reverse=False)
         if qdo_states is None:
-            qdo_states = SegmentStates(seg, *_states(qx, do, gx, gg, GATE, C, seg, ns, scale, True, opts))
+            qdo_states = StatePass(seg, *_states(qx, do, gx, gg, GATE, C, seg, ns, scale, True, opts))
     prec = _prec(q)
     # The gate gradient needs the state products in float32 precision (bf16 states miss its tolerance):
     # tf32 or two bf16 halves of the state, per kernel (_state_products).
@@ -271,7 +274,7 @@ def segment_state(k, v, g=None, g_gamma=None, return_saved=False, keep_prefixes=
     """A segment's state from zero and its total log decay.
 
     -> (S `[B, H, K, V]` float32, log_decay `[B, H, K]` float32), S = Σ_t exp(A_T - A_t) ⊙ k_t v_tᵀ, and with
-    return_saved the per-segment :class:`SegmentStates` (or None) for ``forward(..., kv_states=...)`` (per-key
+    return_saved the per-segment :class:`StatePass` (or None) for ``forward(..., kv_states=...)`` (per-key
     gates: with the decayed keys, which that forward takes rather than writing them again); with
     keep_prefixes as well, they hold the scan's prefixes from zero (``zero_prefixes``), so a forward without
     an initial state skips its own scan (one with an initial state scans anyway: storing them would only
@@ -303,7 +306,7 @@ def segment_state(k, v, g=None, g_gamma=None, return_saved=False, keep_prefixes=
         ops = _gate_operands(q.contiguous() if with_q else None, k, gt, C, seg, ns, opts, factors=with_q and factors)
         k, gt = ops.kd, ops.totals
     kv = _kv_states(k, v, gt, gg, GATE, C, seg, ns, opts)
-    kv.operands = ops if return_saved else None
+    kv = dataclasses.replace(kv, operands=ops if return_saved else None)
     total = kv.log_decays.sum(2)
     if ns == 1:
         out = (kv.states[:, :, 0], total)
@@ -312,16 +315,15 @@ def segment_state(k, v, g=None, g_gamma=None, return_saved=False, keep_prefixes=
     prefixes, final = _scan(kv.states, kv.log_decays, None, reverse=False, store_out=keep)
     if not return_saved:
         return final, total
-    kv.zero_prefixes = prefixes if keep else None
-    return final, total, kv
+    return final, total, dataclasses.replace(kv, zero_prefixes=prefixes if keep else None)
 
 
-def prefix_grad(q, g, g_gamma, scale, do, return_saved=False, kv_states=None,
+def prefix_grad(q, g, g_gamma, scale, do, return_saved=False, kv_states: ForwardRecord | None = None,
                 options: LinearKernelOptions | None = None):
     """Gradient of the segment's outputs w.r.t. its entering state: scale·Σ_t (q_t⊙exp(A_t)) do_tᵀ, float32
-    `[B, H, K, V]`; with return_saved also the per-segment :class:`SegmentStates` for
+    `[B, H, K, V]`; with return_saved also the per-segment :class:`StatePass` for
     ``backward(..., qdo_states=...)`` (one segment too: its ``log_decays`` sum to the sequence's total log gate,
-    which SP needs beside this gradient). kv_states: the forward's :class:`SegmentStates` of these inputs, whose
+    which SP needs beside this gradient). kv_states: the forward's :class:`ForwardRecord` of these inputs, whose
     gate operands (per-key gates) give the decayed queries, or None."""
     opts = resolve(options)
     _check(q, do)
@@ -335,7 +337,7 @@ def prefix_grad(q, g, g_gamma, scale, do, return_saved=False, kv_states=None,
     GATE, gt, gg, C = _gate(g, g_gamma, q, opts)
     if T == 0:
         out = torch.zeros(B, H, K, V, device=q.device, dtype=torch.float32)
-        empty = SegmentStates(0, out.unsqueeze(2), torch.zeros(B, H, 1, K, device=q.device, dtype=torch.float32))
+        empty = StatePass(0, out.unsqueeze(2), torch.zeros(B, H, 1, K, device=q.device, dtype=torch.float32))
         return (out, empty) if return_saved else out
     seg, ns = (kv_states.seg, kv_states.n) if kv_states is not None else _split(B, H, T, V, C, GATE, q.device, opts)
     if GATE == 3:   # the state reads the decayed queries
@@ -343,7 +345,7 @@ def prefix_grad(q, g, g_gamma, scale, do, return_saved=False, kv_states=None,
         if ops is None or ops.qd is None:
             ops = _gate_operands(q, None, gt, C, seg, ns, opts)
         q, gt = ops.qd, ops.totals
-    qdo = SegmentStates(seg, *_states(q, do, gt, gg, GATE, C, seg, ns, scale, True, opts))
+    qdo = StatePass(seg, *_states(q, do, gt, gg, GATE, C, seg, ns, scale, True, opts))
     if ns == 1:
         return (qdo.states[:, :, 0], qdo) if return_saved else qdo.states[:, :, 0]
     _, final = _scan(qdo.states, qdo.log_decays, None, reverse=True, store_out=False)
@@ -377,7 +379,8 @@ def add_prefix(o, q, g, g_gamma, scale, P, options: LinearKernelOptions | None =
 
 class TritonBackend:
     """The Triton kernels behind the local-compute contract (longscan.kernels.linear_attention.backend), with
-    their options. Its saved records are :class:`SegmentStates`."""
+    their options. Its records are :class:`StatePass` (segment_state, prefix_grad) and :class:`ForwardRecord`
+    (forward)."""
     name = "triton"
     # The gradient of g_gamma is a token-weighted sum over the whole sequence of nearly cancelling terms: in bf16
     # it missed the 1e-2 tolerance on a GPU even with float32 state products, so the dispatch refuses a g_gamma
@@ -410,5 +413,5 @@ class TritonBackend:
 
 
 
-__all__ = ["forward", "backward", "segment_state", "add_prefix", "prefix_grad", "SegmentStates",
+__all__ = ["forward", "backward", "segment_state", "add_prefix", "prefix_grad", "StatePass", "ForwardRecord",
            "LinearKernelOptions", "TritonBackend"]

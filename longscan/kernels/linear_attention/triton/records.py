@@ -7,7 +7,7 @@ import dataclasses
 import torch
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class _GateOperands:
     """Per-key gates: what _gate_operands_kernel wrote for one call. qd, kd like q / k (None where not asked
     for); the backward's factors eq = exp(b), ek = exp(b_C − b) like q, or None; totals `[B·H, NC, 2, K]` float32
@@ -30,41 +30,44 @@ class _GateOperands:
         return self.for_forward and self.eq is not None and self.ek is not None
 
 
-@dataclasses.dataclass
-class SegmentStates:
-    """A long sequence's per-segment states, kept so a later call skips recomputing them.
+@dataclasses.dataclass(frozen=True)
+class StatePass:
+    """The per-segment states of one state pass, kept so a later call skips recomputing them.
 
-    Segments of ``seg`` tokens; ``states`` `[B, H, ns, K, V]` float32: from zero over (k, v) (see
-    :func:`segment_state`) or scaled from the segment start over (q, do) (the backward's, see
-    :func:`prefix_grad`); ``log_decays`` `[B, H, ns, K]` float32, each segment's total log gate.
-    ``prefixes`` `[B, H, ns, K, V]` float32, set by ``forward(..., return_saved=True)``: the states entering
-    each segment, initial state included, so valid only for the same initial_state. The forward returns them
-    in place of ``states`` (then None): the backward needs only the prefixes, and both would hold two states
-    per segment until the backward. ``zero_prefixes`` (same shape), set beside ``states`` by
-    ``segment_state(..., return_saved=True, keep_prefixes=True)``: the states entering each segment from a
-    zero initial state, which a forward without initial_state uses in place of its own scan. ``operands``
-    (per-key gates): what a pre-pass wrote, for the next call on the same inputs. Set by
-    ``segment_state(..., return_saved=True)``: the decayed keys kd, which the forward then takes; by
-    ``forward(..., return_saved=True)`` while options.keep_gate_operands: all the decayed operands and the backward's
-    factors, so the backward (and ``prefix_grad``) skip their own pre-pass. With operands the value is
-    returned even for a sequence run as one segment."""
+    Produced by :func:`segment_state` (``states`` from zero over (k, v), for ``forward(kv_states=)`` and the
+    backward) and by :func:`prefix_grad` (``states`` scaled from each segment's start over (q, do), for
+    ``backward(qdo_states=)``). Segments of ``seg`` tokens; ``states`` `[B, H, ns, K, V]` float32; ``log_decays``
+    `[B, H, ns, K]` float32, each segment's total log gate. ``zero_prefixes`` (``segment_state(keep_prefixes=True)``):
+    the states entering each segment from a zero initial state, which a forward without initial_state uses in
+    place of its own scan. ``operands`` (per-key gates, ``segment_state``): what its pre-pass wrote (the decayed
+    keys, and with q the queries' operands), which the forward then takes."""
     seg: int
-    states: torch.Tensor | None
-    log_decays: torch.Tensor | None
-    prefixes: torch.Tensor | None = None
+    states: torch.Tensor
+    log_decays: torch.Tensor
     zero_prefixes: torch.Tensor | None = None
     operands: _GateOperands | None = None
 
     @property
     def n(self) -> int:
         """The number of segments."""
-        if self.log_decays is not None:
-            return self.log_decays.shape[2]
-        return self.operands.steep.shape[1] if self.operands is not None else 1
+        return self.log_decays.shape[2]
 
-    def operands_only(self) -> SegmentStates | None:
+
+@dataclasses.dataclass(frozen=True)
+class ForwardRecord:
+    """What ``forward(return_saved=True)`` hands its backward (of the same inputs and initial_state).
+
+    ``prefixes`` `[B, H, n, K, V]` float32: the states entering each of the ``n`` segments of ``seg`` tokens,
+    initial state included (None for a sequence run as one segment); the backward needs only these, not the
+    states they were scanned from. ``operands`` (per-key gates, while options.keep_gate_operands): the decayed
+    operands and the backward's factors, so the backward (and ``prefix_grad``) skip their own pre-pass."""
+    seg: int
+    n: int
+    prefixes: torch.Tensor | None = None
+    operands: _GateOperands | None = None
+
+    def operands_only(self) -> ForwardRecord | None:
         """Only the gate operands (None without them): for a backward from another initial state than the
         forward's (SP's backward, whose forward may have run from zero prefixes), where the prefixes do not hold
         but the operands do."""
-        return SegmentStates(self.seg, None, None, operands=self.operands) if self.operands is not None else None
-
+        return ForwardRecord(self.seg, self.n, None, self.operands) if self.operands is not None else None

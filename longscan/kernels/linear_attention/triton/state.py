@@ -10,7 +10,7 @@ from longscan.kernels import trace
 from longscan.kernels.linear_attention.options import LinearKernelOptions
 from longscan.kernels.linear_attention.triton.common import _chunk_totals, _gate_chunk
 from longscan.kernels.linear_attention.triton.plan import _launch, _prec
-from longscan.kernels.linear_attention.triton.records import SegmentStates
+from longscan.kernels.linear_attention.triton.records import StatePass
 
 
 @triton.jit
@@ -127,7 +127,7 @@ def _scan(s, a, init, reverse, store_out=True):
     return (out if store_out else None), final
 
 
-def _kv_states(k, v, gt, gg, GATE, C, seg, ns, opts: LinearKernelOptions) -> SegmentStates:
+def _kv_states(k, v, gt, gg, GATE, C, seg, ns, opts: LinearKernelOptions) -> StatePass:
     """(k, v)'s per-segment states (per-key gates: k and gt are _gate_operands' kd and chunk totals)."""
-    return SegmentStates(seg, *_states(k, v, gt, gg, GATE, C, seg, ns, 1.0, False, opts))
+    return StatePass(seg, *_states(k, v, gt, gg, GATE, C, seg, ns, 1.0, False, opts))
 
