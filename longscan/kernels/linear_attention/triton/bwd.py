@@ -7,8 +7,8 @@ import triton
 import triton.language as tl
 
 from longscan.kernels.linear_attention.triton.common import (DG_RUN, _chunk_keys, _chunk_scales, _chunk_totals,
-                                                             _gate_chunk, _segment_state_tile, _state_dot,
-                                                             _state_unit)
+                                                             _gate_chunk, _segment_program, _segment_state_tile,
+                                                             _state_dot, _state_unit)
 
 
 @triton.jit
@@ -25,13 +25,7 @@ def _bwd_dq_kernel(q, k, kd, eq, v, g, gg, do, h0, dq, gq, st, T, H, SEG, NC, sc
     Per key, q, kd, eq and g are _gate_operands_kernel's qd, kd, eq and chunk totals (k is not read: level 0's keys
     kn come from kd, _level0_keys). The gate partials multiply by the same bf16-rounded decayed operands (qd, kn,
     kd) that built the other side's terms, so that q⊙dq − k⊙dk cancels as it does in exact arithmetic."""
-    ik = tl.program_id(0)
-    bh = tl.program_id(1)
-    js = tl.program_id(2)
-    ns = tl.num_programs(2)
-    nk = tl.num_programs(0)
-    b = bh // H
-    h = bh % H
+    ik, nk, bh, js, ns, b, h = _segment_program(H)
     dt = q.dtype.element_ty
     rk = ik * BK + tl.arange(0, BK)
     rv = tl.arange(0, V)
@@ -114,13 +108,7 @@ def _bwd_dk_kernel(q, k, kd, ek, v, g, gg, do, dhe, hin, dk, gk, dg, term, dh0, 
     starts from the final-state term. Scalar gates write their tile's k-side partial to gk[..., ik] (the host
     sums: a 1-D reverse cumulative sum in this kernel made the scalar-gate backward slower).
     Per key, q, kd, ek and g are _gate_operands_kernel's qd, kd, ek and chunk totals (k is not read)."""
-    ik = tl.program_id(0)
-    bh = tl.program_id(1)
-    js = tl.program_id(2)
-    ns = tl.num_programs(2)
-    nk = tl.num_programs(0)
-    b = bh // H
-    h = bh % H
+    ik, nk, bh, js, ns, b, h = _segment_program(H)
     dt = q.dtype.element_ty
     rk = ik * BK + tl.arange(0, BK)
     rv = tl.arange(0, V)
@@ -224,12 +212,7 @@ def _bwd_dv_kernel(q, k, kd, g, gg, do, dhe, dv, T, H, SEG, NC, scale,
     segment (columns rv): dv = (k⊙exp(b_C − b)) dH + scale·Aᵀ do, A the decayed causal q·k scores.
     Per key, q, kd and g are _gate_operands_kernel's qd, kd and chunk totals (k is not read: level 0's keys come
     from kd)."""
-    iv = tl.program_id(0)
-    bh = tl.program_id(1)
-    js = tl.program_id(2)
-    ns = tl.num_programs(2)
-    b = bh // H
-    h = bh % H
+    iv, _, bh, js, ns, b, h = _segment_program(H)
     dt = q.dtype.element_ty
     rk = tl.arange(0, K)
     rv = iv * BV + tl.arange(0, BV)

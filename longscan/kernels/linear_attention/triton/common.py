@@ -117,3 +117,14 @@ def _state_dot(x, S, dt: tl.constexpr, SF32: tl.constexpr, PREC: tl.constexpr):
         return tl.dot(x.to(tl.float32), tl.trans(S), input_precision=PREC)
     return tl.dot(x, tl.trans(S).to(dt), input_precision=PREC)
 
+
+@triton.jit
+def _segment_program(H):
+    """Where a main kernel's program works, from its grid (tile, batch·head, segment): -> (tile index, number of
+    tiles, bh, segment js, number of segments ns, batch b, head h)."""
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    js = tl.program_id(2)
+    ns = tl.num_programs(2)
+    ntiles = tl.num_programs(0)
+    return tile, ntiles, bh, js, ns, bh // H, bh % H

@@ -6,7 +6,7 @@ import triton
 import triton.language as tl
 
 from longscan.kernels.linear_attention.triton.common import (_chunk_keys, _chunk_totals, _gate_chunk,
-                                                             _segment_state_tile)
+                                                             _segment_program, _segment_state_tile)
 from longscan.kernels.linear_attention.triton.plan import _prec
 
 
@@ -17,12 +17,7 @@ def _fwd_kernel(q, k, kd, v, g, gg, o, h0, ht, T, H, SEG, NC, scale,
     """One (V-tile, batch·head, segment): o for the segment's tokens, starting from state h0[bh, seg].
     Per-key gates (GATE 3) read _gate_operands_kernel's outputs: q and kd are qd and kd, g the chunk totals (k is
     not read: level 0's keys come from kd)."""
-    iv = tl.program_id(0)
-    bh = tl.program_id(1)
-    js = tl.program_id(2)
-    ns = tl.num_programs(2)
-    b = bh // H
-    h = bh % H
+    iv, _, bh, js, ns, b, h = _segment_program(H)
     dt = q.dtype.element_ty
     rk = tl.arange(0, K)
     rv = iv * BV + tl.arange(0, BV)

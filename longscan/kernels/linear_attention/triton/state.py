@@ -8,7 +8,7 @@ import triton.language as tl
 
 from longscan.kernels import trace
 from longscan.kernels.linear_attention.options import LinearKernelOptions
-from longscan.kernels.linear_attention.triton.common import _chunk_totals, _gate_chunk
+from longscan.kernels.linear_attention.triton.common import _chunk_totals, _gate_chunk, _segment_program
 from longscan.kernels.linear_attention.triton.plan import _launch, _prec
 from longscan.kernels.linear_attention.triton.records import StatePass
 
@@ -22,12 +22,7 @@ def _state_kernel(x, y, g, gg, out_s, out_a, T, H, SEG, NC, scale,
     A is the inclusive cumulative log gate from the segment start. Also writes the total A_end `[K]`.
     Per-key gates (GATE 3): x is _gate_operands_kernel's kd (k⊙exp(b_C − b)) or qd (q⊙exp(b)), g its chunk
     totals."""
-    iv = tl.program_id(0)
-    bh = tl.program_id(1)
-    js = tl.program_id(2)
-    ns = tl.num_programs(2)
-    b = bh // H
-    h = bh % H
+    iv, _, bh, js, ns, b, h = _segment_program(H)
     dt = x.dtype.element_ty
     rk = tl.arange(0, K)
     rv = iv * BV + tl.arange(0, BV)
