@@ -1,7 +1,8 @@
 """Triton chunked linear attention against the float64 recurrent reference.
 
 CPU: the Triton interpreter in float32 (tiny shapes, chunks of 16 so odd lengths span several chunks and
-the segment-parallel path is exercised with the number of segments forced through LinearKernelOptions). GPU (skipped without CUDA): bf16 and float32.
+the segment-parallel path is exercised with the number of segments forced through LinearKernelOptions).
+GPU (skipped without CUDA): bf16 and float32.
 """
 import dataclasses
 

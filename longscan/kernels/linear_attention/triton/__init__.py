@@ -25,8 +25,8 @@ Decay kinds (log space, ≤ 0), as a constexpr GATE: 0 none, 1 g_gamma `[H]`, 2 
 (b_C the chunk total), the chunk totals, and for the backward the factors exp(b) (dq's) and exp(b_C − b) (dk's),
 in q's dtype. The key side of the scores, kn = k⊙exp(−b), is kd times a per-key scale exp(−b_C), so the main
 kernels build it from kd as they load it (_level0_keys) and it is neither written nor read (a pass over q's size
-fewer in the pre-pass and in each main kernel). A forward that a backward follows keeps them all (options.keep_gate_operands),
-so the backward runs no pre-pass of its own; in SP the state pass's kd goes on to the output pass. The main kernels
+fewer in the pre-pass and in each main kernel). A forward that a backward follows keeps them all
+(options.keep_gate_operands), so the backward runs no pre-pass of its own; in SP the state pass's kd goes on to the output pass. The main kernels
 then read them as the no-decay kernels read q and k, with no `[C, K]` gate tile, cumulative sum or exps of
 their own: that kept their chunks at 32 tokens, where Triton's dots compile to mma.sync instead of Hopper's
 wgmma (docs/benchmarks.md). The scale is exp(min(−b_C, LEVEL_SPAN)) (c = 0, level 0): exact while the chunk
@@ -156,6 +156,18 @@ def forward(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None, outpu
     return (o, ht, saved) if return_saved else (o, ht)
 
 
+def _backward_prefixes(record, h0, state_pass):
+    """The states entering each segment, for the backward, from the first source that holds them: the forward's
+    prefixes (a ForwardRecord: same initial state), a state pass's prefixes from zero (no initial state), that
+    state pass's states scanned from h0, or a fresh state pass (``state_pass()``) scanned from h0."""
+    if isinstance(record, ForwardRecord) and record.prefixes is not None:
+        return record.prefixes
+    if isinstance(record, StatePass) and record.zero_prefixes is not None and h0 is None:
+        return record.zero_prefixes
+    kv = record if isinstance(record, StatePass) else state_pass()
+    return _scan(kv.states, kv.log_decays, h0, reverse=False)[0]
+
+
 def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True,
              kv_states: ForwardRecord | StatePass | None = None, qdo_states: StatePass | None = None,
              options: LinearKernelOptions | None = None):
@@ -208,14 +220,8 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True,
             ops = _gate_operands(q, k, gt, C, seg, ns, opts, factors=True)
     qx, kx, kdx, eqx, ekx, gx = _kernel_operands(q, k, gt, ops)
     if ns > 1:
-        if isinstance(kv_states, ForwardRecord) and kv_states.prefixes is not None:
-            h0 = kv_states.prefixes
-        elif isinstance(kv_states, StatePass) and kv_states.zero_prefixes is not None and h0 is None:
-            h0 = kv_states.zero_prefixes
-        else:
-            kv = kv_states if isinstance(kv_states, StatePass) else \
-                _kv_states(kdx if ops else k, v, gx, gg, GATE, C, seg, ns, opts)
-            h0, _ = _scan(kv.states, kv.log_decays, h0, reverse=False)
+        h0 = _backward_prefixes(kv_states, h0,
+                                lambda: _kv_states(kdx if ops else k, v, gx, gg, GATE, C, seg, ns, opts))
         if qdo_states is None:
             qdo_states = StatePass(seg, *_states(qx, do, gx, gg, GATE, C, seg, ns, scale, True, opts))
     prec = _prec(q)
