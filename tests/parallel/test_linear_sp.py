@@ -232,6 +232,7 @@ def bad_input_worker(rank, world):
         "n_blocks": lambda: linear_attention(q, k, v, n_blocks=0),
         "both gates": lambda: linear_attention(q, k, v, g=x["g"], g_gamma=torch.zeros(2)),
         "overlap": lambda: linear_attention(q, k, v, overlap="yes"),
+        "options": lambda: linear_attention(q, k, v, options={"chunk": 16}),
     }
     out = {}
     for name, fn in cases.items():
@@ -247,7 +248,8 @@ def test_bad_inputs_raise_on_every_rank():
     expected = {"lengths differ": "local length.*equal on every rank", "zigzag odd": "needs an even local length",
                 "method": "method must be one of", "layout": "layout must be one of",
                 "n_blocks": "n_blocks must be", "both gates": "at most one of g and g_gamma",
-                "overlap": "overlap must be True or False"}
+                "overlap": "overlap must be True or False",
+                "options": "options must be a LinearKernelOptions"}
     import re
     for rank, res in enumerate(run_distributed(bad_input_worker, 2)):
         for name, pattern in expected.items():
