@@ -1,6 +1,7 @@
-"""What the SP benchmarks share: arguments, process-group setup, timing, the table printout.
+"""What the benchmarks share: arguments, process-group setup, the timed step, the table writer.
 
-Scripts in this folder import it by name (`python benchmarks/x.py` and torchrun put the folder on the path).
+The SP scripts import it by name (`python benchmarks/x.py` and torchrun put the folder on the path);
+kernels.py, which the tuning aids import as ``benchmarks.kernels``, imports it as ``benchmarks.bench_common``.
 """
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ import json
 import os
 import statistics
 import time
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
+from longscan.distributed.layouts import LAYOUTS
 from longscan.distributed.stats import STATS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -24,7 +27,7 @@ def add_common_args(p: argparse.ArgumentParser, methods: list[str], layout: str,
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=None)
     p.add_argument("--head-dim", type=int, default=None)
-    p.add_argument("--layout", choices=["contiguous", "zigzag"], default=layout)
+    p.add_argument("--layout", choices=list(LAYOUTS), default=layout)
     p.add_argument("--dtype", choices=list(DTYPES), default=None)
     p.add_argument("--backend", default="auto")
     p.add_argument("--iters", type=int, default=5)
@@ -49,13 +52,16 @@ def sync(device: torch.device) -> None:
     dist.barrier()
 
 
-def time_step(fn, do, device, args) -> tuple:
+def time_step(fn, do, device, args, on_start: Optional[Callable[[], None]] = None) -> tuple:
     """Time ``fn().backward(do)``: (median s, mean s, comm wait s, bytes sent, bytes received), the last
-    three per step from ``longscan.distributed.stats``."""
+    three per step from ``longscan.distributed.stats``. ``on_start`` runs after the warmup, before the timed
+    steps (where a caller resets its own counters)."""
     for _ in range(args.warmup):
         fn().backward(do)
     times = []
     STATS.reset()
+    if on_start is not None:
+        on_start()
     for _ in range(args.iters):
         sync(device)
         t0 = time.perf_counter()
@@ -78,18 +84,32 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A markdown table (the form docs/benchmarks.md records); every row must have the header's width."""
+    for r in rows:
+        if len(r) != len(header):
+            raise ValueError(f"row {list(r)!r} has {len(r)} cells, the header {len(header)}")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def sp_table(rows: list[dict]) -> str:
+    """The SP benchmarks' rows (method, T_local, ms, ratio_to_local, wait_ms, sent, recv[, rel_err])."""
+    check = any("rel_err" in r for r in rows)
+    header = ["method", "T_local", "fwd+bwd ms", "x local", "wait ms", "sent/rank", "recv/rank"]
+    cells = [[r["method"], str(r["T_local"]), f"{r['ms']:.2f}", f"{r['ratio_to_local']:.2f}", f"{r['wait_ms']:.2f}",
+              f"{r['sent'] / 2**10:.1f} KB", f"{r['recv'] / 2**10:.1f} KB"]
+             + ([f"{r['rel_err']:.1e}" if "rel_err" in r else ""] if check else []) for r in rows]
+    return markdown_table(header + (["rel err"] if check else []), cells)
+
+
 def report(title: str, rows: list[dict], meta: dict, path: str) -> None:
     """On rank 0: the table on stdout, meta and rows as JSON to ``path``; then every rank waits, so none
     tears the group down while rank 0 is still writing."""
     if dist.get_rank() == 0:
-        check = any("rel_err" in r for r in rows)
         print(title)
-        print(f"{'method':<13}{'T_local':>9}{'fwd+bwd ms':>12}{'x local':>9}{'wait ms':>10}"
-              f"{'sent/rank':>12}{'recv/rank':>12}" + (f"{'rel err':>10}" if check else ""))
-        for r in rows:
-            err = (f"{r['rel_err']:>10.1e}" if "rel_err" in r else f"{'':>10}") if check else ""
-            print(f"{r['method']:<13}{r['T_local']:>9}{r['ms']:>12.2f}{r['ratio_to_local']:>9.2f}"
-                  f"{r['wait_ms']:>10.2f}{r['sent'] / 2**10:>10.1f}KB{r['recv'] / 2**10:>10.1f}KB" + err)
+        print(sp_table(rows))
         with open(path, "w") as f:
             json.dump(dict(meta=meta, rows=rows), f, indent=1)
     dist.barrier()

@@ -6,7 +6,8 @@ Measures the device's two ceilings first (device-to-device copy, bf16 matmul), t
   one SP rank's local work as the SP operators run it (both forward schedules; the backward with its
     reverse collective beside the dq kernel or before it), with a stand-in collective, vs the plain kernel;
   flash attention causal forward and forward+backward, ours vs torch SDPA flash and cuDNN.
-Prints a markdown table and writes it (with device, date, commit) to --out.
+Prints a markdown table and writes it (with device, versions, date, commit) to --out; the peers' versions
+are read from their installed packages. docs/benchmarks.md records the current results.
 
     PYTHONPATH=. python benchmarks/kernels.py --out benchmarks/kernels_rows.md
     PYTHONPATH=. python benchmarks/kernels.py --only anchors,linear --kinds gk   # the per-key rows alone
@@ -17,16 +18,66 @@ from __future__ import annotations
 import argparse
 import datetime
 import subprocess
+from dataclasses import dataclass
+from importlib import metadata
 
 import torch
 import triton
+from triton.runtime.errors import TritonError
 
+from benchmarks.bench_common import markdown_table
 from longscan.kernels.linear_attention import triton as tc
 from longscan.kernels.softmax_attention import triton_flash as tf
 
-ROWS = []
 LINEAR_KINDS = ("g_gamma", "g", "gk")   # constant decay, scalar gate, per-key gate
+PARTS = ("check", "anchors", "linear", "linear_long", "sp", "flash")
 _DIV = {"GB/s": 1e6, "TFLOP/s": 1e9, "": 1}   # bytes or FLOPs per ms -> unit
+# What a peer's kernel may raise on a shape or device it does not support (compile errors, out of
+# resources or memory, "no available kernel"): its row is left out and the reason printed.
+PEER_ERRORS = (RuntimeError, ValueError, TritonError)
+TABLE_HEADER = ("kernel", "shape", "ms", "rate", "fraction of floor", "note")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One measurement: ``work`` bytes or FLOPs (``unit``) in ``ms``; ``floor_ms`` the device's floor for it."""
+    name: str
+    shape: str
+    ms: float
+    work: float = 0.0
+    unit: str = ""
+    floor_ms: float = 0.0
+    note: str = ""
+
+    def __post_init__(self):
+        if self.unit not in _DIV:
+            raise ValueError(f"unit must be one of {tuple(_DIV)}, got {self.unit!r}")
+        if not self.ms > 0:
+            raise ValueError(f"ms must be positive, got {self.ms!r}")
+
+    def rate(self) -> str:
+        return f"{self.work / self.ms / _DIV[self.unit]:.0f} {self.unit}" if self.work else ""
+
+    def fraction(self) -> str:
+        return f"{self.floor_ms / self.ms:.2f}" if self.floor_ms else ""
+
+    def cells(self) -> list[str]:
+        return [self.name, self.shape, f"{self.ms:.3f}", self.rate(), self.fraction(), self.note]
+
+
+def record(rows: list[Row], r: Row) -> None:
+    """Append ``r`` and print it at once (a long run shows its progress)."""
+    rows.append(r)
+    print(f"{r.name:58s} {r.shape:22s} {r.ms:8.3f} ms  {r.rate():>14s}  floor-frac {r.fraction():>5s} {r.note}",
+          flush=True)
+
+
+def peer_version(package: str) -> str:
+    """``package`` and its installed version, as the table names the peer."""
+    try:
+        return f"{package} {metadata.version(package)}"
+    except metadata.PackageNotFoundError:
+        return f"{package} (not installed)"
 
 
 def bench(fn, ms_warm=100, ms_rep=400):
@@ -39,25 +90,18 @@ def bench_graph(fn, ms_rep=400):
     return triton.testing.do_bench_cudagraph(fn, rep=ms_rep, return_mode="median")
 
 
-def row(name, shape, ms, work, unit, floor_ms, note=""):
-    ROWS.append((name, shape, ms, work, unit, floor_ms, note))
-    rate = f"{work / ms / _DIV[unit]:.0f} {unit}" if work else ""
-    frac = f"{floor_ms / ms:.2f}" if floor_ms else ""
-    print(f"{name:58s} {shape:22s} {ms:8.3f} ms  {rate:>14s}  floor-frac {frac:>5s} {note}", flush=True)
-
-
-def anchors():
+def anchors(rows: list[Row]):
     n = 1 << 28
     x = torch.randn(n // 2, device="cuda", dtype=torch.float32)
     y = torch.empty_like(x)
     ms = bench(lambda: y.copy_(x))
     bw = 2 * x.numel() * 4 / ms / 1e9  # TB/s
-    row("copy (device to device)", f"{x.numel() * 4 >> 20} MiB", ms, 2 * x.numel() * 4, "GB/s", 0)
+    record(rows, Row("copy (device to device)", f"{x.numel() * 4 >> 20} MiB", ms, 2 * x.numel() * 4, "GB/s"))
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn_like(a)
     ms = bench(lambda: a @ b)
     tflops = 2 * 8192 ** 3 / ms / 1e9
-    row("matmul bf16", "8192^3", ms, 2 * 8192 ** 3, "TFLOP/s", 0)
+    record(rows, Row("matmul bf16", "8192^3", ms, 2 * 8192 ** 3, "TFLOP/s"))
     return bw, tflops   # TB/s, TFLOP/s
 
 
@@ -80,8 +124,9 @@ def fwd_bwd(q, k, v, g, gg, do, need_dg):
     return tc.backward(q, k, v, g, gg, None, None, do, None, need_dg, kv_states=saved)
 
 
-def linear(bw, tflops, shapes=((16, 4096), (1, 65536)), kinds=LINEAR_KINDS):
+def linear(rows: list[Row], bw, tflops, shapes=((16, 4096), (1, 65536)), kinds=LINEAR_KINDS):
     H, D = 16, 128
+    fla = peer_version("fla-core")
     try:
         from fla.ops.gla import chunk_gla
         from fla.ops.simple_gla import chunk_simple_gla
@@ -97,32 +142,29 @@ def linear(bw, tflops, shapes=((16, 4096), (1, 65536)), kinds=LINEAR_KINDS):
             q, k, v, g, gg = lin_inputs(B, T, H, D, kind)
             do = torch.randn_like(v)
             gb = 0 if g is None else g.numel() * 4 * (1 if kind != "gk" else 3)  # gate read (+ dg written)
-            try:
-                ms = bench(lambda: tc.forward(q, k, v, g, gg))
-                row(f"ours linear {kind} fwd", shape, ms, (4 * tok + gb), "GB/s", floor_f)
-                # g_gamma is a fixed buffer in the models (and fla gives it no gradient): no dg, as in fla
-                ms = bench(lambda: fwd_bwd(q, k, v, g, gg, do, kind != "g_gamma"))
-                row(f"ours linear {kind} fwd+bwd", shape, ms, (11 * tok + gb), "GB/s", floor_fb)
-            except Exception as e:  # noqa: BLE001
-                print(f"ours {kind} failed: {type(e).__name__}: {str(e).splitlines()[-1][:160]}")
+            ms = bench(lambda: tc.forward(q, k, v, g, gg))
+            record(rows, Row(f"ours linear {kind} fwd", shape, ms, (4 * tok + gb), "GB/s", floor_f))
+            # g_gamma is a fixed buffer in the models (and fla gives it no gradient): no dg, as in fla
+            ms = bench(lambda: fwd_bwd(q, k, v, g, gg, do, kind != "g_gamma"))
+            record(rows, Row(f"ours linear {kind} fwd+bwd", shape, ms, (11 * tok + gb), "GB/s", floor_fb))
             if chunk_simple_gla is None:
                 continue
             f = (lambda: chunk_gla(q, k, v, g)) if kind == "gk" else (lambda: chunk_simple_gla(q, k, v, g=g, g_gamma=gg))
             try:
                 with torch.no_grad():
                     ms = bench(f)
-                row(f"fla 0.6.0 {kind} fwd", shape, ms, (4 * tok + gb), "GB/s", floor_f)
-            except Exception as e:  # noqa: BLE001
-                print(f"fla {kind} fwd failed: {type(e).__name__}: {str(e)[:120]}")
+                record(rows, Row(f"{fla} {kind} fwd", shape, ms, (4 * tok + gb), "GB/s", floor_f))
+            except PEER_ERRORS as e:
+                print(f"{fla} {kind} fwd failed: {type(e).__name__}: {str(e)[:120]}")
             try:
                 qr, kr, vr = (x.detach().requires_grad_() for x in (q, k, v))
                 gr = g.detach().requires_grad_() if g is not None else None
                 fb = (lambda: chunk_gla(qr, kr, vr, gr)[0].backward(do)) if kind == "gk" else \
                     (lambda: chunk_simple_gla(qr, kr, vr, g=gr, g_gamma=gg)[0].backward(do))
                 ms = bench(fb)
-                row(f"fla 0.6.0 {kind} fwd+bwd", shape, ms, (11 * tok + gb), "GB/s", floor_fb)
-            except Exception as e:  # noqa: BLE001
-                print(f"fla {kind} fwd+bwd failed: {type(e).__name__}: {str(e)[:160]}")
+                record(rows, Row(f"{fla} {kind} fwd+bwd", shape, ms, (11 * tok + gb), "GB/s", floor_fb))
+            except PEER_ERRORS as e:
+                print(f"{fla} {kind} fwd+bwd failed: {type(e).__name__}: {str(e)[:160]}")
             del q, k, v, g, gg, do
             torch.cuda.empty_cache()
 
@@ -131,7 +173,7 @@ SP_SHAPES = ((1, 16384), (1, 65536), (4, 4096))   # one rank's local tokens
 SP_DELAY_US = 100   # a stand-in collective's length: about a ZeCO scan of 1 MB states over 8 NVLink GPUs (estimate)
 
 
-def sp_overhead(bw, kinds=("g_gamma", "g")):
+def sp_overhead(rows: list[Row], bw, kinds=("g_gamma", "g")):
     """One rank's local work (a 4-way split of 65,536 tokens: B=1, or 4 sequences of 16,384; and 1×65,536)
     against the plain kernel on the same local tokens, run by the SP operators' own code
     (parallel/linear/common.py) on one GPU, with a stand-in collective that returns P or R at once, or
@@ -146,9 +188,8 @@ def sp_overhead(bw, kinds=("g_gamma", "g")):
     from longscan.parallel.linear.common import (SPContext, local_backward, local_pass, prefix_grads,
                                                  reverse_beside_dq)
     H, D = 16, 128
-    cycles = _sleep_cycles(SP_DELAY_US)
+    cycles = _sleep_cycles(rows, SP_DELAY_US)
     for B, T in SP_SHAPES:
-      try:
         shape = f"B={B} T={T} H={H} D={D}"
         for kind in kinds:
             q, k, v, g, gg = lin_inputs(B, T, H, D, kind)
@@ -168,12 +209,12 @@ def sp_overhead(bw, kinds=("g_gamma", "g")):
 
             def timed(name, fn, plain, plain_gr, what):
                 ms, gr = bench(fn), bench_graph(fn)
-                row(f"ours SP local {what} {kind}, {name}", shape, ms, 0, "", 0,
-                    f"= {ms / plain:.2f}x plain; graph {gr:.3f} ms = {gr / plain_gr:.2f}x")
+                record(rows, Row(f"ours SP local {what} {kind}, {name}", shape, ms,
+                                 note=f"= {ms / plain:.2f}x plain; graph {gr:.3f} ms = {gr / plain_gr:.2f}x"))
 
             plain_fn = lambda: tc.forward(q, k, v, g, gg, None, P[0], return_saved=keep)  # noqa: E731
             plain, plain_gr = bench(plain_fn), bench_graph(plain_fn)
-            row(f"ours plain fwd with h0 {kind}", shape, plain, 0, "", 0, f"graph {plain_gr:.3f} ms")
+            record(rows, Row(f"ours plain fwd with h0 {kind}", shape, plain, note=f"graph {plain_gr:.3f} ms"))
             for delay in (0, SP_DELAY_US):
                 for ov in (True, False):
                     timed(f"overlap={ov}, collective {delay} us",
@@ -184,7 +225,7 @@ def sp_overhead(bw, kinds=("g_gamma", "g")):
             # the forward (the default schedule, from P) whose segment prefixes and gate operands it reuses
             record = local_pass(sps[False], q, k, v, g, gg, lambda S, a: (P, None), True)[2]
             plain, plain_gr = bench(plain_fn), bench_graph(plain_fn)
-            row(f"ours plain bwd with h0, dht {kind}", shape, plain, 0, "", 0, f"graph {plain_gr:.3f} ms")
+            record(rows, Row(f"ours plain bwd with h0, dht {kind}", shape, plain, note=f"graph {plain_gr:.3f} ms"))
 
             def sp_bwd(delay, beside):
                 dP, logd, qdo = prefix_grads(sps[False], q, g, gg, do, record)
@@ -194,21 +235,19 @@ def sp_overhead(bw, kinds=("g_gamma", "g")):
                 for beside in (True, False):
                     timed(f"{'beside dq' if beside else 'serial'}, collective {delay} us",
                           lambda: sp_bwd(delay, beside), plain, plain_gr, "bwd")
-      except Exception as e:  # noqa: BLE001
-        print(f"sp overhead failed: {type(e).__name__}: {str(e).splitlines()[-1][:160]}")
 
 
-def _sleep_cycles(us: float) -> int:
+def _sleep_cycles(rows: list[Row], us: float) -> int:
     """GPU clock cycles of torch.cuda._sleep that take about ``us`` microseconds here (measured)."""
     n = 1 << 20
     ms = bench(lambda: torch.cuda._sleep(n), 20, 100)
     cycles = int(n * us / (ms * 1e3))
-    row("torch.cuda._sleep stand-in collective", f"{cycles} cycles", bench(lambda: torch.cuda._sleep(cycles), 20, 100),
-        0, "", 0)
+    record(rows, Row("torch.cuda._sleep stand-in collective", f"{cycles} cycles",
+                     bench(lambda: torch.cuda._sleep(cycles), 20, 100)))
     return cycles
 
 
-def flash(tflops):
+def flash(rows: list[Row], tflops):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     B, H, D = 4, 16, 128
     for T in (8192, 16384):
@@ -216,97 +255,113 @@ def flash(tflops):
         q, k, v = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         do = torch.randn_like(q)
         for causal in (True, False):
-          try:
             fl = 4 * B * H * T * T * D * (0.5 if causal else 1.0)
             tag = "causal" if causal else "full"
             ms = bench(lambda: tf.flash_attn_forward(q, k, v, None, causal))
-            row(f"ours flash {tag} fwd", shape, ms, fl, "TFLOP/s", fl / tflops / 1e9)
+            record(rows, Row(f"ours flash {tag} fwd", shape, ms, fl, "TFLOP/s", fl / tflops / 1e9))
             o, lse = tf.flash_attn_forward(q, k, v, None, causal)
             ms = bench(lambda: (tf.flash_attn_forward(q, k, v, None, causal),
                                 tf.flash_attn_backward(do, q, k, v, o, lse, None, causal)))
-            row(f"ours flash {tag} fwd+bwd", shape, ms, 3.5 * fl, "TFLOP/s", 3.5 * fl / tflops / 1e9)
+            record(rows, Row(f"ours flash {tag} fwd+bwd", shape, ms, 3.5 * fl, "TFLOP/s", 3.5 * fl / tflops / 1e9))
             qt, kt, vt = (x.transpose(1, 2).detach().requires_grad_() for x in (q, k, v))
             for name, be in (("SDPA flash", SDPBackend.FLASH_ATTENTION), ("SDPA cuDNN", SDPBackend.CUDNN_ATTENTION)):
+                peer = f"torch {torch.__version__} {name}"
                 try:
                     with sdpa_kernel([be]):
                         with torch.no_grad():
                             ms = bench(lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal))
-                        row(f"torch {name} {tag} fwd", shape, ms, fl, "TFLOP/s", fl / tflops / 1e9)
+                        record(rows, Row(f"{peer} {tag} fwd", shape, ms, fl, "TFLOP/s", fl / tflops / 1e9))
                         dot_ = do.transpose(1, 2)
                         ms = bench(lambda: torch.nn.functional.scaled_dot_product_attention(
                             qt, kt, vt, is_causal=causal).backward(dot_))
-                        row(f"torch {name} {tag} fwd+bwd", shape, ms, 3.5 * fl, "TFLOP/s", 3.5 * fl / tflops / 1e9)
-                except Exception as e:  # noqa: BLE001
-                    print(f"{name} failed: {type(e).__name__}: {str(e)[:120]}")
-          except Exception as e:  # noqa: BLE001
-            print(f"flash failed: {type(e).__name__}: {str(e).splitlines()[-1][:160]}")
+                        record(rows, Row(f"{peer} {tag} fwd+bwd", shape, ms, 3.5 * fl, "TFLOP/s",
+                                         3.5 * fl / tflops / 1e9))
+                except PEER_ERRORS as e:
+                    print(f"{peer} failed: {type(e).__name__}: {str(e)[:120]}")
 
 
-def check():
-    """Quick GPU correctness gate before timing: every decay kind, bf16, against torch_chunk in float64."""
+def check() -> bool:
+    """Quick GPU correctness gate before timing: every decay kind, bf16, against torch_chunk in float64.
+    Prints one line per case; True when every case is within tolerance."""
     from longscan.kernels.linear_attention import torch_chunk
+    ok = True
     for D, (B, T, H) in ((128, (2, 777, 3)), (64, (1, 2100, 2))):
         for kind in ("none", "g_gamma", "g", "gk", "gk_steep"):
-            try:
-                q, k, v, g, gg = lin_inputs(B, T, H, D, {"none": "x", "gk_steep": "gk"}.get(kind, kind))
-                if kind == "gk_steep":   # gates that fall far past exp's range inside a chunk (the levels)
-                    g = g.clone()
-                    g[..., 0], g[..., 1] = -7.0, -100.0
-                h0 = torch.randn(B, H, D, D, device="cuda")
-                do, dht = torch.randn_like(v), torch.randn_like(h0)
-                o, ht = tc.forward(q, k, v, g, gg, None, h0, True)
-                # no g_gamma gradient: the dispatch refuses it on this backend (TritonBackend.supports_g_gamma_grad)
-                gr = tc.backward(q, k, v, g, gg, None, h0, do, dht, need_dg=kind != "g_gamma")
-                dd = lambda x: None if x is None else x.double()  # noqa: E731
-                ro, rh = torch_chunk.forward(dd(q), dd(k), dd(v), dd(g), dd(gg), None, dd(h0), True)
-                rg = torch_chunk.backward(dd(q), dd(k), dd(v), dd(g), dd(gg), None, dd(h0), dd(do), dd(dht))
-                errs = [((a.double() - b).norm() / b.norm()).item() for a, b in zip((o, ht) + gr, (ro, rh) + rg)
-                        if a is not None and b is not None]
-                print(f"check linear D={D} {kind:8s} rel errs o,ht,dq,dk,dv,(dg),dh0:",
-                      " ".join(f"{e:.1e}" for e in errs), "OK" if max(errs) < 1e-2 else "FAIL", flush=True)
-            except Exception as e:  # noqa: BLE001
-                print(f"check linear D={D} {kind} ERROR {type(e).__name__}: {str(e).splitlines()[-1][:200]}", flush=True)
+            q, k, v, g, gg = lin_inputs(B, T, H, D, {"none": "x", "gk_steep": "gk"}.get(kind, kind))
+            if kind == "gk_steep":   # gates that fall far past exp's range inside a chunk (the levels)
+                g = g.clone()
+                g[..., 0], g[..., 1] = -7.0, -100.0
+            h0 = torch.randn(B, H, D, D, device="cuda")
+            do, dht = torch.randn_like(v), torch.randn_like(h0)
+            o, ht = tc.forward(q, k, v, g, gg, None, h0, True)
+            # no g_gamma gradient: the dispatch refuses it on this backend (TritonBackend.supports_g_gamma_grad)
+            gr = tc.backward(q, k, v, g, gg, None, h0, do, dht, need_dg=kind != "g_gamma")
+            dd = lambda x: None if x is None else x.double()  # noqa: E731
+            ro, rh = torch_chunk.forward(dd(q), dd(k), dd(v), dd(g), dd(gg), None, dd(h0), True)
+            rg = torch_chunk.backward(dd(q), dd(k), dd(v), dd(g), dd(gg), None, dd(h0), dd(do), dd(dht))
+            errs = [((a.double() - b).norm() / b.norm()).item() for a, b in zip((o, ht) + gr, (ro, rh) + rg)
+                    if a is not None and b is not None]
+            ok &= max(errs) < 1e-2
+            print(f"check linear D={D} {kind:8s} rel errs o,ht,dq,dk,dv,(dg),dh0:",
+                  " ".join(f"{e:.1e}" for e in errs), "OK" if max(errs) < 1e-2 else "FAIL", flush=True)
+    return ok
 
 
-def main():
-    ap = argparse.ArgumentParser()
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/kernels_rows.md")
-    ap.add_argument("--only", default="check,anchors,linear,sp,flash")
+    ap.add_argument("--only", default="check,anchors,linear,sp,flash",
+                    help=f"comma-separated subset of {','.join(PARTS)} (the ceilings are always measured)")
     ap.add_argument("--kinds", default=",".join(LINEAR_KINDS),
                     help="decay kinds of the linear rows (gk alone: the per-key rows, whose fla peer compiles slowly)")
-    args = ap.parse_args()
-    parts = args.only.split(",")
-    kinds = tuple(args.kinds.split(","))
-    if not set(kinds) <= set(LINEAR_KINDS):
-        ap.error(f"--kinds: expected a comma-separated subset of {','.join(LINEAR_KINDS)}, got {args.kinds!r}")
-    if "check" in parts:
-        check()
-    bw, tflops = anchors()
-    if "linear" in parts:
-        linear(bw, tflops, kinds=kinds)
-    elif "linear_long" in parts:
-        linear(bw, tflops, shapes=((1, 65536),), kinds=kinds)
-    if "sp" in parts:
-        sp_overhead(bw, kinds=kinds)
-    if "flash" in parts:
-        flash(tflops)
-    dev = torch.cuda.get_device_name()
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    args = ap.parse_args(argv)
+    args.parts = tuple(args.only.split(","))
+    args.kinds = tuple(args.kinds.split(","))
+    if not set(args.parts) <= set(PARTS):
+        ap.error(f"--only: expected a comma-separated subset of {','.join(PARTS)}, got {args.only!r}")
+    if not set(args.kinds) <= set(LINEAR_KINDS):
+        ap.error(f"--kinds: expected a comma-separated subset of {','.join(LINEAR_KINDS)}, got "
+                 f"{','.join(args.kinds)!r}")
+    return args
+
+
+def commit() -> str:
+    """The checkout's commit; "-dirty" when the files differ from it (a copied tree: name it by hand)."""
     try:
-        # "-dirty": the files differ from that commit (a copied working tree, say): name the commit by hand
-        commit = subprocess.check_output(["git", "describe", "--always", "--dirty"], text=True).strip()
-    except Exception:  # noqa: BLE001
-        commit = "?"
-    lines = [f"Device: {dev}; torch {torch.__version__}, triton {triton.__version__}; {date}; commit {commit}. "
-             f"Measured ceilings: copy {bw:.2f} TB/s, bf16 matmul {tflops:.0f} TFLOP/s. Median of do_bench.",
-             "", "| kernel | shape | ms | rate | fraction of floor | note |", "|---|---|---|---|---|---|"]
-    for name, shape, ms, work, unit, floor_ms, note in ROWS:
-        rate = f"{work / ms / _DIV[unit]:.0f} {unit}" if work else ""
-        frac = f"{floor_ms / ms:.2f}" if floor_ms else ""
-        lines.append(f"| {name} | {shape} | {ms:.3f} | {rate} | {frac} | {note} |")
+        return subprocess.check_output(["git", "describe", "--always", "--dirty"], text=True,
+                                       stderr=subprocess.DEVNULL).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+
+
+def header(device: str, bw: float, tflops: float) -> str:
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return (f"Device: {device}; torch {torch.__version__}, triton {triton.__version__}, {peer_version('fla-core')}; "
+            f"{date}; commit {commit()}. Measured ceilings: copy {bw:.2f} TB/s, bf16 matmul {tflops:.0f} TFLOP/s. "
+            f"Median of do_bench.")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks/kernels.py times CUDA kernels: no CUDA device here")
+    rows: list[Row] = []
+    if "check" in args.parts and not check():
+        raise SystemExit("the correctness gate failed (see the FAIL lines above): nothing timed")
+    bw, tflops = anchors(rows)
+    if "linear" in args.parts:
+        linear(rows, bw, tflops, kinds=args.kinds)
+    elif "linear_long" in args.parts:
+        linear(rows, bw, tflops, shapes=((1, 65536),), kinds=args.kinds)
+    if "sp" in args.parts:
+        sp_overhead(rows, bw, kinds=args.kinds)
+    if "flash" in args.parts:
+        flash(rows, tflops)
+    text = header(torch.cuda.get_device_name(), bw, tflops) + "\n\n" + markdown_table(TABLE_HEADER,
+                                                                                      [r.cells() for r in rows])
     with open(args.out, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        f.write(text + "\n")
+    print(text)
 
 
 if __name__ == "__main__":

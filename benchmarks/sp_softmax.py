@@ -7,7 +7,8 @@ For every local length T: the local kernel on the whole sequence W·T run on one
 ideal time of a W-way split of the same work (the ring-flash-attention anchor: zigzag reaches ~90% of it
 on 8 GPUs) — and each method; "x local" is a method's time over that ideal. Times are medians over --iters,
 the maximum over ranks; wait and bytes are per step, from ``longscan.distributed.stats``. Ulysses' all-to-alls
-run inside DeepSpeed and block, so its wait is its time minus the time spent in its local attention.
+run inside DeepSpeed and block, so its wait is its time minus the time spent in its local attention, which
+this script times around the method's hooks (a :class:`TimedUlysses`; the library has no timing hooks).
 A table goes to stdout (rank 0) and every row to --json.
 """
 from __future__ import annotations
@@ -17,15 +18,37 @@ import argparse
 import torch
 import torch.distributed as dist
 
+import time
+
 from bench_common import DTYPES, add_common_args, max_over_ranks, rel_err, report, setup, time_step
 from longscan.distributed.layouts import shard
 from longscan.kernels.softmax_attention import attention
-from longscan.parallel.softmax import softmax_attention
-from longscan.parallel.softmax import ulysses as ulysses_mod
+from longscan.parallel.softmax import METHODS, SoftmaxSPOptions, softmax_attention
+from longscan.parallel.softmax.ulysses import Ulysses
+
+
+class TimedUlysses(Ulysses):
+    """Ulysses with the seconds spent in its local attention (forward + backward hooks) summed in ``local_s``."""
+
+    def __init__(self):
+        self.local_s = 0.0
+
+    def forward(self, q, k, v, opts):
+        t0 = time.perf_counter()
+        res = super().forward(q, k, v, opts)
+        self.local_s += time.perf_counter() - t0
+        return res
+
+    def backward(self, do, q, k, v, o, lse, opts):
+        t0 = time.perf_counter()
+        res = super().backward(do, q, k, v, o, lse, opts)
+        self.local_s += time.perf_counter() - t0
+        return res
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_common_args(p, ["ring", "allgather", "ulysses"], "zigzag", "sp_softmax.json")
+    add_common_args(p, list(METHODS), "zigzag", "sp_softmax.json")
     p.add_argument("--kv-heads", type=int, default=None, help="GQA kv heads (default: --heads)")
     p.add_argument("--no-causal", dest="causal", action="store_false")
     p.add_argument("--chunk-heads", type=int, default=None, help="kv heads per all-gather (allgather)")
@@ -64,11 +87,18 @@ def check_error(fn, q, k, v, do, qg, kg, vg, dog, args):
     return max(errs)
 
 
-def time_with_local(fn, do, device, args):
-    """``bench_common.time_step`` plus the seconds per step inside Ulysses' local attention."""
-    ulysses_mod.LOCAL_TIME["s"] = 0.0
-    res = time_step(fn, do, device, args)
-    return res + (ulysses_mod.LOCAL_TIME["s"] / args.iters,)
+def time_ulysses(q, k, v, do, device, args):
+    """``bench_common.time_step`` of method="ulysses" plus the seconds per timed step inside its local
+    attention."""
+    timed = TimedUlysses()
+    opts = SoftmaxSPOptions(scale=q.shape[-1] ** -0.5, causal=args.causal, layout=args.layout, backend=args.backend)
+    fn = lambda: timed.attend(q, k, v, opts)  # noqa: E731
+
+    def restart():
+        timed.local_s = 0.0
+
+    res = time_step(fn, do, device, args, on_start=restart)
+    return res + (timed.local_s / args.iters,)
 
 
 def main(argv=None):
@@ -96,9 +126,12 @@ def main(argv=None):
             kw = dict(chunk_heads=args.chunk_heads) if method == "allgather" else {}
             fn = lambda: softmax_attention(q, k, v, causal=args.causal, method=method, layout=args.layout,  # noqa: E731
                                            backend=args.backend, **kw)
-            med, mean, wait, sent, recv, local_s = max_over_ranks(time_with_local(fn, do, device, args), device)
             if method == "ulysses":      # blocking all-to-alls inside DeepSpeed: everything but local attention
+                med, mean, wait, sent, recv, local_s = max_over_ranks(time_ulysses(q, k, v, do, device, args),
+                                                                      device)
                 wait = max(mean - local_s, 0.0)
+            else:
+                med, mean, wait, sent, recv = max_over_ranks(time_step(fn, do, device, args), device)
             row = dict(method=method, T_local=T, ms=med * 1e3, wait_ms=wait * 1e3, sent=int(sent),
                        recv=int(recv), ratio_to_local=med / ideal)
             if args.check:

@@ -1,8 +1,12 @@
 """`longscan` command line.
 
   longscan train [--config FILE] [--nproc N] [section.key=value ...]
-  longscan prepare-data --output FILE [--tokenizer tokenizer.json] [--suffix .py,.txt] INPUT [INPUT ...]
+  longscan prepare-data --output FILE [--tokenizer tokenizer.json] [--suffix .py,.txt] [--jsonl-field text]
+                        [--shard-tokens N] INPUT [INPUT ...]   (text, .jsonl, .parquet, saved HF datasets)
   longscan config [--config FILE] [section.key=value ...]      (print the resolved config)
+  longscan export --checkpoint DIR/step_N --output model.safetensors [--config FILE] [overrides]
+  longscan verify [--nproc N] [--methods ...] [--layouts ...] [--kinds ...]  (every SP operator against one device)
+  longscan profile|sweep|plan ...   (communication per layer, sequence-length scaling, a cost model: --help)
 
 Under torchrun (RANK/WORLD_SIZE set) `train` runs as the launched rank. Started plainly it launches
 itself with torch.distributed.run over every local GPU (NCCL), or over 4 CPU processes (gloo) when there
@@ -41,7 +45,7 @@ def _local_world() -> int:
 
 def cmd_train(argv: list[str]) -> int:
     from longscan.training.config import ConfigError, load_config, validate
-    args = _train_parser().parse_args(argv)
+    args = _train_parser().parse_intermixed_args(argv)  # overrides before or after options
     if not _under_torchrun():
         nproc = args.nproc or _local_world()
         overrides = list(args.overrides)
@@ -57,8 +61,10 @@ def cmd_train(argv: list[str]) -> int:
                 overrides += ["parallel.tp=1", "parallel.pp=1", "parallel.sp=1"]
         args.overrides = overrides
         from longscan.training.data import DataError, open_token_file
+        from longscan.training.preflight import check_before_launch
         try:  # fail here, once, before starting processes
             cfg = validate(load_config(args.config, args.overrides), nproc)
+            check_before_launch(cfg)
             if cfg.data.source == "tokens":
                 open_token_file(cfg.data.path)
         except (ConfigError, DataError) as e:
@@ -96,23 +102,8 @@ def cmd_train(argv: list[str]) -> int:
 
 
 def cmd_prepare_data(argv: list[str]) -> int:
-    from longscan.training.data import DataError, prepare_data
-    p = argparse.ArgumentParser(prog="longscan prepare-data",
-                                description="Tokenise text files into a memory-mapped token file.")
-    p.add_argument("inputs", nargs="+", help="text files or directories (searched recursively, sorted)")
-    p.add_argument("--output", required=True, help="token file to write (metadata goes to OUTPUT.json)")
-    p.add_argument("--tokenizer", default=None, help="a `tokenizers` tokenizer.json (default: byte-level)")
-    p.add_argument("--suffix", default="", help="comma-separated file suffixes to keep in directories")
-    a = p.parse_args(argv)
-    try:
-        meta = prepare_data(a.inputs, a.output, a.tokenizer, tuple(s for s in a.suffix.split(",") if s))
-    except DataError as e:
-        print(f"longscan prepare-data: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {a.output}: {meta['num_tokens']:,} tokens from {meta['files']} files "
-          f"({meta['dtype']}, vocab {meta['vocab_size']}, eos {meta['eos']}); train with "
-          f"data.source=tokens data.path={a.output} model.vocab_size={meta['vocab_size']}")
-    return 0
+    from longscan.training.prepare import cmd_prepare_data as run
+    return run(argv)
 
 
 def cmd_config(argv: list[str]) -> int:
@@ -121,7 +112,7 @@ def cmd_config(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="longscan config", description="Print the resolved config as YAML.")
     p.add_argument("--config", default=None)
     p.add_argument("overrides", nargs="*")
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)  # overrides before or after --config
     try:
         print(yaml.safe_dump(load_config(a.config, a.overrides).to_dict(), sort_keys=False), end="")
     except ConfigError as e:
@@ -130,7 +121,33 @@ def cmd_config(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "prepare-data": cmd_prepare_data, "config": cmd_config}
+def cmd_export(argv: list[str]) -> int:
+    from longscan.training.export import cmd_export as run
+    return run(argv)
+
+
+def cmd_verify(argv: list[str]) -> int:
+    from longscan.verify import main as run   # docs/verify.md
+    return run(argv)
+
+
+def cmd_profile(argv: list[str]) -> int:
+    from longscan.observe.profile import cmd_profile as run   # communication and compute per layer
+    return run(argv)
+
+
+def cmd_sweep(argv: list[str]) -> int:
+    from longscan.observe.sweep import cmd_sweep as run   # sequence-length scaling
+    return run(argv)
+
+
+def cmd_plan(argv: list[str]) -> int:
+    from longscan.observe.plan import cmd_plan as run   # the cost model
+    return run(argv)
+
+
+COMMANDS = {"train": cmd_train, "prepare-data": cmd_prepare_data, "config": cmd_config, "export": cmd_export,
+            "verify": cmd_verify, "profile": cmd_profile, "sweep": cmd_sweep, "plan": cmd_plan}
 
 
 def main(argv: list[str] | None = None) -> int:

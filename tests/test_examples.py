@@ -1,4 +1,4 @@
-"""The README's API example runs and is exact on every rank."""
+"""The examples run and are exact on every rank."""
 import os
 import sys
 
@@ -18,3 +18,14 @@ def example_worker(rank, world, method, layout):
 def test_linear_sp_example(method, layout):
     errs = run_distributed(example_worker, 2, method, layout)
     assert max(errs) < 1e-10
+
+
+def softmax_example_worker(rank, world):
+    import softmax_sp
+    return [softmax_sp.main(method, layout) for method, layout in (("ring", "zigzag"), ("allgather", "contiguous"))]
+
+
+def test_softmax_sp_example():
+    errs = run_distributed(softmax_example_worker, 2)
+    assert len(errs) == 2 and all(len(e) == 2 for e in errs)
+    assert max(max(e) for e in errs) < 1e-10

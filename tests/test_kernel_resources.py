@@ -1,4 +1,4 @@
-"""benchmarks/kernel_resources.py compiles a kernel for sm_90a on a machine without a GPU and reads ptxas."""
+"""benchmarks/tuning/kernel_resources.py compiles a kernel for sm_90a on a machine without a GPU and reads ptxas."""
 import os
 import re
 import subprocess
@@ -11,7 +11,7 @@ def run_tool(*args):
     # a subprocess: the kernel tests run Triton's interpreter in this one, and interpreted kernels do not compile
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = ROOT
-    return subprocess.run([sys.executable, "benchmarks/kernel_resources.py", *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "benchmarks/tuning/kernel_resources.py", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
 
 

@@ -1,7 +1,7 @@
-"""benchmarks/ncu_linear.py's summary of ncu CSV output (the profiled run itself needs a GPU and ncu)."""
+"""benchmarks/tuning/ncu_linear.py's summary of ncu CSV output (the profiled run itself needs a GPU and ncu)."""
 import pytest
 
-from benchmarks import ncu_linear
+from benchmarks.tuning import ncu_linear
 
 HEADER = '"ID","Process ID","Kernel Name","Section Name","Metric Name","Metric Unit","Metric Value"'
 

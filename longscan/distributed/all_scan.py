@@ -99,7 +99,7 @@ def all_scan(states: torch.Tensor, log_decays: torch.Tensor, group=None, layout:
             for b, (k0, k1) in enumerate(blocks):
                 buf = carries[slot, k0:k1]
                 recvs.append(dist.irecv(buf, _global(group, src), group=group, tag=order[pos - 1] * n_blocks + b))
-                count(recv=nbytes(buf))
+                count(recv=nbytes(buf), kind="all_scan")
         elif src == rank:
             carries[slot] = local_out
         elif init is None:
@@ -108,22 +108,22 @@ def all_scan(states: torch.Tensor, log_decays: torch.Tensor, group=None, layout:
             carries[slot] = init
         out = torch.empty_like(S[slot])
         if dst is None or dst == rank:   # nothing to pass on: one kernel once every block is in
-            with waiting():
+            with waiting("all_scan"):
                 for work in recvs:
                     work.wait()
             torch.addcmul(S[slot], decays[slot], carries[slot], out=out)
         else:
             for b, (k0, k1) in enumerate(blocks):
                 if recvs:
-                    with waiting():
+                    with waiting("all_scan"):
                         recvs[b].wait()
                 torch.addcmul(S[slot, k0:k1], decays[slot, k0:k1], carries[slot, k0:k1], out=out[k0:k1])
                 sends.append(dist.isend(out[k0:k1], _global(group, dst), group=group, tag=seg * n_blocks + b))
-                count(sent=nbytes(out[k0:k1]))
+                count(sent=nbytes(out[k0:k1]), kind="all_scan")
         if dst is None:
             last = out.movedim(0, -2)
         local_out = out
-    with waiting():
+    with waiting("all_scan"):
         for work in sends:
             work.wait()
     return carries.movedim(1, -2).contiguous(), last

@@ -1,6 +1,6 @@
 """Sequence layouts: which global tokens each rank of an SP group holds.
 
-The single source of truth for these maps (DESIGN.md, "Sequence layouts"). A global sequence of W·T
+The single source of truth for these maps (docs/design.md, "Sequence layouts"). A global sequence of W·T
 tokens over W ranks:
 - ``contiguous``: rank r holds tokens ``[r·T, (r+1)·T)``, one segment.
 - ``zigzag``: the sequence is cut into 2W pieces of T/2; rank r holds pieces r and 2W-1-r, in that

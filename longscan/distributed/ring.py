@@ -47,7 +47,7 @@ class RingComm:
         for t, r in zip(tensors, recv):
             self._ops.append(dist.P2POp(dist.isend, t, self.send_rank, self.group))
             self._ops.append(dist.P2POp(dist.irecv, r, self.recv_rank, self.group))
-            count(sent=nbytes(t), recv=nbytes(r))
+            count(sent=nbytes(t), recv=nbytes(r), kind="ring_p2p")
         return recv
 
     def commit(self) -> None:
@@ -61,7 +61,7 @@ class RingComm:
         """Block until the launched exchange has completed (time spent here goes to STATS.wait_s)."""
         if self._reqs is None:
             raise RuntimeError("RingComm: wait() without commit()")
-        with waiting():
+        with waiting("ring_p2p"):
             for req in self._reqs:
                 req.wait()
         self._reqs = None

@@ -16,7 +16,7 @@ def all_gather_states(x: torch.Tensor, group=None) -> torch.Tensor:
     if world == 1:
         return x
     out = x.new_empty((world * x.shape[0],) + tuple(x.shape[1:]))
-    count(sent=(world - 1) * nbytes(x), recv=(world - 1) * nbytes(x))
-    with waiting():
+    count(sent=(world - 1) * nbytes(x), recv=(world - 1) * nbytes(x), kind="state_allgather")
+    with waiting("state_allgather"):
         _all_gather(out, x.contiguous(), group=group)
     return out

@@ -1,9 +1,13 @@
-"""Model hyper-parameters of the hybrid linear/softmax LM (a dataclass so YAML maps onto it)."""
+"""Model hyper-parameters of the hybrid linear/softmax LM (a dataclass so YAML maps onto it), and how its
+attention is split along the sequence (:class:`SPSpec`)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any, Protocol
 
-LINEAR_VARIANTS = ("linear", "lightning", "simple_gla", "gla")
+# the last three are the delta rule (longscan.kernels.delta_rule): DeltaNet, Gated DeltaNet, KDA
+LINEAR_VARIANTS = ("linear", "lightning", "simple_gla", "gla", "deltanet", "gated_deltanet", "kda")
 LAYER_KINDS = {"L": "linear attention", "N": "softmax attention"}
 
 
@@ -33,7 +37,7 @@ class ModelConfig:
     ffn_dim: int = 0
     """SwiGLU hidden width; 0 means 8/3·dim rounded up to a multiple of 64."""
     linear_variant: str = "lightning"
-    """linear | lightning | simple_gla | gla (decay kind of the L layers)."""
+    """linear | lightning | simple_gla | gla | deltanet | gated_deltanet | kda (the L layers' recurrence)."""
     gate_logit_normalizer: float = 16.0
     """Temperature of the data-dependent gates: g = logsigmoid(x W_g) / normalizer (as in GLA)."""
     rope_theta: float = 10000.0
@@ -57,3 +61,62 @@ class ModelConfig:
 
     def layer_kind(self, i: int) -> str:
         return self.pattern[i % len(self.pattern)]
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Checks that need no other section; ValueError naming the key (``model.<key>``)."""
+        for name in ("vocab_size", "pad_vocab_to", "dim", "n_layers", "n_heads", "n_kv_heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("head_dim", "ffn_dim"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"model.{name} must be >= 0 (0: derived from model.dim), got {getattr(self, name)}")
+        for name in ("gate_logit_normalizer", "rope_theta", "norm_eps", "init_std"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"model.{name} must be a finite number > 0, got {value}")
+        if self.linear_variant not in LINEAR_VARIANTS:
+            raise ValueError(f"model.linear_variant = {self.linear_variant!r} is not allowed; choose one of "
+                             f"{', '.join(LINEAR_VARIANTS)}")
+        if not self.pattern or set(self.pattern) - set(LAYER_KINDS):
+            raise ValueError(f"model.pattern = {self.pattern!r} must be a non-empty string of L (linear) and N "
+                             "(softmax)")
+        if self.dim % self.n_heads and not self.head_dim:
+            raise ValueError(f"model.dim = {self.dim} is not divisible by model.n_heads = {self.n_heads}; "
+                             "set model.head_dim")
+        if "N" in self.pattern and self.n_heads % self.n_kv_heads:
+            raise ValueError(f"model.n_heads = {self.n_heads} is not divisible by model.n_kv_heads = "
+                             f"{self.n_kv_heads}")
+        if self.hd % 2:
+            raise ValueError(f"head dim {self.hd} must be even (RoPE)")
+
+
+class ParallelSection(Protocol):
+    """The fields of the training config's parallel section that the model reads."""
+    layout: str
+    linear_method: str
+    softmax_method: str
+    linear_backend: str
+    softmax_backend: str
+    linear_overlap: bool
+
+
+@dataclass(frozen=True)
+class SPSpec:
+    """How attention is split along the sequence: the SP group (megatron's context-parallel group)."""
+    group: Any = None
+    layout: str = "zigzag"
+    linear_method: str = "zeco"
+    softmax_method: str = "ring"
+    linear_backend: str = "auto"
+    softmax_backend: str = "auto"
+    linear_overlap: bool = False
+
+    @classmethod
+    def from_config(cls, parallel: ParallelSection, group) -> "SPSpec":
+        """The spec of the parallel config section (``longscan.training.config.ParallelConfig``) over ``group``."""
+        return cls(group=group, layout=parallel.layout, linear_method=parallel.linear_method,
+                   softmax_method=parallel.softmax_method, linear_backend=parallel.linear_backend,
+                   softmax_backend=parallel.softmax_backend, linear_overlap=parallel.linear_overlap)

@@ -1,11 +1,15 @@
-"""Linear-attention token mixer with the four decay kinds (DESIGN.md, "Tensor conventions").
+"""Linear-attention token mixer with the four decay kinds (docs/design.md, "Tensor conventions").
 
 - ``linear``: no decay; q, k through SiLU; output RMS-normalised per head (TransNormer's NormAttention).
 - ``lightning``: constant per-head decay, a fixed buffer g_gamma `[H]` = log(1 - 2^(-5-h)) (RetNet's
   rates), over the *global* head index h so every TP split sees the same decays.
 - ``simple_gla``: data-dependent scalar gate g `[B, T, H]` = logsigmoid(x W_g) / normalizer.
 - ``gla``: per-key gate g `[B, T, H, K]` = logsigmoid(x W_g) / normalizer.
-All four normalise the output per head before the output projection.
+- ``deltanet``, ``gated_deltanet``, ``kda``: the delta rule (longscan.kernels.delta_rule) on q, k, v through
+  a short causal convolution (kernel 4, depthwise, SiLU; longscan.models.conv), q and k L2-normalised per
+  head, β = sigmoid(x W_β) `[B, T, H]`; no gate, the scalar gate of ``simple_gla`` or the per-key gate of
+  ``gla`` (log space, ≤ 0).
+All of them normalise the output per head before the output projection.
 """
 from __future__ import annotations
 
@@ -13,9 +17,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from longscan.distributed.layouts import group_rank_size
+from longscan.kernels import delta_rule as local_delta
 from longscan.models import sp_ops
+from longscan.models.conv import ShortConvolution
 from longscan.models.norms import HeadRMSNorm
 from longscan.models.tp import column, row
+
+
+DELTA_VARIANTS = ("deltanet", "gated_deltanet", "kda")
+CONV_KERNEL = 4
 
 
 def lightning_log_decay(n_heads: int) -> torch.Tensor:
@@ -35,10 +46,17 @@ class LinearAttention(nn.Module):
         self.q_proj = column(cfg.dim, inner, mp, cfg.init_std)
         self.k_proj = column(cfg.dim, inner, mp, cfg.init_std)
         self.v_proj = column(cfg.dim, inner, mp, cfg.init_std)
-        if self.variant == "simple_gla":
+        if self.variant in ("simple_gla", "gated_deltanet"):
             self.g_proj = column(cfg.dim, cfg.n_heads, mp, cfg.init_std)
-        elif self.variant == "gla":
+        elif self.variant in ("gla", "kda"):
             self.g_proj = column(cfg.dim, inner, mp, cfg.init_std)
+        if self.variant in DELTA_VARIANTS:
+            if sp.linear_backend not in local_delta.BACKENDS:
+                raise ValueError(f"linear_variant={self.variant!r} runs on the delta-rule backends "
+                                 f"{local_delta.BACKENDS}, got linear_backend={sp.linear_backend!r}")
+            self.b_proj = column(cfg.dim, cfg.n_heads, mp, cfg.init_std)
+            self.q_conv, self.k_conv, self.v_conv = (
+                ShortConvolution(self.h * self.d, inner, tp_rank, CONV_KERNEL) for _ in range(3))
         if self.variant == "lightning":
             decay = lightning_log_decay(cfg.n_heads)[tp_rank * self.h:(tp_rank + 1) * self.h]
             self.register_buffer("g_gamma", decay.clone(), persistent=False)
@@ -46,6 +64,8 @@ class LinearAttention(nn.Module):
         self.o_proj = row(inner, cfg.dim, mp, cfg.init_std, cfg.n_layers)
 
     def forward(self, x):
+        if self.variant in DELTA_VARIANTS:
+            return self._delta_forward(x)
         B, T, _ = x.shape
         q = self.q_proj(x)[0].view(B, T, self.h, self.d)
         k = self.k_proj(x)[0].view(B, T, self.h, self.d)
@@ -63,5 +83,27 @@ class LinearAttention(nn.Module):
         o = sp_ops.linear_attention(q, k, v, g=g, g_gamma=g_gamma, method=self.sp.linear_method,
                                     group=self.sp.group, layout=self.sp.layout, backend=self.sp.linear_backend,
                                     overlap=self.sp.linear_overlap)
+        o = self.out_norm(o.to(x.dtype))
+        return self.o_proj(o.reshape(B, T, self.h * self.d))[0]
+
+    def _delta_forward(self, x):
+        B, T, _ = x.shape
+        group, layout = self.sp.group, self.sp.layout
+        q, k, v = (conv(proj(x)[0], group, layout).view(B, T, self.h, self.d)
+                   for proj, conv in ((self.q_proj, self.q_conv), (self.k_proj, self.k_conv),
+                                      (self.v_proj, self.v_conv)))
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)   # unit keys: every I - β k kᵀ is a contraction
+        beta = torch.sigmoid(self.b_proj(x)[0].float())          # float32 like the gates, under bf16 too
+        g = None
+        if self.variant == "gated_deltanet":
+            g = F.logsigmoid(self.g_proj(x)[0].float()) / self.normalizer
+        elif self.variant == "kda":
+            g = F.logsigmoid(self.g_proj(x)[0].float().view(B, T, self.h, self.d)) / self.normalizer
+        if group is None or group_rank_size(group)[1] == 1:
+            o = local_delta.chunk_delta_rule(q, k, v, beta, g, backend=self.sp.linear_backend)[0]
+        else:
+            from longscan.parallel.delta_rule import delta_rule_attention
+            o = delta_rule_attention(q, k, v, beta, g, method=self.sp.linear_method, group=group, layout=layout,
+                                     backend=self.sp.linear_backend)[0]
         o = self.out_norm(o.to(x.dtype))
         return self.o_proj(o.reshape(B, T, self.h * self.d))[0]

@@ -6,9 +6,6 @@ layers have in the unsplit model.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
-
 import torch
 from megatron.core.enums import ModelType
 from megatron.core.tensor_parallel import VocabParallelEmbedding, vocab_parallel_cross_entropy
@@ -16,25 +13,13 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from longscan.distributed.layouts import positions
-from longscan.models.args import ModelConfig
+from longscan.models.args import ModelConfig, SPSpec
 from longscan.models.linear_attn import LinearAttention
 from longscan.models.mlp import SwiGLU
 from longscan.models.norms import RMSNorm
 from longscan.models.rope import rope_cos_sin
 from longscan.models.softmax_attn import SoftmaxAttention
 from longscan.models.tp import column, normal_init
-
-
-@dataclass
-class SPSpec:
-    """How attention is split along the sequence: the SP group (megatron's context-parallel group)."""
-    group: Any = None
-    layout: str = "zigzag"
-    linear_method: str = "zeco"
-    softmax_method: str = "ring"
-    linear_backend: str = "auto"
-    softmax_backend: str = "auto"
-    linear_overlap: bool = False
 
 
 class Block(nn.Module):

@@ -1,6 +1,7 @@
 """SP operators = kernels + distributed. One file per method, all of the same shape."""
 from longscan.distributed.layouts import positions, shard, unshard
 from longscan.parallel.linear import linear_attention
+from longscan.parallel.delta_rule import delta_rule_attention  # noqa: F401
 
 __all__ = ["linear_attention", "shard", "unshard", "positions"]
 

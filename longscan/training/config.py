@@ -6,21 +6,46 @@ missing section or key keeps its default. Unknown sections/keys are errors that 
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import os
 from dataclasses import dataclass, field
 from importlib import resources
 
 import yaml
 
-from longscan.models.args import LINEAR_VARIANTS, ModelConfig
-
-LINEAR_METHODS = ("zeco", "lasp2", "lasp1")
-SOFTMAX_METHODS = ("ring", "allgather", "ulysses")
-LAYOUTS = ("contiguous", "zigzag")
+from longscan.distributed.layouts import LAYOUTS
+from longscan.kernels.linear_attention import BACKENDS as LINEAR_BACKENDS
+from longscan.kernels.softmax_attention import BACKENDS as SOFTMAX_BACKENDS
+from longscan.models.args import ModelConfig
+from longscan.parallel.linear.common import METHODS as LINEAR_METHODS
+from longscan.parallel.softmax import METHODS as SOFTMAX_METHODS
+from longscan.training.data import BYTE_VOCAB
 
 
 class ConfigError(ValueError):
     """A config that cannot run; the message names the key and what is allowed."""
+
+
+def _choice(name, value, allowed):
+    if value not in allowed:
+        raise ConfigError(f"{name} = {value!r} is not allowed; choose one of {', '.join(allowed)}")
+
+
+def _at_least(section, obj, minimum: int, *names):
+    for name in names:
+        if getattr(obj, name) < minimum:
+            raise ConfigError(f"{section}.{name} must be >= {minimum}, got {getattr(obj, name)}")
+
+
+def _finite(section, obj, name, low, high=math.inf, low_open=False, high_open=True):
+    """A float key in [low, high) (``low_open``/``high_open``: that end excluded); nan and inf fail."""
+    value = getattr(obj, name)
+    ok = math.isfinite(value) and (value > low if low_open else value >= low) and \
+        (value < high if high_open else value <= high)
+    if not ok:
+        rng = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ConfigError(f"{section}.{name} must be a finite number in {rng}, got {value}")
 
 
 @dataclass
@@ -45,9 +70,22 @@ class ParallelConfig:
     linear_overlap: bool = False
     """Linear SP forward on CUDA: false: the output pass waits for the collective and starts from the prefix;
     true: the collective runs beside the local output pass, then a correction pass over q and o (it cost more
-    GPU time than a 100 µs collective hides: benchmarks/RESULTS.md)."""
+    GPU time than a 100 µs collective hides: docs/benchmarks.md)."""
     softmax_backend: str = "auto"
     """Local softmax-attention kernel (passed to the SP operator)."""
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """This section's own checks (ConfigError naming the key); cross-section ones are in :func:`validate`."""
+        _at_least("parallel", self, 1, "tp", "pp", "sp")
+        _at_least("parallel", self, 0, "dp")
+        _choice("parallel.layout", self.layout, LAYOUTS)
+        _choice("parallel.linear_method", self.linear_method, LINEAR_METHODS)
+        _choice("parallel.softmax_method", self.softmax_method, SOFTMAX_METHODS)
+        _choice("parallel.linear_backend", self.linear_backend, LINEAR_BACKENDS)
+        _choice("parallel.softmax_backend", self.softmax_backend, SOFTMAX_BACKENDS)
 
 
 @dataclass
@@ -70,6 +108,18 @@ class DataConfig:
     seed: int = 1234
     """Seed of the training-order shuffle."""
 
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """This section's own checks (ConfigError naming the key); cross-section ones are in :func:`validate`."""
+        _choice("data.source", self.source, ("stdlib", "tokens"))
+        _at_least("data", self, 1, "seq_len", "global_batch_size", "micro_batch_size")
+        _at_least("data", self, 0, "seed")   # numpy's generators take no negative seed
+        _finite("data", self, "val_fraction", 0, 1, low_open=True)
+        if self.source == "tokens" and not self.path:
+            raise ConfigError("data.source = tokens needs data.path (a file written by `longscan prepare-data`)")
+
 
 @dataclass
 class OptimizerConfig:
@@ -90,6 +140,23 @@ class OptimizerConfig:
     zero_stage: int = 1
     """ZeRO stage when engine=deepspeed; only 1 (optimizer states partitioned) works under megatron's schedules."""
 
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """This section's own checks (ConfigError naming the key); cross-section ones are in :func:`validate`."""
+        _finite("optimizer", self, "lr", 0, low_open=True)
+        _finite("optimizer", self, "min_lr_ratio", 0, 1, high_open=False)
+        _finite("optimizer", self, "weight_decay", 0)
+        _finite("optimizer", self, "beta1", 0, 1)
+        _finite("optimizer", self, "beta2", 0, 1)
+        _finite("optimizer", self, "eps", 0, low_open=True)
+        _finite("optimizer", self, "grad_clip", 0)
+        _choice("optimizer.engine", self.engine, ("torch", "deepspeed"))
+        if self.engine == "deepspeed" and self.zero_stage != 1:
+            raise ConfigError(f"optimizer.zero_stage = {self.zero_stage} is not allowed; choose 1 (ZeRO-2 "
+                              "reduces from DeepSpeed's own backward, which megatron's schedules bypass)")
+
 
 @dataclass
 class ScheduleConfig:
@@ -109,6 +176,15 @@ class ScheduleConfig:
     activation_checkpointing: bool = False
     """Recompute each block in backward instead of keeping its activations."""
 
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """This section's own checks (ConfigError naming the key); cross-section ones are in :func:`validate`."""
+        _at_least("schedule", self, 1, "steps", "val_batches")
+        _at_least("schedule", self, 0, "warmup_steps", "val_every")
+        _choice("schedule.precision", self.precision, ("auto", "bf16", "fp32"))
+
 
 @dataclass
 class CheckpointConfig:
@@ -122,6 +198,14 @@ class CheckpointConfig:
     keep: int = 2
     """Complete checkpoints kept (older ones deleted)."""
 
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """This section's own checks (ConfigError naming the key); cross-section ones are in :func:`validate`."""
+        _at_least("checkpoint", self, 0, "every")
+        _at_least("checkpoint", self, 1, "keep")
+
 
 @dataclass
 class LoggingConfig:
@@ -134,6 +218,16 @@ class LoggingConfig:
     """Write TensorBoard events when tensorboard is installed and dir is set."""
     stop_after: int = 0
     """Stop (as if killed) after this step; 0 = run to `schedule.steps`. For resume tests/debugging."""
+    wandb_project: str = ""
+    """Also log to this Weights & Biases project ('' = off; needs `pip install 'longscan[wandb]'`)."""
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """This section's own checks (ConfigError naming the key); cross-section ones are in :func:`validate`."""
+        _at_least("logging", self, 1, "log_every")
+        _at_least("logging", self, 0, "stop_after")
 
 
 @dataclass
@@ -149,6 +243,15 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def validate_sections(self) -> None:
+        """Every section's own checks, again (a section may have been changed since it was built)."""
+        try:
+            self.model.validate()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        for section in (self.parallel, self.data, self.optimizer, self.schedule, self.checkpoint, self.logging):
+            section.validate()
 
 
 def _from_dict(cls, d: dict, where: str):
@@ -166,7 +269,12 @@ def _from_dict(cls, d: dict, where: str):
         else:
             default = getattr(cls(), key)
             kwargs[key] = _coerce(value, default, name)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as e:  # a section defined outside this module (ModelConfig) names its key itself
+        raise ConfigError(str(e)) from None
 
 
 def _coerce(value, default, name):
@@ -188,7 +296,11 @@ def _coerce(value, default, name):
             raise ConfigError(f"{name} must be a number, got {value!r}")
         return float(value)
     if isinstance(default, str):
-        return "" if value is None else str(value)
+        if value is None:  # `key:` with no value in YAML
+            return ""
+        if not isinstance(value, str):
+            raise ConfigError(f"{name} must be a string, got {value!r} (quote it)")
+        return value
     return value
 
 
@@ -202,8 +314,19 @@ def parse_overrides(items: list[str]) -> dict:
         parts = key.strip().split(".")
         if len(parts) != 2 or not all(parts):
             raise ConfigError(f"override key {key!r} must be section.key (e.g. parallel.sp=2)")
-        out.setdefault(parts[0], {})[parts[1]] = yaml.safe_load(raw) if raw != "" else ""
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(e)})") from None
+        out.setdefault(parts[0], {})[parts[1]] = value
     return out
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error as 'line L, column C: problem' (1-based, as editors count)."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e)
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark is not None else problem
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -232,38 +355,40 @@ def load_config(path: str | None = None, overrides: list[str] | dict | None = No
         if not os.path.isfile(path):
             raise ConfigError(f"config file not found: {path}")
         with open(path) as f:
-            raw = yaml.safe_load(f) or {}
+            try:
+                raw = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{path}: malformed YAML at {_yaml_problem(e)}") from None
     over = parse_overrides(overrides) if isinstance(overrides, list) else (overrides or {})
     return _from_dict(TrainConfig, _merge(raw, over), "")
 
 
-def _choice(name, value, allowed):
-    if value not in allowed:
-        raise ConfigError(f"{name} = {value!r} is not allowed; choose one of {', '.join(allowed)}")
+def data_vocab_size(d: DataConfig) -> int | None:
+    """The vocabulary the data needs: the byte-level corpus's, or the token file's (from its metadata, when it
+    is there: a missing file is reported when the data is opened)."""
+    if d.source == "stdlib":
+        return BYTE_VOCAB
+    meta = os.path.expanduser(d.path) + ".json"
+    if not os.path.isfile(meta):
+        return None
+    try:
+        with open(meta) as f:
+            return int(json.load(f)["vocab_size"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"data.path {d.path!r}: its metadata {meta!r} cannot be read ({e}); rebuild it with "
+                          "`longscan prepare-data`") from None
 
 
 def validate(cfg: TrainConfig, world_size: int) -> TrainConfig:
-    """Check the config against the world size; fills parallel.dp when 0. Raises ConfigError."""
-    m, p, d, s = cfg.model, cfg.parallel, cfg.data, cfg.schedule
-    _choice("model.linear_variant", m.linear_variant, LINEAR_VARIANTS)
-    _choice("parallel.layout", p.layout, LAYOUTS)
-    _choice("parallel.linear_method", p.linear_method, LINEAR_METHODS)
-    _choice("parallel.softmax_method", p.softmax_method, SOFTMAX_METHODS)
-    _choice("data.source", d.source, ("stdlib", "tokens"))
-    _choice("optimizer.engine", cfg.optimizer.engine, ("torch", "deepspeed"))
-    _choice("schedule.precision", s.precision, ("auto", "bf16", "fp32"))
-    if cfg.optimizer.engine == "deepspeed":
-        if cfg.optimizer.zero_stage != 1:
-            raise ConfigError(f"optimizer.zero_stage = {cfg.optimizer.zero_stage} is not allowed; choose 1 (ZeRO-2 "
-                              "reduces from DeepSpeed's own backward, which megatron's schedules bypass)")
-        if cfg.checkpoint.dir:
-            raise ConfigError("checkpoint.dir is not supported with optimizer.engine = deepspeed yet (its partitioned "
-                              "optimizer state is not in the DCP checkpoint); use engine=torch to checkpoint")
-    if not m.pattern or set(m.pattern) - {"L", "N"}:
-        raise ConfigError(f"model.pattern = {m.pattern!r} must be a non-empty string of L (linear) and N (softmax)")
-    for name in ("tp", "pp", "sp"):
-        if getattr(p, name) < 1:
-            raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(p, name)}")
+    """Every section's checks, then those across sections and against the world size (and the data's
+    vocabulary); fills parallel.dp when 0 (its documented meaning). Raises ConfigError naming the key."""
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ConfigError(f"world size must be a positive int, got {world_size!r}")
+    cfg.validate_sections()
+    m, p, d = cfg.model, cfg.parallel, cfg.data
+    if cfg.optimizer.engine == "deepspeed" and cfg.checkpoint.dir:
+        raise ConfigError("checkpoint.dir is not supported with optimizer.engine = deepspeed yet (its partitioned "
+                          "optimizer state is not in the DCP checkpoint); use engine=torch to checkpoint")
     mp = p.tp * p.pp * p.sp
     if p.dp == 0:
         if world_size % mp:
@@ -272,20 +397,14 @@ def validate(cfg: TrainConfig, world_size: int) -> TrainConfig:
     if p.tp * p.pp * p.sp * p.dp != world_size:
         raise ConfigError(f"world size {world_size} != tp·pp·sp·dp = {p.tp}·{p.pp}·{p.sp}·{p.dp} = "
                           f"{p.tp * p.pp * p.sp * p.dp}")
-    if m.dim % m.n_heads and not m.head_dim:
-        raise ConfigError(f"model.dim = {m.dim} is not divisible by model.n_heads = {m.n_heads}; set model.head_dim")
     if m.n_heads % p.tp:
         raise ConfigError(f"model.n_heads = {m.n_heads} is not divisible by parallel.tp = {p.tp}")
     if "N" in m.pattern:
         if m.n_kv_heads % p.tp:
             raise ConfigError(f"model.n_kv_heads = {m.n_kv_heads} is not divisible by parallel.tp = {p.tp}")
-        if m.n_heads % m.n_kv_heads:
-            raise ConfigError(f"model.n_heads = {m.n_heads} is not divisible by model.n_kv_heads = {m.n_kv_heads}")
         if p.softmax_method == "ulysses" and ((m.n_heads // p.tp) % p.sp or (m.n_kv_heads // p.tp) % p.sp):
             raise ConfigError(f"softmax_method=ulysses needs the heads per TP rank ({m.n_heads // p.tp} query, "
                               f"{m.n_kv_heads // p.tp} kv) divisible by parallel.sp = {p.sp}")
-    if m.hd % 2:
-        raise ConfigError(f"head dim {m.hd} must be even (RoPE)")
     if m.padded_vocab % p.tp:
         raise ConfigError(f"padded vocabulary {m.padded_vocab} is not divisible by parallel.tp = {p.tp}; "
                           "change model.pad_vocab_to")
@@ -299,10 +418,8 @@ def validate(cfg: TrainConfig, world_size: int) -> TrainConfig:
     if d.global_batch_size % (d.micro_batch_size * p.dp):
         raise ConfigError(f"data.global_batch_size = {d.global_batch_size} is not divisible by "
                           f"data.micro_batch_size · dp = {d.micro_batch_size}·{p.dp}")
-    if d.source == "tokens" and not d.path:
-        raise ConfigError("data.source = tokens needs data.path (a file written by `longscan prepare-data`)")
-    if not 0 < d.val_fraction < 1:
-        raise ConfigError(f"data.val_fraction = {d.val_fraction} must be in (0, 1)")
-    if s.steps < 1 or s.warmup_steps < 0:
-        raise ConfigError("schedule.steps must be >= 1 and schedule.warmup_steps >= 0")
+    vocab = data_vocab_size(d)
+    if vocab is not None and vocab > m.vocab_size:
+        raise ConfigError(f"model.vocab_size = {m.vocab_size} is smaller than the data's vocabulary ({vocab}); "
+                          f"set model.vocab_size={vocab}")
     return cfg

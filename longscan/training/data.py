@@ -1,4 +1,5 @@
-"""Token data: the embedded stdlib corpus, memory-mapped token files, packing, sharded batches.
+"""Token data for training: the embedded stdlib corpus, memory-mapped token files (checked against their
+metadata), packing, sharded batches. Building token files from users' data is in prepare.py.
 
 Documents are concatenated with an EOS token between them and cut into sequences of ``seq_len`` tokens;
 sequence i covers stream tokens [i·L, (i+1)·L] (L+1 tokens: inputs and the next-token labels). The last
@@ -30,9 +31,23 @@ class DataError(ValueError):
 
 
 # ---------------------------------------------------------------- token files ----------------------------
+# A token file is a raw array of token ids (``dtype``) next to ``<path>.json``: {"dtype", "vocab_size", "eos",
+# "num_tokens"}, plus "shards": [{"file", "num_tokens"}, ...] when the stream is split over several files
+# (names relative to the metadata's directory; no file at ``path`` itself). Training reads the shards in
+# order as one stream.
 
-def _meta_path(path: str) -> str:
+TOKEN_DTYPES = ("uint16", "uint32")
+SAMPLE_BLOCKS, SAMPLE_BLOCK = 64, 4096  # ids checked at load: this many evenly spaced blocks of this many
+
+
+def meta_path(path: str) -> str:
+    """Where a token file's metadata lives."""
     return path + ".json"
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The narrowest stored dtype that holds ids below ``vocab_size``."""
+    return np.dtype(np.uint16 if vocab_size <= 65536 else np.uint32)
 
 
 def write_token_file(path: str, docs, vocab_size: int, eos: int) -> dict:
@@ -41,39 +56,139 @@ def write_token_file(path: str, docs, vocab_size: int, eos: int) -> dict:
     The stream is raw uint16 (vocab <= 65536) or uint32; ``<path>.json`` holds dtype, vocab_size, eos and
     the token count. Returns that metadata.
     """
-    dtype = np.uint16 if vocab_size <= 65536 else np.uint32
+    dtype = token_dtype(vocab_size)
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     n = 0
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tokens-")
-    with os.fdopen(fd, "wb") as f:
-        for doc in docs:
-            arr = np.asarray(doc, dtype=np.int64)
-            if arr.size and (arr.min() < 0 or arr.max() >= vocab_size):
-                raise DataError(f"token id out of range [0, {vocab_size}) while writing {path}")
-            f.write(np.append(arr, eos).astype(dtype).tobytes())
-            n += arr.size + 1
-    meta = {"dtype": np.dtype(dtype).name, "vocab_size": vocab_size, "eos": eos, "num_tokens": n}
-    fd, tmp_meta = tempfile.mkstemp(dir=d, prefix=".meta-")
-    with os.fdopen(fd, "w") as f:
-        json.dump(meta, f)
+    tmp_meta = ""
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for doc in docs:
+                arr = np.asarray(doc, dtype=np.int64)
+                if arr.size and (arr.min() < 0 or arr.max() >= vocab_size):
+                    raise DataError(f"token id out of range [0, {vocab_size}) while writing {path}")
+                f.write(np.append(arr, eos).astype(dtype).tobytes())
+                n += arr.size + 1
+        meta = {"dtype": dtype.name, "vocab_size": vocab_size, "eos": eos, "num_tokens": n}
+        fd, tmp_meta = tempfile.mkstemp(dir=d, prefix=".meta-")
+        with os.fdopen(fd, "w") as f:
+            json.dump(meta, f)
+    except BaseException:
+        for t in (tmp, tmp_meta):
+            if t and os.path.exists(t):
+                os.unlink(t)
+        raise
     os.replace(tmp, path)  # data first: the metadata file appearing means both are complete
-    os.replace(tmp_meta, _meta_path(path))
+    os.replace(tmp_meta, meta_path(path))
     return meta
 
 
-def open_token_file(path: str) -> tuple[np.memmap, dict]:
-    """Memory-map a token file written by :func:`write_token_file` -> (tokens, metadata)."""
+class ShardedTokens:
+    """Token files read as one stream: ``len()`` and indexing by integer arrays or slices, like one array."""
+
+    def __init__(self, arrays: list[np.ndarray]):
+        self.arrays = arrays
+        self.ends = np.cumsum([len(a) for a in arrays])
+        self.starts = self.ends - np.array([len(a) for a in arrays])
+        self.dtype = arrays[0].dtype
+
+    def __len__(self) -> int:
+        return int(self.ends[-1])
+
+    def __getitem__(self, idx):
+        if isinstance(idx, slice):
+            idx = np.arange(*idx.indices(len(self)))
+        idx = np.asarray(idx, dtype=np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
+            raise IndexError(f"token index out of range [0, {len(self)})")
+        which = np.searchsorted(self.ends, idx, side="right")
+        out = np.empty(idx.shape, dtype=self.dtype)
+        for s in np.unique(which):
+            sel = which == s
+            out[sel] = self.arrays[s][idx[sel] - self.starts[s]]
+        return out
+
+
+def _read_meta(path: str) -> dict:
+    mp = meta_path(path)
+    try:
+        with open(mp) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read the token metadata {mp!r}: {e}") from e
+    dtype, vocab, eos, n = (meta.get(k) for k in ("dtype", "vocab_size", "eos", "num_tokens"))
+    if dtype not in TOKEN_DTYPES:
+        raise DataError(f"{mp!r}: dtype {dtype!r} is not a token dtype; expected one of {', '.join(TOKEN_DTYPES)}")
+    if not isinstance(vocab, int) or not 0 < vocab <= np.iinfo(dtype).max + 1:
+        raise DataError(f"{mp!r}: vocab_size {vocab!r} must be an integer in [1, {np.iinfo(dtype).max + 1}] "
+                        f"for dtype {dtype}")
+    if not isinstance(eos, int) or not 0 <= eos < vocab:
+        raise DataError(f"{mp!r}: eos {eos!r} must be an integer below vocab_size {vocab}")
+    if not isinstance(n, int) or n < 0:
+        raise DataError(f"{mp!r}: num_tokens {n!r} must be a non-negative integer")
+    return meta
+
+
+def token_files(path: str, meta: dict) -> list[tuple[str, int]]:
+    """(file, token count) of each piece of the stream described by ``path``'s metadata."""
+    if "shards" not in meta:
+        return [(path, meta["num_tokens"])]
+    d = os.path.dirname(os.path.abspath(path))
+    files = [(os.path.join(d, s["file"]), s["num_tokens"]) for s in meta["shards"]]
+    if sum(n for _, n in files) != meta["num_tokens"]:
+        raise DataError(f"{meta_path(path)!r}: its shards hold {sum(n for _, n in files)} tokens, its num_tokens "
+                        f"says {meta['num_tokens']}")
+    return files
+
+
+def check_ids(tokens, vocab_size: int, name: str, sample: bool) -> None:
+    """Every id (sample=False) or evenly spaced blocks of ids (sample=True) are below ``vocab_size``."""
+    n = len(tokens)
+    if sample and n > SAMPLE_BLOCKS * SAMPLE_BLOCK:
+        starts = np.linspace(0, n - SAMPLE_BLOCK, SAMPLE_BLOCKS).astype(np.int64)
+    else:
+        starts = np.arange(0, n, 1 << 22)
+    block = SAMPLE_BLOCK if sample and n > SAMPLE_BLOCKS * SAMPLE_BLOCK else 1 << 22
+    for s in starts:
+        ids = np.asarray(tokens[s:s + block])
+        if ids.size and int(ids.max()) >= vocab_size:
+            i = int(s + np.argmax(ids >= vocab_size))
+            raise DataError(f"{name!r}: token id {int(ids.max())} (near position {i}) is not below the vocabulary "
+                            f"size {vocab_size} its metadata gives; the file and its metadata do not belong "
+                            "together: rebuild them with `longscan prepare-data`")
+
+
+def open_token_file(path: str, full_check: bool = False):
+    """Memory-map a token file (or the shards it lists) -> (tokens, metadata).
+
+    Checks the metadata against the files: dtype, each file's size = token count × dtype size, and ids below
+    the vocabulary (sampled blocks; every id with ``full_check``). Errors name the file.
+    """
     path = os.path.expanduser(path)
-    if not os.path.isfile(path):
-        raise DataError(f"data.path {path!r} does not exist; build it with "
-                        f"`longscan prepare-data --output {path} FILES_OR_DIRS...`")
-    if not os.path.isfile(_meta_path(path)):
-        raise DataError(f"{_meta_path(path)!r} (dtype, vocab) is missing next to the token file {path!r}; "
+    if not os.path.isfile(meta_path(path)):
+        if not os.path.isfile(path):
+            raise DataError(f"data.path {path!r} does not exist; build it with "
+                            f"`longscan prepare-data --output {path} FILES_OR_DIRS...`")
+        raise DataError(f"{meta_path(path)!r} (dtype, vocab) is missing next to the token file {path!r}; "
                         "rebuild it with `longscan prepare-data`")
-    with open(_meta_path(path)) as f:
-        meta = json.load(f)
-    return np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r"), meta
+    meta = _read_meta(path)
+    dtype = np.dtype(meta["dtype"])
+    arrays = []
+    for f, n in token_files(path, meta):
+        if not os.path.isfile(f):
+            raise DataError(f"token file {f!r} listed in {meta_path(path)!r} does not exist")
+        size = os.path.getsize(f)
+        if size != n * dtype.itemsize:
+            raise DataError(f"token file {f!r} has {size:,} bytes, but {meta_path(path)!r} describes {n:,} tokens of "
+                            f"{dtype.name} = {n * dtype.itemsize:,} bytes: the file is truncated or the metadata is "
+                            "not its own; rebuild it with `longscan prepare-data`")
+        arr = np.memmap(f, dtype=dtype, mode="r") if n else np.zeros(0, dtype=dtype)
+        check_ids(arr, meta["vocab_size"], f, sample=not full_check)
+        arrays.append(arr)
+    if meta["num_tokens"] == 0:
+        raise DataError(f"token file {path!r} holds no tokens")
+    return (arrays[0] if len(arrays) == 1 else ShardedTokens(arrays)), meta
 
 
 # ---------------------------------------------------------------- corpora -------------------------------
@@ -110,59 +225,9 @@ def stdlib_token_file(cache_dir: str) -> str:
     except OSError:  # read-only home (some CI/containers): fall back to the temp directory
         cache = os.path.join(tempfile.gettempdir(), "longscan")
     path = os.path.join(cache, f"stdlib-bytes-{h.hexdigest()[:12]}.u16")
-    if not (os.path.isfile(path) and os.path.isfile(_meta_path(path))):
+    if not (os.path.isfile(path) and os.path.isfile(meta_path(path))):
         write_token_file(path, byte_docs(files), BYTE_VOCAB, BYTE_EOS)
     return path
-
-
-def tokenizer_docs(files, tokenizer_path: str):
-    """Documents tokenised with a `tokenizers` tokenizer.json -> (docs iterator, vocab size, eos)."""
-    try:
-        from tokenizers import Tokenizer
-    except ImportError as e:
-        raise DataError("--tokenizer needs the `tokenizers` package (pip install tokenizers)") from e
-    tok = Tokenizer.from_file(tokenizer_path)
-    vocab = tok.get_vocab_size(with_added_tokens=True)
-    eos = next((tok.token_to_id(t) for t in ("<|endoftext|>", "</s>", "<eos>") if tok.token_to_id(t) is not None),
-               None)
-    if eos is None:  # no EOS in the tokenizer: append one after its vocabulary
-        eos, vocab = vocab, vocab + 1
-
-    def gen():
-        for f in files:
-            with open(f, encoding="utf-8", errors="replace") as fh:
-                yield tok.encode(fh.read()).ids
-    return gen(), vocab, eos
-
-
-def list_inputs(inputs: list[str], suffixes: tuple[str, ...] = ()) -> list[str]:
-    """Files given directly, plus files under given directories (recursive, sorted, filtered by suffix)."""
-    out = []
-    for p in inputs:
-        if os.path.isdir(p):
-            for d, dirs, files in os.walk(p):
-                dirs.sort()
-                out += [os.path.join(d, f) for f in sorted(files) if not suffixes or f.endswith(suffixes)]
-        elif os.path.isfile(p):
-            out.append(p)
-        else:
-            raise DataError(f"input {p!r} does not exist")
-    if not out:
-        raise DataError(f"no input files found in {inputs}")
-    return out
-
-
-def prepare_data(inputs: list[str], output: str, tokenizer: str | None = None,
-                 suffixes: tuple[str, ...] = ()) -> dict:
-    """Build a memory-mappable token file from text files (byte-level, or a tokenizer.json)."""
-    files = list_inputs(inputs, suffixes)
-    if tokenizer:
-        docs, vocab, eos = tokenizer_docs(files, tokenizer)
-    else:
-        docs, vocab, eos = byte_docs(files), BYTE_VOCAB, BYTE_EOS
-    meta = write_token_file(output, docs, vocab, eos)
-    meta["files"] = len(files)
-    return meta
 
 
 # ---------------------------------------------------------------- batches -------------------------------

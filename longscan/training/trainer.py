@@ -14,7 +14,8 @@ import torch.distributed as dist
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from longscan.models import HybridLM, SPSpec
-from longscan.parallel import megatron_compat
+from longscan.observe.flops import device_peak_flops, mfu, step_flops
+from longscan.training import megatron_compat
 from longscan.training import checkpoint as ckpt
 from longscan.training.config import ConfigError, TrainConfig, validate
 from longscan.training.data import build_data, stdlib_token_file
@@ -35,9 +36,7 @@ class Trainer:
         bf16 = s.precision == "bf16" or (s.precision == "auto" and self.device.type == "cuda")
         self.autocast_dtype = torch.bfloat16 if bf16 else None
         mp = stage_config(p.tp, p.pp, p.sp, cfg.model.dim, torch.bfloat16 if bf16 else torch.float32)
-        sp = SPSpec(group=r.sp_group, layout=p.layout, linear_method=p.linear_method,
-                    softmax_method=p.softmax_method, linear_backend=p.linear_backend,
-                    softmax_backend=p.softmax_backend, linear_overlap=p.linear_overlap)
+        sp = SPSpec.from_config(p, r.sp_group)
         self.model = HybridLM(cfg.model, mp, sp, tp_rank=r.tp_rank, tp_size=p.tp, pp_rank=r.pp_rank, pp_size=p.pp,
                               seed=s.seed, activation_checkpointing=s.activation_checkpointing).to(self.device)
         self.params = [q for q in self.model.parameters() if q.requires_grad]
@@ -59,6 +58,10 @@ class Trainer:
                               f"({meta['vocab_size']}); set model.vocab_size={meta['vocab_size']}")
         self.num_microbatches = d.global_batch_size // (d.micro_batch_size * r.dp)
         self.tokens_per_step = d.global_batch_size * d.seq_len
+        self.flops_per_step = step_flops(cfg.model, d.global_batch_size, d.seq_len)
+        self.peak_flops = device_peak_flops(self.device)
+        # `longscan profile` sets a StepObserver (longscan.observe.recorder); training alone has none
+        self.observer = None
         self.forward_backward = get_forward_backward_func()
         self.step = 0
         if cfg.checkpoint.dir and cfg.checkpoint.resume:
@@ -112,18 +115,23 @@ class Trainer:
                                            r.dp_rank, r.dp)
         loss = self._run(mbs, forward_only=False) / self.tokens_per_step
         lr = lr_at(self.step, c.optimizer, c.schedule)
-        if self.zero:
-            norm = self.zero.step(lr)
-        else:
-            allreduce_grads(self.params, r.dp_sp_group)
-            norm = clip_grads(self.params, c.optimizer.grad_clip, r.mp_group)
-            for g in self.optimizer.param_groups:
-                g["lr"] = lr
-            self.optimizer.step()
+        with self._phase("optimizer"):
+            if self.zero:
+                norm = self.zero.step(lr)
+            else:
+                allreduce_grads(self.params, r.dp_sp_group)
+                norm = clip_grads(self.params, c.optimizer.grad_clip, r.mp_group)
+                for g in self.optimizer.param_groups:
+                    g["lr"] = lr
+                self.optimizer.step()
         self.step += 1
         dt = time.time() - t0
         return {"loss": loss, "lr": lr, "grad_norm": norm, "step_time": dt,
-                "tokens_per_s": self.tokens_per_step / dt, "mem_mb": memory_mb(self.device)}
+                "tokens_per_s": self.tokens_per_step / dt, "mem_mb": memory_mb(self.device),
+                "mfu": mfu(self.flops_per_step, dt, r.world, self.peak_flops)}
+
+    def _phase(self, name: str):
+        return contextlib.nullcontext() if self.observer is None else self.observer.phase(name)
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -157,7 +165,8 @@ class Trainer:
         log_rank = self.ranks.is_log_rank
         # The loss lives on the last stage; rank 0 of the world prints only when it holds it.
         printer = log_rank
-        metrics = MetricsLogger(c.logging.dir, c.logging.tensorboard, log_rank)
+        metrics = MetricsLogger(c.logging.dir, c.logging.tensorboard, log_rank, c.logging.wandb_project, self.step,
+                                c.to_dict())
         progress = Progress(c.schedule.steps, c.logging.log_every, printer)
         if printer:
             print(self.describe(), flush=True)
@@ -173,7 +182,7 @@ class Trainer:
             m = self.train_step()
             history["train"].append((self.step, m["loss"]))
             metrics.log(self.step, **m)
-            progress.update(self.step, m["loss"], m["tokens_per_s"], m["mem_mb"], m["lr"])
+            progress.update(self.step, m["loss"], m["tokens_per_s"], m["mem_mb"], m["lr"], mfu=m["mfu"])
             last = self.step == c.schedule.steps
             if (c.schedule.val_every and self.step % c.schedule.val_every == 0) or last:
                 v = self.evaluate()

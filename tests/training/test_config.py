@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import glob
+import json
 import os
+import re
 
 import pytest
+import yaml
 
 from longscan.training.config import ConfigError, TrainConfig, load_config, parse_overrides, validate
 
@@ -66,3 +69,102 @@ def test_example_configs_validate(path):
     cfg = load_config(path)
     p = cfg.parallel
     validate(cfg, p.tp * p.pp * p.sp * max(p.dp, 1))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.n_layers=0"], "model.n_layers must be >= 1, got 0"),
+    (["model.dim=-8"], "model.dim must be >= 1, got -8"),
+    (["model.n_heads=0"], "model.n_heads must be >= 1, got 0"),
+    (["model.pad_vocab_to=0"], "model.pad_vocab_to must be >= 1, got 0"),
+    (["model.vocab_size=0"], "model.vocab_size must be >= 1, got 0"),
+    (["model.head_dim=-2"], "model.head_dim must be >= 0"),
+    (["model.dim=100", "model.n_heads=3"], "model.dim = 100 is not divisible by model.n_heads = 3"),
+    (["model.n_kv_heads=3"], "model.n_heads = 4 is not divisible by model.n_kv_heads = 3"),
+    (["model.norm_eps=.nan"], "model.norm_eps must be a finite number > 0, got nan"),
+    (["model.rope_theta=-1.0"], "model.rope_theta must be a finite number > 0"),
+    (["parallel.sp=0"], "parallel.sp must be >= 1, got 0"),
+    (["parallel.dp=-1"], "parallel.dp must be >= 0, got -1"),
+    (["parallel.linear_backend=cuda"], "parallel.linear_backend = 'cuda' is not allowed; choose one of auto, naive"),
+    (["parallel.softmax_backend=flash"], "parallel.softmax_backend = 'flash' is not allowed; choose one of auto"),
+    (["data.seq_len=0"], "data.seq_len must be >= 1, got 0"),
+    (["data.global_batch_size=0"], "data.global_batch_size must be >= 1, got 0"),
+    (["data.micro_batch_size=-1"], "data.micro_batch_size must be >= 1, got -1"),
+    (["data.seed=-1"], "data.seed must be >= 0, got -1"),
+    (["data.val_fraction=.nan"], "data.val_fraction must be a finite number in (0, 1), got nan"),
+    (["optimizer.lr=.nan"], "optimizer.lr must be a finite number in (0, inf), got nan"),
+    (["optimizer.lr=.inf"], "optimizer.lr must be a finite number in (0, inf), got inf"),
+    (["optimizer.lr=0"], "optimizer.lr must be a finite number in (0, inf), got 0.0"),
+    (["optimizer.beta2=1.0"], "optimizer.beta2 must be a finite number in [0, 1), got 1.0"),
+    (["optimizer.grad_clip=-1"], "optimizer.grad_clip must be a finite number in [0, inf)"),
+    (["optimizer.min_lr_ratio=2"], "optimizer.min_lr_ratio must be a finite number in [0, 1]"),
+    (["schedule.steps=0"], "schedule.steps must be >= 1, got 0"),
+    (["schedule.warmup_steps=-1"], "schedule.warmup_steps must be >= 0, got -1"),
+    (["schedule.val_batches=0"], "schedule.val_batches must be >= 1, got 0"),
+    (["schedule.precision=fp16"], "schedule.precision = 'fp16' is not allowed; choose one of auto, bf16, fp32"),
+    (["checkpoint.keep=0"], "checkpoint.keep must be >= 1, got 0"),
+    (["logging.log_every=0"], "logging.log_every must be >= 1, got 0"),
+    (["data.path=123"], "data.path must be a string, got 123"),
+    (["model.dim=[1"], "override 'model.dim=[1': the value is not valid YAML (line 1, column 3"),
+])
+def test_every_size_and_value_is_checked_when_loaded(overrides, message):
+    # load_config alone raises: `longscan config` and `longscan train` report it before any process starts
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    assert message in str(e.value)
+
+
+def test_values_are_not_rewritten():
+    cfg = validate(load_config(None, ["model.vocab_size=300", "model.pad_vocab_to=7", "optimizer.lr=2e-4"]), 4)
+    assert (cfg.model.vocab_size, cfg.model.pad_vocab_to, cfg.optimizer.lr) == (300, 7, 2e-4)
+    assert cfg.model.padded_vocab == 301
+
+
+def test_a_section_changed_after_loading_is_checked_again():
+    cfg = load_config()
+    cfg.schedule.steps = 0
+    with pytest.raises(ConfigError, match="schedule.steps must be >= 1, got 0"):
+        validate(cfg, 4)
+
+
+def test_vocabulary_too_small_for_the_data(tmp_path):
+    with pytest.raises(ConfigError, match=r"model.vocab_size = 100 is smaller than the data's vocabulary \(257\); "
+                                          r"set model.vocab_size=257"):
+        validate(load_config(None, ["model.vocab_size=100"]), 4)
+    path = tmp_path / "tok.bin"
+    path.write_bytes(b"")
+    (tmp_path / "tok.bin.json").write_text(json.dumps({"dtype": "uint16", "vocab_size": 1000, "eos": 999,
+                                                       "num_tokens": 0}))
+    tokens = ["data.source=tokens", f"data.path={path}"]
+    with pytest.raises(ConfigError, match=r"model.vocab_size = 257 is smaller than the data's vocabulary \(1000\)"):
+        validate(load_config(None, tokens), 4)
+    assert validate(load_config(None, tokens + ["model.vocab_size=1000"]), 4).model.vocab_size == 1000
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  dim: 64\n  n_heads: [4\nparallel:\n  sp: 2\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(str(path))
+    assert str(e.value).startswith(f"{path}: malformed YAML at line ")
+    assert re.search(r"line [45], column \d+", str(e.value))
+
+
+def test_overrides_in_any_position_of_the_command_line(tmp_path, capsys):
+    from longscan.cli import main
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  dim: 64\n")
+    assert main(["config", "parallel.sp=4", "--config", str(path), "model.n_layers=8"]) == 0
+    out = yaml.safe_load(capsys.readouterr().out)
+    assert (out["parallel"]["sp"], out["model"]["n_layers"], out["model"]["dim"]) == (4, 8, 64)
+    assert main(["config", "model.n_layers=0"]) == 2
+    assert "model.n_layers must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_sp_spec_from_the_parallel_config():
+    from longscan.models import SPSpec
+    p = load_config(None, ["parallel.layout=contiguous", "parallel.linear_method=lasp2",
+                           "parallel.softmax_method=allgather", "parallel.linear_overlap=true"]).parallel
+    group = object()
+    spec = SPSpec.from_config(p, group)
+    assert spec == SPSpec(group=group, layout="contiguous", linear_method="lasp2", softmax_method="allgather",
+                          linear_backend="torch", softmax_backend="auto", linear_overlap=True)

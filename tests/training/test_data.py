@@ -1,38 +1,95 @@
-"""Unit: token files, the stdlib corpus, packing, the split, and per-rank shards with global labels."""
+"""Unit: token files checked against their metadata, shard files read as one stream, the stdlib corpus,
+packing, the split, and per-rank shards with global labels. (Building token files: test_prepare.py.)"""
 from __future__ import annotations
+
+import json
+import os
 
 import numpy as np
 import pytest
 import torch
 
 from longscan.distributed.layouts import segment_ids
-from longscan.training.data import (BYTE_EOS, DataError, PackedData, open_token_file, prepare_data,
-                                    stdlib_files, stdlib_token_file)
+from longscan.training.data import BYTE_EOS, DataError, PackedData, open_token_file, stdlib_files, stdlib_token_file
 
 
 def _positions(seq_len, rank, world, layout):
-    """Global positions of a rank's tokens, written out from the layout definition (DESIGN.md)."""
+    """Global positions of a rank's tokens, written out from the layout definition (docs/design.md)."""
     segs = segment_ids(rank, world, layout)
     n = world * len(segs)
     piece = seq_len // n
     return np.concatenate([np.arange(s * piece, (s + 1) * piece) for s in segs])
 
 
-def test_prepare_data_byte_level(tmp_path):
-    (tmp_path / "docs").mkdir()
-    (tmp_path / "docs" / "a.txt").write_bytes(b"hello")
-    (tmp_path / "docs" / "b.txt").write_bytes(b"\xffxy")
-    meta = prepare_data([str(tmp_path / "docs")], str(tmp_path / "out.bin"))
-    toks, m = open_token_file(str(tmp_path / "out.bin"))
-    assert m["dtype"] == "uint16" and m["vocab_size"] == 257 and meta["files"] == 2
-    assert toks.tolist() == list(b"hello") + [BYTE_EOS] + list(b"\xffxy") + [BYTE_EOS]
-
-
 def test_missing_token_file_says_what_to_run(tmp_path):
     with pytest.raises(DataError, match="does not exist; build it with `longscan prepare-data"):
         open_token_file(str(tmp_path / "nope.bin"))
-    with pytest.raises(DataError, match="input .* does not exist"):
-        prepare_data([str(tmp_path / "missing_dir")], str(tmp_path / "x.bin"))
+
+
+def _token_file(tmp_path, ids, dtype="uint16", vocab=257, **meta):
+    path = tmp_path / "t.bin"
+    np.asarray(ids, dtype=dtype).tofile(path)
+    info = {"dtype": dtype, "vocab_size": vocab, "eos": 256, "num_tokens": len(ids)}
+    info.update(meta)
+    (tmp_path / "t.bin.json").write_text(json.dumps(info))
+    return str(path)
+
+
+def test_token_file_checked_against_its_metadata(tmp_path):
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 257, 5000)
+    path = _token_file(tmp_path, ids)
+    toks, meta = open_token_file(path)
+    assert np.array_equal(np.asarray(toks), ids) and meta["num_tokens"] == 5000
+    with open(path, "r+b") as f:  # truncated to half: trained on half before
+        f.truncate(5000)
+    with pytest.raises(DataError, match=r"t\.bin' has 5,000 bytes, but .* 5,000 tokens of uint16 = 10,000 bytes"):
+        open_token_file(path)
+    path = _token_file(tmp_path, ids, dtype="uint16")
+    meta_file = tmp_path / "t.bin.json"
+    meta_file.write_text(json.dumps(dict(meta, dtype="uint32")))  # wrong dtype: read zeros before
+    with pytest.raises(DataError, match="truncated or the metadata is not its own"):
+        open_token_file(path)
+    meta_file.write_text(json.dumps(dict(meta, dtype="float32")))
+    with pytest.raises(DataError, match=r"t\.bin\.json'.*dtype 'float32' is not a token dtype"):
+        open_token_file(path)
+    meta_file.write_text("{not json")
+    with pytest.raises(DataError, match="cannot read the token metadata"):
+        open_token_file(path)
+
+
+def test_out_of_range_ids_are_found_at_load(tmp_path):
+    ids = np.random.default_rng(1).integers(0, 200, 400_000)
+    ids[0] = 300  # in the first sampled block
+    path = _token_file(tmp_path, ids, vocab=257)
+    with pytest.raises(DataError, match=r"t\.bin'.*token id 300 \(near position 0\) is not below the vocabulary "
+                                        r"size 257"):
+        open_token_file(path)
+    ids[0], ids[100_001] = 5, 999  # between sampled blocks: only the full check reads it
+    path = _token_file(tmp_path, ids, vocab=257)
+    open_token_file(path)
+    with pytest.raises(DataError, match="token id 999 .near position 100001"):
+        open_token_file(path, full_check=True)
+
+
+def test_shards_read_as_one_stream(tmp_path):
+    rng = np.random.default_rng(2)
+    parts = [rng.integers(0, 257, n) for n in (70, 1, 130)]
+    for i, part in enumerate(parts):
+        np.asarray(part, dtype=np.uint16).tofile(tmp_path / f"c.bin.{i:05d}")
+    (tmp_path / "c.bin.json").write_text(json.dumps({
+        "dtype": "uint16", "vocab_size": 257, "eos": 256, "num_tokens": 201,
+        "shards": [{"file": f"c.bin.{i:05d}", "num_tokens": len(p)} for i, p in enumerate(parts)]}))
+    toks, _ = open_token_file(str(tmp_path / "c.bin"))
+    whole = np.concatenate(parts)
+    idx = rng.integers(0, 201, (3, 17))
+    assert len(toks) == 201 and np.array_equal(toks[idx], whole[idx]) and np.array_equal(toks[60:80], whole[60:80])
+    d, w = PackedData(toks, 16, 0.1, 3, np.arange(16)), PackedData(whole, 16, 0.1, 3, np.arange(16))
+    assert torch.equal(d.rows([3, 4, 11]).tokens, w.rows([3, 4, 11]).tokens)  # rows across shard ends
+    assert torch.equal(d.rows([3, 4, 11]).labels, w.rows([3, 4, 11]).labels)
+    os.remove(tmp_path / "c.bin.00001")
+    with pytest.raises(DataError, match=r"c\.bin\.00001' listed in .* does not exist"):
+        open_token_file(str(tmp_path / "c.bin"))
 
 
 def test_stdlib_corpus_is_deterministic(tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from longscan.parallel import megatron_compat
+from longscan.training import megatron_compat
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the patch only applies without CUDA")

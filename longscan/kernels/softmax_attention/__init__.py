@@ -65,7 +65,7 @@ def resolve_backend(backend: str, q: torch.Tensor) -> str:
             raise ValueError(f"backend={backend!r} needs fp16/bf16 CUDA tensors, got {q.dtype} on {q.device}")
         return backend
     if q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16):
-        # cuDNN's fused attention measured ~1.7x torch's flash kernel on causal forward (H100, issue 3).
+        # cuDNN's fused attention is the faster of torch's two fused kernels on Hopper (docs/benchmarks.md).
         if torch.backends.cudnn.is_available() and torch.backends.cuda.cudnn_sdp_enabled():
             return "sdpa_cudnn"
         return "sdpa_flash"

@@ -261,7 +261,7 @@ def _check(q, k, v, causal):
         raise ValueError(f"causal (diagonal) mask needs Tq == Tk, got {T} and {k.shape[1]}")
 
 
-# Backward launch settings per kernel, 16-bit inputs on a GPU; picked by benchmarks/tune_flash.py on an H100
+# Backward launch settings per kernel, 16-bit inputs on a GPU; picked by benchmarks/tuning/tune_flash.py on an H100
 # (bf16, B=4, H=16, D=128, T=8192 and 16384, triton 3.6: backward 390-410 TFLOP/s; settings within ~5% of
 # each other are noise there). Rerun it after a Triton upgrade. BM and BN: powers of two ≥ 16.
 BWD_CONFIG = {

@@ -23,6 +23,10 @@ from longscan.kernels.linear_attention import (LinearBackend, LinearKernelOption
 from longscan.kernels.linear_attention.backend import log_decay
 
 
+# The linear SP methods' names (the registry in longscan.parallel.linear holds one LinearSPMethod for each).
+METHODS = ("zeco", "lasp2", "lasp1")
+
+
 @dataclass(frozen=True)
 class SPContext:
     """What every SP method needs to know about the group and the local compute (fixed for one call)."""
@@ -105,8 +109,9 @@ def broadcast_from(x: torch.Tensor | None, src: int, like: torch.Tensor, sp: SPC
     if sp.world == 1:
         return x
     buf = x.contiguous() if sp.rank == src else torch.empty_like(like)
-    count(sent=nbytes(buf) if sp.rank == src else 0, recv=0 if sp.rank == src else nbytes(buf))
-    with waiting():
+    count(sent=nbytes(buf) if sp.rank == src else 0, recv=0 if sp.rank == src else nbytes(buf),
+          kind="state_broadcast")
+    with waiting("state_broadcast"):
         dist.broadcast(buf, dist.get_global_rank(sp.group, src) if sp.group is not None else src, group=sp.group)
     return buf
 
@@ -117,8 +122,8 @@ def all_reduce_sum(x: torch.Tensor, sp: SPContext) -> torch.Tensor:
     if sp.world > 1:
         x = x.clone(memory_format=torch.contiguous_format)
         ring = 2 * (sp.world - 1) * nbytes(x) // sp.world
-        count(sent=ring, recv=ring)
-        with waiting():
+        count(sent=ring, recv=ring, kind="state_all_reduce")
+        with waiting("state_all_reduce"):
             dist.all_reduce(x, group=sp.group)
     return x
 
@@ -126,8 +131,9 @@ def all_reduce_sum(x: torch.Tensor, sp: SPContext) -> torch.Tensor:
 _checked_lengths: set = set()
 
 
-def check_same_local_length(T: int, sp: SPContext, device) -> None:
-    """Every rank must hold the same local length. One tiny all-reduce per (group, T) seen."""
+def check_same_local_length(T: int, sp, device) -> None:
+    """Every rank must hold the same local length. One tiny all-reduce per (group, T) seen. (The linear methods
+    check the whole call through longscan.distributed.checks; the delta-rule operators use this.)"""
     key = (id(sp.group), T)
     if sp.world == 1 or key in _checked_lengths:
         return
@@ -159,9 +165,7 @@ def make_context(q, k, v, g, g_gamma, scale, initial_state, group, layout, backe
     impl = get_backend(backend, q.device, options)
     check_backend_supports(impl, g_gamma)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    sp = SPContext(group, layout, rank, world, n_local, scale, impl, n_blocks, overlap)
-    check_same_local_length(T, sp, q.device)
-    return sp
+    return SPContext(group, layout, rank, world, n_local, scale, impl, n_blocks, overlap)
 
 
 class MethodForward(Protocol):

@@ -19,6 +19,12 @@ import torch.distributed as dist
 from longscan.distributed.layouts import group_rank_size, num_segments, segment_ids, segment_owner
 from longscan.distributed.stats import count, nbytes, waiting
 from longscan.parallel.softmax.common import backward_blocks, block_plan, forward_blocks, new_accumulators, zeros_acc
+from longscan.parallel.softmax.function import SoftmaxSPFunction, SoftmaxSPOptions
+
+
+# torch 2.13 renamed the single-tensor collectives *_single; the old names warn on every call.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 def _head_chunks(hkv: int, chunk_heads):
@@ -52,9 +58,9 @@ def _all_gather(x, group, world, layout):
     x = x.contiguous()
     # Rank-major, concatenated along dim 0 as the collective expects; viewed as [W, B, ...] below.
     buf = x.new_empty((world * x.shape[0],) + tuple(x.shape[1:]))
-    with waiting():
-        dist.all_gather_into_tensor(buf, x, group=group)
-    count(sent=nbytes(x) * (world - 1), recv=nbytes(x) * (world - 1))
+    with waiting("kv_allgather"):
+        _all_gather_single(buf, x, group=group)
+    count(sent=nbytes(x) * (world - 1), recv=nbytes(x) * (world - 1), kind="kv_allgather")
     buf = buf.view((world,) + tuple(x.shape))
     return _to_global(buf, world, layout)
 
@@ -65,9 +71,9 @@ def _reduce_scatter(x, group, world, layout):
         return x
     parts = _to_rank_major(x, world, layout)
     out = parts.new_empty(parts.shape[1:])
-    with waiting():
-        dist.reduce_scatter_tensor(out, parts.flatten(0, 1), group=group)
-    count(sent=nbytes(out) * (world - 1), recv=nbytes(out) * (world - 1))
+    with waiting("dkv_reduce_scatter"):
+        _reduce_scatter_single(out, parts.flatten(0, 1), group=group)
+    count(sent=nbytes(out) * (world - 1), recv=nbytes(out) * (world - 1), kind="dkv_reduce_scatter")
     return out
 
 
@@ -111,28 +117,20 @@ def allgather_backward(do, q, k, v, o, lse, scale, causal, group, layout, backen
     return dq, dk, dv
 
 
-class AllGatherAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, scale, causal, group, layout, backend, chunk_heads):
-        out, lse = allgather_forward(q, k, v, scale, causal, group, layout, backend, chunk_heads)
-        o = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.args = (scale, causal, group, layout, backend, chunk_heads)
-        return o
+class AllGather:
+    """method="allgather": the hooks of :class:`~longscan.parallel.softmax.function.SoftmaxSPFunction`."""
+    name = "allgather"
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = allgather_backward(do, q, k, v, o, lse, *ctx.args)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
+    def check(self, q, k, world, opts: SoftmaxSPOptions) -> None:
+        pass                                          # any heads, any group size; chunk_heads checks itself
 
+    def forward(self, q, k, v, opts: SoftmaxSPOptions):
+        return allgather_forward(q, k, v, opts.scale, opts.causal, opts.group, opts.layout, opts.backend,
+                                 opts.chunk_heads)
 
-def allgather_attention(q, k, v, causal=True, scale=None, group=None, layout="zigzag", backend="auto",
-                        chunk_heads=None):
-    """All-gather K/V attention; q `[B, T, Hq, D]`, k/v `[B, T, Hkv, D]` local shards -> o.
+    def backward(self, do, q, k, v, o, lse, opts: SoftmaxSPOptions):
+        return allgather_backward(do, q, k, v, o, lse, opts.scale, opts.causal, opts.group, opts.layout,
+                                  opts.backend, opts.chunk_heads)
 
-    ``chunk_heads``: kv heads per all-gather (None = all at once). Inputs are assumed validated (use
-    ``longscan.parallel.softmax.softmax_attention``).
-    """
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return AllGatherAttention.apply(q, k, v, scale, causal, group, layout, backend, chunk_heads)
+    def attend(self, q, k, v, opts: SoftmaxSPOptions) -> torch.Tensor:
+        return SoftmaxSPFunction.apply(q, k, v, self, opts)

@@ -3,7 +3,7 @@
 Step s, rank r holds the K/V of rank (r - s) mod W. The send of that block to rank r+1 (and the receive
 of the next one) is launched before the local block's attention and waited for after it, so the
 transfer overlaps the compute. Partial outputs are merged with their logsumexp in float32 (float64 for
-float64 inputs) and cast once at the end (DESIGN.md pitfalls: per-block bf16 merges drift with W).
+float64 inputs) and cast once at the end (docs/design.md, "Pitfalls": per-block bf16 merges drift with W).
 
 Causal masking is decided per piece (``common.block_plan``). With zigzag (rank r holds pieces r and
 2W-1-r) every step costs the same: step 0 is one causal call on the local sequence; a block from rank
@@ -21,6 +21,7 @@ import torch
 from longscan.distributed.layouts import group_rank_size, segment_ids
 from longscan.distributed.ring import RingComm
 from longscan.parallel.softmax.common import backward_blocks, block_plan, forward_blocks, new_accumulators, zeros_acc
+from longscan.parallel.softmax.function import SoftmaxSPFunction, SoftmaxSPOptions
 
 
 def ring_forward(q, k, v, scale, causal, group, layout, backend):
@@ -79,26 +80,18 @@ def ring_backward(do, q, k, v, o, lse, scale, causal, group, layout, backend):
     return dq, d_in[0], d_in[1]
 
 
-class RingAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, scale, causal, group, layout, backend):
-        out, lse = ring_forward(q, k, v, scale, causal, group, layout, backend)
-        o = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.args = (scale, causal, group, layout, backend)
-        return o
+class Ring:
+    """method="ring": the hooks of :class:`~longscan.parallel.softmax.function.SoftmaxSPFunction`."""
+    name = "ring"
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = ring_backward(do, q, k, v, o, lse, *ctx.args)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
+    def check(self, q, k, world, opts: SoftmaxSPOptions) -> None:
+        pass                                          # any heads, any group size
 
+    def forward(self, q, k, v, opts: SoftmaxSPOptions):
+        return ring_forward(q, k, v, opts.scale, opts.causal, opts.group, opts.layout, opts.backend)
 
-def ring_attention(q, k, v, causal=True, scale=None, group=None, layout="zigzag", backend="auto"):
-    """Ring attention over the SP group; q `[B, T, Hq, D]`, k/v `[B, T, Hkv, D]` local shards -> o.
+    def backward(self, do, q, k, v, o, lse, opts: SoftmaxSPOptions):
+        return ring_backward(do, q, k, v, o, lse, opts.scale, opts.causal, opts.group, opts.layout, opts.backend)
 
-    Inputs are assumed validated (use ``longscan.parallel.softmax.softmax_attention``).
-    """
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return RingAttention.apply(q, k, v, scale, causal, group, layout, backend)
+    def attend(self, q, k, v, opts: SoftmaxSPOptions) -> torch.Tensor:
+        return SoftmaxSPFunction.apply(q, k, v, self, opts)

@@ -12,18 +12,13 @@ kv head h // (Hq/Hkv)).
 """
 from __future__ import annotations
 
-import time
-
 import torch
 import torch.distributed as dist
 
 from longscan.distributed.layouts import group_rank_size, num_segments, segment_ids
 from longscan.distributed.stats import count, nbytes
 from longscan.kernels.softmax_attention import block_backward, block_forward
-
-# Seconds spent inside the local attention (forward + backward), for the benchmark: DeepSpeed's
-# all-to-alls are blocking, so communication time = total - this.
-LOCAL_TIME = {"s": 0.0}
+from longscan.parallel.softmax.function import SoftmaxSPFunction, SoftmaxSPOptions
 
 
 def _global_order(world: int, layout: str) -> list[int]:
@@ -75,32 +70,7 @@ def _count_all_to_all(tensors, world):
     # Each all-to-all keeps 1/W of a tensor and exchanges the rest.
     for t in tensors:
         b = nbytes(t) * (world - 1) // world
-        count(sent=b, recv=b)
-
-
-class UlyssesLocalAttention(torch.autograd.Function):
-    """The local attention DeepSpeed's DistributedAttention runs between its all-to-alls."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, scale, causal, world, layout, backend):
-        t0 = time.perf_counter()
-        o, lse = ulysses_forward(q, k, v, scale, causal, world, layout, backend)
-        o = o.to(q.dtype)
-        LOCAL_TIME["s"] += time.perf_counter() - t0
-        _count_all_to_all((q, k, v, o), world)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.args = (scale, causal, world, layout, backend)
-        return o
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
-        t0 = time.perf_counter()
-        dq, dk, dv = ulysses_backward(do, q, k, v, o, lse, *ctx.args)
-        dq, dk, dv = dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
-        LOCAL_TIME["s"] += time.perf_counter() - t0
-        _count_all_to_all((do, dq, dk, dv), ctx.args[2])
-        return dq, dk, dv, None, None, None, None, None
+        count(sent=b, recv=b, kind="ulysses_all_to_all")
 
 
 def _distributed_attention_cls():
@@ -127,23 +97,41 @@ def check_heads(hq: int, hkv: int, world: int) -> None:
                          f"must both divide by the group size {world}")
 
 
-def ulysses_attention(q, k, v, causal=True, scale=None, group=None, layout="zigzag", backend="auto"):
-    """Ulysses attention; q `[B, T, Hq, D]`, k/v `[B, T, Hkv, D]` local shards -> o.
+class Ulysses:
+    """method="ulysses": the hooks are the local attention DeepSpeed's DistributedAttention runs between
+    its all-to-alls, on head-sharded q `[B, W·T, Hq/W, D]`, k/v `[B, W·T, Hkv/W, D]`."""
+    name = "ulysses"
 
-    Inputs are assumed validated (use ``longscan.parallel.softmax.softmax_attention``).
-    """
-    DistributedAttention = _distributed_attention_cls()
-    _, world = group_rank_size(group)
-    check_heads(q.shape[2], k.shape[2], world)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    def check(self, q, k, world, opts: SoftmaxSPOptions) -> None:
+        check_heads(q.shape[2], k.shape[2], world)
 
-    def local(q_, k_, v_):
-        return UlyssesLocalAttention.apply(q_, k_, v_, scale, causal, world, layout, backend)
+    def forward(self, q, k, v, opts: SoftmaxSPOptions):
+        _, world = group_rank_size(opts.group)
+        o, lse = ulysses_forward(q, k, v, opts.scale, opts.causal, world, opts.layout, opts.backend)
+        o = o.to(q.dtype)                            # what the second all-to-all carries
+        _count_all_to_all((q, k, v, o), world)
+        return o, lse
 
-    if world == 1 and not (dist.is_available() and dist.is_initialized()):
-        return local(q, k, v)
-    _attach_deepspeed_comm()
-    # [B, T, H, D]: scatter the heads (dim 2), gather the sequence (dim 1); batch is dim 0.
-    attn = DistributedAttention(local, group if group is not None else dist.group.WORLD,
-                                scatter_idx=2, gather_idx=1)
-    return attn(q, k, v, 0)
+    def backward(self, do, q, k, v, o, lse, opts: SoftmaxSPOptions):
+        _, world = group_rank_size(opts.group)
+        dq, dk, dv = ulysses_backward(do, q, k, v, o, lse, opts.scale, opts.causal, world, opts.layout,
+                                      opts.backend)
+        dq, dk, dv = dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+        _count_all_to_all((do, dq, dk, dv), world)
+        return dq, dk, dv
+
+    def attend(self, q, k, v, opts: SoftmaxSPOptions) -> torch.Tensor:
+        DistributedAttention = _distributed_attention_cls()
+        _, world = group_rank_size(opts.group)
+        check_heads(q.shape[2], k.shape[2], world)
+
+        def local(q_, k_, v_):
+            return SoftmaxSPFunction.apply(q_, k_, v_, self, opts)
+
+        if world == 1 and not (dist.is_available() and dist.is_initialized()):
+            return local(q, k, v)
+        _attach_deepspeed_comm()
+        # [B, T, H, D]: scatter the heads (dim 2), gather the sequence (dim 1); batch is dim 0.
+        attn = DistributedAttention(local, opts.group if opts.group is not None else dist.group.WORLD,
+                                    scatter_idx=2, gather_idx=1)
+        return attn(q, k, v, 0)

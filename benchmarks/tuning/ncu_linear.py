@@ -5,12 +5,12 @@ more between cudaProfilerStart and cudaProfilerStop, so ncu sees only that one:
 
     ncu --clock-control none --profile-from-start off --section SpeedOfLight --section Occupancy \
         --section WarpStateStats --metrics dram__bytes_read.sum,dram__bytes_write.sum,gpu__time_duration.sum \
-        --csv env PYTHONPATH=. python3 benchmarks/ncu_linear.py run --shape 16x4096 --kind gk > ncu.csv
+        --csv env PYTHONPATH=. python3 benchmarks/tuning/ncu_linear.py run --shape 16x4096 --kind gk > ncu.csv
 
 Then, anywhere, `summary` reads that CSV and prints one row a kernel: µs, DRAM GB read / written, DRAM TB/s,
 achieved occupancy, warp cycles per issued instruction:
 
-    python benchmarks/ncu_linear.py summary ncu.csv
+    python benchmarks/tuning/ncu_linear.py summary ncu.csv
 
 The DRAM bytes are what the kernels really move, after the L2 cache: a kernel far below the copy rate with
 few bytes is bound by something else (issue, latency), and fewer bytes will not speed it up.
@@ -70,7 +70,7 @@ def run(shape: str, kind: str) -> None:
     gradient, the constant decay without, as the other benchmarks), profiled alone."""
     import torch
 
-    from benchmarks.tune_linear import inputs
+    from benchmarks.tuning.tune_linear import inputs
     from longscan.kernels.linear_attention import triton as tc
 
     B, T = (int(x) for x in shape.split("x"))

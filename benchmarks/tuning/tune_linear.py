@@ -12,7 +12,7 @@ Prints one line per setting and the best of each sweep; copy the winners into th
 (the sweep decides nothing by itself). Every setting is first checked against the current one on a small
 problem (FAIL: a miscompile, as Triton 3.6 gave for dv at tile 32 with one stage).
 
-    PYTHONPATH=. python benchmarks/tune_linear.py [--skip-kernels] [--kinds gk]
+    PYTHONPATH=. python benchmarks/tuning/tune_linear.py [--skip-kernels] [--kinds gk]
 """
 from __future__ import annotations
 

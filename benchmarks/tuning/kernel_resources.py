@@ -6,13 +6,13 @@ no entering state, gates with their gradient, the constant decay without), runs 
 PTX with -v, and prints what ptxas reports. A kernel at the 255-register limit that spills, or whose shared
 memory keeps it alone on an SM, is where a change can pay: the per-key dk kernel went from 308 bytes of spills
 to 4 by storing dk before its gate terms, and the per-key forward from 131 KB of shared memory to 40 KB at one
-pipeline stage (benchmarks/RESULTS.md), both found here and then timed on the GPU.
+pipeline stage (in the benchmark record's git history), both found here and then timed on the GPU.
 
 The numbers are those of the installed Triton: install the GPU's version (3.6 on the lent H200) for numbers
 that match it (they did at 7a27ade's settings: per-key forward 210 registers and 131,072 bytes of shared memory,
 dk 255 and 114,688, as the GPU reported).
 
-    PYTHONPATH=. python benchmarks/kernel_resources.py [--kinds g_gamma,g,gk] [--kernels fwd,dq,dk,dv] [--arch 90]
+    PYTHONPATH=. python benchmarks/tuning/kernel_resources.py [--kinds g_gamma,g,gk] [--kernels fwd,dq,dk,dv] [--arch 90]
 """
 from __future__ import annotations
 

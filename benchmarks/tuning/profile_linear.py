@@ -4,7 +4,7 @@ For each decay kind at the benchmark shapes (bf16, 16 heads × 128, 65,536 token
 forward and the backward (with and without the gate gradient) under torch.profiler and prints the device
 time of every kernel per call, so a slow piece stands out.
 
-    PYTHONPATH=. python benchmarks/profile_linear.py [--shapes 16x4096,1x65536] [--kinds g_gamma,g,gk]
+    PYTHONPATH=. python benchmarks/tuning/profile_linear.py [--shapes 16x4096,1x65536] [--kinds g_gamma,g,gk]
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.tune_linear import H, D, inputs
+from benchmarks.tuning.tune_linear import H, D, inputs
 from longscan.kernels.linear_attention import triton as tc
 
 REPS = 5

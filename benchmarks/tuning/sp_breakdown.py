@@ -1,6 +1,6 @@
 """Where one SP rank's time goes: each piece of the linear SP step timed alone on one GPU.
 
-    python benchmarks/sp_breakdown.py [--length 16384] [--decay g_gamma]
+    python benchmarks/tuning/sp_breakdown.py [--length 16384] [--decay g_gamma]
 
 Pieces (contract functions of the default backend) against the plain forward+backward they add to.
 """

@@ -11,7 +11,7 @@ Backward FLOPs = 2.5 × forward (4·B·H·T²·D, halved for causal). Prints one
 kernel and the dict to paste into ``triton_flash.BWD_CONFIG`` by hand (the sweep changes no file; the
 module's settings are restored on exit).
 
-    PYTHONPATH=. python benchmarks/tune_flash.py [--skip-peers] [--sweep-lengths 8192]
+    PYTHONPATH=. python benchmarks/tuning/tune_flash.py [--skip-peers] [--sweep-lengths 8192]
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ Loads the Triton linear-attention kernels as they were at --base (the package
 16 heads × 128, 65,536 tokens a step (B=1×T=65536 and B=16×T=4096). Forward, and forward+backward as the autograd op runs them (the backward
 given the forward's saved segment states; gates with their gradient, the constant decay without).
 
-    PYTHONPATH=. python benchmarks/compare_linear.py --base e3b00e5 [--kinds gk,g,g_gamma]
+    PYTHONPATH=. python benchmarks/tuning/compare_linear.py --base e3b00e5 [--kinds gk,g,g_gamma]
 """
 from __future__ import annotations
 

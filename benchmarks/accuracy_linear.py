@@ -1,0 +1,185 @@
+"""Accuracy of the linear-attention kernels: every tensor's error to a float64 reference, ours beside a peer.
+
+For each case of the grid (dtype x T x (B, H) x (K, V) x decay kind x states) the same fresh random inputs go
+through ``chunk_linear_attention`` with the backend under test, the peer backend (fla-core, when installed) and
+the float64 reference (the chunked torch backend in float64), forward and backward with random output
+gradients. Each tensor's error is ||x - ref|| / ||ref||. Where the peer refuses a case (fla refuses its gated
+backward on Triton < 3.7.1 on Hopper), the bar is the reference computed in float32 and rounded once to the
+case's dtype. Prints per (dtype, decay, tensor) the worst and median ratio ours / bar and the worst errors, and
+writes every case to --json (JSON lines).
+
+    PYTHONPATH=. python benchmarks/accuracy_linear.py --json acc.json            # the whole grid (GPU)
+    PYTHONPATH=. python benchmarks/accuracy_linear.py --grid quick --device cpu --backend torch --peer naive
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import statistics
+
+import torch
+
+from benchmarks.bench_common import markdown_table
+from longscan.kernels.linear_attention import chunk_linear_attention
+
+DECAYS = ("none", "g_gamma", "g", "gk", "gk_steep")
+TENSORS = ("o", "ht", "dq", "dk", "dv", "dg", "dh0")
+GRIDS = {
+    "full": dict(T=(1, 63, 64, 65, 1000, 4096), BH=((1, 1), (2, 4)), KV=((64, 64), (128, 128), (64, 128))),
+    "quick": dict(T=(1, 65, 200), BH=((1, 1), (2, 2)), KV=((16, 16), (32, 16))),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    dtype: str
+    decay: str
+    T: int
+    B: int
+    H: int
+    K: int
+    V: int
+    states: bool
+
+    @property
+    def name(self) -> str:
+        return (f"{self.dtype} {self.decay} B{self.B} T{self.T} H{self.H} K{self.K} V{self.V}"
+                + (" states" if self.states else ""))
+
+
+def make_inputs(case: Case, device, seed: int) -> dict:
+    """Fresh random float64 inputs (gates: exp(g) in about [0.55, 0.95]; steep: g down to about -7.4)."""
+    gen = torch.Generator().manual_seed(seed)
+    B, T, H, K, V = case.B, case.T, case.H, case.K, case.V
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    def gate(*shape):
+        return -0.05 - 0.55 * torch.rand(*shape, generator=gen, dtype=torch.float64)
+
+    x = dict(q=rand(B, T, H, K), k=rand(B, T, H, K), v=rand(B, T, H, V), g=None, g_gamma=None,
+             h0=rand(B, H, K, V) if case.states else None, do=rand(B, T, H, V),
+             dht=rand(B, H, K, V) if case.states else None)
+    if case.decay == "g_gamma":
+        x["g_gamma"] = gate(H)
+    elif case.decay == "g":
+        x["g"] = gate(B, T, H)
+    elif case.decay == "gk":
+        x["g"] = gate(B, T, H, K)
+    elif case.decay == "gk_steep":
+        x["g"] = -torch.exp(-3 + 5 * torch.rand(B, T, H, K, generator=gen, dtype=torch.float64))
+    return {n: (t.to(device) if t is not None else None) for n, t in x.items()}
+
+
+def run(case: Case, x: dict, backend: str, dtype: torch.dtype, gate_grad: bool) -> dict:
+    """Forward and backward through the public op; every output and gradient as float64."""
+    cast = {n: (t.to(dtype) if n in ("q", "k", "v") else t.float() if dtype != torch.float64 else t)
+            for n, t in x.items() if t is not None and n not in ("do", "dht")}
+    leaves = {n: t.detach().requires_grad_(n != "g_gamma" or gate_grad) for n, t in cast.items()}
+    o, ht = chunk_linear_attention(leaves["q"], leaves["k"], leaves["v"], g=leaves.get("g"),
+                                   g_gamma=leaves.get("g_gamma"), initial_state=leaves.get("h0"),
+                                   output_final_state=case.states, backend=backend)
+    outs, grads = [o], [x["do"].to(o.dtype)]
+    if case.states:
+        outs.append(ht)
+        grads.append(x["dht"].to(ht.dtype))
+    torch.autograd.backward(outs, grads)
+    res = dict(o=o, ht=ht, dq=leaves["q"].grad, dk=leaves["k"].grad, dv=leaves["v"].grad,
+               dh0=leaves["h0"].grad if "h0" in leaves else None)
+    gate = leaves.get("g", leaves.get("g_gamma"))
+    res["dg"] = gate.grad if gate is not None and gate.requires_grad else None
+    return {n: (t.detach().double() if t is not None else None) for n, t in res.items()}
+
+
+def rel(a, ref) -> float | None:
+    if a is None or ref is None:
+        return None
+    if not torch.isfinite(a).all():
+        return float("inf")
+    return ((a - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def measure(case: Case, backend: str, peer: str, device, seed: int) -> dict:
+    dtype = getattr(torch, case.dtype)
+    x = make_inputs(case, device, seed)
+    # our backend may refuse a g_gamma that requires grad; then dg is not measured for it
+    ref = run(case, x, "torch", torch.float64, gate_grad=True)
+    row = dict(case=dataclasses.asdict(case), ours={}, bar={}, bar_kind=peer)
+    try:
+        ours = run(case, x, backend, dtype, gate_grad=True)
+    except ValueError as e:
+        if case.decay != "g_gamma":
+            raise
+        row["ours_note"] = f"g_gamma gradient refused: {e}"
+        ours = run(case, x, backend, dtype, gate_grad=False)
+    try:
+        bar = run(case, x, peer, dtype, gate_grad=True)
+    except Exception as e:  # noqa: BLE001 - any refusal of the peer (its own error types) falls back to rounding
+        row["peer_note"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+        row["bar_kind"] = "f32 rounded once"
+        f32 = run(case, x, "torch", torch.float32, gate_grad=True)
+        bar = {n: (t.to(dtype).double() if t is not None else None) for n, t in f32.items()}
+    for n in TENSORS:
+        row["ours"][n], row["bar"][n] = rel(ours[n], ref[n]), rel(bar[n], ref[n])
+    return row
+
+
+def cases(grid: str, dtypes) -> list[Case]:
+    g = GRIDS[grid]
+    return [Case(dt, d, T, B, H, K, V, s) for dt, d, T, (B, H), (K, V), s
+            in itertools.product(dtypes, DECAYS, g["T"], g["BH"], g["KV"], (False, True))]
+
+
+def summary(rows: list[dict]) -> str:
+    """Markdown: per dtype, decay and tensor, the median and worst ratio ours / bar, worst errors of both."""
+    groups = {}
+    for r in rows:
+        c = r["case"]
+        for n in TENSORS:
+            if r["ours"][n] is not None:
+                groups.setdefault((c["dtype"], c["decay"], n), []).append((r["ours"][n], r["bar"][n], r["bar_kind"]))
+    cells = []
+    for (dt, d, n), vals in groups.items():
+        ratios = [a / max(b, 1e-30) for a, b, _ in vals if b is not None]
+        worst_bar = max((b for _, b, _ in vals if b is not None), default=float("nan"))
+        cells.append([dt, d, n, f"{statistics.median(ratios):.2f}" if ratios else "",
+                      f"{max(ratios):.2f}" if ratios else "", f"{max(a for a, _, _ in vals):.1e}",
+                      f"{worst_bar:.1e}", "/".join(sorted({k for _, _, k in vals}))])
+    return markdown_table(["dtype", "decay", "tensor", "median ours/bar", "worst ours/bar", "worst ours",
+                           "worst bar", "bar"], cells)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--grid", choices=list(GRIDS), default="full")
+    p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
+    p.add_argument("--decays", nargs="+", default=list(DECAYS), choices=DECAYS)
+    p.add_argument("--backend", default="triton")
+    p.add_argument("--peer", default="fla")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lengths", nargs="+", type=int, default=None, help="a subset of the grid's T")
+    p.add_argument("--json", default=None, help="write every case here, one JSON object a line")
+    a = p.parse_args(argv)
+    device = torch.device(a.device)
+    a.lengths = a.lengths or GRIDS[a.grid]["T"]
+    print(f"backend {a.backend} vs {a.peer} on {device}, torch {torch.__version__}", flush=True)
+    rows = []
+    log = open(a.json, "w") if a.json else None  # one JSON line a case, so a run cut short keeps its rows
+    for i, case in enumerate(c for c in cases(a.grid, a.dtypes) if c.decay in a.decays and c.T in a.lengths):
+        rows.append(measure(case, a.backend, a.peer, device, a.seed + i))
+        if log:
+            log.write(json.dumps(rows[-1]) + "\n")
+            log.flush()
+        worst = max((v for v in rows[-1]["ours"].values() if v is not None), default=0.0)
+        print(f"{case.name:52s} worst ours {worst:.1e}" + (f"  [{rows[-1].get('peer_note', '')}]"
+                                                          if "peer_note" in rows[-1] else ""), flush=True)
+    print(summary(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,105 @@
+"""The delta rule on one GPU: forward and forward+backward of longscan's backends beside
+flash-linear-attention's chunk_delta_rule / chunk_gated_delta_rule / chunk_kda (when installed).
+
+    PYTHONPATH=. python benchmarks/delta_rule.py [--shapes 16x4096 1x65536] [--backends triton torch]
+
+bf16 q, k, v (k L2-normalised), float32 β in (0, 1) and log gates, 16 heads × 128 by default. Prints one row
+per (kind, shape, implementation): milliseconds (median of triton.testing.do_bench), and for the peers the
+relative L2 difference of their output and final state from ours on the same inputs.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from longscan.kernels.delta_rule import chunk_delta_rule
+
+KINDS = ("deltanet", "gated_deltanet", "kda")
+
+
+def inputs(kind, B, T, H, D, device):
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, device=device)
+    q, k, v = rand(B, T, H, D), F.normalize(rand(B, T, H, D), dim=-1), rand(B, T, H, D)
+    beta = torch.sigmoid(rand(B, T, H))
+    g = None
+    if kind == "gated_deltanet":
+        g = F.logsigmoid(rand(B, T, H)) / 16
+    elif kind == "kda":
+        g = F.logsigmoid(rand(B, T, H, D)) / 16
+    bf = lambda x: x.to(torch.bfloat16).requires_grad_()  # noqa: E731
+    return dict(q=bf(q), k=bf(k), v=bf(v), beta=beta.requires_grad_(), g=g.requires_grad_() if g is not None else None)
+
+
+def peer(kind):
+    """fla's function for ``kind`` as f(q, k, v, beta, g) -> (o, final state), or None when not importable."""
+    try:
+        if kind == "deltanet":
+            from fla.ops.delta_rule import chunk_delta_rule as f
+            return lambda q, k, v, beta, g: f(q, k, v, beta.to(q.dtype), output_final_state=True)
+        if kind == "gated_deltanet":
+            from fla.ops.gated_delta_rule import chunk_gated_delta_rule as f
+            return lambda q, k, v, beta, g: f(q, k, v, g, beta.to(q.dtype), output_final_state=True)
+        from fla.ops.kda import chunk_kda as f
+        return lambda q, k, v, beta, g: f(q, k, v, g, beta.to(q.dtype), output_final_state=True)
+    except ImportError as e:
+        print(f"fla for {kind} not importable: {e}")
+        return None
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def main():
+    from triton.testing import do_bench
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shapes", nargs="+", default=["16x4096", "1x65536"], help="BxT")
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--backends", nargs="+", default=["triton"], choices=["triton", "torch"])
+    p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
+    a = p.parse_args()
+    dev = torch.device("cuda")
+    print(f"{torch.cuda.get_device_name()} | torch {torch.__version__}")
+    print(f"{'kind':16} {'B x T':>10} {'implementation':22} {'fwd ms':>9} {'fwd+bwd ms':>11} "
+          f"{'rel diff o / state':>20}")
+    for kind in a.kinds:
+        for shape in a.shapes:
+            B, T = (int(x) for x in shape.split("x"))
+            x = inputs(kind, B, T, a.heads, a.head_dim, dev)
+            do = torch.randn_like(x["v"])
+            ours = {}
+            impls = [(f"longscan {b}", (lambda b: lambda q, k, v, beta, g: chunk_delta_rule(
+                q, k, v, beta, g, output_final_state=True, backend=b))(b)) for b in a.backends]
+            fla = peer(kind)
+            if fla is not None:
+                impls.append(("fla", fla))
+            for name, f in impls:
+                try:
+                    with torch.no_grad():
+                        o, s = f(**x)
+                    fwd = do_bench(lambda: f(**x), warmup=25, rep=100)
+
+                    def step():
+                        o, _ = f(**x)
+                        o.backward(do)
+                    both = do_bench(step, warmup=25, rep=100, grad_to_none=[t for t in x.values() if t is not None])
+                    diff = ""
+                    if not ours:
+                        ours = {"o": o, "s": s}
+                    else:
+                        diff = f"{rel(o, ours['o']):.1e} / {rel(s, ours['s']):.1e}"
+                    print(f"{kind:16} {shape:>10} {name:22} {fwd:9.3f} {both:11.3f} {diff:>20}")
+                except Exception as e:   # a peer may refuse a shape: report it and go on
+                    print(f"{kind:16} {shape:>10} {name:22} failed: {type(e).__name__}: {str(e)[:100]}")
+                torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""Measure the per-token kernel costs `longscan plan` predicts compute from, on this GPU (needs CUDA).
+
+    PYTHONPATH=. python benchmarks/kernel_costs.py [--head-dims 64,128] [--out longscan/observe/costs/h100.json]
+
+Writes a table (forward + backward, bf16):
+- matmul_flops_per_s: achieved FLOP/s of the model's projections (x·Wᵀ with its two backward matmuls) at
+  widths 2048 and 4096, 16,384 tokens; the median over the shapes;
+- linear_s_per_token_head[variant][head_dim]: the chunked linear-attention kernel (Triton) of each decay kind,
+  1 × 32,768 tokens × 16 heads, divided by tokens · heads;
+- softmax_s_per_pair_head[head_dim]: causal scaled_dot_product_attention (flash), 1 × 8,192 tokens × 16 heads,
+  divided by the T(T+1)/2 query-key pairs · heads;
+- memory_bytes: the device's total memory.
+The default output is longscan/observe/costs/<gpu>.json with <gpu> = h100 or h200 from the device name.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+
+import torch
+import torch.nn.functional as F
+
+VARIANTS = ("linear", "lightning", "simple_gla", "gla")
+
+
+def timed(fn, warmup: int = 3, iters: int = 10) -> float:
+    """Median seconds of fn() over ``iters`` runs (CUDA events)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    out = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        out.append(a.elapsed_time(b) / 1e3)
+    return statistics.median(out)
+
+
+def matmul_rate(tokens: int = 16384) -> float:
+    rates = []
+    for d in (2048, 4096):
+        for n in (d, 3 * d, 8 * d // 3 // 64 * 64):
+            x = torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            w = torch.randn(n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            gy = torch.randn(tokens, n, device="cuda", dtype=torch.bfloat16)
+
+            def step():
+                F.linear(x, w).backward(gy)
+            rates.append(6 * tokens * d * n / timed(step))
+    return statistics.median(rates)
+
+
+def linear_cost(variant: str, head_dim: int, T: int = 32768, H: int = 16) -> float:
+    from longscan.kernels.linear_attention import chunk_linear_attention
+    dev, bf = "cuda", torch.bfloat16
+    q, k, v = (torch.randn(1, T, H, head_dim, device=dev, dtype=bf).mul_(0.1).requires_grad_() for _ in range(3))
+    g = g_gamma = None
+    if variant == "lightning":
+        g_gamma = torch.log1p(-torch.pow(2.0, -5.0 - torch.arange(H, device=dev, dtype=torch.float32)))
+    elif variant == "simple_gla":
+        g = F.logsigmoid(torch.randn(1, T, H, device=dev)).div_(16).requires_grad_()
+    elif variant == "gla":
+        g = F.logsigmoid(torch.randn(1, T, H, head_dim, device=dev)).div_(16).requires_grad_()
+    do = torch.randn(1, T, H, head_dim, device=dev, dtype=bf)
+
+    def step():
+        o = chunk_linear_attention(q, k, v, g=g, g_gamma=g_gamma, backend="triton")[0]
+        o.backward(do)
+    return timed(step) / (T * H)
+
+
+def softmax_cost(head_dim: int, T: int = 8192, H: int = 16) -> float:
+    q, k, v = (torch.randn(1, H, T, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    do = torch.randn(1, H, T, head_dim, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(do)
+    return timed(step) / (T * (T + 1) / 2 * H)
+
+
+def gpu_key(name: str) -> str:
+    for key in ("H200", "H100"):
+        if key in name.upper():
+            return key.lower()
+    raise SystemExit(f"kernel_costs.py: no table name for GPU {name!r} (known: H100, H200); pass --out")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--head-dims", default="64,128")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("kernel_costs.py measures GPU kernels: no CUDA device here")
+    name = torch.cuda.get_device_name()
+    dims = [int(x) for x in a.head_dims.split(",")]
+    table = {"gpu": gpu_key(name) if a.out is None else os.path.splitext(os.path.basename(a.out))[0],
+             "device_name": name,
+             "memory_bytes": torch.cuda.get_device_properties(0).total_memory,
+             "dtype": "bfloat16", "torch": torch.__version__,
+             "date": datetime.date.today().isoformat(),
+             "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                      text=True).stdout.strip(),
+             "matmul_flops_per_s": matmul_rate(),
+             "linear_s_per_token_head": {v: {str(d): linear_cost(v, d) for d in dims} for v in VARIANTS},
+             "softmax_s_per_pair_head": {str(d): softmax_cost(d) for d in dims}}
+    out = a.out or os.path.join(os.path.dirname(__file__), "..", "longscan", "observe", "costs",
+                                f"{table['gpu']}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(table, f, indent=1)
+    print(json.dumps(table, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,304 @@
+"""`longscan plan`: a cost model of one training step for each linear × softmax SP method on N GPUs.
+
+- compute: measured per-token kernel costs (longscan/observe/costs/<gpu>.json, written on that GPU by
+  benchmarks/kernel_costs.py) times the work each rank does;
+- communication: the bytes formulas of longscan.observe.comm (what `longscan profile` measures) over an
+  interconnect's bandwidth, plus its latency per message on each method's critical path;
+- memory: :func:`memory_per_gpu`, a small per-layer activation model;
+- the longest sequence that fits: the memory model searched like `longscan sweep --max`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass, replace
+
+from longscan.observe.comm import (LINEAR_METHODS, SOFTMAX_METHODS, LinearShape, SoftmaxShape, Traffic,
+                                   chain_hops, linear_method_bytes, softmax_method_bytes, total)
+from longscan.observe.flops import matmul_flops_per_token
+
+PROG = "longscan plan"
+COSTS_DIR = os.path.join(os.path.dirname(__file__), "costs")
+GPUS = ("h100", "h200")
+
+
+@dataclass(frozen=True)
+class Interconnect:
+    """One link per GPU: bandwidth each way (bytes/s) and latency per message (s). Sources: docs/observability.md."""
+    name: str
+    bandwidth: float
+    latency: float
+
+
+INTERCONNECTS = {
+    "nvlink4": Interconnect("nvlink4", 450e9, 3e-6),     # H100/H200 SXM: 900 GB/s both ways together
+    "ib-ndr": Interconnect("ib-ndr", 50e9, 5e-6),        # 400 Gb/s NDR InfiniBand, one NIC per GPU
+    "ib-hdr": Interconnect("ib-hdr", 25e9, 5e-6),        # 200 Gb/s HDR InfiniBand
+    "pcie5": Interconnect("pcie5", 64e9, 5e-6),          # PCIe 5.0 x16
+}
+
+
+class PlanError(ValueError):
+    """Input the cost model cannot answer; the message names the parameter."""
+
+
+# ---- the measured table ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class KernelCosts:
+    """Per-token costs measured on one GPU type (fwd + bwd, bf16)."""
+    gpu: str
+    memory_bytes: int
+    matmul_flops_per_s: float
+    linear_s_per_token_head: dict      # variant -> {head_dim (str): seconds per token per head}
+    softmax_s_per_pair_head: dict      # head_dim (str) -> seconds per causal (query, key) pair per head
+
+    @staticmethod
+    def load(path: str) -> "KernelCosts":
+        with open(path) as f:
+            d = json.load(f)
+        try:
+            return KernelCosts(d["gpu"], int(d["memory_bytes"]), float(d["matmul_flops_per_s"]),
+                               d["linear_s_per_token_head"], d["softmax_s_per_pair_head"])
+        except KeyError as e:
+            raise PlanError(f"kernel-cost table {path} lacks the key {e}") from None
+
+    def linear(self, variant: str, head_dim: int) -> float:
+        try:
+            return float(self.linear_s_per_token_head[variant][str(head_dim)])
+        except KeyError:
+            raise PlanError(f"the {self.gpu} table has no linear-attention cost for model.linear_variant={variant} "
+                            f"at head dim {head_dim}; measure it with benchmarks/kernel_costs.py --head-dims "
+                            f"{head_dim}") from None
+
+    def softmax(self, head_dim: int) -> float:
+        try:
+            return float(self.softmax_s_per_pair_head[str(head_dim)])
+        except KeyError:
+            raise PlanError(f"the {self.gpu} table has no softmax-attention cost at head dim {head_dim}; measure it "
+                            f"with benchmarks/kernel_costs.py --head-dims {head_dim}") from None
+
+
+def costs_for(gpu: str, path: str | None = None) -> KernelCosts:
+    """The table shipped for ``gpu`` (or the one at ``path``); PlanError when there is none."""
+    if path:
+        if not os.path.isfile(path):
+            raise PlanError(f"--costs file not found: {path}")
+        return KernelCosts.load(path)
+    if gpu not in GPUS:
+        raise PlanError(f"--gpu {gpu!r} is not known; choose one of {', '.join(GPUS)}")
+    shipped = os.path.join(COSTS_DIR, f"{gpu}.json")
+    if not os.path.isfile(shipped):
+        raise PlanError(f"no measured kernel-cost table for --gpu {gpu} (longscan/observe/costs/{gpu}.json is not "
+                        f"shipped yet): run `python benchmarks/kernel_costs.py` on an {gpu.upper()} to write it, or "
+                        "pass --costs FILE")
+    return KernelCosts.load(shipped)
+
+
+# ---- the model --------------------------------------------------------------------------------------------------
+def _elem(cfg) -> int:
+    return 4 if cfg.schedule.precision == "fp32" else 2   # `auto` is bf16 on GPUs
+
+
+def layer_traffic(cfg, rank: int) -> dict[str, Traffic]:
+    """Bytes one rank's attention layers move in one training step (every microbatch): the comm formulas with
+    the model's shapes. ``cfg`` must be validated (parallel.dp filled)."""
+    m, p, d = cfg.model, cfg.parallel, cfg.data
+    sp_rank = (rank // p.tp) % p.sp                     # megatron's order: tp, cp(sp), dp, pp
+    pp_rank = rank // (p.tp * p.sp * p.dp)
+    micro = d.global_batch_size // (d.micro_batch_size * p.dp)
+    e = _elem(cfg)
+    lin = LinearShape(d.micro_batch_size, m.n_heads // p.tp, m.hd, m.hd, 4)
+    soft = SoftmaxShape(d.micro_batch_size, d.seq_len // p.sp, m.n_heads // p.tp, m.n_kv_heads // p.tp, m.hd, e, 4)
+    per = m.n_layers // p.pp
+    out = {}
+    for i in range(pp_rank * per, (pp_rank + 1) * per):
+        if m.layer_kind(i) == "L":
+            t = total(linear_method_bytes(p.linear_method, sp_rank, p.sp, p.layout, lin))
+        else:
+            t = total(softmax_method_bytes(p.softmax_method, sp_rank, p.sp, p.layout, soft))
+        out[f"layers.{i}.attn"] = Traffic(t.sent * micro, t.recv * micro, t.calls * micro)
+    return out
+
+
+def memory_per_gpu(cfg) -> float:
+    """Bytes per GPU: weights, gradients and AdamW states (fp32: 16 B a parameter) of this rank's share, plus
+    activations of the microbatches 1F1B keeps in flight. A small model of its own, to be replaced by
+    longscan.training.memory where that estimator is present."""
+    m, p, d = cfg.model, cfg.parallel, cfg.data
+    e = _elem(cfg)
+    params = (matmul_flops_per_token(m) // 6 + m.dim * m.padded_vocab) / (p.tp * p.pp)
+    tokens = d.micro_batch_size * d.seq_len // p.sp
+    D, F = m.dim, m.ffn // p.tp
+    inner = m.n_heads * m.hd // p.tp
+    if cfg.schedule.activation_checkpointing:
+        per_layer = D * e                                   # the block input; the rest is recomputed
+    else:
+        # norms and residual (4D), q k v o and the normalised output (5·inner), SwiGLU's three F-wide tensors
+        per_layer = (4 * D + 5 * inner + 3 * F) * e
+    in_flight = min(p.pp, d.global_batch_size // (d.micro_batch_size * p.dp))
+    acts = tokens * per_layer * (m.n_layers // p.pp) * in_flight
+    logits = tokens * (m.padded_vocab // p.tp) * 4 * 2      # float32 logits and their gradient, last stage
+    return 16 * params + acts + logits
+
+
+@dataclass(frozen=True)
+class Prediction:
+    linear_method: str
+    softmax_method: str
+    step_time_s: float
+    compute_s: float
+    exposed_comm_s: float
+    comm_bytes_per_gpu: int
+    memory_gb: float
+    max_seq_len: int
+    note: str = ""          # why this pair cannot run (its other fields are then 0)
+
+
+def _comm_time(cfg, net: Interconnect, compute_softmax_s: float) -> tuple[float, int]:
+    """Exposed communication seconds of one step on the busiest rank, and that rank's bytes sent."""
+    m, p, d = cfg.model, cfg.parallel, cfg.data
+    micro = d.global_batch_size // (d.micro_batch_size * p.dp)
+    W, bw, lat = p.sp, net.bandwidth, net.latency
+    worst_bytes, exposed = 0, 0.0
+    per = m.n_layers // p.pp
+    kinds = [m.layer_kind(i) for i in range(per)]
+    n_lin, n_soft = kinds.count("L"), kinds.count("N")
+    if W > 1:
+        worst_bytes = max(sum(t.sent for t in layer_traffic(cfg, r).values()) for r in range(p.tp * p.sp))
+        lin = LinearShape(d.micro_batch_size, m.n_heads // p.tp, m.hd, m.hd, 4)
+        state = lin.batch * lin.heads * lin.key_dim * lin.value_dim * 4
+        n_local = 2 if p.layout == "zigzag" else 1
+        chain = sum(chain_hops(r, W, p.layout)[0] for r in range(W))   # cross-rank hops along the chain
+        if p.linear_method == "zeco":       # K blocks pipelined along the chain, forward and backward
+            nb = min(4, m.hd)
+            linear = 2 * (chain + nb - 1) * (lat + state / nb / bw)
+        elif p.linear_method == "lasp1":    # whole states, one hop after another, forward and backward
+            linear = 2 * chain * (lat + state / bw)
+        else:                               # ring all-gathers of n_local (forward) and n_local + 1 (backward) rows
+            row = state * (m.hd + 1) / m.hd
+            linear = (W - 1) * (2 * lat + (2 * n_local + 1) * row / bw)
+        exposed += linear * n_lin * micro
+        e = _elem(cfg)
+        kv = 2 * d.micro_batch_size * d.seq_len // W * (m.n_kv_heads // p.tp) * m.hd * e   # local K and V
+        if p.softmax_method == "ring":      # each hop hidden behind one block's attention, where that is longer
+            block = compute_softmax_s / max(1, n_soft * micro) / W      # forward third, backward two thirds
+            fwd, bwd = lat + kv / bw, lat + (kv + kv * 4 / e) / bw      # backward: K, V and float32 dK, dV
+            exposed += ((W - 1) * max(0.0, fwd - block / 3) + W * max(0.0, bwd - 2 * block / 3)) * n_soft * micro
+        elif p.softmax_method == "allgather":   # gather K, V forward and backward, reduce-scatter float32 dK, dV
+            exposed += (W - 1) * (3 * lat + (2 * kv + kv * 4 / e) / bw) * n_soft * micro
+        else:                               # all-to-alls of q, k, v, o and of their gradients
+            k_bytes = kv / 2
+            q_bytes = k_bytes * m.n_heads / m.n_kv_heads
+            exposed += (8 * (W - 1) * lat + 4 * (q_bytes + k_bytes) * (W - 1) / W / bw) * n_soft * micro
+    g = p.dp * p.sp                          # the gradient all-reduce over DP × SP (float32)
+    if g > 1:
+        grad_bytes = 4 * (matmul_flops_per_token(m) // 6 + m.dim * m.padded_vocab) / (p.tp * p.pp)
+        exposed += 2 * (g - 1) * lat + 2 * (g - 1) / g * grad_bytes / bw
+    if p.tp > 1:                             # two row-parallel all-reduces a layer, forward and backward
+        act = d.micro_batch_size * d.seq_len // p.sp * m.dim * _elem(cfg)
+        exposed += 4 * per * micro * (2 * (p.tp - 1) * lat + 2 * (p.tp - 1) / p.tp * act / bw)
+    return exposed, worst_bytes
+
+
+def compute_time(cfg, costs: KernelCosts) -> tuple[float, float]:
+    """(compute seconds of one step on one rank, the softmax attention part of it)."""
+    m, p, d = cfg.model, cfg.parallel, cfg.data
+    seqs = d.global_batch_size // p.dp                 # sequences this rank's replica trains per step
+    tokens = seqs * d.seq_len // p.sp
+    per = m.n_layers // p.pp
+    kinds = [m.layer_kind(i) for i in range(per)]
+    matmul = tokens * matmul_flops_per_token(m) / (p.tp * p.pp) / costs.matmul_flops_per_s
+    heads = m.n_heads // p.tp
+    linear = kinds.count("L") * tokens * heads * costs.linear(m.linear_variant, m.hd) if "L" in kinds else 0.0
+    pairs = seqs * d.seq_len * (d.seq_len + 1) / 2 / p.sp
+    softmax = kinds.count("N") * pairs * heads * costs.softmax(m.hd) if "N" in kinds else 0.0
+    return matmul + linear + softmax, softmax
+
+
+def predict(cfg, costs: KernelCosts, net: Interconnect) -> Prediction:
+    compute, softmax = compute_time(cfg, costs)
+    exposed, nbytes = _comm_time(cfg, net, softmax)
+    from longscan.observe.sweep import longest_fit   # the same search as `longscan sweep --max`
+    pieces = cfg.parallel.sp * (2 if cfg.parallel.layout == "zigzag" else 1)
+    step = 64 * pieces
+
+    def fits(n: int) -> bool:
+        return memory_per_gpu(replace(cfg, data=replace(cfg.data, seq_len=n))) <= costs.memory_bytes
+    longest = longest_fit(step, step, 1 << 30, fits)
+    return Prediction(cfg.parallel.linear_method, cfg.parallel.softmax_method, compute + exposed, compute, exposed,
+                      nbytes, memory_per_gpu(cfg) / 1e9, longest)
+
+
+def plan(cfg, gpus: int, costs: KernelCosts, net: Interconnect, linear_methods=LINEAR_METHODS,
+         softmax_methods=SOFTMAX_METHODS) -> list[Prediction]:
+    from longscan.training.config import ConfigError, validate
+    for name, got, allowed in (("--linear-methods", linear_methods, LINEAR_METHODS),
+                               ("--softmax-methods", softmax_methods, SOFTMAX_METHODS)):
+        bad = [x for x in got if x not in allowed]
+        if bad:
+            raise PlanError(f"{name}: unknown method {bad[0]!r}; choose from {', '.join(allowed)}")
+    out, errors = [], []
+    for lm in linear_methods:
+        for sm in softmax_methods:
+            c = replace(cfg, parallel=replace(cfg.parallel, linear_method=lm, softmax_method=sm))
+            try:
+                c = validate(c, gpus)
+            except ConfigError as e:   # e.g. ulysses with heads the SP size does not divide: that pair only
+                errors.append(str(e))
+                out.append(Prediction(lm, sm, 0.0, 0.0, 0.0, 0, 0.0, 0, note=str(e)))
+                continue
+            out.append(predict(c, costs, net))
+    if len(errors) == len(out):
+        raise PlanError(errors[0])
+    return out
+
+
+def format_table(preds: list[Prediction], cfg, gpus: int, gpu: str, net: Interconnect) -> str:
+    p = cfg.parallel
+    lines = [f"longscan plan | {gpus} × {gpu} over {net.name} | tp {p.tp} pp {p.pp} sp {p.sp} | seq {cfg.data.seq_len}",
+             "| linear | softmax | step (ms) | compute (ms) | exposed comm (ms) | SP comm MB/GPU/step | memory/GPU (GB) "
+             "| longest seq that fits |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in preds:
+        if r.note:
+            lines.append(f"| {r.linear_method} | {r.softmax_method} | cannot run: {r.note} | | | | | |")
+            continue
+        lines.append(f"| {r.linear_method} | {r.softmax_method} | {1e3 * r.step_time_s:.2f} | {1e3 * r.compute_s:.2f} "
+                     f"| {1e3 * r.exposed_comm_s:.2f} | {r.comm_bytes_per_gpu / 2**20:.1f} | {r.memory_gb:.1f} "
+                     f"| {r.max_seq_len:,} |")
+    return "\n".join(lines)
+
+
+def parser() -> argparse.ArgumentParser:
+    a = argparse.ArgumentParser(prog=PROG, description="Predict step time, communication and memory per SP method.")
+    a.add_argument("--config", default=None)
+    a.add_argument("--gpus", type=int, required=True, help="GPUs in total (the world size)")
+    a.add_argument("--gpu", default="h100", help=f"GPU type: {', '.join(GPUS)} (default h100)")
+    a.add_argument("--interconnect", default="nvlink4", help=f"{', '.join(INTERCONNECTS)} (default nvlink4)")
+    a.add_argument("--costs", default=None, help="a kernel-cost table (default: the one shipped for --gpu)")
+    a.add_argument("--linear-methods", default=",".join(LINEAR_METHODS))
+    a.add_argument("--softmax-methods", default=",".join(SOFTMAX_METHODS))
+    a.add_argument("overrides", nargs="*", help="section.key=value, e.g. data.seq_len=65536 parallel.sp=8")
+    return a
+
+
+def cmd_plan(argv: list[str]) -> int:
+    from longscan.training.config import ConfigError, load_config
+    a = parser().parse_args(argv)
+    try:
+        if a.gpus < 1:
+            raise PlanError(f"--gpus must be >= 1, got {a.gpus}")
+        if a.interconnect not in INTERCONNECTS:
+            raise PlanError(f"--interconnect {a.interconnect!r} is not known; choose one of {', '.join(INTERCONNECTS)}")
+        net = INTERCONNECTS[a.interconnect]
+        cfg = load_config(a.config, a.overrides)
+        preds = plan(cfg, a.gpus, costs_for(a.gpu, a.costs), net,
+                     tuple(x for x in a.linear_methods.split(",") if x),
+                     tuple(x for x in a.softmax_methods.split(",") if x))
+    except (PlanError, ConfigError) as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return 2
+    print(format_table(preds, cfg, a.gpus, a.gpu, net))
+    return 0

@@ -1,0 +1,125 @@
+"""What the delta-rule SP methods share: the checked context, the operator's stages, and the autograd of
+the affine scan.
+
+A rank's segment maps the state entering it to the state leaving it, S_out = M S_in + S_loc (M `[K, K]`
+= A_T ⋯ A_1, A_t = (I - β_t k_t k_tᵀ) D_t). The operator composes three stages:
+  1. local:      (S_loc, M) of every local segment (``segment_transition``, differentiable);
+  2. collective: the carries P entering the local segments and the final state, by the method's scan of
+                 (M, S_loc) along the global order (:class:`AffineScan`; backward: the transposed scan in
+                 reverse, dC_j = M_jᵀ dC_{j+1} + dP_j, then dS_j = dC_{j+1}, dM_j = dC_{j+1} P_jᵀ);
+  3. output:     the local forward from P (differentiable).
+Autograd joins them, so q, k, v, β and g get their gradients through both local stages.
+Segments are stacked batch-major as in ``longscan.parallel.linear.common`` (one call serves zigzag's two).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from longscan.distributed.layouts import check_layout, group_rank_size, num_segments, segment_owner
+from longscan.kernels.delta_rule import check_inputs, get_backend
+from longscan.parallel.linear.common import by_batch, by_segment, check_same_local_length, merge, split
+
+METHODS = ("zeco", "lasp2", "lasp1")
+
+
+@dataclass(frozen=True)
+class DeltaSPContext:
+    """The group, the layout and the local compute of one call."""
+    group: object
+    layout: str
+    rank: int
+    world: int
+    n_local: int
+    scale: float
+    impl: object
+    n_blocks: int
+
+    @property
+    def first_owner(self) -> int:
+        """Rank holding global segment 0 (where initial_state enters)."""
+        return segment_owner(0, self.world, self.layout)[0]
+
+    @property
+    def last_owner(self) -> int:
+        """Rank holding the last global segment (where the final state leaves)."""
+        return segment_owner(num_segments(self.world, self.layout) - 1, self.world, self.layout)[0]
+
+
+class ScanMethod(Protocol):
+    """A collective for :class:`AffineScan` (one per SP method)."""
+
+    def scan(self, sp: DeltaSPContext, M: torch.Tensor, S: torch.Tensor, initial: torch.Tensor | None,
+             output_final_state: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """M `[n_local, B, H, K, K]`, S `[n_local, B, H, K, V]` -> (P `[n_local, B, H, K, V]` entering the local
+        segments, the final state on every rank or None, what ``scan_back`` needs besides M, or None)."""
+
+    def scan_back(self, sp: DeltaSPContext, M: torch.Tensor, dP: torch.Tensor, dN: torch.Tensor | None,
+                  kept: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """dP `[n_local, ...]`, dN this rank's final-state gradient (None: zero) -> (R `[n_local, B, H, K, V]`
+        the gradients of the states leaving the local segments, the gradient of initial_state on the rank
+        holding global segment 0, None elsewhere). The final state was returned on every rank, so its
+        gradient is the sum of every rank's dN."""
+
+
+class AffineScan(torch.autograd.Function):
+    """(M, S_loc, initial_state) -> (P, final state) through a :class:`ScanMethod`, with its backward."""
+
+    @staticmethod
+    def forward(ctx, method, sp, M, S, initial, output_final_state):
+        M, S = M.contiguous(), S.contiguous()
+        P, final, kept = method.scan(sp, M, S, initial, output_final_state)
+        ctx.method, ctx.sp, ctx.output_final_state = method, sp, output_final_state
+        ctx.has_initial = initial is not None
+        ctx.initial_dtype = initial.dtype if initial is not None else None
+        ctx.save_for_backward(M, P, *([kept] if kept is not None else []))
+        return P, final
+
+    @staticmethod
+    def backward(ctx, dP, dfinal):
+        M, P, *kept = ctx.saved_tensors
+        dP = torch.zeros_like(P) if dP is None else dP.to(P.dtype).contiguous()
+        dN = dfinal.to(P.dtype) if ctx.output_final_state and dfinal is not None else None
+        R, d_initial = ctx.method.scan_back(ctx.sp, M, dP, dN, kept[0] if kept else None)
+        dM = R @ P.transpose(-1, -2)
+        d_init = None
+        if ctx.has_initial:
+            d_init = d_initial if d_initial is not None else torch.zeros_like(P[0])
+            d_init = d_init.to(ctx.initial_dtype).contiguous()
+        return None, None, dM, R, d_init, None
+
+
+def make_context(q, k, v, beta, g, scale, initial_state, method, group, layout, backend,
+                 n_blocks) -> DeltaSPContext:
+    """Validate everything (ValueError/TypeError naming the parameter) and build the context."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    check_layout(layout)
+    check_inputs(q, k, v, beta, g, initial_state)
+    if isinstance(n_blocks, bool) or not isinstance(n_blocks, int) or n_blocks < 1:
+        raise ValueError(f"n_blocks must be a positive int, got {n_blocks!r}")
+    n_blocks = min(n_blocks, v.shape[-1])   # a block is at least one column of V
+    rank, world = group_rank_size(group)
+    T = q.shape[1]
+    if T == 0:
+        raise ValueError("q.shape[1] (the local length) must be positive")
+    if layout == "zigzag" and T % 2:
+        raise ValueError(f"layout='zigzag' needs an even local length q.shape[1], got {T}")
+    impl = get_backend(backend, q.device)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    sp = DeltaSPContext(group, layout, rank, world, num_segments(world, layout) // world, scale, impl, n_blocks)
+    check_same_local_length(T, sp, q.device)
+    return sp
+
+
+def delta_rule_sp(method: ScanMethod, sp: DeltaSPContext, q, k, v, beta, g, initial_state, output_final_state):
+    """The three stages (module docstring) -> (o `[B, T, H, V]`, final state `[B, H, K, V]` or None)."""
+    n = sp.n_local
+    qs, ks, vs, bs, gs = (split(x, n) for x in (q, k, v, beta, g))
+    S_loc, M = sp.impl.segment_transition(ks, vs, bs, gs)
+    P, final = AffineScan.apply(method, sp, by_segment(M, n), by_segment(S_loc, n), initial_state,
+                                output_final_state)
+    o, _ = sp.impl.forward(qs, ks, vs, bs, gs, sp.scale, by_batch(P), False)
+    return merge(o, n), final

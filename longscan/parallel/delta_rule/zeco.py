@@ -1,0 +1,38 @@
+"""ZeCO for the delta rule: the affine All-Scan passes only carries `[K, V]`, pipelined in blocks of V
+columns; each rank applies its own transition M (``longscan.distributed.affine_scan``).
+
+forward:  (M, S_loc) of each local segment -> the affine All-Scan -> the output pass from the carry.
+backward: the reverse All-Scan of the carries' gradients under Mᵀ, from the sum of the final-state
+          gradients -> the local stages' gradients by autograd.
+"""
+from __future__ import annotations
+
+from longscan.distributed.affine_scan import affine_all_scan
+from longscan.parallel.delta_rule.common import delta_rule_sp, make_context
+from longscan.parallel.linear.common import all_reduce_sum, broadcast_from
+
+
+class ChainScan:
+    """The chain of carries along the global order; ``n_blocks`` V blocks pipelined (1: LASP-1's ring)."""
+
+    def __init__(self, n_blocks: int | None = None):
+        self.n_blocks = n_blocks   # None: the context's
+
+    def scan(self, sp, M, S, initial, output_final_state):
+        blocks = self.n_blocks or sp.n_blocks
+        P, last = affine_all_scan(M, S, sp.group, sp.layout, blocks, initial)
+        final = broadcast_from(last, sp.last_owner, P[0], sp) if output_final_state else None
+        return P, final, None
+
+    def scan_back(self, sp, M, dP, dN, kept):
+        blocks = self.n_blocks or sp.n_blocks
+        dN = all_reduce_sum(dN, sp) if dN is not None else None
+        R, first = affine_all_scan(M.transpose(-1, -2), dP, sp.group, sp.layout, blocks, dN, reverse=True)
+        return R, (first if sp.rank == sp.first_owner else None)
+
+
+def zeco_delta_rule(q, k, v, beta, g=None, scale=None, initial_state=None, output_final_state=False, group=None,
+                    layout="contiguous", backend="auto", n_blocks=4):
+    """The delta rule on this rank's shard with ZeCO's affine All-Scan. See ``delta_rule_attention``."""
+    sp = make_context(q, k, v, beta, g, scale, initial_state, "zeco", group, layout, backend, n_blocks)
+    return delta_rule_sp(ChainScan(), sp, q, k, v, beta, g, initial_state, output_final_state)

@@ -1,0 +1,83 @@
+"""`longscan plan`: clear errors for bad input, and the cost model's terms on a hand-checked table."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from longscan.observe import plan as P
+from longscan.training.config import load_config, validate
+
+MODEL = ["model.dim=256", "model.n_heads=4", "model.n_kv_heads=4", "model.n_layers=4", "model.pattern=LLLN",
+         "data.global_batch_size=4", "data.seq_len=4096"]
+TABLE = {"gpu": "test", "memory_bytes": 8 * 2**30, "matmul_flops_per_s": 1e14,
+         "linear_s_per_token_head": {"lightning": {"64": 2e-9}}, "softmax_s_per_pair_head": {"64": 3e-12}}
+
+
+@pytest.fixture()
+def table(tmp_path):
+    path = tmp_path / "costs.json"
+    path.write_text(json.dumps(TABLE))
+    return str(path)
+
+
+def test_no_shipped_table_is_said_clearly(capsys):
+    import os
+    if os.path.isfile(os.path.join(P.COSTS_DIR, "h200.json")):
+        pytest.skip("an H200 table ships")
+    assert P.cmd_plan(["--gpus", "2", "--gpu", "h200"]) == 2
+    assert "no measured kernel-cost table for --gpu h200" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--gpu", "a100"], "--gpu 'a100' is not known"),
+    (["--interconnect", "carrier-pigeon"], "--interconnect 'carrier-pigeon' is not known"),
+    (["--linear-methods", "zeco,lasp3"], "unknown method 'lasp3'"),
+    (["--softmax-methods", "flash"], "unknown method 'flash'"),
+    (["parallel.sp=2", "data.seq_len=4098"], "data.seq_len = 4098 must divide into 4 pieces"),
+    (["--costs", "/nonexistent.json"], "--costs file not found"),
+])
+def test_bad_input(capsys, table, args, message):
+    costs = [] if "--costs" in args or "--gpu" in args else ["--costs", table]
+    assert P.cmd_plan(["--gpus", "2"] + costs + args + MODEL[:5]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_one_gpu_is_compute_only(table):
+    cfg = load_config(None, MODEL + ["parallel.sp=1"])
+    costs = P.costs_for("h100", table)
+    preds = P.plan(cfg, 1, costs, P.INTERCONNECTS["nvlink4"], ("zeco",), ("ring",))
+    r = preds[0]
+    assert r.exposed_comm_s == 0 and r.comm_bytes_per_gpu == 0
+    # 4 sequences × 4096 tokens; 3 linear layers, 1 softmax layer, 4 heads of 64
+    from longscan.observe.flops import matmul_flops_per_token
+    c = validate(cfg, 1)
+    tokens = 4 * 4096
+    want = (tokens * matmul_flops_per_token(c.model) / 1e14 + 3 * tokens * 4 * 2e-9
+            + 4 * 4096 * 4097 / 2 * 4 * 3e-12)
+    assert r.compute_s == pytest.approx(want) and r.step_time_s == pytest.approx(want)
+
+
+def test_communication_and_fit(table):
+    cfg = load_config(None, MODEL + ["parallel.sp=4"])
+    costs = P.costs_for("h100", table)
+    nv, ib = P.INTERCONNECTS["nvlink4"], P.INTERCONNECTS["ib-ndr"]
+    fast = {(r.linear_method, r.softmax_method): r for r in P.plan(cfg, 4, costs, nv)}
+    slow = {(r.linear_method, r.softmax_method): r for r in P.plan(cfg, 4, costs, ib)}
+    for key, r in fast.items():
+        assert r.exposed_comm_s > 0 and slow[key].exposed_comm_s > r.exposed_comm_s
+        assert slow[key].compute_s == r.compute_s
+    # LASP-2 gathers W-1 copies of the states; ZeCO and LASP-1 send each one hop: more bytes for LASP-2
+    assert fast[("lasp2", "ring")].comm_bytes_per_gpu > fast[("zeco", "ring")].comm_bytes_per_gpu
+    # the longest fitting length fits, one granule more does not
+    r = fast[("zeco", "ring")]
+    c = validate(replace(cfg, parallel=replace(cfg.parallel, linear_method="zeco")), 4)
+    at = lambda n: P.memory_per_gpu(replace(c, data=replace(c.data, seq_len=n)))   # noqa: E731
+    assert at(r.max_seq_len) <= TABLE["memory_bytes"] < at(r.max_seq_len + 64 * 8)
+
+
+def test_table_missing_head_dim(table):
+    cfg = load_config(None, MODEL + ["model.n_heads=8", "model.n_kv_heads=8", "parallel.sp=1"])
+    with pytest.raises(P.PlanError, match="head dim 32"):
+        P.plan(cfg, 1, P.costs_for("h100", table), P.INTERCONNECTS["nvlink4"])

@@ -1,0 +1,109 @@
+"""The benchmarks' CPU-testable parts: the shared table writer, kernels.py's row type and arguments, and
+sp_softmax.py end to end on one CPU process (W = 1), whose --check compares every method with float64."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))   # the SP scripts import bench_common by name
+
+from benchmarks import kernels  # noqa: E402
+from benchmarks.bench_common import markdown_table, sp_table  # noqa: E402
+
+
+def test_markdown_table_and_its_width_check():
+    assert markdown_table(["a", "b"], [["1", "2"], ["3", ""]]).splitlines() == \
+        ["| a | b |", "|---|---|", "| 1 | 2 |", "| 3 |  |"]
+    with pytest.raises(ValueError, match="3 cells, the header 2"):
+        markdown_table(["a", "b"], [["1", "2", "3"]])
+
+
+def test_sp_table_has_an_error_column_only_when_checked():
+    row = dict(method="ring", T_local=8, ms=1.5, ratio_to_local=1.25, wait_ms=0.5, sent=2048, recv=1024)
+    lines = sp_table([row]).splitlines()
+    assert lines[0].endswith("recv/rank |") and lines[2] == "| ring | 8 | 1.50 | 1.25 | 0.50 | 2.0 KB | 1.0 KB |"
+    assert sp_table([dict(row, rel_err=3e-7)]).splitlines()[2].endswith("| 3.0e-07 |")
+
+
+def test_kernel_row_rate_and_fraction_of_floor():
+    r = kernels.Row("ours linear g fwd", "B=1 T=8", 2.0, work=4e6, unit="GB/s", floor_ms=0.5)
+    assert r.cells() == ["ours linear g fwd", "B=1 T=8", "2.000", "2 GB/s", "0.25", ""]
+    assert kernels.Row("x", "s", 1.0).cells()[3:5] == ["", ""]
+    with pytest.raises(ValueError, match="unit"):
+        kernels.Row("x", "s", 1.0, unit="GiB")
+    with pytest.raises(ValueError, match="ms must be positive"):
+        kernels.Row("x", "s", 0.0)
+
+
+def test_kernel_args_and_peer_versions():
+    args = kernels.parse_args(["--only", "anchors,linear", "--kinds", "gk"])
+    assert args.parts == ("anchors", "linear") and args.kinds == ("gk",)
+    for bad in (["--kinds", "gk,zz"], ["--only", "lineal"]):
+        with pytest.raises(SystemExit):
+            kernels.parse_args(bad)
+    assert kernels.peer_version("torch") == f"torch {torch.__version__}"
+    assert kernels.peer_version("no-such-package-longscan") == "no-such-package-longscan (not installed)"
+
+
+def test_timed_ulysses_times_its_hooks_and_matches_the_reference():
+    import sp_softmax
+    from longscan.kernels.softmax_attention import naive_attention
+    from longscan.parallel.softmax import SoftmaxSPOptions
+    gen = torch.Generator().manual_seed(3)
+    q, k, v, do = (torch.randn(1, 8, h, 8, generator=gen, dtype=torch.float64) for h in (4, 2, 2, 4))
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    timed = sp_softmax.TimedUlysses()
+    o = timed.attend(q, k, v, SoftmaxSPOptions(scale=8 ** -0.5, causal=True, layout="contiguous", backend="torch"))
+    o.backward(do)
+    assert timed.local_s > 0
+    ref = naive_attention(q.detach(), k.detach(), v.detach(), None, True)[0]
+    assert torch.allclose(o.detach(), ref, atol=1e-10)
+
+
+def test_sp_softmax_on_one_process_checks_every_method(tmp_path):
+    try:
+        import deepspeed.sequence.layer  # noqa: F401
+        methods = ["ring", "allgather", "ulysses"]
+    except ImportError:
+        methods = ["ring", "allgather"]
+    out = tmp_path / "sp.json"
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    env.pop("RANK", None)
+    proc = subprocess.run([sys.executable, "benchmarks/sp_softmax.py", "--lengths", "16", "--iters", "1",
+                           "--warmup", "0", "--check", "--dtype", "float64", "--json", str(out),
+                           "--methods", *methods], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["method"] for r in rows] == ["local kernel"] + methods
+    for r in rows[1:]:
+        assert r["rel_err"] < 1e-10, r
+    assert "| ring | 16 |" in proc.stdout
+
+
+def test_accuracy_script_measures_every_tensor(tmp_path):
+    """accuracy_linear.py on CPU (torch backend against the naive recurrence, float32): every tensor is
+    measured, the errors are float32 round-off, and the summary names each (decay, tensor) pair."""
+    from benchmarks import accuracy_linear as acc
+    out = tmp_path / "acc.jsonl"
+    acc.main(["--grid", "quick", "--device", "cpu", "--backend", "torch", "--peer", "naive", "--dtypes", "float32",
+              "--decays", "g", "gk", "--lengths", "65", "--json", str(out)])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 2 * 2 * 2 * 2   # decays x (B, H) x (K, V) x states
+    for r in rows:
+        measured = {n for n, e in r["ours"].items() if e is not None}
+        assert measured == ({"o", "dq", "dk", "dv", "dg"} | ({"ht", "dh0"} if r["case"]["states"] else set()))
+        assert max(r["ours"][n] for n in measured) < 1e-5
+    table = acc.summary(rows)
+    assert "| float32 | gk | dg |" in table and "| float32 | g | dh0 |" in table
+
+
+def test_accuracy_error_of_a_non_finite_result_is_infinite():
+    from benchmarks import accuracy_linear as acc
+    ref = torch.ones(4, dtype=torch.float64)
+    assert acc.rel(torch.tensor([1.0, float("nan"), 1.0, 1.0], dtype=torch.float64), ref) == float("inf")
+    assert acc.rel(ref * 1.5, ref) == pytest.approx(0.5)
+    assert acc.rel(None, ref) is None
