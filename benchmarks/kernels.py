@@ -26,7 +26,7 @@ import triton
 from triton.runtime.errors import TritonError
 
 from benchmarks.bench_common import markdown_table
-from longscan.kernels.linear_attention import triton_chunk as tc
+from longscan.kernels.linear_attention import triton as tc
 from longscan.kernels.softmax_attention import triton_flash as tf
 
 LINEAR_KINDS = ("g_gamma", "g", "gk")   # constant decay, scalar gate, per-key gate
@@ -197,7 +197,7 @@ def sp_overhead(rows: list[Row], bw, kinds=("g_gamma", "g")):
                 g.requires_grad_()   # the gate's gradient is asked for, as in training
             do = torch.randn_like(v)
             P, R = torch.randn(1, B, H, D, D, device="cuda"), torch.randn(1, B, H, D, D, device="cuda")
-            sps = {ov: SPContext(None, "contiguous", 0, 1, 1, D ** -0.5, tc, 4, ov, backward_follows=True)
+            sps = {ov: SPContext(None, "contiguous", 0, 1, 1, D ** -0.5, tc.TritonBackend(), 4, ov)
                    for ov in (True, False)}
             keep = kind == "gk"   # the plain kernel as the autograd op runs it: the forward keeps its gate operands
             saved = tc.forward(q, k, v, g, gg, None, P[0], return_saved=True)[2] if keep else None
@@ -218,19 +218,19 @@ def sp_overhead(rows: list[Row], bw, kinds=("g_gamma", "g")):
             for delay in (0, SP_DELAY_US):
                 for ov in (True, False):
                     timed(f"overlap={ov}, collective {delay} us",
-                          lambda: local_pass(sps[ov], q, k, v, g, gg, lambda S, a: stand_in((P, None), delay)),
+                          lambda: local_pass(sps[ov], q, k, v, g, gg, lambda S, a: stand_in((P, None), delay), True),
                           plain, plain_gr, "fwd")
             plain_fn = lambda: tc.backward(q, k, v, g, gg, None, P[0], do, R[0], kind != "g_gamma",  # noqa: E731
                                            kv_states=saved)
             # the forward (the default schedule, from P) whose segment prefixes and gate operands it reuses
-            local_pass(sps[False], q, k, v, g, gg, lambda S, a: (P, None))
+            record = local_pass(sps[False], q, k, v, g, gg, lambda S, a: (P, None), True)[2]
             plain, plain_gr = bench(plain_fn), bench_graph(plain_fn)
             record(rows, Row(f"ours plain bwd with h0, dht {kind}", shape, plain, note=f"graph {plain_gr:.3f} ms"))
 
             def sp_bwd(delay, beside):
-                dP, logd, qdo = prefix_grads(sps[False], q, g, gg, do)
+                dP, logd, qdo = prefix_grads(sps[False], q, g, gg, do, record)
                 late = reverse_beside_dq(q.device, lambda: stand_in(R, delay))
-                return local_backward(sps[False], q, k, v, g, gg, P, do, late if beside else late(), qdo)
+                return local_backward(sps[False], q, k, v, g, gg, P, do, late if beside else late(), qdo, record)
             for delay in (0, SP_DELAY_US):
                 for beside in (True, False):
                     timed(f"{'beside dq' if beside else 'serial'}, collective {delay} us",
@@ -294,7 +294,7 @@ def check() -> bool:
             h0 = torch.randn(B, H, D, D, device="cuda")
             do, dht = torch.randn_like(v), torch.randn_like(h0)
             o, ht = tc.forward(q, k, v, g, gg, None, h0, True)
-            # no g_gamma gradient: the dispatch refuses it on this backend (tc.SUPPORTS_G_GAMMA_GRAD)
+            # no g_gamma gradient: the dispatch refuses it on this backend (TritonBackend.supports_g_gamma_grad)
             gr = tc.backward(q, k, v, g, gg, None, h0, do, dht, need_dg=kind != "g_gamma")
             dd = lambda x: None if x is None else x.double()  # noqa: E731
             ro, rh = torch_chunk.forward(dd(q), dd(k), dd(v), dd(g), dd(gg), None, dd(h0), True)

@@ -1,8 +1,9 @@
 """Time the Triton linear-attention kernels against their own version at an earlier commit, in one process.
 
-Loads `longscan/kernels/linear_attention/triton_chunk.py` as it was at --base (``git show``) beside the
-current one and alternates the two (twice each) at the benchmark shapes: bf16, 16 heads × 128, 65,536 tokens
-a step (B=1×T=65536 and B=16×T=4096). Forward, and forward+backward as the autograd op runs them (the backward
+Loads the Triton linear-attention kernels as they were at --base (the package
+`longscan.kernels.linear_attention.triton`, or the single module `triton_chunk` of older revisions, from
+``git archive``) beside the current ones and alternates the two (twice each) at the benchmark shapes: bf16,
+16 heads × 128, 65,536 tokens a step (B=1×T=65536 and B=16×T=4096). Forward, and forward+backward as the autograd op runs them (the backward
 given the forward's saved segment states; gates with their gradient, the constant decay without).
 
     PYTHONPATH=. python benchmarks/tuning/compare_linear.py --base e3b00e5 [--kinds gk,g,g_gamma]
@@ -10,9 +11,12 @@ given the forward's saved segment states; gates with their gradient, the constan
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
+import io
+import os
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 
@@ -20,22 +24,39 @@ import torch
 import triton
 
 from benchmarks.kernels import lin_inputs
-from longscan.kernels.linear_attention import triton_chunk as current
+from longscan.kernels.linear_attention import triton as current
 
-PATH = "longscan/kernels/linear_attention/triton_chunk.py"
+# where the kernels' entry module lived: the package, then the single module of older revisions
+ENTRY = ("longscan.kernels.linear_attention.triton", "longscan.kernels.linear_attention.triton_chunk")
 H, D = 16, 128
 
 
+def _ours(name: str) -> bool:
+    return name == "longscan" or name.startswith("longscan.")
+
+
 def load_at(rev: str):
-    """The kernels module as it was at git revision rev."""
-    src = subprocess.run(["git", "show", f"{rev}:{PATH}"], check=True, capture_output=True, text=True).stdout
-    f = tempfile.NamedTemporaryFile("w", suffix=".py", delete=False)
-    f.write(src)
-    f.close()
-    spec = importlib.util.spec_from_file_location(f"triton_chunk_{rev}", f.name)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod    # dataclasses look their module up here
-    spec.loader.exec_module(mod)
+    """The kernels' entry module as it was at git revision rev: that revision's longscan package is unpacked
+    into a temporary directory and imported there, then the current longscan modules are put back (the old
+    module keeps references to its own submodules)."""
+    root = tempfile.mkdtemp(prefix=f"longscan_{rev}_")
+    archive = subprocess.run(["git", "archive", rev, "longscan"], check=True, capture_output=True).stdout
+    tarfile.open(fileobj=io.BytesIO(archive)).extractall(root)
+    name = next((m for m in ENTRY if os.path.exists(os.path.join(root, *m.split("."))) or
+                 os.path.exists(os.path.join(root, *m.split(".")) + ".py")), None)
+    if name is None:
+        raise SystemExit(f"--base {rev}: no Triton linear-attention kernels found there ({' or '.join(ENTRY)})")
+    current_modules = {k: v for k, v in sys.modules.items() if _ours(k)}
+    for k in current_modules:
+        del sys.modules[k]
+    sys.path.insert(0, root)
+    try:
+        mod = importlib.import_module(name)
+    finally:
+        sys.path.remove(root)
+        for k in [k for k in sys.modules if _ours(k)]:
+            del sys.modules[k]
+        sys.modules.update(current_modules)
     return mod
 
 

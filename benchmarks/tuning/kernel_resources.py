@@ -28,7 +28,8 @@ from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 
-from longscan.kernels.linear_attention import triton_chunk as tc
+from longscan.kernels.linear_attention import LinearKernelOptions
+from longscan.kernels.linear_attention.triton import bwd, fwd, plan
 
 KINDS = {"none": 0, "g_gamma": 1, "g": 2, "gk": 3}
 D = 128
@@ -36,20 +37,21 @@ D = 128
 # gated kinds (the scalar gate in float32, the per-key chunk totals)
 F32_ARGS = {"fwd": ("h0", "ht"), "dq": ("h0", "gq", "st"), "dk": ("dhe", "hin", "gk", "dg", "term", "dh0"),
             "dv": ("dhe",)}
-KERNELS = {"fwd": tc._fwd_kernel, "dq": tc._bwd_dq_kernel, "dk": tc._bwd_dk_kernel, "dv": tc._bwd_dv_kernel}
+KERNELS = {"fwd": fwd._fwd_kernel, "dq": bwd._bwd_dq_kernel, "dk": bwd._bwd_dk_kernel, "dv": bwd._bwd_dv_kernel}
 
 
-def constants(name: str, gate: int) -> tuple[dict, dict]:
-    """-> (constexpr arguments, launch options) of kernel ``name`` as the dispatch sets them."""
-    block, cfg = tc._launch(name, D, gate)
+def constants(name: str, gate: int, opts: LinearKernelOptions = LinearKernelOptions()) -> tuple[dict, dict]:
+    """-> (constexpr arguments, launch options) of kernel ``name`` as the dispatch sets them (opts: the
+    kernels' options, the defaults unless given)."""
+    block, cfg = plan._launch(name, D, gate, opts)
     need_dg = gate >= 2   # gates with their gradient; the constant decay without (as the models use it)
-    c = dict(K=D, V=D, C=tc.CHUNK_PER_KEY if gate == 3 else tc.CHUNK, GATE=gate, PREC="tf32")
+    c = dict(K=D, V=D, C=opts.chunk_for(gate == 3), GATE=gate, PREC="tf32")
     if name == "fwd":
         c.update(BV=block, HAS_H0=False, STORE_HT=False)
     elif name == "dv":
         c.update(BV=block, HAS_DHE=False)
     else:
-        mode = tc._state_products(name, gate, torch.bfloat16, need_dg)
+        mode = plan._state_products(name, gate, torch.bfloat16, need_dg, opts)
         c.update(BK=block, NEED_DG=need_dg, SF32=mode, SPREC="tf32")
         c.update(dict(HAS_H0=False, STORE_ST=False) if name == "dq" else dict(HAS_DHE=False, HAS_TERM=False))
     return c, cfg
@@ -97,7 +99,7 @@ def main():
     ap.add_argument("--kernels", default="fwd,dq,dk,dv", help=f"of {sorted(KERNELS)}")
     ap.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: Hopper)")
     args = ap.parse_args()
-    if tc._interpreting():
+    if plan._interpreting():
         raise SystemExit("kernel_resources.py compiles the kernels: unset TRITON_INTERPRET")
     kinds, names = args.kinds.split(","), args.kernels.split(",")
     for flag, values, known in (("--kinds", kinds, KINDS), ("--kernels", names, KERNELS)):

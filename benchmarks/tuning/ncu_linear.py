@@ -71,7 +71,7 @@ def run(shape: str, kind: str) -> None:
     import torch
 
     from benchmarks.tuning.tune_linear import inputs
-    from longscan.kernels.linear_attention import triton_chunk as tc
+    from longscan.kernels.linear_attention import triton as tc
 
     B, T = (int(x) for x in shape.split("x"))
     torch.manual_seed(0)

@@ -15,7 +15,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.tuning.tune_linear import H, D, inputs
-from longscan.kernels.linear_attention import triton_chunk as tc
+from longscan.kernels.linear_attention import triton as tc
 
 REPS = 5
 

@@ -28,7 +28,7 @@ def main():
     g = -0.1 * torch.rand(B, T, H, device=dev) if args.decay == "g_scalar" else None
     P = torch.randn(B, H, D, D, device=dev)
     impl = get_backend("auto", dev)
-    o, _ = impl.forward(q, k, v, g, g_gamma, 0.1, None, False)
+    o, _, _ = impl.forward(q, k, v, g, g_gamma, 0.1, None, False)
     pieces = {
         "forward (no state)": lambda: impl.forward(q, k, v, g, g_gamma, 0.1, None, False),
         "forward (h0, final state)": lambda: impl.forward(q, k, v, g, g_gamma, 0.1, P, True),
@@ -38,7 +38,7 @@ def main():
         "add_prefix": lambda: impl.add_prefix(o, q, g, g_gamma, 0.1, P),
         "prefix_grad": lambda: impl.prefix_grad(q, g, g_gamma, 0.1, do),
     }
-    print(f"# {torch.cuda.get_device_name()}  bf16  B={B} T={T} H={H} D={D}  decay={args.decay}  backend={impl.__name__}")
+    print(f"# {torch.cuda.get_device_name()}  bf16  B={B} T={T} H={H} D={D}  decay={args.decay}  backend={impl.name}")
     for name, fn in pieces.items():
         print(f"{name:<28}{triton.testing.do_bench(fn, warmup=10, rep=50):>9.3f} ms")
 

@@ -1,6 +1,6 @@
 """What a kernel's forward hands its backward, kept as autograd saved tensors.
 
-A backend may return, beside its outputs, a value for its backward (the Triton kernels' SegmentStates: segment
+A backend may return, beside its outputs, a value for its backward (the Triton kernels' ForwardRecord: segment
 prefixes, per-key gate operands). Held as a Python attribute of the autograd context it would outlive what
 activation checkpointing frees: torch.utils.checkpoint drops a layer's *saved tensors* after its forward and
 recomputes them in the backward, but leaves the context's attributes alone. So the value's tensors go

@@ -14,13 +14,14 @@ def _sp_size(group) -> int:
 
 
 def linear_attention(q, k, v, g=None, g_gamma=None, *, method="zeco", group=None, layout="contiguous",
-                     backend="auto", overlap=False):
-    """q, k `[B, T, H, K]`, v `[B, T, H, V]` (T local) -> o `[B, T, H, V]`."""
+                     backend="auto", overlap=False, options=None):
+    """q, k `[B, T, H, K]`, v `[B, T, H, V]` (T local) -> o `[B, T, H, V]`. options: the Triton kernels'
+    LinearKernelOptions (None: the defaults)."""
     if _sp_size(group) == 1:
-        return chunk_linear_attention(q, k, v, g=g, g_gamma=g_gamma, backend=backend)[0]
+        return chunk_linear_attention(q, k, v, g=g, g_gamma=g_gamma, backend=backend, options=options)[0]
     from longscan.parallel import linear_attention as sp_linear
     return sp_linear(q, k, v, g=g, g_gamma=g_gamma, method=method, group=group, layout=layout,
-                     backend=backend, overlap=overlap)[0]
+                     backend=backend, overlap=overlap, options=options)[0]
 
 
 def softmax_attention(q, k, v, *, method="ring", group=None, layout="zigzag", backend="auto", cu_seqlens=None):

@@ -1,6 +1,4 @@
 """Single-device linear attention: every backend against the float64 recurrent reference."""
-import types
-
 import pytest
 import torch
 
@@ -9,6 +7,7 @@ from linear_cases import DECAYS, make_inputs
 from longscan.kernels.linear_attention import (check_backend_supports, chunk_linear_attention, get_backend,
                                                naive_recurrent_linear_attention)
 from longscan.kernels.linear_attention import torch_chunk
+from longscan.kernels.linear_attention.backend import LinearBackend, TorchBackend
 
 GRAD_NAMES = ("q", "k", "v", "g", "g_gamma", "initial_state")
 
@@ -58,16 +57,18 @@ def test_sp_pieces_match_definitions(decay):
     P = x["initial_state"]
     for name in ("torch", "naive"):
         impl = get_backend(name, torch.device("cpu"))
-        o0, s0 = impl.forward(x["q"], x["k"], x["v"], x["g"], x["g_gamma"], 0.3, None, True)
-        oP, sP = impl.forward(x["q"], x["k"], x["v"], x["g"], x["g_gamma"], 0.3, P, True)
-        S, logd = impl.segment_state(x["k"], x["v"], x["g"], x["g_gamma"])
+        o0, s0, _ = impl.forward(x["q"], x["k"], x["v"], x["g"], x["g_gamma"], 0.3, None, True)
+        oP, sP, _ = impl.forward(x["q"], x["k"], x["v"], x["g"], x["g_gamma"], 0.3, P, True)
+        S, logd, _ = impl.segment_state(x["k"], x["v"], x["g"], x["g_gamma"])
         assert rel_err(S, s0) <= 1e-12
         # Γ ⊙ P is what the segment does to an entering state.
         assert rel_err(logd.exp().unsqueeze(-1) * P + S, sP) <= 1e-12
         assert rel_err(impl.add_prefix(o0, x["q"], x["g"], x["g_gamma"], 0.3, P), oP) <= 1e-12
         do = torch.randn_like(o0)
         _, _, _, _, dh0 = impl.backward(x["q"], x["k"], x["v"], x["g"], x["g_gamma"], 0.3, P, do, None)
-        assert rel_err(impl.prefix_grad(x["q"], x["g"], x["g_gamma"], 0.3, do), dh0) <= 1e-12
+        dP, logd_q, _ = impl.prefix_grad(x["q"], x["g"], x["g_gamma"], 0.3, do)
+        assert rel_err(dP, dh0) <= 1e-12
+        assert torch.allclose(logd_q, logd, rtol=1e-12, atol=1e-12)   # the same total as the state pass's
 
 
 def test_bad_inputs_name_the_parameter():
@@ -100,7 +101,22 @@ def test_chunk_padding_leaves_state_exact():
 
 def test_backend_without_g_gamma_grad_refuses_a_learnable_g_gamma():
     x = make_inputs("g_gamma", 1, 8, 2, 4, 4, torch.float32, seed=0)
-    impl = types.SimpleNamespace(__name__="x.fake_backend", SUPPORTS_G_GAMMA_GRAD=False)
+    class FakeBackend(TorchBackend):
+        name = "fake_backend"
+        supports_g_gamma_grad = False
+    impl = FakeBackend()
     with pytest.raises(ValueError, match="g_gamma requires grad.*fake_backend"):
         check_backend_supports(impl, x["g_gamma"].requires_grad_())
     check_backend_supports(impl, x["g_gamma"].detach())     # a fixed g_gamma is fine
+
+
+def test_every_backend_implements_the_contract():
+    """Every backend get_backend gives is a LinearBackend, and forward always returns a (possibly empty) record."""
+    x = make_inputs("g_scalar", 1, 8, 2, 4, 4, torch.float64, seed=2)
+    for name in ("auto", "torch", "naive"):
+        impl = get_backend(name, torch.device("cpu"))
+        assert isinstance(impl, LinearBackend), name
+        out = impl.forward(x["q"], x["k"], x["v"], x["g"], None, None, None, True, keep=True)
+        assert len(out) == 3 and out[2] is None, name
+    with pytest.raises(TypeError, match="options must be a LinearKernelOptions"):
+        get_backend("torch", torch.device("cpu"), options={"chunk": 16})

@@ -1,10 +1,10 @@
 """Triton chunked linear attention against the float64 recurrent reference.
 
 CPU: the Triton interpreter in float32 (tiny shapes, chunks of 16 so odd lengths span several chunks and
-the segment-parallel path is exercised with SEGMENTS forced). GPU (skipped without CUDA): bf16 and float32.
+the segment-parallel path is exercised with the number of segments forced through LinearKernelOptions).
+GPU (skipped without CUDA): bf16 and float32.
 """
 import dataclasses
-import inspect
 
 import pytest
 import torch
@@ -16,18 +16,24 @@ triton = pytest.importorskip("triton")
 
 from longscan.kernels.linear_attention import (chunk_linear_attention, naive_recurrent_linear_attention,  # noqa: E402
                                                torch_chunk)
-from longscan.kernels.linear_attention import triton_chunk as tc  # noqa: E402
+from longscan.kernels import trace  # noqa: E402
+from longscan.kernels.linear_attention import LinearKernelOptions  # noqa: E402
+from longscan.kernels.linear_attention import triton as tc  # noqa: E402
+from longscan.kernels.linear_attention.triton import plan  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
 requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 
 
-@pytest.fixture
-def small_chunks(monkeypatch):
-    """Chunks of 16 tokens (the interpreter is slow; shapes stay tiny but cross chunk boundaries)."""
-    monkeypatch.setattr(tc, "CHUNK", 16)
-    monkeypatch.setattr(tc, "CHUNK_PER_KEY", 16)
+SMALL = LinearKernelOptions(chunk=16, chunk_per_key=16)
+
+
+def small(segments=None, tiles=False):
+    """Options with chunks of 16 tokens (the interpreter is slow; shapes stay tiny but cross chunk boundaries),
+    ``segments`` forced (None: the plan's choice) and with tiles: every kernel at 16 keys / values."""
+    opts = dataclasses.replace(SMALL, segments=segments)
+    return opts.with_blocks(16) if tiles else opts
 
 
 def reference(x, with_state, do, dht):
@@ -48,26 +54,14 @@ def reference(x, with_state, do, dht):
     return o, s, (dq, dk, dv, res[4] if gate is not None else None, dh0)
 
 
-def record_calls(monkeypatch, name):
-    """Wrap ``tc.<name>`` for this test: -> the list of its calls' arguments by name, filled as it runs."""
-    fn = getattr(tc, name)
-    calls = []
-
-    def wrapped(*args, **kwargs):
-        calls.append(inspect.signature(fn).bind(*args, **kwargs).arguments)
-        return fn(*args, **kwargs)
-    monkeypatch.setattr(tc, name, wrapped)
-    return calls
-
-
 def _to(x, device, dtype):
     return {n: (t.to(device=device, dtype=dtype if n != "initial_state" else torch.float32)
                 if t is not None else None) for n, t in x.items()}
 
 
 def check_forward_backward(decay, B, T, H, K, V, dtype, tol, with_state, with_dht, seed, need_dg=True,
-                           reuse=False, edit=None):
-    """Forward and backward against the reference; reuse: the backward gets the forward's SegmentStates
+                           reuse=False, edit=None, options=None):
+    """Forward and backward against the reference; reuse: the backward gets the forward's ForwardRecord
     (as the autograd op runs them), which are returned; edit: changes the float64 inputs in place first."""
     x = make_inputs(decay, B, T, H, K, V, torch.float64, seed=seed)
     if edit is not None:
@@ -79,7 +73,8 @@ def check_forward_backward(decay, B, T, H, K, V, dtype, tol, with_state, with_dh
 
     y = _to(x, DEV, dtype)
     h0 = y["initial_state"] if with_state else None
-    o, ht, *saved = tc.forward(y["q"], y["k"], y["v"], y["g"], y["g_gamma"], None, h0, True, return_saved=reuse)
+    o, ht, *saved = tc.forward(y["q"], y["k"], y["v"], y["g"], y["g_gamma"], None, h0, True, return_saved=reuse,
+                               options=options)
     assert o.dtype == dtype and o.shape == (B, T, H, V)
     assert ht.dtype == torch.float32 and ht.shape == (B, H, K, V)
     assert rel_err(o.cpu(), o_ref) <= tol
@@ -87,7 +82,7 @@ def check_forward_backward(decay, B, T, H, K, V, dtype, tol, with_state, with_dh
 
     grads = tc.backward(y["q"], y["k"], y["v"], y["g"], y["g_gamma"], None, h0, do.to(DEV, dtype),
                         dht.to(DEV, torch.float32) if dht is not None else None, need_dg,
-                        kv_states=saved[0] if reuse else None)
+                        kv_states=saved[0] if reuse else None, options=options)
     for name, got, want in zip(("dq", "dk", "dv", "dg", "dh0"), grads, g_ref):
         if want is None or (name == "dg" and not need_dg):
             assert got is None, name
@@ -104,32 +99,30 @@ def check_forward_backward(decay, B, T, H, K, V, dtype, tol, with_state, with_dh
 @pytest.mark.parametrize("with_state", [True, False])
 @pytest.mark.parametrize("T", [37, 64])            # 37: not a multiple of the chunk
 @pytest.mark.parametrize("decay", DECAYS)
-def test_forward_backward_interpreter(small_chunks, monkeypatch, decay, T, with_state, segments):
-    monkeypatch.setattr(tc, "SEGMENTS", segments)
+def test_forward_backward_interpreter(decay, T, with_state, segments):
     check_forward_backward(decay, 2, T, 2, 16, 32, torch.float32, 1e-4, with_state, with_dht=True,
-                           seed=T + 7 * len(decay))
+                           seed=T + 7 * len(decay), options=small(segments))
 
 
 @pytest.mark.parametrize("decay", DECAYS)
-def test_several_tiles_per_head(small_chunks, monkeypatch, decay):
+def test_several_tiles_per_head(decay):
     """Tiles of 16 keys / values, so every kernel splits K=V=32 over two programs (the GPU's tiling)."""
-    monkeypatch.setattr(tc, "SEGMENTS", 2)
-    monkeypatch.setattr(tc, "CONFIG", {n: dict(block=16, num_warps=4, num_stages=2) for n in tc.CONFIG})
-    monkeypatch.setattr(tc, "CONFIG_PER_KEY", {})
-    check_forward_backward(decay, 1, 45, 2, 32, 32, torch.float32, 1e-4, True, with_dht=True, seed=21)
+    check_forward_backward(decay, 1, 45, 2, 32, 32, torch.float32, 1e-4, True, with_dht=True, seed=21,
+                           options=small(2, tiles=True))
 
 
 @pytest.mark.parametrize("decay", DECAYS)
-def test_without_dht_and_single_token(small_chunks, decay):
-    check_forward_backward(decay, 1, 1, 2, 16, 16, torch.float32, 1e-4, True, with_dht=False, seed=3)
-    check_forward_backward(decay, 1, 21, 1, 32, 16, torch.float32, 1e-4, False, with_dht=False, seed=4)
+def test_without_dht_and_single_token(decay):
+    check_forward_backward(decay, 1, 1, 2, 16, 16, torch.float32, 1e-4, True, with_dht=False, seed=3, options=SMALL)
+    check_forward_backward(decay, 1, 21, 1, 32, 16, torch.float32, 1e-4, False, with_dht=False, seed=4,
+                           options=SMALL)
 
 
 @pytest.mark.parametrize("segments", [1, 3])
 @pytest.mark.parametrize("decay", DECAYS)
-def test_sp_pieces_match_torch(small_chunks, monkeypatch, decay, segments):
+def test_sp_pieces_match_torch(decay, segments):
     """segment_state, add_prefix and prefix_grad against torch_chunk's (float64) on an odd length."""
-    monkeypatch.setattr(tc, "SEGMENTS", segments)
+    opts = small(segments)
     B, T, H, K, V = 1, 53, 2, 16, 32
     x = make_inputs(decay, B, T, H, K, V, torch.float64, seed=11)
     gen = torch.Generator().manual_seed(12)
@@ -137,24 +130,26 @@ def test_sp_pieces_match_torch(small_chunks, monkeypatch, decay, segments):
     do = torch.randn(B, T, H, V, generator=gen, dtype=torch.float64)
     P = torch.randn(B, H, K, V, generator=gen, dtype=torch.float64)
     y = _to(x, DEV, torch.float32)
-    S, a = tc.segment_state(y["k"], y["v"], y["g"], y["g_gamma"])
+    S, a = tc.segment_state(y["k"], y["v"], y["g"], y["g_gamma"], options=opts)
     S_ref, a_ref = torch_chunk.segment_state(x["k"], x["v"], x["g"], x["g_gamma"])
     assert S.dtype == torch.float32 and a.shape == (B, H, K)
     assert rel_err(S.cpu(), S_ref) <= 1e-4
     assert (a.cpu().double() - a_ref).abs().max() <= 1e-4 * (1 + a_ref.abs().max())
-    out = tc.add_prefix(o.to(DEV, torch.float32), y["q"], y["g"], y["g_gamma"], 0.3, P.to(DEV, torch.float32))
+    out = tc.add_prefix(o.to(DEV, torch.float32), y["q"], y["g"], y["g_gamma"], 0.3, P.to(DEV, torch.float32),
+                        options=opts)
     assert rel_err(out.cpu(), torch_chunk.add_prefix(o, x["q"], x["g"], x["g_gamma"], 0.3, P)) <= 1e-4
-    pg = tc.prefix_grad(y["q"], y["g"], y["g_gamma"], 0.3, do.to(DEV, torch.float32))
+    pg = tc.prefix_grad(y["q"], y["g"], y["g_gamma"], 0.3, do.to(DEV, torch.float32), options=opts)
     assert rel_err(pg.cpu(), torch_chunk.prefix_grad(x["q"], x["g"], x["g_gamma"], 0.3, do)) <= 1e-4
     # with return_saved, its states' totals (one segment too) are the segment's total log gate (SP sums them)
-    pg2, qdo = tc.prefix_grad(y["q"], y["g"], y["g_gamma"], 0.3, do.to(DEV, torch.float32), return_saved=True)
+    pg2, qdo = tc.prefix_grad(y["q"], y["g"], y["g_gamma"], 0.3, do.to(DEV, torch.float32), return_saved=True,
+                              options=opts)
     assert torch.equal(pg2, pg) and (qdo.n > 1) == (segments > 1)
     total = qdo.log_decays.sum(2).cpu().double()
     assert (total - a_ref).abs().max() <= 1e-4 * (1 + a_ref.abs().max())
 
 
 @pytest.mark.parametrize("decay", DECAYS[1:])
-def test_backward_without_gate_gradient(small_chunks, decay):
+def test_backward_without_gate_gradient(decay):
     """need_dg=False: dg is None and every other gradient is unchanged: to the bit under the interpreter, which runs
     the same float operations either way; to 1e-5 on a GPU, where the two are different compiled kernels (the scalar
     gates' dq and dk kernels with and without the gate partials), whose contractions into fused multiply-adds may
@@ -163,106 +158,106 @@ def test_backward_without_gate_gradient(small_chunks, decay):
     gen = torch.Generator().manual_seed(9)
     do = torch.randn(1, 37, 2, 16, generator=gen).to(DEV)
     args = (x["q"], x["k"], x["v"], x["g"], x["g_gamma"], None, x["initial_state"], do, None)
-    full = tc.backward(*args)
-    part = tc.backward(*args, need_dg=False)
+    full = tc.backward(*args, options=SMALL)
+    part = tc.backward(*args, need_dg=False, options=SMALL)
     assert full[3] is not None and part[3] is None
     for a, b in zip(full[:3] + full[4:], part[:3] + part[4:]):
         assert rel_err(a.cpu(), b.cpu()) <= 1e-5 if CUDA else torch.equal(a, b)
 
 
 @pytest.mark.parametrize("decay", DECAYS)
-def test_backward_reuses_forward_segment_states(small_chunks, monkeypatch, decay):
-    """forward(return_saved=True) hands the backward its segment prefixes: the same gradients as a
+def test_backward_reuses_forward_segment_states(decay):
+    """forward(return_saved=True) hands the backward its segment prefixes (a ForwardRecord): the same gradients as a
     backward that recomputes them, and through autograd the float64 reference's."""
-    monkeypatch.setattr(tc, "SEGMENTS", 3)
+    opts = small(3)
     x = _to(make_inputs(decay, 1, 70, 2, 16, 16, torch.float64, seed=13), DEV, torch.float32)
     gen = torch.Generator().manual_seed(14)
     do = torch.randn(1, 70, 2, 16, generator=gen).to(DEV)
     args = (x["q"], x["k"], x["v"], x["g"], x["g_gamma"], None, x["initial_state"])
-    o, _, saved = tc.forward(*args, False, return_saved=True)
+    o, _, saved = tc.forward(*args, False, return_saved=True, options=opts)
     assert saved is not None and saved.n == 3
-    with_saved = tc.backward(*args, do, None, kv_states=saved)
-    recomputed = tc.backward(*args, do, None)
+    with_saved = tc.backward(*args, do, None, kv_states=saved, options=opts)
+    recomputed = tc.backward(*args, do, None, options=opts)
     for a, b in zip(with_saved, recomputed):
         assert (a is None and b is None) or rel_err(a.cpu(), b.cpu()) <= 1e-6
     # and the backward really reads them: other prefixes give another dq
-    other = tc.SegmentStates(saved.seg, None, saved.log_decays, saved.prefixes + 1.0)
-    assert rel_err(tc.backward(*args, do, None, kv_states=other)[0].cpu(), recomputed[0].cpu()) > 1e-3
+    other = dataclasses.replace(saved, prefixes=saved.prefixes + 1.0)
+    assert rel_err(tc.backward(*args, do, None, kv_states=other, options=opts)[0].cpu(), recomputed[0].cpu()) > 1e-3
 
 
 @pytest.mark.parametrize("segments", [None, 3])
-def test_backward_reuses_forward_gate_operands(small_chunks, monkeypatch, segments):
+def test_backward_reuses_forward_gate_operands(segments):
     """Per-key gates: forward(return_saved=True) keeps its decayed operands and the backward's factors, and the
     backward reads them in place of its own pre-pass (same gradients; changed factors change dq and dk);
-    with KEEP_GATE_OPERANDS off it keeps none."""
-    monkeypatch.setattr(tc, "SEGMENTS", segments)
+    with keep_gate_operands off it keeps none."""
+    opts = small(segments)
     x = _to(make_inputs("g_per_key", 1, 40, 2, 16, 16, torch.float64, seed=15), DEV, torch.float32)
     do = torch.randn(1, 40, 2, 16, generator=torch.Generator().manual_seed(16)).to(DEV)
     args = (x["q"], x["k"], x["v"], x["g"], None, None, x["initial_state"])
-    _, _, saved = tc.forward(*args, False, return_saved=True)
+    _, _, saved = tc.forward(*args, False, return_saved=True, options=opts)
     assert saved is not None and saved.operands is not None and saved.operands.complete
     assert saved.n == (segments or 1)
-    pre_passes = record_calls(monkeypatch, "_gate_operands")
-    with_saved = tc.backward(*args, do, None, kv_states=saved)
-    assert pre_passes == []
-    recomputed = tc.backward(*args, do, None)
-    assert len(pre_passes) == 1
+    with trace.record() as events:
+        with_saved = tc.backward(*args, do, None, kv_states=saved, options=opts)
+        assert trace.names(events, "gate_operands") == []
+        recomputed = tc.backward(*args, do, None, options=opts)
+    assert len(trace.names(events, "gate_operands")) == 1
     for a, b in zip(with_saved, recomputed):
         assert rel_err(a.cpu(), b.cpu()) <= 1e-6
     ops = dataclasses.replace(saved.operands, eq=saved.operands.eq * 2, ek=saved.operands.ek * 2)
-    dq, dk = tc.backward(*args, do, None, kv_states=dataclasses.replace(saved, operands=ops))[:2]
+    dq, dk = tc.backward(*args, do, None, kv_states=dataclasses.replace(saved, operands=ops), options=opts)[:2]
     assert rel_err(dq.cpu(), recomputed[0].cpu()) > 0.1 and rel_err(dk.cpu(), recomputed[1].cpu()) > 1e-2
-    monkeypatch.setattr(tc, "KEEP_GATE_OPERANDS", False)
-    saved = tc.forward(*args, False, return_saved=True)[2]
+    saved = tc.forward(*args, False, return_saved=True,
+                       options=dataclasses.replace(opts, keep_gate_operands=False))[2]
     assert (saved is None) if segments is None else (saved.operands is None)
 
 
 @pytest.mark.parametrize("factors", [False, True])
 @pytest.mark.parametrize("segments", [None, 3])
-def test_forward_takes_segment_state_query_operands(small_chunks, monkeypatch, segments, factors):
+def test_forward_takes_segment_state_query_operands(segments, factors):
     """Per-key gates: segment_state(..., q=q) has its pre-pass write the queries' operands too (and with
     factors the backward's): the forward given them runs no pre-pass and gives the plain forward's output,
     and a backward from its saved operands the plain gradients. Without factors the forward that keeps its
     operands writes them all again (the backward needs the factors)."""
-    monkeypatch.setattr(tc, "SEGMENTS", segments)
+    opts = small(segments)
     x = _to(make_inputs("g_per_key", 1, 40, 2, 16, 16, torch.float64, seed=17), DEV, torch.float32)
     q, k, v, g = x["q"], x["k"], x["v"], x["g"]
     do = torch.randn(1, 40, 2, 16, generator=torch.Generator().manual_seed(18)).to(DEV)
-    o_plain, _ = tc.forward(q, k, v, g)
-    _, _, kv = tc.segment_state(k, v, g, return_saved=True, q=q, factors=factors)
+    o_plain, _ = tc.forward(q, k, v, g, options=opts)
+    _, _, kv = tc.segment_state(k, v, g, return_saved=True, q=q, factors=factors, options=opts)
     assert kv.operands.qd is not None and kv.operands.kd is not None and kv.operands.complete == factors
-    pre_passes = record_calls(monkeypatch, "_gate_operands")
-    o, _, saved = tc.forward(q, k, v, g, kv_states=kv, return_saved=True)
-    assert len(pre_passes) == (0 if factors else 1)
-    assert rel_err(o.cpu(), o_plain.cpu()) <= 1e-6
-    grads = tc.backward(q, k, v, g, None, None, None, do, None, kv_states=saved)
-    assert len(pre_passes) == (0 if factors else 1)
-    for a, b in zip(grads, tc.backward(q, k, v, g, None, None, None, do, None)):
+    with trace.record() as events:
+        o, _, saved = tc.forward(q, k, v, g, kv_states=kv, return_saved=True, options=opts)
+        assert len(trace.names(events, "gate_operands")) == (0 if factors else 1)
+        assert rel_err(o.cpu(), o_plain.cpu()) <= 1e-6
+        grads = tc.backward(q, k, v, g, None, None, None, do, None, kv_states=saved, options=opts)
+        assert len(trace.names(events, "gate_operands")) == (0 if factors else 1)
+    for a, b in zip(grads, tc.backward(q, k, v, g, None, None, None, do, None, options=opts)):
         assert rel_err(a.cpu(), b.cpu()) <= 1e-6
     with pytest.raises(ValueError, match="q must have k's shape"):
-        tc.segment_state(k, v, g, return_saved=True, q=q[:, :5])
+        tc.segment_state(k, v, g, return_saved=True, q=q[:, :5], options=opts)
 
 
-def test_kept_operands_are_freed_by_activation_checkpointing(small_chunks, monkeypatch):
+def test_kept_operands_are_freed_by_activation_checkpointing(monkeypatch):
     """The autograd op keeps the forward's gate operands as saved tensors: under torch.utils.checkpoint they
     are gone after the forward (the recomputed forward makes them again) and the gradients are unchanged."""
     import gc
     import weakref
-    monkeypatch.setattr(tc, "SEGMENTS", 2)
     x = make_inputs("g_per_key", 1, 40, 2, 16, 16, torch.float32, seed=19)
     refs = []
-    forward = tc.forward
+    forward = tc.TritonBackend.forward
 
-    def watched(*args, **kwargs):
-        out = forward(*args, **kwargs)
-        if kwargs.get("return_saved") and len(refs) == 0:   # the first forward, not the recomputed one
+    def watched(self, *args, **kwargs):   # the backend's public forward, watched for what it keeps
+        out = forward(self, *args, **kwargs)
+        if kwargs.get("keep") and len(refs) == 0:   # the first forward, not the recomputed one
             ops = out[2].operands
             refs.extend(weakref.ref(t) for t in (ops.qd, ops.kd, ops.eq, ops.ek, out[2].prefixes))
         return out
-    monkeypatch.setattr(tc, "forward", watched)
+    monkeypatch.setattr(tc.TritonBackend, "forward", watched)
 
     def loss(leaves):
-        return chunk_linear_attention(leaves["q"], leaves["k"], leaves["v"], leaves["g"], backend="triton")[0].square().sum()
+        return chunk_linear_attention(leaves["q"], leaves["k"], leaves["v"], leaves["g"], backend="triton",
+                                      options=small(2))[0].square().sum()
     grads = {}
     for ckpt in (False, True):
         refs.clear()
@@ -276,71 +271,63 @@ def test_kept_operands_are_freed_by_activation_checkpointing(small_chunks, monke
         assert rel_err(a.cpu(), b.cpu()) <= 1e-6
 
 
-def test_autograd_op_keeps_nothing_without_gradients(small_chunks, monkeypatch):
+def test_autograd_op_keeps_nothing_without_gradients():
     """The autograd op asks the forward for what its backward reuses only when a backward will come."""
     x = make_inputs("g_per_key", 1, 20, 1, 16, 16, torch.float32, seed=3)
-    calls = record_calls(monkeypatch, "forward")
     q, k, v, g = (x[n].to(DEV) for n in ("q", "k", "v", "g"))
-    chunk_linear_attention(q, k, v, g, backend="triton")
-    chunk_linear_attention(q, k, v, g.requires_grad_(), backend="triton")
-    assert [c.get("return_saved", False) for c in calls] == [False, True]
+    with trace.record() as events:
+        chunk_linear_attention(q, k, v, g, backend="triton", options=SMALL)
+        chunk_linear_attention(q, k, v, g.requires_grad_(), backend="triton", options=SMALL)
+    assert [e.info["return_saved"] for e in events if e.name == "forward"] == [False, True]
 
 
 @pytest.mark.parametrize("segments", [None, 3])
 @pytest.mark.parametrize("decay", DECAYS)
-def test_backward_takes_dht_late(small_chunks, monkeypatch, decay, segments):
+def test_backward_takes_dht_late(decay, segments):
     """dht as a function: called once the dq kernel has been launched (SP's reverse collective runs beside
     that kernel), and the same gradients as with dht given up front."""
-    monkeypatch.setattr(tc, "SEGMENTS", segments)
+    opts = small(segments)
     x = _to(make_inputs(decay, 1, 45, 2, 16, 16, torch.float64, seed=17), DEV, torch.float32)
     gen = torch.Generator().manual_seed(18)
     do = torch.randn(1, 45, 2, 16, generator=gen).to(DEV)
     dht = torch.randn(1, 2, 16, 16, generator=gen).to(DEV)
     args = (x["q"], x["k"], x["v"], x["g"], x["g_gamma"], None, x["initial_state"], do)
-    events = []
-    dq_kernel = tc._bwd_dq_kernel
-
-    class Recorded:
-        def __getitem__(self, grid):
-            events.append("dq kernel")
-            return dq_kernel[grid]
-    monkeypatch.setattr(tc, "_bwd_dq_kernel", Recorded())
-
-    def late():
-        events.append("dht")
-        return dht
-    eager = tc.backward(*args, dht)
-    got = tc.backward(*args, late)
-    assert events == ["dq kernel", "dq kernel", "dht"]
+    with trace.record() as events:
+        def late():
+            trace.emit("dht")
+            return dht
+        eager = tc.backward(*args, dht, options=opts)
+        got = tc.backward(*args, late, options=opts)
+    assert [e for e in trace.names(events) if e in ("bwd_dq", "dht")] == ["bwd_dq", "bwd_dq", "dht"]
     for a, b in zip(got, eager):
         assert (a is None and b is None) or torch.equal(a, b)
     # a late None: as no final-state gradient at all
-    for a, b in zip(tc.backward(*args, lambda: None), tc.backward(*args, None)):
+    for a, b in zip(tc.backward(*args, lambda: None, options=opts), tc.backward(*args, None, options=opts)):
         assert (a is None and b is None) or torch.equal(a, b)
 
 
-def test_forward_takes_segment_states_zero_prefixes(small_chunks, monkeypatch):
+def test_forward_takes_segment_states_zero_prefixes():
     """segment_state(return_saved=True, keep_prefixes=True) keeps its scan's prefixes from zero: a forward
     without an initial state starts its segments from them (no scan of its own, as SP's zero-prefix pass
     runs); given an initial state, the forward and the backward scan from it instead."""
-    monkeypatch.setattr(tc, "SEGMENTS", 3)
+    opts = small(3)
     x = _to(make_inputs("g_per_key", 1, 70, 2, 16, 16, torch.float64, seed=21), DEV, torch.float32)
     q, k, v, g, h0 = x["q"], x["k"], x["v"], x["g"], x["initial_state"]
     do = torch.randn(1, 70, 2, 16, generator=torch.Generator().manual_seed(22)).to(DEV)
-    S, _, kv = tc.segment_state(k, v, g, return_saved=True, keep_prefixes=True)
+    S, _, kv = tc.segment_state(k, v, g, return_saved=True, keep_prefixes=True, options=opts)
     assert kv.zero_prefixes is not None and kv.n == 3
-    assert tc.segment_state(k, v, g, return_saved=True)[2].zero_prefixes is None   # kept only when asked
-    o_plain, _ = tc.forward(q, k, v, g)
-    assert rel_err(tc.forward(q, k, v, g, kv_states=kv)[0].cpu(), o_plain.cpu()) <= 1e-6
+    assert tc.segment_state(k, v, g, return_saved=True, options=opts)[2].zero_prefixes is None   # kept only when asked
+    o_plain, _ = tc.forward(q, k, v, g, options=opts)
+    assert rel_err(tc.forward(q, k, v, g, kv_states=kv, options=opts)[0].cpu(), o_plain.cpu()) <= 1e-6
     # the zero-prefix forward really reads them
     moved = dataclasses.replace(kv, zero_prefixes=kv.zero_prefixes + 1.0)
-    assert rel_err(tc.forward(q, k, v, g, kv_states=moved)[0].cpu(), o_plain.cpu()) > 1e-3
+    assert rel_err(tc.forward(q, k, v, g, kv_states=moved, options=opts)[0].cpu(), o_plain.cpu()) > 1e-3
     # with an initial state they are not this sequence's prefixes: forward and backward scan from h0
-    o_h0, ht = tc.forward(q, k, v, g, None, None, h0, True)
-    o_kv, ht_kv = tc.forward(q, k, v, g, None, None, h0, True, kv_states=moved)
+    o_h0, ht = tc.forward(q, k, v, g, None, None, h0, True, options=opts)
+    o_kv, ht_kv = tc.forward(q, k, v, g, None, None, h0, True, kv_states=moved, options=opts)
     assert rel_err(o_kv.cpu(), o_h0.cpu()) <= 1e-6 and rel_err(ht_kv.cpu(), ht.cpu()) <= 1e-6
-    grads = tc.backward(q, k, v, g, None, None, h0, do, None)
-    for a, b in zip(tc.backward(q, k, v, g, None, None, h0, do, None, kv_states=moved), grads):
+    grads = tc.backward(q, k, v, g, None, None, h0, do, None, options=opts)
+    for a, b in zip(tc.backward(q, k, v, g, None, None, h0, do, None, kv_states=moved, options=opts), grads):
         assert rel_err(a.cpu(), b.cpu()) <= 1e-6
 
 
@@ -359,47 +346,44 @@ def steep_gates(x, start=0):
 @pytest.mark.parametrize("start", [0, 32])
 @pytest.mark.parametrize("tiles", [False, True])
 @pytest.mark.parametrize("segments", [None, 2])
-def test_per_key_gates_that_fall_steeply(small_chunks, monkeypatch, segments, tiles, start, reuse):
+def test_per_key_gates_that_fall_steeply(segments, tiles, start, reuse):
     """Gates whose chunk sums reach -1600: every kernel stays finite and matches float64 (the levels of the
     per-key factorisation; a single exp(b)·exp(-b) factorisation gives NaN here). start=32: only the second
     of two segments (tokens 32..44) is steep, so the first is left alone. reuse: the backward reads the
     forward's gate operands and steep marks (as the autograd op runs it)."""
-    monkeypatch.setattr(tc, "SEGMENTS", segments)
-    if tiles:   # K-tiles of 16 keys: the levels are found per tile
-        monkeypatch.setattr(tc, "CONFIG", {n: dict(block=16, num_warps=4, num_stages=2) for n in tc.CONFIG})
-        monkeypatch.setattr(tc, "CONFIG_PER_KEY", {})
+    # tiles: K-tiles of 16 keys, the levels are found per tile
     saved = check_forward_backward("g_per_key", 1, 45, 2, 32, 16, torch.float32, 1e-4, True, with_dht=True,
-                                   seed=31, reuse=reuse, edit=lambda x: steep_gates(x, start))
+                                   seed=31, reuse=reuse, edit=lambda x: steep_gates(x, start),
+                                   options=small(segments, tiles))
     assert not reuse or saved.operands.complete
 
 
-def test_sp_decomposition_equals_whole(small_chunks):
+def test_sp_decomposition_equals_whole():
     """Two segments through the SP pieces give the whole-sequence forward (the identity SP relies on)."""
     B, T, H, K, V = 1, 50, 2, 16, 16
     x = _to(make_inputs("g_scalar", B, T, H, K, V, torch.float64, seed=5), DEV, torch.float32)
     q, k, v, g, h0 = x["q"], x["k"], x["v"], x["g"], x["initial_state"]
-    o_all, _ = tc.forward(q, k, v, g, None, None, h0, False)
+    o_all, _ = tc.forward(q, k, v, g, None, None, h0, False, options=SMALL)
     c = 29
-    o1, _ = tc.forward(q[:, :c], k[:, :c], v[:, :c], g[:, :c], None, None, h0, False)
-    S1, a1 = tc.segment_state(k[:, :c], v[:, :c], g[:, :c])
+    o1, _ = tc.forward(q[:, :c], k[:, :c], v[:, :c], g[:, :c], None, None, h0, False, options=SMALL)
+    S1, a1 = tc.segment_state(k[:, :c], v[:, :c], g[:, :c], options=SMALL)
     P = a1.exp().unsqueeze(-1) * h0 + S1
-    o2, _ = tc.forward(q[:, c:], k[:, c:], v[:, c:], g[:, c:], None, None, None, False)
-    o2 = tc.add_prefix(o2, q[:, c:], g[:, c:], None, K ** -0.5, P)
+    o2, _ = tc.forward(q[:, c:], k[:, c:], v[:, c:], g[:, c:], None, None, None, False, options=SMALL)
+    o2 = tc.add_prefix(o2, q[:, c:], g[:, c:], None, K ** -0.5, P, options=SMALL)
     assert rel_err(torch.cat([o1, o2], 1).cpu(), o_all.cpu()) <= 1e-5
 
 
 @pytest.mark.parametrize("segments", [None, 3])
-def test_public_op_autograd(small_chunks, monkeypatch, segments):
+def test_public_op_autograd(segments):
     """chunk_linear_attention(backend="triton") with autograd against the torch backend (with 3 segments
     the backward reuses the forward's segment states)."""
-    monkeypatch.setattr(tc, "SEGMENTS", segments)
     x = make_inputs("g_per_key", 1, 40, 2, 16, 16, torch.float32, seed=9)
     outs = {}
     for backend in ("triton", "torch"):
         leaves = {n: (t.to(DEV).clone().requires_grad_() if t is not None else None) for n, t in x.items()}
         o, s = chunk_linear_attention(leaves["q"], leaves["k"], leaves["v"], leaves["g"], None,
                                       initial_state=leaves["initial_state"], output_final_state=True,
-                                      backend=backend)
+                                      backend=backend, options=small(segments))
         (o.square().sum() + s.sum()).backward()
         outs[backend] = [o, s] + [leaves[n].grad for n in ("q", "k", "v", "g", "initial_state")]
     for a, b in zip(outs["triton"], outs["torch"]):
@@ -407,41 +391,41 @@ def test_public_op_autograd(small_chunks, monkeypatch, segments):
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")   # the interpreter's bf16 (see the module docstring)
-def test_float16_per_key_gates_run_in_bf16(small_chunks, monkeypatch):
+def test_float16_per_key_gates_run_in_bf16():
     """float16 with per-key gates overflowed (kn = k⊙exp(−b) leaves float16's range once a gate falls below
     about −11 inside a chunk: NaN); every entry point now runs them in bf16 and returns float16. The interpreter
     miscomputes bf16, so this checks the routing; test_gpu_per_key_float16 checks the numbers."""
     x = _to(make_inputs("g_per_key", 1, 20, 1, 16, 16, torch.float64, seed=4), DEV, torch.float16)
     q, k, v, g = x["q"], x["k"], x["v"], x["g"].float()
     for name, call, outs in (
-            ("forward", lambda: tc.forward(q, k, v, g), (0,)),
-            ("backward", lambda: tc.backward(q, k, v, g, None, None, None, torch.ones_like(v), None), (0, 1, 2)),
-            ("segment_state", lambda: tc.segment_state(k, v, g), ()),
-            ("prefix_grad", lambda: tc.prefix_grad(q, g, None, None, torch.ones_like(v)), ())):
-        calls = record_calls(monkeypatch, name)
-        res = call()
-        inner = {n: t for n, t in calls[1].items() if t is not None}   # segment_state's q is optional
-        assert [t.dtype for n, t in inner.items() if n in ("q", "k", "v", "do")] == \
-            [torch.bfloat16] * sum(n in inner for n in ("q", "k", "v", "do")), name
+            ("forward", lambda: tc.forward(q, k, v, g, options=SMALL), (0,)),
+            ("backward", lambda: tc.backward(q, k, v, g, None, None, None, torch.ones_like(v), None, options=SMALL),
+             (0, 1, 2)),
+            ("segment_state", lambda: tc.segment_state(k, v, g, options=SMALL), ()),
+            ("prefix_grad", lambda: tc.prefix_grad(q, g, None, None, torch.ones_like(v), options=SMALL), ())):
+        with trace.record() as events:
+            res = call()
+        # the entry point's kernels ran on bf16 inputs
+        assert [e.info["dtype"] for e in events if e.name == name] == [torch.bfloat16], name
         assert all(res[i].dtype == torch.float16 for i in outs), name
     # scalar gates keep float16 (their factors stay ≤ 1)
-    calls = record_calls(monkeypatch, "forward")
-    tc.forward(q, k, v, g[..., 0])
-    assert len(calls) == 1
+    with trace.record() as events:
+        tc.forward(q, k, v, g[..., 0], options=SMALL)
+    assert [e.info["dtype"] for e in events if e.name == "forward"] == [torch.float16]
 
 
-def test_segment_plan_keeps_whole_waves(monkeypatch):
-    """A long sequence is cut into as many segments as keep at most PROGRAMS_PER_SM programs per SM, never one
+def test_segment_plan_keeps_whole_waves():
+    """A long sequence is cut into as many segments as keep at most programs_per_sm programs per SM, never one
     more (a last wave of few programs): 132 SMs, 32 programs a segment -> 16 segments (512 programs), not 17."""
-    monkeypatch.setattr(tc, "_num_sms", lambda device: 132)
+    opts = LinearKernelOptions(num_sms=132)
     dev = torch.device("cpu")
-    assert tc._segments(32, 1024, dev) == 16
-    assert tc._segments(64, 1024, dev) == 8 and tc._segments(256, 1024, dev) == 2
+    assert plan._segments(32, 1024, dev, opts) == 16
+    assert plan._segments(64, 1024, dev, opts) == 8 and plan._segments(256, 1024, dev, opts) == 2
     for programs in (1, 3, 7, 32, 100, 263):
-        ns = tc._segments(programs, 1 << 20, dev)
-        assert programs * ns <= tc.PROGRAMS_PER_SM * 132 < programs * (ns + 1)
-    assert tc._segments(264, 1024, dev) == 1             # SPLIT_BELOW programs per SM: no split
-    assert tc._segments(32, 40, dev) == 40 // tc.MIN_SEGMENT_CHUNKS   # no segment under MIN_SEGMENT_CHUNKS chunks
+        ns = plan._segments(programs, 1 << 20, dev, opts)
+        assert programs * ns <= opts.programs_per_sm * 132 < programs * (ns + 1)
+    assert plan._segments(264, 1024, dev, opts) == 1             # split_below programs per SM: no split
+    assert plan._segments(32, 40, dev, opts) == 40 // opts.min_segment_chunks   # no segment under min_segment_chunks
 
 
 def test_clear_errors():
@@ -451,7 +435,7 @@ def test_clear_errors():
     with pytest.raises(ValueError, match="head dims"):
         w = torch.randn(1, 8, 1, 24, device=DEV)
         tc.forward(w, w, w)
-    if not CUDA and not tc._interpreting():
+    if not CUDA and not plan._interpreting():
         with pytest.raises(ValueError, match="CUDA"):
             tc.forward(q, q, q)
 
@@ -466,12 +450,8 @@ def test_gpu_forward_backward(decay, dtype, tol):
     # dispatch refuses a learnable g_gamma on Triton, so it is not asked for here
     need_dg = decay != "g_gamma"
     for T, segments, reuse in ((1000, None, False), (777, 4, True)):   # reuse: as the autograd op runs it
-        tc.SEGMENTS = segments
-        try:
-            check_forward_backward(decay, 2, T, 3, 64, 64, dtype, tol, True, True, seed=T, need_dg=need_dg,
-                                   reuse=reuse)
-        finally:
-            tc.SEGMENTS = None
+        check_forward_backward(decay, 2, T, 3, 64, 64, dtype, tol, True, True, seed=T, need_dg=need_dg,
+                               reuse=reuse, options=LinearKernelOptions(segments=segments))
 
 
 @requires_cuda
@@ -487,3 +467,16 @@ def test_gpu_head_dim_128_long(decay):
     """The benchmark head size, a long single sequence (segment-parallel path chosen automatically)."""
     check_forward_backward(decay, 1, 4100, 2, 128, 128, torch.bfloat16, 1e-2, True, True, seed=1,
                            need_dg=decay != "g_gamma", reuse=True)
+
+
+def test_options_validate_themselves():
+    with pytest.raises(ValueError, match="chunk must be a power of two"):
+        LinearKernelOptions(chunk=24)
+    with pytest.raises(ValueError, match="segments must be None or a positive int"):
+        LinearKernelOptions(segments=0)
+    with pytest.raises(ValueError, match="unknown kernel 'fwdd'"):
+        LinearKernelOptions(config_per_key={"fwdd": dict(block=64)})
+    with pytest.raises(TypeError, match="options must be a LinearKernelOptions"):
+        tc.forward(*(torch.randn(1, 8, 1, 16, device=DEV),) * 3, options={"chunk": 16})
+    # the defaults are one value, equal to a fresh one
+    assert LinearKernelOptions() == LinearKernelOptions(chunk=64, chunk_per_key=64)

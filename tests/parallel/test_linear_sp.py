@@ -30,7 +30,7 @@ def reference(x, dos, dhts):
 
 
 def case(rank, world, method, layout, decay, dtype, use_state, backend="auto", dims=(2, 2, 4, 3), t_local=T_LOCAL,
-         learn_g_gamma=True, overlap=True, edit=None):
+         learn_g_gamma=True, overlap=True, edit=None, options=None):
     """Relative errors of this rank's results for one case (dims: B, H, K, V; edit changes the inputs first)."""
     B, H, K, V = dims
     x = make_inputs(decay, B, t_local * world, H, K, V, dtype, seed=world * 1000 + DECAYS.index(decay))
@@ -52,7 +52,8 @@ def case(rank, world, method, layout, decay, dtype, use_state, backend="auto", d
              for n, t in local.items()}
     o, s = linear_attention(local["q"], local["k"], local["v"], local["g"], local["g_gamma"],
                             initial_state=local["initial_state"], output_final_state=use_state,
-                            method=method, layout=layout, n_blocks=3, backend=backend, overlap=overlap)
+                            method=method, layout=layout, n_blocks=3, backend=backend, overlap=overlap,
+                            options=options)
     names = [n for n, t in local.items() if t is not None and t.requires_grad]
     outs, grads_out = [o], [sh(do)]
     if use_state:
@@ -119,9 +120,9 @@ def triton_sp_worker(rank, world):
     import importlib
     import os
     os.environ["TRITON_INTERPRET"] = "1"   # read when the kernel module is first imported (here)
-    tc = importlib.import_module("longscan.kernels.linear_attention.triton_chunk")
-    tc.CHUNK = tc.CHUNK_PER_KEY = 16
-    tc.SEGMENTS = 2
+    importlib.import_module("longscan.kernels.linear_attention.triton")
+    from longscan.kernels.linear_attention import LinearKernelOptions
+    opts = LinearKernelOptions(chunk=16, chunk_per_key=16, segments=2)
     results = {}
     for method in METHODS:
         for layout in LAYOUTS:
@@ -130,60 +131,53 @@ def triton_sp_worker(rank, world):
                     results[(method, layout, decay, overlap)] = case(
                         rank, world, method, layout, decay, torch.float32, True, backend="triton",
                         dims=(1, 2, 16, 16), t_local=64, learn_g_gamma=False,   # Triton refuses a learnable one
-                        overlap=overlap)
+                        overlap=overlap, options=opts)
     for overlap in (True, False):   # per-key gates that fall steeply inside chunks on both ranks (the levels)
         results[("zeco", "zigzag", "steep", overlap)] = case(
             rank, world, "zeco", "zigzag", "g_per_key", torch.float32, True, backend="triton", dims=(1, 2, 16, 16),
-            t_local=64, overlap=overlap, edit=steep_gates)
-    return results, pre_passes(tc, rank, world), checkpointed(tc, rank, world)
+            t_local=64, overlap=overlap, edit=steep_gates, options=opts)
+    return results, pre_passes(rank, world, opts), checkpointed(rank, world, opts)
 
 
-def pre_passes(tc, rank, world):
+def pre_passes(rank, world, opts):
     """Per-key gates: the pre-passes of one SP step, as (reads q, reads k, takes an earlier kd, writes the
     backward's factors), and its state passes (from the segment start: over (q, do)), for each overlap
-    setting."""
-    real, real_states = tc._gate_operands, tc._states
+    setting (the kernels' trace events)."""
+    from longscan.kernels import trace
     seen = {}
     for overlap in (True, False):
-        calls, states = [], []
-        seen[overlap] = calls, states
-
-        def counted(q, k, *args, kd=None, factors=False, **kwargs):
-            calls.append((q is not None, k is not None, kd is not None, factors))
-            return real(q, k, *args, kd=kd, factors=factors, **kwargs)
-
-        def counted_states(*args):
-            states.append("q, do" if args[-1] else "k, v")
-            return real_states(*args)
-        tc._gate_operands, tc._states = counted, counted_states
-        try:
+        with trace.record() as events:
             case(rank, world, "lasp2", "contiguous", "g_per_key", torch.float32, True, backend="triton",
-                 dims=(1, 2, 16, 16), t_local=64, overlap=overlap)
-        finally:
-            tc._gate_operands, tc._states = real, real_states
+                 dims=(1, 2, 16, 16), t_local=64, overlap=overlap, options=opts)
+        calls = [(e.info["q"], e.info["k"], e.info["kd"], e.info["factors"]) for e in events
+                 if e.name == "gate_operands"]
+        states = ["q, do" if e.info["from_start"] else "k, v" for e in events if e.name == "states"]
+        seen[overlap] = calls, states
     return seen
 
 
-def checkpointed(tc, rank, world):
+def checkpointed(rank, world, opts):
     """Per-key gates through torch.utils.checkpoint: -> (whether the gate operands the first forward kept were
     freed after it, without and with checkpointing; the gradients' largest relative difference between the two).
     The operands go through autograd's saved tensors, which checkpointing drops and recomputes."""
     import gc
     import weakref
     x = make_inputs("g_per_key", 1, 64 * world, 2, 16, 16, torch.float32, seed=23)
+    from longscan.kernels.linear_attention.triton import TritonBackend
     refs = []
-    forward = tc.forward
+    forward = TritonBackend.forward
 
-    def watched(*args, **kwargs):
-        out = forward(*args, **kwargs)
-        if kwargs.get("return_saved") and not refs:   # the first forward, not the recomputed one
+    def watched(self, *args, **kwargs):   # the backend's public forward, watched for what it keeps
+        out = forward(self, *args, **kwargs)
+        if kwargs.get("keep") and not refs:   # the first forward, not the recomputed one
             refs.append(weakref.ref(out[2].operands.qd))
         return out
-    tc.forward = watched
+    TritonBackend.forward = watched
     local = {n: shard(x[n], 1, None, "zigzag") for n in ("q", "k", "v", "g")}
 
     def loss(t):
-        o, _ = linear_attention(t["q"], t["k"], t["v"], t["g"], method="zeco", layout="zigzag", backend="triton")
+        o, _ = linear_attention(t["q"], t["k"], t["v"], t["g"], method="zeco", layout="zigzag", backend="triton",
+                                options=opts)
         return o.square().sum()
     grads, freed = [], []
     try:
@@ -196,7 +190,7 @@ def checkpointed(tc, rank, world):
             out.backward()
             grads.append([leaves[n].grad for n in local])
     finally:
-        tc.forward = forward
+        TritonBackend.forward = forward
     return freed, max(rel_err(a, b) for a, b in zip(*grads))
 
 
@@ -238,6 +232,7 @@ def bad_input_worker(rank, world):
         "n_blocks": lambda: linear_attention(q, k, v, n_blocks=0),
         "both gates": lambda: linear_attention(q, k, v, g=x["g"], g_gamma=torch.zeros(2)),
         "overlap": lambda: linear_attention(q, k, v, overlap="yes"),
+        "options": lambda: linear_attention(q, k, v, options={"chunk": 16}),
     }
     out = {}
     for name, fn in cases.items():
@@ -253,7 +248,8 @@ def test_bad_inputs_raise_on_every_rank():
     expected = {"lengths differ": "local length.*equal on every rank", "zigzag odd": "needs an even local length",
                 "method": "method must be one of", "layout": "layout must be one of",
                 "n_blocks": "n_blocks must be", "both gates": "at most one of g and g_gamma",
-                "overlap": "overlap must be True or False"}
+                "overlap": "overlap must be True or False",
+                "options": "options must be a LinearKernelOptions"}
     import re
     for rank, res in enumerate(run_distributed(bad_input_worker, 2)):
         for name, pattern in expected.items():

@@ -16,7 +16,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 
 import torch
 
-from longscan.kernels.linear_attention.torch_chunk import add_prefix, prefix_grad, segment_state
+from longscan.kernels.linear_attention.backend import TorchBackend, resolve_dht
 
 
 def _call(q, k, v, g, g_gamma, scale, h0, output_final_state):
@@ -67,4 +67,15 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True):
     return dq, dk, dv, dg, dh0.float()
 
 
-__all__ = ["forward", "backward", "segment_state", "add_prefix", "prefix_grad"]
+class FlaBackend(TorchBackend):
+    """fla's chunk kernels for forward and backward; the SP pieces are the torch backend's."""
+    name = "fla"
+
+    def forward(self, q, k, v, g, g_gamma, scale, initial_state, output_final_state, *, keep=False, saved=None):
+        return forward(q, k, v, g, g_gamma, scale, initial_state, output_final_state) + (None,)
+
+    def backward(self, q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True, *, saved=None, qdo=None):
+        return backward(q, k, v, g, g_gamma, scale, initial_state, do, resolve_dht(dht), need_dg)
+
+
+__all__ = ["forward", "backward", "FlaBackend"]

@@ -15,8 +15,8 @@ import torch
 from longscan.distributed.all_scan import serial_scan
 from longscan.distributed.layouts import num_segments, segment_ids, segment_owner
 from longscan.distributed.state_allgather import all_gather_states
-from longscan.parallel.linear.common import (SPLinearAttentionFunction, local_backward, local_pass, make_context,
-                                             merge, prefix_grads, reverse_beside_dq, segment_inputs)
+from longscan.parallel.linear.common import (LinearSPMethod, local_backward, local_pass, merge, prefix_grads,
+                                             reverse_beside_dq, run_method, segment_inputs)
 
 
 def _global_order(gathered: torch.Tensor, sp) -> torch.Tensor:
@@ -40,8 +40,8 @@ def _take(x: torch.Tensor, idx: list[int]) -> torch.Tensor:
     return torch.stack([x[i] for i in idx])
 
 
-def lasp2_forward(sp, q, k, v, g, g_gamma, initial_state, output_final_state):
-    """-> (o `[B, T, H, V]`, final state `[B, H, K, V]` or None, P `[n_local, B, H, K, V]`)."""
+def lasp2_forward(sp, q, k, v, g, g_gamma, initial_state, output_final_state, keep):
+    """-> (o `[B, T, H, V]`, final state `[B, H, K, V]` or None, P `[n_local, B, H, K, V]`, record)."""
     qs, ks, vs, gs, _ = segment_inputs(sp, q, k, v, g)
 
     def gather_and_scan(S, logd):
@@ -51,13 +51,13 @@ def lasp2_forward(sp, q, k, v, g, g_gamma, initial_state, output_final_state):
         carries, final = serial_scan(gathered[..., :-1], gathered[..., -1], initial_state)
         return _mine(carries, sp), final
 
-    o, (P, final) = local_pass(sp, qs, ks, vs, gs, g_gamma, gather_and_scan)
-    return merge(o, sp.n_local), (final if output_final_state else None), P
+    o, (P, final), record = local_pass(sp, qs, ks, vs, gs, g_gamma, gather_and_scan, keep)
+    return merge(o, sp.n_local), (final if output_final_state else None), P, record
 
 
-def lasp2_backward(sp, q, k, v, g, g_gamma, P, do, dfinal):
+def lasp2_backward(sp, q, k, v, g, g_gamma, P, do, dfinal, record):
     """-> (dq, dk, dv, dgate, dh0)."""
-    dP, logd, qdo = prefix_grads(sp, q, g, g_gamma, do)
+    dP, logd, qdo = prefix_grads(sp, q, g, g_gamma, do, record)
 
     def gather_and_scan_back():
         # Rows: this rank's segments, then its final-state gradient (the global one is the sum over ranks).
@@ -73,13 +73,16 @@ def lasp2_backward(sp, q, k, v, g, g_gamma, P, do, dfinal):
         R, _ = serial_scan(segs[..., :-1], segs[..., -1], dN, reverse=True)
         return _mine(R, sp)
 
-    return local_backward(sp, q, k, v, g, g_gamma, P, do, reverse_beside_dq(q.device, gather_and_scan_back), qdo)
+    return local_backward(sp, q, k, v, g, g_gamma, P, do, reverse_beside_dq(q.device, gather_and_scan_back), qdo,
+                          record)
+
+
+LASP2 = LinearSPMethod("lasp2", lasp2_forward, lasp2_backward)
 
 
 def lasp2_linear_attention(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None,
                            output_final_state=False, group=None, layout="contiguous", backend="auto",
-                           overlap=False):
+                           overlap=False, options=None):
     """Linear attention on this rank's shard with LASP-2. See ``longscan.parallel.linear_attention``."""
-    sp = make_context(q, k, v, g, g_gamma, scale, initial_state, "lasp2", group, layout, backend, 1, overlap)
-    return SPLinearAttentionFunction.apply(lasp2_forward, lasp2_backward, sp, q, k, v, g, g_gamma,
-                                           initial_state, output_final_state)
+    return run_method(LASP2, q, k, v, g, g_gamma, scale, initial_state, output_final_state, group, layout, backend,
+                      1, overlap, options)

@@ -11,35 +11,37 @@ backward: gradient of each segment's entering state from its outputs -> reverse 
 from __future__ import annotations
 
 from longscan.distributed.all_scan import all_scan
-from longscan.parallel.linear.common import (SPLinearAttentionFunction, all_reduce_sum, broadcast_from,
-                                             local_backward, local_pass, make_context, merge, prefix_grads,
-                                             reverse_beside_dq, segment_inputs)
+from longscan.parallel.linear.common import (LinearSPMethod, all_reduce_sum, broadcast_from, local_backward,
+                                             local_pass, merge, prefix_grads, reverse_beside_dq, run_method,
+                                             segment_inputs)
 
 
-def zeco_forward(sp, q, k, v, g, g_gamma, initial_state, output_final_state):
-    """-> (o `[B, T, H, V]`, final state `[B, H, K, V]` or None, P `[n_local, B, H, K, V]`)."""
+def zeco_forward(sp, q, k, v, g, g_gamma, initial_state, output_final_state, keep):
+    """-> (o `[B, T, H, V]`, final state `[B, H, K, V]` or None, P `[n_local, B, H, K, V]`, record)."""
     qs, ks, vs, gs, _ = segment_inputs(sp, q, k, v, g)
-    o, (P, last) = local_pass(sp, qs, ks, vs, gs, g_gamma,
-                              lambda S, a: all_scan(S, a, sp.group, sp.layout, sp.n_blocks, initial_state))
+    o, (P, last), record = local_pass(sp, qs, ks, vs, gs, g_gamma,
+                                      lambda S, a: all_scan(S, a, sp.group, sp.layout, sp.n_blocks, initial_state),
+                                      keep)
     final = broadcast_from(last, sp.last_owner, P[0], sp) if output_final_state else None
-    return merge(o, sp.n_local), final, P
+    return merge(o, sp.n_local), final, P, record
 
 
-def zeco_backward(sp, q, k, v, g, g_gamma, P, do, dfinal):
+def zeco_backward(sp, q, k, v, g, g_gamma, P, do, dfinal, record):
     """-> (dq, dk, dv, dgate, dh0)."""
-    dP, logd, qdo = prefix_grads(sp, q, g, g_gamma, do)
+    dP, logd, qdo = prefix_grads(sp, q, g, g_gamma, do, record)
     # Every rank returned the final state, so its gradient is the sum of every rank's copy's gradient.
     dN = all_reduce_sum(dfinal.to(dP.dtype), sp) if dfinal is not None else None
     R = reverse_beside_dq(q.device, lambda: all_scan(dP, logd, sp.group, sp.layout, sp.n_blocks, dN,
                                                      reverse=True)[0])
-    return local_backward(sp, q, k, v, g, g_gamma, P, do, R, qdo)
+    return local_backward(sp, q, k, v, g, g_gamma, P, do, R, qdo, record)
+
+
+ZECO = LinearSPMethod("zeco", zeco_forward, zeco_backward, uses_blocks=True)
 
 
 def zeco_linear_attention(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None,
                           output_final_state=False, group=None, layout="contiguous", backend="auto",
-                          n_blocks=4, overlap=False):
+                          n_blocks=4, overlap=False, options=None):
     """Linear attention on this rank's shard with ZeCO's All-Scan. See ``longscan.parallel.linear_attention``."""
-    sp = make_context(q, k, v, g, g_gamma, scale, initial_state, "zeco", group, layout, backend, n_blocks,
-                      overlap)
-    return SPLinearAttentionFunction.apply(zeco_forward, zeco_backward, sp, q, k, v, g, g_gamma,
-                                           initial_state, output_final_state)
+    return run_method(ZECO, q, k, v, g, g_gamma, scale, initial_state, output_final_state, group, layout, backend,
+                      n_blocks, overlap, options)

@@ -1,0 +1,150 @@
+"""Tuning options of the Triton linear-attention kernels, as one frozen value passed down every call.
+
+``LinearKernelOptions()`` is what the kernels use when a caller passes ``options=None``: the settings
+measured fastest (docs/benchmarks.md). Tests and tuning scripts pass their own value instead of changing
+module state, so two settings can run side by side in one process.
+"""
+from __future__ import annotations
+
+import dataclasses
+from types import MappingProxyType
+from typing import Mapping
+
+# Kernels whose launch settings the options hold: the forward, the state pass, the backward's dq, dk and dv
+# kernels, and the per-key gates' pre-pass without ("ops") and with ("ops_b") the backward's factors.
+KERNELS = ("fwd", "state", "dq", "dk", "dv", "ops", "ops_b")
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchConfig:
+    """One kernel's launch: tile (values for fwd/state/dv and the pre-pass's keys, keys for dq/dk), warps,
+    pipeline stages."""
+    block: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self):
+        for name in ("block", "num_warps", "num_stages"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"LaunchConfig.{name} must be a positive int, got {value!r}")
+        if self.block & (self.block - 1):
+            raise ValueError(f"LaunchConfig.block must be a power of two, got {self.block}")
+
+    def launch(self) -> dict:
+        """The keyword arguments of a Triton launch (the tile excluded)."""
+        return dict(num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+def _configs(table: Mapping, name: str) -> Mapping[str, LaunchConfig]:
+    """A read-only {kernel: LaunchConfig} from LaunchConfigs or dicts of their fields."""
+    out = {}
+    for kernel, cfg in table.items():
+        if kernel not in KERNELS:
+            raise ValueError(f"LinearKernelOptions.{name}: unknown kernel {kernel!r} (expected one of {KERNELS})")
+        out[kernel] = cfg if isinstance(cfg, LaunchConfig) else LaunchConfig(**cfg)
+    return MappingProxyType(out)
+
+
+# num_stages=1 miscompiled the dv kernel at tile 32 on an H100 with Triton 3.6 (wrong dv), so these settings
+# and benchmarks/tune_linear.py's sweep keep num_stages >= 2 for it.
+_CONFIG = {"fwd": LaunchConfig(64, 4, 2),
+           "state": LaunchConfig(128, 4, 3),
+           "dq": LaunchConfig(64, 4, 2),
+           "dk": LaunchConfig(128, 8, 3),
+           "dv": LaunchConfig(64, 4, 3),
+           "ops": LaunchConfig(64, 4, 1),
+           "ops_b": LaunchConfig(64, 4, 1)}
+# Per-key gates where they differ: their dk kernel also carries the gate gradient (smaller tiles, fewer
+# registers), and their forward and dv kernels build level 0's keys from kd, which halves their shared memory
+# so two programs share an SM at two stages.
+_CONFIG_PER_KEY = {"dk": LaunchConfig(64, 4, 2),
+                   "fwd": LaunchConfig(64, 4, 2),
+                   "dv": LaunchConfig(64, 4, 2)}
+# For bf16 inputs whose gate needs a gradient: how each (gate kind, kernel) keeps its state products in float32
+# precision, 1 tf32 or 2 two bf16 halves of the state (each kernel's faster one, docs/benchmarks.md).
+_STATE_PRODUCTS_BF16 = {(2, "dq"): 2, (2, "dk"): 1, (3, "dq"): 1, (3, "dk"): 2}
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearKernelOptions:
+    """How the Triton linear-attention kernels cut and launch their work (never what they compute).
+
+    chunk, chunk_per_key: tokens a chunk (no / scalar decay; per-key gates).
+    segments: force the number of sequence segments (None: from the SM count, as below).
+    split_below, programs_per_sm, min_segment_chunks: a sequence is cut into segments only when there are fewer
+      than split_below programs per SM, then into as many as keep at most programs_per_sm programs per SM, no
+      segment shorter than min_segment_chunks chunks (at most, not at least: no last wave of few programs).
+    num_sms: the SM count the segment plan assumes (None: the device's).
+    config, config_per_key: launch settings per kernel (config_per_key overrides config for per-key gates).
+    keep_gate_operands: per-key gates, a forward that a backward follows keeps its decayed operands and the
+      backward's factors (four tensors the size of q) so the backward runs no pre-pass of its own.
+    gate_grad_f32_state: state products of a gate-gradient backward in float32 precision (bf16 states miss its
+      tolerance); state_products_bf16 says how for bf16 inputs, per (gate kind, kernel).
+    """
+    chunk: int = 64
+    chunk_per_key: int = 64
+    segments: int | None = None
+    split_below: int = 2
+    programs_per_sm: int = 4
+    min_segment_chunks: int = 8
+    num_sms: int | None = None
+    config: Mapping[str, LaunchConfig] = dataclasses.field(default_factory=lambda: _CONFIG)
+    config_per_key: Mapping[str, LaunchConfig] = dataclasses.field(default_factory=lambda: _CONFIG_PER_KEY)
+    keep_gate_operands: bool = True
+    gate_grad_f32_state: bool = True
+    state_products_bf16: Mapping[tuple, int] = dataclasses.field(default_factory=lambda: _STATE_PRODUCTS_BF16)
+
+    def __post_init__(self):
+        for name in ("chunk", "chunk_per_key"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 16 or value & (value - 1):
+                raise ValueError(f"LinearKernelOptions.{name} must be a power of two >= 16, got {value!r}")
+        for name in ("split_below", "programs_per_sm", "min_segment_chunks"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"LinearKernelOptions.{name} must be a positive int, got {value!r}")
+        for name in ("segments", "num_sms"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"LinearKernelOptions.{name} must be None or a positive int, got {value!r}")
+        for name in ("keep_gate_operands", "gate_grad_f32_state"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"LinearKernelOptions.{name} must be True or False, got {getattr(self, name)!r}")
+        config = _configs(self.config, "config")
+        missing = [k for k in KERNELS if k not in config]
+        if missing:
+            raise ValueError(f"LinearKernelOptions.config needs a setting for every kernel; missing {missing}")
+        object.__setattr__(self, "config", config)
+        object.__setattr__(self, "config_per_key", _configs(self.config_per_key, "config_per_key"))
+        modes = dict(self.state_products_bf16)
+        if any(m not in (1, 2) for m in modes.values()):
+            raise ValueError(f"LinearKernelOptions.state_products_bf16 modes must be 1 or 2, got {modes}")
+        object.__setattr__(self, "state_products_bf16", MappingProxyType(modes))
+
+    def launch_config(self, kernel: str, per_key: bool) -> LaunchConfig:
+        """The launch settings of ``kernel`` (per_key: for per-key gates)."""
+        if per_key and kernel in self.config_per_key:
+            return self.config_per_key[kernel]
+        return self.config[kernel]
+
+    def chunk_for(self, per_key: bool) -> int:
+        return self.chunk_per_key if per_key else self.chunk
+
+    def with_blocks(self, block: int) -> LinearKernelOptions:
+        """Every kernel at tile ``block`` (4 warps, 2 stages) and no per-key overrides: small tiles, so that a
+        test splits K and V over several programs as a GPU's tiling does."""
+        tiles = {k: LaunchConfig(block, 4, 2) for k in KERNELS}
+        return dataclasses.replace(self, config=tiles, config_per_key={})
+
+
+DEFAULT = LinearKernelOptions()
+
+
+def resolve(options: LinearKernelOptions | None) -> LinearKernelOptions:
+    """``options``, or the defaults for None (TypeError for anything else)."""
+    if options is None:
+        return DEFAULT
+    if not isinstance(options, LinearKernelOptions):
+        raise TypeError(f"options must be a LinearKernelOptions or None, got {type(options).__name__}")
+    return options
