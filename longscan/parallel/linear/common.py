@@ -128,24 +128,6 @@ def all_reduce_sum(x: torch.Tensor, sp: SPContext) -> torch.Tensor:
     return x
 
 
-_checked_lengths: set = set()
-
-
-def check_same_local_length(T: int, sp, device) -> None:
-    """Every rank must hold the same local length. One tiny all-reduce per (group, T) seen. (The linear methods
-    check the whole call through longscan.distributed.checks; the delta-rule operators use this.)"""
-    key = (id(sp.group), T)
-    if sp.world == 1 or key in _checked_lengths:
-        return
-    t = torch.tensor([T, -T], dtype=torch.int64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=sp.group)
-    hi, lo = int(t[0]), -int(t[1])
-    if hi != lo:
-        raise ValueError(f"q.shape[1] (the local length) must be equal on every rank of the SP group; "
-                         f"got lengths from {lo} to {hi}")
-    _checked_lengths.add(key)
-
-
 def make_context(q, k, v, g, g_gamma, scale, initial_state, group, layout, backend, n_blocks, overlap=True,
                  options: LinearKernelOptions | None = None) -> SPContext:
     """Validate everything and build the SPContext (ValueError/TypeError naming the parameter)."""
