@@ -39,9 +39,12 @@ def load_at(rev: str):
     """The kernels' entry module as it was at git revision rev: that revision's longscan package is unpacked
     into a temporary directory and imported there, then the current longscan modules are put back (the old
     module keeps references to its own submodules)."""
-    root = tempfile.mkdtemp(prefix=f"longscan_{rev}_")
-    archive = subprocess.run(["git", "archive", rev, "longscan"], check=True, capture_output=True).stdout
-    tarfile.open(fileobj=io.BytesIO(archive)).extractall(root)
+    if os.path.isdir(os.path.join(rev, "longscan")):  # an unpacked tree (where the checkout has no git history)
+        root = rev
+    else:
+        root = tempfile.mkdtemp(prefix=f"longscan_{rev}_")
+        archive = subprocess.run(["git", "archive", rev, "longscan"], check=True, capture_output=True).stdout
+        tarfile.open(fileobj=io.BytesIO(archive)).extractall(root)
     name = next((m for m in ENTRY if os.path.exists(os.path.join(root, *m.split("."))) or
                  os.path.exists(os.path.join(root, *m.split(".")) + ".py")), None)
     if name is None:
@@ -73,7 +76,8 @@ def times(mod, x, kind):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--base", required=True, help="git revision to compare against")
+    ap.add_argument("--base", required=True,
+                    help="git revision to compare against, or a directory holding that revision's longscan/")
     ap.add_argument("--kinds", default="g_gamma,g,gk", help="decay kinds (benchmarks/kernels.py's names)")
     args = ap.parse_args()
     base = load_at(args.base)
