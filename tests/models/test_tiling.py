@@ -136,3 +136,86 @@ def test_rms_norm_backward_matches_autograd(shape, wshape):
     assert out[1].dtype == torch.float64 and out[2].shape == wshape
     for a, b in zip(out, ref):
         assert rel_err(a, b) < 1e-6
+
+
+def test_tiled_along_tensors_and_tuple_outputs():
+    """fn returning a tuple, with a table cut along the tokens like x (RoPE's cos/sin), tiled and whole."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(B, T, D, generator=g, dtype=torch.float64)
+    table = torch.randn(1, T, D, generator=g, dtype=torch.float64)
+    w = torch.randn(D, D, generator=g, dtype=torch.float64)
+    gys = [torch.randn(B, T, D, generator=g, dtype=torch.float64) for _ in range(2)]
+
+    def fn(xt, tt, wt):
+        y = xt @ wt.T
+        return y * tt, torch.tanh(y) + tt
+
+    def run(f):
+        xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+        ys = f(xr, wr)
+        torch.autograd.backward(ys, gys)
+        return [*(y.detach() for y in ys), xr.grad, wr.grad]
+    ref = run(lambda xr, wr: fn(xr, table, wr))
+    out = run(lambda xr, wr: tiled(fn, xr, (wr,), 5, along=(table,)))
+    for a, b in zip(out, ref):
+        assert rel_err(a, b) < 1e-12
+    with pytest.raises(ValueError, match="along"):
+        tiled(fn, x, (w,), 5, along=(table[:, :4],))
+
+
+MIXER_VARIANTS = ("linear", "lightning", "simple_gla", "gla")
+
+
+def _mixer_tiles(rank, world):
+    """Loss and every gradient of a small LLLN model with memory.mixer_tile against the same model untiled
+    (float64; the mixer stage kept and checkpointed), at TP = 2 and TP = 1."""
+    from megatron.core import parallel_state as ps
+
+    from longscan.models.args import MemoryOptions, ModelConfig
+    from longscan.models.model import HybridLM, SPSpec
+    from longscan.training.parallel import stage_config
+    out = {}
+    for tp in (2, 1):
+        ps.initialize_model_parallel(tensor_model_parallel_size=tp, create_gloo_process_groups=False)
+        for variant in MIXER_VARIANTS:
+            cfg = ModelConfig(dim=16, n_layers=4, pattern="LLLN", n_heads=4, n_kv_heads=2, linear_variant=variant,
+                              vocab_size=64)
+            tokens = torch.randint(0, 64, (2, 40), generator=torch.Generator().manual_seed(8))
+            for name, mem in (("whole", MemoryOptions()), ("tiled", MemoryOptions(mixer_tile=7)),
+                              ("tiled+ckpt", MemoryOptions("checkpoint", "checkpoint", mixer_tile=16))):
+                model = HybridLM(cfg, stage_config(tp, 1, 1, cfg.dim, torch.float32), SPSpec(linear_backend="torch"),
+                                 tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=tp, memory=mem).double()
+                with torch.no_grad():  # norm weights away from 1, so their gradients matter
+                    for n, p in model.named_parameters():
+                        if "norm" in n:
+                            p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(9),
+                                                     dtype=p.dtype))
+                loss = model(tokens, tokens)
+                loss.backward(torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).view_as(loss))
+                out[(tp, variant, name)] = [loss.detach()] + [p.grad.clone() for p in model.parameters()]
+        ps.destroy_model_parallel()
+    return out
+
+
+@pytest.fixture(scope="module")
+def mixer_tiles():
+    return run_distributed(_mixer_tiles, 2)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("variant", MIXER_VARIANTS)
+def test_mixer_tile_equals_untiled_model(mixer_tiles, tp, variant):
+    # the norms compute in float32 (by design): their weights' gradients, summed per tile here, agree to its round-off
+    for res in mixer_tiles:
+        ref = res[(tp, variant, "whole")]
+        for name in ("tiled", "tiled+ckpt"):
+            out = res[(tp, variant, name)]
+            assert len(out) == len(ref)
+            for a, b in zip(out, ref):
+                assert rel_err(a, b) < 1e-6, name
+
+
+def test_mixer_tile_refuses_the_delta_rule():
+    from longscan.training.config import ConfigError, load_config, validate
+    with pytest.raises(ConfigError, match="memory.mixer_tile = 64 needs a token-wise mixer"):
+        validate(load_config(None, ["model.linear_variant=deltanet", "memory.mixer_tile=64"]), 4)
