@@ -20,6 +20,7 @@ from longscan.training.memory import (GiB, Layout, check_capacity, estimate, est
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG_1B = os.path.join(REPO, "configs", "hybrid_1b_gpu.yaml")
+CONFIG_1M = os.path.join(REPO, "configs", "hybrid_1b_1m.yaml")
 VARIANTS = ("linear", "lightning", "simple_gla", "gla")
 T = 64
 
@@ -224,3 +225,17 @@ def test_benchmark_cpu_path_prints_its_table():
     rows = [line for line in out.stdout.splitlines() if line.startswith("| lightning | 64 |")]
     assert rows and rows[-1].endswith("| ok |")
     assert float(rows[-1].split("|")[3].replace(",", "")) > 0  # tokens/s
+
+
+def test_the_1m_config_fits_141gb_not_80gb():
+    """configs/hybrid_1b_1m.yaml: 1,048,576 tokens on one GPU with every memory option; the estimate (its 10%
+    margin in) is under an H200's memory and over an H100's, as docs/memory.md says; mixer_tile is what
+    brings it under."""
+    from longscan.training.config import validate
+    cfg = validate(load_config(CONFIG_1M), 1)
+    assert cfg.data.seq_len == 1 << 20 and cfg.parallel.sp == 1 and cfg.memory.mixer_tile > 0
+    assert check_capacity(cfg, 1, capacity_bytes=int(139.7 * GiB)) is not None
+    with pytest.raises(ConfigError, match="memory.mixer_tile"):
+        check_capacity(cfg, 1, capacity_bytes=int(79.1 * GiB))
+    untiled = validate(load_config(CONFIG_1M, ["memory.mixer_tile=0"]), 1)
+    assert estimate_config(untiled, 1).peak > estimate_config(cfg, 1).peak + 20 * GiB
