@@ -25,15 +25,18 @@ class _Tiled(torch.autograd.Function):
     def forward(ctx, fn, tile: int, autocast, n_along: int, x, *rest):
         enabled, dtype = autocast
         along, params = rest[:n_along], rest[n_along:]
-        outs, single = [], False
+        whole, single, T = None, False, x.shape[1]
         with torch.no_grad(), torch.autocast(x.device.type, dtype=dtype, enabled=enabled):
-            for s in range(0, x.shape[1], tile):
+            for s in range(0, T, tile):
                 y = fn(x[:, s:s + tile], *(a[:, s:s + tile] for a in along), *params)
                 single = not isinstance(y, tuple)
-                outs.append((y,) if single else y)
+                ys = (y,) if single else y
+                if whole is None:  # written in place: the tiles and the whole outputs are never held together
+                    whole = tuple(t.new_empty((t.shape[0], T, *t.shape[2:])) for t in ys)
+                for w, t in zip(whole, ys):
+                    w[:, s:s + tile] = t
         ctx.fn, ctx.tile, ctx.autocast, ctx.n_along = fn, tile, autocast, n_along
         ctx.save_for_backward(x, *rest)
-        whole = tuple(torch.cat(parts, dim=1) for parts in zip(*outs))
         return whole[0] if single else whole
 
     @staticmethod

@@ -218,7 +218,8 @@ def test_benchmark_cpu_path_prints_its_table():
     import sys
     _, path = _bench()
     out = subprocess.run([sys.executable, path, "--tiny", "--variants", "lightning", "--seq-lens", "64",
-                          "--steps", "1", "--warmup", "0", "memory.loss_chunk=16", "memory.mlp_tile=16"],
+                          "--steps", "1", "--warmup", "0", "memory.loss_chunk=16", "memory.mlp_tile=16",
+                          "memory.mixer_tile=16"],
                          capture_output=True, text=True, timeout=600, cwd=REPO,
                          env={**os.environ, "PYTHONPATH": REPO})
     assert out.returncode == 0, out.stderr[-3000:]
