@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from megatron.core.tensor_parallel.mappings import (copy_to_tensor_model_parallel_region,
                                                     reduce_from_tensor_model_parallel_region)
+from torch import nn
 
 from longscan.distributed.layouts import group_rank_size
 from longscan.kernels import delta_rule as local_delta

@@ -9,8 +9,8 @@ from torch import nn
 
 from longscan.models import sp_ops
 from longscan.models.norms import RMSNorm, rms_norm
-from longscan.models.tiling import tiled
 from longscan.models.rope import apply_rope
+from longscan.models.tiling import tiled
 from longscan.models.tp import column, row
 
 

@@ -9,7 +9,8 @@ the largest of three moments:
   gradient, or one chunk's logits);
 - each block's backward: the gradients of the blocks above it, the saved activations of the blocks below it,
   and its own transient (a checkpointed stage recomputed, the MLP's backward, one tile of it when tiled, the
-  kernels' gradient buffers), plus a few `[T, D]` float32 buffers of the residual stream's gradient.
+  kernels' gradient buffers; with tiled mixers one tile of their token-wise parts), plus a few `[T, D]`
+  float32 buffers of the residual stream's gradient.
 
 What a block saves depends on each stage's memory mode (none: everything its modules save; checkpoint: its
 float32 input; offload: nothing) and is multiplied by the microbatches the 1F1B schedule holds at once.
@@ -141,7 +142,8 @@ def _block(m: ModelConfig, kind: str, memory: MemoryOptions, whole_block: bool, 
     """(bytes a block holds from its forward to its backward, its backward's largest transient)."""
     D = m.dim
     tiled_mixer = memory.mixer_tile > 0
-    saved = {kind: saved_per_token(m, kind, tp, act, tiled_mixer) * N, "mlp": saved_per_token(m, "mlp", tp, act) * N}
+    saved = {kind: saved_per_token(m, kind, tp, act, tiled_mixer) * N,
+             "mlp": saved_per_token(m, "mlp", tp, act) * N}
     if memory.mlp_tile:  # the tiled MLP keeps its input only
         saved["mlp"] = 4 * D * N
     I, Ikv, F = m.n_heads * m.hd // tp, m.n_kv_heads * m.hd // tp, m.ffn // tp
@@ -153,8 +155,8 @@ def _block(m: ModelConfig, kind: str, memory: MemoryOptions, whole_block: bool, 
     else:  # dq, dk, dv
         mixer_bwd = act * (I + 2 * Ikv) * N
     if tiled_mixer:  # the output's gradient, and one tile of what the untiled parts would keep
-        rows_m = min(memory.mixer_tile, N)
-        mixer_bwd += act * I * N + (saved_per_token(m, kind, tp, act) - saved_per_token(m, kind, tp, act, True)) * rows_m
+        per_tile = saved_per_token(m, kind, tp, act) - saved_per_token(m, kind, tp, act, True)
+        mixer_bwd += act * I * N + per_tile * min(memory.mixer_tile, N)
     if whole_block:
         return 4 * D * N, saved[kind] + saved["mlp"] + max(mixer_bwd, mlp_bwd)
     held, transient = 0, 0
@@ -246,7 +248,8 @@ def check_capacity(cfg, world_size: int, capacity_bytes: int | None = None) -> E
         raise ConfigError(
             f"predicted peak memory {est.peak / GiB:.1f} GiB per GPU exceeds the device's {capacity_bytes / GiB:.1f} "
             f"GiB (data.seq_len = {d.seq_len} over parallel.sp = {p.sp}: {d.seq_len // p.sp} tokens a rank); "
-            "lower it with memory.loss_chunk, memory.mlp_tile, memory.mixer_tile, memory.linear_layers / softmax_layers / mlp = "
-            "checkpoint | offload, or a larger parallel.sp; memory.check_capacity=false tries anyway.\n"
+            "lower it with memory.loss_chunk, memory.mlp_tile, memory.mixer_tile, memory.linear_layers / "
+            "softmax_layers / mlp = checkpoint | offload, or a larger parallel.sp; memory.check_capacity=false "
+            "tries anyway.\n"
             + est.table())
     return est
