@@ -196,6 +196,19 @@ def _mixer_tiles(rank, world):
                 loss = model(tokens, tokens)
                 loss.backward(torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).view_as(loss))
                 out[(tp, variant, name)] = [loss.detach()] + [p.grad.clone() for p in model.parameters()]
+        # bf16 autocast (float32 weights), the MLP and the loss tiled too (megatron's layers take no CPU autocast
+        # backward): against the float32 step without mixer tiles
+        cfg = ModelConfig(dim=16, n_layers=4, pattern="LLLN", n_heads=4, n_kv_heads=2, vocab_size=64)
+        tokens = torch.randint(0, 64, (2, 40), generator=torch.Generator().manual_seed(11))
+        for name, mem, bf16 in (("whole", MemoryOptions(mlp_tile=7, loss_chunk=8), False),
+                                ("tiled", MemoryOptions("offload", "offload", mlp_tile=7, loss_chunk=8,
+                                                        mixer_tile=7), True)):
+            model = HybridLM(cfg, stage_config(tp, 1, 1, cfg.dim, torch.float32), SPSpec(linear_backend="torch"),
+                             tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=tp, memory=mem)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = model(tokens, tokens)
+            loss.mean().backward()
+            out[(tp, "bf16", name)] = [loss.detach()] + [p.grad.clone() for p in model.parameters()]
         # packed documents through softmax layers: per-row RoPE tables cut along the tiles, cu_seqlens
         cfg = ModelConfig(dim=16, n_layers=2, pattern="N", n_heads=4, n_kv_heads=2, vocab_size=64)
         tokens = torch.randint(0, 64, (2, 40), generator=torch.Generator().manual_seed(10))
@@ -214,6 +227,15 @@ def _mixer_tiles(rank, world):
 @pytest.fixture(scope="module")
 def mixer_tiles():
     return run_distributed(_mixer_tiles, 2)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_mixer_tile_under_bf16_autocast(mixer_tiles, tp):
+    """The tiled mixers under bf16 autocast, recomputed (offload) under it: the float32 step's loss and
+    gradients to bf16 round-off."""
+    for res in mixer_tiles:
+        for a, b in zip(res[(tp, "bf16", "tiled")], res[(tp, "bf16", "whole")]):
+            assert rel_err(a, b) < 3e-2
 
 
 @pytest.mark.parametrize("tp", [1, 2])
