@@ -9,6 +9,8 @@ caught, the step's memory freed, and the next length tried. ``--max`` searches t
     PYTHONPATH=. python benchmarks/train_memory.py memory.loss_chunk=8192 memory.mlp_tile=16384 \\
         memory.linear_layers=offload memory.softmax_layers=offload memory.mlp=offload \\
         schedule.activation_checkpointing=false --max
+    PYTHONPATH=. python benchmarks/train_memory.py --config configs/hybrid_1b_1m.yaml --variants lightning \
+        --seq-lens 262144 524288 786432 1048576 --steps 1 --breakdown        # the 1M config, every option on
     python benchmarks/train_memory.py --tiny --seq-lens 64 128                   # the CPU path (a tiny model)
 
 Overrides (section.key=value) apply to the config as in `longscan train`; parallel.* are forced to 1.
@@ -26,7 +28,7 @@ import torch.distributed as dist
 
 from longscan.models.model import HybridLM, SPSpec
 from longscan.training.config import load_config
-from longscan.training.memory import GiB, Layout, estimate
+from longscan.training.memory import Estimate, GiB, Layout, estimate
 from longscan.training.optim import build_adamw
 from longscan.training.parallel import init_groups, stage_config
 
@@ -45,6 +47,7 @@ def parse(argv):
     p.add_argument("--max-len", type=int, default=1 << 24, help="--max stops doubling here")
     p.add_argument("--granularity", type=int, default=8192, help="--max bisects to a multiple of this")
     p.add_argument("--tiny", action="store_true", help="a tiny model (the CPU path)")
+    p.add_argument("--breakdown", action="store_true", help="print the prediction's breakdown for each length")
     p.add_argument("overrides", nargs="*", help="section.key=value")
     a = p.parse_args(argv)
     if a.tiny:
@@ -87,11 +90,13 @@ class Runner:
         self.optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
-    def predicted(self, T: int) -> float:
+    def estimate(self, T: int) -> Estimate:
         c = self.cfg
-        est = estimate(c.model, Layout(seq_len=T), c.memory.options(), bf16=self.bf16,
-                       whole_block_checkpointing=c.schedule.activation_checkpointing)
-        return est.peak / GiB
+        return estimate(c.model, Layout(seq_len=T), c.memory.options(), bf16=self.bf16,
+                        whole_block_checkpointing=c.schedule.activation_checkpointing)
+
+    def predicted(self, T: int) -> float:
+        return self.estimate(T).peak / GiB
 
     def run(self, T: int, steps: int, warmup: int) -> dict:
         row = {"seq_len": T, "predicted": self.predicted(T)}
@@ -178,6 +183,8 @@ def main(argv=None) -> int:
             for T in args.seq_lens:
                 rows.append(dict(runner.run(T, args.steps, args.warmup), variant=variant))
                 print(table(rows[-1:]).splitlines()[-1], flush=True)
+                if args.breakdown:
+                    print(f"predicted at {T:,} tokens ({variant}):\n{runner.estimate(T).table()}", flush=True)
         del runner
         gc.collect()
         if device.type == "cuda":

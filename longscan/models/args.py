@@ -143,13 +143,15 @@ class MemoryOptions:
     """Tokens per tile of the sequence-tiled MLP (its norm included); 0: the MLP runs on the whole sequence."""
     loss_chunk: int = 0
     """Tokens per chunk of the cross entropy computed from the hidden states; 0: the whole `[T, vocab]` logits."""
+    mixer_tile: int = 0
+    """Tokens per tile of the mixers' token-wise parts (norm, projections, gates, output norm); 0: untiled."""
 
     def __post_init__(self):
         for name in ("linear_layers", "softmax_layers", "mlp"):
             if getattr(self, name) not in STAGE_MODES:
                 raise ValueError(f"memory.{name} = {getattr(self, name)!r} is not allowed; choose one of "
                                  f"{', '.join(STAGE_MODES)}")
-        for name in ("mlp_tile", "loss_chunk"):
+        for name in ("mlp_tile", "loss_chunk", "mixer_tile"):
             if getattr(self, name) < 0:
                 raise ValueError(f"memory.{name} must be >= 0 tokens (0 = off), got {getattr(self, name)}")
 

@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from megatron.core.tensor_parallel.mappings import (copy_to_tensor_model_parallel_region,
+                                                    reduce_from_tensor_model_parallel_region)
 from torch import nn
 
 from longscan.distributed.layouts import group_rank_size
 from longscan.kernels import delta_rule as local_delta
 from longscan.models import sp_ops
 from longscan.models.conv import ShortConvolution
-from longscan.models.norms import HeadRMSNorm
+from longscan.models.norms import HeadRMSNorm, RMSNorm, rms_norm
+from longscan.models.tiling import tiled
 from longscan.models.tp import column, row
 
 
@@ -63,6 +66,31 @@ class LinearAttention(nn.Module):
         self.out_norm = HeadRMSNorm(self.h, self.d, cfg.norm_eps)
         self.o_proj = row(inner, cfg.dim, mp, cfg.init_std, cfg.n_layers)
 
+    def _inputs(self, x, wq, wk, wv, wg=None):
+        """forward's q, k, v `[B, T, H, K]` and gate (None, `[B, T, H]` or `[B, T, H, K]`) from the projections'
+        input x and this rank's weights, as plain functions of them (for the tiled path)."""
+        B, T, _ = x.shape
+        q, k, v = (F.linear(x, w).view(B, T, self.h, self.d) for w in (wq, wk, wv))
+        g = None
+        if self.variant in ("linear", "lightning"):
+            q, k = F.silu(q), F.silu(k)  # positive features keep the un-normalised sums well behaved
+        elif self.variant == "simple_gla":
+            g = F.logsigmoid(F.linear(x, wg).float()) / self.normalizer
+        elif self.variant == "gla":
+            g = F.logsigmoid(F.linear(x, wg).float().view(B, T, self.h, self.d)) / self.normalizer
+        # g stays float32 under bf16 autocast: log decays summed over thousands of tokens need the precision
+        return q, k, v, g
+
+    def _attend(self, q, k, v, g):
+        g_gamma = self.g_gamma if self.variant == "lightning" else None
+        return sp_ops.linear_attention(q, k, v, g=g, g_gamma=g_gamma, method=self.sp.linear_method,
+                                       group=self.sp.group, layout=self.sp.layout, backend=self.sp.linear_backend,
+                                       overlap=self.sp.linear_overlap)
+
+    def _weights(self) -> list[torch.Tensor]:
+        ws = [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]
+        return ws + [self.g_proj.weight] if self.variant in ("simple_gla", "gla") else ws
+
     def forward(self, x):
         if self.variant in DELTA_VARIANTS:
             return self._delta_forward(x)
@@ -70,21 +98,41 @@ class LinearAttention(nn.Module):
         q = self.q_proj(x)[0].view(B, T, self.h, self.d)
         k = self.k_proj(x)[0].view(B, T, self.h, self.d)
         v = self.v_proj(x)[0].view(B, T, self.h, self.d)
-        g = g_gamma = None
+        g = None
         if self.variant in ("linear", "lightning"):
             q, k = F.silu(q), F.silu(k)  # positive features keep the un-normalised sums well behaved
-        if self.variant == "lightning":
-            g_gamma = self.g_gamma
         elif self.variant == "simple_gla":
             g = F.logsigmoid(self.g_proj(x)[0].float()) / self.normalizer
         elif self.variant == "gla":
             g = F.logsigmoid(self.g_proj(x)[0].float().view(B, T, self.h, self.d)) / self.normalizer
         # g stays float32 under bf16 autocast: log decays summed over thousands of tokens need the precision
-        o = sp_ops.linear_attention(q, k, v, g=g, g_gamma=g_gamma, method=self.sp.linear_method,
-                                    group=self.sp.group, layout=self.sp.layout, backend=self.sp.linear_backend,
-                                    overlap=self.sp.linear_overlap)
+        o = self._attend(q, k, v, g)
         o = self.out_norm(o.to(x.dtype))
         return self.o_proj(o.reshape(B, T, self.h * self.d))[0]
+
+    def tiled_with_norm(self, x: torch.Tensor, norm: RMSNorm, tile: int) -> torch.Tensor:
+        """self(norm(x)) with everything but the attention itself run ``tile`` tokens at a time: the norm and
+        the q/k/v/gate projections before it, the per-head output norm and the output projection after it.
+        Kept for the backward: x, q, k, v, the gate and the attention's output; the `[T, D]` norm output and
+        the `[T, H·K]` normalised output live for one tile. The TP collectives run once, outside the tiles."""
+        if self.variant in DELTA_VARIANTS:
+            raise ValueError(f"memory.mixer_tile does not support linear_variant={self.variant!r}: its short "
+                             "convolution mixes neighbouring tokens (set memory.mixer_tile=0)")
+        group, dtype = self.q_proj.tp_group, x.dtype
+        x = copy_to_tensor_model_parallel_region(x, group=group)
+        nw = copy_to_tensor_model_parallel_region(norm.weight, group=group)
+
+        def pre(xt, nw_, *ws):
+            out = self._inputs(rms_norm(xt, nw_, norm.eps), *ws)
+            return out if out[3] is not None else out[:3]
+        q, k, v, *g = tiled(pre, x, (nw, *self._weights()), tile)
+        o = self._attend(q, k, v, g[0] if g else None)
+
+        def post(ot, onw, wo):
+            n = rms_norm(ot.to(dtype), onw, self.out_norm.eps)
+            return F.linear(n.flatten(2), wo)
+        y = tiled(post, o, (self.out_norm.weight, self.o_proj.weight), tile)
+        return reduce_from_tensor_model_parallel_region(y, group=group)
 
     def _delta_forward(self, x):
         B, T, _ = x.shape

@@ -1,15 +1,19 @@
 """Sequence tiling of a token-wise function (TiledMLP of Arctic Long Sequence Training, arXiv 2506.13996).
 
 ``tiled(fn, x, params, tile)`` is ``fn(x, *params)`` for a function that treats every token on its own
-(an MLP, a norm): the forward runs it ``tile`` tokens at a time without keeping anything but x, and the
-backward recomputes it tile by tile and takes each tile's gradients before the next. A `[T, ffn]`
-intermediate is thus never held for the whole sequence, only for one tile.
+(an MLP, a norm, a mixer's projections): the forward runs it ``tile`` tokens at a time without keeping
+anything but x, and the backward recomputes it tile by tile and takes each tile's gradients before the
+next. A `[T, ffn]` intermediate is thus never held for the whole sequence, only for one tile. fn may return
+one tensor or a tuple of them (q, k, v, a gate), each `[B, T, ...]`; the whole-sequence outputs are held,
+nothing computed between x and them.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Sequence, Union
 
 import torch
+
+TileOut = Union[torch.Tensor, tuple[torch.Tensor, ...]]
 
 
 def _autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
@@ -18,21 +22,29 @@ def _autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
 
 class _Tiled(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, fn, tile: int, autocast, x, *params):
+    def forward(ctx, fn, tile: int, autocast, n_along: int, x, *rest):
         enabled, dtype = autocast
-        outs = []
+        along, params = rest[:n_along], rest[n_along:]
+        whole, single, T = None, False, x.shape[1]
         with torch.no_grad(), torch.autocast(x.device.type, dtype=dtype, enabled=enabled):
-            for s in range(0, x.shape[1], tile):
-                outs.append(fn(x[:, s:s + tile], *params))
-        ctx.fn, ctx.tile, ctx.autocast = fn, tile, autocast
-        ctx.save_for_backward(x, *params)
-        return torch.cat(outs, dim=1)
+            for s in range(0, T, tile):
+                y = fn(x[:, s:s + tile], *(a[:, s:s + tile] for a in along), *params)
+                single = not isinstance(y, tuple)
+                ys = (y,) if single else y
+                if whole is None:  # written in place: the tiles and the whole outputs are never held together
+                    whole = tuple(t.new_empty((t.shape[0], T, *t.shape[2:])) for t in ys)
+                for w, t in zip(whole, ys):
+                    w[:, s:s + tile] = t
+        ctx.fn, ctx.tile, ctx.autocast, ctx.n_along = fn, tile, autocast, n_along
+        ctx.save_for_backward(x, *rest)
+        return whole[0] if single else whole
 
     @staticmethod
-    def backward(ctx, grad_out):
-        x, *params = ctx.saved_tensors
+    def backward(ctx, *grad_outs):
+        x, *rest = ctx.saved_tensors
+        along, params = rest[:ctx.n_along], rest[ctx.n_along:]
         enabled, dtype = ctx.autocast
-        dx = torch.empty_like(x) if ctx.needs_input_grad[3] else None
+        dx = torch.empty_like(x) if ctx.needs_input_grad[4] else None
         wants = [p.requires_grad for p in params]
         dparams = [torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32)) if w else None
                    for p, w in zip(params, wants)]  # bf16 weights sum their tiles in float32
@@ -40,23 +52,32 @@ class _Tiled(torch.autograd.Function):
         for s in range(0, x.shape[1], ctx.tile):
             xt = x[:, s:s + ctx.tile].detach().requires_grad_(dx is not None)
             with torch.enable_grad(), torch.autocast(x.device.type, dtype=dtype, enabled=enabled):
-                y = ctx.fn(xt, *leaves)
+                y = ctx.fn(xt, *(a[:, s:s + ctx.tile] for a in along), *leaves)
+            ys = y if isinstance(y, tuple) else (y,)
             inputs = ([xt] if dx is not None else []) + [p for p in leaves if p.requires_grad]
-            grads = list(torch.autograd.grad(y, inputs, grad_out[:, s:s + ctx.tile]))
+            grads = torch.autograd.grad(ys, inputs, [g[:, s:s + ctx.tile] for g in grad_outs], allow_unused=True)
+            grads = [torch.zeros_like(i) if g is None else g for g, i in zip(grads, inputs)]
             if dx is not None:
                 dx[:, s:s + ctx.tile] = grads.pop(0)
             for i, w in enumerate(wants):
                 if w:
                     dparams[i] += grads.pop(0)
-        return (None, None, None, dx, *[d.to(p.dtype) if d is not None else None for d, p in zip(dparams, params)])
+        return (None, None, None, None, dx, *[None] * len(along),
+                *[d.to(p.dtype) if d is not None else None for d, p in zip(dparams, params)])
 
 
-def tiled(fn: Callable[..., torch.Tensor], x: torch.Tensor, params: Sequence[torch.Tensor], tile: int) -> torch.Tensor:
-    """fn(x, *params) computed ``tile`` tokens at a time along dim 1 of x `[B, T, ...]`, recomputed per tile in
-    the backward. fn must treat tokens independently and use no tensors that need gradients other than x and
-    ``params``."""
+def tiled(fn: Callable[..., TileOut], x: torch.Tensor, params: Sequence[torch.Tensor], tile: int,
+          along: Sequence[torch.Tensor] = ()) -> TileOut:
+    """fn(x, *along, *params) computed ``tile`` tokens at a time along dim 1 of x `[B, T, ...]`, recomputed per
+    tile in the backward. ``along``: tensors `[B or 1, T, ...]` that need no gradient (RoPE's tables), cut into
+    the same tiles as x. fn must treat tokens independently and use no tensors that need gradients other than
+    x and ``params``; it returns one tensor or a tuple of tensors `[B, T, ...]` (returned the same way)."""
     if tile <= 0:
         raise ValueError(f"tile must be a positive number of tokens, got {tile}")
+    for a in along:
+        if a.requires_grad or a.dim() < 2 or a.shape[1] != x.shape[1]:
+            raise ValueError(f"along: tensors [B or 1, T={x.shape[1]}, ...] without gradients expected, got "
+                             f"shape {tuple(a.shape)} (requires_grad={a.requires_grad})")
     if x.shape[1] <= tile:
-        return fn(x, *params)
-    return _Tiled.apply(fn, tile, _autocast_state(x.device.type), x, *params)
+        return fn(x, *along, *params)
+    return _Tiled.apply(fn, tile, _autocast_state(x.device.type), len(along), x, *along, *params)

@@ -4,7 +4,7 @@
   benchmarks/kernel_costs.py) times the work each rank does;
 - communication: the bytes formulas of longscan.observe.comm (what `longscan profile` measures) over an
   interconnect's bandwidth, plus its latency per message on each method's critical path;
-- memory: :func:`memory_per_gpu`, a small per-layer activation model;
+- memory: :func:`memory_per_gpu`, the memory estimator of longscan.training.memory;
 - the longest sequence that fits: the memory model searched like `longscan sweep --max`.
 """
 from __future__ import annotations
@@ -123,24 +123,12 @@ def layer_traffic(cfg, rank: int) -> dict[str, Traffic]:
 
 
 def memory_per_gpu(cfg) -> float:
-    """Bytes per GPU: weights, gradients and AdamW states (fp32: 16 B a parameter) of this rank's share, plus
-    activations of the microbatches 1F1B keeps in flight. A small model of its own, to be replaced by
-    longscan.training.memory where that estimator is present."""
-    m, p, d = cfg.model, cfg.parallel, cfg.data
-    e = _elem(cfg)
-    params = (matmul_flops_per_token(m) // 6 + m.dim * m.padded_vocab) / (p.tp * p.pp)
-    tokens = d.micro_batch_size * d.seq_len // p.sp
-    D, F = m.dim, m.ffn // p.tp
-    inner = m.n_heads * m.hd // p.tp
-    if cfg.schedule.activation_checkpointing:
-        per_layer = D * e                                   # the block input; the rest is recomputed
-    else:
-        # norms and residual (4D), q k v o and the normalised output (5·inner), SwiGLU's three F-wide tensors
-        per_layer = (4 * D + 5 * inner + 3 * F) * e
-    in_flight = min(p.pp, d.global_batch_size // (d.micro_batch_size * p.dp))
-    acts = tokens * per_layer * (m.n_layers // p.pp) * in_flight
-    logits = tokens * (m.padded_vocab // p.tp) * 4 * 2      # float32 logits and their gradient, last stage
-    return 16 * params + acts + logits
+    """Predicted peak bytes per GPU: longscan.training.memory's estimate for this config (the one `longscan
+    train` checks capacity with, its margin for what it does not model included). ``cfg`` must be validated
+    (parallel.dp filled)."""
+    from longscan.training.memory import estimate_config
+    p = cfg.parallel
+    return float(estimate_config(cfg, p.tp * p.pp * p.sp * p.dp, device_type="cuda").peak)
 
 
 @dataclass(frozen=True)

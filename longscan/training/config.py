@@ -260,6 +260,11 @@ class MemoryConfig:
     loss_chunk: int = 0
     """Tokens per chunk of the cross entropy computed from the hidden states (the `[T, vocab]` float32 logits
     are never held at once); 0 = the whole logits."""
+    mixer_tile: int = 0
+    """Tokens per tile of the mixers' token-wise parts: the norm, the q/k/v/gate projections (RoPE included),
+    the output norm and projection run one tile at a time, recomputed per tile in the backward; only the
+    attention's inputs and output are held for the whole sequence. 0 = untiled. Not for the delta-rule
+    variants (their short convolution mixes neighbouring tokens)."""
     check_capacity: bool = True
     """On CUDA, refuse to start when the predicted peak memory per GPU (longscan.training.memory) exceeds the
     device's memory; false: try anyway."""
@@ -271,12 +276,12 @@ class MemoryConfig:
         """This section's own checks (ConfigError naming the key)."""
         for name in ("linear_layers", "softmax_layers", "mlp"):
             _choice(f"memory.{name}", getattr(self, name), STAGE_MODES)
-        _at_least("memory", self, 0, "mlp_tile", "loss_chunk")
+        _at_least("memory", self, 0, "mlp_tile", "loss_chunk", "mixer_tile")
 
     def options(self) -> MemoryOptions:
         """The frozen options object the model reads."""
         return MemoryOptions(linear_layers=self.linear_layers, softmax_layers=self.softmax_layers, mlp=self.mlp,
-                             mlp_tile=self.mlp_tile, loss_chunk=self.loss_chunk)
+                             mlp_tile=self.mlp_tile, loss_chunk=self.loss_chunk, mixer_tile=self.mixer_tile)
 
 
 @dataclass
@@ -476,6 +481,9 @@ def validate(cfg: TrainConfig, world_size: int) -> TrainConfig:
     if cfg.schedule.activation_checkpointing and (mem.linear_layers, mem.softmax_layers, mem.mlp) != ("none",) * 3:
         raise ConfigError("schedule.activation_checkpointing checkpoints whole blocks; set it to false to use "
                           "memory.linear_layers / memory.softmax_layers / memory.mlp")
+    if mem.mixer_tile and "L" in m.pattern and m.linear_variant in ("deltanet", "gated_deltanet", "kda"):
+        raise ConfigError(f"memory.mixer_tile = {mem.mixer_tile} needs a token-wise mixer; model.linear_variant = "
+                          f"{m.linear_variant!r} has a short convolution over neighbouring tokens (set it to 0)")
     if d.pack_documents and "L" in m.pattern:
         raise ConfigError(f"data.pack_documents = true needs a model.pattern of softmax layers only (N); "
                           f"{m.pattern!r} has linear layers (L), whose kernels do not take documents yet")

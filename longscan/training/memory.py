@@ -9,7 +9,8 @@ the largest of three moments:
   gradient, or one chunk's logits);
 - each block's backward: the gradients of the blocks above it, the saved activations of the blocks below it,
   and its own transient (a checkpointed stage recomputed, the MLP's backward, one tile of it when tiled, the
-  kernels' gradient buffers), plus a few `[T, D]` float32 buffers of the residual stream's gradient.
+  kernels' gradient buffers; with tiled mixers one tile of their token-wise parts), plus a few `[T, D]`
+  float32 buffers of the residual stream's gradient.
 
 What a block saves depends on each stage's memory mode (none: everything its modules save; checkpoint: its
 float32 input; offload: nothing) and is multiplied by the microbatches the 1F1B schedule holds at once.
@@ -91,12 +92,17 @@ def stage_params(m: ModelConfig, layout: Layout, pp_rank: int = 0) -> int:
     return n
 
 
-def saved_per_token(m: ModelConfig, stage: str, tp: int, act: int) -> int:
+def saved_per_token(m: ModelConfig, stage: str, tp: int, act: int, mixer_tile: bool = False) -> int:
     """Bytes one stage saves for its backward per token with nothing checkpointed; stage: "L", "N" (mixers)
     or "mlp"; act: bytes of the activation dtype (2 under bf16 autocast, 4 in float32). The residual stream
-    and the norms are float32 in both."""
+    and the norms are float32 in both. mixer_tile: the mixers' token-wise parts tiled (memory.mixer_tile),
+    which keep the stage's input and what the attention itself keeps."""
     D, hd = m.dim, m.hd
     I, H = m.n_heads * hd // tp, m.n_heads // tp
+    if mixer_tile and stage == "L":  # x; q, k, v and the output; the float32 gate
+        return 4 * D + 4 * act * I + {"gla": 4 * I, "simple_gla": 4 * H}.get(m.linear_variant, 0)
+    if mixer_tile and stage == "N":  # x; cos/sin; q, k (after RoPE), v, the output; log-sum-exp
+        return 4 * D + 8 * hd + act * (2 * I + 2 * m.n_kv_heads * hd // tp) + 4 * H
     norm = 8 * D + 4  # its float32 input and output (the projections' input), 1/rms
     if stage == "mlp":
         return norm + 4 * act * (m.ffn // tp)  # w1 x, silu(w1 x), w3 x, their product
@@ -135,7 +141,9 @@ def _block(m: ModelConfig, kind: str, memory: MemoryOptions, whole_block: bool, 
            N: int) -> tuple[int, int]:
     """(bytes a block holds from its forward to its backward, its backward's largest transient)."""
     D = m.dim
-    saved = {kind: saved_per_token(m, kind, tp, act) * N, "mlp": saved_per_token(m, "mlp", tp, act) * N}
+    tiled_mixer = memory.mixer_tile > 0
+    saved = {kind: saved_per_token(m, kind, tp, act, tiled_mixer) * N,
+             "mlp": saved_per_token(m, "mlp", tp, act) * N}
     if memory.mlp_tile:  # the tiled MLP keeps its input only
         saved["mlp"] = 4 * D * N
     I, Ikv, F = m.n_heads * m.hd // tp, m.n_kv_heads * m.hd // tp, m.ffn // tp
@@ -146,6 +154,9 @@ def _block(m: ModelConfig, kind: str, memory: MemoryOptions, whole_block: bool, 
         mixer_bwd = 3 * act * I * N + (4 * I * N if m.linear_variant == "gla" else 0)
     else:  # dq, dk, dv
         mixer_bwd = act * (I + 2 * Ikv) * N
+    if tiled_mixer:  # the output's gradient, and one tile of what the untiled parts would keep
+        per_tile = saved_per_token(m, kind, tp, act) - saved_per_token(m, kind, tp, act, True)
+        mixer_bwd += act * I * N + per_tile * min(memory.mixer_tile, N)
     if whole_block:
         return 4 * D * N, saved[kind] + saved["mlp"] + max(mixer_bwd, mlp_bwd)
     held, transient = 0, 0
@@ -156,7 +167,9 @@ def _block(m: ModelConfig, kind: str, memory: MemoryOptions, whole_block: bool, 
             transient = max(transient, bwd)
         else:  # recomputed in the backward; offload brings its input back (and the one before ahead of use)
             held += 4 * D * N if mode == "checkpoint" else 0
-            transient = max(transient, saved[stage] + bwd + (2 * 4 * D * N if mode == "offload" else 0))
+            # what the recomputation saves less its input (the kept one itself, counted in held or brought back)
+            recomputed = saved[stage] - 4 * D * N
+            transient = max(transient, recomputed + bwd + (2 * 4 * D * N if mode == "offload" else 0))
     return held, transient
 
 
@@ -235,7 +248,8 @@ def check_capacity(cfg, world_size: int, capacity_bytes: int | None = None) -> E
         raise ConfigError(
             f"predicted peak memory {est.peak / GiB:.1f} GiB per GPU exceeds the device's {capacity_bytes / GiB:.1f} "
             f"GiB (data.seq_len = {d.seq_len} over parallel.sp = {p.sp}: {d.seq_len // p.sp} tokens a rank); "
-            "lower it with memory.loss_chunk, memory.mlp_tile, memory.linear_layers / softmax_layers / mlp = "
-            "checkpoint | offload, or a larger parallel.sp; memory.check_capacity=false tries anyway.\n"
+            "lower it with memory.loss_chunk, memory.mlp_tile, memory.mixer_tile, memory.linear_layers / "
+            "softmax_layers / mlp = checkpoint | offload, or a larger parallel.sp; memory.check_capacity=false "
+            "tries anyway.\n"
             + est.table())
     return est

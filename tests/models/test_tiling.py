@@ -3,6 +3,9 @@
 Float64: ``tiled`` against the plain function on random inputs (tiles that do not divide T, one tile, one
 token a tile), and SwiGLU.tiled_with_norm against SwiGLU(RMSNorm(x)) at TP = 1 and TP = 2 (two gloo
 processes, megatron-core's column/row layers): output, input gradient and every weight's gradient.
+The tiled mixers (memory.mixer_tile): a small LLLN model's loss and every gradient against the untiled model
+for each token-wise linear variant, at TP 1 and 2, with the mixer kept and checkpointed; and softmax layers
+with packed documents (per-row RoPE tables cut along the tiles).
 """
 from __future__ import annotations
 
@@ -136,3 +139,119 @@ def test_rms_norm_backward_matches_autograd(shape, wshape):
     assert out[1].dtype == torch.float64 and out[2].shape == wshape
     for a, b in zip(out, ref):
         assert rel_err(a, b) < 1e-6
+
+
+def test_tiled_along_tensors_and_tuple_outputs():
+    """fn returning a tuple, with a table cut along the tokens like x (RoPE's cos/sin), tiled and whole."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(B, T, D, generator=g, dtype=torch.float64)
+    table = torch.randn(1, T, D, generator=g, dtype=torch.float64)
+    w = torch.randn(D, D, generator=g, dtype=torch.float64)
+    gys = [torch.randn(B, T, D, generator=g, dtype=torch.float64) for _ in range(2)]
+
+    def fn(xt, tt, wt):
+        y = xt @ wt.T
+        return y * tt, torch.tanh(y) + tt
+
+    def run(f):
+        xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+        ys = f(xr, wr)
+        torch.autograd.backward(ys, gys)
+        return [*(y.detach() for y in ys), xr.grad, wr.grad]
+    ref = run(lambda xr, wr: fn(xr, table, wr))
+    out = run(lambda xr, wr: tiled(fn, xr, (wr,), 5, along=(table,)))
+    for a, b in zip(out, ref):
+        assert rel_err(a, b) < 1e-12
+    with pytest.raises(ValueError, match="along"):
+        tiled(fn, x, (w,), 5, along=(table[:, :4],))
+
+
+MIXER_VARIANTS = ("linear", "lightning", "simple_gla", "gla")
+
+
+def _mixer_tiles(rank, world):
+    """Loss and every gradient of a small LLLN model with memory.mixer_tile against the same model untiled
+    (float64; the mixer stage kept and checkpointed), at TP = 2 and TP = 1."""
+    from megatron.core import parallel_state as ps
+
+    from longscan.models.args import MemoryOptions, ModelConfig
+    from longscan.models.model import HybridLM, SPSpec
+    from longscan.training.parallel import stage_config
+    out = {}
+    for tp in (2, 1):
+        ps.initialize_model_parallel(tensor_model_parallel_size=tp, create_gloo_process_groups=False)
+        for variant in MIXER_VARIANTS:
+            cfg = ModelConfig(dim=16, n_layers=4, pattern="LLLN", n_heads=4, n_kv_heads=2, linear_variant=variant,
+                              vocab_size=64)
+            tokens = torch.randint(0, 64, (2, 40), generator=torch.Generator().manual_seed(8))
+            for name, mem in (("whole", MemoryOptions()), ("tiled", MemoryOptions(mixer_tile=7)),
+                              ("tiled+ckpt", MemoryOptions("checkpoint", "checkpoint", mixer_tile=16))):
+                model = HybridLM(cfg, stage_config(tp, 1, 1, cfg.dim, torch.float32), SPSpec(linear_backend="torch"),
+                                 tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=tp, memory=mem).double()
+                with torch.no_grad():  # norm weights away from 1, so their gradients matter
+                    for n, p in model.named_parameters():
+                        if "norm" in n:
+                            p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(9),
+                                                     dtype=p.dtype))
+                loss = model(tokens, tokens)
+                loss.backward(torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).view_as(loss))
+                out[(tp, variant, name)] = [loss.detach()] + [p.grad.clone() for p in model.parameters()]
+        # bf16 autocast (float32 weights), the MLP and the loss tiled too (megatron's layers take no CPU autocast
+        # backward): against the float32 step without mixer tiles
+        cfg = ModelConfig(dim=16, n_layers=4, pattern="LLLN", n_heads=4, n_kv_heads=2, vocab_size=64)
+        tokens = torch.randint(0, 64, (2, 40), generator=torch.Generator().manual_seed(11))
+        for name, mem, bf16 in (("whole", MemoryOptions(mlp_tile=7, loss_chunk=8), False),
+                                ("tiled", MemoryOptions("offload", "offload", mlp_tile=7, loss_chunk=8,
+                                                        mixer_tile=7), True)):
+            model = HybridLM(cfg, stage_config(tp, 1, 1, cfg.dim, torch.float32), SPSpec(linear_backend="torch"),
+                             tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=tp, memory=mem)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = model(tokens, tokens)
+            loss.mean().backward()
+            out[(tp, "bf16", name)] = [loss.detach()] + [p.grad.clone() for p in model.parameters()]
+        # packed documents through softmax layers: per-row RoPE tables cut along the tiles, cu_seqlens
+        cfg = ModelConfig(dim=16, n_layers=2, pattern="N", n_heads=4, n_kv_heads=2, vocab_size=64)
+        tokens = torch.randint(0, 64, (2, 40), generator=torch.Generator().manual_seed(10))
+        cu = [torch.tensor([0, 15, 40]), torch.tensor([0, 22, 31, 40])]
+        pos = torch.stack([torch.cat([torch.arange(n) for n in torch.diff(c).tolist()]) for c in cu])
+        for name, mem in (("whole", MemoryOptions()), ("tiled", MemoryOptions(mixer_tile=9))):
+            model = HybridLM(cfg, stage_config(tp, 1, 1, cfg.dim, torch.float32), SPSpec(softmax_backend="torch"),
+                             tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=tp, memory=mem).double()
+            loss = model(tokens, tokens, cu_seqlens=cu, doc_positions=pos)
+            loss.backward(torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).view_as(loss))
+            out[(tp, "documents", name)] = [loss.detach()] + [p.grad.clone() for p in model.parameters()]
+        ps.destroy_model_parallel()
+    return out
+
+
+@pytest.fixture(scope="module")
+def mixer_tiles():
+    return run_distributed(_mixer_tiles, 2)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_mixer_tile_under_bf16_autocast(mixer_tiles, tp):
+    """The tiled mixers under bf16 autocast, recomputed (offload) under it: the float32 step's loss and
+    gradients to bf16 round-off."""
+    for res in mixer_tiles:
+        for a, b in zip(res[(tp, "bf16", "tiled")], res[(tp, "bf16", "whole")]):
+            assert rel_err(a, b) < 3e-2
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("variant", MIXER_VARIANTS + ("documents",))
+def test_mixer_tile_equals_untiled_model(mixer_tiles, tp, variant):
+    # the norms compute in float32 (by design): their weights' gradients, summed per tile here, agree to its round-off
+    for res in mixer_tiles:
+        ref = res[(tp, variant, "whole")]
+        for name in ("tiled", "tiled+ckpt") if variant != "documents" else ("tiled",):
+            out = res[(tp, variant, name)]
+            assert len(out) == len(ref)
+            for a, b in zip(out, ref):
+                assert rel_err(a, b) < 1e-6, name
+
+
+def test_mixer_tile_refuses_the_delta_rule():
+    from longscan.training.config import ConfigError, load_config, validate
+    with pytest.raises(ConfigError, match="memory.mixer_tile = 64 needs a token-wise mixer"):
+        validate(load_config(None, ["model.linear_variant=deltanet", "memory.mixer_tile=64"]), 4)

@@ -75,7 +75,7 @@ def test_prefetch_brings_back_the_stage_before():
 
 OPTIONS = {
     "offload_all_tiled_chunked": {"linear_layers": "offload", "softmax_layers": "offload", "mlp": "offload",
-                                  "mlp_tile": 24, "loss_chunk": 40},
+                                  "mlp_tile": 24, "loss_chunk": 40, "mixer_tile": 12},
     "checkpoint_all": {"linear_layers": "checkpoint", "softmax_layers": "checkpoint", "mlp": "checkpoint"},
     "mixed": {"linear_layers": "offload", "softmax_layers": "checkpoint", "mlp_tile": 16, "loss_chunk": 7},
 }
