@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from longscan.models.model import HybridLM, SPSpec
+from longscan.observe.flops import device_peak_flops, mfu, step_flops
 from longscan.training.config import load_config
 from longscan.training.memory import Estimate, GiB, Layout, estimate
 from longscan.training.optim import build_adamw
@@ -115,7 +116,8 @@ class Runner:
                 loss = self._step(tokens)
             float(loss)  # waits for the last step
             dt = (time.perf_counter() - t0) / steps
-            row.update(status="ok", tokens_per_s=T / dt, loss=float(loss))
+            row.update(status="ok", tokens_per_s=T / dt, loss=float(loss),
+                       mfu=mfu(step_flops(self.cfg.model, 1, T), dt, 1, device_peak_flops(self.device)))
         except torch.OutOfMemoryError:
             row.update(status="OOM")
         finally:
@@ -157,10 +159,12 @@ def fmt(x, spec=".1f"):
 
 
 def table(rows: list[dict]) -> str:
-    out = ["| variant | seq len | tokens/s | max allocated GiB | max reserved GiB | predicted GiB | status |",
-           "| --- | --- | --- | --- | --- | --- | --- |"]
+    out = ["| variant | seq len | tokens/s | MFU | max allocated GiB | max reserved GiB | predicted GiB | status |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
+        m = r.get("mfu")
         out.append(f"| {r['variant']} | {r['seq_len']:,} | {fmt(r.get('tokens_per_s'), ',.0f')} | "
+                   f"{'—' if m is None else f'{100 * m:.1f}%'} | "
                    f"{fmt(r.get('allocated'), '.2f')} | {fmt(r.get('reserved'), '.2f')} | {r['predicted']:.2f} | "
                    f"{r['status']} |")
     return "\n".join(out)
