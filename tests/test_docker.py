@@ -51,7 +51,7 @@ def test_pins_satisfy_setup_constraints():
     reqs = {Requirement(r).name: Requirement(r) for r in kw["install_requires"]}
     reqs.update({Requirement(r).name: Requirement(r) for r in kw["extras_require"]["triton"]})
     pins = {"torch": _arg("TORCH_VERSION"), "triton": _arg("TRITON_VERSION")}
-    assert pins == {"torch": "2.11.0", "triton": "3.6.0"}  # the versions benchmarks/RESULTS.md used
+    assert pins == {"torch": "2.11.0", "triton": "3.6.0"}  # the versions docs/benchmarks.md used
     for name, version in pins.items():
         assert version in reqs[name].specifier, f"Dockerfile pins {name}=={version}; setup.py wants {reqs[name]}"
     base = re.search(r"^FROM nvidia/cuda:(\d+)\.(\d+)\.\d+-\w+-(ubuntu\d+\.\d+)$", _dockerfile(), re.M)

@@ -8,7 +8,7 @@ memory keeps it alone on an SM, is where a change can pay: the per-key dk kernel
 to 4 by storing dk before its gate terms, and the per-key forward from 131 KB of shared memory to 40 KB at one
 pipeline stage (in the benchmark record's git history), both found here and then timed on the GPU.
 
-The numbers are those of the installed Triton: install the GPU's version (3.6 on the lent H200) for numbers
+The numbers are those of the installed Triton: install the GPU's version (3.6 on the H100 and H200 of docs/benchmarks.md) for numbers
 that match it (they did at 7a27ade's settings: per-key forward 210 registers and 131,072 bytes of shared memory,
 dk 255 and 114,688, as the GPU reported).
 

@@ -1,6 +1,6 @@
 """The linear SP operators on a GPU (one-rank NCCL group: the CUDA stream path, the GPU kernels).
 
-Multi-rank NCCL runs need several GPUs (issue 6); this checks what one GPU can: every method and decay
+Multi-rank NCCL runs need several GPUs; this checks what one GPU can: every method and decay
 on the default (Triton) backend in bf16 and float32 against the float64 reference.
 """
 import os
