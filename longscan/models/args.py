@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from longscan.kernels.linear_attention.options import LinearKernelOptions
+
 # the last three are the delta rule (longscan.kernels.delta_rule): DeltaNet, Gated DeltaNet, KDA
 LINEAR_VARIANTS = ("linear", "lightning", "simple_gla", "gla", "deltanet", "gated_deltanet", "kda")
 LAYER_KINDS = {"L": "linear attention", "N": "softmax attention"}
@@ -105,7 +107,13 @@ class ParallelSection(Protocol):
 
 @dataclass(frozen=True)
 class SPSpec:
-    """How attention is split along the sequence: the SP group (megatron's context-parallel group)."""
+    """How attention is split along the sequence: the SP group (megatron's context-parallel group), and the
+    options every linear-attention layer hands its kernels.
+
+    ``linear_options``: the Triton linear-attention kernels' LinearKernelOptions (None: their defaults),
+    passed by every linear-attention layer to ``longscan.parallel.linear_attention`` or the local kernel. The
+    delta-rule variants (deltanet, gated_deltanet, kda) run other kernels and ignore it.
+    """
     group: Any = None
     layout: str = "zigzag"
     linear_method: str = "zeco"
@@ -113,13 +121,22 @@ class SPSpec:
     linear_backend: str = "auto"
     softmax_backend: str = "auto"
     linear_overlap: bool = False
+    linear_options: LinearKernelOptions | None = None
+
+    def __post_init__(self):
+        if self.linear_options is not None and not isinstance(self.linear_options, LinearKernelOptions):
+            raise TypeError(f"SPSpec.linear_options must be a LinearKernelOptions or None, got "
+                            f"{type(self.linear_options).__name__}")
 
     @classmethod
-    def from_config(cls, parallel: ParallelSection, group) -> "SPSpec":
-        """The spec of the parallel config section (``longscan.training.config.ParallelConfig``) over ``group``."""
+    def from_config(cls, parallel: ParallelSection, group,
+                    linear_options: LinearKernelOptions | None = None) -> "SPSpec":
+        """The spec of the parallel config section (``longscan.training.config.ParallelConfig``) over ``group``,
+        its linear layers' kernels run with ``linear_options`` (the kernels section's ``options()``)."""
         return cls(group=group, layout=parallel.layout, linear_method=parallel.linear_method,
                    softmax_method=parallel.softmax_method, linear_backend=parallel.linear_backend,
-                   softmax_backend=parallel.softmax_backend, linear_overlap=parallel.linear_overlap)
+                   softmax_backend=parallel.softmax_backend, linear_overlap=parallel.linear_overlap,
+                   linear_options=linear_options)
 
 
 STAGE_MODES = ("none", "checkpoint", "offload")

@@ -85,7 +85,7 @@ class LinearAttention(nn.Module):
         g_gamma = self.g_gamma if self.variant == "lightning" else None
         return sp_ops.linear_attention(q, k, v, g=g, g_gamma=g_gamma, method=self.sp.linear_method,
                                        group=self.sp.group, layout=self.sp.layout, backend=self.sp.linear_backend,
-                                       overlap=self.sp.linear_overlap)
+                                       overlap=self.sp.linear_overlap, options=self.sp.linear_options)
 
     def _weights(self) -> list[torch.Tensor]:
         ws = [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]

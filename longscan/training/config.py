@@ -1,6 +1,7 @@
 """Training configuration: YAML sections mapped onto dataclasses, ``key=value`` overrides, validation.
 
-A config file has the sections model, parallel, data, optimizer, schedule, checkpoint, logging, memory; any
+A config file has the sections model, parallel, data, optimizer, schedule, checkpoint, logging, memory,
+kernels; any
 missing section or key keeps its default. Unknown sections/keys are errors that name the allowed ones.
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ import yaml
 
 from longscan.distributed.layouts import LAYOUTS
 from longscan.kernels.linear_attention import BACKENDS as LINEAR_BACKENDS
+from longscan.kernels.linear_attention.options import LinearKernelOptions
 from longscan.kernels.softmax_attention import BACKENDS as SOFTMAX_BACKENDS
 from longscan.models.args import STAGE_MODES, MemoryOptions, ModelConfig
 from longscan.parallel.linear.common import METHODS as LINEAR_METHODS
@@ -285,6 +287,53 @@ class MemoryConfig:
 
 
 @dataclass
+class KernelsConfig:
+    """How the Triton linear-attention kernels cut their work and what they keep for the backward (never what
+    they compute; other backends and the delta-rule variants ignore it). See docs/linear_kernels.md."""
+    keep_gate_operands: bool = True
+    """Per-key gates (model.linear_variant = gla): the forward keeps its decayed operands and the backward's
+    factors (four tensors the size of q per layer) so the backward runs no pre-pass of its own; false: give
+    that memory back and recompute them in the backward."""
+    chunk: int = 64
+    """Tokens a chunk without decay or with a scalar decay (a power of two >= 16)."""
+    chunk_per_key: int = 64
+    """Tokens a chunk with per-key gates (a power of two >= 16)."""
+    segments: int = 0
+    """Force the number of sequence segments each sequence is cut into; 0 = the segment plan below decides."""
+    split_below: int = 2
+    """Cut sequences into segments only when there are fewer than this many programs per SM."""
+    programs_per_sm: int = 4
+    """Cut into as many segments as keep at most this many programs per SM."""
+    min_segment_chunks: int = 8
+    """No segment shorter than this many chunks."""
+    num_sms: int = 0
+    """The SM count the segment plan assumes; 0 = the device's."""
+    gate_grad_f32_state: bool = True
+    """State products of a gate-gradient backward in float32 precision (bf16 states miss its tolerance)."""
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """This section's own checks (ConfigError naming the key)."""
+        _at_least("kernels", self, 16, "chunk", "chunk_per_key")
+        _at_least("kernels", self, 1, "split_below", "programs_per_sm", "min_segment_chunks")
+        _at_least("kernels", self, 0, "segments", "num_sms")
+        self.options()
+
+    def options(self) -> LinearKernelOptions:
+        """The frozen options object every linear-attention layer passes to its kernels."""
+        try:
+            return LinearKernelOptions(
+                chunk=self.chunk, chunk_per_key=self.chunk_per_key, segments=self.segments or None,
+                split_below=self.split_below, programs_per_sm=self.programs_per_sm,
+                min_segment_chunks=self.min_segment_chunks, num_sms=self.num_sms or None,
+                keep_gate_operands=self.keep_gate_operands, gate_grad_f32_state=self.gate_grad_f32_state)
+        except (TypeError, ValueError) as e:   # its messages name LinearKernelOptions.<key>, the same keys
+            raise ConfigError(str(e).replace("LinearKernelOptions.", "kernels.")) from None
+
+
+@dataclass
 class TrainConfig:
     """Everything `longscan train` needs."""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -295,6 +344,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -305,7 +355,8 @@ class TrainConfig:
             self.model.validate()
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        for section in (self.parallel, self.data, self.optimizer, self.schedule, self.checkpoint, self.logging):
+        for section in (self.parallel, self.data, self.optimizer, self.schedule, self.checkpoint, self.logging,
+                        self.kernels):
             section.validate()
 
 

@@ -33,7 +33,7 @@ def test_overrides_are_typed_and_dotted():
 
 @pytest.mark.parametrize("overrides, world, message", [
     (["model.nlayers=3"], 1, "unknown config key 'model.nlayers'; allowed: "),
-    (["modle.dim=3"], 1, "unknown config key 'modle'; allowed: checkpoint, data, logging, memory, model"),
+    (["modle.dim=3"], 1, "unknown config key 'modle'; allowed: checkpoint, data, kernels, logging, memory, model"),
     (["model.dim=big"], 1, "model.dim must be an integer"),
     (["parallel.sp"], 1, "must look like section.key=value"),
     (["parallel.tp=3", "parallel.sp=1"], 3, "model.n_heads = 4 is not divisible by parallel.tp = 3"),
@@ -168,3 +168,50 @@ def test_sp_spec_from_the_parallel_config():
     spec = SPSpec.from_config(p, group)
     assert spec == SPSpec(group=group, layout="contiguous", linear_method="lasp2", softmax_method="allgather",
                           linear_backend="auto", softmax_backend="auto", linear_overlap=True)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["kernels.keep_gate_operands=no_thanks"], "kernels.keep_gate_operands must be true or false, got 'no_thanks'"),
+    (["kernels.gate_grad_f32_state=1"], "kernels.gate_grad_f32_state must be true or false, got 1"),
+    (["kernels.chunk=8"], "kernels.chunk must be >= 16, got 8"),
+    (["kernels.chunk_per_key=48"], "kernels.chunk_per_key must be a power of two >= 16, got 48"),
+    (["kernels.segments=-1"], "kernels.segments must be >= 0, got -1"),
+    (["kernels.num_sms=-4"], "kernels.num_sms must be >= 0, got -4"),
+    (["kernels.split_below=0"], "kernels.split_below must be >= 1, got 0"),
+    (["kernels.programs_per_sm=0"], "kernels.programs_per_sm must be >= 1, got 0"),
+    (["kernels.min_segment_chunks=0"], "kernels.min_segment_chunks must be >= 1, got 0"),
+    (["kernels.block=32"], "unknown config key 'kernels.block'; allowed: chunk, chunk_per_key, gate_grad_f32_state"),
+])
+def test_kernel_options_refuse_bad_values_naming_the_key(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    assert message in str(e.value)
+
+
+def test_kernel_options_changed_after_loading_are_checked_again():
+    cfg = load_config()
+    cfg.kernels.chunk = 96
+    with pytest.raises(ConfigError, match="kernels.chunk must be a power of two >= 16, got 96"):
+        validate(cfg, 4)
+
+
+def test_kernel_options_from_the_config():
+    from longscan.kernels.linear_attention import LinearKernelOptions
+    assert load_config().kernels.options() == LinearKernelOptions()
+    k = load_config(None, ["kernels.keep_gate_operands=false", "kernels.segments=3", "kernels.num_sms=132",
+                           "kernels.chunk=32", "kernels.chunk_per_key=16", "kernels.split_below=5",
+                           "kernels.programs_per_sm=6", "kernels.min_segment_chunks=2",
+                           "kernels.gate_grad_f32_state=false"]).kernels
+    assert k.options() == LinearKernelOptions(keep_gate_operands=False, segments=3, num_sms=132, chunk=32,
+                                              chunk_per_key=16, split_below=5, programs_per_sm=6,
+                                              min_segment_chunks=2, gate_grad_f32_state=False)
+
+
+def test_sp_spec_carries_the_kernel_options():
+    from longscan.models import SPSpec
+    cfg = load_config(None, ["kernels.keep_gate_operands=false"])
+    options = cfg.kernels.options()
+    assert SPSpec.from_config(cfg.parallel, None, options).linear_options is options
+    assert SPSpec.from_config(cfg.parallel, None).linear_options is None
+    with pytest.raises(TypeError, match="SPSpec.linear_options must be a LinearKernelOptions or None, got dict"):
+        SPSpec(linear_options={"keep_gate_operands": False})
