@@ -66,6 +66,14 @@ def _all(rank, world, root):
         out["model_change"] = None
     except Exception as e:
         out["model_change"] = (type(e).__name__, str(e))
+    # without resharding (the ZeRO engine's optimizer state), a TP change is refused, naming it
+    from longscan.training import checkpoint as ckpt
+    saved = ckpt.read_marker(ckpt.latest(os.path.join(root, "tp1")))["layout"]
+    try:
+        ckpt.select(os.path.join(root, "tp1"), dict(saved, tp=2, dp=1), reshard=False)
+        out["no_reshard"] = None
+    except Exception as e:
+        out["no_reshard"] = (type(e).__name__, str(e))
     return out
 
 
@@ -138,3 +146,9 @@ def test_pieces_cover_the_new_shard_from_the_saved_ones():
             assert torch.equal(mine, full.chunk(tp, dim=0)[rank]), (saved_tp, tp, rank)
     with pytest.raises(CheckpointMismatch, match="does not divide"):
         pieces(10, 4, 2, 0)
+
+
+def test_tp_change_without_resharding_is_refused(results):
+    for r in results:
+        name, msg = r["no_reshard"]
+        assert name == "CheckpointMismatch" and "parallel.tp: checkpoint 1, this run 2" in msg, msg
