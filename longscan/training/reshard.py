@@ -47,65 +47,61 @@ def pieces(full: int, saved_tp: int, tp: int, tp_rank: int) -> list[Piece]:
     return out
 
 
-def _select(t: torch.Tensor, dim: int, idx: slice) -> torch.Tensor:
+def _along(t: torch.Tensor, dim: int, idx: slice) -> torch.Tensor:
     return t[(slice(None),) * dim + (idx,)]
+
+
+def _sources(name: str, p: torch.Tensor, saved_tp: int, tp: int, tp_rank: int):
+    """-> (split dim or None, saved shard shape, [(saved key, piece or None for the whole tensor)])."""
+    dim = tp_split_dim(p)
+    if dim is None:  # replicated over TP (norm weights): one saved copy, as large as this rank's
+        return None, tuple(p.shape), [(name, None)]
+    full = p.shape[dim] * tp
+    shape = list(p.shape)
+    shape[dim] = full // saved_tp
+    return dim, tuple(shape), [(f"{name}@tp{pc.saved_rank}", pc) for pc in pieces(full, saved_tp, tp, tp_rank)]
 
 
 def load_resharded(path: str, marker: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                    tp: int, tp_rank: int) -> int:
     """Collective: fill this rank's parameters and AdamW state from checkpoint ``path`` written with the
-    TP size ``marker["layout"]["tp"]`` (any PP size); returns the step. The RNG state is not restored
-    (a rank's coordinates, and so the stream it would have, differ across the change)."""
+    TP size ``marker["layout"]["tp"]`` (any PP size); returns the step. The saved pieces are read into host
+    memory in one DCP read. The RNG state is not restored (a rank's coordinates, and so the stream it
+    would have had, differ across the change)."""
     saved_tp = int(marker["layout"]["tp"])
     reader = ckpt.VerifiedReader(path, marker["files"])
     saved = reader.read_metadata().state_dict_metadata
     reads: dict[str, torch.Tensor] = {"step": torch.zeros((), dtype=torch.int64)}
-    # (local tensor, split dim, [(piece, read key)]) to copy once the read is done
-    copies: list[tuple[torch.Tensor, int | None, list[tuple[Piece | None, str]]]] = []
+    copies: list[tuple[torch.Tensor, int | None, Piece | None, str]] = []
+    """(this rank's tensor, split dim, piece or None for the whole, read key): filled after the read."""
 
-    def want(key: str, like_shape: tuple[int, ...], dtype: torch.dtype) -> str:
+    def want(key: str, shape: tuple[int, ...], dtype: torch.dtype) -> str:
         md = saved.get(key)
         if md is None:
             raise ckpt.CheckpointMismatch(f"{path}: lacks {key!r}, which this run's model needs")
-        if tuple(md.size) != like_shape:
-            raise ckpt.CheckpointMismatch(f"{path}: {key!r} has shape {tuple(md.size)}, expected {like_shape} "
-                                          f"for TP {saved_tp}")
-        reads[key] = torch.empty(like_shape, dtype=dtype)
+        if tuple(md.size) != shape:
+            raise ckpt.CheckpointMismatch(f"{path}: {key!r} has shape {tuple(md.size)}, expected {shape} from "
+                                          f"this model split over the checkpoint's TP {saved_tp}")
+        reads[key] = torch.empty(shape, dtype=dtype)
         return key
 
     for name, p in model.named_parameters():
         st = optimizer.state[p]
-        if not st:
+        if not st:  # as a step would create it, then overwritten below
             st.update(step=torch.zeros((), dtype=torch.float32), exp_avg=torch.zeros_like(p),
                       exp_avg_sq=torch.zeros_like(p))
-        dim = tp_split_dim(p)
-        if dim is None:
-            keys = {t: f"{pre}/{name}{suf}" for t, pre, suf in
-                    (("param", "model", ""), ("exp_avg", "optim", "/exp_avg"), ("exp_avg_sq", "optim", "/exp_avg_sq"))}
-            for t, k in keys.items():
-                target = p.data if t == "param" else st[t]
-                copies.append((target, None, [(None, want(k, tuple(p.shape), target.dtype))]))
-            copies.append((st["step"], None, [(None, want(f"optim/{name}/step", (), st["step"].dtype))]))
-            continue
-        full = p.shape[dim] * tp
-        shape = list(p.shape)
-        shape[dim] = full // saved_tp
-        parts = pieces(full, saved_tp, tp, tp_rank)
-        for t in ("param",) + MOMENTS:
-            target = p.data if t == "param" else st[t]
-            suffix = "" if t == "param" else f"/{t}"
-            pre = "model" if t == "param" else "optim"
-            copies.append((target, dim, [(pc, want(f"{pre}/{name}@tp{pc.saved_rank}{suffix}", tuple(shape),
-                                                   target.dtype)) for pc in parts]))
-        step_key = f"optim/{name}@tp{parts[0].saved_rank}/step"
-        copies.append((st["step"], None, [(None, want(step_key, (), st["step"].dtype))]))
+        dim, shape, sources = _sources(name, p, saved_tp, tp, tp_rank)
+        for key, pc in sources:
+            for target, full_key in ((p.data, f"model/{key}"),
+                                     *((st[m], f"optim/{key}/{m}") for m in MOMENTS)):
+                copies.append((target, dim, pc, want(full_key, shape, target.dtype)))
+        step = sources[0][0]  # AdamW's step: the same in every saved piece
+        copies.append((st["step"], None, None, want(f"optim/{step}/step", (), st["step"].dtype)))
     dcp.load(reads, storage_reader=reader)
     with torch.no_grad():
-        for target, dim, srcs in copies:
-            for pc, key in srcs:
-                src = reads[key]
-                if pc is None:
-                    target.copy_(src)
-                else:
-                    _select(target, dim, pc.dst).copy_(_select(src, dim, pc.src))
+        for target, dim, pc, key in copies:
+            if pc is None:
+                target.copy_(reads[key])
+            else:
+                _along(target, dim, pc.dst).copy_(_along(reads[key], dim, pc.src))
     return int(reads["step"])
