@@ -14,7 +14,8 @@ complete one is tried.
 State keys: model parameters and their AdamW moments by parameter name (layers carry their global index,
 so names do not depend on the pipeline split), with ``@tp<r>`` appended for TP-sharded ones; tensors
 replicated over DP×SP (and over TP when not sharded) share a key and DCP writes them once; the RNG state
-is kept per global rank. Resume needs the same TP and PP sizes and model config; SP and DP may change.
+is kept per global rank. Resume needs the same model config; SP and DP may change freely, and a TP or
+PP change is resharded on load (reshard.py).
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ MARKER = "COMPLETE"
 FORMAT = 2
 METADATA_FILE = ".metadata"
 RESUME_LAYOUT_KEYS = ("tp", "pp")
-"""Parallel sizes a checkpoint's TP shards and pipeline split depend on; SP and DP may change on resume."""
+"""Parallel sizes a checkpoint's TP shards and pipeline split depend on: a change is resharded on load."""
 
 
 class CheckpointError(RuntimeError):
@@ -118,8 +119,16 @@ class VerifiedReader(FileSystemReader):
 
 
 # ------------------------------------------------------------------ state ----------------------------------
+def tp_split_dim(p: torch.Tensor) -> int | None:
+    """The dimension ``p`` is split along across TP ranks (megatron's ``partition_dim``), or None when
+    every TP rank holds the whole tensor. Saving, resharding (reshard.py) and export all read it here."""
+    if not getattr(p, "tensor_model_parallel", False):  # megatron marks its TP-split weights this way
+        return None
+    return int(p.partition_dim)
+
+
 def _key(name: str, p: torch.Tensor, tp_rank: int) -> str:
-    return f"{name}@tp{tp_rank}" if getattr(p, "tensor_model_parallel", False) else name
+    return name if tp_split_dim(p) is None else f"{name}@tp{tp_rank}"
 
 
 def training_state(model, optimizer, step: int, tp_rank: int, rank: int, materialize: bool = False) -> dict:
@@ -299,13 +308,13 @@ def layout_differences(saved: dict, current: dict) -> list[str]:
     return diffs
 
 
-def select(ckpt_dir: str, layout: dict) -> tuple[str | None, dict | None, list[str]]:
+def select(ckpt_dir: str, layout: dict, reshard: bool = True) -> tuple[str | None, dict | None, list[str]]:
     """Collective: the newest checkpoint whose files all match their checksums -> (path, marker, notes).
 
     Ranks verify disjoint slices of the files and agree on the result. ``notes`` name every skipped
-    candidate and its bad file. Raises CheckpointMismatch when the chosen checkpoint's TP/PP layout or
-    model config differs from ``layout``, and CheckpointError when candidates exist but none verifies.
-    (None, None, []) when there is nothing to resume from.
+    candidate and its bad file. Raises CheckpointMismatch when the chosen checkpoint's model config
+    differs from ``layout``'s, or (``reshard=False``) its TP/PP sizes do, and CheckpointError when
+    candidates exist but none verifies. (None, None, []) when there is nothing to resume from.
     """
     rank, world = dist.get_rank(), dist.get_world_size()
     listing = [complete(ckpt_dir) if rank == 0 else None]
@@ -325,10 +334,13 @@ def select(ckpt_dir: str, layout: dict) -> tuple[str | None, dict | None, list[s
             notes.append(f"skipping checkpoint {path}: {'; '.join(bad)}")
             continue
         diffs = layout_differences(marker["layout"], layout)
-        if diffs:
+        refused = [d for d in diffs if d.startswith("model.") or not reshard]
+        if refused:
+            may = ("SP, DP, TP and PP sizes may change on resume; the model config may not" if reshard else
+                   "SP and DP sizes may change on resume with this optimizer engine; TP, PP and the model config "
+                   "may not")
             raise CheckpointMismatch(f"cannot resume from {path}: it was written with a different layout or model "
-                                     f"({'; '.join(diffs)}). SP and DP sizes may change on resume; TP, PP and the "
-                                     "model config may not. Resume with the checkpoint's values, or set "
+                                     f"({'; '.join(refused)}). {may}. Resume with the checkpoint's values, or set "
                                      "checkpoint.resume=false checkpoint.overwrite=true to start over")
         return path, marker, notes
     if notes:
@@ -336,6 +348,11 @@ def select(ckpt_dir: str, layout: dict) -> tuple[str | None, dict | None, list[s
                               ". Restore the files, or set checkpoint.resume=false checkpoint.overwrite=true to start "
                               "over")
     return None, None, notes
+
+
+def needs_reshard(marker: dict, layout: dict) -> bool:
+    """True when checkpoint ``marker`` was written with other TP or PP sizes than ``layout``'s."""
+    return any(marker["layout"].get(k) != layout[k] for k in RESUME_LAYOUT_KEYS)
 
 
 def load(path: str, state: dict, marker: dict) -> int:

@@ -100,8 +100,11 @@ def gather_state(path: str, model_cfg: ModelConfig) -> tuple[dict[str, torch.Ten
             if not shards:
                 raise ExportError(f"checkpoint {path!r} has no parameter {name!r}: it was not trained with this "
                                   "model config (pass the training run's --config and model.* overrides)")
-            # megatron marks each TP-split weight with the dimension it is split along
-            full = torch.cat(shards, dim=p.partition_dim)
+            dim = ckpt.tp_split_dim(p)
+            if dim is None:
+                raise ExportError(f"checkpoint {path!r} holds TP shards of {name!r}, which this model config "
+                                  "does not split (pass the training run's --config and model.* overrides)")
+            full = torch.cat(shards, dim=dim)
         if full.shape != p.shape:
             raise ExportError(f"checkpoint {path!r}: parameter {name!r} has shape {tuple(full.shape)}, the config "
                               f"gives {tuple(p.shape)} (pass the training run's --config and model.* overrides)")

@@ -33,6 +33,7 @@ from longscan.training.metrics import MetricsLogger, Progress, memory_mb
 from longscan.training.optim import allreduce_grads, build_adamw, global_grad_norm, lr_at
 from longscan.training.packing import DocumentMicrobatch, DocumentPackedData
 from longscan.training.parallel import collective_timeout_s, init_groups, init_process_group, stage_config
+from longscan.training.reshard import load_resharded
 
 
 class TrainingDiverged(RuntimeError):
@@ -167,13 +168,21 @@ class Trainer:
 
     def _resume(self, ckpt_dir: str) -> None:
         r = self.ranks
-        path, marker, notes = ckpt.select(ckpt_dir, self.layout())
+        layout = self.layout()
+        # ZeRO partitions the optimizer state its own way: only torch's AdamW state is resharded
+        path, marker, notes = ckpt.select(ckpt_dir, layout, reshard=self.zero is None)
         if r.rank == 0:
             for n in notes:
                 print(f"longscan train: {n}", flush=True)
         if path is not None:
-            state = ckpt.training_state(self.model, self.optimizer, 0, r.tp_rank, r.rank, materialize=True)
-            self.step = ckpt.load(path, state, marker)
+            if ckpt.needs_reshard(marker, layout):
+                self.step = load_resharded(path, marker, self.model, self.optimizer, r.tp, r.tp_rank)
+                if self.ranks.is_log_rank:
+                    saved = marker["layout"]
+                    print(f"resharded {path}: TP {saved['tp']} -> {r.tp}, PP {saved['pp']} -> {r.pp}", flush=True)
+            else:
+                state = ckpt.training_state(self.model, self.optimizer, 0, r.tp_rank, r.rank, materialize=True)
+                self.step = ckpt.load(path, state, marker)
             self.run_id = marker.get("run_id") or self.run_id  # a resumed run prunes the checkpoints it resumed
             self.last_checkpoint = path
             if self.ranks.is_log_rank:
