@@ -119,8 +119,8 @@ def forward(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None, outpu
         if ht is not None:
             ht.copy_(initial_state if initial_state is not None else torch.zeros_like(ht))
         return (o, ht, None) if return_saved else (o, ht)
-    BV, cfg = _launch("fwd", V, GATE, opts)
-    seg, ns = (kv_states.seg, kv_states.n) if kv_states is not None else _split(B, H, T, V, C, GATE, q.device, opts)
+    BV, cfg = _launch("fwd", V, GATE, q.dtype, opts)
+    seg, ns = (kv_states.seg, kv_states.n) if kv_states is not None else _split(B, H, T, V, C, GATE, q.dtype, q.device, opts)
     h0 = initial_state.contiguous() if initial_state is not None else None
     keep = return_saved and opts.keep_gate_operands   # for the backward: its factors too
     ops = None
@@ -205,10 +205,10 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True,
         dh0.copy_(dht if dht is not None else torch.zeros_like(dh0))
         dg = torch.zeros_like(g_gamma if GATE == 1 else g) if need_dg else None
         return dq, dk, dv, dg, dh0
-    (BK, cq), (BKk, ck), (BV, cv) = (_launch("dq", K, GATE, opts), _launch("dk", K, GATE, opts),
-                                     _launch("dv", V, GATE, opts))
+    (BK, cq), (BKk, ck), (BV, cv) = (_launch("dq", K, GATE, q.dtype, opts), _launch("dk", K, GATE, q.dtype, opts),
+                                     _launch("dv", V, GATE, q.dtype, opts))
     given = [x for x in (kv_states, qdo_states) if x is not None]
-    seg, ns = (given[0].seg, given[0].n) if given else _split(B, H, T, V, C, GATE, dev, opts)
+    seg, ns = (given[0].seg, given[0].n) if given else _split(B, H, T, V, C, GATE, q.dtype, dev, opts)
     if any((x.seg, x.n) != (seg, ns) for x in given):
         raise ValueError("kv_states and qdo_states must come from the same segment plan")
     h0 = initial_state.contiguous() if initial_state is not None else None
@@ -305,7 +305,7 @@ def segment_state(k, v, g=None, g_gamma=None, return_saved=False, keep_prefixes=
         out = (torch.zeros(B, H, K, V, device=k.device, dtype=torch.float32),
                torch.zeros(B, H, K, device=k.device, dtype=torch.float32))
         return out + (None,) if return_saved else out
-    seg, ns = _split(B, H, T, V, C, GATE, k.device, opts)
+    seg, ns = _split(B, H, T, V, C, GATE, k.dtype, k.device, opts)
     ops = None
     if GATE == 3:   # the state reads the decayed keys
         with_q = return_saved and q is not None
@@ -345,7 +345,7 @@ def prefix_grad(q, g, g_gamma, scale, do, return_saved=False, kv_states: Forward
         out = torch.zeros(B, H, K, V, device=q.device, dtype=torch.float32)
         empty = StatePass(0, out.unsqueeze(2), torch.zeros(B, H, 1, K, device=q.device, dtype=torch.float32))
         return (out, empty) if return_saved else out
-    seg, ns = (kv_states.seg, kv_states.n) if kv_states is not None else _split(B, H, T, V, C, GATE, q.device, opts)
+    seg, ns = (kv_states.seg, kv_states.n) if kv_states is not None else _split(B, H, T, V, C, GATE, q.dtype, q.device, opts)
     if GATE == 3:   # the state reads the decayed queries
         ops = kv_states.operands if kv_states is not None else None
         if ops is None or ops.qd is None:
