@@ -190,6 +190,14 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True,
                                        kv_states, qdo_states, options=opts)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg, dh0
     B, T, H, K = q.shape
+    if g_gamma is not None and need_dg:
+        # The constant decay's gradient through the scalar-gate path, g = g_gamma at every token: its per-token
+        # dg summed over B and T (torch's pairwise sum) meets the float32 tolerance, while the constant-decay
+        # kernels' sum did not. The forward's and state passes' records fit: the same chunks and segments.
+        gs = g_gamma.float().expand(B, T, H).contiguous()
+        dq, dk, dv, dg, dh0 = backward(q, k, v, gs, None, scale, initial_state, do, dht, True, kv_states,
+                                       qdo_states, options=opts)
+        return dq, dk, dv, dg.sum((0, 1)).to(g_gamma.dtype), dh0
     V = v.shape[-1]
     scale = K ** -0.5 if scale is None else scale
     q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous().to(q.dtype)
@@ -265,14 +273,19 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True,
         _add_levels(2, ops.steep, seg, C, q, k, v, gt, scale, do=do, dk=dk, dv=dv)
     if not need_dg:
         return dq, dk, dv, None, dh0
+    # Without an initial state the first token's gate multiplies a zero state: its dg is exactly 0, which the
+    # kernels form as the sum of every token's q-side minus k-side terms, cancelling only to round-off.
     if GATE == 3:
+        if initial_state is None:
+            gq[:, 0] = 0
         return dq, dk, dv, gq.to(g.dtype), dh0
     # scalar gates: dL/dA_t = Σ_tiles (q-side − k-side); dg_s = Σ_{t≥s} dL/dA_t (+ the final-state term)
     dgl = _reverse_cumsum(gq.sum(-1) - gk.sum(-1), 1)                                # [B, T, H]
     if term is not None:
         dgl = dgl + term.sum(-1).unsqueeze(1)
-    dg = dgl.sum((0, 1)).to(g_gamma.dtype) if GATE == 1 else dgl.to(g.dtype)
-    return dq, dk, dv, dg, dh0
+    if initial_state is None:
+        dgl[:, 0] = 0
+    return dq, dk, dv, dgl.to(g.dtype), dh0   # (g_gamma's gradient took the scalar-gate path above)
 
 
 def segment_state(k, v, g=None, g_gamma=None, return_saved=False, keep_prefixes=False, q=None, factors=False,
@@ -388,10 +401,8 @@ class TritonBackend:
     their options. Its records are :class:`StatePass` (segment_state, prefix_grad) and :class:`ForwardRecord`
     (forward)."""
     name = "triton"
-    # The gradient of g_gamma is a token-weighted sum over the whole sequence of nearly cancelling terms: in bf16
-    # it missed the 1e-2 tolerance on a GPU even with float32 state products, so the dispatch refuses a g_gamma
-    # that requires grad here (the models keep g_gamma a fixed buffer).
-    supports_g_gamma_grad = False
+    # g_gamma's gradient runs through the scalar-gate kernels (backward says why)
+    supports_g_gamma_grad = True
 
     def __init__(self, options: LinearKernelOptions | None = None):
         self.options = resolve(options)
