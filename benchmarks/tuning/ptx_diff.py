@@ -7,7 +7,7 @@ Compiles the forward, state, dq, dk and dv kernels (and the per-key gates' pre-p
 state-product modes the dispatch picks (benchmarks/tuning/kernel_resources.py: gates with their gradient, the
 constant decay without), for each decay kind, in bf16 (or --dtype fp16) at head dims --dims.
 
-    PYTHONPATH=. python benchmarks/tuning/ptx_diff.py --base HEAD~1 [--kinds none,g_gamma,g,gk] [--states]
+    PYTHONPATH=. python benchmarks/tuning/ptx_diff.py --base HEAD~1 [--kinds none,g_gamma,g,gk] [--kernels fwd,dq] [--states]
 
 --base takes a git revision of this repository or a directory holding an unpacked earlier longscan/. Prints one
 line a kernel ("same" or "CHANGED" with the number of differing lines) and exits 1 when any changed.
@@ -45,11 +45,11 @@ def normalise(ptx: str) -> list[str]:
     return out
 
 
-def cases(kinds: list[str], states: bool) -> list[tuple[str, str, bool]]:
+def cases(kinds: list[str], kernels: list[str], states: bool) -> list[tuple[str, str, bool]]:
     """(kind, kernel, with states) to compile; the pre-pass for per-key gates only, states where a kernel takes them."""
     out = []
     for kind in kinds:
-        for name in KERNELS:
+        for name in kernels:
             if name.startswith("ops") and kind != "gk":
                 continue
             out.append((kind, name, False))
@@ -100,6 +100,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--base", help="git revision or directory with an earlier longscan/")
     ap.add_argument("--kinds", default=",".join(KINDS), help=f"decay kinds, of {KINDS}")
+    ap.add_argument("--kernels", default=",".join(KERNELS), help=f"of {KERNELS}")
     ap.add_argument("--dtype", default="bf16", help=f"the inputs' dtype, of {DTYPES}")
     ap.add_argument("--dims", type=int, default=128, help="head dims K = V")
     ap.add_argument("--states", action="store_true", help="also with entering and leaving states")
@@ -111,26 +112,27 @@ def main():
         return
     if not args.base:
         raise SystemExit("--base: give the git revision or directory to compare against")
-    kinds = args.kinds.split(",")
-    for k in kinds:
-        if k not in KINDS:
-            raise SystemExit(f"--kinds: unknown kind {k!r}, expected one of {KINDS}")
+    kinds, kernels = args.kinds.split(","), args.kernels.split(",")
+    for flag, values, known in (("--kinds", kinds, KINDS), ("--kernels", kernels, KERNELS)):
+        for x in values:
+            if x not in known:
+                raise SystemExit(f"{flag}: unknown {flag[2:-1]} {x!r}, expected one of {known}")
     if args.dtype not in DTYPES:
         raise SystemExit(f"--dtype: expected one of {DTYPES} (the earlier kernels' options may have no float32 "
                          f"settings), got {args.dtype!r}")
     if args.dims not in (16, 32, 64, 128):
         raise SystemExit(f"--dims: expected one of (16, 32, 64, 128), got {args.dims}")
-    todo = cases(kinds, args.states)
+    todo = cases(kinds, kernels, args.states)
     with tempfile.TemporaryDirectory() as d:
         trees = {"base": base_tree(args.base, d), "here": ROOT}
         for side, tree in trees.items():
-            os.makedirs(os.path.join(d, side))
-            dump(tree, todo, args.dtype, args.dims, os.path.join(d, side))
+            os.makedirs(os.path.join(d, f"ptx-{side}"))
+            dump(tree, todo, args.dtype, args.dims, os.path.join(d, f"ptx-{side}"))
         changed = 0
         print(f"# {args.dtype}, head dims {args.dims}, base {args.base}")
         for kind, name, states in todo:
             fname = f"{kind}-{name}{'-states' if states else ''}.ptx"
-            a, b = (normalise(open(os.path.join(d, side, fname)).read()) for side in ("base", "here"))
+            a, b = (normalise(open(os.path.join(d, f"ptx-{side}", fname)).read()) for side in ("base", "here"))
             diff = [x for x in difflib.unified_diff(a, b, lineterm="", n=0) if x[:1] in "+-" and x[:3] not in ("+++", "---")]
             label = f"{kind:8s} {name:5s}{' states' if states else '       '}"
             print(f"{label} {'same' if not diff else f'CHANGED ({len(diff)} lines)'}  ({len(b)} lines)", flush=True)
