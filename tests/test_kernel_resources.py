@@ -49,7 +49,8 @@ def test_ptx_diff_finds_the_kernel_whose_launch_changed(tmp_path):
     opts = tmp_path / "longscan/kernels/linear_attention/options.py"
     src = opts.read_text()
     assert '_CONFIG = {"fwd": LaunchConfig(64, 4, 2),' in src
-    opts.write_text(src.replace('_CONFIG = {"fwd": LaunchConfig(64, 4, 2),', '_CONFIG = {"fwd": LaunchConfig(64, 4, 3),'))
+    opts.write_text(src.replace('_CONFIG = {"fwd": LaunchConfig(64, 4, 2),',
+                                '_CONFIG = {"fwd": LaunchConfig(64, 4, 3),'))
     out = run_ptx_diff("--base", str(tmp_path), "--kinds", "none", "--kernels", "fwd,dv")
     assert out.returncode == 1, out.stderr[-2000:]
     assert re.search(r"none\s+fwd\s+CHANGED", out.stdout), out.stdout

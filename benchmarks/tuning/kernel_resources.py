@@ -155,7 +155,8 @@ def main():
     if plan._interpreting():
         raise SystemExit("kernel_resources.py compiles the kernels: unset TRITON_INTERPRET")
     kinds, names = args.kinds.split(","), args.kernels.split(",")
-    for flag, values, known in (("--kinds", kinds, KINDS), ("--kernels", names, KERNELS), ("--dtype", [args.dtype], DTYPES)):
+    for flag, values, known in (("--kinds", kinds, KINDS), ("--kernels", names, KERNELS),
+                                ("--dtype", [args.dtype], DTYPES)):
         for x in values:
             if x not in known:   # before any compiling
                 raise SystemExit(f"{flag}: unknown {flag[2:].rstrip('s')} {x!r}, expected one of {sorted(known)}")

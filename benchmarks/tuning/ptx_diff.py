@@ -7,7 +7,8 @@ Compiles the forward, state, dq, dk and dv kernels (and the per-key gates' pre-p
 state-product modes the dispatch picks (benchmarks/tuning/kernel_resources.py: gates with their gradient, the
 constant decay without), for each decay kind, in bf16 (or --dtype fp16) at head dims --dims.
 
-    PYTHONPATH=. python benchmarks/tuning/ptx_diff.py --base HEAD~1 [--kinds none,g_gamma,g,gk] [--kernels fwd,dq] [--states]
+    PYTHONPATH=. python benchmarks/tuning/ptx_diff.py --base HEAD~1 [--kinds none,g_gamma,g,gk] [--kernels fwd,dq]
+        [--states]
 
 --base takes a git revision of this repository or a directory holding an unpacked earlier longscan/. Prints one
 line a kernel ("same" or "CHANGED" with the number of differing lines) and exits 1 when any changed.
@@ -133,7 +134,8 @@ def main():
         for kind, name, states in todo:
             fname = f"{kind}-{name}{'-states' if states else ''}.ptx"
             a, b = (normalise(open(os.path.join(d, f"ptx-{side}", fname)).read()) for side in ("base", "here"))
-            diff = [x for x in difflib.unified_diff(a, b, lineterm="", n=0) if x[:1] in "+-" and x[:3] not in ("+++", "---")]
+            diff = [x for x in difflib.unified_diff(a, b, lineterm="", n=0)
+                    if x[:1] in "+-" and x[:3] not in ("+++", "---")]
             label = f"{kind:8s} {name:5s}{' states' if states else '       '}"
             print(f"{label} {'same' if not diff else f'CHANGED ({len(diff)} lines)'}  ({len(b)} lines)", flush=True)
             changed += bool(diff)

@@ -120,7 +120,8 @@ def forward(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None, outpu
             ht.copy_(initial_state if initial_state is not None else torch.zeros_like(ht))
         return (o, ht, None) if return_saved else (o, ht)
     BV, cfg = _launch("fwd", V, GATE, q.dtype, opts)
-    seg, ns = (kv_states.seg, kv_states.n) if kv_states is not None else _split(B, H, T, V, C, GATE, q.dtype, q.device, opts)
+    seg, ns = ((kv_states.seg, kv_states.n) if kv_states is not None else
+               _split(B, H, T, V, C, GATE, q.dtype, q.device, opts))
     h0 = initial_state.contiguous() if initial_state is not None else None
     keep = return_saved and opts.keep_gate_operands   # for the backward: its factors too
     ops = None
@@ -358,7 +359,8 @@ def prefix_grad(q, g, g_gamma, scale, do, return_saved=False, kv_states: Forward
         out = torch.zeros(B, H, K, V, device=q.device, dtype=torch.float32)
         empty = StatePass(0, out.unsqueeze(2), torch.zeros(B, H, 1, K, device=q.device, dtype=torch.float32))
         return (out, empty) if return_saved else out
-    seg, ns = (kv_states.seg, kv_states.n) if kv_states is not None else _split(B, H, T, V, C, GATE, q.dtype, q.device, opts)
+    seg, ns = ((kv_states.seg, kv_states.n) if kv_states is not None else
+               _split(B, H, T, V, C, GATE, q.dtype, q.device, opts))
     if GATE == 3:   # the state reads the decayed queries
         ops = kv_states.operands if kv_states is not None else None
         if ops is None or ops.qd is None:
