@@ -505,6 +505,24 @@ def test_gpu_g_gamma_gradient(dtype, tol):
 
 
 @requires_cuda
+@pytest.mark.parametrize("with_state", [True, False])
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 1e-2), (torch.bfloat16, 1e-2), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("decay", DECAYS)
+def test_gpu_every_dtype_head_dim_128(decay, dtype, tol, with_state):
+    """Every dtype at the largest head dims runs (float32 has its own dk / dv launch settings: shared memory)."""
+    check_forward_backward(decay, 1, 300, 2, 128, 128, dtype, tol, with_state, with_state, seed=2)
+
+
+@requires_cuda
+@pytest.mark.parametrize("decay", ["g_gamma", "g_scalar", "g_per_key"])
+def test_gpu_single_token_gate_gradient_is_zero(decay):
+    x = _to(make_inputs(decay, 1, 1, 4, 128, 128, torch.float64, seed=9), DEV, torch.bfloat16)
+    do = torch.randn(1, 1, 4, 128, device=DEV, dtype=torch.bfloat16)
+    dg = tc.backward(x["q"], x["k"], x["v"], x["g"], x["g_gamma"], None, None, do, None, True)[3]
+    assert dg.abs().max().item() <= 1e-6
+
+
+@requires_cuda
 def test_gpu_per_key_float16():
     """float16 inputs with per-key gates (run in bf16): make_inputs' gates fall to about −20 inside a chunk of 64,
     past float16's range for exp(−b)."""
