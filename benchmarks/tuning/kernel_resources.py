@@ -1,8 +1,9 @@
 """Registers, spills and shared memory of the Triton linear-attention kernels, compiled without a GPU.
 
-Compiles each main kernel (forward, dq, dk, dv) for a CUDA target (default sm_90a, the H100 / H200) with
-the launch settings and state-product modes the dispatch picks at the benchmark shapes (bf16, head dims 128,
-no entering state, gates with their gradient, the constant decay without), runs Triton's own ptxas on its
+Compiles each main kernel (forward, dq, dk, dv; also the state pass and the per-key pre-pass) for a CUDA target
+(default sm_90a, the H100 / H200) with the launch settings and state-product modes the dispatch picks at the
+benchmark shapes (bf16, head dims 128, no entering state, gates with their gradient, the constant decay without;
+--dtype, --dims and --states pick others), runs Triton's own ptxas on its
 PTX with -v, and prints what ptxas reports. A kernel at the 255-register limit that spills, or whose shared
 memory keeps it alone on an SM, is where a change can pay: the per-key dk kernel went from 308 bytes of spills
 to 4 by storing dk before its gate terms, and the per-key forward from 131 KB of shared memory to 40 KB at one

@@ -3,8 +3,8 @@
 The kernels are compiled for sm_90a without a GPU (benchmarks/tuning/kernel_resources.py) in one subprocess
 per module: this folder runs Triton's interpreter, whose kernels do not compile. Shared memory grows with the
 element size and the head dims, so float32 at K = V = 128 with entering and leaving states is the largest of
-each (kind, kernel); it is compiled for the kernels whose float32 settings differ from the others' and for the
-constant decay, the kind whose dk and dv asked for the most."""
+each (kind, kernel); it is compiled for dk and dv, the kernels whose float32 settings differ from the others',
+at the kinds whose dk and dv asked for the most (no decay, the constant decay, the scalar gate)."""
 import functools
 import json
 import os
@@ -66,3 +66,9 @@ def test_float32_settings_differ_only_for_float32():
     for name in ("dk", "dv"):
         assert plan._launch(name, 128, 1, torch.bfloat16, opts) == plan._launch(name, 128, 1, torch.float16, opts)
         assert plan._launch(name, 128, 1, torch.float32, opts) != plan._launch(name, 128, 1, torch.bfloat16, opts)
+
+
+def test_float32_settings_validate_themselves():
+    with pytest.raises(ValueError, match="config_f32: unknown kernel 'dz'"):
+        LinearKernelOptions(config_f32={"dz": dict(block=64)})
+    assert LinearKernelOptions().with_blocks(16).launch_config("dk", False, float32=True).block == 16
