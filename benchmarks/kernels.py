@@ -294,7 +294,7 @@ def check() -> bool:
             h0 = torch.randn(B, H, D, D, device="cuda")
             do, dht = torch.randn_like(v), torch.randn_like(h0)
             o, ht = tc.forward(q, k, v, g, gg, None, h0, True)
-            # no g_gamma gradient: the dispatch refuses it on this backend (TritonBackend.supports_g_gamma_grad)
+            # the constant decay without its gradient: a fixed buffer, as in the models
             gr = tc.backward(q, k, v, g, gg, None, h0, do, dht, need_dg=kind != "g_gamma")
             dd = lambda x: None if x is None else x.double()  # noqa: E731
             ro, rh = torch_chunk.forward(dd(q), dd(k), dd(v), dd(g), dd(gg), None, dd(h0), True)

@@ -1,6 +1,8 @@
-"""benchmarks/tuning/kernel_resources.py compiles a kernel for sm_90a on a machine without a GPU and reads ptxas."""
+"""benchmarks/tuning/kernel_resources.py compiles a kernel for sm_90a on a machine without a GPU and reads ptxas;
+benchmarks/tuning/ptx_diff.py compares two checkouts' compiled kernels."""
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -31,3 +33,30 @@ def test_rejects_unknown_kernel_and_kind():
     out = run_tool("--kinds", "gk,gq")
     assert out.returncode != 0 and "--kinds: unknown kind 'gq'" in out.stderr
     assert "registers" not in out.stdout   # refused before compiling the valid kind
+
+
+def run_ptx_diff(*args):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT
+    return subprocess.run([sys.executable, "benchmarks/tuning/ptx_diff.py", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_ptx_diff_finds_the_kernel_whose_launch_changed(tmp_path):
+    """A base whose forward runs at three pipeline stages: its forward's PTX differs, its dv kernel's does not."""
+    shutil.copytree(os.path.join(ROOT, "longscan"), tmp_path / "longscan",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    opts = tmp_path / "longscan/kernels/linear_attention/options.py"
+    src = opts.read_text()
+    assert '_CONFIG = {"fwd": LaunchConfig(64, 4, 2),' in src
+    opts.write_text(src.replace('_CONFIG = {"fwd": LaunchConfig(64, 4, 2),',
+                                '_CONFIG = {"fwd": LaunchConfig(64, 4, 3),'))
+    out = run_ptx_diff("--base", str(tmp_path), "--kinds", "none", "--kernels", "fwd,dv")
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert re.search(r"none\s+fwd\s+CHANGED", out.stdout), out.stdout
+    assert re.search(r"none\s+dv\s+same", out.stdout), out.stdout
+
+
+def test_ptx_diff_refuses_an_unknown_base():
+    out = run_ptx_diff("--base", "no-such-revision", "--kinds", "none", "--kernels", "dv")
+    assert out.returncode != 0 and "--base: 'no-such-revision' is neither" in out.stderr

@@ -1,8 +1,9 @@
 """Registers, spills and shared memory of the Triton linear-attention kernels, compiled without a GPU.
 
-Compiles each main kernel (forward, dq, dk, dv) for a CUDA target (default sm_90a, the H100 / H200) with
-the launch settings and state-product modes the dispatch picks at the benchmark shapes (bf16, head dims 128,
-no entering state, gates with their gradient, the constant decay without), runs Triton's own ptxas on its
+Compiles each main kernel (forward, dq, dk, dv; also the state pass and the per-key pre-pass) for a CUDA target
+(default sm_90a, the H100 / H200) with the launch settings and state-product modes the dispatch picks at the
+benchmark shapes (bf16, head dims 128, no entering state, gates with their gradient, the constant decay without;
+--dtype, --dims and --states pick others), runs Triton's own ptxas on its
 PTX with -v, and prints what ptxas reports. A kernel at the 255-register limit that spills, or whose shared
 memory keeps it alone on an SM, is where a change can pay: the per-key dk kernel went from 308 bytes of spills
 to 4 by storing dk before its gate terms, and the per-key forward from 131 KB of shared memory to 40 KB at one
@@ -17,6 +18,7 @@ dk 255 and 114,688, as the GPU reported).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import subprocess
@@ -29,54 +31,103 @@ from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 
 from longscan.kernels.linear_attention import LinearKernelOptions
-from longscan.kernels.linear_attention.triton import bwd, fwd, plan
+from longscan.kernels.linear_attention.triton import bwd, fwd, gates, plan, state
 
 KINDS = {"none": 0, "g_gamma": 1, "g": 2, "gk": 3}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 D = 128
-# float32 pointer arguments of each kernel (the others are in q's dtype, bf16 here); g too for the
-# gated kinds (the scalar gate in float32, the per-key chunk totals)
+# float32 pointer arguments of each kernel (the others are in q's dtype); g too for the gated kinds (the scalar
+# gate in float32, the per-key chunk totals)
 F32_ARGS = {"fwd": ("h0", "ht"), "dq": ("h0", "gq", "st"), "dk": ("dhe", "hin", "gk", "dg", "term", "dh0"),
-            "dv": ("dhe",)}
-KERNELS = {"fwd": fwd._fwd_kernel, "dq": bwd._bwd_dq_kernel, "dk": bwd._bwd_dk_kernel, "dv": bwd._bwd_dv_kernel}
+            "dv": ("dhe",), "state": ("out_s", "out_a"), "ops": ("gl",), "ops_b": ("gl",)}
+KERNELS = {"fwd": fwd._fwd_kernel, "dq": bwd._bwd_dq_kernel, "dk": bwd._bwd_dk_kernel, "dv": bwd._bwd_dv_kernel,
+           "state": state._state_kernel, "ops": gates._gate_operands_kernel, "ops_b": gates._gate_operands_kernel}
+# the pointer types Triton names each dtype by
+_PTR = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
 
 
-def constants(name: str, gate: int, opts: LinearKernelOptions = LinearKernelOptions()) -> tuple[dict, dict]:
-    """-> (constexpr arguments, launch options) of kernel ``name`` as the dispatch sets them (opts: the
-    kernels' options, the defaults unless given)."""
-    block, cfg = plan._launch(name, D, gate, opts)
-    need_dg = gate >= 2   # gates with their gradient; the constant decay without (as the models use it)
-    c = dict(K=D, V=D, C=opts.chunk_for(gate == 3), GATE=gate, PREC="tf32")
-    if name == "fwd":
-        c.update(BV=block, HAS_H0=False, STORE_HT=False)
-    elif name == "dv":
-        c.update(BV=block, HAS_DHE=False)
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One kernel compiled as the dispatch launches it: its inputs' dtype, head dims, decay kind, whether the
+    gate gradient is asked for (None: for the gated kinds, not for the constant decay, as the models use them)
+    and whether states enter and leave (an initial state, a final state and its gradient)."""
+    name: str
+    gate: int
+    dtype: torch.dtype = torch.bfloat16
+    K: int = D
+    V: int = D
+    need_dg: bool | None = None
+    states: bool = False
+
+    def __post_init__(self):
+        if self.name not in KERNELS:
+            raise ValueError(f"Case.name: unknown kernel {self.name!r}, expected one of {sorted(KERNELS)}")
+        if self.name.startswith("ops") and self.gate != 3:
+            raise ValueError(f"Case: the pre-pass {self.name!r} runs for per-key gates only (gate 3), got {self.gate}")
+
+
+def launch(case: Case, opts: LinearKernelOptions):
+    """-> (tile, launch options) of ``case`` as the dispatch picks them. Float32 settings only where the
+    options hold them, so this also runs against an earlier longscan (benchmarks/tuning/ptx_diff.py)."""
+    per_key = case.gate == 3
+    if case.dtype == torch.float32:
+        cfg = opts.launch_config(case.name, per_key, float32=True)
     else:
-        mode = plan._state_products(name, gate, torch.bfloat16, need_dg, opts)
-        c.update(BK=block, NEED_DG=need_dg, SF32=mode, SPREC="tf32")
-        c.update(dict(HAS_H0=False, STORE_ST=False) if name == "dq" else dict(HAS_DHE=False, HAS_TERM=False))
+        cfg = opts.launch_config(case.name, per_key)
+    dim = case.V if case.name in ("fwd", "dv", "state") else case.K
+    return min(dim, cfg.block), cfg.launch()
+
+
+def constants(case: Case, opts: LinearKernelOptions = LinearKernelOptions()) -> tuple[dict, dict]:
+    """-> (constexpr arguments, launch options) of ``case`` as the dispatch sets them (opts: the kernels'
+    options, the defaults unless given)."""
+    name, gate = case.name, case.gate
+    block, cfg = launch(case, opts)
+    need_dg = gate >= 2 if case.need_dg is None else bool(case.need_dg and gate)
+    prec = "ieee" if case.dtype == torch.float32 else "tf32"
+    if name.startswith("ops"):
+        return dict(K=case.K, BK=block, C=opts.chunk_for(True), HAS_Q=True, STORE_KD=True,
+                    STORE_F=name == "ops_b"), cfg
+    c = dict(K=case.K, V=case.V, C=opts.chunk_for(gate == 3), GATE=gate, PREC=prec)
+    if name == "fwd":
+        c.update(BV=block, HAS_H0=case.states, STORE_HT=case.states)
+    elif name == "state":
+        c.update(BV=block, FROM_START=False)
+    elif name == "dv":
+        c.update(BV=block, HAS_DHE=case.states)
+    else:
+        mode = plan._state_products(name, gate, case.dtype, need_dg, opts)
+        c.update(BK=block, NEED_DG=need_dg, SF32=mode, SPREC="tf32" if mode == 1 else prec)
+        c.update(dict(HAS_H0=case.states, STORE_ST=case.states and need_dg) if name == "dq" else
+                 dict(HAS_DHE=case.states, HAS_TERM=case.states and need_dg))
     return c, cfg
 
 
-def resources(name: str, gate: int, arch: int) -> dict:
-    """Compile one kernel -> {"registers", "spill_stores", "spill_loads", "shared"} (bytes for the last three)."""
-    fn = KERNELS[name]
-    consts, cfg = constants(name, gate)
-    f32 = set(F32_ARGS[name]) | ({"g"} if gate >= 2 else set())
+def compile_case(case: Case, arch: int = 90, opts: LinearKernelOptions = LinearKernelOptions()):
+    """Compile ``case`` for compute capability ``arch`` (x10) -> Triton's compiled kernel (its .asm, .metadata)."""
+    fn = KERNELS[case.name]
+    consts, cfg = constants(case, opts)
+    f32 = set(F32_ARGS[case.name]) | ({"g"} if case.gate >= 2 else set())
     sig = {}
     for a in fn.arg_names:
         if a in consts:
             sig[a] = "constexpr"
-        elif a in ("T", "H", "SEG", "NC"):
+        elif a in ("T", "H", "SEG", "NC", "NS"):
             sig[a] = "i32"
         elif a == "scale":
             sig[a] = "fp32"
         else:
-            sig[a] = "*fp32" if a in f32 else "*bf16"
+            sig[a] = "*fp32" if a in f32 else _PTR[case.dtype]
     # what the launcher's specialisation gives at the benchmark shapes: pointers and sizes divisible by 16
     attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if sig[a] == "i32" or
              sig[a].startswith("*")}
     src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()}, attrs=attrs)
-    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=cfg)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=cfg)
+
+
+def resources(case: Case, arch: int) -> dict:
+    """Compile one kernel -> {"registers", "spill_stores", "spill_loads", "shared"} (bytes for the last three)."""
+    kernel = compile_case(case, arch)
     ptxas = get_ptxas(arch).path   # the ptxas Triton itself uses for this target (its PTX version's)
     with tempfile.TemporaryDirectory() as d:
         ptx = os.path.join(d, "kernel.ptx")
@@ -88,7 +139,7 @@ def resources(name: str, gate: int, arch: int) -> dict:
     regs = re.search(r"Used (\d+) registers", log)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
     if regs is None or spills is None:
-        raise RuntimeError(f"could not read ptxas's report for {name}:\n{log}")
+        raise RuntimeError(f"could not read ptxas's report for {case.name}:\n{log}")
     return dict(registers=int(regs.group(1)), spill_stores=int(spills.group(1)),
                 spill_loads=int(spills.group(2)), shared=kernel.metadata.shared)
 
@@ -96,21 +147,30 @@ def resources(name: str, gate: int, arch: int) -> dict:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--kinds", default="g_gamma,g,gk", help=f"decay kinds, of {sorted(KINDS)}")
-    ap.add_argument("--kernels", default="fwd,dq,dk,dv", help=f"of {sorted(KERNELS)}")
+    ap.add_argument("--kernels", default="fwd,dq,dk,dv", help=f"of {sorted(KERNELS)} (the pre-pass: gk only)")
+    ap.add_argument("--dtype", default="bf16", help=f"the inputs' dtype, of {sorted(DTYPES)}")
+    ap.add_argument("--dims", type=int, default=D, help="head dims K = V (16, 32, 64 or 128)")
+    ap.add_argument("--states", action="store_true", help="with an initial state, a final state and its gradient")
     ap.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: Hopper)")
     args = ap.parse_args()
     if plan._interpreting():
         raise SystemExit("kernel_resources.py compiles the kernels: unset TRITON_INTERPRET")
     kinds, names = args.kinds.split(","), args.kernels.split(",")
-    for flag, values, known in (("--kinds", kinds, KINDS), ("--kernels", names, KERNELS)):
+    for flag, values, known in (("--kinds", kinds, KINDS), ("--kernels", names, KERNELS),
+                                ("--dtype", [args.dtype], DTYPES)):
         for x in values:
             if x not in known:   # before any compiling
-                raise SystemExit(f"{flag}: unknown {flag[2:-1]} {x!r}, expected one of {sorted(known)}")
-    print(f"# triton {triton.__version__}, sm_{args.arch}, bf16, head dims {D}")
+                raise SystemExit(f"{flag}: unknown {flag[2:].rstrip('s')} {x!r}, expected one of {sorted(known)}")
+    if args.dims not in plan._DIMS:
+        raise SystemExit(f"--dims: expected one of {plan._DIMS}, got {args.dims}")
+    print(f"# triton {triton.__version__}, sm_{args.arch}, {args.dtype}, head dims {args.dims}")
     for kind in kinds:
         for name in names:
-            r = resources(name, KINDS[kind], args.arch)
-            print(f"{kind:8s} {name:4s} registers {r['registers']:3d}  spills {r['spill_stores']:4d} / "
+            if name.startswith("ops") and kind != "gk":
+                continue
+            case = Case(name, KINDS[kind], DTYPES[args.dtype], args.dims, args.dims, states=args.states)
+            r = resources(case, args.arch)
+            print(f"{kind:8s} {name:5s} registers {r['registers']:3d}  spills {r['spill_stores']:4d} / "
                   f"{r['spill_loads']:4d} bytes (stores / loads)  shared {r['shared']:6d} bytes", flush=True)
 
 

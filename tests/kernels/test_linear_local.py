@@ -99,6 +99,28 @@ def test_chunk_padding_leaves_state_exact():
     assert rel_err(s, s_ref) <= 1e-12
 
 
+@pytest.mark.parametrize("backend", ["naive", "torch", "triton"])
+@pytest.mark.parametrize("decay,name", [("g_scalar", "g"), ("g_per_key", "g"), ("g_gamma", "g_gamma")])
+def test_positive_log_decay_refused(decay, name, backend, monkeypatch):
+    """A log decay above 0 is refused by every backend before any kernel (CPU tensors: always)."""
+    monkeypatch.delenv("LONGSCAN_CHECKS", raising=False)
+    x = make_inputs(decay, 1, 8, 2, 16, 16, torch.float32, seed=5)   # head dims the Triton kernels take
+    args = dict(initial_state=x["initial_state"], backend=backend)
+    chunk_linear_attention(x["q"], x["k"], x["v"], x["g"], x["g_gamma"], **args)   # log decays < 0: fine
+    bad = x[name].clone()
+    bad.view(-1)[1] = 0.25
+    x[name] = bad
+    with pytest.raises(ValueError, match=f"^{name} \\(a log decay\\) must be <= 0, got a maximum of 0.25"):
+        chunk_linear_attention(x["q"], x["k"], x["v"], x["g"], x["g_gamma"], **args)
+
+
+def test_zero_log_decay_accepted():
+    x = make_inputs("g_scalar", 1, 8, 2, 4, 4, torch.float64, seed=6)
+    o, _ = chunk_linear_attention(x["q"], x["k"], x["v"], torch.zeros_like(x["g"]), backend="torch")
+    o_ref, _ = chunk_linear_attention(x["q"], x["k"], x["v"], backend="torch")
+    assert rel_err(o, o_ref) <= 1e-12
+
+
 def test_backend_without_g_gamma_grad_refuses_a_learnable_g_gamma():
     x = make_inputs("g_gamma", 1, 8, 2, 4, 4, torch.float32, seed=0)
     class FakeBackend(TorchBackend):

@@ -130,7 +130,7 @@ def triton_sp_worker(rank, world):
                 for overlap in (True, False):
                     results[(method, layout, decay, overlap)] = case(
                         rank, world, method, layout, decay, torch.float32, True, backend="triton",
-                        dims=(1, 2, 16, 16), t_local=64, learn_g_gamma=False,   # Triton refuses a learnable one
+                        dims=(1, 2, 16, 16), t_local=64, learn_g_gamma=True,
                         overlap=overlap, options=opts)
     for overlap in (True, False):   # per-key gates that fall steeply inside chunks on both ranks (the levels)
         results[("zeco", "zigzag", "steep", overlap)] = case(

@@ -20,6 +20,7 @@ import torch
 from longscan.kernels.checks import check_4d_float, check_like_q
 from longscan.kernels.delta_rule import torch_chunk
 from longscan.kernels.delta_rule.naive import naive_recurrent_delta_rule
+from longscan.kernels.linear_attention import check_log_decay
 
 BACKENDS = ("auto", "naive", "torch", "triton")
 _TRITON = "longscan.kernels.delta_rule.triton_chunk"
@@ -101,6 +102,8 @@ def check_inputs(q, k, v, beta, g=None, initial_state=None) -> None:
                                  f"{beta.max().item():.4g}]")
             if g is not None and g.numel() and not bool((g <= 0).all()):
                 raise ValueError(f"g (a log decay) must be <= 0, got a maximum of {g.max().item():.4g}")
+    else:
+        check_log_decay("g", g)   # on CUDA behind LONGSCAN_CHECKS=1 (it reads the values back)
 
 
 def chunk_delta_rule(q, k, v, beta, g=None, scale=None, initial_state=None, output_final_state=False,

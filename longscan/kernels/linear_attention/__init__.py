@@ -58,8 +58,20 @@ def check_backend_supports(impl: LinearBackend, g_gamma) -> None:
                          "an accurate g_gamma gradient; keep g_gamma fixed (detach it) or use backend='torch'")
 
 
+def check_log_decay(name: str, x) -> None:
+    """Refuse a log decay above 0 (its exp grows without bound: NaN for large values). Reading the values back
+    stalls a GPU stream, so on CUDA the check runs only behind the opt-in checks (LONGSCAN_CHECKS=1)."""
+    from longscan.distributed.checks import checks_enabled   # at call time: distributed imports the kernels
+    if x is None or not x.numel() or (x.device.type != "cpu" and not checks_enabled()):
+        return
+    with torch.no_grad():
+        if bool((x > 0).any()):
+            raise ValueError(f"{name} (a log decay) must be <= 0, got a maximum of {x.max().item():.4g}")
+
+
 def check_inputs(q, k, v, g=None, g_gamma=None, initial_state=None) -> None:
-    """Raise ValueError/TypeError naming the parameter when shapes, dtypes or devices disagree."""
+    """Raise ValueError/TypeError naming the parameter when shapes, dtypes or devices disagree, or when a log
+    decay is above 0 (on CUDA only with LONGSCAN_CHECKS=1: the check reads the values back)."""
     check_4d_float(dict(q=q, k=k, v=v), dict(q="[B, T, H, K]", k="[B, T, H, K]", v="[B, T, H, V]"))
     if k.shape != q.shape:
         raise ValueError(f"k must have the shape of q {tuple(q.shape)}, got {tuple(k.shape)}")
@@ -80,6 +92,8 @@ def check_inputs(q, k, v, g=None, g_gamma=None, initial_state=None) -> None:
             raise ValueError(f"g_gamma must be [H] = ({H},), got {tuple(g_gamma.shape)}")
         if g_gamma.device != q.device:
             raise ValueError(f"g_gamma must be on q's device ({q.device}), got {g_gamma.device}")
+    check_log_decay("g", g)
+    check_log_decay("g_gamma", g_gamma)
     if initial_state is not None:
         if tuple(initial_state.shape) != (B, H, K, V):
             raise ValueError(f"initial_state must be [B, H, K, V] = {(B, H, K, V)}, got {tuple(initial_state.shape)}")
@@ -117,7 +131,9 @@ def chunk_linear_attention(q, k, v, g=None, g_gamma=None, scale=None, initial_st
     """Linear attention with optional diagonal decay on one device, with autograd.
 
     q, k `[B, T, H, K]`; v `[B, T, H, V]`; g `[B, T, H]` or `[B, T, H, K]` or g_gamma `[H]` (log decays);
-    initial_state `[B, H, K, V]`. Returns (o `[B, T, H, V]`, final state `[B, H, K, V]` float32 or None).
+    initial_state `[B, H, K, V]`. Log decays must be <= 0: a positive one is refused with a ValueError (CPU
+    tensors always; CUDA tensors with LONGSCAN_CHECKS=1, since checking reads them back).
+    Returns (o `[B, T, H, V]`, final state `[B, H, K, V]` float32 or None).
     options: the Triton kernels' :class:`LinearKernelOptions` (None: the defaults).
     Same conventions as flash-linear-attention's chunk_simple_gla / chunk_gla.
     """
@@ -129,4 +145,4 @@ def chunk_linear_attention(q, k, v, g=None, g_gamma=None, scale=None, initial_st
 
 
 __all__ = ["chunk_linear_attention", "naive_recurrent_linear_attention", "get_backend", "check_inputs",
-           "check_backend_supports", "LinearBackend", "LinearKernelOptions", "LaunchConfig", "BACKENDS"]
+           "check_log_decay", "check_backend_supports", "LinearBackend", "LinearKernelOptions", "LaunchConfig", "BACKENDS"]

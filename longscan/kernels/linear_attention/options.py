@@ -61,6 +61,11 @@ _CONFIG = {"fwd": LaunchConfig(64, 4, 2),
 _CONFIG_PER_KEY = {"dk": LaunchConfig(64, 4, 2),
                    "fwd": LaunchConfig(64, 4, 2),
                    "dv": LaunchConfig(64, 4, 2)}
+# float32 inputs where they differ: their tiles take twice the bytes, and the bf16 settings of these kernels
+# ask for more shared memory than a block may have on an H100 / H200 (232,448 bytes) at head dims 128
+# (benchmarks/tuning/kernel_resources.py --dtype fp32; tests/kernels/test_kernel_shapes.py checks every kind).
+_CONFIG_F32 = {"dk": LaunchConfig(64, 4, 2),
+               "dv": LaunchConfig(64, 4, 2)}
 # For bf16 inputs whose gate needs a gradient: how each (gate kind, kernel) keeps its state products in float32
 # precision, 1 tf32 or 2 two bf16 halves of the state (each kernel's faster one, docs/benchmarks.md).
 _STATE_PRODUCTS_BF16 = {(2, "dq"): 2, (2, "dk"): 1, (3, "dq"): 1, (3, "dk"): 2}
@@ -77,6 +82,7 @@ class LinearKernelOptions:
       segment shorter than min_segment_chunks chunks (at most, not at least: no last wave of few programs).
     num_sms: the SM count the segment plan assumes (None: the device's).
     config, config_per_key: launch settings per kernel (config_per_key overrides config for per-key gates).
+    config_f32: launch settings per kernel for float32 inputs (overrides both: their tiles are twice the bytes).
     keep_gate_operands: per-key gates, a forward that a backward follows keeps its decayed operands and the
       backward's factors (four tensors the size of q) so the backward runs no pre-pass of its own.
     gate_grad_f32_state: state products of a gate-gradient backward in float32 precision (bf16 states miss its
@@ -91,6 +97,7 @@ class LinearKernelOptions:
     num_sms: int | None = None
     config: Mapping[str, LaunchConfig] = dataclasses.field(default_factory=lambda: _CONFIG)
     config_per_key: Mapping[str, LaunchConfig] = dataclasses.field(default_factory=lambda: _CONFIG_PER_KEY)
+    config_f32: Mapping[str, LaunchConfig] = dataclasses.field(default_factory=lambda: _CONFIG_F32)
     keep_gate_operands: bool = True
     gate_grad_f32_state: bool = True
     state_products_bf16: Mapping[tuple, int] = dataclasses.field(default_factory=lambda: _STATE_PRODUCTS_BF16)
@@ -117,13 +124,16 @@ class LinearKernelOptions:
             raise ValueError(f"LinearKernelOptions.config needs a setting for every kernel; missing {missing}")
         object.__setattr__(self, "config", config)
         object.__setattr__(self, "config_per_key", _configs(self.config_per_key, "config_per_key"))
+        object.__setattr__(self, "config_f32", _configs(self.config_f32, "config_f32"))
         modes = dict(self.state_products_bf16)
         if any(m not in (1, 2) for m in modes.values()):
             raise ValueError(f"LinearKernelOptions.state_products_bf16 modes must be 1 or 2, got {modes}")
         object.__setattr__(self, "state_products_bf16", MappingProxyType(modes))
 
-    def launch_config(self, kernel: str, per_key: bool) -> LaunchConfig:
-        """The launch settings of ``kernel`` (per_key: for per-key gates)."""
+    def launch_config(self, kernel: str, per_key: bool, float32: bool = False) -> LaunchConfig:
+        """The launch settings of ``kernel`` (per_key: for per-key gates; float32: for float32 inputs)."""
+        if float32 and kernel in self.config_f32:
+            return self.config_f32[kernel]
         if per_key and kernel in self.config_per_key:
             return self.config_per_key[kernel]
         return self.config[kernel]
@@ -135,7 +145,7 @@ class LinearKernelOptions:
         """Every kernel at tile ``block`` (4 warps, 2 stages) and no per-key overrides: small tiles, so that a
         test splits K and V over several programs as a GPU's tiling does."""
         tiles = {k: LaunchConfig(block, 4, 2) for k in KERNELS}
-        return dataclasses.replace(self, config=tiles, config_per_key={})
+        return dataclasses.replace(self, config=tiles, config_per_key={}, config_f32={})
 
 
 DEFAULT = LinearKernelOptions()

@@ -119,8 +119,9 @@ def forward(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None, outpu
         if ht is not None:
             ht.copy_(initial_state if initial_state is not None else torch.zeros_like(ht))
         return (o, ht, None) if return_saved else (o, ht)
-    BV, cfg = _launch("fwd", V, GATE, opts)
-    seg, ns = (kv_states.seg, kv_states.n) if kv_states is not None else _split(B, H, T, V, C, GATE, q.device, opts)
+    BV, cfg = _launch("fwd", V, GATE, q.dtype, opts)
+    seg, ns = ((kv_states.seg, kv_states.n) if kv_states is not None else
+               _split(B, H, T, V, C, GATE, q.dtype, q.device, opts))
     h0 = initial_state.contiguous() if initial_state is not None else None
     keep = return_saved and opts.keep_gate_operands   # for the backward: its factors too
     ops = None
@@ -190,6 +191,14 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True,
                                        kv_states, qdo_states, options=opts)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg, dh0
     B, T, H, K = q.shape
+    if g_gamma is not None and need_dg:
+        # The constant decay's gradient through the scalar-gate path, g = g_gamma at every token: its per-token
+        # dg summed over B and T (torch's pairwise sum) meets the float32 tolerance, while the constant-decay
+        # kernels' sum did not. The forward's and state passes' records fit: the same chunks and segments.
+        gs = g_gamma.float().expand(B, T, H).contiguous()
+        dq, dk, dv, dg, dh0 = backward(q, k, v, gs, None, scale, initial_state, do, dht, True, kv_states,
+                                       qdo_states, options=opts)
+        return dq, dk, dv, dg.sum((0, 1)).to(g_gamma.dtype), dh0
     V = v.shape[-1]
     scale = K ** -0.5 if scale is None else scale
     q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous().to(q.dtype)
@@ -205,10 +214,10 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True,
         dh0.copy_(dht if dht is not None else torch.zeros_like(dh0))
         dg = torch.zeros_like(g_gamma if GATE == 1 else g) if need_dg else None
         return dq, dk, dv, dg, dh0
-    (BK, cq), (BKk, ck), (BV, cv) = (_launch("dq", K, GATE, opts), _launch("dk", K, GATE, opts),
-                                     _launch("dv", V, GATE, opts))
+    (BK, cq), (BKk, ck), (BV, cv) = (_launch("dq", K, GATE, q.dtype, opts), _launch("dk", K, GATE, q.dtype, opts),
+                                     _launch("dv", V, GATE, q.dtype, opts))
     given = [x for x in (kv_states, qdo_states) if x is not None]
-    seg, ns = (given[0].seg, given[0].n) if given else _split(B, H, T, V, C, GATE, dev, opts)
+    seg, ns = (given[0].seg, given[0].n) if given else _split(B, H, T, V, C, GATE, q.dtype, dev, opts)
     if any((x.seg, x.n) != (seg, ns) for x in given):
         raise ValueError("kv_states and qdo_states must come from the same segment plan")
     h0 = initial_state.contiguous() if initial_state is not None else None
@@ -265,14 +274,19 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True,
         _add_levels(2, ops.steep, seg, C, q, k, v, gt, scale, do=do, dk=dk, dv=dv)
     if not need_dg:
         return dq, dk, dv, None, dh0
+    # Without an initial state the first token's gate multiplies a zero state: its dg is exactly 0, which the
+    # kernels form as the sum of every token's q-side minus k-side terms, cancelling only to round-off.
     if GATE == 3:
+        if initial_state is None:
+            gq[:, 0] = 0
         return dq, dk, dv, gq.to(g.dtype), dh0
     # scalar gates: dL/dA_t = Σ_tiles (q-side − k-side); dg_s = Σ_{t≥s} dL/dA_t (+ the final-state term)
     dgl = _reverse_cumsum(gq.sum(-1) - gk.sum(-1), 1)                                # [B, T, H]
     if term is not None:
         dgl = dgl + term.sum(-1).unsqueeze(1)
-    dg = dgl.sum((0, 1)).to(g_gamma.dtype) if GATE == 1 else dgl.to(g.dtype)
-    return dq, dk, dv, dg, dh0
+    if initial_state is None:
+        dgl[:, 0] = 0
+    return dq, dk, dv, dgl.to(g.dtype), dh0   # (g_gamma's gradient took the scalar-gate path above)
 
 
 def segment_state(k, v, g=None, g_gamma=None, return_saved=False, keep_prefixes=False, q=None, factors=False,
@@ -305,7 +319,7 @@ def segment_state(k, v, g=None, g_gamma=None, return_saved=False, keep_prefixes=
         out = (torch.zeros(B, H, K, V, device=k.device, dtype=torch.float32),
                torch.zeros(B, H, K, device=k.device, dtype=torch.float32))
         return out + (None,) if return_saved else out
-    seg, ns = _split(B, H, T, V, C, GATE, k.device, opts)
+    seg, ns = _split(B, H, T, V, C, GATE, k.dtype, k.device, opts)
     ops = None
     if GATE == 3:   # the state reads the decayed keys
         with_q = return_saved and q is not None
@@ -345,7 +359,8 @@ def prefix_grad(q, g, g_gamma, scale, do, return_saved=False, kv_states: Forward
         out = torch.zeros(B, H, K, V, device=q.device, dtype=torch.float32)
         empty = StatePass(0, out.unsqueeze(2), torch.zeros(B, H, 1, K, device=q.device, dtype=torch.float32))
         return (out, empty) if return_saved else out
-    seg, ns = (kv_states.seg, kv_states.n) if kv_states is not None else _split(B, H, T, V, C, GATE, q.device, opts)
+    seg, ns = ((kv_states.seg, kv_states.n) if kv_states is not None else
+               _split(B, H, T, V, C, GATE, q.dtype, q.device, opts))
     if GATE == 3:   # the state reads the decayed queries
         ops = kv_states.operands if kv_states is not None else None
         if ops is None or ops.qd is None:
@@ -388,10 +403,8 @@ class TritonBackend:
     their options. Its records are :class:`StatePass` (segment_state, prefix_grad) and :class:`ForwardRecord`
     (forward)."""
     name = "triton"
-    # The gradient of g_gamma is a token-weighted sum over the whole sequence of nearly cancelling terms: in bf16
-    # it missed the 1e-2 tolerance on a GPU even with float32 state products, so the dispatch refuses a g_gamma
-    # that requires grad here (the models keep g_gamma a fixed buffer).
-    supports_g_gamma_grad = False
+    # g_gamma's gradient runs through the scalar-gate kernels (backward says why)
+    supports_g_gamma_grad = True
 
     def __init__(self, options: LinearKernelOptions | None = None):
         self.options = resolve(options)
@@ -406,8 +419,9 @@ class TritonBackend:
                         qdo_states=qdo, options=self.options)
 
     def segment_state(self, k, v, g, g_gamma, *, q=None, keep=False, zero_prefixes=False):
-        return segment_state(k, v, g, g_gamma, return_saved=True, keep_prefixes=zero_prefixes, q=q, factors=keep,
-                             options=self.options)
+        # the backward's gate factors are written only where the forward will keep them for it
+        return segment_state(k, v, g, g_gamma, return_saved=True, keep_prefixes=zero_prefixes, q=q,
+                             factors=keep and self.options.keep_gate_operands, options=self.options)
 
     def add_prefix(self, o, q, g, g_gamma, scale, P):
         return add_prefix(o, q, g, g_gamma, scale, P, options=self.options)

@@ -78,7 +78,7 @@ def _gate_operands(q, k, g, C, seg, ns, opts: LinearKernelOptions, kd=None, fact
                         torch.empty(B * H, NC, 2, K, **f32),
                         torch.zeros(B * H, ns, device=x.device, dtype=torch.int32))
     trace.emit("gate_operands", q=q is not None, k=k is not None, kd=kd is not None, factors=factors)
-    BK, cfg = _launch("ops_b" if factors else "ops", K, 3, opts)
+    BK, cfg = _launch("ops_b" if factors else "ops", K, 3, x.dtype, opts)
     grid = (NC * B * H * (K // BK),)   # one flat axis (the kernel's comment says why)
     _gate_operands_kernel[grid](*(t if t is not None else x for t in (q, k)), g,
                                 *(t if t is not None else x for t in (ops.qd, ops.kd, ops.eq, ops.ek)),

@@ -58,9 +58,10 @@ def _prec(x) -> str:
     return "ieee" if x.dtype == torch.float32 else "tf32"
 
 
-def _launch(name: str, dim: int, GATE: int, opts: LinearKernelOptions):
-    """-> (tile along a dimension of size dim, the remaining launch settings) of kernel ``name``."""
-    cfg = opts.launch_config(name, GATE == 3)
+def _launch(name: str, dim: int, GATE: int, dtype: torch.dtype, opts: LinearKernelOptions):
+    """-> (tile along a dimension of size dim, the remaining launch settings) of kernel ``name`` on inputs of
+    ``dtype``."""
+    cfg = opts.launch_config(name, GATE == 3, float32=dtype == torch.float32)
     return min(dim, cfg.block), cfg.launch()
 
 
@@ -92,10 +93,10 @@ def _layout(T: int, C: int, ns: int):
     return seg, triton.cdiv(T, seg)
 
 
-def _split(B, H, T, V, C, GATE, device, opts: LinearKernelOptions):
+def _split(B, H, T, V, C, GATE, dtype, device, opts: LinearKernelOptions):
     """-> (segment length, number of segments) of a sequence; one plan for every entry point, so the
     segment states one call computes fit the next."""
-    programs = B * H * (V // _launch("fwd", V, GATE, opts)[0])
+    programs = B * H * (V // _launch("fwd", V, GATE, dtype, opts)[0])
     return _layout(T, C, _segments(programs, triton.cdiv(T, C), device, opts))
 
 

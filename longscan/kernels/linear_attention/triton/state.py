@@ -103,7 +103,7 @@ def _states(x, y, g, gg, GATE, C, seg, ns, scale, from_start, opts: LinearKernel
     s = torch.empty(B, H, ns, K, V, device=x.device, dtype=torch.float32)
     a = torch.empty(B, H, ns, K, device=x.device, dtype=torch.float32)
     trace.emit("states", from_start=from_start)
-    BV, cfg = _launch("state", V, GATE, opts)
+    BV, cfg = _launch("state", V, GATE, x.dtype, opts)
     _state_kernel[(V // BV, B * H, ns)](x, y, g, gg, s, a, T, H, seg, triton.cdiv(T, C), scale, K=K, V=V, BV=BV,
                                        C=C, GATE=GATE, FROM_START=from_start, PREC=_prec(x), **cfg)
     return s, a

@@ -1,0 +1,146 @@
+"""Did a change alter the compiled code of the Triton linear-attention kernels? Compiles them for a CUDA target
+without a GPU, at this checkout and at an earlier one, and compares their PTX with the debug lines (.loc, .file,
+the debug sections) and label names stripped: a kernel whose PTX is the same runs as fast as before, so a change
+that leaves it alone needs no GPU timing.
+
+Compiles the forward, state, dq, dk and dv kernels (and the per-key gates' pre-pass) with the launch settings and
+state-product modes the dispatch picks (benchmarks/tuning/kernel_resources.py: gates with their gradient, the
+constant decay without), for each decay kind, in bf16 (or --dtype fp16) at head dims --dims.
+
+    PYTHONPATH=. python benchmarks/tuning/ptx_diff.py --base HEAD~1 [--kinds none,g_gamma,g,gk] [--kernels fwd,dq]
+        [--states]
+
+--base takes a git revision of this repository or a directory holding an unpacked earlier longscan/. Prints one
+line a kernel ("same" or "CHANGED" with the number of differing lines) and exits 1 when any changed.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import os
+import re
+import subprocess
+import sys
+import tarfile
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+KINDS = ("none", "g_gamma", "g", "gk")
+KERNELS = ("fwd", "state", "dq", "dk", "dv", "ops", "ops_b")
+DTYPES = ("bf16", "fp16")
+
+
+def normalise(ptx: str) -> list[str]:
+    """PTX lines without debug information or label names (which shift with any line of source above them)."""
+    cut = re.search(r"^\s*\.section\s+\.debug", ptx, flags=re.M)
+    if cut:
+        ptx = ptx[:cut.start()]
+    out = []
+    for line in ptx.splitlines():
+        s = line.strip()
+        if not s or s.startswith((".loc", ".file", "//")):
+            continue
+        out.append(re.sub(r"\$L__\w+", "$L", s))
+    return out
+
+
+def cases(kinds: list[str], kernels: list[str], states: bool) -> list[tuple[str, str, bool]]:
+    """(kind, kernel, with states) to compile; the pre-pass for per-key gates only, states where a kernel takes them."""
+    out = []
+    for kind in kinds:
+        for name in kernels:
+            if name.startswith("ops") and kind != "gk":
+                continue
+            out.append((kind, name, False))
+            if states and name not in ("state", "ops", "ops_b"):
+                out.append((kind, name, True))
+    return out
+
+
+def dump(tree: str, todo: list, dtype: str, dims: int, outdir: str) -> None:
+    """Compile every case against the longscan package under ``tree`` (this file's helpers, that tree's
+    kernels) in a subprocess, writing <kind>-<kernel>[-states].ptx under outdir."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = tree
+    args = [sys.executable, os.path.abspath(__file__), "--compile-into", outdir, "--dtype", dtype,
+            "--dims", str(dims), "--cases", json.dumps(todo)]
+    out = subprocess.run(args, env=env, cwd=outdir, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"compiling against {tree} failed:\n{out.stderr[-4000:]}")
+
+
+def compile_into(outdir: str, todo: list, dtype: str, dims: int) -> None:
+    """In the subprocess: the longscan on PYTHONPATH is the tree compared (this script's folder gives the helpers)."""
+    sys.path.insert(0, HERE)
+    import kernel_resources as kr   # noqa: E402 (after the path: the helper beside this file)
+    for kind, name, states in todo:
+        case = kr.Case(name, kr.KINDS[kind], kr.DTYPES[dtype], dims, dims, states=states)
+        with open(os.path.join(outdir, f"{kind}-{name}{'-states' if states else ''}.ptx"), "w") as f:
+            f.write(kr.compile_case(case).asm["ptx"])
+
+
+def base_tree(base: str, into: str) -> str:
+    """-> a directory holding the base's longscan/: ``base`` itself when it is one, else ``git archive`` of it."""
+    if os.path.isdir(os.path.join(base, "longscan")):
+        return os.path.abspath(base)
+    arch = os.path.join(into, "base.tar")
+    with open(arch, "wb") as f:
+        r = subprocess.run(["git", "archive", base, "longscan"], cwd=ROOT, stdout=f, stderr=subprocess.PIPE)
+    if r.returncode != 0:
+        raise SystemExit(f"--base: {base!r} is neither a directory holding longscan/ nor a git revision "
+                         f"({r.stderr.decode().strip()})")
+    tree = os.path.join(into, "base")
+    with tarfile.open(arch) as t:
+        t.extractall(tree, filter="data")
+    return tree
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--base", help="git revision or directory with an earlier longscan/")
+    ap.add_argument("--kinds", default=",".join(KINDS), help=f"decay kinds, of {KINDS}")
+    ap.add_argument("--kernels", default=",".join(KERNELS), help=f"of {KERNELS}")
+    ap.add_argument("--dtype", default="bf16", help=f"the inputs' dtype, of {DTYPES}")
+    ap.add_argument("--dims", type=int, default=128, help="head dims K = V")
+    ap.add_argument("--states", action="store_true", help="also with entering and leaving states")
+    ap.add_argument("--compile-into", help=argparse.SUPPRESS)
+    ap.add_argument("--cases", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.compile_into:
+        compile_into(args.compile_into, json.loads(args.cases), args.dtype, args.dims)
+        return
+    if not args.base:
+        raise SystemExit("--base: give the git revision or directory to compare against")
+    kinds, kernels = args.kinds.split(","), args.kernels.split(",")
+    for flag, values, known in (("--kinds", kinds, KINDS), ("--kernels", kernels, KERNELS)):
+        for x in values:
+            if x not in known:
+                raise SystemExit(f"{flag}: unknown {flag[2:-1]} {x!r}, expected one of {known}")
+    if args.dtype not in DTYPES:
+        raise SystemExit(f"--dtype: expected one of {DTYPES} (the earlier kernels' options may have no float32 "
+                         f"settings), got {args.dtype!r}")
+    if args.dims not in (16, 32, 64, 128):
+        raise SystemExit(f"--dims: expected one of (16, 32, 64, 128), got {args.dims}")
+    todo = cases(kinds, kernels, args.states)
+    with tempfile.TemporaryDirectory() as d:
+        trees = {"base": base_tree(args.base, d), "here": ROOT}
+        for side, tree in trees.items():
+            os.makedirs(os.path.join(d, f"ptx-{side}"))
+            dump(tree, todo, args.dtype, args.dims, os.path.join(d, f"ptx-{side}"))
+        changed = 0
+        print(f"# {args.dtype}, head dims {args.dims}, base {args.base}")
+        for kind, name, states in todo:
+            fname = f"{kind}-{name}{'-states' if states else ''}.ptx"
+            a, b = (normalise(open(os.path.join(d, f"ptx-{side}", fname)).read()) for side in ("base", "here"))
+            diff = [x for x in difflib.unified_diff(a, b, lineterm="", n=0)
+                    if x[:1] in "+-" and x[:3] not in ("+++", "---")]
+            label = f"{kind:8s} {name:5s}{' states' if states else '       '}"
+            print(f"{label} {'same' if not diff else f'CHANGED ({len(diff)} lines)'}  ({len(b)} lines)", flush=True)
+            changed += bool(diff)
+    sys.exit(1 if changed else 0)
+
+
+if __name__ == "__main__":
+    main()
