@@ -23,3 +23,15 @@ def check_like_q(q: torch.Tensor, others: dict) -> None:
             raise TypeError(f"{name}.dtype must equal q.dtype ({q.dtype}), got {x.dtype}")
         if x.device != q.device:
             raise ValueError(f"{name} must be on q's device ({q.device}), got {x.device}")
+
+
+def check_linear_qkv(q, k, v) -> tuple[int, int, int, int, int]:
+    """q, k `[B, T, H, K]` and v `[B, T, H, V]` of one dtype and device, as every linear-attention family takes
+    them; returns (B, T, H, K, V)."""
+    check_4d_float(dict(q=q, k=k, v=v), dict(q="[B, T, H, K]", k="[B, T, H, K]", v="[B, T, H, V]"))
+    if k.shape != q.shape:
+        raise ValueError(f"k must have the shape of q {tuple(q.shape)}, got {tuple(k.shape)}")
+    if v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"v must be [B, T, H, V] with B, T, H of q {tuple(q.shape[:3])}, got {tuple(v.shape)}")
+    check_like_q(q, dict(k=k, v=v))
+    return (*q.shape, v.shape[-1])

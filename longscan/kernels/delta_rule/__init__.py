@@ -17,7 +17,7 @@ import types
 
 import torch
 
-from longscan.kernels.checks import check_4d_float, check_like_q
+from longscan.kernels.checks import check_linear_qkv
 from longscan.kernels.delta_rule import torch_chunk
 from longscan.kernels.delta_rule.naive import naive_recurrent_delta_rule
 from longscan.kernels.linear_attention import check_log_decay
@@ -67,14 +67,7 @@ def check_inputs(q, k, v, beta, g=None, initial_state=None) -> None:
     """Raise ValueError/TypeError naming the parameter when shapes, dtypes, devices or ranges are wrong.
 
     β in (0, 1] and g ≤ 0 are checked on CPU tensors only: on CUDA the check would wait for the device."""
-    check_4d_float(dict(q=q, k=k, v=v), dict(q="[B, T, H, K]", k="[B, T, H, K]", v="[B, T, H, V]"))
-    if k.shape != q.shape:
-        raise ValueError(f"k must have the shape of q {tuple(q.shape)}, got {tuple(k.shape)}")
-    if v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"v must be [B, T, H, V] with B, T, H of q {tuple(q.shape[:3])}, got {tuple(v.shape)}")
-    check_like_q(q, dict(k=k, v=v))
-    B, T, H, K = q.shape
-    V = v.shape[-1]
+    B, T, H, K, V = check_linear_qkv(q, k, v)
     if not isinstance(beta, torch.Tensor) or not beta.is_floating_point():
         raise TypeError(f"beta must be a floating-point torch.Tensor [B, T, H], got {getattr(beta, 'dtype', beta)!r}")
     if tuple(beta.shape) != (B, T, H):

@@ -10,7 +10,7 @@ import importlib
 import torch
 
 from longscan.kernels import saved
-from longscan.kernels.checks import check_4d_float, check_like_q
+from longscan.kernels.checks import check_linear_qkv
 from longscan.kernels.linear_attention.backend import LinearBackend, NaiveBackend, TorchBackend
 from longscan.kernels.linear_attention.naive import naive_recurrent_linear_attention
 from longscan.kernels.linear_attention.options import LaunchConfig, LinearKernelOptions
@@ -72,14 +72,7 @@ def check_log_decay(name: str, x) -> None:
 def check_inputs(q, k, v, g=None, g_gamma=None, initial_state=None) -> None:
     """Raise ValueError/TypeError naming the parameter when shapes, dtypes or devices disagree, or when a log
     decay is above 0 (on CUDA only with LONGSCAN_CHECKS=1: the check reads the values back)."""
-    check_4d_float(dict(q=q, k=k, v=v), dict(q="[B, T, H, K]", k="[B, T, H, K]", v="[B, T, H, V]"))
-    if k.shape != q.shape:
-        raise ValueError(f"k must have the shape of q {tuple(q.shape)}, got {tuple(k.shape)}")
-    if v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"v must be [B, T, H, V] with B, T, H of q {tuple(q.shape[:3])}, got {tuple(v.shape)}")
-    check_like_q(q, dict(k=k, v=v))
-    B, T, H, K = q.shape
-    V = v.shape[-1]
+    B, T, H, K, V = check_linear_qkv(q, k, v)
     if g is not None and g_gamma is not None:
         raise ValueError("pass at most one of g and g_gamma (got both)")
     if g is not None:
