@@ -40,6 +40,17 @@ def _chunks(x: torch.Tensor, C: int) -> torch.Tensor:
     return x.view(B, H, -1, C, D)
 
 
+def _segment_sums(gc: torch.Tensor, causal: torch.Tensor) -> torch.Tensor:
+    """Σ_{s<r≤t} g_r for every (t, s) of each chunk, `[B,H,N,C,Kg]` -> `[B,H,N,C(t),C(s),Kg]` (0 for t ≤ s).
+
+    Summed directly rather than as b_t - b_s: with a log gate of -inf (a full reset) both cumulative sums
+    are -inf past it and their difference is NaN, while the direct sum is exact and never above 0.
+    """
+    after = causal.tril(-1)[..., None]                       # r > s, as [C(r), C(s), 1]
+    terms = torch.where(after, gc.unsqueeze(4), 0.0)         # g_r where r > s: [B,H,N,C(r),C(s),Kg]
+    return terms.cumsum(3)
+
+
 def _forward(q, k, v, g, g_gamma, scale, h0):
     """Returns o `[B, T, H, V]` (compute dtype) and the final state."""
     B, T, H, K = q.shape
@@ -57,9 +68,10 @@ def _forward(q, k, v, g, g_gamma, scale, h0):
         b = None
         attn = (qc @ kc.transpose(-1, -2)).masked_fill(~causal, 0)
     else:
-        b = _chunks(gl, C).cumsum(3)                       # within-chunk cumulative log gate [B,H,N,C,Kg]
-        diff = b.unsqueeze(4) - b.unsqueeze(3)              # b_t - b_s: [B,H,N,C(t),C(s),Kg]
-        decay = diff.masked_fill(~causal[..., None], float("-inf")).exp()
+        gc = _chunks(gl, C)
+        b = gc.cumsum(3)                                    # within-chunk cumulative log gate [B,H,N,C,Kg]
+        diff = _segment_sums(gc, causal)                     # Σ_{s<r≤t} g_r: [B,H,N,C(t),C(s),Kg]
+        decay = torch.where(causal[..., None], diff, float("-inf")).exp()
         if per_key:
             attn = torch.einsum("bhntk,bhnsk,bhntsk->bhnts", qc, kc, decay)
         else:
@@ -74,7 +86,7 @@ def _forward(q, k, v, g, g_gamma, scale, h0):
             S = S + kc[:, :, n].transpose(-1, -2) @ vc[:, :, n]
         else:
             last = b[:, :, n, -1]                                        # [B,H,Kg]
-            k_dec = kc[:, :, n] * (last.unsqueeze(2) - b[:, :, n]).exp()
+            k_dec = kc[:, :, n] * diff[:, :, n, -1].exp()                # exp(Σ_{s<r<C} g_r)
             S = last.exp().unsqueeze(-1) * S + k_dec.transpose(-1, -2) @ vc[:, :, n]
     Sn = torch.stack(states, dim=2)                                      # [B,H,N,K,V]
     q_dec = qc if b is None else qc * b.exp()
@@ -140,9 +152,10 @@ def segment_state(k, v, g=None, g_gamma=None):
     vt = v.to(dt).transpose(1, 2)
     if gl is None:
         return kt.transpose(-1, -2) @ vt, k.new_zeros(B, H, K, dtype=dt)
-    A = gl.cumsum(2)                                       # [B,H,T,Kg]
-    total = A[:, :, -1]                                     # [B,H,Kg]
-    S = (kt * (total.unsqueeze(2) - A).exp()).transpose(-1, -2) @ vt
+    total = gl.sum(2)                                       # [B,H,Kg]
+    # Σ_{r>t} g_r summed from the end (not A_T - A_t, which is NaN once a -inf gate makes both -inf).
+    after = F.pad(gl[:, :, 1:], (0, 0, 0, 1)).flip(2).cumsum(2).flip(2)
+    S = (kt * after.exp()).transpose(-1, -2) @ vt
     return S, total.expand(B, H, K).contiguous()
 
 
