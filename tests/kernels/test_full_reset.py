@@ -1,4 +1,4 @@
-"""A log decay of -inf (a full reset, S_t = k_t v_tᵀ) through the chunked torch backend, against the recurrence."""
+"""A log decay of -inf (a full reset, S_t = k_t v_tᵀ) in the chunked torch backend, against the recurrence."""
 import pytest
 import torch
 

@@ -40,15 +40,20 @@ def _chunks(x: torch.Tensor, C: int) -> torch.Tensor:
     return x.view(B, H, -1, C, D)
 
 
-def _segment_sums(gc: torch.Tensor, causal: torch.Tensor) -> torch.Tensor:
-    """Σ_{s<r≤t} g_r for every (t, s) of each chunk, `[B,H,N,C,Kg]` -> `[B,H,N,C(t),C(s),Kg]` (0 for t ≤ s).
-
-    Summed directly rather than as b_t - b_s: with a log gate of -inf (a full reset) both cumulative sums
-    are -inf past it and their difference is NaN, while the direct sum is exact and never above 0.
+def _cumulative(gl: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (A, resets): cumulative sums along dim of the log gate with its -inf entries (full resets) taken
+    as 0, and of the resets. The decay from s to t (s ≤ t) is exp(A_t - A_s) when resets_t == resets_s and 0
+    otherwise: A stays finite, so no (-inf) - (-inf) appears, and finite gates give the plain cumulative sum.
     """
-    after = causal.tril(-1)[..., None]                       # r > s, as [C(r), C(s), 1]
-    terms = torch.where(after, gc.unsqueeze(4), 0.0)         # g_r where r > s: [B,H,N,C(r),C(s),Kg]
-    return terms.cumsum(3)
+    reset = gl == float("-inf")
+    return torch.where(reset, 0.0, gl).cumsum(dim), reset.cumsum(dim)
+
+
+def _decay_log(A_t: torch.Tensor, A_s: torch.Tensor | float, n_t: torch.Tensor, n_s: torch.Tensor | int,
+               keep: torch.Tensor | None = None) -> torch.Tensor:
+    """log of the decay from s to t: A_t - A_s, or -inf where a reset lies between (or where not keep)."""
+    live = n_t == n_s if keep is None else (n_t == n_s) & keep
+    return torch.where(live, A_t - A_s, float("-inf"))
 
 
 def _forward(q, k, v, g, g_gamma, scale, h0):
@@ -68,10 +73,9 @@ def _forward(q, k, v, g, g_gamma, scale, h0):
         b = None
         attn = (qc @ kc.transpose(-1, -2)).masked_fill(~causal, 0)
     else:
-        gc = _chunks(gl, C)
-        b = gc.cumsum(3)                                    # within-chunk cumulative log gate [B,H,N,C,Kg]
-        diff = _segment_sums(gc, causal)                     # Σ_{s<r≤t} g_r: [B,H,N,C(t),C(s),Kg]
-        decay = torch.where(causal[..., None], diff, float("-inf")).exp()
+        b, nb = _cumulative(_chunks(gl, C), 3)             # within-chunk cumulative log gate [B,H,N,C,Kg]
+        decay = _decay_log(b.unsqueeze(4), b.unsqueeze(3), nb.unsqueeze(4), nb.unsqueeze(3),
+                           causal[..., None]).exp()          # exp(b_t - b_s): [B,H,N,C(t),C(s),Kg]
         if per_key:
             attn = torch.einsum("bhntk,bhnsk,bhntsk->bhnts", qc, kc, decay)
         else:
@@ -85,11 +89,12 @@ def _forward(q, k, v, g, g_gamma, scale, h0):
         if b is None:
             S = S + kc[:, :, n].transpose(-1, -2) @ vc[:, :, n]
         else:
-            last = b[:, :, n, -1]                                        # [B,H,Kg]
-            k_dec = kc[:, :, n] * diff[:, :, n, -1].exp()                # exp(Σ_{s<r<C} g_r)
-            S = last.exp().unsqueeze(-1) * S + k_dec.transpose(-1, -2) @ vc[:, :, n]
+            last, n_last = b[:, :, n, -1:], nb[:, :, n, -1:]                  # [B,H,1,Kg]
+            k_dec = kc[:, :, n] * _decay_log(last, b[:, :, n], n_last, nb[:, :, n]).exp()
+            whole = _decay_log(last[:, :, 0], 0.0, n_last[:, :, 0], 0).exp()   # the chunk's decay [B,H,Kg]
+            S = whole.unsqueeze(-1) * S + k_dec.transpose(-1, -2) @ vc[:, :, n]
     Sn = torch.stack(states, dim=2)                                      # [B,H,N,K,V]
-    q_dec = qc if b is None else qc * b.exp()
+    q_dec = qc if b is None else qc * _decay_log(b, 0.0, nb, 0).exp()
     o = (o + q_dec @ Sn) * scale
     o = o.reshape(B, H, N * C, V)[:, :, :T].transpose(1, 2)
     return o, S
@@ -152,10 +157,9 @@ def segment_state(k, v, g=None, g_gamma=None):
     vt = v.to(dt).transpose(1, 2)
     if gl is None:
         return kt.transpose(-1, -2) @ vt, k.new_zeros(B, H, K, dtype=dt)
-    total = gl.sum(2)                                       # [B,H,Kg]
-    # Σ_{r>t} g_r summed from the end (not A_T - A_t, which is NaN once a -inf gate makes both -inf).
-    after = F.pad(gl[:, :, 1:], (0, 0, 0, 1)).flip(2).cumsum(2).flip(2)
-    S = (kt * after.exp()).transpose(-1, -2) @ vt
+    A, n = _cumulative(gl, 2)                              # [B,H,T,Kg]
+    S = (kt * _decay_log(A[:, :, -1:], A, n[:, :, -1:], n).exp()).transpose(-1, -2) @ vt
+    total = _decay_log(A[:, :, -1], 0.0, n[:, :, -1], 0)   # [B,H,Kg]
     return S, total.expand(B, H, K).contiguous()
 
 
