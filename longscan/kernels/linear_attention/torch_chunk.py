@@ -5,7 +5,8 @@ state carries the past (Lightning Attention-2's split). Gradients come from auto
 forward, which is exact and keeps this file short; the Triton backend has hand-written backward kernels.
 
 Shapes: q, k `[B, T, H, K]`, v `[B, T, H, V]`, g `[B, T, H]` or `[B, T, H, K]` or g_gamma `[H]` (log decays),
-states `[B, H, K, V]` in float32 (float64 for float64 inputs).
+states `[B, H, K, V]` in float32 (float64 for float64 inputs). A log gate may be -inf (a full reset: the
+state forgets everything before that token); see :func:`_cumulative`.
 """
 from __future__ import annotations
 
