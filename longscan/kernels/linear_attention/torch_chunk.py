@@ -5,7 +5,8 @@ state carries the past (Lightning Attention-2's split). Gradients come from auto
 forward, which is exact and keeps this file short; the Triton backend has hand-written backward kernels.
 
 Shapes: q, k `[B, T, H, K]`, v `[B, T, H, V]`, g `[B, T, H]` or `[B, T, H, K]` or g_gamma `[H]` (log decays),
-states `[B, H, K, V]` in float32 (float64 for float64 inputs).
+states `[B, H, K, V]` in float32 (float64 for float64 inputs). A log gate may be -inf (a full reset: the
+state forgets everything before that token); see :func:`_cumulative`.
 """
 from __future__ import annotations
 
@@ -40,6 +41,22 @@ def _chunks(x: torch.Tensor, C: int) -> torch.Tensor:
     return x.view(B, H, -1, C, D)
 
 
+def _cumulative(gl: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (A, resets): cumulative sums along dim of the log gate with its -inf entries (full resets) taken
+    as 0, and of the resets. The decay from s to t (s ≤ t) is exp(A_t - A_s) when resets_t == resets_s and 0
+    otherwise: A stays finite, so no (-inf) - (-inf) appears, and finite gates give the plain cumulative sum.
+    """
+    reset = gl == float("-inf")
+    return torch.where(reset, 0.0, gl).cumsum(dim), reset.cumsum(dim)
+
+
+def _decay_log(A_t: torch.Tensor, A_s: torch.Tensor | float, n_t: torch.Tensor, n_s: torch.Tensor | int,
+               keep: torch.Tensor | None = None) -> torch.Tensor:
+    """log of the decay from s to t: A_t - A_s, or -inf where a reset lies between (or where not keep)."""
+    live = n_t == n_s if keep is None else (n_t == n_s) & keep
+    return torch.where(live, A_t - A_s, float("-inf"))
+
+
 def _forward(q, k, v, g, g_gamma, scale, h0):
     """Returns o `[B, T, H, V]` (compute dtype) and the final state."""
     B, T, H, K = q.shape
@@ -57,9 +74,9 @@ def _forward(q, k, v, g, g_gamma, scale, h0):
         b = None
         attn = (qc @ kc.transpose(-1, -2)).masked_fill(~causal, 0)
     else:
-        b = _chunks(gl, C).cumsum(3)                       # within-chunk cumulative log gate [B,H,N,C,Kg]
-        diff = b.unsqueeze(4) - b.unsqueeze(3)              # b_t - b_s: [B,H,N,C(t),C(s),Kg]
-        decay = diff.masked_fill(~causal[..., None], float("-inf")).exp()
+        b, nb = _cumulative(_chunks(gl, C), 3)             # within-chunk cumulative log gate [B,H,N,C,Kg]
+        decay = _decay_log(b.unsqueeze(4), b.unsqueeze(3), nb.unsqueeze(4), nb.unsqueeze(3),
+                           causal[..., None]).exp()          # exp(b_t - b_s): [B,H,N,C(t),C(s),Kg]
         if per_key:
             attn = torch.einsum("bhntk,bhnsk,bhntsk->bhnts", qc, kc, decay)
         else:
@@ -73,11 +90,12 @@ def _forward(q, k, v, g, g_gamma, scale, h0):
         if b is None:
             S = S + kc[:, :, n].transpose(-1, -2) @ vc[:, :, n]
         else:
-            last = b[:, :, n, -1]                                        # [B,H,Kg]
-            k_dec = kc[:, :, n] * (last.unsqueeze(2) - b[:, :, n]).exp()
-            S = last.exp().unsqueeze(-1) * S + k_dec.transpose(-1, -2) @ vc[:, :, n]
+            last, n_last = b[:, :, n, -1:], nb[:, :, n, -1:]                  # [B,H,1,Kg]
+            k_dec = kc[:, :, n] * _decay_log(last, b[:, :, n], n_last, nb[:, :, n]).exp()
+            whole = _decay_log(last[:, :, 0], 0.0, n_last[:, :, 0], 0).exp()   # the chunk's decay [B,H,Kg]
+            S = whole.unsqueeze(-1) * S + k_dec.transpose(-1, -2) @ vc[:, :, n]
     Sn = torch.stack(states, dim=2)                                      # [B,H,N,K,V]
-    q_dec = qc if b is None else qc * b.exp()
+    q_dec = qc if b is None else qc * _decay_log(b, 0.0, nb, 0).exp()
     o = (o + q_dec @ Sn) * scale
     o = o.reshape(B, H, N * C, V)[:, :, :T].transpose(1, 2)
     return o, S
@@ -140,9 +158,9 @@ def segment_state(k, v, g=None, g_gamma=None):
     vt = v.to(dt).transpose(1, 2)
     if gl is None:
         return kt.transpose(-1, -2) @ vt, k.new_zeros(B, H, K, dtype=dt)
-    A = gl.cumsum(2)                                       # [B,H,T,Kg]
-    total = A[:, :, -1]                                     # [B,H,Kg]
-    S = (kt * (total.unsqueeze(2) - A).exp()).transpose(-1, -2) @ vt
+    A, n = _cumulative(gl, 2)                              # [B,H,T,Kg]
+    S = (kt * _decay_log(A[:, :, -1:], A, n[:, :, -1:], n).exp()).transpose(-1, -2) @ vt
+    total = _decay_log(A[:, :, -1], 0.0, n[:, :, -1], 0)   # [B,H,Kg]
     return S, total.expand(B, H, K).contiguous()
 
 
