@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from longscan.distributed.all_scan import blocks, global_rank
 from longscan.distributed.layouts import group_rank_size, num_segments, segment_owner
 from longscan.distributed.stats import count, nbytes, waiting
 
@@ -38,17 +39,6 @@ def serial_affine_scan(transitions: torch.Tensor, states: torch.Tensor, initial:
     if reverse:
         carries.reverse()
     return torch.stack(carries), carry
-
-
-def blocks(V: int, n_blocks: int) -> list[tuple[int, int]]:
-    """V columns cut into n_blocks contiguous (start, end) blocks, the first V % n_blocks one longer."""
-    size, extra = divmod(V, n_blocks)
-    ends = [(b + 1) * size + min(b + 1, extra) for b in range(n_blocks)]
-    return list(zip([0] + ends[:-1], ends))
-
-
-def _global(group, r: int) -> int:
-    return r if group is None else dist.get_global_rank(group, r)
 
 
 def affine_all_scan(transitions: torch.Tensor, states: torch.Tensor, group=None, layout: str = "contiguous",
@@ -92,7 +82,7 @@ def affine_all_scan(transitions: torch.Tensor, states: torch.Tensor, group=None,
         if src is not None and src != rank:
             for b, (v0, v1) in enumerate(cuts):
                 buf = carries[slot, v0:v1]
-                recvs.append(dist.irecv(buf, _global(group, src), group=group, tag=order[pos - 1] * n_blocks + b))
+                recvs.append(dist.irecv(buf, global_rank(group, src), group=group, tag=order[pos - 1] * n_blocks + b))
                 count(recv=nbytes(buf))
         elif src == rank:
             carries[slot] = local_out
@@ -109,7 +99,7 @@ def affine_all_scan(transitions: torch.Tensor, states: torch.Tensor, group=None,
                     work.wait()
             torch.add(torch.einsum("bhij,vbhj->vbhi", M, carries[slot, v0:v1]), S[slot, v0:v1], out=out[v0:v1])
             if pipelined:
-                sends.append(dist.isend(out[v0:v1], _global(group, dst), group=group, tag=seg * n_blocks + b))
+                sends.append(dist.isend(out[v0:v1], global_rank(group, dst), group=group, tag=seg * n_blocks + b))
                 count(sent=nbytes(out[v0:v1]))
         if dst is None:
             last = out.movedim(0, -1).contiguous()

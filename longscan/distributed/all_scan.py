@@ -44,14 +44,15 @@ def serial_scan(states: torch.Tensor, log_decays: torch.Tensor, initial: torch.T
     return carries, carry
 
 
-def _blocks(K: int, n_blocks: int) -> list[tuple[int, int]]:
-    """K rows cut into n_blocks contiguous (start, end) blocks, the first K % n_blocks one row longer."""
-    size, extra = divmod(K, n_blocks)
+def blocks(n: int, n_blocks: int) -> list[tuple[int, int]]:
+    """n rows (or columns) cut into n_blocks contiguous (start, end) blocks, the first n % n_blocks one longer."""
+    size, extra = divmod(n, n_blocks)
     ends = [(b + 1) * size + min(b + 1, extra) for b in range(n_blocks)]
     return list(zip([0] + ends[:-1], ends))
 
 
-def _global(group, r: int) -> int:
+def global_rank(group, r: int) -> int:
+    """The global rank of group rank r (what point-to-point calls take)."""
     return r if group is None else dist.get_global_rank(group, r)
 
 
@@ -79,7 +80,7 @@ def all_scan(states: torch.Tensor, log_decays: torch.Tensor, group=None, layout:
     order = list(range(n))[::-1] if reverse else list(range(n))
     if world == 1:   # every segment is here: nothing to send, so nothing to pipeline
         return serial_scan(states, log_decays, initial, reverse)
-    blocks = _blocks(K, n_blocks)
+    cuts = blocks(K, n_blocks)
     # Work K-major, `[n_local, K, B, H, V]`, so that a K block is one contiguous buffer: received in place,
     # combined by one kernel and sent without a copy.
     S = states.movedim(-2, 1).contiguous()
@@ -96,9 +97,9 @@ def all_scan(states: torch.Tensor, log_decays: torch.Tensor, group=None, layout:
         # Post every block's receive first, so blocks arrive while earlier ones are being combined.
         recvs = []
         if src is not None and src != rank:
-            for b, (k0, k1) in enumerate(blocks):
+            for b, (k0, k1) in enumerate(cuts):
                 buf = carries[slot, k0:k1]
-                recvs.append(dist.irecv(buf, _global(group, src), group=group, tag=order[pos - 1] * n_blocks + b))
+                recvs.append(dist.irecv(buf, global_rank(group, src), group=group, tag=order[pos - 1] * n_blocks + b))
                 count(recv=nbytes(buf), kind="all_scan")
         elif src == rank:
             carries[slot] = local_out
@@ -113,12 +114,12 @@ def all_scan(states: torch.Tensor, log_decays: torch.Tensor, group=None, layout:
                     work.wait()
             torch.addcmul(S[slot], decays[slot], carries[slot], out=out)
         else:
-            for b, (k0, k1) in enumerate(blocks):
+            for b, (k0, k1) in enumerate(cuts):
                 if recvs:
                     with waiting("all_scan"):
                         recvs[b].wait()
                 torch.addcmul(S[slot, k0:k1], decays[slot, k0:k1], carries[slot, k0:k1], out=out[k0:k1])
-                sends.append(dist.isend(out[k0:k1], _global(group, dst), group=group, tag=seg * n_blocks + b))
+                sends.append(dist.isend(out[k0:k1], global_rank(group, dst), group=group, tag=seg * n_blocks + b))
                 count(sent=nbytes(out[k0:k1]), kind="all_scan")
         if dst is None:
             last = out.movedim(0, -2)

@@ -21,9 +21,7 @@ import torch
 from longscan.distributed.checks import check_delta_call
 from longscan.distributed.layouts import check_layout, group_rank_size, num_segments, segment_owner
 from longscan.kernels.delta_rule import check_inputs, get_backend
-from longscan.parallel.linear.common import by_batch, by_segment, merge, split
-
-METHODS = ("zeco", "lasp2", "lasp1")
+from longscan.parallel.linear.common import METHODS, by_batch, by_segment, merge, split
 
 
 @dataclass(frozen=True)
