@@ -19,32 +19,17 @@ from typing import Protocol
 import torch
 
 from longscan.distributed.checks import check_delta_call
-from longscan.distributed.layouts import check_layout, group_rank_size, num_segments, segment_owner
+from longscan.distributed.layouts import check_layout, group_rank_size, num_segments
 from longscan.kernels.delta_rule import check_inputs, get_backend
-from longscan.parallel.linear.common import METHODS, by_batch, by_segment, merge, split
+from longscan.parallel.linear.common import METHODS, SegmentGroup, by_batch, by_segment, merge, split
 
 
 @dataclass(frozen=True)
-class DeltaSPContext:
+class DeltaSPContext(SegmentGroup):
     """The group, the layout and the local compute of one call."""
-    group: object
-    layout: str
-    rank: int
-    world: int
-    n_local: int
     scale: float
     impl: object
     n_blocks: int
-
-    @property
-    def first_owner(self) -> int:
-        """Rank holding global segment 0 (where initial_state enters)."""
-        return segment_owner(0, self.world, self.layout)[0]
-
-    @property
-    def last_owner(self) -> int:
-        """Rank holding the last global segment (where the final state leaves)."""
-        return segment_owner(num_segments(self.world, self.layout) - 1, self.world, self.layout)[0]
 
 
 class ScanMethod(Protocol):

@@ -28,17 +28,13 @@ METHODS = ("zeco", "lasp2", "lasp1")
 
 
 @dataclass(frozen=True)
-class SPContext:
-    """What every SP method needs to know about the group and the local compute (fixed for one call)."""
+class SegmentGroup:
+    """The SP group, its layout and this rank's place in it: what every SP operator's scan needs."""
     group: object
     layout: str
     rank: int
     world: int
     n_local: int
-    scale: float
-    impl: LinearBackend
-    n_blocks: int = 4
-    overlap: bool = False
 
     @property
     def first_owner(self) -> int:
@@ -49,6 +45,15 @@ class SPContext:
     def last_owner(self) -> int:
         """Rank holding the last global segment (where the final state leaves)."""
         return segment_owner(num_segments(self.world, self.layout) - 1, self.world, self.layout)[0]
+
+
+@dataclass(frozen=True)
+class SPContext(SegmentGroup):
+    """What every SP method needs to know about the group and the local compute (fixed for one call)."""
+    scale: float
+    impl: LinearBackend
+    n_blocks: int = 4
+    overlap: bool = False
 
 
 def split(x: torch.Tensor | None, n: int) -> torch.Tensor | None:
