@@ -17,6 +17,10 @@ def local_world() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else CPU_PROCESSES
 
 
+# measuring tools neither resume from nor write into (or lock) the run's checkpoint directory
+NO_CHECKPOINTS = ["checkpoint.dir="]
+
+
 def checked_overrides(prog: str, config: str | None, overrides: list[str], nproc: int) -> list[str] | None:
     """The overrides to launch with (the default config made to fit ``nproc`` as `train` does), or None after
     printing the config/data error."""

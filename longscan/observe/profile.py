@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from longscan.observe.launch import checked_overrides, launch, local_world, under_torchrun
+from longscan.observe.launch import NO_CHECKPOINTS, checked_overrides, launch, local_world, under_torchrun
 
 PROG = "longscan profile"
 MATPLOTLIB_HINT = "pip install matplotlib, or pip install longscan[plots]"
@@ -66,7 +66,7 @@ def cmd_profile(argv: list[str]) -> int:
         argv += ["--compare-off"] if opts.compare_off else []
         return launch(PROG, argv + (["--config", a.config] if a.config else []) + overrides, nproc)
     from longscan.training.config import load_config
-    summary = run_profile(load_config(a.config, a.overrides), opts)
+    summary = run_profile(load_config(a.config, a.overrides + NO_CHECKPOINTS), opts)
     if summary is not None:
         print(format_table(summary), flush=True)
         print(f"wrote {opts.out}/summary.json, {opts.out}/trace.json"

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 
-from longscan.observe.launch import checked_overrides, launch, local_world, under_torchrun
+from longscan.observe.launch import NO_CHECKPOINTS, checked_overrides, launch, local_world, under_torchrun
 
 PROG = "longscan sweep"
 GRANULE = 64   # --max bisects to a multiple of this many tokens per layout piece (the kernels' chunk)
@@ -204,7 +204,7 @@ def attempt(cfg_path, overrides, sp: int | None, seq_len: int, opts: SweepOption
     from longscan.training.config import load_config
     from longscan.training.trainer import Trainer
     extra = ([f"parallel.sp={sp}", "parallel.dp=0"] if sp else []) + [f"data.seq_len={seq_len}"]
-    cfg = load_config(cfg_path, overrides + extra)
+    cfg = load_config(cfg_path, overrides + extra + NO_CHECKPOINTS)
     from longscan.training.parallel import init_process_group
     device = init_process_group()
     cuda = device.type == "cuda"

@@ -31,7 +31,11 @@ def _sweep(rank, world, out):
     # rank 1 alone is "out of memory" (a cap of 1 MiB): both ranks must record the OOM, and go on
     capped = SweepOptions(seq_lens=(128,), steps=1, warmup=0, memory_cap_mb=1.0 if rank == 1 else 0.0)
     oom = attempt(None, MODEL, 2, 128, capped)
-    rows = run_sweep(None, MODEL, SweepOptions(seq_lens=(128,), sp_sizes=(1, 2), steps=1, warmup=0))
+    # a run's checkpoint directory is neither locked, resumed from nor written by the sweep's attempts
+    ckpt = os.path.join(out, "ckpt")
+    rows = run_sweep(None, MODEL + [f"checkpoint.dir={ckpt}"],
+                     SweepOptions(seq_lens=(128,), sp_sizes=(1, 2), steps=1, warmup=0))
+    assert not os.path.exists(ckpt)
     if rank == 0:
         write_outputs([oom] + rows, out)
     return oom, rows
