@@ -107,7 +107,7 @@ class LinearAttention(nn.Module):
             g = F.logsigmoid(self.g_proj(x)[0].float().view(B, T, self.h, self.d)) / self.normalizer
         # g stays float32 under bf16 autocast: log decays summed over thousands of tokens need the precision
         o = self._attend(q, k, v, g)
-        o = self.out_norm(o.to(x.dtype))
+        o = self.out_norm(o)   # read in the kernel's dtype; normalised in float32
         return self.o_proj(o.reshape(B, T, self.h * self.d))[0]
 
     def tiled_with_norm(self, x: torch.Tensor, norm: RMSNorm, tile: int) -> torch.Tensor:
@@ -118,7 +118,7 @@ class LinearAttention(nn.Module):
         if self.variant in DELTA_VARIANTS:
             raise ValueError(f"memory.mixer_tile does not support linear_variant={self.variant!r}: its short "
                              "convolution mixes neighbouring tokens (set memory.mixer_tile=0)")
-        group, dtype = self.q_proj.tp_group, x.dtype
+        group = self.q_proj.tp_group
         x = copy_to_tensor_model_parallel_region(x, group=group)
         nw = copy_to_tensor_model_parallel_region(norm.weight, group=group)
 
@@ -129,7 +129,7 @@ class LinearAttention(nn.Module):
         o = self._attend(q, k, v, g[0] if g else None)
 
         def post(ot, onw, wo):
-            n = rms_norm(ot.to(dtype), onw, self.out_norm.eps)
+            n = rms_norm(ot, onw, self.out_norm.eps)
             return F.linear(n.flatten(2), wo)
         y = tiled(post, o, (self.out_norm.weight, self.o_proj.weight), tile)
         return reduce_from_tensor_model_parallel_region(y, group=group)
@@ -153,5 +153,5 @@ class LinearAttention(nn.Module):
             from longscan.parallel.delta_rule import delta_rule_attention
             o = delta_rule_attention(q, k, v, beta, g, method=self.sp.linear_method, group=group, layout=layout,
                                      backend=self.sp.linear_backend)[0]
-        o = self.out_norm(o.to(x.dtype))
+        o = self.out_norm(o)   # read in the kernel's dtype; normalised in float32
         return self.o_proj(o.reshape(B, T, self.h * self.d))[0]

@@ -1,34 +1,18 @@
-"""RMSNorm, whole-vector and per head."""
+"""RMSNorm, whole-vector and per head (the kernels: ``longscan.kernels.norm``)."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-
-class _RMSNorm(torch.autograd.Function):
-    """Keeps x and 1/rms for the backward, not the normalised x (a tensor the size of x fewer per norm)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, eps: float):
-        xf = x.float()
-        r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-        ctx.save_for_backward(x, weight, r)
-        return (xf * r * weight.float()).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight, r = ctx.saved_tensors
-        y = x.float() * r
-        g = grad.float()
-        dw = (g * y).sum_to_size(weight.shape).to(weight.dtype) if ctx.needs_input_grad[1] else None
-        gy = g * weight.float()
-        dx = (r * (gy - y * (gy * y).mean(-1, keepdim=True))).to(x.dtype) if ctx.needs_input_grad[0] else None
-        return dx, dw, None
+from longscan.kernels import norm as kernels
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x `[..., D]` normalised over D in float32, scaled by ``weight`` (broadcast), cast back."""
-    return _RMSNorm.apply(x, weight, eps)
+    """x `[..., D]` normalised over D in float32, scaled by ``weight`` (broadcast). Returned in the autocast
+    dtype under autocast (every consumer is a matmul that would cast it there), else in x's dtype."""
+    dev = x.device.type
+    out = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    return kernels.rms_norm(x, weight, eps, out)
 
 
 class RMSNorm(nn.Module):

@@ -95,7 +95,7 @@ def stage_params(m: ModelConfig, layout: Layout, pp_rank: int = 0) -> int:
 def saved_per_token(m: ModelConfig, stage: str, tp: int, act: int, mixer_tile: bool = False) -> int:
     """Bytes one stage saves for its backward per token with nothing checkpointed; stage: "L", "N" (mixers)
     or "mlp"; act: bytes of the activation dtype (2 under bf16 autocast, 4 in float32). The residual stream
-    and the norms are float32 in both. mixer_tile: the mixers' token-wise parts tiled (memory.mixer_tile),
+    is float32 in both; the norms compute in float32 and return autocast's dtype. mixer_tile: the mixers' token-wise parts tiled (memory.mixer_tile),
     which keep the stage's input and what the attention itself keeps."""
     D, hd = m.dim, m.hd
     I, H = m.n_heads * hd // tp, m.n_heads // tp
@@ -103,14 +103,14 @@ def saved_per_token(m: ModelConfig, stage: str, tp: int, act: int, mixer_tile: b
         return 4 * D + 4 * act * I + {"gla": 4 * I, "simple_gla": 4 * H}.get(m.linear_variant, 0)
     if mixer_tile and stage == "N":  # x; cos/sin; q, k (after RoPE), v, the output; log-sum-exp
         return 4 * D + 8 * hd + act * (2 * I + 2 * m.n_kv_heads * hd // tp) + 4 * H
-    norm = 8 * D + 4  # its float32 input and output (the projections' input), 1/rms
+    norm = 4 * D + act * D + 4  # its float32 input, its output (the projections' input, autocast's dtype), 1/rms
     if stage == "mlp":
         return norm + 4 * act * (m.ffn // tp)  # w1 x, silu(w1 x), w3 x, their product
     if stage == "L":
         v = m.linear_variant
         qkv = (5 if v in ("linear", "lightning") else 3) * act * I  # q, k (and before their SiLU), v
         gate = {"gla": 12 * I, "simple_gla": 12 * H}.get(v, 0)  # float32 logits, logsigmoid's buffer, g
-        out = 8 * I + 4 * H  # the output (float32), its per-head norm's 1/rms, o_proj's input
+        out = 2 * act * I + 4 * H  # the output (its norm's input), the norm's 1/rms, o_proj's input
         return norm + qkv + gate + out
     Ikv = m.n_kv_heads * hd // tp
     return norm + 8 * hd + act * (2 * I + 2 * Ikv) + 4 * H  # cos/sin, q, k, v, output, log-sum-exp
