@@ -9,6 +9,8 @@ Writes a table (forward + backward, bf16):
   1 × 32,768 tokens × 16 heads, divided by tokens · heads;
 - softmax_s_per_pair_head[head_dim]: causal scaled_dot_product_attention (flash), 1 × 8,192 tokens × 16 heads,
   divided by the T(T+1)/2 query-key pairs · heads;
+- copy_bytes_per_s: a device-to-device copy of 1 GiB, bytes read plus written per second (the rate of the
+  step's memory-bound work: norms, residual adds, activations, casts, the optimizer);
 - memory_bytes: the device's total memory.
 The default output is longscan/observe/costs/<gpu>.json with <gpu> = h100 or h200 from the device name.
 """
@@ -55,6 +57,12 @@ def matmul_rate(tokens: int = 16384) -> float:
                 F.linear(x, w).backward(gy)
             rates.append(6 * tokens * d * n / timed(step))
     return statistics.median(rates)
+
+
+def copy_rate(n_bytes: int = 1 << 30) -> float:
+    src = torch.empty(n_bytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * n_bytes / timed(lambda: dst.copy_(src))
 
 
 def linear_cost(variant: str, head_dim: int, T: int = 32768, H: int = 16) -> float:
@@ -110,6 +118,7 @@ def main() -> None:
              "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                       text=True).stdout.strip(),
              "matmul_flops_per_s": matmul_rate(),
+             "copy_bytes_per_s": copy_rate(),
              "linear_s_per_token_head": {v: {str(d): linear_cost(v, d) for d in dims} for v in VARIANTS},
              "softmax_s_per_pair_head": {str(d): softmax_cost(d) for d in dims}}
     out = a.out or os.path.join(os.path.dirname(__file__), "..", "longscan", "observe", "costs",
