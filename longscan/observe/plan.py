@@ -1,7 +1,10 @@
 """`longscan plan`: a cost model of one training step for each linear × softmax SP method on N GPUs.
 
 - compute: measured per-token kernel costs (longscan/observe/costs/<gpu>.json, written on that GPU by
-  benchmarks/kernel_costs.py) times the work each rank does;
+  benchmarks/kernel_costs.py) times the work each rank does: the matmuls at the measured matmul rate, the
+  attention kernels, the forward recomputed by checkpointed or tiled stages, and the memory-bound work (norms,
+  residual adds, activations, casts, the loss's logits, the optimizer) as bytes counted from the model's code
+  over the measured copy rate (:func:`compute_parts`);
 - communication: the bytes formulas of longscan.observe.comm (what `longscan profile` measures) over an
   interconnect's bandwidth, plus its latency per message on each method's critical path;
 - memory: :func:`memory_per_gpu`, the memory estimator of longscan.training.memory;
@@ -53,14 +56,18 @@ class KernelCosts:
     matmul_flops_per_s: float
     linear_s_per_token_head: dict      # variant -> {head_dim (str): seconds per token per head}
     softmax_s_per_pair_head: dict      # head_dim (str) -> seconds per causal (query, key) pair per head
+    copy_bytes_per_s: float | None = None
+    """Device-to-device copy, bytes read + written per second; None (older tables): memory-bound work uncounted."""
 
     @staticmethod
     def load(path: str) -> "KernelCosts":
         with open(path) as f:
             d = json.load(f)
         try:
+            copy = d.get("copy_bytes_per_s")
             return KernelCosts(d["gpu"], int(d["memory_bytes"]), float(d["matmul_flops_per_s"]),
-                               d["linear_s_per_token_head"], d["softmax_s_per_pair_head"])
+                               d["linear_s_per_token_head"], d["softmax_s_per_pair_head"],
+                               float(copy) if copy else None)
         except KeyError as e:
             raise PlanError(f"kernel-cost table {path} lacks the key {e}") from None
 
@@ -122,13 +129,14 @@ def layer_traffic(cfg, rank: int) -> dict[str, Traffic]:
     return out
 
 
-def memory_per_gpu(cfg) -> float:
+def memory_per_gpu(cfg, margin: bool = True) -> float:
     """Predicted peak bytes per GPU: longscan.training.memory's estimate for this config (the one `longscan
-    train` checks capacity with, its margin for what it does not model included). ``cfg`` must be validated
-    (parallel.dp filled)."""
+    train` checks capacity with; with ``margin`` its 10% for what it does not model included). ``cfg`` must be
+    validated (parallel.dp filled)."""
     from longscan.training.memory import estimate_config
     p = cfg.parallel
-    return float(estimate_config(cfg, p.tp * p.pp * p.sp * p.dp, device_type="cuda").peak)
+    world = p.tp * p.pp * p.sp * p.dp
+    return float(estimate_config(cfg, world, device_type="cuda", reserve=0.1 if margin else 0.0).peak)
 
 
 @dataclass(frozen=True)
@@ -139,7 +147,7 @@ class Prediction:
     compute_s: float
     exposed_comm_s: float
     comm_bytes_per_gpu: int
-    memory_gb: float
+    memory_gib: float           # the predicted peak, without the capacity check's margin
     max_seq_len: int
     note: str = ""          # why this pair cannot run (its other fields are then 0)
 
@@ -190,19 +198,91 @@ def _comm_time(cfg, net: Interconnect, compute_softmax_s: float) -> tuple[float,
     return exposed, worst_bytes
 
 
-def compute_time(cfg, costs: KernelCosts) -> tuple[float, float]:
-    """(compute seconds of one step on one rank, the softmax attention part of it)."""
+# Shares of the forward in the attention kernels' forward + backward: the chunked linear kernels (0.742 of
+# 2.567 ms at 1×65536 on an H100 and an H200) and cuDNN flash attention (its fprop/bprop kernels at 64K, H200).
+LINEAR_FWD_SHARE = 0.29
+SOFTMAX_FWD_SHARE = 0.25
+# Fused AdamW reads parameter, gradient and both moments and writes three (28 bytes, float32); the gradient
+# norm, the clip and the zeroing read or write the gradient three more times.
+OPTIMIZER_BYTES_PER_PARAM = 40
+
+
+def _recomputed(cfg) -> tuple[bool, bool, bool]:
+    """(linear mixer, softmax mixer, MLP): does the backward run the stage's token-wise forward again?"""
+    mem, whole = cfg.memory, cfg.schedule.activation_checkpointing
+    again = lambda mode: whole or mode in ("checkpoint", "offload")   # noqa: E731
+    return (again(mem.linear_layers) or mem.mixer_tile > 0, again(mem.softmax_layers) or mem.mixer_tile > 0,
+            again(mem.mlp) or mem.mlp_tile > 0)
+
+
+def _kernel_recomputed(cfg, mode: str) -> bool:
+    """Does the attention kernel itself run twice (whole-stage recompute; tiles recompute around it only)?"""
+    return cfg.schedule.activation_checkpointing or mode in ("checkpoint", "offload")
+
+
+def memory_bound_bytes(cfg) -> dict[str, float]:
+    """Bytes the step's memory-bound kernels move per token of one rank, by stage, counted from the model's code:
+    float32 residual stream (4 bytes), bf16 activations (2). A forward pass of a block reads x and writes each
+    norm's bf16 output (6D twice), adds each branch to the float32 stream (10D twice), runs SwiGLU's SiLU and
+    product (10·F) and the mixer's activations (linear: SiLU of q and k, the per-head output norm, 12·I; softmax:
+    RoPE in float32 on q and k, about 30 bytes an element); the backward reads and writes about twice that
+    (norms 10D, gradient adds 12D, the bf16 sum of the projections' input gradients 6D a further consumer,
+    SwiGLU 18·F, mixer 18·I / RoPE 30 an element). Recomputed stages pay their forward twice."""
+    m, p = cfg.model, cfg.parallel
+    D, F = m.dim, m.ffn // p.tp
+    I, Ikv = m.n_heads * m.hd // p.tp, m.n_kv_heads * m.hd // p.tp
+    re_lin, re_soft, re_mlp = _recomputed(cfg)
+    per = m.n_layers // p.pp
+    kinds = [m.layer_kind(i) for i in range(per)]
+    lin_f, lin_b = 16 * D + 12 * I, 31 * D + 18 * I               # norm + add forward; norm, adds, 2 consumers
+    soft_f, soft_b = 16 * D + 30 * (I + Ikv), 31 * D + 30 * (I + Ikv)
+    mlp_f, mlp_b = 16 * D + 10 * F, 28 * D + 18 * F
+    out = {"linear mixers": kinds.count("L") * (lin_f * (2 if re_lin else 1) + lin_b),
+           "softmax mixers": kinds.count("N") * (soft_f * (2 if re_soft else 1) + soft_b),
+           "MLPs": per * (mlp_f * (2 if re_mlp else 1) + mlp_b)}
+    # the loss on the last stage (shared out over stages like the matmuls): float32 logits written, read for
+    # their max and sum, the gradient written and cast, about six passes
+    out["loss"] = 6 * 4 * m.padded_vocab / p.tp / p.pp
+    return out
+
+
+def compute_parts(cfg, costs: KernelCosts) -> dict[str, float]:
+    """Seconds of one step's compute on one rank, by part (their sum is the compute time)."""
     m, p, d = cfg.model, cfg.parallel, cfg.data
     seqs = d.global_batch_size // p.dp                 # sequences this rank's replica trains per step
     tokens = seqs * d.seq_len // p.sp
     per = m.n_layers // p.pp
     kinds = [m.layer_kind(i) for i in range(per)]
-    matmul = tokens * matmul_flops_per_token(m) / (p.tp * p.pp) / costs.matmul_flops_per_s
+    rate = costs.matmul_flops_per_s
     heads = m.n_heads // p.tp
+    parts = {"matmuls": tokens * matmul_flops_per_token(m) / (p.tp * p.pp) / rate}
     linear = kinds.count("L") * tokens * heads * costs.linear(m.linear_variant, m.hd) if "L" in kinds else 0.0
     pairs = seqs * d.seq_len * (d.seq_len + 1) / 2 / p.sp
     softmax = kinds.count("N") * pairs * heads * costs.softmax(m.hd) if "N" in kinds else 0.0
-    return matmul + linear + softmax, softmax
+    parts["linear attention"], parts["softmax attention"] = linear, softmax
+    # the recomputed forward: a third of a stage's matmuls (forward 2 of 6 FLOPs a weight), and the kernels'
+    # forward share where the whole stage runs again
+    re_lin, re_soft, re_mlp = _recomputed(cfg)
+    hd, D, F = m.hd, m.dim, m.ffn
+    I, Ikv = m.n_heads * hd, m.n_kv_heads * hd
+    gate = {"simple_gla": m.n_heads, "gla": I}.get(m.linear_variant, 0)
+    w_lin, w_soft, w_mlp = 4 * D * I + D * gate, 2 * D * I + 2 * D * Ikv, 3 * D * F
+    again = (kinds.count("L") * w_lin * re_lin + kinds.count("N") * w_soft * re_soft + per * w_mlp * re_mlp)
+    parts["recomputed forward"] = (tokens * 2 * again / (p.tp * p.pp) / rate
+                                   + LINEAR_FWD_SHARE * linear * _kernel_recomputed(cfg, cfg.memory.linear_layers)
+                                   + SOFTMAX_FWD_SHARE * softmax * _kernel_recomputed(cfg, cfg.memory.softmax_layers))
+    if costs.copy_bytes_per_s:
+        moved = sum(memory_bound_bytes(cfg).values()) * tokens
+        n_params = (matmul_flops_per_token(m) // 6 + m.dim * m.padded_vocab) / (p.tp * p.pp)
+        parts["memory-bound"] = moved / costs.copy_bytes_per_s
+        parts["optimizer"] = OPTIMIZER_BYTES_PER_PARAM * n_params / costs.copy_bytes_per_s
+    return parts
+
+
+def compute_time(cfg, costs: KernelCosts) -> tuple[float, float]:
+    """(compute seconds of one step on one rank, the softmax attention part of it)."""
+    parts = compute_parts(cfg, costs)
+    return sum(parts.values()), parts["softmax attention"]
 
 
 def predict(cfg, costs: KernelCosts, net: Interconnect) -> Prediction:
@@ -216,7 +296,7 @@ def predict(cfg, costs: KernelCosts, net: Interconnect) -> Prediction:
         return memory_per_gpu(replace(cfg, data=replace(cfg.data, seq_len=n))) <= costs.memory_bytes
     longest = longest_fit(step, step, 1 << 30, fits)
     return Prediction(cfg.parallel.linear_method, cfg.parallel.softmax_method, compute + exposed, compute, exposed,
-                      nbytes, memory_per_gpu(cfg) / 1e9, longest)
+                      nbytes, memory_per_gpu(cfg, margin=False) / 2**30, longest)
 
 
 def plan(cfg, gpus: int, costs: KernelCosts, net: Interconnect, linear_methods=LINEAR_METHODS,
@@ -246,7 +326,7 @@ def plan(cfg, gpus: int, costs: KernelCosts, net: Interconnect, linear_methods=L
 def format_table(preds: list[Prediction], cfg, gpus: int, gpu: str, net: Interconnect) -> str:
     p = cfg.parallel
     lines = [f"longscan plan | {gpus} × {gpu} over {net.name} | tp {p.tp} pp {p.pp} sp {p.sp} | seq {cfg.data.seq_len}",
-             "| linear | softmax | step (ms) | compute (ms) | exposed comm (ms) | SP comm MB/GPU/step | memory/GPU (GB) "
+             "| linear | softmax | step (ms) | compute (ms) | exposed comm (ms) | SP comm MB/GPU/step | memory/GPU (GiB) "
              "| longest seq that fits |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in preds:
@@ -254,7 +334,7 @@ def format_table(preds: list[Prediction], cfg, gpus: int, gpu: str, net: Interco
             lines.append(f"| {r.linear_method} | {r.softmax_method} | cannot run: {r.note} | | | | | |")
             continue
         lines.append(f"| {r.linear_method} | {r.softmax_method} | {1e3 * r.step_time_s:.2f} | {1e3 * r.compute_s:.2f} "
-                     f"| {1e3 * r.exposed_comm_s:.2f} | {r.comm_bytes_per_gpu / 2**20:.1f} | {r.memory_gb:.1f} "
+                     f"| {1e3 * r.exposed_comm_s:.2f} | {r.comm_bytes_per_gpu / 2**20:.1f} | {r.memory_gib:.1f} "
                      f"| {r.max_seq_len:,} |")
     return "\n".join(lines)
 
@@ -282,11 +362,15 @@ def cmd_plan(argv: list[str]) -> int:
             raise PlanError(f"--interconnect {a.interconnect!r} is not known; choose one of {', '.join(INTERCONNECTS)}")
         net = INTERCONNECTS[a.interconnect]
         cfg = load_config(a.config, a.overrides)
-        preds = plan(cfg, a.gpus, costs_for(a.gpu, a.costs), net,
+        costs = costs_for(a.gpu, a.costs)
+        preds = plan(cfg, a.gpus, costs, net,
                      tuple(x for x in a.linear_methods.split(",") if x),
                      tuple(x for x in a.softmax_methods.split(",") if x))
     except (PlanError, ConfigError) as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 2
     print(format_table(preds, cfg, a.gpus, a.gpu, net))
+    if costs.copy_bytes_per_s is None:
+        print(f"note: the {costs.gpu} table has no copy rate, so memory-bound work (norms, activations, the optimizer) "
+              "is not counted; measure it with benchmarks/kernel_costs.py")
     return 0

@@ -330,7 +330,7 @@ def write_outputs(rows: list[Row], out: str) -> None:
 
 def markdown_table(rows: list[Row]) -> str:
     """Sequence length × GPUs: throughput and memory per GPU, or OOM (the form of LASP-2's Table 6)."""
-    lines = ["| Sequence length | GPUs | SP | Throughput (tokens/s) | Tokens/s per GPU | MFU | Memory per GPU (GB) |",
+    lines = ["| Sequence length | GPUs | SP | Throughput (tokens/s) | Tokens/s per GPU | MFU | Memory per GPU (GiB) |",
              "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in sorted(rows, key=lambda r: (r.sp, r.seq_len)):
         if r.status != "ok":

@@ -22,10 +22,15 @@ def table(tmp_path):
     return str(path)
 
 
-def test_no_shipped_table_is_said_clearly(capsys):
-    import os
-    if os.path.isfile(os.path.join(P.COSTS_DIR, "h200.json")):
-        pytest.skip("an H200 table ships")
+def test_shipped_tables_load():
+    for gpu in P.GPUS:
+        costs = P.costs_for(gpu)
+        assert costs.gpu == gpu and costs.matmul_flops_per_s > 1e14 and costs.memory_bytes > 70 * 2**30
+        assert costs.linear("lightning", 128) > 0 and costs.softmax(128) > 0
+
+
+def test_no_shipped_table_is_said_clearly(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(P, "COSTS_DIR", str(tmp_path))
     assert P.cmd_plan(["--gpus", "2", "--gpu", "h200"]) == 2
     assert "no measured kernel-cost table for --gpu h200" in capsys.readouterr().err
 
@@ -81,3 +86,35 @@ def test_table_missing_head_dim(table):
     cfg = load_config(None, MODEL + ["model.n_heads=8", "model.n_kv_heads=8", "parallel.sp=1"])
     with pytest.raises(P.PlanError, match="head dim 32"):
         P.plan(cfg, 1, P.costs_for("h100", table), P.INTERCONNECTS["nvlink4"])
+
+
+def test_recomputed_forward_and_memory_bound_work(tmp_path):
+    """Whole-block checkpointing adds a third of the blocks' matmuls and the kernels' forward shares; per-stage
+    checkpointing only its stage's; with a copy rate the memory-bound bytes and the optimizer are counted."""
+    path = tmp_path / "costs.json"
+    path.write_text(json.dumps(dict(TABLE, copy_bytes_per_s=1e12)))
+    costs = P.costs_for("h100", str(path))
+    parts = {}
+    for name, extra in (("off", []), ("whole", ["schedule.activation_checkpointing=true"]),
+                        ("mlp", ["memory.mlp=checkpoint"])):
+        parts[name] = P.compute_parts(validate(load_config(None, MODEL + ["parallel.sp=1"] + extra), 1), costs)
+    off, whole, mlp = parts["off"], parts["whole"], parts["mlp"]
+    assert off["recomputed forward"] == 0
+    c = validate(load_config(None, MODEL + ["parallel.sp=1"]), 1)
+    m, tokens = c.model, 4 * 4096
+    D, I, F = m.dim, m.n_heads * m.hd, m.ffn
+    blocks = 3 * 4 * D * I + (2 * D * I + 2 * D * m.n_kv_heads * m.hd) + 4 * 3 * D * F
+    want = (tokens * 2 * blocks / 1e14 + P.LINEAR_FWD_SHARE * off["linear attention"]
+            + P.SOFTMAX_FWD_SHARE * off["softmax attention"])
+    assert whole["recomputed forward"] == pytest.approx(want)
+    assert mlp["recomputed forward"] == pytest.approx(tokens * 2 * 4 * 3 * D * F / 1e14)
+    assert off["memory-bound"] < mlp["memory-bound"] < whole["memory-bound"]
+    assert off["memory-bound"] == pytest.approx(sum(P.memory_bound_bytes(c).values()) * tokens / 1e12)
+    assert off["optimizer"] > 0
+    assert "memory-bound" not in P.compute_parts(c, P.costs_for("h100", _write(tmp_path, TABLE)))
+
+
+def _write(tmp_path, table) -> str:
+    path = tmp_path / "plain.json"
+    path.write_text(json.dumps(table))
+    return str(path)
