@@ -16,11 +16,9 @@ With the zigzag layout each rank holds two segments and the chain visits ranks 0
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
-from longscan.distributed.all_scan import blocks, global_rank
-from longscan.distributed.layouts import group_rank_size, num_segments, segment_owner
-from longscan.distributed.stats import count, nbytes, waiting
+from longscan.distributed.chain import chain_scan
+from longscan.distributed.layouts import group_rank_size, num_segments
 
 
 def serial_affine_scan(transitions: torch.Tensor, states: torch.Tensor, initial: torch.Tensor | None = None,
@@ -64,47 +62,12 @@ def affine_all_scan(transitions: torch.Tensor, states: torch.Tensor, group=None,
         raise ValueError(f"n_blocks must be an int in [1, V={V}], got {n_blocks!r}")
     if world == 1:
         return serial_affine_scan(transitions, states, initial, reverse)
-    order = list(range(n))[::-1] if reverse else list(range(n))
-    cuts = blocks(V, n_blocks)
-    # V-major `[n_local, V, B, H, K]`: a block of columns is one contiguous buffer, received in place and
-    # sent without a copy
+    # V-major `[n_local, V, B, H, K]`: a block of columns is one contiguous buffer
     S = states.movedim(-1, 1).contiguous()
     init = None if initial is None else initial.to(S.dtype).movedim(-1, 0)
-    carries = torch.empty_like(S)
-    sends, last, local_out = [], None, None
-    for pos, seg in enumerate(order):
-        owner, slot = segment_owner(seg, world, layout)
-        if owner != rank:
-            continue
-        src = segment_owner(order[pos - 1], world, layout)[0] if pos > 0 else None
-        dst = segment_owner(order[pos + 1], world, layout)[0] if pos + 1 < n else None
-        recvs = []   # every block's receive posted first, so blocks arrive while earlier ones are combined
-        if src is not None and src != rank:
-            for b, (v0, v1) in enumerate(cuts):
-                buf = carries[slot, v0:v1]
-                recvs.append(dist.irecv(buf, global_rank(group, src), group=group, tag=order[pos - 1] * n_blocks + b))
-                count(recv=nbytes(buf))
-        elif src == rank:
-            carries[slot] = local_out
-        elif init is None:
-            carries[slot] = 0
-        else:
-            carries[slot] = init
-        M = transitions[slot].to(S.dtype)
-        out = torch.empty_like(S[slot])
-        pipelined = dst is not None and dst != rank
-        for b, (v0, v1) in enumerate(cuts if pipelined else [(0, V)]):
-            with waiting():
-                for work in (recvs[b:b + 1] if pipelined else recvs):
-                    work.wait()
-            torch.add(torch.einsum("bhij,vbhj->vbhi", M, carries[slot, v0:v1]), S[slot, v0:v1], out=out[v0:v1])
-            if pipelined:
-                sends.append(dist.isend(out[v0:v1], global_rank(group, dst), group=group, tag=seg * n_blocks + b))
-                count(sent=nbytes(out[v0:v1]))
-        if dst is None:
-            last = out.movedim(0, -1).contiguous()
-        local_out = out
-    with waiting():
-        for work in sends:
-            work.wait()
-    return carries.movedim(1, -1).contiguous(), last
+    M = transitions.to(S.dtype)
+
+    def combine(slot, v0, v1, carry, out):
+        torch.add(torch.einsum("bhij,vbhj->vbhi", M[slot], carry), S[slot, v0:v1], out=out)
+    carries, last = chain_scan(S, n_blocks, combine, group, layout, init, reverse)
+    return carries.movedim(1, -1).contiguous(), None if last is None else last.movedim(0, -1).contiguous()

@@ -15,10 +15,9 @@ With the zigzag layout each rank holds two segments and the chain visits ranks 0
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
-from longscan.distributed.layouts import group_rank_size, num_segments, segment_owner
-from longscan.distributed.stats import count, nbytes, waiting
+from longscan.distributed.chain import chain_scan
+from longscan.distributed.layouts import group_rank_size, num_segments
 
 
 def serial_scan(states: torch.Tensor, log_decays: torch.Tensor, initial: torch.Tensor | None = None,
@@ -44,18 +43,6 @@ def serial_scan(states: torch.Tensor, log_decays: torch.Tensor, initial: torch.T
     return carries, carry
 
 
-def blocks(n: int, n_blocks: int) -> list[tuple[int, int]]:
-    """n rows (or columns) cut into n_blocks contiguous (start, end) blocks, the first n % n_blocks one longer."""
-    size, extra = divmod(n, n_blocks)
-    ends = [(b + 1) * size + min(b + 1, extra) for b in range(n_blocks)]
-    return list(zip([0] + ends[:-1], ends))
-
-
-def global_rank(group, r: int) -> int:
-    """The global rank of group rank r (what point-to-point calls take)."""
-    return r if group is None else dist.get_global_rank(group, r)
-
-
 def all_scan(states: torch.Tensor, log_decays: torch.Tensor, group=None, layout: str = "contiguous",
              n_blocks: int = 4, initial: torch.Tensor | None = None, reverse: bool = False):
     """The All-Scan over an SP group.
@@ -77,54 +64,14 @@ def all_scan(states: torch.Tensor, log_decays: torch.Tensor, group=None, layout:
     K = states.shape[-2]
     if not 1 <= n_blocks <= K:
         raise ValueError(f"n_blocks must be in [1, K={K}], got {n_blocks}")
-    order = list(range(n))[::-1] if reverse else list(range(n))
     if world == 1:   # every segment is here: nothing to send, so nothing to pipeline
         return serial_scan(states, log_decays, initial, reverse)
-    cuts = blocks(K, n_blocks)
-    # Work K-major, `[n_local, K, B, H, V]`, so that a K block is one contiguous buffer: received in place,
-    # combined by one kernel and sent without a copy.
+    # K-major `[n_local, K, B, H, V]`: a K block is one contiguous buffer
     S = states.movedim(-2, 1).contiguous()
     decays = log_decays.exp().movedim(-1, 1).unsqueeze(-1).contiguous()      # [n_local, K, B, H, 1]
     init = None if initial is None else initial.to(S.dtype).movedim(-2, 0)
-    carries = torch.empty_like(S)
-    sends, last, local_out = [], None, None
-    for pos, seg in enumerate(order):
-        owner, slot = segment_owner(seg, world, layout)
-        if owner != rank:
-            continue
-        src = segment_owner(order[pos - 1], world, layout)[0] if pos > 0 else None
-        dst = segment_owner(order[pos + 1], world, layout)[0] if pos + 1 < n else None
-        # Post every block's receive first, so blocks arrive while earlier ones are being combined.
-        recvs = []
-        if src is not None and src != rank:
-            for b, (k0, k1) in enumerate(cuts):
-                buf = carries[slot, k0:k1]
-                recvs.append(dist.irecv(buf, global_rank(group, src), group=group, tag=order[pos - 1] * n_blocks + b))
-                count(recv=nbytes(buf), kind="all_scan")
-        elif src == rank:
-            carries[slot] = local_out
-        elif init is None:
-            carries[slot] = 0
-        else:
-            carries[slot] = init
-        out = torch.empty_like(S[slot])
-        if dst is None or dst == rank:   # nothing to pass on: one kernel once every block is in
-            with waiting("all_scan"):
-                for work in recvs:
-                    work.wait()
-            torch.addcmul(S[slot], decays[slot], carries[slot], out=out)
-        else:
-            for b, (k0, k1) in enumerate(cuts):
-                if recvs:
-                    with waiting("all_scan"):
-                        recvs[b].wait()
-                torch.addcmul(S[slot, k0:k1], decays[slot, k0:k1], carries[slot, k0:k1], out=out[k0:k1])
-                sends.append(dist.isend(out[k0:k1], global_rank(group, dst), group=group, tag=seg * n_blocks + b))
-                count(sent=nbytes(out[k0:k1]), kind="all_scan")
-        if dst is None:
-            last = out.movedim(0, -2)
-        local_out = out
-    with waiting("all_scan"):
-        for work in sends:
-            work.wait()
-    return carries.movedim(1, -2).contiguous(), last
+
+    def combine(slot, k0, k1, carry, out):
+        torch.addcmul(S[slot, k0:k1], decays[slot, k0:k1], carry, out=out)
+    carries, last = chain_scan(S, n_blocks, combine, group, layout, init, reverse, kind="all_scan")
+    return carries.movedim(1, -2).contiguous(), None if last is None else last.movedim(0, -2)
