@@ -152,7 +152,7 @@ class Prediction:
     note: str = ""          # why this pair cannot run (its other fields are then 0)
 
 
-def _comm_time(cfg, net: Interconnect, compute_softmax_s: float) -> tuple[float, int]:
+def _comm_time(cfg, net: Interconnect, compute_softmax_s: float, compute_s: float) -> tuple[float, int]:
     """Exposed communication seconds of one step on the busiest rank, and that rank's bytes sent."""
     m, p, d = cfg.model, cfg.parallel, cfg.data
     micro = d.global_batch_size // (d.micro_batch_size * p.dp)
@@ -191,7 +191,12 @@ def _comm_time(cfg, net: Interconnect, compute_softmax_s: float) -> tuple[float,
     g = p.dp * p.sp                          # the gradient all-reduce over DP × SP (float32)
     if g > 1:
         grad_bytes = 4 * (matmul_flops_per_token(m) // 6 + m.dim * m.padded_vocab) / (p.tp * p.pp)
-        exposed += 2 * (g - 1) * lat + 2 * (g - 1) / g * grad_bytes / bw
+        reduce = 2 * (g - 1) * lat + 2 * (g - 1) / g * grad_bytes / bw
+        if cfg.optimizer.overlap_grad_reduce and cfg.optimizer.engine == "torch":
+            # beside the backward (two thirds of the compute) it shows what the backward cannot hide, and at
+            # least one layer's share: the first layer's gradients start when the backward ends
+            reduce = max(reduce - 2 / 3 * compute_s, reduce / per)
+        exposed += reduce
     if p.tp > 1:                             # two row-parallel all-reduces a layer, forward and backward
         act = d.micro_batch_size * d.seq_len // p.sp * m.dim * _elem(cfg)
         exposed += 4 * per * micro * (2 * (p.tp - 1) * lat + 2 * (p.tp - 1) / p.tp * act / bw)
@@ -287,7 +292,7 @@ def compute_time(cfg, costs: KernelCosts) -> tuple[float, float]:
 
 def predict(cfg, costs: KernelCosts, net: Interconnect) -> Prediction:
     compute, softmax = compute_time(cfg, costs)
-    exposed, nbytes = _comm_time(cfg, net, softmax)
+    exposed, nbytes = _comm_time(cfg, net, softmax, compute)
     from longscan.observe.sweep import longest_fit   # the same search as `longscan sweep --max`
     pieces = cfg.parallel.sp * (2 if cfg.parallel.layout == "zigzag" else 1)
     step = 64 * pieces

@@ -147,6 +147,9 @@ class OptimizerConfig:
     """torch (AdamW on every rank) | deepspeed (DeepSpeed ZeRO optimizer over the DP group)."""
     zero_stage: int = 1
     """ZeRO stage when engine=deepspeed; only 1 (optimizer states partitioned) works under megatron's schedules."""
+    overlap_grad_reduce: bool = True
+    """engine=torch: reduce each gradient over DP × SP as soon as the backward has finished it, beside the rest of
+    the backward; false: one all-reduce of every gradient after the backward. The same sums either way."""
 
     def __post_init__(self):
         self.validate()

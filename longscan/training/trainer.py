@@ -30,6 +30,7 @@ from longscan.training.data import build_data, stdlib_token_file
 from longscan.training.lifecycle import StopRequest
 from longscan.training.lock import DirectoryLock
 from longscan.training.metrics import MetricsLogger, Progress, memory_mb
+from longscan.training.grad_reduce import GradReducer
 from longscan.training.optim import allreduce_grads, build_adamw, global_grad_norm, lr_at
 from longscan.training.packing import DocumentMicrobatch, DocumentPackedData
 from longscan.training.parallel import collective_timeout_s, init_groups, init_process_group, stage_config
@@ -113,6 +114,10 @@ class Trainer:
             raise ConfigError(f"model.vocab_size = {cfg.model.vocab_size} is smaller than the data's vocabulary "
                               f"({meta['vocab_size']}); set model.vocab_size={meta['vocab_size']}")
         self.num_microbatches = d.global_batch_size // (d.micro_batch_size * r.dp)
+        self.reducer = None
+        if self.zero is None and cfg.optimizer.overlap_grad_reduce and dist.get_world_size(r.dp_sp_group) > 1:
+            self.reducer = GradReducer(self.params, r.dp_sp_group, self.num_microbatches,
+                                       scope=lambda: self._phase("optimizer"))
         self.tokens_per_step = d.global_batch_size * d.seq_len
         self.flops_per_step = step_flops(cfg.model, d.global_batch_size, d.seq_len)
         self.peak_flops = device_peak_flops(self.device)
@@ -241,6 +246,8 @@ class Trainer:
         mbs = self.data.train_microbatches(self.step, c.data.global_batch_size, c.data.micro_batch_size,
                                            r.dp_rank, r.dp)
         self.activity = f"forward/backward of step {n} (pipeline and SP collectives, loss all-reduce)"
+        if self.reducer is not None:
+            self.reducer.start()
         loss = self._run(mbs, forward_only=False) / self.tokens_per_step
         lr = lr_at(self.step, c.optimizer, c.schedule)
         with self._phase("optimizer"):
@@ -249,7 +256,10 @@ class Trainer:
                 norm = float("nan")
                 finite = all(bool(torch.isfinite(q.grad).all()) for q in self.params if q.grad is not None)
             else:
-                allreduce_grads(self.params, r.dp_sp_group)
+                if self.reducer is not None:
+                    self.reducer.finish()
+                else:
+                    allreduce_grads(self.params, r.dp_sp_group)
                 norm = global_grad_norm(self.params, r.mp_group).item()
                 finite = math.isfinite(norm)
             finite = finite and math.isfinite(loss)

@@ -118,3 +118,18 @@ def _write(tmp_path, table) -> str:
     path = tmp_path / "plain.json"
     path.write_text(json.dumps(table))
     return str(path)
+
+
+def test_gradient_reduction_beside_the_backward(table):
+    """DP × SP > 1: overlapped, the all-reduce shows only what two thirds of the compute cannot hide (or one
+    layer's share); not overlapped, all of it."""
+    costs, net = P.costs_for("h100", table), P.INTERCONNECTS["ib-ndr"]
+    runs = {}
+    for overlap in (True, False):
+        cfg = load_config(None, MODEL + ["parallel.sp=1", f"optimizer.overlap_grad_reduce={str(overlap).lower()}"])
+        runs[overlap] = P.plan(cfg, 4, costs, net, ("zeco",), ("ring",))[0]
+    on, off = runs[True], runs[False]
+    assert on.compute_s == off.compute_s and 0 < on.exposed_comm_s < off.exposed_comm_s
+    c = validate(load_config(None, MODEL + ["parallel.sp=1"]), 4)
+    assert on.exposed_comm_s == pytest.approx(max(off.exposed_comm_s - 2 / 3 * on.compute_s,
+                                                  off.exposed_comm_s / c.model.n_layers))
