@@ -107,7 +107,8 @@ def check_documents(q, initial_state, output_final_state: bool, backend: str, im
     output_final_state, and a backend outside :data:`RESET_BACKENDS` (``impl``: what ``backend`` resolved to;
     None: check the name alone, before resolving it)."""
     if q.shape[0] != 1:
-        raise ValueError(f"cu_seqlens packs documents into one sequence: q must be [1, T, H, K], got batch {q.shape[0]}")
+        raise ValueError("cu_seqlens packs documents into one sequence: q must be [1, T, H, K], got batch "
+                         f"{q.shape[0]}")
     if initial_state is not None:
         raise ValueError("initial_state cannot be combined with cu_seqlens: per-document initial states are not "
                          "supported (every document starts from a zero state); pass initial_state=None")
@@ -119,7 +120,8 @@ def check_documents(q, initial_state, output_final_state: bool, backend: str, im
         picked = "" if name == backend else f" (backend={backend!r} picked {name!r} on {q.device.type})"
         raise ValueError(f"cu_seqlens (packed documents) needs backend='torch' or 'naive' (parallel.linear_backend "
                          f"in training), got backend={backend!r}{picked}: documents enter as log decays of -inf, "
-                         f"which only {RESET_BACKENDS} compute exactly; use backend='torch'")
+                         "which only the torch and naive backends compute exactly (the Triton kernels give NaN); "
+                         "use backend='torch'")
 
 
 def document_resets(cu_seqlens: torch.Tensor, global_positions: torch.Tensor) -> torch.Tensor:
@@ -131,8 +133,8 @@ def document_resets(cu_seqlens: torch.Tensor, global_positions: torch.Tensor) ->
 def reset_log_decay(q, g, g_gamma, resets: torch.Tensor) -> torch.Tensor:
     """The per-token log decay of packed documents: g (g_gamma broadcast to `[B, T, H]`, or zeros without a
     decay) with -inf at the tokens where ``resets`` `[T]` holds, in a new tensor (g is left as it is). There the
-    state before the token is dropped whole, so the gradient of the log decay at a reset is 0; it is 0 on one
-    device too, where a document's first decay multiplies the zero state."""
+    state before the token is dropped whole, so the gradient of g (or g_gamma) at a reset is 0: its value when
+    the document runs alone too, where that decay multiplies the zero initial state."""
     B, T, H, _ = q.shape
     if g is not None:
         base = g
@@ -200,4 +202,5 @@ def chunk_linear_attention(q, k, v, g=None, g_gamma=None, scale=None, initial_st
 
 
 __all__ = ["chunk_linear_attention", "naive_recurrent_linear_attention", "get_backend", "check_inputs",
-           "check_documents", "document_resets", "reset_log_decay", "RESET_BACKENDS", "check_log_decay", "check_backend_supports", "LinearBackend", "LinearKernelOptions", "LaunchConfig", "BACKENDS"]
+           "check_documents", "document_resets", "reset_log_decay", "RESET_BACKENDS",
+           "check_log_decay", "check_backend_supports", "LinearBackend", "LinearKernelOptions", "LaunchConfig", "BACKENDS"]
