@@ -553,8 +553,9 @@ def _check_packed_linear(m: ModelConfig, p: ParallelConfig) -> None:
     backend = p.linear_backend
     if backend in RESET_BACKENDS or (backend == "auto" and not torch.cuda.is_available()):
         return
-    why = ("which picks the Triton kernels on this CUDA machine (torch only where there is no GPU)"
-           if backend == "auto" else f"which does not compute them exactly")
+    why = (", which picks the Triton kernels on this CUDA machine (it picks torch where there is no GPU)"
+           if backend == "auto" else "")
     raise ConfigError(f"data.pack_documents = true with linear layers (model.pattern = {m.pattern!r}) needs "
-                      f"parallel.linear_backend = torch or naive, got {backend!r}, {why}: documents enter linear "
-                      "attention as log decays of -inf, which the Triton kernels give as NaN")
+                      f"parallel.linear_backend = torch or naive, got {backend!r}{why}: documents enter linear "
+                      "attention as log decays of -inf, which only torch and naive compute exactly (the Triton "
+                      "kernels give NaN)")
