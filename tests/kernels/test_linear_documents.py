@@ -95,3 +95,16 @@ def _call(**kw):
 def test_documents_refuse(kw, match):
     with pytest.raises(ValueError, match=match):
         _call(**kw)
+
+
+def test_auto_refused_where_it_picks_triton():
+    """backend="auto" resolves to the Triton kernels on CUDA: the resolved backend is what is checked."""
+    from longscan.kernels.linear_attention import check_documents, get_backend
+    try:
+        triton = get_backend("triton", torch.device("cpu"))
+    except ValueError as e:
+        pytest.skip(f"triton not importable: {e}")
+    q = torch.zeros(1, 4, 2, 8)
+    check_documents(q, None, False, "auto", get_backend("auto", q.device))      # torch here
+    with pytest.raises(ValueError, match="got backend='auto' \\(backend='auto' picked 'triton' on cpu\\)"):
+        check_documents(q, None, False, "auto", triton)
