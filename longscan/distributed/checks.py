@@ -180,14 +180,16 @@ def _device(x):
 
 
 def check_linear_call(group, q, k, v, g, g_gamma, scale, initial_state, output_final_state, method, layout,
-                      n_blocks) -> None:
+                      n_blocks, cu_seqlens=None) -> None:
     """:func:`check_same_call` for ``longscan.parallel.linear_attention``: B, T, H, K (from q), q's dtype,
     the shapes and dtypes of k, v and of the optional inputs, the decay kind, scale, output_final_state,
-    method, layout and ZeCO's n_blocks. Equal signatures make the local checks that follow agree too."""
+    method, layout, ZeCO's n_blocks and the number of packed documents. Equal signatures make the local checks
+    that follow agree too."""
     check_same_call(group, "linear_attention", _device(q), **shape_fields(q, "BTHK"), dtype=_dtype(q),
                     k=_spec(k), v=_spec(v), decay_kind=decay_kind(g, g_gamma), g=_spec(g), g_gamma=_spec(g_gamma),
                     initial_state=_spec(initial_state), scale=scale, output_final_state=output_final_state,
-                    method=method, layout=layout, n_blocks=n_blocks if method == "zeco" else None)
+                    method=method, layout=layout, n_blocks=n_blocks if method == "zeco" else None,
+                    cu_seqlens=_spec(cu_seqlens))
 
 
 def check_softmax_call(group, q, k, v, causal, scale, method, layout, chunk_heads, cu_seqlens=None) -> None:

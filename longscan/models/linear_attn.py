@@ -81,18 +81,23 @@ class LinearAttention(nn.Module):
         # g stays float32 under bf16 autocast: log decays summed over thousands of tokens need the precision
         return q, k, v, g
 
-    def _attend(self, q, k, v, g):
+    def _attend(self, q, k, v, g, cu_seqlens=None):
         g_gamma = self.g_gamma if self.variant == "lightning" else None
         return sp_ops.linear_attention(q, k, v, g=g, g_gamma=g_gamma, method=self.sp.linear_method,
                                        group=self.sp.group, layout=self.sp.layout, backend=self.sp.linear_backend,
-                                       overlap=self.sp.linear_overlap, options=self.sp.linear_options)
+                                       overlap=self.sp.linear_overlap, options=self.sp.linear_options,
+                                       cu_seqlens=cu_seqlens)
 
     def _weights(self) -> list[torch.Tensor]:
         ws = [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]
         return ws + [self.g_proj.weight] if self.variant in ("simple_gla", "gla") else ws
 
-    def forward(self, x):
+    def forward(self, x, cu_seqlens=None):
+        """cu_seqlens: packed documents, one global offsets tensor per batch row (None: one sequence a row)."""
         if self.variant in DELTA_VARIANTS:
+            if cu_seqlens is not None:
+                raise ValueError(f"cu_seqlens (packed documents) is not supported by linear_variant={self.variant!r}:"
+                                 " the delta-rule kernels do not compute a reset (a log gate of -inf) exactly")
             return self._delta_forward(x)
         B, T, _ = x.shape
         q = self.q_proj(x)[0].view(B, T, self.h, self.d)
@@ -106,11 +111,11 @@ class LinearAttention(nn.Module):
         elif self.variant == "gla":
             g = F.logsigmoid(self.g_proj(x)[0].float().view(B, T, self.h, self.d)) / self.normalizer
         # g stays float32 under bf16 autocast: log decays summed over thousands of tokens need the precision
-        o = self._attend(q, k, v, g)
+        o = self._attend(q, k, v, g, cu_seqlens)
         o = self.out_norm(o)   # read in the kernel's dtype; normalised in float32
         return self.o_proj(o.reshape(B, T, self.h * self.d))[0]
 
-    def tiled_with_norm(self, x: torch.Tensor, norm: RMSNorm, tile: int) -> torch.Tensor:
+    def tiled_with_norm(self, x: torch.Tensor, norm: RMSNorm, tile: int, cu_seqlens=None) -> torch.Tensor:
         """self(norm(x)) with everything but the attention itself run ``tile`` tokens at a time: the norm and
         the q/k/v/gate projections before it, the per-head output norm and the output projection after it.
         Kept for the backward: x, q, k, v, the gate and the attention's output; the `[T, D]` norm output and
@@ -126,7 +131,7 @@ class LinearAttention(nn.Module):
             out = self._inputs(rms_norm(xt, nw_, norm.eps), *ws)
             return out if out[3] is not None else out[:3]
         q, k, v, *g = tiled(pre, x, (nw, *self._weights()), tile)
-        o = self._attend(q, k, v, g[0] if g else None)
+        o = self._attend(q, k, v, g[0] if g else None, cu_seqlens)
 
         def post(ot, onw, wo):
             n = rms_norm(ot, onw, self.out_norm.eps)

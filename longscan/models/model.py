@@ -55,15 +55,13 @@ class Block(nn.Module):
         self.mlp = SwiGLU(cfg, mp)
 
     def _mixer(self, x, cos, sin, cu_seqlens):
-        if self.kind == "L" and cu_seqlens is not None:
-            raise ValueError("cu_seqlens (packed documents) is not supported by linear-attention layers yet")
         tile = self.memory.mixer_tile
         if tile and self.kind == "L":
-            return x + self.attn.tiled_with_norm(x, self.attn_norm, tile)
+            return x + self.attn.tiled_with_norm(x, self.attn_norm, tile, cu_seqlens)
         if tile:
             return x + self.attn.tiled_with_norm(x, self.attn_norm, cos, sin, tile, cu_seqlens)
         h = self.attn_norm(x)
-        return x + (self.attn(h) if self.kind == "L" else self.attn(h, cos, sin, cu_seqlens))
+        return x + (self.attn(h, cu_seqlens) if self.kind == "L" else self.attn(h, cos, sin, cu_seqlens))
 
     def _ffn(self, x):
         if self.memory.mlp_tile:

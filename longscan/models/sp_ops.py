@@ -14,14 +14,28 @@ def _sp_size(group) -> int:
 
 
 def linear_attention(q, k, v, g=None, g_gamma=None, *, method="zeco", group=None, layout="contiguous",
-                     backend="auto", overlap=False, options=None):
+                     backend="auto", overlap=False, options=None, cu_seqlens=None):
     """q, k `[B, T, H, K]`, v `[B, T, H, V]` (T local) -> o `[B, T, H, V]`. options: the Triton kernels'
-    LinearKernelOptions (None: the defaults)."""
+    LinearKernelOptions (None: the defaults).
+
+    ``cu_seqlens``: packed documents, one global offsets tensor per batch row (each row attended alone)."""
+    if cu_seqlens is not None:
+        if len(cu_seqlens) != q.shape[0]:
+            raise ValueError(f"cu_seqlens needs one offsets tensor per batch row ({q.shape[0]}), got {len(cu_seqlens)}")
+        return torch.cat([_linear(q[b:b + 1], k[b:b + 1], v[b:b + 1], g[b:b + 1] if g is not None else None, g_gamma,
+                                  method, group, layout, backend, overlap, options, cu)
+                          for b, cu in enumerate(cu_seqlens)])
+    return _linear(q, k, v, g, g_gamma, method, group, layout, backend, overlap, options, None)
+
+
+def _linear(q, k, v, g, g_gamma, method, group, layout, backend, overlap, options, cu_seqlens):
+    """The SP operator, or the local kernel on one rank."""
     if _sp_size(group) == 1:
-        return chunk_linear_attention(q, k, v, g=g, g_gamma=g_gamma, backend=backend, options=options)[0]
+        return chunk_linear_attention(q, k, v, g=g, g_gamma=g_gamma, backend=backend, options=options,
+                                      cu_seqlens=cu_seqlens)[0]
     from longscan.parallel import linear_attention as sp_linear
     return sp_linear(q, k, v, g=g, g_gamma=g_gamma, method=method, group=group, layout=layout,
-                     backend=backend, overlap=overlap, options=options)[0]
+                     backend=backend, overlap=overlap, options=options, cu_seqlens=cu_seqlens)[0]
 
 
 def softmax_attention(q, k, v, *, method="ring", group=None, layout="zigzag", backend="auto", cu_seqlens=None):

@@ -13,10 +13,12 @@ import os
 from dataclasses import dataclass, field
 from importlib import resources
 
+import torch
 import yaml
 
 from longscan.distributed.layouts import LAYOUTS
 from longscan.kernels.linear_attention import BACKENDS as LINEAR_BACKENDS
+from longscan.kernels.linear_attention import RESET_BACKENDS
 from longscan.kernels.linear_attention.options import LinearKernelOptions
 from longscan.kernels.softmax_attention import BACKENDS as SOFTMAX_BACKENDS
 from longscan.models.args import STAGE_MODES, MemoryOptions, ModelConfig
@@ -114,7 +116,8 @@ class DataConfig:
     """Seed of the training-order shuffle."""
     pack_documents: bool = False
     """Attend within documents only: split sequences after each EOS, restart RoPE positions per document and
-    drop the EOS token's target (softmax layers only: model.pattern of N)."""
+    drop the EOS token's target. Linear layers (L) need parallel.linear_backend torch or naive (auto on a
+    machine without CUDA) and a linear_variant without the delta rule."""
 
     def __post_init__(self):
         self.validate()
@@ -539,6 +542,23 @@ def validate(cfg: TrainConfig, world_size: int) -> TrainConfig:
         raise ConfigError(f"memory.mixer_tile = {mem.mixer_tile} needs a token-wise mixer; model.linear_variant = "
                           f"{m.linear_variant!r} has a short convolution over neighbouring tokens (set it to 0)")
     if d.pack_documents and "L" in m.pattern:
-        raise ConfigError(f"data.pack_documents = true needs a model.pattern of softmax layers only (N); "
-                          f"{m.pattern!r} has linear layers (L), whose kernels do not take documents yet")
+        _check_packed_linear(m, p)
     return cfg
+
+
+def _check_packed_linear(m: ModelConfig, p: ParallelConfig) -> None:
+    """Packed documents reach linear layers as resets (log decays of -inf): only the backends that compute
+    those exactly (torch, naive) may run them. "auto" is the Triton kernels on CUDA, torch elsewhere."""
+    if m.linear_variant in ("deltanet", "gated_deltanet", "kda"):
+        raise ConfigError(f"data.pack_documents = true does not support model.linear_variant = {m.linear_variant!r} "
+                          f"(model.pattern = {m.pattern!r} has linear layers): the delta-rule kernels do not compute "
+                          "a reset between documents exactly; use linear, lightning, simple_gla or gla")
+    backend = p.linear_backend
+    if backend in RESET_BACKENDS or (backend == "auto" and not torch.cuda.is_available()):
+        return
+    why = (", which picks the Triton kernels on this CUDA machine (it picks torch where there is no GPU)"
+           if backend == "auto" else "")
+    raise ConfigError(f"data.pack_documents = true with linear layers (model.pattern = {m.pattern!r}) needs "
+                      f"parallel.linear_backend = torch or naive, got {backend!r}{why}: documents enter linear "
+                      "attention as log decays of -inf, which only torch and naive compute exactly (the Triton "
+                      "kernels give NaN)")

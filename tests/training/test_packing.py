@@ -1,6 +1,9 @@
-"""Packed documents in training: the maps of packing.py, the model against each document alone, and one
-training step with SP = 2 (ring, zigzag) against DP = 2 (the one-device gradient), in one 2-process spawn."""
+"""Packed documents in training: the maps of packing.py, the config rule for linear layers, the model (softmax
+only, and a hybrid with linear layers) against each document alone, forward and gradient, and one training step
+with SP = 2 (zigzag; ring, ZeCO) against DP = 2 (the one-device gradient), in one 2-process spawn."""
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pytest
@@ -45,50 +48,93 @@ def test_rows_brute_force(layout, world, rank):
     assert row_cu_seqlens(np.array([1, EOS, 2, EOS]), EOS).tolist() == [0, 2, 4]
 
 
-def test_linear_layers_refuse_packing():
-    cfg = load_config(None, tiny(data={"pack_documents": True}))
-    with pytest.raises(ConfigError, match="data.pack_documents"):
-        validate(cfg, 1)
+def test_packing_with_linear_layers_needs_an_exact_backend(monkeypatch):
+    """Linear layers take packed documents on the torch and naive backends (and auto without CUDA); triton,
+    fla, auto on a CUDA machine and the delta-rule variants are refused, naming the keys."""
+    def cfg(model=None, **parallel):
+        return load_config(None, tiny(data={"pack_documents": True}, parallel=parallel, model=model or {}))
+    for backend in ("torch", "naive", "auto"):
+        validate(cfg(linear_backend=backend), 1)
+    for backend in ("triton", "fla"):
+        with pytest.raises(ConfigError, match=f"data.pack_documents.*parallel.linear_backend = torch or naive, "
+                                              f"got '{backend}'"):
+            validate(cfg(linear_backend=backend), 1)
+    with pytest.raises(ConfigError, match="data.pack_documents.*model.linear_variant = 'gated_deltanet'"):
+        validate(cfg(model={"linear_variant": "gated_deltanet"}, linear_backend="torch"), 1)
+    validate(cfg(model={"linear_variant": "gated_deltanet", "pattern": "NNNN"}), 1)   # no linear layers
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(ConfigError, match="parallel.linear_backend = torch or naive, got 'auto', which picks the "
+                                          "Triton kernels on this CUDA machine"):
+        validate(cfg(), 1)
+    validate(cfg(linear_backend="torch"), 1)
 
 
-def _cfg(path, **parallel):
-    return tiny(model={"pattern": "NN", "n_layers": 2},
+# the softmax-only model, and a hybrid whose linear layers have a learned per-token gate (resets into g)
+MODELS = {"NN": {"pattern": "NN", "n_layers": 2}, "LLLN": {"pattern": "LLLN", "n_layers": 4,
+                                                         "linear_variant": "simple_gla"}}
+
+
+def _cfg(path, model, **parallel):
+    return tiny(model=MODELS[model],
                 parallel={"layout": "contiguous", **parallel},
                 data={"source": "tokens", "path": path, "pack_documents": True, "seq_len": 64})
 
 
-def _dp2(path):
+def _grads(model, loss):
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [g.detach().clone() for g in torch.autograd.grad(loss, params)]
+
+
+def _dp2(path, model):
     from longscan.training.trainer import Trainer
-    t = Trainer(load_config(None, _cfg(path)))
+    t = Trainer(load_config(None, _cfg(path, model)))
     mb = t.data.train_microbatches(0, 4, 1, t.ranks.dp_rank, 2)[0]
+    spans = list(zip(mb.cu_seqlens[0][:-1].tolist(), mb.cu_seqlens[0][1:].tolist()))
     t.model.eval()
     with torch.no_grad():
         packed = t.model(mb.tokens, mb.labels, mb.cu_seqlens, mb.positions, mb.loss_mask)
-        alone = torch.cat([t.model(mb.tokens[:, a:b], mb.labels[:, a:b])
-                           for a, b in zip(mb.cu_seqlens[0][:-1].tolist(), mb.cu_seqlens[0][1:].tolist())], 1)
+        alone = torch.cat([t.model(mb.tokens[:, a:b], mb.labels[:, a:b]) for a, b in spans], 1)
         unpacked = t.model(mb.tokens, mb.labels)
+    # the gradient of the packed loss against the sum of the documents' losses, each document alone
+    g_packed = _grads(t.model, t.model(mb.tokens, mb.labels, mb.cu_seqlens, mb.positions, mb.loss_mask).sum())
+    g_alone = _grads(t.model, sum((t.model(mb.tokens[:, a:b], mb.labels[:, a:b]) * mb.loss_mask[:, a:b]).sum()
+                                  for a, b in spans))
+    # memory.mixer_tile: the mixers' projections and norms run 24 tokens at a time, the attention on them whole
+    untiled = [layer.memory for layer in t.model.layers.values()]
+    for layer in t.model.layers.values():
+        layer.memory = dataclasses.replace(layer.memory, mixer_tile=24)
+    tiled = t.model(mb.tokens, mb.labels, mb.cu_seqlens, mb.positions, mb.loss_mask)
+    g_tiled = _grads(t.model, tiled.sum())
+    for layer, mem in zip(t.model.layers.values(), untiled):
+        layer.memory = mem
     t.model.train()
     m = t.train_step()
     return {"packed": packed * mb.loss_mask, "alone": alone * mb.loss_mask, "unpacked": unpacked * mb.loss_mask,
+            "grad_err": max(rel_err(a, b) for a, b in zip(g_packed, g_alone)), "tiled": tiled.detach(),
+            "tiled_grad_err": max(rel_err(a, b) for a, b in zip(g_tiled, g_packed)),
             "n_docs": len(mb.cu_seqlens[0]) - 1, "loss": m["loss"], **local_tensors(t)}
 
 
-def _sp2(path):
+def _sp2(path, model):
     from longscan.training.trainer import Trainer
-    t = Trainer(load_config(None, _cfg(path, sp=2, layout="zigzag", softmax_method="ring")))
+    t = Trainer(load_config(None, _cfg(path, model, sp=2, layout="zigzag", softmax_method="ring")))
     return {"loss": t.train_step()["loss"], **local_tensors(t)}
 
 
 def _worker(rank, world, path):
-    return _dp2(path), _sp2(path)
+    return {m: (_dp2(path, m), _sp2(path, m)) for m in MODELS}
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
+def runs(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("packed") / "docs.u16")
     write_token_file(path, stream(seed=1, n_docs=400), 257, EOS)
-    per_rank = run_distributed(_worker, 2, path)
-    return [r[0] for r in per_rank], [r[1] for r in per_rank]
+    return run_distributed(_worker, 2, path)
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def results(request, runs):
+    return [r[request.param][0] for r in runs], [r[request.param][1] for r in runs]
 
 
 def test_model_attends_within_documents(results):
@@ -96,6 +142,8 @@ def test_model_attends_within_documents(results):
         assert one["n_docs"] > 3
         assert rel_err(one["packed"], one["alone"]) <= 1e-5
         assert rel_err(one["unpacked"], one["alone"]) > 1e-3      # without documents the losses differ
+        assert one["grad_err"] <= 1e-5
+        assert rel_err(one["tiled"], one["packed"]) <= 1e-5 and one["tiled_grad_err"] <= 1e-5
 
 
 def test_sp2_ring_step_matches_one_device(results):

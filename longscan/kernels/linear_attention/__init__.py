@@ -2,6 +2,10 @@
 
 Backends: "naive" (recurrent reference), "torch" (chunked, CPU default), "triton" (GPU default),
 "fla" (flash-linear-attention, when installed, for side-by-side checks); "auto" picks triton on CUDA.
+
+Packed documents (``cu_seqlens``) enter as resets: a log decay of -inf at every document's first token but the
+sequence's first drops the state whole, so no document sees another. Only the backends in
+:data:`RESET_BACKENDS` compute a -inf log decay exactly.
 """
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import importlib
 
 import torch
 
+from longscan.distributed.documents import check_cu_seqlens, to_device
 from longscan.kernels import saved
 from longscan.kernels.checks import check_linear_qkv
 from longscan.kernels.linear_attention.backend import LinearBackend, NaiveBackend, TorchBackend
@@ -16,6 +21,8 @@ from longscan.kernels.linear_attention.naive import naive_recurrent_linear_atten
 from longscan.kernels.linear_attention.options import LaunchConfig, LinearKernelOptions
 
 BACKENDS = ("auto", "naive", "torch", "triton", "fla")
+# the backends that compute a log decay of -inf (a full reset) exactly, so the ones that take packed documents
+RESET_BACKENDS = ("naive", "torch")
 # (module, class) of the backends that import optional packages (triton, fla) only when asked for
 _LAZY = {"triton": ("longscan.kernels.linear_attention.triton", "TritonBackend"),
          "fla": ("longscan.kernels.linear_attention.fla_backend", "FlaBackend")}
@@ -94,6 +101,52 @@ def check_inputs(q, k, v, g=None, g_gamma=None, initial_state=None) -> None:
             raise ValueError(f"initial_state must be on q's device ({q.device}), got {initial_state.device}")
 
 
+def check_documents(q, initial_state, output_final_state: bool, backend: str, impl: LinearBackend | None = None
+                    ) -> None:
+    """Refuse what packed documents (``cu_seqlens``) cannot come with: a batch above 1, initial_state,
+    output_final_state, and a backend outside :data:`RESET_BACKENDS` (``impl``: what ``backend`` resolved to;
+    None: check the name alone, before resolving it)."""
+    if q.shape[0] != 1:
+        raise ValueError("cu_seqlens packs documents into one sequence: q must be [1, T, H, K], got batch "
+                         f"{q.shape[0]}")
+    if initial_state is not None:
+        raise ValueError("initial_state cannot be combined with cu_seqlens: per-document initial states are not "
+                         "supported (every document starts from a zero state); pass initial_state=None")
+    if output_final_state:
+        raise ValueError("output_final_state=True cannot be combined with cu_seqlens: per-document final states are "
+                         "not supported; pass output_final_state=False")
+    name = impl.name if impl is not None else backend
+    if name not in RESET_BACKENDS + ("auto",):
+        picked = "" if name == backend else f" (backend={backend!r} picked {name!r} on {q.device.type})"
+        raise ValueError(f"cu_seqlens (packed documents) needs backend='torch' or 'naive' (parallel.linear_backend "
+                         f"in training), got backend={backend!r}{picked}: documents enter as log decays of -inf, "
+                         "which only the torch and naive backends compute exactly (the Triton kernels give NaN); "
+                         "use backend='torch'")
+
+
+def document_resets(cu_seqlens: torch.Tensor, global_positions: torch.Tensor) -> torch.Tensor:
+    """Whether each token, given by its global position `[T]`, starts a document other than the sequence's
+    first (bool `[T]`, CPU). cu_seqlens: validated int64 offsets (``longscan.distributed.documents``)."""
+    return torch.isin(global_positions, cu_seqlens[1:-1])
+
+
+def reset_log_decay(q, g, g_gamma, resets: torch.Tensor) -> torch.Tensor:
+    """The per-token log decay of packed documents: g (g_gamma broadcast to `[B, T, H]`, or zeros without a
+    decay) with -inf at the tokens where ``resets`` `[T]` holds, in a new tensor (g is left as it is). There the
+    state before the token is dropped whole, so the gradient of g (or g_gamma) at a reset is 0: its value when
+    the document runs alone too, where that decay multiplies the zero initial state."""
+    B, T, H, _ = q.shape
+    if g is not None:
+        base = g
+    elif g_gamma is not None:
+        base = g_gamma.view(1, 1, H).expand(B, T, H)
+    else:
+        base = torch.zeros(B, T, H, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
+                           device=q.device)
+    mask = to_device(resets, q.device).view((1, T) + (1,) * (base.dim() - 2))
+    return torch.where(mask, torch.full((), float("-inf"), dtype=base.dtype, device=base.device), base)
+
+
 class _ChunkLinearAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, g_gamma, initial_state, scale, output_final_state, impl):
@@ -120,7 +173,8 @@ class _ChunkLinearAttention(torch.autograd.Function):
 
 
 def chunk_linear_attention(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None,
-                           output_final_state=False, backend="auto", options: LinearKernelOptions | None = None):
+                           output_final_state=False, backend="auto", options: LinearKernelOptions | None = None,
+                           cu_seqlens=None):
     """Linear attention with optional diagonal decay on one device, with autograd.
 
     q, k `[B, T, H, K]`; v `[B, T, H, V]`; g `[B, T, H]` or `[B, T, H, K]` or g_gamma `[H]` (log decays);
@@ -128,14 +182,25 @@ def chunk_linear_attention(q, k, v, g=None, g_gamma=None, scale=None, initial_st
     tensors always; CUDA tensors with LONGSCAN_CHECKS=1, since checking reads them back).
     Returns (o `[B, T, H, V]`, final state `[B, H, K, V]` float32 or None).
     options: the Triton kernels' :class:`LinearKernelOptions` (None: the defaults).
+    cu_seqlens: packed documents, int32/int64 `[N + 1]` offsets (fla's convention) with B = 1: every document
+    is attended alone, as a reset (log decay -inf) at its first token; backends "torch" and "naive" only, without
+    initial_state or output_final_state. The gradient of g (or g_gamma) at a document's first token is 0.
     Same conventions as flash-linear-attention's chunk_simple_gla / chunk_gla.
     """
     check_inputs(q, k, v, g, g_gamma, initial_state)
+    if cu_seqlens is not None:
+        check_documents(q, initial_state, output_final_state, backend)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     impl = get_backend(backend, q.device, options)
     check_backend_supports(impl, g_gamma)
+    if cu_seqlens is not None:
+        check_documents(q, initial_state, output_final_state, backend, impl)
+        T = q.shape[1]
+        g = reset_log_decay(q, g, g_gamma, document_resets(check_cu_seqlens(cu_seqlens, T), torch.arange(T)))
+        g_gamma = None
     return _ChunkLinearAttention.apply(q, k, v, g, g_gamma, initial_state, scale, output_final_state, impl)
 
 
 __all__ = ["chunk_linear_attention", "naive_recurrent_linear_attention", "get_backend", "check_inputs",
+           "check_documents", "document_resets", "reset_log_decay", "RESET_BACKENDS",
            "check_log_decay", "check_backend_supports", "LinearBackend", "LinearKernelOptions", "LaunchConfig", "BACKENDS"]

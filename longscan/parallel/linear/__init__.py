@@ -15,7 +15,7 @@ if tuple(REGISTRY) != METHODS:
 
 def linear_attention(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None, output_final_state=False,
                      method="zeco", group=None, layout="contiguous", backend="auto", n_blocks=4, overlap=False,
-                     check_replicated=False, options: LinearKernelOptions | None = None):
+                     check_replicated=False, options: LinearKernelOptions | None = None, cu_seqlens=None):
     """Linear attention over the ranks of a sequence-parallel group, exactly as on one device.
 
     Each rank passes its shard of the global sequence (see ``longscan.parallel.shard``):
@@ -35,15 +35,19 @@ def linear_attention(q, k, v, g=None, g_gamma=None, scale=None, initial_state=No
     g_gamma are replicated: the same tensor on every rank is the caller's contract; check_replicated=True
     (or LONGSCAN_CHECKS=1 in the environment) verifies it, at one all-reduce of their size.
     options: the Triton kernels' :class:`LinearKernelOptions` (None: the defaults).
+    cu_seqlens: packed documents, int32/int64 `[N + 1]` offsets into the *global* sequence (fla's convention),
+    the same on every rank, with B = 1: each document is attended alone, as a reset (log decay -inf) at its first
+    token. Backends "torch" and "naive" only (the Triton kernels give NaN for -inf), without initial_state or
+    output_final_state. The gradient of g (or g_gamma) at a document's first token is 0.
     """
     checks.check_linear_call(group, q, k, v, g, g_gamma, scale, initial_state, output_final_state, method, layout,
-                             n_blocks)
+                             n_blocks, cu_seqlens)
     if checks.checks_enabled(check_replicated):
         checks.check_replicated(group, "linear_attention", initial_state=initial_state, g_gamma=g_gamma)
     if method not in REGISTRY:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     return run_method(REGISTRY[method], q, k, v, g, g_gamma, scale, initial_state, output_final_state, group,
-                      layout, backend, n_blocks, overlap, options)
+                      layout, backend, n_blocks, overlap, options, cu_seqlens)
 
 
 __all__ = ["linear_attention", "zeco_linear_attention", "lasp2_linear_attention", "lasp1_linear_attention",

@@ -15,11 +15,13 @@ from typing import Callable, Protocol
 import torch
 import torch.distributed as dist
 
+from longscan.distributed.documents import check_cu_seqlens, global_positions
 from longscan.distributed.layouts import check_layout, group_rank_size, num_segments, segment_owner
 from longscan.distributed.stats import count, nbytes, waiting
 from longscan.kernels import saved
 from longscan.kernels.linear_attention import (LinearBackend, LinearKernelOptions, check_backend_supports,
-                                               check_inputs, get_backend)
+                                               check_documents, check_inputs, document_resets, get_backend,
+                                               reset_log_decay)
 from longscan.kernels.linear_attention.backend import log_decay
 
 
@@ -134,10 +136,14 @@ def all_reduce_sum(x: torch.Tensor, sp: SPContext) -> torch.Tensor:
 
 
 def make_context(q, k, v, g, g_gamma, scale, initial_state, group, layout, backend, n_blocks, overlap=True,
-                 options: LinearKernelOptions | None = None) -> SPContext:
-    """Validate everything and build the SPContext (ValueError/TypeError naming the parameter)."""
+                 options: LinearKernelOptions | None = None, documents: bool = False,
+                 output_final_state: bool = False) -> SPContext:
+    """Validate everything and build the SPContext (ValueError/TypeError naming the parameter). documents:
+    cu_seqlens was given (``check_documents``; output_final_state is checked only then)."""
     check_layout(layout)
     check_inputs(q, k, v, g, g_gamma, initial_state)
+    if documents:
+        check_documents(q, initial_state, output_final_state, backend)
     if not isinstance(overlap, bool):
         raise TypeError(f"overlap must be True or False, got {overlap!r}")
     if not isinstance(n_blocks, int) or not 1 <= n_blocks <= q.shape[-1]:
@@ -151,6 +157,8 @@ def make_context(q, k, v, g, g_gamma, scale, initial_state, group, layout, backe
         raise ValueError("q.shape[1] (the local length) must be positive")
     impl = get_backend(backend, q.device, options)
     check_backend_supports(impl, g_gamma)
+    if documents:
+        check_documents(q, initial_state, output_final_state, backend, impl)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return SPContext(group, layout, rank, world, n_local, scale, impl, n_blocks, overlap)
 
@@ -202,12 +210,24 @@ class SPLinearAttentionFunction(torch.autograd.Function):
                 dh0.to(h0.dtype) if h0 is not None else None, None)
 
 
+def local_log_decay(sp: SegmentGroup, q, g, g_gamma, cu_seqlens) -> torch.Tensor:
+    """This rank's per-token log decay of packed documents: -inf at the local tokens that start a document
+    (``reset_log_decay``), found from the global offsets ``cu_seqlens`` through the layout."""
+    T = q.shape[1]
+    cu = check_cu_seqlens(cu_seqlens, T * sp.world)
+    return reset_log_decay(q, g, g_gamma, document_resets(cu, global_positions(T, sp.world, sp.rank, sp.layout)))
+
+
 def run_method(method: LinearSPMethod, q, k, v, g=None, g_gamma=None, scale=None, initial_state=None,
                output_final_state=False, group=None, layout="contiguous", backend="auto", n_blocks=4,
-               overlap=False, options: LinearKernelOptions | None = None):
-    """Validate, then run ``method`` under autograd (n_blocks only where the method pipelines blocks)."""
+               overlap=False, options: LinearKernelOptions | None = None, cu_seqlens=None):
+    """Validate, then run ``method`` under autograd (n_blocks only where the method pipelines blocks).
+    cu_seqlens: packed documents, global offsets; they become resets in a per-token log decay."""
+    documents = cu_seqlens is not None
     sp = make_context(q, k, v, g, g_gamma, scale, initial_state, group, layout, backend,
-                      n_blocks if method.uses_blocks else 1, overlap, options)
+                      n_blocks if method.uses_blocks else 1, overlap, options, documents, output_final_state)
+    if documents:
+        g, g_gamma = local_log_decay(sp, q, g, g_gamma, cu_seqlens), None
     return SPLinearAttentionFunction.apply(method, sp, q, k, v, g, g_gamma, initial_state, output_final_state)
 
 
