@@ -547,18 +547,20 @@ def validate(cfg: TrainConfig, world_size: int) -> TrainConfig:
 
 
 def _check_packed_linear(m: ModelConfig, p: ParallelConfig) -> None:
-    """Packed documents reach linear layers as resets (log decays of -inf): only the backends that compute
-    those exactly (torch, naive) may run them. "auto" is the Triton kernels on CUDA, torch elsewhere."""
+    """Packed documents reach linear layers over an SP group as resets (log decays of -inf): only the backends
+    that compute those exactly (torch, naive) may run them there. "auto" is the Triton kernels on CUDA, torch
+    elsewhere. With parallel.sp = 1 every backend takes them (the others as rows of a padded batch)."""
     if m.linear_variant in ("deltanet", "gated_deltanet", "kda"):
         raise ConfigError(f"data.pack_documents = true does not support model.linear_variant = {m.linear_variant!r} "
                           f"(model.pattern = {m.pattern!r} has linear layers): the delta-rule kernels do not compute "
                           "a reset between documents exactly; use linear, lightning, simple_gla or gla")
     backend = p.linear_backend
-    if backend in RESET_BACKENDS or (backend == "auto" and not torch.cuda.is_available()):
+    if p.sp == 1 or backend in RESET_BACKENDS or (backend == "auto" and not torch.cuda.is_available()):
         return
     why = (", which picks the Triton kernels on this CUDA machine (it picks torch where there is no GPU)"
            if backend == "auto" else "")
-    raise ConfigError(f"data.pack_documents = true with linear layers (model.pattern = {m.pattern!r}) needs "
-                      f"parallel.linear_backend = torch or naive, got {backend!r}{why}: documents enter linear "
+    raise ConfigError(f"data.pack_documents = true with linear layers (model.pattern = {m.pattern!r}) and "
+                      f"parallel.sp = {p.sp} needs parallel.linear_backend = torch or naive, got {backend!r}{why}: "
+                      "over an SP group documents enter linear "
                       "attention as log decays of -inf, which only torch and naive compute exactly (the Triton "
                       "kernels give NaN)")

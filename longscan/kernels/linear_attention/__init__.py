@@ -3,9 +3,10 @@
 Backends: "naive" (recurrent reference), "torch" (chunked, CPU default), "triton" (GPU default),
 "fla" (flash-linear-attention, when installed, for side-by-side checks); "auto" picks triton on CUDA.
 
-Packed documents (``cu_seqlens``) enter as resets: a log decay of -inf at every document's first token but the
-sequence's first drops the state whole, so no document sees another. Only the backends in
-:data:`RESET_BACKENDS` compute a -inf log decay exactly.
+Packed documents (``cu_seqlens``) enter the backends in :data:`RESET_BACKENDS` as resets: a log decay of -inf at
+every document's first token but the sequence's first drops the state whole, so no document sees another (the
+SP operators carry such resets exactly). On one device the other backends (the Triton kernels, whose chunked
+arithmetic does not take -inf) run the documents as the rows of a zero-padded batch instead.
 """
 from __future__ import annotations
 
@@ -101,11 +102,11 @@ def check_inputs(q, k, v, g=None, g_gamma=None, initial_state=None) -> None:
             raise ValueError(f"initial_state must be on q's device ({q.device}), got {initial_state.device}")
 
 
-def check_documents(q, initial_state, output_final_state: bool, backend: str, impl: LinearBackend | None = None
-                    ) -> None:
+def check_documents(q, initial_state, output_final_state: bool, backend: str, impl: LinearBackend | None = None,
+                    one_device: bool = False) -> None:
     """Refuse what packed documents (``cu_seqlens``) cannot come with: a batch above 1, initial_state,
-    output_final_state, and a backend outside :data:`RESET_BACKENDS` (``impl``: what ``backend`` resolved to;
-    None: check the name alone, before resolving it)."""
+    output_final_state, and over an SP group (not ``one_device``) a backend outside :data:`RESET_BACKENDS`
+    (``impl``: what ``backend`` resolved to; None: check the name alone, before resolving it)."""
     if q.shape[0] != 1:
         raise ValueError("cu_seqlens packs documents into one sequence: q must be [1, T, H, K], got batch "
                          f"{q.shape[0]}")
@@ -116,11 +117,12 @@ def check_documents(q, initial_state, output_final_state: bool, backend: str, im
         raise ValueError("output_final_state=True cannot be combined with cu_seqlens: per-document final states are "
                          "not supported; pass output_final_state=False")
     name = impl.name if impl is not None else backend
-    if name not in RESET_BACKENDS + ("auto",):
+    if not one_device and name not in RESET_BACKENDS + ("auto",):
         picked = "" if name == backend else f" (backend={backend!r} picked {name!r} on {q.device.type})"
-        raise ValueError(f"cu_seqlens (packed documents) needs backend='torch' or 'naive' (parallel.linear_backend "
-                         f"in training), got backend={backend!r}{picked}: documents enter as log decays of -inf, "
-                         "which only the torch and naive backends compute exactly (the Triton kernels give NaN); "
+        raise ValueError(f"cu_seqlens (packed documents) over an SP group needs backend='torch' or 'naive' "
+                         f"(parallel.linear_backend in training), got backend={backend!r}{picked}: documents enter "
+                         "as log decays of -inf, which only the torch and naive backends compute exactly (the "
+                         "Triton kernels give NaN; on one device they take documents as batch rows); "
                          "use backend='torch'")
 
 
@@ -145,6 +147,30 @@ def reset_log_decay(q, g, g_gamma, resets: torch.Tensor) -> torch.Tensor:
                            device=q.device)
     mask = to_device(resets, q.device).view((1, T) + (1,) * (base.dim() - 2))
     return torch.where(mask, torch.full((), float("-inf"), dtype=base.dtype, device=base.device), base)
+
+
+def document_rows(cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(document `[T]`, position in it `[T]`) of every token, and the longest document's length; cu_seqlens:
+    validated int64 offsets on the CPU."""
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    doc = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+    pos = torch.arange(int(cu_seqlens[-1])) - cu_seqlens[:-1][doc]
+    return doc, pos, int(lengths.max())
+
+
+def _as_rows(q, k, v, g, g_gamma, scale, impl, cu_seqlens):
+    """Packed documents of a batch-1 sequence run as the rows `[N, longest, ...]` of a batch: each row a document
+    then zeros (q = k = v = 0 and a log decay of 0 after its end add nothing to its tokens); the outputs are
+    read back at the tokens' places. Autograd runs through the scatter and the gather."""
+    doc, pos, longest = document_rows(cu_seqlens)
+    doc, pos = to_device(doc, q.device), to_device(pos, q.device)
+    n = int(cu_seqlens.numel()) - 1
+
+    def rows(x):
+        return x.new_zeros((n, longest) + tuple(x.shape[2:])).index_put((doc, pos), x[0])
+    o = _ChunkLinearAttention.apply(rows(q), rows(k), rows(v), rows(g) if g is not None else None, g_gamma, None,
+                                    scale, False, impl)[0]
+    return o[doc, pos].unsqueeze(0), None
 
 
 class _ChunkLinearAttention(torch.autograd.Function):
@@ -183,24 +209,27 @@ def chunk_linear_attention(q, k, v, g=None, g_gamma=None, scale=None, initial_st
     Returns (o `[B, T, H, V]`, final state `[B, H, K, V]` float32 or None).
     options: the Triton kernels' :class:`LinearKernelOptions` (None: the defaults).
     cu_seqlens: packed documents, int32/int64 `[N + 1]` offsets (fla's convention) with B = 1: every document
-    is attended alone, as a reset (log decay -inf) at its first token; backends "torch" and "naive" only, without
-    initial_state or output_final_state. The gradient of g (or g_gamma) at a document's first token is 0.
+    is attended alone (torch, naive: a reset, log decay -inf, at its first token; the other backends: the
+    documents as the rows of a zero-padded batch), without initial_state or output_final_state. The gradient of
+    g (or g_gamma) at a document's first token is 0.
     Same conventions as flash-linear-attention's chunk_simple_gla / chunk_gla.
     """
     check_inputs(q, k, v, g, g_gamma, initial_state)
     if cu_seqlens is not None:
-        check_documents(q, initial_state, output_final_state, backend)
+        check_documents(q, initial_state, output_final_state, backend, one_device=True)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     impl = get_backend(backend, q.device, options)
     check_backend_supports(impl, g_gamma)
     if cu_seqlens is not None:
-        check_documents(q, initial_state, output_final_state, backend, impl)
         T = q.shape[1]
-        g = reset_log_decay(q, g, g_gamma, document_resets(check_cu_seqlens(cu_seqlens, T), torch.arange(T)))
+        cu = check_cu_seqlens(cu_seqlens, T)
+        if impl.name not in RESET_BACKENDS:
+            return _as_rows(q, k, v, g, g_gamma, scale, impl, cu)
+        g = reset_log_decay(q, g, g_gamma, document_resets(cu, torch.arange(T)))
         g_gamma = None
     return _ChunkLinearAttention.apply(q, k, v, g, g_gamma, initial_state, scale, output_final_state, impl)
 
 
 __all__ = ["chunk_linear_attention", "naive_recurrent_linear_attention", "get_backend", "check_inputs",
-           "check_documents", "document_resets", "reset_log_decay", "RESET_BACKENDS",
+           "check_documents", "document_resets", "document_rows", "reset_log_decay", "RESET_BACKENDS",
            "check_log_decay", "check_backend_supports", "LinearBackend", "LinearKernelOptions", "LaunchConfig", "BACKENDS"]
