@@ -93,7 +93,7 @@ def _cases(rank, world):
     for variant in VARIANTS:
         sp = SPSpec(group=group, linear_backend="torch", softmax_backend="torch")
         local = shard(tokens, dim=1, layout="zigzag", group=group)
-        for name in ("whole", "g2", "g4+tile", "g2+tile+ckpt"):
+        for name in ("whole", "g4+tile", "g2+tile+ckpt"):
             out[("sp4", variant, name)] = _step(_cfg(variant, "L", 2), mems[name], local, sp, 1, 0)
     for method in ("zeco", "lasp2", "lasp1"):
         for layout in ("zigzag", "contiguous"):
@@ -137,9 +137,9 @@ def cases():
 
 
 def _check(results, where, variant, names, tol=TOL):
-    for res in results:
-        if (where, variant, "whole") not in res:
-            continue
+    ranks = [res for res in results if (where, variant, "whole") in res]
+    assert len(ranks) == (1 if where in ("one", "bf16") else len(results))
+    for res in ranks:
         ref = res[(where, variant, "whole")]
         for name in names:
             out = res[(where, variant, name)]
@@ -155,7 +155,7 @@ def test_one_process(cases, variant):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_sp4(cases, variant):
-    _check(cases, "sp4", variant, ("g2", "g4+tile", "g2+tile+ckpt"))
+    _check(cases, "sp4", variant, ("g4+tile", "g2+tile+ckpt"))
 
 
 @pytest.mark.parametrize("method", ["zeco", "lasp2", "lasp1"])
