@@ -552,6 +552,9 @@ def validate(cfg: TrainConfig, world_size: int) -> TrainConfig:
             raise ConfigError(f"memory.mixer_head_groups = {groups} must divide the heads per TP rank "
                               f"(model.n_heads / parallel.tp = {m.n_heads}/{p.tp} = {m.n_heads // p.tp}); "
                               "0 or 1 turns it off")
+        if d.pack_documents:
+            raise ConfigError(f"memory.mixer_head_groups = {groups} does not take packed documents yet; set "
+                              "data.pack_documents = false or memory.mixer_head_groups = 0")
     if d.pack_documents and "L" in m.pattern:
         raise ConfigError(f"data.pack_documents = true needs a model.pattern of softmax layers only (N); "
                           f"{m.pattern!r} has linear layers (L), whose kernels do not take documents yet")

@@ -180,5 +180,7 @@ def test_refused_where_it_cannot_run():
         validate(load_config(None, ["model.linear_variant=deltanet", "memory.mixer_head_groups=2"]), 4)
     with pytest.raises(ConfigError, match="memory.mixer_head_groups = 3 must divide"):
         validate(load_config(None, ["memory.mixer_head_groups=3"]), 4)
+    with pytest.raises(ConfigError, match="memory.mixer_head_groups = 2 does not take packed documents"):
+        validate(load_config(None, ["memory.mixer_head_groups=2", "data.pack_documents=true"]), 4)
     with pytest.raises(ConfigError, match="memory.mixer_head_groups must be >= 0"):
         load_config(None, ["memory.mixer_head_groups=-1"])
