@@ -264,8 +264,8 @@ def check_capacity(cfg, world_size: int, capacity_bytes: int | None = None) -> E
         raise ConfigError(
             f"predicted peak memory {est.peak / GiB:.1f} GiB per GPU exceeds the device's {capacity_bytes / GiB:.1f} "
             f"GiB (data.seq_len = {d.seq_len} over parallel.sp = {p.sp}: {d.seq_len // p.sp} tokens a rank); "
-            "lower it with memory.loss_chunk, memory.mlp_tile, memory.mixer_tile, memory.linear_layers / "
-            "softmax_layers / mlp = checkpoint | offload, or a larger parallel.sp; memory.check_capacity=false "
-            "tries anyway.\n"
+            "lower it with memory.loss_chunk, memory.mlp_tile, memory.mixer_tile, memory.mixer_head_groups, "
+            "memory.linear_layers / softmax_layers / mlp = checkpoint | offload, or a larger parallel.sp; "
+            "memory.check_capacity=false tries anyway.\n"
             + est.table())
     return est
