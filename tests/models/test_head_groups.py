@@ -6,7 +6,8 @@ not divide T); then the model's loss and every gradient with head groups against
 for each linear variant that takes them: on one process (groups of 2 and 4 heads, with mixer_tile, with the
 mixer stage checkpointed and offloaded), over SP 4 (every linear SP method and both layouts) and over TP 2 × SP 2,
 all in one spawn of four gloo processes. The gradients are each rank's own (before any reduction), so every
-rank's tensors are compared. Under bf16 autocast, to bf16 round-off.
+rank's tensors are compared. Under bf16 autocast, to bf16 round-off. And the memory: the profiler's peak of
+a mixer's forward and backward with 4 groups against all heads at once.
 """
 from __future__ import annotations
 
@@ -69,6 +70,27 @@ def _step(cfg, mem, tokens, sp, tp, tp_rank, dtype=torch.float64, bf16=False):
     return [loss.detach()] + [p.grad.clone() for p in model.parameters()]
 
 
+def _mixer_peak(mem: "MemoryOptions", T: int) -> float:
+    """Peak bytes of CPU memory during one linear mixer stage's forward and backward (the profiler's timeline of
+    every allocation): 8 heads of 32, width 64, float32, so the `[T, H·K]` attention tensors dominate."""
+    import numpy as np
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import MemoryProfileTimeline
+
+    from longscan.models.args import ModelConfig, SPSpec
+    from longscan.models.model import Block
+    from longscan.training.parallel import stage_config
+    cfg = ModelConfig(dim=64, n_layers=1, pattern="L", n_heads=8, head_dim=32, linear_variant="lightning")
+    torch.manual_seed(0)
+    block = Block(cfg, stage_config(1, 1, 1, cfg.dim, torch.float32), 0, 0, 1, SPSpec(linear_backend="torch"), mem)
+    x = torch.randn(1, T, cfg.dim, requires_grad=True)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as p:
+        y = block._mixer(x, None, None, None)
+        y.backward(torch.ones_like(y))
+    _, sizes = MemoryProfileTimeline(p._memory_profile())._coalesce_timeline(torch.device("cpu"))
+    return float(np.array(sizes).sum(axis=1).max())
+
+
 def _cfg(variant, pattern="LLN", n_layers=3):
     from longscan.models.args import ModelConfig
     return ModelConfig(dim=16, n_layers=n_layers, pattern=pattern, n_heads=4, n_kv_heads=2,
@@ -122,6 +144,9 @@ def _cases(rank, world):
         for variant in VARIANTS:
             for name, mem in mems.items():
                 out[("one", variant, name)] = _step(_cfg(variant), mem, tokens, sp, 1, 0)
+        for name, mem in (("whole", MemoryOptions(mixer_tile=512)),
+                          ("g4", MemoryOptions(mixer_tile=512, mixer_head_groups=4))):
+            out[("peak", name)] = _mixer_peak(mem, 4096)
         # megatron's layers take no CPU autocast backward: the MLP, loss and softmax mixer tiled in both
         for name, mem, bf16 in (("whole", MemoryOptions(mlp_tile=7, loss_chunk=8, mixer_tile=7), False),
                                 ("g2+tile", MemoryOptions("offload", "offload", mlp_tile=7, loss_chunk=8, mixer_tile=7,
@@ -172,6 +197,13 @@ def test_tp2_sp2(cases, variant):
 def test_bf16_autocast(cases):
     """Under bf16 autocast, recomputed (offload) under it: the float32 step on all heads to bf16 round-off."""
     _check(cases, "bf16", "lightning", ("g2+tile",), tol=3e-2)
+
+
+def test_one_group_alive_at_a_time(cases):
+    """The measured peak of a mixer's forward and backward with 4 head groups is well under half of the peak
+    with all heads at once (the attention's tensors, their gradients and the kernel's scratch are per group)."""
+    res = cases[0]
+    assert res[("peak", "g4")] < 0.5 * res[("peak", "whole")]
 
 
 def test_refused_where_it_cannot_run():
