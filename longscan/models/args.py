@@ -162,6 +162,9 @@ class MemoryOptions:
     """Tokens per chunk of the cross entropy computed from the hidden states; 0: the whole `[T, vocab]` logits."""
     mixer_tile: int = 0
     """Tokens per tile of the mixers' token-wise parts (norm, projections, gates, output norm); 0: untiled."""
+    mixer_head_groups: int = 0
+    """Linear-attention mixers run their heads (this TP rank's) in this many groups, one group's q, k, v, output
+    and gradients alive at a time, recomputed per group in the backward; 0 or 1: all heads at once."""
 
     def __post_init__(self):
         for name in ("linear_layers", "softmax_layers", "mlp"):
@@ -171,6 +174,13 @@ class MemoryOptions:
         for name in ("mlp_tile", "loss_chunk", "mixer_tile"):
             if getattr(self, name) < 0:
                 raise ValueError(f"memory.{name} must be >= 0 tokens (0 = off), got {getattr(self, name)}")
+        if self.mixer_head_groups < 0:
+            raise ValueError(f"memory.mixer_head_groups must be >= 0 (0 or 1 = off), got {self.mixer_head_groups}")
+
+    @property
+    def head_groups(self) -> int:
+        """Head groups of the linear-attention mixers (1: all heads at once)."""
+        return max(self.mixer_head_groups, 1)
 
     @property
     def offloads(self) -> bool:

@@ -24,7 +24,7 @@ from longscan.kernels import delta_rule as local_delta
 from longscan.models import sp_ops
 from longscan.models.conv import ShortConvolution
 from longscan.models.norms import HeadRMSNorm, RMSNorm, rms_norm
-from longscan.models.tiling import tiled
+from longscan.models.tiling import head_groups, tiled
 from longscan.models.tp import column, row
 
 
@@ -137,6 +137,61 @@ class LinearAttention(nn.Module):
             n = rms_norm(ot, onw, self.out_norm.eps)
             return F.linear(n.flatten(2), wo)
         y = tiled(post, o, (self.out_norm.weight, self.o_proj.weight), tile)
+        return reduce_from_tensor_model_parallel_region(y, group=group)
+
+    def _head_inputs(self, x, wq, wk, wv, wg=None):
+        """q, k, v `[B, T, h, K]` and the gate of the h heads whose rows of the projection weights are given."""
+        B, T, _ = x.shape
+        q, k, v = (F.linear(x, w).view(B, T, -1, self.d) for w in (wq, wk, wv))
+        g = None
+        if self.variant in ("linear", "lightning"):
+            q, k = F.silu(q), F.silu(k)
+        elif self.variant == "simple_gla":
+            g = F.logsigmoid(F.linear(x, wg).float()) / self.normalizer
+        elif self.variant == "gla":
+            g = F.logsigmoid(F.linear(x, wg).float().view(B, T, -1, self.d)) / self.normalizer
+        return q, k, v, g
+
+    def head_grouped(self, x: torch.Tensor, norm: RMSNorm, groups: int, tile: int = 0) -> torch.Tensor:
+        """self(norm(x)) with this rank's heads run ``groups`` at a time: for each group the norm, its heads'
+        q/k/v/gate projection rows, the attention, the per-head output norm and its columns of the output
+        projection, summed into the output. Kept for the backward: x only; one group's q, k, v, gate, output
+        and their gradients are alive at once, recomputed group by group in the backward. ``tile`` (tokens,
+        0: the whole sequence): the token-wise parts run that many tokens at a time, as with mixer_tile. The
+        TP collectives run once, outside the groups; the SP operator runs once per group on its heads. The
+        output is float32 (the groups' sum; float64 for float64 inputs)."""
+        if self.variant in DELTA_VARIANTS:
+            raise ValueError(f"memory.mixer_head_groups does not support linear_variant={self.variant!r}: its "
+                             "short convolution is not cut by heads here (set memory.mixer_head_groups=0)")
+        if groups < 1 or self.h % groups:
+            raise ValueError(f"memory.mixer_head_groups = {groups} must divide the heads per TP rank ({self.h})")
+        n, d, group = self.h // groups, self.d, self.q_proj.tp_group
+        x = copy_to_tensor_model_parallel_region(x, group=group)
+        nw = copy_to_tensor_model_parallel_region(norm.weight, group=group)
+        ws = self._weights()
+        n_in = len(ws)
+
+        def rows(w, j):  # group j's rows of a per-head weight (q/k/v/gate projections, the output norm)
+            per = w.shape[0] // self.h
+            return w[j * n * per:(j + 1) * n * per]
+
+        def pre(j, xt, nw_, *ps):
+            out = self._head_inputs(rms_norm(xt, nw_, norm.eps), *(rows(w, j) for w in ps[:n_in]))
+            return out if out[3] is not None else out[:3]
+
+        def mid(j, q, k, v, g=None):
+            g_gamma = self.g_gamma[j * n:(j + 1) * n] if self.variant == "lightning" else None
+            return sp_ops.linear_attention(q, k, v, g=g, g_gamma=g_gamma, method=self.sp.linear_method,
+                                           group=self.sp.group, layout=self.sp.layout,
+                                           backend=self.sp.linear_backend, overlap=self.sp.linear_overlap,
+                                           options=self.sp.linear_options)
+
+        def post(j, ot, nw_, *ps):
+            onw, wo = ps[n_in:]
+            o = rms_norm(ot, rows(onw, j), self.out_norm.eps)
+            return F.linear(o.flatten(2), wo[:, j * n * d:(j + 1) * n * d])
+        y = head_groups(pre, mid, post, x, (nw, *ws, self.out_norm.weight, self.o_proj.weight), groups,
+                        tile or x.shape[1])
         return reduce_from_tensor_model_parallel_region(y, group=group)
 
     def _delta_forward(self, x):

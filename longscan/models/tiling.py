@@ -6,6 +6,9 @@ anything but x, and the backward recomputes it tile by tile and takes each tile'
 next. A `[T, ffn]` intermediate is thus never held for the whole sequence, only for one tile. fn may return
 one tensor or a tuple of them (q, k, v, a gate), each `[B, T, ...]`; the whole-sequence outputs are held,
 nothing computed between x and them.
+
+``head_groups(pre, mid, post, x, params, groups, tile)`` cuts a per-head computation (a linear-attention
+mixer) into groups of heads the same way: one group's whole-sequence tensors at a time, forward and backward.
 """
 from __future__ import annotations
 
@@ -81,3 +84,114 @@ def tiled(fn: Callable[..., TileOut], x: torch.Tensor, params: Sequence[torch.Te
     if x.shape[1] <= tile:
         return fn(x, *along, *params)
     return _Tiled.apply(fn, tile, _autocast_state(x.device.type), len(along), x, *along, *params)
+
+
+def _token_wise(fn: Callable[..., tuple[torch.Tensor, ...]], x: torch.Tensor, params: Sequence[torch.Tensor],
+                tile: int) -> tuple[torch.Tensor, ...]:
+    """fn(x, *params) computed ``tile`` tokens at a time into whole-sequence buffers (no graph kept)."""
+    T = x.shape[1]
+    if T <= tile:
+        return fn(x, *params)
+    whole = None
+    for s in range(0, T, tile):
+        ys = fn(x[:, s:s + tile], *params)
+        if whole is None:
+            whole = tuple(t.new_empty((t.shape[0], T, *t.shape[2:])) for t in ys)
+        for w, t in zip(whole, ys):
+            w[:, s:s + tile] = t
+    return whole
+
+
+class _HeadGroups(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, pre, mid, post, groups: int, tile: int, autocast, x, *params):
+        enabled, dtype = autocast
+        y, T = None, x.shape[1]
+        with torch.no_grad(), torch.autocast(x.device.type, dtype=dtype, enabled=enabled):
+            for j in range(groups):
+                z = mid(j, *_token_wise(lambda xt, *ps: pre(j, xt, *ps), x, params, tile))
+                for s in range(0, T, tile):
+                    yt = post(j, z[:, s:s + tile], *params)
+                    if y is None:  # the groups' sum in float32 at least: one rounding, not one per group
+                        y = yt.new_zeros((yt.shape[0], T, *yt.shape[2:]),
+                                         dtype=torch.promote_types(yt.dtype, torch.float32))
+                    y[:, s:s + tile] += yt
+                del z
+        ctx.pre, ctx.mid, ctx.post, ctx.groups, ctx.tile, ctx.autocast = pre, mid, post, groups, tile, autocast
+        ctx.save_for_backward(x, *params)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, *params = ctx.saved_tensors
+        enabled, dtype = ctx.autocast
+        dev, T, tile = x.device.type, x.shape[1], ctx.tile
+        want_x, wants = ctx.needs_input_grad[6], list(ctx.needs_input_grad[7:])
+        dx = torch.zeros_like(x) if want_x else None
+        dparams = [torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32)) if w else None
+                   for p, w in zip(params, wants)]  # bf16 weights sum their groups and tiles in float32
+        leaves = [p.detach().requires_grad_(w) for p, w in zip(params, wants)]
+        trained = [p for p in leaves if p.requires_grad]
+
+        def add(grads):
+            for i, w in enumerate(wants):
+                if w:
+                    g = grads.pop(0)
+                    if g is not None:
+                        dparams[i] += g
+
+        for j in range(ctx.groups):
+            # this group's attention inputs (recomputed tile by tile without a graph), then the attention's graph
+            with torch.no_grad(), torch.autocast(dev, dtype=dtype, enabled=enabled):
+                whole = _token_wise(lambda xt, *ps: ctx.pre(j, xt, *ps), x, leaves, tile)
+            whole = [t.detach().requires_grad_(t.is_floating_point()) for t in whole]
+            with torch.enable_grad(), torch.autocast(dev, dtype=dtype, enabled=enabled):
+                z = ctx.mid(j, *whole)
+            dz = torch.empty_like(z)
+            for s in range(0, T, tile):  # after the attention: its gradient tile by tile
+                zt = z[:, s:s + tile].detach().requires_grad_()
+                with torch.enable_grad(), torch.autocast(dev, dtype=dtype, enabled=enabled):
+                    yt = ctx.post(j, zt, *leaves)
+                grads = list(torch.autograd.grad(yt, [zt, *trained], dy[:, s:s + tile].to(yt.dtype),
+                                                 allow_unused=True))
+                dz[:, s:s + tile] = grads.pop(0)
+                add(grads)
+            used = [t for t in whole if t.requires_grad]
+            dwhole = dict(zip(map(id, used), torch.autograd.grad(z, used, dz, allow_unused=True)))
+            dwhole = [dwhole.get(id(t)) for t in whole]
+            del z, dz, whole, used
+            for s in range(0, T, tile):  # before the attention: tile by tile into dx
+                xt = x[:, s:s + tile].detach().requires_grad_(want_x)
+                inputs = ([xt] if want_x else []) + trained
+                with torch.enable_grad(), torch.autocast(dev, dtype=dtype, enabled=enabled):
+                    outs = ctx.pre(j, xt, *leaves)
+                pairs = [(o, d[:, s:s + tile]) for o, d in zip(outs, dwhole) if d is not None]
+                if not inputs or not pairs:
+                    continue
+                grads = list(torch.autograd.grad([o for o, _ in pairs], inputs, [d for _, d in pairs],
+                                                 allow_unused=True))
+                if want_x:
+                    g = grads.pop(0)
+                    if g is not None:
+                        dx[:, s:s + tile] += g
+                add(grads)
+        return (None, None, None, None, None, None, dx,
+                *[d.to(p.dtype) if d is not None else None for d, p in zip(dparams, params)])
+
+
+def head_groups(pre: Callable[..., tuple[torch.Tensor, ...]], mid: Callable[..., torch.Tensor],
+                post: Callable[..., torch.Tensor], x: torch.Tensor, params: Sequence[torch.Tensor], groups: int,
+                tile: int) -> torch.Tensor:
+    """The sum over head groups j < ``groups`` of ``post(j, mid(j, *pre(j, x, *params)), *params)``, one group
+    at a time, recomputed group by group in the backward; only x and ``params`` are kept.
+
+    pre(j, xt, *params): group j's attention inputs (a tuple of `[B, t, ...]`), token-wise; mid(j, *inputs):
+    the attention over the whole sequence `[B, T, ...]` (it may mix tokens and run collectives; it uses no
+    tensor that needs a gradient but its inputs); post(j, zt, *params): group j's token-wise contribution
+    `[B, t, D]` to the output. pre and post run ``tile`` tokens at a time. The sum is returned in float32
+    (or wider). So only one group's attention inputs, output and their gradients are alive at once."""
+    if groups < 1:
+        raise ValueError(f"groups must be a positive number of head groups, got {groups}")
+    if tile <= 0:
+        raise ValueError(f"tile must be a positive number of tokens, got {tile}")
+    return _HeadGroups.apply(pre, mid, post, groups, tile, _autocast_state(x.device.type), x, *params)

@@ -273,6 +273,10 @@ class MemoryConfig:
     the output norm and projection run one tile at a time, recomputed per tile in the backward; only the
     attention's inputs and output are held for the whole sequence. 0 = untiled. Not for the delta-rule
     variants (their short convolution mixes neighbouring tokens)."""
+    mixer_head_groups: int = 0
+    """Linear-attention mixers run their heads (those of one TP rank) in this many groups: one group's q, k, v,
+    output and their gradients alive at a time, each group recomputed in the backward. 0 or 1 = all heads at
+    once; else a divisor of model.n_heads / parallel.tp. Not for the delta-rule variants."""
     check_capacity: bool = True
     """On CUDA, refuse to start when the predicted peak memory per GPU (longscan.training.memory) exceeds the
     device's memory; false: try anyway."""
@@ -285,11 +289,15 @@ class MemoryConfig:
         for name in ("linear_layers", "softmax_layers", "mlp"):
             _choice(f"memory.{name}", getattr(self, name), STAGE_MODES)
         _at_least("memory", self, 0, "mlp_tile", "loss_chunk", "mixer_tile")
+        if self.mixer_head_groups < 0:
+            raise ConfigError(f"memory.mixer_head_groups must be >= 0 (0 or 1 = off; else a divisor of the heads "
+                              f"per TP rank), got {self.mixer_head_groups}")
 
     def options(self) -> MemoryOptions:
         """The frozen options object the model reads."""
         return MemoryOptions(linear_layers=self.linear_layers, softmax_layers=self.softmax_layers, mlp=self.mlp,
-                             mlp_tile=self.mlp_tile, loss_chunk=self.loss_chunk, mixer_tile=self.mixer_tile)
+                             mlp_tile=self.mlp_tile, loss_chunk=self.loss_chunk, mixer_tile=self.mixer_tile,
+                             mixer_head_groups=self.mixer_head_groups)
 
 
 @dataclass
@@ -541,6 +549,18 @@ def validate(cfg: TrainConfig, world_size: int) -> TrainConfig:
     if mem.mixer_tile and "L" in m.pattern and m.linear_variant in ("deltanet", "gated_deltanet", "kda"):
         raise ConfigError(f"memory.mixer_tile = {mem.mixer_tile} needs a token-wise mixer; model.linear_variant = "
                           f"{m.linear_variant!r} has a short convolution over neighbouring tokens (set it to 0)")
+    groups = mem.mixer_head_groups
+    if groups > 1 and "L" in m.pattern:
+        if m.linear_variant in ("deltanet", "gated_deltanet", "kda"):
+            raise ConfigError(f"memory.mixer_head_groups = {groups} is not supported by model.linear_variant = "
+                              f"{m.linear_variant!r} (its short convolution is not cut by heads); set it to 0")
+        if (m.n_heads // p.tp) % groups:
+            raise ConfigError(f"memory.mixer_head_groups = {groups} must divide the heads per TP rank "
+                              f"(model.n_heads / parallel.tp = {m.n_heads}/{p.tp} = {m.n_heads // p.tp}); "
+                              "0 or 1 turns it off")
+        if d.pack_documents:
+            raise ConfigError(f"memory.mixer_head_groups = {groups} does not take packed documents yet; set "
+                              "data.pack_documents = false or memory.mixer_head_groups = 0")
     if d.pack_documents and "L" in m.pattern:
         _check_packed_linear(m, p)
     return cfg

@@ -9,8 +9,9 @@ the largest of three moments:
   gradient, or one chunk's logits);
 - each block's backward: the gradients of the blocks above it, the saved activations of the blocks below it,
   and its own transient (a checkpointed stage recomputed, the MLP's backward, one tile of it when tiled, the
-  kernels' gradient buffers; with tiled mixers one tile of their token-wise parts), plus a few `[T, D]`
-  float32 buffers of the residual stream's gradient.
+  kernels' gradient buffers; with tiled mixers one tile of their token-wise parts; with head groups one
+  group's attention tensors and gradients), plus a few `[T, D]` float32 buffers of the residual stream's
+  gradient.
 
 What a block saves depends on each stage's memory mode (none: everything its modules save; checkpoint: its
 float32 input; offload: nothing) and is multiplied by the microbatches the 1F1B schedule holds at once.
@@ -92,26 +93,34 @@ def stage_params(m: ModelConfig, layout: Layout, pp_rank: int = 0) -> int:
     return n
 
 
-def saved_per_token(m: ModelConfig, stage: str, tp: int, act: int, mixer_tile: bool = False) -> int:
+def _linear_saved(m: ModelConfig, I: int, H: int, act: int, mixer_tile: bool) -> int:
+    """Bytes a linear-attention mixer stage of H heads (I = H·head_dim columns) saves per token."""
+    D, v = m.dim, m.linear_variant
+    if mixer_tile:  # x; q, k, v and the output; the float32 gate
+        return 4 * D + 4 * act * I + {"gla": 4 * I, "simple_gla": 4 * H}.get(v, 0)
+    norm = 4 * D + act * D + 4  # its float32 input, its output (the projections' input, autocast's dtype), 1/rms
+    qkv = (5 if v in ("linear", "lightning") else 3) * act * I  # q, k (and before their SiLU), v
+    gate = {"gla": 12 * I, "simple_gla": 12 * H}.get(v, 0)  # float32 logits, logsigmoid's buffer, g
+    out = 2 * act * I + 4 * H  # the output (its norm's input), the norm's 1/rms, o_proj's input
+    return norm + qkv + gate + out
+
+
+def saved_per_token(m: ModelConfig, stage: str, tp: int, act: int, mixer_tile: bool = False,
+                    head_groups: int = 1) -> int:
     """Bytes one stage saves for its backward per token with nothing checkpointed; stage: "L", "N" (mixers)
     or "mlp"; act: bytes of the activation dtype (2 under bf16 autocast, 4 in float32). The residual stream
-    is float32 in both; the norms compute in float32 and return autocast's dtype. mixer_tile: the mixers' token-wise parts tiled (memory.mixer_tile),
-    which keep the stage's input and what the attention itself keeps."""
+    is float32 in both; the norms compute in float32 and return autocast's dtype. mixer_tile: the mixers'
+    token-wise parts tiled (memory.mixer_tile), which keep the stage's input and what the attention itself
+    keeps. head_groups > 1 (memory.mixer_head_groups): linear mixers keep their input only."""
     D, hd = m.dim, m.hd
     I, H = m.n_heads * hd // tp, m.n_heads // tp
-    if mixer_tile and stage == "L":  # x; q, k, v and the output; the float32 gate
-        return 4 * D + 4 * act * I + {"gla": 4 * I, "simple_gla": 4 * H}.get(m.linear_variant, 0)
+    if stage == "L":
+        return 4 * D if head_groups > 1 else _linear_saved(m, I, H, act, mixer_tile)
     if mixer_tile and stage == "N":  # x; cos/sin; q, k (after RoPE), v, the output; log-sum-exp
         return 4 * D + 8 * hd + act * (2 * I + 2 * m.n_kv_heads * hd // tp) + 4 * H
     norm = 4 * D + act * D + 4  # its float32 input, its output (the projections' input, autocast's dtype), 1/rms
     if stage == "mlp":
         return norm + 4 * act * (m.ffn // tp)  # w1 x, silu(w1 x), w3 x, their product
-    if stage == "L":
-        v = m.linear_variant
-        qkv = (5 if v in ("linear", "lightning") else 3) * act * I  # q, k (and before their SiLU), v
-        gate = {"gla": 12 * I, "simple_gla": 12 * H}.get(v, 0)  # float32 logits, logsigmoid's buffer, g
-        out = 2 * act * I + 4 * H  # the output (its norm's input), the norm's 1/rms, o_proj's input
-        return norm + qkv + gate + out
     Ikv = m.n_kv_heads * hd // tp
     return norm + 8 * hd + act * (2 * I + 2 * Ikv) + 4 * H  # cos/sin, q, k, v, output, log-sum-exp
 
@@ -142,7 +151,8 @@ def _block(m: ModelConfig, kind: str, memory: MemoryOptions, whole_block: bool, 
     """(bytes a block holds from its forward to its backward, its backward's largest transient)."""
     D = m.dim
     tiled_mixer = memory.mixer_tile > 0
-    saved = {kind: saved_per_token(m, kind, tp, act, tiled_mixer) * N,
+    groups = memory.head_groups if kind == "L" else 1
+    saved = {kind: saved_per_token(m, kind, tp, act, tiled_mixer, groups) * N,
              "mlp": saved_per_token(m, "mlp", tp, act) * N}
     if memory.mlp_tile:  # the tiled MLP keeps its input only
         saved["mlp"] = 4 * D * N
@@ -157,6 +167,12 @@ def _block(m: ModelConfig, kind: str, memory: MemoryOptions, whole_block: bool, 
     if tiled_mixer:  # the output's gradient, and one tile of what the untiled parts would keep
         per_tile = saved_per_token(m, kind, tp, act) - saved_per_token(m, kind, tp, act, True)
         mixer_bwd += act * I * N + per_tile * min(memory.mixer_tile, N)
+    if groups > 1:  # one group recomputed: its q, k, v, output, gate and their gradients; one tile around them
+        Ig, Hg = I // groups, m.n_heads // tp // groups
+        attention = _linear_saved(m, Ig, Hg, act, True) - 4 * D
+        per_tile = _linear_saved(m, Ig, Hg, act, False) - _linear_saved(m, Ig, Hg, act, True)
+        grads = 4 * act * Ig + (4 * Ig if m.linear_variant == "gla" else 0)
+        mixer_bwd = (attention + grads) * N + per_tile * (min(memory.mixer_tile, N) if tiled_mixer else N)
     if whole_block:
         return 4 * D * N, saved[kind] + saved["mlp"] + max(mixer_bwd, mlp_bwd)
     held, transient = 0, 0
@@ -248,8 +264,8 @@ def check_capacity(cfg, world_size: int, capacity_bytes: int | None = None) -> E
         raise ConfigError(
             f"predicted peak memory {est.peak / GiB:.1f} GiB per GPU exceeds the device's {capacity_bytes / GiB:.1f} "
             f"GiB (data.seq_len = {d.seq_len} over parallel.sp = {p.sp}: {d.seq_len // p.sp} tokens a rank); "
-            "lower it with memory.loss_chunk, memory.mlp_tile, memory.mixer_tile, memory.linear_layers / "
-            "softmax_layers / mlp = checkpoint | offload, or a larger parallel.sp; memory.check_capacity=false "
-            "tries anyway.\n"
+            "lower it with memory.loss_chunk, memory.mlp_tile, memory.mixer_tile, memory.mixer_head_groups, "
+            "memory.linear_layers / softmax_layers / mlp = checkpoint | offload, or a larger parallel.sp; "
+            "memory.check_capacity=false tries anyway.\n"
             + est.table())
     return est
