@@ -216,13 +216,15 @@ def _recomputed(cfg) -> tuple[bool, bool, bool]:
     """(linear mixer, softmax mixer, MLP): does the backward run the stage's token-wise forward again?"""
     mem, whole = cfg.memory, cfg.schedule.activation_checkpointing
     again = lambda mode: whole or mode in ("checkpoint", "offload")   # noqa: E731
-    return (again(mem.linear_layers) or mem.mixer_tile > 0, again(mem.softmax_layers) or mem.mixer_tile > 0,
-            again(mem.mlp) or mem.mlp_tile > 0)
+    grouped = mem.mixer_head_groups > 1
+    return (again(mem.linear_layers) or mem.mixer_tile > 0 or grouped,
+            again(mem.softmax_layers) or mem.mixer_tile > 0, again(mem.mlp) or mem.mlp_tile > 0)
 
 
-def _kernel_recomputed(cfg, mode: str) -> bool:
-    """Does the attention kernel itself run twice (whole-stage recompute; tiles recompute around it only)?"""
-    return cfg.schedule.activation_checkpointing or mode in ("checkpoint", "offload")
+def _kernel_recomputed(cfg, mode: str, head_groups: bool = False) -> bool:
+    """Does the attention kernel itself run twice (whole-stage recompute, or a linear mixer run by head groups,
+    which recomputes each group; tiles recompute around the kernel only)?"""
+    return cfg.schedule.activation_checkpointing or mode in ("checkpoint", "offload") or head_groups
 
 
 def memory_bound_bytes(cfg) -> dict[str, float]:
@@ -274,7 +276,8 @@ def compute_parts(cfg, costs: KernelCosts) -> dict[str, float]:
     w_lin, w_soft, w_mlp = 4 * D * I + D * gate, 2 * D * I + 2 * D * Ikv, 3 * D * F
     again = (kinds.count("L") * w_lin * re_lin + kinds.count("N") * w_soft * re_soft + per * w_mlp * re_mlp)
     parts["recomputed forward"] = (tokens * 2 * again / (p.tp * p.pp) / rate
-                                   + LINEAR_FWD_SHARE * linear * _kernel_recomputed(cfg, cfg.memory.linear_layers)
+                                   + LINEAR_FWD_SHARE * linear * _kernel_recomputed(
+                                       cfg, cfg.memory.linear_layers, cfg.memory.mixer_head_groups > 1)
                                    + SOFTMAX_FWD_SHARE * softmax * _kernel_recomputed(cfg, cfg.memory.softmax_layers))
     if costs.copy_bytes_per_s:
         moved = sum(memory_bound_bytes(cfg).values()) * tokens

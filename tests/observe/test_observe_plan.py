@@ -133,3 +133,14 @@ def test_gradient_reduction_beside_the_backward(table):
     c = validate(load_config(None, MODEL + ["parallel.sp=1"]), 4)
     assert on.exposed_comm_s == pytest.approx(max(off.exposed_comm_s - 2 / 3 * on.compute_s,
                                                   off.exposed_comm_s / c.model.n_layers))
+
+
+def test_head_groups_recompute_the_linear_mixers(table):
+    costs = P.costs_for("h100", table)
+    base = P.compute_parts(validate(load_config(None, MODEL + ["parallel.sp=1"]), 1), costs)
+    grouped = P.compute_parts(validate(load_config(None, MODEL + ["parallel.sp=1", "memory.mixer_head_groups=2"]),
+                                       1), costs)
+    c = validate(load_config(None, MODEL + ["parallel.sp=1"]), 1)
+    m, tokens = c.model, 4 * 4096
+    want = tokens * 2 * 3 * 4 * m.dim * m.n_heads * m.hd / 1e14 + P.LINEAR_FWD_SHARE * base["linear attention"]
+    assert base["recomputed forward"] == 0 and grouped["recomputed forward"] == pytest.approx(want)
