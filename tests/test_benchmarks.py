@@ -107,3 +107,14 @@ def test_accuracy_error_of_a_non_finite_result_is_infinite():
     assert acc.rel(torch.tensor([1.0, float("nan"), 1.0, 1.0], dtype=torch.float64), ref) == float("inf")
     assert acc.rel(ref * 1.5, ref) == pytest.approx(0.5)
     assert acc.rel(None, ref) is None
+
+
+def test_packed_linear_checks_against_each_document(capsys):
+    """packed_linear.py on CPU (torch backend, float32): the packed result equals each document alone."""
+    from benchmarks import packed_linear
+    packed_linear.main(["--total", "256", "--doc-len", "32", "--heads", "2", "--head-dim", "8", "--iters", "1",
+                        "--warmup", "0", "--check"])
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("| packed |"))
+    assert float(row.split("|")[4]) < 1e-5
+    assert "| per-document |" in out and "| unpacked |" in out
