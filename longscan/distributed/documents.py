@@ -67,6 +67,16 @@ def global_positions(local_len: int, world: int, rank: int, layout: str) -> torc
     return torch.cat([torch.arange(s * n, (s + 1) * n) for s in segs])
 
 
+def causal_pairs_per_rank(cu_seqlens: torch.Tensor, total: int, world: int, layout: str) -> list[int]:
+    """The (query, key) pairs each rank's queries attend to in causal attention over packed documents: a query
+    sees the keys of its own document up to itself. Softmax attention's work on a rank is about proportional
+    to it; the linear layers' work is per token, equal on every rank."""
+    if total % world:
+        raise ValueError(f"the global length {total} must split over {world} ranks")
+    seen = document_positions(cu_seqlens, total) + 1
+    return [int(seen[global_positions(total // world, world, r, layout)].sum()) for r in range(world)]
+
+
 def piece_documents(cu_seqlens: torch.Tensor, n_pieces: int, seg_len: int) -> list[tuple[int, int]]:
     """(first, last) document id of each of the ``n_pieces`` global pieces of ``seg_len`` tokens."""
     doc = document_ids(cu_seqlens, n_pieces * seg_len)

@@ -63,3 +63,14 @@ def test_bad_cu_seqlens():
         check_cu_seqlens(torch.tensor([0.0, 8.0]), 8)
     with pytest.raises(TypeError, match="cu_seqlens must be a torch.Tensor"):
         check_cu_seqlens([0, 8], 8)
+
+
+def test_causal_pairs_per_rank_hand_counted():
+    from longscan.distributed.documents import causal_pairs_per_rank
+    cu = torch.tensor([0, 3, 8])     # pairs seen per token: 1 2 3 | 1 2 3 4 5
+    assert causal_pairs_per_rank(cu, 8, 2, "contiguous") == [7, 14]
+    assert causal_pairs_per_rank(cu, 8, 2, "zigzag") == [12, 9]      # tokens 0 1 6 7 | 2 3 4 5
+    one = causal_pairs_per_rank(torch.tensor([0, 8]), 8, 2, "zigzag")
+    assert one == [1 + 2 + 7 + 8, 3 + 4 + 5 + 6]                     # zigzag balances one document
+    with pytest.raises(ValueError, match="must split over 3 ranks"):
+        causal_pairs_per_rank(cu, 8, 3, "zigzag")
