@@ -358,7 +358,7 @@ def write_png(rows: list[Row], path: str) -> bool:
         oom = [r.seq_len for r in rows if r.sp == sp and r.status == "oom"]
         if oom:
             a2.axvline(min(oom), linestyle=":", color="red")
-    for ax, label in ((a1, "tokens/s per GPU"), (a2, "peak memory per GPU (GB)")):
+    for ax, label in ((a1, "tokens/s per GPU"), (a2, "peak memory per GPU (GiB)")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("sequence length")
         ax.set_ylabel(label)
