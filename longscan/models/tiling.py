@@ -8,7 +8,8 @@ one tensor or a tuple of them (q, k, v, a gate), each `[B, T, ...]`; the whole-s
 nothing computed between x and them.
 
 ``head_groups(pre, mid, post, x, params, groups, tile, along)`` cuts a per-head computation (a linear- or
-softmax-attention mixer) into groups of heads the same way: one group's whole-sequence tensors at a time, forward and backward.
+softmax-attention mixer) into groups of heads the same way: one group's whole-sequence tensors at a time,
+forward and backward.
 """
 from __future__ import annotations
 

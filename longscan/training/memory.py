@@ -10,8 +10,8 @@ the largest of three moments:
 - each block's backward: the gradients of the blocks above it, the saved activations of the blocks below it,
   and its own transient (a checkpointed stage recomputed, the MLP's backward, one tile of it when tiled, the
   kernels' gradient buffers; with tiled mixers one tile of their token-wise parts; with head groups one
-  group's attention tensors and gradients, linear and softmax mixers alike), plus a few `[T, D]` float32 buffers of the residual stream's
-  gradient.
+  group's attention tensors and gradients, linear and softmax mixers alike), plus a few `[T, D]` float32
+  buffers of the residual stream's gradient.
 
 What a block saves depends on each stage's memory mode (none: everything its modules save; checkpoint: its
 float32 input; offload: nothing) and is multiplied by the microbatches the 1F1B schedule holds at once.

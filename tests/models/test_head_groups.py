@@ -6,9 +6,10 @@ not divide T); then the model's loss and every gradient with head groups against
 for each linear variant that takes them, in a hybrid with a GQA softmax layer (8 query heads, 4 KV heads): on
 one process (groups of 2 and 4 heads, with mixer_tile, with the mixer stage checkpointed and offloaded), over
 SP 4 (every linear SP method and both layouts; softmax layers over ring, allgather and, with DeepSpeed,
-ulysses) and over TP 2 × SP 2, all in one spawn of four gloo processes. The gradients are each rank's own (before any reduction), so every
-rank's tensors are compared. Under bf16 autocast, to bf16 round-off. And the memory: the profiler's peak of
-a mixer's forward and backward (linear and softmax) with 4 groups against all heads at once.
+ulysses) and over TP 2 × SP 2, all in one spawn of four gloo processes. The gradients are each rank's own
+(before any reduction), so every rank's tensors are compared. Under bf16 autocast, to bf16 round-off. And the
+memory: the profiler's peak of a mixer's forward and backward (linear and softmax) with head groups against
+all heads at once.
 """
 from __future__ import annotations
 
