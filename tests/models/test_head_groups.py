@@ -56,8 +56,9 @@ def test_head_groups_equals_the_sum_over_heads():
         head_groups(pre, mid, post, x, (wi, wo), 0, 5)
 
 
-def _step(cfg, mem, tokens, sp, tp, tp_rank, dtype=torch.float64, bf16=False):
-    """Loss and every gradient (this rank's) of one forward/backward of the model."""
+def _step(cfg, mem, tokens, sp, tp, tp_rank, dtype=torch.float64, bf16=False, docs=None):
+    """Loss and every gradient (this rank's) of one forward/backward of the model; docs: packed documents
+    (cu_seqlens, the local tokens' in-document positions)."""
     from longscan.models.model import HybridLM
     from longscan.training.parallel import stage_config
     model = HybridLM(cfg, stage_config(tp, 1, 1, cfg.dim, torch.float32), sp, tp_rank=tp_rank, tp_size=tp,
@@ -67,7 +68,7 @@ def _step(cfg, mem, tokens, sp, tp, tp_rank, dtype=torch.float64, bf16=False):
             if "norm" in n:
                 p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(9), dtype=p.dtype))
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        loss = model(tokens, tokens)
+        loss = model(tokens, tokens, *(docs or ()))
     loss.backward(torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).view_as(loss))
     return [loss.detach()] + [p.grad.clone() for p in model.parameters()]
 
@@ -102,6 +103,16 @@ def _cfg(variant, pattern="LLN", n_layers=3, n_kv_heads=4):
     from longscan.models.args import ModelConfig
     return ModelConfig(dim=16, n_layers=n_layers, pattern=pattern, n_heads=8, n_kv_heads=n_kv_heads, head_dim=4,
                        linear_variant=variant, vocab_size=64)
+
+
+CU = [torch.tensor([0, 7, 30, 48]), torch.tensor([0, 19, 20, 48])]  # documents of each of the 2 rows
+
+
+def _documents(layout="contiguous", group=None):
+    """cu_seqlens (global) and the local tokens' in-document positions `[2, T]` for this rank's shard."""
+    from longscan.parallel import shard
+    pos = torch.stack([torch.cat([torch.arange(int(b - a)) for a, b in zip(cu[:-1], cu[1:])]) for cu in CU])
+    return CU, pos if group is None else shard(pos, dim=1, layout=layout, group=group)
 
 
 def _cases(rank, world):
@@ -146,9 +157,16 @@ def _cases(rank, world):
                     out[("refused", "ulysses")] = str(e)
                 continue
             out[("sp4", f"softmax/{method}/{layout}", name)] = _step(cfg, mems[name], local, sp, 1, 0)
+    # packed documents reach a grouped softmax mixer (a model without linear layers)
+    sp = SPSpec(group=group, softmax_backend="torch")
+    local = shard(tokens, dim=1, layout="zigzag", group=group)
+    for name in ("whole", "g2+tile+ckpt"):
+        out[("sp4", "softmax/documents", name)] = _step(_cfg("lightning", "N", 2), mems[name], local, sp, 1, 0,
+                                                        docs=_documents("zigzag", group))
     ps.destroy_model_parallel()
 
-    # TP 2 × SP 2: two heads a rank, two groups of one (lightning: each rank's own decays; gla: per-key gates)
+    # TP 2 × SP 2: four heads (two KV heads) a rank, two groups (lightning: each rank's own decays; gla: per-key
+    # gates)
     ps.initialize_model_parallel(tensor_model_parallel_size=2, context_parallel_size=2,
                                  create_gloo_process_groups=False)
     group, tp_rank = ps.get_context_parallel_group(), ps.get_tensor_model_parallel_rank()
@@ -172,6 +190,9 @@ def _cases(rank, world):
         for name, groups in (("whole", 0), ("g8", 8)):  # softmax: one KV head (of 8) a group
             out[("peak softmax", name)] = _mixer_peak(MemoryOptions(mixer_tile=512, mixer_head_groups=groups), 2048,
                                                       "N")
+        for name in ("whole", "g4+tile"):
+            out[("one", "softmax/documents", name)] = _step(_cfg("lightning", "N", 2), mems[name], tokens, sp, 1, 0,
+                                                            docs=_documents())
         try:  # 4 KV heads do not split into 3 groups
             _step(_cfg("lightning", "N", 1), MemoryOptions(mixer_head_groups=3), tokens, sp, 1, 0)
         except ValueError as e:
@@ -234,6 +255,13 @@ def test_sp4_softmax(cases, method, layout):
         pytest.skip("deepspeed not installed (optional extra)")
     names = ("g2",) if method == "ulysses" else ("g2", "g4+tile")
     _check(cases, "sp4", f"softmax/{method}/{layout}", names)
+
+
+@pytest.mark.parametrize("where", ["one", "sp4"])
+def test_softmax_packed_documents(cases, where):
+    """Packed documents (cu_seqlens, in-document RoPE positions) through a grouped softmax mixer: one process
+    and SP 4 (ring, zigzag, the stage checkpointed)."""
+    _check(cases, where, "softmax/documents", ("g4+tile",) if where == "one" else ("g2+tile+ckpt",))
 
 
 def test_softmax_groups_refused_in_the_model(cases):
