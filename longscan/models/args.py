@@ -163,8 +163,9 @@ class MemoryOptions:
     mixer_tile: int = 0
     """Tokens per tile of the mixers' token-wise parts (norm, projections, gates, output norm); 0: untiled."""
     mixer_head_groups: int = 0
-    """Linear-attention mixers run their heads (this TP rank's) in this many groups, one group's q, k, v, output
-    and gradients alive at a time, recomputed per group in the backward; 0 or 1: all heads at once."""
+    """Mixers run their heads (this TP rank's; softmax mixers: KV heads with their query heads) in this many
+    groups, one group's q, k, v, output and gradients alive at a time, recomputed per group in the backward;
+    0 or 1: all heads at once."""
 
     def __post_init__(self):
         for name in ("linear_layers", "softmax_layers", "mlp"):
@@ -179,7 +180,7 @@ class MemoryOptions:
 
     @property
     def head_groups(self) -> int:
-        """Head groups of the linear-attention mixers (1: all heads at once)."""
+        """Head groups of the mixers (1: all heads at once)."""
         return max(self.mixer_head_groups, 1)
 
     @property

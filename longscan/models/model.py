@@ -56,10 +56,13 @@ class Block(nn.Module):
 
     def _mixer(self, x, cos, sin, cu_seqlens):
         tile = self.memory.mixer_tile
-        if self.memory.head_groups > 1 and self.kind == "L":
+        groups = self.memory.head_groups
+        if groups > 1 and self.kind == "L":
             if cu_seqlens is not None:  # the grouped path passes no document boundaries to the attention
                 raise ValueError("memory.mixer_head_groups does not take packed documents (cu_seqlens) yet")
-            return x + self.attn.head_grouped(x, self.attn_norm, self.memory.head_groups, tile)
+            return x + self.attn.head_grouped(x, self.attn_norm, groups, tile)
+        if groups > 1:
+            return x + self.attn.head_grouped(x, self.attn_norm, cos, sin, groups, tile, cu_seqlens)
         if tile and self.kind == "L":
             return x + self.attn.tiled_with_norm(x, self.attn_norm, tile, cu_seqlens)
         if tile:

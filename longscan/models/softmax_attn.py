@@ -7,10 +7,11 @@ from megatron.core.tensor_parallel.mappings import (copy_to_tensor_model_paralle
                                                     reduce_from_tensor_model_parallel_region)
 from torch import nn
 
+from longscan.distributed.layouts import group_rank_size
 from longscan.models import sp_ops
 from longscan.models.norms import RMSNorm, rms_norm
 from longscan.models.rope import apply_rope
-from longscan.models.tiling import tiled
+from longscan.models.tiling import head_groups, tiled
 from longscan.models.tp import column, row
 
 
@@ -56,4 +57,45 @@ class SoftmaxAttention(nn.Module):
                                      group=self.sp.group, layout=self.sp.layout, backend=self.sp.softmax_backend,
                                      cu_seqlens=cu_seqlens)
         y = tiled(lambda ot, wo: F.linear(ot.flatten(2), wo), o, (self.o_proj.weight,), tile)
+        return reduce_from_tensor_model_parallel_region(y, group=group)
+
+    def head_grouped(self, x: torch.Tensor, norm: RMSNorm, cos, sin, groups: int, tile: int = 0,
+                     cu_seqlens=None) -> torch.Tensor:
+        """self(norm(x), cos, sin) with this rank's KV heads run ``groups`` at a time, each with its query heads
+        (GQA): for each group the norm, its rows of the q/k/v projections, RoPE, the attention over the whole
+        sequence and its columns of the output projection, summed into the output. Kept for the backward: x
+        (and RoPE's tables) only; one group's q, k, v, output, log-sum-exp and their gradients are alive at
+        once, recomputed group by group in the backward. ``tile`` (tokens, 0: the whole sequence): the
+        token-wise parts run that many tokens at a time, as with mixer_tile. The TP collectives run once,
+        outside the groups; the SP operator runs once per group on its heads. The output is float32 (the
+        groups' sum; float64 for float64 inputs)."""
+        if groups < 1 or self.hkv % groups:
+            raise ValueError(f"memory.mixer_head_groups = {groups} must divide the KV heads per TP rank "
+                             f"({self.hkv}) of a softmax mixer")
+        nq, nkv, d, group = self.hq // groups, self.hkv // groups, self.d, self.q_proj.tp_group
+        world = group_rank_size(self.sp.group)[1] if self.sp.group is not None else 1
+        if self.sp.softmax_method == "ulysses" and world > 1 and nkv % world:
+            raise ValueError(f"memory.mixer_head_groups = {groups} leaves {nkv} KV heads a group, which "
+                             f"softmax_method='ulysses' cannot shard over the SP group of {world} (it needs "
+                             "heads divisible by the SP size)")
+        x = copy_to_tensor_model_parallel_region(x, group=group)
+        nw = copy_to_tensor_model_parallel_region(norm.weight, group=group)
+
+        def pre(j, xt, ct, st, nw_, wq, wk, wv, wo):
+            n, (B, t) = rms_norm(xt, nw_, norm.eps), xt.shape[:2]
+            q = F.linear(n, wq[j * nq * d:(j + 1) * nq * d]).view(B, t, nq, d)
+            k = F.linear(n, wk[j * nkv * d:(j + 1) * nkv * d]).view(B, t, nkv, d)
+            v = F.linear(n, wv[j * nkv * d:(j + 1) * nkv * d]).view(B, t, nkv, d)
+            return apply_rope(q, ct, st), apply_rope(k, ct, st), v
+
+        def mid(j, q, k, v):  # kv head i serves query heads i·hq/hkv .. : a group's query heads are contiguous
+            return sp_ops.softmax_attention(q, k, v, method=self.sp.softmax_method, group=self.sp.group,
+                                            layout=self.sp.layout, backend=self.sp.softmax_backend,
+                                            cu_seqlens=cu_seqlens)
+
+        def post(j, ot, nw_, wq, wk, wv, wo):
+            return F.linear(ot.flatten(2), wo[:, j * nq * d:(j + 1) * nq * d])
+        tables = [c if c.dim() == 3 else c[None] for c in (cos, sin)]  # [B or 1, T, head_dim]: tiled along T
+        params = (nw, self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, self.o_proj.weight)
+        y = head_groups(pre, mid, post, x, params, groups, tile or x.shape[1], tables)
         return reduce_from_tensor_model_parallel_region(y, group=group)

@@ -7,8 +7,9 @@ next. A `[T, ffn]` intermediate is thus never held for the whole sequence, only 
 one tensor or a tuple of them (q, k, v, a gate), each `[B, T, ...]`; the whole-sequence outputs are held,
 nothing computed between x and them.
 
-``head_groups(pre, mid, post, x, params, groups, tile)`` cuts a per-head computation (a linear-attention
-mixer) into groups of heads the same way: one group's whole-sequence tensors at a time, forward and backward.
+``head_groups(pre, mid, post, x, params, groups, tile, along)`` cuts a per-head computation (a linear- or
+softmax-attention mixer) into groups of heads the same way: one group's whole-sequence tensors at a time,
+forward and backward.
 """
 from __future__ import annotations
 
@@ -77,24 +78,28 @@ def tiled(fn: Callable[..., TileOut], x: torch.Tensor, params: Sequence[torch.Te
     x and ``params``; it returns one tensor or a tuple of tensors `[B, T, ...]` (returned the same way)."""
     if tile <= 0:
         raise ValueError(f"tile must be a positive number of tokens, got {tile}")
-    for a in along:
-        if a.requires_grad or a.dim() < 2 or a.shape[1] != x.shape[1]:
-            raise ValueError(f"along: tensors [B or 1, T={x.shape[1]}, ...] without gradients expected, got "
-                             f"shape {tuple(a.shape)} (requires_grad={a.requires_grad})")
+    _check_along(along, x)
     if x.shape[1] <= tile:
         return fn(x, *along, *params)
     return _Tiled.apply(fn, tile, _autocast_state(x.device.type), len(along), x, *along, *params)
 
 
+def _check_along(along: Sequence[torch.Tensor], x: torch.Tensor) -> None:
+    for a in along:
+        if a.requires_grad or a.dim() < 2 or a.shape[1] != x.shape[1]:
+            raise ValueError(f"along: tensors [B or 1, T={x.shape[1]}, ...] without gradients expected, got "
+                             f"shape {tuple(a.shape)} (requires_grad={a.requires_grad})")
+
+
 def _token_wise(fn: Callable[..., tuple[torch.Tensor, ...]], x: torch.Tensor, params: Sequence[torch.Tensor],
-                tile: int) -> tuple[torch.Tensor, ...]:
-    """fn(x, *params) computed ``tile`` tokens at a time into whole-sequence buffers (no graph kept)."""
+                tile: int, along: Sequence[torch.Tensor] = ()) -> tuple[torch.Tensor, ...]:
+    """fn(x, *along, *params) computed ``tile`` tokens at a time into whole-sequence buffers (no graph kept)."""
     T = x.shape[1]
     if T <= tile:
-        return fn(x, *params)
+        return fn(x, *along, *params)
     whole = None
     for s in range(0, T, tile):
-        ys = fn(x[:, s:s + tile], *params)
+        ys = fn(x[:, s:s + tile], *(a[:, s:s + tile] for a in along), *params)
         if whole is None:
             whole = tuple(t.new_empty((t.shape[0], T, *t.shape[2:])) for t in ys)
         for w, t in zip(whole, ys):
@@ -104,12 +109,13 @@ def _token_wise(fn: Callable[..., tuple[torch.Tensor, ...]], x: torch.Tensor, pa
 
 class _HeadGroups(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, pre, mid, post, groups: int, tile: int, autocast, x, *params):
+    def forward(ctx, pre, mid, post, groups: int, tile: int, autocast, n_along: int, x, *rest):
         enabled, dtype = autocast
+        along, params = rest[:n_along], rest[n_along:]
         y, T = None, x.shape[1]
         with torch.no_grad(), torch.autocast(x.device.type, dtype=dtype, enabled=enabled):
             for j in range(groups):
-                z = mid(j, *_token_wise(lambda xt, *ps: pre(j, xt, *ps), x, params, tile))
+                z = mid(j, *_token_wise(lambda xt, *ps: pre(j, xt, *ps), x, params, tile, along))
                 for s in range(0, T, tile):
                     yt = post(j, z[:, s:s + tile], *params)
                     if y is None:  # the groups' sum in float32 at least: one rounding, not one per group
@@ -118,15 +124,17 @@ class _HeadGroups(torch.autograd.Function):
                     y[:, s:s + tile] += yt
                 del z
         ctx.pre, ctx.mid, ctx.post, ctx.groups, ctx.tile, ctx.autocast = pre, mid, post, groups, tile, autocast
-        ctx.save_for_backward(x, *params)
+        ctx.n_along = n_along
+        ctx.save_for_backward(x, *rest)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, *params = ctx.saved_tensors
+        x, *rest = ctx.saved_tensors
+        along, params = rest[:ctx.n_along], rest[ctx.n_along:]
         enabled, dtype = ctx.autocast
         dev, T, tile = x.device.type, x.shape[1], ctx.tile
-        want_x, wants = ctx.needs_input_grad[6], list(ctx.needs_input_grad[7:])
+        want_x, wants = ctx.needs_input_grad[7], list(ctx.needs_input_grad[8 + ctx.n_along:])
         dx = torch.zeros_like(x) if want_x else None
         dparams = [torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32)) if w else None
                    for p, w in zip(params, wants)]  # bf16 weights sum their groups and tiles in float32
@@ -143,7 +151,7 @@ class _HeadGroups(torch.autograd.Function):
         for j in range(ctx.groups):
             # this group's attention inputs (recomputed tile by tile without a graph), then the attention's graph
             with torch.no_grad(), torch.autocast(dev, dtype=dtype, enabled=enabled):
-                whole = _token_wise(lambda xt, *ps: ctx.pre(j, xt, *ps), x, leaves, tile)
+                whole = _token_wise(lambda xt, *ps: ctx.pre(j, xt, *ps), x, leaves, tile, along)
             whole = [t.detach().requires_grad_(t.is_floating_point()) for t in whole]
             with torch.enable_grad(), torch.autocast(dev, dtype=dtype, enabled=enabled):
                 z = ctx.mid(j, *whole)
@@ -164,7 +172,7 @@ class _HeadGroups(torch.autograd.Function):
                 xt = x[:, s:s + tile].detach().requires_grad_(want_x)
                 inputs = ([xt] if want_x else []) + trained
                 with torch.enable_grad(), torch.autocast(dev, dtype=dtype, enabled=enabled):
-                    outs = ctx.pre(j, xt, *leaves)
+                    outs = ctx.pre(j, xt, *(a[:, s:s + tile] for a in along), *leaves)
                 pairs = [(o, d[:, s:s + tile]) for o, d in zip(outs, dwhole) if d is not None]
                 if not inputs or not pairs:
                     continue
@@ -175,17 +183,18 @@ class _HeadGroups(torch.autograd.Function):
                     if g is not None:
                         dx[:, s:s + tile] += g
                 add(grads)
-        return (None, None, None, None, None, None, dx,
+        return (None, None, None, None, None, None, None, dx, *[None] * ctx.n_along,
                 *[d.to(p.dtype) if d is not None else None for d, p in zip(dparams, params)])
 
 
 def head_groups(pre: Callable[..., tuple[torch.Tensor, ...]], mid: Callable[..., torch.Tensor],
                 post: Callable[..., torch.Tensor], x: torch.Tensor, params: Sequence[torch.Tensor], groups: int,
-                tile: int) -> torch.Tensor:
+                tile: int, along: Sequence[torch.Tensor] = ()) -> torch.Tensor:
     """The sum over head groups j < ``groups`` of ``post(j, mid(j, *pre(j, x, *params)), *params)``, one group
     at a time, recomputed group by group in the backward; only x and ``params`` are kept.
 
-    pre(j, xt, *params): group j's attention inputs (a tuple of `[B, t, ...]`), token-wise; mid(j, *inputs):
+    pre(j, xt, *along_t, *params): group j's attention inputs (a tuple of `[B, t, ...]`), token-wise, with the
+    same tile of each ``along`` tensor (`[B or 1, T, ...]` without gradients: RoPE's tables); mid(j, *inputs):
     the attention over the whole sequence `[B, T, ...]` (it may mix tokens and run collectives; it uses no
     tensor that needs a gradient but its inputs); post(j, zt, *params): group j's token-wise contribution
     `[B, t, D]` to the output. pre and post run ``tile`` tokens at a time. The sum is returned in float32
@@ -194,4 +203,6 @@ def head_groups(pre: Callable[..., tuple[torch.Tensor, ...]], mid: Callable[...,
         raise ValueError(f"groups must be a positive number of head groups, got {groups}")
     if tile <= 0:
         raise ValueError(f"tile must be a positive number of tokens, got {tile}")
-    return _HeadGroups.apply(pre, mid, post, groups, tile, _autocast_state(x.device.type), x, *params)
+    _check_along(along, x)
+    return _HeadGroups.apply(pre, mid, post, groups, tile, _autocast_state(x.device.type), len(along), x, *along,
+                             *params)

@@ -218,12 +218,12 @@ def _recomputed(cfg) -> tuple[bool, bool, bool]:
     again = lambda mode: whole or mode in ("checkpoint", "offload")   # noqa: E731
     grouped = mem.mixer_head_groups > 1
     return (again(mem.linear_layers) or mem.mixer_tile > 0 or grouped,
-            again(mem.softmax_layers) or mem.mixer_tile > 0, again(mem.mlp) or mem.mlp_tile > 0)
+            again(mem.softmax_layers) or mem.mixer_tile > 0 or grouped, again(mem.mlp) or mem.mlp_tile > 0)
 
 
 def _kernel_recomputed(cfg, mode: str, head_groups: bool = False) -> bool:
-    """Does the attention kernel itself run twice (whole-stage recompute, or a linear mixer run by head groups,
-    which recomputes each group; tiles recompute around the kernel only)?"""
+    """Does the attention kernel itself run twice (whole-stage recompute, or a mixer, linear or softmax, run by
+    head groups, which recomputes each group; tiles recompute around the kernel only)?"""
     return cfg.schedule.activation_checkpointing or mode in ("checkpoint", "offload") or head_groups
 
 
@@ -278,7 +278,8 @@ def compute_parts(cfg, costs: KernelCosts) -> dict[str, float]:
     parts["recomputed forward"] = (tokens * 2 * again / (p.tp * p.pp) / rate
                                    + LINEAR_FWD_SHARE * linear * _kernel_recomputed(
                                        cfg, cfg.memory.linear_layers, cfg.memory.mixer_head_groups > 1)
-                                   + SOFTMAX_FWD_SHARE * softmax * _kernel_recomputed(cfg, cfg.memory.softmax_layers))
+                                   + SOFTMAX_FWD_SHARE * softmax * _kernel_recomputed(
+                                       cfg, cfg.memory.softmax_layers, cfg.memory.mixer_head_groups > 1))
     if costs.copy_bytes_per_s:
         moved = sum(memory_bound_bytes(cfg).values()) * tokens
         n_params = (matmul_flops_per_token(m) // 6 + m.dim * m.padded_vocab) / (p.tp * p.pp)

@@ -274,9 +274,10 @@ class MemoryConfig:
     attention's inputs and output are held for the whole sequence. 0 = untiled. Not for the delta-rule
     variants (their short convolution mixes neighbouring tokens)."""
     mixer_head_groups: int = 0
-    """Linear-attention mixers run their heads (those of one TP rank) in this many groups: one group's q, k, v,
-    output and their gradients alive at a time, each group recomputed in the backward. 0 or 1 = all heads at
-    once; else a divisor of model.n_heads / parallel.tp. Not for the delta-rule variants."""
+    """Mixers run their heads (those of one TP rank) in this many groups: one group's q, k, v, output and their
+    gradients alive at a time, each group recomputed in the backward; softmax mixers group their KV heads, each
+    with its query heads. 0 or 1 = all heads at once; else a divisor of model.n_heads / parallel.tp (linear
+    layers) and of model.n_kv_heads / parallel.tp (softmax layers). Not for the delta-rule variants."""
     check_capacity: bool = True
     """On CUDA, refuse to start when the predicted peak memory per GPU (longscan.training.memory) exceeds the
     device's memory; false: try anyway."""
@@ -561,6 +562,16 @@ def validate(cfg: TrainConfig, world_size: int) -> TrainConfig:
         if d.pack_documents:
             raise ConfigError(f"memory.mixer_head_groups = {groups} does not take packed documents yet; set "
                               "data.pack_documents = false or memory.mixer_head_groups = 0")
+    if groups > 1 and "N" in m.pattern:
+        kv = m.n_kv_heads // p.tp
+        if kv % groups:
+            raise ConfigError(f"memory.mixer_head_groups = {groups} must divide the KV heads per TP rank of the "
+                              f"softmax layers (model.n_kv_heads / parallel.tp = {m.n_kv_heads}/{p.tp} = {kv}); "
+                              "0 or 1 turns it off")
+        if p.softmax_method == "ulysses" and (kv // groups) % p.sp:
+            raise ConfigError(f"memory.mixer_head_groups = {groups} leaves {kv // groups} KV heads a group, which "
+                              f"parallel.softmax_method = 'ulysses' cannot shard over parallel.sp = {p.sp} (heads "
+                              "must divide by the SP size); use fewer groups or ring / allgather")
     if d.pack_documents and "L" in m.pattern:
         _check_packed_linear(m, p)
     return cfg

@@ -10,8 +10,8 @@ the largest of three moments:
 - each block's backward: the gradients of the blocks above it, the saved activations of the blocks below it,
   and its own transient (a checkpointed stage recomputed, the MLP's backward, one tile of it when tiled, the
   kernels' gradient buffers; with tiled mixers one tile of their token-wise parts; with head groups one
-  group's attention tensors and gradients), plus a few `[T, D]` float32 buffers of the residual stream's
-  gradient.
+  group's attention tensors and gradients, linear and softmax mixers alike), plus a few `[T, D]` float32
+  buffers of the residual stream's gradient.
 
 What a block saves depends on each stage's memory mode (none: everything its modules save; checkpoint: its
 float32 input; offload: nothing) and is multiplied by the microbatches the 1F1B schedule holds at once.
@@ -105,24 +105,31 @@ def _linear_saved(m: ModelConfig, I: int, H: int, act: int, mixer_tile: bool) ->
     return norm + qkv + gate + out
 
 
+def _softmax_saved(m: ModelConfig, I: int, Ikv: int, H: int, act: int, mixer_tile: bool) -> int:
+    """Bytes a softmax mixer stage of H query heads (I = H·head_dim columns; Ikv those of k and v) saves per
+    token."""
+    attention = 8 * m.hd + act * (2 * I + 2 * Ikv) + 4 * H  # cos/sin; q, k (after RoPE), v, the output; lse
+    if mixer_tile:  # x and the attention's tensors
+        return 4 * m.dim + attention
+    return 4 * m.dim + act * m.dim + 4 + attention  # the norm's float32 input, its output, 1/rms
+
+
 def saved_per_token(m: ModelConfig, stage: str, tp: int, act: int, mixer_tile: bool = False,
                     head_groups: int = 1) -> int:
     """Bytes one stage saves for its backward per token with nothing checkpointed; stage: "L", "N" (mixers)
     or "mlp"; act: bytes of the activation dtype (2 under bf16 autocast, 4 in float32). The residual stream
     is float32 in both; the norms compute in float32 and return autocast's dtype. mixer_tile: the mixers'
     token-wise parts tiled (memory.mixer_tile), which keep the stage's input and what the attention itself
-    keeps. head_groups > 1 (memory.mixer_head_groups): linear mixers keep their input only."""
+    keeps. head_groups > 1 (memory.mixer_head_groups): mixers keep their input only (and softmax mixers RoPE's
+    cos/sin)."""
     D, hd = m.dim, m.hd
-    I, H = m.n_heads * hd // tp, m.n_heads // tp
+    I, H, Ikv = m.n_heads * hd // tp, m.n_heads // tp, m.n_kv_heads * hd // tp
     if stage == "L":
         return 4 * D if head_groups > 1 else _linear_saved(m, I, H, act, mixer_tile)
-    if mixer_tile and stage == "N":  # x; cos/sin; q, k (after RoPE), v, the output; log-sum-exp
-        return 4 * D + 8 * hd + act * (2 * I + 2 * m.n_kv_heads * hd // tp) + 4 * H
+    if stage == "N":
+        return 4 * D + 8 * hd if head_groups > 1 else _softmax_saved(m, I, Ikv, H, act, mixer_tile)
     norm = 4 * D + act * D + 4  # its float32 input, its output (the projections' input, autocast's dtype), 1/rms
-    if stage == "mlp":
-        return norm + 4 * act * (m.ffn // tp)  # w1 x, silu(w1 x), w3 x, their product
-    Ikv = m.n_kv_heads * hd // tp
-    return norm + 8 * hd + act * (2 * I + 2 * Ikv) + 4 * H  # cos/sin, q, k, v, output, log-sum-exp
+    return norm + 4 * act * (m.ffn // tp)  # w1 x, silu(w1 x), w3 x, their product
 
 
 def _stage_held(m, stage, mode, tp, act, tokens) -> int:
@@ -151,7 +158,7 @@ def _block(m: ModelConfig, kind: str, memory: MemoryOptions, whole_block: bool, 
     """(bytes a block holds from its forward to its backward, its backward's largest transient)."""
     D = m.dim
     tiled_mixer = memory.mixer_tile > 0
-    groups = memory.head_groups if kind == "L" else 1
+    groups = memory.head_groups
     saved = {kind: saved_per_token(m, kind, tp, act, tiled_mixer, groups) * N,
              "mlp": saved_per_token(m, "mlp", tp, act) * N}
     if memory.mlp_tile:  # the tiled MLP keeps its input only
@@ -167,7 +174,13 @@ def _block(m: ModelConfig, kind: str, memory: MemoryOptions, whole_block: bool, 
     if tiled_mixer:  # the output's gradient, and one tile of what the untiled parts would keep
         per_tile = saved_per_token(m, kind, tp, act) - saved_per_token(m, kind, tp, act, True)
         mixer_bwd += act * I * N + per_tile * min(memory.mixer_tile, N)
-    if groups > 1:  # one group recomputed: its q, k, v, output, gate and their gradients; one tile around them
+    if groups > 1 and kind == "N":  # one group recomputed: its q, k, v, output, lse, their gradients; a tile
+        Ig, Ikvg, Hg = I // groups, Ikv // groups, m.n_heads // tp // groups
+        attention = _softmax_saved(m, Ig, Ikvg, Hg, act, True) - 4 * D - 8 * m.hd
+        per_tile = _softmax_saved(m, Ig, Ikvg, Hg, act, False) - _softmax_saved(m, Ig, Ikvg, Hg, act, True)
+        grads = act * (2 * Ig + 2 * Ikvg)  # dq, dk, dv and the output's gradient
+        mixer_bwd = (attention + grads) * N + per_tile * (min(memory.mixer_tile, N) if tiled_mixer else N)
+    elif groups > 1:  # one group recomputed: its q, k, v, output, gate and their gradients; one tile around them
         Ig, Hg = I // groups, m.n_heads // tp // groups
         attention = _linear_saved(m, Ig, Hg, act, True) - 4 * D
         per_tile = _linear_saved(m, Ig, Hg, act, False) - _linear_saved(m, Ig, Hg, act, True)

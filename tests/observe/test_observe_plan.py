@@ -136,6 +136,8 @@ def test_gradient_reduction_beside_the_backward(table):
 
 
 def test_head_groups_recompute_the_linear_mixers(table):
+    """Head groups recompute each group: the projections and the kernel's forward of the linear mixers and of
+    the softmax mixers (q, k, v and o; 4 KV heads here)."""
     costs = P.costs_for("h100", table)
     base = P.compute_parts(validate(load_config(None, MODEL + ["parallel.sp=1"]), 1), costs)
     grouped = P.compute_parts(validate(load_config(None, MODEL + ["parallel.sp=1", "memory.mixer_head_groups=2"]),
@@ -143,4 +145,7 @@ def test_head_groups_recompute_the_linear_mixers(table):
     c = validate(load_config(None, MODEL + ["parallel.sp=1"]), 1)
     m, tokens = c.model, 4 * 4096
     want = tokens * 2 * 3 * 4 * m.dim * m.n_heads * m.hd / 1e14 + P.LINEAR_FWD_SHARE * base["linear attention"]
-    assert base["recomputed forward"] == 0 and grouped["recomputed forward"] == pytest.approx(want)
+    want_softmax = (tokens * 2 * (2 * m.dim * m.n_heads * m.hd + 2 * m.dim * m.n_kv_heads * m.hd) / 1e14
+                    + P.SOFTMAX_FWD_SHARE * base["softmax attention"])
+    assert base["softmax attention"] > 0 and want_softmax > 0
+    assert base["recomputed forward"] == 0 and grouped["recomputed forward"] == pytest.approx(want + want_softmax)
