@@ -14,39 +14,20 @@ against each document alone in float64 (CPU) / float32 (GPU).
 """
 from __future__ import annotations
 
-import argparse
-
 import torch
 import torch.nn.functional as F
 
-from benchmarks.packed_softmax import DTYPES, doc_lengths, time_fb
+from benchmarks.packed_softmax import packing_parser, sizes, time_fb
 from longscan.kernels.linear_attention import chunk_linear_attention
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--total", type=int, default=None, help="tokens in the sequence (default 65536 GPU, 2048 CPU)")
-    p.add_argument("--doc-len", type=int, default=None, help="mean document length (default 2048 GPU, 128 CPU)")
-    p.add_argument("--heads", type=int, default=None)
-    p.add_argument("--head-dim", type=int, default=None)
-    p.add_argument("--dtype", choices=list(DTYPES), default=None)
-    p.add_argument("--backend", default="auto", help="auto: triton on CUDA, torch on CPU")
-    p.add_argument("--iters", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--check", action="store_true")
-    return p.parse_args(argv)
+    return packing_parser(__doc__.splitlines()[0]).parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    total = args.total or (65536 if cuda else 2048)
-    mean = args.doc_len or (2048 if cuda else 128)
-    H, D = args.heads or (16 if cuda else 4), args.head_dim or (128 if cuda else 32)
-    dtype = DTYPES[args.dtype or ("bfloat16" if cuda else "float32")]
-    lengths = doc_lengths(total, mean, args.seed)
+    cuda, device, total, mean, H, D, dtype, lengths = sizes(args, gpu_heads=16)
     cu = torch.tensor([0] + lengths).cumsum(0)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     q, k, v = (torch.randn(1, total, H, D, device=device, dtype=dtype, generator=gen).mul_(0.3).requires_grad_()

@@ -28,19 +28,25 @@ from longscan.parallel.softmax import softmax_attention
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def packing_parser(description: str) -> argparse.ArgumentParser:
+    """The arguments the packed-document benchmarks share."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--total", type=int, default=None, help="tokens in the sequence (default 65536 GPU, 2048 CPU)")
     p.add_argument("--doc-len", type=int, default=None, help="mean document length (default 2048 GPU, 128 CPU)")
     p.add_argument("--heads", type=int, default=None)
-    p.add_argument("--kv-heads", type=int, default=None)
     p.add_argument("--head-dim", type=int, default=None)
     p.add_argument("--dtype", choices=list(DTYPES), default=None)
-    p.add_argument("--backend", default="auto", help="auto: triton on CUDA with documents, torch on CPU")
+    p.add_argument("--backend", default="auto", help="auto: triton on CUDA, torch on CPU")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--check", action="store_true")
+    return p
+
+
+def parse_args(argv=None):
+    p = packing_parser(__doc__.splitlines()[0])
+    p.add_argument("--kv-heads", type=int, default=None)
     p.add_argument("--json", default="packed_softmax.json")
     return p.parse_args(argv)
 
@@ -71,17 +77,21 @@ def time_fb(fn, do, device, iters, warmup) -> float:
     return statistics.median(times)
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def sizes(args, gpu_heads: int):
+    """(cuda, device, total, mean document length, heads, head dim, dtype, document lengths): the arguments with
+    the GPU or CPU defaults filled in."""
     cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
     total = args.total or (65536 if cuda else 2048)
     mean = args.doc_len or (2048 if cuda else 128)
-    H = args.heads or (32 if cuda else 4)
+    return (cuda, torch.device("cuda" if cuda else "cpu"), total, mean, args.heads or (gpu_heads if cuda else 4),
+            args.head_dim or (128 if cuda else 32), DTYPES[args.dtype or ("bfloat16" if cuda else "float32")],
+            doc_lengths(total, mean, args.seed))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cuda, device, total, mean, H, D, dtype, lengths = sizes(args, gpu_heads=32)
     Hkv = args.kv_heads or H
-    D = args.head_dim or (128 if cuda else 32)
-    dtype = DTYPES[args.dtype or ("bfloat16" if cuda else "float32")]
-    lengths = doc_lengths(total, mean, args.seed)
     cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     q, k, v = (torch.randn(1, total, h, D, device=device, dtype=dtype, generator=gen).requires_grad_()
