@@ -14,7 +14,7 @@ import importlib
 
 import torch
 
-from longscan.distributed.documents import check_cu_seqlens, to_device
+from longscan.distributed.documents import check_cu_seqlens, document_ids, document_positions, to_device
 from longscan.kernels import saved
 from longscan.kernels.checks import check_linear_qkv
 from longscan.kernels.linear_attention.backend import LinearBackend, NaiveBackend, TorchBackend
@@ -149,22 +149,14 @@ def reset_log_decay(q, g, g_gamma, resets: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, torch.full((), float("-inf"), dtype=base.dtype, device=base.device), base)
 
 
-def document_rows(cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(document `[T]`, position in it `[T]`) of every token, and the longest document's length; cu_seqlens:
-    validated int64 offsets on the CPU."""
-    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-    doc = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
-    pos = torch.arange(int(cu_seqlens[-1])) - cu_seqlens[:-1][doc]
-    return doc, pos, int(lengths.max())
-
-
 def _as_rows(q, k, v, g, g_gamma, scale, impl, cu_seqlens):
     """Packed documents of a batch-1 sequence run as the rows `[N, longest, ...]` of a batch: each row a document
     then zeros (q = k = v = 0 and a log decay of 0 after its end add nothing to its tokens); the outputs are
     read back at the tokens' places. Autograd runs through the scatter and the gather."""
-    doc, pos, longest = document_rows(cu_seqlens)
-    doc, pos = to_device(doc, q.device), to_device(pos, q.device)
-    n = int(cu_seqlens.numel()) - 1
+    total = q.shape[1]
+    doc = to_device(document_ids(cu_seqlens, total), q.device)
+    pos = to_device(document_positions(cu_seqlens, total), q.device)
+    n, longest = int(cu_seqlens.numel()) - 1, int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
 
     def rows(x):
         return x.new_zeros((n, longest) + tuple(x.shape[2:])).index_put((doc, pos), x[0])
@@ -231,5 +223,5 @@ def chunk_linear_attention(q, k, v, g=None, g_gamma=None, scale=None, initial_st
 
 
 __all__ = ["chunk_linear_attention", "naive_recurrent_linear_attention", "get_backend", "check_inputs",
-           "check_documents", "document_resets", "document_rows", "reset_log_decay", "RESET_BACKENDS",
+           "check_documents", "document_resets", "reset_log_decay", "RESET_BACKENDS",
            "check_log_decay", "check_backend_supports", "LinearBackend", "LinearKernelOptions", "LaunchConfig", "BACKENDS"]
