@@ -1,4 +1,5 @@
-"""SwiGLU MLP, hidden units split across TP; optionally tiled along the sequence with its norm."""
+"""SwiGLU MLP, hidden units split across TP; optionally tiled along the sequence with its norm. silu(w1 x) ⊙ w3 x
+is one fused op (``longscan.kernels.swiglu``) that keeps w1 x and w3 x for its backward, not silu(w1 x)."""
 from __future__ import annotations
 
 import torch
@@ -7,6 +8,7 @@ from megatron.core.tensor_parallel.mappings import (copy_to_tensor_model_paralle
                                                     reduce_from_tensor_model_parallel_region)
 from torch import nn
 
+from longscan.kernels.swiglu import swiglu
 from longscan.models.norms import RMSNorm, rms_norm
 from longscan.models.tiling import tiled
 from longscan.models.tp import column, row
@@ -16,7 +18,7 @@ def norm_swiglu(x: torch.Tensor, norm_weight: torch.Tensor, w1: torch.Tensor, w3
                 eps: float) -> torch.Tensor:
     """This TP rank's part of w2(silu(w1 n) ⊙ w3 n), n = RMSNorm(x): no communication, token by token."""
     n = rms_norm(x, norm_weight, eps)
-    return F.linear(F.silu(F.linear(n, w1)) * F.linear(n, w3), w2)
+    return F.linear(swiglu(F.linear(n, w1), F.linear(n, w3)), w2)
 
 
 class SwiGLU(nn.Module):
@@ -29,7 +31,7 @@ class SwiGLU(nn.Module):
         self.w2 = row(cfg.ffn, cfg.dim, mp, cfg.init_std, cfg.n_layers)
 
     def forward(self, x):
-        return self.w2(F.silu(self.w1(x)[0]) * self.w3(x)[0])[0]
+        return self.w2(swiglu(self.w1(x)[0], self.w3(x)[0]))[0]
 
     def tiled_with_norm(self, x: torch.Tensor, norm: RMSNorm, tile: int) -> torch.Tensor:
         """self(norm(x)) computed ``tile`` tokens at a time, the `[T, ffn/TP]` intermediates (and the norm's

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from longscan.kernels import rope as kernels
+
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float):
     """positions `[T]` (or `[B, T]`, e.g. per document) int -> cos, sin `[T, head_dim]` (`[B, T, head_dim]`)."""
@@ -13,10 +15,6 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float):
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x `[B, T, H, D]` rotated (rotate-half convention, as Llama), computed in float32."""
-    xf = x.float()
-    x1, x2 = xf.chunk(2, dim=-1)
-    rot = torch.cat([-x2, x1], dim=-1)
-    # [T, D] tables are shared by the batch; [B, T, D] ones are per row
-    c, s = (cos[None, :, None, :], sin[None, :, None, :]) if cos.dim() == 2 else (cos[:, :, None], sin[:, :, None])
-    return (xf * c + rot * s).to(x.dtype)
+    """x `[B, T, H, D]` rotated (rotate-half convention, as Llama), computed in float32, returned in x's dtype;
+    cos/sin `[T, D]` are shared by the batch, `[B, T, D]` ones are per row (the kernels: ``longscan.kernels.rope``)."""
+    return kernels.apply_rope(x, cos, sin)

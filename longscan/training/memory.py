@@ -129,7 +129,7 @@ def saved_per_token(m: ModelConfig, stage: str, tp: int, act: int, mixer_tile: b
     if stage == "N":
         return 4 * D + 8 * hd if head_groups > 1 else _softmax_saved(m, I, Ikv, H, act, mixer_tile)
     norm = 4 * D + act * D + 4  # its float32 input, its output (the projections' input, autocast's dtype), 1/rms
-    return norm + 4 * act * (m.ffn // tp)  # w1 x, silu(w1 x), w3 x, their product
+    return norm + 3 * act * (m.ffn // tp)  # w1 x, w3 x (the fused SwiGLU recomputes silu), their product
 
 
 def _stage_held(m, stage, mode, tp, act, tokens) -> int:
