@@ -70,10 +70,10 @@ def cases(args, device: torch.device) -> list[Case]:
     m = load_config(args.config).model
     dt, T = DTYPES[args.dtype], args.tokens
     es = torch.empty((), dtype=dt).element_size()
-    gen = torch.Generator(device="cpu").manual_seed(0)
+    torch.manual_seed(0)
 
     def rand(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=gen) * scale).to(device, dt).requires_grad_()
+        return (torch.randn(*shape, device=device) * scale).to(dt).requires_grad_()
     out = []
     n = T * m.ffn
     out.append(Case("swiglu", f"[{T}, {m.ffn}]", (rand(T, m.ffn, scale=2.0), rand(T, m.ffn)),
