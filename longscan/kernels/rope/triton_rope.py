@@ -7,7 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
-TILE = 4096   # elements of one half-tile a program: BLOCK_R rows × BLOCK_D
+TILE = 2048   # elements of one half-tile a program (BLOCK_R rows × BLOCK_D): 8 a thread at 8 warps, no spills
+WARPS = 8
 
 
 @triton.jit
@@ -58,7 +59,7 @@ def _apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool
     block_r = max(1, TILE // block_d)
     _rope_kernel[(triton.cdiv(R, block_r),)](x, cos, sin, y, R, T, H, half, *x.stride(), *_table_strides(cos),
                                              *_table_strides(sin), BLOCK_R=block_r, BLOCK_D=block_d,
-                                             BACKWARD=backward, num_warps=4)
+                                             BACKWARD=backward, num_warps=WARPS)
     return y
 
 
