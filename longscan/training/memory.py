@@ -408,9 +408,7 @@ def check_capacity(cfg, world_size: int, capacity_bytes: int | None = None, host
             f"({kinds}) exceeds the host's available {host_bytes / GiB:.1f} GiB shared by {procs} process(es) on "
             f"this node ({share / GiB:.1f} GiB each): memory.linear_layers / softmax_layers / mlp = offload keep "
             f"each offloaded stage's float32 input ({d.micro_batch_size * d.seq_len // p.sp} tokens × model.dim = "
-            f"{cfg.model.dim}) in "
-            f"host memory from its forward to its backward. Set some of them to checkpoint (the input then stays "
-            f"on the GPU): {fix}; or spread the sequence over a larger parallel.sp (each process holds 1/sp of it"
-            f"{sp_hint}); "
-            "memory.check_capacity=false tries anyway.\n" + est.table())
+            f"{cfg.model.dim}) in host memory from its forward to its backward. Set some of them to checkpoint (the "
+            f"input then stays on the GPU): {fix}; or spread the sequence over a larger parallel.sp (each process "
+            f"holds 1/sp of it{sp_hint}); memory.check_capacity=false tries anyway.\n" + est.table())
     return est
