@@ -18,10 +18,16 @@ float32 input; offload: nothing) and is multiplied by the microbatches the 1F1B 
 The per-token counts of saved tensors are those of this model's modules: they are checked against the
 bytes autograd actually saves on CPU (tests/training/test_memory.py). Kernel-internal scratch, the SP
 collectives' buffers and the allocator's fragmentation are not modelled; ``reserve`` adds a margin for them.
+
+Beside the GPU's peak, ``Estimate.host`` counts the host memory one process pins for offloaded stage inputs:
+one float32 `[tokens, dim]` residual stream per offloaded stage, all held from the forward to their backward,
+times the microbatches the schedule holds at once. :func:`check_capacity` refuses a run whose prediction
+exceeds either the GPU or this node's available host memory shared by its processes.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import os
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -54,19 +60,28 @@ class Layout:
 
 @dataclass(frozen=True)
 class Estimate:
-    """Bytes by component at the moment of the peak; ``peak`` is their sum."""
+    """Bytes by component at the moment of the GPU's peak; ``peak`` is their sum. ``host``: the pinned host
+    bytes one process holds for offloaded stage inputs, by stage kind; ``host_bytes`` is their sum."""
     parts: dict = field(default_factory=dict)
     moment: str = ""
     """When the peak happens: "end of forward", "loss backward" or "block i backward"."""
+    host: dict = field(default_factory=dict)
 
     @property
     def peak(self) -> int:
         return int(sum(self.parts.values()))
 
+    @property
+    def host_bytes(self) -> int:
+        return int(sum(self.host.values()))
+
     def table(self) -> str:
         rows = [f"| {k} | {v / GiB:.2f} |" for k, v in self.parts.items()]
+        host = [f"| host: offloaded inputs of the {k} | {v / GiB:.2f} |" for k, v in self.host.items()]
+        if host:
+            host.append(f"| **host (pinned, per process)** | **{self.host_bytes / GiB:.2f}** |")
         return "\n".join([f"| component (at {self.moment}) | GiB |", "| --- | --- |", *rows,
-                          f"| **peak** | **{self.peak / GiB:.2f}** |"])
+                          f"| **peak** | **{self.peak / GiB:.2f}** |", *host])
 
 
 def layer_params(m: ModelConfig, kind: str, tp: int) -> int:
@@ -130,6 +145,36 @@ def saved_per_token(m: ModelConfig, stage: str, tp: int, act: int, mixer_tile: b
         return 4 * D + 8 * hd if head_groups > 1 else _softmax_saved(m, I, Ikv, H, act, mixer_tile)
     norm = 4 * D + act * D + 4  # its float32 input, its output (the projections' input, autocast's dtype), 1/rms
     return norm + 3 * act * (m.ffn // tp)  # w1 x, w3 x (the fused SwiGLU recomputes silu), their product
+
+
+def pinned_block_bytes(nbytes: int) -> int:
+    """Host bytes torch's caching host allocator takes for a pinned tensor of ``nbytes``: it rounds each block up
+    to a power of two (its default, PYTORCH_CUDA_ALLOC_CONF without pinned_max_round_threshold)."""
+    return 1 << (nbytes - 1).bit_length() if nbytes > 0 else 0
+
+
+HOST_STAGES = (("linear_layers", "linear mixers"), ("softmax_layers", "softmax mixers"), ("mlp", "MLPs"))
+"""The memory options whose offload mode holds stage inputs in host memory, and what those stages are."""
+
+
+def offloaded_host_bytes(m: ModelConfig, layout: Layout, memory: MemoryOptions, pinned: bool = True,
+                         whole_block_checkpointing: bool = False) -> dict:
+    """Host bytes one process holds for offloaded stage inputs, by stage kind (only kinds that offload).
+
+    Each offloaded stage of the first pipeline stage's blocks keeps its input, the float32 residual stream
+    `[micro_batch_size, tokens, dim]` (the embedding's output is float32 and stays so under autocast), from its
+    forward to its backward; 1F1B holds min(pp, microbatches) forwards at once, each with its own stash.
+    pinned: CUDA runs (page-locked blocks, rounded up by the allocator); False: plain host copies (CPU runs).
+    """
+    if whole_block_checkpointing:  # whole blocks are recomputed from inputs kept on the device
+        return {}
+    one = 4 * m.dim * layout.tokens
+    one = pinned_block_bytes(one) if pinned else one
+    in_flight = min(layout.pp, layout.microbatches)
+    kinds = [m.layer_kind(i) for i in range(m.n_layers // layout.pp)]
+    stages = {"linear_layers": kinds.count("L"), "softmax_layers": kinds.count("N"), "mlp": len(kinds)}
+    return {what: stages[option] * one * in_flight for option, what in HOST_STAGES
+            if getattr(memory, option) == "offload" and stages[option]}
 
 
 def _stage_held(m, stage, mode, tp, act, tokens) -> int:
@@ -203,7 +248,7 @@ def _block(m: ModelConfig, kind: str, memory: MemoryOptions, whole_block: bool, 
 
 
 def estimate(m: ModelConfig, layout: Layout, memory: MemoryOptions, bf16: bool = True,
-             whole_block_checkpointing: bool = False, reserve: float = 0.0) -> Estimate:
+             whole_block_checkpointing: bool = False, reserve: float = 0.0, pinned: bool = True) -> Estimate:
     """Predicted peak bytes per GPU of the first pipeline stage (which holds the loss too when pp = 1).
 
     The peak is the largest of three moments: the end of the forward (the bf16 weight copies autocast keeps
@@ -211,7 +256,8 @@ def estimate(m: ModelConfig, layout: Layout, memory: MemoryOptions, bf16: bool =
     (the gradients of the blocks above it made, the saved tensors of the blocks below it still held).
     whole_block_checkpointing: schedule.activation_checkpointing (each block's input kept, the whole block
     recomputed); reserve: fraction added on top for what is not modelled (allocator fragmentation, kernel
-    scratch, collective buffers).
+    scratch, collective buffers); pinned: offloaded inputs go to pinned memory (CUDA), as
+    :func:`offloaded_host_bytes` counts them.
     """
     act = 2 if bf16 else 4
     tp, N, D = layout.tp, layout.tokens, m.dim
@@ -244,7 +290,7 @@ def estimate(m: ModelConfig, layout: Layout, memory: MemoryOptions, bf16: bool =
     out = {**base, **{k: v for k, v in parts.items() if v}}
     if reserve:
         out["reserve"] = int(reserve * sum(out.values()))
-    return Estimate(out, name)
+    return Estimate(out, name, offloaded_host_bytes(m, layout, memory, pinned, whole_block_checkpointing))
 
 
 def estimate_config(cfg, world_size: int, device_type: str = "cuda", reserve: float = 0.1) -> Estimate:
@@ -256,24 +302,87 @@ def estimate_config(cfg, world_size: int, device_type: str = "cuda", reserve: fl
                     zero=cfg.optimizer.engine == "deepspeed")
     bf16 = s.precision == "bf16" or (s.precision == "auto" and device_type == "cuda")
     return estimate(cfg.model, layout, cfg.memory.options(), bf16=bf16,
-                    whole_block_checkpointing=s.activation_checkpointing, reserve=reserve)
+                    whole_block_checkpointing=s.activation_checkpointing, reserve=reserve,
+                    pinned=device_type == "cuda")
 
 
-def check_capacity(cfg, world_size: int, capacity_bytes: int | None = None) -> Estimate | None:
-    """Raise ConfigError when the predicted peak exceeds the GPU's memory (CUDA only, memory.check_capacity on).
+def host_available_bytes(meminfo: str = "/proc/meminfo") -> int | None:
+    """Host memory available to new allocations on this machine: MemAvailable of ``meminfo`` (Linux), else
+    the free physical pages (os.sysconf); None where neither is known. A container's own memory limit
+    (cgroup) is not read."""
+    try:
+        with open(meminfo) as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
-    capacity_bytes: the device's memory (None: read from GPU 0; no CUDA: no check).
+
+def _procs_per_node(world_size: int) -> int:
+    """The rank processes of this node when the caller does not know them: torchrun's LOCAL_WORLD_SIZE, else
+    one per visible GPU (at most the world)."""
+    local = os.environ.get("LOCAL_WORLD_SIZE")
+    if local:
+        return int(local)
+    return max(min(world_size, torch.cuda.device_count()), 1)
+
+
+def _host_fixes(cfg, world_size: int, capacity_bytes: int, host_per_process: int) -> list[str]:
+    """The smallest sets of offloaded stage kinds whose switch to checkpoint fits both the host and the GPU."""
+    from itertools import combinations
+    options = [o for o, _ in HOST_STAGES if getattr(cfg.memory, o) == "offload"]
+    for n in range(1, len(options) + 1):
+        fits = []
+        for chosen in combinations(options, n):
+            memory = replace(cfg.memory, **{o: "checkpoint" for o in chosen})
+            est = estimate_config(replace(cfg, memory=memory), world_size)
+            if est.host_bytes <= host_per_process and est.peak <= capacity_bytes:
+                fits.append(" ".join(f"memory.{o}=checkpoint" for o in chosen)
+                            + f" (GPU {est.peak / GiB:.1f} GiB, host {est.host_bytes / GiB:.1f} GiB)")
+        if fits:
+            return fits
+    return []
+
+
+def _sp_for_host(cfg, world_size: int, host_per_process: int) -> int | None:
+    """The smallest doubling of parallel.sp (the world growing with it) whose host memory per process fits."""
+    sp = cfg.parallel.sp
+    for _ in range(10):
+        sp *= 2
+        if cfg.data.seq_len % sp:
+            return None
+        wider = replace(cfg, parallel=replace(cfg.parallel, sp=sp))
+        if estimate_config(wider, world_size * sp // cfg.parallel.sp).host_bytes <= host_per_process:
+            return sp
+    return None
+
+
+def check_capacity(cfg, world_size: int, capacity_bytes: int | None = None, host_bytes: int | None = None,
+                   procs_per_node: int | None = None) -> Estimate | None:
+    """Raise ConfigError when the predicted peak exceeds the GPU's memory, or the pinned host memory of
+    offloaded stage inputs exceeds this process's share of the host's (CUDA only, memory.check_capacity on).
+
+    capacity_bytes: the device's memory (None: read from GPU 0; no CUDA: no check). host_bytes: the memory
+    available on this node, shared by its ``procs_per_node`` rank processes (None: read from this machine when
+    the device's memory is too, i.e. capacity_bytes None on CUDA; otherwise the host is not checked).
+    procs_per_node None: LOCAL_WORLD_SIZE, else one per GPU.
     """
     from longscan.training.config import ConfigError
     if not cfg.memory.check_capacity:
         return None
+    this_machine = capacity_bytes is None
     if capacity_bytes is None:
-        if not torch.cuda.is_available():
+        if not torch.cuda.is_available():  # CPU runs: the "device" is the host, offload a plain copy in it
             return None
         capacity_bytes = torch.cuda.get_device_properties(0).total_memory
     est = estimate_config(cfg, world_size)
+    p, d = cfg.parallel, cfg.data
     if est.peak > capacity_bytes:
-        p, d = cfg.parallel, cfg.data
         raise ConfigError(
             f"predicted peak memory {est.peak / GiB:.1f} GiB per GPU exceeds the device's {capacity_bytes / GiB:.1f} "
             f"GiB (data.seq_len = {d.seq_len} over parallel.sp = {p.sp}: {d.seq_len // p.sp} tokens a rank); "
@@ -281,4 +390,25 @@ def check_capacity(cfg, world_size: int, capacity_bytes: int | None = None) -> E
             "memory.linear_layers / softmax_layers / mlp = checkpoint | offload, or a larger parallel.sp; "
             "memory.check_capacity=false tries anyway.\n"
             + est.table())
+    if host_bytes is None and this_machine:
+        host_bytes = host_available_bytes()
+    if host_bytes is None or not est.host:
+        return est
+    procs = procs_per_node or _procs_per_node(world_size)
+    share = host_bytes // procs
+    if est.host_bytes > share:
+        kinds = ", ".join(f"{k} {v / GiB:.1f} GiB" for k, v in est.host.items())
+        fixes = _host_fixes(cfg, world_size, capacity_bytes, share)
+        sp = _sp_for_host(cfg, world_size, share)
+        sp_hint = f": parallel.sp >= {sp} fits at {procs} process(es) a node" if sp else ""
+        fix = (f"setting {' or '.join(fixes)} fits both" if fixes else
+               "no choice of stage kinds to checkpoint fits both the host and the GPU")
+        raise ConfigError(
+            f"predicted pinned host memory for offloaded activations {est.host_bytes / GiB:.1f} GiB per process "
+            f"({kinds}) exceeds the host's available {host_bytes / GiB:.1f} GiB shared by {procs} process(es) on "
+            f"this node ({share / GiB:.1f} GiB each): memory.linear_layers / softmax_layers / mlp = offload keep "
+            f"each offloaded stage's float32 input ({d.micro_batch_size * d.seq_len // p.sp} tokens × model.dim = "
+            f"{cfg.model.dim}) in host memory from its forward to its backward. Set some of them to checkpoint (the "
+            f"input then stays on the GPU): {fix}; or spread the sequence over a larger parallel.sp (each process "
+            f"holds 1/sp of it{sp_hint}); memory.check_capacity=false tries anyway.\n" + est.table())
     return est

@@ -7,12 +7,35 @@ host memory on a side stream (CUDA) and dropped from the device. The backward br
 of every offloaded stage in forward order, so that the backward of one stage starts copying back the
 input of the stage before it (the next to run backward) while it computes: the copy is hidden behind one
 stage's backward. Without CUDA the host copy is a plain copy and nothing runs on a side stream.
+
+A stash holds every offloaded input of its forward at once (``longscan.training.memory`` predicts how much);
+when the host cannot give the memory, :meth:`HostStash.put` raises :class:`HostMemoryError` saying what was
+asked, what the stash holds and which options change it.
 """
 from __future__ import annotations
 
 from typing import Callable, Sequence
 
 import torch
+
+GiB = 2 ** 30
+
+HostAllocator = Callable[[torch.Size, torch.dtype], torch.Tensor]
+"""(shape, dtype) -> an empty host tensor for one offloaded input."""
+
+
+def pinned_empty(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """Page-locked host memory, so the copies to and from the GPU run asynchronously."""
+    return torch.empty(shape, dtype=dtype, pin_memory=True)
+
+
+def host_empty(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """Plain host memory (CPU runs: there is no device to copy to)."""
+    return torch.empty(shape, dtype=dtype)
+
+
+class HostMemoryError(RuntimeError):
+    """The host could not give the memory for one more offloaded stage input."""
 
 
 class _Entry:
@@ -24,20 +47,47 @@ class _Entry:
 
 
 class HostStash:
-    """The offloaded inputs of one forward pass, in order; CUDA copies run on one side stream."""
+    """The offloaded inputs of one forward pass, in order; CUDA copies run on one side stream.
 
-    def __init__(self, device: torch.device):
+    allocate: makes each input's host buffer (None: pinned memory on CUDA, plain host memory otherwise).
+    """
+
+    def __init__(self, device: torch.device, allocate: HostAllocator | None = None):
         self.device = device
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self.entries: list[_Entry] = []
+        self.allocate = allocate or (pinned_empty if self.stream is not None else host_empty)
+        self.entries: list[_Entry | None] = []
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of the host copies not yet taken back."""
+        return sum(e.host.numel() * e.host.element_size() for e in self.entries if e is not None)
+
+    def _host_buffer(self, x: torch.Tensor) -> torch.Tensor:
+        try:
+            return self.allocate(x.shape, x.dtype)
+        except (RuntimeError, MemoryError) as err:
+            asked = x.numel() * x.element_size()
+            n_held = sum(entry is not None for entry in self.entries)
+            pinned = self.stream is not None
+            what = "pinned host memory" if pinned else "host memory"
+            rounding = " (torch's pinned allocator rounds each block up to a power of two)" if pinned else ""
+            raise HostMemoryError(
+                f"out of {what} for offloaded activations: {asked / GiB:.2f} GiB ({asked} bytes) asked for an "
+                f"offloaded stage input {tuple(x.shape)} {x.dtype}, with {self.held_bytes / GiB:.2f} GiB "
+                f"({self.held_bytes} bytes) already held by this forward's {n_held} offloaded input(s){rounding}. "
+                "memory.linear_layers / softmax_layers / mlp = offload keep every such input of a forward in host "
+                "memory until its backward: set some of them to checkpoint (their inputs stay on the GPU) or "
+                "spread the sequence over a larger parallel.sp") from err
 
     def put(self, x: torch.Tensor) -> int:
         """Start copying x to the host; -> its index for :meth:`take`."""
         x = x.detach()
+        host = self._host_buffer(x)
         if self.stream is None:
-            self.entries.append(_Entry(x.clone(), self.device, None))
+            host.copy_(x)
+            self.entries.append(_Entry(host, self.device, None))
             return len(self.entries) - 1
-        host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
             host.copy_(x, non_blocking=True)
