@@ -36,8 +36,17 @@ level 0 on the tokens above −LEVEL_SPAN and levels with reference c = the larg
 over the tokens in (c − LEVEL_SPAN, c], minus what the main kernels' factor gave that key (`_level0_factor`: on a
 key that steep, exp(LEVEL_SPAN − (b − b_C)), taken back whole). Every factor stays within [−exp(LEVEL_SPAN),
 exp(LEVEL_SPAN)], so no gate overflows: a steep fall costs matmuls, not correctness (a single factorisation,
-exp(b_t)·exp(−b_s), gave NaN once a chunk's gates summed below about −88). Log gates must be finite and ≤ 0
-(docs/design.md, decays).
+exp(b_t)·exp(−b_s), gave NaN once a chunk's gates summed below about −88). Log gates must be ≤ 0 (docs/design.md,
+decays).
+
+Full resets: a log gate of −inf (g, scalar or per key) drops the state, S_t = k_t v_tᵀ (packed documents). Where the
+cumulative gate is formed it is taken with −inf as 0, beside a count of the resets so far (_scalar_cumulative,
+_key_cumulative): the decay from s to t is exp(b_t − b_s) where the counts at s and t agree and 0 (a select) where
+they differ, so no (−inf) − (−inf) arises; a chunk's or segment's total is −inf past a reset, which the scans take
+as a decay of 0. Scalar gates select in each main kernel. Per key the pre-pass selects: qd is 0 past a key's first
+reset in the chunk, kd before its last, its total −inf; those level-0 scores are then 0 on every causal pair, and
+_levels_kernel visits the chunk and adds its scores per reset span (the counts are per key, so −inf on only some
+keys of a token is exact too). The gradient of a −inf gate is 0 (scalar: exactly; per key: to round-off).
 
 Gradient of the gate (A_t the cumulative log gate): dL/dA_t = q_t⊙dq_t − k_t⊙dk_t, plus Σ_v S_T⊙dS_T at the
 last step; dg_s = Σ_{t≥s} dL/dA_t. The dq and dk kernels emit the q and k sides. Scalar gates: the host sums
@@ -293,6 +302,9 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True,
         dgl = dgl + term.sum(-1).unsqueeze(1)
     if initial_state is None:
         dgl[:, 0] = 0
+    # a −inf gate (a full reset) multiplies the state by 0 whatever it is: its gradient is 0 (torch's and the
+    # recurrence's value), which the sum above forms only to round-off
+    dgl = dgl.masked_fill(g == float("-inf"), 0)
     return dq, dk, dv, dgl.to(g.dtype), dh0   # (g_gamma's gradient took the scalar-gate path above)
 
 
@@ -400,7 +412,8 @@ def add_prefix(o, q, g, g_gamma, scale, P, options: LinearKernelOptions | None =
         gf = g.float()
         gf = torch.nn.functional.pad(gf, (0, 0, 0, 0, 0, N * C - T) if GATE == 3 else (0, 0, 0, N * C - T))
         sums = gf.view(B, N, C, H, -1).sum(2)
-        goff = (sums.cumsum(1) - sums).contiguous()
+        # the exclusive sum as a shifted cumulative one: subtracting each chunk's own sum gives NaN past a −inf
+        goff = torch.nn.functional.pad(sums[:, :-1], (0, 0, 0, 0, 1, 0)).cumsum(1).contiguous()
     run_prefix(o=o, q=q, gt=gt, gg=gg, goff=goff, P=P, out=out, T=T, H=H, N=N, C=C, scale=scale, GATE=GATE)
     return out
 
