@@ -31,19 +31,18 @@ def small(segments=None):
     return LinearKernelOptions(chunk=16, chunk_per_key=16, segments=segments)
 
 
-def reset_inputs(decay, positions, seed, B=2, T=T, H=2, K=16, V=16, keys=None):
-    """Random float64 inputs with -inf gates at ``positions`` in batch 0 and one head of batch 1 (per key: on the
-    keys ``keys``, None: every key, a full reset)."""
-    x = make_inputs(decay, B, T, H, K, V, torch.float64, seed=seed)
+def reset_inputs(decay, positions, seed, T=T, H=2, K=16, V=16, keys=None):
+    """Random float64 inputs (batch 1) with -inf gates at ``positions`` in head 0 and at the first of them in
+    head 1 too (per key: on the keys ``keys``, None: every key, a full reset)."""
+    x = make_inputs(decay, 1, T, H, K, V, torch.float64, seed=seed)
     g = x["g"]
     sel = slice(None) if keys is None else keys
-    for t in positions:
+    for i, t in enumerate(positions):
+        heads = slice(None) if i == 0 else 0
         if g.dim() == 3:
-            g[0, t] = INF
-            g[B - 1, t, H - 1] = INF
+            g[0, t, heads] = INF
         else:
-            g[0, t, :, sel] = INF
-            g[B - 1, t, H - 1, sel] = INF
+            g[0, t, heads, sel] = INF
     return x
 
 
@@ -88,20 +87,23 @@ def check(x, with_state, options, dtype=torch.float32, tol=1e-4, with_dht=True, 
 
 # -- 1. scalar gates g [B, T, H] -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("segments", [None, 2])
-@pytest.mark.parametrize("with_state", [True, False])
+# (initial state, final-state gradient, segments): all, over the state passes and scans; none, one segment
+STATES = [(True, True, 2), (False, False, None)]
+
+
+@pytest.mark.parametrize("with_state,with_dht,segments", STATES)
 @pytest.mark.parametrize("where", list(POSITIONS))
-def test_scalar_gate_resets(where, with_state, segments):
+def test_scalar_gate_resets(where, with_state, with_dht, segments):
     x = reset_inputs("g_scalar", POSITIONS[where], seed=len(where))
-    check(x, with_state, small(segments), seed=len(where))
+    check(x, with_state, small(segments), with_dht=with_dht, seed=len(where))
 
 
 def test_scalar_gate_at_reset_has_zero_gradient():
     """The -inf gate's own gradient is exactly 0, as the torch backend and the recurrence give it."""
     x = reset_inputs("g_scalar", (0, 5, 20), seed=3)
     y = {n: t.float() for n, t in x.items() if t is not None}
-    do = torch.randn(2, T, 2, 16, generator=torch.Generator().manual_seed(4))
-    dht = torch.randn(2, 2, 16, 16, generator=torch.Generator().manual_seed(5))
+    do = torch.randn(1, T, 2, 16, generator=torch.Generator().manual_seed(4))
+    dht = torch.randn(1, 2, 16, 16, generator=torch.Generator().manual_seed(5))
     dg = tc.backward(y["q"], y["k"], y["v"], y["g"], None, None, y["initial_state"], do, dht,
                      options=small(2))[3]
     assert (dg[x["g"] == INF] == 0).all() and (dg[x["g"] != INF] != 0).all()
@@ -109,12 +111,11 @@ def test_scalar_gate_at_reset_has_zero_gradient():
 
 # -- 2. per-key gates g [B, T, H, K] ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("segments", [None, 2])
-@pytest.mark.parametrize("with_state", [True, False])
+@pytest.mark.parametrize("with_state,with_dht,segments", STATES)
 @pytest.mark.parametrize("where", list(POSITIONS))
-def test_per_key_full_resets(where, with_state, segments):
+def test_per_key_full_resets(where, with_state, with_dht, segments):
     x = reset_inputs("g_per_key", POSITIONS[where], seed=len(where) + 1)
-    check(x, with_state, small(segments), seed=len(where))
+    check(x, with_state, small(segments), with_dht=with_dht, seed=len(where))
 
 
 @pytest.mark.parametrize("segments", [None, 2])
@@ -181,3 +182,63 @@ def test_non_finite_key_leaves_earlier_outputs_alone(decay, bad):
     assert torch.isfinite(o[:, :t]).all()
     assert torch.equal(o[:, :t], clean[:, :t])
     assert torch.equal(o[:, :, 0], clean[:, :, 0])   # the other head
+
+
+# -- 4. packed documents through the Triton kernels under SP --------------------------------------------------------
+
+SP_T_LOCAL = 32   # two chunks of 16 a rank; zigzag pieces of 16 (rank 0: tokens 0-15 and 48-63)
+SP_DOCS = {
+    # across the contiguous rank edge (32) and the zigzag piece edges (32, 48); a one-token document
+    "crossing": [0, 3, 20, 50, 51, 64],
+    # ending exactly on the rank edge (32) and on piece edges (32, 48); one across the piece edge 16
+    "on_edges": [0, 5, 32, 48, 64],
+}
+SP_DECAYS = ("g_scalar", "g_per_key")
+# (decay, method, layout): every method, ZeCO in both layouts, each decay kind in both
+SP_RUNS = (("g_scalar", "zeco", "contiguous"), ("g_per_key", "zeco", "zigzag"), ("g_scalar", "lasp2", "zigzag"),
+           ("g_per_key", "lasp1", "contiguous"))
+
+
+def _sp_worker(rank, world):
+    from longscan.parallel import linear_attention, shard
+    out = {}
+    for decay in SP_DECAYS:
+        x = make_inputs(decay, 1, SP_T_LOCAL * world, 2, 16, 16, torch.float64, seed=SP_DECAYS.index(decay))
+        do = torch.randn(1, SP_T_LOCAL * world, 2, 16, generator=torch.Generator().manual_seed(3),
+                         dtype=torch.float64)
+        for docs, cu in SP_DOCS.items():
+            # the reference: each document alone through the float64 recurrence on one device
+            leaves = {n: x[n].clone().requires_grad_() for n in ("q", "k", "v", "g")}
+            o_ref = torch.cat([naive_recurrent_linear_attention(*(leaves[n][:, a:b] for n in ("q", "k", "v", "g")))[0]
+                               for a, b in zip(cu[:-1], cu[1:])], 1)
+            ref = dict(zip(("dq", "dk", "dv", "dg"), torch.autograd.grad(o_ref, list(leaves.values()), do)))
+            for method, layout in [(m, lay) for d, m, lay in SP_RUNS if d == decay]:
+                def sh(t):
+                    return shard(t, 1, None, layout)
+                local = {n: sh(x[n]).float().requires_grad_() for n in ("q", "k", "v", "g")}
+                o, _ = linear_attention(*local.values(), method=method, layout=layout, backend="triton",
+                                        n_blocks=2, options=small(), cu_seqlens=torch.tensor(cu))
+                grads = torch.autograd.grad(o, list(local.values()), sh(do).float())
+                finite = bool(torch.isfinite(o).all()) and all(bool(torch.isfinite(d).all()) for d in grads)
+                errs = {"o": rel_err(o, sh(o_ref))}
+                errs.update({name: rel_err(d, sh(ref[name])) for name, d in zip(ref, grads)})
+                out[(decay, docs, layout, method)] = (errs, finite)
+    return out
+
+
+@pytest.fixture(scope="module")
+def sp_results():
+    from harness import run_distributed
+    return run_distributed(_sp_worker, 2)
+
+
+@pytest.mark.parametrize("decay,method,layout", SP_RUNS, ids=["-".join(r) for r in SP_RUNS])
+@pytest.mark.parametrize("docs", list(SP_DOCS))
+def test_documents_through_triton_under_sp(sp_results, docs, decay, method, layout):
+    """cu_seqlens with backend='triton' at W = 2: output and the gradients of q, k, v, g on every rank against
+    each document run alone through the float64 recurrence."""
+    for rank in range(2):
+        errs, finite = sp_results[rank][(decay, docs, layout, method)]
+        assert finite, f"rank {rank}: non-finite results"
+        bad = {k: v for k, v in errs.items() if not v <= 1e-4}
+        assert not bad, f"rank {rank}: {bad}"
