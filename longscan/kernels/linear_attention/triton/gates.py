@@ -8,7 +8,7 @@ import triton.language as tl
 
 from longscan.kernels import trace
 from longscan.kernels.linear_attention.options import LinearKernelOptions
-from longscan.kernels.linear_attention.triton.common import LEVEL_SPAN, _gate_chunk, _key_cumulative, _level0_scale
+from longscan.kernels.linear_attention.triton.common import LEVEL_SPAN, _gate_chunk, _level0_scale
 from longscan.kernels.linear_attention.triton.plan import _launch
 from longscan.kernels.linear_attention.triton.records import _GateOperands
 
@@ -40,27 +40,37 @@ def _gate_operands_kernel(q, k, g, qd, kd, eq, ek, gl, steep, T, H, NC, SEG,
     t = n * C + tl.arange(0, C)
     m = t < T
     gc = _gate_chunk(g, 0.0, b, h, t, m, T, H, rk, K, 3)   # 0 past the end
-    bc, nc, bl, nl = _key_cumulative(gc)
+    # −inf gates (resets) taken as 0 in the cumulative gate; per key the chunk's first and last reset (C and −1
+    # without one): reductions, not a second scan, since the operands need only "before the first" and "from
+    # the last" (_levels_kernel counts the resets between)
+    reset = gc == float("-inf")
+    gf = tl.where(reset, 0.0, gc)
+    bc = tl.cumsum(gf, 0)
+    bl = tl.sum(gf, 0)
+    rc = tl.arange(0, C)[:, None]
+    first = tl.min(tl.where(reset, rc, C), 0)
+    last = tl.max(tl.where(reset, rc, -1), 0)
+    held = last < 0   # no reset in the chunk
     ptr = ((b * T + t).to(tl.int64) * H + h)[:, None] * K + rk[None, :]
     if HAS_Q:
         bq = tl.load(q + ptr, mask=m[:, None], other=0.0)
-        qf = tl.where(nc == 0, tl.exp(bc), 0.0)   # 0 past a reset: the state entering the chunk is dropped there
+        qf = tl.where(rc < first[None, :], tl.exp(bc), 0.0)   # 0 from a reset on: the entering state is dropped
         tl.store(qd + ptr, (bq * qf).to(qd.dtype.element_ty), mask=m[:, None])
         if STORE_F:
             tl.store(eq + ptr, qf.to(eq.dtype.element_ty), mask=m[:, None])
-    kdf = tl.where(nc == nl[None, :], tl.exp(bl[None, :] - bc), 0.0)   # 0 before the chunk's last reset
+    kdf = tl.where(rc >= last[None, :], tl.exp(bl[None, :] - bc), 0.0)   # 0 before the chunk's last reset
     if STORE_KD:
         bk = tl.load(k + ptr, mask=m[:, None], other=0.0)
         tl.store(kd + ptr, (bk * kdf).to(kd.dtype.element_ty), mask=m[:, None])
     if STORE_F:
         tl.store(ek + ptr, kdf.to(ek.dtype.element_ty), mask=m[:, None])
     # A key that resets in the chunk: total −inf (exp gives the state's decay, 0), scale 1. Its level-0 scores
-    # (qd·kn) are then 0 on every causal pair, as qd is 0 past its first reset and kd before its last, and
+    # (qd·kn) are then 0 on every causal pair, as qd is 0 from its first reset on and kd before its last, and
     # _levels_kernel adds them all.
-    total = tl.where(nl > 0, float("-inf"), bl)
+    total = tl.where(held, bl, float("-inf"))
     base = (bh * NC + n).to(tl.int64) * (2 * K)
     tl.store(gl + base + rk, total)
-    tl.store(gl + base + K + rk, tl.where(nl > 0, 1.0, _level0_scale(bl)))
+    tl.store(gl + base + K + rk, tl.where(held, _level0_scale(bl), 1.0))
     if tl.min(total) <= -LEVEL_SPAN:   # with log gates ≤ 0 a chunk's total is its lowest cumulative gate
         ns = tl.cdiv(T, SEG)
         tl.store(steep + (bh * ns + (n * C) // SEG).to(tl.int64), 1)
