@@ -184,6 +184,29 @@ def test_non_finite_key_leaves_earlier_outputs_alone(decay, bad):
     assert torch.equal(o[:, :, 0], clean[:, :, 0])   # the other head
 
 
+# -- GPU: the default chunks and launch settings, bf16 and float32 ----------------------------------------------------
+
+GPU_POSITIONS = (0, 63, 64, 100, 101, 150, 299)   # the first token, both sides of a chunk edge, two adjacent, the last
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1e-2), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("segments", [None, 4])
+@pytest.mark.parametrize("decay", ["g_scalar", "g_per_key"])
+def test_gpu_resets(decay, segments, dtype, tol):
+    x = reset_inputs(decay, GPU_POSITIONS, seed=3, T=300, H=3, K=64, V=64)
+    check(x, True, LinearKernelOptions(segments=segments), dtype=dtype, tol=tol, seed=3)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_per_key_resets_on_some_keys_in_steep_chunks(dtype):
+    """-inf on some keys, beside gates that fall past the levels' span, at head dims 128 (float16: run in bf16)."""
+    x = reset_inputs("g_per_key", GPU_POSITIONS, seed=4, T=300, H=2, K=128, V=128, keys=slice(5, 70))
+    x["g"][:, 70, :, :8] = -150.0
+    check(x, True, None, dtype=dtype, tol=1e-2, seed=4)
+
+
 # -- 4. packed documents through the Triton kernels under SP --------------------------------------------------------
 
 SP_T_LOCAL = 32   # two chunks of 16 a rank; zigzag pieces of 16 (rank 0: tokens 0-15 and 48-63)
