@@ -217,7 +217,8 @@ SP_DOCS = {
     "on_edges": [0, 5, 32, 48, 64],
 }
 SP_DECAYS = ("g_scalar", "g_per_key")
-# (decay, method, layout): every method, ZeCO in both layouts, each decay kind in both
+# (decay, method, layout): every method, ZeCO in both layouts, each decay kind in both; LASP-2 with overlap=True
+# (the output pass from zero, then add_prefix)
 SP_RUNS = (("g_scalar", "zeco", "contiguous"), ("g_per_key", "zeco", "zigzag"), ("g_scalar", "lasp2", "zigzag"),
            ("g_per_key", "lasp1", "contiguous"))
 
@@ -240,7 +241,8 @@ def _sp_worker(rank, world):
                     return shard(t, 1, None, layout)
                 local = {n: sh(x[n]).float().requires_grad_() for n in ("q", "k", "v", "g")}
                 o, _ = linear_attention(*local.values(), method=method, layout=layout, backend="triton",
-                                        n_blocks=2, options=small(), cu_seqlens=torch.tensor(cu))
+                                        n_blocks=2, overlap=method == "lasp2", options=small(),
+                                        cu_seqlens=torch.tensor(cu))
                 grads = torch.autograd.grad(o, list(local.values()), sh(do).float())
                 finite = bool(torch.isfinite(o).all()) and all(bool(torch.isfinite(d).all()) for d in grads)
                 errs = {"o": rel_err(o, sh(o_ref))}
