@@ -55,9 +55,9 @@ def _levels_kernel(q, k, v, g, do, o, dq, dk, dv, gq, steep, T, H, SEG, scale,
     docstring; per reset span, _level_factors), added to what the main kernels wrote. (They do not loop over
     levels themselves: a loop nested in their chunk loop stops Triton from pipelining its loads.) One program:
     one (batch·head, segment), whole K and V; a segment the main kernel did not mark in steep `[B·H, NS]` costs
-    one load. MODE 0, after the forward: o. MODE 1,
-    after the dq kernel and before the dk kernel (which finishes the gate gradient): dq and, when NEED_DG, both
-    sides' gate partials into gq. MODE 2, after the dk and dv kernels: dk and dv."""
+    one load. MODE 0, after the forward: o. MODE 1, after the dq kernel and before the dk kernel (which finishes
+    the gate gradient): dq and, when NEED_DG, both sides' gate partials into gq. MODE 2, after the dk and dv
+    kernels: dk and dv."""
     bh = tl.program_id(0)
     js = tl.program_id(1)
     ns = tl.num_programs(1)
