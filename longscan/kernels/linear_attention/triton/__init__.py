@@ -162,7 +162,7 @@ def forward(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None, outpu
                 scale=scale, GATE=GATE, BV=BV, store_ht=(ht is not None and ns == 1), prec=_prec(q), dummy=q,
                 cfg=cfg)
     if ops is not None:
-        _add_levels(0, ops.steep, seg, C, q, k, v, gt, scale, o=o)
+        _add_levels(0, ops, seg, C, q, k, v, gt, scale, o=o)
     return (o, ht, saved) if return_saved else (o, ht)
 
 
@@ -279,7 +279,7 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True,
         # the gradient of the state leaving each segment (dht past the last): a reverse scan of the (q, do) states
         dhe, _ = _scan(qdo_states.states, qdo_states.log_decays, dhe, reverse=True)
     if ops is not None:   # before the dk kernel, which takes the gate gradient on from gq
-        _add_levels(1, ops.steep, seg, C, q, k, v, gt, scale, do=do, dq=dq, gq=gq, need_dg=need_dg)
+        _add_levels(1, ops, seg, C, q, k, v, gt, scale, do=do, dq=dq, gq=gq, need_dg=need_dg)
     run_dk(qx=qx, kx=kx, kdx=kdx, ekx=ekx, v=v, gx=gx, gg=gg, do=do, dhe=dhe, hin=h0 if ns > 1 else None, dk=dk,
            gk=gk, dg=gq if GATE == 3 and need_dg else None, term=term, dh0=dh0, T=T, H=H, seg=seg, ns=ns, NC=NC,
            scale=scale, BK=BKk, need_dg=need_dg, sf32=sf32["dk"], sprec=sprec["dk"], dummy=dummy, common=common,
@@ -287,7 +287,7 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True,
     run_dv(qx=qx, kx=kx, kdx=kdx, gx=gx, gg=gg, do=do, dhe=dhe, dv=dv, T=T, H=H, seg=seg, ns=ns, NC=NC,
            scale=scale, BV=BV, dummy=dummy, common=common, cfg=cv)
     if ops is not None:
-        _add_levels(2, ops.steep, seg, C, q, k, v, gt, scale, do=do, dk=dk, dv=dv)
+        _add_levels(2, ops, seg, C, q, k, v, gt, scale, do=do, dk=dk, dv=dv)
     if not need_dg:
         return dq, dk, dv, None, dh0
     # Without an initial state the first token's gate multiplies a zero state: its dg is exactly 0, which the

@@ -7,6 +7,7 @@ import triton.language as tl
 
 from longscan.kernels.linear_attention.triton.common import LEVEL_SPAN, _gate_chunk, _key_cumulative, _level0_factor
 from longscan.kernels.linear_attention.triton.plan import _prec
+from longscan.kernels.linear_attention.triton.records import _GateOperands
 
 
 @triton.jit
@@ -47,15 +48,15 @@ def _level_step(bc, nc, bl, nl, c, j, it):
 
 
 @triton.jit
-def _levels_kernel(q, k, v, g, do, o, dq, dk, dv, gq, steep, T, H, SEG, scale,
+def _levels_kernel(q, k, v, g, do, o, dq, dk, dv, gq, steep, steep_chunks, T, H, SEG, scale,
                    K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, MODE: tl.constexpr, NEED_DG: tl.constexpr,
                    PREC: tl.constexpr):
     """Per-key gates: for every chunk where a key's gate falls to −LEVEL_SPAN or resets, the exact terms of its
     tokens below that or after a reset, less what the main kernels' held key factor gave them (see the module
     docstring; per reset span, _level_factors), added to what the main kernels wrote. (They do not loop over
     levels themselves: a loop nested in their chunk loop stops Triton from pipelining its loads.) One program:
-    one (batch·head, segment), whole K and V; a segment the main kernel did not mark in steep `[B·H, NS]` costs
-    one load. MODE 0, after the forward: o. MODE 1, after the dq kernel and before the dk kernel (which finishes
+    one (batch·head, segment), whole K and V; a segment the pre-pass did not mark in steep `[B·H, NS]` costs
+    one load, a chunk it did not mark in steep_chunks `[B·H, NC]` one more (its gates are not read). MODE 0, after the forward: o. MODE 1, after the dq kernel and before the dk kernel (which finishes
     the gate gradient): dq and, when NEED_DG, both sides' gate partials into gq. MODE 2, after the dk and dv
     kernels: dk and dv."""
     bh = tl.program_id(0)
@@ -71,13 +72,14 @@ def _levels_kernel(q, k, v, g, do, o, dq, dk, dv, gq, steep, T, H, SEG, scale,
         causal = rc[:, None] >= rc[None, :]
         t_start = js * SEG
         t_end = tl.minimum(t_start + SEG, T)
+        NC = tl.cdiv(T, C)
         for t0 in range(t_start, t_end, C):
-            t = t0 + rc
-            m = t < t_end
-            row = (b * T + t).to(tl.int64) * H + h
-            gc = _gate_chunk(g, 0.0, b, h, t, m, T, H, rk, K, 3)
-            bc, nc, bl, nl = _key_cumulative(gc)
-            if (tl.min(bc) <= -LEVEL_SPAN) | (tl.max(nl) > 0):
+            if tl.load(steep_chunks + (bh * NC + t0 // C).to(tl.int64)) > 0:
+                t = t0 + rc
+                m = t < t_end
+                row = (b * T + t).to(tl.int64) * H + h
+                gc = _gate_chunk(g, 0.0, b, h, t, m, T, H, rk, K, 3)
+                bc, nc, bl, nl = _key_cumulative(gc)
                 bq = tl.load(q + row[:, None] * K + rk[None, :], mask=m[:, None], other=0.0)
                 bk = tl.load(k + row[:, None] * K + rk[None, :], mask=m[:, None], other=0.0)
                 bv = tl.load(v + row[:, None] * V + rv[None, :], mask=m[:, None], other=0.0)
@@ -131,12 +133,13 @@ def _levels_kernel(q, k, v, g, do, o, dq, dk, dv, gq, steep, T, H, SEG, scale,
                         tl.store(vptr, tl.load(vptr, mask=m[:, None]).to(tl.float32) + scale * addv, mask=m[:, None])
 
 
-def _add_levels(mode, steep, seg, C, q, k, v, g, scale, do=None, o=None, dq=None, gq=None, dk=None, dv=None,
-                need_dg=False):
-    """Launch _levels_kernel (MODE mode) over the segments marked in steep; it adds into the given outputs."""
+def _add_levels(mode, ops: _GateOperands, seg, C, q, k, v, g, scale, do=None, o=None, dq=None, gq=None, dk=None,
+                dv=None, need_dg=False):
+    """Launch _levels_kernel (MODE mode) over the segments and chunks the pre-pass marked (ops.steep,
+    ops.steep_chunks); it adds into the given outputs."""
     B, T, H, K = q.shape
     a = [x if x is not None else q for x in (do, o, dq, dk, dv, gq)]
-    _levels_kernel[(B * H, steep.shape[1])](q, k, v, g, *a, steep, T, H, seg, scale, K=K,
+    _levels_kernel[(B * H, ops.steep.shape[1])](q, k, v, g, *a, ops.steep, ops.steep_chunks, T, H, seg, scale, K=K,
                                             V=v.shape[-1], C=C, MODE=mode, NEED_DG=need_dg,
                                             PREC=_prec(q), num_warps=8)
 
