@@ -43,9 +43,9 @@ Full resets: a log gate of −inf (g, scalar or per key) drops the state, S_t = 
 cumulative gate is formed it is taken with −inf as 0, beside a count of the resets so far (_scalar_cumulative,
 _key_cumulative): the decay from s to t is exp(b_t − b_s) where the counts at s and t agree and 0 (a select) where
 they differ, so no (−inf) − (−inf) arises; a chunk's or segment's total is −inf past a reset, which the scans take
-as a decay of 0. Scalar gates select in each main kernel. Per key the pre-pass selects: qd is 0 past a key's first
-reset in the chunk, kd before its last, its total −inf; those level-0 scores are then 0 on every causal pair, and
-_levels_kernel visits the chunk and adds its scores per reset span (the counts are per key, so −inf on only some
+as a decay of 0. Scalar gates select in each main kernel. Per key the pre-pass selects: qd is 0 from a key's first
+reset in the chunk on, kd before its last, its total −inf; those level-0 scores are then 0 on every causal pair,
+and _levels_kernel visits the chunk (marked) and adds its scores per reset span (the counts are per key, so −inf on only some
 keys of a token is exact too). The gradient of a −inf gate is 0 (scalar: exactly; per key: to round-off).
 
 Gradient of the gate (A_t the cumulative log gate): dL/dA_t = q_t⊙dq_t − k_t⊙dk_t, plus Σ_v S_T⊙dS_T at the
