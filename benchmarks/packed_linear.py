@@ -6,8 +6,8 @@
 Rows, all over the same ``--total`` tokens (documents of about ``--doc-len`` tokens, lengths drawn in
 [doc_len/2, 3·doc_len/2]), a scalar gate per token and head (simple GLA):
 - "unpacked": the whole sequence, no documents;
-- "packed": ``cu_seqlens`` through ``chunk_linear_attention`` (the torch backend: resets; Triton: the documents
-  as the rows of a zero-padded batch);
+- "packed": ``cu_seqlens`` through ``chunk_linear_attention`` (the torch and Triton backends: resets, log
+  decays of -inf);
 - "per-document": each document on its own, one call each — what packing should beat.
 "x unpacked" is a row's time over the unpacked one. ``--check`` adds the packed output's and gradients' error
 against each document alone in float64 (CPU) / float32 (GPU).

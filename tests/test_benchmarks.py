@@ -109,6 +109,16 @@ def test_accuracy_error_of_a_non_finite_result_is_infinite():
     assert acc.rel(None, ref) is None
 
 
+def test_linear_resets_checks_against_each_document(capsys):
+    """linear_resets.py on CPU (torch backend, float32): the resets rows equal each document alone, both gate kinds."""
+    from benchmarks import linear_resets
+    linear_resets.main(["--total", "128", "--doc-len", "32", "--heads", "2", "--head-dim", "8", "--iters", "1",
+                        "--warmup", "0", "--check"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if "| resets |" in line]
+    assert [r.split("|")[1].strip() for r in rows] == ["scalar", "per-key"]
+    assert all(float(r.split("|")[5]) < 1e-5 for r in rows)
+
+
 def test_packed_linear_checks_against_each_document(capsys):
     """packed_linear.py on CPU (torch backend, float32): the packed result equals each document alone."""
     from benchmarks import packed_linear

@@ -13,7 +13,6 @@ import os
 from dataclasses import dataclass, field
 from importlib import resources
 
-import torch
 import yaml
 
 from longscan.distributed.layouts import LAYOUTS
@@ -116,8 +115,8 @@ class DataConfig:
     """Seed of the training-order shuffle."""
     pack_documents: bool = False
     """Attend within documents only: split sequences after each EOS, restart RoPE positions per document and
-    drop the EOS token's target. Linear layers (L) need parallel.linear_backend torch or naive (auto on a
-    machine without CUDA) and a linear_variant without the delta rule."""
+    drop the EOS token's target. Linear layers (L) need parallel.linear_backend auto, torch, naive or triton
+    and a linear_variant without the delta rule."""
 
     def __post_init__(self):
         self.validate()
@@ -579,19 +578,16 @@ def validate(cfg: TrainConfig, world_size: int) -> TrainConfig:
 
 def _check_packed_linear(m: ModelConfig, p: ParallelConfig) -> None:
     """Packed documents reach linear layers over an SP group as resets (log decays of -inf): only the backends
-    that compute those exactly (torch, naive) may run them there. "auto" is the Triton kernels on CUDA, torch
-    elsewhere. With parallel.sp = 1 every backend takes them (the others as rows of a padded batch)."""
+    that compute those exactly (torch, naive, triton; "auto" picks one of them) may run them there. With
+    parallel.sp = 1 every backend takes them (fla as rows of a padded batch)."""
     if m.linear_variant in ("deltanet", "gated_deltanet", "kda"):
         raise ConfigError(f"data.pack_documents = true does not support model.linear_variant = {m.linear_variant!r} "
                           f"(model.pattern = {m.pattern!r} has linear layers): the delta-rule kernels do not compute "
                           "a reset between documents exactly; use linear, lightning, simple_gla or gla")
     backend = p.linear_backend
-    if p.sp == 1 or backend in RESET_BACKENDS or (backend == "auto" and not torch.cuda.is_available()):
+    if p.sp == 1 or backend in RESET_BACKENDS + ("auto",):
         return
-    why = (", which picks the Triton kernels on this CUDA machine (it picks torch where there is no GPU)"
-           if backend == "auto" else "")
     raise ConfigError(f"data.pack_documents = true with linear layers (model.pattern = {m.pattern!r}) and "
-                      f"parallel.sp = {p.sp} needs parallel.linear_backend = torch or naive, got {backend!r}{why}: "
-                      "over an SP group documents enter linear "
-                      "attention as log decays of -inf, which only torch and naive compute exactly (the Triton "
-                      "kernels give NaN)")
+                      f"parallel.sp = {p.sp} needs parallel.linear_backend = auto, torch, naive or triton, got "
+                      f"{backend!r}: over an SP group documents enter linear attention as log decays of -inf, "
+                      "which only those backends are known to compute exactly")

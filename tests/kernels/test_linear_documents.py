@@ -53,7 +53,7 @@ def _triton_or_skip():
 @pytest.mark.parametrize("backend,dname", [("torch", "float64"), ("torch", "float32"), ("naive", "float64"),
                                            ("triton", "float32")])
 def test_documents_match_each_document_alone(backend, dname, decay, docs):
-    """torch and naive take the documents as resets; triton (interpreter on CPU) as rows of a padded batch."""
+    """torch, naive and triton (interpreter on CPU) take the documents as resets."""
     device = _triton_or_skip() if backend == "triton" else "cpu"
     dtype, tol = DTYPES[dname]
     cu = DOCUMENTS[docs]
@@ -110,8 +110,9 @@ def test_documents_refuse(kw, match):
         _call(**kw)
 
 
-def test_auto_refused_where_it_picks_triton():
-    """backend="auto" resolves to the Triton kernels on CUDA: the resolved backend is what is checked."""
+def test_auto_taken_where_it_picks_triton():
+    """backend="auto" resolves to the Triton kernels on CUDA, which take documents as resets over an SP group too;
+    fla, the one backend not known to compute them exactly, is refused there."""
     from longscan.kernels.linear_attention import check_documents, get_backend
     try:
         triton = get_backend("triton", torch.device("cpu"))
@@ -119,5 +120,6 @@ def test_auto_refused_where_it_picks_triton():
         pytest.skip(f"triton not importable: {e}")
     q = torch.zeros(1, 4, 2, 8)
     check_documents(q, None, False, "auto", get_backend("auto", q.device))      # torch here
-    with pytest.raises(ValueError, match="got backend='auto' \\(backend='auto' picked 'triton' on cpu\\)"):
-        check_documents(q, None, False, "auto", triton)
+    check_documents(q, None, False, "auto", triton)
+    with pytest.raises(ValueError, match="needs backend='torch', 'naive' or 'triton'.*got backend='fla'"):
+        check_documents(q, None, False, "fla")

@@ -134,8 +134,8 @@ def test_documents_refused_before_any_collective():
     x = make_inputs("g_scalar", 1, 16, H, K, V, torch.float64, seed=1)
     cu = torch.tensor([0, 5, 16])
     args = (x["q"], x["k"], x["v"], x["g"])
-    with pytest.raises(ValueError, match="needs backend='torch' or 'naive'.*got backend='triton'"):
-        linear_attention(*args, backend="triton", cu_seqlens=cu)
+    with pytest.raises(ValueError, match="needs backend='torch', 'naive' or 'triton'.*got backend='fla'"):
+        linear_attention(*args, backend="fla", cu_seqlens=cu)
     with pytest.raises(ValueError, match="initial_state cannot be combined with cu_seqlens"):
         linear_attention(*args, initial_state=x["initial_state"][:1], backend="torch", cu_seqlens=cu)
     with pytest.raises(ValueError, match="output_final_state=True cannot be combined with cu_seqlens"):

@@ -5,8 +5,8 @@ Backends: "naive" (recurrent reference), "torch" (chunked, CPU default), "triton
 
 Packed documents (``cu_seqlens``) enter the backends in :data:`RESET_BACKENDS` as resets: a log decay of -inf at
 every document's first token but the sequence's first drops the state whole, so no document sees another (the
-SP operators carry such resets exactly). On one device the other backends (the Triton kernels, whose chunked
-arithmetic does not take -inf) run the documents as the rows of a zero-padded batch instead.
+SP operators carry such resets exactly). On one device fla, whose kernels are not checked with -inf here, runs
+the documents as the rows of a zero-padded batch instead.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from longscan.kernels.linear_attention.options import LaunchConfig, LinearKernel
 
 BACKENDS = ("auto", "naive", "torch", "triton", "fla")
 # the backends that compute a log decay of -inf (a full reset) exactly, so the ones that take packed documents
-RESET_BACKENDS = ("naive", "torch")
+RESET_BACKENDS = ("naive", "torch", "triton")
 # (module, class) of the backends that import optional packages (triton, fla) only when asked for
 _LAZY = {"triton": ("longscan.kernels.linear_attention.triton", "TritonBackend"),
          "fla": ("longscan.kernels.linear_attention.fla_backend", "FlaBackend")}
@@ -119,11 +119,11 @@ def check_documents(q, initial_state, output_final_state: bool, backend: str, im
     name = impl.name if impl is not None else backend
     if not one_device and name not in RESET_BACKENDS + ("auto",):
         picked = "" if name == backend else f" (backend={backend!r} picked {name!r} on {q.device.type})"
-        raise ValueError(f"cu_seqlens (packed documents) over an SP group needs backend='torch' or 'naive' "
-                         f"(parallel.linear_backend in training), got backend={backend!r}{picked}: documents enter "
-                         "as log decays of -inf, which only the torch and naive backends compute exactly (the "
-                         "Triton kernels give NaN; on one device they take documents as batch rows); "
-                         "use backend='torch'")
+        raise ValueError(f"cu_seqlens (packed documents) over an SP group needs backend='torch', 'naive' or "
+                         f"'triton' (parallel.linear_backend in training), got backend={backend!r}{picked}: "
+                         "documents enter as log decays of -inf, which only those backends are known to compute "
+                         "exactly (on one device the others take documents as batch rows); use backend='triton' "
+                         "on CUDA, 'torch' elsewhere")
 
 
 def document_resets(cu_seqlens: torch.Tensor, global_positions: torch.Tensor) -> torch.Tensor:
@@ -201,8 +201,8 @@ def chunk_linear_attention(q, k, v, g=None, g_gamma=None, scale=None, initial_st
     Returns (o `[B, T, H, V]`, final state `[B, H, K, V]` float32 or None).
     options: the Triton kernels' :class:`LinearKernelOptions` (None: the defaults).
     cu_seqlens: packed documents, int32/int64 `[N + 1]` offsets (fla's convention) with B = 1: every document
-    is attended alone (torch, naive: a reset, log decay -inf, at its first token; the other backends: the
-    documents as the rows of a zero-padded batch), without initial_state or output_final_state. The gradient of
+    is attended alone (torch, naive, triton: a reset, log decay -inf, at its first token; fla: the documents as
+    the rows of a zero-padded batch), without initial_state or output_final_state. The gradient of
     g (or g_gamma) at a document's first token is 0.
     Same conventions as flash-linear-attention's chunk_simple_gla / chunk_gla.
     """

@@ -37,7 +37,7 @@ def linear_attention(q, k, v, g=None, g_gamma=None, scale=None, initial_state=No
     options: the Triton kernels' :class:`LinearKernelOptions` (None: the defaults).
     cu_seqlens: packed documents, int32/int64 `[N + 1]` offsets into the *global* sequence (fla's convention),
     the same on every rank, with B = 1: each document is attended alone, as a reset (log decay -inf) at its first
-    token. Backends "torch" and "naive" only (the Triton kernels give NaN for -inf), without initial_state or
+    token. Backends "torch", "naive" and "triton" (those that compute -inf exactly), without initial_state or
     output_final_state. The gradient of g (or g_gamma) at a document's first token is 0.
     """
     checks.check_linear_call(group, q, k, v, g, g_gamma, scale, initial_state, output_final_state, method, layout,

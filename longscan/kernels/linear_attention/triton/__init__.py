@@ -36,8 +36,17 @@ level 0 on the tokens above −LEVEL_SPAN and levels with reference c = the larg
 over the tokens in (c − LEVEL_SPAN, c], minus what the main kernels' factor gave that key (`_level0_factor`: on a
 key that steep, exp(LEVEL_SPAN − (b − b_C)), taken back whole). Every factor stays within [−exp(LEVEL_SPAN),
 exp(LEVEL_SPAN)], so no gate overflows: a steep fall costs matmuls, not correctness (a single factorisation,
-exp(b_t)·exp(−b_s), gave NaN once a chunk's gates summed below about −88). Log gates must be finite and ≤ 0
-(docs/design.md, decays).
+exp(b_t)·exp(−b_s), gave NaN once a chunk's gates summed below about −88). Log gates must be ≤ 0 (docs/design.md,
+decays).
+
+Full resets: a log gate of −inf (g, scalar or per key) drops the state, S_t = k_t v_tᵀ (packed documents). Where the
+cumulative gate is formed it is taken with −inf as 0, beside a count of the resets so far (_scalar_cumulative,
+_key_cumulative): the decay from s to t is exp(b_t − b_s) where the counts at s and t agree and 0 (a select) where
+they differ, so no (−inf) − (−inf) arises; a chunk's or segment's total is −inf past a reset, which the scans take
+as a decay of 0. Scalar gates select in each main kernel. Per key the pre-pass selects: qd is 0 from a key's first
+reset in the chunk on, kd before its last, its total −inf; those level-0 scores are then 0 on every causal pair,
+and _levels_kernel visits the chunk (marked) and adds its scores per reset span (the counts are per key, so −inf on only some
+keys of a token is exact too). The gradient of a −inf gate is 0 (scalar: exactly; per key: to round-off).
 
 Gradient of the gate (A_t the cumulative log gate): dL/dA_t = q_t⊙dq_t − k_t⊙dk_t, plus Σ_v S_T⊙dS_T at the
 last step; dg_s = Σ_{t≥s} dL/dA_t. The dq and dk kernels emit the q and k sides. Scalar gates: the host sums
@@ -153,7 +162,7 @@ def forward(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None, outpu
                 scale=scale, GATE=GATE, BV=BV, store_ht=(ht is not None and ns == 1), prec=_prec(q), dummy=q,
                 cfg=cfg)
     if ops is not None:
-        _add_levels(0, ops.steep, seg, C, q, k, v, gt, scale, o=o)
+        _add_levels(0, ops, seg, C, q, k, v, gt, scale, o=o)
     return (o, ht, saved) if return_saved else (o, ht)
 
 
@@ -270,7 +279,7 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True,
         # the gradient of the state leaving each segment (dht past the last): a reverse scan of the (q, do) states
         dhe, _ = _scan(qdo_states.states, qdo_states.log_decays, dhe, reverse=True)
     if ops is not None:   # before the dk kernel, which takes the gate gradient on from gq
-        _add_levels(1, ops.steep, seg, C, q, k, v, gt, scale, do=do, dq=dq, gq=gq, need_dg=need_dg)
+        _add_levels(1, ops, seg, C, q, k, v, gt, scale, do=do, dq=dq, gq=gq, need_dg=need_dg)
     run_dk(qx=qx, kx=kx, kdx=kdx, ekx=ekx, v=v, gx=gx, gg=gg, do=do, dhe=dhe, hin=h0 if ns > 1 else None, dk=dk,
            gk=gk, dg=gq if GATE == 3 and need_dg else None, term=term, dh0=dh0, T=T, H=H, seg=seg, ns=ns, NC=NC,
            scale=scale, BK=BKk, need_dg=need_dg, sf32=sf32["dk"], sprec=sprec["dk"], dummy=dummy, common=common,
@@ -278,7 +287,7 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True,
     run_dv(qx=qx, kx=kx, kdx=kdx, gx=gx, gg=gg, do=do, dhe=dhe, dv=dv, T=T, H=H, seg=seg, ns=ns, NC=NC,
            scale=scale, BV=BV, dummy=dummy, common=common, cfg=cv)
     if ops is not None:
-        _add_levels(2, ops.steep, seg, C, q, k, v, gt, scale, do=do, dk=dk, dv=dv)
+        _add_levels(2, ops, seg, C, q, k, v, gt, scale, do=do, dk=dk, dv=dv)
     if not need_dg:
         return dq, dk, dv, None, dh0
     # Without an initial state the first token's gate multiplies a zero state: its dg is exactly 0, which the
@@ -293,6 +302,9 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True,
         dgl = dgl + term.sum(-1).unsqueeze(1)
     if initial_state is None:
         dgl[:, 0] = 0
+    # a −inf gate (a full reset) multiplies the state by 0 whatever it is: its gradient is 0 (torch's and the
+    # recurrence's value), which the sum above forms only to round-off
+    dgl = dgl.masked_fill(g == float("-inf"), 0)
     return dq, dk, dv, dgl.to(g.dtype), dh0   # (g_gamma's gradient took the scalar-gate path above)
 
 
@@ -400,7 +412,8 @@ def add_prefix(o, q, g, g_gamma, scale, P, options: LinearKernelOptions | None =
         gf = g.float()
         gf = torch.nn.functional.pad(gf, (0, 0, 0, 0, 0, N * C - T) if GATE == 3 else (0, 0, 0, N * C - T))
         sums = gf.view(B, N, C, H, -1).sum(2)
-        goff = (sums.cumsum(1) - sums).contiguous()
+        # the exclusive sum as a shifted cumulative one: subtracting each chunk's own sum gives NaN past a −inf
+        goff = torch.nn.functional.pad(sums[:, :-1], (0, 0, 0, 0, 1, 0)).cumsum(1).contiguous()
     run_prefix(o=o, q=q, gt=gt, gg=gg, goff=goff, P=P, out=out, T=T, H=H, N=N, C=C, scale=scale, GATE=GATE)
     return out
 

@@ -7,8 +7,9 @@ import triton
 import triton.language as tl
 
 from longscan.kernels.linear_attention.triton.common import (DG_RUN, _chunk_keys, _chunk_scales, _chunk_totals,
-                                                             _gate_chunk, _segment_program, _segment_state_tile,
-                                                             _state_dot, _state_unit)
+                                                             _decay, _gate_chunk, _same_span, _scalar_cumulative,
+                                                             _segment_program, _segment_state_tile, _state_dot,
+                                                             _state_unit)
 
 
 @triton.jit
@@ -64,17 +65,17 @@ def _bwd_dq_kernel(q, k, kd, eq, v, g, gg, do, h0, dq, gq, st, T, H, SEG, NC, sc
         else:
             bq = tl.load(q + row[:, None] * K + rk[None, :], mask=m[:, None], other=0.0)
             gc = _gate_chunk(g, gamma, b, h, t, m, T, H, rk, K, GATE)
-            bc = tl.cumsum(gc, 0)
-            bl = tl.sum(gc, 0)
-            dA = tl.where(causal, dA * tl.exp(bc[:, None] - bc[None, :]), 0.0)
+            bc, nc, bl, nl = _scalar_cumulative(gc, GATE)
+            dA = tl.where(_same_span(causal, nc, GATE), dA * tl.exp(bc[:, None] - bc[None, :]), 0.0)
             intra = tl.dot(dA.to(dt), bk, input_precision=PREC)
-            acc = inter * tl.exp(bc)[:, None] + intra
+            eqc = _decay(bc, nc, 0, GATE)
+            acc = inter * eqc[:, None] + intra
             if NEED_DG:
-                qd = (bq * tl.exp(bc)[:, None]).to(dt)
+                qd = (bq * eqc[:, None]).to(dt)
                 part = tl.sum(qd.to(tl.float32) * inter + bq.to(tl.float32) * intra, 1)
                 tl.store(gq + row * nk + ik, scale * part, mask=m)
-            kd_ = (bk * tl.exp(bl - bc)[:, None]).to(dt)
-            S = S * tl.exp(bl) + tl.dot(tl.trans(kd_), bv, input_precision=PREC)
+            kd_ = (bk * _decay(bl - bc, nc, nl, GATE)[:, None]).to(dt)
+            S = S * _decay(bl, nl, 0, GATE) + tl.dot(tl.trans(kd_), bv, input_precision=PREC)
         tl.store(dq + row[:, None] * K + rk[None, :], (acc * scale).to(dq.dtype.element_ty), mask=m[:, None])
     if STORE_ST:
         if js == ns - 1:
@@ -187,17 +188,18 @@ def _bwd_dk_kernel(q, k, kd, ek, v, g, gg, do, dhe, hin, dk, gk, dg, term, dh0, 
         else:
             bk = tl.load(k + row[:, None] * K + rk[None, :], mask=m[:, None], other=0.0)
             gc = _gate_chunk(g, gamma, b, h, t, m, T, H, rk, K, GATE)
-            bc = tl.cumsum(gc, 0)
-            bl = tl.sum(gc, 0)
+            bc, nc, bl, nl = _scalar_cumulative(gc, GATE)
             dec = tl.exp(bc[None, :] - bc[:, None])                   # [s, t]: exp(b_t − b_s)
-            intra = tl.dot(tl.where(causal_t, dAt * dec, 0.0).to(dt), bq, input_precision=PREC)
-            acc = scale * intra + inter * tl.exp(bl - bc)[:, None]
+            intra = tl.dot(tl.where(_same_span(causal_t, nc, GATE), dAt * dec, 0.0).to(dt), bq,
+                           input_precision=PREC)
+            ekc = _decay(bl - bc, nc, nl, GATE)
+            acc = scale * intra + inter * ekc[:, None]
             if NEED_DG:
-                kd_ = (bk * tl.exp(bl - bc)[:, None]).to(dt).to(tl.float32)
+                kd_ = (bk * ekc[:, None]).to(dt).to(tl.float32)
                 part = tl.sum(scale * bk.to(tl.float32) * intra + kd_ * inter, 1)
                 tl.store(gk + row * nk + ik, part, mask=m)
-            qd = (bq * tl.exp(bc)[:, None]).to(dt)
-            dH = dH * tl.exp(bl) + scale * tl.dot(tl.trans(qd), bdo, input_precision=PREC)
+            qd = (bq * _decay(bc, nc, 0, GATE)[:, None]).to(dt)
+            dH = dH * _decay(bl, nl, 0, GATE) + scale * tl.dot(tl.trans(qd), bdo, input_precision=PREC)
         if GATE != 3:   # (per key: stored above)
             tl.store(dk + row[:, None] * K + rk[None, :], acc.to(dk.dtype.element_ty), mask=m[:, None])
     if js == 0:
@@ -251,14 +253,13 @@ def _bwd_dv_kernel(q, k, kd, g, gg, do, dhe, dv, T, H, SEG, NC, scale,
                 qd = bq
             else:
                 gc = _gate_chunk(g, gamma, b, h, t, m, T, H, rk, K, GATE)
-                bc = tl.cumsum(gc, 0)
-                bl = tl.sum(gc, 0)
-                At = tl.where(causal_t, tl.dot(bk, tl.trans(bq), input_precision=PREC)
+                bc, nc, bl, nl = _scalar_cumulative(gc, GATE)
+                At = tl.where(_same_span(causal_t, nc, GATE), tl.dot(bk, tl.trans(bq), input_precision=PREC)
                               * tl.exp(bc[None, :] - bc[:, None]), 0.0)
-                kd_ = (bk * tl.exp(bl - bc)[:, None]).to(dt)
+                kd_ = (bk * _decay(bl - bc, nc, nl, GATE)[:, None]).to(dt)
                 acc = tl.dot(kd_, dH.to(dt), input_precision=PREC)
-                qd = (bq * tl.exp(bc)[:, None]).to(dt)
-                dH = dH * tl.exp(bl)
+                qd = (bq * _decay(bc, nc, 0, GATE)[:, None]).to(dt)
+                dH = dH * _decay(bl, nl, 0, GATE)
             acc += scale * tl.dot(At.to(dt), bdo, input_precision=PREC)
             dH += scale * tl.dot(tl.trans(qd), bdo, input_precision=PREC)
         tl.store(dv + row[:, None] * V + rv[None, :], acc.to(dv.dtype.element_ty), mask=m[:, None])

@@ -29,6 +29,73 @@ def _gate_chunk(g, gamma, b, h, t, m, T, H, rk, K: tl.constexpr, GATE: tl.conste
 
 
 @triton.jit
+def _scalar_cumulative(gc, GATE: tl.constexpr):
+    """Scalar kinds, one chunk's log gates gc `[C]` -> (b, n, bl, nl): the inclusive cumulative log gate with its
+    −inf entries (full resets, g only) taken as 0, the number of resets up to each token, and the chunk's totals of
+    both. The decay from s to t is then exp(b_t − b_s) where n_t = n_s, else 0 (_decay, _same_span): b stays
+    finite, so no (−inf) − (−inf) arises. g_gamma (GATE 1) is finite: n and nl are 0."""
+    if GATE == 2:
+        reset = gc == float("-inf")
+        gf = tl.where(reset, 0.0, gc)
+        ri = reset.to(tl.int32)
+        b = tl.cumsum(gf, 0)
+        n = tl.cumsum(ri, 0)
+        bl = tl.sum(gf, 0)
+        nl = tl.sum(ri, 0)
+    else:
+        b = tl.cumsum(gc, 0)
+        n = 0
+        bl = tl.sum(gc, 0)
+        nl = 0
+    return b, n, bl, nl
+
+
+@triton.jit
+def _decay(x, n, m, GATE: tl.constexpr):
+    """exp(x), the decay over a span of a chunk, selected to 0 (g, GATE 2) where a reset lies inside it: where the
+    reset counts at its ends (n, m; _scalar_cumulative) differ."""
+    if GATE == 2:
+        e = tl.where(n == m, tl.exp(x), 0.0)
+    else:
+        e = tl.exp(x)
+    return e
+
+
+@triton.jit
+def _same_span(causal, n, GATE: tl.constexpr):
+    """The causal mask `[C, C]` of a chunk's scores, less (g, GATE 2) the pairs a reset separates (reset counts n
+    `[C]`, _scalar_cumulative; the mask is symmetric in that part, so it serves both orientations)."""
+    if GATE == 2:
+        keep = causal & (n[:, None] == n[None, :])
+    else:
+        keep = causal
+    return keep
+
+
+@triton.jit
+def _from_start(b, n, GATE: tl.constexpr):
+    """The log decay from the chunk's start to a token (b its cumulative log gate, n its reset count;
+    _scalar_cumulative), or of the whole chunk (b, n its totals): −inf past a reset (g, GATE 2), so that the state
+    entering the chunk is dropped there and a segment's total (the SP scan's decay) is −inf too."""
+    if GATE == 2:
+        a = tl.where(n > 0, float("-inf"), b)
+    else:
+        a = b
+    return a
+
+
+@triton.jit
+def _key_cumulative(gc):
+    """Per-key gates, one chunk's log gates gc `[C, BK]` -> (b, n, bl, nl): per key, the inclusive cumulative log
+    gate with its −inf entries (resets) taken as 0, the number of resets up to each token, and the chunk's totals
+    of both. Per key as _scalar_cumulative: the decay from s to t is exp(b_t − b_s) where n_t = n_s, else 0."""
+    reset = gc == float("-inf")
+    gf = tl.where(reset, 0.0, gc)
+    ri = reset.to(tl.int32)
+    return tl.cumsum(gf, 0), tl.cumsum(ri, 0), tl.sum(gf, 0), tl.sum(ri, 0)
+
+
+@triton.jit
 def _level0_scale(bl):
     """Per key `[BK]` from the chunk totals b_C = bl: exp(min(−b_C, LEVEL_SPAN)), which takes the state's key factor
     kd = exp(b_C − b) to level 0's kf (_level0_factor)."""

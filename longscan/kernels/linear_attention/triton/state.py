@@ -8,7 +8,8 @@ import triton.language as tl
 
 from longscan.kernels import trace
 from longscan.kernels.linear_attention.options import LinearKernelOptions
-from longscan.kernels.linear_attention.triton.common import _chunk_totals, _gate_chunk, _segment_program
+from longscan.kernels.linear_attention.triton.common import (_chunk_totals, _decay, _from_start, _gate_chunk,
+                                                             _scalar_cumulative, _segment_program)
 from longscan.kernels.linear_attention.triton.plan import _launch, _prec
 from longscan.kernels.linear_attention.triton.records import StatePass
 
@@ -52,15 +53,15 @@ def _state_kernel(x, y, g, gg, out_s, out_a, T, H, SEG, NC, scale,
             aoff += bl
         else:
             gc = _gate_chunk(g, gamma, b, h, t, m, T, H, rk, K, GATE)
-            bc = tl.cumsum(gc, 0)
-            bl = tl.sum(gc, 0)
+            bc, nc, bl, nl = _scalar_cumulative(gc, GATE)
             if FROM_START:
-                xd = (bx * tl.exp(aoff[None, :] + bc[:, None])).to(dt)
+                # −inf once a reset has passed (_from_start): exp gives 0, never (−inf) − (−inf)
+                xd = (bx * tl.exp(aoff[None, :] + _from_start(bc, nc, GATE)[:, None])).to(dt)
                 S += tl.dot(tl.trans(xd), by, input_precision=PREC)
             else:
-                xd = (bx * tl.exp(bl - bc)[:, None]).to(dt)
-                S = S * tl.exp(bl) + tl.dot(tl.trans(xd), by, input_precision=PREC)
-            aoff += bl
+                xd = (bx * _decay(bl - bc, nc, nl, GATE)[:, None]).to(dt)
+                S = S * _decay(bl, nl, 0, GATE) + tl.dot(tl.trans(xd), by, input_precision=PREC)
+            aoff += _from_start(bl, nl, GATE)
     if FROM_START:
         S = S * scale
     base = (bh * ns + js).to(tl.int64)
