@@ -1,0 +1,126 @@
+"""The chunks' own quantities, backward: one program per (chunk, sequence, head).
+
+From the gradients of W, U_0, QK, Q̃, K̄ and l (what the recurrence's backward gives, summed over the blocks
+of V) to those of q, k, v, β and g. With X = Diag(β exp(b)) K and Y = Diag(β) V (W = P X, U_0 = P Y):
+    dX = Pᵀ dW,   dY = Pᵀ dU_0,   dA = -(dX Wᵀ + dY U_0ᵀ)   (strictly lower; P = (I + A)⁻¹)
+    dv = β dY,   dβ = Σ_v dY v + Σ_k dX exp(b) k + Σ_s (dA ⊙ D ⊙ K Kᵀ)
+    dk = M K + Mᵀ K + β exp(b) dX + (dQK ⊙ D)ᵀ Q + exp(b_C - b) dK̄,   M = Diag(β) (dA ⊙ D)
+    dq = (dQK ⊙ D) K + exp(b) dQ̃
+and for a scalar gate the gradient of b: every factor exp(b_t - b_s) of a product F_ts gives
+rowsum(dF ⊙ F) - colsum(dF ⊙ F); exp(b) of X and Q̃ gives Σ_k dX ⊙ X, Σ_k dQ̃ ⊙ Q̃; exp(b_C - b) of K̄ gives
+-Σ_k dK̄ ⊙ K̄ to b and its total to b_C; dl goes to b_C. b = cumsum(g) in the chunk and b_C = Σ g, so
+dg_t = Σ_{t' ≥ t} db_t' + d b_C. A, D and K Kᵀ are recomputed from k and g; P, W and U_0 are read.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from longscan.kernels.delta_rule.triton.inter import Chunks, InterGrads, pow2
+
+
+@triton.jit
+def _intra_bwd(Q, K_, V_, BETA, G, P_, W, U0, DW, DU0, DQK, DQT, DKB, DLAST, DQ, DK, DV, DBETA, DG,
+               T, H, N, C, K, V,
+               HAS_Q: tl.constexpr, GATE: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    n, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    oc, ok = tl.arange(0, BC), tl.arange(0, BK)
+    t = n * C + oc
+    mc = oc < C
+    mt = mc & (t < T)
+    mk = ok < K
+    tok = (b * T + t) * H + h
+    row = bh * N + n
+    m_ck = mc[:, None] & mk[None, :]
+    m_tk = mt[:, None] & mk[None, :]
+    m_cc = mc[:, None] & mc[None, :]
+    causal = oc[:, None] >= oc[None, :]
+    strict = oc[:, None] > oc[None, :]
+    k = tl.load(K_ + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(tl.float32)
+    beta = tl.load(BETA + tok, mask=mt, other=0.).to(tl.float32)
+    P = tl.load(P_ + row * C * C + oc[:, None] * C + oc[None, :], mask=m_cc, other=0.)
+    kk = tl.dot(k, tl.trans(k), input_precision="ieee")
+    if GATE == 1:
+        bc = tl.cumsum(tl.load(G + tok, mask=mt, other=0.).to(tl.float32), axis=0)
+        last = tl.sum(tl.where(oc == C - 1, bc, 0.), axis=0)
+        D = tl.where(causal, tl.exp(tl.where(causal, bc[:, None] - bc[None, :], 0.)), 0.)
+        kk = kk * D
+        eb = tl.exp(bc)
+        ekb = tl.exp(last - bc)
+    dx = tl.dot(tl.trans(P), tl.load(DW + row * C * K + oc[:, None] * K + ok[None, :], mask=m_ck, other=0.),
+                input_precision="ieee")
+    dA = -tl.dot(dx, tl.trans(tl.load(W + row * C * K + oc[:, None] * K + ok[None, :], mask=m_ck, other=0.)),
+                 input_precision="ieee")
+    dbeta = tl.zeros([BC], dtype=tl.float32)
+    for iv in range(0, tl.cdiv(V, BV)):
+        ov = iv * BV + tl.arange(0, BV)
+        mv = ov < V
+        m_cv = mc[:, None] & mv[None, :]
+        v = tl.load(V_ + tok[:, None] * V + ov[None, :], mask=mt[:, None] & mv[None, :], other=0.).to(tl.float32)
+        dy = tl.dot(tl.trans(P), tl.load(DU0 + row * C * V + oc[:, None] * V + ov[None, :], mask=m_cv, other=0.),
+                    input_precision="ieee")
+        u0 = tl.load(U0 + row * C * V + oc[:, None] * V + ov[None, :], mask=m_cv, other=0.)
+        dA -= tl.dot(dy, tl.trans(u0), input_precision="ieee")
+        dbeta += tl.sum(dy * v, axis=1)
+        tl.store(DV + tok[:, None] * V + ov[None, :], beta[:, None] * dy, mask=mt[:, None] & mv[None, :])
+    dA = tl.where(strict, dA, 0.)
+    # A = strict(Diag(β) (K Kᵀ ⊙ D)), kk already carries D
+    dbeta += tl.sum(dA * kk, axis=1)
+    M = dA * beta[:, None]
+    if GATE == 1:
+        M = M * D
+    dk = tl.dot(M, k, input_precision="ieee") + tl.dot(tl.trans(M), k, input_precision="ieee")
+    xk = tl.sum(dx * k, axis=1)                                           # Σ_k dX_tk k_tk
+    if GATE == 1:
+        ga = dA * beta[:, None] * kk                                      # dA ⊙ A
+        db = tl.sum(ga, axis=1) - tl.sum(ga, axis=0) + xk * beta * eb
+        dk += dx * (beta * eb)[:, None]
+        dbeta += xk * eb
+    else:
+        dk += dx * beta[:, None]
+        dbeta += xk
+    if HAS_Q:
+        q = tl.load(Q + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(tl.float32)
+        dqk = tl.where(causal, tl.load(DQK + row * C * C + oc[:, None] * C + oc[None, :], mask=m_cc, other=0.), 0.)
+        dqt = tl.load(DQT + row * C * K + oc[:, None] * K + ok[None, :], mask=m_ck, other=0.)
+        if GATE == 1:
+            gq = dqk * tl.dot(q, tl.trans(k), input_precision="ieee") * D   # dQK ⊙ QK
+            db += tl.sum(gq, axis=1) - tl.sum(gq, axis=0) + tl.sum(dqt * q, axis=1) * eb
+            dqk = dqk * D
+            dqt = dqt * eb[:, None]
+        dq = tl.dot(dqk, k, input_precision="ieee") + dqt
+        dk += tl.dot(tl.trans(dqk), q, input_precision="ieee")
+        tl.store(DQ + tok[:, None] * K + ok[None, :], dq, mask=m_tk)
+    dkb = tl.load(DKB + row * C * K + oc[:, None] * K + ok[None, :], mask=m_ck, other=0.)
+    if GATE == 1:
+        e = tl.sum(dkb * k, axis=1) * ekb                                 # Σ_k dK̄ ⊙ K̄
+        dk += dkb * ekb[:, None]
+        db -= e
+        dlast = tl.load(DLAST + row) + tl.sum(e, axis=0)
+        # dg_t = Σ_{t' ≥ t} db_t' + d b_C
+        dg = tl.sum(db, axis=0) - tl.cumsum(db, axis=0) + db + dlast
+        tl.store(DG + tok, dg, mask=mt)
+    else:
+        dk += dkb
+    tl.store(DK + tok[:, None] * K + ok[None, :], dk, mask=m_tk)
+    tl.store(DBETA + tok, dbeta, mask=mt)
+
+
+def intra_backward(grads: InterGrads, chunks: Chunks, P, *, q, k, v, beta, g, block_v: int, num_warps: int):
+    """-> (dq or None, dk, dv, dbeta, dg or None), float32, shaped as the inputs."""
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    N, C = P.shape[2], P.shape[3]
+    has_q = q is not None
+    f32 = dict(device=k.device, dtype=torch.float32)
+    dq = torch.empty(B, T, H, K, **f32) if has_q else None
+    dk, dv, dbeta = torch.empty(B, T, H, K, **f32), torch.empty(B, T, H, V, **f32), torch.empty(B, T, H, **f32)
+    dg = torch.empty(B, T, H, **f32) if g is not None else None
+    c = lambda x: x.contiguous() if x is not None else None  # noqa: E731
+    _intra_bwd[(N, B * H)](c(q), c(k), c(v), c(beta), c(g), c(P), c(chunks.W), c(chunks.U0),
+                           c(grads.dW), c(grads.dU0), c(grads.dQK), c(grads.dQT), c(grads.dKB), c(grads.dlast),
+                           dq, dk, dv, dbeta, dg, T, H, N, C, K, V, HAS_Q=has_q, GATE=int(g is not None),
+                           BC=pow2(C), BK=pow2(K), BV=min(block_v, pow2(V)), num_warps=num_warps)
+    return dq, dk, dv, dbeta, dg
