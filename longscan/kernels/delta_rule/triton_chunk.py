@@ -3,8 +3,8 @@
 Chunks of ``DeltaTritonOptions.chunk`` tokens. Inside a chunk, the WY / UT representation (one unit
 lower-triangular inverse a chunk, W, U_0, tril(Q̃K̂ᵀ), Q̃, K̄, the chunk's total log gate, see
 ``torch_chunk``) runs in a Triton kernel, and so does its backward; across chunks a Triton kernel carries
-the state forward and its gradient backward (``triton/``). Per-key gates (KDA) and
-``options.intra="torch"`` take the chunks' quantities from batched torch under autograd instead.
+the state forward and its gradient backward (``triton/``). ``options.intra="torch"`` takes the chunks'
+quantities from batched torch under autograd instead (the earlier path, kept for comparison).
 """
 from __future__ import annotations
 

@@ -2,8 +2,8 @@
 across chunks (inter), and in reverse their backward (inter, then intra_bwd), as one autograd.Function.
 
 What the backward reads is kept from the forward: the inputs, P = (I + A)⁻¹ a chunk, the chunks' W, U_0, QK,
-Q̃, K̄, l and the state entering each chunk (all float32). Per-key gates, and options.intra="torch", take the
-chunks' quantities from batched torch (``torch_chunk._intra``, recomputed in the backward) instead.
+Q̃, K̄, l and the state entering each chunk (all float32). options.intra="torch" takes the chunks' quantities
+from batched torch (``torch_chunk._intra``, recomputed in the backward) instead: the earlier path.
 """
 from __future__ import annotations
 
@@ -18,13 +18,13 @@ from longscan.kernels.delta_rule.triton.options import DeltaTritonOptions
 
 
 class DeltaRuleChunk(torch.autograd.Function):
-    """(q or None, k, v, beta, g None or `[B, T, H]`, h0 or None) -> (o `[B, H, N, C, V]` float32 or None,
+    """(q or None, k, v, beta, g None, `[B, T, H]` or `[B, T, H, K]`, h0 or None) -> (o `[B, H, N, C, V]` float32 or None,
     S_T `[B, H, K, V]` float32)."""
 
     @staticmethod
     def forward(ctx, q, k, v, beta, g, h0, scale, options):
         kw = dict(block_v=options.block_v, num_warps=options.num_warps)
-        chunks, P = intra_forward(q=q, k=k, v=v, beta=beta, g=g, chunk=options.chunk, **kw)
+        chunks, P = intra_forward(q=q, k=k, v=v, beta=beta, g=g, chunk=options.chunk, block_k=options.block_k, **kw)
         O, HT, SN = inter_forward(chunks, h0, scale, **kw)
         ctx.save_for_backward(q, k, v, beta, g, P, SN, *chunks)
         ctx.scale, ctx.options = scale, options
@@ -37,7 +37,8 @@ class DeltaRuleChunk(torch.autograd.Function):
         chunks = Chunks(*chunks)
         kw = dict(block_v=ctx.options.block_v, num_warps=ctx.options.num_warps)
         grads = inter_backward(chunks, SN, dO, dHT, ctx.scale, **kw)
-        dq, dk, dv, dbeta, dg = intra_backward(grads, chunks, P, q=q, k=k, v=v, beta=beta, g=g, **kw)
+        dq, dk, dv, dbeta, dg = intra_backward(grads, chunks, P, q=q, k=k, v=v, beta=beta, g=g,
+                                               block_k=ctx.options.block_k, **kw)
         cast = lambda d, x: d.to(x.dtype) if d is not None else None  # noqa: E731
         dh0 = grads.dh0.to(ctx.h0_dtype) if ctx.h0_dtype is not None else None
         return cast(dq, q), cast(dk, k), cast(dv, v), cast(dbeta, beta), cast(dg, g), dh0, None, None
@@ -62,7 +63,7 @@ def scan(*, q, k, v, beta, g, h0, scale: float, options: DeltaTritonOptions):
     V = v.shape[-1]
     if k.dtype == torch.float64:
         raise TypeError("backend='triton' computes in float32; for float64 inputs use backend='torch'")
-    if options.intra == "torch" or (g is not None and g.dim() == 4):
+    if options.intra == "torch":
         o, S = _torch_intra(q, k, v, beta, g, h0, scale, options)
     else:
         o, S = DeltaRuleChunk.apply(q, k, v, beta, g, h0, scale, options)

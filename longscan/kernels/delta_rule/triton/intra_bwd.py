@@ -108,7 +108,97 @@ def _intra_bwd(Q, K_, V_, BETA, G, P_, W, U0, DW, DU0, DQK, DQT, DKB, DLAST, DQ,
     tl.store(DBETA + tok, dbeta, mask=mt)
 
 
-def intra_backward(grads: InterGrads, chunks: Chunks, P, *, q, k, v, beta, g, block_v: int, num_warps: int):
+@triton.jit
+def _intra_bwd_per_key(Q, K_, V_, BETA, G, P_, W, U0, DW, DU0, DQK, DQT, DKB, DLAST, DQ, DK, DV, DBETA, DG,
+                       T, H, N, C, K, V, HAS_Q: tl.constexpr, BC: tl.constexpr, BKS: tl.constexpr,
+                       BV: tl.constexpr):
+    """Per-key gates: dA needs every key (dX Wᵀ summed over blocks of BKS keys, then dY U_0ᵀ); then each block
+    of keys takes its share of the products F_ts = Σ_k a_tk c_sk E_tsk (E = exp(b_tk - b_sk), s ≤ t):
+    da = Σ_s dF E c_s, dc = Σ_t dF E a_t, db = a ⊙ da - c ⊙ dc."""
+    n, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    oc = tl.arange(0, BC)
+    t = n * C + oc
+    mc = oc < C
+    mt = mc & (t < T)
+    tok = (b * T + t) * H + h
+    row = bh * N + n
+    m_cc = mc[:, None] & mc[None, :]
+    causal = oc[:, None] >= oc[None, :]
+    beta = tl.load(BETA + tok, mask=mt, other=0.).to(tl.float32)
+    P = tl.load(P_ + row * C * C + oc[:, None] * C + oc[None, :], mask=m_cc, other=0.)
+    dA = tl.zeros([BC, BC], dtype=tl.float32)
+    for ib in range(0, tl.cdiv(K, BKS)):
+        ok = ib * BKS + tl.arange(0, BKS)
+        m_ck = mc[:, None] & (ok < K)[None, :]
+        dx = tl.dot(tl.trans(P), tl.load(DW + row * C * K + oc[:, None] * K + ok[None, :], mask=m_ck, other=0.),
+                    input_precision="ieee")
+        w = tl.load(W + row * C * K + oc[:, None] * K + ok[None, :], mask=m_ck, other=0.)
+        dA -= tl.dot(dx, tl.trans(w), input_precision="ieee")
+    dbeta = tl.zeros([BC], dtype=tl.float32)
+    for iv in range(0, tl.cdiv(V, BV)):
+        ov = iv * BV + tl.arange(0, BV)
+        mv = ov < V
+        m_cv = mc[:, None] & mv[None, :]
+        v = tl.load(V_ + tok[:, None] * V + ov[None, :], mask=mt[:, None] & mv[None, :], other=0.).to(tl.float32)
+        dy = tl.dot(tl.trans(P), tl.load(DU0 + row * C * V + oc[:, None] * V + ov[None, :], mask=m_cv, other=0.),
+                    input_precision="ieee")
+        u0 = tl.load(U0 + row * C * V + oc[:, None] * V + ov[None, :], mask=m_cv, other=0.)
+        dA -= tl.dot(dy, tl.trans(u0), input_precision="ieee")
+        dbeta += tl.sum(dy * v, axis=1)
+        tl.store(DV + tok[:, None] * V + ov[None, :], beta[:, None] * dy, mask=mt[:, None] & mv[None, :])
+    dA = tl.where(oc[:, None] > oc[None, :], dA, 0.)
+    if HAS_Q:
+        dqk = tl.where(causal, tl.load(DQK + row * C * C + oc[:, None] * C + oc[None, :], mask=m_cc, other=0.), 0.)
+    for ib in range(0, tl.cdiv(K, BKS)):
+        ok = ib * BKS + tl.arange(0, BKS)
+        mk = ok < K
+        m = mt[:, None] & mk[None, :]
+        m_ck = mc[:, None] & mk[None, :]
+        k = tl.load(K_ + tok[:, None] * K + ok[None, :], mask=m, other=0.).to(tl.float32)
+        bc = tl.cumsum(tl.load(G + tok[:, None] * K + ok[None, :], mask=m, other=0.).to(tl.float32), axis=0)
+        last = tl.sum(tl.where(oc[:, None] == C - 1, bc, 0.), axis=0)
+        eb = tl.exp(bc)
+        ekb = tl.exp(last[None, :] - bc)
+        e = tl.where(causal[:, :, None], tl.exp(tl.where(causal[:, :, None], bc[:, None, :] - bc[None, :, :], 0.)),
+                     0.)                                                      # [C(t), C(s), BKS]
+        # A_ts = β_t Σ_k k_tk k_sk E_tsk
+        ga = dA[:, :, None] * e
+        da = tl.sum(ga * k[None, :, :], axis=1)                               # Σ_s dA_ts E k_s
+        dc = tl.sum(ga * (beta[:, None] * k)[:, None, :], axis=0)             # Σ_t dA_ts β_t E k_t
+        dbeta += tl.sum(da * k, axis=1)
+        dk = beta[:, None] * da + dc
+        db = beta[:, None] * da * k - dc * k
+        # X = β exp(b) k
+        dx = tl.dot(tl.trans(P), tl.load(DW + row * C * K + oc[:, None] * K + ok[None, :], mask=m_ck, other=0.),
+                    input_precision="ieee")
+        dk += dx * beta[:, None] * eb
+        dbeta += tl.sum(dx * eb * k, axis=1)
+        db += dx * beta[:, None] * eb * k
+        if HAS_Q:
+            q = tl.load(Q + tok[:, None] * K + ok[None, :], mask=m, other=0.).to(tl.float32)
+            gq = dqk[:, :, None] * e
+            dq = tl.sum(gq * k[None, :, :], axis=1)
+            dkq = tl.sum(gq * q[:, None, :], axis=0)
+            dk += dkq
+            db += q * dq - k * dkq
+            dqt = tl.load(DQT + row * C * K + oc[:, None] * K + ok[None, :], mask=m_ck, other=0.)
+            dq += dqt * eb
+            db += dqt * q * eb
+            tl.store(DQ + tok[:, None] * K + ok[None, :], dq, mask=m)
+        dkb = tl.load(DKB + row * C * K + oc[:, None] * K + ok[None, :], mask=m_ck, other=0.)
+        ek = dkb * k * ekb                                                    # dK̄ ⊙ K̄
+        dk += dkb * ekb
+        db -= ek
+        dlast = tl.load(DLAST + row * K + ok, mask=mk, other=0.) + tl.sum(ek, axis=0)
+        dg = tl.sum(db, axis=0)[None, :] - tl.cumsum(db, axis=0) + db + dlast[None, :]
+        tl.store(DK + tok[:, None] * K + ok[None, :], dk, mask=m)
+        tl.store(DG + tok[:, None] * K + ok[None, :], dg, mask=m)
+    tl.store(DBETA + tok, dbeta, mask=mt)
+
+
+def intra_backward(grads: InterGrads, chunks: Chunks, P, *, q, k, v, beta, g, block_v: int, block_k: int,
+                   num_warps: int):
     """-> (dq or None, dk, dv, dbeta, dg or None), float32, shaped as the inputs."""
     B, T, H, K = k.shape
     V = v.shape[-1]
@@ -117,10 +207,14 @@ def intra_backward(grads: InterGrads, chunks: Chunks, P, *, q, k, v, beta, g, bl
     f32 = dict(device=k.device, dtype=torch.float32)
     dq = torch.empty(B, T, H, K, **f32) if has_q else None
     dk, dv, dbeta = torch.empty(B, T, H, K, **f32), torch.empty(B, T, H, V, **f32), torch.empty(B, T, H, **f32)
-    dg = torch.empty(B, T, H, **f32) if g is not None else None
+    dg = torch.empty(g.shape, **f32) if g is not None else None
     c = lambda x: x.contiguous() if x is not None else None  # noqa: E731
-    _intra_bwd[(N, B * H)](c(q), c(k), c(v), c(beta), c(g), c(P), c(chunks.W), c(chunks.U0),
-                           c(grads.dW), c(grads.dU0), c(grads.dQK), c(grads.dQT), c(grads.dKB), c(grads.dlast),
-                           dq, dk, dv, dbeta, dg, T, H, N, C, K, V, HAS_Q=has_q, GATE=int(g is not None),
-                           BC=pow2(C), BK=pow2(K), BV=min(block_v, pow2(V)), num_warps=num_warps)
+    args = (c(q), c(k), c(v), c(beta), c(g), c(P), c(chunks.W), c(chunks.U0), c(grads.dW), c(grads.dU0),
+            c(grads.dQK), c(grads.dQT), c(grads.dKB), c(grads.dlast), dq, dk, dv, dbeta, dg, T, H, N, C, K, V)
+    BV = min(block_v, pow2(V))
+    if g is not None and g.dim() == 4:
+        _intra_bwd_per_key[(N, B * H)](*args, HAS_Q=has_q, BC=pow2(C), BKS=block_k, BV=BV, num_warps=num_warps)
+    else:
+        _intra_bwd[(N, B * H)](*args, HAS_Q=has_q, GATE=int(g is not None), BC=pow2(C), BK=pow2(K), BV=BV,
+                               num_warps=num_warps)
     return dq, dk, dv, dbeta, dg

@@ -89,22 +89,82 @@ def _intra_fwd(Q, K_, V_, BETA, G, W, U0, QK, QT, KB, LAST, P_, T, H, N, C, K, V
         tl.store(U0 + row * C * V + oc[:, None] * V + ov[None, :], u, mask=mc[:, None] & mv[None, :])
 
 
-def intra_forward(*, q, k, v, beta, g, chunk: int, block_v: int, num_warps: int):
-    """q (or None), k `[B, T, H, K]`, v `[B, T, H, V]`, beta `[B, T, H]`, g None or `[B, T, H]` ->
+@triton.jit
+def _intra_fwd_per_key(Q, K_, V_, BETA, G, W, U0, QK, QT, KB, LAST, P_, T, H, N, C, K, V,
+                       HAS_Q: tl.constexpr, BC: tl.constexpr, BKS: tl.constexpr, BV: tl.constexpr):
+    """Per-key gates (G `[B, T, H, K]`, LAST `[BH, N, K]`): the decays differ by key, so K Kᵀ ⊙ D and Q Kᵀ ⊙ D
+    are sums over blocks of BKS keys of `[C, C, BKS]` products, each exp(b_tk - b_sk) formed exactly (s ≤ t)."""
+    n, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    oc = tl.arange(0, BC)
+    t = n * C + oc
+    mc = oc < C
+    mt = mc & (t < T)
+    tok = (b * T + t) * H + h
+    row = bh * N + n
+    causal = oc[:, None] >= oc[None, :]
+    beta = tl.load(BETA + tok, mask=mt, other=0.).to(tl.float32)
+    kk = tl.zeros([BC, BC], dtype=tl.float32)
+    qk = tl.zeros([BC, BC], dtype=tl.float32)
+    for ib in range(0, tl.cdiv(K, BKS)):
+        ok = ib * BKS + tl.arange(0, BKS)
+        m = mt[:, None] & (ok < K)[None, :]
+        k = tl.load(K_ + tok[:, None] * K + ok[None, :], mask=m, other=0.).to(tl.float32)
+        bc = tl.cumsum(tl.load(G + tok[:, None] * K + ok[None, :], mask=m, other=0.).to(tl.float32), axis=0)
+        d = bc[:, None, :] - bc[None, :, :]                                  # [C(t), C(s), BKS]
+        e = tl.where(causal[:, :, None], tl.exp(tl.where(causal[:, :, None], d, 0.)), 0.)
+        kk += tl.sum(k[:, None, :] * k[None, :, :] * e, axis=2)
+        if HAS_Q:
+            q = tl.load(Q + tok[:, None] * K + ok[None, :], mask=m, other=0.).to(tl.float32)
+            qk += tl.sum(q[:, None, :] * k[None, :, :] * e, axis=2)
+    A = tl.where(oc[:, None] > oc[None, :], beta[:, None] * kk, 0.)
+    P = _solve_unit_lower(A, C, BC)
+    m_cc = mc[:, None] & mc[None, :]
+    tl.store(P_ + row * C * C + oc[:, None] * C + oc[None, :], P, mask=m_cc)
+    if HAS_Q:
+        tl.store(QK + row * C * C + oc[:, None] * C + oc[None, :], qk, mask=m_cc)
+    for ib in range(0, tl.cdiv(K, BKS)):
+        ok = ib * BKS + tl.arange(0, BKS)
+        mk = ok < K
+        m = mt[:, None] & mk[None, :]
+        m_ck = mc[:, None] & mk[None, :]
+        k = tl.load(K_ + tok[:, None] * K + ok[None, :], mask=m, other=0.).to(tl.float32)
+        bc = tl.cumsum(tl.load(G + tok[:, None] * K + ok[None, :], mask=m, other=0.).to(tl.float32), axis=0)
+        last = tl.sum(tl.where(oc[:, None] == C - 1, bc, 0.), axis=0)     # [BKS]
+        tl.store(LAST + row * K + ok, last, mask=mk)
+        tl.store(W + row * C * K + oc[:, None] * K + ok[None, :],
+                 tl.dot(P, beta[:, None] * tl.exp(bc) * k, input_precision="ieee"), mask=m_ck)
+        tl.store(KB + row * C * K + oc[:, None] * K + ok[None, :], k * tl.exp(last[None, :] - bc), mask=m_ck)
+        if HAS_Q:
+            q = tl.load(Q + tok[:, None] * K + ok[None, :], mask=m, other=0.).to(tl.float32)
+            tl.store(QT + row * C * K + oc[:, None] * K + ok[None, :], q * tl.exp(bc), mask=m_ck)
+    for iv in range(0, tl.cdiv(V, BV)):
+        ov = iv * BV + tl.arange(0, BV)
+        mv = ov < V
+        v = tl.load(V_ + tok[:, None] * V + ov[None, :], mask=mt[:, None] & mv[None, :], other=0.).to(tl.float32)
+        u = tl.dot(P, beta[:, None] * v, input_precision="ieee")
+        tl.store(U0 + row * C * V + oc[:, None] * V + ov[None, :], u, mask=mc[:, None] & mv[None, :])
+
+
+def intra_forward(*, q, k, v, beta, g, chunk: int, block_v: int, block_k: int, num_warps: int):
+    """q (or None), k `[B, T, H, K]`, v `[B, T, H, V]`, beta `[B, T, H]`, g None, `[B, T, H]` or `[B, T, H, K]` ->
     (Chunks of float32 `[B, H, N, ...]`, P `[B, H, N, C, C]`) with C = min(chunk, T)."""
     B, T, H, K = k.shape
     V = v.shape[-1]
-    if g is not None and g.dim() != 3:
-        raise ValueError(f"the Triton intra stage takes g None or [B, T, H], got {tuple(g.shape)}")
     C = min(chunk, T)
     N = triton.cdiv(T, C)
     new = lambda *s: torch.empty(B, H, N, *s, device=k.device, dtype=torch.float32)  # noqa: E731
     has_q = q is not None
     W, U0, KB, P = new(C, K), new(C, V), new(C, K), new(C, C)
     QK, QT = (new(C, C), new(C, K)) if has_q else (None, None)
-    last = new(1) if g is not None else None
-    k, v, beta = k.contiguous(), v.contiguous(), beta.contiguous()
-    _intra_fwd[(N, B * H)](q.contiguous() if has_q else None, k, v, beta, g.contiguous() if g is not None else None,
-                           W, U0, QK, QT, KB, last, P, T, H, N, C, K, V, HAS_Q=has_q, GATE=int(g is not None),
-                           BC=pow2(C), BK=pow2(K), BV=min(block_v, pow2(V)), num_warps=num_warps)
+    per_key = g is not None and g.dim() == 4
+    last = new(K if per_key else 1) if g is not None else None
+    args = (q.contiguous() if has_q else None, k.contiguous(), v.contiguous(), beta.contiguous(),
+            g.contiguous() if g is not None else None, W, U0, QK, QT, KB, last, P, T, H, N, C, K, V)
+    if per_key:
+        _intra_fwd_per_key[(N, B * H)](*args, HAS_Q=has_q, BC=pow2(C), BKS=block_k, BV=min(block_v, pow2(V)),
+                                       num_warps=num_warps)
+    else:
+        _intra_fwd[(N, B * H)](*args, HAS_Q=has_q, GATE=int(g is not None), BC=pow2(C), BK=pow2(K),
+                               BV=min(block_v, pow2(V)), num_warps=num_warps)
     return Chunks(W, U0, QK, QT, KB, last), P

@@ -15,25 +15,28 @@ class DeltaTritonOptions:
     """chunk: tokens a chunk (the last one and sequences shorter than it are padded).
     intra: "triton" runs the chunks' own quantities (the WY representation) and their backward in Triton;
     "torch" keeps them batched torch under autograd with activation checkpointing (the earlier path, kept
-    for comparison; per-key gates always take it).
+    for comparison).
     block_v: V columns a program of the recurrence across chunks and of the intra stages' V loops.
+    block_k: keys a step of the per-key gates' intra kernels (their `[C, C, block_k]` decays).
     num_warps: warps of every kernel. Every product is float32 (input_precision="ieee")."""
     chunk: int = 32
     intra: str = "triton"
     block_v: int = 32
+    block_k: int = 16
     num_warps: int = 8
 
     def __post_init__(self):
-        for name in ("chunk", "block_v", "num_warps"):
+        for name in ("chunk", "block_v", "block_k", "num_warps"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"DeltaTritonOptions.{name} must be a positive int, got {value!r}")
-        for name in ("block_v", "num_warps"):
+        for name in ("block_v", "block_k", "num_warps"):
             value = getattr(self, name)
             if value & (value - 1):
                 raise ValueError(f"DeltaTritonOptions.{name} must be a power of two, got {value}")
-        if self.block_v < 16:
-            raise ValueError(f"DeltaTritonOptions.block_v must be at least 16 (tl.dot's smallest tile), "
-                             f"got {self.block_v}")
+        for name in ("block_v", "block_k"):
+            if getattr(self, name) < 16:
+                raise ValueError(f"DeltaTritonOptions.{name} must be at least 16 (tl.dot's smallest tile), "
+                                 f"got {getattr(self, name)}")
         if self.intra not in INTRA:
             raise ValueError(f"DeltaTritonOptions.intra must be one of {INTRA}, got {self.intra!r}")
