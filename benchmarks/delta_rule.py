@@ -3,6 +3,7 @@ flash-linear-attention's chunk_delta_rule / chunk_gated_delta_rule / chunk_kda (
 longscan's scalar-gate linear attention at the same shape (the yardstick: same q, k, v, no delta rule).
 
     PYTHONPATH=. python benchmarks/delta_rule.py [--shapes 16x4096 1x65536] [--backends triton triton-torch-intra]
+        [--precision ieee tf32]
 
 Backends: "triton" (every stage in Triton), "triton-torch-intra" (the chunks' own quantities in batched torch,
 the recurrence across chunks in Triton: the earlier path), "torch". bf16 q, k, v (k L2-normalised), float32 β
@@ -25,11 +26,12 @@ KINDS = ("deltanet", "gated_deltanet", "kda")
 BACKENDS = ("triton", "triton-torch-intra", "torch")
 
 
-def ours(backend, chunk):
+def ours(backend, chunk, precision):
     """longscan's chunk_delta_rule on ``backend`` as f(q, k, v, beta, g) -> (o, final state)."""
     if backend == "torch":
         return lambda q, k, v, beta, g: chunk_delta_rule(q, k, v, beta, g, output_final_state=True, backend="torch")
-    options = DeltaTritonOptions(chunk=chunk, intra="torch" if backend == "triton-torch-intra" else "triton")
+    options = DeltaTritonOptions(chunk=chunk, intra="torch" if backend == "triton-torch-intra" else "triton",
+                                 input_precision=precision)
     return lambda q, k, v, beta, g: chunk_delta_rule(q, k, v, beta, g, output_final_state=True, backend="triton",
                                                      options=options)
 
@@ -85,6 +87,8 @@ def main():
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--backends", nargs="+", default=["triton", "triton-torch-intra"], choices=BACKENDS)
     p.add_argument("--chunk", type=int, default=DeltaTritonOptions().chunk, help="tokens a chunk (Triton)")
+    p.add_argument("--precision", nargs="+", default=["ieee"], choices=["ieee", "tf32"],
+                   help="the Triton kernels' dots (one row per value)")
     p.add_argument("--no-linear", action="store_true", help="skip the scalar-gate linear attention row")
     p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
     a = p.parse_args()
@@ -98,7 +102,8 @@ def main():
             x = inputs(kind, B, T, a.heads, a.head_dim, dev)
             do = torch.randn_like(x["v"])
             first = {}
-            impls = [(f"longscan {b}", ours(b, a.chunk)) for b in a.backends]
+            impls = [(f"longscan {b}" + (f" {p}" if b != "torch" and len(a.precision) > 1 else ""),
+                      ours(b, a.chunk, p)) for b in a.backends for p in (a.precision if b != "torch" else ["ieee"])]
             fla = peer(kind)
             if fla is not None:
                 impls.append(("fla", fla))

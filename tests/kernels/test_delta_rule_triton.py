@@ -104,7 +104,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from longscan.kernels.delta_rule import triton_chunk as tc
 for fn, flags in ((tc._inter_fwd, dict(HAS_Q=True, HAS_H0=True)), (tc._inter_bwd, dict(HAS_Q=True, HAS_DHT=True))):
-    consts = dict(flags, GATE=2, BC=tc._pow2(tc.CHUNK), BK=128, BV=tc.BLOCK_V)
+    consts = dict(flags, GATE=2, BC=tc._pow2(tc.CHUNK), BK=128, BV=tc.BLOCK_V, PREC="ieee")
     sig = {a: "constexpr" if a in consts else "i32" if a in ("N", "C", "K", "V") else "fp32" if a == "scale"
            else "*fp32" for a in fn.arg_names}
     src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})

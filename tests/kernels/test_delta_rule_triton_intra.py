@@ -90,7 +90,7 @@ def test_intra_quantities_match_torch_stage(kind, with_q):
     ref = torch_chunk._intra(*chunked)
     x32 = {n: (t.float().to(DEV) if t is not None else None) for n, t in x.items()}
     got, P = intra_forward(q=x32["q"] if with_q else None, k=x32["k"], v=x32["v"], beta=x32["beta"], g=x32["g"],
-                           chunk=C, block_v=16, block_k=16, num_warps=4)
+                           chunk=C, block_v=16, block_k=16, num_warps=4, precision="ieee")
     for name, a, b in zip(got._fields, got, ref):
         assert (a is None) == (b is None), name
         if a is not None:
@@ -110,6 +110,8 @@ def test_intra_quantities_match_torch_stage(kind, with_q):
 def test_options_are_checked():
     with pytest.raises(ValueError, match="DeltaTritonOptions.chunk"):
         DeltaTritonOptions(chunk=0)
+    with pytest.raises(ValueError, match="DeltaTritonOptions.input_precision"):
+        DeltaTritonOptions(input_precision="bf16")
     with pytest.raises(ValueError, match="DeltaTritonOptions.block_v must be a power of two"):
         DeltaTritonOptions(block_v=24)
     with pytest.raises(ValueError, match="DeltaTritonOptions.block_k must be at least 16"):
@@ -127,24 +129,33 @@ COMPILE = r"""
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from longscan.kernels.delta_rule.triton import DeltaTritonOptions, intra_bwd, intra_fwd
+from longscan.kernels.delta_rule.triton import DeltaTritonOptions, inter, intra_bwd, intra_fwd
 from longscan.kernels.delta_rule.triton.inter import pow2
 o = DeltaTritonOptions()
 for fn, consts in ((intra_fwd._intra_fwd, dict(GATE=1, BK=128)), (intra_bwd._intra_bwd, dict(GATE=1, BK=128)),
                    (intra_fwd._intra_fwd_per_key, dict(BKS=o.block_k)),
                    (intra_bwd._intra_bwd_per_key, dict(BKS=o.block_k))):
-    consts = dict(consts, HAS_Q=True, BC=pow2(o.chunk), BV=min(o.block_v, 128))
+    consts = dict(consts, HAS_Q=True, BC=pow2(o.chunk), BV=min(o.block_v, 128), PREC=o.input_precision)
     sig = {a: "constexpr" if a in consts else "i32" if a in ("T", "H", "N", "C", "K", "V") else "*fp32"
            for a in fn.arg_names}
     src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=o.num_warps))
     print(fn.__name__, k.metadata.shared)
+# tf32 dots on sm_90 take their operands from shared memory: the recurrence's kernels, the largest tiles
+for fn, flags in ((inter._inter_fwd, dict(HAS_H0=True)), (inter._inter_bwd, dict(HAS_DHT=True))):
+    consts = dict(flags, HAS_Q=True, GATE=2, BC=pow2(o.chunk), BK=128, BV=o.block_v, PREC="tf32")
+    sig = {a: "constexpr" if a in consts else "i32" if a in ("N", "C", "K", "V") else "fp32" if a == "scale"
+           else "*fp32" for a in fn.arg_names}
+    src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=o.num_warps))
+    print(fn.__name__ + "_tf32", k.metadata.shared)
 """
 
 
 def test_intra_kernels_compile_for_h100_within_shared_memory():
-    """The intra kernels compile for sm_90 at the default options with K = V = 128 (no GPU needed) and their
-    shared memory fits an H100's 227 KiB a block, or the launch would fail there."""
+    """The intra kernels compile for sm_90 at the default options with K = V = 128 (no GPU needed), and so do
+    the recurrence's with tf32 dots; their shared memory fits an H100's 227 KiB a block, or the launch would
+    fail there."""
     import os
     import subprocess
     import sys
@@ -155,5 +166,6 @@ def test_intra_kernels_compile_for_h100_within_shared_memory():
                          timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     shared = {line.split()[0]: int(line.split()[1]) for line in out.stdout.splitlines()}
-    assert set(shared) == {"_intra_fwd", "_intra_bwd", "_intra_fwd_per_key", "_intra_bwd_per_key"}
+    assert set(shared) == {"_intra_fwd", "_intra_bwd", "_intra_fwd_per_key", "_intra_bwd_per_key",
+                           "_inter_fwd_tf32", "_inter_bwd_tf32"}
     assert all(0 <= s <= 227 * 1024 for s in shared.values()), shared

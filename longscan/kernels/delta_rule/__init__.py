@@ -106,8 +106,9 @@ def chunk_delta_rule(q, k, v, beta, g=None, scale=None, initial_state=None, outp
     q, k `[B, T, H, K]`, v `[B, T, H, V]`, beta `[B, T, H]` in (0, 1], g None, `[B, T, H]` or `[B, T, H, K]`
     (log decays ≤ 0), initial_state `[B, H, K, V]`. scale: K^-0.5 when None. backend: "auto" | "torch" |
     "naive" | "triton" (float32 compute: it refuses float64 inputs). options: a
-    ``longscan.kernels.delta_rule.triton.DeltaTritonOptions`` for the Triton backend (None: its defaults). -> (o `[B, T, H, V]` in q's dtype, final
-    state `[B, H, K, V]` (float32; float64 for float64 inputs) or None). Same conventions as
+    ``longscan.kernels.delta_rule.triton.DeltaTritonOptions`` for the Triton backend (None: its defaults).
+    -> (o `[B, T, H, V]` in q's dtype, final state `[B, H, K, V]` (float32; float64 for float64 inputs) or
+    None). Same conventions as
     flash-linear-attention's chunk_delta_rule (β given, q and k not normalised here), chunk_gated_delta_rule
     and chunk_kda.
     """

@@ -18,12 +18,12 @@ from longscan.kernels.delta_rule.triton.options import DeltaTritonOptions
 
 
 class DeltaRuleChunk(torch.autograd.Function):
-    """(q or None, k, v, beta, g None, `[B, T, H]` or `[B, T, H, K]`, h0 or None) -> (o `[B, H, N, C, V]` float32 or None,
-    S_T `[B, H, K, V]` float32)."""
+    """(q or None, k, v, beta, g None, `[B, T, H]` or `[B, T, H, K]`, h0 or None) ->
+    (o `[B, H, N, C, V]` float32 or None, S_T `[B, H, K, V]` float32)."""
 
     @staticmethod
     def forward(ctx, q, k, v, beta, g, h0, scale, options):
-        kw = dict(block_v=options.block_v, num_warps=options.num_warps)
+        kw = dict(block_v=options.block_v, num_warps=options.num_warps, precision=options.input_precision)
         chunks, P = intra_forward(q=q, k=k, v=v, beta=beta, g=g, chunk=options.chunk, block_k=options.block_k, **kw)
         O, HT, SN = inter_forward(chunks, h0, scale, **kw)
         ctx.save_for_backward(q, k, v, beta, g, P, SN, *chunks)
@@ -35,10 +35,11 @@ class DeltaRuleChunk(torch.autograd.Function):
     def backward(ctx, dO, dHT):
         q, k, v, beta, g, P, SN, *chunks = ctx.saved_tensors
         chunks = Chunks(*chunks)
-        kw = dict(block_v=ctx.options.block_v, num_warps=ctx.options.num_warps)
+        o = ctx.options
+        kw = dict(block_v=o.block_v, num_warps=o.num_warps, precision=o.input_precision)
         grads = inter_backward(chunks, SN, dO, dHT, ctx.scale, **kw)
         dq, dk, dv, dbeta, dg = intra_backward(grads, chunks, P, q=q, k=k, v=v, beta=beta, g=g,
-                                               block_k=ctx.options.block_k, **kw)
+                                               block_k=o.block_k, **kw)
         cast = lambda d, x: d.to(x.dtype) if d is not None else None  # noqa: E731
         dh0 = grads.dh0.to(ctx.h0_dtype) if ctx.h0_dtype is not None else None
         return cast(dq, q), cast(dk, k), cast(dv, v), cast(dbeta, beta), cast(dg, g), dh0, None, None
@@ -54,7 +55,8 @@ def _torch_intra(q, k, v, beta, g, h0, scale, options):
         W, U0, qk, q_tilde, k_bar, last = checkpoint(_intra, *args, use_reentrant=False)
     else:
         W, U0, qk, q_tilde, k_bar, last = _intra(*args)
-    return InterChunk.apply(W, U0, qk, q_tilde, k_bar, last, h0, scale, options.block_v, options.num_warps)
+    return InterChunk.apply(W, U0, qk, q_tilde, k_bar, last, h0, scale, options.block_v, options.num_warps,
+                             options.input_precision)
 
 
 def scan(*, q, k, v, beta, g, h0, scale: float, options: DeltaTritonOptions):

@@ -24,7 +24,7 @@ def pow2(n: int) -> int:
 @triton.jit
 def _inter_fwd(W, U0, QK, QT, KB, LAST, H0, O, HT, SN, N, C, K, V, scale,
                HAS_Q: tl.constexpr, HAS_H0: tl.constexpr, GATE: tl.constexpr, BC: tl.constexpr,
-               BK: tl.constexpr, BV: tl.constexpr):
+               BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     """GATE: 0 none, 1 scalar (LAST `[BH, N]`), 2 per key (LAST `[BH, N, K]`)."""
     bh, iv = tl.program_id(0), tl.program_id(1)
     oc, ok = tl.arange(0, BC), tl.arange(0, BK)
@@ -42,25 +42,25 @@ def _inter_fwd(W, U0, QK, QT, KB, LAST, H0, O, HT, SN, N, C, K, V, scale,
         tl.store(SN + row * K * V + ok[:, None] * V + ov[None, :], S, mask=m_kv)
         w = tl.load(W + row * C * K + oc[:, None] * K + ok[None, :], mask=m_ck, other=0.)
         u = tl.load(U0 + row * C * V + oc[:, None] * V + ov[None, :], mask=m_cv, other=0.)
-        u = u - tl.dot(w, S, input_precision="ieee")
+        u = u - tl.dot(w, S, input_precision=PREC)
         if HAS_Q:
             qt = tl.load(QT + row * C * K + oc[:, None] * K + ok[None, :], mask=m_ck, other=0.)
             qk = tl.load(QK + row * C * C + oc[:, None] * C + oc[None, :], mask=mc[:, None] & mc[None, :], other=0.)
-            o = scale * (tl.dot(qt, S, input_precision="ieee") + tl.dot(qk, u, input_precision="ieee"))
+            o = scale * (tl.dot(qt, S, input_precision=PREC) + tl.dot(qk, u, input_precision=PREC))
             tl.store(O + row * C * V + oc[:, None] * V + ov[None, :], o, mask=m_cv)
         kb = tl.load(KB + row * C * K + oc[:, None] * K + ok[None, :], mask=m_ck, other=0.)
         if GATE == 1:
             S = S * tl.exp(tl.load(LAST + row))
         if GATE == 2:
             S = S * tl.exp(tl.load(LAST + row * K + ok, mask=mk, other=0.))[:, None]
-        S = S + tl.dot(tl.trans(kb), u, input_precision="ieee")
+        S = S + tl.dot(tl.trans(kb), u, input_precision=PREC)
     tl.store(HT + bh * K * V + ok[:, None] * V + ov[None, :], S, mask=m_kv)
 
 
 @triton.jit
 def _inter_bwd(W, U0, QK, QT, KB, LAST, SN, DO, DHT, DU0, DW, DQK, DQT, DKB, DLAST, DH0, N, C, K, V, scale,
                HAS_Q: tl.constexpr, HAS_DHT: tl.constexpr, GATE: tl.constexpr, BC: tl.constexpr,
-               BK: tl.constexpr, BV: tl.constexpr):
+               BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     """Per block of V columns: DU0 its columns; DW, DQK, DQT, DKB, DLAST this block's share `[NV, ...]`."""
     bh, iv = tl.program_id(0), tl.program_id(1)
     BH = tl.num_programs(0)
@@ -82,21 +82,21 @@ def _inter_bwd(W, U0, QK, QT, KB, LAST, SN, DO, DHT, DU0, DW, DQK, DQT, DKB, DLA
         S = tl.load(SN + row * K * V + ok[:, None] * V + ov[None, :], mask=m_kv, other=0.)
         w = tl.load(W + row * C * K + oc[:, None] * K + ok[None, :], mask=m_ck, other=0.)
         u = tl.load(U0 + row * C * V + oc[:, None] * V + ov[None, :], mask=m_cv, other=0.)
-        u = u - tl.dot(w, S, input_precision="ieee")
+        u = u - tl.dot(w, S, input_precision=PREC)
         kb = tl.load(KB + row * C * K + oc[:, None] * K + ok[None, :], mask=m_ck, other=0.)
-        du = tl.dot(kb, dS, input_precision="ieee")
+        du = tl.dot(kb, dS, input_precision=PREC)
         dS_in = tl.zeros([BK, BV], dtype=tl.float32)
         if HAS_Q:
             do = tl.load(DO + row * C * V + oc[:, None] * V + ov[None, :], mask=m_cv, other=0.).to(tl.float32)
             qk = tl.load(QK + row * C * C + oc[:, None] * C + oc[None, :], mask=m_cc, other=0.)
             qt = tl.load(QT + row * C * K + oc[:, None] * K + ok[None, :], mask=m_ck, other=0.)
-            du += scale * tl.dot(tl.trans(qk), do, input_precision="ieee")
-            dqt = scale * tl.dot(do, tl.trans(S), input_precision="ieee")
-            dqk = scale * tl.dot(do, tl.trans(u), input_precision="ieee")
+            du += scale * tl.dot(tl.trans(qk), do, input_precision=PREC)
+            dqt = scale * tl.dot(do, tl.trans(S), input_precision=PREC)
+            dqk = scale * tl.dot(do, tl.trans(u), input_precision=PREC)
             tl.store(DQT + part * C * K + oc[:, None] * K + ok[None, :], dqt, mask=m_ck)
             tl.store(DQK + part * C * C + oc[:, None] * C + oc[None, :], dqk, mask=m_cc)
-            dS_in = scale * tl.dot(tl.trans(qt), do, input_precision="ieee")
-        dkb = tl.dot(u, tl.trans(dS), input_precision="ieee")
+            dS_in = scale * tl.dot(tl.trans(qt), do, input_precision=PREC)
+        dkb = tl.dot(u, tl.trans(dS), input_precision=PREC)
         tl.store(DKB + part * C * K + oc[:, None] * K + ok[None, :], dkb, mask=m_ck)
         if GATE == 1:
             e = tl.exp(tl.load(LAST + row))
@@ -107,9 +107,9 @@ def _inter_bwd(W, U0, QK, QT, KB, LAST, SN, DO, DHT, DU0, DW, DQK, DQT, DKB, DLA
             tl.store(DLAST + part * K + ok, e * tl.sum(S * dS, axis=1), mask=mk)
             dS = e[:, None] * dS
         tl.store(DU0 + row * C * V + oc[:, None] * V + ov[None, :], du, mask=m_cv)
-        tl.store(DW + part * C * K + oc[:, None] * K + ok[None, :], -tl.dot(du, tl.trans(S), input_precision="ieee"),
+        tl.store(DW + part * C * K + oc[:, None] * K + ok[None, :], -tl.dot(du, tl.trans(S), input_precision=PREC),
                  mask=m_ck)
-        dS = dS + dS_in - tl.dot(tl.trans(w), du, input_precision="ieee")
+        dS = dS + dS_in - tl.dot(tl.trans(w), du, input_precision=PREC)
     tl.store(DH0 + bh * K * V + ok[:, None] * V + ov[None, :], dS, mask=m_kv)
 
 
@@ -143,7 +143,7 @@ def _gate(last) -> int:
     return 0 if last is None else (1 if last.shape[-1] == 1 else 2)
 
 
-def inter_forward(c: Chunks, h0, scale: float, *, block_v: int, num_warps: int):
+def inter_forward(c: Chunks, h0, scale: float, *, block_v: int, num_warps: int, precision: str):
     """-> (o `[B, H, N, C, V]` float32 or None without q, S_N `[B, H, K, V]`, S_n `[B, H, N, K, V]`)."""
     W, U0, QK, QT, KB, last = (_flat(x) for x in c)
     B, H, N, C, K = W.shape
@@ -156,11 +156,12 @@ def inter_forward(c: Chunks, h0, scale: float, *, block_v: int, num_warps: int):
     h0c = _flat(h0.to(U0.dtype)) if h0 is not None else None
     _inter_fwd[(B * H, triton.cdiv(V, BV))](W, U0, QK, QT, KB, last, h0c, O, HT, SN, N, C, K, V, scale,
                                             HAS_Q=has_q, HAS_H0=h0 is not None, GATE=_gate(last), BC=pow2(C),
-                                            BK=pow2(K), BV=BV, num_warps=num_warps)
+                                            BK=pow2(K), BV=BV, PREC=precision, num_warps=num_warps)
     return O, HT, SN
 
 
-def inter_backward(c: Chunks, SN, dO, dHT, scale: float, *, block_v: int, num_warps: int) -> InterGrads:
+def inter_backward(c: Chunks, SN, dO, dHT, scale: float, *, block_v: int, num_warps: int,
+                   precision: str) -> InterGrads:
     """The gradients of the chunks' quantities and of the initial state, from those of o and S_N (either None)."""
     W, U0, QK, QT, KB, last = (_flat(x) for x in c)
     B, H, N, C, K = W.shape
@@ -179,7 +180,7 @@ def inter_backward(c: Chunks, SN, dO, dHT, scale: float, *, block_v: int, num_wa
     _inter_bwd[(B * H, NV)](W, U0, QK, QT, KB, last, SN, _flat(dO) if has_q else None,
                             _flat(dHT) if dHT is not None else None, dU0, dW, dQK, dQT, dKB, dL, dH0,
                             N, C, K, V, scale, HAS_Q=has_q, HAS_DHT=dHT is not None, GATE=_gate(last),
-                            BC=pow2(C), BK=pow2(K), BV=BV, num_warps=num_warps)
+                            BC=pow2(C), BK=pow2(K), BV=BV, PREC=precision, num_warps=num_warps)
     total = lambda x: x.sum(0) if x is not None else None  # noqa: E731  (the V blocks' shares)
     return InterGrads(total(dW), dU0, total(dQK), total(dQT), total(dKB), total(dL), dH0)
 
@@ -189,17 +190,17 @@ class InterChunk(torch.autograd.Function):
     the recurrence across chunks alone, under autograd (the torch intra stage feeds it)."""
 
     @staticmethod
-    def forward(ctx, W, U0, QK, QT, KB, last, h0, scale, block_v, num_warps):
+    def forward(ctx, W, U0, QK, QT, KB, last, h0, scale, block_v, num_warps, precision):
         c = Chunks(*(_flat(x) for x in (W, U0, QK, QT, KB, last)))
-        O, HT, SN = inter_forward(c, h0, scale, block_v=block_v, num_warps=num_warps)
+        O, HT, SN = inter_forward(c, h0, scale, block_v=block_v, num_warps=num_warps, precision=precision)
         ctx.save_for_backward(*c, SN)
-        ctx.scale, ctx.block_v, ctx.num_warps = scale, block_v, num_warps
+        ctx.scale, ctx.launch = scale, dict(block_v=block_v, num_warps=num_warps, precision=precision)
         ctx.has_h0, ctx.h0_dtype = h0 is not None, getattr(h0, "dtype", None)
         return O, HT
 
     @staticmethod
     def backward(ctx, dO, dHT):
         *c, SN = ctx.saved_tensors
-        gr = inter_backward(Chunks(*c), SN, dO, dHT, ctx.scale, block_v=ctx.block_v, num_warps=ctx.num_warps)
+        gr = inter_backward(Chunks(*c), SN, dO, dHT, ctx.scale, **ctx.launch)
         dh0 = gr.dh0.to(ctx.h0_dtype) if ctx.has_h0 else None
-        return gr.dW, gr.dU0, gr.dQK, gr.dQT, gr.dKB, gr.dlast, dh0, None, None, None
+        return gr.dW, gr.dU0, gr.dQK, gr.dQT, gr.dKB, gr.dlast, dh0, None, None, None, None

@@ -23,7 +23,8 @@ from longscan.kernels.delta_rule.triton.inter import Chunks, InterGrads, pow2
 @triton.jit
 def _intra_bwd(Q, K_, V_, BETA, G, P_, W, U0, DW, DU0, DQK, DQT, DKB, DLAST, DQ, DK, DV, DBETA, DG,
                T, H, N, C, K, V,
-               HAS_Q: tl.constexpr, GATE: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+               HAS_Q: tl.constexpr, GATE: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+               PREC: tl.constexpr):
     n, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     oc, ok = tl.arange(0, BC), tl.arange(0, BK)
@@ -41,7 +42,7 @@ def _intra_bwd(Q, K_, V_, BETA, G, P_, W, U0, DW, DU0, DQK, DQT, DKB, DLAST, DQ,
     k = tl.load(K_ + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(tl.float32)
     beta = tl.load(BETA + tok, mask=mt, other=0.).to(tl.float32)
     P = tl.load(P_ + row * C * C + oc[:, None] * C + oc[None, :], mask=m_cc, other=0.)
-    kk = tl.dot(k, tl.trans(k), input_precision="ieee")
+    kk = tl.dot(k, tl.trans(k), input_precision=PREC)
     if GATE == 1:
         bc = tl.cumsum(tl.load(G + tok, mask=mt, other=0.).to(tl.float32), axis=0)
         last = tl.sum(tl.where(oc == C - 1, bc, 0.), axis=0)
@@ -50,9 +51,9 @@ def _intra_bwd(Q, K_, V_, BETA, G, P_, W, U0, DW, DU0, DQK, DQT, DKB, DLAST, DQ,
         eb = tl.exp(bc)
         ekb = tl.exp(last - bc)
     dx = tl.dot(tl.trans(P), tl.load(DW + row * C * K + oc[:, None] * K + ok[None, :], mask=m_ck, other=0.),
-                input_precision="ieee")
+                input_precision=PREC)
     dA = -tl.dot(dx, tl.trans(tl.load(W + row * C * K + oc[:, None] * K + ok[None, :], mask=m_ck, other=0.)),
-                 input_precision="ieee")
+                 input_precision=PREC)
     dbeta = tl.zeros([BC], dtype=tl.float32)
     for iv in range(0, tl.cdiv(V, BV)):
         ov = iv * BV + tl.arange(0, BV)
@@ -60,9 +61,9 @@ def _intra_bwd(Q, K_, V_, BETA, G, P_, W, U0, DW, DU0, DQK, DQT, DKB, DLAST, DQ,
         m_cv = mc[:, None] & mv[None, :]
         v = tl.load(V_ + tok[:, None] * V + ov[None, :], mask=mt[:, None] & mv[None, :], other=0.).to(tl.float32)
         dy = tl.dot(tl.trans(P), tl.load(DU0 + row * C * V + oc[:, None] * V + ov[None, :], mask=m_cv, other=0.),
-                    input_precision="ieee")
+                    input_precision=PREC)
         u0 = tl.load(U0 + row * C * V + oc[:, None] * V + ov[None, :], mask=m_cv, other=0.)
-        dA -= tl.dot(dy, tl.trans(u0), input_precision="ieee")
+        dA -= tl.dot(dy, tl.trans(u0), input_precision=PREC)
         dbeta += tl.sum(dy * v, axis=1)
         tl.store(DV + tok[:, None] * V + ov[None, :], beta[:, None] * dy, mask=mt[:, None] & mv[None, :])
     dA = tl.where(strict, dA, 0.)
@@ -71,7 +72,7 @@ def _intra_bwd(Q, K_, V_, BETA, G, P_, W, U0, DW, DU0, DQK, DQT, DKB, DLAST, DQ,
     M = dA * beta[:, None]
     if GATE == 1:
         M = M * D
-    dk = tl.dot(M, k, input_precision="ieee") + tl.dot(tl.trans(M), k, input_precision="ieee")
+    dk = tl.dot(M, k, input_precision=PREC) + tl.dot(tl.trans(M), k, input_precision=PREC)
     xk = tl.sum(dx * k, axis=1)                                           # Σ_k dX_tk k_tk
     if GATE == 1:
         ga = dA * beta[:, None] * kk                                      # dA ⊙ A
@@ -86,12 +87,12 @@ def _intra_bwd(Q, K_, V_, BETA, G, P_, W, U0, DW, DU0, DQK, DQT, DKB, DLAST, DQ,
         dqk = tl.where(causal, tl.load(DQK + row * C * C + oc[:, None] * C + oc[None, :], mask=m_cc, other=0.), 0.)
         dqt = tl.load(DQT + row * C * K + oc[:, None] * K + ok[None, :], mask=m_ck, other=0.)
         if GATE == 1:
-            gq = dqk * tl.dot(q, tl.trans(k), input_precision="ieee") * D   # dQK ⊙ QK
+            gq = dqk * tl.dot(q, tl.trans(k), input_precision=PREC) * D   # dQK ⊙ QK
             db += tl.sum(gq, axis=1) - tl.sum(gq, axis=0) + tl.sum(dqt * q, axis=1) * eb
             dqk = dqk * D
             dqt = dqt * eb[:, None]
-        dq = tl.dot(dqk, k, input_precision="ieee") + dqt
-        dk += tl.dot(tl.trans(dqk), q, input_precision="ieee")
+        dq = tl.dot(dqk, k, input_precision=PREC) + dqt
+        dk += tl.dot(tl.trans(dqk), q, input_precision=PREC)
         tl.store(DQ + tok[:, None] * K + ok[None, :], dq, mask=m_tk)
     dkb = tl.load(DKB + row * C * K + oc[:, None] * K + ok[None, :], mask=m_ck, other=0.)
     if GATE == 1:
@@ -111,7 +112,7 @@ def _intra_bwd(Q, K_, V_, BETA, G, P_, W, U0, DW, DU0, DQK, DQT, DKB, DLAST, DQ,
 @triton.jit
 def _intra_bwd_per_key(Q, K_, V_, BETA, G, P_, W, U0, DW, DU0, DQK, DQT, DKB, DLAST, DQ, DK, DV, DBETA, DG,
                        T, H, N, C, K, V, HAS_Q: tl.constexpr, BC: tl.constexpr, BKS: tl.constexpr,
-                       BV: tl.constexpr):
+                       BV: tl.constexpr, PREC: tl.constexpr):
     """Per-key gates: dA needs every key (dX Wᵀ summed over blocks of BKS keys, then dY U_0ᵀ); then each block
     of keys takes its share of the products F_ts = Σ_k a_tk c_sk E_tsk (E = exp(b_tk - b_sk), s ≤ t):
     da = Σ_s dF E c_s, dc = Σ_t dF E a_t, db = a ⊙ da - c ⊙ dc."""
@@ -132,9 +133,9 @@ def _intra_bwd_per_key(Q, K_, V_, BETA, G, P_, W, U0, DW, DU0, DQK, DQT, DKB, DL
         ok = ib * BKS + tl.arange(0, BKS)
         m_ck = mc[:, None] & (ok < K)[None, :]
         dx = tl.dot(tl.trans(P), tl.load(DW + row * C * K + oc[:, None] * K + ok[None, :], mask=m_ck, other=0.),
-                    input_precision="ieee")
+                    input_precision=PREC)
         w = tl.load(W + row * C * K + oc[:, None] * K + ok[None, :], mask=m_ck, other=0.)
-        dA -= tl.dot(dx, tl.trans(w), input_precision="ieee")
+        dA -= tl.dot(dx, tl.trans(w), input_precision=PREC)
     dbeta = tl.zeros([BC], dtype=tl.float32)
     for iv in range(0, tl.cdiv(V, BV)):
         ov = iv * BV + tl.arange(0, BV)
@@ -142,9 +143,9 @@ def _intra_bwd_per_key(Q, K_, V_, BETA, G, P_, W, U0, DW, DU0, DQK, DQT, DKB, DL
         m_cv = mc[:, None] & mv[None, :]
         v = tl.load(V_ + tok[:, None] * V + ov[None, :], mask=mt[:, None] & mv[None, :], other=0.).to(tl.float32)
         dy = tl.dot(tl.trans(P), tl.load(DU0 + row * C * V + oc[:, None] * V + ov[None, :], mask=m_cv, other=0.),
-                    input_precision="ieee")
+                    input_precision=PREC)
         u0 = tl.load(U0 + row * C * V + oc[:, None] * V + ov[None, :], mask=m_cv, other=0.)
-        dA -= tl.dot(dy, tl.trans(u0), input_precision="ieee")
+        dA -= tl.dot(dy, tl.trans(u0), input_precision=PREC)
         dbeta += tl.sum(dy * v, axis=1)
         tl.store(DV + tok[:, None] * V + ov[None, :], beta[:, None] * dy, mask=mt[:, None] & mv[None, :])
     dA = tl.where(oc[:, None] > oc[None, :], dA, 0.)
@@ -171,7 +172,7 @@ def _intra_bwd_per_key(Q, K_, V_, BETA, G, P_, W, U0, DW, DU0, DQK, DQT, DKB, DL
         db = beta[:, None] * da * k - dc * k
         # X = β exp(b) k
         dx = tl.dot(tl.trans(P), tl.load(DW + row * C * K + oc[:, None] * K + ok[None, :], mask=m_ck, other=0.),
-                    input_precision="ieee")
+                    input_precision=PREC)
         dk += dx * beta[:, None] * eb
         dbeta += tl.sum(dx * eb * k, axis=1)
         db += dx * beta[:, None] * eb * k
@@ -198,7 +199,7 @@ def _intra_bwd_per_key(Q, K_, V_, BETA, G, P_, W, U0, DW, DU0, DQK, DQT, DKB, DL
 
 
 def intra_backward(grads: InterGrads, chunks: Chunks, P, *, q, k, v, beta, g, block_v: int, block_k: int,
-                   num_warps: int):
+                   num_warps: int, precision: str):
     """-> (dq or None, dk, dv, dbeta, dg or None), float32, shaped as the inputs."""
     B, T, H, K = k.shape
     V = v.shape[-1]
@@ -213,8 +214,9 @@ def intra_backward(grads: InterGrads, chunks: Chunks, P, *, q, k, v, beta, g, bl
             c(grads.dQK), c(grads.dQT), c(grads.dKB), c(grads.dlast), dq, dk, dv, dbeta, dg, T, H, N, C, K, V)
     BV = min(block_v, pow2(V))
     if g is not None and g.dim() == 4:
-        _intra_bwd_per_key[(N, B * H)](*args, HAS_Q=has_q, BC=pow2(C), BKS=block_k, BV=BV, num_warps=num_warps)
+        _intra_bwd_per_key[(N, B * H)](*args, HAS_Q=has_q, BC=pow2(C), BKS=block_k, BV=BV, PREC=precision,
+                                       num_warps=num_warps)
     else:
         _intra_bwd[(N, B * H)](*args, HAS_Q=has_q, GATE=int(g is not None), BC=pow2(C), BK=pow2(K), BV=BV,
-                               num_warps=num_warps)
+                               PREC=precision, num_warps=num_warps)
     return dq, dk, dv, dbeta, dg

@@ -38,7 +38,8 @@ def _solve_unit_lower(A, C, BC: tl.constexpr):
 
 @triton.jit
 def _intra_fwd(Q, K_, V_, BETA, G, W, U0, QK, QT, KB, LAST, P_, T, H, N, C, K, V,
-               HAS_Q: tl.constexpr, GATE: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+               HAS_Q: tl.constexpr, GATE: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+               PREC: tl.constexpr):
     """GATE: 0 none, 1 scalar (G `[B, T, H]`, LAST `[BH, N]`)."""
     n, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
@@ -53,7 +54,7 @@ def _intra_fwd(Q, K_, V_, BETA, G, W, U0, QK, QT, KB, LAST, P_, T, H, N, C, K, V
     k = tl.load(K_ + tok[:, None] * K + ok[None, :], mask=mt[:, None] & mk[None, :], other=0.).to(tl.float32)
     beta = tl.load(BETA + tok, mask=mt, other=0.).to(tl.float32)
     causal = oc[:, None] >= oc[None, :]
-    kk = tl.dot(k, tl.trans(k), input_precision="ieee")
+    kk = tl.dot(k, tl.trans(k), input_precision=PREC)
     if GATE == 1:
         bc = tl.cumsum(tl.load(G + tok, mask=mt, other=0.).to(tl.float32), axis=0)
         last = tl.sum(tl.where(oc == C - 1, bc, 0.), axis=0)
@@ -67,14 +68,14 @@ def _intra_fwd(Q, K_, V_, BETA, G, W, U0, QK, QT, KB, LAST, P_, T, H, N, C, K, V
     x = beta[:, None] * k
     if GATE == 1:
         x = x * eb[:, None]
-    tl.store(W + row * C * K + oc[:, None] * K + ok[None, :], tl.dot(P, x, input_precision="ieee"), mask=m_ck)
+    tl.store(W + row * C * K + oc[:, None] * K + ok[None, :], tl.dot(P, x, input_precision=PREC), mask=m_ck)
     kb = k
     if GATE == 1:
         kb = k * tl.exp(last - bc)[:, None]
     tl.store(KB + row * C * K + oc[:, None] * K + ok[None, :], kb, mask=m_ck)
     if HAS_Q:
         q = tl.load(Q + tok[:, None] * K + ok[None, :], mask=mt[:, None] & mk[None, :], other=0.).to(tl.float32)
-        qk = tl.dot(q, tl.trans(k), input_precision="ieee")
+        qk = tl.dot(q, tl.trans(k), input_precision=PREC)
         if GATE == 1:
             qk = qk * D
             q = q * eb[:, None]
@@ -85,13 +86,14 @@ def _intra_fwd(Q, K_, V_, BETA, G, W, U0, QK, QT, KB, LAST, P_, T, H, N, C, K, V
         ov = iv * BV + tl.arange(0, BV)
         mv = ov < V
         v = tl.load(V_ + tok[:, None] * V + ov[None, :], mask=mt[:, None] & mv[None, :], other=0.).to(tl.float32)
-        u = tl.dot(P, beta[:, None] * v, input_precision="ieee")
+        u = tl.dot(P, beta[:, None] * v, input_precision=PREC)
         tl.store(U0 + row * C * V + oc[:, None] * V + ov[None, :], u, mask=mc[:, None] & mv[None, :])
 
 
 @triton.jit
 def _intra_fwd_per_key(Q, K_, V_, BETA, G, W, U0, QK, QT, KB, LAST, P_, T, H, N, C, K, V,
-                       HAS_Q: tl.constexpr, BC: tl.constexpr, BKS: tl.constexpr, BV: tl.constexpr):
+                       HAS_Q: tl.constexpr, BC: tl.constexpr, BKS: tl.constexpr, BV: tl.constexpr,
+                       PREC: tl.constexpr):
     """Per-key gates (G `[B, T, H, K]`, LAST `[BH, N, K]`): the decays differ by key, so K Kᵀ ⊙ D and Q Kᵀ ⊙ D
     are sums over blocks of BKS keys of `[C, C, BKS]` products, each exp(b_tk - b_sk) formed exactly (s ≤ t)."""
     n, bh = tl.program_id(0), tl.program_id(1)
@@ -133,7 +135,7 @@ def _intra_fwd_per_key(Q, K_, V_, BETA, G, W, U0, QK, QT, KB, LAST, P_, T, H, N,
         last = tl.sum(tl.where(oc[:, None] == C - 1, bc, 0.), axis=0)     # [BKS]
         tl.store(LAST + row * K + ok, last, mask=mk)
         tl.store(W + row * C * K + oc[:, None] * K + ok[None, :],
-                 tl.dot(P, beta[:, None] * tl.exp(bc) * k, input_precision="ieee"), mask=m_ck)
+                 tl.dot(P, beta[:, None] * tl.exp(bc) * k, input_precision=PREC), mask=m_ck)
         tl.store(KB + row * C * K + oc[:, None] * K + ok[None, :], k * tl.exp(last[None, :] - bc), mask=m_ck)
         if HAS_Q:
             q = tl.load(Q + tok[:, None] * K + ok[None, :], mask=m, other=0.).to(tl.float32)
@@ -142,11 +144,12 @@ def _intra_fwd_per_key(Q, K_, V_, BETA, G, W, U0, QK, QT, KB, LAST, P_, T, H, N,
         ov = iv * BV + tl.arange(0, BV)
         mv = ov < V
         v = tl.load(V_ + tok[:, None] * V + ov[None, :], mask=mt[:, None] & mv[None, :], other=0.).to(tl.float32)
-        u = tl.dot(P, beta[:, None] * v, input_precision="ieee")
+        u = tl.dot(P, beta[:, None] * v, input_precision=PREC)
         tl.store(U0 + row * C * V + oc[:, None] * V + ov[None, :], u, mask=mc[:, None] & mv[None, :])
 
 
-def intra_forward(*, q, k, v, beta, g, chunk: int, block_v: int, block_k: int, num_warps: int):
+def intra_forward(*, q, k, v, beta, g, chunk: int, block_v: int, block_k: int, num_warps: int,
+                  precision: str):
     """q (or None), k `[B, T, H, K]`, v `[B, T, H, V]`, beta `[B, T, H]`, g None, `[B, T, H]` or `[B, T, H, K]` ->
     (Chunks of float32 `[B, H, N, ...]`, P `[B, H, N, C, C]`) with C = min(chunk, T)."""
     B, T, H, K = k.shape
@@ -163,8 +166,8 @@ def intra_forward(*, q, k, v, beta, g, chunk: int, block_v: int, block_k: int, n
             g.contiguous() if g is not None else None, W, U0, QK, QT, KB, last, P, T, H, N, C, K, V)
     if per_key:
         _intra_fwd_per_key[(N, B * H)](*args, HAS_Q=has_q, BC=pow2(C), BKS=block_k, BV=min(block_v, pow2(V)),
-                                       num_warps=num_warps)
+                                       PREC=precision, num_warps=num_warps)
     else:
         _intra_fwd[(N, B * H)](*args, HAS_Q=has_q, GATE=int(g is not None), BC=pow2(C), BK=pow2(K),
-                               BV=min(block_v, pow2(V)), num_warps=num_warps)
+                               BV=min(block_v, pow2(V)), PREC=precision, num_warps=num_warps)
     return Chunks(W, U0, QK, QT, KB, last), P

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 
 INTRA = ("triton", "torch")
+PRECISIONS = ("ieee", "tf32")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,12 +19,15 @@ class DeltaTritonOptions:
     for comparison).
     block_v: V columns a program of the recurrence across chunks and of the intra stages' V loops.
     block_k: keys a step of the per-key gates' intra kernels (their `[C, C, block_k]` decays).
-    num_warps: warps of every kernel. Every product is float32 (input_precision="ieee")."""
+    num_warps: warps of every kernel. input_precision: of every kernel's dots, "ieee" (float32 products, exact
+    to float32 round-off) or "tf32" (a GPU's tensor cores, about 3 significant digits a product; the
+    triangular inverse is formed in float32 either way)."""
     chunk: int = 32
     intra: str = "triton"
     block_v: int = 32
     block_k: int = 16
     num_warps: int = 8
+    input_precision: str = "ieee"
 
     def __post_init__(self):
         for name in ("chunk", "block_v", "block_k", "num_warps"):
@@ -40,3 +44,6 @@ class DeltaTritonOptions:
                                  f"got {getattr(self, name)}")
         if self.intra not in INTRA:
             raise ValueError(f"DeltaTritonOptions.intra must be one of {INTRA}, got {self.intra!r}")
+        if self.input_precision not in PRECISIONS:
+            raise ValueError(f"DeltaTritonOptions.input_precision must be one of {PRECISIONS}, "
+                             f"got {self.input_precision!r}")
