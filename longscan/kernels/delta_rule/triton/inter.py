@@ -129,7 +129,9 @@ class Chunks(NamedTuple):
 
 
 class InterGrads(NamedTuple):
-    """The gradients of :class:`Chunks`' fields (summed over the blocks of V) and of the initial state."""
+    """The gradients of :class:`Chunks`' fields and of the initial state. dW, dQK, dQT, dKB and dlast are sums
+    over V, kept as one share a block of V columns `[NV, B, H, N, ...]` (the intra backward adds them up as it
+    reads them: no pass of their own); :meth:`total` sums them."""
     dW: torch.Tensor
     dU0: torch.Tensor
     dQK: Optional[torch.Tensor]
@@ -137,6 +139,11 @@ class InterGrads(NamedTuple):
     dKB: torch.Tensor
     dlast: Optional[torch.Tensor]
     dh0: torch.Tensor
+
+    def total(self) -> "InterGrads":
+        add = lambda x: x.sum(0) if x is not None else None  # noqa: E731
+        return InterGrads(add(self.dW), self.dU0, add(self.dQK), add(self.dQT), add(self.dKB), add(self.dlast),
+                          self.dh0)
 
 
 def _gate(last) -> int:
@@ -162,7 +169,8 @@ def inter_forward(c: Chunks, h0, scale: float, *, block_v: int, num_warps: int, 
 
 def inter_backward(c: Chunks, SN, dO, dHT, scale: float, *, block_v: int, num_warps: int,
                    precision: str) -> InterGrads:
-    """The gradients of the chunks' quantities and of the initial state, from those of o and S_N (either None)."""
+    """The gradients of the chunks' quantities (per block of V where they sum over V) and of the initial
+    state, from those of o and S_N (either None)."""
     W, U0, QK, QT, KB, last = (_flat(x) for x in c)
     B, H, N, C, K = W.shape
     V = U0.shape[-1]
@@ -181,8 +189,7 @@ def inter_backward(c: Chunks, SN, dO, dHT, scale: float, *, block_v: int, num_wa
                             _flat(dHT) if dHT is not None else None, dU0, dW, dQK, dQT, dKB, dL, dH0,
                             N, C, K, V, scale, HAS_Q=has_q, HAS_DHT=dHT is not None, GATE=_gate(last),
                             BC=pow2(C), BK=pow2(K), BV=BV, PREC=precision, num_warps=num_warps)
-    total = lambda x: x.sum(0) if x is not None else None  # noqa: E731  (the V blocks' shares)
-    return InterGrads(total(dW), dU0, total(dQK), total(dQT), total(dKB), total(dL), dH0)
+    return InterGrads(dW, dU0, dQK, dQT, dKB, dL, dH0)
 
 
 class InterChunk(torch.autograd.Function):
@@ -201,6 +208,6 @@ class InterChunk(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dO, dHT):
         *c, SN = ctx.saved_tensors
-        gr = inter_backward(Chunks(*c), SN, dO, dHT, ctx.scale, **ctx.launch)
+        gr = inter_backward(Chunks(*c), SN, dO, dHT, ctx.scale, **ctx.launch).total()
         dh0 = gr.dh0.to(ctx.h0_dtype) if ctx.has_h0 else None
         return gr.dW, gr.dU0, gr.dQK, gr.dQT, gr.dKB, gr.dlast, dh0, None, None, None, None

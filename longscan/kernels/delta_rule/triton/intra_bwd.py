@@ -1,7 +1,8 @@
 """The chunks' own quantities, backward: one program per (chunk, sequence, head).
 
-From the gradients of W, U_0, QK, Q̃, K̄ and l (what the recurrence's backward gives, summed over the blocks
-of V) to those of q, k, v, β and g. With X = Diag(β exp(b)) K and Y = Diag(β) V (W = P X, U_0 = P Y):
+From the gradients of W, U_0, QK, Q̃, K̄ and l (what the recurrence's backward gives: the sums over V as
+one share a block of V columns, added up here as they are read) to those of q, k, v, β and g. With
+X = Diag(β exp(b)) K and Y = Diag(β) V (W = P X, U_0 = P Y):
     dX = Pᵀ dW,   dY = Pᵀ dU_0,   dA = -(dX Wᵀ + dY U_0ᵀ)   (strictly lower; P = (I + A)⁻¹)
     dv = β dY,   dβ = Σ_v dY v + Σ_k dX exp(b) k + Σ_s (dA ⊙ D ⊙ K Kᵀ)
     dk = M K + Mᵀ K + β exp(b) dX + (dQK ⊙ D)ᵀ Q + exp(b_C - b) dK̄,   M = Diag(β) (dA ⊙ D)
@@ -21,8 +22,17 @@ from longscan.kernels.delta_rule.triton.inter import Chunks, InterGrads, pow2
 
 
 @triton.jit
+def _sum_parts(X, offs, mask, NV, PART):
+    """A gradient summed over V from its NV shares, one a block of V columns, PART elements apart."""
+    acc = tl.load(X + offs, mask=mask, other=0.)
+    for p in range(1, NV):
+        acc += tl.load(X + p * PART + offs, mask=mask, other=0.)
+    return acc
+
+
+@triton.jit
 def _intra_bwd(Q, K_, V_, BETA, G, P_, W, U0, DW, DU0, DQK, DQT, DKB, DLAST, DQ, DK, DV, DBETA, DG,
-               T, H, N, C, K, V,
+               T, H, N, C, K, V, NV,
                HAS_Q: tl.constexpr, GATE: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                PREC: tl.constexpr):
     n, bh = tl.program_id(0), tl.program_id(1)
@@ -34,9 +44,12 @@ def _intra_bwd(Q, K_, V_, BETA, G, P_, W, U0, DW, DU0, DQK, DQT, DKB, DLAST, DQ,
     mk = ok < K
     tok = (b * T + t) * H + h
     row = bh * N + n
+    rows = tl.num_programs(1) * N                                         # B H N: the shares' stride / (C K)
     m_ck = mc[:, None] & mk[None, :]
     m_tk = mt[:, None] & mk[None, :]
     m_cc = mc[:, None] & mc[None, :]
+    o_ck = row * C * K + oc[:, None] * K + ok[None, :]                   # a chunk's [C, K] and [C, C] tiles
+    o_cc = row * C * C + oc[:, None] * C + oc[None, :]
     causal = oc[:, None] >= oc[None, :]
     strict = oc[:, None] > oc[None, :]
     k = tl.load(K_ + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(tl.float32)
@@ -50,10 +63,8 @@ def _intra_bwd(Q, K_, V_, BETA, G, P_, W, U0, DW, DU0, DQK, DQT, DKB, DLAST, DQ,
         kk = kk * D
         eb = tl.exp(bc)
         ekb = tl.exp(last - bc)
-    dx = tl.dot(tl.trans(P), tl.load(DW + row * C * K + oc[:, None] * K + ok[None, :], mask=m_ck, other=0.),
-                input_precision=PREC)
-    dA = -tl.dot(dx, tl.trans(tl.load(W + row * C * K + oc[:, None] * K + ok[None, :], mask=m_ck, other=0.)),
-                 input_precision=PREC)
+    dx = tl.dot(tl.trans(P), _sum_parts(DW, o_ck, m_ck, NV, rows * C * K), input_precision=PREC)
+    dA = -tl.dot(dx, tl.trans(tl.load(W + o_ck, mask=m_ck, other=0.)), input_precision=PREC)
     dbeta = tl.zeros([BC], dtype=tl.float32)
     for iv in range(0, tl.cdiv(V, BV)):
         ov = iv * BV + tl.arange(0, BV)
@@ -84,8 +95,8 @@ def _intra_bwd(Q, K_, V_, BETA, G, P_, W, U0, DW, DU0, DQK, DQT, DKB, DLAST, DQ,
         dbeta += xk
     if HAS_Q:
         q = tl.load(Q + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(tl.float32)
-        dqk = tl.where(causal, tl.load(DQK + row * C * C + oc[:, None] * C + oc[None, :], mask=m_cc, other=0.), 0.)
-        dqt = tl.load(DQT + row * C * K + oc[:, None] * K + ok[None, :], mask=m_ck, other=0.)
+        dqk = tl.where(causal, _sum_parts(DQK, o_cc, m_cc, NV, rows * C * C), 0.)
+        dqt = _sum_parts(DQT, o_ck, m_ck, NV, rows * C * K)
         if GATE == 1:
             gq = dqk * tl.dot(q, tl.trans(k), input_precision=PREC) * D   # dQK ⊙ QK
             db += tl.sum(gq, axis=1) - tl.sum(gq, axis=0) + tl.sum(dqt * q, axis=1) * eb
@@ -94,12 +105,12 @@ def _intra_bwd(Q, K_, V_, BETA, G, P_, W, U0, DW, DU0, DQK, DQT, DKB, DLAST, DQ,
         dq = tl.dot(dqk, k, input_precision=PREC) + dqt
         dk += tl.dot(tl.trans(dqk), q, input_precision=PREC)
         tl.store(DQ + tok[:, None] * K + ok[None, :], dq, mask=m_tk)
-    dkb = tl.load(DKB + row * C * K + oc[:, None] * K + ok[None, :], mask=m_ck, other=0.)
+    dkb = _sum_parts(DKB, o_ck, m_ck, NV, rows * C * K)
     if GATE == 1:
         e = tl.sum(dkb * k, axis=1) * ekb                                 # Σ_k dK̄ ⊙ K̄
         dk += dkb * ekb[:, None]
         db -= e
-        dlast = tl.load(DLAST + row) + tl.sum(e, axis=0)
+        dlast = _sum_parts(DLAST, row, row < rows, NV, rows) + tl.sum(e, axis=0)
         # dg_t = Σ_{t' ≥ t} db_t' + d b_C
         dg = tl.sum(db, axis=0) - tl.cumsum(db, axis=0) + db + dlast
         tl.store(DG + tok, dg, mask=mt)
@@ -111,7 +122,7 @@ def _intra_bwd(Q, K_, V_, BETA, G, P_, W, U0, DW, DU0, DQK, DQT, DKB, DLAST, DQ,
 
 @triton.jit
 def _intra_bwd_per_key(Q, K_, V_, BETA, G, P_, W, U0, DW, DU0, DQK, DQT, DKB, DLAST, DQ, DK, DV, DBETA, DG,
-                       T, H, N, C, K, V, HAS_Q: tl.constexpr, BC: tl.constexpr, BKS: tl.constexpr,
+                       T, H, N, C, K, V, NV, HAS_Q: tl.constexpr, BC: tl.constexpr, BKS: tl.constexpr,
                        BV: tl.constexpr, PREC: tl.constexpr):
     """Per-key gates: dA needs every key (dX Wᵀ summed over blocks of BKS keys, then dY U_0ᵀ); then each block
     of keys takes its share of the products F_ts = Σ_k a_tk c_sk E_tsk (E = exp(b_tk - b_sk), s ≤ t):
@@ -124,7 +135,9 @@ def _intra_bwd_per_key(Q, K_, V_, BETA, G, P_, W, U0, DW, DU0, DQK, DQT, DKB, DL
     mt = mc & (t < T)
     tok = (b * T + t) * H + h
     row = bh * N + n
+    rows = tl.num_programs(1) * N
     m_cc = mc[:, None] & mc[None, :]
+    o_cc = row * C * C + oc[:, None] * C + oc[None, :]
     causal = oc[:, None] >= oc[None, :]
     beta = tl.load(BETA + tok, mask=mt, other=0.).to(tl.float32)
     P = tl.load(P_ + row * C * C + oc[:, None] * C + oc[None, :], mask=m_cc, other=0.)
@@ -132,8 +145,8 @@ def _intra_bwd_per_key(Q, K_, V_, BETA, G, P_, W, U0, DW, DU0, DQK, DQT, DKB, DL
     for ib in range(0, tl.cdiv(K, BKS)):
         ok = ib * BKS + tl.arange(0, BKS)
         m_ck = mc[:, None] & (ok < K)[None, :]
-        dx = tl.dot(tl.trans(P), tl.load(DW + row * C * K + oc[:, None] * K + ok[None, :], mask=m_ck, other=0.),
-                    input_precision=PREC)
+        o_ck = row * C * K + oc[:, None] * K + ok[None, :]
+        dx = tl.dot(tl.trans(P), _sum_parts(DW, o_ck, m_ck, NV, rows * C * K), input_precision=PREC)
         w = tl.load(W + row * C * K + oc[:, None] * K + ok[None, :], mask=m_ck, other=0.)
         dA -= tl.dot(dx, tl.trans(w), input_precision=PREC)
     dbeta = tl.zeros([BC], dtype=tl.float32)
@@ -150,12 +163,13 @@ def _intra_bwd_per_key(Q, K_, V_, BETA, G, P_, W, U0, DW, DU0, DQK, DQT, DKB, DL
         tl.store(DV + tok[:, None] * V + ov[None, :], beta[:, None] * dy, mask=mt[:, None] & mv[None, :])
     dA = tl.where(oc[:, None] > oc[None, :], dA, 0.)
     if HAS_Q:
-        dqk = tl.where(causal, tl.load(DQK + row * C * C + oc[:, None] * C + oc[None, :], mask=m_cc, other=0.), 0.)
+        dqk = tl.where(causal, _sum_parts(DQK, o_cc, m_cc, NV, rows * C * C), 0.)
     for ib in range(0, tl.cdiv(K, BKS)):
         ok = ib * BKS + tl.arange(0, BKS)
         mk = ok < K
         m = mt[:, None] & mk[None, :]
         m_ck = mc[:, None] & mk[None, :]
+        o_ck = row * C * K + oc[:, None] * K + ok[None, :]
         k = tl.load(K_ + tok[:, None] * K + ok[None, :], mask=m, other=0.).to(tl.float32)
         bc = tl.cumsum(tl.load(G + tok[:, None] * K + ok[None, :], mask=m, other=0.).to(tl.float32), axis=0)
         last = tl.sum(tl.where(oc[:, None] == C - 1, bc, 0.), axis=0)
@@ -171,8 +185,7 @@ def _intra_bwd_per_key(Q, K_, V_, BETA, G, P_, W, U0, DW, DU0, DQK, DQT, DKB, DL
         dk = beta[:, None] * da + dc
         db = beta[:, None] * da * k - dc * k
         # X = β exp(b) k
-        dx = tl.dot(tl.trans(P), tl.load(DW + row * C * K + oc[:, None] * K + ok[None, :], mask=m_ck, other=0.),
-                    input_precision=PREC)
+        dx = tl.dot(tl.trans(P), _sum_parts(DW, o_ck, m_ck, NV, rows * C * K), input_precision=PREC)
         dk += dx * beta[:, None] * eb
         dbeta += tl.sum(dx * eb * k, axis=1)
         db += dx * beta[:, None] * eb * k
@@ -183,15 +196,15 @@ def _intra_bwd_per_key(Q, K_, V_, BETA, G, P_, W, U0, DW, DU0, DQK, DQT, DKB, DL
             dkq = tl.sum(gq * q[:, None, :], axis=0)
             dk += dkq
             db += q * dq - k * dkq
-            dqt = tl.load(DQT + row * C * K + oc[:, None] * K + ok[None, :], mask=m_ck, other=0.)
+            dqt = _sum_parts(DQT, o_ck, m_ck, NV, rows * C * K)
             dq += dqt * eb
             db += dqt * q * eb
             tl.store(DQ + tok[:, None] * K + ok[None, :], dq, mask=m)
-        dkb = tl.load(DKB + row * C * K + oc[:, None] * K + ok[None, :], mask=m_ck, other=0.)
+        dkb = _sum_parts(DKB, o_ck, m_ck, NV, rows * C * K)
         ek = dkb * k * ekb                                                    # dK̄ ⊙ K̄
         dk += dkb * ekb
         db -= ek
-        dlast = tl.load(DLAST + row * K + ok, mask=mk, other=0.) + tl.sum(ek, axis=0)
+        dlast = _sum_parts(DLAST, row * K + ok, mk, NV, rows * K) + tl.sum(ek, axis=0)
         dg = tl.sum(db, axis=0)[None, :] - tl.cumsum(db, axis=0) + db + dlast[None, :]
         tl.store(DK + tok[:, None] * K + ok[None, :], dk, mask=m)
         tl.store(DG + tok[:, None] * K + ok[None, :], dg, mask=m)
@@ -211,7 +224,8 @@ def intra_backward(grads: InterGrads, chunks: Chunks, P, *, q, k, v, beta, g, bl
     dg = torch.empty(g.shape, **f32) if g is not None else None
     c = lambda x: x.contiguous() if x is not None else None  # noqa: E731
     args = (c(q), c(k), c(v), c(beta), c(g), c(P), c(chunks.W), c(chunks.U0), c(grads.dW), c(grads.dU0),
-            c(grads.dQK), c(grads.dQT), c(grads.dKB), c(grads.dlast), dq, dk, dv, dbeta, dg, T, H, N, C, K, V)
+            c(grads.dQK), c(grads.dQT), c(grads.dKB), c(grads.dlast), dq, dk, dv, dbeta, dg, T, H, N, C, K, V,
+            grads.dW.shape[0])
     BV = min(block_v, pow2(V))
     if g is not None and g.dim() == 4:
         _intra_bwd_per_key[(N, B * H)](*args, HAS_Q=has_q, BC=pow2(C), BKS=block_k, BV=BV, PREC=precision,
