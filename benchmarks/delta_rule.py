@@ -26,12 +26,12 @@ KINDS = ("deltanet", "gated_deltanet", "kda")
 BACKENDS = ("triton", "triton-torch-intra", "torch")
 
 
-def ours(backend, chunk, precision):
+def ours(backend, chunk, precision, recompute=False):
     """longscan's chunk_delta_rule on ``backend`` as f(q, k, v, beta, g) -> (o, final state)."""
     if backend == "torch":
         return lambda q, k, v, beta, g: chunk_delta_rule(q, k, v, beta, g, output_final_state=True, backend="torch")
     options = DeltaTritonOptions(chunk=chunk, intra="torch" if backend == "triton-torch-intra" else "triton",
-                                 input_precision=precision)
+                                 input_precision=precision, recompute=recompute)
     return lambda q, k, v, beta, g: chunk_delta_rule(q, k, v, beta, g, output_final_state=True, backend="triton",
                                                      options=options)
 
@@ -89,6 +89,8 @@ def main():
     p.add_argument("--chunk", type=int, default=DeltaTritonOptions().chunk, help="tokens a chunk (Triton)")
     p.add_argument("--precision", nargs="+", default=["ieee"], choices=["ieee", "tf32"],
                    help="the Triton kernels' dots (one row per value)")
+    p.add_argument("--recompute", action="store_true",
+                   help="the Triton backend keeps only the inputs and runs its forward stages again in the backward")
     p.add_argument("--no-linear", action="store_true", help="skip the scalar-gate linear attention row")
     p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
     a = p.parse_args()
@@ -103,7 +105,7 @@ def main():
             do = torch.randn_like(x["v"])
             first = {}
             impls = [(f"longscan {b}" + (f" {p}" if b != "torch" and len(a.precision) > 1 else ""),
-                      ours(b, a.chunk, p)) for b in a.backends for p in (a.precision if b != "torch" else ["ieee"])]
+                      ours(b, a.chunk, p, a.recompute)) for b in a.backends for p in (a.precision if b != "torch" else ["ieee"])]
             fla = peer(kind)
             if fla is not None:
                 impls.append(("fla", fla))

@@ -77,6 +77,27 @@ def test_torch_intra_path_still_selectable(kind):
     compare(kind, (1, 37, 2, 16, 32), True, DeltaTritonOptions(chunk=16, intra="torch"), seed=11)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_recompute_matches_recurrence_and_keeps_less(kind):
+    """options.recompute: the backward runs the forward's stages again, with the same gradients, and what the
+    forward keeps for it is the inputs alone."""
+    compare(kind, (2, 37, 1, 16, 32), True, DeltaTritonOptions(chunk=16, recompute=True), seed=13)
+    x = make_inputs(kind, 1, 64, 2, 16, 16, torch.float32, seed=14)
+    kept = {}
+    for recompute in (False, True):
+        leaves = {n: (t.clone().requires_grad_() if t is not None else None) for n, t in x.items()}
+        sizes = []
+
+        def pack(t):
+            sizes.append(t.numel() * t.element_size())
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            tc.forward(**leaves, options=DeltaTritonOptions(chunk=16, recompute=recompute))
+        kept[recompute] = sum(sizes)
+    inputs = sum(t.numel() * t.element_size() for t in x.values() if t is not None)
+    assert kept[True] <= inputs < kept[False], kept
+
+
 @pytest.mark.parametrize("with_q", [True, False])
 @pytest.mark.parametrize("kind", KINDS)
 def test_intra_quantities_match_torch_stage(kind, with_q):
@@ -116,6 +137,8 @@ def test_options_are_checked():
         DeltaTritonOptions(block_v=24)
     with pytest.raises(ValueError, match="DeltaTritonOptions.block_k must be at least 16"):
         DeltaTritonOptions(block_k=8)
+    with pytest.raises(ValueError, match="DeltaTritonOptions.recompute must be a bool"):
+        DeltaTritonOptions(recompute=1)
     with pytest.raises(ValueError, match="DeltaTritonOptions.intra"):
         DeltaTritonOptions(intra="cuda")
     x = make_inputs("deltanet", 1, 4, 1, 16, 16, torch.float32, seed=0)

@@ -2,7 +2,8 @@
 across chunks (inter), and in reverse their backward (inter, then intra_bwd), as one autograd.Function.
 
 What the backward reads is kept from the forward: the inputs, P = (I + A)⁻¹ a chunk, the chunks' W, U_0, QK,
-Q̃, K̄, l and the state entering each chunk (all float32). options.intra="torch" takes the chunks' quantities
+Q̃, K̄, l and the state entering each chunk (all float32); with options.recompute only the inputs are kept, and
+the backward runs the intra stage and the recurrence's state pass again. options.intra="torch" takes the chunks' quantities
 from batched torch (``torch_chunk._intra``, recomputed in the backward) instead: the earlier path.
 """
 from __future__ import annotations
@@ -23,19 +24,24 @@ class DeltaRuleChunk(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, beta, g, h0, scale, options):
-        kw = dict(block_v=options.block_v, num_warps=options.num_warps, precision=options.input_precision)
-        chunks, P = intra_forward(q=q, k=k, v=v, beta=beta, g=g, chunk=options.chunk, block_k=options.block_k, **kw)
-        O, HT, SN = inter_forward(chunks, h0, scale, **kw)
-        ctx.save_for_backward(q, k, v, beta, g, P, SN, *chunks)
+        chunks, P, O, HT, SN = _stages(q, k, v, beta, g, h0, scale, options)
+        if options.recompute:
+            ctx.save_for_backward(q, k, v, beta, g, h0)
+        else:
+            ctx.save_for_backward(q, k, v, beta, g, P, SN, *chunks)
         ctx.scale, ctx.options = scale, options
         ctx.h0_dtype = h0.dtype if h0 is not None else None
         return O, HT
 
     @staticmethod
     def backward(ctx, dO, dHT):
-        q, k, v, beta, g, P, SN, *chunks = ctx.saved_tensors
-        chunks = Chunks(*chunks)
         o = ctx.options
+        if o.recompute:
+            q, k, v, beta, g, h0 = ctx.saved_tensors
+            chunks, P, _, _, SN = _stages(q, k, v, beta, g, h0, ctx.scale, o, outputs=False)
+        else:
+            q, k, v, beta, g, P, SN, *chunks = ctx.saved_tensors
+            chunks = Chunks(*chunks)
         kw = dict(block_v=o.block_v, num_warps=o.num_warps, precision=o.input_precision)
         grads = inter_backward(chunks, SN, dO, dHT, ctx.scale, **kw)
         dq, dk, dv, dbeta, dg = intra_backward(grads, chunks, P, q=q, k=k, v=v, beta=beta, g=g,
@@ -43,6 +49,15 @@ class DeltaRuleChunk(torch.autograd.Function):
         cast = lambda d, x: d.to(x.dtype) if d is not None else None  # noqa: E731
         dh0 = grads.dh0.to(ctx.h0_dtype) if ctx.h0_dtype is not None else None
         return cast(dq, q), cast(dk, k), cast(dv, v), cast(dbeta, beta), cast(dg, g), dh0, None, None
+
+
+def _stages(q, k, v, beta, g, h0, scale, options, outputs=True):
+    """The forward's stages -> (Chunks, P, o or None, S_T, S_n). outputs=False: the states alone (the
+    backward's recomputation: the outputs' pass over the chunks is skipped)."""
+    kw = dict(block_v=options.block_v, num_warps=options.num_warps, precision=options.input_precision)
+    chunks, P = intra_forward(q=q, k=k, v=v, beta=beta, g=g, chunk=options.chunk, block_k=options.block_k, **kw)
+    O, HT, SN = inter_forward(chunks if outputs else chunks._replace(QK=None, QT=None), h0, scale, **kw)
+    return chunks, P, O, HT, SN
 
 
 def _torch_intra(q, k, v, beta, g, h0, scale, options):
