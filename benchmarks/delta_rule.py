@@ -105,7 +105,8 @@ def main():
             do = torch.randn_like(x["v"])
             first = {}
             impls = [(f"longscan {b}" + (f" {p}" if b != "torch" and len(a.precision) > 1 else ""),
-                      ours(b, a.chunk, p, a.recompute)) for b in a.backends for p in (a.precision if b != "torch" else ["ieee"])]
+                      ours(b, a.chunk, p, a.recompute))
+                     for b in a.backends for p in (a.precision if b != "torch" else ["ieee"])]
             fla = peer(kind)
             if fla is not None:
                 impls.append(("fla", fla))

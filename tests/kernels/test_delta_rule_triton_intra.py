@@ -159,25 +159,29 @@ for fn, consts in ((intra_fwd._intra_fwd, dict(GATE=1, BK=128)), (intra_bwd._int
                    (intra_fwd._intra_fwd_per_key, dict(BKS=o.block_k)),
                    (intra_bwd._intra_bwd_per_key, dict(BKS=o.block_k))):
     consts = dict(consts, HAS_Q=True, BC=pow2(o.chunk), BV=min(o.block_v, 128), PREC=o.input_precision)
-    sig = {a: "constexpr" if a in consts else "i32" if a in ("T", "H", "N", "C", "K", "V", "NV") else "*fp32"
-           for a in fn.arg_names}
+    sig = {a: "constexpr" if a in consts else "i32" if a in ("T", "H", "N", "C", "K", "V", "NV") else "fp32"
+           if a == "scale" else "*fp32" for a in fn.arg_names}
     src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=o.num_warps))
     print(fn.__name__, k.metadata.shared)
-# tf32 dots on sm_90 take their operands from shared memory: the recurrence's kernels, the largest tiles
-for fn, flags in ((inter._inter_fwd, dict(HAS_H0=True)), (inter._inter_bwd, dict(HAS_DHT=True))):
-    consts = dict(flags, HAS_Q=True, GATE=2, BC=pow2(o.chunk), BK=128, BV=o.block_v, PREC="tf32")
+# the recurrence's kernels at both precisions (tf32 dots on sm_90 take their operands from shared memory)
+for fn, flags, prec in ((inter._inter_bwd_states, dict(HAS_DHT=True, GATE=1), "ieee"),
+                        (inter._inter_bwd_states, dict(HAS_DHT=True, GATE=1), "tf32"),
+                        (inter._inter_fwd, dict(HAS_H0=True, GATE=2), "tf32"),
+                        (inter._inter_bwd, dict(HAS_DHT=True, GATE=2), "tf32")):
+    consts = dict(flags, HAS_Q=True, BC=pow2(o.chunk), BK=128, BV=o.block_v, PREC=prec)
     sig = {a: "constexpr" if a in consts else "i32" if a in ("N", "C", "K", "V") else "fp32" if a == "scale"
            else "*fp32" for a in fn.arg_names}
     src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=o.num_warps))
-    print(fn.__name__ + "_tf32", k.metadata.shared)
+    print(fn.__name__ + "_" + prec, k.metadata.shared)
 """
 
 
 def test_intra_kernels_compile_for_h100_within_shared_memory():
     """The intra kernels compile for sm_90 at the default options with K = V = 128 (no GPU needed), and so do
-    the recurrence's with tf32 dots; their shared memory fits an H100's 227 KiB a block, or the launch would
+    the recurrence's (the states-only backward at both precisions, the others with tf32 dots; the existing
+    test compiles them with float32 ones); their shared memory fits an H100's 227 KiB a block, or the launch would
     fail there."""
     import os
     import subprocess
@@ -190,5 +194,5 @@ def test_intra_kernels_compile_for_h100_within_shared_memory():
     assert out.returncode == 0, out.stderr[-2000:]
     shared = {line.split()[0]: int(line.split()[1]) for line in out.stdout.splitlines()}
     assert set(shared) == {"_intra_fwd", "_intra_bwd", "_intra_fwd_per_key", "_intra_bwd_per_key",
-                           "_inter_fwd_tf32", "_inter_bwd_tf32"}
+                           "_inter_bwd_states_ieee", "_inter_bwd_states_tf32", "_inter_fwd_tf32", "_inter_bwd_tf32"}
     assert all(0 <= s <= 227 * 1024 for s in shared.values()), shared

@@ -2,9 +2,10 @@
 across chunks (inter), and in reverse their backward (inter, then intra_bwd), as one autograd.Function.
 
 What the backward reads is kept from the forward: the inputs, P = (I + A)⁻¹ a chunk, the chunks' W, U_0, QK,
-Q̃, K̄, l and the state entering each chunk (all float32); with options.recompute only the inputs are kept, and
-the backward runs the intra stage and the recurrence's state pass again. options.intra="torch" takes the chunks' quantities
-from batched torch (``torch_chunk._intra``, recomputed in the backward) instead: the earlier path.
+Q̃, K̄, l and the state entering each chunk (all float32); with options.recompute only the inputs are kept,
+and the backward runs the intra stage and the recurrence's state pass again. options.intra="torch" takes the
+chunks' quantities from batched torch (``torch_chunk._intra``, recomputed in the backward) instead: the
+earlier path.
 """
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from longscan.kernels.delta_rule.torch_chunk import _chunks, _intra
-from longscan.kernels.delta_rule.triton.inter import Chunks, InterChunk, inter_backward, inter_forward
+from longscan.kernels.delta_rule.triton.inter import (Chunks, InterChunk, inter_backward,
+                                                     inter_backward_states, inter_forward)
 from longscan.kernels.delta_rule.triton.intra_bwd import intra_backward
 from longscan.kernels.delta_rule.triton.intra_fwd import intra_forward
 from longscan.kernels.delta_rule.triton.options import DeltaTritonOptions
@@ -43,9 +45,12 @@ class DeltaRuleChunk(torch.autograd.Function):
             q, k, v, beta, g, P, SN, *chunks = ctx.saved_tensors
             chunks = Chunks(*chunks)
         kw = dict(block_v=o.block_v, num_warps=o.num_warps, precision=o.input_precision)
-        grads = inter_backward(chunks, SN, dO, dHT, ctx.scale, **kw)
-        dq, dk, dv, dbeta, dg = intra_backward(grads, chunks, P, q=q, k=k, v=v, beta=beta, g=g,
-                                               block_k=o.block_k, **kw)
+        if g is not None and g.dim() == 4:   # per-key gates: the sums over V come from the recurrence's kernel
+            grads = inter_backward(chunks, SN, dO, dHT, ctx.scale, **kw)
+        else:
+            grads = inter_backward_states(chunks, dO, dHT, ctx.scale, **kw)
+        dq, dk, dv, dbeta, dg = intra_backward(grads, chunks, P, q=q, k=k, v=v, beta=beta, g=g, SN=SN, dO=dO,
+                                               scale=ctx.scale, block_k=o.block_k, **kw)
         cast = lambda d, x: d.to(x.dtype) if d is not None else None  # noqa: E731
         dh0 = grads.dh0.to(ctx.h0_dtype) if ctx.h0_dtype is not None else None
         return cast(dq, q), cast(dk, k), cast(dv, v), cast(dbeta, beta), cast(dg, g), dh0, None, None

@@ -6,7 +6,10 @@ the chunks run in order, columns of the state never mixing:
 The forward keeps S_n (one state a chunk); the backward runs the chunks in reverse:
     dU = scale (Q̃K̂ᵀ)ᵀ do + K̄ dS_{n+1},     dS_n = exp(l_n) ⊙ dS_{n+1} + scale Q̃ᵀ do - Wᵀ dU,
     dW = -dU S_nᵀ, dQ̃ = scale do S_nᵀ, d(Q̃K̂ᵀ) = scale do Uᵀ, dK̄ = U dS_{n+1}ᵀ, dl = Σ_v exp(l) S_n dS_{n+1};
-the sums over V are per block of V and added up in torch.
+the sums over V (dW, dQ̃, dQK, dK̄, dl) are one share a block of V, added up by the intra backward as it
+reads them (by torch on the torch intra path). Without a gate or with a scalar one the backward runs
+``_inter_bwd_states`` instead: dU and dS_{n+1} alone, the sums over V then formed by the intra backward from
+S_n and dS_{n+1} (one state a chunk written, instead of shares of `[C, K]` gradients a block of V).
 """
 from __future__ import annotations
 
@@ -113,6 +116,45 @@ def _inter_bwd(W, U0, QK, QT, KB, LAST, SN, DO, DHT, DU0, DW, DQK, DQT, DKB, DLA
     tl.store(DH0 + bh * K * V + ok[:, None] * V + ov[None, :], dS, mask=m_kv)
 
 
+@triton.jit
+def _inter_bwd_states(W, QK, QT, KB, LAST, DO, DHT, DU0, DSN, DH0, N, C, K, V, scale,
+                      HAS_Q: tl.constexpr, HAS_DHT: tl.constexpr, GATE: tl.constexpr, BC: tl.constexpr,
+                      BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """The backward's chunk-serial part alone: per block of V columns, dU and the gradient of the state leaving
+    each chunk (DSN `[BH, N, K, V]`); the sums over V (dW, dQ̃, dK̄, dQK, dl) are left to the intra backward,
+    which has every column of a chunk at once (GATE 0 or 1)."""
+    bh, iv = tl.program_id(0), tl.program_id(1)
+    oc, ok = tl.arange(0, BC), tl.arange(0, BK)
+    ov = iv * BV + tl.arange(0, BV)
+    mc, mk, mv = oc < C, ok < K, ov < V
+    m_kv = mk[:, None] & mv[None, :]
+    m_ck = mc[:, None] & mk[None, :]
+    m_cv = mc[:, None] & mv[None, :]
+    if HAS_DHT:
+        dS = tl.load(DHT + bh * K * V + ok[:, None] * V + ov[None, :], mask=m_kv, other=0.).to(tl.float32)
+    else:
+        dS = tl.zeros([BK, BV], dtype=tl.float32)
+    for i in range(N):
+        n = N - 1 - i
+        row = bh * N + n
+        tl.store(DSN + row * K * V + ok[:, None] * V + ov[None, :], dS, mask=m_kv)
+        kb = tl.load(KB + row * C * K + oc[:, None] * K + ok[None, :], mask=m_ck, other=0.)
+        du = tl.dot(kb, dS, input_precision=PREC)
+        dS_in = tl.zeros([BK, BV], dtype=tl.float32)
+        if HAS_Q:
+            do = tl.load(DO + row * C * V + oc[:, None] * V + ov[None, :], mask=m_cv, other=0.).to(tl.float32)
+            qk = tl.load(QK + row * C * C + oc[:, None] * C + oc[None, :], mask=mc[:, None] & mc[None, :], other=0.)
+            qt = tl.load(QT + row * C * K + oc[:, None] * K + ok[None, :], mask=m_ck, other=0.)
+            du += scale * tl.dot(tl.trans(qk), do, input_precision=PREC)
+            dS_in = scale * tl.dot(tl.trans(qt), do, input_precision=PREC)
+        if GATE == 1:
+            dS = tl.exp(tl.load(LAST + row)) * dS
+        tl.store(DU0 + row * C * V + oc[:, None] * V + ov[None, :], du, mask=m_cv)
+        w = tl.load(W + row * C * K + oc[:, None] * K + ok[None, :], mask=m_ck, other=0.)
+        dS = dS + dS_in - tl.dot(tl.trans(w), du, input_precision=PREC)
+    tl.store(DH0 + bh * K * V + ok[:, None] * V + ov[None, :], dS, mask=m_kv)
+
+
 def _flat(x):
     return None if x is None else x.contiguous()
 
@@ -190,6 +232,33 @@ def inter_backward(c: Chunks, SN, dO, dHT, scale: float, *, block_v: int, num_wa
                             N, C, K, V, scale, HAS_Q=has_q, HAS_DHT=dHT is not None, GATE=_gate(last),
                             BC=pow2(C), BK=pow2(K), BV=BV, PREC=precision, num_warps=num_warps)
     return InterGrads(dW, dU0, dQK, dQT, dKB, dL, dH0)
+
+
+class StateGrads(NamedTuple):
+    """What :func:`inter_backward_states` gives: dU_0 `[B, H, N, C, V]`, the gradient of the state leaving each
+    chunk `[B, H, N, K, V]`, and that of the initial state."""
+    dU0: torch.Tensor
+    dSN: torch.Tensor
+    dh0: torch.Tensor
+
+
+def inter_backward_states(c: Chunks, dO, dHT, scale: float, *, block_v: int, num_warps: int,
+                          precision: str) -> StateGrads:
+    """The recurrence's backward without its sums over V (no gate or a scalar one): see _inter_bwd_states."""
+    W, U0, QK, QT, KB, last = (_flat(x) for x in c)
+    B, H, N, C, K = W.shape
+    V = U0.shape[-1]
+    if _gate(last) == 2:
+        raise ValueError("inter_backward_states takes no gate or a scalar one; per-key gates use inter_backward")
+    has_q = QT is not None
+    BV = min(block_v, pow2(V))
+    dU0, dSN, dH0 = U0.new_empty(B, H, N, C, V), U0.new_empty(B, H, N, K, V), U0.new_empty(B, H, K, V)
+    _inter_bwd_states[(B * H, triton.cdiv(V, BV))](W, QK, QT, KB, last, _flat(dO) if has_q else None,
+                                                   _flat(dHT) if dHT is not None else None, dU0, dSN, dH0,
+                                                   N, C, K, V, scale, HAS_Q=has_q, HAS_DHT=dHT is not None,
+                                                   GATE=_gate(last), BC=pow2(C), BK=pow2(K), BV=BV, PREC=precision,
+                                                   num_warps=num_warps)
+    return StateGrads(dU0, dSN, dH0)
 
 
 class InterChunk(torch.autograd.Function):

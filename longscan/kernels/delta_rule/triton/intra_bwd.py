@@ -1,8 +1,11 @@
 """The chunks' own quantities, backward: one program per (chunk, sequence, head).
 
-From the gradients of W, U_0, QK, Q̃, K̄ and l (what the recurrence's backward gives: the sums over V as
-one share a block of V columns, added up here as they are read) to those of q, k, v, β and g. With
-X = Diag(β exp(b)) K and Y = Diag(β) V (W = P X, U_0 = P Y):
+To the gradients of q, k, v, β and g from those of W, U_0, QK, Q̃, K̄ and l. No gate or a scalar one: from the
+recurrence's dU_0 and the gradients of the states leaving the chunks (``inter_backward_states``), the sums
+over V (dW = -dU S_nᵀ, dQ̃ = scale do S_nᵀ, dK̄ = U dS_{n+1}ᵀ, dQK = scale do Uᵀ, dl) are formed here, a block
+of V at a time, so no per-V-block shares of them are written. Per-key gates: from ``inter_backward``'s shares
+(one a block of V columns), added up as they are read. With X = Diag(β exp(b)) K and Y = Diag(β) V
+(W = P X, U_0 = P Y):
     dX = Pᵀ dW,   dY = Pᵀ dU_0,   dA = -(dX Wᵀ + dY U_0ᵀ)   (strictly lower; P = (I + A)⁻¹)
     dv = β dY,   dβ = Σ_v dY v + Σ_k dX exp(b) k + Σ_s (dA ⊙ D ⊙ K Kᵀ)
     dk = M K + Mᵀ K + β exp(b) dX + (dQK ⊙ D)ᵀ Q + exp(b_C - b) dK̄,   M = Diag(β) (dA ⊙ D)
@@ -18,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from longscan.kernels.delta_rule.triton.inter import Chunks, InterGrads, pow2
+from longscan.kernels.delta_rule.triton.inter import Chunks, InterGrads, StateGrads, pow2
 
 
 @triton.jit
@@ -31,10 +34,12 @@ def _sum_parts(X, offs, mask, NV, PART):
 
 
 @triton.jit
-def _intra_bwd(Q, K_, V_, BETA, G, P_, W, U0, DW, DU0, DQK, DQT, DKB, DLAST, DQ, DK, DV, DBETA, DG,
-               T, H, N, C, K, V, NV,
+def _intra_bwd(Q, K_, V_, BETA, G, P_, W, U0, SN, DSN, DO, DU0, DQ, DK, DV, DBETA, DG, T, H, N, C, K, V, scale,
                HAS_Q: tl.constexpr, GATE: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                PREC: tl.constexpr):
+    """No gate or a scalar one: the sums over V of the recurrence's gradients (dW = -dU S_nᵀ,
+    dQ̃ = scale do S_nᵀ, dK̄ = U dS_{n+1}ᵀ, dQK = scale do Uᵀ, dl = exp(l) Σ S_n ⊙ dS_{n+1}) are formed here
+    over the blocks of V, from the states entering (SN) and leaving (DSN: their gradients) each chunk."""
     n, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     oc, ok = tl.arange(0, BC), tl.arange(0, BK)
@@ -44,17 +49,47 @@ def _intra_bwd(Q, K_, V_, BETA, G, P_, W, U0, DW, DU0, DQK, DQT, DKB, DLAST, DQ,
     mk = ok < K
     tok = (b * T + t) * H + h
     row = bh * N + n
-    rows = tl.num_programs(1) * N                                         # B H N: the shares' stride / (C K)
     m_ck = mc[:, None] & mk[None, :]
     m_tk = mt[:, None] & mk[None, :]
     m_cc = mc[:, None] & mc[None, :]
-    o_ck = row * C * K + oc[:, None] * K + ok[None, :]                   # a chunk's [C, K] and [C, C] tiles
-    o_cc = row * C * C + oc[:, None] * C + oc[None, :]
     causal = oc[:, None] >= oc[None, :]
     strict = oc[:, None] > oc[None, :]
     k = tl.load(K_ + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(tl.float32)
     beta = tl.load(BETA + tok, mask=mt, other=0.).to(tl.float32)
     P = tl.load(P_ + row * C * C + oc[:, None] * C + oc[None, :], mask=m_cc, other=0.)
+    w = tl.load(W + row * C * K + oc[:, None] * K + ok[None, :], mask=m_ck, other=0.)
+    dw = tl.zeros([BC, BK], dtype=tl.float32)
+    dkb = tl.zeros([BC, BK], dtype=tl.float32)
+    dqt = tl.zeros([BC, BK], dtype=tl.float32)
+    dqk = tl.zeros([BC, BC], dtype=tl.float32)
+    dl = tl.zeros([BK], dtype=tl.float32)
+    dA = tl.zeros([BC, BC], dtype=tl.float32)
+    dbeta = tl.zeros([BC], dtype=tl.float32)
+    for iv in range(0, tl.cdiv(V, BV)):
+        ov = iv * BV + tl.arange(0, BV)
+        mv = ov < V
+        m_cv = mc[:, None] & mv[None, :]
+        m_kv = mk[:, None] & mv[None, :]
+        o_cv = row * C * V + oc[:, None] * V + ov[None, :]
+        o_kv = row * K * V + ok[:, None] * V + ov[None, :]
+        S = tl.load(SN + o_kv, mask=m_kv, other=0.)
+        dS = tl.load(DSN + o_kv, mask=m_kv, other=0.)
+        du = tl.load(DU0 + o_cv, mask=m_cv, other=0.)
+        u0 = tl.load(U0 + o_cv, mask=m_cv, other=0.)
+        u = u0 - tl.dot(w, S, input_precision=PREC)
+        dw -= tl.dot(du, tl.trans(S), input_precision=PREC)
+        dkb += tl.dot(u, tl.trans(dS), input_precision=PREC)
+        if HAS_Q:
+            do = tl.load(DO + o_cv, mask=m_cv, other=0.).to(tl.float32)
+            dqt += tl.dot(do, tl.trans(S), input_precision=PREC)
+            dqk += tl.dot(do, tl.trans(u), input_precision=PREC)
+        if GATE == 1:
+            dl += tl.sum(S * dS, axis=1)
+        v = tl.load(V_ + tok[:, None] * V + ov[None, :], mask=mt[:, None] & mv[None, :], other=0.).to(tl.float32)
+        dy = tl.dot(tl.trans(P), du, input_precision=PREC)
+        dA -= tl.dot(dy, tl.trans(u0), input_precision=PREC)
+        dbeta += tl.sum(dy * v, axis=1)
+        tl.store(DV + tok[:, None] * V + ov[None, :], beta[:, None] * dy, mask=mt[:, None] & mv[None, :])
     kk = tl.dot(k, tl.trans(k), input_precision=PREC)
     if GATE == 1:
         bc = tl.cumsum(tl.load(G + tok, mask=mt, other=0.).to(tl.float32), axis=0)
@@ -63,20 +98,8 @@ def _intra_bwd(Q, K_, V_, BETA, G, P_, W, U0, DW, DU0, DQK, DQT, DKB, DLAST, DQ,
         kk = kk * D
         eb = tl.exp(bc)
         ekb = tl.exp(last - bc)
-    dx = tl.dot(tl.trans(P), _sum_parts(DW, o_ck, m_ck, NV, rows * C * K), input_precision=PREC)
-    dA = -tl.dot(dx, tl.trans(tl.load(W + o_ck, mask=m_ck, other=0.)), input_precision=PREC)
-    dbeta = tl.zeros([BC], dtype=tl.float32)
-    for iv in range(0, tl.cdiv(V, BV)):
-        ov = iv * BV + tl.arange(0, BV)
-        mv = ov < V
-        m_cv = mc[:, None] & mv[None, :]
-        v = tl.load(V_ + tok[:, None] * V + ov[None, :], mask=mt[:, None] & mv[None, :], other=0.).to(tl.float32)
-        dy = tl.dot(tl.trans(P), tl.load(DU0 + row * C * V + oc[:, None] * V + ov[None, :], mask=m_cv, other=0.),
-                    input_precision=PREC)
-        u0 = tl.load(U0 + row * C * V + oc[:, None] * V + ov[None, :], mask=m_cv, other=0.)
-        dA -= tl.dot(dy, tl.trans(u0), input_precision=PREC)
-        dbeta += tl.sum(dy * v, axis=1)
-        tl.store(DV + tok[:, None] * V + ov[None, :], beta[:, None] * dy, mask=mt[:, None] & mv[None, :])
+    dx = tl.dot(tl.trans(P), dw, input_precision=PREC)
+    dA -= tl.dot(dx, tl.trans(w), input_precision=PREC)
     dA = tl.where(strict, dA, 0.)
     # A = strict(Diag(β) (K Kᵀ ⊙ D)), kk already carries D
     dbeta += tl.sum(dA * kk, axis=1)
@@ -95,8 +118,8 @@ def _intra_bwd(Q, K_, V_, BETA, G, P_, W, U0, DW, DU0, DQK, DQT, DKB, DLAST, DQ,
         dbeta += xk
     if HAS_Q:
         q = tl.load(Q + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(tl.float32)
-        dqk = tl.where(causal, _sum_parts(DQK, o_cc, m_cc, NV, rows * C * C), 0.)
-        dqt = _sum_parts(DQT, o_ck, m_ck, NV, rows * C * K)
+        dqk = tl.where(causal, scale * dqk, 0.)
+        dqt = scale * dqt
         if GATE == 1:
             gq = dqk * tl.dot(q, tl.trans(k), input_precision=PREC) * D   # dQK ⊙ QK
             db += tl.sum(gq, axis=1) - tl.sum(gq, axis=0) + tl.sum(dqt * q, axis=1) * eb
@@ -105,12 +128,11 @@ def _intra_bwd(Q, K_, V_, BETA, G, P_, W, U0, DW, DU0, DQK, DQT, DKB, DLAST, DQ,
         dq = tl.dot(dqk, k, input_precision=PREC) + dqt
         dk += tl.dot(tl.trans(dqk), q, input_precision=PREC)
         tl.store(DQ + tok[:, None] * K + ok[None, :], dq, mask=m_tk)
-    dkb = _sum_parts(DKB, o_ck, m_ck, NV, rows * C * K)
     if GATE == 1:
         e = tl.sum(dkb * k, axis=1) * ekb                                 # Σ_k dK̄ ⊙ K̄
         dk += dkb * ekb[:, None]
         db -= e
-        dlast = _sum_parts(DLAST, row, row < rows, NV, rows) + tl.sum(e, axis=0)
+        dlast = tl.exp(last) * tl.sum(dl, axis=0) + tl.sum(e, axis=0)
         # dg_t = Σ_{t' ≥ t} db_t' + d b_C
         dg = tl.sum(db, axis=0) - tl.cumsum(db, axis=0) + db + dlast
         tl.store(DG + tok, dg, mask=mt)
@@ -211,9 +233,10 @@ def _intra_bwd_per_key(Q, K_, V_, BETA, G, P_, W, U0, DW, DU0, DQK, DQT, DKB, DL
     tl.store(DBETA + tok, dbeta, mask=mt)
 
 
-def intra_backward(grads: InterGrads, chunks: Chunks, P, *, q, k, v, beta, g, block_v: int, block_k: int,
-                   num_warps: int, precision: str):
-    """-> (dq or None, dk, dv, dbeta, dg or None), float32, shaped as the inputs."""
+def intra_backward(grads: InterGrads | StateGrads, chunks: Chunks, P, *, q, k, v, beta, g, SN, dO, scale: float,
+                   block_v: int, block_k: int, num_warps: int, precision: str):
+    """-> (dq or None, dk, dv, dbeta, dg or None), float32, shaped as the inputs. grads: StateGrads (no gate or
+    a scalar one: SN, dO and scale are read) or InterGrads (per-key gates: SN, dO and scale are not read)."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     N, C = P.shape[2], P.shape[3]
@@ -223,14 +246,22 @@ def intra_backward(grads: InterGrads, chunks: Chunks, P, *, q, k, v, beta, g, bl
     dk, dv, dbeta = torch.empty(B, T, H, K, **f32), torch.empty(B, T, H, V, **f32), torch.empty(B, T, H, **f32)
     dg = torch.empty(g.shape, **f32) if g is not None else None
     c = lambda x: x.contiguous() if x is not None else None  # noqa: E731
-    args = (c(q), c(k), c(v), c(beta), c(g), c(P), c(chunks.W), c(chunks.U0), c(grads.dW), c(grads.dU0),
-            c(grads.dQK), c(grads.dQT), c(grads.dKB), c(grads.dlast), dq, dk, dv, dbeta, dg, T, H, N, C, K, V,
-            grads.dW.shape[0])
+    inputs = (c(q), c(k), c(v), c(beta), c(g), c(P), c(chunks.W), c(chunks.U0))
+    outputs = (dq, dk, dv, dbeta, dg, T, H, N, C, K, V)
     BV = min(block_v, pow2(V))
-    if g is not None and g.dim() == 4:
-        _intra_bwd_per_key[(N, B * H)](*args, HAS_Q=has_q, BC=pow2(C), BKS=block_k, BV=BV, PREC=precision,
-                                       num_warps=num_warps)
+    if isinstance(grads, InterGrads):
+        if g is None or g.dim() != 4:
+            raise ValueError("intra_backward: InterGrads go with per-key gates; no gate or a scalar one takes "
+                             "StateGrads")
+        _intra_bwd_per_key[(N, B * H)](*inputs, c(grads.dW), c(grads.dU0), c(grads.dQK), c(grads.dQT),
+                                       c(grads.dKB), c(grads.dlast), *outputs, grads.dW.shape[0], HAS_Q=has_q,
+                                       BC=pow2(C), BKS=block_k, BV=BV, PREC=precision, num_warps=num_warps)
     else:
-        _intra_bwd[(N, B * H)](*args, HAS_Q=has_q, GATE=int(g is not None), BC=pow2(C), BK=pow2(K), BV=BV,
+        if g is not None and g.dim() == 4:
+            raise ValueError("intra_backward: per-key gates take InterGrads, not StateGrads")
+        if has_q and dO is None:
+            dO = torch.zeros_like(chunks.U0)
+        _intra_bwd[(N, B * H)](*inputs, c(SN), c(grads.dSN), c(dO) if has_q else None, c(grads.dU0), *outputs,
+                               scale, HAS_Q=has_q, GATE=int(g is not None), BC=pow2(C), BK=pow2(K), BV=BV,
                                PREC=precision, num_warps=num_warps)
     return dq, dk, dv, dbeta, dg
