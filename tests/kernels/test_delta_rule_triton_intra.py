@@ -98,6 +98,25 @@ def test_recompute_matches_recurrence_and_keeps_less(kind):
     assert kept[True] <= inputs < kept[False], kept
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradients_from_the_final_state_alone(kind):
+    """A loss on the final state only (o unused)."""
+    x = make_inputs(kind, 1, 40, 2, 16, 16, torch.float64, seed=17)
+    dht = torch.randn(1, 2, 16, 16, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    names = [n for n in NAMES if n != "q" and x[n] is not None]
+
+    def grads(fn, x, dht):
+        leaves = {n: (t.clone().requires_grad_() if t is not None else None) for n, t in x.items()}
+        _, s = fn(**leaves)
+        return torch.autograd.grad(s, [leaves[n] for n in names], dht)
+    ref = grads(lambda **a: naive_recurrent_delta_rule(**a, output_final_state=True), x, dht)
+    x32 = {n: (t.float().to(DEV) if t is not None else None) for n, t in x.items()}
+    got = grads(lambda **a: tc.forward(**a, output_final_state=True, options=DeltaTritonOptions(chunk=16)), x32,
+                dht.float().to(DEV))
+    for n, a, b in zip(names, got, ref):
+        assert rel_err(a.cpu(), b) < 1e-5, n
+
+
 @pytest.mark.parametrize("with_q", [True, False])
 @pytest.mark.parametrize("kind", KINDS)
 def test_intra_quantities_match_torch_stage(kind, with_q):

@@ -45,6 +45,8 @@ class DeltaRuleChunk(torch.autograd.Function):
             q, k, v, beta, g, P, SN, *chunks = ctx.saved_tensors
             chunks = Chunks(*chunks)
         kw = dict(block_v=o.block_v, num_warps=o.num_warps, precision=o.input_precision)
+        if q is not None and dO is None:    # only the final state reached the loss (materialize_grads off)
+            dO = torch.zeros_like(chunks.U0)
         if g is not None and g.dim() == 4:   # per-key gates: the sums over V come from the recurrence's kernel
             grads = inter_backward(chunks, SN, dO, dHT, ctx.scale, **kw)
         else:
