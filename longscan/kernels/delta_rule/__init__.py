@@ -108,9 +108,8 @@ def chunk_delta_rule(q, k, v, beta, g=None, scale=None, initial_state=None, outp
     "naive" | "triton" (float32 compute: it refuses float64 inputs). options: a
     ``longscan.kernels.delta_rule.triton.DeltaTritonOptions`` for the Triton backend (None: its defaults).
     -> (o `[B, T, H, V]` in q's dtype, final state `[B, H, K, V]` (float32; float64 for float64 inputs) or
-    None). Same conventions as
-    flash-linear-attention's chunk_delta_rule (β given, q and k not normalised here), chunk_gated_delta_rule
-    and chunk_kda.
+    None). Same conventions as flash-linear-attention's chunk_delta_rule (β given, q and k not normalised
+    here), chunk_gated_delta_rule and chunk_kda.
     """
     check_inputs(q, k, v, beta, g, initial_state)
     impl = get_backend(backend, q.device)
