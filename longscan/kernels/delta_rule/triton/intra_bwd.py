@@ -54,7 +54,6 @@ def _intra_bwd(Q, K_, V_, BETA, G, P_, W, U0, SN, DSN, DO, DU0, DQ, DK, DV, DBET
     m_cc = mc[:, None] & mc[None, :]
     causal = oc[:, None] >= oc[None, :]
     strict = oc[:, None] > oc[None, :]
-    k = tl.load(K_ + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(tl.float32)
     beta = tl.load(BETA + tok, mask=mt, other=0.).to(tl.float32)
     P = tl.load(P_ + row * C * C + oc[:, None] * C + oc[None, :], mask=m_cc, other=0.)
     w = tl.load(W + row * C * K + oc[:, None] * K + ok[None, :], mask=m_ck, other=0.)
@@ -90,6 +89,7 @@ def _intra_bwd(Q, K_, V_, BETA, G, P_, W, U0, SN, DSN, DO, DU0, DQ, DK, DV, DBET
         dA -= tl.dot(dy, tl.trans(u0), input_precision=PREC)
         dbeta += tl.sum(dy * v, axis=1)
         tl.store(DV + tok[:, None] * V + ov[None, :], beta[:, None] * dy, mask=mt[:, None] & mv[None, :])
+    k = tl.load(K_ + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(tl.float32)   # after the V loop
     kk = tl.dot(k, tl.trans(k), input_precision=PREC)
     if GATE == 1:
         bc = tl.cumsum(tl.load(G + tok, mask=mt, other=0.).to(tl.float32), axis=0)
