@@ -3,13 +3,14 @@ flash-linear-attention's chunk_delta_rule / chunk_gated_delta_rule / chunk_kda (
 longscan's scalar-gate linear attention at the same shape (the yardstick: same q, k, v, no delta rule).
 
     PYTHONPATH=. python benchmarks/delta_rule.py [--shapes 16x4096 1x65536] [--backends triton triton-torch-intra]
-        [--precision ieee tf32]
+        [--precision ieee tf32] [--recompute] [--chunk 32] [--kinds deltanet gated_deltanet kda]
 
 Backends: "triton" (every stage in Triton), "triton-torch-intra" (the chunks' own quantities in batched torch,
 the recurrence across chunks in Triton: the earlier path), "torch". bf16 q, k, v (k L2-normalised), float32 β
 in (0, 1) and log gates, 16 heads × 128 by default. Prints one row per (kind, shape, implementation):
-milliseconds (median of triton.testing.do_bench), and for the others the relative L2 difference of their
-output and final state from the first backend's on the same inputs.
+milliseconds (median of triton.testing.do_bench), and for the other delta-rule rows the relative L2 difference
+of their output and final state, and the largest of their gradients' (q, k, v, β, g), from the first row's on
+the same inputs.
 """
 from __future__ import annotations
 
@@ -74,6 +75,13 @@ def peer(kind):
         return None
 
 
+def gradients(f, x, do):
+    """The gradients of every input that has one, from o·do (the rows' gradients are compared to the first's)."""
+    leaves = [t for t in x.values() if t is not None]
+    o, _ = f(**x)
+    return torch.autograd.grad(o, leaves, do)
+
+
 def rel(a, b):
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm()).item()
@@ -97,7 +105,7 @@ def main():
     dev = torch.device("cuda")
     print(f"{torch.cuda.get_device_name()} | torch {torch.__version__}")
     print(f"{'kind':16} {'B x T':>10} {'implementation':28} {'fwd ms':>9} {'fwd+bwd ms':>11} "
-          f"{'rel diff o / state':>20}")
+          f"{'rel diff o / state':>20} {'max grad diff':>14}")
     for kind in a.kinds:
         for shape in a.shapes:
             B, T = (int(x) for x in shape.split("x"))
@@ -122,12 +130,15 @@ def main():
                         o, _ = f(**x)
                         o.backward(do)
                     both = do_bench(step, warmup=25, rep=100, grad_to_none=[t for t in x.values() if t is not None])
-                    diff = ""
-                    if not first:
-                        first = {"o": o, "s": s}
-                    elif f is not linear_yardstick:
-                        diff = f"{rel(o, first['o']):.1e} / {rel(s, first['s']):.1e}"
-                    print(f"{kind:16} {shape:>10} {name:28} {fwd:9.3f} {both:11.3f} {diff:>20}")
+                    diff = gdiff = ""
+                    if f is not linear_yardstick:
+                        grads = gradients(f, x, do)
+                        if not first:
+                            first = {"o": o, "s": s, "grads": grads}
+                        else:
+                            diff = f"{rel(o, first['o']):.1e} / {rel(s, first['s']):.1e}"
+                            gdiff = f"{max(rel(a, b) for a, b in zip(grads, first['grads'])):.1e}"
+                    print(f"{kind:16} {shape:>10} {name:28} {fwd:9.3f} {both:11.3f} {diff:>20} {gdiff:>14}")
                 except Exception as e:   # a peer may refuse a shape: report it and go on
                     print(f"{kind:16} {shape:>10} {name:28} failed: {type(e).__name__}: {str(e)[:100]}")
                 torch.cuda.empty_cache()
