@@ -8,6 +8,8 @@ quantities from batched torch under autograd instead (the earlier path, kept for
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from longscan.kernels.delta_rule.triton import DeltaTritonOptions, scan
@@ -24,7 +26,7 @@ def _options(options, chunk):
     if not isinstance(options, DeltaTritonOptions):
         raise TypeError(f"options must be a DeltaTritonOptions, got {type(options).__name__}")
     if chunk is not None:
-        options = DeltaTritonOptions(**{**options.__dict__, "chunk": chunk})
+        options = dataclasses.replace(options, chunk=chunk)
     return options
 
 

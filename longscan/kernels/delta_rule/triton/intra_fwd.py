@@ -1,13 +1,14 @@
 """The chunks' own quantities (the WY / UT representation), forward: one program per (chunk, sequence, head).
 
 Inside a chunk of C tokens, with b_t the chunk-local cumulative log gate (zero without a gate, one value a
-token for a scalar gate) and D_ts = exp(b_t - b_s) for s ≤ t (zero above):
+token for a scalar gate, one a token and key for a per-key gate: then D and exp(b) act key by key) and
+D_ts = exp(b_t - b_s) for s ≤ t (zero above):
     A   = strictly lower part of Diag(β) (K Kᵀ ⊙ D)            P = (I + A)⁻¹   (unit lower triangular)
     W   = P Diag(β) Diag(exp(b)) K                              U_0 = P Diag(β) V
     QK  = lower part (diagonal included) of Q Kᵀ ⊙ D            Q̃ = Diag(exp(b)) Q
     K̄  = Diag(exp(b_C - b)) K                                  l = b_C (the chunk's total log gate)
 P comes from forward substitution row by row in registers, row i = e_i - Σ_{s<i} A_is P_s: each row needs the
-rows above it, and a unit lower-triangular solve by substitution is exact to round-off without pivoting.
+rows above it, and substitution on a unit lower-triangular matrix needs no pivoting.
 Every exponent is a difference b_t - b_s with s ≤ t (≤ 0), so steep gates stay finite. P is written for the
 backward (`[C, C]` a chunk, the size of QK, cheaper to keep than to solve again).
 
