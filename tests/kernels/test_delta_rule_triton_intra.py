@@ -178,7 +178,7 @@ for fn, consts in ((intra_fwd._intra_fwd, dict(GATE=1, BK=128)), (intra_bwd._int
                    (intra_fwd._intra_fwd_per_key, dict(BKS=o.block_k)),
                    (intra_bwd._intra_bwd_per_key, dict(BKS=o.block_k))):
     consts = dict(consts, HAS_Q=True, BC=pow2(o.chunk), BV=min(o.block_v, 128), PREC=o.input_precision)
-    sig = {a: "constexpr" if a in consts else "i32" if a in ("T", "H", "N", "C", "K", "V", "NV") else "fp32"
+    sig = {a: "constexpr" if a in consts else "i32" if a in ("T", "H", "N", "C", "K", "V") else "fp32"
            if a == "scale" else "*fp32" for a in fn.arg_names}
     src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=o.num_warps))

@@ -13,8 +13,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from longscan.kernels.delta_rule.torch_chunk import _chunks, _intra
-from longscan.kernels.delta_rule.triton.inter import (Chunks, InterChunk, inter_backward,
-                                                     inter_backward_states, inter_forward)
+from longscan.kernels.delta_rule.triton.inter import Chunks, InterChunk, inter_backward_states, inter_forward
 from longscan.kernels.delta_rule.triton.intra_bwd import intra_backward
 from longscan.kernels.delta_rule.triton.intra_fwd import intra_forward
 from longscan.kernels.delta_rule.triton.options import DeltaTritonOptions
@@ -47,10 +46,7 @@ class DeltaRuleChunk(torch.autograd.Function):
         kw = dict(block_v=o.block_v, num_warps=o.num_warps, precision=o.input_precision)
         if q is not None and dO is None:    # only the final state reached the loss (materialize_grads off)
             dO = torch.zeros_like(chunks.U0)
-        if g is not None and g.dim() == 4:   # per-key gates: the sums over V come from the recurrence's kernel
-            grads = inter_backward(chunks, SN, dO, dHT, ctx.scale, **kw)
-        else:
-            grads = inter_backward_states(chunks, dO, dHT, ctx.scale, **kw)
+        grads = inter_backward_states(chunks, SN, dO, dHT, ctx.scale, **kw)
         dq, dk, dv, dbeta, dg = intra_backward(grads, chunks, P, q=q, k=k, v=v, beta=beta, g=g, SN=SN, dO=dO,
                                                scale=ctx.scale, block_k=o.block_k, **kw)
         cast = lambda d, x: d.to(x.dtype) if d is not None else None  # noqa: E731

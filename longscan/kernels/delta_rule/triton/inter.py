@@ -6,10 +6,10 @@ the chunks run in order, columns of the state never mixing:
 The forward keeps S_n (one state a chunk); the backward runs the chunks in reverse:
     dU = scale (Q̃K̂ᵀ)ᵀ do + K̄ dS_{n+1},     dS_n = exp(l_n) ⊙ dS_{n+1} + scale Q̃ᵀ do - Wᵀ dU,
     dW = -dU S_nᵀ, dQ̃ = scale do S_nᵀ, d(Q̃K̂ᵀ) = scale do Uᵀ, dK̄ = U dS_{n+1}ᵀ, dl = Σ_v exp(l) S_n dS_{n+1};
-the sums over V (dW, dQ̃, dQK, dK̄, dl) are one share a block of V, added up by the intra backward as it
-reads them (by torch on the torch intra path). Without a gate or with a scalar one the backward runs
-``_inter_bwd_states`` instead: dU and dS_{n+1} alone, the sums over V then formed by the intra backward from
-S_n and dS_{n+1} (one state a chunk written, instead of shares of `[C, K]` gradients a block of V).
+``_inter_bwd`` writes the sums over V (dW, dQ̃, dQK, dK̄, dl) as one share a block of V, added up by torch
+(the torch intra path). The Triton intra path's backward runs ``_inter_bwd_states`` instead: dU and dS_{n+1}
+alone, the sums over V then formed by the intra backward from S_n, dS_{n+1} and U (one state a chunk
+written, instead of shares of `[C, K]` gradients a block of V).
 """
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ def pow2(n: int) -> int:
 def _inter_fwd(W, U0, QK, QT, KB, LAST, H0, O, HT, SN, N, C, K, V, scale,
                HAS_Q: tl.constexpr, HAS_H0: tl.constexpr, GATE: tl.constexpr, BC: tl.constexpr,
                BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
-    """GATE: 0 none, 1 scalar (LAST `[BH, N]`), 2 per key (LAST `[BH, N, K]`)."""
+    """GATE: 0 none, 1 scalar (LAST `[BH, N]`), 2 per key (LAST `[BH, N, K]`). Writes the state entering
+    each chunk (SN) for the backward."""
     bh, iv = tl.program_id(0), tl.program_id(1)
     oc, ok = tl.arange(0, BC), tl.arange(0, BK)
     ov = iv * BV + tl.arange(0, BV)
@@ -117,12 +118,12 @@ def _inter_bwd(W, U0, QK, QT, KB, LAST, SN, DO, DHT, DU0, DW, DQK, DQT, DKB, DLA
 
 
 @triton.jit
-def _inter_bwd_states(W, QK, QT, KB, LAST, DO, DHT, DU0, DSN, DH0, N, C, K, V, scale,
+def _inter_bwd_states(W, U0, QK, QT, KB, LAST, SN, DO, DHT, DU0, DSN, UN, DH0, N, C, K, V, scale,
                       HAS_Q: tl.constexpr, HAS_DHT: tl.constexpr, GATE: tl.constexpr, BC: tl.constexpr,
                       BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
-    """The backward's chunk-serial part alone: per block of V columns, dU and the gradient of the state leaving
-    each chunk (DSN `[BH, N, K, V]`); the sums over V (dW, dQ̃, dK̄, dQK, dl) are left to the intra backward,
-    which has every column of a chunk at once (GATE 0 or 1)."""
+    """The backward's chunk-serial part alone: per block of V columns, dU, the gradient of the state leaving
+    each chunk (DSN `[BH, N, K, V]`) and U (UN); the sums over V (dW, dQ̃, dK̄, dQK, dl) are left to the intra
+    backward, which has every column of a chunk at once."""
     bh, iv = tl.program_id(0), tl.program_id(1)
     oc, ok = tl.arange(0, BC), tl.arange(0, BK)
     ov = iv * BV + tl.arange(0, BV)
@@ -149,8 +150,13 @@ def _inter_bwd_states(W, QK, QT, KB, LAST, DO, DHT, DU0, DSN, DH0, N, C, K, V, s
             dS_in = scale * tl.dot(tl.trans(qt), do, input_precision=PREC)
         if GATE == 1:
             dS = tl.exp(tl.load(LAST + row)) * dS
+        if GATE == 2:
+            dS = tl.exp(tl.load(LAST + row * K + ok, mask=mk, other=0.))[:, None] * dS
         tl.store(DU0 + row * C * V + oc[:, None] * V + ov[None, :], du, mask=m_cv)
         w = tl.load(W + row * C * K + oc[:, None] * K + ok[None, :], mask=m_ck, other=0.)
+        S = tl.load(SN + row * K * V + ok[:, None] * V + ov[None, :], mask=m_kv, other=0.)
+        u = tl.load(U0 + row * C * V + oc[:, None] * V + ov[None, :], mask=m_cv, other=0.)
+        tl.store(UN + row * C * V + oc[:, None] * V + ov[None, :], u - tl.dot(w, S, input_precision=PREC), mask=m_cv)
         dS = dS + dS_in - tl.dot(tl.trans(w), du, input_precision=PREC)
     tl.store(DH0 + bh * K * V + ok[:, None] * V + ov[None, :], dS, mask=m_kv)
 
@@ -172,8 +178,7 @@ class Chunks(NamedTuple):
 
 class InterGrads(NamedTuple):
     """The gradients of :class:`Chunks`' fields and of the initial state. dW, dQK, dQT, dKB and dlast are sums
-    over V, kept as one share a block of V columns `[NV, B, H, N, ...]` (the intra backward adds them up as it
-    reads them: no pass of their own); :meth:`total` sums them."""
+    over V, kept as one share a block of V columns `[NV, B, H, N, ...]`; :meth:`total` sums them."""
     dW: torch.Tensor
     dU0: torch.Tensor
     dQK: Optional[torch.Tensor]
@@ -193,7 +198,8 @@ def _gate(last) -> int:
 
 
 def inter_forward(c: Chunks, h0, scale: float, *, block_v: int, num_warps: int, precision: str):
-    """-> (o `[B, H, N, C, V]` float32 or None without q, S_N `[B, H, K, V]`, S_n `[B, H, N, K, V]`)."""
+    """-> (o `[B, H, N, C, V]` float32 or None without q, S_N `[B, H, K, V]`, S_n `[B, H, N, K, V]`), S_n the
+    state entering chunk n."""
     W, U0, QK, QT, KB, last = (_flat(x) for x in c)
     B, H, N, C, K = W.shape
     V = U0.shape[-1]
@@ -236,29 +242,30 @@ def inter_backward(c: Chunks, SN, dO, dHT, scale: float, *, block_v: int, num_wa
 
 class StateGrads(NamedTuple):
     """What :func:`inter_backward_states` gives: dU_0 `[B, H, N, C, V]`, the gradient of the state leaving each
-    chunk `[B, H, N, K, V]`, and that of the initial state."""
+    chunk `[B, H, N, K, V]`, each chunk's U = U_0 - W S_n `[B, H, N, C, V]` (formed on the way, for the intra
+    backward's sums over V), and the gradient of the initial state."""
     dU0: torch.Tensor
     dSN: torch.Tensor
+    U: torch.Tensor
     dh0: torch.Tensor
 
 
-def inter_backward_states(c: Chunks, dO, dHT, scale: float, *, block_v: int, num_warps: int,
+def inter_backward_states(c: Chunks, SN, dO, dHT, scale: float, *, block_v: int, num_warps: int,
                           precision: str) -> StateGrads:
-    """The recurrence's backward without its sums over V (no gate or a scalar one): see _inter_bwd_states."""
+    """The recurrence's backward without its sums over V: see _inter_bwd_states."""
     W, U0, QK, QT, KB, last = (_flat(x) for x in c)
     B, H, N, C, K = W.shape
     V = U0.shape[-1]
-    if _gate(last) == 2:
-        raise ValueError("inter_backward_states takes no gate or a scalar one; per-key gates use inter_backward")
     has_q = QT is not None
     BV = min(block_v, pow2(V))
-    dU0, dSN, dH0 = U0.new_empty(B, H, N, C, V), U0.new_empty(B, H, N, K, V), U0.new_empty(B, H, K, V)
-    _inter_bwd_states[(B * H, triton.cdiv(V, BV))](W, QK, QT, KB, last, _flat(dO) if has_q else None,
-                                                   _flat(dHT) if dHT is not None else None, dU0, dSN, dH0,
+    new = U0.new_empty
+    dU0, dSN, UN, dH0 = new(B, H, N, C, V), new(B, H, N, K, V), new(B, H, N, C, V), new(B, H, K, V)
+    _inter_bwd_states[(B * H, triton.cdiv(V, BV))](W, U0, QK, QT, KB, last, _flat(SN), _flat(dO) if has_q else None,
+                                                   _flat(dHT) if dHT is not None else None, dU0, dSN, UN, dH0,
                                                    N, C, K, V, scale, HAS_Q=has_q, HAS_DHT=dHT is not None,
                                                    GATE=_gate(last), BC=pow2(C), BK=pow2(K), BV=BV, PREC=precision,
                                                    num_warps=num_warps)
-    return StateGrads(dU0, dSN, dH0)
+    return StateGrads(dU0, dSN, UN, dH0)
 
 
 class InterChunk(torch.autograd.Function):

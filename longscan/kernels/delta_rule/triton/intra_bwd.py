@@ -1,11 +1,10 @@
 """The chunks' own quantities, backward: one program per (chunk, sequence, head).
 
-To the gradients of q, k, v, β and g from those of W, U_0, QK, Q̃, K̄ and l. No gate or a scalar one: from the
-recurrence's dU_0 and the gradients of the states leaving the chunks (``inter_backward_states``), the sums
-over V (dW = -dU S_nᵀ, dQ̃ = scale do S_nᵀ, dK̄ = U dS_{n+1}ᵀ, dQK = scale do Uᵀ, dl) are formed here, a block
-of V at a time, so no per-V-block shares of them are written. Per-key gates: from ``inter_backward``'s shares
-(one a block of V columns), added up as they are read. With X = Diag(β exp(b)) K and Y = Diag(β) V
-(W = P X, U_0 = P Y):
+To the gradients of q, k, v, β and g, from the recurrence's dU_0 and the gradients of the states leaving the
+chunks (``inter_backward_states``): the sums over V of the recurrence's gradients (dW = -dU S_nᵀ,
+dQ̃ = scale do S_nᵀ, dK̄ = U dS_{n+1}ᵀ, dQK = scale do Uᵀ, dl = exp(l) Σ_v S_n ⊙ dS_{n+1}) are formed here, a
+block of V at a time, from the states entering the chunks and U, so no per-V-block shares of them are
+written. With X = Diag(β exp(b)) K and Y = Diag(β) V (W = P X, U_0 = P Y):
     dX = Pᵀ dW,   dY = Pᵀ dU_0,   dA = -(dX Wᵀ + dY U_0ᵀ)   (strictly lower; P = (I + A)⁻¹)
     dv = β dY,   dβ = Σ_v dY v + Σ_k dX exp(b) k + Σ_s (dA ⊙ D ⊙ K Kᵀ)
     dk = M K + Mᵀ K + β exp(b) dX + (dQK ⊙ D)ᵀ Q + exp(b_C - b) dK̄,   M = Diag(β) (dA ⊙ D)
@@ -21,25 +20,16 @@ import torch
 import triton
 import triton.language as tl
 
-from longscan.kernels.delta_rule.triton.inter import Chunks, InterGrads, StateGrads, pow2
+from longscan.kernels.delta_rule.triton.inter import Chunks, StateGrads, pow2
 
 
 @triton.jit
-def _sum_parts(X, offs, mask, NV, PART):
-    """A gradient summed over V from its NV shares, one a block of V columns, PART elements apart."""
-    acc = tl.load(X + offs, mask=mask, other=0.)
-    for p in range(1, NV):
-        acc += tl.load(X + p * PART + offs, mask=mask, other=0.)
-    return acc
-
-
-@triton.jit
-def _intra_bwd(Q, K_, V_, BETA, G, P_, W, U0, SN, DSN, DO, DU0, DQ, DK, DV, DBETA, DG, T, H, N, C, K, V, scale,
+def _intra_bwd(Q, K_, V_, BETA, G, P_, W, U0, UN, SN, DSN, DO, DU0, DQ, DK, DV, DBETA, DG, T, H, N, C, K, V, scale,
                HAS_Q: tl.constexpr, GATE: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                PREC: tl.constexpr):
     """No gate or a scalar one: the sums over V of the recurrence's gradients (dW = -dU S_nᵀ,
     dQ̃ = scale do S_nᵀ, dK̄ = U dS_{n+1}ᵀ, dQK = scale do Uᵀ, dl = exp(l) Σ S_n ⊙ dS_{n+1}) are formed here
-    over the blocks of V, from the states entering (SN) and leaving (DSN: their gradients) each chunk."""
+    over the blocks of V, from the states entering (SN) and leaving (DSN: their gradients) each chunk and U (UN)."""
     n, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     oc, ok = tl.arange(0, BC), tl.arange(0, BK)
@@ -75,7 +65,7 @@ def _intra_bwd(Q, K_, V_, BETA, G, P_, W, U0, SN, DSN, DO, DU0, DQ, DK, DV, DBET
         dS = tl.load(DSN + o_kv, mask=m_kv, other=0.)
         du = tl.load(DU0 + o_cv, mask=m_cv, other=0.)
         u0 = tl.load(U0 + o_cv, mask=m_cv, other=0.)
-        u = u0 - tl.dot(w, S, input_precision=PREC)
+        u = tl.load(UN + o_cv, mask=m_cv, other=0.)
         dw -= tl.dot(du, tl.trans(S), input_precision=PREC)
         dkb += tl.dot(u, tl.trans(dS), input_precision=PREC)
         if HAS_Q:
@@ -143,11 +133,12 @@ def _intra_bwd(Q, K_, V_, BETA, G, P_, W, U0, SN, DSN, DO, DU0, DQ, DK, DV, DBET
 
 
 @triton.jit
-def _intra_bwd_per_key(Q, K_, V_, BETA, G, P_, W, U0, DW, DU0, DQK, DQT, DKB, DLAST, DQ, DK, DV, DBETA, DG,
-                       T, H, N, C, K, V, NV, HAS_Q: tl.constexpr, BC: tl.constexpr, BKS: tl.constexpr,
+def _intra_bwd_per_key(Q, K_, V_, BETA, G, P_, W, U0, UN, SN, DSN, DO, DU0, DQ, DK, DV, DBETA, DG,
+                       T, H, N, C, K, V, scale, HAS_Q: tl.constexpr, BC: tl.constexpr, BKS: tl.constexpr,
                        BV: tl.constexpr, PREC: tl.constexpr):
-    """Per-key gates: dA needs every key (dX Wᵀ summed over blocks of BKS keys, then dY U_0ᵀ); then each block
-    of keys takes its share of the products F_ts = Σ_k a_tk c_sk E_tsk (E = exp(b_tk - b_sk), s ≤ t):
+    """Per-key gates, a block of BKS keys at a time: dA needs every key (dX Wᵀ summed over the blocks, each
+    block's dW = -Σ_v dU S_nᵀ over the blocks of V), then each block of keys takes its sums over V again and
+    its share of the products F_ts = Σ_k a_tk c_sk E_tsk (E = exp(b_tk - b_sk), s ≤ t):
     da = Σ_s dF E c_s, dc = Σ_t dF E a_t, db = a ⊙ da - c ⊙ dc."""
     n, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
@@ -157,41 +148,64 @@ def _intra_bwd_per_key(Q, K_, V_, BETA, G, P_, W, U0, DW, DU0, DQK, DQT, DKB, DL
     mt = mc & (t < T)
     tok = (b * T + t) * H + h
     row = bh * N + n
-    rows = tl.num_programs(1) * N
     m_cc = mc[:, None] & mc[None, :]
-    o_cc = row * C * C + oc[:, None] * C + oc[None, :]
     causal = oc[:, None] >= oc[None, :]
     beta = tl.load(BETA + tok, mask=mt, other=0.).to(tl.float32)
     P = tl.load(P_ + row * C * C + oc[:, None] * C + oc[None, :], mask=m_cc, other=0.)
     dA = tl.zeros([BC, BC], dtype=tl.float32)
-    for ib in range(0, tl.cdiv(K, BKS)):
-        ok = ib * BKS + tl.arange(0, BKS)
-        m_ck = mc[:, None] & (ok < K)[None, :]
-        o_ck = row * C * K + oc[:, None] * K + ok[None, :]
-        dx = tl.dot(tl.trans(P), _sum_parts(DW, o_ck, m_ck, NV, rows * C * K), input_precision=PREC)
-        w = tl.load(W + row * C * K + oc[:, None] * K + ok[None, :], mask=m_ck, other=0.)
-        dA -= tl.dot(dx, tl.trans(w), input_precision=PREC)
+    dqk = tl.zeros([BC, BC], dtype=tl.float32)
     dbeta = tl.zeros([BC], dtype=tl.float32)
-    for iv in range(0, tl.cdiv(V, BV)):
+    for iv in range(0, tl.cdiv(V, BV)):                                   # every key: dv, dY U_0ᵀ, do Uᵀ
         ov = iv * BV + tl.arange(0, BV)
         mv = ov < V
         m_cv = mc[:, None] & mv[None, :]
+        o_cv = row * C * V + oc[:, None] * V + ov[None, :]
         v = tl.load(V_ + tok[:, None] * V + ov[None, :], mask=mt[:, None] & mv[None, :], other=0.).to(tl.float32)
-        dy = tl.dot(tl.trans(P), tl.load(DU0 + row * C * V + oc[:, None] * V + ov[None, :], mask=m_cv, other=0.),
-                    input_precision=PREC)
-        u0 = tl.load(U0 + row * C * V + oc[:, None] * V + ov[None, :], mask=m_cv, other=0.)
-        dA -= tl.dot(dy, tl.trans(u0), input_precision=PREC)
+        dy = tl.dot(tl.trans(P), tl.load(DU0 + o_cv, mask=m_cv, other=0.), input_precision=PREC)
+        dA -= tl.dot(dy, tl.trans(tl.load(U0 + o_cv, mask=m_cv, other=0.)), input_precision=PREC)
         dbeta += tl.sum(dy * v, axis=1)
         tl.store(DV + tok[:, None] * V + ov[None, :], beta[:, None] * dy, mask=mt[:, None] & mv[None, :])
+        if HAS_Q:
+            do = tl.load(DO + o_cv, mask=m_cv, other=0.).to(tl.float32)
+            dqk += tl.dot(do, tl.trans(tl.load(UN + o_cv, mask=m_cv, other=0.)), input_precision=PREC)
+    for ib in range(0, tl.cdiv(K, BKS)):                                  # every key: dX Wᵀ
+        ok = ib * BKS + tl.arange(0, BKS)
+        mk = ok < K
+        dw = tl.zeros([BC, BKS], dtype=tl.float32)
+        for iv in range(0, tl.cdiv(V, BV)):
+            ov = iv * BV + tl.arange(0, BV)
+            mv = ov < V
+            S = tl.load(SN + row * K * V + ok[:, None] * V + ov[None, :], mask=mk[:, None] & mv[None, :], other=0.)
+            du = tl.load(DU0 + row * C * V + oc[:, None] * V + ov[None, :], mask=mc[:, None] & mv[None, :], other=0.)
+            dw -= tl.dot(du, tl.trans(S), input_precision=PREC)
+        dx = tl.dot(tl.trans(P), dw, input_precision=PREC)
+        w = tl.load(W + row * C * K + oc[:, None] * K + ok[None, :], mask=mc[:, None] & mk[None, :], other=0.)
+        dA -= tl.dot(dx, tl.trans(w), input_precision=PREC)
     dA = tl.where(oc[:, None] > oc[None, :], dA, 0.)
-    if HAS_Q:
-        dqk = tl.where(causal, _sum_parts(DQK, o_cc, m_cc, NV, rows * C * C), 0.)
+    dqk = tl.where(causal, scale * dqk, 0.)
     for ib in range(0, tl.cdiv(K, BKS)):
         ok = ib * BKS + tl.arange(0, BKS)
         mk = ok < K
         m = mt[:, None] & mk[None, :]
-        m_ck = mc[:, None] & mk[None, :]
-        o_ck = row * C * K + oc[:, None] * K + ok[None, :]
+        # this block's sums over V: dW, dQ̃, dK̄ `[C, BKS]` and Σ_v S_n ⊙ dS_{n+1} `[BKS]`
+        dw = tl.zeros([BC, BKS], dtype=tl.float32)
+        dqt = tl.zeros([BC, BKS], dtype=tl.float32)
+        dkb = tl.zeros([BC, BKS], dtype=tl.float32)
+        dl = tl.zeros([BKS], dtype=tl.float32)
+        for iv in range(0, tl.cdiv(V, BV)):
+            ov = iv * BV + tl.arange(0, BV)
+            mv = ov < V
+            m_cv = mc[:, None] & mv[None, :]
+            o_cv = row * C * V + oc[:, None] * V + ov[None, :]
+            o_kv = row * K * V + ok[:, None] * V + ov[None, :]
+            S = tl.load(SN + o_kv, mask=mk[:, None] & mv[None, :], other=0.)
+            dS = tl.load(DSN + o_kv, mask=mk[:, None] & mv[None, :], other=0.)
+            dw -= tl.dot(tl.load(DU0 + o_cv, mask=m_cv, other=0.), tl.trans(S), input_precision=PREC)
+            dkb += tl.dot(tl.load(UN + o_cv, mask=m_cv, other=0.), tl.trans(dS), input_precision=PREC)
+            dl += tl.sum(S * dS, axis=1)
+            if HAS_Q:
+                do = tl.load(DO + o_cv, mask=m_cv, other=0.).to(tl.float32)
+                dqt += tl.dot(do, tl.trans(S), input_precision=PREC)
         k = tl.load(K_ + tok[:, None] * K + ok[None, :], mask=m, other=0.).to(tl.float32)
         bc = tl.cumsum(tl.load(G + tok[:, None] * K + ok[None, :], mask=m, other=0.).to(tl.float32), axis=0)
         last = tl.sum(tl.where(oc[:, None] == C - 1, bc, 0.), axis=0)
@@ -207,7 +221,7 @@ def _intra_bwd_per_key(Q, K_, V_, BETA, G, P_, W, U0, DW, DU0, DQK, DQT, DKB, DL
         dk = beta[:, None] * da + dc
         db = beta[:, None] * da * k - dc * k
         # X = β exp(b) k
-        dx = tl.dot(tl.trans(P), _sum_parts(DW, o_ck, m_ck, NV, rows * C * K), input_precision=PREC)
+        dx = tl.dot(tl.trans(P), dw, input_precision=PREC)
         dk += dx * beta[:, None] * eb
         dbeta += tl.sum(dx * eb * k, axis=1)
         db += dx * beta[:, None] * eb * k
@@ -218,25 +232,25 @@ def _intra_bwd_per_key(Q, K_, V_, BETA, G, P_, W, U0, DW, DU0, DQK, DQT, DKB, DL
             dkq = tl.sum(gq * q[:, None, :], axis=0)
             dk += dkq
             db += q * dq - k * dkq
-            dqt = _sum_parts(DQT, o_ck, m_ck, NV, rows * C * K)
+            dqt = scale * dqt
             dq += dqt * eb
             db += dqt * q * eb
             tl.store(DQ + tok[:, None] * K + ok[None, :], dq, mask=m)
-        dkb = _sum_parts(DKB, o_ck, m_ck, NV, rows * C * K)
         ek = dkb * k * ekb                                                    # dK̄ ⊙ K̄
         dk += dkb * ekb
         db -= ek
-        dlast = _sum_parts(DLAST, row * K + ok, mk, NV, rows * K) + tl.sum(ek, axis=0)
+        dlast = tl.exp(last) * dl + tl.sum(ek, axis=0)
         dg = tl.sum(db, axis=0)[None, :] - tl.cumsum(db, axis=0) + db + dlast[None, :]
         tl.store(DK + tok[:, None] * K + ok[None, :], dk, mask=m)
         tl.store(DG + tok[:, None] * K + ok[None, :], dg, mask=m)
     tl.store(DBETA + tok, dbeta, mask=mt)
 
 
-def intra_backward(grads: InterGrads | StateGrads, chunks: Chunks, P, *, q, k, v, beta, g, SN, dO, scale: float,
+def intra_backward(grads: StateGrads, chunks: Chunks, P, *, q, k, v, beta, g, SN, dO, scale: float,
                    block_v: int, block_k: int, num_warps: int, precision: str):
-    """-> (dq or None, dk, dv, dbeta, dg or None), float32, shaped as the inputs. grads: StateGrads (no gate or
-    a scalar one: SN, dO and scale are read) or InterGrads (per-key gates: SN, dO and scale are not read)."""
+    """-> (dq or None, dk, dv, dbeta, dg or None), float32, shaped as the inputs, from the recurrence's
+    ``inter_backward_states`` (grads: dU_0, the leaving states' gradients, U), the states entering the
+    chunks (SN) and do."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     N, C = P.shape[2], P.shape[3]
@@ -245,23 +259,16 @@ def intra_backward(grads: InterGrads | StateGrads, chunks: Chunks, P, *, q, k, v
     dq = torch.empty(B, T, H, K, **f32) if has_q else None
     dk, dv, dbeta = torch.empty(B, T, H, K, **f32), torch.empty(B, T, H, V, **f32), torch.empty(B, T, H, **f32)
     dg = torch.empty(g.shape, **f32) if g is not None else None
+    if has_q and dO is None:
+        dO = torch.zeros_like(chunks.U0)
     c = lambda x: x.contiguous() if x is not None else None  # noqa: E731
-    inputs = (c(q), c(k), c(v), c(beta), c(g), c(P), c(chunks.W), c(chunks.U0))
-    outputs = (dq, dk, dv, dbeta, dg, T, H, N, C, K, V)
+    args = (c(q), c(k), c(v), c(beta), c(g), c(P), c(chunks.W), c(chunks.U0), c(grads.U), c(SN), c(grads.dSN),
+            c(dO) if has_q else None, c(grads.dU0), dq, dk, dv, dbeta, dg, T, H, N, C, K, V, scale)
     BV = min(block_v, pow2(V))
-    if isinstance(grads, InterGrads):
-        if g is None or g.dim() != 4:
-            raise ValueError("intra_backward: InterGrads go with per-key gates; no gate or a scalar one takes "
-                             "StateGrads")
-        _intra_bwd_per_key[(N, B * H)](*inputs, c(grads.dW), c(grads.dU0), c(grads.dQK), c(grads.dQT),
-                                       c(grads.dKB), c(grads.dlast), *outputs, grads.dW.shape[0], HAS_Q=has_q,
-                                       BC=pow2(C), BKS=block_k, BV=BV, PREC=precision, num_warps=num_warps)
+    if g is not None and g.dim() == 4:
+        _intra_bwd_per_key[(N, B * H)](*args, HAS_Q=has_q, BC=pow2(C), BKS=block_k, BV=BV, PREC=precision,
+                                       num_warps=num_warps)
     else:
-        if g is not None and g.dim() == 4:
-            raise ValueError("intra_backward: per-key gates take InterGrads, not StateGrads")
-        if has_q and dO is None:
-            dO = torch.zeros_like(chunks.U0)
-        _intra_bwd[(N, B * H)](*inputs, c(SN), c(grads.dSN), c(dO) if has_q else None, c(grads.dU0), *outputs,
-                               scale, HAS_Q=has_q, GATE=int(g is not None), BC=pow2(C), BK=pow2(K), BV=BV,
+        _intra_bwd[(N, B * H)](*args, HAS_Q=has_q, GATE=int(g is not None), BC=pow2(C), BK=pow2(K), BV=BV,
                                PREC=precision, num_warps=num_warps)
     return dq, dk, dv, dbeta, dg
