@@ -82,7 +82,8 @@ def test_recompute_matches_recurrence_and_keeps_less(kind):
     """options.recompute: the backward runs the forward's stages again, with the same gradients, and what the
     forward keeps for it is the inputs alone."""
     compare(kind, (2, 37, 1, 16, 32), True, DeltaTritonOptions(chunk=16, recompute=True), seed=13)
-    x = make_inputs(kind, 1, 64, 2, 16, 16, torch.float32, seed=14)
+    x = {n: (t.to(DEV) if t is not None else None)
+         for n, t in make_inputs(kind, 1, 64, 2, 16, 16, torch.float32, seed=14).items()}
     kept = {}
     for recompute in (False, True):
         leaves = {n: (t.clone().requires_grad_() if t is not None else None) for n, t in x.items()}
