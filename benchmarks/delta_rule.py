@@ -1,11 +1,16 @@
 """The delta rule on one GPU: forward and forward+backward of longscan's backends beside
-flash-linear-attention's chunk_delta_rule / chunk_gated_delta_rule / chunk_kda (when installed).
+flash-linear-attention's chunk_delta_rule / chunk_gated_delta_rule / chunk_kda (when installed), and beside
+longscan's scalar-gate linear attention at the same shape (the yardstick: same q, k, v, no delta rule).
 
-    PYTHONPATH=. python benchmarks/delta_rule.py [--shapes 16x4096 1x65536] [--backends triton torch]
+    PYTHONPATH=. python benchmarks/delta_rule.py [--shapes 16x4096 1x65536] [--backends triton triton-torch-intra]
+        [--precision ieee tf32] [--recompute] [--chunk 32] [--kinds deltanet gated_deltanet kda]
 
-bf16 q, k, v (k L2-normalised), float32 β in (0, 1) and log gates, 16 heads × 128 by default. Prints one row
-per (kind, shape, implementation): milliseconds (median of triton.testing.do_bench), and for the peers the
-relative L2 difference of their output and final state from ours on the same inputs.
+Backends: "triton" (every stage in Triton), "triton-torch-intra" (the chunks' own quantities in batched torch,
+the recurrence across chunks in Triton: the earlier path), "torch". bf16 q, k, v (k L2-normalised), float32 β
+in (0, 1) and log gates, 16 heads × 128 by default. Prints one row per (kind, shape, implementation):
+milliseconds (median of triton.testing.do_bench), and for the other delta-rule rows the relative L2 difference
+of their output and final state, and the largest of their gradients' (q, k, v, β, g), from the first row's on
+the same inputs.
 """
 from __future__ import annotations
 
@@ -15,8 +20,27 @@ import torch
 import torch.nn.functional as F
 
 from longscan.kernels.delta_rule import chunk_delta_rule
+from longscan.kernels.delta_rule.triton import DeltaTritonOptions
+from longscan.kernels.linear_attention import chunk_linear_attention
 
 KINDS = ("deltanet", "gated_deltanet", "kda")
+BACKENDS = ("triton", "triton-torch-intra", "torch")
+
+
+def ours(backend, chunk, precision, recompute=False):
+    """longscan's chunk_delta_rule on ``backend`` as f(q, k, v, beta, g) -> (o, final state)."""
+    if backend == "torch":
+        return lambda q, k, v, beta, g: chunk_delta_rule(q, k, v, beta, g, output_final_state=True, backend="torch")
+    options = DeltaTritonOptions(chunk=chunk, intra="torch" if backend == "triton-torch-intra" else "triton",
+                                 input_precision=precision, recompute=recompute)
+    return lambda q, k, v, beta, g: chunk_delta_rule(q, k, v, beta, g, output_final_state=True, backend="triton",
+                                                     options=options)
+
+
+def linear_yardstick(q, k, v, beta, g):
+    """Scalar-gate linear attention on the same q, k, v (β unused; a gate [B, T, H] made for it)."""
+    gs = g if g is not None and g.dim() == 3 else torch.full(q.shape[:3], -1 / 16, device=q.device)
+    return chunk_linear_attention(q, k, v, g=gs, output_final_state=True, backend="triton")
 
 
 def inputs(kind, B, T, H, D, device):
@@ -51,6 +75,13 @@ def peer(kind):
         return None
 
 
+def gradients(f, x, do):
+    """The gradients of every input that has one, from o·do (the rows' gradients are compared to the first's)."""
+    leaves = [t for t in x.values() if t is not None]
+    o, _ = f(**x)
+    return torch.autograd.grad(o, leaves, do)
+
+
 def rel(a, b):
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm()).item()
@@ -62,24 +93,33 @@ def main():
     p.add_argument("--shapes", nargs="+", default=["16x4096", "1x65536"], help="BxT")
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--backends", nargs="+", default=["triton"], choices=["triton", "torch"])
+    p.add_argument("--backends", nargs="+", default=["triton", "triton-torch-intra"], choices=BACKENDS)
+    p.add_argument("--chunk", type=int, default=DeltaTritonOptions().chunk, help="tokens a chunk (Triton)")
+    p.add_argument("--precision", nargs="+", default=["ieee"], choices=["ieee", "tf32"],
+                   help="the Triton kernels' dots (one row per value)")
+    p.add_argument("--recompute", action="store_true",
+                   help="the Triton backend keeps only the inputs and runs its forward stages again in the backward")
+    p.add_argument("--no-linear", action="store_true", help="skip the scalar-gate linear attention row")
     p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
     a = p.parse_args()
     dev = torch.device("cuda")
     print(f"{torch.cuda.get_device_name()} | torch {torch.__version__}")
-    print(f"{'kind':16} {'B x T':>10} {'implementation':22} {'fwd ms':>9} {'fwd+bwd ms':>11} "
-          f"{'rel diff o / state':>20}")
+    print(f"{'kind':16} {'B x T':>10} {'implementation':28} {'fwd ms':>9} {'fwd+bwd ms':>11} "
+          f"{'rel diff o / state':>20} {'max grad diff':>14}")
     for kind in a.kinds:
         for shape in a.shapes:
             B, T = (int(x) for x in shape.split("x"))
             x = inputs(kind, B, T, a.heads, a.head_dim, dev)
             do = torch.randn_like(x["v"])
-            ours = {}
-            impls = [(f"longscan {b}", (lambda b: lambda q, k, v, beta, g: chunk_delta_rule(
-                q, k, v, beta, g, output_final_state=True, backend=b))(b)) for b in a.backends]
+            first = {}
+            impls = [(f"longscan {b}" + (f" {p}" if b != "torch" and len(a.precision) > 1 else ""),
+                      ours(b, a.chunk, p, a.recompute))
+                     for b in a.backends for p in (a.precision if b != "torch" else ["ieee"])]
             fla = peer(kind)
             if fla is not None:
                 impls.append(("fla", fla))
+            if not a.no_linear:
+                impls.append(("linear attention (g)", linear_yardstick))
             for name, f in impls:
                 try:
                     with torch.no_grad():
@@ -90,14 +130,17 @@ def main():
                         o, _ = f(**x)
                         o.backward(do)
                     both = do_bench(step, warmup=25, rep=100, grad_to_none=[t for t in x.values() if t is not None])
-                    diff = ""
-                    if not ours:
-                        ours = {"o": o, "s": s}
-                    else:
-                        diff = f"{rel(o, ours['o']):.1e} / {rel(s, ours['s']):.1e}"
-                    print(f"{kind:16} {shape:>10} {name:22} {fwd:9.3f} {both:11.3f} {diff:>20}")
+                    diff = gdiff = ""
+                    if f is not linear_yardstick:
+                        grads = gradients(f, x, do)
+                        if not first:
+                            first = {"o": o, "s": s, "grads": grads}
+                        else:
+                            diff = f"{rel(o, first['o']):.1e} / {rel(s, first['s']):.1e}"
+                            gdiff = f"{max(rel(a, b) for a, b in zip(grads, first['grads'])):.1e}"
+                    print(f"{kind:16} {shape:>10} {name:28} {fwd:9.3f} {both:11.3f} {diff:>20} {gdiff:>14}")
                 except Exception as e:   # a peer may refuse a shape: report it and go on
-                    print(f"{kind:16} {shape:>10} {name:22} failed: {type(e).__name__}: {str(e)[:100]}")
+                    print(f"{kind:16} {shape:>10} {name:28} failed: {type(e).__name__}: {str(e)[:100]}")
                 torch.cuda.empty_cache()
 
 

@@ -7,8 +7,8 @@ Every backend provides
   forward(q, k, v, beta, g, scale, initial_state, output_final_state) -> (o, final_state | None)
   segment_transition(k, v, beta, g) -> (S_loc `[B, H, K, V]`, M `[B, H, K, K]`): S_out = M S_in + S_loc
 both differentiable by autograd. Backends: "naive" (the recurrence), "torch" (chunked, WY representation;
-the CPU default), "triton" (the same chunks, the recurrence across chunks in Triton kernels; the CUDA
-default; float32 compute).
+the CPU default), "triton" (the same chunks in Triton kernels: the chunks' own quantities, the recurrence
+across chunks, and their backward; the CUDA default; float32 compute; settings in DeltaTritonOptions).
 """
 from __future__ import annotations
 
@@ -100,20 +100,26 @@ def check_inputs(q, k, v, beta, g=None, initial_state=None) -> None:
 
 
 def chunk_delta_rule(q, k, v, beta, g=None, scale=None, initial_state=None, output_final_state=False,
-                     backend="auto"):
+                     backend="auto", options=None):
     """The delta rule on one device, with autograd (gradients of q, k, v, beta, g and initial_state).
 
     q, k `[B, T, H, K]`, v `[B, T, H, V]`, beta `[B, T, H]` in (0, 1], g None, `[B, T, H]` or `[B, T, H, K]`
     (log decays ≤ 0), initial_state `[B, H, K, V]`. scale: K^-0.5 when None. backend: "auto" | "torch" |
-    "naive" | "triton" (float32 compute: it refuses float64 inputs). -> (o `[B, T, H, V]` in q's dtype, final
-    state `[B, H, K, V]` (float32; float64 for float64 inputs) or None). Same conventions as
-    flash-linear-attention's chunk_delta_rule (β given, q and k not normalised here), chunk_gated_delta_rule
-    and chunk_kda.
+    "naive" | "triton" (float32 compute: it refuses float64 inputs). options: a
+    ``longscan.kernels.delta_rule.triton.DeltaTritonOptions`` for the Triton backend (None: its defaults).
+    -> (o `[B, T, H, V]` in q's dtype, final state `[B, H, K, V]` (float32; float64 for float64 inputs) or
+    None). Same conventions as flash-linear-attention's chunk_delta_rule (β given, q and k not normalised
+    here), chunk_gated_delta_rule and chunk_kda.
     """
     check_inputs(q, k, v, beta, g, initial_state)
     impl = get_backend(backend, q.device)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return impl.forward(q, k, v, beta, g, scale, initial_state, output_final_state)
+    if options is None:
+        return impl.forward(q, k, v, beta, g, scale, initial_state, output_final_state)
+    if impl.__name__ != _TRITON:
+        raise ValueError(f"options apply to the Triton backend only; backend={backend!r} runs "
+                         f"{impl.__name__.rsplit('.', 1)[-1]} on {q.device.type}")
+    return impl.forward(q, k, v, beta, g, scale, initial_state, output_final_state, options=options)
 
 
 __all__ = ["chunk_delta_rule", "naive_recurrent_delta_rule", "check_inputs", "get_backend", "BACKENDS"]

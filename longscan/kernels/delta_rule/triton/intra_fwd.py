@@ -1,0 +1,174 @@
+"""The chunks' own quantities (the WY / UT representation), forward: one program per (chunk, sequence, head).
+
+Inside a chunk of C tokens, with b_t the chunk-local cumulative log gate (zero without a gate, one value a
+token for a scalar gate, one a token and key for a per-key gate: then D and exp(b) act key by key) and
+D_ts = exp(b_t - b_s) for s ≤ t (zero above):
+    A   = strictly lower part of Diag(β) (K Kᵀ ⊙ D)            P = (I + A)⁻¹   (unit lower triangular)
+    W   = P Diag(β) Diag(exp(b)) K                              U_0 = P Diag(β) V
+    QK  = lower part (diagonal included) of Q Kᵀ ⊙ D            Q̃ = Diag(exp(b)) Q
+    K̄  = Diag(exp(b_C - b)) K                                  l = b_C (the chunk's total log gate)
+P comes from forward substitution row by row in registers, row i = e_i - Σ_{s<i} A_is P_s: each row needs the
+rows above it, and substitution on a unit lower-triangular matrix needs no pivoting.
+Every exponent is a difference b_t - b_s with s ≤ t (≤ 0), so steep gates stay finite. P is written for the
+backward (`[C, C]` a chunk, the size of QK, cheaper to keep than to solve again).
+
+The tokens are read where they lie (`[B, T, H, ...]`), the last chunk masked past T; the outputs are
+`[B, H, N, C, ...]` float32, rows past T zero (their k, v, β are read as zero), as the recurrence across
+chunks reads them.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from longscan.kernels.delta_rule.triton.inter import Chunks, pow2
+
+
+@triton.jit
+def _solve_unit_lower(A, C, BC: tl.constexpr):
+    """(I + A)⁻¹ for A strictly lower `[BC, BC]` (rows and columns from C on are zero: identity there)."""
+    oc = tl.arange(0, BC)
+    P = tl.where(oc[:, None] == oc[None, :], 1., 0.)
+    for i in range(1, C):
+        a = tl.sum(tl.where(oc[:, None] == i, A, 0.), axis=0)          # row i of A, by column s
+        row = tl.where(oc == i, 1., 0.) - tl.sum(a[:, None] * P, axis=0)
+        P = tl.where(oc[:, None] == i, row[None, :], P)
+    return P
+
+
+@triton.jit
+def _intra_fwd(Q, K_, V_, BETA, G, W, U0, QK, QT, KB, LAST, P_, T, H, N, C, K, V,
+               HAS_Q: tl.constexpr, GATE: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+               PREC: tl.constexpr):
+    """GATE: 0 none, 1 scalar (G `[B, T, H]`, LAST `[BH, N]`)."""
+    n, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    oc, ok = tl.arange(0, BC), tl.arange(0, BK)
+    t = n * C + oc
+    mc = oc < C
+    mt = mc & (t < T)
+    mk = ok < K
+    tok = (b * T + t) * H + h                                             # the token's index in [B, T, H]
+    row = bh * N + n
+    m_ck = mc[:, None] & mk[None, :]
+    k = tl.load(K_ + tok[:, None] * K + ok[None, :], mask=mt[:, None] & mk[None, :], other=0.).to(tl.float32)
+    beta = tl.load(BETA + tok, mask=mt, other=0.).to(tl.float32)
+    causal = oc[:, None] >= oc[None, :]
+    kk = tl.dot(k, tl.trans(k), input_precision=PREC)
+    if GATE == 1:
+        bc = tl.cumsum(tl.load(G + tok, mask=mt, other=0.).to(tl.float32), axis=0)
+        last = tl.sum(tl.where(oc == C - 1, bc, 0.), axis=0)
+        D = tl.where(causal, tl.exp(tl.where(causal, bc[:, None] - bc[None, :], 0.)), 0.)
+        kk = kk * D
+        eb = tl.exp(bc)
+        tl.store(LAST + row, last)
+    A = tl.where(oc[:, None] > oc[None, :], beta[:, None] * kk, 0.)
+    P = _solve_unit_lower(A, C, BC)
+    tl.store(P_ + row * C * C + oc[:, None] * C + oc[None, :], P, mask=mc[:, None] & mc[None, :])
+    x = beta[:, None] * k
+    if GATE == 1:
+        x = x * eb[:, None]
+    tl.store(W + row * C * K + oc[:, None] * K + ok[None, :], tl.dot(P, x, input_precision=PREC), mask=m_ck)
+    kb = k
+    if GATE == 1:
+        kb = k * tl.exp(last - bc)[:, None]
+    tl.store(KB + row * C * K + oc[:, None] * K + ok[None, :], kb, mask=m_ck)
+    if HAS_Q:
+        q = tl.load(Q + tok[:, None] * K + ok[None, :], mask=mt[:, None] & mk[None, :], other=0.).to(tl.float32)
+        qk = tl.dot(q, tl.trans(k), input_precision=PREC)
+        if GATE == 1:
+            qk = qk * D
+            q = q * eb[:, None]
+        qk = tl.where(causal, qk, 0.)
+        tl.store(QK + row * C * C + oc[:, None] * C + oc[None, :], qk, mask=mc[:, None] & mc[None, :])
+        tl.store(QT + row * C * K + oc[:, None] * K + ok[None, :], q, mask=m_ck)
+    for iv in range(0, tl.cdiv(V, BV)):
+        ov = iv * BV + tl.arange(0, BV)
+        mv = ov < V
+        v = tl.load(V_ + tok[:, None] * V + ov[None, :], mask=mt[:, None] & mv[None, :], other=0.).to(tl.float32)
+        u = tl.dot(P, beta[:, None] * v, input_precision=PREC)
+        tl.store(U0 + row * C * V + oc[:, None] * V + ov[None, :], u, mask=mc[:, None] & mv[None, :])
+
+
+@triton.jit
+def _intra_fwd_per_key(Q, K_, V_, BETA, G, W, U0, QK, QT, KB, LAST, P_, T, H, N, C, K, V,
+                       HAS_Q: tl.constexpr, BC: tl.constexpr, BKS: tl.constexpr, BV: tl.constexpr,
+                       PREC: tl.constexpr):
+    """Per-key gates (G `[B, T, H, K]`, LAST `[BH, N, K]`): the decays differ by key, so K Kᵀ ⊙ D and Q Kᵀ ⊙ D
+    are sums over blocks of BKS keys of `[C, C, BKS]` products, each exp(b_tk - b_sk) formed exactly (s ≤ t)."""
+    n, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    oc = tl.arange(0, BC)
+    t = n * C + oc
+    mc = oc < C
+    mt = mc & (t < T)
+    tok = (b * T + t) * H + h
+    row = bh * N + n
+    causal = oc[:, None] >= oc[None, :]
+    beta = tl.load(BETA + tok, mask=mt, other=0.).to(tl.float32)
+    kk = tl.zeros([BC, BC], dtype=tl.float32)
+    qk = tl.zeros([BC, BC], dtype=tl.float32)
+    for ib in range(0, tl.cdiv(K, BKS)):
+        ok = ib * BKS + tl.arange(0, BKS)
+        m = mt[:, None] & (ok < K)[None, :]
+        k = tl.load(K_ + tok[:, None] * K + ok[None, :], mask=m, other=0.).to(tl.float32)
+        bc = tl.cumsum(tl.load(G + tok[:, None] * K + ok[None, :], mask=m, other=0.).to(tl.float32), axis=0)
+        d = bc[:, None, :] - bc[None, :, :]                                  # [C(t), C(s), BKS]
+        e = tl.where(causal[:, :, None], tl.exp(tl.where(causal[:, :, None], d, 0.)), 0.)
+        kk += tl.sum(k[:, None, :] * k[None, :, :] * e, axis=2)
+        if HAS_Q:
+            q = tl.load(Q + tok[:, None] * K + ok[None, :], mask=m, other=0.).to(tl.float32)
+            qk += tl.sum(q[:, None, :] * k[None, :, :] * e, axis=2)
+    A = tl.where(oc[:, None] > oc[None, :], beta[:, None] * kk, 0.)
+    P = _solve_unit_lower(A, C, BC)
+    m_cc = mc[:, None] & mc[None, :]
+    tl.store(P_ + row * C * C + oc[:, None] * C + oc[None, :], P, mask=m_cc)
+    if HAS_Q:
+        tl.store(QK + row * C * C + oc[:, None] * C + oc[None, :], qk, mask=m_cc)
+    for ib in range(0, tl.cdiv(K, BKS)):
+        ok = ib * BKS + tl.arange(0, BKS)
+        mk = ok < K
+        m = mt[:, None] & mk[None, :]
+        m_ck = mc[:, None] & mk[None, :]
+        k = tl.load(K_ + tok[:, None] * K + ok[None, :], mask=m, other=0.).to(tl.float32)
+        bc = tl.cumsum(tl.load(G + tok[:, None] * K + ok[None, :], mask=m, other=0.).to(tl.float32), axis=0)
+        last = tl.sum(tl.where(oc[:, None] == C - 1, bc, 0.), axis=0)     # [BKS]
+        tl.store(LAST + row * K + ok, last, mask=mk)
+        tl.store(W + row * C * K + oc[:, None] * K + ok[None, :],
+                 tl.dot(P, beta[:, None] * tl.exp(bc) * k, input_precision=PREC), mask=m_ck)
+        tl.store(KB + row * C * K + oc[:, None] * K + ok[None, :], k * tl.exp(last[None, :] - bc), mask=m_ck)
+        if HAS_Q:
+            q = tl.load(Q + tok[:, None] * K + ok[None, :], mask=m, other=0.).to(tl.float32)
+            tl.store(QT + row * C * K + oc[:, None] * K + ok[None, :], q * tl.exp(bc), mask=m_ck)
+    for iv in range(0, tl.cdiv(V, BV)):
+        ov = iv * BV + tl.arange(0, BV)
+        mv = ov < V
+        v = tl.load(V_ + tok[:, None] * V + ov[None, :], mask=mt[:, None] & mv[None, :], other=0.).to(tl.float32)
+        u = tl.dot(P, beta[:, None] * v, input_precision=PREC)
+        tl.store(U0 + row * C * V + oc[:, None] * V + ov[None, :], u, mask=mc[:, None] & mv[None, :])
+
+
+def intra_forward(*, q, k, v, beta, g, chunk: int, block_v: int, block_k: int, num_warps: int,
+                  precision: str):
+    """q (or None), k `[B, T, H, K]`, v `[B, T, H, V]`, beta `[B, T, H]`, g None, `[B, T, H]` or `[B, T, H, K]` ->
+    (Chunks of float32 `[B, H, N, ...]`, P `[B, H, N, C, C]`) with C = min(chunk, T)."""
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    C = min(chunk, T)
+    N = triton.cdiv(T, C)
+    new = lambda *s: torch.empty(B, H, N, *s, device=k.device, dtype=torch.float32)  # noqa: E731
+    has_q = q is not None
+    W, U0, KB, P = new(C, K), new(C, V), new(C, K), new(C, C)
+    QK, QT = (new(C, C), new(C, K)) if has_q else (None, None)
+    per_key = g is not None and g.dim() == 4
+    last = new(K if per_key else 1) if g is not None else None
+    args = (q.contiguous() if has_q else None, k.contiguous(), v.contiguous(), beta.contiguous(),
+            g.contiguous() if g is not None else None, W, U0, QK, QT, KB, last, P, T, H, N, C, K, V)
+    if per_key:
+        _intra_fwd_per_key[(N, B * H)](*args, HAS_Q=has_q, BC=pow2(C), BKS=block_k, BV=min(block_v, pow2(V)),
+                                       PREC=precision, num_warps=num_warps)
+    else:
+        _intra_fwd[(N, B * H)](*args, HAS_Q=has_q, GATE=int(g is not None), BC=pow2(C), BK=pow2(K),
+                               BV=min(block_v, pow2(V)), PREC=precision, num_warps=num_warps)
+    return Chunks(W, U0, QK, QT, KB, last), P

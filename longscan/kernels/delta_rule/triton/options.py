@@ -1,0 +1,55 @@
+"""Settings of the delta rule's Triton backend, as one frozen value passed down every call.
+
+``DeltaTritonOptions()`` is what the backend uses when a caller passes ``options=None``. Tests and
+benchmarks pass their own value instead of changing module state, so two settings run side by side.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+INTRA = ("triton", "torch")
+PRECISIONS = ("ieee", "tf32")
+
+
+@dataclasses.dataclass(frozen=True)
+class DeltaTritonOptions:
+    """chunk: tokens a chunk (the last one and sequences shorter than it are padded).
+    intra: "triton" runs the chunks' own quantities (the WY representation) and their backward in Triton;
+    "torch" keeps them batched torch under autograd with activation checkpointing (the earlier path, kept
+    for comparison).
+    block_v: V columns a program of the recurrence across chunks and of the intra stages' V loops.
+    block_k: keys a step of the per-key gates' intra kernels (their `[C, C, block_k]` decays).
+    num_warps: warps of every kernel. input_precision: of every kernel's dots, "ieee" (float32 products, exact
+    to float32 round-off) or "tf32" (a GPU's tensor cores, about 3 significant digits a product; the
+    triangular inverse is formed in float32 either way).
+    recompute: keep only the inputs for the backward and run the forward's stages again there, instead of
+    keeping every chunk's float32 quantities and entering state (several times the inputs' size); for
+    intra="triton" (the torch intra path recomputes its own stage and keeps the recurrence's)."""
+    chunk: int = 32
+    intra: str = "triton"
+    block_v: int = 32
+    block_k: int = 16
+    num_warps: int = 8
+    input_precision: str = "ieee"
+    recompute: bool = False
+
+    def __post_init__(self):
+        for name in ("chunk", "block_v", "block_k", "num_warps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"DeltaTritonOptions.{name} must be a positive int, got {value!r}")
+        for name in ("block_v", "block_k", "num_warps"):
+            value = getattr(self, name)
+            if value & (value - 1):
+                raise ValueError(f"DeltaTritonOptions.{name} must be a power of two, got {value}")
+        for name in ("block_v", "block_k"):
+            if getattr(self, name) < 16:
+                raise ValueError(f"DeltaTritonOptions.{name} must be at least 16 (tl.dot's smallest tile), "
+                                 f"got {getattr(self, name)}")
+        if not isinstance(self.recompute, bool):
+            raise ValueError(f"DeltaTritonOptions.recompute must be a bool, got {self.recompute!r}")
+        if self.intra not in INTRA:
+            raise ValueError(f"DeltaTritonOptions.intra must be one of {INTRA}, got {self.intra!r}")
+        if self.input_precision not in PRECISIONS:
+            raise ValueError(f"DeltaTritonOptions.input_precision must be one of {PRECISIONS}, "
+                             f"got {self.input_precision!r}")
