@@ -5,6 +5,8 @@ CPU: the Triton interpreter in float32, tiny shapes, chunks of 16 (T = 37: three
 segments forced through LinearKernelOptions so the state passes and scans run too. GPU (skipped without CUDA):
 float32 and bf16 at the default chunks.
 """
+import os
+
 import pytest
 import torch
 
@@ -105,11 +107,11 @@ def test_scalar_gate_resets(where, with_state, with_dht, segments):
 def test_scalar_gate_at_reset_has_zero_gradient():
     """The -inf gate's own gradient is exactly 0, as the torch backend and the recurrence give it."""
     x = reset_inputs("g_scalar", (0, 5, 20), seed=3)
-    y = {n: t.float() for n, t in x.items() if t is not None}
-    do = torch.randn(1, T, 2, 16, generator=torch.Generator().manual_seed(4))
-    dht = torch.randn(1, 2, 16, 16, generator=torch.Generator().manual_seed(5))
+    y = {n: t.float().to(DEV) for n, t in x.items() if t is not None}
+    do = torch.randn(1, T, 2, 16, generator=torch.Generator().manual_seed(4)).to(DEV)
+    dht = torch.randn(1, 2, 16, 16, generator=torch.Generator().manual_seed(5)).to(DEV)
     dg = tc.backward(y["q"], y["k"], y["v"], y["g"], None, None, y["initial_state"], do, dht,
-                     options=small(2))[3]
+                     options=small(2))[3].cpu()
     assert (dg[x["g"] == INF] == 0).all() and (dg[x["g"] != INF] != 0).all()
 
 
@@ -149,22 +151,25 @@ def test_sp_pieces_with_resets(decay, segments):
     """segment_state, add_prefix and prefix_grad of a segment with -inf gates against the torch backend's (exact
     with -inf), and the forward and backward fed their records."""
     x = reset_inputs(decay, (5, 15, 17, 20, 21), seed=6)
-    q, k, v, g, P = (x[n].float() for n in ("q", "k", "v", "g", "initial_state"))
+    q, k, v, g, P = (x[n].float().to(DEV) for n in ("q", "k", "v", "g", "initial_state"))
     opts = small(segments)
     scale = 16 ** -0.5
     S, logd, kv = tc.segment_state(k, v, g, return_saved=True, keep_prefixes=True, q=q, factors=True, options=opts)
     S_ref, logd_ref = torch_chunk.segment_state(x["k"], x["v"], x["g"])
+    S, logd = S.cpu(), logd.cpu()
     assert torch.isfinite(S).all() and rel_err(S, S_ref) < 1e-5
     assert torch.equal(logd == INF, logd_ref == INF) and rel_err(logd[logd > INF], logd_ref[logd_ref > INF]) < 1e-6
     o0, _ = tc.forward(q, k, v, g, None, None, None, False, kv_states=kv, options=opts)
-    o = tc.add_prefix(o0, q, g, None, scale, P, options=opts)
+    o = tc.add_prefix(o0, q, g, None, scale, P, options=opts).cpu()
     o_ref, _ = naive_recurrent_linear_attention(x["q"], x["k"], x["v"], x["g"], initial_state=x["initial_state"])
     assert torch.isfinite(o).all() and rel_err(o, o_ref) < 1e-5
     do = torch.randn(o.shape, generator=torch.Generator().manual_seed(2))
-    dP, qdo = tc.prefix_grad(q, g, None, scale, do, return_saved=True, options=opts)
+    dP, qdo = tc.prefix_grad(q, g, None, scale, do.to(DEV), return_saved=True, options=opts)
+    dP = dP.cpu()
     dP_ref = torch_chunk.prefix_grad(x["q"], x["g"], None, scale, do.double())
     assert torch.isfinite(dP).all() and rel_err(dP, dP_ref) < 1e-5
-    grads = tc.backward(q, k, v, g, None, scale, P, do, None, kv_states=kv, qdo_states=qdo, options=opts)
+    grads = [t.cpu() for t in tc.backward(q, k, v, g, None, scale, P, do.to(DEV), None, kv_states=kv,
+                                           qdo_states=qdo, options=opts)]
     ref = torch_chunk.backward(x["q"], x["k"], x["v"], x["g"], None, scale, x["initial_state"], do.double(), None)
     for name, got, want in zip(("dq", "dk", "dv", "dg", "dh0"), grads, ref):
         assert torch.isfinite(got).all(), name
@@ -178,7 +183,8 @@ def test_sp_pieces_with_resets(decay, segments):
 def test_non_finite_key_leaves_earlier_outputs_alone(decay, bad):
     """A non-finite k at token t: the outputs of the tokens before t (in t's chunk too) are finite and those of
     the clean run; the masks select rather than multiply."""
-    x = make_inputs(decay, 1, T, 2, 16, 16, torch.float32, seed=8)
+    x = {n: (v.to(DEV) if v is not None else None)
+         for n, v in make_inputs(decay, 1, T, 2, 16, 16, torch.float32, seed=8).items()}
     t = 21
     clean, _ = tc.forward(x["q"], x["k"], x["v"], x["g"], None, None, x["initial_state"], False, options=small(2))
     k = x["k"].clone()
@@ -258,6 +264,8 @@ def _sp_worker(rank, world):
 
 @pytest.fixture(scope="module")
 def sp_results():
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("CPU processes run the Triton kernels in the interpreter only (TRITON_INTERPRET=1)")
     from harness import run_distributed
     return run_distributed(_sp_worker, 2)
 
