@@ -94,9 +94,9 @@ def _prefixes(lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def rank_pairs(lengths: torch.Tensor, world: int, layout: str) -> torch.Tensor:
-    """Causal (query, key) pairs per rank `[C, W]` (int64) of C orders at once: ``lengths`` `[C, N]` holds each
-    order's document lengths in sequence order (the same total in every row). Row by row it equals
-    ``documents.causal_pairs_per_rank``."""
+    """Causal (query, key) pairs per rank `[C, W]` (int64) of C orders at once: ``lengths`` `[C, N]` (or `[N]`: one
+    order) holds each order's document lengths in sequence order, the same total in every row. Row by row it
+    equals ``documents.causal_pairs_per_rank``."""
     if lengths.dim() == 1:
         lengths = lengths[None]
     cu, tri = _prefixes(lengths.to(torch.int64))
@@ -175,7 +175,7 @@ def balanced_order(lengths: torch.Tensor, world: int, layout: str, search: Balan
         ranks = rank_pairs(ol, world, layout)[0]
         busy = _busy_positions(ol, int(ranks.argmax()), world, layout, search.busy_documents)
         partners = torch.arange(n) if n <= search.partners else \
-            torch.linspace(0, n - 1, search.partners).round().to(torch.int64).unique()
+            torch.arange(search.partners) * (n - 1) // max(1, search.partners - 1)   # evenly spaced, distinct
         i, j = (x.reshape(-1) for x in torch.meshgrid(busy, partners, indexing="ij"))
         keep = ol[i] != ol[j]                                                # swapping equal lengths changes nothing
         i, j = i[keep], j[keep]
