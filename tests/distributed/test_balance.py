@@ -99,3 +99,15 @@ def test_bad_input_names_the_parameter():
         balanced_order(torch.tensor([3, 3]), 2, "ring")
     with pytest.raises(ValueError, match="BalanceSearch.rounds must be an integer >= 0"):
         BalanceSearch(rounds=-1)
+
+
+def test_benchmark_balanced_rows_never_above_their_layout(capsys):
+    from benchmarks import packed_balance
+    packed_balance.main(["--total", "4096", "--worlds", "2", "4", "--doc-lens", "64", "512", "--seeds", "2"])
+    rows = {tuple(c.strip() for c in line.split("|")[1:3]): [float(x) for x in line.split("|")[3:-1]]
+            for line in capsys.readouterr().out.splitlines() if line.startswith("| mean")}
+    assert len(rows) == 8
+    for (docs, layout), cells in rows.items():
+        if layout.endswith("balanced"):
+            given = rows[(docs, layout.split()[0])]
+            assert all(b <= g for b, g in zip(cells, given)) and cells != given, (docs, layout)
