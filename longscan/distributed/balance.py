@@ -27,6 +27,8 @@ class BalanceSearch:
     sequence, whatever its number of documents."""
     every_order_up_to: int = 7
     """Up to this many documents every order is tried (7 documents: 5040 orders)."""
+    starts: int = 3
+    """The local search runs from this many of the best fixed orders; the best result is kept."""
     rounds: int = 16
     """Local-search rounds; each takes the best swap that lowers the busiest rank, and the search stops at
     the first round with none."""
@@ -36,7 +38,7 @@ class BalanceSearch:
     """Positions each of them is tried against (evenly spaced when there are more documents)."""
 
     def __post_init__(self):
-        for name in ("every_order_up_to", "rounds", "busy_documents", "partners"):
+        for name in ("every_order_up_to", "starts", "rounds", "busy_documents", "partners"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ValueError(f"BalanceSearch.{name} must be an integer >= 0, got {v!r}")
@@ -149,27 +151,11 @@ def _busy_positions(order_lengths: torch.Tensor, rank: int, world: int, layout: 
     return pos[torch.argsort(order_lengths[pos], descending=True, stable=True)[:cap]]
 
 
-def balanced_order(lengths: torch.Tensor, world: int, layout: str, search: BalanceSearch = BalanceSearch()
-                   ) -> torch.Tensor:
-    """An order of the documents (a permutation `[N]` int64 of their indices) that lowers the busiest rank's causal
-    pairs when they are packed in that order and split over ``world`` ranks in ``layout``.
-
-    ``lengths`` `[N]`: the documents' lengths in their given order (the sequence's length must split into the
-    layout's pieces). The best of a few fixed orders (given, longest first, shortest first, alternating; every
-    order for up to ``search.every_order_up_to`` documents) starts a local search that swaps one of the busiest
-    rank's documents with another while that lowers the maximum. Deterministic (integer arithmetic only), so every
-    rank of a group computes the same order. Never worse than the given order, which is returned (the identity)
-    unless another one is strictly better.
-    """
-    lengths = _check(lengths, world, layout)
+def _descend(lengths: torch.Tensor, order: torch.Tensor, cost: int, world: int, layout: str,
+             search: BalanceSearch) -> tuple[torch.Tensor, int]:
+    """Local search from ``order`` (whose busiest rank has ``cost`` pairs): each round applies the swap of one of
+    the busiest rank's documents that lowers the busiest rank the most, until none does."""
     n = lengths.numel()
-    if world == 1 or n == 1:
-        return torch.arange(n)
-    orders = _fixed_orders(lengths, search)
-    peak = rank_pairs(lengths[orders], world, layout).max(1).values
-    given = int(peak[0])
-    best = int(peak.argmin())
-    order, cost = orders[best], int(peak[best])
     for _ in range(search.rounds):
         ol = lengths[order]
         ranks = rank_pairs(ol, world, layout)[0]
@@ -188,6 +174,34 @@ def balanced_order(lengths: torch.Tensor, world: int, layout: str, search: Balan
         order = order.clone()
         order[i[k]], order[j[k]] = order[j[k]].clone(), order[i[k]].clone()
         cost = int(peaks[k])
+    return order, cost
+
+
+def balanced_order(lengths: torch.Tensor, world: int, layout: str, search: BalanceSearch = BalanceSearch()
+                   ) -> torch.Tensor:
+    """An order of the documents (a permutation `[N]` int64 of their indices) that lowers the busiest rank's causal
+    pairs when they are packed in that order and split over ``world`` ranks in ``layout``.
+
+    ``lengths`` `[N]`: the documents' lengths in their given order (the sequence's length must split into the
+    layout's pieces). The best ``search.starts`` of a few fixed orders (given, longest first, shortest first,
+    alternating; every order for up to ``search.every_order_up_to`` documents) each start a local search that
+    swaps one of the busiest rank's documents with another while that lowers the maximum; the best result wins.
+    Deterministic (integer arithmetic only), so every rank of a group computes the same order. Never worse than
+    the given order, which is returned (the identity) unless another one is strictly better.
+    """
+    lengths = _check(lengths, world, layout)
+    n = lengths.numel()
+    if world == 1 or n == 1:
+        return torch.arange(n)
+    orders = _fixed_orders(lengths, search)
+    peak = rank_pairs(lengths[orders], world, layout).max(1).values
+    given = int(peak[0])
+    best = int(peak.argmin())
+    order, cost = orders[best], int(peak[best])
+    for s in torch.argsort(peak, stable=True)[:search.starts].tolist():
+        found, found_cost = _descend(lengths, orders[s], int(peak[s]), world, layout, search)
+        if found_cost < cost:
+            order, cost = found, found_cost
     return order if cost < given else torch.arange(n)
 
 
