@@ -117,6 +117,9 @@ class DataConfig:
     """Attend within documents only: split sequences after each EOS, restart RoPE positions per document and
     drop the EOS token's target. Linear layers (L) need parallel.linear_backend auto, torch, naive or triton
     and a linear_variant without the delta rule."""
+    balance_documents: bool = False
+    """With pack_documents and parallel.sp > 1: reorder each sequence's documents so that causal softmax
+    attention's (query, key) pairs spread evenly over the SP ranks (the same loss and gradients)."""
 
     def __post_init__(self):
         self.validate()
@@ -129,6 +132,9 @@ class DataConfig:
         _finite("data", self, "val_fraction", 0, 1, low_open=True)
         if self.source == "tokens" and not self.path:
             raise ConfigError("data.source = tokens needs data.path (a file written by `longscan prepare-data`)")
+        if self.balance_documents and not self.pack_documents:
+            raise ConfigError("data.balance_documents = true reorders packed documents and needs "
+                              "data.pack_documents = true")
 
 
 @dataclass
@@ -573,6 +579,9 @@ def validate(cfg: TrainConfig, world_size: int) -> TrainConfig:
                               "must divide by the SP size); use fewer groups or ring / allgather")
     if d.pack_documents and "L" in m.pattern:
         _check_packed_linear(m, p)
+    if d.balance_documents and p.sp < 2:
+        raise ConfigError(f"data.balance_documents = true balances the ranks of an SP group and needs "
+                          f"parallel.sp > 1, got parallel.sp = {p.sp}")
     return cfg
 
 

@@ -32,7 +32,7 @@ from longscan.training.lock import DirectoryLock
 from longscan.training.metrics import MetricsLogger, Progress, memory_mb
 from longscan.training.grad_reduce import GradReducer
 from longscan.training.optim import allreduce_grads, build_adamw, global_grad_norm, lr_at
-from longscan.training.packing import DocumentMicrobatch, DocumentPackedData
+from longscan.training.packing import DocumentBalance, DocumentMicrobatch, DocumentPackedData
 from longscan.training.parallel import collective_timeout_s, init_groups, init_process_group, stage_config
 from longscan.training.reshard import load_resharded
 
@@ -109,7 +109,8 @@ class Trainer:
             dist.barrier()
         self.data, meta = build_data(d, r.sp_group, p.layout, p.sp)
         if d.pack_documents:
-            self.data = DocumentPackedData(self.data, meta["eos"])
+            balance = DocumentBalance(p.sp, p.layout) if d.balance_documents else None
+            self.data = DocumentPackedData(self.data, meta["eos"], balance)
         if meta["vocab_size"] > cfg.model.vocab_size:
             raise ConfigError(f"model.vocab_size = {cfg.model.vocab_size} is smaller than the data's vocabulary "
                               f"({meta['vocab_size']}); set model.vocab_size={meta['vocab_size']}")
