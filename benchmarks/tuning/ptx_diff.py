@@ -1,17 +1,21 @@
 """Did a change alter the compiled code of the Triton linear-attention kernels? Compiles them for a CUDA target
 without a GPU, at this checkout and at an earlier one, and compares their PTX with the debug lines (.loc, .file,
-the debug sections) and label names stripped: a kernel whose PTX is the same runs as fast as before, so a change
-that leaves it alone needs no GPU timing.
+the debug sections), label names and bare label lines stripped: a kernel whose PTX is the same runs as fast as
+before, so a change that leaves it alone needs no GPU timing. (A bare label, `$L__tmp3:`, marks a debug range,
+such as an inlined helper's; branches name their targets in the instructions, which are compared.)
 
 Compiles the forward, state, dq, dk and dv kernels (and the per-key gates' pre-pass) with the launch settings and
 state-product modes the dispatch picks (benchmarks/tuning/kernel_resources.py: gates with their gradient, the
 constant decay without), for each decay kind, in bf16 (or --dtype fp16) at head dims --dims.
 
     PYTHONPATH=. python benchmarks/tuning/ptx_diff.py --base HEAD~1 [--kinds none,g_gamma,g,gk] [--kernels fwd,dq]
-        [--states]
+        [--states] [--resets]
 
 --base takes a git revision of this repository or a directory holding an unpacked earlier longscan/. Prints one
 line a kernel ("same" or "CHANGED" with the number of differing lines) and exits 1 when any changed.
+--resets compiles the gated kinds (g, gk) of this checkout as the dispatch does for log gates that may hold −inf
+(LinearKernelOptions.resets; the base's kernels get it too where they have the switch, and are compiled as they
+are where they have none).
 """
 from __future__ import annotations
 
@@ -42,6 +46,8 @@ def normalise(ptx: str) -> list[str]:
         s = line.strip()
         if not s or s.startswith((".loc", ".file", "//")):
             continue
+        if re.fullmatch(r"\$L\w*:", s):
+            continue
         out.append(re.sub(r"\$L__\w+", "$L", s))
     return out
 
@@ -59,24 +65,26 @@ def cases(kinds: list[str], kernels: list[str], states: bool) -> list[tuple[str,
     return out
 
 
-def dump(tree: str, todo: list, dtype: str, dims: int, outdir: str) -> None:
+def dump(tree: str, todo: list, dtype: str, dims: int, resets: bool, outdir: str) -> None:
     """Compile every case against the longscan package under ``tree`` (this file's helpers, that tree's
     kernels) in a subprocess, writing <kind>-<kernel>[-states].ptx under outdir."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = tree
     args = [sys.executable, os.path.abspath(__file__), "--compile-into", outdir, "--dtype", dtype,
-            "--dims", str(dims), "--cases", json.dumps(todo)]
+            "--dims", str(dims), "--cases", json.dumps(todo)] + (["--resets"] if resets else [])
     out = subprocess.run(args, env=env, cwd=outdir, capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"compiling against {tree} failed:\n{out.stderr[-4000:]}")
 
 
-def compile_into(outdir: str, todo: list, dtype: str, dims: int) -> None:
-    """In the subprocess: the longscan on PYTHONPATH is the tree compared (this script's folder gives the helpers)."""
+def compile_into(outdir: str, todo: list, dtype: str, dims: int, resets: bool) -> None:
+    """In the subprocess: the longscan on PYTHONPATH is the tree compared (this script's folder gives the helpers).
+    resets: the gated kinds compiled to take −inf (as the dispatch does only for them)."""
     sys.path.insert(0, HERE)
     import kernel_resources as kr   # noqa: E402 (after the path: the helper beside this file)
     for kind, name, states in todo:
-        case = kr.Case(name, kr.KINDS[kind], kr.DTYPES[dtype], dims, dims, states=states)
+        case = kr.Case(name, kr.KINDS[kind], kr.DTYPES[dtype], dims, dims, states=states,
+                       resets=resets and kind in ("g", "gk"))
         with open(os.path.join(outdir, f"{kind}-{name}{'-states' if states else ''}.ptx"), "w") as f:
             f.write(kr.compile_case(case).asm["ptx"])
 
@@ -105,11 +113,12 @@ def main():
     ap.add_argument("--dtype", default="bf16", help=f"the inputs' dtype, of {DTYPES}")
     ap.add_argument("--dims", type=int, default=128, help="head dims K = V")
     ap.add_argument("--states", action="store_true", help="also with entering and leaving states")
+    ap.add_argument("--resets", action="store_true", help="the gated kinds as compiled for log gates of -inf")
     ap.add_argument("--compile-into", help=argparse.SUPPRESS)
     ap.add_argument("--cases", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.compile_into:
-        compile_into(args.compile_into, json.loads(args.cases), args.dtype, args.dims)
+        compile_into(args.compile_into, json.loads(args.cases), args.dtype, args.dims, args.resets)
         return
     if not args.base:
         raise SystemExit("--base: give the git revision or directory to compare against")
@@ -128,9 +137,9 @@ def main():
         trees = {"base": base_tree(args.base, d), "here": ROOT}
         for side, tree in trees.items():
             os.makedirs(os.path.join(d, f"ptx-{side}"))
-            dump(tree, todo, args.dtype, args.dims, os.path.join(d, f"ptx-{side}"))
+            dump(tree, todo, args.dtype, args.dims, args.resets, os.path.join(d, f"ptx-{side}"))
         changed = 0
-        print(f"# {args.dtype}, head dims {args.dims}, base {args.base}")
+        print(f"# {args.dtype}, head dims {args.dims}, base {args.base}{', resets' if args.resets else ''}")
         for kind, name, states in todo:
             fname = f"{kind}-{name}{'-states' if states else ''}.ptx"
             a, b = (normalise(open(os.path.join(d, f"ptx-{side}", fname)).read()) for side in ("base", "here"))
