@@ -157,6 +157,13 @@ class LinearKernelOptions:
 DEFAULT = LinearKernelOptions()
 
 
+def with_resets(options: LinearKernelOptions | None) -> LinearKernelOptions:
+    """``options`` (None: the defaults) with ``resets`` on: for calls whose log gates hold −inf by construction
+    (packed documents)."""
+    opts = resolve(options)
+    return opts if opts.resets else dataclasses.replace(opts, resets=True)
+
+
 def resolve(options: LinearKernelOptions | None) -> LinearKernelOptions:
     """``options``, or the defaults for None (TypeError for anything else)."""
     if options is None:
