@@ -4,9 +4,11 @@ the debug sections), label names and bare label lines stripped: a kernel whose P
 before, so a change that leaves it alone needs no GPU timing. (A bare label, `$L__tmp3:`, marks a debug range,
 such as an inlined helper's; branches name their targets in the instructions, which are compared.)
 
-Compiles the forward, state, dq, dk and dv kernels (and the per-key gates' pre-pass) with the launch settings and
-state-product modes the dispatch picks (benchmarks/tuning/kernel_resources.py: gates with their gradient, the
-constant decay without), for each decay kind, in bf16 (or --dtype fp16) at head dims --dims.
+Compiles the forward, state, dq, dk and dv kernels (and for per-key gates the pre-pass and the levels kernel
+that adds the terms of steep chunks, after the forward (lv0), the dq kernel (lv1, with the gate gradient) and the
+dk and dv kernels (lv2)) with the launch settings and state-product modes the dispatch picks
+(benchmarks/tuning/kernel_resources.py: gates with their gradient, the constant decay without), for each decay
+kind, in bf16 (or --dtype fp16) at head dims --dims.
 
     PYTHONPATH=. python benchmarks/tuning/ptx_diff.py --base HEAD~1 [--kinds none,g_gamma,g,gk] [--kernels fwd,dq]
         [--states] [--resets]
@@ -32,7 +34,9 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 KINDS = ("none", "g_gamma", "g", "gk")
-KERNELS = ("fwd", "state", "dq", "dk", "dv", "ops", "ops_b")
+KERNELS = ("fwd", "state", "dq", "dk", "dv", "ops", "ops_b", "lv0", "lv1", "lv2")
+# the per-key kernels (the pre-pass and the levels kernel's three modes)
+PER_KEY = ("ops", "ops_b", "lv0", "lv1", "lv2")
 DTYPES = ("bf16", "fp16")
 
 
@@ -57,10 +61,10 @@ def cases(kinds: list[str], kernels: list[str], states: bool) -> list[tuple[str,
     out = []
     for kind in kinds:
         for name in kernels:
-            if name.startswith("ops") and kind != "gk":
+            if name in PER_KEY and kind != "gk":
                 continue
             out.append((kind, name, False))
-            if states and name not in ("state", "ops", "ops_b"):
+            if states and name not in ("state",) + PER_KEY:
                 out.append((kind, name, True))
     return out
 
@@ -77,16 +81,54 @@ def dump(tree: str, todo: list, dtype: str, dims: int, resets: bool, outdir: str
         raise SystemExit(f"compiling against {tree} failed:\n{out.stderr[-4000:]}")
 
 
+def compile_levels(mode: int, dtype, dims: int, resets: bool):
+    """The levels kernel (levels.py) in MODE ``mode`` as _add_levels launches it (the gate gradient in mode 1),
+    compiled for sm_90 -> Triton's compiled kernel. g (the per-key gates) and gq in float32, the marks int32."""
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from longscan.kernels.linear_attention import LinearKernelOptions
+    from longscan.kernels.linear_attention.triton import levels
+    fn = levels._levels_kernel
+    consts = dict(K=dims, V=dims, C=LinearKernelOptions().chunk_for(True), MODE=mode, NEED_DG=mode == 1,
+                  PREC="tf32")
+    if "RESETS" in fn.arg_names:   # (an earlier longscan's may have no switch)
+        consts["RESETS"] = resets
+    if "steep_chunks" in fn.arg_names and not resets:
+        consts["steep_chunks"] = None   # what the dispatch passes without resets, a constexpr
+    ptr = {torch.bfloat16: "*bf16", torch.float16: "*fp16"}[dtype]
+    sig = {}
+    for a in fn.arg_names:
+        if a in consts:
+            sig[a] = "constexpr"
+        elif a in ("T", "H", "SEG"):
+            sig[a] = "i32"
+        elif a == "scale":
+            sig[a] = "fp32"
+        else:
+            sig[a] = {"g": "*fp32", "gq": "*fp32", "steep": "*i32", "steep_chunks": "*i32"}.get(a, ptr)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
+             if sig[a] == "i32" or sig[a].startswith("*")}
+    src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()}, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8))
+
+
 def compile_into(outdir: str, todo: list, dtype: str, dims: int, resets: bool) -> None:
     """In the subprocess: the longscan on PYTHONPATH is the tree compared (this script's folder gives the helpers).
     resets: the gated kinds compiled to take −inf (as the dispatch does only for them)."""
     sys.path.insert(0, HERE)
     import kernel_resources as kr   # noqa: E402 (after the path: the helper beside this file)
     for kind, name, states in todo:
-        case = kr.Case(name, kr.KINDS[kind], kr.DTYPES[dtype], dims, dims, states=states,
-                       resets=resets and kind in ("g", "gk"))
+        gated = resets and kind in ("g", "gk")
+        if name.startswith("lv"):
+            kernel = compile_levels(int(name[2]), kr.DTYPES[dtype], dims, gated)
+        else:
+            kernel = kr.compile_case(kr.Case(name, kr.KINDS[kind], kr.DTYPES[dtype], dims, dims, states=states,
+                                             resets=gated))
         with open(os.path.join(outdir, f"{kind}-{name}{'-states' if states else ''}.ptx"), "w") as f:
-            f.write(kr.compile_case(case).asm["ptx"])
+            f.write(kernel.asm["ptx"])
 
 
 def base_tree(base: str, into: str) -> str:

@@ -39,14 +39,21 @@ exp(LEVEL_SPAN)], so no gate overflows: a steep fall costs matmuls, not correctn
 exp(b_t)·exp(−b_s), gave NaN once a chunk's gates summed below about −88). Log gates must be ≤ 0 (docs/design.md,
 decays).
 
-Full resets: a log gate of −inf (g, scalar or per key) drops the state, S_t = k_t v_tᵀ (packed documents). Where the
-cumulative gate is formed it is taken with −inf as 0, beside a count of the resets so far (_scalar_cumulative,
-_key_cumulative): the decay from s to t is exp(b_t − b_s) where the counts at s and t agree and 0 (a select) where
-they differ, so no (−inf) − (−inf) arises; a chunk's or segment's total is −inf past a reset, which the scans take
-as a decay of 0. Scalar gates select in each main kernel. Per key the pre-pass selects: qd is 0 from a key's first
-reset in the chunk on, kd before its last, its total −inf; those level-0 scores are then 0 on every causal pair,
-and _levels_kernel visits the chunk (marked) and adds its scores per reset span (the counts are per key, so −inf on only some
-keys of a token is exact too). The gradient of a −inf gate is 0 (scalar: exactly; per key: to round-off).
+Full resets: a log gate of −inf (g, scalar or per key) drops the state, S_t = k_t v_tᵀ (packed documents), with
+options.resets only. The kernels that form a cumulative gate (state, forward, dq, dk, dv for g; the pre-pass and
+_levels_kernel per key) take a constexpr RESETS from it, and branch on it: off (the default) they compile to the
+finite-gate arithmetic, which costs finite gates nothing for resets they do not have and gives NaN for −inf
+(refused on CPU tensors, and on CUDA under LONGSCAN_CHECKS=1: plan._resets); packed documents turn it on
+(chunk_linear_attention, and SP's backend for every piece). With RESETS, where the cumulative gate is formed it
+is taken with −inf as 0, beside a count of the resets so far (_scalar_cumulative, _key_cumulative): the decay
+from s to t is exp(b_t − b_s) where the counts at s and t agree and 0 (a select) where they differ, so no
+(−inf) − (−inf) arises; a chunk's or segment's total is −inf past a reset, which the scans take as a decay of 0.
+Scalar gates select in each main kernel. Per key the pre-pass selects: qd is 0 from a key's first reset in the
+chunk on, kd before its last, its total −inf; those level-0 scores are then 0 on every causal pair, and
+_levels_kernel visits the chunk (marked in steep_chunks) and adds its scores per reset span (the counts are per
+key, so −inf on only some keys of a token is exact too). The gradient of a −inf gate is 0 (scalar: exactly; per
+key: to round-off). benchmarks/tuning/ptx_diff.py checks both: RESETS off against the kernels before resets,
+on (--resets) against a reset-capable revision.
 
 Gradient of the gate (A_t the cumulative log gate): dL/dA_t = q_t⊙dq_t − k_t⊙dk_t, plus Σ_v S_T⊙dS_T at the
 last step; dg_s = Σ_{t≥s} dL/dA_t. The dq and dk kernels emit the q and k sides. Scalar gates: the host sums
