@@ -25,7 +25,8 @@ def _bwd_dq_kernel(q, k, kd, eq, v, g, gg, do, h0, dq, gq, st, T, H, SEG, NC, sc
 
     Per key, q, kd, eq and g are _gate_operands_kernel's qd, kd, eq and chunk totals (k is not read: level 0's keys
     kn come from kd, _level0_keys). The gate partials multiply by the same bf16-rounded decayed operands (qd, kn,
-    kd) that built the other side's terms, so that q⊙dq − k⊙dk cancels as it does in exact arithmetic."""
+    kd) that built the other side's terms, so that q⊙dq − k⊙dk cancels as it does in exact arithmetic.
+    RESETS: g (GATE 2) may hold −inf, as in _fwd_kernel."""
     ik, nk, bh, js, ns, b, h = _segment_program(H)
     dt = q.dtype.element_ty
     rk = ik * BK + tl.arange(0, BK)
@@ -108,7 +109,8 @@ def _bwd_dk_kernel(q, k, kd, ek, v, g, gg, do, dhe, hin, dk, gk, dg, term, dh0, 
     dL/dg_s = Σ_v exp(g_s)S_{s−1}⊙dS_s), so no segment waits for the sums of the later ones; the last segment
     starts from the final-state term. Scalar gates write their tile's k-side partial to gk[..., ik] (the host
     sums: a 1-D reverse cumulative sum in this kernel made the scalar-gate backward slower).
-    Per key, q, kd, ek and g are _gate_operands_kernel's qd, kd, ek and chunk totals (k is not read)."""
+    Per key, q, kd, ek and g are _gate_operands_kernel's qd, kd, ek and chunk totals (k is not read).
+    RESETS: g (GATE 2) may hold −inf, as in _fwd_kernel."""
     ik, nk, bh, js, ns, b, h = _segment_program(H)
     dt = q.dtype.element_ty
     rk = ik * BK + tl.arange(0, BK)
@@ -213,7 +215,7 @@ def _bwd_dv_kernel(q, k, kd, g, gg, do, dhe, dv, T, H, SEG, NC, scale,
     """One (V-tile, batch·head, segment), walking backward from the gradient of the state leaving the
     segment (columns rv): dv = (k⊙exp(b_C − b)) dH + scale·Aᵀ do, A the decayed causal q·k scores.
     Per key, q, kd and g are _gate_operands_kernel's qd, kd and chunk totals (k is not read: level 0's keys come
-    from kd)."""
+    from kd). RESETS: g (GATE 2) may hold −inf, as in _fwd_kernel."""
     iv, _, bh, js, ns, b, h = _segment_program(H)
     dt = q.dtype.element_ty
     rk = tl.arange(0, K)

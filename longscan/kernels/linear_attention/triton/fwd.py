@@ -17,7 +17,8 @@ def _fwd_kernel(q, k, kd, v, g, gg, o, h0, ht, T, H, SEG, NC, scale,
                 HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr, RESETS: tl.constexpr):
     """One (V-tile, batch·head, segment): o for the segment's tokens, starting from state h0[bh, seg].
     Per-key gates (GATE 3) read _gate_operands_kernel's outputs: q and kd are qd and kd, g the chunk totals (k is
-    not read: level 0's keys come from kd)."""
+    not read: level 0's keys come from kd). RESETS: g (GATE 2) may hold −inf, and the decays select past a
+    reset (common._scalar_cumulative); off, the finite-gate arithmetic."""
     iv, _, bh, js, ns, b, h = _segment_program(H)
     dt = q.dtype.element_ty
     rk = tl.arange(0, K)

@@ -22,7 +22,7 @@ def _state_kernel(x, y, g, gg, out_s, out_a, T, H, SEG, NC, scale,
     FROM_START=True: scale·Σ_t exp(A_t) ⊙ x_t y_tᵀ (q, do: the gradient of the state entering it).
     A is the inclusive cumulative log gate from the segment start. Also writes the total A_end `[K]`.
     Per-key gates (GATE 3): x is _gate_operands_kernel's kd (k⊙exp(b_C − b)) or qd (q⊙exp(b)), g its chunk
-    totals."""
+    totals. RESETS: g (GATE 2) may hold −inf, as in _fwd_kernel (a segment's total is then −inf past a reset)."""
     iv, _, bh, js, ns, b, h = _segment_program(H)
     dt = x.dtype.element_ty
     rk = tl.arange(0, K)
