@@ -60,3 +60,23 @@ def test_ptx_diff_finds_the_kernel_whose_launch_changed(tmp_path):
 def test_ptx_diff_refuses_an_unknown_base():
     out = run_ptx_diff("--base", "no-such-revision", "--kinds", "none", "--kernels", "dv")
     assert out.returncode != 0 and "--base: 'no-such-revision' is neither" in out.stderr
+
+
+def test_ptx_diff_drops_bare_labels_only():
+    """A bare label line (an inlined helper's debug range) is not compared; a branch still names its target."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks", "tuning"))
+    import ptx_diff
+    with_label = ptx_diff.normalise("$L__tmp3:\n\tmov.u32 \t%r1, 0;\n\t@%p1 bra \t$L__BB0_2;\n$L__BB0_2:\n")
+    assert with_label == ["mov.u32 \t%r1, 0;", "@%p1 bra \t$L;"]
+
+
+def test_cases_set_the_reset_switch_where_the_kernel_has_it():
+    """kernel_resources.Case(resets=...) reaches the kernels' RESETS; without resets the pre-pass's chunk marks
+    are a constexpr None (as the dispatch passes them), with resets a pointer."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks", "tuning"))
+    import kernel_resources as kr
+    for resets in (False, True):
+        consts, _ = kr.constants(kr.Case("fwd", 2, resets=resets))
+        assert consts["RESETS"] is resets
+        consts, _ = kr.constants(kr.Case("ops", 3, resets=resets))
+        assert consts["RESETS"] is resets and (("steep_chunks" in consts) is not resets)

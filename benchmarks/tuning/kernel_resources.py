@@ -50,7 +50,8 @@ _PTR = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
 class Case:
     """One kernel compiled as the dispatch launches it: its inputs' dtype, head dims, decay kind, whether the
     gate gradient is asked for (None: for the gated kinds, not for the constant decay, as the models use them)
-    and whether states enter and leave (an initial state, a final state and its gradient)."""
+    and whether states enter and leave (an initial state, a final state and its gradient); resets: compiled to
+    take log gates of −inf (options.resets), where the kernel has that switch."""
     name: str
     gate: int
     dtype: torch.dtype = torch.bfloat16
@@ -58,6 +59,7 @@ class Case:
     V: int = D
     need_dg: bool | None = None
     states: bool = False
+    resets: bool = False
 
     def __post_init__(self):
         if self.name not in KERNELS:
@@ -83,12 +85,18 @@ def constants(case: Case, opts: LinearKernelOptions = LinearKernelOptions()) -> 
     options, the defaults unless given)."""
     name, gate = case.name, case.gate
     block, cfg = launch(case, opts)
+    args = KERNELS[name].arg_names
+    # the reset switch where the kernel has one (an earlier longscan's may not: ptx_diff.py); without resets
+    # the pre-pass's chunk marks are None, which the dispatch passes and Triton takes as a constexpr
+    switch = dict(RESETS=case.resets) if "RESETS" in args else {}
+    if "steep_chunks" in args and not case.resets:
+        switch["steep_chunks"] = None
     need_dg = gate >= 2 if case.need_dg is None else bool(case.need_dg and gate)
     prec = "ieee" if case.dtype == torch.float32 else "tf32"
     if name.startswith("ops"):
         return dict(K=case.K, BK=block, C=opts.chunk_for(True), HAS_Q=True, STORE_KD=True,
-                    STORE_F=name == "ops_b"), cfg
-    c = dict(K=case.K, V=case.V, C=opts.chunk_for(gate == 3), GATE=gate, PREC=prec)
+                    STORE_F=name == "ops_b", **switch), cfg
+    c = dict(K=case.K, V=case.V, C=opts.chunk_for(gate == 3), GATE=gate, PREC=prec, **switch)
     if name == "fwd":
         c.update(BV=block, HAS_H0=case.states, STORE_HT=case.states)
     elif name == "state":

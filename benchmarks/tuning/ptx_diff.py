@@ -1,17 +1,23 @@
 """Did a change alter the compiled code of the Triton linear-attention kernels? Compiles them for a CUDA target
 without a GPU, at this checkout and at an earlier one, and compares their PTX with the debug lines (.loc, .file,
-the debug sections) and label names stripped: a kernel whose PTX is the same runs as fast as before, so a change
-that leaves it alone needs no GPU timing.
+the debug sections), label names and bare label lines stripped: a kernel whose PTX is the same runs as fast as
+before, so a change that leaves it alone needs no GPU timing. (A bare label, `$L__tmp3:`, marks a debug range,
+such as an inlined helper's; branches name their targets in the instructions, which are compared.)
 
-Compiles the forward, state, dq, dk and dv kernels (and the per-key gates' pre-pass) with the launch settings and
-state-product modes the dispatch picks (benchmarks/tuning/kernel_resources.py: gates with their gradient, the
-constant decay without), for each decay kind, in bf16 (or --dtype fp16) at head dims --dims.
+Compiles the forward, state, dq, dk and dv kernels (and for per-key gates the pre-pass and the levels kernel
+that adds the terms of steep chunks, after the forward (lv0), the dq kernel (lv1, with the gate gradient) and the
+dk and dv kernels (lv2)) with the launch settings and state-product modes the dispatch picks
+(benchmarks/tuning/kernel_resources.py: gates with their gradient, the constant decay without), for each decay
+kind, in bf16 (or --dtype fp16) at head dims --dims.
 
     PYTHONPATH=. python benchmarks/tuning/ptx_diff.py --base HEAD~1 [--kinds none,g_gamma,g,gk] [--kernels fwd,dq]
-        [--states]
+        [--states] [--resets]
 
 --base takes a git revision of this repository or a directory holding an unpacked earlier longscan/. Prints one
 line a kernel ("same" or "CHANGED" with the number of differing lines) and exits 1 when any changed.
+--resets compiles the gated kinds (g, gk) of this checkout as the dispatch does for log gates that may hold −inf
+(LinearKernelOptions.resets; the base's kernels get it too where they have the switch, and are compiled as they
+are where they have none).
 """
 from __future__ import annotations
 
@@ -28,7 +34,9 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 KINDS = ("none", "g_gamma", "g", "gk")
-KERNELS = ("fwd", "state", "dq", "dk", "dv", "ops", "ops_b")
+KERNELS = ("fwd", "state", "dq", "dk", "dv", "ops", "ops_b", "lv0", "lv1", "lv2")
+# the per-key kernels (the pre-pass and the levels kernel's three modes)
+PER_KEY = ("ops", "ops_b", "lv0", "lv1", "lv2")
 DTYPES = ("bf16", "fp16")
 
 
@@ -42,6 +50,8 @@ def normalise(ptx: str) -> list[str]:
         s = line.strip()
         if not s or s.startswith((".loc", ".file", "//")):
             continue
+        if re.fullmatch(r"\$L\w*:", s):
+            continue
         out.append(re.sub(r"\$L__\w+", "$L", s))
     return out
 
@@ -51,34 +61,74 @@ def cases(kinds: list[str], kernels: list[str], states: bool) -> list[tuple[str,
     out = []
     for kind in kinds:
         for name in kernels:
-            if name.startswith("ops") and kind != "gk":
+            if name in PER_KEY and kind != "gk":
                 continue
             out.append((kind, name, False))
-            if states and name not in ("state", "ops", "ops_b"):
+            if states and name not in ("state",) + PER_KEY:
                 out.append((kind, name, True))
     return out
 
 
-def dump(tree: str, todo: list, dtype: str, dims: int, outdir: str) -> None:
+def dump(tree: str, todo: list, dtype: str, dims: int, resets: bool, outdir: str) -> None:
     """Compile every case against the longscan package under ``tree`` (this file's helpers, that tree's
     kernels) in a subprocess, writing <kind>-<kernel>[-states].ptx under outdir."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = tree
     args = [sys.executable, os.path.abspath(__file__), "--compile-into", outdir, "--dtype", dtype,
-            "--dims", str(dims), "--cases", json.dumps(todo)]
+            "--dims", str(dims), "--cases", json.dumps(todo)] + (["--resets"] if resets else [])
     out = subprocess.run(args, env=env, cwd=outdir, capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"compiling against {tree} failed:\n{out.stderr[-4000:]}")
 
 
-def compile_into(outdir: str, todo: list, dtype: str, dims: int) -> None:
-    """In the subprocess: the longscan on PYTHONPATH is the tree compared (this script's folder gives the helpers)."""
+def compile_levels(mode: int, dtype, dims: int, resets: bool):
+    """The levels kernel (levels.py) in MODE ``mode`` as _add_levels launches it (the gate gradient in mode 1),
+    compiled for sm_90 -> Triton's compiled kernel. g (the per-key gates) and gq in float32, the marks int32."""
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from longscan.kernels.linear_attention import LinearKernelOptions
+    from longscan.kernels.linear_attention.triton import levels
+    fn = levels._levels_kernel
+    consts = dict(K=dims, V=dims, C=LinearKernelOptions().chunk_for(True), MODE=mode, NEED_DG=mode == 1,
+                  PREC="tf32")
+    if "RESETS" in fn.arg_names:   # (an earlier longscan's may have no switch)
+        consts["RESETS"] = resets
+    if "steep_chunks" in fn.arg_names and not resets:
+        consts["steep_chunks"] = None   # what the dispatch passes without resets, a constexpr
+    ptr = {torch.bfloat16: "*bf16", torch.float16: "*fp16"}[dtype]
+    sig = {}
+    for a in fn.arg_names:
+        if a in consts:
+            sig[a] = "constexpr"
+        elif a in ("T", "H", "SEG"):
+            sig[a] = "i32"
+        elif a == "scale":
+            sig[a] = "fp32"
+        else:
+            sig[a] = {"g": "*fp32", "gq": "*fp32", "steep": "*i32", "steep_chunks": "*i32"}.get(a, ptr)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
+             if sig[a] == "i32" or sig[a].startswith("*")}
+    src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()}, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8))
+
+
+def compile_into(outdir: str, todo: list, dtype: str, dims: int, resets: bool) -> None:
+    """In the subprocess: the longscan on PYTHONPATH is the tree compared (this script's folder gives the helpers).
+    resets: the gated kinds compiled to take −inf (as the dispatch does only for them)."""
     sys.path.insert(0, HERE)
     import kernel_resources as kr   # noqa: E402 (after the path: the helper beside this file)
     for kind, name, states in todo:
-        case = kr.Case(name, kr.KINDS[kind], kr.DTYPES[dtype], dims, dims, states=states)
+        gated = resets and kind in ("g", "gk")
+        if name.startswith("lv"):
+            kernel = compile_levels(int(name[2]), kr.DTYPES[dtype], dims, gated)
+        else:
+            kernel = kr.compile_case(kr.Case(name, kr.KINDS[kind], kr.DTYPES[dtype], dims, dims, states=states,
+                                             resets=gated))
         with open(os.path.join(outdir, f"{kind}-{name}{'-states' if states else ''}.ptx"), "w") as f:
-            f.write(kr.compile_case(case).asm["ptx"])
+            f.write(kernel.asm["ptx"])
 
 
 def base_tree(base: str, into: str) -> str:
@@ -105,11 +155,12 @@ def main():
     ap.add_argument("--dtype", default="bf16", help=f"the inputs' dtype, of {DTYPES}")
     ap.add_argument("--dims", type=int, default=128, help="head dims K = V")
     ap.add_argument("--states", action="store_true", help="also with entering and leaving states")
+    ap.add_argument("--resets", action="store_true", help="the gated kinds as compiled for log gates of -inf")
     ap.add_argument("--compile-into", help=argparse.SUPPRESS)
     ap.add_argument("--cases", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.compile_into:
-        compile_into(args.compile_into, json.loads(args.cases), args.dtype, args.dims)
+        compile_into(args.compile_into, json.loads(args.cases), args.dtype, args.dims, args.resets)
         return
     if not args.base:
         raise SystemExit("--base: give the git revision or directory to compare against")
@@ -128,9 +179,9 @@ def main():
         trees = {"base": base_tree(args.base, d), "here": ROOT}
         for side, tree in trees.items():
             os.makedirs(os.path.join(d, f"ptx-{side}"))
-            dump(tree, todo, args.dtype, args.dims, os.path.join(d, f"ptx-{side}"))
+            dump(tree, todo, args.dtype, args.dims, args.resets, os.path.join(d, f"ptx-{side}"))
         changed = 0
-        print(f"# {args.dtype}, head dims {args.dims}, base {args.base}")
+        print(f"# {args.dtype}, head dims {args.dims}, base {args.base}{', resets' if args.resets else ''}")
         for kind, name, states in todo:
             fname = f"{kind}-{name}{'-states' if states else ''}.ptx"
             a, b = (normalise(open(os.path.join(d, f"ptx-{side}", fname)).read()) for side in ("base", "here"))

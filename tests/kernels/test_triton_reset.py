@@ -3,7 +3,8 @@ against the float64 recurrence.
 
 CPU: the Triton interpreter in float32, tiny shapes, chunks of 16 (T = 37: three chunks, the last one partial),
 segments forced through LinearKernelOptions so the state passes and scans run too. GPU (skipped without CUDA):
-float32 and bf16 at the default chunks.
+float32 and bf16 at the default chunks. -inf in g directly takes LinearKernelOptions(resets=True) (packed
+documents turn it on themselves); without it the kernels refuse -inf on CPU tensors.
 """
 import os
 
@@ -29,8 +30,8 @@ T = 37
 POSITIONS = {"first": (0,), "inside": (5,), "chunk_end": (15,), "last": (T - 1,), "several": (17, 20, 21, 30)}
 
 
-def small(segments=None):
-    return LinearKernelOptions(chunk=16, chunk_per_key=16, segments=segments)
+def small(segments=None, resets=True):
+    return LinearKernelOptions(chunk=16, chunk_per_key=16, segments=segments, resets=resets)
 
 
 def reset_inputs(decay, positions, seed, T=T, H=2, K=16, V=16, keys=None):
@@ -178,21 +179,86 @@ def test_sp_pieces_with_resets(decay, segments):
 
 # -- 3. non-finite inputs --------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("resets", [True, False])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 @pytest.mark.parametrize("decay", ["none", "g_scalar", "g_per_key"])
-def test_non_finite_key_leaves_earlier_outputs_alone(decay, bad):
+def test_non_finite_key_leaves_earlier_outputs_alone(decay, bad, resets):
     """A non-finite k at token t: the outputs of the tokens before t (in t's chunk too) are finite and those of
-    the clean run; the masks select rather than multiply."""
+    the clean run; the masks select rather than multiply (with the reset arithmetic and without)."""
     x = {n: (v.to(DEV) if v is not None else None)
          for n, v in make_inputs(decay, 1, T, 2, 16, 16, torch.float32, seed=8).items()}
     t = 21
-    clean, _ = tc.forward(x["q"], x["k"], x["v"], x["g"], None, None, x["initial_state"], False, options=small(2))
+    opts = small(2, resets)
+    clean, _ = tc.forward(x["q"], x["k"], x["v"], x["g"], None, None, x["initial_state"], False, options=opts)
     k = x["k"].clone()
     k[0, t, 1, 3] = bad
-    o, _ = tc.forward(x["q"], k, x["v"], x["g"], None, None, x["initial_state"], False, options=small(2))
+    o, _ = tc.forward(x["q"], k, x["v"], x["g"], None, None, x["initial_state"], False, options=opts)
     assert torch.isfinite(o[:, :t]).all()
     assert torch.equal(o[:, :t], clean[:, :t])
     assert torch.equal(o[:, :, 0], clean[:, :, 0])   # the other head
+
+
+# -- 4. the reset switch (LinearKernelOptions.resets) ---------------------------------------------------------------
+
+REFUSED = r"g holds -inf \(a full reset\) at 2 entries, but LinearKernelOptions\.resets is False.*resets=True"
+
+
+@pytest.mark.parametrize("decay", ["g_scalar", "g_per_key"])
+def test_inf_without_the_option_is_refused(decay, monkeypatch):
+    """-inf in g without options.resets: every entry point refuses it, naming g, the -inf and the option (on CPU
+    tensors always; on CUDA under the opt-in checks), rather than return the finite-gate arithmetic's NaN."""
+    if CUDA:
+        monkeypatch.setenv("LONGSCAN_CHECKS", "1")
+    x = reset_inputs(decay, (5,), seed=12, keys=slice(0, 1))   # heads 0 and 1 at token 5, one key each
+    q, k, v, g, P = (x[n].float().to(DEV) for n in ("q", "k", "v", "g", "initial_state"))
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(DEV)
+    opts = small(2, resets=False)
+    calls = {"forward": lambda: tc.forward(q, k, v, g, options=opts),
+             "backward": lambda: tc.backward(q, k, v, g, None, None, None, do, None, options=opts),
+             "segment_state": lambda: tc.segment_state(k, v, g, options=opts),
+             "prefix_grad": lambda: tc.prefix_grad(q, g, None, None, do, options=opts),
+             "add_prefix": lambda: tc.add_prefix(do, q, g, None, None, P, options=opts)}
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=REFUSED):
+            call()
+    # through the one-device entry point too, and accepted with the option
+    from longscan.kernels.linear_attention import chunk_linear_attention
+    with pytest.raises(ValueError, match=REFUSED):
+        chunk_linear_attention(q, k, v, g, backend="triton", options=opts)
+    o, _ = chunk_linear_attention(q, k, v, g, backend="triton", options=small(2))
+    assert torch.isfinite(o).all()
+
+
+def _all_results(x, options, scale=16 ** -0.5):
+    """Everything the backend computes for x: forward (o, final state), backward, and the SP pieces
+    (segment_state, add_prefix, prefix_grad) of the same inputs."""
+    q, k, v, g, h0 = (x[n].float().to(DEV) for n in ("q", "k", "v", "g", "initial_state"))
+    gen = torch.Generator().manual_seed(21)
+    do = torch.randn(q.shape[:3] + v.shape[-1:], generator=gen).to(DEV)
+    dht = torch.randn(h0.shape, generator=gen).to(DEV)
+    o, ht, saved = tc.forward(q, k, v, g, None, scale, h0, True, return_saved=True, options=options)
+    grads = tc.backward(q, k, v, g, None, scale, h0, do, dht, kv_states=saved, options=options)
+    S, logd = tc.segment_state(k, v, g, options=options)
+    o1 = tc.add_prefix(o, q, g, None, scale, h0, options=options)
+    dP = tc.prefix_grad(q, g, None, scale, do, options=options)
+    return dict(zip(["o", "ht", "dq", "dk", "dv", "dg", "dh0", "S", "logd", "add_prefix", "dP"],
+                    [o, ht, *grads, S, logd, o1, dP]))
+
+
+@pytest.mark.parametrize("segments", [None, 2])
+@pytest.mark.parametrize("decay", ["g_scalar", "g_per_key", "g_per_key_steep"])
+def test_option_on_with_finite_gates_changes_nothing(decay, segments):
+    """options.resets on with finite gates: the reset arithmetic gives the finite-gate kernels' results (to
+    round-off), forward, backward and the SP pieces; per key also where a key falls past the levels' span (the
+    levels kernel: per marked chunk with resets, per marked segment without)."""
+    x = make_inputs(decay.replace("_steep", ""), 1, T, 2, 16, 16, torch.float64, seed=13)
+    if decay.endswith("steep"):
+        x["g"][:, 3, :, 0], x["g"][:, 20, :, 5] = -90.0, -130.0
+    off = _all_results(x, small(segments, resets=False))
+    on = _all_results(x, small(segments, resets=True))
+    for name, want in off.items():
+        assert torch.isfinite(want).all(), name
+        assert rel_err(on[name].cpu().double(), want.cpu().double()) <= 1e-5, name
 
 
 # -- GPU: the default chunks and launch settings, bf16 and float32 ----------------------------------------------------
@@ -206,7 +272,7 @@ GPU_POSITIONS = (0, 63, 64, 100, 101, 150, 299)   # the first token, both sides 
 @pytest.mark.parametrize("decay", ["g_scalar", "g_per_key"])
 def test_gpu_resets(decay, segments, dtype, tol):
     x = reset_inputs(decay, GPU_POSITIONS, seed=3, T=300, H=3, K=64, V=64)
-    check(x, True, LinearKernelOptions(segments=segments), dtype=dtype, tol=tol, seed=3)
+    check(x, True, LinearKernelOptions(segments=segments, resets=True), dtype=dtype, tol=tol, seed=3)
 
 
 @requires_cuda
@@ -215,10 +281,10 @@ def test_gpu_per_key_resets_on_some_keys_in_steep_chunks(dtype):
     """-inf on some keys, beside gates that fall past the levels' span, at head dims 128 (float16: run in bf16)."""
     x = reset_inputs("g_per_key", GPU_POSITIONS, seed=4, T=300, H=2, K=128, V=128, keys=slice(5, 70))
     x["g"][:, 70, :, :8] = -150.0
-    check(x, True, None, dtype=dtype, tol=1e-2, seed=4)
+    check(x, True, LinearKernelOptions(resets=True), dtype=dtype, tol=1e-2, seed=4)
 
 
-# -- 4. packed documents through the Triton kernels under SP --------------------------------------------------------
+# -- 5. packed documents through the Triton kernels under SP --------------------------------------------------------
 
 SP_T_LOCAL = 32   # two chunks of 16 a rank; zigzag pieces of 16 (rank 0: tokens 0-15 and 48-63)
 SP_DOCS = {
@@ -252,7 +318,7 @@ def _sp_worker(rank, world):
                     return shard(t, 1, None, layout)
                 local = {n: sh(x[n]).float().requires_grad_() for n in ("q", "k", "v", "g")}
                 o, _ = linear_attention(*local.values(), method=method, layout=layout, backend="triton",
-                                        n_blocks=2, overlap=method == "lasp2", options=small(),
+                                        n_blocks=2, overlap=method == "lasp2", options=small(resets=False),
                                         cu_seqlens=torch.tensor(cu))
                 grads = torch.autograd.grad(o, list(local.values()), sh(do).float())
                 finite = bool(torch.isfinite(o).all()) and all(bool(torch.isfinite(d).all()) for d in grads)

@@ -19,7 +19,7 @@ from longscan.kernels import saved
 from longscan.kernels.checks import check_linear_qkv
 from longscan.kernels.linear_attention.backend import LinearBackend, NaiveBackend, TorchBackend
 from longscan.kernels.linear_attention.naive import naive_recurrent_linear_attention
-from longscan.kernels.linear_attention.options import LaunchConfig, LinearKernelOptions
+from longscan.kernels.linear_attention.options import LaunchConfig, LinearKernelOptions, with_resets
 
 BACKENDS = ("auto", "naive", "torch", "triton", "fla")
 # the backends that compute a log decay of -inf (a full reset) exactly, so the ones that take packed documents
@@ -199,18 +199,20 @@ def chunk_linear_attention(q, k, v, g=None, g_gamma=None, scale=None, initial_st
     initial_state `[B, H, K, V]`. Log decays must be <= 0: a positive one is refused with a ValueError (CPU
     tensors always; CUDA tensors with LONGSCAN_CHECKS=1, since checking reads them back).
     Returns (o `[B, T, H, V]`, final state `[B, H, K, V]` float32 or None).
-    options: the Triton kernels' :class:`LinearKernelOptions` (None: the defaults).
+    options: the Triton kernels' :class:`LinearKernelOptions` (None: the defaults). A g holding -inf (a full
+    reset) needs ``options.resets`` on the Triton backend (naive and torch take -inf always).
     cu_seqlens: packed documents, int32/int64 `[N + 1]` offsets (fla's convention) with B = 1: every document
-    is attended alone (torch, naive, triton: a reset, log decay -inf, at its first token; fla: the documents as
-    the rows of a zero-padded batch), without initial_state or output_final_state. The gradient of
-    g (or g_gamma) at a document's first token is 0.
+    is attended alone (torch, naive, triton: a reset, log decay -inf, at its first token, with options.resets
+    turned on; fla: the documents as the rows of a zero-padded batch), without initial_state or
+    output_final_state. The gradient of g (or g_gamma) at a document's first token is 0.
     Same conventions as flash-linear-attention's chunk_simple_gla / chunk_gla.
     """
     check_inputs(q, k, v, g, g_gamma, initial_state)
     if cu_seqlens is not None:
         check_documents(q, initial_state, output_final_state, backend, one_device=True)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    impl = get_backend(backend, q.device, options)
+    # documents enter as -inf gates: the Triton kernels then compile their reset arithmetic (options.resets)
+    impl = get_backend(backend, q.device, with_resets(options) if cu_seqlens is not None else options)
     check_backend_supports(impl, g_gamma)
     if cu_seqlens is not None:
         T = q.shape[1]
@@ -223,5 +225,5 @@ def chunk_linear_attention(q, k, v, g=None, g_gamma=None, scale=None, initial_st
 
 
 __all__ = ["chunk_linear_attention", "naive_recurrent_linear_attention", "get_backend", "check_inputs",
-           "check_documents", "document_resets", "reset_log_decay", "RESET_BACKENDS",
+           "check_documents", "document_resets", "reset_log_decay", "RESET_BACKENDS", "with_resets",
            "check_log_decay", "check_backend_supports", "LinearBackend", "LinearKernelOptions", "LaunchConfig", "BACKENDS"]

@@ -73,7 +73,8 @@ _STATE_PRODUCTS_BF16 = {(2, "dq"): 2, (2, "dk"): 1, (3, "dq"): 1, (3, "dk"): 2}
 
 @dataclasses.dataclass(frozen=True)
 class LinearKernelOptions:
-    """How the Triton linear-attention kernels cut and launch their work (never what they compute).
+    """How the Triton linear-attention kernels cut and launch their work (never what they compute), and whether
+    their log gates may hold −inf.
 
     chunk, chunk_per_key: tokens a chunk (no / scalar decay; per-key gates).
     segments: force the number of sequence segments (None: from the SM count, as below).
@@ -87,6 +88,10 @@ class LinearKernelOptions:
       backward's factors (four tensors the size of q) so the backward runs no pre-pass of its own.
     gate_grad_f32_state: state products of a gate-gradient backward in float32 precision (bf16 states miss its
       tolerance); state_products_bf16 says how for bf16 inputs, per (gate kind, kernel).
+    resets: g may hold −inf (full resets): the kernels compile the reset arithmetic, which costs finite gates
+      time, so it is off by default. Packed documents (cu_seqlens) turn it on themselves; a caller who puts −inf
+      in g sets it. Off, −inf in g is refused with a ValueError on CPU tensors and, on CUDA, with
+      LONGSCAN_CHECKS=1 (checking reads g back); otherwise it gives NaN.
     """
     chunk: int = 64
     chunk_per_key: int = 64
@@ -101,6 +106,7 @@ class LinearKernelOptions:
     keep_gate_operands: bool = True
     gate_grad_f32_state: bool = True
     state_products_bf16: Mapping[tuple, int] = dataclasses.field(default_factory=lambda: _STATE_PRODUCTS_BF16)
+    resets: bool = False
 
     def __post_init__(self):
         for name in ("chunk", "chunk_per_key"):
@@ -115,7 +121,7 @@ class LinearKernelOptions:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"LinearKernelOptions.{name} must be None or a positive int, got {value!r}")
-        for name in ("keep_gate_operands", "gate_grad_f32_state"):
+        for name in ("keep_gate_operands", "gate_grad_f32_state", "resets"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"LinearKernelOptions.{name} must be True or False, got {getattr(self, name)!r}")
         config = _configs(self.config, "config")
@@ -149,6 +155,13 @@ class LinearKernelOptions:
 
 
 DEFAULT = LinearKernelOptions()
+
+
+def with_resets(options: LinearKernelOptions | None) -> LinearKernelOptions:
+    """``options`` (None: the defaults) with ``resets`` on: for calls whose log gates hold −inf by construction
+    (packed documents)."""
+    opts = resolve(options)
+    return opts if opts.resets else dataclasses.replace(opts, resets=True)
 
 
 def resolve(options: LinearKernelOptions | None) -> LinearKernelOptions:

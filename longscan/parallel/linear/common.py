@@ -21,7 +21,7 @@ from longscan.distributed.stats import count, nbytes, waiting
 from longscan.kernels import saved
 from longscan.kernels.linear_attention import (LinearBackend, LinearKernelOptions, check_backend_supports,
                                                check_documents, check_inputs, document_resets, get_backend,
-                                               reset_log_decay)
+                                               reset_log_decay, with_resets)
 from longscan.kernels.linear_attention.backend import log_decay
 
 
@@ -155,7 +155,9 @@ def make_context(q, k, v, g, g_gamma, scale, initial_state, group, layout, backe
         raise ValueError(f"layout='zigzag' needs an even local length q.shape[1], got {T}")
     if T == 0:
         raise ValueError("q.shape[1] (the local length) must be positive")
-    impl = get_backend(backend, q.device, options)
+    # documents enter as -inf gates (local_log_decay): the backend, which every SP piece calls (segment_state,
+    # forward, add_prefix, prefix_grad, backward), is built with options.resets on (Triton's reset arithmetic)
+    impl = get_backend(backend, q.device, with_resets(options) if documents else options)
     check_backend_supports(impl, g_gamma)
     if documents:
         check_documents(q, initial_state, output_final_state, backend, impl)
@@ -212,7 +214,8 @@ class SPLinearAttentionFunction(torch.autograd.Function):
 
 def local_log_decay(sp: SegmentGroup, q, g, g_gamma, cu_seqlens) -> torch.Tensor:
     """This rank's per-token log decay of packed documents: -inf at the local tokens that start a document
-    (``reset_log_decay``), found from the global offsets ``cu_seqlens`` through the layout."""
+    (``reset_log_decay``), found from the global offsets ``cu_seqlens`` through the layout. Its -inf needs the
+    backend :func:`make_context` builds with ``documents=True`` (options.resets on)."""
     T = q.shape[1]
     cu = check_cu_seqlens(cu_seqlens, T * sp.world)
     return reset_log_decay(q, g, g_gamma, document_resets(cu, global_positions(T, sp.world, sp.rank, sp.layout)))

@@ -39,14 +39,21 @@ exp(LEVEL_SPAN)], so no gate overflows: a steep fall costs matmuls, not correctn
 exp(b_t)·exp(−b_s), gave NaN once a chunk's gates summed below about −88). Log gates must be ≤ 0 (docs/design.md,
 decays).
 
-Full resets: a log gate of −inf (g, scalar or per key) drops the state, S_t = k_t v_tᵀ (packed documents). Where the
-cumulative gate is formed it is taken with −inf as 0, beside a count of the resets so far (_scalar_cumulative,
-_key_cumulative): the decay from s to t is exp(b_t − b_s) where the counts at s and t agree and 0 (a select) where
-they differ, so no (−inf) − (−inf) arises; a chunk's or segment's total is −inf past a reset, which the scans take
-as a decay of 0. Scalar gates select in each main kernel. Per key the pre-pass selects: qd is 0 from a key's first
-reset in the chunk on, kd before its last, its total −inf; those level-0 scores are then 0 on every causal pair,
-and _levels_kernel visits the chunk (marked) and adds its scores per reset span (the counts are per key, so −inf on only some
-keys of a token is exact too). The gradient of a −inf gate is 0 (scalar: exactly; per key: to round-off).
+Full resets: a log gate of −inf (g, scalar or per key) drops the state, S_t = k_t v_tᵀ (packed documents), with
+options.resets only. The kernels that form a cumulative gate (state, forward, dq, dk, dv for g; the pre-pass and
+_levels_kernel per key) take a constexpr RESETS from it, and branch on it: off (the default) they compile to the
+finite-gate arithmetic, which costs finite gates nothing for resets they do not have and gives NaN for −inf
+(refused on CPU tensors, and on CUDA under LONGSCAN_CHECKS=1: plan._resets); packed documents turn it on
+(chunk_linear_attention, and SP's backend for every piece). With RESETS, where the cumulative gate is formed it
+is taken with −inf as 0, beside a count of the resets so far (_scalar_cumulative, _key_cumulative): the decay
+from s to t is exp(b_t − b_s) where the counts at s and t agree and 0 (a select) where they differ, so no
+(−inf) − (−inf) arises; a chunk's or segment's total is −inf past a reset, which the scans take as a decay of 0.
+Scalar gates select in each main kernel. Per key the pre-pass selects: qd is 0 from a key's first reset in the
+chunk on, kd before its last, its total −inf; those level-0 scores are then 0 on every causal pair, and
+_levels_kernel visits the chunk (marked in steep_chunks) and adds its scores per reset span (the counts are per
+key, so −inf on only some keys of a token is exact too). The gradient of a −inf gate is 0 (scalar: exactly; per
+key: to round-off). benchmarks/tuning/ptx_diff.py checks both: RESETS off against the kernels before resets,
+on (--resets) against a reset-capable revision.
 
 Gradient of the gate (A_t the cumulative log gate): dL/dA_t = q_t⊙dq_t − k_t⊙dk_t, plus Σ_v S_T⊙dS_T at the
 last step; dg_s = Σ_{t≥s} dL/dA_t. The dq and dk kernels emit the q and k sides. Scalar gates: the host sums
@@ -71,8 +78,8 @@ from longscan.kernels.linear_attention.triton.bwd import run_dk, run_dq, run_dv
 from longscan.kernels.linear_attention.triton.fwd import run_forward, run_prefix
 from longscan.kernels.linear_attention.triton.gates import _gate_operands
 from longscan.kernels.linear_attention.triton.levels import _add_levels
-from longscan.kernels.linear_attention.triton.plan import (_bf16, _check, _gate, _in_bf16, _launch, _prec, _split,
-                                                           _state_products)
+from longscan.kernels.linear_attention.triton.plan import (_bf16, _check, _gate, _in_bf16, _launch, _prec, _resets,
+                                                           _split, _state_products)
 from longscan.kernels.linear_attention.triton.records import ForwardRecord, StatePass
 from longscan.kernels.linear_attention.triton.state import _kv_states, _scan, _states
 
@@ -122,6 +129,7 @@ def forward(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None, outpu
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     trace.emit("forward", dtype=q.dtype, return_saved=return_saved)
     GATE, gt, gg, C = _gate(g, g_gamma, q, opts)
+    resets = _resets(gt, GATE, opts)
     o = torch.empty(B, T, H, V, device=q.device, dtype=q.dtype)
     ht = torch.empty(B, H, K, V, device=q.device, dtype=torch.float32) if output_final_state else None
     if T == 0:
@@ -159,8 +167,8 @@ def forward(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None, outpu
     if keep and ops is not None:
         saved = dataclasses.replace(saved if saved is not None else ForwardRecord(seg, ns), operands=ops)
     run_forward(qx=qx, kx=kx, kdx=kdx, v=v, gx=gx, gg=gg, o=o, h0=h0, ht=ht, T=T, H=H, seg=seg, ns=ns, C=C,
-                scale=scale, GATE=GATE, BV=BV, store_ht=(ht is not None and ns == 1), prec=_prec(q), dummy=q,
-                cfg=cfg)
+                scale=scale, GATE=GATE, BV=BV, store_ht=(ht is not None and ns == 1), prec=_prec(q), resets=resets,
+                dummy=q, cfg=cfg)
     if ops is not None:
         _add_levels(0, ops, seg, C, q, k, v, gt, scale, o=o)
     return (o, ht, saved) if return_saved else (o, ht)
@@ -220,6 +228,7 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True,
     q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous().to(q.dtype)
     trace.emit("backward", dtype=q.dtype)
     GATE, gt, gg, C = _gate(g, g_gamma, q, opts)
+    resets = _resets(gt, GATE, opts)
     need_dg = bool(need_dg and GATE)
     dev = q.device
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -265,7 +274,7 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True,
         gq = torch.empty(B, T, H, nk, **f32)         # the q-side partial of each dq K-tile
         gk = torch.empty(B, T, H, K // BKk, **f32)   # ... and the k-side one of each dk K-tile
     dummy = q
-    common = dict(K=K, V=V, C=C, GATE=GATE, PREC=prec)
+    common = dict(K=K, V=V, C=C, GATE=GATE, PREC=prec, RESETS=resets)
     NC = triton.cdiv(T, C)
     run_dq(qx=qx, kx=kx, kdx=kdx, eqx=eqx, v=v, gx=gx, gg=gg, do=do, h0=h0, dq=dq, gq=gq, st=st, T=T, H=H,
            seg=seg, ns=ns, NC=NC, scale=scale, BK=BK, need_dg=need_dg, sf32=sf32["dq"], sprec=sprec["dq"],
@@ -302,9 +311,10 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True,
         dgl = dgl + term.sum(-1).unsqueeze(1)
     if initial_state is None:
         dgl[:, 0] = 0
-    # a −inf gate (a full reset) multiplies the state by 0 whatever it is: its gradient is 0 (torch's and the
-    # recurrence's value), which the sum above forms only to round-off
-    dgl = dgl.masked_fill(g == float("-inf"), 0)
+    if resets:
+        # a −inf gate (a full reset) multiplies the state by 0 whatever it is: its gradient is 0 (torch's and the
+        # recurrence's value), which the sum above forms only to round-off
+        dgl = dgl.masked_fill(g == float("-inf"), 0)
     return dq, dk, dv, dgl.to(g.dtype), dh0   # (g_gamma's gradient took the scalar-gate path above)
 
 
@@ -334,6 +344,7 @@ def segment_state(k, v, g=None, g_gamma=None, return_saved=False, keep_prefixes=
     k, v = k.contiguous(), v.contiguous()
     trace.emit("segment_state", dtype=k.dtype)
     GATE, gt, gg, C = _gate(g, g_gamma, k, opts)
+    _resets(gt, GATE, opts)
     if T == 0:
         out = (torch.zeros(B, H, K, V, device=k.device, dtype=torch.float32),
                torch.zeros(B, H, K, device=k.device, dtype=torch.float32))
@@ -374,6 +385,7 @@ def prefix_grad(q, g, g_gamma, scale, do, return_saved=False, kv_states: Forward
     q, do = q.contiguous(), do.contiguous().to(q.dtype)
     trace.emit("prefix_grad", dtype=q.dtype)
     GATE, gt, gg, C = _gate(g, g_gamma, q, opts)
+    _resets(gt, GATE, opts)
     if T == 0:
         out = torch.zeros(B, H, K, V, device=q.device, dtype=torch.float32)
         empty = StatePass(0, out.unsqueeze(2), torch.zeros(B, H, 1, K, device=q.device, dtype=torch.float32))
@@ -402,6 +414,7 @@ def add_prefix(o, q, g, g_gamma, scale, P, options: LinearKernelOptions | None =
     opts = resolve(options)
     q, o, P = q.contiguous(), o.contiguous(), P.contiguous()
     GATE, gt, gg, C = _gate(g, g_gamma, q, opts)
+    _resets(gt, GATE, opts)
     out = torch.empty_like(o)
     if T == 0:
         return out

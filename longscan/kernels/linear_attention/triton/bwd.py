@@ -16,7 +16,7 @@ from longscan.kernels.linear_attention.triton.common import (DG_RUN, _chunk_keys
 def _bwd_dq_kernel(q, k, kd, eq, v, g, gg, do, h0, dq, gq, st, T, H, SEG, NC, scale,
                    K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, C: tl.constexpr, GATE: tl.constexpr,
                    HAS_H0: tl.constexpr, STORE_ST: tl.constexpr, NEED_DG: tl.constexpr, SF32: tl.constexpr,
-                   PREC: tl.constexpr, SPREC: tl.constexpr):
+                   PREC: tl.constexpr, SPREC: tl.constexpr, RESETS: tl.constexpr):
     """One (K-tile, batch·head, segment), walking forward from the state entering the segment (rows rk):
     dq = scale·(exp(b)⊙(do Sᵀ) + intra-chunk), and the q-side gate partial. Per key (GATE 3) the partial is
     written per key into gq; for scalar gates its sum over the tile goes to gq[..., ik]. With STORE_ST the
@@ -25,7 +25,8 @@ def _bwd_dq_kernel(q, k, kd, eq, v, g, gg, do, h0, dq, gq, st, T, H, SEG, NC, sc
 
     Per key, q, kd, eq and g are _gate_operands_kernel's qd, kd, eq and chunk totals (k is not read: level 0's keys
     kn come from kd, _level0_keys). The gate partials multiply by the same bf16-rounded decayed operands (qd, kn,
-    kd) that built the other side's terms, so that q⊙dq − k⊙dk cancels as it does in exact arithmetic."""
+    kd) that built the other side's terms, so that q⊙dq − k⊙dk cancels as it does in exact arithmetic.
+    RESETS: g (GATE 2) may hold −inf, as in _fwd_kernel."""
     ik, nk, bh, js, ns, b, h = _segment_program(H)
     dt = q.dtype.element_ty
     rk = ik * BK + tl.arange(0, BK)
@@ -65,17 +66,17 @@ def _bwd_dq_kernel(q, k, kd, eq, v, g, gg, do, h0, dq, gq, st, T, H, SEG, NC, sc
         else:
             bq = tl.load(q + row[:, None] * K + rk[None, :], mask=m[:, None], other=0.0)
             gc = _gate_chunk(g, gamma, b, h, t, m, T, H, rk, K, GATE)
-            bc, nc, bl, nl = _scalar_cumulative(gc, GATE)
-            dA = tl.where(_same_span(causal, nc, GATE), dA * tl.exp(bc[:, None] - bc[None, :]), 0.0)
+            bc, nc, bl, nl = _scalar_cumulative(gc, GATE, RESETS)
+            dA = tl.where(_same_span(causal, nc, GATE, RESETS), dA * tl.exp(bc[:, None] - bc[None, :]), 0.0)
             intra = tl.dot(dA.to(dt), bk, input_precision=PREC)
-            eqc = _decay(bc, nc, 0, GATE)
+            eqc = _decay(bc, nc, 0, GATE, RESETS)
             acc = inter * eqc[:, None] + intra
             if NEED_DG:
                 qd = (bq * eqc[:, None]).to(dt)
                 part = tl.sum(qd.to(tl.float32) * inter + bq.to(tl.float32) * intra, 1)
                 tl.store(gq + row * nk + ik, scale * part, mask=m)
-            kd_ = (bk * _decay(bl - bc, nc, nl, GATE)[:, None]).to(dt)
-            S = S * _decay(bl, nl, 0, GATE) + tl.dot(tl.trans(kd_), bv, input_precision=PREC)
+            kd_ = (bk * _decay(bl - bc, nc, nl, GATE, RESETS)[:, None]).to(dt)
+            S = S * _decay(bl, nl, 0, GATE, RESETS) + tl.dot(tl.trans(kd_), bv, input_precision=PREC)
         tl.store(dq + row[:, None] * K + rk[None, :], (acc * scale).to(dq.dtype.element_ty), mask=m[:, None])
     if STORE_ST:
         if js == ns - 1:
@@ -97,7 +98,7 @@ def _dg_suffix_sums(d, carry):
 def _bwd_dk_kernel(q, k, kd, ek, v, g, gg, do, dhe, hin, dk, gk, dg, term, dh0, T, H, SEG, NC, scale,
                    K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, C: tl.constexpr, GATE: tl.constexpr,
                    HAS_DHE: tl.constexpr, HAS_TERM: tl.constexpr, NEED_DG: tl.constexpr, SF32: tl.constexpr,
-                   PREC: tl.constexpr, SPREC: tl.constexpr):
+                   PREC: tl.constexpr, SPREC: tl.constexpr, RESETS: tl.constexpr):
     """One (K-tile, batch·head, segment), walking backward from the gradient of the state leaving the
     segment (rows rk): dk, the k-side gate partial, and segment 0's dh0 rows.
 
@@ -108,7 +109,8 @@ def _bwd_dk_kernel(q, k, kd, ek, v, g, gg, do, dhe, hin, dk, gk, dg, term, dh0, 
     dL/dg_s = Σ_v exp(g_s)S_{s−1}⊙dS_s), so no segment waits for the sums of the later ones; the last segment
     starts from the final-state term. Scalar gates write their tile's k-side partial to gk[..., ik] (the host
     sums: a 1-D reverse cumulative sum in this kernel made the scalar-gate backward slower).
-    Per key, q, kd, ek and g are _gate_operands_kernel's qd, kd, ek and chunk totals (k is not read)."""
+    Per key, q, kd, ek and g are _gate_operands_kernel's qd, kd, ek and chunk totals (k is not read).
+    RESETS: g (GATE 2) may hold −inf, as in _fwd_kernel."""
     ik, nk, bh, js, ns, b, h = _segment_program(H)
     dt = q.dtype.element_ty
     rk = ik * BK + tl.arange(0, BK)
@@ -188,18 +190,18 @@ def _bwd_dk_kernel(q, k, kd, ek, v, g, gg, do, dhe, hin, dk, gk, dg, term, dh0, 
         else:
             bk = tl.load(k + row[:, None] * K + rk[None, :], mask=m[:, None], other=0.0)
             gc = _gate_chunk(g, gamma, b, h, t, m, T, H, rk, K, GATE)
-            bc, nc, bl, nl = _scalar_cumulative(gc, GATE)
+            bc, nc, bl, nl = _scalar_cumulative(gc, GATE, RESETS)
             dec = tl.exp(bc[None, :] - bc[:, None])                   # [s, t]: exp(b_t − b_s)
-            intra = tl.dot(tl.where(_same_span(causal_t, nc, GATE), dAt * dec, 0.0).to(dt), bq,
+            intra = tl.dot(tl.where(_same_span(causal_t, nc, GATE, RESETS), dAt * dec, 0.0).to(dt), bq,
                            input_precision=PREC)
-            ekc = _decay(bl - bc, nc, nl, GATE)
+            ekc = _decay(bl - bc, nc, nl, GATE, RESETS)
             acc = scale * intra + inter * ekc[:, None]
             if NEED_DG:
                 kd_ = (bk * ekc[:, None]).to(dt).to(tl.float32)
                 part = tl.sum(scale * bk.to(tl.float32) * intra + kd_ * inter, 1)
                 tl.store(gk + row * nk + ik, part, mask=m)
-            qd = (bq * _decay(bc, nc, 0, GATE)[:, None]).to(dt)
-            dH = dH * _decay(bl, nl, 0, GATE) + scale * tl.dot(tl.trans(qd), bdo, input_precision=PREC)
+            qd = (bq * _decay(bc, nc, 0, GATE, RESETS)[:, None]).to(dt)
+            dH = dH * _decay(bl, nl, 0, GATE, RESETS) + scale * tl.dot(tl.trans(qd), bdo, input_precision=PREC)
         if GATE != 3:   # (per key: stored above)
             tl.store(dk + row[:, None] * K + rk[None, :], acc.to(dk.dtype.element_ty), mask=m[:, None])
     if js == 0:
@@ -209,11 +211,11 @@ def _bwd_dk_kernel(q, k, kd, ek, v, g, gg, do, dhe, hin, dk, gk, dg, term, dh0, 
 @triton.jit
 def _bwd_dv_kernel(q, k, kd, g, gg, do, dhe, dv, T, H, SEG, NC, scale,
                    K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, GATE: tl.constexpr,
-                   HAS_DHE: tl.constexpr, PREC: tl.constexpr):
+                   HAS_DHE: tl.constexpr, PREC: tl.constexpr, RESETS: tl.constexpr):
     """One (V-tile, batch·head, segment), walking backward from the gradient of the state leaving the
     segment (columns rv): dv = (k⊙exp(b_C − b)) dH + scale·Aᵀ do, A the decayed causal q·k scores.
     Per key, q, kd and g are _gate_operands_kernel's qd, kd and chunk totals (k is not read: level 0's keys come
-    from kd)."""
+    from kd). RESETS: g (GATE 2) may hold −inf, as in _fwd_kernel."""
     iv, _, bh, js, ns, b, h = _segment_program(H)
     dt = q.dtype.element_ty
     rk = tl.arange(0, K)
@@ -253,13 +255,13 @@ def _bwd_dv_kernel(q, k, kd, g, gg, do, dhe, dv, T, H, SEG, NC, scale,
                 qd = bq
             else:
                 gc = _gate_chunk(g, gamma, b, h, t, m, T, H, rk, K, GATE)
-                bc, nc, bl, nl = _scalar_cumulative(gc, GATE)
-                At = tl.where(_same_span(causal_t, nc, GATE), tl.dot(bk, tl.trans(bq), input_precision=PREC)
+                bc, nc, bl, nl = _scalar_cumulative(gc, GATE, RESETS)
+                At = tl.where(_same_span(causal_t, nc, GATE, RESETS), tl.dot(bk, tl.trans(bq), input_precision=PREC)
                               * tl.exp(bc[None, :] - bc[:, None]), 0.0)
-                kd_ = (bk * _decay(bl - bc, nc, nl, GATE)[:, None]).to(dt)
+                kd_ = (bk * _decay(bl - bc, nc, nl, GATE, RESETS)[:, None]).to(dt)
                 acc = tl.dot(kd_, dH.to(dt), input_precision=PREC)
-                qd = (bq * _decay(bc, nc, 0, GATE)[:, None]).to(dt)
-                dH = dH * _decay(bl, nl, 0, GATE)
+                qd = (bq * _decay(bc, nc, 0, GATE, RESETS)[:, None]).to(dt)
+                dH = dH * _decay(bl, nl, 0, GATE, RESETS)
             acc += scale * tl.dot(At.to(dt), bdo, input_precision=PREC)
             dH += scale * tl.dot(tl.trans(qd), bdo, input_precision=PREC)
         tl.store(dv + row[:, None] * V + rv[None, :], acc.to(dv.dtype.element_ty), mask=m[:, None])

@@ -29,12 +29,13 @@ def _gate_chunk(g, gamma, b, h, t, m, T, H, rk, K: tl.constexpr, GATE: tl.conste
 
 
 @triton.jit
-def _scalar_cumulative(gc, GATE: tl.constexpr):
-    """Scalar kinds, one chunk's log gates gc `[C]` -> (b, n, bl, nl): the inclusive cumulative log gate with its
-    −inf entries (full resets, g only) taken as 0, the number of resets up to each token, and the chunk's totals of
-    both. The decay from s to t is then exp(b_t − b_s) where n_t = n_s, else 0 (_decay, _same_span): b stays
-    finite, so no (−inf) − (−inf) arises. g_gamma (GATE 1) is finite: n and nl are 0."""
-    if GATE == 2:
+def _scalar_cumulative(gc, GATE: tl.constexpr, RESETS: tl.constexpr):
+    """Scalar kinds, one chunk's log gates gc `[C]` -> (b, n, bl, nl): the inclusive cumulative log gate and the
+    chunk's total. With RESETS (g, GATE 2, that may hold −inf: full resets) b takes −inf as 0, n counts the resets
+    up to each token and nl is the chunk's count: the decay from s to t is then exp(b_t − b_s) where n_t = n_s,
+    else 0 (_decay, _same_span), and b stays finite, so no (−inf) − (−inf) arises. Otherwise (finite gates, the
+    arithmetic the kernels had before resets) n and nl are 0 and unused."""
+    if GATE == 2 and RESETS:
         reset = gc == float("-inf")
         gf = tl.where(reset, 0.0, gc)
         ri = reset.to(tl.int32)
@@ -51,10 +52,10 @@ def _scalar_cumulative(gc, GATE: tl.constexpr):
 
 
 @triton.jit
-def _decay(x, n, m, GATE: tl.constexpr):
-    """exp(x), the decay over a span of a chunk, selected to 0 (g, GATE 2) where a reset lies inside it: where the
-    reset counts at its ends (n, m; _scalar_cumulative) differ."""
-    if GATE == 2:
+def _decay(x, n, m, GATE: tl.constexpr, RESETS: tl.constexpr):
+    """exp(x), the decay over a span of a chunk; with RESETS (g, GATE 2) selected to 0 where a reset lies inside
+    it: where the reset counts at its ends (n, m; _scalar_cumulative) differ."""
+    if GATE == 2 and RESETS:
         e = tl.where(n == m, tl.exp(x), 0.0)
     else:
         e = tl.exp(x)
@@ -62,10 +63,11 @@ def _decay(x, n, m, GATE: tl.constexpr):
 
 
 @triton.jit
-def _same_span(causal, n, GATE: tl.constexpr):
-    """The causal mask `[C, C]` of a chunk's scores, less (g, GATE 2) the pairs a reset separates (reset counts n
-    `[C]`, _scalar_cumulative; the mask is symmetric in that part, so it serves both orientations)."""
-    if GATE == 2:
+def _same_span(causal, n, GATE: tl.constexpr, RESETS: tl.constexpr):
+    """The causal mask `[C, C]` of a chunk's scores; with RESETS (g, GATE 2) less the pairs a reset separates
+    (reset counts n `[C]`, _scalar_cumulative; the mask is symmetric in that part, so it serves both
+    orientations)."""
+    if GATE == 2 and RESETS:
         keep = causal & (n[:, None] == n[None, :])
     else:
         keep = causal
@@ -73,11 +75,11 @@ def _same_span(causal, n, GATE: tl.constexpr):
 
 
 @triton.jit
-def _from_start(b, n, GATE: tl.constexpr):
+def _from_start(b, n, GATE: tl.constexpr, RESETS: tl.constexpr):
     """The log decay from the chunk's start to a token (b its cumulative log gate, n its reset count;
-    _scalar_cumulative), or of the whole chunk (b, n its totals): −inf past a reset (g, GATE 2), so that the state
-    entering the chunk is dropped there and a segment's total (the SP scan's decay) is −inf too."""
-    if GATE == 2:
+    _scalar_cumulative), or of the whole chunk (b, n its totals); with RESETS (g, GATE 2) −inf past a reset, so
+    that the state entering the chunk is dropped there and a segment's total (the SP scan's decay) is −inf too."""
+    if GATE == 2 and RESETS:
         a = tl.where(n > 0, float("-inf"), b)
     else:
         a = b

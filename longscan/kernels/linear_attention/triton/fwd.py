@@ -14,10 +14,11 @@ from longscan.kernels.linear_attention.triton.plan import _prec
 @triton.jit
 def _fwd_kernel(q, k, kd, v, g, gg, o, h0, ht, T, H, SEG, NC, scale,
                 K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, GATE: tl.constexpr,
-                HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr):
+                HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr, RESETS: tl.constexpr):
     """One (V-tile, batch·head, segment): o for the segment's tokens, starting from state h0[bh, seg].
     Per-key gates (GATE 3) read _gate_operands_kernel's outputs: q and kd are qd and kd, g the chunk totals (k is
-    not read: level 0's keys come from kd)."""
+    not read: level 0's keys come from kd). RESETS: g (GATE 2) may hold −inf, and the decays select past a
+    reset (common._scalar_cumulative); off, the finite-gate arithmetic."""
     iv, _, bh, js, ns, b, h = _segment_program(H)
     dt = q.dtype.element_ty
     rk = tl.arange(0, K)
@@ -52,13 +53,13 @@ def _fwd_kernel(q, k, kd, v, g, gg, o, h0, ht, T, H, SEG, NC, scale,
         else:
             gc = _gate_chunk(g, gamma, b, h, t, m, T, H, rk, K, GATE)
             # chunk-local cumulative log gate [C], reset counts, the chunk's totals (_scalar_cumulative)
-            bt, nt, blt, nlt = _scalar_cumulative(gc, GATE)
+            bt, nt, blt, nlt = _scalar_cumulative(gc, GATE, RESETS)
             A = tl.dot(bq, tl.trans(bk), input_precision=PREC)
-            A = tl.where(_same_span(causal, nt, GATE), A * tl.exp(bt[:, None] - bt[None, :]), 0.0)
-            acc = tl.dot(bq, S.to(dt), input_precision=PREC) * _decay(bt, nt, 0, GATE)[:, None]
+            A = tl.where(_same_span(causal, nt, GATE, RESETS), A * tl.exp(bt[:, None] - bt[None, :]), 0.0)
+            acc = tl.dot(bq, S.to(dt), input_precision=PREC) * _decay(bt, nt, 0, GATE, RESETS)[:, None]
             acc += tl.dot(A.to(dt), bv, input_precision=PREC)
-            kd_ = (bk * _decay(blt - bt, nt, nlt, GATE)[:, None]).to(dt)
-            S = S * _decay(blt, nlt, 0, GATE) + tl.dot(tl.trans(kd_), bv, input_precision=PREC)
+            kd_ = (bk * _decay(blt - bt, nt, nlt, GATE, RESETS)[:, None]).to(dt)
+            S = S * _decay(blt, nlt, 0, GATE, RESETS) + tl.dot(tl.trans(kd_), bv, input_precision=PREC)
         tl.store(o + row[:, None] * V + rv[None, :], (acc * scale).to(o.dtype.element_ty), mask=m[:, None])
     if STORE_HT:
         if js == ns - 1:
@@ -107,16 +108,17 @@ def _prefix_kernel(o, q, g, gg, goff, P, out, T, H, NC, scale,
 
 
 
-def run_forward(*, qx, kx, kdx, v, gx, gg, o, h0, ht, T, H, seg, ns, C, scale, GATE, BV, store_ht, prec, dummy,
-                cfg):
+def run_forward(*, qx, kx, kdx, v, gx, gg, o, h0, ht, T, H, seg, ns, C, scale, GATE, BV, store_ht, prec, resets,
+                dummy, cfg):
     """Launch _fwd_kernel over (V-tiles, batch·heads, segments): o from each segment's entering state h0 (None:
-    zero; dummy stands in for it); the final state into ht when the sequence is one segment (store_ht)."""
+    zero; dummy stands in for it); the final state into ht when the sequence is one segment (store_ht); resets:
+    g may hold −inf (the kernel's RESETS)."""
     B_H = o.shape[0] * H
     K, V = qx.shape[-1], v.shape[-1]
     _fwd_kernel[(V // BV, B_H, ns)](qx, kx, kdx, v, gx, gg, o, h0 if h0 is not None else dummy,
                                     ht if ht is not None else o, T, H, seg, triton.cdiv(T, C), scale,
                                     K=K, V=V, BV=BV, C=C, GATE=GATE, HAS_H0=h0 is not None,
-                                    STORE_HT=store_ht, PREC=prec, **cfg)
+                                    STORE_HT=store_ht, PREC=prec, RESETS=resets, **cfg)
 
 
 def run_prefix(*, o, q, gt, gg, goff, P, out, T, H, N, C, scale, GATE):

@@ -16,7 +16,7 @@ from longscan.kernels.linear_attention.triton.records import _GateOperands
 @triton.jit
 def _gate_operands_kernel(q, k, g, qd, kd, eq, ek, gl, steep, steep_chunks, T, H, NC, SEG,
                           K: tl.constexpr, BK: tl.constexpr, C: tl.constexpr, HAS_Q: tl.constexpr,
-                          STORE_KD: tl.constexpr, STORE_F: tl.constexpr):
+                          STORE_KD: tl.constexpr, STORE_F: tl.constexpr, RESETS: tl.constexpr):
     """Per-key gates, one (chunk, batch·head, K-tile): the decayed operands every per-key kernel reads in place
     of g, so none of them holds a `[C, K]` gate tile, its cumulative sum or its exps (those cost half the per-key
     forward and kept its chunks at 32 tokens, where Triton compiles the dots to mma.sync rather than wgmma).
@@ -24,8 +24,9 @@ def _gate_operands_kernel(q, k, g, qd, kd, eq, ek, gl, steep, steep_chunks, T, H
     and kd = k⊙exp(b_C − b) (with STORE_KD; the main kernels build level 0's keys from it, _level0_keys); with
     STORE_F the factors themselves, eq = exp(b) and ek = exp(b_C − b) (the backward's output factors, dq's and
     dk's); gl `[B·H, NC, 2, K]` float32, the chunk totals b_C and level 0's key scales exp(min(−b_C, LEVEL_SPAN))
-    (_level0_keys); and marks the chunk in steep_chunks `[B·H, NC]` and its segment in steep `[B·H, NS]` when a
-    key falls to −LEVEL_SPAN or resets inside it (_levels_kernel then visits it)."""
+    (_level0_keys); and marks the chunk's segment in steep `[B·H, NS]` when a key falls to −LEVEL_SPAN inside it
+    (_levels_kernel then visits it). With RESETS (g may hold −inf) it also marks a chunk where a key resets, and
+    every marked chunk in steep_chunks `[B·H, NC]` (None without RESETS: the kernel then has no such argument)."""
     # One flat axis, K-tiles fastest, then batch·heads, then chunks: the programs that run together read whole
     # token rows of q, k and g (4 KB at 16 heads × 128 keys), not one head's slice of many rows (chunks fastest:
     # was slower where one head's chunks alone filled the GPU).
@@ -40,47 +41,65 @@ def _gate_operands_kernel(q, k, g, qd, kd, eq, ek, gl, steep, steep_chunks, T, H
     t = n * C + tl.arange(0, C)
     m = t < T
     gc = _gate_chunk(g, 0.0, b, h, t, m, T, H, rk, K, 3)   # 0 past the end
-    # −inf gates (resets) taken as 0 in the cumulative gate; per key the chunk's first and last reset (C and −1
-    # without one): reductions, not a second scan, since the operands need only "before the first" and "from
-    # the last" (_levels_kernel counts the resets between)
-    reset = gc == float("-inf")
-    gf = tl.where(reset, 0.0, gc)
-    bc = tl.cumsum(gf, 0)
-    bl = tl.sum(gf, 0)
-    rc = tl.arange(0, C)[:, None]
-    first = tl.min(tl.where(reset, rc, C), 0)
-    last = tl.max(tl.where(reset, rc, -1), 0)
-    held = last < 0   # no reset in the chunk
+    if RESETS:
+        # −inf gates (resets) taken as 0 in the cumulative gate; per key the chunk's first and last reset (C and
+        # −1 without one): reductions, not a second scan, since the operands need only "before the first" and
+        # "from the last" (_levels_kernel counts the resets between)
+        reset = gc == float("-inf")
+        gf = tl.where(reset, 0.0, gc)
+        bc = tl.cumsum(gf, 0)
+        bl = tl.sum(gf, 0)
+        rc = tl.arange(0, C)[:, None]
+        first = tl.min(tl.where(reset, rc, C), 0)
+        last = tl.max(tl.where(reset, rc, -1), 0)
+        held = last < 0   # no reset in the chunk
+    else:
+        bc = tl.cumsum(gc, 0)
+        bl = tl.sum(gc, 0)
     ptr = ((b * T + t).to(tl.int64) * H + h)[:, None] * K + rk[None, :]
     if HAS_Q:
         bq = tl.load(q + ptr, mask=m[:, None], other=0.0)
-        qf = tl.where(rc < first[None, :], tl.exp(bc), 0.0)   # 0 from a reset on: the entering state is dropped
+        if RESETS:
+            qf = tl.where(rc < first[None, :], tl.exp(bc), 0.0)   # 0 from a reset on: the entering state is dropped
+        else:
+            qf = tl.exp(bc)
         tl.store(qd + ptr, (bq * qf).to(qd.dtype.element_ty), mask=m[:, None])
         if STORE_F:
             tl.store(eq + ptr, qf.to(eq.dtype.element_ty), mask=m[:, None])
-    kdf = tl.where(rc >= last[None, :], tl.exp(bl[None, :] - bc), 0.0)   # 0 before the chunk's last reset
+    if RESETS:
+        kdf = tl.where(rc >= last[None, :], tl.exp(bl[None, :] - bc), 0.0)   # 0 before the chunk's last reset
+    else:
+        kdf = tl.exp(bl[None, :] - bc)
     if STORE_KD:
         bk = tl.load(k + ptr, mask=m[:, None], other=0.0)
         tl.store(kd + ptr, (bk * kdf).to(kd.dtype.element_ty), mask=m[:, None])
     if STORE_F:
         tl.store(ek + ptr, kdf.to(ek.dtype.element_ty), mask=m[:, None])
-    # A key that resets in the chunk: total −inf (exp gives the state's decay, 0), scale 1. Its level-0 scores
-    # (qd·kn) are then 0 on every causal pair, as qd is 0 from its first reset on and kd before its last, and
-    # _levels_kernel adds them all.
-    total = tl.where(held, bl, float("-inf"))
-    base = (bh * NC + n).to(tl.int64) * (2 * K)
-    tl.store(gl + base + rk, total)
-    tl.store(gl + base + K + rk, tl.where(held, _level0_scale(bl), 1.0))
-    if tl.min(total) <= -LEVEL_SPAN:   # with log gates ≤ 0 a chunk's total is its lowest cumulative gate
-        ns = tl.cdiv(T, SEG)
-        tl.store(steep + (bh * ns + (n * C) // SEG).to(tl.int64), 1)
-        tl.store(steep_chunks + (bh * NC + n).to(tl.int64), 1)
+    if RESETS:
+        # A key that resets in the chunk: total −inf (exp gives the state's decay, 0), scale 1. Its level-0 scores
+        # (qd·kn) are then 0 on every causal pair, as qd is 0 from its first reset on and kd before its last, and
+        # _levels_kernel adds them all.
+        total = tl.where(held, bl, float("-inf"))
+        base = (bh * NC + n).to(tl.int64) * (2 * K)
+        tl.store(gl + base + rk, total)
+        tl.store(gl + base + K + rk, tl.where(held, _level0_scale(bl), 1.0))
+        if tl.min(total) <= -LEVEL_SPAN:   # with log gates ≤ 0 a chunk's total is its lowest cumulative gate
+            ns = tl.cdiv(T, SEG)
+            tl.store(steep + (bh * ns + (n * C) // SEG).to(tl.int64), 1)
+            tl.store(steep_chunks + (bh * NC + n).to(tl.int64), 1)
+    else:
+        base = (bh * NC + n).to(tl.int64) * (2 * K)
+        tl.store(gl + base + rk, bl)
+        tl.store(gl + base + K + rk, _level0_scale(bl))
+        if tl.min(bl) <= -LEVEL_SPAN:   # with log gates ≤ 0 a chunk's total is its lowest cumulative gate
+            ns = tl.cdiv(T, SEG)
+            tl.store(steep + (bh * ns + (n * C) // SEG).to(tl.int64), 1)
 
 
 def _gate_operands(q, k, g, C, seg, ns, opts: LinearKernelOptions, kd=None, factors=False) -> _GateOperands:
     """Run _gate_operands_kernel over q and/or k (either may be None; factors: also eq and ek, for the backward,
     which needs q). kd: the keys' kd when an earlier pass wrote it (SP's state pass), taken as it is rather than
-    written again."""
+    written again. opts.resets: g may hold −inf (the kernel's RESETS, and the chunk marks steep_chunks)."""
     x = q if q is not None else k
     B, T, H, K = x.shape
     NC = triton.cdiv(T, C)
@@ -91,7 +110,7 @@ def _gate_operands(q, k, g, C, seg, ns, opts: LinearKernelOptions, kd=None, fact
                         torch.empty_like(q) if factors else None,
                         torch.empty(B * H, NC, 2, K, **f32),
                         torch.zeros(B * H, ns, device=x.device, dtype=torch.int32),
-                        torch.zeros(B * H, NC, device=x.device, dtype=torch.int32))
+                        torch.zeros(B * H, NC, device=x.device, dtype=torch.int32) if opts.resets else None)
     trace.emit("gate_operands", q=q is not None, k=k is not None, kd=kd is not None, factors=factors)
     BK, cfg = _launch("ops_b" if factors else "ops", K, 3, x.dtype, opts)
     grid = (NC * B * H * (K // BK),)   # one flat axis (the kernel's comment says why)
@@ -99,6 +118,6 @@ def _gate_operands(q, k, g, C, seg, ns, opts: LinearKernelOptions, kd=None, fact
                                 *(t if t is not None else x for t in (ops.qd, ops.kd, ops.eq, ops.ek)),
                                 ops.totals, ops.steep, ops.steep_chunks, T, H, NC, seg, K=K, BK=BK, C=C,
                                 HAS_Q=q is not None, STORE_KD=k is not None and kd is None,
-                                STORE_F=factors, **cfg)
+                                STORE_F=factors, RESETS=opts.resets, **cfg)
     return ops
 

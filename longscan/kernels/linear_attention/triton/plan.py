@@ -44,6 +44,25 @@ def _gate(g, g_gamma, q, opts: LinearKernelOptions):
     return 3, g.contiguous(), q, opts.chunk_per_key
 
 
+def _resets(g, GATE, opts: LinearKernelOptions) -> bool:
+    """Whether the kernels compile their reset arithmetic (RESETS): options.resets, for the gates g (GATE 2, 3).
+    Without it a −inf in g is refused where that costs no host synchronisation: CPU tensors always, CUDA
+    tensors only with the opt-in checks (LONGSCAN_CHECKS=1); otherwise the finite-gate arithmetic gives NaN."""
+    if GATE < 2:
+        return False
+    if opts.resets:
+        return True
+    from longscan.distributed.checks import checks_enabled   # at call time: distributed imports the kernels
+    if g.device.type == "cpu" or checks_enabled():
+        resets = int((g == float("-inf")).sum())
+        if resets:
+            raise ValueError(f"g holds -inf (a full reset) at {resets} entries, but LinearKernelOptions.resets is "
+                             "False: the Triton kernels take -inf in g only with options=LinearKernelOptions("
+                             "resets=True) (packed documents, cu_seqlens, turn it on themselves); without it the "
+                             "result is NaN")
+    return False
+
+
 def _state_products(name, GATE, dtype, need_dg, opts: LinearKernelOptions) -> int:
     """_state_dot's mode for kernel ``name``: 0 (in the inputs' dtype) unless the gate gradient needs float32
     precision; then two bf16 halves or tf32 for bf16 inputs (opts.state_products_bf16), tf32 for float16 (whose

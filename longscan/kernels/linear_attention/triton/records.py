@@ -11,15 +11,16 @@ import torch
 class _GateOperands:
     """Per-key gates: what _gate_operands_kernel wrote for one call. qd, kd like q / k (None where not asked
     for); the backward's factors eq = exp(b), ek = exp(b_C − b) like q, or None; totals `[B·H, NC, 2, K]` float32
-    (the chunk totals and level 0's key scales, _chunk_totals and _chunk_scales); steep `[B·H, ns]` and
-    steep_chunks `[B·H, NC]` int32 marks of the segments and chunks where a key falls steeply or resets."""
+    (the chunk totals and level 0's key scales, _chunk_totals and _chunk_scales); steep `[B·H, ns]` int32 marks
+    of the segments where a key falls steeply (or resets), and, where g may hold resets (options.resets),
+    steep_chunks `[B·H, NC]` int32 marks of such chunks (else None)."""
     qd: torch.Tensor | None
     kd: torch.Tensor | None
     eq: torch.Tensor | None
     ek: torch.Tensor | None
     totals: torch.Tensor
     steep: torch.Tensor
-    steep_chunks: torch.Tensor
+    steep_chunks: torch.Tensor | None
 
     @property
     def for_forward(self) -> bool:

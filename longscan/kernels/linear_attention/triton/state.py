@@ -17,12 +17,12 @@ from longscan.kernels.linear_attention.triton.records import StatePass
 @triton.jit
 def _state_kernel(x, y, g, gg, out_s, out_a, T, H, SEG, NC, scale,
                   K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, GATE: tl.constexpr,
-                  FROM_START: tl.constexpr, PREC: tl.constexpr):
+                  FROM_START: tl.constexpr, PREC: tl.constexpr, RESETS: tl.constexpr):
     """Per segment: FROM_START=False: Σ_t exp(A_end - A_t) ⊙ x_t y_tᵀ (k, v: the segment's state from zero);
     FROM_START=True: scale·Σ_t exp(A_t) ⊙ x_t y_tᵀ (q, do: the gradient of the state entering it).
     A is the inclusive cumulative log gate from the segment start. Also writes the total A_end `[K]`.
     Per-key gates (GATE 3): x is _gate_operands_kernel's kd (k⊙exp(b_C − b)) or qd (q⊙exp(b)), g its chunk
-    totals."""
+    totals. RESETS: g (GATE 2) may hold −inf, as in _fwd_kernel (a segment's total is then −inf past a reset)."""
     iv, _, bh, js, ns, b, h = _segment_program(H)
     dt = x.dtype.element_ty
     rk = tl.arange(0, K)
@@ -53,15 +53,15 @@ def _state_kernel(x, y, g, gg, out_s, out_a, T, H, SEG, NC, scale,
             aoff += bl
         else:
             gc = _gate_chunk(g, gamma, b, h, t, m, T, H, rk, K, GATE)
-            bc, nc, bl, nl = _scalar_cumulative(gc, GATE)
+            bc, nc, bl, nl = _scalar_cumulative(gc, GATE, RESETS)
             if FROM_START:
                 # −inf once a reset has passed (_from_start): exp gives 0, never (−inf) − (−inf)
-                xd = (bx * tl.exp(aoff[None, :] + _from_start(bc, nc, GATE)[:, None])).to(dt)
+                xd = (bx * tl.exp(aoff[None, :] + _from_start(bc, nc, GATE, RESETS)[:, None])).to(dt)
                 S += tl.dot(tl.trans(xd), by, input_precision=PREC)
             else:
-                xd = (bx * _decay(bl - bc, nc, nl, GATE)[:, None]).to(dt)
-                S = S * _decay(bl, nl, 0, GATE) + tl.dot(tl.trans(xd), by, input_precision=PREC)
-            aoff += _from_start(bl, nl, GATE)
+                xd = (bx * _decay(bl - bc, nc, nl, GATE, RESETS)[:, None]).to(dt)
+                S = S * _decay(bl, nl, 0, GATE, RESETS) + tl.dot(tl.trans(xd), by, input_precision=PREC)
+            aoff += _from_start(bl, nl, GATE, RESETS)
     if FROM_START:
         S = S * scale
     base = (bh * ns + js).to(tl.int64)
@@ -98,7 +98,8 @@ def _scan_kernel(s, a, init, out, final, NS, K: tl.constexpr, V: tl.constexpr, B
 
 def _states(x, y, g, gg, GATE, C, seg, ns, scale, from_start, opts: LinearKernelOptions):
     """Per-segment states `[B, H, ns, K, V]` and total log gates `[B, H, ns, K]` (float32). Per-key gates: x
-    and g are _gate_operands' kd (from_start=False) or qd (from_start=True) and chunk totals."""
+    and g are _gate_operands' kd (from_start=False) or qd (from_start=True) and chunk totals. opts.resets: g may
+    hold −inf (the host checked it, plan._resets)."""
     B, T, H, K = x.shape
     V = y.shape[-1]
     s = torch.empty(B, H, ns, K, V, device=x.device, dtype=torch.float32)
@@ -106,7 +107,8 @@ def _states(x, y, g, gg, GATE, C, seg, ns, scale, from_start, opts: LinearKernel
     trace.emit("states", from_start=from_start)
     BV, cfg = _launch("state", V, GATE, x.dtype, opts)
     _state_kernel[(V // BV, B * H, ns)](x, y, g, gg, s, a, T, H, seg, triton.cdiv(T, C), scale, K=K, V=V, BV=BV,
-                                       C=C, GATE=GATE, FROM_START=from_start, PREC=_prec(x), **cfg)
+                                       C=C, GATE=GATE, FROM_START=from_start, PREC=_prec(x),
+                                       RESETS=opts.resets and GATE >= 2, **cfg)
     return s, a
 
 
