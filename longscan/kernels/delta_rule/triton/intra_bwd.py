@@ -78,8 +78,28 @@ def _intra_bwd(Q, K_, V_, BETA, G, P_, W, U0, UN, SN, DSN, DO, DU0, DQ, DK, DV, 
         ekb = tl.exp(last - bc)
         M = M * D
         dqkd = dqk * D
+    # K Kᵀ and Q Kᵀ over every key first, so only P, M + Mᵀ and dQK ⊙ D stay alive through the blocks of keys
     kk = tl.zeros([BC, BC], dtype=tl.float32)
     qk = tl.zeros([BC, BC], dtype=tl.float32)
+    for ik in range(0, tl.cdiv(K, BK)):
+        ok = ik * BK + tl.arange(0, BK)
+        m_tk = mt[:, None] & (ok < K)[None, :]
+        k = tl.load(K_ + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(tl.float32)
+        kk += tl.dot(k, tl.trans(k), input_precision=PREC)
+        if HAS_Q and GATE == 1:
+            q = tl.load(Q + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(tl.float32)
+            qk += tl.dot(q, tl.trans(k), input_precision=PREC)
+    # A = strict(Diag(β) (K Kᵀ ⊙ D)): its share of dβ, and of db for a gate
+    if GATE == 1:
+        kk = kk * D
+    dbeta += tl.sum(dA * kk, axis=1)
+    if GATE == 1:
+        ga = dA * beta[:, None] * kk                                      # dA ⊙ A
+        db = tl.sum(ga, axis=1) - tl.sum(ga, axis=0)
+        if HAS_Q:
+            gq = dqkd * qk                                                # dQK ⊙ QK
+            db += tl.sum(gq, axis=1) - tl.sum(gq, axis=0)
+    MM = M + tl.trans(M)                       # M K + Mᵀ K in one product (M strictly lower, Mᵀ strictly upper)
     xk = tl.zeros([BC], dtype=tl.float32)        # Σ_k dX_tk k_tk
     qq = tl.zeros([BC], dtype=tl.float32)        # Σ_k dQ̃_tk q_tk
     kbk = tl.zeros([BC], dtype=tl.float32)       # Σ_k dK̄_tk k_tk
@@ -88,7 +108,6 @@ def _intra_bwd(Q, K_, V_, BETA, G, P_, W, U0, UN, SN, DSN, DO, DU0, DQ, DK, DV, 
         ok = ik * BK + tl.arange(0, BK)
         mk = ok < K
         m_tk = mt[:, None] & mk[None, :]
-        m_kv0 = mk[:, None]
         dw = tl.zeros([BC, BK], dtype=tl.float32)
         dkb = tl.zeros([BC, BK], dtype=tl.float32)
         dqt = tl.zeros([BC, BK], dtype=tl.float32)
@@ -96,7 +115,7 @@ def _intra_bwd(Q, K_, V_, BETA, G, P_, W, U0, UN, SN, DSN, DO, DU0, DQ, DK, DV, 
             ov = iv * BV + tl.arange(0, BV)
             mv = ov < V
             m_cv = mc[:, None] & mv[None, :]
-            m_kv = m_kv0 & mv[None, :]
+            m_kv = mk[:, None] & mv[None, :]
             o_cv = row * C * V + oc[:, None] * V + ov[None, :]
             o_kv = row * K * V + ok[:, None] * V + ov[None, :]
             S = tl.load(SN + o_kv, mask=m_kv, other=0.)
@@ -109,35 +128,24 @@ def _intra_bwd(Q, K_, V_, BETA, G, P_, W, U0, UN, SN, DSN, DO, DU0, DQ, DK, DV, 
             if GATE == 1:
                 dl += tl.sum(S * dS, axis=1)
         k = tl.load(K_ + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(tl.float32)
-        kk += tl.dot(k, tl.trans(k), input_precision=PREC)
         dx = tl.dot(tl.trans(P), dw, input_precision=PREC)
         xk += tl.sum(dx * k, axis=1)
-        dk = tl.dot(M, k, input_precision=PREC) + tl.dot(tl.trans(M), k, input_precision=PREC)
-        dk += dx * (beta * eb)[:, None] + dkb * ekb[:, None]
         kbk += tl.sum(dkb * k, axis=1)
+        dk = tl.dot(MM, k, input_precision=PREC) + dx * (beta * eb)[:, None] + dkb * ekb[:, None]
         if HAS_Q:
             q = tl.load(Q + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(tl.float32)
-            if GATE == 1:
-                qk += tl.dot(q, tl.trans(k), input_precision=PREC)
             qq += tl.sum(dqt * q, axis=1)
             dk += tl.dot(tl.trans(dqkd), q, input_precision=PREC)
             dq = tl.dot(dqkd, k, input_precision=PREC) + (scale * eb)[:, None] * dqt
             tl.store(DQ + tok[:, None] * K + ok[None, :], dq, mask=m_tk)
         tl.store(DK + tok[:, None] * K + ok[None, :], dk, mask=m_tk)
-    # A = strict(Diag(β) (K Kᵀ ⊙ D))
-    if GATE == 1:
-        kk = kk * D
-    dbeta += tl.sum(dA * kk, axis=1) + xk * eb
+    dbeta += xk * eb
     tl.store(DBETA + tok, dbeta, mask=mt)
     if GATE == 1:
-        ga = dA * beta[:, None] * kk                                      # dA ⊙ A
-        db = tl.sum(ga, axis=1) - tl.sum(ga, axis=0) + xk * beta * eb
+        db += xk * beta * eb - kbk * ekb                                  # X = β exp(b) K; K̄ = exp(b_C - b) K
         if HAS_Q:
-            gq = dqk * qk * D                                             # dQK ⊙ QK
-            db += tl.sum(gq, axis=1) - tl.sum(gq, axis=0) + scale * qq * eb
-        e = kbk * ekb                                                     # Σ_k dK̄ ⊙ K̄
-        db -= e
-        dlast = tl.exp(last) * tl.sum(dl, axis=0) + tl.sum(e, axis=0)
+            db += scale * qq * eb                                         # Q̃ = exp(b) Q
+        dlast = tl.exp(last) * tl.sum(dl, axis=0) + tl.sum(kbk * ekb, axis=0)
         # dg_t = Σ_{t' ≥ t} db_t' + d b_C
         dg = tl.sum(db, axis=0) - tl.cumsum(db, axis=0) + db + dlast
         tl.store(DG + tok, dg, mask=mt)
