@@ -41,48 +41,57 @@ def _solve_unit_lower(A, C, BC: tl.constexpr):
 def _intra_fwd(Q, K_, V_, BETA, G, W, U0, QK, QT, KB, LAST, P_, T, H, N, C, K, V,
                HAS_Q: tl.constexpr, GATE: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                PREC: tl.constexpr):
-    """GATE: 0 none, 1 scalar (G `[B, T, H]`, LAST `[BH, N]`)."""
+    """GATE: 0 none, 1 scalar (G `[B, T, H]`, LAST `[BH, N]`). BK keys at a time: K Kᵀ and Q Kᵀ summed over
+    the blocks of keys, then P, then each block of keys' W, Q̃ and K̄ (no `[C, K]` tile held whole)."""
     n, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
-    oc, ok = tl.arange(0, BC), tl.arange(0, BK)
+    oc = tl.arange(0, BC)
     t = n * C + oc
     mc = oc < C
     mt = mc & (t < T)
-    mk = ok < K
     tok = (b * T + t) * H + h                                             # the token's index in [B, T, H]
     row = bh * N + n
-    m_ck = mc[:, None] & mk[None, :]
-    k = tl.load(K_ + tok[:, None] * K + ok[None, :], mask=mt[:, None] & mk[None, :], other=0.).to(tl.float32)
+    m_cc = mc[:, None] & mc[None, :]
     beta = tl.load(BETA + tok, mask=mt, other=0.).to(tl.float32)
     causal = oc[:, None] >= oc[None, :]
-    kk = tl.dot(k, tl.trans(k), input_precision=PREC)
+    kk = tl.zeros([BC, BC], dtype=tl.float32)
+    qk = tl.zeros([BC, BC], dtype=tl.float32)
+    for ik in range(0, tl.cdiv(K, BK)):
+        ok = ik * BK + tl.arange(0, BK)
+        m_tk = mt[:, None] & (ok < K)[None, :]
+        k = tl.load(K_ + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(tl.float32)
+        kk += tl.dot(k, tl.trans(k), input_precision=PREC)
+        if HAS_Q:
+            q = tl.load(Q + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(tl.float32)
+            qk += tl.dot(q, tl.trans(k), input_precision=PREC)
+    eb = tl.full([BC], 1., tl.float32)
+    ekb = eb
     if GATE == 1:
         bc = tl.cumsum(tl.load(G + tok, mask=mt, other=0.).to(tl.float32), axis=0)
         last = tl.sum(tl.where(oc == C - 1, bc, 0.), axis=0)
         D = tl.where(causal, tl.exp(tl.where(causal, bc[:, None] - bc[None, :], 0.)), 0.)
         kk = kk * D
+        qk = qk * D
         eb = tl.exp(bc)
+        ekb = tl.exp(last - bc)
         tl.store(LAST + row, last)
+    if HAS_Q:
+        tl.store(QK + row * C * C + oc[:, None] * C + oc[None, :], tl.where(causal, qk, 0.), mask=m_cc)
     A = tl.where(oc[:, None] > oc[None, :], beta[:, None] * kk, 0.)
     P = _solve_unit_lower(A, C, BC)
-    tl.store(P_ + row * C * C + oc[:, None] * C + oc[None, :], P, mask=mc[:, None] & mc[None, :])
-    x = beta[:, None] * k
-    if GATE == 1:
-        x = x * eb[:, None]
-    tl.store(W + row * C * K + oc[:, None] * K + ok[None, :], tl.dot(P, x, input_precision=PREC), mask=m_ck)
-    kb = k
-    if GATE == 1:
-        kb = k * tl.exp(last - bc)[:, None]
-    tl.store(KB + row * C * K + oc[:, None] * K + ok[None, :], kb, mask=m_ck)
-    if HAS_Q:
-        q = tl.load(Q + tok[:, None] * K + ok[None, :], mask=mt[:, None] & mk[None, :], other=0.).to(tl.float32)
-        qk = tl.dot(q, tl.trans(k), input_precision=PREC)
-        if GATE == 1:
-            qk = qk * D
-            q = q * eb[:, None]
-        qk = tl.where(causal, qk, 0.)
-        tl.store(QK + row * C * C + oc[:, None] * C + oc[None, :], qk, mask=mc[:, None] & mc[None, :])
-        tl.store(QT + row * C * K + oc[:, None] * K + ok[None, :], q, mask=m_ck)
+    tl.store(P_ + row * C * C + oc[:, None] * C + oc[None, :], P, mask=m_cc)
+    for ik in range(0, tl.cdiv(K, BK)):
+        ok = ik * BK + tl.arange(0, BK)
+        mk = ok < K
+        m_tk = mt[:, None] & mk[None, :]
+        m_ck = mc[:, None] & mk[None, :]
+        o_ck = row * C * K + oc[:, None] * K + ok[None, :]
+        k = tl.load(K_ + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(tl.float32)
+        tl.store(W + o_ck, tl.dot(P, (beta * eb)[:, None] * k, input_precision=PREC), mask=m_ck)
+        tl.store(KB + o_ck, k * ekb[:, None], mask=m_ck)
+        if HAS_Q:
+            q = tl.load(Q + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(tl.float32)
+            tl.store(QT + o_ck, q * eb[:, None], mask=m_ck)
     for iv in range(0, tl.cdiv(V, BV)):
         ov = iv * BV + tl.arange(0, BV)
         mv = ov < V
@@ -169,6 +178,6 @@ def intra_forward(*, q, k, v, beta, g, chunk: int, block_v: int, block_k: int, n
         _intra_fwd_per_key[(N, B * H)](*args, HAS_Q=has_q, BC=pow2(C), BKS=block_k, BV=min(block_v, pow2(V)),
                                        PREC=precision, num_warps=num_warps)
     else:
-        _intra_fwd[(N, B * H)](*args, HAS_Q=has_q, GATE=int(g is not None), BC=pow2(C), BK=pow2(K),
+        _intra_fwd[(N, B * H)](*args, HAS_Q=has_q, GATE=int(g is not None), BC=pow2(C), BK=min(block_k, pow2(K)),
                                BV=min(block_v, pow2(V)), PREC=precision, num_warps=num_warps)
     return Chunks(W, U0, QK, QT, KB, last), P
