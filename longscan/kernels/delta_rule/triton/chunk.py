@@ -43,7 +43,8 @@ class DeltaRuleChunk(torch.autograd.Function):
         else:
             q, k, v, beta, g, P, SN, *chunks = ctx.saved_tensors
             chunks = Chunks(*chunks)
-        kw = dict(block_v=o.block_v, num_warps=o.num_warps, precision=o.input_precision)
+        kw = dict(block_v=o.block_v, num_warps=o.num_warps, num_stages=o.num_stages,
+                  precision=o.input_precision)
         if q is not None and dO is None:    # only the final state reached the loss (materialize_grads off)
             dO = torch.zeros_like(chunks.U0)
         grads = inter_backward_states(chunks, SN, dO, dHT, ctx.scale, **kw)
@@ -57,7 +58,8 @@ class DeltaRuleChunk(torch.autograd.Function):
 def _stages(q, k, v, beta, g, h0, scale, options, outputs=True):
     """The forward's stages -> (Chunks, P, o or None, S_T, S_n). outputs=False: the states alone (the
     backward's recomputation: the outputs' pass over the chunks is skipped)."""
-    kw = dict(block_v=options.block_v, num_warps=options.num_warps, precision=options.input_precision)
+    kw = dict(block_v=options.block_v, num_warps=options.num_warps, num_stages=options.num_stages,
+              precision=options.input_precision)
     chunks, P = intra_forward(q=q, k=k, v=v, beta=beta, g=g, chunk=options.chunk, block_k=options.block_k, **kw)
     O, HT, SN = inter_forward(chunks if outputs else chunks._replace(QK=None, QT=None), h0, scale, **kw)
     return chunks, P, O, HT, SN
@@ -74,7 +76,7 @@ def _torch_intra(q, k, v, beta, g, h0, scale, options):
     else:
         W, U0, qk, q_tilde, k_bar, last = _intra(*args)
     return InterChunk.apply(W, U0, qk, q_tilde, k_bar, last, h0, scale, options.block_v, options.num_warps,
-                             options.input_precision)
+                             options.num_stages, options.input_precision)
 
 
 def scan(*, q, k, v, beta, g, h0, scale: float, options: DeltaTritonOptions):

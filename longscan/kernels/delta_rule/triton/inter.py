@@ -197,7 +197,8 @@ def _gate(last) -> int:
     return 0 if last is None else (1 if last.shape[-1] == 1 else 2)
 
 
-def inter_forward(c: Chunks, h0, scale: float, *, block_v: int, num_warps: int, precision: str):
+def inter_forward(c: Chunks, h0, scale: float, *, block_v: int, num_warps: int, num_stages: int,
+                  precision: str):
     """-> (o `[B, H, N, C, V]` float32 or None without q, S_N `[B, H, K, V]`, S_n `[B, H, N, K, V]`), S_n the
     state entering chunk n."""
     W, U0, QK, QT, KB, last = (_flat(x) for x in c)
@@ -211,11 +212,12 @@ def inter_forward(c: Chunks, h0, scale: float, *, block_v: int, num_warps: int, 
     h0c = _flat(h0.to(U0.dtype)) if h0 is not None else None
     _inter_fwd[(B * H, triton.cdiv(V, BV))](W, U0, QK, QT, KB, last, h0c, O, HT, SN, N, C, K, V, scale,
                                             HAS_Q=has_q, HAS_H0=h0 is not None, GATE=_gate(last), BC=pow2(C),
-                                            BK=pow2(K), BV=BV, PREC=precision, num_warps=num_warps)
+                                            BK=pow2(K), BV=BV, PREC=precision, num_warps=num_warps,
+                                            num_stages=num_stages)
     return O, HT, SN
 
 
-def inter_backward(c: Chunks, SN, dO, dHT, scale: float, *, block_v: int, num_warps: int,
+def inter_backward(c: Chunks, SN, dO, dHT, scale: float, *, block_v: int, num_warps: int, num_stages: int,
                    precision: str) -> InterGrads:
     """The gradients of the chunks' quantities (per block of V where they sum over V) and of the initial
     state, from those of o and S_N (either None)."""
@@ -236,7 +238,8 @@ def inter_backward(c: Chunks, SN, dO, dHT, scale: float, *, block_v: int, num_wa
     _inter_bwd[(B * H, NV)](W, U0, QK, QT, KB, last, SN, _flat(dO) if has_q else None,
                             _flat(dHT) if dHT is not None else None, dU0, dW, dQK, dQT, dKB, dL, dH0,
                             N, C, K, V, scale, HAS_Q=has_q, HAS_DHT=dHT is not None, GATE=_gate(last),
-                            BC=pow2(C), BK=pow2(K), BV=BV, PREC=precision, num_warps=num_warps)
+                            BC=pow2(C), BK=pow2(K), BV=BV, PREC=precision, num_warps=num_warps,
+                            num_stages=num_stages)
     return InterGrads(dW, dU0, dQK, dQT, dKB, dL, dH0)
 
 
@@ -251,7 +254,7 @@ class StateGrads(NamedTuple):
 
 
 def inter_backward_states(c: Chunks, SN, dO, dHT, scale: float, *, block_v: int, num_warps: int,
-                          precision: str) -> StateGrads:
+                          num_stages: int, precision: str) -> StateGrads:
     """The recurrence's backward without its sums over V: see _inter_bwd_states."""
     W, U0, QK, QT, KB, last = (_flat(x) for x in c)
     B, H, N, C, K = W.shape
@@ -264,7 +267,7 @@ def inter_backward_states(c: Chunks, SN, dO, dHT, scale: float, *, block_v: int,
                                                    _flat(dHT) if dHT is not None else None, dU0, dSN, UN, dH0,
                                                    N, C, K, V, scale, HAS_Q=has_q, HAS_DHT=dHT is not None,
                                                    GATE=_gate(last), BC=pow2(C), BK=pow2(K), BV=BV, PREC=precision,
-                                                   num_warps=num_warps)
+                                                   num_warps=num_warps, num_stages=num_stages)
     return StateGrads(dU0, dSN, UN, dH0)
 
 
@@ -273,11 +276,13 @@ class InterChunk(torch.autograd.Function):
     the recurrence across chunks alone, under autograd (the torch intra stage feeds it)."""
 
     @staticmethod
-    def forward(ctx, W, U0, QK, QT, KB, last, h0, scale, block_v, num_warps, precision):
+    def forward(ctx, W, U0, QK, QT, KB, last, h0, scale, block_v, num_warps, num_stages, precision):
         c = Chunks(*(_flat(x) for x in (W, U0, QK, QT, KB, last)))
-        O, HT, SN = inter_forward(c, h0, scale, block_v=block_v, num_warps=num_warps, precision=precision)
+        O, HT, SN = inter_forward(c, h0, scale, block_v=block_v, num_warps=num_warps, num_stages=num_stages,
+                                  precision=precision)
         ctx.save_for_backward(*c, SN)
-        ctx.scale, ctx.launch = scale, dict(block_v=block_v, num_warps=num_warps, precision=precision)
+        ctx.scale, ctx.launch = scale, dict(block_v=block_v, num_warps=num_warps, num_stages=num_stages,
+                                           precision=precision)
         ctx.has_h0, ctx.h0_dtype = h0 is not None, getattr(h0, "dtype", None)
         return O, HT
 
@@ -286,4 +291,4 @@ class InterChunk(torch.autograd.Function):
         *c, SN = ctx.saved_tensors
         gr = inter_backward(Chunks(*c), SN, dO, dHT, ctx.scale, **ctx.launch).total()
         dh0 = gr.dh0.to(ctx.h0_dtype) if ctx.has_h0 else None
-        return gr.dW, gr.dU0, gr.dQK, gr.dQT, gr.dKB, gr.dlast, dh0, None, None, None, None
+        return gr.dW, gr.dU0, gr.dQK, gr.dQT, gr.dKB, gr.dlast, dh0, None, None, None, None, None

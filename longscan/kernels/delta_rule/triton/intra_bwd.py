@@ -253,7 +253,7 @@ def _intra_bwd_per_key(Q, K_, V_, BETA, G, P_, W, U0, UN, SN, DSN, DO, DU0, DQ, 
 
 
 def intra_backward(grads: StateGrads, chunks: Chunks, P, *, q, k, v, beta, g, SN, dO, scale: float,
-                   block_v: int, block_k: int, num_warps: int, precision: str):
+                   block_v: int, block_k: int, num_warps: int, num_stages: int, precision: str):
     """-> (dq or None, dk, dv, dbeta, dg or None), float32, shaped as the inputs, from the recurrence's
     ``inter_backward_states`` (grads: dU_0, the leaving states' gradients, U), the states entering the
     chunks (SN) and do."""
@@ -273,8 +273,9 @@ def intra_backward(grads: StateGrads, chunks: Chunks, P, *, q, k, v, beta, g, SN
     BV = min(block_v, pow2(V))
     if g is not None and g.dim() == 4:
         _intra_bwd_per_key[(N, B * H)](*args, HAS_Q=has_q, BC=pow2(C), BKS=block_k, BV=BV, PREC=precision,
-                                       num_warps=num_warps)
+                                       num_warps=num_warps, num_stages=num_stages)
     else:
-        _intra_bwd[(N, B * H)](*args, HAS_Q=has_q, GATE=int(g is not None), BC=pow2(C), BK=min(block_k, pow2(K)), BV=BV,
-                               PREC=precision, num_warps=num_warps)
+        _intra_bwd[(N, B * H)](*args, HAS_Q=has_q, GATE=int(g is not None), BC=pow2(C),
+                               BK=min(block_k, pow2(K)), BV=BV, PREC=precision, num_warps=num_warps,
+                               num_stages=num_stages)
     return dq, dk, dv, dbeta, dg

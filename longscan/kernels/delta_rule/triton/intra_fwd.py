@@ -159,7 +159,7 @@ def _intra_fwd_per_key(Q, K_, V_, BETA, G, W, U0, QK, QT, KB, LAST, P_, T, H, N,
 
 
 def intra_forward(*, q, k, v, beta, g, chunk: int, block_v: int, block_k: int, num_warps: int,
-                  precision: str):
+                  num_stages: int, precision: str):
     """q (or None), k `[B, T, H, K]`, v `[B, T, H, V]`, beta `[B, T, H]`, g None, `[B, T, H]` or `[B, T, H, K]` ->
     (Chunks of float32 `[B, H, N, ...]`, P `[B, H, N, C, C]`) with C = min(chunk, T)."""
     B, T, H, K = k.shape
@@ -176,8 +176,9 @@ def intra_forward(*, q, k, v, beta, g, chunk: int, block_v: int, block_k: int, n
             g.contiguous() if g is not None else None, W, U0, QK, QT, KB, last, P, T, H, N, C, K, V)
     if per_key:
         _intra_fwd_per_key[(N, B * H)](*args, HAS_Q=has_q, BC=pow2(C), BKS=block_k, BV=min(block_v, pow2(V)),
-                                       PREC=precision, num_warps=num_warps)
+                                       PREC=precision, num_warps=num_warps, num_stages=num_stages)
     else:
         _intra_fwd[(N, B * H)](*args, HAS_Q=has_q, GATE=int(g is not None), BC=pow2(C), BK=min(block_k, pow2(K)),
-                               BV=min(block_v, pow2(V)), PREC=precision, num_warps=num_warps)
+                               BV=min(block_v, pow2(V)), PREC=precision, num_warps=num_warps,
+                               num_stages=num_stages)
     return Chunks(W, U0, QK, QT, KB, last), P
