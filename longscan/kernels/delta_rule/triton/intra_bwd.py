@@ -156,8 +156,8 @@ def _intra_bwd_per_key(Q, K_, V_, BETA, G, P_, W, U0, UN, SN, DSN, DO, DU0, DQ, 
                        T, H, N, C, K, V, scale, HAS_Q: tl.constexpr, BC: tl.constexpr, BKS: tl.constexpr,
                        BV: tl.constexpr, PREC: tl.constexpr):
     """Per-key gates, a block of BKS keys at a time: dA = -dY Uᵀ from the blocks of V alone, then each block
-    of keys takes its sums over V and its share of the products F_ts = Σ_k a_tk c_sk E_tsk (E = exp(b_tk - b_sk), s ≤ t):
-    da = Σ_s dF E c_s, dc = Σ_t dF E a_t, db = a ⊙ da - c ⊙ dc."""
+    of keys takes its sums over V and its share of the products F_ts = Σ_k a_tk c_sk E_tsk
+    (E = exp(b_tk - b_sk), s ≤ t): da = Σ_s dF E c_s, dc = Σ_t dF E a_t, db = a ⊙ da - c ⊙ dc."""
     n, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     oc = tl.arange(0, BC)
