@@ -23,8 +23,9 @@ class DeltaTritonOptions:
     num_warps: warps of every kernel. num_stages: software-pipelining stages of every kernel's loops (Triton's
     num_stages); 1 keeps one copy of each loaded tile, more prefetch the next iterations' tiles into buffers
     (at K = V = 128 they no longer fit the registers: docs/delta_rule.md).
-    input_precision: of every kernel's dots, "ieee" (float32 products, exact to float32 round-off) or "tf32" (a GPU's tensor cores, about 3 significant digits a product; the
-    triangular inverse is formed in float32 either way).
+    input_precision: of every kernel's dots, "ieee" (float32 products, exact to float32 round-off) or "tf32"
+    (a GPU's tensor cores, about 3 significant digits a product; the triangular inverse is formed in float32
+    either way).
     recompute: keep only the inputs for the backward and run the forward's stages again there, instead of
     keeping every chunk's float32 quantities and entering state (several times the inputs' size); for
     intra="triton" (the torch intra path recomputes its own stage and keeps the recurrence's)."""
