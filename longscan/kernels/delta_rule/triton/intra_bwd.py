@@ -25,6 +25,9 @@ import triton.language as tl
 
 from longscan.kernels.delta_rule.triton.inter import Chunks, StateGrads, pow2
 
+# keys a step of the per-key backward's `[C, C, keys]` decay products: at 16 (block_k's least) they spill
+KS: tl.constexpr = tl.constexpr(8)
+
 
 @triton.jit
 def _intra_bwd(Q, K_, V_, BETA, G, P_, W, U0, UN, SN, DSN, DO, DU0, DQ, DK, DV, DBETA, DG, T, H, N, C, K, V, scale,
@@ -189,10 +192,39 @@ def _intra_bwd_per_key(Q, K_, V_, BETA, G, P_, W, U0, UN, SN, DSN, DO, DU0, DQ, 
             dqk += tl.dot(do, tl.trans(u), input_precision=PREC)
     dA = tl.where(oc[:, None] > oc[None, :], dA, 0.)
     dqk = tl.where(causal, scale * dqk, 0.)
+    # the decays' products first, KS keys at a time (their `[C, C, KS]` tiles are the kernel's largest): this
+    # block's shares of dk, dq and db are written to DK, DQ, DG and read back by the blocks of BKS keys below
+    for ib in range(0, tl.cdiv(K, KS)):
+        ok = ib * KS + tl.arange(0, KS)
+        m = mt[:, None] & (ok < K)[None, :]
+        o_tk = tok[:, None] * K + ok[None, :]
+        k = tl.load(K_ + o_tk, mask=m, other=0.).to(tl.float32)
+        bc = tl.cumsum(tl.load(G + o_tk, mask=m, other=0.).to(tl.float32), axis=0)
+        e = tl.where(causal[:, :, None], tl.exp(tl.where(causal[:, :, None], bc[:, None, :] - bc[None, :, :], 0.)),
+                     0.)                                                      # [C(t), C(s), KS]
+        # A_ts = β_t Σ_k k_tk k_sk E_tsk
+        ga = dA[:, :, None] * e
+        da = tl.sum(ga * k[None, :, :], axis=1)                               # Σ_s dA_ts E k_s
+        dc = tl.sum(ga * (beta[:, None] * k)[:, None, :], axis=0)             # Σ_t dA_ts β_t E k_t
+        dbeta += tl.sum(da * k, axis=1)
+        dk = beta[:, None] * da + dc
+        db = beta[:, None] * da * k - dc * k
+        if HAS_Q:
+            q = tl.load(Q + o_tk, mask=m, other=0.).to(tl.float32)
+            gq = dqk[:, :, None] * e
+            dq = tl.sum(gq * k[None, :, :], axis=1)
+            dkq = tl.sum(gq * q[:, None, :], axis=0)
+            dk += dkq
+            db += q * dq - k * dkq
+            tl.store(DQ + o_tk, dq, mask=m)
+        tl.store(DK + o_tk, dk, mask=m)
+        tl.store(DG + o_tk, db, mask=m)
+    tl.debug_barrier()                         # the shares above, written by other threads of this program
     for ib in range(0, tl.cdiv(K, BKS)):
         ok = ib * BKS + tl.arange(0, BKS)
         mk = ok < K
         m = mt[:, None] & mk[None, :]
+        o_tk = tok[:, None] * K + ok[None, :]
         # this block's sums over V: dW, dQ̃, dK̄ `[C, BKS]` and Σ_v S_n ⊙ dS_{n+1} `[BKS]`
         dw = tl.zeros([BC, BKS], dtype=tl.float32)
         dqt = tl.zeros([BC, BKS], dtype=tl.float32)
@@ -212,43 +244,31 @@ def _intra_bwd_per_key(Q, K_, V_, BETA, G, P_, W, U0, UN, SN, DSN, DO, DU0, DQ, 
             if HAS_Q:
                 do = tl.load(DO + o_cv, mask=m_cv, other=0.).to(tl.float32)
                 dqt += tl.dot(do, tl.trans(S), input_precision=PREC)
-        k = tl.load(K_ + tok[:, None] * K + ok[None, :], mask=m, other=0.).to(tl.float32)
-        bc = tl.cumsum(tl.load(G + tok[:, None] * K + ok[None, :], mask=m, other=0.).to(tl.float32), axis=0)
+        k = tl.load(K_ + o_tk, mask=m, other=0.).to(tl.float32)
+        bc = tl.cumsum(tl.load(G + o_tk, mask=m, other=0.).to(tl.float32), axis=0)
         last = tl.sum(tl.where(oc[:, None] == C - 1, bc, 0.), axis=0)
         eb = tl.exp(bc)
         ekb = tl.exp(last[None, :] - bc)
-        e = tl.where(causal[:, :, None], tl.exp(tl.where(causal[:, :, None], bc[:, None, :] - bc[None, :, :], 0.)),
-                     0.)                                                      # [C(t), C(s), BKS]
-        # A_ts = β_t Σ_k k_tk k_sk E_tsk
-        ga = dA[:, :, None] * e
-        da = tl.sum(ga * k[None, :, :], axis=1)                               # Σ_s dA_ts E k_s
-        dc = tl.sum(ga * (beta[:, None] * k)[:, None, :], axis=0)             # Σ_t dA_ts β_t E k_t
-        dbeta += tl.sum(da * k, axis=1)
-        dk = beta[:, None] * da + dc
-        db = beta[:, None] * da * k - dc * k
+        dk = tl.load(DK + o_tk, mask=m, other=0.)
+        db = tl.load(DG + o_tk, mask=m, other=0.)
         # X = β exp(b) k
         dx = tl.dot(tl.trans(P), dw, input_precision=PREC)
         dk += dx * beta[:, None] * eb
         dbeta += tl.sum(dx * eb * k, axis=1)
         db += dx * beta[:, None] * eb * k
         if HAS_Q:
-            q = tl.load(Q + tok[:, None] * K + ok[None, :], mask=m, other=0.).to(tl.float32)
-            gq = dqk[:, :, None] * e
-            dq = tl.sum(gq * k[None, :, :], axis=1)
-            dkq = tl.sum(gq * q[:, None, :], axis=0)
-            dk += dkq
-            db += q * dq - k * dkq
+            q = tl.load(Q + o_tk, mask=m, other=0.).to(tl.float32)
             dqt = scale * dqt
-            dq += dqt * eb
+            dq = tl.load(DQ + o_tk, mask=m, other=0.) + dqt * eb
             db += dqt * q * eb
-            tl.store(DQ + tok[:, None] * K + ok[None, :], dq, mask=m)
+            tl.store(DQ + o_tk, dq, mask=m)
         ek = dkb * k * ekb                                                    # dK̄ ⊙ K̄
         dk += dkb * ekb
         db -= ek
         dlast = tl.exp(last) * dl + tl.sum(ek, axis=0)
         dg = tl.sum(db, axis=0)[None, :] - tl.cumsum(db, axis=0) + db + dlast[None, :]
-        tl.store(DK + tok[:, None] * K + ok[None, :], dk, mask=m)
-        tl.store(DG + tok[:, None] * K + ok[None, :], dg, mask=m)
+        tl.store(DK + o_tk, dk, mask=m)
+        tl.store(DG + o_tk, dg, mask=m)
     tl.store(DBETA + tok, dbeta, mask=mt)
 
 
