@@ -20,9 +20,11 @@ class DeltaTritonOptions:
     block_v: V columns a program of the recurrence across chunks and of the intra stages' V loops.
     block_k: keys a step of the intra kernels (the per-key gates' `[C, C, block_k]` decays; the others'
     `[C, block_k]` tiles, so no `[C, K]` tile is held whole).
-    num_warps: warps of every kernel. num_stages: software-pipelining stages of every kernel's loops (Triton's
-    num_stages); 1 keeps one copy of each loaded tile, more prefetch the next iterations' tiles into buffers
-    (at K = V = 128 they no longer fit the registers: docs/delta_rule.md).
+    num_warps: warps of every kernel.
+    intra_num_stages, inter_num_stages: software-pipelining stages (Triton's num_stages) of the intra kernels'
+    loops and of the recurrence's loop over chunks; 1 keeps one copy of each loaded tile, more prefetch the
+    next iterations' tiles into buffers. The intra kernels at K = V = 128 spill registers with more than 1
+    (docs/delta_rule.md); the recurrence keeps Triton's 3, which prefetch the next chunk on its serial path.
     input_precision: of every kernel's dots, "ieee" (float32 products, exact to float32 round-off) or "tf32"
     (a GPU's tensor cores, about 3 significant digits a product; the triangular inverse is formed in float32
     either way).
@@ -34,12 +36,13 @@ class DeltaTritonOptions:
     block_v: int = 32
     block_k: int = 16
     num_warps: int = 8
-    num_stages: int = 1
+    intra_num_stages: int = 1
+    inter_num_stages: int = 3
     input_precision: str = "ieee"
     recompute: bool = False
 
     def __post_init__(self):
-        for name in ("chunk", "block_v", "block_k", "num_warps", "num_stages"):
+        for name in ("chunk", "block_v", "block_k", "num_warps", "intra_num_stages", "inter_num_stages"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"DeltaTritonOptions.{name} must be a positive int, got {value!r}")
