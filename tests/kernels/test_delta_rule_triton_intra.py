@@ -72,6 +72,22 @@ def test_default_options_match_recurrence(kind):
     compare(kind, (1, 130, 1, 16, 32), True, None, seed=7)
 
 
+@pytest.mark.parametrize("chunk", [16, 32])
+@pytest.mark.parametrize("kind", KINDS)
+def test_blocked_inverse_matches_recurrence(kind, chunk):
+    """options.inverse="blocks" (two diagonal half-blocks, then their join): every output and gradient, over
+    several chunks with a padded last one, and P inverts I + A."""
+    compare(kind, (1, 70, 2, 16, 32), True, DeltaTritonOptions(chunk=chunk, inverse="blocks"), seed=31 + chunk)
+    x = make_inputs(kind, 1, 50, 1, 16, 16, torch.float64, seed=32)
+    x32 = {n: (t.float().to(DEV) if t is not None else None) for n, t in x.items()}
+    kw = dict(q=x32["q"], k=x32["k"], v=x32["v"], beta=x32["beta"], g=x32["g"], chunk=chunk, block_v=16,
+              block_k=16, num_warps=4, num_stages=1, precision="ieee")
+    rows, P_rows = intra_forward(**kw, inverse="rows")
+    blocks, P_blocks = intra_forward(**kw, inverse="blocks")
+    assert rel_err(P_blocks.cpu().double(), P_rows.cpu().double()) < 1e-5
+    assert rel_err(blocks.W.cpu().double(), rows.W.cpu().double()) < 1e-5
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_torch_intra_path_still_selectable(kind):
     compare(kind, (1, 37, 2, 16, 32), True, DeltaTritonOptions(chunk=16, intra="torch"), seed=11)
@@ -132,7 +148,7 @@ def test_intra_quantities_match_torch_stage(kind, with_q):
     x32 = {n: (t.float().to(DEV) if t is not None else None) for n, t in x.items()}
     got, P = intra_forward(q=x32["q"] if with_q else None, k=x32["k"], v=x32["v"], beta=x32["beta"], g=x32["g"],
                            chunk=C, block_v=16, block_k=16, num_warps=4, num_stages=1,
-                           precision="ieee")
+                           precision="ieee", inverse="rows")
     for name, a, b in zip(got._fields, got, ref):
         assert (a is None) == (b is None), name
         if a is not None:
@@ -160,6 +176,10 @@ def test_options_are_checked():
         DeltaTritonOptions(block_k=8)
     with pytest.raises(ValueError, match="DeltaTritonOptions.recompute must be a bool"):
         DeltaTritonOptions(recompute=1)
+    with pytest.raises(ValueError, match="DeltaTritonOptions.inverse"):
+        DeltaTritonOptions(inverse="lu")
+    with pytest.raises(ValueError, match="DeltaTritonOptions.intra_num_stages must be a positive int"):
+        DeltaTritonOptions(intra_num_stages=0)
     with pytest.raises(ValueError, match="DeltaTritonOptions.intra"):
         DeltaTritonOptions(intra="cuda")
     x = make_inputs("deltanet", 1, 4, 1, 16, 16, torch.float32, seed=0)
@@ -180,6 +200,8 @@ for fn, consts in ((intra_fwd._intra_fwd, dict(GATE=1, BK=128)), (intra_bwd._int
                    (intra_fwd._intra_fwd_per_key, dict(BKS=o.block_k)),
                    (intra_bwd._intra_bwd_per_key, dict(BKS=o.block_k))):
     consts = dict(consts, HAS_Q=True, BC=pow2(o.chunk), BV=min(o.block_v, 128), PREC=o.input_precision)
+    if "BLOCKED" in fn.arg_names:
+        consts["BLOCKED"] = o.inverse == "blocks"
     sig = {a: "constexpr" if a in consts else "i32" if a in ("T", "H", "N", "C", "K", "V") else "fp32"
            if a == "scale" else "*fp32" for a in fn.arg_names}
     src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})

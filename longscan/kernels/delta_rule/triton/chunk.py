@@ -60,7 +60,7 @@ def _stages(q, k, v, beta, g, h0, scale, options, outputs=True):
     backward's recomputation: the outputs' pass over the chunks is skipped)."""
     kw = dict(block_v=options.block_v, num_warps=options.num_warps, precision=options.input_precision)
     chunks, P = intra_forward(q=q, k=k, v=v, beta=beta, g=g, chunk=options.chunk, block_k=options.block_k,
-                              num_stages=options.intra_num_stages, **kw)
+                              num_stages=options.intra_num_stages, inverse=options.inverse, **kw)
     O, HT, SN = inter_forward(chunks if outputs else chunks._replace(QK=None, QT=None), h0, scale,
                               num_stages=options.inter_num_stages, **kw)
     return chunks, P, O, HT, SN

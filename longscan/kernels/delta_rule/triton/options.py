@@ -9,6 +9,7 @@ import dataclasses
 
 INTRA = ("triton", "torch")
 PRECISIONS = ("ieee", "tf32")
+INVERSES = ("rows", "blocks")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +29,8 @@ class DeltaTritonOptions:
     input_precision: of every kernel's dots, "ieee" (float32 products, exact to float32 round-off) or "tf32"
     (a GPU's tensor cores, about 3 significant digits a product; the triangular inverse is formed in float32
     either way).
+    inverse: how the intra forward forms P = (I + A)⁻¹: "rows" (forward substitution, one row a step) or
+    "blocks" (the two diagonal half-blocks side by side, joined by two float32 products: half the steps).
     recompute: keep only the inputs for the backward and run the forward's stages again there, instead of
     keeping every chunk's float32 quantities and entering state (several times the inputs' size); for
     intra="triton" (the torch intra path recomputes its own stage and keeps the recurrence's)."""
@@ -39,6 +42,7 @@ class DeltaTritonOptions:
     intra_num_stages: int = 1
     inter_num_stages: int = 3
     input_precision: str = "ieee"
+    inverse: str = "rows"
     recompute: bool = False
 
     def __post_init__(self):
@@ -58,6 +62,8 @@ class DeltaTritonOptions:
             raise ValueError(f"DeltaTritonOptions.recompute must be a bool, got {self.recompute!r}")
         if self.intra not in INTRA:
             raise ValueError(f"DeltaTritonOptions.intra must be one of {INTRA}, got {self.intra!r}")
+        if self.inverse not in INVERSES:
+            raise ValueError(f"DeltaTritonOptions.inverse must be one of {INVERSES}, got {self.inverse!r}")
         if self.input_precision not in PRECISIONS:
             raise ValueError(f"DeltaTritonOptions.input_precision must be one of {PRECISIONS}, "
                              f"got {self.input_precision!r}")
