@@ -38,10 +38,11 @@ def counts(fn, consts):
 
 
 BC, BV, BK = pow2(o.chunk), min(o.block_v, V), min(o.block_k, K)
+BLOCKED = o.inverse == "blocks"
 KERNELS = (   # the scalar-gate kernels cover the ungated ones (GATE=0 is a subset of their code)
-    ("intra_fwd", intra_fwd._intra_fwd, dict(HAS_Q=True, GATE=1, BC=BC, BK=BK, BV=BV, BLOCKED=o.inverse == "blocks")),
+    ("intra_fwd", intra_fwd._intra_fwd, dict(HAS_Q=True, GATE=1, BC=BC, BK=BK, BV=BV, BLOCKED=BLOCKED)),
     ("intra_fwd_per_key", intra_fwd._intra_fwd_per_key, dict(HAS_Q=True, BC=BC, BKS=o.block_k, BV=BV,
-                                                            BLOCKED=o.inverse == "blocks")),
+                                                            BLOCKED=BLOCKED)),
     ("intra_bwd", intra_bwd._intra_bwd, dict(HAS_Q=True, GATE=1, BC=BC, BK=BK, BV=BV)),
     ("intra_bwd_per_key", intra_bwd._intra_bwd_per_key, dict(HAS_Q=True, BC=BC, BKS=o.block_k, BV=BV)),
 )
