@@ -88,6 +88,16 @@ def test_blocked_inverse_matches_recurrence(kind, chunk):
     assert rel_err(blocks.W.cpu().double(), rows.W.cpu().double()) < 1e-5
 
 
+@pytest.mark.parametrize("intra", ["triton", "torch"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_recurrence_in_blocks_of_keys_matches_recurrence(kind, intra):
+    """options.inter_block_k: the recurrence's state and tiles as blocks of 16 keys (K = 32: two, and K = 20:
+    a padded second), every output and gradient, on both intra paths."""
+    options = DeltaTritonOptions(chunk=16, inter_block_k=16, intra=intra)
+    compare(kind, (1, 37, 2, 32, 16), True, options, seed=41)
+    compare(kind, (1, 20, 1, 20, 16), False, options, seed=42)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_torch_intra_path_still_selectable(kind):
     compare(kind, (1, 37, 2, 16, 32), True, DeltaTritonOptions(chunk=16, intra="torch"), seed=11)
@@ -176,6 +186,8 @@ def test_options_are_checked():
         DeltaTritonOptions(block_k=8)
     with pytest.raises(ValueError, match="DeltaTritonOptions.recompute must be a bool"):
         DeltaTritonOptions(recompute=1)
+    with pytest.raises(ValueError, match="DeltaTritonOptions.inter_block_k must be None or a power of two"):
+        DeltaTritonOptions(inter_block_k=24)
     with pytest.raises(ValueError, match="DeltaTritonOptions.inverse"):
         DeltaTritonOptions(inverse="lu")
     with pytest.raises(ValueError, match="DeltaTritonOptions.intra_num_stages must be a positive int"):

@@ -46,7 +46,8 @@ class DeltaRuleChunk(torch.autograd.Function):
         kw = dict(block_v=o.block_v, num_warps=o.num_warps, precision=o.input_precision)
         if q is not None and dO is None:    # only the final state reached the loss (materialize_grads off)
             dO = torch.zeros_like(chunks.U0)
-        grads = inter_backward_states(chunks, SN, dO, dHT, ctx.scale, num_stages=o.inter_num_stages, **kw)
+        grads = inter_backward_states(chunks, SN, dO, dHT, ctx.scale, num_stages=o.inter_num_stages,
+                                      block_k=o.inter_block_k, **kw)
         dq, dk, dv, dbeta, dg = intra_backward(grads, chunks, P, q=q, k=k, v=v, beta=beta, g=g, SN=SN, dO=dO,
                                                scale=ctx.scale, block_k=o.block_k,
                                                num_stages=o.intra_num_stages, **kw)
@@ -62,7 +63,7 @@ def _stages(q, k, v, beta, g, h0, scale, options, outputs=True):
     chunks, P = intra_forward(q=q, k=k, v=v, beta=beta, g=g, chunk=options.chunk, block_k=options.block_k,
                               num_stages=options.intra_num_stages, inverse=options.inverse, **kw)
     O, HT, SN = inter_forward(chunks if outputs else chunks._replace(QK=None, QT=None), h0, scale,
-                              num_stages=options.inter_num_stages, **kw)
+                              num_stages=options.inter_num_stages, block_k=options.inter_block_k, **kw)
     return chunks, P, O, HT, SN
 
 
@@ -77,7 +78,7 @@ def _torch_intra(q, k, v, beta, g, h0, scale, options):
     else:
         W, U0, qk, q_tilde, k_bar, last = _intra(*args)
     return InterChunk.apply(W, U0, qk, q_tilde, k_bar, last, h0, scale, options.block_v, options.num_warps,
-                             options.inter_num_stages, options.input_precision)
+                             options.inter_num_stages, options.input_precision, options.inter_block_k)
 
 
 def scan(*, q, k, v, beta, g, h0, scale: float, options: DeltaTritonOptions):

@@ -6,6 +6,7 @@ benchmarks pass their own value instead of changing module state, so two setting
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 INTRA = ("triton", "torch")
 PRECISIONS = ("ieee", "tf32")
@@ -21,6 +22,8 @@ class DeltaTritonOptions:
     block_v: V columns a program of the recurrence across chunks and of the intra stages' V loops.
     block_k: keys a step of the intra kernels (the per-key gates' `[C, C, block_k]` decays; the others'
     `[C, block_k]` tiles, so no `[C, K]` tile is held whole).
+    inter_block_k: keys a block of the recurrence's state and `[C, K]` tiles, each product over K a batch of
+    products over these many keys (fewer registers a thread); None: every key in one block.
     num_warps: warps of every kernel.
     intra_num_stages, inter_num_stages: software-pipelining stages (Triton's num_stages) of the intra kernels'
     loops and of the recurrence's loop over chunks; 1 keeps one copy of each loaded tile, more prefetch the
@@ -38,6 +41,7 @@ class DeltaTritonOptions:
     intra: str = "triton"
     block_v: int = 32
     block_k: int = 16
+    inter_block_k: Optional[int] = None
     num_warps: int = 8
     intra_num_stages: int = 1
     inter_num_stages: int = 3
@@ -58,6 +62,10 @@ class DeltaTritonOptions:
             if getattr(self, name) < 16:
                 raise ValueError(f"DeltaTritonOptions.{name} must be at least 16 (tl.dot's smallest tile), "
                                  f"got {getattr(self, name)}")
+        k = self.inter_block_k
+        if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 16 or k & (k - 1)):
+            raise ValueError(f"DeltaTritonOptions.inter_block_k must be None or a power of two of at least 16, "
+                             f"got {k!r}")
         if not isinstance(self.recompute, bool):
             raise ValueError(f"DeltaTritonOptions.recompute must be a bool, got {self.recompute!r}")
         if self.intra not in INTRA:
