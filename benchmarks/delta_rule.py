@@ -4,7 +4,7 @@ longscan's scalar-gate linear attention at the same shape (the yardstick: same q
 
     PYTHONPATH=. python benchmarks/delta_rule.py [--shapes 16x4096 1x65536] [--backends triton triton-torch-intra]
         [--precision ieee tf32] [--recompute] [--chunk 32] [--kinds deltanet gated_deltanet kda]
-        [--settings default inter_stages_1 inter_block_k_32 inter_block_k_32_v16 inverse_blocks intra_stages_3]
+        [--settings default inter_stages_1 inter_block_k_32 inter_block_k_32_v16 inverse_blocks intra_stages_3 block_k_32]
 
 Backends: "triton" (every stage in Triton), "triton-torch-intra" (the chunks' own quantities in batched torch,
 the recurrence across chunks in Triton: the earlier path), "torch". bf16 q, k, v (k L2-normalised), float32 β
@@ -36,6 +36,7 @@ SETTINGS = {
     "intra_stages_3": dict(intra_num_stages=3),     # the intra kernels pipelined (they spill at K = 128)
     "inter_block_k_32": dict(inter_block_k=32),     # the recurrence's state in blocks of 32 keys (fewer spills)
     "inter_block_k_32_v16": dict(inter_block_k=32, block_v=16),   # and 16 V columns a program
+    "block_k_32": dict(block_k=32),                 # the intra kernels' key blocks halved in number
 }
 
 
