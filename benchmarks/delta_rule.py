@@ -4,7 +4,8 @@ longscan's scalar-gate linear attention at the same shape (the yardstick: same q
 
     PYTHONPATH=. python benchmarks/delta_rule.py [--shapes 16x4096 1x65536] [--backends triton triton-torch-intra]
         [--precision ieee tf32] [--recompute] [--chunk 32] [--kinds deltanet gated_deltanet kda]
-        [--settings default inter_stages_1 inter_block_k_32 inter_block_k_32_v16 inverse_blocks intra_stages_3 block_k_32]
+        [--settings default inter_stages_1 inter_block_k_32 inter_block_k_32_v16 inverse_blocks
+                    intra_stages_3 block_k_32]
 
 Backends: "triton" (every stage in Triton), "triton-torch-intra" (the chunks' own quantities in batched torch,
 the recurrence across chunks in Triton: the earlier path), "torch". bf16 q, k, v (k L2-normalised), float32 β
