@@ -4,17 +4,21 @@ longscan's scalar-gate linear attention at the same shape (the yardstick: same q
 
     PYTHONPATH=. python benchmarks/delta_rule.py [--shapes 16x4096 1x65536] [--backends triton triton-torch-intra]
         [--precision ieee tf32] [--recompute] [--chunk 32] [--kinds deltanet gated_deltanet kda]
+        [--settings default inter_stages_1 inter_block_k_32 inter_block_k_32_v16 inverse_blocks
+                    intra_stages_3 block_k_32]
 
 Backends: "triton" (every stage in Triton), "triton-torch-intra" (the chunks' own quantities in batched torch,
 the recurrence across chunks in Triton: the earlier path), "torch". bf16 q, k, v (k L2-normalised), float32 β
 in (0, 1) and log gates, 16 heads × 128 by default. Prints one row per (kind, shape, implementation):
 milliseconds (median of triton.testing.do_bench), and for the other delta-rule rows the relative L2 difference
 of their output and final state, and the largest of their gradients' (q, k, v, β, g), from the first row's on
-the same inputs.
+the same inputs. --settings adds rows of the "triton" backend at other options than the defaults (SETTINGS),
+so a setting not yet measured runs beside the default.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -25,14 +29,25 @@ from longscan.kernels.linear_attention import chunk_linear_attention
 
 KINDS = ("deltanet", "gated_deltanet", "kda")
 BACKENDS = ("triton", "triton-torch-intra", "torch")
+# named DeltaTritonOptions overrides for the "triton" backend's rows
+SETTINGS = {
+    "default": {},
+    "inter_stages_1": dict(inter_num_stages=1),     # the recurrence without its next-chunk prefetch (fewer spills)
+    "inverse_blocks": dict(inverse="blocks"),       # P from two half-blocks: half the sequential steps
+    "intra_stages_3": dict(intra_num_stages=3),     # the intra kernels pipelined (they spill at K = 128)
+    "inter_block_k_32": dict(inter_block_k=32),     # the recurrence's state in blocks of 32 keys (fewer spills)
+    "inter_block_k_32_v16": dict(inter_block_k=32, block_v=16),   # and 16 V columns a program
+    "block_k_32": dict(block_k=32),                 # the intra kernels' key blocks halved in number
+}
 
 
-def ours(backend, chunk, precision, recompute=False):
+def ours(backend, chunk, precision, recompute=False, setting="default"):
     """longscan's chunk_delta_rule on ``backend`` as f(q, k, v, beta, g) -> (o, final state)."""
     if backend == "torch":
         return lambda q, k, v, beta, g: chunk_delta_rule(q, k, v, beta, g, output_final_state=True, backend="torch")
     options = DeltaTritonOptions(chunk=chunk, intra="torch" if backend == "triton-torch-intra" else "triton",
                                  input_precision=precision, recompute=recompute)
+    options = dataclasses.replace(options, **SETTINGS[setting])
     return lambda q, k, v, beta, g: chunk_delta_rule(q, k, v, beta, g, output_final_state=True, backend="triton",
                                                      options=options)
 
@@ -99,12 +114,15 @@ def main():
                    help="the Triton kernels' dots (one row per value)")
     p.add_argument("--recompute", action="store_true",
                    help="the Triton backend keeps only the inputs and runs its forward stages again in the backward")
+    p.add_argument("--settings", nargs="+",
+                   default=["default", "inter_stages_1", "inter_block_k_32", "inter_block_k_32_v16", "inverse_blocks"],
+                   choices=list(SETTINGS), help="rows of the triton backend at these options (one row per value)")
     p.add_argument("--no-linear", action="store_true", help="skip the scalar-gate linear attention row")
     p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
     a = p.parse_args()
     dev = torch.device("cuda")
     print(f"{torch.cuda.get_device_name()} | torch {torch.__version__}")
-    print(f"{'kind':16} {'B x T':>10} {'implementation':28} {'fwd ms':>9} {'fwd+bwd ms':>11} "
+    print(f"{'kind':16} {'B x T':>10} {'implementation':40} {'fwd ms':>9} {'fwd+bwd ms':>11} "
           f"{'rel diff o / state':>20} {'max grad diff':>14}")
     for kind in a.kinds:
         for shape in a.shapes:
@@ -112,9 +130,10 @@ def main():
             x = inputs(kind, B, T, a.heads, a.head_dim, dev)
             do = torch.randn_like(x["v"])
             first = {}
-            impls = [(f"longscan {b}" + (f" {p}" if b != "torch" and len(a.precision) > 1 else ""),
-                      ours(b, a.chunk, p, a.recompute))
-                     for b in a.backends for p in (a.precision if b != "torch" else ["ieee"])]
+            impls = [(f"longscan {b}" + (f" {p}" if b != "torch" and len(a.precision) > 1 else "")
+                      + (f" {st}" if st != "default" else ""), ours(b, a.chunk, p, a.recompute, st))
+                     for b in a.backends for p in (a.precision if b != "torch" else ["ieee"])
+                     for st in (a.settings if b == "triton" else ["default"])]
             fla = peer(kind)
             if fla is not None:
                 impls.append(("fla", fla))
@@ -138,9 +157,9 @@ def main():
                         else:
                             diff = f"{rel(o, first['o']):.1e} / {rel(s, first['s']):.1e}"
                             gdiff = f"{max(rel(a, b) for a, b in zip(grads, first['grads'])):.1e}"
-                    print(f"{kind:16} {shape:>10} {name:28} {fwd:9.3f} {both:11.3f} {diff:>20} {gdiff:>14}")
+                    print(f"{kind:16} {shape:>10} {name:40} {fwd:9.3f} {both:11.3f} {diff:>20} {gdiff:>14}")
                 except Exception as e:   # a peer may refuse a shape: report it and go on
-                    print(f"{kind:16} {shape:>10} {name:28} failed: {type(e).__name__}: {str(e)[:100]}")
+                    print(f"{kind:16} {shape:>10} {name:40} failed: {type(e).__name__}: {str(e)[:100]}")
                 torch.cuda.empty_cache()
 
 

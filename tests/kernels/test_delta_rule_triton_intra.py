@@ -72,6 +72,32 @@ def test_default_options_match_recurrence(kind):
     compare(kind, (1, 130, 1, 16, 32), True, None, seed=7)
 
 
+@pytest.mark.parametrize("chunk", [16, 32])
+@pytest.mark.parametrize("kind", KINDS)
+def test_blocked_inverse_matches_recurrence(kind, chunk):
+    """options.inverse="blocks" (two diagonal half-blocks, then their join): every output and gradient, over
+    several chunks with a padded last one, and P inverts I + A."""
+    compare(kind, (1, 70, 2, 16, 32), True, DeltaTritonOptions(chunk=chunk, inverse="blocks"), seed=31 + chunk)
+    x = make_inputs(kind, 1, 50, 1, 16, 16, torch.float64, seed=32)
+    x32 = {n: (t.float().to(DEV) if t is not None else None) for n, t in x.items()}
+    kw = dict(q=x32["q"], k=x32["k"], v=x32["v"], beta=x32["beta"], g=x32["g"], chunk=chunk, block_v=16,
+              block_k=16, num_warps=4, num_stages=1, precision="ieee")
+    rows, P_rows = intra_forward(**kw, inverse="rows")
+    blocks, P_blocks = intra_forward(**kw, inverse="blocks")
+    assert rel_err(P_blocks.cpu().double(), P_rows.cpu().double()) < 1e-5
+    assert rel_err(blocks.W.cpu().double(), rows.W.cpu().double()) < 1e-5
+
+
+@pytest.mark.parametrize("intra", ["triton", "torch"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_recurrence_in_blocks_of_keys_matches_recurrence(kind, intra):
+    """options.inter_block_k: the recurrence's state and tiles as blocks of 16 keys (K = 32: two, and K = 20:
+    a padded second), every output and gradient, on both intra paths."""
+    options = DeltaTritonOptions(chunk=16, inter_block_k=16, intra=intra)
+    compare(kind, (1, 37, 2, 32, 16), True, options, seed=41)
+    compare(kind, (1, 20, 1, 20, 16), False, options, seed=42)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_torch_intra_path_still_selectable(kind):
     compare(kind, (1, 37, 2, 16, 32), True, DeltaTritonOptions(chunk=16, intra="torch"), seed=11)
@@ -131,7 +157,8 @@ def test_intra_quantities_match_torch_stage(kind, with_q):
     ref = torch_chunk._intra(*chunked)
     x32 = {n: (t.float().to(DEV) if t is not None else None) for n, t in x.items()}
     got, P = intra_forward(q=x32["q"] if with_q else None, k=x32["k"], v=x32["v"], beta=x32["beta"], g=x32["g"],
-                           chunk=C, block_v=16, block_k=16, num_warps=4, precision="ieee")
+                           chunk=C, block_v=16, block_k=16, num_warps=4, num_stages=1,
+                           precision="ieee", inverse="rows")
     for name, a, b in zip(got._fields, got, ref):
         assert (a is None) == (b is None), name
         if a is not None:
@@ -159,6 +186,12 @@ def test_options_are_checked():
         DeltaTritonOptions(block_k=8)
     with pytest.raises(ValueError, match="DeltaTritonOptions.recompute must be a bool"):
         DeltaTritonOptions(recompute=1)
+    with pytest.raises(ValueError, match="DeltaTritonOptions.inter_block_k must be None or a power of two"):
+        DeltaTritonOptions(inter_block_k=24)
+    with pytest.raises(ValueError, match="DeltaTritonOptions.inverse"):
+        DeltaTritonOptions(inverse="lu")
+    with pytest.raises(ValueError, match="DeltaTritonOptions.intra_num_stages must be a positive int"):
+        DeltaTritonOptions(intra_num_stages=0)
     with pytest.raises(ValueError, match="DeltaTritonOptions.intra"):
         DeltaTritonOptions(intra="cuda")
     x = make_inputs("deltanet", 1, 4, 1, 16, 16, torch.float32, seed=0)
@@ -179,6 +212,8 @@ for fn, consts in ((intra_fwd._intra_fwd, dict(GATE=1, BK=128)), (intra_bwd._int
                    (intra_fwd._intra_fwd_per_key, dict(BKS=o.block_k)),
                    (intra_bwd._intra_bwd_per_key, dict(BKS=o.block_k))):
     consts = dict(consts, HAS_Q=True, BC=pow2(o.chunk), BV=min(o.block_v, 128), PREC=o.input_precision)
+    if "BLOCKED" in fn.arg_names:
+        consts["BLOCKED"] = o.inverse == "blocks"
     sig = {a: "constexpr" if a in consts else "i32" if a in ("T", "H", "N", "C", "K", "V") else "fp32"
            if a == "scale" else "*fp32" for a in fn.arg_names}
     src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})

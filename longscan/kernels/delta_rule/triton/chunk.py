@@ -46,9 +46,11 @@ class DeltaRuleChunk(torch.autograd.Function):
         kw = dict(block_v=o.block_v, num_warps=o.num_warps, precision=o.input_precision)
         if q is not None and dO is None:    # only the final state reached the loss (materialize_grads off)
             dO = torch.zeros_like(chunks.U0)
-        grads = inter_backward_states(chunks, SN, dO, dHT, ctx.scale, **kw)
+        grads = inter_backward_states(chunks, SN, dO, dHT, ctx.scale, num_stages=o.inter_num_stages,
+                                      block_k=o.inter_block_k, **kw)
         dq, dk, dv, dbeta, dg = intra_backward(grads, chunks, P, q=q, k=k, v=v, beta=beta, g=g, SN=SN, dO=dO,
-                                               scale=ctx.scale, block_k=o.block_k, **kw)
+                                               scale=ctx.scale, block_k=o.block_k,
+                                               num_stages=o.intra_num_stages, **kw)
         cast = lambda d, x: d.to(x.dtype) if d is not None else None  # noqa: E731
         dh0 = grads.dh0.to(ctx.h0_dtype) if ctx.h0_dtype is not None else None
         return cast(dq, q), cast(dk, k), cast(dv, v), cast(dbeta, beta), cast(dg, g), dh0, None, None
@@ -58,8 +60,10 @@ def _stages(q, k, v, beta, g, h0, scale, options, outputs=True):
     """The forward's stages -> (Chunks, P, o or None, S_T, S_n). outputs=False: the states alone (the
     backward's recomputation: the outputs' pass over the chunks is skipped)."""
     kw = dict(block_v=options.block_v, num_warps=options.num_warps, precision=options.input_precision)
-    chunks, P = intra_forward(q=q, k=k, v=v, beta=beta, g=g, chunk=options.chunk, block_k=options.block_k, **kw)
-    O, HT, SN = inter_forward(chunks if outputs else chunks._replace(QK=None, QT=None), h0, scale, **kw)
+    chunks, P = intra_forward(q=q, k=k, v=v, beta=beta, g=g, chunk=options.chunk, block_k=options.block_k,
+                              num_stages=options.intra_num_stages, inverse=options.inverse, **kw)
+    O, HT, SN = inter_forward(chunks if outputs else chunks._replace(QK=None, QT=None), h0, scale,
+                              num_stages=options.inter_num_stages, block_k=options.inter_block_k, **kw)
     return chunks, P, O, HT, SN
 
 
@@ -74,7 +78,7 @@ def _torch_intra(q, k, v, beta, g, h0, scale, options):
     else:
         W, U0, qk, q_tilde, k_bar, last = _intra(*args)
     return InterChunk.apply(W, U0, qk, q_tilde, k_bar, last, h0, scale, options.block_v, options.num_warps,
-                             options.input_precision)
+                             options.inter_num_stages, options.input_precision, options.inter_block_k)
 
 
 def scan(*, q, k, v, beta, g, h0, scale: float, options: DeltaTritonOptions):

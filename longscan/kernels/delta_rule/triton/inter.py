@@ -62,6 +62,50 @@ def _inter_fwd(W, U0, QK, QT, KB, LAST, H0, O, HT, SN, N, C, K, V, scale,
 
 
 @triton.jit
+def _inter_fwd_blocks(W, U0, QK, QT, KB, LAST, H0, O, HT, SN, N, C, K, V, scale,
+               HAS_Q: tl.constexpr, HAS_H0: tl.constexpr, GATE: tl.constexpr, BC: tl.constexpr,
+               BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, KS: tl.constexpr):
+    """``_inter_fwd`` with the state and the chunk's `[C, K]` tiles are held as BK / KS blocks of
+    KS keys (`[BK / KS, KS, BV]`, `[BK / KS, C, KS]`), so each product over K is a batch of products over KS
+    keys summed, and no thread holds a whole row of K."""
+    NKS: tl.constexpr = BK // KS
+    bh, iv = tl.program_id(0), tl.program_id(1)
+    oc = tl.arange(0, BC)
+    ov = iv * BV + tl.arange(0, BV)
+    mc, mv = oc < C, ov < V
+    ok = tl.arange(0, NKS)[:, None] * KS + tl.arange(0, KS)[None, :]          # [NKS, KS]
+    mk = ok < K
+    o_kv = ok[:, :, None] * V + ov[None, None, :]
+    m_kv = mk[:, :, None] & mv[None, None, :]
+    o_ck = oc[None, :, None] * K + ok[:, None, :]                               # [NKS, C, KS]
+    m_ck = mc[None, :, None] & mk[:, None, :]
+    m_cv = mc[:, None] & mv[None, :]
+    if HAS_H0:
+        S = tl.load(H0 + bh * K * V + o_kv, mask=m_kv, other=0.).to(tl.float32)
+    else:
+        S = tl.zeros([NKS, KS, BV], dtype=tl.float32)
+    for n in range(N):
+        row = bh * N + n
+        tl.store(SN + row * K * V + o_kv, S, mask=m_kv)
+        w = tl.load(W + row * C * K + o_ck, mask=m_ck, other=0.)
+        u = tl.load(U0 + row * C * V + oc[:, None] * V + ov[None, :], mask=m_cv, other=0.)
+        u = u - tl.sum(tl.dot(w, S, input_precision=PREC), axis=0)
+        if HAS_Q:
+            qt = tl.load(QT + row * C * K + o_ck, mask=m_ck, other=0.)
+            qk = tl.load(QK + row * C * C + oc[:, None] * C + oc[None, :], mask=mc[:, None] & mc[None, :], other=0.)
+            o = scale * (tl.sum(tl.dot(qt, S, input_precision=PREC), axis=0) + tl.dot(qk, u, input_precision=PREC))
+            tl.store(O + row * C * V + oc[:, None] * V + ov[None, :], o, mask=m_cv)
+        kb = tl.load(KB + row * C * K + o_ck, mask=m_ck, other=0.)
+        if GATE == 1:
+            S = S * tl.exp(tl.load(LAST + row))
+        if GATE == 2:
+            S = S * tl.exp(tl.load(LAST + row * K + ok, mask=mk, other=0.))[:, :, None]
+        S = S + tl.dot(tl.permute(kb, (0, 2, 1)), tl.broadcast_to(u[None, :, :], (NKS, BC, BV)),
+                       input_precision=PREC)
+    tl.store(HT + bh * K * V + o_kv, S, mask=m_kv)
+
+
+@triton.jit
 def _inter_bwd(W, U0, QK, QT, KB, LAST, SN, DO, DHT, DU0, DW, DQK, DQT, DKB, DLAST, DH0, N, C, K, V, scale,
                HAS_Q: tl.constexpr, HAS_DHT: tl.constexpr, GATE: tl.constexpr, BC: tl.constexpr,
                BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
@@ -161,6 +205,61 @@ def _inter_bwd_states(W, U0, QK, QT, KB, LAST, SN, DO, DHT, DU0, DSN, UN, DH0, N
     tl.store(DH0 + bh * K * V + ok[:, None] * V + ov[None, :], dS, mask=m_kv)
 
 
+@triton.jit
+def _inter_bwd_states_blocks(W, U0, QK, QT, KB, LAST, SN, DO, DHT, DU0, DSN, UN, DH0, N, C, K, V, scale,
+                      HAS_Q: tl.constexpr, HAS_DHT: tl.constexpr, GATE: tl.constexpr, BC: tl.constexpr,
+                      BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, KS: tl.constexpr):
+    """``_inter_bwd_states`` in blocks of KS keys, as ``_inter_fwd_blocks``."""
+    NKS: tl.constexpr = BK // KS
+    bh, iv = tl.program_id(0), tl.program_id(1)
+    oc = tl.arange(0, BC)
+    ov = iv * BV + tl.arange(0, BV)
+    mc, mv = oc < C, ov < V
+    ok = tl.arange(0, NKS)[:, None] * KS + tl.arange(0, KS)[None, :]          # [NKS, KS]
+    mk = ok < K
+    o_kv = ok[:, :, None] * V + ov[None, None, :]
+    m_kv = mk[:, :, None] & mv[None, None, :]
+    o_ck = oc[None, :, None] * K + ok[:, None, :]                               # [NKS, C, KS]
+    m_ck = mc[None, :, None] & mk[:, None, :]
+    m_cv = mc[:, None] & mv[None, :]
+    if HAS_DHT:
+        dS = tl.load(DHT + bh * K * V + o_kv, mask=m_kv, other=0.).to(tl.float32)
+    else:
+        dS = tl.zeros([NKS, KS, BV], dtype=tl.float32)
+    for i in range(N):
+        n = N - 1 - i
+        row = bh * N + n
+        tl.store(DSN + row * K * V + o_kv, dS, mask=m_kv)
+        kb = tl.load(KB + row * C * K + o_ck, mask=m_ck, other=0.)
+        du = tl.sum(tl.dot(kb, dS, input_precision=PREC), axis=0)
+        dS_in = tl.zeros([NKS, KS, BV], dtype=tl.float32)
+        if HAS_Q:
+            do = tl.load(DO + row * C * V + oc[:, None] * V + ov[None, :], mask=m_cv, other=0.).to(tl.float32)
+            qk = tl.load(QK + row * C * C + oc[:, None] * C + oc[None, :], mask=mc[:, None] & mc[None, :], other=0.)
+            qt = tl.load(QT + row * C * K + o_ck, mask=m_ck, other=0.)
+            du += scale * tl.dot(tl.trans(qk), do, input_precision=PREC)
+            dS_in = scale * tl.dot(tl.permute(qt, (0, 2, 1)), tl.broadcast_to(do[None, :, :], (NKS, BC, BV)),
+                                   input_precision=PREC)
+        if GATE == 1:
+            dS = tl.exp(tl.load(LAST + row)) * dS
+        if GATE == 2:
+            dS = tl.exp(tl.load(LAST + row * K + ok, mask=mk, other=0.))[:, :, None] * dS
+        tl.store(DU0 + row * C * V + oc[:, None] * V + ov[None, :], du, mask=m_cv)
+        w = tl.load(W + row * C * K + o_ck, mask=m_ck, other=0.)
+        S = tl.load(SN + row * K * V + o_kv, mask=m_kv, other=0.)
+        u = tl.load(U0 + row * C * V + oc[:, None] * V + ov[None, :], mask=m_cv, other=0.)
+        tl.store(UN + row * C * V + oc[:, None] * V + ov[None, :],
+                 u - tl.sum(tl.dot(w, S, input_precision=PREC), axis=0), mask=m_cv)
+        dS = dS + dS_in - tl.dot(tl.permute(w, (0, 2, 1)), tl.broadcast_to(du[None, :, :], (NKS, BC, BV)),
+                                 input_precision=PREC)
+    tl.store(DH0 + bh * K * V + o_kv, dS, mask=m_kv)
+
+
+def _key_step(block_k: int, K: int) -> int:
+    """Keys a block of the recurrence's state and tiles (the blocked kernels)."""
+    return min(block_k, pow2(K))
+
+
 def _flat(x):
     return None if x is None else x.contiguous()
 
@@ -197,7 +296,8 @@ def _gate(last) -> int:
     return 0 if last is None else (1 if last.shape[-1] == 1 else 2)
 
 
-def inter_forward(c: Chunks, h0, scale: float, *, block_v: int, num_warps: int, precision: str):
+def inter_forward(c: Chunks, h0, scale: float, *, block_v: int, num_warps: int, num_stages: int,
+                  precision: str, block_k: Optional[int]):
     """-> (o `[B, H, N, C, V]` float32 or None without q, S_N `[B, H, K, V]`, S_n `[B, H, N, K, V]`), S_n the
     state entering chunk n."""
     W, U0, QK, QT, KB, last = (_flat(x) for x in c)
@@ -209,13 +309,15 @@ def inter_forward(c: Chunks, h0, scale: float, *, block_v: int, num_warps: int, 
     HT = U0.new_empty(B, H, K, V)
     SN = U0.new_empty(B, H, N, K, V)
     h0c = _flat(h0.to(U0.dtype)) if h0 is not None else None
-    _inter_fwd[(B * H, triton.cdiv(V, BV))](W, U0, QK, QT, KB, last, h0c, O, HT, SN, N, C, K, V, scale,
-                                            HAS_Q=has_q, HAS_H0=h0 is not None, GATE=_gate(last), BC=pow2(C),
-                                            BK=pow2(K), BV=BV, PREC=precision, num_warps=num_warps)
+    kernel, blocks = (_inter_fwd, {}) if block_k is None else (_inter_fwd_blocks, dict(KS=_key_step(block_k, K)))
+    kernel[(B * H, triton.cdiv(V, BV))](W, U0, QK, QT, KB, last, h0c, O, HT, SN, N, C, K, V, scale,
+                                        HAS_Q=has_q, HAS_H0=h0 is not None, GATE=_gate(last), BC=pow2(C),
+                                        BK=pow2(K), BV=BV, PREC=precision, num_warps=num_warps,
+                                        num_stages=num_stages, **blocks)
     return O, HT, SN
 
 
-def inter_backward(c: Chunks, SN, dO, dHT, scale: float, *, block_v: int, num_warps: int,
+def inter_backward(c: Chunks, SN, dO, dHT, scale: float, *, block_v: int, num_warps: int, num_stages: int,
                    precision: str) -> InterGrads:
     """The gradients of the chunks' quantities (per block of V where they sum over V) and of the initial
     state, from those of o and S_N (either None)."""
@@ -236,7 +338,8 @@ def inter_backward(c: Chunks, SN, dO, dHT, scale: float, *, block_v: int, num_wa
     _inter_bwd[(B * H, NV)](W, U0, QK, QT, KB, last, SN, _flat(dO) if has_q else None,
                             _flat(dHT) if dHT is not None else None, dU0, dW, dQK, dQT, dKB, dL, dH0,
                             N, C, K, V, scale, HAS_Q=has_q, HAS_DHT=dHT is not None, GATE=_gate(last),
-                            BC=pow2(C), BK=pow2(K), BV=BV, PREC=precision, num_warps=num_warps)
+                            BC=pow2(C), BK=pow2(K), BV=BV, PREC=precision, num_warps=num_warps,
+                            num_stages=num_stages)
     return InterGrads(dW, dU0, dQK, dQT, dKB, dL, dH0)
 
 
@@ -251,7 +354,7 @@ class StateGrads(NamedTuple):
 
 
 def inter_backward_states(c: Chunks, SN, dO, dHT, scale: float, *, block_v: int, num_warps: int,
-                          precision: str) -> StateGrads:
+                          num_stages: int, precision: str, block_k: Optional[int]) -> StateGrads:
     """The recurrence's backward without its sums over V: see _inter_bwd_states."""
     W, U0, QK, QT, KB, last = (_flat(x) for x in c)
     B, H, N, C, K = W.shape
@@ -260,11 +363,13 @@ def inter_backward_states(c: Chunks, SN, dO, dHT, scale: float, *, block_v: int,
     BV = min(block_v, pow2(V))
     new = U0.new_empty
     dU0, dSN, UN, dH0 = new(B, H, N, C, V), new(B, H, N, K, V), new(B, H, N, C, V), new(B, H, K, V)
-    _inter_bwd_states[(B * H, triton.cdiv(V, BV))](W, U0, QK, QT, KB, last, _flat(SN), _flat(dO) if has_q else None,
-                                                   _flat(dHT) if dHT is not None else None, dU0, dSN, UN, dH0,
-                                                   N, C, K, V, scale, HAS_Q=has_q, HAS_DHT=dHT is not None,
-                                                   GATE=_gate(last), BC=pow2(C), BK=pow2(K), BV=BV, PREC=precision,
-                                                   num_warps=num_warps)
+    kernel, blocks = ((_inter_bwd_states, {}) if block_k is None
+                      else (_inter_bwd_states_blocks, dict(KS=_key_step(block_k, K))))
+    kernel[(B * H, triton.cdiv(V, BV))](W, U0, QK, QT, KB, last, _flat(SN), _flat(dO) if has_q else None,
+                                        _flat(dHT) if dHT is not None else None, dU0, dSN, UN, dH0,
+                                        N, C, K, V, scale, HAS_Q=has_q, HAS_DHT=dHT is not None,
+                                        GATE=_gate(last), BC=pow2(C), BK=pow2(K), BV=BV, PREC=precision,
+                                        num_warps=num_warps, num_stages=num_stages, **blocks)
     return StateGrads(dU0, dSN, UN, dH0)
 
 
@@ -273,11 +378,13 @@ class InterChunk(torch.autograd.Function):
     the recurrence across chunks alone, under autograd (the torch intra stage feeds it)."""
 
     @staticmethod
-    def forward(ctx, W, U0, QK, QT, KB, last, h0, scale, block_v, num_warps, precision):
+    def forward(ctx, W, U0, QK, QT, KB, last, h0, scale, block_v, num_warps, num_stages, precision, block_k):
         c = Chunks(*(_flat(x) for x in (W, U0, QK, QT, KB, last)))
-        O, HT, SN = inter_forward(c, h0, scale, block_v=block_v, num_warps=num_warps, precision=precision)
+        O, HT, SN = inter_forward(c, h0, scale, block_v=block_v, num_warps=num_warps, num_stages=num_stages,
+                                  precision=precision, block_k=block_k)
         ctx.save_for_backward(*c, SN)
-        ctx.scale, ctx.launch = scale, dict(block_v=block_v, num_warps=num_warps, precision=precision)
+        ctx.scale, ctx.launch = scale, dict(block_v=block_v, num_warps=num_warps, num_stages=num_stages,
+                                           precision=precision)
         ctx.has_h0, ctx.h0_dtype = h0 is not None, getattr(h0, "dtype", None)
         return O, HT
 
@@ -286,4 +393,4 @@ class InterChunk(torch.autograd.Function):
         *c, SN = ctx.saved_tensors
         gr = inter_backward(Chunks(*c), SN, dO, dHT, ctx.scale, **ctx.launch).total()
         dh0 = gr.dh0.to(ctx.h0_dtype) if ctx.has_h0 else None
-        return gr.dW, gr.dU0, gr.dQK, gr.dQT, gr.dKB, gr.dlast, dh0, None, None, None, None
+        return gr.dW, gr.dU0, gr.dQK, gr.dQT, gr.dKB, gr.dlast, dh0, None, None, None, None, None, None

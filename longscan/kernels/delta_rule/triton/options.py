@@ -6,9 +6,11 @@ benchmarks pass their own value instead of changing module state, so two setting
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 INTRA = ("triton", "torch")
 PRECISIONS = ("ieee", "tf32")
+INVERSES = ("rows", "blocks")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,10 +20,20 @@ class DeltaTritonOptions:
     "torch" keeps them batched torch under autograd with activation checkpointing (the earlier path, kept
     for comparison).
     block_v: V columns a program of the recurrence across chunks and of the intra stages' V loops.
-    block_k: keys a step of the per-key gates' intra kernels (their `[C, C, block_k]` decays).
-    num_warps: warps of every kernel. input_precision: of every kernel's dots, "ieee" (float32 products, exact
-    to float32 round-off) or "tf32" (a GPU's tensor cores, about 3 significant digits a product; the
-    triangular inverse is formed in float32 either way).
+    block_k: keys a step of the intra kernels (the per-key gates' `[C, C, block_k]` decays; the others'
+    `[C, block_k]` tiles, so no `[C, K]` tile is held whole).
+    inter_block_k: keys a block of the recurrence's state and `[C, K]` tiles, each product over K a batch of
+    products over these many keys (fewer registers a thread); None: every key in one block.
+    num_warps: warps of every kernel.
+    intra_num_stages, inter_num_stages: software-pipelining stages (Triton's num_stages) of the intra kernels'
+    loops and of the recurrence's loop over chunks; 1 keeps one copy of each loaded tile, more prefetch the
+    next iterations' tiles into buffers. The intra kernels at K = V = 128 spill registers with more than 1
+    (docs/delta_rule.md); the recurrence keeps Triton's 3, which prefetch the next chunk on its serial path.
+    input_precision: of every kernel's dots, "ieee" (float32 products, exact to float32 round-off) or "tf32"
+    (a GPU's tensor cores, about 3 significant digits a product; the triangular inverse is formed in float32
+    either way).
+    inverse: how the intra forward forms P = (I + A)⁻¹: "rows" (forward substitution, one row a step) or
+    "blocks" (the two diagonal half-blocks side by side, joined by two float32 products: half the steps).
     recompute: keep only the inputs for the backward and run the forward's stages again there, instead of
     keeping every chunk's float32 quantities and entering state (several times the inputs' size); for
     intra="triton" (the torch intra path recomputes its own stage and keeps the recurrence's)."""
@@ -29,12 +41,16 @@ class DeltaTritonOptions:
     intra: str = "triton"
     block_v: int = 32
     block_k: int = 16
+    inter_block_k: Optional[int] = None
     num_warps: int = 8
+    intra_num_stages: int = 1
+    inter_num_stages: int = 3
     input_precision: str = "ieee"
+    inverse: str = "rows"
     recompute: bool = False
 
     def __post_init__(self):
-        for name in ("chunk", "block_v", "block_k", "num_warps"):
+        for name in ("chunk", "block_v", "block_k", "num_warps", "intra_num_stages", "inter_num_stages"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"DeltaTritonOptions.{name} must be a positive int, got {value!r}")
@@ -46,10 +62,16 @@ class DeltaTritonOptions:
             if getattr(self, name) < 16:
                 raise ValueError(f"DeltaTritonOptions.{name} must be at least 16 (tl.dot's smallest tile), "
                                  f"got {getattr(self, name)}")
+        k = self.inter_block_k
+        if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 16 or k & (k - 1)):
+            raise ValueError(f"DeltaTritonOptions.inter_block_k must be None or a power of two of at least 16, "
+                             f"got {k!r}")
         if not isinstance(self.recompute, bool):
             raise ValueError(f"DeltaTritonOptions.recompute must be a bool, got {self.recompute!r}")
         if self.intra not in INTRA:
             raise ValueError(f"DeltaTritonOptions.intra must be one of {INTRA}, got {self.intra!r}")
+        if self.inverse not in INVERSES:
+            raise ValueError(f"DeltaTritonOptions.inverse must be one of {INVERSES}, got {self.inverse!r}")
         if self.input_precision not in PRECISIONS:
             raise ValueError(f"DeltaTritonOptions.input_precision must be one of {PRECISIONS}, "
                              f"got {self.input_precision!r}")

@@ -1,0 +1,72 @@
+"""The delta rule's intra-chunk Triton kernels (forward and backward, scalar-gate and per-key variants)
+compiled for sm_90a at the default options (K = V = 128, bf16 q, k, v; no GPU needed): ptxas reports no
+register spills, at both input precisions. A spill is local-memory traffic on every chunk, which made the
+tf32 backward slower than the float32 one. (The recurrence's kernels still spill at K = 128:
+docs/delta_rule.md.)"""
+import pytest
+
+pytest.importorskip("triton")
+
+_COMPILE = r'''
+import json, os, re, subprocess, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
+from triton.compiler import ASTSource
+from longscan.kernels.delta_rule.triton import DeltaTritonOptions, intra_bwd, intra_fwd
+from longscan.kernels.delta_rule.triton.inter import pow2
+
+o = DeltaTritonOptions()
+K = V = 128
+INPUTS = dict(Q="*bf16", K_="*bf16", V_="*bf16")
+
+
+def counts(fn, consts):
+    sig = {a: "constexpr" if a in consts else "i32" if a in ("T", "H", "N", "C", "K", "V") else "fp32"
+           if a == "scale" else INPUTS.get(a, "*fp32") for a in fn.arg_names}
+    src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=o.num_warps, num_stages=o.intra_num_stages))
+    with tempfile.TemporaryDirectory() as d:
+        ptx = os.path.join(d, "k.ptx")
+        open(ptx, "w").write(k.asm["ptx"])
+        log = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name", "sm_90a", ptx, "-o", ptx + ".o"],
+                             capture_output=True, text=True, check=True).stderr
+    return dict(regs=int(re.search(r"Used (\d+) registers", log).group(1)),
+                spills=int(re.search(r"(\d+) bytes spill stores", log).group(1)) +
+                int(re.search(r"(\d+) bytes spill loads", log).group(1)))
+
+
+BC, BV, BK = pow2(o.chunk), min(o.block_v, V), min(o.block_k, K)
+BLOCKED = o.inverse == "blocks"
+KERNELS = (   # the scalar-gate kernels cover the ungated ones (GATE=0 is a subset of their code)
+    ("intra_fwd", intra_fwd._intra_fwd, dict(HAS_Q=True, GATE=1, BC=BC, BK=BK, BV=BV, BLOCKED=BLOCKED)),
+    ("intra_fwd_per_key", intra_fwd._intra_fwd_per_key, dict(HAS_Q=True, BC=BC, BKS=o.block_k, BV=BV,
+                                                            BLOCKED=BLOCKED)),
+    ("intra_bwd", intra_bwd._intra_bwd, dict(HAS_Q=True, GATE=1, BC=BC, BK=BK, BV=BV)),
+    ("intra_bwd_per_key", intra_bwd._intra_bwd_per_key, dict(HAS_Q=True, BC=BC, BKS=o.block_k, BV=BV)),
+)
+out = {f"{name} {prec}": counts(fn, dict(consts, PREC=prec)) for name, fn, consts in KERNELS
+       for prec in ("ieee", "tf32")}
+print(json.dumps(out))
+'''
+
+
+def test_default_kernels_compile_for_hopper_without_spills():
+    import json
+    import os
+    import subprocess
+    import sys
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}   # interpreted kernels do not compile
+    env["PYTHONPATH"] = root
+    proc = subprocess.run([sys.executable, "-c", _COMPILE], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=600)
+    if proc.returncode and "ptxas" in proc.stderr and "No such file" in proc.stderr:
+        pytest.skip("no ptxas in this Triton install")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(out) == 8, out
+    spilled = {name: r for name, r in out.items() if r["spills"]}
+    assert not spilled, spilled
