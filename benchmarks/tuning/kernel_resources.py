@@ -133,9 +133,9 @@ def compile_case(case: Case, arch: int = 90, opts: LinearKernelOptions = LinearK
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=cfg)
 
 
-def resources(case: Case, arch: int) -> dict:
-    """Compile one kernel -> {"registers", "spill_stores", "spill_loads", "shared"} (bytes for the last three)."""
-    kernel = compile_case(case, arch)
+def ptxas_report(kernel, arch: int = 90) -> dict:
+    """A compiled Triton kernel -> what ptxas reports for it at compute capability ``arch`` (x10):
+    {"registers", "spill_stores", "spill_loads", "shared"} (bytes for the last three)."""
     ptxas = get_ptxas(arch).path   # the ptxas Triton itself uses for this target (its PTX version's)
     with tempfile.TemporaryDirectory() as d:
         ptx = os.path.join(d, "kernel.ptx")
@@ -147,9 +147,14 @@ def resources(case: Case, arch: int) -> dict:
     regs = re.search(r"Used (\d+) registers", log)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
     if regs is None or spills is None:
-        raise RuntimeError(f"could not read ptxas's report for {case.name}:\n{log}")
+        raise RuntimeError(f"could not read ptxas's report for {kernel.name}:\n{log}")
     return dict(registers=int(regs.group(1)), spill_stores=int(spills.group(1)),
                 spill_loads=int(spills.group(2)), shared=kernel.metadata.shared)
+
+
+def resources(case: Case, arch: int) -> dict:
+    """Compile one kernel -> ptxas_report of it."""
+    return ptxas_report(compile_case(case, arch), arch)
 
 
 def main():

@@ -8,11 +8,11 @@ import pytest
 pytest.importorskip("triton")
 
 _COMPILE = r'''
-import json, os, re, subprocess, tempfile
+import json
 import triton
 from triton.backends.compiler import GPUTarget
-from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
+from benchmarks.tuning.kernel_resources import ptxas_report
 from longscan.kernels.delta_rule.triton import DeltaTritonOptions, intra_bwd, intra_fwd
 from longscan.kernels.delta_rule.triton.inter import pow2
 
@@ -27,15 +27,8 @@ def counts(fn, consts):
     src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                        options=dict(num_warps=o.num_warps, num_stages=o.intra_num_stages))
-    with tempfile.TemporaryDirectory() as d:
-        ptx = os.path.join(d, "k.ptx")
-        open(ptx, "w").write(k.asm["ptx"])
-        log = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name", "sm_90a", ptx, "-o", ptx + ".o"],
-                             capture_output=True, text=True, check=True).stderr
-    return dict(regs=int(re.search(r"Used (\d+) registers", log).group(1)),
-                spills=int(re.search(r"(\d+) bytes spill stores", log).group(1)) +
-                int(re.search(r"(\d+) bytes spill loads", log).group(1)))
-
+    r = ptxas_report(k)
+    return dict(regs=r["registers"], spills=r["spill_stores"] + r["spill_loads"])
 
 BC, BV, BK = pow2(o.chunk), min(o.block_v, V), min(o.block_k, K)
 BLOCKED = o.inverse == "blocks"

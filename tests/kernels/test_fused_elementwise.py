@@ -225,11 +225,11 @@ def test_gpu_rope_op(dtype, per_row):
 
 
 _COMPILE = r'''
-import json, os, re, subprocess, sys, tempfile
+import json, re
 import triton
 from triton.backends.compiler import GPUTarget
-from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
+from benchmarks.tuning.kernel_resources import ptxas_report
 from longscan.kernels.rope import triton_rope as tr
 from longscan.kernels.swiglu import triton_swiglu as ts
 
@@ -241,13 +241,8 @@ def compile_sm90(fn, ptrs, consts, warps):
              if sig[a] != "constexpr" and a not in ("T", "H")}
     src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()}, attrs=attrs)
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
-    with tempfile.TemporaryDirectory() as d:
-        ptx = os.path.join(d, "k.ptx")
-        open(ptx, "w").write(k.asm["ptx"])
-        log = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name", "sm_90a", ptx, "-o", ptx + ".o"],
-                             capture_output=True, text=True, check=True).stderr
-    return dict(regs=int(re.search(r"Used (\d+) registers", log).group(1)),
-                spills=int(re.search(r"(\d+) bytes spill stores", log).group(1)),
+    r = ptxas_report(k)
+    return dict(regs=r["registers"], spills=r["spill_stores"],
                 access=sorted(set(re.findall(r"(?:ld|st)\.global[.\w]*", k.asm["ptx"]))))
 
 bf = "*bf16"
