@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from benchmarks.packed_linear import packed_error
 from benchmarks.packed_softmax import packing_parser, sizes, time_fb
 from longscan.kernels.linear_attention import chunk_linear_attention
 
@@ -43,14 +44,7 @@ def main(argv=None):
         t_reset = time_fb(run(cu), do, device, args.iters, args.warmup)
         err = ""
         if args.check:
-            ref_dtype = torch.float32 if cuda else torch.float64
-            leaves = [x.detach().to(ref_dtype).requires_grad_() for x in (q, k, v, g)]
-            o_ref = torch.cat([chunk_linear_attention(*(x[:, a:b] for x in leaves), backend="torch")[0]
-                               for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())], 1)
-            refs = (o_ref,) + torch.autograd.grad(o_ref, leaves, do.to(ref_dtype))
-            o = run(cu)()
-            got = (o,) + torch.autograd.grad(o, (q, k, v, g), do)
-            err = f"{max(((a.double() - b.double()).norm() / b.double().norm()).item() for a, b in zip(got, refs)):.1e}"
+            err = f"{packed_error(q, k, v, g, cu, do, args.backend):.1e}"
         print(f"| {kind} | no resets | {t_whole * 1e3:.2f} | 1.00 | |")
         print(f"| {kind} | resets | {t_reset * 1e3:.2f} | {t_reset / t_whole:.2f} | {err} |")
 

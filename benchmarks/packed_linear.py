@@ -25,6 +25,19 @@ def parse_args(argv=None):
     return packing_parser(__doc__.splitlines()[0]).parse_args(argv)
 
 
+def packed_error(q, k, v, g, cu, do, backend) -> float:
+    """The largest relative error of the packed call's output and gradients of q, k, v, g against each document
+    run alone through the torch backend in float32 (GPU) or float64 (CPU)."""
+    ref_dtype = torch.float32 if q.is_cuda else torch.float64
+    leaves = [x.detach().to(ref_dtype).requires_grad_() for x in (q, k, v, g)]
+    o_ref = torch.cat([chunk_linear_attention(*(x[:, a:b] for x in leaves), backend="torch")[0]
+                       for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())], 1)
+    refs = (o_ref,) + torch.autograd.grad(o_ref, leaves, do.to(ref_dtype))
+    o = chunk_linear_attention(q, k, v, g, backend=backend, cu_seqlens=cu)[0]
+    got = (o,) + torch.autograd.grad(o, (q, k, v, g), do)
+    return max(((a.double() - b.double()).norm() / b.double().norm()).item() for a, b in zip(got, refs))
+
+
 def main(argv=None):
     args = parse_args(argv)
     cuda, device, total, mean, H, D, dtype, lengths = sizes(args, gpu_heads=16)
@@ -47,14 +60,7 @@ def main(argv=None):
             ("per-document", time_fb(per_doc, do, device, args.iters, args.warmup))]
     err = None
     if args.check:
-        ref_dtype = torch.float32 if cuda else torch.float64
-        leaves = [x.detach().to(ref_dtype).requires_grad_() for x in (q, k, v, g)]
-        o_ref = torch.cat([chunk_linear_attention(*(x[:, a:b] for x in leaves), backend="torch")[0]
-                           for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())], 1)
-        refs = (o_ref,) + torch.autograd.grad(o_ref, leaves, do.to(ref_dtype))
-        o = run(cu)()
-        got = (o,) + torch.autograd.grad(o, (q, k, v, g), do)
-        err = max(((a.double() - b.double()).norm() / b.double().norm()).item() for a, b in zip(got, refs))
+        err = packed_error(q, k, v, g, cu, do, args.backend)
     name = torch.cuda.get_device_name() if cuda else "cpu"
     print(f"# packed_linear  {name}  {dtype}  T={total} docs={len(lengths)} (mean {mean}, longest {max(lengths)})  "
           f"H={H} D={D}  scalar gate, backend={args.backend}")
