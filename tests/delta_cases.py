@@ -27,3 +27,19 @@ def make_inputs(kind: str, B: int, T: int, H: int, K: int, V: int, dtype, seed: 
     elif kind != "deltanet":
         raise ValueError(kind)
     return {n: (t.to(dtype) if t is not None else None) for n, t in x.items()}
+
+
+NAMES = ("q", "k", "v", "beta", "g", "initial_state")
+
+
+def run_with_grads(fn, x: dict, do, dht):
+    """fn(**x) -> (o, final state, {name: gradient}) for the inputs that are not None, the output's gradient do
+    and (when fn gives a state) the state's dht."""
+    leaves = {n: (t.clone().requires_grad_() if t is not None else None) for n, t in x.items()}
+    o, s = fn(**leaves)
+    wanted = [n for n in NAMES if leaves[n] is not None]
+    outs, gos = [o], [do]
+    if s is not None:
+        outs.append(s)
+        gos.append(dht)
+    return o, s, dict(zip(wanted, torch.autograd.grad(outs, [leaves[n] for n in wanted], gos)))

@@ -4,7 +4,7 @@ recurrence, forward and backward with states, every kind, chunks of 16 so short 
 import pytest
 import torch
 
-from delta_cases import KINDS, make_inputs
+from delta_cases import KINDS, make_inputs, run_with_grads as run
 from harness import rel_err
 
 triton = pytest.importorskip("triton")
@@ -14,18 +14,6 @@ from longscan.kernels.delta_rule import triton_chunk as tc  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
-NAMES = ("q", "k", "v", "beta", "g", "initial_state")
-
-
-def run(fn, x, do, dht):
-    leaves = {n: (t.clone().requires_grad_() if t is not None else None) for n, t in x.items()}
-    o, s = fn(**leaves)
-    wanted = [n for n in NAMES if leaves[n] is not None]
-    outs, gos = [o], [do]
-    if s is not None:
-        outs.append(s)
-        gos.append(dht)
-    return o, s, dict(zip(wanted, torch.autograd.grad(outs, [leaves[n] for n in wanted], gos)))
 
 
 @pytest.mark.parametrize("with_state", [True, False])

@@ -6,7 +6,7 @@ CPU: the Triton interpreter in float32."""
 import pytest
 import torch
 
-from delta_cases import KINDS, make_inputs
+from delta_cases import KINDS, NAMES, make_inputs, run_with_grads as run
 from harness import rel_err
 
 triton = pytest.importorskip("triton")
@@ -17,21 +17,9 @@ from longscan.kernels.delta_rule.triton import DeltaTritonOptions  # noqa: E402
 from longscan.kernels.delta_rule.triton.intra_fwd import intra_forward  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-NAMES = ("q", "k", "v", "beta", "g", "initial_state")
 # (B, T, H, K, V): one token; a part of a chunk with K ≠ V; exactly one chunk of 64; three chunks of 64
 # with a padded last one (two blocks of V columns and of keys at block 16)
 SHAPES = [(1, 1, 2, 16, 16), (2, 37, 1, 16, 32), (1, 64, 2, 32, 16), (2, 130, 2, 32, 32)]
-
-
-def run(fn, x, do, dht):
-    leaves = {n: (t.clone().requires_grad_() if t is not None else None) for n, t in x.items()}
-    o, s = fn(**leaves)
-    wanted = [n for n in NAMES if leaves[n] is not None]
-    outs, gos = [o], [do]
-    if s is not None:
-        outs.append(s)
-        gos.append(dht)
-    return o, s, dict(zip(wanted, torch.autograd.grad(outs, [leaves[n] for n in wanted], gos)))
 
 
 def compare(kind, shape, with_state, options, seed):
