@@ -9,12 +9,26 @@ import os
 import pickle
 import queue as queue_mod
 import socket
+import subprocess
+import sys
 import time
 import traceback
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_compiled(*argv: str) -> subprocess.CompletedProcess:
+    """``python *argv`` from the repository root in a process without Triton's interpreter (the kernel tests run
+    the interpreter in this one, and interpreted kernels do not compile): for tests that compile kernels for a
+    GPU target, or run the tuning scripts, without a GPU."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT
+    return subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
 def free_port() -> int:

@@ -3,18 +3,13 @@ benchmarks/tuning/ptx_diff.py compares two checkouts' compiled kernels."""
 import os
 import re
 import shutil
-import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from harness import ROOT, run_compiled
 
 
 def run_tool(*args):
-    # a subprocess: the kernel tests run Triton's interpreter in this one, and interpreted kernels do not compile
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = ROOT
-    return subprocess.run([sys.executable, "benchmarks/tuning/kernel_resources.py", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return run_compiled("benchmarks/tuning/kernel_resources.py", *args)
 
 
 def test_reports_per_key_dk_resources():
@@ -36,10 +31,7 @@ def test_rejects_unknown_kernel_and_kind():
 
 
 def run_ptx_diff(*args):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = ROOT
-    return subprocess.run([sys.executable, "benchmarks/tuning/ptx_diff.py", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return run_compiled("benchmarks/tuning/ptx_diff.py", *args)
 
 
 def test_ptx_diff_finds_the_kernel_whose_launch_changed(tmp_path):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from delta_cases import KINDS, make_inputs, run_with_grads as run
-from harness import rel_err
+from harness import rel_err, run_compiled
 
 triton = pytest.importorskip("triton")
 
@@ -104,14 +104,7 @@ for fn, flags in ((tc._inter_fwd, dict(HAS_Q=True, HAS_H0=True)), (tc._inter_bwd
 def test_kernels_compile_for_h100_within_shared_memory():
     """Both kernels compile for sm_90 at K = 128 (no GPU needed) and their shared memory fits an H100's
     227 KiB a block, or the launch would fail there."""
-    import os
-    import subprocess
-    import sys
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}   # interpreted kernels do not compile
-    env["PYTHONPATH"] = root
-    out = subprocess.run([sys.executable, "-c", COMPILE], cwd=root, env=env, capture_output=True, text=True,
-                         timeout=600)
+    out = run_compiled("-c", COMPILE)
     assert out.returncode == 0, out.stderr[-2000:]
     shared = {line.split()[0]: int(line.split()[1]) for line in out.stdout.splitlines()}
     assert set(shared) == {"_inter_fwd", "_inter_bwd"}

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from delta_cases import KINDS, NAMES, make_inputs, run_with_grads as run
-from harness import rel_err
+from harness import rel_err, run_compiled
 
 triton = pytest.importorskip("triton")
 
@@ -226,14 +226,7 @@ def test_intra_kernels_compile_for_h100_within_shared_memory():
     the recurrence's (the states-only backward at both precisions, the others with tf32 dots; the existing
     test compiles them with float32 ones); their shared memory fits an H100's 227 KiB a block, or the launch would
     fail there."""
-    import os
-    import subprocess
-    import sys
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}   # interpreted kernels do not compile
-    env["PYTHONPATH"] = root
-    out = subprocess.run([sys.executable, "-c", COMPILE], cwd=root, env=env, capture_output=True, text=True,
-                         timeout=600)
+    out = run_compiled("-c", COMPILE)
     assert out.returncode == 0, out.stderr[-2000:]
     shared = {line.split()[0]: int(line.split()[1]) for line in out.stdout.splitlines()}
     assert set(shared) == {"_intra_fwd", "_intra_bwd", "_intra_fwd_per_key", "_intra_bwd_per_key",

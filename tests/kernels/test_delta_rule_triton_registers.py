@@ -5,6 +5,8 @@ tf32 backward slower than the float32 one. (The recurrence's kernels still spill
 docs/delta_rule.md.)"""
 import pytest
 
+from harness import run_compiled
+
 pytest.importorskip("triton")
 
 _COMPILE = r'''
@@ -47,15 +49,8 @@ print(json.dumps(out))
 
 def test_default_kernels_compile_for_hopper_without_spills():
     import json
-    import os
-    import subprocess
-    import sys
     pytest.importorskip("triton.backends.nvidia.compiler")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}   # interpreted kernels do not compile
-    env["PYTHONPATH"] = root
-    proc = subprocess.run([sys.executable, "-c", _COMPILE], cwd=root, env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = run_compiled("-c", _COMPILE)
     if proc.returncode and "ptxas" in proc.stderr and "No such file" in proc.stderr:
         pytest.skip("no ptxas in this Triton install")
     assert proc.returncode == 0, proc.stderr[-2000:]

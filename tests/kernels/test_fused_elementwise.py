@@ -5,7 +5,7 @@ per-row RoPE tables."""
 import pytest
 import torch
 
-from harness import rel_err
+from harness import rel_err, run_compiled
 from longscan.kernels.rope import apply_rope
 from longscan.kernels.rope import naive as rope_naive
 from longscan.kernels.swiglu import naive as swiglu_naive
@@ -264,15 +264,8 @@ def test_kernels_compile_for_hopper_without_spills():
     """The kernels compiled for sm_90a (no GPU needed; the interpreter above never compiles them) at the launch
     settings: no register spills, 16-byte global loads and stores (head dim 128 for RoPE)."""
     import json
-    import os
-    import subprocess
-    import sys
     pytest.importorskip("triton.backends.nvidia.compiler")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = root
-    proc = subprocess.run([sys.executable, "-c", _COMPILE], cwd=root, env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = run_compiled("-c", _COMPILE)
     if proc.returncode and "ptxas" in proc.stderr and "No such file" in proc.stderr:
         pytest.skip("no ptxas in this Triton install")
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -8,12 +8,12 @@ at the kinds whose dk and dv asked for the most (no decay, the constant decay, t
 import functools
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
+from harness import run_compiled
 from longscan.kernels.linear_attention import LinearKernelOptions
 from longscan.kernels.linear_attention.triton import plan
 
@@ -36,10 +36,7 @@ print(json.dumps(out))
 
 @functools.lru_cache(maxsize=None)
 def _shared() -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = ROOT
-    out = subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps(CASES)], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=600)
+    out = run_compiled("-c", _SCRIPT, json.dumps(CASES))
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
