@@ -14,14 +14,7 @@ from longscan.distributed.documents import global_positions
 from longscan.training.config import ConfigError, load_config, validate
 from longscan.training.data import PackedData, write_token_file
 from longscan.training.packing import DocumentPackedData, row_cu_seqlens
-from training_common import assemble, local_tensors, tiny
-
-EOS = 256
-
-
-def stream(seed=0, n_docs=300):
-    gen = np.random.default_rng(seed)
-    return [gen.integers(0, 256, int(gen.integers(1, 24))) for _ in range(n_docs)]
+from training_common import EOS, assemble, local_tensors, stream, tiny
 
 
 @pytest.mark.parametrize("layout,world,rank", [("contiguous", 1, 0), ("zigzag", 2, 1), ("zigzag", 4, 2)])

@@ -1,6 +1,7 @@
 """Shared helpers of the training tests: a tiny config and parameter/gradient gathering across ranks."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 # Tiny model on short sequences of the stdlib corpus. optimizer.eps is large so that the first AdamW
@@ -62,3 +63,12 @@ def assemble(results: list[dict]) -> tuple[dict, dict]:
             params[name] = torch.cat([v[0] for _, v in parts], dim=dim)
             grads[name] = torch.cat([v[1] for _, v in parts], dim=dim)
     return params, grads
+
+
+EOS = 256   # the packed-document tests' end-of-document token, past their 256-token alphabet
+
+
+def stream(seed=0, n_docs=300) -> list:
+    """A stream of random documents (1 to 23 tokens each, no EOS inside) for the packing tests."""
+    gen = np.random.default_rng(seed)
+    return [gen.integers(0, 256, int(gen.integers(1, 24))) for _ in range(n_docs)]
