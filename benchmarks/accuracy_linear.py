@@ -10,6 +10,12 @@ writes every case to --json (JSON lines).
 
     PYTHONPATH=. python benchmarks/accuracy_linear.py --json acc.json            # the whole grid (GPU)
     PYTHONPATH=. python benchmarks/accuracy_linear.py --grid quick --device cpu --backend torch --peer naive
+
+Each new shape compiles kernels (ours and the peer's autotuning), so a GPU run spreads the grid over processes
+that compile side by side, then summarises their JSON lines:
+
+    for i in $(seq 0 13); do PYTHONPATH=. python benchmarks/accuracy_linear.py --shard $i/14 --json acc$i.json & done; wait
+    PYTHONPATH=. python benchmarks/accuracy_linear.py --summarize acc*.json
 """
 from __future__ import annotations
 
@@ -152,6 +158,17 @@ def summary(rows: list[dict]) -> str:
                            "worst bar", "bar"], cells)
 
 
+def shard_of(text: str) -> tuple[int, int]:
+    """"I/N" -> (I, N), checked."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise SystemExit(f"--shard must be I/N with integers, got {text!r}") from None
+    if not 0 <= i < n:
+        raise SystemExit(f"--shard I/N needs 0 <= I < N, got {text!r}")
+    return i, n
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--grid", choices=list(GRIDS), default="full")
@@ -163,13 +180,23 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lengths", nargs="+", type=int, default=None, help="a subset of the grid's T")
     p.add_argument("--json", default=None, help="write every case here, one JSON object a line")
+    p.add_argument("--shard", default="0/1", help="I/N: run every N-th case of the grid from the I-th")
+    p.add_argument("--summarize", nargs="+", default=None, metavar="JSON",
+                   help="print the summary of these --json files (measure nothing)")
     a = p.parse_args(argv)
+    if a.summarize:
+        rows = [json.loads(line) for f in a.summarize for line in open(f) if line.strip()]
+        print(f"{len(rows)} cases")
+        print(summary(rows))
+        return 0
+    shard, shards = shard_of(a.shard)
     device = torch.device(a.device)
     a.lengths = a.lengths or GRIDS[a.grid]["T"]
     print(f"backend {a.backend} vs {a.peer} on {device}, torch {torch.__version__}", flush=True)
     rows = []
     log = open(a.json, "w") if a.json else None  # one JSON line a case, so a run cut short keeps its rows
-    for i, case in enumerate(c for c in cases(a.grid, a.dtypes) if c.decay in a.decays and c.T in a.lengths):
+    todo = [c for c in cases(a.grid, a.dtypes) if c.decay in a.decays and c.T in a.lengths]
+    for i, case in list(enumerate(todo))[shard::shards]:
         rows.append(measure(case, a.backend, a.peer, device, a.seed + i))
         if log:
             log.write(json.dumps(rows[-1]) + "\n")

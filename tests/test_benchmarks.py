@@ -101,6 +101,24 @@ def test_accuracy_script_measures_every_tensor(tmp_path):
     assert "| float32 | gk | dg |" in table and "| float32 | g | dh0 |" in table
 
 
+def test_accuracy_shards_cover_the_grid_once_and_summarize(tmp_path, capsys):
+    """--shard I/N splits the grid's cases among processes without overlap; --summarize reads their files."""
+    from benchmarks import accuracy_linear as acc
+    common = ["--grid", "quick", "--device", "cpu", "--backend", "torch", "--peer", "naive", "--dtypes", "float32",
+              "--decays", "g", "--lengths", "65"]
+    for i in range(3):
+        acc.main(common + ["--shard", f"{i}/3", "--json", str(tmp_path / f"acc{i}.jsonl")])
+    names = [json.dumps(json.loads(line)["case"], sort_keys=True)
+             for i in range(3) for line in (tmp_path / f"acc{i}.jsonl").read_text().splitlines()]
+    assert len(names) == len(set(names)) == 2 * 2 * 2   # (B, H) x (K, V) x states, each once
+    capsys.readouterr()
+    acc.main(["--summarize"] + [str(tmp_path / f"acc{i}.jsonl") for i in range(3)])
+    out = capsys.readouterr().out
+    assert out.startswith("8 cases") and "| float32 | g | dg |" in out
+    with pytest.raises(SystemExit, match="--shard"):
+        acc.main(common + ["--shard", "3/3"])
+
+
 def test_accuracy_error_of_a_non_finite_result_is_infinite():
     from benchmarks import accuracy_linear as acc
     ref = torch.ones(4, dtype=torch.float64)
