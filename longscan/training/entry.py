@@ -94,6 +94,8 @@ def run_rank(config: str | None, overrides: list[str]) -> int:
         say(f"rank {rank} failed:\n{traceback.format_exc()}", all_ranks=True)
         return EXIT_FAILED
     finally:
+        if heartbeat is not None:
+            heartbeat.stop()
         if trainer is not None:
             trainer.close()
     if trainer.ranks.is_log_rank and history["train"]:

@@ -21,7 +21,20 @@ class Heartbeat:
         self.addr, self.port, self.rank, self.world = master_addr, master_port, rank, world_size
         self.interval_s = interval_s
         self._store = self._client(timeout_s=30.0)
-        threading.Thread(target=self._beat, name="longscan-heartbeat", daemon=True).start()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="longscan-heartbeat", daemon=True)
+        self._thread.start()
+
+    @property
+    def beating(self) -> bool:
+        return self._thread.is_alive()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Stop counting and wait for the thread: a daemon thread still inside a store call when the interpreter
+        exits is killed there, and unwinding its C++ frames aborts the process ("terminate called without an
+        active exception") after a run that finished."""
+        self._stopped.set()
+        self._thread.join(timeout_s)
 
     def _client(self, timeout_s: float) -> dist.TCPStore:
         return dist.TCPStore(self.addr, self.port, self.world, is_master=False, timeout=timedelta(seconds=timeout_s),
@@ -29,9 +42,9 @@ class Heartbeat:
 
     def _beat(self) -> None:
         try:
-            while True:
+            while not self._stopped.is_set():
                 self._store.add(f"{_KEY}{self.rank}", 1)
-                time.sleep(self.interval_s)
+                self._stopped.wait(self.interval_s)
         except Exception:  # the store (rank 0) is gone: nothing left to tell
             return
 
