@@ -76,9 +76,10 @@ class HostStash:
                 f"out of {what} for offloaded activations: {asked / GiB:.2f} GiB ({asked} bytes) asked for an "
                 f"offloaded stage input {tuple(x.shape)} {x.dtype}, with {self.held_bytes / GiB:.2f} GiB "
                 f"({self.held_bytes} bytes) already held by this forward's {n_held} offloaded input(s){rounding}. "
-                "memory.linear_layers / softmax_layers / mlp = offload keep every such input of a forward in host "
-                "memory until its backward: set some of them to checkpoint (their inputs stay on the GPU) or "
-                "spread the sequence over a larger parallel.sp") from err
+                "memory.blocks or memory.linear_layers / softmax_layers / mlp = offload keep every such input of a "
+                "forward in host memory until its backward: set some of them to checkpoint (their inputs stay on "
+                "the GPU), offload whole blocks (memory.blocks: one input a block), keep the residual stream in "
+                "bf16 (model.residual_dtype) or spread the sequence over a larger parallel.sp") from err
 
     def put(self, x: torch.Tensor) -> int:
         """Start copying x to the host; -> its index for :meth:`take`."""
