@@ -419,7 +419,7 @@ def check_capacity(cfg, world_size: int, capacity_bytes: int | None = None, host
                "no choice of stage kinds to checkpoint fits both the host and the GPU")
         hint = "".join(h for h, apply in (
             ("memory.blocks=offload halves the inputs of per-stage offload (one a block); ",
-             cfg.memory.blocks == "none" and cfg.memory.offloads),
+             cfg.memory.blocks == "none" and cfg.memory.options().offloads),
             ("model.residual_dtype=bfloat16 halves every offloaded input; ", cfg.model.residual_dtype == "float32"))
             if apply)
         raise ConfigError(

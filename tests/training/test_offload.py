@@ -78,6 +78,7 @@ OPTIONS = {
                                   "mlp_tile": 24, "loss_chunk": 40, "mixer_tile": 12},
     "checkpoint_all": {"linear_layers": "checkpoint", "softmax_layers": "checkpoint", "mlp": "checkpoint"},
     "mixed": {"linear_layers": "offload", "softmax_layers": "checkpoint", "mlp_tile": 16, "loss_chunk": 7},
+    "offload_blocks_tiled_chunked": {"blocks": "offload", "mlp_tile": 24, "loss_chunk": 40, "mixer_tile": 12},
 }
 SPLITS = {"tp2": {"tp": 2}, "sp2": {"sp": 2}, "pp2": {"pp": 2}}  # pp2: 1F1B holds two microbatches
 
