@@ -167,3 +167,19 @@ def offloaded_checkpoint(run: Callable[[torch.Tensor], torch.Tensor], x: torch.T
     parameters): their gradients are taken in the recomputation and returned through this function.
     """
     return _OffloadedCheckpoint.apply(run, stash, _autocast_state(x.device.type), x, *params)
+
+
+def stashes_in_graph(t: torch.Tensor) -> list[HostStash]:
+    """The HostStash of every offloaded stage in t's autograd graph: what t's backward will take back (between
+    a forward and its backward, their ``held_bytes`` are the host memory the offloaded inputs occupy)."""
+    found: dict[int, HostStash] = {}
+    seen, todo = set(), [t.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, _OffloadedCheckpoint._backward_cls):
+            found[id(node.stash)] = node.stash
+        todo.extend(n for n, _ in node.next_functions)
+    return list(found.values())

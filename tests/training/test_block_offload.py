@@ -221,3 +221,21 @@ def test_activation_checkpointing_is_block_checkpointing():
     validate(load_config(None, ["memory.blocks=checkpoint", "schedule.activation_checkpointing=true"]), 4)
     with pytest.raises(ValueError, match="memory.blocks"):
         MemoryOptions(blocks="offload", linear_layers="checkpoint")
+
+
+def test_benchmark_runs_a_step_with_blocks_offloaded_in_bf16():
+    """benchmarks/train_memory.py on CPU (a tiny model, the 1M config's options): one warm-up step at a shorter
+    length, one timed step; the host bytes its stash held are the estimator's."""
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "train_memory.py"), "--tiny",
+                          "--variants", "lightning", "--seq-lens", "128", "--steps", "1", "--warmup", "1",
+                          "--warmup-seq-len", "64", "memory.blocks=offload", "model.residual_dtype=bfloat16",
+                          "schedule.precision=bf16", "memory.mlp_tile=32", "memory.mixer_tile=32",
+                          "memory.mixer_head_groups=2", "memory.loss_chunk=32"],
+                         capture_output=True, text=True, timeout=600, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
+    assert out.returncode == 0, out.stderr[-3000:]
+    row = [line for line in out.stdout.splitlines() if line.startswith("| lightning | 128 |")][-1].split("|")
+    assert row[-2].strip() == "ok" and float(row[3].replace(",", "")) > 0  # status, tokens/s
+    host, predicted_host = float(row[9]), float(row[11])  # GiB, 4 significant digits
+    assert host == predicted_host and abs(host * GiB - 4 * 2 * 64 * 128) < 1e-3 * host * GiB  # 4 bf16 [128, 64]
