@@ -284,7 +284,10 @@ def estimate(m: ModelConfig, layout: Layout, memory: MemoryOptions, bf16: bool =
     rope = 8 * m.hd * N if "N" in kinds else 0  # cos/sin, shared by the softmax layers
     held_all = sum(h for h, _ in blocks) * in_flight + rope
     loss_held, loss_peak = loss_bytes(m, tp, act, N, memory.loss_chunk) if layout.pp == 1 else (0, 0)
-    residual = 3 * m.residual_bytes * D * N  # the residual stream's gradient and the stage's input/output passed
+    # the residual stream's gradient and the stage's input/output passed; head groups sum a mixer's output in
+    # float32, so its gradient is float32 whatever the stream's dtype
+    res = m.residual_bytes
+    residual = (2 * res + (4 if memory.head_groups > 1 else res)) * D * N
     base = {"parameters": 4 * params, "optimizer states": opt}
     moments = {
         "end of forward": {"bf16 weight copies": 2 * params if bf16 else 0, "saved activations": held_all,

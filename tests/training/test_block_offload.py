@@ -239,3 +239,21 @@ def test_benchmark_runs_a_step_with_blocks_offloaded_in_bf16():
     assert row[-2].strip() == "ok" and float(row[3].replace(",", "")) > 0  # status, tokens/s
     host, predicted_host = float(row[9]), float(row[11])  # GiB, 4 significant digits
     assert host == predicted_host and abs(host * GiB - 4 * 2 * 64 * 128) < 1e-3 * host * GiB  # 4 bf16 [128, 64]
+
+
+@pytest.mark.parametrize("residual", ["float32", "bfloat16"])
+def test_block_offload_backward_by_hand(residual):
+    """A linear block offloaded whole (bf16, lightning, tiles of 1024, 2 head groups): nothing held on the GPU;
+    its backward holds one head group's attention tensors and gradients (larger than the MLP's input and one
+    tile of its backward), one tile around them, its input brought back and the one before on its way."""
+    from longscan.training.memory import _block
+    m = ModelConfig(dim=256, n_layers=4, pattern="LLLN", n_heads=8, n_kv_heads=2, vocab_size=1000, ffn_dim=64,
+                    residual_dtype=residual)
+    N, tile, D, Ig, res = 1 << 16, 1024, 256, 128, 2 if residual == "bfloat16" else 4
+    mem = MemoryOptions(blocks="offload", mixer_tile=tile, mlp_tile=tile, mixer_head_groups=2)
+    held, transient = _block(m, "L", mem, False, 1, 2, N)
+    per_tile = 2 * D + 4 + 2 * 2 * Ig + 4 * 4 + 2 * Ig  # the norm's output, q, k before SiLU, 1/rms, o_proj's input
+    assert held == 0 and transient == 8 * 2 * Ig * N + per_tile * tile + 2 * res * D * N
+    kept = _block(m, "L", MemoryOptions(blocks="checkpoint", mixer_tile=tile, mlp_tile=tile, mixer_head_groups=2),
+                  False, 1, 2, N)
+    assert kept[0] == res * D * N  # checkpointed whole: the input stays on the GPU
