@@ -129,6 +129,7 @@ class Runner:
             if cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_host_memory_stats()  # the pinned blocks of the timed steps only
+                torch.cuda.reset_accumulated_host_memory_stats()
             t0 = time.perf_counter()
             for _ in range(steps):
                 loss, held = self._step(tokens)
@@ -136,8 +137,10 @@ class Runner:
             dt = (time.perf_counter() - t0) / steps
             row.update(status="ok", tokens_per_s=T / dt, loss=float(loss), step_s=dt, host=held / GiB,
                        mfu=mfu(step_flops(self.cfg.model, 1, T), dt, 1, device_peak_flops(self.device)))
-            if cuda:
-                row.update(pinned=torch.cuda.host_memory_stats().get("active_bytes.peak", 0) / GiB)
+            if cuda:  # new pinned blocks are page-locked on the host thread, inside the timed steps
+                stats = torch.cuda.host_memory_stats()
+                row.update(pinned=stats.get("active_bytes.peak", 0) / GiB,
+                           pinned_alloc_s=stats.get("host_alloc_time.total", 0) / 1e6)
         except torch.OutOfMemoryError:
             row.update(status="OOM")
         finally:
@@ -180,17 +183,18 @@ def fmt(x, spec=".1f"):
 
 def table(rows: list[dict]) -> str:
     """One row a length; host: the offloaded inputs' bytes at the forward's end, pinned: the host allocator's
-    peak of pinned blocks handed out (CUDA), predicted host: the estimator's."""
+    peak of pinned blocks handed out (CUDA), predicted host: the estimator's; pinned alloc s: the seconds the
+    timed steps spent page-locking new host blocks (a first step at a length pays them, later steps reuse)."""
     out = ["| variant | seq len | tokens/s | MFU | step s | max allocated GiB | max reserved GiB | predicted GiB | "
-           "host GiB | pinned GiB | predicted host GiB | status |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+           "host GiB | pinned GiB | predicted host GiB | pinned alloc s | status |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         m = r.get("mfu")
         out.append(f"| {r['variant']} | {r['seq_len']:,} | {fmt(r.get('tokens_per_s'), ',.0f')} | "
                    f"{'—' if m is None else f'{100 * m:.1f}%'} | {fmt(r.get('step_s'), '.1f')} | "
                    f"{fmt(r.get('allocated'), '.2f')} | {fmt(r.get('reserved'), '.2f')} | {r['predicted']:.2f} | "
                    f"{fmt(r.get('host'), '.4g')} | {fmt(r.get('pinned'), '.4g')} | "
-                   f"{fmt(r.get('predicted_host'), '.4g')} | {r['status']} |")
+                   f"{fmt(r.get('predicted_host'), '.4g')} | {fmt(r.get('pinned_alloc_s'), '.1f')} | {r['status']} |")
     return "\n".join(out)
 
 
