@@ -52,7 +52,8 @@ def _block_mode(memory: MemoryOptions, activation_checkpointing: bool) -> str:
     return "checkpoint" if activation_checkpointing else memory.blocks
 
 
-RESIDUAL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+RESIDUAL_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+"""model.residual_dtype -> the dtype of the hidden state between blocks."""
 
 
 class Block(nn.Module):
@@ -122,7 +123,7 @@ class HybridLM(nn.Module):
         self.first, self.last = pp_rank == 0, pp_rank == pp_size - 1
         self.activation_checkpointing = activation_checkpointing
         self.block_mode = _block_mode(memory, activation_checkpointing)
-        self.residual_dtype = RESIDUAL_DTYPES[cfg.residual_dtype]
+        self.residual_dtype = RESIDUAL_TORCH_DTYPES[cfg.residual_dtype]
         per = cfg.n_layers // pp_size
         rng = torch.random.get_rng_state()
         if self.first:

@@ -137,10 +137,9 @@ def saved_per_token(m: ModelConfig, stage: str, tp: int, act: int, mixer_tile: b
     """Bytes one stage saves for its backward per token with nothing checkpointed; stage: "L", "N" (mixers)
     or "mlp"; act: bytes of the activation dtype (2 under bf16 autocast, 4 in float32). The residual stream
     is float32 in both (model.residual_dtype = bfloat16: bf16); the norms compute in float32 and return
-    autocast's dtype. mixer_tile: the mixers'
-    token-wise parts tiled (memory.mixer_tile), which keep the stage's input and what the attention itself
-    keeps. head_groups > 1 (memory.mixer_head_groups): mixers keep their input only (and softmax mixers RoPE's
-    cos/sin)."""
+    autocast's dtype. mixer_tile: the mixers' token-wise parts tiled (memory.mixer_tile), which keep the
+    stage's input and what the attention itself keeps. head_groups > 1 (memory.mixer_head_groups): mixers
+    keep their input only (and softmax mixers RoPE's cos/sin)."""
     D, hd, res = m.dim, m.hd, m.residual_bytes
     I, H, Ikv = m.n_heads * hd // tp, m.n_heads // tp, m.n_kv_heads * hd // tp
     if stage == "L":
