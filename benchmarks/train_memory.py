@@ -109,9 +109,6 @@ class Runner:
         return estimate(c.model, Layout(seq_len=T), c.memory.options(), bf16=self.bf16,
                         whole_block_checkpointing=c.schedule.activation_checkpointing)
 
-    def predicted(self, T: int) -> float:
-        return self.estimate(T).peak / GiB
-
     def run(self, T: int, steps: int, warmup: int) -> dict:
         est = self.estimate(T)
         row = {"seq_len": T, "predicted": est.peak / GiB, "predicted_host": est.host_bytes / GiB}
@@ -128,6 +125,7 @@ class Runner:
             del warm
             if cuda:
                 torch.cuda.synchronize()
+                torch.cuda.empty_cache()  # a shorter warm-up's cached blocks do not crowd the timed steps
                 torch.cuda.reset_peak_host_memory_stats()  # the pinned blocks of the timed steps only
                 torch.cuda.reset_accumulated_host_memory_stats()
             t0 = time.perf_counter()
