@@ -19,7 +19,8 @@ from longscan.models.args import MemoryOptions, ModelConfig
 from longscan.training.config import ConfigError, load_config, validate
 from longscan.training.memory import (GiB, Layout, check_capacity, estimate, estimate_config, offloaded_host_bytes,
                                       saved_per_token)
-from training_common import PER_STAGE_1M, offload_stashes, saved_by_stage
+from longscan.training.offload import stashes_in_graph
+from training_common import PER_STAGE_1M, saved_by_stage
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG_1M = os.path.join(REPO, "configs", "hybrid_1b_1m.yaml")
@@ -50,7 +51,7 @@ def _step(model, tokens, bf16):
     """Loss, gradients (by name) and the host bytes its offloaded inputs held, of one forward and backward."""
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         loss = model(tokens[:, :-1], tokens[:, 1:]).float().mean()
-    stashes = offload_stashes(loss)
+    stashes = stashes_in_graph(loss)
     held = [[e.host.numel() * e.host.element_size() for e in s.entries] for s in stashes]
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}

@@ -16,8 +16,8 @@ from longscan.models.args import MemoryOptions, ModelConfig
 from longscan.training.config import ConfigError, load_config, validate
 from longscan.training.memory import (GiB, Layout, check_capacity, estimate, estimate_config, host_available_bytes,
                                       offloaded_host_bytes, pinned_block_bytes)
-from longscan.training.offload import HostMemoryError, HostStash, offloaded_checkpoint
-from training_common import PER_STAGE_1M, offload_stashes
+from longscan.training.offload import HostMemoryError, HostStash, offloaded_checkpoint, stashes_in_graph
+from training_common import PER_STAGE_1M
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG_1M = os.path.join(REPO, "configs", "hybrid_1b_1m.yaml")
@@ -51,7 +51,7 @@ def _measure(rank, world):
                 tokens = torch.randint(0, cfg.vocab_size, (batch, T))
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                     loss = model(tokens, tokens).float().sum()
-                stashes = offload_stashes(loss)
+                stashes = stashes_in_graph(loss)
                 # what a CPU stash holds: plain host copies of the stage inputs
                 held = sum(e.host.numel() * e.host.element_size() for s in stashes for e in s.entries)
                 if not bf16:  # (megatron's layers take no CPU bf16 backward)

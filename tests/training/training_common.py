@@ -109,17 +109,3 @@ def saved_by_stage(model, cfg, bf16: bool, T: int) -> dict:
             torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         model(tokens, tokens)
     return {k: sum(v.values()) / T for k, v in seen.items()}
-
-
-def offload_stashes(loss):
-    """The HostStash of every offloaded stage in loss's autograd graph."""
-    found, seen, todo = {}, set(), [loss.grad_fn]
-    while todo:
-        node = todo.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        if type(node).__name__ == "_OffloadedCheckpointBackward":
-            found[id(node.stash)] = node.stash
-        todo.extend(n for n, _ in node.next_functions)
-    return list(found.values())
