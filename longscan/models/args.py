@@ -11,6 +11,7 @@ from longscan.kernels.linear_attention.options import LinearKernelOptions
 # the last three are the delta rule (longscan.kernels.delta_rule): DeltaNet, Gated DeltaNet, KDA
 LINEAR_VARIANTS = ("linear", "lightning", "simple_gla", "gla", "deltanet", "gated_deltanet", "kda")
 LAYER_KINDS = {"L": "linear attention", "N": "softmax attention"}
+RESIDUAL_DTYPES = ("float32", "bfloat16")
 
 
 @dataclass
@@ -48,6 +49,11 @@ class ModelConfig:
     """RMSNorm epsilon."""
     init_std: float = 0.02
     """Std of the normal init of every projection and the embedding."""
+    residual_dtype: str = "float32"
+    """float32 | bfloat16: the hidden state between blocks (the embedding's output, every block stage's input
+    and the residual adds). bfloat16 is Megatron's default in bf16 training (fp32_residual_connection off): a
+    model choice, not an exact rewrite of the float32 model; the norms still compute in float32. Needs bf16
+    autocast (schedule.precision bf16, or auto on a GPU)."""
 
     @property
     def hd(self) -> int:
@@ -60,6 +66,11 @@ class ModelConfig:
     @property
     def padded_vocab(self) -> int:
         return self.pad_vocab_to * -(-self.vocab_size // self.pad_vocab_to)
+
+    @property
+    def residual_bytes(self) -> int:
+        """Bytes of one element of the residual stream."""
+        return 2 if self.residual_dtype == "bfloat16" else 4
 
     def layer_kind(self, i: int) -> str:
         return self.pattern[i % len(self.pattern)]
@@ -82,6 +93,9 @@ class ModelConfig:
         if self.linear_variant not in LINEAR_VARIANTS:
             raise ValueError(f"model.linear_variant = {self.linear_variant!r} is not allowed; choose one of "
                              f"{', '.join(LINEAR_VARIANTS)}")
+        if self.residual_dtype not in RESIDUAL_DTYPES:
+            raise ValueError(f"model.residual_dtype = {self.residual_dtype!r} is not allowed; choose one of "
+                             f"{', '.join(RESIDUAL_DTYPES)}")
         if not self.pattern or set(self.pattern) - set(LAYER_KINDS):
             raise ValueError(f"model.pattern = {self.pattern!r} must be a non-empty string of L (linear) and N "
                              "(softmax)")
@@ -149,6 +163,8 @@ class MemoryOptions:
     Each of a block's two stages (the mixer: norm + attention + residual; the MLP: norm + SwiGLU + residual)
     is run in one of STAGE_MODES: ``none`` keeps its activations, ``checkpoint`` keeps its input and
     recomputes it in the backward, ``offload`` does the same with the input waiting in host memory.
+    ``blocks`` applies a mode to whole blocks instead (one kept input a block, both stages recomputed); it
+    excludes the per-stage modes.
     """
     linear_layers: str = "none"
     """Mode of the mixer stage of linear-attention blocks."""
@@ -166,12 +182,20 @@ class MemoryOptions:
     """Mixers run their heads (this TP rank's; softmax mixers: KV heads with their query heads) in this many
     groups, one group's q, k, v, output and gradients alive at a time, recomputed per group in the backward;
     0 or 1: all heads at once."""
+    blocks: str = "none"
+    """Mode of whole blocks: none (the per-stage modes above decide) | checkpoint (each block's input kept on
+    the device, the block recomputed in the backward) | offload (the same, the input waiting in host memory)."""
 
     def __post_init__(self):
-        for name in ("linear_layers", "softmax_layers", "mlp"):
+        for name in ("blocks", "linear_layers", "softmax_layers", "mlp"):
             if getattr(self, name) not in STAGE_MODES:
                 raise ValueError(f"memory.{name} = {getattr(self, name)!r} is not allowed; choose one of "
                                  f"{', '.join(STAGE_MODES)}")
+        stages = (self.linear_layers, self.softmax_layers, self.mlp)
+        if self.blocks != "none" and stages != ("none",) * 3:
+            raise ValueError(f"memory.blocks = {self.blocks!r} recomputes whole blocks; memory.linear_layers / "
+                             "softmax_layers / mlp must then be 'none', got "
+                             f"{' / '.join(repr(mode) for mode in stages)}")
         for name in ("mlp_tile", "loss_chunk", "mixer_tile"):
             if getattr(self, name) < 0:
                 raise ValueError(f"memory.{name} must be >= 0 tokens (0 = off), got {getattr(self, name)}")
@@ -185,4 +209,4 @@ class MemoryOptions:
 
     @property
     def offloads(self) -> bool:
-        return "offload" in (self.linear_layers, self.softmax_layers, self.mlp)
+        return "offload" in (self.blocks, self.linear_layers, self.softmax_layers, self.mlp)

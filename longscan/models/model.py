@@ -38,6 +38,24 @@ def _run_stage(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, mode
     return offloaded_checkpoint(fn, x, params, stash)
 
 
+def _residual_add(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x + y in the residual stream's dtype (x's): a float32 stream adds as type promotion would; a bfloat16
+    one stays bfloat16 (a branch summed in float32, as head groups' are, is rounded once before the add)."""
+    return x + y.to(x.dtype)
+
+
+def _block_mode(memory: MemoryOptions, activation_checkpointing: bool) -> str:
+    """How whole blocks run: schedule.activation_checkpointing is memory.blocks = checkpoint."""
+    if activation_checkpointing and memory.blocks == "offload":
+        raise ValueError("activation_checkpointing keeps each block's input on the device; memory.blocks = "
+                         "'offload' keeps it in host memory: use one of them")
+    return "checkpoint" if activation_checkpointing else memory.blocks
+
+
+RESIDUAL_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+"""model.residual_dtype -> the dtype of the hidden state between blocks."""
+
+
 class Block(nn.Module):
     """Pre-norm block: x + mixer(norm(x)), then + SwiGLU(norm(x))."""
 
@@ -55,25 +73,28 @@ class Block(nn.Module):
         self.mlp = SwiGLU(cfg, mp)
 
     def _mixer(self, x, cos, sin, cu_seqlens):
+        return _residual_add(x, self._mixer_branch(x, cos, sin, cu_seqlens))
+
+    def _mixer_branch(self, x, cos, sin, cu_seqlens):
         tile = self.memory.mixer_tile
         groups = self.memory.head_groups
         if groups > 1 and self.kind == "L":
             if cu_seqlens is not None:  # the grouped path passes no document boundaries to the attention
                 raise ValueError("memory.mixer_head_groups does not take packed documents (cu_seqlens) yet")
-            return x + self.attn.head_grouped(x, self.attn_norm, groups, tile)
+            return self.attn.head_grouped(x, self.attn_norm, groups, tile)
         if groups > 1:
-            return x + self.attn.head_grouped(x, self.attn_norm, cos, sin, groups, tile, cu_seqlens)
+            return self.attn.head_grouped(x, self.attn_norm, cos, sin, groups, tile, cu_seqlens)
         if tile and self.kind == "L":
-            return x + self.attn.tiled_with_norm(x, self.attn_norm, tile, cu_seqlens)
+            return self.attn.tiled_with_norm(x, self.attn_norm, tile, cu_seqlens)
         if tile:
-            return x + self.attn.tiled_with_norm(x, self.attn_norm, cos, sin, tile, cu_seqlens)
+            return self.attn.tiled_with_norm(x, self.attn_norm, cos, sin, tile, cu_seqlens)
         h = self.attn_norm(x)
-        return x + (self.attn(h, cu_seqlens) if self.kind == "L" else self.attn(h, cos, sin, cu_seqlens))
+        return self.attn(h, cu_seqlens) if self.kind == "L" else self.attn(h, cos, sin, cu_seqlens)
 
     def _ffn(self, x):
         if self.memory.mlp_tile:
-            return x + self.mlp.tiled_with_norm(x, self.mlp_norm, self.memory.mlp_tile)
-        return x + self.mlp(self.mlp_norm(x))
+            return _residual_add(x, self.mlp.tiled_with_norm(x, self.mlp_norm, self.memory.mlp_tile))
+        return _residual_add(x, self.mlp(self.mlp_norm(x)))
 
     def forward(self, x, cos, sin, cu_seqlens=None, stash: HostStash | None = None):
         m = self.memory
@@ -101,6 +122,8 @@ class HybridLM(nn.Module):
         self.cfg, self.config, self.sp = cfg, mp, sp  # megatron's schedules read `.config`
         self.first, self.last = pp_rank == 0, pp_rank == pp_size - 1
         self.activation_checkpointing = activation_checkpointing
+        self.block_mode = _block_mode(memory, activation_checkpointing)
+        self.residual_dtype = RESIDUAL_TORCH_DTYPES[cfg.residual_dtype]
         per = cfg.n_layers // pp_size
         rng = torch.random.get_rng_state()
         if self.first:
@@ -127,15 +150,21 @@ class HybridLM(nn.Module):
         """Packed documents (``longscan.training.packing``): ``cu_seqlens`` one global offsets tensor per row,
         ``doc_positions`` `[B, T]` in-document RoPE positions, ``loss_mask`` `[B, T]` multiplies the loss."""
         x = self.embed(tokens) if self.first else self.input_tensor.transpose(0, 1)
+        if self.residual_dtype != torch.float32:  # a float32 stream takes x as it comes (as it always has)
+            if not torch.is_autocast_enabled(x.device.type):
+                raise ValueError("model.residual_dtype = 'bfloat16' needs bf16 autocast (schedule.precision = bf16, "
+                                 "or auto on a GPU): without it the blocks' float32 weights meet bfloat16 inputs")
+            x = x.to(self.residual_dtype)
         T = x.shape[1]
         pos = positions(T, self.sp.group, self.sp.layout, device=x.device) if doc_positions is None else doc_positions
         cos, sin = rope_cos_sin(pos, self.cfg.hd, self.cfg.rope_theta)
         stash = HostStash(x.device) if self.memory.offloads and self.training else None  # this pass's inputs
         for layer in self.layers.values():
-            if self.activation_checkpointing and self.training:
-                x = checkpoint(layer, x, cos, sin, cu_seqlens, use_reentrant=False)
-            else:
+            if self.block_mode == "none":
                 x = layer(x, cos, sin, cu_seqlens, stash)
+            else:  # the whole block is one stage: its input kept (checkpoint) or in host memory (offload)
+                x = _run_stage(lambda t, b=layer: b(t, cos, sin, cu_seqlens), x, self.block_mode, self.training,
+                               (layer,), stash)
         if not self.last:  # the receiving stage allocates its buffer in pipeline_dtype
             return x.transpose(0, 1).contiguous().to(self.config.pipeline_dtype or x.dtype)
         if self.memory.loss_chunk:

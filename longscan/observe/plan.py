@@ -214,7 +214,7 @@ OPTIMIZER_BYTES_PER_PARAM = 40
 
 def _recomputed(cfg) -> tuple[bool, bool, bool]:
     """(linear mixer, softmax mixer, MLP): does the backward run the stage's token-wise forward again?"""
-    mem, whole = cfg.memory, cfg.schedule.activation_checkpointing
+    mem, whole = cfg.memory, cfg.schedule.activation_checkpointing or cfg.memory.blocks != "none"
     again = lambda mode: whole or mode in ("checkpoint", "offload")   # noqa: E731
     grouped = mem.mixer_head_groups > 1
     return (again(mem.linear_layers) or mem.mixer_tile > 0 or grouped,
@@ -224,7 +224,8 @@ def _recomputed(cfg) -> tuple[bool, bool, bool]:
 def _kernel_recomputed(cfg, mode: str, head_groups: bool = False) -> bool:
     """Does the attention kernel itself run twice (whole-stage recompute, or a mixer, linear or softmax, run by
     head groups, which recomputes each group; tiles recompute around the kernel only)?"""
-    return cfg.schedule.activation_checkpointing or mode in ("checkpoint", "offload") or head_groups
+    whole = cfg.schedule.activation_checkpointing or cfg.memory.blocks != "none"
+    return whole or mode in ("checkpoint", "offload") or head_groups
 
 
 def memory_bound_bytes(cfg) -> dict[str, float]:

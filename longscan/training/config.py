@@ -193,7 +193,8 @@ class ScheduleConfig:
     precision: str = "auto"
     """auto (bf16 autocast on GPU, float32 on CPU) | bf16 | fp32."""
     activation_checkpointing: bool = False
-    """Recompute each block in backward instead of keeping its activations."""
+    """Recompute each block in backward instead of keeping its activations (the same as memory.blocks =
+    checkpoint)."""
     max_skipped_steps: int = 10
     """A step with a non-finite loss or gradient norm is skipped (no update); after this many consecutive
     skipped steps the run stops with exit code 3."""
@@ -283,6 +284,11 @@ class MemoryConfig:
     gradients alive at a time, each group recomputed in the backward; softmax mixers group their KV heads, each
     with its query heads. 0 or 1 = all heads at once; else a divisor of model.n_heads / parallel.tp (linear
     layers) and of model.n_kv_heads / parallel.tp (softmax layers). Not for the delta-rule variants."""
+    blocks: str = "none"
+    """Whole blocks: none (linear_layers / softmax_layers / mlp decide per stage) | checkpoint (keep each block's
+    input on the GPU, recompute the whole block in the backward; as schedule.activation_checkpointing) | offload
+    (the same, each block's input waiting in pinned host memory: one input a block instead of one a stage).
+    Not 'none' only with the three per-stage modes at none."""
     check_capacity: bool = True
     """On CUDA, refuse to start when the predicted peak memory per GPU (longscan.training.memory) exceeds the
     device's memory; false: try anyway."""
@@ -292,8 +298,13 @@ class MemoryConfig:
 
     def validate(self) -> None:
         """This section's own checks (ConfigError naming the key)."""
-        for name in ("linear_layers", "softmax_layers", "mlp"):
+        for name in ("blocks", "linear_layers", "softmax_layers", "mlp"):
             _choice(f"memory.{name}", getattr(self, name), STAGE_MODES)
+        stages = (self.linear_layers, self.softmax_layers, self.mlp)
+        if self.blocks != "none" and stages != ("none",) * 3:
+            raise ConfigError(f"memory.blocks = {self.blocks!r} recomputes whole blocks; set memory.linear_layers / "
+                              "softmax_layers / mlp to none (got "
+                              f"{' / '.join(stages)}) or memory.blocks to none")
         _at_least("memory", self, 0, "mlp_tile", "loss_chunk", "mixer_tile")
         if self.mixer_head_groups < 0:
             raise ConfigError(f"memory.mixer_head_groups must be >= 0 (0 or 1 = off; else a divisor of the heads "
@@ -303,7 +314,7 @@ class MemoryConfig:
         """The frozen options object the model reads."""
         return MemoryOptions(linear_layers=self.linear_layers, softmax_layers=self.softmax_layers, mlp=self.mlp,
                              mlp_tile=self.mlp_tile, loss_chunk=self.loss_chunk, mixer_tile=self.mixer_tile,
-                             mixer_head_groups=self.mixer_head_groups)
+                             mixer_head_groups=self.mixer_head_groups, blocks=self.blocks)
 
 
 @dataclass
@@ -552,6 +563,13 @@ def validate(cfg: TrainConfig, world_size: int) -> TrainConfig:
     if cfg.schedule.activation_checkpointing and (mem.linear_layers, mem.softmax_layers, mem.mlp) != ("none",) * 3:
         raise ConfigError("schedule.activation_checkpointing checkpoints whole blocks; set it to false to use "
                           "memory.linear_layers / memory.softmax_layers / memory.mlp")
+    if cfg.schedule.activation_checkpointing and mem.blocks == "offload":
+        raise ConfigError("schedule.activation_checkpointing = true keeps each block's input on the GPU, "
+                          "memory.blocks = 'offload' in host memory; set schedule.activation_checkpointing to false "
+                          "(memory.blocks alone decides)")
+    if m.residual_dtype == "bfloat16" and cfg.schedule.precision == "fp32":
+        raise ConfigError("model.residual_dtype = 'bfloat16' needs bf16 autocast: schedule.precision = 'fp32' "
+                          "runs the blocks in float32 (set schedule.precision to bf16, or auto on a GPU)")
     if mem.mixer_tile and "L" in m.pattern and m.linear_variant in ("deltanet", "gated_deltanet", "kda"):
         raise ConfigError(f"memory.mixer_tile = {mem.mixer_tile} needs a token-wise mixer; model.linear_variant = "
                           f"{m.linear_variant!r} has a short convolution over neighbouring tokens (set it to 0)")

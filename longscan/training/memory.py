@@ -10,17 +10,19 @@ the largest of three moments:
 - each block's backward: the gradients of the blocks above it, the saved activations of the blocks below it,
   and its own transient (a checkpointed stage recomputed, the MLP's backward, one tile of it when tiled, the
   kernels' gradient buffers; with tiled mixers one tile of their token-wise parts; with head groups one
-  group's attention tensors and gradients, linear and softmax mixers alike), plus a few `[T, D]` float32
-  buffers of the residual stream's gradient.
+  group's attention tensors and gradients, linear and softmax mixers alike), plus a few `[T, D]` buffers of
+  the residual stream's gradient.
 
 What a block saves depends on each stage's memory mode (none: everything its modules save; checkpoint: its
-float32 input; offload: nothing) and is multiplied by the microbatches the 1F1B schedule holds at once.
+input; offload: nothing), or on memory.blocks for whole blocks, and is multiplied by the microbatches the 1F1B
+schedule holds at once. The residual stream (every stage's input) is float32, or bf16 under
+model.residual_dtype = bfloat16.
 The per-token counts of saved tensors are those of this model's modules: they are checked against the
 bytes autograd actually saves on CPU (tests/training/test_memory.py). Kernel-internal scratch, the SP
 collectives' buffers and the allocator's fragmentation are not modelled; ``reserve`` adds a margin for them.
 
 Beside the GPU's peak, ``Estimate.host`` counts the host memory one process pins for offloaded stage inputs:
-one float32 `[tokens, dim]` residual stream per offloaded stage, all held from the forward to their backward,
+one `[tokens, dim]` residual stream per offloaded stage (or block), all held from the forward to their backward,
 times the microbatches the schedule holds at once. :func:`check_capacity` refuses a run whose prediction
 exceeds either the GPU or this node's available host memory shared by its processes.
 """
@@ -110,10 +112,10 @@ def stage_params(m: ModelConfig, layout: Layout, pp_rank: int = 0) -> int:
 
 def _linear_saved(m: ModelConfig, I: int, H: int, act: int, mixer_tile: bool) -> int:
     """Bytes a linear-attention mixer stage of H heads (I = H·head_dim columns) saves per token."""
-    D, v = m.dim, m.linear_variant
+    D, v, res = m.dim, m.linear_variant, m.residual_bytes
     if mixer_tile:  # x; q, k, v and the output; the float32 gate
-        return 4 * D + 4 * act * I + {"gla": 4 * I, "simple_gla": 4 * H}.get(v, 0)
-    norm = 4 * D + act * D + 4  # its float32 input, its output (the projections' input, autocast's dtype), 1/rms
+        return res * D + 4 * act * I + {"gla": 4 * I, "simple_gla": 4 * H}.get(v, 0)
+    norm = res * D + act * D + 4  # its input (the residual stream), its output (autocast's dtype), 1/rms
     qkv = (5 if v in ("linear", "lightning") else 3) * act * I  # q, k (and before their SiLU), v
     gate = {"gla": 12 * I, "simple_gla": 12 * H}.get(v, 0)  # float32 logits, logsigmoid's buffer, g
     out = 2 * act * I + 4 * H  # the output (its norm's input), the norm's 1/rms, o_proj's input
@@ -124,26 +126,27 @@ def _softmax_saved(m: ModelConfig, I: int, Ikv: int, H: int, act: int, mixer_til
     """Bytes a softmax mixer stage of H query heads (I = H·head_dim columns; Ikv those of k and v) saves per
     token."""
     attention = 8 * m.hd + act * (2 * I + 2 * Ikv) + 4 * H  # cos/sin; q, k (after RoPE), v, the output; lse
+    res = m.residual_bytes
     if mixer_tile:  # x and the attention's tensors
-        return 4 * m.dim + attention
-    return 4 * m.dim + act * m.dim + 4 + attention  # the norm's float32 input, its output, 1/rms
+        return res * m.dim + attention
+    return res * m.dim + act * m.dim + 4 + attention  # the norm's input (the residual stream), its output, 1/rms
 
 
 def saved_per_token(m: ModelConfig, stage: str, tp: int, act: int, mixer_tile: bool = False,
                     head_groups: int = 1) -> int:
     """Bytes one stage saves for its backward per token with nothing checkpointed; stage: "L", "N" (mixers)
     or "mlp"; act: bytes of the activation dtype (2 under bf16 autocast, 4 in float32). The residual stream
-    is float32 in both; the norms compute in float32 and return autocast's dtype. mixer_tile: the mixers'
-    token-wise parts tiled (memory.mixer_tile), which keep the stage's input and what the attention itself
-    keeps. head_groups > 1 (memory.mixer_head_groups): mixers keep their input only (and softmax mixers RoPE's
-    cos/sin)."""
-    D, hd = m.dim, m.hd
+    is float32 in both (model.residual_dtype = bfloat16: bf16); the norms compute in float32 and return
+    autocast's dtype. mixer_tile: the mixers' token-wise parts tiled (memory.mixer_tile), which keep the
+    stage's input and what the attention itself keeps. head_groups > 1 (memory.mixer_head_groups): mixers
+    keep their input only (and softmax mixers RoPE's cos/sin)."""
+    D, hd, res = m.dim, m.hd, m.residual_bytes
     I, H, Ikv = m.n_heads * hd // tp, m.n_heads // tp, m.n_kv_heads * hd // tp
     if stage == "L":
-        return 4 * D if head_groups > 1 else _linear_saved(m, I, H, act, mixer_tile)
+        return res * D if head_groups > 1 else _linear_saved(m, I, H, act, mixer_tile)
     if stage == "N":
-        return 4 * D + 8 * hd if head_groups > 1 else _softmax_saved(m, I, Ikv, H, act, mixer_tile)
-    norm = 4 * D + act * D + 4  # its float32 input, its output (the projections' input, autocast's dtype), 1/rms
+        return res * D + 8 * hd if head_groups > 1 else _softmax_saved(m, I, Ikv, H, act, mixer_tile)
+    norm = res * D + act * D + 4  # its input (the residual stream), its output (autocast's dtype), 1/rms
     return norm + 3 * act * (m.ffn // tp)  # w1 x, w3 x (the fused SwiGLU recomputes silu), their product
 
 
@@ -153,26 +156,29 @@ def pinned_block_bytes(nbytes: int) -> int:
     return 1 << (nbytes - 1).bit_length() if nbytes > 0 else 0
 
 
-HOST_STAGES = (("linear_layers", "linear mixers"), ("softmax_layers", "softmax mixers"), ("mlp", "MLPs"))
-"""The memory options whose offload mode holds stage inputs in host memory, and what those stages are."""
+HOST_STAGES = (("blocks", "blocks"), ("linear_layers", "linear mixers"), ("softmax_layers", "softmax mixers"),
+               ("mlp", "MLPs"))
+"""The memory options whose offload mode holds stage (or block) inputs in host memory, and what those are."""
 
 
 def offloaded_host_bytes(m: ModelConfig, layout: Layout, memory: MemoryOptions, pinned: bool = True,
                          whole_block_checkpointing: bool = False) -> dict:
     """Host bytes one process holds for offloaded stage inputs, by stage kind (only kinds that offload).
 
-    Each offloaded stage of the first pipeline stage's blocks keeps its input, the float32 residual stream
-    `[micro_batch_size, tokens, dim]` (the embedding's output is float32 and stays so under autocast), from its
-    forward to its backward; 1F1B holds min(pp, microbatches) forwards at once, each with its own stash.
+    Each offloaded stage of the first pipeline stage's blocks keeps its input, the residual stream
+    `[micro_batch_size, tokens, dim]` in model.residual_dtype (float32: the embedding's output stays so under
+    autocast), from its forward to its backward; memory.blocks = offload keeps one such input a block instead
+    of one a stage. 1F1B holds min(pp, microbatches) forwards at once, each with its own stash.
     pinned: CUDA runs (page-locked blocks, rounded up by the allocator); False: plain host copies (CPU runs).
     """
     if whole_block_checkpointing:  # whole blocks are recomputed from inputs kept on the device
         return {}
-    one = 4 * m.dim * layout.tokens
+    one = m.residual_bytes * m.dim * layout.tokens
     one = pinned_block_bytes(one) if pinned else one
     in_flight = min(layout.pp, layout.microbatches)
     kinds = [m.layer_kind(i) for i in range(m.n_layers // layout.pp)]
-    stages = {"linear_layers": kinds.count("L"), "softmax_layers": kinds.count("N"), "mlp": len(kinds)}
+    stages = {"blocks": len(kinds), "linear_layers": kinds.count("L"), "softmax_layers": kinds.count("N"),
+              "mlp": len(kinds)}
     return {what: stages[option] * one * in_flight for option, what in HOST_STAGES
             if getattr(memory, option) == "offload" and stages[option]}
 
@@ -181,7 +187,7 @@ def _stage_held(m, stage, mode, tp, act, tokens) -> int:
     if mode == "none":
         return saved_per_token(m, stage, tp, act) * tokens
     if mode == "checkpoint":
-        return 4 * m.dim * tokens  # the stage's float32 input
+        return m.residual_bytes * m.dim * tokens  # the stage's input
     return 0  # offload: the input waits in host memory
 
 
@@ -192,22 +198,24 @@ def loss_bytes(m: ModelConfig, tp: int, act: int, tokens: int, chunk: int) -> tu
         # megatron's CE keeps the float32 softmax [T, V/TP]; beside it the logits in the activation dtype
         # (forward) or the gradient cast back to it (backward)
         extra = act if act != 4 else 0
-        return 4 * vl * tokens + 4 * m.dim * tokens, extra * vl * tokens
+        return 4 * vl * tokens + m.residual_bytes * m.dim * tokens, extra * vl * tokens
     c = min(chunk, tokens)
-    held = (4 + act) * m.dim * tokens + 4 * vl * m.dim  # hidden states, their gradient, the weight's gradient
+    # hidden states (the residual stream's dtype), their gradient, the weight's gradient
+    held = (m.residual_bytes + act) * m.dim * tokens + 4 * vl * m.dim
     return held, (12 + act) * c * vl  # one chunk: float32 logits, exp, softmax - onehot, its cast
 
 
 def _block(m: ModelConfig, kind: str, memory: MemoryOptions, whole_block: bool, tp: int, act: int,
            N: int) -> tuple[int, int]:
-    """(bytes a block holds from its forward to its backward, its backward's largest transient)."""
-    D = m.dim
+    """(bytes a block holds from its forward to its backward, its backward's largest transient).
+    whole_block (schedule.activation_checkpointing) is memory.blocks = checkpoint."""
+    D, res = m.dim, m.residual_bytes
     tiled_mixer = memory.mixer_tile > 0
     groups = memory.head_groups
     saved = {kind: saved_per_token(m, kind, tp, act, tiled_mixer, groups) * N,
              "mlp": saved_per_token(m, "mlp", tp, act) * N}
     if memory.mlp_tile:  # the tiled MLP keeps its input only
-        saved["mlp"] = 4 * D * N
+        saved["mlp"] = res * D * N
     I, Ikv, F = m.n_heads * m.hd // tp, m.n_kv_heads * m.hd // tp, m.ffn // tp
     rows = min(memory.mlp_tile, N) if memory.mlp_tile else N
     # the MLP's backward: the gradients of its intermediates (for one tile, recomputed, when tiled)
@@ -221,18 +229,22 @@ def _block(m: ModelConfig, kind: str, memory: MemoryOptions, whole_block: bool, 
         mixer_bwd += act * I * N + per_tile * min(memory.mixer_tile, N)
     if groups > 1 and kind == "N":  # one group recomputed: its q, k, v, output, lse, their gradients; a tile
         Ig, Ikvg, Hg = I // groups, Ikv // groups, m.n_heads // tp // groups
-        attention = _softmax_saved(m, Ig, Ikvg, Hg, act, True) - 4 * D - 8 * m.hd
+        attention = _softmax_saved(m, Ig, Ikvg, Hg, act, True) - res * D - 8 * m.hd
         per_tile = _softmax_saved(m, Ig, Ikvg, Hg, act, False) - _softmax_saved(m, Ig, Ikvg, Hg, act, True)
         grads = act * (2 * Ig + 2 * Ikvg)  # dq, dk, dv and the output's gradient
         mixer_bwd = (attention + grads) * N + per_tile * (min(memory.mixer_tile, N) if tiled_mixer else N)
     elif groups > 1:  # one group recomputed: its q, k, v, output, gate and their gradients; one tile around them
         Ig, Hg = I // groups, m.n_heads // tp // groups
-        attention = _linear_saved(m, Ig, Hg, act, True) - 4 * D
+        attention = _linear_saved(m, Ig, Hg, act, True) - res * D
         per_tile = _linear_saved(m, Ig, Hg, act, False) - _linear_saved(m, Ig, Hg, act, True)
         grads = 4 * act * Ig + (4 * Ig if m.linear_variant == "gla" else 0)
         mixer_bwd = (attention + grads) * N + per_tile * (min(memory.mixer_tile, N) if tiled_mixer else N)
-    if whole_block:
-        return 4 * D * N, saved[kind] + saved["mlp"] + max(mixer_bwd, mlp_bwd)
+    block_mode = "checkpoint" if whole_block else memory.blocks
+    if block_mode == "checkpoint":
+        return res * D * N, saved[kind] + saved["mlp"] + max(mixer_bwd, mlp_bwd)
+    if block_mode == "offload":  # the block recomputed from its input brought back, the one before on its way;
+        # the MLP's saved tensors are freed by its backward, before the mixer's
+        return 0, saved[kind] - res * D * N + max(saved["mlp"] + mlp_bwd, mixer_bwd) + 2 * res * D * N
     held, transient = 0, 0
     mixer_mode = memory.linear_layers if kind == "L" else memory.softmax_layers
     for stage, mode, bwd in ((kind, mixer_mode, mixer_bwd), ("mlp", memory.mlp, mlp_bwd)):
@@ -240,10 +252,10 @@ def _block(m: ModelConfig, kind: str, memory: MemoryOptions, whole_block: bool, 
             held += saved[stage]
             transient = max(transient, bwd)
         else:  # recomputed in the backward; offload brings its input back (and the one before ahead of use)
-            held += 4 * D * N if mode == "checkpoint" else 0
+            held += res * D * N if mode == "checkpoint" else 0
             # what the recomputation saves less its input (the kept one itself, counted in held or brought back)
-            recomputed = saved[stage] - 4 * D * N
-            transient = max(transient, recomputed + bwd + (2 * 4 * D * N if mode == "offload" else 0))
+            recomputed = saved[stage] - res * D * N
+            transient = max(transient, recomputed + bwd + (2 * res * D * N if mode == "offload" else 0))
     return held, transient
 
 
@@ -271,7 +283,10 @@ def estimate(m: ModelConfig, layout: Layout, memory: MemoryOptions, bf16: bool =
     rope = 8 * m.hd * N if "N" in kinds else 0  # cos/sin, shared by the softmax layers
     held_all = sum(h for h, _ in blocks) * in_flight + rope
     loss_held, loss_peak = loss_bytes(m, tp, act, N, memory.loss_chunk) if layout.pp == 1 else (0, 0)
-    residual = 3 * 4 * D * N  # the residual stream's gradient and the stage's input/output being passed
+    # the residual stream's gradient and the stage's input/output passed; head groups sum a mixer's output in
+    # float32, so its gradient is float32 whatever the stream's dtype
+    res = m.residual_bytes
+    residual = (2 * res + (4 if memory.head_groups > 1 else res)) * D * N
     base = {"parameters": 4 * params, "optimizer states": opt}
     moments = {
         "end of forward": {"bf16 weight copies": 2 * params if bf16 else 0, "saved activations": held_all,
@@ -387,7 +402,8 @@ def check_capacity(cfg, world_size: int, capacity_bytes: int | None = None, host
             f"predicted peak memory {est.peak / GiB:.1f} GiB per GPU exceeds the device's {capacity_bytes / GiB:.1f} "
             f"GiB (data.seq_len = {d.seq_len} over parallel.sp = {p.sp}: {d.seq_len // p.sp} tokens a rank); "
             "lower it with memory.loss_chunk, memory.mlp_tile, memory.mixer_tile, memory.mixer_head_groups, "
-            "memory.linear_layers / softmax_layers / mlp = checkpoint | offload, or a larger parallel.sp; "
+            "memory.blocks or memory.linear_layers / softmax_layers / mlp = checkpoint | offload, "
+            "model.residual_dtype = bfloat16, or a larger parallel.sp; "
             "memory.check_capacity=false tries anyway.\n"
             + est.table())
     if host_bytes is None and this_machine:
@@ -403,12 +419,18 @@ def check_capacity(cfg, world_size: int, capacity_bytes: int | None = None, host
         sp_hint = f": parallel.sp >= {sp} fits at {procs} process(es) a node" if sp else ""
         fix = (f"setting {' or '.join(fixes)} fits both" if fixes else
                "no choice of stage kinds to checkpoint fits both the host and the GPU")
+        hint = "".join(h for h, apply in (
+            ("memory.blocks=offload halves the inputs of per-stage offload (one a block); ",
+             cfg.memory.blocks == "none" and cfg.memory.options().offloads),
+            ("model.residual_dtype=bfloat16 halves every offloaded input; ", cfg.model.residual_dtype == "float32"))
+            if apply)
         raise ConfigError(
             f"predicted pinned host memory for offloaded activations {est.host_bytes / GiB:.1f} GiB per process "
             f"({kinds}) exceeds the host's available {host_bytes / GiB:.1f} GiB shared by {procs} process(es) on "
-            f"this node ({share / GiB:.1f} GiB each): memory.linear_layers / softmax_layers / mlp = offload keep "
-            f"each offloaded stage's float32 input ({d.micro_batch_size * d.seq_len // p.sp} tokens × model.dim = "
+            f"this node ({share / GiB:.1f} GiB each): memory.blocks (one input a block) or "
+            f"memory.linear_layers / softmax_layers / mlp (one a stage) = offload keep each offloaded "
+            f"{cfg.model.residual_dtype} input ({d.micro_batch_size * d.seq_len // p.sp} tokens × model.dim = "
             f"{cfg.model.dim}) in host memory from its forward to its backward. Set some of them to checkpoint (the "
             f"input then stays on the GPU): {fix}; or spread the sequence over a larger parallel.sp (each process "
-            f"holds 1/sp of it{sp_hint}); memory.check_capacity=false tries anyway.\n" + est.table())
+            f"holds 1/sp of it{sp_hint}); {hint}memory.check_capacity=false tries anyway.\n" + est.table())
     return est

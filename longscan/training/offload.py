@@ -76,9 +76,10 @@ class HostStash:
                 f"out of {what} for offloaded activations: {asked / GiB:.2f} GiB ({asked} bytes) asked for an "
                 f"offloaded stage input {tuple(x.shape)} {x.dtype}, with {self.held_bytes / GiB:.2f} GiB "
                 f"({self.held_bytes} bytes) already held by this forward's {n_held} offloaded input(s){rounding}. "
-                "memory.linear_layers / softmax_layers / mlp = offload keep every such input of a forward in host "
-                "memory until its backward: set some of them to checkpoint (their inputs stay on the GPU) or "
-                "spread the sequence over a larger parallel.sp") from err
+                "memory.blocks or memory.linear_layers / softmax_layers / mlp = offload keep every such input of a "
+                "forward in host memory until its backward: set some of them to checkpoint (their inputs stay on "
+                "the GPU), offload whole blocks (memory.blocks: one input a block), keep the residual stream in "
+                "bf16 (model.residual_dtype) or spread the sequence over a larger parallel.sp") from err
 
     def put(self, x: torch.Tensor) -> int:
         """Start copying x to the host; -> its index for :meth:`take`."""
@@ -166,3 +167,19 @@ def offloaded_checkpoint(run: Callable[[torch.Tensor], torch.Tensor], x: torch.T
     parameters): their gradients are taken in the recomputation and returned through this function.
     """
     return _OffloadedCheckpoint.apply(run, stash, _autocast_state(x.device.type), x, *params)
+
+
+def stashes_in_graph(t: torch.Tensor) -> list[HostStash]:
+    """The HostStash of every offloaded stage in t's autograd graph: what t's backward will take back (between
+    a forward and its backward, their ``held_bytes`` are the host memory the offloaded inputs occupy)."""
+    found: dict[int, HostStash] = {}
+    seen, todo = set(), [t.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, _OffloadedCheckpoint._backward_cls):
+            found[id(node.stash)] = node.stash
+        todo.extend(n for n, _ in node.next_functions)
+    return list(found.values())

@@ -16,7 +16,8 @@ from longscan.models.args import MemoryOptions, ModelConfig
 from longscan.training.config import ConfigError, load_config, validate
 from longscan.training.memory import (GiB, Layout, check_capacity, estimate, estimate_config, host_available_bytes,
                                       offloaded_host_bytes, pinned_block_bytes)
-from longscan.training.offload import HostMemoryError, HostStash, offloaded_checkpoint
+from longscan.training.offload import HostMemoryError, HostStash, offloaded_checkpoint, stashes_in_graph
+from training_common import PER_STAGE_1M
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG_1M = os.path.join(REPO, "configs", "hybrid_1b_1m.yaml")
@@ -32,20 +33,6 @@ CASES = {  # name -> (memory options, micro-batch size)
 def _cfg():
     return ModelConfig(dim=32, n_layers=4, pattern="LLLN", n_heads=8, n_kv_heads=4, linear_variant="lightning",
                        vocab_size=100)
-
-
-def _stashes(loss):
-    """The HostStash of every offloaded stage in loss's autograd graph."""
-    found, seen, todo = {}, set(), [loss.grad_fn]
-    while todo:
-        node = todo.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        if type(node).__name__ == "_OffloadedCheckpointBackward":
-            found[id(node.stash)] = node.stash
-        todo.extend(n for n, _ in node.next_functions)
-    return list(found.values())
 
 
 def _measure(rank, world):
@@ -64,7 +51,7 @@ def _measure(rank, world):
                 tokens = torch.randint(0, cfg.vocab_size, (batch, T))
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                     loss = model(tokens, tokens).float().sum()
-                stashes = _stashes(loss)
+                stashes = stashes_in_graph(loss)
                 # what a CPU stash holds: plain host copies of the stage inputs
                 held = sum(e.host.numel() * e.host.element_size() for s in stashes for e in s.entries)
                 if not bf16:  # (megatron's layers take no CPU bf16 backward)
@@ -116,18 +103,19 @@ def test_host_estimate_by_stage_kind_and_schedule():
 
 
 def test_the_1m_config_needs_320_gib_of_host_memory():
-    """configs/hybrid_1b_1m.yaml: 40 offloaded stages (a mixer and an MLP in each of 20 blocks), each a float32
-    [1,048,576, 2048] input of 8 GiB (docs/memory.md); SP 4 holds a quarter of it a process."""
-    cfg = validate(load_config(CONFIG_1M), 1)
+    """configs/hybrid_1b_1m.yaml offloading every stage in float32: 40 offloaded stages (a mixer and an MLP in
+    each of 20 blocks), each a float32 [1,048,576, 2048] input of 8 GiB (docs/memory.md); SP 4 holds a quarter of
+    it a process."""
+    cfg = validate(load_config(CONFIG_1M, PER_STAGE_1M), 1)
     est = estimate_config(cfg, 1)
     assert est.host == {"linear mixers": 15 * 8 * GiB, "softmax mixers": 5 * 8 * GiB, "MLPs": 20 * 8 * GiB}
     assert est.host_bytes == 320 * GiB
-    sp4 = validate(load_config(CONFIG_1M, ["parallel.sp=4"]), 4)
+    sp4 = validate(load_config(CONFIG_1M, PER_STAGE_1M + ["parallel.sp=4"]), 4)
     assert estimate_config(sp4, 4).host_bytes == 80 * GiB
 
 
 def test_capacity_check_refuses_a_host_too_small():
-    cfg = validate(load_config(CONFIG_1M), 1)
+    cfg = validate(load_config(CONFIG_1M, PER_STAGE_1M), 1)
     with pytest.raises(ConfigError) as e:
         check_capacity(cfg, 1, capacity_bytes=80 * GiB, host_bytes=128 * GiB, procs_per_node=1)
     msg = str(e.value)
@@ -137,23 +125,24 @@ def test_capacity_check_refuses_a_host_too_small():
     assert check_capacity(cfg, 1, capacity_bytes=80 * GiB, host_bytes=330 * GiB, procs_per_node=1) is not None
     with pytest.raises(ConfigError, match=r"shared by 2 process\(es\) on this node \(165.0 GiB each\)"):
         check_capacity(cfg, 1, capacity_bytes=80 * GiB, host_bytes=330 * GiB, procs_per_node=2)
-    off = validate(load_config(CONFIG_1M, ["memory.check_capacity=false"]), 1)
+    off = validate(load_config(CONFIG_1M, PER_STAGE_1M + ["memory.check_capacity=false"]), 1)
     assert check_capacity(off, 1, capacity_bytes=80 * GiB, host_bytes=1 * GiB, procs_per_node=1) is None
-    kept = validate(load_config(CONFIG_1M, ["memory.linear_layers=checkpoint", "memory.softmax_layers=checkpoint",
-                                            "memory.mlp=checkpoint", "data.seq_len=65536"]), 1)
+    kept = validate(load_config(CONFIG_1M, PER_STAGE_1M + ["memory.linear_layers=checkpoint",
+                                                           "memory.softmax_layers=checkpoint", "memory.mlp=checkpoint",
+                                                           "data.seq_len=65536"]), 1)
     assert check_capacity(kept, 1, capacity_bytes=80 * GiB, host_bytes=1, procs_per_node=1) is not None  # no offload
 
 
 def test_capacity_check_names_the_stage_kinds_that_fit_both():
     """At 256K tokens on a 64 GiB host: checkpointing the MLPs (or the linear mixers) fits the host and the GPU;
     the run it suggests passes the check."""
-    cfg = validate(load_config(CONFIG_1M, ["data.seq_len=262144"]), 1)
+    cfg = validate(load_config(CONFIG_1M, PER_STAGE_1M + ["data.seq_len=262144"]), 1)
     with pytest.raises(ConfigError) as e:
         check_capacity(cfg, 1, capacity_bytes=80 * GiB, host_bytes=64 * GiB, procs_per_node=1)
     msg = str(e.value)
     assert "80.0 GiB per process" in msg and "memory.mlp=checkpoint" in msg
     assert "memory.softmax_layers=checkpoint (" not in msg  # 70 GiB: still too much
-    fixed = validate(load_config(CONFIG_1M, ["data.seq_len=262144", "memory.mlp=checkpoint"]), 1)
+    fixed = validate(load_config(CONFIG_1M, PER_STAGE_1M + ["data.seq_len=262144", "memory.mlp=checkpoint"]), 1)
     assert check_capacity(fixed, 1, capacity_bytes=80 * GiB, host_bytes=64 * GiB, procs_per_node=1) is not None
 
 

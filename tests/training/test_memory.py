@@ -17,6 +17,7 @@ from longscan.models.args import MemoryOptions
 from longscan.training.config import ConfigError, load_config
 from longscan.training.memory import (GiB, Layout, check_capacity, estimate, estimate_config, layer_params,
                                       loss_bytes, saved_per_token, stage_params)
+from training_common import PER_STAGE_1M, saved_by_stage
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG_1B = os.path.join(REPO, "configs", "hybrid_1b_gpu.yaml")
@@ -50,41 +51,11 @@ def _measure(rank, world):
                                tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=tp,
                                memory=MemoryOptions(mixer_tile=16, mixer_head_groups=2))
             for bf16 in (False, True):
-                out[("saved", tp, variant, bf16)] = _saved_by_stage(model, cfg, bf16)
-                out[("saved tiled", tp, variant, bf16)] = _saved_by_stage(tiled, cfg, bf16)
-                out[("saved grouped", tp, variant, bf16)] = _saved_by_stage(grouped, cfg, bf16)
+                out[("saved", tp, variant, bf16)] = saved_by_stage(model, cfg, bf16, T)
+                out[("saved tiled", tp, variant, bf16)] = saved_by_stage(tiled, cfg, bf16, T)
+                out[("saved grouped", tp, variant, bf16)] = saved_by_stage(grouped, cfg, bf16, T)
         ps.destroy_model_parallel()
     return out
-
-
-def _saved_by_stage(model, cfg, bf16):
-    """Bytes of the distinct storages each stage of blocks 0 (linear) and 3 (softmax) saves, per token."""
-    # per-sequence constants (weights, the decay buffer) are not per-token activations
-    params = {id(p.untyped_storage()) for p in (*model.parameters(), *model.buffers())}
-    seen: dict = {}
-    current = [None]
-
-    def pack(t):
-        sid = id(t.untyped_storage())
-        if current[0] is not None and sid not in params:
-            seen.setdefault(current[0], {})[sid] = t.untyped_storage().nbytes()
-        return t
-
-    def tag(name, fn):
-        def run(*a):
-            current[0] = name
-            try:
-                return fn(*a)
-            finally:
-                current[0] = None
-        return run
-    lin, soft = model.layers["0"], model.layers["3"]
-    lin._mixer, lin._ffn, soft._mixer = tag("L", lin._mixer), tag("mlp", lin._ffn), tag("N", soft._mixer)
-    tokens = torch.randint(0, cfg.vocab_size, (1, T))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-            torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        model(tokens, tokens)
-    return {k: sum(v.values()) / T for k, v in seen.items()}
 
 
 @pytest.fixture(scope="module")
@@ -177,13 +148,14 @@ def test_head_groups_lower_the_softmax_mixers_backward():
 
 
 def test_the_1m_config_with_head_groups():
-    """configs/hybrid_1b_1m.yaml runs its mixers (linear and softmax) by memory.mixer_head_groups = 4: against all
+    """configs/hybrid_1b_1m.yaml (every stage offloaded in float32) runs its mixers (linear and softmax) by
+    memory.mixer_head_groups = 4: against all
     heads at once the prediction falls by over 20 GiB, to under an 80 GB GPU's 79.1 GiB with the 10% margin
     (docs/memory.md); the softmax block's backward is no longer near the peak."""
     from longscan.training.config import validate
     from longscan.training.memory import _block
-    cfg = validate(load_config(CONFIG_1M), 1)
-    base = validate(load_config(CONFIG_1M, ["memory.mixer_head_groups=0"]), 1)
+    cfg = validate(load_config(CONFIG_1M, PER_STAGE_1M), 1)
+    base = validate(load_config(CONFIG_1M, PER_STAGE_1M + ["memory.mixer_head_groups=0"]), 1)
     assert cfg.memory.mixer_head_groups == 4
     before, after = estimate_config(base, 1), estimate_config(cfg, 1)
     assert before.moment == "block 0 backward" and after.moment == "block 0 backward"
@@ -304,16 +276,17 @@ def test_benchmark_cpu_path_prints_its_table():
 
 
 def test_the_1m_config_fits_80gb():
-    """configs/hybrid_1b_1m.yaml: 1,048,576 tokens on one GPU with every memory option; the estimate (its 10%
-    margin in) is under an H100's 79.1 GiB, as docs/memory.md says; without head groups it is over it and
+    """configs/hybrid_1b_1m.yaml with every stage offloaded in float32: 1,048,576 tokens on one GPU; the estimate
+    (its 10% margin in) is under an H100's 79.1 GiB, as docs/memory.md says; without head groups it is over it and
     under an H200's memory; there mixer_tile saves over 10 GiB of it."""
     from longscan.training.config import validate
-    cfg = validate(load_config(CONFIG_1M), 1)
+    cfg = validate(load_config(CONFIG_1M, PER_STAGE_1M), 1)
     assert cfg.data.seq_len == 1 << 20 and cfg.parallel.sp == 1 and cfg.memory.mixer_tile > 0
     assert check_capacity(cfg, 1, capacity_bytes=int(79.1 * GiB)) is not None
-    ungrouped = validate(load_config(CONFIG_1M, ["memory.mixer_head_groups=0"]), 1)
+    ungrouped = validate(load_config(CONFIG_1M, PER_STAGE_1M + ["memory.mixer_head_groups=0"]), 1)
     assert check_capacity(ungrouped, 1, capacity_bytes=int(139.7 * GiB)) is not None
     with pytest.raises(ConfigError, match="memory.mixer_tile"):
         check_capacity(ungrouped, 1, capacity_bytes=int(79.1 * GiB))
-    untiled = validate(load_config(CONFIG_1M, ["memory.mixer_head_groups=0", "memory.mixer_tile=0"]), 1)
+    untiled = validate(load_config(CONFIG_1M, PER_STAGE_1M + ["memory.mixer_head_groups=0", "memory.mixer_tile=0"]),
+                       1)
     assert estimate_config(untiled, 1).peak > estimate_config(ungrouped, 1).peak + 10 * GiB

@@ -78,6 +78,7 @@ OPTIONS = {
                                   "mlp_tile": 24, "loss_chunk": 40, "mixer_tile": 12},
     "checkpoint_all": {"linear_layers": "checkpoint", "softmax_layers": "checkpoint", "mlp": "checkpoint"},
     "mixed": {"linear_layers": "offload", "softmax_layers": "checkpoint", "mlp_tile": 16, "loss_chunk": 7},
+    "offload_blocks_tiled_chunked": {"blocks": "offload", "mlp_tile": 24, "loss_chunk": 40, "mixer_tile": 12},
 }
 SPLITS = {"tp2": {"tp": 2}, "sp2": {"sp": 2}, "pp2": {"pp": 2}}  # pp2: 1F1B holds two microbatches
 
@@ -98,14 +99,16 @@ def _single(rank, world):
 
 
 def _split(rank, world):
-    return {s: _one_step(tiny(parallel=p, memory=OPTIONS["offload_all_tiled_chunked"])) for s, p in SPLITS.items()}
+    out = {s: _one_step(tiny(parallel=p, memory=OPTIONS["offload_all_tiled_chunked"])) for s, p in SPLITS.items()}
+    out["sp2 blocks"] = _one_step(tiny(parallel={"sp": 2}, memory=OPTIONS["offload_blocks_tiled_chunked"]))
+    return out
 
 
 @pytest.fixture(scope="module")
 def steps():
     single = run_distributed(_single, 1)[0]
     split = run_distributed(_split, 2)
-    return single, {s: [r[s] for r in split] for s in SPLITS}
+    return single, {s: [r[s] for r in split] for s in (*SPLITS, "sp2 blocks")}
 
 
 def _same(ranks, ref):
@@ -149,3 +152,10 @@ def test_offload_under_bf16_autocast_is_bitwise():
         return [y, xs.grad, a.grad, b.grad]
     for p, q in zip(run(True), run(False)):
         assert p.dtype == q.dtype and torch.equal(p, q)
+
+
+def test_blocks_offloaded_under_sp(steps):
+    """Whole blocks offloaded and recomputed over an SP group of 2 (the SP collectives run again in the
+    recomputation)."""
+    single, split_steps = steps
+    _same(split_steps["sp2 blocks"], single["ref"])

@@ -18,6 +18,12 @@ TINY = {
 }
 
 
+# configs/hybrid_1b_1m.yaml as it was before memory.blocks: one float32 input offloaded a stage (a mixer and an
+# MLP a block); the tests of per-stage offload at 1M tokens apply these overrides to it
+PER_STAGE_1M = ["model.residual_dtype=float32", "memory.blocks=none", "memory.linear_layers=offload",
+                "memory.softmax_layers=offload", "memory.mlp=offload"]
+
+
 def tiny(**sections) -> dict:
     """TINY with per-section overrides, e.g. tiny(parallel={"sp": 2})."""
     out = {k: dict(v) for k, v in TINY.items()}
@@ -72,3 +78,34 @@ def stream(seed=0, n_docs=300) -> list:
     """A stream of random documents (1 to 23 tokens each, no EOS inside) for the packing tests."""
     gen = np.random.default_rng(seed)
     return [gen.integers(0, 256, int(gen.integers(1, 24))) for _ in range(n_docs)]
+
+
+def saved_by_stage(model, cfg, bf16: bool, T: int) -> dict:
+    """Bytes of the distinct storages each stage of blocks 0 (linear) and 3 (softmax) saves, per token, in one
+    forward of T tokens (under CPU bf16 autocast when bf16)."""
+    # per-sequence constants (weights, the decay buffer) are not per-token activations
+    params = {id(p.untyped_storage()) for p in (*model.parameters(), *model.buffers())}
+    seen: dict = {}
+    current = [None]
+
+    def pack(t):
+        sid = id(t.untyped_storage())
+        if current[0] is not None and sid not in params:
+            seen.setdefault(current[0], {})[sid] = t.untyped_storage().nbytes()
+        return t
+
+    def tag(name, fn):
+        def run(*a):
+            current[0] = name
+            try:
+                return fn(*a)
+            finally:
+                current[0] = None
+        return run
+    lin, soft = model.layers["0"], model.layers["3"]
+    lin._mixer, lin._ffn, soft._mixer = tag("L", lin._mixer), tag("mlp", lin._ffn), tag("N", soft._mixer)
+    tokens = torch.randint(0, cfg.vocab_size, (1, T))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        model(tokens, tokens)
+    return {k: sum(v.values()) / T for k, v in seen.items()}
