@@ -1,0 +1,228 @@
+"""Packed documents in linear attention: the resets, prepared once per ``cu_seqlens``, and per-document states.
+
+Documents run as resets (a log decay of -inf at every document's first token but the sequence's first), so the
+kernels start every document from zero. Per-document initial states `[N, H, K, V]` and final states are added
+around the kernels by linearity, in torch, on the *runs* of the local tokens: the maximal spans of one document
+inside one segment of the layout (one device: one segment, so a run is a document). With D(a→t) the product of
+a run's decays from its first token a to t (that token's own decay included) and E the state before a:
+- a document's initial state h0_n, on the run where it starts, adds scale·q_tᵀ·D(a→t)·h0_n to its tokens'
+  outputs and D(a→end)·h0_n to the state the run leaves (over an SP group, that carries it to later ranks);
+- the final state of a document is, on the run where it ends, D(a→end)·E + Σ_t D(t+1→end)·k_t v_tᵀ, where E
+  is h0_n (or zero) if the document starts in that run, else the state entering the segment (SP's prefix).
+The sums run over a grid of pieces: each run cut into rows of ``piece`` tokens (zero-padded), so every document
+is handled by batched matmuls, with no loop over documents and no `[T, K, V]` tensor.
+
+What a call needs from ``cu_seqlens`` (the resets, the runs) is built on the host once per tensor and cached on
+the tensor's identity and version: later calls with the same tensor (every layer of a step, its backward) read
+nothing back and copy nothing to the device.
+"""
+from __future__ import annotations
+
+import math
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from longscan.distributed.documents import check_cu_seqlens, global_positions, to_device
+from longscan.distributed.layouts import num_segments
+
+
+@dataclass(frozen=True)
+class DocumentRuns:
+    """The local tokens of one rank (or of one device) as runs of one document inside one segment, on the device.
+    Sizes are host ints: T tokens, R runs, P rows of ``piece`` tokens, N documents, ``n_local`` segments."""
+    n_docs: int
+    n_local: int
+    piece: int
+    resets: torch.Tensor        # [T] bool: the token starts a document other than the global sequence's first
+    row: torch.Tensor           # [T] the token's row in the piece grid
+    col: torch.Tensor           # [T] its column
+    row_run: torch.Tensor       # [P] the run of each row
+    row_first: torch.Tensor     # [P] the first row of that run
+    run_doc: torch.Tensor       # [R] the document of each run
+    run_slot: torch.Tensor      # [R] the local segment of each run
+    run_started: torch.Tensor   # [R] bool: the run holds its document's first token
+    run_first_row: torch.Tensor  # [R]
+    run_last_row: torch.Tensor  # [R]
+    ending_runs: torch.Tensor   # [M] the runs that hold their document's last token
+    ending_docs: torch.Tensor   # [M] their documents
+    slot_last_run: tuple        # per local segment: (its last run, whether it starts its document, the document)
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.row_run.numel())
+
+
+def _build(cu: torch.Tensor, gpos: torch.Tensor, n_local: int, value_dim: int, device) -> DocumentRuns:
+    """The runs of the local tokens at global positions ``gpos`` (``n_local`` equal segments), on the host, then
+    moved to ``device`` once. cu: validated int64 CPU offsets."""
+    T = gpos.numel()
+    L = T // n_local
+    t = torch.arange(T)
+    doc = torch.searchsorted(cu[1:], gpos, right=True)
+    first = t % L == 0
+    first[1:] |= doc[1:] != doc[:-1]
+    run = torch.cumsum(first.long(), 0) - 1
+    R = int(first.sum())
+    run_start = t[first]
+    run_len = torch.bincount(run, minlength=R)
+    run_doc = doc[first]
+    run_started = gpos[first] == cu[run_doc]
+    run_ends = gpos[first] + run_len == cu[run_doc + 1]
+    # the piece length that balances the grid's padding (≤ R·piece tokens) against its states (T/piece + R rows)
+    piece = max(1, min(T, round(math.sqrt(T * value_dim / R))))
+    pieces = (run_len + piece - 1) // piece
+    first_row = torch.cumsum(pieces, 0) - pieces
+    pos = t - run_start[run]
+    row_run = torch.repeat_interleave(torch.arange(R), pieces)
+    last_runs = run.view(n_local, L)[:, -1]
+    slot_last_run = tuple((int(r), bool(run_started[r]), int(run_doc[r])) for r in last_runs)
+
+    def dev(x):
+        return to_device(x, device)
+    return DocumentRuns(
+        n_docs=cu.numel() - 1, n_local=n_local, piece=piece,
+        resets=dev((gpos == cu[doc]) & (doc > 0)), row=dev(first_row[run] + pos // piece), col=dev(pos % piece),
+        row_run=dev(row_run), row_first=dev(first_row[row_run]), run_doc=dev(run_doc),
+        run_slot=dev(run_start // L), run_started=dev(run_started), run_first_row=dev(first_row),
+        run_last_row=dev(first_row + pieces - 1), ending_runs=dev(torch.nonzero(run_ends)[:, 0]),
+        ending_docs=dev(run_doc[run_ends]), slot_last_run=slot_last_run)
+
+
+# (id of the cu_seqlens tensor) -> (weak reference to it, its version, the call's key, the runs); a few entries
+_CACHE: OrderedDict = OrderedDict()
+_CACHE_SIZE = 16
+
+
+def document_runs(cu_seqlens: torch.Tensor, local_len: int, world: int = 1, rank: int = 0,
+                  layout: str = "contiguous", device=None, value_dim: int = 1) -> DocumentRuns:
+    """The runs of rank ``rank``'s ``local_len`` tokens (one device: world 1) for the documents ``cu_seqlens``,
+    validated (ValueError naming cu_seqlens) and built on the first call with this tensor; later calls with the
+    same tensor, unmodified, return the cached runs without reading it back."""
+    device = torch.device(device) if device is not None else cu_seqlens.device
+    key = (local_len, world, rank, layout, device, value_dim)
+    slot = _CACHE.get(id(cu_seqlens))
+    if slot is not None and slot[0]() is cu_seqlens and slot[1] == cu_seqlens._version and key in slot[2]:
+        _CACHE.move_to_end(id(cu_seqlens))
+        return slot[2][key]
+    # validation reads the offsets back (a host-device sync for a CUDA tensor): once per tensor, not per call
+    cu = check_cu_seqlens(cu_seqlens, local_len * world)
+    runs = _build(cu, global_positions(local_len, world, rank, layout), num_segments(world, layout) // world,
+                  value_dim, device)
+    if slot is None or slot[0]() is not cu_seqlens or slot[1] != cu_seqlens._version:
+        ident = id(cu_seqlens)
+        ref = weakref.ref(cu_seqlens, lambda _, ident=ident: _CACHE.pop(ident, None))
+        slot = (ref, cu_seqlens._version, {})
+        _CACHE[ident] = slot
+    slot[2][key] = runs
+    _CACHE.move_to_end(id(cu_seqlens))
+    while len(_CACHE) > _CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return runs
+
+
+def base_log_decay(q, g, g_gamma) -> torch.Tensor:
+    """The per-token log decay before resets: g, g_gamma broadcast to `[B, T, H]`, or zeros without a decay."""
+    B, T, H, _ = q.shape
+    if g is not None:
+        return g
+    if g_gamma is not None:
+        return g_gamma.view(1, 1, H).expand(B, T, H)
+    return torch.zeros(B, T, H, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
+                       device=q.device)
+
+
+def with_resets_gate(base: torch.Tensor, runs: DocumentRuns) -> torch.Tensor:
+    """``base`` with -inf at the reset tokens, in a new tensor: there the state before the token is dropped whole,
+    so the gradient of base at a reset is 0 (the decay multiplies a zero state when the document runs alone)."""
+    T = base.shape[1]
+    return base.masked_fill(runs.resets.view((1, T) + (1,) * (base.dim() - 2)), float("-inf"))
+
+
+def _compute_dtype(q) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def _rows(x: torch.Tensor, runs: DocumentRuns, dtype) -> torch.Tensor:
+    """`[1, T, ...]` -> the piece grid `[P, piece, ...]`, zero-padded (autograd runs through the scatter)."""
+    out = x.new_zeros((runs.n_rows, runs.piece) + tuple(x.shape[2:]), dtype=dtype)
+    return out.index_put((runs.row, runs.col), x[0].to(dtype))
+
+
+@dataclass(frozen=True)
+class RunDecays:
+    """The cumulative log decays of the runs on the piece grid."""
+    inside: torch.Tensor    # [P, piece, H(, K)]: Σ of the run's log decays from its first token to this one
+    total: torch.Tensor     # [R, H(, K)]: the run's whole sum
+
+
+def run_decays(base: torch.Tensor, runs: DocumentRuns, dtype) -> RunDecays:
+    """Cumulative sums inside each row, then each row's offset from the rows before it in its run; the offsets
+    in float64, so a long run's sums lose nothing to a cumulative sum over the whole sequence."""
+    within = _rows(base, runs, dtype).cumsum(1)
+    tot = within[:, -1].double()
+    upto = tot.cumsum(0)          # through each row
+    before = upto - tot
+    offset = (before - before[runs.row_first]).to(dtype)
+    inside = within + offset.unsqueeze(1)
+    total = (upto[runs.run_last_row] - before[runs.run_first_row]).to(dtype)
+    return RunDecays(inside, total)
+
+
+def _per_key(x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """A decay factor of a scalar gate `[..., H]` as `[..., H, 1]` (broadcast over K); per-key ones unchanged."""
+    return x.unsqueeze(-1) if base.dim() == 3 else x
+
+
+def _on_state(x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """A decay factor `[..., H]` or `[..., H, K]` shaped to scale states `[..., H, K, V]`."""
+    return _per_key(x, base).unsqueeze(-1)
+
+
+def start_outputs(q, base, initial_state, runs: DocumentRuns, decays: RunDecays, scale) -> torch.Tensor:
+    """scale·q_tᵀ·D(a→t)·h0_n for the tokens of the runs that start their document n -> `[1, T, H, V]`."""
+    dtype = decays.inside.dtype
+    h0 = initial_state.to(dtype)[runs.run_doc] * runs.run_started.view(-1, 1, 1, 1).to(dtype)
+    qd = _rows(q, runs, dtype) * _per_key(decays.inside.exp(), base)
+    o = torch.einsum("pchk,phkv->pchv", qd, h0[runs.row_run]) * scale
+    return o[runs.row, runs.col].unsqueeze(0)
+
+
+def leaving_states(base, initial_state, runs: DocumentRuns, decays: RunDecays) -> torch.Tensor:
+    """What the documents' initial states add to the state each local segment leaves `[n_local, 1, H, K, V]`:
+    D(a→end)·h0_n where the segment's last run starts its document n, else zero."""
+    dtype = decays.total.dtype
+    h0 = initial_state.to(dtype)
+    out = []
+    for r, started, doc in runs.slot_last_run:
+        if started:
+            out.append(_on_state(decays.total[r].exp(), base) * h0[doc])
+        else:
+            out.append(torch.zeros_like(h0[0]))
+    return torch.stack(out).unsqueeze(1)
+
+
+def document_finals(k, v, base, initial_state, entering, runs: DocumentRuns, decays: RunDecays) -> torch.Tensor:
+    """Each document's state after its last token `[N, H, K, V]`, from the run that holds that token (zero for the
+    documents that end elsewhere). entering: the state entering each local segment `[n_local, 1, H, K, V]` (None
+    on one device, where every document starts in its only segment)."""
+    dtype = decays.inside.dtype
+    w = _per_key((decays.total[runs.row_run].unsqueeze(1) - decays.inside).exp(), base)
+    states = torch.einsum("pchk,pchv->phkv", _rows(k, runs, dtype) * w, _rows(v, runs, dtype))
+    H, K, V = states.shape[1:]
+    per_run = states.new_zeros((runs.run_doc.numel(), H, K, V)).index_add(0, runs.row_run, states)
+    ends = runs.ending_runs
+    before = states.new_zeros((ends.numel(), H, K, V))
+    started = runs.run_started[ends].view(-1, 1, 1, 1)
+    if initial_state is not None:
+        before = torch.where(started, initial_state.to(dtype)[runs.run_doc[ends]], before)
+    if entering is not None:
+        before = torch.where(started, before, entering[:, 0].to(dtype)[runs.run_slot[ends]])
+    finals = per_run[ends] + _on_state(decays.total[ends].exp(), base) * before
+    return finals.new_zeros((runs.n_docs, H, K, V)).index_copy(0, runs.ending_docs, finals)
+
+
+__all__ = ["DocumentRuns", "document_runs", "base_log_decay", "with_resets_gate", "run_decays", "RunDecays",
+           "start_outputs", "leaving_states", "document_finals"]
