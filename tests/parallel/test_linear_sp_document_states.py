@@ -56,22 +56,23 @@ def each_document_alone(x, h0, cu, do, dfinal, use_h0, want_final):
     return o, finals, dict(zip(names, torch.autograd.grad(loss, [lv[n] for n in names])))
 
 
-def case(group, world, x, h0, cu, do, dfinal, states, method, layout, backend="torch"):
+def case(group, world, x, h0, cu, do, dfinal, states, method, layout, backend="torch", dtype=torch.float64,
+         **kw):
     use_h0, want_final = STATES[states]
     o_ref, s_ref, g_ref = each_document_alone(x, h0, cu, do, dfinal, use_h0, want_final)
 
     def sh(t):
         return shard(t, 1, group, layout)
 
-    local = {n: (t if n == "g_gamma" else sh(t)).clone().requires_grad_() for n, t in x.items()}
+    local = {n: (t if n == "g_gamma" else sh(t)).to(dtype).clone().requires_grad_() for n, t in x.items()}
     if use_h0:
-        local["initial_state"] = h0.clone().requires_grad_()
+        local["initial_state"] = h0.to(dtype).clone().requires_grad_()
     o, s = linear_attention(local["q"], local["k"], local["v"], local.get("g"), local.get("g_gamma"),
                             initial_state=local.get("initial_state"), output_final_state=want_final,
                             method=method, group=group, layout=layout, n_blocks=2, backend=backend,
-                            cu_seqlens=torch.tensor(cu))
+                            cu_seqlens=torch.tensor(cu), **kw)
     # every rank's copy of the final states is an output: the global loss takes their mean
-    loss = (o * sh(do)).sum() + ((s * dfinal).sum() / world if want_final else 0)
+    loss = (o * sh(do).to(o.dtype)).sum() + ((s * dfinal.to(s.dtype)).sum() / world if want_final else 0)
     names = list(local)
     grads = torch.autograd.grad(loss, [local[n] for n in names])
     finite = bool(torch.isfinite(o).all()) and all(bool(torch.isfinite(d).all()) for d in grads)
@@ -146,6 +147,38 @@ def test_document_states_sp_match_each_document_alone(results, world, run, decay
         assert set(errs) == expected
         bad = {k: v for k, v in errs.items() if not v <= 1e-10}
         assert not bad, f"rank {rank}: {bad}"
+
+
+def triton_worker(rank, world):
+    """The Triton kernels under the CPU interpreter (float32), two segments per rank, both states."""
+    import importlib
+    import os
+    os.environ["TRITON_INTERPRET"] = "1"   # read when the kernel module is first imported (here)
+    importlib.import_module("longscan.kernels.linear_attention.triton")
+    from longscan.kernels.linear_attention import LinearKernelOptions
+    opts = LinearKernelOptions(chunk=16, chunk_per_key=16, segments=2)
+    T, k = 64 * world, 16
+    cu = [0, 5, 30, 31, 50, 100, T - 1, T]    # short documents, one over the rank edge in both layouts
+    out = {}
+    for method, layout, decay, overlap in (("zeco", "zigzag", "g_scalar", False),
+                                           ("lasp2", "contiguous", "g_per_key", True)):
+        x = make_inputs(decay, 1, T, H, k, k, torch.float64, seed=31)
+        x = {n: t for n, t in x.items() if t is not None and n != "initial_state"}
+        gen = torch.Generator().manual_seed(8)
+        do = torch.randn(1, T, H, k, generator=gen, dtype=torch.float64)
+        h0, dfinal = (torch.randn(len(cu) - 1, H, k, k, generator=gen, dtype=torch.float64) for _ in range(2))
+        out[(method, layout, decay)] = case(None, world, x, h0, cu, do, dfinal, "both", method, layout,
+                                            backend="triton", dtype=torch.float32, overlap=overlap, options=opts)
+    return out
+
+
+def test_document_states_sp_on_triton_kernels():
+    pytest.importorskip("triton")
+    for rank, res in enumerate(run_distributed(triton_worker, 2)):
+        for key, (errs, ok) in res.items():
+            assert ok and len(errs) == 7, (rank, key, errs)
+            bad = {k: v for k, v in errs.items() if not v <= 1e-4}
+            assert not bad, f"rank {rank} {key}: {bad}"
 
 
 def test_document_states_refused_before_any_collective():
