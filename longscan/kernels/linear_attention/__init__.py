@@ -5,8 +5,9 @@ Backends: "naive" (recurrent reference), "torch" (chunked, CPU default), "triton
 
 Packed documents (``cu_seqlens``) enter the backends in :data:`RESET_BACKENDS` as resets: a log decay of -inf at
 every document's first token but the sequence's first drops the state whole, so no document sees another (the
-SP operators carry such resets exactly). On one device fla, whose kernels are not checked with -inf here, runs
-the documents as the rows of a zero-padded batch instead.
+SP operators carry such resets exactly); per-document initial and final states are added around the kernels
+(``documents.py``). On one device fla, whose kernels are not checked with -inf here, runs the documents as the
+rows of a zero-padded batch instead (without states).
 """
 from __future__ import annotations
 
