@@ -19,8 +19,8 @@ from longscan.distributed.documents import document_ids, document_positions, to_
 from longscan.kernels import saved
 from longscan.kernels.checks import check_linear_qkv
 from longscan.kernels.linear_attention.backend import LinearBackend, NaiveBackend, TorchBackend
-from longscan.kernels.linear_attention.documents import (base_log_decay, document_finals, document_runs, run_decays,
-                                                         start_outputs, with_resets_gate)
+from longscan.kernels.linear_attention.documents import (base_log_decay, document_finals, document_resets,
+                                                         document_runs, run_decays, start_outputs, with_resets_gate)
 from longscan.kernels.linear_attention.naive import naive_recurrent_linear_attention
 from longscan.kernels.linear_attention.options import LaunchConfig, LinearKernelOptions, with_resets
 
@@ -208,15 +208,15 @@ def chunk_linear_attention(q, k, v, g=None, g_gamma=None, scale=None, initial_st
     check_documents(q, initial_state, output_final_state, backend, impl, one_device=True, cu_seqlens=cu_seqlens)
     if initial_state is not None and initial_state.device != q.device:
         raise ValueError(f"initial_state must be on q's device ({q.device}), got {initial_state.device}")
-    T = q.shape[1]
-    runs = document_runs(cu_seqlens, T, device=q.device, value_dim=v.shape[-1])
+    resets = document_resets(cu_seqlens, q.shape[1], device=q.device)
     if impl.name not in RESET_BACKENDS:
         return _as_rows(q, k, v, g, g_gamma, scale, impl, cu_seqlens)
     base = base_log_decay(q, g, g_gamma)
-    o, _ = _ChunkLinearAttention.apply(q, k, v, with_resets_gate(base, runs), None, None, scale, False, impl)
+    o, _ = _ChunkLinearAttention.apply(q, k, v, with_resets_gate(base, resets), None, None, scale, False, impl)
     if initial_state is None and not output_final_state:
         return o, None
-    decays = run_decays(base, runs, o.dtype if o.dtype == torch.float64 else torch.float32)
+    runs = document_runs(cu_seqlens, q.shape[1], device=q.device, value_dim=v.shape[-1])
+    decays = run_decays(base, runs, q.dtype)
     if initial_state is not None:
         o = o + start_outputs(q, base, initial_state, runs, decays, scale).to(o.dtype)
     final = document_finals(k, v, base, initial_state, None, runs, decays) if output_final_state else None
@@ -224,5 +224,6 @@ def chunk_linear_attention(q, k, v, g=None, g_gamma=None, scale=None, initial_st
 
 
 __all__ = ["chunk_linear_attention", "naive_recurrent_linear_attention", "get_backend", "check_inputs",
-           "check_documents", "RESET_BACKENDS", "with_resets", "document_runs", "base_log_decay", "with_resets_gate",
-           "check_log_decay", "check_backend_supports", "LinearBackend", "LinearKernelOptions", "LaunchConfig", "BACKENDS"]
+           "check_documents", "RESET_BACKENDS", "with_resets", "document_resets", "document_runs", "base_log_decay",
+           "with_resets_gate", "check_log_decay", "check_backend_supports", "LinearBackend", "LinearKernelOptions",
+           "LaunchConfig", "BACKENDS"]

@@ -36,7 +36,6 @@ class DocumentRuns:
     n_docs: int
     n_local: int
     piece: int
-    resets: torch.Tensor        # [T] bool: the token starts a document other than the global sequence's first
     row: torch.Tensor           # [T] the token's row in the piece grid
     col: torch.Tensor           # [T] its column
     row_run: torch.Tensor       # [P] the run of each row
@@ -55,7 +54,14 @@ class DocumentRuns:
         return int(self.row_run.numel())
 
 
-def _build(cu: torch.Tensor, gpos: torch.Tensor, n_local: int, value_dim: int, device) -> DocumentRuns:
+def _resets(cu: torch.Tensor, gpos: torch.Tensor, n_local: int, value_dim: int, device) -> torch.Tensor:
+    """Whether each local token, at global position ``gpos``, starts a document other than the sequence's first:
+    bool `[T]` on ``device``. cu: validated int64 CPU offsets."""
+    doc = torch.searchsorted(cu[1:], gpos, right=True)
+    return to_device((gpos == cu[doc]) & (doc > 0), device)
+
+
+def _runs(cu: torch.Tensor, gpos: torch.Tensor, n_local: int, value_dim: int, device) -> DocumentRuns:
     """The runs of the local tokens at global positions ``gpos`` (``n_local`` equal segments), on the host, then
     moved to ``device`` once. cu: validated int64 CPU offsets."""
     T = gpos.numel()
@@ -83,44 +89,54 @@ def _build(cu: torch.Tensor, gpos: torch.Tensor, n_local: int, value_dim: int, d
     def dev(x):
         return to_device(x, device)
     return DocumentRuns(
-        n_docs=cu.numel() - 1, n_local=n_local, piece=piece,
-        resets=dev((gpos == cu[doc]) & (doc > 0)), row=dev(first_row[run] + pos // piece), col=dev(pos % piece),
+        n_docs=cu.numel() - 1, n_local=n_local, piece=piece, row=dev(first_row[run] + pos // piece), col=dev(pos % piece),
         row_run=dev(row_run), row_first=dev(first_row[row_run]), run_doc=dev(run_doc),
         run_slot=dev(run_start // L), run_started=dev(run_started), run_first_row=dev(first_row),
         run_last_row=dev(first_row + pieces - 1), ending_runs=dev(torch.nonzero(run_ends)[:, 0]),
         ending_docs=dev(run_doc[run_ends]), slot_last_run=slot_last_run)
 
 
-# (id of the cu_seqlens tensor) -> (weak reference to it, its version, the call's key, the runs); a few entries
+# (id of the cu_seqlens tensor) -> (weak reference to it, its version, {call key: what was built}). An entry
+# leaves when its tensor is freed; the bound only limits how many live tensors keep theirs.
 _CACHE: OrderedDict = OrderedDict()
-_CACHE_SIZE = 16
+_CACHE_SIZE = 256
+
+
+def _prepared(build, cu_seqlens: torch.Tensor, local_len: int, world: int, rank: int, layout: str, device,
+              value_dim: int):
+    """``build(cu, global positions, n_local, value_dim, device)`` for this tensor and call, validated (ValueError
+    naming cu_seqlens) and built on the first call; later calls with the same tensor, unmodified, get the cached
+    result without reading it back."""
+    device = torch.device(device) if device is not None else cu_seqlens.device
+    key = (build.__name__, local_len, world, rank, layout, device, value_dim)
+    ident = id(cu_seqlens)
+    slot = _CACHE.get(ident)
+    if slot is None or slot[0]() is not cu_seqlens or slot[1] != cu_seqlens._version:
+        slot = (weakref.ref(cu_seqlens, lambda _, ident=ident: _CACHE.pop(ident, None)), cu_seqlens._version, {})
+        _CACHE[ident] = slot
+    _CACHE.move_to_end(ident)
+    if key not in slot[2]:
+        # validation reads the offsets back (a host-device sync for a CUDA tensor): once per tensor, not per call
+        cu = check_cu_seqlens(cu_seqlens, local_len * world)
+        slot[2][key] = build(cu, global_positions(local_len, world, rank, layout),
+                             num_segments(world, layout) // world, value_dim, device)
+    while len(_CACHE) > _CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return slot[2][key]
+
+
+def document_resets(cu_seqlens: torch.Tensor, local_len: int, world: int = 1, rank: int = 0,
+                    layout: str = "contiguous", device=None) -> torch.Tensor:
+    """Whether each of rank ``rank``'s ``local_len`` tokens (one device: world 1) starts a document other than the
+    global sequence's first: bool `[local_len]` on ``device``, cached on the tensor (see :func:`_prepared`)."""
+    return _prepared(_resets, cu_seqlens, local_len, world, rank, layout, device, 0)
 
 
 def document_runs(cu_seqlens: torch.Tensor, local_len: int, world: int = 1, rank: int = 0,
                   layout: str = "contiguous", device=None, value_dim: int = 1) -> DocumentRuns:
     """The runs of rank ``rank``'s ``local_len`` tokens (one device: world 1) for the documents ``cu_seqlens``,
-    validated (ValueError naming cu_seqlens) and built on the first call with this tensor; later calls with the
-    same tensor, unmodified, return the cached runs without reading it back."""
-    device = torch.device(device) if device is not None else cu_seqlens.device
-    key = (local_len, world, rank, layout, device, value_dim)
-    slot = _CACHE.get(id(cu_seqlens))
-    if slot is not None and slot[0]() is cu_seqlens and slot[1] == cu_seqlens._version and key in slot[2]:
-        _CACHE.move_to_end(id(cu_seqlens))
-        return slot[2][key]
-    # validation reads the offsets back (a host-device sync for a CUDA tensor): once per tensor, not per call
-    cu = check_cu_seqlens(cu_seqlens, local_len * world)
-    runs = _build(cu, global_positions(local_len, world, rank, layout), num_segments(world, layout) // world,
-                  value_dim, device)
-    if slot is None or slot[0]() is not cu_seqlens or slot[1] != cu_seqlens._version:
-        ident = id(cu_seqlens)
-        ref = weakref.ref(cu_seqlens, lambda _, ident=ident: _CACHE.pop(ident, None))
-        slot = (ref, cu_seqlens._version, {})
-        _CACHE[ident] = slot
-    slot[2][key] = runs
-    _CACHE.move_to_end(id(cu_seqlens))
-    while len(_CACHE) > _CACHE_SIZE:
-        _CACHE.popitem(last=False)
-    return runs
+    for per-document states of value dimension ``value_dim``, cached on the tensor (see :func:`_prepared`)."""
+    return _prepared(_runs, cu_seqlens, local_len, world, rank, layout, device, value_dim)
 
 
 def base_log_decay(q, g, g_gamma) -> torch.Tensor:
@@ -134,15 +150,12 @@ def base_log_decay(q, g, g_gamma) -> torch.Tensor:
                        device=q.device)
 
 
-def with_resets_gate(base: torch.Tensor, runs: DocumentRuns) -> torch.Tensor:
-    """``base`` with -inf at the reset tokens, in a new tensor: there the state before the token is dropped whole,
-    so the gradient of base at a reset is 0 (the decay multiplies a zero state when the document runs alone)."""
+def with_resets_gate(base: torch.Tensor, resets: torch.Tensor) -> torch.Tensor:
+    """``base`` with -inf at the tokens where ``resets`` `[T]` holds, in a new tensor: there the state before the
+    token is dropped whole, so the gradient of base at a reset is 0 (the decay multiplies a zero state when the
+    document runs alone)."""
     T = base.shape[1]
-    return base.masked_fill(runs.resets.view((1, T) + (1,) * (base.dim() - 2)), float("-inf"))
-
-
-def _compute_dtype(q) -> torch.dtype:
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
+    return base.masked_fill(resets.view((1, T) + (1,) * (base.dim() - 2)), float("-inf"))
 
 
 def _rows(x: torch.Tensor, runs: DocumentRuns, dtype) -> torch.Tensor:
@@ -158,9 +171,11 @@ class RunDecays:
     total: torch.Tensor     # [R, H(, K)]: the run's whole sum
 
 
-def run_decays(base: torch.Tensor, runs: DocumentRuns, dtype) -> RunDecays:
+def run_decays(base: torch.Tensor, runs: DocumentRuns, input_dtype) -> RunDecays:
     """Cumulative sums inside each row, then each row's offset from the rows before it in its run; the offsets
-    in float64, so a long run's sums lose nothing to a cumulative sum over the whole sequence."""
+    in float64, so a long run's sums lose nothing to a cumulative sum over the whole sequence. The states' terms
+    are computed in the dtype of these sums: float64 for float64 inputs (``input_dtype``), else float32."""
+    dtype = torch.float64 if input_dtype == torch.float64 else torch.float32
     within = _rows(base, runs, dtype).cumsum(1)
     tot = within[:, -1].double()
     upto = tot.cumsum(0)          # through each row
@@ -224,5 +239,5 @@ def document_finals(k, v, base, initial_state, entering, runs: DocumentRuns, dec
     return finals.new_zeros((runs.n_docs, H, K, V)).index_copy(0, runs.ending_docs, finals)
 
 
-__all__ = ["DocumentRuns", "document_runs", "base_log_decay", "with_resets_gate", "run_decays", "RunDecays",
+__all__ = ["DocumentRuns", "document_resets", "document_runs", "base_log_decay", "with_resets_gate", "run_decays", "RunDecays",
            "start_outputs", "leaving_states", "document_finals"]

@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 
 from longscan.kernels.linear_attention import LinearKernelOptions
-from longscan.kernels.linear_attention.documents import (base_log_decay, document_finals, document_runs,
-                                                         leaving_states, run_decays, start_outputs,
+from longscan.kernels.linear_attention.documents import (base_log_decay, document_finals, document_resets,
+                                                         document_runs, leaving_states, run_decays, start_outputs,
                                                          with_resets_gate)
 from longscan.parallel.linear.common import (LinearSPMethod, SPContext, SPLinearAttentionFunction, all_reduce_sum,
                                              make_context)
@@ -47,12 +47,16 @@ def run_documents(method: LinearSPMethod, q, k, v, g=None, g_gamma=None, scale=N
     initial_state: None or `[N, H, K, V]`, the same on every rank."""
     sp = make_context(q, k, v, g, g_gamma, scale, initial_state, group, layout, backend,
                       n_blocks if method.uses_blocks else 1, overlap, options, cu_seqlens, output_final_state)
-    runs = document_runs(cu_seqlens, q.shape[1], sp.world, sp.rank, sp.layout, q.device, v.shape[-1])
+    T = q.shape[1]
+    resets = document_resets(cu_seqlens, T, sp.world, sp.rank, sp.layout, q.device)
     base = base_log_decay(q, g, g_gamma)
-    states = initial_state is not None or output_final_state
-    decays = run_decays(base, runs, torch.float64 if q.dtype == torch.float64 else torch.float32) if states else None
-    extra = leaving_states(base, initial_state, runs, decays) if initial_state is not None else None
-    o, _, P = SPLinearAttentionFunction.apply(method, sp, q, k, v, with_resets_gate(base, runs), None, None, False,
+    extra = runs = decays = None
+    if initial_state is not None or output_final_state:
+        runs = document_runs(cu_seqlens, T, sp.world, sp.rank, sp.layout, q.device, v.shape[-1])
+        decays = run_decays(base, runs, q.dtype)
+    if initial_state is not None:
+        extra = leaving_states(base, initial_state, runs, decays)
+    o, _, P = SPLinearAttentionFunction.apply(method, sp, q, k, v, with_resets_gate(base, resets), None, None, False,
                                               extra)
     if initial_state is not None:
         o = o + start_outputs(q, base, initial_state, runs, decays, sp.scale).to(o.dtype)
