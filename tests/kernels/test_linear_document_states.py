@@ -148,3 +148,24 @@ def test_states_refused():
         with pytest.raises(ValueError, match="backend='fla'.*without per-document initial_state or "
                                              "output_final_state"):
             _call(backend="fla", **kw)
+
+
+def test_offsets_read_once_per_tensor(monkeypatch):
+    """After the first call with a cu_seqlens tensor, calls with it (with and without states) neither validate nor
+    rebuild anything from it: on a GPU, no read-back and no host-to-device copy."""
+    from longscan.kernels.linear_attention import documents
+    cu = torch.tensor(DOCUMENTS["short"])
+    leaves, h0, _, _ = case_inputs("g_scalar", DOCUMENTS["short"], 8, 5)
+    args = (leaves["q"], leaves["k"], leaves["v"], leaves["g"])
+    first = chunk_linear_attention(*args, initial_state=h0, output_final_state=True, backend="torch", cu_seqlens=cu)
+    plain = chunk_linear_attention(*args, backend="torch", cu_seqlens=cu)[0]
+
+    def refuse(*a, **kw):
+        raise AssertionError("cu_seqlens read again")
+    monkeypatch.setattr(documents, "check_cu_seqlens", refuse)
+    monkeypatch.setattr(documents, "to_device", refuse)
+    again = chunk_linear_attention(*args, initial_state=h0, output_final_state=True, backend="torch", cu_seqlens=cu)
+    assert torch.equal(again[0], first[0]) and torch.equal(again[1], first[1])
+    assert torch.equal(chunk_linear_attention(*args, backend="torch", cu_seqlens=cu)[0], plain)
+    with pytest.raises(AssertionError, match="read again"):       # a new tensor is read
+        chunk_linear_attention(*args, backend="torch", cu_seqlens=cu.clone())
