@@ -89,7 +89,8 @@ def _runs(cu: torch.Tensor, gpos: torch.Tensor, n_local: int, value_dim: int, de
     def dev(x):
         return to_device(x, device)
     return DocumentRuns(
-        n_docs=cu.numel() - 1, n_local=n_local, piece=piece, row=dev(first_row[run] + pos // piece), col=dev(pos % piece),
+        n_docs=cu.numel() - 1, n_local=n_local, piece=piece,
+        row=dev(first_row[run] + pos // piece), col=dev(pos % piece),
         row_run=dev(row_run), row_first=dev(first_row[row_run]), run_doc=dev(run_doc),
         run_slot=dev(run_start // L), run_started=dev(run_started), run_first_row=dev(first_row),
         run_last_row=dev(first_row + pieces - 1), ending_runs=dev(torch.nonzero(run_ends)[:, 0]),
@@ -107,6 +108,8 @@ def _prepared(build, cu_seqlens: torch.Tensor, local_len: int, world: int, rank:
     """``build(cu, global positions, n_local, value_dim, device)`` for this tensor and call, validated (ValueError
     naming cu_seqlens) and built on the first call; later calls with the same tensor, unmodified, get the cached
     result without reading it back."""
+    if not isinstance(cu_seqlens, torch.Tensor):
+        check_cu_seqlens(cu_seqlens, local_len * world)     # the TypeError naming cu_seqlens
     device = torch.device(device) if device is not None else cu_seqlens.device
     key = (build.__name__, local_len, world, rank, layout, device, value_dim)
     ident = id(cu_seqlens)
@@ -239,5 +242,5 @@ def document_finals(k, v, base, initial_state, entering, runs: DocumentRuns, dec
     return finals.new_zeros((runs.n_docs, H, K, V)).index_copy(0, runs.ending_docs, finals)
 
 
-__all__ = ["DocumentRuns", "document_resets", "document_runs", "base_log_decay", "with_resets_gate", "run_decays", "RunDecays",
-           "start_outputs", "leaving_states", "document_finals"]
+__all__ = ["DocumentRuns", "document_resets", "document_runs", "base_log_decay", "with_resets_gate", "run_decays",
+           "RunDecays", "start_outputs", "leaving_states", "document_finals"]

@@ -191,9 +191,9 @@ class LinearSPMethod:
 
 
 class SPLinearAttentionFunction(torch.autograd.Function):
-    """Autograd for every linear SP method; the method supplies its forward and backward."""
+    """Autograd for every linear SP method; the method supplies its forward and backward.
 
-    """Outputs (o, final | None, P): P `[n_local, B, H, K, V]`, the states entering the local segments, for
+    Outputs (o, final | None, P): P `[n_local, B, H, K, V]`, the states entering the local segments, for
     callers that read states inside the sequence (packed documents' final states); its gradient joins the scan's.
     extra (None or `[n_local, B, H, K, V]`): added to the states the local segments leave (see MethodForward)."""
 
@@ -274,8 +274,9 @@ def forward_overlapped(sp: SPContext, qs, ks, vs, gs, g_gamma, collective: Colle
     n = sp.n_local
     if qs.device.type == "cuda":
         S, logd, kv = sp.impl.segment_state(ks, vs, gs, g_gamma, q=qs, keep=keep, zero_prefixes=True)
+        leaving = _leaving(S, n, extra)     # on the main stream, which joins the side stream before it is freed
         with comm_stream(qs.device) as stream:
-            result = collective(_leaving(S, n, extra), by_segment(logd, n))
+            result = collective(leaving, by_segment(logd, n))
         o, _, record = sp.impl.forward(qs, ks, vs, gs, g_gamma, sp.scale, None, False, keep=keep, saved=kv)
         join_stream(stream, *[t for t in result if t is not None])
     else:
@@ -295,7 +296,8 @@ def local_pass(sp: SPContext, qs, ks, vs, gs, g_gamma, collective: Collective, k
     qs, ks, vs, gs are stacked segments (:func:`segment_inputs`); ``collective`` gets `[n_local, B, H, K, V]`
     states and `[n_local, B, H, K]` log decays and returns a tuple whose first entry is P `[n_local, B, H, K,
     V]`, the states entering the local segments. keep: a backward follows (the local forward then keeps what
-    it can reuse). extra: None, or `[n_local, B, H, K, V]` added to the states the segments leave. -> (o `[B·n_local, T/n_local, H, V]`, the collective's result, the record for the backward).
+    it can reuse). extra: None, or `[n_local, B, H, K, V]` added to the states the segments leave.
+    -> (o `[B·n_local, T/n_local, H, V]`, the collective's result, the record for the backward).
     """
     schedule = forward_overlapped if sp.overlap else forward_from_prefix
     return schedule(sp, qs, ks, vs, gs, g_gamma, collective, keep, extra)
@@ -321,7 +323,8 @@ def local_backward(sp: SPContext, q, k, v, g, g_gamma, P, do, R, qdo, record):
     gradient R of its leaving state (or a function that returns R: :func:`reverse_beside_dq`):
     -> (dq, dk, dv, dgate, dh0, R) with dgate shaped like g (or g_gamma), dh0 the gradient of
     initial_state (non-zero only on the rank holding global segment 0, so the sum over ranks is the
-    single-device gradient) and R resolved. qdo: what :func:`prefix_grads` computed; record: the local forward's."""
+    single-device gradient) and R resolved. qdo: what :func:`prefix_grads` computed; record: the local
+    forward's."""
     n = sp.n_local
     need_dg = any(x is not None and x.requires_grad for x in (g, g_gamma))
     qs, ks, vs, gs, dos = segment_inputs(sp, q, k, v, g, do)
