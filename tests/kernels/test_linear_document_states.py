@@ -148,6 +148,13 @@ def test_states_refused():
         with pytest.raises(ValueError, match="backend='fla'.*without per-document initial_state or "
                                              "output_final_state"):
             _call(backend="fla", **kw)
+    x = make_inputs("g_per_key", 1, T, H, 8, 5, torch.float64, seed=2)
+    x["g"][0, 20, 1, 3] = float("-inf")
+    args = (x["q"], x["k"], x["v"], x["g"])
+    cu = torch.tensor([0, 10, T])
+    chunk_linear_attention(*args, backend="torch", cu_seqlens=cu)      # without states a -inf of its own is taken
+    with pytest.raises(ValueError, match="g holds -inf .* need finite log decays"):
+        chunk_linear_attention(*args, output_final_state=True, backend="torch", cu_seqlens=cu)
 
 
 def test_offsets_read_once_per_tensor(monkeypatch):

@@ -19,8 +19,9 @@ from longscan.distributed.documents import document_ids, document_positions, to_
 from longscan.kernels import saved
 from longscan.kernels.checks import check_linear_qkv
 from longscan.kernels.linear_attention.backend import LinearBackend, NaiveBackend, TorchBackend
-from longscan.kernels.linear_attention.documents import (base_log_decay, document_finals, document_resets,
-                                                         document_runs, run_decays, start_outputs, with_resets_gate)
+from longscan.kernels.linear_attention.documents import (base_log_decay, check_finite_decay, document_finals,
+                                                         document_resets, document_runs, run_decays, start_outputs,
+                                                         with_resets_gate)
 from longscan.kernels.linear_attention.naive import naive_recurrent_linear_attention
 from longscan.kernels.linear_attention.options import LaunchConfig, LinearKernelOptions, with_resets
 
@@ -215,6 +216,7 @@ def chunk_linear_attention(q, k, v, g=None, g_gamma=None, scale=None, initial_st
     o, _ = _ChunkLinearAttention.apply(q, k, v, with_resets_gate(base, resets), None, None, scale, False, impl)
     if initial_state is None and not output_final_state:
         return o, None
+    check_finite_decay(g)
     runs = document_runs(cu_seqlens, q.shape[1], device=q.device, value_dim=v.shape[-1])
     decays = run_decays(base, runs, q.dtype)
     if initial_state is not None:

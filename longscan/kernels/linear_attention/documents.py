@@ -153,6 +153,20 @@ def base_log_decay(q, g, g_gamma) -> torch.Tensor:
                        device=q.device)
 
 
+def check_finite_decay(g) -> None:
+    """Refuse a g holding -inf (resets of the caller's own) with per-document states: their sums take
+    differences of cumulative log decays, which -inf turns into NaN. Reading the values back stalls a GPU stream,
+    so on CUDA the check runs only behind the opt-in checks (LONGSCAN_CHECKS=1), as ``check_log_decay`` does."""
+    from longscan.distributed.checks import checks_enabled   # at call time: distributed imports the kernels
+    if g is None or (g.device.type != "cpu" and not checks_enabled()):
+        return
+    with torch.no_grad():
+        if bool(torch.isneginf(g).any()):
+            raise ValueError("g holds -inf (a reset of its own) inside the documents: per-document initial_state "
+                             "and output_final_state need finite log decays with cu_seqlens (the documents' own "
+                             "resets come from cu_seqlens)")
+
+
 def with_resets_gate(base: torch.Tensor, resets: torch.Tensor) -> torch.Tensor:
     """``base`` with -inf at the tokens where ``resets`` `[T]` holds, in a new tensor: there the state before the
     token is dropped whole, so the gradient of base at a reset is 0 (the decay multiplies a zero state when the
@@ -242,5 +256,6 @@ def document_finals(k, v, base, initial_state, entering, runs: DocumentRuns, dec
     return finals.new_zeros((runs.n_docs, H, K, V)).index_copy(0, runs.ending_docs, finals)
 
 
-__all__ = ["DocumentRuns", "document_resets", "document_runs", "base_log_decay", "with_resets_gate", "run_decays",
+__all__ = ["DocumentRuns", "document_resets", "document_runs", "base_log_decay", "check_finite_decay",
+           "with_resets_gate", "run_decays",
            "RunDecays", "start_outputs", "leaving_states", "document_finals"]

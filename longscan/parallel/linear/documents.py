@@ -19,9 +19,9 @@ from __future__ import annotations
 import torch
 
 from longscan.kernels.linear_attention import LinearKernelOptions
-from longscan.kernels.linear_attention.documents import (base_log_decay, document_finals, document_resets,
-                                                         document_runs, leaving_states, run_decays, start_outputs,
-                                                         with_resets_gate)
+from longscan.kernels.linear_attention.documents import (base_log_decay, check_finite_decay, document_finals,
+                                                         document_resets, document_runs, leaving_states, run_decays,
+                                                         start_outputs, with_resets_gate)
 from longscan.parallel.linear.common import (LinearSPMethod, SPContext, SPLinearAttentionFunction, all_reduce_sum,
                                              make_context)
 
@@ -52,6 +52,7 @@ def run_documents(method: LinearSPMethod, q, k, v, g=None, g_gamma=None, scale=N
     base = base_log_decay(q, g, g_gamma)
     extra = runs = decays = None
     if initial_state is not None or output_final_state:
+        check_finite_decay(g)
         runs = document_runs(cu_seqlens, T, sp.world, sp.rank, sp.layout, q.device, v.shape[-1])
         decays = run_decays(base, runs, q.dtype)
     if initial_state is not None:
