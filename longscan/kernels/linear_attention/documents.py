@@ -257,5 +257,4 @@ def document_finals(k, v, base, initial_state, entering, runs: DocumentRuns, dec
 
 
 __all__ = ["DocumentRuns", "document_resets", "document_runs", "base_log_decay", "check_finite_decay",
-           "with_resets_gate", "run_decays",
-           "RunDecays", "start_outputs", "leaving_states", "document_finals"]
+           "with_resets_gate", "run_decays", "RunDecays", "start_outputs", "leaving_states", "document_finals"]
