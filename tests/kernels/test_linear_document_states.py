@@ -176,3 +176,23 @@ def test_offsets_read_once_per_tensor(monkeypatch):
     assert torch.equal(chunk_linear_attention(*args, backend="torch", cu_seqlens=cu)[0], plain)
     with pytest.raises(AssertionError, match="read again"):       # a new tensor is read
         chunk_linear_attention(*args, backend="torch", cu_seqlens=cu.clone())
+
+
+@pytest.mark.parametrize("decay", DECAYS)
+def test_padded_rows_path_matches_resets(decay):
+    """The documents as rows of a padded batch (the path fla takes) equal the resets, here through the torch
+    backend, forward and backward (fla itself is optional)."""
+    from longscan.kernels.linear_attention import _as_rows, get_backend
+    cu = torch.tensor(DOCUMENTS["short"])
+    leaves, _, do, _ = case_inputs(decay, DOCUMENTS["short"], 8, 5)
+    outs = []
+    for rows in (True, False):
+        lv = {n: t.clone().requires_grad_() for n, t in leaves.items()}
+        args = (lv["q"], lv["k"], lv["v"], lv.get("g"), lv.get("g_gamma"))
+        if rows:
+            o = _as_rows(*args, 8 ** -0.5, get_backend("torch", torch.device("cpu")), cu)[0]
+        else:
+            o = chunk_linear_attention(*args, backend="torch", cu_seqlens=cu)[0]
+        outs.append([o] + list(torch.autograd.grad(o, list(lv.values()), do)))
+    for a, b in zip(*outs):
+        assert rel_err(a, b) < 1e-12

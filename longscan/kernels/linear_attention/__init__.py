@@ -15,13 +15,12 @@ import importlib
 
 import torch
 
-from longscan.distributed.documents import document_ids, document_positions, to_device
 from longscan.kernels import saved
 from longscan.kernels.checks import check_linear_qkv
 from longscan.kernels.linear_attention.backend import LinearBackend, NaiveBackend, TorchBackend
 from longscan.kernels.linear_attention.documents import (base_log_decay, check_finite_decay, document_finals,
-                                                         document_resets, document_runs, run_decays, start_outputs,
-                                                         with_resets_gate)
+                                                         document_resets, document_rows, document_runs, run_decays,
+                                                         start_outputs, with_resets_gate)
 from longscan.kernels.linear_attention.naive import naive_recurrent_linear_attention
 from longscan.kernels.linear_attention.options import LaunchConfig, LinearKernelOptions, with_resets
 
@@ -140,10 +139,8 @@ def _as_rows(q, k, v, g, g_gamma, scale, impl, cu_seqlens):
     """Packed documents of a batch-1 sequence run as the rows `[N, longest, ...]` of a batch: each row a document
     then zeros (q = k = v = 0 and a log decay of 0 after its end add nothing to its tokens); the outputs are
     read back at the tokens' places. Autograd runs through the scatter and the gather."""
-    total = q.shape[1]
-    doc = to_device(document_ids(cu_seqlens, total), q.device)
-    pos = to_device(document_positions(cu_seqlens, total), q.device)
-    n, longest = int(cu_seqlens.numel()) - 1, int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    places = document_rows(cu_seqlens, q.shape[1], q.device)
+    doc, pos, n, longest = places.doc, places.pos, cu_seqlens.numel() - 1, places.longest
 
     def rows(x):
         return x.new_zeros((n, longest) + tuple(x.shape[2:])).index_put((doc, pos), x[0])
@@ -209,9 +206,9 @@ def chunk_linear_attention(q, k, v, g=None, g_gamma=None, scale=None, initial_st
     check_documents(q, initial_state, output_final_state, backend, impl, one_device=True, cu_seqlens=cu_seqlens)
     if initial_state is not None and initial_state.device != q.device:
         raise ValueError(f"initial_state must be on q's device ({q.device}), got {initial_state.device}")
-    resets = document_resets(cu_seqlens, q.shape[1], device=q.device)
     if impl.name not in RESET_BACKENDS:
         return _as_rows(q, k, v, g, g_gamma, scale, impl, cu_seqlens)
+    resets = document_resets(cu_seqlens, q.shape[1], device=q.device)
     base = base_log_decay(q, g, g_gamma)
     o, _ = _ChunkLinearAttention.apply(q, k, v, with_resets_gate(base, resets), None, None, scale, False, impl)
     if initial_state is None and not output_final_state:

@@ -97,6 +97,19 @@ def _runs(cu: torch.Tensor, gpos: torch.Tensor, n_local: int, value_dim: int, de
         ending_docs=dev(run_doc[run_ends]), slot_last_run=slot_last_run)
 
 
+@dataclass(frozen=True)
+class DocumentRows:
+    """Where each token goes when the documents run as the rows `[N, longest]` of a padded batch."""
+    doc: torch.Tensor           # [T] its document (row)
+    pos: torch.Tensor           # [T] its position in the document (column)
+    longest: int
+
+
+def _padded_rows(cu: torch.Tensor, gpos: torch.Tensor, n_local: int, value_dim: int, device) -> DocumentRows:
+    doc = torch.searchsorted(cu[1:], gpos, right=True)
+    return DocumentRows(to_device(doc, device), to_device(gpos - cu[doc], device), int((cu[1:] - cu[:-1]).max()))
+
+
 # (id of the cu_seqlens tensor) -> (weak reference to it, its version, {call key: what was built}). An entry
 # leaves when its tensor is freed; the bound only limits how many live tensors keep theirs.
 _CACHE: OrderedDict = OrderedDict()
@@ -140,6 +153,11 @@ def document_runs(cu_seqlens: torch.Tensor, local_len: int, world: int = 1, rank
     """The runs of rank ``rank``'s ``local_len`` tokens (one device: world 1) for the documents ``cu_seqlens``,
     for per-document states of value dimension ``value_dim``, cached on the tensor (see :func:`_prepared`)."""
     return _prepared(_runs, cu_seqlens, local_len, world, rank, layout, device, value_dim)
+
+
+def document_rows(cu_seqlens: torch.Tensor, total: int, device=None) -> DocumentRows:
+    """The padded-batch places of one device's ``total`` tokens, cached on the tensor (see :func:`_prepared`)."""
+    return _prepared(_padded_rows, cu_seqlens, total, 1, 0, "contiguous", device, 0)
 
 
 def base_log_decay(q, g, g_gamma) -> torch.Tensor:
@@ -256,5 +274,5 @@ def document_finals(k, v, base, initial_state, entering, runs: DocumentRuns, dec
     return finals.new_zeros((runs.n_docs, H, K, V)).index_copy(0, runs.ending_docs, finals)
 
 
-__all__ = ["DocumentRuns", "document_resets", "document_runs", "base_log_decay", "check_finite_decay",
+__all__ = ["DocumentRuns", "DocumentRows", "document_resets", "document_runs", "document_rows", "base_log_decay", "check_finite_decay",
            "with_resets_gate", "run_decays", "RunDecays", "start_outputs", "leaving_states", "document_finals"]
