@@ -13,7 +13,8 @@ Rows, all over the same ``--total`` tokens (documents of about ``--doc-len`` tok
   `[N, H, K, V]` (their gradients too);
 - "per-document": each document on its own, one call each — what packing should beat.
 "x unpacked" is a row's time over the unpacked one. ``--check`` adds the packed output's and gradients' error
-against each document alone in float64 (CPU) / float32 (GPU). ``--profile`` then runs each row under
+against each document alone in float64 (CPU) / float32 (GPU), and with ``--states`` the states row's (final
+states and the initial states' gradients too). ``--profile`` then runs each row under
 torch.profiler and prints its 12 largest CUDA kernels (on a GPU) and CPU ops by time.
 """
 from __future__ import annotations
@@ -66,6 +67,23 @@ def packed_error(q, k, v, g, cu, do, backend) -> float:
     return max(((a.double() - b.double()).norm() / b.double().norm()).item() for a, b in zip(got, refs))
 
 
+def states_error(q, k, v, g, h0, cu, do, dfinal, backend) -> float:
+    """The same with per-document states: the largest relative error of the output, the final states and the
+    gradients of q, k, v, g and the initial states against each document run alone from its initial state."""
+    ref_dtype = torch.float32 if q.is_cuda else torch.float64
+    leaves = [x.detach().to(ref_dtype).requires_grad_() for x in (q, k, v, g, h0)]
+    runs = [chunk_linear_attention(*(x[:, a:b] for x in leaves[:4]), initial_state=leaves[4][i:i + 1],
+                                   output_final_state=True, backend="torch")
+            for i, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist()))]
+    o_ref, s_ref = torch.cat([o for o, _ in runs], 1), torch.cat([s for _, s in runs], 0)
+    loss = (o_ref * do.to(ref_dtype)).sum() + (s_ref * dfinal.to(ref_dtype)).sum()
+    refs = (o_ref, s_ref) + torch.autograd.grad(loss, leaves)
+    o, s = chunk_linear_attention(q, k, v, g, initial_state=h0, output_final_state=True, backend=backend,
+                                  cu_seqlens=cu)
+    got = (o, s) + torch.autograd.grad((o * do).sum() + (s * dfinal.to(s.dtype)).sum(), (q, k, v, g, h0))
+    return max(((a.double() - b.double()).norm() / b.double().norm()).item() for a, b in zip(got, refs))
+
+
 def main(argv=None):
     args = parse_args(argv)
     cuda, device, total, mean, H, D, dtype, lengths = sizes(args, gpu_heads=16)
@@ -94,16 +112,19 @@ def main(argv=None):
     fns.append(("per-document", per_doc))
     rows = [(row, time_fb(fn, do, device, args.iters, args.warmup)) for row, fn in fns]
     t_whole = rows[0][1]
-    err = None
+    errs = {}
     if args.check:
-        err = packed_error(q, k, v, g, cu, do, args.backend)
+        errs["packed"] = packed_error(q, k, v, g, cu, do, args.backend)
+        if args.states:
+            dfinal = torch.randn(h0.shape, device=device, generator=gen)
+            errs["packed, states"] = states_error(q, k, v, g, h0, cu, do, dfinal, args.backend)
     name = torch.cuda.get_device_name() if cuda else "cpu"
     print(f"# packed_linear  {name}  {dtype}  T={total} docs={len(lengths)} (mean {mean}, longest {max(lengths)})  "
           f"H={H} D={D}  scalar gate, backend={args.backend}")
     print("| row | ms | x unpacked | rel err |")
     print("|---|---|---|---|")
     for row, t in rows:
-        e = f"{err:.1e}" if err is not None and row == "packed" else ""
+        e = f"{errs[row]:.1e}" if row in errs else ""
         print(f"| {row} | {t * 1e3:.2f} | {t / t_whole:.2f} | {e} |")
     if args.profile:
         for row, fn in fns:
