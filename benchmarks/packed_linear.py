@@ -15,7 +15,8 @@ Rows, all over the same ``--total`` tokens (documents of about ``--doc-len`` tok
 "x unpacked" is a row's time over the unpacked one. ``--check`` adds the packed output's and gradients' error
 against each document alone in float64 (CPU) / float32 (GPU), and with ``--states`` the states row's (final
 states and the initial states' gradients too). ``--profile`` then runs each row under
-torch.profiler and prints its 12 largest CUDA kernels (on a GPU) and CPU ops by time.
+torch.profiler and prints its 12 largest CUDA kernels (on a GPU, with the count of host synchronisations in one
+forward+backward) and CPU ops by time.
 """
 from __future__ import annotations
 
@@ -36,6 +37,20 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def count_syncs(fn, do) -> int:
+    """How many operations of one fn().backward(do) make the host wait for the GPU (torch's sync debug mode warns
+    once per such operation)."""
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn().backward(do)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
 def profile_tables(fn, do, device, iters: int) -> str:
     """``iters`` runs of fn().backward(do) under torch.profiler -> the tables of the largest CUDA kernels (on a
     GPU) and CPU ops, by their own time."""
@@ -49,6 +64,7 @@ def profile_tables(fn, do, device, iters: int) -> str:
     events = prof.key_averages()
     tables = []
     if device.type == "cuda":
+        tables.append(f"host synchronisations in one forward+backward: {count_syncs(fn, do)}")
         tables.append("CUDA kernels:\n" + events.table(sort_by="self_cuda_time_total", row_limit=PROFILE_ROWS))
     tables.append("CPU ops:\n" + events.table(sort_by="self_cpu_time_total", row_limit=PROFILE_ROWS))
     return "\n".join(tables)
