@@ -208,12 +208,14 @@ def chunk_linear_attention(q, k, v, g=None, g_gamma=None, scale=None, initial_st
         raise ValueError(f"initial_state must be on q's device ({q.device}), got {initial_state.device}")
     if impl.name not in RESET_BACKENDS:
         return _as_rows(q, k, v, g, g_gamma, scale, impl, cu_seqlens)
+    states = initial_state is not None or output_final_state
+    if states:
+        check_finite_decay(g)
     resets = document_resets(cu_seqlens, q.shape[1], device=q.device)
     base = base_log_decay(q, g, g_gamma)
     o, _ = _ChunkLinearAttention.apply(q, k, v, with_resets_gate(base, resets), None, None, scale, False, impl)
-    if initial_state is None and not output_final_state:
+    if not states:
         return o, None
-    check_finite_decay(g)
     runs = document_runs(cu_seqlens, q.shape[1], device=q.device, value_dim=v.shape[-1])
     decays = run_decays(base, runs, q.dtype)
     if initial_state is not None:

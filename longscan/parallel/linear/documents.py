@@ -47,12 +47,14 @@ def run_documents(method: LinearSPMethod, q, k, v, g=None, g_gamma=None, scale=N
     initial_state: None or `[N, H, K, V]`, the same on every rank."""
     sp = make_context(q, k, v, g, g_gamma, scale, initial_state, group, layout, backend,
                       n_blocks if method.uses_blocks else 1, overlap, options, cu_seqlens, output_final_state)
+    states = initial_state is not None or output_final_state
+    if states:
+        check_finite_decay(g)
     T = q.shape[1]
     resets = document_resets(cu_seqlens, T, sp.world, sp.rank, sp.layout, q.device)
     base = base_log_decay(q, g, g_gamma)
     extra = runs = decays = None
-    if initial_state is not None or output_final_state:
-        check_finite_decay(g)
+    if states:
         runs = document_runs(cu_seqlens, T, sp.world, sp.rank, sp.layout, q.device, v.shape[-1])
         decays = run_decays(base, runs, q.dtype)
     if initial_state is not None:
