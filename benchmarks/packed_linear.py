@@ -2,15 +2,21 @@
 
     python benchmarks/packed_linear.py                                          # CPU: torch backend, small sizes
     PYTHONPATH=. python benchmarks/packed_linear.py --total 65536 --doc-len 2048 --heads 16 --head-dim 128 --check
+    PYTHONPATH=. python benchmarks/packed_linear.py --total 65536 --doc-len 2048 --heads 16 --head-dim 128 --profile
 
 Rows, all over the same ``--total`` tokens (documents of about ``--doc-len`` tokens, lengths drawn in
 [doc_len/2, 3·doc_len/2]), a scalar gate per token and head (simple GLA):
 - "unpacked": the whole sequence, no documents;
 - "packed": ``cu_seqlens`` through ``chunk_linear_attention`` (the torch and Triton backends: resets, log
   decays of -inf);
+- "packed, states" (with ``--states``): the same with an initial state per document and the final states
+  `[N, H, K, V]` (their gradients too);
 - "per-document": each document on its own, one call each — what packing should beat.
 "x unpacked" is a row's time over the unpacked one. ``--check`` adds the packed output's and gradients' error
-against each document alone in float64 (CPU) / float32 (GPU).
+against each document alone in float64 (CPU) / float32 (GPU), and with ``--states`` the states row's (final
+states and the initial states' gradients too). ``--profile`` then runs each row under
+torch.profiler and prints its 12 largest CUDA kernels (on a GPU, with the count of host synchronisations in one
+forward+backward) and CPU ops by time.
 """
 from __future__ import annotations
 
@@ -20,9 +26,48 @@ import torch.nn.functional as F
 from benchmarks.packed_softmax import packing_parser, sizes, time_fb
 from longscan.kernels.linear_attention import chunk_linear_attention
 
+PROFILE_ROWS = 12
+
 
 def parse_args(argv=None):
-    return packing_parser(__doc__.splitlines()[0]).parse_args(argv)
+    p = packing_parser(__doc__.splitlines()[0])
+    p.add_argument("--states", action="store_true", help="add a row with per-document initial and final states")
+    p.add_argument("--profile", action="store_true",
+                   help=f"print each row's {PROFILE_ROWS} largest CUDA kernels and CPU ops (torch.profiler)")
+    return p.parse_args(argv)
+
+
+def count_syncs(fn, do) -> int:
+    """How many operations of one fn().backward(do) make the host wait for the GPU (torch's sync debug mode warns
+    once per such operation)."""
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn().backward(do)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def profile_tables(fn, do, device, iters: int) -> str:
+    """``iters`` runs of fn().backward(do) under torch.profiler -> the tables of the largest CUDA kernels (on a
+    GPU) and CPU ops, by their own time."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(iters):
+            fn().backward(do)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    events = prof.key_averages()
+    tables = []
+    if device.type == "cuda":
+        tables.append(f"host synchronisations in one forward+backward: {count_syncs(fn, do)}")
+        tables.append("CUDA kernels:\n" + events.table(sort_by="self_cuda_time_total", row_limit=PROFILE_ROWS))
+    tables.append("CPU ops:\n" + events.table(sort_by="self_cpu_time_total", row_limit=PROFILE_ROWS))
+    return "\n".join(tables)
 
 
 def packed_error(q, k, v, g, cu, do, backend) -> float:
@@ -35,6 +80,23 @@ def packed_error(q, k, v, g, cu, do, backend) -> float:
     refs = (o_ref,) + torch.autograd.grad(o_ref, leaves, do.to(ref_dtype))
     o = chunk_linear_attention(q, k, v, g, backend=backend, cu_seqlens=cu)[0]
     got = (o,) + torch.autograd.grad(o, (q, k, v, g), do)
+    return max(((a.double() - b.double()).norm() / b.double().norm()).item() for a, b in zip(got, refs))
+
+
+def states_error(q, k, v, g, h0, cu, do, dfinal, backend) -> float:
+    """The same with per-document states: the largest relative error of the output, the final states and the
+    gradients of q, k, v, g and the initial states against each document run alone from its initial state."""
+    ref_dtype = torch.float32 if q.is_cuda else torch.float64
+    leaves = [x.detach().to(ref_dtype).requires_grad_() for x in (q, k, v, g, h0)]
+    runs = [chunk_linear_attention(*(x[:, a:b] for x in leaves[:4]), initial_state=leaves[4][i:i + 1],
+                                   output_final_state=True, backend="torch")
+            for i, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist()))]
+    o_ref, s_ref = torch.cat([o for o, _ in runs], 1), torch.cat([s for _, s in runs], 0)
+    loss = (o_ref * do.to(ref_dtype)).sum() + (s_ref * dfinal.to(ref_dtype)).sum()
+    refs = (o_ref, s_ref) + torch.autograd.grad(loss, leaves)
+    o, s = chunk_linear_attention(q, k, v, g, initial_state=h0, output_final_state=True, backend=backend,
+                                  cu_seqlens=cu)
+    got = (o, s) + torch.autograd.grad((o * do).sum() + (s * dfinal.to(s.dtype)).sum(), (q, k, v, g, h0))
     return max(((a.double() - b.double()).norm() / b.double().norm()).item() for a, b in zip(got, refs))
 
 
@@ -51,24 +113,38 @@ def main(argv=None):
     def run(cu_seqlens):
         return lambda: chunk_linear_attention(q, k, v, g, backend=args.backend, cu_seqlens=cu_seqlens)[0]
 
+    h0 = torch.randn(len(lengths), H, D, D, device=device, generator=gen).mul_(0.1).requires_grad_()
+
+    def with_states():
+        o, final = chunk_linear_attention(q, k, v, g, initial_state=h0, output_final_state=True,
+                                          backend=args.backend, cu_seqlens=cu)
+        return o + final.sum() * 0      # the final states join the backward (a zero gradient, the same work)
+
     def per_doc():
         return torch.cat([chunk_linear_attention(q[:, a:b], k[:, a:b], v[:, a:b], g[:, a:b], backend=args.backend)[0]
                           for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())], 1)
 
-    t_whole = time_fb(run(None), do, device, args.iters, args.warmup)
-    rows = [("unpacked", t_whole), ("packed", time_fb(run(cu), do, device, args.iters, args.warmup)),
-            ("per-document", time_fb(per_doc, do, device, args.iters, args.warmup))]
-    err = None
+    fns = [("unpacked", run(None)), ("packed", run(cu))] + ([("packed, states", with_states)] if args.states else [])
+    fns.append(("per-document", per_doc))
+    rows = [(row, time_fb(fn, do, device, args.iters, args.warmup)) for row, fn in fns]
+    t_whole = rows[0][1]
+    errs = {}
     if args.check:
-        err = packed_error(q, k, v, g, cu, do, args.backend)
+        errs["packed"] = packed_error(q, k, v, g, cu, do, args.backend)
+        if args.states:
+            dfinal = torch.randn(h0.shape, device=device, generator=gen)
+            errs["packed, states"] = states_error(q, k, v, g, h0, cu, do, dfinal, args.backend)
     name = torch.cuda.get_device_name() if cuda else "cpu"
     print(f"# packed_linear  {name}  {dtype}  T={total} docs={len(lengths)} (mean {mean}, longest {max(lengths)})  "
           f"H={H} D={D}  scalar gate, backend={args.backend}")
     print("| row | ms | x unpacked | rel err |")
     print("|---|---|---|---|")
     for row, t in rows:
-        e = f"{err:.1e}" if err is not None and row == "packed" else ""
+        e = f"{errs[row]:.1e}" if row in errs else ""
         print(f"| {row} | {t * 1e3:.2f} | {t / t_whole:.2f} | {e} |")
+    if args.profile:
+        for row, fn in fns:
+            print(f"\n## {row}: {args.iters} runs of forward+backward\n{profile_tables(fn, do, device, args.iters)}")
 
 
 if __name__ == "__main__":

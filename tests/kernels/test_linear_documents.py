@@ -1,6 +1,6 @@
 """Packed documents (cu_seqlens) through chunk_linear_attention: every decay kind on the torch and naive
 backends against each document run alone through the float64 recurrence (outputs concatenated), forward and
-backward; and the inputs that packed documents refuse."""
+backward; and the inputs that packed documents refuse (per-document states: test_linear_document_states.py)."""
 import pytest
 import torch
 
@@ -99,12 +99,12 @@ def _call(**kw):
 
 @pytest.mark.parametrize("kw,match", [
     ({"B": 2}, r"cu_seqlens packs documents into one sequence: q must be \[1, T, H, K\], got batch 2"),
-    ({"initial_state": torch.zeros(1, 2, 8, 5, dtype=torch.float64)}, "initial_state cannot be combined"),
-    ({"output_final_state": True}, "output_final_state=True cannot be combined"),
+    ({"initial_state": torch.zeros(1, 2, 8, 5, dtype=torch.float64)},
+     r"initial_state with cu_seqlens of 2 documents must be one state per document \[N, H, K, V\] = \(2, 2, 8, 5\)"),
     ({"cu_seqlens": torch.tensor([0, 10, T - 1])}, "cu_seqlens must start at 0 and end at the global length"),
     ({"cu_seqlens": torch.tensor([0, 10, 10, T])}, "cu_seqlens must be strictly increasing"),
     ({"cu_seqlens": torch.tensor([0.0, T])}, "cu_seqlens must be a 1-D int32/int64"),
-], ids=["batch", "initial_state", "final_state", "end", "increasing", "dtype"])
+], ids=["batch", "initial_state", "end", "increasing", "dtype"])
 def test_documents_refuse(kw, match):
     with pytest.raises(ValueError, match=match):
         _call(**kw)

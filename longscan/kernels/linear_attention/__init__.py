@@ -5,8 +5,9 @@ Backends: "naive" (recurrent reference), "torch" (chunked, CPU default), "triton
 
 Packed documents (``cu_seqlens``) enter the backends in :data:`RESET_BACKENDS` as resets: a log decay of -inf at
 every document's first token but the sequence's first drops the state whole, so no document sees another (the
-SP operators carry such resets exactly). On one device fla, whose kernels are not checked with -inf here, runs
-the documents as the rows of a zero-padded batch instead.
+SP operators carry such resets exactly); per-document initial and final states are added around the kernels
+(``documents.py``). On one device fla, whose kernels are not checked with -inf here, runs the documents as the
+rows of a zero-padded batch instead (without states).
 """
 from __future__ import annotations
 
@@ -14,10 +15,12 @@ import importlib
 
 import torch
 
-from longscan.distributed.documents import check_cu_seqlens, document_ids, document_positions, to_device
 from longscan.kernels import saved
 from longscan.kernels.checks import check_linear_qkv
 from longscan.kernels.linear_attention.backend import LinearBackend, NaiveBackend, TorchBackend
+from longscan.kernels.linear_attention.documents import (base_log_decay, check_finite_decay, document_finals,
+                                                         document_resets, document_rows, document_runs, run_decays,
+                                                         start_outputs, with_resets_gate)
 from longscan.kernels.linear_attention.naive import naive_recurrent_linear_attention
 from longscan.kernels.linear_attention.options import LaunchConfig, LinearKernelOptions, with_resets
 
@@ -103,20 +106,26 @@ def check_inputs(q, k, v, g=None, g_gamma=None, initial_state=None) -> None:
 
 
 def check_documents(q, initial_state, output_final_state: bool, backend: str, impl: LinearBackend | None = None,
-                    one_device: bool = False) -> None:
-    """Refuse what packed documents (``cu_seqlens``) cannot come with: a batch above 1, initial_state,
-    output_final_state, and over an SP group (not ``one_device``) a backend outside :data:`RESET_BACKENDS`
-    (``impl``: what ``backend`` resolved to; None: check the name alone, before resolving it)."""
+                    one_device: bool = False, cu_seqlens=None) -> None:
+    """Refuse what packed documents (``cu_seqlens``) cannot come with: a batch above 1, an initial_state that is
+    not one state per document `[N, H, K, V]`, states on the fla backend (which runs documents as batch rows, on one
+    device only), and over an SP group (not ``one_device``) a backend outside :data:`RESET_BACKENDS` (``impl``:
+    what ``backend`` resolved to; None: check the name alone, before resolving it)."""
     if q.shape[0] != 1:
         raise ValueError("cu_seqlens packs documents into one sequence: q must be [1, T, H, K], got batch "
                          f"{q.shape[0]}")
-    if initial_state is not None:
-        raise ValueError("initial_state cannot be combined with cu_seqlens: per-document initial states are not "
-                         "supported (every document starts from a zero state); pass initial_state=None")
-    if output_final_state:
-        raise ValueError("output_final_state=True cannot be combined with cu_seqlens: per-document final states are "
-                         "not supported; pass output_final_state=False")
+    if initial_state is not None and isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.dim() == 1:
+        _, _, H, K = q.shape
+        expected = (cu_seqlens.numel() - 1, H, K, initial_state.shape[-1])
+        if tuple(initial_state.shape) != expected:
+            raise ValueError(f"initial_state with cu_seqlens of {expected[0]} documents must be one state per "
+                             f"document [N, H, K, V] = {expected}, got {tuple(initial_state.shape)}")
     name = impl.name if impl is not None else backend
+    if (initial_state is not None or output_final_state) and name == "fla":
+        picked = "" if name == backend else f" (backend={backend!r} picked 'fla')"
+        raise ValueError(f"backend={backend!r}{picked} runs packed documents as the rows of a padded batch, without "
+                         "per-document initial_state or output_final_state; use backend='torch', 'naive' or "
+                         "'triton' for per-document states")
     if not one_device and name not in RESET_BACKENDS + ("auto",):
         picked = "" if name == backend else f" (backend={backend!r} picked {name!r} on {q.device.type})"
         raise ValueError(f"cu_seqlens (packed documents) over an SP group needs backend='torch', 'naive' or "
@@ -126,37 +135,12 @@ def check_documents(q, initial_state, output_final_state: bool, backend: str, im
                          "on CUDA, 'torch' elsewhere")
 
 
-def document_resets(cu_seqlens: torch.Tensor, global_positions: torch.Tensor) -> torch.Tensor:
-    """Whether each token, given by its global position `[T]`, starts a document other than the sequence's
-    first (bool `[T]`, CPU). cu_seqlens: validated int64 offsets (``longscan.distributed.documents``)."""
-    return torch.isin(global_positions, cu_seqlens[1:-1])
-
-
-def reset_log_decay(q, g, g_gamma, resets: torch.Tensor) -> torch.Tensor:
-    """The per-token log decay of packed documents: g (g_gamma broadcast to `[B, T, H]`, or zeros without a
-    decay) with -inf at the tokens where ``resets`` `[T]` holds, in a new tensor (g is left as it is). There the
-    state before the token is dropped whole, so the gradient of g (or g_gamma) at a reset is 0: its value when
-    the document runs alone too, where that decay multiplies the zero initial state."""
-    B, T, H, _ = q.shape
-    if g is not None:
-        base = g
-    elif g_gamma is not None:
-        base = g_gamma.view(1, 1, H).expand(B, T, H)
-    else:
-        base = torch.zeros(B, T, H, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
-                           device=q.device)
-    mask = to_device(resets, q.device).view((1, T) + (1,) * (base.dim() - 2))
-    return torch.where(mask, torch.full((), float("-inf"), dtype=base.dtype, device=base.device), base)
-
-
 def _as_rows(q, k, v, g, g_gamma, scale, impl, cu_seqlens):
     """Packed documents of a batch-1 sequence run as the rows `[N, longest, ...]` of a batch: each row a document
     then zeros (q = k = v = 0 and a log decay of 0 after its end add nothing to its tokens); the outputs are
     read back at the tokens' places. Autograd runs through the scatter and the gather."""
-    total = q.shape[1]
-    doc = to_device(document_ids(cu_seqlens, total), q.device)
-    pos = to_device(document_positions(cu_seqlens, total), q.device)
-    n, longest = int(cu_seqlens.numel()) - 1, int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    places = document_rows(cu_seqlens, q.shape[1], q.device)
+    doc, pos, n, longest = places.doc, places.pos, cu_seqlens.numel() - 1, places.longest
 
     def rows(x):
         return x.new_zeros((n, longest) + tuple(x.shape[2:])).index_put((doc, pos), x[0])
@@ -203,27 +187,44 @@ def chunk_linear_attention(q, k, v, g=None, g_gamma=None, scale=None, initial_st
     reset) needs ``options.resets`` on the Triton backend (naive and torch take -inf always).
     cu_seqlens: packed documents, int32/int64 `[N + 1]` offsets (fla's convention) with B = 1: every document
     is attended alone (torch, naive, triton: a reset, log decay -inf, at its first token, with options.resets
-    turned on; fla: the documents as the rows of a zero-padded batch), without initial_state or
-    output_final_state. The gradient of g (or g_gamma) at a document's first token is 0.
+    turned on; fla: the documents as the rows of a zero-padded batch). initial_state is then `[N, H, K, V]`, the
+    state each document starts from, and the final state `[N, H, K, V]` each document's state after its last
+    token (not on fla). The gradient of g (or g_gamma) at a document's first token is 0 without initial_state.
+    The offsets are validated and turned into resets on the first call with a tensor, then cached on it.
     Same conventions as flash-linear-attention's chunk_simple_gla / chunk_gla.
     """
-    check_inputs(q, k, v, g, g_gamma, initial_state)
-    if cu_seqlens is not None:
-        check_documents(q, initial_state, output_final_state, backend, one_device=True)
+    documents = cu_seqlens is not None
+    check_inputs(q, k, v, g, g_gamma, None if documents else initial_state)
+    if documents:
+        check_documents(q, initial_state, output_final_state, backend, one_device=True, cu_seqlens=cu_seqlens)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     # documents enter as -inf gates: the Triton kernels then compile their reset arithmetic (options.resets)
-    impl = get_backend(backend, q.device, with_resets(options) if cu_seqlens is not None else options)
+    impl = get_backend(backend, q.device, with_resets(options) if documents else options)
     check_backend_supports(impl, g_gamma)
-    if cu_seqlens is not None:
-        T = q.shape[1]
-        cu = check_cu_seqlens(cu_seqlens, T)
-        if impl.name not in RESET_BACKENDS:
-            return _as_rows(q, k, v, g, g_gamma, scale, impl, cu)
-        g = reset_log_decay(q, g, g_gamma, document_resets(cu, torch.arange(T)))
-        g_gamma = None
-    return _ChunkLinearAttention.apply(q, k, v, g, g_gamma, initial_state, scale, output_final_state, impl)
+    if not documents:
+        return _ChunkLinearAttention.apply(q, k, v, g, g_gamma, initial_state, scale, output_final_state, impl)
+    check_documents(q, initial_state, output_final_state, backend, impl, one_device=True, cu_seqlens=cu_seqlens)
+    if initial_state is not None and initial_state.device != q.device:
+        raise ValueError(f"initial_state must be on q's device ({q.device}), got {initial_state.device}")
+    if impl.name not in RESET_BACKENDS:
+        return _as_rows(q, k, v, g, g_gamma, scale, impl, cu_seqlens)
+    states = initial_state is not None or output_final_state
+    if states:
+        check_finite_decay(g)
+    resets = document_resets(cu_seqlens, q.shape[1], device=q.device)
+    base = base_log_decay(q, g, g_gamma)
+    o, _ = _ChunkLinearAttention.apply(q, k, v, with_resets_gate(base, resets), None, None, scale, False, impl)
+    if not states:
+        return o, None
+    runs = document_runs(cu_seqlens, q.shape[1], device=q.device, value_dim=v.shape[-1])
+    decays = run_decays(base, runs, q.dtype)
+    if initial_state is not None:
+        o = o + start_outputs(q, base, initial_state, runs, decays, scale).to(o.dtype)
+    final = document_finals(k, v, base, initial_state, None, runs, decays) if output_final_state else None
+    return o, final
 
 
 __all__ = ["chunk_linear_attention", "naive_recurrent_linear_attention", "get_backend", "check_inputs",
-           "check_documents", "document_resets", "reset_log_decay", "RESET_BACKENDS", "with_resets",
-           "check_log_decay", "check_backend_supports", "LinearBackend", "LinearKernelOptions", "LaunchConfig", "BACKENDS"]
+           "check_documents", "RESET_BACKENDS", "with_resets", "document_resets", "document_runs", "base_log_decay",
+           "with_resets_gate", "check_log_decay", "check_backend_supports", "LinearBackend", "LinearKernelOptions",
+           "LaunchConfig", "BACKENDS"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 from longscan.distributed import checks
 from longscan.kernels.linear_attention import LinearKernelOptions
 from longscan.parallel.linear.common import METHODS, LinearSPMethod, run_method
+from longscan.parallel.linear.documents import run_documents
 from longscan.parallel.linear.lasp1 import LASP1, lasp1_linear_attention
 from longscan.parallel.linear.lasp2 import LASP2, lasp2_linear_attention
 from longscan.parallel.linear.zeco import ZECO, zeco_linear_attention
@@ -37,8 +38,9 @@ def linear_attention(q, k, v, g=None, g_gamma=None, scale=None, initial_state=No
     options: the Triton kernels' :class:`LinearKernelOptions` (None: the defaults).
     cu_seqlens: packed documents, int32/int64 `[N + 1]` offsets into the *global* sequence (fla's convention),
     the same on every rank, with B = 1: each document is attended alone, as a reset (log decay -inf) at its first
-    token. Backends "torch", "naive" and "triton" (those that compute -inf exactly), without initial_state or
-    output_final_state. The gradient of g (or g_gamma) at a document's first token is 0.
+    token. Backends "torch", "naive" and "triton" (those that compute -inf exactly). initial_state is then
+    `[N, H, K, V]`, the state each document starts from (the same on every rank), and the final state
+    `[N, H, K, V]` each document's state after its last token, on every rank.
     """
     checks.check_linear_call(group, q, k, v, g, g_gamma, scale, initial_state, output_final_state, method, layout,
                              n_blocks, cu_seqlens)
@@ -46,8 +48,11 @@ def linear_attention(q, k, v, g=None, g_gamma=None, scale=None, initial_state=No
         checks.check_replicated(group, "linear_attention", initial_state=initial_state, g_gamma=g_gamma)
     if method not in REGISTRY:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if cu_seqlens is not None:
+        return run_documents(REGISTRY[method], q, k, v, g, g_gamma, scale, initial_state, output_final_state, group,
+                             layout, backend, n_blocks, overlap, options, cu_seqlens)
     return run_method(REGISTRY[method], q, k, v, g, g_gamma, scale, initial_state, output_final_state, group,
-                      layout, backend, n_blocks, overlap, options, cu_seqlens)
+                      layout, backend, n_blocks, overlap, options)
 
 
 __all__ = ["linear_attention", "zeco_linear_attention", "lasp2_linear_attention", "lasp1_linear_attention",

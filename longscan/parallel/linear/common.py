@@ -15,13 +15,11 @@ from typing import Callable, Protocol
 import torch
 import torch.distributed as dist
 
-from longscan.distributed.documents import check_cu_seqlens, global_positions
 from longscan.distributed.layouts import check_layout, group_rank_size, num_segments, segment_owner
 from longscan.distributed.stats import count, nbytes, waiting
 from longscan.kernels import saved
 from longscan.kernels.linear_attention import (LinearBackend, LinearKernelOptions, check_backend_supports,
-                                               check_documents, check_inputs, document_resets, get_backend,
-                                               reset_log_decay, with_resets)
+                                               check_documents, check_inputs, get_backend, with_resets)
 from longscan.kernels.linear_attention.backend import log_decay
 
 
@@ -136,14 +134,17 @@ def all_reduce_sum(x: torch.Tensor, sp: SPContext) -> torch.Tensor:
 
 
 def make_context(q, k, v, g, g_gamma, scale, initial_state, group, layout, backend, n_blocks, overlap=True,
-                 options: LinearKernelOptions | None = None, documents: bool = False,
+                 options: LinearKernelOptions | None = None, cu_seqlens=None,
                  output_final_state: bool = False) -> SPContext:
-    """Validate everything and build the SPContext (ValueError/TypeError naming the parameter). documents:
-    cu_seqlens was given (``check_documents``; output_final_state is checked only then)."""
+    """Validate everything and build the SPContext (ValueError/TypeError naming the parameter). cu_seqlens:
+    packed documents (``check_documents``: initial_state is then one state per document)."""
+    documents = cu_seqlens is not None
     check_layout(layout)
-    check_inputs(q, k, v, g, g_gamma, initial_state)
+    check_inputs(q, k, v, g, g_gamma, None if documents else initial_state)
     if documents:
-        check_documents(q, initial_state, output_final_state, backend)
+        check_documents(q, initial_state, output_final_state, backend, cu_seqlens=cu_seqlens)
+        if initial_state is not None and initial_state.device != q.device:
+            raise ValueError(f"initial_state must be on q's device ({q.device}), got {initial_state.device}")
     if not isinstance(overlap, bool):
         raise TypeError(f"overlap must be True or False, got {overlap!r}")
     if not isinstance(n_blocks, int) or not 1 <= n_blocks <= q.shape[-1]:
@@ -155,26 +156,29 @@ def make_context(q, k, v, g, g_gamma, scale, initial_state, group, layout, backe
         raise ValueError(f"layout='zigzag' needs an even local length q.shape[1], got {T}")
     if T == 0:
         raise ValueError("q.shape[1] (the local length) must be positive")
-    # documents enter as -inf gates (local_log_decay): the backend, which every SP piece calls (segment_state,
+    # documents enter as -inf gates (run_documents): the backend, which every SP piece calls (segment_state,
     # forward, add_prefix, prefix_grad, backward), is built with options.resets on (Triton's reset arithmetic)
     impl = get_backend(backend, q.device, with_resets(options) if documents else options)
     check_backend_supports(impl, g_gamma)
     if documents:
-        check_documents(q, initial_state, output_final_state, backend, impl)
+        check_documents(q, initial_state, output_final_state, backend, impl, cu_seqlens=cu_seqlens)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return SPContext(group, layout, rank, world, n_local, scale, impl, n_blocks, overlap)
 
 
 class MethodForward(Protocol):
     def __call__(self, sp: SPContext, q, k, v, g, g_gamma, initial_state, output_final_state: bool,
-                 keep: bool) -> tuple:
+                 keep: bool, extra=None) -> tuple:
         """-> (o, final | None, P `[n_local, B, H, K, V]` the states entering the local segments, the local
-        forward's record for the backward or None)."""
+        forward's record for the backward or None). extra: None, or `[n_local, B, H, K, V]` added to the states
+        the local segments leave before the scan (packed documents' initial states)."""
 
 
 class MethodBackward(Protocol):
-    def __call__(self, sp: SPContext, q, k, v, g, g_gamma, P, do, dfinal, record) -> tuple:
-        """-> (dq, dk, dv, dgate, dh0)."""
+    def __call__(self, sp: SPContext, q, k, v, g, g_gamma, P, do, dfinal, record, dP_out=None) -> tuple:
+        """-> (dq, dk, dv, dgate, dh0, R): R `[n_local, B, H, K, V]` the gradient of the states the local
+        segments leave (that of ``extra``). dP_out: None, or a gradient of P from outside the method, added to
+        the one from the local outputs before the reverse scan."""
 
 
 @dataclass(frozen=True)
@@ -187,51 +191,49 @@ class LinearSPMethod:
 
 
 class SPLinearAttentionFunction(torch.autograd.Function):
-    """Autograd for every linear SP method; the method supplies its forward and backward."""
+    """Autograd for every linear SP method; the method supplies its forward and backward.
+
+    Outputs (o, final | None, P): P `[n_local, B, H, K, V]`, the states entering the local segments, for
+    callers that read states inside the sequence (packed documents' final states); its gradient joins the scan's.
+    extra (None or `[n_local, B, H, K, V]`): added to the states the local segments leave (see MethodForward)."""
 
     @staticmethod
-    def forward(ctx, method: LinearSPMethod, sp, q, k, v, g, g_gamma, initial_state, output_final_state):
+    def forward(ctx, method: LinearSPMethod, sp, q, k, v, g, g_gamma, initial_state, output_final_state,
+                extra=None):
         o, final, P, record = method.forward(sp, q, k, v, g, g_gamma, initial_state, output_final_state,
-                                             any(ctx.needs_input_grad))
+                                             any(ctx.needs_input_grad), extra)
         # the local forward's record kept as saved tensors until the backward, so that activation checkpointing
         # frees them too (longscan.kernels.saved)
         kept, ctx.record = saved.pack(record)
         ctx.save_for_backward(q, k, v, g, g_gamma, P, initial_state, *kept)
         ctx.method, ctx.sp, ctx.output_final_state = method, sp, output_final_state
-        return o, final
+        ctx.has_extra = extra is not None
+        # unused outputs (P, mostly) get None, not a zero tensor to add into the scan
+        ctx.set_materialize_grads(False)
+        return o, final, P
 
     @staticmethod
-    def backward(ctx, do, dfinal):
+    def backward(ctx, do, dfinal, dP):
         q, k, v, g, g_gamma, P, h0, *kept = ctx.saved_tensors
         if not ctx.output_final_state:
             dfinal = None
+        if do is None:
+            do = torch.zeros_like(v)
         record = saved.unpack(kept, ctx.record)
-        dq, dk, dv, dgate, dh0 = ctx.method.backward(ctx.sp, q, k, v, g, g_gamma, P, do, dfinal, record)
+        dq, dk, dv, dgate, dh0, R = ctx.method.backward(ctx.sp, q, k, v, g, g_gamma, P, do, dfinal, record, dP)
         return (None, None, dq, dk, dv,
                 dgate if g is not None else None, dgate if g_gamma is not None else None,
-                dh0.to(h0.dtype) if h0 is not None else None, None)
-
-
-def local_log_decay(sp: SegmentGroup, q, g, g_gamma, cu_seqlens) -> torch.Tensor:
-    """This rank's per-token log decay of packed documents: -inf at the local tokens that start a document
-    (``reset_log_decay``), found from the global offsets ``cu_seqlens`` through the layout. Its -inf needs the
-    backend :func:`make_context` builds with ``documents=True`` (options.resets on)."""
-    T = q.shape[1]
-    cu = check_cu_seqlens(cu_seqlens, T * sp.world)
-    return reset_log_decay(q, g, g_gamma, document_resets(cu, global_positions(T, sp.world, sp.rank, sp.layout)))
+                dh0.to(h0.dtype) if h0 is not None else None, None, R if ctx.has_extra else None)
 
 
 def run_method(method: LinearSPMethod, q, k, v, g=None, g_gamma=None, scale=None, initial_state=None,
                output_final_state=False, group=None, layout="contiguous", backend="auto", n_blocks=4,
-               overlap=False, options: LinearKernelOptions | None = None, cu_seqlens=None):
-    """Validate, then run ``method`` under autograd (n_blocks only where the method pipelines blocks).
-    cu_seqlens: packed documents, global offsets; they become resets in a per-token log decay."""
-    documents = cu_seqlens is not None
+               overlap=False, options: LinearKernelOptions | None = None):
+    """Validate, then run ``method`` under autograd (n_blocks only where the method pipelines blocks). Packed
+    documents: ``longscan.parallel.linear.documents.run_documents``."""
     sp = make_context(q, k, v, g, g_gamma, scale, initial_state, group, layout, backend,
-                      n_blocks if method.uses_blocks else 1, overlap, options, documents, output_final_state)
-    if documents:
-        g, g_gamma = local_log_decay(sp, q, g, g_gamma, cu_seqlens), None
-    return SPLinearAttentionFunction.apply(method, sp, q, k, v, g, g_gamma, initial_state, output_final_state)
+                      n_blocks if method.uses_blocks else 1, overlap, options)
+    return SPLinearAttentionFunction.apply(method, sp, q, k, v, g, g_gamma, initial_state, output_final_state)[:2]
 
 
 def segment_inputs(sp: SPContext, q, k, v, g, do=None):
@@ -243,7 +245,13 @@ def segment_inputs(sp: SPContext, q, k, v, g, do=None):
 Collective = Callable[[torch.Tensor, torch.Tensor], tuple]
 
 
-def forward_from_prefix(sp: SPContext, qs, ks, vs, gs, g_gamma, collective: Collective, keep: bool):
+def _leaving(S: torch.Tensor, n: int, extra) -> torch.Tensor:
+    """The states the local segments leave, segment-major, with ``extra`` added (see MethodForward)."""
+    S = by_segment(S, n)
+    return S if extra is None else S + extra.to(S.dtype)
+
+
+def forward_from_prefix(sp: SPContext, qs, ks, vs, gs, g_gamma, collective: Collective, keep: bool, extra=None):
     """The default schedule: a state-only pass, the collective, then the output pass from the entering state P
     (no correction pass, but nothing hides the collective). The output pass takes the state pass's record (per-key
     gates: the gate operands its pre-pass wrote), and its own record (its segment prefixes from P, which the
@@ -251,13 +259,13 @@ def forward_from_prefix(sp: SPContext, qs, ks, vs, gs, g_gamma, collective: Coll
     n = sp.n_local
     # with qs: per-key gates' pre-pass writes the output pass's operands too (and the backward's with keep)
     S, logd, kv = sp.impl.segment_state(ks, vs, gs, g_gamma, q=qs, keep=keep, zero_prefixes=False)
-    result = collective(by_segment(S, n), by_segment(logd, n))
+    result = collective(_leaving(S, n, extra), by_segment(logd, n))
     o, _, record = sp.impl.forward(qs, ks, vs, gs, g_gamma, sp.scale, by_batch(result[0]), False, keep=keep,
                                    saved=kv)
     return o, result, record
 
 
-def forward_overlapped(sp: SPContext, qs, ks, vs, gs, g_gamma, collective: Collective, keep: bool):
+def forward_overlapped(sp: SPContext, qs, ks, vs, gs, g_gamma, collective: Collective, keep: bool, extra=None):
     """``overlap=True``: the output pass from zero, then the correction o += scale·(q⊙exp(A)) P (one more pass
     over q and o). On CUDA a state-only pass comes first and the collective runs on a side stream beside the
     output pass; elsewhere (gloo blocks the host, nothing would overlap) one pass gives the zero-prefix output and
@@ -266,31 +274,33 @@ def forward_overlapped(sp: SPContext, qs, ks, vs, gs, g_gamma, collective: Colle
     n = sp.n_local
     if qs.device.type == "cuda":
         S, logd, kv = sp.impl.segment_state(ks, vs, gs, g_gamma, q=qs, keep=keep, zero_prefixes=True)
+        leaving = _leaving(S, n, extra)     # on the main stream, which joins the side stream before it is freed
         with comm_stream(qs.device) as stream:
-            result = collective(by_segment(S, n), by_segment(logd, n))
+            result = collective(leaving, by_segment(logd, n))
         o, _, record = sp.impl.forward(qs, ks, vs, gs, g_gamma, sp.scale, None, False, keep=keep, saved=kv)
         join_stream(stream, *[t for t in result if t is not None])
     else:
         o, S, record = sp.impl.forward(qs, ks, vs, gs, g_gamma, sp.scale, None, True, keep=keep)
         B, T_seg, H, K = qs.shape
         logd = log_decay(gs, g_gamma, T_seg, (B, H, K), S.dtype, qs.device)
-        result = collective(by_segment(S, n), by_segment(logd, n))
+        result = collective(_leaving(S, n, extra), by_segment(logd, n))
     if record is not None:
         record = record.operands_only()
     return sp.impl.add_prefix(o, qs, gs, g_gamma, sp.scale, by_batch(result[0])), result, record
 
 
-def local_pass(sp: SPContext, qs, ks, vs, gs, g_gamma, collective: Collective, keep: bool):
+def local_pass(sp: SPContext, qs, ks, vs, gs, g_gamma, collective: Collective, keep: bool, extra=None):
     """Every local segment's output, and ``collective(S_loc, log_decay)`` on their states, by the schedule
     ``sp.overlap`` names (:func:`forward_from_prefix`, :func:`forward_overlapped`).
 
     qs, ks, vs, gs are stacked segments (:func:`segment_inputs`); ``collective`` gets `[n_local, B, H, K, V]`
     states and `[n_local, B, H, K]` log decays and returns a tuple whose first entry is P `[n_local, B, H, K,
     V]`, the states entering the local segments. keep: a backward follows (the local forward then keeps what
-    it can reuse). -> (o `[B·n_local, T/n_local, H, V]`, the collective's result, the record for the backward).
+    it can reuse). extra: None, or `[n_local, B, H, K, V]` added to the states the segments leave.
+    -> (o `[B·n_local, T/n_local, H, V]`, the collective's result, the record for the backward).
     """
     schedule = forward_overlapped if sp.overlap else forward_from_prefix
-    return schedule(sp, qs, ks, vs, gs, g_gamma, collective, keep)
+    return schedule(sp, qs, ks, vs, gs, g_gamma, collective, keep, extra)
 
 
 def reverse_beside_dq(device, run):
@@ -311,9 +321,10 @@ def reverse_beside_dq(device, run):
 def local_backward(sp: SPContext, q, k, v, g, g_gamma, P, do, R, qdo, record):
     """The local backward once the SP scan has given every segment its entering state P and the
     gradient R of its leaving state (or a function that returns R: :func:`reverse_beside_dq`):
-    -> (dq, dk, dv, dgate, dh0) with dgate shaped like g (or g_gamma) and dh0 the gradient of
+    -> (dq, dk, dv, dgate, dh0, R) with dgate shaped like g (or g_gamma), dh0 the gradient of
     initial_state (non-zero only on the rank holding global segment 0, so the sum over ranks is the
-    single-device gradient). qdo: what :func:`prefix_grads` computed; record: the local forward's."""
+    single-device gradient) and R resolved. qdo: what :func:`prefix_grads` computed; record: the local
+    forward's."""
     n = sp.n_local
     need_dg = any(x is not None and x.requires_grad for x in (g, g_gamma))
     qs, ks, vs, gs, dos = segment_inputs(sp, q, k, v, g, do)
@@ -322,7 +333,7 @@ def local_backward(sp: SPContext, q, k, v, g, g_gamma, P, do, R, qdo, record):
                                               saved=record, qdo=qdo)
     dh0 = by_segment(dh0, n)[0].contiguous() if sp.rank == sp.first_owner else torch.zeros_like(P[0])
     return (merge(dq, n), merge(dk, n), merge(dv, n),
-            (merge(dgate, n) if g is not None and dgate is not None else dgate), dh0)
+            (merge(dgate, n) if g is not None and dgate is not None else dgate), dh0, R() if callable(R) else R)
 
 
 def prefix_grads(sp: SPContext, q, g, g_gamma, do, record):

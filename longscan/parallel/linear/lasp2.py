@@ -40,7 +40,7 @@ def _take(x: torch.Tensor, idx: list[int]) -> torch.Tensor:
     return torch.stack([x[i] for i in idx])
 
 
-def lasp2_forward(sp, q, k, v, g, g_gamma, initial_state, output_final_state, keep):
+def lasp2_forward(sp, q, k, v, g, g_gamma, initial_state, output_final_state, keep, extra=None):
     """-> (o `[B, T, H, V]`, final state `[B, H, K, V]` or None, P `[n_local, B, H, K, V]`, record)."""
     qs, ks, vs, gs, _ = segment_inputs(sp, q, k, v, g)
 
@@ -51,13 +51,15 @@ def lasp2_forward(sp, q, k, v, g, g_gamma, initial_state, output_final_state, ke
         carries, final = serial_scan(gathered[..., :-1], gathered[..., -1], initial_state)
         return _mine(carries, sp), final
 
-    o, (P, final), record = local_pass(sp, qs, ks, vs, gs, g_gamma, gather_and_scan, keep)
+    o, (P, final), record = local_pass(sp, qs, ks, vs, gs, g_gamma, gather_and_scan, keep, extra)
     return merge(o, sp.n_local), (final if output_final_state else None), P, record
 
 
-def lasp2_backward(sp, q, k, v, g, g_gamma, P, do, dfinal, record):
-    """-> (dq, dk, dv, dgate, dh0)."""
+def lasp2_backward(sp, q, k, v, g, g_gamma, P, do, dfinal, record, dP_out=None):
+    """-> (dq, dk, dv, dgate, dh0, R)."""
     dP, logd, qdo = prefix_grads(sp, q, g, g_gamma, do, record)
+    if dP_out is not None:
+        dP = dP + dP_out.to(dP.dtype)
 
     def gather_and_scan_back():
         # Rows: this rank's segments, then its final-state gradient (the global one is the sum over ranks).

@@ -16,19 +16,21 @@ from longscan.parallel.linear.common import (LinearSPMethod, all_reduce_sum, bro
                                              segment_inputs)
 
 
-def zeco_forward(sp, q, k, v, g, g_gamma, initial_state, output_final_state, keep):
+def zeco_forward(sp, q, k, v, g, g_gamma, initial_state, output_final_state, keep, extra=None):
     """-> (o `[B, T, H, V]`, final state `[B, H, K, V]` or None, P `[n_local, B, H, K, V]`, record)."""
     qs, ks, vs, gs, _ = segment_inputs(sp, q, k, v, g)
     o, (P, last), record = local_pass(sp, qs, ks, vs, gs, g_gamma,
                                       lambda S, a: all_scan(S, a, sp.group, sp.layout, sp.n_blocks, initial_state),
-                                      keep)
+                                      keep, extra)
     final = broadcast_from(last, sp.last_owner, P[0], sp) if output_final_state else None
     return merge(o, sp.n_local), final, P, record
 
 
-def zeco_backward(sp, q, k, v, g, g_gamma, P, do, dfinal, record):
-    """-> (dq, dk, dv, dgate, dh0)."""
+def zeco_backward(sp, q, k, v, g, g_gamma, P, do, dfinal, record, dP_out=None):
+    """-> (dq, dk, dv, dgate, dh0, R)."""
     dP, logd, qdo = prefix_grads(sp, q, g, g_gamma, do, record)
+    if dP_out is not None:
+        dP = dP + dP_out.to(dP.dtype)
     # Every rank returned the final state, so its gradient is the sum of every rank's copy's gradient.
     dN = all_reduce_sum(dfinal.to(dP.dtype), sp) if dfinal is not None else None
     R = reverse_beside_dq(q.device, lambda: all_scan(dP, logd, sp.group, sp.layout, sp.n_blocks, dN,
