@@ -1,0 +1,138 @@
+"""The delta rule's Triton path="wy" (chunks of 64, tensor-core products, 16×16 block inverse) against the
+float64 recurrence: no gate and a scalar gate, forward and every gradient, with and without states, a part
+of a chunk, exactly one, several with a padded last one, K ≠ V; the explicit fallbacks (per-key gates,
+segment transitions) and the options' checks; its kernels compiled for sm_90 at K = V = 128 in bf16 without
+register spills. CPU: the Triton interpreter in float32."""
+import pytest
+import torch
+
+from delta_cases import make_inputs, run_with_grads as run
+from harness import rel_err, run_compiled
+
+triton = pytest.importorskip("triton")
+
+from longscan.kernels.delta_rule import naive_recurrent_delta_rule  # noqa: E402
+from longscan.kernels.delta_rule import triton_chunk as tc  # noqa: E402
+from longscan.kernels.delta_rule.triton import DeltaTritonOptions  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+WY = DeltaTritonOptions(path="wy", block_v=16)
+# (B, T, H, K, V): a part of a chunk with K ≠ V; exactly one chunk; three with a padded last one and two
+# blocks of V columns
+SHAPES = [(2, 37, 1, 16, 32), (1, 64, 2, 32, 16), (1, 150, 2, 16, 32)]
+
+
+def compare(kind, shape, with_state, options, seed, tol=1e-5):
+    B, T, H, K, V = shape
+    x = make_inputs(kind, B, T, H, K, V, torch.float64, seed=seed)
+    if not with_state:
+        x["initial_state"] = None
+    gen = torch.Generator().manual_seed(seed + 100)
+    do = torch.randn(B, T, H, V, generator=gen, dtype=torch.float64)
+    dht = torch.randn(B, H, K, V, generator=gen, dtype=torch.float64)
+    ref = run(lambda **a: naive_recurrent_delta_rule(**a, output_final_state=with_state), x, do, dht)
+    x32 = {n: (t.float().to(DEV) if t is not None else None) for n, t in x.items()}
+    got = run(lambda **a: tc.forward(**a, output_final_state=with_state, options=options), x32,
+              do.float().to(DEV), dht.float().to(DEV))
+    assert rel_err(got[0].cpu(), ref[0]) < tol
+    assert (got[1] is None) == (ref[1] is None)
+    if with_state:
+        assert rel_err(got[1].cpu(), ref[1]) < tol
+    assert set(got[2]) == set(ref[2])
+    for n in ref[2]:
+        assert rel_err(got[2][n].cpu(), ref[2][n]) < tol, n
+
+
+@pytest.mark.parametrize("with_state", [True, False], ids=["states", "no_states"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}T{}H{}K{}V{}".format(*s))
+@pytest.mark.parametrize("kind", ["deltanet", "gated"])
+def test_wy_matches_recurrence(kind, shape, with_state):
+    compare(kind, shape, with_state, WY, seed=shape[1] + (kind == "gated"))
+
+
+def test_wy_runs_its_own_kernels():
+    """path="wy" reaches the wy stages (and path="float32" does not) for the kinds it covers."""
+    from longscan.kernels.delta_rule.triton import wy
+    x = make_inputs("gated", 1, 20, 1, 16, 16, torch.float32, seed=3)
+    calls = []
+    orig = wy.DeltaRuleWY.apply
+    wy.DeltaRuleWY.apply = lambda *a: calls.append(1) or orig(*a)
+    try:
+        tc.forward(**x, options=WY)
+        assert calls == [1]
+        tc.forward(**x, options=DeltaTritonOptions(block_v=16))
+        assert calls == [1]
+    finally:
+        wy.DeltaRuleWY.apply = orig
+
+
+def test_wy_falls_back_for_per_key_gates_and_segment_transitions():
+    """Per-key gates (KDA) and the SP stages' segment transitions run path="float32" under path="wy"."""
+    assert not WY.runs_wy(has_q=True, per_key=True)
+    assert not WY.runs_wy(has_q=False, per_key=False)
+    assert WY.runs_wy(has_q=True, per_key=False)
+    assert not DeltaTritonOptions().runs_wy(has_q=True, per_key=False)
+    compare("kda", (1, 40, 1, 16, 16), True, WY, seed=5)
+    x = make_inputs("gated", 1, 40, 1, 16, 16, torch.float32, seed=6)
+    loc, M = tc.segment_transition(x["k"], x["v"], x["beta"], x["g"], options=WY)
+    ref_loc, ref_M = tc.segment_transition(x["k"], x["v"], x["beta"], x["g"], options=DeltaTritonOptions(block_v=16))
+    assert torch.equal(loc, ref_loc) and torch.equal(M, ref_M)
+
+
+def test_wy_options_are_checked():
+    with pytest.raises(ValueError, match="path must be one of"):
+        DeltaTritonOptions(path="bf16")
+    with pytest.raises(ValueError, match="intra='triton' and recompute=False"):
+        DeltaTritonOptions(path="wy", recompute=True)
+    with pytest.raises(ValueError, match="intra='triton' and recompute=False"):
+        DeltaTritonOptions(path="wy", intra="torch")
+
+
+_COMPILE = r'''
+import json
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from benchmarks.tuning.kernel_resources import ptxas_report
+from longscan.kernels.delta_rule.triton import DeltaTritonOptions, wy, wy_grads, wy_output, wy_prep, wy_state
+
+o = DeltaTritonOptions(path="wy")
+BV, BK, KP = o.block_v, wy.WY_BLOCK_K, 128
+BF16 = {"Q", "K_", "V_", "P_", "W", "U", "HS", "VN", "DHS", "DVN", "DVL", "DO"}
+
+
+def counts(fn, consts, stages):
+    sig = {a: "constexpr" if a in consts else "i32" if a in ("T", "H", "N", "K", "V") else "fp32"
+           if a == "scale" else "*bf16" if a in BF16 else "*fp32" for a in fn.arg_names}
+    src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=o.num_warps,
+                                                                          num_stages=stages))
+    r = ptxas_report(k)
+    return dict(regs=r["registers"], spills=r["spill_stores"] + r["spill_loads"])
+
+
+P = dict(GATE=True, PREC=o.input_precision)
+KERNELS = (
+    ("prep", wy_prep._wy_prep, dict(P, BK=BK, BV=BV), 3),
+    ("state_fwd", wy_state._wy_state_fwd, dict(P, HAS_H0=True, KP=KP, BV=BV), o.inter_num_stages),
+    ("state_bwd", wy_state._wy_state_bwd, dict(P, HAS_DHT=True, KP=KP, BV=BV), o.inter_num_stages),
+    ("output", wy_output._wy_output, dict(P, BK=BK, BV=BV), 3),
+    ("dv_local", wy_grads._wy_dv_local, dict(P, BK=BK, BV=BV), 3),
+    ("dqkw", wy_grads._wy_dqkw, dict(P, BK=BK, BV=BV), 3),
+    ("bwd", wy_grads._wy_bwd, dict(P, BK=BK, BV=BV), 3),
+)
+print(json.dumps({name: counts(fn, consts, stages) for name, fn, consts, stages in KERNELS}))
+'''
+
+
+def test_wy_kernels_compile_for_hopper_without_spills():
+    import json
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    proc = run_compiled("-c", _COMPILE)
+    if proc.returncode and "ptxas" in proc.stderr and "No such file" in proc.stderr:
+        pytest.skip("no ptxas in this Triton install")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(out) == 7, out
+    spilled = {name: r for name, r in out.items() if r["spills"]}
+    assert not spilled, spilled
