@@ -97,31 +97,34 @@ from benchmarks.tuning.kernel_resources import ptxas_report
 from longscan.kernels.delta_rule.triton import DeltaTritonOptions, wy, wy_grads, wy_output, wy_prep, wy_state
 
 o = DeltaTritonOptions(path="wy")
-BV, BK, KP = o.block_v, wy.WY_BLOCK_K, 128
+K = V = 128
 BF16 = {"Q", "K_", "V_", "P_", "W", "U", "HS", "VN", "DHS", "DVN", "DVL", "DO"}
 
 
-def counts(fn, consts, stages):
+def counts(fn, consts, warps, stages):
     sig = {a: "constexpr" if a in consts else "i32" if a in ("T", "H", "N", "K", "V") else "fp32"
            if a == "scale" else "*bf16" if a in BF16 else "*fp32" for a in fn.arg_names}
     src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=o.num_warps,
-                                                                          num_stages=stages))
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
     r = ptxas_report(k)
     return dict(regs=r["registers"], spills=r["spill_stores"] + r["spill_loads"])
 
 
 P = dict(GATE=True, PREC=o.input_precision)
+BK, BV, SV = min(wy.WY_BLOCK_K, K), min(o.block_v, V), min(o.wy_state_block_v, V)
+PAR, SER = (o.num_warps, 3), (o.wy_state_num_warps, o.inter_num_stages)   # Triton's default stages: 3
 KERNELS = (
-    ("prep", wy_prep._wy_prep, dict(P, BK=BK, BV=BV), 3),
-    ("state_fwd", wy_state._wy_state_fwd, dict(P, HAS_H0=True, KP=KP, BV=BV), o.inter_num_stages),
-    ("state_bwd", wy_state._wy_state_bwd, dict(P, HAS_DHT=True, KP=KP, BV=BV), o.inter_num_stages),
-    ("output", wy_output._wy_output, dict(P, BK=BK, BV=BV), 3),
-    ("dv_local", wy_grads._wy_dv_local, dict(P, BK=BK, BV=BV), 3),
-    ("dqkw", wy_grads._wy_dqkw, dict(P, BK=BK, BV=BV), 3),
-    ("bwd", wy_grads._wy_bwd, dict(P, BK=BK, BV=BV), 3),
+    ("kkt", wy_prep._wy_kkt, dict(P, BK=BK), PAR),
+    ("inverse", wy_prep._wy_inverse, {}, (wy_prep.INVERSE_WARPS, 3)),
+    ("w_u", wy_prep._wy_w_u, dict(P, BK=BK, BV=BV), PAR),
+    ("state_fwd", wy_state._wy_state_fwd, dict(P, HAS_H0=True, KP=K, BV=SV), SER),
+    ("state_bwd", wy_state._wy_state_bwd, dict(P, HAS_DHT=True, KP=K, BV=SV), SER),
+    ("output", wy_output._wy_output, dict(P, BK=BK, BV=BV), PAR),
+    ("dv_local", wy_grads._wy_dv_local, dict(P, BK=BK, BV=BV), PAR),
+    ("dqkw", wy_grads._wy_dqkw, dict(P, BK=BK, BV=BV), PAR),
+    ("bwd", wy_grads._wy_bwd, dict(P, BK=min(wy_grads.WY_BWD_BLOCK_K, BK), BV=BV), PAR),
 )
-print(json.dumps({name: counts(fn, consts, stages) for name, fn, consts, stages in KERNELS}))
+print(json.dumps({name: counts(fn, consts, *launch) for name, fn, consts, launch in KERNELS}))
 '''
 
 
@@ -133,6 +136,6 @@ def test_wy_kernels_compile_for_hopper_without_spills():
         pytest.skip("no ptxas in this Triton install")
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(out) == 7, out
+    assert len(out) == 9, out
     spilled = {name: r for name, r in out.items() if r["spills"]}
     assert not spilled, spilled

@@ -40,9 +40,12 @@ class DeltaTritonOptions:
     intra="triton" (the torch intra path recomputes its own stage and keeps the recurrence's).
     path: "float32" runs the kernels above (float32 operands and chunk quantities); "wy" runs the
     tensor-core kernels (``wy``): chunks of 64 whatever ``chunk`` says, products on the inputs' dtype
-    (bf16 on a GPU) with float32 sums, chunk quantities kept in the inputs' dtype; it reads block_v,
-    num_warps, inter_num_stages (its serial stages) and input_precision (float32 inputs only). It covers
-    no gate and a scalar gate; per-key gates and segment transitions run "float32" (``runs_wy``)."""
+    (bf16 on a GPU) with float32 sums, chunk quantities kept in the inputs' dtype; its parallel kernels
+    read block_v and num_warps, its serial ones (the state across chunks) wy_state_block_v,
+    wy_state_num_warps and inter_num_stages, all input_precision (for float32 inputs). It covers no gate
+    and a scalar gate; per-key gates and segment transitions run "float32" (``runs_wy``).
+    wy_state_block_v, wy_state_num_warps: V columns and warps a program of path="wy"'s serial kernels
+    (each holds a `[K, wy_state_block_v]` float32 state and `[64, K]` tiles)."""
     chunk: int = 32
     intra: str = "triton"
     block_v: int = 32
@@ -55,6 +58,8 @@ class DeltaTritonOptions:
     inverse: str = "rows"
     recompute: bool = False
     path: str = "float32"
+    wy_state_block_v: int = 16
+    wy_state_num_warps: int = 4
 
     def runs_wy(self, *, has_q: bool, per_key: bool) -> bool:
         """Whether a call runs path="wy": asked for, with q (not a segment transition), no per-key gate."""
@@ -65,6 +70,13 @@ class DeltaTritonOptions:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"DeltaTritonOptions.{name} must be a positive int, got {value!r}")
+        for name in ("wy_state_block_v", "wy_state_num_warps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1 or value & (value - 1):
+                raise ValueError(f"DeltaTritonOptions.{name} must be a power of two, got {value!r}")
+        if self.wy_state_block_v < 16:
+            raise ValueError(f"DeltaTritonOptions.wy_state_block_v must be at least 16 (tl.dot's smallest tile), "
+                             f"got {self.wy_state_block_v}")
         for name in ("block_v", "block_k", "num_warps"):
             value = getattr(self, name)
             if value & (value - 1):

@@ -26,7 +26,14 @@ WY_BLOCK_K = 64   # keys a step of the parallel stages' `[64, keys]` tiles (the 
 
 
 def _kw(o: DeltaTritonOptions) -> dict:
+    """The parallel kernels' settings."""
     return dict(block_v=o.block_v, num_warps=o.num_warps, precision=o.input_precision)
+
+
+def _state_kw(o: DeltaTritonOptions) -> dict:
+    """The serial kernels' settings."""
+    return dict(block_v=o.wy_state_block_v, num_warps=o.wy_state_num_warps, num_stages=o.inter_num_stages,
+                precision=o.input_precision)
 
 
 class DeltaRuleWY(torch.autograd.Function):
@@ -39,7 +46,7 @@ class DeltaRuleWY(torch.autograd.Function):
         q = q.to(k.dtype)
         bk = min(WY_BLOCK_K, max(16, k.shape[-1]))
         P, W, U = wy_prepare(k, v, beta, g, block_k=bk, **_kw(options))
-        HS, VN, HT = wy_state_forward(k, g, W, U, h0, num_stages=options.inter_num_stages, **_kw(options))
+        HS, VN, HT = wy_state_forward(k, g, W, U, h0, **_state_kw(options))
         o = wy_output(q, k, g, HS, VN, scale, block_k=bk, **_kw(options))
         ctx.save_for_backward(q, k, v, beta, g, P, W, U, HS, VN)
         ctx.scale, ctx.options, ctx.bk = scale, options, bk
@@ -52,7 +59,7 @@ class DeltaRuleWY(torch.autograd.Function):
         o = ctx.options
         dO = torch.zeros(v.shape, device=v.device, dtype=k.dtype) if dO is None else dO.contiguous().to(k.dtype)
         state_backward = functools.partial(wy_state_backward, q, k, g, W, dO, dHT=dHT, scale=ctx.scale,
-                                           num_stages=o.inter_num_stages, **_kw(o))
+                                           **_state_kw(o))
         dq, dk, dv, dbeta, dg, dh0 = wy_grads(q, k, v, beta, g, P, W, U, HS, VN, dO, ctx.scale,
                                               lambda dvl: state_backward(dv_local=dvl), block_k=ctx.bk, **_kw(o))
         dh0 = dh0.to(ctx.h0_dtype) if ctx.h0_dtype is not None else None

@@ -3,7 +3,7 @@
 Per chunk, with S the state entering it, dS' the gradient of the state leaving it, v_n and dv_n (``wy_state``),
 b the cumulative log gate (zero without a gate), b_C its total, D_ts = exp(b_t - b_s) (s ≤ t):
 - ``_wy_dv_local``: dv_local = scale (Q Kᵀ ⊙ D)ᵀ do, the output's share of dv_n (before the serial pass);
-- ``_wy_dqkw``: dq = scale exp(b) (do Sᵀ) + dF K, k's share dFᵀ Q + exp(b_C - b) (v_n dS'ᵀ), dW = -dv_n Sᵀ,
+- ``_wy_dqkw`` (one block of keys a program): dq = scale exp(b) (do Sᵀ) + dF K, k's share dFᵀ Q + exp(b_C - b) (v_n dS'ᵀ), dW = -dv_n Sᵀ,
   with dF = scale (do v_nᵀ) ⊙ D (lower), and the gate's shares of db from Q̃, K̄, D and exp(b_C) S;
 - ``_wy_bwd``: through W = P X, U = P Y, P = (I + A)⁻¹ (X = Diag(β exp(b)) K, Y = Diag(β) V):
       dX = Pᵀ dW,  dY = Pᵀ dU (dU = dv_n),  dA = -(dX Wᵀ + dY Uᵀ) (strictly lower)
@@ -18,6 +18,8 @@ import triton
 import triton.language as tl
 
 from longscan.kernels.delta_rule.triton.wy_prep import BT
+
+WY_BWD_BLOCK_K = 32   # keys a step of ``_wy_bwd`` (beside its `[64, 64]` P, dA and K Kᵀ: at 64 it spills)
 
 
 @triton.jit
@@ -54,76 +56,63 @@ def _wy_dv_local(Q, K_, G, DO, DVL, T, H, N, K, V, scale, GATE: tl.constexpr, BK
 @triton.jit
 def _wy_dqkw(Q, K_, G, HS, DHS, VN, DVN, DO, DQ, DK, DW, DB, T, H, N, K, V, scale, GATE: tl.constexpr,
              BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
-    n, bh = tl.program_id(0), tl.program_id(1)
+    """One block of BK keys a program (grid: blocks of keys, chunks, sequences × heads); its share of db goes
+    to DB[block of keys], summed after."""
+    ik, n, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = bh // H, bh % H
     oc = tl.arange(0, BT)
     t = n * BT + oc
     mt = t < T
     tok = (b * T + t) * H + h
     row = (bh * N + n) * BT + oc
+    ok = ik * BK + tl.arange(0, BK)
+    mk = ok < K
+    m_tk = mt[:, None] & mk[None, :]
     dt = VN.dtype.element_ty
     causal = oc[:, None] >= oc[None, :]
-    # dF = scale (do v_nᵀ) ⊙ D over every V column first
-    df = tl.zeros([BT, BT], dtype=tl.float32)
+    dqs = tl.zeros([BT, BK], dtype=tl.float32)   # do Sᵀ
+    dw = tl.zeros([BT, BK], dtype=tl.float32)
+    dkb = tl.zeros([BT, BK], dtype=tl.float32)   # v_n dS'ᵀ
+    df = tl.zeros([BT, BT], dtype=tl.float32)    # do v_nᵀ
+    dl = tl.zeros([BK], dtype=tl.float32)
     for iv in range(0, tl.cdiv(V, BV)):
         ov = iv * BV + tl.arange(0, BV)
         mv = ov < V
+        o_kv = ((bh * N + n) * K + ok[:, None]) * V + ov[None, :]
+        s = tl.load(HS + o_kv, mask=mk[:, None] & mv[None, :], other=0.)
+        ds = tl.load(DHS + o_kv, mask=mk[:, None] & mv[None, :], other=0.)
         do = tl.load(DO + tok[:, None] * V + ov[None, :], mask=mt[:, None] & mv[None, :], other=0.).to(dt)
         vn = tl.load(VN + row[:, None] * V + ov[None, :], mask=mv[None, :], other=0.)
+        dvn = tl.load(DVN + row[:, None] * V + ov[None, :], mask=mv[None, :], other=0.)
         df += tl.dot(do, tl.trans(vn), input_precision=PREC)
+        dqs += tl.dot(do, tl.trans(s), input_precision=PREC)
+        dw -= tl.dot(dvn, tl.trans(s), input_precision=PREC)
+        dkb += tl.dot(vn, tl.trans(ds), input_precision=PREC)
+        if GATE:
+            dl += tl.sum(s.to(tl.float32) * ds.to(tl.float32), axis=1)
+    tl.store(DW + row[:, None] * K + ok[None, :], dw, mask=mk[None, :])
     df = tl.where(causal, scale * df, 0.)
-    eb = tl.full([BT], 1., tl.float32)
-    ekb = eb
+    q = tl.load(Q + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(dt)
+    k = tl.load(K_ + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(dt)
     if GATE:
         bc = tl.cumsum(tl.load(G + tok, mask=mt, other=0.).to(tl.float32), axis=0)
         last = tl.sum(tl.where(oc == BT - 1, bc, 0.), axis=0)
-        eb = tl.exp(bc)
         ekb = tl.exp(last - bc)
+        dqs = dqs * (scale * tl.exp(bc))[:, None]                         # dQ̃'s share of dq
+        dkb = dkb * ekb[:, None]                                          # dK̄'s share of dk
         df = df * tl.exp(tl.where(causal, bc[:, None] - bc[None, :], 0.))
+        # the gate's shares: Q̃ = exp(b) q, K̄ = exp(b_C - b) k, D (dF ⊙ F), exp(b_C) S
+        ek = tl.sum(dkb * k.to(tl.float32), axis=1)
+        gq = df * tl.dot(q, tl.trans(k), input_precision=PREC)
+        db = tl.sum(dqs * q.to(tl.float32), axis=1) - ek + tl.sum(gq, axis=1) - tl.sum(gq, axis=0)
+        dlast = tl.exp(last) * tl.sum(dl, axis=0) + tl.sum(ek, axis=0)
+        db += tl.where(oc == BT - 1, dlast, 0.)                           # b_C is b at the chunk's last row
+        tl.store(DB + ik * (tl.num_programs(2) * N * BT) + row, db)
+    else:
+        dqs = scale * dqs
     dfc = df.to(dt)
-    qk = tl.zeros([BT, BT], dtype=tl.float32)
-    db = tl.zeros([BT], dtype=tl.float32)
-    dlast = tl.zeros([BT], dtype=tl.float32)     # d b_C, summed at the end
-    for ik in range(0, tl.cdiv(K, BK)):
-        ok = ik * BK + tl.arange(0, BK)
-        mk = ok < K
-        m_tk = mt[:, None] & mk[None, :]
-        dqs = tl.zeros([BT, BK], dtype=tl.float32)   # do Sᵀ
-        dw = tl.zeros([BT, BK], dtype=tl.float32)
-        dkb = tl.zeros([BT, BK], dtype=tl.float32)   # v_n dS'ᵀ
-        dl = tl.zeros([BK], dtype=tl.float32)
-        for iv in range(0, tl.cdiv(V, BV)):
-            ov = iv * BV + tl.arange(0, BV)
-            mv = ov < V
-            o_kv = ((bh * N + n) * K + ok[:, None]) * V + ov[None, :]
-            s = tl.load(HS + o_kv, mask=mk[:, None] & mv[None, :], other=0.)
-            ds = tl.load(DHS + o_kv, mask=mk[:, None] & mv[None, :], other=0.)
-            do = tl.load(DO + tok[:, None] * V + ov[None, :], mask=mt[:, None] & mv[None, :], other=0.).to(dt)
-            vn = tl.load(VN + row[:, None] * V + ov[None, :], mask=mv[None, :], other=0.)
-            dvn = tl.load(DVN + row[:, None] * V + ov[None, :], mask=mv[None, :], other=0.)
-            dqs += tl.dot(do, tl.trans(s), input_precision=PREC)
-            dw -= tl.dot(dvn, tl.trans(s), input_precision=PREC)
-            dkb += tl.dot(vn, tl.trans(ds), input_precision=PREC)
-            if GATE:
-                dl += tl.sum(s.to(tl.float32) * ds.to(tl.float32), axis=1)
-        q = tl.load(Q + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(dt)
-        k = tl.load(K_ + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(dt)
-        dq = (scale * eb)[:, None] * dqs + tl.dot(dfc, k, input_precision=PREC)
-        dk = tl.dot(tl.trans(dfc), q, input_precision=PREC) + ekb[:, None] * dkb
-        tl.store(DQ + tok[:, None] * K + ok[None, :], dq, mask=m_tk)
-        tl.store(DK + tok[:, None] * K + ok[None, :], dk, mask=m_tk)
-        tl.store(DW + row[:, None] * K + ok[None, :], dw, mask=mk[None, :])
-        if GATE:
-            qk += tl.dot(q, tl.trans(k), input_precision=PREC)
-            qf, kf = q.to(tl.float32), k.to(tl.float32)
-            ek = tl.sum(ekb[:, None] * dkb * kf, axis=1)                  # Σ_k dK̄ ⊙ K̄
-            db += tl.sum((scale * eb)[:, None] * dqs * qf, axis=1) - ek
-            dlast += ek + tl.where(oc == 0, tl.exp(last) * tl.sum(dl, axis=0), 0.)
-    if GATE:
-        gq = df * qk                                                      # dF ⊙ F
-        db += tl.sum(gq, axis=1) - tl.sum(gq, axis=0)
-        db += tl.where(oc == BT - 1, tl.sum(dlast, axis=0), 0.)           # b_C is b at the chunk's last row
-        tl.store(DB + row, db)
+    tl.store(DQ + tok[:, None] * K + ok[None, :], dqs + tl.dot(dfc, k, input_precision=PREC), mask=m_tk)
+    tl.store(DK + tok[:, None] * K + ok[None, :], dkb + tl.dot(tl.trans(dfc), q, input_precision=PREC), mask=m_tk)
 
 
 @triton.jit
@@ -210,9 +199,12 @@ def wy_grads(q, k, v, beta, g, P, W, U, HS, VN, dO, scale: float, state_backward
     DHS, DVN, dh0 = state_backward(dv_local)
     dq, dk = torch.empty(B, T, H, K, **f32), torch.empty(B, T, H, K, **f32)
     dW = torch.empty(W.shape, **f32)
-    db = torch.empty(B, H, N * 64, **f32) if g is not None else None
-    _wy_dqkw[(N, B * H)](q, k, g, HS, DHS, VN, DVN, dO, dq, dk, dW, db, T, H, N, K, V, scale, **kw)
+    NK = triton.cdiv(K, block_k)
+    db = torch.empty(NK, B, H, N * 64, **f32) if g is not None else None
+    _wy_dqkw[(NK, N, B * H)](q, k, g, HS, DHS, VN, DVN, dO, dq, dk, dW, db, T, H, N, K, V, scale, **kw)
+    db = db.sum(0) if g is not None else None
     dv, dbeta = torch.empty(B, T, H, V, **f32), torch.empty(B, T, H, **f32)
     dg = torch.empty(B, T, H, **f32) if g is not None else None
+    kw["BK"] = min(WY_BWD_BLOCK_K, block_k)
     _wy_bwd[(N, B * H)](k, v, beta, g, P, W, U, DVN, dW, db, dk, dv, dbeta, dg, T, H, N, K, V, **kw)
     return dq, dk, dv, dbeta, dg, dh0

@@ -74,21 +74,21 @@ def _wy_state_bwd(Q, K_, G, W, DO, DVL, DHT, DHS, DVN, DH0, T, H, N, K, V, scale
         row = (bh * N + n) * BT + oc
         m_tk = mt[:, None] & mk[None, :]
         tl.store(DHS + ((bh * N + n) * K + ok[:, None]) * V + ov[None, :], dS.to(dt), mask=m_kv)
-        k = tl.load(K_ + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(tl.float32)
-        q = tl.load(Q + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(tl.float32)
-        if GATE:
+        k = tl.load(K_ + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(dt)
+        q = tl.load(Q + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(dt)
+        if GATE:   # K̄ and Q̃ go back to the operands' dtype at once (no float32 `[BT, K]` tile is kept)
             bc = tl.cumsum(tl.load(G + tok, mask=mt, other=0.).to(tl.float32), axis=0)
             last = tl.sum(tl.where(oc == BT - 1, bc, 0.), axis=0)
-            k = k * tl.exp(last - bc)[:, None]
-            q = q * tl.exp(bc)[:, None]
+            k = (k * tl.exp(last - bc)[:, None]).to(dt)
+            q = (q * tl.exp(bc)[:, None]).to(dt)
         dv = tl.load(DVL + row[:, None] * V + ov[None, :], mask=mv[None, :], other=0.).to(tl.float32)
-        dv += tl.dot(k.to(dt), dS.to(dt), input_precision=PREC)
+        dv += tl.dot(k, dS.to(dt), input_precision=PREC)
         tl.store(DVN + row[:, None] * V + ov[None, :], dv.to(dt), mask=mv[None, :])
         do = tl.load(DO + tok[:, None] * V + ov[None, :], mask=mt[:, None] & mv[None, :], other=0.).to(dt)
         w = tl.load(W + row[:, None] * K + ok[None, :], mask=mk[None, :], other=0.)
         if GATE:
             dS = dS * tl.exp(last)
-        dS += scale * tl.dot(tl.trans(q.to(dt)), do, input_precision=PREC)
+        dS += scale * tl.dot(tl.trans(q), do, input_precision=PREC)
         dS -= tl.dot(tl.trans(w), dv.to(dt), input_precision=PREC)
     tl.store(DH0 + bh * K * V + ok[:, None] * V + ov[None, :], dS, mask=m_kv)
 
