@@ -17,9 +17,9 @@ from longscan.kernels.delta_rule.triton import DeltaTritonOptions  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 WY = DeltaTritonOptions(path="wy", block_v=16)
-# (B, T, H, K, V): a part of a chunk with K ≠ V; exactly one chunk; three with a padded last one and two
-# blocks of V columns
-SHAPES = [(2, 37, 1, 16, 32), (1, 64, 2, 32, 16), (1, 150, 2, 16, 32)]
+# (B, T, H, K, V): one token; a part of a chunk with K ≠ V; exactly one chunk; three with a padded last one
+# and two blocks of V columns; K and V not powers of two
+SHAPES = [(1, 1, 1, 16, 16), (2, 37, 1, 16, 32), (1, 64, 2, 32, 16), (1, 150, 2, 16, 32), (1, 70, 1, 24, 40)]
 
 
 def compare(kind, shape, with_state, options, seed, tol=1e-5):
@@ -48,6 +48,25 @@ def compare(kind, shape, with_state, options, seed, tol=1e-5):
 @pytest.mark.parametrize("kind", ["deltanet", "gated"])
 def test_wy_matches_recurrence(kind, shape, with_state):
     compare(kind, shape, with_state, WY, seed=shape[1] + (kind == "gated"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 products need a GPU")
+@pytest.mark.parametrize("kind", ["deltanet", "gated"])
+def test_wy_bf16_on_gpu(kind):
+    """bf16 inputs (bf16 operands, float32 sums, bf16 chunk quantities) against the float64 recurrence."""
+    x = make_inputs(kind, 2, 300, 2, 64, 64, torch.float64, seed=11)
+    gen = torch.Generator().manual_seed(12)
+    do = torch.randn(2, 300, 2, 64, generator=gen, dtype=torch.float64)
+    dht = torch.randn(2, 2, 64, 64, generator=gen, dtype=torch.float64)
+    ref = run(lambda **a: naive_recurrent_delta_rule(**a, output_final_state=True), x, do, dht)
+    xb = {n: (t.to("cuda", torch.bfloat16 if n in ("q", "k", "v") else torch.float32) if t is not None else None)
+          for n, t in x.items()}
+    got = run(lambda **a: tc.forward(**a, output_final_state=True, options=DeltaTritonOptions(path="wy")), xb,
+              do.to("cuda", torch.bfloat16), dht.float().cuda())
+    assert rel_err(got[0].cpu(), ref[0]) < 2e-2
+    assert rel_err(got[1].cpu(), ref[1]) < 2e-2
+    for n in ref[2]:
+        assert rel_err(got[2][n].cpu(), ref[2][n]) < 5e-2, n
 
 
 def test_wy_runs_its_own_kernels():

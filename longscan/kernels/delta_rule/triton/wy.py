@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import triton
 
 from longscan.kernels.delta_rule.triton.options import DeltaTritonOptions
 from longscan.kernels.delta_rule.triton.wy_grads import wy_grads
@@ -44,7 +45,7 @@ class DeltaRuleWY(torch.autograd.Function):
         q, k, v, beta = (x.contiguous() for x in (q, k, v.to(k.dtype), beta))
         g = g.contiguous() if g is not None else None
         q = q.to(k.dtype)
-        bk = min(WY_BLOCK_K, max(16, k.shape[-1]))
+        bk = min(WY_BLOCK_K, max(16, triton.next_power_of_2(k.shape[-1])))
         P, W, U = wy_prepare(k, v, beta, g, block_k=bk, **_kw(options))
         HS, VN, HT = wy_state_forward(k, g, W, U, h0, **_state_kw(options))
         o = wy_output(q, k, g, HS, VN, scale, block_k=bk, **_kw(options))
