@@ -117,7 +117,7 @@ from longscan.kernels.delta_rule.triton import DeltaTritonOptions, wy, wy_grads,
 
 o = DeltaTritonOptions(path="wy")
 K = V = 128
-BF16 = {"Q", "K_", "V_", "P_", "W", "U", "HS", "VN", "DHS", "DVN", "DVL", "DO"}
+BF16 = {"Q", "K_", "V_", "P_", "W", "U", "HS", "VN", "DHS", "DVN", "DVL", "DO", "DQ", "DK", "DW", "DV"}
 
 
 def counts(fn, consts, warps, stages):

@@ -90,7 +90,7 @@ def _wy_dqkw(Q, K_, G, HS, DHS, VN, DVN, DO, DQ, DK, DW, DB, T, H, N, K, V, scal
         dkb += tl.dot(vn, tl.trans(ds), input_precision=PREC)
         if GATE:
             dl += tl.sum(s.to(tl.float32) * ds.to(tl.float32), axis=1)
-    tl.store(DW + row[:, None] * K + ok[None, :], dw, mask=mk[None, :])
+    tl.store(DW + row[:, None] * K + ok[None, :], dw.to(dt), mask=mk[None, :])
     df = tl.where(causal, scale * df, 0.)
     q = tl.load(Q + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(dt)
     k = tl.load(K_ + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(dt)
@@ -111,8 +111,10 @@ def _wy_dqkw(Q, K_, G, HS, DHS, VN, DVN, DO, DQ, DK, DW, DB, T, H, N, K, V, scal
     else:
         dqs = scale * dqs
     dfc = df.to(dt)
-    tl.store(DQ + tok[:, None] * K + ok[None, :], dqs + tl.dot(dfc, k, input_precision=PREC), mask=m_tk)
-    tl.store(DK + tok[:, None] * K + ok[None, :], dkb + tl.dot(tl.trans(dfc), q, input_precision=PREC), mask=m_tk)
+    dq = dqs + tl.dot(dfc, k, input_precision=PREC)
+    tl.store(DQ + tok[:, None] * K + ok[None, :], dq.to(DQ.dtype.element_ty), mask=m_tk)
+    dk = dkb + tl.dot(tl.trans(dfc), q, input_precision=PREC)
+    tl.store(DK + tok[:, None] * K + ok[None, :], dk.to(DK.dtype.element_ty), mask=m_tk)
 
 
 @triton.jit
@@ -144,7 +146,8 @@ def _wy_bwd(K_, V_, BETA, G, P_, W, U, DVN, DW, DB, DK, DV, DBETA, DG, T, H, N, 
         dA -= tl.dot(dy.to(dt), tl.trans(u), input_precision=PREC)
         v = tl.load(V_ + tok[:, None] * V + ov[None, :], mask=mt[:, None] & mv[None, :], other=0.).to(tl.float32)
         dbeta += tl.sum(dy * v, axis=1)
-        tl.store(DV + tok[:, None] * V + ov[None, :], beta[:, None] * dy, mask=mt[:, None] & mv[None, :])
+        tl.store(DV + tok[:, None] * V + ov[None, :], (beta[:, None] * dy).to(DV.dtype.element_ty),
+                 mask=mt[:, None] & mv[None, :])
     kk = tl.zeros([BT, BT], dtype=tl.float32)
     for ik in range(0, tl.cdiv(K, BK)):
         ok = ik * BK + tl.arange(0, BK)
@@ -179,15 +182,17 @@ def _wy_bwd(K_, V_, BETA, G, P_, W, U, DVN, DW, DB, DK, DV, DBETA, DG, T, H, N, 
         k = tl.load(K_ + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(dt)
         dx = tl.dot(pt, tl.load(DW + row[:, None] * K + ok[None, :], mask=mk[None, :], other=0.).to(dt),
                     input_precision=PREC)
-        dk = tl.load(DK + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.)
+        dk = tl.load(DK + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(tl.float32)
         dk += (beta * eb)[:, None] * dx + tl.dot(MM, k, input_precision=PREC)
-        tl.store(DK + tok[:, None] * K + ok[None, :], dk, mask=m_tk)
+        tl.store(DK + tok[:, None] * K + ok[None, :], dk.to(DK.dtype.element_ty), mask=m_tk)
 
 
 def wy_grads(q, k, v, beta, g, P, W, U, HS, VN, dO, scale: float, state_backward, *, block_k: int, block_v: int,
              num_warps: int, precision: str):
-    """-> (dq, dk, dv, dβ, dg or None, dS_0) float32. ``state_backward(dv_local) -> (dS' a chunk, dv_n, dS_0)``
-    is the serial pass (``wy_state.wy_state_backward``), run between the two parallel ones."""
+    """-> (dq, dk, dv in k's dtype, dβ, dg or None and dS_0 float32). ``state_backward(dv_local) ->
+    (dS' a chunk, dv_n, dS_0)`` is the serial pass (``wy_state.wy_state_backward``), run between the two
+    parallel ones. dq, dk, dv and the intermediate dW and k's first share are written in k's dtype (sums in
+    float32 within each kernel), as the forward's chunk quantities are."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     N = HS.shape[2]
@@ -197,13 +202,13 @@ def wy_grads(q, k, v, beta, g, P, W, U, HS, VN, dO, scale: float, state_backward
     dv_local = torch.empty_like(VN)
     _wy_dv_local[(N, B * H)](q, k, g, dO, dv_local, T, H, N, K, V, scale, **kw)
     DHS, DVN, dh0 = state_backward(dv_local)
-    dq, dk = torch.empty(B, T, H, K, **f32), torch.empty(B, T, H, K, **f32)
-    dW = torch.empty(W.shape, **f32)
+    dq, dk = torch.empty_like(k), torch.empty_like(k)
+    dW = torch.empty_like(W)
     NK = triton.cdiv(K, block_k)
     db = torch.empty(NK, B, H, N * 64, **f32) if g is not None else None
     _wy_dqkw[(NK, N, B * H)](q, k, g, HS, DHS, VN, DVN, dO, dq, dk, dW, db, T, H, N, K, V, scale, **kw)
     db = db.sum(0) if g is not None else None
-    dv, dbeta = torch.empty(B, T, H, V, **f32), torch.empty(B, T, H, **f32)
+    dv, dbeta = torch.empty(B, T, H, V, device=k.device, dtype=k.dtype), torch.empty(B, T, H, **f32)
     dg = torch.empty(B, T, H, **f32) if g is not None else None
     kw["BK"] = min(WY_BWD_BLOCK_K, block_k)
     _wy_bwd[(N, B * H)](k, v, beta, g, P, W, U, DVN, dW, db, dk, dv, dbeta, dg, T, H, N, K, V, **kw)
