@@ -5,7 +5,7 @@ longscan's scalar-gate linear attention at the same shape (the yardstick: same q
     PYTHONPATH=. python benchmarks/delta_rule.py [--shapes 16x4096 1x65536] [--backends triton triton-torch-intra]
         [--precision ieee tf32] [--recompute] [--chunk 32] [--kinds deltanet gated_deltanet kda]
         [--settings default inter_stages_1 inter_block_k_32 inter_block_k_32_v16 inverse_blocks
-                    intra_stages_3 block_k_32 wy wy_state_v32]
+                    intra_stages_3 block_k_32 wy wy_state_v32 wy_state_v32_w8]
 
 Backends: "triton" (every stage in Triton), "triton-torch-intra" (the chunks' own quantities in batched torch,
 the recurrence across chunks in Triton: the earlier path), "torch". bf16 q, k, v (k L2-normalised), float32 β
@@ -42,6 +42,7 @@ SETTINGS = {
     # its serial kernels at 32 V columns a program: half the programs, each re-reading the chunk's [64, K]
     # tiles half as often, but they spill a few bytes at K = 128
     "wy_state_v32": dict(path="wy", wy_state_block_v=32),
+    "wy_state_v32_w8": dict(path="wy", wy_state_block_v=32, wy_state_num_warps=8),   # the same at 8 warps
 }
 
 
@@ -120,7 +121,7 @@ def main():
                    help="the Triton backend keeps only the inputs and runs its forward stages again in the backward")
     p.add_argument("--settings", nargs="+",
                    default=["default", "inter_stages_1", "inter_block_k_32", "inter_block_k_32_v16", "inverse_blocks",
-                            "wy", "wy_state_v32"],
+                            "wy", "wy_state_v32", "wy_state_v32_w8"],
                    choices=list(SETTINGS), help="rows of the triton backend at these options (one row per value)")
     p.add_argument("--no-linear", action="store_true", help="skip the scalar-gate linear attention row")
     p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
