@@ -3,8 +3,9 @@
 Per chunk, with S the state entering it, dS' the gradient of the state leaving it, v_n and dv_n (``wy_state``),
 b the cumulative log gate (zero without a gate), b_C its total, D_ts = exp(b_t - b_s) (s ≤ t):
 - ``_wy_dv_local``: dv_local = scale (Q Kᵀ ⊙ D)ᵀ do, the output's share of dv_n (before the serial pass);
-- ``_wy_dqkw`` (one block of keys a program): dq = scale exp(b) (do Sᵀ) + dF K, k's share dFᵀ Q + exp(b_C - b) (v_n dS'ᵀ), dW = -dv_n Sᵀ,
-  with dF = scale (do v_nᵀ) ⊙ D (lower), and the gate's shares of db from Q̃, K̄, D and exp(b_C) S;
+- ``_wy_dqkw`` (one block of keys a program): dq = scale exp(b) (do Sᵀ) + dF K, k's first share
+  dFᵀ Q + exp(b_C - b) (v_n dS'ᵀ), dW = -dv_n Sᵀ, with dF = scale (do v_nᵀ) ⊙ D (lower), and the gate's
+  shares of db from Q̃, K̄, D and exp(b_C) S;
 - ``_wy_bwd``: through W = P X, U = P Y, P = (I + A)⁻¹ (X = Diag(β exp(b)) K, Y = Diag(β) V):
       dX = Pᵀ dW,  dY = Pᵀ dU (dU = dv_n),  dA = -(dX Wᵀ + dY Uᵀ) (strictly lower)
   to dk, dv, dβ, and db; then dg_t = Σ_{t' ≥ t} db_t' (b = cumsum g in the chunk).
