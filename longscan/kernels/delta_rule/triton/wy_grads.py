@@ -79,7 +79,7 @@ def _wy_dqkw(Q, K_, G, HS, DHS, VN, DVN, DO, DQ, DK, DW, DB, T, H, N, K, V, scal
     for iv in range(0, tl.cdiv(V, BV)):
         ov = iv * BV + tl.arange(0, BV)
         mv = ov < V
-        o_kv = ((bh * N + n) * K + ok[:, None]) * V + ov[None, :]
+        o_kv = ((bh * N + n).to(tl.int64) * K + ok[:, None]) * V + ov[None, :]
         s = tl.load(HS + o_kv, mask=mk[:, None] & mv[None, :], other=0.)
         ds = tl.load(DHS + o_kv, mask=mk[:, None] & mv[None, :], other=0.)
         do = tl.load(DO + tok[:, None] * V + ov[None, :], mask=mt[:, None] & mv[None, :], other=0.).to(dt)

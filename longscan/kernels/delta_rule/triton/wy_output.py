@@ -31,8 +31,8 @@ def _wy_output(Q, K_, G, HS, VN, O, T, H, N, K, V, scale, GATE: tl.constexpr, BK
         mk = ok < K
         q = tl.load(Q + tok[:, None] * K + ok[None, :], mask=mt[:, None] & mk[None, :], other=0.).to(dt)
         k = tl.load(K_ + tok[:, None] * K + ok[None, :], mask=mt[:, None] & mk[None, :], other=0.).to(dt)
-        s = tl.load(HS + ((bh * N + n) * K + ok[:, None]) * V + ov[None, :], mask=mk[:, None] & mv[None, :],
-                    other=0.)
+        o_kv = ((bh * N + n).to(tl.int64) * K + ok[:, None]) * V + ov[None, :]
+        s = tl.load(HS + o_kv, mask=mk[:, None] & mv[None, :], other=0.)
         qk += tl.dot(q, tl.trans(k), input_precision=PREC)
         qs += tl.dot(q, s, input_precision=PREC)
     causal = oc[:, None] >= oc[None, :]

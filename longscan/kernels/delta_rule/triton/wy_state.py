@@ -7,7 +7,8 @@ writing S entering each chunk and v_n in the inputs' dtype (the output and backw
 Backward, chunk n in reverse with dS the gradient of the state leaving it:
     dv_n = dv_local_n + K̄_n dS,     dS ← exp(b_C) dS + scale Q̃_nᵀ do_n - W_nᵀ dv_n,     Q̃_t = exp(b_t) q_t
 (dv_local = scale tril(Q̃K̂ᵀ)ᵀ do, from ``wy_grads``), writing dS leaving each chunk and dv_n.
-Products take the inputs' dtype as operands and accumulate in float32.
+Products take the inputs' dtype as operands and accumulate in float32. The per-chunk states' offsets are
+int64 (B·H·N·K·V passes 2³¹ at about 8M tokens × heads with K = V = 128).
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def _wy_state_fwd(K_, G, W, U, H0, HS, VN, HT, T, H, N, K, V, GATE: tl.constexpr
         mt = t < T
         tok = (b * T + t) * H + h
         row = (bh * N + n) * BT + oc
-        tl.store(HS + ((bh * N + n) * K + ok[:, None]) * V + ov[None, :], S.to(dt), mask=m_kv)
+        tl.store(HS + ((bh * N + n).to(tl.int64) * K + ok[:, None]) * V + ov[None, :], S.to(dt), mask=m_kv)
         w = tl.load(W + row[:, None] * K + ok[None, :], mask=mk[None, :], other=0.)
         vn = tl.load(U + row[:, None] * V + ov[None, :], mask=mv[None, :], other=0.).to(tl.float32)
         vn -= tl.dot(w, S.to(dt), input_precision=PREC)
@@ -73,7 +74,7 @@ def _wy_state_bwd(Q, K_, G, W, DO, DVL, DHT, DHS, DVN, DH0, T, H, N, K, V, scale
         tok = (b * T + t) * H + h
         row = (bh * N + n) * BT + oc
         m_tk = mt[:, None] & mk[None, :]
-        tl.store(DHS + ((bh * N + n) * K + ok[:, None]) * V + ov[None, :], dS.to(dt), mask=m_kv)
+        tl.store(DHS + ((bh * N + n).to(tl.int64) * K + ok[:, None]) * V + ov[None, :], dS.to(dt), mask=m_kv)
         k = tl.load(K_ + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(dt)
         q = tl.load(Q + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(dt)
         if GATE:   # K̄ and Q̃ go back to the operands' dtype at once (no float32 `[BT, K]` tile is kept)
