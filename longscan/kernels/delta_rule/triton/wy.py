@@ -38,7 +38,8 @@ def _state_kw(o: DeltaTritonOptions) -> dict:
 
 
 class DeltaRuleWY(torch.autograd.Function):
-    """(q, k, v, beta, g None or `[B, T, H]`, h0 or None) -> (o `[B, T, H, V]` in q's dtype, S_T float32)."""
+    """(q, k, v, beta, g None or `[B, T, H]`, h0 or None) -> (o `[B, T, H, V]` in k's dtype, S_T float32).
+    q and v are taken in k's dtype (the products' operands)."""
 
     @staticmethod
     def forward(ctx, q, k, v, beta, g, h0, scale, options):
@@ -62,11 +63,11 @@ class DeltaRuleWY(torch.autograd.Function):
         state_backward = functools.partial(wy_state_backward, q, k, g, W, dO, dHT=dHT, scale=ctx.scale,
                                            **_state_kw(o))
         dq, dk, dv, dbeta, dg, dh0 = wy_grads(q, k, v, beta, g, P, W, U, HS, VN, dO, ctx.scale,
-                                              lambda dvl: state_backward(dv_local=dvl), block_k=ctx.bk, **_kw(o))
+                                              state_backward, block_k=ctx.bk, **_kw(o))
         dh0 = dh0.to(ctx.h0_dtype) if ctx.h0_dtype is not None else None
         return dq, dk, dv, dbeta, dg, dh0, None, None
 
 
 def wy_scan(*, q, k, v, beta, g, h0, scale: float, options: DeltaTritonOptions):
-    """-> (o `[B, T, H, V]` in q's dtype, final state `[B, H, K, V]` float32)."""
+    """-> (o `[B, T, H, V]` in k's dtype, final state `[B, H, K, V]` float32)."""
     return DeltaRuleWY.apply(q, k, v, beta, g, h0, scale, options)
