@@ -83,7 +83,7 @@ def _torch_intra(q, k, v, beta, g, h0, scale, options):
 
 
 def scan(*, q, k, v, beta, g, h0, scale: float, options: DeltaTritonOptions):
-    """-> (o `[B, T, H, V]` float32 (q's dtype on path="wy") or None when q is None, final state `[B, H, K, V]`
+    """-> (o `[B, T, H, V]` float32 (k's dtype on path="wy") or None when q is None, final state `[B, H, K, V]`
     float32)."""
     B, T, H, K = k.shape
     V = v.shape[-1]
