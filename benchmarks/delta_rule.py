@@ -5,7 +5,7 @@ longscan's scalar-gate linear attention at the same shape (the yardstick: same q
     PYTHONPATH=. python benchmarks/delta_rule.py [--shapes 16x4096 1x65536] [--backends triton triton-torch-intra]
         [--precision ieee tf32] [--recompute] [--chunk 32] [--kinds deltanet gated_deltanet kda]
         [--settings default inter_stages_1 inter_block_k_32 inter_block_k_32_v16 inverse_blocks
-                    intra_stages_3 block_k_32]
+                    intra_stages_3 block_k_32 wy wy_state_v32 wy_state_v32_w8]
 
 Backends: "triton" (every stage in Triton), "triton-torch-intra" (the chunks' own quantities in batched torch,
 the recurrence across chunks in Triton: the earlier path), "torch". bf16 q, k, v (k L2-normalised), float32 β
@@ -38,6 +38,11 @@ SETTINGS = {
     "inter_block_k_32": dict(inter_block_k=32),     # the recurrence's state in blocks of 32 keys (fewer spills)
     "inter_block_k_32_v16": dict(inter_block_k=32, block_v=16),   # and 16 V columns a program
     "block_k_32": dict(block_k=32),                 # the intra kernels' key blocks halved in number
+    "wy": dict(path="wy"),                          # tensor-core products on bf16, chunks of 64 (not KDA)
+    # its serial kernels at 32 V columns a program: half the programs, each re-reading the chunk's [64, K]
+    # tiles half as often, but they spill a few bytes at K = 128
+    "wy_state_v32": dict(path="wy", wy_state_block_v=32),
+    "wy_state_v32_w8": dict(path="wy", wy_state_block_v=32, wy_state_num_warps=8),   # the same at 8 warps
 }
 
 
@@ -115,7 +120,8 @@ def main():
     p.add_argument("--recompute", action="store_true",
                    help="the Triton backend keeps only the inputs and runs its forward stages again in the backward")
     p.add_argument("--settings", nargs="+",
-                   default=["default", "inter_stages_1", "inter_block_k_32", "inter_block_k_32_v16", "inverse_blocks"],
+                   default=["default", "inter_stages_1", "inter_block_k_32", "inter_block_k_32_v16", "inverse_blocks",
+                            "wy", "wy_state_v32", "wy_state_v32_w8"],
                    choices=list(SETTINGS), help="rows of the triton backend at these options (one row per value)")
     p.add_argument("--no-linear", action="store_true", help="skip the scalar-gate linear attention row")
     p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
@@ -133,7 +139,8 @@ def main():
             impls = [(f"longscan {b}" + (f" {p}" if b != "torch" and len(a.precision) > 1 else "")
                       + (f" {st}" if st != "default" else ""), ours(b, a.chunk, p, a.recompute, st))
                      for b in a.backends for p in (a.precision if b != "torch" else ["ieee"])
-                     for st in (a.settings if b == "triton" else ["default"])]
+                     for st in (a.settings if b == "triton" else ["default"])
+                     if not (a.recompute and SETTINGS[st].get("path") == "wy")]   # path="wy" keeps, never recomputes
             fla = peer(kind)
             if fla is not None:
                 impls.append(("fla", fla))

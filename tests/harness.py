@@ -22,12 +22,13 @@ import torch.multiprocessing as mp
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_compiled(*argv: str) -> subprocess.CompletedProcess:
+def run_compiled(*argv: str, first_on_path: str | None = None) -> subprocess.CompletedProcess:
     """``python *argv`` from the repository root in a process without Triton's interpreter (the kernel tests run
     the interpreter in this one, and interpreted kernels do not compile): for tests that compile kernels for a
-    GPU target, or run the tuning scripts, without a GPU."""
+    GPU target, or run the tuning scripts, without a GPU. first_on_path: a directory put before the repository
+    on PYTHONPATH (another Triton install to compile with)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = ROOT
+    env["PYTHONPATH"] = ROOT if first_on_path is None else os.pathsep.join([first_on_path, ROOT])
     return subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 

@@ -4,7 +4,9 @@ Chunks of ``DeltaTritonOptions.chunk`` tokens. Inside a chunk, the WY / UT repre
 lower-triangular inverse a chunk, W, U_0, tril(Q̃K̂ᵀ), Q̃, K̄, the chunk's total log gate, see
 ``torch_chunk``) runs in a Triton kernel, and so does its backward; across chunks a Triton kernel carries
 the state forward and its gradient backward (``triton/``). ``options.intra="torch"`` takes the chunks'
-quantities from batched torch under autograd instead (the earlier path, kept for comparison).
+quantities from batched torch under autograd instead (the earlier path, kept for comparison);
+``options.path="wy"`` runs the tensor-core kernels (chunks of 64, bf16 products for bf16 inputs) where they
+apply (``DeltaTritonOptions.runs_wy``).
 """
 from __future__ import annotations
 

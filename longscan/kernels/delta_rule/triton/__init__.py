@@ -5,7 +5,10 @@
 - ``inter``: the recurrence across chunks, forward and backward, one program per sequence, head and block
   of V columns;
 - ``intra_bwd``: the gradients of q, k, v, β and g from those of the chunks' quantities;
-- ``chunk``: the entry that composes them (an autograd.Function), ``options``: its settings.
+- ``chunk``: the entry that composes them (an autograd.Function), ``options``: its settings;
+- path="wy" (``options.path``), tensor-core products on the inputs' dtype, chunks of 64: ``wy_prep`` (A, its
+  block inverse, W, U), ``wy_state`` (the state across chunks and its gradient, serial), ``wy_output``,
+  ``wy_grads`` (the parallel backward stages), composed by ``wy``.
 """
 from longscan.kernels.delta_rule.triton.chunk import scan
 from longscan.kernels.delta_rule.triton.options import DeltaTritonOptions

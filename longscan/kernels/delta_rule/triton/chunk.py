@@ -17,6 +17,7 @@ from longscan.kernels.delta_rule.triton.inter import Chunks, InterChunk, inter_b
 from longscan.kernels.delta_rule.triton.intra_bwd import intra_backward
 from longscan.kernels.delta_rule.triton.intra_fwd import intra_forward
 from longscan.kernels.delta_rule.triton.options import DeltaTritonOptions
+from longscan.kernels.delta_rule.triton.wy import wy_scan
 
 
 class DeltaRuleChunk(torch.autograd.Function):
@@ -82,11 +83,15 @@ def _torch_intra(q, k, v, beta, g, h0, scale, options):
 
 
 def scan(*, q, k, v, beta, g, h0, scale: float, options: DeltaTritonOptions):
-    """-> (o `[B, T, H, V]` float32 or None when q is None, final state `[B, H, K, V]` float32)."""
+    """-> (o `[B, T, H, V]` float32 (k's dtype on path="wy") or None when q is None, final state `[B, H, K, V]`
+    float32)."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     if k.dtype == torch.float64:
         raise TypeError("backend='triton' computes in float32; for float64 inputs use backend='torch'")
+    if options.runs_wy(has_q=q is not None, per_key=g is not None and g.dim() == 4):
+        o, S = wy_scan(q=q, k=k, v=v, beta=beta, g=g, h0=h0, scale=scale, options=options)
+        return o, S
     if options.intra == "torch":
         o, S = _torch_intra(q, k, v, beta, g, h0, scale, options)
     else:

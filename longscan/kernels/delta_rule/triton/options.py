@@ -11,6 +11,7 @@ from typing import Optional
 INTRA = ("triton", "torch")
 PRECISIONS = ("ieee", "tf32")
 INVERSES = ("rows", "blocks")
+PATHS = ("float32", "wy")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +37,15 @@ class DeltaTritonOptions:
     "blocks" (the two diagonal half-blocks side by side, joined by two float32 products: half the steps).
     recompute: keep only the inputs for the backward and run the forward's stages again there, instead of
     keeping every chunk's float32 quantities and entering state (several times the inputs' size); for
-    intra="triton" (the torch intra path recomputes its own stage and keeps the recurrence's)."""
+    intra="triton" (the torch intra path recomputes its own stage and keeps the recurrence's).
+    path: "float32" runs the kernels above (float32 operands and chunk quantities); "wy" runs the
+    tensor-core kernels (``wy``): chunks of 64 whatever ``chunk`` says, products on the inputs' dtype
+    (bf16 on a GPU) with float32 sums, chunk quantities kept in the inputs' dtype; its parallel kernels
+    read block_v and num_warps, its serial ones (the state across chunks) wy_state_block_v,
+    wy_state_num_warps and inter_num_stages, all input_precision (for float32 inputs). It covers no gate
+    and a scalar gate; per-key gates and segment transitions run "float32" (``runs_wy``).
+    wy_state_block_v, wy_state_num_warps: V columns and warps a program of path="wy"'s serial kernels
+    (each holds a `[K, wy_state_block_v]` float32 state and `[64, K]` tiles)."""
     chunk: int = 32
     intra: str = "triton"
     block_v: int = 32
@@ -48,12 +57,26 @@ class DeltaTritonOptions:
     input_precision: str = "ieee"
     inverse: str = "rows"
     recompute: bool = False
+    path: str = "float32"
+    wy_state_block_v: int = 16
+    wy_state_num_warps: int = 4
+
+    def runs_wy(self, *, has_q: bool, per_key: bool) -> bool:
+        """Whether a call runs path="wy": asked for, with q (not a segment transition), no per-key gate."""
+        return self.path == "wy" and has_q and not per_key
 
     def __post_init__(self):
         for name in ("chunk", "block_v", "block_k", "num_warps", "intra_num_stages", "inter_num_stages"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"DeltaTritonOptions.{name} must be a positive int, got {value!r}")
+        for name in ("wy_state_block_v", "wy_state_num_warps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1 or value & (value - 1):
+                raise ValueError(f"DeltaTritonOptions.{name} must be a power of two, got {value!r}")
+        if self.wy_state_block_v < 16:
+            raise ValueError(f"DeltaTritonOptions.wy_state_block_v must be at least 16 (tl.dot's smallest tile), "
+                             f"got {self.wy_state_block_v}")
         for name in ("block_v", "block_k", "num_warps"):
             value = getattr(self, name)
             if value & (value - 1):
@@ -72,6 +95,12 @@ class DeltaTritonOptions:
             raise ValueError(f"DeltaTritonOptions.intra must be one of {INTRA}, got {self.intra!r}")
         if self.inverse not in INVERSES:
             raise ValueError(f"DeltaTritonOptions.inverse must be one of {INVERSES}, got {self.inverse!r}")
+        if self.path not in PATHS:
+            raise ValueError(f"DeltaTritonOptions.path must be one of {PATHS}, got {self.path!r}")
+        if self.path == "wy" and (self.intra != "triton" or self.recompute):
+            raise ValueError("DeltaTritonOptions.path='wy' keeps its own chunk quantities: it takes "
+                             f"intra='triton' and recompute=False, got intra={self.intra!r}, "
+                             f"recompute={self.recompute!r}")
         if self.input_precision not in PRECISIONS:
             raise ValueError(f"DeltaTritonOptions.input_precision must be one of {PRECISIONS}, "
                              f"got {self.input_precision!r}")

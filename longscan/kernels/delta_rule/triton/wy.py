@@ -1,0 +1,73 @@
+"""path="wy": the delta rule with tensor-core products, composed of its stages as one autograd.Function.
+
+Chunks of 64 tokens. Forward: every chunk's P = (I + A)⁻¹, W and U (``wy_prep``, parallel), the state across
+chunks (``wy_state``, serial, per block of V columns), the outputs (``wy_output``, parallel). Backward: the
+output's share of dv_n (parallel), the state's gradient across chunks (serial), then dq, dk, dW and the
+gate's shares (parallel) and the WY backward to dk, dv, dβ, dg (parallel), ``wy_grads``. Every product's
+operands are in the inputs' dtype (bf16 on a GPU: tensor cores), its sums in float32; P, W, U, the state
+entering each chunk and v_n are kept in the inputs' dtype for the backward.
+
+Covers no gate and a scalar gate with q given; the other cases (per-key gates, the SP stages' segment
+transitions, where q is None) run path="float32" (``DeltaTritonOptions.runs_wy``).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+
+from longscan.kernels.delta_rule.triton.options import DeltaTritonOptions
+from longscan.kernels.delta_rule.triton.wy_grads import wy_grads
+from longscan.kernels.delta_rule.triton.wy_output import wy_output
+from longscan.kernels.delta_rule.triton.wy_prep import wy_prepare
+from longscan.kernels.delta_rule.triton.wy_state import wy_state_backward, wy_state_forward
+
+WY_BLOCK_K = 64   # keys a step of the parallel stages' `[64, keys]` tiles (the serial ones hold every key)
+
+
+def _kw(o: DeltaTritonOptions) -> dict:
+    """The parallel kernels' settings."""
+    return dict(block_v=o.block_v, num_warps=o.num_warps, precision=o.input_precision)
+
+
+def _state_kw(o: DeltaTritonOptions) -> dict:
+    """The serial kernels' settings."""
+    return dict(block_v=o.wy_state_block_v, num_warps=o.wy_state_num_warps, num_stages=o.inter_num_stages,
+                precision=o.input_precision)
+
+
+class DeltaRuleWY(torch.autograd.Function):
+    """(q, k, v, beta, g None or `[B, T, H]`, h0 or None) -> (o `[B, T, H, V]` in k's dtype, S_T float32).
+    q and v are taken in k's dtype (the products' operands)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, beta, g, h0, scale, options):
+        q, k, v, beta = (x.contiguous() for x in (q, k, v.to(k.dtype), beta))
+        g = g.contiguous() if g is not None else None
+        q = q.to(k.dtype)
+        bk = min(WY_BLOCK_K, max(16, triton.next_power_of_2(k.shape[-1])))
+        P, W, U = wy_prepare(k, v, beta, g, block_k=bk, **_kw(options))
+        HS, VN, HT = wy_state_forward(k, g, W, U, h0, **_state_kw(options))
+        o = wy_output(q, k, g, HS, VN, scale, block_k=bk, **_kw(options))
+        ctx.save_for_backward(q, k, v, beta, g, P, W, U, HS, VN)
+        ctx.scale, ctx.options, ctx.bk = scale, options, bk
+        ctx.h0_dtype = h0.dtype if h0 is not None else None
+        return o, HT
+
+    @staticmethod
+    def backward(ctx, dO, dHT):
+        q, k, v, beta, g, P, W, U, HS, VN = ctx.saved_tensors
+        o = ctx.options
+        dO = torch.zeros(v.shape, device=v.device, dtype=k.dtype) if dO is None else dO.contiguous().to(k.dtype)
+        state_backward = functools.partial(wy_state_backward, q, k, g, W, dO, dHT=dHT, scale=ctx.scale,
+                                           **_state_kw(o))
+        dq, dk, dv, dbeta, dg, dh0 = wy_grads(q, k, v, beta, g, P, W, U, HS, VN, dO, ctx.scale,
+                                              state_backward, block_k=ctx.bk, **_kw(o))
+        dh0 = dh0.to(ctx.h0_dtype) if ctx.h0_dtype is not None else None
+        return dq, dk, dv, dbeta, dg, dh0, None, None
+
+
+def wy_scan(*, q, k, v, beta, g, h0, scale: float, options: DeltaTritonOptions):
+    """-> (o `[B, T, H, V]` in k's dtype, final state `[B, H, K, V]` float32)."""
+    return DeltaRuleWY.apply(q, k, v, beta, g, h0, scale, options)

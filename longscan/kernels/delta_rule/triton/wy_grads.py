@@ -1,0 +1,216 @@
+"""path="wy", the parallel backward stages: one program per (chunk, sequence, head).
+
+Per chunk, with S the state entering it, dS' the gradient of the state leaving it, v_n and dv_n (``wy_state``),
+b the cumulative log gate (zero without a gate), b_C its total, D_ts = exp(b_t - b_s) (s ≤ t):
+- ``_wy_dv_local``: dv_local = scale (Q Kᵀ ⊙ D)ᵀ do, the output's share of dv_n (before the serial pass);
+- ``_wy_dqkw`` (one block of keys a program): dq = scale exp(b) (do Sᵀ) + dF K, k's first share
+  dFᵀ Q + exp(b_C - b) (v_n dS'ᵀ), dW = -dv_n Sᵀ, with dF = scale (do v_nᵀ) ⊙ D (lower), and the gate's
+  shares of db from Q̃, K̄, D and exp(b_C) S;
+- ``_wy_bwd``: through W = P X, U = P Y, P = (I + A)⁻¹ (X = Diag(β exp(b)) K, Y = Diag(β) V):
+      dX = Pᵀ dW,  dY = Pᵀ dU (dU = dv_n),  dA = -(dX Wᵀ + dY Uᵀ) (strictly lower)
+  to dk, dv, dβ, and db; then dg_t = Σ_{t' ≥ t} db_t' (b = cumsum g in the chunk).
+For a scalar gate every factor exp(b_t - b_s) of a product F_ts gives db_t += Σ_s dF_ts F_ts and
+db_s -= Σ_t dF_ts F_ts. Products take the inputs' dtype as operands, accumulate in float32.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from longscan.kernels.delta_rule.triton.wy_prep import BT
+
+WY_BWD_BLOCK_K = 32   # keys a step of ``_wy_bwd`` (beside its `[64, 64]` P, dA and K Kᵀ: at 64 it spills)
+
+
+@triton.jit
+def _wy_dv_local(Q, K_, G, DO, DVL, T, H, N, K, V, scale, GATE: tl.constexpr, BK: tl.constexpr,
+                 BV: tl.constexpr, PREC: tl.constexpr):
+    n, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    oc = tl.arange(0, BT)
+    t = n * BT + oc
+    mt = t < T
+    tok = (b * T + t) * H + h
+    row = (bh * N + n) * BT + oc
+    dt = DVL.dtype.element_ty
+    qk = tl.zeros([BT, BT], dtype=tl.float32)
+    for ik in range(0, tl.cdiv(K, BK)):
+        ok = ik * BK + tl.arange(0, BK)
+        m = mt[:, None] & (ok < K)[None, :]
+        q = tl.load(Q + tok[:, None] * K + ok[None, :], mask=m, other=0.).to(dt)
+        k = tl.load(K_ + tok[:, None] * K + ok[None, :], mask=m, other=0.).to(dt)
+        qk += tl.dot(q, tl.trans(k), input_precision=PREC)
+    causal = oc[:, None] >= oc[None, :]
+    if GATE:
+        bc = tl.cumsum(tl.load(G + tok, mask=mt, other=0.).to(tl.float32), axis=0)
+        qk = qk * tl.exp(tl.where(causal, bc[:, None] - bc[None, :], 0.))
+    qkt = tl.trans(tl.where(causal, scale * qk, 0.)).to(dt)
+    for iv in range(0, tl.cdiv(V, BV)):
+        ov = iv * BV + tl.arange(0, BV)
+        mv = ov < V
+        do = tl.load(DO + tok[:, None] * V + ov[None, :], mask=mt[:, None] & mv[None, :], other=0.).to(dt)
+        tl.store(DVL + row[:, None] * V + ov[None, :], tl.dot(qkt, do, input_precision=PREC).to(dt),
+                 mask=mv[None, :])
+
+
+@triton.jit
+def _wy_dqkw(Q, K_, G, HS, DHS, VN, DVN, DO, DQ, DK, DW, DB, T, H, N, K, V, scale, GATE: tl.constexpr,
+             BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """One block of BK keys a program (grid: blocks of keys, chunks, sequences × heads); its share of db goes
+    to DB[block of keys], summed after."""
+    ik, n, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, h = bh // H, bh % H
+    oc = tl.arange(0, BT)
+    t = n * BT + oc
+    mt = t < T
+    tok = (b * T + t) * H + h
+    row = (bh * N + n) * BT + oc
+    ok = ik * BK + tl.arange(0, BK)
+    mk = ok < K
+    m_tk = mt[:, None] & mk[None, :]
+    dt = VN.dtype.element_ty
+    causal = oc[:, None] >= oc[None, :]
+    dqs = tl.zeros([BT, BK], dtype=tl.float32)   # do Sᵀ
+    dw = tl.zeros([BT, BK], dtype=tl.float32)
+    dkb = tl.zeros([BT, BK], dtype=tl.float32)   # v_n dS'ᵀ
+    df = tl.zeros([BT, BT], dtype=tl.float32)    # do v_nᵀ
+    dl = tl.zeros([BK], dtype=tl.float32)
+    for iv in range(0, tl.cdiv(V, BV)):
+        ov = iv * BV + tl.arange(0, BV)
+        mv = ov < V
+        o_kv = ((bh * N + n).to(tl.int64) * K + ok[:, None]) * V + ov[None, :]
+        s = tl.load(HS + o_kv, mask=mk[:, None] & mv[None, :], other=0.)
+        ds = tl.load(DHS + o_kv, mask=mk[:, None] & mv[None, :], other=0.)
+        do = tl.load(DO + tok[:, None] * V + ov[None, :], mask=mt[:, None] & mv[None, :], other=0.).to(dt)
+        vn = tl.load(VN + row[:, None] * V + ov[None, :], mask=mv[None, :], other=0.)
+        dvn = tl.load(DVN + row[:, None] * V + ov[None, :], mask=mv[None, :], other=0.)
+        df += tl.dot(do, tl.trans(vn), input_precision=PREC)
+        dqs += tl.dot(do, tl.trans(s), input_precision=PREC)
+        dw -= tl.dot(dvn, tl.trans(s), input_precision=PREC)
+        dkb += tl.dot(vn, tl.trans(ds), input_precision=PREC)
+        if GATE:
+            dl += tl.sum(s.to(tl.float32) * ds.to(tl.float32), axis=1)
+    tl.store(DW + row[:, None] * K + ok[None, :], dw.to(dt), mask=mk[None, :])
+    df = tl.where(causal, scale * df, 0.)
+    q = tl.load(Q + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(dt)
+    k = tl.load(K_ + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(dt)
+    if GATE:
+        bc = tl.cumsum(tl.load(G + tok, mask=mt, other=0.).to(tl.float32), axis=0)
+        last = tl.sum(tl.where(oc == BT - 1, bc, 0.), axis=0)
+        ekb = tl.exp(last - bc)
+        dqs = dqs * (scale * tl.exp(bc))[:, None]                         # dQ̃'s share of dq
+        dkb = dkb * ekb[:, None]                                          # dK̄'s share of dk
+        df = df * tl.exp(tl.where(causal, bc[:, None] - bc[None, :], 0.))
+        # the gate's shares: Q̃ = exp(b) q, K̄ = exp(b_C - b) k, D (dF ⊙ F), exp(b_C) S
+        ek = tl.sum(dkb * k.to(tl.float32), axis=1)
+        gq = df * tl.dot(q, tl.trans(k), input_precision=PREC)
+        db = tl.sum(dqs * q.to(tl.float32), axis=1) - ek + tl.sum(gq, axis=1) - tl.sum(gq, axis=0)
+        dlast = tl.exp(last) * tl.sum(dl, axis=0) + tl.sum(ek, axis=0)
+        db += tl.where(oc == BT - 1, dlast, 0.)                           # b_C is b at the chunk's last row
+        tl.store(DB + ik * (tl.num_programs(2) * N * BT) + row, db)
+    else:
+        dqs = scale * dqs
+    dfc = df.to(dt)
+    dq = dqs + tl.dot(dfc, k, input_precision=PREC)
+    tl.store(DQ + tok[:, None] * K + ok[None, :], dq.to(DQ.dtype.element_ty), mask=m_tk)
+    dk = dkb + tl.dot(tl.trans(dfc), q, input_precision=PREC)
+    tl.store(DK + tok[:, None] * K + ok[None, :], dk.to(DK.dtype.element_ty), mask=m_tk)
+
+
+@triton.jit
+def _wy_bwd(K_, V_, BETA, G, P_, W, U, DVN, DW, DB, DK, DV, DBETA, DG, T, H, N, K, V, GATE: tl.constexpr,
+            BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    n, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    oc = tl.arange(0, BT)
+    t = n * BT + oc
+    mt = t < T
+    tok = (b * T + t) * H + h
+    row = (bh * N + n) * BT + oc
+    dt = P_.dtype.element_ty
+    pt = tl.trans(tl.load(P_ + row[:, None] * BT + oc[None, :]))
+    beta = tl.load(BETA + tok, mask=mt, other=0.).to(tl.float32)
+    eb = tl.full([BT], 1., tl.float32)
+    if GATE:
+        bc = tl.cumsum(tl.load(G + tok, mask=mt, other=0.).to(tl.float32), axis=0)
+        eb = tl.exp(bc)
+        db = tl.load(DB + row)
+    dA = tl.zeros([BT, BT], dtype=tl.float32)
+    dbeta = tl.zeros([BT], dtype=tl.float32)
+    for iv in range(0, tl.cdiv(V, BV)):
+        ov = iv * BV + tl.arange(0, BV)
+        mv = ov < V
+        dy = tl.dot(pt, tl.load(DVN + row[:, None] * V + ov[None, :], mask=mv[None, :], other=0.),
+                    input_precision=PREC)
+        u = tl.load(U + row[:, None] * V + ov[None, :], mask=mv[None, :], other=0.)
+        dA -= tl.dot(dy.to(dt), tl.trans(u), input_precision=PREC)
+        v = tl.load(V_ + tok[:, None] * V + ov[None, :], mask=mt[:, None] & mv[None, :], other=0.).to(tl.float32)
+        dbeta += tl.sum(dy * v, axis=1)
+        tl.store(DV + tok[:, None] * V + ov[None, :], (beta[:, None] * dy).to(DV.dtype.element_ty),
+                 mask=mt[:, None] & mv[None, :])
+    kk = tl.zeros([BT, BT], dtype=tl.float32)
+    for ik in range(0, tl.cdiv(K, BK)):
+        ok = ik * BK + tl.arange(0, BK)
+        mk = ok < K
+        k = tl.load(K_ + tok[:, None] * K + ok[None, :], mask=mt[:, None] & mk[None, :], other=0.)
+        dx = tl.dot(pt, tl.load(DW + row[:, None] * K + ok[None, :], mask=mk[None, :], other=0.).to(dt),
+                    input_precision=PREC)
+        w = tl.load(W + row[:, None] * K + ok[None, :], mask=mk[None, :], other=0.)
+        dA -= tl.dot(dx.to(dt), tl.trans(w), input_precision=PREC)
+        kk += tl.dot(k.to(dt), tl.trans(k.to(dt)), input_precision=PREC)
+        xk = tl.sum(dx * eb[:, None] * k.to(tl.float32), axis=1)          # Σ_k dX exp(b) k
+        dbeta += xk
+        if GATE:
+            db += beta * xk                                               # Σ_k dX ⊙ X
+    causal = oc[:, None] >= oc[None, :]
+    dA = tl.where(oc[:, None] > oc[None, :], dA, 0.)
+    if GATE:
+        kk = kk * tl.exp(tl.where(causal, bc[:, None] - bc[None, :], 0.))
+    dbeta += tl.sum(dA * kk, axis=1)
+    tl.store(DBETA + tok, dbeta, mask=mt)
+    M = dA * beta[:, None]
+    if GATE:
+        ga = M * kk                                                       # dA ⊙ A
+        db += tl.sum(ga, axis=1) - tl.sum(ga, axis=0)
+        M = M * tl.exp(tl.where(causal, bc[:, None] - bc[None, :], 0.))
+        tl.store(DG + tok, tl.sum(db, axis=0) - tl.cumsum(db, axis=0) + db, mask=mt)
+    MM = (M + tl.trans(M)).to(dt)          # M K + Mᵀ K in one product (M strictly lower)
+    for ik in range(0, tl.cdiv(K, BK)):
+        ok = ik * BK + tl.arange(0, BK)
+        mk = ok < K
+        m_tk = mt[:, None] & mk[None, :]
+        k = tl.load(K_ + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(dt)
+        dx = tl.dot(pt, tl.load(DW + row[:, None] * K + ok[None, :], mask=mk[None, :], other=0.).to(dt),
+                    input_precision=PREC)
+        dk = tl.load(DK + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(tl.float32)
+        dk += (beta * eb)[:, None] * dx + tl.dot(MM, k, input_precision=PREC)
+        tl.store(DK + tok[:, None] * K + ok[None, :], dk.to(DK.dtype.element_ty), mask=m_tk)
+
+
+def wy_grads(q, k, v, beta, g, P, W, U, HS, VN, dO, scale: float, state_backward, *, block_k: int, block_v: int,
+             num_warps: int, precision: str):
+    """-> (dq, dk, dv in k's dtype, dβ, dg or None and dS_0 float32). ``state_backward(dv_local) ->
+    (dS' a chunk, dv_n, dS_0)`` is the serial pass (``wy_state.wy_state_backward``), run between the two
+    parallel ones. dq, dk, dv and the intermediate dW and k's first share are written in k's dtype (sums in
+    float32 within each kernel), as the forward's chunk quantities are."""
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    N = HS.shape[2]
+    f32 = dict(device=k.device, dtype=torch.float32)
+    BV = min(block_v, max(16, triton.next_power_of_2(V)))
+    kw = dict(GATE=g is not None, BK=block_k, BV=BV, PREC=precision, num_warps=num_warps)
+    dv_local = torch.empty_like(VN)
+    _wy_dv_local[(N, B * H)](q, k, g, dO, dv_local, T, H, N, K, V, scale, **kw)
+    DHS, DVN, dh0 = state_backward(dv_local)
+    dq, dk = torch.empty_like(k), torch.empty_like(k)
+    dW = torch.empty_like(W)
+    NK = triton.cdiv(K, block_k)
+    db = torch.empty(NK, B, H, N * 64, **f32) if g is not None else None
+    _wy_dqkw[(NK, N, B * H)](q, k, g, HS, DHS, VN, DVN, dO, dq, dk, dW, db, T, H, N, K, V, scale, **kw)
+    db = db.sum(0) if g is not None else None
+    dv, dbeta = torch.empty(B, T, H, V, device=k.device, dtype=k.dtype), torch.empty(B, T, H, **f32)
+    dg = torch.empty(B, T, H, **f32) if g is not None else None
+    kw["BK"] = min(WY_BWD_BLOCK_K, block_k)
+    _wy_bwd[(N, B * H)](k, v, beta, g, P, W, U, DVN, dW, db, dk, dv, dbeta, dg, T, H, N, K, V, **kw)
+    return dq, dk, dv, dbeta, dg, dh0

@@ -1,0 +1,58 @@
+"""path="wy", the output: one program per (block of V columns, chunk, sequence, head), every chunk at once,
+from the state entering it S and its v_n (``wy_state``):
+    o = scale (Q̃ S + (Q Kᵀ ⊙ D) v_n),    Q̃_t = exp(b_t) q_t,  D_ts = exp(b_t - b_s) for s ≤ t, else 0.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from longscan.kernels.delta_rule.triton.wy_prep import BT
+
+
+@triton.jit
+def _wy_output(Q, K_, G, HS, VN, O, T, H, N, K, V, scale, GATE: tl.constexpr, BK: tl.constexpr,
+               BV: tl.constexpr, PREC: tl.constexpr):
+    iv, n, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, h = bh // H, bh % H
+    oc = tl.arange(0, BT)
+    ov = iv * BV + tl.arange(0, BV)
+    mv = ov < V
+    t = n * BT + oc
+    mt = t < T
+    tok = (b * T + t) * H + h
+    row = (bh * N + n) * BT + oc
+    dt = VN.dtype.element_ty
+    qk = tl.zeros([BT, BT], dtype=tl.float32)
+    qs = tl.zeros([BT, BV], dtype=tl.float32)
+    for ik in range(0, tl.cdiv(K, BK)):
+        ok = ik * BK + tl.arange(0, BK)
+        mk = ok < K
+        q = tl.load(Q + tok[:, None] * K + ok[None, :], mask=mt[:, None] & mk[None, :], other=0.).to(dt)
+        k = tl.load(K_ + tok[:, None] * K + ok[None, :], mask=mt[:, None] & mk[None, :], other=0.).to(dt)
+        o_kv = ((bh * N + n).to(tl.int64) * K + ok[:, None]) * V + ov[None, :]
+        s = tl.load(HS + o_kv, mask=mk[:, None] & mv[None, :], other=0.)
+        qk += tl.dot(q, tl.trans(k), input_precision=PREC)
+        qs += tl.dot(q, s, input_precision=PREC)
+    causal = oc[:, None] >= oc[None, :]
+    if GATE:
+        bc = tl.cumsum(tl.load(G + tok, mask=mt, other=0.).to(tl.float32), axis=0)
+        qs = qs * tl.exp(bc)[:, None]
+        qk = qk * tl.exp(tl.where(causal, bc[:, None] - bc[None, :], 0.))
+    qk = tl.where(causal, qk, 0.)
+    vn = tl.load(VN + row[:, None] * V + ov[None, :], mask=mv[None, :], other=0.)
+    o = scale * (qs + tl.dot(qk.to(dt), vn, input_precision=PREC))
+    tl.store(O + tok[:, None] * V + ov[None, :], o.to(O.dtype.element_ty), mask=mt[:, None] & mv[None, :])
+
+
+def wy_output(q, k, g, HS, VN, scale: float, *, block_k: int, block_v: int, num_warps: int, precision: str):
+    """-> o `[B, T, H, V]` in q's dtype."""
+    B, T, H, K = q.shape
+    V = VN.shape[-1]
+    N = HS.shape[2]
+    O = torch.empty(B, T, H, V, device=q.device, dtype=q.dtype)
+    BV = min(block_v, max(16, triton.next_power_of_2(V)))
+    _wy_output[(triton.cdiv(V, BV), N, B * H)](q, k, g, HS, VN, O, T, H, N, K, V, scale, GATE=g is not None,
+                                               BK=block_k, BV=BV, PREC=precision, num_warps=num_warps)
+    return O

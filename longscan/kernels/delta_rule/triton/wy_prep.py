@@ -1,0 +1,153 @@
+"""path="wy", stage 1: every chunk's WY representation, three kernels of one program per (chunk, sequence,
+head): A (``_wy_kkt``), its inverse (``_wy_inverse``), W and U (``_wy_w_u``).
+
+Chunks of BT = 64 tokens, split into four blocks of 16. With b the cumulative log gate inside the chunk
+(zero without a gate), A_ts = β_t (k_t·k_s) exp(b_t - b_s) for s < t, and P = (I + A)⁻¹ by blocks: each
+16×16 diagonal block inverted by forward substitution, then the blocks below joined by float32 products,
+    P_ij = -P_ii Σ_{j ≤ m < i} A_im P_mj.
+Then W = P X and U = P Y with X = Diag(β exp(b)) K and Y = Diag(β) V. P, W and U are written in the
+inputs' dtype (the operands of the tensor-core products that read them); every product accumulates in
+float32.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BT: tl.constexpr = tl.constexpr(64)   # tokens a chunk: four diagonal blocks of 16 (tl.dot's smallest tile)
+
+
+@triton.jit
+def _inv16(A, r):
+    """(I + A)⁻¹ of a strictly lower [16, 16] float32 block, by forward substitution: row i = e_i - Σ_s A_is P_s."""
+    P = tl.where(r[:, None] == r[None, :], 1., 0.)
+    for i in range(1, 16):
+        a = tl.sum(tl.where(r[:, None] == i, A, 0.), axis=0)
+        row = tl.where(r == i, 1., 0.) - tl.sum(a[:, None] * P, axis=0)
+        P = tl.where(r[:, None] == i, row[None, :], P)
+    return P
+
+
+@triton.jit
+def _dot32(a, b):
+    return tl.dot(a, b, input_precision="ieee")
+
+
+@triton.jit
+def _wy_kkt(K_, BETA, G, A_, T, H, N, K, GATE: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    """A = strict(Diag(β) (K Kᵀ ⊙ D)) `[BT, BT]` float32, one `[BT, BT]` product over blocks of keys."""
+    n, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    oc = tl.arange(0, BT)
+    t = n * BT + oc
+    mt = t < T
+    tok = (b * T + t) * H + h
+    a = tl.zeros([BT, BT], dtype=tl.float32)
+    for ik in range(0, tl.cdiv(K, BK)):
+        ok = ik * BK + tl.arange(0, BK)
+        k = tl.load(K_ + tok[:, None] * K + ok[None, :], mask=mt[:, None] & (ok < K)[None, :], other=0.)
+        a += tl.dot(k, tl.trans(k), input_precision=PREC)
+    strict = oc[:, None] > oc[None, :]
+    if GATE:
+        bc = tl.cumsum(tl.load(G + tok, mask=mt, other=0.).to(tl.float32), axis=0)
+        a = a * tl.exp(tl.where(strict, bc[:, None] - bc[None, :], 0.))
+    a = tl.where(strict, a * tl.load(BETA + tok, mask=mt, other=0.).to(tl.float32)[:, None], 0.)
+    tl.store(A_ + ((bh * N + n) * BT + oc[:, None]) * BT + oc[None, :], a)
+
+
+@triton.jit
+def _wy_inverse(A_, P_, N):
+    """P = (I + A)⁻¹ by 16×16 blocks: the diagonal ones by forward substitution, the rest joined by
+    float32 products. P's upper blocks are written as zeros."""
+    n, bh = tl.program_id(0), tl.program_id(1)
+    r = tl.arange(0, 16)
+    o16 = r[:, None] * BT + r[None, :]
+    src = A_ + (bh * N + n) * BT * BT + o16
+    a00 = tl.load(src)
+    a10 = tl.load(src + 16 * BT)
+    a11 = tl.load(src + 16 * BT + 16)
+    a20 = tl.load(src + 32 * BT)
+    a21 = tl.load(src + 32 * BT + 16)
+    a22 = tl.load(src + 32 * BT + 32)
+    a30 = tl.load(src + 48 * BT)
+    a31 = tl.load(src + 48 * BT + 16)
+    a32 = tl.load(src + 48 * BT + 32)
+    a33 = tl.load(src + 48 * BT + 48)
+    p00, p11, p22, p33 = _inv16(a00, r), _inv16(a11, r), _inv16(a22, r), _inv16(a33, r)
+    p10 = -_dot32(p11, _dot32(a10, p00))
+    p21 = -_dot32(p22, _dot32(a21, p11))
+    p32 = -_dot32(p33, _dot32(a32, p22))
+    p20 = -_dot32(p22, _dot32(a20, p00) + _dot32(a21, p10))
+    p31 = -_dot32(p33, _dot32(a31, p11) + _dot32(a32, p21))
+    p30 = -_dot32(p33, _dot32(a30, p00) + _dot32(a31, p10) + _dot32(a32, p20))
+    dt = P_.dtype.element_ty
+    dst = P_ + (bh * N + n) * BT * BT + o16
+    tl.store(dst, p00.to(dt))
+    tl.store(dst + 16 * BT, p10.to(dt))
+    tl.store(dst + 16 * BT + 16, p11.to(dt))
+    tl.store(dst + 32 * BT, p20.to(dt))
+    tl.store(dst + 32 * BT + 16, p21.to(dt))
+    tl.store(dst + 32 * BT + 32, p22.to(dt))
+    tl.store(dst + 48 * BT, p30.to(dt))
+    tl.store(dst + 48 * BT + 16, p31.to(dt))
+    tl.store(dst + 48 * BT + 32, p32.to(dt))
+    tl.store(dst + 48 * BT + 48, p33.to(dt))
+    z = tl.zeros([16, 16], dtype=dt)
+    tl.store(dst + 16, z)
+    tl.store(dst + 32, z)
+    tl.store(dst + 48, z)
+    tl.store(dst + 16 * BT + 32, z)
+    tl.store(dst + 16 * BT + 48, z)
+    tl.store(dst + 32 * BT + 48, z)
+
+
+@triton.jit
+def _wy_w_u(K_, V_, BETA, G, P_, W, U, T, H, N, K, V, GATE: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+            PREC: tl.constexpr):
+    """W = P X, X = Diag(β exp(b)) K, and U = P Y, Y = Diag(β) V, `[BT, BT]` products."""
+    n, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    oc = tl.arange(0, BT)
+    t = n * BT + oc
+    mt = t < T
+    tok = (b * T + t) * H + h
+    row = (bh * N + n) * BT + oc
+    dt = P_.dtype.element_ty
+    p = tl.load(P_ + row[:, None] * BT + oc[None, :])
+    beta = tl.load(BETA + tok, mask=mt, other=0.).to(tl.float32)
+    ex = beta
+    if GATE:
+        ex = beta * tl.exp(tl.cumsum(tl.load(G + tok, mask=mt, other=0.).to(tl.float32), axis=0))
+    for ik in range(0, tl.cdiv(K, BK)):
+        ok = ik * BK + tl.arange(0, BK)
+        mk = ok < K
+        x = tl.load(K_ + tok[:, None] * K + ok[None, :], mask=mt[:, None] & mk[None, :], other=0.)
+        w = tl.dot(p, (x * ex[:, None]).to(dt), input_precision=PREC)
+        tl.store(W + row[:, None] * K + ok[None, :], w.to(dt), mask=mk[None, :])
+    for iv in range(0, tl.cdiv(V, BV)):
+        ov = iv * BV + tl.arange(0, BV)
+        mv = ov < V
+        y = tl.load(V_ + tok[:, None] * V + ov[None, :], mask=mt[:, None] & mv[None, :], other=0.)
+        u = tl.dot(p, (y * beta[:, None]).to(dt), input_precision=PREC)
+        tl.store(U + row[:, None] * V + ov[None, :], u.to(dt), mask=mv[None, :])
+
+
+INVERSE_WARPS = 4   # ``_wy_inverse``'s twenty 16×16 tiles: at fewer warps a thread holds too many and spills
+
+
+def wy_prepare(k, v, beta, g, *, block_k: int, block_v: int, num_warps: int, precision: str):
+    """-> (P `[B, H, N·BT, BT]`, W `[B, H, N·BT, K]`, U `[B, H, N·BT, V]`), all in k's dtype."""
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    N = triton.cdiv(T, 64)
+    A = torch.empty(B, H, N * 64, 64, device=k.device, dtype=torch.float32)
+    P = torch.empty(B, H, N * 64, 64, device=k.device, dtype=k.dtype)
+    W = torch.empty(B, H, N * 64, K, device=k.device, dtype=k.dtype)
+    U = torch.empty(B, H, N * 64, V, device=k.device, dtype=k.dtype)
+    gate = g is not None
+    _wy_kkt[(N, B * H)](k, beta, g, A, T, H, N, K, GATE=gate, BK=block_k, PREC=precision, num_warps=num_warps)
+    _wy_inverse[(N, B * H)](A, P, N, num_warps=INVERSE_WARPS)
+    _wy_w_u[(N, B * H)](k, v, beta, g, P, W, U, T, H, N, K, V, GATE=gate, BK=block_k, BV=block_v,
+                        PREC=precision, num_warps=num_warps)
+    return P, W, U

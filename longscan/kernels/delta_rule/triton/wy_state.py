@@ -1,0 +1,130 @@
+"""path="wy", the serial stages: the state across chunks forward, its gradient backward; one program per
+(block of V columns, sequence, head), the state `[K, BV]` held in float32 registers.
+
+Forward, chunk n entered with S (b the cumulative log gate in the chunk, b_C its total):
+    v_n = U_n - W_n S,     S ← exp(b_C) S + K̄_nᵀ v_n,     K̄_t = exp(b_C - b_t) k_t
+writing S entering each chunk and v_n in the inputs' dtype (the output and backward stages read them).
+Backward, chunk n in reverse with dS the gradient of the state leaving it:
+    dv_n = dv_local_n + K̄_n dS,     dS ← exp(b_C) dS + scale Q̃_nᵀ do_n - W_nᵀ dv_n,     Q̃_t = exp(b_t) q_t
+(dv_local = scale tril(Q̃K̂ᵀ)ᵀ do, from ``wy_grads``), writing dS leaving each chunk and dv_n.
+Products take the inputs' dtype as operands and accumulate in float32. The per-chunk states' offsets are
+int64 (B·H·N·K·V passes 2³¹ at about 8M tokens × heads with K = V = 128).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from longscan.kernels.delta_rule.triton.wy_prep import BT
+
+
+@triton.jit
+def _wy_state_fwd(K_, G, W, U, H0, HS, VN, HT, T, H, N, K, V, GATE: tl.constexpr, HAS_H0: tl.constexpr,
+                  KP: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    iv, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    oc, ok = tl.arange(0, BT), tl.arange(0, KP)
+    ov = iv * BV + tl.arange(0, BV)
+    mk, mv = ok < K, ov < V
+    m_kv = mk[:, None] & mv[None, :]
+    dt = W.dtype.element_ty
+    if HAS_H0:
+        S = tl.load(H0 + bh * K * V + ok[:, None] * V + ov[None, :], mask=m_kv, other=0.).to(tl.float32)
+    else:
+        S = tl.zeros([KP, BV], dtype=tl.float32)
+    for n in range(N):
+        t = n * BT + oc
+        mt = t < T
+        tok = (b * T + t) * H + h
+        row = (bh * N + n) * BT + oc
+        tl.store(HS + ((bh * N + n).to(tl.int64) * K + ok[:, None]) * V + ov[None, :], S.to(dt), mask=m_kv)
+        w = tl.load(W + row[:, None] * K + ok[None, :], mask=mk[None, :], other=0.)
+        vn = tl.load(U + row[:, None] * V + ov[None, :], mask=mv[None, :], other=0.).to(tl.float32)
+        vn -= tl.dot(w, S.to(dt), input_precision=PREC)
+        tl.store(VN + row[:, None] * V + ov[None, :], vn.to(dt), mask=mv[None, :])
+        k = tl.load(K_ + tok[:, None] * K + ok[None, :], mask=mt[:, None] & mk[None, :], other=0.).to(dt)
+        if GATE:
+            bc = tl.cumsum(tl.load(G + tok, mask=mt, other=0.).to(tl.float32), axis=0)
+            last = tl.sum(tl.where(oc == BT - 1, bc, 0.), axis=0)
+            vn = vn * tl.exp(last - bc)[:, None]
+            S = S * tl.exp(last)
+        S += tl.dot(tl.trans(k), vn.to(dt), input_precision=PREC)
+    tl.store(HT + bh * K * V + ok[:, None] * V + ov[None, :], S, mask=m_kv)
+
+
+@triton.jit
+def _wy_state_bwd(Q, K_, G, W, DO, DVL, DHT, DHS, DVN, DH0, T, H, N, K, V, scale, GATE: tl.constexpr,
+                  HAS_DHT: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    iv, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    oc, ok = tl.arange(0, BT), tl.arange(0, KP)
+    ov = iv * BV + tl.arange(0, BV)
+    mk, mv = ok < K, ov < V
+    m_kv = mk[:, None] & mv[None, :]
+    dt = W.dtype.element_ty
+    if HAS_DHT:
+        dS = tl.load(DHT + bh * K * V + ok[:, None] * V + ov[None, :], mask=m_kv, other=0.).to(tl.float32)
+    else:
+        dS = tl.zeros([KP, BV], dtype=tl.float32)
+    for i in range(N):
+        n = N - 1 - i
+        t = n * BT + oc
+        mt = t < T
+        tok = (b * T + t) * H + h
+        row = (bh * N + n) * BT + oc
+        m_tk = mt[:, None] & mk[None, :]
+        tl.store(DHS + ((bh * N + n).to(tl.int64) * K + ok[:, None]) * V + ov[None, :], dS.to(dt), mask=m_kv)
+        k = tl.load(K_ + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(dt)
+        q = tl.load(Q + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(dt)
+        if GATE:   # K̄ and Q̃ go back to the operands' dtype at once (no float32 `[BT, K]` tile is kept)
+            bc = tl.cumsum(tl.load(G + tok, mask=mt, other=0.).to(tl.float32), axis=0)
+            last = tl.sum(tl.where(oc == BT - 1, bc, 0.), axis=0)
+            k = (k * tl.exp(last - bc)[:, None]).to(dt)
+            q = (q * tl.exp(bc)[:, None]).to(dt)
+        dv = tl.load(DVL + row[:, None] * V + ov[None, :], mask=mv[None, :], other=0.).to(tl.float32)
+        dv += tl.dot(k, dS.to(dt), input_precision=PREC)
+        tl.store(DVN + row[:, None] * V + ov[None, :], dv.to(dt), mask=mv[None, :])
+        do = tl.load(DO + tok[:, None] * V + ov[None, :], mask=mt[:, None] & mv[None, :], other=0.).to(dt)
+        w = tl.load(W + row[:, None] * K + ok[None, :], mask=mk[None, :], other=0.)
+        if GATE:
+            dS = dS * tl.exp(last)
+        dS += scale * tl.dot(tl.trans(q), do, input_precision=PREC)
+        dS -= tl.dot(tl.trans(w), dv.to(dt), input_precision=PREC)
+    tl.store(DH0 + bh * K * V + ok[:, None] * V + ov[None, :], dS, mask=m_kv)
+
+
+def _kp(K: int) -> int:
+    return max(16, triton.next_power_of_2(K))   # the whole state's keys in one block (tl.dot's least is 16)
+
+
+def wy_state_forward(k, g, W, U, h0, *, block_v: int, num_warps: int, num_stages: int, precision: str):
+    """-> (S entering each chunk `[B, H, N, K, V]` and v_n `[B, H, N·BT, V]` in k's dtype, S_T float32)."""
+    B, T, H, K = k.shape
+    V = U.shape[-1]
+    N = U.shape[2] // 64
+    HS = torch.empty(B, H, N, K, V, device=k.device, dtype=k.dtype)
+    VN = torch.empty_like(U)
+    HT = torch.empty(B, H, K, V, device=k.device, dtype=torch.float32)
+    BV = min(block_v, max(16, triton.next_power_of_2(V)))
+    _wy_state_fwd[(triton.cdiv(V, BV), B * H)](
+        k, g, W, U, h0.contiguous() if h0 is not None else None, HS, VN, HT, T, H, N, K, V, GATE=g is not None,
+        HAS_H0=h0 is not None, KP=_kp(K), BV=BV, PREC=precision, num_warps=num_warps, num_stages=num_stages)
+    return HS, VN, HT
+
+
+def wy_state_backward(q, k, g, W, dO, dv_local, dHT, scale: float, *, block_v: int, num_warps: int,
+                      num_stages: int, precision: str):
+    """-> (dS leaving each chunk `[B, H, N, K, V]` and dv_n `[B, H, N·BT, V]` in k's dtype, dS_0 float32)."""
+    B, T, H, K = k.shape
+    V = dO.shape[-1]
+    N = W.shape[2] // 64
+    DHS = torch.empty(B, H, N, K, V, device=k.device, dtype=k.dtype)
+    DVN = torch.empty(B, H, N * 64, V, device=k.device, dtype=k.dtype)
+    DH0 = torch.empty(B, H, K, V, device=k.device, dtype=torch.float32)
+    BV = min(block_v, max(16, triton.next_power_of_2(V)))
+    _wy_state_bwd[(triton.cdiv(V, BV), B * H)](
+        q, k, g, W, dO, dv_local, dHT.contiguous() if dHT is not None else None, DHS, DVN, DH0, T, H, N, K, V,
+        scale, GATE=g is not None, HAS_DHT=dHT is not None, KP=_kp(K), BV=BV, PREC=precision,
+        num_warps=num_warps, num_stages=num_stages)
+    return DHS, DVN, DH0

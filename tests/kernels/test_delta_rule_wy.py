@@ -1,0 +1,204 @@
+"""The delta rule's Triton path="wy" (chunks of 64, tensor-core products, 16×16 block inverse) against the
+float64 recurrence: no gate and a scalar gate, forward and every gradient, with and without states, a part
+of a chunk, exactly one, several with a padded last one, K ≠ V; the explicit fallbacks (per-key gates,
+segment transitions) and the options' checks; its kernels compiled for sm_90 at K = V = 128 in bf16 without
+register spills. CPU: the Triton interpreter in float32."""
+import os
+
+import pytest
+import torch
+
+from delta_cases import NAMES, make_inputs, run_with_grads as run
+from harness import rel_err, run_compiled
+
+triton = pytest.importorskip("triton")
+
+from longscan.kernels.delta_rule import naive_recurrent_delta_rule  # noqa: E402
+from longscan.kernels.delta_rule import triton_chunk as tc  # noqa: E402
+from longscan.kernels.delta_rule.triton import DeltaTritonOptions  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+WY = DeltaTritonOptions(path="wy", block_v=16)
+# (B, T, H, K, V): one token; a part of a chunk with K ≠ V; exactly one chunk; three with a padded last one
+# and two blocks of V columns; K and V not powers of two
+SHAPES = [(1, 1, 1, 16, 16), (2, 37, 1, 16, 32), (1, 64, 2, 32, 16), (1, 150, 2, 16, 32), (1, 70, 1, 24, 40)]
+
+
+def compare(kind, shape, with_state, options, seed, tol=1e-5):
+    B, T, H, K, V = shape
+    x = make_inputs(kind, B, T, H, K, V, torch.float64, seed=seed)
+    if not with_state:
+        x["initial_state"] = None
+    gen = torch.Generator().manual_seed(seed + 100)
+    do = torch.randn(B, T, H, V, generator=gen, dtype=torch.float64)
+    dht = torch.randn(B, H, K, V, generator=gen, dtype=torch.float64)
+    ref = run(lambda **a: naive_recurrent_delta_rule(**a, output_final_state=with_state), x, do, dht)
+    x32 = {n: (t.float().to(DEV) if t is not None else None) for n, t in x.items()}
+    got = run(lambda **a: tc.forward(**a, output_final_state=with_state, options=options), x32,
+              do.float().to(DEV), dht.float().to(DEV))
+    assert rel_err(got[0].cpu(), ref[0]) < tol
+    assert (got[1] is None) == (ref[1] is None)
+    if with_state:
+        assert rel_err(got[1].cpu(), ref[1]) < tol
+    assert set(got[2]) == set(ref[2])
+    for n in ref[2]:
+        assert rel_err(got[2][n].cpu(), ref[2][n]) < tol, n
+
+
+@pytest.mark.parametrize("with_state", [True, False], ids=["states", "no_states"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}T{}H{}K{}V{}".format(*s))
+@pytest.mark.parametrize("kind", ["deltanet", "gated"])
+def test_wy_matches_recurrence(kind, shape, with_state):
+    compare(kind, shape, with_state, WY, seed=shape[1] + (kind == "gated"))
+
+
+@pytest.mark.parametrize("kind", ["deltanet", "gated"])
+def test_wy_gradients_from_the_final_state_alone(kind):
+    """A loss on the final state only (o unused: its gradient reaches the kernels as None or zeros)."""
+    x = make_inputs(kind, 1, 100, 2, 16, 16, torch.float64, seed=17)
+    dht = torch.randn(1, 2, 16, 16, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    names = [n for n in NAMES if n != "q" and x[n] is not None]
+
+    def grads(fn, x, dht):
+        leaves = {n: (t.clone().requires_grad_() if t is not None else None) for n, t in x.items()}
+        _, s = fn(**leaves)
+        return torch.autograd.grad(s, [leaves[n] for n in names], dht)
+    ref = grads(lambda **a: naive_recurrent_delta_rule(**a, output_final_state=True), x, dht)
+    x32 = {n: (t.float().to(DEV) if t is not None else None) for n, t in x.items()}
+    got = grads(lambda **a: tc.forward(**a, output_final_state=True, options=WY), x32, dht.float().to(DEV))
+    for n, a, b in zip(names, got, ref):
+        assert rel_err(a.cpu(), b) < 1e-5, n
+
+
+def test_wy_steep_gates_stay_finite():
+    """Log decays of -4 a token (exp(b) reaches e^-256 within a chunk): every decay is a difference
+    b_t - b_s with s ≤ t, so nothing overflows; forward and gradients still match the recurrence."""
+    gen = torch.Generator().manual_seed(21)
+    shape = (1, 130, 1, 16, 16)
+    x = make_inputs("gated", *shape, torch.float64, seed=21)
+    x["g"] = -4.0 * torch.rand(x["g"].shape, generator=gen, dtype=torch.float64) - 0.5
+    do = torch.randn(1, 130, 1, 16, generator=gen, dtype=torch.float64)
+    dht = torch.randn(1, 1, 16, 16, generator=gen, dtype=torch.float64)
+    ref = run(lambda **a: naive_recurrent_delta_rule(**a, output_final_state=True), x, do, dht)
+    x32 = {n: t.float().to(DEV) for n, t in x.items()}
+    got = run(lambda **a: tc.forward(**a, output_final_state=True, options=WY), x32, do.float().to(DEV),
+              dht.float().to(DEV))
+    assert rel_err(got[0].cpu(), ref[0]) < 1e-5 and rel_err(got[1].cpu(), ref[1]) < 1e-5
+    for n in ref[2]:
+        assert torch.isfinite(got[2][n]).all(), n
+        assert rel_err(got[2][n].cpu(), ref[2][n]) < 1e-5, n
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 products need a GPU")
+@pytest.mark.parametrize("kind", ["deltanet", "gated"])
+def test_wy_bf16_on_gpu(kind):
+    """bf16 inputs (bf16 operands, float32 sums, bf16 chunk quantities) against the float64 recurrence."""
+    x = make_inputs(kind, 2, 300, 2, 64, 64, torch.float64, seed=11)
+    gen = torch.Generator().manual_seed(12)
+    do = torch.randn(2, 300, 2, 64, generator=gen, dtype=torch.float64)
+    dht = torch.randn(2, 2, 64, 64, generator=gen, dtype=torch.float64)
+    ref = run(lambda **a: naive_recurrent_delta_rule(**a, output_final_state=True), x, do, dht)
+    xb = {n: (t.to("cuda", torch.bfloat16 if n in ("q", "k", "v") else torch.float32) if t is not None else None)
+          for n, t in x.items()}
+    got = run(lambda **a: tc.forward(**a, output_final_state=True, options=DeltaTritonOptions(path="wy")), xb,
+              do.to("cuda", torch.bfloat16), dht.float().cuda())
+    assert rel_err(got[0].cpu(), ref[0]) < 2e-2
+    assert rel_err(got[1].cpu(), ref[1]) < 2e-2
+    for n in ref[2]:
+        assert rel_err(got[2][n].cpu(), ref[2][n]) < 5e-2, n
+
+
+def test_wy_runs_its_own_kernels():
+    """path="wy" reaches the wy stages (and path="float32" does not) for the kinds it covers."""
+    from longscan.kernels.delta_rule.triton import wy
+    x = make_inputs("gated", 1, 20, 1, 16, 16, torch.float32, seed=3)
+    calls = []
+    orig = wy.DeltaRuleWY.apply
+    wy.DeltaRuleWY.apply = lambda *a: calls.append(1) or orig(*a)
+    try:
+        tc.forward(**x, options=WY)
+        assert calls == [1]
+        tc.forward(**x, options=DeltaTritonOptions(block_v=16))
+        assert calls == [1]
+    finally:
+        wy.DeltaRuleWY.apply = orig
+
+
+def test_wy_falls_back_for_per_key_gates_and_segment_transitions():
+    """Per-key gates (KDA) and the SP stages' segment transitions run path="float32" under path="wy"."""
+    assert not WY.runs_wy(has_q=True, per_key=True)
+    assert not WY.runs_wy(has_q=False, per_key=False)
+    assert WY.runs_wy(has_q=True, per_key=False)
+    assert not DeltaTritonOptions().runs_wy(has_q=True, per_key=False)
+    compare("kda", (1, 40, 1, 16, 16), True, WY, seed=5)
+    x = make_inputs("gated", 1, 40, 1, 16, 16, torch.float32, seed=6)
+    loc, M = tc.segment_transition(x["k"], x["v"], x["beta"], x["g"], options=WY)
+    ref_loc, ref_M = tc.segment_transition(x["k"], x["v"], x["beta"], x["g"], options=DeltaTritonOptions(block_v=16))
+    assert torch.equal(loc, ref_loc) and torch.equal(M, ref_M)
+
+
+def test_wy_options_are_checked():
+    with pytest.raises(ValueError, match="path must be one of"):
+        DeltaTritonOptions(path="bf16")
+    with pytest.raises(ValueError, match="intra='triton' and recompute=False"):
+        DeltaTritonOptions(path="wy", recompute=True)
+    with pytest.raises(ValueError, match="intra='triton' and recompute=False"):
+        DeltaTritonOptions(path="wy", intra="torch")
+
+
+# the installed Triton, and another one when LONGSCAN_TRITON_ALT names a directory holding it (ptxas and
+# register allocation differ between Triton releases: a kernel spill-free on one may spill on another)
+TRITONS = [None] + ([os.environ["LONGSCAN_TRITON_ALT"]] if os.environ.get("LONGSCAN_TRITON_ALT") else [])
+
+_COMPILE = r'''
+import json
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from benchmarks.tuning.kernel_resources import ptxas_report
+from longscan.kernels.delta_rule.triton import DeltaTritonOptions, wy, wy_grads, wy_output, wy_prep, wy_state
+
+o = DeltaTritonOptions(path="wy")
+K = V = 128
+BF16 = {"Q", "K_", "V_", "P_", "W", "U", "HS", "VN", "DHS", "DVN", "DVL", "DO", "DQ", "DK", "DW", "DV"}
+
+
+def counts(fn, consts, warps, stages):
+    sig = {a: "constexpr" if a in consts else "i32" if a in ("T", "H", "N", "K", "V") else "fp32"
+           if a == "scale" else "*bf16" if a in BF16 else "*fp32" for a in fn.arg_names}
+    src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+    r = ptxas_report(k)
+    return dict(regs=r["registers"], spills=r["spill_stores"] + r["spill_loads"])
+
+
+P = dict(GATE=True, PREC=o.input_precision)
+BK, BV, SV = min(wy.WY_BLOCK_K, K), min(o.block_v, V), min(o.wy_state_block_v, V)
+PAR, SER = (o.num_warps, 3), (o.wy_state_num_warps, o.inter_num_stages)   # Triton's default stages: 3
+KERNELS = (
+    ("kkt", wy_prep._wy_kkt, dict(P, BK=BK), PAR),
+    ("inverse", wy_prep._wy_inverse, {}, (wy_prep.INVERSE_WARPS, 3)),
+    ("w_u", wy_prep._wy_w_u, dict(P, BK=BK, BV=BV), PAR),
+    ("state_fwd", wy_state._wy_state_fwd, dict(P, HAS_H0=True, KP=K, BV=SV), SER),
+    ("state_bwd", wy_state._wy_state_bwd, dict(P, HAS_DHT=True, KP=K, BV=SV), SER),
+    ("output", wy_output._wy_output, dict(P, BK=BK, BV=BV), PAR),
+    ("dv_local", wy_grads._wy_dv_local, dict(P, BK=BK, BV=BV), PAR),
+    ("dqkw", wy_grads._wy_dqkw, dict(P, BK=BK, BV=BV), PAR),
+    ("bwd", wy_grads._wy_bwd, dict(P, BK=min(wy_grads.WY_BWD_BLOCK_K, BK), BV=BV), PAR),
+)
+print(json.dumps({name: counts(fn, consts, *launch) for name, fn, consts, launch in KERNELS}))
+'''
+
+
+@pytest.mark.parametrize("triton_dir", TRITONS)
+def test_wy_kernels_compile_for_hopper_without_spills(triton_dir):
+    import json
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    proc = run_compiled("-c", _COMPILE, first_on_path=triton_dir)
+    if proc.returncode and "ptxas" in proc.stderr and "No such file" in proc.stderr:
+        pytest.skip("no ptxas in this Triton install")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(out) == 9, out
+    spilled = {name: r for name, r in out.items() if r["spills"]}
+    assert not spilled, spilled
