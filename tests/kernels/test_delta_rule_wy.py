@@ -152,6 +152,8 @@ TRITONS = [None] + ([os.environ["LONGSCAN_TRITON_ALT"]] if os.environ.get("LONGS
 
 _COMPILE = r'''
 import json
+import sys
+
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -160,7 +162,8 @@ from longscan.kernels.delta_rule.triton import DeltaTritonOptions, wy, wy_grads,
 
 o = DeltaTritonOptions(path="wy")
 K = V = 128
-BF16 = {"Q", "K_", "V_", "P_", "W", "U", "HS", "VN", "DHS", "DVN", "DVL", "DO", "DQ", "DK", "DW", "DV"}
+BF16 = {"Q", "K_", "V_", "P_", "W", "U", "HS", "VN", "DHS", "DVN", "DVL", "DO", "DQ", "DK", "DW", "DV", "KB", "QG"}
+GATE = int(sys.argv[1])   # 1: a scalar gate, 2: per-key gates (the inverse reads neither: compiled once, with 1)
 
 
 def counts(fn, consts, warps, stages):
@@ -172,7 +175,7 @@ def counts(fn, consts, warps, stages):
     return dict(regs=r["registers"], spills=r["spill_stores"] + r["spill_loads"])
 
 
-P = dict(GATE=True, PREC=o.input_precision)
+P = dict(GATE=GATE, PREC=o.input_precision)
 BK, BV, SV = min(wy.WY_BLOCK_K, K), min(o.block_v, V), min(o.wy_state_block_v, V)
 PAR, SER = (o.num_warps, 3), (o.wy_state_num_warps, o.inter_num_stages)   # Triton's default stages: 3
 KERNELS = (
@@ -186,7 +189,8 @@ KERNELS = (
     ("dqkw", wy_grads._wy_dqkw, dict(P, BK=BK, BV=BV), PAR),
     ("bwd", wy_grads._wy_bwd, dict(P, BK=min(wy_grads.WY_BWD_BLOCK_K, BK), BV=BV), PAR),
 )
-print(json.dumps({name: counts(fn, consts, *launch) for name, fn, consts, launch in KERNELS}))
+print(json.dumps({name: counts(fn, consts, *launch) for name, fn, consts, launch in KERNELS
+                  if GATE == 1 or name != "inverse"}))
 '''
 
 
@@ -194,11 +198,26 @@ print(json.dumps({name: counts(fn, consts, *launch) for name, fn, consts, launch
 def test_wy_kernels_compile_for_hopper_without_spills(triton_dir):
     import json
     pytest.importorskip("triton.backends.nvidia.compiler")
-    proc = run_compiled("-c", _COMPILE, first_on_path=triton_dir)
+    proc = run_compiled("-c", _COMPILE, "1", first_on_path=triton_dir)
     if proc.returncode and "ptxas" in proc.stderr and "No such file" in proc.stderr:
         pytest.skip("no ptxas in this Triton install")
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(out) == 9, out
+    spilled = {name: r for name, r in out.items() if r["spills"]}
+    assert not spilled, spilled
+
+
+@pytest.mark.parametrize("triton_dir", TRITONS)
+def test_wy_per_key_kernels_compile_for_hopper_without_spills(triton_dir):
+    """The eight kernels that read a gate, compiled for per-key gates (KDA)."""
+    import json
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    proc = run_compiled("-c", _COMPILE, "2", first_on_path=triton_dir)
+    if proc.returncode and "ptxas" in proc.stderr and "No such file" in proc.stderr:
+        pytest.skip("no ptxas in this Triton install")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(out) == 8, out
     spilled = {name: r for name, r in out.items() if r["spills"]}
     assert not spilled, spilled

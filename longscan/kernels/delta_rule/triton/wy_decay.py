@@ -16,12 +16,13 @@ import triton
 import triton.language as tl
 
 BT: tl.constexpr = tl.constexpr(64)   # tokens a chunk: four diagonal blocks of 16 (tl.dot's smallest tile)
-NO_GATE, SCALAR, PER_KEY = 0, 1, 2   # the kernels' GATE: none, `[B, T, H]`, `[B, T, H, K]`
+# the kernels' GATE: none, `[B, T, H]`, `[B, T, H, K]` (constexpr: read inside the kernels)
+NO_GATE, SCALAR, PER_KEY = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 
 
 def gate_kind(g) -> int:
     """The kernels' GATE for g (None, `[B, T, H]` or `[B, T, H, K]`)."""
-    return NO_GATE if g is None else PER_KEY if g.dim() == 4 else SCALAR
+    return (NO_GATE if g is None else PER_KEY if g.dim() == 4 else SCALAR).value
 
 
 @triton.jit

@@ -36,8 +36,18 @@ def _wy_dv_local(Q, K_, G, DO, DVL, T, H, N, K, V, scale, GATE: tl.constexpr, BK
     oc = tl.arange(0, BT)
     t = n * BT + oc
     mt = t < T
-    tok = ((b * T + t) * H + h).to(tl.int64)
-    row = ((bh * N + n) * BT + oc).to(tl.int64)
+    tok0 = ((b * T + n * BT) * H + h).to(tl.int64)   # int64 bases, int32 offsets in the chunk
+    tok = oc * H
+    row0 = ((bh * N + n) * BT).to(tl.int64)
+    row = oc
+    DVL = DVL + row0 * V
+    gk = 1
+    if GATE == PER_KEY:   # a gate a key: G, DB and DG hold K values a token
+        gk = K
+    if GATE != 0:
+        G = G + tok0 * gk
+    K_, Q = K_ + tok0 * K, Q + tok0 * K
+    DO = DO + tok0 * V
     dt = DVL.dtype.element_ty
     qk = tl.zeros([BT, BT], dtype=tl.float32)
     for ik in range(0, tl.cdiv(K, BK)):
@@ -73,8 +83,19 @@ def _wy_dqkw(Q, K_, G, HS, DHS, VN, DVN, DO, DQ, DK, DW, DB, T, H, N, K, V, scal
     oc = tl.arange(0, BT)
     t = n * BT + oc
     mt = t < T
-    tok = ((b * T + t) * H + h).to(tl.int64)
-    row = ((bh * N + n) * BT + oc).to(tl.int64)
+    tok0 = ((b * T + n * BT) * H + h).to(tl.int64)   # int64 bases, int32 offsets in the chunk
+    tok = oc * H
+    row0 = ((bh * N + n) * BT).to(tl.int64)
+    row = oc
+    gk = 1
+    if GATE == PER_KEY:   # a gate a key: G, DB and DG hold K values a token
+        gk = K
+    DW = DW + row0 * K
+    if GATE != 0:
+        G, DB = G + tok0 * gk, DB + row0 * gk
+    DVN, VN = DVN + row0 * V, VN + row0 * V
+    DK, DQ, K_, Q = DK + tok0 * K, DQ + tok0 * K, K_ + tok0 * K, Q + tok0 * K
+    DO = DO + tok0 * V
     ok = ik * BK + tl.arange(0, BK)
     mk = ok < K
     m_tk = mt[:, None] & mk[None, :]
@@ -88,7 +109,7 @@ def _wy_dqkw(Q, K_, G, HS, DHS, VN, DVN, DO, DQ, DK, DW, DB, T, H, N, K, V, scal
     for iv in range(0, tl.cdiv(V, BV)):
         ov = iv * BV + tl.arange(0, BV)
         mv = ov < V
-        o_kv = ((bh * N + n).to(tl.int64) * K + ok[:, None]) * V + ov[None, :]
+        o_kv = (bh * N + n).to(tl.int64) * K * V + ok[:, None] * V + ov[None, :]
         s = tl.load(HS + o_kv, mask=mk[:, None] & mv[None, :], other=0.)
         ds = tl.load(DHS + o_kv, mask=mk[:, None] & mv[None, :], other=0.)
         do = tl.load(DO + tok[:, None] * V + ov[None, :], mask=mt[:, None] & mv[None, :], other=0.).to(dt)
@@ -149,8 +170,21 @@ def _wy_bwd(K_, V_, BETA, G, P_, W, U, DVN, DW, DB, DK, DV, DBETA, DG, T, H, N, 
     oc = tl.arange(0, BT)
     t = n * BT + oc
     mt = t < T
-    tok = ((b * T + t) * H + h).to(tl.int64)
-    row = ((bh * N + n) * BT + oc).to(tl.int64)
+    tok0 = ((b * T + n * BT) * H + h).to(tl.int64)   # int64 bases, int32 offsets in the chunk
+    tok = oc * H
+    row0 = ((bh * N + n) * BT).to(tl.int64)
+    row = oc
+    P_ = P_ + row0 * BT
+    gk = 1
+    if GATE == PER_KEY:   # a gate a key: G, DB and DG hold K values a token
+        gk = K
+    DW, W = DW + row0 * K, W + row0 * K
+    DVN, U = DVN + row0 * V, U + row0 * V
+    BETA, DBETA = BETA + tok0, DBETA + tok0
+    if GATE != 0:
+        G, DB, DG = G + tok0 * gk, DB + row0 * gk, DG + tok0 * gk
+    DK, K_ = DK + tok0 * K, K_ + tok0 * K
+    DV, V_ = DV + tok0 * V, V_ + tok0 * V
     dt = P_.dtype.element_ty
     pt = tl.trans(tl.load(P_ + row[:, None] * BT + oc[None, :]))
     beta = tl.load(BETA + tok, mask=mt, other=0.).to(tl.float32)

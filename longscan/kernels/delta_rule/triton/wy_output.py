@@ -22,8 +22,18 @@ def _wy_output(Q, K_, G, HS, VN, O, T, H, N, K, V, scale, GATE: tl.constexpr, BK
     mv = ov < V
     t = n * BT + oc
     mt = t < T
-    tok = ((b * T + t) * H + h).to(tl.int64)
-    row = ((bh * N + n) * BT + oc).to(tl.int64)
+    tok0 = ((b * T + n * BT) * H + h).to(tl.int64)   # int64 bases, int32 offsets in the chunk
+    tok = oc * H
+    row0 = ((bh * N + n) * BT).to(tl.int64)
+    row = oc
+    VN = VN + row0 * V
+    gk = 1
+    if GATE == PER_KEY:   # a gate a key: G, DB and DG hold K values a token
+        gk = K
+    if GATE != 0:
+        G = G + tok0 * gk
+    K_, Q = K_ + tok0 * K, Q + tok0 * K
+    O = O + tok0 * V
     dt = VN.dtype.element_ty
     qk = tl.zeros([BT, BT], dtype=tl.float32)
     qs = tl.zeros([BT, BV], dtype=tl.float32)
@@ -32,7 +42,7 @@ def _wy_output(Q, K_, G, HS, VN, O, T, H, N, K, V, scale, GATE: tl.constexpr, BK
         mk = ok < K
         q = tl.load(Q + tok[:, None] * K + ok[None, :], mask=mt[:, None] & mk[None, :], other=0.).to(dt)
         k = tl.load(K_ + tok[:, None] * K + ok[None, :], mask=mt[:, None] & mk[None, :], other=0.).to(dt)
-        o_kv = ((bh * N + n).to(tl.int64) * K + ok[:, None]) * V + ov[None, :]
+        o_kv = (bh * N + n).to(tl.int64) * K * V + ok[:, None] * V + ov[None, :]
         s = tl.load(HS + o_kv, mask=mk[:, None] & mv[None, :], other=0.)
         if GATE == PER_KEY:
             bk = tl.cumsum(tl.load(G + tok[:, None] * K + ok[None, :], mask=mt[:, None] & mk[None, :],

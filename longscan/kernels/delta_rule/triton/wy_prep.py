@@ -45,7 +45,15 @@ def _wy_kkt(K_, BETA, G, A_, T, H, N, K, GATE: tl.constexpr, BK: tl.constexpr, P
     oc = tl.arange(0, BT)
     t = n * BT + oc
     mt = t < T
-    tok = ((b * T + t) * H + h).to(tl.int64)
+    tok0 = ((b * T + n * BT) * H + h).to(tl.int64)   # int64 bases, int32 offsets in the chunk
+    tok = oc * H
+    gk = 1
+    if GATE == PER_KEY:   # a gate a key: G, DB and DG hold K values a token
+        gk = K
+    BETA = BETA + tok0
+    if GATE != 0:
+        G = G + tok0 * gk
+    K_ = K_ + tok0 * K
     a = tl.zeros([BT, BT], dtype=tl.float32)
     for ik in range(0, tl.cdiv(K, BK)):
         ok = ik * BK + tl.arange(0, BK)
@@ -62,7 +70,7 @@ def _wy_kkt(K_, BETA, G, A_, T, H, N, K, GATE: tl.constexpr, BK: tl.constexpr, P
         bc = tl.cumsum(tl.load(G + tok, mask=mt, other=0.).to(tl.float32), axis=0)
         a = a * tl.exp(tl.where(strict, bc[:, None] - bc[None, :], 0.))
     a = tl.where(strict, a * tl.load(BETA + tok, mask=mt, other=0.).to(tl.float32)[:, None], 0.)
-    tl.store(A_ + ((bh * N + n).to(tl.int64) * BT + oc[:, None]) * BT + oc[None, :], a)
+    tl.store(A_ + (bh * N + n).to(tl.int64) * BT * BT + oc[:, None] * BT + oc[None, :], a)
 
 
 @triton.jit
@@ -121,8 +129,23 @@ def _wy_w_u(Q, K_, V_, BETA, G, P_, W, U, KB, QG, GC, T, H, N, K, V, GATE: tl.co
     oc = tl.arange(0, BT)
     t = n * BT + oc
     mt = t < T
-    tok = ((b * T + t) * H + h).to(tl.int64)
-    row = ((bh * N + n) * BT + oc).to(tl.int64)
+    tok0 = ((b * T + n * BT) * H + h).to(tl.int64)   # int64 bases, int32 offsets in the chunk
+    tok = oc * H
+    row0 = ((bh * N + n) * BT).to(tl.int64)
+    row = oc
+    P_ = P_ + row0 * BT
+    W = W + row0 * K
+    if GATE == PER_KEY:
+        KB, QG, GC = KB + row0 * K, QG + row0 * K, GC + (bh * N + n).to(tl.int64) * K
+    U = U + row0 * V
+    gk = 1
+    if GATE == PER_KEY:   # a gate a key: G, DB and DG hold K values a token
+        gk = K
+    BETA = BETA + tok0
+    if GATE != 0:
+        G = G + tok0 * gk
+    K_, Q = K_ + tok0 * K, Q + tok0 * K
+    V_ = V_ + tok0 * V
     dt = P_.dtype.element_ty
     p = tl.load(P_ + row[:, None] * BT + oc[None, :])
     beta = tl.load(BETA + tok, mask=mt, other=0.).to(tl.float32)
@@ -143,7 +166,7 @@ def _wy_w_u(Q, K_, V_, BETA, G, P_, W, U, KB, QG, GC, T, H, N, K, V, GATE: tl.co
                      mask=mk[None, :])
             q = tl.load(Q + tok[:, None] * K + ok[None, :], mask=m, other=0.).to(tl.float32)
             tl.store(QG + row[:, None] * K + ok[None, :], (q * tl.exp(bk)).to(dt), mask=mk[None, :])
-            tl.store(GC + (bh * N + n).to(tl.int64) * K + ok, tl.exp(last), mask=mk)
+            tl.store(GC + ok, tl.exp(last), mask=mk)
         else:
             w = tl.dot(p, (x * ex[:, None]).to(dt), input_precision=PREC)
         tl.store(W + row[:, None] * K + ok[None, :], w.to(dt), mask=mk[None, :])

@@ -38,20 +38,22 @@ def _wy_state_fwd(K_, G, KB, GC, W, U, H0, HS, VN, HT, T, H, N, K, V, GATE: tl.c
     for n in range(N):
         t = n * BT + oc
         mt = t < T
-        tok = ((b * T + t) * H + h).to(tl.int64)
-        row = ((bh * N + n) * BT + oc).to(tl.int64)
-        tl.store(HS + ((bh * N + n).to(tl.int64) * K + ok[:, None]) * V + ov[None, :], S.to(dt), mask=m_kv)
-        w = tl.load(W + row[:, None] * K + ok[None, :], mask=mk[None, :], other=0.)
-        vn = tl.load(U + row[:, None] * V + ov[None, :], mask=mv[None, :], other=0.).to(tl.float32)
+        tok0 = ((b * T + n * BT) * H + h).to(tl.int64)   # int64 bases, int32 offsets in the chunk
+        tok = oc * H
+        row0 = ((bh * N + n) * BT).to(tl.int64)
+        row = oc
+        tl.store(HS + (bh * N + n).to(tl.int64) * K * V + ok[:, None] * V + ov[None, :], S.to(dt), mask=m_kv)
+        w = tl.load(W + row0 * K + row[:, None] * K + ok[None, :], mask=mk[None, :], other=0.)
+        vn = tl.load(U + row0 * V + row[:, None] * V + ov[None, :], mask=mv[None, :], other=0.).to(tl.float32)
         vn -= tl.dot(w, S.to(dt), input_precision=PREC)
-        tl.store(VN + row[:, None] * V + ov[None, :], vn.to(dt), mask=mv[None, :])
+        tl.store(VN + row0 * V + row[:, None] * V + ov[None, :], vn.to(dt), mask=mv[None, :])
         if GATE == PER_KEY:   # K̄ = K ⊙ exp(b_C - b) as written by ``wy_prep``
-            k = tl.load(KB + row[:, None] * K + ok[None, :], mask=mk[None, :], other=0.)
+            k = tl.load(KB + row0 * K + row[:, None] * K + ok[None, :], mask=mk[None, :], other=0.)
             S = S * tl.load(GC + (bh * N + n).to(tl.int64) * K + ok, mask=mk, other=0.)[:, None]
         else:
-            k = tl.load(K_ + tok[:, None] * K + ok[None, :], mask=mt[:, None] & mk[None, :], other=0.).to(dt)
+            k = tl.load(K_ + tok0 * K + tok[:, None] * K + ok[None, :], mask=mt[:, None] & mk[None, :], other=0.).to(dt)
         if GATE == SCALAR:
-            bc = tl.cumsum(tl.load(G + tok, mask=mt, other=0.).to(tl.float32), axis=0)
+            bc = tl.cumsum(tl.load(G + tok0 + tok, mask=mt, other=0.).to(tl.float32), axis=0)
             last = tl.sum(tl.where(oc == BT - 1, bc, 0.), axis=0)
             vn = vn * tl.exp(last - bc)[:, None]
             S = S * tl.exp(last)
@@ -77,26 +79,28 @@ def _wy_state_bwd(Q, K_, G, QG, KB, GC, W, DO, DVL, DHT, DHS, DVN, DH0, T, H, N,
         n = N - 1 - i
         t = n * BT + oc
         mt = t < T
-        tok = ((b * T + t) * H + h).to(tl.int64)
-        row = ((bh * N + n) * BT + oc).to(tl.int64)
+        tok0 = ((b * T + n * BT) * H + h).to(tl.int64)   # int64 bases, int32 offsets in the chunk
+        tok = oc * H
+        row0 = ((bh * N + n) * BT).to(tl.int64)
+        row = oc
         m_tk = mt[:, None] & mk[None, :]
-        tl.store(DHS + ((bh * N + n).to(tl.int64) * K + ok[:, None]) * V + ov[None, :], dS.to(dt), mask=m_kv)
+        tl.store(DHS + (bh * N + n).to(tl.int64) * K * V + ok[:, None] * V + ov[None, :], dS.to(dt), mask=m_kv)
         if GATE == PER_KEY:   # K̄ and Q̃ as written by ``wy_prep``
-            k = tl.load(KB + row[:, None] * K + ok[None, :], mask=mk[None, :], other=0.)
-            q = tl.load(QG + row[:, None] * K + ok[None, :], mask=mk[None, :], other=0.)
+            k = tl.load(KB + row0 * K + row[:, None] * K + ok[None, :], mask=mk[None, :], other=0.)
+            q = tl.load(QG + row0 * K + row[:, None] * K + ok[None, :], mask=mk[None, :], other=0.)
         else:
-            k = tl.load(K_ + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(dt)
-            q = tl.load(Q + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(dt)
+            k = tl.load(K_ + tok0 * K + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(dt)
+            q = tl.load(Q + tok0 * K + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(dt)
         if GATE == SCALAR:   # K̄ and Q̃ go back to the operands' dtype at once (no float32 `[BT, K]` tile is kept)
-            bc = tl.cumsum(tl.load(G + tok, mask=mt, other=0.).to(tl.float32), axis=0)
+            bc = tl.cumsum(tl.load(G + tok0 + tok, mask=mt, other=0.).to(tl.float32), axis=0)
             last = tl.sum(tl.where(oc == BT - 1, bc, 0.), axis=0)
             k = (k * tl.exp(last - bc)[:, None]).to(dt)
             q = (q * tl.exp(bc)[:, None]).to(dt)
-        dv = tl.load(DVL + row[:, None] * V + ov[None, :], mask=mv[None, :], other=0.).to(tl.float32)
+        dv = tl.load(DVL + row0 * V + row[:, None] * V + ov[None, :], mask=mv[None, :], other=0.).to(tl.float32)
         dv += tl.dot(k, dS.to(dt), input_precision=PREC)
-        tl.store(DVN + row[:, None] * V + ov[None, :], dv.to(dt), mask=mv[None, :])
-        do = tl.load(DO + tok[:, None] * V + ov[None, :], mask=mt[:, None] & mv[None, :], other=0.).to(dt)
-        w = tl.load(W + row[:, None] * K + ok[None, :], mask=mk[None, :], other=0.)
+        tl.store(DVN + row0 * V + row[:, None] * V + ov[None, :], dv.to(dt), mask=mv[None, :])
+        do = tl.load(DO + tok0 * V + tok[:, None] * V + ov[None, :], mask=mt[:, None] & mv[None, :], other=0.).to(dt)
+        w = tl.load(W + row0 * K + row[:, None] * K + ok[None, :], mask=mk[None, :], other=0.)
         if GATE == SCALAR:
             dS = dS * tl.exp(last)
         if GATE == PER_KEY:
