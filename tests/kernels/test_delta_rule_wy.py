@@ -176,7 +176,7 @@ def counts(fn, consts, warps, stages):
 
 
 P = dict(GATE=GATE, PREC=o.input_precision)
-BK, BV, SV = min(wy.WY_BLOCK_K, K), min(o.block_v, V), min(o.wy_state_block_v, V)
+BK, BV, SV = wy.parallel_block_k(K, GATE), min(o.block_v, V), min(o.wy_state_block_v, V)
 PAR, SER = (o.num_warps, 3), (o.wy_state_num_warps, o.inter_num_stages)   # Triton's default stages: 3
 KERNELS = (
     ("kkt", wy_prep._wy_kkt, dict(P, BK=BK), PAR),
@@ -187,7 +187,7 @@ KERNELS = (
     ("output", wy_output._wy_output, dict(P, BK=BK, BV=BV), PAR),
     ("dv_local", wy_grads._wy_dv_local, dict(P, BK=BK, BV=BV), PAR),
     ("dqkw", wy_grads._wy_dqkw, dict(P, BK=BK, BV=BV), PAR),
-    ("bwd", wy_grads._wy_bwd, dict(P, BK=min(wy_grads.WY_BWD_BLOCK_K, BK), BV=BV), PAR),
+    ("bwd", wy_grads._wy_bwd, dict(P, BK=wy_grads.bwd_block_k(BK, GATE), BV=BV), PAR),
 )
 print(json.dumps({name: counts(fn, consts, *launch) for name, fn, consts, launch in KERNELS
                   if GATE == 1 or name != "inverse"}))

@@ -19,12 +19,19 @@ import torch
 import triton
 
 from longscan.kernels.delta_rule.triton.options import DeltaTritonOptions
+from longscan.kernels.delta_rule.triton.wy_decay import PER_KEY, gate_kind
 from longscan.kernels.delta_rule.triton.wy_grads import wy_grads
 from longscan.kernels.delta_rule.triton.wy_output import wy_output
 from longscan.kernels.delta_rule.triton.wy_prep import wy_prepare
 from longscan.kernels.delta_rule.triton.wy_state import wy_state_backward, wy_state_forward
 
 WY_BLOCK_K = 64   # keys a step of the parallel stages' `[64, keys]` tiles (the serial ones hold every key)
+WY_PER_KEY_BLOCK_K = 32   # the same for per-key gates (their `[64, keys]` decay factors besides: at 64 they spill)
+
+
+def parallel_block_k(K: int, gate: int) -> int:
+    """Keys a step of the parallel kernels for K keys and the kernels' GATE (``wy_decay.gate_kind``)."""
+    return min(WY_PER_KEY_BLOCK_K if gate == PER_KEY else WY_BLOCK_K, max(16, triton.next_power_of_2(K)))
 
 
 def _kw(o: DeltaTritonOptions) -> dict:
@@ -47,7 +54,7 @@ class DeltaRuleWY(torch.autograd.Function):
         q, k, v, beta = (x.contiguous() for x in (q, k, v.to(k.dtype), beta))
         g = g.contiguous() if g is not None else None
         q = q.to(k.dtype)
-        bk = min(WY_BLOCK_K, max(16, triton.next_power_of_2(k.shape[-1])))
+        bk = parallel_block_k(k.shape[-1], gate_kind(g))
         P, W, U, KB, QG, GC = wy_prepare(q, k, v, beta, g, block_k=bk, **_kw(options))
         HS, VN, HT = wy_state_forward(k, g, KB, GC, W, U, h0, **_state_kw(options))
         o = wy_output(q, k, g, HS, VN, scale, block_k=bk, **_kw(options))

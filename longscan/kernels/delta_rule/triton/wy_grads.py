@@ -26,6 +26,12 @@ from longscan.kernels.delta_rule.triton.wy_decay import (BT, NO_GATE, PER_KEY, S
                                                          decayed_scores, gate_kind)
 
 WY_BWD_BLOCK_K = 32   # keys a step of ``_wy_bwd`` (beside its `[64, 64]` P, dA and K Kᵀ: at 64 it spills)
+WY_BWD_PER_KEY_BLOCK_K = 16   # the same for per-key gates (`[64, 64]` P, dA, β dA and decay factors: at 32 it spills)
+
+
+def bwd_block_k(block_k: int, gate: int) -> int:
+    """Keys a step of ``_wy_bwd`` for the parallel kernels' block_k and the kernels' GATE."""
+    return min(WY_BWD_PER_KEY_BLOCK_K if gate == PER_KEY else WY_BWD_BLOCK_K, block_k)
 
 
 @triton.jit
@@ -294,6 +300,6 @@ def wy_grads(q, k, v, beta, g, P, W, U, HS, VN, dO, scale: float, state_backward
     db = db.sum(0) if gate == SCALAR else db
     dv, dbeta = torch.empty(B, T, H, V, device=k.device, dtype=k.dtype), torch.empty(B, T, H, **f32)
     dg = torch.empty(g.shape, **f32) if g is not None else None
-    kw["BK"] = min(WY_BWD_BLOCK_K, block_k)
+    kw["BK"] = bwd_block_k(block_k, gate)
     _wy_bwd[(N, B * H)](k, v, beta, g, P, W, U, DVN, dW, db, dk, dv, dbeta, dg, T, H, N, K, V, **kw)
     return dq, dk, dv, dbeta, dg, dh0

@@ -9,8 +9,9 @@ Backward, chunk n in reverse with dS the gradient of the state leaving it:
 (dv_local = scale tril(Q̃K̂ᵀ)ᵀ do, from ``wy_grads``), writing dS leaving each chunk and dv_n.
 Per-key gates take exp(b_C) a key (Diag(exp(b_C)) S) and read K̄ and Q̃ as ``wy_prep`` wrote them.
 Products take the inputs' dtype as operands and accumulate in float32. The per-chunk states' offsets are
-int64 (B·H·N·K·V passes 2³¹ at about 8M tokens × heads with K = V = 128), and so are the token and row
-offsets (B·T·H·K passes 2³¹ at about 16M tokens × heads with K = 128).
+int64 (B·H·N·K·V passes 2³¹ at about 8M tokens × heads with K = V = 128), and so is each sequence's base
+(B·T·H·K passes 2³¹ at about 16M tokens × heads with K = 128); offsets inside a sequence are int32
+(``wy.wy_scan`` refuses T·H·max(K, V) ≥ 2³¹).
 """
 from __future__ import annotations
 
@@ -31,6 +32,10 @@ def _wy_state_fwd(K_, G, KB, GC, W, U, H0, HS, VN, HT, T, H, N, K, V, GATE: tl.c
     mk, mv = ok < K, ov < V
     m_kv = mk[:, None] & mv[None, :]
     dt = W.dtype.element_ty
+    # int64 bases of the sequence's first token and chunk; int32 offsets inside a chunk
+    tok0, row0, st0 = (b * T * H + h).to(tl.int64), (bh * N * BT).to(tl.int64), (bh * N).to(tl.int64)
+    tk = (oc * H)[:, None] * K + ok[None, :]
+    rk, rv = oc[:, None] * K + ok[None, :], oc[:, None] * V + ov[None, :]
     if HAS_H0:
         S = tl.load(H0 + bh * K * V + ok[:, None] * V + ov[None, :], mask=m_kv, other=0.).to(tl.float32)
     else:
@@ -38,22 +43,21 @@ def _wy_state_fwd(K_, G, KB, GC, W, U, H0, HS, VN, HT, T, H, N, K, V, GATE: tl.c
     for n in range(N):
         t = n * BT + oc
         mt = t < T
-        tok0 = ((b * T + n * BT) * H + h).to(tl.int64)   # int64 bases, int32 offsets in the chunk
-        tok = oc * H
-        row0 = ((bh * N + n) * BT).to(tl.int64)
-        row = oc
-        tl.store(HS + (bh * N + n).to(tl.int64) * K * V + ok[:, None] * V + ov[None, :], S.to(dt), mask=m_kv)
-        w = tl.load(W + row0 * K + row[:, None] * K + ok[None, :], mask=mk[None, :], other=0.)
-        vn = tl.load(U + row0 * V + row[:, None] * V + ov[None, :], mask=mv[None, :], other=0.).to(tl.float32)
+        tok = t * H
+        row = n * BT + oc
+        sn = (bh * N + n).to(tl.int64)
+        tl.store(HS + (sn * K + ok[:, None]) * V + ov[None, :], S.to(dt), mask=m_kv)
+        w = tl.load(W + row[:, None] * K + ok[None, :], mask=mk[None, :], other=0.)
+        vn = tl.load(U + row[:, None] * V + ov[None, :], mask=mv[None, :], other=0.).to(tl.float32)
         vn -= tl.dot(w, S.to(dt), input_precision=PREC)
-        tl.store(VN + row0 * V + row[:, None] * V + ov[None, :], vn.to(dt), mask=mv[None, :])
+        tl.store(VN + row[:, None] * V + ov[None, :], vn.to(dt), mask=mv[None, :])
         if GATE == PER_KEY:   # K̄ = K ⊙ exp(b_C - b) as written by ``wy_prep``
-            k = tl.load(KB + row0 * K + row[:, None] * K + ok[None, :], mask=mk[None, :], other=0.)
-            S = S * tl.load(GC + (bh * N + n).to(tl.int64) * K + ok, mask=mk, other=0.)[:, None]
+            k = tl.load(KB + row[:, None] * K + ok[None, :], mask=mk[None, :], other=0.)
+            S = S * tl.load(GC + sn * K + ok, mask=mk, other=0.)[:, None]
         else:
-            k = tl.load(K_ + tok0 * K + tok[:, None] * K + ok[None, :], mask=mt[:, None] & mk[None, :], other=0.).to(dt)
+            k = tl.load(K_ + tok[:, None] * K + ok[None, :], mask=mt[:, None] & mk[None, :], other=0.).to(dt)
         if GATE == SCALAR:
-            bc = tl.cumsum(tl.load(G + tok0 + tok, mask=mt, other=0.).to(tl.float32), axis=0)
+            bc = tl.cumsum(tl.load(G + tok, mask=mt, other=0.).to(tl.float32), axis=0)
             last = tl.sum(tl.where(oc == BT - 1, bc, 0.), axis=0)
             vn = vn * tl.exp(last - bc)[:, None]
             S = S * tl.exp(last)
@@ -71,6 +75,14 @@ def _wy_state_bwd(Q, K_, G, QG, KB, GC, W, DO, DVL, DHT, DHS, DVN, DH0, T, H, N,
     mk, mv = ok < K, ov < V
     m_kv = mk[:, None] & mv[None, :]
     dt = W.dtype.element_ty
+    K_, Q, DO = K_ + (b * T * H + h).to(tl.int64) * K, Q + (b * T * H + h).to(tl.int64) * K, \
+        DO + (b * T * H + h).to(tl.int64) * V
+    W, DVL, DVN = W + (bh * N * BT).to(tl.int64) * K, DVL + (bh * N * BT).to(tl.int64) * V, \
+        DVN + (bh * N * BT).to(tl.int64) * V
+    if GATE == SCALAR:
+        G = G + (b * T * H + h).to(tl.int64)
+    if GATE == PER_KEY:
+        KB, QG = KB + (bh * N * BT).to(tl.int64) * K, QG + (bh * N * BT).to(tl.int64) * K
     if HAS_DHT:
         dS = tl.load(DHT + bh * K * V + ok[:, None] * V + ov[None, :], mask=m_kv, other=0.).to(tl.float32)
     else:
@@ -79,32 +91,31 @@ def _wy_state_bwd(Q, K_, G, QG, KB, GC, W, DO, DVL, DHT, DHS, DVN, DH0, T, H, N,
         n = N - 1 - i
         t = n * BT + oc
         mt = t < T
-        tok0 = ((b * T + n * BT) * H + h).to(tl.int64)   # int64 bases, int32 offsets in the chunk
-        tok = oc * H
-        row0 = ((bh * N + n) * BT).to(tl.int64)
-        row = oc
+        tok = t * H
+        row = n * BT + oc
+        sn = (bh * N + n).to(tl.int64)
         m_tk = mt[:, None] & mk[None, :]
-        tl.store(DHS + (bh * N + n).to(tl.int64) * K * V + ok[:, None] * V + ov[None, :], dS.to(dt), mask=m_kv)
+        tl.store(DHS + (sn * K + ok[:, None]) * V + ov[None, :], dS.to(dt), mask=m_kv)
         if GATE == PER_KEY:   # K̄ and Q̃ as written by ``wy_prep``
-            k = tl.load(KB + row0 * K + row[:, None] * K + ok[None, :], mask=mk[None, :], other=0.)
-            q = tl.load(QG + row0 * K + row[:, None] * K + ok[None, :], mask=mk[None, :], other=0.)
+            k = tl.load(KB + row[:, None] * K + ok[None, :], mask=mk[None, :], other=0.)
+            q = tl.load(QG + row[:, None] * K + ok[None, :], mask=mk[None, :], other=0.)
         else:
-            k = tl.load(K_ + tok0 * K + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(dt)
-            q = tl.load(Q + tok0 * K + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(dt)
+            k = tl.load(K_ + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(dt)
+            q = tl.load(Q + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(dt)
         if GATE == SCALAR:   # K̄ and Q̃ go back to the operands' dtype at once (no float32 `[BT, K]` tile is kept)
-            bc = tl.cumsum(tl.load(G + tok0 + tok, mask=mt, other=0.).to(tl.float32), axis=0)
+            bc = tl.cumsum(tl.load(G + tok, mask=mt, other=0.).to(tl.float32), axis=0)
             last = tl.sum(tl.where(oc == BT - 1, bc, 0.), axis=0)
             k = (k * tl.exp(last - bc)[:, None]).to(dt)
             q = (q * tl.exp(bc)[:, None]).to(dt)
-        dv = tl.load(DVL + row0 * V + row[:, None] * V + ov[None, :], mask=mv[None, :], other=0.).to(tl.float32)
+        dv = tl.load(DVL + row[:, None] * V + ov[None, :], mask=mv[None, :], other=0.).to(tl.float32)
         dv += tl.dot(k, dS.to(dt), input_precision=PREC)
-        tl.store(DVN + row0 * V + row[:, None] * V + ov[None, :], dv.to(dt), mask=mv[None, :])
-        do = tl.load(DO + tok0 * V + tok[:, None] * V + ov[None, :], mask=mt[:, None] & mv[None, :], other=0.).to(dt)
-        w = tl.load(W + row0 * K + row[:, None] * K + ok[None, :], mask=mk[None, :], other=0.)
+        tl.store(DVN + row[:, None] * V + ov[None, :], dv.to(dt), mask=mv[None, :])
+        do = tl.load(DO + tok[:, None] * V + ov[None, :], mask=mt[:, None] & mv[None, :], other=0.).to(dt)
+        w = tl.load(W + row[:, None] * K + ok[None, :], mask=mk[None, :], other=0.)
         if GATE == SCALAR:
             dS = dS * tl.exp(last)
         if GATE == PER_KEY:
-            dS = dS * tl.load(GC + (bh * N + n).to(tl.int64) * K + ok, mask=mk, other=0.)[:, None]
+            dS = dS * tl.load(GC + sn * K + ok, mask=mk, other=0.)[:, None]
         dS += scale * tl.dot(tl.trans(q), do, input_precision=PREC)
         dS -= tl.dot(tl.trans(w), dv.to(dt), input_precision=PREC)
     tl.store(DH0 + bh * K * V + ok[:, None] * V + ov[None, :], dS, mask=m_kv)
