@@ -78,4 +78,8 @@ class DeltaRuleWY(torch.autograd.Function):
 
 def wy_scan(*, q, k, v, beta, g, h0, scale: float, options: DeltaTritonOptions):
     """-> (o `[B, T, H, V]` in k's dtype, final state `[B, H, K, V]` float32)."""
+    _, T, H, K = k.shape
+    V = v.shape[-1]
+    if T * H * max(K, V) >= 2 ** 31:   # the serial kernels' offsets inside a sequence are int32
+        raise ValueError(f"path='wy' takes T·H·max(K, V) below 2³¹ a sequence, got T={T}, H={H}, K={K}, V={V}")
     return DeltaRuleWY.apply(q, k, v, beta, g, h0, scale, options)

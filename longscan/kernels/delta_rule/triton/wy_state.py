@@ -32,10 +32,13 @@ def _wy_state_fwd(K_, G, KB, GC, W, U, H0, HS, VN, HT, T, H, N, K, V, GATE: tl.c
     mk, mv = ok < K, ov < V
     m_kv = mk[:, None] & mv[None, :]
     dt = W.dtype.element_ty
-    # int64 bases of the sequence's first token and chunk; int32 offsets inside a chunk
-    tok0, row0, st0 = (b * T * H + h).to(tl.int64), (bh * N * BT).to(tl.int64), (bh * N).to(tl.int64)
-    tk = (oc * H)[:, None] * K + ok[None, :]
-    rk, rv = oc[:, None] * K + ok[None, :], oc[:, None] * V + ov[None, :]
+    # the sequence's int64 bases; int32 offsets inside it, formed in the loop (hoisted, they hold registers)
+    seq, rows = (b * T * H + h).to(tl.int64), (bh * N * BT).to(tl.int64)
+    K_, W, U, VN = K_ + seq * K, W + rows * K, U + rows * V, VN + rows * V
+    if GATE == SCALAR:
+        G = G + seq
+    if GATE == PER_KEY:
+        KB = KB + rows * K
     if HAS_H0:
         S = tl.load(H0 + bh * K * V + ok[:, None] * V + ov[None, :], mask=m_kv, other=0.).to(tl.float32)
     else:
@@ -75,14 +78,13 @@ def _wy_state_bwd(Q, K_, G, QG, KB, GC, W, DO, DVL, DHT, DHS, DVN, DH0, T, H, N,
     mk, mv = ok < K, ov < V
     m_kv = mk[:, None] & mv[None, :]
     dt = W.dtype.element_ty
-    K_, Q, DO = K_ + (b * T * H + h).to(tl.int64) * K, Q + (b * T * H + h).to(tl.int64) * K, \
-        DO + (b * T * H + h).to(tl.int64) * V
-    W, DVL, DVN = W + (bh * N * BT).to(tl.int64) * K, DVL + (bh * N * BT).to(tl.int64) * V, \
-        DVN + (bh * N * BT).to(tl.int64) * V
+    seq, rows = (b * T * H + h).to(tl.int64), (bh * N * BT).to(tl.int64)
+    K_, Q, DO = K_ + seq * K, Q + seq * K, DO + seq * V
+    W, DVL, DVN = W + rows * K, DVL + rows * V, DVN + rows * V
     if GATE == SCALAR:
-        G = G + (b * T * H + h).to(tl.int64)
+        G = G + seq
     if GATE == PER_KEY:
-        KB, QG = KB + (bh * N * BT).to(tl.int64) * K, QG + (bh * N * BT).to(tl.int64) * K
+        KB, QG = KB + rows * K, QG + rows * K
     if HAS_DHT:
         dS = tl.load(DHT + bh * K * V + ok[:, None] * V + ov[None, :], mask=m_kv, other=0.).to(tl.float32)
     else:
