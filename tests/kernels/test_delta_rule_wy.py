@@ -1,8 +1,8 @@
 """The delta rule's Triton path="wy" (chunks of 64, tensor-core products, 16×16 block inverse) against the
-float64 recurrence: no gate and a scalar gate, forward and every gradient, with and without states, a part
-of a chunk, exactly one, several with a padded last one, K ≠ V; the explicit fallbacks (per-key gates,
-segment transitions) and the options' checks; its kernels compiled for sm_90 at K = V = 128 in bf16 without
-register spills. CPU: the Triton interpreter in float32."""
+float64 recurrence: no gate, a scalar gate and per-key gates (KDA), forward and every gradient, with and
+without states, a part of a chunk, exactly one, several with a padded last one, K ≠ V, steep gates; the
+explicit fallback (segment transitions) and the options' checks; its kernels compiled for sm_90 at
+K = V = 128 in bf16 without register spills. CPU: the Triton interpreter in float32."""
 import os
 
 import pytest
@@ -52,7 +52,18 @@ def test_wy_matches_recurrence(kind, shape, with_state):
     compare(kind, shape, with_state, WY, seed=shape[1] + (kind == "gated"))
 
 
-@pytest.mark.parametrize("kind", ["deltanet", "gated"])
+# per-key gates: every shape above with states, and one without
+KDA_CASES = [(shape, True) for shape in SHAPES] + [(SHAPES[3], False)]
+
+
+@pytest.mark.parametrize("shape,with_state", KDA_CASES,
+                         ids=lambda c: "B{}T{}H{}K{}V{}".format(*c) if isinstance(c, tuple) else
+                         ("states" if c else "no_states"))
+def test_wy_kda_matches_recurrence(shape, with_state):
+    compare("kda", shape, with_state, WY, seed=shape[1] + 2)
+
+
+@pytest.mark.parametrize("kind", ["deltanet", "gated", "kda"])
 def test_wy_gradients_from_the_final_state_alone(kind):
     """A loss on the final state only (o unused: its gradient reaches the kernels as None or zeros)."""
     x = make_inputs(kind, 1, 100, 2, 16, 16, torch.float64, seed=17)
@@ -70,13 +81,15 @@ def test_wy_gradients_from_the_final_state_alone(kind):
         assert rel_err(a.cpu(), b) < 1e-5, n
 
 
-def test_wy_steep_gates_stay_finite():
-    """Log decays of -4 a token (exp(b) reaches e^-256 within a chunk): every decay is a difference
-    b_t - b_s with s ≤ t, so nothing overflows; forward and gradients still match the recurrence."""
+@pytest.mark.parametrize("kind,low", [("gated", -4.0), ("kda", -5.0)])
+def test_wy_steep_gates_stay_finite(kind, low):
+    """Log decays down to -4 (a scalar gate) or -5 (per key) a token (exp(b) reaches e^-256 within a chunk):
+    every decay is a difference b_t - b_s with s ≤ t, or per key split at a reference row a 16-row block, so
+    nothing overflows; forward and gradients still match the recurrence."""
     gen = torch.Generator().manual_seed(21)
     shape = (1, 130, 1, 16, 16)
-    x = make_inputs("gated", *shape, torch.float64, seed=21)
-    x["g"] = -4.0 * torch.rand(x["g"].shape, generator=gen, dtype=torch.float64) - 0.5
+    x = make_inputs(kind, *shape, torch.float64, seed=21)
+    x["g"] = low * torch.rand(x["g"].shape, generator=gen, dtype=torch.float64) - 0.5 * (kind == "gated")
     do = torch.randn(1, 130, 1, 16, generator=gen, dtype=torch.float64)
     dht = torch.randn(1, 1, 16, 16, generator=gen, dtype=torch.float64)
     ref = run(lambda **a: naive_recurrent_delta_rule(**a, output_final_state=True), x, do, dht)
@@ -90,7 +103,7 @@ def test_wy_steep_gates_stay_finite():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 products need a GPU")
-@pytest.mark.parametrize("kind", ["deltanet", "gated"])
+@pytest.mark.parametrize("kind", ["deltanet", "gated", "kda"])
 def test_wy_bf16_on_gpu(kind):
     """bf16 inputs (bf16 operands, float32 sums, bf16 chunk quantities) against the float64 recurrence."""
     x = make_inputs(kind, 2, 300, 2, 64, 64, torch.float64, seed=11)
@@ -108,10 +121,11 @@ def test_wy_bf16_on_gpu(kind):
         assert rel_err(got[2][n].cpu(), ref[2][n]) < 5e-2, n
 
 
-def test_wy_runs_its_own_kernels():
+@pytest.mark.parametrize("kind", ["gated", "kda"])
+def test_wy_runs_its_own_kernels(kind):
     """path="wy" reaches the wy stages (and path="float32" does not) for the kinds it covers."""
     from longscan.kernels.delta_rule.triton import wy
-    x = make_inputs("gated", 1, 20, 1, 16, 16, torch.float32, seed=3)
+    x = make_inputs(kind, 1, 20, 1, 16, 16, torch.float32, seed=3)
     calls = []
     orig = wy.DeltaRuleWY.apply
     wy.DeltaRuleWY.apply = lambda *a: calls.append(1) or orig(*a)
@@ -124,13 +138,11 @@ def test_wy_runs_its_own_kernels():
         wy.DeltaRuleWY.apply = orig
 
 
-def test_wy_falls_back_for_per_key_gates_and_segment_transitions():
-    """Per-key gates (KDA) and the SP stages' segment transitions run path="float32" under path="wy"."""
-    assert not WY.runs_wy(has_q=True, per_key=True)
-    assert not WY.runs_wy(has_q=False, per_key=False)
-    assert WY.runs_wy(has_q=True, per_key=False)
-    assert not DeltaTritonOptions().runs_wy(has_q=True, per_key=False)
-    compare("kda", (1, 40, 1, 16, 16), True, WY, seed=5)
+def test_wy_falls_back_for_segment_transitions():
+    """The SP stages' segment transitions (no q) run path="float32" under path="wy"."""
+    assert not WY.runs_wy(has_q=False)
+    assert WY.runs_wy(has_q=True)
+    assert not DeltaTritonOptions().runs_wy(has_q=True)
     x = make_inputs("gated", 1, 40, 1, 16, 16, torch.float32, seed=6)
     loc, M = tc.segment_transition(x["k"], x["v"], x["beta"], x["g"], options=WY)
     ref_loc, ref_M = tc.segment_transition(x["k"], x["v"], x["beta"], x["g"], options=DeltaTritonOptions(block_v=16))
@@ -138,6 +150,11 @@ def test_wy_falls_back_for_per_key_gates_and_segment_transitions():
 
 
 def test_wy_options_are_checked():
+    # T·H·K = 2³¹ (expanded views: nothing is allocated before the check)
+    T, H = 2 ** 17, 2 ** 10
+    big = {n: torch.ones(1, 1, 1, 16).expand(1, T, H, 16) for n in ("q", "k", "v")}
+    with pytest.raises(ValueError, match="T·H·max"):
+        tc.forward(**big, beta=torch.ones(1, 1, 1).expand(1, T, H), options=WY)
     with pytest.raises(ValueError, match="path must be one of"):
         DeltaTritonOptions(path="bf16")
     with pytest.raises(ValueError, match="intra='triton' and recompute=False"):
