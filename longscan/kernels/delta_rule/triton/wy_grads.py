@@ -131,18 +131,20 @@ def _wy_dqkw(Q, K_, G, HS, DHS, VN, DVN, DO, DQ, DK, DW, DB, T, H, N, K, V, scal
     df = tl.where(causal, scale * df, 0.)
     q = tl.load(Q + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(dt)
     k = tl.load(K_ + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(dt)
-    if GATE == PER_KEY:
-        bk = tl.cumsum(tl.load(G + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(tl.float32), axis=0)
-        last = tl.sum(tl.where((oc == BT - 1)[:, None], bk, 0.), axis=0)
-        dqs = dqs * (scale * tl.exp(bk))                                  # dQ̃'s share of dq
-        dkb = dkb * tl.exp(last[None, :] - bk)                            # dK̄'s share of dk
-        qf, kf = q.to(tl.float32), k.to(tl.float32)
+    if GATE == PER_KEY:   # dq stored before dk is formed (fewer live tiles)
         dfc = df.to(dt)
-        dq = dqs + decayed_rows(dfc, kf, bk, oc, PREC)
-        dk = dkb + decayed_cols(dfc, qf, bk, oc, PREC)
+        bk = tl.cumsum(tl.load(G + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(tl.float32), axis=0)
+        qf = q.to(tl.float32)
+        dq = dqs * (scale * tl.exp(bk)) + decayed_rows(dfc, k.to(tl.float32), bk, oc, PREC)   # dQ̃'s, F's shares
+        db = qf * dq
+        tl.store(DQ + tok[:, None] * K + ok[None, :], dq.to(DQ.dtype.element_ty), mask=m_tk)
+        last = tl.sum(tl.where((oc == BT - 1)[:, None], bk, 0.), axis=0)
+        kf = k.to(tl.float32)
+        ekb = kf * dkb * tl.exp(last[None, :] - bk)                       # K̄ ⊙ dK̄
+        dk = dkb * tl.exp(last[None, :] - bk) + decayed_cols(dfc, qf, bk, oc, PREC)
         # every exp(b) factor's share (Q̃, K̄, the decayed scores), then b_C's (K̄ and Diag(exp(b_C)) S)
-        db = qf * dq - kf * dk
-        db += tl.where((oc == BT - 1)[:, None], (tl.exp(last) * dl + tl.sum(kf * dkb, axis=0))[None, :], 0.)
+        db -= kf * dk
+        db += tl.where((oc == BT - 1)[:, None], (tl.exp(last) * dl + tl.sum(ekb, axis=0))[None, :], 0.)
         tl.store(DB + row[:, None] * K + ok[None, :], db, mask=mk[None, :])
     else:
         if GATE == SCALAR:
@@ -163,8 +165,8 @@ def _wy_dqkw(Q, K_, G, HS, DHS, VN, DVN, DO, DQ, DK, DW, DB, T, H, N, K, V, scal
             dqs = scale * dqs
         dfc = df.to(dt)
         dq = dqs + tl.dot(dfc, k, input_precision=PREC)
+        tl.store(DQ + tok[:, None] * K + ok[None, :], dq.to(DQ.dtype.element_ty), mask=m_tk)
         dk = dkb + tl.dot(tl.trans(dfc), q, input_precision=PREC)
-    tl.store(DQ + tok[:, None] * K + ok[None, :], dq.to(DQ.dtype.element_ty), mask=m_tk)
     tl.store(DK + tok[:, None] * K + ok[None, :], dk.to(DK.dtype.element_ty), mask=m_tk)
 
 
