@@ -46,7 +46,8 @@ def _state_kw(o: DeltaTritonOptions) -> dict:
 
 
 class DeltaRuleWY(torch.autograd.Function):
-    """(q, k, v, beta, g None, `[B, T, H]` or `[B, T, H, K]`, h0 or None) -> (o `[B, T, H, V]` in k's dtype, S_T float32).
+    """(q, k, v, beta, g None, `[B, T, H]` or `[B, T, H, K]`, h0 or None) -> (o `[B, T, H, V]` in k's dtype,
+    S_T float32).
     q and v are taken in k's dtype (the products' operands)."""
 
     @staticmethod

@@ -9,8 +9,9 @@ forward substitution, then the blocks below joined by float32 products,
 Then W = P X and U = P Y with X = Diag(β) (K ⊙ exp(b)) and Y = Diag(β) V. For per-key gates ``_wy_w_u``
 also writes K̄ = K ⊙ exp(b_C - b), Q̃ = Q ⊙ exp(b) and exp(b_C) (b_C the chunk's total), which the serial
 kernels read instead of forming them. P, W, U, K̄ and Q̃ are written in the inputs' dtype (the operands of
-the tensor-core products that read them); every product accumulates in float32. Token and row offsets are
-int64 (B·T·H·K passes 2³¹ at about 16M tokens × heads with K = 128).
+the tensor-core products that read them); every product accumulates in float32. In every wy kernel a
+chunk's (or sequence's) token and row bases are int64 (B·T·H·K passes 2³¹ at about 16M tokens × heads with
+K = 128), the offsets inside it int32.
 """
 from __future__ import annotations
 

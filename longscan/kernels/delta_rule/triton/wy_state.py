@@ -40,7 +40,7 @@ def _wy_state_fwd(K_, G, KB, GC, W, U, H0, HS, VN, HT, T, H, N, K, V, GATE: tl.c
     if GATE == PER_KEY:
         KB = KB + rows * K
     if HAS_H0:
-        S = tl.load(H0 + bh * K * V + ok[:, None] * V + ov[None, :], mask=m_kv, other=0.).to(tl.float32)
+        S = tl.load(H0 + bh.to(tl.int64) * K * V + ok[:, None] * V + ov[None, :], mask=m_kv, other=0.).to(tl.float32)
     else:
         S = tl.zeros([KP, BV], dtype=tl.float32)
     for n in range(N):
@@ -65,7 +65,7 @@ def _wy_state_fwd(K_, G, KB, GC, W, U, H0, HS, VN, HT, T, H, N, K, V, GATE: tl.c
             vn = vn * tl.exp(last - bc)[:, None]
             S = S * tl.exp(last)
         S += tl.dot(tl.trans(k), vn.to(dt), input_precision=PREC)
-    tl.store(HT + bh * K * V + ok[:, None] * V + ov[None, :], S, mask=m_kv)
+    tl.store(HT + bh.to(tl.int64) * K * V + ok[:, None] * V + ov[None, :], S, mask=m_kv)
 
 
 @triton.jit
@@ -86,7 +86,7 @@ def _wy_state_bwd(Q, K_, G, QG, KB, GC, W, DO, DVL, DHT, DHS, DVN, DH0, T, H, N,
     if GATE == PER_KEY:
         KB, QG = KB + rows * K, QG + rows * K
     if HAS_DHT:
-        dS = tl.load(DHT + bh * K * V + ok[:, None] * V + ov[None, :], mask=m_kv, other=0.).to(tl.float32)
+        dS = tl.load(DHT + bh.to(tl.int64) * K * V + ok[:, None] * V + ov[None, :], mask=m_kv, other=0.).to(tl.float32)
     else:
         dS = tl.zeros([KP, BV], dtype=tl.float32)
     for i in range(N):
@@ -120,7 +120,7 @@ def _wy_state_bwd(Q, K_, G, QG, KB, GC, W, DO, DVL, DHT, DHS, DVN, DH0, T, H, N,
             dS = dS * tl.load(GC + sn * K + ok, mask=mk, other=0.)[:, None]
         dS += scale * tl.dot(tl.trans(q), do, input_precision=PREC)
         dS -= tl.dot(tl.trans(w), dv.to(dt), input_precision=PREC)
-    tl.store(DH0 + bh * K * V + ok[:, None] * V + ov[None, :], dS, mask=m_kv)
+    tl.store(DH0 + bh.to(tl.int64) * K * V + ok[:, None] * V + ov[None, :], dS, mask=m_kv)
 
 
 def _kp(K: int) -> int:
@@ -153,7 +153,7 @@ def wy_state_backward(q, k, g, QG, KB, GC, W, dO, dv_local, dHT, scale: float, *
     DH0 = torch.empty(B, H, K, V, device=k.device, dtype=torch.float32)
     BV = min(block_v, max(16, triton.next_power_of_2(V)))
     _wy_state_bwd[(triton.cdiv(V, BV), B * H)](
-        q, k, g, QG, KB, GC, W, dO, dv_local, dHT.contiguous() if dHT is not None else None, DHS, DVN, DH0, T, H, N, K, V,
-        scale, GATE=gate_kind(g), HAS_DHT=dHT is not None, KP=_kp(K), BV=BV, PREC=precision,
+        q, k, g, QG, KB, GC, W, dO, dv_local, dHT.contiguous() if dHT is not None else None, DHS, DVN, DH0,
+        T, H, N, K, V, scale, GATE=gate_kind(g), HAS_DHT=dHT is not None, KP=_kp(K), BV=BV, PREC=precision,
         num_warps=num_warps, num_stages=num_stages)
     return DHS, DVN, DH0
