@@ -52,8 +52,9 @@ def test_wy_matches_recurrence(kind, shape, with_state):
     compare(kind, shape, with_state, WY, seed=shape[1] + (kind == "gated"))
 
 
-# per-key gates: every shape above with states, and one without
-KDA_CASES = [(shape, True) for shape in SHAPES] + [(SHAPES[3], False)]
+# per-key gates: every shape above with states, one without, and K = 48 (two blocks of keys in every
+# parallel kernel, the last one part masked)
+KDA_CASES = [(shape, True) for shape in SHAPES] + [(SHAPES[3], False), ((1, 80, 2, 48, 16), True)]
 
 
 @pytest.mark.parametrize("shape,with_state", KDA_CASES,
