@@ -50,7 +50,7 @@ def _wy_dv_local(Q, K_, G, DO, DVL, T, H, N, K, V, scale, GATE: tl.constexpr, BK
     gk = 1
     if GATE == PER_KEY:   # a gate a key: G, DB and DG hold K values a token
         gk = K
-    if GATE != 0:
+    if GATE != NO_GATE:
         G = G + tok0 * gk
     K_, Q = K_ + tok0 * K, Q + tok0 * K
     DO = DO + tok0 * V
@@ -97,7 +97,7 @@ def _wy_dqkw(Q, K_, G, HS, DHS, VN, DVN, DO, DQ, DK, DW, DB, T, H, N, K, V, scal
     if GATE == PER_KEY:   # a gate a key: G, DB and DG hold K values a token
         gk = K
     DW = DW + row0 * K
-    if GATE != 0:
+    if GATE != NO_GATE:
         G, DB = G + tok0 * gk, DB + row0 * gk
     DVN, VN = DVN + row0 * V, VN + row0 * V
     DK, DQ, K_, Q = DK + tok0 * K, DQ + tok0 * K, K_ + tok0 * K, Q + tok0 * K
@@ -125,7 +125,7 @@ def _wy_dqkw(Q, K_, G, HS, DHS, VN, DVN, DO, DQ, DK, DW, DB, T, H, N, K, V, scal
         dqs += tl.dot(do, tl.trans(s), input_precision=PREC)
         dw -= tl.dot(dvn, tl.trans(s), input_precision=PREC)
         dkb += tl.dot(vn, tl.trans(ds), input_precision=PREC)
-        if GATE != 0:
+        if GATE != NO_GATE:
             dl += tl.sum(s.to(tl.float32) * ds.to(tl.float32), axis=1)
     tl.store(DW + row[:, None] * K + ok[None, :], dw.to(dt), mask=mk[None, :])
     df = tl.where(causal, scale * df, 0.)
@@ -189,7 +189,7 @@ def _wy_bwd(K_, V_, BETA, G, P_, W, U, DVN, DW, DB, DK, DV, DBETA, DG, T, H, N, 
     DW, W = DW + row0 * K, W + row0 * K
     DVN, U = DVN + row0 * V, U + row0 * V
     BETA, DBETA = BETA + tok0, DBETA + tok0
-    if GATE != 0:
+    if GATE != NO_GATE:
         G, DB, DG = G + tok0 * gk, DB + row0 * gk, DG + tok0 * gk
     DK, K_ = DK + tok0 * K, K_ + tok0 * K
     DV, V_ = DV + tok0 * V, V_ + tok0 * V

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from longscan.kernels.delta_rule.triton.wy_decay import BT, PER_KEY, SCALAR, decayed_scores, gate_kind
+from longscan.kernels.delta_rule.triton.wy_decay import BT, NO_GATE, PER_KEY, SCALAR, decayed_scores, gate_kind
 
 
 @triton.jit
@@ -30,7 +30,7 @@ def _wy_output(Q, K_, G, HS, VN, O, T, H, N, K, V, scale, GATE: tl.constexpr, BK
     gk = 1
     if GATE == PER_KEY:   # a gate a key: G, DB and DG hold K values a token
         gk = K
-    if GATE != 0:
+    if GATE != NO_GATE:
         G = G + tok0 * gk
     K_, Q = K_ + tok0 * K, Q + tok0 * K
     O = O + tok0 * V

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from longscan.kernels.delta_rule.triton.wy_decay import BT, PER_KEY, SCALAR, decayed_scores, gate_kind
+from longscan.kernels.delta_rule.triton.wy_decay import BT, NO_GATE, PER_KEY, SCALAR, decayed_scores, gate_kind
 
 
 @triton.jit
@@ -52,7 +52,7 @@ def _wy_kkt(K_, BETA, G, A_, T, H, N, K, GATE: tl.constexpr, BK: tl.constexpr, P
     if GATE == PER_KEY:   # a gate a key: G, DB and DG hold K values a token
         gk = K
     BETA = BETA + tok0
-    if GATE != 0:
+    if GATE != NO_GATE:
         G = G + tok0 * gk
     K_ = K_ + tok0 * K
     a = tl.zeros([BT, BT], dtype=tl.float32)
@@ -143,7 +143,7 @@ def _wy_w_u(Q, K_, V_, BETA, G, P_, W, U, KB, QG, GC, T, H, N, K, V, GATE: tl.co
     if GATE == PER_KEY:   # a gate a key: G, DB and DG hold K values a token
         gk = K
     BETA = BETA + tok0
-    if GATE != 0:
+    if GATE != NO_GATE:
         G = G + tok0 * gk
     K_, Q = K_ + tok0 * K, Q + tok0 * K
     V_ = V_ + tok0 * V
