@@ -38,7 +38,7 @@ SETTINGS = {
     "inter_block_k_32": dict(inter_block_k=32),     # the recurrence's state in blocks of 32 keys (fewer spills)
     "inter_block_k_32_v16": dict(inter_block_k=32, block_v=16),   # and 16 V columns a program
     "block_k_32": dict(block_k=32),                 # the intra kernels' key blocks halved in number
-    "wy": dict(path="wy"),                          # tensor-core products on bf16, chunks of 64 (not KDA)
+    "wy": dict(path="wy"),                          # tensor-core products on bf16, chunks of 64 (every kind)
     # its serial kernels at 32 V columns a program: half the programs, each re-reading the chunk's [64, K]
     # tiles half as often, but they spill a few bytes at K = 128
     "wy_state_v32": dict(path="wy", wy_state_block_v=32),

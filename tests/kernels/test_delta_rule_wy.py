@@ -1,8 +1,8 @@
 """The delta rule's Triton path="wy" (chunks of 64, tensor-core products, 16×16 block inverse) against the
-float64 recurrence: no gate and a scalar gate, forward and every gradient, with and without states, a part
-of a chunk, exactly one, several with a padded last one, K ≠ V; the explicit fallbacks (per-key gates,
-segment transitions) and the options' checks; its kernels compiled for sm_90 at K = V = 128 in bf16 without
-register spills. CPU: the Triton interpreter in float32."""
+float64 recurrence: no gate, a scalar gate and per-key gates (KDA), forward and every gradient, with and
+without states, a part of a chunk, exactly one, several with a padded last one, K ≠ V, steep gates; the
+explicit fallback (segment transitions) and the options' checks; its kernels compiled for sm_90 at
+K = V = 128 in bf16 without register spills. CPU: the Triton interpreter in float32."""
 import os
 
 import pytest
@@ -52,7 +52,19 @@ def test_wy_matches_recurrence(kind, shape, with_state):
     compare(kind, shape, with_state, WY, seed=shape[1] + (kind == "gated"))
 
 
-@pytest.mark.parametrize("kind", ["deltanet", "gated"])
+# per-key gates: every shape above with states, one without, and K = 48 (two blocks of keys in every
+# parallel kernel, the last one part masked)
+KDA_CASES = [(shape, True) for shape in SHAPES] + [(SHAPES[3], False), ((1, 80, 2, 48, 16), True)]
+
+
+@pytest.mark.parametrize("shape,with_state", KDA_CASES,
+                         ids=lambda c: "B{}T{}H{}K{}V{}".format(*c) if isinstance(c, tuple) else
+                         ("states" if c else "no_states"))
+def test_wy_kda_matches_recurrence(shape, with_state):
+    compare("kda", shape, with_state, WY, seed=shape[1] + 2)
+
+
+@pytest.mark.parametrize("kind", ["deltanet", "gated", "kda"])
 def test_wy_gradients_from_the_final_state_alone(kind):
     """A loss on the final state only (o unused: its gradient reaches the kernels as None or zeros)."""
     x = make_inputs(kind, 1, 100, 2, 16, 16, torch.float64, seed=17)
@@ -70,13 +82,15 @@ def test_wy_gradients_from_the_final_state_alone(kind):
         assert rel_err(a.cpu(), b) < 1e-5, n
 
 
-def test_wy_steep_gates_stay_finite():
-    """Log decays of -4 a token (exp(b) reaches e^-256 within a chunk): every decay is a difference
-    b_t - b_s with s ≤ t, so nothing overflows; forward and gradients still match the recurrence."""
+@pytest.mark.parametrize("kind,low", [("gated", -4.0), ("kda", -5.0)])
+def test_wy_steep_gates_stay_finite(kind, low):
+    """Log decays down to -4 (a scalar gate) or -5 (per key) a token (exp(b) reaches e^-256 within a chunk):
+    every decay is a difference b_t - b_s with s ≤ t, or per key split at a reference row a 16-row block, so
+    nothing overflows; forward and gradients still match the recurrence."""
     gen = torch.Generator().manual_seed(21)
     shape = (1, 130, 1, 16, 16)
-    x = make_inputs("gated", *shape, torch.float64, seed=21)
-    x["g"] = -4.0 * torch.rand(x["g"].shape, generator=gen, dtype=torch.float64) - 0.5
+    x = make_inputs(kind, *shape, torch.float64, seed=21)
+    x["g"] = low * torch.rand(x["g"].shape, generator=gen, dtype=torch.float64) - 0.5 * (kind == "gated")
     do = torch.randn(1, 130, 1, 16, generator=gen, dtype=torch.float64)
     dht = torch.randn(1, 1, 16, 16, generator=gen, dtype=torch.float64)
     ref = run(lambda **a: naive_recurrent_delta_rule(**a, output_final_state=True), x, do, dht)
@@ -90,7 +104,7 @@ def test_wy_steep_gates_stay_finite():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 products need a GPU")
-@pytest.mark.parametrize("kind", ["deltanet", "gated"])
+@pytest.mark.parametrize("kind", ["deltanet", "gated", "kda"])
 def test_wy_bf16_on_gpu(kind):
     """bf16 inputs (bf16 operands, float32 sums, bf16 chunk quantities) against the float64 recurrence."""
     x = make_inputs(kind, 2, 300, 2, 64, 64, torch.float64, seed=11)
@@ -108,10 +122,11 @@ def test_wy_bf16_on_gpu(kind):
         assert rel_err(got[2][n].cpu(), ref[2][n]) < 5e-2, n
 
 
-def test_wy_runs_its_own_kernels():
+@pytest.mark.parametrize("kind", ["gated", "kda"])
+def test_wy_runs_its_own_kernels(kind):
     """path="wy" reaches the wy stages (and path="float32" does not) for the kinds it covers."""
     from longscan.kernels.delta_rule.triton import wy
-    x = make_inputs("gated", 1, 20, 1, 16, 16, torch.float32, seed=3)
+    x = make_inputs(kind, 1, 20, 1, 16, 16, torch.float32, seed=3)
     calls = []
     orig = wy.DeltaRuleWY.apply
     wy.DeltaRuleWY.apply = lambda *a: calls.append(1) or orig(*a)
@@ -124,13 +139,11 @@ def test_wy_runs_its_own_kernels():
         wy.DeltaRuleWY.apply = orig
 
 
-def test_wy_falls_back_for_per_key_gates_and_segment_transitions():
-    """Per-key gates (KDA) and the SP stages' segment transitions run path="float32" under path="wy"."""
-    assert not WY.runs_wy(has_q=True, per_key=True)
-    assert not WY.runs_wy(has_q=False, per_key=False)
-    assert WY.runs_wy(has_q=True, per_key=False)
-    assert not DeltaTritonOptions().runs_wy(has_q=True, per_key=False)
-    compare("kda", (1, 40, 1, 16, 16), True, WY, seed=5)
+def test_wy_falls_back_for_segment_transitions():
+    """The SP stages' segment transitions (no q) run path="float32" under path="wy"."""
+    assert not WY.runs_wy(has_q=False)
+    assert WY.runs_wy(has_q=True)
+    assert not DeltaTritonOptions().runs_wy(has_q=True)
     x = make_inputs("gated", 1, 40, 1, 16, 16, torch.float32, seed=6)
     loc, M = tc.segment_transition(x["k"], x["v"], x["beta"], x["g"], options=WY)
     ref_loc, ref_M = tc.segment_transition(x["k"], x["v"], x["beta"], x["g"], options=DeltaTritonOptions(block_v=16))
@@ -138,6 +151,11 @@ def test_wy_falls_back_for_per_key_gates_and_segment_transitions():
 
 
 def test_wy_options_are_checked():
+    # T·H·K = 2³¹ (expanded views: nothing is allocated before the check)
+    T, H = 2 ** 17, 2 ** 10
+    big = {n: torch.ones(1, 1, 1, 16).expand(1, T, H, 16) for n in ("q", "k", "v")}
+    with pytest.raises(ValueError, match="T·H·max"):
+        tc.forward(**big, beta=torch.ones(1, 1, 1).expand(1, T, H), options=WY)
     with pytest.raises(ValueError, match="path must be one of"):
         DeltaTritonOptions(path="bf16")
     with pytest.raises(ValueError, match="intra='triton' and recompute=False"):
@@ -152,6 +170,8 @@ TRITONS = [None] + ([os.environ["LONGSCAN_TRITON_ALT"]] if os.environ.get("LONGS
 
 _COMPILE = r'''
 import json
+import sys
+
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -160,7 +180,8 @@ from longscan.kernels.delta_rule.triton import DeltaTritonOptions, wy, wy_grads,
 
 o = DeltaTritonOptions(path="wy")
 K = V = 128
-BF16 = {"Q", "K_", "V_", "P_", "W", "U", "HS", "VN", "DHS", "DVN", "DVL", "DO", "DQ", "DK", "DW", "DV"}
+BF16 = {"Q", "K_", "V_", "P_", "W", "U", "HS", "VN", "DHS", "DVN", "DVL", "DO", "DQ", "DK", "DW", "DV", "KB", "QG"}
+GATE = int(sys.argv[1])   # 1: a scalar gate, 2: per-key gates (the inverse reads neither: compiled once, with 1)
 
 
 def counts(fn, consts, warps, stages):
@@ -172,8 +193,8 @@ def counts(fn, consts, warps, stages):
     return dict(regs=r["registers"], spills=r["spill_stores"] + r["spill_loads"])
 
 
-P = dict(GATE=True, PREC=o.input_precision)
-BK, BV, SV = min(wy.WY_BLOCK_K, K), min(o.block_v, V), min(o.wy_state_block_v, V)
+P = dict(GATE=GATE, PREC=o.input_precision)
+BK, BV, SV = wy.parallel_block_k(K, GATE), min(o.block_v, V), min(o.wy_state_block_v, V)
 PAR, SER = (o.num_warps, 3), (o.wy_state_num_warps, o.inter_num_stages)   # Triton's default stages: 3
 KERNELS = (
     ("kkt", wy_prep._wy_kkt, dict(P, BK=BK), PAR),
@@ -184,9 +205,10 @@ KERNELS = (
     ("output", wy_output._wy_output, dict(P, BK=BK, BV=BV), PAR),
     ("dv_local", wy_grads._wy_dv_local, dict(P, BK=BK, BV=BV), PAR),
     ("dqkw", wy_grads._wy_dqkw, dict(P, BK=BK, BV=BV), PAR),
-    ("bwd", wy_grads._wy_bwd, dict(P, BK=min(wy_grads.WY_BWD_BLOCK_K, BK), BV=BV), PAR),
+    ("bwd", wy_grads._wy_bwd, dict(P, BK=wy_grads.bwd_block_k(BK, GATE), BV=BV), PAR),
 )
-print(json.dumps({name: counts(fn, consts, *launch) for name, fn, consts, launch in KERNELS}))
+print(json.dumps({name: counts(fn, consts, *launch) for name, fn, consts, launch in KERNELS
+                  if GATE == 1 or name != "inverse"}))
 '''
 
 
@@ -194,11 +216,26 @@ print(json.dumps({name: counts(fn, consts, *launch) for name, fn, consts, launch
 def test_wy_kernels_compile_for_hopper_without_spills(triton_dir):
     import json
     pytest.importorskip("triton.backends.nvidia.compiler")
-    proc = run_compiled("-c", _COMPILE, first_on_path=triton_dir)
+    proc = run_compiled("-c", _COMPILE, "1", first_on_path=triton_dir)
     if proc.returncode and "ptxas" in proc.stderr and "No such file" in proc.stderr:
         pytest.skip("no ptxas in this Triton install")
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(out) == 9, out
+    spilled = {name: r for name, r in out.items() if r["spills"]}
+    assert not spilled, spilled
+
+
+@pytest.mark.parametrize("triton_dir", TRITONS)
+def test_wy_per_key_kernels_compile_for_hopper_without_spills(triton_dir):
+    """The eight kernels that read a gate, compiled for per-key gates (KDA)."""
+    import json
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    proc = run_compiled("-c", _COMPILE, "2", first_on_path=triton_dir)
+    if proc.returncode and "ptxas" in proc.stderr and "No such file" in proc.stderr:
+        pytest.skip("no ptxas in this Triton install")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(out) == 8, out
     spilled = {name: r for name, r in out.items() if r["spills"]}
     assert not spilled, spilled

@@ -7,8 +7,9 @@ gate's shares (parallel) and the WY backward to dk, dv, dβ, dg (parallel), ``wy
 operands are in the inputs' dtype (bf16 on a GPU: tensor cores), its sums in float32; P, W, U, the state
 entering each chunk and v_n are kept in the inputs' dtype for the backward.
 
-Covers no gate and a scalar gate with q given; the other cases (per-key gates, the SP stages' segment
-transitions, where q is None) run path="float32" (``DeltaTritonOptions.runs_wy``).
+Covers no gate, a scalar gate and per-key gates (KDA: the decays inside a chunk through ``wy_decay``; K̄, Q̃
+and exp(b_C) formed once by ``wy_prep`` for the serial kernels and kept), with q given; the SP stages'
+segment transitions (q None) run path="float32" (``DeltaTritonOptions.runs_wy``).
 """
 from __future__ import annotations
 
@@ -18,12 +19,19 @@ import torch
 import triton
 
 from longscan.kernels.delta_rule.triton.options import DeltaTritonOptions
+from longscan.kernels.delta_rule.triton.wy_decay import PER_KEY, gate_kind
 from longscan.kernels.delta_rule.triton.wy_grads import wy_grads
 from longscan.kernels.delta_rule.triton.wy_output import wy_output
 from longscan.kernels.delta_rule.triton.wy_prep import wy_prepare
 from longscan.kernels.delta_rule.triton.wy_state import wy_state_backward, wy_state_forward
 
 WY_BLOCK_K = 64   # keys a step of the parallel stages' `[64, keys]` tiles (the serial ones hold every key)
+WY_PER_KEY_BLOCK_K = 32   # the same for per-key gates (their `[64, keys]` decay factors besides: at 64 they spill)
+
+
+def parallel_block_k(K: int, gate: int) -> int:
+    """Keys a step of the parallel kernels for K keys and the kernels' GATE (``wy_decay.gate_kind``)."""
+    return min(WY_PER_KEY_BLOCK_K if gate == PER_KEY else WY_BLOCK_K, max(16, triton.next_power_of_2(K)))
 
 
 def _kw(o: DeltaTritonOptions) -> dict:
@@ -38,7 +46,8 @@ def _state_kw(o: DeltaTritonOptions) -> dict:
 
 
 class DeltaRuleWY(torch.autograd.Function):
-    """(q, k, v, beta, g None or `[B, T, H]`, h0 or None) -> (o `[B, T, H, V]` in k's dtype, S_T float32).
+    """(q, k, v, beta, g None, `[B, T, H]` or `[B, T, H, K]`, h0 or None) -> (o `[B, T, H, V]` in k's dtype,
+    S_T float32).
     q and v are taken in k's dtype (the products' operands)."""
 
     @staticmethod
@@ -46,21 +55,21 @@ class DeltaRuleWY(torch.autograd.Function):
         q, k, v, beta = (x.contiguous() for x in (q, k, v.to(k.dtype), beta))
         g = g.contiguous() if g is not None else None
         q = q.to(k.dtype)
-        bk = min(WY_BLOCK_K, max(16, triton.next_power_of_2(k.shape[-1])))
-        P, W, U = wy_prepare(k, v, beta, g, block_k=bk, **_kw(options))
-        HS, VN, HT = wy_state_forward(k, g, W, U, h0, **_state_kw(options))
+        bk = parallel_block_k(k.shape[-1], gate_kind(g))
+        P, W, U, KB, QG, GC = wy_prepare(q, k, v, beta, g, block_k=bk, **_kw(options))
+        HS, VN, HT = wy_state_forward(k, g, KB, GC, W, U, h0, **_state_kw(options))
         o = wy_output(q, k, g, HS, VN, scale, block_k=bk, **_kw(options))
-        ctx.save_for_backward(q, k, v, beta, g, P, W, U, HS, VN)
+        ctx.save_for_backward(q, k, v, beta, g, P, W, U, HS, VN, KB, QG, GC)
         ctx.scale, ctx.options, ctx.bk = scale, options, bk
         ctx.h0_dtype = h0.dtype if h0 is not None else None
         return o, HT
 
     @staticmethod
     def backward(ctx, dO, dHT):
-        q, k, v, beta, g, P, W, U, HS, VN = ctx.saved_tensors
+        q, k, v, beta, g, P, W, U, HS, VN, KB, QG, GC = ctx.saved_tensors
         o = ctx.options
         dO = torch.zeros(v.shape, device=v.device, dtype=k.dtype) if dO is None else dO.contiguous().to(k.dtype)
-        state_backward = functools.partial(wy_state_backward, q, k, g, W, dO, dHT=dHT, scale=ctx.scale,
+        state_backward = functools.partial(wy_state_backward, q, k, g, QG, KB, GC, W, dO, dHT=dHT, scale=ctx.scale,
                                            **_state_kw(o))
         dq, dk, dv, dbeta, dg, dh0 = wy_grads(q, k, v, beta, g, P, W, U, HS, VN, dO, ctx.scale,
                                               state_backward, block_k=ctx.bk, **_kw(o))
@@ -70,4 +79,8 @@ class DeltaRuleWY(torch.autograd.Function):
 
 def wy_scan(*, q, k, v, beta, g, h0, scale: float, options: DeltaTritonOptions):
     """-> (o `[B, T, H, V]` in k's dtype, final state `[B, H, K, V]` float32)."""
+    _, T, H, K = k.shape
+    V = v.shape[-1]
+    if T * H * max(K, V) >= 2 ** 31:   # the serial kernels' offsets inside a sequence are int32
+        raise ValueError(f"path='wy' takes T·H·max(K, V) below 2³¹ a sequence, got T={T}, H={H}, K={K}, V={V}")
     return DeltaRuleWY.apply(q, k, v, beta, g, h0, scale, options)

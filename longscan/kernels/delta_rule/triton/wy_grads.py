@@ -10,7 +10,11 @@ b the cumulative log gate (zero without a gate), b_C its total, D_ts = exp(b_t -
       dX = Pᵀ dW,  dY = Pᵀ dU (dU = dv_n),  dA = -(dX Wᵀ + dY Uᵀ) (strictly lower)
   to dk, dv, dβ, and db; then dg_t = Σ_{t' ≥ t} db_t' (b = cumsum g in the chunk).
 For a scalar gate every factor exp(b_t - b_s) of a product F_ts gives db_t += Σ_s dF_ts F_ts and
-db_s -= Σ_t dF_ts F_ts. Products take the inputs' dtype as operands, accumulate in float32.
+db_s -= Σ_t dF_ts F_ts. Per-key gates (b `[BT, K]`) form the decayed products through ``wy_decay``; each
+factor exp(b_tk) of an operand x_tk gives db_tk += x_tk dx_tk and each exp(-b_sk) db_sk -= y_sk dy_sk, so
+``_wy_dqkw``'s db is q ⊙ dq - k ⊙ dk (plus b_C's terms on the last row), and ``_wy_bwd`` adds
+X ⊙ dX and, with R = Σ_s dA_ts k_s exp(b_t - b_s) and C = Σ_t β_t dA_ts k_t exp(b_t - b_s), β k ⊙ R - k ⊙ C.
+Products take the inputs' dtype as operands, accumulate in float32.
 """
 from __future__ import annotations
 
@@ -18,9 +22,16 @@ import torch
 import triton
 import triton.language as tl
 
-from longscan.kernels.delta_rule.triton.wy_prep import BT
+from longscan.kernels.delta_rule.triton.wy_decay import (BT, NO_GATE, PER_KEY, SCALAR, decayed_cols, decayed_rows,
+                                                         decayed_scores, gate_kind)
 
 WY_BWD_BLOCK_K = 32   # keys a step of ``_wy_bwd`` (beside its `[64, 64]` P, dA and K Kᵀ: at 64 it spills)
+WY_BWD_PER_KEY_BLOCK_K = 16   # the same for per-key gates (`[64, 64]` P, dA, β dA and decay factors: at 32 it spills)
+
+
+def bwd_block_k(block_k: int, gate: int) -> int:
+    """Keys a step of ``_wy_bwd`` for the parallel kernels' block_k and the kernels' GATE."""
+    return min(WY_BWD_PER_KEY_BLOCK_K if gate == PER_KEY else WY_BWD_BLOCK_K, block_k)
 
 
 @triton.jit
@@ -31,8 +42,18 @@ def _wy_dv_local(Q, K_, G, DO, DVL, T, H, N, K, V, scale, GATE: tl.constexpr, BK
     oc = tl.arange(0, BT)
     t = n * BT + oc
     mt = t < T
-    tok = (b * T + t) * H + h
-    row = (bh * N + n) * BT + oc
+    tok0 = ((b * T + n * BT) * H + h).to(tl.int64)   # int64 bases, int32 offsets in the chunk
+    tok = oc * H
+    row0 = ((bh * N + n) * BT).to(tl.int64)
+    row = oc
+    DVL = DVL + row0 * V
+    gk = 1
+    if GATE == PER_KEY:   # a gate a key: G, DB and DG hold K values a token
+        gk = K
+    if GATE != NO_GATE:
+        G = G + tok0 * gk
+    K_, Q = K_ + tok0 * K, Q + tok0 * K
+    DO = DO + tok0 * V
     dt = DVL.dtype.element_ty
     qk = tl.zeros([BT, BT], dtype=tl.float32)
     for ik in range(0, tl.cdiv(K, BK)):
@@ -40,9 +61,13 @@ def _wy_dv_local(Q, K_, G, DO, DVL, T, H, N, K, V, scale, GATE: tl.constexpr, BK
         m = mt[:, None] & (ok < K)[None, :]
         q = tl.load(Q + tok[:, None] * K + ok[None, :], mask=m, other=0.).to(dt)
         k = tl.load(K_ + tok[:, None] * K + ok[None, :], mask=m, other=0.).to(dt)
-        qk += tl.dot(q, tl.trans(k), input_precision=PREC)
+        if GATE == PER_KEY:
+            bk = tl.cumsum(tl.load(G + tok[:, None] * K + ok[None, :], mask=m, other=0.).to(tl.float32), axis=0)
+            qk += decayed_scores(q.to(tl.float32), k.to(tl.float32), bk, oc, dt, PREC)
+        else:
+            qk += tl.dot(q, tl.trans(k), input_precision=PREC)
     causal = oc[:, None] >= oc[None, :]
-    if GATE:
+    if GATE == SCALAR:
         bc = tl.cumsum(tl.load(G + tok, mask=mt, other=0.).to(tl.float32), axis=0)
         qk = qk * tl.exp(tl.where(causal, bc[:, None] - bc[None, :], 0.))
     qkt = tl.trans(tl.where(causal, scale * qk, 0.)).to(dt)
@@ -58,14 +83,25 @@ def _wy_dv_local(Q, K_, G, DO, DVL, T, H, N, K, V, scale, GATE: tl.constexpr, BK
 def _wy_dqkw(Q, K_, G, HS, DHS, VN, DVN, DO, DQ, DK, DW, DB, T, H, N, K, V, scale, GATE: tl.constexpr,
              BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     """One block of BK keys a program (grid: blocks of keys, chunks, sequences × heads); its share of db goes
-    to DB[block of keys], summed after."""
+    to DB[block of keys], summed after (a scalar gate), or to DB's own keys (per-key gates)."""
     ik, n, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = bh // H, bh % H
     oc = tl.arange(0, BT)
     t = n * BT + oc
     mt = t < T
-    tok = (b * T + t) * H + h
-    row = (bh * N + n) * BT + oc
+    tok0 = ((b * T + n * BT) * H + h).to(tl.int64)   # int64 bases, int32 offsets in the chunk
+    tok = oc * H
+    row0 = ((bh * N + n) * BT).to(tl.int64)
+    row = oc
+    gk = 1
+    if GATE == PER_KEY:   # a gate a key: G, DB and DG hold K values a token
+        gk = K
+    DW = DW + row0 * K
+    if GATE != NO_GATE:
+        G, DB = G + tok0 * gk, DB + row0 * gk
+    DVN, VN = DVN + row0 * V, VN + row0 * V
+    DK, DQ, K_, Q = DK + tok0 * K, DQ + tok0 * K, K_ + tok0 * K, Q + tok0 * K
+    DO = DO + tok0 * V
     ok = ik * BK + tl.arange(0, BK)
     mk = ok < K
     m_tk = mt[:, None] & mk[None, :]
@@ -79,7 +115,7 @@ def _wy_dqkw(Q, K_, G, HS, DHS, VN, DVN, DO, DQ, DK, DW, DB, T, H, N, K, V, scal
     for iv in range(0, tl.cdiv(V, BV)):
         ov = iv * BV + tl.arange(0, BV)
         mv = ov < V
-        o_kv = ((bh * N + n).to(tl.int64) * K + ok[:, None]) * V + ov[None, :]
+        o_kv = (bh * N + n).to(tl.int64) * K * V + ok[:, None] * V + ov[None, :]
         s = tl.load(HS + o_kv, mask=mk[:, None] & mv[None, :], other=0.)
         ds = tl.load(DHS + o_kv, mask=mk[:, None] & mv[None, :], other=0.)
         do = tl.load(DO + tok[:, None] * V + ov[None, :], mask=mt[:, None] & mv[None, :], other=0.).to(dt)
@@ -89,32 +125,48 @@ def _wy_dqkw(Q, K_, G, HS, DHS, VN, DVN, DO, DQ, DK, DW, DB, T, H, N, K, V, scal
         dqs += tl.dot(do, tl.trans(s), input_precision=PREC)
         dw -= tl.dot(dvn, tl.trans(s), input_precision=PREC)
         dkb += tl.dot(vn, tl.trans(ds), input_precision=PREC)
-        if GATE:
+        if GATE != NO_GATE:
             dl += tl.sum(s.to(tl.float32) * ds.to(tl.float32), axis=1)
     tl.store(DW + row[:, None] * K + ok[None, :], dw.to(dt), mask=mk[None, :])
     df = tl.where(causal, scale * df, 0.)
     q = tl.load(Q + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(dt)
     k = tl.load(K_ + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(dt)
-    if GATE:
-        bc = tl.cumsum(tl.load(G + tok, mask=mt, other=0.).to(tl.float32), axis=0)
-        last = tl.sum(tl.where(oc == BT - 1, bc, 0.), axis=0)
-        ekb = tl.exp(last - bc)
-        dqs = dqs * (scale * tl.exp(bc))[:, None]                         # dQ̃'s share of dq
-        dkb = dkb * ekb[:, None]                                          # dK̄'s share of dk
-        df = df * tl.exp(tl.where(causal, bc[:, None] - bc[None, :], 0.))
-        # the gate's shares: Q̃ = exp(b) q, K̄ = exp(b_C - b) k, D (dF ⊙ F), exp(b_C) S
-        ek = tl.sum(dkb * k.to(tl.float32), axis=1)
-        gq = df * tl.dot(q, tl.trans(k), input_precision=PREC)
-        db = tl.sum(dqs * q.to(tl.float32), axis=1) - ek + tl.sum(gq, axis=1) - tl.sum(gq, axis=0)
-        dlast = tl.exp(last) * tl.sum(dl, axis=0) + tl.sum(ek, axis=0)
-        db += tl.where(oc == BT - 1, dlast, 0.)                           # b_C is b at the chunk's last row
-        tl.store(DB + ik * (tl.num_programs(2) * N * BT) + row, db)
+    if GATE == PER_KEY:   # dq stored before dk is formed (fewer live tiles)
+        dfc = df.to(dt)
+        bk = tl.cumsum(tl.load(G + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(tl.float32), axis=0)
+        qf = q.to(tl.float32)
+        dq = dqs * (scale * tl.exp(bk)) + decayed_rows(dfc, k.to(tl.float32), bk, oc, PREC)   # dQ̃'s, F's shares
+        db = qf * dq
+        tl.store(DQ + tok[:, None] * K + ok[None, :], dq.to(DQ.dtype.element_ty), mask=m_tk)
+        last = tl.sum(tl.where((oc == BT - 1)[:, None], bk, 0.), axis=0)
+        kf = k.to(tl.float32)
+        ekb = kf * dkb * tl.exp(last[None, :] - bk)                       # K̄ ⊙ dK̄
+        dk = dkb * tl.exp(last[None, :] - bk) + decayed_cols(dfc, qf, bk, oc, PREC)
+        # every exp(b) factor's share (Q̃, K̄, the decayed scores), then b_C's (K̄ and Diag(exp(b_C)) S)
+        db -= kf * dk
+        db += tl.where((oc == BT - 1)[:, None], (tl.exp(last) * dl + tl.sum(ekb, axis=0))[None, :], 0.)
+        tl.store(DB + row[:, None] * K + ok[None, :], db, mask=mk[None, :])
     else:
-        dqs = scale * dqs
-    dfc = df.to(dt)
-    dq = dqs + tl.dot(dfc, k, input_precision=PREC)
-    tl.store(DQ + tok[:, None] * K + ok[None, :], dq.to(DQ.dtype.element_ty), mask=m_tk)
-    dk = dkb + tl.dot(tl.trans(dfc), q, input_precision=PREC)
+        if GATE == SCALAR:
+            bc = tl.cumsum(tl.load(G + tok, mask=mt, other=0.).to(tl.float32), axis=0)
+            last = tl.sum(tl.where(oc == BT - 1, bc, 0.), axis=0)
+            ekb = tl.exp(last - bc)
+            dqs = dqs * (scale * tl.exp(bc))[:, None]                         # dQ̃'s share of dq
+            dkb = dkb * ekb[:, None]                                          # dK̄'s share of dk
+            df = df * tl.exp(tl.where(causal, bc[:, None] - bc[None, :], 0.))
+            # the gate's shares: Q̃ = exp(b) q, K̄ = exp(b_C - b) k, D (dF ⊙ F), exp(b_C) S
+            ek = tl.sum(dkb * k.to(tl.float32), axis=1)
+            gq = df * tl.dot(q, tl.trans(k), input_precision=PREC)
+            db = tl.sum(dqs * q.to(tl.float32), axis=1) - ek + tl.sum(gq, axis=1) - tl.sum(gq, axis=0)
+            dlast = tl.exp(last) * tl.sum(dl, axis=0) + tl.sum(ek, axis=0)
+            db += tl.where(oc == BT - 1, dlast, 0.)                           # b_C is b at the chunk's last row
+            tl.store(DB + ik * (tl.num_programs(2) * N * BT) + row, db)
+        else:
+            dqs = scale * dqs
+        dfc = df.to(dt)
+        dq = dqs + tl.dot(dfc, k, input_precision=PREC)
+        tl.store(DQ + tok[:, None] * K + ok[None, :], dq.to(DQ.dtype.element_ty), mask=m_tk)
+        dk = dkb + tl.dot(tl.trans(dfc), q, input_precision=PREC)
     tl.store(DK + tok[:, None] * K + ok[None, :], dk.to(DK.dtype.element_ty), mask=m_tk)
 
 
@@ -126,13 +178,26 @@ def _wy_bwd(K_, V_, BETA, G, P_, W, U, DVN, DW, DB, DK, DV, DBETA, DG, T, H, N, 
     oc = tl.arange(0, BT)
     t = n * BT + oc
     mt = t < T
-    tok = (b * T + t) * H + h
-    row = (bh * N + n) * BT + oc
+    tok0 = ((b * T + n * BT) * H + h).to(tl.int64)   # int64 bases, int32 offsets in the chunk
+    tok = oc * H
+    row0 = ((bh * N + n) * BT).to(tl.int64)
+    row = oc
+    P_ = P_ + row0 * BT
+    gk = 1
+    if GATE == PER_KEY:   # a gate a key: G, DB and DG hold K values a token
+        gk = K
+    DW, W = DW + row0 * K, W + row0 * K
+    DVN, U = DVN + row0 * V, U + row0 * V
+    BETA, DBETA = BETA + tok0, DBETA + tok0
+    if GATE != NO_GATE:
+        G, DB, DG = G + tok0 * gk, DB + row0 * gk, DG + tok0 * gk
+    DK, K_ = DK + tok0 * K, K_ + tok0 * K
+    DV, V_ = DV + tok0 * V, V_ + tok0 * V
     dt = P_.dtype.element_ty
     pt = tl.trans(tl.load(P_ + row[:, None] * BT + oc[None, :]))
     beta = tl.load(BETA + tok, mask=mt, other=0.).to(tl.float32)
     eb = tl.full([BT], 1., tl.float32)
-    if GATE:
+    if GATE == SCALAR:
         bc = tl.cumsum(tl.load(G + tok, mask=mt, other=0.).to(tl.float32), axis=0)
         eb = tl.exp(bc)
         db = tl.load(DB + row)
@@ -158,34 +223,57 @@ def _wy_bwd(K_, V_, BETA, G, P_, W, U, DVN, DW, DB, DK, DV, DBETA, DG, T, H, N, 
                     input_precision=PREC)
         w = tl.load(W + row[:, None] * K + ok[None, :], mask=mk[None, :], other=0.)
         dA -= tl.dot(dx.to(dt), tl.trans(w), input_precision=PREC)
-        kk += tl.dot(k.to(dt), tl.trans(k.to(dt)), input_precision=PREC)
-        xk = tl.sum(dx * eb[:, None] * k.to(tl.float32), axis=1)          # Σ_k dX exp(b) k
-        dbeta += xk
-        if GATE:
-            db += beta * xk                                               # Σ_k dX ⊙ X
+        if GATE != PER_KEY:   # per-key gates take X's and A's shares in the pass below, key by key
+            kk += tl.dot(k.to(dt), tl.trans(k.to(dt)), input_precision=PREC)
+            xk = tl.sum(dx * eb[:, None] * k.to(tl.float32), axis=1)      # Σ_k dX exp(b) k
+            dbeta += xk
+            if GATE == SCALAR:
+                db += beta * xk                                           # Σ_k dX ⊙ X
     causal = oc[:, None] >= oc[None, :]
     dA = tl.where(oc[:, None] > oc[None, :], dA, 0.)
-    if GATE:
-        kk = kk * tl.exp(tl.where(causal, bc[:, None] - bc[None, :], 0.))
-    dbeta += tl.sum(dA * kk, axis=1)
-    tl.store(DBETA + tok, dbeta, mask=mt)
     M = dA * beta[:, None]
-    if GATE:
-        ga = M * kk                                                       # dA ⊙ A
-        db += tl.sum(ga, axis=1) - tl.sum(ga, axis=0)
-        M = M * tl.exp(tl.where(causal, bc[:, None] - bc[None, :], 0.))
-        tl.store(DG + tok, tl.sum(db, axis=0) - tl.cumsum(db, axis=0) + db, mask=mt)
-    MM = (M + tl.trans(M)).to(dt)          # M K + Mᵀ K in one product (M strictly lower)
-    for ik in range(0, tl.cdiv(K, BK)):
-        ok = ik * BK + tl.arange(0, BK)
-        mk = ok < K
-        m_tk = mt[:, None] & mk[None, :]
-        k = tl.load(K_ + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(dt)
-        dx = tl.dot(pt, tl.load(DW + row[:, None] * K + ok[None, :], mask=mk[None, :], other=0.).to(dt),
-                    input_precision=PREC)
-        dk = tl.load(DK + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(tl.float32)
-        dk += (beta * eb)[:, None] * dx + tl.dot(MM, k, input_precision=PREC)
-        tl.store(DK + tok[:, None] * K + ok[None, :], dk.to(DK.dtype.element_ty), mask=m_tk)
+    if GATE == PER_KEY:
+        dAc, Mc = dA.to(dt), M.to(dt)
+        for ik in range(0, tl.cdiv(K, BK)):
+            ok = ik * BK + tl.arange(0, BK)
+            mk = ok < K
+            m_tk = mt[:, None] & mk[None, :]
+            kf = tl.load(K_ + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(dt).to(tl.float32)
+            bk = tl.cumsum(tl.load(G + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(tl.float32), axis=0)
+            dx = tl.dot(pt, tl.load(DW + row[:, None] * K + ok[None, :], mask=mk[None, :], other=0.).to(dt),
+                        input_precision=PREC)
+            xg = beta[:, None] * tl.exp(bk) * dx                          # dX's share of dk
+            r = decayed_rows(dAc, kf, bk, oc, PREC)                       # Σ_s dA_ts k_s exp(b_t - b_s)
+            c = decayed_cols(Mc, kf, bk, oc, PREC)                        # Σ_t β_t dA_ts k_t exp(b_t - b_s)
+            dbeta += tl.sum(kf * (tl.exp(bk) * dx + r), axis=1)
+            dk = tl.load(DK + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(tl.float32)
+            dk += xg + beta[:, None] * r + c
+            tl.store(DK + tok[:, None] * K + ok[None, :], dk.to(DK.dtype.element_ty), mask=m_tk)
+            db = tl.load(DB + row[:, None] * K + ok[None, :], mask=mk[None, :], other=0.)
+            db += kf * (xg + beta[:, None] * r - c)
+            tl.store(DG + tok[:, None] * K + ok[None, :],
+                     tl.sum(db, axis=0)[None, :] - tl.cumsum(db, axis=0) + db, mask=m_tk)
+    else:
+        if GATE == SCALAR:
+            kk = kk * tl.exp(tl.where(causal, bc[:, None] - bc[None, :], 0.))
+        dbeta += tl.sum(dA * kk, axis=1)
+        if GATE == SCALAR:
+            ga = M * kk                                                   # dA ⊙ A
+            db += tl.sum(ga, axis=1) - tl.sum(ga, axis=0)
+            M = M * tl.exp(tl.where(causal, bc[:, None] - bc[None, :], 0.))
+            tl.store(DG + tok, tl.sum(db, axis=0) - tl.cumsum(db, axis=0) + db, mask=mt)
+        MM = (M + tl.trans(M)).to(dt)          # M K + Mᵀ K in one product (M strictly lower)
+        for ik in range(0, tl.cdiv(K, BK)):
+            ok = ik * BK + tl.arange(0, BK)
+            mk = ok < K
+            m_tk = mt[:, None] & mk[None, :]
+            k = tl.load(K_ + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(dt)
+            dx = tl.dot(pt, tl.load(DW + row[:, None] * K + ok[None, :], mask=mk[None, :], other=0.).to(dt),
+                        input_precision=PREC)
+            dk = tl.load(DK + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(tl.float32)
+            dk += (beta * eb)[:, None] * dx + tl.dot(MM, k, input_precision=PREC)
+            tl.store(DK + tok[:, None] * K + ok[None, :], dk.to(DK.dtype.element_ty), mask=m_tk)
+    tl.store(DBETA + tok, dbeta, mask=mt)
 
 
 def wy_grads(q, k, v, beta, g, P, W, U, HS, VN, dO, scale: float, state_backward, *, block_k: int, block_v: int,
@@ -199,18 +287,21 @@ def wy_grads(q, k, v, beta, g, P, W, U, HS, VN, dO, scale: float, state_backward
     N = HS.shape[2]
     f32 = dict(device=k.device, dtype=torch.float32)
     BV = min(block_v, max(16, triton.next_power_of_2(V)))
-    kw = dict(GATE=g is not None, BK=block_k, BV=BV, PREC=precision, num_warps=num_warps)
+    gate = gate_kind(g)
+    kw = dict(GATE=gate, BK=block_k, BV=BV, PREC=precision, num_warps=num_warps)
     dv_local = torch.empty_like(VN)
     _wy_dv_local[(N, B * H)](q, k, g, dO, dv_local, T, H, N, K, V, scale, **kw)
     DHS, DVN, dh0 = state_backward(dv_local)
     dq, dk = torch.empty_like(k), torch.empty_like(k)
     dW = torch.empty_like(W)
     NK = triton.cdiv(K, block_k)
-    db = torch.empty(NK, B, H, N * 64, **f32) if g is not None else None
+    # a scalar gate's db: one `[BT]` share a block of keys, summed; per-key gates': each key its own
+    db = (None if gate == NO_GATE else torch.empty(NK, B, H, N * 64, **f32) if gate == SCALAR
+          else torch.empty(B, H, N * 64, K, **f32))
     _wy_dqkw[(NK, N, B * H)](q, k, g, HS, DHS, VN, DVN, dO, dq, dk, dW, db, T, H, N, K, V, scale, **kw)
-    db = db.sum(0) if g is not None else None
+    db = db.sum(0) if gate == SCALAR else db
     dv, dbeta = torch.empty(B, T, H, V, device=k.device, dtype=k.dtype), torch.empty(B, T, H, **f32)
-    dg = torch.empty(B, T, H, **f32) if g is not None else None
-    kw["BK"] = min(WY_BWD_BLOCK_K, block_k)
+    dg = torch.empty(g.shape, **f32) if g is not None else None
+    kw["BK"] = bwd_block_k(block_k, gate)
     _wy_bwd[(N, B * H)](k, v, beta, g, P, W, U, DVN, dW, db, dk, dv, dbeta, dg, T, H, N, K, V, **kw)
     return dq, dk, dv, dbeta, dg, dh0

@@ -1,6 +1,7 @@
 """path="wy", the output: one program per (block of V columns, chunk, sequence, head), every chunk at once,
 from the state entering it S and its v_n (``wy_state``):
-    o = scale (Q̃ S + (Q Kᵀ ⊙ D) v_n),    Q̃_t = exp(b_t) q_t,  D_ts = exp(b_t - b_s) for s ≤ t, else 0.
+    o = scale (Q̃ S + (Q Kᵀ ⊙ D) v_n),    Q̃_t = exp(b_t) q_t,  D_ts = exp(b_t - b_s) for s ≤ t, else 0;
+per-key gates: Q̃ = Q ⊙ exp(b) and (Q Kᵀ ⊙ D)_ts = Σ_k q_tk k_sk exp(b_tk - b_sk) (``wy_decay``).
 """
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from longscan.kernels.delta_rule.triton.wy_prep import BT
+from longscan.kernels.delta_rule.triton.wy_decay import BT, NO_GATE, PER_KEY, SCALAR, decayed_scores, gate_kind
 
 
 @triton.jit
@@ -21,8 +22,18 @@ def _wy_output(Q, K_, G, HS, VN, O, T, H, N, K, V, scale, GATE: tl.constexpr, BK
     mv = ov < V
     t = n * BT + oc
     mt = t < T
-    tok = (b * T + t) * H + h
-    row = (bh * N + n) * BT + oc
+    tok0 = ((b * T + n * BT) * H + h).to(tl.int64)   # int64 bases, int32 offsets in the chunk
+    tok = oc * H
+    row0 = ((bh * N + n) * BT).to(tl.int64)
+    row = oc
+    VN = VN + row0 * V
+    gk = 1
+    if GATE == PER_KEY:   # a gate a key: G, DB and DG hold K values a token
+        gk = K
+    if GATE != NO_GATE:
+        G = G + tok0 * gk
+    K_, Q = K_ + tok0 * K, Q + tok0 * K
+    O = O + tok0 * V
     dt = VN.dtype.element_ty
     qk = tl.zeros([BT, BT], dtype=tl.float32)
     qs = tl.zeros([BT, BV], dtype=tl.float32)
@@ -31,12 +42,19 @@ def _wy_output(Q, K_, G, HS, VN, O, T, H, N, K, V, scale, GATE: tl.constexpr, BK
         mk = ok < K
         q = tl.load(Q + tok[:, None] * K + ok[None, :], mask=mt[:, None] & mk[None, :], other=0.).to(dt)
         k = tl.load(K_ + tok[:, None] * K + ok[None, :], mask=mt[:, None] & mk[None, :], other=0.).to(dt)
-        o_kv = ((bh * N + n).to(tl.int64) * K + ok[:, None]) * V + ov[None, :]
+        o_kv = (bh * N + n).to(tl.int64) * K * V + ok[:, None] * V + ov[None, :]
         s = tl.load(HS + o_kv, mask=mk[:, None] & mv[None, :], other=0.)
-        qk += tl.dot(q, tl.trans(k), input_precision=PREC)
-        qs += tl.dot(q, s, input_precision=PREC)
+        if GATE == PER_KEY:
+            bk = tl.cumsum(tl.load(G + tok[:, None] * K + ok[None, :], mask=mt[:, None] & mk[None, :],
+                                   other=0.).to(tl.float32), axis=0)
+            qf = q.to(tl.float32)
+            qk += decayed_scores(qf, k.to(tl.float32), bk, oc, dt, PREC)
+            qs += tl.dot((qf * tl.exp(bk)).to(dt), s, input_precision=PREC)
+        else:
+            qk += tl.dot(q, tl.trans(k), input_precision=PREC)
+            qs += tl.dot(q, s, input_precision=PREC)
     causal = oc[:, None] >= oc[None, :]
-    if GATE:
+    if GATE == SCALAR:
         bc = tl.cumsum(tl.load(G + tok, mask=mt, other=0.).to(tl.float32), axis=0)
         qs = qs * tl.exp(bc)[:, None]
         qk = qk * tl.exp(tl.where(causal, bc[:, None] - bc[None, :], 0.))
@@ -53,6 +71,6 @@ def wy_output(q, k, g, HS, VN, scale: float, *, block_k: int, block_v: int, num_
     N = HS.shape[2]
     O = torch.empty(B, T, H, V, device=q.device, dtype=q.dtype)
     BV = min(block_v, max(16, triton.next_power_of_2(V)))
-    _wy_output[(triton.cdiv(V, BV), N, B * H)](q, k, g, HS, VN, O, T, H, N, K, V, scale, GATE=g is not None,
+    _wy_output[(triton.cdiv(V, BV), N, B * H)](q, k, g, HS, VN, O, T, H, N, K, V, scale, GATE=gate_kind(g),
                                                BK=block_k, BV=BV, PREC=precision, num_warps=num_warps)
     return O

@@ -2,12 +2,16 @@
 head): A (``_wy_kkt``), its inverse (``_wy_inverse``), W and U (``_wy_w_u``).
 
 Chunks of BT = 64 tokens, split into four blocks of 16. With b the cumulative log gate inside the chunk
-(zero without a gate), A_ts = β_t (k_t·k_s) exp(b_t - b_s) for s < t, and P = (I + A)⁻¹ by blocks: each
-16×16 diagonal block inverted by forward substitution, then the blocks below joined by float32 products,
+(zero without a gate; one a key for per-key gates), A_ts = β_t Σ_k k_tk k_sk exp(b_tk - b_sk) for s < t
+(per-key decays through ``wy_decay``), and P = (I + A)⁻¹ by blocks: each 16×16 diagonal block inverted by
+forward substitution, then the blocks below joined by float32 products,
     P_ij = -P_ii Σ_{j ≤ m < i} A_im P_mj.
-Then W = P X and U = P Y with X = Diag(β exp(b)) K and Y = Diag(β) V. P, W and U are written in the
-inputs' dtype (the operands of the tensor-core products that read them); every product accumulates in
-float32.
+Then W = P X and U = P Y with X = Diag(β) (K ⊙ exp(b)) and Y = Diag(β) V. For per-key gates ``_wy_w_u``
+also writes K̄ = K ⊙ exp(b_C - b), Q̃ = Q ⊙ exp(b) and exp(b_C) (b_C the chunk's total), which the serial
+kernels read instead of forming them. P, W, U, K̄ and Q̃ are written in the inputs' dtype (the operands of
+the tensor-core products that read them); every product accumulates in float32. In every wy kernel a
+chunk's (or sequence's) token and row bases are int64 (B·T·H·K passes 2³¹ at about 16M tokens × heads with
+K = 128), the offsets inside it int32.
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-BT: tl.constexpr = tl.constexpr(64)   # tokens a chunk: four diagonal blocks of 16 (tl.dot's smallest tile)
+from longscan.kernels.delta_rule.triton.wy_decay import BT, NO_GATE, PER_KEY, SCALAR, decayed_scores, gate_kind
 
 
 @triton.jit
@@ -42,18 +46,32 @@ def _wy_kkt(K_, BETA, G, A_, T, H, N, K, GATE: tl.constexpr, BK: tl.constexpr, P
     oc = tl.arange(0, BT)
     t = n * BT + oc
     mt = t < T
-    tok = (b * T + t) * H + h
+    tok0 = ((b * T + n * BT) * H + h).to(tl.int64)   # int64 bases, int32 offsets in the chunk
+    tok = oc * H
+    gk = 1
+    if GATE == PER_KEY:   # a gate a key: G, DB and DG hold K values a token
+        gk = K
+    BETA = BETA + tok0
+    if GATE != NO_GATE:
+        G = G + tok0 * gk
+    K_ = K_ + tok0 * K
     a = tl.zeros([BT, BT], dtype=tl.float32)
     for ik in range(0, tl.cdiv(K, BK)):
         ok = ik * BK + tl.arange(0, BK)
-        k = tl.load(K_ + tok[:, None] * K + ok[None, :], mask=mt[:, None] & (ok < K)[None, :], other=0.)
-        a += tl.dot(k, tl.trans(k), input_precision=PREC)
+        m = mt[:, None] & (ok < K)[None, :]
+        k = tl.load(K_ + tok[:, None] * K + ok[None, :], mask=m, other=0.)
+        if GATE == PER_KEY:
+            bk = tl.cumsum(tl.load(G + tok[:, None] * K + ok[None, :], mask=m, other=0.).to(tl.float32), axis=0)
+            kf = k.to(tl.float32)
+            a += decayed_scores(kf, kf, bk, oc, k.dtype, PREC)
+        else:
+            a += tl.dot(k, tl.trans(k), input_precision=PREC)
     strict = oc[:, None] > oc[None, :]
-    if GATE:
+    if GATE == SCALAR:
         bc = tl.cumsum(tl.load(G + tok, mask=mt, other=0.).to(tl.float32), axis=0)
         a = a * tl.exp(tl.where(strict, bc[:, None] - bc[None, :], 0.))
     a = tl.where(strict, a * tl.load(BETA + tok, mask=mt, other=0.).to(tl.float32)[:, None], 0.)
-    tl.store(A_ + ((bh * N + n) * BT + oc[:, None]) * BT + oc[None, :], a)
+    tl.store(A_ + (bh * N + n).to(tl.int64) * BT * BT + oc[:, None] * BT + oc[None, :], a)
 
 
 @triton.jit
@@ -63,7 +81,7 @@ def _wy_inverse(A_, P_, N):
     n, bh = tl.program_id(0), tl.program_id(1)
     r = tl.arange(0, 16)
     o16 = r[:, None] * BT + r[None, :]
-    src = A_ + (bh * N + n) * BT * BT + o16
+    src = A_ + (bh * N + n).to(tl.int64) * BT * BT + o16
     a00 = tl.load(src)
     a10 = tl.load(src + 16 * BT)
     a11 = tl.load(src + 16 * BT + 16)
@@ -82,7 +100,7 @@ def _wy_inverse(A_, P_, N):
     p31 = -_dot32(p33, _dot32(a31, p11) + _dot32(a32, p21))
     p30 = -_dot32(p33, _dot32(a30, p00) + _dot32(a31, p10) + _dot32(a32, p20))
     dt = P_.dtype.element_ty
-    dst = P_ + (bh * N + n) * BT * BT + o16
+    dst = P_ + (bh * N + n).to(tl.int64) * BT * BT + o16
     tl.store(dst, p00.to(dt))
     tl.store(dst + 16 * BT, p10.to(dt))
     tl.store(dst + 16 * BT + 16, p11.to(dt))
@@ -103,27 +121,55 @@ def _wy_inverse(A_, P_, N):
 
 
 @triton.jit
-def _wy_w_u(K_, V_, BETA, G, P_, W, U, T, H, N, K, V, GATE: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-            PREC: tl.constexpr):
-    """W = P X, X = Diag(β exp(b)) K, and U = P Y, Y = Diag(β) V, `[BT, BT]` products."""
+def _wy_w_u(Q, K_, V_, BETA, G, P_, W, U, KB, QG, GC, T, H, N, K, V, GATE: tl.constexpr, BK: tl.constexpr,
+            BV: tl.constexpr, PREC: tl.constexpr):
+    """W = P X, X = Diag(β) (K ⊙ exp(b)), and U = P Y, Y = Diag(β) V, `[BT, BT]` products; per-key gates
+    also K̄, Q̃ and exp(b_C)."""
     n, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     oc = tl.arange(0, BT)
     t = n * BT + oc
     mt = t < T
-    tok = (b * T + t) * H + h
-    row = (bh * N + n) * BT + oc
+    tok0 = ((b * T + n * BT) * H + h).to(tl.int64)   # int64 bases, int32 offsets in the chunk
+    tok = oc * H
+    row0 = ((bh * N + n) * BT).to(tl.int64)
+    row = oc
+    P_ = P_ + row0 * BT
+    W = W + row0 * K
+    if GATE == PER_KEY:
+        KB, QG, GC = KB + row0 * K, QG + row0 * K, GC + (bh * N + n).to(tl.int64) * K
+    U = U + row0 * V
+    gk = 1
+    if GATE == PER_KEY:   # a gate a key: G, DB and DG hold K values a token
+        gk = K
+    BETA = BETA + tok0
+    if GATE != NO_GATE:
+        G = G + tok0 * gk
+    K_, Q = K_ + tok0 * K, Q + tok0 * K
+    V_ = V_ + tok0 * V
     dt = P_.dtype.element_ty
     p = tl.load(P_ + row[:, None] * BT + oc[None, :])
     beta = tl.load(BETA + tok, mask=mt, other=0.).to(tl.float32)
     ex = beta
-    if GATE:
+    if GATE == SCALAR:
         ex = beta * tl.exp(tl.cumsum(tl.load(G + tok, mask=mt, other=0.).to(tl.float32), axis=0))
     for ik in range(0, tl.cdiv(K, BK)):
         ok = ik * BK + tl.arange(0, BK)
         mk = ok < K
-        x = tl.load(K_ + tok[:, None] * K + ok[None, :], mask=mt[:, None] & mk[None, :], other=0.)
-        w = tl.dot(p, (x * ex[:, None]).to(dt), input_precision=PREC)
+        m = mt[:, None] & mk[None, :]
+        x = tl.load(K_ + tok[:, None] * K + ok[None, :], mask=m, other=0.)
+        if GATE == PER_KEY:
+            bk = tl.cumsum(tl.load(G + tok[:, None] * K + ok[None, :], mask=m, other=0.).to(tl.float32), axis=0)
+            last = tl.sum(tl.where((oc == BT - 1)[:, None], bk, 0.), axis=0)
+            xf = x.to(tl.float32)
+            w = tl.dot(p, (xf * tl.exp(bk) * beta[:, None]).to(dt), input_precision=PREC)
+            tl.store(KB + row[:, None] * K + ok[None, :], (xf * tl.exp(last[None, :] - bk)).to(dt),
+                     mask=mk[None, :])
+            q = tl.load(Q + tok[:, None] * K + ok[None, :], mask=m, other=0.).to(tl.float32)
+            tl.store(QG + row[:, None] * K + ok[None, :], (q * tl.exp(bk)).to(dt), mask=mk[None, :])
+            tl.store(GC + ok, tl.exp(last), mask=mk)
+        else:
+            w = tl.dot(p, (x * ex[:, None]).to(dt), input_precision=PREC)
         tl.store(W + row[:, None] * K + ok[None, :], w.to(dt), mask=mk[None, :])
     for iv in range(0, tl.cdiv(V, BV)):
         ov = iv * BV + tl.arange(0, BV)
@@ -136,8 +182,9 @@ def _wy_w_u(K_, V_, BETA, G, P_, W, U, T, H, N, K, V, GATE: tl.constexpr, BK: tl
 INVERSE_WARPS = 4   # ``_wy_inverse``'s twenty 16×16 tiles: at fewer warps a thread holds too many and spills
 
 
-def wy_prepare(k, v, beta, g, *, block_k: int, block_v: int, num_warps: int, precision: str):
-    """-> (P `[B, H, N·BT, BT]`, W `[B, H, N·BT, K]`, U `[B, H, N·BT, V]`), all in k's dtype."""
+def wy_prepare(q, k, v, beta, g, *, block_k: int, block_v: int, num_warps: int, precision: str):
+    """-> (P `[B, H, N·BT, BT]`, W `[B, H, N·BT, K]`, U `[B, H, N·BT, V]`, all in k's dtype, and for per-key
+    gates K̄, Q̃ `[B, H, N·BT, K]` in k's dtype and exp(b_C) `[B, H, N, K]` float32, else three None)."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     N = triton.cdiv(T, 64)
@@ -145,9 +192,13 @@ def wy_prepare(k, v, beta, g, *, block_k: int, block_v: int, num_warps: int, pre
     P = torch.empty(B, H, N * 64, 64, device=k.device, dtype=k.dtype)
     W = torch.empty(B, H, N * 64, K, device=k.device, dtype=k.dtype)
     U = torch.empty(B, H, N * 64, V, device=k.device, dtype=k.dtype)
-    gate = g is not None
+    gate = gate_kind(g)
+    KB = QG = GC = None
+    if gate == PER_KEY:
+        KB, QG = torch.empty_like(W), torch.empty_like(W)
+        GC = torch.empty(B, H, N, K, device=k.device, dtype=torch.float32)
     _wy_kkt[(N, B * H)](k, beta, g, A, T, H, N, K, GATE=gate, BK=block_k, PREC=precision, num_warps=num_warps)
     _wy_inverse[(N, B * H)](A, P, N, num_warps=INVERSE_WARPS)
-    _wy_w_u[(N, B * H)](k, v, beta, g, P, W, U, T, H, N, K, V, GATE=gate, BK=block_k, BV=block_v,
-                        PREC=precision, num_warps=num_warps)
-    return P, W, U
+    _wy_w_u[(N, B * H)](q, k, v, beta, g, P, W, U, KB, QG, GC, T, H, N, K, V, GATE=gate, BK=block_k,
+                        BV=block_v, PREC=precision, num_warps=num_warps)
+    return P, W, U, KB, QG, GC

@@ -1,0 +1,66 @@
+"""path="wy", per-key gates (KDA): products inside a chunk that carry a decay per key,
+    F_ts = Σ_k x_tk y_sk exp(b_tk - b_sk)      (s ≤ t, b the cumulative log gate in the chunk, `[BT, keys]`),
+as tensor-core products without an exp that can overflow.
+
+exp(b_t - b_s) is split at a reference row r_i, one for each of the chunk's four 16-row blocks i: row t of
+block i takes exp(b_t - r_i), column s ≤ the block's last row takes exp(r_i - b_s), every other row and
+column 0. r_i is the block's row 8 (its middle), so within the block each factor spans at most 8 tokens'
+decay either way (finite in float32 for log decays down to about -10 a token), and for earlier blocks'
+columns exp(r_i - b_s) ≤ 1. A row block's product then covers its diagonal block and every block left of
+it; the four products' rows are disjoint and sum to F (entries with s > t inside a diagonal block are
+finite and masked by the caller or multiplied by a zero of a lower-triangular operand).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+BT: tl.constexpr = tl.constexpr(64)   # tokens a chunk: four diagonal blocks of 16 (tl.dot's smallest tile)
+# the kernels' GATE: none, `[B, T, H]`, `[B, T, H, K]` (constexpr: read inside the kernels)
+NO_GATE, SCALAR, PER_KEY = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+
+
+def gate_kind(g) -> int:
+    """The kernels' GATE for g (None, `[B, T, H]` or `[B, T, H, K]`)."""
+    return (NO_GATE if g is None else PER_KEY if g.dim() == 4 else SCALAR).value
+
+
+@triton.jit
+def _block_factors(b, oc, i: tl.constexpr):
+    """(exp(b_t - r_i) on block i's rows, exp(r_i - b_s) on columns s up to its last row), zero elsewhere."""
+    r = tl.sum(tl.where((oc == 16 * i + 8)[:, None], b, 0.), axis=0)
+    rows = (oc // 16 == i)[:, None]
+    cols = (oc < 16 * i + 16)[:, None]
+    row_f = tl.where(rows, tl.exp(tl.where(rows, b - r[None, :], 0.)), 0.)
+    col_f = tl.where(cols, tl.exp(tl.where(cols, r[None, :] - b, 0.)), 0.)
+    return row_f, col_f
+
+
+@triton.jit
+def decayed_scores(x, y, b, oc, DT: tl.constexpr, PREC: tl.constexpr):
+    """`[BT, BT]` F_ts = Σ_k x_tk y_sk exp(b_tk - b_sk), right for s ≤ t (x, y, b float32 `[BT, keys]`)."""
+    acc = tl.zeros([BT, BT], dtype=tl.float32)
+    for i in tl.static_range(4):
+        row_f, col_f = _block_factors(b, oc, i)
+        acc += tl.dot((x * row_f).to(DT), tl.trans((y * col_f).to(DT)), input_precision=PREC)
+    return acc
+
+
+@triton.jit
+def decayed_rows(d, y, b, oc, PREC: tl.constexpr):
+    """`[BT, keys]` Σ_s d_ts y_s exp(b_t - b_s) for a lower-triangular d `[BT, BT]` (in the operands' dtype)."""
+    acc = tl.zeros_like(y)
+    for i in tl.static_range(4):
+        row_f, col_f = _block_factors(b, oc, i)
+        acc += row_f * tl.dot(d, (y * col_f).to(d.dtype), input_precision=PREC)
+    return acc
+
+
+@triton.jit
+def decayed_cols(d, x, b, oc, PREC: tl.constexpr):
+    """`[BT, keys]` Σ_t d_ts x_t exp(b_t - b_s) for a lower-triangular d `[BT, BT]` (in the operands' dtype)."""
+    acc = tl.zeros_like(x)
+    for i in tl.static_range(4):
+        row_f, col_f = _block_factors(b, oc, i)
+        acc += col_f * tl.dot(tl.trans(d), (x * row_f).to(d.dtype), input_precision=PREC)
+    return acc
