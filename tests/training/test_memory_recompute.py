@@ -1,0 +1,121 @@
+"""What an offloaded block's backward holds, measured on CPU against the estimator's named parts.
+
+One gloo process runs a two-block linear model with the 1M config's options (whole blocks offloaded, a bf16
+residual stream, head groups, tiles) under CPU bf16 autocast, its allocations recorded by torch.profiler. The
+attention between the head groups' projections is replaced by an elementwise operator that allocates exactly
+its output forward and dq, dk, dv backward, so the only tensors of one group's `[T, h, d]` size are those the
+model code makes. Two sizes are followed through the step: `[T, D]` in bf16 or float32 (the residual stream,
+its gradients, the head groups' float32 sum and its gradient) and one group's `[T, h, d]` in bf16. The peak of
+each over the backward is what the estimator counts for the second block's backward (its input brought back,
+the first's on its way), plus, on CPU only, the first block's input still in the stash (host memory on a GPU).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from harness import run_distributed
+from longscan.models.args import MemoryOptions, ModelConfig
+from longscan.training.memory import recompute_extras, residual_grads
+
+# head_dim 16: RoPE's float32 [T, head_dim] tables, one tile's tensors and a group's [T, h, d] differ in size
+T, D, HEADS, GROUPS, TILE = 4096, 128, 8, 2, 512
+IG = D // GROUPS  # one group's q columns
+MARKER = 12345  # bytes of an allocation no other tensor has
+
+
+def _cfg():
+    return ModelConfig(dim=D, n_layers=2, pattern="L", n_heads=HEADS, n_kv_heads=HEADS, linear_variant="lightning",
+                       vocab_size=64, pad_vocab_to=64, ffn_dim=192, residual_dtype="bfloat16")
+
+
+MEMORY = MemoryOptions(blocks="offload", mixer_tile=TILE, mlp_tile=TILE, mixer_head_groups=GROUPS, loss_chunk=TILE)
+
+
+class _Elementwise(torch.autograd.Function):
+    """o = q·k·v elementwise: one allocation forward (o), three backward (dq, dk, dv)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        ctx.save_for_backward(q, k, v)
+        return torch.mul(q, k).mul_(v)
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v = ctx.saved_tensors
+        return torch.mul(do, k).mul_(v), torch.mul(do, q).mul_(v), torch.mul(do, q).mul_(k)
+
+
+def _attention(q, k, v, **_):
+    return _Elementwise.apply(q, k, v)
+
+
+def _peak(events, sizes):
+    """The largest sum of live allocations whose size is in ``sizes`` (bytes) during the backward, counting
+    from the forward's start (those the forward left alive included)."""
+    live, peak, backward = 0, 0, False
+    for nbytes in events:
+        backward = backward or nbytes == MARKER
+        if abs(nbytes) in sizes:
+            live += nbytes
+            peak = max(peak, live) if backward else peak
+    return peak
+
+
+def _run(rank, world):
+    from megatron.core import parallel_state as ps
+    from torch.profiler import ProfilerActivity, profile
+
+    from longscan.models import sp_ops
+    from longscan.models.model import HybridLM, SPSpec
+    from longscan.training.parallel import stage_config
+    ps.initialize_model_parallel(1, create_gloo_process_groups=False)
+    sp_ops.linear_attention = _attention
+    torch.manual_seed(0)
+    cfg = _cfg()
+    model = HybridLM(cfg, stage_config(1, 1, 1, D, torch.float32), SPSpec(linear_backend="torch"), seed=0,
+                     memory=MEMORY).train()
+    tokens = torch.randint(0, cfg.vocab_size, (1, T + 1))
+    # an allocation of MARKER bytes marks, among the events, where the blocks' backward starts: once the last
+    # block's output has its gradient (the final norm's backward, CPU code unlike the GPU's kernel, is over)
+    def mark(grad):
+        torch.empty(MARKER, dtype=torch.uint8)
+
+    def hook(module, args):
+        args[0].register_hook(mark)
+    model.norm.register_forward_pre_hook(hook)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(tokens[:, :-1], tokens[:, 1:]).float().mean()
+        loss.backward()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())  # stable: events of one nanosecond stay in recorded order
+    ps.destroy_model_parallel()
+    return [e.nbytes() for e in events]
+
+
+@pytest.fixture(scope="module")
+def events():
+    return run_distributed(_run, 1)[0]
+
+
+def test_residual_sized_tensors_of_an_offloaded_block_backward(events):
+    """`[T, D]` tensors at the peak of the second block's backward: the gradient it was called with, the stream's
+    gradient inside the block, the float32 gradient of the head groups' sum (residual_grads); its input brought
+    back and the first block's on its way; its recomputed output, held as the root of its gradients, and the
+    head groups' input gradient (recompute_extras); on CPU the first block's input still in the stash too."""
+    m, res = _cfg(), 2
+    extras = recompute_extras(m, "L", MEMORY, False, 1, 2, T)
+    counted = (residual_grads(m, MEMORY, False, T) + 2 * res * D * T + extras["offloaded output (held)"]
+               + extras["head groups: input gradient"])
+    assert counted == (2 + 2 + 4 + 2 + 2 + 2 + 2) * D * T  # by hand: bf16 but the float32 gradient of the sum
+    assert _peak(events, (2 * D * T, 4 * D * T)) == counted + res * D * T
+
+
+def test_one_head_groups_tensors_with_the_previous_groups_gradients(events):
+    """One group's `[T, h, d]` tensors at the peak of a mixer's backward: q, k, v, the output and their gradients
+    (the mixer's transient), and, from the second group on, the previous group's dq, dk, dv still referenced."""
+    one = 2 * T * IG
+    previous = recompute_extras(_cfg(), "L", MEMORY, False, 1, 2, T)["head groups: previous group's gradients"]
+    assert previous == 3 * one
+    assert _peak(events, (one,)) == 8 * one + previous
