@@ -11,7 +11,8 @@ the largest of three moments:
   and its own transient (a checkpointed stage recomputed, the MLP's backward, one tile of it when tiled, the
   kernels' gradient buffers; with tiled mixers one tile of their token-wise parts; with head groups one
   group's attention tensors and gradients, linear and softmax mixers alike), plus a few `[T, D]` buffers of
-  the residual stream's gradient.
+  the residual stream's gradient, and what recomputation holds beside them (:func:`recompute_extras`: an
+  offloaded stage's recomputed output; with head groups the input's gradient and the previous group's).
 
 What a block saves depends on each stage's memory mode (none: everything its modules save; checkpoint: its
 input; offload: nothing), or on memory.blocks for whole blocks, and is multiplied by the microbatches the 1F1B
@@ -260,6 +261,7 @@ def _block(m: ModelConfig, kind: str, memory: MemoryOptions, whole_block: bool, 
 
 
 def _block_mode(memory: MemoryOptions, whole_block: bool) -> str:
+    """How whole blocks run: schedule.activation_checkpointing (whole_block) is memory.blocks = checkpoint."""
     return "checkpoint" if whole_block else memory.blocks
 
 
@@ -289,8 +291,8 @@ def recompute_extras(m: ModelConfig, kind: str, memory: MemoryOptions, whole_blo
     D, res, N = m.dim, m.residual_bytes, tokens
     out = {}
     stages = (memory.linear_layers if kind == "L" else memory.softmax_layers, memory.mlp)
-    if _block_mode(memory, whole_block) == "offload" or (memory.blocks == "none" and not whole_block
-                                                          and "offload" in stages):
+    mode = _block_mode(memory, whole_block)
+    if mode == "offload" or (mode == "none" and "offload" in stages):
         out["offloaded output (held)"] = res * D * N
     groups = memory.head_groups
     if groups > 1:
@@ -330,8 +332,7 @@ def estimate(m: ModelConfig, layout: Layout, memory: MemoryOptions, bf16: bool =
     rope = 8 * m.hd * N if "N" in kinds else 0  # cos/sin, shared by the softmax layers
     held_all = sum(h for h, _ in blocks) * in_flight + rope
     loss_held, loss_peak = loss_bytes(m, tp, act, N, memory.loss_chunk) if layout.pp == 1 else (0, 0)
-    # the residual stream's gradient and the stage's input/output passed; head groups sum a mixer's output in
-    # float32, so its gradient is float32 whatever the stream's dtype
+    # the residual stream's gradients; what a block's recomputation holds beside them, by name
     residual = residual_grads(m, memory, whole_block_checkpointing, N)
     extras = [recompute_extras(m, k, memory, whole_block_checkpointing, tp, act, N) for k in kinds]
     base = {"parameters": 4 * params, "optimizer states": opt}
