@@ -19,7 +19,8 @@ import torch
 from harness import run_distributed
 from longscan.models.args import MemoryOptions, ModelConfig
 from longscan.training.config import load_config, validate
-from longscan.training.memory import GiB, Layout, estimate, estimate_config, recompute_extras, residual_grads
+from longscan.training.memory import (GiB, Layout, _block, estimate, estimate_config, recompute_extras,
+                                      residual_grads)
 from training_common import PER_STAGE_1M
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -36,6 +37,12 @@ def _cfg():
 
 
 MEMORY = MemoryOptions(blocks="offload", mixer_tile=TILE, mlp_tile=TILE, mixer_head_groups=GROUPS, loss_chunk=TILE)
+# name -> (memory options, the offloaded inputs still in the stash at the peak: host memory on a GPU)
+CASES = {
+    "blocks, head groups": (MEMORY, 1),
+    "stages, head groups": (MemoryOptions("offload", "offload", "offload", mixer_tile=TILE, mlp_tile=TILE,
+                                          mixer_head_groups=GROUPS, loss_chunk=TILE), 2),
+}
 
 
 class _Elementwise(torch.autograd.Function):
@@ -68,19 +75,27 @@ def _peak(events, sizes):
     return peak
 
 
-def _run(rank, world):
+def _run(rank, world, memories):
     from megatron.core import parallel_state as ps
-    from torch.profiler import ProfilerActivity, profile
 
     from longscan.models import sp_ops
-    from longscan.models.model import HybridLM, SPSpec
-    from longscan.training.parallel import stage_config
     ps.initialize_model_parallel(1, create_gloo_process_groups=False)
     sp_ops.linear_attention = _attention
+    out = [_events(memory) for memory in memories]
+    ps.destroy_model_parallel()
+    return out
+
+
+def _events(memory):
+    """Allocations (bytes, negative: freed) of one training forward and backward, in order."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from longscan.models.model import HybridLM, SPSpec
+    from longscan.training.parallel import stage_config
     torch.manual_seed(0)
     cfg = _cfg()
     model = HybridLM(cfg, stage_config(1, 1, 1, D, torch.float32), SPSpec(linear_backend="torch"), seed=0,
-                     memory=MEMORY).train()
+                     memory=memory).train()
     tokens = torch.randint(0, cfg.vocab_size, (1, T + 1))
     # an allocation of MARKER bytes marks, among the events, where the blocks' backward starts: once the last
     # block's output has its gradient (the final norm's backward, CPU code unlike the GPU's kernel, is over)
@@ -96,13 +111,13 @@ def _run(rank, world):
         loss.backward()
     events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
                     key=lambda e: e.start_ns())  # stable: events of one nanosecond stay in recorded order
-    ps.destroy_model_parallel()
     return [e.nbytes() for e in events]
 
 
 @pytest.fixture(scope="module")
 def events():
-    return run_distributed(_run, 1)[0]
+    names = list(CASES)
+    return dict(zip(names, run_distributed(_run, 1, [CASES[n][0] for n in names])[0]))
 
 
 def test_residual_sized_tensors_of_an_offloaded_block_backward(events):
@@ -115,7 +130,7 @@ def test_residual_sized_tensors_of_an_offloaded_block_backward(events):
     counted = (residual_grads(m, MEMORY, False, T) + 2 * res * D * T + extras["offloaded output (held)"]
                + extras["head groups: input gradient"])
     assert counted == (2 + 2 + 4 + 2 + 2 + 2 + 2) * D * T  # by hand: bf16 but the float32 gradient of the sum
-    assert _peak(events, (2 * D * T, 4 * D * T)) == counted + res * D * T
+    assert _peak(events["blocks, head groups"], (2 * D * T, 4 * D * T)) == counted + res * D * T
 
 
 def test_one_head_groups_tensors_with_the_previous_groups_gradients(events):
@@ -124,7 +139,24 @@ def test_one_head_groups_tensors_with_the_previous_groups_gradients(events):
     one = 2 * T * IG
     previous = recompute_extras(_cfg(), "L", MEMORY, False, 1, 2, T)["head groups: previous group's gradients"]
     assert previous == 3 * one
-    assert _peak(events, (one,)) == 8 * one + previous
+    assert _peak(events["blocks, head groups"], (one,)) == 8 * one + previous
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_an_offloaded_backward_holds_what_the_estimator_counts(events, case):
+    """Whole blocks or each stage offloaded, with head groups: the peak of the `[T, D]` and one group's
+    `[T, h, d]` tensors in the second block's backward is the estimator's block transient, residual gradients
+    and recompute parts, less what the transient counts of one tile (tile-sized tensors are not followed
+    here), plus the stash's inputs on CPU (a stage's backward holds no gradient of a whole block's output)."""
+    memory, stashed = CASES[case]
+    m = _cfg()
+
+    def counted(n):
+        return (_block(m, "L", memory, False, 1, 2, n)[1] + residual_grads(m, memory, False, n)
+                + sum(recompute_extras(m, "L", memory, False, 1, 2, n).values()))
+    per_tile = 2 * counted(T) - counted(2 * T)  # the only part that does not grow with the tokens
+    assert 0 < per_tile < 2 * D * T
+    assert _peak(events[case], (D * T, 2 * D * T, 4 * D * T)) == counted(T) - per_tile + stashed * 2 * D * T
 
 
 CONFIG_1M = os.path.join(REPO, "configs", "hybrid_1b_1m.yaml")
@@ -172,13 +204,13 @@ def test_previous_groups_gradients_by_kind(variant, gate, gate_tp2):
 
 
 def test_what_is_not_offloaded_or_grouped_is_unchanged():
-    """Nothing offloaded and no head groups: no new parts, three [T, D] of residual gradients; checkpointed
+    """Nothing offloaded, nothing tiled, no head groups: no new parts, three [T, D] of residual gradients; checkpointed
     stages with head groups keep no recomputed output, and their residual gradients are the mixer output's and
     the float32 sum's. The block-checkpointing points of docs/benchmarks.md keep their predictions."""
     m = ModelConfig(dim=256, n_layers=4, pattern="LLLN", n_heads=8, n_kv_heads=4, vocab_size=1000,
                     residual_dtype="bfloat16")
     N, D = 1024, 256
-    plain = MemoryOptions(mixer_tile=64)
+    plain = MemoryOptions()
     assert recompute_extras(m, "L", plain, True, 1, 2, N) == {} and residual_grads(m, plain, True, N) == 3 * 2 * D * N
     ck = MemoryOptions("checkpoint", "checkpoint", "checkpoint", mixer_head_groups=2)
     assert set(recompute_extras(m, "L", ck, False, 1, 2, N)) == {"head groups: input gradient",
