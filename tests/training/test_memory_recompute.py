@@ -31,17 +31,21 @@ IG = D // GROUPS  # one group's q columns
 MARKER = 12345  # bytes of an allocation no other tensor has
 
 
-def _cfg():
+def _cfg(residual="bfloat16"):
     return ModelConfig(dim=D, n_layers=2, pattern="L", n_heads=HEADS, n_kv_heads=HEADS, linear_variant="lightning",
-                       vocab_size=64, pad_vocab_to=64, ffn_dim=192, residual_dtype="bfloat16")
+                       vocab_size=64, pad_vocab_to=64, ffn_dim=192, residual_dtype=residual)
 
 
 MEMORY = MemoryOptions(blocks="offload", mixer_tile=TILE, mlp_tile=TILE, mixer_head_groups=GROUPS, loss_chunk=TILE)
-# name -> (memory options, the offloaded inputs still in the stash at the peak: host memory on a GPU)
+STAGES = MemoryOptions("offload", "offload", "offload", mixer_tile=TILE, mlp_tile=TILE, mixer_head_groups=GROUPS,
+                       loss_chunk=TILE)
+# name -> (memory options, residual stream, the offloaded inputs still in the stash at the peak: host memory on
+# a GPU)
 CASES = {
-    "blocks, head groups": (MEMORY, 1),
-    "stages, head groups": (MemoryOptions("offload", "offload", "offload", mixer_tile=TILE, mlp_tile=TILE,
-                                          mixer_head_groups=GROUPS, loss_chunk=TILE), 2),
+    "blocks": (MEMORY, "bfloat16", 1),
+    "stages": (STAGES, "bfloat16", 2),
+    "blocks, float32 stream": (MEMORY, "float32", 1),
+    "stages, float32 stream": (STAGES, "float32", 2),
 }
 
 
@@ -75,25 +79,25 @@ def _peak(events, sizes):
     return peak
 
 
-def _run(rank, world, memories):
+def _run(rank, world, cases):
     from megatron.core import parallel_state as ps
 
     from longscan.models import sp_ops
     ps.initialize_model_parallel(1, create_gloo_process_groups=False)
     sp_ops.linear_attention = _attention
-    out = [_events(memory) for memory in memories]
+    out = [_events(memory, residual) for memory, residual in cases]
     ps.destroy_model_parallel()
     return out
 
 
-def _events(memory):
+def _events(memory, residual):
     """Allocations (bytes, negative: freed) of one training forward and backward, in order."""
     from torch.profiler import ProfilerActivity, profile
 
     from longscan.models.model import HybridLM, SPSpec
     from longscan.training.parallel import stage_config
     torch.manual_seed(0)
-    cfg = _cfg()
+    cfg = _cfg(residual)
     model = HybridLM(cfg, stage_config(1, 1, 1, D, torch.float32), SPSpec(linear_backend="torch"), seed=0,
                      memory=memory).train()
     tokens = torch.randint(0, cfg.vocab_size, (1, T + 1))
@@ -117,7 +121,7 @@ def _events(memory):
 @pytest.fixture(scope="module")
 def events():
     names = list(CASES)
-    return dict(zip(names, run_distributed(_run, 1, [CASES[n][0] for n in names])[0]))
+    return dict(zip(names, run_distributed(_run, 1, [CASES[n][:2] for n in names])[0]))
 
 
 def test_residual_sized_tensors_of_an_offloaded_block_backward(events):
@@ -130,7 +134,7 @@ def test_residual_sized_tensors_of_an_offloaded_block_backward(events):
     counted = (residual_grads(m, MEMORY, False, T) + 2 * res * D * T + extras["offloaded output (held)"]
                + extras["head groups: input gradient"])
     assert counted == (2 + 2 + 4 + 2 + 2 + 2 + 2) * D * T  # by hand: bf16 but the float32 gradient of the sum
-    assert _peak(events["blocks, head groups"], (2 * D * T, 4 * D * T)) == counted + res * D * T
+    assert _peak(events["blocks"], (2 * D * T, 4 * D * T)) == counted + res * D * T
 
 
 def test_one_head_groups_tensors_with_the_previous_groups_gradients(events):
@@ -139,24 +143,24 @@ def test_one_head_groups_tensors_with_the_previous_groups_gradients(events):
     one = 2 * T * IG
     previous = recompute_extras(_cfg(), "L", MEMORY, False, 1, 2, T)["head groups: previous group's gradients"]
     assert previous == 3 * one
-    assert _peak(events["blocks, head groups"], (one,)) == 8 * one + previous
+    assert _peak(events["blocks"], (one,)) == 8 * one + previous
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_an_offloaded_backward_holds_what_the_estimator_counts(events, case):
-    """Whole blocks or each stage offloaded, with head groups: the peak of the `[T, D]` and one group's
+    """Whole blocks or each stage offloaded, with head groups, a bf16 or float32 stream: the peak of the `[T, D]` and one group's
     `[T, h, d]` tensors in the second block's backward is the estimator's block transient, residual gradients
     and recompute parts, less what the transient counts of one tile (tile-sized tensors are not followed
     here), plus the stash's inputs on CPU (a stage's backward holds no gradient of a whole block's output)."""
-    memory, stashed = CASES[case]
-    m = _cfg()
+    memory, residual, stashed = CASES[case]
+    m = _cfg(residual)
 
     def counted(n):
         return (_block(m, "L", memory, False, 1, 2, n)[1] + residual_grads(m, memory, False, n)
                 + sum(recompute_extras(m, "L", memory, False, 1, 2, n).values()))
     per_tile = 2 * counted(T) - counted(2 * T)  # the only part that does not grow with the tokens
     assert 0 < per_tile < 2 * D * T
-    assert _peak(events[case], (D * T, 2 * D * T, 4 * D * T)) == counted(T) - per_tile + stashed * 2 * D * T
+    assert _peak(events[case], (D * T, 2 * D * T, 4 * D * T)) == counted(T) - per_tile + stashed * m.residual_bytes * D * T
 
 
 CONFIG_1M = os.path.join(REPO, "configs", "hybrid_1b_1m.yaml")
