@@ -26,7 +26,7 @@ from training_common import PER_STAGE_1M
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # head_dim 16: RoPE's float32 [T, head_dim] tables, one tile's tensors and a group's [T, h, d] differ in size
-T, D, HEADS, GROUPS, TILE = 4096, 128, 8, 2, 512
+T, D, HEADS, GROUPS, TILE = 2048, 128, 8, 2, 256
 IG = D // GROUPS  # one group's q columns
 MARKER = 12345  # bytes of an allocation no other tensor has
 
