@@ -155,7 +155,7 @@ def test_an_offloaded_backward_holds_what_the_estimator_counts(events, case):
     memory, residual, stashed = CASES[case]
     m = _cfg(residual)
 
-    def counted(n):
+    def counted(n):  # the second block's backward (offloaded blocks hold nothing between their passes)
         return (_block(m, "L", memory, False, 1, 2, n)[1] + residual_grads(m, memory, False, n)
                 + sum(recompute_extras(m, "L", memory, False, 1, 2, n).values()))
     per_tile = 2 * counted(T) - counted(2 * T)  # the only part that does not grow with the tokens
