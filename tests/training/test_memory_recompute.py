@@ -1,13 +1,14 @@
 """What an offloaded block's backward holds, measured on CPU against the estimator's named parts.
 
 One gloo process runs a two-block linear model with the 1M config's options (whole blocks offloaded, a bf16
-residual stream, head groups, tiles) under CPU bf16 autocast, its allocations recorded by torch.profiler. The
+residual stream, head groups, tiles), and with each stage offloaded or a float32 stream instead, under CPU bf16
+autocast, its allocations recorded by torch.profiler. The
 attention between the head groups' projections is replaced by an elementwise operator that allocates exactly
 its output forward and dq, dk, dv backward, so the only tensors of one group's `[T, h, d]` size are those the
 model code makes. Two sizes are followed through the step: `[T, D]` in bf16 or float32 (the residual stream,
 its gradients, the head groups' float32 sum and its gradient) and one group's `[T, h, d]` in bf16. The peak of
 each over the backward is what the estimator counts for the second block's backward (its input brought back,
-the first's on its way), plus, on CPU only, the first block's input still in the stash (host memory on a GPU).
+the first's on its way), plus, on CPU only, the inputs still in the stash (host memory on a GPU).
 """
 from __future__ import annotations
 
