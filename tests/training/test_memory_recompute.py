@@ -149,10 +149,11 @@ def test_one_head_groups_tensors_with_the_previous_groups_gradients(events):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_an_offloaded_backward_holds_what_the_estimator_counts(events, case):
-    """Whole blocks or each stage offloaded, with head groups, a bf16 or float32 stream: the peak of the `[T, D]` and one group's
-    `[T, h, d]` tensors in the second block's backward is the estimator's block transient, residual gradients
-    and recompute parts, less what the transient counts of one tile (tile-sized tensors are not followed
-    here), plus the stash's inputs on CPU (a stage's backward holds no gradient of a whole block's output)."""
+    """Whole blocks or each stage offloaded, with head groups, a bf16 or float32 stream: the peak of the `[T, D]`
+    and one group's `[T, h, d]` tensors in the second block's backward is the estimator's block transient,
+    residual gradients and recompute parts, less what the transient counts of one tile (tile-sized tensors are
+    not followed here), plus the stash's inputs on CPU (a stage's backward holds no gradient of a whole block's
+    output)."""
     memory, residual, stashed = CASES[case]
     m = _cfg(residual)
 
@@ -161,7 +162,8 @@ def test_an_offloaded_backward_holds_what_the_estimator_counts(events, case):
                 + sum(recompute_extras(m, "L", memory, False, 1, 2, n).values()))
     per_tile = 2 * counted(T) - counted(2 * T)  # the only part that does not grow with the tokens
     assert 0 < per_tile < 2 * D * T
-    assert _peak(events[case], (D * T, 2 * D * T, 4 * D * T)) == counted(T) - per_tile + stashed * m.residual_bytes * D * T
+    stash = stashed * m.residual_bytes * D * T
+    assert _peak(events[case], (D * T, 2 * D * T, 4 * D * T)) == counted(T) - per_tile + stash
 
 
 CONFIG_1M = os.path.join(REPO, "configs", "hybrid_1b_1m.yaml")
