@@ -11,7 +11,8 @@ the largest of three moments:
   and its own transient (a checkpointed stage recomputed, the MLP's backward, one tile of it when tiled, the
   kernels' gradient buffers; with tiled mixers one tile of their token-wise parts; with head groups one
   group's attention tensors and gradients, linear and softmax mixers alike), plus a few `[T, D]` buffers of
-  the residual stream's gradient.
+  the residual stream's gradient, and what recomputation holds beside them (:func:`recompute_extras`: an
+  offloaded stage's recomputed output; with head groups the input's gradient and the previous group's).
 
 What a block saves depends on each stage's memory mode (none: everything its modules save; checkpoint: its
 input; offload: nothing), or on memory.blocks for whole blocks, and is multiplied by the microbatches the 1F1B
@@ -259,6 +260,54 @@ def _block(m: ModelConfig, kind: str, memory: MemoryOptions, whole_block: bool, 
     return held, transient
 
 
+def _block_mode(memory: MemoryOptions, whole_block: bool) -> str:
+    """How whole blocks run: schedule.activation_checkpointing (whole_block) is memory.blocks = checkpoint."""
+    return "checkpoint" if whole_block else memory.blocks
+
+
+def residual_grads(m: ModelConfig, memory: MemoryOptions, whole_block: bool, tokens: int) -> int:
+    """Bytes of the residual stream's gradients alive in a block's backward (beside the mixer's own tensors).
+
+    Without head groups: three `[T, D]` in the stream's dtype. With them, where the mixer's backward peaks: the
+    gradient of the mixer's output, and the float32 gradient of the groups' sum cast from it (the same tensor in
+    a float32 stream); a block offloaded whole also holds the gradient of its output, which its backward was
+    called with, beside the stream's gradient inside it (the MLP's part added)."""
+    D, res = m.dim, m.residual_bytes
+    if memory.head_groups <= 1:
+        return 3 * res * D * tokens
+    called = res if _block_mode(memory, whole_block) == "offload" else 0
+    return (called + res + (4 if res != 4 else 0)) * D * tokens
+
+
+def recompute_extras(m: ModelConfig, kind: str, memory: MemoryOptions, whole_block: bool, tp: int, act: int,
+                     tokens: int) -> dict:
+    """What a block's backward holds beyond its transient and the residual gradients, by name (bytes).
+
+    - an offloaded stage (or block) recomputes its output and keeps it, the root of the gradients it takes,
+      until its backward returns: one `[T, D]` in the stream's dtype;
+    - head groups: the gradient of the mixer's input, `[T, D]` in the stream's dtype, summed over the groups;
+      and the previous group's input gradients (q, k, v and a gate's), still referenced while the next group's
+      are made."""
+    D, res, N = m.dim, m.residual_bytes, tokens
+    out = {}
+    stages = (memory.linear_layers if kind == "L" else memory.softmax_layers, memory.mlp)
+    mode = _block_mode(memory, whole_block)
+    if mode == "offload" or (mode == "none" and "offload" in stages):
+        out["offloaded output (held)"] = res * D * N
+    groups = memory.head_groups
+    if groups > 1:
+        I, Ikv, H = m.n_heads * m.hd // tp, m.n_kv_heads * m.hd // tp, m.n_heads // tp
+        Ig, Ikvg, Hg = I // groups, Ikv // groups, H // groups
+        if kind == "L":
+            gate = {"gla": 4 * Ig, "simple_gla": 4 * Hg}.get(m.linear_variant, 0)
+            previous = 3 * act * Ig + gate
+        else:
+            previous = act * (Ig + 2 * Ikvg)
+        out["head groups: input gradient"] = res * D * N
+        out["head groups: previous group's gradients"] = previous * N
+    return out
+
+
 def estimate(m: ModelConfig, layout: Layout, memory: MemoryOptions, bf16: bool = True,
              whole_block_checkpointing: bool = False, reserve: float = 0.0, pinned: bool = True) -> Estimate:
     """Predicted peak bytes per GPU of the first pipeline stage (which holds the loss too when pp = 1).
@@ -283,10 +332,9 @@ def estimate(m: ModelConfig, layout: Layout, memory: MemoryOptions, bf16: bool =
     rope = 8 * m.hd * N if "N" in kinds else 0  # cos/sin, shared by the softmax layers
     held_all = sum(h for h, _ in blocks) * in_flight + rope
     loss_held, loss_peak = loss_bytes(m, tp, act, N, memory.loss_chunk) if layout.pp == 1 else (0, 0)
-    # the residual stream's gradient and the stage's input/output passed; head groups sum a mixer's output in
-    # float32, so its gradient is float32 whatever the stream's dtype
-    res = m.residual_bytes
-    residual = (2 * res + (4 if memory.head_groups > 1 else res)) * D * N
+    # the residual stream's gradients; what a block's recomputation holds beside them, by name
+    residual = residual_grads(m, memory, whole_block_checkpointing, N)
+    extras = [recompute_extras(m, k, memory, whole_block_checkpointing, tp, act, N) for k in kinds]
     base = {"parameters": 4 * params, "optimizer states": opt}
     moments = {
         "end of forward": {"bf16 weight copies": 2 * params if bf16 else 0, "saved activations": held_all,
@@ -299,7 +347,8 @@ def estimate(m: ModelConfig, layout: Layout, memory: MemoryOptions, bf16: bool =
         grads_above += 4 * layer_params(m, kinds[i], tp)
         below = sum(h for h, _ in blocks[:i + 1]) + sum(h for h, _ in blocks) * (in_flight - 1) + rope
         moments[f"block {i} backward"] = {"gradients": grads_above, "saved activations": below,
-                                          "block backward (transient)": blocks[i][1], "residual gradients": residual}
+                                          "block backward (transient)": blocks[i][1], "residual gradients": residual,
+                                          **extras[i]}
     moments["block 0 backward"]["gradients"] += 4 * (params - sum(layer_params(m, k, tp) for k in kinds) - head)
     name, parts = max(moments.items(), key=lambda kv: sum(kv[1].values()))
     out = {**base, **{k: v for k, v in parts.items() if v}}
