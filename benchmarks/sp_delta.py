@@ -10,9 +10,9 @@ For every (kind, B x T local shape, path) it times forward+backward (median of t
   stage 3:  the output pass from a given carry P (initial_state, requires grad: the backward scan needs dP);
   SP local: stages 1 and 3 together (no collective: what a rank computes beyond communication),
 and prints SP local / plain measured beside the ratio predicted by counting the products' multiply-adds
-(``predicted_ratio``, counted for path="wy"'s products): stage 3 is the plain kernel plus a state-sized load, so the overhead is stage 1, a
-scan on [v | 0] (V + K columns) from [0 | I] without outputs. bf16 q, k, v (k L2-normalised), float32 β and
-log gates, as ``benchmarks/delta_rule.py``.
+(``predicted_ratio``, counted for path="wy"'s products): stage 3 is the plain kernel plus a state-sized
+load, so the overhead is stage 1, a scan on [v | 0] (V + K columns) from [0 | I] without outputs. bf16 q,
+k, v (k L2-normalised), float32 β and log gates, as ``benchmarks/delta_rule.py``.
 """
 from __future__ import annotations
 
