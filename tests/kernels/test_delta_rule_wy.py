@@ -215,6 +215,7 @@ o = DeltaTritonOptions(path="wy")
 K = V = 128
 BF16 = {"Q", "K_", "V_", "P_", "W", "U", "HS", "VN", "DHS", "DVN", "DVL", "DO", "DQ", "DK", "DW", "DV", "KB", "QG"}
 GATE = int(sys.argv[1])   # 1: a scalar gate, 2: per-key gates (the inverse reads neither: compiled once, with 1)
+HAS_Q = len(sys.argv) < 3 or sys.argv[2] == "q"   # "no_q": the segment transitions' variants (no output kernels)
 
 
 def counts(fn, consts, warps, stages):
@@ -232,16 +233,16 @@ PAR, SER = (o.num_warps, 3), (o.wy_state_num_warps, o.inter_num_stages)   # Trit
 KERNELS = (
     ("kkt", wy_prep._wy_kkt, dict(P, BK=BK), PAR),
     ("inverse", wy_prep._wy_inverse, {}, (wy_prep.INVERSE_WARPS, 3)),
-    ("w_u", wy_prep._wy_w_u, dict(P, HAS_Q=True, BK=BK, BV=BV), PAR),
+    ("w_u", wy_prep._wy_w_u, dict(P, HAS_Q=HAS_Q, BK=BK, BV=BV), PAR),
     ("state_fwd", wy_state._wy_state_fwd, dict(P, HAS_H0=True, KP=K, BV=SV), SER),
-    ("state_bwd", wy_state._wy_state_bwd, dict(P, HAS_Q=True, HAS_DHT=True, KP=K, BV=SV), SER),
+    ("state_bwd", wy_state._wy_state_bwd, dict(P, HAS_Q=HAS_Q, HAS_DHT=True, KP=K, BV=SV), SER),
     ("output", wy_output._wy_output, dict(P, BK=BK, BV=BV), PAR),
     ("dv_local", wy_grads._wy_dv_local, dict(P, BK=BK, BV=BV), PAR),
-    ("dqkw", wy_grads._wy_dqkw, dict(P, HAS_Q=True, BK=BK, BV=BV), PAR),
+    ("dqkw", wy_grads._wy_dqkw, dict(P, HAS_Q=HAS_Q, BK=BK, BV=BV), PAR),
     ("bwd", wy_grads._wy_bwd, dict(P, BK=wy_grads.bwd_block_k(BK, GATE), BV=BV), PAR),
 )
 print(json.dumps({name: counts(fn, consts, *launch) for name, fn, consts, launch in KERNELS
-                  if GATE == 1 or name != "inverse"}))
+                  if (GATE == 1 or name != "inverse") and (HAS_Q or name not in ("output", "dv_local"))}))
 '''
 
 
@@ -270,5 +271,21 @@ def test_wy_per_key_kernels_compile_for_hopper_without_spills(triton_dir):
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(out) == 8, out
+    spilled = {name: r for name, r in out.items() if r["spills"]}
+    assert not spilled, spilled
+
+
+@pytest.mark.parametrize("gate", [1, 2], ids=["scalar_gate", "per_key"])
+def test_wy_transition_kernels_compile_for_hopper_without_spills(gate):
+    """The variants without q that the segment transitions run (``_wy_w_u``, the serial backward and
+    ``_wy_dqkw`` at HAS_Q=False, beside the kernels they share), K = V = 128 in bf16: no spills."""
+    import json
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    proc = run_compiled("-c", _COMPILE, str(gate), "no_q")
+    if proc.returncode and "ptxas" in proc.stderr and "No such file" in proc.stderr:
+        pytest.skip("no ptxas in this Triton install")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(out) == (7 if gate == 1 else 6), out
     spilled = {name: r for name, r in out.items() if r["spills"]}
     assert not spilled, spilled
