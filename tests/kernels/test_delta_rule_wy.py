@@ -183,6 +183,26 @@ def test_wy_segment_transitions_match_float64(kind, shape):
         assert rel_err(got_grads[n].cpu(), ref_grads[n]) < 1e-5, n
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 products need a GPU")
+@pytest.mark.parametrize("kind", ["deltanet", "gated", "kda"])
+def test_wy_segment_transitions_bf16_on_gpu(kind):
+    """bf16 k, v ([v | 0] in bf16, the identity a float32 initial state) against the float64 transitions."""
+    from longscan.kernels.delta_rule import torch_chunk
+    x = make_inputs(kind, 2, 300, 2, 64, 64, torch.float64, seed=13)
+    gen = torch.Generator().manual_seed(14)
+    dloc = torch.randn(2, 2, 64, 64, generator=gen, dtype=torch.float64)
+    dM = torch.randn(2, 2, 64, 64, generator=gen, dtype=torch.float64)
+    ref, ref_grads = transition_grads(torch_chunk.segment_transition, x, dloc, dM)
+    xb = {n: (t.to("cuda", torch.bfloat16 if n in ("k", "v") else torch.float32) if t is not None else None)
+          for n, t in x.items()}
+    got, got_grads = transition_grads(
+        lambda *a: tc.segment_transition(*a, options=DeltaTritonOptions(path="wy")), xb, dloc.float().cuda(),
+        dM.float().cuda())
+    assert rel_err(got[0].cpu(), ref[0]) < 2e-2 and rel_err(got[1].cpu(), ref[1]) < 2e-2
+    for n in ref_grads:
+        assert rel_err(got_grads[n].cpu(), ref_grads[n]) < 5e-2, n
+
+
 def test_wy_options_are_checked():
     # T·H·K = 2³¹ (expanded views: nothing is allocated before the check)
     T, H = 2 ** 17, 2 ** 10
