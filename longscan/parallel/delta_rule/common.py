@@ -15,7 +15,7 @@ Stages 1 and 3 take the context's Triton options (``DeltaTritonOptions``, e.g. p
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -23,6 +23,9 @@ from longscan.distributed.checks import check_delta_call
 from longscan.distributed.layouts import check_layout, group_rank_size, num_segments
 from longscan.kernels.delta_rule import TRITON_BACKEND, check_inputs, get_backend
 from longscan.parallel.linear.common import METHODS, SegmentGroup, by_batch, by_segment, merge, split
+
+if TYPE_CHECKING:   # importing it needs triton, which only the Triton backend requires
+    from longscan.kernels.delta_rule.triton import DeltaTritonOptions
 
 
 @dataclass(frozen=True)
@@ -32,7 +35,7 @@ class DeltaSPContext(SegmentGroup):
     scale: float
     impl: object
     n_blocks: int
-    options: object = None
+    options: DeltaTritonOptions | None = None
 
     def local_kwargs(self) -> dict:
         """What the local stages pass to the backend besides the tensors."""
