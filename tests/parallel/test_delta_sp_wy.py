@@ -9,15 +9,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
-if not torch.cuda.is_available():   # read when a kernel is decorated: before longscan's kernel modules load
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from delta_cases import KINDS, make_inputs  # noqa: E402
-from harness import rel_err, run_distributed  # noqa: E402
-from longscan.kernels.delta_rule import naive_recurrent_delta_rule  # noqa: E402
-from longscan.parallel import delta_rule_attention, shard  # noqa: E402
-
-pytest.importorskip("triton")
+from delta_cases import KINDS, make_inputs
+from harness import rel_err, run_distributed
+from longscan.kernels.delta_rule import naive_recurrent_delta_rule
+from longscan.parallel import delta_rule_attention, shard
 
 METHODS = ("zeco", "lasp2", "lasp1")
 LAYOUTS = ("contiguous", "zigzag")
@@ -72,12 +67,16 @@ def case(rank, world, method, layout, kind):
 
 
 def wy_worker(rank, world):
+    # the CPU processes run the kernels in Triton's interpreter (float32), GPU or not; it is read when a kernel
+    # is decorated, so it is set before ``case`` first imports the kernels
+    os.environ["TRITON_INTERPRET"] = "1"
     return {(method, layout): case(rank, world, method, layout, kind_of(i, world))
             for i, (method, layout) in enumerate(CASES)}
 
 
 @pytest.fixture(scope="module", params=[1, 2, 3, 4], ids=lambda w: f"W{w}")
 def wy_results(request):
+    pytest.importorskip("triton")
     return request.param, run_distributed(wy_worker, request.param)
 
 
@@ -97,6 +96,7 @@ def test_delta_sp_wy_matches_single_device(wy_results, method, layout):
 
 
 def test_delta_sp_options_are_checked():
+    pytest.importorskip("triton")
     from longscan.kernels.delta_rule.triton import DeltaTritonOptions
     x = make_inputs("gated", 1, 4, 1, 4, 4, torch.float32, seed=0)
     with pytest.raises(ValueError, match="options apply to the Triton backend only"):
