@@ -1,8 +1,8 @@
 """The delta rule's Triton path="wy" (chunks of 64, tensor-core products, 16×16 block inverse) against the
 float64 recurrence: no gate, a scalar gate and per-key gates (KDA), forward and every gradient, with and
 without states, a part of a chunk, exactly one, several with a padded last one, K ≠ V, steep gates; the
-explicit fallback (segment transitions) and the options' checks; its kernels compiled for sm_90 at
-K = V = 128 in bf16 without register spills. CPU: the Triton interpreter in float32."""
+segment transitions (the scan without outputs) against the float64 chunked ones; the options' checks; its
+kernels compiled for sm_90 at K = V = 128 in bf16 without register spills. CPU: the Triton interpreter in float32."""
 import os
 
 import pytest
@@ -139,15 +139,68 @@ def test_wy_runs_its_own_kernels(kind):
         wy.DeltaRuleWY.apply = orig
 
 
-def test_wy_falls_back_for_segment_transitions():
-    """The SP stages' segment transitions (no q) run path="float32" under path="wy"."""
-    assert not WY.runs_wy(has_q=False)
-    assert WY.runs_wy(has_q=True)
-    assert not DeltaTritonOptions().runs_wy(has_q=True)
-    x = make_inputs("gated", 1, 40, 1, 16, 16, torch.float32, seed=6)
-    loc, M = tc.segment_transition(x["k"], x["v"], x["beta"], x["g"], options=WY)
-    ref_loc, ref_M = tc.segment_transition(x["k"], x["v"], x["beta"], x["g"], options=DeltaTritonOptions(block_v=16))
-    assert torch.equal(loc, ref_loc) and torch.equal(M, ref_M)
+def transition_grads(fn, x, dloc, dM):
+    """fn(k, v, beta, g) -> ((S_loc, M), the gradients of k, v, beta and g (when given) from dloc and dM)."""
+    names = [n for n in ("k", "v", "beta", "g") if x[n] is not None]
+    leaves = {n: x[n].clone().requires_grad_() for n in names}
+    loc, M = fn(leaves["k"], leaves["v"], leaves["beta"], leaves.get("g"))
+    return (loc, M), dict(zip(names, torch.autograd.grad((loc, M), [leaves[n] for n in names], (dloc, dM))))
+
+
+# (B, T, H, K, V): a part of a chunk; three chunks with a padded last one, K ≠ V ([v | 0] is V + K = 40 wide:
+# three blocks of the serial kernels' 16 columns, the last part masked)
+TRANSITION_SHAPES = [(2, 37, 1, 16, 16), (1, 150, 2, 16, 24)]
+
+
+@pytest.mark.parametrize("shape", TRANSITION_SHAPES, ids=lambda s: "B{}T{}H{}K{}V{}".format(*s))
+@pytest.mark.parametrize("kind", ["deltanet", "gated", "kda"])
+def test_wy_segment_transitions_match_float64(kind, shape):
+    """The SP stages' segment transitions (q None: the scan on [v | 0] from [0 | I] without outputs) run
+    path="wy" and match the float64 chunked ones, (S_loc, M) and the gradients of k, v, β and g from random
+    gradients of both."""
+    from longscan.kernels.delta_rule import torch_chunk
+    from longscan.kernels.delta_rule.triton import wy
+    B, T, H, K, V = shape
+    x = make_inputs(kind, B, T, H, K, V, torch.float64, seed=T + 3)
+    gen = torch.Generator().manual_seed(T)
+    dloc = torch.randn(B, H, K, V, generator=gen, dtype=torch.float64)
+    dM = torch.randn(B, H, K, K, generator=gen, dtype=torch.float64)
+    ref, ref_grads = transition_grads(torch_chunk.segment_transition, x, dloc, dM)
+    calls = []
+    orig = wy.DeltaRuleWY.apply
+    wy.DeltaRuleWY.apply = lambda *a: calls.append(a[0] is None) or orig(*a)
+    try:
+        x32 = {n: (t.float().to(DEV) if t is not None else None) for n, t in x.items()}
+        got, got_grads = transition_grads(lambda *a: tc.segment_transition(*a, options=WY), x32,
+                                          dloc.float().to(DEV), dM.float().to(DEV))
+    finally:
+        wy.DeltaRuleWY.apply = orig
+    assert calls == [True]
+    assert got[0].dtype == got[1].dtype == torch.float32
+    assert rel_err(got[0].cpu(), ref[0]) < 1e-5 and rel_err(got[1].cpu(), ref[1]) < 1e-5
+    assert set(got_grads) == set(ref_grads)
+    for n in ref_grads:
+        assert rel_err(got_grads[n].cpu(), ref_grads[n]) < 1e-5, n
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 products need a GPU")
+@pytest.mark.parametrize("kind", ["deltanet", "gated", "kda"])
+def test_wy_segment_transitions_bf16_on_gpu(kind):
+    """bf16 k, v ([v | 0] in bf16, the identity a float32 initial state) against the float64 transitions."""
+    from longscan.kernels.delta_rule import torch_chunk
+    x = make_inputs(kind, 2, 300, 2, 64, 64, torch.float64, seed=13)
+    gen = torch.Generator().manual_seed(14)
+    dloc = torch.randn(2, 2, 64, 64, generator=gen, dtype=torch.float64)
+    dM = torch.randn(2, 2, 64, 64, generator=gen, dtype=torch.float64)
+    ref, ref_grads = transition_grads(torch_chunk.segment_transition, x, dloc, dM)
+    xb = {n: (t.to("cuda", torch.bfloat16 if n in ("k", "v") else torch.float32) if t is not None else None)
+          for n, t in x.items()}
+    got, got_grads = transition_grads(
+        lambda *a: tc.segment_transition(*a, options=DeltaTritonOptions(path="wy")), xb, dloc.float().cuda(),
+        dM.float().cuda())
+    assert rel_err(got[0].cpu(), ref[0]) < 2e-2 and rel_err(got[1].cpu(), ref[1]) < 2e-2
+    for n in ref_grads:
+        assert rel_err(got_grads[n].cpu(), ref_grads[n]) < 5e-2, n
 
 
 def test_wy_options_are_checked():
@@ -182,6 +235,7 @@ o = DeltaTritonOptions(path="wy")
 K = V = 128
 BF16 = {"Q", "K_", "V_", "P_", "W", "U", "HS", "VN", "DHS", "DVN", "DVL", "DO", "DQ", "DK", "DW", "DV", "KB", "QG"}
 GATE = int(sys.argv[1])   # 1: a scalar gate, 2: per-key gates (the inverse reads neither: compiled once, with 1)
+HAS_Q = len(sys.argv) < 3 or sys.argv[2] == "q"   # "no_q": the segment transitions' variants (no output kernels)
 
 
 def counts(fn, consts, warps, stages):
@@ -199,16 +253,16 @@ PAR, SER = (o.num_warps, 3), (o.wy_state_num_warps, o.inter_num_stages)   # Trit
 KERNELS = (
     ("kkt", wy_prep._wy_kkt, dict(P, BK=BK), PAR),
     ("inverse", wy_prep._wy_inverse, {}, (wy_prep.INVERSE_WARPS, 3)),
-    ("w_u", wy_prep._wy_w_u, dict(P, BK=BK, BV=BV), PAR),
+    ("w_u", wy_prep._wy_w_u, dict(P, HAS_Q=HAS_Q, BK=BK, BV=BV), PAR),
     ("state_fwd", wy_state._wy_state_fwd, dict(P, HAS_H0=True, KP=K, BV=SV), SER),
-    ("state_bwd", wy_state._wy_state_bwd, dict(P, HAS_DHT=True, KP=K, BV=SV), SER),
+    ("state_bwd", wy_state._wy_state_bwd, dict(P, HAS_Q=HAS_Q, HAS_DHT=True, KP=K, BV=SV), SER),
     ("output", wy_output._wy_output, dict(P, BK=BK, BV=BV), PAR),
     ("dv_local", wy_grads._wy_dv_local, dict(P, BK=BK, BV=BV), PAR),
-    ("dqkw", wy_grads._wy_dqkw, dict(P, BK=BK, BV=BV), PAR),
+    ("dqkw", wy_grads._wy_dqkw, dict(P, HAS_Q=HAS_Q, BK=BK, BV=BV), PAR),
     ("bwd", wy_grads._wy_bwd, dict(P, BK=wy_grads.bwd_block_k(BK, GATE), BV=BV), PAR),
 )
 print(json.dumps({name: counts(fn, consts, *launch) for name, fn, consts, launch in KERNELS
-                  if GATE == 1 or name != "inverse"}))
+                  if (GATE == 1 or name != "inverse") and (HAS_Q or name not in ("output", "dv_local"))}))
 '''
 
 
@@ -237,5 +291,21 @@ def test_wy_per_key_kernels_compile_for_hopper_without_spills(triton_dir):
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(out) == 8, out
+    spilled = {name: r for name, r in out.items() if r["spills"]}
+    assert not spilled, spilled
+
+
+@pytest.mark.parametrize("gate", [1, 2], ids=["scalar_gate", "per_key"])
+def test_wy_transition_kernels_compile_for_hopper_without_spills(gate):
+    """The variants without q that the segment transitions run (``_wy_w_u``, the serial backward and
+    ``_wy_dqkw`` at HAS_Q=False, beside the kernels they share), K = V = 128 in bf16: no spills."""
+    import json
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    proc = run_compiled("-c", _COMPILE, str(gate), "no_q")
+    if proc.returncode and "ptxas" in proc.stderr and "No such file" in proc.stderr:
+        pytest.skip("no ptxas in this Triton install")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(out) == (7 if gate == 1 else 6), out
     spilled = {name: r for name, r in out.items() if r["spills"]}
     assert not spilled, spilled

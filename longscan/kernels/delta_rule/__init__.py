@@ -23,7 +23,7 @@ from longscan.kernels.delta_rule.naive import naive_recurrent_delta_rule
 from longscan.kernels.linear_attention import check_log_decay
 
 BACKENDS = ("auto", "naive", "torch", "triton")
-_TRITON = "longscan.kernels.delta_rule.triton_chunk"
+TRITON_BACKEND = _TRITON = "longscan.kernels.delta_rule.triton_chunk"   # the Triton backend's module name
 
 
 def _naive_segment_transition(k, v, beta, g=None):

@@ -5,8 +5,8 @@ lower-triangular inverse a chunk, W, U_0, tril(Q̃K̂ᵀ), Q̃, K̄, the chunk's
 ``torch_chunk``) runs in a Triton kernel, and so does its backward; across chunks a Triton kernel carries
 the state forward and its gradient backward (``triton/``). ``options.intra="torch"`` takes the chunks'
 quantities from batched torch under autograd instead (the earlier path, kept for comparison);
-``options.path="wy"`` runs the tensor-core kernels (chunks of 64, bf16 products for bf16 inputs) where they
-apply (``DeltaTritonOptions.runs_wy``).
+``options.path="wy"`` runs the tensor-core kernels (chunks of 64, bf16 products for bf16 inputs), for the
+forward and for the segment transitions alike.
 """
 from __future__ import annotations
 
@@ -42,11 +42,15 @@ def forward(q, k, v, beta, g=None, scale=None, initial_state=None, output_final_
 
 
 def segment_transition(k, v, beta, g=None, chunk=None, options: DeltaTritonOptions | None = None):
-    """(S_loc `[B, H, K, V]`, M `[B, H, K, K]`) float32: S_out = M S_in + S_loc (see torch_chunk)."""
+    """(S_loc `[B, H, K, V]`, M `[B, H, K, K]`) float32: S_out = M S_in + S_loc (see torch_chunk), the scan
+    without outputs on [v | 0] from [0 | I]. [v | 0] is float32 on path="float32" and in k's dtype on
+    path="wy" (its products' operands); the identity enters as the float32 initial state either way."""
+    options = _options(options, chunk)
     B, T, H, K = k.shape
     V = v.shape[-1]
-    v_aug = torch.cat([v.float(), v.new_zeros(B, T, H, K, dtype=torch.float32)], dim=-1)
+    dtype = k.dtype if options.path == "wy" else torch.float32
+    v_aug = torch.cat([v.to(dtype), v.new_zeros(B, T, H, K, dtype=dtype)], dim=-1)
     h0 = torch.cat([k.new_zeros(B, H, K, V, dtype=torch.float32),
                     torch.eye(K, dtype=torch.float32, device=k.device).expand(B, H, K, K)], dim=-1)
-    _, S = scan(q=None, k=k, v=v_aug, beta=beta, g=g, h0=h0, scale=1.0, options=_options(options, chunk))
+    _, S = scan(q=None, k=k, v=v_aug, beta=beta, g=g, h0=h0, scale=1.0, options=options)
     return S[..., :V], S[..., V:]

@@ -8,7 +8,7 @@ from longscan.parallel.delta_rule.zeco import zeco_delta_rule
 
 
 def delta_rule_attention(q, k, v, beta, g=None, scale=None, initial_state=None, output_final_state=False,
-                         method="zeco", group=None, layout="contiguous", backend="auto", n_blocks=4):
+                         method="zeco", group=None, layout="contiguous", backend="auto", n_blocks=4, options=None):
     """The delta rule over the ranks of a sequence-parallel group, exactly as on one device.
 
     Each rank passes its shard of the global sequence (``longscan.parallel.shard``): q, k `[B, T, H, K]`,
@@ -20,14 +20,18 @@ def delta_rule_attention(q, k, v, beta, g=None, scale=None, initial_state=None, 
     method: "zeco" (affine All-Scan of carries, V cut into ``n_blocks`` pipelined blocks), "lasp2" (one
     all-gather of the segments' maps), "lasp1" (serial ring). layout: "contiguous" or "zigzag".
     backend: "auto" | "torch" | "triton" | "naive" (see ``longscan.kernels.delta_rule``).
+    options: a ``longscan.kernels.delta_rule.triton.DeltaTritonOptions`` for the Triton backend's local stages
+    (segment transitions and the output pass; e.g. ``path="wy"``), or None: its defaults.
     """
     if method == "zeco":
         return zeco_delta_rule(q, k, v, beta, g, scale, initial_state, output_final_state, group, layout, backend,
-                               n_blocks)
+                               n_blocks, options)
     if method == "lasp2":
-        return lasp2_delta_rule(q, k, v, beta, g, scale, initial_state, output_final_state, group, layout, backend)
+        return lasp2_delta_rule(q, k, v, beta, g, scale, initial_state, output_final_state, group, layout, backend,
+                                options)
     if method == "lasp1":
-        return lasp1_delta_rule(q, k, v, beta, g, scale, initial_state, output_final_state, group, layout, backend)
+        return lasp1_delta_rule(q, k, v, beta, g, scale, initial_state, output_final_state, group, layout, backend,
+                                options)
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 
 

@@ -10,26 +10,36 @@ A rank's segment maps the state entering it to the state leaving it, S_out = M S
   3. output:     the local forward from P (differentiable).
 Autograd joins them, so q, k, v, β and g get their gradients through both local stages.
 Segments are stacked batch-major as in ``longscan.parallel.linear.common`` (one call serves zigzag's two).
+Stages 1 and 3 take the context's Triton options (``DeltaTritonOptions``, e.g. path="wy") when given.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from longscan.distributed.checks import check_delta_call
 from longscan.distributed.layouts import check_layout, group_rank_size, num_segments
-from longscan.kernels.delta_rule import check_inputs, get_backend
+from longscan.kernels.delta_rule import TRITON_BACKEND, check_inputs, get_backend
 from longscan.parallel.linear.common import METHODS, SegmentGroup, by_batch, by_segment, merge, split
+
+if TYPE_CHECKING:   # importing it needs triton, which only the Triton backend requires
+    from longscan.kernels.delta_rule.triton import DeltaTritonOptions
 
 
 @dataclass(frozen=True)
 class DeltaSPContext(SegmentGroup):
-    """The group, the layout and the local compute of one call."""
+    """The group, the layout and the local compute of one call (options: the Triton backend's
+    ``DeltaTritonOptions`` for both local stages, or None: the backend's defaults)."""
     scale: float
     impl: object
     n_blocks: int
+    options: DeltaTritonOptions | None = None
+
+    def local_kwargs(self) -> dict:
+        """What the local stages pass to the backend besides the tensors."""
+        return {} if self.options is None else {"options": self.options}
 
 
 class ScanMethod(Protocol):
@@ -76,7 +86,7 @@ class AffineScan(torch.autograd.Function):
 
 
 def make_context(q, k, v, beta, g, scale, initial_state, output_final_state, method, group, layout, backend,
-                 n_blocks) -> DeltaSPContext:
+                 n_blocks, options=None) -> DeltaSPContext:
     """Validate everything (ValueError/TypeError naming the parameter) and build the context. The call's
     signature is compared across the group first, so every rank raises the same error or none does."""
     check_delta_call(group, q, k, v, beta, g, scale, initial_state, output_final_state, method, layout, n_blocks)
@@ -94,17 +104,31 @@ def make_context(q, k, v, beta, g, scale, initial_state, output_final_state, met
     if layout == "zigzag" and T % 2:
         raise ValueError(f"layout='zigzag' needs an even local length q.shape[1], got {T}")
     impl = get_backend(backend, q.device)
+    check_options(options, impl, backend, q.device)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    sp = DeltaSPContext(group, layout, rank, world, num_segments(world, layout) // world, scale, impl, n_blocks)
+    sp = DeltaSPContext(group, layout, rank, world, num_segments(world, layout) // world, scale, impl, n_blocks,
+                        options)
     return sp
+
+
+def check_options(options, impl, backend, device) -> None:
+    """options: None or a ``DeltaTritonOptions``, for a call that runs the Triton backend."""
+    if options is None:
+        return
+    if impl.__name__ != TRITON_BACKEND:
+        raise ValueError(f"options apply to the Triton backend only; backend={backend!r} runs "
+                         f"{impl.__name__.rsplit('.', 1)[-1]} on {device.type}")
+    from longscan.kernels.delta_rule.triton import DeltaTritonOptions   # importable: impl is the Triton backend
+    if not isinstance(options, DeltaTritonOptions):
+        raise TypeError(f"options must be a DeltaTritonOptions, got {type(options).__name__}")
 
 
 def delta_rule_sp(method: ScanMethod, sp: DeltaSPContext, q, k, v, beta, g, initial_state, output_final_state):
     """The three stages (module docstring) -> (o `[B, T, H, V]`, final state `[B, H, K, V]` or None)."""
     n = sp.n_local
     qs, ks, vs, bs, gs = (split(x, n) for x in (q, k, v, beta, g))
-    S_loc, M = sp.impl.segment_transition(ks, vs, bs, gs)
+    S_loc, M = sp.impl.segment_transition(ks, vs, bs, gs, **sp.local_kwargs())
     P, final = AffineScan.apply(method, sp, by_segment(M, n), by_segment(S_loc, n), initial_state,
                                 output_final_state)
-    o, _ = sp.impl.forward(qs, ks, vs, bs, gs, sp.scale, by_batch(P), False)
+    o, _ = sp.impl.forward(qs, ks, vs, bs, gs, sp.scale, by_batch(P), False, **sp.local_kwargs())
     return merge(o, n), final

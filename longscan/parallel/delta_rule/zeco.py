@@ -32,7 +32,8 @@ class ChainScan:
 
 
 def zeco_delta_rule(q, k, v, beta, g=None, scale=None, initial_state=None, output_final_state=False, group=None,
-                    layout="contiguous", backend="auto", n_blocks=4):
+                    layout="contiguous", backend="auto", n_blocks=4, options=None):
     """The delta rule on this rank's shard with ZeCO's affine All-Scan. See ``delta_rule_attention``."""
-    sp = make_context(q, k, v, beta, g, scale, initial_state, output_final_state, "zeco", group, layout, backend, n_blocks)
+    sp = make_context(q, k, v, beta, g, scale, initial_state, output_final_state, "zeco", group, layout, backend,
+                      n_blocks, options)
     return delta_rule_sp(ChainScan(), sp, q, k, v, beta, g, initial_state, output_final_state)

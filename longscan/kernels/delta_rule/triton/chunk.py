@@ -89,7 +89,7 @@ def scan(*, q, k, v, beta, g, h0, scale: float, options: DeltaTritonOptions):
     V = v.shape[-1]
     if k.dtype == torch.float64:
         raise TypeError("backend='triton' computes in float32; for float64 inputs use backend='torch'")
-    if options.runs_wy(has_q=q is not None):
+    if options.path == "wy":
         o, S = wy_scan(q=q, k=k, v=v, beta=beta, g=g, h0=h0, scale=scale, options=options)
         return o, S
     if options.intra == "torch":

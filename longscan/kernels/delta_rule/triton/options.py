@@ -43,7 +43,7 @@ class DeltaTritonOptions:
     (bf16 on a GPU) with float32 sums, chunk quantities kept in the inputs' dtype; its parallel kernels
     read block_v and num_warps, its serial ones (the state across chunks) wy_state_block_v,
     wy_state_num_warps and inter_num_stages, all input_precision (for float32 inputs). It covers no gate,
-    a scalar gate and per-key gates; segment transitions (no q) run "float32" (``runs_wy``).
+    a scalar gate and per-key gates, with q and without it (the SP stages' segment transitions).
     wy_state_block_v, wy_state_num_warps: V columns and warps a program of path="wy"'s serial kernels
     (each holds a `[K, wy_state_block_v]` float32 state and `[64, K]` tiles)."""
     chunk: int = 32
@@ -60,10 +60,6 @@ class DeltaTritonOptions:
     path: str = "float32"
     wy_state_block_v: int = 16
     wy_state_num_warps: int = 4
-
-    def runs_wy(self, *, has_q: bool) -> bool:
-        """Whether a call runs path="wy": asked for, with q (not a segment transition)."""
-        return self.path == "wy" and has_q
 
     def __post_init__(self):
         for name in ("chunk", "block_v", "block_k", "num_warps", "intra_num_stages", "inter_num_stages"):

@@ -8,8 +8,9 @@ operands are in the inputs' dtype (bf16 on a GPU: tensor cores), its sums in flo
 entering each chunk and v_n are kept in the inputs' dtype for the backward.
 
 Covers no gate, a scalar gate and per-key gates (KDA: the decays inside a chunk through ``wy_decay``; K̄, Q̃
-and exp(b_C) formed once by ``wy_prep`` for the serial kernels and kept), with q given; the SP stages'
-segment transitions (q None) run path="float32" (``DeltaTritonOptions.runs_wy``).
+and exp(b_C) formed once by ``wy_prep`` for the serial kernels and kept). q None (the SP stages' segment
+transitions) is the scan without outputs: no output kernel, and the backward drops the output's shares (no
+dv_local, no do terms in the serial pass or ``_wy_dqkw``, no dq).
 """
 from __future__ import annotations
 
@@ -46,19 +47,19 @@ def _state_kw(o: DeltaTritonOptions) -> dict:
 
 
 class DeltaRuleWY(torch.autograd.Function):
-    """(q, k, v, beta, g None, `[B, T, H]` or `[B, T, H, K]`, h0 or None) -> (o `[B, T, H, V]` in k's dtype,
-    S_T float32).
-    q and v are taken in k's dtype (the products' operands)."""
+    """(q or None, k, v, beta, g None, `[B, T, H]` or `[B, T, H, K]`, h0 or None) -> (o `[B, T, H, V]` in k's
+    dtype or None when q is None, S_T float32).
+    q and v are taken in k's dtype (the products' operands); h0 is read in any float dtype."""
 
     @staticmethod
     def forward(ctx, q, k, v, beta, g, h0, scale, options):
-        q, k, v, beta = (x.contiguous() for x in (q, k, v.to(k.dtype), beta))
+        k, v, beta = (x.contiguous() for x in (k, v.to(k.dtype), beta))
         g = g.contiguous() if g is not None else None
-        q = q.to(k.dtype)
+        q = q.to(k.dtype).contiguous() if q is not None else None
         bk = parallel_block_k(k.shape[-1], gate_kind(g))
         P, W, U, KB, QG, GC = wy_prepare(q, k, v, beta, g, block_k=bk, **_kw(options))
         HS, VN, HT = wy_state_forward(k, g, KB, GC, W, U, h0, **_state_kw(options))
-        o = wy_output(q, k, g, HS, VN, scale, block_k=bk, **_kw(options))
+        o = wy_output(q, k, g, HS, VN, scale, block_k=bk, **_kw(options)) if q is not None else None
         ctx.save_for_backward(q, k, v, beta, g, P, W, U, HS, VN, KB, QG, GC)
         ctx.scale, ctx.options, ctx.bk = scale, options, bk
         ctx.h0_dtype = h0.dtype if h0 is not None else None
@@ -68,9 +69,14 @@ class DeltaRuleWY(torch.autograd.Function):
     def backward(ctx, dO, dHT):
         q, k, v, beta, g, P, W, U, HS, VN, KB, QG, GC = ctx.saved_tensors
         o = ctx.options
-        dO = torch.zeros(v.shape, device=v.device, dtype=k.dtype) if dO is None else dO.contiguous().to(k.dtype)
+        if q is None:      # a segment transition: no output, so no output gradient
+            dO = None
+        elif dO is None:   # only the final state reached the loss
+            dO = torch.zeros(v.shape, device=v.device, dtype=k.dtype)
+        else:
+            dO = dO.contiguous().to(k.dtype)
         state_backward = functools.partial(wy_state_backward, q, k, g, QG, KB, GC, W, dO, dHT=dHT, scale=ctx.scale,
-                                           **_state_kw(o))
+                                           V=v.shape[-1], **_state_kw(o))
         dq, dk, dv, dbeta, dg, dh0 = wy_grads(q, k, v, beta, g, P, W, U, HS, VN, dO, ctx.scale,
                                               state_backward, block_k=ctx.bk, **_kw(o))
         dh0 = dh0.to(ctx.h0_dtype) if ctx.h0_dtype is not None else None
@@ -78,7 +84,7 @@ class DeltaRuleWY(torch.autograd.Function):
 
 
 def wy_scan(*, q, k, v, beta, g, h0, scale: float, options: DeltaTritonOptions):
-    """-> (o `[B, T, H, V]` in k's dtype, final state `[B, H, K, V]` float32)."""
+    """-> (o `[B, T, H, V]` in k's dtype (None when q is None), final state `[B, H, K, V]` float32)."""
     _, T, H, K = k.shape
     V = v.shape[-1]
     if T * H * max(K, V) >= 2 ** 31:   # the serial kernels' offsets inside a sequence are int32

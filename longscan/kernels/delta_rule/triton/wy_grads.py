@@ -81,9 +81,10 @@ def _wy_dv_local(Q, K_, G, DO, DVL, T, H, N, K, V, scale, GATE: tl.constexpr, BK
 
 @triton.jit
 def _wy_dqkw(Q, K_, G, HS, DHS, VN, DVN, DO, DQ, DK, DW, DB, T, H, N, K, V, scale, GATE: tl.constexpr,
-             BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+             HAS_Q: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     """One block of BK keys a program (grid: blocks of keys, chunks, sequences × heads); its share of db goes
-    to DB[block of keys], summed after (a scalar gate), or to DB's own keys (per-key gates)."""
+    to DB[block of keys], summed after (a scalar gate), or to DB's own keys (per-key gates). Without q (a
+    segment transition) there is no output: no dq and none of do's terms."""
     ik, n, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = bh // H, bh % H
     oc = tl.arange(0, BT)
@@ -100,8 +101,9 @@ def _wy_dqkw(Q, K_, G, HS, DHS, VN, DVN, DO, DQ, DK, DW, DB, T, H, N, K, V, scal
     if GATE != NO_GATE:
         G, DB = G + tok0 * gk, DB + row0 * gk
     DVN, VN = DVN + row0 * V, VN + row0 * V
-    DK, DQ, K_, Q = DK + tok0 * K, DQ + tok0 * K, K_ + tok0 * K, Q + tok0 * K
-    DO = DO + tok0 * V
+    DK, K_ = DK + tok0 * K, K_ + tok0 * K
+    if HAS_Q:
+        DQ, Q, DO = DQ + tok0 * K, Q + tok0 * K, DO + tok0 * V
     ok = ik * BK + tl.arange(0, BK)
     mk = ok < K
     m_tk = mt[:, None] & mk[None, :]
@@ -118,30 +120,37 @@ def _wy_dqkw(Q, K_, G, HS, DHS, VN, DVN, DO, DQ, DK, DW, DB, T, H, N, K, V, scal
         o_kv = (bh * N + n).to(tl.int64) * K * V + ok[:, None] * V + ov[None, :]
         s = tl.load(HS + o_kv, mask=mk[:, None] & mv[None, :], other=0.)
         ds = tl.load(DHS + o_kv, mask=mk[:, None] & mv[None, :], other=0.)
-        do = tl.load(DO + tok[:, None] * V + ov[None, :], mask=mt[:, None] & mv[None, :], other=0.).to(dt)
         vn = tl.load(VN + row[:, None] * V + ov[None, :], mask=mv[None, :], other=0.)
         dvn = tl.load(DVN + row[:, None] * V + ov[None, :], mask=mv[None, :], other=0.)
-        df += tl.dot(do, tl.trans(vn), input_precision=PREC)
-        dqs += tl.dot(do, tl.trans(s), input_precision=PREC)
+        if HAS_Q:
+            do = tl.load(DO + tok[:, None] * V + ov[None, :], mask=mt[:, None] & mv[None, :], other=0.).to(dt)
+            df += tl.dot(do, tl.trans(vn), input_precision=PREC)
+            dqs += tl.dot(do, tl.trans(s), input_precision=PREC)
         dw -= tl.dot(dvn, tl.trans(s), input_precision=PREC)
         dkb += tl.dot(vn, tl.trans(ds), input_precision=PREC)
         if GATE != NO_GATE:
             dl += tl.sum(s.to(tl.float32) * ds.to(tl.float32), axis=1)
     tl.store(DW + row[:, None] * K + ok[None, :], dw.to(dt), mask=mk[None, :])
     df = tl.where(causal, scale * df, 0.)
-    q = tl.load(Q + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(dt)
+    if HAS_Q:
+        q = tl.load(Q + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(dt)
     k = tl.load(K_ + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(dt)
     if GATE == PER_KEY:   # dq stored before dk is formed (fewer live tiles)
-        dfc = df.to(dt)
         bk = tl.cumsum(tl.load(G + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(tl.float32), axis=0)
-        qf = q.to(tl.float32)
-        dq = dqs * (scale * tl.exp(bk)) + decayed_rows(dfc, k.to(tl.float32), bk, oc, PREC)   # dQ̃'s, F's shares
-        db = qf * dq
-        tl.store(DQ + tok[:, None] * K + ok[None, :], dq.to(DQ.dtype.element_ty), mask=m_tk)
+        if HAS_Q:
+            dfc = df.to(dt)
+            qf = q.to(tl.float32)
+            dq = dqs * (scale * tl.exp(bk)) + decayed_rows(dfc, k.to(tl.float32), bk, oc, PREC)   # dQ̃'s, F's shares
+            db = qf * dq
+            tl.store(DQ + tok[:, None] * K + ok[None, :], dq.to(DQ.dtype.element_ty), mask=m_tk)
+        else:
+            db = tl.zeros([BT, BK], dtype=tl.float32)
         last = tl.sum(tl.where((oc == BT - 1)[:, None], bk, 0.), axis=0)
         kf = k.to(tl.float32)
         ekb = kf * dkb * tl.exp(last[None, :] - bk)                       # K̄ ⊙ dK̄
-        dk = dkb * tl.exp(last[None, :] - bk) + decayed_cols(dfc, qf, bk, oc, PREC)
+        dk = dkb * tl.exp(last[None, :] - bk)
+        if HAS_Q:
+            dk += decayed_cols(dfc, qf, bk, oc, PREC)
         # every exp(b) factor's share (Q̃, K̄, the decayed scores), then b_C's (K̄ and Diag(exp(b_C)) S)
         db -= kf * dk
         db += tl.where((oc == BT - 1)[:, None], (tl.exp(last) * dl + tl.sum(ekb, axis=0))[None, :], 0.)
@@ -151,22 +160,28 @@ def _wy_dqkw(Q, K_, G, HS, DHS, VN, DVN, DO, DQ, DK, DW, DB, T, H, N, K, V, scal
             bc = tl.cumsum(tl.load(G + tok, mask=mt, other=0.).to(tl.float32), axis=0)
             last = tl.sum(tl.where(oc == BT - 1, bc, 0.), axis=0)
             ekb = tl.exp(last - bc)
-            dqs = dqs * (scale * tl.exp(bc))[:, None]                         # dQ̃'s share of dq
             dkb = dkb * ekb[:, None]                                          # dK̄'s share of dk
-            df = df * tl.exp(tl.where(causal, bc[:, None] - bc[None, :], 0.))
             # the gate's shares: Q̃ = exp(b) q, K̄ = exp(b_C - b) k, D (dF ⊙ F), exp(b_C) S
             ek = tl.sum(dkb * k.to(tl.float32), axis=1)
-            gq = df * tl.dot(q, tl.trans(k), input_precision=PREC)
-            db = tl.sum(dqs * q.to(tl.float32), axis=1) - ek + tl.sum(gq, axis=1) - tl.sum(gq, axis=0)
+            if HAS_Q:
+                dqs = dqs * (scale * tl.exp(bc))[:, None]                     # dQ̃'s share of dq
+                df = df * tl.exp(tl.where(causal, bc[:, None] - bc[None, :], 0.))
+                gq = df * tl.dot(q, tl.trans(k), input_precision=PREC)
+                db = tl.sum(dqs * q.to(tl.float32), axis=1) - ek + tl.sum(gq, axis=1) - tl.sum(gq, axis=0)
+            else:
+                db = -ek
             dlast = tl.exp(last) * tl.sum(dl, axis=0) + tl.sum(ek, axis=0)
             db += tl.where(oc == BT - 1, dlast, 0.)                           # b_C is b at the chunk's last row
             tl.store(DB + ik * (tl.num_programs(2) * N * BT) + row, db)
         else:
             dqs = scale * dqs
-        dfc = df.to(dt)
-        dq = dqs + tl.dot(dfc, k, input_precision=PREC)
-        tl.store(DQ + tok[:, None] * K + ok[None, :], dq.to(DQ.dtype.element_ty), mask=m_tk)
-        dk = dkb + tl.dot(tl.trans(dfc), q, input_precision=PREC)
+        if HAS_Q:
+            dfc = df.to(dt)
+            dq = dqs + tl.dot(dfc, k, input_precision=PREC)
+            tl.store(DQ + tok[:, None] * K + ok[None, :], dq.to(DQ.dtype.element_ty), mask=m_tk)
+            dk = dkb + tl.dot(tl.trans(dfc), q, input_precision=PREC)
+        else:
+            dk = dkb
     tl.store(DK + tok[:, None] * K + ok[None, :], dk.to(DK.dtype.element_ty), mask=m_tk)
 
 
@@ -278,7 +293,8 @@ def _wy_bwd(K_, V_, BETA, G, P_, W, U, DVN, DW, DB, DK, DV, DBETA, DG, T, H, N, 
 
 def wy_grads(q, k, v, beta, g, P, W, U, HS, VN, dO, scale: float, state_backward, *, block_k: int, block_v: int,
              num_warps: int, precision: str):
-    """-> (dq, dk, dv in k's dtype, dβ, dg or None and dS_0 float32). ``state_backward(dv_local) ->
+    """-> (dq (None when q is None: a segment transition, no output), dk, dv in k's dtype, dβ, dg or None and
+    dS_0 float32). ``state_backward(dv_local) ->
     (dS' a chunk, dv_n, dS_0)`` is the serial pass (``wy_state.wy_state_backward``), run between the two
     parallel ones. dq, dk, dv and the intermediate dW and k's first share are written in k's dtype (sums in
     float32 within each kernel), as the forward's chunk quantities are."""
@@ -289,16 +305,20 @@ def wy_grads(q, k, v, beta, g, P, W, U, HS, VN, dO, scale: float, state_backward
     BV = min(block_v, max(16, triton.next_power_of_2(V)))
     gate = gate_kind(g)
     kw = dict(GATE=gate, BK=block_k, BV=BV, PREC=precision, num_warps=num_warps)
-    dv_local = torch.empty_like(VN)
-    _wy_dv_local[(N, B * H)](q, k, g, dO, dv_local, T, H, N, K, V, scale, **kw)
+    has_q = q is not None
+    dv_local = None
+    if has_q:   # the output's share of dv_n; a segment transition has no output
+        dv_local = torch.empty_like(VN)
+        _wy_dv_local[(N, B * H)](q, k, g, dO, dv_local, T, H, N, K, V, scale, **kw)
     DHS, DVN, dh0 = state_backward(dv_local)
-    dq, dk = torch.empty_like(k), torch.empty_like(k)
+    dq, dk = (torch.empty_like(k) if has_q else None), torch.empty_like(k)
     dW = torch.empty_like(W)
     NK = triton.cdiv(K, block_k)
     # a scalar gate's db: one `[BT]` share a block of keys, summed; per-key gates': each key its own
     db = (None if gate == NO_GATE else torch.empty(NK, B, H, N * 64, **f32) if gate == SCALAR
           else torch.empty(B, H, N * 64, K, **f32))
-    _wy_dqkw[(NK, N, B * H)](q, k, g, HS, DHS, VN, DVN, dO, dq, dk, dW, db, T, H, N, K, V, scale, **kw)
+    _wy_dqkw[(NK, N, B * H)](q, k, g, HS, DHS, VN, DVN, dO, dq, dk, dW, db, T, H, N, K, V, scale, HAS_Q=has_q,
+                             **kw)
     db = db.sum(0) if gate == SCALAR else db
     dv, dbeta = torch.empty(B, T, H, V, device=k.device, dtype=k.dtype), torch.empty(B, T, H, **f32)
     dg = torch.empty(g.shape, **f32) if g is not None else None

@@ -121,10 +121,10 @@ def _wy_inverse(A_, P_, N):
 
 
 @triton.jit
-def _wy_w_u(Q, K_, V_, BETA, G, P_, W, U, KB, QG, GC, T, H, N, K, V, GATE: tl.constexpr, BK: tl.constexpr,
-            BV: tl.constexpr, PREC: tl.constexpr):
+def _wy_w_u(Q, K_, V_, BETA, G, P_, W, U, KB, QG, GC, T, H, N, K, V, GATE: tl.constexpr, HAS_Q: tl.constexpr,
+            BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     """W = P X, X = Diag(β) (K ⊙ exp(b)), and U = P Y, Y = Diag(β) V, `[BT, BT]` products; per-key gates
-    also K̄, Q̃ and exp(b_C)."""
+    also K̄, exp(b_C) and (with q) Q̃."""
     n, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     oc = tl.arange(0, BT)
@@ -137,7 +137,9 @@ def _wy_w_u(Q, K_, V_, BETA, G, P_, W, U, KB, QG, GC, T, H, N, K, V, GATE: tl.co
     P_ = P_ + row0 * BT
     W = W + row0 * K
     if GATE == PER_KEY:
-        KB, QG, GC = KB + row0 * K, QG + row0 * K, GC + (bh * N + n).to(tl.int64) * K
+        KB, GC = KB + row0 * K, GC + (bh * N + n).to(tl.int64) * K
+        if HAS_Q:
+            QG = QG + row0 * K
     U = U + row0 * V
     gk = 1
     if GATE == PER_KEY:   # a gate a key: G, DB and DG hold K values a token
@@ -145,7 +147,9 @@ def _wy_w_u(Q, K_, V_, BETA, G, P_, W, U, KB, QG, GC, T, H, N, K, V, GATE: tl.co
     BETA = BETA + tok0
     if GATE != NO_GATE:
         G = G + tok0 * gk
-    K_, Q = K_ + tok0 * K, Q + tok0 * K
+    K_ = K_ + tok0 * K
+    if HAS_Q:
+        Q = Q + tok0 * K
     V_ = V_ + tok0 * V
     dt = P_.dtype.element_ty
     p = tl.load(P_ + row[:, None] * BT + oc[None, :])
@@ -165,8 +169,9 @@ def _wy_w_u(Q, K_, V_, BETA, G, P_, W, U, KB, QG, GC, T, H, N, K, V, GATE: tl.co
             w = tl.dot(p, (xf * tl.exp(bk) * beta[:, None]).to(dt), input_precision=PREC)
             tl.store(KB + row[:, None] * K + ok[None, :], (xf * tl.exp(last[None, :] - bk)).to(dt),
                      mask=mk[None, :])
-            q = tl.load(Q + tok[:, None] * K + ok[None, :], mask=m, other=0.).to(tl.float32)
-            tl.store(QG + row[:, None] * K + ok[None, :], (q * tl.exp(bk)).to(dt), mask=mk[None, :])
+            if HAS_Q:
+                q = tl.load(Q + tok[:, None] * K + ok[None, :], mask=m, other=0.).to(tl.float32)
+                tl.store(QG + row[:, None] * K + ok[None, :], (q * tl.exp(bk)).to(dt), mask=mk[None, :])
             tl.store(GC + ok, tl.exp(last), mask=mk)
         else:
             w = tl.dot(p, (x * ex[:, None]).to(dt), input_precision=PREC)
@@ -184,7 +189,8 @@ INVERSE_WARPS = 4   # ``_wy_inverse``'s twenty 16×16 tiles: at fewer warps a th
 
 def wy_prepare(q, k, v, beta, g, *, block_k: int, block_v: int, num_warps: int, precision: str):
     """-> (P `[B, H, N·BT, BT]`, W `[B, H, N·BT, K]`, U `[B, H, N·BT, V]`, all in k's dtype, and for per-key
-    gates K̄, Q̃ `[B, H, N·BT, K]` in k's dtype and exp(b_C) `[B, H, N, K]` float32, else three None)."""
+    gates K̄, Q̃ `[B, H, N·BT, K]` in k's dtype (Q̃ None when q is None) and exp(b_C) `[B, H, N, K]` float32,
+    else three None)."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     N = triton.cdiv(T, 64)
@@ -195,10 +201,11 @@ def wy_prepare(q, k, v, beta, g, *, block_k: int, block_v: int, num_warps: int, 
     gate = gate_kind(g)
     KB = QG = GC = None
     if gate == PER_KEY:
-        KB, QG = torch.empty_like(W), torch.empty_like(W)
+        KB = torch.empty_like(W)
+        QG = torch.empty_like(W) if q is not None else None
         GC = torch.empty(B, H, N, K, device=k.device, dtype=torch.float32)
     _wy_kkt[(N, B * H)](k, beta, g, A, T, H, N, K, GATE=gate, BK=block_k, PREC=precision, num_warps=num_warps)
     _wy_inverse[(N, B * H)](A, P, N, num_warps=INVERSE_WARPS)
-    _wy_w_u[(N, B * H)](q, k, v, beta, g, P, W, U, KB, QG, GC, T, H, N, K, V, GATE=gate, BK=block_k,
-                        BV=block_v, PREC=precision, num_warps=num_warps)
+    _wy_w_u[(N, B * H)](q, k, v, beta, g, P, W, U, KB, QG, GC, T, H, N, K, V, GATE=gate,
+                        HAS_Q=q is not None, BK=block_k, BV=block_v, PREC=precision, num_warps=num_warps)
     return P, W, U, KB, QG, GC

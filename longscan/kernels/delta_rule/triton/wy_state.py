@@ -70,7 +70,7 @@ def _wy_state_fwd(K_, G, KB, GC, W, U, H0, HS, VN, HT, T, H, N, K, V, GATE: tl.c
 
 @triton.jit
 def _wy_state_bwd(Q, K_, G, QG, KB, GC, W, DO, DVL, DHT, DHS, DVN, DH0, T, H, N, K, V, scale, GATE: tl.constexpr,
-                  HAS_DHT: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+                  HAS_Q: tl.constexpr, HAS_DHT: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     iv, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     oc, ok = tl.arange(0, BT), tl.arange(0, KP)
@@ -79,12 +79,15 @@ def _wy_state_bwd(Q, K_, G, QG, KB, GC, W, DO, DVL, DHT, DHS, DVN, DH0, T, H, N,
     m_kv = mk[:, None] & mv[None, :]
     dt = W.dtype.element_ty
     seq, rows = (b * T * H + h).to(tl.int64), (bh * N * BT).to(tl.int64)
-    K_, Q, DO = K_ + seq * K, Q + seq * K, DO + seq * V
-    W, DVL, DVN = W + rows * K, DVL + rows * V, DVN + rows * V
+    K_, W, DVN = K_ + seq * K, W + rows * K, DVN + rows * V
+    if HAS_Q:   # without q (a segment transition) no output: no dv_local, no Q̃ᵀ do term
+        Q, DO, DVL = Q + seq * K, DO + seq * V, DVL + rows * V
     if GATE == SCALAR:
         G = G + seq
     if GATE == PER_KEY:
-        KB, QG = KB + rows * K, QG + rows * K
+        KB = KB + rows * K
+        if HAS_Q:
+            QG = QG + rows * K
     if HAS_DHT:
         dS = tl.load(DHT + bh.to(tl.int64) * K * V + ok[:, None] * V + ov[None, :], mask=m_kv, other=0.).to(tl.float32)
     else:
@@ -100,25 +103,32 @@ def _wy_state_bwd(Q, K_, G, QG, KB, GC, W, DO, DVL, DHT, DHS, DVN, DH0, T, H, N,
         tl.store(DHS + (sn * K + ok[:, None]) * V + ov[None, :], dS.to(dt), mask=m_kv)
         if GATE == PER_KEY:   # K̄ and Q̃ as written by ``wy_prep``
             k = tl.load(KB + row[:, None] * K + ok[None, :], mask=mk[None, :], other=0.)
-            q = tl.load(QG + row[:, None] * K + ok[None, :], mask=mk[None, :], other=0.)
+            if HAS_Q:
+                q = tl.load(QG + row[:, None] * K + ok[None, :], mask=mk[None, :], other=0.)
         else:
             k = tl.load(K_ + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(dt)
-            q = tl.load(Q + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(dt)
+            if HAS_Q:
+                q = tl.load(Q + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(dt)
         if GATE == SCALAR:   # K̄ and Q̃ go back to the operands' dtype at once (no float32 `[BT, K]` tile is kept)
             bc = tl.cumsum(tl.load(G + tok, mask=mt, other=0.).to(tl.float32), axis=0)
             last = tl.sum(tl.where(oc == BT - 1, bc, 0.), axis=0)
             k = (k * tl.exp(last - bc)[:, None]).to(dt)
-            q = (q * tl.exp(bc)[:, None]).to(dt)
-        dv = tl.load(DVL + row[:, None] * V + ov[None, :], mask=mv[None, :], other=0.).to(tl.float32)
-        dv += tl.dot(k, dS.to(dt), input_precision=PREC)
+            if HAS_Q:
+                q = (q * tl.exp(bc)[:, None]).to(dt)
+        if HAS_Q:
+            dv = tl.load(DVL + row[:, None] * V + ov[None, :], mask=mv[None, :], other=0.).to(tl.float32)
+            dv += tl.dot(k, dS.to(dt), input_precision=PREC)
+        else:
+            dv = tl.dot(k, dS.to(dt), input_precision=PREC)
         tl.store(DVN + row[:, None] * V + ov[None, :], dv.to(dt), mask=mv[None, :])
-        do = tl.load(DO + tok[:, None] * V + ov[None, :], mask=mt[:, None] & mv[None, :], other=0.).to(dt)
         w = tl.load(W + row[:, None] * K + ok[None, :], mask=mk[None, :], other=0.)
         if GATE == SCALAR:
             dS = dS * tl.exp(last)
         if GATE == PER_KEY:
             dS = dS * tl.load(GC + sn * K + ok, mask=mk, other=0.)[:, None]
-        dS += scale * tl.dot(tl.trans(q), do, input_precision=PREC)
+        if HAS_Q:
+            do = tl.load(DO + tok[:, None] * V + ov[None, :], mask=mt[:, None] & mv[None, :], other=0.).to(dt)
+            dS += scale * tl.dot(tl.trans(q), do, input_precision=PREC)
         dS -= tl.dot(tl.trans(w), dv.to(dt), input_precision=PREC)
     tl.store(DH0 + bh.to(tl.int64) * K * V + ok[:, None] * V + ov[None, :], dS, mask=m_kv)
 
@@ -142,11 +152,11 @@ def wy_state_forward(k, g, KB, GC, W, U, h0, *, block_v: int, num_warps: int, nu
     return HS, VN, HT
 
 
-def wy_state_backward(q, k, g, QG, KB, GC, W, dO, dv_local, dHT, scale: float, *, block_v: int, num_warps: int,
-                      num_stages: int, precision: str):
-    """-> (dS leaving each chunk `[B, H, N, K, V]` and dv_n `[B, H, N·BT, V]` in k's dtype, dS_0 float32)."""
+def wy_state_backward(q, k, g, QG, KB, GC, W, dO, dv_local, dHT, scale: float, *, V: int, block_v: int,
+                      num_warps: int, num_stages: int, precision: str):
+    """-> (dS leaving each chunk `[B, H, N, K, V]` and dv_n `[B, H, N·BT, V]` in k's dtype, dS_0 float32).
+    q None (a segment transition: no output): dO, QG and dv_local are None, and dS takes the states' share only."""
     B, T, H, K = k.shape
-    V = dO.shape[-1]
     N = W.shape[2] // 64
     DHS = torch.empty(B, H, N, K, V, device=k.device, dtype=k.dtype)
     DVN = torch.empty(B, H, N * 64, V, device=k.device, dtype=k.dtype)
@@ -154,6 +164,6 @@ def wy_state_backward(q, k, g, QG, KB, GC, W, dO, dv_local, dHT, scale: float, *
     BV = min(block_v, max(16, triton.next_power_of_2(V)))
     _wy_state_bwd[(triton.cdiv(V, BV), B * H)](
         q, k, g, QG, KB, GC, W, dO, dv_local, dHT.contiguous() if dHT is not None else None, DHS, DVN, DH0,
-        T, H, N, K, V, scale, GATE=gate_kind(g), HAS_DHT=dHT is not None, KP=_kp(K), BV=BV, PREC=precision,
-        num_warps=num_warps, num_stages=num_stages)
+        T, H, N, K, V, scale, GATE=gate_kind(g), HAS_Q=q is not None, HAS_DHT=dHT is not None, KP=_kp(K), BV=BV,
+        PREC=precision, num_warps=num_warps, num_stages=num_stages)
     return DHS, DVN, DH0
