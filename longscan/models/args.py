@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from longscan.kernels.delta_rule import TRITON_PATHS
 from longscan.kernels.linear_attention.options import LinearKernelOptions
 
 # the last three are the delta rule (longscan.kernels.delta_rule): DeltaNet, Gated DeltaNet, KDA
@@ -126,7 +127,8 @@ class SPSpec:
 
     ``linear_options``: the Triton linear-attention kernels' LinearKernelOptions (None: their defaults),
     passed by every linear-attention layer to ``longscan.parallel.linear_attention`` or the local kernel. The
-    delta-rule variants (deltanet, gated_deltanet, kda) run other kernels and ignore it.
+    delta-rule variants (deltanet, gated_deltanet, kda) run other kernels and ignore it; where their Triton
+    backend runs, ``delta_path`` picks its kernel set (``DeltaTritonOptions.path``).
     """
     group: Any = None
     layout: str = "zigzag"
@@ -136,21 +138,25 @@ class SPSpec:
     softmax_backend: str = "auto"
     linear_overlap: bool = False
     linear_options: LinearKernelOptions | None = None
+    delta_path: str = "float32"
 
     def __post_init__(self):
         if self.linear_options is not None and not isinstance(self.linear_options, LinearKernelOptions):
             raise TypeError(f"SPSpec.linear_options must be a LinearKernelOptions or None, got "
                             f"{type(self.linear_options).__name__}")
+        if self.delta_path not in TRITON_PATHS:
+            raise ValueError(f"SPSpec.delta_path must be one of {TRITON_PATHS}, got {self.delta_path!r}")
 
     @classmethod
     def from_config(cls, parallel: ParallelSection, group,
-                    linear_options: LinearKernelOptions | None = None) -> "SPSpec":
+                    linear_options: LinearKernelOptions | None = None, delta_path: str = "float32") -> "SPSpec":
         """The spec of the parallel config section (``longscan.training.config.ParallelConfig``) over ``group``,
-        its linear layers' kernels run with ``linear_options`` (the kernels section's ``options()``)."""
+        its linear layers' kernels run with ``linear_options`` (the kernels section's ``options()``) and the
+        delta rule's Triton kernels on ``delta_path`` (``kernels.delta_path``)."""
         return cls(group=group, layout=parallel.layout, linear_method=parallel.linear_method,
                    softmax_method=parallel.softmax_method, linear_backend=parallel.linear_backend,
                    softmax_backend=parallel.softmax_backend, linear_overlap=parallel.linear_overlap,
-                   linear_options=linear_options)
+                   linear_options=linear_options, delta_path=delta_path)
 
 
 STAGE_MODES = ("none", "checkpoint", "offload")

@@ -194,6 +194,16 @@ class LinearAttention(nn.Module):
                         tile or x.shape[1])
         return reduce_from_tensor_model_parallel_region(y, group=group)
 
+    def _delta_options(self, device):
+        """The Triton kernels' options on sp.delta_path where the backend resolves to Triton; None elsewhere
+        (the other backends take no options) and on the default path."""
+        if self.sp.delta_path == "float32":
+            return None
+        if local_delta.get_backend(self.sp.linear_backend, device).__name__ != local_delta.TRITON_BACKEND:
+            return None
+        from longscan.kernels.delta_rule.triton import DeltaTritonOptions
+        return DeltaTritonOptions(path=self.sp.delta_path)
+
     def _delta_forward(self, x):
         B, T, _ = x.shape
         group, layout = self.sp.group, self.sp.layout
@@ -207,11 +217,12 @@ class LinearAttention(nn.Module):
             g = F.logsigmoid(self.g_proj(x)[0].float()) / self.normalizer
         elif self.variant == "kda":
             g = F.logsigmoid(self.g_proj(x)[0].float().view(B, T, self.h, self.d)) / self.normalizer
+        options = self._delta_options(q.device)
         if group is None or group_rank_size(group)[1] == 1:
-            o = local_delta.chunk_delta_rule(q, k, v, beta, g, backend=self.sp.linear_backend)[0]
+            o = local_delta.chunk_delta_rule(q, k, v, beta, g, backend=self.sp.linear_backend, options=options)[0]
         else:
             from longscan.parallel.delta_rule import delta_rule_attention
             o = delta_rule_attention(q, k, v, beta, g, method=self.sp.linear_method, group=group, layout=layout,
-                                     backend=self.sp.linear_backend)[0]
+                                     backend=self.sp.linear_backend, options=options)[0]
         o = self.out_norm(o)   # read in the kernel's dtype; normalised in float32
         return self.o_proj(o.reshape(B, T, self.h * self.d))[0]

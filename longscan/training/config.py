@@ -16,6 +16,7 @@ from importlib import resources
 import yaml
 
 from longscan.distributed.layouts import LAYOUTS
+from longscan.kernels.delta_rule import TRITON_PATHS as DELTA_PATHS
 from longscan.kernels.linear_attention import BACKENDS as LINEAR_BACKENDS
 from longscan.kernels.linear_attention import RESET_BACKENDS
 from longscan.kernels.linear_attention.options import LinearKernelOptions
@@ -341,12 +342,16 @@ class KernelsConfig:
     """The SM count the segment plan assumes; 0 = the device's."""
     gate_grad_f32_state: bool = True
     """State products of a gate-gradient backward in float32 precision (bf16 states miss its tolerance)."""
+    delta_path: str = "float32"
+    """The delta-rule variants' Triton kernels (where the Triton backend runs them): float32 (float32 products)
+    | wy (tensor-core products on the inputs' dtype, chunks of 64: docs/delta_rule.md)."""
 
     def __post_init__(self):
         self.validate()
 
     def validate(self) -> None:
         """This section's own checks (ConfigError naming the key)."""
+        _choice("kernels.delta_path", self.delta_path, DELTA_PATHS)
         _at_least("kernels", self, 16, "chunk", "chunk_per_key")
         _at_least("kernels", self, 1, "split_below", "programs_per_sm", "min_segment_chunks")
         _at_least("kernels", self, 0, "segments", "num_sms")

@@ -90,7 +90,7 @@ class Trainer:
         bf16 = s.precision == "bf16" or (s.precision == "auto" and self.device.type == "cuda")
         self.autocast_dtype = torch.bfloat16 if bf16 else None
         mp = stage_config(p.tp, p.pp, p.sp, cfg.model.dim, torch.bfloat16 if bf16 else torch.float32)
-        sp = SPSpec.from_config(p, r.sp_group, cfg.kernels.options())
+        sp = SPSpec.from_config(p, r.sp_group, cfg.kernels.options(), cfg.kernels.delta_path)
         self.model = HybridLM(cfg.model, mp, sp, tp_rank=r.tp_rank, tp_size=p.tp, pp_rank=r.pp_rank, pp_size=p.pp,
                               seed=s.seed, activation_checkpointing=s.activation_checkpointing,
                               memory=cfg.memory.options()).to(self.device)

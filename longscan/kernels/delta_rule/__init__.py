@@ -24,6 +24,7 @@ from longscan.kernels.linear_attention import check_log_decay
 
 BACKENDS = ("auto", "naive", "torch", "triton")
 TRITON_BACKEND = _TRITON = "longscan.kernels.delta_rule.triton_chunk"   # the Triton backend's module name
+TRITON_PATHS = ("float32", "wy")   # the Triton backend's kernel sets (DeltaTritonOptions.path)
 
 
 def _naive_segment_transition(k, v, beta, g=None):

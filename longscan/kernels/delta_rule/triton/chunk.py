@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from longscan.kernels import trace
 from longscan.kernels.delta_rule.torch_chunk import _chunks, _intra
 from longscan.kernels.delta_rule.triton.inter import Chunks, InterChunk, inter_backward_states, inter_forward
 from longscan.kernels.delta_rule.triton.intra_bwd import intra_backward
@@ -89,6 +90,7 @@ def scan(*, q, k, v, beta, g, h0, scale: float, options: DeltaTritonOptions):
     V = v.shape[-1]
     if k.dtype == torch.float64:
         raise TypeError("backend='triton' computes in float32; for float64 inputs use backend='torch'")
+    trace.emit("delta_scan", path=options.path, outputs=q is not None)
     if options.path == "wy":
         o, S = wy_scan(q=q, k=k, v=v, beta=beta, g=g, h0=h0, scale=scale, options=options)
         return o, S

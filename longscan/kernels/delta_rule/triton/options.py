@@ -8,10 +8,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+from longscan.kernels.delta_rule import TRITON_PATHS
+
 INTRA = ("triton", "torch")
 PRECISIONS = ("ieee", "tf32")
 INVERSES = ("rows", "blocks")
-PATHS = ("float32", "wy")
+PATHS = TRITON_PATHS
 
 
 @dataclasses.dataclass(frozen=True)
