@@ -180,7 +180,7 @@ def test_sp_spec_from_the_parallel_config():
     (["kernels.split_below=0"], "kernels.split_below must be >= 1, got 0"),
     (["kernels.programs_per_sm=0"], "kernels.programs_per_sm must be >= 1, got 0"),
     (["kernels.min_segment_chunks=0"], "kernels.min_segment_chunks must be >= 1, got 0"),
-    (["kernels.block=32"], "unknown config key 'kernels.block'; allowed: chunk, chunk_per_key, gate_grad_f32_state"),
+    (["kernels.block=32"], "unknown config key 'kernels.block'; allowed: chunk, chunk_per_key, delta_path, gate_grad_f32_state"),
 ])
 def test_kernel_options_refuse_bad_values_naming_the_key(overrides, message):
     with pytest.raises(ConfigError) as e:
