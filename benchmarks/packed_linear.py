@@ -34,6 +34,9 @@ def parse_args(argv=None):
     p.add_argument("--states", action="store_true", help="add a row with per-document initial and final states")
     p.add_argument("--profile", action="store_true",
                    help=f"print each row's {PROFILE_ROWS} largest CUDA kernels and CPU ops (torch.profiler)")
+    p.add_argument("--count", action="store_true",
+                   help="print each row's operator count and bytes allocated in one forward+backward, by operator "
+                        "(torch.profiler; on a CPU too, where each operator is what a GPU would launch)")
     return p.parse_args(argv)
 
 
@@ -68,6 +71,33 @@ def profile_tables(fn, do, device, iters: int) -> str:
         tables.append("CUDA kernels:\n" + events.table(sort_by="self_cuda_time_total", row_limit=PROFILE_ROWS))
     tables.append("CPU ops:\n" + events.table(sort_by="self_cpu_time_total", row_limit=PROFILE_ROWS))
     return "\n".join(tables)
+
+
+def op_counts(fn, do) -> tuple[int, int, dict]:
+    """One fn().backward(do) under torch.profiler -> (operators, bytes they allocated, {name: (count, bytes)}).
+    Operators are the innermost aten ops (those that call no other): each one is a kernel launch on a GPU (views
+    included, which launch nothing: an upper bound). Bytes allocated are those of the operators' outputs, a lower
+    bound on the bytes they move."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn().backward(do)
+    by_name: dict = {}
+    for e in prof.events():
+        if not e.name.startswith("aten::") or e.cpu_children:
+            continue
+        n, b = by_name.get(e.name, (0, 0))
+        by_name[e.name] = (n + 1, b + max(e.cpu_memory_usage, 0))
+    return sum(n for n, _ in by_name.values()), sum(b for _, b in by_name.values()), by_name
+
+
+def count_table(rows) -> str:
+    """rows: [(row name, op_counts(...))] -> a markdown table, then each row's operators by bytes allocated."""
+    lines = ["| row | operators | MB allocated |", "|---|---|---|"]
+    lines += [f"| {row} | {n} | {b / 2 ** 20:.0f} |" for row, (n, b, _) in rows]
+    for row, (_, _, by_name) in rows:
+        top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:PROFILE_ROWS]
+        lines.append(f"\n{row}: " + ", ".join(f"{name[6:]} {n}x {b / 2 ** 20:.0f} MB" for name, (n, b) in top))
+    return "\n".join(lines)
 
 
 def packed_error(q, k, v, g, cu, do, backend) -> float:
@@ -142,6 +172,8 @@ def main(argv=None):
     for row, t in rows:
         e = f"{errs[row]:.1e}" if row in errs else ""
         print(f"| {row} | {t * 1e3:.2f} | {t / t_whole:.2f} | {e} |")
+    if args.count:
+        print("\n" + count_table([(row, op_counts(fn, do)) for row, fn in fns if row != "per-document"]))
     if args.profile:
         for row, fn in fns:
             print(f"\n## {row}: {args.iters} runs of forward+backward\n{profile_tables(fn, do, device, args.iters)}")
