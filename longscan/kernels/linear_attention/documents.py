@@ -9,8 +9,11 @@ a run's decays from its first token a to t (that token's own decay included) and
   outputs and D(a→end)·h0_n to the state the run leaves (over an SP group, that carries it to later ranks);
 - the final state of a document is, on the run where it ends, D(a→end)·E + Σ_t D(t+1→end)·k_t v_tᵀ, where E
   is h0_n (or zero) if the document starts in that run, else the state entering the segment (SP's prefix).
-The sums run over a grid of pieces: each run cut into rows of ``piece`` tokens (zero-padded), so every document
-is handled by batched matmuls, with no loop over documents and no `[T, K, V]` tensor.
+Both terms are grouped products of each token with its document's state (:class:`GroupedMatmul`,
+:class:`GroupedOuter`): each run cut into rows of ``piece`` tokens, the (token, head) pairs gathered once into a
+grid `[rows · H, piece, D]`, one bmm against each row's state (input dtype, float32 sums), one gather back. No loop
+over documents, no atomics on token-sized tensors, no host read-back, no `[T, K, V]` tensor; the backward is the
+same two products, written out.
 
 What a call needs from ``cu_seqlens`` (the resets, the runs) is built on the host once per tensor and cached on
 the tensor's identity and version: later calls with the same tensor (every layer of a step, its backward) read
@@ -253,25 +256,27 @@ def _scaled(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return x * w.to(x.dtype)
 
 
-def _grouped_mm(xw: torch.Tensor, m: torch.Tensor, row_group: torch.Tensor, grid: GridIndex) -> torch.Tensor:
-    """y_t = xw_t · m[g(t)] per head, g(t) the group of t's row: xw `[T, H, K]`, m `[G, H, K, V]` -> `[T, H, V]` in
-    xw's dtype. One gather to the grid, one bmm against each row's matrix, one gather back."""
-    T, H, K = xw.shape
-    V = m.shape[-1]
-    y = torch.bmm(_to_grid(xw, grid), m.index_select(0, row_group).view(-1, K, V))
-    return y.view(-1, V).index_select(0, grid.scatter).view(T, H, V)
+def _rows_of(m: torch.Tensor, row_group: torch.Tensor) -> torch.Tensor:
+    """Each grid row's matrix: m `[G, H, A, B]` -> `[P·H, A, B]`."""
+    return m.index_select(0, row_group).flatten(0, 1)
 
 
-def _grouped_outer(xw: torch.Tensor, y: torch.Tensor, row_group: torch.Tensor, n_groups: int,
+def _grouped_mm(xg: torch.Tensor, mrows: torch.Tensor, T: int, grid: GridIndex) -> torch.Tensor:
+    """y_t = x_t · m[g(t)] per head, from x on the grid `[P·H, piece, K]` and each row's matrix `[P·H, K, V]`: one
+    bmm, then one gather back to `[T, H, V]` in x's dtype."""
+    V = mrows.shape[-1]
+    return torch.bmm(xg, mrows).view(-1, V).index_select(0, grid.scatter).view(T, -1, V)
+
+
+def _grouped_outer(xg: torch.Tensor, yg: torch.Tensor, row_group: torch.Tensor, n_groups: int,
                    grid: GridIndex) -> torch.Tensor:
-    """S_g = Σ_{t in group g} xw_tᵀ y_t per head: xw `[T, H, K]`, y `[T, H, V]` -> `[G, H, K, V]` in float32 (float64
-    for float64 inputs). Two gathers to the grid (pads zeroed in one), one bmm, one sum of the rows into groups."""
-    T, H, K = xw.shape
-    V = y.shape[-1]
-    xg = _to_grid(xw, grid)
-    xg.view(grid.rows, H, grid.piece, K).mul_(grid.valid)
-    s = _accumulate(xg.transpose(1, 2), _to_grid(y, grid), _acc_dtype(xw.dtype))
-    return s.new_zeros((n_groups, H, K, V)).index_add_(0, row_group, s.view(grid.rows, H, K, V))
+    """S_g = Σ_{t in group g} x_tᵀ y_t per head, from x and y on the grid (`[P·H, piece, K]`, `[P·H, piece, V]`) ->
+    `[G, H, K, V]` in float32 (float64 for float64 inputs). x's pads are zeroed (in place), one bmm, then one sum
+    of the rows into their groups."""
+    K, V = xg.shape[-1], yg.shape[-1]
+    xg.view(grid.rows, -1, grid.piece, K).mul_(grid.valid)
+    s = _accumulate(xg.transpose(1, 2), yg, _acc_dtype(xg.dtype)).view(grid.rows, -1, K, V)
+    return s.new_zeros((n_groups,) + tuple(s.shape[1:])).index_add_(0, row_group, s)
 
 
 def _weight_grad(dxw: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -288,20 +293,21 @@ class GroupedMatmul(torch.autograd.Function):
     def forward(ctx, x, w, m, row_group, grid: GridIndex):
         ctx.save_for_backward(x, w, m, row_group)
         ctx.grid = grid
-        return _grouped_mm(_scaled(x, w), m.to(x.dtype), row_group, grid)
+        return _grouped_mm(_to_grid(_scaled(x, w), grid), _rows_of(m.to(x.dtype), row_group), x.shape[0], grid)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         x, w, m, row_group = ctx.saved_tensors
-        dy = dy.to(x.dtype)
+        grid, T = ctx.grid, x.shape[0]
+        dyg = _to_grid(dy.to(x.dtype), grid)
         dx = dw = dm = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            dxw = _grouped_mm(dy, m.to(x.dtype).transpose(-1, -2).contiguous(), row_group, ctx.grid)
+            dxw = _grouped_mm(dyg, _rows_of(m.to(x.dtype).transpose(-1, -2), row_group), T, grid)
             dx = _scaled(dxw, w) if ctx.needs_input_grad[0] else None
             dw = _weight_grad(dxw, x, w) if ctx.needs_input_grad[1] else None
         if ctx.needs_input_grad[2]:
-            dm = _grouped_outer(_scaled(x, w), dy, row_group, m.shape[0], ctx.grid).to(m.dtype)
+            dm = _grouped_outer(_to_grid(_scaled(x, w), grid), dyg, row_group, m.shape[0], grid).to(m.dtype)
         return dx, dw, dm, None, None
 
 
@@ -313,19 +319,22 @@ class GroupedOuter(torch.autograd.Function):
     def forward(ctx, x, w, y, row_group, n_groups: int, grid: GridIndex):
         ctx.save_for_backward(x, w, y, row_group)
         ctx.grid = grid
-        return _grouped_outer(_scaled(x, w), y.to(x.dtype), row_group, n_groups, grid)
+        return _grouped_outer(_to_grid(_scaled(x, w), grid), _to_grid(y.to(x.dtype), grid), row_group, n_groups,
+                              grid)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, ds):
         x, w, y, row_group = ctx.saved_tensors
+        grid, T = ctx.grid, x.shape[0]
+        ds = ds.to(x.dtype)
         dx = dw = dy = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            dxw = _grouped_mm(y.to(x.dtype), ds.to(x.dtype).transpose(-1, -2).contiguous(), row_group, ctx.grid)
+            dxw = _grouped_mm(_to_grid(y.to(x.dtype), grid), _rows_of(ds.transpose(-1, -2), row_group), T, grid)
             dx = _scaled(dxw, w) if ctx.needs_input_grad[0] else None
             dw = _weight_grad(dxw, x, w) if ctx.needs_input_grad[1] else None
         if ctx.needs_input_grad[2]:
-            dy = _grouped_mm(_scaled(x, w), ds.to(x.dtype), row_group, ctx.grid).to(y.dtype)
+            dy = _grouped_mm(_to_grid(_scaled(x, w), grid), _rows_of(ds, row_group), T, grid).to(y.dtype)
         return dx, dw, dy, None, None, None
 
 
@@ -338,11 +347,12 @@ class RunDecays:
 
 def run_decays(base: torch.Tensor, runs: DocumentRuns, input_dtype) -> RunDecays:
     """Cumulative sums inside each row of the grid (a gather of the gate), then each row's offset from the rows
-    before it in its run, read back at the tokens. In the dtype of the states' sums: float64 for float64 inputs (``input_dtype``), else float32."""
+    before it in its run, read back at the tokens. In the dtype of the states' sums: float64 for float64 inputs
+    (``input_dtype``), else float32."""
     dtype = _acc_dtype(input_dtype)
     rest = tuple(base.shape[2:])
     P, piece = runs.n_rows, runs.piece
-    within = base[0].index_select(0, runs.slot_token).to(dtype).view((P, piece) + rest).cumsum(1)
+    within = base.squeeze(0).index_select(0, runs.slot_token).to(dtype).view((P, piece) + rest).cumsum(1)
     # the rows' offsets in float64 (tiny: [P, H(, K)]): they are differences of cumulative sums over the whole
     # sequence, which in float32 would lose a long sequence's low bits; a run's last row also sums its pads, which
     # only the rows of later runs see, and they subtract it again
@@ -369,11 +379,11 @@ def _with_empty(states: torch.Tensor) -> torch.Tensor:
 
 
 def start_outputs(q, base, initial_state, runs: DocumentRuns, decays: RunDecays, scale) -> torch.Tensor:
-    """scale·q_tᵀ·D(a→t)·h0_n for the tokens of the runs that start their document n -> `[1, T, H, V]` in q's dtype:
-    one grouped product of the tokens with their document's state (zero for the other runs)."""
-    T, H = q.shape[1], q.shape[2]
+    """scale·q_tᵀ·D(a→t)·h0_n for the tokens of the runs that start their document n -> `[1, T, H, V]` in q's
+    dtype: one grouped product of the tokens with their document's state (zero for the other runs)."""
+    H = q.shape[2]
     w = _per_key(decays.inside.exp() * scale, base)
-    o = GroupedMatmul.apply(q[0], w, _with_empty(initial_state), runs.row_start_doc, grid_index(runs, H))
+    o = GroupedMatmul.apply(q.squeeze(0), w, _with_empty(initial_state), runs.row_start_doc, grid_index(runs, H))
     return o.unsqueeze(0)
 
 
@@ -398,7 +408,8 @@ def document_finals(k, v, base, initial_state, entering, runs: DocumentRuns, dec
     document starts in its only segment)."""
     H = k.shape[2]
     w = _per_key((decays.total.index_select(0, runs.token_run) - decays.inside).exp(), base)
-    finals = GroupedOuter.apply(k[0], w, v[0], runs.row_end_doc, runs.n_docs + 1, grid_index(runs, H))[:-1]
+    grid = grid_index(runs, H)
+    finals = GroupedOuter.apply(k.squeeze(0), w, v.squeeze(0), runs.row_end_doc, runs.n_docs + 1, grid)[:-1]
     dtype = finals.dtype
     ends = runs.ending_runs
     started = runs.run_started[ends].view(-1, 1, 1, 1)
