@@ -213,9 +213,8 @@ def with_resets_gate(base: torch.Tensor, resets: torch.Tensor) -> torch.Tensor:
 class GridIndex:
     """The grid `[P, H, piece]` of (token, head) pairs, for tensors `[T, H, D]` viewed as `[T·H, D]`."""
     gather: torch.Tensor    # [P·H·piece] the (token, head) of each grid place (pads: their run's last token)
+    gather_zero: torch.Tensor   # the same with pads at the zero token T of a `[T + 1, H, D]` tensor (see _weighted)
     scatter: torch.Tensor   # [T·H] the grid place of each (token, head)
-    valid: torch.Tensor     # [P, 1, piece, 1] whether a place holds its token (pads add nothing to sums over rows)
-    rows: int
     piece: int
 
 
@@ -223,19 +222,29 @@ def grid_index(runs: DocumentRuns, heads: int) -> GridIndex:
     """The grid's indices for ``heads`` heads, built on the device on the first call and kept on ``runs``."""
     if heads not in runs.heads:
         P, piece = runs.n_rows, runs.piece
+        T = runs.token_slot.numel()
         h = torch.arange(heads, device=runs.slot_token.device)
         gather = runs.slot_token.view(P, 1, piece) * heads + h.view(1, heads, 1)
+        zero = torch.where(runs.slot_valid.view(P, 1, piece), gather, T * heads + h.view(1, heads, 1))
         place = runs.token_slot.view(-1, 1)
         scatter = ((place // piece * heads + h) * piece + place % piece)
-        runs.heads[heads] = GridIndex(gather.view(-1), scatter.view(-1), runs.slot_valid.view(P, 1, piece, 1),
-                                      P, piece)
+        runs.heads[heads] = GridIndex(gather.view(-1), zero.view(-1), scatter.view(-1), piece)
     return runs.heads[heads]
 
 
-def _to_grid(x: torch.Tensor, grid: GridIndex) -> torch.Tensor:
-    """`[T, H, D]` -> `[P·H, piece, D]` (one gather; pads hold a copy of a token)."""
+def _to_grid(x: torch.Tensor, index: torch.Tensor, piece: int) -> torch.Tensor:
+    """`[T, H, D]` (or `[T + 1, H, D]`) -> `[P·H, piece, D]` at ``index`` (one gather)."""
     D = x.shape[-1]
-    return x.reshape(-1, D).index_select(0, grid.gather).view(-1, grid.piece, D)
+    return x.reshape(-1, D).index_select(0, index).view(-1, piece, D)
+
+
+def _weighted(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x ⊙ w in x's dtype, then one zero token: `[T + 1, H, K]`, the token the grid's pads read (``gather_zero``)
+    where they must add nothing to a sum over a row."""
+    out = x.new_empty((x.shape[0] + 1,) + tuple(x.shape[1:]))
+    torch.mul(x, w.to(x.dtype), out=out[:-1])
+    out[-1].zero_()
+    return out
 
 
 def _accumulate(a: torch.Tensor, b: torch.Tensor, acc) -> torch.Tensor:
@@ -252,10 +261,6 @@ def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _scaled(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return x * w.to(x.dtype)
-
-
 def _rows_of(m: torch.Tensor, row_group: torch.Tensor) -> torch.Tensor:
     """Each grid row's matrix: m `[G, H, A, B]` -> `[P·H, A, B]`."""
     return m.index_select(0, row_group).flatten(0, 1)
@@ -268,21 +273,20 @@ def _grouped_mm(xg: torch.Tensor, mrows: torch.Tensor, T: int, grid: GridIndex) 
     return torch.bmm(xg, mrows).view(-1, V).index_select(0, grid.scatter).view(T, -1, V)
 
 
-def _grouped_outer(xg: torch.Tensor, yg: torch.Tensor, row_group: torch.Tensor, n_groups: int,
-                   grid: GridIndex) -> torch.Tensor:
+def _grouped_outer(xg: torch.Tensor, yg: torch.Tensor, row_group: torch.Tensor, n_groups: int) -> torch.Tensor:
     """S_g = Σ_{t in group g} x_tᵀ y_t per head, from x and y on the grid (`[P·H, piece, K]`, `[P·H, piece, V]`) ->
-    `[G, H, K, V]` in float32 (float64 for float64 inputs). x's pads are zeroed (in place), one bmm, then one sum
-    of the rows into their groups."""
+    `[G, H, K, V]` in float32 (float64 for float64 inputs). x's pads must be zeros (``gather_zero``); one bmm, then
+    one sum of the rows into their groups."""
     K, V = xg.shape[-1], yg.shape[-1]
-    xg.view(grid.rows, -1, grid.piece, K).mul_(grid.valid)
-    s = _accumulate(xg.transpose(1, 2), yg, _acc_dtype(xg.dtype)).view(grid.rows, -1, K, V)
+    s = _accumulate(xg.transpose(1, 2), yg, _acc_dtype(xg.dtype)).view(row_group.numel(), -1, K, V)
     return s.new_zeros((n_groups,) + tuple(s.shape[1:])).index_add_(0, row_group, s)
 
 
 def _weight_grad(dxw: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """The gradient of w in xw = x ⊙ w (w `[T, H, K]`, or `[T, H, 1]` broadcast over K), in w's dtype."""
-    d = dxw.to(w.dtype) * x.to(w.dtype)
-    return d.sum(-1, keepdim=True) if w.shape[-1] == 1 != x.shape[-1] else d
+    """The gradient of w in xw = x ⊙ w (w `[T, H, K]`, or `[T, H, 1]` broadcast over K), in w's dtype: the
+    products in x's dtype, a scalar gate's sum over K in w's."""
+    d = dxw * x
+    return d.sum(-1, keepdim=True, dtype=w.dtype) if w.shape[-1] == 1 != x.shape[-1] else d.to(w.dtype)
 
 
 class GroupedMatmul(torch.autograd.Function):
@@ -293,21 +297,23 @@ class GroupedMatmul(torch.autograd.Function):
     def forward(ctx, x, w, m, row_group, grid: GridIndex):
         ctx.save_for_backward(x, w, m, row_group)
         ctx.grid = grid
-        return _grouped_mm(_to_grid(_scaled(x, w), grid), _rows_of(m.to(x.dtype), row_group), x.shape[0], grid)
+        xg = _to_grid(_weighted(x, w), grid.gather_zero, grid.piece)
+        return _grouped_mm(xg, _rows_of(m.to(x.dtype), row_group), x.shape[0], grid)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         x, w, m, row_group = ctx.saved_tensors
         grid, T = ctx.grid, x.shape[0]
-        dyg = _to_grid(dy.to(x.dtype), grid)
+        dyg = _to_grid(dy.to(x.dtype), grid.gather, grid.piece)
         dx = dw = dm = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             dxw = _grouped_mm(dyg, _rows_of(m.to(x.dtype).transpose(-1, -2), row_group), T, grid)
-            dx = _scaled(dxw, w) if ctx.needs_input_grad[0] else None
+            dx = dxw * w.to(x.dtype) if ctx.needs_input_grad[0] else None
             dw = _weight_grad(dxw, x, w) if ctx.needs_input_grad[1] else None
         if ctx.needs_input_grad[2]:
-            dm = _grouped_outer(_to_grid(_scaled(x, w), grid), dyg, row_group, m.shape[0], grid).to(m.dtype)
+            xg = _to_grid(_weighted(x, w), grid.gather_zero, grid.piece)
+            dm = _grouped_outer(xg, dyg, row_group, m.shape[0]).to(m.dtype)
         return dx, dw, dm, None, None
 
 
@@ -319,8 +325,8 @@ class GroupedOuter(torch.autograd.Function):
     def forward(ctx, x, w, y, row_group, n_groups: int, grid: GridIndex):
         ctx.save_for_backward(x, w, y, row_group)
         ctx.grid = grid
-        return _grouped_outer(_to_grid(_scaled(x, w), grid), _to_grid(y.to(x.dtype), grid), row_group, n_groups,
-                              grid)
+        xg = _to_grid(_weighted(x, w), grid.gather_zero, grid.piece)
+        return _grouped_outer(xg, _to_grid(y.to(x.dtype), grid.gather, grid.piece), row_group, n_groups)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -330,11 +336,13 @@ class GroupedOuter(torch.autograd.Function):
         ds = ds.to(x.dtype)
         dx = dw = dy = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            dxw = _grouped_mm(_to_grid(y.to(x.dtype), grid), _rows_of(ds.transpose(-1, -2), row_group), T, grid)
-            dx = _scaled(dxw, w) if ctx.needs_input_grad[0] else None
+            yg = _to_grid(y.to(x.dtype), grid.gather, grid.piece)
+            dxw = _grouped_mm(yg, _rows_of(ds.transpose(-1, -2), row_group), T, grid)
+            dx = dxw * w.to(x.dtype) if ctx.needs_input_grad[0] else None
             dw = _weight_grad(dxw, x, w) if ctx.needs_input_grad[1] else None
         if ctx.needs_input_grad[2]:
-            dy = _grouped_mm(_to_grid(_scaled(x, w), grid), _rows_of(ds, row_group), T, grid).to(y.dtype)
+            xg = _to_grid(_weighted(x, w), grid.gather_zero, grid.piece)
+            dy = _grouped_mm(xg, _rows_of(ds, row_group), T, grid).to(y.dtype)
         return dx, dw, dy, None, None, None
 
 
