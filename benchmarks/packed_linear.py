@@ -3,6 +3,7 @@
     python benchmarks/packed_linear.py                                          # CPU: torch backend, small sizes
     PYTHONPATH=. python benchmarks/packed_linear.py --total 65536 --doc-len 2048 --heads 16 --head-dim 128 --check
     PYTHONPATH=. python benchmarks/packed_linear.py --total 65536 --doc-len 2048 --heads 16 --head-dim 128 --profile
+    PYTHONPATH=. python benchmarks/packed_linear.py --total 16384 --doc-len 2048 --heads 16 --head-dim 128 --states --count
 
 Rows, all over the same ``--total`` tokens (documents of about ``--doc-len`` tokens, lengths drawn in
 [doc_len/2, 3·doc_len/2]), a scalar gate per token and head (simple GLA):
@@ -16,7 +17,9 @@ Rows, all over the same ``--total`` tokens (documents of about ``--doc-len`` tok
 against each document alone in float64 (CPU) / float32 (GPU), and with ``--states`` the states row's (final
 states and the initial states' gradients too). ``--profile`` then runs each row under
 torch.profiler and prints its 12 largest CUDA kernels (on a GPU, with the count of host synchronisations in one
-forward+backward) and CPU ops by time.
+forward+backward) and CPU ops by time. ``--count`` times nothing: it counts each packed row's kernel launches,
+bytes allocated and elements read in one forward+backward, and what the states row adds by operator (on a CPU
+too).
 """
 from __future__ import annotations
 
