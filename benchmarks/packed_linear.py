@@ -145,7 +145,7 @@ def count_table(rows) -> str:
         lines.append(f"\n{row}, beyond {base_row}: launches {total(c, 0) - total(base, 0)}, MB allocated "
                      f"{(total(c, 1) - total(base, 1)) / 2 ** 20:.0f}, M elements read "
                      f"{(total(c, 2) - total(base, 2)) / 1e6:.0f}; by operator (launches, MB allocated, M read):\n" +
-                     ", ".join(f"{n[6:]} {x[0]:+d}x {x[1] / 2 ** 20:+.0f} {x[2] / 1e6:+.0f}" for n, x in extra))
+                     ", ".join(f"{n.removeprefix('aten::')} {x[0]:+d}x {x[1] / 2 ** 20:+.0f} {x[2] / 1e6:+.0f}" for n, x in extra))
     return "\n".join(lines)
 
 
