@@ -3,7 +3,8 @@
     python benchmarks/packed_linear.py                                          # CPU: torch backend, small sizes
     PYTHONPATH=. python benchmarks/packed_linear.py --total 65536 --doc-len 2048 --heads 16 --head-dim 128 --check
     PYTHONPATH=. python benchmarks/packed_linear.py --total 65536 --doc-len 2048 --heads 16 --head-dim 128 --profile
-    PYTHONPATH=. python benchmarks/packed_linear.py --total 16384 --doc-len 2048 --heads 16 --head-dim 128 --states --count
+    PYTHONPATH=. python benchmarks/packed_linear.py --total 16384 --doc-len 2048 --heads 16 --head-dim 128 --states \
+        --count
 
 Rows, all over the same ``--total`` tokens (documents of about ``--doc-len`` tokens, lengths drawn in
 [doc_len/2, 3·doc_len/2]), a scalar gate per token and head (simple GLA):
@@ -145,7 +146,8 @@ def count_table(rows) -> str:
         lines.append(f"\n{row}, beyond {base_row}: launches {total(c, 0) - total(base, 0)}, MB allocated "
                      f"{(total(c, 1) - total(base, 1)) / 2 ** 20:.0f}, M elements read "
                      f"{(total(c, 2) - total(base, 2)) / 1e6:.0f}; by operator (launches, MB allocated, M read):\n" +
-                     ", ".join(f"{n.removeprefix('aten::')} {x[0]:+d}x {x[1] / 2 ** 20:+.0f} {x[2] / 1e6:+.0f}" for n, x in extra))
+                     ", ".join(f"{n.removeprefix('aten::')} {x[0]:+d}x {x[1] / 2 ** 20:+.0f} {x[2] / 1e6:+.0f}"
+                               for n, x in extra))
     return "\n".join(lines)
 
 
