@@ -54,7 +54,7 @@ class DocumentRuns:
     ending_runs: torch.Tensor   # [M] the runs that hold their document's last token
     ending_docs: torch.Tensor   # [M] their documents
     slot_last_run: tuple        # per local segment: (its last run, whether it starts its document, the document)
-    heads: dict = field(default_factory=dict, compare=False)   # heads -> the grid's (t, h) indices (GridIndex)
+    grids: dict = field(default_factory=dict, compare=False)   # heads -> the grid's (t, h) indices (GridIndex)
 
     @property
     def n_rows(self) -> int:
@@ -220,7 +220,7 @@ class GridIndex:
 
 def grid_index(runs: DocumentRuns, heads: int) -> GridIndex:
     """The grid's indices for ``heads`` heads, built on the device on the first call and kept on ``runs``."""
-    if heads not in runs.heads:
+    if heads not in runs.grids:
         P, piece = runs.n_rows, runs.piece
         T = runs.token_slot.numel()
         h = torch.arange(heads, device=runs.slot_token.device)
@@ -228,8 +228,8 @@ def grid_index(runs: DocumentRuns, heads: int) -> GridIndex:
         zero = torch.where(runs.slot_valid.view(P, 1, piece), gather, T * heads + h.view(1, heads, 1))
         place = runs.token_slot.view(-1, 1)
         scatter = ((place // piece * heads + h) * piece + place % piece)
-        runs.heads[heads] = GridIndex(gather.view(-1), zero.view(-1), scatter.view(-1), piece)
-    return runs.heads[heads]
+        runs.grids[heads] = GridIndex(gather.view(-1), zero.view(-1), scatter.view(-1), piece)
+    return runs.grids[heads]
 
 
 def _to_grid(x: torch.Tensor, index: torch.Tensor, piece: int) -> torch.Tensor:
