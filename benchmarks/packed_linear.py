@@ -3,6 +3,8 @@
     python benchmarks/packed_linear.py                                          # CPU: torch backend, small sizes
     PYTHONPATH=. python benchmarks/packed_linear.py --total 65536 --doc-len 2048 --heads 16 --head-dim 128 --check
     PYTHONPATH=. python benchmarks/packed_linear.py --total 65536 --doc-len 2048 --heads 16 --head-dim 128 --profile
+    PYTHONPATH=. python benchmarks/packed_linear.py --total 16384 --doc-len 2048 --heads 16 --head-dim 128 --states \
+        --count
 
 Rows, all over the same ``--total`` tokens (documents of about ``--doc-len`` tokens, lengths drawn in
 [doc_len/2, 3·doc_len/2]), a scalar gate per token and head (simple GLA):
@@ -16,9 +18,13 @@ Rows, all over the same ``--total`` tokens (documents of about ``--doc-len`` tok
 against each document alone in float64 (CPU) / float32 (GPU), and with ``--states`` the states row's (final
 states and the initial states' gradients too). ``--profile`` then runs each row under
 torch.profiler and prints its 12 largest CUDA kernels (on a GPU, with the count of host synchronisations in one
-forward+backward) and CPU ops by time.
+forward+backward) and CPU ops by time. ``--count`` times nothing: it counts each packed row's kernel launches,
+bytes allocated and elements read in one forward+backward, and what the states row adds by operator (on a CPU
+too).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +40,10 @@ def parse_args(argv=None):
     p.add_argument("--states", action="store_true", help="add a row with per-document initial and final states")
     p.add_argument("--profile", action="store_true",
                    help=f"print each row's {PROFILE_ROWS} largest CUDA kernels and CPU ops (torch.profiler)")
+    p.add_argument("--count", action="store_true",
+                   help="instead of timing, print each row's operator count and bytes allocated in one "
+                        "forward+backward, by operator (torch.profiler; on a CPU too: each operator is what a GPU "
+                        "would launch)")
     return p.parse_args(argv)
 
 
@@ -68,6 +78,77 @@ def profile_tables(fn, do, device, iters: int) -> str:
         tables.append("CUDA kernels:\n" + events.table(sort_by="self_cuda_time_total", row_limit=PROFILE_ROWS))
     tables.append("CPU ops:\n" + events.table(sort_by="self_cpu_time_total", row_limit=PROFILE_ROWS))
     return "\n".join(tables)
+
+
+# operators that launch nothing on a GPU: allocations (their bytes count for the operator that asked for them),
+# views, and conversions that find nothing to convert
+_ALLOCATIONS = {"aten::empty", "aten::empty_strided", "aten::resize_", "aten::empty_like", "aten::new_empty",
+                "aten::new_empty_strided"}
+_NO_WORK = {"aten::view", "aten::reshape", "aten::_reshape_alias", "aten::as_strided", "aten::t", "aten::transpose",
+            "aten::expand", "aten::slice", "aten::select", "aten::unsqueeze", "aten::squeeze", "aten::permute",
+            "aten::alias", "aten::detach", "aten::unflatten", "aten::lift_fresh", "aten::result_type", "aten::to",
+            "aten::_to_copy", "aten::resolve_conj", "aten::resolve_neg", "aten::flatten", "aten::contiguous",
+            "aten::_unsafe_view", "aten::view_as", "aten::expand_as", "aten::split", "aten::unbind", "aten::chunk",
+            "aten::narrow", "aten::as_strided_", "aten::detach_", "aten::is_nonzero", "aten::item"}
+
+
+def op_counts(fn, do) -> dict:
+    """One fn().backward(do) under torch.profiler, after one uncounted call (what a first call builds and caches
+    is not counted) -> {operator: [launches, bytes allocated, elements read]}. A launch is an aten operator that
+    does work and calls no other operator that does: a kernel launch on a GPU. Its bytes allocated are its
+    outputs' (an allocation made outside any launch counts for the operator that made it); its elements read are
+    its tensor inputs' sizes."""
+    from torch.profiler import ProfilerActivity, profile
+    fn().backward(do)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True) as prof:
+        fn().backward(do)
+
+    def works(e):
+        return e.name.startswith("aten::") and e.name not in _ALLOCATIONS and e.name not in _NO_WORK
+
+    def launches(e):   # does work, and nothing below it does
+        return works(e) and not any(works(d) for d in _descendants(e))
+
+    def inside_launch(e):
+        while e is not None and not launches(e):
+            e = e.cpu_parent
+        return e is not None
+    by_name: dict = {}
+    for e in prof.events():
+        if launches(e):
+            row = by_name.setdefault(e.name, [0, 0, 0])
+            row[0] += 1
+            row[1] += max(e.cpu_memory_usage, 0)
+            row[2] += sum(math.prod(shape) for shape in e.input_shapes if shape)
+        elif e.name in _ALLOCATIONS and not inside_launch(e):
+            owner = e.cpu_parent or e
+            by_name.setdefault(owner.name, [0, 0, 0])[1] += max(e.cpu_memory_usage, 0)
+    return by_name
+
+
+def _descendants(e):
+    for c in e.cpu_children:
+        yield c
+        yield from _descendants(c)
+
+
+def count_table(rows) -> str:
+    """rows: [(row name, op_counts(...))], the first the base -> a table per row, then what every later row adds to
+    the first, by operator."""
+    def total(c, i):
+        return sum(x[i] for x in c.values())
+    lines = ["| row | launches | MB allocated | M elements read |", "|---|---|---|---|"]
+    lines += [f"| {row} | {total(c, 0)} | {total(c, 1) / 2 ** 20:.0f} | {total(c, 2) / 1e6:.0f} |" for row, c in rows]
+    base_row, base = rows[0]
+    for row, c in rows[1:]:
+        extra = {n: [x[i] - base.get(n, [0, 0, 0])[i] for i in range(3)] for n, x in c.items()}
+        extra = sorted(((n, x) for n, x in extra.items() if any(x)), key=lambda kv: (-kv[1][1] - kv[1][2], -kv[1][0]))
+        lines.append(f"\n{row}, beyond {base_row}: launches {total(c, 0) - total(base, 0)}, MB allocated "
+                     f"{(total(c, 1) - total(base, 1)) / 2 ** 20:.0f}, M elements read "
+                     f"{(total(c, 2) - total(base, 2)) / 1e6:.0f}; by operator (launches, MB allocated, M read):\n" +
+                     ", ".join(f"{n.removeprefix('aten::')} {x[0]:+d}x {x[1] / 2 ** 20:+.0f} {x[2] / 1e6:+.0f}"
+                               for n, x in extra))
+    return "\n".join(lines)
 
 
 def packed_error(q, k, v, g, cu, do, backend) -> float:
@@ -126,6 +207,10 @@ def main(argv=None):
 
     fns = [("unpacked", run(None)), ("packed", run(cu))] + ([("packed, states", with_states)] if args.states else [])
     fns.append(("per-document", per_doc))
+    if args.count:      # counts only: no timing (on a CPU the timings would take far longer than the counts)
+        print(f"# packed_linear --count  T={total} docs={len(lengths)}  H={H} D={D}  {dtype}  backend={args.backend}")
+        print(count_table([(row, op_counts(fn, do)) for row, fn in fns if row in ("packed", "packed, states")]))
+        return
     rows = [(row, time_fb(fn, do, device, args.iters, args.warmup)) for row, fn in fns]
     t_whole = rows[0][1]
     errs = {}

@@ -196,3 +196,50 @@ def test_padded_rows_path_matches_resets(decay):
         outs.append([o] + list(torch.autograd.grad(o, list(lv.values()), do)))
     for a, b in zip(*outs):
         assert rel_err(a, b) < 1e-12
+
+
+@pytest.mark.parametrize("per_key", [False, True])
+def test_grouped_products_match_a_loop_and_gradcheck(per_key):
+    """The two grouped products the states are made of, on a grid with padded rows and runs of no group (the last
+    group): against a loop over tokens in float64, and their backward by torch.autograd.gradcheck."""
+    from longscan.kernels.linear_attention.documents import GroupedMatmul, GroupedOuter, document_runs, grid_index
+    cu = torch.tensor([0, 3, 4, 11, 17])
+    Tn, Hn, Kn, Vn = 17, 2, 3, 2
+    runs = document_runs(cu, Tn, value_dim=Vn)
+    assert runs.piece < 7 and not bool(runs.slot_valid.all())        # the 7-token document spans padded rows
+    grid = grid_index(runs, Hn)
+    gen = _gen(11)
+    x, y = torch.randn(Tn, Hn, Kn, generator=gen, dtype=torch.float64), torch.randn(Tn, Hn, Vn, generator=gen,
+                                                                                   dtype=torch.float64)
+    w = torch.rand(Tn, Hn, Kn if per_key else 1, generator=gen, dtype=torch.float64)
+    m = torch.randn(5, Hn, Kn, Vn, generator=gen, dtype=torch.float64)
+    group = torch.tensor([0, 4, 2, 4])              # per document; 4 (no group) for two of them
+    row_group = group[runs.run_doc][runs.token_run[runs.slot_token[::runs.piece]]]
+    tok_group = group[torch.searchsorted(cu[1:], torch.arange(Tn), right=True)]
+    ref_y = torch.einsum("thk,thkv->thv", x * w, m[tok_group])
+    ref_s = torch.zeros(5, Hn, Kn, Vn, dtype=torch.float64).index_add_(0, tok_group,
+                                                                        torch.einsum("thk,thv->thkv", x * w, y))
+    assert rel_err(GroupedMatmul.apply(x, w, m, row_group, grid), ref_y) < 1e-12
+    assert rel_err(GroupedOuter.apply(x, w, y, row_group, 5, grid), ref_s) < 1e-12
+    leaves = [t.clone().requires_grad_() for t in (x, w, m, y)]
+    assert torch.autograd.gradcheck(lambda a, b, c: GroupedMatmul.apply(a, b, c, row_group, grid), leaves[:3])
+    assert torch.autograd.gradcheck(lambda a, b, c: GroupedOuter.apply(a, b, c, row_group, 5, grid),
+                                    [leaves[0], leaves[1], leaves[3]])
+
+
+@pytest.mark.parametrize("decay", ["g_scalar", "g_per_key"])
+def test_states_in_bfloat16(decay):
+    """bfloat16 inputs: the states' products run in bfloat16 with float32 sums, the final states come back in
+    float32, and everything stays within bfloat16's rounding of each document run alone in float64."""
+    cu = DOCUMENTS["short"]
+    leaves, h0, do, dfinal = case_inputs(decay, cu, 8, 5)
+    o_ref, s_ref, g_ref = each_document_alone(leaves, h0, cu, do, dfinal, True, True)
+    lv = {n: t.to(torch.bfloat16).requires_grad_() for n, t in leaves.items()}
+    h0_in = h0.float().requires_grad_()
+    o, s = chunk_linear_attention(lv["q"], lv["k"], lv["v"], lv["g"], initial_state=h0_in, output_final_state=True,
+                                  backend="torch", cu_seqlens=torch.tensor(cu))
+    assert o.dtype == torch.bfloat16 and s.dtype == torch.float32
+    grads = torch.autograd.grad((o.float() * do).sum() + (s * dfinal).sum(), [lv["q"], lv["k"], lv["v"], h0_in])
+    assert rel_err(o.double(), o_ref) < 2e-2 and rel_err(s.double(), s_ref) < 2e-2
+    for got, name in zip(grads, ("q", "k", "v", "initial_state")):
+        assert rel_err(got.double(), g_ref[name]) < 2e-2, name

@@ -9,8 +9,11 @@ a run's decays from its first token a to t (that token's own decay included) and
   outputs and D(a→end)·h0_n to the state the run leaves (over an SP group, that carries it to later ranks);
 - the final state of a document is, on the run where it ends, D(a→end)·E + Σ_t D(t+1→end)·k_t v_tᵀ, where E
   is h0_n (or zero) if the document starts in that run, else the state entering the segment (SP's prefix).
-The sums run over a grid of pieces: each run cut into rows of ``piece`` tokens (zero-padded), so every document
-is handled by batched matmuls, with no loop over documents and no `[T, K, V]` tensor.
+Both terms are grouped products of each token with its document's state (:class:`GroupedMatmul`,
+:class:`GroupedOuter`): each run cut into rows of ``piece`` tokens, the (token, head) pairs gathered once into a
+grid `[rows · H, piece, D]`, one bmm against each row's state (input dtype, float32 sums), one gather back. No loop
+over documents, no atomics on token-sized tensors, no host read-back, no `[T, K, V]` tensor; the backward is the
+same two products, written out.
 
 What a call needs from ``cu_seqlens`` (the resets, the runs) is built on the host once per tensor and cached on
 the tensor's identity and version: later calls with the same tensor (every layer of a step, its backward) read
@@ -21,7 +24,7 @@ from __future__ import annotations
 import math
 import weakref
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -31,27 +34,31 @@ from longscan.distributed.layouts import num_segments
 
 @dataclass(frozen=True)
 class DocumentRuns:
-    """The local tokens of one rank (or of one device) as runs of one document inside one segment, on the device.
-    Sizes are host ints: T tokens, R runs, P rows of ``piece`` tokens, N documents, ``n_local`` segments."""
+    """The local tokens of one rank (or of one device) as runs of one document inside one segment, on the device,
+    and the grid of rows of ``piece`` tokens the runs are cut into (a run's last row padded). Sizes are host ints:
+    T tokens, R runs, P rows, N documents, ``n_local`` segments."""
     n_docs: int
     n_local: int
     piece: int
-    row: torch.Tensor           # [T] the token's row in the piece grid
-    col: torch.Tensor           # [T] its column
-    row_run: torch.Tensor       # [P] the run of each row
-    row_first: torch.Tensor     # [P] the first row of that run
+    token_slot: torch.Tensor    # [T] the token's slot in the grid (row · piece + column)
+    token_run: torch.Tensor     # [T] its run
+    slot_token: torch.Tensor    # [P · piece] the token in each slot (a pad: its run's last token)
+    slot_valid: torch.Tensor    # [P · piece] bool: the slot holds its token (not a pad)
+    row_first: torch.Tensor     # [P] the first row of the row's run
+    row_start_doc: torch.Tensor  # [P] the document of the row's run if the run starts it, else N (no document)
+    row_end_doc: torch.Tensor   # [P] the document of the row's run if the run ends it, else N
     run_doc: torch.Tensor       # [R] the document of each run
     run_slot: torch.Tensor      # [R] the local segment of each run
     run_started: torch.Tensor   # [R] bool: the run holds its document's first token
-    run_first_row: torch.Tensor  # [R]
-    run_last_row: torch.Tensor  # [R]
+    run_last: torch.Tensor      # [R] the run's last token
     ending_runs: torch.Tensor   # [M] the runs that hold their document's last token
     ending_docs: torch.Tensor   # [M] their documents
     slot_last_run: tuple        # per local segment: (its last run, whether it starts its document, the document)
+    grids: dict = field(default_factory=dict, compare=False)   # heads -> the grid's (t, h) indices (GridIndex)
 
     @property
     def n_rows(self) -> int:
-        return int(self.row_run.numel())
+        return int(self.row_first.numel())
 
 
 def _resets(cu: torch.Tensor, gpos: torch.Tensor, n_local: int, value_dim: int, device) -> torch.Tensor:
@@ -66,6 +73,7 @@ def _runs(cu: torch.Tensor, gpos: torch.Tensor, n_local: int, value_dim: int, de
     moved to ``device`` once. cu: validated int64 CPU offsets."""
     T = gpos.numel()
     L = T // n_local
+    N = cu.numel() - 1
     t = torch.arange(T)
     doc = torch.searchsorted(cu[1:], gpos, right=True)
     first = t % L == 0
@@ -77,24 +85,32 @@ def _runs(cu: torch.Tensor, gpos: torch.Tensor, n_local: int, value_dim: int, de
     run_doc = doc[first]
     run_started = gpos[first] == cu[run_doc]
     run_ends = gpos[first] + run_len == cu[run_doc + 1]
-    # the piece length that balances the grid's padding (≤ R·piece tokens) against its states (T/piece + R rows)
+    # the piece length that balances the grid's padding (≤ R·piece tokens) against its per-row states (T/piece + R
+    # rows of [K, V])
     piece = max(1, min(T, round(math.sqrt(T * value_dim / R))))
     pieces = (run_len + piece - 1) // piece
     first_row = torch.cumsum(pieces, 0) - pieces
     pos = t - run_start[run]
     row_run = torch.repeat_interleave(torch.arange(R), pieces)
+    P = row_run.numel()
+    token_slot = (first_row[run] + pos // piece) * piece + pos % piece
+    slot_token = (run_start + run_len - 1)[row_run].repeat_interleave(piece)    # pads: the run's last token
+    slot_token[token_slot] = t
+    slot_valid = torch.zeros(P * piece, dtype=torch.bool)
+    slot_valid[token_slot] = True
     last_runs = run.view(n_local, L)[:, -1]
     slot_last_run = tuple((int(r), bool(run_started[r]), int(run_doc[r])) for r in last_runs)
 
     def dev(x):
         return to_device(x, device)
     return DocumentRuns(
-        n_docs=cu.numel() - 1, n_local=n_local, piece=piece,
-        row=dev(first_row[run] + pos // piece), col=dev(pos % piece),
-        row_run=dev(row_run), row_first=dev(first_row[row_run]), run_doc=dev(run_doc),
-        run_slot=dev(run_start // L), run_started=dev(run_started), run_first_row=dev(first_row),
-        run_last_row=dev(first_row + pieces - 1), ending_runs=dev(torch.nonzero(run_ends)[:, 0]),
-        ending_docs=dev(run_doc[run_ends]), slot_last_run=slot_last_run)
+        n_docs=N, n_local=n_local, piece=piece, token_slot=dev(token_slot), token_run=dev(run),
+        slot_token=dev(slot_token), slot_valid=dev(slot_valid), row_first=dev(first_row[row_run]),
+        row_start_doc=dev(torch.where(run_started, run_doc, N)[row_run]),
+        row_end_doc=dev(torch.where(run_ends, run_doc, N)[row_run]), run_doc=dev(run_doc),
+        run_slot=dev(run_start // L), run_started=dev(run_started), run_last=dev(run_start + run_len - 1),
+        ending_runs=dev(torch.nonzero(run_ends)[:, 0]), ending_docs=dev(run_doc[run_ends]),
+        slot_last_run=slot_last_run)
 
 
 @dataclass(frozen=True)
@@ -193,32 +209,166 @@ def with_resets_gate(base: torch.Tensor, resets: torch.Tensor) -> torch.Tensor:
     return base.masked_fill(resets.view((1, T) + (1,) * (base.dim() - 2)), float("-inf"))
 
 
-def _rows(x: torch.Tensor, runs: DocumentRuns, dtype) -> torch.Tensor:
-    """`[1, T, ...]` -> the piece grid `[P, piece, ...]`, zero-padded (autograd runs through the scatter)."""
-    out = x.new_zeros((runs.n_rows, runs.piece) + tuple(x.shape[2:]), dtype=dtype)
-    return out.index_put((runs.row, runs.col), x[0].to(dtype))
+@dataclass(frozen=True)
+class GridIndex:
+    """The grid `[P, H, piece]` of (token, head) pairs, for tensors `[T, H, D]` viewed as `[T·H, D]`."""
+    gather: torch.Tensor    # [P·H·piece] the (token, head) of each grid place (pads: their run's last token)
+    gather_zero: torch.Tensor   # the same with pads at the zero token T of a `[T + 1, H, D]` tensor (see _weighted)
+    scatter: torch.Tensor   # [T·H] the grid place of each (token, head)
+    piece: int
+
+
+def grid_index(runs: DocumentRuns, heads: int) -> GridIndex:
+    """The grid's indices for ``heads`` heads, built on the device on the first call and kept on ``runs``."""
+    if heads not in runs.grids:
+        P, piece = runs.n_rows, runs.piece
+        T = runs.token_slot.numel()
+        h = torch.arange(heads, device=runs.slot_token.device)
+        gather = runs.slot_token.view(P, 1, piece) * heads + h.view(1, heads, 1)
+        zero = torch.where(runs.slot_valid.view(P, 1, piece), gather, T * heads + h.view(1, heads, 1))
+        place = runs.token_slot.view(-1, 1)
+        scatter = ((place // piece * heads + h) * piece + place % piece)
+        runs.grids[heads] = GridIndex(gather.view(-1), zero.view(-1), scatter.view(-1), piece)
+    return runs.grids[heads]
+
+
+def _to_grid(x: torch.Tensor, index: torch.Tensor, piece: int) -> torch.Tensor:
+    """`[T, H, D]` (or `[T + 1, H, D]`) -> `[P·H, piece, D]` at ``index`` (one gather)."""
+    D = x.shape[-1]
+    return x.reshape(-1, D).index_select(0, index).view(-1, piece, D)
+
+
+def _weighted(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x ⊙ w in x's dtype, then one zero token: `[T + 1, H, K]`, the token the grid's pads read (``gather_zero``)
+    where they must add nothing to a sum over a row."""
+    out = x.new_empty((x.shape[0] + 1,) + tuple(x.shape[1:]))
+    torch.mul(x, w.to(x.dtype), out=out[:-1])
+    out[-1].zero_()
+    return out
+
+
+def _accumulate(a: torch.Tensor, b: torch.Tensor, acc) -> torch.Tensor:
+    """a @ b of batched matrices in their dtype, accumulated and returned in ``acc`` (float32 for 16-bit inputs:
+    on CUDA one bmm with a float32 output; elsewhere the operands are converted)."""
+    if a.dtype == acc:
+        return torch.bmm(a, b)
+    if a.is_cuda:
+        return torch.bmm(a, b, out_dtype=acc)
+    return torch.bmm(a.to(acc), b.to(acc))
+
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _rows_of(m: torch.Tensor, row_group: torch.Tensor) -> torch.Tensor:
+    """Each grid row's matrix: m `[G, H, A, B]` -> `[P·H, A, B]`."""
+    return m.index_select(0, row_group).flatten(0, 1)
+
+
+def _grouped_mm(xg: torch.Tensor, mrows: torch.Tensor, T: int, grid: GridIndex) -> torch.Tensor:
+    """y_t = x_t · m[g(t)] per head, from x on the grid `[P·H, piece, K]` and each row's matrix `[P·H, K, V]`: one
+    bmm, then one gather back to `[T, H, V]` in x's dtype."""
+    V = mrows.shape[-1]
+    return torch.bmm(xg, mrows).view(-1, V).index_select(0, grid.scatter).view(T, -1, V)
+
+
+def _grouped_outer(xg: torch.Tensor, yg: torch.Tensor, row_group: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """S_g = Σ_{t in group g} x_tᵀ y_t per head, from x and y on the grid (`[P·H, piece, K]`, `[P·H, piece, V]`) ->
+    `[G, H, K, V]` in float32 (float64 for float64 inputs). x's pads must be zeros (``gather_zero``); one bmm, then
+    one sum of the rows into their groups."""
+    K, V = xg.shape[-1], yg.shape[-1]
+    s = _accumulate(xg.transpose(1, 2), yg, _acc_dtype(xg.dtype)).view(row_group.numel(), -1, K, V)
+    return s.new_zeros((n_groups,) + tuple(s.shape[1:])).index_add_(0, row_group, s)
+
+
+def _weight_grad(dxw: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The gradient of w in xw = x ⊙ w (w `[T, H, K]`, or `[T, H, 1]` broadcast over K), in w's dtype: the
+    products in x's dtype, a scalar gate's sum over K in w's."""
+    d = dxw * x
+    return d.sum(-1, keepdim=True, dtype=w.dtype) if w.shape[-1] == 1 != x.shape[-1] else d.to(w.dtype)
+
+
+class GroupedMatmul(torch.autograd.Function):
+    """y_t = (x_t ⊙ w_t) · m[g(t)] for every token t and head (g(t): the group of t's grid row), `[T, H, V]` in x's
+    dtype. Backward: the same product against mᵀ, and the grouped outer products for m's gradient."""
+
+    @staticmethod
+    def forward(ctx, x, w, m, row_group, grid: GridIndex):
+        ctx.save_for_backward(x, w, m, row_group)
+        ctx.grid = grid
+        xg = _to_grid(_weighted(x, w), grid.gather_zero, grid.piece)
+        return _grouped_mm(xg, _rows_of(m.to(x.dtype), row_group), x.shape[0], grid)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, w, m, row_group = ctx.saved_tensors
+        grid, T = ctx.grid, x.shape[0]
+        dyg = _to_grid(dy.to(x.dtype), grid.gather, grid.piece)
+        dx = dw = dm = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            dxw = _grouped_mm(dyg, _rows_of(m.to(x.dtype).transpose(-1, -2), row_group), T, grid)
+            dx = dxw * w.to(x.dtype) if ctx.needs_input_grad[0] else None
+            dw = _weight_grad(dxw, x, w) if ctx.needs_input_grad[1] else None
+        if ctx.needs_input_grad[2]:
+            xg = _to_grid(_weighted(x, w), grid.gather_zero, grid.piece)
+            dm = _grouped_outer(xg, dyg, row_group, m.shape[0]).to(m.dtype)
+        return dx, dw, dm, None, None
+
+
+class GroupedOuter(torch.autograd.Function):
+    """S_g = Σ_{t in group g} (x_t ⊙ w_t)ᵀ y_t per head `[G, H, K, V]`, float32 (float64 for float64 inputs).
+    Backward: grouped products of y and x against each group's gradient."""
+
+    @staticmethod
+    def forward(ctx, x, w, y, row_group, n_groups: int, grid: GridIndex):
+        ctx.save_for_backward(x, w, y, row_group)
+        ctx.grid = grid
+        xg = _to_grid(_weighted(x, w), grid.gather_zero, grid.piece)
+        return _grouped_outer(xg, _to_grid(y.to(x.dtype), grid.gather, grid.piece), row_group, n_groups)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, ds):
+        x, w, y, row_group = ctx.saved_tensors
+        grid, T = ctx.grid, x.shape[0]
+        ds = ds.to(x.dtype)
+        dx = dw = dy = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            yg = _to_grid(y.to(x.dtype), grid.gather, grid.piece)
+            dxw = _grouped_mm(yg, _rows_of(ds.transpose(-1, -2), row_group), T, grid)
+            dx = dxw * w.to(x.dtype) if ctx.needs_input_grad[0] else None
+            dw = _weight_grad(dxw, x, w) if ctx.needs_input_grad[1] else None
+        if ctx.needs_input_grad[2]:
+            xg = _to_grid(_weighted(x, w), grid.gather_zero, grid.piece)
+            dy = _grouped_mm(xg, _rows_of(ds, row_group), T, grid).to(y.dtype)
+        return dx, dw, dy, None, None, None
 
 
 @dataclass(frozen=True)
 class RunDecays:
-    """The cumulative log decays of the runs on the piece grid."""
-    inside: torch.Tensor    # [P, piece, H(, K)]: Σ of the run's log decays from its first token to this one
+    """The cumulative log decays of the runs."""
+    inside: torch.Tensor    # [T, H(, K)]: Σ of the token's run's log decays from its first token to this one
     total: torch.Tensor     # [R, H(, K)]: the run's whole sum
 
 
 def run_decays(base: torch.Tensor, runs: DocumentRuns, input_dtype) -> RunDecays:
-    """Cumulative sums inside each row, then each row's offset from the rows before it in its run; the offsets
-    in float64, so a long run's sums lose nothing to a cumulative sum over the whole sequence. The states' terms
-    are computed in the dtype of these sums: float64 for float64 inputs (``input_dtype``), else float32."""
-    dtype = torch.float64 if input_dtype == torch.float64 else torch.float32
-    within = _rows(base, runs, dtype).cumsum(1)
+    """Cumulative sums inside each row of the grid (a gather of the gate), then each row's offset from the rows
+    before it in its run, read back at the tokens. In the dtype of the states' sums: float64 for float64 inputs
+    (``input_dtype``), else float32."""
+    dtype = _acc_dtype(input_dtype)
+    rest = tuple(base.shape[2:])
+    P, piece = runs.n_rows, runs.piece
+    within = base.squeeze(0).index_select(0, runs.slot_token).to(dtype).view((P, piece) + rest).cumsum(1)
+    # the rows' offsets in float64 (tiny: [P, H(, K)]): they are differences of cumulative sums over the whole
+    # sequence, which in float32 would lose a long sequence's low bits; a run's last row also sums its pads, which
+    # only the rows of later runs see, and they subtract it again
     tot = within[:, -1].double()
-    upto = tot.cumsum(0)          # through each row
-    before = upto - tot
-    offset = (before - before[runs.row_first]).to(dtype)
-    inside = within + offset.unsqueeze(1)
-    total = (upto[runs.run_last_row] - before[runs.run_first_row]).to(dtype)
-    return RunDecays(inside, total)
+    before = tot.cumsum(0) - tot
+    inside = within + (before - before.index_select(0, runs.row_first)).to(dtype).unsqueeze(1)
+    inside = inside.view((P * piece,) + rest).index_select(0, runs.token_slot)
+    return RunDecays(inside, inside.index_select(0, runs.run_last))
 
 
 def _per_key(x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
@@ -231,13 +381,18 @@ def _on_state(x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     return _per_key(x, base).unsqueeze(-1)
 
 
+def _with_empty(states: torch.Tensor) -> torch.Tensor:
+    """`[N, H, K, V]` and one zero state more: the group N of the rows that belong to no document's term."""
+    return torch.cat([states, states.new_zeros((1,) + tuple(states.shape[1:]))])
+
+
 def start_outputs(q, base, initial_state, runs: DocumentRuns, decays: RunDecays, scale) -> torch.Tensor:
-    """scale·q_tᵀ·D(a→t)·h0_n for the tokens of the runs that start their document n -> `[1, T, H, V]`."""
-    dtype = decays.inside.dtype
-    h0 = initial_state.to(dtype)[runs.run_doc] * runs.run_started.view(-1, 1, 1, 1).to(dtype)
-    qd = _rows(q, runs, dtype) * _per_key(decays.inside.exp(), base)
-    o = torch.einsum("pchk,phkv->pchv", qd, h0[runs.row_run]) * scale
-    return o[runs.row, runs.col].unsqueeze(0)
+    """scale·q_tᵀ·D(a→t)·h0_n for the tokens of the runs that start their document n -> `[1, T, H, V]` in q's
+    dtype: one grouped product of the tokens with their document's state (zero for the other runs)."""
+    H = q.shape[2]
+    w = _per_key(decays.inside.exp() * scale, base)
+    o = GroupedMatmul.apply(q.squeeze(0), w, _with_empty(initial_state), runs.row_start_doc, grid_index(runs, H))
+    return o.unsqueeze(0)
 
 
 def leaving_states(base, initial_state, runs: DocumentRuns, decays: RunDecays) -> torch.Tensor:
@@ -256,23 +411,27 @@ def leaving_states(base, initial_state, runs: DocumentRuns, decays: RunDecays) -
 
 def document_finals(k, v, base, initial_state, entering, runs: DocumentRuns, decays: RunDecays) -> torch.Tensor:
     """Each document's state after its last token `[N, H, K, V]`, from the run that holds that token (zero for the
-    documents that end elsewhere). entering: the state entering each local segment `[n_local, 1, H, K, V]` (None
-    on one device, where every document starts in its only segment)."""
-    dtype = decays.inside.dtype
-    w = _per_key((decays.total[runs.row_run].unsqueeze(1) - decays.inside).exp(), base)
-    states = torch.einsum("pchk,pchv->phkv", _rows(k, runs, dtype) * w, _rows(v, runs, dtype))
-    H, K, V = states.shape[1:]
-    per_run = states.new_zeros((runs.run_doc.numel(), H, K, V)).index_add(0, runs.row_run, states)
+    documents that end elsewhere): one grouped sum of the run's tokens' outer products, decayed to its end.
+    entering: the state entering each local segment `[n_local, 1, H, K, V]` (None on one device, where every
+    document starts in its only segment)."""
+    H = k.shape[2]
+    w = _per_key((decays.total.index_select(0, runs.token_run) - decays.inside).exp(), base)
+    grid = grid_index(runs, H)
+    finals = GroupedOuter.apply(k.squeeze(0), w, v.squeeze(0), runs.row_end_doc, runs.n_docs + 1, grid)[:-1]
+    dtype = finals.dtype
     ends = runs.ending_runs
-    before = states.new_zeros((ends.numel(), H, K, V))
     started = runs.run_started[ends].view(-1, 1, 1, 1)
+    if initial_state is None and entering is None:
+        return finals
+    before = finals.new_zeros((ends.numel(),) + tuple(finals.shape[1:]))
     if initial_state is not None:
-        before = torch.where(started, initial_state.to(dtype)[runs.run_doc[ends]], before)
+        before = torch.where(started, initial_state.to(dtype).index_select(0, runs.run_doc[ends]), before)
     if entering is not None:
-        before = torch.where(started, before, entering[:, 0].to(dtype)[runs.run_slot[ends]])
-    finals = per_run[ends] + _on_state(decays.total[ends].exp(), base) * before
-    return finals.new_zeros((runs.n_docs, H, K, V)).index_copy(0, runs.ending_docs, finals)
+        before = torch.where(started, before, entering[:, 0].to(dtype).index_select(0, runs.run_slot[ends]))
+    carried = _on_state(decays.total.index_select(0, ends).exp(), base) * before
+    return finals.index_add(0, runs.ending_docs, carried)
 
 
-__all__ = ["DocumentRuns", "DocumentRows", "document_resets", "document_runs", "document_rows", "base_log_decay", "check_finite_decay",
-           "with_resets_gate", "run_decays", "RunDecays", "start_outputs", "leaving_states", "document_finals"]
+__all__ = ["DocumentRuns", "DocumentRows", "GridIndex", "GroupedMatmul", "GroupedOuter", "document_resets",
+           "document_runs", "document_rows", "base_log_decay", "check_finite_decay", "grid_index", "with_resets_gate",
+           "run_decays", "RunDecays", "start_outputs", "leaving_states", "document_finals"]
