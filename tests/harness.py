@@ -5,6 +5,7 @@ processes, and parametrised tests then assert on the cached results.
 """
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import queue as queue_mod
@@ -14,6 +15,7 @@ import sys
 import time
 import traceback
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -30,6 +32,26 @@ def run_compiled(*argv: str, first_on_path: str | None = None) -> subprocess.Com
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = ROOT if first_on_path is None else os.pathsep.join([first_on_path, ROOT])
     return subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+# the installed Triton, and another one when LONGSCAN_TRITON_ALT names a directory holding it (ptxas and
+# register allocation differ between Triton releases: a kernel spill-free on one may spill on another)
+TRITON_DIRS = [None] + ([os.environ["LONGSCAN_TRITON_ALT"]] if os.environ.get("LONGSCAN_TRITON_ALT") else [])
+
+
+def assert_compiled_without_spills(script: str, *args: str, kernels: int, first_on_path: str | None = None) -> None:
+    """Run a compile script (``python -c script *args`` by run_compiled) whose last line of output is a JSON
+    object {kernel: {"regs": n, "spills": n}}: it exits cleanly, names ``kernels`` kernels, and none of them
+    spills. Skipped where this Triton has no NVIDIA backend or no ptxas."""
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    proc = run_compiled("-c", script, *args, first_on_path=first_on_path)
+    if proc.returncode and "ptxas" in proc.stderr and "No such file" in proc.stderr:
+        pytest.skip("no ptxas in this Triton install")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(out) == kernels, out
+    spilled = {name: r for name, r in out.items() if r["spills"]}
+    assert not spilled, spilled
 
 
 def free_port() -> int:
@@ -99,3 +121,20 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """Relative L2 error of a against the reference b."""
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def gradient_errors(names, grads, local: dict, reference: dict, shard_of) -> dict:
+    """{"d" + name: relative error} of this rank's gradients ``grads`` of the inputs ``names`` against the
+    single-device ones in ``reference``: a sharded input's against shard_of(its reference gradient), a replicated
+    one's (initial_state, g_gamma) summed over the group first. Each gradient has its input's (local[name])
+    dtype and shape."""
+    errs = {}
+    for n, got in zip(names, grads):
+        assert got.dtype == local[n].dtype and got.shape == local[n].shape, n
+        if n in ("g_gamma", "initial_state"):  # replicated inputs: the gradients summed over ranks
+            got = got.clone()
+            dist.all_reduce(got)
+            errs["d" + n] = rel_err(got, reference[n])
+        else:
+            errs["d" + n] = rel_err(got, shard_of(reference[n]))
+    return errs

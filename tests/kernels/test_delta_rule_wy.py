@@ -3,13 +3,12 @@ float64 recurrence: no gate, a scalar gate and per-key gates (KDA), forward and 
 without states, a part of a chunk, exactly one, several with a padded last one, K ≠ V, steep gates; the
 segment transitions (the scan without outputs) against the float64 chunked ones; the options' checks; its
 kernels compiled for sm_90 at K = V = 128 in bf16 without register spills. CPU: the Triton interpreter in float32."""
-import os
-
 import pytest
 import torch
 
-from delta_cases import NAMES, make_inputs, run_with_grads as run
-from harness import rel_err, run_compiled
+from delta_cases import (compare_final_state_gradients, compare_with_recurrence, float32_on, make_inputs,
+                         run_with_grads as run)
+from harness import TRITON_DIRS, assert_compiled_without_spills, rel_err
 
 triton = pytest.importorskip("triton")
 
@@ -24,25 +23,8 @@ WY = DeltaTritonOptions(path="wy", block_v=16)
 SHAPES = [(1, 1, 1, 16, 16), (2, 37, 1, 16, 32), (1, 64, 2, 32, 16), (1, 150, 2, 16, 32), (1, 70, 1, 24, 40)]
 
 
-def compare(kind, shape, with_state, options, seed, tol=1e-5):
-    B, T, H, K, V = shape
-    x = make_inputs(kind, B, T, H, K, V, torch.float64, seed=seed)
-    if not with_state:
-        x["initial_state"] = None
-    gen = torch.Generator().manual_seed(seed + 100)
-    do = torch.randn(B, T, H, V, generator=gen, dtype=torch.float64)
-    dht = torch.randn(B, H, K, V, generator=gen, dtype=torch.float64)
-    ref = run(lambda **a: naive_recurrent_delta_rule(**a, output_final_state=with_state), x, do, dht)
-    x32 = {n: (t.float().to(DEV) if t is not None else None) for n, t in x.items()}
-    got = run(lambda **a: tc.forward(**a, output_final_state=with_state, options=options), x32,
-              do.float().to(DEV), dht.float().to(DEV))
-    assert rel_err(got[0].cpu(), ref[0]) < tol
-    assert (got[1] is None) == (ref[1] is None)
-    if with_state:
-        assert rel_err(got[1].cpu(), ref[1]) < tol
-    assert set(got[2]) == set(ref[2])
-    for n in ref[2]:
-        assert rel_err(got[2][n].cpu(), ref[2][n]) < tol, n
+def compare(kind, shape, with_state, options, seed):
+    compare_with_recurrence(lambda **a: tc.forward(**a, options=options), kind, shape, with_state, seed, DEV, 1e-5)
 
 
 @pytest.mark.parametrize("with_state", [True, False], ids=["states", "no_states"])
@@ -67,19 +49,7 @@ def test_wy_kda_matches_recurrence(shape, with_state):
 @pytest.mark.parametrize("kind", ["deltanet", "gated", "kda"])
 def test_wy_gradients_from_the_final_state_alone(kind):
     """A loss on the final state only (o unused: its gradient reaches the kernels as None or zeros)."""
-    x = make_inputs(kind, 1, 100, 2, 16, 16, torch.float64, seed=17)
-    dht = torch.randn(1, 2, 16, 16, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    names = [n for n in NAMES if n != "q" and x[n] is not None]
-
-    def grads(fn, x, dht):
-        leaves = {n: (t.clone().requires_grad_() if t is not None else None) for n, t in x.items()}
-        _, s = fn(**leaves)
-        return torch.autograd.grad(s, [leaves[n] for n in names], dht)
-    ref = grads(lambda **a: naive_recurrent_delta_rule(**a, output_final_state=True), x, dht)
-    x32 = {n: (t.float().to(DEV) if t is not None else None) for n, t in x.items()}
-    got = grads(lambda **a: tc.forward(**a, output_final_state=True, options=WY), x32, dht.float().to(DEV))
-    for n, a, b in zip(names, got, ref):
-        assert rel_err(a.cpu(), b) < 1e-5, n
+    compare_final_state_gradients(lambda **a: tc.forward(**a, options=WY), kind, 100, DEV)
 
 
 @pytest.mark.parametrize("kind,low", [("gated", -4.0), ("kda", -5.0)])
@@ -94,8 +64,7 @@ def test_wy_steep_gates_stay_finite(kind, low):
     do = torch.randn(1, 130, 1, 16, generator=gen, dtype=torch.float64)
     dht = torch.randn(1, 1, 16, 16, generator=gen, dtype=torch.float64)
     ref = run(lambda **a: naive_recurrent_delta_rule(**a, output_final_state=True), x, do, dht)
-    x32 = {n: t.float().to(DEV) for n, t in x.items()}
-    got = run(lambda **a: tc.forward(**a, output_final_state=True, options=WY), x32, do.float().to(DEV),
+    got = run(lambda **a: tc.forward(**a, output_final_state=True, options=WY), float32_on(x, DEV), do.float().to(DEV),
               dht.float().to(DEV))
     assert rel_err(got[0].cpu(), ref[0]) < 1e-5 and rel_err(got[1].cpu(), ref[1]) < 1e-5
     for n in ref[2]:
@@ -103,17 +72,23 @@ def test_wy_steep_gates_stay_finite(kind, low):
         assert rel_err(got[2][n].cpu(), ref[2][n]) < 1e-5, n
 
 
+def bf16_case(kind, seed, bf16_names, *grad_shapes):
+    """A GPU case: float64 inputs (B = 2, T = 300, H = 2, K = V = 64), random float64 gradients of the given
+    shapes, and the inputs on the GPU (bf16_names in bf16, the rest in float32)."""
+    x = make_inputs(kind, 2, 300, 2, 64, 64, torch.float64, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    grads = [torch.randn(*shape, generator=gen, dtype=torch.float64) for shape in grad_shapes]
+    xb = {n: (t.to("cuda", torch.bfloat16 if n in bf16_names else torch.float32) if t is not None else None)
+          for n, t in x.items()}
+    return x, xb, grads
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 products need a GPU")
 @pytest.mark.parametrize("kind", ["deltanet", "gated", "kda"])
 def test_wy_bf16_on_gpu(kind):
     """bf16 inputs (bf16 operands, float32 sums, bf16 chunk quantities) against the float64 recurrence."""
-    x = make_inputs(kind, 2, 300, 2, 64, 64, torch.float64, seed=11)
-    gen = torch.Generator().manual_seed(12)
-    do = torch.randn(2, 300, 2, 64, generator=gen, dtype=torch.float64)
-    dht = torch.randn(2, 2, 64, 64, generator=gen, dtype=torch.float64)
+    x, xb, (do, dht) = bf16_case(kind, 11, ("q", "k", "v"), (2, 300, 2, 64), (2, 2, 64, 64))
     ref = run(lambda **a: naive_recurrent_delta_rule(**a, output_final_state=True), x, do, dht)
-    xb = {n: (t.to("cuda", torch.bfloat16 if n in ("q", "k", "v") else torch.float32) if t is not None else None)
-          for n, t in x.items()}
     got = run(lambda **a: tc.forward(**a, output_final_state=True, options=DeltaTritonOptions(path="wy")), xb,
               do.to("cuda", torch.bfloat16), dht.float().cuda())
     assert rel_err(got[0].cpu(), ref[0]) < 2e-2
@@ -170,8 +145,7 @@ def test_wy_segment_transitions_match_float64(kind, shape):
     orig = wy.DeltaRuleWY.apply
     wy.DeltaRuleWY.apply = lambda *a: calls.append(a[0] is None) or orig(*a)
     try:
-        x32 = {n: (t.float().to(DEV) if t is not None else None) for n, t in x.items()}
-        got, got_grads = transition_grads(lambda *a: tc.segment_transition(*a, options=WY), x32,
+        got, got_grads = transition_grads(lambda *a: tc.segment_transition(*a, options=WY), float32_on(x, DEV),
                                           dloc.float().to(DEV), dM.float().to(DEV))
     finally:
         wy.DeltaRuleWY.apply = orig
@@ -188,13 +162,8 @@ def test_wy_segment_transitions_match_float64(kind, shape):
 def test_wy_segment_transitions_bf16_on_gpu(kind):
     """bf16 k, v ([v | 0] in bf16, the identity a float32 initial state) against the float64 transitions."""
     from longscan.kernels.delta_rule import torch_chunk
-    x = make_inputs(kind, 2, 300, 2, 64, 64, torch.float64, seed=13)
-    gen = torch.Generator().manual_seed(14)
-    dloc = torch.randn(2, 2, 64, 64, generator=gen, dtype=torch.float64)
-    dM = torch.randn(2, 2, 64, 64, generator=gen, dtype=torch.float64)
+    x, xb, (dloc, dM) = bf16_case(kind, 13, ("k", "v"), (2, 2, 64, 64), (2, 2, 64, 64))
     ref, ref_grads = transition_grads(torch_chunk.segment_transition, x, dloc, dM)
-    xb = {n: (t.to("cuda", torch.bfloat16 if n in ("k", "v") else torch.float32) if t is not None else None)
-          for n, t in x.items()}
     got, got_grads = transition_grads(
         lambda *a: tc.segment_transition(*a, options=DeltaTritonOptions(path="wy")), xb, dloc.float().cuda(),
         dM.float().cuda())
@@ -216,10 +185,6 @@ def test_wy_options_are_checked():
     with pytest.raises(ValueError, match="intra='triton' and recompute=False"):
         DeltaTritonOptions(path="wy", intra="torch")
 
-
-# the installed Triton, and another one when LONGSCAN_TRITON_ALT names a directory holding it (ptxas and
-# register allocation differ between Triton releases: a kernel spill-free on one may spill on another)
-TRITONS = [None] + ([os.environ["LONGSCAN_TRITON_ALT"]] if os.environ.get("LONGSCAN_TRITON_ALT") else [])
 
 _COMPILE = r'''
 import json
@@ -266,46 +231,19 @@ print(json.dumps({name: counts(fn, consts, *launch) for name, fn, consts, launch
 '''
 
 
-@pytest.mark.parametrize("triton_dir", TRITONS)
+@pytest.mark.parametrize("triton_dir", TRITON_DIRS)
 def test_wy_kernels_compile_for_hopper_without_spills(triton_dir):
-    import json
-    pytest.importorskip("triton.backends.nvidia.compiler")
-    proc = run_compiled("-c", _COMPILE, "1", first_on_path=triton_dir)
-    if proc.returncode and "ptxas" in proc.stderr and "No such file" in proc.stderr:
-        pytest.skip("no ptxas in this Triton install")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(out) == 9, out
-    spilled = {name: r for name, r in out.items() if r["spills"]}
-    assert not spilled, spilled
+    assert_compiled_without_spills(_COMPILE, "1", kernels=9, first_on_path=triton_dir)
 
 
-@pytest.mark.parametrize("triton_dir", TRITONS)
+@pytest.mark.parametrize("triton_dir", TRITON_DIRS)
 def test_wy_per_key_kernels_compile_for_hopper_without_spills(triton_dir):
     """The eight kernels that read a gate, compiled for per-key gates (KDA)."""
-    import json
-    pytest.importorskip("triton.backends.nvidia.compiler")
-    proc = run_compiled("-c", _COMPILE, "2", first_on_path=triton_dir)
-    if proc.returncode and "ptxas" in proc.stderr and "No such file" in proc.stderr:
-        pytest.skip("no ptxas in this Triton install")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(out) == 8, out
-    spilled = {name: r for name, r in out.items() if r["spills"]}
-    assert not spilled, spilled
+    assert_compiled_without_spills(_COMPILE, "2", kernels=8, first_on_path=triton_dir)
 
 
 @pytest.mark.parametrize("gate", [1, 2], ids=["scalar_gate", "per_key"])
 def test_wy_transition_kernels_compile_for_hopper_without_spills(gate):
     """The variants without q that the segment transitions run (``_wy_w_u``, the serial backward and
     ``_wy_dqkw`` at HAS_Q=False, beside the kernels they share), K = V = 128 in bf16: no spills."""
-    import json
-    pytest.importorskip("triton.backends.nvidia.compiler")
-    proc = run_compiled("-c", _COMPILE, str(gate), "no_q")
-    if proc.returncode and "ptxas" in proc.stderr and "No such file" in proc.stderr:
-        pytest.skip("no ptxas in this Triton install")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(out) == (7 if gate == 1 else 6), out
-    spilled = {name: r for name, r in out.items() if r["spills"]}
-    assert not spilled, spilled
+    assert_compiled_without_spills(_COMPILE, str(gate), "no_q", kernels=7 if gate == 1 else 6)

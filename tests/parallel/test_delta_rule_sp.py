@@ -5,10 +5,9 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from delta_cases import KINDS, make_inputs
-from harness import rel_err, run_distributed
+from harness import gradient_errors, rel_err, run_distributed
 from longscan.kernels.delta_rule import naive_recurrent_delta_rule
 from longscan.parallel import delta_rule_attention, shard
 
@@ -56,15 +55,7 @@ def case(rank, world, method, layout, kind, dtype, use_state, chunk_backend="tor
     errs = {"o": rel_err(o, sh(o_ref))}
     if use_state:
         errs["final_state"] = rel_err(s, s_ref)
-    for n, got in zip(names, grads):
-        assert got.dtype == local[n].dtype and got.shape == local[n].shape, n
-        if n == "initial_state":
-            got = got.clone()
-            dist.all_reduce(got)
-            errs["d" + n] = rel_err(got, g_ref[n])
-        else:
-            errs["d" + n] = rel_err(got, sh(g_ref[n]))
-    return errs
+    return {**errs, **gradient_errors(names, grads, local, g_ref, sh)}
 
 
 def sp_worker(rank, world):

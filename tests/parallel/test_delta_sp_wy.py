@@ -7,10 +7,9 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from delta_cases import KINDS, make_inputs
-from harness import rel_err, run_distributed
+from harness import gradient_errors, rel_err, run_distributed
 from longscan.kernels.delta_rule import naive_recurrent_delta_rule
 from longscan.parallel import delta_rule_attention, shard
 
@@ -54,16 +53,9 @@ def case(rank, world, method, layout, kind):
         grads = torch.autograd.grad((o, s), [local[n] for n in names], (sh(do).float(), dhts[rank].float()))
     finally:
         wy.DeltaRuleWY.apply = orig
-    errs = {"calls": calls, "o": rel_err(o.detach(), sh(o_ref.detach())), "final_state": rel_err(s.detach(), s_ref)}
-    for n, got in zip(names, grads):
-        assert got.dtype == torch.float32 and got.shape == local[n].shape, n
-        if n == "initial_state":
-            got = got.clone()
-            dist.all_reduce(got)
-            errs["d" + n] = rel_err(got, g_ref[n])
-        else:
-            errs["d" + n] = rel_err(got, sh(g_ref[n]))
-    return errs
+    # every local input is float32, so each gradient is float32 too
+    return {"calls": calls, "o": rel_err(o.detach(), sh(o_ref.detach())), "final_state": rel_err(s.detach(), s_ref),
+            **gradient_errors(names, grads, local, g_ref, sh)}
 
 
 def wy_worker(rank, world):

@@ -2,9 +2,8 @@
 on the whole sequence: output, final state and the gradients of q, k, v, g / g_gamma and initial_state."""
 import pytest
 import torch
-import torch.distributed as dist
 
-from harness import rel_err, run_distributed
+from harness import gradient_errors, rel_err, run_distributed
 from linear_cases import DECAYS, make_inputs
 from longscan.kernels.linear_attention import naive_recurrent_linear_attention
 from longscan.parallel import linear_attention, shard
@@ -68,15 +67,7 @@ def case(rank, world, method, layout, decay, dtype, use_state, backend="auto", d
     errs = {"o": rel_err(o, sh(o_ref))}
     if use_state:
         errs["final_state"] = rel_err(s, s_ref)
-    for n, got in zip(names, grads):
-        assert got.dtype == local[n].dtype and got.shape == local[n].shape, n
-        if n in ("g_gamma", "initial_state"):  # replicated inputs: the gradients summed over ranks
-            got = got.clone()
-            dist.all_reduce(got)
-            errs["d" + n] = rel_err(got, g_ref[n])
-        else:
-            errs["d" + n] = rel_err(got, sh(g_ref[n]))
-    return errs
+    return {**errs, **gradient_errors(names, grads, local, g_ref, sh)}
 
 
 def sp_worker(rank, world):
