@@ -27,3 +27,26 @@ def make_inputs(decay: str, B: int, T: int, H: int, K: int, V: int, dtype, seed:
     elif decay != "none":
         raise ValueError(decay)
     return x
+
+
+def each_document_alone(leaves, h0, cu, do, dfinal, use_h0, want_final):
+    """The float64 recurrence on every packed document alone, from its own initial state ``h0[i]`` where use_h0
+    -> (o, final states `[N, H, K, V]`, the gradients of leaves and initial_state); the loss takes the final states
+    where want_final."""
+    from longscan.kernels.linear_attention import naive_recurrent_linear_attention
+    lv = {n: t.clone().requires_grad_() for n, t in leaves.items()}
+    if use_h0:
+        lv["initial_state"] = h0.clone().requires_grad_()
+    g, g_gamma = lv.get("g"), lv.get("g_gamma")
+    outs, finals = [], []
+    for i, (a, b) in enumerate(zip(cu[:-1], cu[1:])):
+        o, s = naive_recurrent_linear_attention(lv["q"][:, a:b], lv["k"][:, a:b], lv["v"][:, a:b],
+                                                g[:, a:b] if g is not None else None, g_gamma,
+                                                initial_state=lv["initial_state"][i:i + 1] if use_h0 else None,
+                                                output_final_state=True)
+        outs.append(o)
+        finals.append(s)
+    o, finals = torch.cat(outs, 1), torch.cat(finals, 0)
+    loss = (o * do).sum() + ((finals * dfinal).sum() if want_final else 0)
+    names = list(lv)
+    return o, finals, dict(zip(names, torch.autograd.grad(loss, [lv[n] for n in names])))

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from harness import rel_err
-from linear_cases import DECAYS, make_inputs
-from longscan.kernels.linear_attention import chunk_linear_attention, naive_recurrent_linear_attention
+from linear_cases import DECAYS, each_document_alone, make_inputs
+from longscan.kernels.linear_attention import chunk_linear_attention
 
 T = 80  # one full scalar chunk (64) and a partial one; two full per-key chunks (32) and a partial one
 DOCUMENTS = {
@@ -33,26 +33,6 @@ def case_inputs(decay, cu, K, V):
     dfinal = torch.randn(n, H, K, V, generator=_gen(4), dtype=torch.float64)
     leaves = {name: t for name, t in x.items() if t is not None and name != "initial_state"}
     return leaves, h0, do, dfinal
-
-
-def each_document_alone(leaves, h0, cu, do, dfinal, use_h0, want_final):
-    """The float64 recurrence on every document alone from its own initial state -> (o, finals, grads)."""
-    lv = {n: t.clone().requires_grad_() for n, t in leaves.items()}
-    if use_h0:
-        lv["initial_state"] = h0.clone().requires_grad_()
-    g, g_gamma = lv.get("g"), lv.get("g_gamma")
-    outs, finals = [], []
-    for i, (a, b) in enumerate(zip(cu[:-1], cu[1:])):
-        o, s = naive_recurrent_linear_attention(lv["q"][:, a:b], lv["k"][:, a:b], lv["v"][:, a:b],
-                                                g[:, a:b] if g is not None else None, g_gamma,
-                                                initial_state=lv["initial_state"][i:i + 1] if use_h0 else None,
-                                                output_final_state=True)
-        outs.append(o)
-        finals.append(s)
-    o, finals = torch.cat(outs, 1), torch.cat(finals, 0)
-    loss = (o * do).sum() + ((finals * dfinal).sum() if want_final else 0)
-    names = list(lv)
-    return o, (finals if want_final else None), dict(zip(names, torch.autograd.grad(loss, [lv[n] for n in names])))
 
 
 def _triton_or_skip():

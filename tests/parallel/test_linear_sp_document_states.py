@@ -8,8 +8,7 @@ import torch
 import torch.distributed as dist
 
 from harness import rel_err, run_distributed
-from linear_cases import DECAYS, make_inputs
-from longscan.kernels.linear_attention import naive_recurrent_linear_attention
+from linear_cases import DECAYS, each_document_alone, make_inputs
 from longscan.parallel import linear_attention, shard
 
 METHODS = ("zeco", "lasp2", "lasp1")
@@ -35,25 +34,6 @@ def documents(world: int) -> dict:
         "random": cu,
         "whole": [0, T],
     }
-
-
-def each_document_alone(x, h0, cu, do, dfinal, use_h0, want_final):
-    lv = {n: t.clone().requires_grad_() for n, t in x.items()}
-    if use_h0:
-        lv["initial_state"] = h0.clone().requires_grad_()
-    g, g_gamma = lv.get("g"), lv.get("g_gamma")
-    outs, finals = [], []
-    for i, (a, b) in enumerate(zip(cu[:-1], cu[1:])):
-        o, s = naive_recurrent_linear_attention(lv["q"][:, a:b], lv["k"][:, a:b], lv["v"][:, a:b],
-                                                g[:, a:b] if g is not None else None, g_gamma,
-                                                initial_state=lv["initial_state"][i:i + 1] if use_h0 else None,
-                                                output_final_state=True)
-        outs.append(o)
-        finals.append(s)
-    o, finals = torch.cat(outs, 1), torch.cat(finals, 0)
-    loss = (o * do).sum() + ((finals * dfinal).sum() if want_final else 0)
-    names = list(lv)
-    return o, finals, dict(zip(names, torch.autograd.grad(loss, [lv[n] for n in names])))
 
 
 def case(group, world, x, h0, cu, do, dfinal, states, method, layout, backend="torch", dtype=torch.float64,
