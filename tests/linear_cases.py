@@ -50,3 +50,23 @@ def each_document_alone(leaves, h0, cu, do, dfinal, use_h0, want_final):
     loss = (o * do).sum() + ((finals * dfinal).sum() if want_final else 0)
     names = list(lv)
     return o, finals, dict(zip(names, torch.autograd.grad(loss, [lv[n] for n in names])))
+
+
+def random_offsets(T: int, seed: int) -> list[int]:
+    """cu_seqlens of documents of 1 to 6 tokens over T tokens, drawn from ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    cu = [0]
+    while cu[-1] < T:
+        cu.append(min(T, cu[-1] + int(torch.randint(1, 7, (1,), generator=gen))))
+    return cu
+
+
+def triton_device_or_skip() -> str:
+    """The device the Triton kernels run on here ("cuda", or "cpu" under TRITON_INTERPRET=1); skips otherwise."""
+    import os
+
+    import pytest
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton kernels need CUDA or TRITON_INTERPRET=1")
+    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from harness import rel_err
-from linear_cases import DECAYS, each_document_alone, make_inputs
+from linear_cases import DECAYS, each_document_alone, make_inputs, triton_device_or_skip
 from longscan.kernels.linear_attention import chunk_linear_attention
 
 T = 80  # one full scalar chunk (64) and a partial one; two full per-key chunks (32) and a partial one
@@ -35,17 +35,8 @@ def case_inputs(decay, cu, K, V):
     return leaves, h0, do, dfinal
 
 
-def _triton_or_skip():
-    pytest.importorskip("triton")
-    if not torch.cuda.is_available():
-        import os
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            pytest.skip("the Triton kernels need CUDA or TRITON_INTERPRET=1")
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def check_against_alone(backend, dname, decay, docs, states):
-    device = _triton_or_skip() if backend == "triton" else "cpu"
+    device = triton_device_or_skip() if backend == "triton" else "cpu"
     dtype, tol = DTYPES[dname]
     cu = DOCUMENTS[docs]
     use_h0, want_final = STATES[states]

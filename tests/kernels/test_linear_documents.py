@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from harness import rel_err
-from linear_cases import DECAYS, make_inputs
+from linear_cases import DECAYS, make_inputs, triton_device_or_skip
 from longscan.kernels.linear_attention import chunk_linear_attention, naive_recurrent_linear_attention
 
 T = 80  # one full scalar chunk (64) and a partial one; two full per-key chunks (32) and a partial one
@@ -39,22 +39,13 @@ def each_document_alone(x, cu, do):
     return o, grads_of(o, lv, do)
 
 
-def _triton_or_skip():
-    pytest.importorskip("triton")
-    if not torch.cuda.is_available():
-        import os
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            pytest.skip("the Triton kernels need CUDA or TRITON_INTERPRET=1")
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 @pytest.mark.parametrize("docs", list(DOCUMENTS))
 @pytest.mark.parametrize("decay", DECAYS)
 @pytest.mark.parametrize("backend,dname", [("torch", "float64"), ("torch", "float32"), ("naive", "float64"),
                                            ("triton", "float32")])
 def test_documents_match_each_document_alone(backend, dname, decay, docs):
     """torch, naive and triton (interpreter on CPU) take the documents as resets."""
-    device = _triton_or_skip() if backend == "triton" else "cpu"
+    device = triton_device_or_skip() if backend == "triton" else "cpu"
     dtype, tol = DTYPES[dname]
     cu = DOCUMENTS[docs]
     K, V = (16, 16) if backend == "triton" else (8, 5)      # the Triton kernels' head dims are powers of two

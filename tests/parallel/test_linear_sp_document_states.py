@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from harness import rel_err, run_distributed
-from linear_cases import DECAYS, each_document_alone, make_inputs
+from linear_cases import DECAYS, each_document_alone, make_inputs, random_offsets
 from longscan.parallel import linear_attention, shard
 
 METHODS = ("zeco", "lasp2", "lasp1")
@@ -22,16 +22,12 @@ STATES = {"both": (True, True), "initial": (True, False), "final": (False, True)
 def documents(world: int) -> dict:
     """Offsets into the global sequence of T_LOCAL·world tokens."""
     T = T_LOCAL * world
-    gen = torch.Generator().manual_seed(world + 100)
-    cu = [0]
-    while cu[-1] < T:
-        cu.append(min(T, cu[-1] + int(torch.randint(1, 7, (1,), generator=gen))))
     return {
         # every piece edge (so every rank edge in both layouts) is a boundary; a one-token first document
         "edges": [0, 1] + list(range(PIECE, T + 1, PIECE)),
         # a document over every rank (both layouts) between two short ones, then one-token documents
         "span": [0, 3, T - 2, T - 1, T],
-        "random": cu,
+        "random": random_offsets(T, world + 100),
         "whole": [0, T],
     }
 

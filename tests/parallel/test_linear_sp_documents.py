@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 
 from harness import rel_err, run_distributed
-from linear_cases import DECAYS, make_inputs
+from linear_cases import DECAYS, make_inputs, random_offsets
 from longscan.distributed.documents import global_positions
 from longscan.kernels.linear_attention import naive_recurrent_linear_attention
 from longscan.parallel import linear_attention, shard
@@ -22,16 +22,12 @@ RUNS = [(m, "torch") for m in METHODS] + [("zeco", "naive")]
 def documents(world: int) -> dict:
     """Offsets into the global sequence of T_LOCAL·world tokens."""
     T = T_LOCAL * world
-    gen = torch.Generator().manual_seed(world)
-    cu = [0]
-    while cu[-1] < T:
-        cu.append(min(T, cu[-1] + int(torch.randint(1, 7, (1,), generator=gen))))
     return {
         # every piece edge (so every rank edge in both layouts) is a boundary; a one-token first document
         "edges": [0, 1] + list(range(PIECE, T + 1, PIECE)),
         # one document over every rank (both layouts), then two one-token documents
         "span": [0, 3, T - 2, T - 1, T],
-        "random": cu,
+        "random": random_offsets(T, world),
     }
 
 
