@@ -4,9 +4,9 @@ For each case of the grid (dtype x T x (B, H) x (K, V) x decay kind x states) th
 through ``chunk_linear_attention`` with the backend under test, the peer backend (fla-core, when installed) and
 the float64 reference (the chunked torch backend in float64), forward and backward with random output
 gradients. Each tensor's error is ||x - ref|| / ||ref||. Where the peer refuses a case (fla refuses its gated
-backward on Triton < 3.7.1 on Hopper), the bar is the reference computed in float32 and rounded once to the
-case's dtype. Prints per (dtype, decay, tensor) the worst and median ratio ours / bar and the worst errors, and
-writes every case to --json (JSON lines).
+backward on Triton < 3.7.1 on Hopper), the bar is the reference computed in float32 from the same inputs (q, k, v
+in the case's dtype) and rounded once to that dtype. Prints per (dtype, decay, tensor) the worst and median
+ratio ours / bar and the worst errors, and writes every case to --json (JSON lines).
 
     PYTHONPATH=. python benchmarks/accuracy_linear.py --json acc.json            # the whole grid (GPU)
     PYTHONPATH=. python benchmarks/accuracy_linear.py --grid quick --device cpu --backend torch --peer naive
@@ -14,7 +14,7 @@ writes every case to --json (JSON lines).
 Each new shape compiles kernels (ours and the peer's autotuning), so a GPU run spreads the grid over processes
 that compile side by side, then summarises their JSON lines:
 
-    for i in $(seq 0 13); do PYTHONPATH=. python benchmarks/accuracy_linear.py --shard $i/14 --json acc$i.json & done; wait
+    for i in $(seq 0 14); do PYTHONPATH=. python benchmarks/accuracy_linear.py --shard $i/15 --json acc$i.json & done; wait
     PYTHONPATH=. python benchmarks/accuracy_linear.py --summarize acc*.json
 """
 from __future__ import annotations
@@ -126,7 +126,9 @@ def measure(case: Case, backend: str, peer: str, device, seed: int) -> dict:
     except Exception as e:  # noqa: BLE001 - any refusal of the peer (its own error types) falls back to rounding
         row["peer_note"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
         row["bar_kind"] = "f32 rounded once"
-        f32 = run(case, x, "torch", torch.float32, gate_grad=True)
+        # the same inputs as ours (q, k, v rounded to the case's dtype): only the computation differs
+        rounded = {n: (t.to(dtype).double() if n in ("q", "k", "v") else t) for n, t in x.items()}
+        f32 = run(case, rounded, "torch", torch.float32, gate_grad=True)
         bar = {n: (t.to(dtype).double() if t is not None else None) for n, t in f32.items()}
     for n in TENSORS:
         row["ours"][n], row["bar"][n] = rel(ours[n], ref[n]), rel(bar[n], ref[n])
@@ -135,8 +137,10 @@ def measure(case: Case, backend: str, peer: str, device, seed: int) -> dict:
 
 def cases(grid: str, dtypes) -> list[Case]:
     g = GRIDS[grid]
-    return [Case(dt, d, T, B, H, K, V, s) for dt, d, T, (B, H), (K, V), s
-            in itertools.product(dtypes, DECAYS, g["T"], g["BH"], g["KV"], (False, True))]
+    # (head sizes, decay) varies fastest: --shard I/15 gives each process one of the 15 kernel families (its
+    # compiles and the peer's autotuning done once), every family advancing at the same pace
+    return [Case(dt, d, T, B, H, K, V, s) for dt, T, (B, H), s, (K, V), d
+            in itertools.product(dtypes, g["T"], g["BH"], (False, True), g["KV"], DECAYS)]
 
 
 def summary(rows: list[dict]) -> str:

@@ -12,6 +12,7 @@ from harness import TRITON_DIRS, assert_compiled_without_spills, rel_err
 
 triton = pytest.importorskip("triton")
 
+from longscan.kernels import trace  # noqa: E402
 from longscan.kernels.delta_rule import naive_recurrent_delta_rule  # noqa: E402
 from longscan.kernels.delta_rule import triton_chunk as tc  # noqa: E402
 from longscan.kernels.delta_rule.triton import DeltaTritonOptions  # noqa: E402
@@ -99,19 +100,14 @@ def test_wy_bf16_on_gpu(kind):
 
 @pytest.mark.parametrize("kind", ["gated", "kda"])
 def test_wy_runs_its_own_kernels(kind):
-    """path="wy" reaches the wy stages (and path="float32" does not) for the kinds it covers."""
-    from longscan.kernels.delta_rule.triton import wy
-    x = make_inputs(kind, 1, 20, 1, 16, 16, torch.float32, seed=3)
-    calls = []
-    orig = wy.DeltaRuleWY.apply
-    wy.DeltaRuleWY.apply = lambda *a: calls.append(1) or orig(*a)
-    try:
-        tc.forward(**x, options=WY)
-        assert calls == [1]
-        tc.forward(**x, options=DeltaTritonOptions(block_v=16))
-        assert calls == [1]
-    finally:
-        wy.DeltaRuleWY.apply = orig
+    """path="wy" reaches the wy stages (and path="float32" does not) for the kinds it covers: the scan's
+    trace event names the path that ran."""
+    x = {n: (t.to(DEV) if t is not None else None)
+         for n, t in make_inputs(kind, 1, 20, 1, 16, 16, torch.float32, seed=3).items()}
+    for options, path in ((WY, "wy"), (DeltaTritonOptions(block_v=16), "float32")):
+        with trace.record() as events:
+            tc.forward(**x, options=options)
+        assert [e.info["path"] for e in events if e.name == "delta_scan"] == [path]
 
 
 def transition_grads(fn, x, dloc, dM):
