@@ -196,9 +196,7 @@ class LinearAttention(nn.Module):
 
     def _delta_options(self, device):
         """The Triton kernels' options on sp.delta_path where the backend resolves to Triton; None elsewhere
-        (the other backends take no options) and on the default path."""
-        if self.sp.delta_path == "float32":
-            return None
+        (the other backends take no options)."""
         if local_delta.get_backend(self.sp.linear_backend, device).__name__ != local_delta.TRITON_BACKEND:
             return None
         from longscan.kernels.delta_rule.triton import DeltaTritonOptions
