@@ -208,7 +208,9 @@ class LinearAttention(nn.Module):
         q, k, v = (conv(proj(x)[0], group, layout).view(B, T, self.h, self.d)
                    for proj, conv in ((self.q_proj, self.q_conv), (self.k_proj, self.k_conv),
                                       (self.v_proj, self.v_conv)))
-        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)   # unit keys: every I - β k kᵀ is a contraction
+        # unit keys: every I - β k kᵀ is a contraction; back in v's dtype, as CUDA autocast normalizes in float32
+        # and the kernels' default path is read from k's dtype (bf16: the tensor-core kernels)
+        q, k = F.normalize(q, dim=-1).to(v.dtype), F.normalize(k, dim=-1).to(v.dtype)
         beta = torch.sigmoid(self.b_proj(x)[0].float())          # float32 like the gates, under bf16 too
         g = None
         if self.variant == "gated_deltanet":
