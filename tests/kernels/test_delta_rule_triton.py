@@ -1,6 +1,7 @@
 """The delta rule's Triton backend (the recurrence across chunks in Triton kernels) against the float64
 recurrence, forward and backward with states, every kind, chunks of 16 so short sequences cross several
-(and a padded last one); the SP stages on it. CPU: the Triton interpreter in float32. GPU: also bf16, on the default path (wy) and on path="float32"."""
+(and a padded last one); the SP stages on it. CPU: the Triton interpreter in float32. GPU: also bf16, on the
+default path (wy) and on path="float32"."""
 import pytest
 import torch
 

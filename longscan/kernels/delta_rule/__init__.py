@@ -8,8 +8,8 @@ Every backend provides
   segment_transition(k, v, beta, g) -> (S_loc `[B, H, K, V]`, M `[B, H, K, K]`): S_out = M S_in + S_loc
 both differentiable by autograd. Backends: "naive" (the recurrence), "torch" (chunked, WY representation;
 the CPU default), "triton" (the same chunks in Triton kernels: the chunks' own quantities, the recurrence
-across chunks, and their backward; the CUDA default; settings in DeltaTritonOptions: its default path="auto" runs the tensor-core kernels ("wy")
-for bf16 inputs and the float32 kernels for the others).
+across chunks, and their backward; the CUDA default; settings in DeltaTritonOptions, whose default
+path="auto" runs the tensor-core kernels ("wy") for bf16 inputs and the float32 kernels for the others).
 """
 from __future__ import annotations
 
