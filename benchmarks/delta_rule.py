@@ -5,7 +5,7 @@ longscan's scalar-gate linear attention at the same shape (the yardstick: same q
     PYTHONPATH=. python benchmarks/delta_rule.py [--shapes 16x4096 1x65536] [--backends triton triton-torch-intra]
         [--precision ieee tf32] [--recompute] [--chunk 32] [--kinds deltanet gated_deltanet kda]
         [--settings default inter_stages_1 inter_block_k_32 inter_block_k_32_v16 inverse_blocks
-                    intra_stages_3 block_k_32 wy wy_state_v32 wy_state_v32_w8]
+                    intra_stages_3 block_k_32 wy auto wy_state_v32 wy_state_v32_w8]
 
 Backends: "triton" (every stage in Triton), "triton-torch-intra" (the chunks' own quantities in batched torch,
 the recurrence across chunks in Triton: the earlier path), "torch". bf16 q, k, v (k L2-normalised), float32 β
@@ -13,12 +13,13 @@ in (0, 1) and log gates, 16 heads × 128 by default. Prints one row per (kind, s
 milliseconds (median of triton.testing.do_bench), and for the other delta-rule rows the relative L2 difference
 of their output and final state, and the largest of their gradients' (q, k, v, β, g), from the first row's on
 the same inputs. --settings adds rows of the "triton" backend at other options than the defaults (SETTINGS),
-so a setting not yet measured runs beside the default.
+so a setting not yet measured runs beside the default. The "triton" rows run path="float32" (the kernels for
+float32 inputs; "auto", the options' default, runs "wy" for these bf16 inputs) unless their setting names
+"wy" or "auto".
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +32,7 @@ KINDS = ("deltanet", "gated_deltanet", "kda")
 BACKENDS = ("triton", "triton-torch-intra", "torch")
 # named DeltaTritonOptions overrides for the "triton" backend's rows
 SETTINGS = {
-    "default": {},
+    "default": {},                                  # path="float32" at its defaults
     "inter_stages_1": dict(inter_num_stages=1),     # the recurrence without its next-chunk prefetch (fewer spills)
     "inverse_blocks": dict(inverse="blocks"),       # P from two half-blocks: half the sequential steps
     "intra_stages_3": dict(intra_num_stages=3),     # the intra kernels pipelined (they spill at K = 128)
@@ -39,6 +40,7 @@ SETTINGS = {
     "inter_block_k_32_v16": dict(inter_block_k=32, block_v=16),   # and 16 V columns a program
     "block_k_32": dict(block_k=32),                 # the intra kernels' key blocks halved in number
     "wy": dict(path="wy"),                          # tensor-core products on bf16, chunks of 64 (every kind)
+    "auto": dict(path="auto"),                      # the options' default: wy on these bf16 inputs
     # its serial kernels at 32 V columns a program: half the programs, each re-reading the chunk's [64, K]
     # tiles half as often, but they spill a few bytes at K = 128
     "wy_state_v32": dict(path="wy", wy_state_block_v=32),
@@ -50,9 +52,11 @@ def ours(backend, chunk, precision, recompute=False, setting="default"):
     """longscan's chunk_delta_rule on ``backend`` as f(q, k, v, beta, g) -> (o, final state)."""
     if backend == "torch":
         return lambda q, k, v, beta, g: chunk_delta_rule(q, k, v, beta, g, output_final_state=True, backend="torch")
-    options = DeltaTritonOptions(chunk=chunk, intra="torch" if backend == "triton-torch-intra" else "triton",
-                                 input_precision=precision, recompute=recompute)
-    options = dataclasses.replace(options, **SETTINGS[setting])
+    kw = dict(path="float32", chunk=chunk, intra="torch" if backend == "triton-torch-intra" else "triton",
+              input_precision=precision, recompute=recompute) | SETTINGS[setting]
+    if kw["path"] == "wy":   # it reads none of the float32 path's chunk, intra and recompute
+        kw = {n: v for n, v in kw.items() if n not in ("chunk", "intra", "recompute")}
+    options = DeltaTritonOptions(**kw)
     return lambda q, k, v, beta, g: chunk_delta_rule(q, k, v, beta, g, output_final_state=True, backend="triton",
                                                      options=options)
 
@@ -140,7 +144,7 @@ def main():
                       + (f" {st}" if st != "default" else ""), ours(b, a.chunk, p, a.recompute, st))
                      for b in a.backends for p in (a.precision if b != "torch" else ["ieee"])
                      for st in (a.settings if b == "triton" else ["default"])
-                     if not (a.recompute and SETTINGS[st].get("path") == "wy")]   # path="wy" keeps, never recomputes
+                     if not (a.recompute and SETTINGS[st].get("path") in ("wy", "auto"))]   # wy never recomputes
             fla = peer(kind)
             if fla is not None:
                 impls.append(("fla", fla))

@@ -128,7 +128,8 @@ class SPSpec:
     ``linear_options``: the Triton linear-attention kernels' LinearKernelOptions (None: their defaults),
     passed by every linear-attention layer to ``longscan.parallel.linear_attention`` or the local kernel. The
     delta-rule variants (deltanet, gated_deltanet, kda) run other kernels and ignore it; where their Triton
-    backend runs, ``delta_path`` picks its kernel set (``DeltaTritonOptions.path``).
+    backend runs, ``delta_path`` picks its kernel set (``DeltaTritonOptions.path``; "auto": "wy" for bf16
+    activations, "float32" otherwise).
     """
     group: Any = None
     layout: str = "zigzag"
@@ -138,7 +139,7 @@ class SPSpec:
     softmax_backend: str = "auto"
     linear_overlap: bool = False
     linear_options: LinearKernelOptions | None = None
-    delta_path: str = "float32"
+    delta_path: str = "auto"
 
     def __post_init__(self):
         if self.linear_options is not None and not isinstance(self.linear_options, LinearKernelOptions):
@@ -149,7 +150,7 @@ class SPSpec:
 
     @classmethod
     def from_config(cls, parallel: ParallelSection, group,
-                    linear_options: LinearKernelOptions | None = None, delta_path: str = "float32") -> "SPSpec":
+                    linear_options: LinearKernelOptions | None = None, delta_path: str = "auto") -> "SPSpec":
         """The spec of the parallel config section (``longscan.training.config.ParallelConfig``) over ``group``,
         its linear layers' kernels run with ``linear_options`` (the kernels section's ``options()``) and the
         delta rule's Triton kernels on ``delta_path`` (``kernels.delta_path``)."""

@@ -196,9 +196,7 @@ class LinearAttention(nn.Module):
 
     def _delta_options(self, device):
         """The Triton kernels' options on sp.delta_path where the backend resolves to Triton; None elsewhere
-        (the other backends take no options) and on the default path."""
-        if self.sp.delta_path == "float32":
-            return None
+        (the other backends take no options)."""
         if local_delta.get_backend(self.sp.linear_backend, device).__name__ != local_delta.TRITON_BACKEND:
             return None
         from longscan.kernels.delta_rule.triton import DeltaTritonOptions
@@ -210,7 +208,9 @@ class LinearAttention(nn.Module):
         q, k, v = (conv(proj(x)[0], group, layout).view(B, T, self.h, self.d)
                    for proj, conv in ((self.q_proj, self.q_conv), (self.k_proj, self.k_conv),
                                       (self.v_proj, self.v_conv)))
-        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)   # unit keys: every I - β k kᵀ is a contraction
+        # unit keys: every I - β k kᵀ is a contraction; back in v's dtype, as CUDA autocast normalizes in float32
+        # and the kernels' default path is read from k's dtype (bf16: the tensor-core kernels)
+        q, k = F.normalize(q, dim=-1).to(v.dtype), F.normalize(k, dim=-1).to(v.dtype)
         beta = torch.sigmoid(self.b_proj(x)[0].float())          # float32 like the gates, under bf16 too
         g = None
         if self.variant == "gated_deltanet":

@@ -342,9 +342,10 @@ class KernelsConfig:
     """The SM count the segment plan assumes; 0 = the device's."""
     gate_grad_f32_state: bool = True
     """State products of a gate-gradient backward in float32 precision (bf16 states miss its tolerance)."""
-    delta_path: str = "float32"
-    """The delta-rule variants' Triton kernels (where the Triton backend runs them): float32 (float32 products)
-    | wy (tensor-core products on the inputs' dtype, chunks of 64: docs/delta_rule.md)."""
+    delta_path: str = "auto"
+    """The delta-rule variants' Triton kernels (where the Triton backend runs them): auto (wy for bf16
+    activations, float32 otherwise) | float32 (float32 products) | wy (tensor-core products on the inputs'
+    dtype, chunks of 64: docs/delta_rule.md)."""
 
     def __post_init__(self):
         self.validate()

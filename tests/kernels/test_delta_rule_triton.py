@@ -1,6 +1,7 @@
 """The delta rule's Triton backend (the recurrence across chunks in Triton kernels) against the float64
 recurrence, forward and backward with states, every kind, chunks of 16 so short sequences cross several
-(and a padded last one); the SP stages on it. CPU: the Triton interpreter in float32. GPU: also bf16."""
+(and a padded last one); the SP stages on it. CPU: the Triton interpreter in float32. GPU: also bf16, on the
+default path (wy) and on path="float32"."""
 import pytest
 import torch
 
@@ -57,13 +58,20 @@ def test_triton_refuses_float64():
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("path", ["default", "float32"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_triton_bf16_on_gpu(kind):
+def test_triton_bf16_on_gpu(kind, path):
+    """bf16 q, k, v on the default options (path="auto": the wy kernels run) and on path="float32"."""
+    from longscan.kernels import trace
+    from longscan.kernels.delta_rule.triton import DeltaTritonOptions
     x = make_inputs(kind, 2, 1000, 4, 64, 64, torch.float64, seed=5)
     ref, ref_s = naive_recurrent_delta_rule(**x, output_final_state=True)
     low = {n: (t.to(DEV, torch.bfloat16) if n in ("q", "k", "v") else t.to(DEV, torch.float32))
            for n, t in x.items() if t is not None}
-    o, s = chunk_delta_rule(**low, output_final_state=True)
+    options = DeltaTritonOptions(path="float32") if path == "float32" else None
+    with trace.record() as events:
+        o, s = chunk_delta_rule(**low, output_final_state=True, options=options)
+    assert [e.info["path"] for e in events if e.name == "delta_scan"] == ["wy" if path == "default" else "float32"]
     assert o.dtype == torch.bfloat16 and rel_err(o.cpu(), ref) < 2e-2 and rel_err(s.cpu(), ref_s) < 2e-2
 
 

@@ -32,7 +32,7 @@ def compare(kind, shape, with_state, options, seed):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}T{}H{}K{}V{}".format(*s))
 @pytest.mark.parametrize("kind", KINDS)
 def test_triton_intra_matches_recurrence(kind, shape, with_state):
-    options = DeltaTritonOptions(chunk=64, block_v=16, block_k=16)
+    options = DeltaTritonOptions(path="float32", chunk=64, block_v=16, block_k=16)
     compare(kind, shape, with_state, options, seed=shape[1] + KINDS.index(kind))
 
 
@@ -47,7 +47,8 @@ def test_default_options_match_recurrence(kind):
 def test_blocked_inverse_matches_recurrence(kind, chunk):
     """options.inverse="blocks" (two diagonal half-blocks, then their join): every output and gradient, over
     several chunks with a padded last one, and P inverts I + A."""
-    compare(kind, (1, 70, 2, 16, 32), True, DeltaTritonOptions(chunk=chunk, inverse="blocks"), seed=31 + chunk)
+    compare(kind, (1, 70, 2, 16, 32), True, DeltaTritonOptions(path="float32", chunk=chunk, inverse="blocks"),
+            seed=31 + chunk)
     x = make_inputs(kind, 1, 50, 1, 16, 16, torch.float64, seed=32)
     x32 = {n: (t.float().to(DEV) if t is not None else None) for n, t in x.items()}
     kw = dict(q=x32["q"], k=x32["k"], v=x32["v"], beta=x32["beta"], g=x32["g"], chunk=chunk, block_v=16,
@@ -63,21 +64,21 @@ def test_blocked_inverse_matches_recurrence(kind, chunk):
 def test_recurrence_in_blocks_of_keys_matches_recurrence(kind, intra):
     """options.inter_block_k: the recurrence's state and tiles as blocks of 16 keys (K = 32: two, and K = 20:
     a padded second), every output and gradient, on both intra paths."""
-    options = DeltaTritonOptions(chunk=16, inter_block_k=16, intra=intra)
+    options = DeltaTritonOptions(path="float32", chunk=16, inter_block_k=16, intra=intra)
     compare(kind, (1, 37, 2, 32, 16), True, options, seed=41)
     compare(kind, (1, 20, 1, 20, 16), False, options, seed=42)
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_torch_intra_path_still_selectable(kind):
-    compare(kind, (1, 37, 2, 16, 32), True, DeltaTritonOptions(chunk=16, intra="torch"), seed=11)
+    compare(kind, (1, 37, 2, 16, 32), True, DeltaTritonOptions(path="float32", chunk=16, intra="torch"), seed=11)
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_recompute_matches_recurrence_and_keeps_less(kind):
     """options.recompute: the backward runs the forward's stages again, with the same gradients, and what the
     forward keeps for it is the inputs alone."""
-    compare(kind, (2, 37, 1, 16, 32), True, DeltaTritonOptions(chunk=16, recompute=True), seed=13)
+    compare(kind, (2, 37, 1, 16, 32), True, DeltaTritonOptions(path="float32", chunk=16, recompute=True), seed=13)
     x = {n: (t.to(DEV) if t is not None else None)
          for n, t in make_inputs(kind, 1, 64, 2, 16, 16, torch.float32, seed=14).items()}
     kept = {}
@@ -89,7 +90,7 @@ def test_recompute_matches_recurrence_and_keeps_less(kind):
             sizes.append(t.numel() * t.element_size())
             return t
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            tc.forward(**leaves, options=DeltaTritonOptions(chunk=16, recompute=recompute))
+            tc.forward(**leaves, options=DeltaTritonOptions(path="float32", chunk=16, recompute=recompute))
         kept[recompute] = sum(sizes)
     inputs = sum(t.numel() * t.element_size() for t in x.values() if t is not None)
     assert kept[True] <= inputs < kept[False], kept
@@ -98,7 +99,8 @@ def test_recompute_matches_recurrence_and_keeps_less(kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_gradients_from_the_final_state_alone(kind):
     """A loss on the final state only (o unused)."""
-    compare_final_state_gradients(lambda **a: tc.forward(**a, options=DeltaTritonOptions(chunk=16)), kind, 40, DEV)
+    options = DeltaTritonOptions(path="float32", chunk=16)
+    compare_final_state_gradients(lambda **a: tc.forward(**a, options=options), kind, 40, DEV)
 
 
 @pytest.mark.parametrize("with_q", [True, False])

@@ -1,8 +1,9 @@
 """The delta rule's Triton path="wy" (chunks of 64, tensor-core products, 16×16 block inverse) against the
 float64 recurrence: no gate, a scalar gate and per-key gates (KDA), forward and every gradient, with and
 without states, a part of a chunk, exactly one, several with a padded last one, K ≠ V, steep gates; the
-segment transitions (the scan without outputs) against the float64 chunked ones; the options' checks; its
-kernels compiled for sm_90 at K = V = 128 in bf16 without register spills. CPU: the Triton interpreter in float32."""
+segment transitions (the scan without outputs) against the float64 chunked ones; the options' checks; the
+default path="auto" (wy for bf16 inputs, float32 otherwise) and the kernels it reaches; its kernels compiled
+for sm_90 at K = V = 128 in bf16 without register spills. CPU: the Triton interpreter in float32."""
 import pytest
 import torch
 
@@ -104,10 +105,99 @@ def test_wy_runs_its_own_kernels(kind):
     trace event names the path that ran."""
     x = {n: (t.to(DEV) if t is not None else None)
          for n, t in make_inputs(kind, 1, 20, 1, 16, 16, torch.float32, seed=3).items()}
-    for options, path in ((WY, "wy"), (DeltaTritonOptions(block_v=16), "float32")):
+    for options, path in ((WY, "wy"), (DeltaTritonOptions(path="float32", block_v=16), "float32")):
         with trace.record() as events:
             tc.forward(**x, options=options)
         assert [e.info["path"] for e in events if e.name == "delta_scan"] == [path]
+
+
+def test_auto_resolves_by_the_inputs_dtype():
+    """path="auto" (the default) is "wy" for bf16 and "float32" for float32 and float16 inputs; the settings
+    the chosen path does not read return to their defaults; "float32" and "wy" stay as they are."""
+    assert DeltaTritonOptions().path == "auto"
+    auto = DeltaTritonOptions(chunk=16, block_v=16, inverse="blocks", wy_state_block_v=32)
+    assert auto.resolved(torch.bfloat16) == DeltaTritonOptions(path="wy", block_v=16, wy_state_block_v=32)
+    assert auto.resolved(torch.float32) == DeltaTritonOptions(path="float32", chunk=16, block_v=16, inverse="blocks")
+    assert auto.resolved(torch.float16).path == "float32"
+    for path in ("float32", "wy"):
+        o = DeltaTritonOptions(path=path, block_v=16)
+        assert o.resolved(torch.bfloat16) is o and o.resolved(torch.float32) is o
+
+
+def _scans(events):
+    return [(e.info["path"], e.info["outputs"]) for e in events if e.name == "delta_scan"]
+
+
+def test_auto_runs_float32_kernels_on_float32_inputs():
+    """The default options (None, or DeltaTritonOptions()) on float32 inputs run path="float32", in the forward
+    and in the segment transitions, and their results are path="float32"'s."""
+    from longscan.kernels.delta_rule import chunk_delta_rule
+    x = {n: (t.to(DEV) if t is not None else None)
+         for n, t in make_inputs("gated", 1, 20, 1, 16, 16, torch.float32, seed=4).items()}
+    f32 = DeltaTritonOptions(path="float32")
+    want_o, want_s = tc.forward(**x, output_final_state=True, options=f32)
+    want_loc, want_M = tc.segment_transition(x["k"], x["v"], x["beta"], x["g"], options=f32)
+    for options in (None, DeltaTritonOptions()):
+        with trace.record() as events:
+            o, s = chunk_delta_rule(**x, output_final_state=True, backend="triton", options=options)
+            loc, M = tc.segment_transition(x["k"], x["v"], x["beta"], x["g"], options=options)
+        assert _scans(events) == [("float32", True), ("float32", False)]
+        assert torch.equal(o, want_o) and torch.equal(s, want_s)
+        assert torch.equal(loc, want_loc) and torch.equal(M, want_M)
+
+
+class _Reached(Exception):
+    """Raised where the wy kernels would start (the interpreter runs float32 only)."""
+
+
+def test_auto_runs_wy_kernels_on_bf16_inputs(monkeypatch):
+    """The default options on bf16 q, k, v reach the wy kernels, forward and segment transitions ([v | 0] in
+    bf16), with the options wy reads; the scan's trace event says "wy". Stopped at the kernels' entry."""
+    from longscan.kernels.delta_rule import chunk_delta_rule
+    from longscan.kernels.delta_rule.triton import chunk
+    reached = []
+
+    def stop(**a):
+        reached.append((a["options"], a["v"].dtype, a["q"] is not None))
+        raise _Reached
+    monkeypatch.setattr(chunk, "wy_scan", stop)
+    x = make_inputs("kda", 1, 20, 1, 16, 16, torch.float32, seed=5)
+    x.update({n: x[n].to(torch.bfloat16) for n in ("q", "k", "v")})
+    calls = (lambda: chunk_delta_rule(**x, backend="triton"),
+             lambda: tc.forward(**x, options=DeltaTritonOptions(chunk=16, wy_state_block_v=32)),
+             lambda: tc.segment_transition(x["k"], x["v"], x["beta"], x["g"]))
+    for call in calls:
+        with trace.record() as events, pytest.raises(_Reached):
+            call()
+        assert [e.info["path"] for e in events if e.name == "delta_scan"] == ["wy"]
+    wy = DeltaTritonOptions(path="wy")
+    assert reached == [(wy, torch.bfloat16, True), (DeltaTritonOptions(path="wy", wy_state_block_v=32),
+                                                     torch.bfloat16, True), (wy, torch.bfloat16, False)]
+
+
+def test_settings_a_path_does_not_run_are_refused():
+    """Where the options are built: intra="torch" and recompute=True on a path that may run wy, a float32-path
+    setting on path="wy" and a wy setting on path="float32", each named; "auto" takes both paths' settings."""
+    for kw in (dict(recompute=True), dict(intra="torch")):
+        name = next(iter(kw))
+        with pytest.raises(ValueError, match=f"DeltaTritonOptions.{name}=.*path='auto' runs path='wy' for bf16"):
+            DeltaTritonOptions(**kw)
+        assert DeltaTritonOptions(path="float32", **kw).path == "float32"
+    for name, value in (("chunk", 64), ("block_k", 32), ("inter_block_k", 16), ("intra_num_stages", 2),
+                        ("inverse", "blocks")):
+        with pytest.raises(ValueError, match=f"DeltaTritonOptions.{name}: path='wy' does not read it"):
+            DeltaTritonOptions(path="wy", **{name: value})
+        for path in ("auto", "float32"):
+            assert getattr(DeltaTritonOptions(path=path, **{name: value}), name) == value
+    for name, value in (("wy_state_block_v", 32), ("wy_state_num_warps", 8)):
+        with pytest.raises(ValueError, match=f"DeltaTritonOptions.{name}: path='float32' does not read it"):
+            DeltaTritonOptions(path="float32", **{name: value})
+        for path in ("auto", "wy"):
+            assert getattr(DeltaTritonOptions(path=path, **{name: value}), name) == value
+    from longscan.kernels.delta_rule.triton import scan
+    x = make_inputs("deltanet", 1, 4, 1, 16, 16, torch.float32, seed=0)
+    with pytest.raises(ValueError, match="scan runs one kernel set"):
+        scan(q=x["q"], k=x["k"], v=x["v"], beta=x["beta"], g=None, h0=None, scale=1.0, options=DeltaTritonOptions())
 
 
 def transition_grads(fn, x, dloc, dM):

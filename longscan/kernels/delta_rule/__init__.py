@@ -8,7 +8,8 @@ Every backend provides
   segment_transition(k, v, beta, g) -> (S_loc `[B, H, K, V]`, M `[B, H, K, K]`): S_out = M S_in + S_loc
 both differentiable by autograd. Backends: "naive" (the recurrence), "torch" (chunked, WY representation;
 the CPU default), "triton" (the same chunks in Triton kernels: the chunks' own quantities, the recurrence
-across chunks, and their backward; the CUDA default; float32 compute; settings in DeltaTritonOptions).
+across chunks, and their backward; the CUDA default; settings in DeltaTritonOptions, whose default
+path="auto" runs the tensor-core kernels ("wy") for bf16 inputs and the float32 kernels for the others).
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ from longscan.kernels.linear_attention import check_log_decay
 
 BACKENDS = ("auto", "naive", "torch", "triton")
 TRITON_BACKEND = _TRITON = "longscan.kernels.delta_rule.triton_chunk"   # the Triton backend's module name
-TRITON_PATHS = ("float32", "wy")   # the Triton backend's kernel sets (DeltaTritonOptions.path)
+KERNEL_PATHS = ("float32", "wy")   # the Triton backend's kernel sets
+TRITON_PATHS = ("auto",) + KERNEL_PATHS   # DeltaTritonOptions.path: "auto" picks a kernel set by the inputs' dtype
 
 
 def _naive_segment_transition(k, v, beta, g=None):
@@ -106,8 +108,9 @@ def chunk_delta_rule(q, k, v, beta, g=None, scale=None, initial_state=None, outp
 
     q, k `[B, T, H, K]`, v `[B, T, H, V]`, beta `[B, T, H]` in (0, 1], g None, `[B, T, H]` or `[B, T, H, K]`
     (log decays ≤ 0), initial_state `[B, H, K, V]`. scale: K^-0.5 when None. backend: "auto" | "torch" |
-    "naive" | "triton" (float32 compute: it refuses float64 inputs). options: a
-    ``longscan.kernels.delta_rule.triton.DeltaTritonOptions`` for the Triton backend (None: its defaults).
+    "naive" | "triton" (it refuses float64 inputs). options: a
+    ``longscan.kernels.delta_rule.triton.DeltaTritonOptions`` for the Triton backend (None: its defaults, whose
+    path="auto" runs path="wy" for bf16 k and path="float32" otherwise).
     -> (o `[B, T, H, V]` in q's dtype, final state `[B, H, K, V]` (float32; float64 for float64 inputs) or
     None). Same conventions as flash-linear-attention's chunk_delta_rule (β given, q and k not normalised
     here), chunk_gated_delta_rule and chunk_kda.

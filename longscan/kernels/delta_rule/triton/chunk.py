@@ -13,6 +13,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from longscan.kernels import trace
+from longscan.kernels.delta_rule import KERNEL_PATHS
 from longscan.kernels.delta_rule.torch_chunk import _chunks, _intra
 from longscan.kernels.delta_rule.triton.inter import Chunks, InterChunk, inter_backward_states, inter_forward
 from longscan.kernels.delta_rule.triton.intra_bwd import intra_backward
@@ -85,12 +86,15 @@ def _torch_intra(q, k, v, beta, g, h0, scale, options):
 
 def scan(*, q, k, v, beta, g, h0, scale: float, options: DeltaTritonOptions):
     """-> (o `[B, T, H, V]` float32 (k's dtype on path="wy") or None when q is None, final state `[B, H, K, V]`
-    float32)."""
+    float32). options.path is "float32" or "wy" (``DeltaTritonOptions.resolved`` turns "auto" into one)."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     if k.dtype == torch.float64:
         raise TypeError("backend='triton' computes in float32; for float64 inputs use backend='torch'")
-    trace.emit("delta_scan", path=options.path, outputs=q is not None)
+    if options.path not in KERNEL_PATHS:
+        raise ValueError(f"scan runs one kernel set {KERNEL_PATHS}, got path={options.path!r}: pass "
+                         f"options.resolved(k.dtype)")
+    trace.emit("delta_scan", path=options.path, outputs=q is not None)   # the kernel set that runs
     if options.path == "wy":
         o, S = wy_scan(q=q, k=k, v=v, beta=beta, g=g, h0=h0, scale=scale, options=options)
         return o, S

@@ -2,11 +2,15 @@
 
 ``DeltaTritonOptions()`` is what the backend uses when a caller passes ``options=None``. Tests and
 benchmarks pass their own value instead of changing module state, so two settings run side by side.
+path="auto" (the default) is resolved by ``DeltaTritonOptions.resolved`` from the inputs' dtype before any
+kernel runs.
 """
 from __future__ import annotations
 
 import dataclasses
 from typing import Optional
+
+import torch
 
 from longscan.kernels.delta_rule import TRITON_PATHS
 
@@ -14,6 +18,14 @@ INTRA = ("triton", "torch")
 PRECISIONS = ("ieee", "tf32")
 INVERSES = ("rows", "blocks")
 PATHS = TRITON_PATHS
+# the inputs' dtypes path="auto" runs on "wy": bf16 has float32's exponent range, so the chunk quantities kept
+# in it hold the per-key decay factors; float32 inputs keep the float32 kernels' accuracy, and float16 (whose
+# range the per-key factors of steep gates exceed) keeps them too
+AUTO_WY_DTYPES = (torch.bfloat16,)
+# settings that only one kernel set reads (path="wy" runs chunks of 64 and its own stages; path="float32" has
+# no wy_state kernels); intra and recompute besides pick float32-only variants, checked on their own
+FLOAT32_ONLY = ("chunk", "block_k", "inter_block_k", "intra_num_stages", "inverse")
+WY_ONLY = ("wy_state_block_v", "wy_state_num_warps")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,12 +52,15 @@ class DeltaTritonOptions:
     recompute: keep only the inputs for the backward and run the forward's stages again there, instead of
     keeping every chunk's float32 quantities and entering state (several times the inputs' size); for
     intra="triton" (the torch intra path recomputes its own stage and keeps the recurrence's).
-    path: "float32" runs the kernels above (float32 operands and chunk quantities); "wy" runs the
+    path: "auto" (the default) runs "wy" for bf16 inputs and "float32" for the others (float32, float16), see
+    ``resolved``; "float32" runs the kernels above (float32 operands and chunk quantities); "wy" runs the
     tensor-core kernels (``wy``): chunks of 64 whatever ``chunk`` says, products on the inputs' dtype
     (bf16 on a GPU) with float32 sums, chunk quantities kept in the inputs' dtype; its parallel kernels
     read block_v and num_warps, its serial ones (the state across chunks) wy_state_block_v,
     wy_state_num_warps and inter_num_stages, all input_precision (for float32 inputs). It covers no gate,
-    a scalar gate and per-key gates, with q and without it (the SP stages' segment transitions).
+    a scalar gate and per-key gates, with q and without it (the SP stages' segment transitions). A setting
+    that the chosen path does not read (``FLOAT32_ONLY`` on "wy", ``WY_ONLY`` on "float32") must keep its
+    default, and intra="torch" or recompute=True need path="float32" (wy runs neither; "auto" may pick wy).
     wy_state_block_v, wy_state_num_warps: V columns and warps a program of path="wy"'s serial kernels
     (each holds a `[K, wy_state_block_v]` float32 state and `[64, K]` tiles)."""
     chunk: int = 32
@@ -59,7 +74,7 @@ class DeltaTritonOptions:
     input_precision: str = "ieee"
     inverse: str = "rows"
     recompute: bool = False
-    path: str = "float32"
+    path: str = "auto"
     wy_state_block_v: int = 16
     wy_state_num_warps: int = 4
 
@@ -95,10 +110,28 @@ class DeltaTritonOptions:
             raise ValueError(f"DeltaTritonOptions.inverse must be one of {INVERSES}, got {self.inverse!r}")
         if self.path not in PATHS:
             raise ValueError(f"DeltaTritonOptions.path must be one of {PATHS}, got {self.path!r}")
-        if self.path == "wy" and (self.intra != "triton" or self.recompute):
-            raise ValueError("DeltaTritonOptions.path='wy' keeps its own chunk quantities: it takes "
-                             f"intra='triton' and recompute=False, got intra={self.intra!r}, "
-                             f"recompute={self.recompute!r}")
+        if self.path != "float32" and (self.intra != "triton" or self.recompute):
+            name, value = ("intra", self.intra) if self.intra != "triton" else ("recompute", self.recompute)
+            why = ("keeps its own chunk quantities" if self.path == "wy" else
+                   "runs path='wy' for bf16 inputs, which keeps its own chunk quantities")
+            raise ValueError(f"DeltaTritonOptions.{name}={value!r}: path={self.path!r} {why}: it takes "
+                             f"intra='triton' and recompute=False; pass path='float32' to run {name}={value!r}")
+        unread, reader = {"wy": (FLOAT32_ONLY, "float32"), "float32": (WY_ONLY, "wy")}.get(self.path, ((), None))
+        for f in dataclasses.fields(self):
+            if f.name in unread and getattr(self, f.name) != f.default:
+                raise ValueError(f"DeltaTritonOptions.{f.name}: path={self.path!r} does not read it (path="
+                                 f"{reader!r} and 'auto' do); leave it at {f.default!r}, got {getattr(self, f.name)!r}")
         if self.input_precision not in PRECISIONS:
             raise ValueError(f"DeltaTritonOptions.input_precision must be one of {PRECISIONS}, "
                              f"got {self.input_precision!r}")
+
+    def resolved(self, dtype: torch.dtype) -> "DeltaTritonOptions":
+        """The options that run for inputs (k) of ``dtype``: path="auto" becomes "wy" for ``AUTO_WY_DTYPES`` and
+        "float32" otherwise, and the settings the chosen path does not read return to their defaults; a
+        "float32" or "wy" path is returned as it is."""
+        if self.path != "auto":
+            return self
+        path = "wy" if dtype in AUTO_WY_DTYPES else "float32"
+        unread = FLOAT32_ONLY if path == "wy" else WY_ONLY
+        defaults = {f.name: f.default for f in dataclasses.fields(self) if f.name in unread}
+        return dataclasses.replace(self, path=path, **defaults)
