@@ -275,6 +275,22 @@ def test_the_1m_config_by_hand():
     assert 60.5 * GiB < est.peak < 60.8 * GiB
 
 
+def test_the_1m_config_without_head_groups_by_hand():
+    """configs/hybrid_1b_1m.yaml with memory.mixer_head_groups=0 at 1,048,576 tokens: its first (linear) block's
+    backward holds at its attention's backward q, k, v, the output's gradient, dq, dk, dv (7 bf16 [T, 16 × 128]:
+    28 GiB), its input brought back and the next one's (8 GiB), one tile's parts, two residual gradients (8 GiB)
+    and its recomputed output (4 GiB): 65.8 GiB, 72.4 with the capacity check's 10% (an 80 GB GPU takes it)."""
+    cfg = validate(load_config(CONFIG_1M, ["memory.mixer_head_groups=0"]), 1)
+    est = estimate_config(cfg, 1, reserve=0)
+    p = est.parts
+    assert est.moment == "block 0 backward"
+    assert p["residual gradients"] == 8 * GiB and p["offloaded output (held)"] == 4 * GiB
+    assert not [k for k in p if k.startswith("head groups")]
+    assert 36 * GiB < p["block backward (transient)"] < 36.3 * GiB
+    assert 65.7 * GiB < est.peak < 65.9 * GiB
+    assert estimate_config(cfg, 1).peak < 79.1 * GiB
+
+
 def test_per_stage_offload_in_float32_by_hand():
     """Every stage offloaded, float32 stream, 4 head groups: the mixer stage's backward holds the gradient it was
     called with, which is also the float32 gradient of the groups' sum (8 GiB), its recomputed output (8 GiB)
