@@ -12,7 +12,10 @@ the largest of three moments:
   kernels' gradient buffers; with tiled mixers one tile of their token-wise parts; with head groups one
   group's attention tensors and gradients, linear and softmax mixers alike), plus a few `[T, D]` buffers of
   the residual stream's gradient, and what recomputation holds beside them (:func:`recompute_extras`: an
-  offloaded stage's recomputed output; with head groups the input's gradient and the previous group's).
+  offloaded stage's recomputed output; with head groups the input's gradient and the previous group's). An
+  offloaded block's or stage's backward is counted as measured on CPU (tests/training/test_memory_recompute.py):
+  the largest of the moments its attention's backward, its MLP's backward and, per stage, the sum of its input
+  gradient, with and without head groups.
 
 What a block saves depends on each stage's memory mode (none: everything its modules save; checkpoint: its
 input; offload: nothing), or on memory.blocks for whole blocks, and is multiplied by the microbatches the 1F1B
@@ -225,9 +228,11 @@ def _block(m: ModelConfig, kind: str, memory: MemoryOptions, whole_block: bool, 
         mixer_bwd = 3 * act * I * N + (4 * I * N if m.linear_variant == "gla" else 0)
     else:  # dq, dk, dv
         mixer_bwd = act * (I + 2 * Ikv) * N
-    if tiled_mixer:  # the output's gradient, and one tile of what the untiled parts would keep
+    if tiled_mixer:  # one tile of what the untiled parts would keep, and the output's gradient: beside the output
+        # for a softmax attention, which keeps it; in its place for a linear one, which does not (the output
+        # tiles' backward frees it before the attention's)
         per_tile = saved_per_token(m, kind, tp, act) - saved_per_token(m, kind, tp, act, True)
-        mixer_bwd += act * I * N + per_tile * min(memory.mixer_tile, N)
+        mixer_bwd += (act * I * N if kind == "N" else 0) + per_tile * min(memory.mixer_tile, N)
     if groups > 1 and kind == "N":  # one group recomputed: its q, k, v, output, lse, their gradients; a tile
         Ig, Ikvg, Hg = I // groups, Ikv // groups, m.n_heads // tp // groups
         attention = _softmax_saved(m, Ig, Ikvg, Hg, act, True) - res * D - 8 * m.hd
@@ -243,20 +248,36 @@ def _block(m: ModelConfig, kind: str, memory: MemoryOptions, whole_block: bool, 
     block_mode = "checkpoint" if whole_block else memory.blocks
     if block_mode == "checkpoint":
         return res * D * N, saved[kind] + saved["mlp"] + max(mixer_bwd, mlp_bwd)
+    # a recomputation uses the model's RoPE tables (held once, beside the blocks), it does not make them again.
+    # Tiled mixers without head groups: the residual gradients counted are those of the attention's backward, and
+    # the MLP's backward holds beside them its branch's gradient cast to autocast's dtype from a wider stream
+    # (with head groups, their gradients counted beside every moment exceed what the MLP's backward holds)
+    rope = 8 * m.hd * N if kind == "N" else 0
+    tiled_alone = tiled_mixer and groups <= 1
+    branch = act * D * N if res != act and tiled_alone else 0
     if block_mode == "offload":  # the block recomputed from its input brought back, the one before on its way;
         # the MLP's saved tensors are freed by its backward, before the mixer's
-        return 0, saved[kind] - res * D * N + max(saved["mlp"] + mlp_bwd, mixer_bwd) + 2 * res * D * N
+        return 0, (saved[kind] - res * D * N - rope + max(saved["mlp"] + mlp_bwd + branch, mixer_bwd)
+                   + 2 * res * D * N)
     held, transient = 0, 0
     mixer_mode = memory.linear_layers if kind == "L" else memory.softmax_layers
-    for stage, mode, bwd in ((kind, mixer_mode, mixer_bwd), ("mlp", memory.mlp, mlp_bwd)):
+    for stage, mode, bwd, shared, cast in ((kind, mixer_mode, mixer_bwd, rope, 0),
+                                           ("mlp", memory.mlp, mlp_bwd, 0, branch)):
         if mode == "none":
             held += saved[stage]
             transient = max(transient, bwd)
-        else:  # recomputed in the backward; offload brings its input back (and the one before ahead of use)
-            held += res * D * N if mode == "checkpoint" else 0
-            # what the recomputation saves less its input (the kept one itself, counted in held or brought back)
-            recomputed = saved[stage] - res * D * N
-            transient = max(transient, recomputed + bwd + (2 * res * D * N if mode == "offload" else 0))
+        elif mode == "checkpoint":  # recomputed in the backward from its input kept on the device
+            held += res * D * N
+            # what the recomputation saves less its input (the kept one itself, counted in held)
+            transient = max(transient, saved[stage] - res * D * N + bwd)
+        else:  # offload: recomputed from its input brought back (and the one before ahead of use)
+            # what the recomputation saves less its input (brought back) and the model's RoPE tables
+            recomputed = saved[stage] - res * D * N - shared + bwd + cast
+            if tiled_alone:  # beside the gradient the stage was called with (residual_grads): the MLP's input
+                # gradient while its backward runs; once the branch's backward is over, the stage's input
+                # gradient, the sum of that and the branch's (head groups count theirs in recompute_extras)
+                recomputed = max(recomputed + (res * D * N if stage == "mlp" else 0), 2 * res * D * N)
+            transient = max(transient, recomputed + 2 * res * D * N)
     return held, transient
 
 
@@ -268,15 +289,22 @@ def _block_mode(memory: MemoryOptions, whole_block: bool) -> str:
 def residual_grads(m: ModelConfig, memory: MemoryOptions, whole_block: bool, tokens: int) -> int:
     """Bytes of the residual stream's gradients alive in a block's backward (beside the mixer's own tensors).
 
-    Without head groups: three `[T, D]` in the stream's dtype. With them, where the mixer's backward peaks: the
-    gradient of the mixer's output, and the float32 gradient of the groups' sum cast from it (the same tensor in
-    a float32 stream); a block offloaded whole also holds the gradient of its output, which its backward was
-    called with, beside the stream's gradient inside it (the MLP's part added)."""
+    With head groups, where the mixer's backward peaks: the gradient of the mixer's output, and the float32
+    gradient of the groups' sum cast from it (the same tensor in a float32 stream); a block offloaded whole also
+    holds the gradient of its output, which its backward was called with, beside the stream's gradient inside it
+    (the MLP's part added). Tiled mixers without head groups, offloaded: the same but the groups' sum, where the
+    attention's backward runs (what the MLP's backward and the gradients' sums add is in :func:`_block`).
+    Otherwise three `[T, D]` in the stream's dtype."""
     D, res = m.dim, m.residual_bytes
-    if memory.head_groups <= 1:
-        return 3 * res * D * tokens
-    called = res if _block_mode(memory, whole_block) == "offload" else 0
-    return (called + res + (4 if res != 4 else 0)) * D * tokens
+    mode = _block_mode(memory, whole_block)
+    called = res if mode == "offload" else 0
+    if memory.head_groups > 1:
+        return (called + res + (4 if res != 4 else 0)) * D * tokens
+    if memory.mixer_tile and (mode == "offload" or (mode == "none" and memory.offloads)):
+        # where a tiled mixer's backward peaks, at its attention's: the stream's gradient only (the branch's,
+        # cast to autocast's dtype from a wider stream, is consumed by then by the output tiles' backward)
+        return (called + res) * D * tokens
+    return 3 * res * D * tokens
 
 
 def recompute_extras(m: ModelConfig, kind: str, memory: MemoryOptions, whole_block: bool, tp: int, act: int,

@@ -140,18 +140,18 @@ def test_head_groups_lower_the_softmax_mixers_backward():
         held, grouped = _block(m, "N", MemoryOptions("offload", "offload", "offload", mixer_tile=tile, mlp_tile=tile,
                                                      mixer_head_groups=groups), False, 1, 2, N)
         Ig, Ikvg, Hg = I // groups, Ikv // groups, 8 // groups
-        # RoPE's tables recomputed beside the kept input; q, k, v, output (bf16) and their gradients, float32 lse;
-        # one tile of the norm's output and 1/rms; the input brought back and the one before
+        # q, k, v, output (bf16) and their gradients, float32 lse; one tile of the norm's output and 1/rms; the
+        # input brought back and the one before (RoPE's tables are the model's, not made again: not counted here)
         assert held == 0
-        assert grouped == 8 * hd * N + (2 * 2 * (2 * Ig + 2 * Ikvg) + 4 * Hg) * N + (2 * D + 4) * tile + 2 * 4 * D * N
+        assert grouped == (2 * 2 * (2 * Ig + 2 * Ikvg) + 4 * Hg) * N + (2 * D + 4) * tile + 2 * 4 * D * N
         assert grouped < whole
 
 
 def test_the_1m_config_with_head_groups():
     """configs/hybrid_1b_1m.yaml (every stage offloaded in float32) runs its mixers (linear and softmax) by
-    memory.mixer_head_groups = 4: against all
-    heads at once the prediction falls by over 20 GiB, to under an 80 GB GPU's 79.1 GiB with the 10% margin
-    (docs/memory.md); the softmax block's backward is no longer near the peak."""
+    memory.mixer_head_groups = 4: against all heads at once the prediction (its 10% margin in) falls by over
+    10 GiB (85.6 to 75.5), to under an 80 GB GPU's 79.1 GiB (docs/memory.md); the softmax block's backward is
+    no longer near the peak."""
     from longscan.training.config import validate
     from longscan.training.memory import _block
     cfg = validate(load_config(CONFIG_1M, PER_STAGE_1M), 1)
@@ -159,7 +159,7 @@ def test_the_1m_config_with_head_groups():
     assert cfg.memory.mixer_head_groups == 4
     before, after = estimate_config(base, 1), estimate_config(cfg, 1)
     assert before.moment == "block 0 backward" and after.moment == "block 0 backward"
-    assert after.peak < before.peak - 20 * GiB
+    assert after.peak < before.peak - 10 * GiB
     assert after.peak < 79.1 * GiB < before.peak
     N = cfg.data.seq_len
     soft = [_block(c.model, "N", c.memory.options(), False, 1, 2, N)[1] for c in (base, cfg)]
