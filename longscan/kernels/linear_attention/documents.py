@@ -206,7 +206,8 @@ def with_resets_gate(base: torch.Tensor, resets: torch.Tensor) -> torch.Tensor:
     token is dropped whole, so the gradient of base at a reset is 0 (the decay multiplies a zero state when the
     document runs alone)."""
     T = base.shape[1]
-    return base.masked_fill(resets.view((1, T) + (1,) * (base.dim() - 2)), float("-inf"))
+    # one kernel each way (masked_fill is a copy and a fill, in the forward and again in its backward)
+    return torch.where(resets.view((1, T) + (1,) * (base.dim() - 2)), float("-inf"), base)
 
 
 @dataclass(frozen=True)

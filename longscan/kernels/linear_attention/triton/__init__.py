@@ -314,7 +314,7 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True,
     if resets:
         # a −inf gate (a full reset) multiplies the state by 0 whatever it is: its gradient is 0 (torch's and the
         # recurrence's value), which the sum above forms only to round-off
-        dgl = dgl.masked_fill(g == float("-inf"), 0)
+        dgl.masked_fill_(g == float("-inf"), 0)
     return dq, dk, dv, dgl.to(g.dtype), dh0   # (g_gamma's gradient took the scalar-gate path above)
 
 
