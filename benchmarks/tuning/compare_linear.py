@@ -6,7 +6,10 @@ Loads the Triton linear-attention kernels as they were at --base (the package
 16 heads × 128, 65,536 tokens a step (B=1×T=65536 and B=16×T=4096). Forward, and forward+backward as the autograd op runs them (the backward
 given the forward's saved segment states; gates with their gradient, the constant decay without).
 
-    PYTHONPATH=. python benchmarks/tuning/compare_linear.py --base e3b00e5 [--kinds gk,g,g_gamma]
+    PYTHONPATH=. python benchmarks/tuning/compare_linear.py --base e3b00e5 [--kinds gk,g,g_gamma] [--resets 2048]
+
+--resets N puts a log gate of −inf at every N-th token of the gated kinds (documents of N tokens, as packed
+documents bring) and runs both versions with LinearKernelOptions(resets=True) (a base that has the option).
 """
 from __future__ import annotations
 
@@ -63,15 +66,16 @@ def load_at(rev: str):
     return mod
 
 
-def times(mod, x, kind):
-    """-> (forward ms, forward+backward ms), medians of do_bench."""
+def times(mod, x, kind, resets=False):
+    """-> (forward ms, forward+backward ms), medians of do_bench; resets: with the module's options.resets on."""
     q, k, v, g, gg, do = x
+    opts = dict(options=mod.LinearKernelOptions(resets=True)) if resets else {}
 
     def fwd_bwd():
-        _, _, saved = mod.forward(q, k, v, g, gg, return_saved=True)
-        return mod.backward(q, k, v, g, gg, None, None, do, None, kind != "g_gamma", kv_states=saved)
+        _, _, saved = mod.forward(q, k, v, g, gg, return_saved=True, **opts)
+        return mod.backward(q, k, v, g, gg, None, None, do, None, kind != "g_gamma", kv_states=saved, **opts)
     bench = lambda fn: triton.testing.do_bench(fn, warmup=25, rep=150, return_mode="median")  # noqa: E731
-    return bench(lambda: mod.forward(q, k, v, g, gg)), bench(fwd_bwd)
+    return bench(lambda: mod.forward(q, k, v, g, gg, **opts)), bench(fwd_bwd)
 
 
 def main():
@@ -79,16 +83,24 @@ def main():
     ap.add_argument("--base", required=True,
                     help="git revision to compare against, or a directory holding that revision's longscan/")
     ap.add_argument("--kinds", default="g_gamma,g,gk", help="decay kinds (benchmarks/kernels.py's names)")
+    ap.add_argument("--resets", type=int, default=None, metavar="N",
+                    help="the gated kinds with a log gate of -inf every N tokens, and options.resets on")
     args = ap.parse_args()
+    if args.resets is not None and args.resets < 1:
+        raise SystemExit(f"--resets: expected a positive token count, got {args.resets}")
     base = load_at(args.base)
     print(f"# {torch.cuda.get_device_name()}  triton {triton.__version__}  torch {torch.__version__}  "
-          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  base {args.base}", flush=True)
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  base {args.base}"
+          f"{f'  resets every {args.resets} tokens' if args.resets else ''}", flush=True)
     for B, T in ((16, 4096), (1, 65536)):
         for kind in args.kinds.split(","):
             x = lin_inputs(B, T, H, D, kind)
+            resets = bool(args.resets) and x[3] is not None
+            if resets:
+                x[3][:, ::args.resets] = float("-inf")   # a document starts at every N-th token
             x = x + (torch.randn_like(x[2]),)
             for name, mod in (("base", base), ("current", current)) * 2:
-                f, fb = times(mod, x, kind)
+                f, fb = times(mod, x, kind, resets)
                 print(f"{kind:8s} {B}x{T:<6d} {name:8s} fwd {f:.3f} ms  fwd+bwd {fb:.3f} ms", flush=True)
 
 

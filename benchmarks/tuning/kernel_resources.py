@@ -14,6 +14,7 @@ that match it (they did at 7a27ade's settings: per-key forward 210 registers and
 dk 255 and 114,688, as the GPU reported).
 
     PYTHONPATH=. python benchmarks/tuning/kernel_resources.py [--kinds g_gamma,g,gk] [--kernels fwd,dq,dk,dv] [--arch 90]
+        [--resets]
 """
 from __future__ import annotations
 
@@ -164,6 +165,8 @@ def main():
     ap.add_argument("--dtype", default="bf16", help=f"the inputs' dtype, of {sorted(DTYPES)}")
     ap.add_argument("--dims", type=int, default=D, help="head dims K = V (16, 32, 64 or 128)")
     ap.add_argument("--states", action="store_true", help="with an initial state, a final state and its gradient")
+    ap.add_argument("--resets", action="store_true",
+                    help="the gated kinds as packed documents compile them (log gates of -inf: options.resets)")
     ap.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: Hopper)")
     args = ap.parse_args()
     if plan._interpreting():
@@ -176,12 +179,14 @@ def main():
                 raise SystemExit(f"{flag}: unknown {flag[2:].rstrip('s')} {x!r}, expected one of {sorted(known)}")
     if args.dims not in plan._DIMS:
         raise SystemExit(f"--dims: expected one of {plan._DIMS}, got {args.dims}")
-    print(f"# triton {triton.__version__}, sm_{args.arch}, {args.dtype}, head dims {args.dims}")
+    print(f"# triton {triton.__version__}, sm_{args.arch}, {args.dtype}, head dims {args.dims}"
+          f"{', resets' if args.resets else ''}")
     for kind in kinds:
         for name in names:
             if name.startswith("ops") and kind != "gk":
                 continue
-            case = Case(name, KINDS[kind], DTYPES[args.dtype], args.dims, args.dims, states=args.states)
+            case = Case(name, KINDS[kind], DTYPES[args.dtype], args.dims, args.dims, states=args.states,
+                        resets=args.resets and KINDS[kind] >= 2)
             r = resources(case, args.arch)
             print(f"{kind:8s} {name:5s} registers {r['registers']:3d}  spills {r['spill_stores']:4d} / "
                   f"{r['spill_loads']:4d} bytes (stores / loads)  shared {r['shared']:6d} bytes", flush=True)

@@ -105,6 +105,20 @@ def test_scalar_gate_resets(where, with_state, with_dht, segments):
     check(x, with_state, small(segments), with_dht=with_dht, seed=len(where))
 
 
+# Chunks of 16 over 69 tokens: resets at the first token and a chunk's last (chunk 0), at a chunk's first and twice
+# inside it (chunk 1), at a chunk's last (chunk 2), none (chunk 3), at the last token (chunk 4); head 1 has only
+# the first. So every kernel takes, in one call, both the reset-free arithmetic and the selecting one, and enters
+# reset-free chunks from chunks that held resets (on one segment, two and three).
+MIXED_T = 69
+MIXED = (0, 15, 16, 20, 21, 47, 68)
+
+
+@pytest.mark.parametrize("segments", [None, 2, 3])
+def test_scalar_gate_resets_beside_reset_free_chunks(segments):
+    x = reset_inputs("g_scalar", MIXED, seed=17, T=MIXED_T)
+    check(x, True, small(segments), seed=17)
+
+
 def test_scalar_gate_at_reset_has_zero_gradient():
     """The -inf gate's own gradient is exactly 0, as the torch backend and the recurrence give it."""
     x = reset_inputs("g_scalar", (0, 5, 20), seed=3)

@@ -201,12 +201,39 @@ def check_finite_decay(g) -> None:
                              "resets come from cu_seqlens)")
 
 
+# 0-dim tensors of -inf and 0 on each device, made once: a Python number in torch.where becomes a tensor (a fill
+# launched on a GPU) on every call
+_FILLS: dict = {}
+
+
+def _fills(device) -> tuple:
+    if device not in _FILLS:
+        _FILLS[device] = (torch.full((), float("-inf"), device=device), torch.zeros((), device=device))
+    return _FILLS[device]
+
+
+class _ResetGate(torch.autograd.Function):
+    """base with -inf where mask holds, and a gradient of 0 there: one select each way (masked_fill is a copy and a
+    fill, in the forward and again in its backward)."""
+
+    @staticmethod
+    def forward(ctx, base, mask):
+        ctx.save_for_backward(mask)
+        return torch.where(mask, _fills(base.device)[0], base)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        mask, = ctx.saved_tensors
+        return torch.where(mask, _fills(grad.device)[1], grad), None
+
+
 def with_resets_gate(base: torch.Tensor, resets: torch.Tensor) -> torch.Tensor:
     """``base`` with -inf at the tokens where ``resets`` `[T]` holds, in a new tensor: there the state before the
     token is dropped whole, so the gradient of base at a reset is 0 (the decay multiplies a zero state when the
     document runs alone)."""
     T = base.shape[1]
-    return base.masked_fill(resets.view((1, T) + (1,) * (base.dim() - 2)), float("-inf"))
+    return _ResetGate.apply(base, resets.view((1, T) + (1,) * (base.dim() - 2)))
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ module state, so two settings can run side by side in one process.
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from types import MappingProxyType
 from typing import Mapping
 
@@ -157,11 +158,24 @@ class LinearKernelOptions:
 DEFAULT = LinearKernelOptions()
 
 
+# with_resets' results by the identity of the options they came from: a replace() validates every field again,
+# which every call with packed documents paid on the host before its first launch
+_RESETS_ON: dict = {}
+
+
 def with_resets(options: LinearKernelOptions | None) -> LinearKernelOptions:
     """``options`` (None: the defaults) with ``resets`` on: for calls whose log gates hold −inf by construction
-    (packed documents)."""
+    (packed documents). Made once per options value (they are frozen), then looked up."""
     opts = resolve(options)
-    return opts if opts.resets else dataclasses.replace(opts, resets=True)
+    if opts.resets:
+        return opts
+    ident = id(opts)
+    slot = _RESETS_ON.get(ident)
+    if slot is None or slot[0]() is not opts:
+        slot = (weakref.ref(opts, lambda _, ident=ident: _RESETS_ON.pop(ident, None)),
+                dataclasses.replace(opts, resets=True))
+        _RESETS_ON[ident] = slot
+    return slot[1]
 
 
 def resolve(options: LinearKernelOptions | None) -> LinearKernelOptions:

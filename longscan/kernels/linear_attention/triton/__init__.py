@@ -48,7 +48,9 @@ finite-gate arithmetic, which costs finite gates nothing for resets they do not 
 is taken with −inf as 0, beside a count of the resets so far (_scalar_cumulative, _key_cumulative): the decay
 from s to t is exp(b_t − b_s) where the counts at s and t agree and 0 (a select) where they differ, so no
 (−inf) − (−inf) arises; a chunk's or segment's total is −inf past a reset, which the scans take as a decay of 0.
-Scalar gates select in each main kernel. Per key the pre-pass selects: qd is 0 from a key's first reset in the
+Scalar gates select in each main kernel and the state pass, only in the chunks that hold a reset (whose gates sum
+to −inf: a branch uniform over a program, common._chunk_decays); the others run the finite-gate arithmetic. Per key
+the pre-pass selects: qd is 0 from a key's first reset in the
 chunk on, kd before its last, its total −inf; those level-0 scores are then 0 on every causal pair, and
 _levels_kernel visits the chunk (marked in steep_chunks) and adds its scores per reset span (the counts are per
 key, so −inf on only some keys of a token is exact too). The gradient of a −inf gate is 0 (scalar: exactly; per
@@ -314,7 +316,7 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True,
     if resets:
         # a −inf gate (a full reset) multiplies the state by 0 whatever it is: its gradient is 0 (torch's and the
         # recurrence's value), which the sum above forms only to round-off
-        dgl = dgl.masked_fill(g == float("-inf"), 0)
+        dgl.masked_fill_(g == float("-inf"), 0)
     return dq, dk, dv, dgl.to(g.dtype), dh0   # (g_gamma's gradient took the scalar-gate path above)
 
 

@@ -6,10 +6,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from longscan.kernels.linear_attention.triton.common import (DG_RUN, _chunk_keys, _chunk_scales, _chunk_totals,
-                                                             _decay, _gate_chunk, _same_span, _scalar_cumulative,
-                                                             _segment_program, _segment_state_tile, _state_dot,
-                                                             _state_unit)
+from longscan.kernels.linear_attention.triton.common import (DG_RUN, _chunk_decays, _chunk_keys, _chunk_scales,
+                                                             _chunk_totals, _gate_chunk, _segment_program,
+                                                             _segment_state_tile, _state_dot, _state_unit)
 
 
 @triton.jit
@@ -66,17 +65,26 @@ def _bwd_dq_kernel(q, k, kd, eq, v, g, gg, do, h0, dq, gq, st, T, H, SEG, NC, sc
         else:
             bq = tl.load(q + row[:, None] * K + rk[None, :], mask=m[:, None], other=0.0)
             gc = _gate_chunk(g, gamma, b, h, t, m, T, H, rk, K, GATE)
-            bc, nc, bl, nl = _scalar_cumulative(gc, GATE, RESETS)
-            dA = tl.where(_same_span(causal, nc, GATE, RESETS), dA * tl.exp(bc[:, None] - bc[None, :]), 0.0)
-            intra = tl.dot(dA.to(dt), bk, input_precision=PREC)
-            eqc = _decay(bc, nc, 0, GATE, RESETS)
+            if GATE == 2 and RESETS:
+                # selecting only in the chunks that hold a reset (_chunk_decays)
+                d, eqc, ekc, es = _chunk_decays(gc, causal, False)
+                intra = tl.dot(tl.where(causal, dA * d, 0.0).to(dt), bk, input_precision=PREC)
+            else:
+                # finite gates, in the order of the kernels before resets (which they compile to, ptx_diff.py)
+                bc, bl = tl.cumsum(gc, 0), tl.sum(gc, 0)
+                dA = tl.where(causal, dA * tl.exp(bc[:, None] - bc[None, :]), 0.0)
+                intra = tl.dot(dA.to(dt), bk, input_precision=PREC)
+                eqc = tl.exp(bc)
             acc = inter * eqc[:, None] + intra
             if NEED_DG:
                 qd = (bq * eqc[:, None]).to(dt)
                 part = tl.sum(qd.to(tl.float32) * inter + bq.to(tl.float32) * intra, 1)
                 tl.store(gq + row * nk + ik, scale * part, mask=m)
-            kd_ = (bk * _decay(bl - bc, nc, nl, GATE, RESETS)[:, None]).to(dt)
-            S = S * _decay(bl, nl, 0, GATE, RESETS) + tl.dot(tl.trans(kd_), bv, input_precision=PREC)
+            if GATE == 2 and RESETS:
+                S = S * es + tl.dot(tl.trans((bk * ekc[:, None]).to(dt)), bv, input_precision=PREC)
+            else:
+                kd_ = (bk * tl.exp(bl - bc)[:, None]).to(dt)
+                S = S * tl.exp(bl) + tl.dot(tl.trans(kd_), bv, input_precision=PREC)
         tl.store(dq + row[:, None] * K + rk[None, :], (acc * scale).to(dq.dtype.element_ty), mask=m[:, None])
     if STORE_ST:
         if js == ns - 1:
@@ -190,18 +198,27 @@ def _bwd_dk_kernel(q, k, kd, ek, v, g, gg, do, dhe, hin, dk, gk, dg, term, dh0, 
         else:
             bk = tl.load(k + row[:, None] * K + rk[None, :], mask=m[:, None], other=0.0)
             gc = _gate_chunk(g, gamma, b, h, t, m, T, H, rk, K, GATE)
-            bc, nc, bl, nl = _scalar_cumulative(gc, GATE, RESETS)
-            dec = tl.exp(bc[None, :] - bc[:, None])                   # [s, t]: exp(b_t − b_s)
-            intra = tl.dot(tl.where(_same_span(causal_t, nc, GATE, RESETS), dAt * dec, 0.0).to(dt), bq,
-                           input_precision=PREC)
-            ekc = _decay(bl - bc, nc, nl, GATE, RESETS)
+            if GATE == 2 and RESETS:
+                # selecting only in the chunks that hold a reset (_chunk_decays; [s, t]: exp(b_t − b_s))
+                dec, eqc, ekc, es = _chunk_decays(gc, causal_t, True)
+                intra = tl.dot(tl.where(causal_t, dAt * dec, 0.0).to(dt), bq, input_precision=PREC)
+            else:
+                # finite gates, in the order of the kernels before resets (which they compile to, ptx_diff.py)
+                bc, bl = tl.cumsum(gc, 0), tl.sum(gc, 0)
+                dec = tl.exp(bc[None, :] - bc[:, None])                   # [s, t]: exp(b_t − b_s)
+                intra = tl.dot(tl.where(causal_t, dAt * dec, 0.0).to(dt), bq, input_precision=PREC)
+                ekc = tl.exp(bl - bc)
             acc = scale * intra + inter * ekc[:, None]
             if NEED_DG:
                 kd_ = (bk * ekc[:, None]).to(dt).to(tl.float32)
                 part = tl.sum(scale * bk.to(tl.float32) * intra + kd_ * inter, 1)
                 tl.store(gk + row * nk + ik, part, mask=m)
-            qd = (bq * _decay(bc, nc, 0, GATE, RESETS)[:, None]).to(dt)
-            dH = dH * _decay(bl, nl, 0, GATE, RESETS) + scale * tl.dot(tl.trans(qd), bdo, input_precision=PREC)
+            if GATE == 2 and RESETS:
+                qd = (bq * eqc[:, None]).to(dt)
+                dH = dH * es + scale * tl.dot(tl.trans(qd), bdo, input_precision=PREC)
+            else:
+                qd = (bq * tl.exp(bc)[:, None]).to(dt)
+                dH = dH * tl.exp(bl) + scale * tl.dot(tl.trans(qd), bdo, input_precision=PREC)
         if GATE != 3:   # (per key: stored above)
             tl.store(dk + row[:, None] * K + rk[None, :], acc.to(dk.dtype.element_ty), mask=m[:, None])
     if js == 0:
@@ -255,13 +272,22 @@ def _bwd_dv_kernel(q, k, kd, g, gg, do, dhe, dv, T, H, SEG, NC, scale,
                 qd = bq
             else:
                 gc = _gate_chunk(g, gamma, b, h, t, m, T, H, rk, K, GATE)
-                bc, nc, bl, nl = _scalar_cumulative(gc, GATE, RESETS)
-                At = tl.where(_same_span(causal_t, nc, GATE, RESETS), tl.dot(bk, tl.trans(bq), input_precision=PREC)
-                              * tl.exp(bc[None, :] - bc[:, None]), 0.0)
-                kd_ = (bk * _decay(bl - bc, nc, nl, GATE, RESETS)[:, None]).to(dt)
-                acc = tl.dot(kd_, dH.to(dt), input_precision=PREC)
-                qd = (bq * _decay(bc, nc, 0, GATE, RESETS)[:, None]).to(dt)
-                dH = dH * _decay(bl, nl, 0, GATE, RESETS)
+                if GATE == 2 and RESETS:
+                    # selecting only in the chunks that hold a reset (_chunk_decays)
+                    dec, eqc, ekc, es = _chunk_decays(gc, causal_t, True)
+                    At = tl.where(causal_t, tl.dot(bk, tl.trans(bq), input_precision=PREC) * dec, 0.0)
+                    acc = tl.dot((bk * ekc[:, None]).to(dt), dH.to(dt), input_precision=PREC)
+                    qd = (bq * eqc[:, None]).to(dt)
+                    dH = dH * es
+                else:
+                    # finite gates, in the order of the kernels before resets (which they compile to, ptx_diff.py)
+                    bc, bl = tl.cumsum(gc, 0), tl.sum(gc, 0)
+                    At = tl.where(causal_t, tl.dot(bk, tl.trans(bq), input_precision=PREC)
+                                  * tl.exp(bc[None, :] - bc[:, None]), 0.0)
+                    kd_ = (bk * tl.exp(bl - bc)[:, None]).to(dt)
+                    acc = tl.dot(kd_, dH.to(dt), input_precision=PREC)
+                    qd = (bq * tl.exp(bc)[:, None]).to(dt)
+                    dH = dH * tl.exp(bl)
             acc += scale * tl.dot(At.to(dt), bdo, input_precision=PREC)
             dH += scale * tl.dot(tl.trans(qd), bdo, input_precision=PREC)
         tl.store(dv + row[:, None] * V + rv[None, :], acc.to(dv.dtype.element_ty), mask=m[:, None])

@@ -87,6 +87,62 @@ def _from_start(b, n, GATE: tl.constexpr, RESETS: tl.constexpr):
 
 
 @triton.jit
+def _chunk_decays(gc, causal, SBYT: tl.constexpr):
+    """Scalar gates g (GATE 2) with RESETS, one chunk of a main kernel: its log gates gc `[C]` -> (d, eq, ek, es):
+    the decays exp(b_t − b_s) `[C, C]` of the chunk's scores (rows the later token t, columns the earlier s; SBYT:
+    rows s, columns t), 0 on the causal pairs (causal) a reset separates; and the decays from the chunk's start
+    exp(b_t), to its end exp(b_C − b_t) `[C]` and over it exp(b_C) (b the inclusive cumulative log gate, b_C the
+    chunk's total). The caller keeps the causal pairs of its scores x, where(causal, x·d, 0).
+
+    A chunk holds a reset (a gate of −inf) exactly when its gates sum to −inf (the others are finite and ≤ 0);
+    only there do the decays select (_scalar_cumulative, _same_span, _decay). The sum is one value for the whole
+    program, so the branch is uniform, and the chunks without a reset (most of them with documents of thousands
+    of tokens) take the finite-gate arithmetic and its results, to the bit. (What crosses the branch is the
+    decays: a dot's result used inside it broke Triton 3.6's pipeliner, and a `[C, C]` mask kept more registers
+    live than the decays that carry it.)"""
+    bl = tl.sum(gc, 0)
+    if bl == float("-inf"):
+        b, n, bl, nl = _scalar_cumulative(gc, 2, True)
+        if SBYT:
+            d = tl.exp(b[None, :] - b[:, None])
+        else:
+            d = tl.exp(b[:, None] - b[None, :])
+        d = tl.where(_same_span(causal, n, 2, True), d, 0.0)
+        eq = _decay(b, n, 0, 2, True)
+        ek = _decay(bl - b, n, nl, 2, True)
+        es = _decay(bl, nl, 0, 2, True)
+    else:
+        b = tl.cumsum(gc, 0)
+        if SBYT:
+            d = tl.exp(b[None, :] - b[:, None])
+        else:
+            d = tl.exp(b[:, None] - b[None, :])
+        eq = tl.exp(b)
+        ek = tl.exp(bl - b)
+        es = tl.exp(bl)
+    return d, eq, ek, es
+
+
+@triton.jit
+def _state_decays(gc):
+    """Scalar gates g (GATE 2) with RESETS, one chunk of the state pass: its log gates gc `[C]` -> (a, ek, es,
+    total): the log decay from the chunk's start to each token a `[C]` (−inf past a reset: _from_start), the
+    decays to its end exp(b_C − b_t) `[C]` and over it exp(b_C), and its total log gate (−inf where it holds a
+    reset). The selects run only in the chunks that hold a reset (a uniform branch, as in _chunk_decays)."""
+    total = tl.sum(gc, 0)
+    if total == float("-inf"):
+        b, n, bl, nl = _scalar_cumulative(gc, 2, True)
+        a = _from_start(b, n, 2, True)
+        ek = _decay(bl - b, n, nl, 2, True)
+        es = _decay(bl, nl, 0, 2, True)
+    else:
+        a = tl.cumsum(gc, 0)
+        ek = tl.exp(total - a)
+        es = tl.exp(total)
+    return a, ek, es, total
+
+
+@triton.jit
 def _key_cumulative(gc):
     """Per-key gates, one chunk's log gates gc `[C, BK]` -> (b, n, bl, nl): per key, the inclusive cumulative log
     gate with its −inf entries (resets) taken as 0, the number of resets up to each token, and the chunk's totals

@@ -5,9 +5,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from longscan.kernels.linear_attention.triton.common import (_chunk_keys, _chunk_totals, _decay, _gate_chunk,
-                                                             _same_span, _scalar_cumulative, _segment_program,
-                                                             _segment_state_tile)
+from longscan.kernels.linear_attention.triton.common import (_chunk_decays, _chunk_keys, _chunk_totals, _gate_chunk,
+                                                             _segment_program, _segment_state_tile)
 from longscan.kernels.linear_attention.triton.plan import _prec
 
 
@@ -52,14 +51,23 @@ def _fwd_kernel(q, k, kd, v, g, gg, o, h0, ht, T, H, SEG, NC, scale,
                 S = S * tl.exp(bl)[:, None] + tl.dot(tl.trans(bkd), bv, input_precision=PREC)
         else:
             gc = _gate_chunk(g, gamma, b, h, t, m, T, H, rk, K, GATE)
-            # chunk-local cumulative log gate [C], reset counts, the chunk's totals (_scalar_cumulative)
-            bt, nt, blt, nlt = _scalar_cumulative(gc, GATE, RESETS)
-            A = tl.dot(bq, tl.trans(bk), input_precision=PREC)
-            A = tl.where(_same_span(causal, nt, GATE, RESETS), A * tl.exp(bt[:, None] - bt[None, :]), 0.0)
-            acc = tl.dot(bq, S.to(dt), input_precision=PREC) * _decay(bt, nt, 0, GATE, RESETS)[:, None]
-            acc += tl.dot(A.to(dt), bv, input_precision=PREC)
-            kd_ = (bk * _decay(blt - bt, nt, nlt, GATE, RESETS)[:, None]).to(dt)
-            S = S * _decay(blt, nlt, 0, GATE, RESETS) + tl.dot(tl.trans(kd_), bv, input_precision=PREC)
+            if GATE == 2 and RESETS:
+                # the decayed causal scores and the chunk's decays, selecting only where a reset lies (_chunk_decays)
+                d, eq, ek, es = _chunk_decays(gc, causal, False)
+                A = tl.where(causal, tl.dot(bq, tl.trans(bk), input_precision=PREC) * d, 0.0)
+                acc = tl.dot(bq, S.to(dt), input_precision=PREC) * eq[:, None]
+                acc += tl.dot(A.to(dt), bv, input_precision=PREC)
+                S = S * es + tl.dot(tl.trans((bk * ek[:, None]).to(dt)), bv, input_precision=PREC)
+            else:
+                # finite gates, in the order of the kernels before resets (which they compile to, ptx_diff.py):
+                # the chunk-local cumulative log gate [C] and the chunk's total
+                bt, blt = tl.cumsum(gc, 0), tl.sum(gc, 0)
+                A = tl.dot(bq, tl.trans(bk), input_precision=PREC)
+                A = tl.where(causal, A * tl.exp(bt[:, None] - bt[None, :]), 0.0)
+                acc = tl.dot(bq, S.to(dt), input_precision=PREC) * tl.exp(bt)[:, None]
+                acc += tl.dot(A.to(dt), bv, input_precision=PREC)
+                kd_ = (bk * tl.exp(blt - bt)[:, None]).to(dt)
+                S = S * tl.exp(blt) + tl.dot(tl.trans(kd_), bv, input_precision=PREC)
         tl.store(o + row[:, None] * V + rv[None, :], (acc * scale).to(o.dtype.element_ty), mask=m[:, None])
     if STORE_HT:
         if js == ns - 1:

@@ -8,8 +8,8 @@ import triton.language as tl
 
 from longscan.kernels import trace
 from longscan.kernels.linear_attention.options import LinearKernelOptions
-from longscan.kernels.linear_attention.triton.common import (_chunk_totals, _decay, _from_start, _gate_chunk,
-                                                             _scalar_cumulative, _segment_program)
+from longscan.kernels.linear_attention.triton.common import (_chunk_totals, _gate_chunk, _segment_program,
+                                                             _state_decays)
 from longscan.kernels.linear_attention.triton.plan import _launch, _prec
 from longscan.kernels.linear_attention.triton.records import StatePass
 
@@ -53,15 +53,25 @@ def _state_kernel(x, y, g, gg, out_s, out_a, T, H, SEG, NC, scale,
             aoff += bl
         else:
             gc = _gate_chunk(g, gamma, b, h, t, m, T, H, rk, K, GATE)
-            bc, nc, bl, nl = _scalar_cumulative(gc, GATE, RESETS)
-            if FROM_START:
-                # −inf once a reset has passed (_from_start): exp gives 0, never (−inf) − (−inf)
-                xd = (bx * tl.exp(aoff[None, :] + _from_start(bc, nc, GATE, RESETS)[:, None])).to(dt)
-                S += tl.dot(tl.trans(xd), by, input_precision=PREC)
+            if GATE == 2 and RESETS:
+                # selecting only in the chunks that hold a reset (_state_decays); a is −inf once a reset has
+                # passed: exp gives 0, never (−inf) − (−inf)
+                a, ek, es, total = _state_decays(gc)
+                if FROM_START:
+                    S += tl.dot(tl.trans((bx * tl.exp(aoff[None, :] + a[:, None])).to(dt)), by, input_precision=PREC)
+                else:
+                    S = S * es + tl.dot(tl.trans((bx * ek[:, None]).to(dt)), by, input_precision=PREC)
+                aoff += total
             else:
-                xd = (bx * _decay(bl - bc, nc, nl, GATE, RESETS)[:, None]).to(dt)
-                S = S * _decay(bl, nl, 0, GATE, RESETS) + tl.dot(tl.trans(xd), by, input_precision=PREC)
-            aoff += _from_start(bl, nl, GATE, RESETS)
+                # finite gates, in the order of the kernels before resets (which they compile to, ptx_diff.py)
+                bc, bl = tl.cumsum(gc, 0), tl.sum(gc, 0)
+                if FROM_START:
+                    xd = (bx * tl.exp(aoff[None, :] + bc[:, None])).to(dt)
+                    S += tl.dot(tl.trans(xd), by, input_precision=PREC)
+                else:
+                    xd = (bx * tl.exp(bl - bc)[:, None]).to(dt)
+                    S = S * tl.exp(bl) + tl.dot(tl.trans(xd), by, input_precision=PREC)
+                aoff += bl
     if FROM_START:
         S = S * scale
     base = (bh * ns + js).to(tl.int64)
