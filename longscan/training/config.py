@@ -321,7 +321,8 @@ class MemoryConfig:
 @dataclass
 class KernelsConfig:
     """How the Triton linear-attention kernels cut their work and what they keep for the backward (never what
-    they compute; other backends and the delta-rule variants ignore it). See docs/linear_kernels.md."""
+    they compute; other backends ignore it), and the delta-rule variants' kernel path (delta_path, the one key
+    they read). See docs/linear_kernels.md."""
     keep_gate_operands: bool = True
     """Per-key gates (model.linear_variant = gla): the forward keeps its decayed operands and the backward's
     factors (four tensors the size of q per layer) so the backward runs no pre-pass of its own; false: give
