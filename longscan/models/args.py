@@ -10,7 +10,8 @@ from longscan.kernels.delta_rule import TRITON_PATHS
 from longscan.kernels.linear_attention.options import LinearKernelOptions
 
 # the last three are the delta rule (longscan.kernels.delta_rule): DeltaNet, Gated DeltaNet, KDA
-LINEAR_VARIANTS = ("linear", "lightning", "simple_gla", "gla", "deltanet", "gated_deltanet", "kda")
+DELTA_VARIANTS = ("deltanet", "gated_deltanet", "kda")
+LINEAR_VARIANTS = ("linear", "lightning", "simple_gla", "gla") + DELTA_VARIANTS
 LAYER_KINDS = {"L": "linear attention", "N": "softmax attention"}
 RESIDUAL_DTYPES = ("float32", "bfloat16")
 

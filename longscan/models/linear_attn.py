@@ -22,13 +22,13 @@ from torch import nn
 from longscan.distributed.layouts import group_rank_size
 from longscan.kernels import delta_rule as local_delta
 from longscan.models import sp_ops
+from longscan.models.args import DELTA_VARIANTS
 from longscan.models.conv import ShortConvolution
 from longscan.models.norms import HeadRMSNorm, RMSNorm, rms_norm
 from longscan.models.tiling import head_groups, tiled
 from longscan.models.tp import column, row
 
 
-DELTA_VARIANTS = ("deltanet", "gated_deltanet", "kda")
 CONV_KERNEL = 4
 
 

@@ -16,12 +16,13 @@ from importlib import resources
 import yaml
 
 from longscan.distributed.layouts import LAYOUTS
+from longscan.kernels.delta_rule import BACKENDS as DELTA_BACKENDS
 from longscan.kernels.delta_rule import TRITON_PATHS as DELTA_PATHS
 from longscan.kernels.linear_attention import BACKENDS as LINEAR_BACKENDS
 from longscan.kernels.linear_attention import RESET_BACKENDS
 from longscan.kernels.linear_attention.options import LinearKernelOptions
 from longscan.kernels.softmax_attention import BACKENDS as SOFTMAX_BACKENDS
-from longscan.models.args import STAGE_MODES, MemoryOptions, ModelConfig
+from longscan.models.args import DELTA_VARIANTS, STAGE_MODES, MemoryOptions, ModelConfig
 from longscan.parallel.linear.common import METHODS as LINEAR_METHODS
 from longscan.parallel.softmax import METHODS as SOFTMAX_METHODS
 from longscan.training.data import BYTE_VOCAB
@@ -577,12 +578,16 @@ def validate(cfg: TrainConfig, world_size: int) -> TrainConfig:
     if m.residual_dtype == "bfloat16" and cfg.schedule.precision == "fp32":
         raise ConfigError("model.residual_dtype = 'bfloat16' needs bf16 autocast: schedule.precision = 'fp32' "
                           "runs the blocks in float32 (set schedule.precision to bf16, or auto on a GPU)")
-    if mem.mixer_tile and "L" in m.pattern and m.linear_variant in ("deltanet", "gated_deltanet", "kda"):
+    if "L" in m.pattern and m.linear_variant in DELTA_VARIANTS and p.linear_backend not in DELTA_BACKENDS:
+        raise ConfigError(f"model.linear_variant = {m.linear_variant!r} runs the delta-rule kernels, whose backends "
+                          f"are {', '.join(DELTA_BACKENDS)}; parallel.linear_backend = {p.linear_backend!r} is not "
+                          "one of them")
+    if mem.mixer_tile and "L" in m.pattern and m.linear_variant in DELTA_VARIANTS:
         raise ConfigError(f"memory.mixer_tile = {mem.mixer_tile} needs a token-wise mixer; model.linear_variant = "
                           f"{m.linear_variant!r} has a short convolution over neighbouring tokens (set it to 0)")
     groups = mem.mixer_head_groups
     if groups > 1 and "L" in m.pattern:
-        if m.linear_variant in ("deltanet", "gated_deltanet", "kda"):
+        if m.linear_variant in DELTA_VARIANTS:
             raise ConfigError(f"memory.mixer_head_groups = {groups} is not supported by model.linear_variant = "
                               f"{m.linear_variant!r} (its short convolution is not cut by heads); set it to 0")
         if (m.n_heads // p.tp) % groups:
@@ -614,7 +619,7 @@ def _check_packed_linear(m: ModelConfig, p: ParallelConfig) -> None:
     """Packed documents reach linear layers over an SP group as resets (log decays of -inf): only the backends
     that compute those exactly (torch, naive, triton; "auto" picks one of them) may run them there. With
     parallel.sp = 1 every backend takes them (fla as rows of a padded batch)."""
-    if m.linear_variant in ("deltanet", "gated_deltanet", "kda"):
+    if m.linear_variant in DELTA_VARIANTS:
         raise ConfigError(f"data.pack_documents = true does not support model.linear_variant = {m.linear_variant!r} "
                           f"(model.pattern = {m.pattern!r} has linear layers): the delta-rule kernels do not compute "
                           "a reset between documents exactly; use linear, lightning, simple_gla or gla")

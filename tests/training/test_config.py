@@ -140,6 +140,16 @@ def test_vocabulary_too_small_for_the_data(tmp_path):
     assert validate(load_config(None, tokens + ["model.vocab_size=1000"]), 4).model.vocab_size == 1000
 
 
+@pytest.mark.parametrize("variant", ["deltanet", "gated_deltanet", "kda"])
+def test_delta_rule_variants_refuse_a_backend_without_delta_kernels(variant):
+    """fla has no delta-rule backend here: refused before any process starts, naming both keys."""
+    with pytest.raises(ConfigError, match=rf"model.linear_variant = '{variant}' runs the delta-rule kernels, whose "
+                                          r"backends are auto, naive, torch, triton; parallel.linear_backend = "
+                                          r"'fla' is not one of them"):
+        validate(load_config(None, [f"model.linear_variant={variant}", "parallel.linear_backend=fla"]), 4)
+    assert validate(load_config(None, [f"model.linear_variant={variant}", "parallel.linear_backend=triton"]), 4)
+
+
 def test_malformed_yaml_names_file_and_line(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("model:\n  dim: 64\n  n_heads: [4\nparallel:\n  sp: 2\n")
