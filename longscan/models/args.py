@@ -3,7 +3,7 @@ attention is split along the sequence (:class:`SPSpec`)."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from longscan.kernels.delta_rule import TRITON_PATHS
@@ -193,8 +193,15 @@ class MemoryOptions:
     blocks: str = "none"
     """Mode of whole blocks: none (the per-stage modes above decide) | checkpoint (each block's input kept on
     the device, the block recomputed in the backward) | offload (the same, the input waiting in host memory)."""
+    recompute_blocks: int = -1
+    """How many blocks of each pipeline stage follow the modes above (the first ones of the stage, whose saved
+    tensors live the longest); the others keep their activations (mode none) and skip the recomputation.
+    -1: every block follows them. Tiles and head groups apply to every block either way."""
 
     def __post_init__(self):
+        if self.recompute_blocks < -1:
+            raise ValueError(f"memory.recompute_blocks must be -1 (every block) or a count of blocks >= 0, got "
+                             f"{self.recompute_blocks}")
         for name in ("blocks", "linear_layers", "softmax_layers", "mlp"):
             if getattr(self, name) not in STAGE_MODES:
                 raise ValueError(f"memory.{name} = {getattr(self, name)!r} is not allowed; choose one of "
@@ -218,3 +225,14 @@ class MemoryOptions:
     @property
     def offloads(self) -> bool:
         return "offload" in (self.blocks, self.linear_layers, self.softmax_layers, self.mlp)
+
+    def follows_modes(self, index: int) -> bool:
+        """Does block ``index`` (counted from 0 within its pipeline stage) follow the modes?"""
+        return self.recompute_blocks < 0 or index < self.recompute_blocks
+
+    def for_block(self, index: int) -> "MemoryOptions":
+        """The options block ``index`` of a pipeline stage runs with: these, or these with every mode none."""
+        if self.follows_modes(index):
+            return self
+        return replace(self, linear_layers="none", softmax_layers="none", mlp="none", blocks="none",
+                       recompute_blocks=-1)

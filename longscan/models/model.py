@@ -133,7 +133,9 @@ class HybridLM(nn.Module):
         self.layers = nn.ModuleDict()
         for i in range(pp_rank * per, (pp_rank + 1) * per):
             torch.manual_seed(seed + 1 + i)
-            self.layers[str(i)] = Block(cfg, mp, i, tp_rank, tp_size, sp, memory)
+            self.layers[str(i)] = Block(cfg, mp, i, tp_rank, tp_size, sp, memory.for_block(i - pp_rank * per))
+        # memory.recompute_blocks: the stage's first blocks follow the modes, the others keep their activations
+        self.block_modes = [self.block_mode if memory.follows_modes(j) else "none" for j in range(per)]
         if self.last:
             torch.manual_seed(seed + 1 + cfg.n_layers)
             self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -158,12 +160,13 @@ class HybridLM(nn.Module):
         T = x.shape[1]
         pos = positions(T, self.sp.group, self.sp.layout, device=x.device) if doc_positions is None else doc_positions
         cos, sin = rope_cos_sin(pos, self.cfg.hd, self.cfg.rope_theta)
-        stash = HostStash(x.device) if self.memory.offloads and self.training else None  # this pass's inputs
-        for layer in self.layers.values():
-            if self.block_mode == "none":
+        offloads = self.memory.offloads and self.memory.recompute_blocks != 0
+        stash = HostStash(x.device) if offloads and self.training else None  # this pass's inputs
+        for layer, block_mode in zip(self.layers.values(), self.block_modes):
+            if block_mode == "none":
                 x = layer(x, cos, sin, cu_seqlens, stash)
             else:  # the whole block is one stage: its input kept (checkpoint) or in host memory (offload)
-                x = _run_stage(lambda t, b=layer: b(t, cos, sin, cu_seqlens), x, self.block_mode, self.training,
+                x = _run_stage(lambda t, b=layer: b(t, cos, sin, cu_seqlens), x, block_mode, self.training,
                                (layer,), stash)
         if not self.last:  # the receiving stage allocates its buffer in pipeline_dtype
             return x.transpose(0, 1).contiguous().to(self.config.pipeline_dtype or x.dtype)

@@ -212,20 +212,36 @@ SOFTMAX_FWD_SHARE = 0.25
 OPTIMIZER_BYTES_PER_PARAM = 40
 
 
-def _recomputed(cfg) -> tuple[bool, bool, bool]:
-    """(linear mixer, softmax mixer, MLP): does the backward run the stage's token-wise forward again?"""
-    mem, whole = cfg.memory, cfg.schedule.activation_checkpointing or cfg.memory.blocks != "none"
-    again = lambda mode: whole or mode in ("checkpoint", "offload")   # noqa: E731
+def _recomputed(cfg) -> tuple[int, int, int]:
+    """(linear mixers, softmax mixers, MLPs) of a pipeline stage whose token-wise forward the backward runs again:
+    stages recomputed by their mode (only in the blocks memory.recompute_blocks lets follow the modes), and
+    tiled or head-grouped stages (in every block)."""
+    mem = cfg.memory.options()
+    kinds = [cfg.model.layer_kind(i) for i in range(cfg.model.n_layers // cfg.parallel.pp)]
     grouped = mem.mixer_head_groups > 1
-    return (again(mem.linear_layers) or mem.mixer_tile > 0 or grouped,
-            again(mem.softmax_layers) or mem.mixer_tile > 0 or grouped, again(mem.mlp) or mem.mlp_tile > 0)
+    lin = soft = mlp = 0
+    whole = cfg.schedule.activation_checkpointing or mem.blocks != "none"
+    for i, kind in enumerate(kinds):
+        modes = mem.follows_modes(i)
+        mixer = mem.linear_layers if kind == "L" else mem.softmax_layers
+        again = modes and (whole or mixer in ("checkpoint", "offload")) or mem.mixer_tile > 0 or grouped
+        lin, soft = (lin + again, soft) if kind == "L" else (lin, soft + again)
+        mlp += modes and (whole or mem.mlp in ("checkpoint", "offload")) or mem.mlp_tile > 0
+    return lin, soft, mlp
 
 
-def _kernel_recomputed(cfg, mode: str, head_groups: bool = False) -> bool:
-    """Does the attention kernel itself run twice (whole-stage recompute, or a mixer, linear or softmax, run by
-    head groups, which recomputes each group; tiles recompute around the kernel only)?"""
-    whole = cfg.schedule.activation_checkpointing or cfg.memory.blocks != "none"
-    return whole or mode in ("checkpoint", "offload") or head_groups
+def _kernel_recomputed(cfg, kind: str) -> float:
+    """The share of a stage's ``kind`` ("L" or "N") mixers whose attention kernel itself runs twice (whole-stage
+    recompute in the blocks that follow the modes, or a mixer run by head groups, which recomputes each group;
+    tiles recompute around the kernel only)."""
+    mem = cfg.memory.options()
+    kinds = [cfg.model.layer_kind(i) for i in range(cfg.model.n_layers // cfg.parallel.pp)]
+    mode = mem.linear_layers if kind == "L" else mem.softmax_layers
+    whole = cfg.schedule.activation_checkpointing or mem.blocks != "none" or mode in ("checkpoint", "offload")
+    ours = [i for i, k in enumerate(kinds) if k == kind]
+    if not ours:
+        return 0.0
+    return sum(mem.mixer_head_groups > 1 or (whole and mem.follows_modes(i)) for i in ours) / len(ours)
 
 
 def memory_bound_bytes(cfg) -> dict[str, float]:
@@ -245,9 +261,9 @@ def memory_bound_bytes(cfg) -> dict[str, float]:
     lin_f, lin_b = 16 * D + 12 * I, 31 * D + 18 * I               # norm + add forward; norm, adds, 2 consumers
     soft_f, soft_b = 16 * D + 30 * (I + Ikv), 31 * D + 30 * (I + Ikv)
     mlp_f, mlp_b = 16 * D + 10 * F, 28 * D + 18 * F
-    out = {"linear mixers": kinds.count("L") * (lin_f * (2 if re_lin else 1) + lin_b),
-           "softmax mixers": kinds.count("N") * (soft_f * (2 if re_soft else 1) + soft_b),
-           "MLPs": per * (mlp_f * (2 if re_mlp else 1) + mlp_b)}
+    out = {"linear mixers": (kinds.count("L") + re_lin) * lin_f + kinds.count("L") * lin_b,
+           "softmax mixers": (kinds.count("N") + re_soft) * soft_f + kinds.count("N") * soft_b,
+           "MLPs": (per + re_mlp) * mlp_f + per * mlp_b}
     # the loss on the last stage (shared out over stages like the matmuls): float32 logits written, read for
     # their max and sum, the gradient written and cast, about six passes
     out["loss"] = 6 * 4 * m.padded_vocab / p.tp / p.pp
@@ -275,12 +291,10 @@ def compute_parts(cfg, costs: KernelCosts) -> dict[str, float]:
     I, Ikv = m.n_heads * hd, m.n_kv_heads * hd
     gate = {"simple_gla": m.n_heads, "gla": I}.get(m.linear_variant, 0)
     w_lin, w_soft, w_mlp = 4 * D * I + D * gate, 2 * D * I + 2 * D * Ikv, 3 * D * F
-    again = (kinds.count("L") * w_lin * re_lin + kinds.count("N") * w_soft * re_soft + per * w_mlp * re_mlp)
+    again = re_lin * w_lin + re_soft * w_soft + re_mlp * w_mlp
     parts["recomputed forward"] = (tokens * 2 * again / (p.tp * p.pp) / rate
-                                   + LINEAR_FWD_SHARE * linear * _kernel_recomputed(
-                                       cfg, cfg.memory.linear_layers, cfg.memory.mixer_head_groups > 1)
-                                   + SOFTMAX_FWD_SHARE * softmax * _kernel_recomputed(
-                                       cfg, cfg.memory.softmax_layers, cfg.memory.mixer_head_groups > 1))
+                                   + LINEAR_FWD_SHARE * linear * _kernel_recomputed(cfg, "L")
+                                   + SOFTMAX_FWD_SHARE * softmax * _kernel_recomputed(cfg, "N"))
     if costs.copy_bytes_per_s:
         moved = sum(memory_bound_bytes(cfg).values()) * tokens
         n_params = (matmul_flops_per_token(m) // 6 + m.dim * m.padded_vocab) / (p.tp * p.pp)

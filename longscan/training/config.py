@@ -291,6 +291,11 @@ class MemoryConfig:
     input on the GPU, recompute the whole block in the backward; as schedule.activation_checkpointing) | offload
     (the same, each block's input waiting in pinned host memory: one input a block instead of one a stage).
     Not 'none' only with the three per-stage modes at none."""
+    recompute_blocks: int = -1
+    """How many blocks of each pipeline stage follow linear_layers / softmax_layers / mlp / blocks (and
+    schedule.activation_checkpointing): the first ones of the stage, whose activations are held the longest. The
+    others keep their activations (mode none) and skip the recomputation: spare GPU memory bought back as
+    speed. -1 = every block; else 0 .. model.n_layers / parallel.pp."""
     check_capacity: bool = True
     """On CUDA, refuse to start when the predicted peak memory per GPU (longscan.training.memory) exceeds the
     device's memory; false: try anyway."""
@@ -308,6 +313,9 @@ class MemoryConfig:
                               "softmax_layers / mlp to none (got "
                               f"{' / '.join(stages)}) or memory.blocks to none")
         _at_least("memory", self, 0, "mlp_tile", "loss_chunk", "mixer_tile")
+        if self.recompute_blocks < -1:
+            raise ConfigError(f"memory.recompute_blocks must be -1 (every block follows the modes) or a count of "
+                              f"blocks >= 0, got {self.recompute_blocks}")
         if self.mixer_head_groups < 0:
             raise ConfigError(f"memory.mixer_head_groups must be >= 0 (0 or 1 = off; else a divisor of the heads "
                               f"per TP rank), got {self.mixer_head_groups}")
@@ -316,7 +324,8 @@ class MemoryConfig:
         """The frozen options object the model reads."""
         return MemoryOptions(linear_layers=self.linear_layers, softmax_layers=self.softmax_layers, mlp=self.mlp,
                              mlp_tile=self.mlp_tile, loss_chunk=self.loss_chunk, mixer_tile=self.mixer_tile,
-                             mixer_head_groups=self.mixer_head_groups, blocks=self.blocks)
+                             mixer_head_groups=self.mixer_head_groups, blocks=self.blocks,
+                             recompute_blocks=self.recompute_blocks)
 
 
 @dataclass
@@ -575,6 +584,10 @@ def validate(cfg: TrainConfig, world_size: int) -> TrainConfig:
         raise ConfigError("schedule.activation_checkpointing = true keeps each block's input on the GPU, "
                           "memory.blocks = 'offload' in host memory; set schedule.activation_checkpointing to false "
                           "(memory.blocks alone decides)")
+    if mem.recompute_blocks > m.n_layers // p.pp:
+        raise ConfigError(f"memory.recompute_blocks = {mem.recompute_blocks} exceeds the blocks of a pipeline stage "
+                          f"(model.n_layers / parallel.pp = {m.n_layers}/{p.pp} = {m.n_layers // p.pp}); use at most "
+                          "that, or -1 for every block")
     if m.residual_dtype == "bfloat16" and cfg.schedule.precision == "fp32":
         raise ConfigError("model.residual_dtype = 'bfloat16' needs bf16 autocast: schedule.precision = 'fp32' "
                           "runs the blocks in float32 (set schedule.precision to bf16, or auto on a GPU)")

@@ -180,7 +180,8 @@ def offloaded_host_bytes(m: ModelConfig, layout: Layout, memory: MemoryOptions, 
     one = m.residual_bytes * m.dim * layout.tokens
     one = pinned_block_bytes(one) if pinned else one
     in_flight = min(layout.pp, layout.microbatches)
-    kinds = [m.layer_kind(i) for i in range(m.n_layers // layout.pp)]
+    # memory.recompute_blocks: only the blocks that follow the modes offload
+    kinds = [m.layer_kind(i) for i in range(m.n_layers // layout.pp) if memory.follows_modes(i)]
     stages = {"blocks": len(kinds), "linear_layers": kinds.count("L"), "softmax_layers": kinds.count("N"),
               "mlp": len(kinds)}
     return {what: stages[option] * one * in_flight for option, what in HOST_STAGES
@@ -356,26 +357,29 @@ def estimate(m: ModelConfig, layout: Layout, memory: MemoryOptions, bf16: bool =
     params = stage_params(m, layout, 0)
     opt = 8 * params // (layout.dp if layout.zero else 1)
     head = (m.padded_vocab // tp) * D + D if layout.pp == 1 else 0
-    blocks = [_block(m, k, memory, whole_block_checkpointing, tp, act, N) for k in kinds]
+    # memory.recompute_blocks: the blocks past it keep their activations (every mode none)
+    options = [memory.for_block(i) for i in range(per)]
+    whole = [whole_block_checkpointing and memory.follows_modes(i) for i in range(per)]
+    blocks = [_block(m, k, o, w, tp, act, N) for k, o, w in zip(kinds, options, whole)]
     rope = 8 * m.hd * N if "N" in kinds else 0  # cos/sin, shared by the softmax layers
     held_all = sum(h for h, _ in blocks) * in_flight + rope
     loss_held, loss_peak = loss_bytes(m, tp, act, N, memory.loss_chunk) if layout.pp == 1 else (0, 0)
     # the residual stream's gradients; what a block's recomputation holds beside them, by name
-    residual = residual_grads(m, memory, whole_block_checkpointing, N)
-    extras = [recompute_extras(m, k, memory, whole_block_checkpointing, tp, act, N) for k in kinds]
+    residual = [residual_grads(m, o, w, N) for o, w in zip(options, whole)]
+    extras = [recompute_extras(m, k, o, w, tp, act, N) for k, o, w in zip(kinds, options, whole)]
     base = {"parameters": 4 * params, "optimizer states": opt}
     moments = {
         "end of forward": {"bf16 weight copies": 2 * params if bf16 else 0, "saved activations": held_all,
                            "loss (held)": loss_held, "loss (transient)": loss_peak},
         "loss backward": {"gradients": 4 * head, "saved activations": held_all, "loss (held)": loss_held,
-                          "loss (transient)": loss_peak, "residual gradients": residual},
+                          "loss (transient)": loss_peak, "residual gradients": residual[-1]},
     }
     grads_above = 4 * head
     for i in reversed(range(per)):
         grads_above += 4 * layer_params(m, kinds[i], tp)
         below = sum(h for h, _ in blocks[:i + 1]) + sum(h for h, _ in blocks) * (in_flight - 1) + rope
         moments[f"block {i} backward"] = {"gradients": grads_above, "saved activations": below,
-                                          "block backward (transient)": blocks[i][1], "residual gradients": residual,
+                                          "block backward (transient)": blocks[i][1], "residual gradients": residual[i],
                                           **extras[i]}
     moments["block 0 backward"]["gradients"] += 4 * (params - sum(layer_params(m, k, tp) for k in kinds) - head)
     name, parts = max(moments.items(), key=lambda kv: sum(kv[1].values()))
