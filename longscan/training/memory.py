@@ -18,7 +18,8 @@ the largest of three moments:
   gradient, with and without head groups.
 
 What a block saves depends on each stage's memory mode (none: everything its modules save; checkpoint: its
-input; offload: nothing), or on memory.blocks for whole blocks, and is multiplied by the microbatches the 1F1B
+input; offload: nothing), or on memory.blocks for whole blocks (only in the first memory.recompute_blocks
+blocks of a stage; the others keep everything, mode none), and is multiplied by the microbatches the 1F1B
 schedule holds at once. The residual stream (every stage's input) is float32, or bf16 under
 model.residual_dtype = bfloat16.
 The per-token counts of saved tensors are those of this model's modules: they are checked against the
@@ -479,12 +480,15 @@ def check_capacity(cfg, world_size: int, capacity_bytes: int | None = None, host
     est = estimate_config(cfg, world_size)
     p, d = cfg.parallel, cfg.data
     if est.peak > capacity_bytes:
+        kept = cfg.memory.recompute_blocks
         raise ConfigError(
             f"predicted peak memory {est.peak / GiB:.1f} GiB per GPU exceeds the device's {capacity_bytes / GiB:.1f} "
             f"GiB (data.seq_len = {d.seq_len} over parallel.sp = {p.sp}: {d.seq_len // p.sp} tokens a rank); "
             "lower it with memory.loss_chunk, memory.mlp_tile, memory.mixer_tile, memory.mixer_head_groups, "
             "memory.blocks or memory.linear_layers / softmax_layers / mlp = checkpoint | offload, "
-            "model.residual_dtype = bfloat16, or a larger parallel.sp; "
+            + (f"a larger memory.recompute_blocks (now {kept}: the other blocks of a stage keep their activations), "
+               if kept >= 0 else "")
+            + "model.residual_dtype = bfloat16, or a larger parallel.sp; "
             "memory.check_capacity=false tries anyway.\n"
             + est.table())
     if host_bytes is None and this_machine:

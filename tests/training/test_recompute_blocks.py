@@ -16,7 +16,8 @@ import torch
 from harness import run_distributed
 from longscan.models.args import MemoryOptions, ModelConfig
 from longscan.training.config import ConfigError, load_config, validate
-from longscan.training.memory import GiB, Layout, _block, estimate, estimate_config, offloaded_host_bytes
+from longscan.training.memory import (GiB, Layout, _block, check_capacity, estimate, estimate_config,
+                                      offloaded_host_bytes)
 from longscan.training.offload import stashes_in_graph
 
 T = 64  # a whole chunk of the torch backend: no padding among the saved tensors
@@ -192,6 +193,9 @@ def test_the_1b_hybrid_at_64k_grows_with_the_kept_blocks():
     assert peaks[20] == estimate_config(validate(load_config(path, GPU_1B), 1), 1).peak
     assert peaks[20] < peaks[16] < peaks[13] < peaks[12] < peaks[8] < peaks[0]
     assert peaks[13] < 79.1 * GiB < peaks[12]
+    with pytest.raises(ConfigError, match=r"a larger memory.recompute_blocks \(now 12"):
+        check_capacity(validate(load_config(path, GPU_1B + ["memory.recompute_blocks=12"]), 1), 1,
+                       capacity_bytes=int(79.1 * GiB))
     nothing = validate(load_config(path, GPU_1B + ["memory.linear_layers=none", "memory.mlp=none"]), 1)
     assert peaks[0] == estimate_config(nothing, 1).peak
 
