@@ -6,7 +6,8 @@ schedule.activation_checkpointing) and runs one forward and backward each: the l
 those of the model that recomputes every block (bitwise: the recomputation runs the same ops on the same
 inputs); each block's mixer and MLP run twice exactly where the block follows the modes; the bytes each block
 saves for its backward, measured through autograd's saved-tensor hooks, are the estimator's count for that block
-with its own options; an offloaded input waits in the stash for the recomputing blocks only.
+with its own options; an offloaded input waits in the stash for the recomputing blocks only. The last of two
+pipeline stages counts its own blocks.
 """
 from __future__ import annotations
 
@@ -103,8 +104,24 @@ def _run(rank, world):
             memory = MemoryOptions(recompute_blocks=n, **options)
             out[(name, n)] = _step(_model(memory, whole), tokens)
             out[("saved", name, n)] = _saved_by_block(_model(memory, whole), tokens)
+    out["second stage"] = {n: _second_stage(n, tokens) for n in (-1, 1)}
     ps.destroy_model_parallel()
     return out
+
+
+def _second_stage(n, tokens):
+    """The last of two pipeline stages (blocks 2 and 3), its stages checkpointed, on a random input from the
+    stage before: the step's loss, gradients (its input's too) and forward calls."""
+    from longscan.models.model import HybridLM, SPSpec
+    from longscan.training.parallel import stage_config
+    cfg = _cfg()
+    memory = MemoryOptions(**MODES["stages checkpoint"][0], recompute_blocks=n)
+    model = HybridLM(cfg, stage_config(1, 2, 1, cfg.dim, torch.float32), SPSpec(linear_backend="torch"), seed=0,
+                     pp_rank=1, pp_size=2, memory=memory).train()
+    x = torch.randn(T, 1, cfg.dim, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    model.set_input_tensor(x)
+    loss, grads, calls, _ = _step(model, tokens)
+    return loss, {**grads, "input": x.grad.clone()}, calls
 
 
 @pytest.fixture(scope="module")
@@ -236,3 +253,15 @@ def test_plan_counts_only_the_recomputing_blocks(tmp_path):
     want = tokens * 2 * 2 * (4 * D * I + 3 * D * F) / 1e14 + P.LINEAR_FWD_SHARE * parts[2]["linear attention"] * 2 / 3
     assert parts[2]["recomputed forward"] == pytest.approx(want)
     assert parts[0]["memory-bound"] < parts[2]["memory-bound"] < parts[4]["memory-bound"]
+
+
+def test_a_later_pipeline_stage_counts_its_own_blocks(results):
+    """recompute_blocks counts the blocks of each stage: on the second of two stages (blocks 2 and 3) N = 1
+    recomputes block 2 only, and gives the loss and gradients (its input's too) of recomputing both."""
+    loss, grads, calls = results["second stage"][1]
+    ref_loss, ref_grads, ref_calls = results["second stage"][-1]
+    assert ref_calls == {(i, part): 2 for i in (0, 1) for part in ("mixer", "mlp")}
+    assert calls == {(0, "mixer"): 2, (0, "mlp"): 2, (1, "mixer"): 1, (1, "mlp"): 1}
+    assert torch.equal(loss, ref_loss) and grads.keys() == ref_grads.keys()
+    for key in ref_grads:
+        assert ref_grads[key].abs().sum() > 0 and torch.equal(grads[key], ref_grads[key]), key
