@@ -18,6 +18,13 @@ line a kernel ("same" or "CHANGED" with the number of differing lines) and exits
 --resets compiles the gated kinds (g, gk) of this checkout as the dispatch does for log gates that may hold −inf
 (LinearKernelOptions.resets; the base's kernels get it too where they have the switch, and are compiled as they
 are where they have none).
+
+--family delta compares the delta rule's kernels instead (benchmarks/tuning/delta_compile.py: every kernel of
+path="float32" and path="wy" for the kinds deltanet, gated and kda at the default DeltaTritonOptions; --states
+adds the kernels that take an entering state or a leaving state's gradient with it):
+
+    PYTHONPATH=. python benchmarks/tuning/ptx_diff.py --family delta --base HEAD~1 --states [--kinds kda]
+        [--kernels wy_bwd,intra_fwd]
 """
 from __future__ import annotations
 
@@ -38,6 +45,9 @@ KERNELS = ("fwd", "state", "dq", "dk", "dv", "ops", "ops_b", "lv0", "lv1", "lv2"
 # the per-key kernels (the pre-pass and the levels kernel's three modes)
 PER_KEY = ("ops", "ops_b", "lv0", "lv1", "lv2")
 DTYPES = ("bf16", "fp16")
+FAMILIES = ("linear", "delta")
+# the delta rule's kinds, kernels and the kernels whose code depends on states (the helper beside this file)
+from delta_compile import KERNELS as DELTA_KERNELS, KINDS as DELTA_KINDS, WITH_STATES as DELTA_STATES  # noqa: E402
 
 
 def normalise(ptx: str) -> list[str]:
@@ -56,11 +66,16 @@ def normalise(ptx: str) -> list[str]:
     return out
 
 
-def cases(kinds: list[str], kernels: list[str], states: bool) -> list[tuple[str, str, bool]]:
+def cases(kinds: list[str], kernels: list[str], states: bool, family: str = "linear") -> list[tuple[str, str, bool]]:
     """(kind, kernel, with states) to compile; the pre-pass for per-key gates only, states where a kernel takes them."""
     out = []
     for kind in kinds:
         for name in kernels:
+            if family == "delta":
+                out.append((kind, name, False))
+                if states and name in DELTA_STATES:
+                    out.append((kind, name, True))
+                continue
             if name in PER_KEY and kind != "gk":
                 continue
             out.append((kind, name, False))
@@ -69,13 +84,13 @@ def cases(kinds: list[str], kernels: list[str], states: bool) -> list[tuple[str,
     return out
 
 
-def dump(tree: str, todo: list, dtype: str, dims: int, resets: bool, outdir: str) -> None:
+def dump(tree: str, todo: list, dtype: str, dims: int, resets: bool, outdir: str, family: str = "linear") -> None:
     """Compile every case against the longscan package under ``tree`` (this file's helpers, that tree's
     kernels) in a subprocess, writing <kind>-<kernel>[-states].ptx under outdir."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = tree
     args = [sys.executable, os.path.abspath(__file__), "--compile-into", outdir, "--dtype", dtype,
-            "--dims", str(dims), "--cases", json.dumps(todo)] + (["--resets"] if resets else [])
+            "--dims", str(dims), "--cases", json.dumps(todo), "--family", family] + (["--resets"] if resets else [])
     out = subprocess.run(args, env=env, cwd=outdir, capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"compiling against {tree} failed:\n{out.stderr[-4000:]}")
@@ -115,10 +130,19 @@ def compile_levels(mode: int, dtype, dims: int, resets: bool):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8))
 
 
-def compile_into(outdir: str, todo: list, dtype: str, dims: int, resets: bool) -> None:
+def compile_into(outdir: str, todo: list, dtype: str, dims: int, resets: bool, family: str = "linear") -> None:
     """In the subprocess: the longscan on PYTHONPATH is the tree compared (this script's folder gives the helpers).
     resets: the gated kinds compiled to take −inf (as the dispatch does only for them)."""
     sys.path.insert(0, HERE)
+    if family == "delta":
+        import delta_compile
+        import torch
+        for kind, name, states in todo:
+            kernel = delta_compile.compile_kernel(kind, name, states, {"bf16": torch.bfloat16,
+                                                                       "fp16": torch.float16}[dtype], dims)
+            with open(os.path.join(outdir, f"{kind}-{name}{'-states' if states else ''}.ptx"), "w") as f:
+                f.write(kernel.asm["ptx"])
+        return
     import kernel_resources as kr   # noqa: E402 (after the path: the helper beside this file)
     for kind, name, states in todo:
         gated = resets and kind in ("g", "gk")
@@ -150,8 +174,9 @@ def base_tree(base: str, into: str) -> str:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--base", help="git revision or directory with an earlier longscan/")
-    ap.add_argument("--kinds", default=",".join(KINDS), help=f"decay kinds, of {KINDS}")
-    ap.add_argument("--kernels", default=",".join(KERNELS), help=f"of {KERNELS}")
+    ap.add_argument("--family", default="linear", help=f"the kernels compared, of {FAMILIES}")
+    ap.add_argument("--kinds", help=f"decay kinds, of {KINDS} (--family delta: of {DELTA_KINDS}); default: all")
+    ap.add_argument("--kernels", help=f"of {KERNELS} (--family delta: of {DELTA_KERNELS}); default: all")
     ap.add_argument("--dtype", default="bf16", help=f"the inputs' dtype, of {DTYPES}")
     ap.add_argument("--dims", type=int, default=128, help="head dims K = V")
     ap.add_argument("--states", action="store_true", help="also with entering and leaving states")
@@ -160,12 +185,19 @@ def main():
     ap.add_argument("--cases", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.compile_into:
-        compile_into(args.compile_into, json.loads(args.cases), args.dtype, args.dims, args.resets)
+        compile_into(args.compile_into, json.loads(args.cases), args.dtype, args.dims, args.resets, args.family)
         return
     if not args.base:
         raise SystemExit("--base: give the git revision or directory to compare against")
-    kinds, kernels = args.kinds.split(","), args.kernels.split(",")
-    for flag, values, known in (("--kinds", kinds, KINDS), ("--kernels", kernels, KERNELS)):
+    if args.family not in FAMILIES:
+        raise SystemExit(f"--family: expected one of {FAMILIES}, got {args.family!r}")
+    delta = args.family == "delta"
+    if delta and args.resets:
+        raise SystemExit("--resets: the linear-attention kernels' switch; --family delta has none")
+    all_kinds, all_kernels = (DELTA_KINDS, DELTA_KERNELS) if delta else (KINDS, KERNELS)
+    kinds = args.kinds.split(",") if args.kinds else list(all_kinds)
+    kernels = args.kernels.split(",") if args.kernels else list(all_kernels)
+    for flag, values, known in (("--kinds", kinds, all_kinds), ("--kernels", kernels, all_kernels)):
         for x in values:
             if x not in known:
                 raise SystemExit(f"{flag}: unknown {flag[2:-1]} {x!r}, expected one of {known}")
@@ -174,20 +206,21 @@ def main():
                          f"settings), got {args.dtype!r}")
     if args.dims not in (16, 32, 64, 128):
         raise SystemExit(f"--dims: expected one of (16, 32, 64, 128), got {args.dims}")
-    todo = cases(kinds, kernels, args.states)
+    todo = cases(kinds, kernels, args.states, args.family)
     with tempfile.TemporaryDirectory() as d:
         trees = {"base": base_tree(args.base, d), "here": ROOT}
         for side, tree in trees.items():
             os.makedirs(os.path.join(d, f"ptx-{side}"))
-            dump(tree, todo, args.dtype, args.dims, args.resets, os.path.join(d, f"ptx-{side}"))
+            dump(tree, todo, args.dtype, args.dims, args.resets, os.path.join(d, f"ptx-{side}"), args.family)
         changed = 0
-        print(f"# {args.dtype}, head dims {args.dims}, base {args.base}{', resets' if args.resets else ''}")
+        print(f"# {args.family}, {args.dtype}, head dims {args.dims}, base {args.base}"
+              f"{', resets' if args.resets else ''}")
         for kind, name, states in todo:
             fname = f"{kind}-{name}{'-states' if states else ''}.ptx"
             a, b = (normalise(open(os.path.join(d, f"ptx-{side}", fname)).read()) for side in ("base", "here"))
             diff = [x for x in difflib.unified_diff(a, b, lineterm="", n=0)
                     if x[:1] in "+-" and x[:3] not in ("+++", "---")]
-            label = f"{kind:8s} {name:5s}{' states' if states else '       '}"
+            label = f"{kind:8s} {name:{23 if delta else 5}s}{' states' if states else '       '}"
             print(f"{label} {'same' if not diff else f'CHANGED ({len(diff)} lines)'}  ({len(b)} lines)", flush=True)
             changed += bool(diff)
     sys.exit(1 if changed else 0)
