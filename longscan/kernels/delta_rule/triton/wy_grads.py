@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from longscan.kernels.delta_rule.triton.common import wy_chunk
 from longscan.kernels.delta_rule.triton.wy_decay import (BT, NO_GATE, PER_KEY, SCALAR, decayed_cols, decayed_rows,
                                                          decayed_scores, gate_kind)
 
@@ -38,13 +39,7 @@ def bwd_block_k(block_k: int, gate: int) -> int:
 def _wy_dv_local(Q, K_, G, DO, DVL, T, H, N, K, V, scale, GATE: tl.constexpr, BK: tl.constexpr,
                  BV: tl.constexpr, PREC: tl.constexpr):
     n, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
-    oc = tl.arange(0, BT)
-    t = n * BT + oc
-    mt = t < T
-    tok0 = ((b * T + n * BT) * H + h).to(tl.int64)   # int64 bases, int32 offsets in the chunk
-    tok = oc * H
-    row0 = ((bh * N + n) * BT).to(tl.int64)
+    oc, mt, tok0, tok, row0 = wy_chunk(n, bh, T, H, N)
     row = oc
     DVL = DVL + row0 * V
     gk = 1
@@ -86,13 +81,7 @@ def _wy_dqkw(Q, K_, G, HS, DHS, VN, DVN, DO, DQ, DK, DW, DB, T, H, N, K, V, scal
     to DB[block of keys], summed after (a scalar gate), or to DB's own keys (per-key gates). Without q (a
     segment transition) there is no output: no dq and none of do's terms."""
     ik, n, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    b, h = bh // H, bh % H
-    oc = tl.arange(0, BT)
-    t = n * BT + oc
-    mt = t < T
-    tok0 = ((b * T + n * BT) * H + h).to(tl.int64)   # int64 bases, int32 offsets in the chunk
-    tok = oc * H
-    row0 = ((bh * N + n) * BT).to(tl.int64)
+    oc, mt, tok0, tok, row0 = wy_chunk(n, bh, T, H, N)
     row = oc
     gk = 1
     if GATE == PER_KEY:   # a gate a key: G, DB and DG hold K values a token
@@ -189,13 +178,7 @@ def _wy_dqkw(Q, K_, G, HS, DHS, VN, DVN, DO, DQ, DK, DW, DB, T, H, N, K, V, scal
 def _wy_bwd(K_, V_, BETA, G, P_, W, U, DVN, DW, DB, DK, DV, DBETA, DG, T, H, N, K, V, GATE: tl.constexpr,
             BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     n, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
-    oc = tl.arange(0, BT)
-    t = n * BT + oc
-    mt = t < T
-    tok0 = ((b * T + n * BT) * H + h).to(tl.int64)   # int64 bases, int32 offsets in the chunk
-    tok = oc * H
-    row0 = ((bh * N + n) * BT).to(tl.int64)
+    oc, mt, tok0, tok, row0 = wy_chunk(n, bh, T, H, N)
     row = oc
     P_ = P_ + row0 * BT
     gk = 1

@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from longscan.kernels.delta_rule.triton.common import wy_chunk
 from longscan.kernels.delta_rule.triton.wy_decay import BT, NO_GATE, PER_KEY, SCALAR, decayed_scores, gate_kind
 
 
@@ -42,12 +43,7 @@ def _dot32(a, b):
 def _wy_kkt(K_, BETA, G, A_, T, H, N, K, GATE: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
     """A = strict(Diag(β) (K Kᵀ ⊙ D)) `[BT, BT]` float32, one `[BT, BT]` product over blocks of keys."""
     n, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
-    oc = tl.arange(0, BT)
-    t = n * BT + oc
-    mt = t < T
-    tok0 = ((b * T + n * BT) * H + h).to(tl.int64)   # int64 bases, int32 offsets in the chunk
-    tok = oc * H
+    oc, mt, tok0, tok, _ = wy_chunk(n, bh, T, H, N)
     gk = 1
     if GATE == PER_KEY:   # a gate a key: G, DB and DG hold K values a token
         gk = K
@@ -126,13 +122,7 @@ def _wy_w_u(Q, K_, V_, BETA, G, P_, W, U, KB, QG, GC, T, H, N, K, V, GATE: tl.co
     """W = P X, X = Diag(β) (K ⊙ exp(b)), and U = P Y, Y = Diag(β) V, `[BT, BT]` products; per-key gates
     also K̄, exp(b_C) and (with q) Q̃."""
     n, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
-    oc = tl.arange(0, BT)
-    t = n * BT + oc
-    mt = t < T
-    tok0 = ((b * T + n * BT) * H + h).to(tl.int64)   # int64 bases, int32 offsets in the chunk
-    tok = oc * H
-    row0 = ((bh * N + n) * BT).to(tl.int64)
+    oc, mt, tok0, tok, row0 = wy_chunk(n, bh, T, H, N)
     row = oc
     P_ = P_ + row0 * BT
     W = W + row0 * K

@@ -1,0 +1,33 @@
+"""Shared `@triton.jit` helpers of the delta rule's kernels: the prologues that turn a program's ids into its
+chunk's offsets and bases. Inlined where they are called."""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from longscan.kernels.delta_rule.triton.wy_decay import BT, PER_KEY
+
+
+@triton.jit
+def wy_chunk(n, bh, T, H, N):
+    """path="wy", chunk n of sequence × head bh -> (oc, mt, tok0, tok, row0): the chunk's token offsets `[BT]`,
+    which of them lie inside the sequence, the int64 base of its first token in a `[B, T, H, ...]` input and
+    the int32 token offsets from it (tok = oc·H), and the int64 base of its rows in a `[B, H, N·BT, ...]` chunk
+    quantity (whose row offsets are oc)."""
+    b, h = bh // H, bh % H
+    oc = tl.arange(0, BT)
+    t = n * BT + oc
+    mt = t < T
+    tok0 = ((b * T + n * BT) * H + h).to(tl.int64)   # int64 bases, int32 offsets in the chunk
+    tok = oc * H
+    row0 = ((bh * N + n) * BT).to(tl.int64)
+    return oc, mt, tok0, tok, row0
+
+
+@triton.jit
+def gate_width(K, GATE: tl.constexpr):
+    """Values a token of G (and of DB, DG): K for per-key gates, else 1."""
+    gk = 1
+    if GATE == PER_KEY:
+        gk = K
+    return gk
