@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from longscan.kernels.delta_rule.triton.common import wy_chunk
+from longscan.kernels.delta_rule.triton.common import gate_width, wy_chunk
 from longscan.kernels.delta_rule.triton.wy_decay import (BT, NO_GATE, PER_KEY, SCALAR, decayed_cols, decayed_rows,
                                                          decayed_scores, gate_kind)
 
@@ -42,9 +42,7 @@ def _wy_dv_local(Q, K_, G, DO, DVL, T, H, N, K, V, scale, GATE: tl.constexpr, BK
     oc, mt, tok0, tok, row0 = wy_chunk(n, bh, T, H, N)
     row = oc
     DVL = DVL + row0 * V
-    gk = 1
-    if GATE == PER_KEY:   # a gate a key: G, DB and DG hold K values a token
-        gk = K
+    gk = gate_width(K, GATE)   # a gate a key: G, DB and DG hold K values a token
     if GATE != NO_GATE:
         G = G + tok0 * gk
     K_, Q = K_ + tok0 * K, Q + tok0 * K
@@ -83,9 +81,7 @@ def _wy_dqkw(Q, K_, G, HS, DHS, VN, DVN, DO, DQ, DK, DW, DB, T, H, N, K, V, scal
     ik, n, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     oc, mt, tok0, tok, row0 = wy_chunk(n, bh, T, H, N)
     row = oc
-    gk = 1
-    if GATE == PER_KEY:   # a gate a key: G, DB and DG hold K values a token
-        gk = K
+    gk = gate_width(K, GATE)   # a gate a key: G, DB and DG hold K values a token
     DW = DW + row0 * K
     if GATE != NO_GATE:
         G, DB = G + tok0 * gk, DB + row0 * gk
@@ -181,9 +177,7 @@ def _wy_bwd(K_, V_, BETA, G, P_, W, U, DVN, DW, DB, DK, DV, DBETA, DG, T, H, N, 
     oc, mt, tok0, tok, row0 = wy_chunk(n, bh, T, H, N)
     row = oc
     P_ = P_ + row0 * BT
-    gk = 1
-    if GATE == PER_KEY:   # a gate a key: G, DB and DG hold K values a token
-        gk = K
+    gk = gate_width(K, GATE)   # a gate a key: G, DB and DG hold K values a token
     DW, W = DW + row0 * K, W + row0 * K
     DVN, U = DVN + row0 * V, U + row0 * V
     BETA, DBETA = BETA + tok0, DBETA + tok0

@@ -9,6 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
+from longscan.kernels.delta_rule.triton.common import gate_width
 from longscan.kernels.delta_rule.triton.wy_decay import BT, NO_GATE, PER_KEY, SCALAR, decayed_scores, gate_kind
 
 
@@ -27,9 +28,7 @@ def _wy_output(Q, K_, G, HS, VN, O, T, H, N, K, V, scale, GATE: tl.constexpr, BK
     row0 = ((bh * N + n) * BT).to(tl.int64)
     row = oc
     VN = VN + row0 * V
-    gk = 1
-    if GATE == PER_KEY:   # a gate a key: G, DB and DG hold K values a token
-        gk = K
+    gk = gate_width(K, GATE)   # a gate a key: G, DB and DG hold K values a token
     if GATE != NO_GATE:
         G = G + tok0 * gk
     K_, Q = K_ + tok0 * K, Q + tok0 * K

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from longscan.kernels.delta_rule.triton.common import wy_chunk
+from longscan.kernels.delta_rule.triton.common import gate_width, wy_chunk
 from longscan.kernels.delta_rule.triton.wy_decay import BT, NO_GATE, PER_KEY, SCALAR, decayed_scores, gate_kind
 
 
@@ -44,9 +44,7 @@ def _wy_kkt(K_, BETA, G, A_, T, H, N, K, GATE: tl.constexpr, BK: tl.constexpr, P
     """A = strict(Diag(β) (K Kᵀ ⊙ D)) `[BT, BT]` float32, one `[BT, BT]` product over blocks of keys."""
     n, bh = tl.program_id(0), tl.program_id(1)
     oc, mt, tok0, tok, _ = wy_chunk(n, bh, T, H, N)
-    gk = 1
-    if GATE == PER_KEY:   # a gate a key: G, DB and DG hold K values a token
-        gk = K
+    gk = gate_width(K, GATE)   # a gate a key: G, DB and DG hold K values a token
     BETA = BETA + tok0
     if GATE != NO_GATE:
         G = G + tok0 * gk
@@ -131,9 +129,7 @@ def _wy_w_u(Q, K_, V_, BETA, G, P_, W, U, KB, QG, GC, T, H, N, K, V, GATE: tl.co
         if HAS_Q:
             QG = QG + row0 * K
     U = U + row0 * V
-    gk = 1
-    if GATE == PER_KEY:   # a gate a key: G, DB and DG hold K values a token
-        gk = K
+    gk = gate_width(K, GATE)   # a gate a key: G, DB and DG hold K values a token
     BETA = BETA + tok0
     if GATE != NO_GATE:
         G = G + tok0 * gk
