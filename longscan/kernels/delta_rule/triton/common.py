@@ -31,3 +31,18 @@ def gate_width(K, GATE: tl.constexpr):
     if GATE == PER_KEY:
         gk = K
     return gk
+
+
+@triton.jit
+def float32_chunk(n, bh, T, H, N, C, BC: tl.constexpr):
+    """path="float32", chunk n (of C tokens, padded to BC) of sequence × head bh -> (oc, mc, mt, tok, row): the
+    chunk's offsets `[BC]`, which lie in the chunk, which also in the sequence, the tokens' indices in a
+    `[B, T, H]` input and the chunk's index in `[B, H, N]` chunk quantities."""
+    b, h = bh // H, bh % H
+    oc = tl.arange(0, BC)
+    t = n * C + oc
+    mc = oc < C
+    mt = mc & (t < T)
+    tok = (b * T + t) * H + h                                             # the token's index in [B, T, H]
+    row = bh * N + n
+    return oc, mc, mt, tok, row

@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from longscan.kernels.delta_rule.triton.common import float32_chunk
 from longscan.kernels.delta_rule.triton.inter import Chunks, StateGrads, pow2
 
 # keys a step of the per-key backward's `[C, C, keys]` decay products: at 8 Triton 3.6's ieee build spills
@@ -38,13 +39,7 @@ def _intra_bwd(Q, K_, V_, BETA, G, P_, W, U0, UN, SN, DSN, DO, DU0, DQ, DK, DV, 
     dK̄ = U dS_{n+1}ᵀ, Σ S_n ⊙ dS_{n+1}) and writes its dk and dq. K Kᵀ and Q Kᵀ, summed over the blocks of
     keys, give dβ's and db's terms after the last block. W is not read (dA needs no dX Wᵀ: see the module)."""
     n, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
-    oc = tl.arange(0, BC)
-    t = n * C + oc
-    mc = oc < C
-    mt = mc & (t < T)
-    tok = (b * T + t) * H + h
-    row = bh * N + n
+    oc, mc, mt, tok, row = float32_chunk(n, bh, T, H, N, C, BC)
     m_cc = mc[:, None] & mc[None, :]
     causal = oc[:, None] >= oc[None, :]
     strict = oc[:, None] > oc[None, :]
@@ -162,13 +157,7 @@ def _intra_bwd_per_key(Q, K_, V_, BETA, G, P_, W, U0, UN, SN, DSN, DO, DU0, DQ, 
     of keys takes its sums over V and its share of the products F_ts = Σ_k a_tk c_sk E_tsk
     (E = exp(b_tk - b_sk), s ≤ t): da = Σ_s dF E c_s, dc = Σ_t dF E a_t, db = a ⊙ da - c ⊙ dc."""
     n, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
-    oc = tl.arange(0, BC)
-    t = n * C + oc
-    mc = oc < C
-    mt = mc & (t < T)
-    tok = (b * T + t) * H + h
-    row = bh * N + n
+    oc, mc, mt, tok, row = float32_chunk(n, bh, T, H, N, C, BC)
     m_cc = mc[:, None] & mc[None, :]
     causal = oc[:, None] >= oc[None, :]
     beta = tl.load(BETA + tok, mask=mt, other=0.).to(tl.float32)

@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from longscan.kernels.delta_rule.triton.common import float32_chunk
 from longscan.kernels.delta_rule.triton.inter import Chunks, pow2
 
 
@@ -67,13 +68,7 @@ def _intra_fwd(Q, K_, V_, BETA, G, W, U0, QK, QT, KB, LAST, P_, T, H, N, C, K, V
     """GATE: 0 none, 1 scalar (G `[B, T, H]`, LAST `[BH, N]`). BK keys at a time: K Kᵀ and Q Kᵀ summed over
     the blocks of keys, then P, then each block of keys' W, Q̃ and K̄ (no `[C, K]` tile held whole)."""
     n, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
-    oc = tl.arange(0, BC)
-    t = n * C + oc
-    mc = oc < C
-    mt = mc & (t < T)
-    tok = (b * T + t) * H + h                                             # the token's index in [B, T, H]
-    row = bh * N + n
+    oc, mc, mt, tok, row = float32_chunk(n, bh, T, H, N, C, BC)
     m_cc = mc[:, None] & mc[None, :]
     beta = tl.load(BETA + tok, mask=mt, other=0.).to(tl.float32)
     causal = oc[:, None] >= oc[None, :]
@@ -133,13 +128,7 @@ def _intra_fwd_per_key(Q, K_, V_, BETA, G, W, U0, QK, QT, KB, LAST, P_, T, H, N,
     """Per-key gates (G `[B, T, H, K]`, LAST `[BH, N, K]`): the decays differ by key, so K Kᵀ ⊙ D and Q Kᵀ ⊙ D
     are sums over blocks of BKS keys of `[C, C, BKS]` products, each exp(b_tk - b_sk) formed exactly (s ≤ t)."""
     n, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
-    oc = tl.arange(0, BC)
-    t = n * C + oc
-    mc = oc < C
-    mt = mc & (t < T)
-    tok = (b * T + t) * H + h
-    row = bh * N + n
+    oc, mc, mt, tok, row = float32_chunk(n, bh, T, H, N, C, BC)
     causal = oc[:, None] >= oc[None, :]
     beta = tl.load(BETA + tok, mask=mt, other=0.).to(tl.float32)
     kk = tl.zeros([BC, BC], dtype=tl.float32)
