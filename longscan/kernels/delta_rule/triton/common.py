@@ -46,3 +46,18 @@ def float32_chunk(n, bh, T, H, N, C, BC: tl.constexpr):
     tok = (b * T + t) * H + h                                             # the token's index in [B, T, H]
     row = bh * N + n
     return oc, mc, mt, tok, row
+
+
+@triton.jit
+def wy_sequence(iv, bh, T, H, N, K, V, KP: tl.constexpr, BV: tl.constexpr):
+    """path="wy"'s serial kernels, block iv of V columns of sequence × head bh -> (oc, ok, ov, mk, mv, m_kv, seq,
+    rows): a chunk's token offsets `[BT]`, the keys `[KP]` and the block's columns `[BV]`, their masks and the
+    state's `[KP, BV]` mask, the int64 bases of the sequence in a `[B, T, H, ...]` input and of its rows in a
+    `[B, H, N·BT, ...]` chunk quantity."""
+    b, h = bh // H, bh % H
+    oc, ok = tl.arange(0, BT), tl.arange(0, KP)
+    ov = iv * BV + tl.arange(0, BV)
+    mk, mv = ok < K, ov < V
+    m_kv = mk[:, None] & mv[None, :]
+    seq, rows = (b * T * H + h).to(tl.int64), (bh * N * BT).to(tl.int64)
+    return oc, ok, ov, mk, mv, m_kv, seq, rows

@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from longscan.kernels.delta_rule.triton.common import wy_sequence
 from longscan.kernels.delta_rule.triton.wy_decay import BT, PER_KEY, SCALAR, gate_kind
 
 
@@ -26,14 +27,9 @@ from longscan.kernels.delta_rule.triton.wy_decay import BT, PER_KEY, SCALAR, gat
 def _wy_state_fwd(K_, G, KB, GC, W, U, H0, HS, VN, HT, T, H, N, K, V, GATE: tl.constexpr, HAS_H0: tl.constexpr,
                   KP: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     iv, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
-    oc, ok = tl.arange(0, BT), tl.arange(0, KP)
-    ov = iv * BV + tl.arange(0, BV)
-    mk, mv = ok < K, ov < V
-    m_kv = mk[:, None] & mv[None, :]
-    dt = W.dtype.element_ty
     # the sequence's int64 bases; int32 offsets inside it, formed in the loop (hoisted, they hold registers)
-    seq, rows = (b * T * H + h).to(tl.int64), (bh * N * BT).to(tl.int64)
+    oc, ok, ov, mk, mv, m_kv, seq, rows = wy_sequence(iv, bh, T, H, N, K, V, KP, BV)
+    dt = W.dtype.element_ty
     K_, W, U, VN = K_ + seq * K, W + rows * K, U + rows * V, VN + rows * V
     if GATE == SCALAR:
         G = G + seq
@@ -72,13 +68,8 @@ def _wy_state_fwd(K_, G, KB, GC, W, U, H0, HS, VN, HT, T, H, N, K, V, GATE: tl.c
 def _wy_state_bwd(Q, K_, G, QG, KB, GC, W, DO, DVL, DHT, DHS, DVN, DH0, T, H, N, K, V, scale, GATE: tl.constexpr,
                   HAS_Q: tl.constexpr, HAS_DHT: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     iv, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
-    oc, ok = tl.arange(0, BT), tl.arange(0, KP)
-    ov = iv * BV + tl.arange(0, BV)
-    mk, mv = ok < K, ov < V
-    m_kv = mk[:, None] & mv[None, :]
+    oc, ok, ov, mk, mv, m_kv, seq, rows = wy_sequence(iv, bh, T, H, N, K, V, KP, BV)
     dt = W.dtype.element_ty
-    seq, rows = (b * T * H + h).to(tl.int64), (bh * N * BT).to(tl.int64)
     K_, W, DVN = K_ + seq * K, W + rows * K, DVN + rows * V
     if HAS_Q:   # without q (a segment transition) no output: no dv_local, no Q̃ᵀ do term
         Q, DO, DVL = Q + seq * K, DO + seq * V, DVL + rows * V
