@@ -61,3 +61,34 @@ def wy_sequence(iv, bh, T, H, N, K, V, KP: tl.constexpr, BV: tl.constexpr):
     m_kv = mk[:, None] & mv[None, :]
     seq, rows = (b * T * H + h).to(tl.int64), (bh * N * BT).to(tl.int64)
     return oc, ok, ov, mk, mv, m_kv, seq, rows
+
+
+@triton.jit
+def inter_tiles(iv, C, K, V, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """path="float32"'s recurrence, block iv of V columns -> (oc, ok, ov, mc, mk, mv, m_kv, m_ck, m_cv): a chunk's
+    offsets `[BC]`, the keys `[BK]`, the block's columns `[BV]`, their masks and those of the `[K, V]` state, the
+    `[C, K]` and the `[C, V]` tiles."""
+    oc, ok = tl.arange(0, BC), tl.arange(0, BK)
+    ov = iv * BV + tl.arange(0, BV)
+    mc, mk, mv = oc < C, ok < K, ov < V
+    m_kv = mk[:, None] & mv[None, :]
+    m_ck = mc[:, None] & mk[None, :]
+    m_cv = mc[:, None] & mv[None, :]
+    return oc, ok, ov, mc, mk, mv, m_kv, m_ck, m_cv
+
+
+@triton.jit
+def inter_key_blocks(iv, C, K, V, BC: tl.constexpr, BV: tl.constexpr, NKS: tl.constexpr, KS: tl.constexpr):
+    """``inter_tiles`` with the keys in NKS blocks of KS -> (oc, ov, mc, mv, ok, mk, o_kv, m_kv, o_ck, m_ck, m_cv):
+    ok `[NKS, KS]`, the state's offsets and mask `[NKS, KS, BV]`, the `[C, K]` tiles' `[NKS, C, KS]`."""
+    oc = tl.arange(0, BC)
+    ov = iv * BV + tl.arange(0, BV)
+    mc, mv = oc < C, ov < V
+    ok = tl.arange(0, NKS)[:, None] * KS + tl.arange(0, KS)[None, :]          # [NKS, KS]
+    mk = ok < K
+    o_kv = ok[:, :, None] * V + ov[None, None, :]
+    m_kv = mk[:, :, None] & mv[None, None, :]
+    o_ck = oc[None, :, None] * K + ok[:, None, :]                               # [NKS, C, KS]
+    m_ck = mc[None, :, None] & mk[:, None, :]
+    m_cv = mc[:, None] & mv[None, :]
+    return oc, ov, mc, mv, ok, mk, o_kv, m_kv, o_ck, m_ck, m_cv

@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from longscan.kernels.delta_rule.triton.common import inter_key_blocks, inter_tiles
+
 
 def pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))   # tl.dot needs dimensions of at least 16
@@ -31,12 +33,7 @@ def _inter_fwd(W, U0, QK, QT, KB, LAST, H0, O, HT, SN, N, C, K, V, scale,
     """GATE: 0 none, 1 scalar (LAST `[BH, N]`), 2 per key (LAST `[BH, N, K]`). Writes the state entering
     each chunk (SN) for the backward."""
     bh, iv = tl.program_id(0), tl.program_id(1)
-    oc, ok = tl.arange(0, BC), tl.arange(0, BK)
-    ov = iv * BV + tl.arange(0, BV)
-    mc, mk, mv = oc < C, ok < K, ov < V
-    m_kv = mk[:, None] & mv[None, :]
-    m_ck = mc[:, None] & mk[None, :]
-    m_cv = mc[:, None] & mv[None, :]
+    oc, ok, ov, mc, mk, mv, m_kv, m_ck, m_cv = inter_tiles(iv, C, K, V, BC, BK, BV)
     if HAS_H0:
         S = tl.load(H0 + bh * K * V + ok[:, None] * V + ov[None, :], mask=m_kv, other=0.).to(tl.float32)
     else:
@@ -70,16 +67,7 @@ def _inter_fwd_blocks(W, U0, QK, QT, KB, LAST, H0, O, HT, SN, N, C, K, V, scale,
     keys summed, and no thread holds a whole row of K."""
     NKS: tl.constexpr = BK // KS
     bh, iv = tl.program_id(0), tl.program_id(1)
-    oc = tl.arange(0, BC)
-    ov = iv * BV + tl.arange(0, BV)
-    mc, mv = oc < C, ov < V
-    ok = tl.arange(0, NKS)[:, None] * KS + tl.arange(0, KS)[None, :]          # [NKS, KS]
-    mk = ok < K
-    o_kv = ok[:, :, None] * V + ov[None, None, :]
-    m_kv = mk[:, :, None] & mv[None, None, :]
-    o_ck = oc[None, :, None] * K + ok[:, None, :]                               # [NKS, C, KS]
-    m_ck = mc[None, :, None] & mk[:, None, :]
-    m_cv = mc[:, None] & mv[None, :]
+    oc, ov, mc, mv, ok, mk, o_kv, m_kv, o_ck, m_ck, m_cv = inter_key_blocks(iv, C, K, V, BC, BV, NKS, KS)
     if HAS_H0:
         S = tl.load(H0 + bh * K * V + o_kv, mask=m_kv, other=0.).to(tl.float32)
     else:
@@ -112,12 +100,7 @@ def _inter_bwd(W, U0, QK, QT, KB, LAST, SN, DO, DHT, DU0, DW, DQK, DQT, DKB, DLA
     """Per block of V columns: DU0 its columns; DW, DQK, DQT, DKB, DLAST this block's share `[NV, ...]`."""
     bh, iv = tl.program_id(0), tl.program_id(1)
     BH = tl.num_programs(0)
-    oc, ok = tl.arange(0, BC), tl.arange(0, BK)
-    ov = iv * BV + tl.arange(0, BV)
-    mc, mk, mv = oc < C, ok < K, ov < V
-    m_kv = mk[:, None] & mv[None, :]
-    m_ck = mc[:, None] & mk[None, :]
-    m_cv = mc[:, None] & mv[None, :]
+    oc, ok, ov, mc, mk, mv, m_kv, m_ck, m_cv = inter_tiles(iv, C, K, V, BC, BK, BV)
     m_cc = mc[:, None] & mc[None, :]
     if HAS_DHT:
         dS = tl.load(DHT + bh * K * V + ok[:, None] * V + ov[None, :], mask=m_kv, other=0.).to(tl.float32)
@@ -169,12 +152,7 @@ def _inter_bwd_states(W, U0, QK, QT, KB, LAST, SN, DO, DHT, DU0, DSN, UN, DH0, N
     each chunk (DSN `[BH, N, K, V]`) and U (UN); the sums over V (dW, dQ̃, dK̄, dQK, dl) are left to the intra
     backward, which has every column of a chunk at once."""
     bh, iv = tl.program_id(0), tl.program_id(1)
-    oc, ok = tl.arange(0, BC), tl.arange(0, BK)
-    ov = iv * BV + tl.arange(0, BV)
-    mc, mk, mv = oc < C, ok < K, ov < V
-    m_kv = mk[:, None] & mv[None, :]
-    m_ck = mc[:, None] & mk[None, :]
-    m_cv = mc[:, None] & mv[None, :]
+    oc, ok, ov, mc, mk, mv, m_kv, m_ck, m_cv = inter_tiles(iv, C, K, V, BC, BK, BV)
     if HAS_DHT:
         dS = tl.load(DHT + bh * K * V + ok[:, None] * V + ov[None, :], mask=m_kv, other=0.).to(tl.float32)
     else:
@@ -212,16 +190,7 @@ def _inter_bwd_states_blocks(W, U0, QK, QT, KB, LAST, SN, DO, DHT, DU0, DSN, UN,
     """``_inter_bwd_states`` in blocks of KS keys, as ``_inter_fwd_blocks``."""
     NKS: tl.constexpr = BK // KS
     bh, iv = tl.program_id(0), tl.program_id(1)
-    oc = tl.arange(0, BC)
-    ov = iv * BV + tl.arange(0, BV)
-    mc, mv = oc < C, ov < V
-    ok = tl.arange(0, NKS)[:, None] * KS + tl.arange(0, KS)[None, :]          # [NKS, KS]
-    mk = ok < K
-    o_kv = ok[:, :, None] * V + ov[None, None, :]
-    m_kv = mk[:, :, None] & mv[None, None, :]
-    o_ck = oc[None, :, None] * K + ok[:, None, :]                               # [NKS, C, KS]
-    m_ck = mc[None, :, None] & mk[:, None, :]
-    m_cv = mc[:, None] & mv[None, :]
+    oc, ov, mc, mv, ok, mk, o_kv, m_kv, o_ck, m_ck, m_cv = inter_key_blocks(iv, C, K, V, BC, BV, NKS, KS)
     if HAS_DHT:
         dS = tl.load(DHT + bh * K * V + o_kv, mask=m_kv, other=0.).to(tl.float32)
     else:
