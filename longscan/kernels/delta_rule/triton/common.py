@@ -92,3 +92,21 @@ def inter_key_blocks(iv, C, K, V, BC: tl.constexpr, BV: tl.constexpr, NKS: tl.co
     m_ck = mc[None, :, None] & mk[:, None, :]
     m_cv = mc[:, None] & mv[None, :]
     return oc, ov, mc, mv, ok, mk, o_kv, m_kv, o_ck, m_ck, m_cv
+
+
+@triton.jit
+def float32_grams(Q, K_, tok, mt, K, WITH_Q: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+                  PREC: tl.constexpr):
+    """path="float32", a chunk's K Kᵀ and (WITH_Q) Q Kᵀ `[BC, BC]` float32, summed over blocks of BK keys (no
+    `[C, K]` tile held whole); Q Kᵀ stays zero without WITH_Q."""
+    kk = tl.zeros([BC, BC], dtype=tl.float32)
+    qk = tl.zeros([BC, BC], dtype=tl.float32)
+    for ik in range(0, tl.cdiv(K, BK)):
+        ok = ik * BK + tl.arange(0, BK)
+        m_tk = mt[:, None] & (ok < K)[None, :]
+        k = tl.load(K_ + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(tl.float32)
+        kk += tl.dot(k, tl.trans(k), input_precision=PREC)
+        if WITH_Q:
+            q = tl.load(Q + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(tl.float32)
+            qk += tl.dot(q, tl.trans(k), input_precision=PREC)
+    return kk, qk

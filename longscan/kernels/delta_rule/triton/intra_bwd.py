@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from longscan.kernels.delta_rule.triton.common import float32_chunk
+from longscan.kernels.delta_rule.triton.common import float32_chunk, float32_grams
 from longscan.kernels.delta_rule.triton.inter import Chunks, StateGrads, pow2
 
 # keys a step of the per-key backward's `[C, C, keys]` decay products: at 8 Triton 3.6's ieee build spills
@@ -77,16 +77,7 @@ def _intra_bwd(Q, K_, V_, BETA, G, P_, W, U0, UN, SN, DSN, DO, DU0, DQ, DK, DV, 
         M = M * D
         dqkd = dqk * D
     # K Kᵀ and Q Kᵀ over every key first, so only P, M + Mᵀ and dQK ⊙ D stay alive through the blocks of keys
-    kk = tl.zeros([BC, BC], dtype=tl.float32)
-    qk = tl.zeros([BC, BC], dtype=tl.float32)
-    for ik in range(0, tl.cdiv(K, BK)):
-        ok = ik * BK + tl.arange(0, BK)
-        m_tk = mt[:, None] & (ok < K)[None, :]
-        k = tl.load(K_ + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(tl.float32)
-        kk += tl.dot(k, tl.trans(k), input_precision=PREC)
-        if HAS_Q and GATE == 1:
-            q = tl.load(Q + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(tl.float32)
-            qk += tl.dot(q, tl.trans(k), input_precision=PREC)
+    kk, qk = float32_grams(Q, K_, tok, mt, K, HAS_Q and GATE == 1, BC, BK, PREC)
     # A = strict(Diag(β) (K Kᵀ ⊙ D)): its share of dβ, and of db for a gate
     if GATE == 1:
         kk = kk * D

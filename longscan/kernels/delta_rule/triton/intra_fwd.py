@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from longscan.kernels.delta_rule.triton.common import float32_chunk
+from longscan.kernels.delta_rule.triton.common import float32_chunk, float32_grams
 from longscan.kernels.delta_rule.triton.inter import Chunks, pow2
 
 
@@ -72,16 +72,7 @@ def _intra_fwd(Q, K_, V_, BETA, G, W, U0, QK, QT, KB, LAST, P_, T, H, N, C, K, V
     m_cc = mc[:, None] & mc[None, :]
     beta = tl.load(BETA + tok, mask=mt, other=0.).to(tl.float32)
     causal = oc[:, None] >= oc[None, :]
-    kk = tl.zeros([BC, BC], dtype=tl.float32)
-    qk = tl.zeros([BC, BC], dtype=tl.float32)
-    for ik in range(0, tl.cdiv(K, BK)):
-        ok = ik * BK + tl.arange(0, BK)
-        m_tk = mt[:, None] & (ok < K)[None, :]
-        k = tl.load(K_ + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(tl.float32)
-        kk += tl.dot(k, tl.trans(k), input_precision=PREC)
-        if HAS_Q:
-            q = tl.load(Q + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(tl.float32)
-            qk += tl.dot(q, tl.trans(k), input_precision=PREC)
+    kk, qk = float32_grams(Q, K_, tok, mt, K, HAS_Q, BC, BK, PREC)
     eb = tl.full([BC], 1., tl.float32)
     ekb = eb
     if GATE == 1:
