@@ -110,3 +110,27 @@ def float32_grams(Q, K_, tok, mt, K, WITH_Q: tl.constexpr, BC: tl.constexpr, BK:
             q = tl.load(Q + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(tl.float32)
             qk += tl.dot(q, tl.trans(k), input_precision=PREC)
     return kk, qk
+
+
+@triton.jit
+def wy_state_tile(S0, bh, ok, ov, m_kv, K, V, HAS: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr):
+    """path="wy"'s serial kernels: the `[KP, BV]` float32 block of the state (or its gradient) S0 `[B, H, K, V]`
+    of sequence × head bh that the chain starts from; zeros without HAS (S0 None)."""
+    if HAS:
+        S = tl.load(S0 + bh.to(tl.int64) * K * V + ok[:, None] * V + ov[None, :], mask=m_kv, other=0.).to(tl.float32)
+    else:
+        S = tl.zeros([KP, BV], dtype=tl.float32)
+    return S
+
+
+@triton.jit
+def wy_serial_chunk(n, oc, bh, T, H, N):
+    """path="wy"'s serial kernels, chunk n -> (mt, tok, row, sn): which of its tokens lie in the sequence, their
+    int32 offsets from the sequence's base, its rows' offsets from the sequence's rows and its int64 index in
+    `[B, H, N, ...]`."""
+    t = n * BT + oc
+    mt = t < T
+    tok = t * H
+    row = n * BT + oc
+    sn = (bh * N + n).to(tl.int64)
+    return mt, tok, row, sn

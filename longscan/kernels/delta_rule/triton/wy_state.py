@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from longscan.kernels.delta_rule.triton.common import wy_sequence
+from longscan.kernels.delta_rule.triton.common import wy_sequence, wy_serial_chunk, wy_state_tile
 from longscan.kernels.delta_rule.triton.wy_decay import BT, PER_KEY, SCALAR, gate_kind
 
 
@@ -35,16 +35,9 @@ def _wy_state_fwd(K_, G, KB, GC, W, U, H0, HS, VN, HT, T, H, N, K, V, GATE: tl.c
         G = G + seq
     if GATE == PER_KEY:
         KB = KB + rows * K
-    if HAS_H0:
-        S = tl.load(H0 + bh.to(tl.int64) * K * V + ok[:, None] * V + ov[None, :], mask=m_kv, other=0.).to(tl.float32)
-    else:
-        S = tl.zeros([KP, BV], dtype=tl.float32)
+    S = wy_state_tile(H0, bh, ok, ov, m_kv, K, V, HAS_H0, KP, BV)
     for n in range(N):
-        t = n * BT + oc
-        mt = t < T
-        tok = t * H
-        row = n * BT + oc
-        sn = (bh * N + n).to(tl.int64)
+        mt, tok, row, sn = wy_serial_chunk(n, oc, bh, T, H, N)
         tl.store(HS + (sn * K + ok[:, None]) * V + ov[None, :], S.to(dt), mask=m_kv)
         w = tl.load(W + row[:, None] * K + ok[None, :], mask=mk[None, :], other=0.)
         vn = tl.load(U + row[:, None] * V + ov[None, :], mask=mv[None, :], other=0.).to(tl.float32)
@@ -79,17 +72,10 @@ def _wy_state_bwd(Q, K_, G, QG, KB, GC, W, DO, DVL, DHT, DHS, DVN, DH0, T, H, N,
         KB = KB + rows * K
         if HAS_Q:
             QG = QG + rows * K
-    if HAS_DHT:
-        dS = tl.load(DHT + bh.to(tl.int64) * K * V + ok[:, None] * V + ov[None, :], mask=m_kv, other=0.).to(tl.float32)
-    else:
-        dS = tl.zeros([KP, BV], dtype=tl.float32)
+    dS = wy_state_tile(DHT, bh, ok, ov, m_kv, K, V, HAS_DHT, KP, BV)
     for i in range(N):
         n = N - 1 - i
-        t = n * BT + oc
-        mt = t < T
-        tok = t * H
-        row = n * BT + oc
-        sn = (bh * N + n).to(tl.int64)
+        mt, tok, row, sn = wy_serial_chunk(n, oc, bh, T, H, N)
         m_tk = mt[:, None] & mk[None, :]
         tl.store(DHS + (sn * K + ok[:, None]) * V + ov[None, :], dS.to(dt), mask=m_kv)
         if GATE == PER_KEY:   # K̄ and Q̃ as written by ``wy_prep``
