@@ -134,3 +134,25 @@ def wy_serial_chunk(n, oc, bh, T, H, N):
     row = n * BT + oc
     sn = (bh * N + n).to(tl.int64)
     return mt, tok, row, sn
+
+
+@triton.jit
+def inter_state_tile(S0, bh, ok, ov, m_kv, K, V, HAS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """path="float32"'s recurrence: the `[BK, BV]` float32 block of the state (or its gradient) S0 `[B, H, K, V]`
+    of sequence × head bh that the chain starts from; zeros without HAS (S0 None)."""
+    if HAS:
+        S = tl.load(S0 + bh * K * V + ok[:, None] * V + ov[None, :], mask=m_kv, other=0.).to(tl.float32)
+    else:
+        S = tl.zeros([BK, BV], dtype=tl.float32)
+    return S
+
+
+@triton.jit
+def inter_state_blocks(S0, bh, o_kv, m_kv, K, V, HAS: tl.constexpr, NKS: tl.constexpr, KS: tl.constexpr,
+                       BV: tl.constexpr):
+    """``inter_state_tile`` in NKS blocks of KS keys (o_kv, m_kv `[NKS, KS, BV]`, from ``inter_key_blocks``)."""
+    if HAS:
+        S = tl.load(S0 + bh * K * V + o_kv, mask=m_kv, other=0.).to(tl.float32)
+    else:
+        S = tl.zeros([NKS, KS, BV], dtype=tl.float32)
+    return S

@@ -19,7 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from longscan.kernels.delta_rule.triton.common import inter_key_blocks, inter_tiles
+from longscan.kernels.delta_rule.triton.common import (inter_key_blocks, inter_state_blocks,
+                                                      inter_state_tile, inter_tiles)
 
 
 def pow2(n: int) -> int:
@@ -34,10 +35,7 @@ def _inter_fwd(W, U0, QK, QT, KB, LAST, H0, O, HT, SN, N, C, K, V, scale,
     each chunk (SN) for the backward."""
     bh, iv = tl.program_id(0), tl.program_id(1)
     oc, ok, ov, mc, mk, mv, m_kv, m_ck, m_cv = inter_tiles(iv, C, K, V, BC, BK, BV)
-    if HAS_H0:
-        S = tl.load(H0 + bh * K * V + ok[:, None] * V + ov[None, :], mask=m_kv, other=0.).to(tl.float32)
-    else:
-        S = tl.zeros([BK, BV], dtype=tl.float32)
+    S = inter_state_tile(H0, bh, ok, ov, m_kv, K, V, HAS_H0, BK, BV)
     for n in range(N):
         row = bh * N + n
         tl.store(SN + row * K * V + ok[:, None] * V + ov[None, :], S, mask=m_kv)
@@ -68,10 +66,7 @@ def _inter_fwd_blocks(W, U0, QK, QT, KB, LAST, H0, O, HT, SN, N, C, K, V, scale,
     NKS: tl.constexpr = BK // KS
     bh, iv = tl.program_id(0), tl.program_id(1)
     oc, ov, mc, mv, ok, mk, o_kv, m_kv, o_ck, m_ck, m_cv = inter_key_blocks(iv, C, K, V, BC, BV, NKS, KS)
-    if HAS_H0:
-        S = tl.load(H0 + bh * K * V + o_kv, mask=m_kv, other=0.).to(tl.float32)
-    else:
-        S = tl.zeros([NKS, KS, BV], dtype=tl.float32)
+    S = inter_state_blocks(H0, bh, o_kv, m_kv, K, V, HAS_H0, NKS, KS, BV)
     for n in range(N):
         row = bh * N + n
         tl.store(SN + row * K * V + o_kv, S, mask=m_kv)
@@ -102,10 +97,7 @@ def _inter_bwd(W, U0, QK, QT, KB, LAST, SN, DO, DHT, DU0, DW, DQK, DQT, DKB, DLA
     BH = tl.num_programs(0)
     oc, ok, ov, mc, mk, mv, m_kv, m_ck, m_cv = inter_tiles(iv, C, K, V, BC, BK, BV)
     m_cc = mc[:, None] & mc[None, :]
-    if HAS_DHT:
-        dS = tl.load(DHT + bh * K * V + ok[:, None] * V + ov[None, :], mask=m_kv, other=0.).to(tl.float32)
-    else:
-        dS = tl.zeros([BK, BV], dtype=tl.float32)
+    dS = inter_state_tile(DHT, bh, ok, ov, m_kv, K, V, HAS_DHT, BK, BV)
     for i in range(N):
         n = N - 1 - i
         row = bh * N + n
@@ -153,10 +145,7 @@ def _inter_bwd_states(W, U0, QK, QT, KB, LAST, SN, DO, DHT, DU0, DSN, UN, DH0, N
     backward, which has every column of a chunk at once."""
     bh, iv = tl.program_id(0), tl.program_id(1)
     oc, ok, ov, mc, mk, mv, m_kv, m_ck, m_cv = inter_tiles(iv, C, K, V, BC, BK, BV)
-    if HAS_DHT:
-        dS = tl.load(DHT + bh * K * V + ok[:, None] * V + ov[None, :], mask=m_kv, other=0.).to(tl.float32)
-    else:
-        dS = tl.zeros([BK, BV], dtype=tl.float32)
+    dS = inter_state_tile(DHT, bh, ok, ov, m_kv, K, V, HAS_DHT, BK, BV)
     for i in range(N):
         n = N - 1 - i
         row = bh * N + n
@@ -191,10 +180,7 @@ def _inter_bwd_states_blocks(W, U0, QK, QT, KB, LAST, SN, DO, DHT, DU0, DSN, UN,
     NKS: tl.constexpr = BK // KS
     bh, iv = tl.program_id(0), tl.program_id(1)
     oc, ov, mc, mv, ok, mk, o_kv, m_kv, o_ck, m_ck, m_cv = inter_key_blocks(iv, C, K, V, BC, BV, NKS, KS)
-    if HAS_DHT:
-        dS = tl.load(DHT + bh * K * V + o_kv, mask=m_kv, other=0.).to(tl.float32)
-    else:
-        dS = tl.zeros([NKS, KS, BV], dtype=tl.float32)
+    dS = inter_state_blocks(DHT, bh, o_kv, m_kv, K, V, HAS_DHT, NKS, KS, BV)
     for i in range(N):
         n = N - 1 - i
         row = bh * N + n
