@@ -46,8 +46,6 @@ KERNELS = ("fwd", "state", "dq", "dk", "dv", "ops", "ops_b", "lv0", "lv1", "lv2"
 PER_KEY = ("ops", "ops_b", "lv0", "lv1", "lv2")
 DTYPES = ("bf16", "fp16")
 FAMILIES = ("linear", "delta")
-# the delta rule's kinds, kernels and the kernels whose code depends on states (the helper beside this file)
-from delta_compile import KERNELS as DELTA_KERNELS, KINDS as DELTA_KINDS, WITH_STATES as DELTA_STATES  # noqa: E402
 
 
 def normalise(ptx: str) -> list[str]:
@@ -73,7 +71,7 @@ def cases(kinds: list[str], kernels: list[str], states: bool, family: str = "lin
         for name in kernels:
             if family == "delta":
                 out.append((kind, name, False))
-                if states and name in DELTA_STATES:
+                if states and name in _delta().WITH_STATES:
                     out.append((kind, name, True))
                 continue
             if name in PER_KEY and kind != "gk":
@@ -82,6 +80,14 @@ def cases(kinds: list[str], kernels: list[str], states: bool, family: str = "lin
             if states and name not in ("state",) + PER_KEY:
                 out.append((kind, name, True))
     return out
+
+
+def _delta():
+    """The delta rule's compile helper beside this file, imported only for --family delta (it imports the
+    delta-rule kernels of the tree on the path, which an earlier longscan may lack)."""
+    sys.path.insert(0, HERE)
+    import delta_compile
+    return delta_compile
 
 
 def dump(tree: str, todo: list, dtype: str, dims: int, resets: bool, outdir: str, family: str = "linear") -> None:
@@ -135,10 +141,9 @@ def compile_into(outdir: str, todo: list, dtype: str, dims: int, resets: bool, f
     resets: the gated kinds compiled to take −inf (as the dispatch does only for them)."""
     sys.path.insert(0, HERE)
     if family == "delta":
-        import delta_compile
         import torch
         for kind, name, states in todo:
-            kernel = delta_compile.compile_kernel(kind, name, states, {"bf16": torch.bfloat16,
+            kernel = _delta().compile_kernel(kind, name, states, {"bf16": torch.bfloat16,
                                                                        "fp16": torch.float16}[dtype], dims)
             with open(os.path.join(outdir, f"{kind}-{name}{'-states' if states else ''}.ptx"), "w") as f:
                 f.write(kernel.asm["ptx"])
@@ -175,8 +180,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--base", help="git revision or directory with an earlier longscan/")
     ap.add_argument("--family", default="linear", help=f"the kernels compared, of {FAMILIES}")
-    ap.add_argument("--kinds", help=f"decay kinds, of {KINDS} (--family delta: of {DELTA_KINDS}); default: all")
-    ap.add_argument("--kernels", help=f"of {KERNELS} (--family delta: of {DELTA_KERNELS}); default: all")
+    ap.add_argument("--kinds", help=f"decay kinds, of {KINDS} (--family delta: deltanet, gated, kda); default: all")
+    ap.add_argument("--kernels", help=f"of {KERNELS} (--family delta: benchmarks/tuning/delta_compile.py's "
+                                      f"KERNELS); default: all")
     ap.add_argument("--dtype", default="bf16", help=f"the inputs' dtype, of {DTYPES}")
     ap.add_argument("--dims", type=int, default=128, help="head dims K = V")
     ap.add_argument("--states", action="store_true", help="also with entering and leaving states")
@@ -194,7 +200,7 @@ def main():
     delta = args.family == "delta"
     if delta and args.resets:
         raise SystemExit("--resets: the linear-attention kernels' switch; --family delta has none")
-    all_kinds, all_kernels = (DELTA_KINDS, DELTA_KERNELS) if delta else (KINDS, KERNELS)
+    all_kinds, all_kernels = (_delta().KINDS, _delta().KERNELS) if delta else (KINDS, KERNELS)
     kinds = args.kinds.split(",") if args.kinds else list(all_kinds)
     kernels = args.kernels.split(",") if args.kernels else list(all_kernels)
     for flag, values, known in (("--kinds", kinds, all_kinds), ("--kernels", kernels, all_kernels)):
