@@ -6,6 +6,8 @@
   of V columns;
 - ``intra_bwd``: the gradients of q, k, v, β and g from those of the chunks' quantities;
 - ``chunk``: the entry that composes them (an autograd.Function), ``options``: its settings;
+- ``common``: the `@triton.jit` helpers the kernels share (their prologues: program ids to offsets, bases and
+  masks; the state a chain starts from; a chunk's K Kᵀ and Q Kᵀ);
 - path="wy" (``options.path``; the default "auto" runs it for bf16 inputs, these float32 kernels otherwise),
   tensor-core products on the inputs' dtype, chunks of 64: ``wy_prep`` (A, its
   block inverse, W, U), ``wy_state`` (the state across chunks and its gradient, serial), ``wy_output``,
