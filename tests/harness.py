@@ -54,6 +54,13 @@ def assert_compiled_without_spills(script: str, *args: str, kernels: int, first_
     assert not spilled, spilled
 
 
+def world_groups(worlds, world_size: int) -> dict:
+    """{W: the sub-group of ranks 0..W-1} for each W of ``worlds`` below ``world_size``, and None (the default
+    group) for ``world_size`` itself: one spawn of the largest world runs every smaller one too. Every rank must
+    call it (each rank takes part in creating every group)."""
+    return {w: (dist.new_group(list(range(w))) if w < world_size else None) for w in worlds}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -123,17 +130,17 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def gradient_errors(names, grads, local: dict, reference: dict, shard_of) -> dict:
+def gradient_errors(names, grads, local: dict, reference: dict, shard_of, group=None) -> dict:
     """{"d" + name: relative error} of this rank's gradients ``grads`` of the inputs ``names`` against the
     single-device ones in ``reference``: a sharded input's against shard_of(its reference gradient), a replicated
-    one's (initial_state, g_gamma) summed over the group first. Each gradient has its input's (local[name])
-    dtype and shape."""
+    one's (initial_state, g_gamma) summed over the group (None: the default group) first. Each gradient has its
+    input's (local[name]) dtype and shape."""
     errs = {}
     for n, got in zip(names, grads):
         assert got.dtype == local[n].dtype and got.shape == local[n].shape, n
         if n in ("g_gamma", "initial_state"):  # replicated inputs: the gradients summed over ranks
             got = got.clone()
-            dist.all_reduce(got)
+            dist.all_reduce(got, group=group)
             errs["d" + n] = rel_err(got, reference[n])
         else:
             errs["d" + n] = rel_err(got, shard_of(reference[n]))

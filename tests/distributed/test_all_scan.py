@@ -19,8 +19,9 @@ def global_inputs(world, layout):
     return states, log_decays, initial
 
 
-def scan_worker(rank, world):
-    """Every case on this rank -> {case: (relative error of the carries, error of `last` or None)}."""
+def scan_cases(rank, world, group):
+    """Every case on this rank of a group of ``world`` -> {case: (relative error of the carries, error of `last`
+    or None)}."""
     out = {}
     for layout in LAYOUTS:
         states, log_decays, initial = global_inputs(world, layout)
@@ -30,15 +31,33 @@ def scan_worker(rank, world):
                 init = initial if with_initial else None
                 ref, ref_last = serial_scan(states, log_decays, init, reverse)
                 for n_blocks in N_BLOCKS:
-                    carries, last = all_scan(states[mine], log_decays[mine], None, layout, n_blocks, init, reverse)
+                    carries, last = all_scan(states[mine], log_decays[mine], group, layout, n_blocks, init, reverse)
                     out[(layout, reverse, with_initial, n_blocks)] = (
                         rel_err(carries, ref[mine]), None if last is None else rel_err(last, ref_last))
     return out
 
 
-@pytest.fixture(scope="module", params=WORLDS, ids=lambda w: f"W{w}")
-def scan_results(request):
-    return request.param, run_distributed(scan_worker, request.param)
+def scan_worker(rank, world_size):
+    """One spawn of the largest world: each smaller W on the sub-group of ranks 0..W-1, the largest on the
+    default group (group=None) -> {W: this rank's cases}."""
+    import torch.distributed as dist
+    groups = {w: dist.new_group(list(range(w))) for w in WORLDS if w < world_size}  # every rank creates each
+    out = {}
+    for w in WORLDS:
+        if rank < w:
+            out[w] = scan_cases(rank, w, groups.get(w))
+    return out
+
+
+@pytest.fixture(scope="module")
+def all_worlds():
+    return run_distributed(scan_worker, max(WORLDS))
+
+
+@pytest.fixture(params=WORLDS, ids=lambda w: f"W{w}")
+def scan_results(request, all_worlds):
+    world = request.param
+    return world, [res[world] for res in all_worlds[:world]]
 
 
 def test_all_scan_equals_serial_scan(scan_results):

@@ -2,23 +2,36 @@
 import pytest
 import torch
 
-from harness import run_distributed
+from harness import run_distributed, world_groups
 from longscan.distributed import positions, segment_ids, shard, unshard
 
+WORLDS = (1, 2, 3)
 
-def layout_worker(rank, world):
+
+def layout_cases(world, group):
     x = torch.arange(2 * 4 * world * 3).view(2, 4 * world, 3).float()
     out = {}
     for layout in ("contiguous", "zigzag"):
-        local = shard(x, 1, None, layout)
-        out[layout] = dict(local=local, back=torch.equal(unshard(local, 1, None, layout), x),
-                           pos=positions(local.shape[1], None, layout))
+        local = shard(x, 1, group, layout)
+        out[layout] = dict(local=local, back=torch.equal(unshard(local, 1, group, layout), x),
+                           pos=positions(local.shape[1], group, layout))
     return out
 
 
-@pytest.mark.parametrize("world", [1, 2, 3])
-def test_shard_unshard_positions(world):
-    results = run_distributed(layout_worker, world)
+def layout_worker(rank, world_size):
+    """Every W of WORLDS in one spawn of the largest (the smaller ones on sub-groups) -> {W: this rank's}."""
+    groups = world_groups(WORLDS, world_size)
+    return {world: layout_cases(world, group) for world, group in groups.items() if rank < world}
+
+
+@pytest.fixture(scope="module")
+def all_worlds():
+    return run_distributed(layout_worker, max(WORLDS))
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_shard_unshard_positions(all_worlds, world):
+    results = [res[world] for res in all_worlds[:world]]
     T = 4
     for rank, res in enumerate(results):
         for layout, r in res.items():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from delta_cases import KINDS, make_inputs
-from harness import gradient_errors, rel_err, run_distributed
+from harness import gradient_errors, rel_err, run_distributed, world_groups
 from longscan.kernels.delta_rule import naive_recurrent_delta_rule
 from longscan.parallel import delta_rule_attention, shard
 
@@ -27,7 +27,7 @@ def reference(x, do, dht):
     return o, s, dict(zip(names, grads))
 
 
-def case(rank, world, method, layout, kind, dtype, use_state, chunk_backend="torch"):
+def case(rank, world, method, layout, kind, dtype, use_state, chunk_backend="torch", group=None):
     B, H, K, V = DIMS
     T = T_LOCAL * world
     x = make_inputs(kind, B, T, H, K, V, dtype, seed=world * 100 + KINDS.index(kind))
@@ -38,12 +38,12 @@ def case(rank, world, method, layout, kind, dtype, use_state, chunk_backend="tor
     # a different final-state gradient on every rank: the single-device one is their sum
     dhts = [torch.randn(B, H, K, V, generator=gen, dtype=torch.float64).to(dtype) for _ in range(world)]
     o_ref, s_ref, g_ref = reference(x, do, sum(dhts) if use_state else torch.zeros(B, H, K, V))
-    sh = lambda t: shard(t, 1, None, layout)  # noqa: E731
+    sh = lambda t: shard(t, 1, group, layout)  # noqa: E731
     local = {n: ((sh(t) if n in SHARDED else t).clone().requires_grad_() if t is not None else None)
              for n, t in x.items()}
     o, s = delta_rule_attention(local["q"], local["k"], local["v"], local["beta"], local["g"],
                                 initial_state=local["initial_state"], output_final_state=use_state,
-                                method=method, layout=layout, backend=chunk_backend, n_blocks=2)
+                                method=method, group=group, layout=layout, backend=chunk_backend, n_blocks=2)
     names = [n for n, t in local.items() if t is not None]
     outs, gouts = [o], [sh(do)]
     if use_state:
@@ -55,28 +55,34 @@ def case(rank, world, method, layout, kind, dtype, use_state, chunk_backend="tor
     errs = {"o": rel_err(o, sh(o_ref))}
     if use_state:
         errs["final_state"] = rel_err(s, s_ref)
-    return {**errs, **gradient_errors(names, grads, local, g_ref, sh)}
+    return {**errs, **gradient_errors(names, grads, local, g_ref, sh, group)}
 
 
-def sp_worker(rank, world):
+def sp_worker(rank, world_size):
+    """Every W of WORLDS in one spawn of the largest (the smaller ones on sub-groups) -> {W: {case: errors}}."""
     # the Triton backend runs under the CPU interpreter (float32); triton reads this when first imported,
     # which the torch backend's activation checkpointing does, so it is set before any case
     os.environ["TRITON_INTERPRET"] = "1"
+    groups = world_groups(WORLDS, world_size)
+    return {world: world_cases(rank, world, group) for world, group in groups.items() if rank < world}
+
+
+def world_cases(rank, world, group):
     results = {}
     for method in METHODS:
         for layout in LAYOUTS:
             for kind in KINDS:
                 results[(method, layout, kind, "float64")] = case(rank, world, method, layout, kind,
-                                                                  torch.float64, True)
+                                                                  torch.float64, True, group=group)
                 if method == "zeco":   # float32 without states: one method (the dtype path is shared)
                     results[(method, layout, kind, "float32")] = case(rank, world, method, layout, kind,
-                                                                      torch.float32, False)
+                                                                      torch.float32, False, group=group)
     # the recurrence as the local backend (no chunking at all) through the same SP stages
     results[("zeco", "zigzag", "kda", "naive")] = case(rank, world, "zeco", "zigzag", "kda", torch.float64, True,
-                                                       "naive")
+                                                       "naive", group)
     for method, layout, kind in (TRITON_CASES if world == TRITON_WORLD else ()):   # the interpreter is slow
         results[(method, layout, kind, "triton")] = case(rank, world, method, layout, kind, torch.float32, True,
-                                                         "triton")
+                                                         "triton", group)
     return results
 
 
@@ -84,9 +90,17 @@ TRITON_CASES = (("zeco", "zigzag", "kda"), ("lasp2", "contiguous", "gated"), ("l
 TRITON_WORLD = 2
 
 
-@pytest.fixture(scope="module", params=[1, 2, 3, 4], ids=lambda w: f"W{w}")
-def sp_results(request):
-    return run_distributed(sp_worker, request.param)
+WORLDS = (1, 2, 3, 4)
+
+
+@pytest.fixture(scope="module")
+def all_worlds():
+    return run_distributed(sp_worker, max(WORLDS))
+
+
+@pytest.fixture(params=WORLDS, ids=lambda w: f"W{w}")
+def sp_results(request, all_worlds):
+    return [res[request.param] for res in all_worlds[:request.param]]
 
 
 @pytest.mark.parametrize("method, run", [(m, "float64") for m in METHODS] + [("zeco", "float32")])

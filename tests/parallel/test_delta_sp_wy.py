@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from delta_cases import KINDS, make_inputs
-from harness import gradient_errors, rel_err, run_distributed
+from harness import gradient_errors, rel_err, run_distributed, world_groups
 from longscan.kernels.delta_rule import naive_recurrent_delta_rule
 from longscan.parallel import delta_rule_attention, shard
 
@@ -26,7 +26,7 @@ def kind_of(i: int, world: int) -> str:
     return KINDS[(i + world) % len(KINDS)]
 
 
-def case(rank, world, method, layout, kind):
+def case(rank, world, method, layout, kind, group=None):
     from longscan.kernels.delta_rule.triton import DeltaTritonOptions, wy
     B, H, K, V = DIMS
     T = T_LOCAL * world
@@ -39,7 +39,7 @@ def case(rank, world, method, layout, kind):
                                               None, leaves["initial_state"], True)
     names = [n for n, t in leaves.items() if t is not None]
     g_ref = dict(zip(names, torch.autograd.grad((o_ref, s_ref), [leaves[n] for n in names], (do, sum(dhts)))))
-    sh = lambda t: shard(t, 1, None, layout)  # noqa: E731
+    sh = lambda t: shard(t, 1, group, layout)  # noqa: E731
     local = {n: ((sh(t) if n in SHARDED else t).float().clone().requires_grad_() if t is not None else None)
              for n, t in x.items()}
     calls = []   # whether each wy call had q (the output pass) or not (the segment transitions)
@@ -48,28 +48,40 @@ def case(rank, world, method, layout, kind):
     try:
         o, s = delta_rule_attention(local["q"], local["k"], local["v"], local["beta"], local["g"],
                                     initial_state=local["initial_state"], output_final_state=True, method=method,
-                                    layout=layout, backend="triton", n_blocks=2,
+                                    group=group, layout=layout, backend="triton", n_blocks=2,
                                     options=DeltaTritonOptions(path="wy", block_v=16))
         grads = torch.autograd.grad((o, s), [local[n] for n in names], (sh(do).float(), dhts[rank].float()))
     finally:
         wy.DeltaRuleWY.apply = orig
     # every local input is float32, so each gradient is float32 too
     return {"calls": calls, "o": rel_err(o.detach(), sh(o_ref.detach())), "final_state": rel_err(s.detach(), s_ref),
-            **gradient_errors(names, grads, local, g_ref, sh)}
+            **gradient_errors(names, grads, local, g_ref, sh, group)}
 
 
-def wy_worker(rank, world):
+def wy_worker(rank, world_size):
+    """Every W of WORLDS in one spawn of the largest (the smaller ones on sub-groups) -> {W: {case: errors}}."""
     # the CPU processes run the kernels in Triton's interpreter (float32), GPU or not; it is read when a kernel
     # is decorated, so it is set before ``case`` first imports the kernels
     os.environ["TRITON_INTERPRET"] = "1"
-    return {(method, layout): case(rank, world, method, layout, kind_of(i, world))
-            for i, (method, layout) in enumerate(CASES)}
+    groups = world_groups(WORLDS, world_size)
+    return {world: {(method, layout): case(rank, world, method, layout, kind_of(i, world), group)
+                    for i, (method, layout) in enumerate(CASES)}
+            for world, group in groups.items() if rank < world}
 
 
-@pytest.fixture(scope="module", params=[1, 2, 3, 4], ids=lambda w: f"W{w}")
-def wy_results(request):
+WORLDS = (1, 2, 3, 4)
+
+
+@pytest.fixture(scope="module")
+def all_worlds():
     pytest.importorskip("triton")
-    return request.param, run_distributed(wy_worker, request.param)
+    return run_distributed(wy_worker, max(WORLDS))
+
+
+@pytest.fixture(params=WORLDS, ids=lambda w: f"W{w}")
+def wy_results(request, all_worlds):
+    world = request.param
+    return world, [res[world] for res in all_worlds[:world]]
 
 
 @pytest.mark.parametrize("method, layout", CASES)

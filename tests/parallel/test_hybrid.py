@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from harness import rel_err, run_distributed
+from harness import rel_err, run_distributed, world_groups
 from longscan.distributed.layouts import positions, shard
 from longscan.kernels.linear_attention import naive_recurrent_linear_attention
 from longscan.kernels.softmax_attention import naive_attention
@@ -60,7 +60,13 @@ def stack(x, w, pos, linear_fn, softmax_fn):
     return h + o2.reshape(b, t, H * K) @ w["wo2"]
 
 
-def hybrid_worker(rank, world):
+def hybrid_worker(rank, world_size):
+    """Every W of WORLDS in one spawn of the largest (the smaller ones on sub-groups) -> {W: {case: errors}}."""
+    groups = world_groups(WORLDS, world_size)
+    return {world: world_cases(world, group) for world, group in groups.items() if rank < world}
+
+
+def world_cases(world, group):
     gen = torch.Generator().manual_seed(world)
     n = T_LOCAL * world
     x = torch.randn(B, n, C, generator=gen, dtype=torch.float64)
@@ -74,8 +80,8 @@ def hybrid_worker(rank, world):
                   lambda q, k, v: naive_attention(q, k, v, causal=True)[0])
     grads_ref = torch.autograd.grad(y_ref, [x_ref] + list(w_ref.values()), dy)
 
-    sh = lambda t: shard(t, 1, None, "zigzag")  # noqa: E731
-    pos = positions(T_LOCAL, None, "zigzag")
+    sh = lambda t: shard(t, 1, group, "zigzag")  # noqa: E731
+    pos = positions(T_LOCAL, group, "zigzag")
     results = {}
     for lin in LINEAR:
         for soft in SOFTMAX:
@@ -84,27 +90,28 @@ def hybrid_worker(rank, world):
             w = {k_: t.clone().requires_grad_() for k_, t in weights().items()}
             x_loc = sh(x).requires_grad_()
             y = stack(x_loc, w, pos,
-                      lambda q, k, v, g: linear_attention(q, k, v, g=g, method=lin, layout="zigzag")[0],
-                      lambda q, k, v: softmax_attention(q, k, v, causal=True, method=soft, layout="zigzag"))
+                      lambda q, k, v, g: linear_attention(q, k, v, g=g, method=lin, group=group, layout="zigzag")[0],
+                      lambda q, k, v: softmax_attention(q, k, v, causal=True, method=soft, group=group,
+                                                        layout="zigzag"))
             grads = torch.autograd.grad(y, [x_loc] + list(w.values()), sh(dy))
             errs = {"y": rel_err(y, sh(y_ref)), "dx": rel_err(grads[0], sh(grads_ref[0]))}
             for name, got, want in zip(w, grads[1:], grads_ref[1:]):
                 got = got.clone()
-                dist.all_reduce(got)           # each rank holds its tokens' share of a weight gradient
+                dist.all_reduce(got, group=group)   # each rank holds its tokens' share of a weight gradient
                 errs["d" + name] = rel_err(got, want)
             results[(lin, soft)] = errs
     return results
 
 
-_CACHE = {}
+_CACHE = []
 
 
 @pytest.fixture(scope="module")
 def hybrid_results():
     def get(world):
-        if world not in _CACHE:
-            _CACHE[world] = run_distributed(hybrid_worker, world)
-        return _CACHE[world]
+        if not _CACHE:
+            _CACHE.append(run_distributed(hybrid_worker, max(WORLDS)))
+        return [res[world] for res in _CACHE[0][:world]]
     return get
 
 

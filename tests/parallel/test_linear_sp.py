@@ -3,7 +3,7 @@ on the whole sequence: output, final state and the gradients of q, k, v, g / g_g
 import pytest
 import torch
 
-from harness import gradient_errors, rel_err, run_distributed
+from harness import gradient_errors, rel_err, run_distributed, world_groups
 from linear_cases import DECAYS, make_inputs
 from longscan.kernels.linear_attention import naive_recurrent_linear_attention
 from longscan.parallel import linear_attention, shard
@@ -29,7 +29,7 @@ def reference(x, dos, dhts):
 
 
 def case(rank, world, method, layout, decay, dtype, use_state, backend="auto", dims=(2, 2, 4, 3), t_local=T_LOCAL,
-         learn_g_gamma=True, overlap=True, edit=None, options=None):
+         learn_g_gamma=True, overlap=True, edit=None, options=None, group=None):
     """Relative errors of this rank's results for one case (dims: B, H, K, V; edit changes the inputs first)."""
     B, H, K, V = dims
     x = make_inputs(decay, B, t_local * world, H, K, V, dtype, seed=world * 1000 + DECAYS.index(decay))
@@ -44,14 +44,14 @@ def case(rank, world, method, layout, decay, dtype, use_state, backend="auto", d
     o_ref, s_ref, g_ref = reference(x, do, dhts if use_state else [])
 
     def sh(t):
-        return shard(t, 1, None, layout)
+        return shard(t, 1, group, layout)
 
     local = {n: (t if n in ("g_gamma", "initial_state") else sh(t)) if t is not None else None for n, t in x.items()}
     local = {n: (t.clone().requires_grad_(n != "g_gamma" or learn_g_gamma) if t is not None else None)
              for n, t in local.items()}
     o, s = linear_attention(local["q"], local["k"], local["v"], local["g"], local["g_gamma"],
                             initial_state=local["initial_state"], output_final_state=use_state,
-                            method=method, layout=layout, n_blocks=3, backend=backend, overlap=overlap,
+                            method=method, group=group, layout=layout, n_blocks=3, backend=backend, overlap=overlap,
                             options=options)
     names = [n for n, t in local.items() if t is not None and t.requires_grad]
     outs, grads_out = [o], [sh(do)]
@@ -67,10 +67,16 @@ def case(rank, world, method, layout, decay, dtype, use_state, backend="auto", d
     errs = {"o": rel_err(o, sh(o_ref))}
     if use_state:
         errs["final_state"] = rel_err(s, s_ref)
-    return {**errs, **gradient_errors(names, grads, local, g_ref, sh)}
+    return {**errs, **gradient_errors(names, grads, local, g_ref, sh, group)}
 
 
-def sp_worker(rank, world):
+def sp_worker(rank, world_size):
+    """Every W of WORLDS in one spawn of the largest (the smaller ones on sub-groups) -> {W: {case: errors}}."""
+    groups = world_groups(WORLDS, world_size)
+    return {world: world_cases(rank, world, group) for world, group in groups.items() if rank < world}
+
+
+def world_cases(rank, world, group):
     results = {}
     for method in METHODS:
         for layout in LAYOUTS:
@@ -80,13 +86,21 @@ def sp_worker(rank, world):
                     # float64 cases carry an initial and final state, float32 ones do not
                     results[(method, layout, decay, run)] = case(rank, world, method, layout, decay,
                                                                  DTYPES[dname][0], use_state=dname == "float64",
-                                                                 overlap=overlap)
+                                                                 overlap=overlap, group=group)
     return results
 
 
-@pytest.fixture(scope="module", params=[1, 2, 3, 4], ids=lambda w: f"W{w}")
-def sp_results(request):
-    return run_distributed(sp_worker, request.param)
+WORLDS = (1, 2, 3, 4)
+
+
+@pytest.fixture(scope="module")
+def all_worlds():
+    return run_distributed(sp_worker, max(WORLDS))
+
+
+@pytest.fixture(params=WORLDS, ids=lambda w: f"W{w}")
+def sp_results(request, all_worlds):
+    return [res[request.param] for res in all_worlds[:request.param]]
 
 
 @pytest.mark.parametrize("run", list(RUNS))

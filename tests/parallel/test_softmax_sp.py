@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from harness import rel_err, run_distributed
+from harness import rel_err, run_distributed, world_groups
 from longscan.distributed.layouts import num_segments, segment_ids, shard
 from longscan.kernels.softmax_attention import naive_attention
 from longscan.parallel.softmax import softmax_attention
@@ -50,17 +50,17 @@ def make_inputs(world, hq, hkv, dtype, seed, big_logits=False):
     return [x.to(dtype) for x in (q, k, v, do)]
 
 
-def run_case(world, method, layout, causal, kind, dtype, seed, big_logits=False):
+def run_case(world, method, layout, causal, kind, dtype, seed, big_logits=False, group=None):
     hq, hkv = heads(world, kind)
     q, k, v, do = make_inputs(world, hq, hkv, dtype, seed, big_logits)
     scale = 1.0 if big_logits else None
     ref = [x.detach().double().clone().requires_grad_() for x in (q, k, v)]
     o_ref, _ = naive_attention(*ref, scale, causal)
     g_ref = torch.autograd.grad(o_ref, ref, do.double())
-    sh = lambda x: shard(x, 1, None, layout)  # noqa: E731
+    sh = lambda x: shard(x, 1, group, layout)  # noqa: E731
     loc = [sh(x).requires_grad_() for x in (q, k, v)]
     kw = dict(method="allgather", chunk_heads=1) if method == "allgather_chunked" else dict(method=method)
-    o = softmax_attention(*loc, causal=causal, scale=scale, layout=layout, **kw)
+    o = softmax_attention(*loc, causal=causal, scale=scale, group=group, layout=layout, **kw)
     grads = torch.autograd.grad(o, loc, sh(do))
     assert o.dtype == dtype and o.shape == loc[0].shape
     errs = {"o": rel_err(o, sh(o_ref))}
@@ -70,7 +70,7 @@ def run_case(world, method, layout, causal, kind, dtype, seed, big_logits=False)
     return errs
 
 
-def strided_case(world, method):
+def strided_case(world, method, group=None):
     """Inputs that are non-contiguous views ([B, H, T, D] storage seen as [B, T, H, D]), as projections
     often produce: the ring's send/receive buffers and the collectives must cope."""
     hq, hkv = heads(world, "gqa")
@@ -78,12 +78,12 @@ def strided_case(world, method):
     ref = [x.detach().clone().requires_grad_() for x in (q, k, v)]
     o_ref, _ = naive_attention(*ref, None, True)
     g_ref = torch.autograd.grad(o_ref, ref, do)
-    sh = lambda x: shard(x, 1, None, "zigzag")  # noqa: E731
+    sh = lambda x: shard(x, 1, group, "zigzag")  # noqa: E731
     leaves = [sh(x).transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v)]   # [B, H, T, D]
     views = [x.transpose(1, 2) for x in leaves]
     assert not any(x.is_contiguous() for x in views)
     kw = dict(method="allgather", chunk_heads=1) if method == "allgather_chunked" else dict(method=method)
-    o = softmax_attention(*views, layout="zigzag", **kw)
+    o = softmax_attention(*views, group=group, layout="zigzag", **kw)
     grads = torch.autograd.grad(o, leaves, sh(do))
     errs = {"o": rel_err(o, sh(o_ref))}
     for name, got, want in zip(("dq", "dk", "dv"), grads, g_ref):
@@ -104,11 +104,17 @@ def cases(world):
             yield (method, "zigzag", True, "gqa4", "float64")
 
 
-def sp_worker(rank, world):
+def sp_worker(rank, world_size):
+    """Every W of WORLDS in one spawn of the largest (the smaller ones on sub-groups) -> {W: {case: errors}}."""
+    groups = world_groups(WORLDS, world_size)
+    return {world: world_cases(world, group) for world, group in groups.items() if rank < world}
+
+
+def world_cases(world, group):
     results = {}
     for i, (method, layout, causal, kind, dname) in enumerate(cases(world)):
         results[(method, layout, causal, kind, dname)] = run_case(
-            world, method, layout, causal, kind, DTYPES[dname][0], seed=100 * world + i)
+            world, method, layout, causal, kind, DTYPES[dname][0], seed=100 * world + i, group=group)
     for method in METHODS:
         if method == "ulysses" and not HAVE_DEEPSPEED:
             continue
@@ -116,31 +122,31 @@ def sp_worker(rank, world):
             for causal in (True, False):
                 for dname, (dtype, _) in DTYPES.items():
                     results[(method, layout, causal, "big_logits", dname)] = run_case(
-                        world, method, layout, causal, "mha", dtype, seed=7, big_logits=True)
+                        world, method, layout, causal, "mha", dtype, seed=7, big_logits=True, group=group)
     for method in METHODS:
         if method == "ulysses" and not HAVE_DEEPSPEED:
             continue
-        results[(method, "strided")] = strided_case(world, method)
+        results[(method, "strided")] = strided_case(world, method, group)
     if world > 1:
         # ulysses with heads that do not divide by W: a clear error on every rank, before any collective
         q = torch.randn(1, 4, 2 * world + 1, D)
         try:
-            softmax_attention(q, q[:, :, :1], q[:, :, :1], method="ulysses")
+            softmax_attention(q, q[:, :, :1], q[:, :, :1], method="ulysses", group=group)
             results["ulysses_heads"] = None
         except ValueError as e:
             results["ulysses_heads"] = str(e)
     return results
 
 
-_CACHE = {}
+_CACHE = []
 
 
 @pytest.fixture(scope="module")
 def sp_results():
     def get(world):
-        if world not in _CACHE:
-            _CACHE[world] = run_distributed(sp_worker, world)
-        return _CACHE[world]
+        if not _CACHE:
+            _CACHE.append(run_distributed(sp_worker, max(WORLDS)))
+        return [res[world] for res in _CACHE[0][:world]]
     return get
 
 

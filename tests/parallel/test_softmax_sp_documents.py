@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from harness import rel_err, run_distributed
+from harness import rel_err, run_distributed, world_groups
 from longscan.distributed.layouts import shard
 from longscan.kernels.softmax_attention import naive_attention
 from longscan.parallel.softmax import softmax_attention
@@ -56,7 +56,7 @@ def per_document(q, k, v, do, lengths, causal):
     return o.detach(), torch.autograd.grad(o, ref, do)
 
 
-def run_case(world, method, layout, causal, lengths, seed, dtype=torch.float64, backend="auto", d=D):
+def run_case(world, method, layout, causal, lengths, seed, dtype=torch.float64, backend="auto", d=D, group=None):
     hq = max(4, 2 * world)
     hkv = hq // 2
     gen = torch.Generator().manual_seed(seed)
@@ -64,9 +64,10 @@ def run_case(world, method, layout, causal, lengths, seed, dtype=torch.float64, 
     q, k, v, do = (torch.randn(1, n, h, d, generator=gen, dtype=torch.float64) for h in (hq, hkv, hkv, hq))
     o_ref, g_ref = per_document(q, k, v, do, lengths, causal)
     cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
-    sh = lambda x: shard(x, 1, None, layout)  # noqa: E731
+    sh = lambda x: shard(x, 1, group, layout)  # noqa: E731
     loc = [sh(x).to(dtype).requires_grad_() for x in (q, k, v)]
-    o = softmax_attention(*loc, causal=causal, method=method, layout=layout, backend=backend, cu_seqlens=cu)
+    o = softmax_attention(*loc, causal=causal, method=method, group=group, layout=layout, backend=backend,
+                          cu_seqlens=cu)
     grads = torch.autograd.grad(o, loc, sh(do).to(dtype))
     errs = {"o": rel_err(o, sh(o_ref))}
     for name, got, want in zip(("dq", "dk", "dv"), grads, g_ref):
@@ -74,41 +75,48 @@ def run_case(world, method, layout, causal, lengths, seed, dtype=torch.float64, 
     return errs
 
 
-def worker(rank, world):
+def worker(rank, world_size):
+    """Every W of WORLDS in one spawn of the largest (the smaller ones on sub-groups) -> {W: {case: errors}}."""
     # the Triton kernel runs in the CPU interpreter (float32); set before its module is first imported
     os.environ["TRITON_INTERPRET"] = "1"
+    groups = world_groups(WORLDS, world_size)
+    return {world: world_cases(world, group) for world, group in groups.items() if rank < world}
+
+
+def world_cases(world, group):
     out = {}
     for method in METHODS:
         if method == "ulysses" and not HAVE_DEEPSPEED:
             continue
         for layout in LAYOUTS:
             for name, lengths in doc_sets(world).items():
-                out[(method, layout, True, name)] = run_case(world, method, layout, True, lengths, seed=world)
+                out[(method, layout, True, name)] = run_case(world, method, layout, True, lengths, seed=world,
+                                                             group=group)
             out[(method, layout, False, "random")] = run_case(world, method, layout, False,
-                                                              doc_sets(world)["random"], seed=world + 1)
+                                                              doc_sets(world)["random"], seed=world + 1, group=group)
     if world <= 2 and HAVE_TRITON:                  # the interpreter is slow: two ring sizes are enough
         out[("ring", "zigzag", True, "random", "triton")] = run_case(
             world, "ring", "zigzag", True, doc_sets(world)["random"], seed=3, dtype=torch.float32,
-            backend="triton", d=16)
+            backend="triton", d=16, group=group)
     if world > 1:
         q = torch.randn(1, T_LOCAL, 2, D)
         try:
-            softmax_attention(q, q, q, cu_seqlens=torch.tensor([0, T_LOCAL]))
+            softmax_attention(q, q, q, group=group, cu_seqlens=torch.tensor([0, T_LOCAL]))
             out["bad_cu"] = None
         except ValueError as e:
             out["bad_cu"] = str(e)
     return out
 
 
-_CACHE = {}
+_CACHE = []
 
 
 @pytest.fixture(scope="module")
 def results():
     def get(world):
-        if world not in _CACHE:
-            _CACHE[world] = run_distributed(worker, world)
-        return _CACHE[world]
+        if not _CACHE:
+            _CACHE.append(run_distributed(worker, max(WORLDS)))
+        return [res[world] for res in _CACHE[0][:world]]
     return get
 
 
