@@ -61,6 +61,12 @@ def world_groups(worlds, world_size: int) -> dict:
     return {w: (dist.new_group(list(range(w))) if w < world_size else None) for w in worlds}
 
 
+def world_results(results: list, world: int) -> list:
+    """World W's results from one spawn of the largest world (run_distributed's list, one dict a rank keyed by
+    W, as the workers built with world_groups return): ranks 0..W-1's entries for W."""
+    return [res[world] for res in results[:world]]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

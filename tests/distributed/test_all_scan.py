@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from harness import rel_err, run_distributed
+from harness import rel_err, run_distributed, world_results
 from longscan.distributed import all_scan, num_segments, segment_ids, serial_scan
 
 N_BLOCKS = (1, 2, 3, 4)
@@ -57,7 +57,7 @@ def all_worlds():
 @pytest.fixture(params=WORLDS, ids=lambda w: f"W{w}")
 def scan_results(request, all_worlds):
     world = request.param
-    return world, [res[world] for res in all_worlds[:world]]
+    return world, world_results(all_worlds, world)
 
 
 def test_all_scan_equals_serial_scan(scan_results):

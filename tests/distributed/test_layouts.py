@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from harness import run_distributed, world_groups
+from harness import run_distributed, world_groups, world_results
 from longscan.distributed import positions, segment_ids, shard, unshard
 
 WORLDS = (1, 2, 3)
@@ -31,7 +31,7 @@ def all_worlds():
 
 @pytest.mark.parametrize("world", WORLDS)
 def test_shard_unshard_positions(all_worlds, world):
-    results = [res[world] for res in all_worlds[:world]]
+    results = world_results(all_worlds, world)
     T = 4
     for rank, res in enumerate(results):
         for layout, r in res.items():

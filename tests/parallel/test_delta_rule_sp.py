@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from delta_cases import KINDS, make_inputs
-from harness import gradient_errors, rel_err, run_distributed, world_groups
+from harness import gradient_errors, rel_err, run_distributed, world_groups, world_results
 from longscan.kernels.delta_rule import naive_recurrent_delta_rule
 from longscan.parallel import delta_rule_attention, shard
 
@@ -100,7 +100,7 @@ def all_worlds():
 
 @pytest.fixture(params=WORLDS, ids=lambda w: f"W{w}")
 def sp_results(request, all_worlds):
-    return [res[request.param] for res in all_worlds[:request.param]]
+    return world_results(all_worlds, request.param)
 
 
 @pytest.mark.parametrize("method, run", [(m, "float64") for m in METHODS] + [("zeco", "float32")])

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from delta_cases import KINDS, make_inputs
-from harness import gradient_errors, rel_err, run_distributed, world_groups
+from harness import gradient_errors, rel_err, run_distributed, world_groups, world_results
 from longscan.kernels.delta_rule import naive_recurrent_delta_rule
 from longscan.parallel import delta_rule_attention, shard
 
@@ -81,7 +81,7 @@ def all_worlds():
 @pytest.fixture(params=WORLDS, ids=lambda w: f"W{w}")
 def wy_results(request, all_worlds):
     world = request.param
-    return world, [res[world] for res in all_worlds[:world]]
+    return world, world_results(all_worlds, world)
 
 
 @pytest.mark.parametrize("method, layout", CASES)

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from harness import rel_err, run_distributed, world_groups
+from harness import rel_err, run_distributed, world_groups, world_results
 from longscan.distributed.layouts import positions, shard
 from longscan.kernels.linear_attention import naive_recurrent_linear_attention
 from longscan.kernels.softmax_attention import naive_attention
@@ -111,7 +111,7 @@ def hybrid_results():
     def get(world):
         if not _CACHE:
             _CACHE.append(run_distributed(hybrid_worker, max(WORLDS)))
-        return [res[world] for res in _CACHE[0][:world]]
+        return world_results(_CACHE[0], world)
     return get
 
 

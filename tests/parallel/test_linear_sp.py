@@ -3,7 +3,7 @@ on the whole sequence: output, final state and the gradients of q, k, v, g / g_g
 import pytest
 import torch
 
-from harness import gradient_errors, rel_err, run_distributed, world_groups
+from harness import gradient_errors, rel_err, run_distributed, world_groups, world_results
 from linear_cases import DECAYS, make_inputs
 from longscan.kernels.linear_attention import naive_recurrent_linear_attention
 from longscan.parallel import linear_attention, shard
@@ -100,7 +100,7 @@ def all_worlds():
 
 @pytest.fixture(params=WORLDS, ids=lambda w: f"W{w}")
 def sp_results(request, all_worlds):
-    return [res[request.param] for res in all_worlds[:request.param]]
+    return world_results(all_worlds, request.param)
 
 
 @pytest.mark.parametrize("run", list(RUNS))

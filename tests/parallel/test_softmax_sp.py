@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from harness import rel_err, run_distributed, world_groups
+from harness import rel_err, run_distributed, world_groups, world_results
 from longscan.distributed.layouts import num_segments, segment_ids, shard
 from longscan.kernels.softmax_attention import naive_attention
 from longscan.parallel.softmax import softmax_attention
@@ -146,7 +146,7 @@ def sp_results():
     def get(world):
         if not _CACHE:
             _CACHE.append(run_distributed(sp_worker, max(WORLDS)))
-        return [res[world] for res in _CACHE[0][:world]]
+        return world_results(_CACHE[0], world)
     return get
 
 

@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from harness import rel_err, run_distributed, world_groups
+from harness import rel_err, run_distributed, world_groups, world_results
 from longscan.distributed.layouts import shard
 from longscan.kernels.softmax_attention import naive_attention
 from longscan.parallel.softmax import softmax_attention
@@ -116,7 +116,7 @@ def results():
     def get(world):
         if not _CACHE:
             _CACHE.append(run_distributed(worker, max(WORLDS)))
-        return [res[world] for res in _CACHE[0][:world]]
+        return world_results(_CACHE[0], world)
     return get
 
 
