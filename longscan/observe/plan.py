@@ -129,14 +129,23 @@ def layer_traffic(cfg, rank: int) -> dict[str, Traffic]:
     return out
 
 
+def _estimate(cfg, margin: bool):
+    from longscan.training.memory import estimate_config
+    p = cfg.parallel
+    return estimate_config(cfg, p.tp * p.pp * p.sp * p.dp, device_type="cuda", reserve=0.1 if margin else 0.0)
+
+
 def memory_per_gpu(cfg, margin: bool = True) -> float:
     """Predicted peak bytes per GPU: longscan.training.memory's estimate for this config (the one `longscan
     train` checks capacity with; with ``margin`` its 10% for what it does not model included). ``cfg`` must be
     validated (parallel.dp filled)."""
-    from longscan.training.memory import estimate_config
-    p = cfg.parallel
-    world = p.tp * p.pp * p.sp * p.dp
-    return float(estimate_config(cfg, world, device_type="cuda", reserve=0.1 if margin else 0.0).peak)
+    return float(_estimate(cfg, margin).peak)
+
+
+def host_per_process(cfg) -> float:
+    """Predicted pinned host bytes per process for offloaded activations (0 without offload): what `longscan
+    train` checks against the host's memory."""
+    return float(_estimate(cfg, False).host_bytes)
 
 
 @dataclass(frozen=True)
@@ -148,7 +157,8 @@ class Prediction:
     exposed_comm_s: float
     comm_bytes_per_gpu: int
     memory_gib: float           # the predicted peak, without the capacity check's margin
-    max_seq_len: int
+    max_seq_len: int            # the longest that fits the GPU (and the host's share, where one is given)
+    host_gib: float = 0.0       # pinned host memory per process for offloaded activations
     note: str = ""          # why this pair cannot run (its other fields are then 0)
 
 
@@ -309,7 +319,8 @@ def compute_time(cfg, costs: KernelCosts) -> tuple[float, float]:
     return sum(parts.values()), parts["softmax attention"]
 
 
-def predict(cfg, costs: KernelCosts, net: Interconnect) -> Prediction:
+def predict(cfg, costs: KernelCosts, net: Interconnect, host_bytes: float | None = None) -> Prediction:
+    """host_bytes: the host memory one process may pin (None: the host is not a limit)."""
     compute, softmax = compute_time(cfg, costs)
     exposed, nbytes = _comm_time(cfg, net, softmax, compute)
     from longscan.observe.sweep import longest_fit   # the same search as `longscan sweep --max`
@@ -317,14 +328,17 @@ def predict(cfg, costs: KernelCosts, net: Interconnect) -> Prediction:
     step = 64 * pieces
 
     def fits(n: int) -> bool:
-        return memory_per_gpu(replace(cfg, data=replace(cfg.data, seq_len=n))) <= costs.memory_bytes
+        at = replace(cfg, data=replace(cfg.data, seq_len=n))
+        return (memory_per_gpu(at) <= costs.memory_bytes
+                and (host_bytes is None or host_per_process(at) <= host_bytes))
     longest = longest_fit(step, step, 1 << 30, fits)
     return Prediction(cfg.parallel.linear_method, cfg.parallel.softmax_method, compute + exposed, compute, exposed,
-                      nbytes, memory_per_gpu(cfg, margin=False) / 2**30, longest)
+                      nbytes, memory_per_gpu(cfg, margin=False) / 2**30, longest, host_per_process(cfg) / 2**30)
 
 
 def plan(cfg, gpus: int, costs: KernelCosts, net: Interconnect, linear_methods=LINEAR_METHODS,
-         softmax_methods=SOFTMAX_METHODS) -> list[Prediction]:
+         softmax_methods=SOFTMAX_METHODS, host_bytes: float | None = None) -> list[Prediction]:
+    """host_bytes: the host memory one process may pin for offloaded activations (None: not a limit)."""
     from longscan.training.config import ConfigError, validate
     for name, got, allowed in (("--linear-methods", linear_methods, LINEAR_METHODS),
                                ("--softmax-methods", softmax_methods, SOFTMAX_METHODS)):
@@ -341,7 +355,7 @@ def plan(cfg, gpus: int, costs: KernelCosts, net: Interconnect, linear_methods=L
                 errors.append(str(e))
                 out.append(Prediction(lm, sm, 0.0, 0.0, 0.0, 0, 0.0, 0, note=str(e)))
                 continue
-            out.append(predict(c, costs, net))
+            out.append(predict(c, costs, net, host_bytes))
     if len(errors) == len(out):
         raise PlanError(errors[0])
     return out
@@ -351,15 +365,15 @@ def format_table(preds: list[Prediction], cfg, gpus: int, gpu: str, net: Interco
     p = cfg.parallel
     lines = [f"longscan plan | {gpus} × {gpu} over {net.name} | tp {p.tp} pp {p.pp} sp {p.sp} | seq {cfg.data.seq_len}",
              "| linear | softmax | step (ms) | compute (ms) | exposed comm (ms) | SP comm MB/GPU/step | memory/GPU (GiB) "
-             "| longest seq that fits |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| pinned host/process (GiB) | longest seq that fits |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in preds:
         if r.note:
-            lines.append(f"| {r.linear_method} | {r.softmax_method} | cannot run: {r.note} | | | | | |")
+            lines.append(f"| {r.linear_method} | {r.softmax_method} | cannot run: {r.note} | | | | | | |")
             continue
         lines.append(f"| {r.linear_method} | {r.softmax_method} | {1e3 * r.step_time_s:.2f} | {1e3 * r.compute_s:.2f} "
                      f"| {1e3 * r.exposed_comm_s:.2f} | {r.comm_bytes_per_gpu / 2**20:.1f} | {r.memory_gib:.1f} "
-                     f"| {r.max_seq_len:,} |")
+                     f"| {r.host_gib:.1f} | {r.max_seq_len:,} |")
     return "\n".join(lines)
 
 
@@ -370,6 +384,11 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--gpu", default="h100", help=f"GPU type: {', '.join(GPUS)} (default h100)")
     a.add_argument("--interconnect", default="nvlink4", help=f"{', '.join(INTERCONNECTS)} (default nvlink4)")
     a.add_argument("--costs", default=None, help="a kernel-cost table (default: the one shipped for --gpu)")
+    a.add_argument("--host-gib", type=float, default=None,
+                   help="host memory per node for the training processes, GiB: with offload, the longest sequence "
+                        "must also fit each process's share in pinned memory (default: the host is not a limit)")
+    a.add_argument("--gpus-per-node", type=int, default=8, help="processes sharing --host-gib (default 8, or --gpus "
+                   "where fewer)")
     a.add_argument("--linear-methods", default=",".join(LINEAR_METHODS))
     a.add_argument("--softmax-methods", default=",".join(SOFTMAX_METHODS))
     a.add_argument("overrides", nargs="*", help="section.key=value, e.g. data.seq_len=65536 parallel.sp=8")
@@ -385,11 +404,16 @@ def cmd_plan(argv: list[str]) -> int:
         if a.interconnect not in INTERCONNECTS:
             raise PlanError(f"--interconnect {a.interconnect!r} is not known; choose one of {', '.join(INTERCONNECTS)}")
         net = INTERCONNECTS[a.interconnect]
+        if a.host_gib is not None and a.host_gib <= 0:
+            raise PlanError(f"--host-gib must be > 0, got {a.host_gib}")
+        if a.gpus_per_node < 1:
+            raise PlanError(f"--gpus-per-node must be >= 1, got {a.gpus_per_node}")
+        host = None if a.host_gib is None else a.host_gib * 2**30 / min(a.gpus_per_node, a.gpus)
         cfg = load_config(a.config, a.overrides)
         costs = costs_for(a.gpu, a.costs)
         preds = plan(cfg, a.gpus, costs, net,
                      tuple(x for x in a.linear_methods.split(",") if x),
-                     tuple(x for x in a.softmax_methods.split(",") if x))
+                     tuple(x for x in a.softmax_methods.split(",") if x), host)
     except (PlanError, ConfigError) as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 2

@@ -42,6 +42,8 @@ def test_no_shipped_table_is_said_clearly(capsys, tmp_path, monkeypatch):
     (["--softmax-methods", "flash"], "unknown method 'flash'"),
     (["parallel.sp=2", "data.seq_len=4098"], "data.seq_len = 4098 must divide into 4 pieces"),
     (["--costs", "/nonexistent.json"], "--costs file not found"),
+    (["--host-gib", "0"], "--host-gib must be > 0"),
+    (["--gpus-per-node", "0"], "--gpus-per-node must be >= 1"),
 ])
 def test_bad_input(capsys, table, args, message):
     costs = [] if "--costs" in args or "--gpu" in args else ["--costs", table]
@@ -80,6 +82,22 @@ def test_communication_and_fit(table):
     c = validate(replace(cfg, parallel=replace(cfg.parallel, linear_method="zeco")), 4)
     at = lambda n: P.memory_per_gpu(replace(c, data=replace(c.data, seq_len=n)))   # noqa: E731
     assert at(r.max_seq_len) <= TABLE["memory_bytes"] < at(r.max_seq_len + 64 * 8)
+
+
+def test_offload_fits_the_host_too(table):
+    """With offload, the longest length must also fit the host's share in pinned memory: a share smaller than the
+    GPU's limit length needs shortens it, to a length whose pinned inputs fit and one granule more's do not."""
+    cfg = load_config(None, MODEL + ["parallel.sp=1", "data.global_batch_size=1", "memory.blocks=offload",
+                                     "schedule.activation_checkpointing=false"])
+    costs, nv = P.costs_for("h100", table), P.INTERCONNECTS["nvlink4"]
+    free = P.plan(cfg, 1, costs, nv, ("zeco",), ("ring",))[0]
+    c = validate(cfg, 1)
+    host = lambda n: P.host_per_process(replace(c, data=replace(c.data, seq_len=n)))   # noqa: E731
+    assert free.host_gib * 2**30 == host(4096) > 0
+    share = host(free.max_seq_len) / 3
+    tight = P.plan(cfg, 1, costs, nv, ("zeco",), ("ring",), host_bytes=share)[0]
+    assert 0 < tight.max_seq_len < free.max_seq_len
+    assert host(tight.max_seq_len) <= share < host(tight.max_seq_len + 64)
 
 
 def test_table_missing_head_dim(table):
