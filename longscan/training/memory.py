@@ -265,13 +265,13 @@ def _block(m: ModelConfig, kind: str, memory: MemoryOptions, whole_block: bool, 
     mixer_mode = memory.linear_layers if kind == "L" else memory.softmax_layers
     for stage, mode, bwd, shared, cast in ((kind, mixer_mode, mixer_bwd, rope, 0),
                                            ("mlp", memory.mlp, mlp_bwd, 0, branch)):
-        if mode == "none":
-            held += saved[stage]
+        if mode == "none":  # the RoPE tables it saves are the model's, counted once beside the blocks
+            held += saved[stage] - shared
             transient = max(transient, bwd)
         elif mode == "checkpoint":  # recomputed in the backward from its input kept on the device
             held += res * D * N
-            # what the recomputation saves less its input (the kept one itself, counted in held)
-            transient = max(transient, saved[stage] - res * D * N + bwd)
+            # what the recomputation saves less its input (the kept one itself, counted in held) and the tables
+            transient = max(transient, saved[stage] - res * D * N - shared + bwd)
         else:  # offload: recomputed from its input brought back (and the one before ahead of use)
             # what the recomputation saves less its input (brought back) and the model's RoPE tables
             recomputed = saved[stage] - res * D * N - shared + bwd + cast
