@@ -175,21 +175,27 @@ def _dtype(x):
     return str(x.dtype) if isinstance(x, torch.Tensor) else None
 
 
+def _options(options):
+    """Kernel options as their text (the message shows it; some options hold views that do not pickle)."""
+    return None if options is None else repr(options)
+
+
 def _device(x):
     return x.device if isinstance(x, torch.Tensor) else None
 
 
 def check_linear_call(group, q, k, v, g, g_gamma, scale, initial_state, output_final_state, method, layout,
-                      n_blocks, cu_seqlens=None) -> None:
+                      n_blocks, cu_seqlens=None, backend=None, overlap=None, options=None) -> None:
     """:func:`check_same_call` for ``longscan.parallel.linear_attention``: B, T, H, K (from q), q's dtype,
     the shapes and dtypes of k, v and of the optional inputs, the decay kind, scale, output_final_state,
-    method, layout, ZeCO's n_blocks and the number of packed documents. Equal signatures make the local checks
-    that follow agree too."""
+    method, layout, ZeCO's n_blocks, the number of packed documents, the backend asked for, the forward's
+    schedule (overlap) and the kernels' options (ranks on other kernels would each compute another
+    rounding of the operator). Equal signatures make the local checks that follow agree too."""
     check_same_call(group, "linear_attention", _device(q), **shape_fields(q, "BTHK"), dtype=_dtype(q),
                     k=_spec(k), v=_spec(v), decay_kind=decay_kind(g, g_gamma), g=_spec(g), g_gamma=_spec(g_gamma),
                     initial_state=_spec(initial_state), scale=scale, output_final_state=output_final_state,
                     method=method, layout=layout, n_blocks=n_blocks if method == "zeco" else None,
-                    cu_seqlens=_spec(cu_seqlens))
+                    cu_seqlens=_spec(cu_seqlens), backend=backend, overlap=overlap, options=_options(options))
 
 
 def check_softmax_call(group, q, k, v, causal, scale, method, layout, chunk_heads, cu_seqlens=None) -> None:
@@ -202,11 +208,12 @@ def check_softmax_call(group, q, k, v, causal, scale, method, layout, chunk_head
 
 
 def check_delta_call(group, q, k, v, beta, g, scale, initial_state, output_final_state, method, layout,
-                     n_blocks) -> None:
+                     n_blocks, backend=None, options=None) -> None:
     """:func:`check_same_call` for ``longscan.parallel.delta_rule_attention``: B, T, H, K (from q), q's dtype,
-    the shapes and dtypes of k, v, beta and of the optional inputs, scale, output_final_state, method, layout
-    and ZeCO's n_blocks."""
+    the shapes and dtypes of k, v, beta and of the optional inputs, scale, output_final_state, method, layout,
+    ZeCO's n_blocks, the backend asked for and the Triton options (e.g. path: ranks on other paths would each
+    compute another rounding of the operator)."""
     check_same_call(group, "delta_rule_attention", _device(q), **shape_fields(q, "BTHK"), dtype=_dtype(q),
                     k=_spec(k), v=_spec(v), beta=_spec(beta), g=_spec(g), initial_state=_spec(initial_state),
                     scale=scale, output_final_state=output_final_state, method=method, layout=layout,
-                    n_blocks=n_blocks if method == "zeco" else None)
+                    n_blocks=n_blocks if method == "zeco" else None, backend=backend, options=_options(options))

@@ -10,7 +10,9 @@ import torch
 from harness import rel_err, run_distributed
 from linear_cases import make_inputs
 from longscan.kernels.linear_attention import naive_recurrent_linear_attention
-from longscan.parallel import linear_attention, shard
+from longscan.kernels.delta_rule.triton import DeltaTritonOptions
+from longscan.kernels.linear_attention import LinearKernelOptions
+from longscan.parallel import delta_rule_attention, linear_attention, shard
 from longscan.parallel.softmax import softmax_attention
 
 
@@ -42,6 +44,12 @@ def worker(rank, world):
     out["decay kind"] = _outcome(lambda: linear_attention(q, k, v, g=None if one else g))
     out["initial_state given"] = _outcome(lambda: linear_attention(q, k, v, initial_state=None if one else h0))
     out["n_blocks"] = _outcome(lambda: linear_attention(q, k, v, n_blocks=2 if one else 4))
+    out["backend"] = _outcome(lambda: linear_attention(q, k, v, backend="naive" if one else "torch"))
+    out["overlap"] = _outcome(lambda: linear_attention(q, k, v, overlap=one))
+    out["options"] = _outcome(lambda: linear_attention(q, k, v, options=LinearKernelOptions() if one else None))
+    beta = torch.sigmoid(q[..., 0])
+    out["delta options"] = _outcome(lambda: delta_rule_attention(
+        q, k, v, beta, options=DeltaTritonOptions(path="wy") if one else None))
     out["softmax T"] = _outcome(lambda: softmax_attention(sq[:, :6] if one else sq, sq[:, :6] if one else sq,
                                                           sq[:, :6] if one else sq))
     out["softmax Hkv"] = _outcome(lambda: softmax_attention(sq, sq[:, :, :2] if one else sq,
@@ -85,6 +93,12 @@ EXPECTED = {
     "initial_state given": r"initial_state must be equal on every rank of the SP group: "
                            r"\(\(1, 2, 4, 4\), 'torch.float32'\) on rank 0; None on rank 1",
     "n_blocks": r"n_blocks must be equal on every rank of the SP group: 4 on rank 0; 2 on rank 1",
+    "backend": r"backend must be equal on every rank of the SP group: 'torch' on rank 0; 'naive' on rank 1",
+    "overlap": r"overlap must be equal on every rank of the SP group: False on rank 0; True on rank 1",
+    "options": r'options must be equal on every rank of the SP group: None on rank 0; "LinearKernelOptions\(.*\)" on '
+               r"rank 1",
+    "delta options": r"delta_rule_attention: .*options must be equal on every rank of the SP group: None on rank 0; "
+                     r"\"DeltaTritonOptions\(.*path='wy'.*\)\" on rank 1",
     "softmax T": r"softmax_attention: .*T \(q.shape\[1\], the local length\) must be equal.*8 on rank 0; 6 on rank 1",
     "softmax Hkv": r"softmax_attention: .*k must be equal on every rank",
     "softmax method": r"method must be equal on every rank of the SP group: 'ring' on rank 0; 'allgather' on rank 1",

@@ -89,7 +89,8 @@ def make_context(q, k, v, beta, g, scale, initial_state, output_final_state, met
                  n_blocks, options=None) -> DeltaSPContext:
     """Validate everything (ValueError/TypeError naming the parameter) and build the context. The call's
     signature is compared across the group first, so every rank raises the same error or none does."""
-    check_delta_call(group, q, k, v, beta, g, scale, initial_state, output_final_state, method, layout, n_blocks)
+    check_delta_call(group, q, k, v, beta, g, scale, initial_state, output_final_state, method, layout, n_blocks,
+                     backend, options)
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     check_layout(layout)

@@ -43,7 +43,7 @@ def linear_attention(q, k, v, g=None, g_gamma=None, scale=None, initial_state=No
     `[N, H, K, V]` each document's state after its last token, on every rank.
     """
     checks.check_linear_call(group, q, k, v, g, g_gamma, scale, initial_state, output_final_state, method, layout,
-                             n_blocks, cu_seqlens)
+                             n_blocks, cu_seqlens, backend=backend, overlap=overlap, options=options)
     if checks.checks_enabled(check_replicated):
         checks.check_replicated(group, "linear_attention", initial_state=initial_state, g_gamma=g_gamma)
     if method not in REGISTRY:
