@@ -81,7 +81,7 @@ from longscan.kernels.linear_attention.triton.fwd import run_forward, run_prefix
 from longscan.kernels.linear_attention.triton.gates import _gate_operands
 from longscan.kernels.linear_attention.triton.levels import _add_levels
 from longscan.kernels.linear_attention.triton.plan import (_bf16, _check, _gate, _in_bf16, _launch, _prec, _resets,
-                                                           _split, _state_products)
+                                                           _split, _split_scores, _state_products)
 from longscan.kernels.linear_attention.triton.records import ForwardRecord, StatePass
 from longscan.kernels.linear_attention.triton.state import _kv_states, _scan, _states
 
@@ -280,7 +280,7 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True,
     NC = triton.cdiv(T, C)
     run_dq(qx=qx, kx=kx, kdx=kdx, eqx=eqx, v=v, gx=gx, gg=gg, do=do, h0=h0, dq=dq, gq=gq, st=st, T=T, H=H,
            seg=seg, ns=ns, NC=NC, scale=scale, BK=BK, need_dg=need_dg, sf32=sf32["dq"], sprec=sprec["dq"],
-           dummy=dummy, common=common, cfg=cq)
+           split=_split_scores(GATE, q.dtype, need_dg, opts), dummy=dummy, common=common, cfg=cq)
     trace.emit("bwd_dq")
     if deferred:
         dht = _arrived(dht, q)

@@ -72,6 +72,15 @@ def _state_products(name, GATE, dtype, need_dg, opts: LinearKernelOptions) -> in
     return opts.state_products_bf16.get((GATE, name), 1) if dtype == torch.bfloat16 else 1
 
 
+def _split_scores(GATE, dtype, need_dg, opts: LinearKernelOptions) -> bool:
+    """The dq kernel's SPLIT: the scalar decays' intra-chunk scores as two halves in the inputs' dtype
+    (opts.dq_scores_split) where the gate gradient is not asked for, the constant decay of lightning attention
+    among them: there the second dot compiles without spills on Triton 3.6, while with the gate gradient (and per
+    key, with or without it) it spilled at head dims 128 (benchmarks/tuning/kernel_resources.py). float32 inputs
+    take the scores whole."""
+    return bool(GATE in (1, 2) and opts.dq_scores_split and not need_dg and dtype != torch.float32)
+
+
 def _prec(x) -> str:
     # float32 inputs get true float32 products (tf32 would cost ~3e-4 relative error).
     return "ieee" if x.dtype == torch.float32 else "tf32"
