@@ -197,10 +197,11 @@ def rel(a: torch.Tensor, ref: torch.Tensor) -> float:
     return ((a - ref).norm() / ref.norm()).item()
 
 
-# Per-key variants: the kernel as it was, each rounding off alone, then the fixes (kn_f32: level 0's keys never
-# formed, dot(dA, kd)·e0 in float32; eq_f32: the query factor stored in float32; dA_split: two bf16 halves).
+# Per-key variants: the kernel before level 0's keys went to float32, each rounding off alone, then the kernels as
+# they are (kn never formed: dot(dA, kd)·e0 in float32), with dq_factor_f32 (eq in float32), and with the scores
+# split as well (not shipped per key: the second dot spilled registers).
 PER_KEY = {
-    "kernel before the fix": PerKey(),
+    "bf16 kn (before)": PerKey(),
     "  without dA's rounding": PerKey(dA=False),
     "  without e0's rounding": PerKey(e0=False),
     "  without kn's rounding": PerKey(kn=False),
@@ -208,22 +209,24 @@ PER_KEY = {
     "  without kd's rounding": PerKey(kd=False),
     "  with an exact state (inter)": PerKey(state="exact"),
     "  without the output's rounding": PerKey(out=False),
-    "fix: kn in float32 (dot(dA, kd)·e0)": PerKey(e0=False, kn=False),
-    "fix + eq in float32": PerKey(e0=False, kn=False, eq=False),
-    "fix + dA split": PerKey(e0=False, kn=False, dA_split=True),
-    "fix + eq in float32 + dA split": PerKey(e0=False, kn=False, eq=False, dA_split=True),
-    "no gate gradient (bf16 state), before": PerKey(state="bf16"),
-    "no gate gradient (bf16 state), fix": PerKey(state="bf16", e0=False, kn=False),
+    "kn in float32 (the kernels, default)": PerKey(e0=False, kn=False),
+    "  + dq_factor_f32 (eq in float32)": PerKey(e0=False, kn=False, eq=False),
+    "  + scores split (not shipped)": PerKey(e0=False, kn=False, dA_split=True),
+    "  + dq_factor_f32 + scores split (not shipped)": PerKey(e0=False, kn=False, eq=False, dA_split=True),
+    "no gate gradient (bf16 state), bf16 kn (before)": PerKey(state="bf16"),
+    "no gate gradient (bf16 state), kn in float32": PerKey(state="bf16", e0=False, kn=False),
 }
+# Scalar kinds: without the gate gradient (the constant decay's bf16 kernels; the scalar gate's without dg) the
+# scores are split by default (dq_scores_split); with it (the scalar gate's dq: the state split) they are not.
 SCALAR = {
-    "kernel (bf16 state: no gate gradient)": Scalar(),
+    "no gate gradient, scores rounded once (before)": Scalar(),
     "  without dA's rounding": Scalar(dA=False),
     "  without kd's rounding": Scalar(kd=False),
     "  with an exact state (inter)": Scalar(state="exact"),
     "  without the output's rounding": Scalar(out=False),
-    "fix: dA split": Scalar(dA_split=True),
-    "fix: dA split, state split": Scalar(dA_split=True, state="split"),
-    "kernel with the gate gradient (state split)": Scalar(state="split"),
+    "no gate gradient, scores split (dq_scores_split)": Scalar(dA_split=True),
+    "  + state split (not shipped)": Scalar(dA_split=True, state="split"),
+    "scalar gate with the gate gradient (state split)": Scalar(state="split"),
 }
 
 
@@ -252,6 +255,8 @@ def measure(kind: str, cases: list[Case]) -> dict:
             res.setdefault("bar with do unrounded (the old script's)", []).append(
                 (rel(bf16(exact_dq(dataclasses.replace(x, do=raw.do))), ref), peer))
             res.setdefault("float32 kernels (learnable g_gamma's path)", []).append((rel(bar_dq(x), ref), peer))
+            res.setdefault("  the same against the old script's bar", []).append(
+                (rel(bar_dq(x), ref), rel(bf16(exact_dq(dataclasses.replace(x, do=raw.do))), ref)))
             variants = SCALAR
         if kind == "gk":
             res.setdefault("fla-core chunk_gla pattern", []).append((peer, peer))
