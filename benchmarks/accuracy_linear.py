@@ -13,8 +13,8 @@ Decay kinds: none, g_gamma (a learnable constant decay: its gradient is asked fo
 float32 copies), g, gk, gk_steep, and (not in the default list) g_gamma_fixed: the constant decay without its
 gradient, the bf16 kernels that lightning-attention layers run.
 
---options FIELD=VALUE[,FIELD=VALUE] also runs ours with those LinearKernelOptions fields on the same inputs, one
-more row a tensor ("ours[FIELD=VALUE]"), so one run measures a setting beside the defaults:
+--options FIELD=VALUE[,FIELD=VALUE] also runs ours with those LinearKernelOptions fields on the same inputs,
+one more row a tensor ("ours[FIELD=VALUE]"), so one run measures a setting beside the defaults:
 
     PYTHONPATH=. python benchmarks/accuracy_linear.py --json acc.json            # the whole grid (GPU)
     PYTHONPATH=. python benchmarks/accuracy_linear.py --decays gk g_gamma_fixed --options dq_factor_f32=true
