@@ -14,7 +14,8 @@ float32 copies), g, gk, gk_steep, and (not in the default list) g_gamma_fixed: t
 gradient, the bf16 kernels that lightning-attention layers run.
 
 --options FIELD=VALUE[,FIELD=VALUE] also runs ours with those LinearKernelOptions fields on the same inputs,
-one more row a tensor ("ours[FIELD=VALUE]"), so one run measures a setting beside the defaults:
+one more row a tensor ("ours[FIELD=VALUE]"), so one run measures a setting beside the defaults; an item
+per_key_dq_split applies LinearKernelOptions.with_per_key_dq_split():
 
     PYTHONPATH=. python benchmarks/accuracy_linear.py --json acc.json            # the whole grid (GPU)
     PYTHONPATH=. python benchmarks/accuracy_linear.py --decays gk g_gamma_fixed --options dq_factor_f32=true
@@ -191,15 +192,23 @@ def summary(rows: list[dict]) -> str:
                            "worst bar", "bar"], cells)
 
 
+# --options items without "=": LinearKernelOptions methods that set several fields together
+PRESETS = {"per_key_dq_split": LinearKernelOptions.with_per_key_dq_split}
+
+
 def options_of(text: str) -> tuple[str, LinearKernelOptions]:
-    """"FIELD=VALUE[,FIELD=VALUE]" -> (the text, LinearKernelOptions with those fields), checked: VALUE true/false
-    or an int (the boolean and integer fields)."""
+    """"ITEM[,ITEM]" -> (the text, LinearKernelOptions): an item FIELD=VALUE sets a field (VALUE true/false or an
+    int: the boolean and integer fields), an item named in PRESETS applies that method after the fields; checked."""
     fields = {f.name for f in dataclasses.fields(LinearKernelOptions)}
-    kw = {}
+    kw, presets = {}, []
     for item in text.split(","):
         name, sep, value = item.partition("=")
+        if not sep and name in PRESETS:
+            presets.append(PRESETS[name])
+            continue
         if not sep or name not in fields:
-            raise SystemExit(f"--options: expected FIELD=VALUE with FIELD one of {sorted(fields)}, got {item!r}")
+            raise SystemExit(f"--options: expected FIELD=VALUE with FIELD one of {sorted(fields)}, or one of "
+                             f"{sorted(PRESETS)}, got {item!r}")
         low = value.lower()
         if low in ("true", "false"):
             kw[name] = low == "true"
@@ -208,9 +217,12 @@ def options_of(text: str) -> tuple[str, LinearKernelOptions]:
         else:
             raise SystemExit(f"--options {name}: expected true, false or an int, got {value!r}")
     try:
-        return text, LinearKernelOptions(**kw)
+        opts = LinearKernelOptions(**kw)
     except (TypeError, ValueError) as e:
         raise SystemExit(f"--options: {e}") from None
+    for preset in presets:
+        opts = preset(opts)
+    return text, opts
 
 
 def shard_of(text: str) -> tuple[int, int]:

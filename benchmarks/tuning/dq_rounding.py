@@ -106,7 +106,7 @@ class PerKey:
     kn: bool = True
     eq: bool = True
     kd: bool = True
-    state: str = "tf32"          # "tf32", "bf16" or "exact"
+    state: str = "tf32"          # "tf32", "split" (two bf16 halves), "bf16" or "exact"
     out: bool = True
     dA_split: bool = False       # dA as two bf16 halves (two dots)
 
@@ -115,7 +115,7 @@ class PerKey:
         r = lambda on, t: bf16(t) if on else t   # noqa: E731
         S = x.h0.clone() if x.h0 is not None else torch.zeros(K, x.v.shape[1], dtype=torch.float64)
         out = torch.empty(T, K, dtype=torch.float64)
-        rs = {"tf32": tf32, "bf16": bf16, "exact": keep}[self.state]
+        rs = {"tf32": tf32, "split": split, "bf16": bf16, "exact": keep}[self.state]
         for t0, t1 in chunks(T, C):
             b = torch.cumsum(x.g[t0:t1], 0)
             bC = b[-1]
@@ -199,7 +199,7 @@ def rel(a: torch.Tensor, ref: torch.Tensor) -> float:
 
 # Per-key variants: the kernel before level 0's keys went to float32, each rounding off alone, then the kernels as
 # they are (kn never formed: dot(dA, kd)·e0 in float32), with dq_factor_f32 (eq in float32), and with the scores
-# split as well (not shipped per key: the second dot spilled registers).
+# split as well (LinearKernelOptions.with_per_key_dq_split(): also the state products as two bf16 halves).
 PER_KEY = {
     "bf16 kn (before)": PerKey(),
     "  without dA's rounding": PerKey(dA=False),
@@ -211,8 +211,8 @@ PER_KEY = {
     "  without the output's rounding": PerKey(out=False),
     "kn in float32 (the kernels, default)": PerKey(e0=False, kn=False),
     "  + dq_factor_f32 (eq in float32)": PerKey(e0=False, kn=False, eq=False),
-    "  + scores split (not shipped)": PerKey(e0=False, kn=False, dA_split=True),
-    "  + dq_factor_f32 + scores split (not shipped)": PerKey(e0=False, kn=False, eq=False, dA_split=True),
+    "  + scores split (with_per_key_dq_split())": PerKey(e0=False, kn=False, dA_split=True, state="split"),
+    "  + dq_factor_f32 + scores split": PerKey(e0=False, kn=False, eq=False, dA_split=True, state="split"),
     "no gate gradient (bf16 state), bf16 kn (before)": PerKey(state="bf16"),
     "no gate gradient (bf16 state), kn in float32": PerKey(state="bf16", e0=False, kn=False),
 }

@@ -6,8 +6,10 @@ import statistics
 import sys
 
 import pytest
+import torch
 
 from harness import ROOT, TRITON_DIRS, assert_compiled_without_spills
+from longscan.kernels.linear_attention import LinearKernelOptions
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks", "tuning"))
 import dq_rounding as dr  # noqa: E402
@@ -45,19 +47,24 @@ def test_emulated_constant_decay_split_scores_meet_the_bar():
 
 
 def test_tf32_rounding_keeps_ten_mantissa_bits():
-    import torch
     x = torch.tensor([1 + 2 ** -10, 1 + 2 ** -11, 1 + 3 * 2 ** -11, -(1 + 2 ** -12)], dtype=torch.float64)
     assert dr.tf32(x).tolist() == [1 + 2 ** -10, 1.0, 1 + 2 ** -9, -1.0]
 
 
 _COMPILE = r'''
 import json
-from benchmarks.tuning.kernel_resources import Case, resources
-cases = {"g_gamma dq states": Case("dq", 1, states=True), "g dq no dg": Case("dq", 2, need_dg=False),
-         "gk dq": Case("dq", 3)}
+from benchmarks.tuning.kernel_resources import Case, compile_case, constants, ptxas_report
+from longscan.kernels.linear_attention import LinearKernelOptions
+split = LinearKernelOptions().with_per_key_dq_split()
+cases = {"g_gamma dq states": (Case("dq", 1, states=True), LinearKernelOptions()),
+         "g dq no dg": (Case("dq", 2, need_dg=False), LinearKernelOptions()),
+         "gk dq": (Case("dq", 3), LinearKernelOptions()),
+         "gk dq split states": (Case("dq", 3, states=True), split)}
 out = {}
-for name, case in cases.items():
-    r = resources(case, 90)
+for name, (case, opts) in cases.items():
+    consts = constants(case, opts)[0]
+    assert consts["SPLIT"] is (name != "gk dq"), (name, consts)   # the dispatch splits where it should
+    r = ptxas_report(compile_case(case, 90, opts), 90)
     out[name] = {"regs": r["registers"], "spills": r["spill_stores"] + r["spill_loads"]}
 print(json.dumps(out))
 '''
@@ -65,7 +72,46 @@ print(json.dumps(out))
 
 @pytest.mark.parametrize("triton_dir", TRITON_DIRS)
 def test_changed_dq_kernels_compile_for_hopper_without_spills(triton_dir):
-    """The dq kernels this accuracy work changed, as the dispatch launches them at bf16, head dims 128: the
-    constant decay's (split scores, with states), the scalar gate's without dg (split scores) and the per-key
-    one with dg (level 0's keys in float32)."""
-    assert_compiled_without_spills(_COMPILE, kernels=3, first_on_path=triton_dir)
+    """The dq kernels whose roundings changed, as the dispatch launches them at bf16, head dims 128: the constant
+    decay's (split scores, with states), the scalar gate's without dg (split scores), the per-key one with dg
+    (level 0's keys in float32) and that one with LinearKernelOptions.with_per_key_dq_split() (split scores at 8
+    warps, with states)."""
+    assert_compiled_without_spills(_COMPILE, kernels=4, first_on_path=triton_dir)
+
+
+CUDA = torch.cuda.is_available()
+
+
+def _dq_errors(decay, options, need_dg, seed, T=1000, K=128):
+    """dq's error under each of options (bf16 inputs; against the float64 dq of the same rounded inputs)."""
+    from linear_cases import make_inputs
+    from longscan.kernels.linear_attention import naive_recurrent_linear_attention
+    from longscan.kernels.linear_attention import triton as tc
+    x = make_inputs(decay, 1, T, 2, K, K, torch.float64, seed=seed)
+    x = {n: (t.to(torch.bfloat16).double() if n in ("q", "k", "v") else t) for n, t in x.items() if t is not None}
+    do = torch.randn(1, T, 2, K, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    do = do.to(torch.bfloat16).double()
+    q = x["q"].clone().requires_grad_()
+    o, _ = naive_recurrent_linear_attention(q, x["k"], x["v"], x.get("g"), x.get("g_gamma"))
+    (want,) = torch.autograd.grad(o, q, do)
+    y = {n: t.cuda().to(torch.bfloat16 if n in ("q", "k", "v") else torch.float32) for n, t in x.items()}
+    errs = []
+    for opts in options:
+        dq = tc.backward(y["q"], y["k"], y["v"], y.get("g"), y.get("g_gamma"), None, None,
+                         do.cuda().to(torch.bfloat16), None, need_dg, options=opts)[0]
+        errs.append(((dq.double().cpu() - want).norm() / want.norm()).item())
+    return errs
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("decay,need_dg,base,better", [
+    ("g_per_key", True, LinearKernelOptions(), LinearKernelOptions(dq_factor_f32=True).with_per_key_dq_split()),
+    ("g_gamma", False, LinearKernelOptions(dq_scores_split=False), LinearKernelOptions()),
+    ("g_scalar", False, LinearKernelOptions(dq_scores_split=False), LinearKernelOptions())])
+def test_gpu_fewer_roundings_give_a_smaller_dq_error(decay, need_dg, base, better):
+    """On bf16 inputs the settings with fewer roundings (per key: the scores split and the query factor in
+    float32; the scalar decays without dg: the scores split, the default) give a smaller dq error, summed over
+    seeds, than the settings without, and both stay at bf16's level."""
+    errs = [_dq_errors(decay, (base, better), need_dg, seed) for seed in range(4)]
+    assert all(e < 1e-2 for pair in errs for e in pair), errs
+    assert sum(b for _, b in errs) < sum(a for a, _ in errs), errs

@@ -92,7 +92,10 @@ class LinearKernelOptions:
     dq_scores_split: constant and scalar decays without the gate gradient (lightning attention's g_gamma) on
       bf16 / fp16 inputs: the dq kernel's intra-chunk dot takes the decayed causal scores as two halves in the
       inputs' dtype (one more dot a chunk, no memory traffic), not rounded once, so dq's error is the float32
-      computation's rounded once. (With the gate gradient, and per key, the second dot spilled registers.)
+      computation's rounded once. (With the gate gradient the scalar gate's dq kernel spilled more with it.)
+    dq_scores_split_per_key: the same for per-key gates (with or without the gate gradient). At the default
+      launch settings the second dot spilled registers; with_per_key_dq_split() turns it on together with the
+      settings that compile it without spills, for timing beside the defaults.
     dq_factor_f32: per-key gates, the backward's query factor exp(b) (what dq is multiplied by) is stored in
       float32, not in q's dtype: one rounding of dq fewer, for 2 more bytes per element of q written and read
       (and held from forward to backward with keep_gate_operands), so off by default (docs/linear_kernels.md).
@@ -115,6 +118,7 @@ class LinearKernelOptions:
     gate_grad_f32_state: bool = True
     state_products_bf16: Mapping[tuple, int] = dataclasses.field(default_factory=lambda: _STATE_PRODUCTS_BF16)
     dq_scores_split: bool = True
+    dq_scores_split_per_key: bool = False
     dq_factor_f32: bool = False
     resets: bool = False
 
@@ -131,7 +135,8 @@ class LinearKernelOptions:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"LinearKernelOptions.{name} must be None or a positive int, got {value!r}")
-        for name in ("keep_gate_operands", "gate_grad_f32_state", "dq_scores_split", "dq_factor_f32", "resets"):
+        for name in ("keep_gate_operands", "gate_grad_f32_state", "dq_scores_split", "dq_scores_split_per_key",
+                     "dq_factor_f32", "resets"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"LinearKernelOptions.{name} must be True or False, got {getattr(self, name)!r}")
         config = _configs(self.config, "config")
@@ -162,6 +167,17 @@ class LinearKernelOptions:
         test splits K and V over several programs as a GPU's tiling does."""
         tiles = {k: LaunchConfig(block, 4, 2) for k in KERNELS}
         return dataclasses.replace(self, config=tiles, config_per_key={}, config_f32={})
+
+
+    def with_per_key_dq_split(self) -> LinearKernelOptions:
+        """Per-key gates' dq with its intra-chunk scores as two halves (dq_scores_split_per_key), with the per-key
+        dq kernel at 8 warps and its state products as two bf16 halves: the settings under which that kernel
+        compiles without spills at head dims 128 on Triton 3.6 (at 4 warps and tf32 state products it spilled)."""
+        dq = self.launch_config("dq", per_key=True)
+        return dataclasses.replace(
+            self, dq_scores_split_per_key=True,
+            config_per_key={**self.config_per_key, "dq": LaunchConfig(dq.block, 8, dq.num_stages)},
+            state_products_bf16={**self.state_products_bf16, (3, "dq"): 2})
 
 
 DEFAULT = LinearKernelOptions()

@@ -30,8 +30,8 @@ def _bwd_dq_kernel(q, k, kd, eq, v, g, gg, do, h0, dq, gq, st, T, H, SEG, NC, sc
     and kn to bf16 were two of dq's roundings), and the dk kernel's k-side partial takes kd⊙e0 in float32 too.
     SPLIT (gated kinds, bf16/fp16 inputs): the intra-chunk dot takes the causal scores as two halves in q's dtype
     (hi + lo, _scores_rest), so dq misses only ~2^-16 of them; the gate partials keep hi alone, as the dk kernel
-    rounds them (the dispatch sets it for the scalar decays without the gate gradient only: elsewhere the second
-    dot spilled at head dims 128, plan._split_scores). RESETS: g (GATE 2) may hold −inf, as in _fwd_kernel."""
+    rounds them (plan._split_scores says where the dispatch sets it). RESETS: g (GATE 2) may hold −inf, as in
+    _fwd_kernel."""
     ik, nk, bh, js, ns, b, h = _segment_program(H)
     dt = q.dtype.element_ty
     rk = ik * BK + tl.arange(0, BK)

@@ -73,12 +73,16 @@ def _state_products(name, GATE, dtype, need_dg, opts: LinearKernelOptions) -> in
 
 
 def _split_scores(GATE, dtype, need_dg, opts: LinearKernelOptions) -> bool:
-    """The dq kernel's SPLIT: the scalar decays' intra-chunk scores as two halves in the inputs' dtype
-    (opts.dq_scores_split) where the gate gradient is not asked for, the constant decay of lightning attention
-    among them: there the second dot compiles without spills on Triton 3.6, while with the gate gradient (and per
-    key, with or without it) it spilled at head dims 128 (benchmarks/tuning/kernel_resources.py). float32 inputs
-    take the scores whole."""
-    return bool(GATE in (1, 2) and opts.dq_scores_split and not need_dg and dtype != torch.float32)
+    """The dq kernel's SPLIT, its intra-chunk scores as two halves in the inputs' dtype: per-key gates with
+    opts.dq_scores_split_per_key; the scalar decays with opts.dq_scores_split where the gate gradient is not asked
+    for (the constant decay of lightning attention among them), where the second dot compiles without spills on
+    Triton 3.6 (with the gate gradient the scalar gate's dq kernel spilled more: kernel_resources.py). float32
+    inputs take the scores whole."""
+    if dtype == torch.float32 or not GATE:
+        return False
+    if GATE == 3:
+        return opts.dq_scores_split_per_key
+    return opts.dq_scores_split and not need_dg
 
 
 def _prec(x) -> str:
