@@ -24,10 +24,10 @@ def _bwd_dq_kernel(q, k, kd, eq, v, g, gg, do, h0, dq, gq, st, T, H, SEG, NC, sc
     final-state gate term Σ_v S_T⊙dht from it once dht is there (so dht is not needed before this kernel).
 
     Per key, q, kd, eq and g are _gate_operands_kernel's qd, kd, eq and chunk totals (k is not read: level 0's keys
-    kn come from kd, _level0_keys). The gate partials multiply by the same bf16-rounded decayed operands (qd, kn,
-    kd) that built the other side's terms, so that q⊙dq − k⊙dk cancels as it does in exact arithmetic. Level 0's
-    keys kn = kd⊙e0 scale the dot's columns, so e0 multiplies its float32 result (kn is not formed: rounding e0
-    and kn to bf16 were two of dq's roundings), and the dk kernel's k-side partial takes kd⊙e0 in float32 too.
+    kn come from kd). The gate partials multiply by the same decayed operands (qd, kn, kd) that built the other
+    side's terms, so that q⊙dq − k⊙dk cancels as it does in exact arithmetic. Level 0's keys kn = kd⊙e0 scale the
+    dot's columns, so e0 multiplies its float32 result (kn is not formed: rounding e0 and kn to bf16 were two of
+    dq's roundings), and the dk kernel's k-side partial takes kn as kd⊙e0 in float32 too.
     SPLIT (gated kinds, bf16/fp16 inputs): the intra-chunk dot takes the causal scores as two halves in q's dtype
     (hi + lo, _scores_rest), so dq misses only ~2^-16 of them; the gate partials keep hi alone, as the dk kernel
     rounds them (plan._split_scores says where the dispatch sets it). RESETS: g (GATE 2) may hold −inf, as in
@@ -187,7 +187,7 @@ def _bwd_dk_kernel(q, k, kd, ek, v, g, gg, do, dhe, hin, dk, gk, dg, term, dh0, 
                 # that dL/dA arrives in the in-thread layout _dg_suffix_sums needs. kd is loaded beside ek (a load
                 # is not moved above a store that may alias it), and dk is stored before the gate terms, with dL/dA
                 # taken off the loaded partial one term at a time: the orders that kept this kernel under the
-                # register limit. kn as the other kernels round it (_level0_keys).
+                # register limit. kn as the dq kernel takes it: kd⊙e0 in float32.
                 t3 = t0 + DG_RUN * rr[None, :] + ra[:, None]
                 m3 = (t3 < t_end)[:, :, None]
                 p3 = ((b * T + t3).to(tl.int64) * H + h)[:, :, None] * K + rk[None, None, :]
