@@ -115,3 +115,42 @@ def test_gpu_fewer_roundings_give_a_smaller_dq_error(decay, need_dg, base, bette
     errs = [_dq_errors(decay, (base, better), need_dg, seed) for seed in range(4)]
     assert all(e < 1e-2 for pair in errs for e in pair), errs
     assert sum(b for _, b in errs) < sum(a for a, _ in errs), errs
+
+
+def test_accuracy_script_runs_an_options_value_beside_the_defaults(tmp_path):
+    """benchmarks/accuracy_linear.py --options: each case also runs ours with those options (a preset here), on the
+    same inputs; in float32 the dq settings change nothing, so its errors equal the defaults'. Bad items are
+    refused naming what was expected."""
+    import json
+
+    from benchmarks import accuracy_linear as acc
+    out = tmp_path / "acc.jsonl"
+    acc.main(["--grid", "quick", "--device", "cpu", "--backend", "triton", "--peer", "naive", "--dtypes", "float32",
+              "--decays", "gk", "--lengths", "65", "--shard", "0/8", "--json", str(out),
+              "--options", "dq_factor_f32=true,per_key_dq_split"])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows and all(r["variant"]["dq_factor_f32=true,per_key_dq_split"] == r["ours"] for r in rows)
+    assert "| float32 | gk | dq | ours[dq_factor_f32=true,per_key_dq_split] |" in acc.summary(rows)
+    _, opts = acc.options_of("dq_factor_f32=true,per_key_dq_split")
+    assert opts.dq_factor_f32 and opts.dq_scores_split_per_key and opts.launch_config("dq", True).num_warps == 8
+    for bad, says in (("dq_factor_f32=maybe", "expected true, false or an int"), ("bogus", "per_key_dq_split"),
+                      ("chunk=3", "power of two")):
+        with pytest.raises(SystemExit, match=says):
+            acc.options_of(bad)
+
+
+def test_dq_options_validate_and_reach_the_dispatch():
+    """The dq fields take booleans only (TypeError naming the field); the dq kernel's SPLIT follows them: the
+    scalar decays without dg by default, per key only with dq_scores_split_per_key, never for float32 inputs."""
+    from longscan.kernels.linear_attention.triton.plan import _split_scores
+    for name in ("dq_scores_split", "dq_scores_split_per_key", "dq_factor_f32"):
+        with pytest.raises(TypeError, match=f"LinearKernelOptions.{name} must be True or False"):
+            LinearKernelOptions(**{name: 1})
+    d, bf = LinearKernelOptions(), torch.bfloat16
+    assert [_split_scores(g, bf, False, d) for g in (0, 1, 2, 3)] == [False, True, True, False]
+    assert not _split_scores(2, bf, True, d) and not _split_scores(1, torch.float32, False, d)
+    assert not _split_scores(1, bf, False, LinearKernelOptions(dq_scores_split=False))
+    per_key = d.with_per_key_dq_split()
+    assert _split_scores(3, bf, True, per_key) and _split_scores(3, torch.float16, False, per_key)
+    assert per_key.state_products_bf16[(3, "dq")] == 2 and per_key.launch_config("dk", True) == d.launch_config(
+        "dk", True)
