@@ -168,7 +168,6 @@ class LinearKernelOptions:
         tiles = {k: LaunchConfig(block, 4, 2) for k in KERNELS}
         return dataclasses.replace(self, config=tiles, config_per_key={}, config_f32={})
 
-
     def with_per_key_dq_split(self) -> LinearKernelOptions:
         """Per-key gates' dq with its intra-chunk scores as two halves (dq_scores_split_per_key), with the per-key
         dq kernel at 8 warps and its state products as two bf16 halves: the settings under which that kernel

@@ -25,8 +25,9 @@ def _gate_operands_kernel(q, k, g, qd, kd, eq, ek, gl, steep, steep_chunks, T, H
     STORE_F the factors themselves, eq = exp(b) (in eq's dtype) and ek = exp(b_C − b) (the backward's output
     factors, dq's and dk's); gl `[B·H, NC, 2, K]` float32, the chunk totals b_C and level 0's key scales
     exp(min(−b_C, LEVEL_SPAN)) (_level0_keys); and marks the chunk's segment in steep `[B·H, NS]` when a key
-    falls to −LEVEL_SPAN inside it (_levels_kernel then visits it). With RESETS (g may hold −inf) it also marks a chunk where a key resets, and
-    every marked chunk in steep_chunks `[B·H, NC]` (None without RESETS: the kernel then has no such argument)."""
+    falls to −LEVEL_SPAN inside it (_levels_kernel then visits it). With RESETS (g may hold −inf) it also marks a
+    chunk where a key resets, and every marked chunk in steep_chunks `[B·H, NC]` (None without RESETS: the kernel
+    then has no such argument)."""
     # One flat axis, K-tiles fastest, then batch·heads, then chunks: the programs that run together read whole
     # token rows of q, k and g (4 KB at 16 heads × 128 keys), not one head's slice of many rows (chunks fastest:
     # was slower where one head's chunks alone filled the GPU).
