@@ -5,10 +5,20 @@ through ``chunk_linear_attention`` with the backend under test, the peer backend
 float64 reference (the chunked torch backend in float64), forward and backward with random output gradients. Each
 tensor's error is ||x - ref|| / ||ref|| (||x|| where ref is exactly 0). Where the peer refuses a case (fla refuses
 its gated backward on Triton < 3.7.1 on Hopper), the bar is the reference computed in float32 from the same inputs
-(q, k, v in the case's dtype) and rounded once to that dtype. Prints per (dtype, decay, tensor) the worst and
+(q, k, v and the output gradient do in the case's dtype: do is the gradient of an output in that dtype, so every
+backend sees it rounded) and rounded once to that dtype. Prints per (dtype, decay, tensor) the worst and
 median ratio ours / bar and the worst errors, and writes every case to --json (JSON lines).
 
+Decay kinds: none, g_gamma (a learnable constant decay: its gradient is asked for, which runs our bf16 backward on
+float32 copies), g, gk, gk_steep, and (not in the default list) g_gamma_fixed: the constant decay without its
+gradient, the bf16 kernels that lightning-attention layers run.
+
+--options FIELD=VALUE[,FIELD=VALUE] also runs ours with those LinearKernelOptions fields on the same inputs,
+one more row a tensor ("ours[FIELD=VALUE]"), so one run measures a setting beside the defaults; an item
+per_key_dq_split applies LinearKernelOptions.with_per_key_dq_split():
+
     PYTHONPATH=. python benchmarks/accuracy_linear.py --json acc.json            # the whole grid (GPU)
+    PYTHONPATH=. python benchmarks/accuracy_linear.py --decays gk g_gamma_fixed --options dq_factor_f32=true
     PYTHONPATH=. python benchmarks/accuracy_linear.py --grid quick --device cpu --backend torch --peer naive
 
 Each kernel family (head sizes x decay kind) compiles ours and autotunes the peer's, every configuration of it
@@ -30,9 +40,10 @@ import statistics
 import torch
 
 from benchmarks.bench_common import markdown_table
-from longscan.kernels.linear_attention import chunk_linear_attention
+from longscan.kernels.linear_attention import LinearKernelOptions, chunk_linear_attention
 
 DECAYS = ("none", "g_gamma", "g", "gk", "gk_steep")
+EXTRA_DECAYS = ("g_gamma_fixed",)
 TENSORS = ("o", "ht", "dq", "dk", "dv", "dg", "dh0")
 GRIDS = {
     "full": dict(T=(1, 63, 64, 65, 1000, 4096), BH=((1, 1), (2, 4)), KV=((64, 64), (128, 128), (64, 128))),
@@ -71,7 +82,7 @@ def make_inputs(case: Case, device, seed: int) -> dict:
     x = dict(q=rand(B, T, H, K), k=rand(B, T, H, K), v=rand(B, T, H, V), g=None, g_gamma=None,
              h0=rand(B, H, K, V) if case.states else None, do=rand(B, T, H, V),
              dht=rand(B, H, K, V) if case.states else None)
-    if case.decay == "g_gamma":
+    if case.decay in ("g_gamma", "g_gamma_fixed"):
         x["g_gamma"] = gate(H)
     elif case.decay == "g":
         x["g"] = gate(B, T, H)
@@ -82,14 +93,18 @@ def make_inputs(case: Case, device, seed: int) -> dict:
     return {n: (t.to(device) if t is not None else None) for n, t in x.items()}
 
 
-def run(case: Case, x: dict, backend: str, dtype: torch.dtype, gate_grad: bool) -> dict:
-    """Forward and backward through the public op; every output and gradient as float64."""
+def run(case: Case, x: dict, backend: str, dtype: torch.dtype, gate_grad: bool,
+        options: LinearKernelOptions | None = None) -> dict:
+    """Forward and backward through the public op; every output and gradient as float64. options: ours' kernel
+    options (None: the defaults; only for backends that take them)."""
     cast = {n: (t.to(dtype) if n in ("q", "k", "v") else t.float() if dtype != torch.float64 else t)
             for n, t in x.items() if t is not None and n not in ("do", "dht")}
+    gate_grad = gate_grad and case.decay != "g_gamma_fixed"
     leaves = {n: t.detach().requires_grad_(n != "g_gamma" or gate_grad) for n, t in cast.items()}
+    extra = dict(options=options) if options is not None else {}
     o, ht = chunk_linear_attention(leaves["q"], leaves["k"], leaves["v"], g=leaves.get("g"),
                                    g_gamma=leaves.get("g_gamma"), initial_state=leaves.get("h0"),
-                                   output_final_state=case.states, backend=backend)
+                                   output_final_state=case.states, backend=backend, **extra)
     outs, grads = [o], [x["do"].to(o.dtype)]
     if case.states:
         outs.append(ht)
@@ -112,7 +127,10 @@ def rel(a, ref) -> float | None:
     return ((a - ref).norm() / ref.norm()).item()
 
 
-def measure(case: Case, backend: str, peer: str, device, seed: int) -> dict:
+def measure(case: Case, backend: str, peer: str, device, seed: int,
+            variant: tuple[str, LinearKernelOptions] | None = None) -> dict:
+    """One case: ours, the bar and the reference on the same fresh inputs; variant (name, options): ours again
+    with those options, under row["variant"][name]."""
     dtype = getattr(torch, case.dtype)
     x = make_inputs(case, device, seed)
     # our backend may refuse a g_gamma that requires grad; then dg is not measured for it
@@ -125,13 +143,17 @@ def measure(case: Case, backend: str, peer: str, device, seed: int) -> dict:
             raise
         row["ours_note"] = f"g_gamma gradient refused: {e}"
         ours = run(case, x, backend, dtype, gate_grad=False)
+    if variant is not None:
+        other = run(case, x, backend, dtype, gate_grad=True, options=variant[1])
+        row["variant"] = {variant[0]: {n: rel(other[n], ref[n]) for n in TENSORS}}
     try:
         bar = run(case, x, peer, dtype, gate_grad=True)
     except Exception as e:  # noqa: BLE001 - any refusal of the peer (its own error types) falls back to rounding
         row["peer_note"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
         row["bar_kind"] = "f32 rounded once"
-        # the same inputs as ours (q, k, v rounded to the case's dtype): only the computation differs
-        rounded = {n: (t.to(dtype).double() if n in ("q", "k", "v") else t) for n, t in x.items()}
+        # the same inputs as ours (q, k, v and do rounded to the case's dtype: ours gets do as the gradient of an
+        # output in that dtype): only the computation differs
+        rounded = {n: (t.to(dtype).double() if n in ("q", "k", "v", "do") else t) for n, t in x.items()}
         f32 = run(case, rounded, "torch", torch.float32, gate_grad=True)
         bar = {n: (t.to(dtype).double() if t is not None else None) for n, t in f32.items()}
     for n in TENSORS:
@@ -139,31 +161,68 @@ def measure(case: Case, backend: str, peer: str, device, seed: int) -> dict:
     return row
 
 
-def cases(grid: str, dtypes) -> list[Case]:
+def cases(grid: str, dtypes, decays=DECAYS) -> list[Case]:
     g = GRIDS[grid]
-    # (head sizes, decay) varies fastest: --shard I/15 gives each process one of the 15 kernel families (its
-    # compiles and the peer's autotuning done once), every family advancing at the same pace
+    # (head sizes, decay) varies fastest: --shard I/15 gives each process one of the 15 kernel families of the
+    # default decays (its compiles and the peer's autotuning done once), every family advancing at the same pace
     return [Case(dt, d, T, B, H, K, V, s) for dt, T, (B, H), s, (K, V), d
-            in itertools.product(dtypes, g["T"], g["BH"], (False, True), g["KV"], DECAYS)]
+            in itertools.product(dtypes, g["T"], g["BH"], (False, True), g["KV"], decays)]
 
 
 def summary(rows: list[dict]) -> str:
-    """Markdown: per dtype, decay and tensor, the median and worst ratio ours / bar, worst errors of both."""
+    """Markdown: per dtype, decay, tensor (and ours' options, where a variant ran), the median and worst ratio
+    ours / bar, worst errors of both."""
     groups = {}
     for r in rows:
         c = r["case"]
+        runs = [("ours", r["ours"])] + [(f"ours[{name}]", errs) for name, errs in r.get("variant", {}).items()]
         for n in TENSORS:
-            if r["ours"][n] is not None:
-                groups.setdefault((c["dtype"], c["decay"], n), []).append((r["ours"][n], r["bar"][n], r["bar_kind"]))
+            for who, errs in runs:
+                if errs[n] is not None:
+                    groups.setdefault((c["dtype"], c["decay"], n, who), []).append((errs[n], r["bar"][n],
+                                                                                    r["bar_kind"]))
     cells = []
-    for (dt, d, n), vals in groups.items():
+    for (dt, d, n, who), vals in groups.items():
         ratios = [a / max(b, 1e-30) for a, b, _ in vals if b is not None]
         worst_bar = max((b for _, b, _ in vals if b is not None), default=float("nan"))
-        cells.append([dt, d, n, f"{statistics.median(ratios):.2f}" if ratios else "",
+        cells.append([dt, d, n, who, f"{statistics.median(ratios):.2f}" if ratios else "",
                       f"{max(ratios):.2f}" if ratios else "", f"{max(a for a, _, _ in vals):.1e}",
                       f"{worst_bar:.1e}", "/".join(sorted({k for _, _, k in vals}))])
-    return markdown_table(["dtype", "decay", "tensor", "median ours/bar", "worst ours/bar", "worst ours",
+    return markdown_table(["dtype", "decay", "tensor", "ours", "median ours/bar", "worst ours/bar", "worst ours",
                            "worst bar", "bar"], cells)
+
+
+# --options items without "=": LinearKernelOptions methods that set several fields together
+PRESETS = {"per_key_dq_split": LinearKernelOptions.with_per_key_dq_split}
+
+
+def options_of(text: str) -> tuple[str, LinearKernelOptions]:
+    """"ITEM[,ITEM]" -> (the text, LinearKernelOptions): an item FIELD=VALUE sets a field (VALUE true/false or an
+    int: the boolean and integer fields), an item named in PRESETS applies that method after the fields; checked."""
+    fields = {f.name for f in dataclasses.fields(LinearKernelOptions)}
+    kw, presets = {}, []
+    for item in text.split(","):
+        name, sep, value = item.partition("=")
+        if not sep and name in PRESETS:
+            presets.append(PRESETS[name])
+            continue
+        if not sep or name not in fields:
+            raise SystemExit(f"--options: expected FIELD=VALUE with FIELD one of {sorted(fields)}, or one of "
+                             f"{sorted(PRESETS)}, got {item!r}")
+        low = value.lower()
+        if low in ("true", "false"):
+            kw[name] = low == "true"
+        elif value.isdigit():
+            kw[name] = int(value)
+        else:
+            raise SystemExit(f"--options {name}: expected true, false or an int, got {value!r}")
+    try:
+        opts = LinearKernelOptions(**kw)
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"--options: {e}") from None
+    for preset in presets:
+        opts = preset(opts)
+    return text, opts
 
 
 def shard_of(text: str) -> tuple[int, int]:
@@ -181,7 +240,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--grid", choices=list(GRIDS), default="full")
     p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
-    p.add_argument("--decays", nargs="+", default=list(DECAYS), choices=DECAYS)
+    p.add_argument("--decays", nargs="+", default=list(DECAYS), choices=DECAYS + EXTRA_DECAYS)
+    p.add_argument("--options", default=None, metavar="FIELD=VALUE[,...]",
+                   help="also run ours with these LinearKernelOptions fields, beside the defaults")
     p.add_argument("--backend", default="triton")
     p.add_argument("--peer", default="fla")
     p.add_argument("--device", default="cuda")
@@ -198,14 +259,15 @@ def main(argv=None) -> int:
         print(summary(rows))
         return 0
     shard, shards = shard_of(a.shard)
+    variant = options_of(a.options) if a.options else None
     device = torch.device(a.device)
     a.lengths = a.lengths or GRIDS[a.grid]["T"]
     print(f"backend {a.backend} vs {a.peer} on {device}, torch {torch.__version__}", flush=True)
     rows = []
     log = open(a.json, "w") if a.json else None  # one JSON line a case, so a run cut short keeps its rows
-    todo = [c for c in cases(a.grid, a.dtypes) if c.decay in a.decays and c.T in a.lengths]
+    todo = [c for c in cases(a.grid, a.dtypes, tuple(a.decays)) if c.T in a.lengths]
     for i, case in list(enumerate(todo))[shard::shards]:
-        rows.append(measure(case, a.backend, a.peer, device, a.seed + i))
+        rows.append(measure(case, a.backend, a.peer, device, a.seed + i, variant))
         if log:
             log.write(json.dumps(rows[-1]) + "\n")
             log.flush()

@@ -109,6 +109,8 @@ def constants(case: Case, opts: LinearKernelOptions = LinearKernelOptions()) -> 
         c.update(BK=block, NEED_DG=need_dg, SF32=mode, SPREC="tf32" if mode == 1 else prec)
         c.update(dict(HAS_H0=case.states, STORE_ST=case.states and need_dg) if name == "dq" else
                  dict(HAS_DHE=case.states, HAS_TERM=case.states and need_dg))
+        if "SPLIT" in args:   # the dq kernel's split scores (an earlier longscan's has no switch: ptx_diff.py)
+            c["SPLIT"] = plan._split_scores(gate, case.dtype, need_dg, opts)
     return c, cfg
 
 

@@ -74,8 +74,8 @@ _STATE_PRODUCTS_BF16 = {(2, "dq"): 2, (2, "dk"): 1, (3, "dq"): 1, (3, "dk"): 2}
 
 @dataclasses.dataclass(frozen=True)
 class LinearKernelOptions:
-    """How the Triton linear-attention kernels cut and launch their work (never what they compute), and whether
-    their log gates may hold −inf.
+    """How the Triton linear-attention kernels cut and launch their work, how they round two of dq's products (the
+    same result to bf16 round-off), and whether their log gates may hold −inf.
 
     chunk, chunk_per_key: tokens a chunk (no / scalar decay; per-key gates).
     segments: force the number of sequence segments (None: from the SM count, as below).
@@ -89,6 +89,16 @@ class LinearKernelOptions:
       backward's factors (four tensors the size of q) so the backward runs no pre-pass of its own.
     gate_grad_f32_state: state products of a gate-gradient backward in float32 precision (bf16 states miss its
       tolerance); state_products_bf16 says how for bf16 inputs, per (gate kind, kernel).
+    dq_scores_split: constant and scalar decays without the gate gradient (lightning attention's g_gamma) on
+      bf16 / fp16 inputs: the dq kernel's intra-chunk dot takes the decayed causal scores as two halves in the
+      inputs' dtype (one more dot a chunk, no memory traffic), not rounded once, so dq's error is the float32
+      computation's rounded once. (With the gate gradient the scalar gate's dq kernel spilled more with it.)
+    dq_scores_split_per_key: the same for per-key gates (with or without the gate gradient). At the default
+      launch settings the second dot spilled registers; with_per_key_dq_split() turns it on together with the
+      settings that compile it without spills, for timing beside the defaults.
+    dq_factor_f32: per-key gates, the backward's query factor exp(b) (what dq is multiplied by) is stored in
+      float32, not in q's dtype: one rounding of dq fewer, for 2 more bytes per element of q written and read
+      (and held from forward to backward with keep_gate_operands), so off by default (docs/linear_kernels.md).
     resets: g may hold −inf (full resets): the kernels compile the reset arithmetic, which costs finite gates
       time, so it is off by default. Packed documents (cu_seqlens) turn it on themselves; a caller who puts −inf
       in g sets it. Off, −inf in g is refused with a ValueError on CPU tensors and, on CUDA, with
@@ -107,6 +117,9 @@ class LinearKernelOptions:
     keep_gate_operands: bool = True
     gate_grad_f32_state: bool = True
     state_products_bf16: Mapping[tuple, int] = dataclasses.field(default_factory=lambda: _STATE_PRODUCTS_BF16)
+    dq_scores_split: bool = True
+    dq_scores_split_per_key: bool = False
+    dq_factor_f32: bool = False
     resets: bool = False
 
     def __post_init__(self):
@@ -122,7 +135,8 @@ class LinearKernelOptions:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"LinearKernelOptions.{name} must be None or a positive int, got {value!r}")
-        for name in ("keep_gate_operands", "gate_grad_f32_state", "resets"):
+        for name in ("keep_gate_operands", "gate_grad_f32_state", "dq_scores_split", "dq_scores_split_per_key",
+                     "dq_factor_f32", "resets"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"LinearKernelOptions.{name} must be True or False, got {getattr(self, name)!r}")
         config = _configs(self.config, "config")
@@ -153,6 +167,16 @@ class LinearKernelOptions:
         test splits K and V over several programs as a GPU's tiling does."""
         tiles = {k: LaunchConfig(block, 4, 2) for k in KERNELS}
         return dataclasses.replace(self, config=tiles, config_per_key={}, config_f32={})
+
+    def with_per_key_dq_split(self) -> LinearKernelOptions:
+        """Per-key gates' dq with its intra-chunk scores as two halves (dq_scores_split_per_key), with the per-key
+        dq kernel at 8 warps and its state products as two bf16 halves: the settings under which that kernel
+        compiles without spills at head dims 128 on Triton 3.6 (at 4 warps and tf32 state products it spilled)."""
+        dq = self.launch_config("dq", per_key=True)
+        return dataclasses.replace(
+            self, dq_scores_split_per_key=True,
+            config_per_key={**self.config_per_key, "dq": LaunchConfig(dq.block, 8, dq.num_stages)},
+            state_products_bf16={**self.state_products_bf16, (3, "dq"): 2})
 
 
 DEFAULT = LinearKernelOptions()

@@ -22,9 +22,10 @@ Decay kinds (log space, ≤ 0), as a constexpr GATE: 0 none, 1 g_gamma `[H]`, 2 
 3 g `[B, T, H, K]`. Per-key gates factor the decay inside a chunk, exp(b_t − b_s) = exp(b_t − c)·exp(c − b_s)
 (b the chunk-local cumulative gate, c a reference per key), so the scores are matmuls. A pre-pass,
 `_gate_operands_kernel`, writes the decayed operands once per call: qd = q⊙exp(b) and kd = k⊙exp(b_C − b)
-(b_C the chunk total), the chunk totals, and for the backward the factors exp(b) (dq's) and exp(b_C − b) (dk's),
-in q's dtype. The key side of the scores, kn = k⊙exp(−b), is kd times a per-key scale exp(−b_C), so the main
-kernels build it from kd as they load it (_level0_keys) and it is neither written nor read (a pass over q's size
+(b_C the chunk total), the chunk totals, and for the backward the factors exp(b) (dq's; float32 with
+options.dq_factor_f32) and exp(b_C − b) (dk's), in q's dtype. The key side of the scores, kn = k⊙exp(−b), is kd
+times a per-key scale exp(−b_C), so the main kernels build it from kd as they load it (_level0_keys; the
+backward's dq and dk kernels apply the scale in float32) and it is neither written nor read (a pass over q's size
 fewer in the pre-pass and in each main kernel). A forward that a backward follows keeps them all
 (options.keep_gate_operands), so the backward runs no pre-pass of its own; in SP the state pass's kd goes on to the output pass. The main kernels
 then read them as the no-decay kernels read q and k, with no `[C, K]` gate tile, cumulative sum or exps of
@@ -81,7 +82,7 @@ from longscan.kernels.linear_attention.triton.fwd import run_forward, run_prefix
 from longscan.kernels.linear_attention.triton.gates import _gate_operands
 from longscan.kernels.linear_attention.triton.levels import _add_levels
 from longscan.kernels.linear_attention.triton.plan import (_bf16, _check, _gate, _in_bf16, _launch, _prec, _resets,
-                                                           _split, _state_products)
+                                                           _split, _split_scores, _state_products)
 from longscan.kernels.linear_attention.triton.records import ForwardRecord, StatePass
 from longscan.kernels.linear_attention.triton.state import _kv_states, _scan, _states
 
@@ -280,7 +281,7 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True,
     NC = triton.cdiv(T, C)
     run_dq(qx=qx, kx=kx, kdx=kdx, eqx=eqx, v=v, gx=gx, gg=gg, do=do, h0=h0, dq=dq, gq=gq, st=st, T=T, H=H,
            seg=seg, ns=ns, NC=NC, scale=scale, BK=BK, need_dg=need_dg, sf32=sf32["dq"], sprec=sprec["dq"],
-           dummy=dummy, common=common, cfg=cq)
+           split=_split_scores(GATE, q.dtype, need_dg, opts), dummy=dummy, common=common, cfg=cq)
     trace.emit("bwd_dq")
     if deferred:
         dht = _arrived(dht, q)

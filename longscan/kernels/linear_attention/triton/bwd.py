@@ -7,15 +7,16 @@ import triton
 import triton.language as tl
 
 from longscan.kernels.linear_attention.triton.common import (DG_RUN, _chunk_decays, _chunk_keys, _chunk_scales,
-                                                             _chunk_totals, _gate_chunk, _segment_program,
-                                                             _segment_state_tile, _state_dot, _state_unit)
+                                                             _chunk_totals, _gate_chunk, _scores_rest,
+                                                             _segment_program, _segment_state_tile, _state_dot,
+                                                             _state_unit)
 
 
 @triton.jit
 def _bwd_dq_kernel(q, k, kd, eq, v, g, gg, do, h0, dq, gq, st, T, H, SEG, NC, scale,
                    K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, C: tl.constexpr, GATE: tl.constexpr,
                    HAS_H0: tl.constexpr, STORE_ST: tl.constexpr, NEED_DG: tl.constexpr, SF32: tl.constexpr,
-                   PREC: tl.constexpr, SPREC: tl.constexpr, RESETS: tl.constexpr):
+                   PREC: tl.constexpr, SPREC: tl.constexpr, RESETS: tl.constexpr, SPLIT: tl.constexpr):
     """One (K-tile, batch·head, segment), walking forward from the state entering the segment (rows rk):
     dq = scale·(exp(b)⊙(do Sᵀ) + intra-chunk), and the q-side gate partial. Per key (GATE 3) the partial is
     written per key into gq; for scalar gates its sum over the tile goes to gq[..., ik]. With STORE_ST the
@@ -23,9 +24,14 @@ def _bwd_dq_kernel(q, k, kd, eq, v, g, gg, do, h0, dq, gq, st, T, H, SEG, NC, sc
     final-state gate term Σ_v S_T⊙dht from it once dht is there (so dht is not needed before this kernel).
 
     Per key, q, kd, eq and g are _gate_operands_kernel's qd, kd, eq and chunk totals (k is not read: level 0's keys
-    kn come from kd, _level0_keys). The gate partials multiply by the same bf16-rounded decayed operands (qd, kn,
-    kd) that built the other side's terms, so that q⊙dq − k⊙dk cancels as it does in exact arithmetic.
-    RESETS: g (GATE 2) may hold −inf, as in _fwd_kernel."""
+    kn come from kd). The gate partials multiply by the same decayed operands (qd, kn, kd) that built the other
+    side's terms, so that q⊙dq − k⊙dk cancels as it does in exact arithmetic. Level 0's keys kn = kd⊙e0 scale the
+    dot's columns, so e0 multiplies its float32 result (kn is not formed: rounding e0 and kn to bf16 were two of
+    dq's roundings), and the dk kernel's k-side partial takes kn as kd⊙e0 in float32 too.
+    SPLIT (gated kinds, bf16/fp16 inputs): the intra-chunk dot takes the causal scores as two halves in q's dtype
+    (hi + lo, _scores_rest), so dq misses only ~2^-16 of them; the gate partials keep hi alone, as the dk kernel
+    rounds them (plan._split_scores says where the dispatch sets it). RESETS: g (GATE 2) may hold −inf, as in
+    _fwd_kernel."""
     ik, nk, bh, js, ns, b, h = _segment_program(H)
     dt = q.dtype.element_ty
     rk = ik * BK + tl.arange(0, BK)
@@ -46,7 +52,9 @@ def _bwd_dq_kernel(q, k, kd, eq, v, g, gg, do, h0, dq, gq, st, T, H, SEG, NC, sc
         row = (b * T + t).to(tl.int64) * H + h
         if GATE == 3:
             bl = _chunk_totals(g, bh, t0, NC, rk, K, C)
-        bk, bkd = _chunk_keys(k, kd, g, row, m, bh, t0, NC, rk, K, C, GATE)
+            bkd = tl.load(kd + row[:, None] * K + rk[None, :], mask=m[:, None], other=0.0)
+        else:
+            bk, bkd = _chunk_keys(k, kd, g, row, m, bh, t0, NC, rk, K, C, GATE)
         bv = tl.load(v + row[:, None] * V + rv[None, :], mask=m[:, None], other=0.0)
         bdo = tl.load(do + row[:, None] * V + rv[None, :], mask=m[:, None], other=0.0)
         dA = tl.dot(bdo, tl.trans(bv), input_precision=PREC)        # [C(t), C(s)] = do_t·v_s
@@ -55,12 +63,16 @@ def _bwd_dq_kernel(q, k, kd, eq, v, g, gg, do, h0, dq, gq, st, T, H, SEG, NC, sc
             acc = inter + tl.dot(tl.where(causal, dA, 0.0).to(dt), bk, input_precision=PREC)
             S += tl.dot(tl.trans(bk), bv, input_precision=PREC)
         elif GATE == 3:
-            x = inter + tl.dot(tl.where(causal, dA, 0.0).to(dt), bk, input_precision=PREC)   # bk: kn
+            # dot(scores, kn) = dot(scores, kd)⊙e0: level 0's key scales applied in float32 (the docstring)
+            e0 = _chunk_scales(g, bh, t0, NC, rk, K, C)
+            x = inter + tl.dot(tl.where(causal, dA, 0.0).to(dt), bkd, input_precision=PREC) * e0[None, :]
             ptr = row[:, None] * K + rk[None, :]
-            acc = x * tl.load(eq + ptr, mask=m[:, None], other=0.0).to(tl.float32)   # level 0's query factor exp(b)
             if NEED_DG:
                 tl.store(gq + ptr, scale * tl.load(q + ptr, mask=m[:, None], other=0.0).to(tl.float32) * x,
                          mask=m[:, None])
+            if SPLIT:
+                x += tl.dot(_scores_rest(tl.where(causal, dA, 0.0), dt), bkd, input_precision=PREC) * e0[None, :]
+            acc = x * tl.load(eq + ptr, mask=m[:, None], other=0.0).to(tl.float32)   # level 0's query factor exp(b)
             S = S * tl.exp(bl)[:, None] + tl.dot(tl.trans(bkd), bv, input_precision=PREC)
         else:
             bq = tl.load(q + row[:, None] * K + rk[None, :], mask=m[:, None], other=0.0)
@@ -68,7 +80,8 @@ def _bwd_dq_kernel(q, k, kd, eq, v, g, gg, do, h0, dq, gq, st, T, H, SEG, NC, sc
             if GATE == 2 and RESETS:
                 # selecting only in the chunks that hold a reset (_chunk_decays)
                 d, eqc, ekc, es = _chunk_decays(gc, causal, False)
-                intra = tl.dot(tl.where(causal, dA * d, 0.0).to(dt), bk, input_precision=PREC)
+                dA = tl.where(causal, dA * d, 0.0)
+                intra = tl.dot(dA.to(dt), bk, input_precision=PREC)
             else:
                 # finite gates, in the order of the kernels before resets (which they compile to, ptx_diff.py)
                 bc, bl = tl.cumsum(gc, 0), tl.sum(gc, 0)
@@ -76,6 +89,8 @@ def _bwd_dq_kernel(q, k, kd, eq, v, g, gg, do, h0, dq, gq, st, T, H, SEG, NC, sc
                 intra = tl.dot(dA.to(dt), bk, input_precision=PREC)
                 eqc = tl.exp(bc)
             acc = inter * eqc[:, None] + intra
+            if SPLIT:
+                acc += tl.dot(_scores_rest(dA, dt), bk, input_precision=PREC)
             if NEED_DG:
                 qd = (bq * eqc[:, None]).to(dt)
                 part = tl.sum(qd.to(tl.float32) * inter + bq.to(tl.float32) * intra, 1)
@@ -172,7 +187,7 @@ def _bwd_dk_kernel(q, k, kd, ek, v, g, gg, do, dhe, hin, dk, gk, dg, term, dh0, 
                 # that dL/dA arrives in the in-thread layout _dg_suffix_sums needs. kd is loaded beside ek (a load
                 # is not moved above a store that may alias it), and dk is stored before the gate terms, with dL/dA
                 # taken off the loaded partial one term at a time: the orders that kept this kernel under the
-                # register limit. kn as the other kernels round it (_level0_keys).
+                # register limit. kn as the dq kernel takes it: kd⊙e0 in float32.
                 t3 = t0 + DG_RUN * rr[None, :] + ra[:, None]
                 m3 = (t3 < t_end)[:, :, None]
                 p3 = ((b * T + t3).to(tl.int64) * H + h)[:, :, None] * K + rk[None, None, :]
@@ -184,7 +199,7 @@ def _bwd_dk_kernel(q, k, kd, ek, v, g, gg, do, dhe, hin, dk, gk, dg, term, dh0, 
                 tl.store(dk + p3, (scale * (intra * (kdf * e0[None, None, :]) + inter * kdf)).to(dk.dtype.element_ty),
                          mask=m3)
                 d = tl.load(dg + p3, mask=m3, other=0.0)   # the q-side partial, then dL/dA
-                d -= scale * (bkd * e0.to(dt)[None, None, :]).to(tl.float32) * intra
+                d -= scale * (bkd.to(tl.float32) * e0[None, None, :]) * intra   # kn as the dq kernel takes it
                 d -= scale * bkd.to(tl.float32) * inter
                 sums, runs = _dg_suffix_sums(d, carry)
                 tl.store(dg + p3, sums, mask=m3)
@@ -295,15 +310,16 @@ def _bwd_dv_kernel(q, k, kd, g, gg, do, dhe, dv, T, H, SEG, NC, scale,
 
 
 def run_dq(*, qx, kx, kdx, eqx, v, gx, gg, do, h0, dq, gq, st, T, H, seg, ns, NC, scale, BK, need_dg, sf32, sprec,
-           dummy, common, cfg):
-    """Launch _bwd_dq_kernel over (K-tiles, batch·heads, segments)."""
+           split, dummy, common, cfg):
+    """Launch _bwd_dq_kernel over (K-tiles, batch·heads, segments); split: the intra-chunk scores as two halves
+    (the kernel's SPLIT)."""
     B_H = dq.shape[0] * H
     nk = qx.shape[-1] // BK
     _bwd_dq_kernel[(nk, B_H, ns)](qx, kx, kdx, eqx, v, gx, gg, do, h0 if h0 is not None else dummy, dq,
                                   gq if gq is not None else dummy, st if st is not None else dummy,
                                   T, H, seg, NC, scale,
                                   BK=BK, HAS_H0=h0 is not None, STORE_ST=st is not None, NEED_DG=need_dg,
-                                  SF32=sf32, SPREC=sprec, **common, **cfg)
+                                  SF32=sf32, SPREC=sprec, SPLIT=split, **common, **cfg)
 
 
 def run_dk(*, qx, kx, kdx, ekx, v, gx, gg, do, dhe, hin, dk, gk, dg, term, dh0, T, H, seg, ns, NC, scale, BK,

@@ -175,10 +175,17 @@ def _level0_factor(bc, bl):
 def _level0_keys(bkd, e0, dt: tl.constexpr):
     """Level 0's keys kn = k⊙kf `[C, BK]` in dtype dt from the pre-pass's kd = k⊙exp(b_C − b) (bkd, in dt) and the
     chunk's level-0 scales e0 `[BK]` (_chunk_scales), multiplied in dt (bf16: packed pairs, no conversions; the
-    scale rounded to dt costs 2^-9 relative per key, as rounding kn did). Every main kernel rounds them the same
-    way, so the gate partials of the dq and dk kernels multiply by the very keys that built the other side's
-    terms (the dq kernel's docstring)."""
+    scale rounded to dt costs 2^-9 relative per key, as rounding kn did): the forward's and the dv kernel's. The
+    backward's dq and dk kernels, whose gate partials must cancel, take kn as kd times e0 in float32 instead (the
+    dq kernel's docstring)."""
     return bkd * e0.to(dt)[None, :]
+
+
+@triton.jit
+def _scores_rest(s, dt: tl.constexpr):
+    """What rounding the float32 scores s `[C, C]` to dt leaves, in dt: s ≈ s.to(dt) + _scores_rest(s, dt) to
+    ~2^-16 relative for bf16, so a second dot with it takes the scores in about float32 precision."""
+    return (s - s.to(dt).to(tl.float32)).to(dt)
 
 
 @triton.jit

@@ -22,11 +22,12 @@ def _gate_operands_kernel(q, k, g, qd, kd, eq, ek, gl, steep, steep_chunks, T, H
     forward and kept its chunks at 32 tokens, where Triton compiles the dots to mma.sync rather than wgmma).
     Writes, in q's layout and dtype, with b the chunk-local inclusive cumulative gate: qd = q⊙exp(b) (with HAS_Q)
     and kd = k⊙exp(b_C − b) (with STORE_KD; the main kernels build level 0's keys from it, _level0_keys); with
-    STORE_F the factors themselves, eq = exp(b) and ek = exp(b_C − b) (the backward's output factors, dq's and
-    dk's); gl `[B·H, NC, 2, K]` float32, the chunk totals b_C and level 0's key scales exp(min(−b_C, LEVEL_SPAN))
-    (_level0_keys); and marks the chunk's segment in steep `[B·H, NS]` when a key falls to −LEVEL_SPAN inside it
-    (_levels_kernel then visits it). With RESETS (g may hold −inf) it also marks a chunk where a key resets, and
-    every marked chunk in steep_chunks `[B·H, NC]` (None without RESETS: the kernel then has no such argument)."""
+    STORE_F the factors themselves, eq = exp(b) (in eq's dtype) and ek = exp(b_C − b) (the backward's output
+    factors, dq's and dk's); gl `[B·H, NC, 2, K]` float32, the chunk totals b_C and level 0's key scales
+    exp(min(−b_C, LEVEL_SPAN)) (_level0_keys); and marks the chunk's segment in steep `[B·H, NS]` when a key
+    falls to −LEVEL_SPAN inside it (_levels_kernel then visits it). With RESETS (g may hold −inf) it also marks a
+    chunk where a key resets, and every marked chunk in steep_chunks `[B·H, NC]` (None without RESETS: the kernel
+    then has no such argument)."""
     # One flat axis, K-tiles fastest, then batch·heads, then chunks: the programs that run together read whole
     # token rows of q, k and g (4 KB at 16 heads × 128 keys), not one head's slice of many rows (chunks fastest:
     # was slower where one head's chunks alone filled the GPU).
@@ -104,9 +105,11 @@ def _gate_operands(q, k, g, C, seg, ns, opts: LinearKernelOptions, kd=None, fact
     B, T, H, K = x.shape
     NC = triton.cdiv(T, C)
     f32 = dict(device=x.device, dtype=torch.float32)
+    # the query factor in float32 with opts.dq_factor_f32 (the kernels load and store either dtype)
     ops = _GateOperands(torch.empty_like(q) if q is not None else None,
                         kd if kd is not None else (torch.empty_like(k) if k is not None else None),
-                        torch.empty_like(q) if factors else None,
+                        torch.empty_like(q, dtype=torch.float32 if opts.dq_factor_f32 else q.dtype) if factors
+                        else None,
                         torch.empty_like(q) if factors else None,
                         torch.empty(B * H, NC, 2, K, **f32),
                         torch.zeros(B * H, ns, device=x.device, dtype=torch.int32),

@@ -72,6 +72,19 @@ def _state_products(name, GATE, dtype, need_dg, opts: LinearKernelOptions) -> in
     return opts.state_products_bf16.get((GATE, name), 1) if dtype == torch.bfloat16 else 1
 
 
+def _split_scores(GATE, dtype, need_dg, opts: LinearKernelOptions) -> bool:
+    """The dq kernel's SPLIT, its intra-chunk scores as two halves in the inputs' dtype: per-key gates with
+    opts.dq_scores_split_per_key; the scalar decays with opts.dq_scores_split where the gate gradient is not asked
+    for (the constant decay of lightning attention among them), where the second dot compiles without spills on
+    Triton 3.6 (with the gate gradient the scalar gate's dq kernel spilled more: kernel_resources.py). float32
+    inputs take the scores whole."""
+    if dtype == torch.float32 or not GATE:
+        return False
+    if GATE == 3:
+        return opts.dq_scores_split_per_key
+    return opts.dq_scores_split and not need_dg
+
+
 def _prec(x) -> str:
     # float32 inputs get true float32 products (tf32 would cost ~3e-4 relative error).
     return "ieee" if x.dtype == torch.float32 else "tf32"

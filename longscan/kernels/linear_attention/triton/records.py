@@ -10,7 +10,8 @@ import torch
 @dataclasses.dataclass(frozen=True)
 class _GateOperands:
     """Per-key gates: what _gate_operands_kernel wrote for one call. qd, kd like q / k (None where not asked
-    for); the backward's factors eq = exp(b), ek = exp(b_C − b) like q, or None; totals `[B·H, NC, 2, K]` float32
+    for); the backward's factors eq = exp(b), ek = exp(b_C − b) like q (eq float32 with
+    options.dq_factor_f32), or None; totals `[B·H, NC, 2, K]` float32
     (the chunk totals and level 0's key scales, _chunk_totals and _chunk_scales); steep `[B·H, ns]` int32 marks
     of the segments where a key falls steeply (or resets), and, where g may hold resets (options.resets),
     steep_chunks `[B·H, NC]` int32 marks of such chunks (else None)."""
