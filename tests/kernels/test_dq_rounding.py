@@ -56,8 +56,9 @@ import json
 from benchmarks.tuning.kernel_resources import Case, compile_case, constants, ptxas_report
 from longscan.kernels.linear_attention import LinearKernelOptions
 split = LinearKernelOptions().with_per_key_dq_split()
-cases = {"g_gamma dq states": (Case("dq", 1, states=True), LinearKernelOptions()),
-         "g dq no dg": (Case("dq", 2, need_dg=False), LinearKernelOptions()),
+scalar_split = LinearKernelOptions(dq_scores_split=True)
+cases = {"g_gamma dq states": (Case("dq", 1, states=True), scalar_split),
+         "g dq no dg": (Case("dq", 2, need_dg=False), scalar_split),
          "gk dq": (Case("dq", 3), LinearKernelOptions()),
          "gk dq split states": (Case("dq", 3, states=True), split)}
 out = {}
@@ -72,8 +73,8 @@ print(json.dumps(out))
 
 @pytest.mark.parametrize("triton_dir", TRITON_DIRS)
 def test_changed_dq_kernels_compile_for_hopper_without_spills(triton_dir):
-    """The dq kernels whose roundings changed, as the dispatch launches them at bf16, head dims 128: the constant
-    decay's (split scores, with states), the scalar gate's without dg (split scores), the per-key one with dg
+    """The dq kernels whose roundings changed, as the dispatch launches them at bf16, head dims 128: with
+    dq_scores_split the constant decay's (split scores, with states) and the scalar gate's without dg, the per-key one with dg
     (level 0's keys in float32) and that one with LinearKernelOptions.with_per_key_dq_split() (split scores at 8
     warps, with states)."""
     assert_compiled_without_spills(_COMPILE, kernels=4, first_on_path=triton_dir)
@@ -106,11 +107,11 @@ def _dq_errors(decay, options, need_dg, seed, T=1000, K=128):
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("decay,need_dg,base,better", [
     ("g_per_key", True, LinearKernelOptions(), LinearKernelOptions(dq_factor_f32=True).with_per_key_dq_split()),
-    ("g_gamma", False, LinearKernelOptions(dq_scores_split=False), LinearKernelOptions()),
-    ("g_scalar", False, LinearKernelOptions(dq_scores_split=False), LinearKernelOptions())])
+    ("g_gamma", False, LinearKernelOptions(), LinearKernelOptions(dq_scores_split=True)),
+    ("g_scalar", False, LinearKernelOptions(), LinearKernelOptions(dq_scores_split=True))])
 def test_gpu_fewer_roundings_give_a_smaller_dq_error(decay, need_dg, base, better):
     """On bf16 inputs the settings with fewer roundings (per key: the scores split and the query factor in
-    float32; the scalar decays without dg: the scores split, the default) give a smaller dq error, summed over
+    float32; the scalar decays without dg: the scores split) give a smaller dq error, summed over
     seeds, than the settings without, and both stay at bf16's level."""
     errs = [_dq_errors(decay, (base, better), need_dg, seed) for seed in range(4)]
     assert all(e < 1e-2 for pair in errs for e in pair), errs
@@ -141,15 +142,16 @@ def test_accuracy_script_runs_an_options_value_beside_the_defaults(tmp_path):
 
 def test_dq_options_validate_and_reach_the_dispatch():
     """The dq fields take booleans only (TypeError naming the field); the dq kernel's SPLIT follows them: the
-    scalar decays without dg by default, per key only with dq_scores_split_per_key, never for float32 inputs."""
+    scalar decays without dg with dq_scores_split, per key only with dq_scores_split_per_key, never for float32 inputs."""
     from longscan.kernels.linear_attention.triton.plan import _split_scores
     for name in ("dq_scores_split", "dq_scores_split_per_key", "dq_factor_f32"):
         with pytest.raises(TypeError, match=f"LinearKernelOptions.{name} must be True or False"):
             LinearKernelOptions(**{name: 1})
     d, bf = LinearKernelOptions(), torch.bfloat16
-    assert [_split_scores(g, bf, False, d) for g in (0, 1, 2, 3)] == [False, True, True, False]
-    assert not _split_scores(2, bf, True, d) and not _split_scores(1, torch.float32, False, d)
-    assert not _split_scores(1, bf, False, LinearKernelOptions(dq_scores_split=False))
+    split = LinearKernelOptions(dq_scores_split=True)
+    assert [_split_scores(g, bf, False, split) for g in (0, 1, 2, 3)] == [False, True, True, False]
+    assert not _split_scores(2, bf, True, split) and not _split_scores(1, torch.float32, False, split)
+    assert not any(_split_scores(g, bf, False, d) for g in (0, 1, 2, 3))
     per_key = d.with_per_key_dq_split()
     assert _split_scores(3, bf, True, per_key) and _split_scores(3, torch.float16, False, per_key)
     assert per_key.state_products_bf16[(3, "dq")] == 2 and per_key.launch_config("dk", True) == d.launch_config(
