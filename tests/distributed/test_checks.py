@@ -10,7 +10,6 @@ import torch
 from harness import rel_err, run_distributed
 from linear_cases import make_inputs
 from longscan.kernels.linear_attention import naive_recurrent_linear_attention
-from longscan.kernels.delta_rule.triton import DeltaTritonOptions
 from longscan.kernels.linear_attention import LinearKernelOptions
 from longscan.parallel import delta_rule_attention, linear_attention, shard
 from longscan.parallel.softmax import softmax_attention
@@ -25,6 +24,9 @@ def _outcome(fn):
 
 
 def worker(rank, world):
+    # imported here: importing Triton kernel modules at collection would decorate them before tests/kernels
+    # sets TRITON_INTERPRET
+    from longscan.kernels.delta_rule.triton import DeltaTritonOptions
     x = make_inputs("g_scalar", 1, 16, 2, 4, 4, torch.float32, seed=11)
     q, k, v, g, h0 = (shard(x[n], 1) if n in "qkvg" else x[n] for n in ("q", "k", "v", "g", "initial_state"))
     sq = torch.randn(1, 8, 4, 4, generator=torch.Generator().manual_seed(3))
