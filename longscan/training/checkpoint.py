@@ -151,10 +151,13 @@ def training_state(model, optimizer, step: int, tp_rank: int, rank: int, materia
     return state
 
 
-def state_is_finite(state: dict) -> bool:
-    """True when every floating tensor of ``state`` is finite on every rank (collective)."""
-    bad = any(v.is_floating_point() and not bool(torch.isfinite(v).all()) for v in state.values())
-    flag = torch.tensor([1 if bad else 0], dtype=torch.int32)
+def state_is_finite(state: dict, device: torch.device | str = "cpu") -> bool:
+    """True when every floating tensor of ``state`` is finite on every rank (collective). device: where the
+    flag is reduced, the process group's device (CUDA under NCCL, which takes no CPU tensors)."""
+    finite = [torch.isfinite(v).all().to(device) for v in state.values() if v.is_floating_point()]
+    flag = torch.zeros(1, dtype=torch.int32, device=device)
+    if finite:   # one host read for the whole state, not one per tensor
+        flag += (~torch.stack(finite).all()).to(torch.int32)
     if dist.is_initialized():
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return not bool(flag.item())

@@ -312,7 +312,7 @@ class Trainer:
         not finite. Until a step run from the new checkpoint is finite, the previous one is kept too."""
         self.activity = f"checkpoint save at step {self.step}"
         state = ckpt.training_state(self.model, self.optimizer, self.step, self.ranks.tp_rank, self.ranks.rank)
-        if not ckpt.state_is_finite(state):
+        if not ckpt.state_is_finite(state, self.device):
             if self.ranks.rank == 0:
                 print(f"longscan train: checkpoint at step {self.step} not written: the parameters or optimizer "
                       "state are not finite", flush=True)
