@@ -104,11 +104,20 @@ def world_cases(rank, world, group):
         torch_chunk.segment_transition = orig
     results["transitions"] = len(transitions)
     if world == TRITON_WORLD:   # the interpreter is slow: a few cases at one world size
-        from longscan.kernels.delta_rule.triton import DeltaTritonOptions
+        from longscan.kernels.delta_rule.triton import DeltaTritonOptions, wy, wy_relay
         for layout, kind, path in TRITON_CASES:
-            results[("triton", layout, kind, path)] = case(
-                rank, world, layout, kind, torch.float32, True, 2, TRITON_DIMS, TRITON_T_LOCAL, "triton",
-                DeltaTritonOptions(path=path), group)
+            # which kernels run: path="wy" prepares each segment once (not once a block) and never runs the
+            # whole-sequence wy kernel; the float32 path runs the backend's forward once a block
+            calls = {"prepare": 0, "scan": 0}
+            prepare, scan = wy_relay.wy_prepare, wy.DeltaRuleWY.apply
+            wy_relay.wy_prepare = lambda *a, **kw: calls.update(prepare=calls["prepare"] + 1) or prepare(*a, **kw)
+            wy.DeltaRuleWY.apply = lambda *a: calls.update(scan=calls["scan"] + 1) or scan(*a)
+            try:
+                errs = case(rank, world, layout, kind, torch.float32, True, 2, TRITON_DIMS, TRITON_T_LOCAL, "triton",
+                            DeltaTritonOptions(path=path), group)
+            finally:
+                wy_relay.wy_prepare, wy.DeltaRuleWY.apply = prepare, scan
+            results[("triton", layout, kind, path)] = errs, calls
     return results
 
 
@@ -165,10 +174,12 @@ def test_relay_on_the_triton_backend(relay_results, layout, kind, path):
     pytest.importorskip("triton")
     if len(relay_results) != TRITON_WORLD:
         pytest.skip(f"run with W = {TRITON_WORLD} only")
+    n_local = 2 if layout == "zigzag" else 1
     for rank, res in enumerate(relay_results):
-        errs = res[("triton", layout, kind, path)]
+        errs, calls = res[("triton", layout, kind, path)]
         assert set(errs) == expected_keys(kind, True)
         assert max(errs.values()) <= 1e-4, f"rank {rank}: {errs}"
+        assert calls == ({"prepare": n_local, "scan": 0} if path == "wy" else {"prepare": 0, "scan": 0}), calls
 
 
 @pytest.mark.parametrize("kwargs, message", [

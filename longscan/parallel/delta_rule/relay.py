@@ -28,6 +28,7 @@ from typing import Protocol
 import torch
 
 from longscan.distributed.chain import blocks, chain_scan
+from longscan.kernels.delta_rule import TRITON_BACKEND
 from longscan.parallel.delta_rule.common import DeltaSPContext
 from longscan.parallel.linear.common import all_reduce_sum, broadcast_from
 
@@ -191,6 +192,12 @@ class StateRelay(torch.autograd.Function):
 def make_stages(sp: DeltaSPContext, q, k, v, beta, g, keep: bool) -> RelayStages:
     """The local pass for this call: the wy kernels' stages where the Triton backend runs path="wy", else the
     backend's public forward under autograd."""
+    if sp.impl.__name__ == TRITON_BACKEND:   # importable: the context resolved the backend to it
+        from longscan.kernels.delta_rule.triton import DeltaTritonOptions
+        from longscan.kernels.delta_rule.triton.wy_relay import WYRelay
+        options = (sp.options if sp.options is not None else DeltaTritonOptions()).resolved(k.dtype)
+        if options.path == "wy":
+            return WYRelay(q, k, v, beta, g, sp.scale, sp.n_local, options, keep)
     return AutogradStages(sp, q, k, v, beta, g, keep)
 
 
