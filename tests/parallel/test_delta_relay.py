@@ -103,6 +103,13 @@ def world_cases(rank, world, group):
     finally:
         torch_chunk.segment_transition = orig
     results["transitions"] = len(transitions)
+    if world == 2:   # ranks asking for different transitions: the same error on both, before any chain
+        x = make_inputs("gated", 1, 8, 1, 4, 4, torch.float32, seed=0)
+        try:
+            delta_rule_attention(**x, group=group, transition="relay" if rank else "matrix")
+            results["mismatch"] = None
+        except ValueError as e:
+            results["mismatch"] = f"{type(e).__name__}: {e}"
     if world == TRITON_WORLD:   # the interpreter is slow: a few cases at one world size
         from longscan.kernels.delta_rule.triton import DeltaTritonOptions, wy, wy_relay
         for layout, kind, path in TRITON_CASES:
@@ -180,6 +187,16 @@ def test_relay_on_the_triton_backend(relay_results, layout, kind, path):
         assert set(errs) == expected_keys(kind, True)
         assert max(errs.values()) <= 1e-4, f"rank {rank}: {errs}"
         assert calls == ({"prepare": n_local, "scan": 0} if path == "wy" else {"prepare": 0, "scan": 0}), calls
+
+
+def test_differing_transitions_raise_the_same_error_on_every_rank(relay_results):
+    if len(relay_results) != 2:
+        pytest.skip("run with W = 2 only")
+    messages = [res["mismatch"] for res in relay_results]
+    assert messages[0] is not None and messages[0] == messages[1], messages
+    assert messages[0].startswith("CrossRankMismatch: ")
+    assert "transition must be equal on every rank of the SP group: 'matrix' on rank 0; 'relay' on rank 1" in \
+        messages[0], messages[0]
 
 
 @pytest.mark.parametrize("kwargs, message", [
