@@ -4,12 +4,13 @@ depend on v formed once.
 
 Per local segment, before the chain: ``wy_prepare`` once (P, W, and for per-key gates K̄, Q̃, exp(b_C); U =
 P Diag(β) V for every column at once: it needs no state). The chain then runs, for each block of columns,
-only the serial state pass (``wy_state_forward`` from the block's entering state: its leaving state goes on
-at once); the outputs (``wy_output``) run once the chain is through, over every column. Backward: the
-output's share of dv_n (``wy_dv_local``, no state needed) once, then per block along the reverse chain the
-serial pass (``wy_state_backward`` from the block's dS_out: dS_in goes on), and once the chain is through the
-parallel stages over every column (``wy_input_grads``). So the kernels' work is the plain kernel's; the
-blocks add only the copies that join them.
+only the serial state pass on those columns (``wy_state_forward_columns`` from the block's entering state,
+writing its columns of the V-wide HS and VN: its leaving state goes on at once); the outputs (``wy_output``)
+run once the chain is through, over every column. Backward: the output's share of dv_n (``wy_dv_local``, no
+state needed) once, then per block along the reverse chain the serial pass on its columns
+(``wy_state_backward_columns`` from the block's dS_out: dS_in goes on), and once the chain is through the
+parallel stages over every column (``wy_input_grads``). So the kernels' work is the plain kernel's, with no
+copy of a chunk quantity; only the block states the chain carries are reshaped.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from longscan.kernels.delta_rule.triton.wy_decay import gate_kind
 from longscan.kernels.delta_rule.triton.wy_grads import wy_dv_local, wy_input_grads
 from longscan.kernels.delta_rule.triton.wy_output import wy_output
 from longscan.kernels.delta_rule.triton.wy_prep import wy_prepare
-from longscan.kernels.delta_rule.triton.wy_state import wy_state_backward, wy_state_forward
+from longscan.kernels.delta_rule.triton.wy_state import wy_state_backward_columns, wy_state_forward_columns
 
 
 def _segment(x: torch.Tensor | None, n: int, slot: int) -> torch.Tensor | None:
@@ -43,9 +44,12 @@ class _Segment:
         self.bk = parallel_block_k(k.shape[-1], gate_kind(g))
         self.P, self.W, self.U, self.KB, self.QG, self.GC = wy_prepare(q, k, v, beta, g, block_k=self.bk,
                                                                        **_kw(options))
-        self.HS, self.VN = {}, {}     # per block (its first column): states entering each chunk, v_n
-        self.DHS, self.DVN = {}, {}   # the same for the backward
-        self.dv_local = self.do = None
+        B, _, H, K = k.shape
+        N = self.U.shape[2] // 64
+        # the states entering each chunk and v_n over every column; each block's pass writes its columns
+        self.HS = torch.empty(B, H, N, K, v.shape[-1], device=k.device, dtype=k.dtype)
+        self.VN = torch.empty_like(self.U)
+        self.DHS = self.DVN = self.dv_local = self.do = None   # the same for the backward
 
 
 class WYRelay:
@@ -68,16 +72,12 @@ class WYRelay:
 
     def forward_block(self, slot, c0, c1, S_in):
         seg = self.segments[slot]
-        U = seg.U[..., c0:c1].contiguous()
-        HS, VN, S_out = wy_state_forward(seg.k, seg.g, seg.KB, seg.GC, seg.W, U, S_in, **_state_kw(self.options))
-        seg.HS[c0], seg.VN[c0] = HS, VN
-        return S_out
+        return wy_state_forward_columns(seg.k, seg.g, seg.KB, seg.GC, seg.W, seg.U, S_in, seg.HS, seg.VN, c0, c1,
+                                        **_state_kw(self.options))
 
     def output(self):
         outs = []
         for seg in self.segments:
-            seg.HS = torch.cat([seg.HS[c] for c in sorted(seg.HS)], dim=-1)
-            seg.VN = torch.cat([seg.VN[c] for c in sorted(seg.VN)], dim=-1)
             outs.append(wy_output(seg.q, seg.k, seg.g, seg.HS, seg.VN, self.scale, block_k=seg.bk,
                                   **_kw(self.options)))
         if not self.keep:   # no backward: nothing to keep
@@ -91,20 +91,15 @@ class WYRelay:
                       _segment(dO.to(seg.k.dtype), self.n, slot))
             seg.dv_local = wy_dv_local(seg.q, seg.k, seg.g, seg.do, self.scale, V=seg.v.shape[-1], block_k=seg.bk,
                                        **_kw(self.options))
-        do = seg.do[..., c0:c1].contiguous()
-        dvl = seg.dv_local[..., c0:c1].contiguous()
-        DHS, DVN, dS_in = wy_state_backward(seg.q, seg.k, seg.g, seg.QG, seg.KB, seg.GC, seg.W, do, dvl, dS_out,
-                                            self.scale, V=c1 - c0, **_state_kw(self.options))
-        seg.DHS[c0], seg.DVN[c0] = DHS, DVN
-        return dS_in
+            seg.DHS, seg.DVN = torch.empty_like(seg.HS), torch.empty_like(seg.VN)
+        return wy_state_backward_columns(seg.q, seg.k, seg.g, seg.QG, seg.KB, seg.GC, seg.W, seg.do, seg.dv_local,
+                                         dS_out, seg.DHS, seg.DVN, c0, c1, self.scale, **_state_kw(self.options))
 
     def grads(self):
         parts = []
         for seg in self.segments:
-            DHS = torch.cat([seg.DHS[c] for c in sorted(seg.DHS)], dim=-1)
-            DVN = torch.cat([seg.DVN[c] for c in sorted(seg.DVN)], dim=-1)
             parts.append(wy_input_grads(seg.q, seg.k, seg.v, seg.beta, seg.g, seg.P, seg.W, seg.U, seg.HS, seg.VN,
-                                        DHS, DVN, seg.do, self.scale, block_k=seg.bk, **_kw(self.options)))
+                                        seg.DHS, seg.DVN, seg.do, self.scale, block_k=seg.bk, **_kw(self.options)))
         self.segments = []
         return tuple(None if dtype is None else _join([p[i] for p in parts], self.n).to(dtype)
                      for i, dtype in enumerate(self.dtypes))
