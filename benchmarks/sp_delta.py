@@ -15,9 +15,9 @@ For every (kind, B x T local shape, path) it times forward+backward (median of t
 and prints SP local / plain and relay / plain measured beside the ratios predicted by counting the products'
 multiply-adds (``predicted_ratio``, ``relay_predicted_ratio``, counted for path="wy"'s products): stage 3 is
 the plain kernel plus a state-sized load, so the matrix method's overhead is stage 1, a scan on [v | 0]
-(V + K columns) from [0 | I] without outputs; the relay on path="wy" runs the plain kernel's products (its
-copies that cut and join the blocks are not counted), on path="float32" the backend's forward and backward
-once a block. bf16 q, k, v (k L2-normalised), float32 β and log gates, as ``benchmarks/delta_rule.py``.
+(V + K columns) from [0 | I] without outputs; the relay on path="wy" runs the plain kernel's products (zigzag's
+copies of the two segments' inputs and outputs are not counted), on path="float32" the backend's forward and
+backward once a block. bf16 q, k, v (k L2-normalised), float32 β and log gates, as ``benchmarks/delta_rule.py``.
 """
 from __future__ import annotations
 
