@@ -50,37 +50,37 @@ def join(parts: list, n: int) -> torch.Tensor:
 
 
 class RelayStages(Protocol):
-    """One rank's local pass over its segments, a block of V columns at a time."""
+    """One rank's local pass over its segments (slot: local segment), a block of V columns at a time."""
 
     def forward_block(self, slot: int, c0: int, c1: int, S_in: torch.Tensor) -> torch.Tensor:
-        """Columns c0:c1 of local segment ``slot`` from S_in `[B, H, K, c1 - c0]` -> S_out (same shape)."""
+        """Columns c0:c1 of segment ``slot`` from S_in `[B, H, K, c1 - c0]` -> S_out (same shape)."""
 
-    def output(self) -> torch.Tensor:
-        """o `[B, T, H, V]` in q's dtype, once every block has run."""
+    def outputs(self) -> list:
+        """o `[B, T_seg, H, V]` of every segment, once every block has run."""
 
     def backward_block(self, slot: int, c0: int, c1: int, dO: torch.Tensor | None,
                        dS_out: torch.Tensor) -> torch.Tensor:
-        """Block c0:c1 of segment ``slot``'s backward from the output's gradient (every local token's, or None:
+        """Block c0:c1 of segment ``slot``'s backward from its output's gradient dO `[B, T_seg, H, V]` (None:
         zero) and dS_out `[B, H, K, c1 - c0]` -> dS_in (same shape)."""
 
-    def grads(self) -> tuple:
-        """(dq, dk, dv, dbeta, dg or None) of the local inputs, once every block's backward has run."""
+    def grads(self) -> list:
+        """(dq, dk, dv, dbeta, dg or None) of every segment, once every block's backward has run."""
 
 
 class AutogradStages:
     """A block's pass by the backend's public forward on v[..., c0:c1] from the block's entering state, under
-    autograd; each block's graph is kept for its backward (``keep``: gradients are wanted)."""
+    autograd; each block's graph is kept for its backward (``keep``: gradients are wanted).
+    segments: (q, k, v, beta, g) of each local segment."""
 
-    def __init__(self, sp: DeltaSPContext, q, k, v, beta, g, keep: bool):
-        self.sp, self.keep, n = sp, keep, sp.n_local
-        self.dtypes = tuple(x.dtype if x is not None else None for x in (q, k, v, beta, g))
+    def __init__(self, sp: DeltaSPContext, segments: list, keep: bool):
+        self.sp, self.keep = sp, keep
         leaf = (lambda x: x.detach().requires_grad_(keep) if x is not None else None)
-        self.inputs = [[leaf(segment(x, n, s)) for x in (q, k, beta, g)] for s in range(n)]
-        self.v = [segment(v, n, s).detach() for s in range(n)]
-        self.o = [torch.empty(self.v[s].shape, dtype=q.dtype, device=q.device) for s in range(n)]
+        self.inputs = [[leaf(x) for x in (q, k, beta, g)] for q, k, _, beta, g in segments]
+        self.v = [v.detach() for _, _, v, _, _ in segments]
+        self.o = [torch.empty(v.shape, dtype=q.dtype, device=q.device) for q, _, v, _, _ in segments]
         self.graphs: dict = {}
-        self.dv = [torch.zeros_like(self.v[s]) for s in range(n)]
-        self.sums: list = [[None] * 4 for _ in range(n)]   # dq, dk, dbeta, dg a segment, summed over blocks
+        self.dv = [torch.zeros_like(v) for v in self.v]
+        self.sums = [[None] * 4 for _ in segments]   # dq, dk, dbeta, dg a segment, summed over its blocks
 
     def forward_block(self, slot, c0, c1, S_in):
         q, k, beta, g = self.inputs[slot]
@@ -94,40 +94,30 @@ class AutogradStages:
             self.graphs[(slot, c0)] = (o, S_out, v, S_in)
         return S_out.detach()
 
-    def output(self):
-        return join(self.o, self.sp.n_local)
+    def outputs(self):
+        return self.o
 
     def backward_block(self, slot, c0, c1, dO, dS_out):
         o, S_out, v, S_in = self.graphs.pop((slot, c0))
-        do = torch.zeros_like(o) if dO is None else segment(dO, self.sp.n_local, slot)[..., c0:c1].to(o.dtype)
-        inputs = [x for x in self.inputs[slot] if x is not None] + [v, S_in]
-        grads = list(torch.autograd.grad((o, S_out), inputs, (do, dS_out.to(S_out.dtype)), allow_unused=True))
-        dS_in, dv = grads.pop(), grads.pop()
-        if dv is not None:
-            self.dv[slot][..., c0:c1] = dv
+        do = torch.zeros_like(o) if dO is None else dO[..., c0:c1].to(o.dtype)
+        given = [i for i, x in enumerate(self.inputs[slot]) if x is not None]
+        grads = torch.autograd.grad((o, S_out), [self.inputs[slot][i] for i in given] + [v, S_in],
+                                    (do, dS_out.to(S_out.dtype)), allow_unused=True)
+        if grads[-2] is not None:
+            self.dv[slot][..., c0:c1] = grads[-2]
         sums = self.sums[slot]
-        for i, x in enumerate(self.inputs[slot]):
-            if x is None:
-                continue
-            d = grads.pop(0)
+        for i, d in zip(given, grads):
             if d is not None:
                 sums[i] = d if sums[i] is None else sums[i] + d
-        return dS_in if dS_in is not None else torch.zeros_like(S_in)
+        return grads[-1] if grads[-1] is not None else torch.zeros_like(S_in)
 
     def grads(self):
-        n = self.sp.n_local
         out = []
-        for i, name_dtype in zip((0, 1, None, 2, 3), self.dtypes):
-            if name_dtype is None:
-                out.append(None)
-                continue
-            if i is None:
-                out.append(join(self.dv, n).to(name_dtype))
-                continue
-            parts = [self.sums[s][i] if self.sums[s][i] is not None else torch.zeros_like(self.inputs[s][i])
-                     for s in range(n)]
-            out.append(join(parts, n).to(name_dtype))
-        return tuple(out)
+        for inputs, sums, dv in zip(self.inputs, self.sums, self.dv):
+            dq, dk, dbeta, dg = (None if x is None else d if d is not None else torch.zeros_like(x)
+                                 for x, d in zip(inputs, sums))
+            out.append((dq, dk, dv, dbeta, dg))
+        return out
 
 
 def state_dtype(k: torch.Tensor) -> torch.dtype:
@@ -163,12 +153,14 @@ class StateRelay(torch.autograd.Function):
             final = broadcast_from(last, sp.last_owner, k.new_empty((B, H, K, V), dtype=dt), sp)
         ctx.sp, ctx.stages, ctx.cuts, ctx.output_final_state = sp, stages, cuts, output_final_state
         ctx.shape = shape
+        ctx.dtypes = tuple(x.dtype if x is not None else None for x in (q, k, v, beta, g))
         ctx.initial_dtype = initial.dtype if initial is not None else None
-        return stages.output(), final
+        return join(stages.outputs(), sp.n_local).to(q.dtype), final
 
     @staticmethod
     def backward(ctx, dO, dfinal):
         sp, stages, cuts = ctx.sp, ctx.stages, ctx.cuts
+        dOs = [segment(dO, sp.n_local, s) for s in range(sp.n_local)]
         dN = None
         if ctx.output_final_state and dfinal is not None:
             dN = all_reduce_sum(dfinal.to(ctx.shape.dtype), sp).movedim(-1, 0)
@@ -177,28 +169,31 @@ class StateRelay(torch.autograd.Function):
             for c0, c1 in cuts:
                 if x0 <= c0 and c1 <= x1:
                     dS_out = carry[c0 - x0:c1 - x0].movedim(0, -1)
-                    out[c0 - x0:c1 - x0] = stages.backward_block(slot, c0, c1, dO, dS_out).movedim(-1, 0)
+                    out[c0 - x0:c1 - x0] = stages.backward_block(slot, c0, c1, dOs[slot], dS_out).movedim(-1, 0)
         _, first = chain_scan(ctx.shape, sp.n_blocks, combine, sp.group, sp.layout, dN, True, KIND)
         d_initial = None
         if ctx.initial_dtype is not None:
             d_initial = (first.movedim(0, -1) if sp.rank == sp.first_owner else
                          ctx.shape.new_zeros(ctx.shape.shape[1:]).movedim(0, -1))
             d_initial = d_initial.to(ctx.initial_dtype).contiguous()
-        dq, dk, dv, dbeta, dg = stages.grads()
+        per_segment = stages.grads()
         ctx.stages = None
+        dq, dk, dv, dbeta, dg = (None if dtype is None else join([d[i] for d in per_segment], sp.n_local).to(dtype)
+                                 for i, dtype in enumerate(ctx.dtypes))
         return None, None, None, dq, dk, dv, dbeta, dg, d_initial
 
 
 def make_stages(sp: DeltaSPContext, q, k, v, beta, g, keep: bool) -> RelayStages:
     """The local pass for this call: the wy kernels' stages where the Triton backend runs path="wy", else the
     backend's public forward under autograd."""
+    segments = [tuple(segment(x, sp.n_local, s) for x in (q, k, v, beta, g)) for s in range(sp.n_local)]
     if sp.impl.__name__ == TRITON_BACKEND:   # importable: the context resolved the backend to it
         from longscan.kernels.delta_rule.triton import DeltaTritonOptions
         from longscan.kernels.delta_rule.triton.wy_relay import WYRelay
         options = (sp.options if sp.options is not None else DeltaTritonOptions()).resolved(k.dtype)
         if options.path == "wy":
-            return WYRelay(q, k, v, beta, g, sp.scale, sp.n_local, options, keep)
-    return AutogradStages(sp, q, k, v, beta, g, keep)
+            return WYRelay(segments, sp.scale, options, keep)
+    return AutogradStages(sp, segments, keep)
 
 
 def relay_delta_rule_sp(sp: DeltaSPContext, q, k, v, beta, g, initial_state, output_final_state):

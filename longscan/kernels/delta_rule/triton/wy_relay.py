@@ -17,23 +17,12 @@ from __future__ import annotations
 import torch
 
 from longscan.kernels.delta_rule.triton.options import DeltaTritonOptions
-from longscan.kernels.delta_rule.triton.wy import _kw, _state_kw, parallel_block_k
+from longscan.kernels.delta_rule.triton.wy import parallel_settings, serial_settings, parallel_block_k
 from longscan.kernels.delta_rule.triton.wy_decay import gate_kind
 from longscan.kernels.delta_rule.triton.wy_grads import wy_dv_local, wy_input_grads
 from longscan.kernels.delta_rule.triton.wy_output import wy_output
 from longscan.kernels.delta_rule.triton.wy_prep import wy_prepare
 from longscan.kernels.delta_rule.triton.wy_state import wy_state_backward_columns, wy_state_forward_columns
-
-
-def _segment(x: torch.Tensor | None, n: int, slot: int) -> torch.Tensor | None:
-    """Local segment ``slot`` of `[B, T, ...]` cut into n equal segments, contiguous."""
-    if x is None or n == 1:
-        return x if x is None else x.contiguous()
-    return x.reshape((x.shape[0], n, x.shape[1] // n) + tuple(x.shape[2:]))[:, slot].contiguous()
-
-
-def _join(parts: list, n: int) -> torch.Tensor:
-    return parts[0] if n == 1 else torch.stack(parts, dim=1).flatten(1, 2)
 
 
 class _Segment:
@@ -43,7 +32,7 @@ class _Segment:
         self.q, self.k, self.v, self.beta, self.g = q, k, v, beta, g
         self.bk = parallel_block_k(k.shape[-1], gate_kind(g))
         self.P, self.W, self.U, self.KB, self.QG, self.GC = wy_prepare(q, k, v, beta, g, block_k=self.bk,
-                                                                       **_kw(options))
+                                                                       **parallel_settings(options))
         B, _, H, K = k.shape
         N = self.U.shape[2] // 64
         # the states entering each chunk and v_n over every column; each block's pass writes its columns
@@ -53,53 +42,51 @@ class _Segment:
 
 
 class WYRelay:
-    """``RelayStages`` on path="wy" (``relay.RelayStages``): q, k, v, beta, g `[B, T, H, ...]` of the rank's
-    n_local segments; ``keep``: gradients are wanted (the chunk quantities stay for the backward)."""
+    """``RelayStages`` on path="wy" (``longscan.parallel.delta_rule.relay``): segments, (q, k, v, beta, g)
+    `[B, T_seg, H, ...]` of each of the rank's local segments; ``keep``: gradients are wanted (the chunk
+    quantities stay for the backward)."""
 
-    def __init__(self, q, k, v, beta, g, scale: float, n_local: int, options: DeltaTritonOptions, keep: bool):
+    def __init__(self, segments: list, scale: float, options: DeltaTritonOptions, keep: bool):
         if options.path != "wy":
             raise ValueError(f"WYRelay runs path='wy', got path={options.path!r}: pass options.resolved(k.dtype)")
-        _, T, H, K = k.shape
-        V = v.shape[-1]
-        if T * H * max(K, V) >= 2 ** 31:   # the serial kernels' offsets inside a sequence are int32
-            raise ValueError(f"path='wy' takes T·H·max(K, V) below 2³¹ a sequence, got T={T}, H={H}, K={K}, V={V}")
-        self.scale, self.n, self.options, self.keep = scale, n_local, options, keep
-        self.dtypes = tuple(x.dtype if x is not None else None for x in (q, k, v, beta, g))
-        dt = k.dtype
-        self.segments = [_Segment(_segment(q.to(dt), n_local, s), _segment(k, n_local, s),
-                                  _segment(v.to(dt), n_local, s), _segment(beta, n_local, s),
-                                  _segment(g, n_local, s), options) for s in range(n_local)]
+        self.scale, self.options, self.keep = scale, options, keep
+        self.segments = []
+        for q, k, v, beta, g in segments:
+            _, T, H, K = k.shape
+            V = v.shape[-1]
+            if T * H * max(K, V) >= 2 ** 31:   # the serial kernels' offsets inside a sequence are int32
+                raise ValueError(f"path='wy' takes T·H·max(K, V) below 2³¹ a sequence, got T={T}, H={H}, K={K}, "
+                                 f"V={V}")
+            # q and v in k's dtype (the products' operands), as ``wy.DeltaRuleWY`` takes them
+            self.segments.append(_Segment(q.to(k.dtype).contiguous(), k.contiguous(), v.to(k.dtype).contiguous(),
+                                          beta.contiguous(), g.contiguous() if g is not None else None, options))
 
     def forward_block(self, slot, c0, c1, S_in):
         seg = self.segments[slot]
         return wy_state_forward_columns(seg.k, seg.g, seg.KB, seg.GC, seg.W, seg.U, S_in, seg.HS, seg.VN, c0, c1,
-                                        **_state_kw(self.options))
+                                        **serial_settings(self.options))
 
-    def output(self):
-        outs = []
-        for seg in self.segments:
-            outs.append(wy_output(seg.q, seg.k, seg.g, seg.HS, seg.VN, self.scale, block_k=seg.bk,
-                                  **_kw(self.options)))
+    def outputs(self):
+        outs = [wy_output(seg.q, seg.k, seg.g, seg.HS, seg.VN, self.scale, block_k=seg.bk, **parallel_settings(self.options))
+                for seg in self.segments]
         if not self.keep:   # no backward: nothing to keep
             self.segments = []
-        return _join(outs, self.n).to(self.dtypes[0])
+        return outs
 
     def backward_block(self, slot, c0, c1, dO, dS_out):
         seg = self.segments[slot]
         if seg.dv_local is None:   # the output's share of dv_n: every column at once, before the first block
             seg.do = (torch.zeros(seg.v.shape, device=seg.v.device, dtype=seg.k.dtype) if dO is None else
-                      _segment(dO.to(seg.k.dtype), self.n, slot))
+                      dO.to(seg.k.dtype).contiguous())
             seg.dv_local = wy_dv_local(seg.q, seg.k, seg.g, seg.do, self.scale, V=seg.v.shape[-1], block_k=seg.bk,
-                                       **_kw(self.options))
+                                       **parallel_settings(self.options))
             seg.DHS, seg.DVN = torch.empty_like(seg.HS), torch.empty_like(seg.VN)
         return wy_state_backward_columns(seg.q, seg.k, seg.g, seg.QG, seg.KB, seg.GC, seg.W, seg.do, seg.dv_local,
-                                         dS_out, seg.DHS, seg.DVN, c0, c1, self.scale, **_state_kw(self.options))
+                                         dS_out, seg.DHS, seg.DVN, c0, c1, self.scale, **serial_settings(self.options))
 
     def grads(self):
-        parts = []
-        for seg in self.segments:
-            parts.append(wy_input_grads(seg.q, seg.k, seg.v, seg.beta, seg.g, seg.P, seg.W, seg.U, seg.HS, seg.VN,
-                                        seg.DHS, seg.DVN, seg.do, self.scale, block_k=seg.bk, **_kw(self.options)))
+        out = [wy_input_grads(seg.q, seg.k, seg.v, seg.beta, seg.g, seg.P, seg.W, seg.U, seg.HS, seg.VN, seg.DHS,
+                              seg.DVN, seg.do, self.scale, block_k=seg.bk, **parallel_settings(self.options))
+               for seg in self.segments]
         self.segments = []
-        return tuple(None if dtype is None else _join([p[i] for p in parts], self.n).to(dtype)
-                     for i, dtype in enumerate(self.dtypes))
+        return out
