@@ -67,8 +67,8 @@ class WYRelay:
                                         **serial_settings(self.options))
 
     def outputs(self):
-        outs = [wy_output(seg.q, seg.k, seg.g, seg.HS, seg.VN, self.scale, block_k=seg.bk, **parallel_settings(self.options))
-                for seg in self.segments]
+        outs = [wy_output(seg.q, seg.k, seg.g, seg.HS, seg.VN, self.scale, block_k=seg.bk,
+                          **parallel_settings(self.options)) for seg in self.segments]
         if not self.keep:   # no backward: nothing to keep
             self.segments = []
         return outs
