@@ -135,8 +135,9 @@ class StateRelay(torch.autograd.Function):
         V = v.shape[-1]
         dt = state_dtype(k)
         cuts = blocks(V, sp.n_blocks)
-        # the chain's carries are V-major `[V, B, H, K]`: a block of columns is one contiguous buffer
-        shape = torch.empty(sp.n_local, V, B, H, K, dtype=dt, device=k.device)
+        # the chain's carries are V-major `[V, B, H, K]` (a block of columns is one contiguous buffer); ``like``
+        # gives the chain their shape and dtype
+        like = torch.empty(sp.n_local, V, B, H, K, dtype=dt, device=k.device)
 
         def combine(slot, x0, x1, carry, out):
             # every block on its own, also where the chain combines the whole range at once (its ends):
@@ -146,13 +147,13 @@ class StateRelay(torch.autograd.Function):
                     S_in = carry[c0 - x0:c1 - x0].movedim(0, -1)
                     out[c0 - x0:c1 - x0] = stages.forward_block(slot, c0, c1, S_in).movedim(-1, 0)
         init = None if initial is None else initial.to(dt).movedim(-1, 0)
-        _, last = chain_scan(shape, sp.n_blocks, combine, sp.group, sp.layout, init, False, KIND)
+        _, last = chain_scan(like, sp.n_blocks, combine, sp.group, sp.layout, init, False, KIND)
         final = None
         if output_final_state:
             last = None if last is None else last.movedim(0, -1).contiguous()
             final = broadcast_from(last, sp.last_owner, k.new_empty((B, H, K, V), dtype=dt), sp)
         ctx.sp, ctx.stages, ctx.cuts, ctx.output_final_state = sp, stages, cuts, output_final_state
-        ctx.shape = shape
+        ctx.like = like
         ctx.dtypes = tuple(x.dtype if x is not None else None for x in (q, k, v, beta, g))
         ctx.initial_dtype = initial.dtype if initial is not None else None
         return join(stages.outputs(), sp.n_local).to(q.dtype), final
@@ -163,18 +164,18 @@ class StateRelay(torch.autograd.Function):
         dOs = [segment(dO, sp.n_local, s) for s in range(sp.n_local)]
         dN = None
         if ctx.output_final_state and dfinal is not None:
-            dN = all_reduce_sum(dfinal.to(ctx.shape.dtype), sp).movedim(-1, 0)
+            dN = all_reduce_sum(dfinal.to(ctx.like.dtype), sp).movedim(-1, 0)
 
         def combine(slot, x0, x1, carry, out):
             for c0, c1 in cuts:
                 if x0 <= c0 and c1 <= x1:
                     dS_out = carry[c0 - x0:c1 - x0].movedim(0, -1)
                     out[c0 - x0:c1 - x0] = stages.backward_block(slot, c0, c1, dOs[slot], dS_out).movedim(-1, 0)
-        _, first = chain_scan(ctx.shape, sp.n_blocks, combine, sp.group, sp.layout, dN, True, KIND)
+        _, first = chain_scan(ctx.like, sp.n_blocks, combine, sp.group, sp.layout, dN, True, KIND)
         d_initial = None
         if ctx.initial_dtype is not None:
             d_initial = (first.movedim(0, -1) if sp.rank == sp.first_owner else
-                         ctx.shape.new_zeros(ctx.shape.shape[1:]).movedim(0, -1))
+                         ctx.like.new_zeros(ctx.like.shape[1:]).movedim(0, -1))
             d_initial = d_initial.to(ctx.initial_dtype).contiguous()
         per_segment = stages.grads()
         ctx.stages = None
