@@ -33,7 +33,7 @@ BLOCK_K = 32   # inter_block_k of the blocked recurrence kernels (the dispatch r
 FLOAT32_PATH_INPUTS = ("Q", "K_", "V_")
 # float32 pointers on path="wy" (every other pointer is in the inputs' dtype)
 WY_F32 = ("BETA", "G", "A_", "GC", "H0", "HT", "DHT", "DH0", "DB", "DBETA", "DG")
-INTS = ("T", "H", "N", "C", "K", "V")
+INTS = ("T", "H", "N", "C", "K", "V", "V0", "VB")
 _PTR = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
 
 
@@ -124,7 +124,7 @@ def compile_kernel(kind: str, name: str, states: bool, dtype: torch.dtype, dims:
             sig[a] = ptr if a in FLOAT32_PATH_INPUTS else "*fp32"
     # pointers are 16-byte aligned and the head dims (and the float32 path's chunk) multiples of 16, as launched
     attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
-             if sig[a].startswith("*") or a in ("K", "V", "C")}
+             if sig[a].startswith("*") or a in ("K", "V", "C", "V0", "VB")}
     src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()}, attrs=attrs)
     options = dict(num_warps=warps) if stages is None else dict(num_warps=warps, num_stages=stages)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)

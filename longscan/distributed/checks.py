@@ -208,7 +208,7 @@ def check_softmax_call(group, q, k, v, causal, scale, method, layout, chunk_head
 
 
 def check_delta_call(group, q, k, v, beta, g, scale, initial_state, output_final_state, method, layout,
-                     n_blocks, backend=None, options=None) -> None:
+                     n_blocks, backend=None, options=None, transition=None) -> None:
     """:func:`check_same_call` for ``longscan.parallel.delta_rule_attention``: B, T, H, K (from q), q's dtype,
     the shapes and dtypes of k, v, beta and of the optional inputs, scale, output_final_state, method, layout,
     ZeCO's n_blocks, the backend asked for and the Triton options (e.g. path: ranks on other paths would each
@@ -216,4 +216,5 @@ def check_delta_call(group, q, k, v, beta, g, scale, initial_state, output_final
     check_same_call(group, "delta_rule_attention", _device(q), **shape_fields(q, "BTHK"), dtype=_dtype(q),
                     k=_spec(k), v=_spec(v), beta=_spec(beta), g=_spec(g), initial_state=_spec(initial_state),
                     scale=scale, output_final_state=output_final_state, method=method, layout=layout,
-                    n_blocks=n_blocks if method == "zeco" else None, backend=backend, options=_options(options))
+                    n_blocks=n_blocks if method == "zeco" else None, backend=backend, options=_options(options),
+                    transition=transition)

@@ -24,6 +24,10 @@ from longscan.distributed.layouts import check_layout, group_rank_size, num_segm
 from longscan.kernels.delta_rule import TRITON_BACKEND, check_inputs, get_backend
 from longscan.parallel.linear.common import METHODS, SegmentGroup, by_batch, by_segment, merge, split
 
+# how ZeCO applies a rank's segment to the carry: "matrix" forms its K×K transition M and scans (M, S_loc);
+# "relay" runs the segment's own state pass from the carry, a block of V columns at a time (``relay``)
+TRANSITIONS = ("matrix", "relay")
+
 if TYPE_CHECKING:   # importing it needs triton, which only the Triton backend requires
     from longscan.kernels.delta_rule.triton import DeltaTritonOptions
 
@@ -36,6 +40,7 @@ class DeltaSPContext(SegmentGroup):
     impl: object
     n_blocks: int
     options: DeltaTritonOptions | None = None
+    transition: str = "matrix"
 
     def local_kwargs(self) -> dict:
         """What the local stages pass to the backend besides the tensors."""
@@ -86,13 +91,18 @@ class AffineScan(torch.autograd.Function):
 
 
 def make_context(q, k, v, beta, g, scale, initial_state, output_final_state, method, group, layout, backend,
-                 n_blocks, options=None) -> DeltaSPContext:
+                 n_blocks, options=None, transition="matrix") -> DeltaSPContext:
     """Validate everything (ValueError/TypeError naming the parameter) and build the context. The call's
     signature is compared across the group first, so every rank raises the same error or none does."""
     check_delta_call(group, q, k, v, beta, g, scale, initial_state, output_final_state, method, layout, n_blocks,
-                     backend, options)
+                     backend, options, transition)
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if transition not in TRANSITIONS:
+        raise ValueError(f"transition must be one of {TRANSITIONS}, got {transition!r}")
+    if transition != "matrix" and method != "zeco":
+        raise ValueError(f"transition={transition!r} is an option of method='zeco'; method={method!r} takes "
+                         f"transition='matrix'")
     check_layout(layout)
     check_inputs(q, k, v, beta, g, initial_state)
     if isinstance(n_blocks, bool) or not isinstance(n_blocks, int) or n_blocks < 1:
@@ -108,7 +118,7 @@ def make_context(q, k, v, beta, g, scale, initial_state, output_final_state, met
     check_options(options, impl, backend, q.device)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     sp = DeltaSPContext(group, layout, rank, world, num_segments(world, layout) // world, scale, impl, n_blocks,
-                        options)
+                        options, transition)
     return sp
 
 

@@ -45,8 +45,8 @@ class GatherScan:
 
 
 def lasp2_delta_rule(q, k, v, beta, g=None, scale=None, initial_state=None, output_final_state=False, group=None,
-                     layout="contiguous", backend="auto", options=None):
+                     layout="contiguous", backend="auto", options=None, transition="matrix"):
     """The delta rule on this rank's shard with LASP-2's all-gather. See ``delta_rule_attention``."""
     sp = make_context(q, k, v, beta, g, scale, initial_state, output_final_state, "lasp2", group, layout, backend, 1,
-                      options)
+                      options, transition)
     return delta_rule_sp(GatherScan(), sp, q, k, v, beta, g, initial_state, output_final_state)

@@ -35,12 +35,12 @@ def parallel_block_k(K: int, gate: int) -> int:
     return min(WY_PER_KEY_BLOCK_K if gate == PER_KEY else WY_BLOCK_K, max(16, triton.next_power_of_2(K)))
 
 
-def _kw(o: DeltaTritonOptions) -> dict:
+def parallel_settings(o: DeltaTritonOptions) -> dict:
     """The parallel kernels' settings."""
     return dict(block_v=o.block_v, num_warps=o.num_warps, precision=o.input_precision)
 
 
-def _state_kw(o: DeltaTritonOptions) -> dict:
+def serial_settings(o: DeltaTritonOptions) -> dict:
     """The serial kernels' settings."""
     return dict(block_v=o.wy_state_block_v, num_warps=o.wy_state_num_warps, num_stages=o.inter_num_stages,
                 precision=o.input_precision)
@@ -57,9 +57,9 @@ class DeltaRuleWY(torch.autograd.Function):
         g = g.contiguous() if g is not None else None
         q = q.to(k.dtype).contiguous() if q is not None else None
         bk = parallel_block_k(k.shape[-1], gate_kind(g))
-        P, W, U, KB, QG, GC = wy_prepare(q, k, v, beta, g, block_k=bk, **_kw(options))
-        HS, VN, HT = wy_state_forward(k, g, KB, GC, W, U, h0, **_state_kw(options))
-        o = wy_output(q, k, g, HS, VN, scale, block_k=bk, **_kw(options)) if q is not None else None
+        P, W, U, KB, QG, GC = wy_prepare(q, k, v, beta, g, block_k=bk, **parallel_settings(options))
+        HS, VN, HT = wy_state_forward(k, g, KB, GC, W, U, h0, **serial_settings(options))
+        o = wy_output(q, k, g, HS, VN, scale, block_k=bk, **parallel_settings(options)) if q is not None else None
         ctx.save_for_backward(q, k, v, beta, g, P, W, U, HS, VN, KB, QG, GC)
         ctx.scale, ctx.options, ctx.bk = scale, options, bk
         ctx.h0_dtype = h0.dtype if h0 is not None else None
@@ -76,9 +76,9 @@ class DeltaRuleWY(torch.autograd.Function):
         else:
             dO = dO.contiguous().to(k.dtype)
         state_backward = functools.partial(wy_state_backward, q, k, g, QG, KB, GC, W, dO, dHT=dHT, scale=ctx.scale,
-                                           V=v.shape[-1], **_state_kw(o))
+                                           V=v.shape[-1], **serial_settings(o))
         dq, dk, dv, dbeta, dg, dh0 = wy_grads(q, k, v, beta, g, P, W, U, HS, VN, dO, ctx.scale,
-                                              state_backward, block_k=ctx.bk, **_kw(o))
+                                              state_backward, block_k=ctx.bk, **parallel_settings(o))
         dh0 = dh0.to(ctx.h0_dtype) if ctx.h0_dtype is not None else None
         return dq, dk, dv, dbeta, dg, dh0, None, None
 

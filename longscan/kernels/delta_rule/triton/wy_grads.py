@@ -268,13 +268,24 @@ def _wy_bwd(K_, V_, BETA, G, P_, W, U, DVN, DW, DB, DK, DV, DBETA, DG, T, H, N, 
     tl.store(DBETA + tok, dbeta, mask=mt)
 
 
-def wy_grads(q, k, v, beta, g, P, W, U, HS, VN, dO, scale: float, state_backward, *, block_k: int, block_v: int,
-             num_warps: int, precision: str):
-    """-> (dq (None when q is None: a segment transition, no output), dk, dv in k's dtype, dβ, dg or None and
-    dS_0 float32). ``state_backward(dv_local) ->
-    (dS' a chunk, dv_n, dS_0)`` is the serial pass (``wy_state.wy_state_backward``), run between the two
-    parallel ones. dq, dk, dv and the intermediate dW and k's first share are written in k's dtype (sums in
-    float32 within each kernel), as the forward's chunk quantities are."""
+def wy_dv_local(q, k, g, dO, scale: float, *, V: int, block_k: int, block_v: int, num_warps: int,
+                precision: str) -> torch.Tensor:
+    """The output's share of dv_n, dv_local = scale (Q Kᵀ ⊙ D)ᵀ do `[B, H, N·BT, V]` in k's dtype (the serial
+    pass's input); column-wise in V, and it needs no state."""
+    B, T, H, K = k.shape
+    N = triton.cdiv(T, 64)
+    BV = min(block_v, max(16, triton.next_power_of_2(V)))
+    dv_local = torch.empty(B, H, N * 64, V, device=k.device, dtype=k.dtype)
+    _wy_dv_local[(N, B * H)](q, k, g, dO, dv_local, T, H, N, K, V, scale, GATE=gate_kind(g), BK=block_k, BV=BV,
+                             PREC=precision, num_warps=num_warps)
+    return dv_local
+
+
+def wy_input_grads(q, k, v, beta, g, P, W, U, HS, VN, DHS, DVN, dO, scale: float, *, block_k: int, block_v: int,
+                   num_warps: int, precision: str):
+    """The parallel stages after the serial pass (``_wy_dqkw``, then ``_wy_bwd``), from the states entering and
+    the gradients leaving each chunk (HS, DHS) and v_n, dv_n (VN, DVN) over every V column ->
+    (dq (None when q is None), dk, dv in k's dtype, dβ, dg or None float32)."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     N = HS.shape[2]
@@ -283,11 +294,6 @@ def wy_grads(q, k, v, beta, g, P, W, U, HS, VN, dO, scale: float, state_backward
     gate = gate_kind(g)
     kw = dict(GATE=gate, BK=block_k, BV=BV, PREC=precision, num_warps=num_warps)
     has_q = q is not None
-    dv_local = None
-    if has_q:   # the output's share of dv_n; a segment transition has no output
-        dv_local = torch.empty_like(VN)
-        _wy_dv_local[(N, B * H)](q, k, g, dO, dv_local, T, H, N, K, V, scale, **kw)
-    DHS, DVN, dh0 = state_backward(dv_local)
     dq, dk = (torch.empty_like(k) if has_q else None), torch.empty_like(k)
     dW = torch.empty_like(W)
     NK = triton.cdiv(K, block_k)
@@ -301,4 +307,18 @@ def wy_grads(q, k, v, beta, g, P, W, U, HS, VN, dO, scale: float, state_backward
     dg = torch.empty(g.shape, **f32) if g is not None else None
     kw["BK"] = bwd_block_k(block_k, gate)
     _wy_bwd[(N, B * H)](k, v, beta, g, P, W, U, DVN, dW, db, dk, dv, dbeta, dg, T, H, N, K, V, **kw)
-    return dq, dk, dv, dbeta, dg, dh0
+    return dq, dk, dv, dbeta, dg
+
+
+def wy_grads(q, k, v, beta, g, P, W, U, HS, VN, dO, scale: float, state_backward, *, block_k: int, block_v: int,
+             num_warps: int, precision: str):
+    """-> (dq (None when q is None: a segment transition, no output), dk, dv in k's dtype, dβ, dg or None and
+    dS_0 float32). ``state_backward(dv_local) ->
+    (dS' a chunk, dv_n, dS_0)`` is the serial pass (``wy_state.wy_state_backward``), run between the two
+    parallel ones. dq, dk, dv and the intermediate dW and k's first share are written in k's dtype (sums in
+    float32 within each kernel), as the forward's chunk quantities are."""
+    kw = dict(block_k=block_k, block_v=block_v, num_warps=num_warps, precision=precision)
+    # the output's share of dv_n; a segment transition has no output
+    dv_local = wy_dv_local(q, k, g, dO, scale, V=v.shape[-1], **kw) if q is not None else None
+    DHS, DVN, dh0 = state_backward(dv_local)
+    return wy_input_grads(q, k, v, beta, g, P, W, U, HS, VN, DHS, DVN, dO, scale, **kw) + (dh0,)

@@ -8,6 +8,8 @@ Backward, chunk n in reverse with dS the gradient of the state leaving it:
     dv_n = dv_local_n + K̄_n dS,     dS ← exp(b_C) dS + scale Q̃_nᵀ do_n - W_nᵀ dv_n,     Q̃_t = exp(b_t) q_t
 (dv_local = scale tril(Q̃K̂ᵀ)ᵀ do, from ``wy_grads``), writing dS leaving each chunk and dv_n.
 Per-key gates take exp(b_C) a key (Diag(exp(b_C)) S) and read K̄ and Q̃ as ``wy_prep`` wrote them.
+Each pass is column-wise in V: ``wy_state_forward_columns`` and ``wy_state_backward_columns`` run a block of
+columns of V-wide buffers from (and to) a state of that block's width (the SP relay's blocks).
 Products take the inputs' dtype as operands and accumulate in float32. The per-chunk states' offsets are
 int64 (B·H·N·K·V passes 2³¹ at about 8M tokens × heads with K = V = 128), and so is each sequence's base
 (B·T·H·K passes 2³¹ at about 16M tokens × heads with K = 128); offsets inside a sequence are int32
@@ -24,18 +26,19 @@ from longscan.kernels.delta_rule.triton.wy_decay import BT, PER_KEY, SCALAR, gat
 
 
 @triton.jit
-def _wy_state_fwd(K_, G, KB, GC, W, U, H0, HS, VN, HT, T, H, N, K, V, GATE: tl.constexpr, HAS_H0: tl.constexpr,
-                  KP: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+def _wy_state_fwd(K_, G, KB, GC, W, U, H0, HS, VN, HT, T, H, N, K, V, V0, VB, GATE: tl.constexpr,
+                  HAS_H0: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     iv, bh = tl.program_id(0), tl.program_id(1)
-    # the sequence's int64 bases; int32 offsets inside it, formed in the loop (hoisted, they hold registers)
-    oc, ok, ov, mk, mv, m_kv, seq, rows = wy_sequence(iv, bh, T, H, N, K, V, KP, BV)
+    # the sequence's int64 bases; int32 offsets inside it, formed in the loop (hoisted, they hold registers);
+    # columns V0:V0 + VB of the V-wide U, HS and VN, the states H0 and HT VB wide
+    oc, ok, ov, mk, mv, m_kv, seq, rows = wy_sequence(iv, bh, T, H, N, K, VB, KP, BV)
     dt = W.dtype.element_ty
-    K_, W, U, VN = K_ + seq * K, W + rows * K, U + rows * V, VN + rows * V
+    K_, W, U, VN, HS = K_ + seq * K, W + rows * K, U + rows * V + V0, VN + rows * V + V0, HS + V0
     if GATE == SCALAR:
         G = G + seq
     if GATE == PER_KEY:
         KB = KB + rows * K
-    S = wy_state_tile(H0, bh, ok, ov, m_kv, K, V, HAS_H0, KP, BV)
+    S = wy_state_tile(H0, bh, ok, ov, m_kv, K, VB, HAS_H0, KP, BV)
     for n in range(N):
         mt, tok, row, sn = wy_serial_chunk(n, oc, bh, T, H, N)
         tl.store(HS + (sn * K + ok[:, None]) * V + ov[None, :], S.to(dt), mask=m_kv)
@@ -54,25 +57,27 @@ def _wy_state_fwd(K_, G, KB, GC, W, U, H0, HS, VN, HT, T, H, N, K, V, GATE: tl.c
             vn = vn * tl.exp(last - bc)[:, None]
             S = S * tl.exp(last)
         S += tl.dot(tl.trans(k), vn.to(dt), input_precision=PREC)
-    tl.store(HT + bh.to(tl.int64) * K * V + ok[:, None] * V + ov[None, :], S, mask=m_kv)
+    tl.store(HT + bh.to(tl.int64) * K * VB + ok[:, None] * VB + ov[None, :], S, mask=m_kv)
 
 
 @triton.jit
-def _wy_state_bwd(Q, K_, G, QG, KB, GC, W, DO, DVL, DHT, DHS, DVN, DH0, T, H, N, K, V, scale, GATE: tl.constexpr,
-                  HAS_Q: tl.constexpr, HAS_DHT: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+def _wy_state_bwd(Q, K_, G, QG, KB, GC, W, DO, DVL, DHT, DHS, DVN, DH0, T, H, N, K, V, V0, VB, scale,
+                  GATE: tl.constexpr, HAS_Q: tl.constexpr, HAS_DHT: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr,
+                  PREC: tl.constexpr):
     iv, bh = tl.program_id(0), tl.program_id(1)
-    oc, ok, ov, mk, mv, m_kv, seq, rows = wy_sequence(iv, bh, T, H, N, K, V, KP, BV)
+    # columns V0:V0 + VB of the V-wide DO, DVL, DHS and DVN, the states DHT and DH0 VB wide
+    oc, ok, ov, mk, mv, m_kv, seq, rows = wy_sequence(iv, bh, T, H, N, K, VB, KP, BV)
     dt = W.dtype.element_ty
-    K_, W, DVN = K_ + seq * K, W + rows * K, DVN + rows * V
+    K_, W, DVN, DHS = K_ + seq * K, W + rows * K, DVN + rows * V + V0, DHS + V0
     if HAS_Q:   # without q (a segment transition) no output: no dv_local, no Q̃ᵀ do term
-        Q, DO, DVL = Q + seq * K, DO + seq * V, DVL + rows * V
+        Q, DO, DVL = Q + seq * K, DO + seq * V + V0, DVL + rows * V + V0
     if GATE == SCALAR:
         G = G + seq
     if GATE == PER_KEY:
         KB = KB + rows * K
         if HAS_Q:
             QG = QG + rows * K
-    dS = wy_state_tile(DHT, bh, ok, ov, m_kv, K, V, HAS_DHT, KP, BV)
+    dS = wy_state_tile(DHT, bh, ok, ov, m_kv, K, VB, HAS_DHT, KP, BV)
     for i in range(N):
         n = N - 1 - i
         mt, tok, row, sn = wy_serial_chunk(n, oc, bh, T, H, N)
@@ -107,11 +112,30 @@ def _wy_state_bwd(Q, K_, G, QG, KB, GC, W, DO, DVL, DHT, DHS, DVN, DH0, T, H, N,
             do = tl.load(DO + tok[:, None] * V + ov[None, :], mask=mt[:, None] & mv[None, :], other=0.).to(dt)
             dS += scale * tl.dot(tl.trans(q), do, input_precision=PREC)
         dS -= tl.dot(tl.trans(w), dv.to(dt), input_precision=PREC)
-    tl.store(DH0 + bh.to(tl.int64) * K * V + ok[:, None] * V + ov[None, :], dS, mask=m_kv)
+    tl.store(DH0 + bh.to(tl.int64) * K * VB + ok[:, None] * VB + ov[None, :], dS, mask=m_kv)
 
 
 def _kp(K: int) -> int:
     return max(16, triton.next_power_of_2(K))   # the whole state's keys in one block (tl.dot's least is 16)
+
+
+def wy_state_forward_columns(k, g, KB, GC, W, U, h0, HS, VN, c0: int, c1: int, *, block_v: int, num_warps: int,
+                             num_stages: int, precision: str) -> torch.Tensor:
+    """The state pass on value columns c0:c1 alone (the pass is column-wise in V): reads U's columns, writes the
+    states entering each chunk and v_n into those columns of HS `[B, H, N, K, V]` and VN `[B, H, N·BT, V]`
+    (k's dtype, allocated by the caller), starting from h0 `[B, H, K, c1 - c0]` (None: zeros).
+    -> the leaving state's columns `[B, H, K, c1 - c0]` float32."""
+    B, T, H, K = k.shape
+    V = U.shape[-1]
+    N = U.shape[2] // 64
+    VB = c1 - c0
+    HT = torch.empty(B, H, K, VB, device=k.device, dtype=torch.float32)
+    BV = min(block_v, max(16, triton.next_power_of_2(VB)))
+    _wy_state_fwd[(triton.cdiv(VB, BV), B * H)](
+        k, g, KB, GC, W, U, h0.contiguous() if h0 is not None else None, HS, VN, HT, T, H, N, K, V, c0, VB,
+        GATE=gate_kind(g), HAS_H0=h0 is not None, KP=_kp(K), BV=BV, PREC=precision, num_warps=num_warps,
+        num_stages=num_stages)
+    return HT
 
 
 def wy_state_forward(k, g, KB, GC, W, U, h0, *, block_v: int, num_warps: int, num_stages: int, precision: str):
@@ -121,12 +145,28 @@ def wy_state_forward(k, g, KB, GC, W, U, h0, *, block_v: int, num_warps: int, nu
     N = U.shape[2] // 64
     HS = torch.empty(B, H, N, K, V, device=k.device, dtype=k.dtype)
     VN = torch.empty_like(U)
-    HT = torch.empty(B, H, K, V, device=k.device, dtype=torch.float32)
-    BV = min(block_v, max(16, triton.next_power_of_2(V)))
-    _wy_state_fwd[(triton.cdiv(V, BV), B * H)](
-        k, g, KB, GC, W, U, h0.contiguous() if h0 is not None else None, HS, VN, HT, T, H, N, K, V, GATE=gate_kind(g),
-        HAS_H0=h0 is not None, KP=_kp(K), BV=BV, PREC=precision, num_warps=num_warps, num_stages=num_stages)
+    HT = wy_state_forward_columns(k, g, KB, GC, W, U, h0, HS, VN, 0, V, block_v=block_v, num_warps=num_warps,
+                                  num_stages=num_stages, precision=precision)
     return HS, VN, HT
+
+
+def wy_state_backward_columns(q, k, g, QG, KB, GC, W, dO, dv_local, dHT, DHS, DVN, c0: int, c1: int, scale: float, *,
+                              block_v: int, num_warps: int, num_stages: int, precision: str) -> torch.Tensor:
+    """The serial backward on value columns c0:c1 alone: reads those columns of dO `[B, T, H, V]` and dv_local
+    `[B, H, N·BT, V]`, writes them in DHS `[B, H, N, K, V]` and DVN `[B, H, N·BT, V]` (k's dtype, allocated by the
+    caller), from dHT `[B, H, K, c1 - c0]` (None: zeros). -> dS_0's columns `[B, H, K, c1 - c0]` float32.
+    q None (a segment transition: no output): dO, QG and dv_local are None, and dS takes the states' share only."""
+    B, T, H, K = k.shape
+    V = DVN.shape[-1]
+    N = W.shape[2] // 64
+    VB = c1 - c0
+    DH0 = torch.empty(B, H, K, VB, device=k.device, dtype=torch.float32)
+    BV = min(block_v, max(16, triton.next_power_of_2(VB)))
+    _wy_state_bwd[(triton.cdiv(VB, BV), B * H)](
+        q, k, g, QG, KB, GC, W, dO, dv_local, dHT.contiguous() if dHT is not None else None, DHS, DVN, DH0,
+        T, H, N, K, V, c0, VB, scale, GATE=gate_kind(g), HAS_Q=q is not None, HAS_DHT=dHT is not None, KP=_kp(K),
+        BV=BV, PREC=precision, num_warps=num_warps, num_stages=num_stages)
+    return DH0
 
 
 def wy_state_backward(q, k, g, QG, KB, GC, W, dO, dv_local, dHT, scale: float, *, V: int, block_v: int,
@@ -137,10 +177,6 @@ def wy_state_backward(q, k, g, QG, KB, GC, W, dO, dv_local, dHT, scale: float, *
     N = W.shape[2] // 64
     DHS = torch.empty(B, H, N, K, V, device=k.device, dtype=k.dtype)
     DVN = torch.empty(B, H, N * 64, V, device=k.device, dtype=k.dtype)
-    DH0 = torch.empty(B, H, K, V, device=k.device, dtype=torch.float32)
-    BV = min(block_v, max(16, triton.next_power_of_2(V)))
-    _wy_state_bwd[(triton.cdiv(V, BV), B * H)](
-        q, k, g, QG, KB, GC, W, dO, dv_local, dHT.contiguous() if dHT is not None else None, DHS, DVN, DH0,
-        T, H, N, K, V, scale, GATE=gate_kind(g), HAS_Q=q is not None, HAS_DHT=dHT is not None, KP=_kp(K), BV=BV,
-        PREC=precision, num_warps=num_warps, num_stages=num_stages)
+    DH0 = wy_state_backward_columns(q, k, g, QG, KB, GC, W, dO, dv_local, dHT, DHS, DVN, 0, V, scale, block_v=block_v,
+                                    num_warps=num_warps, num_stages=num_stages, precision=precision)
     return DHS, DVN, DH0
