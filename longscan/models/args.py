@@ -8,6 +8,7 @@ from typing import Any, Protocol
 
 from longscan.kernels.delta_rule import TRITON_PATHS
 from longscan.kernels.linear_attention.options import LinearKernelOptions
+from longscan.parallel.delta_rule.common import TRANSITIONS
 
 # the last three are the delta rule (longscan.kernels.delta_rule): DeltaNet, Gated DeltaNet, KDA
 DELTA_VARIANTS = ("deltanet", "gated_deltanet", "kda")
@@ -119,6 +120,7 @@ class ParallelSection(Protocol):
     linear_backend: str
     softmax_backend: str
     linear_overlap: bool
+    delta_transition: str
 
 
 @dataclass(frozen=True)
@@ -130,7 +132,8 @@ class SPSpec:
     passed by every linear-attention layer to ``longscan.parallel.linear_attention`` or the local kernel. The
     delta-rule variants (deltanet, gated_deltanet, kda) run other kernels and ignore it; where their Triton
     backend runs, ``delta_path`` picks its kernel set (``DeltaTritonOptions.path``; "auto": "wy" for bf16
-    activations, "float32" otherwise).
+    activations, "float32" otherwise) and ``delta_transition`` how ZeCO applies a rank's segment
+    (``delta_rule_attention``'s ``transition``).
     """
     group: Any = None
     layout: str = "zigzag"
@@ -141,6 +144,7 @@ class SPSpec:
     linear_overlap: bool = False
     linear_options: LinearKernelOptions | None = None
     delta_path: str = "auto"
+    delta_transition: str = "matrix"
 
     def __post_init__(self):
         if self.linear_options is not None and not isinstance(self.linear_options, LinearKernelOptions):
@@ -148,6 +152,8 @@ class SPSpec:
                             f"{type(self.linear_options).__name__}")
         if self.delta_path not in TRITON_PATHS:
             raise ValueError(f"SPSpec.delta_path must be one of {TRITON_PATHS}, got {self.delta_path!r}")
+        if self.delta_transition not in TRANSITIONS:
+            raise ValueError(f"SPSpec.delta_transition must be one of {TRANSITIONS}, got {self.delta_transition!r}")
 
     @classmethod
     def from_config(cls, parallel: ParallelSection, group,
@@ -158,7 +164,8 @@ class SPSpec:
         return cls(group=group, layout=parallel.layout, linear_method=parallel.linear_method,
                    softmax_method=parallel.softmax_method, linear_backend=parallel.linear_backend,
                    softmax_backend=parallel.softmax_backend, linear_overlap=parallel.linear_overlap,
-                   linear_options=linear_options, delta_path=delta_path)
+                   linear_options=linear_options, delta_path=delta_path,
+                   delta_transition=parallel.delta_transition)
 
 
 STAGE_MODES = ("none", "checkpoint", "offload")

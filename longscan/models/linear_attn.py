@@ -223,6 +223,7 @@ class LinearAttention(nn.Module):
         else:
             from longscan.parallel.delta_rule import delta_rule_attention
             o = delta_rule_attention(q, k, v, beta, g, method=self.sp.linear_method, group=group, layout=layout,
-                                     backend=self.sp.linear_backend, options=options)[0]
+                                     backend=self.sp.linear_backend, options=options,
+                                     transition=self.sp.delta_transition)[0]
         o = self.out_norm(o)   # read in the kernel's dtype; normalised in float32
         return self.o_proj(o.reshape(B, T, self.h * self.d))[0]

@@ -23,6 +23,7 @@ from longscan.kernels.linear_attention import RESET_BACKENDS
 from longscan.kernels.linear_attention.options import LinearKernelOptions
 from longscan.kernels.softmax_attention import BACKENDS as SOFTMAX_BACKENDS
 from longscan.models.args import DELTA_VARIANTS, STAGE_MODES, MemoryOptions, ModelConfig
+from longscan.parallel.delta_rule import TRANSITIONS as DELTA_TRANSITIONS
 from longscan.parallel.linear.common import METHODS as LINEAR_METHODS
 from longscan.parallel.softmax import METHODS as SOFTMAX_METHODS
 from longscan.training.data import BYTE_VOCAB
@@ -78,6 +79,11 @@ class ParallelConfig:
     GPU time than a 100 µs collective hides: docs/benchmarks.md)."""
     softmax_backend: str = "auto"
     """Local softmax-attention kernel (passed to the SP operator)."""
+    delta_transition: str = "matrix"
+    """How ZeCO applies a rank's segment to the carry in the delta-rule variants (model.linear_variant = deltanet
+    | gated_deltanet | kda): matrix (its K×K transition, formed beside the outputs: about twice the plain
+    kernel's work, whatever the SP size) | relay (the rank's own state pass from the carry, block by block of V
+    columns along the chain: the plain kernel's work, a chain latency growing with the SP size). zeco only."""
     timeout_s: float = 0.0
     """Collective timeout in seconds: a rank waiting longer on a stopped or dead peer fails with an error naming
     itself and the collective (exit code 4). 0 = 300 on CPU (gloo), 1800 on GPU (NCCL)."""
@@ -94,6 +100,10 @@ class ParallelConfig:
         _choice("parallel.softmax_method", self.softmax_method, SOFTMAX_METHODS)
         _choice("parallel.linear_backend", self.linear_backend, LINEAR_BACKENDS)
         _choice("parallel.softmax_backend", self.softmax_backend, SOFTMAX_BACKENDS)
+        _choice("parallel.delta_transition", self.delta_transition, DELTA_TRANSITIONS)
+        if self.delta_transition != "matrix" and self.linear_method != "zeco":
+            raise ConfigError(f"parallel.delta_transition = {self.delta_transition!r} applies to "
+                              f"parallel.linear_method = 'zeco' only, got {self.linear_method!r}")
 
 
 @dataclass

@@ -20,6 +20,9 @@ CASES = {   # name -> (variant, parallel overrides[, schedule overrides]), all o
     "gated_deltanet_sp2_lasp2_contiguous": ("gated_deltanet", {"sp": 2, "linear_method": "lasp2",
                                                                "layout": "contiguous"}),
     "kda_sp2_lasp1_zigzag": ("kda", {"sp": 2, "linear_method": "lasp1", "layout": "zigzag"}),
+    # parallel.delta_transition = relay: each rank's state pass from the carry instead of its K×K transition
+    "gated_deltanet_sp2_zeco_relay_zigzag": ("gated_deltanet", {"sp": 2, "linear_method": "zeco", "layout": "zigzag",
+                                                                "delta_transition": "relay"}),
     "gated_deltanet_tp2": ("gated_deltanet", {"tp": 2}),
     # activation checkpointing recomputes the halo exchange in the backward (on every rank alike)
     "kda_sp2_zeco_zigzag_checkpointed": ("kda", {"sp": 2, "linear_method": "zeco", "layout": "zigzag"},
