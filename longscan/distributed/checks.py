@@ -10,6 +10,7 @@ Replicated inputs (the same tensor on every rank, e.g. ``initial_state``) are th
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import zlib
 
@@ -176,8 +177,16 @@ def _dtype(x):
 
 
 def _options(options):
-    """Kernel options as their text (the message shows it; some options hold views that do not pickle)."""
-    return None if options is None else repr(options)
+    """Kernel options as text naming the fields set away from their defaults (the message shows it; some options
+    hold views that do not pickle)."""
+    if options is None:
+        return None
+    if not dataclasses.is_dataclass(options):
+        return repr(options)
+    default = type(options)()
+    set_ = [f"{f.name}={getattr(options, f.name)!r}" for f in dataclasses.fields(options)
+            if getattr(options, f.name) != getattr(default, f.name)]
+    return f"{type(options).__name__}({', '.join(set_)})"
 
 
 def _device(x):
