@@ -138,6 +138,10 @@ class PinnedPool:
         buf.ready = ready
         self.free.setdefault(buf.memory.numel(), []).append(buf)
 
+    def reset_peak(self) -> None:
+        """Start counting ``peak_registered_bytes`` and ``register_seconds`` afresh (a benchmark's timed steps)."""
+        self.peak_registered_bytes, self.register_seconds = self.registered_bytes, 0.0
+
     def clear(self) -> None:
         """Unregister and free every free buffer (lent ones stay until released)."""
         for size in list(self.free):
