@@ -520,12 +520,12 @@ def check_capacity(cfg, world_size: int, capacity_bytes: int | None = None, host
             if apply)
         raise ConfigError(
             f"predicted pinned host memory for offloaded activations {est.host_bytes / GiB:.1f} GiB per process "
-            f"({kinds}; memory.pinned = {cfg.memory.pinned}) exceeds the host's available {host_bytes / GiB:.1f} "
+            f"({kinds}) exceeds the host's available {host_bytes / GiB:.1f} "
             f"GiB shared by {procs} process(es) on this node ({share / GiB:.1f} GiB each): memory.blocks (one input "
-            f"a block) or "
-            f"memory.linear_layers / softmax_layers / mlp (one a stage) = offload keep each offloaded "
+            f"a block) or memory.linear_layers / softmax_layers / mlp (one a stage) = offload keep each offloaded "
             f"{cfg.model.residual_dtype} input ({d.micro_batch_size * d.seq_len // p.sp} tokens × model.dim = "
-            f"{cfg.model.dim}) in host memory from its forward to its backward. Set some of them to checkpoint (the "
-            f"input then stays on the GPU): {fix}; or spread the sequence over a larger parallel.sp (each process "
+            f"{cfg.model.dim}) in host memory from its forward to its backward (memory.pinned = {cfg.memory.pinned}: "
+            f"{'exactly its bytes' if cfg.memory.pinned == 'exact' else 'rounded up to a power of two'}). Set some "
+            f"of them to checkpoint (the input then stays on the GPU): {fix}; or spread the sequence over a larger parallel.sp (each process "
             f"holds 1/sp of it{sp_hint}); {hint}memory.check_capacity=false tries anyway.\n" + est.table())
     return est

@@ -199,7 +199,7 @@ def test_capacity_check_counts_exact_bytes_and_names_the_setting():
     with pytest.raises(ConfigError) as e:
         check_capacity(torch_cfg, 1, capacity_bytes=141 * GiB, host_bytes=125 * GiB, procs_per_node=1)
     msg = str(e.value)
-    assert "160.0 GiB per process" in msg and "memory.pinned = torch" in msg
+    assert "160.0 GiB per process" in msg and "memory.pinned = torch: rounded up to a power of two" in msg
     assert "memory.pinned=exact page-locks exactly each input's bytes" in msg and "100.0 GiB per process, which fits" \
         in msg
     exact = validate(load_config(CONFIG_1M, [LONG, "memory.pinned=exact"]), 1)
@@ -207,7 +207,7 @@ def test_capacity_check_counts_exact_bytes_and_names_the_setting():
         == 100 * GiB
     with pytest.raises(ConfigError) as e:
         check_capacity(exact, 1, capacity_bytes=141 * GiB, host_bytes=96 * GiB, procs_per_node=1)
-    assert "100.0 GiB per process" in str(e.value) and "memory.pinned = exact" in str(e.value)
+    assert "100.0 GiB per process" in str(e.value) and "memory.pinned = exact: exactly its bytes" in str(e.value)
     assert "memory.pinned=exact page-locks" not in str(e.value)  # already chosen
 
 
