@@ -54,9 +54,15 @@ def no_unregister(ptr: int) -> None:
     """CPU runs: nothing was page-locked."""
 
 
+PAGE = 4096
+"""Page-locking works on whole pages: each buffer starts on its own page, so no two share one."""
+
+
 @dataclass
 class _Buffer:
-    memory: torch.Tensor  # flat uint8, exactly the bytes asked
+    memory: torch.Tensor  # flat uint8 view of exactly the bytes asked, at the start of ``locked``
+    locked: int  # bytes page-locked (the bytes asked, rounded up to whole pages)
+    owner: torch.Tensor  # the allocation holding it (what is freed once unlocked)
     ready: ReadyEvent | None = None  # the last copy that reads it (None: nothing in flight)
 
 
@@ -67,15 +73,19 @@ class PinnedPool:
     Free buffers of one size are reused last-in first-out. When a size is asked that the pool does not hold free,
     the free buffers of other sizes are unregistered and freed first (a new sequence length replaces the old one's
     buffers), so the pool holds at most what one length's forwards hold at once.
-    register / unregister: the page-locking pair (cudaHostRegister on CUDA; tests pass their own).
+    register / unregister: the page-locking pair (cudaHostRegister on CUDA; tests pass their own); page: the
+    granularity of page-locking (each buffer starts on a page of its own and locks whole pages; 1: no alignment).
     """
 
-    def __init__(self, register: Register = cuda_host_register, unregister: Unregister = cuda_host_unregister):
-        self.register, self.unregister = register, unregister
+    def __init__(self, register: Register = cuda_host_register, unregister: Unregister = cuda_host_unregister,
+                 page: int = PAGE):
+        if page < 1 or page & (page - 1):
+            raise ValueError(f"PinnedPool: page must be a power of two >= 1, got {page}")
+        self.register, self.unregister, self.page = register, unregister, page
         self.free: dict[int, list[_Buffer]] = {}
         self.lent: dict[int, _Buffer] = {}  # data_ptr -> the buffer a stash holds
         self.registered_bytes = 0
-        """Bytes page-locked now (free and lent)."""
+        """Bytes page-locked now (free and lent; each buffer's bytes rounded up to whole pages)."""
         self.peak_registered_bytes = 0
         self.register_seconds = 0.0
         """Seconds spent page-locking since the pool was made."""
@@ -85,10 +95,11 @@ class PinnedPool:
         """A pool that page-locks for CUDA, or, on CPU, one that keeps plain host buffers the same way."""
         if device.type == "cuda":
             return cls()
-        return cls(no_register, no_unregister)
+        return cls(no_register, no_unregister, page=1)
 
     @property
     def lent_bytes(self) -> int:
+        """Bytes of the buffers stashes hold now (as asked, not rounded to pages)."""
         return sum(b.memory.numel() for b in self.lent.values())
 
     def _evict_other_sizes(self, nbytes: int) -> None:
@@ -100,17 +111,19 @@ class PinnedPool:
         if buf.ready is not None:  # a copy still reading it must finish before its pages are unlocked
             buf.ready.synchronize()
         self.unregister(buf.memory.data_ptr())
-        self.registered_bytes -= buf.memory.numel()
+        self.registered_bytes -= buf.locked
 
     def _new(self, nbytes: int) -> _Buffer:
         self._evict_other_sizes(nbytes)
-        memory = torch.empty(nbytes, dtype=torch.uint8)
+        locked = -(-nbytes // self.page) * self.page
+        owner = torch.empty(locked + self.page - 1, dtype=torch.uint8)
+        start = -owner.data_ptr() % self.page
         t0 = time.perf_counter()
-        self.register(memory.data_ptr(), nbytes)  # RuntimeError when the host cannot: nothing is kept
+        self.register(owner.data_ptr() + start, locked)  # RuntimeError when the host cannot: nothing is kept
         self.register_seconds += time.perf_counter() - t0
-        self.registered_bytes += nbytes
+        self.registered_bytes += locked
         self.peak_registered_bytes = max(self.peak_registered_bytes, self.registered_bytes)
-        return _Buffer(memory)
+        return _Buffer(owner[start:start + nbytes], locked, owner)
 
     def allocate(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
         """An empty host tensor of ``shape`` and ``dtype`` in a page-locked buffer of exactly its bytes."""

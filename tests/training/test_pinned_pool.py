@@ -54,9 +54,9 @@ class FakeEvent:
         self.synchronized += 1
 
 
-def _pool(fail_at=None):
+def _pool(fail_at=None, page=1):
     rec = Recorder(fail_at)
-    return PinnedPool(rec.register, rec.unregister), rec
+    return PinnedPool(rec.register, rec.unregister, page=page), rec
 
 
 def test_buffers_are_exactly_sized_and_reused_last_in_first_out():
@@ -104,6 +104,19 @@ def test_a_new_size_replaces_the_free_buffers_of_the_old_one():
     pool.clear()
     assert sorted(rec.unregistered) == sorted([old[0].data_ptr(), kept.data_ptr(), new.data_ptr()])
     assert pool.registered_bytes == 0 and pool.free == {}
+
+
+def test_each_buffer_locks_whole_pages_of_its_own():
+    pool, rec = _pool(page=4096)
+    bufs = [pool.allocate(torch.Size((1000 + i,)), torch.float32) for i in range(3)]  # 4000.. bytes: one page
+    assert [n for _, n in rec.registered] == [4096, 4096, 4096] and pool.registered_bytes == 3 * 4096
+    for (ptr, _), t in zip(rec.registered, bufs):
+        assert ptr % 4096 == 0 and t.data_ptr() == ptr
+    assert len({ptr // 4096 for ptr, _ in rec.registered}) == 3  # no page shared
+    big = pool.allocate(torch.Size((3, 1000, 5)), torch.float32)  # 60,000 bytes: 15 pages
+    assert rec.registered[-1] == (big.data_ptr(), 15 * 4096) and pool.lent_bytes == 4000 + 4004 + 4008 + 60000
+    with pytest.raises(ValueError, match="page must be a power of two"):
+        PinnedPool(page=3000)
 
 
 def test_release_refuses_a_tensor_it_did_not_lend():
@@ -277,9 +290,9 @@ def test_pinned_pool_on_cuda_gives_pinned_buffers_and_asynchronous_copies():
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     pool = PinnedPool.for_device(torch.device("cuda"))
-    shape = (3, 1000, 7)  # 84,000 bytes: not a power of two
+    shape = (3, 1000, 7)  # 84,000 bytes: not a power of two; 21 pages locked
     host = pool.allocate(torch.Size(shape), torch.float32)
-    assert host.is_pinned() and pool.registered_bytes == 84000
+    assert host.is_pinned() and pool.registered_bytes == 21 * 4096 and host.nbytes == 84000
     x = torch.randn(shape, device="cuda")
     side = torch.cuda.Stream()
     with torch.cuda.stream(side):
@@ -292,7 +305,7 @@ def test_pinned_pool_on_cuda_gives_pinned_buffers_and_asynchronous_copies():
     assert torch.equal(host, x.cpu())
     pool.release(host, done)
     again = pool.allocate(torch.Size(shape), torch.float32)
-    assert again.data_ptr() == host.data_ptr() and pool.registered_bytes == 84000
+    assert again.data_ptr() == host.data_ptr() and pool.registered_bytes == 21 * 4096
     pool.release(again)
     pool.clear()
     assert pool.registered_bytes == 0
