@@ -37,13 +37,15 @@ def cuda_host_register(ptr: int, nbytes: int) -> None:
     cudart = torch.cuda.cudart()
     err = cudart.cudaHostRegister(ptr, nbytes, 0)
     if int(err) != 0:
-        raise RuntimeError(f"cudaHostRegister of {nbytes} bytes failed ({err}): the host could not page-lock them")
+        raise RuntimeError(f"cudaHostRegister of {nbytes} bytes failed ({cudart.cudaGetErrorString(err)}): the host "
+                           "could not page-lock them")
 
 
 def cuda_host_unregister(ptr: int) -> None:
-    err = torch.cuda.cudart().cudaHostUnregister(ptr)
+    cudart = torch.cuda.cudart()
+    err = cudart.cudaHostUnregister(ptr)
     if int(err) != 0:
-        raise RuntimeError(f"cudaHostUnregister failed ({err})")
+        raise RuntimeError(f"cudaHostUnregister failed ({cudart.cudaGetErrorString(err)})")
 
 
 def no_register(ptr: int, nbytes: int) -> None:
