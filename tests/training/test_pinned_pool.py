@@ -248,21 +248,25 @@ def _train(rank, world):
                       vocab_size=100)
     torch.manual_seed(0)
     out = {}
-    for modes in (dict(blocks="offload"), dict(linear_layers="offload", softmax_layers="offload", mlp="checkpoint")):
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device, modes in [(d, m) for d in devices for m in (
+            dict(blocks="offload"), dict(linear_layers="offload", softmax_layers="offload", mlp="checkpoint"))]:
         for pinned in ("torch", "exact"):
             model = HybridLM(cfg, stage_config(1, 1, 1, cfg.dim, torch.float32), SPSpec(linear_backend="torch"),
-                             seed=0, memory=MemoryOptions(pinned=pinned, **modes)).train()
+                             seed=0, memory=MemoryOptions(pinned=pinned, **modes)).to(device).train()
             steps = []
             for step in range(2):
-                tokens = torch.randint(0, 100, (1, 49), generator=torch.Generator().manual_seed(step))
+                tokens = torch.randint(0, 100, (1, 49), generator=torch.Generator().manual_seed(step)).to(device)
                 loss = model(tokens[:, :-1], tokens[:, 1:]).mean()
                 loss.backward()
                 pool = model.host_pool
-                steps.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()},
+                steps.append((loss.detach().cpu(), {n: p.grad.cpu() for n, p in model.named_parameters()},
                               None if pool is None else (pool.registered_bytes, pool.lent_bytes,
-                                                         sorted((k, len(v)) for k, v in pool.free.items()))))
+                                                         sorted((k, len(v)) for k, v in pool.free.items()),
+                                                         all(b.memory.is_pinned() == (device == "cuda")
+                                                             for v in pool.free.values() for b in v))))
                 model.zero_grad(set_to_none=True)
-            out[(tuple(modes.values()), pinned)] = steps
+            out[(device, tuple(modes.values()), pinned)] = steps
     return out
 
 
@@ -271,19 +275,26 @@ def trained():
     return run_distributed(_train, 1)[0]
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
 @pytest.mark.parametrize("modes", [("offload",), ("offload", "offload", "checkpoint")])
-def test_training_under_exact_equals_torch(trained, modes):
-    ref, got = trained[(modes, "torch")], trained[(modes, "exact")]
-    one = 4 * 48 * 32  # a float32 [48, 32] stage input
+def test_training_under_exact_equals_torch(trained, modes, device):
+    """On CPU bitwise (the same ops on the same inputs); on CUDA to float32 round-off (the embedding's backward
+    adds atomically), with every buffer page-locked."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    ref, got = trained[(device, modes, "torch")], trained[(device, modes, "exact")]
+    one = 4 * 48 * 32  # a float32 [48, 32] stage input (6,144 bytes)
     n = 4  # one input a block, or one per offloaded mixer (3 linear + 1 softmax; the MLPs are checkpointed)
+    locked = one if device == "cpu" else 2 * 4096  # CUDA: whole pages
     for (loss_r, grads_r, pool_r), (loss_g, grads_g, pool_g) in zip(ref, got):
         assert pool_r is None
-        assert torch.equal(loss_r, loss_g)
         assert grads_r.keys() == grads_g.keys()
+        same = torch.equal if device == "cpu" else lambda a, b: torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+        assert same(loss_r, loss_g)
         for name in grads_r:
-            assert torch.equal(grads_r[name], grads_g[name]), name
+            assert same(grads_r[name], grads_g[name]), name
         # every buffer back in the pool after the backward, the same n buffers both steps
-        assert pool_g == (n * one, 0, [(one, n)])
+        assert pool_g == (n * locked, 0, [(one, n)], True)
 
 
 def test_pinned_pool_on_cuda_gives_pinned_buffers_and_asynchronous_copies():
