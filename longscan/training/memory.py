@@ -526,6 +526,6 @@ def check_capacity(cfg, world_size: int, capacity_bytes: int | None = None, host
             f"{cfg.model.residual_dtype} input ({d.micro_batch_size * d.seq_len // p.sp} tokens × model.dim = "
             f"{cfg.model.dim}) in host memory from its forward to its backward (memory.pinned = {cfg.memory.pinned}: "
             f"{'exactly its bytes' if cfg.memory.pinned == 'exact' else 'rounded up to a power of two'}). Set some "
-            f"of them to checkpoint (the input then stays on the GPU): {fix}; or spread the sequence over a larger parallel.sp (each process "
-            f"holds 1/sp of it{sp_hint}); {hint}memory.check_capacity=false tries anyway.\n" + est.table())
+            f"of them to checkpoint (the input then stays on the GPU): {fix}; or spread the sequence over a larger "
+            f"parallel.sp (each process holds 1/sp of it{sp_hint}); {hint}memory.check_capacity=false tries anyway.\n" + est.table())
     return est
