@@ -6,7 +6,8 @@ tokens. tokens/s is the length over the mean wall time of the ``--steps`` timed 
 start to the last one's loss on the host; warm-up steps are not timed (``--warmup-seq-len``: they run at that
 length instead, which compiles the kernels and creates AdamW's states at a fraction of a long step's time).
 Host memory of offloaded activations: what the forward's stash holds at its end (every offloaded input), and
-on CUDA the peak of pinned blocks handed out by torch's host allocator during the timed steps. Out of memory
+on CUDA the peak of pinned blocks handed out by torch's host allocator during the timed steps (under
+memory.pinned = exact: the peak the model's pool held page-locked, and its page-locking seconds). Out of memory
 is caught, the step's memory freed, and the next length tried. ``--max`` searches the longest length that
 fits (doubling from the first length, then bisecting to ``--granularity``). Prints a markdown table.
 
@@ -128,6 +129,8 @@ class Runner:
                 torch.cuda.empty_cache()  # a shorter warm-up's cached blocks do not crowd the timed steps
                 torch.cuda.reset_peak_host_memory_stats()  # the pinned blocks of the timed steps only
                 torch.cuda.reset_accumulated_host_memory_stats()
+            if self.model.host_pool is not None:  # memory.pinned = exact: the model's pool, not torch's allocator
+                self.model.host_pool.reset_peak()
             t0 = time.perf_counter()
             for _ in range(steps):
                 loss, held = self._step(tokens)
@@ -135,7 +138,10 @@ class Runner:
             dt = (time.perf_counter() - t0) / steps
             row.update(status="ok", tokens_per_s=T / dt, loss=float(loss), step_s=dt, host=held / GiB,
                        mfu=mfu(step_flops(self.cfg.model, 1, T), dt, 1, device_peak_flops(self.device)))
-            if cuda:  # new pinned blocks are page-locked on the host thread, inside the timed steps
+            pool = self.model.host_pool
+            if pool is not None:  # exactly-sized buffers page-locked by the pool (on CPU: not page-locked)
+                row.update(pinned=pool.peak_registered_bytes / GiB, pinned_alloc_s=pool.register_seconds)
+            elif cuda:  # new pinned blocks are page-locked on the host thread, inside the timed steps
                 stats = torch.cuda.host_memory_stats()
                 row.update(pinned=stats.get("active_bytes.peak", 0) / GiB,
                            pinned_alloc_s=stats.get("host_alloc_time.total", 0) / 1e6)

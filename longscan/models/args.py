@@ -169,6 +169,9 @@ class SPSpec:
 
 
 STAGE_MODES = ("none", "checkpoint", "offload")
+PINNED_MODES = ("torch", "exact")
+"""memory.pinned: where offloaded inputs wait on the host (torch's caching pinned allocator, or exactly-sized
+page-locked buffers of longscan.training.pinned_pool)."""
 
 
 @dataclass(frozen=True)
@@ -204,6 +207,9 @@ class MemoryOptions:
     """How many blocks of each pipeline stage follow the modes above (the first ones of the stage, whose saved
     tensors live the longest); the others keep their activations (mode none) and skip the recomputation.
     -1: every block follows them. Tiles and head groups apply to every block either way."""
+    pinned: str = "torch"
+    """Host buffers of offloaded inputs (CUDA): torch (torch's pinned allocator, each block rounded up to a power of
+    two) | exact (exactly-sized page-locked buffers kept in a pool and reused from step to step)."""
 
     def __post_init__(self):
         if self.recompute_blocks < -1:
@@ -218,6 +224,8 @@ class MemoryOptions:
             raise ValueError(f"memory.blocks = {self.blocks!r} recomputes whole blocks; memory.linear_layers / "
                              "softmax_layers / mlp must then be 'none', got "
                              f"{' / '.join(repr(mode) for mode in stages)}")
+        if self.pinned not in PINNED_MODES:
+            raise ValueError(f"memory.pinned = {self.pinned!r} is not allowed; choose one of {', '.join(PINNED_MODES)}")
         for name in ("mlp_tile", "loss_chunk", "mixer_tile"):
             if getattr(self, name) < 0:
                 raise ValueError(f"memory.{name} must be >= 0 tokens (0 = off), got {getattr(self, name)}")

@@ -24,6 +24,7 @@ from longscan.models.rope import rope_cos_sin
 from longscan.models.softmax_attn import SoftmaxAttention
 from longscan.models.tp import column, normal_init
 from longscan.training.offload import HostStash, offloaded_checkpoint
+from longscan.training.pinned_pool import PinnedPool
 
 
 def _run_stage(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, mode: str, training: bool,
@@ -142,10 +143,21 @@ class HybridLM(nn.Module):
             self.output = column(cfg.dim, cfg.padded_vocab, mp, cfg.init_std)
         torch.random.set_rng_state(rng)  # building the model does not move the training RNG
         self.input_tensor = None
+        self.host_pool: PinnedPool | None = None
+        """memory.pinned = exact: the offloaded inputs' host buffers, made at the first offloading forward (on the
+        device it runs on) and reused by every later one."""
 
     def set_input_tensor(self, t):
         """Called by megatron's schedules with the activation received from the previous stage."""
         self.input_tensor = t[0] if isinstance(t, (list, tuple)) else t
+
+    def _stash(self, device: torch.device) -> HostStash:
+        """A forward's stash: torch's pinned allocator, or (memory.pinned = exact) the model's pool."""
+        if self.memory.pinned == "torch":
+            return HostStash(device)
+        if self.host_pool is None:
+            self.host_pool = PinnedPool.for_device(device)
+        return HostStash(device, self.host_pool.allocate, self.host_pool.release)
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor, cu_seqlens=None, doc_positions=None,
                 loss_mask=None) -> torch.Tensor:
@@ -161,7 +173,7 @@ class HybridLM(nn.Module):
         pos = positions(T, self.sp.group, self.sp.layout, device=x.device) if doc_positions is None else doc_positions
         cos, sin = rope_cos_sin(pos, self.cfg.hd, self.cfg.rope_theta)
         offloads = self.memory.offloads and self.memory.recompute_blocks != 0
-        stash = HostStash(x.device) if offloads and self.training else None  # this pass's inputs
+        stash = self._stash(x.device) if offloads and self.training else None  # this pass's inputs
         for layer, block_mode in zip(self.layers.values(), self.block_modes):
             if block_mode == "none":
                 x = layer(x, cos, sin, cu_seqlens, stash)

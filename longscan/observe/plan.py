@@ -144,7 +144,8 @@ def memory_per_gpu(cfg, margin: bool = True) -> float:
 
 def host_per_process(cfg) -> float:
     """Predicted pinned host bytes per process for offloaded activations (0 without offload): what `longscan
-    train` checks against the host's memory."""
+    train` checks against the host's memory (power-of-two blocks under memory.pinned = torch, exact bytes under
+    exact)."""
     return float(_estimate(cfg, False).host_bytes)
 
 
@@ -386,7 +387,8 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--costs", default=None, help="a kernel-cost table (default: the one shipped for --gpu)")
     a.add_argument("--host-gib", type=float, default=None,
                    help="host memory per node for the training processes, GiB: with offload, the longest sequence "
-                        "must also fit each process's share in pinned memory (default: the host is not a limit)")
+                        "must also fit each process's share in pinned memory, counted as memory.pinned makes it "
+                        "(torch: power-of-two blocks; exact: the bytes) (default: the host is not a limit)")
     a.add_argument("--gpus-per-node", type=int, default=8, help="processes sharing --host-gib (default 8, or --gpus "
                    "where fewer)")
     a.add_argument("--linear-methods", default=",".join(LINEAR_METHODS))

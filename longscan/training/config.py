@@ -22,7 +22,7 @@ from longscan.kernels.linear_attention import BACKENDS as LINEAR_BACKENDS
 from longscan.kernels.linear_attention import RESET_BACKENDS
 from longscan.kernels.linear_attention.options import LinearKernelOptions
 from longscan.kernels.softmax_attention import BACKENDS as SOFTMAX_BACKENDS
-from longscan.models.args import DELTA_VARIANTS, STAGE_MODES, MemoryOptions, ModelConfig
+from longscan.models.args import DELTA_VARIANTS, PINNED_MODES, STAGE_MODES, MemoryOptions, ModelConfig
 from longscan.parallel.delta_rule import TRANSITIONS as DELTA_TRANSITIONS
 from longscan.parallel.linear.common import METHODS as LINEAR_METHODS
 from longscan.parallel.softmax import METHODS as SOFTMAX_METHODS
@@ -309,6 +309,12 @@ class MemoryConfig:
     check_capacity: bool = True
     """On CUDA, refuse to start when the predicted peak memory per GPU (longscan.training.memory) exceeds the
     device's memory; false: try anyway."""
+    pinned: str = "torch"
+    """Where offloaded inputs wait on the host (CUDA): torch (torch's caching pinned allocator, which rounds each
+    block up to a power of two: a 5 GiB input takes 8) | exact (exactly-sized buffers page-locked with
+    cudaHostRegister once, kept in a pool by size and reused from step to step). The estimator, the capacity
+    check and `longscan plan` count the bytes of the one chosen. The default stays torch until exact's
+    page-locking time, step time and host peak are measured on a GPU."""
 
     def __post_init__(self):
         self.validate()
@@ -317,6 +323,7 @@ class MemoryConfig:
         """This section's own checks (ConfigError naming the key)."""
         for name in ("blocks", "linear_layers", "softmax_layers", "mlp"):
             _choice(f"memory.{name}", getattr(self, name), STAGE_MODES)
+        _choice("memory.pinned", self.pinned, PINNED_MODES)
         stages = (self.linear_layers, self.softmax_layers, self.mlp)
         if self.blocks != "none" and stages != ("none",) * 3:
             raise ConfigError(f"memory.blocks = {self.blocks!r} recomputes whole blocks; set memory.linear_layers / "
@@ -335,7 +342,7 @@ class MemoryConfig:
         return MemoryOptions(linear_layers=self.linear_layers, softmax_layers=self.softmax_layers, mlp=self.mlp,
                              mlp_tile=self.mlp_tile, loss_chunk=self.loss_chunk, mixer_tile=self.mixer_tile,
                              mixer_head_groups=self.mixer_head_groups, blocks=self.blocks,
-                             recompute_blocks=self.recompute_blocks)
+                             recompute_blocks=self.recompute_blocks, pinned=self.pinned)
 
 
 @dataclass

@@ -28,7 +28,8 @@ collectives' buffers and the allocator's fragmentation are not modelled; ``reser
 
 Beside the GPU's peak, ``Estimate.host`` counts the host memory one process pins for offloaded stage inputs:
 one `[tokens, dim]` residual stream per offloaded stage (or block), all held from the forward to their backward,
-times the microbatches the schedule holds at once. :func:`check_capacity` refuses a run whose prediction
+times the microbatches the schedule holds at once; each rounded up to a power of two by torch's pinned allocator,
+or exactly its bytes under memory.pinned = exact. :func:`check_capacity` refuses a run whose prediction
 exceeds either the GPU or this node's available host memory shared by its processes.
 """
 from __future__ import annotations
@@ -155,9 +156,12 @@ def saved_per_token(m: ModelConfig, stage: str, tp: int, act: int, mixer_tile: b
     return norm + 3 * act * (m.ffn // tp)  # w1 x, w3 x (the fused SwiGLU recomputes silu), their product
 
 
-def pinned_block_bytes(nbytes: int) -> int:
-    """Host bytes torch's caching host allocator takes for a pinned tensor of ``nbytes``: it rounds each block up
-    to a power of two (its default, PYTORCH_CUDA_ALLOC_CONF without pinned_max_round_threshold)."""
+def pinned_block_bytes(nbytes: int, pinned: str = "torch") -> int:
+    """Host bytes a pinned tensor of ``nbytes`` takes. pinned = torch: torch's caching host allocator rounds each
+    block up to a power of two (its default, PYTORCH_CUDA_ALLOC_CONF without pinned_max_round_threshold);
+    exact (memory.pinned): longscan's pool page-locks exactly ``nbytes``."""
+    if pinned == "exact":
+        return nbytes
     return 1 << (nbytes - 1).bit_length() if nbytes > 0 else 0
 
 
@@ -174,12 +178,13 @@ def offloaded_host_bytes(m: ModelConfig, layout: Layout, memory: MemoryOptions, 
     `[micro_batch_size, tokens, dim]` in model.residual_dtype (float32: the embedding's output stays so under
     autocast), from its forward to its backward; memory.blocks = offload keeps one such input a block instead
     of one a stage. 1F1B holds min(pp, microbatches) forwards at once, each with its own stash.
-    pinned: CUDA runs (page-locked blocks, rounded up by the allocator); False: plain host copies (CPU runs).
+    pinned: CUDA runs (page-locked blocks: rounded up to a power of two under memory.pinned = torch, exact under
+    exact); False: plain host copies (CPU runs).
     """
     if whole_block_checkpointing:  # whole blocks are recomputed from inputs kept on the device
         return {}
     one = m.residual_bytes * m.dim * layout.tokens
-    one = pinned_block_bytes(one) if pinned else one
+    one = pinned_block_bytes(one, memory.pinned) if pinned else one
     in_flight = min(layout.pp, layout.microbatches)
     # memory.recompute_blocks: only the blocks that follow the modes offload
     kinds = [m.layer_kind(i) for i in range(m.n_layers // layout.pp) if memory.follows_modes(i)]
@@ -504,18 +509,23 @@ def check_capacity(cfg, world_size: int, capacity_bytes: int | None = None, host
         sp_hint = f": parallel.sp >= {sp} fits at {procs} process(es) a node" if sp else ""
         fix = (f"setting {' or '.join(fixes)} fits both" if fixes else
                "no choice of stage kinds to checkpoint fits both the host and the GPU")
+        exact = (estimate_config(replace(cfg, memory=replace(cfg.memory, pinned="exact")), world_size).host_bytes
+                 if cfg.memory.pinned == "torch" else est.host_bytes)
         hint = "".join(h for h, apply in (
+            (f"memory.pinned=exact page-locks exactly each input's bytes, not a power of two ({exact / GiB:.1f} "
+             f"GiB per process{', which fits' if exact <= share else ''}); ", exact < est.host_bytes),
             ("memory.blocks=offload halves the inputs of per-stage offload (one a block); ",
              cfg.memory.blocks == "none" and cfg.memory.options().offloads),
             ("model.residual_dtype=bfloat16 halves every offloaded input; ", cfg.model.residual_dtype == "float32"))
             if apply)
         raise ConfigError(
             f"predicted pinned host memory for offloaded activations {est.host_bytes / GiB:.1f} GiB per process "
-            f"({kinds}) exceeds the host's available {host_bytes / GiB:.1f} GiB shared by {procs} process(es) on "
-            f"this node ({share / GiB:.1f} GiB each): memory.blocks (one input a block) or "
-            f"memory.linear_layers / softmax_layers / mlp (one a stage) = offload keep each offloaded "
+            f"({kinds}) exceeds the host's available {host_bytes / GiB:.1f} "
+            f"GiB shared by {procs} process(es) on this node ({share / GiB:.1f} GiB each): memory.blocks (one input "
+            f"a block) or memory.linear_layers / softmax_layers / mlp (one a stage) = offload keep each offloaded "
             f"{cfg.model.residual_dtype} input ({d.micro_batch_size * d.seq_len // p.sp} tokens × model.dim = "
-            f"{cfg.model.dim}) in host memory from its forward to its backward. Set some of them to checkpoint (the "
-            f"input then stays on the GPU): {fix}; or spread the sequence over a larger parallel.sp (each process "
-            f"holds 1/sp of it{sp_hint}); {hint}memory.check_capacity=false tries anyway.\n" + est.table())
+            f"{cfg.model.dim}) in host memory from its forward to its backward (memory.pinned = {cfg.memory.pinned}: "
+            f"{'exactly its bytes' if cfg.memory.pinned == 'exact' else 'rounded up to a power of two'}). Set some "
+            f"of them to checkpoint (the input then stays on the GPU): {fix}; or spread the sequence over a larger "
+            f"parallel.sp (each process holds 1/sp of it{sp_hint}); {hint}memory.check_capacity=false tries anyway.\n" + est.table())
     return est

@@ -22,6 +22,9 @@ GiB = 2 ** 30
 
 HostAllocator = Callable[[torch.Size, torch.dtype], torch.Tensor]
 """(shape, dtype) -> an empty host tensor for one offloaded input."""
+HostRelease = Callable[[torch.Tensor, "torch.cuda.Event | None"], None]
+"""(host tensor, the event after which no copy reads it) -> None: a HostAllocator's tensor given back for reuse
+(PinnedPool.release)."""
 
 
 def pinned_empty(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
@@ -49,14 +52,18 @@ class _Entry:
 class HostStash:
     """The offloaded inputs of one forward pass, in order; CUDA copies run on one side stream.
 
-    allocate: makes each input's host buffer (None: pinned memory on CUDA, plain host memory otherwise).
+    allocate: makes each input's host buffer (None: torch's pinned memory on CUDA, plain host memory otherwise).
+    release: where a buffer goes once its input is taken back (or the stash is dropped before that), with the
+    event after which no copy reads it (None: the buffer is simply dropped).
     """
 
-    def __init__(self, device: torch.device, allocate: HostAllocator | None = None):
+    def __init__(self, device: torch.device, allocate: HostAllocator | None = None,
+                 release: HostRelease | None = None):
+        self.release = release
+        self.entries: list[_Entry | None] = []
         self.device = device
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.allocate = allocate or (pinned_empty if self.stream is not None else host_empty)
-        self.entries: list[_Entry | None] = []
 
     @property
     def held_bytes(self) -> int:
@@ -71,7 +78,8 @@ class HostStash:
             n_held = sum(entry is not None for entry in self.entries)
             pinned = self.stream is not None
             what = "pinned host memory" if pinned else "host memory"
-            rounding = " (torch's pinned allocator rounds each block up to a power of two)" if pinned else ""
+            rounding = (" (torch's pinned allocator rounds each block up to a power of two; memory.pinned = exact "
+                        "page-locks exactly the bytes asked)") if self.allocate is pinned_empty else ""
             raise HostMemoryError(
                 f"out of {what} for offloaded activations: {asked / GiB:.2f} GiB ({asked} bytes) asked for an "
                 f"offloaded stage input {tuple(x.shape)} {x.dtype}, with {self.held_bytes / GiB:.2f} GiB "
@@ -123,7 +131,21 @@ class HostStash:
             current = torch.cuda.current_stream(self.device)
             current.wait_event(e.fetched)
             e.value.record_stream(current)  # allocated on the side stream, used and freed on this one
+        if self.release is not None:  # reusable once the copy back (enqueued above, or done on CPU) has read it
+            self.release(e.host, e.fetched)
         return e.value
+
+    def close(self) -> None:
+        """Give back the host buffers of inputs never taken back (a forward whose backward did not run)."""
+        if self.release is None:
+            return
+        for i, e in enumerate(self.entries):
+            if e is not None:
+                self.entries[i] = None
+                self.release(e.host, e.fetched or e.stored)  # the last copy that touches it
+
+    def __del__(self):
+        self.close()
 
 
 def _autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
