@@ -91,17 +91,18 @@ def _wy_state_bwd(Q, K_, G, QG, KB, GC, W, DO, DVL, DHT, DHS, DVN, DH0, T, H, N,
             k = tl.load(K_ + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(dt)
             if HAS_Q:
                 q = tl.load(Q + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(dt)
-        if GATE == SCALAR:   # K̄ and Q̃ go back to the operands' dtype at once (no float32 `[BT, K]` tile is kept)
+        # a scalar gate scales the products' `[BT, BV]` rows (K̄ dS = Diag(exp(b_C - b)) K dS, Q̃ᵀ do =
+        # Qᵀ Diag(exp(b)) do), not the `[BT, K]` operands: q and k then go from memory to the products as
+        # loaded (prefetched like the ungated kernel's) instead of through registers
+        kds = tl.dot(k, dS.to(dt), input_precision=PREC)
+        if GATE == SCALAR:
             bc = tl.cumsum(tl.load(G + tok, mask=mt, other=0.).to(tl.float32), axis=0)
             last = tl.sum(tl.where(oc == BT - 1, bc, 0.), axis=0)
-            k = (k * tl.exp(last - bc)[:, None]).to(dt)
-            if HAS_Q:
-                q = (q * tl.exp(bc)[:, None]).to(dt)
+            kds = kds * tl.exp(last - bc)[:, None]
         if HAS_Q:
-            dv = tl.load(DVL + row[:, None] * V + ov[None, :], mask=mv[None, :], other=0.).to(tl.float32)
-            dv += tl.dot(k, dS.to(dt), input_precision=PREC)
+            dv = tl.load(DVL + row[:, None] * V + ov[None, :], mask=mv[None, :], other=0.).to(tl.float32) + kds
         else:
-            dv = tl.dot(k, dS.to(dt), input_precision=PREC)
+            dv = kds
         tl.store(DVN + row[:, None] * V + ov[None, :], dv.to(dt), mask=mv[None, :])
         w = tl.load(W + row[:, None] * K + ok[None, :], mask=mk[None, :], other=0.)
         if GATE == SCALAR:
@@ -109,8 +110,10 @@ def _wy_state_bwd(Q, K_, G, QG, KB, GC, W, DO, DVL, DHT, DHS, DVN, DH0, T, H, N,
         if GATE == PER_KEY:
             dS = dS * tl.load(GC + sn * K + ok, mask=mk, other=0.)[:, None]
         if HAS_Q:
-            do = tl.load(DO + tok[:, None] * V + ov[None, :], mask=mt[:, None] & mv[None, :], other=0.).to(dt)
-            dS += scale * tl.dot(tl.trans(q), do, input_precision=PREC)
+            do = tl.load(DO + tok[:, None] * V + ov[None, :], mask=mt[:, None] & mv[None, :], other=0.)
+            if GATE == SCALAR:
+                do = do.to(tl.float32) * tl.exp(bc)[:, None]
+            dS += scale * tl.dot(tl.trans(q), do.to(dt), input_precision=PREC)
         dS -= tl.dot(tl.trans(w), dv.to(dt), input_precision=PREC)
     tl.store(DH0 + bh.to(tl.int64) * K * VB + ok[:, None] * VB + ov[None, :], dS, mask=m_kv)
 
