@@ -33,7 +33,7 @@ BLOCK_K = 32   # inter_block_k of the blocked recurrence kernels (the dispatch r
 FLOAT32_PATH_INPUTS = ("Q", "K_", "V_")
 # float32 pointers on path="wy" (every other pointer is in the inputs' dtype)
 WY_F32 = ("BETA", "G", "A_", "GC", "H0", "HT", "DHT", "DH0", "DB", "DBETA", "DG")
-INTS = ("T", "H", "N", "C", "K", "V", "V0", "VB")
+INTS = ("T", "H", "N", "C", "K", "V", "V0", "VB", "NDB")
 _PTR = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
 
 

@@ -290,7 +290,7 @@ HAS_Q = len(sys.argv) < 3 or sys.argv[2] == "q"   # "no_q": the segment transiti
 
 
 def counts(fn, consts, warps, stages):
-    sig = {a: "constexpr" if a in consts else "i32" if a in ("T", "H", "N", "K", "V", "V0", "VB") else "fp32"
+    sig = {a: "constexpr" if a in consts else "i32" if a in ("T", "H", "N", "K", "V", "V0", "VB", "NDB") else "fp32"
            if a == "scale" else "*bf16" if a in BF16 else "*fp32" for a in fn.arg_names}
     src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))

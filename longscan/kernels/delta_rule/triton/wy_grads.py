@@ -175,8 +175,9 @@ def _wy_dqkw(Q, K_, G, HS, DHS, VN, DVN, DO, DQ, DK, DW, DB, T, H, N, K, V, scal
 
 
 @triton.jit
-def _wy_bwd(K_, V_, BETA, G, P_, W, U, DVN, DW, DB, DK, DV, DBETA, DG, T, H, N, K, V, GATE: tl.constexpr,
+def _wy_bwd(K_, V_, BETA, G, P_, W, U, DVN, DW, DB, DK, DV, DBETA, DG, T, H, N, K, V, NDB, GATE: tl.constexpr,
             BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """A scalar gate's db arrives as NDB `[BT]` shares a chunk (one a block of keys of ``_wy_dqkw``), summed here."""
     n, bh = tl.program_id(0), tl.program_id(1)
     oc, mt, tok0, tok, row0 = wy_chunk(n, bh, T, H, N)
     row = oc
@@ -197,6 +198,8 @@ def _wy_bwd(K_, V_, BETA, G, P_, W, U, DVN, DW, DB, DK, DV, DBETA, DG, T, H, N, 
         bc = tl.cumsum(tl.load(G + tok, mask=mt, other=0.).to(tl.float32), axis=0)
         eb = tl.exp(bc)
         db = tl.load(DB + row)
+        for i in range(1, NDB):
+            db += tl.load(DB + i * (tl.num_programs(1) * N * BT) + row)
     dA = tl.zeros([BT, BT], dtype=tl.float32)
     dbeta = tl.zeros([BT], dtype=tl.float32)
     for iv in range(0, tl.cdiv(V, BV)):
@@ -251,12 +254,13 @@ def _wy_bwd(K_, V_, BETA, G, P_, W, U, DVN, DW, DB, DK, DV, DBETA, DG, T, H, N, 
                      tl.sum(db, axis=0)[None, :] - tl.cumsum(db, axis=0) + db, mask=m_tk)
     else:
         if GATE == SCALAR:
-            kk = kk * tl.exp(tl.where(causal, bc[:, None] - bc[None, :], 0.))
+            dmat = tl.exp(tl.where(causal, bc[:, None] - bc[None, :], 0.))   # D, formed once for A and M
+            kk = kk * dmat
         dbeta += tl.sum(dA * kk, axis=1)
         if GATE == SCALAR:
             ga = M * kk                                                   # dA ⊙ A
             db += tl.sum(ga, axis=1) - tl.sum(ga, axis=0)
-            M = M * tl.exp(tl.where(causal, bc[:, None] - bc[None, :], 0.))
+            M = M * dmat
             tl.store(DG + tok, tl.sum(db, axis=0) - tl.cumsum(db, axis=0) + db, mask=mt)
         MM = (M + tl.trans(M)).to(dt)          # M K + Mᵀ K in one product (M strictly lower)
         for ik in range(0, tl.cdiv(K, BK)):
@@ -301,16 +305,15 @@ def wy_input_grads(q, k, v, beta, g, P, W, U, HS, VN, DHS, DVN, dO, scale: float
     dq, dk = (torch.empty_like(k) if has_q else None), torch.empty_like(k)
     dW = torch.empty_like(W)
     NK = triton.cdiv(K, block_k)
-    # a scalar gate's db: one `[BT]` share a block of keys, summed; per-key gates': each key its own
+    # a scalar gate's db: one `[BT]` share a block of keys, summed by ``_wy_bwd``; per-key gates': each key its own
     db = (None if gate == NO_GATE else torch.empty(NK, B, H, N * 64, **f32) if gate == SCALAR
           else torch.empty(B, H, N * 64, K, **f32))
     _wy_dqkw[(NK, N, B * H)](q, k, g, HS, DHS, VN, DVN, dO, dq, dk, dW, db, T, H, N, K, V, scale, HAS_Q=has_q,
                              **kw)
-    db = db.sum(0) if gate == SCALAR else db
     dv, dbeta = torch.empty(B, T, H, V, device=k.device, dtype=k.dtype), torch.empty(B, T, H, **f32)
     dg = torch.empty(g.shape, **f32) if g is not None else None
     kw["BK"] = bwd_block_k(block_k, gate)
-    _wy_bwd[(N, B * H)](k, v, beta, g, P, W, U, DVN, dW, db, dk, dv, dbeta, dg, T, H, N, K, V, **kw)
+    _wy_bwd[(N, B * H)](k, v, beta, g, P, W, U, DVN, dW, db, dk, dv, dbeta, dg, T, H, N, K, V, NK, **kw)
     return dq, dk, dv, dbeta, dg
 
 
