@@ -48,6 +48,29 @@ def test_wy_kda_matches_recurrence(shape, with_state):
     compare("kda", shape, with_state, WY, seed=shape[1] + 2)
 
 
+WY_ROWS = DeltaTritonOptions(path="wy", block_v=16, wy_gate_rows=True)
+
+
+@pytest.mark.parametrize("with_state", [True, False], ids=["states", "no_states"])
+@pytest.mark.parametrize("shape", SHAPES[1:4], ids=lambda s: "B{}T{}H{}K{}V{}".format(*s))
+def test_wy_gate_rows_matches_recurrence(shape, with_state):
+    """wy_gate_rows: the scalar gate's serial backward scales its products' rows instead of q and k."""
+    compare("gated", shape, with_state, WY_ROWS, seed=shape[1] + 7)
+
+
+def test_wy_gate_rows_segment_transitions_match_the_default():
+    """The segment transitions (no q: only K̄ dS's rows are scaled) with wy_gate_rows, against the default."""
+    x = {n: (t.to(DEV) if t is not None else None)
+         for n, t in make_inputs("gated", 1, 150, 2, 16, 16, torch.float32, seed=9).items()}
+    gen = torch.Generator().manual_seed(9)
+    dloc, dM = (torch.randn(1, 2, 16, 16, generator=gen).to(DEV) for _ in range(2))
+    want, want_grads = transition_grads(lambda *a: tc.segment_transition(*a, options=WY), x, dloc, dM)
+    got, got_grads = transition_grads(lambda *a: tc.segment_transition(*a, options=WY_ROWS), x, dloc, dM)
+    assert rel_err(got[0], want[0]) < 1e-5 and rel_err(got[1], want[1]) < 1e-5
+    for n in want_grads:
+        assert rel_err(got_grads[n], want_grads[n]) < 1e-5, n
+
+
 @pytest.mark.parametrize("kind", ["deltanet", "gated", "kda"])
 def test_wy_gradients_from_the_final_state_alone(kind):
     """A loss on the final state only (o unused: its gradient reaches the kernels as None or zeros)."""
@@ -306,7 +329,8 @@ KERNELS = (
     ("inverse", wy_prep._wy_inverse, {}, (wy_prep.INVERSE_WARPS, 3)),
     ("w_u", wy_prep._wy_w_u, dict(P, HAS_Q=HAS_Q, BK=BK, BV=BV), PAR),
     ("state_fwd", wy_state._wy_state_fwd, dict(P, HAS_H0=True, KP=K, BV=SV), SER),
-    ("state_bwd", wy_state._wy_state_bwd, dict(P, HAS_Q=HAS_Q, HAS_DHT=True, KP=K, BV=SV), SER),
+    ("state_bwd", wy_state._wy_state_bwd, dict(P, HAS_Q=HAS_Q, HAS_DHT=True, KP=K, BV=SV, GATE_ROWS=o.wy_gate_rows),
+     SER),
     ("output", wy_output._wy_output, dict(P, BK=BK, BV=BV), PAR),
     ("dv_local", wy_grads._wy_dv_local, dict(P, BK=BK, BV=BV), PAR),
     ("dqkw", wy_grads._wy_dqkw, dict(P, HAS_Q=HAS_Q, BK=BK, BV=BV), PAR),

@@ -76,7 +76,7 @@ class DeltaRuleWY(torch.autograd.Function):
         else:
             dO = dO.contiguous().to(k.dtype)
         state_backward = functools.partial(wy_state_backward, q, k, g, QG, KB, GC, W, dO, dHT=dHT, scale=ctx.scale,
-                                           V=v.shape[-1], **serial_settings(o))
+                                           V=v.shape[-1], gate_rows=o.wy_gate_rows, **serial_settings(o))
         dq, dk, dv, dbeta, dg, dh0 = wy_grads(q, k, v, beta, g, P, W, U, HS, VN, dO, ctx.scale,
                                               state_backward, block_k=ctx.bk, **parallel_settings(o))
         dh0 = dh0.to(ctx.h0_dtype) if ctx.h0_dtype is not None else None

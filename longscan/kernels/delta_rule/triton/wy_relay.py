@@ -82,7 +82,8 @@ class WYRelay:
                                        **parallel_settings(self.options))
             seg.DHS, seg.DVN = torch.empty_like(seg.HS), torch.empty_like(seg.VN)
         return wy_state_backward_columns(seg.q, seg.k, seg.g, seg.QG, seg.KB, seg.GC, seg.W, seg.do, seg.dv_local,
-                                         dS_out, seg.DHS, seg.DVN, c0, c1, self.scale, **serial_settings(self.options))
+                                         dS_out, seg.DHS, seg.DVN, c0, c1, self.scale,
+                                         gate_rows=self.options.wy_gate_rows, **serial_settings(self.options))
 
     def grads(self):
         out = [wy_input_grads(seg.q, seg.k, seg.v, seg.beta, seg.g, seg.P, seg.W, seg.U, seg.HS, seg.VN, seg.DHS,
