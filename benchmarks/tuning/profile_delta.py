@@ -53,6 +53,29 @@ def print_table(title: str, rows: list[tuple[str, int, float]]) -> None:
         print(f"   {name[:60]:60} {calls:5d} {us:9.1f} {100 * us / total:5.1f}%")
 
 
+def profile_case(kind: str, B: int, T: int, heads: int, head_dim: int, options: DeltaTritonOptions, fla) -> None:
+    """Print the tables of one forward+backward of ours at ``options`` and (fla not None) of fla's."""
+    x = inputs(kind, B, T, heads, head_dim, "cuda")
+    do = torch.randn_like(x["v"])
+    leaves = [t for t in x.values() if t is not None]
+
+    def ours():
+        o, _ = chunk_delta_rule(x["q"], x["k"], x["v"], x["beta"], x["g"], output_final_state=True,
+                                backend="triton", options=options)
+        torch.autograd.grad(o, leaves, do)
+    print_table(f"longscan {kind} {B}x{T}", kernel_table(ours))
+    if fla is None:
+        return
+
+    def theirs():
+        o, _ = fla(**x)
+        torch.autograd.grad(o, leaves, do)
+    try:
+        print_table(f"fla {kind} {B}x{T}", kernel_table(theirs))
+    except Exception as e:   # fla refuses some kinds on some Triton versions: say so, go on
+        print(f"== fla {kind} {B}x{T}: failed: {type(e).__name__}: {str(e)[:200]}")
+
+
 def _parse_set(items: list[str]) -> dict:
     kw = {}
     for item in items:
@@ -83,27 +106,8 @@ def main():
     print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | {a.heads} heads x {a.head_dim} | {options}")
     for kind in a.kinds:
         for B, T in shapes:
-            x = inputs(kind, B, T, a.heads, a.head_dim, "cuda")
-            do = torch.randn_like(x["v"])
-            leaves = [t for t in x.values() if t is not None]
-
-            def ours():
-                o, _ = chunk_delta_rule(x["q"], x["k"], x["v"], x["beta"], x["g"], output_final_state=True,
-                                        backend="triton", options=options)
-                torch.autograd.grad(o, leaves, do)
-            print_table(f"longscan {kind} {B}x{T}", kernel_table(ours))
-            f = None if a.no_fla else peer(kind)
-            if f is not None:
-                def theirs():
-                    o, _ = f(**x)
-                    torch.autograd.grad(o, leaves, do)
-                try:
-                    print_table(f"fla {kind} {B}x{T}", kernel_table(theirs))
-                except Exception as e:   # fla refuses some kinds on some Triton versions: say so, go on
-                    print(f"== fla {kind} {B}x{T}: failed: {type(e).__name__}: {str(e)[:200]}")
-            del x, do, leaves
+            profile_case(kind, B, T, a.heads, a.head_dim, options, None if a.no_fla else peer(kind))
             torch.cuda.empty_cache()
-
 
 if __name__ == "__main__":
     main()
