@@ -49,7 +49,7 @@ BLOCK_K = 32   # inter_block_k of the blocked recurrence kernels (the dispatch r
 # pointers in the inputs' dtype on path="float32" (its chunk quantities are float32)
 FLOAT32_PATH_INPUTS = ("Q", "K_", "V_")
 # float32 pointers on path="wy" (every other pointer is in the inputs' dtype)
-WY_F32 = ("BETA", "G", "A_", "GC", "H0", "HT", "DHT", "DH0", "DB", "DBETA", "DG")
+WY_F32 = ("BETA", "G", "A_", "GB", "GC", "H0", "HT", "DHT", "DH0", "DB", "DBETA", "DG")
 INTS = ("T", "H", "N", "C", "K", "V", "V0", "VB", "NDB")
 _PTR = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
 
@@ -58,7 +58,7 @@ def _none_args(kind: str, name: str, states: bool) -> set:
     """The pointers the dispatch passes as None for ``kind`` (with q)."""
     none = set()
     if kind == "deltanet":
-        none |= {"G", "LAST", "DLAST", "DB", "DG"}
+        none |= {"G", "GB", "LAST", "DLAST", "DB", "DG"}
     if kind != "kda":
         none |= {"KB", "QG", "GC"} if name.startswith("wy") else set()
     if not states:

@@ -43,8 +43,10 @@ def _wy_dv_local(Q, K_, G, DO, DVL, T, H, N, K, V, scale, GATE: tl.constexpr, BK
     row = oc
     DVL = DVL + row0 * V
     gk = gate_width(K, GATE)   # a gate a key: G, DB and DG hold K values a token
-    if GATE != NO_GATE:
+    if GATE == PER_KEY:
         G = G + tok0 * gk
+    if GATE == SCALAR:   # b `[B, H, N·BT]`, as ``wy_prep`` wrote it
+        G = G + row0
     K_, Q = K_ + tok0 * K, Q + tok0 * K
     DO = DO + tok0 * V
     dt = DVL.dtype.element_ty
@@ -61,7 +63,7 @@ def _wy_dv_local(Q, K_, G, DO, DVL, T, H, N, K, V, scale, GATE: tl.constexpr, BK
             qk += tl.dot(q, tl.trans(k), input_precision=PREC)
     causal = oc[:, None] >= oc[None, :]
     if GATE == SCALAR:
-        bc = tl.cumsum(tl.load(G + tok, mask=mt, other=0.).to(tl.float32), axis=0)
+        bc = tl.load(G + row)
         qk = qk * tl.exp(tl.where(causal, bc[:, None] - bc[None, :], 0.))
     qkt = tl.trans(tl.where(causal, scale * qk, 0.)).to(dt)
     for iv in range(0, tl.cdiv(V, BV)):
@@ -83,8 +85,10 @@ def _wy_dqkw(Q, K_, G, HS, DHS, VN, DVN, DO, DQ, DK, DW, DB, T, H, N, K, V, scal
     row = oc
     gk = gate_width(K, GATE)   # a gate a key: G, DB and DG hold K values a token
     DW = DW + row0 * K
-    if GATE != NO_GATE:
+    if GATE == PER_KEY:
         G, DB = G + tok0 * gk, DB + row0 * gk
+    if GATE == SCALAR:   # b `[B, H, N·BT]`, as ``wy_prep`` wrote it
+        G, DB = G + row0, DB + row0
     DVN, VN = DVN + row0 * V, VN + row0 * V
     DK, K_ = DK + tok0 * K, K_ + tok0 * K
     if HAS_Q:
@@ -145,8 +149,8 @@ def _wy_dqkw(Q, K_, G, HS, DHS, VN, DVN, DO, DQ, DK, DW, DB, T, H, N, K, V, scal
         tl.store(DB + row[:, None] * K + ok[None, :], db, mask=mk[None, :])
     else:
         if GATE == SCALAR:
-            bc = tl.cumsum(tl.load(G + tok, mask=mt, other=0.).to(tl.float32), axis=0)
-            last = tl.sum(tl.where(oc == BT - 1, bc, 0.), axis=0)
+            bc = tl.load(G + row)
+            last = tl.load(G + BT - 1)
             dkb = dkb * tl.exp(last - bc)[:, None]                            # dK̄'s share of dk
             # b_C's shares (K̄ = exp(b_C - b) k and exp(b_C) S), to b at the chunk's last row
             dlast = tl.exp(last) * tl.sum(tl.sum(dls, axis=1), axis=0) + tl.sum(tl.sum(dkb * k.to(tl.float32),
@@ -186,8 +190,10 @@ def _wy_bwd(K_, V_, BETA, G, P_, W, U, DVN, DW, DB, DK, DV, DBETA, DG, T, H, N, 
     DW, W = DW + row0 * K, W + row0 * K
     DVN, U = DVN + row0 * V, U + row0 * V
     BETA, DBETA = BETA + tok0, DBETA + tok0
-    if GATE != NO_GATE:
+    if GATE == PER_KEY:
         G, DB, DG = G + tok0 * gk, DB + row0 * gk, DG + tok0 * gk
+    if GATE == SCALAR:   # b `[B, H, N·BT]`, as ``wy_prep`` wrote it
+        G, DB, DG = G + row0, DB + row0, DG + tok0
     DK, K_ = DK + tok0 * K, K_ + tok0 * K
     DV, V_ = DV + tok0 * V, V_ + tok0 * V
     dt = P_.dtype.element_ty
@@ -195,7 +201,7 @@ def _wy_bwd(K_, V_, BETA, G, P_, W, U, DVN, DW, DB, DK, DV, DBETA, DG, T, H, N, 
     beta = tl.load(BETA + tok, mask=mt, other=0.).to(tl.float32)
     eb = tl.full([BT], 1., tl.float32)
     if GATE == SCALAR:
-        bc = tl.cumsum(tl.load(G + tok, mask=mt, other=0.).to(tl.float32), axis=0)
+        bc = tl.load(G + row)
         eb = tl.exp(bc)
         db = tl.load(DB + row)
         for i in range(1, NDB):
@@ -311,7 +317,8 @@ def wy_input_grads(q, k, v, beta, g, P, W, U, HS, VN, DHS, DVN, dO, scale: float
     _wy_dqkw[(NK, N, B * H)](q, k, g, HS, DHS, VN, DVN, dO, dq, dk, dW, db, T, H, N, K, V, scale, HAS_Q=has_q,
                              **kw)
     dv, dbeta = torch.empty(B, T, H, V, device=k.device, dtype=k.dtype), torch.empty(B, T, H, **f32)
-    dg = torch.empty(g.shape, **f32) if g is not None else None
+    # g: a scalar gate's cumulative sums `[B, H, N·BT]` (``wy_prep``), its dg `[B, T, H]` as β; per-key gates' g
+    dg = None if g is None else torch.empty(beta.shape if gate == SCALAR else g.shape, **f32)
     kw["BK"] = bwd_block_k(block_k, gate)
     _wy_bwd[(N, B * H)](k, v, beta, g, P, W, U, DVN, dW, db, dk, dv, dbeta, dg, T, H, N, K, V, NK, **kw)
     return dq, dk, dv, dbeta, dg

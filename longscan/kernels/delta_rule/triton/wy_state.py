@@ -34,8 +34,8 @@ def _wy_state_fwd(K_, G, KB, GC, W, U, H0, HS, VN, HT, T, H, N, K, V, V0, VB, GA
     oc, ok, ov, mk, mv, m_kv, seq, rows = wy_sequence(iv, bh, T, H, N, K, VB, KP, BV)
     dt = W.dtype.element_ty
     K_, W, U, VN, HS = K_ + seq * K, W + rows * K, U + rows * V + V0, VN + rows * V + V0, HS + V0
-    if GATE == SCALAR:
-        G = G + seq
+    if GATE == SCALAR:   # b `[B, H, N·BT]`, as ``wy_prep`` wrote it
+        G = G + rows
     if GATE == PER_KEY:
         KB = KB + rows * K
     S = wy_state_tile(H0, bh, ok, ov, m_kv, K, VB, HAS_H0, KP, BV)
@@ -52,8 +52,8 @@ def _wy_state_fwd(K_, G, KB, GC, W, U, H0, HS, VN, HT, T, H, N, K, V, V0, VB, GA
         else:
             k = tl.load(K_ + tok[:, None] * K + ok[None, :], mask=mt[:, None] & mk[None, :], other=0.).to(dt)
         if GATE == SCALAR:
-            bc = tl.cumsum(tl.load(G + tok, mask=mt, other=0.).to(tl.float32), axis=0)
-            last = tl.sum(tl.where(oc == BT - 1, bc, 0.), axis=0)
+            bc = tl.load(G + row)
+            last = tl.load(G + n * BT + BT - 1)
             vn = vn * tl.exp(last - bc)[:, None]
             S = S * tl.exp(last)
         S += tl.dot(tl.trans(k), vn.to(dt), input_precision=PREC)
@@ -64,8 +64,9 @@ def _wy_state_fwd(K_, G, KB, GC, W, U, H0, HS, VN, HT, T, H, N, K, V, V0, VB, GA
 def _wy_state_bwd(Q, K_, G, QG, KB, GC, W, DO, DVL, DHT, DHS, DVN, DH0, T, H, N, K, V, V0, VB, scale,
                   GATE: tl.constexpr, HAS_Q: tl.constexpr, HAS_DHT: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr,
                   PREC: tl.constexpr, GATE_ROWS: tl.constexpr):
-    """GATE_ROWS (a scalar gate): scale the products' `[BT, BV]` rows by the decays instead of the `[BT, K]` q and
-    k, which then reach the products as loaded (prefetched into shared memory as without a gate)."""
+    """A scalar gate: G is g `[B, T, H]`, summed in each chunk here, and K̄, Q̃ `[BT, K]` are formed in registers;
+    with GATE_ROWS G is b `[B, H, N·BT]` (``wy_prep``'s) and the products' `[BT, BV]` rows are scaled by the decays
+    instead, so q and k reach the products as loaded (prefetched into shared memory as without a gate)."""
     iv, bh = tl.program_id(0), tl.program_id(1)
     # columns V0:V0 + VB of the V-wide DO, DVL, DHS and DVN, the states DHT and DH0 VB wide
     oc, ok, ov, mk, mv, m_kv, seq, rows = wy_sequence(iv, bh, T, H, N, K, VB, KP, BV)
@@ -73,8 +74,11 @@ def _wy_state_bwd(Q, K_, G, QG, KB, GC, W, DO, DVL, DHT, DHS, DVN, DH0, T, H, N,
     K_, W, DVN, DHS = K_ + seq * K, W + rows * K, DVN + rows * V + V0, DHS + V0
     if HAS_Q:   # without q (a segment transition) no output: no dv_local, no Q̃ᵀ do term
         Q, DO, DVL = Q + seq * K, DO + seq * V + V0, DVL + rows * V + V0
-    if GATE == SCALAR:
-        G = G + seq
+    if GATE == SCALAR:   # GATE_ROWS: b `[B, H, N·BT]` as ``wy_prep`` wrote it; else g `[B, T, H]`
+        if GATE_ROWS:
+            G = G + rows
+        else:
+            G = G + seq
     if GATE == PER_KEY:
         KB = KB + rows * K
         if HAS_Q:
@@ -93,13 +97,16 @@ def _wy_state_bwd(Q, K_, G, QG, KB, GC, W, DO, DVL, DHT, DHS, DVN, DH0, T, H, N,
             k = tl.load(K_ + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(dt)
             if HAS_Q:
                 q = tl.load(Q + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(dt)
-        if GATE == SCALAR:
+        if GATE == SCALAR and GATE_ROWS:
+            bc = tl.load(G + row)
+            last = tl.load(G + n * BT + BT - 1)
+        if GATE == SCALAR and not GATE_ROWS:   # K̄ and Q̃ formed in registers, back in the operands' dtype at once
+            # (b summed here: read from memory, this variant spills when compiled without alignment hints)
             bc = tl.cumsum(tl.load(G + tok, mask=mt, other=0.).to(tl.float32), axis=0)
             last = tl.sum(tl.where(oc == BT - 1, bc, 0.), axis=0)
-            if not GATE_ROWS:   # K̄ and Q̃ formed in registers, back in the operands' dtype at once
-                k = (k * tl.exp(last - bc)[:, None]).to(dt)
-                if HAS_Q:
-                    q = (q * tl.exp(bc)[:, None]).to(dt)
+            k = (k * tl.exp(last - bc)[:, None]).to(dt)
+            if HAS_Q:
+                q = (q * tl.exp(bc)[:, None]).to(dt)
         kds = tl.dot(k, dS.to(dt), input_precision=PREC)
         if GATE == SCALAR and GATE_ROWS:   # K̄ dS = Diag(exp(b_C - b)) K dS: `[BT, BV]` rows, k as loaded
             kds = kds * tl.exp(last - bc)[:, None]
