@@ -103,7 +103,7 @@ def _wy_dqkw(Q, K_, G, HS, DHS, VN, DVN, DO, DQ, DK, DW, DB, T, H, N, K, V, scal
     dkb = tl.zeros([BT, BK], dtype=tl.float32)   # v_n dS'ᵀ
     df = tl.zeros([BT, BT], dtype=tl.float32)    # do v_nᵀ
     dl = tl.zeros([BK], dtype=tl.float32)
-    dls = tl.zeros([BK, BV], dtype=tl.float32)   # a scalar gate's S ⊙ dS' summed over V steps, reduced once after
+    dls = 0.   # a scalar gate's Σ S ⊙ dS'
     for iv in range(0, tl.cdiv(V, BV)):
         ov = iv * BV + tl.arange(0, BV)
         mv = ov < V
@@ -119,7 +119,7 @@ def _wy_dqkw(Q, K_, G, HS, DHS, VN, DVN, DO, DQ, DK, DW, DB, T, H, N, K, V, scal
         dw -= tl.dot(dvn, tl.trans(s), input_precision=PREC)
         dkb += tl.dot(vn, tl.trans(ds), input_precision=PREC)
         if GATE == SCALAR:
-            dls += s.to(tl.float32) * ds.to(tl.float32)
+            dls += tl.sum(tl.sum(s.to(tl.float32) * ds.to(tl.float32), axis=1), axis=0)
         if GATE == PER_KEY:
             dl += tl.sum(s.to(tl.float32) * ds.to(tl.float32), axis=1)
     tl.store(DW + row[:, None] * K + ok[None, :], dw.to(dt), mask=mk[None, :])
@@ -153,27 +153,28 @@ def _wy_dqkw(Q, K_, G, HS, DHS, VN, DVN, DO, DQ, DK, DW, DB, T, H, N, K, V, scal
             last = tl.load(G + BT - 1)
             dkb = dkb * tl.exp(last - bc)[:, None]                            # dK̄'s share of dk
             # b_C's shares (K̄ = exp(b_C - b) k and exp(b_C) S), to b at the chunk's last row
-            dlast = tl.exp(last) * tl.sum(tl.sum(dls, axis=1), axis=0) + tl.sum(tl.sum(dkb * k.to(tl.float32),
+            dlast = tl.exp(last) * dls + tl.sum(tl.sum(dkb * k.to(tl.float32),
                                                                                         axis=1), axis=0)
             if HAS_Q:
                 dqs = dqs * (scale * tl.exp(bc))[:, None]                     # dQ̃'s share of dq
                 df = df * tl.exp(tl.where(causal, bc[:, None] - bc[None, :], 0.))
         else:
             dqs = scale * dqs
+        # a scalar gate: every exp(±b) factor's share from the gradients as they are formed: Q̃'s and F's rows
+        # q·dq, K̄'s and F's columns -k·dk (Σ_s dF_ts F_ts = q_t·(dF K)_t, Σ_t dF_ts F_ts = k_s·(dFᵀ Q)_s: no
+        # Q Kᵀ product), each taken as soon as its gradient is (fewer live tiles)
+        db = tl.zeros([BT], dtype=tl.float32)
         if HAS_Q:
             dfc = df.to(dt)
             dq = dqs + tl.dot(dfc, k, input_precision=PREC)
             tl.store(DQ + tok[:, None] * K + ok[None, :], dq.to(DQ.dtype.element_ty), mask=m_tk)
+            if GATE == SCALAR:
+                db += tl.sum(dq * q.to(tl.float32), axis=1)
             dk = dkb + tl.dot(tl.trans(dfc), q, input_precision=PREC)
         else:
             dk = dkb
         if GATE == SCALAR:
-            # every exp(±b) factor's share from the gradients just formed: Q̃'s and F's rows q·dq, K̄'s and F's
-            # columns -k·dk (Σ_s dF_ts F_ts = q_t·(dF K)_t, Σ_t dF_ts F_ts = k_s·(dFᵀ Q)_s: no Q Kᵀ product)
-            db = -tl.sum(dk * k.to(tl.float32), axis=1)
-            if HAS_Q:
-                db += tl.sum(dq * q.to(tl.float32), axis=1)
-            db += tl.where(oc == BT - 1, dlast, 0.)
+            db += tl.where(oc == BT - 1, dlast, 0.) - tl.sum(dk * k.to(tl.float32), axis=1)
             tl.store(DB + ik * (tl.num_programs(2) * N * BT) + row, db)
     tl.store(DK + tok[:, None] * K + ok[None, :], dk.to(DK.dtype.element_ty), mask=m_tk)
 
