@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import os
 import re
 import subprocess
@@ -148,6 +149,10 @@ def compile_kernel(kind: str, name: str, states: bool, dtype: torch.dtype, dims:
              if sig[a].startswith("*") or a in ("K", "V", "C", "V0", "VB")}
     src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()}, attrs=attrs)
     options = dict(num_warps=warps) if stages is None else dict(num_warps=warps, num_stages=stages)
+    # the register cap of the parallel backward kernels (an earlier longscan's options may have no such field)
+    if name in ("wy_dqkw", "wy_bwd") and "wy_max_registers" in {f.name for f in dataclasses.fields(o)}:
+        if o.wy_max_registers is not None:
+            options["maxnreg"] = o.wy_max_registers
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 

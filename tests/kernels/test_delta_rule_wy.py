@@ -48,13 +48,16 @@ def test_wy_kda_matches_recurrence(shape, with_state):
     compare("kda", shape, with_state, WY, seed=shape[1] + 2)
 
 
-WY_ROWS = DeltaTritonOptions(path="wy", block_v=16, wy_gate_rows=True)
+# the scalar gate's options: the serial backward scaling its products' rows, the parallel backward's register cap
+# (which the interpreter ignores: here its launch path runs)
+WY_ROWS = DeltaTritonOptions(path="wy", block_v=16, wy_gate_rows=True, wy_max_registers=128)
 
 
 @pytest.mark.parametrize("with_state", [True, False], ids=["states", "no_states"])
 @pytest.mark.parametrize("shape", SHAPES[1:4], ids=lambda s: "B{}T{}H{}K{}V{}".format(*s))
 def test_wy_gate_rows_matches_recurrence(shape, with_state):
-    """wy_gate_rows: the scalar gate's serial backward scales its products' rows instead of q and k."""
+    """wy_gate_rows: the scalar gate's serial backward scales its products' rows instead of q and k (and reads the
+    chunks' cumulative gate); with wy_max_registers."""
     compare("gated", shape, with_state, WY_ROWS, seed=shape[1] + 7)
 
 
@@ -357,3 +360,40 @@ def test_wy_transition_kernels_compile_for_hopper_without_spills(gate):
     """The variants without q that the segment transitions run (``_wy_w_u``, the serial backward and
     ``_wy_dqkw`` at HAS_Q=False, beside the kernels they share), K = V = 128 in bf16: no spills."""
     assert_compiled_without_spills(_COMPILE, str(gate), "no_q", kernels=7 if gate == 1 else 6)
+
+
+_COMPILE_OPTIONS = r'''
+import json
+
+import torch
+from benchmarks.tuning import delta_compile
+from benchmarks.tuning.kernel_resources import ptxas_report
+from longscan.kernels.delta_rule.triton import DeltaTritonOptions
+
+# as launched (alignment hints on), with an entering state's gradient: the serial backward that scales its
+# products' rows, and the WY backward under a 128-register cap
+o = DeltaTritonOptions(path="wy", wy_gate_rows=True, wy_max_registers=128)
+out = {}
+for name in ("wy_state_bwd", "wy_bwd"):
+    r = ptxas_report(delta_compile.compile_kernel("gated", name, True, torch.bfloat16, 128, o))
+    # more than 128 registers is failed as a spill would be: two programs an SM is what the options are for
+    out[name] = dict(regs=r["registers"], spills=r["spill_stores"] + r["spill_loads"] + (r["registers"] > 128))
+print(json.dumps(out))
+'''
+
+
+@pytest.mark.parametrize("triton_dir", TRITON_DIRS)
+def test_wy_gate_options_compile_without_spills(triton_dir):
+    """wy_gate_rows' serial backward and the WY backward at wy_max_registers=128 (a scalar gate, K = V = 128, bf16,
+    compiled for sm_90a as launched): within 128 registers a thread (two 8-warp programs an SM), no spills."""
+    assert_compiled_without_spills(_COMPILE_OPTIONS, kernels=2, first_on_path=triton_dir)
+
+
+def test_wy_max_registers_is_checked():
+    for value in (100, 256, True, "128"):
+        with pytest.raises(ValueError, match="DeltaTritonOptions.wy_max_registers must be None or a multiple of 8"):
+            DeltaTritonOptions(wy_max_registers=value)
+    with pytest.raises(ValueError, match="DeltaTritonOptions.wy_max_registers: path='float32' does not read it"):
+        DeltaTritonOptions(path="float32", wy_max_registers=128)
+    with pytest.raises(ValueError, match="DeltaTritonOptions.wy_gate_rows must be a bool"):
+        DeltaTritonOptions(wy_gate_rows=1)

@@ -86,7 +86,8 @@ class DeltaRuleWY(torch.autograd.Function):
                                            dHT=dHT, scale=ctx.scale,
                                            V=v.shape[-1], gate_rows=o.wy_gate_rows, **serial_settings(o))
         dq, dk, dv, dbeta, dg, dh0 = wy_grads(q, k, v, beta, gk, P, W, U, HS, VN, dO, ctx.scale,
-                                              state_backward, block_k=ctx.bk, **parallel_settings(o))
+                                              state_backward, block_k=ctx.bk, max_registers=o.wy_max_registers,
+                                              **parallel_settings(o))
         dh0 = dh0.to(ctx.h0_dtype) if ctx.h0_dtype is not None else None
         return dq, dk, dv, dbeta, dg, dh0, None, None
 

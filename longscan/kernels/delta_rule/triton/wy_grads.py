@@ -18,6 +18,8 @@ Products take the inputs' dtype as operands, accumulate in float32.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -297,10 +299,11 @@ def wy_dv_local(q, k, g, dO, scale: float, *, V: int, block_k: int, block_v: int
 
 
 def wy_input_grads(q, k, v, beta, g, P, W, U, HS, VN, DHS, DVN, dO, scale: float, *, block_k: int, block_v: int,
-                   num_warps: int, precision: str):
+                   num_warps: int, precision: str, max_registers: Optional[int]):
     """The parallel stages after the serial pass (``_wy_dqkw``, then ``_wy_bwd``), from the states entering and
     the gradients leaving each chunk (HS, DHS) and v_n, dv_n (VN, DVN) over every V column ->
-    (dq (None when q is None), dk, dv in k's dtype, dβ, dg or None float32)."""
+    (dq (None when q is None), dk, dv in k's dtype, dβ, dg or None float32). max_registers: both kernels'
+    registers a thread (Triton's maxnreg), None: ptxas's choice."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     N = HS.shape[2]
@@ -308,6 +311,8 @@ def wy_input_grads(q, k, v, beta, g, P, W, U, HS, VN, DHS, DVN, dO, scale: float
     BV = min(block_v, max(16, triton.next_power_of_2(V)))
     gate = gate_kind(g)
     kw = dict(GATE=gate, BK=block_k, BV=BV, PREC=precision, num_warps=num_warps)
+    if max_registers is not None:
+        kw["maxnreg"] = max_registers
     has_q = q is not None
     dq, dk = (torch.empty_like(k) if has_q else None), torch.empty_like(k)
     dW = torch.empty_like(W)
@@ -326,7 +331,7 @@ def wy_input_grads(q, k, v, beta, g, P, W, U, HS, VN, DHS, DVN, dO, scale: float
 
 
 def wy_grads(q, k, v, beta, g, P, W, U, HS, VN, dO, scale: float, state_backward, *, block_k: int, block_v: int,
-             num_warps: int, precision: str):
+             num_warps: int, precision: str, max_registers: Optional[int]):
     """-> (dq (None when q is None: a segment transition, no output), dk, dv in k's dtype, dβ, dg or None and
     dS_0 float32). ``state_backward(dv_local) ->
     (dS' a chunk, dv_n, dS_0)`` is the serial pass (``wy_state.wy_state_backward``), run between the two
@@ -336,4 +341,5 @@ def wy_grads(q, k, v, beta, g, P, W, U, HS, VN, dO, scale: float, state_backward
     # the output's share of dv_n; a segment transition has no output
     dv_local = wy_dv_local(q, k, g, dO, scale, V=v.shape[-1], **kw) if q is not None else None
     DHS, DVN, dh0 = state_backward(dv_local)
-    return wy_input_grads(q, k, v, beta, g, P, W, U, HS, VN, DHS, DVN, dO, scale, **kw) + (dh0,)
+    return wy_input_grads(q, k, v, beta, g, P, W, U, HS, VN, DHS, DVN, dO, scale, max_registers=max_registers,
+                          **kw) + (dh0,)

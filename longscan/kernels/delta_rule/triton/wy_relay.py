@@ -90,7 +90,8 @@ class WYRelay:
 
     def grads(self):
         out = [wy_input_grads(seg.q, seg.k, seg.v, seg.beta, seg.gk, seg.P, seg.W, seg.U, seg.HS, seg.VN, seg.DHS,
-                              seg.DVN, seg.do, self.scale, block_k=seg.bk, **parallel_settings(self.options))
+                              seg.DVN, seg.do, self.scale, block_k=seg.bk,
+                              max_registers=self.options.wy_max_registers, **parallel_settings(self.options))
                for seg in self.segments]
         self.segments = []
         return out
