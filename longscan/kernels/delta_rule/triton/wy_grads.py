@@ -10,7 +10,8 @@ b the cumulative log gate (zero without a gate), b_C its total, D_ts = exp(b_t -
       dX = Pᵀ dW,  dY = Pᵀ dU (dU = dv_n),  dA = -(dX Wᵀ + dY Uᵀ) (strictly lower)
   to dk, dv, dβ, and db; then dg_t = Σ_{t' ≥ t} db_t' (b = cumsum g in the chunk).
 For a scalar gate every factor exp(b_t - b_s) of a product F_ts gives db_t += Σ_s dF_ts F_ts and
-db_s -= Σ_t dF_ts F_ts. Per-key gates (b `[BT, K]`) form the decayed products through ``wy_decay``; each
+db_s -= Σ_t dF_ts F_ts, so ``_wy_dqkw``'s db is Σ_k (q ⊙ dq - k ⊙ dk) (plus b_C's terms on the last row), a
+`[BT]` share a block of keys that ``_wy_bwd`` sums; its kernels read b as ``wy_prep`` wrote it (G). Per-key gates (b `[BT, K]`) form the decayed products through ``wy_decay``; each
 factor exp(b_tk) of an operand x_tk gives db_tk += x_tk dx_tk and each exp(-b_sk) db_sk -= y_sk dy_sk, so
 ``_wy_dqkw``'s db is q ⊙ dq - k ⊙ dk (plus b_C's terms on the last row), and ``_wy_bwd`` adds
 X ⊙ dX and, with R = Σ_s dA_ts k_s exp(b_t - b_s) and C = Σ_t β_t dA_ts k_t exp(b_t - b_s), β k ⊙ R - k ⊙ C.

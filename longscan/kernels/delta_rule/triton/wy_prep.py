@@ -8,7 +8,8 @@ forward substitution, then the blocks below joined by float32 products,
     P_ij = -P_ii Σ_{j ≤ m < i} A_im P_mj.
 Then W = P X and U = P Y with X = Diag(β) (K ⊙ exp(b)) and Y = Diag(β) V. For per-key gates ``_wy_w_u``
 also writes K̄ = K ⊙ exp(b_C - b), Q̃ = Q ⊙ exp(b) and exp(b_C) (b_C the chunk's total), which the serial
-kernels read instead of forming them. P, W, U, K̄ and Q̃ are written in the inputs' dtype (the operands of
+kernels read instead of forming them; for a scalar gate ``_wy_kkt`` writes b `[B, H, N·BT]` float32, which
+every later kernel reads instead of summing g again. P, W, U, K̄ and Q̃ are written in the inputs' dtype (the operands of
 the tensor-core products that read them); every product accumulates in float32. In every wy kernel a
 chunk's (or sequence's) token and row bases are int64 (B·T·H·K passes 2³¹ at about 16M tokens × heads with
 K = 128), the offsets inside it int32.
