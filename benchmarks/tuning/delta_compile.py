@@ -181,8 +181,7 @@ def sass_counts(kernel) -> tuple[int, collections.Counter]:
 def ptx_count(kernel) -> int:
     """Instructions in a compiled kernel's PTX (no directives, labels, braces or comments)."""
     return sum(1 for line in kernel.asm["ptx"].splitlines()
-               if line.strip() and not line.strip().startswith((".", "//", "$", "{", "}", "@%p")) or
-               line.strip().startswith("@%p"))
+               if line.strip() and not line.strip().startswith((".", "//", "$", "{", "}")))
 
 
 def programs_per_sm(registers: int, shared: int, warps: int) -> int:
@@ -195,9 +194,14 @@ def programs_per_sm(registers: int, shared: int, warps: int) -> int:
 def _parse_set(items: list[str]) -> DeltaTritonOptions:
     kw = {}
     for item in items:
-        name, _, value = item.partition("=")
-        kw[name] = {"True": True, "False": False}.get(value, int(value) if value.isdigit() else value)
-    return DeltaTritonOptions(**kw)
+        name, eq, value = item.partition("=")
+        if not eq:
+            raise SystemExit(f"--set: expected NAME=VALUE (a DeltaTritonOptions field), got {item!r}")
+        kw[name] = {"True": True, "False": False, "None": None}.get(value, int(value) if value.isdigit() else value)
+    try:
+        return DeltaTritonOptions(**kw)
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"--set: {e}") from None
 
 
 def main():

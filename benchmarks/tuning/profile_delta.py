@@ -79,8 +79,10 @@ def profile_case(kind: str, B: int, T: int, heads: int, head_dim: int, options: 
 def _parse_set(items: list[str]) -> dict:
     kw = {}
     for item in items:
-        name, _, value = item.partition("=")
-        kw[name] = {"True": True, "False": False}.get(value, int(value) if value.isdigit() else value)
+        name, eq, value = item.partition("=")
+        if not eq:
+            raise SystemExit(f"--set: expected NAME=VALUE (a DeltaTritonOptions field), got {item!r}")
+        kw[name] = {"True": True, "False": False, "None": None}.get(value, int(value) if value.isdigit() else value)
     return kw
 
 
@@ -94,15 +96,18 @@ def main():
                     help="DeltaTritonOptions fields for longscan's rows (path='wy' unless given)")
     ap.add_argument("--no-fla", action="store_true", help="skip flash-linear-attention's kernels")
     a = ap.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("profile_delta.py profiles CUDA kernels: it needs a GPU")
-    options = DeltaTritonOptions(**({"path": "wy"} | _parse_set(a.set)))   # checked before any work
+    try:   # checked before any work
+        options = DeltaTritonOptions(**({"path": "wy"} | _parse_set(a.set)))
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"--set: {e}") from None
     shapes = []
     for shape in a.shapes:
-        try:
-            shapes.append(tuple(int(x) for x in shape.split("x")))
-        except ValueError:
-            raise SystemExit(f"--shapes: expected BxT such as 16x4096, got {shape!r}") from None
+        dims = shape.split("x")
+        if len(dims) != 2 or not all(d.isdigit() and int(d) > 0 for d in dims):
+            raise SystemExit(f"--shapes: expected BxT such as 16x4096, got {shape!r}")
+        shapes.append((int(dims[0]), int(dims[1])))
+    if not torch.cuda.is_available():
+        raise SystemExit("profile_delta.py profiles CUDA kernels: it needs a GPU")
     print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | {a.heads} heads x {a.head_dim} | {options}")
     for kind in a.kinds:
         for B, T in shapes:
