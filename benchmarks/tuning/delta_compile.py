@@ -9,8 +9,26 @@ q (the outputs). The pointers the dispatch passes in the inputs' dtype (q, k, v;
 it keeps and the gradients of q, k, v) take --dtype; β, g, the states and the float32 chunk quantities float32
 (as the models pass them); the pointers the dispatch passes as None are None here too. ``states``: with an
 entering state (forward) or a leaving state's gradient (backward), for the kernels whose code depends on it.
+
+Run as a script it prints what a gate adds to each path="wy" kernel: registers, spills and shared memory (ptxas
+-v at sm_90a), the programs an SM holds by those (H100: 64K registers, 227 KB of shared memory), and the PTX and
+SASS instruction counts (static; SASS by class: tensor-core products, exps, shuffles, barriers, loads and
+stores), one row a kind. Compile with the GPU's Triton (3.6 on the H100s of docs/benchmarks.md) first on the
+path; --set NAME=VALUE compiles at other DeltaTritonOptions:
+
+    PYTHONPATH=/path/to/triton-3.6:. python benchmarks/tuning/delta_compile.py [--kinds deltanet,gated]
+        [--kernels wy_dqkw,wy_bwd] [--states] [--set wy_gate_rows=True]
 """
 from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+import tempfile
 
 import torch
 import triton
@@ -32,8 +50,8 @@ BLOCK_K = 32   # inter_block_k of the blocked recurrence kernels (the dispatch r
 # pointers in the inputs' dtype on path="float32" (its chunk quantities are float32)
 FLOAT32_PATH_INPUTS = ("Q", "K_", "V_")
 # float32 pointers on path="wy" (every other pointer is in the inputs' dtype)
-WY_F32 = ("BETA", "G", "A_", "GC", "H0", "HT", "DHT", "DH0", "DB", "DBETA", "DG")
-INTS = ("T", "H", "N", "C", "K", "V", "V0", "VB")
+WY_F32 = ("BETA", "G", "A_", "GB", "GC", "H0", "HT", "DHT", "DH0", "DB", "DBETA", "DG")
+INTS = ("T", "H", "N", "C", "K", "V", "V0", "VB", "NDB")
 _PTR = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
 
 
@@ -41,7 +59,7 @@ def _none_args(kind: str, name: str, states: bool) -> set:
     """The pointers the dispatch passes as None for ``kind`` (with q)."""
     none = set()
     if kind == "deltanet":
-        none |= {"G", "LAST", "DLAST", "DB", "DG"}
+        none |= {"G", "GB", "LAST", "DLAST", "DB", "DG"}
     if kind != "kda":
         none |= {"KB", "QG", "GC"} if name.startswith("wy") else set()
     if not states:
@@ -80,13 +98,15 @@ def _wy_launch(kind: str, name: str, states: bool, K: int, V: int, o: DeltaTrito
     from longscan.kernels.delta_rule.triton import wy, wy_grads, wy_output, wy_prep, wy_state
     from longscan.kernels.delta_rule.triton.wy_decay import NO_GATE, PER_KEY, SCALAR
     gate = {"deltanet": NO_GATE, "gated": SCALAR, "kda": PER_KEY}[kind].value
-    o = o if o.path == "wy" else DeltaTritonOptions(path="wy")
+    o = o.resolved(torch.bfloat16) if o.path == "auto" else o if o.path == "wy" else DeltaTritonOptions(path="wy")
     bk = wy.parallel_block_k(K, gate)
     BV = min(o.block_v, max(16, triton.next_power_of_2(V)))
     par = dict(GATE=gate, BK=bk, BV=BV, PREC=o.input_precision)
     serial = dict(GATE=gate, KP=wy_state._kp(K), BV=min(o.wy_state_block_v, max(16, triton.next_power_of_2(V))),
                   PREC=o.input_precision)
     sw, ss = o.wy_state_num_warps, o.inter_num_stages
+    # (an earlier longscan, compiled by ptx_diff.py, may have no GATE_ROWS switch)
+    rows = dict(GATE_ROWS=o.wy_gate_rows) if "GATE_ROWS" in wy_state._wy_state_bwd.arg_names else {}
     return {
         "wy_kkt": (wy_prep._wy_kkt, dict(GATE=gate, BK=bk, PREC=o.input_precision), o.num_warps, None),
         "wy_inverse": (wy_prep._wy_inverse, {}, wy_prep.INVERSE_WARPS, None),
@@ -94,17 +114,19 @@ def _wy_launch(kind: str, name: str, states: bool, K: int, V: int, o: DeltaTrito
         "wy_state_fwd": (wy_state._wy_state_fwd, dict(serial, HAS_H0=states), sw, ss),
         "wy_output": (wy_output._wy_output, par, o.num_warps, None),
         "wy_dv_local": (wy_grads._wy_dv_local, par, o.num_warps, None),
-        "wy_state_bwd": (wy_state._wy_state_bwd, dict(serial, HAS_Q=True, HAS_DHT=states), sw, ss),
+        "wy_state_bwd": (wy_state._wy_state_bwd, dict(serial, HAS_Q=True, HAS_DHT=states, **rows), sw, ss),
         "wy_dqkw": (wy_grads._wy_dqkw, dict(par, HAS_Q=True), o.num_warps, None),
         "wy_bwd": (wy_grads._wy_bwd, dict(par, BK=wy_grads.bwd_block_k(bk, gate)), o.num_warps, None),
     }[name]
 
 
-def compile_kernel(kind: str, name: str, states: bool, dtype: torch.dtype, dims: int):
-    """``name`` for ``kind`` at K = V = dims, inputs in ``dtype``, compiled for sm_90 -> Triton's compiled kernel."""
+def compile_kernel(kind: str, name: str, states: bool, dtype: torch.dtype, dims: int,
+                   options: DeltaTritonOptions = DeltaTritonOptions()):
+    """``name`` for ``kind`` at K = V = dims, inputs in ``dtype``, compiled for sm_90 at ``options`` -> Triton's
+    compiled kernel."""
     if kind not in KINDS or name not in KERNELS:
         raise ValueError(f"compile_kernel: expected a kind of {KINDS} and a kernel of {KERNELS}, got {kind!r}, {name!r}")
-    o = DeltaTritonOptions()
+    o = options
     wy_path = name.startswith("wy")
     launch = _wy_launch if wy_path else _float32_launch
     fn, consts, warps, stages = launch(kind, name, states, dims, dims, o)
@@ -127,4 +149,91 @@ def compile_kernel(kind: str, name: str, states: bool, dtype: torch.dtype, dims:
              if sig[a].startswith("*") or a in ("K", "V", "C", "V0", "VB")}
     src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()}, attrs=attrs)
     options = dict(num_warps=warps) if stages is None else dict(num_warps=warps, num_stages=stages)
+    # the register cap of the parallel backward kernels (an earlier longscan's options may have no such field)
+    if name in ("wy_dqkw", "wy_bwd") and "wy_max_registers" in {f.name for f in dataclasses.fields(o)}:
+        if o.wy_max_registers is not None:
+            options["maxnreg"] = o.wy_max_registers
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+# SASS instruction classes shown (HGMMA: Hopper tensor-core products; MUFU: exps; SHFL and BAR: the cross-thread
+# traffic of reductions and scans; LDGSTS: loads copied to shared memory asynchronously, LDG: to registers)
+SASS_CLASSES = ("HGMMA", "MUFU", "SHFL", "BAR", "LDGSTS", "LDG", "STG", "LDS", "STS", "FMUL", "FFMA", "FADD")
+SM_REGISTERS, SM_SHARED = 65536, 232448   # an H100 SM's registers and shared memory a block may use in all
+
+
+def sass_counts(kernel) -> tuple[int, collections.Counter]:
+    """A compiled kernel -> (its SASS instruction count, counts by opcode), disassembled by nvdisasm beside the
+    ptxas that Triton uses."""
+    from triton.backends.nvidia.compiler import get_ptxas
+    nvdisasm = os.path.join(os.path.dirname(get_ptxas(90).path), "nvdisasm")
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        out = subprocess.run([nvdisasm, "-c", path], capture_output=True, text=True, check=True).stdout
+    ops = [re.sub(r"^@!?U?P\w+\s+", "", line.split("*/", 1)[1].strip()) for line in out.splitlines()
+           if re.match(r"\s*/\*[0-9a-f]{4}\*/", line) and "*/" in line]
+    ops = [op for op in ops if op]
+    return len(ops), collections.Counter(op.split()[0].split(".")[0] for op in ops)
+
+
+def ptx_count(kernel) -> int:
+    """Instructions in a compiled kernel's PTX (no directives, labels, braces or comments)."""
+    return sum(1 for line in kernel.asm["ptx"].splitlines()
+               if line.strip() and not line.strip().startswith((".", "//", "$", "{", "}")))
+
+
+def programs_per_sm(registers: int, shared: int, warps: int) -> int:
+    """Programs an SM holds by registers (allocated 8 a thread at a time) and shared memory."""
+    by_regs = SM_REGISTERS // (((registers + 7) // 8 * 8) * 32 * warps)
+    by_shared = SM_SHARED // shared if shared else 32
+    return min(by_regs, by_shared)
+
+
+def _parse_set(items: list[str]) -> DeltaTritonOptions:
+    kw = {}
+    for item in items:
+        name, eq, value = item.partition("=")
+        if not eq:
+            raise SystemExit(f"--set: expected NAME=VALUE (a DeltaTritonOptions field), got {item!r}")
+        kw[name] = {"True": True, "False": False, "None": None}.get(value, int(value) if value.isdigit() else value)
+    try:
+        return DeltaTritonOptions(**kw)
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"--set: {e}") from None
+
+
+def main():
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from kernel_resources import ptxas_report
+    ap = argparse.ArgumentParser(description="what a gate adds to each path='wy' kernel, compiled for sm_90a")
+    ap.add_argument("--kinds", default="deltanet,gated", help=f"of {KINDS}")
+    ap.add_argument("--kernels", default=",".join(n for n in WY_KERNELS if n != "wy_inverse"),
+                    help=f"of {WY_KERNELS}")
+    ap.add_argument("--dims", type=int, default=128, help="head dims K = V")
+    ap.add_argument("--states", action="store_true", help="with an entering state / a leaving state's gradient")
+    ap.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE", help="DeltaTritonOptions fields")
+    args = ap.parse_args()
+    kinds, names = args.kinds.split(","), args.kernels.split(",")
+    for flag, values, known in (("--kinds", kinds, KINDS), ("--kernels", names, WY_KERNELS)):
+        for x in values:
+            if x not in known:
+                raise SystemExit(f"{flag}: unknown {flag[2:-1]} {x!r}, expected one of {known}")
+    options = _parse_set(args.set)
+    print(f"# triton {triton.__version__}, sm_90a, bf16, K = V = {args.dims}, {options}")
+    print(f"{'kernel':14} {'kind':9} {'regs':>4} {'spill':>5} {'shared':>7} {'SM':>3} {'PTX':>5} {'SASS':>5} "
+          + " ".join(f"{c:>6}" for c in SASS_CLASSES))
+    for name in names:
+        for kind in kinds:
+            kernel = compile_kernel(kind, name, args.states and name in WITH_STATES, torch.bfloat16, args.dims, options)
+            r = ptxas_report(kernel)
+            n, ops = sass_counts(kernel)
+            warps = kernel.metadata.num_warps
+            print(f"{name:14} {kind:9} {r['registers']:4d} {r['spill_stores'] + r['spill_loads']:5d} "
+                  f"{r['shared']:7d} {programs_per_sm(r['registers'], r['shared'], warps):3d} {ptx_count(kernel):5d} "
+                  f"{n:5d} " + " ".join(f"{ops.get(c, 0):6d}" for c in SASS_CLASSES), flush=True)
+
+
+if __name__ == "__main__":
+    main()

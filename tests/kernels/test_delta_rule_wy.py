@@ -48,6 +48,32 @@ def test_wy_kda_matches_recurrence(shape, with_state):
     compare("kda", shape, with_state, WY, seed=shape[1] + 2)
 
 
+# the scalar gate's options: the serial backward scaling its products' rows, the parallel backward's register cap
+# (which the interpreter ignores: here its launch path runs)
+WY_ROWS = DeltaTritonOptions(path="wy", block_v=16, wy_gate_rows=True, wy_max_registers=128)
+
+
+@pytest.mark.parametrize("with_state", [True, False], ids=["states", "no_states"])
+@pytest.mark.parametrize("shape", SHAPES[1:4], ids=lambda s: "B{}T{}H{}K{}V{}".format(*s))
+def test_wy_gate_rows_matches_recurrence(shape, with_state):
+    """wy_gate_rows: the scalar gate's serial backward scales its products' rows instead of q and k (and reads the
+    chunks' cumulative gate); with wy_max_registers."""
+    compare("gated", shape, with_state, WY_ROWS, seed=shape[1] + 7)
+
+
+def test_wy_gate_rows_segment_transitions_match_the_default():
+    """The segment transitions (no q: only K̄ dS's rows are scaled) with wy_gate_rows, against the default."""
+    x = {n: (t.to(DEV) if t is not None else None)
+         for n, t in make_inputs("gated", 1, 150, 2, 16, 16, torch.float32, seed=9).items()}
+    gen = torch.Generator().manual_seed(9)
+    dloc, dM = (torch.randn(1, 2, 16, 16, generator=gen).to(DEV) for _ in range(2))
+    want, want_grads = transition_grads(lambda *a: tc.segment_transition(*a, options=WY), x, dloc, dM)
+    got, got_grads = transition_grads(lambda *a: tc.segment_transition(*a, options=WY_ROWS), x, dloc, dM)
+    assert rel_err(got[0], want[0]) < 1e-5 and rel_err(got[1], want[1]) < 1e-5
+    for n in want_grads:
+        assert rel_err(got_grads[n], want_grads[n]) < 1e-5, n
+
+
 @pytest.mark.parametrize("kind", ["deltanet", "gated", "kda"])
 def test_wy_gradients_from_the_final_state_alone(kind):
     """A loss on the final state only (o unused: its gradient reaches the kernels as None or zeros)."""
@@ -290,7 +316,7 @@ HAS_Q = len(sys.argv) < 3 or sys.argv[2] == "q"   # "no_q": the segment transiti
 
 
 def counts(fn, consts, warps, stages):
-    sig = {a: "constexpr" if a in consts else "i32" if a in ("T", "H", "N", "K", "V", "V0", "VB") else "fp32"
+    sig = {a: "constexpr" if a in consts else "i32" if a in ("T", "H", "N", "K", "V", "V0", "VB", "NDB") else "fp32"
            if a == "scale" else "*bf16" if a in BF16 else "*fp32" for a in fn.arg_names}
     src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
@@ -306,7 +332,8 @@ KERNELS = (
     ("inverse", wy_prep._wy_inverse, {}, (wy_prep.INVERSE_WARPS, 3)),
     ("w_u", wy_prep._wy_w_u, dict(P, HAS_Q=HAS_Q, BK=BK, BV=BV), PAR),
     ("state_fwd", wy_state._wy_state_fwd, dict(P, HAS_H0=True, KP=K, BV=SV), SER),
-    ("state_bwd", wy_state._wy_state_bwd, dict(P, HAS_Q=HAS_Q, HAS_DHT=True, KP=K, BV=SV), SER),
+    ("state_bwd", wy_state._wy_state_bwd, dict(P, HAS_Q=HAS_Q, HAS_DHT=True, KP=K, BV=SV, GATE_ROWS=o.wy_gate_rows),
+     SER),
     ("output", wy_output._wy_output, dict(P, BK=BK, BV=BV), PAR),
     ("dv_local", wy_grads._wy_dv_local, dict(P, BK=BK, BV=BV), PAR),
     ("dqkw", wy_grads._wy_dqkw, dict(P, HAS_Q=HAS_Q, BK=BK, BV=BV), PAR),
@@ -333,3 +360,40 @@ def test_wy_transition_kernels_compile_for_hopper_without_spills(gate):
     """The variants without q that the segment transitions run (``_wy_w_u``, the serial backward and
     ``_wy_dqkw`` at HAS_Q=False, beside the kernels they share), K = V = 128 in bf16: no spills."""
     assert_compiled_without_spills(_COMPILE, str(gate), "no_q", kernels=7 if gate == 1 else 6)
+
+
+_COMPILE_OPTIONS = r'''
+import json
+
+import torch
+from benchmarks.tuning import delta_compile
+from benchmarks.tuning.kernel_resources import ptxas_report
+from longscan.kernels.delta_rule.triton import DeltaTritonOptions
+
+# as launched (alignment hints on), with an entering state's gradient: the serial backward that scales its
+# products' rows, and the WY backward under a 128-register cap
+o = DeltaTritonOptions(path="wy", wy_gate_rows=True, wy_max_registers=128)
+out = {}
+for name in ("wy_state_bwd", "wy_bwd"):
+    r = ptxas_report(delta_compile.compile_kernel("gated", name, True, torch.bfloat16, 128, o))
+    # more than 128 registers is failed as a spill would be: two programs an SM is what the options are for
+    out[name] = dict(regs=r["registers"], spills=r["spill_stores"] + r["spill_loads"] + (r["registers"] > 128))
+print(json.dumps(out))
+'''
+
+
+@pytest.mark.parametrize("triton_dir", TRITON_DIRS)
+def test_wy_gate_options_compile_without_spills(triton_dir):
+    """wy_gate_rows' serial backward and the WY backward at wy_max_registers=128 (a scalar gate, K = V = 128, bf16,
+    compiled for sm_90a as launched): within 128 registers a thread (two 8-warp programs an SM), no spills."""
+    assert_compiled_without_spills(_COMPILE_OPTIONS, kernels=2, first_on_path=triton_dir)
+
+
+def test_wy_max_registers_is_checked():
+    for value in (100, 256, True, "128"):
+        with pytest.raises(ValueError, match="DeltaTritonOptions.wy_max_registers must be None or a multiple of 8"):
+            DeltaTritonOptions(wy_max_registers=value)
+    with pytest.raises(ValueError, match="DeltaTritonOptions.wy_max_registers: path='float32' does not read it"):
+        DeltaTritonOptions(path="float32", wy_max_registers=128)
+    with pytest.raises(ValueError, match="DeltaTritonOptions.wy_gate_rows must be a bool"):
+        DeltaTritonOptions(wy_gate_rows=1)

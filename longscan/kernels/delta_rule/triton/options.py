@@ -25,7 +25,7 @@ AUTO_WY_DTYPES = (torch.bfloat16,)
 # settings that only one kernel set reads (path="wy" runs chunks of 64 and its own stages; path="float32" has
 # no wy_state kernels); intra and recompute besides pick float32-only variants, checked on their own
 FLOAT32_ONLY = ("chunk", "block_k", "inter_block_k", "intra_num_stages", "inverse")
-WY_ONLY = ("wy_state_block_v", "wy_state_num_warps")
+WY_ONLY = ("wy_state_block_v", "wy_state_num_warps", "wy_gate_rows", "wy_max_registers")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +62,15 @@ class DeltaTritonOptions:
     that the chosen path does not read (``FLOAT32_ONLY`` on "wy", ``WY_ONLY`` on "float32") must keep its
     default, and intra="torch" or recompute=True need path="float32" (wy runs neither; "auto" may pick wy).
     wy_state_block_v, wy_state_num_warps: V columns and warps a program of path="wy"'s serial kernels
-    (each holds a `[K, wy_state_block_v]` float32 state and `[64, K]` tiles)."""
+    (each holds a `[K, wy_state_block_v]` float32 state and `[64, K]` tiles).
+    wy_gate_rows: path="wy" with a scalar gate, the serial backward scales its products' `[64, wy_state_block_v]`
+    rows by the decays (K̄ dS as Diag(exp(b_C - b)) K dS, Q̃ᵀ do as Qᵀ Diag(exp(b)) do) instead of forming K̄ and
+    Q̃ `[64, K]` in registers, so q and k are prefetched into shared memory as without a gate (fewer registers,
+    more shared memory a program); the same result to round-off.
+    wy_max_registers: registers a thread of path="wy"'s parallel backward kernels (dq/dk/dW and the WY backward)
+    may use (Triton's maxnreg), None: what ptxas picks. With a scalar gate they take more than 128, so one
+    program of 8 warps an H100 SM; at 128 two fit (Triton 3.6: the WY backward without spills, dq/dk/dW 8 bytes);
+    per-key gates spill at 128."""
     chunk: int = 32
     intra: str = "triton"
     block_v: int = 32
@@ -77,6 +85,8 @@ class DeltaTritonOptions:
     path: str = "auto"
     wy_state_block_v: int = 16
     wy_state_num_warps: int = 4
+    wy_gate_rows: bool = False
+    wy_max_registers: Optional[int] = None
 
     def __post_init__(self):
         for name in ("chunk", "block_v", "block_k", "num_warps", "intra_num_stages", "inter_num_stages"):
@@ -102,8 +112,13 @@ class DeltaTritonOptions:
         if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 16 or k & (k - 1)):
             raise ValueError(f"DeltaTritonOptions.inter_block_k must be None or a power of two of at least 16, "
                              f"got {k!r}")
-        if not isinstance(self.recompute, bool):
-            raise ValueError(f"DeltaTritonOptions.recompute must be a bool, got {self.recompute!r}")
+        r = self.wy_max_registers
+        if r is not None and (not isinstance(r, int) or isinstance(r, bool) or not 32 <= r <= 248 or r % 8):
+            raise ValueError(f"DeltaTritonOptions.wy_max_registers must be None or a multiple of 8 from 32 to 248, "
+                             f"got {r!r}")
+        for name in ("recompute", "wy_gate_rows"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"DeltaTritonOptions.{name} must be a bool, got {getattr(self, name)!r}")
         if self.intra not in INTRA:
             raise ValueError(f"DeltaTritonOptions.intra must be one of {INTRA}, got {self.intra!r}")
         if self.inverse not in INVERSES:

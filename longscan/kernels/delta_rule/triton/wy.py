@@ -35,6 +35,12 @@ def parallel_block_k(K: int, gate: int) -> int:
     return min(WY_PER_KEY_BLOCK_K if gate == PER_KEY else WY_BLOCK_K, max(16, triton.next_power_of_2(K)))
 
 
+def serial_backward_gate(g, gk, o: DeltaTritonOptions):
+    """The gate the serial backward reads: g itself, or with ``wy_gate_rows`` (which reads a scalar gate's
+    cumulative sums) what ``wy_prepare`` returned for the later kernels."""
+    return gk if o.wy_gate_rows else g
+
+
 def parallel_settings(o: DeltaTritonOptions) -> dict:
     """The parallel kernels' settings."""
     return dict(block_v=o.block_v, num_warps=o.num_warps, precision=o.input_precision)
@@ -57,17 +63,18 @@ class DeltaRuleWY(torch.autograd.Function):
         g = g.contiguous() if g is not None else None
         q = q.to(k.dtype).contiguous() if q is not None else None
         bk = parallel_block_k(k.shape[-1], gate_kind(g))
-        P, W, U, KB, QG, GC = wy_prepare(q, k, v, beta, g, block_k=bk, **parallel_settings(options))
-        HS, VN, HT = wy_state_forward(k, g, KB, GC, W, U, h0, **serial_settings(options))
-        o = wy_output(q, k, g, HS, VN, scale, block_k=bk, **parallel_settings(options)) if q is not None else None
-        ctx.save_for_backward(q, k, v, beta, g, P, W, U, HS, VN, KB, QG, GC)
+        # gk: the gate the kernels after ``wy_prepare`` read (a scalar gate's cumulative sums in each chunk)
+        P, W, U, KB, QG, GC, gk = wy_prepare(q, k, v, beta, g, block_k=bk, **parallel_settings(options))
+        HS, VN, HT = wy_state_forward(k, gk, KB, GC, W, U, h0, **serial_settings(options))
+        o = wy_output(q, k, gk, HS, VN, scale, block_k=bk, **parallel_settings(options)) if q is not None else None
+        ctx.save_for_backward(q, k, v, beta, g, gk, P, W, U, HS, VN, KB, QG, GC)
         ctx.scale, ctx.options, ctx.bk = scale, options, bk
         ctx.h0_dtype = h0.dtype if h0 is not None else None
         return o, HT
 
     @staticmethod
     def backward(ctx, dO, dHT):
-        q, k, v, beta, g, P, W, U, HS, VN, KB, QG, GC = ctx.saved_tensors
+        q, k, v, beta, g, gk, P, W, U, HS, VN, KB, QG, GC = ctx.saved_tensors
         o = ctx.options
         if q is None:      # a segment transition: no output, so no output gradient
             dO = None
@@ -75,10 +82,12 @@ class DeltaRuleWY(torch.autograd.Function):
             dO = torch.zeros(v.shape, device=v.device, dtype=k.dtype)
         else:
             dO = dO.contiguous().to(k.dtype)
-        state_backward = functools.partial(wy_state_backward, q, k, g, QG, KB, GC, W, dO, dHT=dHT, scale=ctx.scale,
-                                           V=v.shape[-1], **serial_settings(o))
-        dq, dk, dv, dbeta, dg, dh0 = wy_grads(q, k, v, beta, g, P, W, U, HS, VN, dO, ctx.scale,
-                                              state_backward, block_k=ctx.bk, **parallel_settings(o))
+        state_backward = functools.partial(wy_state_backward, q, k, serial_backward_gate(g, gk, o), QG, KB, GC, W, dO,
+                                           dHT=dHT, scale=ctx.scale,
+                                           V=v.shape[-1], gate_rows=o.wy_gate_rows, **serial_settings(o))
+        dq, dk, dv, dbeta, dg, dh0 = wy_grads(q, k, v, beta, gk, P, W, U, HS, VN, dO, ctx.scale,
+                                              state_backward, block_k=ctx.bk, max_registers=o.wy_max_registers,
+                                              **parallel_settings(o))
         dh0 = dh0.to(ctx.h0_dtype) if ctx.h0_dtype is not None else None
         return dq, dk, dv, dbeta, dg, dh0, None, None
 

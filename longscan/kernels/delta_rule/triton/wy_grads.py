@@ -10,13 +10,16 @@ b the cumulative log gate (zero without a gate), b_C its total, D_ts = exp(b_t -
       dX = Pᵀ dW,  dY = Pᵀ dU (dU = dv_n),  dA = -(dX Wᵀ + dY Uᵀ) (strictly lower)
   to dk, dv, dβ, and db; then dg_t = Σ_{t' ≥ t} db_t' (b = cumsum g in the chunk).
 For a scalar gate every factor exp(b_t - b_s) of a product F_ts gives db_t += Σ_s dF_ts F_ts and
-db_s -= Σ_t dF_ts F_ts. Per-key gates (b `[BT, K]`) form the decayed products through ``wy_decay``; each
+db_s -= Σ_t dF_ts F_ts, so ``_wy_dqkw``'s db is Σ_k (q ⊙ dq - k ⊙ dk) (plus b_C's terms on the last row), a
+`[BT]` share a block of keys that ``_wy_bwd`` sums; its kernels read b as ``wy_prep`` wrote it (G). Per-key gates (b `[BT, K]`) form the decayed products through ``wy_decay``; each
 factor exp(b_tk) of an operand x_tk gives db_tk += x_tk dx_tk and each exp(-b_sk) db_sk -= y_sk dy_sk, so
 ``_wy_dqkw``'s db is q ⊙ dq - k ⊙ dk (plus b_C's terms on the last row), and ``_wy_bwd`` adds
 X ⊙ dX and, with R = Σ_s dA_ts k_s exp(b_t - b_s) and C = Σ_t β_t dA_ts k_t exp(b_t - b_s), β k ⊙ R - k ⊙ C.
 Products take the inputs' dtype as operands, accumulate in float32.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import triton
@@ -43,8 +46,10 @@ def _wy_dv_local(Q, K_, G, DO, DVL, T, H, N, K, V, scale, GATE: tl.constexpr, BK
     row = oc
     DVL = DVL + row0 * V
     gk = gate_width(K, GATE)   # a gate a key: G, DB and DG hold K values a token
-    if GATE != NO_GATE:
+    if GATE == PER_KEY:
         G = G + tok0 * gk
+    if GATE == SCALAR:   # b `[B, H, N·BT]`, as ``wy_prep`` wrote it
+        G = G + row0
     K_, Q = K_ + tok0 * K, Q + tok0 * K
     DO = DO + tok0 * V
     dt = DVL.dtype.element_ty
@@ -61,7 +66,7 @@ def _wy_dv_local(Q, K_, G, DO, DVL, T, H, N, K, V, scale, GATE: tl.constexpr, BK
             qk += tl.dot(q, tl.trans(k), input_precision=PREC)
     causal = oc[:, None] >= oc[None, :]
     if GATE == SCALAR:
-        bc = tl.cumsum(tl.load(G + tok, mask=mt, other=0.).to(tl.float32), axis=0)
+        bc = tl.load(G + row)
         qk = qk * tl.exp(tl.where(causal, bc[:, None] - bc[None, :], 0.))
     qkt = tl.trans(tl.where(causal, scale * qk, 0.)).to(dt)
     for iv in range(0, tl.cdiv(V, BV)):
@@ -83,8 +88,10 @@ def _wy_dqkw(Q, K_, G, HS, DHS, VN, DVN, DO, DQ, DK, DW, DB, T, H, N, K, V, scal
     row = oc
     gk = gate_width(K, GATE)   # a gate a key: G, DB and DG hold K values a token
     DW = DW + row0 * K
-    if GATE != NO_GATE:
+    if GATE == PER_KEY:
         G, DB = G + tok0 * gk, DB + row0 * gk
+    if GATE == SCALAR:   # b `[B, H, N·BT]`, as ``wy_prep`` wrote it
+        G, DB = G + row0, DB + row0
     DVN, VN = DVN + row0 * V, VN + row0 * V
     DK, K_ = DK + tok0 * K, K_ + tok0 * K
     if HAS_Q:
@@ -99,6 +106,7 @@ def _wy_dqkw(Q, K_, G, HS, DHS, VN, DVN, DO, DQ, DK, DW, DB, T, H, N, K, V, scal
     dkb = tl.zeros([BT, BK], dtype=tl.float32)   # v_n dS'ᵀ
     df = tl.zeros([BT, BT], dtype=tl.float32)    # do v_nᵀ
     dl = tl.zeros([BK], dtype=tl.float32)
+    dls = 0.   # a scalar gate's Σ S ⊙ dS'
     for iv in range(0, tl.cdiv(V, BV)):
         ov = iv * BV + tl.arange(0, BV)
         mv = ov < V
@@ -113,7 +121,9 @@ def _wy_dqkw(Q, K_, G, HS, DHS, VN, DVN, DO, DQ, DK, DW, DB, T, H, N, K, V, scal
             dqs += tl.dot(do, tl.trans(s), input_precision=PREC)
         dw -= tl.dot(dvn, tl.trans(s), input_precision=PREC)
         dkb += tl.dot(vn, tl.trans(ds), input_precision=PREC)
-        if GATE != NO_GATE:
+        if GATE == SCALAR:
+            dls += tl.sum(tl.sum(s.to(tl.float32) * ds.to(tl.float32), axis=1), axis=0)
+        if GATE == PER_KEY:
             dl += tl.sum(s.to(tl.float32) * ds.to(tl.float32), axis=1)
     tl.store(DW + row[:, None] * K + ok[None, :], dw.to(dt), mask=mk[None, :])
     df = tl.where(causal, scale * df, 0.)
@@ -142,37 +152,40 @@ def _wy_dqkw(Q, K_, G, HS, DHS, VN, DVN, DO, DQ, DK, DW, DB, T, H, N, K, V, scal
         tl.store(DB + row[:, None] * K + ok[None, :], db, mask=mk[None, :])
     else:
         if GATE == SCALAR:
-            bc = tl.cumsum(tl.load(G + tok, mask=mt, other=0.).to(tl.float32), axis=0)
-            last = tl.sum(tl.where(oc == BT - 1, bc, 0.), axis=0)
-            ekb = tl.exp(last - bc)
-            dkb = dkb * ekb[:, None]                                          # dK̄'s share of dk
-            # the gate's shares: Q̃ = exp(b) q, K̄ = exp(b_C - b) k, D (dF ⊙ F), exp(b_C) S
-            ek = tl.sum(dkb * k.to(tl.float32), axis=1)
+            bc = tl.load(G + row)
+            last = tl.load(G + BT - 1)
+            dkb = dkb * tl.exp(last - bc)[:, None]                            # dK̄'s share of dk
+            # b_C's shares (K̄ = exp(b_C - b) k and exp(b_C) S), to b at the chunk's last row
+            dlast = tl.exp(last) * dls + tl.sum(tl.sum(dkb * k.to(tl.float32),
+                                                                                        axis=1), axis=0)
             if HAS_Q:
                 dqs = dqs * (scale * tl.exp(bc))[:, None]                     # dQ̃'s share of dq
                 df = df * tl.exp(tl.where(causal, bc[:, None] - bc[None, :], 0.))
-                gq = df * tl.dot(q, tl.trans(k), input_precision=PREC)
-                db = tl.sum(dqs * q.to(tl.float32), axis=1) - ek + tl.sum(gq, axis=1) - tl.sum(gq, axis=0)
-            else:
-                db = -ek
-            dlast = tl.exp(last) * tl.sum(dl, axis=0) + tl.sum(ek, axis=0)
-            db += tl.where(oc == BT - 1, dlast, 0.)                           # b_C is b at the chunk's last row
-            tl.store(DB + ik * (tl.num_programs(2) * N * BT) + row, db)
         else:
             dqs = scale * dqs
+        # a scalar gate: every exp(±b) factor's share from the gradients as they are formed: Q̃'s and F's rows
+        # q·dq, K̄'s and F's columns -k·dk (Σ_s dF_ts F_ts = q_t·(dF K)_t, Σ_t dF_ts F_ts = k_s·(dFᵀ Q)_s: no
+        # Q Kᵀ product), each taken as soon as its gradient is (fewer live tiles)
+        db = tl.zeros([BT], dtype=tl.float32)
         if HAS_Q:
             dfc = df.to(dt)
             dq = dqs + tl.dot(dfc, k, input_precision=PREC)
             tl.store(DQ + tok[:, None] * K + ok[None, :], dq.to(DQ.dtype.element_ty), mask=m_tk)
+            if GATE == SCALAR:
+                db += tl.sum(dq * q.to(tl.float32), axis=1)
             dk = dkb + tl.dot(tl.trans(dfc), q, input_precision=PREC)
         else:
             dk = dkb
+        if GATE == SCALAR:
+            db += tl.where(oc == BT - 1, dlast, 0.) - tl.sum(dk * k.to(tl.float32), axis=1)
+            tl.store(DB + ik * (tl.num_programs(2) * N * BT) + row, db)
     tl.store(DK + tok[:, None] * K + ok[None, :], dk.to(DK.dtype.element_ty), mask=m_tk)
 
 
 @triton.jit
-def _wy_bwd(K_, V_, BETA, G, P_, W, U, DVN, DW, DB, DK, DV, DBETA, DG, T, H, N, K, V, GATE: tl.constexpr,
+def _wy_bwd(K_, V_, BETA, G, P_, W, U, DVN, DW, DB, DK, DV, DBETA, DG, T, H, N, K, V, NDB, GATE: tl.constexpr,
             BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """A scalar gate's db arrives as NDB `[BT]` shares a chunk (one a block of keys of ``_wy_dqkw``), summed here."""
     n, bh = tl.program_id(0), tl.program_id(1)
     oc, mt, tok0, tok, row0 = wy_chunk(n, bh, T, H, N)
     row = oc
@@ -181,8 +194,10 @@ def _wy_bwd(K_, V_, BETA, G, P_, W, U, DVN, DW, DB, DK, DV, DBETA, DG, T, H, N, 
     DW, W = DW + row0 * K, W + row0 * K
     DVN, U = DVN + row0 * V, U + row0 * V
     BETA, DBETA = BETA + tok0, DBETA + tok0
-    if GATE != NO_GATE:
+    if GATE == PER_KEY:
         G, DB, DG = G + tok0 * gk, DB + row0 * gk, DG + tok0 * gk
+    if GATE == SCALAR:   # b `[B, H, N·BT]`, as ``wy_prep`` wrote it
+        G, DB, DG = G + row0, DB + row0, DG + tok0
     DK, K_ = DK + tok0 * K, K_ + tok0 * K
     DV, V_ = DV + tok0 * V, V_ + tok0 * V
     dt = P_.dtype.element_ty
@@ -190,9 +205,11 @@ def _wy_bwd(K_, V_, BETA, G, P_, W, U, DVN, DW, DB, DK, DV, DBETA, DG, T, H, N, 
     beta = tl.load(BETA + tok, mask=mt, other=0.).to(tl.float32)
     eb = tl.full([BT], 1., tl.float32)
     if GATE == SCALAR:
-        bc = tl.cumsum(tl.load(G + tok, mask=mt, other=0.).to(tl.float32), axis=0)
+        bc = tl.load(G + row)
         eb = tl.exp(bc)
         db = tl.load(DB + row)
+        for i in range(1, NDB):
+            db += tl.load(DB + i * (tl.num_programs(1) * N * BT) + row)
     dA = tl.zeros([BT, BT], dtype=tl.float32)
     dbeta = tl.zeros([BT], dtype=tl.float32)
     for iv in range(0, tl.cdiv(V, BV)):
@@ -247,12 +264,13 @@ def _wy_bwd(K_, V_, BETA, G, P_, W, U, DVN, DW, DB, DK, DV, DBETA, DG, T, H, N, 
                      tl.sum(db, axis=0)[None, :] - tl.cumsum(db, axis=0) + db, mask=m_tk)
     else:
         if GATE == SCALAR:
-            kk = kk * tl.exp(tl.where(causal, bc[:, None] - bc[None, :], 0.))
+            dmat = tl.exp(tl.where(causal, bc[:, None] - bc[None, :], 0.))   # D, formed once for A and M
+            kk = kk * dmat
         dbeta += tl.sum(dA * kk, axis=1)
         if GATE == SCALAR:
             ga = M * kk                                                   # dA ⊙ A
             db += tl.sum(ga, axis=1) - tl.sum(ga, axis=0)
-            M = M * tl.exp(tl.where(causal, bc[:, None] - bc[None, :], 0.))
+            M = M * dmat
             tl.store(DG + tok, tl.sum(db, axis=0) - tl.cumsum(db, axis=0) + db, mask=mt)
         MM = (M + tl.trans(M)).to(dt)          # M K + Mᵀ K in one product (M strictly lower)
         for ik in range(0, tl.cdiv(K, BK)):
@@ -282,10 +300,11 @@ def wy_dv_local(q, k, g, dO, scale: float, *, V: int, block_k: int, block_v: int
 
 
 def wy_input_grads(q, k, v, beta, g, P, W, U, HS, VN, DHS, DVN, dO, scale: float, *, block_k: int, block_v: int,
-                   num_warps: int, precision: str):
+                   num_warps: int, precision: str, max_registers: Optional[int]):
     """The parallel stages after the serial pass (``_wy_dqkw``, then ``_wy_bwd``), from the states entering and
     the gradients leaving each chunk (HS, DHS) and v_n, dv_n (VN, DVN) over every V column ->
-    (dq (None when q is None), dk, dv in k's dtype, dβ, dg or None float32)."""
+    (dq (None when q is None), dk, dv in k's dtype, dβ, dg or None float32). max_registers: both kernels'
+    registers a thread (Triton's maxnreg), None: ptxas's choice."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     N = HS.shape[2]
@@ -293,25 +312,27 @@ def wy_input_grads(q, k, v, beta, g, P, W, U, HS, VN, DHS, DVN, dO, scale: float
     BV = min(block_v, max(16, triton.next_power_of_2(V)))
     gate = gate_kind(g)
     kw = dict(GATE=gate, BK=block_k, BV=BV, PREC=precision, num_warps=num_warps)
+    if max_registers is not None:
+        kw["maxnreg"] = max_registers
     has_q = q is not None
     dq, dk = (torch.empty_like(k) if has_q else None), torch.empty_like(k)
     dW = torch.empty_like(W)
     NK = triton.cdiv(K, block_k)
-    # a scalar gate's db: one `[BT]` share a block of keys, summed; per-key gates': each key its own
+    # a scalar gate's db: one `[BT]` share a block of keys, summed by ``_wy_bwd``; per-key gates': each key its own
     db = (None if gate == NO_GATE else torch.empty(NK, B, H, N * 64, **f32) if gate == SCALAR
           else torch.empty(B, H, N * 64, K, **f32))
     _wy_dqkw[(NK, N, B * H)](q, k, g, HS, DHS, VN, DVN, dO, dq, dk, dW, db, T, H, N, K, V, scale, HAS_Q=has_q,
                              **kw)
-    db = db.sum(0) if gate == SCALAR else db
     dv, dbeta = torch.empty(B, T, H, V, device=k.device, dtype=k.dtype), torch.empty(B, T, H, **f32)
-    dg = torch.empty(g.shape, **f32) if g is not None else None
+    # g: a scalar gate's cumulative sums `[B, H, N·BT]` (``wy_prep``), its dg `[B, T, H]` as β; per-key gates' g
+    dg = None if g is None else torch.empty(beta.shape if gate == SCALAR else g.shape, **f32)
     kw["BK"] = bwd_block_k(block_k, gate)
-    _wy_bwd[(N, B * H)](k, v, beta, g, P, W, U, DVN, dW, db, dk, dv, dbeta, dg, T, H, N, K, V, **kw)
+    _wy_bwd[(N, B * H)](k, v, beta, g, P, W, U, DVN, dW, db, dk, dv, dbeta, dg, T, H, N, K, V, NK, **kw)
     return dq, dk, dv, dbeta, dg
 
 
 def wy_grads(q, k, v, beta, g, P, W, U, HS, VN, dO, scale: float, state_backward, *, block_k: int, block_v: int,
-             num_warps: int, precision: str):
+             num_warps: int, precision: str, max_registers: Optional[int]):
     """-> (dq (None when q is None: a segment transition, no output), dk, dv in k's dtype, dβ, dg or None and
     dS_0 float32). ``state_backward(dv_local) ->
     (dS' a chunk, dv_n, dS_0)`` is the serial pass (``wy_state.wy_state_backward``), run between the two
@@ -321,4 +342,5 @@ def wy_grads(q, k, v, beta, g, P, W, U, HS, VN, dO, scale: float, state_backward
     # the output's share of dv_n; a segment transition has no output
     dv_local = wy_dv_local(q, k, g, dO, scale, V=v.shape[-1], **kw) if q is not None else None
     DHS, DVN, dh0 = state_backward(dv_local)
-    return wy_input_grads(q, k, v, beta, g, P, W, U, HS, VN, DHS, DVN, dO, scale, **kw) + (dh0,)
+    return wy_input_grads(q, k, v, beta, g, P, W, U, HS, VN, DHS, DVN, dO, scale, max_registers=max_registers,
+                          **kw) + (dh0,)

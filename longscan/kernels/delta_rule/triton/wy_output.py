@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from longscan.kernels.delta_rule.triton.common import gate_width
-from longscan.kernels.delta_rule.triton.wy_decay import BT, NO_GATE, PER_KEY, SCALAR, decayed_scores, gate_kind
+from longscan.kernels.delta_rule.triton.wy_decay import BT, PER_KEY, SCALAR, decayed_scores, gate_kind
 
 
 @triton.jit
@@ -29,8 +29,10 @@ def _wy_output(Q, K_, G, HS, VN, O, T, H, N, K, V, scale, GATE: tl.constexpr, BK
     row = oc
     VN = VN + row0 * V
     gk = gate_width(K, GATE)   # a gate a key: G, DB and DG hold K values a token
-    if GATE != NO_GATE:
+    if GATE == PER_KEY:
         G = G + tok0 * gk
+    if GATE == SCALAR:   # b `[B, H, N·BT]`, as ``wy_prep`` wrote it
+        G = G + row0
     K_, Q = K_ + tok0 * K, Q + tok0 * K
     O = O + tok0 * V
     dt = VN.dtype.element_ty
@@ -54,7 +56,7 @@ def _wy_output(Q, K_, G, HS, VN, O, T, H, N, K, V, scale, GATE: tl.constexpr, BK
             qs += tl.dot(q, s, input_precision=PREC)
     causal = oc[:, None] >= oc[None, :]
     if GATE == SCALAR:
-        bc = tl.cumsum(tl.load(G + tok, mask=mt, other=0.).to(tl.float32), axis=0)
+        bc = tl.load(G + row)
         qs = qs * tl.exp(bc)[:, None]
         qk = qk * tl.exp(tl.where(causal, bc[:, None] - bc[None, :], 0.))
     qk = tl.where(causal, qk, 0.)

@@ -8,7 +8,8 @@ forward substitution, then the blocks below joined by float32 products,
     P_ij = -P_ii Σ_{j ≤ m < i} A_im P_mj.
 Then W = P X and U = P Y with X = Diag(β) (K ⊙ exp(b)) and Y = Diag(β) V. For per-key gates ``_wy_w_u``
 also writes K̄ = K ⊙ exp(b_C - b), Q̃ = Q ⊙ exp(b) and exp(b_C) (b_C the chunk's total), which the serial
-kernels read instead of forming them. P, W, U, K̄ and Q̃ are written in the inputs' dtype (the operands of
+kernels read instead of forming them; for a scalar gate ``_wy_kkt`` writes b `[B, H, N·BT]` float32, which
+every later kernel reads instead of summing g again. P, W, U, K̄ and Q̃ are written in the inputs' dtype (the operands of
 the tensor-core products that read them); every product accumulates in float32. In every wy kernel a
 chunk's (or sequence's) token and row bases are int64 (B·T·H·K passes 2³¹ at about 16M tokens × heads with
 K = 128), the offsets inside it int32.
@@ -40,10 +41,11 @@ def _dot32(a, b):
 
 
 @triton.jit
-def _wy_kkt(K_, BETA, G, A_, T, H, N, K, GATE: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
-    """A = strict(Diag(β) (K Kᵀ ⊙ D)) `[BT, BT]` float32, one `[BT, BT]` product over blocks of keys."""
+def _wy_kkt(K_, BETA, G, A_, GB, T, H, N, K, GATE: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    """A = strict(Diag(β) (K Kᵀ ⊙ D)) `[BT, BT]` float32, one `[BT, BT]` product over blocks of keys; a scalar
+    gate's cumulative sums b in the chunk to GB `[B, H, N·BT]` (every later kernel reads them from there)."""
     n, bh = tl.program_id(0), tl.program_id(1)
-    oc, mt, tok0, tok, _ = wy_chunk(n, bh, T, H, N)
+    oc, mt, tok0, tok, row0 = wy_chunk(n, bh, T, H, N)
     gk = gate_width(K, GATE)   # a gate a key: G, DB and DG hold K values a token
     BETA = BETA + tok0
     if GATE != NO_GATE:
@@ -63,6 +65,7 @@ def _wy_kkt(K_, BETA, G, A_, T, H, N, K, GATE: tl.constexpr, BK: tl.constexpr, P
     strict = oc[:, None] > oc[None, :]
     if GATE == SCALAR:
         bc = tl.cumsum(tl.load(G + tok, mask=mt, other=0.).to(tl.float32), axis=0)
+        tl.store(GB + row0 + oc, bc)
         a = a * tl.exp(tl.where(strict, bc[:, None] - bc[None, :], 0.))
     a = tl.where(strict, a * tl.load(BETA + tok, mask=mt, other=0.).to(tl.float32)[:, None], 0.)
     tl.store(A_ + (bh * N + n).to(tl.int64) * BT * BT + oc[:, None] * BT + oc[None, :], a)
@@ -118,7 +121,7 @@ def _wy_inverse(A_, P_, N):
 def _wy_w_u(Q, K_, V_, BETA, G, P_, W, U, KB, QG, GC, T, H, N, K, V, GATE: tl.constexpr, HAS_Q: tl.constexpr,
             BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     """W = P X, X = Diag(β) (K ⊙ exp(b)), and U = P Y, Y = Diag(β) V, `[BT, BT]` products; per-key gates
-    also K̄, exp(b_C) and (with q) Q̃."""
+    also K̄, exp(b_C) and (with q) Q̃. G: per-key gates' g, a scalar gate's b (``_wy_kkt``'s GB)."""
     n, bh = tl.program_id(0), tl.program_id(1)
     oc, mt, tok0, tok, row0 = wy_chunk(n, bh, T, H, N)
     row = oc
@@ -131,8 +134,10 @@ def _wy_w_u(Q, K_, V_, BETA, G, P_, W, U, KB, QG, GC, T, H, N, K, V, GATE: tl.co
     U = U + row0 * V
     gk = gate_width(K, GATE)   # a gate a key: G, DB and DG hold K values a token
     BETA = BETA + tok0
-    if GATE != NO_GATE:
+    if GATE == PER_KEY:
         G = G + tok0 * gk
+    if GATE == SCALAR:
+        G = G + row0
     K_ = K_ + tok0 * K
     if HAS_Q:
         Q = Q + tok0 * K
@@ -142,7 +147,7 @@ def _wy_w_u(Q, K_, V_, BETA, G, P_, W, U, KB, QG, GC, T, H, N, K, V, GATE: tl.co
     beta = tl.load(BETA + tok, mask=mt, other=0.).to(tl.float32)
     ex = beta
     if GATE == SCALAR:
-        ex = beta * tl.exp(tl.cumsum(tl.load(G + tok, mask=mt, other=0.).to(tl.float32), axis=0))
+        ex = beta * tl.exp(tl.load(G + row))
     for ik in range(0, tl.cdiv(K, BK)):
         ok = ik * BK + tl.arange(0, BK)
         mk = ok < K
@@ -174,9 +179,10 @@ INVERSE_WARPS = 4   # ``_wy_inverse``'s twenty 16×16 tiles: at fewer warps a th
 
 
 def wy_prepare(q, k, v, beta, g, *, block_k: int, block_v: int, num_warps: int, precision: str):
-    """-> (P `[B, H, N·BT, BT]`, W `[B, H, N·BT, K]`, U `[B, H, N·BT, V]`, all in k's dtype, and for per-key
+    """-> (P `[B, H, N·BT, BT]`, W `[B, H, N·BT, K]`, U `[B, H, N·BT, V]`, all in k's dtype; for per-key
     gates K̄, Q̃ `[B, H, N·BT, K]` in k's dtype (Q̃ None when q is None) and exp(b_C) `[B, H, N, K]` float32,
-    else three None)."""
+    else three None; and the gate every later kernel reads: a scalar gate's cumulative sums b in each chunk
+    `[B, H, N·BT]` float32 (formed once here, not again in each kernel), per-key gates' g, or None)."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     N = triton.cdiv(T, 64)
@@ -190,8 +196,10 @@ def wy_prepare(q, k, v, beta, g, *, block_k: int, block_v: int, num_warps: int, 
         KB = torch.empty_like(W)
         QG = torch.empty_like(W) if q is not None else None
         GC = torch.empty(B, H, N, K, device=k.device, dtype=torch.float32)
-    _wy_kkt[(N, B * H)](k, beta, g, A, T, H, N, K, GATE=gate, BK=block_k, PREC=precision, num_warps=num_warps)
+    GB = torch.empty(B, H, N * 64, device=k.device, dtype=torch.float32) if gate == SCALAR else None
+    _wy_kkt[(N, B * H)](k, beta, g, A, GB, T, H, N, K, GATE=gate, BK=block_k, PREC=precision, num_warps=num_warps)
+    gate_in = GB if gate == SCALAR else g
     _wy_inverse[(N, B * H)](A, P, N, num_warps=INVERSE_WARPS)
-    _wy_w_u[(N, B * H)](q, k, v, beta, g, P, W, U, KB, QG, GC, T, H, N, K, V, GATE=gate,
+    _wy_w_u[(N, B * H)](q, k, v, beta, gate_in, P, W, U, KB, QG, GC, T, H, N, K, V, GATE=gate,
                         HAS_Q=q is not None, BK=block_k, BV=block_v, PREC=precision, num_warps=num_warps)
-    return P, W, U, KB, QG, GC
+    return P, W, U, KB, QG, GC, gate_in

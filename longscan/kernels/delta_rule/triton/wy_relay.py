@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 
 from longscan.kernels.delta_rule.triton.options import DeltaTritonOptions
-from longscan.kernels.delta_rule.triton.wy import parallel_settings, serial_settings, parallel_block_k
+from longscan.kernels.delta_rule.triton.wy import (parallel_block_k, parallel_settings, serial_backward_gate,
+                                                   serial_settings)
 from longscan.kernels.delta_rule.triton.wy_decay import gate_kind
 from longscan.kernels.delta_rule.triton.wy_grads import wy_dv_local, wy_input_grads
 from longscan.kernels.delta_rule.triton.wy_output import wy_output
@@ -31,8 +32,9 @@ class _Segment:
     def __init__(self, q, k, v, beta, g, options: DeltaTritonOptions):
         self.q, self.k, self.v, self.beta, self.g = q, k, v, beta, g
         self.bk = parallel_block_k(k.shape[-1], gate_kind(g))
-        self.P, self.W, self.U, self.KB, self.QG, self.GC = wy_prepare(q, k, v, beta, g, block_k=self.bk,
-                                                                       **parallel_settings(options))
+        # gk: the gate the kernels after ``wy_prepare`` read (a scalar gate's cumulative sums in each chunk)
+        self.P, self.W, self.U, self.KB, self.QG, self.GC, self.gk = wy_prepare(q, k, v, beta, g, block_k=self.bk,
+                                                                                **parallel_settings(options))
         B, _, H, K = k.shape
         N = self.U.shape[2] // 64
         # the states entering each chunk and v_n over every column; each block's pass writes its columns
@@ -63,11 +65,11 @@ class WYRelay:
 
     def forward_block(self, slot, c0, c1, S_in):
         seg = self.segments[slot]
-        return wy_state_forward_columns(seg.k, seg.g, seg.KB, seg.GC, seg.W, seg.U, S_in, seg.HS, seg.VN, c0, c1,
+        return wy_state_forward_columns(seg.k, seg.gk, seg.KB, seg.GC, seg.W, seg.U, S_in, seg.HS, seg.VN, c0, c1,
                                         **serial_settings(self.options))
 
     def outputs(self):
-        outs = [wy_output(seg.q, seg.k, seg.g, seg.HS, seg.VN, self.scale, block_k=seg.bk,
+        outs = [wy_output(seg.q, seg.k, seg.gk, seg.HS, seg.VN, self.scale, block_k=seg.bk,
                           **parallel_settings(self.options)) for seg in self.segments]
         if not self.keep:   # no backward: nothing to keep
             self.segments = []
@@ -78,15 +80,18 @@ class WYRelay:
         if seg.dv_local is None:   # the output's share of dv_n: every column at once, before the first block
             seg.do = (torch.zeros(seg.v.shape, device=seg.v.device, dtype=seg.k.dtype) if dO is None else
                       dO.to(seg.k.dtype).contiguous())
-            seg.dv_local = wy_dv_local(seg.q, seg.k, seg.g, seg.do, self.scale, V=seg.v.shape[-1], block_k=seg.bk,
+            seg.dv_local = wy_dv_local(seg.q, seg.k, seg.gk, seg.do, self.scale, V=seg.v.shape[-1], block_k=seg.bk,
                                        **parallel_settings(self.options))
             seg.DHS, seg.DVN = torch.empty_like(seg.HS), torch.empty_like(seg.VN)
-        return wy_state_backward_columns(seg.q, seg.k, seg.g, seg.QG, seg.KB, seg.GC, seg.W, seg.do, seg.dv_local,
-                                         dS_out, seg.DHS, seg.DVN, c0, c1, self.scale, **serial_settings(self.options))
+        gate = serial_backward_gate(seg.g, seg.gk, self.options)
+        return wy_state_backward_columns(seg.q, seg.k, gate, seg.QG, seg.KB, seg.GC, seg.W, seg.do, seg.dv_local,
+                                         dS_out, seg.DHS, seg.DVN, c0, c1, self.scale,
+                                         gate_rows=self.options.wy_gate_rows, **serial_settings(self.options))
 
     def grads(self):
-        out = [wy_input_grads(seg.q, seg.k, seg.v, seg.beta, seg.g, seg.P, seg.W, seg.U, seg.HS, seg.VN, seg.DHS,
-                              seg.DVN, seg.do, self.scale, block_k=seg.bk, **parallel_settings(self.options))
+        out = [wy_input_grads(seg.q, seg.k, seg.v, seg.beta, seg.gk, seg.P, seg.W, seg.U, seg.HS, seg.VN, seg.DHS,
+                              seg.DVN, seg.do, self.scale, block_k=seg.bk,
+                              max_registers=self.options.wy_max_registers, **parallel_settings(self.options))
                for seg in self.segments]
         self.segments = []
         return out

@@ -34,8 +34,8 @@ def _wy_state_fwd(K_, G, KB, GC, W, U, H0, HS, VN, HT, T, H, N, K, V, V0, VB, GA
     oc, ok, ov, mk, mv, m_kv, seq, rows = wy_sequence(iv, bh, T, H, N, K, VB, KP, BV)
     dt = W.dtype.element_ty
     K_, W, U, VN, HS = K_ + seq * K, W + rows * K, U + rows * V + V0, VN + rows * V + V0, HS + V0
-    if GATE == SCALAR:
-        G = G + seq
+    if GATE == SCALAR:   # b `[B, H, N·BT]`, as ``wy_prep`` wrote it
+        G = G + rows
     if GATE == PER_KEY:
         KB = KB + rows * K
     S = wy_state_tile(H0, bh, ok, ov, m_kv, K, VB, HAS_H0, KP, BV)
@@ -52,8 +52,8 @@ def _wy_state_fwd(K_, G, KB, GC, W, U, H0, HS, VN, HT, T, H, N, K, V, V0, VB, GA
         else:
             k = tl.load(K_ + tok[:, None] * K + ok[None, :], mask=mt[:, None] & mk[None, :], other=0.).to(dt)
         if GATE == SCALAR:
-            bc = tl.cumsum(tl.load(G + tok, mask=mt, other=0.).to(tl.float32), axis=0)
-            last = tl.sum(tl.where(oc == BT - 1, bc, 0.), axis=0)
+            bc = tl.load(G + row)
+            last = tl.load(G + n * BT + BT - 1)
             vn = vn * tl.exp(last - bc)[:, None]
             S = S * tl.exp(last)
         S += tl.dot(tl.trans(k), vn.to(dt), input_precision=PREC)
@@ -63,7 +63,10 @@ def _wy_state_fwd(K_, G, KB, GC, W, U, H0, HS, VN, HT, T, H, N, K, V, V0, VB, GA
 @triton.jit
 def _wy_state_bwd(Q, K_, G, QG, KB, GC, W, DO, DVL, DHT, DHS, DVN, DH0, T, H, N, K, V, V0, VB, scale,
                   GATE: tl.constexpr, HAS_Q: tl.constexpr, HAS_DHT: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr,
-                  PREC: tl.constexpr):
+                  PREC: tl.constexpr, GATE_ROWS: tl.constexpr):
+    """A scalar gate: G is g `[B, T, H]`, summed in each chunk here, and K̄, Q̃ `[BT, K]` are formed in registers;
+    with GATE_ROWS G is b `[B, H, N·BT]` (``wy_prep``'s) and the products' `[BT, BV]` rows are scaled by the decays
+    instead, so q and k reach the products as loaded (prefetched into shared memory as without a gate)."""
     iv, bh = tl.program_id(0), tl.program_id(1)
     # columns V0:V0 + VB of the V-wide DO, DVL, DHS and DVN, the states DHT and DH0 VB wide
     oc, ok, ov, mk, mv, m_kv, seq, rows = wy_sequence(iv, bh, T, H, N, K, VB, KP, BV)
@@ -71,8 +74,11 @@ def _wy_state_bwd(Q, K_, G, QG, KB, GC, W, DO, DVL, DHT, DHS, DVN, DH0, T, H, N,
     K_, W, DVN, DHS = K_ + seq * K, W + rows * K, DVN + rows * V + V0, DHS + V0
     if HAS_Q:   # without q (a segment transition) no output: no dv_local, no Q̃ᵀ do term
         Q, DO, DVL = Q + seq * K, DO + seq * V + V0, DVL + rows * V + V0
-    if GATE == SCALAR:
-        G = G + seq
+    if GATE == SCALAR:   # GATE_ROWS: b `[B, H, N·BT]` as ``wy_prep`` wrote it; else g `[B, T, H]`
+        if GATE_ROWS:
+            G = G + rows
+        else:
+            G = G + seq
     if GATE == PER_KEY:
         KB = KB + rows * K
         if HAS_Q:
@@ -91,17 +97,23 @@ def _wy_state_bwd(Q, K_, G, QG, KB, GC, W, DO, DVL, DHT, DHS, DVN, DH0, T, H, N,
             k = tl.load(K_ + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(dt)
             if HAS_Q:
                 q = tl.load(Q + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(dt)
-        if GATE == SCALAR:   # K̄ and Q̃ go back to the operands' dtype at once (no float32 `[BT, K]` tile is kept)
+        if GATE == SCALAR and GATE_ROWS:
+            bc = tl.load(G + row)
+            last = tl.load(G + n * BT + BT - 1)
+        if GATE == SCALAR and not GATE_ROWS:   # K̄ and Q̃ formed in registers, back in the operands' dtype at once
+            # (b summed here: read from memory, this variant spills when compiled without alignment hints)
             bc = tl.cumsum(tl.load(G + tok, mask=mt, other=0.).to(tl.float32), axis=0)
             last = tl.sum(tl.where(oc == BT - 1, bc, 0.), axis=0)
             k = (k * tl.exp(last - bc)[:, None]).to(dt)
             if HAS_Q:
                 q = (q * tl.exp(bc)[:, None]).to(dt)
+        kds = tl.dot(k, dS.to(dt), input_precision=PREC)
+        if GATE == SCALAR and GATE_ROWS:   # K̄ dS = Diag(exp(b_C - b)) K dS: `[BT, BV]` rows, k as loaded
+            kds = kds * tl.exp(last - bc)[:, None]
         if HAS_Q:
-            dv = tl.load(DVL + row[:, None] * V + ov[None, :], mask=mv[None, :], other=0.).to(tl.float32)
-            dv += tl.dot(k, dS.to(dt), input_precision=PREC)
+            dv = tl.load(DVL + row[:, None] * V + ov[None, :], mask=mv[None, :], other=0.).to(tl.float32) + kds
         else:
-            dv = tl.dot(k, dS.to(dt), input_precision=PREC)
+            dv = kds
         tl.store(DVN + row[:, None] * V + ov[None, :], dv.to(dt), mask=mv[None, :])
         w = tl.load(W + row[:, None] * K + ok[None, :], mask=mk[None, :], other=0.)
         if GATE == SCALAR:
@@ -109,8 +121,10 @@ def _wy_state_bwd(Q, K_, G, QG, KB, GC, W, DO, DVL, DHT, DHS, DVN, DH0, T, H, N,
         if GATE == PER_KEY:
             dS = dS * tl.load(GC + sn * K + ok, mask=mk, other=0.)[:, None]
         if HAS_Q:
-            do = tl.load(DO + tok[:, None] * V + ov[None, :], mask=mt[:, None] & mv[None, :], other=0.).to(dt)
-            dS += scale * tl.dot(tl.trans(q), do, input_precision=PREC)
+            do = tl.load(DO + tok[:, None] * V + ov[None, :], mask=mt[:, None] & mv[None, :], other=0.)
+            if GATE == SCALAR and GATE_ROWS:   # Q̃ᵀ do = Qᵀ Diag(exp(b)) do: do's rows, q as loaded
+                do = do.to(tl.float32) * tl.exp(bc)[:, None]
+            dS += scale * tl.dot(tl.trans(q), do.to(dt), input_precision=PREC)
         dS -= tl.dot(tl.trans(w), dv.to(dt), input_precision=PREC)
     tl.store(DH0 + bh.to(tl.int64) * K * VB + ok[:, None] * VB + ov[None, :], dS, mask=m_kv)
 
@@ -151,7 +165,8 @@ def wy_state_forward(k, g, KB, GC, W, U, h0, *, block_v: int, num_warps: int, nu
 
 
 def wy_state_backward_columns(q, k, g, QG, KB, GC, W, dO, dv_local, dHT, DHS, DVN, c0: int, c1: int, scale: float, *,
-                              block_v: int, num_warps: int, num_stages: int, precision: str) -> torch.Tensor:
+                              block_v: int, num_warps: int, num_stages: int, precision: str,
+                              gate_rows: bool) -> torch.Tensor:
     """The serial backward on value columns c0:c1 alone: reads those columns of dO `[B, T, H, V]` and dv_local
     `[B, H, N·BT, V]`, writes them in DHS `[B, H, N, K, V]` and DVN `[B, H, N·BT, V]` (k's dtype, allocated by the
     caller), from dHT `[B, H, K, c1 - c0]` (None: zeros). -> dS_0's columns `[B, H, K, c1 - c0]` float32.
@@ -165,12 +180,12 @@ def wy_state_backward_columns(q, k, g, QG, KB, GC, W, dO, dv_local, dHT, DHS, DV
     _wy_state_bwd[(triton.cdiv(VB, BV), B * H)](
         q, k, g, QG, KB, GC, W, dO, dv_local, dHT.contiguous() if dHT is not None else None, DHS, DVN, DH0,
         T, H, N, K, V, c0, VB, scale, GATE=gate_kind(g), HAS_Q=q is not None, HAS_DHT=dHT is not None, KP=_kp(K),
-        BV=BV, PREC=precision, num_warps=num_warps, num_stages=num_stages)
+        BV=BV, PREC=precision, GATE_ROWS=gate_rows, num_warps=num_warps, num_stages=num_stages)
     return DH0
 
 
 def wy_state_backward(q, k, g, QG, KB, GC, W, dO, dv_local, dHT, scale: float, *, V: int, block_v: int,
-                      num_warps: int, num_stages: int, precision: str):
+                      num_warps: int, num_stages: int, precision: str, gate_rows: bool):
     """-> (dS leaving each chunk `[B, H, N, K, V]` and dv_n `[B, H, N·BT, V]` in k's dtype, dS_0 float32).
     q None (a segment transition: no output): dO, QG and dv_local are None, and dS takes the states' share only."""
     B, T, H, K = k.shape
@@ -178,5 +193,6 @@ def wy_state_backward(q, k, g, QG, KB, GC, W, dO, dv_local, dHT, scale: float, *
     DHS = torch.empty(B, H, N, K, V, device=k.device, dtype=k.dtype)
     DVN = torch.empty(B, H, N * 64, V, device=k.device, dtype=k.dtype)
     DH0 = wy_state_backward_columns(q, k, g, QG, KB, GC, W, dO, dv_local, dHT, DHS, DVN, 0, V, scale, block_v=block_v,
-                                    num_warps=num_warps, num_stages=num_stages, precision=precision)
+                                    num_warps=num_warps, num_stages=num_stages, precision=precision,
+                                    gate_rows=gate_rows)
     return DHS, DVN, DH0
