@@ -191,15 +191,20 @@ def programs_per_sm(registers: int, shared: int, warps: int) -> int:
     return min(by_regs, by_shared)
 
 
-def _parse_set(items: list[str]) -> DeltaTritonOptions:
+def set_items(items: list[str]) -> dict:
+    """--set NAME=VALUE items (DeltaTritonOptions fields) -> keyword arguments (True/False/None, ints, strings)."""
     kw = {}
     for item in items:
         name, eq, value = item.partition("=")
         if not eq:
             raise SystemExit(f"--set: expected NAME=VALUE (a DeltaTritonOptions field), got {item!r}")
         kw[name] = {"True": True, "False": False, "None": None}.get(value, int(value) if value.isdigit() else value)
+    return kw
+
+
+def _parse_set(items: list[str]) -> DeltaTritonOptions:
     try:
-        return DeltaTritonOptions(**kw)
+        return DeltaTritonOptions(**set_items(items))
     except (TypeError, ValueError) as e:
         raise SystemExit(f"--set: {e}") from None
 

@@ -22,6 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from delta_rule import KINDS, inputs, peer  # noqa: E402 (benchmarks/delta_rule.py)
 
+from benchmarks.tuning.delta_compile import set_items  # noqa: E402
 from longscan.kernels.delta_rule import chunk_delta_rule  # noqa: E402
 from longscan.kernels.delta_rule.triton import DeltaTritonOptions  # noqa: E402
 
@@ -76,16 +77,6 @@ def profile_case(kind: str, B: int, T: int, heads: int, head_dim: int, options: 
         print(f"== fla {kind} {B}x{T}: failed: {type(e).__name__}: {str(e)[:200]}")
 
 
-def _parse_set(items: list[str]) -> dict:
-    kw = {}
-    for item in items:
-        name, eq, value = item.partition("=")
-        if not eq:
-            raise SystemExit(f"--set: expected NAME=VALUE (a DeltaTritonOptions field), got {item!r}")
-        kw[name] = {"True": True, "False": False, "None": None}.get(value, int(value) if value.isdigit() else value)
-    return kw
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", nargs="+", default=["16x4096"], help="BxT")
@@ -97,7 +88,7 @@ def main():
     ap.add_argument("--no-fla", action="store_true", help="skip flash-linear-attention's kernels")
     a = ap.parse_args()
     try:   # checked before any work
-        options = DeltaTritonOptions(**({"path": "wy"} | _parse_set(a.set)))
+        options = DeltaTritonOptions(**({"path": "wy"} | set_items(a.set)))
     except (TypeError, ValueError) as e:
         raise SystemExit(f"--set: {e}") from None
     shapes = []
