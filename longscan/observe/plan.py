@@ -329,12 +329,12 @@ def predict(cfg, costs: KernelCosts, net: Interconnect, host_bytes: float | None
     step = 64 * pieces
 
     def fits(n: int) -> bool:
-        at = replace(cfg, data=replace(cfg.data, seq_len=n))
-        return (memory_per_gpu(at) <= costs.memory_bytes
-                and (host_bytes is None or host_per_process(at) <= host_bytes))
+        est = _estimate(replace(cfg, data=replace(cfg.data, seq_len=n)), True)   # the host bytes take no margin
+        return est.peak <= costs.memory_bytes and (host_bytes is None or est.host_bytes <= host_bytes)
     longest = longest_fit(step, step, 1 << 30, fits)
+    here = _estimate(cfg, False)
     return Prediction(cfg.parallel.linear_method, cfg.parallel.softmax_method, compute + exposed, compute, exposed,
-                      nbytes, memory_per_gpu(cfg, margin=False) / 2**30, longest, host_per_process(cfg) / 2**30)
+                      nbytes, here.peak / 2**30, longest, here.host_bytes / 2**30)
 
 
 def plan(cfg, gpus: int, costs: KernelCosts, net: Interconnect, linear_methods=LINEAR_METHODS,
