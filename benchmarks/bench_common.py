@@ -79,6 +79,25 @@ def max_over_ranks(values, device) -> list:
     return t.tolist()
 
 
+def kernel_profile(fn: Callable[[], object], reps: int) -> list[tuple[str, int, float]]:
+    """fn's CUDA kernels under torch.profiler (one warm-up call, then ``reps`` profiled ones) -> [(kernel name,
+    calls a call of fn, µs a call of fn)], largest first."""
+    fn()
+    torch.cuda.synchronize()
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    calls: dict[str, int] = {}
+    us: dict[str, float] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            calls[e.name] = calls.get(e.name, 0) + 1
+            us[e.name] = us.get(e.name, 0.0) + e.device_time_total
+    return sorted(((n, calls[n] // reps, us[n] / reps) for n in us), key=lambda r: -r[2])
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()

@@ -14,14 +14,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections import defaultdict
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from delta_rule import KINDS, inputs, peer  # noqa: E402 (benchmarks/delta_rule.py)
 
+from benchmarks.bench_common import kernel_profile  # noqa: E402
 from benchmarks.tuning.delta_compile import set_items  # noqa: E402
 from longscan.kernels.delta_rule import chunk_delta_rule  # noqa: E402
 from longscan.kernels.delta_rule.triton import DeltaTritonOptions  # noqa: E402
@@ -30,20 +29,11 @@ STEPS = 3   # profiled steps (after as many warm-up steps); the table is per ste
 
 
 def kernel_table(step) -> list[tuple[str, int, float]]:
-    """-> [(kernel name, calls a step, µs a step)] largest first, from STEPS profiled calls of ``step``."""
-    for _ in range(STEPS):
+    """-> [(kernel name, calls a step, µs a step)] largest first, from STEPS profiled calls of ``step`` after
+    STEPS warm-up calls."""
+    for _ in range(STEPS - 1):   # kernel_profile warms up once more
         step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(STEPS):
-            step()
-        torch.cuda.synchronize()
-    calls, us = defaultdict(int), defaultdict(float)
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            calls[e.name] += 1
-            us[e.name] += e.device_time_total
-    return sorted(((n, calls[n] // STEPS, us[n] / STEPS) for n in us), key=lambda r: -r[2])
+    return kernel_profile(step, STEPS)
 
 
 def print_table(title: str, rows: list[tuple[str, int, float]]) -> None:

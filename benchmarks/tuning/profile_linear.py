@@ -9,11 +9,10 @@ time of every kernel per call, so a slow piece stands out.
 from __future__ import annotations
 
 import argparse
-from collections import defaultdict
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
+from benchmarks.bench_common import kernel_profile
 from benchmarks.tuning.tune_linear import H, D, inputs
 from longscan.kernels.linear_attention import triton as tc
 
@@ -22,18 +21,8 @@ REPS = 5
 
 def kernel_times(fn):
     """-> (total ms per call, [(kernel name, ms per call)] largest first)."""
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(REPS):
-            fn()
-        torch.cuda.synchronize()
-    per = defaultdict(float)
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            per[e.name[:60]] += e.device_time_total / 1e3 / REPS
-    items = sorted(per.items(), key=lambda kv: -kv[1])
-    return sum(per.values()), items
+    rows = kernel_profile(fn, REPS)
+    return sum(us for _, _, us in rows) / 1e3, [(name[:60], us / 1e3) for name, _, us in rows]
 
 
 def main():
