@@ -217,7 +217,7 @@ PER_KEY = {
     "no gate gradient (bf16 state), kn in float32": PerKey(state="bf16", e0=False, kn=False),
 }
 # Scalar kinds: without the gate gradient (the constant decay's bf16 kernels; the scalar gate's without dg) the
-# scores are split with dq_scores_split (off by default); with it (the scalar gate's dq: the state split) they are not.
+# scores are split with dq_scores_split (on by default); with it (the scalar gate's dq: the state split) they are not.
 SCALAR = {
     "no gate gradient, scores rounded once (before)": Scalar(),
     "  without dA's rounding": Scalar(dA=False),

@@ -107,8 +107,8 @@ def _dq_errors(decay, options, need_dg, seed, T=1000, K=128):
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("decay,need_dg,base,better", [
     ("g_per_key", True, LinearKernelOptions(), LinearKernelOptions(dq_factor_f32=True).with_per_key_dq_split()),
-    ("g_gamma", False, LinearKernelOptions(), LinearKernelOptions(dq_scores_split=True)),
-    ("g_scalar", False, LinearKernelOptions(), LinearKernelOptions(dq_scores_split=True))])
+    ("g_gamma", False, LinearKernelOptions(dq_scores_split=False), LinearKernelOptions()),
+    ("g_scalar", False, LinearKernelOptions(dq_scores_split=False), LinearKernelOptions())])
 def test_gpu_fewer_roundings_give_a_smaller_dq_error(decay, need_dg, base, better):
     """On bf16 inputs the settings with fewer roundings (per key: the scores split and the query factor in
     float32; the scalar decays without dg: the scores split) give a smaller dq error, summed over
@@ -148,10 +148,10 @@ def test_dq_options_validate_and_reach_the_dispatch():
         with pytest.raises(TypeError, match=f"LinearKernelOptions.{name} must be True or False"):
             LinearKernelOptions(**{name: 1})
     d, bf = LinearKernelOptions(), torch.bfloat16
-    split = LinearKernelOptions(dq_scores_split=True)
-    assert [_split_scores(g, bf, False, split) for g in (0, 1, 2, 3)] == [False, True, True, False]
-    assert not _split_scores(2, bf, True, split) and not _split_scores(1, torch.float32, False, split)
-    assert not any(_split_scores(g, bf, False, d) for g in (0, 1, 2, 3))
+    assert d.dq_scores_split   # the default
+    assert [_split_scores(g, bf, False, d) for g in (0, 1, 2, 3)] == [False, True, True, False]
+    assert not _split_scores(2, bf, True, d) and not _split_scores(1, torch.float32, False, d)
+    assert not any(_split_scores(g, bf, False, LinearKernelOptions(dq_scores_split=False)) for g in (0, 1, 2, 3))
     per_key = d.with_per_key_dq_split()
     assert _split_scores(3, bf, True, per_key) and _split_scores(3, torch.float16, False, per_key)
     assert per_key.state_products_bf16[(3, "dq")] == 2 and per_key.launch_config("dk", True) == d.launch_config(

@@ -92,8 +92,8 @@ class LinearKernelOptions:
     dq_scores_split: constant and scalar decays without the gate gradient (lightning attention's g_gamma) on
       bf16 / fp16 inputs: the dq kernel's intra-chunk dot takes the decayed causal scores as two halves in the
       inputs' dtype (one more dot a chunk, no memory traffic), not rounded once, so dq's error is the float32
-      computation's rounded once. (With the gate gradient the scalar gate's dq kernel spilled more with it.)
-      Off until timed and checked on a GPU.
+      computation's rounded once (with the gate gradient the scalar gate's dq kernel spilled more with it). On:
+      it costs g_gamma's forward+backward at most 2% (docs/benchmarks.md).
     dq_scores_split_per_key: the same for per-key gates (with or without the gate gradient). At the default
       launch settings the second dot spilled registers; with_per_key_dq_split() turns it on together with the
       settings that compile it without spills, for timing beside the defaults.
@@ -118,7 +118,7 @@ class LinearKernelOptions:
     keep_gate_operands: bool = True
     gate_grad_f32_state: bool = True
     state_products_bf16: Mapping[tuple, int] = dataclasses.field(default_factory=lambda: _STATE_PRODUCTS_BF16)
-    dq_scores_split: bool = False
+    dq_scores_split: bool = True
     dq_scores_split_per_key: bool = False
     dq_factor_f32: bool = False
     resets: bool = False
