@@ -5,8 +5,8 @@ longscan's scalar-gate linear attention at the same shape (the yardstick: same q
     PYTHONPATH=. python benchmarks/delta_rule.py [--shapes 16x4096 1x65536] [--backends triton triton-torch-intra]
         [--precision ieee tf32] [--recompute] [--chunk 32] [--kinds deltanet gated_deltanet kda]
         [--settings default inter_stages_1 inter_block_k_32 inter_block_k_32_v16 inverse_blocks
-                    intra_stages_3 block_k_32 wy auto wy_state_v32 wy_state_v32_w8 wy_gate_rows
-                    wy_gate_rows_stages_2 wy_regs_128 wy_gate_rows_regs_128]
+                    intra_stages_3 block_k_32 wy auto wy_state_v32 wy_state_v32_w8 wy_gate_rows_stages_2
+                    wy_no_gate_rows wy_regs_free wy_no_gate_rows_regs_free]
 
 Backends: "triton" (every stage in Triton), "triton-torch-intra" (the chunks' own quantities in batched torch,
 the recurrence across chunks in Triton: the earlier path), "torch". bf16 q, k, v (k L2-normalised), float32 β
@@ -46,13 +46,12 @@ SETTINGS = {
     # tiles half as often, but they spill a few bytes at K = 128
     "wy_state_v32": dict(path="wy", wy_state_block_v=32),
     "wy_state_v32_w8": dict(path="wy", wy_state_block_v=32, wy_state_num_warps=8),   # the same at 8 warps
-    # a scalar gate's serial backward scaling its products' rows, q and k prefetched as without a gate
-    "wy_gate_rows": dict(path="wy", wy_gate_rows=True),
-    "wy_gate_rows_stages_2": dict(path="wy", wy_gate_rows=True, inter_num_stages=2),   # and 2 programs an SM
-    # the parallel backward kernels capped at 128 registers: two 8-warp programs an SM with a scalar gate
-    # (per-key gates spill at this cap)
-    "wy_regs_128": dict(path="wy", wy_max_registers=128),
-    "wy_gate_rows_regs_128": dict(path="wy", wy_gate_rows=True, wy_max_registers=128),
+    # the defaults scale a scalar gate's serial-backward rows (wy_gate_rows) and cap the parallel backward at 128
+    # registers (wy_max_registers); these rows run without one or both, and the rows variant at 2 programs an SM
+    "wy_gate_rows_stages_2": dict(path="wy", inter_num_stages=2),
+    "wy_no_gate_rows": dict(path="wy", wy_gate_rows=False),
+    "wy_regs_free": dict(path="wy", wy_max_registers=None),
+    "wy_no_gate_rows_regs_free": dict(path="wy", wy_gate_rows=False, wy_max_registers=None),
 }
 
 

@@ -48,27 +48,27 @@ def test_wy_kda_matches_recurrence(shape, with_state):
     compare("kda", shape, with_state, WY, seed=shape[1] + 2)
 
 
-# the scalar gate's options: the serial backward scaling its products' rows, the parallel backward's register cap
-# (which the interpreter ignores: here its launch path runs)
-WY_ROWS = DeltaTritonOptions(path="wy", block_v=16, wy_gate_rows=True, wy_max_registers=128)
+# the scalar gate's serial backward forming K̄ and Q̃ in registers instead of scaling its products' rows
+# (wy_gate_rows=False), and the parallel backward without its register cap (which the interpreter ignores)
+WY_NO_ROWS = DeltaTritonOptions(path="wy", block_v=16, wy_gate_rows=False, wy_max_registers=None)
 
 
 @pytest.mark.parametrize("with_state", [True, False], ids=["states", "no_states"])
 @pytest.mark.parametrize("shape", SHAPES[1:4], ids=lambda s: "B{}T{}H{}K{}V{}".format(*s))
-def test_wy_gate_rows_matches_recurrence(shape, with_state):
-    """wy_gate_rows: the scalar gate's serial backward scales its products' rows instead of q and k (and reads the
-    chunks' cumulative gate); with wy_max_registers."""
-    compare("gated", shape, with_state, WY_ROWS, seed=shape[1] + 7)
+def test_wy_without_gate_rows_matches_recurrence(shape, with_state):
+    """wy_gate_rows=False: the scalar gate's serial backward scales q and k instead of its products' rows."""
+    assert WY.wy_gate_rows and WY.wy_max_registers == 128   # the defaults, run by every other test here
+    compare("gated", shape, with_state, WY_NO_ROWS, seed=shape[1] + 7)
 
 
-def test_wy_gate_rows_segment_transitions_match_the_default():
-    """The segment transitions (no q: only K̄ dS's rows are scaled) with wy_gate_rows, against the default."""
+def test_wy_gate_rows_segment_transitions_match_scaled_operands():
+    """The segment transitions (no q: only K̄ dS's rows are scaled) with wy_gate_rows, against it off."""
     x = {n: (t.to(DEV) if t is not None else None)
          for n, t in make_inputs("gated", 1, 150, 2, 16, 16, torch.float32, seed=9).items()}
     gen = torch.Generator().manual_seed(9)
     dloc, dM = (torch.randn(1, 2, 16, 16, generator=gen).to(DEV) for _ in range(2))
-    want, want_grads = transition_grads(lambda *a: tc.segment_transition(*a, options=WY), x, dloc, dM)
-    got, got_grads = transition_grads(lambda *a: tc.segment_transition(*a, options=WY_ROWS), x, dloc, dM)
+    want, want_grads = transition_grads(lambda *a: tc.segment_transition(*a, options=WY_NO_ROWS), x, dloc, dM)
+    got, got_grads = transition_grads(lambda *a: tc.segment_transition(*a, options=WY), x, dloc, dM)
     assert rel_err(got[0], want[0]) < 1e-5 and rel_err(got[1], want[1]) < 1e-5
     for n in want_grads:
         assert rel_err(got_grads[n], want_grads[n]) < 1e-5, n
@@ -308,7 +308,9 @@ from triton.compiler import ASTSource
 from benchmarks.tuning.kernel_resources import ptxas_report
 from longscan.kernels.delta_rule.triton import DeltaTritonOptions, wy, wy_grads, wy_output, wy_prep, wy_state
 
-o = DeltaTritonOptions(path="wy")
+# without alignment hints the rows-scaling serial backward spills (Triton 3.9): it is compiled as launched, with
+# them, by test_wy_gate_options_compile_without_spills; here the serial backward that scales q and k
+o = DeltaTritonOptions(path="wy", wy_gate_rows=False)
 K = V = 128
 BF16 = {"Q", "K_", "V_", "P_", "W", "U", "HS", "VN", "DHS", "DVN", "DVL", "DO", "DQ", "DK", "DW", "DV", "KB", "QG"}
 GATE = int(sys.argv[1])   # 1: a scalar gate, 2: per-key gates (the inverse reads neither: compiled once, with 1)
@@ -370,9 +372,10 @@ from benchmarks.tuning import delta_compile
 from benchmarks.tuning.kernel_resources import ptxas_report
 from longscan.kernels.delta_rule.triton import DeltaTritonOptions
 
-# as launched (alignment hints on), with an entering state's gradient: the serial backward that scales its
-# products' rows, and the WY backward under a 128-register cap
-o = DeltaTritonOptions(path="wy", wy_gate_rows=True, wy_max_registers=128)
+# as launched (alignment hints on), with an entering state's gradient: the default serial backward (scaling its
+# products' rows) and the WY backward under the default 128-register cap
+o = DeltaTritonOptions(path="wy")
+assert o.wy_gate_rows and o.wy_max_registers == 128
 out = {}
 for name in ("wy_state_bwd", "wy_bwd"):
     r = ptxas_report(delta_compile.compile_kernel("gated", name, True, torch.bfloat16, 128, o))
@@ -394,6 +397,6 @@ def test_wy_max_registers_is_checked():
         with pytest.raises(ValueError, match="DeltaTritonOptions.wy_max_registers must be None or a multiple of 8"):
             DeltaTritonOptions(wy_max_registers=value)
     with pytest.raises(ValueError, match="DeltaTritonOptions.wy_max_registers: path='float32' does not read it"):
-        DeltaTritonOptions(path="float32", wy_max_registers=128)
+        DeltaTritonOptions(path="float32", wy_max_registers=None)   # not the default (128)
     with pytest.raises(ValueError, match="DeltaTritonOptions.wy_gate_rows must be a bool"):
         DeltaTritonOptions(wy_gate_rows=1)

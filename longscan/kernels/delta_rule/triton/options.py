@@ -85,8 +85,8 @@ class DeltaTritonOptions:
     path: str = "auto"
     wy_state_block_v: int = 16
     wy_state_num_warps: int = 4
-    wy_gate_rows: bool = False
-    wy_max_registers: Optional[int] = None
+    wy_gate_rows: bool = True
+    wy_max_registers: Optional[int] = 128
 
     def __post_init__(self):
         for name in ("chunk", "block_v", "block_k", "num_warps", "intra_num_stages", "inter_num_stages"):
