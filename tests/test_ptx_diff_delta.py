@@ -16,7 +16,7 @@ def test_ptx_diff_delta_finds_the_kernel_whose_line_changed(tmp_path):
                     ignore=shutil.ignore_patterns("__pycache__"))
     path = tmp_path / "longscan/kernels/delta_rule/triton/wy_output.py"
     src = path.read_text()
-    line = "o = scale * (qs + tl.dot(qk.to(dt), vn, input_precision=PREC))"
+    line = "o = scale * (qs + tl.dot(qkc, vn, input_precision=PREC))"
     assert line in src
     path.write_text(src.replace(line, line.replace("qs + ", "qs - ")))
     out = run_compiled("benchmarks/tuning/ptx_diff.py", "--family", "delta", "--base", str(tmp_path),

@@ -61,7 +61,7 @@ def _none_args(kind: str, name: str, states: bool) -> set:
     if kind == "deltanet":
         none |= {"G", "GB", "LAST", "DLAST", "DB", "DG"}
     if kind != "kda":
-        none |= {"KB", "QG", "GC"} if name.startswith("wy") else set()
+        none |= {"KB", "QG", "GC", "QK"} if name.startswith("wy") else set()
     if not states:
         none |= {"H0", "DHT"}
     return none
@@ -107,8 +107,10 @@ def _wy_launch(kind: str, name: str, states: bool, K: int, V: int, o: DeltaTrito
     sw, ss = o.wy_state_num_warps, o.inter_num_stages
     # (an earlier longscan, compiled by ptx_diff.py, may have no GATE_ROWS switch)
     rows = dict(GATE_ROWS=o.wy_gate_rows) if "GATE_ROWS" in wy_state._wy_state_bwd.arg_names else {}
+    # (nor a WRITE_QK switch: per-key gates' decayed scores formed for the output)
+    qk = dict(WRITE_QK=gate == PER_KEY.value) if "WRITE_QK" in wy_prep._wy_kkt.arg_names else {}
     return {
-        "wy_kkt": (wy_prep._wy_kkt, dict(GATE=gate, BK=bk, PREC=o.input_precision), o.num_warps, None),
+        "wy_kkt": (wy_prep._wy_kkt, dict(GATE=gate, BK=bk, PREC=o.input_precision, **qk), o.num_warps, None),
         "wy_inverse": (wy_prep._wy_inverse, {}, wy_prep.INVERSE_WARPS, None),
         "wy_w_u": (wy_prep._wy_w_u, dict(par, HAS_Q=True), o.num_warps, None),
         "wy_state_fwd": (wy_state._wy_state_fwd, dict(serial, HAS_H0=states), sw, ss),

@@ -312,7 +312,8 @@ from longscan.kernels.delta_rule.triton import DeltaTritonOptions, wy, wy_grads,
 # them, by test_wy_gate_options_compile_without_spills; here the serial backward that scales q and k
 o = DeltaTritonOptions(path="wy", wy_gate_rows=False)
 K = V = 128
-BF16 = {"Q", "K_", "V_", "P_", "W", "U", "HS", "VN", "DHS", "DVN", "DVL", "DO", "DQ", "DK", "DW", "DV", "KB", "QG"}
+BF16 = {"Q", "K_", "V_", "P_", "W", "U", "HS", "VN", "DHS", "DVN", "DVL", "DO", "DQ", "DK", "DW", "DV", "KB", "QG",
+        "QK"}
 GATE = int(sys.argv[1])   # 1: a scalar gate, 2: per-key gates (the inverse reads neither: compiled once, with 1)
 HAS_Q = len(sys.argv) < 3 or sys.argv[2] == "q"   # "no_q": the segment transitions' variants (no output kernels)
 
@@ -330,7 +331,7 @@ P = dict(GATE=GATE, PREC=o.input_precision)
 BK, BV, SV = wy.parallel_block_k(K, GATE), min(o.block_v, V), min(o.wy_state_block_v, V)
 PAR, SER = (o.num_warps, 3), (o.wy_state_num_warps, o.inter_num_stages)   # Triton's default stages: 3
 KERNELS = (
-    ("kkt", wy_prep._wy_kkt, dict(P, BK=BK), PAR),
+    ("kkt", wy_prep._wy_kkt, dict(P, BK=BK, WRITE_QK=GATE == 2 and HAS_Q), PAR),
     ("inverse", wy_prep._wy_inverse, {}, (wy_prep.INVERSE_WARPS, 3)),
     ("w_u", wy_prep._wy_w_u, dict(P, HAS_Q=HAS_Q, BK=BK, BV=BV), PAR),
     ("state_fwd", wy_state._wy_state_fwd, dict(P, HAS_H0=True, KP=K, BV=SV), SER),

@@ -8,7 +8,8 @@ operands are in the inputs' dtype (bf16 on a GPU: tensor cores), its sums in flo
 entering each chunk and v_n are kept in the inputs' dtype for the backward.
 
 Covers no gate, a scalar gate and per-key gates (KDA: the decays inside a chunk through ``wy_decay``; K̄, Q̃
-and exp(b_C) formed once by ``wy_prep`` for the serial kernels and kept). q None (the SP stages' segment
+and exp(b_C) formed once by ``wy_prep`` for the serial kernels, and the decayed scores Q Kᵀ ⊙ D for the output
+and dv_local, all kept). q None (the SP stages' segment
 transitions) is the scan without outputs: no output kernel, and the backward drops the output's shares (no
 dv_local, no do terms in the serial pass or ``_wy_dqkw``, no dq).
 """
@@ -64,17 +65,18 @@ class DeltaRuleWY(torch.autograd.Function):
         q = q.to(k.dtype).contiguous() if q is not None else None
         bk = parallel_block_k(k.shape[-1], gate_kind(g))
         # gk: the gate the kernels after ``wy_prepare`` read (a scalar gate's cumulative sums in each chunk)
-        P, W, U, KB, QG, GC, gk = wy_prepare(q, k, v, beta, g, block_k=bk, **parallel_settings(options))
+        P, W, U, KB, QG, GC, QK, gk = wy_prepare(q, k, v, beta, g, block_k=bk, **parallel_settings(options))
         HS, VN, HT = wy_state_forward(k, gk, KB, GC, W, U, h0, **serial_settings(options))
-        o = wy_output(q, k, gk, HS, VN, scale, block_k=bk, **parallel_settings(options)) if q is not None else None
-        ctx.save_for_backward(q, k, v, beta, g, gk, P, W, U, HS, VN, KB, QG, GC)
+        o = (wy_output(q, k, gk, QG, QK, HS, VN, scale, block_k=bk, **parallel_settings(options)) if q is not None
+             else None)
+        ctx.save_for_backward(q, k, v, beta, g, gk, P, W, U, HS, VN, KB, QG, GC, QK)
         ctx.scale, ctx.options, ctx.bk = scale, options, bk
         ctx.h0_dtype = h0.dtype if h0 is not None else None
         return o, HT
 
     @staticmethod
     def backward(ctx, dO, dHT):
-        q, k, v, beta, g, gk, P, W, U, HS, VN, KB, QG, GC = ctx.saved_tensors
+        q, k, v, beta, g, gk, P, W, U, HS, VN, KB, QG, GC, QK = ctx.saved_tensors
         o = ctx.options
         if q is None:      # a segment transition: no output, so no output gradient
             dO = None
@@ -85,7 +87,7 @@ class DeltaRuleWY(torch.autograd.Function):
         state_backward = functools.partial(wy_state_backward, q, k, serial_backward_gate(g, gk, o), QG, KB, GC, W, dO,
                                            dHT=dHT, scale=ctx.scale,
                                            V=v.shape[-1], gate_rows=o.wy_gate_rows, **serial_settings(o))
-        dq, dk, dv, dbeta, dg, dh0 = wy_grads(q, k, v, beta, gk, P, W, U, HS, VN, dO, ctx.scale,
+        dq, dk, dv, dbeta, dg, dh0 = wy_grads(q, k, v, beta, gk, QK, P, W, U, HS, VN, dO, ctx.scale,
                                               state_backward, block_k=ctx.bk, max_registers=o.wy_max_registers,
                                               **parallel_settings(o))
         dh0 = dh0.to(ctx.h0_dtype) if ctx.h0_dtype is not None else None

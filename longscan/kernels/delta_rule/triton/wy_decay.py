@@ -47,20 +47,26 @@ def decayed_scores(x, y, b, oc, DT: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
-def decayed_rows(d, y, b, oc, PREC: tl.constexpr):
-    """`[BT, keys]` Σ_s d_ts y_s exp(b_t - b_s) for a lower-triangular d `[BT, BT]` (in the operands' dtype)."""
-    acc = tl.zeros_like(y)
+def decayed_scores_pair(x, x2, y, b, oc, DT: tl.constexpr, PREC: tl.constexpr):
+    """``decayed_scores`` of (x, y) and of (x2, y) from the same decay factors (per-key gates' K Kᵀ and Q Kᵀ)."""
+    acc = tl.zeros([BT, BT], dtype=tl.float32)
+    acc2 = tl.zeros([BT, BT], dtype=tl.float32)
     for i in tl.static_range(4):
         row_f, col_f = _block_factors(b, oc, i)
-        acc += row_f * tl.dot(d, (y * col_f).to(d.dtype), input_precision=PREC)
-    return acc
+        yc = tl.trans((y * col_f).to(DT))
+        acc += tl.dot((x * row_f).to(DT), yc, input_precision=PREC)
+        acc2 += tl.dot((x2 * row_f).to(DT), yc, input_precision=PREC)
+    return acc, acc2
 
 
 @triton.jit
-def decayed_cols(d, x, b, oc, PREC: tl.constexpr):
-    """`[BT, keys]` Σ_t d_ts x_t exp(b_t - b_s) for a lower-triangular d `[BT, BT]` (in the operands' dtype)."""
-    acc = tl.zeros_like(x)
+def decayed_rows_cols(d, y, d2, x, b, oc, PREC: tl.constexpr):
+    """`[BT, keys]` (Σ_s d_ts y_s exp(b_t - b_s), Σ_t d2_ts x_t exp(b_t - b_s)) for lower-triangular d, d2 `[BT, BT]`
+    (in the operands' dtype) from one set of decay factors (y, x, b float32 `[BT, keys]`)."""
+    acc = tl.zeros_like(y)
+    acc2 = tl.zeros_like(x)
     for i in tl.static_range(4):
         row_f, col_f = _block_factors(b, oc, i)
-        acc += col_f * tl.dot(tl.trans(d), (x * row_f).to(d.dtype), input_precision=PREC)
-    return acc
+        acc += row_f * tl.dot(d, (y * col_f).to(d.dtype), input_precision=PREC)
+        acc2 += col_f * tl.dot(tl.trans(d2), (x * row_f).to(d2.dtype), input_precision=PREC)
+    return acc, acc2

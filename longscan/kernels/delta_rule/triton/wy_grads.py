@@ -2,7 +2,8 @@
 
 Per chunk, with S the state entering it, dS' the gradient of the state leaving it, v_n and dv_n (``wy_state``),
 b the cumulative log gate (zero without a gate), b_C its total, D_ts = exp(b_t - b_s) (s ≤ t):
-- ``_wy_dv_local``: dv_local = scale (Q Kᵀ ⊙ D)ᵀ do, the output's share of dv_n (before the serial pass);
+- ``_wy_dv_local``: dv_local = scale (Q Kᵀ ⊙ D)ᵀ do, the output's share of dv_n (before the serial pass; per-key
+  gates' Q Kᵀ ⊙ D as ``wy_prep`` wrote it);
 - ``_wy_dqkw`` (one block of keys a program): dq = scale exp(b) (do Sᵀ) + dF K, k's first share
   dFᵀ Q + exp(b_C - b) (v_n dS'ᵀ), dW = -dv_n Sᵀ, with dF = scale (do v_nᵀ) ⊙ D (lower), and the gate's
   shares of db from Q̃, K̄, D and exp(b_C) S;
@@ -26,8 +27,7 @@ import triton
 import triton.language as tl
 
 from longscan.kernels.delta_rule.triton.common import gate_width, wy_chunk
-from longscan.kernels.delta_rule.triton.wy_decay import (BT, NO_GATE, PER_KEY, SCALAR, decayed_cols, decayed_rows,
-                                                         decayed_scores, gate_kind)
+from longscan.kernels.delta_rule.triton.wy_decay import BT, NO_GATE, PER_KEY, SCALAR, decayed_rows_cols, gate_kind
 
 WY_BWD_BLOCK_K = 32   # keys a step of ``_wy_bwd`` (beside its `[64, 64]` P, dA and K Kᵀ: at 64 it spills)
 WY_BWD_PER_KEY_BLOCK_K = 16   # the same for per-key gates (`[64, 64]` P, dA, β dA and decay factors: at 32 it spills)
@@ -39,41 +39,41 @@ def bwd_block_k(block_k: int, gate: int) -> int:
 
 
 @triton.jit
-def _wy_dv_local(Q, K_, G, DO, DVL, T, H, N, K, V, scale, GATE: tl.constexpr, BK: tl.constexpr,
+def _wy_dv_local(Q, K_, G, QK, DO, DVL, T, H, N, K, V, scale, GATE: tl.constexpr, BK: tl.constexpr,
                  BV: tl.constexpr, PREC: tl.constexpr):
+    """Per-key gates read the decayed scores QK as ``wy_prep`` wrote them (in the operands' dtype) and scale the
+    product; the other gates form Q Kᵀ ⊙ D here and scale it before it is rounded."""
     n, bh = tl.program_id(0), tl.program_id(1)
     oc, mt, tok0, tok, row0 = wy_chunk(n, bh, T, H, N)
     row = oc
     DVL = DVL + row0 * V
-    gk = gate_width(K, GATE)   # a gate a key: G, DB and DG hold K values a token
-    if GATE == PER_KEY:
-        G = G + tok0 * gk
     if GATE == SCALAR:   # b `[B, H, N·BT]`, as ``wy_prep`` wrote it
         G = G + row0
     K_, Q = K_ + tok0 * K, Q + tok0 * K
     DO = DO + tok0 * V
     dt = DVL.dtype.element_ty
-    qk = tl.zeros([BT, BT], dtype=tl.float32)
-    for ik in range(0, tl.cdiv(K, BK)):
-        ok = ik * BK + tl.arange(0, BK)
-        m = mt[:, None] & (ok < K)[None, :]
-        q = tl.load(Q + tok[:, None] * K + ok[None, :], mask=m, other=0.).to(dt)
-        k = tl.load(K_ + tok[:, None] * K + ok[None, :], mask=m, other=0.).to(dt)
-        if GATE == PER_KEY:
-            bk = tl.cumsum(tl.load(G + tok[:, None] * K + ok[None, :], mask=m, other=0.).to(tl.float32), axis=0)
-            qk += decayed_scores(q.to(tl.float32), k.to(tl.float32), bk, oc, dt, PREC)
-        else:
+    if GATE == PER_KEY:
+        qkt = tl.trans(tl.load(QK + (bh * N + n).to(tl.int64) * BT * BT + oc[:, None] * BT + oc[None, :]))
+        after = scale
+    else:
+        qk = tl.zeros([BT, BT], dtype=tl.float32)
+        for ik in range(0, tl.cdiv(K, BK)):
+            ok = ik * BK + tl.arange(0, BK)
+            m = mt[:, None] & (ok < K)[None, :]
+            q = tl.load(Q + tok[:, None] * K + ok[None, :], mask=m, other=0.).to(dt)
+            k = tl.load(K_ + tok[:, None] * K + ok[None, :], mask=m, other=0.).to(dt)
             qk += tl.dot(q, tl.trans(k), input_precision=PREC)
-    causal = oc[:, None] >= oc[None, :]
-    if GATE == SCALAR:
-        bc = tl.load(G + row)
-        qk = qk * tl.exp(tl.where(causal, bc[:, None] - bc[None, :], 0.))
-    qkt = tl.trans(tl.where(causal, scale * qk, 0.)).to(dt)
+        causal = oc[:, None] >= oc[None, :]
+        if GATE == SCALAR:
+            bc = tl.load(G + row)
+            qk = qk * tl.exp(tl.where(causal, bc[:, None] - bc[None, :], 0.))
+        qkt = tl.trans(tl.where(causal, scale * qk, 0.)).to(dt)
+        after = 1.
     for iv in range(0, tl.cdiv(V, BV)):
         ov = iv * BV + tl.arange(0, BV)
         mv = ov < V
         do = tl.load(DO + tok[:, None] * V + ov[None, :], mask=mt[:, None] & mv[None, :], other=0.).to(dt)
-        tl.store(DVL + row[:, None] * V + ov[None, :], tl.dot(qkt, do, input_precision=PREC).to(dt),
+        tl.store(DVL + row[:, None] * V + ov[None, :], (after * tl.dot(qkt, do, input_precision=PREC)).to(dt),
                  mask=mv[None, :])
 
 
@@ -130,22 +130,24 @@ def _wy_dqkw(Q, K_, G, HS, DHS, VN, DVN, DO, DQ, DK, DW, DB, T, H, N, K, V, scal
     if HAS_Q:
         q = tl.load(Q + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(dt)
     k = tl.load(K_ + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(dt)
-    if GATE == PER_KEY:   # dq stored before dk is formed (fewer live tiles)
+    if GATE == PER_KEY:
         bk = tl.cumsum(tl.load(G + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(tl.float32), axis=0)
+        kf = k.to(tl.float32)
         if HAS_Q:
             dfc = df.to(dt)
             qf = q.to(tl.float32)
-            dq = dqs * (scale * tl.exp(bk)) + decayed_rows(dfc, k.to(tl.float32), bk, oc, PREC)   # dQ̃'s, F's shares
+            # F's shares of dq and dk from one set of decay factors
+            fq, fk = decayed_rows_cols(dfc, kf, dfc, qf, bk, oc, PREC)
+            dq = dqs * (scale * tl.exp(bk)) + fq                          # dQ̃'s, F's shares
             db = qf * dq
             tl.store(DQ + tok[:, None] * K + ok[None, :], dq.to(DQ.dtype.element_ty), mask=m_tk)
         else:
             db = tl.zeros([BT, BK], dtype=tl.float32)
         last = tl.sum(tl.where((oc == BT - 1)[:, None], bk, 0.), axis=0)
-        kf = k.to(tl.float32)
         ekb = kf * dkb * tl.exp(last[None, :] - bk)                       # K̄ ⊙ dK̄
         dk = dkb * tl.exp(last[None, :] - bk)
         if HAS_Q:
-            dk += decayed_cols(dfc, qf, bk, oc, PREC)
+            dk += fk
         # every exp(b) factor's share (Q̃, K̄, the decayed scores), then b_C's (K̄ and Diag(exp(b_C)) S)
         db -= kf * dk
         db += tl.where((oc == BT - 1)[:, None], (tl.exp(last) * dl + tl.sum(ekb, axis=0))[None, :], 0.)
@@ -252,8 +254,8 @@ def _wy_bwd(K_, V_, BETA, G, P_, W, U, DVN, DW, DB, DK, DV, DBETA, DG, T, H, N, 
             dx = tl.dot(pt, tl.load(DW + row[:, None] * K + ok[None, :], mask=mk[None, :], other=0.).to(dt),
                         input_precision=PREC)
             xg = beta[:, None] * tl.exp(bk) * dx                          # dX's share of dk
-            r = decayed_rows(dAc, kf, bk, oc, PREC)                       # Σ_s dA_ts k_s exp(b_t - b_s)
-            c = decayed_cols(Mc, kf, bk, oc, PREC)                        # Σ_t β_t dA_ts k_t exp(b_t - b_s)
+            # r_t = Σ_s dA_ts k_s exp(b_t - b_s), c_s = Σ_t β_t dA_ts k_t exp(b_t - b_s)
+            r, c = decayed_rows_cols(dAc, kf, Mc, kf, bk, oc, PREC)
             dbeta += tl.sum(kf * (tl.exp(bk) * dx + r), axis=1)
             dk = tl.load(DK + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(tl.float32)
             dk += xg + beta[:, None] * r + c
@@ -286,15 +288,19 @@ def _wy_bwd(K_, V_, BETA, G, P_, W, U, DVN, DW, DB, DK, DV, DBETA, DG, T, H, N, 
     tl.store(DBETA + tok, dbeta, mask=mt)
 
 
-def wy_dv_local(q, k, g, dO, scale: float, *, V: int, block_k: int, block_v: int, num_warps: int,
+def wy_dv_local(q, k, g, QK, dO, scale: float, *, V: int, block_k: int, block_v: int, num_warps: int,
                 precision: str) -> torch.Tensor:
     """The output's share of dv_n, dv_local = scale (Q Kᵀ ⊙ D)ᵀ do `[B, H, N·BT, V]` in k's dtype (the serial
-    pass's input); column-wise in V, and it needs no state."""
+    pass's input); column-wise in V, and it needs no state. QK: per-key gates' decayed scores
+    (``wy_prep.Prepared``), else None."""
     B, T, H, K = k.shape
     N = triton.cdiv(T, 64)
+    gate = gate_kind(g)
+    if (gate == PER_KEY) != (QK is not None):
+        raise ValueError("wy_dv_local takes QK for per-key gates and for them only")
     BV = min(block_v, max(16, triton.next_power_of_2(V)))
     dv_local = torch.empty(B, H, N * 64, V, device=k.device, dtype=k.dtype)
-    _wy_dv_local[(N, B * H)](q, k, g, dO, dv_local, T, H, N, K, V, scale, GATE=gate_kind(g), BK=block_k, BV=BV,
+    _wy_dv_local[(N, B * H)](q, k, g, QK, dO, dv_local, T, H, N, K, V, scale, GATE=gate, BK=block_k, BV=BV,
                              PREC=precision, num_warps=num_warps)
     return dv_local
 
@@ -331,7 +337,7 @@ def wy_input_grads(q, k, v, beta, g, P, W, U, HS, VN, DHS, DVN, dO, scale: float
     return dq, dk, dv, dbeta, dg
 
 
-def wy_grads(q, k, v, beta, g, P, W, U, HS, VN, dO, scale: float, state_backward, *, block_k: int, block_v: int,
+def wy_grads(q, k, v, beta, g, QK, P, W, U, HS, VN, dO, scale: float, state_backward, *, block_k: int, block_v: int,
              num_warps: int, precision: str, max_registers: Optional[int]):
     """-> (dq (None when q is None: a segment transition, no output), dk, dv in k's dtype, dβ, dg or None and
     dS_0 float32). ``state_backward(dv_local) ->
@@ -340,7 +346,7 @@ def wy_grads(q, k, v, beta, g, P, W, U, HS, VN, dO, scale: float, state_backward
     float32 within each kernel), as the forward's chunk quantities are."""
     kw = dict(block_k=block_k, block_v=block_v, num_warps=num_warps, precision=precision)
     # the output's share of dv_n; a segment transition has no output
-    dv_local = wy_dv_local(q, k, g, dO, scale, V=v.shape[-1], **kw) if q is not None else None
+    dv_local = wy_dv_local(q, k, g, QK, dO, scale, V=v.shape[-1], **kw) if q is not None else None
     DHS, DVN, dh0 = state_backward(dv_local)
     return wy_input_grads(q, k, v, beta, g, P, W, U, HS, VN, DHS, DVN, dO, scale, max_registers=max_registers,
                           **kw) + (dh0,)

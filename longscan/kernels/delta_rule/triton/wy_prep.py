@@ -3,7 +3,9 @@ head): A (``_wy_kkt``), its inverse (``_wy_inverse``), W and U (``_wy_w_u``).
 
 Chunks of BT = 64 tokens, split into four blocks of 16. With b the cumulative log gate inside the chunk
 (zero without a gate; one a key for per-key gates), A_ts = β_t Σ_k k_tk k_sk exp(b_tk - b_sk) for s < t
-(per-key decays through ``wy_decay``), and P = (I + A)⁻¹ by blocks: each 16×16 diagonal block inverted by
+(per-key decays through ``wy_decay``; with q, per-key gates' decayed scores (Q Kᵀ ⊙ D)_ts = Σ_k q_tk k_sk
+exp(b_tk - b_sk), s ≤ t, from the same decay factors, written once for the output and dv_local kernels, which
+would otherwise form them again for every block of V columns), and P = (I + A)⁻¹ by blocks: each 16×16 diagonal block inverted by
 forward substitution, then the blocks below joined by float32 products,
     P_ij = -P_ii Σ_{j ≤ m < i} A_im P_mj.
 Then W = P X and U = P Y with X = Diag(β) (K ⊙ exp(b)) and Y = Diag(β) V. For per-key gates ``_wy_w_u``
@@ -21,7 +23,10 @@ import triton
 import triton.language as tl
 
 from longscan.kernels.delta_rule.triton.common import gate_width, wy_chunk
-from longscan.kernels.delta_rule.triton.wy_decay import BT, NO_GATE, PER_KEY, SCALAR, decayed_scores, gate_kind
+from typing import NamedTuple, Optional
+
+from longscan.kernels.delta_rule.triton.wy_decay import (BT, NO_GATE, PER_KEY, SCALAR, decayed_scores,
+                                                         decayed_scores_pair, gate_kind)
 
 
 @triton.jit
@@ -41,9 +46,11 @@ def _dot32(a, b):
 
 
 @triton.jit
-def _wy_kkt(K_, BETA, G, A_, GB, T, H, N, K, GATE: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+def _wy_kkt(Q, K_, BETA, G, A_, QK, GB, T, H, N, K, GATE: tl.constexpr, WRITE_QK: tl.constexpr, BK: tl.constexpr,
+            PREC: tl.constexpr):
     """A = strict(Diag(β) (K Kᵀ ⊙ D)) `[BT, BT]` float32, one `[BT, BT]` product over blocks of keys; a scalar
-    gate's cumulative sums b in the chunk to GB `[B, H, N·BT]` (every later kernel reads them from there)."""
+    gate's cumulative sums b in the chunk to GB `[B, H, N·BT]` (every later kernel reads them from there);
+    WRITE_QK (per-key gates with q): (Q Kᵀ ⊙ D) on and below the diagonal to QK `[B, H, N·BT, BT]` in k's dtype."""
     n, bh = tl.program_id(0), tl.program_id(1)
     oc, mt, tok0, tok, row0 = wy_chunk(n, bh, T, H, N)
     gk = gate_width(K, GATE)   # a gate a key: G, DB and DG hold K values a token
@@ -51,7 +58,10 @@ def _wy_kkt(K_, BETA, G, A_, GB, T, H, N, K, GATE: tl.constexpr, BK: tl.constexp
     if GATE != NO_GATE:
         G = G + tok0 * gk
     K_ = K_ + tok0 * K
+    if WRITE_QK:
+        Q = Q + tok0 * K
     a = tl.zeros([BT, BT], dtype=tl.float32)
+    qk = tl.zeros([BT, BT], dtype=tl.float32)
     for ik in range(0, tl.cdiv(K, BK)):
         ok = ik * BK + tl.arange(0, BK)
         m = mt[:, None] & (ok < K)[None, :]
@@ -59,7 +69,13 @@ def _wy_kkt(K_, BETA, G, A_, GB, T, H, N, K, GATE: tl.constexpr, BK: tl.constexp
         if GATE == PER_KEY:
             bk = tl.cumsum(tl.load(G + tok[:, None] * K + ok[None, :], mask=m, other=0.).to(tl.float32), axis=0)
             kf = k.to(tl.float32)
-            a += decayed_scores(kf, kf, bk, oc, k.dtype, PREC)
+            if WRITE_QK:
+                qf = tl.load(Q + tok[:, None] * K + ok[None, :], mask=m, other=0.).to(k.dtype).to(tl.float32)
+                a_ik, qk_ik = decayed_scores_pair(kf, qf, kf, bk, oc, k.dtype, PREC)
+                a += a_ik
+                qk += qk_ik
+            else:
+                a += decayed_scores(kf, kf, bk, oc, k.dtype, PREC)
         else:
             a += tl.dot(k, tl.trans(k), input_precision=PREC)
     strict = oc[:, None] > oc[None, :]
@@ -67,6 +83,9 @@ def _wy_kkt(K_, BETA, G, A_, GB, T, H, N, K, GATE: tl.constexpr, BK: tl.constexp
         bc = tl.cumsum(tl.load(G + tok, mask=mt, other=0.).to(tl.float32), axis=0)
         tl.store(GB + row0 + oc, bc)
         a = a * tl.exp(tl.where(strict, bc[:, None] - bc[None, :], 0.))
+    if WRITE_QK:
+        dst = QK + (bh * N + n).to(tl.int64) * BT * BT + oc[:, None] * BT + oc[None, :]
+        tl.store(dst, tl.where(oc[:, None] >= oc[None, :], qk, 0.).to(QK.dtype.element_ty))
     a = tl.where(strict, a * tl.load(BETA + tok, mask=mt, other=0.).to(tl.float32)[:, None], 0.)
     tl.store(A_ + (bh * N + n).to(tl.int64) * BT * BT + oc[:, None] * BT + oc[None, :], a)
 
@@ -178,11 +197,24 @@ def _wy_w_u(Q, K_, V_, BETA, G, P_, W, U, KB, QG, GC, T, H, N, K, V, GATE: tl.co
 INVERSE_WARPS = 4   # ``_wy_inverse``'s twenty 16×16 tiles: at fewer warps a thread holds too many and spills
 
 
-def wy_prepare(q, k, v, beta, g, *, block_k: int, block_v: int, num_warps: int, precision: str):
-    """-> (P `[B, H, N·BT, BT]`, W `[B, H, N·BT, K]`, U `[B, H, N·BT, V]`, all in k's dtype; for per-key
-    gates K̄, Q̃ `[B, H, N·BT, K]` in k's dtype (Q̃ None when q is None) and exp(b_C) `[B, H, N, K]` float32,
-    else three None; and the gate every later kernel reads: a scalar gate's cumulative sums b in each chunk
-    `[B, H, N·BT]` float32 (formed once here, not again in each kernel), per-key gates' g, or None)."""
+class Prepared(NamedTuple):
+    """What ``wy_prepare`` forms once a chunk, in k's dtype unless named: P `[B, H, N·BT, BT]`, W `[B, H, N·BT, K]`,
+    U `[B, H, N·BT, V]`; for per-key gates K̄ `[B, H, N·BT, K]`, exp(b_C) `[B, H, N, K]` float32 and, with q, Q̃
+    `[B, H, N·BT, K]` and the decayed scores QK `[B, H, N·BT, BT]` (zero above the diagonal), else None; and gate:
+    what every later kernel reads as the gate (a scalar gate's cumulative sums b in each chunk `[B, H, N·BT]`
+    float32, per-key gates' g, or None)."""
+    P: torch.Tensor
+    W: torch.Tensor
+    U: torch.Tensor
+    KB: Optional[torch.Tensor]
+    QG: Optional[torch.Tensor]
+    GC: Optional[torch.Tensor]
+    QK: Optional[torch.Tensor]
+    gate: Optional[torch.Tensor]
+
+
+def wy_prepare(q, k, v, beta, g, *, block_k: int, block_v: int, num_warps: int, precision: str) -> Prepared:
+    """Every chunk's WY representation and what the later stages read of it (``Prepared``)."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     N = triton.cdiv(T, 64)
@@ -191,15 +223,18 @@ def wy_prepare(q, k, v, beta, g, *, block_k: int, block_v: int, num_warps: int, 
     W = torch.empty(B, H, N * 64, K, device=k.device, dtype=k.dtype)
     U = torch.empty(B, H, N * 64, V, device=k.device, dtype=k.dtype)
     gate = gate_kind(g)
-    KB = QG = GC = None
+    KB = QG = GC = QK = None
     if gate == PER_KEY:
         KB = torch.empty_like(W)
-        QG = torch.empty_like(W) if q is not None else None
         GC = torch.empty(B, H, N, K, device=k.device, dtype=torch.float32)
+        if q is not None:
+            QG = torch.empty_like(W)
+            QK = torch.empty_like(P)
     GB = torch.empty(B, H, N * 64, device=k.device, dtype=torch.float32) if gate == SCALAR else None
-    _wy_kkt[(N, B * H)](k, beta, g, A, GB, T, H, N, K, GATE=gate, BK=block_k, PREC=precision, num_warps=num_warps)
+    _wy_kkt[(N, B * H)](q, k, beta, g, A, QK, GB, T, H, N, K, GATE=gate, WRITE_QK=QK is not None,
+                        BK=block_k, PREC=precision, num_warps=num_warps)
     gate_in = GB if gate == SCALAR else g
     _wy_inverse[(N, B * H)](A, P, N, num_warps=INVERSE_WARPS)
     _wy_w_u[(N, B * H)](q, k, v, beta, gate_in, P, W, U, KB, QG, GC, T, H, N, K, V, GATE=gate,
                         HAS_Q=q is not None, BK=block_k, BV=block_v, PREC=precision, num_warps=num_warps)
-    return P, W, U, KB, QG, GC, gate_in
+    return Prepared(P, W, U, KB, QG, GC, QK, gate_in)

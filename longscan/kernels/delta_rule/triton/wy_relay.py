@@ -2,7 +2,7 @@
 a block of V columns at a time from a carry that arrives block by block, with every quantity that does not
 depend on v formed once.
 
-Per local segment, before the chain: ``wy_prepare`` once (P, W, and for per-key gates K̄, Q̃, exp(b_C); U =
+Per local segment, before the chain: ``wy_prepare`` once (P, W, and for per-key gates K̄, Q̃, exp(b_C), Q Kᵀ ⊙ D; U =
 P Diag(β) V for every column at once: it needs no state). The chain then runs, for each block of columns,
 only the serial state pass on those columns (``wy_state_forward_columns`` from the block's entering state,
 writing its columns of the V-wide HS and VN: its leaving state goes on at once); the outputs (``wy_output``)
@@ -33,8 +33,8 @@ class _Segment:
         self.q, self.k, self.v, self.beta, self.g = q, k, v, beta, g
         self.bk = parallel_block_k(k.shape[-1], gate_kind(g))
         # gk: the gate the kernels after ``wy_prepare`` read (a scalar gate's cumulative sums in each chunk)
-        self.P, self.W, self.U, self.KB, self.QG, self.GC, self.gk = wy_prepare(q, k, v, beta, g, block_k=self.bk,
-                                                                                **parallel_settings(options))
+        (self.P, self.W, self.U, self.KB, self.QG, self.GC, self.QK,
+         self.gk) = wy_prepare(q, k, v, beta, g, block_k=self.bk, **parallel_settings(options))
         B, _, H, K = k.shape
         N = self.U.shape[2] // 64
         # the states entering each chunk and v_n over every column; each block's pass writes its columns
@@ -69,7 +69,7 @@ class WYRelay:
                                         **serial_settings(self.options))
 
     def outputs(self):
-        outs = [wy_output(seg.q, seg.k, seg.gk, seg.HS, seg.VN, self.scale, block_k=seg.bk,
+        outs = [wy_output(seg.q, seg.k, seg.gk, seg.QG, seg.QK, seg.HS, seg.VN, self.scale, block_k=seg.bk,
                           **parallel_settings(self.options)) for seg in self.segments]
         if not self.keep:   # no backward: nothing to keep
             self.segments = []
@@ -80,8 +80,8 @@ class WYRelay:
         if seg.dv_local is None:   # the output's share of dv_n: every column at once, before the first block
             seg.do = (torch.zeros(seg.v.shape, device=seg.v.device, dtype=seg.k.dtype) if dO is None else
                       dO.to(seg.k.dtype).contiguous())
-            seg.dv_local = wy_dv_local(seg.q, seg.k, seg.gk, seg.do, self.scale, V=seg.v.shape[-1], block_k=seg.bk,
-                                       **parallel_settings(self.options))
+            seg.dv_local = wy_dv_local(seg.q, seg.k, seg.gk, seg.QK, seg.do, self.scale, V=seg.v.shape[-1],
+                                       block_k=seg.bk, **parallel_settings(self.options))
             seg.DHS, seg.DVN = torch.empty_like(seg.HS), torch.empty_like(seg.VN)
         gate = serial_backward_gate(seg.g, seg.gk, self.options)
         return wy_state_backward_columns(seg.q, seg.k, gate, seg.QG, seg.KB, seg.GC, seg.W, seg.do, seg.dv_local,
