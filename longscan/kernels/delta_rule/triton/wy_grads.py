@@ -12,7 +12,8 @@ b the cumulative log gate (zero without a gate), b_C its total, D_ts = exp(b_t -
   to dk, dv, dβ, and db; then dg_t = Σ_{t' ≥ t} db_t' (b = cumsum g in the chunk).
 For a scalar gate every factor exp(b_t - b_s) of a product F_ts gives db_t += Σ_s dF_ts F_ts and
 db_s -= Σ_t dF_ts F_ts, so ``_wy_dqkw``'s db is Σ_k (q ⊙ dq - k ⊙ dk) (plus b_C's terms on the last row), a
-`[BT]` share a block of keys that ``_wy_bwd`` sums; its kernels read b as ``wy_prep`` wrote it (G). Per-key gates (b `[BT, K]`) form the decayed products through ``wy_decay``; each
+`[BT]` share a block of keys that ``_wy_bwd`` sums; its kernels read b as ``wy_prep`` wrote it (G), per-key gates'
+too (b `[BT, K]` a chunk), which form the decayed products through ``wy_decay``; each
 factor exp(b_tk) of an operand x_tk gives db_tk += x_tk dx_tk and each exp(-b_sk) db_sk -= y_sk dy_sk, so
 ``_wy_dqkw``'s db is q ⊙ dq - k ⊙ dk (plus b_C's terms on the last row), and ``_wy_bwd`` adds
 X ⊙ dX and, with R = Σ_s dA_ts k_s exp(b_t - b_s) and C = Σ_t β_t dA_ts k_t exp(b_t - b_s), β k ⊙ R - k ⊙ C.
@@ -27,7 +28,8 @@ import triton
 import triton.language as tl
 
 from longscan.kernels.delta_rule.triton.common import gate_width, wy_chunk
-from longscan.kernels.delta_rule.triton.wy_decay import BT, NO_GATE, PER_KEY, SCALAR, decayed_rows_cols, gate_kind
+from longscan.kernels.delta_rule.triton.wy_decay import (BT, NO_GATE, PER_KEY, SCALAR, decayed_rows_cols, gate_kind,
+                                                         load_refs)
 
 WY_BWD_BLOCK_K = 32   # keys a step of ``_wy_bwd`` (beside its `[64, 64]` P, dA and K Kᵀ: at 64 it spills)
 WY_BWD_PER_KEY_BLOCK_K = 16   # the same for per-key gates (`[64, 64]` P, dA, β dA and decay factors: at 32 it spills)
@@ -88,8 +90,8 @@ def _wy_dqkw(Q, K_, G, HS, DHS, VN, DVN, DO, DQ, DK, DW, DB, T, H, N, K, V, scal
     row = oc
     gk = gate_width(K, GATE)   # a gate a key: G, DB and DG hold K values a token
     DW = DW + row0 * K
-    if GATE == PER_KEY:
-        G, DB = G + tok0 * gk, DB + row0 * gk
+    if GATE == PER_KEY:   # b `[B, H, N·BT, K]`, as ``wy_prep`` wrote it
+        G, DB = G + row0 * K, DB + row0 * gk
     if GATE == SCALAR:   # b `[B, H, N·BT]`, as ``wy_prep`` wrote it
         G, DB = G + row0, DB + row0
     DVN, VN = DVN + row0 * V, VN + row0 * V
@@ -131,19 +133,20 @@ def _wy_dqkw(Q, K_, G, HS, DHS, VN, DVN, DO, DQ, DK, DW, DB, T, H, N, K, V, scal
         q = tl.load(Q + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(dt)
     k = tl.load(K_ + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(dt)
     if GATE == PER_KEY:
-        bk = tl.cumsum(tl.load(G + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(tl.float32), axis=0)
+        bk = tl.load(G + row[:, None] * K + ok[None, :], mask=mk[None, :], other=0.)
         kf = k.to(tl.float32)
         if HAS_Q:
             dfc = df.to(dt)
             qf = q.to(tl.float32)
             # F's shares of dq and dk from one set of decay factors
-            fq, fk = decayed_rows_cols(dfc, kf, dfc, qf, bk, oc, PREC)
+            r0, r1, r2, r3 = load_refs(G, ok, mk, K)
+            fq, fk = decayed_rows_cols(dfc, kf, dfc, qf, bk, r0, r1, r2, r3, oc, PREC)
             dq = dqs * (scale * tl.exp(bk)) + fq                          # dQ̃'s, F's shares
             db = qf * dq
             tl.store(DQ + tok[:, None] * K + ok[None, :], dq.to(DQ.dtype.element_ty), mask=m_tk)
         else:
             db = tl.zeros([BT, BK], dtype=tl.float32)
-        last = tl.sum(tl.where((oc == BT - 1)[:, None], bk, 0.), axis=0)
+        last = tl.load(G + (BT - 1) * K + ok, mask=mk, other=0.)
         ekb = kf * dkb * tl.exp(last[None, :] - bk)                       # K̄ ⊙ dK̄
         dk = dkb * tl.exp(last[None, :] - bk)
         if HAS_Q:
@@ -196,8 +199,8 @@ def _wy_bwd(K_, V_, BETA, G, P_, W, U, DVN, DW, DB, DK, DV, DBETA, DG, T, H, N, 
     DW, W = DW + row0 * K, W + row0 * K
     DVN, U = DVN + row0 * V, U + row0 * V
     BETA, DBETA = BETA + tok0, DBETA + tok0
-    if GATE == PER_KEY:
-        G, DB, DG = G + tok0 * gk, DB + row0 * gk, DG + tok0 * gk
+    if GATE == PER_KEY:   # b `[B, H, N·BT, K]`, as ``wy_prep`` wrote it
+        G, DB, DG = G + row0 * K, DB + row0 * gk, DG + tok0 * gk
     if GATE == SCALAR:   # b `[B, H, N·BT]`, as ``wy_prep`` wrote it
         G, DB, DG = G + row0, DB + row0, DG + tok0
     DK, K_ = DK + tok0 * K, K_ + tok0 * K
@@ -250,12 +253,13 @@ def _wy_bwd(K_, V_, BETA, G, P_, W, U, DVN, DW, DB, DK, DV, DBETA, DG, T, H, N, 
             mk = ok < K
             m_tk = mt[:, None] & mk[None, :]
             kf = tl.load(K_ + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(dt).to(tl.float32)
-            bk = tl.cumsum(tl.load(G + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(tl.float32), axis=0)
+            bk = tl.load(G + row[:, None] * K + ok[None, :], mask=mk[None, :], other=0.)
+            r0, r1, r2, r3 = load_refs(G, ok, mk, K)
             dx = tl.dot(pt, tl.load(DW + row[:, None] * K + ok[None, :], mask=mk[None, :], other=0.).to(dt),
                         input_precision=PREC)
             xg = beta[:, None] * tl.exp(bk) * dx                          # dX's share of dk
             # r_t = Σ_s dA_ts k_s exp(b_t - b_s), c_s = Σ_t β_t dA_ts k_t exp(b_t - b_s)
-            r, c = decayed_rows_cols(dAc, kf, Mc, kf, bk, oc, PREC)
+            r, c = decayed_rows_cols(dAc, kf, Mc, kf, bk, r0, r1, r2, r3, oc, PREC)
             dbeta += tl.sum(kf * (tl.exp(bk) * dx + r), axis=1)
             dk = tl.load(DK + tok[:, None] * K + ok[None, :], mask=m_tk, other=0.).to(tl.float32)
             dk += xg + beta[:, None] * r + c
@@ -330,8 +334,8 @@ def wy_input_grads(q, k, v, beta, g, P, W, U, HS, VN, DHS, DVN, dO, scale: float
     _wy_dqkw[(NK, N, B * H)](q, k, g, HS, DHS, VN, DVN, dO, dq, dk, dW, db, T, H, N, K, V, scale, HAS_Q=has_q,
                              **kw)
     dv, dbeta = torch.empty(B, T, H, V, device=k.device, dtype=k.dtype), torch.empty(B, T, H, **f32)
-    # g: a scalar gate's cumulative sums `[B, H, N·BT]` (``wy_prep``), its dg `[B, T, H]` as β; per-key gates' g
-    dg = None if g is None else torch.empty(beta.shape if gate == SCALAR else g.shape, **f32)
+    # g: the gate's cumulative sums in each chunk (``wy_prep``); dg `[B, T, H]` as β, or `[B, T, H, K]` as k
+    dg = None if g is None else torch.empty(beta.shape if gate == SCALAR else k.shape, **f32)
     kw["BK"] = bwd_block_k(block_k, gate)
     _wy_bwd[(N, B * H)](k, v, beta, g, P, W, U, DVN, dW, db, dk, dv, dbeta, dg, T, H, N, K, V, NK, **kw)
     return dq, dk, dv, dbeta, dg

@@ -10,8 +10,8 @@ forward substitution, then the blocks below joined by float32 products,
     P_ij = -P_ii Σ_{j ≤ m < i} A_im P_mj.
 Then W = P X and U = P Y with X = Diag(β) (K ⊙ exp(b)) and Y = Diag(β) V. For per-key gates ``_wy_w_u``
 also writes K̄ = K ⊙ exp(b_C - b), Q̃ = Q ⊙ exp(b) and exp(b_C) (b_C the chunk's total), which the serial
-kernels read instead of forming them; for a scalar gate ``_wy_kkt`` writes b `[B, H, N·BT]` float32, which
-every later kernel reads instead of summing g again. P, W, U, K̄ and Q̃ are written in the inputs' dtype (the operands of
+kernels read instead of forming them; ``_wy_kkt`` writes b (a scalar gate's `[B, H, N·BT]`, per-key gates'
+`[B, H, N·BT, K]`, float32), which every later kernel reads instead of summing g again. P, W, U, K̄ and Q̃ are written in the inputs' dtype (the operands of
 the tensor-core products that read them); every product accumulates in float32. In every wy kernel a
 chunk's (or sequence's) token and row bases are int64 (B·T·H·K passes 2³¹ at about 16M tokens × heads with
 K = 128), the offsets inside it int32.
@@ -26,7 +26,7 @@ from longscan.kernels.delta_rule.triton.common import gate_width, wy_chunk
 from typing import NamedTuple, Optional
 
 from longscan.kernels.delta_rule.triton.wy_decay import (BT, NO_GATE, PER_KEY, SCALAR, decayed_scores,
-                                                         decayed_scores_pair, gate_kind)
+                                                         decayed_scores_pair, gate_kind, refs)
 
 
 @triton.jit
@@ -48,9 +48,10 @@ def _dot32(a, b):
 @triton.jit
 def _wy_kkt(Q, K_, BETA, G, A_, QK, GB, T, H, N, K, GATE: tl.constexpr, WRITE_QK: tl.constexpr, BK: tl.constexpr,
             PREC: tl.constexpr):
-    """A = strict(Diag(β) (K Kᵀ ⊙ D)) `[BT, BT]` float32, one `[BT, BT]` product over blocks of keys; a scalar
-    gate's cumulative sums b in the chunk to GB `[B, H, N·BT]` (every later kernel reads them from there);
-    WRITE_QK (per-key gates with q): (Q Kᵀ ⊙ D) on and below the diagonal to QK `[B, H, N·BT, BT]` in k's dtype."""
+    """A = strict(Diag(β) (K Kᵀ ⊙ D)) `[BT, BT]` float32, one `[BT, BT]` product over blocks of keys; the gate's
+    cumulative sums b in the chunk to GB (a scalar gate's `[B, H, N·BT]`, per-key gates' `[B, H, N·BT, K]`, float32:
+    every later kernel reads them from there); WRITE_QK (per-key gates with q): (Q Kᵀ ⊙ D) on and below the
+    diagonal to QK `[B, H, N·BT, BT]` in k's dtype."""
     n, bh = tl.program_id(0), tl.program_id(1)
     oc, mt, tok0, tok, row0 = wy_chunk(n, bh, T, H, N)
     gk = gate_width(K, GATE)   # a gate a key: G, DB and DG hold K values a token
@@ -68,14 +69,16 @@ def _wy_kkt(Q, K_, BETA, G, A_, QK, GB, T, H, N, K, GATE: tl.constexpr, WRITE_QK
         k = tl.load(K_ + tok[:, None] * K + ok[None, :], mask=m, other=0.)
         if GATE == PER_KEY:
             bk = tl.cumsum(tl.load(G + tok[:, None] * K + ok[None, :], mask=m, other=0.).to(tl.float32), axis=0)
+            tl.store(GB + (row0 + oc[:, None]) * K + ok[None, :], bk, mask=(ok < K)[None, :])
+            r0, r1, r2, r3 = refs(bk, oc)
             kf = k.to(tl.float32)
             if WRITE_QK:
                 qf = tl.load(Q + tok[:, None] * K + ok[None, :], mask=m, other=0.).to(k.dtype).to(tl.float32)
-                a_ik, qk_ik = decayed_scores_pair(kf, qf, kf, bk, oc, k.dtype, PREC)
+                a_ik, qk_ik = decayed_scores_pair(kf, qf, kf, bk, r0, r1, r2, r3, oc, k.dtype, PREC)
                 a += a_ik
                 qk += qk_ik
             else:
-                a += decayed_scores(kf, kf, bk, oc, k.dtype, PREC)
+                a += decayed_scores(kf, kf, bk, r0, r1, r2, r3, oc, k.dtype, PREC)
         else:
             a += tl.dot(k, tl.trans(k), input_precision=PREC)
     strict = oc[:, None] > oc[None, :]
@@ -140,7 +143,7 @@ def _wy_inverse(A_, P_, N):
 def _wy_w_u(Q, K_, V_, BETA, G, P_, W, U, KB, QG, GC, T, H, N, K, V, GATE: tl.constexpr, HAS_Q: tl.constexpr,
             BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     """W = P X, X = Diag(β) (K ⊙ exp(b)), and U = P Y, Y = Diag(β) V, `[BT, BT]` products; per-key gates
-    also K̄, exp(b_C) and (with q) Q̃. G: per-key gates' g, a scalar gate's b (``_wy_kkt``'s GB)."""
+    also K̄, exp(b_C) and (with q) Q̃. G: b as ``_wy_kkt`` wrote it (GB)."""
     n, bh = tl.program_id(0), tl.program_id(1)
     oc, mt, tok0, tok, row0 = wy_chunk(n, bh, T, H, N)
     row = oc
@@ -151,10 +154,9 @@ def _wy_w_u(Q, K_, V_, BETA, G, P_, W, U, KB, QG, GC, T, H, N, K, V, GATE: tl.co
         if HAS_Q:
             QG = QG + row0 * K
     U = U + row0 * V
-    gk = gate_width(K, GATE)   # a gate a key: G, DB and DG hold K values a token
     BETA = BETA + tok0
-    if GATE == PER_KEY:
-        G = G + tok0 * gk
+    if GATE == PER_KEY:   # b `[B, H, N·BT, K]`, as ``_wy_kkt`` wrote it
+        G = G + row0 * K
     if GATE == SCALAR:
         G = G + row0
     K_ = K_ + tok0 * K
@@ -173,8 +175,8 @@ def _wy_w_u(Q, K_, V_, BETA, G, P_, W, U, KB, QG, GC, T, H, N, K, V, GATE: tl.co
         m = mt[:, None] & mk[None, :]
         x = tl.load(K_ + tok[:, None] * K + ok[None, :], mask=m, other=0.)
         if GATE == PER_KEY:
-            bk = tl.cumsum(tl.load(G + tok[:, None] * K + ok[None, :], mask=m, other=0.).to(tl.float32), axis=0)
-            last = tl.sum(tl.where((oc == BT - 1)[:, None], bk, 0.), axis=0)
+            bk = tl.load(G + row[:, None] * K + ok[None, :], mask=mk[None, :], other=0.)
+            last = tl.load(G + (BT - 1) * K + ok, mask=mk, other=0.)
             xf = x.to(tl.float32)
             w = tl.dot(p, (xf * tl.exp(bk) * beta[:, None]).to(dt), input_precision=PREC)
             tl.store(KB + row[:, None] * K + ok[None, :], (xf * tl.exp(last[None, :] - bk)).to(dt),
@@ -201,8 +203,8 @@ class Prepared(NamedTuple):
     """What ``wy_prepare`` forms once a chunk, in k's dtype unless named: P `[B, H, N·BT, BT]`, W `[B, H, N·BT, K]`,
     U `[B, H, N·BT, V]`; for per-key gates K̄ `[B, H, N·BT, K]`, exp(b_C) `[B, H, N, K]` float32 and, with q, Q̃
     `[B, H, N·BT, K]` and the decayed scores QK `[B, H, N·BT, BT]` (zero above the diagonal), else None; and gate:
-    what every later kernel reads as the gate (a scalar gate's cumulative sums b in each chunk `[B, H, N·BT]`
-    float32, per-key gates' g, or None)."""
+    what every later kernel reads as the gate, the cumulative sums b in each chunk (a scalar gate's `[B, H, N·BT]`,
+    per-key gates' `[B, H, N·BT, K]`, float32), or None."""
     P: torch.Tensor
     W: torch.Tensor
     U: torch.Tensor
@@ -230,10 +232,12 @@ def wy_prepare(q, k, v, beta, g, *, block_k: int, block_v: int, num_warps: int, 
         if q is not None:
             QG = torch.empty_like(W)
             QK = torch.empty_like(P)
-    GB = torch.empty(B, H, N * 64, device=k.device, dtype=torch.float32) if gate == SCALAR else None
+    # the gate's cumulative sums in each chunk, formed once (by ``_wy_kkt``) for every later kernel
+    GB = (torch.empty(B, H, N * 64, device=k.device, dtype=torch.float32) if gate == SCALAR else
+          torch.empty(B, H, N * 64, K, device=k.device, dtype=torch.float32) if gate == PER_KEY else None)
     _wy_kkt[(N, B * H)](q, k, beta, g, A, QK, GB, T, H, N, K, GATE=gate, WRITE_QK=QK is not None,
                         BK=block_k, PREC=precision, num_warps=num_warps)
-    gate_in = GB if gate == SCALAR else g
+    gate_in = GB
     _wy_inverse[(N, B * H)](A, P, N, num_warps=INVERSE_WARPS)
     _wy_w_u[(N, B * H)](q, k, v, beta, gate_in, P, W, U, KB, QG, GC, T, H, N, K, V, GATE=gate,
                         HAS_Q=q is not None, BK=block_k, BV=block_v, PREC=precision, num_warps=num_warps)
