@@ -1,8 +1,8 @@
 """path="wy", the output: one program per (block of V columns, chunk, sequence, head), every chunk at once,
 from the state entering it S and its v_n (``wy_state``):
     o = scale (Q̃ S + (Q Kᵀ ⊙ D) v_n),    Q̃_t = exp(b_t) q_t,  D_ts = exp(b_t - b_s) for s ≤ t, else 0;
-per-key gates: Q̃ = Q ⊙ exp(b) and (Q Kᵀ ⊙ D)_ts = Σ_k q_tk k_sk exp(b_tk - b_sk), both as ``wy_prep`` wrote them
-(QG, QK), so the programs of a chunk's V blocks read them rather than each forming them again.
+per-key gates: Q̃ = Q ⊙ exp(b) and (Q Kᵀ ⊙ D)_ts = Σ_k q_tk k_sk exp(b_tk - b_sk), both as ``wy_prep`` wrote
+them (QG, QK), so the programs of a chunk's V blocks read them rather than each forming them again.
 """
 from __future__ import annotations
 

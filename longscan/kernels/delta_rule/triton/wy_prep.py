@@ -5,26 +5,26 @@ Chunks of BT = 64 tokens, split into four blocks of 16. With b the cumulative lo
 (zero without a gate; one a key for per-key gates), A_ts = β_t Σ_k k_tk k_sk exp(b_tk - b_sk) for s < t
 (per-key decays through ``wy_decay``; with q, per-key gates' decayed scores (Q Kᵀ ⊙ D)_ts = Σ_k q_tk k_sk
 exp(b_tk - b_sk), s ≤ t, from the same decay factors, written once for the output and dv_local kernels, which
-would otherwise form them again for every block of V columns), and P = (I + A)⁻¹ by blocks: each 16×16 diagonal block inverted by
-forward substitution, then the blocks below joined by float32 products,
+would otherwise form them again for every block of V columns), and P = (I + A)⁻¹ by blocks: each 16×16
+diagonal block inverted by forward substitution, then the blocks below joined by float32 products,
     P_ij = -P_ii Σ_{j ≤ m < i} A_im P_mj.
 Then W = P X and U = P Y with X = Diag(β) (K ⊙ exp(b)) and Y = Diag(β) V. For per-key gates ``_wy_w_u``
 also writes K̄ = K ⊙ exp(b_C - b), Q̃ = Q ⊙ exp(b) and exp(b_C) (b_C the chunk's total), which the serial
 kernels read instead of forming them; ``_wy_kkt`` writes b (a scalar gate's `[B, H, N·BT]`, per-key gates'
-`[B, H, N·BT, K]`, float32), which every later kernel reads instead of summing g again. P, W, U, K̄ and Q̃ are written in the inputs' dtype (the operands of
-the tensor-core products that read them); every product accumulates in float32. In every wy kernel a
-chunk's (or sequence's) token and row bases are int64 (B·T·H·K passes 2³¹ at about 16M tokens × heads with
-K = 128), the offsets inside it int32.
+`[B, H, N·BT, K]`, float32), which every later kernel reads instead of summing g again. P, W, U, K̄, Q̃ and
+the decayed scores are written in the inputs' dtype (the operands of the tensor-core products that read
+them); every product accumulates in float32. In every wy kernel a chunk's (or sequence's) token and row
+bases are int64 (B·T·H·K passes 2³¹ at about 16M tokens × heads with K = 128), the offsets inside it int32.
 """
 from __future__ import annotations
+
+from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 
 from longscan.kernels.delta_rule.triton.common import gate_width, wy_chunk
-from typing import NamedTuple, Optional
-
 from longscan.kernels.delta_rule.triton.wy_decay import (BT, NO_GATE, PER_KEY, SCALAR, decayed_scores,
                                                          decayed_scores_pair, gate_kind, refs)
 

@@ -2,10 +2,10 @@
 a block of V columns at a time from a carry that arrives block by block, with every quantity that does not
 depend on v formed once.
 
-Per local segment, before the chain: ``wy_prepare`` once (P, W, and for per-key gates K̄, Q̃, exp(b_C), Q Kᵀ ⊙ D; U =
-P Diag(β) V for every column at once: it needs no state). The chain then runs, for each block of columns,
-only the serial state pass on those columns (``wy_state_forward_columns`` from the block's entering state,
-writing its columns of the V-wide HS and VN: its leaving state goes on at once); the outputs (``wy_output``)
+Per local segment, before the chain: ``wy_prepare`` once (P, W, and for per-key gates K̄, Q̃, exp(b_C) and
+Q Kᵀ ⊙ D; U = P Diag(β) V for every column at once: it needs no state). The chain then runs, for each block
+of columns, only the serial state pass on those columns (``wy_state_forward_columns`` from the block's entering
+state, writing its columns of the V-wide HS and VN: its leaving state goes on at once); the outputs (``wy_output``)
 run once the chain is through, over every column. Backward: the output's share of dv_n (``wy_dv_local``, no
 state needed) once, then per block along the reverse chain the serial pass on its columns
 (``wy_state_backward_columns`` from the block's dS_out: dS_in goes on), and once the chain is through the
