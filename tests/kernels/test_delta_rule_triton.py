@@ -76,6 +76,34 @@ def test_triton_bf16_on_gpu(kind, path):
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("with_state", [True, False], ids=["states", "no_states"])
+@pytest.mark.parametrize("dims", [(64, 64), (128, 128), (64, 128)], ids=lambda d: "K{}V{}".format(*d))
+@pytest.mark.parametrize("kind", KINDS)
+def test_triton_bf16_gradients_on_gpu(kind, dims, with_state):
+    """bf16 q, k, v on the default options (the wy kernels), forward and backward, head dims up to 128, with
+    and without states, against the float64 recurrence of the same rounded inputs: every tensor at bf16's level
+    (the kernels keep P, W, U, the entering states and v_n in bf16)."""
+    K, V = dims
+    x = make_inputs(kind, 1, 300, 2, K, V, torch.float64, seed=7 + K + V)
+    if not with_state:
+        x["initial_state"] = None
+    x = {n: (t.to(torch.bfloat16).double() if n in ("q", "k", "v") else t.float().double()) if t is not None
+         else None for n, t in x.items()}
+    gen = torch.Generator().manual_seed(3)
+    do = torch.randn(1, 300, 2, V, generator=gen, dtype=torch.float64).to(torch.bfloat16).double()
+    dht = torch.randn(1, 2, K, V, generator=gen, dtype=torch.float64)
+    ref = run(lambda **a: naive_recurrent_delta_rule(**a, output_final_state=True), x, do, dht)
+    low = {n: (t.to(DEV, torch.bfloat16) if n in ("q", "k", "v") else t.to(DEV, torch.float32)) if t is not None
+           else None for n, t in x.items()}
+    got = run(lambda **a: chunk_delta_rule(**a, output_final_state=True), low, do.to(DEV, torch.bfloat16),
+              dht.to(DEV, torch.float32))
+    assert rel_err(got[0].double().cpu(), ref[0]) < 3e-2 and rel_err(got[1].double().cpu(), ref[1]) < 3e-2
+    assert set(got[2]) == set(ref[2])
+    for n in ref[2]:
+        assert rel_err(got[2][n].double().cpu(), ref[2][n]) < 5e-2, n
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("kind", KINDS)
 def test_sp_stages_on_gpu_one_rank(kind):
     """The SP operator's stages (segment maps, the scan of zigzag's two pieces, the output pass from the
