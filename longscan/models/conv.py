@@ -68,6 +68,9 @@ class HaloExchange(torch.autograd.Function):
         return _exchange(dhalos, ctx.group, ctx.layout, forward=False), None, None
 
 
+CONV_KERNEL = 4   # the delta-rule layers' short convolution: each token sees itself and the 3 before it
+
+
 class ShortConvolution(nn.Module):
     """x `[B, T, C]` (T local to the SP rank) -> SiLU(depthwise causal conv of x) `[B, T, C]`.
 

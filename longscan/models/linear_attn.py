@@ -23,13 +23,11 @@ from longscan.distributed.layouts import group_rank_size
 from longscan.kernels import delta_rule as local_delta
 from longscan.models import sp_ops
 from longscan.models.args import DELTA_VARIANTS
-from longscan.models.conv import ShortConvolution
+from longscan.models.conv import CONV_KERNEL, ShortConvolution
 from longscan.models.norms import HeadRMSNorm, RMSNorm, rms_norm
 from longscan.models.tiling import head_groups, tiled
 from longscan.models.tp import column, row
 
-
-CONV_KERNEL = 4
 
 
 def lightning_log_decay(n_heads: int) -> torch.Tensor:

@@ -39,8 +39,9 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from longscan.models.args import ModelConfig
+from longscan.models.args import DELTA_VARIANTS, ModelConfig
 from longscan.models.args import MemoryOptions
+from longscan.models.conv import CONV_KERNEL
 
 GiB = 2 ** 30
 
@@ -98,7 +99,9 @@ def layer_params(m: ModelConfig, kind: str, tp: int) -> int:
     n = 2 * D + 3 * D * m.ffn // tp  # two norms, the MLP
     if kind == "L":
         n += 3 * D * I + I + I * D  # q, k, v, the per-head output norm, o
-        n += {"gla": D * I, "simple_gla": D * H}.get(m.linear_variant, 0)
+        n += {"gla": D * I, "kda": D * I, "simple_gla": D * H, "gated_deltanet": D * H}.get(m.linear_variant, 0)
+        if m.linear_variant in DELTA_VARIANTS:  # β's projection, the short convolutions of q, k, v
+            n += D * H + 3 * I * CONV_KERNEL
     else:
         n += D * I + 2 * D * (m.n_kv_heads * m.hd // tp) + I * D
     return n
@@ -128,6 +131,30 @@ def _linear_saved(m: ModelConfig, I: int, H: int, act: int, mixer_tile: bool) ->
     return norm + qkv + gate + out
 
 
+def _delta_saved(m: ModelConfig, I: int, H: int, act: int) -> float:
+    """Bytes a delta-rule mixer stage (deltanet, gated_deltanet, kda) of H heads saves per token, with the
+    Triton kernels of the path its inputs' dtype picks (bf16: wy, chunks of 64; float32: float32, chunks of
+    DeltaTritonOptions.chunk). Not counted: each short convolution's input padding, (kernel - 1) tokens a
+    sequence, and its weight's autocast copy (constants)."""
+    D, v, res, hd = m.dim, m.linear_variant, m.residual_bytes, m.hd
+    gate = {"gated_deltanet": H, "kda": I}.get(v, 0)  # gate values a token
+    norm = res * D + act * D + 4  # its input (the residual stream), its output (autocast's dtype), 1/rms
+    convs = 3 * 2 * act * I  # each convolution's input and its SiLU's
+    normalize = 2 * (act * I + 2 * act * H)  # q's and k's: the input, its norm and the norm's broadcast
+    inputs = 3 * act * I + 4 * H  # q, k, v as the kernels take them, β (float32)
+    gates = 3 * 4 * gate  # logsigmoid's input and buffer, g (float32)
+    if act == 2:  # wy: P `[64, 64]` a chunk; W, U, v_n; the state entering each chunk; b
+        kernel = act * (64 * H + 3 * I + I * hd // 64) + 4 * gate
+        if v == "kda":  # K̄, Q̃, the decayed scores Q Kᵀ ⊙ D; exp(b_C) a chunk
+            kernel += act * (2 * I + 64 * H) + 4 * I // 64
+    else:  # float32: P and Q Kᵀ `[C, C]` a chunk; W, K̄, Q̃, U_0; the state entering each chunk; the gate's total
+        from longscan.kernels.delta_rule.triton.options import DeltaTritonOptions  # (imports Triton's kernels)
+        C = DeltaTritonOptions().chunk
+        kernel = 4 * (2 * C * H + 4 * I + I * hd // C) + 4 * gate / C
+    out = 2 * act * I + 4 * H  # the output (its norm's input), the norm's 1/rms, o_proj's input
+    return norm + convs + normalize + inputs + gates + kernel + out
+
+
 def _softmax_saved(m: ModelConfig, I: int, Ikv: int, H: int, act: int, mixer_tile: bool) -> int:
     """Bytes a softmax mixer stage of H query heads (I = H·head_dim columns; Ikv those of k and v) saves per
     token."""
@@ -139,7 +166,7 @@ def _softmax_saved(m: ModelConfig, I: int, Ikv: int, H: int, act: int, mixer_til
 
 
 def saved_per_token(m: ModelConfig, stage: str, tp: int, act: int, mixer_tile: bool = False,
-                    head_groups: int = 1) -> int:
+                    head_groups: int = 1) -> float:
     """Bytes one stage saves for its backward per token with nothing checkpointed; stage: "L", "N" (mixers)
     or "mlp"; act: bytes of the activation dtype (2 under bf16 autocast, 4 in float32). The residual stream
     is float32 in both (model.residual_dtype = bfloat16: bf16); the norms compute in float32 and return
@@ -149,6 +176,8 @@ def saved_per_token(m: ModelConfig, stage: str, tp: int, act: int, mixer_tile: b
     D, hd, res = m.dim, m.hd, m.residual_bytes
     I, H, Ikv = m.n_heads * hd // tp, m.n_heads // tp, m.n_kv_heads * hd // tp
     if stage == "L":
+        if m.linear_variant in DELTA_VARIANTS:  # neither tiled nor grouped (the config refuses both)
+            return _delta_saved(m, I, H, act)
         return res * D if head_groups > 1 else _linear_saved(m, I, H, act, mixer_tile)
     if stage == "N":
         return res * D + 8 * hd if head_groups > 1 else _softmax_saved(m, I, Ikv, H, act, mixer_tile)
@@ -231,7 +260,11 @@ def _block(m: ModelConfig, kind: str, memory: MemoryOptions, whole_block: bool, 
     rows = min(memory.mlp_tile, N) if memory.mlp_tile else N
     # the MLP's backward: the gradients of its intermediates (for one tile, recomputed, when tiled)
     mlp_bwd = (saved_per_token(m, "mlp", tp, act) * rows if memory.mlp_tile else 0) + 2 * act * F * rows
-    if kind == "L":  # dq, dk, dv (and the per-key gate's float32 gradient)
+    if kind == "L" and m.linear_variant in DELTA_VARIANTS:
+        # dq, dk, dv, dβ; the kernels' dv_local, dv_n, dW and the chunks' state gradients; the gate's db and dg
+        gate = {"gated_deltanet": m.n_heads // tp, "kda": I}.get(m.linear_variant, 0)
+        mixer_bwd = (act * (6 * I + I * m.hd // 64) + 4 * (m.n_heads // tp) + 8 * gate) * N
+    elif kind == "L":  # dq, dk, dv (and the per-key gate's float32 gradient)
         mixer_bwd = 3 * act * I * N + (4 * I * N if m.linear_variant == "gla" else 0)
     else:  # dq, dk, dv
         mixer_bwd = act * (I + 2 * Ikv) * N

@@ -1,0 +1,83 @@
+"""The memory estimator on the delta-rule variants: what a mixer stage saves per token, against the bytes
+autograd saves with the Triton kernels (the interpreter on CPU: the kernels keep the same tensors as on a
+GPU) under CPU bf16 autocast (path wy) and in float32 (path float32), TP 1 and 2; and the parameters a rank
+holds."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from harness import run_distributed
+from longscan.models.args import DELTA_VARIANTS, ModelConfig
+from longscan.models.conv import CONV_KERNEL
+from longscan.training.memory import Layout, saved_per_token, stage_params
+from training_common import saved_by_stage
+
+pytest.importorskip("triton")
+
+T = 128   # two wy chunks of 64, four float32 chunks of 32: no padded chunk
+
+
+def _cfg(variant):   # 4 heads of 16: 2 a rank at TP 2
+    return ModelConfig(dim=64, n_layers=4, pattern="LLLN", n_heads=4, n_kv_heads=2, linear_variant=variant,
+                       vocab_size=100)
+
+
+def _measure(rank, world):
+    from megatron.core import parallel_state as ps
+
+    from longscan.models.model import HybridLM, SPSpec
+    from longscan.training.parallel import stage_config
+    out = {}
+    for tp in (2, 1):
+        ps.initialize_model_parallel(tensor_model_parallel_size=tp, create_gloo_process_groups=False)
+        for variant in DELTA_VARIANTS:
+            cfg = _cfg(variant)
+            model = HybridLM(cfg, stage_config(tp, 1, 1, cfg.dim, torch.float32), SPSpec(linear_backend="triton"),
+                             tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=tp)
+            out[("params", tp, variant)] = sum(p.numel() for p in model.parameters())
+            for bf16 in (False, True):
+                out[("saved", tp, variant, bf16)] = saved_by_stage(model, cfg, bf16, T)["L"]
+        ps.destroy_model_parallel()
+    return out
+
+
+@pytest.fixture(scope="module")
+def measured():
+    # the workers inherit the interpreter from their start: Triton reads the variable as it decorates its own
+    # functions (at `import triton`), before the workers' code runs
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        return run_distributed(_measure, 2)
+    finally:
+        if saved is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("variant", DELTA_VARIANTS)
+def test_delta_parameter_count_matches_the_model(measured, tp, variant):
+    for res in measured:
+        assert stage_params(_cfg(variant), Layout(tp=tp)) == res[("params", tp, variant)]
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["float32", "bf16"])
+@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("variant", DELTA_VARIANTS)
+def test_delta_mixer_saved_bytes_per_token_match_autograd(measured, tp, variant, bf16):
+    """Exact, but for two constants a sequence the estimator leaves out: each short convolution's input is
+    kept padded by (kernel - 1) tokens, and under autocast its weight's bf16 copy is kept too."""
+    cfg = _cfg(variant)
+    act, I = (2 if bf16 else 4), cfg.n_heads * cfg.hd // tp
+    constants = 3 * (CONV_KERNEL - 1) * I * act + (3 * I * CONV_KERNEL * act if bf16 else 0)
+    predicted = saved_per_token(cfg, "L", tp, act)
+    for res in measured:
+        assert predicted + constants / T == res[("saved", tp, variant, bf16)]
+    # the plain linear mixer's count, which the delta variants had before, is far below
+    assert predicted > 2 * saved_per_token(ModelConfig(**{**_cfg(variant).__dict__, "linear_variant": "linear"}),
+                                           "L", tp, act)
