@@ -29,7 +29,6 @@ from longscan.models.tiling import head_groups, tiled
 from longscan.models.tp import column, row
 
 
-
 def lightning_log_decay(n_heads: int) -> torch.Tensor:
     """g_gamma `[H]` for all heads (float32, negative)."""
     return torch.log1p(-torch.pow(2.0, -5.0 - torch.arange(n_heads, dtype=torch.float64))).float()
