@@ -24,6 +24,21 @@ import torch.multiprocessing as mp
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def run_distributed_interpreted(fn, world_size: int, *args, timeout: float = 600.0) -> list:
+    """``run_distributed`` with Triton's interpreter in the workers. They inherit it from their start: Triton
+    reads the variable as it decorates its own functions (at `import triton`), before the workers' code runs.
+    This process's setting is restored after."""
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        return run_distributed(fn, world_size, *args, timeout=timeout)
+    finally:
+        if saved is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
+
+
 def run_compiled(*argv: str, first_on_path: str | None = None) -> subprocess.CompletedProcess:
     """``python *argv`` from the repository root in a process without Triton's interpreter (the kernel tests run
     the interpreter in this one, and interpreted kernels do not compile): for tests that compile kernels for a

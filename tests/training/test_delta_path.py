@@ -5,12 +5,11 @@ float32 activations, and reaches path "wy" with bf16 q, k, v under bf16 autocast
 the key."""
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
-from harness import rel_err, run_distributed
+from harness import rel_err, run_distributed_interpreted
 
 pytest.importorskip("triton")
 if torch.cuda.is_available():   # the trainer would run bf16 on the GPU: this compares float32 paths on CPU
@@ -73,17 +72,7 @@ def _both(rank, world):
 
 @pytest.fixture(scope="module")
 def results():
-    # the worker inherits the interpreter from its start: Triton reads the variable as it decorates its own
-    # functions (at `import triton`), before this test's code runs there
-    saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        return run_distributed(_both, 1)[0]
-    finally:
-        if saved is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = saved
+    return run_distributed_interpreted(_both, 1)[0]
 
 
 @pytest.mark.parametrize("variant", ["gated_deltanet", "kda"])

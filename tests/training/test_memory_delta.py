@@ -4,12 +4,10 @@ GPU) under CPU bf16 autocast (path wy) and in float32 (path float32), TP 1 and 2
 holds."""
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-from harness import run_distributed
+from harness import run_distributed_interpreted
 from longscan.models.args import DELTA_VARIANTS, ModelConfig
 from longscan.models.conv import CONV_KERNEL
 from longscan.training.memory import Layout, saved_per_token, stage_params
@@ -46,17 +44,7 @@ def _measure(rank, world):
 
 @pytest.fixture(scope="module")
 def measured():
-    # the workers inherit the interpreter from their start: Triton reads the variable as it decorates its own
-    # functions (at `import triton`), before the workers' code runs
-    saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        return run_distributed(_measure, 2)
-    finally:
-        if saved is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = saved
+    return run_distributed_interpreted(_measure, 2)
 
 
 @pytest.mark.parametrize("tp", [1, 2])
