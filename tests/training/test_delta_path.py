@@ -5,7 +5,6 @@ float32 activations, and reaches path "wy" with bf16 q, k, v under bf16 autocast
 the key."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 
