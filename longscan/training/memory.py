@@ -93,13 +93,19 @@ class Estimate:
                           f"| **peak** | **{self.peak / GiB:.2f}** |", *host])
 
 
+def gate_values(variant: str, I: int, H: int) -> int:
+    """Values a token of a linear variant's gate, for H heads of I columns in all: one a key (gla, kda), one a
+    head (simple_gla, gated_deltanet), or none."""
+    return {"gla": I, "kda": I, "simple_gla": H, "gated_deltanet": H}.get(variant, 0)
+
+
 def layer_params(m: ModelConfig, kind: str, tp: int) -> int:
     """Parameters of one block on one TP rank."""
     D, I, H = m.dim, m.n_heads * m.hd // tp, m.n_heads // tp
     n = 2 * D + 3 * D * m.ffn // tp  # two norms, the MLP
     if kind == "L":
         n += 3 * D * I + I + I * D  # q, k, v, the per-head output norm, o
-        n += {"gla": D * I, "kda": D * I, "simple_gla": D * H, "gated_deltanet": D * H}.get(m.linear_variant, 0)
+        n += D * gate_values(m.linear_variant, I, H)  # the gate's projection
         if m.linear_variant in DELTA_VARIANTS:  # β's projection, the short convolutions of q, k, v
             n += D * H + 3 * I * CONV_KERNEL
     else:
@@ -123,10 +129,10 @@ def _linear_saved(m: ModelConfig, I: int, H: int, act: int, mixer_tile: bool) ->
     """Bytes a linear-attention mixer stage of H heads (I = H·head_dim columns) saves per token."""
     D, v, res = m.dim, m.linear_variant, m.residual_bytes
     if mixer_tile:  # x; q, k, v and the output; the float32 gate
-        return res * D + 4 * act * I + {"gla": 4 * I, "simple_gla": 4 * H}.get(v, 0)
+        return res * D + 4 * act * I + 4 * gate_values(v, I, H)
     norm = res * D + act * D + 4  # its input (the residual stream), its output (autocast's dtype), 1/rms
     qkv = (5 if v in ("linear", "lightning") else 3) * act * I  # q, k (and before their SiLU), v
-    gate = {"gla": 12 * I, "simple_gla": 12 * H}.get(v, 0)  # float32 logits, logsigmoid's buffer, g
+    gate = 12 * gate_values(v, I, H)  # float32 logits, logsigmoid's buffer, g
     out = 2 * act * I + 4 * H  # the output (its norm's input), the norm's 1/rms, o_proj's input
     return norm + qkv + gate + out
 
@@ -137,7 +143,7 @@ def _delta_saved(m: ModelConfig, I: int, H: int, act: int) -> float:
     DeltaTritonOptions.chunk). Not counted: each short convolution's input padding, (kernel - 1) tokens a
     sequence, and its weight's autocast copy (constants)."""
     D, v, res, hd = m.dim, m.linear_variant, m.residual_bytes, m.hd
-    gate = {"gated_deltanet": H, "kda": I}.get(v, 0)  # gate values a token
+    gate = gate_values(v, I, H)
     norm = res * D + act * D + 4  # its input (the residual stream), its output (autocast's dtype), 1/rms
     convs = 3 * 2 * act * I  # each convolution's input and its SiLU's
     normalize = 2 * (act * I + 2 * act * H)  # q's and k's: the input, its norm and the norm's broadcast
@@ -262,7 +268,7 @@ def _block(m: ModelConfig, kind: str, memory: MemoryOptions, whole_block: bool, 
     mlp_bwd = (saved_per_token(m, "mlp", tp, act) * rows if memory.mlp_tile else 0) + 2 * act * F * rows
     if kind == "L" and m.linear_variant in DELTA_VARIANTS:
         # dq, dk, dv, dβ; the kernels' dv_local, dv_n, dW and the chunks' state gradients; the gate's db and dg
-        gate = {"gated_deltanet": m.n_heads // tp, "kda": I}.get(m.linear_variant, 0)
+        gate = gate_values(m.linear_variant, I, m.n_heads // tp)
         mixer_bwd = (act * (6 * I + I * m.hd // 64) + 4 * (m.n_heads // tp) + 8 * gate) * N
     elif kind == "L":  # dq, dk, dv (and the per-key gate's float32 gradient)
         mixer_bwd = 3 * act * I * N + (4 * I * N if m.linear_variant == "gla" else 0)
@@ -367,7 +373,7 @@ def recompute_extras(m: ModelConfig, kind: str, memory: MemoryOptions, whole_blo
         I, Ikv, H = m.n_heads * m.hd // tp, m.n_kv_heads * m.hd // tp, m.n_heads // tp
         Ig, Ikvg, Hg = I // groups, Ikv // groups, H // groups
         if kind == "L":
-            gate = {"gla": 4 * Ig, "simple_gla": 4 * Hg}.get(m.linear_variant, 0)
+            gate = 4 * gate_values(m.linear_variant, Ig, Hg)
             previous = 3 * act * Ig + gate
         else:
             previous = act * (Ig + 2 * Ikvg)
