@@ -34,8 +34,9 @@ def per_document(q, k, v, do, cu):
 
 
 # lengths: single tokens, a document longer than a 32-row tile, one spanning almost everything; with 80
-# tokens in 32-row tiles, the last tiles skip the first key blocks and the first key blocks the last q tiles
-DOC_LENGTHS = [[45], [1, 1, 40, 1, 2], [3, 5, 7, 11, 19], [44, 1], [1] * 20 + [25], [30, 20, 30]]
+# tokens in 32-row tiles, the last tiles skip the first key blocks and the first key blocks the last q tiles;
+# [3, 130, 7]: tiles of one document that see whole blocks of it (run without the mask) in every kernel
+DOC_LENGTHS = [[45], [1, 1, 40, 1, 2], [3, 5, 7, 11, 19], [44, 1], [1] * 20 + [25], [30, 20, 30], [3, 130, 7]]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -57,7 +58,10 @@ def test_attention_per_document(backend, lengths):
 
 
 def ring_step_docs(T, Tk, seed):
-    """Sorted document ids of a query block and a later-or-earlier key block that share some documents."""
+    """Sorted document ids of a query block and a later-or-earlier key block that share some documents.
+    T = Tk = 96: one long shared document, so 32-row tiles see whole blocks of it (run without the mask)."""
+    if T == Tk == 96:
+        return torch.tensor([0] * 10 + [1] * 86), torch.tensor([1] * 70 + [2] * 26)
     gen = torch.Generator().manual_seed(seed)
     qd = torch.randint(0, 4, (T,), generator=gen).sort().values
     kd = torch.randint(1, 5, (Tk,), generator=gen).sort().values
@@ -65,7 +69,7 @@ def ring_step_docs(T, Tk, seed):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("T,Tk", [(40, 24), (24, 40)])
+@pytest.mark.parametrize("T,Tk", [(40, 24), (24, 40), (96, 96)])
 def test_full_block_with_documents(backend, T, Tk):
     """A ring step's block ("full" mask, different q and k documents): some rows see no key at all and
     must give o = 0, lse = -inf; backward with the rows' final (o, lse) from another block added in."""

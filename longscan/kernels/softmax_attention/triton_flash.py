@@ -10,9 +10,11 @@ Backward (FlashAttention-2): delta = rowsum(o⊙do); one kernel per kv block acc
 blocks of every q-head of its group (no atomics), another per q block accumulates dq. Each has its own launch
 settings (BWD_CONFIG), and with the causal mask each masks only the blocks that straddle the diagonal.
 
-Packed documents (DOCS): per-token document ids of q and k (non-decreasing) add "same document" to the mask
-of every block, and each tile visits only the blocks of the other side that hold one of its documents (the
-bounds come from a searchsorted on the host). A row that sees no key gives o = 0 and lse = -inf.
+Packed documents (DOCS): per-token document ids of q and k (non-decreasing) add "same document" to the mask,
+and each tile visits only the blocks of the other side that hold one of its documents (the bounds come from
+a searchsorted on the host). Of those, the whole blocks of a one-document tile's own document that every row
+sees run without a mask, as the causal path's interior does; only the document's edges and the diagonal are
+masked. A row that sees no key gives o = 0 and lse = -inf.
 """
 from __future__ import annotations
 
@@ -69,7 +71,23 @@ def _fwd_inner(acc, l_i, m_i, bq, k, v, kv_row0, HKV_D, offs_m, lo, hi, Tk, qk_s
 
 
 @triton.jit
-def _fwd_kernel(q, k, v, o, lse, T, Tk, HQ, HKV, G, qk_scale, qdoc, kdoc, klo, khi,
+def _doc_ranges(bounds, tile, n_tiles, STEP: tl.constexpr, lo_min, hi_max, f_lo_min, f_hi_max):
+    """One tile's loop over the other side with packed documents -> (lo, u0, u1, hi), in blocks of STEP.
+
+    [lo, u0) and [u1, hi) need the document mask; every row of the tile sees all of [u0, u1) (whole blocks of
+    the tile's one document). ``bounds`` `[4, n_tiles]` comes from :func:`_tile_bounds`; the causal mask
+    narrows the loop to [lo_min, hi_max) and the unmasked blocks to [f_lo_min, f_hi_max)."""
+    lo = tl.maximum(tl.load(bounds + tile) // STEP * STEP, lo_min)
+    hi = tl.minimum(tl.load(bounds + n_tiles + tile), hi_max)
+    f_lo = tl.maximum(tl.load(bounds + 2 * n_tiles + tile), f_lo_min)
+    f_hi = tl.minimum(tl.load(bounds + 3 * n_tiles + tile), f_hi_max)
+    u0 = tl.minimum(tl.maximum(f_lo, lo), hi)
+    u1 = tl.minimum(tl.maximum(f_hi, u0), hi)
+    return lo, u0, u1, hi
+
+
+@triton.jit
+def _fwd_kernel(q, k, v, o, lse, T, Tk, HQ, HKV, G, qk_scale, qdoc, kdoc, bounds,
                 D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
                 DOCS: tl.constexpr):
     im = tl.program_id(0)
@@ -90,13 +108,18 @@ def _fwd_kernel(q, k, v, o, lse, T, Tk, HQ, HKV, G, qk_scale, qdoc, kdoc, klo, k
     l_i = tl.zeros([BM], dtype=tl.float32)
     m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
     if DOCS:
-        # only the keys of this tile's documents: [klo, khi) from the host; every block masked
+        # only the keys of this tile's documents; the blocks every row sees are run without a mask
         qd = tl.load(qdoc + offs_m, mask=mmask, other=-1)
-        lo = tl.load(klo + im) // BN * BN
-        hi = tl.load(khi + im)
-        if CAUSAL:
-            hi = tl.minimum(hi, (im + 1) * BM)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, bq, k_h, v_h, kv_row0, HKV_D, offs_m, lo, hi, Tk, qk_scale,
+        if CAUSAL:   # keys below the tile's first row are seen by every row of it
+            lo, u0, u1, hi = _doc_ranges(bounds, im, tl.num_programs(0), BN, 0, (im + 1) * BM,
+                                         0, (im * BM) // BN * BN)
+        else:
+            lo, u0, u1, hi = _doc_ranges(bounds, im, tl.num_programs(0), BN, 0, Tk, 0, Tk)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, bq, k_h, v_h, kv_row0, HKV_D, offs_m, lo, u0, Tk, qk_scale,
+                                   D, BN, CAUSAL, PREC, qd, kdoc, True)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, bq, k_h, v_h, kv_row0, HKV_D, offs_m, u0, u1, Tk, qk_scale,
+                                   D, BN, False, PREC)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, bq, k_h, v_h, kv_row0, HKV_D, offs_m, u1, hi, Tk, qk_scale,
                                    D, BN, CAUSAL, PREC, qd, kdoc, True)
         seen = l_i > 0
         acc = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -169,7 +192,7 @@ def _bwd_dkdv_inner(dk_acc, dv_acc, bk, bv, q_h, do_h, lse_h, delta_h, q_row0, H
 
 
 @triton.jit
-def _bwd_dkdv_kernel(q, k, v, do, lse, delta, dk, dv, T, Tk, HQ, HKV, G, sm_scale, qk_scale, qdoc, kdoc, qlo, qhi,
+def _bwd_dkdv_kernel(q, k, v, do, lse, delta, dk, dv, T, Tk, HQ, HKV, G, sm_scale, qk_scale, qdoc, kdoc, bounds,
                      D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr,
                      PREC: tl.constexpr, DOCS: tl.constexpr):
     """One kv block of one kv head: dk, dv summed over all q rows of the G q-heads that share it."""
@@ -188,12 +211,13 @@ def _bwd_dkdv_kernel(q, k, v, do, lse, delta, dk, dv, T, Tk, HQ, HKV, G, sm_scal
     q_row0 = (b * T).to(tl.int64)
     HQ_D = HQ * D
     if DOCS:
-        # only the queries of this key block's documents: [qlo, qhi) from the host
+        # only the queries of this key block's documents; the blocks that see every key run without a mask
         kd = tl.load(kdoc + offs_n, mask=nmask, other=-2)
-        d_lo = tl.load(qlo + jn) // BM * BM
-        d_hi = tl.load(qhi + jn)
-        if CAUSAL:
-            d_lo = tl.maximum(d_lo, (jn * BN) // BM * BM)
+        if CAUSAL:   # queries from the first q block past the block's last key see all of it
+            lo, u0, u1, hi = _doc_ranges(bounds, jn, tl.num_programs(0), BM, (jn * BN) // BM * BM, T,
+                                         tl.cdiv((jn + 1) * BN, BM) * BM, T)
+        else:
+            lo, u0, u1, hi = _doc_ranges(bounds, jn, tl.num_programs(0), BM, 0, T, 0, T)
     for gi in range(0, G):
         hq = hkv * G + gi
         q_h = q + hq * D
@@ -202,7 +226,11 @@ def _bwd_dkdv_kernel(q, k, v, do, lse, delta, dk, dv, T, Tk, HQ, HKV, G, sm_scal
         delta_h = delta + (b * HQ + hq).to(tl.int64) * T
         if DOCS:
             dk_acc, dv_acc = _bwd_dkdv_inner(dk_acc, dv_acc, bk, bv, q_h, do_h, lse_h, delta_h, q_row0, HQ_D,
-                                             offs_n, d_lo, d_hi, T, qk_scale, D, BM, CAUSAL, PREC, qdoc, kd, True)
+                                             offs_n, lo, u0, T, qk_scale, D, BM, CAUSAL, PREC, qdoc, kd, True)
+            dk_acc, dv_acc = _bwd_dkdv_inner(dk_acc, dv_acc, bk, bv, q_h, do_h, lse_h, delta_h, q_row0, HQ_D,
+                                             offs_n, u0, u1, T, qk_scale, D, BM, False, PREC)
+            dk_acc, dv_acc = _bwd_dkdv_inner(dk_acc, dv_acc, bk, bv, q_h, do_h, lse_h, delta_h, q_row0, HQ_D,
+                                             offs_n, u1, hi, T, qk_scale, D, BM, CAUSAL, PREC, qdoc, kd, True)
         elif CAUSAL:
             # q blocks that hold a row < the block's last key straddle the diagonal and need the mask;
             # every q block from diag_hi on sees all BN keys (q rows before lo see none)
@@ -254,7 +282,7 @@ def _bwd_dq_inner(acc, bq, bdo, l2, dl, k_h, v_h, kv_row0, HKV_D, offs_m, lo, hi
 
 
 @triton.jit
-def _bwd_dq_kernel(q, k, v, do, lse, delta, dq, T, Tk, HQ, HKV, G, sm_scale, qk_scale, qdoc, kdoc, klo, khi,
+def _bwd_dq_kernel(q, k, v, do, lse, delta, dq, T, Tk, HQ, HKV, G, sm_scale, qk_scale, qdoc, kdoc, bounds,
                    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr,
                    PREC: tl.constexpr, DOCS: tl.constexpr):
     """One q block of one q-head: dq over all keys it sees."""
@@ -281,11 +309,16 @@ def _bwd_dq_kernel(q, k, v, do, lse, delta, dq, T, Tk, HQ, HKV, G, sm_scale, qk_
     acc = tl.zeros([BM, D], dtype=tl.float32)
     if DOCS:
         qd = tl.load(qdoc + offs_m, mask=mmask, other=-1)
-        lo = tl.load(klo + im) // BN * BN
-        hi = tl.load(khi + im)
-        if CAUSAL:
-            hi = tl.minimum(hi, (im + 1) * BM)
-        acc = _bwd_dq_inner(acc, bq, bdo, l2, dl, k_h, v_h, kv_row0, HKV_D, offs_m, lo, hi, Tk, qk_scale,
+        if CAUSAL:   # keys below the tile's first row are seen by every row of it
+            lo, u0, u1, hi = _doc_ranges(bounds, im, tl.num_programs(0), BN, 0, (im + 1) * BM,
+                                         0, (im * BM) // BN * BN)
+        else:
+            lo, u0, u1, hi = _doc_ranges(bounds, im, tl.num_programs(0), BN, 0, Tk, 0, Tk)
+        acc = _bwd_dq_inner(acc, bq, bdo, l2, dl, k_h, v_h, kv_row0, HKV_D, offs_m, lo, u0, Tk, qk_scale,
+                            D, BN, 1 if CAUSAL else 0, PREC, qd, kdoc, True)
+        acc = _bwd_dq_inner(acc, bq, bdo, l2, dl, k_h, v_h, kv_row0, HKV_D, offs_m, u0, u1, Tk, qk_scale,
+                            D, BN, 0, PREC)
+        acc = _bwd_dq_inner(acc, bq, bdo, l2, dl, k_h, v_h, kv_row0, HKV_D, offs_m, u1, hi, Tk, qk_scale,
                             D, BN, 1 if CAUSAL else 0, PREC, qd, kdoc, True)
     elif CAUSAL:
         # key blocks wholly at or below the block's first query need no mask; the rest straddle the diagonal
@@ -311,24 +344,29 @@ def _check_docs(docs, T, Tk, device):
                          f"{tuple(docs.k.shape)}")
 
 
-def _doc_args(docs, T, Tk, device, BM):
-    """-> (q ids, k ids, lo, hi) kernel arguments: int32 ids and, for each BM-row tile of q, the range
-    [lo, hi) of keys whose document is one of the tile's. Dummies when there are no documents."""
+def _doc_args(docs, T, Tk, device, tile, step):
+    """-> (q ids, k ids, bounds) kernel arguments: int32 ids and, for each ``tile``-row tile of q, the
+    :func:`_tile_bounds` of its keys in blocks of ``step``. Dummies when there are no documents."""
     if docs is None:
         z = torch.zeros(1, dtype=torch.int32, device=device)
-        return z, z, z, z
+        return z, z, z
     qd, kd = docs.q.to(device, torch.int32).contiguous(), docs.k.to(device, torch.int32).contiguous()
-    lo, hi = _tile_bounds(qd, kd, BM)
-    return qd, kd, lo, hi
+    return qd, kd, _tile_bounds(qd, kd, tile, step)
 
 
-def _tile_bounds(a_doc, b_doc, tile):
-    """For each `tile`-row tile of ``a_doc``: [lo, hi) of the ``b_doc`` indices in the tile's documents."""
+def _tile_bounds(a_doc, b_doc, tile, step):
+    """-> int32 `[4, tiles]`: for each ``tile``-row tile of ``a_doc``, [lo, hi) the ``b_doc`` indices in the
+    tile's documents, and [f_lo, f_hi) the whole ``step`` blocks of them in the tile's one document (empty
+    when the tile holds more than one)."""
     n = a_doc.numel()
     last = torch.arange(tile - 1, triton.cdiv(n, tile) * tile, tile, device=a_doc.device).clamp_max(n - 1)
-    lo = torch.searchsorted(b_doc, a_doc[0::tile].contiguous())
-    hi = torch.searchsorted(b_doc, a_doc[last].contiguous(), right=True)
-    return lo.to(torch.int32), hi.to(torch.int32)
+    first_doc, last_doc = a_doc[0::tile].contiguous(), a_doc[last].contiguous()
+    lo = torch.searchsorted(b_doc, first_doc)
+    hi = torch.searchsorted(b_doc, last_doc, right=True)
+    one = first_doc == last_doc
+    f_lo = torch.where(one, (lo + step - 1) // step * step, 0)
+    f_hi = torch.where(one, hi // step * step, 0)
+    return torch.stack([lo, hi, f_lo, f_hi]).to(torch.int32).contiguous()
 
 
 def _check(q, k, v, causal):
@@ -413,7 +451,7 @@ def flash_attn_forward(q, k, v, scale=None, causal=True, docs=None):
     if docs is not None and Tk == 0:
         return o.zero_(), lse.fill_(float("-inf"))
     _fwd_kernel[(triton.cdiv(T, BM), B * HQ)](q, k, v, o, lse, T, Tk, HQ, HKV, HQ // HKV, scale * _LOG2E,
-                                              *_doc_args(docs, T, Tk, q.device, BM),
+                                              *_doc_args(docs, T, Tk, q.device, BM, BN),
                                               D=D, BM=BM, BN=BN, CAUSAL=causal, PREC=_prec(q),
                                               DOCS=docs is not None, **cfg)
     return o, lse
@@ -439,13 +477,13 @@ def flash_attn_backward(do, q, k, v, o, lse, scale=None, causal=True, docs=None)
     args = (T, Tk, HQ, HKV, HQ // HKV, scale, scale * _LOG2E)
     BM, BN = cfg_kv.pop("BM"), cfg_kv.pop("BN")
     dkv_docs = None if docs is None else type(docs)(docs.k, docs.q)   # tiles of k, bounds in q
-    kd, qd, qlo, qhi = _doc_args(dkv_docs, Tk, T, q.device, BN)
-    _bwd_dkdv_kernel[(triton.cdiv(Tk, BN), B * HKV)](q, k, v, do, lse, delta, dk, dv, *args, qd, kd, qlo, qhi,
+    kd, qd, bounds = _doc_args(dkv_docs, Tk, T, q.device, BN, BM)
+    _bwd_dkdv_kernel[(triton.cdiv(Tk, BN), B * HKV)](q, k, v, do, lse, delta, dk, dv, *args, qd, kd, bounds,
                                                       D=D, BM=BM, BN=BN, CAUSAL=causal, PREC=_prec(q),
                                                       DOCS=docs is not None, **cfg_kv)
     BM, BN = cfg_q.pop("BM"), cfg_q.pop("BN")
     _bwd_dq_kernel[(triton.cdiv(T, BM), B * HQ)](q, k, v, do, lse, delta, dq, *args,
-                                                 *_doc_args(docs, T, Tk, q.device, BM), D=D, BM=BM, BN=BN,
+                                                 *_doc_args(docs, T, Tk, q.device, BM, BN), D=D, BM=BM, BN=BN,
                                                  CAUSAL=causal, PREC=_prec(q), DOCS=docs is not None, **cfg_q)
     return dq, dk, dv
 
