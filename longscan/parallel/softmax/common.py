@@ -103,35 +103,59 @@ def _docs(q_docs, k_docs, qs, ks) -> Optional[BlockDocs]:
     return None if q_docs is None else BlockDocs(q_docs[qs], k_docs[ks])
 
 
-def forward_blocks(out, lse, q, k, v, plan, q_seg_len, k_seg_len, scale, backend, fresh=False,
-                   q_docs=None, k_docs=None) -> None:
-    """Run ``plan`` (from :func:`block_plan`) and merge each block into (out, lse) in place.
+def forward_blocks(out, lse, q, k, v, plan, q_seg_len, k_seg_len, scale, backend, q_docs=None,
+                   k_docs=None):
+    """Run ``plan`` (from :func:`block_plan`) and merge each block into (out, lse) -> (out, lse).
 
-    ``fresh``: (out, lse) hold nothing yet, so a first call covering every row is copied, not merged.
+    Given accumulators (compute dtype) are merged into in place. None: nothing seen yet; a first call
+    covering every row then becomes (out, lse) as the kernel returned them (one call needs no merge, nor a
+    float32 copy of o), widened to the compute dtype only if another block merges in.
     ``q_docs``/``k_docs``: document ids `[Tq]`/`[Tk]` of q and k (packed documents) or None.
     """
-    for i, (qs, ks, mask) in enumerate(plan):
+    dt = compute_dtype(q.dtype)
+    for qs, ks, mask in plan:
         covers_all = qs.start == 0 and qs.stop * q_seg_len == q.shape[1]
         qs, ks = token_slice(qs, q_seg_len), token_slice(ks, k_seg_len)
         o_b, lse_b = block_forward(q[:, qs], k[:, ks], v[:, ks], scale, mask, backend,
                                    _docs(q_docs, k_docs, qs, ks))
-        if fresh and i == 0 and covers_all:
-            out.copy_(o_b)
-            lse.copy_(lse_b)
-        else:
-            merge_into(out, lse, o_b, lse_b, qs)
+        if out is None and covers_all:
+            out, lse = o_b, lse_b
+            continue
+        if out is None:
+            out, lse = new_accumulators(q, v.shape[-1])
+        elif out.dtype != dt:
+            out, lse = out.to(dt), lse.to(dt)
+        merge_into(out, lse, o_b, lse_b, qs)
+    return out, lse
+
+
+def widened(acc, like: torch.Tensor) -> torch.Tensor:
+    """``acc`` in the compute dtype of ``like`` (zeros shaped like it when acc is None)."""
+    if acc is None:
+        return zeros_acc(like)
+    return acc if acc.dtype == compute_dtype(like.dtype) else acc.to(compute_dtype(like.dtype))
+
+
+def accumulate(acc, part, rows: slice, like: torch.Tensor):
+    """``acc[:, rows] += part`` -> acc, for gradients shaped like ``like``. acc None (nothing yet): ``part``
+    itself when it covers every row (kept in its dtype: one call needs no float32 sum), else :func:`widened`."""
+    if acc is None and rows.start == 0 and rows.stop == like.shape[1]:
+        return part
+    acc = widened(acc, like)
+    acc[:, rows] += part
+    return acc
 
 
 def backward_blocks(dq, dk, dv, do, q, k, v, o, lse, plan, q_seg_len, k_seg_len, scale, backend,
-                    q_docs=None, k_docs=None) -> None:
-    """Accumulate the block gradients of ``plan`` into dq, dk, dv (compute dtype) in place."""
+                    q_docs=None, k_docs=None):
+    """Add the block gradients of ``plan`` to dq, dk, dv -> (dq, dk, dv); given tensors in the compute dtype
+    are added to in place, None ones start as in :func:`accumulate`."""
     for qs, ks, mask in plan:
         qs, ks = token_slice(qs, q_seg_len), token_slice(ks, k_seg_len)
         dq_b, dk_b, dv_b = block_backward(do[:, qs], q[:, qs], k[:, ks], v[:, ks], o[:, qs], lse[:, :, qs],
                                           scale, mask, backend, _docs(q_docs, k_docs, qs, ks))
-        dq[:, qs] += dq_b
-        dk[:, ks] += dk_b
-        dv[:, ks] += dv_b
+        dq, dk, dv = accumulate(dq, dq_b, qs, q), accumulate(dk, dk_b, ks, k), accumulate(dv, dv_b, ks, v)
+    return dq, dk, dv
 
 
 def zeros_acc(x: torch.Tensor) -> torch.Tensor:

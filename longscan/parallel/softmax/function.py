@@ -1,9 +1,9 @@
 """The one autograd Function of the softmax SP methods, parameterised by a method object.
 
 Every method has the same outer shape: forward returns the output and its logsumexp in the compute
-dtype (float32, float64 for float64 inputs); the output is cast to q's dtype once and saved with the
-lse; backward gets that saved (o, lse) pair and returns dq, dk, dv in the compute dtype, which are cast
-back to the input dtypes once. What differs (which blocks, which collectives) lives in the method's
+dtype (float32, float64 for float64 inputs; a tensor one kernel call made alone may stay in q's dtype);
+the output is cast to q's dtype once and saved with the lse; backward gets that saved (o, lse) pair and
+returns dq, dk, dv likewise, which are cast back to the input dtypes once. What differs (which blocks, which collectives) lives in the method's
 ``forward`` / ``backward`` hooks; ``attend`` is how the method runs the Function (Ulysses wraps it in
 DeepSpeed's all-to-alls).
 """

@@ -23,7 +23,7 @@ import torch
 from longscan.distributed.layouts import group_rank_size, segment_ids
 from longscan.distributed.ring import RingComm
 from longscan.parallel.softmax.common import (backward_blocks, block_plan, forward_blocks, new_accumulators,
-                                              sp_documents, zeros_acc)
+                                              sp_documents, widened, zeros_acc)
 from longscan.parallel.softmax.function import SoftmaxSPFunction, SoftmaxSPOptions
 
 
@@ -35,12 +35,13 @@ def _step_docs(docs, rank, src, t_local):
 
 
 def ring_forward(q, k, v, scale, causal, group, layout, backend, cu_seqlens=None):
-    """-> (out `[B, T, Hq, D]`, lse `[B, Hq, T]`), both in the compute dtype."""
+    """-> (out `[B, T, Hq, D]`, lse `[B, Hq, T]`) in the compute dtype (out in q's dtype when one kernel call
+    made it)."""
     rank, world = group_rank_size(group)
     q_segs = segment_ids(rank, world, layout)
     seg_len = q.shape[1] // len(q_segs)
     docs = sp_documents(cu_seqlens, q.shape[1], world, layout, causal, q.device)
-    out, lse = new_accumulators(q, v.shape[-1])
+    out = lse = None
     comm = RingComm(group) if world > 1 else None
     kv = [k, v]
     for step in range(world):
@@ -50,21 +51,22 @@ def ring_forward(q, k, v, scale, causal, group, layout, backend, cu_seqlens=None
         src = (rank - step) % world
         q_docs, k_docs, visible = _step_docs(docs, rank, src, q.shape[1])
         plan = block_plan(q_segs, segment_ids(src, world, layout), causal, visible)
-        forward_blocks(out, lse, q, kv[0], kv[1], plan, seg_len, seg_len, scale, backend, fresh=step == 0,
-                       q_docs=q_docs, k_docs=k_docs)
+        out, lse = forward_blocks(out, lse, q, kv[0], kv[1], plan, seg_len, seg_len, scale, backend,
+                                  q_docs=q_docs, k_docs=k_docs)
         if step + 1 < world:
             comm.wait()
             kv = nxt
-    return out, lse
+    return (out, lse) if out is not None else new_accumulators(q, v.shape[-1])
 
 
 def ring_backward(do, q, k, v, o, lse, scale, causal, group, layout, backend, cu_seqlens=None):
-    """-> (dq, dk, dv) in the compute dtype (dk/dv with the Hkv heads of k/v)."""
+    """-> (dq, dk, dv) in the compute dtype or, where one kernel call made one, q's (dk/dv with the Hkv heads
+    of k/v)."""
     rank, world = group_rank_size(group)
     q_segs = segment_ids(rank, world, layout)
     seg_len = q.shape[1] // len(q_segs)
     docs = sp_documents(cu_seqlens, q.shape[1], world, layout, causal, q.device)
-    dq = zeros_acc(q)
+    dq = None
     kv_comm = RingComm(group) if world > 1 else None
     d_comm = RingComm(group) if world > 1 else None
     kv, d_in = [k, v], None
@@ -73,12 +75,13 @@ def ring_backward(do, q, k, v, o, lse, scale, causal, group, layout, backend, cu
             kv_nxt = kv_comm.send_recv(kv)
             kv_comm.commit()
         src = (rank - step) % world
-        dk_b, dv_b = zeros_acc(k), zeros_acc(v)
         q_docs, k_docs, visible = _step_docs(docs, rank, src, q.shape[1])
         plan = block_plan(q_segs, segment_ids(src, world, layout), causal, visible)
-        backward_blocks(dq, dk_b, dv_b, do, q, kv[0], kv[1], o, lse, plan, seg_len, seg_len, scale, backend,
-                        q_docs, k_docs)
+        dq, dk_b, dv_b = backward_blocks(dq, None, None, do, q, kv[0], kv[1], o, lse, plan, seg_len, seg_len,
+                                         scale, backend, q_docs, k_docs)
         if world > 1:
+            # the accumulators travel: the compute dtype on every rank, whatever this step computed
+            dk_b, dv_b = widened(dk_b, k), widened(dv_b, v)
             if step > 0:
                 # The accumulator of block `src` arrives from rank r-1 (sent at the end of its step s-1);
                 # its transfer overlapped the compute above.
@@ -90,8 +93,9 @@ def ring_backward(do, q, k, v, o, lse, scale, causal, group, layout, backend, cu
         if step + 1 < world:
             kv_comm.wait()
             kv = kv_nxt
+    dq = dq if dq is not None else zeros_acc(q)
     if world == 1:
-        return dq, dk_b, dv_b
+        return dq, *(d if d is not None else zeros_acc(x) for d, x in ((dk_b, k), (dv_b, v)))
     d_comm.wait()
     return dq, d_in[0], d_in[1]
 
