@@ -26,7 +26,9 @@ SHAPES = [(1, 1, 1, 16, 16), (2, 37, 1, 16, 32), (1, 64, 2, 32, 16), (1, 150, 2,
 
 
 def compare(kind, shape, with_state, options, seed):
-    compare_with_recurrence(lambda **a: tc.forward(**a, options=options), kind, shape, with_state, seed, DEV, 1e-5)
+    # zero_atol: the gated dg of one token from no state is exactly 0; on a GPU its terms cancel to round-off
+    compare_with_recurrence(lambda **a: tc.forward(**a, options=options), kind, shape, with_state, seed, DEV, 1e-5,
+                            zero_atol=1e-5)
 
 
 @pytest.mark.parametrize("with_state", [True, False], ids=["states", "no_states"])

@@ -29,7 +29,7 @@ import torch
 
 from longscan.kernels.checks import check_4d_float, check_like_q
 
-from longscan.kernels.softmax_attention import naive, sdpa
+from longscan.kernels.softmax_attention import sdpa
 from longscan.kernels.softmax_attention.naive import document_mask, naive_attention, naive_backward
 from longscan.kernels.softmax_attention.sdpa import compute_dtype
 
@@ -51,19 +51,6 @@ def _triton():
         return importlib.import_module("longscan.kernels.softmax_attention.triton_flash")
     except ImportError as e:
         raise ValueError(f"backend='triton' is not available here: {e}") from e
-
-
-def _expand_kv(q, k, v):
-    """Repeat kv heads to Hq for kernels without GQA support (the copy lives for one call only)."""
-    g = q.shape[2] // k.shape[2]
-    return (k, v) if g == 1 else (k.repeat_interleave(g, dim=2), v.repeat_interleave(g, dim=2))
-
-
-def _sum_kv_groups(dk, dv, hkv):
-    b, t, hq, d = dk.shape
-    if hq == hkv:
-        return dk, dv
-    return dk.view(b, t, hkv, hq // hkv, d).sum(3), dv.view(b, t, hkv, hq // hkv, dv.shape[-1]).sum(3)
 
 
 def resolve_backend(backend: str, q: torch.Tensor, documents: bool = False) -> str:
@@ -115,10 +102,9 @@ def block_forward(q, k, v, scale: float, mask: str = "causal", backend: str = "t
         return sdpa.flash_forward(q, k, v, scale, causal)
     if backend == "sdpa_cudnn":
         return sdpa.cudnn_forward(q, k, v, scale, causal)
-    ke, ve = _expand_kv(q, k, v)
-    # the documents argument only when there are documents: the plain call is the stable contract
+    # GQA in the kernel (no copy of k, v per query head); documents passed only when there are some
     extra = () if docs is None else (docs,)
-    o, lse = _triton().flash_attn_forward(q, ke, ve, scale, causal, *extra)
+    o, lse = _triton().flash_attn_forward(q, k, v, scale, causal, *extra)
     return o, lse.float()
 
 
@@ -137,11 +123,8 @@ def block_backward(do, q, k, v, o, lse, scale: float, mask: str = "causal", back
         return sdpa.flash_backward(do, q, k, v, o, lse, scale, causal)
     if backend == "sdpa_cudnn":
         return sdpa.cudnn_backward(do, q, k, v, o, lse, scale, causal)
-    ke, ve = _expand_kv(q, k, v)
     extra = () if docs is None else (docs,)
-    dq, dk, dv = _triton().flash_attn_backward(do, q, ke, ve, o.to(q.dtype), lse.float(), scale, causal, *extra)
-    dk, dv = _sum_kv_groups(dk, dv, k.shape[2])
-    return dq, dk, dv
+    return _triton().flash_attn_backward(do, q, k, v, o.to(q.dtype), lse.float(), scale, causal, *extra)
 
 
 def merge_into(out, lse, block_out, block_lse, rows=slice(None)):

@@ -71,16 +71,16 @@ def _fwd_inner(acc, l_i, m_i, bq, k, v, kv_row0, HKV_D, offs_m, lo, hi, Tk, qk_s
 
 
 @triton.jit
-def _doc_ranges(bounds, tile, n_tiles, STEP: tl.constexpr, lo_min, hi_max, f_lo_min, f_hi_max):
+def _doc_ranges(bounds, tile, STEP: tl.constexpr, lo_min, hi_max, f_lo_min, f_hi_max):
     """One tile's loop over the other side with packed documents -> (lo, u0, u1, hi), in blocks of STEP.
 
     [lo, u0) and [u1, hi) need the document mask; every row of the tile sees all of [u0, u1) (whole blocks of
-    the tile's one document). ``bounds`` `[4, n_tiles]` comes from :func:`_tile_bounds`; the causal mask
+    the tile's one document). ``bounds`` `[tiles, 4]` comes from :func:`_tile_bounds`; the causal mask
     narrows the loop to [lo_min, hi_max) and the unmasked blocks to [f_lo_min, f_hi_max)."""
-    lo = tl.maximum(tl.load(bounds + tile) // STEP * STEP, lo_min)
-    hi = tl.minimum(tl.load(bounds + n_tiles + tile), hi_max)
-    f_lo = tl.maximum(tl.load(bounds + 2 * n_tiles + tile), f_lo_min)
-    f_hi = tl.minimum(tl.load(bounds + 3 * n_tiles + tile), f_hi_max)
+    lo = tl.maximum(tl.load(bounds + 4 * tile) // STEP * STEP, lo_min)
+    hi = tl.minimum(tl.load(bounds + 4 * tile + 1), hi_max)
+    f_lo = tl.maximum(tl.load(bounds + 4 * tile + 2), f_lo_min)
+    f_hi = tl.minimum(tl.load(bounds + 4 * tile + 3), f_hi_max)
     u0 = tl.minimum(tl.maximum(f_lo, lo), hi)
     u1 = tl.minimum(tl.maximum(f_hi, u0), hi)
     return lo, u0, u1, hi
@@ -111,10 +111,10 @@ def _fwd_kernel(q, k, v, o, lse, T, Tk, HQ, HKV, G, qk_scale, qdoc, kdoc, bounds
         # only the keys of this tile's documents; the blocks every row sees are run without a mask
         qd = tl.load(qdoc + offs_m, mask=mmask, other=-1)
         if CAUSAL:   # keys below the tile's first row are seen by every row of it
-            lo, u0, u1, hi = _doc_ranges(bounds, im, tl.num_programs(0), BN, 0, (im + 1) * BM,
+            lo, u0, u1, hi = _doc_ranges(bounds, im, BN, 0, (im + 1) * BM,
                                          0, (im * BM) // BN * BN)
         else:
-            lo, u0, u1, hi = _doc_ranges(bounds, im, tl.num_programs(0), BN, 0, Tk, 0, Tk)
+            lo, u0, u1, hi = _doc_ranges(bounds, im, BN, 0, Tk, 0, Tk)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, bq, k_h, v_h, kv_row0, HKV_D, offs_m, lo, u0, Tk, qk_scale,
                                    D, BN, CAUSAL, PREC, qd, kdoc, True)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, bq, k_h, v_h, kv_row0, HKV_D, offs_m, u0, u1, Tk, qk_scale,
@@ -214,10 +214,10 @@ def _bwd_dkdv_kernel(q, k, v, do, lse, delta, dk, dv, T, Tk, HQ, HKV, G, sm_scal
         # only the queries of this key block's documents; the blocks that see every key run without a mask
         kd = tl.load(kdoc + offs_n, mask=nmask, other=-2)
         if CAUSAL:   # queries from the first q block past the block's last key see all of it
-            lo, u0, u1, hi = _doc_ranges(bounds, jn, tl.num_programs(0), BM, (jn * BN) // BM * BM, T,
+            lo, u0, u1, hi = _doc_ranges(bounds, jn, BM, (jn * BN) // BM * BM, T,
                                          tl.cdiv((jn + 1) * BN, BM) * BM, T)
         else:
-            lo, u0, u1, hi = _doc_ranges(bounds, jn, tl.num_programs(0), BM, 0, T, 0, T)
+            lo, u0, u1, hi = _doc_ranges(bounds, jn, BM, 0, T, 0, T)
     for gi in range(0, G):
         hq = hkv * G + gi
         q_h = q + hq * D
@@ -310,10 +310,10 @@ def _bwd_dq_kernel(q, k, v, do, lse, delta, dq, T, Tk, HQ, HKV, G, sm_scale, qk_
     if DOCS:
         qd = tl.load(qdoc + offs_m, mask=mmask, other=-1)
         if CAUSAL:   # keys below the tile's first row are seen by every row of it
-            lo, u0, u1, hi = _doc_ranges(bounds, im, tl.num_programs(0), BN, 0, (im + 1) * BM,
+            lo, u0, u1, hi = _doc_ranges(bounds, im, BN, 0, (im + 1) * BM,
                                          0, (im * BM) // BN * BN)
         else:
-            lo, u0, u1, hi = _doc_ranges(bounds, im, tl.num_programs(0), BN, 0, Tk, 0, Tk)
+            lo, u0, u1, hi = _doc_ranges(bounds, im, BN, 0, Tk, 0, Tk)
         acc = _bwd_dq_inner(acc, bq, bdo, l2, dl, k_h, v_h, kv_row0, HKV_D, offs_m, lo, u0, Tk, qk_scale,
                             D, BN, 1 if CAUSAL else 0, PREC, qd, kdoc, True)
         acc = _bwd_dq_inner(acc, bq, bdo, l2, dl, k_h, v_h, kv_row0, HKV_D, offs_m, u0, u1, Tk, qk_scale,
@@ -355,7 +355,7 @@ def _doc_args(docs, T, Tk, device, tile, step):
 
 
 def _tile_bounds(a_doc, b_doc, tile, step):
-    """-> int32 `[4, tiles]`: for each ``tile``-row tile of ``a_doc``, [lo, hi) the ``b_doc`` indices in the
+    """-> int32 `[tiles, 4]`: for each ``tile``-row tile of ``a_doc``, [lo, hi) the ``b_doc`` indices in the
     tile's documents, and [f_lo, f_hi) the whole ``step`` blocks of them in the tile's one document (empty
     when the tile holds more than one)."""
     n = a_doc.numel()
@@ -366,7 +366,7 @@ def _tile_bounds(a_doc, b_doc, tile, step):
     one = first_doc == last_doc
     f_lo = torch.where(one, (lo + step - 1) // step * step, 0)
     f_hi = torch.where(one, hi // step * step, 0)
-    return torch.stack([lo, hi, f_lo, f_hi]).to(torch.int32).contiguous()
+    return torch.stack([lo, hi, f_lo, f_hi], 1).to(torch.int32).contiguous()
 
 
 def _check(q, k, v, causal):
