@@ -7,9 +7,11 @@ Rows, all over the same ``--total`` tokens (one rank, so the ring is one step an
 - "unpacked": causal attention over the whole sequence (no documents);
 - "packed": the same tokens with ``cu_seqlens`` (documents of about ``--doc-len`` tokens, lengths drawn in
   [doc_len/2, 3·doc_len/2]): the document mask and the block skipping;
-- "per-document": each document attended on its own, one call each, summed — the work packing must reach.
+- "per-document": each document attended on its own, one call each, summed — the work packing must reach;
+- "batched": the tokens as a batch of sequences of the mean document length, no documents (when it divides
+  ``--total``): what the same kernels do with work of that shape and no document masks.
 "x per-doc" is a row's time over the per-document time; "work" is the fraction of the causal score matrix
-a row needs. ``--check`` adds the packed output's and gradients' error against the per-document float64
+a row needs; "rate" is the row's work per second over the unpacked row's (the fraction of its FLOP rate). ``--check`` adds the packed output's and gradients' error against the per-document float64
 (CPU) / float32 (GPU) reference. A table goes to stdout and every row to --json.
 """
 from __future__ import annotations
@@ -120,6 +122,15 @@ def main(argv=None):
         t = time_fb(fn, do_loc, device, args.iters, args.warmup)
         rows.append(dict(row=name, ms=t * 1e3, x_per_doc=t / t_doc, work=work))
     rows.append(dict(row="per-document", ms=t_doc * 1e3, x_per_doc=1.0, work=doc_work / causal_work))
+    if total % mean == 0:
+        n = total // mean
+        batch = [x.detach().reshape(n, mean, *x.shape[2:]).requires_grad_() for x in (q, k, v)]
+        t = time_fb(lambda: softmax_attention(*batch, causal=True, method="ring", layout="zigzag", backend=backend),
+                    do.reshape(n, mean, *do.shape[2:]), device, args.iters, args.warmup)
+        rows.append(dict(row=f"batched ({n} x {mean})", ms=t * 1e3, x_per_doc=t / t_doc,
+                         work=n * mean * (mean + 1) / 2 / causal_work))
+    for r in rows:
+        r["rate"] = r["work"] * rows[0]["ms"] / r["ms"]
     if args.check:
         ref_dtype = torch.float64 if not cuda else torch.float32
         leaves = [x.detach().to(ref_dtype).requires_grad_() for x in (q, k, v)]
@@ -134,11 +145,11 @@ def main(argv=None):
     title = (f"# packed_softmax  {torch.cuda.get_device_name() if cuda else 'cpu'}  {dtype}  T={total} "
              f"docs={len(lengths)} (mean {mean})  H={H} Hkv={Hkv} D={D}  ring/zigzag, 1 process, backend={backend}")
     print(title)
-    print("| row | ms | x per-doc | work | rel err |")
-    print("|---|---|---|---|---|")
+    print("| row | ms | x per-doc | work | rate | rel err |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
         err = f"{r['rel_err']:.1e}" if "rel_err" in r else ""
-        print(f"| {r['row']} | {r['ms']:.2f} | {r['x_per_doc']:.2f} | {r['work']:.3f} | {err} |")
+        print(f"| {r['row']} | {r['ms']:.2f} | {r['x_per_doc']:.2f} | {r['work']:.3f} | {r['rate']:.2f} | {err} |")
     with open(args.json, "w") as f:
         json.dump(dict(title=title, rows=rows, lengths=lengths, torch=torch.__version__), f, indent=1)
 

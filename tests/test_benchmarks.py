@@ -146,3 +146,17 @@ def test_packed_linear_checks_against_each_document(capsys):
     row = next(line for line in out.splitlines() if line.startswith("| packed |"))
     assert float(row.split("|")[4]) < 1e-5
     assert "| per-document |" in out and "| unpacked |" in out
+
+
+def test_packed_softmax_checks_against_each_document(capsys, tmp_path):
+    """packed_softmax.py on CPU (torch backend, float32): the packed ring equals each document alone, and the
+    batch of mean-length sequences does the work of equal documents (rate: work per second over unpacked's)."""
+    from benchmarks import packed_softmax
+    packed_softmax.main(["--total", "256", "--doc-len", "32", "--heads", "2", "--head-dim", "8", "--iters", "1",
+                         "--warmup", "0", "--check", "--json", str(tmp_path / "p.json")])
+    rows = {line.split("|")[1].strip(): line.split("|") for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ") and not line.startswith("| row")}
+    assert float(rows["packed"][6]) < 1e-5
+    assert set(rows) == {"unpacked", "packed", "per-document", "batched (8 x 32)"}
+    assert float(rows["unpacked"][5]) == 1.0
+    assert abs(float(rows["batched (8 x 32)"][4]) - 8 * 32 * 33 / 2 / (256 * 257 / 2)) < 1e-3
