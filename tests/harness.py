@@ -24,6 +24,41 @@ import torch.multiprocessing as mp
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+_INTERPRETER_PROBE = """
+import torch, triton, triton.language as tl
+
+@triton.jit
+def count(out, bounds):
+    pid = tl.program_id(0)
+    acc = 0.0
+    for _ in range(pid, tl.load(bounds + pid)):   # a loop bound loaded from memory, as the kernels have
+        acc += 1.0
+    tl.store(out + pid, acc)
+
+out = torch.zeros(1)
+count[(1,)](out, torch.tensor([3], dtype=torch.int32))
+assert out.item() == 3.0, out
+"""
+
+
+def triton_interpreter_works() -> bool:
+    """Whether Triton's CPU interpreter runs a kernel here whose loop bound is loaded from memory. (Triton
+    3.6's converts one-element arrays to ints, which numpy 2.4 made an error.) Probed once in a subprocess;
+    the answer reaches spawned workers through the environment."""
+    key = "LONGSCAN_TEST_INTERPRETER_WORKS"
+    if key not in os.environ:
+        import tempfile
+        with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
+            f.write(_INTERPRETER_PROBE)   # @triton.jit reads the kernel's source from its file
+        try:
+            env = {**os.environ, "TRITON_INTERPRET": "1"}
+            ok = subprocess.run([sys.executable, f.name], env=env, capture_output=True, timeout=300).returncode == 0
+        finally:
+            os.unlink(f.name)
+        os.environ[key] = "1" if ok else "0"
+    return os.environ[key] == "1"
+
+
 def run_distributed_interpreted(fn, world_size: int, *args, timeout: float = 600.0) -> list:
     """``run_distributed`` with Triton's interpreter in the workers. They inherit it from their start: Triton
     reads the variable as it decorates its own functions (at `import triton`), before the workers' code runs.

@@ -13,6 +13,8 @@ from harness import gradient_errors, rel_err, run_distributed, world_groups, wor
 from longscan.kernels.delta_rule import naive_recurrent_delta_rule, torch_chunk
 from longscan.parallel import delta_rule_attention, shard
 
+pytestmark = pytest.mark.interpreted   # its workers run the Triton kernels in the CPU interpreter
+
 LAYOUTS = ("contiguous", "zigzag")
 T_LOCAL = 6
 DIMS = (2, 2, 4, 3)   # B, H, K, V: n_blocks=3 puts one V column in each block

@@ -11,6 +11,8 @@ from harness import gradient_errors, rel_err, run_distributed, world_groups, wor
 from longscan.kernels.delta_rule import naive_recurrent_delta_rule
 from longscan.parallel import delta_rule_attention, shard
 
+pytestmark = pytest.mark.interpreted   # its workers run the Triton kernels in the CPU interpreter
+
 METHODS = ("zeco", "lasp2", "lasp1")
 LAYOUTS = ("contiguous", "zigzag")
 T_LOCAL = 6

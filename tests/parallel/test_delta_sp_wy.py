@@ -13,6 +13,8 @@ from harness import gradient_errors, rel_err, run_distributed, world_groups, wor
 from longscan.kernels.delta_rule import naive_recurrent_delta_rule
 from longscan.parallel import delta_rule_attention, shard
 
+pytestmark = pytest.mark.interpreted   # its workers run the Triton kernels in the CPU interpreter
+
 METHODS = ("zeco", "lasp2", "lasp1")
 LAYOUTS = ("contiguous", "zigzag")
 CASES = [(m, lay) for m in METHODS for lay in LAYOUTS]

@@ -8,6 +8,8 @@ from linear_cases import DECAYS, make_inputs
 from longscan.kernels.linear_attention import naive_recurrent_linear_attention
 from longscan.parallel import linear_attention, shard
 
+pytestmark = pytest.mark.interpreted   # its workers run the Triton kernels in the CPU interpreter
+
 METHODS = ("zeco", "lasp2", "lasp1")
 LAYOUTS = ("contiguous", "zigzag")
 DTYPES = {"float64": (torch.float64, 1e-5), "float32": (torch.float32, 1e-4)}

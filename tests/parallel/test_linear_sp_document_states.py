@@ -11,6 +11,8 @@ from harness import rel_err, run_distributed
 from linear_cases import DECAYS, each_document_alone, make_inputs, random_offsets
 from longscan.parallel import linear_attention, shard
 
+pytestmark = pytest.mark.interpreted   # its workers run the Triton kernels in the CPU interpreter
+
 METHODS = ("zeco", "lasp2", "lasp1")
 LAYOUTS = ("contiguous", "zigzag")
 WORLDS = (1, 2, 3, 4)

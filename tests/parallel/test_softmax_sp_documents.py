@@ -16,6 +16,8 @@ from longscan.kernels.softmax_attention import naive_attention
 from longscan.parallel.softmax import softmax_attention
 from longscan.parallel.softmax.common import block_plan
 
+pytestmark = pytest.mark.interpreted   # its workers run the Triton kernels in the CPU interpreter
+
 try:
     import deepspeed.sequence.layer  # noqa: F401
     HAVE_DEEPSPEED = True

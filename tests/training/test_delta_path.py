@@ -10,6 +10,8 @@ import torch
 
 from harness import rel_err, run_distributed_interpreted
 
+pytestmark = pytest.mark.interpreted   # its workers run the Triton kernels in the CPU interpreter
+
 pytest.importorskip("triton")
 if torch.cuda.is_available():   # the trainer would run bf16 on the GPU: this compares float32 paths on CPU
     pytest.skip("the interpreter's float32 comparison runs without CUDA", allow_module_level=True)

@@ -13,6 +13,8 @@ import torch
 from harness import rel_err, run_distributed
 from training_common import local_tensors, tiny
 
+pytestmark = pytest.mark.interpreted   # its workers run the Triton kernels in the CPU interpreter
+
 TOL = 1e-5
 # one per-key-gate layer, 32 tokens a rank: two chunks of 16 and two segments on each rank
 MODEL = {"linear_variant": "gla", "pattern": "L", "n_layers": 1, "dim": 32, "n_heads": 2}

@@ -15,6 +15,8 @@ from longscan.models.conv import CONV_KERNEL
 from longscan.training.memory import Layout, saved_per_token, stage_params
 from training_common import saved_by_stage
 
+pytestmark = pytest.mark.interpreted   # its workers run the Triton kernels in the CPU interpreter
+
 pytest.importorskip("triton")
 
 T = 128   # two wy chunks of 64, four float32 chunks of 32: no padded chunk
