@@ -17,12 +17,23 @@ def test_matmul_params_and_flops():
     assert flops.matmul_flops_per_token(CFG) == 6 * 1216 + 6 * 8 * 64
     gla = ModelConfig(**{**CFG.__dict__, "linear_variant": "gla"})
     assert flops.matmul_params(gla) == 1216 + 8 * 8                 # the per-key gate projection
+    # the delta rule adds β's projection (8·2); Gated DeltaNet a scalar gate's (8·2), KDA a per-key one's (8·8)
+    delta = {v: ModelConfig(**{**CFG.__dict__, "linear_variant": v}) for v in ("deltanet", "gated_deltanet", "kda")}
+    assert [flops.matmul_params(c) for c in delta.values()] == [1216 + 16, 1216 + 32, 1216 + 80]
 
 
 def test_linear_attention_flops():
     # per token and head: 2·C·(K+V) + 4·K·V = 2·64·8 + 4·16 = 1088; ×3 for training; 10 tokens, 2 heads
     assert flops.linear_attention_flops(10, 2, 4, 4) == 3 * 10 * 2 * 1088
     assert flops.linear_attention_flops(10, 2, 4, 4, chunk=32) == 3 * 10 * 2 * (2 * 32 * 8 + 64)
+
+
+def test_delta_rule_flops():
+    # per token and head, C = 64, K = V = 4: 2·64·(12 + 8) + 2·64²/3 (2730) + 6·16 = 2560 + 2730 + 96 = 5386; ×3
+    assert flops.delta_rule_flops(10, 2, 4, 4) == 3 * 10 * 2 * 5386
+    kda = ModelConfig(**{**CFG.__dict__, "linear_variant": "kda"})
+    matmuls = 10 * (6 * (1216 + 80) + 6 * 8 * 64)
+    assert flops.step_flops(kda, 2, 5) == matmuls + 3 * 10 * 2 * 5386 + 3 * 2 * 2 * 15 * 16
 
 
 def test_softmax_attention_flops():
