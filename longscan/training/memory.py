@@ -229,14 +229,6 @@ def offloaded_host_bytes(m: ModelConfig, layout: Layout, memory: MemoryOptions, 
             if getattr(memory, option) == "offload" and stages[option]}
 
 
-def _stage_held(m, stage, mode, tp, act, tokens) -> int:
-    if mode == "none":
-        return saved_per_token(m, stage, tp, act) * tokens
-    if mode == "checkpoint":
-        return m.residual_bytes * m.dim * tokens  # the stage's input
-    return 0  # offload: the input waits in host memory
-
-
 def loss_bytes(m: ModelConfig, tp: int, act: int, tokens: int, chunk: int) -> tuple[int, int]:
     """(held until the backward, transient peak) of the output layer and the cross entropy."""
     vl = m.padded_vocab // tp
