@@ -1,0 +1,63 @@
+"""The softmax SP methods' accumulators: a rank's output or gradient made by one kernel call is the kernel's own
+tensor (kept in its dtype, no float32 copy); a second block widens it to float32 first, so the result equals
+merging or summing in float32 from the start. The kernels here return bf16 like the Triton kernel on a GPU."""
+import pytest
+import torch
+
+from longscan.kernels.softmax_attention import block_forward, merge_into
+from longscan.parallel.softmax import common
+from longscan.parallel.softmax.common import accumulate, forward_blocks, new_accumulators, widened
+
+
+def _inputs(seed=0, t=8, tk=12, h=2, d=4):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(1, t, h, d, generator=gen), torch.randn(1, tk, h, d, generator=gen),
+            torch.randn(1, tk, h, d, generator=gen))
+
+
+def test_one_call_keeps_the_kernel_output_and_a_second_block_merges_in_float32(monkeypatch):
+    q, k, v = _inputs()
+    outputs = []
+
+    def bf16_kernel(*args, **kwargs):            # o in the inputs' 16-bit dtype, lse in float32: as Triton's
+        o, lse = block_forward(*args, **kwargs)
+        outputs.append((o.to(torch.bfloat16), lse))
+        return outputs[-1][0], outputs[-1][1].clone()   # the merges below update a kept lse in place
+
+    monkeypatch.setattr(common, "block_forward", bf16_kernel)
+    diagonal = [(slice(0, 2), slice(0, 2), "causal")]        # pieces of 4 tokens: the rank's own two pieces
+    out, lse = forward_blocks(None, None, q, k[:, :8], v[:, :8], diagonal, 4, 4, 0.5, "torch")
+    assert out is outputs[0][0] and out.dtype == torch.bfloat16 and torch.equal(lse, outputs[0][1])
+
+    # a later block (keys 8..11 seen by every query) merges in: float32, as if accumulated in float32 throughout
+    later = [(slice(0, 2), slice(0, 1), "full")]
+    out, lse = forward_blocks(out, lse, q, k[:, 8:], v[:, 8:], later, 4, 4, 0.5, "torch")
+    want, want_lse = new_accumulators(q, v.shape[-1])
+    for o_b, lse_b in outputs:
+        merge_into(want, want_lse, o_b, lse_b)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, want) and torch.equal(lse, want_lse)
+
+
+def test_accumulate_keeps_a_whole_first_part_and_widens_before_adding():
+    like = torch.zeros(1, 6, 2, 4, dtype=torch.bfloat16)
+    gen = torch.Generator().manual_seed(1)
+    a, b = (torch.randn(1, 6, 2, 4, generator=gen).to(torch.bfloat16) for _ in range(2))
+    acc = accumulate(None, a, slice(0, 6), like)
+    assert acc is a
+    acc = accumulate(acc, b[:, 2:], slice(2, 6), like)
+    assert acc.dtype == torch.float32
+    want = a.float()
+    want[:, 2:] += b[:, 2:]
+    assert torch.equal(acc, want)
+    # a first part over some rows only starts from float32 zeros
+    part = accumulate(None, b[:, :3], slice(0, 3), like)
+    assert part.dtype == torch.float32 and torch.equal(part[:, :3], b[:, :3].float()) and not part[:, 3:].any()
+
+
+@pytest.mark.parametrize("dtype,compute", [(torch.bfloat16, torch.float32), (torch.float64, torch.float64)])
+def test_widened(dtype, compute):
+    like = torch.zeros(1, 3, 1, 2, dtype=dtype)
+    assert widened(None, like).dtype == compute and not widened(None, like).any()
+    x = torch.ones(1, 3, 1, 2, dtype=compute)
+    assert widened(x, like) is x
