@@ -69,5 +69,5 @@ def affine_all_scan(transitions: torch.Tensor, states: torch.Tensor, group=None,
 
     def combine(slot, v0, v1, carry, out):
         torch.add(torch.einsum("bhij,vbhj->vbhi", M[slot], carry), S[slot, v0:v1], out=out)
-    carries, last = chain_scan(S, n_blocks, combine, group, layout, init, reverse)
+    carries, last = chain_scan(S, n_blocks, combine, group, layout, init, reverse, kind="all_scan")
     return carries.movedim(1, -1).contiguous(), None if last is None else last.movedim(0, -1).contiguous()

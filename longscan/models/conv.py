@@ -18,6 +18,9 @@ from longscan.distributed.layouts import group_rank_size, num_segments, segment_
 from longscan.distributed.stats import count, nbytes, waiting
 
 
+HALO_KIND = "conv_halo"   # the bytes' and waits' label for the profiler
+
+
 def _global(group, r: int) -> int:
     return r if group is None else dist.get_global_rank(group, r)
 
@@ -41,14 +44,14 @@ def _exchange(send: torch.Tensor, group, layout: str, forward: bool) -> torch.Te
                 recv[slot] = send[src_slot]
             else:   # tagged by the receiving piece: a rank may get two messages from one peer
                 works.append(dist.irecv(recv[slot], _global(group, owner), group=group, tag=p))
-                count(recv=nbytes(recv[slot]))
+                count(recv=nbytes(recv[slot]), kind=HALO_KIND)
         dst = p + step
         if 0 <= dst < n:
             owner, _ = segment_owner(dst, world, layout)
             if owner != rank:
                 works.append(dist.isend(send[slot], _global(group, owner), group=group, tag=dst))
-                count(sent=nbytes(send[slot]))
-    with waiting():
+                count(sent=nbytes(send[slot]), kind=HALO_KIND)
+    with waiting(HALO_KIND):
         for w in works:
             w.wait()
     return recv

@@ -118,6 +118,34 @@ def lasp2_bytes(rank: int, world: int, layout: str, shape: LinearShape, final_st
     return {"state_allgather": Traffic(sent=b, recv=b, calls=2)}
 
 
+def delta_lasp2_bytes(rank: int, world: int, layout: str, shape: LinearShape) -> dict[str, Traffic]:
+    """LASP-2 for the delta rule: forward, one all-gather of every rank's n_local affine maps (M | S)
+    `[n_local, B, H, K, K+V]`; backward, one all-gather of the carries' gradients with a final-state-gradient
+    row `[n_local + 1, B, H, K, V]`. Every rank scans the gathered maps itself, so the final state needs
+    nothing more."""
+    _check(rank, world, layout)
+    if world == 1:
+        return {}
+    n_local = 2 if layout == "zigzag" else 1
+    b = (world - 1) * (n_local * _state_bytes(shape, extra_cols=shape.key_dim) + (n_local + 1) * _state_bytes(shape))
+    return {"state_allgather": Traffic(sent=b, recv=b, calls=2)}
+
+
+def conv_halo_bytes(rank: int, world: int, layout: str, batch: int, channels: int, elem_bytes: int,
+                    width: int = 3, tensors: int = 3) -> dict[str, Traffic]:
+    """The delta-rule layers' short convolutions (``longscan.models.conv``): each of ``tensors`` (q, k, v)
+    sends every local piece's last ``width`` tokens `[B, width, channels]` to the owner of the next piece and
+    receives the previous piece's, forward; the gradients go back the same hops, backward. One message a hop
+    and direction; pieces whose neighbour is on this rank move nothing."""
+    _check(rank, world, layout)
+    if world == 1:
+        return {}
+    sends, recvs = chain_hops(rank, world, layout)
+    msg = batch * width * channels * elem_bytes
+    hops = sends + recvs
+    return {"conv_halo": Traffic(sent=tensors * hops * msg, recv=tensors * hops * msg, calls=2 * tensors * hops)}
+
+
 def ring_bytes(rank: int, world: int, layout: str, shape: SoftmaxShape) -> dict[str, Traffic]:
     """Ring attention: forward, K and V travel W-1 hops; backward, K and V travel W-1 hops again and the
     dK/dV accumulators W hops (home to their owner)."""
@@ -168,6 +196,22 @@ def linear_method_bytes(method: str, rank: int, world: int, layout: str, shape: 
     if method == "lasp1":
         return lasp1_bytes(rank, world, layout, shape)
     raise ValueError(f"linear method must be one of {', '.join(LINEAR_METHODS)}, got {method!r}")
+
+
+def delta_method_bytes(method: str, rank: int, world: int, layout: str, shape: LinearShape, n_blocks: int = 4,
+                       transition: str = "matrix", final_state: bool = False) -> dict[str, Traffic]:
+    """The formula of the delta rule's ``method`` for one layer. ZeCO and LASP-1 carry one `[K, V]` state a hop
+    as the diagonal decays do, with the K×K transition applied on each rank (``transition="matrix"``, the
+    All-Scan's bytes) or the state relayed through each rank's own pass (``"relay"``, labelled
+    "delta_relay"); LASP-2 gathers the affine maps (:func:`delta_lasp2_bytes`)."""
+    if method == "lasp2":
+        return delta_lasp2_bytes(rank, world, layout, shape)
+    if method not in ("zeco", "lasp1"):
+        raise ValueError(f"linear method must be one of {', '.join(LINEAR_METHODS)}, got {method!r}")
+    out = zeco_bytes(rank, world, layout, shape, n_blocks if method == "zeco" else 1, final_state)
+    if method == "zeco" and transition == "relay" and "all_scan" in out:
+        out["delta_relay"] = out.pop("all_scan")
+    return out
 
 
 def softmax_method_bytes(method: str, rank: int, world: int, layout: str, shape: SoftmaxShape) -> dict[str, Traffic]:
