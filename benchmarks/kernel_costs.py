@@ -1,18 +1,23 @@
 """Measure the per-token kernel costs `longscan plan` predicts compute from, on this GPU (needs CUDA).
 
     PYTHONPATH=. python benchmarks/kernel_costs.py [--head-dims 64,128] [--out longscan/observe/costs/h100.json]
+    PYTHONPATH=. python benchmarks/kernel_costs.py --variants deltanet,gated_deltanet,kda --update
 
 Writes a table (forward + backward, bf16):
 - matmul_flops_per_s: achieved FLOP/s of the model's projections (x·Wᵀ with its two backward matmuls) at
   widths 2048 and 4096, 16,384 tokens; the median over the shapes;
 - linear_s_per_token_head[variant][head_dim]: the chunked linear-attention kernel (Triton) of each decay kind,
-  1 × 32,768 tokens × 16 heads, divided by tokens · heads;
+  and the delta rule's (Triton, its default path: wy for bf16) of each of its kinds, 1 × 32,768 tokens × 16
+  heads, divided by tokens · heads;
 - softmax_s_per_pair_head[head_dim]: causal scaled_dot_product_attention (flash), 1 × 8,192 tokens × 16 heads,
   divided by the T(T+1)/2 query-key pairs · heads;
 - copy_bytes_per_s: a device-to-device copy of 1 GiB, bytes read plus written per second (the rate of the
   step's memory-bound work: norms, residual adds, activations, casts, the optimizer);
 - memory_bytes: the device's total memory.
 The default output is longscan/observe/costs/<gpu>.json with <gpu> = h100 or h200 from the device name.
+``--variants`` measures only those linear variants; ``--update`` merges what this run measures into the table
+already at the output path (the rest of it, and its device, date and commit, kept; the merged rows' commit and
+date listed under "updates").
 """
 from __future__ import annotations
 
@@ -26,7 +31,9 @@ import subprocess
 import torch
 import torch.nn.functional as F
 
-VARIANTS = ("linear", "lightning", "simple_gla", "gla")
+LINEAR_VARIANTS = ("linear", "lightning", "simple_gla", "gla")
+DELTA_VARIANTS = ("deltanet", "gated_deltanet", "kda")
+VARIANTS = LINEAR_VARIANTS + DELTA_VARIANTS
 
 
 def timed(fn, warmup: int = 3, iters: int = 10) -> float:
@@ -84,6 +91,34 @@ def linear_cost(variant: str, head_dim: int, T: int = 32768, H: int = 16) -> flo
     return timed(step) / (T * H)
 
 
+def delta_cost(variant: str, head_dim: int, T: int = 32768, H: int = 16) -> float:
+    from longscan.kernels.delta_rule import chunk_delta_rule
+    dev, bf = "cuda", torch.bfloat16
+    q, v = (torch.randn(1, T, H, head_dim, device=dev, dtype=bf).mul_(0.1).requires_grad_() for _ in range(2))
+    k = F.normalize(torch.randn(1, T, H, head_dim, device=dev), dim=-1).to(bf).requires_grad_()
+    beta = torch.rand(1, T, H, device=dev).requires_grad_()
+    g = None
+    if variant == "gated_deltanet":
+        g = F.logsigmoid(torch.randn(1, T, H, device=dev)).div_(16).requires_grad_()
+    elif variant == "kda":
+        g = F.logsigmoid(torch.randn(1, T, H, head_dim, device=dev)).div_(16).requires_grad_()
+    do = torch.randn(1, T, H, head_dim, device=dev, dtype=bf)
+
+    def step():
+        chunk_delta_rule(q, k, v, beta, g, backend="triton")[0].backward(do)
+    return timed(step) / (T * H)
+
+
+def merged(old: dict, new: dict, variants) -> dict:
+    """``old`` with ``new``'s rows of the linear ``variants`` in place of its own, and the run noted."""
+    out = dict(old)
+    out["linear_s_per_token_head"] = {**old.get("linear_s_per_token_head", {}),
+                                      **{v: new["linear_s_per_token_head"][v] for v in variants}}
+    out["updates"] = old.get("updates", []) + [{"variants": list(variants), "device_name": new["device_name"],
+                                                "torch": new["torch"], "date": new["date"], "commit": new["commit"]}]
+    return out
+
+
 def softmax_cost(head_dim: int, T: int = 8192, H: int = 16) -> float:
     q, k, v = (torch.randn(1, H, T, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                for _ in range(3))
@@ -105,24 +140,33 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--head-dims", default="64,128")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="linear variants to measure")
+    ap.add_argument("--update", action="store_true", help="merge the measured variants into the existing table")
     a = ap.parse_args()
+    variants = [v for v in a.variants.split(",") if v]
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad:
+        raise SystemExit(f"kernel_costs.py: --variants: unknown variant {bad[0]!r}; choose from "
+                         f"{', '.join(VARIANTS)}")
     if not torch.cuda.is_available():
         raise SystemExit("kernel_costs.py measures GPU kernels: no CUDA device here")
     name = torch.cuda.get_device_name()
     dims = [int(x) for x in a.head_dims.split(",")]
     table = {"gpu": gpu_key(name) if a.out is None else os.path.splitext(os.path.basename(a.out))[0],
-             "device_name": name,
-             "memory_bytes": torch.cuda.get_device_properties(0).total_memory,
-             "dtype": "bfloat16", "torch": torch.__version__,
-             "date": datetime.date.today().isoformat(),
+             "device_name": name, "torch": torch.__version__, "date": datetime.date.today().isoformat(),
              "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                       text=True).stdout.strip(),
-             "matmul_flops_per_s": matmul_rate(),
-             "copy_bytes_per_s": copy_rate(),
-             "linear_s_per_token_head": {v: {str(d): linear_cost(v, d) for d in dims} for v in VARIANTS},
-             "softmax_s_per_pair_head": {str(d): softmax_cost(d) for d in dims}}
+             "linear_s_per_token_head": {v: {str(d): (delta_cost if v in DELTA_VARIANTS else linear_cost)(v, d)
+                                             for d in dims} for v in variants}}
+    if not a.update:   # a whole table: the device and the other kernels too
+        table.update(memory_bytes=torch.cuda.get_device_properties(0).total_memory, dtype="bfloat16",
+                     matmul_flops_per_s=matmul_rate(), copy_bytes_per_s=copy_rate(),
+                     softmax_s_per_pair_head={str(d): softmax_cost(d) for d in dims})
     out = a.out or os.path.join(os.path.dirname(__file__), "..", "longscan", "observe", "costs",
                                 f"{table['gpu']}.json")
+    if a.update:
+        with open(out) as f:
+            table = merged(json.load(f), table, variants)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         json.dump(table, f, indent=1)

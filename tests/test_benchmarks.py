@@ -160,3 +160,24 @@ def test_packed_softmax_checks_against_each_document(capsys, tmp_path):
     assert set(rows) == {"unpacked", "packed", "per-document", "batched (8 x 32)"}
     assert float(rows["unpacked"][5]) == 1.0
     assert abs(float(rows["batched (8 x 32)"][4]) - 8 * 32 * 33 / 2 / (256 * 257 / 2)) < 1e-3
+
+
+def test_kernel_costs_merges_measured_variants_into_a_table(monkeypatch):
+    """kernel_costs.py --update: the measured variants' rows replace or join the table's, the rest of the table
+    is kept, and the run is noted; an unknown --variants name is refused before any GPU work."""
+    import sys
+
+    from benchmarks import kernel_costs
+    old = {"gpu": "h100", "commit": "abc", "linear_s_per_token_head": {"gla": {"128": 1.0}, "kda": {"128": 9.0}},
+           "softmax_s_per_pair_head": {"128": 2.0}}
+    new = {"device_name": "GPU", "torch": "t", "date": "d", "commit": "def",
+           "linear_s_per_token_head": {"kda": {"128": 3.0}, "deltanet": {"128": 4.0}}}
+    out = kernel_costs.merged(old, new, ["kda", "deltanet"])
+    assert out["linear_s_per_token_head"] == {"gla": {"128": 1.0}, "kda": {"128": 3.0}, "deltanet": {"128": 4.0}}
+    assert out["commit"] == "abc" and out["softmax_s_per_pair_head"] == {"128": 2.0}
+    assert out["updates"] == [{"variants": ["kda", "deltanet"], "device_name": "GPU", "torch": "t", "date": "d",
+                               "commit": "def"}]
+    assert old["linear_s_per_token_head"]["kda"] == {"128": 9.0}          # the old table is not changed
+    monkeypatch.setattr(sys, "argv", ["kernel_costs.py", "--variants", "kda,mamba"])
+    with pytest.raises(SystemExit, match="unknown variant 'mamba'"):
+        kernel_costs.main()

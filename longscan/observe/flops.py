@@ -12,6 +12,19 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}
 CHUNK = 64   # the chunk length of the chunked linear-attention kernels (and of the delta rule's wy path)
 
 
+def linear_mixer_weights(cfg: ModelConfig) -> int:
+    """Matmul weights of one linear-attention mixer: q, k, v, o, the gate's projection and the delta rule's β."""
+    d, inner = cfg.dim, cfg.n_heads * cfg.hd
+    n = 4 * d * inner                                  # q, k, v, o
+    if cfg.linear_variant in ("simple_gla", "gated_deltanet"):
+        n += d * cfg.n_heads                           # scalar gate per head
+    elif cfg.linear_variant in ("gla", "kda"):
+        n += d * inner                                 # per-key gate
+    if cfg.linear_variant in DELTA_VARIANTS:
+        n += d * cfg.n_heads                           # β per head
+    return n
+
+
 def matmul_params(cfg: ModelConfig) -> int:
     """Weights of every matmul except the embedding and the output projection (norms and the delta rule's
     depthwise short convolutions are not matmuls)."""
@@ -20,13 +33,7 @@ def matmul_params(cfg: ModelConfig) -> int:
     n = 0
     for i in range(cfg.n_layers):
         if cfg.layer_kind(i) == "L":
-            n += 4 * d * inner                         # q, k, v, o
-            if cfg.linear_variant in ("simple_gla", "gated_deltanet"):
-                n += d * cfg.n_heads                   # scalar gate per head
-            elif cfg.linear_variant in ("gla", "kda"):
-                n += d * inner                         # per-key gate
-            if cfg.linear_variant in DELTA_VARIANTS:
-                n += d * cfg.n_heads                   # β per head
+            n += linear_mixer_weights(cfg)
         else:
             n += 2 * d * inner + 2 * d * kv            # q, o; k, v (GQA)
         n += 3 * d * cfg.ffn                           # SwiGLU w1, w3, w2

@@ -18,9 +18,12 @@ import os
 import sys
 from dataclasses import dataclass, replace
 
+from longscan.models.args import DELTA_VARIANTS
+from longscan.models.conv import CONV_KERNEL
 from longscan.observe.comm import (LINEAR_METHODS, SOFTMAX_METHODS, LinearShape, SoftmaxShape, Traffic,
-                                   chain_hops, linear_method_bytes, softmax_method_bytes, total)
-from longscan.observe.flops import matmul_flops_per_token
+                                   chain_hops, conv_halo_bytes, delta_method_bytes, linear_method_bytes,
+                                   softmax_method_bytes, total)
+from longscan.observe.flops import linear_mixer_weights, matmul_flops_per_token
 
 PROG = "longscan plan"
 COSTS_DIR = os.path.join(os.path.dirname(__file__), "costs")
@@ -121,7 +124,12 @@ def layer_traffic(cfg, rank: int) -> dict[str, Traffic]:
     per = m.n_layers // p.pp
     out = {}
     for i in range(pp_rank * per, (pp_rank + 1) * per):
-        if m.layer_kind(i) == "L":
+        if m.layer_kind(i) == "L" and m.linear_variant in DELTA_VARIANTS:
+            t = total(delta_method_bytes(p.linear_method, sp_rank, p.sp, p.layout, lin,
+                                         transition=p.delta_transition))
+            t = t + total(conv_halo_bytes(sp_rank, p.sp, p.layout, d.micro_batch_size, m.n_heads * m.hd // p.tp, e,
+                                          CONV_KERNEL - 1))
+        elif m.layer_kind(i) == "L":
             t = total(linear_method_bytes(p.linear_method, sp_rank, p.sp, p.layout, lin))
         else:
             t = total(softmax_method_bytes(p.softmax_method, sp_rank, p.sp, p.layout, soft))
@@ -178,14 +186,20 @@ def _comm_time(cfg, net: Interconnect, compute_softmax_s: float, compute_s: floa
         state = lin.batch * lin.heads * lin.key_dim * lin.value_dim * 4
         n_local = 2 if p.layout == "zigzag" else 1
         chain = sum(chain_hops(r, W, p.layout)[0] for r in range(W))   # cross-rank hops along the chain
+        delta = m.linear_variant in DELTA_VARIANTS
         if p.linear_method == "zeco":       # K blocks pipelined along the chain, forward and backward
             nb = min(4, m.hd)
             linear = 2 * (chain + nb - 1) * (lat + state / nb / bw)
         elif p.linear_method == "lasp1":    # whole states, one hop after another, forward and backward
             linear = 2 * chain * (lat + state / bw)
+        elif delta:                         # all-gathers of the maps (M | S), K + V = 2V columns, and of the
+            linear = (W - 1) * (2 * lat + (2 * n_local + n_local + 1) * state / bw)   # carries' gradients
         else:                               # ring all-gathers of n_local (forward) and n_local + 1 (backward) rows
             row = state * (m.hd + 1) / m.hd
             linear = (W - 1) * (2 * lat + (2 * n_local + 1) * row / bw)
+        if delta:                           # q, k, v's halos: one message each, forward and backward
+            halo = d.micro_batch_size * (CONV_KERNEL - 1) * (m.n_heads // p.tp) * m.hd * _elem(cfg)
+            linear += 6 * (lat + halo / bw)
         exposed += linear * n_lin * micro
         e = _elem(cfg)
         kv = 2 * d.micro_batch_size * d.seq_len // W * (m.n_kv_heads // p.tp) * m.hd * e   # local K and V
@@ -215,8 +229,10 @@ def _comm_time(cfg, net: Interconnect, compute_softmax_s: float, compute_s: floa
 
 
 # Shares of the forward in the attention kernels' forward + backward: the chunked linear kernels (0.742 of
-# 2.567 ms at 1×65536 on an H100 and an H200) and cuDNN flash attention (its fprop/bprop kernels at 64K, H200).
+# 2.567 ms at 1×65536 on an H100 and an H200), the delta rule's wy kernels (0.37-0.41 over its three kinds at
+# 16×4096, H100) and cuDNN flash attention (its fprop/bprop kernels at 64K, H200).
 LINEAR_FWD_SHARE = 0.29
+DELTA_FWD_SHARE = 0.39
 SOFTMAX_FWD_SHARE = 0.25
 # Fused AdamW reads parameter, gradient and both moments and writes three (28 bytes, float32); the gradient
 # norm, the clip and the zeroing read or write the gradient three more times.
@@ -270,6 +286,10 @@ def memory_bound_bytes(cfg) -> dict[str, float]:
     per = m.n_layers // p.pp
     kinds = [m.layer_kind(i) for i in range(per)]
     lin_f, lin_b = 16 * D + 12 * I, 31 * D + 18 * I               # norm + add forward; norm, adds, 2 consumers
+    if m.linear_variant in DELTA_VARIANTS:
+        # q, k, v's short convolutions and their SiLU (8 bytes an element each), q and k L2-normalised in
+        # float32 and cast back (12 each), the output norm (4): 52·I forward, about 1.5 times that backward
+        lin_f, lin_b = 16 * D + 52 * I, 31 * D + 78 * I
     soft_f, soft_b = 16 * D + 30 * (I + Ikv), 31 * D + 30 * (I + Ikv)
     mlp_f, mlp_b = 16 * D + 10 * F, 28 * D + 18 * F
     out = {"linear mixers": (kinds.count("L") + re_lin) * lin_f + kinds.count("L") * lin_b,
@@ -300,11 +320,11 @@ def compute_parts(cfg, costs: KernelCosts) -> dict[str, float]:
     re_lin, re_soft, re_mlp = _recomputed(cfg)
     hd, D, F = m.hd, m.dim, m.ffn
     I, Ikv = m.n_heads * hd, m.n_kv_heads * hd
-    gate = {"simple_gla": m.n_heads, "gla": I}.get(m.linear_variant, 0)
-    w_lin, w_soft, w_mlp = 4 * D * I + D * gate, 2 * D * I + 2 * D * Ikv, 3 * D * F
+    w_lin, w_soft, w_mlp = linear_mixer_weights(m), 2 * D * I + 2 * D * Ikv, 3 * D * F
     again = re_lin * w_lin + re_soft * w_soft + re_mlp * w_mlp
     parts["recomputed forward"] = (tokens * 2 * again / (p.tp * p.pp) / rate
-                                   + LINEAR_FWD_SHARE * linear * _kernel_recomputed(cfg, "L")
+                                   + (DELTA_FWD_SHARE if m.linear_variant in DELTA_VARIANTS else LINEAR_FWD_SHARE)
+                                   * linear * _kernel_recomputed(cfg, "L")
                                    + SOFTMAX_FWD_SHARE * softmax * _kernel_recomputed(cfg, "N"))
     if costs.copy_bytes_per_s:
         moved = sum(memory_bound_bytes(cfg).values()) * tokens
@@ -355,6 +375,13 @@ def plan(cfg, gpus: int, costs: KernelCosts, net: Interconnect, linear_methods=L
             except ConfigError as e:   # e.g. ulysses with heads the SP size does not divide: that pair only
                 errors.append(str(e))
                 out.append(Prediction(lm, sm, 0.0, 0.0, 0.0, 0, 0.0, 0, note=str(e)))
+                continue
+            relay = c.parallel.delta_transition == "relay" and c.parallel.sp > 1
+            if c.model.linear_variant in DELTA_VARIANTS and relay:
+                note = ("parallel.delta_transition = 'relay' is not modelled: its chain runs each rank's state pass "
+                        "in turn, a latency the kernel costs do not give")
+                errors.append(note)
+                out.append(Prediction(lm, sm, 0.0, 0.0, 0.0, 0, 0.0, 0, note=note))
                 continue
             out.append(predict(c, costs, net, host_bytes))
     if len(errors) == len(out):

@@ -167,3 +167,42 @@ def test_head_groups_recompute_the_linear_mixers(table):
                     + P.SOFTMAX_FWD_SHARE * base["softmax attention"])
     assert base["softmax attention"] > 0 and want_softmax > 0
     assert base["recomputed forward"] == 0 and grouped["recomputed forward"] == pytest.approx(want + want_softmax)
+
+
+def test_delta_rule_models(tmp_path):
+    """A Gated DeltaNet hybrid: its layers' bytes are the delta rule's formulas plus the short convolutions'
+    halos, its compute the table's delta-rule cost (with its own forward share where recomputed), and its
+    mixers' memory-bound bytes count the convolutions and the normalised q, k; without the variant's cost the
+    plan says how to measure it, and the relay, whose chain is local work, is refused."""
+    from longscan.observe.comm import LinearShape, conv_halo_bytes, delta_method_bytes, total
+    delta = MODEL + ["model.linear_variant=gated_deltanet", "parallel.sp=4", "data.micro_batch_size=1"]
+    with pytest.raises(P.PlanError, match="linear_variant=gated_deltanet.*kernel_costs.py"):
+        P.plan(load_config(None, delta), 4, P.costs_for("h100", _write(tmp_path, TABLE)), P.INTERCONNECTS["nvlink4"])
+    lin = dict(TABLE["linear_s_per_token_head"], gated_deltanet={"64": 7e-9})
+    costs = P.costs_for("h100", _write(tmp_path, dict(TABLE, linear_s_per_token_head=lin, copy_bytes_per_s=1e12)))
+    nv = P.INTERCONNECTS["nvlink4"]
+    rows = {r.linear_method: r for r in P.plan(load_config(None, delta), 4, costs, nv, softmax_methods=("ring",))}
+    assert all(not r.note and r.step_time_s > 0 for r in rows.values())
+    assert rows["lasp2"].comm_bytes_per_gpu > rows["zeco"].comm_bytes_per_gpu
+
+    c = validate(load_config(None, delta + ["parallel.linear_method=lasp2"]), 4)
+    shape = LinearShape(1, 4, 64, 64, 4)   # batch 1, 4 heads of 64, float32 states; halos of 3 bf16 tokens
+    want = total(delta_method_bytes("lasp2", 1, 4, "zigzag", shape)) + total(conv_halo_bytes(1, 4, "zigzag", 1, 256,
+                                                                                              2, 3))
+    got = P.layer_traffic(c, 1)["layers.0.attn"]
+    assert (got.sent, got.recv) == (want.sent * 4, want.recv * 4)            # 4 microbatches a step
+    plain = validate(replace(c, model=replace(c.model, linear_variant="simple_gla")), 4)
+    assert P.layer_traffic(c, 1)["layers.0.attn"].sent > P.layer_traffic(plain, 1)["layers.0.attn"].sent
+
+    parts = P.compute_parts(c, costs)
+    tokens = 4 * 4096 // 4
+    assert parts["linear attention"] == pytest.approx(3 * tokens * 4 * 7e-9)
+    whole = validate(replace(c, schedule=replace(c.schedule, activation_checkpointing=True)), 4)
+    extra = P.compute_parts(whole, costs)["recomputed forward"] - tokens * 2 * (
+        3 * P.linear_mixer_weights(c.model) + 2 * 256 * 256 * 2 + 4 * 3 * 256 * c.model.ffn) / 1e14
+    assert extra == pytest.approx(P.DELTA_FWD_SHARE * parts["linear attention"]
+                                  + P.SOFTMAX_FWD_SHARE * parts["softmax attention"])
+    assert P.memory_bound_bytes(c)["linear mixers"] > P.memory_bound_bytes(plain)["linear mixers"]
+
+    with pytest.raises(P.PlanError, match="delta_transition = 'relay' is not modelled"):
+        P.plan(load_config(None, delta + ["parallel.delta_transition=relay"]), 4, costs, nv, ("zeco",), ("ring",))
