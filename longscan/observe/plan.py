@@ -79,8 +79,8 @@ class KernelCosts:
             return float(self.linear_s_per_token_head[variant][str(head_dim)])
         except KeyError:
             raise PlanError(f"the {self.gpu} table has no linear-attention cost for model.linear_variant={variant} "
-                            f"at head dim {head_dim}; measure it with benchmarks/kernel_costs.py --head-dims "
-                            f"{head_dim}") from None
+                            f"at head dim {head_dim}; measure it on that GPU with benchmarks/kernel_costs.py "
+                            f"--variants {variant} --head-dims {head_dim} --update") from None
 
     def softmax(self, head_dim: int) -> float:
         try:
