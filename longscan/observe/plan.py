@@ -233,6 +233,10 @@ def _comm_time(cfg, net: Interconnect, compute_softmax_s: float, compute_s: floa
 # 16×4096, H100) and cuDNN flash attention (its fprop/bprop kernels at 64K, H200).
 LINEAR_FWD_SHARE = 0.29
 DELTA_FWD_SHARE = 0.39
+# A rank's delta-rule work under SP with the matrix transition over the plain kernel's: the segment's transition
+# M and contribution, then the outputs from the carry (benchmarks/sp_delta.py: 2.19× Gated DeltaNet, 1.89× KDA at
+# 16×4096 on an H100; 2.03-2.06× by counting products).
+DELTA_SP_LOCAL = 2.0
 SOFTMAX_FWD_SHARE = 0.25
 # Fused AdamW reads parameter, gradient and both moments and writes three (28 bytes, float32); the gradient
 # norm, the clip and the zeroing read or write the gradient three more times.
@@ -312,6 +316,8 @@ def compute_parts(cfg, costs: KernelCosts) -> dict[str, float]:
     heads = m.n_heads // p.tp
     parts = {"matmuls": tokens * matmul_flops_per_token(m) / (p.tp * p.pp) / rate}
     linear = kinds.count("L") * tokens * heads * costs.linear(m.linear_variant, m.hd) if "L" in kinds else 0.0
+    if m.linear_variant in DELTA_VARIANTS and p.sp > 1:
+        linear *= DELTA_SP_LOCAL
     pairs = seqs * d.seq_len * (d.seq_len + 1) / 2 / p.sp
     softmax = kinds.count("N") * pairs * heads * costs.softmax(m.hd) if "N" in kinds else 0.0
     parts["linear attention"], parts["softmax attention"] = linear, softmax

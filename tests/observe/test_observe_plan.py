@@ -196,7 +196,10 @@ def test_delta_rule_models(tmp_path):
 
     parts = P.compute_parts(c, costs)
     tokens = 4 * 4096 // 4
-    assert parts["linear attention"] == pytest.approx(3 * tokens * 4 * 7e-9)
+    # a rank's delta-rule work under SP: the segment's transition, then the outputs from the carry
+    assert parts["linear attention"] == pytest.approx(P.DELTA_SP_LOCAL * 3 * tokens * 4 * 7e-9)
+    one = validate(load_config(None, delta + ["parallel.sp=1"]), 1)
+    assert P.compute_parts(one, costs)["linear attention"] == pytest.approx(3 * 4 * 4096 * 4 * 7e-9)
     whole = validate(replace(c, schedule=replace(c.schedule, activation_checkpointing=True)), 4)
     extra = P.compute_parts(whole, costs)["recomputed forward"] - tokens * 2 * (
         3 * P.linear_mixer_weights(c.model) + 2 * 256 * 256 * 2 + 4 * 3 * 256 * c.model.ffn) / 1e14
