@@ -137,11 +137,11 @@ def _linear_saved(m: ModelConfig, I: int, H: int, act: int, mixer_tile: bool) ->
     return norm + qkv + gate + out
 
 
-def _delta_saved(m: ModelConfig, I: int, H: int, act: int) -> float:
+def _delta_saved(m: ModelConfig, I: int, H: int, act: int, wy: bool) -> float:
     """Bytes a delta-rule mixer stage (deltanet, gated_deltanet, kda) of H heads saves per token, with the
-    Triton kernels of the path its inputs' dtype picks (bf16: wy, chunks of 64; float32: float32, chunks of
-    DeltaTritonOptions.chunk). Not counted: each short convolution's input padding, (kernel - 1) tokens a
-    sequence, and its weight's autocast copy (constants)."""
+    Triton kernels of path wy (chunks of 64, products kept in the inputs' dtype) or float32 (chunks of
+    DeltaTritonOptions.chunk, products kept in float32). Not counted: each short convolution's input padding,
+    (kernel - 1) tokens a sequence, and its weight's autocast copy (constants)."""
     D, v, res, hd = m.dim, m.linear_variant, m.residual_bytes, m.hd
     gate = gate_values(v, I, H)
     norm = res * D + act * D + 4  # its input (the residual stream), its output (autocast's dtype), 1/rms
@@ -149,7 +149,7 @@ def _delta_saved(m: ModelConfig, I: int, H: int, act: int) -> float:
     normalize = 2 * (act * I + 2 * act * H)  # q's and k's: the input, its norm and the norm's broadcast
     inputs = 3 * act * I + 4 * H  # q, k, v as the kernels take them, β (float32)
     gates = 3 * 4 * gate  # logsigmoid's input and buffer, g (float32)
-    if act == 2:  # wy: P `[64, 64]` a chunk; W, U, v_n; the state entering each chunk; b
+    if wy:  # P `[64, 64]` a chunk; W, U, v_n; the state entering each chunk; b
         kernel = act * (64 * H + 3 * I + I * hd // 64) + 4 * gate
         if v == "kda":  # K̄, Q̃, the decayed scores Q Kᵀ ⊙ D; exp(b_C) a chunk
             kernel += act * (2 * I + 64 * H) + 4 * I // 64
@@ -172,7 +172,7 @@ def _softmax_saved(m: ModelConfig, I: int, Ikv: int, H: int, act: int, mixer_til
 
 
 def saved_per_token(m: ModelConfig, stage: str, tp: int, act: int, mixer_tile: bool = False,
-                    head_groups: int = 1) -> float:
+                    head_groups: int = 1, delta_path: str = "auto") -> float:
     """Bytes one stage saves for its backward per token with nothing checkpointed; stage: "L", "N" (mixers)
     or "mlp"; act: bytes of the activation dtype (2 under bf16 autocast, 4 in float32). The residual stream
     is float32 in both (model.residual_dtype = bfloat16: bf16); the norms compute in float32 and return
@@ -183,7 +183,7 @@ def saved_per_token(m: ModelConfig, stage: str, tp: int, act: int, mixer_tile: b
     I, H, Ikv = m.n_heads * hd // tp, m.n_heads // tp, m.n_kv_heads * hd // tp
     if stage == "L":
         if m.linear_variant in DELTA_VARIANTS:  # neither tiled nor grouped (the config refuses both)
-            return _delta_saved(m, I, H, act)
+            return _delta_saved(m, I, H, act, delta_path == "wy" or (delta_path == "auto" and act == 2))
         return res * D if head_groups > 1 else _linear_saved(m, I, H, act, mixer_tile)
     if stage == "N":
         return res * D + 8 * hd if head_groups > 1 else _softmax_saved(m, I, Ikv, H, act, mixer_tile)
@@ -244,13 +244,13 @@ def loss_bytes(m: ModelConfig, tp: int, act: int, tokens: int, chunk: int) -> tu
 
 
 def _block(m: ModelConfig, kind: str, memory: MemoryOptions, whole_block: bool, tp: int, act: int,
-           N: int) -> tuple[int, int]:
+           N: int, delta_path: str = "auto") -> tuple[int, int]:
     """(bytes a block holds from its forward to its backward, its backward's largest transient).
     whole_block (schedule.activation_checkpointing) is memory.blocks = checkpoint."""
     D, res = m.dim, m.residual_bytes
     tiled_mixer = memory.mixer_tile > 0
     groups = memory.head_groups
-    saved = {kind: saved_per_token(m, kind, tp, act, tiled_mixer, groups) * N,
+    saved = {kind: saved_per_token(m, kind, tp, act, tiled_mixer, groups, delta_path) * N,
              "mlp": saved_per_token(m, "mlp", tp, act) * N}
     if memory.mlp_tile:  # the tiled MLP keeps its input only
         saved["mlp"] = res * D * N
@@ -375,7 +375,8 @@ def recompute_extras(m: ModelConfig, kind: str, memory: MemoryOptions, whole_blo
 
 
 def estimate(m: ModelConfig, layout: Layout, memory: MemoryOptions, bf16: bool = True,
-             whole_block_checkpointing: bool = False, reserve: float = 0.0, pinned: bool = True) -> Estimate:
+             whole_block_checkpointing: bool = False, reserve: float = 0.0, pinned: bool = True,
+             delta_path: str = "auto") -> Estimate:
     """Predicted peak bytes per GPU of the first pipeline stage (which holds the loss too when pp = 1).
 
     The peak is the largest of three moments: the end of the forward (the bf16 weight copies autocast keeps
@@ -384,7 +385,8 @@ def estimate(m: ModelConfig, layout: Layout, memory: MemoryOptions, bf16: bool =
     whole_block_checkpointing: schedule.activation_checkpointing (each block's input kept, the whole block
     recomputed); reserve: fraction added on top for what is not modelled (allocator fragmentation, kernel
     scratch, collective buffers); pinned: offloaded inputs go to pinned memory (CUDA), as
-    :func:`offloaded_host_bytes` counts them.
+    :func:`offloaded_host_bytes` counts them; delta_path: the delta rule's Triton path (kernels.delta_path;
+    auto: wy for bf16, float32 otherwise).
     """
     act = 2 if bf16 else 4
     tp, N, D = layout.tp, layout.tokens, m.dim
@@ -397,7 +399,7 @@ def estimate(m: ModelConfig, layout: Layout, memory: MemoryOptions, bf16: bool =
     # memory.recompute_blocks: the blocks past it keep their activations (every mode none)
     options = [memory.for_block(i) for i in range(per)]
     whole = [whole_block_checkpointing and memory.follows_modes(i) for i in range(per)]
-    blocks = [_block(m, k, o, w, tp, act, N) for k, o, w in zip(kinds, options, whole)]
+    blocks = [_block(m, k, o, w, tp, act, N, delta_path) for k, o, w in zip(kinds, options, whole)]
     rope = 8 * m.hd * N if "N" in kinds else 0  # cos/sin, shared by the softmax layers
     held_all = sum(h for h, _ in blocks) * in_flight + rope
     loss_held, loss_peak = loss_bytes(m, tp, act, N, memory.loss_chunk) if layout.pp == 1 else (0, 0)
@@ -436,7 +438,7 @@ def estimate_config(cfg, world_size: int, device_type: str = "cuda", reserve: fl
     bf16 = s.precision == "bf16" or (s.precision == "auto" and device_type == "cuda")
     return estimate(cfg.model, layout, cfg.memory.options(), bf16=bf16,
                     whole_block_checkpointing=s.activation_checkpointing, reserve=reserve,
-                    pinned=device_type == "cuda")
+                    pinned=device_type == "cuda", delta_path=cfg.kernels.delta_path)
 
 
 def host_available_bytes(meminfo: str = "/proc/meminfo") -> int | None:

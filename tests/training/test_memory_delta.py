@@ -42,6 +42,10 @@ def _measure(rank, world):
             out[("params", tp, variant)] = sum(p.numel() for p in model.parameters())
             for bf16 in (False, True):
                 out[("saved", tp, variant, bf16)] = saved_by_stage(model, cfg, bf16, T)["L"]
+            for path, bf16 in (("float32", True), ("wy", False)) if tp == 1 else ():   # kernels.delta_path
+                other = HybridLM(cfg, stage_config(tp, 1, 1, cfg.dim, torch.float32),
+                                 SPSpec(linear_backend="triton", delta_path=path), tp_rank=0, tp_size=1)
+                out[("saved", tp, variant, bf16, path)] = saved_by_stage(other, cfg, bf16, T)["L"]
         ps.destroy_model_parallel()
     return out
 
@@ -70,5 +74,21 @@ def test_delta_mixer_saved_bytes_per_token_match_autograd(measured, tp, variant,
     predicted = saved_per_token(cfg, "L", tp, act)
     for res in measured:
         assert predicted + constants / T == res[("saved", tp, variant, bf16)]
+    if tp == 1:   # the other path on these inputs (kernels.delta_path): float32 on bf16, wy on float32
+        path = "float32" if bf16 else "wy"
+        for res in measured:
+            assert saved_per_token(cfg, "L", tp, act, delta_path=path) + constants / T == \
+                res[("saved", tp, variant, bf16, path)]
     # the plain linear mixer's count, which the delta variants had before, is far below
     assert predicted > 2 * saved_per_token(dataclasses.replace(cfg, linear_variant="linear"), "L", tp, act)
+
+
+def test_the_estimate_follows_kernels_delta_path():
+    """`longscan train`'s estimate counts the path kernels.delta_path names: float32 on bf16 keeps its chunks'
+    products in float32, more than wy's."""
+    from longscan.training.config import load_config, validate
+    from longscan.training.memory import estimate_config
+    base = ["model.linear_variant=kda", "parallel.tp=1", "parallel.pp=1", "parallel.sp=1", "data.seq_len=4096"]
+    peak = {path: estimate_config(validate(load_config(None, base + [f"kernels.delta_path={path}"]), 1), 1).peak
+            for path in ("auto", "wy", "float32")}
+    assert peak["auto"] == peak["wy"] < peak["float32"]
