@@ -72,6 +72,12 @@ def copy_rate(n_bytes: int = 1 << 30) -> float:
     return 2 * n_bytes / timed(lambda: dst.copy_(src))
 
 
+def log_gate(shape, per_key: bool, head_dim: int) -> torch.Tensor:
+    """Log decays in (-inf, 0), shallow (logsigmoid / 16): `[*shape]` a head, or `[*shape, head_dim]` a key."""
+    full = (*shape, head_dim) if per_key else tuple(shape)
+    return F.logsigmoid(torch.randn(full, device="cuda")).div_(16).requires_grad_()
+
+
 def linear_cost(variant: str, head_dim: int, T: int = 32768, H: int = 16) -> float:
     from longscan.kernels.linear_attention import chunk_linear_attention
     dev, bf = "cuda", torch.bfloat16
@@ -79,10 +85,8 @@ def linear_cost(variant: str, head_dim: int, T: int = 32768, H: int = 16) -> flo
     g = g_gamma = None
     if variant == "lightning":
         g_gamma = torch.log1p(-torch.pow(2.0, -5.0 - torch.arange(H, device=dev, dtype=torch.float32)))
-    elif variant == "simple_gla":
-        g = F.logsigmoid(torch.randn(1, T, H, device=dev)).div_(16).requires_grad_()
-    elif variant == "gla":
-        g = F.logsigmoid(torch.randn(1, T, H, head_dim, device=dev)).div_(16).requires_grad_()
+    elif variant in ("simple_gla", "gla"):
+        g = log_gate((1, T, H), variant == "gla", head_dim)
     do = torch.randn(1, T, H, head_dim, device=dev, dtype=bf)
 
     def step():
@@ -97,11 +101,7 @@ def delta_cost(variant: str, head_dim: int, T: int = 32768, H: int = 16) -> floa
     q, v = (torch.randn(1, T, H, head_dim, device=dev, dtype=bf).mul_(0.1).requires_grad_() for _ in range(2))
     k = F.normalize(torch.randn(1, T, H, head_dim, device=dev), dim=-1).to(bf).requires_grad_()
     beta = torch.rand(1, T, H, device=dev).requires_grad_()
-    g = None
-    if variant == "gated_deltanet":
-        g = F.logsigmoid(torch.randn(1, T, H, device=dev)).div_(16).requires_grad_()
-    elif variant == "kda":
-        g = F.logsigmoid(torch.randn(1, T, H, head_dim, device=dev)).div_(16).requires_grad_()
+    g = log_gate((1, T, H), variant == "kda", head_dim) if variant in ("gated_deltanet", "kda") else None
     do = torch.randn(1, T, H, head_dim, device=dev, dtype=bf)
 
     def step():
