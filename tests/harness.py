@@ -24,6 +24,17 @@ import torch.multiprocessing as mp
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def tp_model(cfg, sp, tp: int, tp_rank: int | None = None, **kwargs):
+    """A float32 ``HybridLM`` of ``cfg`` on this TP rank of ``tp`` (megatron's, unless ``tp_rank`` is given);
+    kwargs go to the model (e.g. memory=MemoryOptions(...))."""
+    from megatron.core import parallel_state as ps
+
+    from longscan.models.model import HybridLM
+    from longscan.training.parallel import stage_config
+    rank = ps.get_tensor_model_parallel_rank() if tp_rank is None else tp_rank
+    return HybridLM(cfg, stage_config(tp, 1, 1, cfg.dim, torch.float32), sp, tp_rank=rank, tp_size=tp, **kwargs)
+
+
 _INTERPRETER_PROBE = """
 import torch, triton, triton.language as tl
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness import rel_err, run_distributed
+from harness import rel_err, run_distributed, tp_model
 from longscan.models.tiling import head_groups
 
 VARIANTS = ("linear", "lightning", "simple_gla", "gla")
@@ -59,10 +59,7 @@ def test_head_groups_equals_the_sum_over_heads():
 def _step(cfg, mem, tokens, sp, tp, tp_rank, dtype=torch.float64, bf16=False, docs=None):
     """Loss and every gradient (this rank's) of one forward/backward of the model; docs: packed documents
     (cu_seqlens, the local tokens' in-document positions)."""
-    from longscan.models.model import HybridLM
-    from longscan.training.parallel import stage_config
-    model = HybridLM(cfg, stage_config(tp, 1, 1, cfg.dim, torch.float32), sp, tp_rank=tp_rank, tp_size=tp,
-                     memory=mem).to(dtype)
+    model = tp_model(cfg, sp, tp, tp_rank=tp_rank, memory=mem).to(dtype)
     with torch.no_grad():  # norm weights away from 1, so their gradients matter
         for n, p in model.named_parameters():
             if "norm" in n:

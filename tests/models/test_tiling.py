@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness import rel_err, run_distributed
+from harness import rel_err, run_distributed, tp_model
 from longscan.models.mlp import norm_swiglu
 from longscan.models.tiling import tiled
 
@@ -175,8 +175,7 @@ def _mixer_tiles(rank, world):
     from megatron.core import parallel_state as ps
 
     from longscan.models.args import MemoryOptions, ModelConfig
-    from longscan.models.model import HybridLM, SPSpec
-    from longscan.training.parallel import stage_config
+    from longscan.models.model import SPSpec
     out = {}
     for tp in (2, 1):
         ps.initialize_model_parallel(tensor_model_parallel_size=tp, create_gloo_process_groups=False)
@@ -186,8 +185,7 @@ def _mixer_tiles(rank, world):
             tokens = torch.randint(0, 64, (2, 40), generator=torch.Generator().manual_seed(8))
             for name, mem in (("whole", MemoryOptions()), ("tiled", MemoryOptions(mixer_tile=7)),
                               ("tiled+ckpt", MemoryOptions("checkpoint", "checkpoint", mixer_tile=16))):
-                model = HybridLM(cfg, stage_config(tp, 1, 1, cfg.dim, torch.float32), SPSpec(linear_backend="torch"),
-                                 tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=tp, memory=mem).double()
+                model = tp_model(cfg, SPSpec(linear_backend="torch"), tp, memory=mem).double()
                 with torch.no_grad():  # norm weights away from 1, so their gradients matter
                     for n, p in model.named_parameters():
                         if "norm" in n:
@@ -203,8 +201,7 @@ def _mixer_tiles(rank, world):
         for name, mem, bf16 in (("whole", MemoryOptions(mlp_tile=7, loss_chunk=8), False),
                                 ("tiled", MemoryOptions("offload", "offload", mlp_tile=7, loss_chunk=8,
                                                         mixer_tile=7), True)):
-            model = HybridLM(cfg, stage_config(tp, 1, 1, cfg.dim, torch.float32), SPSpec(linear_backend="torch"),
-                             tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=tp, memory=mem)
+            model = tp_model(cfg, SPSpec(linear_backend="torch"), tp, memory=mem)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 loss = model(tokens, tokens)
             loss.mean().backward()
@@ -215,8 +212,7 @@ def _mixer_tiles(rank, world):
         cu = [torch.tensor([0, 15, 40]), torch.tensor([0, 22, 31, 40])]
         pos = torch.stack([torch.cat([torch.arange(n) for n in torch.diff(c).tolist()]) for c in cu])
         for name, mem in (("whole", MemoryOptions()), ("tiled", MemoryOptions(mixer_tile=9))):
-            model = HybridLM(cfg, stage_config(tp, 1, 1, cfg.dim, torch.float32), SPSpec(softmax_backend="torch"),
-                             tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=tp, memory=mem).double()
+            model = tp_model(cfg, SPSpec(softmax_backend="torch"), tp, memory=mem).double()
             loss = model(tokens, tokens, cu_seqlens=cu, doc_positions=pos)
             loss.backward(torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).view_as(loss))
             out[(tp, "documents", name)] = [loss.detach()] + [p.grad.clone() for p in model.parameters()]

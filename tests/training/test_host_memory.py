@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from harness import run_distributed
+from harness import run_distributed, tp_model
 from longscan.models.args import MemoryOptions, ModelConfig
 from longscan.training.config import ConfigError, load_config, validate
 from longscan.training.memory import (GiB, Layout, check_capacity, estimate, estimate_config, host_available_bytes,
@@ -38,15 +38,13 @@ def _cfg():
 def _measure(rank, world):
     from megatron.core import parallel_state as ps
 
-    from longscan.models.model import HybridLM, SPSpec
-    from longscan.training.parallel import stage_config
+    from longscan.models.model import SPSpec
     cfg, out = _cfg(), {}
     torch.manual_seed(0)
     for tp in (2, 1):
         ps.initialize_model_parallel(tensor_model_parallel_size=tp, create_gloo_process_groups=False)
         for name, (memory, batch) in CASES.items():
-            model = HybridLM(cfg, stage_config(tp, 1, 1, cfg.dim, torch.float32), SPSpec(linear_backend="torch"),
-                             tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=tp, memory=memory)
+            model = tp_model(cfg, SPSpec(linear_backend="torch"), tp, memory=memory)
             for bf16 in (False, True):
                 tokens = torch.randint(0, cfg.vocab_size, (batch, T))
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):

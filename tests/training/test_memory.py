@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from harness import run_distributed
+from harness import run_distributed, tp_model
 from longscan.models.args import ModelConfig
 from longscan.models.args import MemoryOptions
 from longscan.training.config import ConfigError, load_config
@@ -34,21 +34,16 @@ def _cfg(variant):  # GQA with 2 KV heads a TP rank at TP 2, so 2 head groups ta
 def _measure(rank, world):
     from megatron.core import parallel_state as ps
 
-    from longscan.models.model import HybridLM, SPSpec
-    from longscan.training.parallel import stage_config
+    from longscan.models.model import SPSpec
     out = {}
     for tp in (2, 1):
         ps.initialize_model_parallel(tensor_model_parallel_size=tp, create_gloo_process_groups=False)
         for variant in VARIANTS:
             cfg = _cfg(variant)
-            model = HybridLM(cfg, stage_config(tp, 1, 1, cfg.dim, torch.float32), SPSpec(linear_backend="torch"),
-                             tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=tp)
+            model = tp_model(cfg, SPSpec(linear_backend="torch"), tp)
             out[("params", tp, variant)] = sum(p.numel() for p in model.parameters())
-            tiled = HybridLM(cfg, stage_config(tp, 1, 1, cfg.dim, torch.float32), SPSpec(linear_backend="torch"),
-                             tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=tp,
-                             memory=MemoryOptions(mixer_tile=16))
-            grouped = HybridLM(cfg, stage_config(tp, 1, 1, cfg.dim, torch.float32), SPSpec(linear_backend="torch"),
-                               tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=tp,
+            tiled = tp_model(cfg, SPSpec(linear_backend="torch"), tp, memory=MemoryOptions(mixer_tile=16))
+            grouped = tp_model(cfg, SPSpec(linear_backend="torch"), tp,
                                memory=MemoryOptions(mixer_tile=16, mixer_head_groups=2))
             for bf16 in (False, True):
                 out[("saved", tp, variant, bf16)] = saved_by_stage(model, cfg, bf16, T)

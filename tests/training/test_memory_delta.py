@@ -7,9 +7,8 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-import torch
 
-from harness import run_distributed_interpreted
+from harness import run_distributed_interpreted, tp_model
 from longscan.models.args import DELTA_VARIANTS, ModelConfig
 from longscan.models.conv import CONV_KERNEL
 from longscan.training.memory import Layout, saved_per_token, stage_params
@@ -30,21 +29,18 @@ def _cfg(variant):   # 4 heads of 16: 2 a rank at TP 2
 def _measure(rank, world):
     from megatron.core import parallel_state as ps
 
-    from longscan.models.model import HybridLM, SPSpec
-    from longscan.training.parallel import stage_config
+    from longscan.models.model import SPSpec
     out = {}
     for tp in (2, 1):
         ps.initialize_model_parallel(tensor_model_parallel_size=tp, create_gloo_process_groups=False)
         for variant in DELTA_VARIANTS:
             cfg = _cfg(variant)
-            model = HybridLM(cfg, stage_config(tp, 1, 1, cfg.dim, torch.float32), SPSpec(linear_backend="triton"),
-                             tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=tp)
+            model = tp_model(cfg, SPSpec(linear_backend="triton"), tp)
             out[("params", tp, variant)] = sum(p.numel() for p in model.parameters())
             for bf16 in (False, True):
                 out[("saved", tp, variant, bf16)] = saved_by_stage(model, cfg, bf16, T)["L"]
             for path, bf16 in (("float32", True), ("wy", False)) if tp == 1 else ():   # kernels.delta_path
-                other = HybridLM(cfg, stage_config(tp, 1, 1, cfg.dim, torch.float32),
-                                 SPSpec(linear_backend="triton", delta_path=path), tp_rank=0, tp_size=1)
+                other = tp_model(cfg, SPSpec(linear_backend="triton", delta_path=path), 1, tp_rank=0)
                 out[("saved", tp, variant, bf16, path)] = saved_by_stage(other, cfg, bf16, T)["L"]
         ps.destroy_model_parallel()
     return out
