@@ -24,6 +24,18 @@ import torch.multiprocessing as mp
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def each_tp(sizes=(2, 1)):
+    """Megatron's model-parallel state at each TP size in turn (the processes' group split that way), torn
+    down after each: ``for tp in each_tp(): ...``."""
+    from megatron.core import parallel_state as ps
+    for tp in sizes:
+        ps.initialize_model_parallel(tensor_model_parallel_size=tp, create_gloo_process_groups=False)
+        try:
+            yield tp
+        finally:
+            ps.destroy_model_parallel()
+
+
 def tp_model(cfg, sp, tp: int, tp_rank: int | None = None, **kwargs):
     """A float32 ``HybridLM`` of ``cfg`` on this TP rank of ``tp`` (megatron's, unless ``tp_rank`` is given);
     kwargs go to the model (e.g. memory=MemoryOptions(...))."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness import rel_err, run_distributed
+from harness import each_tp, rel_err, run_distributed
 from longscan.models.loss import chunked_cross_entropy
 
 B, T, D, V = 2, 37, 16, 96
@@ -84,8 +84,7 @@ def _megatron(h, w, labels, weights, uniform, tp_rank, tp):
 def _ranks(rank, world):
     from megatron.core import parallel_state as ps
     out = {}
-    for tp in (2, 1):
-        ps.initialize_model_parallel(tensor_model_parallel_size=tp, create_gloo_process_groups=False)
+    for tp in each_tp():
         group, tp_rank = ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_rank()
         for uniform in (True, False):
             for chunk in (5, 64):
@@ -97,7 +96,6 @@ def _ranks(rank, world):
                     _chunked(h, w, labels, weights, uniform, chunk, group, tp_rank, tp),
                     _megatron(h, w, labels, weights, uniform, tp_rank, tp))
         out[("tp_rank", tp)] = tp_rank
-        ps.destroy_model_parallel()
     return out
 
 

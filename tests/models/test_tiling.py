@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness import rel_err, run_distributed, tp_model
+from harness import each_tp, rel_err, run_distributed, tp_model
 from longscan.models.mlp import norm_swiglu
 from longscan.models.tiling import tiled
 
@@ -54,15 +54,12 @@ def test_tile_must_be_positive():
 
 
 def _swiglu(rank, world):
-    from megatron.core import parallel_state as ps
-
     from longscan.models.args import ModelConfig
     from longscan.models.mlp import SwiGLU
     from longscan.models.norms import RMSNorm
     from longscan.training.parallel import stage_config
     out = {}
-    for tp in (2, 1):
-        ps.initialize_model_parallel(tensor_model_parallel_size=tp, create_gloo_process_groups=False)
+    for tp in each_tp():
         cfg = ModelConfig(dim=D, ffn_dim=F, n_layers=2)
         torch.manual_seed(3)
         mlp = SwiGLU(cfg, stage_config(tp, 1, 1, D, torch.float32)).double()
@@ -80,7 +77,6 @@ def _swiglu(rank, world):
             y.backward(gy)
             out[(tp, name)] = [y.detach(), xt.grad, norm.weight.grad] + \
                               [p.grad.clone() for p in (mlp.w1.weight, mlp.w3.weight, mlp.w2.weight)]
-        ps.destroy_model_parallel()
     return out
 
 
@@ -172,13 +168,10 @@ MIXER_VARIANTS = ("linear", "lightning", "simple_gla", "gla")
 def _mixer_tiles(rank, world):
     """Loss and every gradient of a small LLLN model with memory.mixer_tile against the same model untiled
     (float64; the mixer stage kept and checkpointed), at TP = 2 and TP = 1."""
-    from megatron.core import parallel_state as ps
-
     from longscan.models.args import MemoryOptions, ModelConfig
     from longscan.models.model import SPSpec
     out = {}
-    for tp in (2, 1):
-        ps.initialize_model_parallel(tensor_model_parallel_size=tp, create_gloo_process_groups=False)
+    for tp in each_tp():
         for variant in MIXER_VARIANTS:
             cfg = ModelConfig(dim=16, n_layers=4, pattern="LLLN", n_heads=4, n_kv_heads=2, linear_variant=variant,
                               vocab_size=64)
@@ -216,7 +209,6 @@ def _mixer_tiles(rank, world):
             loss = model(tokens, tokens, cu_seqlens=cu, doc_positions=pos)
             loss.backward(torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).view_as(loss))
             out[(tp, "documents", name)] = [loss.detach()] + [p.grad.clone() for p in model.parameters()]
-        ps.destroy_model_parallel()
     return out
 
 

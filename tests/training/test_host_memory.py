@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from harness import run_distributed, tp_model
+from harness import each_tp, run_distributed, tp_model
 from longscan.models.args import MemoryOptions, ModelConfig
 from longscan.training.config import ConfigError, load_config, validate
 from longscan.training.memory import (GiB, Layout, check_capacity, estimate, estimate_config, host_available_bytes,
@@ -36,13 +36,10 @@ def _cfg():
 
 
 def _measure(rank, world):
-    from megatron.core import parallel_state as ps
-
     from longscan.models.model import SPSpec
     cfg, out = _cfg(), {}
     torch.manual_seed(0)
-    for tp in (2, 1):
-        ps.initialize_model_parallel(tensor_model_parallel_size=tp, create_gloo_process_groups=False)
+    for tp in each_tp():
         for name, (memory, batch) in CASES.items():
             model = tp_model(cfg, SPSpec(linear_backend="torch"), tp, memory=memory)
             for bf16 in (False, True):
@@ -56,7 +53,6 @@ def _measure(rank, world):
                     loss.backward()
                 left = None if bf16 else sum(s.held_bytes for s in stashes)
                 out[(tp, name, bf16)] = (len(stashes), held, left)
-        ps.destroy_model_parallel()
     return out
 
 

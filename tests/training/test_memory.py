@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from harness import run_distributed, tp_model
+from harness import each_tp, run_distributed, tp_model
 from longscan.models.args import ModelConfig
 from longscan.models.args import MemoryOptions
 from longscan.training.config import ConfigError, load_config
@@ -32,12 +32,9 @@ def _cfg(variant):  # GQA with 2 KV heads a TP rank at TP 2, so 2 head groups ta
 
 
 def _measure(rank, world):
-    from megatron.core import parallel_state as ps
-
     from longscan.models.model import SPSpec
     out = {}
-    for tp in (2, 1):
-        ps.initialize_model_parallel(tensor_model_parallel_size=tp, create_gloo_process_groups=False)
+    for tp in each_tp():
         for variant in VARIANTS:
             cfg = _cfg(variant)
             model = tp_model(cfg, SPSpec(linear_backend="torch"), tp)
@@ -49,7 +46,6 @@ def _measure(rank, world):
                 out[("saved", tp, variant, bf16)] = saved_by_stage(model, cfg, bf16, T)
                 out[("saved tiled", tp, variant, bf16)] = saved_by_stage(tiled, cfg, bf16, T)
                 out[("saved grouped", tp, variant, bf16)] = saved_by_stage(grouped, cfg, bf16, T)
-        ps.destroy_model_parallel()
     return out
 
 

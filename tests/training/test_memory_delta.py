@@ -8,7 +8,7 @@ import dataclasses
 
 import pytest
 
-from harness import run_distributed_interpreted, tp_model
+from harness import each_tp, run_distributed_interpreted, tp_model
 from longscan.models.args import DELTA_VARIANTS, ModelConfig
 from longscan.models.conv import CONV_KERNEL
 from longscan.training.memory import Layout, saved_per_token, stage_params
@@ -27,12 +27,9 @@ def _cfg(variant):   # 4 heads of 16: 2 a rank at TP 2
 
 
 def _measure(rank, world):
-    from megatron.core import parallel_state as ps
-
     from longscan.models.model import SPSpec
     out = {}
-    for tp in (2, 1):
-        ps.initialize_model_parallel(tensor_model_parallel_size=tp, create_gloo_process_groups=False)
+    for tp in each_tp():
         for variant in DELTA_VARIANTS:
             cfg = _cfg(variant)
             model = tp_model(cfg, SPSpec(linear_backend="triton"), tp)
@@ -42,7 +39,6 @@ def _measure(rank, world):
             for path, bf16 in (("float32", True), ("wy", False)) if tp == 1 else ():   # kernels.delta_path
                 other = tp_model(cfg, SPSpec(linear_backend="triton", delta_path=path), 1, tp_rank=0)
                 out[("saved", tp, variant, bf16, path)] = saved_by_stage(other, cfg, bf16, T)["L"]
-        ps.destroy_model_parallel()
     return out
 
 
