@@ -108,7 +108,7 @@ def run_launcher(o: LaunchOptions, config: str | None, overrides: list[str]) -> 
         check_before_launch(cfg)   # optional packages the config needs, the token file against the vocabulary
         if cfg.data.source == "tokens":
             open_token_file(cfg.data.path)
-        check_capacity(cfg, o.world_size, procs_per_node=o.nproc)  # CUDA only: the GPU, and the host's share
+        check_capacity(cfg, o.world_size, procs_per_node=o.nproc)  # the GPU and the host's share; on CPU the host
     except (ConfigError, DataError) as e:
         return usage_error(f"{'config' if isinstance(e, ConfigError) else 'data'} error: {e}")
     refusal = precheck(cfg)

@@ -497,38 +497,66 @@ def _sp_for_host(cfg, world_size: int, host_per_process: int) -> int | None:
     return None
 
 
-def check_capacity(cfg, world_size: int, capacity_bytes: int | None = None, host_bytes: int | None = None,
-                   procs_per_node: int | None = None) -> Estimate | None:
-    """Raise ConfigError when the predicted peak exceeds the GPU's memory, or the pinned host memory of
-    offloaded stage inputs exceeds this process's share of the host's (CUDA only, memory.check_capacity on).
+def _lower_memory_hint(cfg, cpu: bool = False) -> str:
+    """The options that lower the predicted peak, for a capacity error (on CPU offload moves nothing out of the
+    host, and a bf16 residual stream needs bf16 autocast)."""
+    kept = cfg.memory.recompute_blocks
+    return ("lower it with memory.loss_chunk, memory.mlp_tile, memory.mixer_tile, memory.mixer_head_groups, "
+            + ("memory.linear_layers / softmax_layers / mlp = checkpoint, " if cpu else
+               "memory.blocks or memory.linear_layers / softmax_layers / mlp = checkpoint | offload, ")
+            + (f"a larger memory.recompute_blocks (now {kept}: the other blocks of a stage keep their activations), "
+               if kept >= 0 else "")
+            + ("" if cpu else "model.residual_dtype = bfloat16, ")
+            + "or a larger parallel.sp; memory.check_capacity=false tries anyway.\n")
 
-    capacity_bytes: the device's memory (None: read from GPU 0; no CUDA: no check). host_bytes: the memory
-    available on this node, shared by its ``procs_per_node`` rank processes (None: read from this machine when
-    the device's memory is too, i.e. capacity_bytes None on CUDA; otherwise the host is not checked).
-    procs_per_node None: LOCAL_WORLD_SIZE, else one per GPU.
+
+def _check_cpu_host(cfg, world_size: int, host_bytes: int | None, procs_per_node: int | None) -> Estimate | None:
+    """A CPU run: every rank process holds its model states and activations in host memory, so the node's
+    processes together must fit in what the host has available (None: read from this machine)."""
+    from longscan.training.config import ConfigError
+    host_bytes = host_available_bytes() if host_bytes is None else host_bytes
+    if host_bytes is None:
+        return None
+    est = estimate_config(cfg, world_size, device_type="cpu")
+    procs = procs_per_node or _procs_per_node(world_size)
+    if est.peak * procs > host_bytes:
+        p, d = cfg.parallel, cfg.data
+        raise ConfigError(
+            f"predicted peak memory {est.peak / GiB:.1f} GiB per process × {procs} process(es) exceeds the host's "
+            f"available {host_bytes / GiB:.1f} GiB (a CPU run: data.seq_len = {d.seq_len} over parallel.sp = {p.sp}: "
+            f"{d.seq_len // p.sp} tokens a rank, float32); " + _lower_memory_hint(cfg, cpu=True) + est.table())
+    return est
+
+
+def check_capacity(cfg, world_size: int, capacity_bytes: int | None = None, host_bytes: int | None = None,
+                   procs_per_node: int | None = None, device_type: str | None = None) -> Estimate | None:
+    """Raise ConfigError when the predicted peak exceeds the GPU's memory, or the pinned host memory of
+    offloaded stage inputs exceeds this process's share of the host's; on a CPU run, when the predicted peaks
+    of the node's processes together exceed the host's available memory (memory.check_capacity on).
+
+    device_type: "cuda" or "cpu" (None: "cuda" where capacity_bytes is given or CUDA is available). capacity_bytes: the device's memory
+    (None: read from GPU 0; unread on CPU). host_bytes: the memory available on this node, shared by its
+    ``procs_per_node`` rank processes (None: read from this machine on CPU, and on CUDA when the device's memory
+    is too, i.e. capacity_bytes None; otherwise the host is not checked). procs_per_node None: LOCAL_WORLD_SIZE,
+    else one per GPU (one on CPU).
     """
     from longscan.training.config import ConfigError
     if not cfg.memory.check_capacity:
         return None
+    if device_type is None:
+        device_type = "cuda" if capacity_bytes is not None or torch.cuda.is_available() else "cpu"
+    if device_type == "cpu":
+        return _check_cpu_host(cfg, world_size, host_bytes, procs_per_node)
     this_machine = capacity_bytes is None
     if capacity_bytes is None:
-        if not torch.cuda.is_available():  # CPU runs: the "device" is the host, offload a plain copy in it
-            return None
         capacity_bytes = torch.cuda.get_device_properties(0).total_memory
     est = estimate_config(cfg, world_size)
     p, d = cfg.parallel, cfg.data
     if est.peak > capacity_bytes:
-        kept = cfg.memory.recompute_blocks
         raise ConfigError(
             f"predicted peak memory {est.peak / GiB:.1f} GiB per GPU exceeds the device's {capacity_bytes / GiB:.1f} "
             f"GiB (data.seq_len = {d.seq_len} over parallel.sp = {p.sp}: {d.seq_len // p.sp} tokens a rank); "
-            "lower it with memory.loss_chunk, memory.mlp_tile, memory.mixer_tile, memory.mixer_head_groups, "
-            "memory.blocks or memory.linear_layers / softmax_layers / mlp = checkpoint | offload, "
-            + (f"a larger memory.recompute_blocks (now {kept}: the other blocks of a stage keep their activations), "
-               if kept >= 0 else "")
-            + "model.residual_dtype = bfloat16, or a larger parallel.sp; "
-            "memory.check_capacity=false tries anyway.\n"
-            + est.table())
+            + _lower_memory_hint(cfg) + est.table())
     if host_bytes is None and this_machine:
         host_bytes = host_available_bytes()
     if host_bytes is None or not est.host:

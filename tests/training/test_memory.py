@@ -9,12 +9,11 @@ from __future__ import annotations
 import os
 
 import pytest
-import torch
 
 from harness import each_tp, run_distributed, tp_model
 from longscan.models.args import ModelConfig
 from longscan.models.args import MemoryOptions
-from longscan.training.config import ConfigError, load_config
+from longscan.training.config import ConfigError, load_config, validate
 from longscan.training.memory import (GiB, Layout, check_capacity, estimate, estimate_config, layer_params,
                                       loss_bytes, saved_per_token, stage_params)
 from training_common import PER_STAGE_1M, saved_by_stage
@@ -211,8 +210,25 @@ def test_capacity_check_names_the_options_and_the_prediction():
     off = load_config(CONFIG_1B, ["parallel.sp=1", "data.seq_len=1048576",
                                                       "memory.check_capacity=false"])
     assert check_capacity(off, 1, capacity_bytes=80 * GiB) is None
-    if not torch.cuda.is_available():  # no known capacity: no check
-        assert check_capacity(cfg, 1) is None
+
+
+def test_cpu_runs_are_checked_against_the_host():
+    """On CPU every rank process holds its states and activations in host memory: the node's processes together
+    must fit what the host has available."""
+    cfg = load_config(CONFIG_1B, ["parallel.sp=1", "data.seq_len=1048576"])
+    with pytest.raises(ConfigError) as e:
+        check_capacity(cfg, 1, host_bytes=24 * GiB, procs_per_node=1, device_type="cpu")
+    msg = str(e.value)
+    assert "predicted peak memory" in msg and "× 1 process(es) exceeds the host's available 24.0 GiB" in msg
+    assert "a CPU run" in msg and "memory.check_capacity=false" in msg and "| **peak** |" in msg
+    small = validate(load_config(None, []), 4)   # the embedded default: four processes
+    one = check_capacity(small, 4, host_bytes=4 * GiB, procs_per_node=4, device_type="cpu")
+    assert one is not None and 4 * one.peak < 4 * GiB
+    assert one.peak == estimate_config(small, 4, device_type="cpu").peak
+    with pytest.raises(ConfigError, match=r"× 4 process\(es\)"):   # each fits alone, not four together
+        check_capacity(small, 4, host_bytes=2 * one.peak, procs_per_node=4, device_type="cpu")
+    off = load_config(CONFIG_1B, ["parallel.sp=1", "data.seq_len=1048576", "memory.check_capacity=false"])
+    assert check_capacity(off, 1, host_bytes=GiB, procs_per_node=1, device_type="cpu") is None
 
 
 @pytest.mark.parametrize("overrides, message", [
