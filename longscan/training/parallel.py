@@ -95,8 +95,7 @@ def init_process_group(timeout_s: float = 0.0, store=None) -> torch.device:
         kw = dict(timeout=timedelta(seconds=collective_timeout_s(timeout_s, device)))
         if store is not None:
             kw.update(store=store, rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
-        if device.type == "cuda":
-            dist.init_process_group("nccl", device_id=device, **kw)
-        else:
-            dist.init_process_group("gloo", **kw)
+        # No device_id: bound to a device, NCCL creates a communicator for each of megatron's groups at once,
+        # used or not (each holds device buffers); unbound, a group's communicator comes at its first collective.
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **kw)
     return device
