@@ -5,7 +5,7 @@ longscan's scalar-gate linear attention at the same shape (the yardstick: same q
     PYTHONPATH=. python benchmarks/delta_rule.py [--shapes 16x4096 1x65536] [--backends triton triton-torch-intra]
         [--precision ieee tf32] [--recompute] [--chunk 32] [--kinds deltanet gated_deltanet kda]
         [--settings default inter_stages_1 inter_block_k_32 inter_block_k_32_v16 inverse_blocks
-                    intra_stages_3 block_k_32 wy auto wy_state_v32 wy_state_v32_w8 wy_gate_rows_stages_2
+                    intra_stages_3 block_k_32 wy auto wy_state_v16 wy_state_v32 wy_state_v32_w8 wy_gate_rows_stages_2
                     wy_no_gate_rows wy_regs_free wy_no_gate_rows_regs_free]
 
 Backends: "triton" (every stage in Triton), "triton-torch-intra" (the chunks' own quantities in batched torch,
@@ -42,8 +42,8 @@ SETTINGS = {
     "block_k_32": dict(block_k=32),                 # the intra kernels' key blocks halved in number
     "wy": dict(path="wy"),                          # tensor-core products on bf16, chunks of 64 (every kind)
     "auto": dict(path="auto"),                      # the options' default: wy on these bf16 inputs
-    # its serial kernels at 32 V columns a program: half the programs, each re-reading the chunk's [64, K]
-    # tiles half as often, but they spill a few bytes at K = 128
+    # its serial kernels at 16 or 32 V columns a program whatever the launch (the default chooses per launch)
+    "wy_state_v16": dict(path="wy", wy_state_block_v=16),
     "wy_state_v32": dict(path="wy", wy_state_block_v=32),
     "wy_state_v32_w8": dict(path="wy", wy_state_block_v=32, wy_state_num_warps=8),   # the same at 8 warps
     # the defaults scale a scalar gate's serial-backward rows (wy_gate_rows) and cap the parallel backward at 128

@@ -1,7 +1,7 @@
 """The delta rule's SP local overhead on one GPU: one rank's local stages beside the plain kernel.
 
     PYTHONPATH=. python benchmarks/sp_delta.py [--shapes 16x4096 1x65536] [--kinds deltanet gated_deltanet kda]
-        [--paths float32 wy] [--layout contiguous zigzag] [--heads 16] [--head-dim 128] [--n-blocks 4]
+        [--paths float32 wy] [--layout contiguous zigzag] [--heads 16] [--head-dim 128] [--n-blocks 4] [--profile]
 
 For every (kind, B x T local shape, path) it times forward+backward (median of triton.testing.do_bench) of
   plain:    chunk_delta_rule(q, k, v, beta, g) on the rank's T tokens (what one device does per token);
@@ -18,6 +18,7 @@ the plain kernel plus a state-sized load, so the matrix method's overhead is sta
 (V + K columns) from [0 | I] without outputs; the relay on path="wy" runs the plain kernel's products (zigzag's
 copies of the two segments' inputs and outputs are not counted), on path="float32" the backend's forward and
 backward once a block. bf16 q, k, v (k L2-normalised), float32 β and log gates, as ``benchmarks/delta_rule.py``.
+--profile then lists the plain and relay steps' kernels (torch.profiler: calls and µs a step, largest first).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import argparse
 
 import torch
 
+from bench_common import kernel_profile
 from delta_rule import KINDS, inputs   # benchmarks/delta_rule.py: the same inputs
 from longscan.kernels.delta_rule import chunk_delta_rule, triton_chunk
 from longscan.kernels.delta_rule.triton import DeltaTritonOptions
@@ -114,6 +116,18 @@ def timed(steps, grads, leaves):
     return do_bench(run, warmup=25, rep=100, grad_to_none=leaves)
 
 
+def print_profile(name: str, step, grads, leaves, top: int = 14) -> None:
+    """The kernels of one forward+backward of ``step``, µs a step (the leaves' gradients cleared each step)."""
+    def run():
+        for t in leaves:
+            t.grad = None
+        torch.autograd.backward(step(), grads)
+    rows = kernel_profile(run, 3)
+    print(f"   {name}: {sum(us for _, _, us in rows):,.0f} µs of kernels a step")
+    for kernel, calls, us in rows[:top]:
+        print(f"   {us:10.1f} µs  x{calls:<3} {kernel[:90]}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", nargs="+", default=["16x4096", "1x65536"], help="B x T local (tokens a rank)")
@@ -124,6 +138,7 @@ def main():
     p.add_argument("--layout", nargs="+", default=["contiguous"], choices=["contiguous", "zigzag"],
                    help="zigzag: the rank's two segments (each T/2) through the same stages")
     p.add_argument("--n-blocks", type=int, default=4, help="the relay's blocks of V columns")
+    p.add_argument("--profile", action="store_true", help="list the plain and relay steps' kernels")
     a = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/sp_delta.py times the Triton kernels on a GPU; no CUDA device here")
@@ -161,6 +176,9 @@ def main():
                     print(f"{kind:16} {shape:>10} {layout:>10} {path:>8} {plain:9.3f} {t1:9.3f} {t3:9.3f} "
                           f"{both:9.3f} {both / plain:7.2f} {predicted_ratio(kind, D, D):10.2f} "
                           f"{relay:9.3f} {relay / plain:7.2f} {relay_pred:10.2f}")
+                    if a.profile:
+                        print_profile("plain", plain_step(x, options), [do], leaves)
+                        print_profile("relay", relay_step(x, layout, P0, options, a.n_blocks), [do, dS], leaves + [P0])
                     torch.cuda.empty_cache()
 
 

@@ -102,8 +102,10 @@ def _wy_launch(kind: str, name: str, states: bool, K: int, V: int, o: DeltaTrito
     bk = wy.parallel_block_k(K, gate)
     BV = min(o.block_v, max(16, triton.next_power_of_2(V)))
     par = dict(GATE=gate, BK=bk, BV=BV, PREC=o.input_precision)
-    serial = dict(GATE=gate, KP=wy_state._kp(K), BV=min(o.wy_state_block_v, max(16, triton.next_power_of_2(V))),
-                  PREC=o.input_precision)
+    # the serial kernels' width as launched for many sequences × heads (16 × 16 at 16×4096) on a 132-SM GPU
+    sv = (min(o.wy_state_block_v, max(16, triton.next_power_of_2(V))) if o.wy_state_block_v is not None else
+          wy_state.serial_block_v(None, V, 256, gate, 132))
+    serial = dict(GATE=gate, KP=wy_state._kp(K), BV=sv, PREC=o.input_precision)
     sw, ss = o.wy_state_num_warps, o.inter_num_stages
     # (an earlier longscan, compiled by ptx_diff.py, may have no GATE_ROWS switch)
     rows = dict(GATE_ROWS=o.wy_gate_rows) if "GATE_ROWS" in wy_state._wy_state_bwd.arg_names else {}

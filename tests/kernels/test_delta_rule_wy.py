@@ -16,7 +16,7 @@ triton = pytest.importorskip("triton")
 from longscan.kernels import trace  # noqa: E402
 from longscan.kernels.delta_rule import naive_recurrent_delta_rule  # noqa: E402
 from longscan.kernels.delta_rule import triton_chunk as tc  # noqa: E402
-from longscan.kernels.delta_rule.triton import DeltaTritonOptions  # noqa: E402
+from longscan.kernels.delta_rule.triton import DeltaTritonOptions, wy_state  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 WY = DeltaTritonOptions(path="wy", block_v=16)
@@ -330,15 +330,18 @@ def counts(fn, consts, warps, stages):
 
 
 P = dict(GATE=GATE, PREC=o.input_precision)
-BK, BV, SV = wy.parallel_block_k(K, GATE), min(o.block_v, V), min(o.wy_state_block_v, V)
+BK, BV = wy.parallel_block_k(K, GATE), min(o.block_v, V)
+# the serial kernels' widths these options launch: few and many sequences × heads on a 132-SM GPU
+SVS, BWD_SVS = ([sorted({wy_state.serial_block_v(o.wy_state_block_v, V, BH, GATE, 132, rows) for BH in (1, 256)})
+                 for rows in (True, o.wy_gate_rows)])
 PAR, SER = (o.num_warps, 3), (o.wy_state_num_warps, o.inter_num_stages)   # Triton's default stages: 3
 KERNELS = (
     ("kkt", wy_prep._wy_kkt, dict(P, BK=BK, WRITE_QK=GATE == 2 and HAS_Q), PAR),
     ("inverse", wy_prep._wy_inverse, {}, (wy_prep.INVERSE_WARPS, 3)),
     ("w_u", wy_prep._wy_w_u, dict(P, HAS_Q=HAS_Q, BK=BK, BV=BV), PAR),
-    ("state_fwd", wy_state._wy_state_fwd, dict(P, HAS_H0=True, KP=K, BV=SV), SER),
-    ("state_bwd", wy_state._wy_state_bwd, dict(P, HAS_Q=HAS_Q, HAS_DHT=True, KP=K, BV=SV, GATE_ROWS=o.wy_gate_rows),
-     SER),
+    *((f"state_fwd_{SV}", wy_state._wy_state_fwd, dict(P, HAS_H0=True, KP=K, BV=SV), SER) for SV in SVS),
+    *((f"state_bwd_{SV}", wy_state._wy_state_bwd,
+       dict(P, HAS_Q=HAS_Q, HAS_DHT=True, KP=K, BV=SV, GATE_ROWS=o.wy_gate_rows), SER) for SV in BWD_SVS),
     ("output", wy_output._wy_output, dict(P, BK=BK, BV=BV), PAR),
     ("dv_local", wy_grads._wy_dv_local, dict(P, BK=BK, BV=BV), PAR),
     ("dqkw", wy_grads._wy_dqkw, dict(P, HAS_Q=HAS_Q, BK=BK, BV=BV), PAR),
@@ -351,7 +354,8 @@ print(json.dumps({name: counts(fn, consts, *launch) for name, fn, consts, launch
 
 @pytest.mark.parametrize("triton_dir", TRITON_DIRS)
 def test_wy_kernels_compile_for_hopper_without_spills(triton_dir):
-    assert_compiled_without_spills(_COMPILE, "1", kernels=9, first_on_path=triton_dir)
+    """Every kernel for a scalar gate, the serial forward at both widths it launches (16 and 32 columns)."""
+    assert_compiled_without_spills(_COMPILE, "1", kernels=10, first_on_path=triton_dir)
 
 
 @pytest.mark.parametrize("triton_dir", TRITON_DIRS)
@@ -364,10 +368,11 @@ def test_wy_per_key_kernels_compile_for_hopper_without_spills(triton_dir):
 def test_wy_transition_kernels_compile_for_hopper_without_spills(gate):
     """The variants without q that the segment transitions run (``_wy_w_u``, the serial backward and
     ``_wy_dqkw`` at HAS_Q=False, beside the kernels they share), K = V = 128 in bf16: no spills."""
-    assert_compiled_without_spills(_COMPILE, str(gate), "no_q", kernels=7 if gate == 1 else 6)
+    assert_compiled_without_spills(_COMPILE, str(gate), "no_q", kernels=8 if gate == 1 else 6)
 
 
 _COMPILE_OPTIONS = r'''
+import dataclasses
 import json
 
 import torch
@@ -376,14 +381,17 @@ from benchmarks.tuning.kernel_resources import ptxas_report
 from longscan.kernels.delta_rule.triton import DeltaTritonOptions
 
 # as launched (alignment hints on), with an entering state's gradient: the default serial backward (scaling its
-# products' rows) and the WY backward under the default 128-register cap
+# products' rows) at both widths it launches, and the WY backward under the default 128-register cap
 o = DeltaTritonOptions(path="wy")
-assert o.wy_gate_rows and o.wy_max_registers == 128
+assert o.wy_gate_rows and o.wy_max_registers == 128 and o.wy_state_block_v is None
 out = {}
-for name in ("wy_state_bwd", "wy_bwd"):
-    r = ptxas_report(delta_compile.compile_kernel("gated", name, True, torch.bfloat16, 128, o))
-    # more than 128 registers is failed as a spill would be: two programs an SM is what the options are for
-    out[name] = dict(regs=r["registers"], spills=r["spill_stores"] + r["spill_loads"] + (r["registers"] > 128))
+for name, width, cap in (("wy_state_bwd", 16, 128), ("wy_state_bwd", 32, None), ("wy_bwd", None, 128)):
+    at = dataclasses.replace(o, wy_state_block_v=width)
+    r = ptxas_report(delta_compile.compile_kernel("gated", name, True, torch.bfloat16, 128, at))
+    # over the cap is failed as a spill would be: two programs an SM is what the options are for (at 32 columns
+    # the serial backward's shared memory leaves room for one)
+    over = cap is not None and r["registers"] > cap
+    out[f"{name}_{width}"] = dict(regs=r["registers"], spills=r["spill_stores"] + r["spill_loads"] + over)
 print(json.dumps(out))
 '''
 
@@ -391,8 +399,27 @@ print(json.dumps(out))
 @pytest.mark.parametrize("triton_dir", TRITON_DIRS)
 def test_wy_gate_options_compile_without_spills(triton_dir):
     """wy_gate_rows' serial backward and the WY backward at wy_max_registers=128 (a scalar gate, K = V = 128, bf16,
-    compiled for sm_90a as launched): within 128 registers a thread (two 8-warp programs an SM), no spills."""
-    assert_compiled_without_spills(_COMPILE_OPTIONS, kernels=2, first_on_path=triton_dir)
+    compiled for sm_90a as launched): the WY backward and the serial one at 16 columns within 128 registers a
+    thread (two programs an SM); the serial one at 32 columns, one program an SM by its shared memory, uncapped;
+    none spills."""
+    assert_compiled_without_spills(_COMPILE_OPTIONS, kernels=3, first_on_path=triton_dir)
+
+
+def test_serial_kernels_width_follows_the_launch():
+    """wy_state_block_v=None: 32 columns a serial program where a launch at 32 still has a program an SM, else 16."""
+    width = wy_state.serial_block_v
+    assert width(None, 128, 256, 0, 132) == 32    # 16 sequences × 16 heads, V = 128: 1,024 programs at 32
+    assert width(None, 128, 16, 0, 132) == 16     # one sequence × 16 heads: 64 programs at 32
+    assert width(None, 32, 256, 1, 132) == 32     # the relay's blocks of 32 columns, a scalar gate
+    assert width(None, 32, 128, 1, 132) == 16
+    assert width(None, 128, 256, 2, 132) == 16    # per-key gates
+    assert width(None, 128, 256, 1, 132, gate_rows=False) == 16
+    assert width(None, 128, 256, 0, 0) == 16      # no GPU: the interpreter
+    assert width(64, 128, 1, 0, 132) == 64 and width(32, 16, 256, 0, 132) == 16   # as given, at most the launch's
+    assert DeltaTritonOptions().wy_state_block_v is None
+    for value in (8, 24, True, "32"):
+        with pytest.raises(ValueError, match="wy_state_block_v must be None .chosen per launch. or a power of two"):
+            DeltaTritonOptions(wy_state_block_v=value)
 
 
 def test_wy_max_registers_is_checked():

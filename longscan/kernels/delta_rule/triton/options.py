@@ -62,7 +62,9 @@ class DeltaTritonOptions:
     that the chosen path does not read (``FLOAT32_ONLY`` on "wy", ``WY_ONLY`` on "float32") must keep its
     default, and intra="torch" or recompute=True need path="float32" (wy runs neither; "auto" may pick wy).
     wy_state_block_v, wy_state_num_warps: V columns and warps a program of path="wy"'s serial kernels
-    (each holds a `[K, wy_state_block_v]` float32 state and `[64, K]` tiles).
+    (each holds a `[K, wy_state_block_v]` float32 state and `[64, K]` tiles). wy_state_block_v None chooses per
+    launch (``wy_state.serial_block_v``): 32 where a launch at 32 columns still has a program for every SM (many
+    sequences × heads), else 16 (few: more programs run the chain side by side); per-key gates 16.
     wy_gate_rows: path="wy" with a scalar gate, the serial backward scales its products' `[64, wy_state_block_v]`
     rows by the decays (K̄ dS as Diag(exp(b_C - b)) K dS, Q̃ᵀ do as Qᵀ Diag(exp(b)) do) instead of forming K̄ and
     Q̃ `[64, K]` in registers, so q and k are prefetched into shared memory as without a gate (fewer registers,
@@ -83,7 +85,7 @@ class DeltaTritonOptions:
     inverse: str = "rows"
     recompute: bool = False
     path: str = "auto"
-    wy_state_block_v: int = 16
+    wy_state_block_v: Optional[int] = None
     wy_state_num_warps: int = 4
     wy_gate_rows: bool = True
     wy_max_registers: Optional[int] = 128
@@ -93,13 +95,13 @@ class DeltaTritonOptions:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"DeltaTritonOptions.{name} must be a positive int, got {value!r}")
-        for name in ("wy_state_block_v", "wy_state_num_warps"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1 or value & (value - 1):
-                raise ValueError(f"DeltaTritonOptions.{name} must be a power of two, got {value!r}")
-        if self.wy_state_block_v < 16:
-            raise ValueError(f"DeltaTritonOptions.wy_state_block_v must be at least 16 (tl.dot's smallest tile), "
-                             f"got {self.wy_state_block_v}")
+        w = self.wy_state_num_warps
+        if not isinstance(w, int) or isinstance(w, bool) or w < 1 or w & (w - 1):
+            raise ValueError(f"DeltaTritonOptions.wy_state_num_warps must be a power of two, got {w!r}")
+        v = self.wy_state_block_v
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 16 or v & (v - 1)):
+            raise ValueError(f"DeltaTritonOptions.wy_state_block_v must be None (chosen per launch) or a power of two "
+                             f"of at least 16 (tl.dot's smallest tile), got {v!r}")
         for name in ("block_v", "block_k", "num_warps"):
             value = getattr(self, name)
             if value & (value - 1):

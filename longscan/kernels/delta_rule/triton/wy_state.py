@@ -17,6 +17,8 @@ int64 (B·H·N·K·V passes 2³¹ at about 8M tokens × heads with K = V = 128),
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -133,8 +135,27 @@ def _kp(K: int) -> int:
     return max(16, triton.next_power_of_2(K))   # the whole state's keys in one block (tl.dot's least is 16)
 
 
-def wy_state_forward_columns(k, g, KB, GC, W, U, h0, HS, VN, c0: int, c1: int, *, block_v: int, num_warps: int,
-                             num_stages: int, precision: str) -> torch.Tensor:
+def serial_block_v(block_v: Optional[int], VB: int, BH: int, gate: int, sms: int, gate_rows: bool = True) -> int:
+    """V columns a program of the serial kernels for a launch over VB columns of BH sequences × heads on a GPU of
+    ``sms`` SMs (0: no GPU). block_v as given, else 32 where a launch at 32 columns still has a program for every
+    SM, and 16 otherwise: each program's shared-memory prefetch of a chunk's `[64, K]` tiles (over 100 KB at
+    K = 128) leaves room for one or two programs an SM, so wider programs read those tiles fewer times in all
+    while there are enough of them, and narrower ones run more of the chain side by side where there are not.
+    16 on CPU (the interpreter), for per-key gates, and for a scalar gate's backward without ``gate_rows`` (it
+    forms K̄ and Q̃ in registers and spills at 32)."""
+    if block_v is None:
+        wide = (gate != PER_KEY.value and (gate_rows or gate != SCALAR.value) and sms > 0
+                and BH * triton.cdiv(VB, 32) >= sms)
+        block_v = 32 if wide else 16
+    return min(block_v, max(16, triton.next_power_of_2(VB)))
+
+
+def _sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
+
+
+def wy_state_forward_columns(k, g, KB, GC, W, U, h0, HS, VN, c0: int, c1: int, *, block_v: Optional[int],
+                             num_warps: int, num_stages: int, precision: str) -> torch.Tensor:
     """The state pass on value columns c0:c1 alone (the pass is column-wise in V): reads U's columns, writes the
     states entering each chunk and v_n into those columns of HS `[B, H, N, K, V]` and VN `[B, H, N·BT, V]`
     (k's dtype, allocated by the caller), starting from h0 `[B, H, K, c1 - c0]` (None: zeros).
@@ -144,7 +165,7 @@ def wy_state_forward_columns(k, g, KB, GC, W, U, h0, HS, VN, c0: int, c1: int, *
     N = U.shape[2] // 64
     VB = c1 - c0
     HT = torch.empty(B, H, K, VB, device=k.device, dtype=torch.float32)
-    BV = min(block_v, max(16, triton.next_power_of_2(VB)))
+    BV = serial_block_v(block_v, VB, B * H, gate_kind(g), _sms(k.device))
     _wy_state_fwd[(triton.cdiv(VB, BV), B * H)](
         k, g, KB, GC, W, U, h0.contiguous() if h0 is not None else None, HS, VN, HT, T, H, N, K, V, c0, VB,
         GATE=gate_kind(g), HAS_H0=h0 is not None, KP=_kp(K), BV=BV, PREC=precision, num_warps=num_warps,
@@ -152,7 +173,8 @@ def wy_state_forward_columns(k, g, KB, GC, W, U, h0, HS, VN, c0: int, c1: int, *
     return HT
 
 
-def wy_state_forward(k, g, KB, GC, W, U, h0, *, block_v: int, num_warps: int, num_stages: int, precision: str):
+def wy_state_forward(k, g, KB, GC, W, U, h0, *, block_v: Optional[int], num_warps: int, num_stages: int,
+                     precision: str):
     """-> (S entering each chunk `[B, H, N, K, V]` and v_n `[B, H, N·BT, V]` in k's dtype, S_T float32)."""
     B, T, H, K = k.shape
     V = U.shape[-1]
@@ -165,7 +187,7 @@ def wy_state_forward(k, g, KB, GC, W, U, h0, *, block_v: int, num_warps: int, nu
 
 
 def wy_state_backward_columns(q, k, g, QG, KB, GC, W, dO, dv_local, dHT, DHS, DVN, c0: int, c1: int, scale: float, *,
-                              block_v: int, num_warps: int, num_stages: int, precision: str,
+                              block_v: Optional[int], num_warps: int, num_stages: int, precision: str,
                               gate_rows: bool) -> torch.Tensor:
     """The serial backward on value columns c0:c1 alone: reads those columns of dO `[B, T, H, V]` and dv_local
     `[B, H, N·BT, V]`, writes them in DHS `[B, H, N, K, V]` and DVN `[B, H, N·BT, V]` (k's dtype, allocated by the
@@ -176,7 +198,7 @@ def wy_state_backward_columns(q, k, g, QG, KB, GC, W, dO, dv_local, dHT, DHS, DV
     N = W.shape[2] // 64
     VB = c1 - c0
     DH0 = torch.empty(B, H, K, VB, device=k.device, dtype=torch.float32)
-    BV = min(block_v, max(16, triton.next_power_of_2(VB)))
+    BV = serial_block_v(block_v, VB, B * H, gate_kind(g), _sms(k.device), gate_rows)
     _wy_state_bwd[(triton.cdiv(VB, BV), B * H)](
         q, k, g, QG, KB, GC, W, dO, dv_local, dHT.contiguous() if dHT is not None else None, DHS, DVN, DH0,
         T, H, N, K, V, c0, VB, scale, GATE=gate_kind(g), HAS_Q=q is not None, HAS_DHT=dHT is not None, KP=_kp(K),
@@ -184,7 +206,7 @@ def wy_state_backward_columns(q, k, g, QG, KB, GC, W, dO, dv_local, dHT, DHS, DV
     return DH0
 
 
-def wy_state_backward(q, k, g, QG, KB, GC, W, dO, dv_local, dHT, scale: float, *, V: int, block_v: int,
+def wy_state_backward(q, k, g, QG, KB, GC, W, dO, dv_local, dHT, scale: float, *, V: int, block_v: Optional[int],
                       num_warps: int, num_stages: int, precision: str, gate_rows: bool):
     """-> (dS leaving each chunk `[B, H, N, K, V]` and dv_n `[B, H, N·BT, V]` in k's dtype, dS_0 float32).
     q None (a segment transition: no output): dO, QG and dv_local are None, and dS takes the states' share only."""
