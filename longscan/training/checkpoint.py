@@ -33,6 +33,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
+from longscan.training.parallel import barrier
+
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 MARKER = "COMPLETE"
 FORMAT = 2
@@ -187,9 +189,9 @@ def save(ckpt_dir: str, step: int, state: dict, keep: int, run_id: str, layout: 
         os.makedirs(ckpt_dir, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-    dist.barrier()
+    barrier()
     dcp.save(state, checkpoint_id=tmp)
-    dist.barrier()
+    barrier()
     # Each rank hashes the shard files it wrote (DCP names them __<rank>_<i>.distcp): the cost is spread.
     mine = {n: sha256_file(os.path.join(tmp, n)) for n in sorted(os.listdir(tmp)) if n.startswith(f"__{rank}_")}
     hashes: list = [None] * world
@@ -209,7 +211,7 @@ def save(ckpt_dir: str, step: int, state: dict, keep: int, run_id: str, layout: 
             shutil.rmtree(final)
         os.replace(tmp, final)
         prune(ckpt_dir, keep, run_id, protect)
-    dist.barrier()
+    barrier()
     return final
 
 

@@ -33,7 +33,7 @@ from longscan.training.metrics import MetricsLogger, Progress, memory_mb
 from longscan.training.grad_reduce import GradReducer
 from longscan.training.optim import allreduce_grads, build_adamw, global_grad_norm, lr_at
 from longscan.training.packing import DocumentBalance, DocumentMicrobatch, DocumentPackedData
-from longscan.training.parallel import collective_timeout_s, init_groups, init_process_group, stage_config
+from longscan.training.parallel import barrier, collective_timeout_s, init_groups, init_process_group, stage_config
 from longscan.training.reshard import load_resharded
 
 
@@ -106,7 +106,7 @@ class Trainer:
         if d.source == "stdlib":  # one rank tokenises the corpus into the cache, the others wait
             if r.rank == 0:
                 stdlib_token_file(d.cache_dir)
-            dist.barrier()
+            barrier()
         self.data, meta = build_data(d, r.sp_group, p.layout, p.sp)
         if d.pack_documents:
             balance = DocumentBalance(p.sp, p.layout) if d.balance_documents else None
@@ -340,7 +340,7 @@ class Trainer:
         aside = path + ".diverged"
         if self.ranks.rank == 0:
             os.replace(path, aside)
-        dist.barrier()
+        barrier()
         return aside
 
     # ---------------------------------------------------------------- the loop ---------------------------

@@ -105,3 +105,18 @@ def test_layout_differences_name_tp_pp_and_model_only():
     assert ckpt.layout_differences(saved, dict(saved, sp=4, dp=1)) == []
     assert ckpt.layout_differences(saved, dict(saved, tp=2, model=dict(model, dim=32))) == [
         "parallel.tp: checkpoint 1, this run 2", "model.dim: checkpoint 64, this run 32"]
+
+
+def test_barrier_names_this_ranks_device_under_nccl(monkeypatch):
+    """NCCL's groups are not bound to a device (their communicators come lazily), so the barrier names the
+    rank's device rather than leave NCCL to guess it from the rank; gloo's takes none."""
+    import torch.distributed as dist
+
+    from longscan.training import parallel
+    calls = []
+    monkeypatch.setattr(dist, "barrier", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    for backend in ("nccl", "gloo"):
+        monkeypatch.setattr(dist, "get_backend", lambda group=None, b=backend: b)
+        parallel.barrier()
+    assert calls == [{"device_ids": [3]}, {}]
