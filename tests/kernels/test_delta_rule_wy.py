@@ -63,6 +63,15 @@ def test_wy_without_gate_rows_matches_recurrence(shape, with_state):
     compare("gated", shape, with_state, WY_NO_ROWS, seed=shape[1] + 7)
 
 
+# the forward's parallel kernels wider than the backward's (W/U's loop over V and the output's blocks of columns)
+WY_FWD_WIDE = DeltaTritonOptions(path="wy", block_v=16, wy_forward_block_v=32)
+
+
+@pytest.mark.parametrize("kind", ["deltanet", "gated", "kda"])
+def test_wy_forward_width_matches_recurrence(kind):
+    compare(kind, SHAPES[3], True, WY_FWD_WIDE, seed=5)
+
+
 def test_wy_gate_rows_segment_transitions_match_scaled_operands():
     """The segment transitions (no q: only K̄ dS's rows are scaled) with wy_gate_rows, against it off."""
     x = {n: (t.to(DEV) if t is not None else None)
@@ -416,7 +425,10 @@ def test_serial_kernels_width_follows_the_launch():
     assert width(None, 128, 256, 1, 132, gate_rows=False) == 16
     assert width(None, 128, 256, 0, 0) == 16      # no GPU: the interpreter
     assert width(64, 128, 1, 0, 132) == 64 and width(32, 16, 256, 0, 132) == 16   # as given, at most the launch's
-    assert DeltaTritonOptions().wy_state_block_v is None
+    assert DeltaTritonOptions().wy_state_block_v is None and DeltaTritonOptions().wy_forward_block_v is None
+    for value in (8, 48, False):
+        with pytest.raises(ValueError, match="wy_forward_block_v must be None .block_v. or a power of two"):
+            DeltaTritonOptions(wy_forward_block_v=value)
     for value in (8, 24, True, "32"):
         with pytest.raises(ValueError, match="wy_state_block_v must be None .chosen per launch. or a power of two"):
             DeltaTritonOptions(wy_state_block_v=value)

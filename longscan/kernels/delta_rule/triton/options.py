@@ -25,7 +25,7 @@ AUTO_WY_DTYPES = (torch.bfloat16,)
 # settings that only one kernel set reads (path="wy" runs chunks of 64 and its own stages; path="float32" has
 # no wy_state kernels); intra and recompute besides pick float32-only variants, checked on their own
 FLOAT32_ONLY = ("chunk", "block_k", "inter_block_k", "intra_num_stages", "inverse")
-WY_ONLY = ("wy_state_block_v", "wy_state_num_warps", "wy_gate_rows", "wy_max_registers")
+WY_ONLY = ("wy_state_block_v", "wy_state_num_warps", "wy_gate_rows", "wy_max_registers", "wy_forward_block_v")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +69,9 @@ class DeltaTritonOptions:
     rows by the decays (K̄ dS as Diag(exp(b_C - b)) K dS, Q̃ᵀ do as Qᵀ Diag(exp(b)) do) instead of forming K̄ and
     Q̃ `[64, K]` in registers, so q and k are prefetched into shared memory as without a gate (fewer registers,
     more shared memory a program); the same result to round-off.
+    wy_forward_block_v: V columns a program of path="wy"'s parallel forward kernels (W and U, and the output,
+    which forms a chunk's Q Kᵀ once for each block of columns), None: block_v, which the parallel backward
+    kernels read.
     wy_max_registers: registers a thread of path="wy"'s parallel backward kernels (dq/dk/dW and the WY backward)
     may use (Triton's maxnreg), None: what ptxas picks. With a scalar gate they take more than 128, so one
     program of 8 warps an H100 SM; at 128 two fit (Triton 3.6: the WY backward without spills, dq/dk/dW 8 bytes);
@@ -89,6 +92,7 @@ class DeltaTritonOptions:
     wy_state_num_warps: int = 4
     wy_gate_rows: bool = True
     wy_max_registers: Optional[int] = 128
+    wy_forward_block_v: Optional[int] = None
 
     def __post_init__(self):
         for name in ("chunk", "block_v", "block_k", "num_warps", "intra_num_stages", "inter_num_stages"):
@@ -114,6 +118,10 @@ class DeltaTritonOptions:
         if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 16 or k & (k - 1)):
             raise ValueError(f"DeltaTritonOptions.inter_block_k must be None or a power of two of at least 16, "
                              f"got {k!r}")
+        f = self.wy_forward_block_v
+        if f is not None and (not isinstance(f, int) or isinstance(f, bool) or f < 16 or f & (f - 1)):
+            raise ValueError(f"DeltaTritonOptions.wy_forward_block_v must be None (block_v) or a power of two of at "
+                             f"least 16 (tl.dot's smallest tile), got {f!r}")
         r = self.wy_max_registers
         if r is not None and (not isinstance(r, int) or isinstance(r, bool) or not 32 <= r <= 248 or r % 8):
             raise ValueError(f"DeltaTritonOptions.wy_max_registers must be None or a multiple of 8 from 32 to 248, "

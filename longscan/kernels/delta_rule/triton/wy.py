@@ -42,9 +42,10 @@ def serial_backward_gate(g, gk, o: DeltaTritonOptions):
     return gk if o.wy_gate_rows else g
 
 
-def parallel_settings(o: DeltaTritonOptions) -> dict:
-    """The parallel kernels' settings."""
-    return dict(block_v=o.block_v, num_warps=o.num_warps, precision=o.input_precision)
+def parallel_settings(o: DeltaTritonOptions, forward: bool = False) -> dict:
+    """The parallel kernels' settings (``forward``: the forward's, W/U and the output)."""
+    block_v = o.wy_forward_block_v if forward and o.wy_forward_block_v is not None else o.block_v
+    return dict(block_v=block_v, num_warps=o.num_warps, precision=o.input_precision)
 
 
 def serial_settings(o: DeltaTritonOptions) -> dict:
@@ -65,10 +66,10 @@ class DeltaRuleWY(torch.autograd.Function):
         q = q.to(k.dtype).contiguous() if q is not None else None
         bk = parallel_block_k(k.shape[-1], gate_kind(g))
         # gk: the gate the kernels after ``wy_prepare`` read (a scalar gate's cumulative sums in each chunk)
-        P, W, U, KB, QG, GC, QK, gk = wy_prepare(q, k, v, beta, g, block_k=bk, **parallel_settings(options))
+        P, W, U, KB, QG, GC, QK, gk = wy_prepare(q, k, v, beta, g, block_k=bk, **parallel_settings(options, True))
         HS, VN, HT = wy_state_forward(k, gk, KB, GC, W, U, h0, **serial_settings(options))
-        o = (wy_output(q, k, gk, QG, QK, HS, VN, scale, block_k=bk, **parallel_settings(options)) if q is not None
-             else None)
+        o = (wy_output(q, k, gk, QG, QK, HS, VN, scale, block_k=bk, **parallel_settings(options, True))
+             if q is not None else None)
         ctx.save_for_backward(q, k, v, beta, g, gk, P, W, U, HS, VN, KB, QG, GC, QK)
         ctx.scale, ctx.options, ctx.bk = scale, options, bk
         ctx.h0_dtype = h0.dtype if h0 is not None else None
