@@ -308,8 +308,8 @@ class MemoryConfig:
     speed. -1 = every block; else 0 .. model.n_layers / parallel.pp."""
     check_capacity: bool = True
     """Refuse to start when the predicted peak memory per GPU (longscan.training.memory) exceeds the device's
-    memory, or on CPU when the node's processes' predicted peaks together exceed the host's available memory;
-    false: try anyway."""
+    memory, or on CPU when the node's processes' predicted peaks together exceed the host's memory; false: try
+    anyway."""
     pinned: str = "torch"
     """Where offloaded inputs wait on the host (CUDA): torch (torch's caching pinned allocator, which rounds each
     block up to a power of two: a 5 GiB input takes 8) | exact (exactly-sized buffers page-locked with

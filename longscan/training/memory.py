@@ -510,11 +510,20 @@ def _lower_memory_hint(cfg, cpu: bool = False) -> str:
             + "or a larger parallel.sp; memory.check_capacity=false tries anyway.\n")
 
 
+def host_total_bytes() -> int | None:
+    """This machine's physical memory, or None where it is not known."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def _check_cpu_host(cfg, world_size: int, host_bytes: int | None, procs_per_node: int | None) -> Estimate | None:
     """A CPU run: every rank process holds its model states and activations in host memory, so the node's
-    processes together must fit in what the host has available (None: read from this machine)."""
+    processes together must fit in the host's memory (None: this machine's physical memory; not what is free
+    now, which the launcher and each rank would read differently)."""
     from longscan.training.config import ConfigError
-    host_bytes = host_available_bytes() if host_bytes is None else host_bytes
+    host_bytes = host_total_bytes() if host_bytes is None else host_bytes
     if host_bytes is None:
         return None
     est = estimate_config(cfg, world_size, device_type="cpu")
@@ -523,7 +532,7 @@ def _check_cpu_host(cfg, world_size: int, host_bytes: int | None, procs_per_node
         p, d = cfg.parallel, cfg.data
         raise ConfigError(
             f"predicted peak memory {est.peak / GiB:.1f} GiB per process × {procs} process(es) exceeds the host's "
-            f"available {host_bytes / GiB:.1f} GiB (a CPU run: data.seq_len = {d.seq_len} over parallel.sp = {p.sp}: "
+            f"{host_bytes / GiB:.1f} GiB (a CPU run: data.seq_len = {d.seq_len} over parallel.sp = {p.sp}: "
             f"{d.seq_len // p.sp} tokens a rank, float32); " + _lower_memory_hint(cfg, cpu=True) + est.table())
     return est
 
@@ -532,13 +541,13 @@ def check_capacity(cfg, world_size: int, capacity_bytes: int | None = None, host
                    procs_per_node: int | None = None, device_type: str | None = None) -> Estimate | None:
     """Raise ConfigError when the predicted peak exceeds the GPU's memory, or the pinned host memory of
     offloaded stage inputs exceeds this process's share of the host's; on a CPU run, when the predicted peaks
-    of the node's processes together exceed the host's available memory (memory.check_capacity on).
+    of the node's processes together exceed the host's memory (memory.check_capacity on).
 
-    device_type: "cuda" or "cpu" (None: "cuda" where capacity_bytes is given or CUDA is available). capacity_bytes: the device's memory
-    (None: read from GPU 0; unread on CPU). host_bytes: the memory available on this node, shared by its
-    ``procs_per_node`` rank processes (None: read from this machine on CPU, and on CUDA when the device's memory
-    is too, i.e. capacity_bytes None; otherwise the host is not checked). procs_per_node None: LOCAL_WORLD_SIZE,
-    else one per GPU (one on CPU).
+    device_type: "cuda" or "cpu" (None: "cuda" where capacity_bytes is given or CUDA is available).
+    capacity_bytes: the device's memory (None: read from GPU 0; unread on CPU). host_bytes: on CUDA the memory
+    available on this node, shared by its ``procs_per_node`` rank processes (None: read from this machine when
+    the device's memory is too, i.e. capacity_bytes None; otherwise the host is not checked); on CPU the host's
+    memory (None: this machine's). procs_per_node None: LOCAL_WORLD_SIZE, else one per GPU (one on CPU).
     """
     from longscan.training.config import ConfigError
     if not cfg.memory.check_capacity:

@@ -214,12 +214,12 @@ def test_capacity_check_names_the_options_and_the_prediction():
 
 def test_cpu_runs_are_checked_against_the_host():
     """On CPU every rank process holds its states and activations in host memory: the node's processes together
-    must fit what the host has available."""
+    must fit the host's memory."""
     cfg = load_config(CONFIG_1B, ["parallel.sp=1", "data.seq_len=1048576"])
     with pytest.raises(ConfigError) as e:
         check_capacity(cfg, 1, host_bytes=24 * GiB, procs_per_node=1, device_type="cpu")
     msg = str(e.value)
-    assert "predicted peak memory" in msg and "× 1 process(es) exceeds the host's available 24.0 GiB" in msg
+    assert "predicted peak memory" in msg and "× 1 process(es) exceeds the host's 24.0 GiB" in msg
     assert "a CPU run" in msg and "memory.check_capacity=false" in msg and "| **peak** |" in msg
     small = validate(load_config(None, []), 4)   # the embedded default: four processes
     one = check_capacity(small, 4, host_bytes=4 * GiB, procs_per_node=4, device_type="cpu")

@@ -66,9 +66,10 @@ class DeltaRuleWY(torch.autograd.Function):
         q = q.to(k.dtype).contiguous() if q is not None else None
         bk = parallel_block_k(k.shape[-1], gate_kind(g))
         # gk: the gate the kernels after ``wy_prepare`` read (a scalar gate's cumulative sums in each chunk)
-        P, W, U, KB, QG, GC, QK, gk = wy_prepare(q, k, v, beta, g, block_k=bk, **parallel_settings(options, True))
+        P, W, U, KB, QG, GC, QK, gk = wy_prepare(q, k, v, beta, g, block_k=bk,
+                                                 **parallel_settings(options, forward=True))
         HS, VN, HT = wy_state_forward(k, gk, KB, GC, W, U, h0, **serial_settings(options))
-        o = (wy_output(q, k, gk, QG, QK, HS, VN, scale, block_k=bk, **parallel_settings(options, True))
+        o = (wy_output(q, k, gk, QG, QK, HS, VN, scale, block_k=bk, **parallel_settings(options, forward=True))
              if q is not None else None)
         ctx.save_for_backward(q, k, v, beta, g, gk, P, W, U, HS, VN, KB, QG, GC, QK)
         ctx.scale, ctx.options, ctx.bk = scale, options, bk

@@ -34,7 +34,7 @@ class _Segment:
         self.bk = parallel_block_k(k.shape[-1], gate_kind(g))
         # gk: the gate the kernels after ``wy_prepare`` read (a scalar gate's cumulative sums in each chunk)
         (self.P, self.W, self.U, self.KB, self.QG, self.GC, self.QK,
-         self.gk) = wy_prepare(q, k, v, beta, g, block_k=self.bk, **parallel_settings(options, True))
+         self.gk) = wy_prepare(q, k, v, beta, g, block_k=self.bk, **parallel_settings(options, forward=True))
         B, _, H, K = k.shape
         N = self.U.shape[2] // 64
         # the states entering each chunk and v_n over every column; each block's pass writes its columns
@@ -70,7 +70,7 @@ class WYRelay:
 
     def outputs(self):
         outs = [wy_output(seg.q, seg.k, seg.gk, seg.QG, seg.QK, seg.HS, seg.VN, self.scale, block_k=seg.bk,
-                          **parallel_settings(self.options, True)) for seg in self.segments]
+                          **parallel_settings(self.options, forward=True)) for seg in self.segments]
         if not self.keep:   # no backward: nothing to keep
             self.segments = []
         return outs
