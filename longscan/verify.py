@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from longscan.distributed.layouts import LAYOUTS, shard
+from longscan.distributed.sync import barrier
 from longscan.kernels.linear_attention import BACKENDS as LINEAR_BACKENDS
 from longscan.kernels.linear_attention import naive_recurrent_linear_attention
 from longscan.kernels.softmax_attention import BACKENDS as SOFTMAX_BACKENDS
@@ -232,7 +233,7 @@ def run_rank(opts: VerifyOptions) -> int:
               f"backends {opts.linear_backend} (linear) / {opts.softmax_backend} (softmax), "
               f"{opts.tokens_per_rank} tokens per rank", flush=True)
         print(table(outcomes, opts.tolerance), flush=True)
-    dist.barrier()   # no rank leaves (and has the launcher stop the others) before the table is out
+    barrier()   # no rank leaves (and has the launcher stop the others) before the table is out
     dist.destroy_process_group()
     # rank 0 alone gives the verdict: a failing rank's exit would have the launcher end the others early
     return 1 if rank == 0 and any(o.status in ("FAIL", "ERROR") for o in outcomes) else 0

@@ -33,7 +33,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
-from longscan.training.parallel import barrier
+from longscan.distributed.sync import barrier
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 MARKER = "COMPLETE"

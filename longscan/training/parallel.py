@@ -100,11 +100,3 @@ def init_process_group(timeout_s: float = 0.0, store=None) -> torch.device:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **kw)
     return device
 
-
-def barrier() -> None:
-    """dist.barrier over the default group on this rank's device: NCCL's groups are not bound to a device (see
-    init_process_group), so it is named here rather than guessed from the rank."""
-    if dist.get_backend() == "nccl":
-        dist.barrier(device_ids=[torch.cuda.current_device()])
-    else:
-        dist.barrier()

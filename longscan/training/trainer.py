@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from longscan.distributed.sync import barrier
 from longscan.models import HybridLM, SPSpec
 from longscan.observe.flops import device_peak_flops, mfu, step_flops
 from longscan.training import megatron_compat
@@ -33,7 +34,7 @@ from longscan.training.metrics import MetricsLogger, Progress, memory_mb
 from longscan.training.grad_reduce import GradReducer
 from longscan.training.optim import allreduce_grads, build_adamw, global_grad_norm, lr_at
 from longscan.training.packing import DocumentBalance, DocumentMicrobatch, DocumentPackedData
-from longscan.training.parallel import barrier, collective_timeout_s, init_groups, init_process_group, stage_config
+from longscan.training.parallel import collective_timeout_s, init_groups, init_process_group, stage_config
 from longscan.training.reshard import load_resharded
 
 

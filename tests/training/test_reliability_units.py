@@ -112,11 +112,11 @@ def test_barrier_names_this_ranks_device_under_nccl(monkeypatch):
     rank's device rather than leave NCCL to guess it from the rank; gloo's takes none."""
     import torch.distributed as dist
 
-    from longscan.training import parallel
+    from longscan.distributed import sync
     calls = []
     monkeypatch.setattr(dist, "barrier", lambda **kw: calls.append(kw))
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
     for backend in ("nccl", "gloo"):
         monkeypatch.setattr(dist, "get_backend", lambda group=None, b=backend: b)
-        parallel.barrier()
+        sync.barrier()
     assert calls == [{"device_ids": [3]}, {}]
