@@ -425,7 +425,7 @@ def test_serial_kernels_width_follows_the_launch():
     assert width(None, 128, 256, 1, 132, gate_rows=False) == 16
     assert width(None, 128, 256, 0, 0) == 16      # no GPU: the interpreter
     assert width(64, 128, 1, 0, 132) == 64 and width(32, 16, 256, 0, 132) == 16   # as given, at most the launch's
-    assert DeltaTritonOptions().wy_state_block_v is None and DeltaTritonOptions().wy_forward_block_v is None
+    assert DeltaTritonOptions().wy_state_block_v is None and DeltaTritonOptions().wy_forward_block_v == 64
     for value in (8, 48, False):
         with pytest.raises(ValueError, match="wy_forward_block_v must be None .block_v. or a power of two"):
             DeltaTritonOptions(wy_forward_block_v=value)

@@ -70,8 +70,8 @@ class DeltaTritonOptions:
     Q̃ `[64, K]` in registers, so q and k are prefetched into shared memory as without a gate (fewer registers,
     more shared memory a program); the same result to round-off.
     wy_forward_block_v: V columns a program of path="wy"'s parallel forward kernels (W and U, and the output,
-    which forms a chunk's Q Kᵀ once for each block of columns), None: block_v, which the parallel backward
-    kernels read.
+    which forms a chunk's Q Kᵀ once for each block of columns; wider blocks form it fewer times), None: block_v,
+    which the parallel backward kernels read (they slow at 64).
     wy_max_registers: registers a thread of path="wy"'s parallel backward kernels (dq/dk/dW and the WY backward)
     may use (Triton's maxnreg), None: what ptxas picks. With a scalar gate they take more than 128, so one
     program of 8 warps an H100 SM; at 128 two fit (Triton 3.6: the WY backward without spills, dq/dk/dW 8 bytes);
@@ -92,7 +92,7 @@ class DeltaTritonOptions:
     wy_state_num_warps: int = 4
     wy_gate_rows: bool = True
     wy_max_registers: Optional[int] = 128
-    wy_forward_block_v: Optional[int] = None
+    wy_forward_block_v: Optional[int] = 64
 
     def __post_init__(self):
         for name in ("chunk", "block_v", "block_k", "num_warps", "intra_num_stages", "inter_num_stages"):
