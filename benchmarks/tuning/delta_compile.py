@@ -102,6 +102,9 @@ def _wy_launch(kind: str, name: str, states: bool, K: int, V: int, o: DeltaTrito
     bk = wy.parallel_block_k(K, gate)
     BV = min(o.block_v, max(16, triton.next_power_of_2(V)))
     par = dict(GATE=gate, BK=bk, BV=BV, PREC=o.input_precision)
+    # the forward's W/U and output at wy_forward_block_v (an earlier longscan's options may have no such field)
+    fwd_v = (o.wy_forward_block_v if "wy_forward_block_v" in {f.name for f in dataclasses.fields(o)} else None)
+    fwd = dict(par, BV=min(fwd_v, max(16, triton.next_power_of_2(V)))) if fwd_v is not None else par
     # the serial kernels' width as launched for many sequences × heads (16 × 16 at 16×4096) on a 132-SM GPU
     sv = (min(o.wy_state_block_v, max(16, triton.next_power_of_2(V))) if o.wy_state_block_v is not None else
           wy_state.serial_block_v(None, V, 256, gate, 132))
@@ -114,9 +117,9 @@ def _wy_launch(kind: str, name: str, states: bool, K: int, V: int, o: DeltaTrito
     return {
         "wy_kkt": (wy_prep._wy_kkt, dict(GATE=gate, BK=bk, PREC=o.input_precision, **qk), o.num_warps, None),
         "wy_inverse": (wy_prep._wy_inverse, {}, wy_prep.INVERSE_WARPS, None),
-        "wy_w_u": (wy_prep._wy_w_u, dict(par, HAS_Q=True), o.num_warps, None),
+        "wy_w_u": (wy_prep._wy_w_u, dict(fwd, HAS_Q=True), o.num_warps, None),
         "wy_state_fwd": (wy_state._wy_state_fwd, dict(serial, HAS_H0=states), sw, ss),
-        "wy_output": (wy_output._wy_output, par, o.num_warps, None),
+        "wy_output": (wy_output._wy_output, fwd, o.num_warps, None),
         "wy_dv_local": (wy_grads._wy_dv_local, par, o.num_warps, None),
         "wy_state_bwd": (wy_state._wy_state_bwd, dict(serial, HAS_Q=True, HAS_DHT=states, **rows), sw, ss),
         "wy_dqkw": (wy_grads._wy_dqkw, dict(par, HAS_Q=True), o.num_warps, None),

@@ -340,6 +340,7 @@ def counts(fn, consts, warps, stages):
 
 P = dict(GATE=GATE, PREC=o.input_precision)
 BK, BV = wy.parallel_block_k(K, GATE), min(o.block_v, V)
+FBV = min(wy.parallel_settings(o, forward=True)["block_v"], V)   # the forward's W/U and output
 # the serial kernels' widths these options launch: few and many sequences × heads on a 132-SM GPU
 SVS, BWD_SVS = ([sorted({wy_state.serial_block_v(o.wy_state_block_v, V, BH, GATE, 132, rows) for BH in (1, 256)})
                  for rows in (True, o.wy_gate_rows)])
@@ -347,11 +348,11 @@ PAR, SER = (o.num_warps, 3), (o.wy_state_num_warps, o.inter_num_stages)   # Trit
 KERNELS = (
     ("kkt", wy_prep._wy_kkt, dict(P, BK=BK, WRITE_QK=GATE == 2 and HAS_Q), PAR),
     ("inverse", wy_prep._wy_inverse, {}, (wy_prep.INVERSE_WARPS, 3)),
-    ("w_u", wy_prep._wy_w_u, dict(P, HAS_Q=HAS_Q, BK=BK, BV=BV), PAR),
+    ("w_u", wy_prep._wy_w_u, dict(P, HAS_Q=HAS_Q, BK=BK, BV=FBV), PAR),
     *((f"state_fwd_{SV}", wy_state._wy_state_fwd, dict(P, HAS_H0=True, KP=K, BV=SV), SER) for SV in SVS),
     *((f"state_bwd_{SV}", wy_state._wy_state_bwd,
        dict(P, HAS_Q=HAS_Q, HAS_DHT=True, KP=K, BV=SV, GATE_ROWS=o.wy_gate_rows), SER) for SV in BWD_SVS),
-    ("output", wy_output._wy_output, dict(P, BK=BK, BV=BV), PAR),
+    ("output", wy_output._wy_output, dict(P, BK=BK, BV=FBV), PAR),
     ("dv_local", wy_grads._wy_dv_local, dict(P, BK=BK, BV=BV), PAR),
     ("dqkw", wy_grads._wy_dqkw, dict(P, HAS_Q=HAS_Q, BK=BK, BV=BV), PAR),
     ("bwd", wy_grads._wy_bwd, dict(P, BK=wy_grads.bwd_block_k(BK, GATE), BV=BV), PAR),
