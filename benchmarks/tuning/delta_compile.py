@@ -51,7 +51,9 @@ BLOCK_K = 32   # inter_block_k of the blocked recurrence kernels (the dispatch r
 FLOAT32_PATH_INPUTS = ("Q", "K_", "V_")
 # float32 pointers on path="wy" (every other pointer is in the inputs' dtype)
 WY_F32 = ("BETA", "G", "A_", "GB", "GC", "H0", "HT", "DHT", "DH0", "DB", "DBETA", "DG")
-INTS = ("T", "H", "N", "C", "K", "V", "V0", "VB", "NDB")
+# the serial kernels' state strides (si_*: entering, so_*: leaving) as well
+STRIDES = ("si_bh", "si_k", "si_v", "so_bh", "so_k", "so_v")
+INTS = ("T", "H", "N", "C", "K", "V", "V0", "VB", "NDB") + STRIDES
 _PTR = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
 
 
@@ -109,6 +111,9 @@ def _wy_launch(kind: str, name: str, states: bool, K: int, V: int, o: DeltaTrito
     sv = (min(o.wy_state_block_v, max(16, triton.next_power_of_2(V))) if o.wy_state_block_v is not None else
           wy_state.serial_block_v(None, V, 256, gate, 132))
     serial = dict(GATE=gate, KP=wy_state._kp(K), BV=sv, PREC=o.input_precision)
+    # contiguous states (the plain pass): Triton specializes their column strides, 1, as constants at launch
+    if "si_v" in wy_state._wy_state_fwd.arg_names:
+        serial.update(si_v=1, so_v=1)
     sw, ss = o.wy_state_num_warps, o.inter_num_stages
     # (an earlier longscan, compiled by ptx_diff.py, may have no GATE_ROWS switch)
     rows = dict(GATE_ROWS=o.wy_gate_rows) if "GATE_ROWS" in wy_state._wy_state_bwd.arg_names else {}
@@ -151,9 +156,10 @@ def compile_kernel(kind: str, name: str, states: bool, dtype: torch.dtype, dims:
             sig[a] = "*fp32" if a in WY_F32 else ptr
         else:
             sig[a] = ptr if a in FLOAT32_PATH_INPUTS else "*fp32"
-    # pointers are 16-byte aligned and the head dims (and the float32 path's chunk) multiples of 16, as launched
+    # pointers are 16-byte aligned and the head dims (and the float32 path's chunk) multiples of 16, as launched;
+    # the state strides too (the relay's V-major carries; a contiguous state's column stride 1 compiles as a constant)
     attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
-             if sig[a].startswith("*") or a in ("K", "V", "C", "V0", "VB")}
+             if sig[a].startswith("*") or a in ("K", "V", "C", "V0", "VB") + STRIDES}
     src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()}, attrs=attrs)
     options = dict(num_warps=warps) if stages is None else dict(num_warps=warps, num_stages=stages)
     # the register cap of the parallel backward kernels (an earlier longscan's options may have no such field)

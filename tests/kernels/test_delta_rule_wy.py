@@ -85,6 +85,44 @@ def test_wy_gate_rows_segment_transitions_match_scaled_operands():
         assert rel_err(got_grads[n], want_grads[n]) < 1e-5, n
 
 
+def test_wy_serial_passes_read_and_write_strided_states():
+    """The serial passes address a state's block `[B, H, K, VB]` by strides: a V-major view (the relay's carries)
+    and a state whose B and H do not merge (copied first) give the contiguous state's results bit for bit, the
+    leaving state lands in a given ``out`` view, and an ``out`` of the wrong dtype or layout is refused."""
+    from longscan.kernels.delta_rule.triton import wy
+    from longscan.kernels.delta_rule.triton.wy_prep import wy_prepare
+    B, T, H, K, V = 2, 100, 3, 16, 32
+    x = {n: (t.to(DEV) if t is not None else None)
+         for n, t in make_inputs("gated", B, T, H, K, V, torch.float32, seed=4).items()}
+    q, k, v, beta, g = (x[n] for n in ("q", "k", "v", "beta", "g"))
+    o = WY.resolved(k.dtype)
+    prep = wy_prepare(q, k, v, beta, g, block_k=16, **wy.parallel_settings(o, forward=True))
+    c0, c1 = 16, 32
+    settings = wy.serial_settings(o)
+
+    def run_block(h0, out=None):
+        N = prep.U.shape[2] // 64
+        HS = torch.zeros(B, H, N, K, V, device=DEV)
+        VN = torch.zeros_like(prep.U)
+        S = wy_state.wy_state_forward_columns(k, prep.gate, prep.KB, prep.GC, prep.W, prep.U, h0, HS, VN, c0, c1,
+                                              out=out, **settings)
+        return S, HS[..., c0:c1], VN[..., c0:c1]
+
+    h0 = torch.randn(B, H, K, c1 - c0, device=DEV)
+    want = run_block(h0.contiguous())
+    vmajor = h0.permute(3, 0, 1, 2).contiguous().permute(1, 2, 3, 0)        # `[VB, B, H, K]` memory
+    unmerged = h0.transpose(0, 1).contiguous().transpose(0, 1)               # H outer, B inner: copied
+    carry = torch.full((c1 - c0, B, H, K), float("nan"), device=DEV)
+    for got in (run_block(vmajor), run_block(unmerged), run_block(h0, out=carry.permute(1, 2, 3, 0))):
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+    assert torch.equal(carry.permute(1, 2, 3, 0), want[0])
+    with pytest.raises(ValueError, match="out must be float32"):
+        run_block(h0, out=torch.empty(B, H, K, c1 - c0, device=DEV, dtype=torch.float64))
+    with pytest.raises(ValueError, match="B and H mergeable"):
+        run_block(h0, out=torch.empty(H, B, K, c1 - c0, device=DEV).transpose(0, 1))
+
+
 @pytest.mark.parametrize("kind", ["deltanet", "gated", "kda"])
 def test_wy_gradients_from_the_final_state_alone(kind):
     """A loss on the final state only (o unused: its gradient reaches the kernels as None or zeros)."""
@@ -316,6 +354,7 @@ import sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from benchmarks.tuning import delta_compile
 from benchmarks.tuning.kernel_resources import ptxas_report
 from longscan.kernels.delta_rule.triton import DeltaTritonOptions, wy, wy_grads, wy_output, wy_prep, wy_state
 
@@ -330,7 +369,7 @@ HAS_Q = len(sys.argv) < 3 or sys.argv[2] == "q"   # "no_q": the segment transiti
 
 
 def counts(fn, consts, warps, stages):
-    sig = {a: "constexpr" if a in consts else "i32" if a in ("T", "H", "N", "K", "V", "V0", "VB", "NDB") else "fp32"
+    sig = {a: "constexpr" if a in consts else "i32" if a in ("T", "H", "N", "K", "V", "V0", "VB", "NDB") + delta_compile.STRIDES else "fp32"
            if a == "scale" else "*bf16" if a in BF16 else "*fp32" for a in fn.arg_names}
     src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
@@ -344,14 +383,15 @@ FBV = min(wy.parallel_settings(o, forward=True)["block_v"], V)   # the forward's
 # the serial kernels' widths these options launch: few and many sequences × heads on a 132-SM GPU
 SVS, BWD_SVS = ([sorted({wy_state.serial_block_v(o.wy_state_block_v, V, BH, GATE, 132, rows) for BH in (1, 256)})
                  for rows in (True, o.wy_gate_rows)])
+UNIT = dict(si_v=1, so_v=1)   # contiguous states' column strides, specialized to constants at launch
 PAR, SER = (o.num_warps, 3), (o.wy_state_num_warps, o.inter_num_stages)   # Triton's default stages: 3
 KERNELS = (
     ("kkt", wy_prep._wy_kkt, dict(P, BK=BK, WRITE_QK=GATE == 2 and HAS_Q), PAR),
     ("inverse", wy_prep._wy_inverse, {}, (wy_prep.INVERSE_WARPS, 3)),
     ("w_u", wy_prep._wy_w_u, dict(P, HAS_Q=HAS_Q, BK=BK, BV=FBV), PAR),
-    *((f"state_fwd_{SV}", wy_state._wy_state_fwd, dict(P, HAS_H0=True, KP=K, BV=SV), SER) for SV in SVS),
+    *((f"state_fwd_{SV}", wy_state._wy_state_fwd, dict(P, HAS_H0=True, KP=K, BV=SV, **UNIT), SER) for SV in SVS),
     *((f"state_bwd_{SV}", wy_state._wy_state_bwd,
-       dict(P, HAS_Q=HAS_Q, HAS_DHT=True, KP=K, BV=SV, GATE_ROWS=o.wy_gate_rows), SER) for SV in BWD_SVS),
+       dict(P, HAS_Q=HAS_Q, HAS_DHT=True, KP=K, BV=SV, GATE_ROWS=o.wy_gate_rows, **UNIT), SER) for SV in BWD_SVS),
     ("output", wy_output._wy_output, dict(P, BK=BK, BV=FBV), PAR),
     ("dv_local", wy_grads._wy_dv_local, dict(P, BK=BK, BV=BV), PAR),
     ("dqkw", wy_grads._wy_dqkw, dict(P, HAS_Q=HAS_Q, BK=BK, BV=BV), PAR),

@@ -52,16 +52,17 @@ def join(parts: list, n: int) -> torch.Tensor:
 class RelayStages(Protocol):
     """One rank's local pass over its segments (slot: local segment), a block of V columns at a time."""
 
-    def forward_block(self, slot: int, c0: int, c1: int, S_in: torch.Tensor) -> torch.Tensor:
-        """Columns c0:c1 of segment ``slot`` from S_in `[B, H, K, c1 - c0]` -> S_out (same shape)."""
+    def forward_block(self, slot: int, c0: int, c1: int, S_in: torch.Tensor, S_out: torch.Tensor) -> None:
+        """Columns c0:c1 of segment ``slot`` from S_in `[B, H, K, c1 - c0]`, its leaving state written into S_out
+        (same shape; both views of the chain's V-major carries)."""
 
     def outputs(self) -> list:
         """o `[B, T_seg, H, V]` of every segment, once every block has run."""
 
-    def backward_block(self, slot: int, c0: int, c1: int, dO: torch.Tensor | None,
-                       dS_out: torch.Tensor) -> torch.Tensor:
+    def backward_block(self, slot: int, c0: int, c1: int, dO: torch.Tensor | None, dS_out: torch.Tensor,
+                       dS_in: torch.Tensor) -> None:
         """Block c0:c1 of segment ``slot``'s backward from its output's gradient dO `[B, T_seg, H, V]` (None:
-        zero) and dS_out `[B, H, K, c1 - c0]` -> dS_in (same shape)."""
+        zero) and dS_out `[B, H, K, c1 - c0]`, the entering state's gradient written into dS_in (same shape)."""
 
     def grads(self) -> list:
         """(dq, dk, dv, dbeta, dg or None) of every segment, once every block's backward has run."""
@@ -82,34 +83,37 @@ class AutogradStages:
         self.dv = [torch.zeros_like(v) for v in self.v]
         self.sums = [[None] * 4 for _ in segments]   # dq, dk, dbeta, dg a segment, summed over its blocks
 
-    def forward_block(self, slot, c0, c1, S_in):
+    def forward_block(self, slot, c0, c1, S_in, S_out):
         q, k, beta, g = self.inputs[slot]
         # leaves of their own (copies): the chain's buffers and the segment's v are not this graph's to track
         v = self.v[slot][..., c0:c1].clone(memory_format=torch.contiguous_format).requires_grad_(self.keep)
         S_in = S_in.clone(memory_format=torch.contiguous_format).requires_grad_(self.keep)
         with torch.enable_grad() if self.keep else contextlib.nullcontext():
-            o, S_out = self.sp.impl.forward(q, k, v, beta, g, self.sp.scale, S_in, True, **self.sp.local_kwargs())
+            o, S_T = self.sp.impl.forward(q, k, v, beta, g, self.sp.scale, S_in, True, **self.sp.local_kwargs())
         self.o[slot][..., c0:c1] = o.detach()
         if self.keep:
-            self.graphs[(slot, c0)] = (o, S_out, v, S_in)
-        return S_out.detach()
+            self.graphs[(slot, c0)] = (o, S_T, v, S_in)
+        S_out.copy_(S_T.detach())
 
     def outputs(self):
         return self.o
 
-    def backward_block(self, slot, c0, c1, dO, dS_out):
-        o, S_out, v, S_in = self.graphs.pop((slot, c0))
+    def backward_block(self, slot, c0, c1, dO, dS_out, dS_in):
+        o, S_T, v, S_in = self.graphs.pop((slot, c0))
         do = torch.zeros_like(o) if dO is None else dO[..., c0:c1].to(o.dtype)
         given = [i for i, x in enumerate(self.inputs[slot]) if x is not None]
-        grads = torch.autograd.grad((o, S_out), [self.inputs[slot][i] for i in given] + [v, S_in],
-                                    (do, dS_out.to(S_out.dtype)), allow_unused=True)
+        grads = torch.autograd.grad((o, S_T), [self.inputs[slot][i] for i in given] + [v, S_in],
+                                    (do, dS_out.to(S_T.dtype)), allow_unused=True)
         if grads[-2] is not None:
             self.dv[slot][..., c0:c1] = grads[-2]
         sums = self.sums[slot]
         for i, d in zip(given, grads):
             if d is not None:
                 sums[i] = d if sums[i] is None else sums[i] + d
-        return grads[-1] if grads[-1] is not None else torch.zeros_like(S_in)
+        if grads[-1] is not None:
+            dS_in.copy_(grads[-1])
+        else:
+            dS_in.zero_()
 
     def grads(self):
         out = []
@@ -144,8 +148,8 @@ class StateRelay(torch.autograd.Function):
             # the backward then meets the same blocks
             for c0, c1 in cuts:
                 if x0 <= c0 and c1 <= x1:
-                    S_in = carry[c0 - x0:c1 - x0].movedim(0, -1)
-                    out[c0 - x0:c1 - x0] = stages.forward_block(slot, c0, c1, S_in).movedim(-1, 0)
+                    stages.forward_block(slot, c0, c1, carry[c0 - x0:c1 - x0].movedim(0, -1),
+                                         out[c0 - x0:c1 - x0].movedim(0, -1))
         init = None if initial is None else initial.to(dt).movedim(-1, 0)
         _, last = chain_scan(like, sp.n_blocks, combine, sp.group, sp.layout, init, False, KIND)
         final = None
@@ -169,8 +173,8 @@ class StateRelay(torch.autograd.Function):
         def combine(slot, x0, x1, carry, out):
             for c0, c1 in cuts:
                 if x0 <= c0 and c1 <= x1:
-                    dS_out = carry[c0 - x0:c1 - x0].movedim(0, -1)
-                    out[c0 - x0:c1 - x0] = stages.backward_block(slot, c0, c1, dOs[slot], dS_out).movedim(-1, 0)
+                    stages.backward_block(slot, c0, c1, dOs[slot], carry[c0 - x0:c1 - x0].movedim(0, -1),
+                                          out[c0 - x0:c1 - x0].movedim(0, -1))
         _, first = chain_scan(ctx.like, sp.n_blocks, combine, sp.group, sp.layout, dN, True, KIND)
         d_initial = None
         if ctx.initial_dtype is not None:

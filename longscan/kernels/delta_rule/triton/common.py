@@ -113,11 +113,12 @@ def float32_grams(Q, K_, tok, mt, K, WITH_Q: tl.constexpr, BC: tl.constexpr, BK:
 
 
 @triton.jit
-def wy_state_tile(S0, bh, ok, ov, m_kv, K, V, HAS: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr):
-    """path="wy"'s serial kernels: the `[KP, BV]` float32 block of the state (or its gradient) S0 `[B, H, K, V]`
-    of sequence × head bh that the chain starts from; zeros without HAS (S0 None)."""
+def wy_state_tile(S0, bh, ok, ov, m_kv, s_bh, s_k, s_v, HAS: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr):
+    """path="wy"'s serial kernels: the `[KP, BV]` float32 block of the state (or its gradient) S0 `[B·H, K, V]`
+    (strides s_bh, s_k, s_v) of sequence × head bh that the chain starts from; zeros without HAS (S0 None)."""
     if HAS:
-        S = tl.load(S0 + bh.to(tl.int64) * K * V + ok[:, None] * V + ov[None, :], mask=m_kv, other=0.).to(tl.float32)
+        S = tl.load(S0 + bh.to(tl.int64) * s_bh + ok[:, None] * s_k + ov[None, :] * s_v, mask=m_kv,
+                    other=0.).to(tl.float32)
     else:
         S = tl.zeros([KP, BV], dtype=tl.float32)
     return S

@@ -10,7 +10,8 @@ run once the chain is through, over every column. Backward: the output's share o
 state needed) once, then per block along the reverse chain the serial pass on its columns
 (``wy_state_backward_columns`` from the block's dS_out: dS_in goes on), and once the chain is through the
 parallel stages over every column (``wy_input_grads``). So the kernels' work is the plain kernel's, with no
-copy of a chunk quantity; only the block states the chain carries are reshaped.
+copy of a chunk quantity; the serial passes read and write the block states in the chain's V-major carries by
+strides, so no state is copied either.
 """
 from __future__ import annotations
 
@@ -63,10 +64,10 @@ class WYRelay:
             self.segments.append(_Segment(q.to(k.dtype).contiguous(), k.contiguous(), v.to(k.dtype).contiguous(),
                                           beta.contiguous(), g.contiguous() if g is not None else None, options))
 
-    def forward_block(self, slot, c0, c1, S_in):
+    def forward_block(self, slot, c0, c1, S_in, S_out):
         seg = self.segments[slot]
-        return wy_state_forward_columns(seg.k, seg.gk, seg.KB, seg.GC, seg.W, seg.U, S_in, seg.HS, seg.VN, c0, c1,
-                                        **serial_settings(self.options))
+        wy_state_forward_columns(seg.k, seg.gk, seg.KB, seg.GC, seg.W, seg.U, S_in, seg.HS, seg.VN, c0, c1,
+                                 out=S_out, **serial_settings(self.options))
 
     def outputs(self):
         outs = [wy_output(seg.q, seg.k, seg.gk, seg.QG, seg.QK, seg.HS, seg.VN, self.scale, block_k=seg.bk,
@@ -75,7 +76,7 @@ class WYRelay:
             self.segments = []
         return outs
 
-    def backward_block(self, slot, c0, c1, dO, dS_out):
+    def backward_block(self, slot, c0, c1, dO, dS_out, dS_in):
         seg = self.segments[slot]
         if seg.dv_local is None:   # the output's share of dv_n: every column at once, before the first block
             seg.do = (torch.zeros(seg.v.shape, device=seg.v.device, dtype=seg.k.dtype) if dO is None else
@@ -84,9 +85,9 @@ class WYRelay:
                                        block_k=seg.bk, **parallel_settings(self.options))
             seg.DHS, seg.DVN = torch.empty_like(seg.HS), torch.empty_like(seg.VN)
         gate = serial_backward_gate(seg.g, seg.gk, self.options)
-        return wy_state_backward_columns(seg.q, seg.k, gate, seg.QG, seg.KB, seg.GC, seg.W, seg.do, seg.dv_local,
-                                         dS_out, seg.DHS, seg.DVN, c0, c1, self.scale,
-                                         gate_rows=self.options.wy_gate_rows, **serial_settings(self.options))
+        wy_state_backward_columns(seg.q, seg.k, gate, seg.QG, seg.KB, seg.GC, seg.W, seg.do, seg.dv_local, dS_out,
+                                  seg.DHS, seg.DVN, c0, c1, self.scale, gate_rows=self.options.wy_gate_rows,
+                                  out=dS_in, **serial_settings(self.options))
 
     def grads(self):
         out = [wy_input_grads(seg.q, seg.k, seg.v, seg.beta, seg.gk, seg.P, seg.W, seg.U, seg.HS, seg.VN, seg.DHS,

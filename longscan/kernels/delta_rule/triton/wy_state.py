@@ -28,8 +28,8 @@ from longscan.kernels.delta_rule.triton.wy_decay import BT, PER_KEY, SCALAR, gat
 
 
 @triton.jit
-def _wy_state_fwd(K_, G, KB, GC, W, U, H0, HS, VN, HT, T, H, N, K, V, V0, VB, GATE: tl.constexpr,
-                  HAS_H0: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+def _wy_state_fwd(K_, G, KB, GC, W, U, H0, HS, VN, HT, T, H, N, K, V, V0, VB, si_bh, si_k, si_v, so_bh, so_k, so_v,
+                  GATE: tl.constexpr, HAS_H0: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     iv, bh = tl.program_id(0), tl.program_id(1)
     # the sequence's int64 bases; int32 offsets inside it, formed in the loop (hoisted, they hold registers);
     # columns V0:V0 + VB of the V-wide U, HS and VN, the states H0 and HT VB wide
@@ -40,7 +40,7 @@ def _wy_state_fwd(K_, G, KB, GC, W, U, H0, HS, VN, HT, T, H, N, K, V, V0, VB, GA
         G = G + rows
     if GATE == PER_KEY:
         KB = KB + rows * K
-    S = wy_state_tile(H0, bh, ok, ov, m_kv, K, VB, HAS_H0, KP, BV)
+    S = wy_state_tile(H0, bh, ok, ov, m_kv, si_bh, si_k, si_v, HAS_H0, KP, BV)
     for n in range(N):
         mt, tok, row, sn = wy_serial_chunk(n, oc, bh, T, H, N)
         tl.store(HS + (sn * K + ok[:, None]) * V + ov[None, :], S.to(dt), mask=m_kv)
@@ -59,13 +59,13 @@ def _wy_state_fwd(K_, G, KB, GC, W, U, H0, HS, VN, HT, T, H, N, K, V, V0, VB, GA
             vn = vn * tl.exp(last - bc)[:, None]
             S = S * tl.exp(last)
         S += tl.dot(tl.trans(k), vn.to(dt), input_precision=PREC)
-    tl.store(HT + bh.to(tl.int64) * K * VB + ok[:, None] * VB + ov[None, :], S, mask=m_kv)
+    tl.store(HT + bh.to(tl.int64) * so_bh + ok[:, None] * so_k + ov[None, :] * so_v, S, mask=m_kv)
 
 
 @triton.jit
-def _wy_state_bwd(Q, K_, G, QG, KB, GC, W, DO, DVL, DHT, DHS, DVN, DH0, T, H, N, K, V, V0, VB, scale,
-                  GATE: tl.constexpr, HAS_Q: tl.constexpr, HAS_DHT: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr,
-                  PREC: tl.constexpr, GATE_ROWS: tl.constexpr):
+def _wy_state_bwd(Q, K_, G, QG, KB, GC, W, DO, DVL, DHT, DHS, DVN, DH0, T, H, N, K, V, V0, VB, si_bh, si_k, si_v,
+                  so_bh, so_k, so_v, scale, GATE: tl.constexpr, HAS_Q: tl.constexpr, HAS_DHT: tl.constexpr,
+                  KP: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, GATE_ROWS: tl.constexpr):
     """A scalar gate: G is g `[B, T, H]`, summed in each chunk here, and K̄, Q̃ `[BT, K]` are formed in registers;
     with GATE_ROWS G is b `[B, H, N·BT]` (``wy_prep``'s) and the products' `[BT, BV]` rows are scaled by the decays
     instead, so q and k reach the products as loaded (prefetched into shared memory as without a gate)."""
@@ -85,7 +85,7 @@ def _wy_state_bwd(Q, K_, G, QG, KB, GC, W, DO, DVL, DHT, DHS, DVN, DH0, T, H, N,
         KB = KB + rows * K
         if HAS_Q:
             QG = QG + rows * K
-    dS = wy_state_tile(DHT, bh, ok, ov, m_kv, K, VB, HAS_DHT, KP, BV)
+    dS = wy_state_tile(DHT, bh, ok, ov, m_kv, si_bh, si_k, si_v, HAS_DHT, KP, BV)
     for i in range(N):
         n = N - 1 - i
         mt, tok, row, sn = wy_serial_chunk(n, oc, bh, T, H, N)
@@ -128,7 +128,7 @@ def _wy_state_bwd(Q, K_, G, QG, KB, GC, W, DO, DVL, DHT, DHS, DVN, DH0, T, H, N,
                 do = do.to(tl.float32) * tl.exp(bc)[:, None]
             dS += scale * tl.dot(tl.trans(q), do.to(dt), input_precision=PREC)
         dS -= tl.dot(tl.trans(w), dv.to(dt), input_precision=PREC)
-    tl.store(DH0 + bh.to(tl.int64) * K * VB + ok[:, None] * VB + ov[None, :], dS, mask=m_kv)
+    tl.store(DH0 + bh.to(tl.int64) * so_bh + ok[:, None] * so_k + ov[None, :] * so_v, dS, mask=m_kv)
 
 
 def _kp(K: int) -> int:
@@ -154,22 +154,53 @@ def _sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
 
 
+def _merges(x: torch.Tensor) -> bool:
+    """Whether a state's block x `[B, H, K, VB]` can be addressed as `[B·H, K, VB]` by strides (its B and H
+    dimensions merge: contiguous states and the relay's V-major carries do)."""
+    B, H = x.shape[:2]
+    return B == 1 or H == 1 or x.stride(0) == H * x.stride(1)
+
+
+def _strides(x: Optional[torch.Tensor]) -> tuple:
+    """(sequence × head, key, column) strides of a state's block that ``_merges`` (None: unread, zeros)."""
+    if x is None:
+        return (0, 0, 0)
+    return (x.stride(1) if x.shape[1] > 1 else x.stride(0), x.stride(2), x.stride(3))
+
+
+def _entering(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """An entering state's block as the kernels read it: itself where its B and H merge, else a contiguous copy."""
+    return x if x is None or _merges(x) else x.contiguous()
+
+
+def _leaving(out: Optional[torch.Tensor], B: int, H: int, K: int, VB: int, device, name: str) -> torch.Tensor:
+    """The leaving state's block: ``out`` (float32 `[B, H, K, VB]` whose B and H merge) or a new one."""
+    if out is None:
+        return torch.empty(B, H, K, VB, device=device, dtype=torch.float32)
+    if out.shape != (B, H, K, VB) or out.dtype != torch.float32 or not _merges(out):
+        raise ValueError(f"{name} must be float32 {(B, H, K, VB)} with B and H mergeable (a view of `[B·H, K, VB]` "
+                         f"by strides), got {out.dtype} {tuple(out.shape)} strides {out.stride()}")
+    return out
+
+
 def wy_state_forward_columns(k, g, KB, GC, W, U, h0, HS, VN, c0: int, c1: int, *, block_v: Optional[int],
-                             num_warps: int, num_stages: int, precision: str) -> torch.Tensor:
+                             num_warps: int, num_stages: int, precision: str,
+                             out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The state pass on value columns c0:c1 alone (the pass is column-wise in V): reads U's columns, writes the
     states entering each chunk and v_n into those columns of HS `[B, H, N, K, V]` and VN `[B, H, N·BT, V]`
     (k's dtype, allocated by the caller), starting from h0 `[B, H, K, c1 - c0]` (None: zeros).
-    -> the leaving state's columns `[B, H, K, c1 - c0]` float32."""
+    -> the leaving state's columns `[B, H, K, c1 - c0]` float32, written into ``out`` where given. h0 and out may
+    be strided views (the relay's V-major carries): any layout whose B and H dimensions merge."""
     B, T, H, K = k.shape
     V = U.shape[-1]
     N = U.shape[2] // 64
     VB = c1 - c0
-    HT = torch.empty(B, H, K, VB, device=k.device, dtype=torch.float32)
+    HT = _leaving(out, B, H, K, VB, k.device, "wy_state_forward_columns: out")
+    h0 = _entering(h0)
     BV = serial_block_v(block_v, VB, B * H, gate_kind(g), _sms(k.device))
     _wy_state_fwd[(triton.cdiv(VB, BV), B * H)](
-        k, g, KB, GC, W, U, h0.contiguous() if h0 is not None else None, HS, VN, HT, T, H, N, K, V, c0, VB,
-        GATE=gate_kind(g), HAS_H0=h0 is not None, KP=_kp(K), BV=BV, PREC=precision, num_warps=num_warps,
-        num_stages=num_stages)
+        k, g, KB, GC, W, U, h0, HS, VN, HT, T, H, N, K, V, c0, VB, *_strides(h0), *_strides(HT), GATE=gate_kind(g),
+        HAS_H0=h0 is not None, KP=_kp(K), BV=BV, PREC=precision, num_warps=num_warps, num_stages=num_stages)
     return HT
 
 
@@ -188,21 +219,24 @@ def wy_state_forward(k, g, KB, GC, W, U, h0, *, block_v: Optional[int], num_warp
 
 def wy_state_backward_columns(q, k, g, QG, KB, GC, W, dO, dv_local, dHT, DHS, DVN, c0: int, c1: int, scale: float, *,
                               block_v: Optional[int], num_warps: int, num_stages: int, precision: str,
-                              gate_rows: bool) -> torch.Tensor:
+                              gate_rows: bool, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The serial backward on value columns c0:c1 alone: reads those columns of dO `[B, T, H, V]` and dv_local
     `[B, H, N·BT, V]`, writes them in DHS `[B, H, N, K, V]` and DVN `[B, H, N·BT, V]` (k's dtype, allocated by the
-    caller), from dHT `[B, H, K, c1 - c0]` (None: zeros). -> dS_0's columns `[B, H, K, c1 - c0]` float32.
+    caller), from dHT `[B, H, K, c1 - c0]` (None: zeros). -> dS_0's columns `[B, H, K, c1 - c0]` float32, written
+    into ``out`` where given (dHT and out: any layout whose B and H dimensions merge).
     q None (a segment transition: no output): dO, QG and dv_local are None, and dS takes the states' share only."""
     B, T, H, K = k.shape
     V = DVN.shape[-1]
     N = W.shape[2] // 64
     VB = c1 - c0
-    DH0 = torch.empty(B, H, K, VB, device=k.device, dtype=torch.float32)
+    DH0 = _leaving(out, B, H, K, VB, k.device, "wy_state_backward_columns: out")
+    dHT = _entering(dHT)
     BV = serial_block_v(block_v, VB, B * H, gate_kind(g), _sms(k.device), gate_rows)
     _wy_state_bwd[(triton.cdiv(VB, BV), B * H)](
-        q, k, g, QG, KB, GC, W, dO, dv_local, dHT.contiguous() if dHT is not None else None, DHS, DVN, DH0,
-        T, H, N, K, V, c0, VB, scale, GATE=gate_kind(g), HAS_Q=q is not None, HAS_DHT=dHT is not None, KP=_kp(K),
-        BV=BV, PREC=precision, GATE_ROWS=gate_rows, num_warps=num_warps, num_stages=num_stages)
+        q, k, g, QG, KB, GC, W, dO, dv_local, dHT, DHS, DVN, DH0, T, H, N, K, V, c0, VB,
+        *_strides(dHT), *_strides(DH0), scale, GATE=gate_kind(g), HAS_Q=q is not None,
+        HAS_DHT=dHT is not None, KP=_kp(K), BV=BV, PREC=precision, GATE_ROWS=gate_rows, num_warps=num_warps,
+        num_stages=num_stages)
     return DH0
 
 
