@@ -5,7 +5,8 @@ longscan's scalar-gate linear attention at the same shape (the yardstick: same q
     PYTHONPATH=. python benchmarks/delta_rule.py [--shapes 16x4096 1x65536] [--backends triton triton-torch-intra]
         [--precision ieee tf32] [--recompute] [--chunk 32] [--kinds deltanet gated_deltanet kda]
         [--settings default inter_stages_1 inter_block_k_32 inter_block_k_32_v16 inverse_blocks
-                    intra_stages_3 block_k_32 wy auto wy_state_v16 wy_state_v32 wy_forward_v32 wy_state_v32_w8
+                    intra_stages_3 block_k_32 wy auto wy_state_v16 wy_state_v32 wy_state_v64 wy_state_v64_w4
+                    wy_forward_v32 wy_state_v32_w8
                     wy_gate_rows_stages_2
                     wy_no_gate_rows wy_regs_free wy_no_gate_rows_regs_free]
 
@@ -43,9 +44,12 @@ SETTINGS = {
     "block_k_32": dict(block_k=32),                 # the intra kernels' key blocks halved in number
     "wy": dict(path="wy"),                          # tensor-core products on bf16, chunks of 64 (every kind)
     "auto": dict(path="auto"),                      # the options' default: wy on these bf16 inputs
-    # its serial kernels at 16 or 32 V columns a program whatever the launch (the default chooses per launch)
+    # its serial kernels at 16, 32 or 64 V columns a program whatever the launch (the default chooses per launch;
+    # 4 warps below 64 columns, 8 at 64 unless named)
     "wy_state_v16": dict(path="wy", wy_state_block_v=16),
     "wy_state_v32": dict(path="wy", wy_state_block_v=32),
+    "wy_state_v64": dict(path="wy", wy_state_block_v=64),
+    "wy_state_v64_w4": dict(path="wy", wy_state_block_v=64, wy_state_num_warps=4),
     # the forward's parallel kernels (W/U, the output) at block_v's 32 V columns a program (the default: 64)
     "wy_forward_v32": dict(path="wy", wy_forward_block_v=32),
     "wy_state_v32_w8": dict(path="wy", wy_state_block_v=32, wy_state_num_warps=8),   # the same at 8 warps

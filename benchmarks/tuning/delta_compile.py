@@ -114,7 +114,10 @@ def _wy_launch(kind: str, name: str, states: bool, K: int, V: int, o: DeltaTrito
     # contiguous states (the plain pass): Triton specializes their column strides, 1, as constants at launch
     if "si_v" in wy_state._wy_state_fwd.arg_names:
         serial.update(si_v=1, so_v=1)
-    sw, ss = o.wy_state_num_warps, o.inter_num_stages
+    # (an earlier longscan may choose no warps by the width: its options then hold them)
+    sw = (wy_state.serial_num_warps(o.wy_state_num_warps, sv) if hasattr(wy_state, "serial_num_warps") else
+          o.wy_state_num_warps)
+    ss = o.inter_num_stages
     # (an earlier longscan, compiled by ptx_diff.py, may have no GATE_ROWS switch)
     rows = dict(GATE_ROWS=o.wy_gate_rows) if "GATE_ROWS" in wy_state._wy_state_bwd.arg_names else {}
     # (nor a WRITE_QK switch: per-key gates' decayed scores formed for the output)
@@ -159,7 +162,7 @@ def compile_kernel(kind: str, name: str, states: bool, dtype: torch.dtype, dims:
     # pointers are 16-byte aligned and the head dims (and the float32 path's chunk) multiples of 16, as launched;
     # the state strides too (the relay's V-major carries; a contiguous state's column stride 1 compiles as a constant)
     attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
-             if sig[a].startswith("*") or a in ("K", "V", "C", "V0", "VB") + STRIDES}
+             if a not in consts and (sig[a].startswith("*") or a in ("K", "V", "C", "V0", "VB") + STRIDES)}
     src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()}, attrs=attrs)
     options = dict(num_warps=warps) if stages is None else dict(num_warps=warps, num_stages=stages)
     # the register cap of the parallel backward kernels (an earlier longscan's options may have no such field)

@@ -358,8 +358,10 @@ from benchmarks.tuning import delta_compile
 from benchmarks.tuning.kernel_resources import ptxas_report
 from longscan.kernels.delta_rule.triton import DeltaTritonOptions, wy, wy_grads, wy_output, wy_prep, wy_state
 
-# without alignment hints the rows-scaling serial backward spills (Triton 3.9): it is compiled as launched, with
-# them, by test_wy_gate_options_compile_without_spills; here the serial backward that scales q and k
+# without alignment hints the rows-scaling serial backward, the serial kernels at 64 columns and per-key gates'
+# serial backward at 32 spill (Triton 3.9): they are compiled as launched, with them, by
+# test_wy_gate_options_compile_without_spills; here the serial backward that scales q and k, and the serial
+# kernels at the other widths they launch
 o = DeltaTritonOptions(path="wy", wy_gate_rows=False)
 K = V = 128
 BF16 = {"Q", "K_", "V_", "P_", "W", "U", "HS", "VN", "DHS", "DVN", "DVL", "DO", "DQ", "DK", "DW", "DV", "KB", "QG",
@@ -369,8 +371,9 @@ HAS_Q = len(sys.argv) < 3 or sys.argv[2] == "q"   # "no_q": the segment transiti
 
 
 def counts(fn, consts, warps, stages):
-    sig = {a: "constexpr" if a in consts else "i32" if a in ("T", "H", "N", "K", "V", "V0", "VB", "NDB") + delta_compile.STRIDES else "fp32"
-           if a == "scale" else "*bf16" if a in BF16 else "*fp32" for a in fn.arg_names}
+    ints = ("T", "H", "N", "K", "V", "V0", "VB", "NDB") + delta_compile.STRIDES
+    sig = {a: "constexpr" if a in consts else "i32" if a in ints else "fp32" if a == "scale" else "*bf16" if a in BF16
+           else "*fp32" for a in fn.arg_names}
     src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
     r = ptxas_report(k)
@@ -381,17 +384,19 @@ P = dict(GATE=GATE, PREC=o.input_precision)
 BK, BV = wy.parallel_block_k(K, GATE), min(o.block_v, V)
 FBV = min(wy.parallel_settings(o, forward=True)["block_v"], V)   # the forward's W/U and output
 # the serial kernels' widths these options launch: few and many sequences × heads on a 132-SM GPU
-SVS, BWD_SVS = ([sorted({wy_state.serial_block_v(o.wy_state_block_v, V, BH, GATE, 132, rows) for BH in (1, 256)})
-                 for rows in (True, o.wy_gate_rows)])
+SVS, BWD_SVS = ([sorted({wy_state.serial_block_v(o.wy_state_block_v, V, BH, GATE, 132, rows)
+                         for BH in (1, 64, 256)} - skip) for rows, skip in ((True, {64}), (o.wy_gate_rows, {32, 64}))])
 UNIT = dict(si_v=1, so_v=1)   # contiguous states' column strides, specialized to constants at launch
-PAR, SER = (o.num_warps, 3), (o.wy_state_num_warps, o.inter_num_stages)   # Triton's default stages: 3
+PAR = (o.num_warps, 3)   # Triton's default stages: 3
+SER = lambda SV: (wy_state.serial_num_warps(o.wy_state_num_warps, SV), o.inter_num_stages)  # noqa: E731
 KERNELS = (
     ("kkt", wy_prep._wy_kkt, dict(P, BK=BK, WRITE_QK=GATE == 2 and HAS_Q), PAR),
     ("inverse", wy_prep._wy_inverse, {}, (wy_prep.INVERSE_WARPS, 3)),
     ("w_u", wy_prep._wy_w_u, dict(P, HAS_Q=HAS_Q, BK=BK, BV=FBV), PAR),
-    *((f"state_fwd_{SV}", wy_state._wy_state_fwd, dict(P, HAS_H0=True, KP=K, BV=SV, **UNIT), SER) for SV in SVS),
+    *((f"state_fwd_{SV}", wy_state._wy_state_fwd, dict(P, HAS_H0=True, KP=K, BV=SV, **UNIT), SER(SV)) for SV in SVS),
     *((f"state_bwd_{SV}", wy_state._wy_state_bwd,
-       dict(P, HAS_Q=HAS_Q, HAS_DHT=True, KP=K, BV=SV, GATE_ROWS=o.wy_gate_rows, **UNIT), SER) for SV in BWD_SVS),
+       dict(P, HAS_Q=HAS_Q, HAS_DHT=True, KP=K, BV=SV, GATE_ROWS=o.wy_gate_rows, **UNIT), SER(SV))
+      for SV in BWD_SVS),
     ("output", wy_output._wy_output, dict(P, BK=BK, BV=FBV), PAR),
     ("dv_local", wy_grads._wy_dv_local, dict(P, BK=BK, BV=BV), PAR),
     ("dqkw", wy_grads._wy_dqkw, dict(P, HAS_Q=HAS_Q, BK=BK, BV=BV), PAR),
@@ -404,21 +409,21 @@ print(json.dumps({name: counts(fn, consts, *launch) for name, fn, consts, launch
 
 @pytest.mark.parametrize("triton_dir", TRITON_DIRS)
 def test_wy_kernels_compile_for_hopper_without_spills(triton_dir):
-    """Every kernel for a scalar gate, the serial forward at both widths it launches (16 and 32 columns)."""
+    """Every kernel for a scalar gate, the serial forward at 16 and 32 columns."""
     assert_compiled_without_spills(_COMPILE, "1", kernels=10, first_on_path=triton_dir)
 
 
 @pytest.mark.parametrize("triton_dir", TRITON_DIRS)
 def test_wy_per_key_kernels_compile_for_hopper_without_spills(triton_dir):
-    """The eight kernels that read a gate, compiled for per-key gates (KDA)."""
-    assert_compiled_without_spills(_COMPILE, "2", kernels=8, first_on_path=triton_dir)
+    """The kernels that read a gate, compiled for per-key gates (KDA), the serial forward at 16 and 32 columns."""
+    assert_compiled_without_spills(_COMPILE, "2", kernels=9, first_on_path=triton_dir)
 
 
 @pytest.mark.parametrize("gate", [1, 2], ids=["scalar_gate", "per_key"])
 def test_wy_transition_kernels_compile_for_hopper_without_spills(gate):
     """The variants without q that the segment transitions run (``_wy_w_u``, the serial backward and
     ``_wy_dqkw`` at HAS_Q=False, beside the kernels they share), K = V = 128 in bf16: no spills."""
-    assert_compiled_without_spills(_COMPILE, str(gate), "no_q", kernels=8 if gate == 1 else 6)
+    assert_compiled_without_spills(_COMPILE, str(gate), "no_q", kernels=8 if gate == 1 else 7)
 
 
 _COMPILE_OPTIONS = r'''
@@ -430,18 +435,22 @@ from benchmarks.tuning import delta_compile
 from benchmarks.tuning.kernel_resources import ptxas_report
 from longscan.kernels.delta_rule.triton import DeltaTritonOptions
 
-# as launched (alignment hints on), with an entering state's gradient: the default serial backward (scaling its
-# products' rows) at both widths it launches, and the WY backward under the default 128-register cap
+# as launched (alignment hints on), with an entering state (its gradient): the default serial backward (scaling
+# its products' rows) at the widths it launches, the WY backward under the default 128-register cap, and every
+# kind's serial kernels at 64 columns (8 warps)
 o = DeltaTritonOptions(path="wy")
 assert o.wy_gate_rows and o.wy_max_registers == 128 and o.wy_state_block_v is None
 out = {}
-for name, width, cap in (("wy_state_bwd", 16, 128), ("wy_state_bwd", 32, None), ("wy_bwd", None, 128)):
+for kind, name, width, cap in (("gated", "wy_state_bwd", 16, 128), ("gated", "wy_state_bwd", 32, None),
+                               ("gated", "wy_bwd", None, 128), ("kda", "wy_state_bwd", 32, None),
+                               *((kind, name, 64, None) for kind in ("deltanet", "gated", "kda")
+                                 for name in ("wy_state_fwd", "wy_state_bwd"))):
     at = dataclasses.replace(o, wy_state_block_v=width)
-    r = ptxas_report(delta_compile.compile_kernel("gated", name, True, torch.bfloat16, 128, at))
-    # over the cap is failed as a spill would be: two programs an SM is what the options are for (at 32 columns
-    # the serial backward's shared memory leaves room for one)
+    r = ptxas_report(delta_compile.compile_kernel(kind, name, True, torch.bfloat16, 128, at))
+    # over the cap is failed as a spill would be: two programs an SM is what the options are for (at 32 and 64
+    # columns the serial backward's shared memory leaves room for one)
     over = cap is not None and r["registers"] > cap
-    out[f"{name}_{width}"] = dict(regs=r["registers"], spills=r["spill_stores"] + r["spill_loads"] + over)
+    out[f"{kind}_{name}_{width}"] = dict(regs=r["registers"], spills=r["spill_stores"] + r["spill_loads"] + over)
 print(json.dumps(out))
 '''
 
@@ -450,23 +459,28 @@ print(json.dumps(out))
 def test_wy_gate_options_compile_without_spills(triton_dir):
     """wy_gate_rows' serial backward and the WY backward at wy_max_registers=128 (a scalar gate, K = V = 128, bf16,
     compiled for sm_90a as launched): the WY backward and the serial one at 16 columns within 128 registers a
-    thread (two programs an SM); the serial one at 32 columns, one program an SM by its shared memory, uncapped;
-    none spills."""
-    assert_compiled_without_spills(_COMPILE_OPTIONS, kernels=3, first_on_path=triton_dir)
+    thread (two programs an SM); the serial one at 32 columns (per-key gates' too), and every kind's serial kernels
+    at 64 (8 warps), one program an SM by their shared memory, uncapped; none spills."""
+    assert_compiled_without_spills(_COMPILE_OPTIONS, kernels=10, first_on_path=triton_dir)
 
 
 def test_serial_kernels_width_follows_the_launch():
-    """wy_state_block_v=None: 32 columns a serial program where a launch at 32 still has a program an SM, else 16."""
+    """wy_state_block_v=None: the widest of 64 and 32 columns a serial program at which a launch still has a program
+    an SM, else 16; wy_state_num_warps=None: 8 warps at 64 columns, else 4."""
     width = wy_state.serial_block_v
-    assert width(None, 128, 256, 0, 132) == 32    # 16 sequences × 16 heads, V = 128: 1,024 programs at 32
+    assert width(None, 128, 256, 0, 132) == 64    # 16 sequences × 16 heads, V = 128: 512 programs at 64
+    assert width(None, 128, 256, 1, 132) == 64 and width(None, 128, 256, 2, 132) == 64   # every gate
+    assert width(None, 128, 64, 0, 132) == 32     # 4 sequences × 16 heads: 128 programs at 64, 256 at 32
     assert width(None, 128, 16, 0, 132) == 16     # one sequence × 16 heads: 64 programs at 32
     assert width(None, 32, 256, 1, 132) == 32     # the relay's blocks of 32 columns, a scalar gate
     assert width(None, 32, 128, 1, 132) == 16
-    assert width(None, 128, 256, 2, 132) == 16    # per-key gates
     assert width(None, 128, 256, 1, 132, gate_rows=False) == 16
     assert width(None, 128, 256, 0, 0) == 16      # no GPU: the interpreter
     assert width(64, 128, 1, 0, 132) == 64 and width(32, 16, 256, 0, 132) == 16   # as given, at most the launch's
-    assert DeltaTritonOptions().wy_state_block_v is None and DeltaTritonOptions().wy_forward_block_v == 64
+    assert [wy_state.serial_num_warps(None, v) for v in (16, 32, 64)] == [4, 4, 8]
+    assert wy_state.serial_num_warps(2, 64) == 2                               # as given
+    o = DeltaTritonOptions()
+    assert o.wy_state_block_v is None and o.wy_state_num_warps is None and o.wy_forward_block_v == 64
     for value in (8, 48, False):
         with pytest.raises(ValueError, match="wy_forward_block_v must be None .block_v. or a power of two"):
             DeltaTritonOptions(wy_forward_block_v=value)

@@ -63,8 +63,9 @@ class DeltaTritonOptions:
     default, and intra="torch" or recompute=True need path="float32" (wy runs neither; "auto" may pick wy).
     wy_state_block_v, wy_state_num_warps: V columns and warps a program of path="wy"'s serial kernels
     (each holds a `[K, wy_state_block_v]` float32 state and `[64, K]` tiles). wy_state_block_v None chooses per
-    launch (``wy_state.serial_block_v``): 32 where a launch at 32 columns still has a program for every SM (many
-    sequences × heads), else 16 (few: more programs run the chain side by side); per-key gates 16.
+    launch (``wy_state.serial_block_v``): the widest of 64 and 32 columns at which a launch still has a program
+    for every SM (many sequences × heads), else 16 (few: more programs run the chain side by side);
+    wy_state_num_warps None: 8 at 64 columns, 4 below (``wy_state.serial_num_warps``).
     wy_gate_rows: path="wy" with a scalar gate, the serial backward scales its products' `[64, wy_state_block_v]`
     rows by the decays (K̄ dS as Diag(exp(b_C - b)) K dS, Q̃ᵀ do as Qᵀ Diag(exp(b)) do) instead of forming K̄ and
     Q̃ `[64, K]` in registers, so q and k are prefetched into shared memory as without a gate (fewer registers,
@@ -89,7 +90,7 @@ class DeltaTritonOptions:
     recompute: bool = False
     path: str = "auto"
     wy_state_block_v: Optional[int] = None
-    wy_state_num_warps: int = 4
+    wy_state_num_warps: Optional[int] = None
     wy_gate_rows: bool = True
     wy_max_registers: Optional[int] = 128
     wy_forward_block_v: Optional[int] = 64
@@ -100,8 +101,9 @@ class DeltaTritonOptions:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"DeltaTritonOptions.{name} must be a positive int, got {value!r}")
         w = self.wy_state_num_warps
-        if not isinstance(w, int) or isinstance(w, bool) or w < 1 or w & (w - 1):
-            raise ValueError(f"DeltaTritonOptions.wy_state_num_warps must be a power of two, got {w!r}")
+        if w is not None and (not isinstance(w, int) or isinstance(w, bool) or w < 1 or w & (w - 1)):
+            raise ValueError(f"DeltaTritonOptions.wy_state_num_warps must be None (chosen by the width) or a power of "
+                             f"two, got {w!r}")
         v = self.wy_state_block_v
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 16 or v & (v - 1)):
             raise ValueError(f"DeltaTritonOptions.wy_state_block_v must be None (chosen per launch) or a power of two "

@@ -137,17 +137,23 @@ def _kp(K: int) -> int:
 
 def serial_block_v(block_v: Optional[int], VB: int, BH: int, gate: int, sms: int, gate_rows: bool = True) -> int:
     """V columns a program of the serial kernels for a launch over VB columns of BH sequences × heads on a GPU of
-    ``sms`` SMs (0: no GPU). block_v as given, else 32 where a launch at 32 columns still has a program for every
-    SM, and 16 otherwise: each program's shared-memory prefetch of a chunk's `[64, K]` tiles (over 100 KB at
-    K = 128) leaves room for one or two programs an SM, so wider programs read those tiles fewer times in all
-    while there are enough of them, and narrower ones run more of the chain side by side where there are not.
-    16 on CPU (the interpreter), for per-key gates, and for a scalar gate's backward without ``gate_rows`` (it
-    forms K̄ and Q̃ in registers and spills at 32)."""
+    ``sms`` SMs (0: no GPU). block_v as given, else the widest of 64 and 32 columns at which the launch still has a
+    program for every SM, and 16 otherwise: each program's shared-memory prefetch of a chunk's `[64, K]` tiles
+    (over 100 KB at K = 128) leaves room for one program an SM, so wider programs read those tiles fewer times in
+    all while there are enough of them, and narrower ones run more of the chain side by side where there are not.
+    16 on CPU (the interpreter) and for a scalar gate's backward without ``gate_rows`` (it forms K̄ and Q̃ in
+    registers and spills at 32)."""
     if block_v is None:
-        wide = (gate != PER_KEY.value and (gate_rows or gate != SCALAR.value) and sms > 0
-                and BH * triton.cdiv(VB, 32) >= sms)
-        block_v = 32 if wide else 16
+        block_v = 16
+        if sms > 0 and (gate_rows or gate != SCALAR.value):
+            block_v = next((w for w in (64, 32) if BH * triton.cdiv(VB, w) >= sms), 16)
     return min(block_v, max(16, triton.next_power_of_2(VB)))
+
+
+def serial_num_warps(num_warps: Optional[int], BV: int) -> int:
+    """Warps a program of the serial kernels at BV columns: num_warps as given, else 8 at 64 columns (a thread then
+    holds as much of the `[K, 64]` float32 state as 4 warps' threads do of `[K, 32]`; 4 spill there) and 4 below."""
+    return num_warps if num_warps is not None else 8 if BV >= 64 else 4
 
 
 def _sms(device: torch.device) -> int:
@@ -184,7 +190,7 @@ def _leaving(out: Optional[torch.Tensor], B: int, H: int, K: int, VB: int, devic
 
 
 def wy_state_forward_columns(k, g, KB, GC, W, U, h0, HS, VN, c0: int, c1: int, *, block_v: Optional[int],
-                             num_warps: int, num_stages: int, precision: str,
+                             num_warps: Optional[int], num_stages: int, precision: str,
                              out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The state pass on value columns c0:c1 alone (the pass is column-wise in V): reads U's columns, writes the
     states entering each chunk and v_n into those columns of HS `[B, H, N, K, V]` and VN `[B, H, N·BT, V]`
@@ -200,11 +206,12 @@ def wy_state_forward_columns(k, g, KB, GC, W, U, h0, HS, VN, c0: int, c1: int, *
     BV = serial_block_v(block_v, VB, B * H, gate_kind(g), _sms(k.device))
     _wy_state_fwd[(triton.cdiv(VB, BV), B * H)](
         k, g, KB, GC, W, U, h0, HS, VN, HT, T, H, N, K, V, c0, VB, *_strides(h0), *_strides(HT), GATE=gate_kind(g),
-        HAS_H0=h0 is not None, KP=_kp(K), BV=BV, PREC=precision, num_warps=num_warps, num_stages=num_stages)
+        HAS_H0=h0 is not None, KP=_kp(K), BV=BV, PREC=precision, num_warps=serial_num_warps(num_warps, BV),
+        num_stages=num_stages)
     return HT
 
 
-def wy_state_forward(k, g, KB, GC, W, U, h0, *, block_v: Optional[int], num_warps: int, num_stages: int,
+def wy_state_forward(k, g, KB, GC, W, U, h0, *, block_v: Optional[int], num_warps: Optional[int], num_stages: int,
                      precision: str):
     """-> (S entering each chunk `[B, H, N, K, V]` and v_n `[B, H, N·BT, V]` in k's dtype, S_T float32)."""
     B, T, H, K = k.shape
@@ -218,7 +225,7 @@ def wy_state_forward(k, g, KB, GC, W, U, h0, *, block_v: Optional[int], num_warp
 
 
 def wy_state_backward_columns(q, k, g, QG, KB, GC, W, dO, dv_local, dHT, DHS, DVN, c0: int, c1: int, scale: float, *,
-                              block_v: Optional[int], num_warps: int, num_stages: int, precision: str,
+                              block_v: Optional[int], num_warps: Optional[int], num_stages: int, precision: str,
                               gate_rows: bool, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The serial backward on value columns c0:c1 alone: reads those columns of dO `[B, T, H, V]` and dv_local
     `[B, H, N·BT, V]`, writes them in DHS `[B, H, N, K, V]` and DVN `[B, H, N·BT, V]` (k's dtype, allocated by the
@@ -235,13 +242,13 @@ def wy_state_backward_columns(q, k, g, QG, KB, GC, W, dO, dv_local, dHT, DHS, DV
     _wy_state_bwd[(triton.cdiv(VB, BV), B * H)](
         q, k, g, QG, KB, GC, W, dO, dv_local, dHT, DHS, DVN, DH0, T, H, N, K, V, c0, VB,
         *_strides(dHT), *_strides(DH0), scale, GATE=gate_kind(g), HAS_Q=q is not None,
-        HAS_DHT=dHT is not None, KP=_kp(K), BV=BV, PREC=precision, GATE_ROWS=gate_rows, num_warps=num_warps,
-        num_stages=num_stages)
+        HAS_DHT=dHT is not None, KP=_kp(K), BV=BV, PREC=precision, GATE_ROWS=gate_rows,
+        num_warps=serial_num_warps(num_warps, BV), num_stages=num_stages)
     return DH0
 
 
 def wy_state_backward(q, k, g, QG, KB, GC, W, dO, dv_local, dHT, scale: float, *, V: int, block_v: Optional[int],
-                      num_warps: int, num_stages: int, precision: str, gate_rows: bool):
+                      num_warps: Optional[int], num_stages: int, precision: str, gate_rows: bool):
     """-> (dS leaving each chunk `[B, H, N, K, V]` and dv_n `[B, H, N·BT, V]` in k's dtype, dS_0 float32).
     q None (a segment transition: no output): dO, QG and dv_local are None, and dS takes the states' share only."""
     B, T, H, K = k.shape
