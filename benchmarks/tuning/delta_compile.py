@@ -118,13 +118,16 @@ def _wy_launch(kind: str, name: str, states: bool, K: int, V: int, o: DeltaTrito
     sw = (wy_state.serial_num_warps(o.wy_state_num_warps, sv) if hasattr(wy_state, "serial_num_warps") else
           o.wy_state_num_warps)
     ss = o.inter_num_stages
+    # (an earlier longscan kept the inverse's warps in a module constant)
+    inverse_warps = (o.wy_inverse_num_warps if "wy_inverse_num_warps" in {f.name for f in dataclasses.fields(o)}
+                     else wy_prep.INVERSE_WARPS)
     # (an earlier longscan, compiled by ptx_diff.py, may have no GATE_ROWS switch)
     rows = dict(GATE_ROWS=o.wy_gate_rows) if "GATE_ROWS" in wy_state._wy_state_bwd.arg_names else {}
     # (nor a WRITE_QK switch: per-key gates' decayed scores formed for the output)
     qk = dict(WRITE_QK=gate == PER_KEY.value) if "WRITE_QK" in wy_prep._wy_kkt.arg_names else {}
     return {
         "wy_kkt": (wy_prep._wy_kkt, dict(GATE=gate, BK=bk, PREC=o.input_precision, **qk), o.num_warps, None),
-        "wy_inverse": (wy_prep._wy_inverse, {}, wy_prep.INVERSE_WARPS, None),
+        "wy_inverse": (wy_prep._wy_inverse, {}, inverse_warps, None),
         "wy_w_u": (wy_prep._wy_w_u, dict(fwd, HAS_Q=True), o.num_warps, None),
         "wy_state_fwd": (wy_state._wy_state_fwd, dict(serial, HAS_H0=states), sw, ss),
         "wy_output": (wy_output._wy_output, fwd, o.num_warps, None),

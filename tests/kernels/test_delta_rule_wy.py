@@ -96,7 +96,7 @@ def test_wy_serial_passes_read_and_write_strided_states():
          for n, t in make_inputs("gated", B, T, H, K, V, torch.float32, seed=4).items()}
     q, k, v, beta, g = (x[n] for n in ("q", "k", "v", "beta", "g"))
     o = WY.resolved(k.dtype)
-    prep = wy_prepare(q, k, v, beta, g, block_k=16, **wy.parallel_settings(o, forward=True))
+    prep = wy_prepare(q, k, v, beta, g, block_k=16, **wy.prepare_settings(o))
     c0, c1 = 16, 32
     settings = wy.serial_settings(o)
 
@@ -264,7 +264,7 @@ def test_settings_a_path_does_not_run_are_refused():
             DeltaTritonOptions(path="wy", **{name: value})
         for path in ("auto", "float32"):
             assert getattr(DeltaTritonOptions(path=path, **{name: value}), name) == value
-    for name, value in (("wy_state_block_v", 32), ("wy_state_num_warps", 8)):
+    for name, value in (("wy_state_block_v", 32), ("wy_state_num_warps", 8), ("wy_inverse_num_warps", 8)):
         with pytest.raises(ValueError, match=f"DeltaTritonOptions.{name}: path='float32' does not read it"):
             DeltaTritonOptions(path="float32", **{name: value})
         for path in ("auto", "wy"):
@@ -391,7 +391,7 @@ PAR = (o.num_warps, 3)   # Triton's default stages: 3
 SER = lambda SV: (wy_state.serial_num_warps(o.wy_state_num_warps, SV), o.inter_num_stages)  # noqa: E731
 KERNELS = (
     ("kkt", wy_prep._wy_kkt, dict(P, BK=BK, WRITE_QK=GATE == 2 and HAS_Q), PAR),
-    ("inverse", wy_prep._wy_inverse, {}, (wy_prep.INVERSE_WARPS, 3)),
+    ("inverse", wy_prep._wy_inverse, {}, (o.wy_inverse_num_warps, 3)),
     ("w_u", wy_prep._wy_w_u, dict(P, HAS_Q=HAS_Q, BK=BK, BV=FBV), PAR),
     *((f"state_fwd_{SV}", wy_state._wy_state_fwd, dict(P, HAS_H0=True, KP=K, BV=SV, **UNIT), SER(SV)) for SV in SVS),
     *((f"state_bwd_{SV}", wy_state._wy_state_bwd,
@@ -477,6 +477,9 @@ def test_serial_kernels_width_follows_the_launch():
     assert width(None, 128, 256, 1, 132, gate_rows=False) == 16
     assert width(None, 128, 256, 0, 0) == 16      # no GPU: the interpreter
     assert width(64, 128, 1, 0, 132) == 64 and width(32, 16, 256, 0, 132) == 16   # as given, at most the launch's
+    for value in (3, 0, True):
+        with pytest.raises(ValueError, match="wy_inverse_num_warps must be a power of two"):
+            DeltaTritonOptions(wy_inverse_num_warps=value)
     assert [wy_state.serial_num_warps(None, v) for v in (16, 32, 64)] == [4, 4, 8]
     assert wy_state.serial_num_warps(2, 64) == 2                               # as given
     o = DeltaTritonOptions()

@@ -25,7 +25,8 @@ AUTO_WY_DTYPES = (torch.bfloat16,)
 # settings that only one kernel set reads (path="wy" runs chunks of 64 and its own stages; path="float32" has
 # no wy_state kernels); intra and recompute besides pick float32-only variants, checked on their own
 FLOAT32_ONLY = ("chunk", "block_k", "inter_block_k", "intra_num_stages", "inverse")
-WY_ONLY = ("wy_state_block_v", "wy_state_num_warps", "wy_gate_rows", "wy_max_registers", "wy_forward_block_v")
+WY_ONLY = ("wy_state_block_v", "wy_state_num_warps", "wy_gate_rows", "wy_max_registers", "wy_forward_block_v",
+           "wy_inverse_num_warps")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +74,9 @@ class DeltaTritonOptions:
     wy_forward_block_v: V columns a program of path="wy"'s parallel forward kernels (W and U, and the output,
     which forms a chunk's Q Kᵀ once for each block of columns; wider blocks form it fewer times), None: block_v,
     which the parallel backward kernels read (they slow at 64).
+    wy_inverse_num_warps: warps of path="wy"'s triangular inverse (twenty 16×16 tiles a chunk; at 2 a thread holds
+    too many and spills; at 4, compiled as launched on Triton 3.6 for sm_90a, 255 registers and 176 bytes of
+    spills, at 8 none).
     wy_max_registers: registers a thread of path="wy"'s parallel backward kernels (dq/dk/dW and the WY backward)
     may use (Triton's maxnreg), None: what ptxas picks. With a scalar gate they take more than 128, so one
     program of 8 warps an H100 SM; at 128 two fit (Triton 3.6: the WY backward without spills, dq/dk/dW 8 bytes);
@@ -94,12 +98,16 @@ class DeltaTritonOptions:
     wy_gate_rows: bool = True
     wy_max_registers: Optional[int] = 128
     wy_forward_block_v: Optional[int] = 64
+    wy_inverse_num_warps: int = 4
 
     def __post_init__(self):
         for name in ("chunk", "block_v", "block_k", "num_warps", "intra_num_stages", "inter_num_stages"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"DeltaTritonOptions.{name} must be a positive int, got {value!r}")
+        i = self.wy_inverse_num_warps
+        if not isinstance(i, int) or isinstance(i, bool) or i < 1 or i & (i - 1):
+            raise ValueError(f"DeltaTritonOptions.wy_inverse_num_warps must be a power of two, got {i!r}")
         w = self.wy_state_num_warps
         if w is not None and (not isinstance(w, int) or isinstance(w, bool) or w < 1 or w & (w - 1)):
             raise ValueError(f"DeltaTritonOptions.wy_state_num_warps must be None (chosen by the width) or a power of "

@@ -48,6 +48,11 @@ def parallel_settings(o: DeltaTritonOptions, forward: bool = False) -> dict:
     return dict(block_v=block_v, num_warps=o.num_warps, precision=o.input_precision)
 
 
+def prepare_settings(o: DeltaTritonOptions) -> dict:
+    """``wy_prepare``'s settings: the forward's parallel ones and the inverse's warps."""
+    return dict(parallel_settings(o, forward=True), inverse_warps=o.wy_inverse_num_warps)
+
+
 def serial_settings(o: DeltaTritonOptions) -> dict:
     """The serial kernels' settings."""
     return dict(block_v=o.wy_state_block_v, num_warps=o.wy_state_num_warps, num_stages=o.inter_num_stages,
@@ -66,8 +71,7 @@ class DeltaRuleWY(torch.autograd.Function):
         q = q.to(k.dtype).contiguous() if q is not None else None
         bk = parallel_block_k(k.shape[-1], gate_kind(g))
         # gk: the gate the kernels after ``wy_prepare`` read (a scalar gate's cumulative sums in each chunk)
-        P, W, U, KB, QG, GC, QK, gk = wy_prepare(q, k, v, beta, g, block_k=bk,
-                                                 **parallel_settings(options, forward=True))
+        P, W, U, KB, QG, GC, QK, gk = wy_prepare(q, k, v, beta, g, block_k=bk, **prepare_settings(options))
         HS, VN, HT = wy_state_forward(k, gk, KB, GC, W, U, h0, **serial_settings(options))
         o = (wy_output(q, k, gk, QG, QK, HS, VN, scale, block_k=bk, **parallel_settings(options, forward=True))
              if q is not None else None)

@@ -196,7 +196,6 @@ def _wy_w_u(Q, K_, V_, BETA, G, P_, W, U, KB, QG, GC, T, H, N, K, V, GATE: tl.co
         tl.store(U + row[:, None] * V + ov[None, :], u.to(dt), mask=mv[None, :])
 
 
-INVERSE_WARPS = 4   # ``_wy_inverse``'s twenty 16×16 tiles: at fewer warps a thread holds too many and spills
 
 
 class Prepared(NamedTuple):
@@ -215,7 +214,8 @@ class Prepared(NamedTuple):
     gate: Optional[torch.Tensor]
 
 
-def wy_prepare(q, k, v, beta, g, *, block_k: int, block_v: int, num_warps: int, precision: str) -> Prepared:
+def wy_prepare(q, k, v, beta, g, *, block_k: int, block_v: int, num_warps: int, precision: str,
+               inverse_warps: int) -> Prepared:
     """Every chunk's WY representation and what the later stages read of it (``Prepared``)."""
     B, T, H, K = k.shape
     V = v.shape[-1]
@@ -238,7 +238,7 @@ def wy_prepare(q, k, v, beta, g, *, block_k: int, block_v: int, num_warps: int, 
     _wy_kkt[(N, B * H)](q, k, beta, g, A, QK, GB, T, H, N, K, GATE=gate, WRITE_QK=QK is not None,
                         BK=block_k, PREC=precision, num_warps=num_warps)
     gate_in = GB
-    _wy_inverse[(N, B * H)](A, P, N, num_warps=INVERSE_WARPS)
+    _wy_inverse[(N, B * H)](A, P, N, num_warps=inverse_warps)
     _wy_w_u[(N, B * H)](q, k, v, beta, gate_in, P, W, U, KB, QG, GC, T, H, N, K, V, GATE=gate,
                         HAS_Q=q is not None, BK=block_k, BV=block_v, PREC=precision, num_warps=num_warps)
     return Prepared(P, W, U, KB, QG, GC, QK, gate_in)

@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 
 from longscan.kernels.delta_rule.triton.options import DeltaTritonOptions
-from longscan.kernels.delta_rule.triton.wy import (parallel_block_k, parallel_settings, serial_backward_gate,
-                                                   serial_settings)
+from longscan.kernels.delta_rule.triton.wy import (parallel_block_k, parallel_settings, prepare_settings,
+                                                   serial_backward_gate, serial_settings)
 from longscan.kernels.delta_rule.triton.wy_decay import gate_kind
 from longscan.kernels.delta_rule.triton.wy_grads import wy_dv_local, wy_input_grads
 from longscan.kernels.delta_rule.triton.wy_output import wy_output
@@ -35,7 +35,7 @@ class _Segment:
         self.bk = parallel_block_k(k.shape[-1], gate_kind(g))
         # gk: the gate the kernels after ``wy_prepare`` read (a scalar gate's cumulative sums in each chunk)
         (self.P, self.W, self.U, self.KB, self.QG, self.GC, self.QK,
-         self.gk) = wy_prepare(q, k, v, beta, g, block_k=self.bk, **parallel_settings(options, forward=True))
+         self.gk) = wy_prepare(q, k, v, beta, g, block_k=self.bk, **prepare_settings(options))
         B, _, H, K = k.shape
         N = self.U.shape[2] // 64
         # the states entering each chunk and v_n over every column; each block's pass writes its columns
