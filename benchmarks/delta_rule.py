@@ -6,7 +6,7 @@ longscan's scalar-gate linear attention at the same shape (the yardstick: same q
         [--precision ieee tf32] [--recompute] [--chunk 32] [--kinds deltanet gated_deltanet kda]
         [--settings default inter_stages_1 inter_block_k_32 inter_block_k_32_v16 inverse_blocks
                     intra_stages_3 block_k_32 wy auto wy_state_v16 wy_state_v32 wy_state_v64 wy_state_v64_w4
-                    wy_forward_v32 wy_state_v32_w8 wy_inverse_w8
+                    wy_forward_v32 wy_state_v32_w8 wy_inverse_w8 wy_bwd_from_inputs
                     wy_gate_rows_stages_2
                     wy_no_gate_rows wy_regs_free wy_no_gate_rows_regs_free]
 
@@ -54,6 +54,8 @@ SETTINGS = {
     "wy_forward_v32": dict(path="wy", wy_forward_block_v=32),
     "wy_state_v32_w8": dict(path="wy", wy_state_block_v=32, wy_state_num_warps=8),   # the same at 8 warps
     "wy_inverse_w8": dict(path="wy", wy_inverse_num_warps=8),   # the inverse at 8 warps (4 spill on Triton 3.6)
+    # the WY backward's dA from v and k instead of U and W (no gate, a scalar gate)
+    "wy_bwd_from_inputs": dict(path="wy", wy_bwd_from_inputs=True),
     # the defaults scale a scalar gate's serial-backward rows (wy_gate_rows) and cap the parallel backward at 128
     # registers (wy_max_registers); these rows run without one or both, and the rows variant at 2 programs an SM
     "wy_gate_rows_stages_2": dict(path="wy", inter_num_stages=2),

@@ -118,6 +118,9 @@ def _wy_launch(kind: str, name: str, states: bool, K: int, V: int, o: DeltaTrito
     sw = (wy_state.serial_num_warps(o.wy_state_num_warps, sv) if hasattr(wy_state, "serial_num_warps") else
           o.wy_state_num_warps)
     ss = o.inter_num_stages
+    # (nor a choice of dA's form in the WY backward)
+    da = (dict(DA_INPUTS=o.wy_bwd_from_inputs and gate != PER_KEY.value)
+          if "DA_INPUTS" in wy_grads._wy_bwd.arg_names else {})
     # (an earlier longscan kept the inverse's warps in a module constant)
     inverse_warps = (o.wy_inverse_num_warps if "wy_inverse_num_warps" in {f.name for f in dataclasses.fields(o)}
                      else wy_prep.INVERSE_WARPS)
@@ -134,7 +137,7 @@ def _wy_launch(kind: str, name: str, states: bool, K: int, V: int, o: DeltaTrito
         "wy_dv_local": (wy_grads._wy_dv_local, par, o.num_warps, None),
         "wy_state_bwd": (wy_state._wy_state_bwd, dict(serial, HAS_Q=True, HAS_DHT=states, **rows), sw, ss),
         "wy_dqkw": (wy_grads._wy_dqkw, dict(par, HAS_Q=True), o.num_warps, None),
-        "wy_bwd": (wy_grads._wy_bwd, dict(par, BK=wy_grads.bwd_block_k(bk, gate)), o.num_warps, None),
+        "wy_bwd": (wy_grads._wy_bwd, dict(par, BK=wy_grads.bwd_block_k(bk, gate), **da), o.num_warps, None),
     }[name]
 
 

@@ -72,6 +72,16 @@ def test_wy_forward_width_matches_recurrence(kind):
     compare(kind, SHAPES[3], True, WY_FWD_WIDE, seed=5)
 
 
+# the WY backward's dA from v and k (-Pᵀ (dU Yᵀ + dW Xᵀ) Pᵀ) instead of U and W; per-key gates keep U and W
+WY_DA_INPUTS = DeltaTritonOptions(path="wy", block_v=16, wy_bwd_from_inputs=True)
+
+
+@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[3], SHAPES[4]], ids=lambda s: "B{}T{}H{}K{}V{}".format(*s))
+@pytest.mark.parametrize("kind", ["deltanet", "gated", "kda"])
+def test_wy_bwd_from_inputs_matches_recurrence(kind, shape):
+    compare(kind, shape, True, WY_DA_INPUTS, seed=shape[1] + 3)
+
+
 def test_wy_gate_rows_segment_transitions_match_scaled_operands():
     """The segment transitions (no q: only K̄ dS's rows are scaled) with wy_gate_rows, against it off."""
     x = {n: (t.to(DEV) if t is not None else None)
@@ -264,7 +274,8 @@ def test_settings_a_path_does_not_run_are_refused():
             DeltaTritonOptions(path="wy", **{name: value})
         for path in ("auto", "float32"):
             assert getattr(DeltaTritonOptions(path=path, **{name: value}), name) == value
-    for name, value in (("wy_state_block_v", 32), ("wy_state_num_warps", 8), ("wy_inverse_num_warps", 8)):
+    for name, value in (("wy_state_block_v", 32), ("wy_state_num_warps", 8), ("wy_inverse_num_warps", 8),
+                        ("wy_bwd_from_inputs", True)):
         with pytest.raises(ValueError, match=f"DeltaTritonOptions.{name}: path='float32' does not read it"):
             DeltaTritonOptions(path="float32", **{name: value})
         for path in ("auto", "wy"):
@@ -400,7 +411,8 @@ KERNELS = (
     ("output", wy_output._wy_output, dict(P, BK=BK, BV=FBV), PAR),
     ("dv_local", wy_grads._wy_dv_local, dict(P, BK=BK, BV=BV), PAR),
     ("dqkw", wy_grads._wy_dqkw, dict(P, HAS_Q=HAS_Q, BK=BK, BV=BV), PAR),
-    ("bwd", wy_grads._wy_bwd, dict(P, BK=wy_grads.bwd_block_k(BK, GATE), BV=BV), PAR),
+    *((f"bwd{'_from_inputs' if da else ''}", wy_grads._wy_bwd,
+       dict(P, BK=wy_grads.bwd_block_k(BK, GATE), BV=BV, DA_INPUTS=da), PAR) for da in sorted({False, GATE != 2})),
 )
 print(json.dumps({name: counts(fn, consts, *launch) for name, fn, consts, launch in KERNELS
                   if (GATE == 1 or name != "inverse") and (HAS_Q or name not in ("output", "dv_local"))}))
@@ -409,8 +421,9 @@ print(json.dumps({name: counts(fn, consts, *launch) for name, fn, consts, launch
 
 @pytest.mark.parametrize("triton_dir", TRITON_DIRS)
 def test_wy_kernels_compile_for_hopper_without_spills(triton_dir):
-    """Every kernel for a scalar gate, the serial forward at 16 and 32 columns."""
-    assert_compiled_without_spills(_COMPILE, "1", kernels=10, first_on_path=triton_dir)
+    """Every kernel for a scalar gate, the serial forward at 16 and 32 columns, the WY backward with dA from U and W
+    and from the inputs."""
+    assert_compiled_without_spills(_COMPILE, "1", kernels=11, first_on_path=triton_dir)
 
 
 @pytest.mark.parametrize("triton_dir", TRITON_DIRS)
@@ -423,7 +436,7 @@ def test_wy_per_key_kernels_compile_for_hopper_without_spills(triton_dir):
 def test_wy_transition_kernels_compile_for_hopper_without_spills(gate):
     """The variants without q that the segment transitions run (``_wy_w_u``, the serial backward and
     ``_wy_dqkw`` at HAS_Q=False, beside the kernels they share), K = V = 128 in bf16: no spills."""
-    assert_compiled_without_spills(_COMPILE, str(gate), "no_q", kernels=8 if gate == 1 else 7)
+    assert_compiled_without_spills(_COMPILE, str(gate), "no_q", kernels=9 if gate == 1 else 7)
 
 
 _COMPILE_OPTIONS = r'''
@@ -480,6 +493,8 @@ def test_serial_kernels_width_follows_the_launch():
     for value in (3, 0, True):
         with pytest.raises(ValueError, match="wy_inverse_num_warps must be a power of two"):
             DeltaTritonOptions(wy_inverse_num_warps=value)
+    with pytest.raises(ValueError, match="wy_bwd_from_inputs must be a bool"):
+        DeltaTritonOptions(wy_bwd_from_inputs=1)
     assert [wy_state.serial_num_warps(None, v) for v in (16, 32, 64)] == [4, 4, 8]
     assert wy_state.serial_num_warps(2, 64) == 2                               # as given
     o = DeltaTritonOptions()

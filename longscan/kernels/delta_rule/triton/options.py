@@ -26,7 +26,7 @@ AUTO_WY_DTYPES = (torch.bfloat16,)
 # no wy_state kernels); intra and recompute besides pick float32-only variants, checked on their own
 FLOAT32_ONLY = ("chunk", "block_k", "inter_block_k", "intra_num_stages", "inverse")
 WY_ONLY = ("wy_state_block_v", "wy_state_num_warps", "wy_gate_rows", "wy_max_registers", "wy_forward_block_v",
-           "wy_inverse_num_warps")
+           "wy_inverse_num_warps", "wy_bwd_from_inputs")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +77,9 @@ class DeltaTritonOptions:
     wy_inverse_num_warps: warps of path="wy"'s triangular inverse (twenty 16×16 tiles a chunk; at 2 a thread holds
     too many and spills; at 4, compiled as launched on Triton 3.6 for sm_90a, 255 registers and 176 bytes of
     spills, at 8 none).
+    wy_bwd_from_inputs: path="wy"'s WY backward forms dA = -Pᵀ (dU Yᵀ + dW Xᵀ) Pᵀ from v and k, which it reads
+    anyway, instead of -(dY Uᵀ + dX Wᵀ) from U and W (two `[64, K]`-sized reads a chunk fewer, two `[64, 64]`
+    products more); no gate and scalar gates (per-key gates keep U and W).
     wy_max_registers: registers a thread of path="wy"'s parallel backward kernels (dq/dk/dW and the WY backward)
     may use (Triton's maxnreg), None: what ptxas picks. With a scalar gate they take more than 128, so one
     program of 8 warps an H100 SM; at 128 two fit (Triton 3.6: the WY backward without spills, dq/dk/dW 8 bytes);
@@ -99,6 +102,7 @@ class DeltaTritonOptions:
     wy_max_registers: Optional[int] = 128
     wy_forward_block_v: Optional[int] = 64
     wy_inverse_num_warps: int = 4
+    wy_bwd_from_inputs: bool = False
 
     def __post_init__(self):
         for name in ("chunk", "block_v", "block_k", "num_warps", "intra_num_stages", "inter_num_stages"):
@@ -136,7 +140,7 @@ class DeltaTritonOptions:
         if r is not None and (not isinstance(r, int) or isinstance(r, bool) or not 32 <= r <= 248 or r % 8):
             raise ValueError(f"DeltaTritonOptions.wy_max_registers must be None or a multiple of 8 from 32 to 248, "
                              f"got {r!r}")
-        for name in ("recompute", "wy_gate_rows"):
+        for name in ("recompute", "wy_gate_rows", "wy_bwd_from_inputs"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"DeltaTritonOptions.{name} must be a bool, got {getattr(self, name)!r}")
         if self.intra not in INTRA:

@@ -53,6 +53,11 @@ def prepare_settings(o: DeltaTritonOptions) -> dict:
     return dict(parallel_settings(o, forward=True), inverse_warps=o.wy_inverse_num_warps)
 
 
+def input_grad_settings(o: DeltaTritonOptions) -> dict:
+    """``wy_input_grads``' settings (and ``wy_grads``'): the parallel ones, the register cap and dA's form."""
+    return dict(parallel_settings(o), max_registers=o.wy_max_registers, da_from_inputs=o.wy_bwd_from_inputs)
+
+
 def serial_settings(o: DeltaTritonOptions) -> dict:
     """The serial kernels' settings."""
     return dict(block_v=o.wy_state_block_v, num_warps=o.wy_state_num_warps, num_stages=o.inter_num_stages,
@@ -94,8 +99,7 @@ class DeltaRuleWY(torch.autograd.Function):
                                            dHT=dHT, scale=ctx.scale,
                                            V=v.shape[-1], gate_rows=o.wy_gate_rows, **serial_settings(o))
         dq, dk, dv, dbeta, dg, dh0 = wy_grads(q, k, v, beta, gk, QK, P, W, U, HS, VN, dO, ctx.scale,
-                                              state_backward, block_k=ctx.bk, max_registers=o.wy_max_registers,
-                                              **parallel_settings(o))
+                                              state_backward, block_k=ctx.bk, **input_grad_settings(o))
         dh0 = dh0.to(ctx.h0_dtype) if ctx.h0_dtype is not None else None
         return dq, dk, dv, dbeta, dg, dh0, None, None
 

@@ -9,7 +9,9 @@ b the cumulative log gate (zero without a gate), b_C its total, D_ts = exp(b_t -
   shares of db from Q̃, K̄, D and exp(b_C) S;
 - ``_wy_bwd``: through W = P X, U = P Y, P = (I + A)⁻¹ (X = Diag(β exp(b)) K, Y = Diag(β) V):
       dX = Pᵀ dW,  dY = Pᵀ dU (dU = dv_n),  dA = -(dX Wᵀ + dY Uᵀ) (strictly lower)
-  to dk, dv, dβ, and db; then dg_t = Σ_{t' ≥ t} db_t' (b = cumsum g in the chunk).
+  to dk, dv, dβ, and db; then dg_t = Σ_{t' ≥ t} db_t' (b = cumsum g in the chunk). With DA_INPUTS (no gate
+  or a scalar gate) dA = -Pᵀ (dU Yᵀ + dW Xᵀ) Pᵀ, the same matrix from the inputs the kernel reads anyway
+  (v, k) instead of U and W, for two `[BT, BT]` products more.
 For a scalar gate every factor exp(b_t - b_s) of a product F_ts gives db_t += Σ_s dF_ts F_ts and
 db_s -= Σ_t dF_ts F_ts, so ``_wy_dqkw``'s db is Σ_k (q ⊙ dq - k ⊙ dk) (plus b_C's terms on the last row), a
 `[BT]` share a block of keys that ``_wy_bwd`` sums; its kernels read b as ``wy_prep`` wrote it (G), per-key gates'
@@ -189,8 +191,9 @@ def _wy_dqkw(Q, K_, G, HS, DHS, VN, DVN, DO, DQ, DK, DW, DB, T, H, N, K, V, scal
 
 @triton.jit
 def _wy_bwd(K_, V_, BETA, G, P_, W, U, DVN, DW, DB, DK, DV, DBETA, DG, T, H, N, K, V, NDB, GATE: tl.constexpr,
-            BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
-    """A scalar gate's db arrives as NDB `[BT]` shares a chunk (one a block of keys of ``_wy_dqkw``), summed here."""
+            BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, DA_INPUTS: tl.constexpr):
+    """A scalar gate's db arrives as NDB `[BT]` shares a chunk (one a block of keys of ``_wy_dqkw``), summed here.
+    DA_INPUTS (not per-key gates): dA accumulates dU Yᵀ + dW Xᵀ in the loops, then becomes -Pᵀ (·) Pᵀ."""
     n, bh = tl.program_id(0), tl.program_id(1)
     oc, mt, tok0, tok, row0 = wy_chunk(n, bh, T, H, N)
     row = oc
@@ -220,11 +223,14 @@ def _wy_bwd(K_, V_, BETA, G, P_, W, U, DVN, DW, DB, DK, DV, DBETA, DG, T, H, N, 
     for iv in range(0, tl.cdiv(V, BV)):
         ov = iv * BV + tl.arange(0, BV)
         mv = ov < V
-        dy = tl.dot(pt, tl.load(DVN + row[:, None] * V + ov[None, :], mask=mv[None, :], other=0.),
-                    input_precision=PREC)
-        u = tl.load(U + row[:, None] * V + ov[None, :], mask=mv[None, :], other=0.)
-        dA -= tl.dot(dy.to(dt), tl.trans(u), input_precision=PREC)
+        dvn = tl.load(DVN + row[:, None] * V + ov[None, :], mask=mv[None, :], other=0.)
+        dy = tl.dot(pt, dvn, input_precision=PREC)
         v = tl.load(V_ + tok[:, None] * V + ov[None, :], mask=mt[:, None] & mv[None, :], other=0.).to(tl.float32)
+        if DA_INPUTS:   # dU Yᵀ
+            dA += tl.dot(dvn, tl.trans((beta[:, None] * v).to(dt)), input_precision=PREC)
+        else:
+            u = tl.load(U + row[:, None] * V + ov[None, :], mask=mv[None, :], other=0.)
+            dA -= tl.dot(dy.to(dt), tl.trans(u), input_precision=PREC)
         dbeta += tl.sum(dy * v, axis=1)
         tl.store(DV + tok[:, None] * V + ov[None, :], (beta[:, None] * dy).to(DV.dtype.element_ty),
                  mask=mt[:, None] & mv[None, :])
@@ -233,10 +239,13 @@ def _wy_bwd(K_, V_, BETA, G, P_, W, U, DVN, DW, DB, DK, DV, DBETA, DG, T, H, N, 
         ok = ik * BK + tl.arange(0, BK)
         mk = ok < K
         k = tl.load(K_ + tok[:, None] * K + ok[None, :], mask=mt[:, None] & mk[None, :], other=0.)
-        dx = tl.dot(pt, tl.load(DW + row[:, None] * K + ok[None, :], mask=mk[None, :], other=0.).to(dt),
-                    input_precision=PREC)
-        w = tl.load(W + row[:, None] * K + ok[None, :], mask=mk[None, :], other=0.)
-        dA -= tl.dot(dx.to(dt), tl.trans(w), input_precision=PREC)
+        dwb = tl.load(DW + row[:, None] * K + ok[None, :], mask=mk[None, :], other=0.).to(dt)
+        dx = tl.dot(pt, dwb, input_precision=PREC)
+        if DA_INPUTS:   # dW Xᵀ, X = Diag(β exp(b)) K
+            dA += tl.dot(dwb, tl.trans(((beta * eb)[:, None] * k.to(tl.float32)).to(dt)), input_precision=PREC)
+        else:
+            w = tl.load(W + row[:, None] * K + ok[None, :], mask=mk[None, :], other=0.)
+            dA -= tl.dot(dx.to(dt), tl.trans(w), input_precision=PREC)
         if GATE != PER_KEY:   # per-key gates take X's and A's shares in the pass below, key by key
             kk += tl.dot(k.to(dt), tl.trans(k.to(dt)), input_precision=PREC)
             xk = tl.sum(dx * eb[:, None] * k.to(tl.float32), axis=1)      # Σ_k dX exp(b) k
@@ -244,6 +253,8 @@ def _wy_bwd(K_, V_, BETA, G, P_, W, U, DVN, DW, DB, DK, DV, DBETA, DG, T, H, N, 
             if GATE == SCALAR:
                 db += beta * xk                                           # Σ_k dX ⊙ X
     causal = oc[:, None] >= oc[None, :]
+    if DA_INPUTS:   # -Pᵀ (dU Yᵀ + dW Xᵀ) Pᵀ
+        dA = -tl.dot(pt, tl.dot(dA.to(dt), pt, input_precision=PREC).to(dt), input_precision=PREC)
     dA = tl.where(oc[:, None] > oc[None, :], dA, 0.)
     M = dA * beta[:, None]
     if GATE == PER_KEY:
@@ -310,11 +321,12 @@ def wy_dv_local(q, k, g, QK, dO, scale: float, *, V: int, block_k: int, block_v:
 
 
 def wy_input_grads(q, k, v, beta, g, P, W, U, HS, VN, DHS, DVN, dO, scale: float, *, block_k: int, block_v: int,
-                   num_warps: int, precision: str, max_registers: Optional[int]):
+                   num_warps: int, precision: str, max_registers: Optional[int], da_from_inputs: bool):
     """The parallel stages after the serial pass (``_wy_dqkw``, then ``_wy_bwd``), from the states entering and
     the gradients leaving each chunk (HS, DHS) and v_n, dv_n (VN, DVN) over every V column ->
     (dq (None when q is None), dk, dv in k's dtype, dβ, dg or None float32). max_registers: both kernels'
-    registers a thread (Triton's maxnreg), None: ptxas's choice."""
+    registers a thread (Triton's maxnreg), None: ptxas's choice. da_from_inputs: ``_wy_bwd`` forms dA from v and
+    k instead of U and W (no gate or a scalar gate; per-key gates keep U and W)."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     N = HS.shape[2]
@@ -337,12 +349,13 @@ def wy_input_grads(q, k, v, beta, g, P, W, U, HS, VN, DHS, DVN, dO, scale: float
     # g: the gate's cumulative sums in each chunk (``wy_prep``); dg `[B, T, H]` as β, or `[B, T, H, K]` as k
     dg = None if g is None else torch.empty(beta.shape if gate == SCALAR else k.shape, **f32)
     kw["BK"] = bwd_block_k(block_k, gate)
-    _wy_bwd[(N, B * H)](k, v, beta, g, P, W, U, DVN, dW, db, dk, dv, dbeta, dg, T, H, N, K, V, NK, **kw)
+    _wy_bwd[(N, B * H)](k, v, beta, g, P, W, U, DVN, dW, db, dk, dv, dbeta, dg, T, H, N, K, V, NK,
+                        DA_INPUTS=da_from_inputs and gate != PER_KEY, **kw)
     return dq, dk, dv, dbeta, dg
 
 
 def wy_grads(q, k, v, beta, g, QK, P, W, U, HS, VN, dO, scale: float, state_backward, *, block_k: int, block_v: int,
-             num_warps: int, precision: str, max_registers: Optional[int]):
+             num_warps: int, precision: str, max_registers: Optional[int], da_from_inputs: bool):
     """-> (dq (None when q is None: a segment transition, no output), dk, dv in k's dtype, dβ, dg or None and
     dS_0 float32). ``state_backward(dv_local) ->
     (dS' a chunk, dv_n, dS_0)`` is the serial pass (``wy_state.wy_state_backward``), run between the two
@@ -353,4 +366,4 @@ def wy_grads(q, k, v, beta, g, QK, P, W, U, HS, VN, dO, scale: float, state_back
     dv_local = wy_dv_local(q, k, g, QK, dO, scale, V=v.shape[-1], **kw) if q is not None else None
     DHS, DVN, dh0 = state_backward(dv_local)
     return wy_input_grads(q, k, v, beta, g, P, W, U, HS, VN, DHS, DVN, dO, scale, max_registers=max_registers,
-                          **kw) + (dh0,)
+                          da_from_inputs=da_from_inputs, **kw) + (dh0,)

@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 
 from longscan.kernels.delta_rule.triton.options import DeltaTritonOptions
-from longscan.kernels.delta_rule.triton.wy import (parallel_block_k, parallel_settings, prepare_settings,
-                                                   serial_backward_gate, serial_settings)
+from longscan.kernels.delta_rule.triton.wy import (input_grad_settings, parallel_block_k, parallel_settings,
+                                                   prepare_settings, serial_backward_gate, serial_settings)
 from longscan.kernels.delta_rule.triton.wy_decay import gate_kind
 from longscan.kernels.delta_rule.triton.wy_grads import wy_dv_local, wy_input_grads
 from longscan.kernels.delta_rule.triton.wy_output import wy_output
@@ -91,8 +91,7 @@ class WYRelay:
 
     def grads(self):
         out = [wy_input_grads(seg.q, seg.k, seg.v, seg.beta, seg.gk, seg.P, seg.W, seg.U, seg.HS, seg.VN, seg.DHS,
-                              seg.DVN, seg.do, self.scale, block_k=seg.bk,
-                              max_registers=self.options.wy_max_registers, **parallel_settings(self.options))
+                              seg.DVN, seg.do, self.scale, block_k=seg.bk, **input_grad_settings(self.options))
                for seg in self.segments]
         self.segments = []
         return out
