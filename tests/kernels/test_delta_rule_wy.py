@@ -72,6 +72,15 @@ def test_wy_forward_width_matches_recurrence(kind):
     compare(kind, SHAPES[3], True, WY_FWD_WIDE, seed=5)
 
 
+@pytest.mark.parametrize("width", [32, 64])
+@pytest.mark.parametrize("kind", ["deltanet", "gated", "kda"])
+def test_wy_serial_widths_match_recurrence(kind, width):
+    """The serial kernels at the widths a GPU launch picks (the interpreter's own choice is 16): V = 80 takes a
+    full block of columns and a masked one at 32 or 64 a program."""
+    compare(kind, (1, 100, 2, 16, 80), True, DeltaTritonOptions(path="wy", block_v=16, wy_state_block_v=width),
+            seed=width + 1)
+
+
 # the WY backward's dA from v and k (-Pᵀ (dU Yᵀ + dW Xᵀ) Pᵀ) instead of U and W; per-key gates keep U and W
 WY_DA_INPUTS = DeltaTritonOptions(path="wy", block_v=16, wy_bwd_from_inputs=True)
 
