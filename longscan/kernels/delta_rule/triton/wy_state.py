@@ -32,7 +32,7 @@ def _wy_state_fwd(K_, G, KB, GC, W, U, H0, HS, VN, HT, T, H, N, K, V, V0, VB, si
                   GATE: tl.constexpr, HAS_H0: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     iv, bh = tl.program_id(0), tl.program_id(1)
     # the sequence's int64 bases; int32 offsets inside it, formed in the loop (hoisted, they hold registers);
-    # columns V0:V0 + VB of the V-wide U, HS and VN, the states H0 and HT VB wide
+    # columns V0:V0 + VB of the V-wide U, HS and VN; the states H0 and HT `[B·H, K, VB]` by their strides
     oc, ok, ov, mk, mv, m_kv, seq, rows = wy_sequence(iv, bh, T, H, N, K, VB, KP, BV)
     dt = W.dtype.element_ty
     K_, W, U, VN, HS = K_ + seq * K, W + rows * K, U + rows * V + V0, VN + rows * V + V0, HS + V0
@@ -70,7 +70,8 @@ def _wy_state_bwd(Q, K_, G, QG, KB, GC, W, DO, DVL, DHT, DHS, DVN, DH0, T, H, N,
     with GATE_ROWS G is b `[B, H, N·BT]` (``wy_prep``'s) and the products' `[BT, BV]` rows are scaled by the decays
     instead, so q and k reach the products as loaded (prefetched into shared memory as without a gate)."""
     iv, bh = tl.program_id(0), tl.program_id(1)
-    # columns V0:V0 + VB of the V-wide DO, DVL, DHS and DVN, the states DHT and DH0 VB wide
+    # columns V0:V0 + VB of the V-wide DO, DVL, DHS and DVN; the states DHT and DH0 `[B·H, K, VB]` by their
+    # strides
     oc, ok, ov, mk, mv, m_kv, seq, rows = wy_sequence(iv, bh, T, H, N, K, VB, KP, BV)
     dt = W.dtype.element_ty
     K_, W, DVN, DHS = K_ + seq * K, W + rows * K, DVN + rows * V + V0, DHS + V0
