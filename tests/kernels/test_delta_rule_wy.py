@@ -168,10 +168,10 @@ def test_wy_steep_gates_stay_finite(kind, low):
         assert rel_err(got[2][n].cpu(), ref[2][n]) < 1e-5, n
 
 
-def bf16_case(kind, seed, bf16_names, *grad_shapes):
-    """A GPU case: float64 inputs (B = 2, T = 300, H = 2, K = V = 64), random float64 gradients of the given
+def bf16_case(kind, seed, bf16_names, *grad_shapes, dim=64):
+    """A GPU case: float64 inputs (B = 2, T = 300, H = 2, K = V = dim), random float64 gradients of the given
     shapes, and the inputs on the GPU (bf16_names in bf16, the rest in float32)."""
-    x = make_inputs(kind, 2, 300, 2, 64, 64, torch.float64, seed=seed)
+    x = make_inputs(kind, 2, 300, 2, dim, dim, torch.float64, seed=seed)
     gen = torch.Generator().manual_seed(seed + 1)
     grads = [torch.randn(*shape, generator=gen, dtype=torch.float64) for shape in grad_shapes]
     xb = {n: (t.to("cuda", torch.bfloat16 if n in bf16_names else torch.float32) if t is not None else None)
@@ -186,6 +186,25 @@ def test_wy_bf16_on_gpu(kind):
     x, xb, (do, dht) = bf16_case(kind, 11, ("q", "k", "v"), (2, 300, 2, 64), (2, 2, 64, 64))
     ref = run(lambda **a: naive_recurrent_delta_rule(**a, output_final_state=True), x, do, dht)
     got = run(lambda **a: tc.forward(**a, output_final_state=True, options=DeltaTritonOptions(path="wy")), xb,
+              do.to("cuda", torch.bfloat16), dht.float().cuda())
+    assert rel_err(got[0].cpu(), ref[0]) < 2e-2
+    assert rel_err(got[1].cpu(), ref[1]) < 2e-2
+    for n in ref[2]:
+        assert rel_err(got[2][n].cpu(), ref[2][n]) < 5e-2, n
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 products need a GPU")
+@pytest.mark.parametrize("settings", [dict(wy_state_block_v=32), dict(wy_state_block_v=64),
+                                      dict(wy_inverse_num_warps=8), dict(wy_bwd_from_inputs=True)],
+                         ids=["serial_32", "serial_64", "inverse_w8", "bwd_from_inputs"])
+@pytest.mark.parametrize("kind", ["deltanet", "gated", "kda"])
+def test_wy_settings_bf16_on_gpu(kind, settings):
+    """K = V = 128 as models run: the serial kernels at the widths a launch over many sequences × heads takes (8
+    warps at 64 columns), and the settings not on by default, against the float64 recurrence."""
+    x, xb, (do, dht) = bf16_case(kind, 13, ("q", "k", "v"), (2, 300, 2, 128), (2, 2, 128, 128), dim=128)
+    ref = run(lambda **a: naive_recurrent_delta_rule(**a, output_final_state=True), x, do, dht)
+    options = DeltaTritonOptions(path="wy", **settings)
+    got = run(lambda **a: tc.forward(**a, output_final_state=True, options=options), xb,
               do.to("cuda", torch.bfloat16), dht.float().cuda())
     assert rel_err(got[0].cpu(), ref[0]) < 2e-2
     assert rel_err(got[1].cpu(), ref[1]) < 2e-2
