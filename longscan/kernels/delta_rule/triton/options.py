@@ -29,6 +29,17 @@ WY_ONLY = ("wy_state_block_v", "wy_state_num_warps", "wy_gate_rows", "wy_max_reg
            "wy_inverse_num_warps", "wy_bwd_from_inputs")
 
 
+def _power_of_two(name: str, value, least: int = 1, why: str = "", none: Optional[str] = None) -> None:
+    """Refuse ``value`` unless it is an int power of two of at least ``least`` (``why``: the reason for that
+    bound), or None where ``none`` says what None means."""
+    if value is None and none is not None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < least or value & (value - 1):
+        bound = f" of at least {least}{why}" if least > 1 else ""
+        also = f"None{none} or " if none is not None else ""
+        raise ValueError(f"DeltaTritonOptions.{name} must be {also}a power of two{bound}, got {value!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class DeltaTritonOptions:
     """chunk: tokens a chunk (the last one and sequences shorter than it are padded).
@@ -109,17 +120,10 @@ class DeltaTritonOptions:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"DeltaTritonOptions.{name} must be a positive int, got {value!r}")
-        i = self.wy_inverse_num_warps
-        if not isinstance(i, int) or isinstance(i, bool) or i < 1 or i & (i - 1):
-            raise ValueError(f"DeltaTritonOptions.wy_inverse_num_warps must be a power of two, got {i!r}")
-        w = self.wy_state_num_warps
-        if w is not None and (not isinstance(w, int) or isinstance(w, bool) or w < 1 or w & (w - 1)):
-            raise ValueError(f"DeltaTritonOptions.wy_state_num_warps must be None (chosen by the width) or a power of "
-                             f"two, got {w!r}")
-        v = self.wy_state_block_v
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 16 or v & (v - 1)):
-            raise ValueError(f"DeltaTritonOptions.wy_state_block_v must be None (chosen per launch) or a power of two "
-                             f"of at least 16 (tl.dot's smallest tile), got {v!r}")
+        tile = " (tl.dot's smallest tile)"
+        _power_of_two("wy_inverse_num_warps", self.wy_inverse_num_warps)
+        _power_of_two("wy_state_num_warps", self.wy_state_num_warps, none=" (chosen by the width)")
+        _power_of_two("wy_state_block_v", self.wy_state_block_v, 16, tile, none=" (chosen per launch)")
         for name in ("block_v", "block_k", "num_warps"):
             value = getattr(self, name)
             if value & (value - 1):
@@ -128,14 +132,8 @@ class DeltaTritonOptions:
             if getattr(self, name) < 16:
                 raise ValueError(f"DeltaTritonOptions.{name} must be at least 16 (tl.dot's smallest tile), "
                                  f"got {getattr(self, name)}")
-        k = self.inter_block_k
-        if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 16 or k & (k - 1)):
-            raise ValueError(f"DeltaTritonOptions.inter_block_k must be None or a power of two of at least 16, "
-                             f"got {k!r}")
-        f = self.wy_forward_block_v
-        if f is not None and (not isinstance(f, int) or isinstance(f, bool) or f < 16 or f & (f - 1)):
-            raise ValueError(f"DeltaTritonOptions.wy_forward_block_v must be None (block_v) or a power of two of at "
-                             f"least 16 (tl.dot's smallest tile), got {f!r}")
+        _power_of_two("inter_block_k", self.inter_block_k, 16, none="")
+        _power_of_two("wy_forward_block_v", self.wy_forward_block_v, 16, tile, none=" (block_v)")
         r = self.wy_max_registers
         if r is not None and (not isinstance(r, int) or isinstance(r, bool) or not 32 <= r <= 248 or r % 8):
             raise ValueError(f"DeltaTritonOptions.wy_max_registers must be None or a multiple of 8 from 32 to 248, "
