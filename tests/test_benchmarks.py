@@ -181,3 +181,41 @@ def test_kernel_costs_merges_measured_variants_into_a_table(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["kernel_costs.py", "--variants", "kda,mamba"])
     with pytest.raises(SystemExit, match="unknown variant 'mamba'"):
         kernel_costs.main()
+
+
+def test_accuracy_peer_tuning_takes_the_first_configuration_that_runs():
+    """--peer-tuning first: an autotuner runs its configurations in its own order until one runs (one that does not
+    compile or fit is skipped), times none after it, keeps that choice per key, and is itself again afterwards."""
+    triton = pytest.importorskip("triton")
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.errors import OutOfResources
+    from benchmarks import accuracy_linear as acc
+
+    tried = []
+
+    class Kernel:  # what an autotuner wraps: run(*args, **meta) with the config's meta-parameters
+        arg_names = ["x", "n"]
+
+        def run(self, *args, BLOCK, **meta):
+            tried.append(BLOCK)
+            if BLOCK == 128:
+                raise OutOfResources(262144, 232448, "shared memory")
+
+    def fn(x, n, BLOCK):  # the Python function the autotuner names
+        pass
+
+    kernel = Kernel()
+    kernel.fn = fn
+    configs = [triton.Config({"BLOCK": b}) for b in (128, 64, 32)]
+    tuner = Autotuner(kernel, ["x", "n"], configs, ["n"], None, None,
+                      do_bench=lambda call, quantiles: (call(), [1.0, 1.0, 1.0])[1])
+    with acc.first_working_config():
+        tuner.run(0, 5)
+        assert tried == [128, 64, 64]  # 128 fails, 64 runs (timed, then the launch); 32 never compiled
+        tried.clear()
+        tuner.run(0, 5)
+        assert tried == [64]           # the same key: the kept choice
+    tried.clear()
+    Autotuner(kernel, ["x", "n"], configs, ["n"], None, None,
+              do_bench=lambda call, quantiles: (call(), [1.0, 1.0, 1.0])[1]).run(0, 5)
+    assert sorted(tried) == [32, 64, 64, 128]  # outside: every configuration timed again
