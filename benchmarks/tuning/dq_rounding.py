@@ -109,6 +109,7 @@ class PerKey:
     state: str = "tf32"          # "tf32", "split" (two bf16 halves), "bf16" or "exact"
     out: bool = True
     dA_split: bool = False       # dA as two bf16 halves (two dots)
+    dA_tf32: bool = False        # dA in float32 into a tf32 dot (kd, bf16, is exact in tf32)
 
     def dq(self, x: Inputs) -> torch.Tensor:
         T, K = x.q.shape
@@ -124,7 +125,7 @@ class PerKey:
             e0 = r(self.e0, torch.exp(torch.clamp(-bC, max=LEVEL_SPAN)))
             kn = r(self.kn, kd * e0)
             dA = torch.tril(x.do[t0:t1] @ x.v[t0:t1].T)
-            dA = split(dA) if self.dA_split else r(self.dA, dA)
+            dA = split(dA) if self.dA_split else tf32(dA) if self.dA_tf32 else r(self.dA, dA)
             inter = x.do[t0:t1] @ rs(S).T
             acc = (inter + dA @ kn) * eq
             out[t0:t1] = r(self.out, x.scale * acc)
@@ -213,6 +214,9 @@ PER_KEY = {
     "  + dq_factor_f32 (eq in float32)": PerKey(e0=False, kn=False, eq=False),
     "  + scores split (with_per_key_dq_split())": PerKey(e0=False, kn=False, dA_split=True, state="split"),
     "  + dq_factor_f32 + scores split": PerKey(e0=False, kn=False, eq=False, dA_split=True, state="split"),
+    "  + scores in tf32": PerKey(e0=False, kn=False, dA_tf32=True),
+    "  + dq_factor_f32 + scores in tf32": PerKey(e0=False, kn=False, eq=False, dA_tf32=True),
+    "  + scores in tf32, state split": PerKey(e0=False, kn=False, dA_tf32=True, state="split"),
     "no gate gradient (bf16 state), bf16 kn (before)": PerKey(state="bf16"),
     "no gate gradient (bf16 state), kn in float32": PerKey(state="bf16", e0=False, kn=False),
 }
