@@ -219,3 +219,18 @@ def test_accuracy_peer_tuning_takes_the_first_configuration_that_runs():
     Autotuner(kernel, ["x", "n"], configs, ["n"], None, None,
               do_bench=lambda call, quantiles: (call(), [1.0, 1.0, 1.0])[1]).run(0, 5)
     assert sorted(tried) == [32, 64, 64, 128]  # outside: every configuration timed again
+
+
+def test_accuracy_rounded_bar_keeps_its_error_before_rounding(tmp_path, capsys):
+    """Where the peer refuses a case, the bar is the float32 computation rounded once; its error before that
+    rounding is kept beside it, and the summary names each group's worst case with both."""
+    from benchmarks import accuracy_linear as acc
+    out = tmp_path / "acc.jsonl"
+    acc.main(["--grid", "quick", "--device", "cpu", "--backend", "torch", "--peer", "no-such-backend",
+              "--dtypes", "bfloat16", "--decays", "g", "--lengths", "65", "--json", str(out)])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows and all(r["bar_kind"] == "f32 rounded once" for r in rows)
+    for r in rows:
+        assert r["bar_unrounded"]["dq"] < r["bar"]["dq"]   # bf16's rounding of dq dominates the float32 error
+    table = acc.summary(rows)
+    assert "| bfloat16 | g | dq | ours | 8 |" in table and "unrounded)" in table
