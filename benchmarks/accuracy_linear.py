@@ -20,6 +20,7 @@ per_key_dq_split applies LinearKernelOptions.with_per_key_dq_split():
     PYTHONPATH=. python benchmarks/accuracy_linear.py --json acc.json            # the whole grid (GPU)
     PYTHONPATH=. python benchmarks/accuracy_linear.py --decays gk g_gamma_fixed --options dq_factor_f32=true
     PYTHONPATH=. python benchmarks/accuracy_linear.py --grid quick --device cpu --backend torch --peer naive
+    PYTHONPATH=. python benchmarks/accuracy_linear.py --cases "bfloat16 g_gamma B1 T65 H1 K64 V64"  # one case, its seed
 
 Each kernel family (head sizes x decay kind) compiles ours, and the peer's autotuners would compile and time every
 configuration of theirs: that, not the measuring, was most of a GPU run. An accuracy run needs a configuration, not
@@ -290,6 +291,9 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lengths", nargs="+", type=int, default=None, help="a subset of the grid's T")
+    p.add_argument("--cases", nargs="+", default=None, metavar="NAME",
+                   help='only these cases, by name (e.g. "bfloat16 g_gamma B1 T65 H1 K64 V64"), on the seeds they '
+                        'have in the whole run')
     p.add_argument("--json", default=None, help="write every case here, one JSON object a line")
     p.add_argument("--shard", default="0/1", help="I/N: run every N-th case of the grid from the I-th")
     p.add_argument("--summarize", nargs="+", default=None, metavar="JSON",
@@ -308,11 +312,15 @@ def main(argv=None) -> int:
     rows = []
     log = open(a.json, "w") if a.json else None  # one JSON line a case, so a run cut short keeps its rows
     todo = [c for c in cases(a.grid, a.dtypes, tuple(a.decays)) if c.T in a.lengths]
+    if a.cases and not set(a.cases) <= {c.name for c in todo}:
+        raise SystemExit(f"--cases: not in this run's grid: {sorted(set(a.cases) - {c.name for c in todo})}")
     # no Triton autotuner runs on the CPU (and the CPU path need not have triton)
     first = a.peer_tuning == "first" and device.type == "cuda"
     tuning = first_working_config() if first else contextlib.nullcontext()
     with tuning:
         for i, case in list(enumerate(todo))[shard::shards]:
+            if a.cases and case.name not in a.cases:
+                continue
             rows.append(measure_and_log(case, a, device, a.seed + i, variant, log))
     print(summary(rows))
     return 0
