@@ -20,7 +20,7 @@ per_key_dq_split applies LinearKernelOptions.with_per_key_dq_split():
     PYTHONPATH=. python benchmarks/accuracy_linear.py --json acc.json            # the whole grid (GPU)
     PYTHONPATH=. python benchmarks/accuracy_linear.py --decays gk g_gamma_fixed --options dq_factor_f32=true
     PYTHONPATH=. python benchmarks/accuracy_linear.py --grid quick --device cpu --backend torch --peer naive
-    PYTHONPATH=. python benchmarks/accuracy_linear.py --cases "bfloat16 g_gamma B1 T65 H1 K64 V64"  # one case, its seed
+    PYTHONPATH=. python benchmarks/accuracy_linear.py --cases "bfloat16 g_gamma B1 T65 H1 K64 V64"  # one case
 
 Each kernel family (head sizes x decay kind) compiles ours, and the peer's autotuners would compile and time every
 configuration of theirs: that, not the measuring, was most of a GPU run. An accuracy run needs a configuration, not
@@ -41,6 +41,7 @@ import itertools
 import json
 import math
 import statistics
+import zlib
 
 import torch
 
@@ -202,6 +203,16 @@ def cases(grid: str, dtypes, decays=DECAYS) -> list[Case]:
             in itertools.product(dtypes, g["T"], g["BH"], (False, True), g["KV"], decays)]
 
 
+def seed_of(case: Case, grid: str, base: int) -> int:
+    """The case's seed: base + its place in the grid's default run (both dtypes, DECAYS, every length), so a run
+    of a subset (--dtypes, --decays, --lengths, --cases) draws the inputs the whole run drew for those cases;
+    cases outside the default run (other decays or dtypes) take a seed from their name past those places."""
+    default = cases(grid, ("bfloat16", "float32"))
+    if case in default:
+        return base + default.index(case)
+    return base + len(default) + zlib.crc32(case.name.encode()) % 1_000_000
+
+
 def summary(rows: list[dict]) -> str:
     """Markdown: per dtype, decay, tensor (and ours' options, where a variant ran), the number of cases, the
     median and worst ratio ours / bar, the case of the worst ratio (with ours and the bar there, and the bar before
@@ -292,8 +303,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lengths", nargs="+", type=int, default=None, help="a subset of the grid's T")
     p.add_argument("--cases", nargs="+", default=None, metavar="NAME",
-                   help='only these cases, by name (e.g. "bfloat16 g_gamma B1 T65 H1 K64 V64"), on the seeds they '
-                        'have in the whole run')
+                   help='only these cases, by name (e.g. "bfloat16 g_gamma B1 T65 H1 K64 V64")')
     p.add_argument("--json", default=None, help="write every case here, one JSON object a line")
     p.add_argument("--shard", default="0/1", help="I/N: run every N-th case of the grid from the I-th")
     p.add_argument("--summarize", nargs="+", default=None, metavar="JSON",
@@ -318,10 +328,10 @@ def main(argv=None) -> int:
     first = a.peer_tuning == "first" and device.type == "cuda"
     tuning = first_working_config() if first else contextlib.nullcontext()
     with tuning:
-        for i, case in list(enumerate(todo))[shard::shards]:
+        for case in todo[shard::shards]:
             if a.cases and case.name not in a.cases:
                 continue
-            rows.append(measure_and_log(case, a, device, a.seed + i, variant, log))
+            rows.append(measure_and_log(case, a, device, seed_of(case, a.grid, a.seed), variant, log))
     print(summary(rows))
     return 0
 

@@ -237,15 +237,16 @@ def test_accuracy_rounded_bar_keeps_its_error_before_rounding(tmp_path, capsys):
 
 
 def test_accuracy_cases_run_alone_on_their_seeds(tmp_path):
-    """--cases runs only the named cases, on the seeds they have in the whole grid; an unknown name is refused."""
+    """A subset of the grid (--decays, --cases) draws the inputs the whole run drew for its cases; an unknown
+    case name is refused."""
     from benchmarks import accuracy_linear as acc
-    common = ["--grid", "quick", "--device", "cpu", "--backend", "torch", "--peer", "naive", "--dtypes", "float32",
-              "--decays", "g"]
-    acc.main(common + ["--json", str(tmp_path / "all.jsonl")])
+    common = ["--grid", "quick", "--device", "cpu", "--backend", "torch", "--peer", "naive", "--dtypes", "float32"]
+    acc.main(common + ["--decays", "g", "gk", "--json", str(tmp_path / "all.jsonl")])
     every = [json.loads(line) for line in (tmp_path / "all.jsonl").read_text().splitlines()]
+    assert every[5]["case"]["decay"] == "gk"
     name = acc.Case(**every[5]["case"]).name
-    acc.main(common + ["--cases", name, "--json", str(tmp_path / "one.jsonl")])
+    acc.main(common + ["--decays", "gk", "--cases", name, "--json", str(tmp_path / "one.jsonl")])
     one = [json.loads(line) for line in (tmp_path / "one.jsonl").read_text().splitlines()]
     assert len(one) == 1 and one[0] == every[5]
     with pytest.raises(SystemExit, match="--cases"):
-        acc.main(common + ["--cases", "float32 g B9 T1 H1 K16 V16"])
+        acc.main(common + ["--decays", "g", "--cases", "float32 g B9 T1 H1 K16 V16"])
