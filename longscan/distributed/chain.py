@@ -33,12 +33,15 @@ def global_rank(group, r: int) -> int:
 
 
 def chain_scan(terms: torch.Tensor, n_blocks: int, combine: Combine, group, layout: str,
-               initial: torch.Tensor | None, reverse: bool, kind: str = "other"):
+               initial: torch.Tensor | None, reverse: bool, kind: str = "other", blockwise_ends: bool = False):
     """The chain over an SP group of more than one rank.
 
     terms `[n_local, X, ...]`: this rank's segments in local order, X the blocked axis first (so a block is one
     contiguous buffer: received in place, combined, sent without a copy); ``initial`` `[X, ...]` enters the
-    scan's first segment, zeros when None. ``kind`` labels the bytes and waits for the profiler.
+    scan's first segment, zeros when None. ``kind`` labels the bytes and waits for the profiler. A segment with
+    nothing to pass on (the scan's last; zigzag's turn, where the next segment is local) is combined once every
+    block is in, as one combine; with ``blockwise_ends`` block by block as each arrives instead (for a combine
+    whose work is per block anyway: the block's work then overlaps the later blocks' hops).
 
     -> (carries `[n_local, X, ...]` entering each local segment, the carry leaving the scan's last segment on
     the rank that owns it and None elsewhere).
@@ -69,19 +72,22 @@ def chain_scan(terms: torch.Tensor, n_blocks: int, combine: Combine, group, layo
         else:
             carries[slot] = initial
         out = torch.empty_like(terms[slot])
-        if dst is None or dst == rank:   # nothing to pass on: one combine once every block is in
-            with waiting(kind):
-                for work in recvs:
-                    work.wait()
-            combine(slot, 0, X, carries[slot], out)
-        else:
+        pass_on = dst is not None and dst != rank
+        if pass_on or blockwise_ends:
             for b, (x0, x1) in enumerate(cuts):
                 if recvs:
                     with waiting(kind):
                         recvs[b].wait()
                 combine(slot, x0, x1, carries[slot, x0:x1], out[x0:x1])
-                sends.append(dist.isend(out[x0:x1], global_rank(group, dst), group=group, tag=seg * n_blocks + b))
-                count(sent=nbytes(out[x0:x1]), kind=kind)
+                if pass_on:
+                    sends.append(dist.isend(out[x0:x1], global_rank(group, dst), group=group,
+                                            tag=seg * n_blocks + b))
+                    count(sent=nbytes(out[x0:x1]), kind=kind)
+        else:   # nothing to pass on: one combine once every block is in
+            with waiting(kind):
+                for work in recvs:
+                    work.wait()
+            combine(slot, 0, X, carries[slot], out)
         if dst is None:
             last = out
         local_out = out

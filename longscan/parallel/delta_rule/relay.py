@@ -27,7 +27,7 @@ from typing import Protocol
 
 import torch
 
-from longscan.distributed.chain import blocks, chain_scan
+from longscan.distributed.chain import chain_scan
 from longscan.kernels.delta_rule import TRITON_BACKEND
 from longscan.parallel.delta_rule.common import DeltaSPContext
 from longscan.parallel.linear.common import all_reduce_sum, broadcast_from
@@ -138,25 +138,23 @@ class StateRelay(torch.autograd.Function):
         B, T, H, K = k.shape
         V = v.shape[-1]
         dt = state_dtype(k)
-        cuts = blocks(V, sp.n_blocks)
         # the chain's carries are V-major `[V, B, H, K]` (a block of columns is one contiguous buffer); ``like``
         # gives the chain their shape and dtype
         like = torch.empty(sp.n_local, V, B, H, K, dtype=dt, device=k.device)
 
-        def combine(slot, x0, x1, carry, out):
-            # every block on its own, also where the chain combines the whole range at once (its ends):
-            # the backward then meets the same blocks
-            for c0, c1 in cuts:
-                if x0 <= c0 and c1 <= x1:
-                    stages.forward_block(slot, c0, c1, carry[c0 - x0:c1 - x0].movedim(0, -1),
-                                         out[c0 - x0:c1 - x0].movedim(0, -1))
+        def combine(slot, c0, c1, carry, out):
+            # one block: the chain combines block by block everywhere (blockwise_ends), so the backward meets
+            # the same blocks
+            stages.forward_block(slot, c0, c1, carry.movedim(0, -1), out.movedim(0, -1))
         init = None if initial is None else initial.to(dt).movedim(-1, 0)
-        _, last = chain_scan(like, sp.n_blocks, combine, sp.group, sp.layout, init, False, KIND)
+        # blockwise ends: where a segment passes nothing on, each block's pass starts as its carry arrives
+        _, last = chain_scan(like, sp.n_blocks, combine, sp.group, sp.layout, init, False, KIND,
+                             blockwise_ends=True)
         final = None
         if output_final_state:
             last = None if last is None else last.movedim(0, -1).contiguous()
             final = broadcast_from(last, sp.last_owner, k.new_empty((B, H, K, V), dtype=dt), sp)
-        ctx.sp, ctx.stages, ctx.cuts, ctx.output_final_state = sp, stages, cuts, output_final_state
+        ctx.sp, ctx.stages, ctx.output_final_state = sp, stages, output_final_state
         ctx.like = like
         ctx.dtypes = tuple(x.dtype if x is not None else None for x in (q, k, v, beta, g))
         ctx.initial_dtype = initial.dtype if initial is not None else None
@@ -164,18 +162,16 @@ class StateRelay(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dO, dfinal):
-        sp, stages, cuts = ctx.sp, ctx.stages, ctx.cuts
+        sp, stages = ctx.sp, ctx.stages
         dOs = [segment(dO, sp.n_local, s) for s in range(sp.n_local)]
         dN = None
         if ctx.output_final_state and dfinal is not None:
             dN = all_reduce_sum(dfinal.to(ctx.like.dtype), sp).movedim(-1, 0)
 
-        def combine(slot, x0, x1, carry, out):
-            for c0, c1 in cuts:
-                if x0 <= c0 and c1 <= x1:
-                    stages.backward_block(slot, c0, c1, dOs[slot], carry[c0 - x0:c1 - x0].movedim(0, -1),
-                                          out[c0 - x0:c1 - x0].movedim(0, -1))
-        _, first = chain_scan(ctx.like, sp.n_blocks, combine, sp.group, sp.layout, dN, True, KIND)
+        def combine(slot, c0, c1, carry, out):
+            stages.backward_block(slot, c0, c1, dOs[slot], carry.movedim(0, -1), out.movedim(0, -1))
+        _, first = chain_scan(ctx.like, sp.n_blocks, combine, sp.group, sp.layout, dN, True, KIND,
+                              blockwise_ends=True)
         d_initial = None
         if ctx.initial_dtype is not None:
             d_initial = (first.movedim(0, -1) if sp.rank == sp.first_owner else
