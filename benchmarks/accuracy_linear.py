@@ -220,14 +220,14 @@ def summary(rows: list[dict]) -> str:
     groups = {}
     for r in rows:
         c = r["case"]
-        name = Case(**c).name.split(" ", 2)[2]   # the dtype and decay are the row's own columns
+        where = Case(**c).name.split(" ", 2)[2]   # the dtype and decay are the row's own columns
         runs = [("ours", r["ours"])] + [(f"ours[{name}]", errs) for name, errs in r.get("variant", {}).items()]
         for n in TENSORS:
             for who, errs in runs:
                 if errs[n] is not None:
                     unrounded = r.get("bar_unrounded", {}).get(n)
                     groups.setdefault((c["dtype"], c["decay"], n, who), []).append(
-                        (errs[n], r["bar"][n], r["bar_kind"], name, unrounded))
+                        (errs[n], r["bar"][n], r["bar_kind"], where, unrounded))
     cells = []
     for (dt, d, n, who), vals in groups.items():
         rated = [(a / max(b, 1e-30), a, b, case, u) for a, b, _, case, u in vals if b is not None]
