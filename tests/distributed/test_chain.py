@@ -43,6 +43,6 @@ def test_blockwise_ends_combine_block_by_block_with_the_same_result():
                 if whole[1] is not None:
                     assert torch.equal(whole[1], by_block[1])
                 assert all(c in cuts for c in by_block[2])            # never a whole range at once
-                assert len(by_block[2]) == len(cuts) * len(res[(layout, reverse, True)][0])
+                assert len(by_block[2]) == len(cuts) * len(by_block[0])   # every block of every local segment
             # the chain's last segment is combined whole without blockwise ends (somewhere in the group)
             assert any((0, X) in res[(layout, reverse, False)][2] for res in results)

@@ -196,8 +196,6 @@ def _wy_w_u(Q, K_, V_, BETA, G, P_, W, U, KB, QG, GC, T, H, N, K, V, GATE: tl.co
         tl.store(U + row[:, None] * V + ov[None, :], u.to(dt), mask=mv[None, :])
 
 
-
-
 class Prepared(NamedTuple):
     """What ``wy_prepare`` forms once a chunk, in k's dtype unless named: P `[B, H, N·BT, BT]`, W `[B, H, N·BT, K]`,
     U `[B, H, N·BT, V]`; for per-key gates K̄ `[B, H, N·BT, K]`, exp(b_C) `[B, H, N, K]` float32 and, with q, Q̃
