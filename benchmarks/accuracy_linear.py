@@ -41,6 +41,7 @@ import itertools
 import json
 import math
 import statistics
+import time
 import zlib
 
 import torch
@@ -139,8 +140,10 @@ def measure(case: Case, backend: str, peer: str, device, seed: int,
     with those options, under row["variant"][name]."""
     dtype = getattr(torch, case.dtype)
     x = make_inputs(case, device, seed)
+    clock = Clock(device)
     # our backend may refuse a g_gamma that requires grad; then dg is not measured for it
     ref = run(case, x, "torch", torch.float64, gate_grad=True)
+    clock.lap("ref")
     row = dict(case=dataclasses.asdict(case), ours={}, bar={}, bar_kind=peer)
     try:
         ours = run(case, x, backend, dtype, gate_grad=True)
@@ -149,9 +152,11 @@ def measure(case: Case, backend: str, peer: str, device, seed: int,
             raise
         row["ours_note"] = f"g_gamma gradient refused: {e}"
         ours = run(case, x, backend, dtype, gate_grad=False)
+    clock.lap("ours")
     if variant is not None:
         other = run(case, x, backend, dtype, gate_grad=True, options=variant[1])
         row["variant"] = {variant[0]: {n: rel(other[n], ref[n]) for n in TENSORS}}
+        clock.lap("variant")
     try:
         bar = run(case, x, peer, dtype, gate_grad=True)
     except Exception as e:  # noqa: BLE001 - any refusal of the peer (its own error types) falls back to rounding
@@ -165,9 +170,24 @@ def measure(case: Case, backend: str, peer: str, device, seed: int,
         # before its rounding too: where a tensor has few elements (dg_gamma: one a head) that last rounding
         # alone can land near or far from the reference, so a ratio to the rounded bar is partly its luck
         row["bar_unrounded"] = {n: rel(f32[n], ref[n]) for n in TENSORS}
+    clock.lap("bar")
     for n in TENSORS:
         row["ours"][n], row["bar"][n] = rel(ours[n], ref[n]), rel(bar[n], ref[n])
+    row["seconds"] = clock.laps  # compiles included: a grid's time is mostly first launches
     return row
+
+
+class Clock:
+    """Wall seconds between laps, the device synchronised at each."""
+
+    def __init__(self, device):
+        self.device, self.laps, self.t = device, {}, time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t = time.perf_counter()
+        self.laps[name], self.t = round(t - self.t, 3), t
 
 
 @contextlib.contextmanager
@@ -343,7 +363,9 @@ def measure_and_log(case: Case, a, device, seed: int, variant, log) -> dict:
         log.write(json.dumps(row) + "\n")
         log.flush()
     worst = max((v for v in row["ours"].values() if v is not None), default=0.0)
-    print(f"{case.name:52s} worst ours {worst:.1e}" + (f"  [{row['peer_note']}]" if "peer_note" in row else ""),
+    laps = " ".join(f"{k} {v:.1f}" for k, v in row["seconds"].items())
+    print(f"{case.name:52s} worst ours {worst:.1e}  s: {laps}"
+          + (f"  [{row['peer_note']}]" if "peer_note" in row else ""),
           flush=True)
     return row
 

@@ -97,6 +97,7 @@ def test_accuracy_script_measures_every_tensor(tmp_path):
         measured = {n for n, e in r["ours"].items() if e is not None}
         assert measured == ({"o", "dq", "dk", "dv", "dg"} | ({"ht", "dh0"} if r["case"]["states"] else set()))
         assert max(r["ours"][n] for n in measured) < 1e-5
+        assert set(r["seconds"]) == {"ref", "ours", "bar"} and all(t >= 0 for t in r["seconds"].values())
     table = acc.summary(rows)
     assert "| float32 | gk | dg |" in table and "| float32 | g | dh0 |" in table
 
@@ -247,6 +248,8 @@ def test_accuracy_cases_run_alone_on_their_seeds(tmp_path):
     name = acc.Case(**every[5]["case"]).name
     acc.main(common + ["--decays", "gk", "--cases", name, "--json", str(tmp_path / "one.jsonl")])
     one = [json.loads(line) for line in (tmp_path / "one.jsonl").read_text().splitlines()]
+    for row in one + every:
+        row.pop("seconds")
     assert len(one) == 1 and one[0] == every[5]
     with pytest.raises(SystemExit, match="--cases"):
         acc.main(common + ["--decays", "g", "--cases", "float32 g B9 T1 H1 K16 V16"])
