@@ -11,8 +11,15 @@ Rows, all over the same ``--total`` tokens (one rank, so the ring is one step an
 - "batched": the tokens as a batch of sequences of the mean document length, no documents (when it divides
   ``--total``): what the same kernels do with work of that shape and no document masks.
 "x per-doc" is a row's time over the per-document time; "work" is the fraction of the causal score matrix
-a row needs; "rate" is the row's work per second over the unpacked row's (the fraction of its FLOP rate). ``--check`` adds the packed output's and gradients' error against the per-document float64
-(CPU) / float32 (GPU) reference. A table goes to stdout and every row to --json.
+a row needs; "rate" is the row's work per second over the unpacked row's (the fraction of its FLOP rate).
+``--check`` adds the packed output's and gradients' error against the per-document float64 (CPU) / float32
+(GPU) reference. A table goes to stdout and every row to --json.
+
+``--world W`` adds the ring over W ranks, its compute run rank by rank in this one process (no transfers:
+what each rank's kernels take in its W steps, forward and backward): "ring W, slowest rank" is the ring's
+critical path without communication, its "efficiency" the one-rank row's time / (W × the slowest rank's),
+and "max/mean" the ranks' imbalance. That efficiency is what a multi-GPU ring can reach when its transfers
+hide behind the compute.
 """
 from __future__ import annotations
 
@@ -23,9 +30,12 @@ import time
 
 import torch
 
+from longscan.distributed.documents import global_positions
 from longscan.distributed.layouts import shard
 from longscan.kernels.softmax_attention import attention
 from longscan.parallel.softmax import softmax_attention
+from longscan.parallel.softmax.common import sp_documents
+from longscan.parallel.softmax.ring import backward_step, forward_step
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -49,8 +59,60 @@ def packing_parser(description: str) -> argparse.ArgumentParser:
 def parse_args(argv=None):
     p = packing_parser(__doc__.splitlines()[0])
     p.add_argument("--kv-heads", type=int, default=None)
+    p.add_argument("--world", type=int, nargs="*", default=[],
+                   help="also the ring over these numbers of ranks, run rank by rank on this device")
     p.add_argument("--json", default="packed_softmax.json")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    if any(w < 2 for w in a.world):
+        p.error(f"--world takes ring sizes >= 2, got {a.world}")
+    return a
+
+
+class RingByRank:
+    """The zigzag ring's compute over ``world`` ranks, one rank at a time in one process: rank r's W forward
+    steps and then its W backward steps, each the ring's own step (``forward_step`` / ``backward_step``) on
+    that rank's shard and the visiting rank's K/V; no transfers. q, k, v, do: the global `[1, T, ·, D]`."""
+
+    def __init__(self, q, k, v, do, cu_seqlens, world: int, layout: str = "zigzag", backend: str = "auto"):
+        self.world, self.layout, self.backend = world, layout, backend
+        self.t_local = q.shape[1] // world
+        self.pos = [global_positions(self.t_local, world, r, layout).to(q.device) for r in range(world)]
+        self.q, self.k, self.v, self.do = ([x[:, p].contiguous() for p in self.pos] for x in (q, k, v, do))
+        self.scale = q.shape[-1] ** -0.5
+        cu = None if cu_seqlens is None else cu_seqlens.to("cpu", torch.int64)
+        self.docs = sp_documents(cu, self.t_local, world, layout, True, q.device)
+
+    def rank(self, r: int):
+        """Rank r's work -> (o, dq, {src rank: (dk, dv) of its block}) in the compute dtype."""
+        W, args = self.world, (self.world, self.layout, True, self.docs, self.scale, self.backend)
+        out = lse = None
+        for step in range(W):
+            src = (r - step) % W
+            out, lse = forward_step(out, lse, self.q[r], self.k[src], self.v[src], r, src, *args)
+        o = out.to(self.q[r].dtype)
+        dq, blocks = None, {}
+        for step in range(W):
+            src = (r - step) % W
+            dq, dk, dv = backward_step(dq, self.do[r], self.q[r], self.k[src], self.v[src], o, lse, r, src, *args)
+            blocks[src] = (dk, dv)
+        return out, dq, blocks
+
+    def whole(self):
+        """Every rank's work gathered into the global (o, dq, dk, dv): what the ring computes."""
+        o, dq, dk, dv = (None,) * 4
+        for r in range(self.world):
+            o_r, dq_r, blocks = self.rank(r)
+            if o is None:
+                o = o_r.new_zeros(1, self.world * self.t_local, *o_r.shape[2:])
+                dq = o.new_zeros(1, o.shape[1], *dq_r.shape[2:])
+                dk = o.new_zeros(1, o.shape[1], *self.k[0].shape[2:])
+                dv = o.new_zeros(1, o.shape[1], *self.v[0].shape[2:])
+            o[:, self.pos[r]], dq[:, self.pos[r]] = o_r.to(o.dtype), dq_r.to(o.dtype)
+            for src, (dk_b, dv_b) in blocks.items():
+                if dk_b is not None:
+                    dk[:, self.pos[src]] += dk_b.to(o.dtype)
+                    dv[:, self.pos[src]] += dv_b.to(o.dtype)
+        return o, dq, dk, dv
 
 
 def doc_lengths(total: int, mean: int, seed: int) -> list[int]:
@@ -65,14 +127,19 @@ def doc_lengths(total: int, mean: int, seed: int) -> list[int]:
 
 def time_fb(fn, do, device, iters, warmup) -> float:
     """Median seconds of fn().backward(do)."""
+    return time_call(lambda: fn().backward(do), device, iters, warmup)
+
+
+def time_call(fn, device, iters, warmup) -> float:
+    """Median seconds of fn()."""
     for _ in range(warmup):
-        fn().backward(do)
+        fn()
     times = []
     for _ in range(iters):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        fn().backward(do)
+        fn()
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
@@ -131,6 +198,15 @@ def main(argv=None):
                          work=n * mean * (mean + 1) / 2 / causal_work))
     for r in rows:
         r["rate"] = r["work"] * rows[0]["ms"] / r["ms"]
+    by_one_rank = {"unpacked": rows[0]["ms"], "packed": rows[1]["ms"]}
+    for W in args.world:
+        for name, c in (("unpacked", None), ("packed", cu)):
+            ring_w = RingByRank(q.detach(), k.detach(), v.detach(), do, c, W, backend=backend)
+            ms = [time_call(lambda: ring_w.rank(r), device, args.iters, args.warmup) * 1e3 for r in range(W)]
+            slowest = max(ms)
+            rows.append(dict(row=f"{name}, ring {W}, slowest rank", ms=slowest, x_per_doc=slowest / (t_doc * 1e3),
+                             work=rows[0 if c is None else 1]["work"] / W, rate=None, ranks_ms=ms,
+                             efficiency=by_one_rank[name] / (W * slowest), max_over_mean=slowest / statistics.mean(ms)))
     if args.check:
         ref_dtype = torch.float64 if not cuda else torch.float32
         leaves = [x.detach().to(ref_dtype).requires_grad_() for x in (q, k, v)]
@@ -145,11 +221,13 @@ def main(argv=None):
     title = (f"# packed_softmax  {torch.cuda.get_device_name() if cuda else 'cpu'}  {dtype}  T={total} "
              f"docs={len(lengths)} (mean {mean})  H={H} Hkv={Hkv} D={D}  ring/zigzag, 1 process, backend={backend}")
     print(title)
-    print("| row | ms | x per-doc | work | rate | rel err |")
-    print("|---|---|---|---|---|---|")
+    print("| row | ms | x per-doc | work | rate | rel err | efficiency | max/mean |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         err = f"{r['rel_err']:.1e}" if "rel_err" in r else ""
-        print(f"| {r['row']} | {r['ms']:.2f} | {r['x_per_doc']:.2f} | {r['work']:.3f} | {r['rate']:.2f} | {err} |")
+        rate = f"{r['rate']:.2f}" if r["rate"] is not None else ""
+        ring = f"{r['efficiency']:.2f} | {r['max_over_mean']:.2f}" if "efficiency" in r else " | "
+        print(f"| {r['row']} | {r['ms']:.2f} | {r['x_per_doc']:.2f} | {r['work']:.3f} | {rate} | {err} | {ring} |")
     with open(args.json, "w") as f:
         json.dump(dict(title=title, rows=rows, lengths=lengths, torch=torch.__version__), f, indent=1)
 

@@ -163,6 +163,40 @@ def test_packed_softmax_checks_against_each_document(capsys, tmp_path):
     assert abs(float(rows["batched (8 x 32)"][4]) - 8 * 32 * 33 / 2 / (256 * 257 / 2)) < 1e-3
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_ring_by_rank_computes_what_the_ring_does(world):
+    """packed_softmax.RingByRank (the ring's steps rank by rank, the --world rows): its ranks' outputs and
+    gradients, gathered, equal attention within each document over the whole sequence (float64), so its
+    per-rank times are of the ring's own work."""
+    from benchmarks.packed_softmax import RingByRank
+    from longscan.kernels.softmax_attention import attention
+    gen = torch.Generator().manual_seed(world)
+    T, H, Hkv, D = 24 * world, 4, 2, 8
+    q, k, v, do = (torch.randn(1, T, h, D, generator=gen, dtype=torch.float64) for h in (H, Hkv, Hkv, H))
+    cu = torch.tensor([0, 5, 6, 6 + 2 * world, 40, T])     # a one-token document, one ending on a piece edge
+    o, dq, dk, dv = RingByRank(q, k, v, do, cu, world, backend="torch").whole()
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    ref = torch.cat([attention(*(x[:, a:b] for x in leaves), causal=True, backend="torch")
+                     for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())], 1)
+    grads = torch.autograd.grad(ref, leaves, do)
+    for got, want in zip((o, dq, dk, dv), (ref.detach(), *grads)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_packed_softmax_ring_rows_by_rank(capsys, tmp_path):
+    """--world adds the ring's slowest rank, its efficiency and the ranks' imbalance; a ring of one is refused."""
+    from benchmarks import packed_softmax
+    common = ["--total", "128", "--doc-len", "16", "--heads", "2", "--head-dim", "8", "--iters", "1", "--warmup", "0",
+              "--json", str(tmp_path / "p.json")]
+    packed_softmax.main(common + ["--world", "2"])
+    rows = {line.split("|")[1].strip(): line.split("|") for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ") and not line.startswith("| row")}
+    for name in ("unpacked, ring 2, slowest rank", "packed, ring 2, slowest rank"):
+        assert float(rows[name][7]) > 0 and float(rows[name][8]) >= 1.0
+    with pytest.raises(SystemExit):
+        packed_softmax.main(common + ["--world", "1"])
+
+
 def test_kernel_costs_merges_measured_variants_into_a_table(monkeypatch):
     """kernel_costs.py --update: the measured variants' rows replace or join the table's, the rest of the table
     is kept, and the run is noted; an unknown --variants name is refused before any GPU work."""

@@ -34,12 +34,31 @@ def _step_docs(docs, rank, src, t_local):
     return docs.of_rank(rank, t_local), docs.of_rank(src, t_local), docs.visible
 
 
+def forward_step(out, lse, q, k, v, rank, src, world, layout, causal, docs, scale, backend):
+    """One ring step's compute: rank ``rank``'s queries against the K/V block of rank ``src``, merged into
+    (out, lse) -> (out, lse). ``docs``: :func:`sp_documents` of the call, or None."""
+    q_segs = segment_ids(rank, world, layout)
+    seg_len = q.shape[1] // len(q_segs)
+    q_docs, k_docs, visible = _step_docs(docs, rank, src, q.shape[1])
+    plan = block_plan(q_segs, segment_ids(src, world, layout), causal, visible)
+    return forward_blocks(out, lse, q, k, v, plan, seg_len, seg_len, scale, backend, q_docs=q_docs, k_docs=k_docs)
+
+
+def backward_step(dq, do, q, k, v, o, lse, rank, src, world, layout, causal, docs, scale, backend):
+    """One ring step's backward compute -> (dq, dk, dv of the block of rank ``src``: None where nothing was
+    visible)."""
+    q_segs = segment_ids(rank, world, layout)
+    seg_len = q.shape[1] // len(q_segs)
+    q_docs, k_docs, visible = _step_docs(docs, rank, src, q.shape[1])
+    plan = block_plan(q_segs, segment_ids(src, world, layout), causal, visible)
+    return backward_blocks(dq, None, None, do, q, k, v, o, lse, plan, seg_len, seg_len, scale, backend,
+                           q_docs, k_docs)
+
+
 def ring_forward(q, k, v, scale, causal, group, layout, backend, cu_seqlens=None):
     """-> (out `[B, T, Hq, D]`, lse `[B, Hq, T]`) in the compute dtype (out in q's dtype when one kernel call
     made it)."""
     rank, world = group_rank_size(group)
-    q_segs = segment_ids(rank, world, layout)
-    seg_len = q.shape[1] // len(q_segs)
     docs = sp_documents(cu_seqlens, q.shape[1], world, layout, causal, q.device)
     out = lse = None
     comm = RingComm(group) if world > 1 else None
@@ -48,11 +67,8 @@ def ring_forward(q, k, v, scale, causal, group, layout, backend, cu_seqlens=None
         if step + 1 < world:
             nxt = comm.send_recv(kv)
             comm.commit()
-        src = (rank - step) % world
-        q_docs, k_docs, visible = _step_docs(docs, rank, src, q.shape[1])
-        plan = block_plan(q_segs, segment_ids(src, world, layout), causal, visible)
-        out, lse = forward_blocks(out, lse, q, kv[0], kv[1], plan, seg_len, seg_len, scale, backend,
-                                  q_docs=q_docs, k_docs=k_docs)
+        out, lse = forward_step(out, lse, q, kv[0], kv[1], rank, (rank - step) % world, world, layout, causal,
+                                docs, scale, backend)
         if step + 1 < world:
             comm.wait()
             kv = nxt
@@ -63,8 +79,6 @@ def ring_backward(do, q, k, v, o, lse, scale, causal, group, layout, backend, cu
     """-> (dq, dk, dv) in the compute dtype or, where one kernel call made one, q's (dk/dv with the Hkv heads
     of k/v)."""
     rank, world = group_rank_size(group)
-    q_segs = segment_ids(rank, world, layout)
-    seg_len = q.shape[1] // len(q_segs)
     docs = sp_documents(cu_seqlens, q.shape[1], world, layout, causal, q.device)
     dq = None
     kv_comm = RingComm(group) if world > 1 else None
@@ -74,11 +88,8 @@ def ring_backward(do, q, k, v, o, lse, scale, causal, group, layout, backend, cu
         if step + 1 < world:
             kv_nxt = kv_comm.send_recv(kv)
             kv_comm.commit()
-        src = (rank - step) % world
-        q_docs, k_docs, visible = _step_docs(docs, rank, src, q.shape[1])
-        plan = block_plan(q_segs, segment_ids(src, world, layout), causal, visible)
-        dq, dk_b, dv_b = backward_blocks(dq, None, None, do, q, kv[0], kv[1], o, lse, plan, seg_len, seg_len,
-                                         scale, backend, q_docs, k_docs)
+        dq, dk_b, dv_b = backward_step(dq, do, q, kv[0], kv[1], o, lse, rank, (rank - step) % world, world,
+                                       layout, causal, docs, scale, backend)
         if world > 1:
             # the accumulators travel: the compute dtype on every rank, whatever this step computed
             dk_b, dv_b = widened(dk_b, k), widened(dv_b, v)
