@@ -9,9 +9,9 @@ its gated backward on Triton < 3.7.1 on Hopper), the bar is the reference comput
 backend sees it rounded) and rounded once to that dtype. Prints per (dtype, decay, tensor) the worst and
 median ratio ours / bar and the worst errors, and writes every case to --json (JSON lines).
 
-Decay kinds: none, g_gamma (a learnable constant decay: its gradient is asked for, which runs our bf16 backward on
-float32 copies), g, gk, gk_steep, and (not in the default list) g_gamma_fixed: the constant decay without its
-gradient, the bf16 kernels that lightning-attention layers run.
+Decay kinds: none, g_gamma (a learnable constant decay: its gradient is asked for, which ours takes in forward
+mode in float32 beside the kernels), g, gk, gk_steep, and (not in the default list) g_gamma_fixed: the constant
+decay without its gradient.
 
 --options FIELD=VALUE[,FIELD=VALUE] also runs ours with those LinearKernelOptions fields on the same inputs,
 one more row a tensor ("ours[FIELD=VALUE]"), so one run measures a setting beside the defaults; an item

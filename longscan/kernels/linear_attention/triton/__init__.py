@@ -64,7 +64,8 @@ them. Per-key gates: the dk kernel, walking backward, carries the sums across ch
 each chunk (a reverse sum over the chunk's tile, its rows held in runs of DG_RUN consecutive tokens a thread so
 that the sum is mostly adds in registers: _dg_suffix_sums); across segments the dk kernel needs no other
 segment's sums, since dg at a segment's first token is also Σ_v exp(g_s)S_{s−1}⊙dS_s, a product of the prefix state and the state gradient
-that the backward already holds.
+that the backward already holds. A learnable g_gamma's gradient is not this sum over its tokens but forward-mode
+arithmetic beside the kernels (gamma_grad.py says why).
 
 Shapes: q, k `[B, T, H, K]`, v `[B, T, H, V]`; states `[B, H, K, V]` float32. K, V ∈ {16, 32, 64, 128}.
 """
@@ -81,6 +82,7 @@ from longscan.kernels.linear_attention.triton.bwd import run_dk, run_dq, run_dv
 from longscan.kernels.linear_attention.triton.fwd import run_forward, run_prefix
 from longscan.kernels.linear_attention.triton.gates import _gate_operands
 from longscan.kernels.linear_attention.triton.levels import _add_levels
+from longscan.kernels.linear_attention.triton.gamma_grad import g_gamma_grad
 from longscan.kernels.linear_attention.triton.plan import (_bf16, _check, _gate, _in_bf16, _launch, _prec, _resets,
                                                            _split, _split_scores, _state_products)
 from longscan.kernels.linear_attention.triton.records import ForwardRecord, StatePass
@@ -211,23 +213,20 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True,
                                        kv_states, qdo_states, options=opts)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg, dh0
     B, T, H, K = q.shape
-    if g_gamma is not None and need_dg and q.dtype != torch.float32:
-        # A learnable g_gamma sums dg over every token, and the q-side and k-side terms cancel: bf16 products
-        # gave it 2-9% error on an H100, float32 ones 1e-4. Its backward runs on float32 copies (records
-        # recomputed: they were built from the narrower inputs).
-        dq, dk, dv, dg, dh0 = backward(q.float(), k.float(), v.float(), g, g_gamma, scale, initial_state,
-                                       do.float(), dht, need_dg, options=opts)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg, dh0
-    if g_gamma is not None and need_dg:
-        # The constant decay's gradient through the scalar-gate path, g = g_gamma at every token: its per-token
-        # dg summed over B and T (torch's pairwise sum) meets the float32 tolerance, while the constant-decay
-        # kernels' sum did not. The forward's and state passes' records fit: the same chunks and segments.
-        gs = g_gamma.float().expand(B, T, H).contiguous()
-        dq, dk, dv, dg, dh0 = backward(q, k, v, gs, None, scale, initial_state, do, dht, True, kv_states,
-                                       qdo_states, options=opts)
-        return dq, dk, dv, dg.sum((0, 1)).to(g_gamma.dtype), dh0
     V = v.shape[-1]
     scale = K ** -0.5 if scale is None else scale
+    if g_gamma is not None and need_dg:
+        # A learnable constant decay: the kernels without the gate gradient, then that gradient in forward mode
+        # (gamma_grad says why not the per-token sum), given the dht the kernels waited for
+        arrived = [dht]
+
+        def arrive():
+            arrived[0] = _arrived(dht, q)
+            return arrived[0]
+        dq, dk, dv, _, dh0 = backward(q, k, v, g, g_gamma, scale, initial_state, do, arrive if deferred else dht,
+                                      False, kv_states, qdo_states, options=opts)
+        dgam = g_gamma_grad(q, k, v, g_gamma, scale, initial_state, do, arrived[0])
+        return dq, dk, dv, dgam.to(g_gamma.dtype), dh0
     q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous().to(q.dtype)
     trace.emit("backward", dtype=q.dtype)
     GATE, gt, gg, C = _gate(g, g_gamma, q, opts)
@@ -318,7 +317,7 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True,
         # a −inf gate (a full reset) multiplies the state by 0 whatever it is: its gradient is 0 (torch's and the
         # recurrence's value), which the sum above forms only to round-off
         dgl.masked_fill_(g == float("-inf"), 0)
-    return dq, dk, dv, dgl.to(g.dtype), dh0   # (g_gamma's gradient took the scalar-gate path above)
+    return dq, dk, dv, dgl.to(g.dtype), dh0   # (g_gamma's gradient took the forward-mode path above)
 
 
 def segment_state(k, v, g=None, g_gamma=None, return_saved=False, keep_prefixes=False, q=None, factors=False,
@@ -439,7 +438,7 @@ class TritonBackend:
     their options. Its records are :class:`StatePass` (segment_state, prefix_grad) and :class:`ForwardRecord`
     (forward)."""
     name = "triton"
-    # g_gamma's gradient runs through the scalar-gate kernels (backward says why)
+    # g_gamma's gradient in forward mode beside the kernels (gamma_grad.py)
     supports_g_gamma_grad = True
 
     def __init__(self, options: LinearKernelOptions | None = None):
