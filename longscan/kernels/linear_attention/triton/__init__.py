@@ -60,8 +60,9 @@ on (--resets) against a reset-capable revision.
 
 Gradient of the gate (A_t the cumulative log gate): dL/dA_t = q_t⊙dq_t − k_t⊙dk_t, plus Σ_v S_T⊙dS_T at the
 last step; dg_s = Σ_{t≥s} dL/dA_t. The dq and dk kernels emit the q and k sides. Scalar gates: the host sums
-them. Per-key gates: the dk kernel, walking backward, carries the sums across chunks and takes them inside
-each chunk (a reverse sum over the chunk's tile, its rows held in runs of DG_RUN consecutive tokens a thread so
+them, each segment's sums restarted from dg at the next segment's first token, a product of states
+(_anchored_suffix_sums; the round-off of a sum over every later token grew with T). Per-key gates: the dk
+kernel, walking backward, carries the sums across chunks and takes them inside each chunk (a reverse sum over the chunk's tile, its rows held in runs of DG_RUN consecutive tokens a thread so
 that the sum is mostly adds in registers: _dg_suffix_sums); across segments the dk kernel needs no other
 segment's sums, since dg at a segment's first token is also Σ_v exp(g_s)S_{s−1}⊙dS_s, a product of the prefix state and the state gradient
 that the backward already holds. A learnable g_gamma's gradient is not this sum over its tokens but forward-mode
@@ -104,6 +105,18 @@ def _arrived(dht, q):
     if dht is not None:
         _check(q, dht)
     return dht
+
+
+def _anchored_suffix_sums(a, seg, anchors, last):
+    """Σ_{u≥t} a_u of `[B, T, H]` restarted in every segment of seg tokens from the value at the next segment's
+    first token, ``anchors`` `[B, H, ns − 1]` (from the states), and after the last segment from ``last`` `[B, H]`
+    (or 0): the per-token terms' round-off then gathers over one segment, not over the whole sequence."""
+    B, T, H = a.shape
+    ns = anchors.shape[-1] + 1
+    x = torch.nn.functional.pad(a, (0, 0, 0, ns * seg - T)).view(B, ns, seg, H).permute(0, 1, 3, 2).contiguous()
+    tail = torch.cat([anchors, last.unsqueeze(-1) if last is not None else anchors.new_zeros(B, H, 1)], -1)
+    sums = x.flip(-1).cumsum(-1).flip(-1) + tail.transpose(1, 2)[..., None]           # [B, ns, H, seg]
+    return sums.permute(0, 1, 3, 2).reshape(B, ns * seg, H)[:, :T]
 
 
 def _reverse_cumsum(x, dim):
@@ -301,18 +314,24 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True,
         _add_levels(2, ops, seg, C, q, k, v, gt, scale, do=do, dk=dk, dv=dv)
     if not need_dg:
         return dq, dk, dv, None, dh0
-    # Without an initial state the first token's gate multiplies a zero state: its dg is exactly 0, which the
-    # kernels form as the sum of every token's q-side minus k-side terms, cancelling only to round-off.
+    # The first token's gate multiplies the initial state: its dg is ⟨dh0, h0⟩ (per key: over V), two float32
+    # states, where the kernels form it from every token's q-side minus k-side terms, which cancel (without an
+    # initial state, where it is exactly 0, only to round-off)
+    first = (dh0 * initial_state.float()).sum(-1) if initial_state is not None else None    # [B, H, K]
     if GATE == 3:
-        if initial_state is None:
-            gq[:, 0] = 0
+        gq[:, 0] = first if first is not None else 0
         return dq, dk, dv, gq.to(g.dtype), dh0
     # scalar gates: dL/dA_t = Σ_tiles (q-side − k-side); dg_s = Σ_{t≥s} dL/dA_t (+ the final-state term)
-    dgl = _reverse_cumsum(gq.sum(-1) - gk.sum(-1), 1)                                # [B, T, H]
-    if term is not None:
-        dgl = dgl + term.sum(-1).unsqueeze(1)
-    if initial_state is None:
-        dgl[:, 0] = 0
+    a = gq.sum(-1) - gk.sum(-1)                                                      # [B, T, H]
+    last = term.sum(-1) if term is not None else None                                 # [B, H]
+    if ns > 1 and not resets:
+        # dg at segment j+1's first token is also ⟨dS leaving segment j, S entering segment j+1⟩
+        dgl = _anchored_suffix_sums(a, seg, (dhe[:, :, :-1] * h0[:, :, 1:]).sum((-1, -2)), last)
+    else:
+        dgl = _reverse_cumsum(a, 1)
+        if last is not None:
+            dgl = dgl + last.unsqueeze(1)
+    dgl[:, 0] = first.sum(-1) if first is not None else 0
     if resets:
         # a −inf gate (a full reset) multiplies the state by 0 whatever it is: its gradient is 0 (torch's and the
         # recurrence's value), which the sum above forms only to round-off
