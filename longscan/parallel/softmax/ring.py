@@ -27,30 +27,28 @@ from longscan.parallel.softmax.common import (backward_blocks, block_plan, forwa
 from longscan.parallel.softmax.function import SoftmaxSPFunction, SoftmaxSPOptions
 
 
-def _step_docs(docs, rank, src, t_local):
-    """(q ids, visiting block's k ids, visible pairs) of a ring step, or Nones without documents."""
-    if docs is None:
-        return None, None, None
-    return docs.of_rank(rank, t_local), docs.of_rank(src, t_local), docs.visible
+def _step(rank, src, world, layout, causal, docs, t_local):
+    """(piece length, block plan, q ids, visiting block's k ids) of a ring step; the ids (documents) only where
+    the plan computes something: with short documents most steps of a large ring see nothing, and their ids
+    would cost host work and copies for no kernel."""
+    q_segs = segment_ids(rank, world, layout)
+    plan = block_plan(q_segs, segment_ids(src, world, layout), causal, docs.visible if docs is not None else None)
+    if docs is None or not plan:
+        return t_local // len(q_segs), plan, None, None
+    return t_local // len(q_segs), plan, docs.of_rank(rank, t_local), docs.of_rank(src, t_local)
 
 
 def forward_step(out, lse, q, k, v, rank, src, world, layout, causal, docs, scale, backend):
     """One ring step's compute: rank ``rank``'s queries against the K/V block of rank ``src``, merged into
     (out, lse) -> (out, lse). ``docs``: :func:`sp_documents` of the call, or None."""
-    q_segs = segment_ids(rank, world, layout)
-    seg_len = q.shape[1] // len(q_segs)
-    q_docs, k_docs, visible = _step_docs(docs, rank, src, q.shape[1])
-    plan = block_plan(q_segs, segment_ids(src, world, layout), causal, visible)
+    seg_len, plan, q_docs, k_docs = _step(rank, src, world, layout, causal, docs, q.shape[1])
     return forward_blocks(out, lse, q, k, v, plan, seg_len, seg_len, scale, backend, q_docs=q_docs, k_docs=k_docs)
 
 
 def backward_step(dq, do, q, k, v, o, lse, rank, src, world, layout, causal, docs, scale, backend):
     """One ring step's backward compute -> (dq, dk, dv of the block of rank ``src``: None where nothing was
     visible)."""
-    q_segs = segment_ids(rank, world, layout)
-    seg_len = q.shape[1] // len(q_segs)
-    q_docs, k_docs, visible = _step_docs(docs, rank, src, q.shape[1])
-    plan = block_plan(q_segs, segment_ids(src, world, layout), causal, visible)
+    seg_len, plan, q_docs, k_docs = _step(rank, src, world, layout, causal, docs, q.shape[1])
     return backward_blocks(dq, None, None, do, q, k, v, o, lse, plan, seg_len, seg_len, scale, backend,
                            q_docs, k_docs)
 
