@@ -95,6 +95,8 @@ def constants(case: Case, opts: LinearKernelOptions = LinearKernelOptions()) -> 
     need_dg = gate >= 2 if case.need_dg is None else bool(case.need_dg and gate)
     prec = "ieee" if case.dtype == torch.float32 else "tf32"
     if name.startswith("ops"):
+        if "SUFFIX" in args:   # the decay factors' reverse scan, float32 only (an earlier longscan has none)
+            switch["SUFFIX"] = case.dtype == torch.float32
         return dict(K=case.K, BK=block, C=opts.chunk_for(True), HAS_Q=True, STORE_KD=True,
                     STORE_F=name == "ops_b", **switch), cfg
     c = dict(K=case.K, V=case.V, C=opts.chunk_for(gate == 3), GATE=gate, PREC=prec, **switch)

@@ -636,3 +636,18 @@ def test_first_token_gate_gradient_from_the_initial_state(decay):
                                                       dht=dht).items()}
     got = tc.backward(f["q"], f["k"], f["v"], f["g"], None, None, f["h0"], f["do"], f["dht"], True)[3]
     assert rel_err(got.cpu().double(), want) <= 1e-6
+
+
+def test_steep_per_key_final_state_in_float32():
+    """Steep per-key gates (log gates down to about −7.4 a token): the final state is made of a chunk's last keys,
+    whose decay factors exp(b_C − b_t) float32 inputs take as a reverse scan of the gates, not as the difference
+    of the chunk's sum and its cumulative sum (which round apart by |b_C|·2⁻²⁴: 2.2e-6 here, ~1e-5 on an H100)."""
+    gen = torch.Generator().manual_seed(5)
+    B, T, H, K, V = 1, 63, 1, 64, 64
+    q, k = (torch.randn(B, T, H, K, generator=gen, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(B, T, H, V, generator=gen, dtype=torch.float64)
+    g = -torch.exp(-3 + 5 * torch.rand(B, T, H, K, generator=gen, dtype=torch.float64))
+    h0 = torch.randn(B, H, K, V, generator=gen, dtype=torch.float64)
+    _, want = naive_recurrent_linear_attention(q, k, v, g=g, initial_state=h0, output_final_state=True)
+    _, ht = tc.forward(*(x.to(DEV, torch.float32) for x in (q, k, v, g)), None, None, h0.to(DEV, torch.float32), True)
+    assert rel_err(ht.cpu().double(), want) <= 5e-7

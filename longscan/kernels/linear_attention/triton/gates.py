@@ -16,7 +16,8 @@ from longscan.kernels.linear_attention.triton.records import _GateOperands
 @triton.jit
 def _gate_operands_kernel(q, k, g, qd, kd, eq, ek, gl, steep, steep_chunks, T, H, NC, SEG,
                           K: tl.constexpr, BK: tl.constexpr, C: tl.constexpr, HAS_Q: tl.constexpr,
-                          STORE_KD: tl.constexpr, STORE_F: tl.constexpr, RESETS: tl.constexpr):
+                          STORE_KD: tl.constexpr, STORE_F: tl.constexpr, RESETS: tl.constexpr,
+                          SUFFIX: tl.constexpr):
     """Per-key gates, one (chunk, batch·head, K-tile): the decayed operands every per-key kernel reads in place
     of g, so none of them holds a `[C, K]` gate tile, its cumulative sum or its exps (those cost half the per-key
     forward and kept its chunks at 32 tokens, where Triton compiles the dots to mma.sync rather than wgmma).
@@ -27,7 +28,9 @@ def _gate_operands_kernel(q, k, g, qd, kd, eq, ek, gl, steep, steep_chunks, T, H
     exp(min(−b_C, LEVEL_SPAN)) (_level0_keys); and marks the chunk's segment in steep `[B·H, NS]` when a key
     falls to −LEVEL_SPAN inside it (_levels_kernel then visits it). With RESETS (g may hold −inf) it also marks a
     chunk where a key resets, and every marked chunk in steep_chunks `[B·H, NC]` (None without RESETS: the kernel
-    then has no such argument)."""
+    then has no such argument). SUFFIX (float32 inputs): b_C − b as the chunk's sums after each token (a reverse
+    scan), not the difference of b_C and b (a sum and a scan that round apart by |b_C|·2⁻²⁴, up to ~1e-5 of the
+    last tokens' factors in a steep chunk: their keys make the final state)."""
     # One flat axis, K-tiles fastest, then batch·heads, then chunks: the programs that run together read whole
     # token rows of q, k and g (4 KB at 16 heads × 128 keys), not one head's slice of many rows (chunks fastest:
     # was slower where one head's chunks alone filled the GPU).
@@ -68,7 +71,12 @@ def _gate_operands_kernel(q, k, g, qd, kd, eq, ek, gl, steep, steep_chunks, T, H
         if STORE_F:
             tl.store(eq + ptr, qf.to(eq.dtype.element_ty), mask=m[:, None])
     if RESETS:
-        kdf = tl.where(rc >= last[None, :], tl.exp(bl[None, :] - bc), 0.0)   # 0 before the chunk's last reset
+        if SUFFIX:
+            kdf = tl.where(rc >= last[None, :], tl.exp(tl.cumsum(gf, 0, reverse=True) - gf), 0.0)
+        else:
+            kdf = tl.where(rc >= last[None, :], tl.exp(bl[None, :] - bc), 0.0)   # 0 before the chunk's last reset
+    elif SUFFIX:
+        kdf = tl.exp(tl.cumsum(gc, 0, reverse=True) - gc)
     else:
         kdf = tl.exp(bl[None, :] - bc)
     if STORE_KD:
@@ -121,6 +129,6 @@ def _gate_operands(q, k, g, C, seg, ns, opts: LinearKernelOptions, kd=None, fact
                                 *(t if t is not None else x for t in (ops.qd, ops.kd, ops.eq, ops.ek)),
                                 ops.totals, ops.steep, ops.steep_chunks, T, H, NC, seg, K=K, BK=BK, C=C,
                                 HAS_Q=q is not None, STORE_KD=k is not None and kd is None,
-                                STORE_F=factors, RESETS=opts.resets, **cfg)
+                                STORE_F=factors, RESETS=opts.resets, SUFFIX=x.dtype == torch.float32, **cfg)
     return ops
 
