@@ -7,9 +7,11 @@ Loads the Triton linear-attention kernels as they were at --base (the package
 given the forward's saved segment states; gates with their gradient, the constant decay without).
 
     PYTHONPATH=. python benchmarks/tuning/compare_linear.py --base e3b00e5 [--kinds gk,g,g_gamma] [--resets 2048]
+        [--gamma-grad] [--dtype float32]
 
 --resets N puts a log gate of −inf at every N-th token of the gated kinds (documents of N tokens, as packed
 documents bring) and runs both versions with LinearKernelOptions(resets=True) (a base that has the option).
+--gamma-grad asks for g_gamma's gradient too (a learnable constant decay); --dtype float32 times float32 q, k, v.
 """
 from __future__ import annotations
 
@@ -66,14 +68,16 @@ def load_at(rev: str):
     return mod
 
 
-def times(mod, x, kind, resets=False):
-    """-> (forward ms, forward+backward ms), medians of do_bench; resets: with the module's options.resets on."""
+def times(mod, x, kind, resets=False, gamma_grad=False):
+    """-> (forward ms, forward+backward ms), medians of do_bench; resets: with the module's options.resets on;
+    gamma_grad: g_gamma's gradient asked for too."""
     q, k, v, g, gg, do = x
     opts = dict(options=mod.LinearKernelOptions(resets=True)) if resets else {}
+    need_dg = kind != "g_gamma" or gamma_grad
 
     def fwd_bwd():
         _, _, saved = mod.forward(q, k, v, g, gg, return_saved=True, **opts)
-        return mod.backward(q, k, v, g, gg, None, None, do, None, kind != "g_gamma", kv_states=saved, **opts)
+        return mod.backward(q, k, v, g, gg, None, None, do, None, need_dg, kv_states=saved, **opts)
     bench = lambda fn: triton.testing.do_bench(fn, warmup=25, rep=150, return_mode="median")  # noqa: E731
     return bench(lambda: mod.forward(q, k, v, g, gg, **opts)), bench(fwd_bwd)
 
@@ -85,22 +89,26 @@ def main():
     ap.add_argument("--kinds", default="g_gamma,g,gk", help="decay kinds (benchmarks/kernels.py's names)")
     ap.add_argument("--resets", type=int, default=None, metavar="N",
                     help="the gated kinds with a log gate of -inf every N tokens, and options.resets on")
+    ap.add_argument("--gamma-grad", action="store_true", help="g_gamma with its gradient (a learnable decay)")
+    ap.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="q, k, v's dtype")
     args = ap.parse_args()
     if args.resets is not None and args.resets < 1:
         raise SystemExit(f"--resets: expected a positive token count, got {args.resets}")
     base = load_at(args.base)
     print(f"# {torch.cuda.get_device_name()}  triton {triton.__version__}  torch {torch.__version__}  "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  base {args.base}"
-          f"{f'  resets every {args.resets} tokens' if args.resets else ''}", flush=True)
+          f"{f'  resets every {args.resets} tokens' if args.resets else ''}  {args.dtype}"
+          f"{'  g_gamma with its gradient' if args.gamma_grad else ''}", flush=True)
     for B, T in ((16, 4096), (1, 65536)):
         for kind in args.kinds.split(","):
             x = lin_inputs(B, T, H, D, kind)
+            x = tuple(t.to(getattr(torch, args.dtype)) for t in x[:3]) + tuple(x[3:])
             resets = bool(args.resets) and x[3] is not None
             if resets:
                 x[3][:, ::args.resets] = float("-inf")   # a document starts at every N-th token
             x = x + (torch.randn_like(x[2]),)
             for name, mod in (("base", base), ("current", current)) * 2:
-                f, fb = times(mod, x, kind, resets)
+                f, fb = times(mod, x, kind, resets, args.gamma_grad)
                 print(f"{kind:8s} {B}x{T:<6d} {name:8s} fwd {f:.3f} ms  fwd+bwd {fb:.3f} ms", flush=True)
 
 
