@@ -62,8 +62,9 @@ Gradient of the gate (A_t the cumulative log gate): dL/dA_t = q_t⊙dq_t − k_t
 last step; dg_s = Σ_{t≥s} dL/dA_t. The dq and dk kernels emit the q and k sides. Scalar gates: the host sums
 them, each segment's sums restarted from dg at the next segment's first token, a product of states
 (_anchored_suffix_sums; the round-off of a sum over every later token grew with T). Per-key gates: the dk
-kernel, walking backward, carries the sums across chunks and takes them inside each chunk (a reverse sum over the chunk's tile, its rows held in runs of DG_RUN consecutive tokens a thread so
-that the sum is mostly adds in registers: _dg_suffix_sums); across segments the dk kernel needs no other
+kernel, walking backward, carries the sums across chunks and takes them inside each chunk (a reverse sum over
+the chunk's tile, its rows held in runs of DG_RUN consecutive tokens a thread so that the sum is mostly adds in
+registers: _dg_suffix_sums); across segments the dk kernel needs no other
 segment's sums, since dg at a segment's first token is also Σ_v exp(g_s)S_{s−1}⊙dS_s, a product of the prefix state and the state gradient
 that the backward already holds. A learnable g_gamma's gradient is not this sum over its tokens but forward-mode
 arithmetic beside the kernels (gamma_grad.py says why).
@@ -81,9 +82,9 @@ from longscan.kernels import trace
 from longscan.kernels.linear_attention.options import LinearKernelOptions, resolve
 from longscan.kernels.linear_attention.triton.bwd import run_dk, run_dq, run_dv
 from longscan.kernels.linear_attention.triton.fwd import run_forward, run_prefix
+from longscan.kernels.linear_attention.triton.gamma_grad import g_gamma_grad
 from longscan.kernels.linear_attention.triton.gates import _gate_operands
 from longscan.kernels.linear_attention.triton.levels import _add_levels
-from longscan.kernels.linear_attention.triton.gamma_grad import g_gamma_grad
 from longscan.kernels.linear_attention.triton.plan import (_bf16, _check, _gate, _in_bf16, _launch, _prec, _resets,
                                                            _split, _split_scores, _state_products)
 from longscan.kernels.linear_attention.triton.records import ForwardRecord, StatePass
