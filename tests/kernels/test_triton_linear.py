@@ -597,6 +597,10 @@ def test_g_gamma_gradient_in_forward_mode(T, with_state, heads_a_group):
                                              output_final_state=True)
     want = torch.autograd.grad([o, ht], gamma, [do, dht if dht is not None else torch.zeros_like(ht)])[0]
     assert rel_err(got.cpu().double(), want) <= 1e-5
+    f["gamma"][0] = float("-inf")   # a head that forgets everything: gradient 0, the other heads' unchanged
+    forgets = g_gamma_grad(f["q"], f["k"], f["v"], f["gamma"], scale, f["h0"], f["do"], f["dht"])
+    assert forgets[0] == 0 and torch.equal(forgets[1:], g_gamma_grad(
+        f["q"], f["k"], f["v"], x["g_gamma"].to(DEV, torch.float32), scale, f["h0"], f["do"], f["dht"])[1:])
 
 
 def test_scalar_gate_gradient_restarts_at_segments():

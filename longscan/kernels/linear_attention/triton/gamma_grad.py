@@ -63,7 +63,9 @@ def _heads(q, k, v, g_gamma, scale, h0, do, dht) -> torch.Tensor:
         return x.reshape(B, n, C, H, x.shape[-1]).permute(0, 3, 1, 2, 4)
 
     qc, kc, vc, dc = chunks(q), chunks(k), chunks(v), chunks(do)
-    gam = g_gamma.to(f32).view(1, H, 1, 1)
+    # a head that forgets everything (−inf) has gradient 0, the limit that a large finite decay gives (−inf · 0
+    # would be NaN at the weights of distance 0)
+    gam = g_gamma.to(f32).clamp(min=-1e4).view(1, H, 1, 1)
     j = torch.arange(C, device=dev, dtype=f32)
     length = torch.full((n,), float(C), device=dev, dtype=f32)
     length[-1] = T - (n - 1) * C
