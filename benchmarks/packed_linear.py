@@ -47,34 +47,34 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def count_syncs(fn, do) -> int:
-    """How many operations of one fn().backward(do) make the host wait for the GPU (torch's sync debug mode warns
-    once per such operation)."""
+def count_syncs(step) -> int:
+    """How many operations of one step() make the host wait for the GPU (torch's sync debug mode warns once per
+    such operation)."""
     import warnings
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            fn().backward(do)
+            step()
         finally:
             torch.cuda.set_sync_debug_mode("default")
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
-def profile_tables(fn, do, device, iters: int) -> str:
-    """``iters`` runs of fn().backward(do) under torch.profiler -> the tables of the largest CUDA kernels (on a
-    GPU) and CPU ops, by their own time."""
+def profile_tables(step, device, iters: int) -> str:
+    """``iters`` runs of step() (e.g. a forward+backward) under torch.profiler -> the tables of the largest CUDA
+    kernels (on a GPU) and CPU ops, by their own time."""
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(iters):
-            fn().backward(do)
+            step()
         if device.type == "cuda":
             torch.cuda.synchronize()
     events = prof.key_averages()
     tables = []
     if device.type == "cuda":
-        tables.append(f"host synchronisations in one forward+backward: {count_syncs(fn, do)}")
+        tables.append(f"host synchronisations in one step: {count_syncs(step)}")
         tables.append("CUDA kernels:\n" + events.table(sort_by="self_cuda_time_total", row_limit=PROFILE_ROWS))
     tables.append("CPU ops:\n" + events.table(sort_by="self_cpu_time_total", row_limit=PROFILE_ROWS))
     return "\n".join(tables)
@@ -233,7 +233,8 @@ def main(argv=None):
         print(f"| {row} | {t * 1e3:.2f} | {t / t_whole:.2f} | {e} |")
     if args.profile:
         for row, fn in fns:
-            print(f"\n## {row}: {args.iters} runs of forward+backward\n{profile_tables(fn, do, device, args.iters)}")
+            tables = profile_tables(lambda: fn().backward(do), device, args.iters)
+            print(f"\n## {row}: {args.iters} runs of forward+backward\n{tables}")
 
 
 if __name__ == "__main__":

@@ -61,10 +61,14 @@ def parse_args(argv=None):
     p.add_argument("--kv-heads", type=int, default=None)
     p.add_argument("--world", type=int, nargs="*", default=[],
                    help="also the ring over these numbers of ranks, run rank by rank on this device")
+    p.add_argument("--profile", action="store_true",
+                   help="with --world: the slowest rank of the largest ring, unpacked and packed, under torch.profiler")
     p.add_argument("--json", default="packed_softmax.json")
     a = p.parse_args(argv)
     if any(w < 2 for w in a.world):
         p.error(f"--world takes ring sizes >= 2, got {a.world}")
+    if a.profile and not a.world:
+        p.error("--profile profiles the ring's ranks: give --world too")
     return a
 
 
@@ -199,6 +203,7 @@ def main(argv=None):
     for r in rows:
         r["rate"] = r["work"] * rows[0]["ms"] / r["ms"]
     by_one_rank = {"unpacked": rows[0]["ms"], "packed": rows[1]["ms"]}
+    profiles = []
     for W in args.world:
         for name, c in (("unpacked", None), ("packed", cu)):
             ring_w = RingByRank(q.detach(), k.detach(), v.detach(), do, c, W, backend=backend)
@@ -207,6 +212,11 @@ def main(argv=None):
             rows.append(dict(row=f"{name}, ring {W}, slowest rank", ms=slowest, x_per_doc=slowest / (t_doc * 1e3),
                              work=rows[0 if c is None else 1]["work"] / W, rate=None, ranks_ms=ms,
                              efficiency=by_one_rank[name] / (W * slowest), max_over_mean=slowest / statistics.mean(ms)))
+            if args.profile and W == max(args.world):
+                from benchmarks.packed_linear import profile_tables   # (that module imports this one)
+                r = ms.index(slowest)
+                profiles.append(f"## {name}, ring {W}, rank {r}: {args.iters} runs of its forward and backward steps\n"
+                                + profile_tables(lambda: ring_w.rank(r), device, args.iters))
     if args.check:
         ref_dtype = torch.float64 if not cuda else torch.float32
         leaves = [x.detach().to(ref_dtype).requires_grad_() for x in (q, k, v)]
@@ -228,6 +238,8 @@ def main(argv=None):
         rate = f"{r['rate']:.2f}" if r["rate"] is not None else ""
         ring = f"{r['efficiency']:.2f} | {r['max_over_mean']:.2f}" if "efficiency" in r else " | "
         print(f"| {r['row']} | {r['ms']:.2f} | {r['x_per_doc']:.2f} | {r['work']:.3f} | {rate} | {err} | {ring} |")
+    for text in profiles:
+        print("\n" + text)
     with open(args.json, "w") as f:
         json.dump(dict(title=title, rows=rows, lengths=lengths, torch=torch.__version__), f, indent=1)
 
