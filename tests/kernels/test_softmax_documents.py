@@ -112,3 +112,35 @@ def test_bad_cu_seqlens_for_attention():
         attention(q.expand(2, -1, -1, -1), q.expand(2, -1, -1, -1), q.expand(2, -1, -1, -1),
                   cu_seqlens=torch.tensor([0, 8]))
     assert document_ids(torch.tensor([0, 2, 8]), 8).tolist() == [0, 0, 1, 1, 1, 1, 1, 1]
+
+
+def tile_bounds_by_searchsorted(a_doc, b_doc, tile, step):
+    """The Triton kernels' tile bounds in plain torch: searchsorted of each tile's first and last document."""
+    n = a_doc.numel()
+    last = torch.arange(tile - 1, -(-n // tile) * tile, tile).clamp_max(n - 1)
+    first_doc, last_doc = a_doc[0::tile].contiguous(), a_doc[last]
+    lo = torch.searchsorted(b_doc, first_doc)
+    hi = torch.searchsorted(b_doc, last_doc, right=True)
+    one = first_doc == last_doc
+    f_lo = torch.where(one, (lo + step - 1) // step * step, 0)
+    f_hi = torch.where(one, hi // step * step, 0)
+    return torch.stack([lo, hi, f_lo, f_hi], 1).to(torch.int32)
+
+
+@pytest.mark.parametrize("n, m, tile, step", [(80, 80, 32, 16), (300, 37, 16, 64), (1, 1, 64, 64),
+                                              (5, 200, 128, 32), (129, 129, 64, 128)])
+def test_tile_bounds_kernel(n, m, tile, step):
+    """The one-launch binary search gives searchsorted's bounds: documents the other side lacks, tiles of one
+    document and of several, a last partial tile, and (the long case) tiles over more than one program."""
+    tf = pytest.importorskip("longscan.kernels.softmax_attention.triton_flash")
+    dev = "cuda" if CUDA else "cpu"
+    gen = torch.Generator().manual_seed(n * 1000 + m)
+    for trial in range(4):
+        # the two sides draw ids from overlapping ranges, so some of a's documents are missing from b
+        a = torch.randint(0, 12, (n,), generator=gen).sort().values + trial
+        b = torch.randint(0, 12, (m,), generator=gen).sort().values + 2 * trial
+        got = tf._tile_bounds(a.to(dev, torch.int32), b.to(dev, torch.int32), tile, step)
+        assert torch.equal(got.cpu(), tile_bounds_by_searchsorted(a, b, tile, step)), trial
+    a = torch.arange(129 * 64) // 7                               # 129 tiles of 64: two programs of 128
+    got = tf._tile_bounds(a.to(dev, torch.int32), a.to(dev, torch.int32), 64, 64)
+    assert torch.equal(got.cpu(), tile_bounds_by_searchsorted(a, a, 64, 64))

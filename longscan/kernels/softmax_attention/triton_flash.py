@@ -12,9 +12,9 @@ settings (BWD_CONFIG), and with the causal mask each masks only the blocks that 
 
 Packed documents (DOCS): per-token document ids of q and k (non-decreasing) add "same document" to the mask,
 and each tile visits only the blocks of the other side that hold one of its documents (the bounds come from
-a searchsorted on the host). Of those, the whole blocks of a one-document tile's own document that every row
-sees run without a mask, as the causal path's interior does; only the document's edges and the diagonal are
-masked. A row that sees no key gives o = 0 and lse = -inf.
+a binary search in a small kernel of their own). Of those, the whole blocks of a one-document tile's own
+document that every row sees run without a mask, as the causal path's interior does; only the document's
+edges and the diagonal are masked. A row that sees no key gives o = 0 and lse = -inf.
 """
 from __future__ import annotations
 
@@ -354,19 +354,42 @@ def _doc_args(docs, T, Tk, device, tile, step):
     return qd, kd, _tile_bounds(qd, kd, tile, step)
 
 
+@triton.jit
+def _bounds_kernel(a_doc, b_doc, bounds, n, m, iters, TILE: tl.constexpr, STEP: tl.constexpr, BLOCK: tl.constexpr):
+    """:func:`_tile_bounds` for BLOCK tiles a program: both searchsorteds as branchless binary searches."""
+    tile = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    live = tile * TILE < n
+    first = tl.load(a_doc + tile * TILE, mask=live, other=0)
+    last = tl.load(a_doc + tl.minimum(tile * TILE + TILE - 1, n - 1), mask=live, other=0)
+    # lo: the first index with b >= first; hi: the first with b > last; [base, base + length) still open
+    lo, lo_len = tl.zeros([BLOCK], tl.int32), tl.full([BLOCK], 0, tl.int32) + m
+    hi, hi_len = tl.zeros([BLOCK], tl.int32), tl.full([BLOCK], 0, tl.int32) + m
+    for _ in range(iters):
+        half = lo_len // 2
+        go = (lo_len > 0) & (tl.load(b_doc + lo + half, mask=lo_len > 0, other=0) < first)
+        lo, lo_len = tl.where(go, lo + half + 1, lo), tl.where(go, lo_len - half - 1, half)
+        half = hi_len // 2
+        go = (hi_len > 0) & (tl.load(b_doc + hi + half, mask=hi_len > 0, other=0) <= last)
+        hi, hi_len = tl.where(go, hi + half + 1, hi), tl.where(go, hi_len - half - 1, half)
+    one = first == last
+    row = bounds + 4 * tile
+    tl.store(row, lo, mask=live)
+    tl.store(row + 1, hi, mask=live)
+    tl.store(row + 2, tl.where(one, (lo + STEP - 1) // STEP * STEP, 0), mask=live)
+    tl.store(row + 3, tl.where(one, hi // STEP * STEP, 0), mask=live)
+
+
 def _tile_bounds(a_doc, b_doc, tile, step):
     """-> int32 `[tiles, 4]`: for each ``tile``-row tile of ``a_doc``, [lo, hi) the ``b_doc`` indices in the
     tile's documents, and [f_lo, f_hi) the whole ``step`` blocks of them in the tile's one document (empty
-    when the tile holds more than one)."""
-    n = a_doc.numel()
-    last = torch.arange(tile - 1, triton.cdiv(n, tile) * tile, tile, device=a_doc.device).clamp_max(n - 1)
-    first_doc, last_doc = a_doc[0::tile].contiguous(), a_doc[last].contiguous()
-    lo = torch.searchsorted(b_doc, first_doc)
-    hi = torch.searchsorted(b_doc, last_doc, right=True)
-    one = first_doc == last_doc
-    f_lo = torch.where(one, (lo + step - 1) // step * step, 0)
-    f_hi = torch.where(one, hi // step * step, 0)
-    return torch.stack([lo, hi, f_lo, f_hi], 1).to(torch.int32).contiguous()
+    when the tile holds more than one). One launch: a ring step's host time is mostly kernel launches, and
+    the torch form of this took about fifteen."""
+    n, m = a_doc.numel(), b_doc.numel()
+    tiles = triton.cdiv(n, tile)
+    out = torch.empty(tiles, 4, dtype=torch.int32, device=a_doc.device)
+    _bounds_kernel[(triton.cdiv(tiles, 128),)](a_doc, b_doc, out, n, m, m.bit_length(), TILE=tile, STEP=step,
+                                              BLOCK=128)
+    return out
 
 
 def _check(q, k, v, causal):

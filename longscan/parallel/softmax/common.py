@@ -11,34 +11,37 @@ queries and keys (:class:`SPDocuments`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from longscan.distributed.documents import document_ids, global_positions, to_device, visible_pieces
-from longscan.distributed.layouts import num_segments
+from longscan.distributed.documents import document_ids, to_device, visible_pieces
+from longscan.distributed.layouts import num_segments, segment_ids
 from longscan.kernels.softmax_attention import (BlockDocs, block_backward, block_forward, compute_dtype,
                                                 merge_into)
 
 
-@dataclass(frozen=True)
 class SPDocuments:
-    """Packed documents as the SP methods use them: ids of every global token, and the visible piece pairs."""
-    ids_cpu: torch.Tensor           # [T_global] int64, non-decreasing
-    visible: frozenset              # global (query piece, key piece) pairs with a visible key
-    world: int
-    layout: str
-    device: torch.device
+    """Packed documents as the SP methods use them for one call: the document id of every global token (int32,
+    moved to the inputs' device once), the visible piece pairs, and each rank's local ids, made on first use
+    from views of the global ids (a ring asks for its own rank's at every step)."""
 
-    @property
-    def ids(self) -> torch.Tensor:
-        """Document ids of the whole sequence in global order, on the inputs' device."""
-        return to_device(self.ids_cpu, self.device)
+    def __init__(self, ids_cpu: torch.Tensor, visible: frozenset, world: int, layout: str, device):
+        self.visible = visible          # global (query piece, key piece) pairs with a visible key
+        self.world, self.layout = world, layout
+        self.ids = to_device(ids_cpu.to(torch.int32), device)   # [T_global], non-decreasing
+        self._local: dict[int, torch.Tensor] = {}
 
     def of_rank(self, rank: int, local_len: int) -> torch.Tensor:
         """Document ids of rank ``rank``'s local tokens, in local order, on the inputs' device."""
-        return to_device(self.ids_cpu[global_positions(local_len, self.world, rank, self.layout)], self.device)
+        if rank not in self._local:
+            segs = list(segment_ids(rank, self.world, self.layout))
+            n = local_len // len(segs)
+            if segs == list(range(segs[0], segs[0] + len(segs))):      # adjacent pieces: a view
+                self._local[rank] = self.ids[segs[0] * n:(segs[-1] + 1) * n]
+            else:
+                self._local[rank] = torch.cat([self.ids[s * n:(s + 1) * n] for s in segs])
+        return self._local[rank]
 
 
 def sp_documents(cu_seqlens: Optional[torch.Tensor], local_len: int, world: int, layout: str, causal: bool,
