@@ -89,14 +89,15 @@ def ring_backward(do, q, k, v, o, lse, scale, causal, group, layout, backend, cu
         dq, dk_b, dv_b = backward_step(dq, do, q, kv[0], kv[1], o, lse, rank, (rank - step) % world, world,
                                        layout, causal, docs, scale, backend)
         if world > 1:
-            # the accumulators travel: the compute dtype on every rank, whatever this step computed
-            dk_b, dv_b = widened(dk_b, k), widened(dv_b, v)
+            # the accumulators travel in the compute dtype; one that arrives at a step that computed nothing
+            # (packed documents) travels on as it came, without zeros to add it to
+            if step == 0 or dk_b is not None:
+                dk_b, dv_b = widened(dk_b, k), widened(dv_b, v)
             if step > 0:
                 # The accumulator of block `src` arrives from rank r-1 (sent at the end of its step s-1);
                 # its transfer overlapped the compute above.
                 d_comm.wait()
-                dk_b += d_in[0]
-                dv_b += d_in[1]
+                dk_b, dv_b = (d_in if dk_b is None else (dk_b.add_(d_in[0]), dv_b.add_(d_in[1])))
             d_in = d_comm.send_recv([dk_b, dv_b])   # after step W-1 this lands on the block's owner
             d_comm.commit()
         if step + 1 < world:
