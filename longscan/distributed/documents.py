@@ -13,6 +13,8 @@ documents at the pieces' ends alone, because document ids never decrease along t
 """
 from __future__ import annotations
 
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +45,29 @@ def to_device(x: torch.Tensor, device) -> torch.Tensor:
     if device.type != "cuda":
         return x.to(device)
     return x.pin_memory().to(device, non_blocking=True)
+
+
+# (id of a cu_seqlens tensor) -> (weak reference to it, its version, {key: what was built}). An entry leaves
+# when its tensor is freed; the bound only limits how many live tensors keep theirs.
+_CACHE: OrderedDict = OrderedDict()
+_CACHE_SIZE = 256
+
+
+def cached_on(cu_seqlens: torch.Tensor, key: tuple, build):
+    """``build()`` for this ``cu_seqlens`` tensor and ``key``, made on the first call and kept while the tensor
+    lives unmodified (its identity and version): every layer of a step and its backward then share one result,
+    and read nothing back from the device."""
+    ident = id(cu_seqlens)
+    slot = _CACHE.get(ident)
+    if slot is None or slot[0]() is not cu_seqlens or slot[1] != cu_seqlens._version:
+        slot = (weakref.ref(cu_seqlens, lambda _, ident=ident: _CACHE.pop(ident, None)), cu_seqlens._version, {})
+        _CACHE[ident] = slot
+    _CACHE.move_to_end(ident)
+    if key not in slot[2]:
+        slot[2][key] = build()
+    while len(_CACHE) > _CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return slot[2][key]
 
 
 def document_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:

@@ -74,3 +74,28 @@ def test_causal_pairs_per_rank_hand_counted():
     assert one == [1 + 2 + 7 + 8, 3 + 4 + 5 + 6]                     # zigzag balances one document
     with pytest.raises(ValueError, match="must split over 3 ranks"):
         causal_pairs_per_rank(cu, 8, 3, "zigzag")
+
+
+def test_cached_on_a_tensor_until_it_changes_or_goes():
+    """cached_on builds once per tensor and key, again after an in-place change, and forgets a freed tensor."""
+    import gc
+
+    from longscan.distributed import documents
+    from longscan.parallel.softmax.common import sp_documents
+    builds = []
+    cu = torch.tensor([0, 3, 8])
+    make = lambda: builds.append(1) or len(builds)    # noqa: E731
+    assert documents.cached_on(cu, ("k",), make) == 1
+    assert documents.cached_on(cu, ("k",), make) == 1 and len(builds) == 1
+    assert documents.cached_on(cu, ("other",), make) == 2
+    cu[1] = 4                                                   # a new version: rebuilt
+    assert documents.cached_on(cu, ("k",), make) == 3
+    assert documents.cached_on(cu.clone(), ("k",), make) == 4   # another tensor, equal values: its own entry
+    # the SP softmax methods' documents: one object for every call with this tensor (the layers of a step)
+    a = sp_documents(cu, 4, 2, "zigzag", True, "cpu")
+    assert sp_documents(cu, 4, 2, "zigzag", True, "cpu") is a
+    assert torch.equal(a.of_rank(1, 4), torch.tensor([0, 0, 1, 1], dtype=torch.int32))   # pieces 1 and 2
+    ident = id(cu)
+    del cu, a
+    gc.collect()
+    assert ident not in documents._CACHE

@@ -22,13 +22,11 @@ nothing back and copy nothing to the device.
 from __future__ import annotations
 
 import math
-import weakref
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
 
-from longscan.distributed.documents import check_cu_seqlens, global_positions, to_device
+from longscan.distributed.documents import cached_on, check_cu_seqlens, global_positions, to_device
 from longscan.distributed.layouts import num_segments
 
 
@@ -126,35 +124,21 @@ def _padded_rows(cu: torch.Tensor, gpos: torch.Tensor, n_local: int, value_dim: 
     return DocumentRows(to_device(doc, device), to_device(gpos - cu[doc], device), int((cu[1:] - cu[:-1]).max()))
 
 
-# (id of the cu_seqlens tensor) -> (weak reference to it, its version, {call key: what was built}). An entry
-# leaves when its tensor is freed; the bound only limits how many live tensors keep theirs.
-_CACHE: OrderedDict = OrderedDict()
-_CACHE_SIZE = 256
-
-
 def _prepared(build, cu_seqlens: torch.Tensor, local_len: int, world: int, rank: int, layout: str, device,
               value_dim: int):
     """``build(cu, global positions, n_local, value_dim, device)`` for this tensor and call, validated (ValueError
     naming cu_seqlens) and built on the first call; later calls with the same tensor, unmodified, get the cached
-    result without reading it back."""
+    result without reading it back (:func:`~longscan.distributed.documents.cached_on`)."""
     if not isinstance(cu_seqlens, torch.Tensor):
         check_cu_seqlens(cu_seqlens, local_len * world)     # the TypeError naming cu_seqlens
     device = torch.device(device) if device is not None else cu_seqlens.device
-    key = (build.__name__, local_len, world, rank, layout, device, value_dim)
-    ident = id(cu_seqlens)
-    slot = _CACHE.get(ident)
-    if slot is None or slot[0]() is not cu_seqlens or slot[1] != cu_seqlens._version:
-        slot = (weakref.ref(cu_seqlens, lambda _, ident=ident: _CACHE.pop(ident, None)), cu_seqlens._version, {})
-        _CACHE[ident] = slot
-    _CACHE.move_to_end(ident)
-    if key not in slot[2]:
+
+    def make():
         # validation reads the offsets back (a host-device sync for a CUDA tensor): once per tensor, not per call
         cu = check_cu_seqlens(cu_seqlens, local_len * world)
-        slot[2][key] = build(cu, global_positions(local_len, world, rank, layout),
-                             num_segments(world, layout) // world, value_dim, device)
-    while len(_CACHE) > _CACHE_SIZE:
-        _CACHE.popitem(last=False)
-    return slot[2][key]
+        return build(cu, global_positions(local_len, world, rank, layout), num_segments(world, layout) // world,
+                     value_dim, device)
+    return cached_on(cu_seqlens, (build.__name__, local_len, world, rank, layout, device, value_dim), make)
 
 
 def document_resets(cu_seqlens: torch.Tensor, local_len: int, world: int = 1, rank: int = 0,

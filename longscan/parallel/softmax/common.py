@@ -15,14 +15,14 @@ from typing import Optional
 
 import torch
 
-from longscan.distributed.documents import document_ids, to_device, visible_pieces
+from longscan.distributed.documents import cached_on, document_ids, to_device, visible_pieces
 from longscan.distributed.layouts import num_segments, segment_ids
 from longscan.kernels.softmax_attention import (BlockDocs, block_backward, block_forward, compute_dtype,
                                                 merge_into)
 
 
 class SPDocuments:
-    """Packed documents as the SP methods use them for one call: the document id of every global token (int32,
+    """Packed documents as the SP methods use them for one call shape: the document id of every global token (int32,
     moved to the inputs' device once), the visible piece pairs, and each rank's local ids, made on first use
     from views of the global ids (a ring asks for its own rank's at every step)."""
 
@@ -46,12 +46,18 @@ class SPDocuments:
 
 def sp_documents(cu_seqlens: Optional[torch.Tensor], local_len: int, world: int, layout: str, causal: bool,
                  device) -> Optional[SPDocuments]:
+    """The :class:`SPDocuments` of a call (None without documents), built once per ``cu_seqlens`` tensor and
+    call shape: every softmax layer of a step and the backward share it."""
     if cu_seqlens is None:
         return None
     n = num_segments(world, layout)
     total = local_len * world
-    return SPDocuments(document_ids(cu_seqlens, total), visible_pieces(cu_seqlens, n, total // n, causal), world,
-                       layout, torch.device(device))
+    device = torch.device(device)
+
+    def make():
+        return SPDocuments(document_ids(cu_seqlens, total), visible_pieces(cu_seqlens, n, total // n, causal),
+                           world, layout, device)
+    return cached_on(cu_seqlens, ("sp_documents", local_len, world, layout, causal, device), make)
 
 
 def block_plan(q_segs, k_segs, causal: bool, visible: Optional[frozenset] = None) -> list[tuple[slice, slice, str]]:

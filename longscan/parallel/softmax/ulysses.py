@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from longscan.distributed.layouts import group_rank_size, num_segments, segment_ids
 from longscan.distributed.stats import count, nbytes
-from longscan.distributed.documents import document_ids, to_device
+from longscan.distributed.documents import cached_on, document_ids, to_device
 from longscan.kernels.softmax_attention import BlockDocs, block_backward, block_forward
 from longscan.parallel.softmax.function import SoftmaxSPFunction, SoftmaxSPOptions
 
@@ -49,7 +49,9 @@ def _docs(cu_seqlens, q):
     """Document ids of the whole sequence in global order, for q and k alike (None without documents)."""
     if cu_seqlens is None:
         return None
-    ids = to_device(document_ids(cu_seqlens, q.shape[1]), q.device)
+    total, device = q.shape[1], q.device
+    ids = cached_on(cu_seqlens, ("ulysses", total, device),
+                    lambda: to_device(document_ids(cu_seqlens, total).to(torch.int32), device))
     return BlockDocs(ids, ids)
 
 
