@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from harness import rel_err
-from longscan.kernels.softmax_attention import (attention, block_backward, block_forward, merge_into,
+from longscan.kernels.softmax_attention import (attention, block_backward, block_forward, merge_into, merge_torch,
                                                 naive_attention, resolve_backend)
 
 DTYPES = {"float64": (torch.float64, 1e-5), "float32": (torch.float32, 1e-4)}
@@ -211,3 +211,45 @@ def test_sdpa_blocks_with_final_lse_on_cuda(backend):
         dv[:, ks] += g[2]
     for name, got, want in zip(("dq", "dk", "dv"), (dq, dk, dv), g_ref):
         assert rel_err(got, want) <= 1e-2, (name, rel_err(got, want))
+
+
+def _merge_case(seed, block_dtype, device):
+    """Running (out, lse) of 2 × 11 rows × 3 heads × 48 (a head size that is not a power of two), a block for
+    rows 3..10 whose lse spans ±90 from the running one, with rows unseen on either side or both (-inf)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = torch.randn(2, 11, 3, 48, generator=gen)
+    lse = torch.randn(2, 3, 11, generator=gen) * 3
+    blk = torch.randn(2, 8, 3, 48, generator=gen)
+    blk_lse = lse[:, :, 3:] + torch.empty(2, 3, 8).uniform_(-90, 90, generator=gen)
+    lse[0, 1, 4] = lse[1, 2, 9] = float("-inf")          # rows that have seen no key yet
+    out[0, 4, 1] = out[1, 9, 2] = 0.0
+    blk_lse[0, 0, 2] = blk_lse[0, 1, 1] = float("-inf")  # and blocks rows that see none (the second: both)
+    blk[0, 2, 0] = blk[0, 1, 1] = 0.0
+    return [x.to(device) for x in (out, lse, blk.to(block_dtype), blk_lse)]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_triton_merge_equals_torch_merge(seed):
+    """The one-pass Triton merge (the interpreter on CPU, float32) against the torch operators' merge."""
+    tm = pytest.importorskip("longscan.kernels.softmax_attention.triton_merge")
+    out, lse, blk, blk_lse = _merge_case(seed, torch.float32, "cuda" if torch.cuda.is_available() else "cpu")
+    want_out, want_lse = out.clone(), lse.clone()
+    merge_torch(want_out, want_lse, blk, blk_lse, slice(3, 11))
+    tm.merge_into(out, lse, blk, blk_lse, slice(3, 11))
+    assert torch.equal(torch.isinf(lse), torch.isinf(want_lse))
+    assert rel_err(out.cpu(), want_out.cpu()) <= 1e-6
+    fin = torch.isfinite(want_lse)
+    assert rel_err(lse[fin].cpu(), want_lse[fin].cpu()) <= 1e-6
+    assert torch.equal(out[1, :3], want_out[1, :3])        # rows outside the block untouched
+    with pytest.raises(ValueError, match="does not match"):
+        tm.merge_into(out, lse, blk, blk_lse, slice(2, 11))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_merge_into_takes_triton_for_bf16_blocks():
+    """On CUDA merge_into folds a bf16 block into float32 accumulators as the torch merge does."""
+    out, lse, blk, blk_lse = _merge_case(3, torch.bfloat16, "cuda")
+    want_out, want_lse = out.clone(), lse.clone()
+    merge_torch(want_out, want_lse, blk, blk_lse, slice(3, 11))
+    merge_into(out, lse, blk, blk_lse, slice(3, 11))
+    assert rel_err(out.cpu(), want_out.cpu()) <= 1e-6

@@ -36,8 +36,8 @@ from longscan.kernels.softmax_attention.sdpa import compute_dtype
 BACKENDS = ("auto", "torch", "naive", "sdpa_flash", "sdpa_cudnn", "triton")
 MASKS = ("full", "causal")
 
-__all__ = ["BACKENDS", "MASKS", "BlockDocs", "block_forward", "block_backward", "merge_into", "resolve_backend",
-           "check_qkv", "compute_dtype", "naive_attention", "naive_backward", "attention"]
+__all__ = ["BACKENDS", "MASKS", "BlockDocs", "block_forward", "block_backward", "merge_into", "merge_torch",
+           "resolve_backend", "check_qkv", "compute_dtype", "naive_attention", "naive_backward", "attention"]
 
 
 class BlockDocs(NamedTuple):
@@ -133,7 +133,21 @@ def merge_into(out, lse, block_out, block_lse, rows=slice(None)):
     out `[B, T, H, D]` and lse `[B, H, T]` are in the compute dtype (float32/float64); lse starts at -inf.
     Stable form: with m = logaddexp(lse, block_lse) both weights exp(lse - m), exp(block_lse - m) are
     <= 1, so blocks whose logits differ by 80 or more merge without overflow (exp(88) overflows float32).
+    float32 on CUDA takes one Triton pass (``triton_merge.py``) for these torch operators' ten.
     """
+    if out.is_cuda and out.dtype == lse.dtype == torch.float32 and out.stride(-1) == 1 and lse.stride(-1) == 1:
+        try:
+            fused = importlib.import_module("longscan.kernels.softmax_attention.triton_merge")
+        except ImportError:
+            fused = None
+        if fused is not None:
+            fused.merge_into(out, lse, block_out, block_lse, rows)
+            return
+    merge_torch(out, lse, block_out, block_lse, rows)
+
+
+def merge_torch(out, lse, block_out, block_lse, rows=slice(None)):
+    """:func:`merge_into` in torch operators (any device and dtype)."""
     old = lse[:, :, rows]
     new = torch.logaddexp(old, block_lse.to(lse.dtype))
     # A row that has seen no key yet and sees none here (packed documents) stays at -inf with o = 0:
