@@ -32,8 +32,9 @@ def _merge_kernel(out, lse, blk, blk_lse, R, H, D,
     w_old, w_new = tl.where(seen, a / s, 0.0), tl.where(seen, c / s, 0.0)
     d = tl.arange(0, BD)
     tile = live[:, None] & (d[None, :] < D)
-    po = out + b * so_b + r[:, None] * so_t + h * so_h + d[None, :]
-    pb = blk + b * sb_b + r[:, None] * sb_t + h * sb_h + d[None, :]
+    rw, bw = r.to(tl.int64)[:, None], b.to(tl.int64)      # offsets past 2^31 elements at long lengths
+    po = out + bw * so_b + rw * so_t + h * so_h + d[None, :]
+    pb = blk + bw * sb_b + rw * sb_t + h * sb_h + d[None, :]
     acc = tl.load(po, mask=tile, other=0.0) * w_old[:, None] \
         + tl.load(pb, mask=tile, other=0.0).to(tl.float32) * w_new[:, None]
     tl.store(po, acc, mask=tile)
