@@ -66,8 +66,8 @@ kernel, walking backward, carries the sums across chunks and takes them inside e
 the chunk's tile, its rows held in runs of DG_RUN consecutive tokens a thread so that the sum is mostly adds in
 registers: _dg_suffix_sums); across segments the dk kernel needs no other
 segment's sums, since dg at a segment's first token is also Σ_v exp(g_s)S_{s−1}⊙dS_s, a product of the prefix state and the state gradient
-that the backward already holds. A learnable g_gamma's gradient is not this sum over its tokens but forward-mode
-arithmetic beside the kernels (gamma_grad.py says why).
+that the backward already holds. A learnable g_gamma's gradient is not this sum over its tokens but a
+forward-mode kernel of its own beside the others (gamma_grad.py says why).
 
 Shapes: q, k `[B, T, H, K]`, v `[B, T, H, V]`; states `[B, H, K, V]` float32. K, V ∈ {16, 32, 64, 128}.
 """

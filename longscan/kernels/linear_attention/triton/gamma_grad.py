@@ -15,78 +15,95 @@ Chunk c (first token c0, length L, j = t − c0), α = exp(γ), S the state ente
     next chunk: S' = α^L S + Σ_s α^(L−1−j_s) k_s v_sᵀ
                 D' = α^L (D + L·S) + Σ_s (L−1−j_s) α^(L−1−j_s) k_s v_sᵀ
 
-S and D over the chunks are two runs of the segment scan (state.py's, every chunk a segment); D after the
-last chunk meets dht. Everything runs in float32 (the inputs' values as they are: bf16 inputs are exact in
-float32), heads in groups so the per-chunk states stay bounded.
+One program a (batch, head, block of V columns) walks the chunks in order with S and D in float32 registers
+(the term splits over V: (q·k)(do·v) is a sum over v), so no per-chunk state is stored. Products of two inputs
+(q·k, do·v) run in the inputs' dtype with float32 sums (bf16 products are exact in float32; float32 inputs in
+tf32x3); products with S, D or the float32 weights in tf32x3 (three tf32 products on the tensor cores, about
+float32's precision; plain float32 dots on Hopper spill). D after the last chunk meets dht.
 """
 from __future__ import annotations
 
 import torch
-
-from longscan.kernels.linear_attention.triton.state import _scan
+import triton
+import triton.language as tl
 
 CHUNK = 64
-MAX_STATE_ELEMENTS = 2 ** 26   # floats in one [B, heads, chunks, K, V] buffer of a head group (256 MB)
 
 
-def g_gamma_grad(q, k, v, g_gamma, scale: float, initial_state, do, dht,
-                 max_state_elements: int = MAX_STATE_ELEMENTS) -> torch.Tensor:
+@triton.jit
+def _gamma_grad_kernel(q, k, v, do, gam, h0, dht, out, T, H, scale, NV,
+                       K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+                       HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr):
+    """One (batch·head, V block): out[bh, iv] = scale·Σ_t ⟨do_t, ∂o_t/∂γ⟩ + ⟨dht, ∂S_T/∂γ⟩ over its columns."""
+    bh = tl.program_id(0)
+    iv = tl.program_id(1)
+    b, h = bh // H, bh % H
+    rk = tl.arange(0, K)
+    rv = iv * BV + tl.arange(0, BV)
+    j = tl.arange(0, C)
+    # a head that forgets everything (−inf) gets 0, the limit of a large finite decay (−inf·0 would be NaN)
+    gm = tl.maximum(tl.load(gam + h).to(tl.float32), -1e4)
+    S = tl.zeros([K, BV], dtype=tl.float32)
+    if HAS_H0:
+        S += tl.load(h0 + bh.to(tl.int64) * K * V + rk[:, None] * V + rv[None, :]).to(tl.float32)
+    D = tl.zeros([K, BV], dtype=tl.float32)
+    jf = j.to(tl.float32)
+    dist = tl.maximum(jf[:, None] - jf[None, :], 0.0)            # u − s on and below the diagonal, else 0
+    weight = dist * tl.exp(gm * dist)                            # 0 on the diagonal and above
+    at = tl.exp(gm * (jf + 1))                                   # α^(j+1)
+    acc = tl.zeros([C], dtype=tl.float32)
+    for t0 in range(0, T, C):
+        t = t0 + j
+        live = t < T
+        row = (b * T + t).to(tl.int64) * H + h
+        bq = tl.load(q + row[:, None] * K + rk[None, :], mask=live[:, None], other=0.0)
+        bk = tl.load(k + row[:, None] * K + rk[None, :], mask=live[:, None], other=0.0)
+        bv = tl.load(v + row[:, None] * V + rv[None, :], mask=live[:, None], other=0.0)
+        bdo = tl.load(do + row[:, None] * V + rv[None, :], mask=live[:, None], other=0.0)
+        qf = bq.to(tl.float32)
+        dof = bdo.to(tl.float32)
+        # inter: α^(j+1) q_t·(D + (j+1) S)·do_t
+        qd = tl.dot(qf, D, input_precision=SPREC)
+        qs = tl.dot(qf, S, input_precision=SPREC)
+        acc += at * tl.sum((qd + (jf + 1)[:, None] * qs) * dof, 1)
+        # intra: Σ_{s<u} (u−s) α^(u−s) (q_u·k_s)(do_u·v_s)
+        qk = tl.dot(bq, tl.trans(bk), input_precision=PREC)
+        dv_ = tl.dot(bdo, tl.trans(bv), input_precision=PREC)
+        acc += tl.sum(qk * dv_ * weight, 1)
+        # the next chunk's S and D
+        L = tl.minimum(T - t0, C).to(tl.float32)
+        to_end = tl.maximum(L - 1 - jf, 0.0)
+        w_end = tl.exp(gm * to_end)
+        vf = bv.to(tl.float32)
+        kf = bk.to(tl.float32)
+        local = tl.dot(tl.trans(kf * w_end[:, None]), vf, input_precision=SPREC)
+        local_d = tl.dot(tl.trans(kf * (w_end * to_end)[:, None]), vf, input_precision=SPREC)
+        aL = tl.exp(gm * L)
+        D = aL * (D + L * S) + local_d
+        S = aL * S + local
+    total = scale * tl.sum(acc, 0)
+    if HAS_DHT:
+        total += tl.sum(tl.sum(tl.load(dht + bh.to(tl.int64) * K * V + rk[:, None] * V + rv[None, :]).to(tl.float32)
+                               * D, 1), 0)
+    tl.store(out + bh * NV + iv, total)
+
+
+def g_gamma_grad(q, k, v, g_gamma, scale: float, initial_state, do, dht) -> torch.Tensor:
     """dL/dg_gamma `[H]` float32 for o = chunk linear attention of (q, k, v) under the constant log decay
-    g_gamma `[H]` from initial_state (or zeros), given the output's gradient do and the final state's dht (or
-    None); heads in groups of at most max_state_elements floats a per-chunk state buffer (at least one head)."""
+    g_gamma `[H]` from initial_state (or zeros), given the output's gradient do (q's dtype) and the final
+    state's dht (or None)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
-    n_chunks = -(-T // CHUNK)
-    group = max(1, max_state_elements // max(1, B * n_chunks * K * V))
-    out = torch.zeros(H, device=q.device, dtype=torch.float32)
     if T == 0:      # no token: the state leaves as it entered, whatever the decay
-        return out
-    for h in range(0, H, group):
-        hs = slice(h, min(H, h + group))
-        out[hs] = _heads(q[:, :, hs], k[:, :, hs], v[:, :, hs], g_gamma[hs], scale,
-                         None if initial_state is None else initial_state[:, hs],
-                         do[:, :, hs], None if dht is None else dht[:, hs])
-    return out
-
-
-def _heads(q, k, v, g_gamma, scale, h0, do, dht) -> torch.Tensor:
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    C = CHUNK
-    n = -(-T // C)
-    dev, f32 = q.device, torch.float32
-
-    def chunks(x):   # [B, T, H, D] -> [B, H, n, C, D] float32, zeros past T
-        x = x.to(f32)
-        if n * C != T:
-            x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, n * C - T))
-        return x.reshape(B, n, C, H, x.shape[-1]).permute(0, 3, 1, 2, 4)
-
-    qc, kc, vc, dc = chunks(q), chunks(k), chunks(v), chunks(do)
-    # a head that forgets everything (−inf) has gradient 0, the limit that a large finite decay gives (−inf · 0
-    # would be NaN at the weights of distance 0)
-    gam = g_gamma.to(f32).clamp(min=-1e4).view(1, H, 1, 1)
-    j = torch.arange(C, device=dev, dtype=f32)
-    length = torch.full((n,), float(C), device=dev, dtype=f32)
-    length[-1] = T - (n - 1) * C
-    to_end = (length[:, None] - 1 - j).clamp(min=0)                       # [n, C]: L−1−j (0 on padding)
-    w_end = torch.exp(gam * to_end)                                       # [1, H, n, C]
-    local = (kc * w_end[..., None]).transpose(-1, -2) @ vc                # [B, H, n, K, V]
-    local_d = (kc * (w_end * to_end)[..., None]).transpose(-1, -2) @ vc
-    chunk_log = (gam.view(1, H, 1) * length).expand(B, H, n)
-    log_decay = chunk_log[..., None].expand(B, H, n, K).contiguous()
-    init = None if h0 is None else h0.to(f32).contiguous()
-    S, _ = _scan(local.contiguous(), log_decay, init, reverse=False)     # S entering each chunk
-    del local
-    grow = (torch.exp(chunk_log) * length)[..., None, None]               # α^L·L
-    D, D_end = _scan((grow * S + local_d).contiguous(), log_decay, None, reverse=False)
-    del local_d
-    at = torch.exp(gam * (j + 1))                                         # [1, H, 1, C]
-    inter = ((qc @ D + (j + 1)[:, None] * (qc @ S)) * dc).sum(-1) * at  # [B, H, n, C]
-    dist = (j[:, None] - j[None, :]).clamp(min=0)                         # u − s on and below the diagonal
-    weight = dist * torch.exp(gam[..., None] * dist)                      # 0 on the diagonal and above
-    intra = ((qc @ kc.transpose(-1, -2)) * (dc @ vc.transpose(-1, -2)) * weight).sum((-1, -2))
-    grad = scale * (inter.sum((2, 3)) + intra.sum(2))                     # [B, H]
-    if dht is not None:
-        grad = grad + (dht.to(f32) * D_end).sum((-1, -2))
-    return grad.sum(0)
+        return torch.zeros(H, device=q.device, dtype=torch.float32)
+    BV = 16       # with K = 128 the smallest tiles spill least (ptxas, sm_90), and 1 x 65536 gets 8 programs a head
+    NV = V // BV
+    out = torch.empty(B * H, NV, device=q.device, dtype=torch.float32)
+    q, k, v, do = (x.contiguous() for x in (q, k, v, do.to(q.dtype)))
+    h0 = initial_state.contiguous() if initial_state is not None else q
+    dht_ = dht.contiguous() if dht is not None else q
+    _gamma_grad_kernel[(B * H, NV)](q, k, v, do, g_gamma.contiguous(), h0, dht_, out, T, H, scale, NV,
+                                    K=K, V=V, BV=BV, C=CHUNK, HAS_H0=initial_state is not None,
+                                    HAS_DHT=dht is not None, SPREC="tf32x3",
+                                    PREC="tf32x3" if q.dtype == torch.float32 else "tf32", num_warps=8, num_stages=1)
+    return out.view(B, H, NV).sum((0, 2))
