@@ -270,8 +270,10 @@ PRESETS = {"per_key_dq_split": LinearKernelOptions.with_per_key_dq_split}
 
 def options_of(text: str) -> tuple[str, LinearKernelOptions]:
     """"ITEM[,ITEM]" -> (the text, LinearKernelOptions): an item FIELD=VALUE sets a field (VALUE true/false or an
-    int: the boolean and integer fields), an item named in PRESETS applies that method after the fields; checked."""
+    int: the boolean and integer fields; a word: the string fields), an item named in PRESETS applies that method
+    after the fields; checked."""
     fields = {f.name for f in dataclasses.fields(LinearKernelOptions)}
+    words = {f.name for f in dataclasses.fields(LinearKernelOptions) if f.type in ("str", str)}
     kw, presets = {}, []
     for item in text.split(","):
         name, sep, value = item.partition("=")
@@ -286,6 +288,8 @@ def options_of(text: str) -> tuple[str, LinearKernelOptions]:
             kw[name] = low == "true"
         elif value.isdigit():
             kw[name] = int(value)
+        elif name in words:
+            kw[name] = value
         else:
             raise SystemExit(f"--options {name}: expected true, false or an int, got {value!r}")
     try:

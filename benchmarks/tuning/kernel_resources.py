@@ -93,7 +93,7 @@ def constants(case: Case, opts: LinearKernelOptions = LinearKernelOptions()) -> 
     if "steep_chunks" in args and not case.resets:
         switch["steep_chunks"] = None
     need_dg = gate >= 2 if case.need_dg is None else bool(case.need_dg and gate)
-    prec = "ieee" if case.dtype == torch.float32 else "tf32"
+    prec = opts.float32_products if case.dtype == torch.float32 else "tf32"
     if name.startswith("ops"):
         if "SUFFIX" in args:   # the decay factors' reverse scan, float32 only (an earlier longscan has none)
             switch["SUFFIX"] = case.dtype == torch.float32
@@ -157,9 +157,9 @@ def ptxas_report(kernel, arch: int = 90) -> dict:
                 spill_loads=int(spills.group(2)), shared=kernel.metadata.shared)
 
 
-def resources(case: Case, arch: int) -> dict:
+def resources(case: Case, arch: int, opts: LinearKernelOptions = LinearKernelOptions()) -> dict:
     """Compile one kernel -> ptxas_report of it."""
-    return ptxas_report(compile_case(case, arch), arch)
+    return ptxas_report(compile_case(case, arch, opts), arch)
 
 
 def main():
@@ -172,6 +172,8 @@ def main():
     ap.add_argument("--resets", action="store_true",
                     help="the gated kinds as packed documents compile them (log gates of -inf: options.resets)")
     ap.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: Hopper)")
+    ap.add_argument("--float32-products", choices=("ieee", "tf32x3"), default="ieee",
+                    help="LinearKernelOptions.float32_products (with --dtype fp32)")
     args = ap.parse_args()
     if plan._interpreting():
         raise SystemExit("kernel_resources.py compiles the kernels: unset TRITON_INTERPRET")
@@ -183,15 +185,17 @@ def main():
                 raise SystemExit(f"{flag}: unknown {flag[2:].rstrip('s')} {x!r}, expected one of {sorted(known)}")
     if args.dims not in plan._DIMS:
         raise SystemExit(f"--dims: expected one of {plan._DIMS}, got {args.dims}")
+    opts = LinearKernelOptions(float32_products=args.float32_products)
     print(f"# triton {triton.__version__}, sm_{args.arch}, {args.dtype}, head dims {args.dims}"
-          f"{', resets' if args.resets else ''}")
+          f"{', resets' if args.resets else ''}"
+          f"{f', float32 products {args.float32_products}' if args.dtype == 'fp32' else ''}")
     for kind in kinds:
         for name in names:
             if name.startswith("ops") and kind != "gk":
                 continue
             case = Case(name, KINDS[kind], DTYPES[args.dtype], args.dims, args.dims, states=args.states,
                         resets=args.resets and KINDS[kind] >= 2)
-            r = resources(case, args.arch)
+            r = resources(case, args.arch, opts)
             print(f"{kind:8s} {name:5s} registers {r['registers']:3d}  spills {r['spill_stores']:4d} / "
                   f"{r['spill_loads']:4d} bytes (stores / loads)  shared {r['shared']:6d} bytes", flush=True)
 

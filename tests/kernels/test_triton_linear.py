@@ -535,6 +535,16 @@ def test_gpu_every_dtype_head_dim_128(decay, dtype, tol, with_state):
     check_forward_backward(decay, 1, 300, 2, 128, 128, dtype, tol, with_state, with_state, seed=2)
 
 
+@pytest.mark.parametrize("decay", DECAYS)
+def test_float32_products_tf32x3(decay):
+    """float32 inputs with float32_products="tf32x3" (three tf32 products a dot on the GPU; the interpreter
+    multiplies in float32 whatever the setting, so on CPU this checks that every kernel takes the option),
+    per-key gates with steep chunks (the levels kernel), segments (the prefix pass)."""
+    opts = LinearKernelOptions(float32_products="tf32x3", segments=3)
+    check_forward_backward(decay, 1, 200, 2, 32, 32, torch.float32, 1e-4, True, True, seed=5, options=opts,
+                           edit=(lambda x: x["g"].mul_(8)) if decay == "g_per_key" else None)
+
+
 @requires_cuda
 @pytest.mark.parametrize("decay", ["g_gamma", "g_scalar", "g_per_key"])
 def test_gpu_single_token_gate_gradient_is_zero(decay):
@@ -564,6 +574,8 @@ def test_options_validate_themselves():
         LinearKernelOptions(chunk=24)
     with pytest.raises(ValueError, match="segments must be None or a positive int"):
         LinearKernelOptions(segments=0)
+    with pytest.raises(ValueError, match="float32_products must be 'ieee' or 'tf32x3', got 'tf32'"):
+        LinearKernelOptions(float32_products="tf32")
     with pytest.raises(ValueError, match="unknown kernel 'fwdd'"):
         LinearKernelOptions(config_per_key={"fwdd": dict(block=64)})
     with pytest.raises(TypeError, match="options must be a LinearKernelOptions"):

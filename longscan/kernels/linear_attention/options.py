@@ -100,6 +100,9 @@ class LinearKernelOptions:
     dq_factor_f32: per-key gates, the backward's query factor exp(b) (what dq is multiplied by) is stored in
       float32, not in q's dtype: one rounding of dq fewer, for 2 more bytes per element of q written and read
       (and held from forward to backward with keep_gate_operands), so off by default (docs/linear_kernels.md).
+    float32_products: how the kernels multiply float32 inputs: "ieee" (true float32 products; at head dims 128
+      the tiles spill heavily on Hopper, docs/benchmarks.md) or "tf32x3" (three tf32 products on the tensor
+      cores, about float32's precision).
     resets: g may hold −inf (full resets): the kernels compile the reset arithmetic, which costs finite gates
       time, so it is off by default. Packed documents (cu_seqlens) turn it on themselves; a caller who puts −inf
       in g sets it. Off, −inf in g is refused with a ValueError on CPU tensors and, on CUDA, with
@@ -121,6 +124,7 @@ class LinearKernelOptions:
     dq_scores_split: bool = True
     dq_scores_split_per_key: bool = False
     dq_factor_f32: bool = False
+    float32_products: str = "ieee"
     resets: bool = False
 
     def __post_init__(self):
@@ -140,6 +144,9 @@ class LinearKernelOptions:
                      "dq_factor_f32", "resets"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"LinearKernelOptions.{name} must be True or False, got {getattr(self, name)!r}")
+        if self.float32_products not in ("ieee", "tf32x3"):
+            raise ValueError(f"LinearKernelOptions.float32_products must be 'ieee' or 'tf32x3', got "
+                             f"{self.float32_products!r}")
         config = _configs(self.config, "config")
         missing = [k for k in KERNELS if k not in config]
         if missing:

@@ -186,10 +186,10 @@ def forward(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None, outpu
     if keep and ops is not None:
         saved = dataclasses.replace(saved if saved is not None else ForwardRecord(seg, ns), operands=ops)
     run_forward(qx=qx, kx=kx, kdx=kdx, v=v, gx=gx, gg=gg, o=o, h0=h0, ht=ht, T=T, H=H, seg=seg, ns=ns, C=C,
-                scale=scale, GATE=GATE, BV=BV, store_ht=(ht is not None and ns == 1), prec=_prec(q), resets=resets,
+                scale=scale, GATE=GATE, BV=BV, store_ht=(ht is not None and ns == 1), prec=_prec(q, opts), resets=resets,
                 dummy=q, cfg=cfg)
     if ops is not None:
-        _add_levels(0, ops, seg, C, q, k, v, gt, scale, o=o)
+        _add_levels(0, ops, seg, C, q, k, v, gt, scale, _prec(q, opts), o=o)
     return (o, ht, saved) if return_saved else (o, ht)
 
 
@@ -274,7 +274,7 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True,
                                 lambda: _kv_states(kdx if ops else k, v, gx, gg, GATE, C, seg, ns, opts))
         if qdo_states is None:
             qdo_states = StatePass(seg, *_states(qx, do, gx, gg, GATE, C, seg, ns, scale, True, opts))
-    prec = _prec(q)
+    prec = _prec(q, opts)
     # The gate gradient needs the state products in float32 precision (bf16 states miss its tolerance):
     # tf32 or two bf16 halves of the state, per kernel (_state_products).
     sf32 = {name: _state_products(name, GATE, q.dtype, need_dg, opts) for name in ("dq", "dk")}
@@ -304,7 +304,7 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True,
         # the gradient of the state leaving each segment (dht past the last): a reverse scan of the (q, do) states
         dhe, _ = _scan(qdo_states.states, qdo_states.log_decays, dhe, reverse=True)
     if ops is not None:   # before the dk kernel, which takes the gate gradient on from gq
-        _add_levels(1, ops, seg, C, q, k, v, gt, scale, do=do, dq=dq, gq=gq, need_dg=need_dg)
+        _add_levels(1, ops, seg, C, q, k, v, gt, scale, prec, do=do, dq=dq, gq=gq, need_dg=need_dg)
     run_dk(qx=qx, kx=kx, kdx=kdx, ekx=ekx, v=v, gx=gx, gg=gg, do=do, dhe=dhe, hin=h0 if ns > 1 else None, dk=dk,
            gk=gk, dg=gq if GATE == 3 and need_dg else None, term=term, dh0=dh0, T=T, H=H, seg=seg, ns=ns, NC=NC,
            scale=scale, BK=BKk, need_dg=need_dg, sf32=sf32["dk"], sprec=sprec["dk"], dummy=dummy, common=common,
@@ -312,7 +312,7 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, do, dht, need_dg=True,
     run_dv(qx=qx, kx=kx, kdx=kdx, gx=gx, gg=gg, do=do, dhe=dhe, dv=dv, T=T, H=H, seg=seg, ns=ns, NC=NC,
            scale=scale, BV=BV, dummy=dummy, common=common, cfg=cv)
     if ops is not None:
-        _add_levels(2, ops, seg, C, q, k, v, gt, scale, do=do, dk=dk, dv=dv)
+        _add_levels(2, ops, seg, C, q, k, v, gt, scale, prec, do=do, dk=dk, dv=dv)
     if not need_dg:
         return dq, dk, dv, None, dh0
     # The first token's gate multiplies the initial state: its dg is ⟨dh0, h0⟩ (per key: over V), two float32
@@ -431,7 +431,6 @@ def add_prefix(o, q, g, g_gamma, scale, P, options: LinearKernelOptions | None =
     state P `[B, H, K, V]` (A the segment-inclusive cumulative log gate). Returns a new tensor like o."""
     _check(q, o, P)
     B, T, H, K = q.shape
-    V = o.shape[-1]
     scale = K ** -0.5 if scale is None else scale
     opts = resolve(options)
     q, o, P = q.contiguous(), o.contiguous(), P.contiguous()
@@ -449,7 +448,8 @@ def add_prefix(o, q, g, g_gamma, scale, P, options: LinearKernelOptions | None =
         sums = gf.view(B, N, C, H, -1).sum(2)
         # the exclusive sum as a shifted cumulative one: subtracting each chunk's own sum gives NaN past a −inf
         goff = torch.nn.functional.pad(sums[:, :-1], (0, 0, 0, 0, 1, 0)).cumsum(1).contiguous()
-    run_prefix(o=o, q=q, gt=gt, gg=gg, goff=goff, P=P, out=out, T=T, H=H, N=N, C=C, scale=scale, GATE=GATE)
+    run_prefix(o=o, q=q, gt=gt, gg=gg, goff=goff, P=P, out=out, T=T, H=H, N=N, C=C, scale=scale, GATE=GATE,
+               prec=_prec(q, opts))
     return out
 
 

@@ -7,7 +7,6 @@ import triton.language as tl
 
 from longscan.kernels.linear_attention.triton.common import (_chunk_decays, _chunk_keys, _chunk_totals, _gate_chunk,
                                                              _segment_program, _segment_state_tile)
-from longscan.kernels.linear_attention.triton.plan import _prec
 
 
 @triton.jit
@@ -129,10 +128,10 @@ def run_forward(*, qx, kx, kdx, v, gx, gg, o, h0, ht, T, H, seg, ns, C, scale, G
                                     STORE_HT=store_ht, PREC=prec, RESETS=resets, **cfg)
 
 
-def run_prefix(*, o, q, gt, gg, goff, P, out, T, H, N, C, scale, GATE):
+def run_prefix(*, o, q, gt, gg, goff, P, out, T, H, N, C, scale, GATE, prec):
     """Launch _prefix_kernel over (V-tiles, batch·heads, chunks): out = o + scale·(q⊙exp(A))ᵀP."""
     B, _, _, K = q.shape
     V = o.shape[-1]
     BV = min(V, 64)
     _prefix_kernel[(V // BV, B * H, N)](o, q, gt, gg, goff, P, out, T, H, N, scale, K=K, V=V, BV=BV, C=C,
-                                        GATE=GATE, PREC=_prec(q), num_warps=4)
+                                        GATE=GATE, PREC=prec, num_warps=4)

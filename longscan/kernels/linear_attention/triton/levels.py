@@ -6,7 +6,6 @@ import triton
 import triton.language as tl
 
 from longscan.kernels.linear_attention.triton.common import LEVEL_SPAN, _gate_chunk, _key_cumulative, _level0_factor
-from longscan.kernels.linear_attention.triton.plan import _prec
 from longscan.kernels.linear_attention.triton.records import _GateOperands
 
 
@@ -186,8 +185,8 @@ def _levels_kernel(q, k, v, g, do, o, dq, dk, dv, gq, steep, steep_chunks, T, H,
                                   K, V, C, MODE, NEED_DG, PREC, RESETS)
 
 
-def _add_levels(mode, ops: _GateOperands, seg, C, q, k, v, g, scale, do=None, o=None, dq=None, gq=None, dk=None,
-                dv=None, need_dg=False):
+def _add_levels(mode, ops: _GateOperands, seg, C, q, k, v, g, scale, prec, do=None, o=None, dq=None, gq=None,
+                dk=None, dv=None, need_dg=False):
     """Launch _levels_kernel (MODE mode) over the segments the pre-pass marked (ops.steep) and, where it marked
     chunks too (ops.steep_chunks: g may hold resets), those chunks only; it adds into the given outputs."""
     B, T, H, K = q.shape
@@ -195,5 +194,5 @@ def _add_levels(mode, ops: _GateOperands, seg, C, q, k, v, g, scale, do=None, o=
     # without resets steep_chunks is None, a constexpr: the kernel then has no such argument
     _levels_kernel[(B * H, ops.steep.shape[1])](q, k, v, g, *a, ops.steep, ops.steep_chunks, T, H, seg, scale,
                                                 K=K, V=v.shape[-1], C=C, MODE=mode, NEED_DG=need_dg,
-                                                PREC=_prec(q), RESETS=ops.steep_chunks is not None, num_warps=8)
+                                                PREC=prec, RESETS=ops.steep_chunks is not None, num_warps=8)
 

@@ -85,9 +85,9 @@ def _split_scores(GATE, dtype, need_dg, opts: LinearKernelOptions) -> bool:
     return opts.dq_scores_split and not need_dg
 
 
-def _prec(x) -> str:
-    # float32 inputs get true float32 products (tf32 would cost ~3e-4 relative error).
-    return "ieee" if x.dtype == torch.float32 else "tf32"
+def _prec(x, opts: LinearKernelOptions) -> str:
+    # float32 inputs get float32-precision products (tf32 alone would cost ~3e-4 relative error)
+    return opts.float32_products if x.dtype == torch.float32 else "tf32"
 
 
 def _launch(name: str, dim: int, GATE: int, dtype: torch.dtype, opts: LinearKernelOptions):

@@ -117,7 +117,7 @@ def _states(x, y, g, gg, GATE, C, seg, ns, scale, from_start, opts: LinearKernel
     trace.emit("states", from_start=from_start)
     BV, cfg = _launch("state", V, GATE, x.dtype, opts)
     _state_kernel[(V // BV, B * H, ns)](x, y, g, gg, s, a, T, H, seg, triton.cdiv(T, C), scale, K=K, V=V, BV=BV,
-                                       C=C, GATE=GATE, FROM_START=from_start, PREC=_prec(x),
+                                       C=C, GATE=GATE, FROM_START=from_start, PREC=_prec(x, opts),
                                        RESETS=opts.resets and GATE >= 2, **cfg)
     return s, a
 
