@@ -100,6 +100,10 @@ class LinearKernelOptions:
     dq_factor_f32: per-key gates, the backward's query factor exp(b) (what dq is multiplied by) is stored in
       float32, not in q's dtype: one rounding of dq fewer, for 2 more bytes per element of q written and read
       (and held from forward to backward with keep_gate_operands), so off by default (docs/linear_kernels.md).
+    f32_gate_segment_chunks: float32 inputs with a scalar or per-key gate: segments of at most this many chunks
+      (None: no cap), so that the gate gradient's sums over later tokens restart at each segment from a product of
+      states: summed over a whole 4,096-token sequence a scalar gate's lost 2.2e-5 of dg, at 8 chunks 3.4e-6
+      (docs/linear_kernels.md).
     float32_products: how the kernels multiply float32 inputs: "ieee" (true float32 products; at head dims 128
       the tiles spill heavily on Hopper, docs/benchmarks.md) or "tf32x3" (three tf32 products on the tensor
       cores, about float32's precision).
@@ -124,6 +128,7 @@ class LinearKernelOptions:
     dq_scores_split: bool = True
     dq_scores_split_per_key: bool = False
     dq_factor_f32: bool = False
+    f32_gate_segment_chunks: int | None = 8
     float32_products: str = "ieee"
     resets: bool = False
 
@@ -136,7 +141,7 @@ class LinearKernelOptions:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"LinearKernelOptions.{name} must be a positive int, got {value!r}")
-        for name in ("segments", "num_sms"):
+        for name in ("segments", "num_sms", "f32_gate_segment_chunks"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"LinearKernelOptions.{name} must be None or a positive int, got {value!r}")

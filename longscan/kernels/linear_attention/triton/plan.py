@@ -129,7 +129,11 @@ def _split(B, H, T, V, C, GATE, dtype, device, opts: LinearKernelOptions):
     """-> (segment length, number of segments) of a sequence; one plan for every entry point, so the
     segment states one call computes fit the next."""
     programs = B * H * (V // _launch("fwd", V, GATE, dtype, opts)[0])
-    return _layout(T, C, _segments(programs, triton.cdiv(T, C), device, opts))
+    n = triton.cdiv(T, C)
+    ns = _segments(programs, n, device, opts)
+    if dtype == torch.float32 and GATE >= 2 and opts.segments is None and opts.f32_gate_segment_chunks:
+        ns = max(ns, triton.cdiv(n, opts.f32_gate_segment_chunks))   # gate gradients' sums restart per segment
+    return _layout(T, C, ns)
 
 
 def _in_bf16(x, g) -> bool:
