@@ -70,6 +70,14 @@ def cached_on(cu_seqlens: torch.Tensor, key: tuple, build):
     return slot[2][key]
 
 
+def checked_cu_seqlens(cu_seqlens, total: int) -> torch.Tensor:
+    """:func:`check_cu_seqlens` once per tensor (:func:`cached_on`): later calls with the same, unchanged tensor
+    get the same int64 CPU copy without reading a CUDA tensor back."""
+    if not isinstance(cu_seqlens, torch.Tensor):
+        check_cu_seqlens(cu_seqlens, total)     # the TypeError naming cu_seqlens
+    return cached_on(cu_seqlens, ("checked", total), lambda: check_cu_seqlens(cu_seqlens, total))
+
+
 def document_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     """Document index `[total]` (int64) of every global token."""
     cu = check_cu_seqlens(cu_seqlens, total)

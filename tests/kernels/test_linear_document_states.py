@@ -131,6 +131,7 @@ def test_states_refused():
 def test_offsets_read_once_per_tensor(monkeypatch):
     """After the first call with a cu_seqlens tensor, calls with it (with and without states) neither validate nor
     rebuild anything from it: on a GPU, no read-back and no host-to-device copy."""
+    from longscan.distributed import documents as validation
     from longscan.kernels.linear_attention import documents
     cu = torch.tensor(DOCUMENTS["short"])
     leaves, h0, _, _ = case_inputs("g_scalar", DOCUMENTS["short"], 8, 5)
@@ -140,7 +141,7 @@ def test_offsets_read_once_per_tensor(monkeypatch):
 
     def refuse(*a, **kw):
         raise AssertionError("cu_seqlens read again")
-    monkeypatch.setattr(documents, "check_cu_seqlens", refuse)
+    monkeypatch.setattr(validation, "check_cu_seqlens", refuse)   # checked_cu_seqlens validates through it
     monkeypatch.setattr(documents, "to_device", refuse)
     again = chunk_linear_attention(*args, initial_state=h0, output_final_state=True, backend="torch", cu_seqlens=cu)
     assert torch.equal(again[0], first[0]) and torch.equal(again[1], first[1])

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from longscan.distributed.documents import cached_on, check_cu_seqlens, global_positions, to_device
+from longscan.distributed.documents import cached_on, checked_cu_seqlens, global_positions, to_device
 from longscan.distributed.layouts import num_segments
 
 
@@ -129,13 +129,11 @@ def _prepared(build, cu_seqlens: torch.Tensor, local_len: int, world: int, rank:
     """``build(cu, global positions, n_local, value_dim, device)`` for this tensor and call, validated (ValueError
     naming cu_seqlens) and built on the first call; later calls with the same tensor, unmodified, get the cached
     result without reading it back (:func:`~longscan.distributed.documents.cached_on`)."""
-    if not isinstance(cu_seqlens, torch.Tensor):
-        check_cu_seqlens(cu_seqlens, local_len * world)     # the TypeError naming cu_seqlens
+    # validation reads the offsets back (a host-device sync for a CUDA tensor): once per tensor, not per call
+    cu = checked_cu_seqlens(cu_seqlens, local_len * world)
     device = torch.device(device) if device is not None else cu_seqlens.device
 
     def make():
-        # validation reads the offsets back (a host-device sync for a CUDA tensor): once per tensor, not per call
-        cu = check_cu_seqlens(cu_seqlens, local_len * world)
         return build(cu, global_positions(local_len, world, rank, layout), num_segments(world, layout) // world,
                      value_dim, device)
     return cached_on(cu_seqlens, (build.__name__, local_len, world, rank, layout, device, value_dim), make)

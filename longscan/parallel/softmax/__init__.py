@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from longscan.distributed.checks import check_softmax_call
-from longscan.distributed.documents import cached_on, check_cu_seqlens
+from longscan.distributed.documents import checked_cu_seqlens
 from longscan.distributed.layouts import group_rank_size
 from longscan.kernels.softmax_attention import check_qkv, resolve_backend
 from longscan.parallel.softmax.allgather import AllGather
@@ -54,11 +54,8 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal:
         if q.shape[0] != 1:
             raise ValueError(f"cu_seqlens packs documents into one sequence: q must be [1, T, H, D], got batch "
                              f"{q.shape[0]}")
-        if not isinstance(cu_seqlens, torch.Tensor):
-            check_cu_seqlens(cu_seqlens, q.shape[1] * world)        # the TypeError naming cu_seqlens
         # checked once per tensor: the layers of a step then pass one CPU copy, which their documents are cached on
-        total, given = q.shape[1] * world, cu_seqlens
-        cu_seqlens = cached_on(given, ("checked", total), lambda: check_cu_seqlens(given, total))
+        cu_seqlens = checked_cu_seqlens(cu_seqlens, q.shape[1] * world)
     opts = SoftmaxSPOptions(scale=q.shape[-1] ** -0.5 if scale is None else scale, causal=causal, group=group,
                             layout=layout, backend=backend, chunk_heads=chunk_heads, cu_seqlens=cu_seqlens)
     impl = _method(method)
