@@ -61,6 +61,7 @@ class Case:
     need_dg: bool | None = None
     states: bool = False
     resets: bool = False
+    from_start: bool = False     # the state pass over (q, do) that the backward runs (state kernel only)
 
     def __post_init__(self):
         if self.name not in KERNELS:
@@ -103,7 +104,7 @@ def constants(case: Case, opts: LinearKernelOptions = LinearKernelOptions()) -> 
     if name == "fwd":
         c.update(BV=block, HAS_H0=case.states, STORE_HT=case.states)
     elif name == "state":
-        c.update(BV=block, FROM_START=False)
+        c.update(BV=block, FROM_START=case.from_start)
     elif name == "dv":
         c.update(BV=block, HAS_DHE=case.states)
     else:
@@ -193,11 +194,13 @@ def main():
         for name in names:
             if name.startswith("ops") and kind != "gk":
                 continue
-            case = Case(name, KINDS[kind], DTYPES[args.dtype], args.dims, args.dims, states=args.states,
-                        resets=args.resets and KINDS[kind] >= 2)
-            r = resources(case, args.arch, opts)
-            print(f"{kind:8s} {name:5s} registers {r['registers']:3d}  spills {r['spill_stores']:4d} / "
-                  f"{r['spill_loads']:4d} bytes (stores / loads)  shared {r['shared']:6d} bytes", flush=True)
+            for from_start in ((False, True) if name == "state" else (False,)):   # (k, v) and (q, do) passes
+                case = Case(name, KINDS[kind], DTYPES[args.dtype], args.dims, args.dims, states=args.states,
+                            resets=args.resets and KINDS[kind] >= 2, from_start=from_start)
+                r = resources(case, args.arch, opts)
+                label = "state_q" if from_start else name
+                print(f"{kind:8s} {label:7s} registers {r['registers']:3d}  spills {r['spill_stores']:4d} / "
+                      f"{r['spill_loads']:4d} bytes (stores / loads)  shared {r['shared']:6d} bytes", flush=True)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,9 @@
 The kernels are compiled for sm_90a without a GPU (benchmarks/tuning/kernel_resources.py) in one subprocess
 per module: this folder runs Triton's interpreter, whose kernels do not compile. Shared memory grows with the
 element size and the head dims, so float32 at K = V = 128 with entering and leaving states is the largest of
-each (kind, kernel); it is compiled for dk and dv, the kernels whose float32 settings differ from the others',
-at the kinds whose dk and dv asked for the most (no decay, the constant decay, the scalar gate)."""
+each (kind, kernel); it is compiled for dk, dv and the state pass over (q, do), the kernels whose float32
+settings differ from the others', at the kinds that asked for the most (no decay, the constant decay, the scalar
+gate), the state pass under both float32_products (with tf32x3 at 3 stages it asked 262,656 bytes)."""
 import functools
 import json
 import os
@@ -22,14 +23,18 @@ sys.path.insert(0, ROOT)
 from benchmarks.tuning.kernel_resources import KERNELS, Case, launch  # noqa: E402
 
 SHARED_LIMIT = 232_448   # bytes of shared memory a block may use on sm_90 (H100, H200)
-CASES = [("dk", 1), ("dv", 1), ("dk", 0), ("dv", 2)]
+CASES = [("dk", 1, "ieee"), ("dv", 1, "ieee"), ("dk", 0, "ieee"), ("dv", 2, "ieee"), ("state", 2, "ieee"),
+         ("state", 2, "tf32x3")]
 
 _SCRIPT = """
 import json, sys, torch
 from benchmarks.tuning.kernel_resources import Case, compile_case
+from longscan.kernels.linear_attention import LinearKernelOptions
 out = {}
-for name, gate in json.loads(sys.argv[1]):
-    out[f"{name},{gate}"] = compile_case(Case(name, gate, torch.float32, states=True)).metadata.shared
+for name, gate, products in json.loads(sys.argv[1]):
+    case = Case(name, gate, torch.float32, states=True, from_start=name == "state")
+    opts = LinearKernelOptions(float32_products=products)
+    out[f"{name},{gate},{products}"] = compile_case(case, opts=opts).metadata.shared
 print(json.dumps(out))
 """
 
@@ -41,10 +46,10 @@ def _shared() -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("name,gate", CASES)
-def test_float32_head128_fits_shared_memory(name, gate):
-    shared = _shared()[f"{name},{gate}"]
-    assert 0 < shared <= SHARED_LIMIT, f"{name} gate {gate}: {shared} bytes of shared memory"
+@pytest.mark.parametrize("name,gate,products", CASES)
+def test_float32_head128_fits_shared_memory(name, gate, products):
+    shared = _shared()[f"{name},{gate},{products}"]
+    assert 0 < shared <= SHARED_LIMIT, f"{name} gate {gate} {products}: {shared} bytes of shared memory"
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])

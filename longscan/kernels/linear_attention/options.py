@@ -66,7 +66,8 @@ _CONFIG_PER_KEY = {"dk": LaunchConfig(64, 4, 2),
 # ask for more shared memory than a block may have on an H100 / H200 (232,448 bytes) at head dims 128
 # (benchmarks/tuning/kernel_resources.py --dtype fp32; tests/kernels/test_kernel_shapes.py checks every kind).
 _CONFIG_F32 = {"dk": LaunchConfig(64, 4, 2),
-               "dv": LaunchConfig(64, 4, 2)}
+               "dv": LaunchConfig(64, 4, 2),
+               "state": LaunchConfig(128, 4, 2)}   # the (q, do) pass with tf32x3 products asked 262,656 at 3
 # For bf16 inputs whose gate needs a gradient: how each (gate kind, kernel) keeps its state products in float32
 # precision, 1 tf32 or 2 two bf16 halves of the state (each kernel's faster one, docs/benchmarks.md).
 _STATE_PRODUCTS_BF16 = {(2, "dq"): 2, (2, "dk"): 1, (3, "dq"): 1, (3, "dk"): 2}
