@@ -315,7 +315,8 @@ class MemoryConfig:
     block up to a power of two: a 5 GiB input takes 8) | exact (exactly-sized buffers page-locked with
     cudaHostRegister once, kept in a pool by size and reused from step to step). The estimator, the capacity
     check and `longscan plan` count the bytes of the one chosen. The default stays torch until exact's
-    page-locking time, step time and host peak are measured on a GPU."""
+    step time is measured beside torch's on a GPU (past 1,048,576 tokens of the 1B config, exact is the one
+    that fits a 128 GiB host: docs/memory.md)."""
 
     def __post_init__(self):
         self.validate()
