@@ -595,11 +595,14 @@ def test_options_validate_themselves():
     assert LinearKernelOptions() == LinearKernelOptions(chunk=64, chunk_per_key=64)
 
 
+@pytest.mark.parametrize("impl", ["kernel", "torch"])
 @pytest.mark.parametrize("T,with_state", [(1, True), (64, False), (150, True), (0, True)])
-def test_g_gamma_gradient_in_forward_mode(T, with_state):
-    """gamma_grad.g_gamma_grad against autograd through the float64 recurrence: one token, a whole chunk,
-    a last chunk cut short, no token (a zero gradient); two blocks of V columns."""
-    from longscan.kernels.linear_attention.triton.gamma_grad import g_gamma_grad
+def test_g_gamma_gradient_in_forward_mode(T, with_state, impl):
+    """The g_gamma gradient's kernel and its torch form (float32 on CUDA) against autograd through the float64
+    recurrence: one token, a whole chunk, a last chunk cut short, no token (a zero gradient); two blocks of V
+    columns."""
+    from longscan.kernels.linear_attention.triton import gamma_grad
+    g_gamma_grad = gamma_grad.g_gamma_grad_kernel if impl == "kernel" else gamma_grad.g_gamma_grad_torch
     B, H, K, V, scale = 2, 3, 16, 64, 0.3
     x = make_inputs("g_gamma", B, max(T, 1), H, K, V, torch.float64, seed=T + 7)
     x = {n: (t[:, :T] if n in ("q", "k", "v") else t) for n, t in x.items()}

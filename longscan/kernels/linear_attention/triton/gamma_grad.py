@@ -17,15 +17,21 @@ Chunk c (first token c0, length L, j = t − c0), α = exp(γ), S the state ente
 
 One program a (batch, head, block of V columns) walks the chunks in order with S and D in float32 registers
 (the term splits over V: (q·k)(do·v) is a sum over v), so no per-chunk state is stored. Products of two inputs
-(q·k, do·v) run in the inputs' dtype with float32 sums (bf16 products are exact in float32; float32 inputs in
-tf32x3); products with S, D or the float32 weights in tf32x3 (three tf32 products on the tensor cores, about
-float32's precision; plain float32 dots on Hopper spill). D after the last chunk meets dht.
+(q·k, do·v) run in the inputs' dtype with float32 sums (bf16 products are exact in float32); products with S,
+D or the float32 weights in tf32x3 (three tf32 products on the tensor cores, about float32's precision; plain
+float32 dots on Hopper spill). D after the last chunk meets dht.
+
+float32 inputs on CUDA take the same arithmetic in torch operators (gamma_grad_torch.py): on an H100 with
+Triton 3.6 this kernel faulted on them (an illegal address, first at B1 T21 H1 K32 V16), where bf16 inputs ran
+the whole accuracy grid. Triton's interpreter still runs it in float32 (the CPU tests).
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
+from longscan.kernels.linear_attention.triton.gamma_grad_torch import g_gamma_grad_torch
 
 CHUNK = 64
 
@@ -92,6 +98,13 @@ def g_gamma_grad(q, k, v, g_gamma, scale: float, initial_state, do, dht) -> torc
     """dL/dg_gamma `[H]` float32 for o = chunk linear attention of (q, k, v) under the constant log decay
     g_gamma `[H]` from initial_state (or zeros), given the output's gradient do (q's dtype) and the final
     state's dht (or None)."""
+    if q.is_cuda and q.dtype == torch.float32:   # the kernel faulted there (the module's docstring)
+        return g_gamma_grad_torch(q, k, v, g_gamma, scale, initial_state, do, dht)
+    return g_gamma_grad_kernel(q, k, v, g_gamma, scale, initial_state, do, dht)
+
+
+def g_gamma_grad_kernel(q, k, v, g_gamma, scale: float, initial_state, do, dht) -> torch.Tensor:
+    """g_gamma_grad by the kernel, whatever the device and dtype."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     if T == 0:      # no token: the state leaves as it entered, whatever the decay
