@@ -136,18 +136,25 @@ def time_fb(fn, do, device, iters, warmup) -> float:
 
 def time_call(fn, device, iters, warmup) -> float:
     """Median seconds of fn()."""
+    return time_wall_host(fn, device, iters, warmup)[0]
+
+
+def time_wall_host(fn, device, iters, warmup) -> tuple[float, float]:
+    """Median seconds of fn() to its last kernel's end, and of fn() returning on the host (its launches and
+    host work; close to the first where the host is the bottleneck)."""
     for _ in range(warmup):
         fn()
-    times = []
+    walls, hosts = [], []
     for _ in range(iters):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         fn()
+        hosts.append(time.perf_counter() - t0)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        walls.append(time.perf_counter() - t0)
+    return statistics.median(walls), statistics.median(hosts)
 
 
 def sizes(args, gpu_heads: int):
@@ -207,9 +214,11 @@ def main(argv=None):
     for W in args.world:
         for name, c in (("unpacked", None), ("packed", cu)):
             ring_w = RingByRank(q.detach(), k.detach(), v.detach(), do, c, W, backend=backend)
-            ms = [time_call(lambda: ring_w.rank(r), device, args.iters, args.warmup) * 1e3 for r in range(W)]
+            timed = [time_wall_host(lambda: ring_w.rank(r), device, args.iters, args.warmup) for r in range(W)]
+            ms = [wall * 1e3 for wall, _ in timed]
             slowest = max(ms)
             rows.append(dict(row=f"{name}, ring {W}, slowest rank", ms=slowest, x_per_doc=slowest / (t_doc * 1e3),
+                             host_ms=timed[ms.index(slowest)][1] * 1e3,
                              work=rows[0 if c is None else 1]["work"] / W, rate=None, ranks_ms=ms,
                              efficiency=by_one_rank[name] / (W * slowest), max_over_mean=slowest / statistics.mean(ms)))
             if args.profile and W == max(args.world):
@@ -231,13 +240,15 @@ def main(argv=None):
     title = (f"# packed_softmax  {torch.cuda.get_device_name() if cuda else 'cpu'}  {dtype}  T={total} "
              f"docs={len(lengths)} (mean {mean})  H={H} Hkv={Hkv} D={D}  ring/zigzag, 1 process, backend={backend}")
     print(title)
-    print("| row | ms | x per-doc | work | rate | rel err | efficiency | max/mean |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| row | ms | x per-doc | work | rate | rel err | efficiency | max/mean | host ms |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         err = f"{r['rel_err']:.1e}" if "rel_err" in r else ""
         rate = f"{r['rate']:.2f}" if r["rate"] is not None else ""
         ring = f"{r['efficiency']:.2f} | {r['max_over_mean']:.2f}" if "efficiency" in r else " | "
-        print(f"| {r['row']} | {r['ms']:.2f} | {r['x_per_doc']:.2f} | {r['work']:.3f} | {rate} | {err} | {ring} |")
+        host = f"{r['host_ms']:.2f}" if "host_ms" in r else ""
+        print(f"| {r['row']} | {r['ms']:.2f} | {r['x_per_doc']:.2f} | {r['work']:.3f} | {rate} | {err} | {ring} "
+              f"| {host} |")
     for text in profiles:
         print("\n" + text)
     with open(args.json, "w") as f:

@@ -184,8 +184,8 @@ def test_ring_by_rank_computes_what_the_ring_does(world):
 
 
 def test_packed_softmax_ring_rows_by_rank(capsys, tmp_path):
-    """--world adds the ring's slowest rank, its efficiency and the ranks' imbalance, --profile its slowest rank's
-    operators; a ring of one, and --profile without --world, are refused."""
+    """--world adds the ring's slowest rank, its efficiency, the ranks' imbalance and its host time, --profile its
+    slowest rank's operators; a ring of one, and --profile without --world, are refused."""
     from benchmarks import packed_softmax
     common = ["--total", "128", "--doc-len", "16", "--heads", "2", "--head-dim", "8", "--iters", "1", "--warmup", "0",
               "--json", str(tmp_path / "p.json")]
@@ -194,6 +194,7 @@ def test_packed_softmax_ring_rows_by_rank(capsys, tmp_path):
             if line.startswith("| ") and not line.startswith("| row")}
     for name in ("unpacked, ring 2, slowest rank", "packed, ring 2, slowest rank"):
         assert float(rows[name][7]) > 0 and float(rows[name][8]) >= 1.0
+        assert 0 < float(rows[name][9]) <= float(rows[name][2])   # its host time, within its wall time
     packed_softmax.main(common + ["--world", "2", "--profile"])
     out = capsys.readouterr().out
     assert "## packed, ring 2, rank " in out and out.count("CPU ops:") == 2
