@@ -293,8 +293,13 @@ def test_training_under_exact_equals_torch(trained, modes, device):
         assert same(loss_r, loss_g)
         for name in grads_r:
             assert same(grads_r[name], grads_g[name]), name
-        # every buffer back in the pool after the backward, the same n buffers both steps
-        assert pool_g == (n * locked, 0, [(one, n)], True)
+        # every buffer back in the pool after the backward, the same n buffers both steps (a field at a time, so
+        # that a failure names the one that differs)
+        registered, lent, free, pinned = pool_g
+        assert registered == n * locked, f"registered bytes {registered}, expected {n} x {locked}"
+        assert lent == 0, f"lent bytes {lent} after the backward"
+        assert free == [(one, n)], f"free buffers by size {free}, expected {[(one, n)]}"
+        assert pinned, "a free buffer is not pinned"
 
 
 def test_pinned_pool_on_cuda_gives_pinned_buffers_and_asynchronous_copies():
