@@ -174,17 +174,17 @@ def _cases(rank, world):
             out[("tp2sp2", variant, name)] = _step(_cfg(variant), mem, local, sp, 2, tp_rank)
     ps.destroy_model_parallel()
 
-    # one process (rank 0; the others wait): every variant and stage mode, and bf16 autocast
+    # one process (each rank alone): every variant and stage mode, and on rank 0 bf16 autocast
     ps.initialize_model_parallel(create_gloo_process_groups=False)
     if rank == 1:  # the softmax mixer's peaks, beside rank 0's work
         for name, groups in (("whole", 0), ("g8", 8)):  # softmax: one KV head (of 8) a group
             out[("peak softmax", name)] = _mixer_peak(MemoryOptions(mixer_tile=512, mixer_head_groups=groups), 2048,
                                                       "N")
+    sp = SPSpec(linear_backend="torch", softmax_backend="torch")
+    for variant in VARIANTS[rank::world]:   # each variant on one rank, the ranks side by side
+        for name, mem in mems.items():
+            out[("one", variant, name)] = _step(_cfg(variant), mem, tokens, sp, 1, 0)
     if rank == 0:
-        sp = SPSpec(linear_backend="torch", softmax_backend="torch")
-        for variant in VARIANTS:
-            for name, mem in mems.items():
-                out[("one", variant, name)] = _step(_cfg(variant), mem, tokens, sp, 1, 0)
         # 4 tiles of 256 tokens: the smallest length at which the attention tensors still dominate the peak
         for name, mem in (("whole", MemoryOptions(mixer_tile=256)),
                           ("g4", MemoryOptions(mixer_tile=256, mixer_head_groups=4))):
