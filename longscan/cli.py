@@ -39,6 +39,8 @@ def _train_parser() -> argparse.ArgumentParser:
                    help="seconds to wait for every node before failing (default 900)")
     p.add_argument("--stop-timeout", type=float, default=600.0,
                    help="seconds ranks get to stop (and save) after SIGTERM/SIGINT/SIGUSR1 before being killed")
+    p.add_argument("--failure-grace", type=float, default=10.0,
+                   help="seconds the other ranks get to report after one fails, before being killed (default 10)")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. parallel.sp=2 model.n_layers=8")
     return p
 
@@ -61,7 +63,8 @@ def cmd_train(argv: list[str]) -> int:
     try:
         opts = LaunchOptions(nproc=args.nproc or _local_world(), nnodes=args.nnodes, node_rank=args.node_rank,
                              master_addr=args.master_addr, master_port=args.master_port,
-                             rdzv_timeout_s=args.rdzv_timeout, stop_timeout_s=args.stop_timeout)
+                             rdzv_timeout_s=args.rdzv_timeout, stop_timeout_s=args.stop_timeout,
+                             failure_grace_s=args.failure_grace)
     except ValueError as e:
         return usage_error(str(e))
     return run_launcher(opts, args.config, list(args.overrides))

@@ -2,7 +2,7 @@
 ``--nproc`` CPU processes), forwards stop signals to them and returns their exit code.
 
 Ranks leave with their launcher (parent-death signal + watchdog in each rank); a rank that fails gets
-``FAILURE_GRACE_S`` for its peers to report, then the rest are killed; SIGTERM / SIGINT / SIGUSR1 are
+``--failure-grace`` seconds for its peers to report, then the rest are killed; SIGTERM / SIGINT / SIGUSR1 are
 forwarded and the ranks stop at the next step boundary (a second SIGTERM/SIGINT kills them at once).
 """
 from __future__ import annotations
@@ -18,8 +18,6 @@ from dataclasses import dataclass
 from longscan.training.entry import LAUNCHER_PID_ENV, RDZV_TIMEOUT_ENV
 from longscan.training.lifecycle import EXIT_REQUEUE, EXIT_USAGE
 
-FAILURE_GRACE_S = 10.0
-"""After one rank fails, the others get this long to print their own errors before they are killed."""
 _STOP_CODES = (0, EXIT_REQUEUE, 128 + signal.SIGINT, 128 + signal.SIGTERM)
 
 
@@ -38,6 +36,8 @@ class LaunchOptions:
     """Fail when not every rank joined within this many seconds."""
     stop_timeout_s: float = 600.0
     """After a forwarded stop signal, kill ranks that have not exited within this many seconds."""
+    failure_grace_s: float = 10.0
+    """After one rank fails, the others get this long to print their own errors before they are killed."""
 
     def __post_init__(self):
         if self.nproc < 1:
@@ -49,6 +49,8 @@ class LaunchOptions:
                              "node")
         if self.rdzv_timeout_s <= 0 or self.stop_timeout_s <= 0:
             raise ValueError("--rdzv-timeout and --stop-timeout must be > 0 seconds")
+        if self.failure_grace_s < 0:
+            raise ValueError(f"--failure-grace must be >= 0 seconds, got {self.failure_grace_s}")
 
     @property
     def world_size(self) -> int:
@@ -167,7 +169,7 @@ def _wait(o: LaunchOptions, procs: list[subprocess.Popen], received: list[int]) 
         if first_failure is None:
             for i, c in enumerate(codes):
                 if c is not None and c not in _STOP_CODES:
-                    first_failure, fail_deadline = (i, c), now + FAILURE_GRACE_S
+                    first_failure, fail_deadline = (i, c), now + o.failure_grace_s
                     print(f"longscan train: rank {o.node_rank * o.nproc + i} (pid {procs[i].pid}) {_describe(c)}; "
                           f"stopping the other ranks", file=sys.stderr, flush=True)
                     break

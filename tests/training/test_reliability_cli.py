@@ -130,7 +130,8 @@ def test_killed_launcher_takes_its_ranks_and_holds_the_directory_until_then(tmp_
 
 
 def test_stopped_rank_gives_a_named_collective_timeout(tmp_path):
-    a = _start(tmp_path, "a", *TINY, "schedule.steps=100000", "parallel.timeout_s=3", f"logging.dir={tmp_path / 'a'}")
+    a = _start(tmp_path, "a", *TINY, "schedule.steps=100000", "parallel.timeout_s=3", "--failure-grace", "1",
+               f"logging.dir={tmp_path / 'a'}")
     try:
         _wait_for_step(tmp_path / "a", 1, a)
         ranks = _ranks_of(a.pid)
@@ -173,3 +174,5 @@ def test_bad_directory_and_options_refused_before_start(tmp_path):
     assert rc == 2 and "parallel.timeout_s must be >= 0" in err, err
     rc, out, err = _finish(_start(tmp_path, "c", *TINY, "--nnodes", "2"), tmp_path, "c")
     assert rc == 2 and "--master-port" in err, err
+    rc, out, err = _finish(_start(tmp_path, "d", *TINY, "--failure-grace", "-1"), tmp_path, "d")
+    assert rc == 2 and "--failure-grace must be >= 0 seconds, got -1.0" in err, err
