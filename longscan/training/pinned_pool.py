@@ -2,8 +2,9 @@
 
 torch's caching host allocator rounds every pinned block up to a power of two, so a 5 GiB offloaded input takes
 8 GiB of host memory. :class:`PinnedPool` instead page-locks plain host tensors of exactly the bytes asked
-(``cudaHostRegister``), which torch then sees as pinned (``is_pinned()``), so the copies to and from the GPU
-stay asynchronous. Page-locking is slow (it touches every page), so a buffer is registered once and kept in the
+(``cudaHostRegister``), so the copies to and from the GPU stay asynchronous. Each buffer is a tensor whose
+storage begins at the locked address: torch's ``is_pinned()`` asks the driver about a storage's first byte, so a
+view at an offset into a larger allocation would read as not pinned. Page-locking is slow (it touches every page), so a buffer is registered once and kept in the
 pool, by byte size, for the next step: a :class:`~longscan.training.offload.HostStash` hands each buffer back
 when the backward takes its input back, and the next forward reuses it.
 
@@ -12,6 +13,7 @@ and whoever receives it next makes the current stream wait for that event before
 """
 from __future__ import annotations
 
+import ctypes
 import time
 from dataclasses import dataclass
 from typing import Callable, Protocol
@@ -62,9 +64,8 @@ PAGE = 4096
 
 @dataclass
 class _Buffer:
-    memory: torch.Tensor  # flat uint8 view of exactly the bytes asked, at the start of ``locked``
+    memory: torch.Tensor  # flat uint8 tensor of exactly the bytes asked; its storage starts where ``locked`` does
     locked: int  # bytes page-locked (the bytes asked, rounded up to whole pages)
-    owner: torch.Tensor  # the allocation holding it (what is freed once unlocked)
     ready: ReadyEvent | None = None  # the last copy that reads it (None: nothing in flight)
 
 
@@ -125,7 +126,9 @@ class PinnedPool:
         self.register_seconds += time.perf_counter() - t0
         self.registered_bytes += locked
         self.peak_registered_bytes = max(self.peak_registered_bytes, self.registered_bytes)
-        return _Buffer(owner[start:start + nbytes], locked, owner)
+        window = (ctypes.c_uint8 * nbytes).from_address(owner.data_ptr() + start)
+        window.owner = owner  # the allocation lives as long as any tensor over the window does
+        return _Buffer(torch.frombuffer(window, dtype=torch.uint8), locked)
 
     def allocate(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
         """An empty host tensor of ``shape`` and ``dtype`` in a page-locked buffer of exactly its bytes."""
