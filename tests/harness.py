@@ -1,7 +1,8 @@
 """Run a function in W CPU processes over gloo and collect what each rank returns.
 
-Spawning costs seconds, so a test module spawns once per world size, computes every case inside the
-processes, and parametrised tests then assert on the cached results.
+Starting processes costs seconds, so a test module starts them once per world size, computes every case
+inside the processes, and parametrised tests then assert on the cached results; the processes fork from a
+server that has imported torch (and, under the interpreter, megatron and the model) once.
 """
 from __future__ import annotations
 
@@ -162,13 +163,34 @@ def _worker(rank, world_size, port, fn, args, queue):
             dist.destroy_process_group()
 
 
+# what a fork server imports once, so that each worker forked from it starts without importing them again;
+# megatron and longscan's models import triton, whose mode a worker may still set (TRITON_INTERPRET) before its
+# first import of it, so they are preloaded only where the interpreter is on from the start (the kernel tests'
+# CPU runs)
+PRELOAD = ["torch", "torch.distributed", "numpy", "harness", "longscan.parallel"]
+PRELOAD_INTERPRETED = ["megatron.core", "longscan.models.model", "longscan.training.trainer"]
+_server_env: dict | None = None
+
+
+def _context():
+    """The fork server (started on first use with this process's environment and PRELOAD imported), or spawn
+    once the environment differs from the server's: a forked worker has the server's environment and imports,
+    a spawned one this process's environment now."""
+    global _server_env
+    if _server_env is None:
+        _server_env = dict(os.environ)
+        interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+        mp.set_forkserver_preload(PRELOAD + (PRELOAD_INTERPRETED if interpreted else []))
+    return mp.get_context("forkserver" if dict(os.environ) == _server_env else "spawn")
+
+
 def run_distributed(fn, world_size: int, *args, timeout: float = 600.0) -> list:
     """fn(rank, world_size, *args) in ``world_size`` gloo processes -> list of results by rank.
 
     ``fn`` must be a module-level function (it is pickled); its results must be picklable (tensors are
     fine: they are pickled by value).
     """
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     queue = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue)) for r in range(world_size)]
