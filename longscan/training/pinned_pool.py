@@ -4,9 +4,10 @@ torch's caching host allocator rounds every pinned block up to a power of two, s
 8 GiB of host memory. :class:`PinnedPool` instead page-locks plain host tensors of exactly the bytes asked
 (``cudaHostRegister``), so the copies to and from the GPU stay asynchronous. Each buffer is a tensor whose
 storage begins at the locked address: torch's ``is_pinned()`` asks the driver about a storage's first byte, so a
-view at an offset into a larger allocation would read as not pinned. Page-locking is slow (it touches every page), so a buffer is registered once and kept in the
-pool, by byte size, for the next step: a :class:`~longscan.training.offload.HostStash` hands each buffer back
-when the backward takes its input back, and the next forward reuses it.
+view at an offset into a larger allocation would read as not pinned. Page-locking is slow (it touches every
+page), so a buffer is registered once and kept in the pool, by byte size, for the next step: a
+:class:`~longscan.training.offload.HostStash` hands each buffer back when the backward takes its input back, and
+the next forward reuses it.
 
 A buffer handed back may still be read by a copy to the GPU in flight: it comes back with that copy's event,
 and whoever receives it next makes the current stream wait for that event before writing into it.
