@@ -147,8 +147,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world_size, port, fn, args, queue):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+def _worker(rank, world_size, port, fn, args, queue, env):
+    os.environ.clear()   # the caller's environment now (a forked worker starts with its server's)
+    os.environ.update(env, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
@@ -169,19 +170,19 @@ def _worker(rank, world_size, port, fn, args, queue):
 # CPU runs)
 PRELOAD = ["torch", "torch.distributed", "numpy", "harness", "longscan.parallel"]
 PRELOAD_INTERPRETED = ["megatron.core", "longscan.models.model", "longscan.training.trainer"]
-_server_env: dict | None = None
+_server_interpret: str | None = None
 
 
 def _context():
-    """The fork server (started on first use with this process's environment and PRELOAD imported), or spawn
-    once the environment differs from the server's: a forked worker has the server's environment and imports,
-    a spawned one this process's environment now."""
-    global _server_env
-    if _server_env is None:
-        _server_env = dict(os.environ)
-        interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-        mp.set_forkserver_preload(PRELOAD + (PRELOAD_INTERPRETED if interpreted else []))
-    return mp.get_context("forkserver" if dict(os.environ) == _server_env else "spawn")
+    """The fork server (started on first use, PRELOAD imported under this process's TRITON_INTERPRET), or spawn
+    where TRITON_INTERPRET has changed since: Triton reads it at import, which a forked worker has behind it.
+    Either way a worker takes the caller's environment at its start (``_worker``)."""
+    global _server_interpret
+    now = os.environ.get("TRITON_INTERPRET", "")
+    if _server_interpret is None:
+        _server_interpret = now
+        mp.set_forkserver_preload(PRELOAD + (PRELOAD_INTERPRETED if now == "1" else []))
+    return mp.get_context("forkserver" if now == _server_interpret else "spawn")
 
 
 def run_distributed(fn, world_size: int, *args, timeout: float = 600.0) -> list:
@@ -193,7 +194,8 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 600.0) -> list:
     ctx = _context()
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue)) for r in range(world_size)]
+    env = dict(os.environ)
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue, env)) for r in range(world_size)]
     for p in procs:
         p.start()
     results, errors = [None] * world_size, []
