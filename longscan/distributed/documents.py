@@ -10,6 +10,8 @@ documents at the pieces' ends alone, because document ids never decrease along t
 - causal, b < a: only the document that ends piece b and starts piece a can be shared;
 - causal, b == a: always (every token sees itself);
 - not causal: the two pieces' document ranges overlap.
+The rows of the shared documents in each piece are a rectangle (``visible_blocks``), the only part of the pair
+a kernel needs to see.
 """
 from __future__ import annotations
 
@@ -116,20 +118,41 @@ def piece_documents(cu_seqlens: torch.Tensor, n_pieces: int, seg_len: int) -> li
     return [(int(doc[p * seg_len]), int(doc[(p + 1) * seg_len - 1])) for p in range(n_pieces)]
 
 
+@dataclass(frozen=True)
+class VisibleBlock:
+    """The part of a (query piece, key piece) pair that holds its visible keys: query rows ``q`` and key rows ``k``
+    as (start, stop) offsets inside the two pieces, and ``docs``: whether a document mask is still needed
+    inside that rectangle (more than one document meets in it; otherwise every pair in it is visible, up to
+    the causal diagonal of a piece against itself)."""
+    q: tuple[int, int]
+    k: tuple[int, int]
+    docs: bool
+
+
+def visible_blocks(cu_seqlens: torch.Tensor, n_pieces: int, seg_len: int, causal: bool = True
+                   ) -> dict[tuple[int, int], VisibleBlock]:
+    """{(query piece, key piece): :class:`VisibleBlock`}, global piece ids, for the pairs in which some query
+    may attend some key. Causal, b < a: only the document that ends piece b and starts piece a is shared, so
+    the rectangle is that document's rows in each piece and needs no document mask."""
+    cu = check_cu_seqlens(cu_seqlens, n_pieces * seg_len).tolist()
+    docs = piece_documents(cu_seqlens, n_pieces, seg_len)
+    out = {}
+    for a, (qa, qz) in enumerate(docs):
+        for b, (ka, kz) in enumerate(docs):
+            if causal and (b > a or (b < a and kz != qa)):
+                continue
+            lo, hi = (qa, qz) if a == b else (max(qa, ka), min(qz, kz))
+            if lo > hi:
+                continue
+            rows = lambda p: (max(cu[lo] - p * seg_len, 0), min(cu[hi + 1] - p * seg_len, seg_len))  # noqa: E731
+            out[(a, b)] = VisibleBlock(rows(a), rows(b), lo != hi)
+    return out
+
+
 def visible_pieces(cu_seqlens: torch.Tensor, n_pieces: int, seg_len: int, causal: bool = True
                    ) -> frozenset[tuple[int, int]]:
     """The (query piece, key piece) pairs, global ids, in which some query may attend some key."""
-    docs = piece_documents(cu_seqlens, n_pieces, seg_len)
-    pairs = set()
-    for a, (qa, qz) in enumerate(docs):
-        for b, (ka, kz) in enumerate(docs):
-            if causal:
-                ok = b == a or (b < a and kz == qa)
-            else:
-                ok = ka <= qz and qa <= kz
-            if ok:
-                pairs.add((a, b))
-    return frozenset(pairs)
+    return frozenset(visible_blocks(cu_seqlens, n_pieces, seg_len, causal))
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ import torch
 
 from longscan.kernels.softmax_attention import block_forward, merge_into
 from longscan.parallel.softmax import common
-from longscan.parallel.softmax.common import accumulate, forward_blocks, new_accumulators, widened
+from longscan.parallel.softmax.common import Call, accumulate, forward_blocks, new_accumulators, widened
 
 
 def _inputs(seed=0, t=8, tk=12, h=2, d=4):
@@ -25,13 +25,13 @@ def test_one_call_keeps_the_kernel_output_and_a_second_block_merges_in_float32(m
         return outputs[-1][0], outputs[-1][1].clone()   # the merges below update a kept lse in place
 
     monkeypatch.setattr(common, "block_forward", bf16_kernel)
-    diagonal = [(slice(0, 2), slice(0, 2), "causal")]        # pieces of 4 tokens: the rank's own two pieces
-    out, lse = forward_blocks(None, None, q, k[:, :8], v[:, :8], diagonal, 4, 4, 0.5, "torch")
+    diagonal = [Call(slice(0, 8), slice(0, 8), "causal")]        # pieces of 4 tokens: the rank's own two pieces
+    out, lse = forward_blocks(None, None, q, k[:, :8], v[:, :8], diagonal, 0.5, "torch")
     assert out is outputs[0][0] and out.dtype == torch.bfloat16 and torch.equal(lse, outputs[0][1])
 
     # a later block (keys 8..11 seen by every query) merges in: float32, as if accumulated in float32 throughout
-    later = [(slice(0, 2), slice(0, 1), "full")]
-    out, lse = forward_blocks(out, lse, q, k[:, 8:], v[:, 8:], later, 4, 4, 0.5, "torch")
+    later = [Call(slice(0, 8), slice(0, 4), "full")]
+    out, lse = forward_blocks(out, lse, q, k[:, 8:], v[:, 8:], later, 0.5, "torch")
     want, want_lse = new_accumulators(q, v.shape[-1])
     for o_b, lse_b in outputs:
         merge_into(want, want_lse, o_b, lse_b)

@@ -13,7 +13,7 @@ from harness import rel_err, run_distributed, world_groups, world_results
 from longscan.distributed.layouts import num_segments, segment_ids, shard
 from longscan.kernels.softmax_attention import naive_attention
 from longscan.parallel.softmax import softmax_attention
-from longscan.parallel.softmax.common import block_plan, token_slice
+from longscan.parallel.softmax.common import block_plan
 
 # "allgather_chunked": method="allgather" with chunk_heads=1 (one kv head per all-gather).
 METHODS = ("ring", "allgather", "allgather_chunked", "ulysses")
@@ -211,8 +211,7 @@ def _plan_mask(q_segs, k_segs, causal, seg_len):
     """Boolean [len(q)·seg, len(k)·seg] of what the plan's calls let each local query see."""
     nq, nk = len(q_segs) * seg_len, len(k_segs) * seg_len
     seen = torch.zeros(nq, nk, dtype=torch.int64)
-    for qs, ks, mask in block_plan(q_segs, k_segs, causal):
-        qs, ks = token_slice(qs, seg_len), token_slice(ks, seg_len)
+    for qs, ks, mask, _ in block_plan(q_segs, k_segs, causal, seg_len):
         n_q, n_k = qs.stop - qs.start, ks.stop - ks.start
         blk = torch.ones(n_q, n_k, dtype=torch.int64)
         if mask == "causal":
@@ -250,13 +249,13 @@ def test_zigzag_ring_is_balanced_and_skips_masked_pairs(world):
         for step in range(world):
             src = (rank - step) % world
             k_segs = segment_ids(src, world, "zigzag")
-            plan = block_plan(q_segs, k_segs, True)
+            plan = block_plan(q_segs, k_segs, True, half)
             work = 0.0
-            for qs, ks, mask in plan:
-                n = (qs.stop - qs.start) * (ks.stop - ks.start) * half * half
+            for qs, ks, mask, _ in plan:
+                n = (qs.stop - qs.start) * (ks.stop - ks.start)
                 work += n / 2 if mask == "causal" else n
                 if mask == "full":   # a full call must not include any masked (later) key piece
-                    assert all(k_segs[b] < q_segs[a] for a in range(qs.start, qs.stop)
+                    assert all(k_segs[b // half] < q_segs[a // half] for a in range(qs.start, qs.stop)
                                for b in range(ks.start, ks.stop))
             assert len(plan) == 1, plan
             assert work == pytest.approx(2 * half * 2 * half / 2), (rank, step, plan)

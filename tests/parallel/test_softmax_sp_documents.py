@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from harness import rel_err, run_distributed, world_groups, world_results
-from longscan.distributed.layouts import shard
+from longscan.distributed.documents import visible_blocks
+from longscan.distributed.layouts import num_segments, segment_ids, shard
 from longscan.kernels.softmax_attention import naive_attention
 from longscan.parallel.softmax import softmax_attention
-from longscan.parallel.softmax.common import block_plan
+from longscan.parallel.softmax.common import Call, block_plan
 
 pytestmark = pytest.mark.interpreted   # its workers run the Triton kernels in the CPU interpreter
 
@@ -159,12 +160,63 @@ def test_cu_seqlens_must_cover_the_global_sequence(results, world):
         assert res["bad_cu"] is not None and f"global length {T_LOCAL * world}" in res["bad_cu"], rank
 
 
+def _blocks(lengths, n_pieces, seg_len, causal=True):
+    return visible_blocks(torch.tensor([0] + lengths).cumsum(0), n_pieces, seg_len, causal)
+
+
 def test_ring_step_without_a_shared_document_computes_nothing():
     # 2 ranks, zigzag pieces 0..3 of 4 tokens, one document per piece: rank 1's pieces (1, 2) share no
     # document with rank 0's (0, 3) blocks, so that ring step has an empty plan; without documents it has one
-    visible = frozenset({(a, a) for a in range(4)})
-    assert block_plan([1, 2], [0, 3], True, visible) == []
-    assert block_plan([1, 2], [0, 3], True) != []
-    # a document over pieces 0-1: piece 1 sees piece 0's keys, piece 2 nothing of rank 0
-    visible = visible | {(1, 0)}
-    assert block_plan([1, 2], [0, 3], True, visible) == [(slice(0, 1), slice(0, 1), "full")]
+    assert block_plan([1, 2], [0, 3], True, 4, _blocks([4, 4, 4, 4], 4, 4)) == []
+    assert block_plan([1, 2], [0, 3], True, 4) != []
+    # a document over pieces 0-1: piece 1 sees all of piece 0, with no document mask; piece 2 nothing of rank 0
+    assert block_plan([1, 2], [0, 3], True, 4, _blocks([8, 4, 4], 4, 4)) == [
+        Call(slice(0, 4), slice(0, 4), "full", False)]
+    # a document over tokens 2-5: piece 1's first two rows see piece 0's last two, nothing else
+    assert block_plan([1, 2], [0, 3], True, 4, _blocks([2, 4, 6, 4], 4, 4)) == [
+        Call(slice(0, 2), slice(2, 4), "full", False)]
+
+
+def _seen_by_plan(plan, q_pos, k_pos, doc_of):
+    """How many times the plan's calls let each (local query, key) pair through `[Tq, Tk]`."""
+    seen = torch.zeros(len(q_pos), len(k_pos), dtype=torch.int64)
+    for call in plan:
+        qp, kp = q_pos[call.q], k_pos[call.k]
+        ok = torch.ones(len(qp), len(kp), dtype=torch.bool)
+        if call.mask == "causal":
+            ok &= torch.tril(torch.ones_like(ok))
+        if call.docs:
+            ok &= doc_of[qp][:, None] == doc_of[kp][None, :]
+        seen[call.q, call.k] += ok.long()
+    return seen
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_plans_with_documents_cover_exactly_the_visible_pairs(world, layout, causal):
+    """Over random documents, every ring step's and the all-gather's plan lets each visible (query, key) pair
+    through exactly once and no other, though its calls cover only the shared documents' rows and take
+    document ids only where two documents meet."""
+    gen = torch.Generator().manual_seed(world + 10 * causal)
+    n = num_segments(world, layout)
+    for seg_len, max_len in ((3, 2), (4, 7), (5, 23)):
+        total = n * seg_len
+        lens, left = [], total
+        while left:
+            lens.append(min(int(torch.randint(1, max_len + 1, (1,), generator=gen)), left))
+            left -= lens[-1]
+        cu = torch.tensor([0] + lens).cumsum(0)
+        doc_of = torch.searchsorted(cu[1:], torch.arange(total), right=True)
+        blocks = visible_blocks(cu, n, seg_len, causal)
+        pos = lambda segs: torch.cat([torch.arange(s * seg_len, (s + 1) * seg_len) for s in segs])  # noqa: E731
+        for rank in range(world):
+            q_segs = segment_ids(rank, world, layout)
+            k_lists = [segment_ids(src, world, layout) for src in range(world)] + [list(range(n))]
+            for k_segs in k_lists:
+                qp, kp = pos(q_segs), pos(k_segs)
+                want = doc_of[qp][:, None] == doc_of[kp][None, :]
+                if causal:
+                    want &= kp[None, :] <= qp[:, None]
+                got = _seen_by_plan(block_plan(q_segs, k_segs, causal, seg_len, blocks), qp, kp, doc_of)
+                assert torch.equal(got, want.long()), (seg_len, lens, rank, k_segs)

@@ -80,21 +80,21 @@ def _reduce_scatter(x, group, world, layout):
 
 
 def _plan(group, layout, causal, q, cu_seqlens):
-    """-> (plan, piece length, W, local q ids, global k ids); the ids are None without documents."""
+    """-> (plan, W, local q ids, global k ids); the ids are None where no call needs them."""
     rank, world = group_rank_size(group)
     q_segs = segment_ids(rank, world, layout)
     seg_len = q.shape[1] // len(q_segs)
     docs = sp_documents(cu_seqlens, q.shape[1], world, layout, causal, q.device)
-    plan = block_plan(q_segs, list(range(num_segments(world, layout))), causal,
-                      None if docs is None else docs.visible)
-    if docs is None:
-        return plan, seg_len, world, None, None
-    return plan, seg_len, world, docs.of_rank(rank, q.shape[1]), docs.ids
+    plan = block_plan(q_segs, list(range(num_segments(world, layout))), causal, seg_len,
+                      None if docs is None else docs.blocks)
+    if not any(call.docs for call in plan):
+        return plan, world, None, None
+    return plan, world, docs.of_rank(rank, q.shape[1]), docs.ids
 
 
 def allgather_forward(q, k, v, scale, causal, group, layout, backend, chunk_heads, cu_seqlens=None):
     """-> (out `[B, T, Hq, D]`, lse `[B, Hq, T]`) in the compute dtype."""
-    plan, seg_len, world, q_docs, k_docs = _plan(group, layout, causal, q, cu_seqlens)
+    plan, world, q_docs, k_docs = _plan(group, layout, causal, q, cu_seqlens)
     g = q.shape[2] // k.shape[2]
     out, lse = new_accumulators(q, v.shape[-1])
     for h0, h1 in _head_chunks(k.shape[2], chunk_heads):
@@ -102,7 +102,7 @@ def allgather_forward(q, k, v, scale, causal, group, layout, backend, chunk_head
         vg = _all_gather(v[:, :, h0:h1], group, world, layout)
         qh = slice(h0 * g, h1 * g)               # the query heads reading kv heads [h0, h1)
         # out/lse head slices are views: forward_blocks merges into them in place.
-        forward_blocks(out[:, :, qh], lse[:, qh], q[:, :, qh], kg, vg, plan, seg_len, seg_len, scale, backend,
+        forward_blocks(out[:, :, qh], lse[:, qh], q[:, :, qh], kg, vg, plan, scale, backend,
                        q_docs=q_docs, k_docs=k_docs)
         del kg, vg
     return out, lse
@@ -110,7 +110,7 @@ def allgather_forward(q, k, v, scale, causal, group, layout, backend, chunk_head
 
 def allgather_backward(do, q, k, v, o, lse, scale, causal, group, layout, backend, chunk_heads, cu_seqlens=None):
     """-> (dq, dk, dv) in the compute dtype."""
-    plan, seg_len, world, q_docs, k_docs = _plan(group, layout, causal, q, cu_seqlens)
+    plan, world, q_docs, k_docs = _plan(group, layout, causal, q, cu_seqlens)
     g = q.shape[2] // k.shape[2]
     dq, dk, dv = zeros_acc(q), zeros_acc(k), zeros_acc(v)
     for h0, h1 in _head_chunks(k.shape[2], chunk_heads):
@@ -119,7 +119,7 @@ def allgather_backward(do, q, k, v, o, lse, scale, causal, group, layout, backen
         qh = slice(h0 * g, h1 * g)
         dkg, dvg = zeros_acc(kg), zeros_acc(vg)
         backward_blocks(dq[:, :, qh], dkg, dvg, do[:, :, qh], q[:, :, qh], kg, vg, o[:, :, qh], lse[:, qh],
-                        plan, seg_len, seg_len, scale, backend, q_docs, k_docs)
+                        plan, scale, backend, q_docs, k_docs)
         dk[:, :, h0:h1] = _reduce_scatter(dkg, group, world, layout)
         dv[:, :, h0:h1] = _reduce_scatter(dvg, group, world, layout)
         del kg, vg, dkg, dvg

@@ -6,16 +6,17 @@ decided at the level of pieces: b < a every key is visible ("full"), b == a it i
 ("causal", diagonal-aligned), b > a nothing is visible and the pair is skipped.
 
 With packed documents (``cu_seqlens``) pairs in which no query shares a document with any key are skipped
-too (``longscan.distributed.documents.visible_pieces``), and every kernel call gets the document ids of its
-queries and keys (:class:`SPDocuments`).
+too, and a pair that shares some covers only the rows of the shared documents
+(``longscan.distributed.documents.visible_blocks``); a call gets the document ids of its queries and keys
+(:class:`SPDocuments`) only where two documents meet inside it.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
-from longscan.distributed.documents import cached_on, document_ids, to_device, visible_pieces
+from longscan.distributed.documents import VisibleBlock, cached_on, document_ids, to_device, visible_blocks
 from longscan.distributed.layouts import num_segments, segment_ids
 from longscan.kernels.softmax_attention import (BlockDocs, block_backward, block_forward, compute_dtype,
                                                 merge_into)
@@ -23,11 +24,12 @@ from longscan.kernels.softmax_attention import (BlockDocs, block_backward, block
 
 class SPDocuments:
     """Packed documents as the SP methods use them for one call shape: the document id of every global token (int32,
-    moved to the inputs' device once), the visible piece pairs, and each rank's local ids, made on first use
+    moved to the inputs' device once), the visible blocks of piece pairs, and each rank's local ids, made on first use
     from views of the global ids (a ring asks for its own rank's at every step)."""
 
-    def __init__(self, ids_cpu: torch.Tensor, visible: frozenset, world: int, layout: str, device):
-        self.visible = visible          # global (query piece, key piece) pairs with a visible key
+    def __init__(self, ids_cpu: torch.Tensor, blocks: dict[tuple[int, int], VisibleBlock], world: int, layout: str,
+                 device):
+        self.blocks = blocks            # global (query piece, key piece) -> the rows holding its visible keys
         self.world, self.layout = world, layout
         self.ids = to_device(ids_cpu.to(torch.int32), device)   # [T_global], non-decreasing
         self._local: dict[int, torch.Tensor] = {}
@@ -55,50 +57,82 @@ def sp_documents(cu_seqlens: Optional[torch.Tensor], local_len: int, world: int,
     device = torch.device(device)
 
     def make():
-        return SPDocuments(document_ids(cu_seqlens, total), visible_pieces(cu_seqlens, n, total // n, causal),
+        return SPDocuments(document_ids(cu_seqlens, total), visible_blocks(cu_seqlens, n, total // n, causal),
                            world, layout, device)
     return cached_on(cu_seqlens, ("sp_documents", local_len, world, layout, causal, device), make)
 
 
-def block_plan(q_segs, k_segs, causal: bool, visible: Optional[frozenset] = None) -> list[tuple[slice, slice, str]]:
-    """Kernel calls covering local query pieces ``q_segs`` against key pieces ``k_segs`` (global ids).
+class Call(NamedTuple):
+    """One kernel call of a plan: local query rows ``q`` against key rows ``k`` (token slices), the ``mask``
+    ("full" or "causal", diagonal-aligned), and whether it needs the document ids (two documents meet in it)."""
+    q: slice
+    k: slice
+    mask: str
+    docs: bool = False
 
-    Returns (query slot slice, key slot slice, mask) in units of pieces, adjacent pieces coalesced so a
-    rank makes few, large calls: e.g. zigzag ring steps become one `T × T/2` or `T/2 × T` call.
-    ``visible`` (packed documents): only these (query piece, key piece) pairs hold a visible key.
+
+def block_plan(q_segs, k_segs, causal: bool, seg_len: int,
+               blocks: Optional[dict[tuple[int, int], VisibleBlock]] = None) -> list[Call]:
+    """Kernel calls covering local query pieces ``q_segs`` against key pieces ``k_segs`` (global ids), each piece
+    ``seg_len`` tokens, in local token offsets.
+
+    Adjacent pieces are coalesced so a rank makes few, large calls: e.g. zigzag ring steps become one `T × T/2`
+    or `T/2 × T` call. ``blocks`` (packed documents, :func:`visible_blocks`): only those pairs hold a visible
+    key, and a call covers only the rectangle of a pair that does (a neighbour's piece usually shares one
+    document with a local one: its rows, not the pieces, and without a document mask).
     """
     nq, nk = len(q_segs), len(k_segs)
-    keep = (lambda a, b: True) if visible is None else (lambda a, b: (a, b) in visible)
-    if not causal and visible is None:
-        return [(slice(0, nq), slice(0, nk), "full")]
+    rows = lambda slot, span: slice(slot * seg_len + span[0], slot * seg_len + span[1])  # noqa: E731
+    whole = (0, seg_len)
+    if not causal and blocks is None:
+        return [Call(slice(0, nq * seg_len), slice(0, nk * seg_len), "full")]
     if causal and list(q_segs) == list(k_segs) and list(q_segs) == sorted(q_segs):
         # Own pieces in increasing global order: causal over the local concatenation is exactly the
         # piece-level pattern (earlier own pieces full, same piece diagonal, later ones skipped).
-        return [(slice(0, nq), slice(0, nk), "causal")]
+        return [Call(slice(0, nq * seg_len), slice(0, nk * seg_len), "causal",
+                     blocks is not None and not _one_document(q_segs, blocks, whole))]
     calls = []
     for a, qs in enumerate(q_segs):
-        full = [b for b, ks in enumerate(k_segs) if (ks < qs or not causal) and keep(qs, ks)]
-        start = None
-        for i, b in enumerate(full):                       # contiguous runs of visible key slots
-            start = b if start is None else start
-            if i + 1 == len(full) or full[i + 1] != b + 1:
-                calls.append((slice(a, a + 1), slice(start, b + 1), "full"))
-                start = None
+        run = None                                         # a run of contiguous key rows with the same query rows
+        for b, ks in enumerate(k_segs):
+            blk = None
+            if not causal or ks < qs:
+                blk = VisibleBlock(whole, whole, False) if blocks is None else blocks.get((qs, ks))
+            if blk is None:
+                run = _flush(calls, run)
+                continue
+            c = Call(rows(a, blk.q), rows(b, blk.k), "full", blk.docs)
+            if run is not None and run.q == c.q and run.k.stop == c.k.start:
+                run = Call(run.q, slice(run.k.start, c.k.stop), "full", run.docs or c.docs)
+            else:
+                _flush(calls, run)
+                run = c
+        _flush(calls, run)
         if causal:
-            calls += [(slice(a, a + 1), slice(b, b + 1), "causal") for b, ks in enumerate(k_segs) if ks == qs]
-    # Neighbouring query slots with the same full key range become one call.
+            calls += [Call(rows(a, whole), rows(b, whole), "causal", blocks is not None and blocks[(qs, ks)].docs)
+                      for b, ks in enumerate(k_segs) if ks == qs and (blocks is None or (qs, ks) in blocks)]
+    # Neighbouring query rows with the same full key rows become one call.
     merged = []
-    for qsl, ksl, mask in calls:
-        if merged and mask == "full" and merged[-1][2] == "full" and merged[-1][1] == ksl \
-                and merged[-1][0].stop == qsl.start:
-            merged[-1] = (slice(merged[-1][0].start, qsl.stop), ksl, mask)
+    for c in calls:
+        m = merged[-1] if merged else None
+        if m is not None and c.mask == m.mask == "full" and m.k == c.k and m.q.stop == c.q.start:
+            merged[-1] = Call(slice(m.q.start, c.q.stop), m.k, "full", m.docs or c.docs)
         else:
-            merged.append((qsl, ksl, mask))
+            merged.append(c)
     return merged
 
 
-def token_slice(s: slice, seg_len: int) -> slice:
-    return slice(s.start * seg_len, s.stop * seg_len)
+def _flush(calls: list, run: Optional[Call]) -> None:
+    if run is not None:
+        calls.append(run)
+
+
+def _one_document(segs, blocks, whole) -> bool:
+    """Whether the causal mask over these own pieces' concatenation is already the documents' mask: each piece
+    within one document, and every earlier piece wholly visible to every later one."""
+    return all(blocks[(a, a)].docs is False for a in segs) and all(
+        (a, b) in blocks and blocks[(a, b)] == VisibleBlock(whole, whole, False)
+        for i, a in enumerate(segs) for b in segs[:i])
 
 
 def new_accumulators(q, dv_dim: int):
@@ -108,12 +142,11 @@ def new_accumulators(q, dv_dim: int):
     return q.new_zeros(b, t, h, dv_dim, dtype=dt), q.new_full((b, h, t), float("-inf"), dtype=dt)
 
 
-def _docs(q_docs, k_docs, qs, ks) -> Optional[BlockDocs]:
-    return None if q_docs is None else BlockDocs(q_docs[qs], k_docs[ks])
+def _docs(q_docs, k_docs, call: Call) -> Optional[BlockDocs]:
+    return BlockDocs(q_docs[call.q], k_docs[call.k]) if call.docs else None
 
 
-def forward_blocks(out, lse, q, k, v, plan, q_seg_len, k_seg_len, scale, backend, q_docs=None,
-                   k_docs=None):
+def forward_blocks(out, lse, q, k, v, plan: list[Call], scale, backend, q_docs=None, k_docs=None):
     """Run ``plan`` (from :func:`block_plan`) and merge each block into (out, lse) -> (out, lse).
 
     Given accumulators (compute dtype) are merged into in place. None: nothing seen yet; a first call
@@ -122,12 +155,11 @@ def forward_blocks(out, lse, q, k, v, plan, q_seg_len, k_seg_len, scale, backend
     ``q_docs``/``k_docs``: document ids `[Tq]`/`[Tk]` of q and k (packed documents) or None.
     """
     dt = compute_dtype(q.dtype)
-    for qs, ks, mask in plan:
-        covers_all = qs.start == 0 and qs.stop * q_seg_len == q.shape[1]
-        qs, ks = token_slice(qs, q_seg_len), token_slice(ks, k_seg_len)
-        o_b, lse_b = block_forward(q[:, qs], k[:, ks], v[:, ks], scale, mask, backend,
-                                   _docs(q_docs, k_docs, qs, ks))
-        if out is None and covers_all:
+    for call in plan:
+        qs, ks = call.q, call.k
+        o_b, lse_b = block_forward(q[:, qs], k[:, ks], v[:, ks], scale, call.mask, backend,
+                                   _docs(q_docs, k_docs, call))
+        if out is None and qs.start == 0 and qs.stop == q.shape[1]:
             out, lse = o_b, lse_b
             continue
         if out is None:
@@ -155,14 +187,13 @@ def accumulate(acc, part, rows: slice, like: torch.Tensor):
     return acc
 
 
-def backward_blocks(dq, dk, dv, do, q, k, v, o, lse, plan, q_seg_len, k_seg_len, scale, backend,
-                    q_docs=None, k_docs=None):
+def backward_blocks(dq, dk, dv, do, q, k, v, o, lse, plan: list[Call], scale, backend, q_docs=None, k_docs=None):
     """Add the block gradients of ``plan`` to dq, dk, dv -> (dq, dk, dv); given tensors in the compute dtype
     are added to in place, None ones start as in :func:`accumulate`."""
-    for qs, ks, mask in plan:
-        qs, ks = token_slice(qs, q_seg_len), token_slice(ks, k_seg_len)
+    for call in plan:
+        qs, ks = call.q, call.k
         dq_b, dk_b, dv_b = block_backward(do[:, qs], q[:, qs], k[:, ks], v[:, ks], o[:, qs], lse[:, :, qs],
-                                          scale, mask, backend, _docs(q_docs, k_docs, qs, ks))
+                                          scale, call.mask, backend, _docs(q_docs, k_docs, call))
         dq, dk, dv = accumulate(dq, dq_b, qs, q), accumulate(dk, dk_b, ks, k), accumulate(dv, dv_b, ks, v)
     return dq, dk, dv
 

@@ -10,8 +10,8 @@ Causal masking is decided per piece (``common.block_plan``). With zigzag (rank r
 j < r is seen fully by both local pieces but only its first half is visible (`T × T/2`); from j > r
 only the second local piece sees it, all of it (`T/2 × T`); the fully masked pairs are skipped.
 With contiguous, blocks from later ranks are skipped entirely (correct, but unbalanced).
-With packed documents a step computes only the piece pairs that share a document (none: no compute that
-step, but the block still travels on).
+With packed documents a step computes only the piece pairs that share a document, and of those only the
+shared documents' rows (none: no compute that step, but the block still travels on).
 
 Backward recomputes the ring: K/V travel again, and each block's dK/dV accumulator travels with it,
 gathering every rank's contribution, and arrives home after W hops.
@@ -28,29 +28,29 @@ from longscan.parallel.softmax.function import SoftmaxSPFunction, SoftmaxSPOptio
 
 
 def _step(rank, src, world, layout, causal, docs, t_local):
-    """(piece length, block plan, q ids, visiting block's k ids) of a ring step; the ids (documents) only where
-    the plan computes something: with short documents most steps of a large ring see nothing, and their ids
-    would cost host work and copies for no kernel."""
+    """(block plan, q ids, visiting block's k ids) of a ring step; the ids (documents) only where a call of the
+    plan needs them: with short documents most steps of a large ring see nothing, or only one document shared
+    with a neighbour, and ids would cost host work and copies for no mask."""
     q_segs = segment_ids(rank, world, layout)
-    plan = block_plan(q_segs, segment_ids(src, world, layout), causal, docs.visible if docs is not None else None)
-    if docs is None or not plan:
-        return t_local // len(q_segs), plan, None, None
-    return t_local // len(q_segs), plan, docs.of_rank(rank, t_local), docs.of_rank(src, t_local)
+    plan = block_plan(q_segs, segment_ids(src, world, layout), causal, t_local // len(q_segs),
+                      docs.blocks if docs is not None else None)
+    if not any(call.docs for call in plan):
+        return plan, None, None
+    return plan, docs.of_rank(rank, t_local), docs.of_rank(src, t_local)
 
 
 def forward_step(out, lse, q, k, v, rank, src, world, layout, causal, docs, scale, backend):
     """One ring step's compute: rank ``rank``'s queries against the K/V block of rank ``src``, merged into
     (out, lse) -> (out, lse). ``docs``: :func:`sp_documents` of the call, or None."""
-    seg_len, plan, q_docs, k_docs = _step(rank, src, world, layout, causal, docs, q.shape[1])
-    return forward_blocks(out, lse, q, k, v, plan, seg_len, seg_len, scale, backend, q_docs=q_docs, k_docs=k_docs)
+    plan, q_docs, k_docs = _step(rank, src, world, layout, causal, docs, q.shape[1])
+    return forward_blocks(out, lse, q, k, v, plan, scale, backend, q_docs=q_docs, k_docs=k_docs)
 
 
 def backward_step(dq, do, q, k, v, o, lse, rank, src, world, layout, causal, docs, scale, backend):
     """One ring step's backward compute -> (dq, dk, dv of the block of rank ``src``: None where nothing was
     visible)."""
-    seg_len, plan, q_docs, k_docs = _step(rank, src, world, layout, causal, docs, q.shape[1])
-    return backward_blocks(dq, None, None, do, q, k, v, o, lse, plan, seg_len, seg_len, scale, backend,
-                           q_docs, k_docs)
+    plan, q_docs, k_docs = _step(rank, src, world, layout, causal, docs, q.shape[1])
+    return backward_blocks(dq, None, None, do, q, k, v, o, lse, plan, scale, backend, q_docs, k_docs)
 
 
 def ring_forward(q, k, v, scale, causal, group, layout, backend, cu_seqlens=None):
