@@ -19,7 +19,8 @@ a row needs; "rate" is the row's work per second over the unpacked row's (the fr
 what each rank's kernels take in its W steps, forward and backward): "ring W, slowest rank" is the ring's
 critical path without communication, its "efficiency" the one-rank row's time / (W × the slowest rank's),
 and "max/mean" the ranks' imbalance. That efficiency is what a multi-GPU ring can reach when its transfers
-hide behind the compute.
+hide behind the compute. ``--profile`` adds the slowest rank of the largest ring under torch.profiler and, on a
+GPU, each of its steps timed alone with the kernel calls of the step's plan.
 """
 from __future__ import annotations
 
@@ -31,10 +32,10 @@ import time
 import torch
 
 from longscan.distributed.documents import global_positions
-from longscan.distributed.layouts import shard
+from longscan.distributed.layouts import segment_ids, shard
 from longscan.kernels.softmax_attention import attention
 from longscan.parallel.softmax import softmax_attention
-from longscan.parallel.softmax.common import sp_documents
+from longscan.parallel.softmax.common import block_plan, sp_documents
 from longscan.parallel.softmax.ring import backward_step, forward_step
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -86,20 +87,54 @@ class RingByRank:
         cu = None if cu_seqlens is None else cu_seqlens.to("cpu", torch.int64)
         self.docs = sp_documents(cu, self.t_local, world, layout, True, q.device)
 
-    def rank(self, r: int):
-        """Rank r's work -> (o, dq, {src rank: (dk, dv) of its block}) in the compute dtype."""
+    def rank(self, r: int, timer=None):
+        """Rank r's work -> (o, dq, {src rank: (dk, dv) of its block}) in the compute dtype. ``timer``: called
+        as timer(label) after each step (the per-step table of --profile)."""
         W, args = self.world, (self.world, self.layout, True, self.docs, self.scale, self.backend)
+        tick = timer or (lambda label: None)
         out = lse = None
         for step in range(W):
             src = (r - step) % W
             out, lse = forward_step(out, lse, self.q[r], self.k[src], self.v[src], r, src, *args)
+            tick(("forward", step, src))
         o = out.to(self.q[r].dtype)
+        tick(("cast o", None, None))
         dq, blocks = None, {}
         for step in range(W):
             src = (r - step) % W
             dq, dk, dv = backward_step(dq, self.do[r], self.q[r], self.k[src], self.v[src], o, lse, r, src, *args)
             blocks[src] = (dk, dv)
+            tick(("backward", step, src))
         return out, dq, blocks
+
+    def step_table(self, r: int, iters: int) -> str:
+        """Median ms of each of rank r's steps, each timed to its kernels' end, with the calls its plan makes."""
+        times: dict = {}
+        sync = torch.cuda.synchronize if self.q[r].is_cuda else (lambda: None)
+        for it in range(iters + 1):
+            sync()
+            last = [time.perf_counter()]
+
+            def timer(label):
+                sync()
+                now = time.perf_counter()
+                if it:                                       # the first run warms up
+                    times.setdefault(label, []).append((now - last[0]) * 1e3)
+                last[0] = now
+            self.rank(r, timer)
+        q_segs = segment_ids(r, self.world, self.layout)
+        seg = self.t_local // len(q_segs)
+        lines = ["| phase | step | from rank | ms | calls (q rows x k rows, mask, document ids) |", "|---|---|---|---|---|"]
+        for (phase, step, src), ms in times.items():
+            calls = ""
+            if src is not None:
+                plan = block_plan(q_segs, segment_ids(src, self.world, self.layout), True, seg,
+                                  None if self.docs is None else self.docs.blocks)
+                calls = ", ".join(f"{c.q.stop - c.q.start}x{c.k.stop - c.k.start} {c.mask}{' docs' if c.docs else ''}"
+                                  for c in plan)
+            lines.append(f"| {phase} | {'' if step is None else step} | {'' if src is None else src} "
+                         f"| {statistics.median(ms):.3f} | {calls} |")
+        return "\n".join(lines)
 
     def whole(self):
         """Every rank's work gathered into the global (o, dq, dk, dv): what the ring computes."""
@@ -224,8 +259,9 @@ def main(argv=None):
             if args.profile and W == max(args.world):
                 from benchmarks.packed_linear import profile_tables   # (that module imports this one)
                 r = ms.index(slowest)
+                steps = ring_w.step_table(r, args.iters)
                 profiles.append(f"## {name}, ring {W}, rank {r}: {args.iters} runs of its forward and backward steps\n"
-                                + profile_tables(lambda: ring_w.rank(r), device, args.iters))
+                                + profile_tables(lambda: ring_w.rank(r), device, args.iters) + "\n" + steps)
     if args.check:
         ref_dtype = torch.float64 if not cuda else torch.float32
         leaves = [x.detach().to(ref_dtype).requires_grad_() for x in (q, k, v)]
