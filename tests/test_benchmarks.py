@@ -198,9 +198,38 @@ def test_packed_softmax_ring_rows_by_rank(capsys, tmp_path):
     packed_softmax.main(common + ["--world", "2", "--profile"])
     out = capsys.readouterr().out
     assert "## packed, ring 2, rank " in out and out.count("CPU ops:") == 2
+    # each step of the slowest rank timed alone, with its plan's calls (the unpacked ring's step 0: 64 x 64 causal)
+    assert out.count("| phase | step | from rank | ms |") == 2 and "| forward | 0 |" in out
+    assert "64x64 causal |" in out and "| cast o |" in out
     for bad in (["--world", "1"], ["--profile"]):
         with pytest.raises(SystemExit):
             packed_softmax.main(common + bad)
+
+
+def test_ring_settings_runs_each_variant_and_restores_the_tables(capsys, tmp_path, monkeypatch):
+    """tuning/ring_settings.py: a bad variant is refused before anything runs; each variant's settings are in
+    force while its packed_softmax table is made, and the module's tables are as before afterwards."""
+    pytest.importorskip("triton")
+    from benchmarks.tuning import ring_settings
+    from longscan.kernels.softmax_attention import triton_flash as tf
+    assert ring_settings.parse_variant("shipped") == {}
+    assert ring_settings.parse_variant("dkdv=64,32,4,2;fwd=128,64,8,2") == {
+        "dkdv": dict(BM=64, BN=32, num_warps=4, num_stages=2), "fwd": dict(BM=128, BN=64, num_warps=8, num_stages=2)}
+    for bad in ("dk=64,32,4,2", "dq=64,32,4", "fwd=a,b,c,d"):
+        with pytest.raises(ValueError, match="kernel=BM,BN,num_warps,num_stages"):
+            ring_settings.parse_variant(bad)
+    before = (dict(tf.FWD_CONFIG), {k: dict(v) for k, v in tf.BWD_CONFIG.items()})
+    seen = []
+    monkeypatch.setattr(ring_settings.packed_softmax, "main",
+                        lambda argv: seen.append((argv, dict(tf.BWD_CONFIG["dq"]), dict(tf.FWD_CONFIG))))
+    monkeypatch.chdir(tmp_path)
+    ring_settings.main(["--variants", "shipped", "dq=64,64,4,3", "--", "--total", "128"])
+    assert [argv[:2] for argv, _, _ in seen] == [["--total", "128"]] * 2
+    assert seen[0][1] == before[1]["dq"] and seen[1][1] == dict(BM=64, BN=64, num_warps=4, num_stages=3)
+    assert (dict(tf.FWD_CONFIG), {k: dict(v) for k, v in tf.BWD_CONFIG.items()}) == before
+    assert capsys.readouterr().out.count("### ") == 2
+    with pytest.raises(ValueError, match="'dq=1'"):
+        ring_settings.main(["--variants", "shipped", "dq=1"])
 
 
 def test_kernel_costs_merges_measured_variants_into_a_table(monkeypatch):

@@ -432,14 +432,17 @@ BWD_CONFIG_INTERPRET = {
 }
 
 
+# Forward launch settings: 16-bit inputs on a GPU, float32 on a GPU (small blocks), the CPU interpreter.
+FWD_CONFIG = dict(BM=128, BN=64, num_warps=8, num_stages=3)
+FWD_CONFIG_FP32 = dict(BM=64, BN=32, num_warps=8, num_stages=2)
+FWD_CONFIG_INTERPRET = dict(BM=32, BN=32, num_warps=4, num_stages=1)
+
+
 def _cfg(D, dtype):
-    """Forward block sizes: large on a GPU, small in the CPU interpreter."""
+    """Forward settings, a fresh dict read from the module's tables at each call."""
     if _interpreting():
-        return dict(BM=32, BN=32, num_warps=4, num_stages=1)
-    fwd = dict(BM=128, BN=64 if D <= 64 or dtype != torch.float32 else 32, num_warps=8, num_stages=3)
-    if dtype == torch.float32:
-        fwd.update(BM=64, BN=32, num_stages=2)
-    return fwd
+        return dict(FWD_CONFIG_INTERPRET)
+    return dict(FWD_CONFIG_FP32 if dtype == torch.float32 else FWD_CONFIG)
 
 
 def _bwd_cfg(D, dtype):
