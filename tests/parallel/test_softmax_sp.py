@@ -294,6 +294,20 @@ def test_bad_input_names_the_parameter(bad, exc, match):
         softmax_attention(**kw)
 
 
+def test_packed_documents_run_every_call_on_the_documents_backend(monkeypatch):
+    """With cu_seqlens, "auto" is resolved once for documents (torch here, triton on CUDA): a call whose rows hold
+    one document, which needs no document ids, runs on that backend too, not on the one "auto" picks without
+    documents (cuDNN on CUDA); without cu_seqlens "auto" is resolved per call as before."""
+    from longscan.parallel.softmax import common
+    seen = []
+    real = common.block_forward
+    monkeypatch.setattr(common, "block_forward", lambda *a, **kw: seen.append(a[5]) or real(*a, **kw))
+    q, k, v = _qkv()
+    softmax_attention(q, k, v, cu_seqlens=torch.tensor([0, 8]))
+    softmax_attention(q, k, v)
+    assert seen == ["torch", "auto"]
+
+
 def test_odd_local_length_is_fine_for_contiguous():
     q, k, v = _qkv(t=7)
     o = softmax_attention(q, k, v, layout="contiguous")

@@ -56,10 +56,12 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal:
                              f"{q.shape[0]}")
         # checked once per tensor: the layers of a step then pass one CPU copy, which their documents are cached on
         cu_seqlens = checked_cu_seqlens(cu_seqlens, q.shape[1] * world)
+    resolved = resolve_backend(backend, q, cu_seqlens is not None)
+    if cu_seqlens is not None:
+        backend = resolved      # every call of packed documents on one backend, those within one document too
     opts = SoftmaxSPOptions(scale=q.shape[-1] ** -0.5 if scale is None else scale, causal=causal, group=group,
                             layout=layout, backend=backend, chunk_heads=chunk_heads, cu_seqlens=cu_seqlens)
     impl = _method(method)
-    resolve_backend(backend, q, cu_seqlens is not None)
     if q.shape[1] == 0:
         raise ValueError("q must hold at least one token (q.shape[1] == 0)")
     if layout == "zigzag" and q.shape[1] % 2:

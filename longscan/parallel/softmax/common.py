@@ -99,7 +99,8 @@ def block_plan(q_segs, k_segs, causal: bool, seg_len: int,
             if not causal or ks < qs:
                 blk = VisibleBlock(whole, whole, False) if blocks is None else blocks.get((qs, ks))
             if blk is None:
-                run = _flush(calls, run)
+                _flush(calls, run)
+                run = None
                 continue
             c = Call(rows(a, blk.q), rows(b, blk.k), "full", blk.docs)
             if run is not None and run.q == c.q and run.k.stop == c.k.start:
@@ -130,7 +131,7 @@ def _flush(calls: list, run: Optional[Call]) -> None:
 def _one_document(segs, blocks, whole) -> bool:
     """Whether the causal mask over these own pieces' concatenation is already the documents' mask: each piece
     within one document, and every earlier piece wholly visible to every later one."""
-    return all(blocks[(a, a)].docs is False for a in segs) and all(
+    return not any(blocks[(a, a)].docs for a in segs) and all(
         (a, b) in blocks and blocks[(a, b)] == VisibleBlock(whole, whole, False)
         for i, a in enumerate(segs) for b in segs[:i])
 
