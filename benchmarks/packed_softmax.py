@@ -19,8 +19,8 @@ a row needs; "rate" is the row's work per second over the unpacked row's (the fr
 what each rank's kernels take in its W steps, forward and backward): "ring W, slowest rank" is the ring's
 critical path without communication, its "efficiency" the one-rank row's time / (W × the slowest rank's),
 and "max/mean" the ranks' imbalance. That efficiency is what a multi-GPU ring can reach when its transfers
-hide behind the compute. ``--profile`` adds the slowest rank of the largest ring under torch.profiler and, on a
-GPU, each of its steps timed alone with the kernel calls of the step's plan.
+hide behind the compute. ``--profile`` adds the slowest rank of the largest ring under torch.profiler and each
+of its steps timed alone (to its kernels' end on a GPU) with the kernel calls of the step's plan.
 """
 from __future__ import annotations
 
