@@ -18,8 +18,11 @@ a row needs; "rate" is the row's work per second over the unpacked row's (the fr
 ``--world W`` adds the ring over W ranks, its compute run rank by rank in this one process (no transfers:
 what each rank's kernels take in its W steps, forward and backward): "ring W, slowest rank" is the ring's
 critical path without communication, its "efficiency" the one-rank row's time / (W × the slowest rank's),
-and "max/mean" the ranks' imbalance. That efficiency is what a multi-GPU ring can reach when its transfers
-hide behind the compute. ``--profile`` adds the slowest rank of the largest ring under torch.profiler and each
+and "max/mean" the ranks' imbalance ("pairs max/mean": the busiest rank's visible (query, key) pairs over the mean, the
+imbalance of the work itself). That efficiency is what a multi-GPU ring can reach when its transfers hide behind
+the compute. ``--balance`` adds, for each W, the packed ring with the documents in the order
+``balance.balanced_order`` picks for W ranks (what ``data.balance_documents`` trains with; its efficiency is
+over the given order's one-rank time). ``--profile`` adds the slowest rank of the largest ring under torch.profiler and each
 of its steps timed alone (to its kernels' end on a GPU) with the kernel calls of the step's plan.
 """
 from __future__ import annotations
@@ -31,7 +34,8 @@ import time
 
 import torch
 
-from longscan.distributed.documents import global_positions
+from longscan.distributed.balance import balanced_order, reorder_documents
+from longscan.distributed.documents import causal_pairs_per_rank, global_positions
 from longscan.distributed.layouts import segment_ids, shard
 from longscan.kernels.softmax_attention import attention
 from longscan.parallel.softmax import softmax_attention
@@ -62,12 +66,16 @@ def parse_args(argv=None):
     p.add_argument("--kv-heads", type=int, default=None)
     p.add_argument("--world", type=int, nargs="*", default=[],
                    help="also the ring over these numbers of ranks, run rank by rank on this device")
+    p.add_argument("--balance", action="store_true",
+                   help="with --world: also the packed ring with the documents in the balanced order for each W")
     p.add_argument("--profile", action="store_true",
                    help="with --world: the slowest rank of the largest ring, unpacked and packed, under torch.profiler")
     p.add_argument("--json", default="packed_softmax.json")
     a = p.parse_args(argv)
     if any(w < 2 for w in a.world):
         p.error(f"--world takes ring sizes >= 2, got {a.world}")
+    if a.balance and not a.world:
+        p.error("--balance orders the documents for the ring's ranks: give --world too")
     if a.profile and not a.world:
         p.error("--profile profiles the ring's ranks: give --world too")
     return a
@@ -247,15 +255,21 @@ def main(argv=None):
     by_one_rank = {"unpacked": rows[0]["ms"], "packed": rows[1]["ms"]}
     profiles = []
     for W in args.world:
-        for name, c in (("unpacked", None), ("packed", cu)):
+        rings = [("unpacked", None), ("packed", cu)]
+        if args.balance:
+            rings.append(("packed, balanced", reorder_documents(cu, balanced_order(cu.diff(), W, "zigzag"))[0]))
+        for name, c in rings:
             ring_w = RingByRank(q.detach(), k.detach(), v.detach(), do, c, W, backend=backend)
             timed = [time_wall_host(lambda: ring_w.rank(r), device, args.iters, args.warmup) for r in range(W)]
             ms = [wall * 1e3 for wall, _ in timed]
             slowest = max(ms)
+            pairs = causal_pairs_per_rank(torch.tensor([0, total]) if c is None else c, total, W, "zigzag")
             rows.append(dict(row=f"{name}, ring {W}, slowest rank", ms=slowest, x_per_doc=slowest / (t_doc * 1e3),
                              host_ms=timed[ms.index(slowest)][1] * 1e3,
                              work=rows[0 if c is None else 1]["work"] / W, rate=None, ranks_ms=ms,
-                             efficiency=by_one_rank[name] / (W * slowest), max_over_mean=slowest / statistics.mean(ms)))
+                             efficiency=by_one_rank[name.split(",")[0]] / (W * slowest),
+                             max_over_mean=slowest / statistics.mean(ms),
+                             pairs_max_over_mean=max(pairs) / statistics.mean(pairs)))
             if args.profile and W == max(args.world):
                 from benchmarks.packed_linear import profile_tables   # (that module imports this one)
                 r = ms.index(slowest)
@@ -276,12 +290,13 @@ def main(argv=None):
     title = (f"# packed_softmax  {torch.cuda.get_device_name() if cuda else 'cpu'}  {dtype}  T={total} "
              f"docs={len(lengths)} (mean {mean})  H={H} Hkv={Hkv} D={D}  ring/zigzag, 1 process, backend={backend}")
     print(title)
-    print("| row | ms | x per-doc | work | rate | rel err | efficiency | max/mean | host ms |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| row | ms | x per-doc | work | rate | rel err | efficiency | max/mean | pairs max/mean | host ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         err = f"{r['rel_err']:.1e}" if "rel_err" in r else ""
         rate = f"{r['rate']:.2f}" if r["rate"] is not None else ""
-        ring = f"{r['efficiency']:.2f} | {r['max_over_mean']:.2f}" if "efficiency" in r else " | "
+        ring = (f"{r['efficiency']:.2f} | {r['max_over_mean']:.2f} | {r['pairs_max_over_mean']:.3f}" if "efficiency" in r
+                else " | | ")
         host = f"{r['host_ms']:.2f}" if "host_ms" in r else ""
         print(f"| {r['row']} | {r['ms']:.2f} | {r['x_per_doc']:.2f} | {r['work']:.3f} | {rate} | {err} | {ring} "
               f"| {host} |")

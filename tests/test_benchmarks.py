@@ -184,8 +184,9 @@ def test_ring_by_rank_computes_what_the_ring_does(world):
 
 
 def test_packed_softmax_ring_rows_by_rank(capsys, tmp_path):
-    """--world adds the ring's slowest rank, its efficiency, the ranks' imbalance and its host time, --profile its
-    slowest rank's operators; a ring of one, and --profile without --world, are refused."""
+    """--world adds the ring's slowest rank, its efficiency, the ranks' imbalance (of time and of visible pairs) and
+    its host time, --balance the ring over the balanced document order, --profile its slowest rank's operators; a
+    ring of one, and --profile or --balance without --world, are refused."""
     from benchmarks import packed_softmax
     common = ["--total", "128", "--doc-len", "16", "--heads", "2", "--head-dim", "8", "--iters", "1", "--warmup", "0",
               "--json", str(tmp_path / "p.json")]
@@ -193,15 +194,21 @@ def test_packed_softmax_ring_rows_by_rank(capsys, tmp_path):
     rows = {line.split("|")[1].strip(): line.split("|") for line in capsys.readouterr().out.splitlines()
             if line.startswith("| ") and not line.startswith("| row")}
     for name in ("unpacked, ring 2, slowest rank", "packed, ring 2, slowest rank"):
-        assert float(rows[name][7]) > 0 and float(rows[name][8]) >= 1.0
-        assert 0 < float(rows[name][9]) <= float(rows[name][2])   # its host time, within its wall time
+        assert float(rows[name][7]) > 0 and float(rows[name][8]) >= 1.0 and float(rows[name][9]) >= 1.0
+        assert 0 < float(rows[name][10]) <= float(rows[name][2])   # its host time, within its wall time
+    assert float(rows["unpacked, ring 2, slowest rank"][9]) == 1.0        # zigzag balances one document's pairs
+    packed_softmax.main(common + ["--world", "4", "--balance"])
+    rows = {line.split("|")[1].strip(): line.split("|") for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ") and not line.startswith("| row")}
+    given, balanced = (float(rows[f"{n}, ring 4, slowest rank"][9]) for n in ("packed", "packed, balanced"))
+    assert given > 1.05 and 1.0 <= balanced < given      # these documents' given order leaves rank pairs uneven
     packed_softmax.main(common + ["--world", "2", "--profile"])
     out = capsys.readouterr().out
     assert "## packed, ring 2, rank " in out and out.count("CPU ops:") == 2
     # each step of the slowest rank timed alone, with its plan's calls (the unpacked ring's step 0: 64 x 64 causal)
     assert out.count("| phase | step | from rank | ms |") == 2 and "| forward | 0 |" in out
     assert "64x64 causal |" in out and "| cast o |" in out
-    for bad in (["--world", "1"], ["--profile"]):
+    for bad in (["--world", "1"], ["--profile"], ["--balance"]):
         with pytest.raises(SystemExit):
             packed_softmax.main(common + bad)
 
