@@ -18,12 +18,13 @@ a row needs; "rate" is the row's work per second over the unpacked row's (the fr
 ``--world W`` adds the ring over W ranks, its compute run rank by rank in this one process (no transfers:
 what each rank's kernels take in its W steps, forward and backward): "ring W, slowest rank" is the ring's
 critical path without communication, its "efficiency" the one-rank row's time / (W × the slowest rank's),
-and "max/mean" the ranks' imbalance ("pairs max/mean": the busiest rank's visible (query, key) pairs over the mean, the
-imbalance of the work itself). That efficiency is what a multi-GPU ring can reach when its transfers hide behind
-the compute. ``--balance`` adds, for each W, the packed ring with the documents in the order
+and "max/mean" the ranks' imbalance ("pairs max/mean": the busiest rank's visible (query, key) pairs over the
+mean, the imbalance of the work itself). That efficiency is what a multi-GPU ring can reach when its transfers
+hide behind the compute. ``--balance`` adds, for each W, the packed ring with the documents in the order
 ``balance.balanced_order`` picks for W ranks (what ``data.balance_documents`` trains with; its efficiency is
-over the given order's one-rank time). ``--profile`` adds the slowest rank of the largest ring under torch.profiler and each
-of its steps timed alone (to its kernels' end on a GPU) with the kernel calls of the step's plan.
+over the given order's one-rank time). ``--profile`` adds the slowest rank of the largest ring under
+torch.profiler and each of its steps timed alone (to its kernels' end on a GPU) with the kernel calls of the
+step's plan.
 """
 from __future__ import annotations
 
@@ -295,8 +296,8 @@ def main(argv=None):
     for r in rows:
         err = f"{r['rel_err']:.1e}" if "rel_err" in r else ""
         rate = f"{r['rate']:.2f}" if r["rate"] is not None else ""
-        ring = (f"{r['efficiency']:.2f} | {r['max_over_mean']:.2f} | {r['pairs_max_over_mean']:.3f}" if "efficiency" in r
-                else " | | ")
+        ring = (f"{r['efficiency']:.2f} | {r['max_over_mean']:.2f} | {r['pairs_max_over_mean']:.3f}"
+                if "efficiency" in r else " | | ")
         host = f"{r['host_ms']:.2f}" if "host_ms" in r else ""
         print(f"| {r['row']} | {r['ms']:.2f} | {r['x_per_doc']:.2f} | {r['work']:.3f} | {rate} | {err} | {ring} "
               f"| {host} |")
