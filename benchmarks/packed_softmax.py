@@ -256,10 +256,12 @@ def main(argv=None):
     by_one_rank = {"unpacked": rows[0]["ms"], "packed": rows[1]["ms"]}
     profiles = []
     for W in args.world:
-        rings = [("unpacked", None), ("packed", cu)]
+        # (row name, cu_seqlens, the one-rank row its efficiency is over)
+        rings = [("unpacked", None, "unpacked"), ("packed", cu, "packed")]
         if args.balance:
-            rings.append(("packed, balanced", reorder_documents(cu, balanced_order(cu.diff(), W, "zigzag"))[0]))
-        for name, c in rings:
+            rings.append(("packed, balanced", reorder_documents(cu, balanced_order(cu.diff(), W, "zigzag"))[0],
+                          "packed"))
+        for name, c, one_rank in rings:
             ring_w = RingByRank(q.detach(), k.detach(), v.detach(), do, c, W, backend=backend)
             timed = [time_wall_host(lambda: ring_w.rank(r), device, args.iters, args.warmup) for r in range(W)]
             ms = [wall * 1e3 for wall, _ in timed]
@@ -268,7 +270,7 @@ def main(argv=None):
             rows.append(dict(row=f"{name}, ring {W}, slowest rank", ms=slowest, x_per_doc=slowest / (t_doc * 1e3),
                              host_ms=timed[ms.index(slowest)][1] * 1e3,
                              work=rows[0 if c is None else 1]["work"] / W, rate=None, ranks_ms=ms,
-                             efficiency=by_one_rank[name.split(",")[0]] / (W * slowest),
+                             efficiency=by_one_rank[one_rank] / (W * slowest),
                              max_over_mean=slowest / statistics.mean(ms),
                              pairs_max_over_mean=max(pairs) / statistics.mean(pairs)))
             if args.profile and W == max(args.world):

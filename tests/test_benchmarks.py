@@ -149,14 +149,19 @@ def test_packed_linear_checks_against_each_document(capsys):
     assert "| per-document |" in out and "| unpacked |" in out
 
 
+def table_rows(out: str) -> dict:
+    """A benchmark's markdown table rows by their first cell, each row's cells split at "|"."""
+    return {line.split("|")[1].strip(): line.split("|") for line in out.splitlines()
+            if line.startswith("| ") and not line.startswith("| row")}
+
+
 def test_packed_softmax_checks_against_each_document(capsys, tmp_path):
     """packed_softmax.py on CPU (torch backend, float32): the packed ring equals each document alone, and the
     batch of mean-length sequences does the work of equal documents (rate: work per second over unpacked's)."""
     from benchmarks import packed_softmax
     packed_softmax.main(["--total", "256", "--doc-len", "32", "--heads", "2", "--head-dim", "8", "--iters", "1",
                          "--warmup", "0", "--check", "--json", str(tmp_path / "p.json")])
-    rows = {line.split("|")[1].strip(): line.split("|") for line in capsys.readouterr().out.splitlines()
-            if line.startswith("| ") and not line.startswith("| row")}
+    rows = table_rows(capsys.readouterr().out)
     assert float(rows["packed"][6]) < 1e-5
     assert set(rows) == {"unpacked", "packed", "per-document", "batched (8 x 32)"}
     assert float(rows["unpacked"][5]) == 1.0
@@ -191,15 +196,13 @@ def test_packed_softmax_ring_rows_by_rank(capsys, tmp_path):
     common = ["--total", "128", "--doc-len", "16", "--heads", "2", "--head-dim", "8", "--iters", "1", "--warmup", "0",
               "--json", str(tmp_path / "p.json")]
     packed_softmax.main(common + ["--world", "2"])
-    rows = {line.split("|")[1].strip(): line.split("|") for line in capsys.readouterr().out.splitlines()
-            if line.startswith("| ") and not line.startswith("| row")}
+    rows = table_rows(capsys.readouterr().out)
     for name in ("unpacked, ring 2, slowest rank", "packed, ring 2, slowest rank"):
         assert float(rows[name][7]) > 0 and float(rows[name][8]) >= 1.0 and float(rows[name][9]) >= 1.0
         assert 0 < float(rows[name][10]) <= float(rows[name][2])   # its host time, within its wall time
     assert float(rows["unpacked, ring 2, slowest rank"][9]) == 1.0        # zigzag balances one document's pairs
     packed_softmax.main(common + ["--world", "4", "--balance"])
-    rows = {line.split("|")[1].strip(): line.split("|") for line in capsys.readouterr().out.splitlines()
-            if line.startswith("| ") and not line.startswith("| row")}
+    rows = table_rows(capsys.readouterr().out)
     given, balanced = (float(rows[f"{n}, ring 4, slowest rank"][9]) for n in ("packed", "packed, balanced"))
     assert given > 1.05 and 1.0 <= balanced < given      # these documents' given order leaves rank pairs uneven
     packed_softmax.main(common + ["--world", "2", "--profile"])
