@@ -41,7 +41,7 @@ from longscan.distributed.layouts import segment_ids, shard
 from longscan.kernels.softmax_attention import attention
 from longscan.parallel.softmax import softmax_attention
 from longscan.parallel.softmax.common import block_plan, sp_documents
-from longscan.parallel.softmax.ring import backward_step, forward_step
+from longscan.parallel.softmax.ring import backward_step, forward_step, later_work
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -101,17 +101,19 @@ class RingByRank:
         as timer(label) after each step (the per-step table of --profile)."""
         W, args = self.world, (self.world, self.layout, True, self.docs, self.scale, self.backend)
         tick = timer or (lambda label: None)
+        later = later_work(r, W, self.layout, True, self.docs, self.t_local)
         out = lse = None
         for step in range(W):
             src = (r - step) % W
-            out, lse = forward_step(out, lse, self.q[r], self.k[src], self.v[src], r, src, *args)
+            out, lse = forward_step(out, lse, self.q[r], self.k[src], self.v[src], r, src, *args, later[step])
             tick(("forward", step, src))
         o = out.to(self.q[r].dtype)
         tick(("cast o", None, None))
         dq, blocks = None, {}
         for step in range(W):
             src = (r - step) % W
-            dq, dk, dv = backward_step(dq, self.do[r], self.q[r], self.k[src], self.v[src], o, lse, r, src, *args)
+            dq, dk, dv = backward_step(dq, self.do[r], self.q[r], self.k[src], self.v[src], o, lse, r, src, *args,
+                                       later[step])
             blocks[src] = (dk, dv)
             tick(("backward", step, src))
         return out, dq, blocks

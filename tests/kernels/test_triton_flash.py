@@ -131,3 +131,24 @@ def test_gpu(D, causal, dtype, tol):
     check(2, 1000, 1000, 8, 2, D, causal, dtype, tol, seed=D)
     if not causal:
         check(1, 300, 700, 4, 4, D, False, dtype, tol, seed=D + 1)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_float32_outputs_round_to_the_default_ones(causal):
+    """out_dtype / dq_dtype / dkv_dtype = float32 (a ring's blocks that later blocks merge into): the kernels write
+    their float32 sums, which round to exactly what they write in the inputs' dtype by default (half inputs:
+    float16 in the interpreter, bf16 on a GPU)."""
+    dtype = torch.bfloat16 if CUDA else torch.float16
+    gen = torch.Generator().manual_seed(3)
+    q, do = (torch.randn(1, 70, 4, 16, generator=gen).to(DEV, dtype) for _ in range(2))
+    k, v = (torch.randn(1, 70, 2, 16, generator=gen).to(DEV, dtype) for _ in range(2))
+    o, lse = tf.flash_attn_forward(q, k, v, None, causal)
+    o32, lse32 = tf.flash_attn_forward(q, k, v, None, causal, out_dtype=torch.float32)
+    assert o32.dtype == torch.float32 and torch.equal(o32.to(dtype), o) and torch.equal(lse32, lse)
+    assert not torch.equal(o32, o.float())                 # the float32 sums, not the rounded ones widened
+    grads = tf.flash_attn_backward(do, q, k, v, o, lse, None, causal)
+    wide = tf.flash_attn_backward(do, q, k, v, o, lse, None, causal, dq_dtype=torch.float32, dkv_dtype=torch.float32)
+    for name, got, want in zip(("dq", "dk", "dv"), wide, grads):
+        assert got.dtype == torch.float32 and torch.equal(got.to(dtype), want), name
+    dq, dk, dv = tf.flash_attn_backward(do, q, k, v, o, lse, None, causal, dkv_dtype=torch.float32)
+    assert (dq.dtype, dk.dtype, dv.dtype) == (dtype, torch.float32, torch.float32)

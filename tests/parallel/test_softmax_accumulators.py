@@ -61,3 +61,28 @@ def test_widened(dtype, compute):
     assert widened(None, like).dtype == compute and not widened(None, like).any()
     x = torch.ones(1, 3, 1, 2, dtype=compute)
     assert widened(x, like) is x
+
+
+def test_the_kernels_write_float32_where_later_steps_merge(monkeypatch):
+    """A ring step whose block covers every row asks the kernel for the compute dtype when a later step merges into
+    those rows (``later_work``): no pass widening the kernel's output after it; dk, dv of a ring of more than
+    one rank always (they travel and are summed in float32); without later work, the inputs' dtype."""
+    from longscan.parallel.softmax import ring
+    asked = []
+    real_fwd, real_bwd = common.block_forward, common.block_backward
+    monkeypatch.setattr(common, "block_forward",
+                        lambda *a, out_dtype=None: asked.append(("o", out_dtype)) or real_fwd(*a, out_dtype=out_dtype))
+    monkeypatch.setattr(common, "block_backward", lambda *a, dq_dtype=None, dkv_dtype=None: asked.append(
+        ("dq", dq_dtype, dkv_dtype)) or real_bwd(*a, dq_dtype=dq_dtype, dkv_dtype=dkv_dtype))
+    W, T = 4, 16
+    assert ring.later_work(1, W, "zigzag", True, None, T) == [True, True, True, False]
+    docs = common.sp_documents(torch.tensor([0, 8, 16, 24, 32, 40, 48, 56, 64]), T, W, "zigzag", True, "cpu")
+    assert ring.later_work(1, W, "zigzag", True, docs, T) == [False] * W   # pieces of 8 = documents: own block only
+    q, k, v = (x.to(torch.bfloat16) for x in _inputs(t=T, tk=T))
+    ring.forward_step(None, None, q, k, v, 1, 1, W, "zigzag", True, None, 0.5, "torch", merges_follow=True)
+    ring.forward_step(None, None, q, k, v, 1, 1, W, "zigzag", True, None, 0.5, "torch", merges_follow=False)
+    o, lse = ring.forward_step(None, None, q, k, v, 1, 1, W, "zigzag", True, None, 0.5, "torch")
+    ring.backward_step(None, q, q, k, v, o.to(q.dtype), lse, 1, 1, W, "zigzag", True, None, 0.5, "torch", True)
+    ring.backward_step(None, q, q, k, v, o.to(q.dtype), lse, 0, 0, 1, "zigzag", True, None, 0.5, "torch", False)
+    f32 = torch.float32
+    assert asked == [("o", f32), ("o", None), ("o", None), ("dq", f32, f32), ("dq", None, None)]

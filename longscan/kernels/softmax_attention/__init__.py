@@ -86,45 +86,52 @@ def _check_mask(mask, q, k):
 
 
 def block_forward(q, k, v, scale: float, mask: str = "causal", backend: str = "torch",
-                  docs: Optional[BlockDocs] = None):
-    """Attention of a q block against one k/v block -> (o, lse `[B, Hq, Tq]`)."""
+                  docs: Optional[BlockDocs] = None, out_dtype: Optional[torch.dtype] = None):
+    """Attention of a q block against one k/v block -> (o, lse `[B, Hq, Tq]`); o in ``out_dtype`` where given
+    (the Triton kernel writes it so: no pass to widen a block that later blocks merge into)."""
     _check_mask(mask, q, k)
     causal = mask == "causal"
     backend = resolve_backend(backend, q, docs is not None)
+    if backend == "triton":
+        # GQA in the kernel (no copy of k, v per query head)
+        o, lse = _triton().flash_attn_forward(q, k, v, scale, causal, docs, out_dtype)
+        return o, lse.float()
     if backend == "torch":
-        return sdpa.torch_forward(q, k, v, scale, causal, docs)
-    if backend == "naive":
+        o, lse = sdpa.torch_forward(q, k, v, scale, causal, docs)
+    elif backend == "naive":
         dmask = None if docs is None else document_mask(docs.q.to(q.device), docs.k.to(q.device), causal)
         o, lse = naive_attention(q, k, v, scale, causal, dmask)
         dt = compute_dtype(q.dtype)
-        return o.to(dt), lse.to(dt)
-    if backend == "sdpa_flash":
-        return sdpa.flash_forward(q, k, v, scale, causal)
-    if backend == "sdpa_cudnn":
-        return sdpa.cudnn_forward(q, k, v, scale, causal)
-    # GQA in the kernel (no copy of k, v per query head); documents passed only when there are some
-    extra = () if docs is None else (docs,)
-    o, lse = _triton().flash_attn_forward(q, k, v, scale, causal, *extra)
-    return o, lse.float()
+        o, lse = o.to(dt), lse.to(dt)
+    elif backend == "sdpa_flash":
+        o, lse = sdpa.flash_forward(q, k, v, scale, causal)
+    else:
+        o, lse = sdpa.cudnn_forward(q, k, v, scale, causal)
+    return (o if out_dtype is None else o.to(out_dtype)), lse
 
 
 def block_backward(do, q, k, v, o, lse, scale: float, mask: str = "causal", backend: str = "torch",
-                   docs: Optional[BlockDocs] = None):
-    """Gradients of one block given the rows' final (o, lse) -> (dq, dk, dv), dk/dv with Hkv heads."""
+                   docs: Optional[BlockDocs] = None, dq_dtype: Optional[torch.dtype] = None,
+                   dkv_dtype: Optional[torch.dtype] = None):
+    """Gradients of one block given the rows' final (o, lse) -> (dq, dk, dv), dk/dv with Hkv heads; dq in
+    ``dq_dtype`` and dk, dv in ``dkv_dtype`` where given (the Triton kernels write them so)."""
     _check_mask(mask, q, k)
     causal = mask == "causal"
     backend = resolve_backend(backend, q, docs is not None)
+    if backend == "triton":
+        return _triton().flash_attn_backward(do, q, k, v, o.to(q.dtype), lse.float(), scale, causal, docs,
+                                             dq_dtype, dkv_dtype)
     if backend == "torch":
-        return sdpa.torch_backward(do, q, k, v, o, lse, scale, causal, docs)
-    if backend == "naive":
+        dq, dk, dv = sdpa.torch_backward(do, q, k, v, o, lse, scale, causal, docs)
+    elif backend == "naive":
         dmask = None if docs is None else document_mask(docs.q.to(q.device), docs.k.to(q.device), causal)
-        return naive_backward(do, q, k, v, o, lse, scale, causal, dmask)
-    if backend == "sdpa_flash":
-        return sdpa.flash_backward(do, q, k, v, o, lse, scale, causal)
-    if backend == "sdpa_cudnn":
-        return sdpa.cudnn_backward(do, q, k, v, o, lse, scale, causal)
-    extra = () if docs is None else (docs,)
-    return _triton().flash_attn_backward(do, q, k, v, o.to(q.dtype), lse.float(), scale, causal, *extra)
+        dq, dk, dv = naive_backward(do, q, k, v, o, lse, scale, causal, dmask)
+    elif backend == "sdpa_flash":
+        dq, dk, dv = sdpa.flash_backward(do, q, k, v, o, lse, scale, causal)
+    else:
+        dq, dk, dv = sdpa.cudnn_backward(do, q, k, v, o, lse, scale, causal)
+    return (dq if dq_dtype is None else dq.to(dq_dtype), *(x if dkv_dtype is None else x.to(dkv_dtype)
+                                                           for x in (dk, dv)))
 
 
 def merge_into(out, lse, block_out, block_lse, rows=slice(None)):

@@ -458,17 +458,18 @@ def _prec(x) -> str:
     return "ieee" if x.dtype == torch.float32 else "tf32"
 
 
-def flash_attn_forward(q, k, v, scale=None, causal=True, docs=None):
-    """-> (o `[B, T, Hq, D]` in q's dtype, lse `[B, Hq, T]` float32, natural log).
+def flash_attn_forward(q, k, v, scale=None, causal=True, docs=None, out_dtype=None):
+    """-> (o `[B, T, Hq, D]` in ``out_dtype`` (None: q's dtype), lse `[B, Hq, T]` float32, natural log).
 
-    ``docs``: (q ids `[T]`, k ids `[Tk]`) non-decreasing document ids shared by the batch, or None."""
+    ``docs``: (q ids `[T]`, k ids `[Tk]`) non-decreasing document ids shared by the batch, or None.
+    ``out_dtype=torch.float32`` writes o as the kernel holds it, for a caller that merges more blocks into it."""
     _check(q, k, v, causal)
     B, T, HQ, D = q.shape
     Tk, HKV = k.shape[1], k.shape[2]
     _check_docs(docs, T, Tk, q.device)
     scale = D ** -0.5 if scale is None else scale
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    o = torch.empty_like(q)
+    o = torch.empty(q.shape, device=q.device, dtype=out_dtype or q.dtype)
     lse = torch.empty(B, HQ, T, device=q.device, dtype=torch.float32)
     if T == 0:
         return o, lse
@@ -483,9 +484,11 @@ def flash_attn_forward(q, k, v, scale=None, causal=True, docs=None):
     return o, lse
 
 
-def flash_attn_backward(do, q, k, v, o, lse, scale=None, causal=True, docs=None):
-    """-> (dq `[B, T, Hq, D]`, dk, dv `[B, Tk, Hkv, D]`) in the inputs' dtype. o and lse are the rows'
-    final values (for ring attention: after merging every block), so gradients of blocks add up."""
+def flash_attn_backward(do, q, k, v, o, lse, scale=None, causal=True, docs=None, dq_dtype=None, dkv_dtype=None):
+    """-> (dq `[B, T, Hq, D]`, dk, dv `[B, Tk, Hkv, D]`) in the inputs' dtype, or dq in ``dq_dtype`` and dk, dv in
+    ``dkv_dtype`` where given (float32: the kernels' sums as they hold them, for a caller that adds more blocks to
+    them). o and lse are the rows' final values (for ring attention: after merging every block), so gradients of
+    blocks add up."""
     _check(q, k, v, causal)
     B, T, HQ, D = q.shape
     Tk, HKV = k.shape[1], k.shape[2]
@@ -494,7 +497,8 @@ def flash_attn_backward(do, q, k, v, o, lse, scale=None, causal=True, docs=None)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     do, o = do.contiguous().to(q.dtype), o.contiguous()
     lse = lse.contiguous().float()
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq = torch.empty(q.shape, device=q.device, dtype=dq_dtype or q.dtype)
+    dk, dv = (torch.empty(x.shape, device=x.device, dtype=dkv_dtype or x.dtype) for x in (k, v))
     if T == 0 or Tk == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     delta = torch.empty(B, HQ, T, device=q.device, dtype=torch.float32)

@@ -147,20 +147,25 @@ def _docs(q_docs, k_docs, call: Call) -> Optional[BlockDocs]:
     return BlockDocs(q_docs[call.q], k_docs[call.k]) if call.docs else None
 
 
-def forward_blocks(out, lse, q, k, v, plan: list[Call], scale, backend, q_docs=None, k_docs=None):
+def forward_blocks(out, lse, q, k, v, plan: list[Call], scale, backend, q_docs=None, k_docs=None,
+                   merges_follow: bool = False):
     """Run ``plan`` (from :func:`block_plan`) and merge each block into (out, lse) -> (out, lse).
 
     Given accumulators (compute dtype) are merged into in place. None: nothing seen yet; a first call
     covering every row then becomes (out, lse) as the kernel returned them (one call needs no merge, nor a
-    float32 copy of o), widened to the compute dtype only if another block merges in.
+    float32 copy of o), widened to the compute dtype only if another block merges in; written in the compute
+    dtype by the kernel when ``merges_follow`` (a later step merges into these rows) or the plan merges more.
     ``q_docs``/``k_docs``: document ids `[Tq]`/`[Tk]` of q and k (packed documents) or None.
     """
     dt = compute_dtype(q.dtype)
+    merges_follow = merges_follow or len(plan) > 1
     for call in plan:
         qs, ks = call.q, call.k
+        every_row = qs.start == 0 and qs.stop == q.shape[1]
         o_b, lse_b = block_forward(q[:, qs], k[:, ks], v[:, ks], scale, call.mask, backend,
-                                   _docs(q_docs, k_docs, call))
-        if out is None and qs.start == 0 and qs.stop == q.shape[1]:
+                                   _docs(q_docs, k_docs, call),
+                                   out_dtype=dt if out is None and every_row and merges_follow else None)
+        if out is None and every_row:
             out, lse = o_b, lse_b
             continue
         if out is None:
@@ -188,13 +193,21 @@ def accumulate(acc, part, rows: slice, like: torch.Tensor):
     return acc
 
 
-def backward_blocks(dq, dk, dv, do, q, k, v, o, lse, plan: list[Call], scale, backend, q_docs=None, k_docs=None):
+def backward_blocks(dq, dk, dv, do, q, k, v, o, lse, plan: list[Call], scale, backend, q_docs=None, k_docs=None,
+                    adds_follow: bool = False, kv_widened: bool = False):
     """Add the block gradients of ``plan`` to dq, dk, dv -> (dq, dk, dv); given tensors in the compute dtype
-    are added to in place, None ones start as in :func:`accumulate`."""
+    are added to in place, None ones start as in :func:`accumulate`. The kernels write dq in the compute dtype
+    where a call covering every row starts it and ``adds_follow`` (a later step adds to it) or the plan adds
+    more, and dk, dv in it with ``kv_widened`` (the caller sums them in the compute dtype)."""
+    dt = compute_dtype(q.dtype)
+    adds_follow = adds_follow or len(plan) > 1
     for call in plan:
         qs, ks = call.q, call.k
+        starts_dq = dq is None and qs.start == 0 and qs.stop == q.shape[1]
         dq_b, dk_b, dv_b = block_backward(do[:, qs], q[:, qs], k[:, ks], v[:, ks], o[:, qs], lse[:, :, qs],
-                                          scale, call.mask, backend, _docs(q_docs, k_docs, call))
+                                          scale, call.mask, backend, _docs(q_docs, k_docs, call),
+                                          dq_dtype=dt if starts_dq and adds_follow else None,
+                                          dkv_dtype=dt if kv_widened else None)
         dq, dk, dv = accumulate(dq, dq_b, qs, q), accumulate(dk, dk_b, ks, k), accumulate(dv, dv_b, ks, v)
     return dq, dk, dv
 

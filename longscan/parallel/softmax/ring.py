@@ -27,30 +27,46 @@ from longscan.parallel.softmax.common import (backward_blocks, block_plan, forwa
 from longscan.parallel.softmax.function import SoftmaxSPFunction, SoftmaxSPOptions
 
 
+def _plan(rank, src, world, layout, causal, docs, t_local):
+    q_segs = segment_ids(rank, world, layout)
+    return block_plan(q_segs, segment_ids(src, world, layout), causal, t_local // len(q_segs),
+                      docs.blocks if docs is not None else None)
+
+
 def _step(rank, src, world, layout, causal, docs, t_local):
     """(block plan, q ids, visiting block's k ids) of a ring step; the ids (documents) only where a call of the
     plan needs them: with short documents most steps of a large ring see nothing, or only one document shared
     with a neighbour, and ids would cost host work and copies for no mask."""
-    q_segs = segment_ids(rank, world, layout)
-    plan = block_plan(q_segs, segment_ids(src, world, layout), causal, t_local // len(q_segs),
-                      docs.blocks if docs is not None else None)
+    plan = _plan(rank, src, world, layout, causal, docs, t_local)
     if not any(call.docs for call in plan):
         return plan, None, None
     return plan, docs.of_rank(rank, t_local), docs.of_rank(src, t_local)
 
 
-def forward_step(out, lse, q, k, v, rank, src, world, layout, causal, docs, scale, backend):
+def later_work(rank, world, layout, causal, docs, t_local) -> list[bool]:
+    """For each ring step of rank ``rank``, whether a later step computes anything (merges into its rows): the
+    kernels then write the step's blocks in the compute dtype rather than widening them after."""
+    busy = [bool(_plan(rank, (rank - s) % world, world, layout, causal, docs, t_local)) for s in range(world)]
+    return [any(busy[s + 1:]) for s in range(world)]
+
+
+def forward_step(out, lse, q, k, v, rank, src, world, layout, causal, docs, scale, backend, merges_follow=False):
     """One ring step's compute: rank ``rank``'s queries against the K/V block of rank ``src``, merged into
-    (out, lse) -> (out, lse). ``docs``: :func:`sp_documents` of the call, or None."""
+    (out, lse) -> (out, lse). ``docs``: :func:`sp_documents` of the call, or None. ``merges_follow``: a later
+    step merges into these rows (:func:`later_work`)."""
     plan, q_docs, k_docs = _step(rank, src, world, layout, causal, docs, q.shape[1])
-    return forward_blocks(out, lse, q, k, v, plan, scale, backend, q_docs=q_docs, k_docs=k_docs)
+    return forward_blocks(out, lse, q, k, v, plan, scale, backend, q_docs=q_docs, k_docs=k_docs,
+                          merges_follow=merges_follow)
 
 
-def backward_step(dq, do, q, k, v, o, lse, rank, src, world, layout, causal, docs, scale, backend):
+def backward_step(dq, do, q, k, v, o, lse, rank, src, world, layout, causal, docs, scale, backend,
+                  adds_follow=False):
     """One ring step's backward compute -> (dq, dk, dv of the block of rank ``src``: None where nothing was
-    visible)."""
+    visible). ``adds_follow``: a later step adds to dq (:func:`later_work`); in a ring of more than one rank
+    dk, dv come in the compute dtype (they travel and are summed in it)."""
     plan, q_docs, k_docs = _step(rank, src, world, layout, causal, docs, q.shape[1])
-    return backward_blocks(dq, None, None, do, q, k, v, o, lse, plan, scale, backend, q_docs, k_docs)
+    return backward_blocks(dq, None, None, do, q, k, v, o, lse, plan, scale, backend, q_docs, k_docs,
+                           adds_follow=adds_follow, kv_widened=world > 1)
 
 
 def ring_forward(q, k, v, scale, causal, group, layout, backend, cu_seqlens=None):
@@ -60,13 +76,14 @@ def ring_forward(q, k, v, scale, causal, group, layout, backend, cu_seqlens=None
     docs = sp_documents(cu_seqlens, q.shape[1], world, layout, causal, q.device)
     out = lse = None
     comm = RingComm(group) if world > 1 else None
+    later = later_work(rank, world, layout, causal, docs, q.shape[1])
     kv = [k, v]
     for step in range(world):
         if step + 1 < world:
             nxt = comm.send_recv(kv)
             comm.commit()
         out, lse = forward_step(out, lse, q, kv[0], kv[1], rank, (rank - step) % world, world, layout, causal,
-                                docs, scale, backend)
+                                docs, scale, backend, later[step])
         if step + 1 < world:
             comm.wait()
             kv = nxt
@@ -81,13 +98,14 @@ def ring_backward(do, q, k, v, o, lse, scale, causal, group, layout, backend, cu
     dq = None
     kv_comm = RingComm(group) if world > 1 else None
     d_comm = RingComm(group) if world > 1 else None
+    later = later_work(rank, world, layout, causal, docs, q.shape[1])
     kv, d_in = [k, v], None
     for step in range(world):
         if step + 1 < world:
             kv_nxt = kv_comm.send_recv(kv)
             kv_comm.commit()
         dq, dk_b, dv_b = backward_step(dq, do, q, kv[0], kv[1], o, lse, rank, (rank - step) % world, world,
-                                       layout, causal, docs, scale, backend)
+                                       layout, causal, docs, scale, backend, later[step])
         if world > 1:
             # the accumulators travel in the compute dtype; one that arrives at a step that computed nothing
             # (packed documents) travels on as it came, without zeros to add it to
