@@ -30,7 +30,7 @@ def reference(q, k, v, scale, causal, do):
     return o.detach(), lse.detach(), grads
 
 
-def check(B, T, Tk, HQ, HKV, D, causal, dtype, tol, seed):
+def check(B, T, Tk, HQ, HKV, D, causal, dtype, tol, seed, dkdv_parts=None):
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(B, T, HQ, D, generator=gen)
     k = torch.randn(B, Tk, HKV, D, generator=gen)
@@ -43,7 +43,7 @@ def check(B, T, Tk, HQ, HKV, D, causal, dtype, tol, seed):
     assert o.dtype == dtype and lse.dtype == torch.float32 and lse.shape == (B, HQ, T)
     assert rel_err(o.cpu(), o_ref) <= tol
     assert rel_err(lse.cpu(), lse_ref) <= tol
-    grads = tf.flash_attn_backward(do, q, k, v, o, lse, scale, causal)
+    grads = tf.flash_attn_backward(do, q, k, v, o, lse, scale, causal, dkdv_parts=dkdv_parts)
     for name, got, want in zip(("dq", "dk", "dv"), grads, g_ref):
         assert got.shape == want.shape and got.dtype == dtype
         err = rel_err(got.cpu(), want)
@@ -55,6 +55,36 @@ def check(B, T, Tk, HQ, HKV, D, causal, dtype, tol, seed):
 @pytest.mark.parametrize("T", [45, 64])                 # 45: not a multiple of the block
 def test_interpreter_fp32(T, HQ, HKV, causal):
     check(1, T, T, HQ, HKV, 16, causal, torch.float32, 1e-4, seed=T + HQ)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("parts", [1, 2, 4])
+def test_dkdv_kernel_split_over_the_group(parts, causal):
+    """The dK/dV launch with each GQA group's 4 q-heads in 1, 2 or 4 parts (summed after it in float32)."""
+    check(2, 45, 45 if causal else 70, 8, 2, 16, causal, torch.float32, 1e-4, seed=parts, dkdv_parts=parts)
+
+
+def test_dkdv_split_with_documents_and_its_rule():
+    """With document ids the parts add up to the unsplit launch's gradients; the rule takes the fewest parts that
+    give twice as many programs as multiprocessors; a part count that does not divide the group is refused."""
+    from longscan.kernels.softmax_attention import BlockDocs
+    gen = torch.Generator().manual_seed(5)
+    q, do = (torch.randn(1, 40, 4, 16, generator=gen) for _ in range(2))
+    k, v = (torch.randn(1, 40, 1, 16, generator=gen) for _ in range(2))
+    ids = torch.tensor([0] * 13 + [1] * 20 + [2] * 7)
+    docs = BlockDocs(ids, ids)
+    o, lse = tf.flash_attn_forward(q, k, v, 0.25, True, docs)
+    one = tf.flash_attn_backward(do, q, k, v, o, lse, 0.25, True, docs, dkdv_parts=1)
+    four = tf.flash_attn_backward(do, q, k, v, o, lse, 0.25, True, docs, dkdv_parts=4)
+    for a, b in zip(one, four):
+        assert rel_err(b, a) <= 1e-6
+    assert tf.dkdv_splits(64, 4, 132) == 4 and tf.dkdv_splits(88, 4, 132) == 4
+    assert tf.dkdv_splits(100, 4, 132) == 4 and tf.dkdv_splits(140, 4, 132) == 2
+    assert tf.dkdv_splits(1024, 4, 132) == 1 and tf.dkdv_splits(10, 1, 132) == 1
+    assert tf.dkdv_splits(10, 6, 132) == 6 and tf.dkdv_splits(50, 6, 132) == 6 and tf.dkdv_splits(90, 6, 132) == 3
+    for bad in (3, 0):
+        with pytest.raises(ValueError, match="dkdv_parts must be a divisor of Hq // Hkv = 4"):
+            tf.flash_attn_backward(do, q, k, v, o, lse, 0.25, True, dkdv_parts=bad)
 
 
 def test_full_mask_unequal_lengths():
@@ -128,7 +158,8 @@ def test_clear_errors():
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("D", [64, 128])
 def test_gpu(D, causal, dtype, tol):
-    check(2, 1000, 1000, 8, 2, D, causal, dtype, tol, seed=D)
+    check(2, 1000, 1000, 8, 2, D, causal, dtype, tol, seed=D)       # a small launch: dK/dV split in parts
+    check(2, 1000, 1000, 8, 2, D, causal, dtype, tol, seed=D, dkdv_parts=1)
     if not causal:
         check(1, 300, 700, 4, 4, D, False, dtype, tol, seed=D + 1)
 

@@ -5,10 +5,13 @@ needs: "full" (causal=False, every key visible) and "causal diagonal" (causal=Tr
 query i sees keys ≤ i). Softmax in base 2 (exp2 is one instruction); lse is returned in natural log.
 
 Forward: one program per (q block, batch·q-head), online softmax over key blocks; the causal loop runs the
-off-diagonal blocks without a mask and only the diagonal blocks with one.
+off-diagonal blocks without a mask and only the diagonal blocks with one, and the q blocks are launched last
+first (the longest loops start first and the last programs to start are short: a shorter tail).
 Backward (FlashAttention-2): delta = rowsum(o⊙do); one kernel per kv block accumulates dk, dv over the q
 blocks of every q-head of its group (no atomics), another per q block accumulates dq. Each has its own launch
-settings (BWD_CONFIG), and with the causal mask each masks only the blocks that straddle the diagonal.
+settings (BWD_CONFIG), and with the causal mask each masks only the blocks that straddle the diagonal. A dk/dv
+launch too small to fill the GPU (a ring step's rectangle of a few key blocks) splits each group's q-heads into
+parts, one program each, whose float32 sums are added after it (``dkdv_splits``).
 
 Packed documents (DOCS): per-token document ids of q and k (non-decreasing) add "same document" to the mask,
 and each tile visits only the blocks of the other side that hold one of its documents (the bounds come from
@@ -91,6 +94,8 @@ def _fwd_kernel(q, k, v, o, lse, T, Tk, HQ, HKV, G, qk_scale, qdoc, kdoc, bounds
                 D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
                 DOCS: tl.constexpr):
     im = tl.program_id(0)
+    if CAUSAL:
+        im = tl.num_programs(0) - 1 - im      # as in dq: the last programs to start are the shortest
     bh = tl.program_id(1)
     b = bh // HQ
     hq = bh % HQ
@@ -192,18 +197,21 @@ def _bwd_dkdv_inner(dk_acc, dv_acc, bk, bv, q_h, do_h, lse_h, delta_h, q_row0, H
 
 
 @triton.jit
-def _bwd_dkdv_kernel(q, k, v, do, lse, delta, dk, dv, T, Tk, HQ, HKV, G, sm_scale, qk_scale, qdoc, kdoc, bounds,
+def _bwd_dkdv_kernel(q, k, v, do, lse, delta, dk, dv, T, Tk, HQ, HKV, G, S, sm_scale, qk_scale, qdoc, kdoc, bounds,
                      D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr,
                      PREC: tl.constexpr, DOCS: tl.constexpr):
-    """One kv block of one kv head: dk, dv summed over all q rows of the G q-heads that share it."""
+    """One kv block of one kv head: dk, dv summed over all q rows of G // S of the G q-heads that share it
+    (part s of S), stored as head hkv·S + s of dk, dv `[B, Tk, HKV·S, D]`."""
     jn = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // HKV
-    hkv = bh % HKV
+    b = bh // (HKV * S)
+    hkv = (bh // S) % HKV
+    part = bh % S
     offs_n = jn * BN + tl.arange(0, BN)
     rd = tl.arange(0, D)
     nmask = offs_n < Tk
     krow = (b * Tk + offs_n).to(tl.int64) * HKV + hkv
+    orow = (b * Tk + offs_n).to(tl.int64) * (HKV * S) + hkv * S + part
     bk = tl.load(k + krow[:, None] * D + rd[None, :], mask=nmask[:, None], other=0.0)
     bv = tl.load(v + krow[:, None] * D + rd[None, :], mask=nmask[:, None], other=0.0)
     dk_acc = tl.zeros([BN, D], dtype=tl.float32)
@@ -218,7 +226,7 @@ def _bwd_dkdv_kernel(q, k, v, do, lse, delta, dk, dv, T, Tk, HQ, HKV, G, sm_scal
                                          tl.cdiv((jn + 1) * BN, BM) * BM, T)
         else:
             lo, u0, u1, hi = _doc_ranges(bounds, jn, BM, 0, T, 0, T)
-    for gi in range(0, G):
+    for gi in range(part * (G // S), (part + 1) * (G // S)):
         hq = hkv * G + gi
         q_h = q + hq * D
         do_h = do + hq * D
@@ -243,8 +251,8 @@ def _bwd_dkdv_kernel(q, k, v, do, lse, delta, dk, dv, T, Tk, HQ, HKV, G, sm_scal
         else:
             dk_acc, dv_acc = _bwd_dkdv_inner(dk_acc, dv_acc, bk, bv, q_h, do_h, lse_h, delta_h, q_row0, HQ_D,
                                              offs_n, 0, T, T, qk_scale, D, BM, False, PREC)
-    tl.store(dk + krow[:, None] * D + rd[None, :], (dk_acc * sm_scale).to(dk.dtype.element_ty), mask=nmask[:, None])
-    tl.store(dv + krow[:, None] * D + rd[None, :], dv_acc.to(dv.dtype.element_ty), mask=nmask[:, None])
+    tl.store(dk + orow[:, None] * D + rd[None, :], (dk_acc * sm_scale).to(dk.dtype.element_ty), mask=nmask[:, None])
+    tl.store(dv + orow[:, None] * D + rd[None, :], dv_acc.to(dv.dtype.element_ty), mask=nmask[:, None])
 
 
 @triton.jit
@@ -484,11 +492,32 @@ def flash_attn_forward(q, k, v, scale=None, causal=True, docs=None, out_dtype=No
     return o, lse
 
 
-def flash_attn_backward(do, q, k, v, o, lse, scale=None, causal=True, docs=None, dq_dtype=None, dkv_dtype=None):
+def dkdv_splits(n_programs: int, group: int, n_sm: int) -> int:
+    """How many parts the dK/dV launch splits each GQA group of ``group`` q-heads into: 1 when its
+    ``n_programs`` (kv blocks × batch × kv heads) already fill the ``n_sm`` multiprocessors twice over, else the
+    fewest parts (a divisor of ``group``) that do, or ``group``. A small launch (a ring step's rectangle of a few
+    key blocks) otherwise runs a few long programs, each looping over every q-head of its group."""
+    for parts in range(1, group + 1):
+        if group % parts == 0 and n_programs * parts >= 2 * n_sm:
+            return parts
+    return group
+
+
+def _n_sm(device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def flash_attn_backward(do, q, k, v, o, lse, scale=None, causal=True, docs=None, dq_dtype=None, dkv_dtype=None,
+                        dkdv_parts=None):
     """-> (dq `[B, T, Hq, D]`, dk, dv `[B, Tk, Hkv, D]`) in the inputs' dtype, or dq in ``dq_dtype`` and dk, dv in
     ``dkv_dtype`` where given (float32: the kernels' sums as they hold them, for a caller that adds more blocks to
     them). o and lse are the rows' final values (for ring attention: after merging every block), so gradients of
-    blocks add up."""
+    blocks add up.
+
+    ``dkdv_parts``: how many parts each GQA group's q-heads are split into in the dK/dV kernel (a divisor of
+    Hq // Hkv; the parts' float32 sums are added after it); None: :func:`dkdv_splits` for this launch."""
     _check(q, k, v, causal)
     B, T, HQ, D = q.shape
     Tk, HKV = k.shape[1], k.shape[2]
@@ -497,20 +526,31 @@ def flash_attn_backward(do, q, k, v, o, lse, scale=None, causal=True, docs=None,
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     do, o = do.contiguous().to(q.dtype), o.contiguous()
     lse = lse.contiguous().float()
+    G = HQ // HKV
+    if dkdv_parts is not None and (not isinstance(dkdv_parts, int) or dkdv_parts < 1 or G % dkdv_parts):
+        raise ValueError(f"dkdv_parts must be a divisor of Hq // Hkv = {G}, got {dkdv_parts!r}")
     dq = torch.empty(q.shape, device=q.device, dtype=dq_dtype or q.dtype)
-    dk, dv = (torch.empty(x.shape, device=x.device, dtype=dkv_dtype or x.dtype) for x in (k, v))
     if T == 0 or Tk == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
+        return dq.zero_(), *(torch.zeros(x.shape, device=x.device, dtype=dkv_dtype or x.dtype) for x in (k, v))
     delta = torch.empty(B, HQ, T, device=q.device, dtype=torch.float32)
     _delta_kernel[(triton.cdiv(T, 64), B * HQ)](o, do, delta, T, HQ, D=D, BM=64)
     cfg_kv, cfg_q = _bwd_cfg(D, q.dtype)
-    args = (T, Tk, HQ, HKV, HQ // HKV, scale, scale * _LOG2E)
     BM, BN = cfg_kv.pop("BM"), cfg_kv.pop("BN")
+    n_kv = triton.cdiv(Tk, BN)
+    parts = dkdv_parts or dkdv_splits(n_kv * B * HKV, G, _n_sm(q.device))
+    # with parts, each part's sums in float32, added below and rounded once
+    dkv_dtype = dkv_dtype or k.dtype
+    dk_p, dv_p = (torch.empty(B, Tk, HKV * parts, D, device=q.device,
+                              dtype=torch.float32 if parts > 1 else dkv_dtype) for _ in range(2))
     dkv_docs = None if docs is None else type(docs)(docs.k, docs.q)   # tiles of k, bounds in q
     kd, qd, bounds = _doc_args(dkv_docs, Tk, T, q.device, BN, BM)
-    _bwd_dkdv_kernel[(triton.cdiv(Tk, BN), B * HKV)](q, k, v, do, lse, delta, dk, dv, *args, qd, kd, bounds,
-                                                      D=D, BM=BM, BN=BN, CAUSAL=causal, PREC=_prec(q),
-                                                      DOCS=docs is not None, **cfg_kv)
+    _bwd_dkdv_kernel[(n_kv, B * HKV * parts)](q, k, v, do, lse, delta, dk_p, dv_p, T, Tk, HQ, HKV, G, parts, scale,
+                                              scale * _LOG2E, qd, kd, bounds, D=D, BM=BM, BN=BN, CAUSAL=causal,
+                                              PREC=_prec(q), DOCS=docs is not None, **cfg_kv)
+    dk, dv = dk_p, dv_p
+    if parts > 1:
+        dk, dv = (x.view(B, Tk, HKV, parts, D).sum(3).to(dkv_dtype) for x in (dk_p, dv_p))
+    args = (T, Tk, HQ, HKV, G, scale, scale * _LOG2E)
     BM, BN = cfg_q.pop("BM"), cfg_q.pop("BN")
     _bwd_dq_kernel[(triton.cdiv(T, BM), B * HQ)](q, k, v, do, lse, delta, dq, *args,
                                                  *_doc_args(docs, T, Tk, q.device, BM, BN), D=D, BM=BM, BN=BN,
