@@ -21,8 +21,8 @@ pytest.importorskip("triton")
 T = 128   # two wy chunks of 64, four float32 chunks of 32: no padded chunk
 
 
-def _cfg(variant):   # 4 heads of 16: 2 a rank at TP 2
-    return ModelConfig(dim=64, n_layers=4, pattern="LLLN", n_heads=4, n_kv_heads=2, linear_variant=variant,
+def _cfg(variant):   # 4 heads of 16: 2 a rank at TP 2; one delta layer (block 0 is the one measured)
+    return ModelConfig(dim=64, n_layers=4, pattern="LNNN", n_heads=4, n_kv_heads=2, linear_variant=variant,
                        vocab_size=100)
 
 
