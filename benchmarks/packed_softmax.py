@@ -37,11 +37,11 @@ import torch
 
 from longscan.distributed.balance import balanced_order, reorder_documents
 from longscan.distributed.documents import causal_pairs_per_rank, global_positions
-from longscan.distributed.layouts import segment_ids, shard
+from longscan.distributed.layouts import shard
 from longscan.kernels.softmax_attention import attention
 from longscan.parallel.softmax import softmax_attention
-from longscan.parallel.softmax.common import block_plan, sp_documents
-from longscan.parallel.softmax.ring import backward_step, forward_step, later_work
+from longscan.parallel.softmax.common import sp_documents
+from longscan.parallel.softmax.ring import backward_step, forward_step, ring_steps
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -99,23 +99,22 @@ class RingByRank:
     def rank(self, r: int, timer=None):
         """Rank r's work -> (o, dq, {src rank: (dk, dv) of its block}) in the compute dtype. ``timer``: called
         as timer(label) after each step (the per-step table of --profile)."""
-        W, args = self.world, (self.world, self.layout, True, self.docs, self.scale, self.backend)
         tick = timer or (lambda label: None)
-        later = later_work(r, W, self.layout, True, self.docs, self.t_local)
+        steps = ring_steps(r, self.world, self.layout, True, self.docs, self.t_local)
         out = lse = None
-        for step in range(W):
-            src = (r - step) % W
-            out, lse = forward_step(out, lse, self.q[r], self.k[src], self.v[src], r, src, *args, later[step])
-            tick(("forward", step, src))
+        for i, step in enumerate(steps):
+            out, lse = forward_step(out, lse, self.q[r], self.k[step.src], self.v[step.src], step, self.scale,
+                                    self.backend)
+            tick(("forward", i, step.src))
         o = out.to(self.q[r].dtype)
         tick(("cast o", None, None))
         dq, blocks = None, {}
-        for step in range(W):
-            src = (r - step) % W
-            dq, dk, dv = backward_step(dq, self.do[r], self.q[r], self.k[src], self.v[src], o, lse, r, src, *args,
-                                       later[step])
-            blocks[src] = (dk, dv)
-            tick(("backward", step, src))
+        steps = ring_steps(r, self.world, self.layout, True, self.docs, self.t_local)   # the ring's backward's own
+        for i, step in enumerate(steps):
+            dq, dk, dv = backward_step(dq, self.do[r], self.q[r], self.k[step.src], self.v[step.src], o, lse, step,
+                                       self.scale, self.backend, self.world > 1)
+            blocks[step.src] = (dk, dv)
+            tick(("backward", i, step.src))
         return out, dq, blocks
 
     def step_table(self, r: int, iters: int) -> str:
@@ -133,16 +132,13 @@ class RingByRank:
                     times.setdefault(label, []).append((now - last[0]) * 1e3)
                 last[0] = now
             self.rank(r, timer)
-        q_segs = segment_ids(r, self.world, self.layout)
-        seg = self.t_local // len(q_segs)
+        plans = [step.plan for step in ring_steps(r, self.world, self.layout, True, self.docs, self.t_local)]
         lines = ["| phase | step | from rank | ms | calls (q rows x k rows, mask, document ids) |", "|---|---|---|---|---|"]
         for (phase, step, src), ms in times.items():
             calls = ""
             if src is not None:
-                plan = block_plan(q_segs, segment_ids(src, self.world, self.layout), True, seg,
-                                  None if self.docs is None else self.docs.blocks)
                 calls = ", ".join(f"{c.q.stop - c.q.start}x{c.k.stop - c.k.start} {c.mask}{' docs' if c.docs else ''}"
-                                  for c in plan)
+                                  for c in plans[step])
             lines.append(f"| {phase} | {'' if step is None else step} | {'' if src is None else src} "
                          f"| {statistics.median(ms):.3f} | {calls} |")
         return "\n".join(lines)

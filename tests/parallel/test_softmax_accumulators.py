@@ -65,8 +65,8 @@ def test_widened(dtype, compute):
 
 def test_the_kernels_write_float32_where_later_steps_merge(monkeypatch):
     """A ring step whose block covers every row asks the kernel for the compute dtype when a later step merges into
-    those rows (``later_work``): no pass widening the kernel's output after it; dk, dv of a ring of more than
-    one rank always (they travel and are summed in float32); without later work, the inputs' dtype."""
+    those rows (``RingStep.merges_follow``): no pass widening the kernel's output after it; dk, dv of a ring of
+    more than one rank always (they travel and are summed in float32); without later work, the inputs' dtype."""
     from longscan.parallel.softmax import ring
     asked = []
     real_fwd, real_bwd = common.block_forward, common.block_backward
@@ -75,14 +75,27 @@ def test_the_kernels_write_float32_where_later_steps_merge(monkeypatch):
     monkeypatch.setattr(common, "block_backward", lambda *a, dq_dtype=None, dkv_dtype=None: asked.append(
         ("dq", dq_dtype, dkv_dtype)) or real_bwd(*a, dq_dtype=dq_dtype, dkv_dtype=dkv_dtype))
     W, T = 4, 16
-    assert ring.later_work(1, W, "zigzag", True, None, T) == [True, True, True, False]
+    steps = ring.ring_steps(1, W, "zigzag", True, None, T)
+    assert [s.src for s in steps] == [1, 0, 3, 2] and [s.merges_follow for s in steps] == [True, True, True, False]
+    assert all(s.q_docs is None and s.plan for s in steps)
     docs = common.sp_documents(torch.tensor([0, 8, 16, 24, 32, 40, 48, 56, 64]), T, W, "zigzag", True, "cpu")
-    assert ring.later_work(1, W, "zigzag", True, docs, T) == [False] * W   # pieces of 8 = documents: own block only
+    with_docs = ring.ring_steps(1, W, "zigzag", True, docs, T)
+    assert [bool(s.plan) for s in with_docs] == [True, False, False, False]   # pieces of 8 = documents: own block
+    assert [s.merges_follow for s in with_docs] == [False] * W
+    # documents that cross piece edges: the ids come with the steps whose calls mask them, and only those
+    edges = common.sp_documents(torch.tensor([0, 12, 20, 36, 64]), T, W, "zigzag", True, "cpu")
+    for s in ring.ring_steps(1, W, "zigzag", True, edges, T):
+        assert (s.q_docs is not None) == any(c.docs for c in s.plan) == (s.k_docs is not None)
+        if s.q_docs is not None:
+            assert torch.equal(s.k_docs, edges.of_rank(s.src, T)) and torch.equal(s.q_docs, edges.of_rank(1, T))
+    assert any(s.q_docs is not None for s in ring.ring_steps(1, W, "zigzag", True, edges, T))
     q, k, v = (x.to(torch.bfloat16) for x in _inputs(t=T, tk=T))
-    ring.forward_step(None, None, q, k, v, 1, 1, W, "zigzag", True, None, 0.5, "torch", merges_follow=True)
-    ring.forward_step(None, None, q, k, v, 1, 1, W, "zigzag", True, None, 0.5, "torch", merges_follow=False)
-    o, lse = ring.forward_step(None, None, q, k, v, 1, 1, W, "zigzag", True, None, 0.5, "torch")
-    ring.backward_step(None, q, q, k, v, o.to(q.dtype), lse, 1, 1, W, "zigzag", True, None, 0.5, "torch", True)
-    ring.backward_step(None, q, q, k, v, o.to(q.dtype), lse, 0, 0, 1, "zigzag", True, None, 0.5, "torch", False)
+    local = steps[0]
+    ring.forward_step(None, None, q, k, v, local, 0.5, "torch")
+    ring.forward_step(None, None, q, k, v, local._replace(merges_follow=False), 0.5, "torch")
+    o, lse = ring.forward_step(None, None, q, k, v, ring.ring_steps(0, 1, "zigzag", True, None, T)[0], 0.5, "torch")
+    ring.backward_step(None, q, q, k, v, o.to(q.dtype), lse, local, 0.5, "torch", True)
+    ring.backward_step(None, q, q, k, v, o.to(q.dtype), lse, ring.ring_steps(0, 1, "zigzag", True, None, T)[0],
+                       0.5, "torch", False)
     f32 = torch.float32
     assert asked == [("o", f32), ("o", None), ("o", None), ("dq", f32, f32), ("dq", None, None)]

@@ -18,55 +18,58 @@ gathering every rank's contribution, and arrives home after W hops.
 """
 from __future__ import annotations
 
+from typing import NamedTuple, Optional
+
 import torch
 
 from longscan.distributed.layouts import group_rank_size, segment_ids
 from longscan.distributed.ring import RingComm
-from longscan.parallel.softmax.common import (backward_blocks, block_plan, forward_blocks, new_accumulators,
+from longscan.parallel.softmax.common import (Call, backward_blocks, block_plan, forward_blocks, new_accumulators,
                                               sp_documents, widened, zeros_acc)
 from longscan.parallel.softmax.function import SoftmaxSPFunction, SoftmaxSPOptions
 
 
-def _plan(rank, src, world, layout, causal, docs, t_local):
+class RingStep(NamedTuple):
+    """What rank r computes at one ring step: the visiting block's owner ``src``, the kernel calls (``plan``), the
+    document ids of the queries and of the visiting keys (only where a call of the plan needs them: with short
+    documents most steps of a large ring see nothing, or only one document shared with a neighbour, and ids would
+    cost host work and copies for no mask), and whether a later step merges into its rows (the kernels then write
+    its blocks in the compute dtype rather than a pass widening them after)."""
+    src: int
+    plan: list[Call]
+    q_docs: Optional[torch.Tensor] = None
+    k_docs: Optional[torch.Tensor] = None
+    merges_follow: bool = False
+
+
+def ring_steps(rank, world, layout, causal, docs, t_local) -> list[RingStep]:
+    """Rank ``rank``'s W steps, each step's plan made once for the forward or the backward. ``docs``:
+    :func:`sp_documents` of the call, or None; ``t_local``: the rank's tokens."""
     q_segs = segment_ids(rank, world, layout)
-    return block_plan(q_segs, segment_ids(src, world, layout), causal, t_local // len(q_segs),
-                      docs.blocks if docs is not None else None)
+    srcs = [(rank - s) % world for s in range(world)]
+    plans = [block_plan(q_segs, segment_ids(src, world, layout), causal, t_local // len(q_segs),
+                        docs.blocks if docs is not None else None) for src in srcs]
+    steps = []
+    for s, (src, plan) in enumerate(zip(srcs, plans)):
+        ids = any(call.docs for call in plan)
+        steps.append(RingStep(src, plan, docs.of_rank(rank, t_local) if ids else None,
+                              docs.of_rank(src, t_local) if ids else None, any(plans[s + 1:])))
+    return steps
 
 
-def _step(rank, src, world, layout, causal, docs, t_local):
-    """(block plan, q ids, visiting block's k ids) of a ring step; the ids (documents) only where a call of the
-    plan needs them: with short documents most steps of a large ring see nothing, or only one document shared
-    with a neighbour, and ids would cost host work and copies for no mask."""
-    plan = _plan(rank, src, world, layout, causal, docs, t_local)
-    if not any(call.docs for call in plan):
-        return plan, None, None
-    return plan, docs.of_rank(rank, t_local), docs.of_rank(src, t_local)
+def forward_step(out, lse, q, k, v, step: RingStep, scale, backend):
+    """One ring step's compute: the local queries against the K/V block of rank ``step.src``, merged into
+    (out, lse) -> (out, lse)."""
+    return forward_blocks(out, lse, q, k, v, step.plan, scale, backend, q_docs=step.q_docs, k_docs=step.k_docs,
+                          merges_follow=step.merges_follow)
 
 
-def later_work(rank, world, layout, causal, docs, t_local) -> list[bool]:
-    """For each ring step of rank ``rank``, whether a later step computes anything (merges into its rows): the
-    kernels then write the step's blocks in the compute dtype rather than widening them after."""
-    busy = [bool(_plan(rank, (rank - s) % world, world, layout, causal, docs, t_local)) for s in range(world)]
-    return [any(busy[s + 1:]) for s in range(world)]
-
-
-def forward_step(out, lse, q, k, v, rank, src, world, layout, causal, docs, scale, backend, merges_follow=False):
-    """One ring step's compute: rank ``rank``'s queries against the K/V block of rank ``src``, merged into
-    (out, lse) -> (out, lse). ``docs``: :func:`sp_documents` of the call, or None. ``merges_follow``: a later
-    step merges into these rows (:func:`later_work`)."""
-    plan, q_docs, k_docs = _step(rank, src, world, layout, causal, docs, q.shape[1])
-    return forward_blocks(out, lse, q, k, v, plan, scale, backend, q_docs=q_docs, k_docs=k_docs,
-                          merges_follow=merges_follow)
-
-
-def backward_step(dq, do, q, k, v, o, lse, rank, src, world, layout, causal, docs, scale, backend,
-                  adds_follow=False):
-    """One ring step's backward compute -> (dq, dk, dv of the block of rank ``src``: None where nothing was
-    visible). ``adds_follow``: a later step adds to dq (:func:`later_work`); in a ring of more than one rank
-    dk, dv come in the compute dtype (they travel and are summed in it)."""
-    plan, q_docs, k_docs = _step(rank, src, world, layout, causal, docs, q.shape[1])
-    return backward_blocks(dq, None, None, do, q, k, v, o, lse, plan, scale, backend, q_docs, k_docs,
-                           adds_follow=adds_follow, kv_widened=world > 1)
+def backward_step(dq, do, q, k, v, o, lse, step: RingStep, scale, backend, kv_widened: bool):
+    """One ring step's backward compute -> (dq, dk, dv of the block of rank ``step.src``: None where nothing was
+    visible). ``kv_widened``: dk, dv in the compute dtype (a ring of more than one rank: they travel and are
+    summed in it)."""
+    return backward_blocks(dq, None, None, do, q, k, v, o, lse, step.plan, scale, backend, step.q_docs,
+                           step.k_docs, adds_follow=step.merges_follow, kv_widened=kv_widened)
 
 
 def ring_forward(q, k, v, scale, causal, group, layout, backend, cu_seqlens=None):
@@ -76,14 +79,12 @@ def ring_forward(q, k, v, scale, causal, group, layout, backend, cu_seqlens=None
     docs = sp_documents(cu_seqlens, q.shape[1], world, layout, causal, q.device)
     out = lse = None
     comm = RingComm(group) if world > 1 else None
-    later = later_work(rank, world, layout, causal, docs, q.shape[1])
     kv = [k, v]
-    for step in range(world):
+    for step, work in enumerate(ring_steps(rank, world, layout, causal, docs, q.shape[1])):
         if step + 1 < world:
             nxt = comm.send_recv(kv)
             comm.commit()
-        out, lse = forward_step(out, lse, q, kv[0], kv[1], rank, (rank - step) % world, world, layout, causal,
-                                docs, scale, backend, later[step])
+        out, lse = forward_step(out, lse, q, kv[0], kv[1], work, scale, backend)
         if step + 1 < world:
             comm.wait()
             kv = nxt
@@ -98,14 +99,12 @@ def ring_backward(do, q, k, v, o, lse, scale, causal, group, layout, backend, cu
     dq = None
     kv_comm = RingComm(group) if world > 1 else None
     d_comm = RingComm(group) if world > 1 else None
-    later = later_work(rank, world, layout, causal, docs, q.shape[1])
     kv, d_in = [k, v], None
-    for step in range(world):
+    for step, work in enumerate(ring_steps(rank, world, layout, causal, docs, q.shape[1])):
         if step + 1 < world:
             kv_nxt = kv_comm.send_recv(kv)
             kv_comm.commit()
-        dq, dk_b, dv_b = backward_step(dq, do, q, kv[0], kv[1], o, lse, rank, (rank - step) % world, world,
-                                       layout, causal, docs, scale, backend, later[step])
+        dq, dk_b, dv_b = backward_step(dq, do, q, kv[0], kv[1], o, lse, work, scale, backend, world > 1)
         if world > 1:
             # the accumulators travel in the compute dtype; one that arrives at a step that computed nothing
             # (packed documents) travels on as it came, without zeros to add it to
