@@ -84,18 +84,18 @@ def test_the_kernels_write_float32_where_later_steps_merge(monkeypatch):
     assert [s.merges_follow for s in with_docs] == [False] * W
     # documents that cross piece edges: the ids come with the steps whose calls mask them, and only those
     edges = common.sp_documents(torch.tensor([0, 12, 20, 36, 64]), T, W, "zigzag", True, "cpu")
-    for s in ring.ring_steps(1, W, "zigzag", True, edges, T):
+    edge_steps = ring.ring_steps(1, W, "zigzag", True, edges, T)
+    for s in edge_steps:
         assert (s.q_docs is not None) == any(c.docs for c in s.plan) == (s.k_docs is not None)
         if s.q_docs is not None:
             assert torch.equal(s.k_docs, edges.of_rank(s.src, T)) and torch.equal(s.q_docs, edges.of_rank(1, T))
-    assert any(s.q_docs is not None for s in ring.ring_steps(1, W, "zigzag", True, edges, T))
+    assert any(s.q_docs is not None for s in edge_steps)
     q, k, v = (x.to(torch.bfloat16) for x in _inputs(t=T, tk=T))
-    local = steps[0]
+    local, alone = steps[0], ring.ring_steps(0, 1, "zigzag", True, None, T)[0]   # alone: a ring of one rank
     ring.forward_step(None, None, q, k, v, local, 0.5, "torch")
     ring.forward_step(None, None, q, k, v, local._replace(merges_follow=False), 0.5, "torch")
-    o, lse = ring.forward_step(None, None, q, k, v, ring.ring_steps(0, 1, "zigzag", True, None, T)[0], 0.5, "torch")
+    o, lse = ring.forward_step(None, None, q, k, v, alone, 0.5, "torch")
     ring.backward_step(None, q, q, k, v, o.to(q.dtype), lse, local, 0.5, "torch", True)
-    ring.backward_step(None, q, q, k, v, o.to(q.dtype), lse, ring.ring_steps(0, 1, "zigzag", True, None, T)[0],
-                       0.5, "torch", False)
+    ring.backward_step(None, q, q, k, v, o.to(q.dtype), lse, alone, 0.5, "torch", False)
     f32 = torch.float32
     assert asked == [("o", f32), ("o", None), ("o", None), ("dq", f32, f32), ("dq", None, None)]
